@@ -1,0 +1,123 @@
+"""The exceptions the client raises, and the gRPC status code of each.
+
+Every error is a `DriveError` carrying the gRPC status code in `.code`
+(`None` for errors found before any call). Where Python has a built-in type
+for the condition the class inherits it too, so callers can catch either
+(`except FileNotFoundError` catches `NotFound`). The daemon raises the same
+classes; its server turns them into statuses, and the client turns statuses
+back into them.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class DriveError(Exception):
+    """Any error of a drive operation. `.code` is the gRPC status code or None."""
+
+    status: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(DriveError, ValueError):
+    """A bad drive id, path, component or request."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(DriveError, FileNotFoundError):
+    """No such file in the drive, or no such local file to put."""
+
+    status = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(DriveError, FileExistsError):
+    """Another component holds the path, or the local target exists."""
+
+    status = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDenied(DriveError, PermissionError):
+    """A write to a read-only drive, or a right the token lacks."""
+
+    status = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(DriveError, PermissionError):
+    """The daemon wants a token and got none, or a wrong one."""
+
+    status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class AmbiguousPathError(DriveError):
+    """Several components hold the path; name one with component_name."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class StaleIndexError(DriveError):
+    """An s3:// object (or a file being read) changed since it was indexed."""
+
+    status = grpc.StatusCode.ABORTED
+
+
+class WaitTimeout(DriveError, TimeoutError):
+    """A get's wait for the path expired."""
+
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class DataLoss(DriveError):
+    """The bytes do not match their sha256: nothing was stored."""
+
+    status = grpc.StatusCode.DATA_LOSS
+
+
+class ResourceExhausted(DriveError):
+    """Disk full, quota, or a message over the size limit."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(DriveError, ConnectionError):
+    """The daemon (or the S3 endpoint behind it) cannot be reached."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+class Unimplemented(DriveError, NotImplementedError):
+    """The daemon does not serve this call."""
+
+    status = grpc.StatusCode.UNIMPLEMENTED
+
+
+_BY_STATUS: dict[grpc.StatusCode, type[DriveError]] = {
+    cls.status: cls
+    for cls in (
+        InvalidArgument, NotFound, AlreadyExists, PermissionDenied, Unauthenticated,
+        AmbiguousPathError, StaleIndexError, WaitTimeout, DataLoss, ResourceExhausted,
+        Unavailable, Unimplemented,
+    )
+}
+
+
+def error_for_status(code: grpc.StatusCode, message: str) -> DriveError:
+    """The exception for a status the server answered, carrying that code."""
+    return _BY_STATUS.get(code, DriveError)(message, code)
+
+
+def from_rpc_error(err: grpc.RpcError, endpoint: str) -> DriveError:
+    """Turns a failed call into the matching DriveError, naming the endpoint when unreachable."""
+    code = err.code()  # type: ignore[attr-defined]
+    details = err.details() or code.name  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.UNAVAILABLE and not details.startswith("drived:"):
+        details = f"cannot reach drived at {endpoint}: {details} (is the daemon running? `make run` starts one)"
+    return error_for_status(code, details)

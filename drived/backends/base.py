@@ -1,0 +1,98 @@
+"""The object-store interface that managed drives are kept in.
+
+A backend stores objects under string keys ("drive/component/a/b.txt": '/'
+separated, already validated by `drived.paths`). It knows nothing of drives,
+components or gRPC; the service layer gives keys their meaning. Every method
+may be called concurrently from many tasks. Failures are raised as
+`drive_client.errors` types (NotFound, DataLoss, ResourceExhausted, ...).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One stored object."""
+
+    key: str
+    size: int
+    sha256: str  # lowercase hex of the content
+    generation: int  # commit time in ns: changes with every commit of the key
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What is directly under a key prefix: object names and sub-folder names."""
+
+    files: dict[str, ObjectInfo]  # name -> object, for objects directly under the prefix
+    folders: set[str]  # names of sub-folders holding at least one object
+
+
+class Upload(abc.ABC):
+    """An object being written: bytes go to temporary storage, hashed on the way.
+
+    The caller calls `write` for each chunk in order, then exactly one of
+    `commit` or `abort` (also when `write` failed or the task is cancelled).
+    """
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Appends `data`. Raises ResourceExhausted when the store is full."""
+
+    @abc.abstractmethod
+    async def commit(self, sha256: str, size: int | None = None) -> ObjectInfo:
+        """Makes the object visible in one step if the bytes match.
+
+        When `sha256` (lowercase hex) differs from the hash of the bytes
+        written, or `size` is given and differs from their count, raises
+        DataLoss and stores nothing. Two concurrent commits of one key: one
+        wins entirely. The temporary data is gone afterwards either way.
+        """
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Discards the temporary data; the previous object (if any) stays. Idempotent."""
+
+
+class Backend(abc.ABC):
+    """An object store with atomic writes and ranged reads."""
+
+    @abc.abstractmethod
+    async def start_upload(self, key: str) -> Upload:
+        """Begins an atomic write of `key`; nothing is visible until `Upload.commit`.
+
+        Raises InvalidArgument when a parent of `key` is an object or `key`
+        is a folder.
+        """
+
+    @abc.abstractmethod
+    async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, AsyncIterator[bytes]]:
+        """Opens `key` for reading bytes [offset, offset+limit) (limit 0: to the end).
+
+        Returns the object's info and an iterator of chunks of that one
+        version, even if the key is replaced or deleted while it is read.
+        Raises NotFound, or InvalidArgument when offset is past the end.
+        """
+
+    @abc.abstractmethod
+    async def stat(self, key: str) -> ObjectInfo | None:
+        """The object at `key`, or None when there is none (folders are not objects)."""
+
+    @abc.abstractmethod
+    async def list(self, prefix: str) -> Listing:
+        """The objects and sub-folders directly under folder `prefix` ("" is the top)."""
+
+    @abc.abstractmethod
+    async def walk(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under folder `prefix` at any depth, sorted by key."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Removes the object at `key`; False when there was none."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases resources; the backend is not used afterwards."""
