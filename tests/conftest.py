@@ -1,0 +1,379 @@
+"""Shared fixtures: a real drived on a loopback port, real channels, per-test drives.
+
+- `daemon` (session): one drived subprocess for the whole run, with a tmp data dir.
+- `start_daemon` (fixture) / `start_daemon()` (function): start another daemon, e.g.
+  for SIGTERM tests or with an S3 environment; the fixture stops its daemons at teardown.
+- `drive_uri`: a `lit://t_<test name>_<random>` URI unique to the test.
+- `stub`: a DriveService stub on a real channel to the session daemon.
+- helpers: `raw_put`, `raw_get`, `snapshot` (a byte-for-byte picture of a folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BIN = pathlib.Path(sys.executable).parent
+MIB = 1024 * 1024
+
+# The project may not be pip-installed (no `make install` yet): make it importable from the
+# checkout, here and in every subprocess (daemons, CLI runs, multiprocessing children).
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+)
+
+from drive_client._pb import drive_pb2, drive_pb2_grpc  # noqa: E402, I001
+
+
+# ---------------------------------------------------------------------------
+# Starting daemons
+# ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class DaemonHandle:
+    """A running drived subprocess."""
+
+    endpoint: str
+    data_dir: pathlib.Path
+    proc: subprocess.Popen
+    log_path: pathlib.Path
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[1])
+
+    def log(self) -> str:
+        """Everything the daemon wrote to stdout/stderr so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Sends `sig` and waits for the exit; kills after `timeout`. Returns the exit code."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def health_status(endpoint: str, timeout: float = 1.0, service: str = "") -> int | None:
+    """The grpc health status of `endpoint` (e.g. SERVING), or None when it does not answer."""
+    with grpc.insecure_channel(endpoint) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError:
+            return None
+        return resp.status
+
+
+def wait_serving(handle: DaemonHandle, timeout: float = 20) -> None:
+    """Waits until the daemon answers its health check with SERVING; fails with its log otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if handle.proc.poll() is not None:
+            raise RuntimeError(
+                f"drived exited with code {handle.proc.returncode} before serving on {handle.endpoint}.\n"
+                f"--- its output ---\n{handle.log()}"
+            )
+        if health_status(handle.endpoint, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.05)
+    handle.stop(signal.SIGKILL)
+    raise RuntimeError(
+        f"drived did not report SERVING on {handle.endpoint} within {timeout}s.\n"
+        f"--- its output ---\n{handle.log()}"
+    )
+
+
+def spawn_daemon(
+    args: list[str],
+    log_path: pathlib.Path,
+    data_dir: pathlib.Path,
+    endpoint: str,
+    env: dict[str, str] | None = None,
+    use_console_script: bool = False,
+) -> DaemonHandle:
+    """Starts `drived ARGS` without waiting; stdout+stderr go to `log_path`."""
+    full_env = dict(os.environ)
+    for var in ("DRIVED_LISTEN", "DRIVED_DATA_DIR", "DRIVED_STORAGE"):
+        full_env.pop(var, None)  # only what the test asks for
+    full_env.update(env or {})
+    cmd = [str(BIN / "drived")] if use_console_script else [sys.executable, "-m", "drived"]
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        proc = subprocess.Popen(
+            [*cmd, *args], stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT),
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        log.close()
+    return DaemonHandle(endpoint=endpoint, data_dir=data_dir, proc=proc, log_path=log_path)
+
+
+def start_daemon(
+    tmp_path: pathlib.Path,
+    *extra_args: str,
+    env: dict[str, str] | None = None,
+    data_dir: pathlib.Path | None = None,
+    port: int | None = None,
+    wait: bool = True,
+) -> DaemonHandle:
+    """Starts drived on a free 127.0.0.1 port with a data dir under `tmp_path`, and waits for SERVING.
+
+    `extra_args` are appended to `--listen ... --data-dir ...` (e.g. "--grace-period", "5").
+    The caller stops it (`handle.stop()`); the `start_daemon` fixture does that itself.
+    """
+    port = port or free_port()
+    endpoint = f"127.0.0.1:{port}"
+    data_dir = data_dir or (tmp_path / f"data-{port}")
+    args = ["--listen", endpoint, "--data-dir", str(data_dir), *extra_args]
+    handle = spawn_daemon(args, tmp_path / f"drived-{port}.log", data_dir, endpoint, env=env)
+    if wait:
+        wait_serving(handle)
+    return handle
+
+
+@pytest.fixture(name="start_daemon")
+def start_daemon_fixture() -> Iterator[Callable[..., DaemonHandle]]:
+    """`start_daemon(tmp_path, *extra_args, env=None, ...)`; every daemon is stopped at teardown."""
+    started: list[DaemonHandle] = []
+
+    def _start(tmp_path: pathlib.Path, *extra_args: str, **kwargs) -> DaemonHandle:
+        handle = start_daemon(tmp_path, *extra_args, **kwargs)
+        started.append(handle)
+        return handle
+
+    yield _start
+    for handle in started:
+        handle.stop(signal.SIGTERM, timeout=15)
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
+    """One real drived for the whole session (tests use distinct drives, see `drive_uri`)."""
+    tmp = tmp_path_factory.mktemp("session-daemon")
+    handle = start_daemon(tmp, data_dir=tmp / "data")
+    yield handle
+    handle.stop(signal.SIGTERM, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def own_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
+    """A daemon for one test module alone (for tests that compare its data dir before/after)."""
+    tmp = tmp_path_factory.mktemp("module-daemon")
+    handle = start_daemon(tmp, data_dir=tmp / "data")
+    yield handle
+    handle.stop(signal.SIGTERM, timeout=30)
+
+
+# ---------------------------------------------------------------------------
+# Drives, channels, stubs
+# ---------------------------------------------------------------------------
+
+
+def unique_drive_uri(hint: str) -> str:
+    """`lit://t_<hint>_<random>`: a valid drive name (letters, digits, '.', '_', '-'; <= 128)."""
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", hint).strip("._-")[:80] or "test"
+    return f"lit://t_{clean}_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def drive_uri(request: pytest.FixtureRequest) -> str:
+    """A drive URI no other test uses."""
+    return unique_drive_uri(request.node.name)
+
+
+@pytest.fixture
+def make_drive_uri(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """Makes more unique drive URIs for one test: `make_drive_uri("d1")`."""
+    return lambda suffix: unique_drive_uri(f"{request.node.name}_{suffix}")
+
+
+@pytest.fixture(scope="session")
+def channel(daemon: DaemonHandle) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(daemon.endpoint) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.Channel) -> drive_pb2_grpc.DriveServiceStub:
+    """A raw DriveService stub on a real channel to the session daemon."""
+    return drive_pb2_grpc.DriveServiceStub(channel)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: pathlib.Path | str) -> str:
+    """sha256 of a file, read in pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(4 * MIB):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def put_messages(
+    drive: str,
+    path: str,
+    data: bytes,
+    component: str = "",
+    allow_duplicates: bool = False,
+    sha256: str | None = None,
+    size: int | None = None,
+    chunk: int = MIB,
+) -> Iterator[drive_pb2.PutRequest]:
+    """The request stream of a one-file Put."""
+    header = drive_pb2.PutHeader(
+        drive=drive, path=path, component=component, allow_duplicates=allow_duplicates
+    )
+    if size is not None:
+        header.size = size
+    yield drive_pb2.PutRequest(header=header)
+    for i in range(0, len(data), chunk):
+        yield drive_pb2.PutRequest(data=data[i : i + chunk])
+    digest = sha256 if sha256 is not None else sha256_hex(data)
+    yield drive_pb2.PutRequest(finish=drive_pb2.PutFinish(sha256=digest))
+
+
+def raw_put(
+    stub: drive_pb2_grpc.DriveServiceStub, drive: str, path: str, data: bytes, **kwargs
+) -> drive_pb2.PutResponse:
+    """Puts one file over the raw stub; raises grpc.RpcError on failure."""
+    return stub.Put(put_messages(drive, path, data, **kwargs), timeout=60)
+
+
+def raw_get(
+    stub: drive_pb2_grpc.DriveServiceStub, drive: str, path: str, **kwargs
+) -> list[tuple[drive_pb2.FileInfo, bytes]]:
+    """Reads a file or folder over the raw stub: [(info, bytes)] per file."""
+    timeout = 60 + kwargs.get("wait_seconds", 0)
+    files: list[tuple[drive_pb2.FileInfo, bytearray]] = []
+    for msg in stub.Get(drive_pb2.GetRequest(drive=drive, path=path, **kwargs), timeout=timeout):
+        if msg.WhichOneof("message") == "info":
+            files.append((msg.info, bytearray()))
+        else:
+            assert files, "a data chunk came before any info message"
+            files[-1][1].extend(msg.data)
+    return [(info, bytes(data)) for info, data in files]
+
+
+def rpc_code(call: Callable[[], object]) -> grpc.StatusCode:
+    """Runs `call`, which must fail with an RpcError; returns its status code."""
+    try:
+        result = call()
+        if hasattr(result, "__iter__") and not isinstance(result, (bytes, str)):
+            list(result)  # type: ignore[arg-type]  # a server stream fails when read
+    except grpc.RpcError as err:
+        return err.code()  # type: ignore[attr-defined]
+    raise AssertionError(f"the call succeeded; it should have failed (result: {result!r})")
+
+
+# ---------------------------------------------------------------------------
+# Files on disk
+# ---------------------------------------------------------------------------
+
+
+def snapshot(root: pathlib.Path) -> dict[str, str]:
+    """A byte-for-byte picture of a folder: relative path -> content sha256 / 'dir' / 'link:target'."""
+    out: dict[str, str] = {}
+    if not root.exists():
+        return out
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            full = pathlib.Path(dirpath) / name
+            rel = str(full.relative_to(root))
+            if full.is_symlink():
+                out[rel] = "link:" + os.readlink(full)
+            elif full.is_dir():
+                out[rel] = "dir"
+            else:
+                try:
+                    out[rel] = file_sha256(full)
+                except FileNotFoundError:  # vanished while walking
+                    continue
+    return out
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
+    """Polls `predicate` until true or `timeout`; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def write_random_file(path: pathlib.Path, size: int, piece: int = 4 * MIB) -> str:
+    """Writes `size` random bytes in pieces (low memory); returns their sha256."""
+    h = hashlib.sha256()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            data = os.urandom(min(piece, left))
+            h.update(data)
+            f.write(data)
+            left -= len(data)
+    return h.hexdigest()
+
+
+class Background(threading.Thread):
+    """A thread that records the exception of its target, for tests to re-raise."""
+
+    def __init__(self, target: Callable[[], object]) -> None:
+        super().__init__(daemon=True)
+        self._target_fn = target
+        self.error: BaseException | None = None
+        self.result: object = None
+
+    def run(self) -> None:
+        try:
+            self.result = self._target_fn()
+        except BaseException as e:  # re-raised by the test
+            self.error = e
+
+    def join_checked(self, timeout: float = 60) -> object:
+        self.join(timeout)
+        assert not self.is_alive(), "background thread did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.result

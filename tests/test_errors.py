@@ -1,0 +1,345 @@
+"""DESIGN's error table for lit:// drives: exception type (built-in base) and `.code`,
+through `Drive`, and the same conditions through the raw stubs as gRPC status codes."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+import time
+
+import grpc
+import pytest
+from conftest import (
+    MIB,
+    free_port,
+    put_messages,
+    raw_get,
+    raw_put,
+    rpc_code,
+    sha256_hex,
+)
+
+from drive_client import AmbiguousPathError, Drive, DriveError
+from drive_client._pb import drive_pb2 as pb
+
+pytestmark = pytest.mark.timeout(60)
+
+SC = grpc.StatusCode
+INVALID = SC.INVALID_ARGUMENT
+
+
+def drive(uri: str, daemon, root: pathlib.Path, component: str | None = None, **kw) -> Drive:
+    return Drive(uri, component_name=component, root_folder=str(root), endpoint=daemon.endpoint, **kw)
+
+
+# --- Drive: client-side checks (code None) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    [
+        "lit://bad/name",
+        "lit://",
+        "lit://..",
+        "lit://has space",
+        "ftp://drive_1",
+        "drive_1",
+        "http://host/x",
+        "s3://bucket/prefix",  # s3 needs the trailing '/'
+        "s3://my-bucket",  # a bucket without '/' too
+    ],
+)
+def test_bad_drive_id_is_value_error(daemon, tmp_path, bad_id):
+    with pytest.raises(ValueError) as exc:
+        d = drive(bad_id, daemon, tmp_path)
+        d.list(".")  # whether refused at construction or at first use, it is a ValueError
+    assert isinstance(exc.value, DriveError), f"{type(exc.value)} is not a DriveError"
+    assert exc.value.code is None, "a bad id is found before any call: .code must be None"
+    assert str(exc.value), "the message must say what is wrong"
+
+
+def test_s3_without_trailing_slash_message_says_what_to_do(daemon, tmp_path):
+    with pytest.raises(ValueError, match="/"):
+        drive("s3://bucket/prefix", daemon, tmp_path).list(".")
+
+
+def test_put_missing_local_path_is_file_not_found(daemon, tmp_path, drive_uri):
+    d = drive(drive_uri, daemon, tmp_path)
+    with pytest.raises(FileNotFoundError) as exc:
+        d.put("no_such_file.txt")
+    assert isinstance(exc.value, DriveError)
+    assert exc.value.code is None, "a missing local file is found before any call"
+    assert d.list(".") == []
+
+
+def test_get_onto_existing_local_path_is_file_exists(daemon, tmp_path, drive_uri):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "f.txt").write_bytes(b"new")
+    drive(drive_uri, daemon, src).put("f.txt")
+    (dst / "f.txt").write_bytes(b"old")
+    with pytest.raises(FileExistsError) as exc:
+        drive(drive_uri, daemon, dst).get("f.txt")
+    assert isinstance(exc.value, DriveError)
+    assert exc.value.code is None, "the local target is checked before any call"
+    assert (dst / "f.txt").read_bytes() == b"old", "the existing local file must be untouched"
+
+
+@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../b"])
+def test_absolute_or_dotdot_path_is_value_error(daemon, tmp_path, drive_uri, path):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (tmp_path / "x").write_bytes(b"x")  # so that "../x" exists locally: only the path is wrong
+    (tmp_path / "b").write_bytes(b"b")
+    d = drive(drive_uri, daemon, root)
+    for call in (lambda: d.put(path), lambda: d.get(path), lambda: d.delete(path), lambda: d.stat(path),
+                 lambda: d.list(path)):
+        with pytest.raises(ValueError) as exc:
+            call()
+        assert isinstance(exc.value, DriveError)
+        assert exc.value.code in (None, INVALID)
+    assert d.list(".") == []
+    assert sorted(p.name for p in root.iterdir()) == ["a"], "nothing may be written locally"
+
+
+# --- Drive: conditions the server reports (code = status) -------------------------------
+
+
+def test_get_missing_drive_path_is_file_not_found(daemon, tmp_path, drive_uri):
+    with pytest.raises(FileNotFoundError) as exc:
+        drive(drive_uri, daemon, tmp_path).get("missing.txt")
+    assert isinstance(exc.value, DriveError)
+    assert exc.value.code == SC.NOT_FOUND
+    assert not (tmp_path / "missing.txt").exists()
+
+
+def test_stat_missing_is_file_not_found(daemon, tmp_path, drive_uri):
+    with pytest.raises(FileNotFoundError) as exc:
+        drive(drive_uri, daemon, tmp_path).stat("missing.txt")
+    assert exc.value.code == SC.NOT_FOUND
+
+
+def test_delete_not_owned_is_file_not_found(daemon, tmp_path, drive_uri):
+    (tmp_path / "f.txt").write_bytes(b"owned by a")
+    a = drive(drive_uri, daemon, tmp_path, "comp_a")
+    b = drive(drive_uri, daemon, tmp_path, "comp_b")
+    a.put("f.txt")
+    with pytest.raises(FileNotFoundError) as exc:
+        b.delete("f.txt")
+    assert isinstance(exc.value, DriveError)
+    assert exc.value.code == SC.NOT_FOUND
+    assert a.stat("f.txt").component == "comp_a", "the file must still be there"
+    with pytest.raises(FileNotFoundError) as exc:
+        b.delete("never_put.txt")
+    assert exc.value.code == SC.NOT_FOUND
+
+
+def test_put_held_by_other_component_is_file_exists(daemon, tmp_path, drive_uri):
+    (tmp_path / "f.txt").write_bytes(b"first")
+    a = drive(drive_uri, daemon, tmp_path, "comp_a")
+    b = drive(drive_uri, daemon, tmp_path, "comp_b")
+    a.put("f.txt")
+    (tmp_path / "f.txt").write_bytes(b"second")
+    with pytest.raises(FileExistsError) as exc:
+        b.put("f.txt")
+    assert isinstance(exc.value, DriveError)
+    assert exc.value.code == SC.ALREADY_EXISTS
+    st = a.stat("f.txt")
+    assert (st.component, st.size, st.sha256) == ("comp_a", 5, sha256_hex(b"first"))
+
+
+def test_get_timeout_expires_is_timeout_error(daemon, tmp_path, drive_uri):
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError) as exc:
+        drive(drive_uri, daemon, tmp_path).get("never.txt", timeout=0.5)
+    elapsed = time.monotonic() - t0
+    assert isinstance(exc.value, DriveError)
+    assert exc.value.code == SC.DEADLINE_EXCEEDED
+    assert 0.4 <= elapsed < 10, f"waited {elapsed:.2f}s for a 0.5s timeout"
+    assert not (tmp_path / "never.txt").exists()
+
+
+def test_ambiguous_get_names_components(daemon, tmp_path, drive_uri):
+    (tmp_path / "same.txt").write_bytes(b"x")
+    drive(drive_uri, daemon, tmp_path, "alpha_comp", allow_duplicates=True).put("same.txt")
+    drive(drive_uri, daemon, tmp_path, "beta_comp", allow_duplicates=True).put("same.txt")
+    out = tmp_path / "out"
+    out.mkdir()
+    reader = drive(drive_uri, daemon, out, "reader")
+    with pytest.raises(AmbiguousPathError) as exc:
+        reader.get("same.txt")
+    assert isinstance(exc.value, DriveError)
+    assert exc.value.code == SC.FAILED_PRECONDITION
+    assert "alpha_comp" in str(exc.value) and "beta_comp" in str(exc.value), str(exc.value)
+    with pytest.raises(AmbiguousPathError) as exc:
+        reader.stat("same.txt")
+    assert exc.value.code == SC.FAILED_PRECONDITION
+    assert not (out / "same.txt").exists()
+    # naming a component resolves it
+    assert reader.get("same.txt", component_name="beta_comp").read_bytes() == b"x"
+
+
+def test_unreachable_daemon_is_connection_error(tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
+    d = Drive("lit://drive_1", root_folder=str(tmp_path), endpoint=endpoint)
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError) as exc:
+        d.list(".")
+    assert time.monotonic() - t0 < 30
+    assert isinstance(exc.value, DriveError)
+    assert exc.value.code == SC.UNAVAILABLE
+    assert endpoint in str(exc.value), f"the message must name the endpoint: {exc.value}"
+
+
+def test_drive_errors_have_messages(daemon, tmp_path, drive_uri):
+    with pytest.raises(DriveError) as exc:
+        drive(drive_uri, daemon, tmp_path).get("missing.txt")
+    assert "missing.txt" in str(exc.value), f"the message should name the path: {exc.value}"
+
+
+# --- raw stubs: status codes -------------------------------------------------------------
+
+
+def test_raw_invalid_argument_bad_drive_and_path(stub, drive_uri):
+    for bad_drive in ("lit://bad/name", "lit://", "nope"):
+        assert rpc_code(lambda d=bad_drive: stub.List(pb.ListRequest(drive=d, path="."))) == INVALID
+    assert rpc_code(lambda: stub.Stat(pb.StatRequest(drive=drive_uri, path="../x"))) == INVALID
+    assert rpc_code(lambda: stub.Put(put_messages(drive_uri, "/abs", b"x"))) == INVALID
+
+
+def test_raw_invalid_argument_bad_component(stub, drive_uri):
+    assert rpc_code(lambda: stub.Put(put_messages(drive_uri, "a.txt", b"x", component="bad/comp"))) == INVALID
+    assert rpc_code(lambda: stub.List(pb.ListRequest(drive=drive_uri, path=".", component="a b"))) == INVALID
+
+
+def test_raw_invalid_argument_stream_order(stub, drive_uri):
+    data_first = iter([pb.PutRequest(data=b"abc")])
+    assert rpc_code(lambda: stub.Put(data_first)) == INVALID
+    header = pb.PutRequest(header=pb.PutHeader(drive=drive_uri, path="a.txt"))
+    two_headers = iter([header, pb.PutRequest(data=b"abc"), header])
+    assert rpc_code(lambda: stub.Put(two_headers)) == INVALID
+    finish_first = iter([pb.PutRequest(finish=pb.PutFinish(sha256=sha256_hex(b"")))])
+    assert rpc_code(lambda: stub.Put(finish_first)) == INVALID
+    empty_sha = put_messages(drive_uri, "b.txt", b"abc", sha256="")
+    assert rpc_code(lambda: stub.Put(empty_sha)) == INVALID
+    assert list(stub.List(pb.ListRequest(drive=drive_uri, path=".")).entries) == []
+
+
+def test_raw_invalid_argument_get_offsets(stub, drive_uri):
+    raw_put(stub, drive_uri, "f.bin", b"0123456789")
+    assert rpc_code(lambda: stub.Get(pb.GetRequest(drive=drive_uri, path="f.bin", offset=11))) == INVALID
+    assert rpc_code(lambda: stub.Get(pb.GetRequest(drive=drive_uri, path="f.bin", offset=-1))) == INVALID
+    assert rpc_code(lambda: stub.Get(pb.GetRequest(drive=drive_uri, path="f.bin", limit=-1))) == INVALID
+    # the edges that are fine
+    [(info, data)] = raw_get(stub, drive_uri, "f.bin", offset=10)
+    assert data == b"" and info.size == 10
+    [(_, data)] = raw_get(stub, drive_uri, "f.bin", offset=3, limit=4)
+    assert data == b"3456"
+
+
+def test_raw_put_over_folder_or_under_file_is_invalid(stub, drive_uri):
+    raw_put(stub, drive_uri, "dir/f.txt", b"x")
+    assert rpc_code(lambda: raw_put(stub, drive_uri, "dir", b"y")) == INVALID
+    assert rpc_code(lambda: raw_put(stub, drive_uri, "dir/f.txt/g.txt", b"y")) == INVALID
+    [(_, data)] = raw_get(stub, drive_uri, "dir/f.txt")
+    assert data == b"x"
+
+
+def test_raw_not_found(stub, drive_uri):
+    nf = SC.NOT_FOUND
+    assert rpc_code(lambda: stub.Stat(pb.StatRequest(drive=drive_uri, path="nope"))) == nf
+    assert rpc_code(lambda: stub.Get(pb.GetRequest(drive=drive_uri, path="nope"))) == nf
+    assert rpc_code(lambda: stub.Delete(pb.DeleteRequest(drive=drive_uri, path="nope"))) == nf
+    raw_put(stub, drive_uri, "mine.txt", b"x", component="owner")
+    other_delete = pb.DeleteRequest(drive=drive_uri, path="mine.txt", component="other")
+    assert rpc_code(lambda: stub.Delete(other_delete)) == nf
+    assert stub.Stat(pb.StatRequest(drive=drive_uri, path="mine.txt")).component == "owner"
+    # a component-filtered read of a path only another component holds
+    other_stat = pb.StatRequest(drive=drive_uri, path="mine.txt", component="other")
+    assert rpc_code(lambda: stub.Stat(other_stat)) == nf
+
+
+def test_raw_already_exists(stub, drive_uri):
+    raw_put(stub, drive_uri, "f.txt", b"a", component="ca")
+    assert rpc_code(lambda: raw_put(stub, drive_uri, "f.txt", b"b", component="cb")) == SC.ALREADY_EXISTS
+    info = stub.Stat(pb.StatRequest(drive=drive_uri, path="f.txt"))
+    assert (info.component, info.sha256) == ("ca", sha256_hex(b"a"))
+
+
+def test_raw_failed_precondition(stub, drive_uri):
+    raw_put(stub, drive_uri, "f.txt", b"a", component="ca", allow_duplicates=True)
+    raw_put(stub, drive_uri, "f.txt", b"b", component="cb", allow_duplicates=True)
+    fp = SC.FAILED_PRECONDITION
+    assert rpc_code(lambda: stub.Stat(pb.StatRequest(drive=drive_uri, path="f.txt"))) == fp
+    try:
+        list(stub.Get(pb.GetRequest(drive=drive_uri, path="f.txt"), timeout=10))
+        raise AssertionError("ambiguous Get succeeded")
+    except grpc.RpcError as err:
+        assert err.code() == fp
+        assert "ca" in err.details() and "cb" in err.details(), err.details()
+    assert stub.Stat(pb.StatRequest(drive=drive_uri, path="f.txt", component="cb")).sha256 == sha256_hex(b"b")
+
+
+def test_raw_deadline_exceeded_on_wait(stub, drive_uri):
+    t0 = time.monotonic()
+    code = rpc_code(
+        lambda: list(stub.Get(pb.GetRequest(drive=drive_uri, path="late.txt", wait_seconds=0.3), timeout=20))
+    )
+    assert code == SC.DEADLINE_EXCEEDED
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("size", [0, 5, MIB + 3])
+def test_raw_data_loss_on_wrong_sha256_stores_nothing(stub, drive_uri, size):
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    wrong = sha256_hex(data + b"!")
+    assert rpc_code(lambda: raw_put(stub, drive_uri, "f.bin", data, sha256=wrong)) == SC.DATA_LOSS
+    assert rpc_code(lambda: stub.Stat(pb.StatRequest(drive=drive_uri, path="f.bin"))) == SC.NOT_FOUND
+    assert list(stub.List(pb.ListRequest(drive=drive_uri, path=".")).entries) == []
+
+
+def test_raw_data_loss_keeps_previous_version(stub, drive_uri):
+    raw_put(stub, drive_uri, "f.bin", b"version one")
+    code = rpc_code(lambda: raw_put(stub, drive_uri, "f.bin", b"version two", sha256=sha256_hex(b"other")))
+    assert code == SC.DATA_LOSS
+    [(info, data)] = raw_get(stub, drive_uri, "f.bin")
+    assert data == b"version one" and info.sha256 == sha256_hex(b"version one")
+
+
+def test_raw_data_loss_on_size_mismatch(stub, drive_uri):
+    code = rpc_code(lambda: raw_put(stub, drive_uri, "f.bin", b"12345", size=6))
+    assert code == SC.DATA_LOSS
+    assert rpc_code(lambda: stub.Stat(pb.StatRequest(drive=drive_uri, path="f.bin"))) == SC.NOT_FOUND
+
+
+def test_raw_aborted_on_if_match(stub, drive_uri):
+    raw_put(stub, drive_uri, "f.bin", b"abc")
+    code = rpc_code(lambda: stub.Get(pb.GetRequest(drive=drive_uri, path="f.bin", if_match=sha256_hex(b"x"))))
+    assert code == SC.ABORTED
+    [(_, data)] = raw_get(stub, drive_uri, "f.bin", if_match=sha256_hex(b"abc"))
+    assert data == b"abc"
+
+
+def test_raw_mount_of_lit_drive_is_invalid(stub, drive_uri):
+    assert rpc_code(lambda: stub.Mount(pb.MountRequest(drive=drive_uri))) == INVALID
+
+
+def test_raw_wait_answered_by_put(stub, drive_uri):
+    """A waiting Get is answered when a put commits (not only at its deadline)."""
+    result: dict[str, object] = {}
+
+    def reader():
+        result["files"] = raw_get(stub, drive_uri, "late.txt", wait_seconds=30)
+        result["t"] = time.monotonic()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.5)
+    raw_put(stub, drive_uri, "late.txt", b"arrived")
+    t_put = time.monotonic()
+    t.join(20)
+    assert not t.is_alive()
+    [(info, data)] = result["files"]
+    assert data == b"arrived" and info.path == "late.txt"
+    assert result["t"] - t_put < 5, "the waiting Get must be answered soon after the put commits"
