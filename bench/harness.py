@@ -1,0 +1,661 @@
+"""`python -m bench`: every figure of issue 4 beside references measured in the same run.
+
+Starts what it needs as subprocesses on free 127.0.0.1 ports (drived,
+moto_server, nginx, a raw grpc server), runs each measurement in its own
+worker process (bench/worker.py), interleaves the systems within each run,
+and reports medians of --runs runs as a table, bench/results/latest.json and
+bench/results/latest.md (or --out DIR).
+
+Exit status: 0 when every figure was measured, or left out for a reason that
+was printed (nginx not installable, bench/bench_mount.py not there yet);
+1 when a measurement failed (the report is still written, with the reasons).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.report import SMALL_CONC, SMALL_OPS, Figures
+from bench.services import (
+    Drived,
+    MotoServer,
+    Nginx,
+    RawGrpcServer,
+    ServiceUnavailable,
+    _bench_env,
+    peak_rss_mib,
+    rss_mib,
+)
+from bench.worker import RESULT_PREFIX
+
+HERE = Path(__file__).resolve().parent
+BUCKET = "drived-bench"
+KIB, MIB, GIB = 1024, 1024**2, 1024**3
+
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", s.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {s!r} (e.g. 1G, 512M, 4096)")
+    mult = {"": 1, "k": KIB, "m": MIB, "g": GIB, "t": 1024**4}[m.group(2)]
+    return int(float(m.group(1)) * mult)
+
+
+def size_label(n: int) -> str:
+    for unit, m in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if n >= m and n % (m // 1024 or 1) == 0:
+            v = n / m
+            return f"{v:g} {unit}"
+    return f"{n} B"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--size", type=parse_size, default=None, help="large-file size (default 1G; smoke 4M)")
+    p.add_argument("--runs", type=int, default=None, help="runs, medians reported (default 3; smoke 1)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, whole thing in seconds")
+    p.add_argument(
+        "--small-files", type=int, default=None, help="4 KiB files per small-file loop (default 1000)"
+    )
+    p.add_argument("--folder-files", type=int, default=None, help="files in the folder test (default 1000)")
+    p.add_argument(
+        "--mem-size", type=parse_size, default=None, help="file size for the memory test (default 2G)"
+    )
+    p.add_argument(
+        "--index-keys-per-level",
+        type=int,
+        default=None,
+        help="bench_mount.measure(keys_per_level) (default 100 = 1M keys; smoke 4)",
+    )
+    p.add_argument("--chunk", type=parse_size, default=MIB, help="chunk size of the raw references (1M)")
+    p.add_argument(
+        "--budget", type=float, default=None, help="max seconds per small-file loop (default 60; smoke 5)"
+    )
+    p.add_argument(
+        "--only",
+        default="large,small,folder,mem,index",
+        help="comma-separated groups to run (large,small,folder,mem,index)",
+    )
+    p.add_argument("--out", type=Path, default=HERE / "results", help="where latest.json/md go")
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="parent of the scratch dir (default: system temp)"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the scratch dir")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="record py-spy profiles (raw collapsed stacks) of the drive client and daemon "
+        "during the first run's large put/get and c16 small puts into this dir",
+    )
+    a = p.parse_args(argv)
+    smoke = a.smoke
+    a.size = a.size or (4 * MIB if smoke else GIB)
+    a.runs = a.runs or (1 if smoke else 3)
+    a.small_files = a.small_files or (40 if smoke else 1000)
+    a.folder_files = a.folder_files or (40 if smoke else 1000)
+    a.mem_size = a.mem_size or (16 * MIB if smoke else 2 * GIB)
+    a.index_keys_per_level = a.index_keys_per_level or (4 if smoke else 100)
+    a.budget = a.budget or (5.0 if smoke else 60.0)
+    a.groups = {g.strip() for g in a.only.split(",") if g.strip()}
+    return a
+
+
+class WorkerFailed(RuntimeError):
+    pass
+
+
+class Harness:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.a = args
+        self.figs = Figures()
+        self.errors: list[str] = []
+        self.notes: list[str] = []
+        self.exit_stack = contextlib.ExitStack()
+        parent = str(args.workdir) if args.workdir else None
+        if args.workdir:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix="drived-bench-", dir=parent))
+        self.src = self.work / "src"
+        self.dst = self.work / "dst"
+        self.src.mkdir()
+        self.dst.mkdir()
+        self.env = _bench_env()
+        self.moto: MotoServer | None = None
+        self.nginx: Nginx | None = None
+        self.raw: RawGrpcServer | None = None
+        self.drived: Drived | None = None
+        self.prof_done: set[str] = set()
+
+    # ------------------------------------------------------------ plumbing
+
+    def say(self, msg: str) -> None:
+        print(f"bench: {msg}", flush=True)
+
+    def fail(self, keys: list[str] | str, what: str, err: BaseException | str) -> None:
+        reason = f"{what} failed: {err}"
+        self.say(reason)
+        self.errors.append(reason)
+        for k in [keys] if isinstance(keys, str) else keys:
+            self.figs.miss(k, reason)
+
+    def worker(self, spec: dict[str, Any], timeout: float, profile: str | None = None) -> dict[str, Any]:
+        argv = [sys.executable, "-m", "bench.worker", json.dumps(spec)]
+        daemon_prof: subprocess.Popen | None = None
+        if profile and self.a.profile and profile not in self.prof_done:
+            self.prof_done.add(profile)
+            pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            self.a.profile.mkdir(parents=True, exist_ok=True)
+            argv = [
+                pyspy,
+                "record",
+                "--format",
+                "raw",
+                "-r",
+                "250",
+                "-o",
+                str(self.a.profile / f"client-{profile}.txt"),
+                "--",
+                *argv,
+            ]
+            if self.drived is not None:
+                daemon_prof = subprocess.Popen(
+                    [
+                        pyspy,
+                        "record",
+                        "--format",
+                        "raw",
+                        "-r",
+                        "250",
+                        "--pid",
+                        str(self.drived.pid),
+                        "-o",
+                        str(self.a.profile / f"daemon-{profile}.txt"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                time.sleep(0.5)
+        try:
+            r = subprocess.run(
+                argv, capture_output=True, text=True, timeout=timeout, env=self.env, cwd=self.work
+            )
+        except subprocess.TimeoutExpired as e:
+            raise WorkerFailed(f"timed out after {timeout:.0f}s") from e
+        finally:
+            if daemon_prof is not None:
+                daemon_prof.send_signal(signal.SIGINT)
+                try:
+                    daemon_prof.wait(30)
+                except subprocess.TimeoutExpired:
+                    daemon_prof.kill()
+        for line in reversed(r.stdout.splitlines()):
+            if line.startswith(RESULT_PREFIX):
+                return json.loads(line[len(RESULT_PREFIX) :])
+        tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise WorkerFailed(f"exit {r.returncode}: {tail[-600:]}")
+
+    def timeout_for(self, nbytes: int) -> float:
+        return 120.0 + nbytes / (20 * MIB)  # generous: 20 MB/s floor
+
+    # ------------------------------------------------------------ setup
+
+    def make_data(self) -> None:
+        a = self.a
+        t0 = time.perf_counter()
+        if a.groups & {"large"}:
+            write_random(self.src / "large.bin", a.size)
+        if a.groups & {"small"}:
+            for i in range(a.small_files):
+                write_random(self.src / "small" / f"{i:05d}.bin", 4 * KIB)
+        if a.groups & {"folder"}:
+            for i in range(a.folder_files):
+                write_random(self.src / "folder" / f"d{i % 10}" / f"{i:05d}.bin", 4 * KIB)
+        self.say(f"test data written in {time.perf_counter() - t0:.1f}s under {self.work}")
+
+    def start_services(self) -> None:
+        groups = self.a.groups
+        if groups & {"large", "small"}:
+            try:
+                self.moto = self.exit_stack.enter_context(MotoServer(self.work))
+                import boto3
+
+                boto3.session.Session(
+                    aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1"
+                ).client("s3", endpoint_url=self.moto.url).create_bucket(Bucket=BUCKET)
+                self.say(f"moto_server on {self.moto.url}")
+            except Exception as e:
+                self.fail(["large.boto3_moto", "small.boto3_moto"], "moto_server", e)
+        if groups & {"large", "small", "folder"}:
+            try:
+                self.nginx = self.exit_stack.enter_context(Nginx(self.work))
+                self.say(f"nginx on {self.nginx.url} (root {self.nginx.root})")
+            except ServiceUnavailable as e:
+                reason = f"nginx unavailable: {e}"
+                self.say(reason)
+                self.notes.append(reason)
+                for k in ("large.nginx", "small.nginx", "folder.nginx_loop"):
+                    self.figs.miss(k, reason)
+        if groups & {"large"}:
+            try:
+                self.raw = self.exit_stack.enter_context(RawGrpcServer(self.work))
+                self.say(f"raw grpc server on {self.raw.endpoint}")
+            except Exception as e:
+                self.fail("large.grpc_raw", "raw grpc server", e)
+        if groups & {"large", "small", "folder"}:
+            try:
+                self.drived = self.exit_stack.enter_context(Drived(self.work))
+                self.say(f"drived on {self.drived.endpoint} (pid {self.drived.pid})")
+            except Exception as e:
+                self.fail(["large.drive", "small.drive", "folder.drive"], "drived", e)
+
+    # ------------------------------------------------------------ groups
+
+    def measure(
+        self,
+        keys: str | list[str],
+        what: str,
+        spec: dict[str, Any],
+        timeout: float,
+        profile: str | None = None,
+    ) -> dict[str, Any] | None:
+        try:
+            return self.worker(spec, timeout, profile)
+        except Exception as e:
+            self.fail(keys, what, e)
+            return None
+
+    def run_large(self, run: int) -> None:
+        a, size = self.a, self.a.size
+        to = self.timeout_for(size)
+        big = str(self.src / "large.bin")
+        out = str(self.dst / "large.bin")
+
+        def rec(key: str, res: dict[str, Any] | None) -> None:
+            if res:
+                self.figs.add(key, res["bytes"] / res["seconds"] / 1e6)
+
+        rec(
+            "large.tcp",
+            self.measure("large.tcp", "raw TCP", {"task": "tcp", "size": size, "chunk": a.chunk}, to),
+        )
+        rec(
+            "large.cp_fsync",
+            self.measure(
+                "large.cp_fsync",
+                "cp+fsync",
+                {"task": "cp_fsync", "src": big, "dst": str(self.dst / "cp.bin")},
+                to,
+            ),
+        )
+        if self.raw:
+            ep = self.raw.endpoint
+            rec(
+                "large.grpc_raw.up",
+                self.measure(
+                    "large.grpc_raw.up",
+                    "plain grpc up",
+                    {"task": "grpc_up", "endpoint": ep, "size": size, "chunk": a.chunk},
+                    to,
+                ),
+            )
+            rec(
+                "large.grpc_raw.down",
+                self.measure(
+                    "large.grpc_raw.down",
+                    "plain grpc down",
+                    {"task": "grpc_down", "endpoint": ep, "size": size, "chunk": a.chunk},
+                    to,
+                ),
+            )
+        if self.moto:
+            u = self.moto.url
+            rec(
+                "large.boto3_moto.put",
+                self.measure(
+                    "large.boto3_moto.put",
+                    "boto3 upload_file",
+                    {"task": "boto3_put", "url": u, "bucket": BUCKET, "src": big, "key": "large.bin"},
+                    to,
+                ),
+            )
+            rec(
+                "large.boto3_moto.get",
+                self.measure(
+                    "large.boto3_moto.get",
+                    "boto3 download_file",
+                    {"task": "boto3_get", "url": u, "bucket": BUCKET, "key": "large.bin", "dst": out},
+                    to,
+                ),
+            )
+        if self.nginx:
+            u = self.nginx.url
+            rec(
+                "large.nginx.put",
+                self.measure(
+                    "large.nginx.put",
+                    "requests PUT nginx",
+                    {"task": "nginx_put", "url": u, "src": big, "name": "large.bin"},
+                    to,
+                ),
+            )
+            rec(
+                "large.nginx.get",
+                self.measure(
+                    "large.nginx.get",
+                    "requests GET nginx",
+                    {"task": "nginx_get", "url": u, "name": "large.bin", "dst": out},
+                    to,
+                ),
+            )
+        if self.drived:
+            ep = self.drived.endpoint
+            rec(
+                "large.drive.put",
+                self.measure(
+                    "large.drive.put",
+                    "Drive.put large",
+                    {"task": "drive_put", "endpoint": ep, "root": str(self.src), "relpath": "large.bin"},
+                    to,
+                    profile="large-put",
+                ),
+            )
+            rec(
+                "large.drive.get",
+                self.measure(
+                    "large.drive.get",
+                    "Drive.get large",
+                    {"task": "drive_get", "endpoint": ep, "root": str(self.dst), "relpath": "large.bin"},
+                    to,
+                    profile="large-get",
+                ),
+            )
+
+    def run_small(self, run: int) -> None:
+        a = self.a
+        names = [f"small/{i:05d}.bin" for i in range(a.small_files)]
+        to = a.budget * 2 + 120
+        systems: list[tuple[str, dict[str, Any]]] = []
+        if self.drived:
+            systems.append(("drive", {"endpoint": self.drived.endpoint}))
+        if self.moto:
+            systems.append(("boto3_moto", {"url": self.moto.url, "bucket": BUCKET}))
+        if self.nginx:
+            systems.append(("nginx", {"url": self.nginx.url}))
+        for conc in SMALL_CONC:
+            for op in SMALL_OPS:  # put before get: get reads what put stored
+                for system, extra in systems:
+                    base = f"small.{system}.{op}.c{conc}"
+                    res = self.measure(
+                        base,
+                        f"{system} small {op} c{conc}",
+                        {
+                            "task": "small",
+                            "system": system,
+                            "op": op,
+                            "conc": conc,
+                            "names": names,
+                            "src_root": str(self.src),
+                            "dst_root": str(self.dst / f"small-{system}"),
+                            "budget": a.budget,
+                            **extra,
+                        },
+                        to,
+                        profile=f"small-{op}-c16" if system == "drive" and conc == 16 else None,
+                    )
+                    if res:
+                        for stat in ("ops_s", "p50_ms", "p99_ms"):
+                            self.figs.add(f"{base}.{stat}", res[stat])
+                        if not res["complete"]:
+                            note = (
+                                f"{base}: stopped by the {a.budget:.0f}s budget after {res['ops']} of "
+                                f"{len(names)} ops (run {run + 1})"
+                            )
+                            self.notes.append(note)
+                            self.say(note)
+            shutil.rmtree(self.dst, ignore_errors=True)
+            self.dst.mkdir(exist_ok=True)
+
+    def run_folder(self, run: int) -> None:
+        a = self.a
+        to = a.budget * 2 + 120
+        for op in SMALL_OPS:
+            if self.drived:
+                res = self.measure(
+                    f"folder.drive.{op}",
+                    f"Drive folder {op}",
+                    {
+                        "task": "folder",
+                        "system": "drive",
+                        "op": op,
+                        "folder": "folder",
+                        "src_root": str(self.src),
+                        "dst_root": str(self.dst / "folder-drive"),
+                        "budget": a.budget,
+                        "endpoint": self.drived.endpoint,
+                    },
+                    to,
+                    profile=f"folder-{op}",
+                )
+                if res:
+                    self.figs.add(f"folder.drive.{op}.files_s", res["files_s"])
+            if self.nginx:
+                res = self.measure(
+                    f"folder.nginx_loop.{op}",
+                    f"nginx loop folder {op}",
+                    {
+                        "task": "folder",
+                        "system": "nginx_loop",
+                        "op": op,
+                        "folder": "folder",
+                        "src_root": str(self.src),
+                        "dst_root": str(self.dst / "folder-nginx"),
+                        "budget": a.budget,
+                        "url": self.nginx.url,
+                    },
+                    to,
+                )
+                if res:
+                    self.figs.add(f"folder.nginx_loop.{op}.files_s", res["files_s"])
+                    if not res["complete"]:
+                        self.notes.append(
+                            f"folder.nginx_loop.{op}: stopped by the budget after {res['files']} files"
+                        )
+        shutil.rmtree(self.dst, ignore_errors=True)
+        self.dst.mkdir(exist_ok=True)
+
+    def run_mem(self) -> None:
+        """Peak RSS of a fresh daemon and of each client process, ¼-size file then full size."""
+        a = self.a
+        mem_src = self.work / "mem-src"
+        mem_dst = self.work / "mem-dst"
+        mem_dst.mkdir(exist_ok=True)
+        full, quarter = a.mem_size, max(a.mem_size // 4, 1)
+        t0 = time.perf_counter()
+        write_random(mem_src / "quarter.bin", quarter)
+        write_random(mem_src / "full.bin", full)
+        self.say(f"memory-test data ({size_label(full)}) written in {time.perf_counter() - t0:.1f}s")
+        try:
+            d = Drived(self.work)
+        except Exception as e:
+            self.fail("mem.", "drived (memory test)", e)
+            return
+        try:
+            time.sleep(0.5)
+            self.figs.add("mem.daemon.baseline_mib", rss_mib(d.pid))
+            for name, suffix, nbytes in (("quarter.bin", "_quarter", quarter), ("full.bin", "", full)):
+                to = self.timeout_for(nbytes)
+                res = self.measure(
+                    f"mem.client_put.peak_mib{suffix}",
+                    f"memory test put {name}",
+                    {"task": "drive_put", "endpoint": d.endpoint, "root": str(mem_src), "relpath": name},
+                    to,
+                )
+                if res:
+                    self.figs.add(f"mem.client_put.peak_mib{suffix}", res["client_peak_mib"])
+                res = self.measure(
+                    f"mem.client_get.peak_mib{suffix}",
+                    f"memory test get {name}",
+                    {"task": "drive_get", "endpoint": d.endpoint, "root": str(mem_dst), "relpath": name},
+                    to,
+                )
+                if res:
+                    self.figs.add(f"mem.client_get.peak_mib{suffix}", res["client_peak_mib"])
+                self.figs.add(f"mem.daemon.peak_mib{suffix}", peak_rss_mib(d.pid))
+        finally:
+            d.stop()
+            shutil.rmtree(d.dir, ignore_errors=True)
+            shutil.rmtree(mem_src, ignore_errors=True)
+            shutil.rmtree(mem_dst, ignore_errors=True)
+
+    def run_index(self) -> None:
+        k = self.a.index_keys_per_level
+        res = self.measure(
+            "index.", "s3:// index benchmark", {"task": "index", "keys_per_level": k}, timeout=1800
+        )
+        if res is None:
+            return
+        if "missing" in res:
+            self.say(res["missing"])
+            self.notes.append(res["missing"])
+            self.figs.miss("index.", res["missing"])
+            return
+        got = res["result"] or {}
+        self.index_raw = got
+        mapped = map_index_result(got)
+        for key, v in mapped.items():
+            self.figs.add(key, v)
+        for key in report.INDEX_KEYS:
+            if key not in mapped:
+                self.figs.miss(key, f"bench_mount.measure() returned no such figure (keys: {sorted(got)})")
+
+    # ------------------------------------------------------------ main
+
+    def run(self) -> int:
+        a = self.a
+        t_start = time.perf_counter()
+        self.index_raw: dict[str, Any] | None = None
+        try:
+            self.make_data()
+            self.start_services()
+            for run in range(a.runs):
+                self.say(f"run {run + 1}/{a.runs}")
+                if "large" in a.groups:
+                    self.run_large(run)
+                if "small" in a.groups:
+                    self.run_small(run)
+                if "folder" in a.groups:
+                    self.run_folder(run)
+            self.exit_stack.close()
+            if "mem" in a.groups:
+                self.say("memory test")
+                self.run_mem()
+            if "index" in a.groups:
+                self.say("s3:// index")
+                self.run_index()
+        finally:
+            self.exit_stack.close()
+            if not a.keep:
+                shutil.rmtree(self.work, ignore_errors=True)
+        for g, prefix in (
+            ("large", "large."),
+            ("small", "small."),
+            ("folder", "folder."),
+            ("mem", "mem."),
+            ("index", "index."),
+        ):
+            if g not in a.groups:
+                self.figs.miss(prefix, f"group {g} not run (--only)")
+        lbl = size_label(a.size)
+        doc: dict[str, Any] = {
+            "machine": report.machine_info(),
+            "params": {
+                "command": "python -m bench " + " ".join(sys.argv[1:])
+                if sys.argv[0].endswith("__main__.py")
+                else "python -m bench",
+                "size": a.size,
+                "size_label": lbl,
+                "runs": a.runs,
+                "smoke": a.smoke,
+                "chunk": a.chunk,
+                "small_files": a.small_files,
+                "folder_files": a.folder_files,
+                "mem_size": a.mem_size,
+                "mem_size_label": size_label(a.mem_size),
+                "index_keys_per_level": a.index_keys_per_level,
+                "budget_s": a.budget,
+                "groups": sorted(a.groups),
+                "seconds": round(time.perf_counter() - t_start, 1),
+            },
+            "figures": self.figs.as_json(),
+            "checks": report.evaluate(self.figs, lbl),
+            "index_raw": self.index_raw,
+            "notes": self.notes,
+            "errors": self.errors,
+        }
+        if a.profile:
+            doc["profile_dir"] = str(a.profile)
+        jpath, mpath = report.write(doc, a.out)
+        print()
+        print(report.render_table(doc))
+        print()
+        self.say(f"wrote {jpath} and {mpath} in {doc['params']['seconds']:.0f}s")
+        if self.errors:
+            self.say(f"{len(self.errors)} measurement(s) failed; first: {self.errors[0]}")
+            return 1
+        return 0
+
+
+def map_index_result(got: dict[str, Any]) -> dict[str, float]:
+    """bench_mount.measure()'s dict onto our index.* figures (tolerant of its key names)."""
+    aliases = {
+        "index.mount_s": ("mount_s", "mount_seconds", "drived_mount_s", "mount"),
+        "index.boto3_paginator_s": (
+            "boto3_paginator_s",
+            "paginator_s",
+            "boto3_s",
+            "boto3_seconds",
+            "paginator_seconds",
+        ),
+        "index.list100_ms": ("list100_ms", "list_ms", "list_latency_ms", "list_100_ms"),
+        "index.daemon_rss_mib": ("daemon_rss_mib", "rss_mib", "daemon_peak_rss_mib", "daemon_rss_peak_mib"),
+        "index.keys": ("keys", "objects", "n_keys", "total_keys"),
+    }
+    out: dict[str, float] = {}
+    for key, names in aliases.items():
+        for n in names:
+            v = got.get(n)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[key] = float(v)
+                break
+    return out
+
+
+def write_random(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(left, 4 * MIB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return Harness(args).run()

@@ -1,0 +1,445 @@
+"""Figures, targets, and the JSON/Markdown report.
+
+A figure is `{"value": median or None, "unit": str, "runs": [...], "missing": reason or None}`.
+Every key of `expected_keys()` is present in the JSON, measured or not, so a
+missing reference (nginx not installable, index benchmark not written yet)
+shows as `value: null` with the reason, never as a silently absent row.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SMALL_SYSTEMS = ("drive", "boto3_moto", "nginx")
+SMALL_OPS = ("put", "get")
+SMALL_CONC = (1, 16)
+SMALL_STATS = (("ops_s", "ops/s"), ("p50_ms", "ms"), ("p99_ms", "ms"))
+
+INDEX_KEYS = {
+    "index.mount_s": "s",
+    "index.boto3_paginator_s": "s",
+    "index.list100_ms": "ms",
+    "index.daemon_rss_mib": "MiB",
+    "index.keys": "keys",
+}
+
+
+def figure_units() -> dict[str, str]:
+    units: dict[str, str] = {}
+    for k in (
+        "tcp",
+        "cp_fsync",
+        "grpc_raw.up",
+        "grpc_raw.down",
+        "boto3_moto.put",
+        "boto3_moto.get",
+        "nginx.put",
+        "nginx.get",
+        "drive.put",
+        "drive.get",
+    ):
+        units[f"large.{k}"] = "MB/s"
+    for sys_ in SMALL_SYSTEMS:
+        for op in SMALL_OPS:
+            for c in SMALL_CONC:
+                for stat, unit in SMALL_STATS:
+                    units[f"small.{sys_}.{op}.c{c}.{stat}"] = unit
+    for sys_ in ("drive", "nginx_loop"):
+        for op in SMALL_OPS:
+            units[f"folder.{sys_}.{op}.files_s"] = "files/s"
+    for who in ("daemon", "client_put", "client_get"):
+        units[f"mem.{who}.peak_mib"] = "MiB"
+        units[f"mem.{who}.peak_mib_quarter"] = "MiB"
+    units["mem.daemon.baseline_mib"] = "MiB"
+    units.update(INDEX_KEYS)
+    return units
+
+
+def expected_keys() -> list[str]:
+    return list(figure_units())
+
+
+class Figures:
+    """Collects per-run samples; medians at the end."""
+
+    def __init__(self) -> None:
+        self.units = figure_units()
+        self.samples: dict[str, list[float]] = {k: [] for k in self.units}
+        self.missing: dict[str, str] = {}
+        self.notes: dict[str, str] = {}
+
+    def add(self, key: str, value: float | None) -> None:
+        if key not in self.units:
+            raise KeyError(f"unknown figure {key}")
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            self.samples[key].append(float(value))
+
+    def miss(self, prefix: str, reason: str) -> None:
+        for k in self.units:
+            if (k == prefix or k.startswith(prefix)) and k not in self.missing:
+                self.missing[k] = reason
+
+    def value(self, key: str) -> float | None:
+        s = self.samples.get(key) or []
+        return statistics.median(s) if s else None
+
+    def as_json(self) -> dict[str, Any]:
+        out = {}
+        for k, unit in self.units.items():
+            v = self.value(k)
+            out[k] = {
+                "value": v,
+                "unit": unit,
+                "runs": self.samples[k],
+                "missing": None if v is not None else self.missing.get(k, "not measured"),
+            }
+            if k in self.notes:
+                out[k]["note"] = self.notes[k]
+        return out
+
+
+@dataclass
+class Check:
+    what: str
+    figure: str
+    refs: tuple[str, ...]  # the reference is the min of these
+    factor: float  # pass when figure >= factor * ref (or < factor when absolute)
+    target: str
+    kind: str = "ratio"  # "ratio", "below" (absolute upper bound), "growth"
+
+
+def checks(size_label: str) -> list[Check]:
+    return [
+        Check("get throughput", "large.drive.get", ("large.grpc_raw.down",), 0.8, "≥ 0.8 × plain grpcio"),
+        Check(
+            "put throughput (durable)",
+            "large.drive.put",
+            ("large.grpc_raw.up", "large.cp_fsync"),
+            0.8,
+            "≥ 0.8 × min(plain grpcio, cp+fsync)",
+        ),
+        Check("put throughput", "large.drive.put", ("large.boto3_moto.put",), 3.0, "≥ 3 × boto3/moto"),
+        Check("get throughput", "large.drive.get", ("large.boto3_moto.get",), 3.0, "≥ 3 × boto3/moto"),
+        Check(
+            f"get throughput, {size_label}",
+            "large.drive.get",
+            ("large.nginx.get",),
+            1.0,
+            "≥ 1.0 × requests/nginx",
+        ),
+        Check(
+            "4 KiB put/s, c16",
+            "small.drive.put.c16.ops_s",
+            ("small.boto3_moto.put.c16.ops_s",),
+            10.0,
+            "≥ 10 × boto3 put_object/moto",
+        ),
+        Check(
+            "4 KiB put/s, c16",
+            "small.drive.put.c16.ops_s",
+            ("small.nginx.put.c16.ops_s",),
+            0.5,
+            "≥ 0.5 × requests PUT/nginx",
+        ),
+        Check(
+            "folder 1,000 × 4 KiB, one put",
+            "folder.drive.put.files_s",
+            ("folder.nginx_loop.put.files_s",),
+            2.0,
+            "≥ 2 × loop of requests PUT/nginx",
+        ),
+        Check(
+            "folder 1,000 × 4 KiB, one get",
+            "folder.drive.get.files_s",
+            ("folder.nginx_loop.get.files_s",),
+            2.0,
+            "≥ 2 × loop of requests GET/nginx",
+        ),
+        Check("peak RSS daemon", "mem.daemon.peak_mib", (), 150.0, "< 150 MiB", "below"),
+        Check("peak RSS client (put)", "mem.client_put.peak_mib", (), 150.0, "< 150 MiB", "below"),
+        Check("peak RSS client (get)", "mem.client_get.peak_mib", (), 150.0, "< 150 MiB", "below"),
+        Check(
+            "RSS growth daemon, ¼ → full size",
+            "mem.daemon.peak_mib",
+            ("mem.daemon.peak_mib_quarter",),
+            16.0,
+            "≤ +16 MiB (not growing)",
+            "growth",
+        ),
+        Check(
+            "RSS growth client put, ¼ → full",
+            "mem.client_put.peak_mib",
+            ("mem.client_put.peak_mib_quarter",),
+            16.0,
+            "≤ +16 MiB (not growing)",
+            "growth",
+        ),
+        Check(
+            "RSS growth client get, ¼ → full",
+            "mem.client_get.peak_mib",
+            ("mem.client_get.peak_mib_quarter",),
+            16.0,
+            "≤ +16 MiB (not growing)",
+            "growth",
+        ),
+        Check("mount 1M keys", "index.mount_s", (), 5.0, "≤ 5 s", "below"),
+        Check(
+            "mount vs boto3 paginator",
+            "index.boto3_paginator_s",
+            ("index.mount_s",),
+            10.0,
+            "≥ 10 × faster than the paginator",
+        ),
+    ]
+
+
+def evaluate(figs: Figures, size_label: str) -> list[dict[str, Any]]:
+    rows = []
+    for c in checks(size_label):
+        v = figs.value(c.figure)
+        refs = {r: figs.value(r) for r in c.refs}
+        ref = (
+            min(x for x in refs.values() if x is not None)
+            if refs and all(x is not None for x in refs.values())
+            else None
+        )
+        ratio: float | None = None
+        ok: bool | None = None
+        if c.kind == "below":
+            ok = None if v is None else v <= c.factor
+        elif c.kind == "growth":
+            if v is not None and ref is not None:
+                ratio = v / ref if ref else None
+                ok = (v - ref) <= c.factor
+        elif v is not None and ref is not None and ref > 0:
+            ratio = v / ref
+            ok = ratio >= c.factor
+        rows.append(
+            {
+                "what": c.what,
+                "figure": c.figure,
+                "value": v,
+                "unit": figs.units[c.figure],
+                "refs": refs,
+                "ref_value": ref,
+                "ratio": ratio,
+                "target": c.target,
+                "pass": ok,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------- machine
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for pkg in ("grpcio", "protobuf", "boto3", "botocore", "moto", "requests", "drived"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    from bench.services import Nginx
+
+    versions["nginx"] = Nginx.version()
+    commit = None
+    try:
+        r = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+        commit = r.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": mem_gib,
+        "os": platform.platform(),
+        "versions": versions,
+        "git_commit": commit,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _fmt(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "—"
+    if unit == "MiB" or unit == "ms" or abs(v) < 10:
+        s = f"{v:,.2f}" if abs(v) < 10 else f"{v:,.1f}"
+    else:
+        s = f"{v:,.0f}"
+    return f"{s} {unit}".strip()
+
+
+def _label(k: str) -> str:
+    return k
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    p = doc["params"]
+    figs = doc["figures"]
+    lines = [
+        "# drived benchmark",
+        "",
+        f"`{p['command']}` — {m['date']}, commit {m.get('git_commit') or '?'}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['os']}.  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".  ",
+        f"Large file {p['size_label']}, chunk {p['chunk']} B, {p['small_files']} × 4 KiB small files, "
+        f"folder of {p['folder_files']} files, memory test {p['mem_size_label']}, "
+        f"medians of {p['runs']} run(s).",
+        "",
+        "## Targets",
+        "",
+        "| figure | value | reference | ratio | target | pass |",
+        "|---|---:|---|---:|---|:---:|",
+    ]
+    for r in doc["checks"]:
+        refs = ", ".join(f"{k} {_fmt(v, figs[k]['unit'])}" for k, v in r["refs"].items()) or "—"
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
+        ok = {True: "PASS", False: "FAIL", None: "n/a"}[r["pass"]]
+        lines.append(
+            f"| {r['what']} (`{r['figure']}`) | {_fmt(r['value'], r['unit'])} | {refs} | {ratio} "
+            f"| {r['target']} | {ok} |"
+        )
+    lines += ["", "## Large files", "", "| system | put | get |", "|---|---:|---:|"]
+    for name, up, down in (
+        ("raw TCP, loopback (one direction)", "large.tcp", "large.tcp"),
+        ("plain grpcio streaming, no disk", "large.grpc_raw.up", "large.grpc_raw.down"),
+        ("cp + fsync (durable write)", "large.cp_fsync", None),
+        ("boto3 upload_file/download_file → moto_server", "large.boto3_moto.put", "large.boto3_moto.get"),
+        ("requests PUT/GET → nginx", "large.nginx.put", "large.nginx.get"),
+        ("**drive_client.Drive → drived**", "large.drive.put", "large.drive.get"),
+    ):
+        lines.append(
+            f"| {name} | {_fmt(figs[up]['value'], 'MB/s')} | "
+            f"{_fmt(figs[down]['value'], 'MB/s') if down else '—'} |"
+        )
+    lines += [
+        "",
+        f"## Small files ({p['small_files']} × 4 KiB)",
+        "",
+        "| system | op | conc | ops/s | p50 | p99 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for sys_ in SMALL_SYSTEMS:
+        for op in SMALL_OPS:
+            for c in SMALL_CONC:
+                b = f"small.{sys_}.{op}.c{c}"
+                ops, p50, p99 = (figs[f"{b}.{s}"]["value"] for s in ("ops_s", "p50_ms", "p99_ms"))
+                lines.append(f"| {sys_} | {op} | {c} | {_fmt(ops)} | {_fmt(p50, 'ms')} | {_fmt(p99, 'ms')} |")
+    lines += [
+        "",
+        f"## Folder of {p['folder_files']} × 4 KiB",
+        "",
+        "| system | put | get |",
+        "|---|---:|---:|",
+    ]
+    for sys_, label in (
+        ("drive", "Drive.put/get of the folder, one call"),
+        ("nginx_loop", "loop of requests PUT/GET → nginx"),
+    ):
+        lines.append(
+            f"| {label} | {_fmt(figs[f'folder.{sys_}.put.files_s']['value'], 'files/s')} | "
+            f"{_fmt(figs[f'folder.{sys_}.get.files_s']['value'], 'files/s')} |"
+        )
+    lines += [
+        "",
+        f"## Memory (peak RSS, VmHWM; {p['mem_size_label']} file, and a ¼-size file first)",
+        "",
+        "| process | ¼ size | full size |",
+        "|---|---:|---:|",
+    ]
+    for who in ("daemon", "client_put", "client_get"):
+        lines.append(
+            f"| {who} | {_fmt(figs[f'mem.{who}.peak_mib_quarter']['value'], 'MiB')} | "
+            f"{_fmt(figs[f'mem.{who}.peak_mib']['value'], 'MiB')} |"
+        )
+    lines.append(f"| daemon after start-up | {_fmt(figs['mem.daemon.baseline_mib']['value'], 'MiB')} | |")
+    lines += ["", "## s3:// index", "", "| figure | value |", "|---|---:|"]
+    for k, unit in INDEX_KEYS.items():
+        lines.append(f"| {k} | {_fmt(figs[k]['value'], unit)} |")
+    missing = {k: f["missing"] for k, f in figs.items() if f["value"] is None}
+    if missing:
+        lines += ["", "## Not measured", ""]
+        reasons: dict[str, list[str]] = {}
+        for k, why in missing.items():
+            reasons.setdefault(why, []).append(k)
+        for why, keys in reasons.items():
+            lines.append(
+                f"- {why}: {len(keys)} figure(s) ({', '.join(keys[:4])}{', …' if len(keys) > 4 else ''})"
+            )
+    if doc.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
+    if doc.get("profile"):
+        lines += ["", "## Profile", "", doc["profile"]]
+    return "\n".join(lines) + "\n"
+
+
+def render_table(doc: dict[str, Any]) -> str:
+    """The targets table for the terminal."""
+    figs = doc["figures"]
+    rows = [("figure", "value", "reference", "ratio", "target", "pass")]
+    for r in doc["checks"]:
+        refs = (
+            ", ".join(f"{k.split('.', 1)[1]} {_fmt(v, figs[k]['unit'])}" for k, v in r["refs"].items()) or "—"
+        )
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        rows.append(
+            (
+                r["what"],
+                _fmt(r["value"], r["unit"]),
+                refs,
+                ratio,
+                r["target"],
+                {True: "PASS", False: "FAIL", None: "n/a"}[r["pass"]],
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) for row in rows)
+
+
+def write(doc: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    j, md = out_dir / "latest.json", out_dir / "latest.md"
+    tmp = out_dir / "latest.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    tmp.replace(j)
+    tmp = out_dir / "latest.md.tmp"
+    tmp.write_text(render_markdown(doc))
+    tmp.replace(md)
+    return j, md

@@ -1,0 +1,300 @@
+"""The processes a benchmark talks to, each started on a free 127.0.0.1 port.
+
+Every service is a context manager that starts a subprocess, waits until it
+answers, and stops it (SIGTERM, then SIGKILL) on exit. Nothing here measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+
+
+class ServiceUnavailable(RuntimeError):
+    """A service could not be started; the message says why."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """VmHWM (peak resident set) of a live process, in MiB."""
+    return _status_field_mib(pid, "VmHWM")
+
+
+def rss_mib(pid: int) -> float | None:
+    """VmRSS (current resident set) of a live process, in MiB."""
+    return _status_field_mib(pid, "VmRSS")
+
+
+def _status_field_mib(pid: int, field: str) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(grace)
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+class _Service:
+    name = "service"
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = Path(workdir) / f"{self.name}-{os.getpid()}-{time.monotonic_ns()}"
+        self.dir.mkdir(parents=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = self.dir / "stderr.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.dir,
+            )
+
+    def _wait_ready(self, probe, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise ServiceUnavailable(f"{self.name} exited with {self.proc.returncode}: {_tail(self.log)}")
+            try:
+                if probe():
+                    return
+            except Exception as e:
+                last = e
+            time.sleep(0.05)
+        self.stop()
+        raise ServiceUnavailable(f"{self.name} not ready within {timeout}s ({last}): {_tail(self.log)}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _grpc_serving(addr: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(addr) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class Drived(_Service):
+    """The daemon under test: `drived --listen 127.0.0.1:PORT --data-dir DIR`."""
+
+    name = "drived"
+
+    def __init__(self, workdir: Path, timeout: float = 30.0) -> None:
+        super().__init__(workdir)
+        exe = VENV_BIN / "drived"
+        if not exe.exists():
+            raise ServiceUnavailable(f"{exe} is not installed (pip install -e . in the venv)")
+        self.data_dir = self.dir / "data"
+        self.endpoint = f"127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        for k in ("DRIVED_LISTEN", "DRIVED_DATA_DIR", "DRIVED_STORAGE"):
+            env.pop(k, None)
+        self._spawn([str(exe), "--listen", self.endpoint, "--data-dir", str(self.data_dir)], env)
+        self._wait_ready(lambda: _grpc_serving(self.endpoint), timeout)
+
+
+class MotoServer(_Service):
+    """`moto_server -H 127.0.0.1 -p PORT`: an S3 HTTP endpoint held in memory."""
+
+    name = "moto"
+
+    def __init__(self, workdir: Path, timeout: float = 30.0) -> None:
+        super().__init__(workdir)
+        exe = VENV_BIN / "moto_server"
+        if not exe.exists():
+            found = shutil.which("moto_server")
+            if not found:
+                raise ServiceUnavailable("moto_server is not installed (pip install 'moto[server]')")
+            exe = Path(found)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._spawn([str(exe), "-H", "127.0.0.1", "-p", str(self.port)])
+        self._wait_ready(
+            lambda: urllib.request.urlopen(self.url + "/moto-api/", timeout=1).status < 500, timeout
+        )
+
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+user root;
+worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    default_type application/octet-stream;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        client_max_body_size 0;
+        client_body_buffer_size 1m;
+        location / {{
+            dav_methods PUT DELETE;
+            create_full_put_path on;
+            dav_access user:rw group:r all:r;
+        }}
+    }}
+}}
+"""
+
+
+def ensure_nginx() -> str:
+    """The nginx binary, installing Debian's nginx-light when missing.
+
+    Raises ServiceUnavailable saying why when it cannot be had.
+    """
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if found:
+        return found
+    apt = shutil.which("apt-get")
+    if not apt:
+        raise ServiceUnavailable("nginx is not installed and apt-get is not available to install nginx-light")
+    if os.geteuid() != 0:
+        raise ServiceUnavailable("nginx is not installed and installing nginx-light needs root")
+    print("bench: nginx missing, running apt-get update && apt-get install -y nginx-light", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for argv in ([apt, "update", "-qq"], [apt, "install", "-y", "-qq", "nginx-light"]):
+        try:
+            r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ServiceUnavailable(f"`{' '.join(argv)}` failed: {e}") from e
+        if r.returncode != 0:
+            raise ServiceUnavailable(
+                f"`{' '.join(argv)}` exited {r.returncode}: {(r.stderr or r.stdout)[-800:]}"
+            )
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if not found:
+        raise ServiceUnavailable("nginx-light installed but no nginx binary found")
+    return found
+
+
+class Nginx(_Service):
+    """nginx (Debian nginx-light) serving a temp root, PUT via dav_methods."""
+
+    name = "nginx"
+
+    def __init__(self, workdir: Path, timeout: float = 15.0) -> None:
+        exe = ensure_nginx()
+        super().__init__(workdir)
+        self.root = self.dir / "root"
+        self.root.mkdir()
+        conf = self.dir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=self.dir, port=self.port, root=self.root))
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._spawn([exe, "-p", str(self.dir), "-c", str(conf), "-e", str(self.dir / "error.log")])
+
+        def probe() -> bool:
+            try:
+                urllib.request.urlopen(self.url + "/", timeout=1)
+            except urllib.error.HTTPError as e:  # 403/404 on the root still means it answers
+                return e.code < 500
+            return True
+
+        try:
+            self._wait_ready(probe, timeout)
+        except ServiceUnavailable as e:
+            raise ServiceUnavailable(f"{e} {_tail(self.dir / 'error.log')}") from e
+
+    @staticmethod
+    def version() -> str | None:
+        try:
+            exe = ensure_nginx()
+            r = subprocess.run([exe, "-v"], capture_output=True, text=True, timeout=10)
+            return (r.stderr or r.stdout).strip().split("/")[-1]
+        except Exception:
+            return None
+
+
+class RawGrpcServer(_Service):
+    """The transport ceiling: a generic-handler grpc.aio server with no disk, no hashing."""
+
+    name = "rawgrpc"
+
+    def __init__(self, workdir: Path, timeout: float = 20.0) -> None:
+        super().__init__(workdir)
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self._spawn([sys.executable, "-m", "bench.rawgrpc", "serve", self.endpoint], _bench_env())
+
+        def probe() -> bool:
+            from bench.rawgrpc import ping
+
+            return ping(self.endpoint)
+
+        self._wait_ready(probe, timeout)
+
+
+def _bench_env() -> dict[str, str]:
+    """Environment for child processes: the repo root importable."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
