@@ -116,8 +116,8 @@ def error_for_status(code: grpc.StatusCode, message: str) -> DriveError:
 
 def from_rpc_error(err: grpc.RpcError, endpoint: str) -> DriveError:
     """Turns a failed call into the matching DriveError, naming the endpoint when unreachable."""
-    code = err.code()  # type: ignore[attr-defined]
-    details = err.details() or code.name  # type: ignore[attr-defined]
+    code = err.code()
+    details = err.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE and not details.startswith("drived:"):
         details = f"cannot reach drived at {endpoint}: {details} (is the daemon running? `make run` starts one)"
     return error_for_status(code, details)

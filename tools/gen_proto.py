@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     files = generate()
     if args.check:
-        stale = [n for n, data in files.items() if not (OUT_DIR / n).exists() or (OUT_DIR / n).read_bytes() != data]
+        stale = [n for n, data in files.items() if not (OUT_DIR / n).is_file() or (OUT_DIR / n).read_bytes() != data]
         if stale:
             sys.exit(f"stubs out of date with {PROTO}: {', '.join(stale)}; run `make proto`")
         return

@@ -20,7 +20,7 @@ class ObjectInfo:
 
     key: str
     size: int
-    sha256: str  # lowercase hex of the content
+    sha256: str  # lowercase hex of the content; "" in listings (`list`, `walk`)
     generation: int  # commit time in ns: changes with every commit of the key
 
 
@@ -83,7 +83,11 @@ class Backend(abc.ABC):
         """The object at `key`, or None when there is none (folders are not objects)."""
 
     @abc.abstractmethod
-    async def list(self, prefix: str) -> Listing:
+    async def is_folder(self, key: str) -> bool:
+        """True when objects exist below `key` + "/"."""
+
+    @abc.abstractmethod
+    async def list_folder(self, prefix: str) -> Listing:
         """The objects and sub-folders directly under folder `prefix` ("" is the top)."""
 
     @abc.abstractmethod

@@ -1,0 +1,117 @@
+"""`drive`: the command line for people.
+
+    drive ls lit://drive_1[/folder]        drive put LOCAL lit://drive_1[/path]
+    drive get lit://drive_1/path [LOCAL]   drive rm lit://drive_1/path
+    drive stat lit://drive_1/path          drive mount s3://bucket/prefix/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .drive import Drive
+from .errors import DriveError, InvalidArgument
+from .transfer import local_files
+from .uri import normalize_path
+
+
+def split_uri(uri: str, folder: bool) -> tuple[str, str]:
+    """(drive URI, path) of a CLI location like `lit://d/a/b` or `s3://bucket/data/x.bin`.
+
+    For s3 the drive is the location's folder (`folder`: the whole location
+    is a folder), so only that prefix is indexed.
+    """
+    if uri.startswith("lit://"):
+        name, _, path = uri[len("lit://"):].partition("/")
+        return f"lit://{name}", path
+    if uri.startswith("s3://"):
+        if folder:
+            return (uri if uri.endswith("/") else uri + "/"), ""
+        head, _, name = uri.rpartition("/")
+        if not name:
+            raise InvalidArgument(f"{uri!r} names a folder: give an object's key")
+        return head + "/", name
+    raise InvalidArgument(f"unsupported location {uri!r}: use lit://DRIVE/PATH or s3://bucket/key")
+
+
+def _drive(uri: str, args: argparse.Namespace) -> Drive:
+    return Drive(uri, component_name=args.component, endpoint=args.endpoint, allow_duplicates=args.allow_duplicates)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "ls":
+        drive_uri, path = split_uri(args.location, folder=True)
+        for entry in _drive(drive_uri, args).list(path or ".", component_name=args.only):
+            print(entry)
+    elif args.command == "put":
+        drive_uri, path = split_uri(args.location, folder=False)
+        local = Path(args.local)
+        if not path or path.endswith("/"):
+            path += local.resolve().name
+        infos = _drive(drive_uri, args)._put_files(local_files(local, normalize_path(path)))
+        print(f"put {len(infos)} file(s), {sum(i.size for i in infos)} bytes, into {drive_uri}")
+    elif args.command == "get":
+        drive_uri, path = split_uri(args.location, folder=False)
+        remote = normalize_path(path)
+        target = Path(args.local) if args.local else Path(remote.rsplit("/", 1)[-1])
+        if target.is_dir() and args.local and not args.overwrite:
+            target = target / remote.rsplit("/", 1)[-1]
+        got = _drive(drive_uri, args)._get_into(remote, target, args.only, args.timeout, args.overwrite)
+        print(got)
+    elif args.command == "rm":
+        drive_uri, path = split_uri(args.location, folder=False)
+        _drive(drive_uri, args).delete(path)
+    elif args.command == "stat":
+        drive_uri, path = split_uri(args.location, folder=False)
+        stat = _drive(drive_uri, args).stat(path, component_name=args.only)
+        fields = {**stat.__dict__, "modified": stat.modified.isoformat() if stat.modified else None}
+        print(json.dumps(fields, indent=2))
+    elif args.command == "mount":
+        drive_uri, _ = split_uri(args.location, folder=True)
+        result = _drive(drive_uri, args).mount()
+        print(f"indexed {result.objects} objects in {result.seconds:.2f} s")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="drive", description="Put, list, get and delete files in drived drives.")
+    top.add_argument("--endpoint", help="drived address HOST:PORT (default: $DRIVE_ENDPOINT, else 127.0.0.1:50051)")
+    top.add_argument("--component", help="your component name (default: $DRIVE_COMPONENT, else 'default')")
+    commands = top.add_subparsers(dest="command", required=True)
+    ls = commands.add_parser("ls", help="list a folder: drive ls lit://d[/folder]")
+    ls.add_argument("location")
+    put = commands.add_parser("put", help="store a file or folder: drive put LOCAL lit://d[/path]")
+    put.add_argument("local")
+    put.add_argument("location")
+    put.add_argument("--allow-duplicates", action="store_true", help="allow a path another component holds")
+    get = commands.add_parser("get", help="fetch a file or folder: drive get lit://d/path [LOCAL]")
+    get.add_argument("location")
+    get.add_argument("local", nargs="?")
+    get.add_argument("--timeout", type=float, help="wait up to this many seconds for the path to appear")
+    get.add_argument("--overwrite", action="store_true", help="replace an existing local file")
+    commands.add_parser("rm", help="delete your file or folder: drive rm lit://d/path").add_argument("location")
+    commands.add_parser("stat", help="describe a file: drive stat lit://d/path").add_argument("location")
+    commands.add_parser("mount", help="re-index an s3 drive: drive mount s3://bucket/prefix/").add_argument("location")
+    for sub in (ls, get, commands.choices["stat"]):
+        sub.add_argument("--only", metavar="COMPONENT", help="only this component's files")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    for name in ("only", "allow_duplicates", "timeout", "overwrite"):
+        if not hasattr(args, name):
+            setattr(args, name, None if name in ("only", "timeout") else False)
+    try:
+        run(args)
+    except (DriveError, OSError) as err:
+        print(f"drive: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

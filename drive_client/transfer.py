@@ -1,0 +1,123 @@
+"""Chunked, hashed streaming of files into a Put stream and out of a Get stream.
+
+Memory per transfer is one chunk at a time on this side; gRPC's flow
+control bounds what is in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import grpc
+
+from ._pb import drive_pb2 as pb
+from .errors import DataLoss, NotFound
+
+CHUNK_SIZE = 1 << 20
+
+
+def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
+    """(local file, drive path) for a file, or for every file under a folder, sorted."""
+    if local.is_file():
+        return [(local, remote)]
+    if not local.is_dir():
+        raise NotFound(f"local path {str(local)!r} does not exist: nothing to put")
+    pairs = []
+    for folder, _dirs, names in os.walk(local):
+        for name in names:
+            path = Path(folder, name)
+            if path.is_file():
+                rel = path.relative_to(local).as_posix()
+                pairs.append((path, f"{remote}/{rel}" if remote else rel))
+    return sorted(pairs, key=lambda pair: pair[1])
+
+
+def put_requests(
+    header: pb.PutHeader, files: Iterable[tuple[Path, str]], chunk_size: int = CHUNK_SIZE
+) -> Iterator[pb.PutRequest]:
+    """The messages of one Put stream carrying `files`, each with a header copied from `header`."""
+    for local, remote in files:
+        with open(local, "rb") as f:
+            file_header = pb.PutHeader()
+            file_header.CopyFrom(header)
+            file_header.path = remote
+            file_header.size = os.fstat(f.fileno()).st_size
+            yield pb.PutRequest(header=file_header)
+            digest = hashlib.sha256()
+            while chunk := f.read(chunk_size):
+                digest.update(chunk)
+                yield pb.PutRequest(data=chunk)
+        yield pb.PutRequest(finish=pb.PutFinish(sha256=digest.hexdigest()))
+
+
+class _Receiving:
+    """One file being received into a temporary file beside its target."""
+
+    def __init__(self, info: pb.FileInfo, target: Path) -> None:
+        self.info = info
+        self.target = target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.part"
+        self.file: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish/discard
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.file.write(data)
+        self.size += len(data)
+
+    def finish(self, whole: bool) -> Path:
+        """Verifies what arrived and renames it into place (`whole`: the entire file was asked for)."""
+        self.file.close()
+        if whole and self.size != self.info.size:
+            raise DataLoss(
+                f"{self.info.path!r}: received {self.size} of {self.info.size} bytes; try again",
+                grpc.StatusCode.DATA_LOSS,
+            )
+        if whole and self.info.sha256 and self.digest.hexdigest() != self.info.sha256:
+            raise DataLoss(
+                f"{self.info.path!r}: received bytes do not match the stored sha256; try again",
+                grpc.StatusCode.DATA_LOSS,
+            )
+        os.replace(self.tmp, self.target)
+        return self.target
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def receive_files(
+    responses: Iterable[pb.GetResponse], target_of: Callable[[str], Path], whole: bool = True
+) -> list[Path]:
+    """Writes the files of a Get stream; `target_of` maps a file's drive path to its local path.
+
+    Each file goes to a temporary file beside its target and is renamed into
+    place once complete and verified; a failure leaves no partial file.
+    """
+    written: list[Path] = []
+    current: _Receiving | None = None
+    try:
+        for message in responses:
+            if message.HasField("info"):
+                if current is not None:
+                    written.append(current.finish(whole))
+                current = _Receiving(message.info, target_of(message.info.path))
+            elif current is None:
+                raise DataLoss("the server sent data before the file's info", grpc.StatusCode.DATA_LOSS)
+            else:
+                current.write(message.data)
+        if current is not None:
+            written.append(current.finish(whole))
+            current = None
+    finally:
+        if current is not None:
+            current.discard()
+    return written
+

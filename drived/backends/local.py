@@ -1,0 +1,283 @@
+"""LocalBackend: objects as files in a data directory (the embedded default).
+
+Layout: `DATA_DIR/objects/<key>` holds each object, `DATA_DIR/tmp/` the
+uploads in progress. A stored file is a 64-byte header (magic, sha256, size)
+followed by the object's bytes; its mtime (in ns) is the generation. An
+upload is written to `tmp/`, fsynced, and renamed over its key in one step;
+the rename is what makes it visible. Whatever `tmp/` holds at start-up is
+the leftover of a crash and is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
+
+from .base import Backend, Listing, ObjectInfo, Upload
+
+MAGIC = b"DRIVED01"
+HEADER = struct.Struct("<8s32sQ16x")  # magic, raw sha256, size, padding to 64 bytes
+FLUSH_BYTES = 1 << 20  # an upload buffers small chunks up to this before a disk write
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _disk_error(err: OSError, what: str) -> Exception:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"the data dir is full while {what}: free space and retry")
+    return err
+
+
+class LocalUpload(Upload):
+    """An upload into `tmp/`: small chunks are buffered, big ones written in a worker thread."""
+
+    def __init__(self, backend: LocalBackend, key: str) -> None:
+        self._backend = backend
+        self._key = key
+        self._tmp_path = os.path.join(backend.tmp_dir, uuid.uuid4().hex)
+        self._fd = -1
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+
+    def _flush(self, chunks: list[bytes]) -> None:
+        """Runs in a worker thread: hashes and appends `chunks` to the temporary file."""
+        try:
+            if self._fd < 0:
+                self._fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                _write_all(self._fd, bytes(HEADER.size))
+            for chunk in chunks:
+                self._hash.update(chunk)
+                _write_all(self._fd, chunk)
+        except OSError as err:
+            raise _disk_error(err, "writing an upload") from err
+
+    async def write(self, data: bytes) -> None:
+        self._size += len(data)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= FLUSH_BYTES:
+            chunks, self._pending, self._pending_bytes = self._pending, [], 0
+            await asyncio.get_running_loop().run_in_executor(None, self._flush, chunks)
+
+    def _commit(self, chunks: list[bytes], sha256: str, size: int | None) -> ObjectInfo:
+        """Runs in a worker thread: verifies, writes the header, fsyncs and renames into place."""
+        self._flush(chunks)
+        digest = self._hash.hexdigest()
+        if digest != sha256:
+            raise DataLoss(
+                f"sha256 mismatch for {self._key!r}: received bytes hash to {digest}, client sent {sha256}; "
+                "nothing was stored, retry the put"
+            )
+        if size is not None and size != self._size:
+            raise DataLoss(
+                f"size mismatch for {self._key!r}: received {self._size} bytes, header said {size}; "
+                "nothing was stored, retry the put"
+            )
+        try:
+            os.pwrite(self._fd, HEADER.pack(MAGIC, self._hash.digest(), self._size), 0)
+            generation = time.time_ns()
+            os.utime(self._fd, ns=(generation, generation))
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            self._backend.place(self._tmp_path, self._key)
+        except OSError as err:
+            raise _disk_error(err, "committing an upload") from err
+        return ObjectInfo(self._key, self._size, digest, generation)
+
+    async def commit(self, sha256: str, size: int | None = None) -> ObjectInfo:
+        chunks, self._pending, self._pending_bytes = self._pending, [], 0
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self._commit, chunks, sha256, size)
+        finally:
+            await self.abort()
+
+    def _discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp_path)
+
+    async def abort(self) -> None:
+        self._pending = []
+        # Synchronous on purpose: abort runs in `finally` blocks of cancelled tasks.
+        self._discard()
+
+
+class LocalBackend(Backend):
+    """Objects as files under a data directory."""
+
+    def __init__(self, data_dir: str, chunk_size: int = 1 << 20) -> None:
+        self.root = os.path.realpath(os.path.join(data_dir, "objects"))
+        self.tmp_dir = os.path.join(os.path.realpath(data_dir), "tmp")
+        self.chunk_size = chunk_size
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        os.makedirs(self.root, exist_ok=True)
+        os.makedirs(self.tmp_dir, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        """The file of `key`; refuses a path that a symlink would lead out of the data dir."""
+        path = os.path.join(self.root, key) if key else self.root
+        parent = os.path.realpath(os.path.dirname(path))
+        if parent != self.root and not parent.startswith(self.root + os.sep):
+            raise InvalidArgument(f"path {key!r} leads outside the data dir")
+        return path
+
+    def place(self, tmp_path: str, key: str) -> None:
+        """Renames a finished upload over `key`, creating its folders; fsyncs the folder."""
+        path = self._path(key)
+        folder = os.path.dirname(path)
+        for _attempt in range(5):  # a concurrent delete may remove an empty parent between the two steps
+            try:
+                os.makedirs(folder, exist_ok=True)
+                os.rename(tmp_path, path)
+                break
+            except FileNotFoundError:
+                continue
+            except (FileExistsError, NotADirectoryError):
+                raise InvalidArgument(f"cannot put {key!r}: a parent folder of it is a file") from None
+            except IsADirectoryError:
+                raise InvalidArgument(f"cannot put {key!r}: it is a folder; put files below it instead") from None
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    async def start_upload(self, key: str) -> Upload:
+        path = self._path(key)
+        if os.path.isdir(path):
+            raise InvalidArgument(f"cannot put {key!r}: it is a folder; put files below it instead")
+        return LocalUpload(self, key)
+
+    def _open(self, key: str) -> tuple[int, ObjectInfo]:
+        """Opens `key` and reads its header; the caller closes the descriptor."""
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise NotFound(f"{key!r} does not exist") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotFound(f"{key!r} is a folder, not a file")
+            header = os.pread(fd, HEADER.size, 0)
+            magic, digest, size = HEADER.unpack(header) if len(header) == HEADER.size else (b"", b"", 0)
+            if magic != MAGIC:
+                raise NotFound(f"{key!r} is not a drived object (damaged or foreign file in the data dir)")
+            return fd, ObjectInfo(key, size, digest.hex(), st.st_mtime_ns)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, AsyncIterator[bytes]]:
+        loop = asyncio.get_running_loop()
+        fd, info = await loop.run_in_executor(None, self._open, key)
+        if offset > info.size:
+            os.close(fd)
+            raise InvalidArgument(f"offset {offset} is past the end of {key!r} ({info.size} bytes)")
+        end = info.size if limit == 0 else min(info.size, offset + limit)
+        return info, self._chunks(fd, offset, end)
+
+    async def _chunks(self, fd: int, start: int, end: int) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        try:
+            position = start
+            while position < end:
+                data = await loop.run_in_executor(
+                    None, os.pread, fd, min(self.chunk_size, end - position), HEADER.size + position
+                )
+                if not data:
+                    break
+                position += len(data)
+                yield data
+        finally:
+            os.close(fd)
+
+    def _stat(self, key: str) -> ObjectInfo | None:
+        try:
+            fd, info = self._open(key)
+        except NotFound:
+            return None
+        os.close(fd)
+        return info
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        return await asyncio.get_running_loop().run_in_executor(None, self._stat, key)
+
+    async def is_folder(self, key: str) -> bool:
+        path = self._path(key)
+        return os.path.isdir(path) and not os.path.islink(path)
+
+    def _list(self, prefix: str) -> Listing:
+        files: dict[str, ObjectInfo] = {}
+        folders: set[str] = set()
+        base = prefix.rstrip("/")
+        try:
+            entries = list(os.scandir(self._path(base)))
+        except (FileNotFoundError, NotADirectoryError):
+            return Listing(files, folders)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                folders.add(entry.name)
+            elif entry.is_file(follow_symlinks=False):
+                st = entry.stat(follow_symlinks=False)
+                key = f"{base}/{entry.name}" if base else entry.name
+                files[entry.name] = ObjectInfo(key, max(0, st.st_size - HEADER.size), "", st.st_mtime_ns)
+        return Listing(files, folders)
+
+    async def list_folder(self, prefix: str) -> Listing:
+        return await asyncio.get_running_loop().run_in_executor(None, self._list, prefix)
+
+    def _walk(self, prefix: str) -> list[ObjectInfo]:
+        base = prefix.rstrip("/")
+        top = self._path(base)
+        found: list[ObjectInfo] = []
+        for folder, _dirs, names in os.walk(top):
+            rel = os.path.relpath(folder, self.root).replace(os.sep, "/")
+            for name in names:
+                st = os.lstat(os.path.join(folder, name))
+                if stat.S_ISREG(st.st_mode):
+                    found.append(ObjectInfo(f"{rel}/{name}", max(0, st.st_size - HEADER.size), "", st.st_mtime_ns))
+        found.sort(key=lambda info: info.key)
+        return found
+
+    async def walk(self, prefix: str) -> list[ObjectInfo]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._walk, prefix)
+
+    def _delete(self, key: str) -> bool:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return False
+        folder = os.path.dirname(path)
+        while folder != self.root and folder.startswith(self.root):
+            try:
+                os.rmdir(folder)  # only succeeds when empty
+            except OSError:
+                break
+            folder = os.path.dirname(folder)
+        return True
+
+    async def delete(self, key: str) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(None, self._delete, key)

@@ -1,0 +1,53 @@
+"""`drived`: run the daemon, or `drived health` to check one."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+import grpc
+
+from . import config, logs, server
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drived",
+        description="Shared file storage for distributed workers, served over gRPC (drive.v1.DriveService). "
+        "`drived health [--endpoint ADDR]` checks a running daemon.",
+    )
+    config.add_arguments(parser)
+    return parser
+
+
+def _health(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="drived health", description="Exit 0 when the daemon answers SERVING.")
+    parser.add_argument("--endpoint", default=None, help="HOST:PORT (default: DRIVED_LISTEN, else 127.0.0.1:50051)")
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    args = parser.parse_args(argv)
+    endpoint = args.endpoint or config.from_args(_serve_parser(), _serve_parser().parse_args([])).listen
+    endpoint = endpoint.replace("0.0.0.0:", "127.0.0.1:")
+    try:
+        status = asyncio.run(server.check_health(endpoint, args.timeout))
+    except grpc.RpcError as err:
+        print(f"drived at {endpoint}: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    print(f"drived at {endpoint}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["health"]:
+        return _health(args[1:])
+    parser = _serve_parser()
+    cfg = config.parse(args, parser)
+    logs.setup(cfg.log_level)
+    asyncio.run(server.serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

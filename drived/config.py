@@ -1,0 +1,99 @@
+"""The daemon's configuration: flags and environment variables into one typed Config.
+
+Every option has a flag and an environment variable (`DRIVED_<NAME>`); a
+flag wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+MAX_CHUNK_SIZE = 3 << 20  # stays under gRPC's 4 MiB default message limit with room to spare
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = "127.0.0.1:50051"
+    data_dir: str = "./drive-data"
+    storage: str = ""
+    chunk_size: int = 1 << 20
+    grace_period: float = 30.0
+    s3_list_concurrency: int = 16
+    s3_page_size: int = 1000
+    log_level: str = "info"
+
+
+HELP = {
+    "listen": "address to serve gRPC on, HOST:PORT (0.0.0.0:50051 for all interfaces)",
+    "data_dir": "folder where lit:// drives are kept (created if missing)",
+    "storage": "where managed drives live: empty for --data-dir; s3://bucket/prefix/ is not supported yet",
+    "chunk_size": "bytes per message of a Get stream (at most 3 MiB)",
+    "grace_period": "seconds that SIGTERM/SIGINT lets in-flight transfers finish before they are cancelled",
+    "s3_list_concurrency": "parallel ListObjectsV2 calls when mounting an s3:// drive",
+    "s3_page_size": "MaxKeys of each ListObjectsV2 call",
+    "log_level": "debug, info, warning or error",
+}
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _chunk_size(text: str) -> int:
+    value = _positive(int)(text)
+    if value > MAX_CHUNK_SIZE:
+        raise argparse.ArgumentTypeError(f"at most {MAX_CHUNK_SIZE} bytes, got {text}")
+    return int(value)
+
+
+PARSERS: dict[str, Callable[[str], Any]] = {
+    "listen": str, "data_dir": str, "storage": str, "chunk_size": _chunk_size,
+    "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
+    "log_level": str,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per Config field, documented with its env variable and default."""
+    for f in fields(Config):
+        env = f"DRIVED_{f.name.upper()}"
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, type=PARSERS[f.name], default=None,
+            metavar=f.name.upper(), help=f"{HELP[f.name]} (env {env}; default {f.default!r})",
+        )
+
+
+def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    """The Config for parsed flags, falling back to the environment, then the defaults."""
+    values: dict[str, Any] = {}
+    for f in fields(Config):
+        flag = getattr(args, f.name)
+        env = os.environ.get(f"DRIVED_{f.name.upper()}")
+        if flag is not None:
+            values[f.name] = flag
+        elif env:
+            try:
+                values[f.name] = PARSERS[f.name](env)
+            except (argparse.ArgumentTypeError, ValueError) as err:
+                parser.error(f"DRIVED_{f.name.upper()}={env!r}: {err}")
+    config = Config(**values)
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        parser.error(f"--log-level {config.log_level!r}: use debug, info, warning or error")
+    if config.storage:
+        parser.error("--storage: keeping managed drives in S3 is not supported yet; use --data-dir")
+    return config
+
+
+def parse(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> Config:
+    return from_args(parser, parser.parse_args(argv))

@@ -1,0 +1,248 @@
+"""ManagedDrives: the semantics of `lit://` drives over a storage Backend.
+
+Namespaces (one per drive and component, see `drived.paths`), ownership
+(`allow_duplicates`, deletes of one's own files only), listing across
+components, ambiguity, folders, and gets that wait for a put to commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from drive_client.errors import (
+    AlreadyExists,
+    AmbiguousPathError,
+    InvalidArgument,
+    NotFound,
+    StaleIndexError,
+    WaitTimeout,
+)
+
+from .backends.base import Backend, ObjectInfo, Upload
+from .entry import Entry
+from .paths import component_key, object_key, relative_path
+
+FileStream = tuple[Entry, AsyncIterator[bytes]]
+
+
+def _entry(path: str, component: str, info: ObjectInfo) -> Entry:
+    return Entry(
+        path=path, size=info.size, sha256=info.sha256, mtime_ns=info.generation,
+        component=component, generation=info.generation,
+    )
+
+
+def _shown(drive: str, path: str) -> str:
+    return f"{path!r} in lit://{drive}"
+
+
+@dataclass
+class PendingPut:
+    """A put between its header and its finish."""
+
+    drive: str
+    component: str
+    path: str
+    allow_duplicates: bool
+    upload: Upload
+
+
+class ManagedDrives:
+    """All `lit://` drives kept in one backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._commit_events: dict[str, asyncio.Event] = {}
+        self._path_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._path_lock_users: defaultdict[tuple[str, str], int] = defaultdict(int)
+
+    async def components(self, drive: str) -> list[str]:
+        """The components that hold something in `drive`, sorted."""
+        return sorted((await self.backend.list_folder(drive)).folders)
+
+    @asynccontextmanager
+    async def _path_lock(self, drive: str, path: str) -> AsyncIterator[None]:
+        """Serialises the ownership check and commit of one path (within this daemon)."""
+        name = (drive, path)
+        lock = self._path_locks.setdefault(name, asyncio.Lock())
+        self._path_lock_users[name] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._path_lock_users[name] -= 1
+            if not self._path_lock_users[name]:
+                del self._path_lock_users[name], self._path_locks[name]
+
+    async def _check_duplicates(self, drive: str, component: str, path: str) -> None:
+        for other in await self.components(drive):
+            if other != component and await self.backend.stat(object_key(drive, other, path)):
+                raise AlreadyExists(
+                    f"{_shown(drive, path)} is already held by component {other!r}; "
+                    "pick another path, or open the drive with allow_duplicates=True"
+                )
+
+    async def begin_put(self, drive: str, component: str, path: str, allow_duplicates: bool) -> PendingPut:
+        """Checks ownership and starts the upload of one file."""
+        if not allow_duplicates:
+            await self._check_duplicates(drive, component, path)
+        upload = await self.backend.start_upload(object_key(drive, component, path))
+        return PendingPut(drive, component, path, allow_duplicates, upload)
+
+    async def commit_put(self, put: PendingPut, sha256: str, size: int | None) -> Entry:
+        """Verifies and commits a put (ownership checked again, atomically with the commit)."""
+        async with self._path_lock(put.drive, put.path):
+            if not put.allow_duplicates:
+                try:
+                    await self._check_duplicates(put.drive, put.component, put.path)
+                except AlreadyExists:
+                    await put.upload.abort()
+                    raise
+            info = await put.upload.commit(sha256, size)
+        event = self._commit_events.pop(put.drive, None)
+        if event:
+            event.set()
+        return _entry(put.path, put.component, info)
+
+    async def _locate(self, drive: str, path: str, component: str) -> list[tuple[str, ObjectInfo | None]]:
+        """Which components hold `path`: (component, file info), or (component, None) for a folder."""
+        components = [component] if component else await self.components(drive)
+        if not path:
+            return [(c, None) for c in components if await self.backend.is_folder(component_key(drive, c))]
+        hits: list[tuple[str, ObjectInfo | None]] = []
+        for c in components:
+            key = object_key(drive, c, path)
+            info = await self.backend.stat(key)
+            if info:
+                hits.append((c, info))
+            elif await self.backend.is_folder(key):
+                hits.append((c, None))
+        return hits
+
+    async def _locate_or_wait(
+        self, drive: str, path: str, component: str, wait_seconds: float
+    ) -> list[tuple[str, ObjectInfo | None]]:
+        """Like `_locate`, but waits up to `wait_seconds` for a put to commit the path."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            event = self._commit_events.setdefault(drive, asyncio.Event())
+            hits = await self._locate(drive, path, component)
+            if hits:
+                return hits
+            remaining = deadline - time.monotonic()
+            owner = f" of component {component!r}" if component else ""
+            if wait_seconds <= 0:
+                raise NotFound(f"{_shown(drive, path)}{owner} does not exist")
+            if remaining <= 0:
+                raise WaitTimeout(f"{_shown(drive, path)}{owner} did not appear within {wait_seconds:g} s")
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                continue  # the next round answers WaitTimeout, unless the path arrived just now
+
+    @staticmethod
+    def _ambiguous(drive: str, path: str, components: list[str]) -> AmbiguousPathError:
+        names = ", ".join(repr(c) for c in sorted(set(components)))
+        return AmbiguousPathError(
+            f"{_shown(drive, path)} is held by several components ({names}): pass component_name to choose one"
+        )
+
+    async def stat(self, drive: str, path: str, component: str) -> Entry:
+        hits = await self._locate_or_wait(drive, path, component, 0)
+        files = [(c, info) for c, info in hits if info is not None]
+        if not files:
+            owner = hits[0][0] if len(hits) == 1 else ""
+            return Entry(path=path, component=owner, folder=True)
+        if len(hits) > 1:
+            raise self._ambiguous(drive, path, [c for c, _ in hits])
+        return _entry(path, *files[0])
+
+    async def open_files(
+        self, drive: str, path: str, component: str, *, offset: int, limit: int, wait_seconds: float, if_match: str
+    ) -> AsyncIterator[FileStream]:
+        """The file at `path`, or every file under the folder `path`, each with its chunks."""
+        hits = await self._locate_or_wait(drive, path, component, wait_seconds)
+        if len(hits) == 1 and hits[0][1] is not None:
+            owner = hits[0][0]
+            info, chunks = await self.backend.read(object_key(drive, owner, path), offset, limit)
+            if if_match and if_match != info.sha256:
+                raise StaleIndexError(
+                    f"{_shown(drive, path)} changed (sha256 {info.sha256}, expected {if_match}): read it again"
+                )
+            yield _entry(path, owner, info), chunks
+            return
+        if any(info is not None for _, info in hits):
+            raise self._ambiguous(drive, path, [c for c, _ in hits])
+        if offset or limit or if_match:
+            raise InvalidArgument(f"{_shown(drive, path)} is a folder: offset, limit and if_match apply to files only")
+        for owner, file_path in await self._files_under(drive, path, [c for c, _ in hits]):
+            try:
+                info, chunks = await self.backend.read(object_key(drive, owner, file_path))
+            except NotFound:
+                continue  # deleted since it was listed
+            yield _entry(file_path, owner, info), chunks
+
+    async def _files_under(self, drive: str, path: str, components: list[str]) -> list[tuple[str, str]]:
+        """(component, path) of every file under a folder, sorted; AmbiguousPathError on a clash."""
+        owners: dict[str, str] = {}
+        for c in components:
+            for info in await self.backend.walk(object_key(drive, c, path)):
+                file_path = relative_path(info.key, drive, c)
+                if file_path in owners:
+                    raise self._ambiguous(drive, file_path, [owners[file_path], c])
+                owners[file_path] = c
+        return sorted((c, p) for p, c in owners.items())
+
+    async def list_entries(
+        self, drive: str, path: str, component: str, *, recursive: bool, start_after: str, limit: int
+    ) -> tuple[list[Entry], bool]:
+        """Entries under `path` in path order after `start_after`: at most `limit`, and whether more remain."""
+        found: dict[str, Entry] = {}
+
+        def add(entry: Entry) -> None:
+            seen = found.get(entry.path)
+            found[entry.path] = entry if seen is None or seen.component == entry.component else Entry(
+                path=entry.path, size=seen.size, folder=seen.folder, mtime_ns=seen.mtime_ns
+            )
+
+        for c in [component] if component else await self.components(drive):
+            for entry in await self._list_component(drive, c, path, recursive):
+                add(entry)
+        names = sorted(p for p in found if p > start_after)
+        return [found[p] for p in names[:limit]], len(names) > limit
+
+    async def _list_component(self, drive: str, component: str, path: str, recursive: bool) -> list[Entry]:
+        key = object_key(drive, component, path)
+        join = (lambda name: f"{path}/{name}") if path else (lambda name: name)
+        if recursive:
+            infos = await self.backend.walk(key)
+            entries = [_entry(relative_path(i.key, drive, component), component, i) for i in infos]
+        else:
+            listing = await self.backend.list_folder(key)
+            entries = [_entry(join(name), component, info) for name, info in listing.files.items()]
+            entries += [Entry(path=join(name), component=component, folder=True) for name in listing.folders]
+        if not entries and path:
+            info = await self.backend.stat(key)
+            if info:
+                entries = [_entry(path, component, info)]
+        return entries
+
+    async def delete(self, drive: str, path: str, component: str) -> int:
+        """Removes the caller's file, or every file of its under a folder; the count removed."""
+        key = object_key(drive, component, path)
+        if await self.backend.delete(key):
+            return 1
+        deleted = 0
+        for info in await self.backend.walk(key):
+            deleted += await self.backend.delete(info.key)
+        if not deleted:
+            raise NotFound(
+                f"component {component!r} owns nothing at {_shown(drive, path)}; "
+                "a file can only be deleted by the component that put it"
+            )
+        return deleted

@@ -1,0 +1,77 @@
+"""Wiring: the grpc.aio server with the drive service, health, reflection and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from drive_client._pb import drive_pb2 as pb
+from drive_client._pb import drive_pb2_grpc as pb_grpc
+
+from .backends.local import LocalBackend
+from .config import MAX_CHUNK_SIZE, Config
+from .managed import ManagedDrives
+from .s3drives import S3Drives
+from .s3index.mounts import S3Mounts
+from .service import DriveService
+
+log = logging.getLogger("drived")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DriveService"].full_name
+MESSAGE_LIMIT = MAX_CHUNK_SIZE + (1 << 20)  # a chunk plus room for the message around it
+# Disk and hashing work runs in threads; puts and gets of many files at once each need one.
+WORKER_THREADS = 32
+
+
+async def serve(config: Config) -> None:
+    """Runs the daemon until SIGTERM or SIGINT, then drains in-flight calls within the grace period."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="drived-io"))
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),  # a taken port must fail loudly
+            ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+            ("grpc.max_send_message_length", MESSAGE_LIMIT),
+        ]
+    )
+    backend = LocalBackend(config.data_dir, config.chunk_size)
+    mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size)
+    service = DriveService(ManagedDrives(backend), S3Drives(mounts, config.chunk_size))
+    pb_grpc.add_DriveServiceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    try:
+        server.add_insecure_port(config.listen)
+    except RuntimeError as err:
+        raise SystemExit(f"drived: cannot listen on {config.listen}: {err} (is another daemon using it?)") from None
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"fields": {"listen": config.listen, "data_dir": config.data_dir}})
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining", extra={"fields": {"grace_period_s": config.grace_period}})
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.grace_period)
+    await mounts.close()
+    await backend.close()
+    log.info("stopped")
+
+
+async def check_health(endpoint: str, timeout: float) -> str:
+    """The serving status of a daemon, by the gRPC health service."""
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
