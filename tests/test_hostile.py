@@ -1,0 +1,219 @@
+"""Hostile paths, drive ids and components: every RPC refuses them with INVALID_ARGUMENT
+(`ValueError` through Drive), and the data dir (and the folder around it) is byte-for-byte
+unchanged afterwards."""
+
+from __future__ import annotations
+
+import pathlib
+
+import grpc
+import pytest
+from conftest import DaemonHandle, put_messages, raw_put, snapshot
+
+from drive_client import Drive, DriveError
+from drive_client._pb import drive_pb2 as pb
+from drive_client._pb import drive_pb2_grpc
+
+pytestmark = pytest.mark.timeout(60)
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+DRIVE = "lit://hostile_target"
+
+HOSTILE_PATHS = {
+    "dotdot": "../x",
+    "absolute": "/etc/passwd",
+    "dotdot_deep": "a/../../b",
+    "dotdot_only": "..",
+    "dotdot_end": "a/..",
+    "nul": "a\x00b",
+    "nul_end": "evil.txt\x00.png",
+    "control": "a\nb",
+    "control_del": "a\x7fb",
+    "long_name_5000": "x" * 5000,
+    "long_part_256": "y" * 256,
+    "long_path_5000": "a/" * 2500,
+}
+ROOT_PATHS = {"empty": "", "dot": ".", "dot_slash": "./"}  # refused where a file path is required
+
+HOSTILE_DRIVES = {
+    "slash_in_name": "lit://bad/name",
+    "empty_name": "lit://",
+    "dotdot_name": "lit://..",
+    "dot_name": "lit://.",
+    "traversal": "lit://../../etc",
+    "nul_name": "lit://a\x00b",
+    "long_name": "lit://" + "d" * 200,
+    "no_scheme": "drive_1",
+    "file_scheme": "file:///etc",
+    "empty": "",
+}
+
+HOSTILE_COMPONENTS = {"slash": "a/b", "dotdot": "..", "nul": "c\x00", "space": "a b", "long": "c" * 200}
+
+
+@pytest.fixture(scope="module")
+def seeded(own_daemon: DaemonHandle):
+    """The module daemon with a few files stored; yields (handle, stub, baseline snapshots)."""
+    with grpc.insecure_channel(own_daemon.endpoint) as ch:
+        stub = drive_pb2_grpc.DriveServiceStub(ch)
+        raw_put(stub, DRIVE, "x", b"x content")
+        raw_put(stub, DRIVE, "a/b", b"a/b content")
+        raw_put(stub, DRIVE, "a/c/d.txt", b"d", component="other")
+        raw_put(stub, "lit://etc", "passwd", b"not the real one")
+        surroundings = own_daemon.data_dir.parent
+        baseline = (snapshot(own_daemon.data_dir), snapshot_around(surroundings, own_daemon))
+        yield own_daemon, stub, baseline
+
+
+def snapshot_around(folder: pathlib.Path, handle: DaemonHandle) -> dict[str, str]:
+    """The folder holding the data dir, without the data dir itself and the daemon's log."""
+    return {
+        k: v for k, v in snapshot(folder).items()
+        if not k.startswith(handle.data_dir.name) and not k.startswith(handle.log_path.name)
+    }
+
+
+def assert_untouched(seeded_value) -> None:
+    handle, stub, (data_before, around_before) = seeded_value
+    after = snapshot(handle.data_dir)
+    assert after == data_before, (
+        f"data dir changed: extra={sorted(set(after) - set(data_before))} "
+        f"missing={sorted(set(data_before) - set(after))}"
+    )
+    assert snapshot_around(handle.data_dir.parent, handle) == around_before, "something was written beside it"
+    names = [e.path for e in stub.List(pb.ListRequest(drive=DRIVE, path=".")).entries]
+    assert names == ["a", "x"]
+
+
+def code_of(call) -> grpc.StatusCode:
+    try:
+        result = call()
+        if hasattr(result, "__next__"):
+            list(result)
+    except grpc.RpcError as err:
+        assert err.details(), "an error needs a message for a person"
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def rpc_calls(stub, drive: str, path: str, component: str = "", include_list: bool = True):
+    calls = {
+        "Put": lambda: stub.Put(put_messages(drive, path, b"evil", component=component), timeout=10),
+        "Get": lambda: stub.Get(pb.GetRequest(drive=drive, path=path, component=component), timeout=10),
+        "Get_wait": lambda: stub.Get(
+            pb.GetRequest(drive=drive, path=path, component=component, wait_seconds=30), timeout=10
+        ),
+        "Stat": lambda: stub.Stat(pb.StatRequest(drive=drive, path=path, component=component), timeout=10),
+        "Delete": lambda: stub.Delete(pb.DeleteRequest(drive=drive, path=path, component=component), timeout=10),
+    }
+    if include_list:
+        calls["List"] = lambda: stub.List(pb.ListRequest(drive=drive, path=path, component=component), timeout=10)
+    return calls
+
+
+@pytest.mark.parametrize("path", HOSTILE_PATHS.values(), ids=HOSTILE_PATHS.keys())
+def test_raw_hostile_path_refused(seeded, path):
+    _, stub, _ = seeded
+    for name, call in rpc_calls(stub, DRIVE, path).items():
+        assert code_of(call) == INVALID, f"{name} with path {path[:50]!r}"
+    assert_untouched(seeded)
+
+
+@pytest.mark.parametrize("path", ROOT_PATHS.values(), ids=ROOT_PATHS.keys())
+def test_raw_root_where_file_required_refused(seeded, path):
+    _, stub, _ = seeded
+    calls = rpc_calls(stub, DRIVE, path, include_list=False)
+    for name in ("Put", "Stat", "Delete"):  # Get and List accept the root (whole drive)
+        assert code_of(calls[name]) == INVALID, f"{name} with path {path!r}"
+    assert_untouched(seeded)
+
+
+@pytest.mark.parametrize("drive", HOSTILE_DRIVES.values(), ids=HOSTILE_DRIVES.keys())
+def test_raw_hostile_drive_refused(seeded, drive):
+    _, stub, _ = seeded
+    for name, call in rpc_calls(stub, drive, "f.txt").items():
+        assert code_of(call) == INVALID, f"{name} on drive {drive[:50]!r}"
+    assert code_of(lambda: stub.Mount(pb.MountRequest(drive=drive), timeout=10)) == INVALID
+    assert_untouched(seeded)
+
+
+@pytest.mark.parametrize("component", HOSTILE_COMPONENTS.values(), ids=HOSTILE_COMPONENTS.keys())
+def test_raw_hostile_component_refused(seeded, component):
+    _, stub, _ = seeded
+    for name, call in rpc_calls(stub, DRIVE, "f.txt", component=component).items():
+        assert code_of(call) == INVALID, f"{name} with component {component[:50]!r}"
+    assert_untouched(seeded)
+
+
+@pytest.mark.parametrize("path", HOSTILE_PATHS.values(), ids=HOSTILE_PATHS.keys())
+def test_drive_hostile_path_value_error(seeded, tmp_path, path):
+    handle = seeded[0]
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    d = Drive(DRIVE, component_name="default", root_folder=str(root), endpoint=handle.endpoint)
+    calls = {
+        "put": lambda: d.put(path),
+        "get": lambda: d.get(path),
+        "get_wait": lambda: d.get(path, timeout=30),
+        "stat": lambda: d.stat(path),
+        "delete": lambda: d.delete(path),
+        "list": lambda: d.list(path),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as exc:
+            call()
+        assert isinstance(exc.value, DriveError), f"{name}: {type(exc.value).__name__}: {exc.value}"
+        assert exc.value.code in (None, INVALID), f"{name}: code {exc.value.code}"
+    assert [p.name for p in root.iterdir()] == ["a"]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "b").exists()
+    assert_untouched(seeded)
+
+
+@pytest.mark.parametrize("path", ROOT_PATHS.values(), ids=ROOT_PATHS.keys())
+def test_drive_root_where_file_required_value_error(seeded, tmp_path, path):
+    handle = seeded[0]
+    d = Drive(DRIVE, root_folder=str(tmp_path), endpoint=handle.endpoint)
+    for name, call in {"put": lambda: d.put(path), "get": lambda: d.get(path), "stat": lambda: d.stat(path),
+                       "delete": lambda: d.delete(path)}.items():
+        with pytest.raises(ValueError) as exc:
+            call()
+        assert isinstance(exc.value, DriveError), f"{name}: {type(exc.value).__name__}: {exc.value}"
+    assert d.list(path) == ["a", "x"], "the root is fine for list"
+    assert list(tmp_path.iterdir()) == []
+    assert_untouched(seeded)
+
+
+@pytest.mark.parametrize("drive", HOSTILE_DRIVES.values(), ids=HOSTILE_DRIVES.keys())
+def test_drive_hostile_id_value_error(seeded, tmp_path, drive):
+    handle = seeded[0]
+    (tmp_path / "f.txt").write_bytes(b"f")
+    with pytest.raises(ValueError) as exc:
+        Drive(drive, root_folder=str(tmp_path), endpoint=handle.endpoint).put("f.txt")
+    assert isinstance(exc.value, DriveError) and exc.value.code is None
+    assert_untouched(seeded)
+
+
+@pytest.mark.parametrize("component", HOSTILE_COMPONENTS.values(), ids=HOSTILE_COMPONENTS.keys())
+def test_drive_hostile_component_value_error(seeded, tmp_path, component):
+    handle = seeded[0]
+    (tmp_path / "f.txt").write_bytes(b"f")
+    with pytest.raises(ValueError) as exc:
+        Drive(DRIVE, component_name=component, root_folder=str(tmp_path), endpoint=handle.endpoint).put("f.txt")
+    assert isinstance(exc.value, DriveError) and exc.value.code in (None, INVALID)
+    assert_untouched(seeded)
+
+
+def test_raw_hostile_path_in_second_file_of_stream(seeded):
+    """A bad header after a good file: INVALID_ARGUMENT; the good file may stay, nothing outside.
+
+    Last in the module: it stores (and deletes) a file, so the data dir may differ after it.
+    """
+    handle, stub, _ = seeded
+    msgs = [*put_messages("lit://hostile_stream", "ok.txt", b"ok"), *put_messages("lit://hostile_stream", "../x", b"x")]
+    assert code_of(lambda: stub.Put(iter(msgs), timeout=10)) == INVALID
+    names = [e.path for e in stub.List(pb.ListRequest(drive="lit://hostile_stream", path=".")).entries]
+    assert names in ([], ["ok.txt"])
+    if names:
+        stub.Delete(pb.DeleteRequest(drive="lit://hostile_stream", path="ok.txt"))
+    _, _, (_, around_before) = seeded
+    assert snapshot_around(handle.data_dir.parent, handle) == around_before
