@@ -69,13 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=parse_size, default=None, help="large-file size (default 1G; smoke 4M)")
     p.add_argument("--runs", type=int, default=None, help="runs, medians reported (default 3; smoke 1)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, whole thing in seconds")
-    p.add_argument(
-        "--small-files", type=int, default=None, help="4 KiB files per small-file loop (default 1000)"
-    )
+    p.add_argument("--small-files", type=int, default=None, help="4 KiB files per small-file loop (default 1000)")
     p.add_argument("--folder-files", type=int, default=None, help="files in the folder test (default 1000)")
-    p.add_argument(
-        "--mem-size", type=parse_size, default=None, help="file size for the memory test (default 2G)"
-    )
+    p.add_argument("--mem-size", type=parse_size, default=None, help="file size for the memory test (default 2G)")
     p.add_argument(
         "--index-keys-per-level",
         type=int,
@@ -83,18 +79,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="bench_mount.measure(keys_per_level) (default 100 = 1M keys; smoke 4)",
     )
     p.add_argument("--chunk", type=parse_size, default=MIB, help="chunk size of the raw references (1M)")
-    p.add_argument(
-        "--budget", type=float, default=None, help="max seconds per small-file loop (default 60; smoke 5)"
-    )
+    p.add_argument("--budget", type=float, default=None, help="max seconds per small-file loop (default 60; smoke 5)")
     p.add_argument(
         "--only",
         default="large,small,folder,mem,index",
         help="comma-separated groups to run (large,small,folder,mem,index)",
     )
     p.add_argument("--out", type=Path, default=HERE / "results", help="where latest.json/md go")
-    p.add_argument(
-        "--workdir", type=Path, default=None, help="parent of the scratch dir (default: system temp)"
-    )
+    p.add_argument("--workdir", type=Path, default=None, help="parent of the scratch dir (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the scratch dir")
     p.add_argument(
         "--profile",
@@ -192,9 +184,7 @@ class Harness:
                 )
                 time.sleep(0.5)
         try:
-            r = subprocess.run(
-                argv, capture_output=True, text=True, timeout=timeout, env=self.env, cwd=self.work
-            )
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=self.env, cwd=self.work)
         except subprocess.TimeoutExpired as e:
             raise WorkerFailed(f"timed out after {timeout:.0f}s") from e
         finally:
@@ -473,9 +463,7 @@ class Harness:
                 if res:
                     self.figs.add(f"folder.nginx_loop.{op}.files_s", res["files_s"])
                     if not res["complete"]:
-                        self.notes.append(
-                            f"folder.nginx_loop.{op}: stopped by the budget after {res['files']} files"
-                        )
+                        self.notes.append(f"folder.nginx_loop.{op}: stopped by the budget after {res['files']} files")
         shutil.rmtree(self.dst, ignore_errors=True)
         self.dst.mkdir(exist_ok=True)
 
@@ -525,9 +513,7 @@ class Harness:
 
     def run_index(self) -> None:
         k = self.a.index_keys_per_level
-        res = self.measure(
-            "index.", "s3:// index benchmark", {"task": "index", "keys_per_level": k}, timeout=1800
-        )
+        res = self.measure("index.", "s3:// index benchmark", {"task": "index", "keys_per_level": k}, timeout=1800)
         if res is None:
             return
         if "missing" in res:

@@ -297,11 +297,8 @@ def machine_info() -> dict[str, Any]:
 def _fmt(v: float | None, unit: str = "") -> str:
     if v is None:
         return "—"
-    if unit == "MiB" or unit == "ms" or abs(v) < 10:
-        s = f"{v:,.2f}" if abs(v) < 10 else f"{v:,.1f}"
-    else:
-        s = f"{v:,.0f}"
-    return f"{s} {unit}".strip()
+    digits = 2 if abs(v) < 10 else 1 if unit in ("MiB", "ms") or abs(v) < 100 else 0
+    return f"{v:,.{digits}f} {unit}".strip()
 
 
 def _label(k: str) -> str:
@@ -346,8 +343,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         ("**drive_client.Drive → drived**", "large.drive.put", "large.drive.get"),
     ):
         lines.append(
-            f"| {name} | {_fmt(figs[up]['value'], 'MB/s')} | "
-            f"{_fmt(figs[down]['value'], 'MB/s') if down else '—'} |"
+            f"| {name} | {_fmt(figs[up]['value'], 'MB/s')} | {_fmt(figs[down]['value'], 'MB/s') if down else '—'} |"
         )
     lines += [
         "",
@@ -400,9 +396,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         for k, why in missing.items():
             reasons.setdefault(why, []).append(k)
         for why, keys in reasons.items():
-            lines.append(
-                f"- {why}: {len(keys)} figure(s) ({', '.join(keys[:4])}{', …' if len(keys) > 4 else ''})"
-            )
+            lines.append(f"- {why}: {len(keys)} figure(s) ({', '.join(keys[:4])}{', …' if len(keys) > 4 else ''})")
     if doc.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     if doc.get("profile"):
@@ -415,9 +409,7 @@ def render_table(doc: dict[str, Any]) -> str:
     figs = doc["figures"]
     rows = [("figure", "value", "reference", "ratio", "target", "pass")]
     for r in doc["checks"]:
-        refs = (
-            ", ".join(f"{k.split('.', 1)[1]} {_fmt(v, figs[k]['unit'])}" for k, v in r["refs"].items()) or "—"
-        )
+        refs = ", ".join(f"{k.split('.', 1)[1]} {_fmt(v, figs[k]['unit'])}" for k, v in r["refs"].items()) or "—"
         ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         rows.append(
             (

@@ -143,14 +143,14 @@ class Drived(_Service):
     def __init__(self, workdir: Path, timeout: float = 30.0) -> None:
         super().__init__(workdir)
         exe = VENV_BIN / "drived"
-        if not exe.exists():
-            raise ServiceUnavailable(f"{exe} is not installed (pip install -e . in the venv)")
+        # Not pip-installed yet (no `make install`): run the package from the checkout.
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "drived"]
         self.data_dir = self.dir / "data"
         self.endpoint = f"127.0.0.1:{self.port}"
-        env = dict(os.environ)
+        env = _bench_env()
         for k in ("DRIVED_LISTEN", "DRIVED_DATA_DIR", "DRIVED_STORAGE"):
             env.pop(k, None)
-        self._spawn([str(exe), "--listen", self.endpoint, "--data-dir", str(self.data_dir)], env)
+        self._spawn([*cmd, "--listen", self.endpoint, "--data-dir", str(self.data_dir)], env)
         self._wait_ready(lambda: _grpc_serving(self.endpoint), timeout)
 
 
@@ -169,9 +169,7 @@ class MotoServer(_Service):
             exe = Path(found)
         self.url = f"http://127.0.0.1:{self.port}"
         self._spawn([str(exe), "-H", "127.0.0.1", "-p", str(self.port)])
-        self._wait_ready(
-            lambda: urllib.request.urlopen(self.url + "/moto-api/", timeout=1).status < 500, timeout
-        )
+        self._wait_ready(lambda: urllib.request.urlopen(self.url + "/moto-api/", timeout=1).status < 500, timeout)
 
 
 NGINX_CONF = """\
@@ -228,9 +226,7 @@ def ensure_nginx() -> str:
         except (OSError, subprocess.TimeoutExpired) as e:
             raise ServiceUnavailable(f"`{' '.join(argv)}` failed: {e}") from e
         if r.returncode != 0:
-            raise ServiceUnavailable(
-                f"`{' '.join(argv)}` exited {r.returncode}: {(r.stderr or r.stdout)[-800:]}"
-            )
+            raise ServiceUnavailable(f"`{' '.join(argv)}` exited {r.returncode}: {(r.stderr or r.stdout)[-800:]}")
     found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     if not found:
         raise ServiceUnavailable("nginx-light installed but no nginx binary found")

@@ -1,0 +1,68 @@
+"""Summarise py-spy raw (collapsed-stack) profiles: where the samples go.
+
+`python -m bench.profile_summary DIR_OR_FILES... [--top 15]` prints, per
+profile, the functions with the most samples on top of the stack (self) and
+in the stack (inclusive), with file:line stripped to file name and function.
+Record profiles with `python -m bench --profile DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from pathlib import Path
+
+FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^():]+?)(?::\d+)?\)$")
+
+
+def _name(frame: str) -> str:
+    m = FRAME.match(frame.strip())
+    if not m:
+        return frame.strip()
+    f = m.group("file")
+    for marker in ("site-packages/", "/lib/python3", "/work/main/"):
+        if marker in f:
+            f = f.split(marker, 1)[1]
+    return f"{m.group('fn')} ({f})"
+
+
+def summarise(path: Path, top: int = 15) -> str:
+    self_c: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        frames = [_name(f) for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += count
+        self_c[frames[-1]] += count
+        for f in set(frames):
+            incl[f] += count
+    if not total:
+        return f"{path.name}: no samples\n"
+    out = [f"{path.name}: {total} samples"]
+    out.append("  self:")
+    out += [f"    {c / total:6.1%}  {f}" for f, c in self_c.most_common(top)]
+    out.append("  inclusive:")
+    out += [f"    {c / total:6.1%}  {f}" for f, c in incl.most_common(top)]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--top", type=int, default=15)
+    a = p.parse_args(argv)
+    for path in a.paths:
+        files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+        for f in files:
+            print(summarise(f, a.top))
+
+
+if __name__ == "__main__":
+    main()
