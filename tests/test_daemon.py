@@ -1,0 +1,292 @@
+"""The daemon process: flags and env, SIGTERM draining, a taken port, and temporary upload
+data cleaned up at start-up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from conftest import (
+    BIN,
+    MIB,
+    ROOT,
+    free_port,
+    health_status,
+    put_messages,
+    raw_get,
+    raw_put,
+    rpc_code,
+    sha256_hex,
+    snapshot,
+    spawn_daemon,
+    wait_serving,
+)
+from grpc_health.v1 import health_pb2
+
+from drive_client._pb import drive_pb2 as pb
+from drive_client._pb import drive_pb2_grpc
+
+pytestmark = pytest.mark.timeout(90)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def stub_for(endpoint: str):
+    ch = grpc.insecure_channel(endpoint)
+    return ch, drive_pb2_grpc.DriveServiceStub(ch)
+
+
+def test_help_documents_flags():
+    res = subprocess.run([sys.executable, "-m", "drived", "--help"], capture_output=True, text=True, timeout=30,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    for flag in ("--listen", "--data-dir", "--grace-period"):
+        assert flag in res.stdout
+    for env in ("DRIVED_LISTEN", "DRIVED_DATA_DIR"):
+        assert env in res.stdout, f"--help should name the env variable {env}"
+
+
+def test_console_script_help():
+    script = BIN / "drived"
+    if not script.exists():
+        pytest.skip(f"{script} not installed: the project is not pip-installed in this venv (`make install`)")
+    res = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "--listen" in res.stdout
+
+
+def test_env_configures_listen_and_data_dir(tmp_path):
+    port = free_port()
+    endpoint = f"127.0.0.1:{port}"
+    data = tmp_path / "env-data"
+    handle = spawn_daemon([], tmp_path / "log", data, endpoint,
+                          env={"DRIVED_LISTEN": endpoint, "DRIVED_DATA_DIR": str(data)})
+    try:
+        wait_serving(handle)
+        ch, stub = stub_for(endpoint)
+        with ch:
+            raw_put(stub, "lit://envtest", "f.bin", b"stored via env config")
+        assert sha256_hex(b"stored via env config") in snapshot(data).values()
+    finally:
+        assert handle.stop() == 0, handle.log()
+
+
+def test_flags_win_over_env(tmp_path, start_daemon):
+    env_port, flag_port = free_port(), free_port()
+    env_data, flag_data = tmp_path / "env-data", tmp_path / "flag-data"
+    env = {"DRIVED_LISTEN": f"127.0.0.1:{env_port}", "DRIVED_DATA_DIR": str(env_data)}
+    handle = start_daemon(tmp_path, env=env, port=flag_port, data_dir=flag_data)
+    try:
+        ch, stub = stub_for(handle.endpoint)
+        with ch:
+            raw_put(stub, "lit://flagtest", "f.bin", b"stored via flags")
+        assert sha256_hex(b"stored via flags") in snapshot(flag_data).values()
+        assert not env_data.exists() or sha256_hex(b"stored via flags") not in snapshot(env_data).values()
+        assert health_status(f"127.0.0.1:{env_port}", timeout=0.5) is None, "nothing should serve the env port"
+    finally:
+        assert handle.stop() == 0, handle.log()
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_lets_inflight_put_finish(tmp_path, start_daemon):
+    handle = start_daemon(tmp_path, "--grace-period", "20")
+    data = os.urandom(8 * MIB)
+    started, gate = threading.Event(), threading.Event()
+
+    def slow_requests():
+        msgs = list(put_messages("lit://drain", "inflight.bin", data))
+        yield msgs[0]
+        yield msgs[1]
+        started.set()
+        gate.wait(30)  # SIGTERM arrives here
+        for m in msgs[2:]:
+            time.sleep(0.05)
+            yield m
+
+    ch, stub = stub_for(handle.endpoint)
+    with ch:
+        fut = stub.Put.future(slow_requests(), timeout=60)
+        assert started.wait(10)
+        time.sleep(0.3)
+        handle.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert handle.proc.poll() is None, "the daemon must not exit while a put is in flight"
+        gate.set()
+        resp = fut.result(timeout=40)
+    assert [f.sha256 for f in resp.files] == [sha256_hex(data)]
+    assert handle.proc.wait(30) == 0, handle.log()
+
+    again = start_daemon(tmp_path, data_dir=handle.data_dir)
+    try:
+        ch, stub = stub_for(again.endpoint)
+        with ch:
+            [(info, got)] = raw_get(stub, "lit://drain", "inflight.bin")
+        assert got == data and info.sha256 == sha256_hex(data)
+    finally:
+        again.stop()
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_lets_inflight_get_finish(tmp_path, start_daemon):
+    handle = start_daemon(tmp_path, "--grace-period", "20")
+    data = os.urandom(32 * MIB)
+    ch, stub = stub_for(handle.endpoint)
+    with ch:
+        raw_put(stub, "lit://drain", "big.bin", data)
+        stream = stub.Get(pb.GetRequest(drive="lit://drain", path="big.bin"), timeout=60)
+        first = next(stream)
+        assert first.WhichOneof("message") == "info"
+        received = bytearray(next(stream).data)
+        handle.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert handle.proc.poll() is None, "the daemon must not exit while a get is in flight"
+        for msg in stream:
+            received.extend(msg.data)
+            time.sleep(0.01)  # a slow reader
+    assert len(received) == len(data) and sha256_hex(bytes(received)) == sha256_hex(data)
+    assert handle.proc.wait(30) == 0, handle.log()
+
+
+def test_sigterm_idle_exits_zero(tmp_path, start_daemon):
+    handle = start_daemon(tmp_path)
+    t0 = time.monotonic()
+    assert handle.stop(signal.SIGTERM, timeout=20) == 0, handle.log()
+    assert time.monotonic() - t0 < 10, "an idle daemon should stop promptly"
+
+
+def test_taken_port_by_another_daemon_fails_loudly(tmp_path, start_daemon):
+    first = start_daemon(tmp_path)
+    second = spawn_daemon(["--listen", first.endpoint, "--data-dir", str(tmp_path / "second")],
+                          tmp_path / "second.log", tmp_path / "second", first.endpoint)
+    try:
+        rc = second.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        second.stop(signal.SIGKILL)
+        pytest.fail("a second daemon on a taken port kept running (SO_REUSEPORT?)")
+    assert rc != 0
+    assert str(first.port) in second.log(), f"the error should name the address:\n{second.log()}"
+    assert "Traceback" not in second.log(), f"a loud, readable error, not a traceback:\n{second.log()}"
+    assert health_status(first.endpoint) == SERVING
+
+
+def test_taken_port_by_other_program_fails_loudly(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        endpoint = f"127.0.0.1:{sock.getsockname()[1]}"
+        handle = spawn_daemon(["--listen", endpoint, "--data-dir", str(tmp_path / "d")], tmp_path / "log",
+                              tmp_path / "d", endpoint)
+        try:
+            rc = handle.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            handle.stop(signal.SIGKILL)
+            pytest.fail("drived kept running on a port another program listens on")
+        assert rc != 0
+        assert endpoint.split(":")[1] in handle.log()
+
+
+def find_tmp_dir(data_dir):
+    """Where the daemon keeps temporary upload data (it creates it at start-up)."""
+    for name in (".tmp", "tmp"):
+        if (data_dir / name).is_dir():
+            return data_dir / name
+    raise AssertionError(f"no temporary-data folder (.tmp/ or tmp/) in {data_dir}: {sorted(snapshot(data_dir))}")
+
+
+def test_stale_temp_leftovers_removed_at_startup(tmp_path, start_daemon):
+    handle = start_daemon(tmp_path)
+    handle.stop()
+    tmp_dir = find_tmp_dir(handle.data_dir)
+    (tmp_dir / "stale-upload-1").write_bytes(os.urandom(1000))
+    (tmp_dir / "stale-upload-2.part").write_bytes(b"partial")
+    (tmp_dir / "nested").mkdir()
+    (tmp_dir / "nested" / "x").write_bytes(b"x")
+    again = start_daemon(tmp_path, data_dir=handle.data_dir)
+    try:
+        left = sorted(os.listdir(tmp_dir)) if tmp_dir.exists() else []
+        assert left == [], f"stale temporary data kept at start-up: {left}"
+        ch, stub = stub_for(again.endpoint)
+        with ch:
+            assert list(stub.List(pb.ListRequest(drive="lit://any", path=".")).entries) == []
+            raw_put(stub, "lit://any", "ok.txt", b"the daemon works after cleaning up")
+    finally:
+        assert again.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_interrupted_upload_leftovers_removed_at_restart(tmp_path, start_daemon):
+    handle = start_daemon(tmp_path)
+    ch, stub = stub_for(handle.endpoint)
+    started, gate = threading.Event(), threading.Event()
+
+    def requests():
+        yield pb.PutRequest(header=pb.PutHeader(drive="lit://crash", path="half.bin"))
+        for _ in range(4):
+            yield pb.PutRequest(data=os.urandom(MIB))
+        started.set()
+        gate.wait(30)
+
+    with ch:
+        raw_put(stub, "lit://crash", "kept.bin", b"committed before the crash")
+        before = snapshot(handle.data_dir)
+        fut = stub.Put.future(requests(), timeout=60)
+        assert started.wait(10)
+        time.sleep(0.7)
+        during = snapshot(handle.data_dir)
+        handle.stop(signal.SIGKILL)  # the daemon crashes mid-upload
+        gate.set()
+        assert rpc_code(lambda: fut.result(timeout=20)) != grpc.StatusCode.OK
+    leftovers = sorted(set(during) - set(before))
+    print(f"leftovers of the interrupted upload: {leftovers}")
+    again = start_daemon(tmp_path, data_dir=handle.data_dir)
+    try:
+        assert snapshot(handle.data_dir) == before, (
+            f"leftovers after restart: {sorted(set(snapshot(handle.data_dir)) - set(before))}"
+        )
+        ch, stub = stub_for(again.endpoint)
+        with ch:
+            assert rpc_code(lambda: stub.Stat(pb.StatRequest(drive="lit://crash", path="half.bin"))) == (
+                grpc.StatusCode.NOT_FOUND
+            )
+            [(_, kept)] = raw_get(stub, "lit://crash", "kept.bin")
+            assert kept == b"committed before the crash"
+    finally:
+        again.stop()
+
+
+def test_data_survives_restart(tmp_path, start_daemon):
+    handle = start_daemon(tmp_path)
+    data = os.urandom(MIB + 7)
+    ch, stub = stub_for(handle.endpoint)
+    with ch:
+        raw_put(stub, "lit://persist", "dir/f.bin", data, component="c1")
+    assert handle.stop() == 0
+    again = start_daemon(tmp_path, data_dir=handle.data_dir)
+    try:
+        ch, stub = stub_for(again.endpoint)
+        with ch:
+            info = stub.Stat(pb.StatRequest(drive="lit://persist", path="dir/f.bin"))
+            assert (info.size, info.sha256, info.component) == (len(data), sha256_hex(data), "c1")
+    finally:
+        again.stop()
+
+
+def test_health_reports_serving_for_service(daemon):
+    assert health_status(daemon.endpoint) == SERVING
+    assert health_status(daemon.endpoint, service="drive.v1.DriveService") == SERVING
+
+
+def test_data_dir_is_created(tmp_path, start_daemon):
+    target = tmp_path / "not" / "yet" / "there"
+    handle = start_daemon(tmp_path, data_dir=target)
+    try:
+        assert target.is_dir()
+    finally:
+        handle.stop()
