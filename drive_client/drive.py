@@ -19,7 +19,7 @@ import grpc
 from ._pb import drive_pb2 as pb
 from ._pb import drive_pb2_grpc as pb_grpc
 from .errors import AlreadyExists, DriveError, InvalidArgument, from_rpc_error
-from .transfer import local_files, put_requests, receive_files
+from .transfer import ReadAhead, local_files, put_requests, receive_files
 from .uri import DriveId, check_component, normalize_path, parse_drive
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
@@ -154,7 +154,13 @@ class Drive:
         header = pb.PutHeader(drive=self.id, component=self.component_name, allow_duplicates=self.allow_duplicates)
         if not files:
             return []
-        reply: pb.PutResponse = self._call(self._stub.Put, put_requests(header, files))
+        requests = ReadAhead(put_requests(header, files))
+        try:
+            reply: pb.PutResponse = self._stub.Put(iter(requests), metadata=self._metadata)
+        except grpc.RpcError as err:
+            if requests.error is not None:  # reading a local file failed, and gRPC cancelled the call
+                raise requests.error from None
+            raise from_rpc_error(err, self.endpoint) from None
         return list(reply.files)
 
     def list(self, path: str = ".", component_name: str | None = None) -> list[str]:
@@ -203,10 +209,13 @@ class Drive:
         def target_of(file_path: str) -> Path:
             return target if file_path == remote else target / file_path.removeprefix(prefix)
 
+        call = self._stub.Get(request, metadata=self._metadata)
         try:
-            receive_files(self._stub.Get(request, metadata=self._metadata), target_of)
+            receive_files(ReadAhead(call), target_of)
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.endpoint) from None
+        finally:
+            call.cancel()  # a no-op once the stream is complete; stops it after a local failure
         return target
 
     def delete(self, path: str) -> None:

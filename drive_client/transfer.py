@@ -1,17 +1,19 @@
 """Chunked, hashed streaming of files into a Put stream and out of a Get stream.
 
-Memory per transfer is one chunk at a time on this side; gRPC's flow
-control bounds what is in flight.
+Memory per transfer is a few chunks on this side (`ReadAhead` holds at most
+`depth`); gRPC's flow control bounds what is in flight.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Generic, TypeVar
 
 import grpc
 
@@ -19,6 +21,50 @@ from ._pb import drive_pb2 as pb
 from .errors import DataLoss, NotFound
 
 CHUNK_SIZE = 1 << 20
+T = TypeVar("T")
+_END = object()
+
+
+class ReadAhead(Generic[T]):
+    """Iterates `items` in a thread of its own, at most `depth` items ahead of the consumer.
+
+    Lets disk reads and hashing overlap with gRPC sending (or gRPC receiving
+    with disk writes). An exception of `items` is re-raised to the consumer
+    and kept in `.error` (gRPC hides what a request iterator raised).
+    """
+
+    def __init__(self, items: Iterable[T], depth: int = 2) -> None:
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stopped = threading.Event()
+        threading.Thread(target=self._produce, args=(iter(items),), daemon=True, name="drive-read-ahead").start()
+
+    def _offer(self, item: Any) -> bool:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, items: Iterator[T]) -> None:
+        try:
+            for item in items:
+                if not self._offer(item):
+                    return
+        except BaseException as err:  # handed to the consumer
+            self.error = err
+        self._offer(_END)
+
+    def __iter__(self) -> Iterator[T]:
+        try:
+            while (item := self._queue.get()) is not _END:
+                yield item
+            if self.error is not None:
+                raise self.error
+        finally:
+            self._stopped.set()
 
 
 def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:

@@ -55,6 +55,7 @@ class LocalUpload(Upload):
         self._size = 0
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._flushing: asyncio.Future[None] | None = None
 
     def _flush(self, chunks: list[bytes]) -> None:
         """Runs in a worker thread: hashes and appends `chunks` to the temporary file."""
@@ -74,7 +75,15 @@ class LocalUpload(Upload):
         self._pending_bytes += len(data)
         if self._pending_bytes >= FLUSH_BYTES:
             chunks, self._pending, self._pending_bytes = self._pending, [], 0
-            await asyncio.get_running_loop().run_in_executor(None, self._flush, chunks)
+            await self._drain()
+            # Not awaited: the next chunk is received while this one is hashed and written.
+            self._flushing = asyncio.get_running_loop().run_in_executor(None, self._flush, chunks)
+
+    async def _drain(self) -> None:
+        """Waits for the write in flight, if any (at most one chunk is ever in flight)."""
+        if self._flushing is not None:
+            flushing, self._flushing = self._flushing, None
+            await flushing
 
     def _commit(self, chunks: list[bytes], sha256: str, size: int | None) -> ObjectInfo:
         """Runs in a worker thread: verifies, writes the header, fsyncs and renames into place."""
@@ -105,6 +114,7 @@ class LocalUpload(Upload):
     async def commit(self, sha256: str, size: int | None = None) -> ObjectInfo:
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
         try:
+            await self._drain()
             return await asyncio.get_running_loop().run_in_executor(None, self._commit, chunks, sha256, size)
         finally:
             await self.abort()
@@ -118,8 +128,12 @@ class LocalUpload(Upload):
 
     async def abort(self) -> None:
         self._pending = []
-        # Synchronous on purpose: abort runs in `finally` blocks of cancelled tasks.
-        self._discard()
+        if self._flushing is not None:
+            # Closing the file under a running write would be unsafe: let that write finish first.
+            self._flushing.add_done_callback(lambda _: self._discard())
+            self._flushing = None
+        else:
+            self._discard()
 
 
 class LocalBackend(Backend):
@@ -199,19 +213,31 @@ class LocalBackend(Backend):
         return info, self._chunks(fd, offset, end)
 
     async def _chunks(self, fd: int, start: int, end: int) -> AsyncIterator[bytes]:
+        """Chunks of [start, end); the next chunk is read while the current one is sent."""
         loop = asyncio.get_running_loop()
+
+        def read_at(position: int) -> asyncio.Future[bytes]:
+            size = min(self.chunk_size, end - position)
+            return loop.run_in_executor(None, os.pread, fd, size, HEADER.size + position)
+
+        reading: asyncio.Future[bytes] | None = None
         try:
             position = start
-            while position < end:
-                data = await loop.run_in_executor(
-                    None, os.pread, fd, min(self.chunk_size, end - position), HEADER.size + position
-                )
+            reading = read_at(position) if position < end else None
+            while reading is not None:
+                data = await reading
+                reading = None
                 if not data:
                     break
                 position += len(data)
+                if position < end:
+                    reading = read_at(position)
                 yield data
         finally:
-            os.close(fd)
+            if reading is not None:
+                reading.add_done_callback(lambda _: os.close(fd))
+            else:
+                os.close(fd)
 
     def _stat(self, key: str) -> ObjectInfo | None:
         try:
