@@ -1,0 +1,312 @@
+"""The compact, read-only index of one mounted `s3://bucket/prefix/` location.
+
+Layout: every key (relative to the mounted prefix, UTF-8) in S3 order (UTF-8
+byte order, which is also Python's str order) in one `bytes` blob with an
+`array('q')` of offsets, and parallel arrays of sizes, modification times and
+ETags. No Python object per key: 1M keys take ~80 MB, and building the index
+from listed runs is a handful of C-level joins.
+
+Lookups bisect the sorted keys (O(log n)); a folder listing walks forward from
+its start, jumping over each sub-folder's keys with one more bisect, so it
+costs O(entries returned x log n), never O(bucket). Folder markers (keys
+ending in '/') are kept in the key order (so they create folders) but are
+never listed or counted as files.
+
+Listing order is plain path order (str comparison of the entry paths), the
+order `start_after` is compared in. That differs from S3 key order in one
+place: a folder `x` sorts before a sibling `x.txt` although its keys (`x/...`)
+come after it; `list` emits such a folder early (see `_folders_before`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate, chain, pairwise
+from typing import overload
+
+_SLASH = 0x2F
+_Entries = list  # `S3Index.list` shadows the builtin in the class body
+# Bytes that sort before '/': a name `x` + one of these sorts after folder `x` in path order
+# but before the folder's keys (`x/...`) in key order.
+_BEFORE_SLASH = re.compile(rb"[\x00-\x2e]")
+
+
+@dataclass(frozen=True, slots=True)
+class S3Entry:
+    """One list or stat answer."""
+
+    path: str  # relative to the mounted prefix, no trailing '/'
+    size: int  # 0 for folders
+    etag: str  # '' for folders; without surrounding quotes
+    mtime_ns: int  # 0 for folders
+    folder: bool
+
+
+@dataclass(slots=True)
+class Run:
+    """A sorted run of listed objects, keys relative to the mounted prefix.
+
+    The lister produces one per listing page (or part of a page); runs of one
+    listing never interleave, so the index is their concatenation in order of
+    `first`.
+    """
+
+    first: bytes
+    last: bytes
+    keys: bytes  # the keys, joined
+    key_lens: array  # array('I'): length of each key in `keys`
+    sizes: array  # array('q')
+    mtimes: array  # array('q'): ns since the epoch
+    etags: bytes  # the ETags without quotes, joined
+    etag_lens: array  # array('I')
+    markers: int = 0  # how many keys end in '/'
+
+    def __len__(self) -> int:
+        return len(self.key_lens)
+
+
+def make_run(
+    keys: list[bytes], sizes: Iterable[int], mtimes: Iterable[int], etags: list[bytes]
+) -> Run:
+    """A run from parallel lists (keys sorted, relative to the prefix)."""
+    return Run(
+        first=keys[0],
+        last=keys[-1],
+        keys=b"".join(keys),
+        key_lens=array("I", map(len, keys)),
+        sizes=array("q", sizes),
+        mtimes=array("q", mtimes),
+        etags=b"".join(etags),
+        etag_lens=array("I", map(len, etags)),
+        markers=sum(1 for k in keys if k[-1:] == b"/"),
+    )
+
+
+class _Keys(Sequence[bytes]):
+    """The sorted keys as a sequence, for `bisect`."""
+
+    __slots__ = ("_blob", "_off")
+
+    def __init__(self, blob: bytes, offsets: array) -> None:
+        self._blob = blob
+        self._off = offsets
+
+    def __len__(self) -> int:
+        return len(self._off) - 1
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[bytes]: ...
+    def __getitem__(self, i: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        off = self._off
+        return self._blob[off[i] : off[i + 1]]
+
+
+def _upper(prefix: bytes) -> bytes:
+    """The smallest byte string above every string that starts with `prefix` ('a/' -> 'a0')."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+@dataclass(slots=True)
+class _Scan:
+    """State of one folder listing."""
+
+    out: list[S3Entry] = field(default_factory=list)
+    emitted: set[bytes] = field(default_factory=set)
+
+
+class S3Index:
+    """The sorted objects of one mounted location; immutable once built, safe to share."""
+
+    __slots__ = ("_eoff", "_etags", "_keys", "_mtimes", "_n", "_sizes", "_view", "markers", "objects")
+
+    def __init__(
+        self,
+        keys: bytes = b"",
+        key_offsets: array | None = None,
+        sizes: array | None = None,
+        mtimes: array | None = None,
+        etags: bytes = b"",
+        etag_offsets: array | None = None,
+        markers: int = 0,
+    ) -> None:
+        self._keys = keys
+        koff = key_offsets if key_offsets is not None else array("q", [0])
+        self._view = _Keys(keys, koff)
+        self._n = len(koff) - 1
+        self._sizes = sizes if sizes is not None else array("q")
+        self._mtimes = mtimes if mtimes is not None else array("q")
+        self._etags = etags
+        self._eoff = etag_offsets if etag_offsets is not None else array("q", [0])
+        self.markers = markers
+        self.objects = self._n - markers  # number of objects (folder markers excluded)
+
+    # -- building -------------------------------------------------------------------------
+
+    @classmethod
+    def from_runs(cls, runs: list[Run]) -> S3Index:
+        """Concatenates the runs of one listing in key order.
+
+        Runs from one listing cover disjoint key ranges; should a server ever
+        answer overlapping ranges, the keys are merged and de-duplicated
+        instead (slower, still correct).
+        """
+        runs = sorted((r for r in runs if len(r)), key=lambda r: r.first)
+        for a, b in pairwise(runs):
+            if not a.last < b.first:
+                return cls._from_overlapping(runs)
+        sizes = array("q")
+        mtimes = array("q")
+        for r in runs:
+            sizes.extend(r.sizes)
+            mtimes.extend(r.mtimes)
+        key_offsets = array("q", accumulate(chain.from_iterable(r.key_lens for r in runs), initial=0))
+        etag_offsets = array("q", accumulate(chain.from_iterable(r.etag_lens for r in runs), initial=0))
+        return cls(
+            b"".join(r.keys for r in runs),
+            key_offsets,
+            sizes,
+            mtimes,
+            b"".join(r.etags for r in runs),
+            etag_offsets,
+            sum(r.markers for r in runs),
+        )
+
+    @classmethod
+    def _from_overlapping(cls, runs: list[Run]) -> S3Index:
+        rows: dict[bytes, tuple[int, int, bytes]] = {}
+        for r in runs:
+            ko = list(accumulate(r.key_lens, initial=0))
+            eo = list(accumulate(r.etag_lens, initial=0))
+            for i in range(len(r)):
+                rows[r.keys[ko[i] : ko[i + 1]]] = (r.sizes[i], r.mtimes[i], r.etags[eo[i] : eo[i + 1]])
+        keys = sorted(rows)
+        if not keys:
+            return cls()
+        return cls.from_runs(
+            [
+                make_run(
+                    keys,
+                    (rows[k][0] for k in keys),
+                    (rows[k][1] for k in keys),
+                    [rows[k][2] for k in keys],
+                )
+            ]
+        )
+
+    # -- reading --------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._n
+
+    def nbytes(self) -> int:
+        """Approximate memory held by the index's arrays, in bytes."""
+        return (
+            len(self._keys) + len(self._etags)
+            + sum(a.itemsize * len(a) for a in (self._view._off, self._sizes, self._mtimes, self._eoff))
+        )
+
+    def _key(self, i: int) -> bytes:
+        return self._view[i]
+
+    def _file(self, i: int, path: str) -> S3Entry:
+        eoff = self._eoff
+        etag = self._etags[eoff[i] : eoff[i + 1]].decode("ascii", "replace")
+        return S3Entry(path, self._sizes[i], etag, self._mtimes[i], False)
+
+    def _lower(self, key: bytes, lo: int = 0) -> int:
+        return bisect.bisect_left(self._view, key, lo, self._n)
+
+    def _has_prefix(self, prefix: bytes, lo: int = 0) -> bool:
+        i = self._lower(prefix, lo)
+        return i < self._n and self._view[i].startswith(prefix)
+
+    def stat(self, path: str) -> S3Entry | None:
+        """The file at `path`, else the folder `path` (keys beneath it), else None. O(log n)."""
+        if not path:
+            return S3Entry("", 0, "", 0, True)
+        p = path.encode("utf-8")
+        i = self._lower(p)
+        if i < self._n and self._view[i] == p:
+            return self._file(i, path)
+        if self._has_prefix(p + b"/", i):
+            return S3Entry(path, 0, "", 0, True)
+        return None
+
+    def list(self, path: str, recursive: bool, start_after: str, limit: int) -> tuple[_Entries[S3Entry], bool]:
+        """Entries under folder `path` ('' = root) with path > start_after, in path order.
+
+        Immediate entries (files and folders, de-duplicated: a file and a
+        folder of one name list once, as the file), or every file beneath
+        `path` when `recursive`. At most `limit` (<= 0: no limit); the bool
+        says whether more remain.
+        """
+        base = path.encode("utf-8") + b"/" if path else b""
+        n = self._n
+        lo = self._lower(base) if base else 0
+        hi = self._lower(_upper(base), lo) if base else n
+        sa = start_after.encode("utf-8")
+        pos = max(lo, bisect.bisect_right(self._view, sa, lo, hi)) if sa else lo
+        want = limit + 1 if limit > 0 else n + 1  # one more, to know whether more remain
+        entries = (self._list_recursive(pos, hi, want) if recursive
+                   else self._list_children(base, sa, pos, hi, want))
+        more = len(entries) >= want
+        return entries[: want - 1], more
+
+    def _list_recursive(self, pos: int, hi: int, want: int) -> _Entries[S3Entry]:
+        out: _Entries[S3Entry] = []
+        view = self._view
+        while pos < hi and len(out) < want:
+            key = view[pos]
+            if key[-1] != _SLASH:  # folder markers are not files
+                out.append(self._file(pos, key.decode("utf-8", "replace")))
+            pos += 1
+        return out
+
+    def _list_children(self, base: bytes, sa: bytes, pos: int, hi: int, want: int) -> _Entries[S3Entry]:
+        view = self._view
+        blen = len(base)
+        scan = _Scan()
+        while pos < hi and len(scan.out) < want:
+            key = view[pos]
+            cut = key.find(b"/", blen)
+            name = key[:cut] if cut >= 0 else key
+            if len(name) > blen:  # skip the marker of the listed folder itself
+                self._folders_before(name, blen, sa, pos, hi, scan)
+                if name not in scan.emitted and name > sa:
+                    scan.emitted.add(name)
+                    path = name.decode("utf-8", "replace")
+                    scan.out.append(S3Entry(path, 0, "", 0, True) if cut >= 0 else self._file(pos, path))
+            if cut >= 0:  # jump over the sub-folder's keys
+                pos = self._lower(_upper(key[: cut + 1]), pos + 1)
+                pos = min(pos, hi)
+            else:
+                pos += 1
+        return scan.out
+
+    def _folders_before(self, name: bytes, blen: int, sa: bytes, pos: int, hi: int, scan: _Scan) -> None:
+        """Emits folders that sort before `name` in path order but after it in key order.
+
+        A folder `x` (keys `x/...`) comes before `x.txt` in path order, but its
+        keys come after `x.txt`'s: emit it when the scan meets `x.txt`.
+        """
+        for m in _BEFORE_SLASH.finditer(name, blen + 1):
+            folder = name[: m.start()]
+            if folder in scan.emitted or not folder > sa:
+                continue
+            # Keys starting with `folder` are contiguous and include `name` (at pos): when the
+            # next key does not start with it, no `folder/...` key exists (the common case).
+            if pos + 1 >= hi or not self._view[pos + 1].startswith(folder):
+                continue
+            sub = folder + b"/"
+            i = bisect.bisect_left(self._view, sub, pos, hi)
+            if i < hi and self._view[i].startswith(sub):
+                scan.emitted.add(folder)
+                scan.out.append(S3Entry(folder.decode("utf-8", "replace"), 0, "", 0, True))

@@ -1,0 +1,445 @@
+"""Parallel, paginated ListObjectsV2 of one `s3://bucket/prefix/`, parsed fast.
+
+boto3 stays in charge of what it is good at: credentials, endpoint
+configuration (`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`), request signing
+and retries. What it is slow at is parsing: ~50 ms of CPU for a 1000-key
+page. So the listing client hooks `before-parse.s3.ListObjectsV2`: a complete
+200 answer's raw XML is handed back to us under `RawBody` and botocore parses
+an empty document instead. We pull the fields out with a few C-level regex
+scans (~1 ms a page), falling back to ElementTree for any page whose shape
+is unexpected.
+
+Listing runs partitions of the key space concurrently on `concurrency`
+threads (boto3 clients are thread-safe): a delimiter listing of the prefix
+discovers its sub-folders (going a level deeper while there are fewer than
+`4 x concurrency` of them), then each sub-folder is listed flat, page after
+page. Each page becomes one compact `Run`; runs never interleave, so the
+index is their concatenation (`S3Index.from_runs`).
+"""
+
+from __future__ import annotations
+
+import calendar
+import functools
+import html
+import itertools
+import os
+import re
+import threading
+import time
+import urllib.parse
+import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import boto3
+import botocore.exceptions
+import botocore.handlers
+from botocore.config import Config
+
+from drive_client.errors import DriveError, NotFound, PermissionDenied, StaleIndexError, Unavailable
+
+from .index import Run, S3Index, make_run
+
+MAX_DEPTH = 4  # how many folder levels discovery may descend to find enough partitions
+
+# -- boto3 clients and error mapping ------------------------------------------------------
+
+
+def _config(pool: int) -> Config:
+    kwargs: dict[str, Any] = {"max_pool_connections": pool}
+    if not (os.environ.get("AWS_RETRY_MODE") or os.environ.get("AWS_MAX_ATTEMPTS")):
+        # botocore's default ("legacy", 5 attempts) backs off for ~15 s on a dead endpoint.
+        kwargs["retries"] = {"mode": "standard"}
+    return Config(**kwargs)
+
+
+def make_client(pool: int = 10) -> Any:
+    """A plain S3 client from boto3's standard configuration (env, config files)."""
+    return boto3.session.Session().client("s3", config=_config(pool))
+
+
+def make_listing_client(pool: int = 10) -> Any:
+    """An S3 client whose ListObjectsV2 answers carry their raw XML in `RawBody`."""
+    client = make_client(pool)
+    events = client.meta.events
+    # botocore's own check for an error inside a 200 answer re-parses every page with
+    # ElementTree (~4 ms); `_take_raw_body` does the equivalent for ListObjectsV2.
+    events.unregister("before-parse.s3.*", getattr(botocore.handlers, "_handle_200_error", None))
+    events.register_first("before-parse.s3.ListObjectsV2", _take_raw_body)
+    return client
+
+
+_EMPTY = b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult></ListBucketResult>'
+
+
+def _take_raw_body(response_dict: dict[str, Any], customized_response_dict: dict[str, Any],
+                   **_: Any) -> None:
+    if response_dict.get("status_code") != 200:
+        return  # errors are parsed (and retried) by botocore as usual
+    body = response_dict.get("body") or b""
+    if body.rstrip().endswith(b"</ListBucketResult>"):
+        customized_response_dict["RawBody"] = body
+        response_dict["body"] = _EMPTY
+    else:
+        # A truncated or error-bearing 200 answer: have botocore retry it, as it would.
+        response_dict["status_code"] = 500
+
+
+def endpoint_of(client: Any) -> str:
+    return str(getattr(client.meta, "endpoint_url", "") or "the S3 endpoint")
+
+
+_DENIED = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+           "AccountProblem", "InvalidToken", "ExpiredToken", "InvalidObjectState"}
+_CHANGED = {"PreconditionFailed", "NoSuchKey", "InvalidRange"}
+
+
+def map_error(err: BaseException, client: Any, bucket: str, key: str = "") -> DriveError:
+    """The DriveError for a boto3/botocore failure on `bucket` (and object `key`)."""
+    endpoint = endpoint_of(client)
+    where = f"s3://{bucket}/{key}"
+    if isinstance(err, DriveError):
+        return err
+    if isinstance(err, botocore.exceptions.ClientError):
+        info = err.response.get("Error", {})
+        code = str(info.get("Code", ""))
+        status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = info.get("Message") or code or str(err)
+        if code == "NoSuchBucket" or (status == 404 and not key):
+            return NotFound(f"S3 bucket {bucket!r} does not exist at {endpoint}")
+        if key and (code in _CHANGED or status in (404, 412, 416)):
+            return StaleIndexError(
+                f"{where} changed since it was indexed ({code or status}): re-mount the drive and retry"
+            )
+        if code in _DENIED or status == 403:
+            return PermissionDenied(f"S3 refused access to {where} at {endpoint}: {code}: {message}")
+        if status >= 500 or code in ("SlowDown", "InternalError", "ServiceUnavailable"):
+            return Unavailable(f"S3 endpoint {endpoint} failed on {where} after retries: {code} {message}")
+        return DriveError(f"S3 error on {where} at {endpoint}: {code or status}: {message}")
+    if isinstance(err, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError,
+                        botocore.exceptions.HTTPClientError, ConnectionError, TimeoutError)):
+        return Unavailable(f"cannot reach the S3 endpoint {endpoint} for {where}: {err}")
+    if isinstance(err, botocore.exceptions.NoCredentialsError):
+        return PermissionDenied(f"no S3 credentials found for {where}: set AWS_ACCESS_KEY_ID or a profile")
+    if isinstance(err, botocore.exceptions.BotoCoreError):
+        return Unavailable(f"S3 request to {endpoint} for {where} failed: {err}")
+    return DriveError(f"listing {where} failed: {type(err).__name__}: {err}")
+
+
+# -- page parsing -------------------------------------------------------------------------
+
+_KEY = re.compile(rb"<Key>([^<]*)</Key>")
+_SIZE = re.compile(rb"<Size>(\d+)</Size>")
+_ETAG = re.compile(rb"<ETag>(?:&quot;|&#34;|\")?([^<\"&]*)(?:&quot;|&#34;|\")?</ETag>")
+_MTIME = re.compile(rb"<LastModified>([^<]*)</LastModified>")
+_PREFIX = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>")
+_TOKEN = re.compile(rb"<NextContinuationToken>([^<]*)</NextContinuationToken>")
+_TRUNCATED = re.compile(rb"<IsTruncated>\s*true\s*</IsTruncated>")
+_URL = re.compile(rb"<EncodingType>\s*url\s*</EncodingType>")
+_SPECIAL = re.compile(rb"[%+&]")
+
+
+@dataclass(slots=True)
+class Page:
+    """One parsed ListObjectsV2 answer; keys and prefixes relative to the mounted prefix."""
+
+    keys: list[bytes]
+    sizes: list[int]
+    mtimes: list[int]
+    etags: list[bytes]
+    prefixes: list[bytes]
+    token: str | None  # the continuation token when truncated
+
+
+def _decode(raw: bytes, url: bool) -> bytes:
+    if b"&" in raw:
+        raw = html.unescape(raw.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+    if url:
+        raw = urllib.parse.unquote_to_bytes(raw.replace(b"+", b" "))
+    return raw
+
+
+def _decode_all(raw: list[bytes], url: bool, plen: int) -> list[bytes]:
+    """Decoded keys, relative to the prefix (`plen` bytes long)."""
+    if _SPECIAL.search(b"".join(raw)) is None:
+        return [k[plen:] for k in raw] if plen else raw
+    return [_decode(k, url)[plen:] for k in raw]
+
+
+class _Stamps:
+    """LastModified text to ns since the epoch, cached by the second (stamps repeat a lot)."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+
+    def to_ns(self, stamps: list[bytes]) -> list[int]:
+        secs = self._seconds
+        out = []
+        for s in stamps:
+            base = secs.get(s[:19])
+            if base is None:
+                base = self._parse_seconds(s[:19])
+            frac = s[20:-1] if len(s) > 20 and s[19:20] == b"." and s[-1:] == b"Z" else b""
+            out.append(base + (int(frac.ljust(9, b"0")[:9]) if frac.isdigit() else 0))
+        return out
+
+    def _parse_seconds(self, text: bytes) -> int:
+        try:
+            dt = datetime.fromisoformat(text.decode("ascii", "replace"))
+            ns = calendar.timegm(dt.utctimetuple()) * 1_000_000_000
+        except ValueError:
+            ns = 0
+        with self._lock:
+            if len(self._seconds) > 1_000_000:
+                self._seconds.clear()
+            self._seconds[text] = ns
+        return ns
+
+
+def parse_page(body: bytes, plen: int, stamps: _Stamps) -> Page:
+    """Parses a ListObjectsV2 XML answer; `plen` is the UTF-8 length of the mounted prefix."""
+    url = _URL.search(body) is not None
+    raw_keys = _KEY.findall(body)
+    sizes = _SIZE.findall(body)
+    etags = _ETAG.findall(body)
+    mtimes = _MTIME.findall(body)
+    n = len(raw_keys)
+    if not (len(sizes) == len(etags) == len(mtimes) == n == body.count(b"<Contents>")):
+        return _parse_page_etree(body, plen, url)
+    match = _TOKEN.search(body)
+    truncated = _TRUNCATED.search(body) is not None
+    token = html.unescape(match.group(1).decode()) if match and truncated else None
+    return Page(
+        keys=_decode_all(raw_keys, url, plen),
+        sizes=list(map(int, sizes)),
+        mtimes=stamps.to_ns(mtimes),
+        etags=etags,
+        prefixes=_decode_all(_PREFIX.findall(body), url, plen),
+        token=token,
+    )
+
+
+def _parse_page_etree(body: bytes, plen: int, url: bool) -> Page:
+    root = ET.fromstring(body)
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+
+    def text(el: ET.Element | None, name: str) -> str:
+        found = el.find(ns + name) if el is not None else None
+        return (found.text or "") if found is not None else ""
+
+    def dec(s: str) -> bytes:
+        b = s.encode("utf-8")
+        return (urllib.parse.unquote_to_bytes(b.replace(b"+", b" ")) if url else b)[plen:]
+
+    page = Page([], [], [], [], [], None)
+    stamps = _Stamps()
+    for c in root.iter(ns + "Contents"):
+        page.keys.append(dec(text(c, "Key")))
+        page.sizes.append(int(text(c, "Size") or 0))
+        page.etags.append(text(c, "ETag").strip('"').encode())
+        page.mtimes.extend(stamps.to_ns([text(c, "LastModified").encode()]))
+    for p in root.iter(ns + "CommonPrefixes"):
+        page.prefixes.append(dec(text(p, "Prefix")))
+    if text(root, "IsTruncated").strip().lower() == "true":
+        page.token = text(root, "NextContinuationToken") or None
+    return page
+
+
+# -- the parallel listing -----------------------------------------------------------------
+
+
+@dataclass
+class ListingStats:
+    """Counters shared by every listing of one owner (thread-safe increments)."""
+
+    requests: int = 0  # ListObjectsV2 calls made
+    runs: int = 0  # listings started
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, requests: int = 0, runs: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.runs += runs
+
+
+@dataclass
+class ListingResult:
+    runs: list[Run]
+    requests: int
+    seconds: float
+
+
+def _file_runs(page: Page) -> list[Run]:
+    """The page's objects as runs, split wherever a listed sub-folder falls between them.
+
+    In a delimiter listing, sub-folders (listed separately) interleave with
+    the files; cutting the files at each sub-folder keeps every run disjoint
+    from every other.
+    """
+    keys = page.keys
+    if not keys:
+        return []
+    if keys[0] == b"":  # the mounted prefix's own folder marker: not an entry
+        del keys[0], page.sizes[0], page.mtimes[0], page.etags[0]
+        if not keys:
+            return []
+    cuts = [0]
+    if page.prefixes:
+        prefixes = iter(page.prefixes)
+        nxt = next(prefixes, None)
+        for i, k in enumerate(keys):
+            moved = False
+            while nxt is not None and nxt < k:
+                nxt = next(prefixes, None)
+                moved = True
+            if moved and i:
+                cuts.append(i)
+    cuts.append(len(keys))
+    return [
+        make_run(keys[a:b], page.sizes[a:b], page.mtimes[a:b], page.etags[a:b])
+        for a, b in itertools.pairwise(cuts)
+        if b > a
+    ]
+
+
+class Lister:
+    """One listing of `s3://bucket/prefix/` over `concurrency` threads."""
+
+    def __init__(self, client: Any, bucket: str, prefix: str, *, concurrency: int = 16,
+                 page_size: int = 1000, stats: ListingStats | None = None) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.concurrency = max(1, concurrency)
+        self.page_size = max(1, min(1000, page_size))
+        self.stats = stats or ListingStats()
+        self.target = 4 * self.concurrency
+        self._plen = len(prefix.encode("utf-8"))
+        self._stamps = _Stamps()
+        self._cond = threading.Condition()
+        self._tasks: deque[Callable[[], None]] = deque()
+        self._pending = 0
+        self._runs: list[Run] = []
+        self._error: BaseException | None = None
+        self.requests = 0
+
+    # each task runs on a worker thread; `_submit` queues more
+    def _submit(self, task: Callable[[], None]) -> None:
+        with self._cond:
+            self._tasks.append(task)
+            self._pending += 1
+            self._cond.notify()
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._tasks and self._pending and self._error is None:
+                    self._cond.wait()
+                if self._error is not None or not self._pending:
+                    self._cond.notify_all()
+                    return
+                task = self._tasks.popleft()
+            try:
+                task()
+            except BaseException as err:  # handed to the caller of run()
+                with self._cond:
+                    if self._error is None:
+                        self._error = err
+            with self._cond:
+                self._pending -= 1
+                self._cond.notify_all()
+
+    def _page(self, prefix: str, delimiter: bool, token: str | None) -> Page:
+        params: dict[str, Any] = {
+            "Bucket": self.bucket, "Prefix": prefix, "MaxKeys": self.page_size, "EncodingType": "url",
+        }
+        if delimiter:
+            params["Delimiter"] = "/"
+        if token:
+            params["ContinuationToken"] = token
+        self.stats.add(requests=1)
+        with self._cond:
+            self.requests += 1
+        answer = self.client.list_objects_v2(**params)
+        body = answer.get("RawBody")
+        if body is None:  # no hook on this client: botocore parsed it (slowly)
+            return _page_from_parsed(answer, self._plen)
+        return parse_page(body, self._plen, self._stamps)
+
+    def _add(self, runs: list[Run]) -> None:
+        if runs:
+            with self._cond:
+                self._runs.extend(runs)
+
+    def _flat(self, prefix: str) -> None:
+        """Every key under `prefix`, page after page."""
+        token: str | None = None
+        while self._error is None:
+            page = self._page(prefix, False, token)
+            self._add(_file_runs(page))
+            token = page.token
+            if not token:
+                return
+
+    def _discover(self, prefix: str, depth: int) -> None:
+        """A delimiter listing of `prefix`: its files, and its sub-folders as new partitions."""
+        token: str | None = None
+        held: list[str] = []  # sub-folders not yet scheduled
+        seen = 0
+        plain = self.prefix
+        while self._error is None:
+            page = self._page(prefix, True, token)
+            self._add(_file_runs(page))
+            subs = [plain + p.decode("utf-8", "surrogateescape") for p in page.prefixes]
+            seen += len(subs)
+            if seen >= self.target or depth >= MAX_DEPTH:
+                for s in held + subs:
+                    self._submit(functools.partial(self._flat, s))
+                held = []
+            else:
+                held.extend(subs)
+            token = page.token
+            if not token:
+                break
+        for s in held:  # few sub-folders: look one level deeper for more partitions
+            self._submit(functools.partial(self._discover, s, depth + 1))
+
+    def run(self) -> ListingResult:
+        """Lists everything; raises the first error (a DriveError) if any request failed."""
+        t0 = time.perf_counter()
+        self.stats.add(runs=1)
+        self._submit(functools.partial(self._discover, self.prefix, 0))
+        threads = [threading.Thread(target=self._worker, name=f"s3-list-{i}", daemon=True)
+                   for i in range(self.concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if self._error is not None:
+            raise map_error(self._error, self.client, self.bucket) from self._error
+        return ListingResult(self._runs, self.requests, time.perf_counter() - t0)
+
+
+def _page_from_parsed(answer: dict[str, Any], plen: int) -> Page:
+    contents = answer.get("Contents", [])
+    stamps = [int(c["LastModified"].timestamp() * 1e9) for c in contents]
+    return Page(
+        keys=[c["Key"].encode("utf-8")[plen:] for c in contents],
+        sizes=[int(c.get("Size", 0)) for c in contents],
+        mtimes=stamps,
+        etags=[str(c.get("ETag", "")).strip('"').encode() for c in contents],
+        prefixes=[p["Prefix"].encode("utf-8")[plen:] for p in answer.get("CommonPrefixes", [])],
+        token=answer.get("NextContinuationToken") if answer.get("IsTruncated") else None,
+    )
+
+
+def build_index(client: Any, bucket: str, prefix: str, *, concurrency: int = 16, page_size: int = 1000,
+                stats: ListingStats | None = None) -> tuple[S3Index, ListingResult]:
+    """Lists `s3://bucket/prefix` and builds its index (blocking; call from a thread)."""
+    result = Lister(client, bucket, prefix, concurrency=concurrency, page_size=page_size, stats=stats).run()
+    return S3Index.from_runs(result.runs), result

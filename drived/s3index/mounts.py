@@ -1,0 +1,111 @@
+"""Single-flight mounts of `s3://bucket/prefix/` locations, and their current indexes.
+
+`mount` always re-indexes, but concurrent mounts of one location share one
+indexing run (the first starts it, the others await the same task). Until a
+run completes, `index` keeps answering with the previous complete index, so
+lists and gets during a re-index never see a half-built one. A failed run
+leaves the previous index in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import Any
+
+from .index import S3Index
+from .lister import ListingStats, build_index, make_listing_client
+
+log = logging.getLogger(__name__)
+
+_Key = tuple[str, str]
+
+
+class S3Mounts:
+    """The indexes of the mounted s3:// locations of one daemon."""
+
+    def __init__(self, *, concurrency: int = 16, page_size: int = 1000) -> None:
+        self.concurrency = concurrency
+        self.page_size = page_size  # MaxKeys per ListObjectsV2 call
+        self.stats = ListingStats()  # requests and indexing runs, over all locations
+        self._indexes: dict[_Key, S3Index] = {}
+        self._inflight: dict[_Key, asyncio.Task[tuple[S3Index, float]]] = {}
+        self._client: Any = None
+        self._closed = False
+
+    def _listing_client(self) -> Any:
+        if self._client is None:  # created lazily, on a worker thread: boto3 setup is slow
+            self._client = make_listing_client(self.concurrency + 4)
+        return self._client
+
+    def _index_blocking(self, bucket: str, prefix: str) -> tuple[S3Index, float]:
+        t0 = time.perf_counter()
+        index, result = build_index(
+            self._listing_client(), bucket, prefix,
+            concurrency=self.concurrency, page_size=self.page_size, stats=self.stats,
+        )
+        seconds = time.perf_counter() - t0
+        log.info("indexed s3://%s/%s: %d objects, %d requests, %.3f s",
+                 bucket, prefix, index.objects, result.requests, seconds)
+        return index, seconds
+
+    async def _run(self, key: _Key) -> tuple[S3Index, float]:
+        loop = asyncio.get_running_loop()
+        index, seconds = await loop.run_in_executor(None, functools.partial(self._index_blocking, *key))
+        if not self._closed:
+            self._indexes[key] = index  # readers switch to the new index in one step
+        return index, seconds
+
+    async def mount(self, bucket: str, prefix: str) -> tuple[int, float]:
+        """Re-indexes `s3://bucket/prefix`; returns (objects, seconds).
+
+        Joins the run in progress for that location, if any. Raises NotFound
+        (no bucket), PermissionDenied, Unavailable (endpoint unreachable or
+        failing after retries).
+        """
+        if self._closed:
+            raise RuntimeError("S3Mounts is closed")
+        key = (bucket, prefix)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._run(key))
+            self._inflight[key] = task
+
+            def done(t: asyncio.Task[tuple[S3Index, float]], key: _Key = key) -> None:
+                if self._inflight.get(key) is t:
+                    del self._inflight[key]
+                if not t.cancelled():
+                    t.exception()  # retrieved here, so an unawaited failure is not logged as lost
+
+            task.add_done_callback(done)
+        # shield: a cancelled caller does not cancel the run the others wait for
+        index, seconds = await asyncio.shield(task)
+        return index.objects, seconds
+
+    async def index(self, bucket: str, prefix: str) -> S3Index:
+        """The current index of `s3://bucket/prefix`, mounting it first if never mounted."""
+        key = (bucket, prefix)
+        index = self._indexes.get(key)
+        if index is None:
+            await self.mount(bucket, prefix)
+            index = self._indexes[key]
+        return index
+
+    def mounted(self, bucket: str, prefix: str) -> bool:
+        """Whether a complete index of the location is held."""
+        return (bucket, prefix) in self._indexes
+
+    def indexing(self, bucket: str, prefix: str) -> bool:
+        """Whether an indexing run of the location is in progress."""
+        return (bucket, prefix) in self._inflight
+
+    async def close(self) -> None:
+        """Waits for runs in progress (their threads cannot be interrupted) and drops the indexes."""
+        self._closed = True
+        tasks = list(self._inflight.values())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._indexes.clear()
+        self._client = None

@@ -1,0 +1,117 @@
+"""Streaming an indexed S3 object with ranged GetObject reads.
+
+Bytes come in windows: one ranged GET per window (`If-Match` the indexed
+ETag), read `chunk_size` at a time, so memory stays at about one chunk
+whatever the object's size. An object whose ETag or size differs from the
+index fails with StaleIndexError before any byte of the other version is
+yielded: S3 answers 412 to the If-Match, and the answer's ETag and total size
+(Content-Range) are checked too, for servers that ignore If-Match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from drive_client.errors import InvalidArgument, StaleIndexError
+
+from .lister import make_client, map_error
+
+WINDOW = 64 * 1024 * 1024  # bytes per ranged GET (at least one chunk)
+
+_client: Any = None
+_client_lock = threading.Lock()
+_TOTAL = re.compile(r"/(\d+)\s*$")
+
+
+def _get_client() -> Any:
+    global _client
+    with _client_lock:
+        if _client is None:
+            _client = make_client(pool=32)
+        return _client
+
+
+def _stale(bucket: str, key: str, why: str) -> StaleIndexError:
+    return StaleIndexError(f"s3://{bucket}/{key} changed since it was indexed ({why}): re-mount the drive and retry")
+
+
+def _check(bucket: str, key: str, etag: str, size: int, answer: dict[str, Any]) -> None:
+    got = str(answer.get("ETag", "")).strip('"')
+    if etag and got and got != etag:
+        raise _stale(bucket, key, f"ETag {got} instead of {etag}")
+    match = _TOTAL.search(str(answer.get("ContentRange", "")))
+    total = int(match.group(1)) if match else answer.get("ContentLength")
+    if total is not None and int(total) != size:
+        raise _stale(bucket, key, f"{total} bytes instead of {size}")
+
+
+def _open(client: Any, bucket: str, key: str, etag: str, size: int, start: int, end: int) -> Any:
+    """GETs bytes [start, end) (If-Match etag) and returns the streaming body, after the checks."""
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
+    if etag:
+        params["IfMatch"] = f'"{etag}"'
+    try:
+        answer = client.get_object(**params)
+    except Exception as err:
+        raise map_error(err, client, bucket, key) from err
+    body = answer["Body"]
+    try:
+        _check(bucket, key, etag, size, answer)
+    except BaseException:
+        body.close()
+        raise
+    return body
+
+
+def _head(client: Any, bucket: str, key: str, etag: str, size: int) -> None:
+    params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if etag:
+        params["IfMatch"] = f'"{etag}"'
+    try:
+        answer = client.head_object(**params)
+    except Exception as err:
+        raise map_error(err, client, bucket, key) from err
+    _check(bucket, key, etag, size, answer)
+
+
+async def read_object(bucket: str, key: str, *, etag: str, size: int, offset: int, limit: int,
+                      chunk_size: int) -> AsyncIterator[bytes]:
+    """Streams bytes [offset, offset+limit) of the object (limit 0: to the end).
+
+    Raises InvalidArgument (offset outside [0, size], negative limit),
+    StaleIndexError (the object changed or vanished: re-mount and retry),
+    NotFound / PermissionDenied / Unavailable as the listing does.
+    """
+    if offset < 0 or limit < 0 or offset > size:
+        raise InvalidArgument(f"offset {offset} / limit {limit} outside the object's {size} bytes")
+    if chunk_size <= 0:
+        raise InvalidArgument("chunk_size must be positive")
+    end = size if limit == 0 else min(size, offset + limit)
+    loop = asyncio.get_running_loop()
+    client = await loop.run_in_executor(None, _get_client)
+    if end <= offset:  # nothing to send; still refuse a changed object
+        await loop.run_in_executor(None, _head, client, bucket, key, etag, size)
+        return
+    window = max(WINDOW // chunk_size, 1) * chunk_size
+    pos = offset
+    while pos < end:
+        stop = min(end, pos + window)
+        body = await loop.run_in_executor(None, _open, client, bucket, key, etag, size, pos, stop)
+        try:
+            while pos < stop:
+                want = min(chunk_size, stop - pos)
+                try:
+                    data = await loop.run_in_executor(None, functools.partial(body.read, want))
+                except Exception as err:
+                    raise map_error(err, client, bucket, key) from err
+                if not data:
+                    raise _stale(bucket, key, f"the object ended at byte {pos}, before {stop}")
+                pos += len(data)
+                yield data
+        finally:
+            body.close()
