@@ -331,6 +331,18 @@ def snapshot(root: pathlib.Path) -> dict[str, str]:
     return out
 
 
+def holds_bytes(root: pathlib.Path, data: bytes) -> bool:
+    """True when some file under `root` contains `data` (however the daemon frames stored files)."""
+    if not root.exists():
+        return False
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with contextlib.suppress(OSError), open(os.path.join(dirpath, name), "rb") as f:
+                if data in f.read():
+                    return True
+    return False
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
     """Polls `predicate` until true or `timeout`; returns its last value."""
     deadline = time.monotonic() + timeout
