@@ -218,6 +218,34 @@ class Drive:
             call.cancel()  # a no-op once the stream is complete; stops it after a local failure
         return target
 
+    def read_range(self, path: str, offset: int = 0, length: int | None = None,
+                   component_name: str | None = None, if_match: str = "") -> Iterator[bytes]:
+        """Streams bytes [offset, offset+length) of a drive file (length None: to the end), chunk by chunk.
+
+        `if_match` (the file's sha256, or ETag for s3) makes the read fail with
+        StaleIndexError if the file was replaced meanwhile.
+        """
+        if offset < 0 or (length is not None and length < 0):
+            raise InvalidArgument("offset and length cannot be negative")
+        if length == 0:
+            return
+        self._ensure_mounted()
+        request = pb.GetRequest(
+            drive=self.id, path=normalize_path(path), offset=offset, limit=length or 0, if_match=if_match,
+            component=check_component(component_name) if component_name else "",
+        )
+        call = self._stub.Get(request, metadata=self._metadata)
+        try:
+            for message in call:
+                if message.HasField("data"):
+                    yield message.data
+                elif message.info.folder or message.info.path != request.path:
+                    raise InvalidArgument(f"{path!r} is a folder: read_range reads one file")
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.endpoint) from None
+        finally:
+            call.cancel()
+
     def delete(self, path: str) -> None:
         """Removes this component's file, or all its files under a folder."""
         request = pb.DeleteRequest(drive=self.id, path=normalize_path(path), component=self.component_name)
