@@ -167,8 +167,10 @@ class ManagedDrives:
     ) -> AsyncIterator[FileStream]:
         """The file at `path`, or every file under the folder `path`, each with its chunks."""
         hits = await self._locate_or_wait(drive, path, component, wait_seconds)
-        if len(hits) == 1 and hits[0][1] is not None:
-            owner = hits[0][0]
+        owner, found = hits[0]
+        if len(hits) == 1 and found is not None:
+            if offset > found.size:
+                raise InvalidArgument(f"offset {offset} is past the end of {_shown(drive, path)} ({found.size} bytes)")
             info, chunks = await self.backend.read(object_key(drive, owner, path), offset, limit)
             if if_match and if_match != info.sha256:
                 raise StaleIndexError(
