@@ -1,0 +1,171 @@
+"""The wire API's documented behaviour beyond errors: paging, recursive listing, folder and
+root reads, multi-file puts, delete counts, many waiters, and a corrupted stored file."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import grpc
+import pytest
+from conftest import Background, put_messages, raw_get, raw_put, rpc_code, sha256_hex
+
+from drive_client import DataLoss, Drive
+from drive_client._pb import drive_pb2 as pb
+from drive_client._pb import drive_pb2_grpc
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def list_all(stub, drive: str, path: str = ".", **kw) -> tuple[list[pb.FileInfo], int]:
+    entries, pages, token = [], 0, ""
+    while True:
+        resp = stub.List(pb.ListRequest(drive=drive, path=path, page_token=token, **kw), timeout=10)
+        entries.extend(resp.entries)
+        pages += 1
+        token = resp.next_page_token
+        if not token:
+            return entries, pages
+        assert pages < 100, "paging does not end"
+
+
+def test_list_paging(stub, drive_uri):
+    names = [f"f{i:02d}.txt" for i in range(25)]
+    msgs = [m for n in names for m in put_messages(drive_uri, n, n.encode())]
+    assert len(stub.Put(iter(msgs), timeout=30).files) == 25
+    entries, pages = list_all(stub, drive_uri, page_size=10)
+    assert [e.path for e in entries] == names
+    assert pages == 3
+    one = stub.List(pb.ListRequest(drive=drive_uri, path=".", page_size=10))
+    assert len(one.entries) == 10 and one.next_page_token
+    everything = stub.List(pb.ListRequest(drive=drive_uri, path="."))
+    assert len(everything.entries) == 25 and not everything.next_page_token
+
+
+def test_list_recursive_and_entry_fields(stub, drive_uri):
+    raw_put(stub, drive_uri, "top.txt", b"12345", component="ca")
+    raw_put(stub, drive_uri, "d/x.txt", b"x", component="ca")
+    raw_put(stub, drive_uri, "d/e/y.txt", b"y", component="cb")
+    raw_put(stub, drive_uri, "solo/z.txt", b"z", component="cb")
+    entries, _ = list_all(stub, drive_uri)
+    by_path = {e.path: e for e in entries}
+    assert list(by_path) == ["d", "solo", "top.txt"]
+    assert by_path["d"].folder and by_path["d"].component == "", "a folder of several components"
+    assert by_path["solo"].folder and by_path["solo"].component == "cb"
+    top = by_path["top.txt"]
+    assert (top.folder, top.size, top.sha256, top.component) == (False, 5, sha256_hex(b"12345"), "ca")
+    assert top.generation > 0 and top.modified.seconds > 0
+    rec, _ = list_all(stub, drive_uri, recursive=True)
+    assert [e.path for e in rec] == ["d/e/y.txt", "d/x.txt", "solo/z.txt", "top.txt"]
+    assert not any(e.folder for e in rec)
+    rec_d, _ = list_all(stub, drive_uri, path="d", recursive=True, component="ca")
+    assert [e.path for e in rec_d] == ["d/x.txt"]
+
+
+def test_list_of_a_file_path_lists_that_file(stub, drive_uri):
+    raw_put(stub, drive_uri, "d/f.txt", b"f")
+    entries, _ = list_all(stub, drive_uri, path="d/f.txt")
+    assert [e.path for e in entries] == ["d/f.txt"]
+
+
+def test_get_folder_and_root_in_path_order(stub, drive_uri):
+    files = {"b/2.txt": b"two", "a.txt": b"a", "b/1.txt": b"one", "b/c/3.txt": b""}
+    for p, data in files.items():
+        raw_put(stub, drive_uri, p, data)
+    got = raw_get(stub, drive_uri, "b")
+    assert [(i.path, d) for i, d in got] == [("b/1.txt", b"one"), ("b/2.txt", b"two"), ("b/c/3.txt", b"")]
+    for info, data in got:
+        assert info.size == len(data) and info.sha256 == sha256_hex(data)
+    whole = raw_get(stub, drive_uri, "")
+    assert [i.path for i, _ in whole] == sorted(files)
+    assert [i.path for i, _ in raw_get(stub, drive_uri, ".")] == sorted(files)
+
+
+def test_put_response_and_delete_counts(stub, drive_uri):
+    msgs = [*put_messages(drive_uri, "f/a", b"a"), *put_messages(drive_uri, "f/b", b"bb"),
+            *put_messages(drive_uri, "g", b"")]
+    resp = stub.Put(iter(msgs), timeout=30)
+    assert [(f.path, f.size, f.sha256) for f in resp.files] == [
+        ("f/a", 1, sha256_hex(b"a")), ("f/b", 2, sha256_hex(b"bb")), ("g", 0, sha256_hex(b"")),
+    ]
+    assert all(f.component == "default" and f.generation > 0 for f in resp.files)
+    assert stub.Delete(pb.DeleteRequest(drive=drive_uri, path="f")).files_deleted == 2
+    assert stub.Delete(pb.DeleteRequest(drive=drive_uri, path="g")).files_deleted == 1
+    assert [e.path for e in list_all(stub, drive_uri)[0]] == []
+
+
+def test_stat_folder_and_component_filter(stub, drive_uri):
+    raw_put(stub, drive_uri, "d/x", b"x", component="ca")
+    raw_put(stub, drive_uri, "d/y", b"y", component="cb")
+    info = stub.Stat(pb.StatRequest(drive=drive_uri, path="d"))
+    assert info.folder and info.size == 0 and info.path == "d" and info.sha256 == ""
+    assert stub.Stat(pb.StatRequest(drive=drive_uri, path="d", component="ca")).folder
+    assert stub.Stat(pb.StatRequest(drive=drive_uri, path="d/y", component="cb")).component == "cb"
+
+
+def test_normalised_paths(stub, drive_uri):
+    raw_put(stub, drive_uri, "a//b/./c.txt", b"c")
+    assert stub.Stat(pb.StatRequest(drive=drive_uri, path="a/b/c.txt")).path == "a/b/c.txt"
+    [(info, data)] = raw_get(stub, drive_uri, "./a/b//c.txt")
+    assert info.path == "a/b/c.txt" and data == b"c"
+
+
+def test_many_waiters_answered_by_one_put(stub, drive_uri):
+    waiters = [Background(lambda: raw_get(stub, drive_uri, "event.txt", wait_seconds=30)) for _ in range(6)]
+    for w in waiters:
+        w.start()
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in waiters), "the waiters should still be waiting"
+    raw_put(stub, drive_uri, "event.txt", b"go", component="signaller")
+    for w in waiters:
+        [(info, data)] = w.join_checked(20)
+        assert data == b"go" and info.component == "signaller"
+
+
+def test_wait_for_one_component_ignores_others(stub, drive_uri):
+    result: dict[str, object] = {}
+
+    def wait():
+        result["got"] = raw_get(stub, drive_uri, "f.txt", component="wanted", wait_seconds=20)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    raw_put(stub, drive_uri, "f.txt", b"other", component="other", allow_duplicates=True)
+    time.sleep(0.5)
+    assert t.is_alive(), "a put by another component must not answer a wait for 'wanted'"
+    raw_put(stub, drive_uri, "f.txt", b"wanted", component="wanted", allow_duplicates=True)
+    t.join(20)
+    [(info, data)] = result["got"]
+    assert (info.component, data) == ("wanted", b"wanted")
+
+
+def test_large_chunks_over_message_limit_refused(stub, drive_uri):
+    """A single message over the server's limit: RESOURCE_EXHAUSTED, nothing stored."""
+    big = os.urandom(8 * 1024 * 1024)
+    code = rpc_code(lambda: raw_put(stub, drive_uri, "big.bin", big, chunk=len(big)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rpc_code(lambda: stub.Stat(pb.StatRequest(drive=drive_uri, path="big.bin"))) == grpc.StatusCode.NOT_FOUND
+
+
+def test_corrupted_stored_file_is_not_delivered(own_daemon, tmp_path, drive_uri):
+    """Bit rot in the data dir: the get fails (DATA_LOSS) and leaves no local file."""
+    data = os.urandom(300_000)
+    with grpc.insecure_channel(own_daemon.endpoint) as ch:
+        raw_put(drive_pb2_grpc.DriveServiceStub(ch), drive_uri, "rot.bin", data)
+    stored = [
+        os.path.join(d, n) for d, _, names in os.walk(own_daemon.data_dir) for n in names
+        if data in open(os.path.join(d, n), "rb").read()  # noqa: SIM115
+    ]
+    assert len(stored) == 1, stored
+    with open(stored[0], "r+b") as f:
+        blob = f.read()
+        pos = blob.index(data) + len(data) // 2
+        f.seek(pos)
+        f.write(bytes([blob[pos] ^ 0xFF]))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DataLoss) as exc:  # found by the daemon or by the client's own sha256 check
+        Drive(drive_uri, root_folder=str(out), endpoint=own_daemon.endpoint).get("rot.bin")
+    assert exc.value.code in (None, grpc.StatusCode.DATA_LOSS)
+    assert list(out.iterdir()) == [], "a corrupt file must not be left at (or beside) the target"
