@@ -16,18 +16,20 @@ from pathlib import Path
 FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^():]+?)(?::\d+)?\)$")
 
 
-def _name(frame: str) -> str:
+def _name(frame: str, lines: bool = False) -> str:
     m = FRAME.match(frame.strip())
     if not m:
         return frame.strip()
     f = m.group("file")
+    if lines:
+        f = frame.strip().rsplit("(", 1)[1].rstrip(")")
     for marker in ("site-packages/", "/lib/python3", "/work/main/"):
         if marker in f:
             f = f.split(marker, 1)[1]
     return f"{m.group('fn')} ({f})"
 
 
-def summarise(path: Path, top: int = 15) -> str:
+def summarise(path: Path, top: int = 15, lines: bool = False) -> str:
     self_c: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     total = 0
@@ -36,7 +38,7 @@ def summarise(path: Path, top: int = 15) -> str:
         if not stack or not n.isdigit():
             continue
         count = int(n)
-        frames = [_name(f) for f in stack.split(";") if f]
+        frames = [_name(f, lines) for f in stack.split(";") if f]
         if not frames:
             continue
         total += count
@@ -57,11 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--lines", action="store_true", help="keep file:line (native time shows on the calling line)")
     a = p.parse_args(argv)
     for path in a.paths:
         files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
         for f in files:
-            print(summarise(f, a.top))
+            print(summarise(f, a.top, a.lines))
 
 
 if __name__ == "__main__":
