@@ -89,6 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="parent of the scratch dir (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the scratch dir")
     p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the figures of groups not run (--only) from the existing latest.json in --out",
+    )
+    p.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -565,6 +570,10 @@ class Harness:
             self.exit_stack.close()
             if not a.keep:
                 shutil.rmtree(self.work, ignore_errors=True)
+        merged: dict[str, Any] | None = None
+        prev_path = a.out / "latest.json"
+        if a.merge and prev_path.exists():
+            merged = json.loads(prev_path.read_text())
         for g, prefix in (
             ("large", "large."),
             ("small", "small."),
@@ -572,8 +581,25 @@ class Harness:
             ("mem", "mem."),
             ("index", "index."),
         ):
-            if g not in a.groups:
+            if g in a.groups:
+                continue
+            if merged:
+                for key, fig in merged["figures"].items():
+                    if key.startswith(prefix) and key in self.figs.units:
+                        for v in fig.get("runs") or []:
+                            self.figs.add(key, v)
+                        if fig.get("missing"):
+                            self.figs.miss(key, fig["missing"])
+                if g == "index":
+                    self.index_raw = merged.get("index_raw")
+            else:
                 self.figs.miss(prefix, f"group {g} not run (--only)")
+        if merged:
+            self.notes = [n for n in merged.get("notes", []) if n not in self.notes] + self.notes
+            self.notes.append(
+                f"groups {', '.join(sorted(a.groups))} re-measured on "
+                f"{time.strftime('%Y-%m-%d %H:%M')}; the others are from {merged['machine']['date']}"
+            )
         lbl = size_label(a.size)
         doc: dict[str, Any] = {
             "machine": report.machine_info(),

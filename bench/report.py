@@ -269,7 +269,7 @@ def machine_info() -> dict[str, Any]:
     from bench.services import Nginx
 
     versions["nginx"] = Nginx.version()
-    commit = None
+    commit = os.environ.get("BENCH_GIT_COMMIT")
     try:
         r = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -278,7 +278,7 @@ def machine_info() -> dict[str, Any]:
             cwd=Path(__file__).parent,
             timeout=10,
         )
-        commit = r.stdout.strip() or None
+        commit = commit or r.stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         pass
     return {
