@@ -119,6 +119,9 @@ def test_sigterm_lets_inflight_put_finish(tmp_path, start_daemon):
         handle.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert handle.proc.poll() is None, "the daemon must not exit while a put is in flight"
+        # new calls are refused while draining (UNAVAILABLE: shutting down), the old one goes on
+        late = rpc_code(lambda: stub.Stat(pb.StatRequest(drive="lit://drain", path="x"), timeout=5))
+        assert late == grpc.StatusCode.UNAVAILABLE
         gate.set()
         resp = fut.result(timeout=40)
     assert [f.sha256 for f in resp.files] == [sha256_hex(data)]

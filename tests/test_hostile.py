@@ -4,6 +4,8 @@ unchanged afterwards."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pathlib
 
 import grpc
@@ -217,3 +219,43 @@ def test_raw_hostile_path_in_second_file_of_stream(seeded):
         stub.Delete(pb.DeleteRequest(drive="lit://hostile_stream", path="ok.txt"))
     _, _, (_, around_before) = seeded
     assert snapshot_around(handle.data_dir.parent, handle) == around_before
+
+
+def test_symlinks_in_data_dir_not_followed_out(start_daemon, tmp_path):
+    """A symlink planted in the data dir never serves what is outside it."""
+    handle = start_daemon(tmp_path)
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_bytes(b"TOP SECRET outside the data dir")
+    with grpc.insecure_channel(handle.endpoint) as ch:
+        stub = drive_pb2_grpc.DriveServiceStub(ch)
+        raw_put(stub, "lit://sym", "real.txt", b"a real stored file")
+        holder = next(
+            pathlib.Path(d) for d, _, names in os.walk(handle.data_dir) for n in names
+            if b"a real stored file" in (pathlib.Path(d) / n).read_bytes()
+        )
+        os.symlink(secret.parent, holder / "dirlink")
+        os.symlink(secret, holder / "filelink")
+        leaked = []
+        for path in ("dirlink/secret.txt", "filelink", "dirlink", "."):
+            try:
+                for msg in stub.Get(pb.GetRequest(drive="lit://sym", path=path), timeout=10):
+                    if b"TOP SECRET" in msg.data:
+                        leaked.append(path)
+            except grpc.RpcError as err:
+                assert err.code() in (grpc.StatusCode.NOT_FOUND, INVALID), f"Get {path}: {err.code()}"
+        assert leaked == [], f"Get served a file outside the data dir through {leaked}"
+        for path in ("dirlink/secret.txt", "filelink"):
+            try:
+                info = stub.Stat(pb.StatRequest(drive="lit://sym", path=path), timeout=10)
+                raise AssertionError(f"Stat {path} describes a file outside the data dir: {info}")
+            except grpc.RpcError as err:
+                assert err.code() in (grpc.StatusCode.NOT_FOUND, INVALID)
+        recursive = stub.List(pb.ListRequest(drive="lit://sym", path=".", recursive=True), timeout=10)
+        assert [e.path for e in recursive.entries] == ["real.txt"]
+        # deleting through a link must not remove the outside file
+        with contextlib.suppress(grpc.RpcError):
+            stub.Delete(pb.DeleteRequest(drive="lit://sym", path="dirlink/secret.txt"), timeout=10)
+        with contextlib.suppress(grpc.RpcError):
+            stub.Delete(pb.DeleteRequest(drive="lit://sym", path="filelink"), timeout=10)
+    assert secret.read_bytes() == b"TOP SECRET outside the data dir"
