@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import textwrap
@@ -74,6 +75,7 @@ def test_256_mib_random(daemon, tmp_path, drive_uri):
     dst.mkdir()
     digest = write_random_file(src / "big.bin", size)
     d = make(drive_uri, daemon, src, "big")
+    client_peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     try:
         d.put("big.bin")
         st = d.stat("big.bin")
@@ -81,10 +83,14 @@ def test_256_mib_random(daemon, tmp_path, drive_uri):
         got = make(drive_uri, daemon, dst).get("big.bin")
         assert got.stat().st_size == size
         assert file_sha256(got) == digest
+        client_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - client_peak_before
+        print(f"client peak RSS grew by {client_growth // 1024} MiB")
+        assert client_growth < 150 * 1024, f"the client's peak RSS grew {client_growth // 1024} MiB: it buffers files"
         status = pathlib.Path(f"/proc/{daemon.proc.pid}/status")
         if status.exists():
             peak_kib = next(int(line.split()[1]) for line in status.read_text().splitlines()
                             if line.startswith("VmHWM:"))
+            print(f"daemon peak RSS {peak_kib // 1024} MiB")
             # bounded by a few chunks per transfer, not by the file size
             assert peak_kib < 200 * 1024, f"daemon peak RSS {peak_kib // 1024} MiB for a 256 MiB transfer"
         else:

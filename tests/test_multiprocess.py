@@ -62,6 +62,7 @@ def test_readme_story_across_processes(daemon, tmp_path, make_drive_uri):
     b1, b2 = drives("work_b")
     _, c2 = drives("work_c")
     d1, d2 = drives("work_d")
+    assert d1.list(".") == [], "used here first: its channel exists before it is pickled to a worker"
 
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(4) as pool:
