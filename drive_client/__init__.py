@@ -1,11 +1,13 @@
 """drive_client: put, list, get and delete files in drives served by drived.
 
-    from drive_client import Drive
-    drive = Drive("lit://drive_1", component_name="work_a")
-    drive.put("a.txt"); drive.list("."); drive.get("a.txt", timeout=60); drive.delete("a.txt")
+from drive_client import Drive
+drive = Drive("lit://drive_1", component_name="work_a")
+drive.put("a.txt"); drive.list("."); drive.get("a.txt", timeout=60); drive.delete("a.txt")
 """
 
-from .drive import Drive, FileStat, MountResult
+from .aio import AsyncDrive
+from .common import FileStat, MountResult, WatchEvent
+from .drive import Drive
 from .errors import (
     AlreadyExists,
     AmbiguousPathError,
@@ -22,7 +24,21 @@ from .errors import (
 )
 
 __all__ = [
-    "AlreadyExists", "AmbiguousPathError", "DataLoss", "Drive", "DriveError", "FileStat", "InvalidArgument",
-    "MountResult", "NotFound", "PermissionDenied", "ResourceExhausted", "StaleIndexError", "Unauthenticated",
-    "Unavailable", "WaitTimeout",
+    "AlreadyExists",
+    "AmbiguousPathError",
+    "AsyncDrive",
+    "DataLoss",
+    "Drive",
+    "DriveError",
+    "FileStat",
+    "InvalidArgument",
+    "MountResult",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "StaleIndexError",
+    "Unauthenticated",
+    "Unavailable",
+    "WaitTimeout",
+    "WatchEvent",
 ]

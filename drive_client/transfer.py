@@ -22,6 +22,7 @@ from .errors import DataLoss, NotFound
 
 CHUNK_SIZE = 1 << 20
 T = TypeVar("T")
+Progress = Callable[[int], None]  # called with the number of bytes each time some move
 _END = object()
 
 
@@ -84,7 +85,8 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
 
 
 def put_requests(
-    header: pb.PutHeader, files: Iterable[tuple[Path, str]], chunk_size: int = CHUNK_SIZE
+    header: pb.PutHeader, files: Iterable[tuple[Path, str]], chunk_size: int = CHUNK_SIZE,
+    progress: Progress | None = None,
 ) -> Iterator[pb.PutRequest]:
     """The messages of one Put stream carrying `files`, each with a header copied from `header`."""
     for local, remote in files:
@@ -98,6 +100,8 @@ def put_requests(
             while chunk := f.read(chunk_size):
                 digest.update(chunk)
                 yield pb.PutRequest(data=chunk)
+                if progress:
+                    progress(len(chunk))
         yield pb.PutRequest(finish=pb.PutFinish(sha256=digest.hexdigest()))
 
 
@@ -118,15 +122,15 @@ class _Receiving:
         self.file.write(data)
         self.size += len(data)
 
-    def finish(self, whole: bool) -> Path:
-        """Verifies what arrived and renames it into place (`whole`: the entire file was asked for)."""
+    def finish(self) -> Path:
+        """Verifies what arrived (size and sha256) and renames it into place."""
         self.file.close()
-        if whole and self.size != self.info.size:
+        if self.size != self.info.size:
             raise DataLoss(
                 f"{self.info.path!r}: received {self.size} of {self.info.size} bytes; try again",
                 grpc.StatusCode.DATA_LOSS,
             )
-        if whole and self.info.sha256 and self.digest.hexdigest() != self.info.sha256:
+        if self.info.sha256 and self.digest.hexdigest() != self.info.sha256:
             raise DataLoss(
                 f"{self.info.path!r}: received bytes do not match the stored sha256; try again",
                 grpc.StatusCode.DATA_LOSS,
@@ -140,7 +144,8 @@ class _Receiving:
 
 
 def receive_files(
-    responses: Iterable[pb.GetResponse], target_of: Callable[[str], Path], whole: bool = True
+    responses: Iterable[pb.GetResponse], target_of: Callable[[str], Path],
+    progress: Progress | None = None,
 ) -> list[Path]:
     """Writes the files of a Get stream; `target_of` maps a file's drive path to its local path.
 
@@ -153,14 +158,16 @@ def receive_files(
         for message in responses:
             if message.HasField("info"):
                 if current is not None:
-                    written.append(current.finish(whole))
+                    written.append(current.finish())
                 current = _Receiving(message.info, target_of(message.info.path))
             elif current is None:
                 raise DataLoss("the server sent data before the file's info", grpc.StatusCode.DATA_LOSS)
             else:
                 current.write(message.data)
+                if progress:
+                    progress(len(message.data))
         if current is not None:
-            written.append(current.finish(whole))
+            written.append(current.finish())
             current = None
     finally:
         if current is not None:

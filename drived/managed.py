@@ -25,6 +25,7 @@ from drive_client.errors import (
 
 from .backends.base import Backend, ObjectInfo, Upload
 from .entry import Entry
+from .events import EventLog
 from .paths import component_key, object_key, relative_path
 
 FileStream = tuple[Entry, AsyncIterator[bytes]]
@@ -55,9 +56,9 @@ class PendingPut:
 class ManagedDrives:
     """All `lit://` drives kept in one backend."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, events: EventLog) -> None:
         self.backend = backend
-        self._commit_events: dict[str, asyncio.Event] = {}
+        self.events = events
         self._path_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._path_lock_users: defaultdict[tuple[str, str], int] = defaultdict(int)
 
@@ -104,10 +105,9 @@ class ManagedDrives:
                     await put.upload.abort()
                     raise
             info = await put.upload.commit(sha256, size)
-        event = self._commit_events.pop(put.drive, None)
-        if event:
-            event.set()
-        return _entry(put.path, put.component, info)
+            entry = _entry(put.path, put.component, info)
+            self.events.publish(put.drive, "put", entry)
+        return entry
 
     async def _locate(self, drive: str, path: str, component: str) -> list[tuple[str, ObjectInfo | None]]:
         """Which components hold `path`: (component, file info), or (component, None) for a folder."""
@@ -130,7 +130,8 @@ class ManagedDrives:
         """Like `_locate`, but waits up to `wait_seconds` for a put to commit the path."""
         deadline = time.monotonic() + wait_seconds
         while True:
-            event = self._commit_events.setdefault(drive, asyncio.Event())
+            self.events.check_open()
+            changed = self.events.changed(drive)
             hits = await self._locate(drive, path, component)
             if hits:
                 return hits
@@ -141,7 +142,7 @@ class ManagedDrives:
             if remaining <= 0:
                 raise WaitTimeout(f"{_shown(drive, path)}{owner} did not appear within {wait_seconds:g} s")
             try:
-                await asyncio.wait_for(event.wait(), remaining)
+                await asyncio.wait_for(changed.wait(), remaining)
             except TimeoutError:
                 continue  # the next round answers WaitTimeout, unless the path arrived just now
 
@@ -238,13 +239,18 @@ class ManagedDrives:
         """Removes the caller's file, or every file of its under a folder; the count removed."""
         key = object_key(drive, component, path)
         if await self.backend.delete(key):
-            return 1
-        deleted = 0
-        for info in await self.backend.walk(key):
-            deleted += await self.backend.delete(info.key)
+            deleted = [path]
+        else:
+            deleted = [
+                relative_path(info.key, drive, component)
+                for info in await self.backend.walk(key)
+                if await self.backend.delete(info.key)
+            ]
         if not deleted:
             raise NotFound(
                 f"component {component!r} owns nothing at {_shown(drive, path)}; "
                 "a file can only be deleted by the component that put it"
             )
-        return deleted
+        for file_path in deleted:
+            self.events.publish(drive, "delete", Entry(path=file_path, component=component))
+        return len(deleted)

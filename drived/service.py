@@ -257,3 +257,38 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 return pb.MountResponse(objects=objects, seconds=seconds)
             except Exception as err:
                 await self._fail(context, record, err)
+
+    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchEvent]:
+        with self._request("Watch") as record:
+            record.drive, record.path, record.component = request.drive, request.path, request.component
+            try:
+                drive = parse_drive(request.drive)
+                if drive.read_only:
+                    raise InvalidArgument(f"{drive.uri} is an s3:// drive: only lit:// drives can be watched")
+                prefix = normalize_path(request.path, allow_root=True)
+                component = self._component(request.component)
+                events = self.managed.events
+                after = request.after_sequence or events.last(drive.name)
+                yield pb.WatchEvent(sequence=after, kind=pb.WatchEvent.KIND_WATCHING)
+                while True:
+                    changed = events.changed(drive.name)
+                    for event in events.since(drive.name, after):
+                        after = event.sequence
+                        if _watched(event.entry, prefix, component):
+                            record.files += 1
+                            yield pb.WatchEvent(
+                                sequence=event.sequence, kind=WATCH_KINDS[event.kind], file=file_info(event.entry)
+                            )
+                    events.check_open()
+                    await changed.wait()
+            except Exception as err:
+                await self._fail(context, record, err)
+
+
+WATCH_KINDS = {"put": pb.WatchEvent.KIND_PUT, "delete": pb.WatchEvent.KIND_DELETE}
+
+
+def _watched(entry: Entry, prefix: str, component: str) -> bool:
+    """Whether a Watch of folder `prefix` (and `component`, "" for all) reports `entry`."""
+    in_folder = not prefix or entry.path == prefix or entry.path.startswith(prefix + "/")
+    return in_folder and (not component or entry.component == component)

@@ -29,6 +29,7 @@ Status codes used by every RPC:
   PERMISSION_DENIED    a write to a read-only (s3://) drive, or S3 refused access
   FAILED_PRECONDITION  the path is held by several components: name one
   ABORTED              the file changed while it was read (if_match, s3 ETag)
+  OUT_OF_RANGE         a Watch resumed from events no longer kept
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
   DATA_LOSS            the bytes received do not match the sha256 sent
   RESOURCE_EXHAUSTED   disk full, or a message over the size limit
@@ -42,6 +43,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -534,3 +536,99 @@ class MountResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MountResponse: _TypeAlias = MountResponse  # noqa: Y015
+
+@_typing.final
+class WatchRequest(_message.Message):
+    """Which changes to watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRIVE_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    COMPONENT_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    drive: _builtins.str
+    """The drive URI; only lit:// drives have events."""
+    path: _builtins.str
+    """Only events of files at or below this path; "" or "." is the whole drive."""
+    component: _builtins.str
+    """Only this component's files; "" watches all components."""
+    after_sequence: _builtins.int
+    """Resume: send the events after this sequence number. 0 starts from now.
+    Sequence numbers increase across daemon restarts; the daemon keeps the
+    last 10,000 events of each drive since it started.
+    """
+    def __init__(
+        self,
+        *,
+        drive: _builtins.str = ...,
+        path: _builtins.str = ...,
+        component: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "component", b"component", "drive", b"drive", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class WatchEvent(_message.Message):
+    """One change in a drive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WatchEvent._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: WatchEvent._Kind.ValueType  # 0
+        """Never sent."""
+        KIND_WATCHING: WatchEvent._Kind.ValueType  # 1
+        """The first message of a stream: nothing happened; `sequence` is where the watch starts."""
+        KIND_PUT: WatchEvent._Kind.ValueType  # 2
+        """A put committed `file`."""
+        KIND_DELETE: WatchEvent._Kind.ValueType  # 3
+        """`file` was deleted (a folder delete sends one event per file)."""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
+        """What happened."""
+
+    KIND_UNSPECIFIED: WatchEvent.Kind.ValueType  # 0
+    """Never sent."""
+    KIND_WATCHING: WatchEvent.Kind.ValueType  # 1
+    """The first message of a stream: nothing happened; `sequence` is where the watch starts."""
+    KIND_PUT: WatchEvent.Kind.ValueType  # 2
+    """A put committed `file`."""
+    KIND_DELETE: WatchEvent.Kind.ValueType  # 3
+    """`file` was deleted (a folder delete sends one event per file)."""
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The event's number in its drive; pass the last one seen to resume."""
+    kind: Global___WatchEvent.Kind.ValueType
+    """What happened."""
+    @_builtins.property
+    def file(self) -> Global___FileInfo:
+        """The file put or deleted (for a delete: its path and component only)."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        kind: Global___WatchEvent.Kind.ValueType = ...,
+        file: Global___FileInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "kind", b"kind", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEvent: _TypeAlias = WatchEvent  # noqa: Y015

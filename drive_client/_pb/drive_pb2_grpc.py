@@ -66,6 +66,11 @@ class DriveServiceStub:
                 request_serializer=drive_dot_v1_dot_drive__pb2.MountRequest.SerializeToString,
                 response_deserializer=drive_dot_v1_dot_drive__pb2.MountResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/drive.v1.DriveService/Watch',
+                request_serializer=drive_dot_v1_dot_drive__pb2.WatchRequest.SerializeToString,
+                response_deserializer=drive_dot_v1_dot_drive__pb2.WatchEvent.FromString,
+                _registered_method=True)
 
 
 class DriveServiceServicer:
@@ -149,6 +154,22 @@ class DriveServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """Streams the puts and deletes of a managed drive as they commit, for
+        pipelines that react to new files. The first message has kind
+        KIND_WATCHING and the sequence number the watch starts after; then one
+        event per committed put and per deleted file, in commit order, with
+        increasing sequence numbers. After a reconnect, pass the last sequence
+        seen as `after_sequence` to receive what was missed. The stream does not
+        end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
+        OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
+        drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
+        shutting down: reconnect and resume).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DriveServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +202,11 @@ def add_DriveServiceServicer_to_server(servicer, server):
                     servicer.Mount,
                     request_deserializer=drive_dot_v1_dot_drive__pb2.MountRequest.FromString,
                     response_serializer=drive_dot_v1_dot_drive__pb2.MountResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=drive_dot_v1_dot_drive__pb2.WatchRequest.FromString,
+                    response_serializer=drive_dot_v1_dot_drive__pb2.WatchEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +373,33 @@ class DriveService:
             '/drive.v1.DriveService/Mount',
             drive_dot_v1_dot_drive__pb2.MountRequest.SerializeToString,
             drive_dot_v1_dot_drive__pb2.MountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/drive.v1.DriveService/Watch',
+            drive_dot_v1_dot_drive__pb2.WatchRequest.SerializeToString,
+            drive_dot_v1_dot_drive__pb2.WatchEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,6 +29,7 @@ Status codes used by every RPC:
   PERMISSION_DENIED    a write to a read-only (s3://) drive, or S3 refused access
   FAILED_PRECONDITION  the path is held by several components: name one
   ABORTED              the file changed while it was read (if_match, s3 ETag)
+  OUT_OF_RANGE         a Watch resumed from events no longer kept
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
   DATA_LOSS            the bytes received do not match the sha256 sent
   RESOURCE_EXHAUSTED   disk full, or a message over the size limit
@@ -121,6 +122,18 @@ class DriveServiceStub:
     drive), NOT_FOUND (no such bucket), PERMISSION_DENIED (S3 refused the
     listing), UNAVAILABLE (the S3 endpoint cannot be reached).
     """
+    Watch: _grpc.UnaryStreamMultiCallable[_drive_pb2.WatchRequest, _drive_pb2.WatchEvent]
+    """Streams the puts and deletes of a managed drive as they commit, for
+    pipelines that react to new files. The first message has kind
+    KIND_WATCHING and the sequence number the watch starts after; then one
+    event per committed put and per deleted file, in commit order, with
+    increasing sequence numbers. After a reconnect, pass the last sequence
+    seen as `after_sequence` to receive what was missed. The stream does not
+    end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
+    OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
+    drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
+    shutting down: reconnect and resume).
+    """
 
 @_typing.type_check_only
 class DriveServiceAsyncStub(DriveServiceStub):
@@ -180,6 +193,18 @@ class DriveServiceAsyncStub(DriveServiceStub):
     from the previous complete index. Errors: INVALID_ARGUMENT (not an s3://
     drive), NOT_FOUND (no such bucket), PERMISSION_DENIED (S3 refused the
     listing), UNAVAILABLE (the S3 endpoint cannot be reached).
+    """
+    Watch: _aio.UnaryStreamMultiCallable[_drive_pb2.WatchRequest, _drive_pb2.WatchEvent]  # type: ignore[assignment]
+    """Streams the puts and deletes of a managed drive as they commit, for
+    pipelines that react to new files. The first message has kind
+    KIND_WATCHING and the sequence number the watch starts after; then one
+    event per committed put and per deleted file, in commit order, with
+    increasing sequence numbers. After a reconnect, pass the last sequence
+    seen as `after_sequence` to receive what was missed. The stream does not
+    end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
+    OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
+    drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
+    shutting down: reconnect and resume).
     """
 
 class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -273,6 +298,24 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         from the previous complete index. Errors: INVALID_ARGUMENT (not an s3://
         drive), NOT_FOUND (no such bucket), PERMISSION_DENIED (S3 refused the
         listing), UNAVAILABLE (the S3 endpoint cannot be reached).
+        """
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _drive_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_drive_pb2.WatchEvent], _abc.AsyncIterator[_drive_pb2.WatchEvent]]:
+        """Streams the puts and deletes of a managed drive as they commit, for
+        pipelines that react to new files. The first message has kind
+        KIND_WATCHING and the sequence number the watch starts after; then one
+        event per committed put and per deleted file, in commit order, with
+        increasing sequence numbers. After a reconnect, pass the last sequence
+        seen as `after_sequence` to receive what was missed. The stream does not
+        end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
+        OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
+        drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
+        shutting down: reconnect and resume).
         """
 
 def add_DriveServiceServicer_to_server(servicer: DriveServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
