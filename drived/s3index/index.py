@@ -21,14 +21,19 @@ come after it; `list` emits such a folder early (see `_folders_before`).
 from __future__ import annotations
 
 import bisect
+import calendar
 import re
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from itertools import accumulate, chain, pairwise
 from typing import overload
 
 _SLASH = 0x2F
+STAMP_WIDTH = 24  # len("2024-05-01T12:00:00.000Z")
+EPOCH_STAMP = b"1970-01-01T00:00:00.000Z"
+_SECONDS: dict[bytes, int] = {}  # stamp[:19] -> seconds since the epoch
 _Entries = list  # `S3Index.list` shadows the builtin in the class body
 # Bytes that sort before '/': a name `x` + one of these sorts after folder `x` in path order
 # but before the folder's keys (`x/...`) in key order.
@@ -60,7 +65,7 @@ class Run:
     keys: bytes  # the keys, joined
     key_lens: array  # array('I'): length of each key in `keys`
     sizes: array  # array('q')
-    mtimes: array  # array('q'): ns since the epoch
+    stamps: bytes  # LastModified of each key, STAMP_WIDTH bytes each ('2024-05-01T12:00:00.000Z')
     etags: bytes  # the ETags without quotes, joined
     etag_lens: array  # array('I')
     markers: int = 0  # how many keys end in '/'
@@ -69,20 +74,21 @@ class Run:
         return len(self.key_lens)
 
 
-def make_run(
-    keys: list[bytes], sizes: Iterable[int], mtimes: Iterable[int], etags: list[bytes]
-) -> Run:
-    """A run from parallel lists (keys sorted, relative to the prefix)."""
+def make_run(keys: list[bytes], sizes: Iterable[int], stamps: list[bytes], etags: list[bytes],
+             markers: int | None = None) -> Run:
+    """A run from parallel lists (keys sorted, relative to the prefix; stamps canonical)."""
+    if markers is None:
+        markers = sum(1 for k in keys if k[-1:] == b"/")
     return Run(
         first=keys[0],
         last=keys[-1],
         keys=b"".join(keys),
         key_lens=array("I", map(len, keys)),
         sizes=array("q", sizes),
-        mtimes=array("q", mtimes),
+        stamps=b"".join(stamps),
         etags=b"".join(etags),
         etag_lens=array("I", map(len, etags)),
-        markers=sum(1 for k in keys if k[-1:] == b"/"),
+        markers=markers,
     )
 
 
@@ -109,6 +115,33 @@ class _Keys(Sequence[bytes]):
         return self._blob[off[i] : off[i + 1]]
 
 
+def stamp_ns(stamp: bytes) -> int:
+    """ns since the epoch of a canonical stamp (`2024-05-01T12:00:00.123Z`); 0 if unreadable."""
+    seconds = _SECONDS.get(stamp[:19])
+    if seconds is None:
+        try:
+            dt = datetime.strptime(stamp[:19].decode("ascii"), "%Y-%m-%dT%H:%M:%S")
+            seconds = calendar.timegm(dt.timetuple())
+        except ValueError:
+            return 0
+        if len(_SECONDS) > 100_000:
+            _SECONDS.clear()
+        _SECONDS[stamp[:19]] = seconds
+    millis = stamp[20:23]
+    return seconds * 1_000_000_000 + (int(millis) * 1_000_000 if millis.isdigit() else 0)
+
+
+def canonical_stamp(text: str) -> bytes:
+    """Any ISO-8601 LastModified as a canonical STAMP_WIDTH-byte UTC stamp (the slow path)."""
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return EPOCH_STAMP
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S").encode() + f".{dt.microsecond // 1000:03d}Z".encode()
+
+
 def _upper(prefix: bytes) -> bytes:
     """The smallest byte string above every string that starts with `prefix` ('a/' -> 'a0')."""
     return prefix[:-1] + bytes([prefix[-1] + 1])
@@ -125,14 +158,14 @@ class _Scan:
 class S3Index:
     """The sorted objects of one mounted location; immutable once built, safe to share."""
 
-    __slots__ = ("_eoff", "_etags", "_keys", "_mtimes", "_n", "_sizes", "_view", "markers", "objects")
+    __slots__ = ("_eoff", "_etags", "_keys", "_n", "_sizes", "_stamps", "_view", "markers", "objects")
 
     def __init__(
         self,
         keys: bytes = b"",
         key_offsets: array | None = None,
         sizes: array | None = None,
-        mtimes: array | None = None,
+        stamps: bytes = b"",
         etags: bytes = b"",
         etag_offsets: array | None = None,
         markers: int = 0,
@@ -142,7 +175,7 @@ class S3Index:
         self._view = _Keys(keys, koff)
         self._n = len(koff) - 1
         self._sizes = sizes if sizes is not None else array("q")
-        self._mtimes = mtimes if mtimes is not None else array("q")
+        self._stamps = stamps
         self._etags = etags
         self._eoff = etag_offsets if etag_offsets is not None else array("q", [0])
         self.markers = markers
@@ -163,17 +196,15 @@ class S3Index:
             if not a.last < b.first:
                 return cls._from_overlapping(runs)
         sizes = array("q")
-        mtimes = array("q")
         for r in runs:
             sizes.extend(r.sizes)
-            mtimes.extend(r.mtimes)
         key_offsets = array("q", accumulate(chain.from_iterable(r.key_lens for r in runs), initial=0))
         etag_offsets = array("q", accumulate(chain.from_iterable(r.etag_lens for r in runs), initial=0))
         return cls(
             b"".join(r.keys for r in runs),
             key_offsets,
             sizes,
-            mtimes,
+            b"".join(r.stamps for r in runs),
             b"".join(r.etags for r in runs),
             etag_offsets,
             sum(r.markers for r in runs),
@@ -181,12 +212,14 @@ class S3Index:
 
     @classmethod
     def _from_overlapping(cls, runs: list[Run]) -> S3Index:
-        rows: dict[bytes, tuple[int, int, bytes]] = {}
+        rows: dict[bytes, tuple[int, bytes, bytes]] = {}
         for r in runs:
             ko = list(accumulate(r.key_lens, initial=0))
             eo = list(accumulate(r.etag_lens, initial=0))
             for i in range(len(r)):
-                rows[r.keys[ko[i] : ko[i + 1]]] = (r.sizes[i], r.mtimes[i], r.etags[eo[i] : eo[i + 1]])
+                rows[r.keys[ko[i] : ko[i + 1]]] = (
+                    r.sizes[i], r.stamps[i * STAMP_WIDTH : (i + 1) * STAMP_WIDTH], r.etags[eo[i] : eo[i + 1]]
+                )
         keys = sorted(rows)
         if not keys:
             return cls()
@@ -195,7 +228,7 @@ class S3Index:
                 make_run(
                     keys,
                     (rows[k][0] for k in keys),
-                    (rows[k][1] for k in keys),
+                    [rows[k][1] for k in keys],
                     [rows[k][2] for k in keys],
                 )
             ]
@@ -209,8 +242,8 @@ class S3Index:
     def nbytes(self) -> int:
         """Approximate memory held by the index's arrays, in bytes."""
         return (
-            len(self._keys) + len(self._etags)
-            + sum(a.itemsize * len(a) for a in (self._view._off, self._sizes, self._mtimes, self._eoff))
+            len(self._keys) + len(self._etags) + len(self._stamps)
+            + sum(a.itemsize * len(a) for a in (self._view._off, self._sizes, self._eoff))
         )
 
     def _key(self, i: int) -> bytes:
@@ -219,7 +252,8 @@ class S3Index:
     def _file(self, i: int, path: str) -> S3Entry:
         eoff = self._eoff
         etag = self._etags[eoff[i] : eoff[i + 1]].decode("ascii", "replace")
-        return S3Entry(path, self._sizes[i], etag, self._mtimes[i], False)
+        stamp = self._stamps[i * STAMP_WIDTH : (i + 1) * STAMP_WIDTH]
+        return S3Entry(path, self._sizes[i], etag, stamp_ns(stamp), False)
 
     def _lower(self, key: bytes, lo: int = 0) -> int:
         return bisect.bisect_left(self._view, key, lo, self._n)
