@@ -54,13 +54,23 @@ def test_list_recursive_and_entry_fields(stub, drive_uri):
     assert by_path["d"].folder and by_path["d"].component == "", "a folder of several components"
     assert by_path["solo"].folder and by_path["solo"].component == "cb"
     top = by_path["top.txt"]
-    assert (top.folder, top.size, top.sha256, top.component) == (False, 5, sha256_hex(b"12345"), "ca")
+    assert (top.folder, top.size, top.component) == (False, 5, "ca")
     assert top.generation > 0 and top.modified.seconds > 0
     rec, _ = list_all(stub, drive_uri, recursive=True)
     assert [e.path for e in rec] == ["d/e/y.txt", "d/x.txt", "solo/z.txt", "top.txt"]
     assert not any(e.folder for e in rec)
     rec_d, _ = list_all(stub, drive_uri, path="d", recursive=True, component="ca")
     assert [e.path for e in rec_d] == ["d/x.txt"]
+
+
+def test_list_file_entries_carry_sha256(stub, drive_uri):
+    """FileInfo.sha256 is empty only for s3:// objects and folders; a listing returns FileInfos."""
+    raw_put(stub, drive_uri, "top.txt", b"12345")
+    raw_put(stub, drive_uri, "d/x.txt", b"x")
+    entries, _ = list_all(stub, drive_uri)
+    assert [(e.path, e.sha256) for e in entries] == [("d", ""), ("top.txt", sha256_hex(b"12345"))]
+    rec, _ = list_all(stub, drive_uri, recursive=True)
+    assert [(e.path, e.sha256) for e in rec] == [("d/x.txt", sha256_hex(b"x")), ("top.txt", sha256_hex(b"12345"))]
 
 
 def test_list_of_a_file_path_lists_that_file(stub, drive_uri):
