@@ -12,6 +12,7 @@ import pytest
 from conftest import (
     MIB,
     free_port,
+    health_status,
     put_messages,
     raw_get,
     raw_put,
@@ -182,14 +183,30 @@ def test_ambiguous_get_names_components(daemon, tmp_path, drive_uri):
 
 def test_unreachable_daemon_is_connection_error(tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
+    (tmp_path / "a.txt").write_bytes(b"a")
     d = Drive("lit://drive_1", root_folder=str(tmp_path), endpoint=endpoint)
-    t0 = time.monotonic()
-    with pytest.raises(ConnectionError) as exc:
-        d.list(".")
-    assert time.monotonic() - t0 < 30
-    assert isinstance(exc.value, DriveError)
-    assert exc.value.code == SC.UNAVAILABLE
-    assert endpoint in str(exc.value), f"the message must name the endpoint: {exc.value}"
+    calls = {
+        "list": lambda: d.list("."), "put": lambda: d.put("a.txt"), "get": lambda: d.get("b.txt"),
+        "get_wait": lambda: d.get("b.txt", timeout=30), "stat": lambda: d.stat("a.txt"),
+        "delete": lambda: d.delete("a.txt"),
+    }
+    for name, call in calls.items():
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionError) as exc:
+            call()
+        assert time.monotonic() - t0 < 20, f"{name}: an unreachable daemon should fail fast"
+        assert isinstance(exc.value, DriveError), name
+        assert exc.value.code == SC.UNAVAILABLE, name
+        assert endpoint in str(exc.value), f"{name}: the message must name the endpoint: {exc.value}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_default_endpoint(tmp_path, monkeypatch):
+    monkeypatch.delenv("DRIVE_ENDPOINT", raising=False)
+    if health_status("127.0.0.1:50051", timeout=0.5) is not None:
+        pytest.skip("a daemon is serving on 127.0.0.1:50051 here (make run?): cannot check the default")
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:50051"):
+        Drive("lit://drive_1", root_folder=str(tmp_path)).list(".")
 
 
 def test_drive_errors_have_messages(daemon, tmp_path, drive_uri):
