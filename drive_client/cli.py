@@ -12,9 +12,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from .common import FileStat
 from .drive import Drive
 from .errors import DriveError, InvalidArgument
+from .progress import ProgressBar
 from .transfer import local_files
 from .uri import normalize_path
 
@@ -42,44 +45,79 @@ def _drive(uri: str, args: argparse.Namespace) -> Drive:
     return Drive(uri, component_name=args.component, endpoint=args.endpoint, allow_duplicates=args.allow_duplicates)
 
 
-def run(args: argparse.Namespace) -> None:
+def _progress(args: argparse.Namespace, label: str, total: int) -> ProgressBar | None:
+    """A progress bar on a terminal; none when quiet, with --json, or when stderr is not a TTY."""
+    if args.quiet or args.json or not sys.stderr.isatty():
+        return None
+    return ProgressBar(label, total)
+
+
+def run(args: argparse.Namespace) -> Any:
+    """Runs one subcommand; returns what --json prints (the plain output is printed here)."""
     if args.command == "ls":
         drive_uri, path = split_uri(args.location, folder=True)
-        for entry in _drive(drive_uri, args).list(path or ".", component_name=args.only):
-            print(entry)
-    elif args.command == "put":
+        entries = list(_drive(drive_uri, args)._list(path or ".", args.only, recursive=False))
+        if not args.json:
+            print("\n".join(e.path + ("/" if e.folder else "") for e in entries))
+        return [_stat_fields(FileStat.from_info(e)) for e in entries]
+    if args.command == "put":
         drive_uri, path = split_uri(args.location, folder=False)
         local = Path(args.local)
         if not path or path.endswith("/"):
             path += local.resolve().name
-        infos = _drive(drive_uri, args)._put_files(local_files(local, normalize_path(path)))
-        print(f"put {len(infos)} file(s), {sum(i.size for i in infos)} bytes, into {drive_uri}")
-    elif args.command == "get":
+        files = local_files(local, normalize_path(path))
+        bar = _progress(args, f"put {args.local}", sum(f.stat().st_size for f, _ in files))
+        try:
+            infos = _drive(drive_uri, args)._put_files(files, progress=bar)
+        finally:
+            if bar:
+                bar.close()
+        if not args.json:
+            print(f"put {len(infos)} file(s), {sum(i.size for i in infos)} bytes, into {drive_uri}")
+        return [_stat_fields(FileStat.from_info(i)) for i in infos]
+    if args.command == "get":
         drive_uri, path = split_uri(args.location, folder=False)
         remote = normalize_path(path)
         target = Path(args.local) if args.local else Path(remote.rsplit("/", 1)[-1])
         if target.is_dir() and args.local and not args.overwrite:
             target = target / remote.rsplit("/", 1)[-1]
-        got = _drive(drive_uri, args)._get_into(remote, target, args.only, args.timeout, args.overwrite)
-        print(got)
-    elif args.command == "rm":
+        drive = _drive(drive_uri, args)
+        bar = _progress(args, f"get {args.location}", 0)
+        try:
+            got = drive._get_into(remote, target, args.only, args.timeout, args.overwrite, progress=bar)
+        finally:
+            if bar:
+                bar.close()
+        if not args.json:
+            print(got)
+        return {"path": str(got)}
+    if args.command == "rm":
         drive_uri, path = split_uri(args.location, folder=False)
         _drive(drive_uri, args).delete(path)
-    elif args.command == "stat":
+        return {"deleted": args.location}
+    if args.command == "stat":
         drive_uri, path = split_uri(args.location, folder=False)
-        stat = _drive(drive_uri, args).stat(path, component_name=args.only)
-        fields = {**stat.__dict__, "modified": stat.modified.isoformat() if stat.modified else None}
-        print(json.dumps(fields, indent=2))
-    elif args.command == "mount":
-        drive_uri, _ = split_uri(args.location, folder=True)
-        result = _drive(drive_uri, args).mount()
+        fields = _stat_fields(_drive(drive_uri, args).stat(path, component_name=args.only))
+        if not args.json:
+            print("\n".join(f"{k}: {v}" for k, v in fields.items()))
+        return fields
+    drive_uri, _ = split_uri(args.location, folder=True)  # mount
+    result = _drive(drive_uri, args).mount()
+    if not args.json:
         print(f"indexed {result.objects} objects in {result.seconds:.2f} s")
+    return result._asdict()
+
+
+def _stat_fields(stat: FileStat) -> dict[str, Any]:
+    return {**stat.__dict__, "modified": stat.modified.isoformat() if stat.modified else None}
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="drive", description="Put, list, get and delete files in drived drives.")
     top.add_argument("--endpoint", help="drived address HOST:PORT (default: $DRIVE_ENDPOINT, else 127.0.0.1:50051)")
     top.add_argument("--component", help="your component name (default: $DRIVE_COMPONENT, else 'default')")
+    top.add_argument("--json", action="store_true", help="print results as JSON on stdout (for scripts)")
+    top.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     commands = top.add_subparsers(dest="command", required=True)
     ls = commands.add_parser("ls", help="list a folder: drive ls lit://d[/folder]")
     ls.add_argument("location")
@@ -106,10 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, name):
             setattr(args, name, None if name in ("only", "timeout") else False)
     try:
-        run(args)
+        result = run(args)
     except (DriveError, OSError) as err:
+        if args.json:
+            code = err.code.name if isinstance(err, DriveError) and err.code else None
+            print(json.dumps({"error": str(err), "code": code, "type": type(err).__name__}))
         print(f"drive: {err}", file=sys.stderr)
         return 1
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 
 

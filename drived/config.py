@@ -24,6 +24,7 @@ class Config:
     grace_period: float = 30.0
     s3_list_concurrency: int = 16
     s3_page_size: int = 1000
+    metrics_listen: str = ""
     log_level: str = "info"
 
 
@@ -35,6 +36,7 @@ HELP = {
     "grace_period": "seconds that SIGTERM/SIGINT lets in-flight transfers finish before they are cancelled",
     "s3_list_concurrency": "parallel ListObjectsV2 calls when mounting an s3:// drive",
     "s3_page_size": "MaxKeys of each ListObjectsV2 call",
+    "metrics_listen": "HOST:PORT to serve Prometheus metrics on (/metrics); empty: no metrics endpoint",
     "log_level": "debug, info, warning or error",
 }
 
@@ -60,7 +62,7 @@ def _chunk_size(text: str) -> int:
 PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": str, "data_dir": str, "storage": str, "chunk_size": _chunk_size,
     "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
-    "log_level": str,
+    "metrics_listen": str, "log_level": str,
 }
 
 

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from drive_client._pb import drive_pb2 as pb
 from drive_client._pb import drive_pb2_grpc as pb_grpc
 
+from . import metrics
 from .backends.local import LocalBackend
 from .config import MAX_CHUNK_SIZE, Config
 from .events import EventLog
@@ -54,6 +55,8 @@ async def serve(config: Config) -> None:
         server.add_insecure_port(config.listen)
     except RuntimeError as err:
         raise SystemExit(f"drived: cannot listen on {config.listen}: {err} (is another daemon using it?)") from None
+    if config.metrics_listen:
+        metrics.serve(config.metrics_listen)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -24,6 +24,7 @@ from drive_client._pb import drive_pb2_grpc as pb_grpc
 from drive_client.errors import DriveError, InvalidArgument, PermissionDenied
 from drive_client.uri import DriveId, check_component, normalize_path, parse_drive
 
+from . import metrics
 from .entry import Entry
 from .managed import FileStream, ManagedDrives, PendingPut
 from .s3drives import S3Drives
@@ -74,16 +75,20 @@ class DriveService(pb_grpc.DriveServiceServicer):
     def _request(self, method: str) -> Iterator[RequestLog]:
         record = RequestLog(method)
         started = time.perf_counter()
+        metrics.OPEN_REQUESTS.labels(method).inc()
         try:
             yield record
         except asyncio.CancelledError:
             record.status = "CANCELLED"  # the client went away
             raise
         finally:
+            seconds = time.perf_counter() - started
+            metrics.OPEN_REQUESTS.labels(method).dec()
+            metrics.record_request(method, record.status, seconds, record.bytes)
             fields = {
                 "method": record.method, "drive": record.drive, "path": record.path,
                 "component": record.component, "bytes": record.bytes, "files": record.files,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3), "status": record.status,
+                "duration_ms": round(seconds * 1000, 3), "status": record.status,
                 **record.extra,
             }
             log.info("request", extra={"fields": fields})
@@ -253,6 +258,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 if not drive.read_only:
                     raise InvalidArgument(f"{drive.uri} is a lit:// drive: only s3:// drives are mounted")
                 objects, seconds = await self.s3.mount(drive)
+                metrics.record_mount(drive.uri, objects, seconds)
                 record.files = objects
                 return pb.MountResponse(objects=objects, seconds=seconds)
             except Exception as err:
