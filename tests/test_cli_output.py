@@ -1,0 +1,68 @@
+"""The drive command's output for scripts (--json) and for people (a progress bar on a terminal only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def drive_cmd(daemon, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "drive_client.cli", "--endpoint", daemon.endpoint, *args],
+        capture_output=True, text=True, timeout=60, cwd=kwargs.pop("cwd", ROOT), **kwargs,
+    )
+
+
+def test_json_output_for_each_command(daemon, drive_uri, tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"abc")
+    put = drive_cmd(daemon, "--json", "put", str(tmp_path / "a.txt"), drive_uri + "/")
+    assert put.returncode == 0, put.stderr
+    assert [(f["path"], f["size"], f["component"]) for f in json.loads(put.stdout)] == [("a.txt", 3, "default")]
+    listed = json.loads(drive_cmd(daemon, "--json", "ls", drive_uri).stdout)
+    assert [(e["path"], e["folder"]) for e in listed] == [("a.txt", False)]
+    stat = json.loads(drive_cmd(daemon, "--json", "stat", drive_uri + "/a.txt").stdout)
+    assert stat["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    got = json.loads(drive_cmd(daemon, "--json", "get", drive_uri + "/a.txt", str(tmp_path / "b.txt")).stdout)
+    assert got == {"path": str(tmp_path / "b.txt")} and (tmp_path / "b.txt").read_bytes() == b"abc"
+    failed = drive_cmd(daemon, "--json", "rm", drive_uri + "/missing")
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["code"] == "NOT_FOUND"
+    assert json.loads(drive_cmd(daemon, "--json", "ls", drive_uri).stdout)[0]["path"] == "a.txt"  # untouched
+
+
+def run_on_terminal(daemon, *args: str) -> tuple[int, str]:
+    """Runs `drive ARGS` with stderr on a pseudo-terminal; returns the exit code and what the terminal showed."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "drive_client.cli", "--endpoint", daemon.endpoint, *args],
+        stdout=subprocess.DEVNULL, stderr=follower, cwd=ROOT,
+    )
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        shown += data
+    os.close(leader)
+    return proc.wait(60), shown.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_and_quiet_otherwise(daemon, drive_uri, tmp_path):
+    (tmp_path / "p.bin").write_bytes(os.urandom(8 * 1024 * 1024))
+    code, shown = run_on_terminal(daemon, "put", str(tmp_path / "p.bin"), drive_uri + "/")
+    assert code == 0
+    assert "8.0 MiB / 8.0 MiB (100%)" in shown and "/s" in shown
+    code, shown = run_on_terminal(daemon, "--quiet", "get", drive_uri + "/p.bin", str(tmp_path / "q.bin"))
+    assert code == 0 and shown == ""
+    not_a_tty = drive_cmd(daemon, "get", drive_uri + "/p.bin", str(tmp_path / "r.bin"))
+    assert not_a_tty.returncode == 0 and not_a_tty.stderr == ""
+    assert (tmp_path / "r.bin").read_bytes() == (tmp_path / "p.bin").read_bytes()
