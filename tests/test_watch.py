@@ -7,8 +7,8 @@ import time
 
 import grpc
 import pytest
-
 from conftest import free_port, start_daemon
+
 from drive_client import Drive, DriveError
 from drive_client._pb import drive_pb2
 
