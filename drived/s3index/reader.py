@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import re
 import threading
 from collections.abc import AsyncIterator
@@ -23,17 +24,21 @@ from .lister import make_client, map_error
 
 WINDOW = 64 * 1024 * 1024  # bytes per ranged GET (at least one chunk)
 
-_client: Any = None
-_client_lock = threading.Lock()
+_clients: dict[tuple[tuple[str, str], ...], Any] = {}
+_clients_lock = threading.Lock()
 _TOTAL = re.compile(r"/(\d+)\s*$")
 
 
 def _get_client() -> Any:
-    global _client
-    with _client_lock:
-        if _client is None:
-            _client = make_client(pool=32)
-        return _client
+    """A shared S3 client for the current AWS_* environment (a changed endpoint gets a new one)."""
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            if len(_clients) > 8:
+                _clients.clear()
+            client = _clients[key] = make_client(pool=32)
+        return client
 
 
 def _stale(bucket: str, key: str, why: str) -> StaleIndexError:

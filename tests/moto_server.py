@@ -1,0 +1,104 @@
+"""A real S3 HTTP endpoint for tests: `moto_server` as a separate process.
+
+Never in-process patching of boto3: the code under test talks HTTP to this
+process exactly as it would to MinIO or AWS.
+
+    with running_moto() as url:      # "http://127.0.0.1:PORT"
+        ...
+
+`moto_env` (fixture, module scope) starts one, points the test process's
+AWS_* environment at it (AWS_ENDPOINT_URL, testing credentials, us-east-1),
+yields the endpoint URL, and restores the environment afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+MOTO_SERVER = Path(sys.executable).parent / "moto_server"
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    return free_port()
+
+
+@contextlib.contextmanager
+def running_moto(timeout: float = 30.0) -> Iterator[str]:
+    """Starts `moto_server -H 127.0.0.1 -p PORT`, waits until it answers, yields its URL, kills it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"moto_server exited ({proc.returncode}): {log.read()[-2000:]!r}")
+                try:
+                    with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
+                        break
+                except urllib.error.HTTPError:
+                    break  # it answered
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"moto_server did not answer at {url} within {timeout} s") from None
+                    time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def aws_env(endpoint: str, **extra: str) -> Iterator[None]:
+    """Points boto3 (via the environment) at `endpoint`, restoring the environment after."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    for k in saved:
+        del os.environ[k]
+    os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=endpoint, **extra)
+    try:
+        yield
+    finally:
+        for k in [k for k in os.environ if k.startswith("AWS_")]:
+            del os.environ[k]
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def moto_env() -> Iterator[str]:
+    """A moto_server for the module, with the test process's AWS_* environment pointed at it."""
+    with running_moto() as url, aws_env(url):
+        yield url

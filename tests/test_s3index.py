@@ -1,0 +1,394 @@
+"""The S3 index subsystem (drived.s3index) against a real moto_server process.
+
+Covers: paginated parallel listing (2,500+ keys, small pages), nested folders,
+folder markers, unicode / space / '+' / '%' / '&' keys, keys outside the
+prefix, 32 MiB ranged streaming with sha256, resume from an offset, stale
+objects, missing bucket, a stopped endpoint, re-mounts, single-flight mounts
+and reads served from the old index during a re-index. The index's ordering
+and paging rules are also checked against a brute-force model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import boto3
+import botocore.exceptions
+import pytest
+from moto_server import aws_env, closed_port, moto_env  # noqa: F401  (moto_env is a fixture)
+
+from drive_client.errors import NotFound, PermissionDenied, StaleIndexError, Unavailable
+from drived.s3index import S3Entry, S3Index, S3Mounts, read_object
+from drived.s3index.index import make_run
+from drived.s3index.lister import make_client, map_error
+
+BUCKET = "drv-index-test"
+PREFIX = "data/"
+MANY = 2600
+MIB = 1024 * 1024
+BIG = b"".join(hashlib.sha256(str(i).encode()).digest() * 1024 for i in range(32 * MIB // (32 * 1024)))
+assert len(BIG) == 32 * MIB
+
+SPECIAL = {
+    "unicodé/naïve 文件.txt": b"unicode",
+    "with space/a b.txt": b"space",
+    "odd/a+b%20c&d=e.txt": b"odd",
+    "odd/100% sure?.txt": b"percent",
+}
+FILES = {
+    "a/top.txt": b"top",
+    "a/b/c/deep.txt": b"deep" * 10,
+    "x.txt": b"x dot txt",
+    "x/inner.txt": b"inner",
+    "x-y/z.txt": b"xy",
+    "big.bin": BIG,
+    **SPECIAL,
+    **{f"many/k{i:05d}.bin": f"{i}".encode() for i in range(MANY)},
+}
+MARKERS = ["empty/", "a/marker/", "a/b/"]  # folder markers (a/b/ also has keys beneath)
+OUTSIDE = ["datax/outside.txt", "other/outside.txt", "data"]  # keys that must stay invisible
+
+
+def _s3() -> Any:
+    return boto3.client("s3")
+
+
+def _put_all(bucket: str, objects: dict[str, bytes]) -> None:
+    s3 = _s3()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda kv: s3.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), objects.items()))
+
+
+@pytest.fixture(scope="module")
+def bucket(moto_env: str) -> str:  # noqa: F811
+    s3 = _s3()
+    s3.create_bucket(Bucket=BUCKET)
+    objects = {PREFIX + k: v for k, v in FILES.items()}
+    objects.update({PREFIX + m: b"" for m in MARKERS})
+    objects.update({k: b"outside" for k in OUTSIDE})
+    _put_all(BUCKET, objects)
+    return BUCKET
+
+
+@pytest.fixture
+async def mounts() -> Any:
+    m = S3Mounts(concurrency=4, page_size=100)
+    yield m
+    await m.close()
+
+
+async def _read(bucket: str, key: str, entry: S3Entry, offset: int = 0, limit: int = 0,
+                chunk_size: int = MIB) -> tuple[bytes, int]:
+    out = bytearray()
+    biggest = 0
+    async for chunk in read_object(bucket, key, etag=entry.etag, size=entry.size, offset=offset,
+                                   limit=limit, chunk_size=chunk_size):
+        biggest = max(biggest, len(chunk))
+        out += chunk
+    return bytes(out), biggest
+
+
+def _all(index: S3Index, path: str, recursive: bool, page: int) -> list[S3Entry]:
+    """Every entry, fetched `page` at a time through start_after."""
+    out: list[S3Entry] = []
+    after = ""
+    while True:
+        entries, more = index.list(path, recursive, after, page)
+        out += entries
+        if not more:
+            return out
+        assert entries, "more=True with an empty page"
+        after = entries[-1].path
+
+
+# -- listing ------------------------------------------------------------------------------
+
+
+async def test_mount_paginates_and_indexes_every_key(bucket: str, mounts: S3Mounts) -> None:
+    objects, seconds = await mounts.mount(bucket, PREFIX)
+    assert objects == len(FILES)  # markers are not objects; outside keys are not counted
+    assert seconds > 0
+    # 2,600 keys under one folder at 100 keys a page: at least 26 requests for that folder alone.
+    assert mounts.stats.requests >= MANY // 100
+    index = await mounts.index(bucket, PREFIX)
+    many = _all(index, "many", False, 0)
+    assert [e.path for e in many] == [f"many/k{i:05d}.bin" for i in range(MANY)]
+    assert all(not e.folder and e.size == len(str(i)) for i, e in enumerate(many))
+    # Paging with start_after gives the same answer.
+    assert _all(index, "many", False, 77) == many
+    files = _all(index, "", True, 0)
+    assert [e.path for e in files] == sorted(FILES)
+    assert _all(index, "", True, 333) == files
+
+
+async def test_nested_folders_and_markers(bucket: str, mounts: S3Mounts) -> None:
+    index = await mounts.index(bucket, PREFIX)
+    root, more = index.list("", False, "", 1000)
+    assert not more
+    assert [(e.path, e.folder) for e in root] == [
+        ("a", True), ("big.bin", False), ("empty", True), ("many", True), ("odd", True),
+        ("unicodé", True), ("with space", True), ("x", True), ("x-y", True), ("x.txt", False),
+    ]
+    assert [e.path for e in root] == sorted(e.path for e in root)  # path order: 'x' < 'x-y' < 'x.txt'
+    a, _ = index.list("a", False, "", 10)
+    assert [(e.path, e.folder) for e in a] == [("a/b", True), ("a/marker", True), ("a/top.txt", False)]
+    assert index.list("empty", False, "", 10) == ([], False)
+    assert index.list("a/marker", False, "", 10) == ([], False)
+    assert [e.path for e in index.list("a/b", False, "", 10)[0]] == ["a/b/c"]
+    assert index.stat("empty") == S3Entry("empty", 0, "", 0, True)
+    assert index.stat("a/b/c") is not None and index.stat("a/b/c").folder  # type: ignore[union-attr]
+    deep = index.stat("a/b/c/deep.txt")
+    assert deep is not None and not deep.folder and deep.size == 40
+    assert deep.etag == hashlib.md5(b"deep" * 10).hexdigest()
+    assert deep.mtime_ns > 1_600_000_000 * 10**9
+    assert index.stat("a/b/c/nope") is None
+    assert index.stat("a/top") is None
+    # limit and more
+    first, more = index.list("", False, "", 3)
+    assert [e.path for e in first] == ["a", "big.bin", "empty"] and more
+    rest, more = index.list("", False, "empty", 100)
+    assert [e.path for e in rest] == [e.path for e in root[3:]] and not more
+
+
+async def test_special_keys(bucket: str, mounts: S3Mounts) -> None:
+    index = await mounts.index(bucket, PREFIX)
+    for path, body in SPECIAL.items():
+        entry = index.stat(path)
+        assert entry is not None, path
+        assert entry.size == len(body) and entry.etag == hashlib.md5(body).hexdigest()
+        data, _ = await _read(bucket, PREFIX + path, entry)
+        assert data == body
+    odd, _ = index.list("odd", False, "", 10)
+    assert [e.path for e in odd] == sorted(["odd/a+b%20c&d=e.txt", "odd/100% sure?.txt"])
+    assert [e.path for e in index.list("unicodé", False, "", 10)[0]] == ["unicodé/naïve 文件.txt"]
+
+
+async def test_keys_outside_the_prefix_are_invisible(bucket: str, mounts: S3Mounts) -> None:
+    index = await mounts.index(bucket, PREFIX)
+    everything = _all(index, "", True, 0)
+    assert not [e for e in everything if "outside" in e.path]
+    assert index.stat("datax") is None and index.stat("other") is None
+    # They exist: the whole bucket sees them.
+    whole = await mounts.index(bucket, "")
+    assert whole.objects == len(FILES) + len(OUTSIDE)
+    assert whole.stat("datax/outside.txt") is not None
+    assert whole.stat("data") is not None and not whole.stat("data").folder  # type: ignore[union-attr]
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+async def test_big_object_streams_in_bounded_chunks(bucket: str, mounts: S3Mounts) -> None:
+    index = await mounts.index(bucket, PREFIX)
+    entry = index.stat("big.bin")
+    assert entry is not None and entry.size == len(BIG)
+    data, biggest = await _read(bucket, PREFIX + "big.bin", entry, chunk_size=MIB)
+    assert hashlib.sha256(data).hexdigest() == hashlib.sha256(BIG).hexdigest()
+    assert biggest <= MIB
+
+
+async def test_ranged_resume(bucket: str, mounts: S3Mounts) -> None:
+    index = await mounts.index(bucket, PREFIX)
+    entry = index.stat("big.bin")
+    assert entry is not None
+    offset = 10 * MIB + 12345
+    tail, _ = await _read(bucket, PREFIX + "big.bin", entry, offset=offset, chunk_size=3 * MIB)
+    assert tail == BIG[offset:]
+    part, _ = await _read(bucket, PREFIX + "big.bin", entry, offset=offset, limit=777_777, chunk_size=65536)
+    assert part == BIG[offset : offset + 777_777]
+    end, _ = await _read(bucket, PREFIX + "big.bin", entry, offset=len(BIG))
+    assert end == b""
+
+
+async def test_changed_object_is_stale(moto_env: str) -> None:  # noqa: F811
+    s3 = _s3()
+    s3.create_bucket(Bucket="drv-stale")
+    s3.put_object(Bucket="drv-stale", Key="f.bin", Body=b"version one")
+    s3.put_object(Bucket="drv-stale", Key="g.bin", Body=b"A" * 100)
+    m = S3Mounts(page_size=10)
+    try:
+        index = await m.index("drv-stale", "")
+        f, g = index.stat("f.bin"), index.stat("g.bin")
+        assert f is not None and g is not None
+        s3.put_object(Bucket="drv-stale", Key="f.bin", Body=b"version two, longer")
+        s3.put_object(Bucket="drv-stale", Key="g.bin", Body=b"B" * 100)  # same size, other ETag
+        for key, entry in (("f.bin", f), ("g.bin", g)):
+            got: list[bytes] = []
+            with pytest.raises(StaleIndexError, match="re-mount"):
+                async for chunk in read_object("drv-stale", key, etag=entry.etag, size=entry.size,
+                                               offset=0, limit=0, chunk_size=4):
+                    got.append(chunk)
+            assert got == []  # not one byte of the other version
+        s3.delete_object(Bucket="drv-stale", Key="f.bin")
+        with pytest.raises(StaleIndexError):
+            await _read("drv-stale", "f.bin", f)
+        # After a re-mount the new version reads fine.
+        await m.mount("drv-stale", "")
+        g2 = (await m.index("drv-stale", "")).stat("g.bin")
+        assert g2 is not None and (await _read("drv-stale", "g.bin", g2))[0] == b"B" * 100
+        assert (await m.index("drv-stale", "")).stat("f.bin") is None
+    finally:
+        await m.close()
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+async def test_missing_bucket_is_not_found(moto_env: str, mounts: S3Mounts) -> None:  # noqa: F811
+    with pytest.raises(NotFound, match="no-such-bucket-here"):
+        await mounts.mount("no-such-bucket-here", "")
+    with pytest.raises(NotFound):
+        await mounts.index("no-such-bucket-here", "x/")
+
+
+async def test_stopped_endpoint_is_unavailable(moto_env: str) -> None:  # noqa: F811
+    dead = f"http://127.0.0.1:{closed_port()}"
+    with aws_env(dead, AWS_MAX_ATTEMPTS="2"):
+        m = S3Mounts(concurrency=2)
+        try:
+            with pytest.raises(Unavailable, match=dead.replace(".", r"\.")):
+                await m.mount(BUCKET, PREFIX)
+        finally:
+            await m.close()
+        with pytest.raises(Unavailable, match=r"127\.0\.0\.1"):
+            async for _ in read_object(BUCKET, "data/x.txt", etag="0" * 32, size=9, offset=0, limit=0,
+                                       chunk_size=4):
+                pass
+
+
+def test_access_denied_maps_to_permission_denied(moto_env: str) -> None:  # noqa: F811
+    # moto does not enforce IAM by default: check the mapping of the answer S3 gives.
+    client = make_client()
+    err = botocore.exceptions.ClientError(
+        {"Error": {"Code": "AccessDenied", "Message": "Access Denied"},
+         "ResponseMetadata": {"HTTPStatusCode": 403}}, "ListObjectsV2")
+    mapped = map_error(err, client, "secret-bucket")
+    assert isinstance(mapped, PermissionDenied) and "secret-bucket" in str(mapped)
+    slow = botocore.exceptions.ClientError(
+        {"Error": {"Code": "SlowDown", "Message": "Reduce your request rate"},
+         "ResponseMetadata": {"HTTPStatusCode": 503}}, "ListObjectsV2")
+    assert isinstance(map_error(slow, client, "b"), Unavailable)
+
+
+# -- mounts -------------------------------------------------------------------------------
+
+
+async def test_remount_sees_new_objects(moto_env: str) -> None:  # noqa: F811
+    s3 = _s3()
+    s3.create_bucket(Bucket="drv-remount")
+    s3.put_object(Bucket="drv-remount", Key="p/one.txt", Body=b"1")
+    m = S3Mounts(page_size=10)
+    try:
+        assert (await m.mount("drv-remount", "p/"))[0] == 1
+        s3.put_object(Bucket="drv-remount", Key="p/two.txt", Body=b"22")
+        s3.put_object(Bucket="drv-remount", Key="p/sub/three.txt", Body=b"333")
+        assert (await m.index("drv-remount", "p/")).objects == 1  # no re-index without a mount
+        assert (await m.mount("drv-remount", "p/"))[0] == 3
+        index = await m.index("drv-remount", "p/")
+        assert [e.path for e in index.list("", False, "", 10)[0]] == ["one.txt", "sub", "two.txt"]
+    finally:
+        await m.close()
+
+
+@pytest.fixture(scope="module")
+def slow_bucket(moto_env: str) -> str:  # noqa: F811
+    """400 keys: with 5-key pages an indexing run takes 80+ requests (a visible while)."""
+    _s3().create_bucket(Bucket="drv-flight")
+    _put_all("drv-flight", {f"f{i // 100}/k{i:04d}": b"." for i in range(400)})
+    return "drv-flight"
+
+
+async def test_concurrent_mounts_share_one_run(slow_bucket: str) -> None:
+    m = S3Mounts(concurrency=2, page_size=5)
+    try:
+        results = await asyncio.gather(*(m.mount(slow_bucket, "") for _ in range(3)))
+        assert [r[0] for r in results] == [400, 400, 400]
+        assert m.stats.runs == 1  # one indexing run for three mounts
+        one_run = m.stats.requests
+        assert one_run >= 400 // 5
+        await m.mount(slow_bucket, "")  # a later mount is a new run
+        assert m.stats.runs == 2 and m.stats.requests == 2 * one_run
+    finally:
+        await m.close()
+
+
+async def test_reads_during_reindex_use_the_previous_index(slow_bucket: str) -> None:
+    m = S3Mounts(concurrency=1, page_size=5)
+    try:
+        await m.mount(slow_bucket, "")
+        old = await m.index(slow_bucket, "")
+        _s3().put_object(Bucket=slow_bucket, Key="f9/new", Body=b"new")
+        task = asyncio.ensure_future(m.mount(slow_bucket, ""))
+        served_old = 0
+        while not task.done():
+            current = await m.index(slow_bucket, "")
+            if m.indexing(slow_bucket, ""):
+                assert current is old and current.stat("f9/new") is None
+                assert len(current.list("f0", False, "", 1000)[0]) == 100
+                served_old += 1
+            await asyncio.sleep(0.01)
+        assert (await task)[0] == 401
+        assert served_old > 0, "the re-index finished before any read could overlap it"
+        assert (await m.index(slow_bucket, "")).stat("f9/new") is not None
+    finally:
+        await m.close()
+
+
+# -- the index against a brute-force model ------------------------------------------------
+
+
+def _model_list(keys: list[str], path: str, recursive: bool, after: str) -> list[tuple[str, bool]]:
+    base = path + "/" if path else ""
+    found: dict[str, bool] = {}
+    for k in keys:
+        if not k.startswith(base) or k == base:
+            continue
+        rest = k[len(base):]
+        if recursive:
+            if not k.endswith("/"):
+                found[k] = False
+        elif "/" in rest:
+            found.setdefault(base + rest.split("/", 1)[0], True)
+        else:
+            found[k] = False  # a file wins over a folder of the same name
+    return sorted((p, f) for p, f in found.items() if p > after)
+
+
+def test_index_ordering_matches_a_model() -> None:
+    rng = random.Random(7)
+    alphabet = ["a", "b", "x", ".", "-", " ", "é", "/", "0"]
+    keys = sorted({
+        re.sub("/+", "/", "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 7)))).strip("/")
+        + rng.choice(["", "", "/"])
+        for _ in range(3000)
+    } - {"", "/"}, key=lambda k: k.encode())
+    encoded = [k.encode() for k in keys]
+    index = S3Index.from_runs([
+        make_run(encoded[i : i + 97], range(len(encoded[i : i + 97])),
+                 [b"2024-05-01T12:00:00.123Z"] * len(encoded[i : i + 97]), [b"e"] * len(encoded[i : i + 97]))
+        for i in range(0, len(encoded), 97)
+    ])
+    assert index.objects == sum(1 for k in keys if not k.endswith("/"))
+    folders = {k.rsplit("/", 1)[0] for k in keys if "/" in k}
+    for path in ["", "a", "x", "a/b", "x.", "x-", *rng.sample(sorted(folders), 25)]:
+        for recursive in (False, True):
+            want = _model_list(keys, path, recursive, "")
+            got = [(e.path, e.folder) for e in _all(index, path, recursive, 0)]
+            assert got == want, (path, recursive)
+            for page in (1, 3):
+                assert [(e.path, e.folder) for e in _all(index, path, recursive, page)] == want
+            if want:
+                after = want[len(want) // 2][0]
+                got_after = [(e.path, e.folder) for e in index.list(path, recursive, after, 0)[0]]
+                assert got_after == _model_list(keys, path, recursive, after)
+    for k in rng.sample(keys, 200):
+        p = k.rstrip("/")
+        entry = index.stat(p)
+        assert entry is not None
+        if not k.endswith("/") and k in keys:
+            assert not entry.folder and entry.mtime_ns == 1714564800_123_000_000
