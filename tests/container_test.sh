@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Container test (issue 5, item 1): builds the image with podman, runs it, and checks
 # it from the host as a user would: health, grpcurl, a put and a get through the
-# Python client, a non-root process under an init, and a clean SIGTERM stop.
+# Python client, an s3:// drive read from an S3 endpoint given by AWS_ENDPOINT_URL
+# (moto_server on the host, standing in for compose.yaml's MinIO), a non-root process
+# under an init, and a clean SIGTERM stop.
 #
 #   bash tests/container_test.sh        # from anywhere; needs .venv (make install)
 #
@@ -39,6 +41,7 @@ skip() { echo "container-test: skipped: $*"; exit 77; }
 no_timer_noise() { grep -v 'unable to get systemd connection' >&2 || true; }
 
 cleanup() {
+  [ -n "${MOTO_PID:-}" ] && kill "$MOTO_PID" 2>/dev/null
   [ -n "${WORK:-}" ] && rm -rf "$WORK"
   if [ -n "${PODMAN:-}" ] && [ -z "${KEEP_CONTAINER:-}" ]; then
     $PODMAN rm -f -v "$NAME" >/dev/null 2>&1 || true
@@ -64,7 +67,7 @@ if ! why=$($PODMAN run --rm --network=host "$BASE_IMAGE" true 2>&1); then
 fi
 ok "podman runs containers ($($PODMAN --version))"
 
-for tool in python grpcurl drived; do
+for tool in python grpcurl drived moto_server; do
   [ -x "$VENV/bin/$tool" ] || fail "$VENV/bin/$tool missing: run 'make install' first"
 done
 
@@ -78,10 +81,33 @@ ok "image built: $((size / 1000000)) MB"
 hc=$($PODMAN image inspect --format '{{.Config.Healthcheck}}' "$IMAGE")
 case "$hc" in *drived*health*) ok "HEALTHCHECK kept: $hc" ;; *) fail "no HEALTHCHECK in the image: '$hc'" ;; esac
 
+free_port() { "$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+WORK=$(mktemp -d /tmp/drived-ct.XXXXXX)
+mkdir -p "$WORK/up/sub" "$WORK/down"
+
+step "S3 endpoint for s3:// drives: moto_server on the host (MinIO's stand-in, as in compose.yaml)"
+S3_URL=http://127.0.0.1:$(free_port)
+"$VENV/bin/moto_server" -H 127.0.0.1 -p "${S3_URL##*:}" >"$WORK/moto.log" 2>&1 &
+MOTO_PID=$!
+export AWS_ENDPOINT_URL=$S3_URL AWS_ACCESS_KEY_ID=ct-key AWS_SECRET_ACCESS_KEY=ct-secret AWS_REGION=us-east-1
+"$VENV/bin/python" - <<'PY' || fail "moto_server at $S3_URL: $(tail -n 5 "$WORK/moto.log")"
+import time, boto3
+s3 = boto3.client("s3")
+for _ in range(100):
+    try:
+        s3.create_bucket(Bucket="ct-bucket")
+        break
+    except Exception:
+        time.sleep(0.2)
+s3.put_object(Bucket="ct-bucket", Key="data/x.csv", Body=b"a,b\n1,2\n")
+s3.put_object(Bucket="ct-bucket", Key="data/y.csv", Body=b"a,b\n3,4\n")
+PY
+ok "moto_server at $S3_URL with s3://ct-bucket/data/{x,y}.csv"
+
 step "run on a free loopback port"
-PORT=$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-ENDPOINT=127.0.0.1:$PORT
-$PODMAN run -d --name "$NAME" --network=host -e "DRIVED_LISTEN=$ENDPOINT" "$IMAGE" \
+ENDPOINT=127.0.0.1:$(free_port)
+$PODMAN run -d --name "$NAME" --network=host -e "DRIVED_LISTEN=$ENDPOINT" \
+  -e AWS_ENDPOINT_URL -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_REGION "$IMAGE" \
   >/dev/null 2> >(no_timer_noise) || fail "podman run"
 echo "container $NAME serving on $ENDPOINT"
 
@@ -104,9 +130,6 @@ uid=$($PODMAN exec "$NAME" id -u) || fail "podman exec id"
 pid1=$($PODMAN exec "$NAME" cat /proc/1/cmdline | tr '\0' ' ')
 case "$pid1" in *dumb-init*drived*) ;; *) fail "PID 1 is '$pid1', not dumb-init running drived" ;; esac
 ok "uid $uid, PID 1: $pid1"
-
-WORK=$(mktemp -d /tmp/drived-ct.XXXXXX)
-mkdir -p "$WORK/up/sub" "$WORK/down"
 
 step "put through the Python client"
 head -c 3000001 /dev/urandom >"$WORK/up/sub/blob.bin"
@@ -156,6 +179,23 @@ cmp "$WORK/up/sub/blob.bin" "$WORK/down/sub/blob.bin" || fail "sub/blob.bin diff
 ok "get returns the same bytes"
 $PODMAN exec "$NAME" sh -c 'ls -ln /data/objects/ct/host/' || fail "the file is not under /data in the container"
 ok "bytes stored under the /data volume"
+
+step "s3:// drive: Mount through grpcurl, list and get through the Python client"
+mount=$("${GRPCURL[@]}" -d '{"drive":"s3://ct-bucket/"}' "$ENDPOINT" drive.v1.DriveService/Mount) \
+  || fail "grpcurl Mount s3://ct-bucket/"
+echo "$mount"
+grep -q '"objects": "2"' <<<"$mount" || fail "Mount did not index 2 objects"
+"$VENV/bin/python" - "$ENDPOINT" "$WORK/down" <<'PY' || fail "s3:// list/get through drive_client"
+import pathlib, sys
+from drive_client import Drive
+endpoint, root = sys.argv[1:]
+drive = Drive("s3://ct-bucket/", root_folder=root, endpoint=endpoint)
+assert drive.list("data") == ["data/x.csv", "data/y.csv"], drive.list("data")
+got = drive.get("data/y.csv")
+assert pathlib.Path(got).read_bytes() == b"a,b\n3,4\n", got
+print("list:", drive.list("data"), "get:", got)
+PY
+ok "the container reads s3:// drives from the S3 endpoint in AWS_ENDPOINT_URL"
 
 step "SIGTERM: podman stop"
 t_stop=$SECONDS
