@@ -132,7 +132,9 @@ class DriveBase:
                      overwrite: bool) -> pb.GetRequest:
         """The request for a whole-file get, after the local checks that fail before any waiting."""
         if (target.exists() or target.is_symlink()) and not overwrite:
-            raise AlreadyExists(f"local path {str(target)!r} exists: pass overwrite=True (`drive get --overwrite`) to replace it")
+            raise AlreadyExists(
+                f"local path {str(target)!r} exists: pass overwrite=True (`drive get --overwrite`) to replace it"
+            )
         if timeout is not None and timeout < 0:
             raise InvalidArgument(f"timeout must be >= 0, got {timeout}")
         return pb.GetRequest(drive=self.id, path=remote, wait_seconds=timeout or 0, component=_filter(component_name))

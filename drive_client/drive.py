@@ -48,11 +48,6 @@ class Drive(DriveBase):
     created lazily, once per process.
     """
 
-    def __del__(self) -> None:
-        channel = getattr(self, "_channel", None)
-        if channel and channel[0] == os.getpid():
-            channel[1].close()
-
     @property
     def _stub(self) -> pb_grpc.DriveServiceStub:
         if self._channel is None or self._channel[0] != os.getpid():

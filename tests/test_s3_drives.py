@@ -1,0 +1,148 @@
+"""s3:// drives end to end: a real daemon reading a real S3 endpoint (moto_server as a process).
+
+The index internals are tested in test_s3index.py; here the daemon, the wire
+API and the Python client are exercised together, as a user would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import grpc
+import pytest
+from conftest import start_daemon
+from moto_server import AWS_ENV, closed_port, running_moto
+
+from drive_client import Drive, StaleIndexError
+from drive_client._pb import drive_pb2
+
+BUCKET = "datasets"
+BIG = 32 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto_server with a populated bucket, and a daemon whose boto3 points at it."""
+    with running_moto() as url:
+        client = boto3.client(
+            "s3", endpoint_url=url, aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"], region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+        )
+        client.create_bucket(Bucket=BUCKET)
+        keys = [f"imagenet/train/{i:04d}.jpg" for i in range(1200)]
+        keys += ["imagenet/val/a b+c%.jpg", "imagenet/val/unicodé.jpg", "imagenet/empty/", "imagenet/readme.txt",
+                 "outside/secret.txt"]
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda k: client.put_object(Bucket=BUCKET, Key=k, Body=k.encode()), keys))
+        big = os.urandom(BIG)
+        client.put_object(Bucket=BUCKET, Key="imagenet/big.bin", Body=big)
+        tmp = tmp_path_factory.mktemp("s3-daemon")
+        env = {**AWS_ENV, "AWS_ENDPOINT_URL": url}
+        handle = start_daemon(tmp, "--s3-page-size", "100", env=env, data_dir=tmp / "data")
+        try:
+            yield {"client": client, "url": url, "daemon": handle, "big": big}
+        finally:
+            handle.stop(signal.SIGTERM, timeout=20)
+
+
+def drive(s3, uri: str = f"s3://{BUCKET}/imagenet/", **kwargs) -> Drive:
+    return Drive(uri, endpoint=s3["daemon"].endpoint, **kwargs)
+
+
+def test_list_stat_and_get_through_the_daemon(s3, tmp_path):
+    d = drive(s3, root_folder=tmp_path)
+    assert d.list(".") == ["big.bin", "empty", "readme.txt", "train", "val"]
+    assert len(d.list("train")) == 1200 and d.list("train")[:2] == ["train/0000.jpg", "train/0001.jpg"]
+    assert d.list("val") == ["val/a b+c%.jpg", "val/unicodé.jpg"]
+    assert d.list("empty") == [] and d.list("nope") == []
+    stat = d.stat("readme.txt")
+    assert stat.size == len(b"imagenet/readme.txt") and stat.etag and not stat.sha256 and not stat.folder
+    assert d.stat("train").folder
+    got = d.get("val/unicodé.jpg")
+    assert got == tmp_path / "val" / "unicodé.jpg" and got.read_bytes() == "imagenet/val/unicodé.jpg".encode()
+    big = d.get("big.bin")
+    assert hashlib.sha256(big.read_bytes()).digest() == hashlib.sha256(s3["big"]).digest()
+    resumed = b"".join(d.read_range("big.bin", BIG - 1000))
+    assert resumed == s3["big"][-1000:]
+
+
+def test_keys_outside_the_prefix_stay_invisible(s3, tmp_path):
+    d = drive(s3, root_folder=tmp_path)
+    with pytest.raises(ValueError):
+        d.get("../outside/secret.txt")
+    with pytest.raises(FileNotFoundError):
+        d.stat("outside/secret.txt")
+    assert "outside" in drive(s3, f"s3://{BUCKET}/").list(".")  # the whole bucket does show it
+
+
+def test_read_only_refusals(s3, tmp_path):
+    (tmp_path / "x.txt").write_bytes(b"x")
+    d = drive(s3, root_folder=tmp_path)
+    with pytest.raises(PermissionError) as put:
+        d.put("x.txt")
+    assert put.value.code == grpc.StatusCode.PERMISSION_DENIED and "read-only" in str(put.value)
+    with pytest.raises(PermissionError) as delete:
+        d.delete("readme.txt")
+    assert delete.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert d.stat("readme.txt").size == len(b"imagenet/readme.txt")  # untouched
+    with pytest.raises(ValueError, match="trailing '/'"):
+        Drive(f"s3://{BUCKET}/imagenet")
+
+
+def test_remount_sees_new_objects_and_stale_objects_are_refused(s3, tmp_path):
+    d = drive(s3, f"s3://{BUCKET}/imagenet/val/", root_folder=tmp_path)
+    assert d.list(".") == ["a b+c%.jpg", "unicodé.jpg"]
+    s3["client"].put_object(Bucket=BUCKET, Key="imagenet/val/new.jpg", Body=b"new")
+    assert d.list(".") == ["a b+c%.jpg", "unicodé.jpg"]  # the index is as of the last mount
+    result = d.mount()
+    assert result.objects == 3 and result.seconds >= 0
+    assert d.list(".") == ["a b+c%.jpg", "new.jpg", "unicodé.jpg"]
+    s3["client"].put_object(Bucket=BUCKET, Key="imagenet/val/new.jpg", Body=b"changed!")
+    with pytest.raises(StaleIndexError) as stale:
+        d.get("new.jpg")
+    assert stale.value.code == grpc.StatusCode.ABORTED and "mount" in str(stale.value)
+    assert not (tmp_path / "new.jpg").exists()  # no mixed or partial file
+    d.mount()
+    assert d.get("new.jpg").read_bytes() == b"changed!"
+
+
+def test_missing_bucket_is_not_found_and_the_daemon_keeps_serving(s3):
+    with pytest.raises(FileNotFoundError) as missing:
+        drive(s3, "s3://no-such-bucket/").list(".")
+    assert missing.value.code == grpc.StatusCode.NOT_FOUND and "no-such-bucket" in str(missing.value)
+    assert "readme.txt" in drive(s3).list(".")
+
+
+def test_mount_of_a_lit_drive_is_refused(s3):
+    stub = drive(s3)._stub
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Mount(drive_pb2.MountRequest(drive="lit://x"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unreachable_endpoint_is_unavailable_naming_it(tmp_path):
+    port = closed_port()
+    env = {**AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "2"}
+    handle = start_daemon(tmp_path, env=env)
+    try:
+        d = Drive(f"s3://{BUCKET}/x/", endpoint=handle.endpoint)
+        with pytest.raises(ConnectionError) as down:
+            d.list(".")
+        assert down.value.code == grpc.StatusCode.UNAVAILABLE and str(port) in str(down.value)
+        (tmp_path / "l.txt").write_bytes(b"l")
+        lit = Drive("lit://still_up", endpoint=handle.endpoint, root_folder=tmp_path)
+        lit.put("l.txt")
+        assert lit.list(".") == ["l.txt"]
+    finally:
+        handle.stop()
+
+
+def test_get_of_a_folder_fetches_every_object_under_it(s3, tmp_path):
+    got = drive(s3, root_folder=tmp_path).get("train")
+    files = sorted(p.name for p in got.iterdir())
+    assert len(files) == 1200 and files[0] == "0000.jpg"
+    assert (got / "0042.jpg").read_bytes() == b"imagenet/train/0042.jpg"
