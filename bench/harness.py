@@ -629,6 +629,10 @@ class Harness:
         }
         if a.profile:
             doc["profile_dir"] = str(a.profile)
+            doc["notes"].append(
+                "run 1's drive transfers were recorded with py-spy (--profile, 250 Hz, pausing the "
+                "sampled processes), which slows them a little; the figures are medians of all runs"
+            )
         jpath, mpath = report.write(doc, a.out)
         print()
         print(report.render_table(doc))

@@ -13,6 +13,18 @@ import re
 from collections import Counter
 from pathlib import Path
 
+# Leaf frames where a thread waits rather than works (py-spy's idle detection misses
+# these when a C call releases the GIL): left out with --busy.
+IDLE_LEAVES = (
+    "Condition.wait (",
+    "EpollSelector.select (",
+    "_worker (concurrent/futures/thread.py:81)",
+    "channel_spin (grpc/_channel.py",
+    "Queue.get (",
+    "Queue.put (",
+    "Event.wait (",
+    "Thread.join (",
+)
 FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^():]+?)(?::\d+)?\)$")
 
 
@@ -29,7 +41,7 @@ def _name(frame: str, lines: bool = False) -> str:
     return f"{m.group('fn')} ({f})"
 
 
-def summarise(path: Path, top: int = 15, lines: bool = False) -> str:
+def summarise(path: Path, top: int = 15, lines: bool = False, busy: bool = False) -> str:
     self_c: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     total = 0
@@ -40,6 +52,8 @@ def summarise(path: Path, top: int = 15, lines: bool = False) -> str:
         count = int(n)
         frames = [_name(f, lines) for f in stack.split(";") if f]
         if not frames:
+            continue
+        if busy and any(m in _name(stack.split(";")[-1], True) for m in IDLE_LEAVES):
             continue
         total += count
         self_c[frames[-1]] += count
@@ -59,12 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--busy", action="store_true", help="leave out samples of threads waiting (IDLE_LEAVES)")
     p.add_argument("--lines", action="store_true", help="keep file:line (native time shows on the calling line)")
     a = p.parse_args(argv)
     for path in a.paths:
         files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
         for f in files:
-            print(summarise(f, a.top, a.lines))
+            print(summarise(f, a.top, a.lines, a.busy))
 
 
 if __name__ == "__main__":

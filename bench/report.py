@@ -390,6 +390,13 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines += ["", "## s3:// index", "", "| figure | value |", "|---|---:|"]
     for k, unit in INDEX_KEYS.items():
         lines.append(f"| {k} | {_fmt(figs[k]['value'], unit)} |")
+    raw = doc.get("index_raw") or {}
+    if raw:
+        lines.append("")
+        lines.append(
+            "bench_mount.measure(): "
+            + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in raw.items())
+        )
     missing = {k: f["missing"] for k, f in figs.items() if f["value"] is None}
     if missing:
         lines += ["", "## Not measured", ""]
