@@ -1,0 +1,424 @@
+"""The `lit` fsspec filesystem, through fsspec's own API (and pandas when installed), against the
+session daemon: URLs, ls/info/find, cat and ranges, get/put, rm, write spooling, errors,
+no stale listings, and block-sized streaming reads measured in the daemon's request log."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import pickle
+
+import fsspec
+import pytest
+from conftest import MIB, file_sha256, sha256_hex, wait_until, write_random_file
+
+from drive_client import AmbiguousPathError, Drive, StaleIndexError
+from drive_client.fsspec import DriveFileSystem
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def fs(daemon) -> DriveFileSystem:
+    return fsspec.filesystem("lit", endpoint=daemon.endpoint, component_name="work_a")
+
+
+@pytest.fixture
+def name(drive_uri: str) -> str:
+    """The drive's name: fsspec paths are NAME/path/in/drive."""
+    return drive_uri.removeprefix("lit://")
+
+
+def drive(daemon, uri: str, component: str, **kw) -> Drive:
+    return Drive(uri, component_name=component, endpoint=daemon.endpoint, **kw)
+
+
+def write(path: pathlib.Path, data: bytes) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def get_requests(daemon, drive_uri: str) -> list[dict]:
+    """The daemon's request-log lines for Get calls on `drive_uri`."""
+    lines = []
+    for line in daemon.log().splitlines():
+        if '"request"' not in line or drive_uri not in line:
+            continue
+        record = json.loads(line)
+        if record.get("method") == "Get" and record.get("drive") == drive_uri:
+            lines.append(record)
+    return lines
+
+
+# --- registration, URLs --------------------------------------------------------------------
+
+
+def test_entry_point_and_open_by_url(daemon, monkeypatch, drive_uri, name):
+    assert fsspec.get_filesystem_class("lit") is DriveFileSystem
+    monkeypatch.setenv("DRIVE_ENDPOINT", daemon.endpoint)
+    monkeypatch.setenv("DRIVE_COMPONENT", "url_writer")
+    with fsspec.open(f"{drive_uri}/dir/a.txt", "wb") as f:
+        f.write(b"hello ")
+        f.write(b"fsspec")
+    with fsspec.open(f"{drive_uri}/dir/a.txt", "rb") as f:
+        assert f.read() == b"hello fsspec"
+    with fsspec.open(f"{drive_uri}/dir/b.txt", "w") as f:  # text mode
+        f.write("line 1\nline 2\n")
+    with fsspec.open(f"{drive_uri}/dir/b.txt", "r") as f:
+        assert f.readlines() == ["line 1\n", "line 2\n"]
+    stat = drive(daemon, drive_uri, "reader").stat("dir/a.txt")
+    assert (stat.size, stat.component, stat.sha256) == (12, "url_writer", sha256_hex(b"hello fsspec"))
+    fs, path = fsspec.core.url_to_fs(f"{drive_uri}/dir/a.txt")
+    assert isinstance(fs, DriveFileSystem) and path == f"{name}/dir/a.txt"
+    assert fs.unstrip_protocol(path) == f"{drive_uri}/dir/a.txt"
+
+
+def test_only_lit_paths(fs):
+    with pytest.raises(ValueError, match="lit:// drives only"):
+        fs.ls("s3://bucket/prefix/")
+    with pytest.raises(ValueError, match="drive name"):
+        fs.ls("lit://bad name")
+    with pytest.raises(ValueError, match=r"\.\."):
+        fs.cat("lit://d1/../x")
+
+
+# --- listing, info, find -------------------------------------------------------------------
+
+
+def test_ls_info_find(fs, daemon, tmp_path, drive_uri, name):
+    write(tmp_path / "src" / "a.txt", b"aaa")
+    write(tmp_path / "src" / "sub" / "b.bin", b"b" * 1000)
+    write(tmp_path / "src" / "sub" / "deep" / "c.txt", b"c")
+    fs.put(str(tmp_path / "src") + "/", name, recursive=True)
+    write(tmp_path / "other.txt", b"other component")
+    drive(daemon, drive_uri, "work_b", root_folder=tmp_path).put("other.txt")
+
+    root = fs.ls(f"lit://{name}")
+    assert [(e["name"], e["type"]) for e in root] == [
+        (f"{name}/a.txt", "file"), (f"{name}/other.txt", "file"), (f"{name}/sub", "directory"),
+    ]
+    by_name = {e["name"]: e for e in root}
+    assert by_name[f"{name}/a.txt"]["size"] == 3
+    assert by_name[f"{name}/a.txt"].get("sha256", sha256_hex(b"aaa")) == sha256_hex(b"aaa")  # when listed
+    assert by_name[f"{name}/a.txt"]["component"] == "work_a"
+    assert by_name[f"{name}/other.txt"]["component"] == "work_b"
+    assert fs.ls(name, detail=False) == [f"{name}/a.txt", f"{name}/other.txt", f"{name}/sub"]
+    assert fs.ls(f"{name}/sub/", detail=False) == [f"{name}/sub/b.bin", f"{name}/sub/deep"]
+    assert fs.ls(f"{name}/a.txt", detail=False) == [f"{name}/a.txt"]  # a file lists itself
+
+    info = fs.info(f"lit://{name}/sub/b.bin")
+    assert info["name"] == f"{name}/sub/b.bin" and info["type"] == "file" and info["size"] == 1000
+    assert info["sha256"] == sha256_hex(b"b" * 1000) and info["component"] == "work_a"
+    assert isinstance(info["modified"], datetime.datetime) and fs.modified(f"{name}/sub/b.bin") == info["modified"]
+    assert fs.ukey(f"{name}/sub/b.bin") == info["sha256"]
+    assert fs.info(f"{name}/sub")["type"] == "directory"
+    assert fs.info(name)["type"] == "directory"
+    assert fs.size(f"{name}/a.txt") == 3
+    assert fs.isdir(f"{name}/sub") and not fs.isdir(f"{name}/a.txt")
+    assert fs.isfile(f"{name}/a.txt") and not fs.isfile(f"{name}/sub")
+    assert fs.exists(f"{name}/sub/deep/c.txt") and not fs.exists(f"{name}/nope.txt")
+
+    assert fs.find(name) == [
+        f"{name}/a.txt", f"{name}/other.txt", f"{name}/sub/b.bin", f"{name}/sub/deep/c.txt",
+    ]
+    assert fs.find(f"{name}/sub", withdirs=True) == [
+        f"{name}/sub", f"{name}/sub/b.bin", f"{name}/sub/deep", f"{name}/sub/deep/c.txt",
+    ]
+    assert fs.find(f"{name}/sub", maxdepth=1) == [f"{name}/sub/b.bin"]
+    assert fs.find(f"{name}/a.txt") == [f"{name}/a.txt"]
+    assert fs.find(f"{name}/missing") == []
+    assert fs.find(name, detail=True)[f"{name}/sub/b.bin"]["size"] == 1000
+    assert sorted(fs.glob(f"{name}/sub/**/*.txt")) == [f"{name}/sub/deep/c.txt"]
+    assert fs.du(f"{name}/sub") == 1001
+
+
+def test_listings_are_never_stale(fs, daemon, tmp_path, drive_uri, name):
+    again = fsspec.filesystem("lit", endpoint=fs.endpoint, component_name="work_a")
+    assert again is fs  # the instance cache: same options, same instance (it caches no listings)
+    assert fs.ls(name) == []
+    other = drive(daemon, drive_uri, "work_b", root_folder=tmp_path)
+    write(tmp_path / "new.txt", b"from another worker")
+    other.put("new.txt")
+    assert fs.ls(name, detail=False) == [f"{name}/new.txt"]
+    assert fs.exists(f"{name}/new.txt") and fs.cat(f"{name}/new.txt") == b"from another worker"
+    other.delete("new.txt")
+    assert fs.ls(name) == [] and not fs.exists(f"{name}/new.txt") and fs.find(name) == []
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def test_cat_and_ranges(fs, name):
+    data = bytes(range(256)) * 40  # 10240 bytes
+    fs.pipe(f"{name}/r.bin", data)
+    assert fs.cat(f"lit://{name}/r.bin") == data
+    assert fs.cat_file(f"{name}/r.bin", 100, 300) == data[100:300]
+    assert fs.cat_file(f"{name}/r.bin", start=10000) == data[10000:]
+    assert fs.cat_file(f"{name}/r.bin", end=5) == data[:5]
+    assert fs.cat_file(f"{name}/r.bin", -10) == data[-10:]
+    assert fs.cat_file(f"{name}/r.bin", 5, -5) == data[5:-5]
+    assert fs.cat_file(f"{name}/r.bin", 20000, 30000) == b""  # past the end: empty, like a slice
+    assert fs.cat_file(f"{name}/r.bin", 300, 100) == b""
+    assert fs.cat_ranges([f"{name}/r.bin"] * 2, [0, 512], [4, 516]) == [data[0:4], data[512:516]]
+    assert fs.head(f"{name}/r.bin", 7) == data[:7] and fs.tail(f"{name}/r.bin", 7) == data[-7:]
+    assert fs.read_block(f"{name}/r.bin", 1000, 24) == data[1000:1024]
+    fs.pipe(f"{name}/empty", b"")
+    assert fs.cat(f"{name}/empty") == b"" and fs.info(f"{name}/empty")["size"] == 0
+    with fs.open(f"{name}/r.bin", "rb", block_size=1000) as f:
+        f.seek(5000)
+        assert f.read(10) == data[5000:5010]
+        assert f.tell() == 5010
+        f.seek(-4, 2)
+        assert f.read() == data[-4:]
+    assert fs.cat([f"{name}/r.bin", f"{name}/empty"]) == {f"{name}/r.bin": data, f"{name}/empty": b""}
+
+
+def test_reading_streams_block_by_block(fs, daemon, tmp_path, drive_uri, name):
+    """Reading 1 MiB of a 64 MiB file fetches about one block, not the file (the daemon's log counts)."""
+    size = 64 * MIB
+    local = tmp_path / "big.bin"
+    write_random_file(local, size)
+    fs.put_file(str(local), f"{name}/big.bin")
+    assert get_requests(daemon, drive_uri) == []
+    with open(local, "rb") as src, fs.open(f"{name}/big.bin", "rb") as f:
+        assert f.size == size and f.blocksize == 5 * MIB
+        assert f.read(MIB) == src.read(MIB)
+        f.seek(40 * MIB)
+        src.seek(40 * MIB)
+        assert f.read(MIB) == src.read(MIB)
+    assert wait_until(lambda: len(get_requests(daemon, drive_uri)) >= 2), daemon.log()[-2000:]
+    gets = get_requests(daemon, drive_uri)
+    served = sum(g["bytes"] for g in gets)
+    assert len(gets) == 2, gets
+    assert all(g["bytes"] <= 6 * MIB for g in gets), gets  # the read plus one block of read-ahead
+    assert served <= 12 * MIB, f"{served} bytes served for 2 MiB read from a {size}-byte file"
+
+
+def test_read_of_replaced_file_fails_stale(fs, daemon, tmp_path, drive_uri, name):
+    """Blocks of one open file come from one version: a replacement midway raises StaleIndexError."""
+    write(tmp_path / "v.bin", b"1" * (3 * MIB))
+    owner = drive(daemon, drive_uri, "work_a", root_folder=tmp_path)
+    owner.put("v.bin")
+    with fs.open(f"{name}/v.bin", "rb", block_size=MIB) as f:
+        assert f.read(10) == b"1" * 10
+        write(tmp_path / "v.bin", b"2" * (3 * MIB))
+        owner.put("v.bin")
+        f.seek(2 * MIB)
+        with pytest.raises(StaleIndexError):
+            f.read(10)
+    assert fs.cat_file(f"{name}/v.bin", 0, 3) == b"222"
+
+
+# --- get, put, write ---------------------------------------------------------------------------
+
+
+def test_put_get_files_and_folders(fs, tmp_path, name):
+    src = tmp_path / "src"
+    write(src / "x.txt", b"x")
+    write(src / "nested" / "y.bin", os.urandom(3000))
+    fs.put(str(src / "x.txt"), f"lit://{name}/single.txt")
+    fs.put(str(src), f"{name}/tree", recursive=True)
+    assert fs.find(f"{name}/tree") == [f"{name}/tree/nested/y.bin", f"{name}/tree/x.txt"]
+
+    fs.get(f"{name}/single.txt", str(tmp_path / "out" / "single.txt"))
+    assert (tmp_path / "out" / "single.txt").read_bytes() == b"x"
+    write(tmp_path / "out" / "single.txt", b"old local contents")
+    fs.get(f"lit://{name}/single.txt", str(tmp_path / "out" / "single.txt"))  # fsspec overwrites
+    assert (tmp_path / "out" / "single.txt").read_bytes() == b"x"
+    fs.get(f"{name}/tree", str(tmp_path / "copy"), recursive=True)
+    assert (tmp_path / "copy" / "nested" / "y.bin").read_bytes() == (src / "nested" / "y.bin").read_bytes()
+    assert (tmp_path / "copy" / "x.txt").read_bytes() == b"x"
+    assert not list((tmp_path / "copy").rglob("*.part"))  # downloads land whole
+
+    fs.copy(f"{name}/tree/x.txt", f"{name}/copied.txt")
+    assert fs.cat(f"{name}/copied.txt") == b"x"
+    fs.mv(f"{name}/copied.txt", f"{name}/moved.txt")
+    assert fs.cat(f"{name}/moved.txt") == b"x" and not fs.exists(f"{name}/copied.txt")
+
+
+def test_write_round_trip_multi_mib_spools_to_disk(daemon, tmp_path, name):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    fs = DriveFileSystem(endpoint=daemon.endpoint, component_name="work_a", spool_dir=str(spool),
+                         skip_instance_cache=True)
+    digest = hashlib.sha256()
+    with fs.open(f"{name}/big/w.bin", "wb", block_size=MIB) as f:
+        for i in range(12):
+            piece = os.urandom(MIB - 7 + i)  # odd sizes: blocks do not line up with writes
+            digest.update(piece)
+            f.write(piece)
+            assert f.buffer.tell() < 2 * MIB  # bounded memory: the rest is on disk
+        spooled = list(spool.iterdir())
+        assert len(spooled) == 1 and spooled[0].stat().st_size >= 10 * MIB
+        assert not fs.exists(f"{name}/big/w.bin")  # nothing visible before close
+    assert list(spool.iterdir()) == []  # the spool is removed once put
+    info = fs.info(f"{name}/big/w.bin")
+    assert info["sha256"] == digest.hexdigest() and info["size"] == 12 * MIB - 84 + 66
+    got = hashlib.sha256()
+    with fs.open(f"{name}/big/w.bin", "rb", block_size=2 * MIB) as f:
+        while piece := f.read(MIB + 3):
+            got.update(piece)
+    assert got.hexdigest() == digest.hexdigest()
+    fs.get(f"{name}/big/w.bin", str(tmp_path / "w.bin"))
+    assert file_sha256(tmp_path / "w.bin") == digest.hexdigest()
+
+
+def test_exception_inside_with_stores_nothing(daemon, tmp_path, name):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    fs = DriveFileSystem(endpoint=daemon.endpoint, spool_dir=str(spool), skip_instance_cache=True)
+    with pytest.raises(RuntimeError, match="boom"), fs.open(f"{name}/half.bin", "wb", block_size=MIB) as f:
+        f.write(os.urandom(3 * MIB))
+        raise RuntimeError("boom")
+    assert not fs.exists(f"{name}/half.bin")
+    assert list(spool.iterdir()) == []
+
+
+def test_transaction_puts_at_the_end(fs, name):
+    with fs.transaction:
+        with fs.open(f"{name}/t1.txt", "wb") as f:
+            f.write(b"one")
+        fs.pipe_file(f"{name}/t2.txt", b"two")
+        assert not fs.exists(f"{name}/t1.txt")
+    assert fs.cat(f"{name}/t1.txt") == b"one" and fs.cat(f"{name}/t2.txt") == b"two"
+    with pytest.raises(KeyError), fs.transaction:
+        fs.pipe_file(f"{name}/t3.txt", b"three")
+        raise KeyError("abandon")
+    assert not fs.exists(f"{name}/t3.txt")
+
+
+# --- rm and ownership ------------------------------------------------------------------------
+
+
+def test_rm_removes_only_own_files(fs, daemon, tmp_path, drive_uri, name):
+    fs.pipe({f"{name}/a.txt": b"a", f"{name}/dir/b.txt": b"b", f"{name}/dir/sub/c.txt": b"c"})
+    write(tmp_path / "dir" / "theirs.txt", b"theirs")
+    drive(daemon, drive_uri, "work_b", root_folder=tmp_path).put("dir/theirs.txt")
+
+    fs.rm(f"lit://{name}/a.txt")
+    assert not fs.exists(f"{name}/a.txt")
+    with pytest.raises(FileNotFoundError):
+        fs.rm(f"{name}/a.txt")
+    with pytest.raises(FileNotFoundError, match="own"):  # another component's file stays
+        fs.rm(f"{name}/dir/theirs.txt")
+    with pytest.raises(IsADirectoryError):
+        fs.rm(f"{name}/dir")
+    fs.rm(f"{name}/dir", recursive=True)
+    assert fs.find(name) == [f"{name}/dir/theirs.txt"]
+
+    fs.pipe({f"{name}/g1.log": b"1", f"{name}/g2.log": b"2", f"{name}/keep.txt": b"k"})
+    fs.rm(f"{name}/*.log")
+    assert fs.find(name) == [f"{name}/dir/theirs.txt", f"{name}/keep.txt"]
+    fs.rm(name, recursive=True)  # a whole drive: this component's files only
+    assert fs.find(name) == [f"{name}/dir/theirs.txt"]
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_missing_paths_raise_file_not_found(fs, tmp_path, name):
+    missing = f"lit://{name}/no/such.txt"
+    for call in (
+        lambda: fs.open(missing, "rb"),
+        lambda: fs.cat(missing),
+        lambda: fs.cat_file(missing, 0, 10),
+        lambda: fs.info(missing),
+        lambda: fs.ls(missing),
+        lambda: fs.get(missing, str(tmp_path / "x")),
+        lambda: fs.rm(missing),
+    ):
+        with pytest.raises(FileNotFoundError):
+            call()
+    with pytest.raises(FileNotFoundError):
+        fsspec.open(missing, "rb", endpoint=fs.endpoint).open()
+    with pytest.raises(FileNotFoundError):
+        fs.put(str(tmp_path / "no-such-local-file"), f"{name}/x")
+    assert fs.ls(name) == []  # an unused drive is empty, not missing
+    fs.pipe(f"{name}/d/f", b"1")
+    with pytest.raises(IsADirectoryError):
+        fs.open(f"{name}/d", "rb")
+    with pytest.raises(NotImplementedError, match="append"):
+        fs.open(f"{name}/d/f", "ab")
+
+
+def test_path_held_by_another_component(fs, daemon, tmp_path, drive_uri, name):
+    write(tmp_path / "shared.txt", b"from work_b")
+    drive(daemon, drive_uri, "work_b", root_folder=tmp_path).put("shared.txt")
+    with pytest.raises(FileExistsError, match="work_b"):
+        fs.open(f"{name}/shared.txt", "wb")  # refused before any byte is spooled
+    with pytest.raises(FileExistsError):
+        fs.pipe(f"{name}/shared.txt", b"mine")
+    write(tmp_path / "mine.txt", b"mine")
+    with pytest.raises(FileExistsError):
+        fs.put(str(tmp_path / "mine.txt"), f"{name}/shared.txt")  # refused by the daemon
+    assert fs.cat(f"{name}/shared.txt") == b"from work_b"
+    with pytest.raises(FileExistsError):
+        fs.open(f"{name}/shared.txt", "xb")
+    with pytest.raises(FileExistsError):
+        fs.put_file(str(tmp_path / "mine.txt"), f"{name}/shared.txt", mode="create")
+
+    dup = DriveFileSystem(endpoint=daemon.endpoint, component_name="work_a", allow_duplicates=True,
+                          skip_instance_cache=True)
+    dup.pipe(f"{name}/shared.txt", b"my own copy")
+    assert dup.cat(f"{name}/shared.txt") == b"my own copy"  # several hold it: this component's copy is read
+    assert dup.info(f"{name}/shared.txt")["component"] == "work_a"
+    reader = DriveFileSystem(endpoint=daemon.endpoint, component_name="reader", skip_instance_cache=True)
+    with pytest.raises(AmbiguousPathError, match="work_a"):
+        reader.cat(f"{name}/shared.txt")
+    assert [e["component"] for e in reader.ls(name)] == [""]  # listed once, held by several
+
+
+def test_path_taken_while_writing_fails_on_close(daemon, tmp_path, drive_uri, name):
+    """The early check is advice; the daemon's check at commit decides, and the spool is removed."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    fs = DriveFileSystem(endpoint=daemon.endpoint, component_name="work_a", spool_dir=str(spool),
+                         skip_instance_cache=True)
+    f = fs.open(f"{name}/race.txt", "wb")
+    f.write(b"mine")
+    write(tmp_path / "race.txt", b"theirs")
+    drive(daemon, drive_uri, "work_b", root_folder=tmp_path).put("race.txt")
+    with pytest.raises(FileExistsError):
+        f.close()
+    assert f.closed and list(spool.iterdir()) == []
+    assert fs.cat(f"{name}/race.txt") == b"theirs"
+
+
+def test_unreachable_daemon_raises_connection_error(name):
+    fs = DriveFileSystem(endpoint="127.0.0.1:1", skip_instance_cache=True)
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:1"):
+        fs.ls(name)
+
+
+def test_pickles_for_worker_processes(fs, name):
+    fs.pipe(f"{name}/p.txt", b"pickled")
+    clone = pickle.loads(pickle.dumps(fs))
+    assert clone.cat(f"{name}/p.txt") == b"pickled"
+    with fs.open(f"{name}/p.txt", "rb") as f:
+        f.read(2)
+        g = pickle.loads(pickle.dumps(f))
+        assert g.read() == b"ckled"
+
+
+# --- pandas ----------------------------------------------------------------------------------
+
+
+def test_pandas_read_and_write_csv(daemon, tmp_path, drive_uri, name):
+    pd = pytest.importorskip("pandas", reason="pandas is not installed: the pandas round trip is skipped")
+    options = {"endpoint": daemon.endpoint, "component_name": "pandas_writer"}
+    frame = pd.DataFrame({"step": [1, 2, 3], "loss": [0.5, 0.25, 0.125], "tag": ["a", "b", "c"]})
+    frame.to_csv(f"{drive_uri}/metrics/t.csv", index=False, storage_options=options)
+    assert Drive(drive_uri, endpoint=daemon.endpoint).stat("metrics/t.csv").component == "pandas_writer"
+    back = pd.read_csv(f"{drive_uri}/metrics/t.csv", storage_options={"endpoint": daemon.endpoint})
+    pd.testing.assert_frame_equal(back, frame)
+
+    write(tmp_path / "put.csv", b"a,b\n1,x\n2,y\n")
+    Drive(drive_uri, endpoint=daemon.endpoint, root_folder=tmp_path).put("put.csv")
+    got = pd.read_csv(f"{drive_uri}/put.csv", storage_options={"endpoint": daemon.endpoint})
+    assert got.to_dict("list") == {"a": [1, 2], "b": ["x", "y"]}
+    with pytest.raises(FileNotFoundError):
+        pd.read_csv(f"{drive_uri}/none.csv", storage_options={"endpoint": daemon.endpoint})
