@@ -16,7 +16,7 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
+cd "$ROOT" || exit 1
 VENV=${VENV:-$ROOT/.venv}
 IMAGE=${IMAGE:-drived:test}
 CONTAINER_ENV=${CONTAINER_ENV:-$ROOT/../shared/tools/container-env.sh}
@@ -52,6 +52,7 @@ trap cleanup EXIT
 step "podman setup ($CONTAINER_ENV)"
 [ "$(id -u)" = 0 ] || skip "not root: $CONTAINER_ENV installs podman with apt-get and needs root"
 [ -f "$CONTAINER_ENV" ] || skip "$CONTAINER_ENV not found (set CONTAINER_ENV)"
+echo "(the first run installs podman and builds a local Debian base image: a few minutes)"
 # Sourced in a child shell: the script exits on failure, which must not end this one.
 if ! envout=$(bash -c 'source "$1" >&2 && declare -p PODMAN BASE_IMAGE BUILD_MOUNTS CONTAINERS_CONF' _ "$CONTAINER_ENV" 2>"/tmp/$NAME.env.log"); then
   why=$(tail -n 3 "/tmp/$NAME.env.log" | tr '\n' ' ')
