@@ -26,14 +26,28 @@ def run(daemon, *args: str, cwd=None, component: str | None = None, env=None) ->
     cmd = [*drive_cmd(), "--endpoint", daemon.endpoint]
     if component:
         cmd += ["--component", component]
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("DRIVE_COMPONENT", None)
+    full_env = {k: v for k, v in os.environ.items() if k != "DRIVE_COMPONENT"}
+    full_env.update(env or {})
     return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, timeout=40, env=full_env)
 
 
 def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert res.returncode == 0, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
     return res
+
+
+def names(res: subprocess.CompletedProcess) -> list[str]:
+    """The entries `drive ls` printed, one a line (a trailing '/' marking folders is allowed)."""
+    return [line.strip().rstrip("/") for line in res.stdout.splitlines() if line.strip()]
+
+
+def stat_fields(res: subprocess.CompletedProcess) -> dict[str, str]:
+    """`drive stat` output as {field: text}: JSON, or one `field: value` a line."""
+    try:
+        return {k: str(v) for k, v in json.loads(res.stdout).items()}
+    except json.JSONDecodeError:
+        pairs = (line.split(":", 1) for line in res.stdout.splitlines() if ":" in line)
+        return {k.strip(): v.strip() for k, v in pairs}
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *words: str) -> None:
@@ -57,14 +71,14 @@ def test_put_ls_stat_get_rm(daemon, tmp_path, drive_uri):
     ok(run(daemon, "put", "a.txt", f"{drive_uri}/sub/renamed.txt", cwd=tmp_path, component="cli_comp"))
 
     ls = ok(run(daemon, "ls", drive_uri))
-    assert ls.stdout.split() == ["a.txt", "sub"]
+    assert names(ls) == ["a.txt", "sub"]
     ls_sub = ok(run(daemon, "ls", f"{drive_uri}/sub"))
-    assert ls_sub.stdout.split() == ["sub/renamed.txt"]
+    assert names(ls_sub) == ["sub/renamed.txt"]
 
-    st = ok(run(daemon, "stat", f"{drive_uri}/a.txt"))
-    assert sha256_hex(b"cli content") in st.stdout
-    assert "cli_comp" in st.stdout
-    assert "11" in st.stdout  # the size
+    st = stat_fields(ok(run(daemon, "stat", f"{drive_uri}/a.txt")))
+    assert st["sha256"] == sha256_hex(b"cli content")
+    assert st["component"] == "cli_comp"
+    assert st["size"] == "11"
 
     out = tmp_path / "out"
     out.mkdir()
@@ -74,18 +88,16 @@ def test_put_ls_stat_get_rm(daemon, tmp_path, drive_uri):
     assert (out / "local_name.txt").read_bytes() == b"cli content"
 
     ok(run(daemon, "rm", f"{drive_uri}/a.txt", component="cli_comp"))
-    assert ok(run(daemon, "ls", drive_uri)).stdout.split() == ["sub"]
+    assert names(ok(run(daemon, "ls", drive_uri))) == ["sub"]
 
 
-def test_stat_output_is_json_with_fields(daemon, tmp_path, drive_uri):
+def test_stat_fields(daemon, tmp_path, drive_uri):
     (tmp_path / "s.bin").write_bytes(b"12345")
     ok(run(daemon, "put", "s.bin", f"{drive_uri}/s.bin", cwd=tmp_path))
-    st = ok(run(daemon, "stat", f"{drive_uri}/s.bin"))
-    try:
-        fields = json.loads(st.stdout)
-    except json.JSONDecodeError:
-        pytest.fail(f"stat output is not JSON (fine by DESIGN, but this test expects it): {st.stdout}")
-    assert fields["size"] == 5 and fields["path"] == "s.bin" and fields["component"] == "default"
+    fields = stat_fields(ok(run(daemon, "stat", f"{drive_uri}/s.bin")))
+    assert (fields["size"], fields["path"], fields["component"]) == ("5", "s.bin", "default")
+    assert fields["sha256"] == sha256_hex(b"12345")
+    assert fields["modified"].startswith("20")
 
 
 def test_put_folder_and_get_folder(daemon, tmp_path, drive_uri):
@@ -94,7 +106,7 @@ def test_put_folder_and_get_folder(daemon, tmp_path, drive_uri):
     (src / "x.txt").write_text("x")
     (src / "sub" / "y.txt").write_text("y")
     ok(run(daemon, "put", str(src), f"{drive_uri}/tree"))
-    assert ok(run(daemon, "ls", f"{drive_uri}/tree")).stdout.split() == ["tree/sub", "tree/x.txt"]
+    assert names(ok(run(daemon, "ls", f"{drive_uri}/tree"))) == ["tree/sub", "tree/x.txt"]
     out = tmp_path / "out"
     out.mkdir()
     ok(run(daemon, "get", f"{drive_uri}/tree", cwd=out))
@@ -106,11 +118,12 @@ def test_component_flag_and_env(daemon, tmp_path, drive_uri):
     (tmp_path / "f.txt").write_text("f")
     ok(run(daemon, "put", "f.txt", f"{drive_uri}/f.txt", cwd=tmp_path, component="flag_comp"))
     ok(run(daemon, "put", "f.txt", f"{drive_uri}/g.txt", cwd=tmp_path, env={"DRIVE_COMPONENT": "x"}))
-    assert json.loads(ok(run(daemon, "stat", f"{drive_uri}/f.txt")).stdout)["component"] == "flag_comp"
+    assert stat_fields(ok(run(daemon, "stat", f"{drive_uri}/f.txt")))["component"] == "flag_comp"
+    assert stat_fields(ok(run(daemon, "stat", f"{drive_uri}/g.txt")))["component"] == "x"
     # rm by another component is refused, and the file stays
     res = run(daemon, "rm", f"{drive_uri}/f.txt", component="other_comp")
     assert_one_line_error(res, "f.txt")
-    assert ok(run(daemon, "ls", drive_uri)).stdout.split() == ["f.txt", "g.txt"]
+    assert names(ok(run(daemon, "ls", drive_uri))) == ["f.txt", "g.txt"]
 
 
 def test_endpoint_from_env(daemon, tmp_path, drive_uri):
