@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> Any:
         drive_uri, path = split_uri(args.location, folder=True)
         entries = list(_drive(drive_uri, args)._list(path or ".", args.only, recursive=False))
         if not args.json:
-            print("\n".join(e.path + ("/" if e.folder else "") for e in entries))
+            print("\n".join(e.path for e in entries))
         return [_stat_fields(FileStat.from_info(e)) for e in entries]
     if args.command == "put":
         drive_uri, path = split_uri(args.location, folder=False)
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> Any:
         drive_uri, path = split_uri(args.location, folder=False)
         fields = _stat_fields(_drive(drive_uri, args).stat(path, component_name=args.only))
         if not args.json:
-            print("\n".join(f"{k}: {v}" for k, v in fields.items()))
+            print(json.dumps(fields, indent=2, ensure_ascii=False))  # structured either way
         return fields
     drive_uri, _ = split_uri(args.location, folder=True)  # mount
     result = _drive(drive_uri, args).mount()

@@ -20,7 +20,7 @@ class ObjectInfo:
 
     key: str
     size: int
-    sha256: str  # lowercase hex of the content; "" in listings (`list`, `walk`)
+    sha256: str  # lowercase hex of the content
     generation: int  # commit time in ns: changes with every commit of the key
 
 

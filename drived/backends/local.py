@@ -266,9 +266,9 @@ class LocalBackend(Backend):
             if entry.is_dir(follow_symlinks=False):
                 folders.add(entry.name)
             elif entry.is_file(follow_symlinks=False):
-                st = entry.stat(follow_symlinks=False)
-                key = f"{base}/{entry.name}" if base else entry.name
-                files[entry.name] = ObjectInfo(key, max(0, st.st_size - HEADER.size), "", st.st_mtime_ns)
+                info = self._stat(f"{base}/{entry.name}" if base else entry.name)
+                if info is not None:
+                    files[entry.name] = info
         return Listing(files, folders)
 
     async def list_folder(self, prefix: str) -> Listing:
@@ -281,9 +281,9 @@ class LocalBackend(Backend):
         for folder, _dirs, names in os.walk(top):
             rel = os.path.relpath(folder, self.root).replace(os.sep, "/")
             for name in names:
-                st = os.lstat(os.path.join(folder, name))
-                if stat.S_ISREG(st.st_mode):
-                    found.append(ObjectInfo(f"{rel}/{name}", max(0, st.st_size - HEADER.size), "", st.st_mtime_ns))
+                info = self._stat(f"{rel}/{name}")
+                if info is not None:
+                    found.append(info)
         found.sort(key=lambda info: info.key)
         return found
 
