@@ -23,6 +23,7 @@ proto: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	tools/buf.sh
 
 test: lint
 	$(VENV)/bin/pytest -q
@@ -33,5 +34,9 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(PY) -m bench --smoke --out $(or $(BENCH_OUT),/tmp/drived-bench-smoke)
 
+# Builds the image with podman and checks it from the host (exit 77: podman unavailable, reason printed).
+container-test: $(STAMP)
+	bash tests/container_test.sh
+
 clean:
-	rm -rf $(VENV) drive-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools drive-data .pytest_cache .mypy_cache .ruff_cache
