@@ -27,7 +27,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import accumulate, chain, pairwise
+from itertools import accumulate, chain, pairwise, repeat
 from typing import overload
 
 _SLASH = 0x2F
@@ -78,7 +78,7 @@ def make_run(keys: list[bytes], sizes: Iterable[int], stamps: list[bytes], etags
              markers: int | None = None) -> Run:
     """A run from parallel lists (keys sorted, relative to the prefix; stamps canonical)."""
     if markers is None:
-        markers = sum(1 for k in keys if k[-1:] == b"/")
+        markers = sum(map(bytes.endswith, keys, repeat(b"/")))
     return Run(
         first=keys[0],
         last=keys[-1],
