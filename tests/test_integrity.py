@@ -315,3 +315,49 @@ def test_stored_file_matches_sha_in_data_dir(own_daemon, drive_uri):
     with grpc.insecure_channel(own_daemon.endpoint) as ch:
         raw_put(drive_pb2_grpc.DriveServiceStub(ch), drive_uri, "kept.bin", data)
     assert holds_bytes(own_daemon.data_dir, data)
+
+
+@pytest.mark.parametrize("change", ["delete", "replace"])
+def test_reader_keeps_its_version_when_file_changes_mid_read(stub, drive_uri, change):
+    old = os.urandom(12 * MIB)
+    raw_put(stub, drive_uri, "moving.bin", old)
+    stream = stub.Get(pb.GetRequest(drive=drive_uri, path="moving.bin"), timeout=60)
+    first = next(stream)
+    assert first.WhichOneof("message") == "info" and first.info.sha256 == sha256_hex(old)
+    received = bytearray(next(stream).data)
+    if change == "delete":
+        stub.Delete(pb.DeleteRequest(drive=drive_uri, path="moving.bin"), timeout=10)
+    else:
+        raw_put(stub, drive_uri, "moving.bin", os.urandom(12 * MIB))
+    for msg in stream:
+        received.extend(msg.data)
+    assert len(received) == len(old) and sha256_hex(bytes(received)) == sha256_hex(old), (
+        "a reader must get the whole version it started, even when the file is deleted or replaced"
+    )
+
+
+def test_concurrent_puts_by_components_without_duplicates(daemon, tmp_path, drive_uri):
+    """allow_duplicates=False under a race: at most one component ends up holding the path."""
+    n = 6
+    for i in range(n):
+        write_random_file(tmp_path / f"c{i}" / "race.bin", 512 * 1024)
+    start = threading.Event()
+
+    def put(i: int):
+        start.wait(10)
+        try:
+            make(drive_uri, daemon, tmp_path / f"c{i}", f"comp_{i}").put("race.bin")
+            return "ok"
+        except FileExistsError:
+            return "refused"
+
+    threads = [Background(lambda i=i: put(i)) for i in range(n)]
+    for t in threads:
+        t.start()
+    start.set()
+    outcomes = [t.join_checked(60) for t in threads]
+    reader = make(drive_uri, daemon, tmp_path)
+    holders = [i for i in range(n) if reader.list(".", component_name=f"comp_{i}") == ["race.bin"]]
+    assert len(holders) == 1, f"components holding the path: {holders} (outcomes {outcomes})"
+    assert outcomes.count("ok") == 1, outcomes
+    assert reader.stat("race.bin").component == f"comp_{holders[0]}"
