@@ -17,6 +17,7 @@ from conftest import (
     BIN,
     MIB,
     ROOT,
+    Background,
     free_port,
     health_status,
     holds_bytes,
@@ -294,3 +295,23 @@ def test_data_dir_is_created(tmp_path, start_daemon):
         assert target.is_dir()
     finally:
         handle.stop()
+
+
+def test_sigterm_answers_waiting_gets_unavailable(tmp_path, start_daemon):
+    """A Get waiting for a path is not a transfer: on SIGTERM it is answered UNAVAILABLE (shutting
+    down), and it does not hold the daemon for the whole grace period."""
+    handle = start_daemon(tmp_path, "--grace-period", "30")
+    ch, stub = stub_for(handle.endpoint)
+    with ch:
+        waiter = Background(lambda: raw_get(stub, "lit://waiting", "never.txt", wait_seconds=60))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive()
+        t0 = time.monotonic()
+        handle.proc.send_signal(signal.SIGTERM)
+        waiter.join(25)
+        assert not waiter.is_alive(), "the waiting Get was not answered"
+        assert isinstance(waiter.error, grpc.RpcError)
+        assert waiter.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert handle.proc.wait(25) == 0, handle.log()
+    assert time.monotonic() - t0 < 20, "a waiting Get should not hold the shutdown for the grace period"
