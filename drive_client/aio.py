@@ -41,7 +41,7 @@ def _next_batch(messages: Iterator[pb.PutRequest]) -> list[pb.PutRequest]:
     size = 0
     for message in messages:
         batch.append(message)
-        size += len(message.data) + 256
+        size += message.ByteSize()
         if size >= CHUNK_SIZE:
             break
     return batch

@@ -11,7 +11,7 @@ import os
 import queue
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Generic, TypeVar
 
@@ -58,7 +58,7 @@ class ReadAhead(Generic[T]):
             self.error = err
         self._offer(_END)
 
-    def __iter__(self) -> Iterator[T]:
+    def __iter__(self) -> Generator[T, None, None]:
         try:
             while (item := self._queue.get()) is not _END:
                 yield item
@@ -113,7 +113,7 @@ class _Receiving:
         self.target = target
         target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.part"
-        self.file: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish/discard
+        self.file: BinaryIO = open(self.tmp, "w+b")  # noqa: SIM115 - closed in finish/discard
         self.digest = hashlib.sha256()
         self.size = 0
 
@@ -163,9 +163,10 @@ def receive_files(
             elif current is None:
                 raise DataLoss("the server sent data before the file's info", grpc.StatusCode.DATA_LOSS)
             else:
-                current.write(message.data)
+                data = message.data  # each access copies the bytes: once only
+                current.write(data)
                 if progress:
-                    progress(len(message.data))
+                    progress(len(data))
         if current is not None:
             written.append(current.finish())
             current = None
@@ -174,3 +175,73 @@ def receive_files(
             current.discard()
     return written
 
+
+
+PARALLEL_MIN_SIZE = 64 << 20  # files at least this big are fetched over several streams
+RANGE_BLOCK = 16 << 20  # bytes per ranged read
+RANGE_STREAMS = 4
+
+
+def fetch_in_ranges(
+    info: pb.FileInfo, target: Path, read_range: Callable[[int, int], Iterable[bytes]],
+    streams: int = RANGE_STREAMS, progress: Progress | None = None,
+) -> Path:
+    """Fetches one file as blocks read by `streams` concurrent ranged reads, then verifies and renames it.
+
+    `read_range(offset, length)` yields the bytes of one block; it must pin
+    the version (if_match), so blocks of different versions never mix. The
+    blocks are written in place; this thread hashes the file behind them, in
+    order, from the page cache. Memory: a chunk per stream.
+    """
+    receiving = _Receiving(info, target)
+    fd = receiving.file.fileno()
+    offsets = list(range(0, info.size, RANGE_BLOCK))
+    pending = iter(offsets)
+    finished: set[int] = set()
+    errors: list[BaseException] = []
+    changed = threading.Condition()
+
+    def fetch_blocks() -> None:
+        try:
+            while not errors:
+                with changed:
+                    offset = next(pending, None)
+                if offset is None:
+                    return
+                position, end = offset, min(offset + RANGE_BLOCK, info.size)
+                for data in read_range(offset, end - offset):
+                    os.pwrite(fd, data, position)
+                    position += len(data)
+                    if progress:
+                        progress(len(data))
+                if position != end:
+                    raise DataLoss(f"{info.path!r}: a ranged read ended early; try again", grpc.StatusCode.DATA_LOSS)
+                with changed:
+                    finished.add(offset)
+                    changed.notify_all()
+        except BaseException as err:  # handed to the hashing thread
+            with changed:
+                errors.append(err)
+                changed.notify_all()
+
+    workers = [threading.Thread(target=fetch_blocks, daemon=True) for _ in range(min(streams, len(offsets)))]
+    try:
+        os.ftruncate(fd, info.size)
+        for worker in workers:
+            worker.start()
+        for offset in offsets:
+            with changed:
+                changed.wait_for(lambda o=offset: o in finished or bool(errors))  # type: ignore[misc]
+                if errors:
+                    raise errors[0]
+            end = min(offset + RANGE_BLOCK, info.size)
+            for position in range(offset, end, CHUNK_SIZE):
+                receiving.digest.update(os.pread(fd, min(CHUNK_SIZE, end - position), position))
+        receiving.size = info.size
+        return receiving.finish()
+    except BaseException:
+        errors.append(InterruptedError("stopped"))  # the workers stop after their current block
+        for worker in workers:
+            worker.join()
+        receiving.discard()
+        raise

@@ -121,8 +121,9 @@ class DriveService(pb_grpc.DriveServiceServicer):
                     if kind == "data":
                         if pending is None:
                             raise InvalidArgument("a Put stream must start each file with a header before its data")
-                        await pending.upload.write(message.data)
-                        record.bytes += len(message.data)
+                        data = message.data  # each access copies the bytes: once only
+                        await pending.upload.write(data)
+                        record.bytes += len(data)
                     elif kind == "header":
                         if pending is not None:
                             raise InvalidArgument(f"a new header arrived before the finish of {pending.path!r}")
