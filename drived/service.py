@@ -78,8 +78,8 @@ class DriveService(pb_grpc.DriveServiceServicer):
         metrics.OPEN_REQUESTS.labels(method).inc()
         try:
             yield record
-        except asyncio.CancelledError:
-            record.status = "CANCELLED"  # the client went away
+        except (asyncio.CancelledError, GeneratorExit):
+            record.status = "CANCELLED"  # the client went away (streams see GeneratorExit)
             raise
         finally:
             seconds = time.perf_counter() - started
