@@ -368,9 +368,10 @@ def test_index_ordering_matches_a_model() -> None:
         for _ in range(3000)
     } - {"", "/"}, key=lambda k: k.encode())
     encoded = [k.encode() for k in keys]
-    index = S3Index.from_runs([
-        make_run(encoded[i : i + 97], range(len(encoded[i : i + 97])),
-                 [b"2024-05-01T12:00:00.123Z"] * len(encoded[i : i + 97]), [b"e"] * len(encoded[i : i + 97]))
+    etags = [b"%032x" % i if i < 1500 else b"%032x-%d" % (i, i % 11) for i in range(len(keys))]
+    index = S3Index.from_runs([  # ETags of one width, then of several (both storage layouts)
+        make_run(encoded[i : i + 97], range(i, i + len(encoded[i : i + 97])),
+                 [b"2024-05-01T12:00:00.123Z"] * len(encoded[i : i + 97]), etags[i : i + 97])
         for i in range(0, len(encoded), 97)
     ])
     assert index.objects == sum(1 for k in keys if not k.endswith("/"))
@@ -390,5 +391,11 @@ def test_index_ordering_matches_a_model() -> None:
         p = k.rstrip("/")
         entry = index.stat(p)
         assert entry is not None
-        if not k.endswith("/") and k in keys:
+        if not k.endswith("/"):
+            i = keys.index(k)
             assert not entry.folder and entry.mtime_ns == 1714564800_123_000_000
+            assert entry.size == i and entry.etag == etags[i].decode()
+    fixed = S3Index.from_runs([make_run(encoded[:50], range(50), [b"2024-05-01T12:00:00.123Z"] * 50, etags[:50])])
+    assert all(fixed.stat(k.rstrip("/")) is not None for k in keys[:50])
+    assert [e.etag for e in fixed.list("", True, "", 0)[0]] == [
+        etags[i].decode() for i in range(50) if not keys[i].endswith("/")]

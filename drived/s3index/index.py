@@ -68,6 +68,7 @@ class Run:
     stamps: bytes  # LastModified of each key, STAMP_WIDTH bytes each ('2024-05-01T12:00:00.000Z')
     etags: bytes  # the ETags without quotes, joined
     etag_lens: array  # array('I')
+    etag_width: int = 0  # the common length of every ETag in the run, 0 if they differ
     markers: int = 0  # how many keys end in '/'
 
     def __len__(self) -> int:
@@ -79,6 +80,7 @@ def make_run(keys: list[bytes], sizes: Iterable[int], stamps: list[bytes], etags
     """A run from parallel lists (keys sorted, relative to the prefix; stamps canonical)."""
     if markers is None:
         markers = sum(map(bytes.endswith, keys, repeat(b"/")))
+    etag_lens = array("I", map(len, etags))
     return Run(
         first=keys[0],
         last=keys[-1],
@@ -87,7 +89,8 @@ def make_run(keys: list[bytes], sizes: Iterable[int], stamps: list[bytes], etags
         sizes=array("q", sizes),
         stamps=b"".join(stamps),
         etags=b"".join(etags),
-        etag_lens=array("I", map(len, etags)),
+        etag_lens=etag_lens,
+        etag_width=etag_lens[0] if etag_lens and min(etag_lens) == max(etag_lens) else 0,
         markers=markers,
     )
 
@@ -158,7 +161,9 @@ class _Scan:
 class S3Index:
     """The sorted objects of one mounted location; immutable once built, safe to share."""
 
-    __slots__ = ("_eoff", "_etags", "_keys", "_n", "_sizes", "_stamps", "_view", "markers", "objects")
+    __slots__ = (
+        "_eoff", "_etags", "_ewidth", "_keys", "_n", "_sizes", "_stamps", "_view", "markers", "objects",
+    )
 
     def __init__(
         self,
@@ -168,6 +173,7 @@ class S3Index:
         stamps: bytes = b"",
         etags: bytes = b"",
         etag_offsets: array | None = None,
+        etag_width: int = 0,
         markers: int = 0,
     ) -> None:
         self._keys = keys
@@ -177,6 +183,9 @@ class S3Index:
         self._sizes = sizes if sizes is not None else array("q")
         self._stamps = stamps
         self._etags = etags
+        # ETags are etag_width bytes each (single-part uploads: 32 hex digits), or else
+        # delimited by etag_offsets.
+        self._ewidth = etag_width
         self._eoff = etag_offsets if etag_offsets is not None else array("q", [0])
         self.markers = markers
         self.objects = self._n - markers  # number of objects (folder markers excluded)
@@ -199,7 +208,12 @@ class S3Index:
         for r in runs:
             sizes.extend(r.sizes)
         key_offsets = array("q", accumulate(chain.from_iterable(r.key_lens for r in runs), initial=0))
-        etag_offsets = array("q", accumulate(chain.from_iterable(r.etag_lens for r in runs), initial=0))
+        widths = {r.etag_width for r in runs}
+        etag_width = widths.pop() if len(widths) == 1 else 0
+        etag_offsets = (
+            None if etag_width
+            else array("q", accumulate(chain.from_iterable(r.etag_lens for r in runs), initial=0))
+        )
         return cls(
             b"".join(r.keys for r in runs),
             key_offsets,
@@ -207,6 +221,7 @@ class S3Index:
             b"".join(r.stamps for r in runs),
             b"".join(r.etags for r in runs),
             etag_offsets,
+            etag_width,
             sum(r.markers for r in runs),
         )
 
@@ -250,8 +265,12 @@ class S3Index:
         return self._view[i]
 
     def _file(self, i: int, path: str) -> S3Entry:
-        eoff = self._eoff
-        etag = self._etags[eoff[i] : eoff[i + 1]].decode("ascii", "replace")
+        w = self._ewidth
+        if w:
+            etag = self._etags[i * w : (i + 1) * w].decode("ascii", "replace")
+        else:
+            eoff = self._eoff
+            etag = self._etags[eoff[i] : eoff[i + 1]].decode("ascii", "replace")
         stamp = self._stamps[i * STAMP_WIDTH : (i + 1) * STAMP_WIDTH]
         return S3Entry(path, self._sizes[i], etag, stamp_ns(stamp), False)
 
