@@ -3,11 +3,12 @@
 In one run, over the same local ListObjectsV2 endpoint (bench/s3_listing_server.py,
 in its own process):
 
-- `mount_s`: drived's mount (S3Mounts.mount: parallel lister + index), in a fresh
-  child process that then holds the index, so its RSS is the index's cost plus
-  the interpreter, boto3 and grpc-free baseline (`daemon_rss_mib`, peak too);
-- `list_s` / `index_build_s`: the same listing split into its two phases
-  (ListObjectsV2 + parsing, then `S3Index.from_runs` alone);
+- `mount_s`: drived's mount (S3Mounts.mount: parallel lister + index), first
+  thing in a fresh child process, which then holds the index: its RSS
+  (`daemon_rss_mib`, and the peak during the mount) is the index's cost plus
+  the interpreter-and-boto3 baseline (`baseline_rss_mib`);
+- `list_s` / `index_build_s`: a second listing in the same child, split into
+  its two phases (ListObjectsV2 + parsing, then `S3Index.from_runs` alone);
 - `list100_ms`: one List of a 100-entry folder from that index (median), and
   `stat_us`, one Stat;
 - `boto3_paginator_s`: the reference, a plain boto3 `list_objects_v2` paginator
@@ -75,17 +76,6 @@ def _child(keys_per_level: int, concurrency: int) -> dict[str, Any]:
     n = keys_per_level
     rss_before = _status_mib("VmRSS")
 
-    # The two phases, measured apart (this index is dropped before the real mount).
-    client = make_listing_client(concurrency + 4)
-    t0 = time.perf_counter()
-    result = Lister(client, BUCKET, "", concurrency=concurrency).run()
-    list_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    index = S3Index.from_runs(result.runs)
-    build_s = time.perf_counter() - t0
-    requests = result.requests
-    del result, index, client
-
     async def mount() -> tuple[S3Mounts, float, int, S3Index]:
         mounts = S3Mounts(concurrency=concurrency)
         t = time.perf_counter()
@@ -93,7 +83,21 @@ def _child(keys_per_level: int, concurrency: int) -> dict[str, Any]:
         seconds = time.perf_counter() - t
         return mounts, seconds, objects, await mounts.index(BUCKET, "")
 
+    # The mount first, in this fresh process: its RSS is what a daemon holding the index pays.
     mounts, mount_s, objects, index = asyncio.run(mount())
+    rss, peak = _status_mib("VmRSS"), _status_mib("VmHWM")
+
+    # Then the two phases, measured apart (this second index is dropped).
+    client = make_listing_client(concurrency + 4)
+    t0 = time.perf_counter()
+    result = Lister(client, BUCKET, "", concurrency=concurrency).run()
+    list_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    S3Index.from_runs(result.runs)
+    build_s = time.perf_counter() - t0
+    requests = result.requests
+    del result, client
+
     folder = f"d{n // 2:03d}/d{n // 2:03d}"
     laps = []
     for _ in range(200):
@@ -123,8 +127,8 @@ def _child(keys_per_level: int, concurrency: int) -> dict[str, Any]:
         "list_root_ms": statistics.median(root_laps) * 1000,
         "stat_us": stat_us,
         "index_mib": index.nbytes() / 2**20,
-        "daemon_rss_mib": _status_mib("VmRSS"),
-        "daemon_peak_rss_mib": _status_mib("VmHWM"),
+        "daemon_rss_mib": rss,
+        "daemon_peak_rss_mib": peak,
         "baseline_rss_mib": rss_before,
         "mounted": mounts.mounted(BUCKET, ""),
     }

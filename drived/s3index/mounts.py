@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Any
 
+from drive_client.errors import InvalidArgument
+
 from .index import S3Index
 from .lister import ListingStats, build_index, make_listing_client
 
@@ -67,6 +69,8 @@ class S3Mounts:
         """
         if self._closed:
             raise RuntimeError("S3Mounts is closed")
+        if prefix and not prefix.endswith("/"):
+            raise InvalidArgument(f"an s3 drive is a folder: use prefix {prefix + '/'!r}, not {prefix!r}")
         key = (bucket, prefix)
         task = self._inflight.get(key)
         if task is None:
