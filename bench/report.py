@@ -195,7 +195,7 @@ def checks(size_label: str, folder_files: int = 1000) -> list[Check]:
         ),
         Check("mount 1M keys", "index.mount_s", (), 5.0, "≤ 5 s", "below"),
         Check(
-            "mount vs boto3 paginator",
+            "boto3 paginator time ÷ mount time",
             "index.boto3_paginator_s",
             ("index.mount_s",),
             10.0,
