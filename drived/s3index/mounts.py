@@ -57,7 +57,9 @@ class S3Mounts:
         loop = asyncio.get_running_loop()
         index, seconds = await loop.run_in_executor(None, functools.partial(self._index_blocking, *key))
         if not self._closed:
-            self._indexes[key] = index  # readers switch to the new index in one step
+            self._indexes[key] = index  # readers switch to the new index in one step...
+        if self._inflight.get(key) is asyncio.current_task():
+            del self._inflight[key]  # ...and in the same step the run stops being "in progress"
         return index, seconds
 
     async def mount(self, bucket: str, prefix: str) -> tuple[int, float]:
