@@ -10,6 +10,7 @@ leaves the previous index in place.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import time
@@ -36,6 +37,8 @@ class S3Mounts:
         self._inflight: dict[_Key, asyncio.Task[tuple[S3Index, float]]] = {}
         self._client: Any = None
         self._closed = False
+        # Each run blocks one of these threads (its listing fans out on threads of its own).
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-mount")
 
     def _listing_client(self) -> Any:
         if self._client is None:  # created lazily, on a worker thread: boto3 setup is slow
@@ -55,7 +58,7 @@ class S3Mounts:
 
     async def _run(self, key: _Key) -> tuple[S3Index, float]:
         loop = asyncio.get_running_loop()
-        index, seconds = await loop.run_in_executor(None, functools.partial(self._index_blocking, *key))
+        index, seconds = await loop.run_in_executor(self._executor, functools.partial(self._index_blocking, *key))
         if not self._closed:
             self._indexes[key] = index  # readers switch to the new index in one step...
         if self._inflight.get(key) is asyncio.current_task():
@@ -115,3 +118,4 @@ class S3Mounts:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._indexes.clear()
         self._client = None
+        self._executor.shutdown(wait=False)

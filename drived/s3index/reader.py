@@ -11,6 +11,7 @@ yielded: S3 answers 412 to the If-Match, and the answer's ETag and total size
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import os
 import re
@@ -23,6 +24,9 @@ from drive_client.errors import InvalidArgument, StaleIndexError
 from .lister import make_client, map_error
 
 WINDOW = 64 * 1024 * 1024  # bytes per ranged GET (at least one chunk)
+# Blocking boto3 calls and body reads run here, not in the loop's small default executor
+# (min(32, cpus + 4) threads), so many concurrent reads do not queue behind each other.
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="s3-read")
 
 _clients: dict[tuple[tuple[str, str], ...], Any] = {}
 _clients_lock = threading.Lock()
@@ -98,20 +102,20 @@ async def read_object(bucket: str, key: str, *, etag: str, size: int, offset: in
         raise InvalidArgument("chunk_size must be positive")
     end = size if limit == 0 else min(size, offset + limit)
     loop = asyncio.get_running_loop()
-    client = await loop.run_in_executor(None, _get_client)
+    client = await loop.run_in_executor(_EXECUTOR, _get_client)
     if end <= offset:  # nothing to send; still refuse a changed object
-        await loop.run_in_executor(None, _head, client, bucket, key, etag, size)
+        await loop.run_in_executor(_EXECUTOR, _head, client, bucket, key, etag, size)
         return
     window = max(WINDOW // chunk_size, 1) * chunk_size
     pos = offset
     while pos < end:
         stop = min(end, pos + window)
-        body = await loop.run_in_executor(None, _open, client, bucket, key, etag, size, pos, stop)
+        body = await loop.run_in_executor(_EXECUTOR, _open, client, bucket, key, etag, size, pos, stop)
         try:
             while pos < stop:
                 want = min(chunk_size, stop - pos)
                 try:
-                    data = await loop.run_in_executor(None, functools.partial(body.read, want))
+                    data = await loop.run_in_executor(_EXECUTOR, functools.partial(body.read, want))
                 except Exception as err:
                     raise map_error(err, client, bucket, key) from err
                 if not data:
