@@ -315,34 +315,36 @@ class S3Index:
 
     def _list_recursive(self, pos: int, hi: int, want: int) -> _Entries[S3Entry]:
         out: _Entries[S3Entry] = []
-        view = self._view
+        blob, off, file = self._keys, self._view._off, self._file
         while pos < hi and len(out) < want:
-            key = view[pos]
-            if key[-1] != _SLASH:  # folder markers are not files
-                out.append(self._file(pos, key.decode("utf-8", "replace")))
+            end = off[pos + 1]
+            if blob[end - 1] != _SLASH:  # folder markers are not files
+                out.append(file(pos, blob[off[pos] : end].decode("utf-8", "replace")))
             pos += 1
         return out
 
     def _list_children(self, base: bytes, sa: bytes, pos: int, hi: int, want: int) -> _Entries[S3Entry]:
-        view = self._view
+        blob, off, file = self._keys, self._view._off, self._file
         blen = len(base)
         scan = _Scan()
-        while pos < hi and len(scan.out) < want:
-            key = view[pos]
-            cut = key.find(b"/", blen)
-            name = key[:cut] if cut >= 0 else key
+        out, emitted = scan.out, scan.emitted
+        while pos < hi and len(out) < want:
+            start = off[pos]
+            end = off[pos + 1]
+            cut = blob.find(b"/", start + blen, end)
+            name = blob[start : cut if cut >= 0 else end]
             if len(name) > blen:  # skip the marker of the listed folder itself
-                self._folders_before(name, blen, sa, pos, hi, scan)
-                if name not in scan.emitted and name > sa:
-                    scan.emitted.add(name)
+                if _BEFORE_SLASH.search(name, blen + 1):
+                    self._folders_before(name, blen, sa, pos, hi, scan)
+                if name not in emitted and name > sa:
+                    emitted.add(name)
                     path = name.decode("utf-8", "replace")
-                    scan.out.append(S3Entry(path, 0, "", 0, True) if cut >= 0 else self._file(pos, path))
+                    out.append(S3Entry(path, 0, "", 0, True) if cut >= 0 else file(pos, path))
             if cut >= 0:  # jump over the sub-folder's keys
-                pos = self._lower(_upper(key[: cut + 1]), pos + 1)
-                pos = min(pos, hi)
+                pos = min(self._lower(_upper(name + b"/"), pos + 1), hi)
             else:
                 pos += 1
-        return scan.out
+        return out
 
     def _folders_before(self, name: bytes, blen: int, sa: bytes, pos: int, hi: int, scan: _Scan) -> None:
         """Emits folders that sort before `name` in path order but after it in key order.
@@ -350,13 +352,17 @@ class S3Index:
         A folder `x` (keys `x/...`) comes before `x.txt` in path order, but its
         keys come after `x.txt`'s: emit it when the scan meets `x.txt`.
         """
+        if pos + 1 >= hi:
+            return
+        # Keys starting with a candidate `folder` are contiguous and include `name` (at pos):
+        # when the next key does not start with even the shortest candidate, no `folder/...`
+        # key exists (the common case, e.g. `f001.bin` after `f000.bin`).
+        following = self._view[pos + 1]
         for m in _BEFORE_SLASH.finditer(name, blen + 1):
             folder = name[: m.start()]
+            if not following.startswith(folder):
+                return
             if folder in scan.emitted or not folder > sa:
-                continue
-            # Keys starting with `folder` are contiguous and include `name` (at pos): when the
-            # next key does not start with it, no `folder/...` key exists (the common case).
-            if pos + 1 >= hi or not self._view[pos + 1].startswith(folder):
                 continue
             sub = folder + b"/"
             i = bisect.bisect_left(self._view, sub, pos, hi)
