@@ -33,15 +33,16 @@ from .drive import _mounted, _mounted_lock
 from .errors import from_rpc_error
 from .transfer import CHUNK_SIZE, local_files, put_requests, receive_files
 from .uri import normalize_path
+from .wire import GetMessage, PutMessage, fast_stub
 
 
-def _next_batch(messages: Iterator[pb.PutRequest]) -> list[pb.PutRequest]:
+def _next_batch(messages: Iterator[PutMessage]) -> list[PutMessage]:
     """Up to about a chunk's worth of messages (runs in a worker thread)."""
-    batch: list[pb.PutRequest] = []
+    batch: list[PutMessage] = []
     size = 0
     for message in messages:
         batch.append(message)
-        size += message.ByteSize()
+        size += len(message) if isinstance(message, (bytes, memoryview)) else message.ByteSize()
         if size >= CHUNK_SIZE:
             break
     return batch
@@ -59,7 +60,7 @@ class AsyncDrive(DriveBase):
         loop = asyncio.get_running_loop()
         if self._channel is None or self._channel[0] != (os.getpid(), loop):
             channel = grpc.aio.insecure_channel(self.endpoint, options=CHANNEL_OPTIONS)
-            self._channel = ((os.getpid(), loop), channel, pb_grpc.DriveServiceStub(channel))
+            self._channel = ((os.getpid(), loop), channel, fast_stub(channel))
         return self._channel[2]
 
     async def close(self) -> None:
@@ -99,7 +100,7 @@ class AsyncDrive(DriveBase):
         messages = put_requests(self._put_header(), files)
         failure: list[BaseException] = []
 
-        async def requests() -> AsyncIterator[pb.PutRequest]:
+        async def requests() -> AsyncIterator[PutMessage]:
             try:
                 while batch := await asyncio.to_thread(_next_batch, messages):
                     for message in batch:
@@ -140,7 +141,7 @@ class AsyncDrive(DriveBase):
         call = self._stub.Get(request, metadata=self._metadata)
         loop = asyncio.get_running_loop()
 
-        def messages() -> Iterator[pb.GetResponse]:
+        def messages() -> Iterator[GetMessage]:
             """The stream's messages, read on the event loop for the writing thread."""
             while (message := asyncio.run_coroutine_threadsafe(call.read(), loop).result()) is not grpc.aio.EOF:
                 yield message
@@ -165,7 +166,7 @@ class AsyncDrive(DriveBase):
             async for message in call:
                 data = check_range_reply(message, request)
                 if data is not None:
-                    yield data
+                    yield bytes(data)
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.endpoint) from None
         finally:

@@ -16,6 +16,7 @@ import grpc
 from ._pb import drive_pb2 as pb
 from .errors import AlreadyExists, InvalidArgument, from_rpc_error
 from .uri import DriveId, check_component, normalize_path, parse_drive
+from .wire import Chunk, GetMessage, chunk_of
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
 MESSAGE_LIMIT = 8 << 20
@@ -171,11 +172,12 @@ class DriveBase:
         )
 
 
-def check_range_reply(message: pb.GetResponse, request: pb.GetRequest) -> bytes | None:
+def check_range_reply(message: GetMessage, request: pb.GetRequest) -> Chunk | None:
     """The bytes of a ranged-read reply (None for its info); refuses a folder."""
-    if message.HasField("data"):
-        return message.data
-    if message.info.folder or message.info.path != request.path:
+    data = chunk_of(message)
+    if data is not None:
+        return data
+    if message.info.folder or message.info.path != request.path:  # type: ignore[union-attr]
         raise InvalidArgument(f"{request.path!r} is a folder: a ranged read reads one file")
     return None
 

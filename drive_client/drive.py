@@ -38,6 +38,7 @@ from .transfer import (
     receive_files,
 )
 from .uri import normalize_path
+from .wire import Chunk, fast_stub
 
 T = TypeVar("T")
 
@@ -66,7 +67,7 @@ class Drive(DriveBase):
     def _stub(self) -> pb_grpc.DriveServiceStub:
         if self._channel is None or self._channel[0] != os.getpid():
             channel = grpc.insecure_channel(self.endpoint, options=CHANNEL_OPTIONS)
-            self._channel = (os.getpid(), channel, pb_grpc.DriveServiceStub(channel))
+            self._channel = (os.getpid(), channel, fast_stub(channel))
         return self._channel[2]
 
     def _call(self, rpc: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -145,7 +146,7 @@ class Drive(DriveBase):
                 messages.close()
                 pin = {"component_name": first.info.component or None, "if_match": first.info.sha256 or first.info.etag}
                 fetch_in_ranges(
-                    first.info, target, lambda offset, length: self.read_range(remote, offset, length, **pin),
+                    first.info, target, lambda offset, length: self._read_chunks(remote, offset, length, **pin),
                     progress=progress,
                 )
             else:
@@ -164,6 +165,12 @@ class Drive(DriveBase):
         `if_match` (the file's sha256, or ETag for s3) makes the read fail with
         StaleIndexError if the file was replaced meanwhile.
         """
+        for chunk in self._read_chunks(path, offset, length, component_name, if_match):
+            yield bytes(chunk)
+
+    def _read_chunks(self, path: str, offset: int, length: int | None, component_name: str | None,
+                     if_match: str) -> Iterator[Chunk]:
+        """`read_range` without copying each chunk out of the message it came in."""
         request = self._range_request(path, offset, length, component_name, if_match)
         if length == 0:
             return

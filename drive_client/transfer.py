@@ -19,6 +19,7 @@ import grpc
 
 from ._pb import drive_pb2 as pb
 from .errors import DataLoss, NotFound
+from .wire import Chunk, GetMessage, PutMessage, chunk_of
 
 CHUNK_SIZE = 1 << 20
 T = TypeVar("T")
@@ -87,8 +88,11 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
 def put_requests(
     header: pb.PutHeader, files: Iterable[tuple[Path, str]], chunk_size: int = CHUNK_SIZE,
     progress: Progress | None = None,
-) -> Iterator[pb.PutRequest]:
-    """The messages of one Put stream carrying `files`, each with a header copied from `header`."""
+) -> Iterator[PutMessage]:
+    """The messages of one Put stream carrying `files`, each with a header copied from `header`.
+
+    Data chunks are plain bytes (see `wire`): a stub from `wire.fast_stub` sends them.
+    """
     for local, remote in files:
         with open(local, "rb") as f:
             file_header = pb.PutHeader()
@@ -99,7 +103,7 @@ def put_requests(
             digest = hashlib.sha256()
             while chunk := f.read(chunk_size):
                 digest.update(chunk)
-                yield pb.PutRequest(data=chunk)
+                yield chunk
                 if progress:
                     progress(len(chunk))
         yield pb.PutRequest(finish=pb.PutFinish(sha256=digest.hexdigest()))
@@ -117,7 +121,7 @@ class _Receiving:
         self.digest = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Chunk) -> None:
         self.digest.update(data)
         self.file.write(data)
         self.size += len(data)
@@ -144,7 +148,7 @@ class _Receiving:
 
 
 def receive_files(
-    responses: Iterable[pb.GetResponse], target_of: Callable[[str], Path],
+    responses: Iterable[GetMessage], target_of: Callable[[str], Path],
     progress: Progress | None = None,
 ) -> list[Path]:
     """Writes the files of a Get stream; `target_of` maps a file's drive path to its local path.
@@ -156,14 +160,15 @@ def receive_files(
     current: _Receiving | None = None
     try:
         for message in responses:
-            if message.HasField("info"):
+            data = chunk_of(message)
+            if data is None:
                 if current is not None:
                     written.append(current.finish())
-                current = _Receiving(message.info, target_of(message.info.path))
+                info = message.info  # type: ignore[union-attr]
+                current = _Receiving(info, target_of(info.path))
             elif current is None:
                 raise DataLoss("the server sent data before the file's info", grpc.StatusCode.DATA_LOSS)
             else:
-                data = message.data  # each access copies the bytes: once only
                 current.write(data)
                 if progress:
                     progress(len(data))
@@ -183,7 +188,7 @@ RANGE_STREAMS = 4
 
 
 def fetch_in_ranges(
-    info: pb.FileInfo, target: Path, read_range: Callable[[int, int], Iterable[bytes]],
+    info: pb.FileInfo, target: Path, read_range: Callable[[int, int], Iterable[Chunk]],
     streams: int = RANGE_STREAMS, progress: Progress | None = None,
 ) -> Path:
     """Fetches one file as blocks read by `streams` concurrent ranged reads, then verifies and renames it.

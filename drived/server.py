@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from drive_client._pb import drive_pb2 as pb
-from drive_client._pb import drive_pb2_grpc as pb_grpc
+from drive_client.wire import add_fast_servicer
 
 from . import metrics
 from .backends.local import LocalBackend
@@ -45,7 +45,7 @@ async def serve(config: Config) -> None:
     mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size)
     events = EventLog()
     service = DriveService(ManagedDrives(backend, events), S3Drives(mounts, config.chunk_size))
-    pb_grpc.add_DriveServiceServicer_to_server(service, server)
+    add_fast_servicer(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

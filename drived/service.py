@@ -23,6 +23,7 @@ from drive_client._pb import drive_pb2 as pb
 from drive_client._pb import drive_pb2_grpc as pb_grpc
 from drive_client.errors import DriveError, InvalidArgument, PermissionDenied
 from drive_client.uri import DriveId, check_component, normalize_path, parse_drive
+from drive_client.wire import GetMessage, PutMessage, chunk_of
 
 from . import metrics
 from .entry import Entry
@@ -109,7 +110,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
     # -- Put ---------------------------------------------------------------
 
     async def Put(
-        self, request_iterator: AsyncIterable[pb.PutRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterable[PutMessage], context: grpc.aio.ServicerContext
     ) -> pb.PutResponse:
         with self._request("Put") as record:
             pending: PendingPut | None = None
@@ -117,26 +118,27 @@ class DriveService(pb_grpc.DriveServiceServicer):
             committed: list[pb.FileInfo] = []
             try:
                 async for message in request_iterator:
-                    kind = message.WhichOneof("message")
-                    if kind == "data":
+                    data = chunk_of(message)
+                    kind = "data" if data is not None else message.WhichOneof("message")  # type: ignore[union-attr]
+                    if data is not None:
                         if pending is None:
                             raise InvalidArgument("a Put stream must start each file with a header before its data")
-                        data = message.data  # each access copies the bytes: once only
                         await pending.upload.write(data)
                         record.bytes += len(data)
                     elif kind == "header":
                         if pending is not None:
                             raise InvalidArgument(f"a new header arrived before the finish of {pending.path!r}")
-                        header = message.header
+                        header = message.header  # type: ignore[union-attr]
                         pending = await self._begin_put(header, record)
                         size = header.size if header.HasField("size") else None
                     elif kind == "finish":
                         if pending is None:
                             raise InvalidArgument("a finish arrived with no file started: send a header first")
-                        if not message.finish.sha256:
+                        sha256 = message.finish.sha256.lower()  # type: ignore[union-attr]
+                        if not sha256:
                             raise InvalidArgument("a finish needs the sha256 of the file's bytes")
                         put, pending = pending, None
-                        entry = await self.managed.commit_put(put, message.finish.sha256.lower(), size)
+                        entry = await self.managed.commit_put(put, sha256, size)
                         committed.append(file_info(entry))
                         record.files += 1
                     else:
@@ -165,7 +167,9 @@ class DriveService(pb_grpc.DriveServiceServicer):
 
     # -- Get ---------------------------------------------------------------
 
-    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetResponse]:
+    async def Get(  # type: ignore[override]  # chunks are yielded as bytes, see drive_client.wire
+        self, request: pb.GetRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[GetMessage]:
         with self._request("Get") as record:
             record.drive, record.path, record.component = request.drive, request.path, request.component
             try:
@@ -174,7 +178,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
                     yield pb.GetResponse(info=file_info(entry))
                     async for chunk in chunks:
                         record.bytes += len(chunk)
-                        yield pb.GetResponse(data=chunk)
+                        yield chunk  # encoded by drive_client.wire, without a protobuf copy
             except Exception as err:
                 await self._fail(context, record, err)
 

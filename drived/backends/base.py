@@ -40,7 +40,7 @@ class Upload(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         """Appends `data`. Raises ResourceExhausted when the store is full."""
 
     @abc.abstractmethod

@@ -53,11 +53,11 @@ class LocalUpload(Upload):
         self._fd = -1
         self._hash = hashlib.sha256()
         self._size = 0
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._pending_bytes = 0
         self._flushing: asyncio.Future[None] | None = None
 
-    def _flush(self, chunks: list[bytes]) -> None:
+    def _flush(self, chunks: list[bytes | memoryview]) -> None:
         """Runs in a worker thread: hashes and appends `chunks` to the temporary file."""
         try:
             if self._fd < 0:
@@ -69,7 +69,7 @@ class LocalUpload(Upload):
         except OSError as err:
             raise _disk_error(err, "writing an upload") from err
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         self._size += len(data)
         self._pending.append(data)
         self._pending_bytes += len(data)
@@ -85,7 +85,7 @@ class LocalUpload(Upload):
             flushing, self._flushing = self._flushing, None
             await flushing
 
-    def _commit(self, chunks: list[bytes], sha256: str, size: int | None) -> ObjectInfo:
+    def _commit(self, chunks: list[bytes | memoryview], sha256: str, size: int | None) -> ObjectInfo:
         """Runs in a worker thread: verifies, writes the header, fsyncs and renames into place."""
         self._flush(chunks)
         digest = self._hash.hexdigest()
