@@ -23,11 +23,12 @@ from drive_client._pb import drive_pb2 as pb
 from drive_client._pb import drive_pb2_grpc as pb_grpc
 from drive_client.errors import DriveError, InvalidArgument, PermissionDenied
 from drive_client.uri import DriveId, check_component, normalize_path, parse_drive
-from drive_client.wire import GetMessage, PutMessage, chunk_of
+from drive_client.wire import GetMessage, PutMessage
 
 from . import metrics
 from .entry import Entry
 from .managed import FileStream, ManagedDrives, PendingPut
+from .puts import PutStream
 from .s3drives import S3Drives
 
 log = logging.getLogger("drived")
@@ -113,46 +114,18 @@ class DriveService(pb_grpc.DriveServiceServicer):
         self, request_iterator: AsyncIterable[PutMessage], context: grpc.aio.ServicerContext
     ) -> pb.PutResponse:
         with self._request("Put") as record:
-            pending: PendingPut | None = None
-            size: int | None = None
-            committed: list[pb.FileInfo] = []
+            stream = PutStream(self.managed, lambda header: self._begin_put(header, record))
             try:
                 async for message in request_iterator:
-                    data = chunk_of(message)
-                    kind = "data" if data is not None else message.WhichOneof("message")  # type: ignore[union-attr]
-                    if data is not None:
-                        if pending is None:
-                            raise InvalidArgument("a Put stream must start each file with a header before its data")
-                        await pending.upload.write(data)
-                        record.bytes += len(data)
-                    elif kind == "header":
-                        if pending is not None:
-                            raise InvalidArgument(f"a new header arrived before the finish of {pending.path!r}")
-                        header = message.header  # type: ignore[union-attr]
-                        pending = await self._begin_put(header, record)
-                        size = header.size if header.HasField("size") else None
-                    elif kind == "finish":
-                        if pending is None:
-                            raise InvalidArgument("a finish arrived with no file started: send a header first")
-                        sha256 = message.finish.sha256.lower()  # type: ignore[union-attr]
-                        if not sha256:
-                            raise InvalidArgument("a finish needs the sha256 of the file's bytes")
-                        put, pending = pending, None
-                        entry = await self.managed.commit_put(put, sha256, size)
-                        committed.append(file_info(entry))
-                        record.files += 1
-                    else:
-                        raise InvalidArgument("an empty PutRequest: send a header, data or finish")
-                if pending is not None:
-                    raise InvalidArgument(
-                        f"the Put stream ended before the finish of {pending.path!r}: nothing was stored for it"
-                    )
-                return pb.PutResponse(files=committed)
+                    await stream.receive(message)
+                    record.bytes = stream.bytes
+                entries = await stream.results()
+                record.files = len(entries)
+                return pb.PutResponse(files=[file_info(e) for e in entries])
             except Exception as err:
                 await self._fail(context, record, err)
             finally:
-                if pending is not None:
-                    await pending.upload.abort()
+                await stream.close()
 
     async def _begin_put(self, header: pb.PutHeader, record: RequestLog) -> PendingPut:
         record.drive, record.path, record.component = header.drive, header.path, header.component

@@ -87,8 +87,10 @@ class DriveServiceServicer:
         match (DATA_LOSS and nothing stored otherwise), replacing a file the
         same component already held at that path. Readers see the old file or
         the new one, never a mix. A stream that ends or is cancelled before a
-        `finish` stores nothing for that file; files finished earlier in the
-        same stream stay committed. The answer lists every committed file.
+        `finish` stores nothing for that file. The server commits each finished
+        file while the next ones arrive and answers once all are committed,
+        listing them; when one fails, the stream fails with its status, and
+        files finished before (or committing at the same time) stay committed.
         Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
         header before the previous file's finish, a path that is a folder, or
         whose parent is a file), ALREADY_EXISTS (another component holds the

@@ -1,0 +1,86 @@
+"""PutStream: the files of one Put stream, committed while the next ones arrive.
+
+Checks the order of messages (header, data..., finish, for each file). A
+file's commit (verify, fsync, rename) runs as a task while the stream goes on
+receiving, so a folder of small files is not one fsync after another; at most
+`MAX_COMMITS_IN_FLIGHT` run at once, each holding at most a chunk of buffered
+bytes. The answer waits for every commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from drive_client._pb import drive_pb2 as pb
+from drive_client.errors import InvalidArgument
+from drive_client.wire import PutMessage, chunk_of
+
+from .entry import Entry
+from .managed import ManagedDrives, PendingPut
+
+MAX_COMMITS_IN_FLIGHT = 16
+
+
+class PutStream:
+    """Receives the messages of one Put stream in order; `results` gives the committed files."""
+
+    def __init__(self, managed: ManagedDrives, begin: Callable[[pb.PutHeader], Awaitable[PendingPut]]) -> None:
+        self._managed = managed
+        self._begin = begin
+        self._pending: PendingPut | None = None
+        self._size: int | None = None
+        self._commits: list[asyncio.Task[Entry]] = []
+        self._slots = asyncio.Semaphore(MAX_COMMITS_IN_FLIGHT)
+        self.bytes = 0
+
+    async def receive(self, message: PutMessage) -> None:
+        self._raise_failed_commit()
+        data = chunk_of(message)
+        if data is not None:
+            if self._pending is None:
+                raise InvalidArgument("a Put stream must start each file with a header before its data")
+            await self._pending.upload.write(data)
+            self.bytes += len(data)
+            return
+        kind = message.WhichOneof("message")  # type: ignore[union-attr]
+        if kind == "header":
+            if self._pending is not None:
+                raise InvalidArgument(f"a new header arrived before the finish of {self._pending.path!r}")
+            header = message.header  # type: ignore[union-attr]
+            self._pending = await self._begin(header)
+            self._size = header.size if header.HasField("size") else None
+        elif kind == "finish":
+            if self._pending is None:
+                raise InvalidArgument("a finish arrived with no file started: send a header first")
+            sha256 = message.finish.sha256.lower()  # type: ignore[union-attr]
+            if not sha256:
+                raise InvalidArgument("a finish needs the sha256 of the file's bytes")
+            put, self._pending = self._pending, None
+            await self._slots.acquire()
+            task = asyncio.create_task(self._managed.commit_put(put, sha256, self._size))
+            task.add_done_callback(lambda _: self._slots.release())
+            self._commits.append(task)
+        else:
+            raise InvalidArgument("an empty PutRequest: send a header, data or finish")
+
+    def _raise_failed_commit(self) -> None:
+        """Fails the stream as soon as a commit failed (DataLoss, ALREADY_EXISTS, disk full)."""
+        for task in self._commits:
+            if task.done() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def results(self) -> list[Entry]:
+        """At the end of the stream: every committed file, in the order sent."""
+        if self._pending is not None:
+            raise InvalidArgument(
+                f"the Put stream ended before the finish of {self._pending.path!r}: nothing was stored for it"
+            )
+        return list(await asyncio.gather(*self._commits))
+
+    async def close(self) -> None:
+        """Discards an unfinished file and lets the commits in flight end (they are valid files)."""
+        if self._pending is not None:
+            await self._pending.upload.abort()
+            self._pending = None
+        await asyncio.gather(*self._commits, return_exceptions=True)
