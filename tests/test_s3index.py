@@ -22,7 +22,7 @@ import botocore.exceptions
 import pytest
 from moto_server import aws_env, closed_port, moto_env  # noqa: F401  (moto_env is a fixture)
 
-from drive_client.errors import NotFound, PermissionDenied, StaleIndexError, Unavailable
+from drive_client.errors import InvalidArgument, NotFound, PermissionDenied, StaleIndexError, Unavailable
 from drived.s3index import S3Entry, S3Index, S3Mounts, read_object, reader
 from drived.s3index.index import make_run
 from drived.s3index.lister import build_index, make_client, make_listing_client, map_error
@@ -217,6 +217,8 @@ async def test_ranged_resume(bucket: str, mounts: S3Mounts) -> None:
     assert part == BIG[offset : offset + 777_777]
     end, _ = await _read(bucket, PREFIX + "big.bin", entry, offset=len(BIG))
     assert end == b""
+    with pytest.raises(InvalidArgument):
+        await _read(bucket, PREFIX + "big.bin", entry, offset=len(BIG) + 1)
 
 
 async def test_reads_span_several_ranged_gets(bucket: str, mounts: S3Mounts,
@@ -314,6 +316,13 @@ async def test_remount_sees_new_objects(moto_env: str) -> None:  # noqa: F811
         assert (await m.mount("drv-remount", "p/"))[0] == 3
         index = await m.index("drv-remount", "p/")
         assert [e.path for e in index.list("", False, "", 10)[0]] == ["one.txt", "sub", "two.txt"]
+        # A failed re-mount keeps the previous complete index.
+        for key in ("p/one.txt", "p/two.txt", "p/sub/three.txt"):
+            s3.delete_object(Bucket="drv-remount", Key=key)
+        s3.delete_bucket(Bucket="drv-remount")
+        with pytest.raises(NotFound, match="drv-remount"):
+            await m.mount("drv-remount", "p/")
+        assert await m.index("drv-remount", "p/") is index
     finally:
         await m.close()
 
