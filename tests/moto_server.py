@@ -48,14 +48,18 @@ def closed_port() -> int:
 
 
 @contextlib.contextmanager
-def running_moto(timeout: float = 30.0) -> Iterator[str]:
-    """Starts `moto_server -H 127.0.0.1 -p PORT`, waits until it answers, yields its URL, kills it."""
+def running_moto(timeout: float = 30.0, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Starts `moto_server -H 127.0.0.1 -p PORT`, waits until it answers, yields its URL, kills it.
+
+    `env` adds to the server's environment (e.g. INITIAL_NO_AUTH_ACTION_COUNT to enforce IAM).
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
         )
         try:
             deadline = time.monotonic() + timeout

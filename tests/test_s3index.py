@@ -20,7 +20,7 @@ from typing import Any
 import boto3
 import botocore.exceptions
 import pytest
-from moto_server import aws_env, closed_port, moto_env  # noqa: F401  (moto_env is a fixture)
+from moto_server import aws_env, closed_port, moto_env, running_moto  # noqa: F401  (moto_env is a fixture)
 
 from drive_client.errors import InvalidArgument, NotFound, PermissionDenied, StaleIndexError, Unavailable
 from drived.s3index import S3Entry, S3Index, S3Mounts, read_object, reader
@@ -286,8 +286,21 @@ async def test_stopped_endpoint_is_unavailable(moto_env: str) -> None:  # noqa: 
                 pass
 
 
-def test_access_denied_maps_to_permission_denied(moto_env: str) -> None:  # noqa: F811
-    # moto does not enforce IAM by default: check the mapping of the answer S3 gives.
+async def test_access_denied_is_permission_denied() -> None:
+    # A moto_server that enforces IAM after its first request: the bucket is created, then
+    # the listing with credentials it does not know is refused (403 InvalidAccessKeyId).
+    with running_moto(env={"INITIAL_NO_AUTH_ACTION_COUNT": "1"}) as url, aws_env(url):
+        _s3().create_bucket(Bucket="drv-locked")
+        m = S3Mounts(concurrency=2)
+        try:
+            with pytest.raises(PermissionDenied, match="drv-locked"):
+                await m.mount("drv-locked", "")
+        finally:
+            await m.close()
+
+
+def test_error_mapping(moto_env: str) -> None:  # noqa: F811
+    # Answers moto cannot be made to give: AccessDenied as AWS words it, and throttling.
     client = make_client()
     err = botocore.exceptions.ClientError(
         {"Error": {"Code": "AccessDenied", "Message": "Access Denied"},
