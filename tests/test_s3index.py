@@ -25,7 +25,7 @@ from moto_server import aws_env, closed_port, moto_env, running_moto  # noqa: F4
 from drive_client.errors import InvalidArgument, NotFound, PermissionDenied, StaleIndexError, Unavailable
 from drived.s3index import S3Entry, S3Index, S3Mounts, read_object, reader
 from drived.s3index.index import make_run
-from drived.s3index.lister import build_index, make_client, make_listing_client, map_error
+from drived.s3index.lister import Lister, build_index, make_client, make_listing_client, map_error
 
 BUCKET = "drv-index-test"
 PREFIX = "data/"
@@ -383,6 +383,23 @@ async def test_reads_during_reindex_use_the_previous_index(slow_bucket: str) -> 
         assert (await m.index(slow_bucket, "")).stat("f9/new") is not None
     finally:
         await m.close()
+
+
+async def test_flat_folders_are_split_by_key_range(moto_env: str) -> None:  # noqa: F811
+    """A folder of files only has no sub-folders to fan out on: it is split by guessed key ranges."""
+    rng = random.Random(3)
+    _s3().create_bucket(Bucket="drv-flat")
+    keys = [f"hex/{rng.getrandbits(64):016x}" for _ in range(400)]
+    keys += [f"cnt/f{i:06d}.bin" for i in range(400)] + ["cnt/zz é", "cnt/f000100.bin/", "hex/~tail"]
+    _put_all("drv-flat", dict.fromkeys(keys, b"."))
+    for prefix in ("hex/", "cnt/", ""):
+        lister = Lister(make_listing_client(), "drv-flat", prefix, concurrency=4, page_size=10)
+        result = await asyncio.to_thread(lister.run)
+        index = S3Index.from_runs(result.runs)
+        want = sorted(k[len(prefix):] for k in keys if k.startswith(prefix) and not k.endswith("/"))
+        assert [e.path for e in _all(index, "", True, 0)] == want
+        assert index.objects == len(want)
+        assert lister.partitions > 4  # listed as several ranges, not one sequential walk
 
 
 # -- the index against a brute-force model ------------------------------------------------

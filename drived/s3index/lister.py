@@ -16,13 +16,17 @@ threads (boto3 clients are thread-safe). A partition starts as a flat
 listing of a prefix; when its first page comes back full with more to come
 while threads are idle, the rest of it is split by a delimiter listing into
 its sub-folders, each a partition of its own (recursively, up to MAX_DEPTH
-levels). Small folders thus cost one request, and big trees fan out. Each
+levels); a folder of files only is split into key ranges guessed from the
+keys seen (`_split_range`). Small folders thus cost one request, and big
+trees and big flat folders fan out. Each
 page becomes one compact `Run`; runs never interleave, so the index is their
 concatenation (`S3Index.from_runs`).
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
 import functools
 import html
 import http.client
@@ -53,6 +57,7 @@ from .index import STAMP_WIDTH, Run, S3Index, canonical_stamp, make_run
 
 MAX_DEPTH = 6  # how many folder levels a partition may be split down
 _MAX_CHAR = "\U0010ffff"  # sorts after every other character (and UTF-8 byte sequence)
+_MAX_SPLIT_CHARS = 40  # range splits use at most this many distinct characters
 
 # -- boto3 clients and error mapping ------------------------------------------------------
 
@@ -411,6 +416,27 @@ def _file_runs(page: Page) -> list[Run]:
     ]
 
 
+def _common(a: str, b: str) -> int:
+    """The length of the longest common (character) prefix of a and b."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _trim(page: Page, lo: bytes, stop: bytes) -> bool:
+    """Drops the page's keys outside [lo, stop); True when a key at or past `stop` was seen."""
+    keys = page.keys
+    i = bisect.bisect_left(keys, lo) if lo else 0
+    j = bisect.bisect_left(keys, stop) if stop else len(keys)
+    if i or j < len(keys):
+        page.keys, page.sizes, page.stamps, page.etags = keys[i:j], page.sizes[i:j], page.stamps[i:j], \
+            page.etags[i:j]
+        page.markers = None
+    return j < len(keys)
+
+
 class Lister:
     """One listing of `s3://bucket/prefix/` over `concurrency` threads."""
 
@@ -429,6 +455,7 @@ class Lister:
         self._runs: list[Run] = []
         self._error: BaseException | None = None
         self.requests = 0
+        self.partitions = 0  # listings of a prefix or key range (a measure of the fan-out)
         self._http = _Direct(client) if fast and _Direct.usable(client) else None
         self._presigner: _Presigner | None = None
         self._fast_failures = 0
@@ -509,25 +536,37 @@ class Lister:
             with self._cond:
                 self._runs.extend(runs)
 
-    def _flat(self, prefix: str, start_after: str, depth: int) -> None:
-        """Every key under `prefix` (after `start_after`), page after page.
+    def _full(self, rel: bytes) -> str:
+        return self.prefix + rel.decode("utf-8", "surrogateescape")
+
+    def _flat(self, prefix: str, start_after: str, depth: int, lo: str = "", stop: str = "") -> None:
+        """Every key under `prefix` after `start_after` (and in [lo, stop) when given), page by page.
 
         A partition whose first page is full with more to come, while fewer
-        partitions than threads are in hand, is split: the rest of it is
-        handed to `_split`, which lists it by sub-folder in parallel. Small
-        partitions cost one request; splitting happens only where it pays.
+        partitions than threads are in hand, is split and its rest listed in
+        parallel: by sub-folder (`_split`), or by key range (`_split_range`)
+        for a range partition. Small partitions cost one request; splitting
+        happens only where it pays.
         """
+        plen = len(self.prefix)
+        lo_rel = lo[plen:].encode("utf-8", "surrogateescape")
+        stop_rel = stop[plen:].encode("utf-8", "surrogateescape")
         token: str | None = None
         first = True
+        self.partitions += 1
         while self._error is None:
             page = self._page(prefix, False, token, start_after if first else "")
+            past_stop = _trim(page, lo_rel, stop_rel) if (lo_rel or stop_rel) else False
             self._add(_file_runs(page))
             token = page.token
-            if not token:
+            if not token or past_stop:
                 return
             if first and page.keys and depth < MAX_DEPTH and self._pending < self.concurrency:
-                last = self.prefix + page.keys[-1].decode("utf-8", "surrogateescape")
-                self._submit(functools.partial(self._split, prefix, last, depth))
+                last = self._full(page.keys[-1])
+                if stop:
+                    self._split_range(prefix, page.keys, last, stop, depth)
+                else:
+                    self._submit(functools.partial(self._split, prefix, last, depth))
                 return
             first = False
 
@@ -539,6 +578,8 @@ class Lister:
         remaining files (added here) and sub-folders (each a new partition).
         Nothing is listed twice, and no server behaviour is relied upon for a
         common prefix that straddles StartAfter (S3 and moto differ there).
+        A folder that turns out to hold files only (a full first page, no
+        sub-folders) is split by key range instead.
         """
         rest = start_after[len(prefix):]
         cut = rest.find("/")
@@ -551,15 +592,53 @@ class Lister:
         first = True
         while self._error is None:
             page = self._page(prefix, True, token, start_after if first else "")
-            first = False
             self._add(_file_runs(page))
             for p in page.prefixes:
-                sub = self.prefix + p.decode("utf-8", "surrogateescape")
+                sub = self._full(p)
                 if sub != straddling:
                     self._submit(functools.partial(self._flat, sub, "", depth + 1))
             token = page.token
             if not token:
                 return
+            if first and not page.prefixes and page.keys and depth < MAX_DEPTH:
+                self._split_range(prefix, page.keys, self._full(page.keys[-1]), "", depth)
+                return
+            first = False
+
+    def _split_range(self, prefix: str, sample: list[bytes], after: str, stop: str, depth: int) -> None:
+        """Splits the keys under `prefix` in (after, stop) into key ranges listed in parallel.
+
+        Without sub-folders there is nothing to ask S3 for: the boundaries are
+        guessed from `sample` (the sorted keys of the page just listed), one
+        per character seen in it, at each position from where `after` and
+        `stop` part up to where the sample's keys start to differ. A counter
+        (`f000999` next) gives `f001`..`f009`, `f01`..`f09`, `f1`..`f9`; hex
+        names give `1`..`f`. The ranges tile (after, stop) exactly whatever
+        the keys are; a bad guess only costs a few requests for empty ranges.
+        """
+        plen = len(self.prefix)
+        rel_after = after[plen:]
+        rel_stop = stop[plen:]
+        base = len(prefix) - plen  # characters of the partition's prefix, relative to the mount's
+        texts = [k.decode("utf-8", "replace") for k in sample]
+        vary = _common(texts[0], texts[-1])
+        start = _common(rel_after, rel_stop) if stop else base
+        counts = collections.Counter("".join(t[base:] for t in texts))
+        charset = sorted(ch for ch, _ in counts.most_common(_MAX_SPLIT_CHARS) if not 0xD800 <= ord(ch) <= 0xE000)
+        bounds = sorted({
+            rel_after[:i] + ch
+            for i in range(start, min(len(rel_after), max(start + 1, vary)))
+            for ch in charset
+            if ch > rel_after[i] and (not stop or rel_after[:i] + ch < rel_stop)
+        })
+        if not bounds:
+            self._flat(prefix, after, MAX_DEPTH, "", stop)  # nothing to split on: list on here
+            return
+        full = [self.prefix + b for b in bounds]
+        self._submit(functools.partial(self._flat, prefix, after, depth + 1, "", full[0]))
+        for b, nxt in itertools.pairwise([*full, stop]):
+            before = b[:-1] + chr(ord(b[-1]) - 1) + _MAX_CHAR  # StartAfter just below b
+            self._submit(functools.partial(self._flat, prefix, before, depth + 1, b, nxt))
 
     def run(self) -> ListingResult:
         """Lists everything; raises the first error (a DriveError) if any request failed."""
