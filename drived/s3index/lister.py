@@ -553,7 +553,8 @@ class Lister:
         stop_rel = stop[plen:].encode("utf-8", "surrogateescape")
         token: str | None = None
         first = True
-        self.partitions += 1
+        with self._cond:
+            self.partitions += 1
         while self._error is None:
             page = self._page(prefix, False, token, start_after if first else "")
             past_stop = _trim(page, lo_rel, stop_rel) if (lo_rel or stop_rel) else False
