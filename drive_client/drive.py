@@ -29,11 +29,13 @@ from .common import (
 )
 from .errors import from_rpc_error
 from .transfer import (
+    CHUNK_SIZE,
     PARALLEL_MIN_SIZE,
     Progress,
     ReadAhead,
     fetch_in_ranges,
     local_files,
+    put_file_request,
     put_requests,
     receive_files,
 )
@@ -97,6 +99,8 @@ class Drive(DriveBase):
         """Stores (local file, drive path) pairs in one Put stream."""
         if not files:
             return []
+        if len(files) == 1 and files[0][0].stat().st_size <= CHUNK_SIZE:
+            return [self._put_small(*files[0], progress)]
         requests = ReadAhead(put_requests(self._put_header(), files, progress=progress))
         try:
             reply: pb.PutResponse = self._stub.Put(iter(requests), metadata=self._metadata)
@@ -105,6 +109,13 @@ class Drive(DriveBase):
                 raise requests.error from None
             raise from_rpc_error(err, self.endpoint) from None
         return list(reply.files)
+
+    def _put_small(self, local: Path, remote: str, progress: Progress | None) -> pb.FileInfo:
+        """Stores a file of at most a chunk in one unary call (much cheaper than a stream)."""
+        reply: pb.PutFileResponse = self._call(self._stub.PutFile, put_file_request(self._put_header(), local, remote))
+        if progress:
+            progress(reply.file.size)
+        return reply.file
 
     def list(self, path: str = ".", component_name: str | None = None) -> list[str]:
         """The immediate entries under `path` (files and folders), as sorted paths from the drive root."""

@@ -109,6 +109,16 @@ def put_requests(
         yield pb.PutRequest(finish=pb.PutFinish(sha256=digest.hexdigest()))
 
 
+def put_file_request(header: pb.PutHeader, local: Path, remote: str) -> pb.PutFileRequest:
+    """A PutFile request carrying a whole small file."""
+    data = local.read_bytes()
+    request = pb.PutFileRequest(data=data, sha256=hashlib.sha256(data).hexdigest())
+    request.header.CopyFrom(header)
+    request.header.path = remote
+    request.header.size = len(data)
+    return request
+
+
 class _Receiving:
     """One file being received into a temporary file beside its target."""
 

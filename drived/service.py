@@ -127,6 +127,25 @@ class DriveService(pb_grpc.DriveServiceServicer):
             finally:
                 await stream.close()
 
+    async def PutFile(self, request: pb.PutFileRequest, context: grpc.aio.ServicerContext) -> pb.PutFileResponse:
+        with self._request("PutFile") as record:
+            try:
+                put = await self._begin_put(request.header, record)
+                try:
+                    if not request.sha256:
+                        raise InvalidArgument("PutFile needs the sha256 of the file's bytes")
+                    data = request.data
+                    record.bytes = len(data)
+                    await put.upload.write(data)
+                    size = request.header.size if request.header.HasField("size") else None
+                    entry = await self.managed.commit_put(put, request.sha256.lower(), size)
+                finally:
+                    await put.upload.abort()  # a no-op after the commit
+                record.files = 1
+                return pb.PutFileResponse(file=file_info(entry))
+            except Exception as err:
+                await self._fail(context, record, err)
+
     async def _begin_put(self, header: pb.PutHeader, record: RequestLog) -> PendingPut:
         record.drive, record.path, record.component = header.drive, header.path, header.component
         drive = parse_drive(header.drive)

@@ -5,6 +5,7 @@ unchanged afterwards."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pathlib
 
@@ -101,6 +102,9 @@ def code_of(call) -> grpc.StatusCode:
 def rpc_calls(stub, drive: str, path: str, component: str = "", include_list: bool = True):
     calls = {
         "Put": lambda: stub.Put(put_messages(drive, path, b"evil", component=component), timeout=10),
+        "PutFile": lambda: stub.PutFile(pb.PutFileRequest(
+            header=pb.PutHeader(drive=drive, path=path, component=component), data=b"evil",
+            sha256=hashlib.sha256(b"evil").hexdigest()), timeout=10),
         "Get": lambda: stub.Get(pb.GetRequest(drive=drive, path=path, component=component), timeout=10),
         "Get_wait": lambda: stub.Get(
             pb.GetRequest(drive=drive, path=path, component=component, wait_seconds=30), timeout=10

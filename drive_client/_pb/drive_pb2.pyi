@@ -164,6 +164,62 @@ class PutFinish(_message.Message):
 Global___PutFinish: _TypeAlias = PutFinish  # noqa: Y015
 
 @_typing.final
+class PutFileRequest(_message.Message):
+    """One whole small file."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """All of the file's bytes."""
+    sha256: _builtins.str
+    """The lowercase hex sha256 of `data`. Required: DATA_LOSS when it differs."""
+    @_builtins.property
+    def header(self) -> Global___PutHeader:
+        """What the file is and where it goes, as for Put."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___PutHeader | None = ...,
+        data: _builtins.bytes = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutFileRequest: _TypeAlias = PutFileRequest  # noqa: Y015
+
+@_typing.final
+class PutFileResponse(_message.Message):
+    """What a PutFile stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def file(self) -> Global___FileInfo:
+        """The committed file."""
+
+    def __init__(
+        self,
+        *,
+        file: Global___FileInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutFileResponse: _TypeAlias = PutFileResponse  # noqa: Y015
+
+@_typing.final
 class PutResponse(_message.Message):
     """What a Put stored."""
 

@@ -41,6 +41,11 @@ class DriveServiceStub:
                 request_serializer=drive_dot_v1_dot_drive__pb2.PutRequest.SerializeToString,
                 response_deserializer=drive_dot_v1_dot_drive__pb2.PutResponse.FromString,
                 _registered_method=True)
+        self.PutFile = channel.unary_unary(
+                '/drive.v1.DriveService/PutFile',
+                request_serializer=drive_dot_v1_dot_drive__pb2.PutFileRequest.SerializeToString,
+                response_deserializer=drive_dot_v1_dot_drive__pb2.PutFileResponse.FromString,
+                _registered_method=True)
         self.Get = channel.unary_stream(
                 '/drive.v1.DriveService/Get',
                 request_serializer=drive_dot_v1_dot_drive__pb2.GetRequest.SerializeToString,
@@ -96,6 +101,16 @@ class DriveServiceServicer:
         whose parent is a file), ALREADY_EXISTS (another component holds the
         path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
         DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutFile(self, request, context):
+        """Stores one small file sent whole in a single message: the same as a Put
+        stream of one file (header, data, finish) in one round trip. For files
+        that fit in a message (4 MiB by default, headers included); larger files
+        need Put. Errors: as Put.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,6 +195,11 @@ def add_DriveServiceServicer_to_server(servicer, server):
                     request_deserializer=drive_dot_v1_dot_drive__pb2.PutRequest.FromString,
                     response_serializer=drive_dot_v1_dot_drive__pb2.PutResponse.SerializeToString,
             ),
+            'PutFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutFile,
+                    request_deserializer=drive_dot_v1_dot_drive__pb2.PutFileRequest.FromString,
+                    response_serializer=drive_dot_v1_dot_drive__pb2.PutFileResponse.SerializeToString,
+            ),
             'Get': grpc.unary_stream_rpc_method_handler(
                     servicer.Get,
                     request_deserializer=drive_dot_v1_dot_drive__pb2.GetRequest.FromString,
@@ -240,6 +260,33 @@ class DriveService:
             '/drive.v1.DriveService/Put',
             drive_dot_v1_dot_drive__pb2.PutRequest.SerializeToString,
             drive_dot_v1_dot_drive__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/drive.v1.DriveService/PutFile',
+            drive_dot_v1_dot_drive__pb2.PutFileRequest.SerializeToString,
+            drive_dot_v1_dot_drive__pb2.PutFileResponse.FromString,
             options,
             channel_credentials,
             insecure,

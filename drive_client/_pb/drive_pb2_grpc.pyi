@@ -89,6 +89,12 @@ class DriveServiceStub:
     path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
     DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
     """
+    PutFile: _grpc.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]
+    """Stores one small file sent whole in a single message: the same as a Put
+    stream of one file (header, data, finish) in one round trip. For files
+    that fit in a message (4 MiB by default, headers included); larger files
+    need Put. Errors: as Put.
+    """
     Get: _grpc.UnaryStreamMultiCallable[_drive_pb2.GetRequest, _drive_pb2.GetResponse]
     """Reads a file, or every file under a folder. The server sends, for each
     file: one `info` message, then its bytes in `data` chunks (none for an
@@ -162,6 +168,12 @@ class DriveServiceAsyncStub(DriveServiceStub):
     whose parent is a file), ALREADY_EXISTS (another component holds the
     path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
     DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+    """
+    PutFile: _aio.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]  # type: ignore[assignment]
+    """Stores one small file sent whole in a single message: the same as a Put
+    stream of one file (header, data, finish) in one round trip. For files
+    that fit in a message (4 MiB by default, headers included); larger files
+    need Put. Errors: as Put.
     """
     Get: _aio.UnaryStreamMultiCallable[_drive_pb2.GetRequest, _drive_pb2.GetResponse]  # type: ignore[assignment]
     """Reads a file, or every file under a folder. The server sends, for each
@@ -239,6 +251,18 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         whose parent is a file), ALREADY_EXISTS (another component holds the
         path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
         DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+        """
+
+    @_abc_1.abstractmethod
+    def PutFile(
+        self,
+        request: _drive_pb2.PutFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_drive_pb2.PutFileResponse, _abc.Awaitable[_drive_pb2.PutFileResponse]]:
+        """Stores one small file sent whole in a single message: the same as a Put
+        stream of one file (header, data, finish) in one round trip. For files
+        that fit in a message (4 MiB by default, headers included); larger files
+        need Put. Errors: as Put.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,60 @@
+"""PutFile: one small file in one unary call, with the same rules as a Put stream."""
+
+from __future__ import annotations
+
+import hashlib
+
+import grpc
+import pytest
+
+from drive_client import Drive
+from drive_client._pb import drive_pb2 as pb
+
+
+def put_file(stub, drive: str, path: str, data: bytes, component: str = "", sha256: str | None = None,
+             size: int | None = None, allow_duplicates: bool = False) -> pb.PutFileResponse:
+    header = pb.PutHeader(drive=drive, path=path, component=component, allow_duplicates=allow_duplicates)
+    if size is not None:
+        header.size = size
+    return stub.PutFile(pb.PutFileRequest(
+        header=header, data=data, sha256=hashlib.sha256(data).hexdigest() if sha256 is None else sha256,
+    ), timeout=10)
+
+
+def code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.details()
+    return info.value.code()
+
+
+def test_put_file_stores_and_replaces(stub, drive_uri):
+    first = put_file(stub, drive_uri, "d/f.txt", b"one", component="a")
+    assert (first.file.path, first.file.size, first.file.component) == ("d/f.txt", 3, "a")
+    assert first.file.sha256 == hashlib.sha256(b"one").hexdigest()
+    put_file(stub, drive_uri, "d/f.txt", b"two!", component="a")
+    reply = stub.Stat(pb.StatRequest(drive=drive_uri, path="d/f.txt"))
+    assert (reply.size, reply.sha256) == (4, hashlib.sha256(b"two!").hexdigest())
+
+
+def test_put_file_refusals_store_nothing(stub, drive_uri):
+    put_file(stub, drive_uri, "held.txt", b"held", component="a")
+    assert code(lambda: put_file(stub, drive_uri, "held.txt", b"mine", component="b")) == \
+        grpc.StatusCode.ALREADY_EXISTS
+    assert code(lambda: put_file(stub, drive_uri, "bad.txt", b"x", sha256="0" * 64)) == grpc.StatusCode.DATA_LOSS
+    assert code(lambda: put_file(stub, drive_uri, "short.txt", b"x", size=2)) == grpc.StatusCode.DATA_LOSS
+    assert code(lambda: put_file(stub, drive_uri, "nosha.txt", b"x", sha256="")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(lambda: put_file(stub, "s3://bucket/prefix/", "x.txt", b"x")) == grpc.StatusCode.PERMISSION_DENIED
+    assert code(lambda: put_file(stub, drive_uri, "held.txt/under", b"x", component="a")) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    listed = stub.List(pb.ListRequest(drive=drive_uri, path=".")).entries
+    assert [(e.path, e.component) for e in listed] == [("held.txt", "a")]
+    both = put_file(stub, drive_uri, "held.txt", b"dup", component="b", allow_duplicates=True)
+    assert both.file.component == "b"
+
+
+def test_drive_put_of_a_small_file_uses_one_call(daemon, drive_uri, tmp_path):
+    (tmp_path / "small.bin").write_bytes(b"s" * 1000)
+    Drive(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint).put("small.bin")
+    methods = [line for line in daemon.log().splitlines() if drive_uri in line and '"path": "small.bin"' in line]
+    assert len(methods) == 1 and '"method": "PutFile"' in methods[0] and '"bytes": 1000' in methods[0]
