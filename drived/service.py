@@ -13,8 +13,8 @@ import time
 import traceback
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -57,7 +57,6 @@ class RequestLog:
     bytes: int = 0
     files: int = 0
     status: str = "OK"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _read_only(drive: DriveId) -> PermissionDenied:
@@ -91,7 +90,6 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 "method": record.method, "drive": record.drive, "path": record.path,
                 "component": record.component, "bytes": record.bytes, "files": record.files,
                 "duration_ms": round(seconds * 1000, 3), "status": record.status,
-                **record.extra,
             }
             log.info("request", extra={"fields": fields})
 
