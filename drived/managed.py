@@ -28,7 +28,7 @@ from .entry import Entry
 from .events import EventLog
 from .paths import component_key, object_key, relative_path
 
-FileStream = tuple[Entry, AsyncIterator[bytes]]
+FileStream = tuple[Entry, AsyncIterator[bytes | memoryview]]
 
 
 def _entry(path: str, component: str, info: ObjectInfo) -> Entry:

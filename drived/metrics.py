@@ -16,7 +16,7 @@ MOUNT_DURATION = Histogram(
     "drived_s3_mount_duration_seconds", "Time to index an s3:// drive",
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 120, 600, float("inf")),
 )
-DIRECTION = {"Put": "in", "Get": "out"}
+DIRECTION = {"Put": "in", "PutFile": "in", "Get": "out"}
 
 
 def record_request(method: str, code: str, seconds: float, nbytes: int) -> None:

@@ -17,7 +17,7 @@ from .s3index.index import S3Entry
 from .s3index.mounts import S3Mounts
 from .s3index.reader import read_object
 
-FileStream = tuple[Entry, AsyncIterator[bytes]]
+FileStream = tuple[Entry, AsyncIterator[bytes | memoryview]]
 
 
 def _entry(e: S3Entry) -> Entry:

@@ -31,12 +31,12 @@ def test_metrics_count_requests_codes_and_bytes(start_daemon, tmp_path):
     with contextlib.suppress(FileNotFoundError):
         drive.stat("missing")
     samples = scrape(metrics_address)
-    assert samples['drived_requests_total{code="OK",method="Put"}'] == 1
+    assert samples['drived_requests_total{code="OK",method="PutFile"}'] == 1  # a small file: one unary call
     assert samples['drived_requests_total{code="OK",method="Get"}'] == 1
     assert samples['drived_requests_total{code="NOT_FOUND",method="Stat"}'] == 1
     assert samples['drived_transfer_bytes_total{direction="in"}'] == 5000
     assert samples['drived_transfer_bytes_total{direction="out"}'] == 5000
-    assert samples['drived_request_duration_seconds_count{method="Put"}'] == 1
+    assert samples['drived_request_duration_seconds_count{method="PutFile"}'] == 1
     assert samples['drived_open_requests{method="Get"}'] == 0
 
 

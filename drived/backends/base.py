@@ -70,7 +70,9 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, AsyncIterator[bytes]]:
+    async def read(
+        self, key: str, offset: int = 0, limit: int = 0
+    ) -> tuple[ObjectInfo, AsyncIterator[bytes | memoryview]]:
         """Opens `key` for reading bytes [offset, offset+limit) (limit 0: to the end).
 
         Returns the object's info and an iterator of chunks of that one

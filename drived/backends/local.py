@@ -29,12 +29,25 @@ from .base import Backend, Listing, ObjectInfo, Upload
 MAGIC = b"DRIVED01"
 HEADER = struct.Struct("<8s32sQ16x")  # magic, raw sha256, size, padding to 64 bytes
 FLUSH_BYTES = 1 << 20  # an upload buffers small chunks up to this before a disk write
+_NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux: a read that fails rather than wait for the disk
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def _read_cached(fd: int, size: int, offset: int) -> memoryview | None:
+    """`size` bytes at `offset` if all are in the page cache (never waits for the disk); else None."""
+    if _NOWAIT is None:
+        return None
+    buffer = bytearray(size)
+    try:
+        read = os.preadv(fd, [buffer], offset, _NOWAIT)
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: a file system without RWF_NOWAIT
+        return None
+    return memoryview(buffer) if read == size else None
 
 
 def _disk_error(err: OSError, what: str) -> Exception:
@@ -203,7 +216,9 @@ class LocalBackend(Backend):
             os.close(fd)
             raise
 
-    async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, AsyncIterator[bytes]]:
+    async def read(
+        self, key: str, offset: int = 0, limit: int = 0
+    ) -> tuple[ObjectInfo, AsyncIterator[bytes | memoryview]]:
         loop = asyncio.get_running_loop()
         fd, info = await loop.run_in_executor(None, self._open, key)
         if offset > info.size:
@@ -212,32 +227,27 @@ class LocalBackend(Backend):
         end = info.size if limit == 0 else min(info.size, offset + limit)
         return info, self._chunks(fd, offset, end)
 
-    async def _chunks(self, fd: int, start: int, end: int) -> AsyncIterator[bytes]:
-        """Chunks of [start, end); the next chunk is read while the current one is sent."""
+    async def _chunks(self, fd: int, start: int, end: int) -> AsyncIterator[bytes | memoryview]:
+        """Chunks of [start, end): from the page cache inline, else read by a worker thread.
+
+        A cached chunk is copied in about the time a thread hop takes, so it is
+        read on the event loop with RWF_NOWAIT, which never waits for the disk;
+        a chunk that needs the disk goes to a worker thread.
+        """
         loop = asyncio.get_running_loop()
-
-        def read_at(position: int) -> asyncio.Future[bytes]:
-            size = min(self.chunk_size, end - position)
-            return loop.run_in_executor(None, os.pread, fd, size, HEADER.size + position)
-
-        reading: asyncio.Future[bytes] | None = None
         try:
             position = start
-            reading = read_at(position) if position < end else None
-            while reading is not None:
-                data = await reading
-                reading = None
+            while position < end:
+                size = min(self.chunk_size, end - position)
+                data: bytes | memoryview | None = _read_cached(fd, size, HEADER.size + position)
+                if data is None:
+                    data = await loop.run_in_executor(None, os.pread, fd, size, HEADER.size + position)
                 if not data:
                     break
                 position += len(data)
-                if position < end:
-                    reading = read_at(position)
                 yield data
         finally:
-            if reading is not None:
-                reading.add_done_callback(lambda _: os.close(fd))
-            else:
-                os.close(fd)
+            os.close(fd)
 
     def _stat(self, key: str) -> ObjectInfo | None:
         try:
