@@ -76,8 +76,10 @@ class Backend(abc.ABC):
         """Opens `key` for reading bytes [offset, offset+limit) (limit 0: to the end).
 
         Returns the object's info and an iterator of chunks of that one
-        version, even if the key is replaced or deleted while it is read.
-        Raises NotFound, or InvalidArgument when offset is past the end.
+        version, even if the key is replaced or deleted while it is read. The
+        iterator holds no resources until its first iteration; if the key was
+        replaced by then it raises StaleIndexError. Raises NotFound, or
+        InvalidArgument when offset is past the end.
         """
 
     @abc.abstractmethod

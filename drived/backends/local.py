@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
+from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, StaleIndexError
 
 from .base import Backend, Listing, ObjectInfo, Upload
 
@@ -219,23 +219,29 @@ class LocalBackend(Backend):
     async def read(
         self, key: str, offset: int = 0, limit: int = 0
     ) -> tuple[ObjectInfo, AsyncIterator[bytes | memoryview]]:
-        loop = asyncio.get_running_loop()
-        fd, info = await loop.run_in_executor(None, self._open, key)
+        info = self._stat(key)
+        if info is None:
+            raise NotFound(f"{key!r} does not exist")
         if offset > info.size:
-            os.close(fd)
             raise InvalidArgument(f"offset {offset} is past the end of {key!r} ({info.size} bytes)")
         end = info.size if limit == 0 else min(info.size, offset + limit)
-        return info, self._chunks(fd, offset, end)
+        return info, self._chunks(key, info, offset, end)
 
-    async def _chunks(self, fd: int, start: int, end: int) -> AsyncIterator[bytes | memoryview]:
-        """Chunks of [start, end): from the page cache inline, else read by a worker thread.
+    async def _chunks(self, key: str, info: ObjectInfo, start: int, end: int) -> AsyncIterator[bytes | memoryview]:
+        """Chunks of [start, end) of the version `info` describes: from the page cache inline, else in a thread.
 
-        A cached chunk is copied in about the time a thread hop takes, so it is
-        read on the event loop with RWF_NOWAIT, which never waits for the disk;
-        a chunk that needs the disk goes to a worker thread.
+        The file is opened on the first iteration, so a stream never started
+        holds no descriptor; from then on the open file is that one version,
+        whatever happens to the key. A cached chunk is copied in about the time
+        a thread hop takes, so it is read on the event loop with RWF_NOWAIT,
+        which never waits for the disk; a chunk that needs the disk goes to a
+        worker thread.
         """
         loop = asyncio.get_running_loop()
+        fd, opened = self._open(key)
         try:
+            if (opened.sha256, opened.generation) != (info.sha256, info.generation):
+                raise StaleIndexError(f"{key!r} was replaced as its read began: read it again")
             position = start
             while position < end:
                 size = min(self.chunk_size, end - position)
