@@ -1,0 +1,37 @@
+"""Refused and abandoned reads leave no open file descriptors in the daemon."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import grpc
+from conftest import raw_put
+
+from drive_client._pb import drive_pb2 as pb
+from drive_client._pb import drive_pb2_grpc
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_refused_and_abandoned_gets_release_their_files(start_daemon, tmp_path):
+    handle = start_daemon(tmp_path)
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, "lit://fds", "f.bin", os.urandom(3 << 20))
+        before = open_fds(handle.proc.pid)
+        for _ in range(200):
+            stale = stub.Get(pb.GetRequest(drive="lit://fds", path="f.bin", if_match="0" * 64))
+            try:
+                list(stale)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.ABORTED
+            abandoned = stub.Get(pb.GetRequest(drive="lit://fds", path="f.bin"))
+            assert next(abandoned).HasField("info")
+            abandoned.cancel()
+        deadline = time.monotonic() + 10
+        while open_fds(handle.proc.pid) > before + 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert open_fds(handle.proc.pid) <= before + 5
