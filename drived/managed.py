@@ -29,6 +29,7 @@ from .events import EventLog
 from .paths import component_key, object_key, relative_path
 
 FileStream = tuple[Entry, AsyncIterator[bytes | memoryview]]
+EARLY_CHECK_MIN_SIZE = 1 << 20
 
 
 def _entry(path: str, component: str, info: ObjectInfo) -> Entry:
@@ -64,7 +65,7 @@ class ManagedDrives:
 
     async def components(self, drive: str) -> list[str]:
         """The components that hold something in `drive`, sorted."""
-        return sorted((await self.backend.list_folder(drive)).folders)
+        return sorted(await self.backend.subfolders(drive))
 
     @asynccontextmanager
     async def _path_lock(self, drive: str, path: str) -> AsyncIterator[None]:
@@ -88,9 +89,16 @@ class ManagedDrives:
                     "pick another path, or open the drive with allow_duplicates=True"
                 )
 
-    async def begin_put(self, drive: str, component: str, path: str, allow_duplicates: bool) -> PendingPut:
-        """Checks ownership and starts the upload of one file."""
-        if not allow_duplicates:
+    async def begin_put(
+        self, drive: str, component: str, path: str, allow_duplicates: bool, size: int | None
+    ) -> PendingPut:
+        """Starts the upload of one file; one of unknown or large `size` is checked for ownership first.
+
+        The check that decides is the one at commit; this one only spares
+        the upload of bytes that would be refused, which for a small file
+        costs less than the check.
+        """
+        if not allow_duplicates and (size is None or size > EARLY_CHECK_MIN_SIZE):
             await self._check_duplicates(drive, component, path)
         upload = await self.backend.start_upload(object_key(drive, component, path))
         return PendingPut(drive, component, path, allow_duplicates, upload)

@@ -151,9 +151,10 @@ class DriveService(pb_grpc.DriveServiceServicer):
             raise _read_only(drive)
         path = normalize_path(header.path)
         component = check_component(header.component)
-        if header.HasField("size") and header.size < 0:
-            raise InvalidArgument(f"size {header.size} is negative")
-        return await self.managed.begin_put(drive.name, component, path, header.allow_duplicates)
+        size = header.size if header.HasField("size") else None
+        if size is not None and size < 0:
+            raise InvalidArgument(f"size {size} is negative")
+        return await self.managed.begin_put(drive.name, component, path, header.allow_duplicates, size)
 
     # -- Get ---------------------------------------------------------------
 

@@ -91,6 +91,10 @@ class Backend(abc.ABC):
         """True when objects exist below `key` + "/"."""
 
     @abc.abstractmethod
+    async def subfolders(self, prefix: str) -> set[str]:
+        """Names of the sub-folders directly under folder `prefix` (cheaper than list_folder: no objects)."""
+
+    @abc.abstractmethod
     async def list_folder(self, prefix: str) -> Listing:
         """The objects and sub-folders directly under folder `prefix` ("" is the top)."""
 

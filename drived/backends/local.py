@@ -271,6 +271,14 @@ class LocalBackend(Backend):
         path = self._path(key)
         return os.path.isdir(path) and not os.path.islink(path)
 
+    async def subfolders(self, prefix: str) -> set[str]:
+        # Inline: used on every put for a drive's few component folders.
+        try:
+            with os.scandir(self._path(prefix.rstrip("/"))) as entries:
+                return {entry.name for entry in entries if entry.is_dir(follow_symlinks=False)}
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
+
     def _list(self, prefix: str) -> Listing:
         files: dict[str, ObjectInfo] = {}
         folders: set[str] = set()
