@@ -23,12 +23,12 @@ from drive_client.errors import (
     WaitTimeout,
 )
 
-from .backends.base import Backend, ObjectInfo, Upload
+from .backends.base import Backend, Chunks, ObjectInfo, Upload
 from .entry import Entry
 from .events import EventLog
 from .paths import component_key, object_key, relative_path
 
-FileStream = tuple[Entry, AsyncIterator[bytes | memoryview]]
+FileStream = tuple[Entry, Chunks]
 EARLY_CHECK_MIN_SIZE = 1 << 20
 
 
@@ -182,6 +182,7 @@ class ManagedDrives:
                 raise InvalidArgument(f"offset {offset} is past the end of {_shown(drive, path)} ({found.size} bytes)")
             info, chunks = await self.backend.read(object_key(drive, owner, path), offset, limit)
             if if_match and if_match != info.sha256:
+                await chunks.aclose()
                 raise StaleIndexError(
                     f"{_shown(drive, path)} changed (sha256 {info.sha256}, expected {if_match}): read it again"
                 )

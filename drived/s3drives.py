@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator
 from drive_client.errors import InvalidArgument, NotFound, StaleIndexError
 from drive_client.uri import DriveId
 
+from .backends.base import Chunks
 from .entry import Entry
 from .s3index.index import S3Entry
 from .s3index.mounts import S3Mounts
 from .s3index.reader import read_object
 
-FileStream = tuple[Entry, AsyncIterator[bytes | memoryview]]
+FileStream = tuple[Entry, Chunks]
 
 
 def _entry(e: S3Entry) -> Entry:
@@ -50,7 +51,7 @@ class S3Drives:
         entries, more = index.list(path, recursive, start_after, limit)
         return [_entry(e) for e in entries], more
 
-    def _read(self, drive: DriveId, e: S3Entry, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+    def _read(self, drive: DriveId, e: S3Entry, offset: int = 0, limit: int = 0) -> Chunks:
         return read_object(
             drive.bucket, drive.prefix + e.path, etag=e.etag, size=e.size,
             offset=offset, limit=limit, chunk_size=self.chunk_size,

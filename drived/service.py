@@ -165,11 +165,14 @@ class DriveService(pb_grpc.DriveServiceServicer):
             record.drive, record.path, record.component = request.drive, request.path, request.component
             try:
                 async for entry, chunks in self._open_files(request):
-                    record.files += 1
-                    yield pb.GetResponse(info=file_info(entry))
-                    async for chunk in chunks:
-                        record.bytes += len(chunk)
-                        yield chunk  # encoded by drive_client.wire, without a protobuf copy
+                    try:
+                        record.files += 1
+                        yield pb.GetResponse(info=file_info(entry))
+                        async for chunk in chunks:
+                            record.bytes += len(chunk)
+                            yield chunk  # encoded by drive_client.wire, without a protobuf copy
+                    finally:
+                        await chunks.aclose()
             except Exception as err:
                 await self._fail(context, record, err)
 

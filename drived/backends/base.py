@@ -12,6 +12,15 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class Chunks(Protocol):
+    """The bytes of one object, chunk by chunk; `aclose` releases them early (async generators qualify)."""
+
+    def __aiter__(self) -> AsyncIterator[bytes | memoryview]: ...
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,16 +79,13 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def read(
-        self, key: str, offset: int = 0, limit: int = 0
-    ) -> tuple[ObjectInfo, AsyncIterator[bytes | memoryview]]:
+    async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, Chunks]:
         """Opens `key` for reading bytes [offset, offset+limit) (limit 0: to the end).
 
-        Returns the object's info and an iterator of chunks of that one
-        version, even if the key is replaced or deleted while it is read. The
-        iterator holds no resources until its first iteration; if the key was
-        replaced by then it raises StaleIndexError. Raises NotFound, or
-        InvalidArgument when offset is past the end.
+        Returns the object's info and its chunks, all of that one version even
+        if the key is replaced or deleted while it is read. The caller closes
+        the chunks (`aclose`) when it stops before their end. Raises NotFound,
+        or InvalidArgument when offset is past the end.
         """
 
     @abc.abstractmethod

@@ -20,11 +20,10 @@ import stat
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
 
-from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, StaleIndexError
+from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
 
-from .base import Backend, Listing, ObjectInfo, Upload
+from .base import Backend, Chunks, Listing, ObjectInfo, Upload
 
 MAGIC = b"DRIVED01"
 HEADER = struct.Struct("<8s32sQ16x")  # magic, raw sha256, size, padding to 64 bytes
@@ -54,6 +53,57 @@ def _disk_error(err: OSError, what: str) -> Exception:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return ResourceExhausted(f"the data dir is full while {what}: free space and retry")
     return err
+
+
+class FileChunks:
+    """The chunks of one open file, [start, end); the file closes at the end, on `aclose`, or when collected.
+
+    A cached chunk is copied in about the time a thread hop takes, so it is
+    read on the event loop with RWF_NOWAIT, which never waits for the disk; a
+    chunk that needs the disk is read by a worker thread.
+    """
+
+    def __init__(self, fd: int, start: int, end: int, chunk_size: int) -> None:
+        self._fd = fd
+        self._position = start
+        self._end = end
+        self._chunk_size = chunk_size
+        self._reading: asyncio.Future[bytes] | None = None
+
+    def __aiter__(self) -> FileChunks:
+        return self
+
+    async def __anext__(self) -> bytes | memoryview:
+        if self._fd < 0 or self._position >= self._end:
+            self._close()
+            raise StopAsyncIteration
+        size = min(self._chunk_size, self._end - self._position)
+        offset = HEADER.size + self._position
+        data: bytes | memoryview | None = _read_cached(self._fd, size, offset)
+        if data is None:
+            self._reading = asyncio.get_running_loop().run_in_executor(None, os.pread, self._fd, size, offset)
+            data = await self._reading
+            self._reading = None
+        if not data:
+            self._close()
+            raise StopAsyncIteration
+        self._position += len(data)
+        return data
+
+    def _close(self) -> None:
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
+        if self._reading is not None:  # cancelled mid-read: close once the worker thread is done with it
+            self._reading.add_done_callback(lambda _: os.close(fd))
+        else:
+            os.close(fd)
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def __del__(self) -> None:
+        self._close()
 
 
 class LocalUpload(Upload):
@@ -216,44 +266,13 @@ class LocalBackend(Backend):
             os.close(fd)
             raise
 
-    async def read(
-        self, key: str, offset: int = 0, limit: int = 0
-    ) -> tuple[ObjectInfo, AsyncIterator[bytes | memoryview]]:
-        info = self._stat(key)
-        if info is None:
-            raise NotFound(f"{key!r} does not exist")
+    async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, Chunks]:
+        fd, info = self._open(key)  # inline, like stat: the open file pins this version
         if offset > info.size:
+            os.close(fd)
             raise InvalidArgument(f"offset {offset} is past the end of {key!r} ({info.size} bytes)")
         end = info.size if limit == 0 else min(info.size, offset + limit)
-        return info, self._chunks(key, info, offset, end)
-
-    async def _chunks(self, key: str, info: ObjectInfo, start: int, end: int) -> AsyncIterator[bytes | memoryview]:
-        """Chunks of [start, end) of the version `info` describes: from the page cache inline, else in a thread.
-
-        The file is opened on the first iteration, so a stream never started
-        holds no descriptor; from then on the open file is that one version,
-        whatever happens to the key. A cached chunk is copied in about the time
-        a thread hop takes, so it is read on the event loop with RWF_NOWAIT,
-        which never waits for the disk; a chunk that needs the disk goes to a
-        worker thread.
-        """
-        loop = asyncio.get_running_loop()
-        fd, opened = self._open(key)
-        try:
-            if (opened.sha256, opened.generation) != (info.sha256, info.generation):
-                raise StaleIndexError(f"{key!r} was replaced as its read began: read it again")
-            position = start
-            while position < end:
-                size = min(self.chunk_size, end - position)
-                data: bytes | memoryview | None = _read_cached(fd, size, HEADER.size + position)
-                if data is None:
-                    data = await loop.run_in_executor(None, os.pread, fd, size, HEADER.size + position)
-                if not data:
-                    break
-                position += len(data)
-                yield data
-        finally:
-            os.close(fd)
+        return info, FileChunks(fd, offset, end, self.chunk_size)
 
     def _stat(self, key: str) -> ObjectInfo | None:
         try:

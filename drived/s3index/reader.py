@@ -16,7 +16,7 @@ import functools
 import os
 import re
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from drive_client.errors import InvalidArgument, StaleIndexError
@@ -89,7 +89,7 @@ def _head(client: Any, bucket: str, key: str, etag: str, size: int) -> None:
 
 
 async def read_object(bucket: str, key: str, *, etag: str, size: int, offset: int, limit: int,
-                      chunk_size: int) -> AsyncIterator[bytes]:
+                      chunk_size: int) -> AsyncGenerator[bytes, None]:
     """Streams bytes [offset, offset+limit) of the object (limit 0: to the end).
 
     Raises InvalidArgument (offset outside [0, size], negative limit),
