@@ -20,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+WHY = Path(__file__).with_name("WHY.md")  # the analysis of missed targets, appended to latest.md
+
 SMALL_SYSTEMS = ("drive", "boto3_moto", "nginx")
 SMALL_OPS = ("put", "get")
 SMALL_CONC = (1, 16)
@@ -409,6 +411,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     if doc.get("profile"):
         lines += ["", "## Profile", "", doc["profile"]]
+    if WHY.is_file():
+        lines += ["", WHY.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
