@@ -40,7 +40,7 @@ from .transfer import (
     receive_files,
 )
 from .uri import normalize_path
-from .wire import Chunk, fast_stub
+from .wire import Chunk, GetMessage, fast_stub
 
 T = TypeVar("T")
 
@@ -49,8 +49,11 @@ _mounted: set[tuple[int, str, str]] = set()
 _mounted_lock = threading.Lock()
 
 
-def _worth_ranges(info: pb.FileInfo, remote: str) -> bool:
-    """Whether a Get's first file is one big file, fetched faster over parallel ranged reads."""
+def _worth_ranges(first: GetMessage, remote: str) -> bool:
+    """Whether a Get's first message describes one big file, fetched faster over parallel ranged reads."""
+    if not isinstance(first, pb.GetResponse):
+        return False  # data before any info: receive_files refuses it
+    info = first.info
     return info.path == remote and not info.folder and info.size >= PARALLEL_MIN_SIZE
 
 
@@ -152,12 +155,13 @@ class Drive(DriveBase):
         messages = iter(ReadAhead(call))
         try:
             first = next(messages, None)
-            if first is not None and _worth_ranges(first.info, remote):
+            if first is not None and _worth_ranges(first, remote):
                 call.cancel()  # read again, in blocks over several streams
                 messages.close()
-                pin = {"component_name": first.info.component or None, "if_match": first.info.sha256 or first.info.etag}
+                info = first.info  # a GetResponse: _worth_ranges checked
+                pin = {"component_name": info.component or None, "if_match": info.sha256 or info.etag}
                 fetch_in_ranges(
-                    first.info, target, lambda offset, length: self._read_chunks(remote, offset, length, **pin),
+                    info, target, lambda offset, length: self._read_chunks(remote, offset, length, **pin),
                     progress=progress,
                 )
             else:
