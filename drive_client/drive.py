@@ -57,6 +57,19 @@ def _worth_ranges(first: GetMessage, remote: str) -> bool:
     return info.path == remote and not info.folder and info.size >= PARALLEL_MIN_SIZE
 
 
+# One channel per endpoint and process, shared by every Drive: a Drive made per call costs no handshake.
+_stubs: dict[tuple[int, str], pb_grpc.DriveServiceStub] = {}
+_stubs_lock = threading.Lock()
+
+
+def _shared_stub(endpoint: str) -> pb_grpc.DriveServiceStub:
+    key = (os.getpid(), endpoint)
+    with _stubs_lock:
+        if key not in _stubs:
+            _stubs[key] = fast_stub(grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS))
+        return _stubs[key]
+
+
 class Drive(DriveBase):
     """A drive opened by name: `Drive("lit://drive_1", component_name="work_a")`.
 
@@ -65,14 +78,13 @@ class Drive(DriveBase):
     to $DRIVE_ENDPOINT, else 127.0.0.1:50051. `root_folder` is where local
     paths are resolved; when not given, the current working directory at
     the time of each call. Picklable and deep-copyable; the gRPC channel is
-    created lazily, once per process.
+    created lazily, once per process and endpoint, and shared by all Drives.
     """
 
     @property
     def _stub(self) -> pb_grpc.DriveServiceStub:
         if self._channel is None or self._channel[0] != os.getpid():
-            channel = grpc.insecure_channel(self.endpoint, options=CHANNEL_OPTIONS)
-            self._channel = (os.getpid(), channel, fast_stub(channel))
+            self._channel = (os.getpid(), None, _shared_stub(self.endpoint))
         return self._channel[2]
 
     def _call(self, rpc: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -51,10 +51,9 @@ def test_watch_reports_puts_and_deletes_in_order(daemon, drive_uri, tmp_path):
     writer.put("ck")
     writer.delete("ck")
     thread.join(20)
-    assert [e[:3] for e in events[1:]] == [
-        ("KIND_PUT", "ck/a.pt", "w"), ("KIND_PUT", "ck/b.pt", "w"),
-        ("KIND_DELETE", "ck/a.pt", "w"), ("KIND_DELETE", "ck/b.pt", "w"),
-    ]
+    # A folder's files commit concurrently: the puts come in commit order, whichever file finished first.
+    assert sorted(e[:3] for e in events[1:3]) == [("KIND_PUT", "ck/a.pt", "w"), ("KIND_PUT", "ck/b.pt", "w")]
+    assert [e[:3] for e in events[3:]] == [("KIND_DELETE", "ck/a.pt", "w"), ("KIND_DELETE", "ck/b.pt", "w")]
     sequences = [events[0][1]] + [e[3] for e in events[1:]]
     assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
 
