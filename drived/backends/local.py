@@ -222,13 +222,14 @@ class LocalBackend(Backend):
         """Renames a finished upload over `key`, creating its folders; fsyncs the folder."""
         path = self._path(key)
         folder = os.path.dirname(path)
-        for _attempt in range(5):  # a concurrent delete may remove an empty parent between the two steps
+        for attempt in range(5):  # a concurrent delete may remove an empty parent between the two steps
             try:
                 os.makedirs(folder, exist_ok=True)
                 os.rename(tmp_path, path)
                 break
             except FileNotFoundError:
-                continue
+                if attempt == 4:
+                    raise
             except (FileExistsError, NotADirectoryError):
                 raise InvalidArgument(f"cannot put {key!r}: a parent folder of it is a file") from None
             except IsADirectoryError:
