@@ -42,7 +42,10 @@ def split_uri(uri: str, folder: bool) -> tuple[str, str]:
 
 
 def _drive(uri: str, args: argparse.Namespace) -> Drive:
-    return Drive(uri, component_name=args.component, endpoint=args.endpoint, allow_duplicates=args.allow_duplicates)
+    return Drive(
+        uri, component_name=args.component, endpoint=args.endpoint, allow_duplicates=args.allow_duplicates,
+        token=args.token,
+    )
 
 
 def _progress(args: argparse.Namespace, label: str, total: int) -> ProgressBar | None:
@@ -116,6 +119,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="drive", description="Put, list, get and delete files in drived drives.")
     top.add_argument("--endpoint", help="drived address HOST:PORT (default: $DRIVE_ENDPOINT, else 127.0.0.1:50051)")
     top.add_argument("--component", help="your component name (default: $DRIVE_COMPONENT, else 'default')")
+    top.add_argument("--token", help="bearer token for a daemon started with --token (default: $DRIVE_TOKEN)")
     top.add_argument("--json", action="store_true", help="print results as JSON on stdout (for scripts)")
     top.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     commands = top.add_subparsers(dest="command", required=True)

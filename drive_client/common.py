@@ -99,7 +99,7 @@ class DriveBase:
         self.component_name = check_component(component_name or os.environ.get("DRIVE_COMPONENT"))
         self.root_folder = None if root_folder is None else str(root_folder)
         self.endpoint = endpoint or os.environ.get("DRIVE_ENDPOINT") or DEFAULT_ENDPOINT
-        self.token = token
+        self.token = token or os.environ.get("DRIVE_TOKEN") or None
         self._channel: Any = None  # (pid, channel, stub), made on first use in each process
 
     def __str__(self) -> str:

@@ -25,6 +25,7 @@ class Config:
     s3_list_concurrency: int = 16
     s3_page_size: int = 1000
     metrics_listen: str = ""
+    token: str = ""
     log_level: str = "info"
 
 
@@ -37,6 +38,8 @@ HELP = {
     "s3_list_concurrency": "parallel ListObjectsV2 calls when mounting an s3:// drive",
     "s3_page_size": "MaxKeys of each ListObjectsV2 call",
     "metrics_listen": "HOST:PORT to serve Prometheus metrics on (/metrics); empty: no metrics endpoint",
+    "token": "when set, every DriveService call must carry `authorization: Bearer TOKEN` (UNAUTHENTICATED "
+    "otherwise); health and reflection stay open. Prefer the env variable: flags show in `ps`",
     "log_level": "debug, info, warning or error",
 }
 
@@ -62,7 +65,7 @@ def _chunk_size(text: str) -> int:
 PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": str, "data_dir": str, "storage": str, "chunk_size": _chunk_size,
     "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
-    "metrics_listen": str, "log_level": str,
+    "metrics_listen": str, "token": str, "log_level": str,
 }
 
 

@@ -15,6 +15,7 @@ from drive_client._pb import drive_pb2 as pb
 from drive_client.wire import add_fast_servicer
 
 from . import metrics
+from .auth import TokenAuth
 from .backends.local import LocalBackend
 from .config import MAX_CHUNK_SIZE, Config
 from .events import EventLog
@@ -35,6 +36,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="drived-io"))
     server = grpc.aio.server(
+        interceptors=[TokenAuth(config.token)] if config.token else None,
         options=[
             ("grpc.so_reuseport", 0),  # a taken port must fail loudly
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),
