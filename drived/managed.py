@@ -208,7 +208,7 @@ class ManagedDrives:
                 if file_path in owners:
                     raise self._ambiguous(drive, file_path, [owners[file_path], c])
                 owners[file_path] = c
-        return sorted((c, p) for p, c in owners.items())
+        return [(c, p) for p, c in sorted(owners.items())]  # path order, as the proto promises
 
     async def list_entries(
         self, drive: str, path: str, component: str, *, recursive: bool, start_after: str, limit: int

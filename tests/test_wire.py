@@ -179,3 +179,13 @@ def test_corrupted_stored_file_is_not_delivered(own_daemon, tmp_path, drive_uri)
         Drive(drive_uri, root_folder=str(out), endpoint=own_daemon.endpoint).get("rot.bin")
     assert exc.value.code in (None, grpc.StatusCode.DATA_LOSS)
     assert list(out.iterdir()) == [], "a corrupt file must not be left at (or beside) the target"
+
+
+def test_folder_read_across_components_comes_in_path_order(stub, drive_uri):
+    raw_put(stub, drive_uri, "d/b.txt", b"b", component="a")
+    raw_put(stub, drive_uri, "d/a.txt", b"a", component="z")
+    raw_put(stub, drive_uri, "d/c.txt", b"c", component="a")
+    files = raw_get(stub, drive_uri, "d")
+    assert [(info.path, info.component, data) for info, data in files] == [
+        ("d/a.txt", "z", b"a"), ("d/b.txt", "a", b"b"), ("d/c.txt", "a", b"c"),
+    ]
