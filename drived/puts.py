@@ -32,10 +32,12 @@ class PutStream:
         self._size: int | None = None
         self._commits: list[asyncio.Task[Entry]] = []
         self._slots = asyncio.Semaphore(MAX_COMMITS_IN_FLIGHT)
+        self._failure: BaseException | None = None  # the first commit that failed
         self.bytes = 0
 
     async def receive(self, message: PutMessage) -> None:
-        self._raise_failed_commit()
+        if self._failure is not None:  # fail the stream as soon as a commit failed
+            raise self._failure
         data = chunk_of(message)
         if data is not None:
             if self._pending is None:
@@ -59,16 +61,16 @@ class PutStream:
             put, self._pending = self._pending, None
             await self._slots.acquire()
             task = asyncio.create_task(self._managed.commit_put(put, sha256, self._size))
-            task.add_done_callback(lambda _: self._slots.release())
+            task.add_done_callback(self._committed)
             self._commits.append(task)
         else:
             raise InvalidArgument("an empty PutRequest: send a header, data or finish")
 
-    def _raise_failed_commit(self) -> None:
-        """Fails the stream as soon as a commit failed (DataLoss, ALREADY_EXISTS, disk full)."""
-        for task in self._commits:
-            if task.done() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+    def _committed(self, task: asyncio.Task[Entry]) -> None:
+        """Frees the task's slot and keeps the first failure (DataLoss, ALREADY_EXISTS, disk full)."""
+        self._slots.release()
+        if self._failure is None and not task.cancelled() and task.exception() is not None:
+            self._failure = task.exception()
 
     async def results(self) -> list[Entry]:
         """At the end of the stream: every committed file, in the order sent."""
