@@ -122,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--token", help="bearer token for a daemon started with --token (default: $DRIVE_TOKEN)")
     top.add_argument("--json", action="store_true", help="print results as JSON on stdout (for scripts)")
     top.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    top.set_defaults(only=None, allow_duplicates=False, timeout=None, overwrite=False)  # options of some commands
     commands = top.add_subparsers(dest="command", required=True)
     ls = commands.add_parser("ls", help="list a folder: drive ls lit://d[/folder]")
     ls.add_argument("location")
@@ -144,9 +145,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    for name in ("only", "allow_duplicates", "timeout", "overwrite"):
-        if not hasattr(args, name):
-            setattr(args, name, None if name in ("only", "timeout") else False)
     try:
         result = run(args)
     except (DriveError, OSError) as err:

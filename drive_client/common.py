@@ -6,6 +6,7 @@ No I/O here: the sync and async classes differ only in how they call.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -146,7 +147,7 @@ class DriveBase:
         return pb.GetRequest(drive=self.id, path=remote, wait_seconds=timeout or 0, component=_filter(component_name))
 
     @staticmethod
-    def _target_of(remote: str, target: Path) -> Any:
+    def _target_of(remote: str, target: Path) -> Callable[[str], Path]:
         """Maps the drive paths a Get of `remote` answers with to local paths under `target`."""
         prefix = remote + "/"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
@@ -27,7 +28,7 @@ def _health(argv: Sequence[str]) -> int:
     parser.add_argument("--endpoint", default=None, help="HOST:PORT (default: DRIVED_LISTEN, else 127.0.0.1:50051)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     args = parser.parse_args(argv)
-    endpoint = args.endpoint or config.from_args(_serve_parser(), _serve_parser().parse_args([])).listen
+    endpoint = args.endpoint or os.environ.get("DRIVED_LISTEN") or config.Config.listen
     endpoint = endpoint.replace("0.0.0.0:", "127.0.0.1:")
     try:
         status = asyncio.run(server.check_health(endpoint, args.timeout))

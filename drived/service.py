@@ -73,8 +73,11 @@ class DriveService(pb_grpc.DriveServiceServicer):
         self.s3 = s3
 
     @contextmanager
-    def _request(self, method: str) -> Iterator[RequestLog]:
-        record = RequestLog(method)
+    def _request(self, method: str, request: object = None) -> Iterator[RequestLog]:
+        """Logs one request (drive, path and component taken from `request` where it has them)."""
+        record = RequestLog(
+            method, getattr(request, "drive", ""), getattr(request, "path", ""), getattr(request, "component", "")
+        )
         started = time.perf_counter()
         metrics.OPEN_REQUESTS.labels(method).inc()
         try:
@@ -161,8 +164,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
     async def Get(  # type: ignore[override]  # chunks are yielded as bytes, see drive_client.wire
         self, request: pb.GetRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[GetMessage]:
-        with self._request("Get") as record:
-            record.drive, record.path, record.component = request.drive, request.path, request.component
+        with self._request("Get", request) as record:
             try:
                 async for entry, chunks in self._open_files(request):
                     try:
@@ -198,8 +200,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
     # -- List, Stat, Delete, Mount -----------------------------------------
 
     async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext) -> pb.ListResponse:
-        with self._request("List") as record:
-            record.drive, record.path, record.component = request.drive, request.path, request.component
+        with self._request("List", request) as record:
             try:
                 drive = parse_drive(request.drive)
                 path = normalize_path(request.path, allow_root=True)
@@ -223,8 +224,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 await self._fail(context, record, err)
 
     async def Stat(self, request: pb.StatRequest, context: grpc.aio.ServicerContext) -> pb.FileInfo:
-        with self._request("Stat") as record:
-            record.drive, record.path, record.component = request.drive, request.path, request.component
+        with self._request("Stat", request) as record:
             try:
                 drive = parse_drive(request.drive)
                 path = normalize_path(request.path)
@@ -236,8 +236,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 await self._fail(context, record, err)
 
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
-        with self._request("Delete") as record:
-            record.drive, record.path, record.component = request.drive, request.path, request.component
+        with self._request("Delete", request) as record:
             try:
                 drive = parse_drive(request.drive)
                 if drive.read_only:
@@ -250,8 +249,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 await self._fail(context, record, err)
 
     async def Mount(self, request: pb.MountRequest, context: grpc.aio.ServicerContext) -> pb.MountResponse:
-        with self._request("Mount") as record:
-            record.drive = request.drive
+        with self._request("Mount", request) as record:
             try:
                 drive = parse_drive(request.drive)
                 if not drive.read_only:
@@ -264,8 +262,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 await self._fail(context, record, err)
 
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchEvent]:
-        with self._request("Watch") as record:
-            record.drive, record.path, record.component = request.drive, request.path, request.component
+        with self._request("Watch", request) as record:
             try:
                 drive = parse_drive(request.drive)
                 if drive.read_only:
