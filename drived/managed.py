@@ -226,7 +226,15 @@ class ManagedDrives:
             for entry in await self._list_component(drive, c, path, recursive):
                 add(entry)
         names = sorted(p for p in found if p > start_after)
-        return [found[p] for p in names[:limit]], len(names) > limit
+        page = [await self._with_sha256(drive, found[p]) for p in names[:limit]]
+        return page, len(names) > limit
+
+    async def _with_sha256(self, drive: str, entry: Entry) -> Entry:
+        """A listed file of one component with its sha256 (read for the page's entries only)."""
+        if entry.folder or not entry.component or entry.sha256:
+            return entry
+        info = await self.backend.stat(object_key(drive, entry.component, entry.path))
+        return _entry(entry.path, entry.component, info) if info else entry
 
     async def _list_component(self, drive: str, component: str, path: str, recursive: bool) -> list[Entry]:
         key = object_key(drive, component, path)

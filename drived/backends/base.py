@@ -29,7 +29,7 @@ class ObjectInfo:
 
     key: str
     size: int
-    sha256: str  # lowercase hex of the content
+    sha256: str  # lowercase hex of the content; "" in listings (`list_folder`, `walk`): `stat` has it
     generation: int  # commit time in ns: changes with every commit of the key
 
 
