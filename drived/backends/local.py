@@ -114,9 +114,10 @@ class FileChunks:
 class LocalUpload(Upload):
     """An upload into `tmp/`: small chunks are buffered, big ones written in a worker thread."""
 
-    def __init__(self, backend: LocalBackend, key: str) -> None:
+    def __init__(self, backend: LocalBackend, key: str, path: str) -> None:
         self._backend = backend
         self._key = key
+        self._path = path  # where the object goes, checked by LocalBackend._path
         self._tmp_path = os.path.join(backend.tmp_dir, uuid.uuid4().hex)
         self._fd = -1
         self._hash = hashlib.sha256()
@@ -174,7 +175,8 @@ class LocalUpload(Upload):
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
-            self._backend.place(self._tmp_path, self._key)
+            self._backend.place(self._tmp_path, self._key, self._path)
+            self._tmp_path = ""  # renamed away: nothing left to discard
         except OSError as err:
             raise _disk_error(err, "committing an upload") from err
         return ObjectInfo(self._key, self._size, digest, generation)
@@ -191,8 +193,9 @@ class LocalUpload(Upload):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp_path)
+        if self._tmp_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp_path)
 
     async def abort(self) -> None:
         self._pending = []
@@ -223,9 +226,8 @@ class LocalBackend(Backend):
             raise InvalidArgument(f"path {key!r} leads outside the data dir")
         return path
 
-    def place(self, tmp_path: str, key: str) -> None:
-        """Renames a finished upload over `key`, creating its folders; fsyncs the folder."""
-        path = self._path(key)
+    def place(self, tmp_path: str, key: str, path: str) -> None:
+        """Renames a finished upload to `path`, the file of `key`, creating its folders; fsyncs the folder."""
         folder = os.path.dirname(path)
         for attempt in range(5):  # a concurrent delete may remove an empty parent between the two steps
             try:
@@ -249,7 +251,7 @@ class LocalBackend(Backend):
         path = self._path(key)
         if os.path.isdir(path):
             raise InvalidArgument(f"cannot put {key!r}: it is a folder; put files below it instead")
-        return LocalUpload(self, key)
+        return LocalUpload(self, key, path)
 
     def _open(self, key: str) -> tuple[int, ObjectInfo]:
         """Opens `key` and reads its header; the caller closes the descriptor."""
