@@ -2,9 +2,10 @@
 
 Starts what it needs as subprocesses on free 127.0.0.1 ports (drived,
 moto_server, nginx, a raw grpc server), runs each measurement in its own
-worker process (bench/worker.py), interleaves the systems within each run,
-and reports medians of --runs runs as a table, bench/results/latest.json and
-bench/results/latest.md (or --out DIR).
+worker process (bench/worker.py), interleaves the systems within each run in
+an order that rotates from run to run, never deletes files between
+measurements, and reports medians of --runs runs as a table,
+bench/results/latest.json and bench/results/latest.md (or --out DIR).
 
 Exit status: 0 when every figure was measured, or left out for a reason that
 was printed (nginx not installable, bench/bench_mount.py not there yet);
@@ -401,7 +402,7 @@ class Harness:
             systems.append(("nginx", {"url": self.nginx.url}))
         for conc in SMALL_CONC:
             for op in SMALL_OPS:  # put before get: get reads what put stored
-                for system, extra in systems:
+                for system, extra in rotated(systems, run):
                     base = f"small.{system}.{op}.c{conc}"
                     res = self.measure(
                         base,
@@ -413,7 +414,7 @@ class Harness:
                             "conc": conc,
                             "names": names,
                             "src_root": str(self.src),
-                            "dst_root": str(self.dst / f"small-{system}"),
+                            "dst_root": str(self.dst / f"run{run}-small-c{conc}-{system}"),
                             "budget": a.budget,
                             **extra,
                         },
@@ -430,54 +431,38 @@ class Harness:
                             )
                             self.notes.append(note)
                             self.say(note)
-            shutil.rmtree(self.dst, ignore_errors=True)
-            self.dst.mkdir(exist_ok=True)
 
     def run_folder(self, run: int) -> None:
         a = self.a
         to = a.budget * 2 + 120
+        systems: list[tuple[str, dict[str, Any]]] = []
+        if self.drived:
+            systems.append(("drive", {"endpoint": self.drived.endpoint}))
+        if self.nginx:
+            systems.append(("nginx_loop", {"url": self.nginx.url}))
         for op in SMALL_OPS:
-            if self.drived:
+            for system, extra in rotated(systems, run):
+                base = f"folder.{system}.{op}"
                 res = self.measure(
-                    f"folder.drive.{op}",
-                    f"Drive folder {op}",
+                    base,
+                    f"{system} folder {op}",
                     {
                         "task": "folder",
-                        "system": "drive",
+                        "system": system,
                         "op": op,
                         "folder": "folder",
                         "src_root": str(self.src),
-                        "dst_root": str(self.dst / "folder-drive"),
+                        "dst_root": str(self.dst / f"run{run}-folder-{system}"),
                         "budget": a.budget,
-                        "endpoint": self.drived.endpoint,
+                        **extra,
                     },
                     to,
-                    profile=f"folder-{op}",
+                    profile=f"folder-{op}" if system == "drive" else None,
                 )
                 if res:
-                    self.figs.add(f"folder.drive.{op}.files_s", res["files_s"])
-            if self.nginx:
-                res = self.measure(
-                    f"folder.nginx_loop.{op}",
-                    f"nginx loop folder {op}",
-                    {
-                        "task": "folder",
-                        "system": "nginx_loop",
-                        "op": op,
-                        "folder": "folder",
-                        "src_root": str(self.src),
-                        "dst_root": str(self.dst / "folder-nginx"),
-                        "budget": a.budget,
-                        "url": self.nginx.url,
-                    },
-                    to,
-                )
-                if res:
-                    self.figs.add(f"folder.nginx_loop.{op}.files_s", res["files_s"])
+                    self.figs.add(f"{base}.files_s", res["files_s"])
                     if not res["complete"]:
-                        self.notes.append(f"folder.nginx_loop.{op}: stopped by the budget after {res['files']} files")
-        shutil.rmtree(self.dst, ignore_errors=True)
-        self.dst.mkdir(exist_ok=True)
+                        self.notes.append(f"{base}: stopped by the budget after {res['files']} files")
 
     def run_mem(self) -> None:
         """Peak RSS of a fresh daemon and of each client process, ¼-size file then full size."""
@@ -642,6 +627,17 @@ class Harness:
             self.say(f"{len(self.errors)} measurement(s) failed; first: {self.errors[0]}")
             return 1
         return 0
+
+
+def rotated(systems: list[Any], run: int) -> list[Any]:
+    """`systems` in a different order each run, so no system always measures first (or last).
+
+    Going first matters here: the VM's file system makes each new file slower
+    for a minute or more after many deletes, and freed memory is handed back
+    to the host, so the first writer after a cleanup pays for both.
+    """
+    k = run % len(systems) if systems else 0
+    return systems[k:] + systems[:k]
 
 
 def map_index_result(got: dict[str, Any]) -> dict[str, float]:
