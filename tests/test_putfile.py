@@ -58,3 +58,25 @@ def test_drive_put_of_a_small_file_uses_one_call(daemon, drive_uri, tmp_path):
     Drive(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint).put("small.bin")
     methods = [line for line in daemon.log().splitlines() if drive_uri in line and '"path": "small.bin"' in line]
     assert len(methods) == 1 and '"method": "PutFile"' in methods[0] and '"bytes": 1000' in methods[0]
+
+
+def test_concurrent_put_files_commit_together_and_fail_alone(daemon, stub, drive_uri):
+    """Small commits are batched: a bad file in a batch fails alone, the others are stored, nothing is left over."""
+    datas = {f"batch/f{i:02d}.bin": bytes([i]) * (100 + i) for i in range(48)}
+    bad = {path for i, path in enumerate(sorted(datas)) if i % 7 == 3}
+    calls = {}
+    for path, data in datas.items():
+        header = pb.PutHeader(drive=drive_uri, path=path, component="a")
+        sha = "0" * 64 if path in bad else hashlib.sha256(data).hexdigest()
+        calls[path] = stub.PutFile.future(pb.PutFileRequest(header=header, data=data, sha256=sha), timeout=20)
+    for path, call in calls.items():
+        if path in bad:
+            assert code(call.result) == grpc.StatusCode.DATA_LOSS
+        else:
+            assert call.result().file.sha256 == hashlib.sha256(datas[path]).hexdigest()
+    listed = {e.path: e.size for e in stub.List(pb.ListRequest(drive=drive_uri, path="batch")).entries}
+    assert listed == {p: len(d) for p, d in datas.items() if p not in bad}
+    for path in set(datas) - bad:
+        [reply] = [m for m in stub.Get(pb.GetRequest(drive=drive_uri, path=path)) if m.HasField("data")]
+        assert reply.data == datas[path]
+    assert list((daemon.data_dir / "tmp").iterdir()) == []

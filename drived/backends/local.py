@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import shutil
@@ -24,6 +25,7 @@ import uuid
 from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
 
 from .base import Backend, Chunks, Listing, ObjectInfo, Upload
+from .group_commit import GroupCommitter, fsync_folder
 
 MAGIC = b"DRIVED01"
 HEADER = struct.Struct("<8s32sQ16x")  # magic, raw sha256, size, padding to 64 bytes
@@ -112,7 +114,11 @@ class FileChunks:
 
 
 class LocalUpload(Upload):
-    """An upload into `tmp/`: small chunks are buffered, big ones written in a worker thread."""
+    """An upload into `tmp/`: small chunks are buffered, big ones written in a worker thread.
+
+    A file whose bytes all fit the buffer is committed by the backend's
+    GroupCommitter; a bigger one by a worker thread of its own.
+    """
 
     def __init__(self, backend: LocalBackend, key: str, path: str) -> None:
         self._backend = backend
@@ -125,6 +131,7 @@ class LocalUpload(Upload):
         self._pending: list[bytes | memoryview] = []
         self._pending_bytes = 0
         self._flushing: asyncio.Future[None] | None = None
+        self._committing: asyncio.Future[ObjectInfo] | None = None
 
     def _flush(self, chunks: list[bytes | memoryview]) -> None:
         """Runs in a worker thread: hashes and appends `chunks` to the temporary file."""
@@ -154,8 +161,11 @@ class LocalUpload(Upload):
             flushing, self._flushing = self._flushing, None
             await flushing
 
-    def _commit(self, chunks: list[bytes | memoryview], sha256: str, size: int | None) -> ObjectInfo:
-        """Runs in a worker thread: verifies, writes the header, fsyncs and renames into place."""
+    def _commit(self, chunks: list[bytes | memoryview], sha256: str, size: int | None) -> tuple[ObjectInfo, str]:
+        """Runs in a worker thread: verifies, writes the header, fsyncs and renames into place.
+
+        Returns the object's info and its folder, whose new entry the caller fsyncs.
+        """
         self._flush(chunks)
         digest = self._hash.hexdigest()
         if digest != sha256:
@@ -175,17 +185,32 @@ class LocalUpload(Upload):
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
-            self._backend.place(self._tmp_path, self._key, self._path)
+            folder = self._backend.place(self._tmp_path, self._key, self._path)
             self._tmp_path = ""  # renamed away: nothing left to discard
         except OSError as err:
             raise _disk_error(err, "committing an upload") from err
-        return ObjectInfo(self._key, self._size, digest, generation)
+        return ObjectInfo(self._key, self._size, digest, generation), folder
+
+    def _commit_alone(self, chunks: list[bytes | memoryview], sha256: str, size: int | None) -> ObjectInfo:
+        info, folder = self._commit(chunks, sha256, size)
+        try:
+            fsync_folder(folder)
+        except OSError as err:
+            raise _disk_error(err, "committing an upload") from err
+        return info
 
     async def commit(self, sha256: str, size: int | None = None) -> ObjectInfo:
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
         try:
             await self._drain()
-            return await asyncio.get_running_loop().run_in_executor(None, self._commit, chunks, sha256, size)
+            if self._fd < 0:  # nothing written yet: a small file, committed with others
+                self._committing = self._backend.committer.submit(functools.partial(self._commit, chunks, sha256, size))
+            else:
+                self._committing = asyncio.get_running_loop().run_in_executor(
+                    None, self._commit_alone, chunks, sha256, size
+                )
+            # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
+            return await asyncio.shield(self._committing)
         finally:
             await self.abort()
 
@@ -199,10 +224,11 @@ class LocalUpload(Upload):
 
     async def abort(self) -> None:
         self._pending = []
-        if self._flushing is not None:
+        running = self._committing or self._flushing
+        self._flushing = None
+        if running is not None and not running.done():
             # Closing the file under a running write would be unsafe: let that write finish first.
-            self._flushing.add_done_callback(lambda _: self._discard())
-            self._flushing = None
+            running.add_done_callback(lambda _: self._discard())
         else:
             self._discard()
 
@@ -214,6 +240,9 @@ class LocalBackend(Backend):
         self.root = os.path.realpath(os.path.join(data_dir, "objects"))
         self.tmp_dir = os.path.join(os.path.realpath(data_dir), "tmp")
         self.chunk_size = chunk_size
+        self.committer: GroupCommitter[ObjectInfo] = GroupCommitter(
+            lambda err: _disk_error(err, "committing an upload")
+        )
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         os.makedirs(self.root, exist_ok=True)
         os.makedirs(self.tmp_dir, exist_ok=True)
@@ -226,8 +255,11 @@ class LocalBackend(Backend):
             raise InvalidArgument(f"path {key!r} leads outside the data dir")
         return path
 
-    def place(self, tmp_path: str, key: str, path: str) -> None:
-        """Renames a finished upload to `path`, the file of `key`, creating its folders; fsyncs the folder."""
+    def place(self, tmp_path: str, key: str, path: str) -> str:
+        """Renames a finished upload to `path`, the file of `key`, creating its folders; returns the folder.
+
+        The caller fsyncs the folder before it acknowledges the put.
+        """
         folder = os.path.dirname(path)
         for attempt in range(5):  # a concurrent delete may remove an empty parent between the two steps
             try:
@@ -241,11 +273,7 @@ class LocalBackend(Backend):
                 raise InvalidArgument(f"cannot put {key!r}: a parent folder of it is a file") from None
             except IsADirectoryError:
                 raise InvalidArgument(f"cannot put {key!r}: it is a folder; put files below it instead") from None
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        return folder
 
     async def start_upload(self, key: str) -> Upload:
         path = self._path(key)
