@@ -1,16 +1,19 @@
 """EventLog: the numbered puts and deletes of each managed drive, for Watch and for waiting gets.
 
-Kept in memory: the last `retain` events of each drive since the daemon
-started. Sequence numbers start at the daemon's start time in microseconds,
-so they keep increasing across restarts and a resume from a previous run is
-recognised as too old instead of being answered with the wrong events.
+Kept in memory and bounded: the last `retain` events of a drive, at most
+`retain_total` events over all drives (the drives used least recently lose
+their oldest first), and the state of at most `max_drives` drives. Sequence
+numbers start at the daemon's start time in microseconds, so they keep
+increasing across restarts and a resume from a previous run is recognised as
+too old instead of being answered with the wrong events; so is a resume
+past events that were dropped to stay within the bounds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import grpc
@@ -35,48 +38,75 @@ class Event:
 
 @dataclass
 class _DriveEvents:
-    events: deque[Event]
+    dropped: int  # the newest sequence no longer kept: a resume from before it misses events
+    events: deque[Event] = field(default_factory=deque)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class EventLog:
     """Publishes events and lets readers wait for the next one."""
 
-    def __init__(self, retain: int = 10_000) -> None:
+    def __init__(self, retain: int = 10_000, retain_total: int = 100_000, max_drives: int = 10_000) -> None:
         self._retain = retain
+        self._retain_total = retain_total
+        self._max_drives = max_drives
         self._start = time.time_ns() // 1000  # the sequence before the first event of this run
         self._last = self._start
-        self._drives: dict[str, _DriveEvents] = {}
+        self._forgotten = self._start  # the newest sequence of any drive whose state was dropped
+        self._drives: OrderedDict[str, _DriveEvents] = OrderedDict()  # least recently used first
+        self._total = 0
         self._closed = False
 
     def _drive(self, drive: str) -> _DriveEvents:
         found = self._drives.get(drive)
         if found is None:
-            found = self._drives[drive] = _DriveEvents(deque(maxlen=self._retain))
+            found = self._drives[drive] = _DriveEvents(dropped=self._forgotten)
+            while len(self._drives) > self._max_drives:
+                self._forget_least_used()
+        else:
+            self._drives.move_to_end(drive)
         return found
 
+    def _forget_least_used(self) -> None:
+        _, state = self._drives.popitem(last=False)
+        self._total -= len(state.events)
+        self._forgotten = max(self._forgotten, state.events[-1].sequence if state.events else state.dropped)
+        state.changed.set()  # its waiters look again and wait on a new state
+
+    def _drop_oldest(self, state: _DriveEvents) -> None:
+        state.dropped = state.events.popleft().sequence
+        self._total -= 1
+
     def last(self, drive: str) -> int:
-        """The sequence of the drive's latest event (the start of this run if none)."""
-        events = self._drive(drive).events
-        return events[-1].sequence if events else self._start
+        """The sequence of the drive's latest event (where a watch from now starts)."""
+        state = self._drive(drive)
+        return state.events[-1].sequence if state.events else state.dropped
 
     def publish(self, drive: str, kind: str, entry: Entry) -> None:
         self._last += 1
         state = self._drive(drive)
         state.events.append(Event(self._last, kind, entry))
+        self._total += 1
+        if len(state.events) > self._retain:
+            self._drop_oldest(state)
+        if self._total > self._retain_total:
+            for other in self._drives.values():  # least recently used first
+                while other.events and self._total > self._retain_total:
+                    self._drop_oldest(other)
+                if self._total <= self._retain_total:
+                    break
         state.changed.set()
         state.changed = asyncio.Event()
 
     def since(self, drive: str, after: int) -> list[Event]:
         """The drive's events after sequence `after`; EventsGone when some of them were dropped."""
-        events = self._drive(drive).events
-        oldest_kept = events[0].sequence - 1 if len(events) == self._retain else self._start
-        if after < oldest_kept:
+        state = self._drive(drive)
+        if after < state.dropped:
             raise EventsGone(
                 f"events of lit://{drive} after sequence {after} are no longer kept "
                 "(the daemon restarted, or more than the retained number happened): list the drive, then watch from now"
             )
-        return [e for e in events if e.sequence > after]
+        return [e for e in state.events if e.sequence > after]
 
     def changed(self, drive: str) -> asyncio.Event:
         """An asyncio.Event set by the drive's next publish, or by `close`.

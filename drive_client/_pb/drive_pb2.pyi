@@ -612,7 +612,8 @@ class WatchRequest(_message.Message):
     after_sequence: _builtins.int
     """Resume: send the events after this sequence number. 0 starts from now.
     Sequence numbers increase across daemon restarts; the daemon keeps the
-    last 10,000 events of each drive since it started.
+    last 10,000 events of each drive since it started, and 100,000 over all
+    drives. A resume from before what is kept answers OUT_OF_RANGE.
     """
     def __init__(
         self,

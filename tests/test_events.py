@@ -1,0 +1,50 @@
+"""EventLog stays bounded: per drive, in total, and in the number of drives it keeps state for."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from drived.entry import Entry
+from drived.events import EventLog, EventsGone
+
+
+def put(log: EventLog, drive: str, n: int) -> None:
+    for i in range(n):
+        log.publish(drive, "put", Entry(path=f"f{i}", component="c"))
+
+
+async def test_each_drive_keeps_its_last_events() -> None:
+    log = EventLog(retain=5, retain_total=100)
+    start = log.last("a")
+    put(log, "a", 8)
+    kept = log.since("a", log.last("a") - 5)
+    assert [e.entry.path for e in kept] == ["f3", "f4", "f5", "f6", "f7"]
+    with pytest.raises(EventsGone):
+        log.since("a", start)  # the first three events are gone: the resume is refused, not answered short
+
+
+async def test_total_bound_trims_the_least_recently_used_drive_first() -> None:
+    log = EventLog(retain=100, retain_total=10)
+    start = log.last("old")
+    put(log, "old", 6)
+    put(log, "new", 6)  # 12 in total: two of "old" go
+    assert [e.entry.path for e in log.since("new", start)] == [f"f{i}" for i in range(6)]
+    with pytest.raises(EventsGone):
+        log.since("old", start)
+    assert [e.entry.path for e in log.since("old", log.last("old") - 4)] == ["f2", "f3", "f4", "f5"]
+
+
+async def test_drive_states_are_bounded_and_forgetting_wakes_and_refuses_old_resumes() -> None:
+    log = EventLog(max_drives=3)
+    put(log, "busy", 2)
+    seen = log.last("busy")
+    waiting = log.changed("busy")
+    for name in ("x", "y", "z"):  # touching three other drives pushes "busy" out
+        log.changed(name)
+    await asyncio.wait_for(waiting.wait(), 1)  # its waiters are woken, to look again
+    with pytest.raises(EventsGone):
+        log.since("busy", seen - 1)  # what it had is forgotten: refused, never answered with a gap
+    assert log.since("busy", log.last("busy")) == []  # a watch from now works
+    assert len(log._drives) == 3
