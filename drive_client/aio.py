@@ -31,7 +31,7 @@ from .common import (
 )
 from .drive import _mounted, _mounted_lock
 from .errors import from_rpc_error
-from .transfer import CHUNK_SIZE, local_files, put_file_request, put_requests, receive_files
+from .transfer import CHUNK_SIZE, SMALL_FILE, local_files, put_file_request, put_requests, receive_files
 from .uri import normalize_path
 from .wire import GetMessage, PutMessage, fast_stub
 
@@ -97,8 +97,9 @@ class AsyncDrive(DriveBase):
         files = await asyncio.to_thread(local_files, self._root() / remote, remote)
         if not files:
             return
-        if len(files) == 1 and files[0][0].stat().st_size <= CHUNK_SIZE:  # one unary call
-            request = await asyncio.to_thread(put_file_request, self._put_header(), *files[0])
+        if len(files) == 1 and files[0][0].stat().st_size <= SMALL_FILE:  # one unary call
+            local, remote = files[0]
+            request = put_file_request(self._put_header(), remote, await asyncio.to_thread(local.read_bytes))
             await self._call(self._stub.PutFile, request)
             return
         messages = put_requests(self._put_header(), files)

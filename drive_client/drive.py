@@ -29,8 +29,8 @@ from .common import (
 )
 from .errors import from_rpc_error
 from .transfer import (
-    CHUNK_SIZE,
     PARALLEL_MIN_SIZE,
+    SMALL_FILE,
     Progress,
     ReadAhead,
     fetch_in_ranges,
@@ -114,7 +114,7 @@ class Drive(DriveBase):
         """Stores (local file, drive path) pairs in one Put stream."""
         if not files:
             return []
-        if len(files) == 1 and files[0][0].stat().st_size <= CHUNK_SIZE:
+        if len(files) == 1 and files[0][0].stat().st_size <= SMALL_FILE:
             return [self._put_small(*files[0], progress)]
         requests = ReadAhead(put_requests(self._put_header(), files, progress=progress))
         try:
@@ -127,7 +127,8 @@ class Drive(DriveBase):
 
     def _put_small(self, local: Path, remote: str, progress: Progress | None) -> pb.FileInfo:
         """Stores a file of at most a chunk in one unary call (much cheaper than a stream)."""
-        reply: pb.PutFileResponse = self._call(self._stub.PutFile, put_file_request(self._put_header(), local, remote))
+        request = put_file_request(self._put_header(), remote, local.read_bytes())
+        reply: pb.PutFileResponse = self._call(self._stub.PutFile, request)
         if progress:
             progress(reply.file.size)
         return reply.file

@@ -22,6 +22,7 @@ from .errors import DataLoss, NotFound
 from .wire import Chunk, GetMessage, PutMessage, chunk_of
 
 CHUNK_SIZE = 1 << 20
+SMALL_FILE = CHUNK_SIZE  # a file of at most this many bytes travels in one message
 T = TypeVar("T")
 Progress = Callable[[int], None]  # called with the number of bytes each time some move
 _END = object()
@@ -91,14 +92,22 @@ def put_requests(
 ) -> Iterator[PutMessage]:
     """The messages of one Put stream carrying `files`, each with a header copied from `header`.
 
-    Data chunks are plain bytes (see `wire`): a stub from `wire.fast_stub` sends them.
+    A file of at most `SMALL_FILE` bytes goes as one message; a bigger one as
+    its header, its chunks and a finish. Data chunks are plain bytes (see
+    `wire`): a stub from `wire.fast_stub` sends them.
     """
     for local, remote in files:
         with open(local, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= SMALL_FILE:
+                yield pb.PutRequest(file=put_file_request(header, remote, f.read()))
+                if progress:
+                    progress(size)
+                continue
             file_header = pb.PutHeader()
             file_header.CopyFrom(header)
             file_header.path = remote
-            file_header.size = os.fstat(f.fileno()).st_size
+            file_header.size = size
             yield pb.PutRequest(header=file_header)
             digest = hashlib.sha256()
             while chunk := f.read(chunk_size):
@@ -109,9 +118,8 @@ def put_requests(
         yield pb.PutRequest(finish=pb.PutFinish(sha256=digest.hexdigest()))
 
 
-def put_file_request(header: pb.PutHeader, local: Path, remote: str) -> pb.PutFileRequest:
-    """A PutFile request carrying a whole small file."""
-    data = local.read_bytes()
+def put_file_request(header: pb.PutHeader, remote: str, data: bytes) -> pb.PutFileRequest:
+    """A whole small file in one message (a PutFile request, or a `file` in a Put stream)."""
     request = pb.PutFileRequest(data=data, sha256=hashlib.sha256(data).hexdigest())
     request.header.CopyFrom(header)
     request.header.path = remote

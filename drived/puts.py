@@ -47,24 +47,36 @@ class PutStream:
             return
         kind = message.WhichOneof("message")  # type: ignore[union-attr]
         if kind == "header":
-            if self._pending is not None:
-                raise InvalidArgument(f"a new header arrived before the finish of {self._pending.path!r}")
-            header = message.header  # type: ignore[union-attr]
-            self._pending = await self._begin(header)
-            self._size = header.size if header.HasField("size") else None
+            await self._start(message.header)  # type: ignore[union-attr]
         elif kind == "finish":
             if self._pending is None:
                 raise InvalidArgument("a finish arrived with no file started: send a header first")
-            sha256 = message.finish.sha256.lower()  # type: ignore[union-attr]
-            if not sha256:
-                raise InvalidArgument("a finish needs the sha256 of the file's bytes")
-            put, self._pending = self._pending, None
-            await self._slots.acquire()
-            task = asyncio.create_task(self._managed.commit_put(put, sha256, self._size))
-            task.add_done_callback(self._committed)
-            self._commits.append(task)
+            await self._finish(message.finish.sha256)  # type: ignore[union-attr]
+        elif kind == "file":
+            whole = message.file  # type: ignore[union-attr]
+            await self._start(whole.header)
+            await self._pending.upload.write(whole.data)  # type: ignore[union-attr]  # set by _start
+            self.bytes += len(whole.data)
+            await self._finish(whole.sha256)
         else:
-            raise InvalidArgument("an empty PutRequest: send a header, data or finish")
+            raise InvalidArgument("an empty PutRequest: send a header, data, finish or file")
+
+    async def _start(self, header: pb.PutHeader) -> None:
+        if self._pending is not None:
+            raise InvalidArgument(f"a new file arrived before the finish of {self._pending.path!r}")
+        self._pending = await self._begin(header)
+        self._size = header.size if header.HasField("size") else None
+
+    async def _finish(self, sha256: str) -> None:
+        """Commits the current file as a task of its own, once one of the slots is free."""
+        if not sha256:
+            raise InvalidArgument("a finish needs the sha256 of the file's bytes")
+        put, self._pending = self._pending, None
+        assert put is not None  # checked by the callers
+        await self._slots.acquire()
+        task = asyncio.create_task(self._managed.commit_put(put, sha256.lower(), self._size))
+        task.add_done_callback(self._committed)
+        self._commits.append(task)
 
     def _committed(self, task: asyncio.Task[Entry]) -> None:
         """Frees the task's slot and keeps the first failure (DataLoss, ALREADY_EXISTS, disk full)."""

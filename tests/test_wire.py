@@ -189,3 +189,38 @@ def test_folder_read_across_components_comes_in_path_order(stub, drive_uri):
     assert [(info.path, info.component, data) for info, data in files] == [
         ("d/a.txt", "z", b"a"), ("d/b.txt", "a", b"b"), ("d/c.txt", "a", b"c"),
     ]
+
+
+def whole_file(drive: str, path: str, data: bytes, sha256: str | None = None) -> pb.PutRequest:
+    header = pb.PutHeader(drive=drive, path=path, size=len(data))
+    return pb.PutRequest(
+        file=pb.PutFileRequest(header=header, data=data, sha256=sha256_hex(data) if sha256 is None else sha256)
+    )
+
+
+def test_put_stream_mixes_whole_files_and_chunked_ones(stub, drive_uri):
+    msgs = [
+        whole_file(drive_uri, "mix/a.txt", b"alpha"),
+        *put_messages(drive_uri, "mix/b.bin", b"b" * 3000, chunk=1000),
+        whole_file(drive_uri, "mix/c.txt", b""),
+    ]
+    reply = stub.Put(iter(msgs), timeout=30)
+    assert [(f.path, f.size) for f in reply.files] == [("mix/a.txt", 5), ("mix/b.bin", 3000), ("mix/c.txt", 0)]
+    got = {info.path: data for info, data in raw_get(stub, drive_uri, "mix")}
+    assert got == {"mix/a.txt": b"alpha", "mix/b.bin": b"b" * 3000, "mix/c.txt": b""}
+
+
+def test_whole_file_message_refusals_store_nothing(stub, drive_uri):
+    header = pb.PutRequest(header=pb.PutHeader(drive=drive_uri, path="open.txt"))
+    inside_a_file = iter([header, pb.PutRequest(data=b"abc"), whole_file(drive_uri, "w.txt", b"w")])
+    assert rpc_code(lambda: stub.Put(inside_a_file)) == grpc.StatusCode.INVALID_ARGUMENT
+    wrong_sha = iter([whole_file(drive_uri, "w.txt", b"w", sha256=sha256_hex(b"other"))])
+    assert rpc_code(lambda: stub.Put(wrong_sha)) == grpc.StatusCode.DATA_LOSS
+    no_sha = iter([whole_file(drive_uri, "w.txt", b"w", sha256="")])
+    assert rpc_code(lambda: stub.Put(no_sha)) == grpc.StatusCode.INVALID_ARGUMENT
+    short = whole_file(drive_uri, "w.txt", b"w")
+    short.file.header.size = 2
+    assert rpc_code(lambda: stub.Put(iter([short]))) == grpc.StatusCode.DATA_LOSS
+    hostile = iter([whole_file(drive_uri, "../w.txt", b"w")])
+    assert rpc_code(lambda: stub.Put(hostile)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(stub.List(pb.ListRequest(drive=drive_uri, path=".")).entries) == []

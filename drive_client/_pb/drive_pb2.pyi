@@ -64,6 +64,7 @@ class PutRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     FINISH_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The next bytes of the current file, in order. May be empty."""
     @_builtins.property
@@ -76,18 +77,26 @@ class PutRequest(_message.Message):
     def finish(self) -> Global___PutFinish:
         """Ends the current file and asks the server to commit it."""
 
+    @_builtins.property
+    def file(self) -> Global___PutFileRequest:
+        """A whole file in one message (header, bytes and sha256, as in PutFile),
+        committed like one sent as header, data and finish. Comes where a
+        header may come; how small files travel in a stream of many.
+        """
+
     def __init__(
         self,
         *,
         header: Global___PutHeader | None = ...,
         data: _builtins.bytes = ...,
         finish: Global___PutFinish | None = ...,
+        file: Global___PutFileRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "finish", b"finish", "header", b"header", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "finish", b"finish", "header", b"header", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "finish", b"finish", "header", b"header", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "finish", b"finish", "header", b"header", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["header", "data", "finish"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["header", "data", "finish", "file"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
