@@ -41,6 +41,10 @@ async def serve(config: Config) -> None:
             ("grpc.so_reuseport", 0),  # a taken port must fail loudly
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),
             ("grpc.max_send_message_length", MESSAGE_LIMIT),
+            # A fixed receive window per stream, as in the client (drive_client.common):
+            # BDP-grown windows let a long put's buffered bytes, and the daemon's memory, vary.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", 2 << 20),
         ]
     )
     backend = LocalBackend(config.data_dir, config.chunk_size)
