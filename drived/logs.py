@@ -22,10 +22,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
+def _not_a_write_to_a_gone_client(record: logging.LogRecord) -> bool:
+    """Leaves out grpc.aio's error (with traceback) for a stream write to a call the client ended.
+
+    A client that stops reading a Get (the first answer of a big get, which
+    then goes on in ranges; Ctrl-C) is no error of the daemon's; the request
+    log records that call with status CANCELLED.
+    """
+    return not record.getMessage().startswith("ExecuteBatchError raised in core by servicer method")
+
+
 def setup(level: str) -> None:
     """Sends the daemon's logs to stderr as JSON lines."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(_not_a_write_to_a_gone_client)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -27,5 +27,8 @@ def test_big_get_uses_ranged_reads_and_matches(start_daemon, tmp_path):
     blocks = -(-size // RANGE_BLOCK)
     ranged = [g for g in gets if g["status"] == "OK"]
     assert len(gets) == 1 + blocks  # the first answer says "big" and is cancelled; then a ranged read a block
+    assert [g["status"] for g in gets if g not in ranged] == ["CANCELLED"]
+    assert '"level": "error"' not in handle.log()  # the cancelled first answer is no daemon error
     assert len(ranged) == blocks and sum(g["bytes"] for g in ranged) == size
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".part")]
+
