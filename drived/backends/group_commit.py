@@ -12,6 +12,7 @@ before its file and its folder entry are on disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import threading
@@ -93,7 +94,8 @@ class GroupCommitter(Generic[T]):
             except OSError as err:
                 folder_errors[folder] = self._folder_error(err)
         for (_, loop, future), (result, error, folder) in zip(batch, outcomes, strict=True):
-            loop.call_soon_threadsafe(_answer, future, result, error or folder_errors.get(folder))
+            with contextlib.suppress(RuntimeError):  # the loop was closed: nobody waits for the answer
+                loop.call_soon_threadsafe(_answer, future, result, error or folder_errors.get(folder))
 
 
 def _answer(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
