@@ -3,9 +3,10 @@
 Starts what it needs as subprocesses on free 127.0.0.1 ports (drived,
 moto_server, nginx, a raw grpc server), runs each measurement in its own
 worker process (bench/worker.py), interleaves the systems within each run in
-an order that rotates from run to run, never deletes files between
-measurements, and reports medians of --runs runs as a table,
-bench/results/latest.json and bench/results/latest.md (or --out DIR).
+an order that rotates from run to run, neither deletes nor overwrites files
+while measuring (every run puts fresh files under new names), and reports
+medians of --runs runs as a table, bench/results/latest.json and
+bench/results/latest.md (or --out DIR).
 
 Exit status: 0 when every figure was measured, or left out for a reason that
 was printed (nginx not installable, bench/bench_mount.py not there yet);
@@ -216,12 +217,15 @@ class Harness:
         t0 = time.perf_counter()
         if a.groups & {"large"}:
             write_random(self.src / "large.bin", a.size)
-        if a.groups & {"small"}:
-            for i in range(a.small_files):
-                write_random(self.src / "small" / f"{i:05d}.bin", 4 * KIB)
-        if a.groups & {"folder"}:
-            for i in range(a.folder_files):
-                write_random(self.src / "folder" / f"d{i % 10}" / f"{i:05d}.bin", 4 * KIB)
+        # Fresh files and names for every run: no measurement overwrites (deletes) what another stored.
+        for run in range(a.runs):
+            if a.groups & {"small"}:
+                for conc in SMALL_CONC:
+                    for i in range(a.small_files):
+                        write_random(self.src / small_dir(run, conc) / f"{i:05d}.bin", 4 * KIB)
+            if a.groups & {"folder"}:
+                for i in range(a.folder_files):
+                    write_random(self.src / folder_dir(run) / f"d{i % 10}" / f"{i:05d}.bin", 4 * KIB)
         self.say(f"test data written in {time.perf_counter() - t0:.1f}s under {self.work}")
 
     def start_services(self) -> None:
@@ -391,7 +395,6 @@ class Harness:
 
     def run_small(self, run: int) -> None:
         a = self.a
-        names = [f"small/{i:05d}.bin" for i in range(a.small_files)]
         to = a.budget * 2 + 120
         systems: list[tuple[str, dict[str, Any]]] = []
         if self.drived:
@@ -401,6 +404,7 @@ class Harness:
         if self.nginx:
             systems.append(("nginx", {"url": self.nginx.url}))
         for conc in SMALL_CONC:
+            names = [f"{small_dir(run, conc)}/{i:05d}.bin" for i in range(a.small_files)]
             for op in SMALL_OPS:  # put before get: get reads what put stored
                 for system, extra in rotated(systems, run):
                     base = f"small.{system}.{op}.c{conc}"
@@ -450,7 +454,7 @@ class Harness:
                         "task": "folder",
                         "system": system,
                         "op": op,
-                        "folder": "folder",
+                        "folder": folder_dir(run),
                         "src_root": str(self.src),
                         "dst_root": str(self.dst / f"run{run}-folder-{system}"),
                         "budget": a.budget,
@@ -627,6 +631,14 @@ class Harness:
             self.say(f"{len(self.errors)} measurement(s) failed; first: {self.errors[0]}")
             return 1
         return 0
+
+
+def small_dir(run: int, conc: int) -> str:
+    return f"small-r{run}-c{conc}"
+
+
+def folder_dir(run: int) -> str:
+    return f"folder-r{run}"
 
 
 def rotated(systems: list[Any], run: int) -> list[Any]:
