@@ -7,13 +7,14 @@ Memory per transfer is a few chunks on this side (`ReadAhead` holds at most
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import queue
+import secrets
 import threading
-import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -127,26 +128,45 @@ def put_file_request(header: pb.PutHeader, remote: str, data: bytes) -> pb.PutFi
     return request
 
 
-class _Receiving:
-    """One file being received into a temporary file beside its target."""
+_TMP_TAG = f"{os.getpid()}-{secrets.token_hex(4)}"  # temporary names of this process; a counter tells its files apart
+_tmp_numbers = itertools.count()
 
-    def __init__(self, info: pb.FileInfo, target: Path) -> None:
+
+class _Receiving:
+    """One file being received into a temporary file beside its target.
+
+    `made` holds the folders known to exist (shared by the files of one get),
+    so a folder of many files does not re-create its parents for each.
+    """
+
+    def __init__(self, info: pb.FileInfo, target: Path, made: set[Path] | None = None) -> None:
         self.info = info
         self.target = target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.part"
-        self.file: BinaryIO = open(self.tmp, "w+b")  # noqa: SIM115 - closed in finish/discard
+        parent = target.parent
+        if made is None or parent not in made:
+            parent.mkdir(parents=True, exist_ok=True)
+            if made is not None:
+                made.add(parent)
+        self.tmp = parent / f".{target.name}.{_TMP_TAG}-{next(_tmp_numbers)}.part"
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.digest = hashlib.sha256()
         self.size = 0
 
     def write(self, data: Chunk) -> None:
         self.digest.update(data)
-        self.file.write(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
         self.size += len(data)
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def finish(self) -> Path:
         """Verifies what arrived (size and sha256) and renames it into place."""
-        self.file.close()
+        self._close()
         if self.size != self.info.size:
             raise DataLoss(
                 f"{self.info.path!r}: received {self.size} of {self.info.size} bytes; try again",
@@ -161,7 +181,7 @@ class _Receiving:
         return self.target
 
     def discard(self) -> None:
-        self.file.close()
+        self._close()
         self.tmp.unlink(missing_ok=True)
 
 
@@ -175,6 +195,7 @@ def receive_files(
     place once complete and verified; a failure leaves no partial file.
     """
     written: list[Path] = []
+    made: set[Path] = set()
     current: _Receiving | None = None
     try:
         for message in responses:
@@ -183,7 +204,7 @@ def receive_files(
                 if current is not None:
                     written.append(current.finish())
                 info = message.info  # type: ignore[union-attr]
-                current = _Receiving(info, target_of(info.path))
+                current = _Receiving(info, target_of(info.path), made)
             elif current is None:
                 raise DataLoss("the server sent data before the file's info", grpc.StatusCode.DATA_LOSS)
             else:
@@ -217,7 +238,7 @@ def fetch_in_ranges(
     order, from the page cache. Memory: a chunk per stream.
     """
     receiving = _Receiving(info, target)
-    fd = receiving.file.fileno()
+    fd = receiving.fd
     offsets = list(range(0, info.size, RANGE_BLOCK))
     pending = iter(offsets)
     finished: set[int] = set()
