@@ -144,7 +144,10 @@ class DriveBase:
             )
         if timeout is not None and timeout < 0:
             raise InvalidArgument(f"timeout must be >= 0, got {timeout}")
-        return pb.GetRequest(drive=self.id, path=remote, wait_seconds=timeout or 0, component=_filter(component_name))
+        return pb.GetRequest(
+            drive=self.id, path=remote, wait_seconds=timeout or 0, component=_filter(component_name),
+            whole_small_files=True,
+        )
 
     @staticmethod
     def _target_of(remote: str, target: Path) -> Callable[[str], Path]:

@@ -20,10 +20,9 @@ import grpc
 
 from ._pb import drive_pb2 as pb
 from .errors import DataLoss, NotFound
-from .wire import Chunk, GetMessage, PutMessage, chunk_of
+from .wire import SMALL_FILE, Chunk, GetMessage, PutMessage, chunk_of
 
 CHUNK_SIZE = 1 << 20
-SMALL_FILE = CHUNK_SIZE  # a file of at most this many bytes travels in one message
 T = TypeVar("T")
 Progress = Callable[[int], None]  # called with the number of bytes each time some move
 _END = object()
@@ -203,6 +202,16 @@ def receive_files(
             if data is None:
                 if current is not None:
                     written.append(current.finish())
+                    current = None
+                if message.WhichOneof("message") == "file":  # type: ignore[union-attr]
+                    whole = message.file  # type: ignore[union-attr]
+                    current = _Receiving(whole.info, target_of(whole.info.path), made)
+                    current.write(whole.data)
+                    if progress:
+                        progress(len(whole.data))
+                    written.append(current.finish())
+                    current = None
+                    continue
                 info = message.info  # type: ignore[union-attr]
                 current = _Receiving(info, target_of(info.path), made)
             elif current is None:

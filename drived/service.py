@@ -23,7 +23,7 @@ from drive_client._pb import drive_pb2 as pb
 from drive_client._pb import drive_pb2_grpc as pb_grpc
 from drive_client.errors import DriveError, InvalidArgument, PermissionDenied
 from drive_client.uri import DriveId, check_component, normalize_path, parse_drive
-from drive_client.wire import GetMessage, PutMessage
+from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
 
 from . import metrics
 from .entry import Entry
@@ -169,6 +169,11 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 async for entry, chunks in self._open_files(request):
                     try:
                         record.files += 1
+                        if request.whole_small_files and entry.size <= SMALL_FILE:
+                            data = b"".join([bytes(chunk) async for chunk in chunks])
+                            record.bytes += len(data)
+                            yield pb.GetResponse(file=pb.GetFile(info=file_info(entry), data=data))
+                            continue
                         yield pb.GetResponse(info=file_info(entry))
                         async for chunk in chunks:
                             record.bytes += len(chunk)

@@ -224,3 +224,17 @@ def test_whole_file_message_refusals_store_nothing(stub, drive_uri):
     hostile = iter([whole_file(drive_uri, "../w.txt", b"w")])
     assert rpc_code(lambda: stub.Put(hostile)) == grpc.StatusCode.INVALID_ARGUMENT
     assert list(stub.List(pb.ListRequest(drive=drive_uri, path=".")).entries) == []
+
+
+def test_get_sends_whole_small_files_only_when_asked(stub, drive_uri):
+    small, big = b"s" * 100, os.urandom((1 << 20) + 1)
+    raw_put(stub, drive_uri, "w/a.txt", small)
+    raw_put(stub, drive_uri, "w/b.bin", big)
+    asked = list(stub.Get(pb.GetRequest(drive=drive_uri, path="w", whole_small_files=True), timeout=30))
+    assert [m.WhichOneof("message") for m in asked[:2]] == ["file", "info"]
+    assert (asked[0].file.info.path, asked[0].file.info.size, asked[0].file.data) == ("w/a.txt", 100, small)
+    assert asked[0].file.info.sha256 == sha256_hex(small)
+    assert b"".join(m.data for m in asked[2:]) == big
+    plain = list(stub.Get(pb.GetRequest(drive=drive_uri, path="w"), timeout=30))
+    assert [m.WhichOneof("message") for m in plain[:3]] == ["info", "data", "info"]
+    assert "file" not in {m.WhichOneof("message") for m in plain}

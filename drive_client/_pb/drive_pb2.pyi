@@ -321,6 +321,7 @@ class GetRequest(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     WAIT_SECONDS_FIELD_NUMBER: _builtins.int
     IF_MATCH_FIELD_NUMBER: _builtins.int
+    WHOLE_SMALL_FILES_FIELD_NUMBER: _builtins.int
     drive: _builtins.str
     """The drive URI."""
     path: _builtins.str
@@ -344,6 +345,11 @@ class GetRequest(_message.Message):
     ABORTED otherwise. Lets a resumed or parallel read be sure it reads one
     version of the file.
     """
+    whole_small_files: _builtins.bool
+    """When true, a file of at most 1 MiB comes as one `file` message (its
+    info and bytes together) instead of `info` then `data`: half the
+    messages for a folder of small files. Unset, nothing changes.
+    """
     def __init__(
         self,
         *,
@@ -354,10 +360,11 @@ class GetRequest(_message.Message):
         limit: _builtins.int = ...,
         wait_seconds: _builtins.float = ...,
         if_match: _builtins.str = ...,
+        whole_small_files: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "drive", b"drive", "if_match", b"if_match", "limit", b"limit", "offset", b"offset", "path", b"path", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "drive", b"drive", "if_match", b"if_match", "limit", b"limit", "offset", b"offset", "path", b"path", "wait_seconds", b"wait_seconds", "whole_small_files", b"whole_small_files"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -371,6 +378,7 @@ class GetResponse(_message.Message):
 
     INFO_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The next bytes of the current file."""
     @_builtins.property
@@ -379,21 +387,56 @@ class GetResponse(_message.Message):
         totalling `info.size` (less offset, at most limit).
         """
 
+    @_builtins.property
+    def file(self) -> Global___GetFile:
+        """A whole small file in one message (only when the request set
+        `whole_small_files`).
+        """
+
+    def __init__(
+        self,
+        *,
+        info: Global___FileInfo | None = ...,
+        data: _builtins.bytes = ...,
+        file: Global___GetFile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "info", b"info", "message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "info", b"info", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["info", "data", "file"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___GetResponse: _TypeAlias = GetResponse  # noqa: Y015
+
+@_typing.final
+class GetFile(_message.Message):
+    """A small file with its bytes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The file's bytes (less offset, at most limit)."""
+    @_builtins.property
+    def info(self) -> Global___FileInfo:
+        """What the file is."""
+
     def __init__(
         self,
         *,
         info: Global___FileInfo | None = ...,
         data: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "info", b"info", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "info", b"info", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "info", b"info"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["info", "data"]  # noqa: Y015
-    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetResponse: _TypeAlias = GetResponse  # noqa: Y015
+Global___GetFile: _TypeAlias = GetFile  # noqa: Y015
 
 @_typing.final
 class ListRequest(_message.Message):
