@@ -57,7 +57,7 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class PutRequest(_message.Message):
-    """One message of a Put stream: a header, a data chunk, or a finish."""
+    """One message of a Put stream: a header, a data chunk, a finish, or a whole small file."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
