@@ -127,7 +127,9 @@ def put_file_request(header: pb.PutHeader, remote: str, data: bytes) -> pb.PutFi
     return request
 
 
-_TMP_TAG = f"{os.getpid()}-{secrets.token_hex(4)}"  # temporary names of this process; a counter tells its files apart
+# Temporary names: the process id (read each time: a forked child gets its own), a random
+# token and a counter tell apart every file being received on this machine.
+_TMP_TOKEN = secrets.token_hex(4)
 _tmp_numbers = itertools.count()
 
 
@@ -146,7 +148,7 @@ class _Receiving:
             parent.mkdir(parents=True, exist_ok=True)
             if made is not None:
                 made.add(parent)
-        self.tmp = parent / f".{target.name}.{_TMP_TAG}-{next(_tmp_numbers)}.part"
+        self.tmp = parent / f".{target.name}.{os.getpid()}-{_TMP_TOKEN}-{next(_tmp_numbers)}.part"
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.digest = hashlib.sha256()
         self.size = 0
