@@ -203,8 +203,8 @@ class ManagedDrives:
         """(component, path) of every file under a folder, sorted; AmbiguousPathError on a clash."""
         owners: dict[str, str] = {}
         for c in components:
-            for info in await self.backend.walk(object_key(drive, c, path)):
-                file_path = relative_path(info.key, drive, c)
+            for key in await self.backend.walk(object_key(drive, c, path)):
+                file_path = relative_path(key, drive, c)
                 if file_path in owners:
                     raise self._ambiguous(drive, file_path, [owners[file_path], c])
                 owners[file_path] = c
@@ -213,44 +213,45 @@ class ManagedDrives:
     async def list_entries(
         self, drive: str, path: str, component: str, *, recursive: bool, start_after: str, limit: int
     ) -> tuple[list[Entry], bool]:
-        """Entries under `path` in path order after `start_after`: at most `limit`, and whether more remain."""
-        found: dict[str, Entry] = {}
+        """Entries under `path` in path order after `start_after`: at most `limit`, and whether more remain.
 
-        def add(entry: Entry) -> None:
-            seen = found.get(entry.path)
-            found[entry.path] = entry if seen is None or seen.component == entry.component else Entry(
-                path=entry.path, size=seen.size, folder=seen.folder, mtime_ns=seen.mtime_ns
-            )
-
+        The folders are read by name; only the page's files are stat'ed (size,
+        sha256), so a page of a big folder does not cost a stat per file in it.
+        """
+        holders: dict[str, list[tuple[str, bool]]] = {}  # path -> (component, is a folder), in component order
         for c in [component] if component else await self.components(drive):
-            for entry in await self._list_component(drive, c, path, recursive):
-                add(entry)
-        names = sorted(p for p in found if p > start_after)
-        page = [await self._with_sha256(drive, found[p]) for p in names[:limit]]
-        return page, len(names) > limit
+            for name, folder in await self._names(drive, c, path, recursive):
+                holders.setdefault(name, []).append((c, folder))
+        names = sorted(p for p in holders if p > start_after)
+        page = [await self._listed(drive, p, holders[p]) for p in names[:limit]]
+        return [entry for entry in page if entry is not None], len(names) > limit
 
-    async def _with_sha256(self, drive: str, entry: Entry) -> Entry:
-        """A listed file of one component with its sha256 (read for the page's entries only)."""
-        if entry.folder or not entry.component or entry.sha256:
-            return entry
-        info = await self.backend.stat(object_key(drive, entry.component, entry.path))
-        return _entry(entry.path, entry.component, info) if info else entry
+    async def _listed(self, drive: str, path: str, holders: list[tuple[str, bool]]) -> Entry | None:
+        """A listing's entry: the file or folder of its component; the first one's size when several hold it.
 
-    async def _list_component(self, drive: str, component: str, path: str, recursive: bool) -> list[Entry]:
+        None when the file went away since its folder was read.
+        """
+        owner, folder = holders[0]
+        shared = len(holders) > 1
+        if folder:
+            return Entry(path=path, component="" if shared else owner, folder=True)
+        info = await self.backend.stat(object_key(drive, owner, path))
+        if info is None:
+            return None
+        return Entry(path=path, size=info.size, mtime_ns=info.generation) if shared else _entry(path, owner, info)
+
+    async def _names(self, drive: str, component: str, path: str, recursive: bool) -> list[tuple[str, bool]]:
+        """(path, is a folder) of what one component holds under `path`; the file itself when `path` is one."""
         key = object_key(drive, component, path)
         join = (lambda name: f"{path}/{name}") if path else (lambda name: name)
         if recursive:
-            infos = await self.backend.walk(key)
-            entries = [_entry(relative_path(i.key, drive, component), component, i) for i in infos]
+            names = [(relative_path(k, drive, component), False) for k in await self.backend.walk(key)]
         else:
             listing = await self.backend.list_folder(key)
-            entries = [_entry(join(name), component, info) for name, info in listing.files.items()]
-            entries += [Entry(path=join(name), component=component, folder=True) for name in listing.folders]
-        if not entries and path:
-            info = await self.backend.stat(key)
-            if info:
-                entries = [_entry(path, component, info)]
-        return entries
+            names = [(join(name), False) for name in listing.files] + [(join(name), True) for name in listing.folders]
+        if not names and path and await self.backend.stat(key):
+            names = [(path, False)]
+        return names
 
     async def delete(self, drive: str, path: str, component: str) -> int:
         """Removes the caller's file, or every file of its under a folder; the count removed."""
@@ -259,9 +260,9 @@ class ManagedDrives:
             deleted = [path]
         else:
             deleted = [
-                relative_path(info.key, drive, component)
-                for info in await self.backend.walk(key)
-                if await self.backend.delete(info.key)
+                relative_path(k, drive, component)
+                for k in await self.backend.walk(key)
+                if await self.backend.delete(k)
             ]
         if not deleted:
             raise NotFound(

@@ -29,15 +29,15 @@ class ObjectInfo:
 
     key: str
     size: int
-    sha256: str  # lowercase hex of the content; "" in listings (`list_folder`, `walk`): `stat` has it
+    sha256: str  # lowercase hex of the content
     generation: int  # commit time in ns: changes with every commit of the key
 
 
 @dataclass(frozen=True, slots=True)
 class Listing:
-    """What is directly under a key prefix: object names and sub-folder names."""
+    """What is directly under a key prefix, by name only (`stat` tells an object's size and sha256)."""
 
-    files: dict[str, ObjectInfo]  # name -> object, for objects directly under the prefix
+    files: set[str]  # names of the objects directly under the prefix
     folders: set[str]  # names of sub-folders holding at least one object
 
 
@@ -102,11 +102,15 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def list_folder(self, prefix: str) -> Listing:
-        """The objects and sub-folders directly under folder `prefix` ("" is the top)."""
+        """The names of the objects and sub-folders directly under folder `prefix` ("" is the top).
+
+        Names only, so that a page of a big folder's listing costs a `stat`
+        per entry of the page, not per entry of the folder.
+        """
 
     @abc.abstractmethod
-    async def walk(self, prefix: str) -> list[ObjectInfo]:
-        """Every object under folder `prefix` at any depth, sorted by key."""
+    async def walk(self, prefix: str) -> list[str]:
+        """The key of every object under folder `prefix` at any depth, sorted."""
 
     @abc.abstractmethod
     async def delete(self, key: str) -> bool:

@@ -51,11 +51,6 @@ def _read_cached(fd: int, size: int, offset: int) -> memoryview | None:
     return memoryview(buffer) if read == size else None
 
 
-def _listed(key: str, st: os.stat_result) -> ObjectInfo:
-    """A listing's view of a stored file, from its stat alone (no sha256: that needs its header)."""
-    return ObjectInfo(key, max(0, st.st_size - HEADER.size), "", st.st_mtime_ns)
-
-
 def _disk_error(err: OSError, what: str) -> Exception:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return ResourceExhausted(f"the data dir is full while {what}: free space and retry")
@@ -335,38 +330,44 @@ class LocalBackend(Backend):
             return set()
 
     def _list(self, prefix: str) -> Listing:
-        files: dict[str, ObjectInfo] = {}
+        """Names from the folder's entries alone (their file types), without a stat of each."""
+        files: set[str] = set()
         folders: set[str] = set()
-        base = prefix.rstrip("/")
         try:
-            entries = list(os.scandir(self._path(base)))
+            with os.scandir(self._path(prefix.rstrip("/"))) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.add(entry.name)
+                    elif entry.is_file(follow_symlinks=False):
+                        files.add(entry.name)
         except (FileNotFoundError, NotADirectoryError):
-            return Listing(files, folders)
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                folders.add(entry.name)
-            elif entry.is_file(follow_symlinks=False):
-                key = f"{base}/{entry.name}" if base else entry.name
-                files[entry.name] = _listed(key, entry.stat(follow_symlinks=False))
+            pass
         return Listing(files, folders)
 
     async def list_folder(self, prefix: str) -> Listing:
         return await asyncio.get_running_loop().run_in_executor(None, self._list, prefix)
 
-    def _walk(self, prefix: str) -> list[ObjectInfo]:
+    def _walk(self, prefix: str) -> list[str]:
+        """Keys from the folders' entries alone (their file types); symlinks are neither followed nor listed."""
         base = prefix.rstrip("/")
-        top = self._path(base)
-        found: list[ObjectInfo] = []
-        for folder, _dirs, names in os.walk(top):
-            rel = os.path.relpath(folder, self.root).replace(os.sep, "/")
-            for name in names:
-                st = os.lstat(os.path.join(folder, name))
-                if stat.S_ISREG(st.st_mode):
-                    found.append(_listed(f"{rel}/{name}", st))
-        found.sort(key=lambda info: info.key)
+        found: list[str] = []
+        folders = [(base, self._path(base))]
+        while folders:
+            key, folder = folders.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        child = f"{key}/{entry.name}" if key else entry.name
+                        if entry.is_dir(follow_symlinks=False):
+                            folders.append((child, entry.path))
+                        elif entry.is_file(follow_symlinks=False):
+                            found.append(child)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        found.sort()
         return found
 
-    async def walk(self, prefix: str) -> list[ObjectInfo]:
+    async def walk(self, prefix: str) -> list[str]:
         return await asyncio.get_running_loop().run_in_executor(None, self._walk, prefix)
 
     def _delete(self, key: str) -> bool:
