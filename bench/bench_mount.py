@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-try:
-    from bench.s3_listing_server import BUCKET, running
-except ImportError:  # run as a script from bench/
-    from s3_listing_server import BUCKET, running  # type: ignore[no-redef]
+from bench.s3_listing_server import BUCKET  # noqa: E402 - after the path set-up above
+from bench.services import S3ListingServer  # noqa: E402
 
 _RESULT = "BENCH_MOUNT_RESULT "
 
@@ -156,7 +155,10 @@ def _paginator(endpoint: str) -> tuple[float, int]:
 
 def measure(keys_per_level: int = 100, concurrency: int = 16, reference: bool = True) -> dict[str, Any]:
     """Runs the benchmark (endpoint, drived child, paginator reference); returns the figures."""
-    with running(keys_per_level) as endpoint:
+    with tempfile.TemporaryDirectory(prefix="bench-mount-") as workdir, S3ListingServer(
+        Path(workdir), keys_per_level
+    ) as server:
+        endpoint = server.url
         proc = subprocess.run(
             [
                 sys.executable,

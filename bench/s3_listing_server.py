@@ -23,14 +23,10 @@ import base64
 import bisect
 import contextlib
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from xml.sax.saxutils import escape
 
@@ -190,43 +186,6 @@ def make_server(host: str, port: int, space: KeySpace) -> ThreadingHTTPServer:
         request_queue_size = 128
 
     return Server((host, port), Handler)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running(keys_per_level: int = 100, timeout: float = 60.0) -> Iterator[str]:
-    """Runs the server in a child process (its own core and GIL); yields its endpoint URL."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--port", str(port), "--keys-per-level", str(keys_per_level)],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"s3_listing_server exited with {proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"{url}/{BUCKET}?list-type=2&max-keys=1", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"s3_listing_server did not answer at {url}") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -172,6 +172,26 @@ class MotoServer(_Service):
         self._wait_ready(lambda: urllib.request.urlopen(self.url + "/moto-api/", timeout=1).status < 500, timeout)
 
 
+class S3ListingServer(_Service):
+    """bench/s3_listing_server.py: a fast ListObjectsV2 endpoint over keys_per_level ** 3 keys.
+
+    In a process of its own (its own core and GIL), so serving pages never
+    competes with the lister under test.
+    """
+
+    name = "s3-listing"
+
+    def __init__(self, workdir: Path, keys_per_level: int = 100, timeout: float = 60.0) -> None:
+        from bench.s3_listing_server import BUCKET
+
+        super().__init__(workdir)
+        self.url = f"http://127.0.0.1:{self.port}"
+        script = Path(__file__).with_name("s3_listing_server.py")
+        self._spawn([sys.executable, str(script), "--port", str(self.port), "--keys-per-level", str(keys_per_level)])
+        probe = f"{self.url}/{BUCKET}?list-type=2&max-keys=1"
+        self._wait_ready(lambda: urllib.request.urlopen(probe, timeout=2).status == 200, timeout)
+
+
 NGINX_CONF = """\
 daemon off;
 master_process on;
