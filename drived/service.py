@@ -170,7 +170,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
                     try:
                         record.files += 1
                         if request.whole_small_files and entry.size <= SMALL_FILE:
-                            data = b"".join([bytes(chunk) async for chunk in chunks])
+                            data = b"".join([chunk async for chunk in chunks])
                             record.bytes += len(data)
                             yield pb.GetResponse(file=pb.GetFile(info=file_info(entry), data=data))
                             continue
