@@ -15,12 +15,12 @@ import contextlib
 import errno
 import functools
 import hashlib
+import itertools
 import os
 import shutil
 import stat
 import struct
 import time
-import uuid
 
 from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
 
@@ -55,6 +55,10 @@ def _disk_error(err: OSError, what: str) -> Exception:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return ResourceExhausted(f"the data dir is full while {what}: free space and retry")
     return err
+
+
+def _parent_is_file(key: str) -> InvalidArgument:
+    return InvalidArgument(f"cannot put {key!r}: a parent folder of it is a file")
 
 
 class FileChunks:
@@ -119,7 +123,7 @@ class LocalUpload(Upload):
         self._backend = backend
         self._key = key
         self._path = path  # where the object goes, checked by LocalBackend._path
-        self._tmp_path = os.path.join(backend.tmp_dir, uuid.uuid4().hex)
+        self._tmp_path = f"{backend.tmp_dir}/{next(backend.upload_numbers)}"
         self._fd = -1
         self._hash = hashlib.sha256()
         self._size = 0
@@ -128,12 +132,15 @@ class LocalUpload(Upload):
         self._flushing: asyncio.Future[None] | None = None
         self._committing: asyncio.Future[ObjectInfo] | None = None
 
+    def _create(self) -> int:
+        return os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
     def _flush(self, chunks: list[bytes | memoryview]) -> None:
         """Runs in a worker thread: hashes and appends `chunks` to the temporary file."""
         try:
             if self._fd < 0:
-                self._fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-                _write_all(self._fd, bytes(HEADER.size))
+                self._fd = self._create()
+                os.lseek(self._fd, HEADER.size, os.SEEK_SET)  # the header is written at the commit
             for chunk in chunks:
                 self._hash.update(chunk)
                 _write_all(self._fd, chunk)
@@ -160,8 +167,15 @@ class LocalUpload(Upload):
         """Runs in a worker thread: verifies, writes the header, fsyncs and renames into place.
 
         Returns the object's info and its folder, whose new entry the caller fsyncs.
+        A file not written yet (all its bytes are in `chunks`) is verified
+        before it is created, and written with its header in one write.
         """
-        self._flush(chunks)
+        whole = self._fd < 0
+        if whole:
+            for chunk in chunks:
+                self._hash.update(chunk)
+        else:
+            self._flush(chunks)
         digest = self._hash.hexdigest()
         if digest != sha256:
             raise DataLoss(
@@ -173,8 +187,13 @@ class LocalUpload(Upload):
                 f"size mismatch for {self._key!r}: received {self._size} bytes, header said {size}; "
                 "nothing was stored, retry the put"
             )
+        header = HEADER.pack(MAGIC, self._hash.digest(), self._size)
         try:
-            os.pwrite(self._fd, HEADER.pack(MAGIC, self._hash.digest(), self._size), 0)
+            if whole:
+                self._fd = self._create()
+                _write_all(self._fd, b"".join([header, *chunks]))
+            else:
+                os.pwrite(self._fd, header, 0)
             generation = time.time_ns()
             os.utime(self._fd, ns=(generation, generation))
             os.fsync(self._fd)
@@ -235,6 +254,7 @@ class LocalBackend(Backend):
         self.root = os.path.realpath(os.path.join(data_dir, "objects"))
         self.tmp_dir = os.path.join(os.path.realpath(data_dir), "tmp")
         self.chunk_size = chunk_size
+        self.upload_numbers = itertools.count()  # names of the uploads in tmp/, which starts empty
         self.committer: GroupCommitter[ObjectInfo] = GroupCommitter(
             lambda err: _disk_error(err, "committing an upload")
         )
@@ -243,11 +263,21 @@ class LocalBackend(Backend):
         os.makedirs(self.tmp_dir, exist_ok=True)
 
     def _path(self, key: str) -> str:
-        """The file of `key`; refuses a path that a symlink would lead out of the data dir."""
-        path = os.path.join(self.root, key) if key else self.root
-        parent = os.path.realpath(os.path.dirname(path))
-        if parent != self.root and not parent.startswith(self.root + os.sep):
-            raise InvalidArgument(f"path {key!r} leads outside the data dir")
+        """The file or folder of `key`; refuses a key that goes through a symlink in the data dir.
+
+        drived never makes links, so one there was planted and could lead out
+        of the data dir. One lstat per existing part of the key: cheaper than
+        resolving the whole path.
+        """
+        path = self.root
+        for name in key.split("/") if key else ():
+            path = f"{path}/{name}"
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return f"{self.root}/{key}"  # the rest does not exist yet: drived makes it, with real folders
+            if stat.S_ISLNK(mode):
+                raise InvalidArgument(f"path {key!r} goes through a symbolic link in the data dir: refused")
         return path
 
     def place(self, tmp_path: str, key: str, path: str) -> str:
@@ -256,19 +286,23 @@ class LocalBackend(Backend):
         The caller fsyncs the folder before it acknowledges the put.
         """
         folder = os.path.dirname(path)
-        for attempt in range(5):  # a concurrent delete may remove an empty parent between the two steps
+        missing = 0
+        while True:
             try:
-                os.makedirs(folder, exist_ok=True)
                 os.rename(tmp_path, path)
-                break
-            except FileNotFoundError:
-                if attempt == 4:
+                return folder
+            except FileNotFoundError:  # its folder does not exist yet, or a concurrent delete just removed it
+                missing += 1
+                if missing == 5:
                     raise
-            except (FileExistsError, NotADirectoryError):
-                raise InvalidArgument(f"cannot put {key!r}: a parent folder of it is a file") from None
+            except NotADirectoryError:
+                raise _parent_is_file(key) from None
             except IsADirectoryError:
                 raise InvalidArgument(f"cannot put {key!r}: it is a folder; put files below it instead") from None
-        return folder
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise _parent_is_file(key) from None
 
     async def start_upload(self, key: str) -> Upload:
         path = self._path(key)
