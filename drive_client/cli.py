@@ -17,6 +17,7 @@ from typing import Any
 from .common import FileStat
 from .drive import Drive
 from .errors import DriveError, InvalidArgument
+from .malloc import keep_transfer_buffers
 from .progress import ProgressBar
 from .transfer import local_files
 from .uri import normalize_path
@@ -145,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    keep_transfer_buffers()
     try:
         result = run(args)
     except (DriveError, OSError) as err:

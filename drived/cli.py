@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import grpc
 
+from drive_client.malloc import keep_transfer_buffers
+
 from . import config, logs, server
 
 
@@ -46,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _serve_parser()
     cfg = config.parse(args, parser)
     logs.setup(cfg.log_level)
+    keep_transfer_buffers()
     asyncio.run(server.serve(cfg))
     return 0
 
