@@ -26,6 +26,8 @@ IDLE_SECONDS = 5.0  # the thread exits after this long with nothing to commit
 # A commit's work: makes one file durable and visible; returns its result and
 # the folder whose entry for it still needs an fsync.
 Job = Callable[[], tuple[T, str]]
+# A commit's answer: its future, and its result or error.
+Answer = tuple[asyncio.Future[T], T | None, BaseException | None]
 
 
 def fsync_folder(folder: str) -> None:
@@ -93,15 +95,19 @@ class GroupCommitter(Generic[T]):
                 folder_errors[folder] = None
             except OSError as err:
                 folder_errors[folder] = self._folder_error(err)
+        answers: dict[asyncio.AbstractEventLoop, list[Answer[T]]] = {}  # one wake-up of each loop per batch
         for (_, loop, future), (result, error, folder) in zip(batch, outcomes, strict=True):
-            with contextlib.suppress(RuntimeError):  # the loop was closed: nobody waits for the answer
-                loop.call_soon_threadsafe(_answer, future, result, error or folder_errors.get(folder))
+            answers.setdefault(loop, []).append((future, result, error or folder_errors.get(folder)))
+        for loop, its_answers in answers.items():
+            with contextlib.suppress(RuntimeError):  # the loop was closed: nobody waits for the answers
+                loop.call_soon_threadsafe(_answer, its_answers)
 
 
-def _answer(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)  # type: ignore[arg-type]  # a job without error returned its result
+def _answer(answers: list[Answer[T]]) -> None:
+    for future, result, error in answers:
+        if future.cancelled():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]  # a job without error returned its result
