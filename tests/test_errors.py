@@ -3,6 +3,7 @@ through `Drive`, and the same conditions through the raw stubs as gRPC status co
 
 from __future__ import annotations
 
+import os
 import pathlib
 import threading
 import time
@@ -282,6 +283,32 @@ def test_raw_already_exists(stub, drive_uri):
     assert rpc_code(lambda: raw_put(stub, drive_uri, "f.txt", b"b", component="cb")) == SC.ALREADY_EXISTS
     info = stub.Stat(pb.StatRequest(drive=drive_uri, path="f.txt"))
     assert (info.component, info.sha256) == ("ca", sha256_hex(b"a"))
+
+
+@pytest.mark.parametrize("mtime", ["settled", "same tick"])
+def test_raw_already_exists_sees_a_new_component(daemon, stub, drive_uri, mtime):
+    """The daemon remembers a drive's components by its folder's mtime: a new one is never missed.
+
+    "settled": the folder's mtime is old, so its components are remembered, and a new
+    component changes the mtime. "same tick": a second change within one tick of the
+    file system's clock leaves the mtime as it was (set back here), so a fresh mtime
+    must not be trusted.
+    """
+    raw_put(stub, drive_uri, "a.txt", b"a", component="ca")
+    folder = daemon.data_dir / "objects" / drive_uri.removeprefix("lit://")
+    fresh = folder.stat().st_mtime_ns
+    if mtime == "settled":
+        os.utime(folder, ns=(fresh - 10**10, fresh - 10**10))
+    raw_put(stub, drive_uri, "b.txt", b"b", component="ca")  # reads (and may remember) the components
+    raw_put(stub, drive_uri, "f.txt", b"f", component="cb")
+    if mtime == "same tick":
+        os.utime(folder, ns=(fresh, fresh))
+    assert rpc_code(lambda: raw_put(stub, drive_uri, "f.txt", b"c", component="cc")) == SC.ALREADY_EXISTS
+    info = stub.Stat(pb.StatRequest(drive=drive_uri, path="f.txt"))
+    assert (info.component, info.sha256) == ("cb", sha256_hex(b"f"))
+    assert sorted(e.path for e in stub.List(pb.ListRequest(drive=drive_uri, path=".")).entries) == [
+        "a.txt", "b.txt", "f.txt"
+    ]
 
 
 def test_raw_failed_precondition(stub, drive_uri):

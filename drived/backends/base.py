@@ -97,7 +97,7 @@ class Backend(abc.ABC):
         """True when objects exist below `key` + "/"."""
 
     @abc.abstractmethod
-    async def subfolders(self, prefix: str) -> set[str]:
+    async def subfolders(self, prefix: str) -> frozenset[str]:
         """Names of the sub-folders directly under folder `prefix` (cheaper than list_folder: no objects)."""
 
     @abc.abstractmethod
