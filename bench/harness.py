@@ -286,41 +286,42 @@ class Harness:
         big = str(self.src / "large.bin")
         out = str(self.dst / "large.bin")
 
+        def measure(key: str, what: str, spec: dict[str, Any], profile: str | None = None) -> dict[str, Any] | None:
+            # Each transfer starts with as much memory at hand as it moves (worker.make_memory_at_hand).
+            return self.measure(key, what, {**spec, "memory_at_hand": [size, str(self.dst)]}, to, profile)
+
         def rec(key: str, res: dict[str, Any] | None) -> None:
             if res:
                 self.figs.add(key, res["bytes"] / res["seconds"] / 1e6)
 
         rec(
             "large.tcp",
-            self.measure("large.tcp", "raw TCP", {"task": "tcp", "size": size, "chunk": a.chunk}, to),
+            measure("large.tcp", "raw TCP", {"task": "tcp", "size": size, "chunk": a.chunk}),
         )
         rec(
             "large.cp_fsync",
-            self.measure(
+            measure(
                 "large.cp_fsync",
                 "cp+fsync",
                 {"task": "cp_fsync", "src": big, "dst": str(self.dst / "cp.bin")},
-                to,
             ),
         )
         if self.raw:
             ep = self.raw.endpoint
             rec(
                 "large.grpc_raw.up",
-                self.measure(
+                measure(
                     "large.grpc_raw.up",
                     "plain grpc up",
                     {"task": "grpc_up", "endpoint": ep, "size": size, "chunk": a.chunk},
-                    to,
                 ),
             )
             rec(
                 "large.grpc_raw.down",
-                self.measure(
+                measure(
                     "large.grpc_raw.down",
                     "plain grpc down",
                     {"task": "grpc_down", "endpoint": ep, "size": size, "chunk": a.chunk},
-                    to,
                 ),
             )
         if self.moto:
@@ -334,61 +335,55 @@ class Harness:
                 )
             rec(
                 "large.boto3_moto.put",
-                self.measure(
+                measure(
                     "large.boto3_moto.put",
                     "boto3 upload_file",
                     {"task": "boto3_put", "url": u, "bucket": BUCKET, "src": big, "key": "large.bin"},
-                    to,
                 ),
             )
             rec(
                 "large.boto3_moto.get",
-                self.measure(
+                measure(
                     "large.boto3_moto.get",
                     "boto3 download_file",
                     {"task": "boto3_get", "url": u, "bucket": BUCKET, "key": "large.bin", "dst": out},
-                    to,
                 ),
             )
         if self.nginx:
             u = self.nginx.url
             rec(
                 "large.nginx.put",
-                self.measure(
+                measure(
                     "large.nginx.put",
                     "requests PUT nginx",
                     {"task": "nginx_put", "url": u, "src": big, "name": "large.bin"},
-                    to,
                 ),
             )
             rec(
                 "large.nginx.get",
-                self.measure(
+                measure(
                     "large.nginx.get",
                     "requests GET nginx",
                     {"task": "nginx_get", "url": u, "name": "large.bin", "dst": out},
-                    to,
                 ),
             )
         if self.drived:
             ep = self.drived.endpoint
             rec(
                 "large.drive.put",
-                self.measure(
+                measure(
                     "large.drive.put",
                     "Drive.put large",
                     {"task": "drive_put", "endpoint": ep, "root": str(self.src), "relpath": "large.bin"},
-                    to,
                     profile="large-put",
                 ),
             )
             rec(
                 "large.drive.get",
-                self.measure(
+                measure(
                     "large.drive.get",
                     "Drive.get large",
                     {"task": "drive_get", "endpoint": ep, "root": str(self.dst), "relpath": "large.bin"},
-                    to,
                     profile="large-get",
                 ),
             )

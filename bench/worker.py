@@ -43,6 +43,24 @@ def _rm(path: Path) -> None:
         path.unlink()
 
 
+def make_memory_at_hand(size: int, folder: str) -> None:
+    """Writes and removes `size` bytes in `folder`, just before a large transfer (bench/WHY.md).
+
+    On this VM, memory the guest frees goes back to the host after about 2 s
+    (virtio balloon free page reporting), and its first touch afterwards costs
+    about 2.3 s of system time per GiB. Whichever transfer happened to follow
+    another's deletes ran fast and the others slow: nginx's 1 GiB GET measured
+    375 and 2,484 MB/s in one run. Every large transfer, of every system, now
+    starts with as much memory freed a moment ago as it moves.
+    """
+    scratch = Path(folder) / f".memory-at-hand-{os.getpid()}"
+    block = bytes(CHUNK)
+    with open(scratch, "wb") as f:
+        for _ in range(0, size, CHUNK):
+            f.write(block)
+    scratch.unlink()
+
+
 def _percentile(sorted_vals: list[float], q: float) -> float:
     if not sorted_vals:
         return float("nan")
@@ -429,6 +447,8 @@ TASKS: dict[str, Callable[..., dict]] = {
 def main() -> None:
     spec: dict[str, Any] = json.loads(sys.argv[1])
     task = spec.pop("task")
+    if "memory_at_hand" in spec:
+        make_memory_at_hand(*spec.pop("memory_at_hand"))
     out = TASKS[task](**spec)
     out["client_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(RESULT_PREFIX + json.dumps(out), flush=True)
