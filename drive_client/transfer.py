@@ -255,6 +255,9 @@ def fetch_in_ranges(
     finished: set[int] = set()
     errors: list[BaseException] = []
     changed = threading.Condition()
+    # One write at a time: the kernel serialises writes to one file anyway, and its
+    # waiters spin (perf: 8 % of the client in rwsem_spin_on_owner); ours sleep.
+    writing = threading.Lock()
 
     def fetch_blocks() -> None:
         try:
@@ -265,7 +268,8 @@ def fetch_in_ranges(
                     return
                 position, end = offset, min(offset + RANGE_BLOCK, info.size)
                 for data in read_range(offset, end - offset):
-                    os.pwrite(fd, data, position)
+                    with writing:
+                        os.pwrite(fd, data, position)
                     position += len(data)
                     if progress:
                         progress(len(data))
