@@ -21,6 +21,10 @@ from .wire import Chunk, GetMessage, chunk_of
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
 MESSAGE_LIMIT = 8 << 20
+# Entries asked for per List call: the daemon's cap. Each page of a lit:// folder costs
+# the daemon a read of the whole folder, so fewer pages list a big folder faster
+# (20,000 files: 1.7 s in pages of 1,000, 0.6 s in pages of 10,000).
+LIST_PAGE_SIZE = 10_000
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MESSAGE_LIMIT),
     ("grpc.max_send_message_length", MESSAGE_LIMIT),
@@ -132,7 +136,7 @@ class DriveBase:
     def _list_request(self, path: str, component_name: str | None, recursive: bool) -> pb.ListRequest:
         return pb.ListRequest(
             drive=self.id, path=normalize_path(path, allow_root=True), recursive=recursive,
-            component=_filter(component_name),
+            component=_filter(component_name), page_size=LIST_PAGE_SIZE,
         )
 
     def _get_request(self, remote: str, target: Path, component_name: str | None, timeout: float | None,
