@@ -8,9 +8,12 @@ components, ambiguity, folders, and gets that wait for a put to commit.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import heapq
+import itertools
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -37,6 +40,24 @@ def _entry(path: str, component: str, info: ObjectInfo) -> Entry:
         path=path, size=info.size, sha256=info.sha256, mtime_ns=info.generation,
         component=component, generation=info.generation,
     )
+
+
+def _after(names: Sequence[str], prefix: str, start_after: str) -> int:
+    """Where sorted `names`, each read with `prefix` in front, continue after `start_after`."""
+    if start_after.startswith(prefix):
+        return bisect.bisect_right(names, start_after[len(prefix):])
+    return 0 if start_after < prefix else len(names)
+
+
+def _from(names: Sequence[str], start: int) -> Iterator[str]:
+    """`names[start:]` one at a time, without copying (nor, unlike islice, stepping over) the first `start`."""
+    return map(names.__getitem__, range(start, len(names)))
+
+
+def _held_by(component: str, names: Iterator[tuple[str, bool]]) -> Iterator[tuple[str, str, bool]]:
+    """(path, component, is a folder) for one component's names: merged across components in that order."""
+    for name, folder in names:
+        yield name, component, folder
 
 
 def _shown(drive: str, path: str) -> str:
@@ -215,16 +236,24 @@ class ManagedDrives:
     ) -> tuple[list[Entry], bool]:
         """Entries under `path` in path order after `start_after`: at most `limit`, and whether more remain.
 
-        The folders are read by name; only the page's files are stat'ed (size,
-        sha256), so a page of a big folder does not cost a stat per file in it.
+        Each component's names come sorted from the backend; the page starts
+        where bisection finds `start_after`, is merged across components, and
+        only its files are stat'ed (size, sha256). A page of a big folder
+        therefore costs the page, once the backend remembers the folder.
         """
-        holders: dict[str, list[tuple[str, bool]]] = {}  # path -> (component, is a folder), in component order
-        for c in [component] if component else await self.components(drive):
-            for name, folder in await self._names(drive, c, path, recursive):
-                holders.setdefault(name, []).append((c, folder))
-        names = sorted(p for p in holders if p > start_after)
-        page = [await self._listed(drive, p, holders[p]) for p in names[:limit]]
-        return [entry for entry in page if entry is not None], len(names) > limit
+        components = [component] if component else await self.components(drive)
+        streams = [
+            _held_by(c, await self._names_after(drive, c, path, recursive, start_after)) for c in components
+        ]
+        page: list[tuple[str, list[tuple[str, bool]]]] = []  # path, (component, is a folder) in component order
+        more = False
+        for name, holding in itertools.groupby(heapq.merge(*streams), key=lambda held: held[0]):
+            if len(page) == limit:
+                more = True
+                break
+            page.append((name, [(c, folder) for _, c, folder in holding]))
+        entries = [await self._listed(drive, name, holders) for name, holders in page]
+        return [entry for entry in entries if entry is not None], more
 
     async def _listed(self, drive: str, path: str, holders: list[tuple[str, bool]]) -> Entry | None:
         """A listing's entry: the file or folder of its component; the first one's size when several hold it.
@@ -240,18 +269,32 @@ class ManagedDrives:
             return None
         return Entry(path=path, size=info.size, mtime_ns=info.generation) if shared else _entry(path, owner, info)
 
-    async def _names(self, drive: str, component: str, path: str, recursive: bool) -> list[tuple[str, bool]]:
-        """(path, is a folder) of what one component holds under `path`; the file itself when `path` is one."""
+    async def _names_after(
+        self, drive: str, component: str, path: str, recursive: bool, start_after: str
+    ) -> Iterator[tuple[str, bool]]:
+        """(path, is a folder) of what one component holds under `path` after `start_after`, in path order.
+
+        The file itself when `path` is one.
+        """
         key = object_key(drive, component, path)
-        join = (lambda name: f"{path}/{name}") if path else (lambda name: name)
         if recursive:
-            names = [(relative_path(k, drive, component), False) for k in await self.backend.walk(key)]
+            keys = await self.backend.walk(key)  # sorted, each "<component key>/<path>"
+            ckey = component_key(drive, component)
+            start = bisect.bisect_right(keys, f"{ckey}/{start_after}")
+            base = len(ckey) + 1
+            names: Iterator[tuple[str, bool]] = ((k[base:], False) for k in _from(keys, start))
+            if keys:
+                return names
         else:
             listing = await self.backend.list_folder(key)
-            names = [(join(name), False) for name in listing.files] + [(join(name), True) for name in listing.folders]
-        if not names and path and await self.backend.stat(key):
-            names = [(path, False)]
-        return names
+            prefix = f"{path}/" if path else ""
+            start = _after(listing.names, prefix, start_after)
+            names = ((prefix + n, n in listing.folders) for n in _from(listing.names, start))
+            if listing.names:
+                return names
+        if path and path > start_after and await self.backend.stat(key):
+            return iter([(path, False)])
+        return iter(())
 
     async def delete(self, drive: str, path: str, component: str) -> int:
         """Removes the caller's file, or every file of its under a folder; the count removed."""

@@ -43,6 +43,62 @@ def test_list_paging(stub, drive_uri):
     assert len(everything.entries) == 25 and not everything.next_page_token
 
 
+@pytest.mark.parametrize("recursive", [False, True])
+def test_list_paging_across_components(stub, drive_uri, recursive):
+    """Pages of 3 are cut from each component's sorted names and merged: every entry once, in order."""
+    held = {
+        "ca": ["a.txt", "c.txt", "dir/x.txt", "e.txt", "shared.txt", "z.txt"],
+        "cb": ["b.txt", "dir/y.txt", "d.txt", "shared.txt", "sub/deep/f.txt", "y.txt"],
+    }
+    for component, paths in held.items():
+        for path in paths:
+            raw_put(stub, drive_uri, f"{path}", f"{component}:{path}".encode(), component=component,
+                    allow_duplicates=True)
+    all_paths = sorted({p for paths in held.values() for p in paths})
+    expected = all_paths if recursive else sorted({p.split("/")[0] for p in all_paths})
+    for page_size in (1, 3, 10000):
+        entries, pages = list_all(stub, drive_uri, page_size=page_size, recursive=recursive)
+        assert [e.path for e in entries] == expected, f"page_size {page_size}"
+        assert pages == max(1, -(-len(expected) // page_size))
+    by_path = {e.path: e for e in list_all(stub, drive_uri, page_size=3, recursive=recursive)[0]}
+    assert by_path["shared.txt"].component == "", "held by both components"
+    assert by_path["z.txt"].component == "ca" and by_path["y.txt"].component == "cb"
+    if not recursive:
+        assert by_path["dir"].folder and by_path["dir"].component == ""
+        assert by_path["sub"].folder and by_path["sub"].component == "cb"
+    one, _ = list_all(stub, drive_uri, path="dir", page_size=1, recursive=recursive, component="cb")
+    assert [e.path for e in one] == ["dir/y.txt"]
+
+
+@pytest.mark.parametrize("mtime", ["settled", "same tick"])
+def test_list_pages_see_files_put_between_them(daemon, stub, drive_uri, mtime):
+    """The daemon remembers a folder's sorted names by its mtime: a page after a put sees the new file.
+
+    "settled": the folder's mtime is old, so its names are remembered, and the put changes
+    the mtime. "same tick": a put within one tick of the file system's clock leaves the
+    mtime as it was (set back here), so a fresh mtime must not be trusted.
+    """
+    for i in range(0, 10, 2):
+        raw_put(stub, drive_uri, f"big/f{i}.txt", b"x")
+    folder = next(daemon.data_dir.glob(f"objects/{drive_uri.removeprefix('lit://')}/*/big"))
+    fresh = folder.stat().st_mtime_ns
+    if mtime == "settled":
+        os.utime(folder, ns=(fresh - 10**10, fresh - 10**10))
+    first = stub.List(pb.ListRequest(drive=drive_uri, path="big", page_size=2))
+    assert [e.path for e in first.entries] == ["big/f0.txt", "big/f2.txt"]
+    raw_put(stub, drive_uri, "big/f1.txt", b"before the token")
+    raw_put(stub, drive_uri, "big/f3.txt", b"after the token")
+    if mtime == "same tick":
+        os.utime(folder, ns=(fresh, fresh))
+    rest, token = [], first.next_page_token
+    while token:
+        page = stub.List(pb.ListRequest(drive=drive_uri, path="big", page_token=token, page_size=2))
+        rest.extend(e.path for e in page.entries)
+        token = page.next_page_token
+    assert rest == ["big/f3.txt", "big/f4.txt", "big/f6.txt", "big/f8.txt"]
+    assert stub.Stat(pb.StatRequest(drive=drive_uri, path="big/f3.txt")).size == len(b"after the token")
+
+
 def test_list_recursive_and_entry_fields(stub, drive_uri):
     raw_put(stub, drive_uri, "top.txt", b"12345", component="ca")
     raw_put(stub, drive_uri, "d/x.txt", b"x", component="ca")

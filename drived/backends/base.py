@@ -37,8 +37,8 @@ class ObjectInfo:
 class Listing:
     """What is directly under a key prefix, by name only (`stat` tells an object's size and sha256)."""
 
-    files: set[str]  # names of the objects directly under the prefix
-    folders: set[str]  # names of sub-folders holding at least one object
+    names: tuple[str, ...]  # names of the objects and sub-folders directly under the prefix, sorted
+    folders: frozenset[str]  # which of them are sub-folders (holding at least one object)
 
 
 class Upload(abc.ABC):

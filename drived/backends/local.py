@@ -25,13 +25,12 @@ import time
 from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
 
 from .base import Backend, Chunks, Listing, ObjectInfo, Upload
+from .folder_cache import FolderCache
 from .group_commit import GroupCommitter, fsync_folder
 
 MAGIC = b"DRIVED01"
 HEADER = struct.Struct("<8s32sQ16x")  # magic, raw sha256, size, padding to 64 bytes
 FLUSH_BYTES = 1 << 20  # an upload buffers small chunks up to this before a disk write
-SETTLED_NS = 1_000_000_000  # a folder's mtime this old changes with its next change
-MAX_REMEMBERED_FOLDERS = 10_000  # drives whose component folders are remembered
 WRITE_BACK_BYTES = 8 << 20  # a big upload has the disk write each this many bytes while more arrive
 _WRITE_BACK = getattr(os, "POSIX_FADV_DONTNEED", None)
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux: a read that fails rather than wait for the disk
@@ -269,7 +268,7 @@ class LocalBackend(Backend):
         self.tmp_dir = os.path.join(os.path.realpath(data_dir), "tmp")
         self.chunk_size = chunk_size
         self.upload_numbers = itertools.count()  # names of the uploads in tmp/, which starts empty
-        self._subfolders: dict[str, tuple[tuple[int, int], frozenset[str]]] = {}  # path -> (inode, mtime), names
+        self.folders = FolderCache()
         self.committer: GroupCommitter[ObjectInfo] = GroupCommitter(
             lambda err: _disk_error(err, "committing an upload")
         )
@@ -371,43 +370,11 @@ class LocalBackend(Backend):
         return os.path.isdir(path) and not os.path.islink(path)
 
     async def subfolders(self, prefix: str) -> frozenset[str]:
-        """Read inline and remembered: every put asks for its drive's few component folders.
-
-        A folder's subfolders are read again when its mtime changes. An mtime
-        less than `SETTLED_NS` old is not trusted: a second change within one
-        tick of the file system's clock would leave it as it was.
-        """
-        path = self._path(prefix.rstrip("/"))
-        try:
-            st = os.stat(path)
-            version = (st.st_ino, st.st_mtime_ns)
-            known = self._subfolders.get(path)
-            if known is not None and known[0] == version:
-                return known[1]
-            with os.scandir(path) as entries:
-                names = frozenset(entry.name for entry in entries if entry.is_dir(follow_symlinks=False))
-        except (FileNotFoundError, NotADirectoryError):
-            return frozenset()
-        if time.time_ns() - st.st_mtime_ns > SETTLED_NS:
-            if len(self._subfolders) >= MAX_REMEMBERED_FOLDERS:
-                self._subfolders.clear()
-            self._subfolders[path] = (version, names)
-        return names
+        # Inline: every put asks for its drive's few component folders, remembered by `folders`.
+        return self.folders.read(self._path(prefix.rstrip("/"))).folders
 
     def _list(self, prefix: str) -> Listing:
-        """Names from the folder's entries alone (their file types), without a stat of each."""
-        files: set[str] = set()
-        folders: set[str] = set()
-        try:
-            with os.scandir(self._path(prefix.rstrip("/"))) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        folders.add(entry.name)
-                    elif entry.is_file(follow_symlinks=False):
-                        files.add(entry.name)
-        except (FileNotFoundError, NotADirectoryError):
-            pass
-        return Listing(files, folders)
+        return self.folders.read(self._path(prefix.rstrip("/")))
 
     async def list_folder(self, prefix: str) -> Listing:
         return await asyncio.get_running_loop().run_in_executor(None, self._list, prefix)

@@ -1,0 +1,82 @@
+"""FolderCache: a folder's entries, read once and remembered while the folder is unchanged.
+
+Every put asks for its drive's component folders, and every page of a
+listing for the whole folder it lists (a page is cut from the sorted
+names), so reading a folder each time made paging through a big one cost
+O(entries) per page. A folder's mtime changes whenever an entry is added,
+removed or renamed: the names read are remembered with the folder's inode
+and mtime, and read again when either changes. An mtime less than
+`SETTLED_NS` old is not trusted: a second change within one tick of the
+file system's clock would leave it as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from .base import Listing
+
+SETTLED_NS = 1_000_000_000  # a folder's mtime this old changes with its next change
+MAX_NAMES = 200_000  # names remembered over all folders (some 20 MB); the least recently read go first
+EMPTY = Listing((), frozenset())
+
+
+def scan(folder: str) -> Listing:
+    """The files and sub-folders of `folder` by name, from their entries' types (no stat of each).
+
+    Symbolic links are neither followed nor listed. A missing folder is empty.
+    """
+    names: list[str] = []
+    folders: set[str] = set()
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.add(entry.name)
+                    names.append(entry.name)
+                elif entry.is_file(follow_symlinks=False):
+                    names.append(entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return EMPTY
+    names.sort()
+    return Listing(tuple(names), frozenset(folders))
+
+
+class FolderCache:
+    """Listings of folders, each remembered until its folder's inode or mtime changes."""
+
+    def __init__(self, max_names: int = MAX_NAMES) -> None:
+        self._max_names = max_names
+        self._known: dict[str, tuple[tuple[int, int], Listing]] = {}  # path -> (inode, mtime), listing
+        self._names = 0  # names in self._known
+        self._lock = threading.Lock()  # read from the event loop and from worker threads
+
+    def read(self, folder: str) -> Listing:
+        try:
+            st = os.stat(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return EMPTY
+        version = (st.st_ino, st.st_mtime_ns)
+        with self._lock:
+            known = self._known.pop(folder, None)
+            if known is not None:
+                self._known[folder] = known  # now the most recently read
+        if known is not None and known[0] == version:
+            return known[1]
+        listing = scan(folder)
+        if time.time_ns() - st.st_mtime_ns > SETTLED_NS and len(listing.names) <= self._max_names:
+            self._remember(folder, version, listing)
+        return listing
+
+    def _remember(self, folder: str, version: tuple[int, int], listing: Listing) -> None:
+        with self._lock:
+            old = self._known.pop(folder, None)
+            if old is not None:
+                self._names -= len(old[1].names)
+            self._known[folder] = (version, listing)
+            self._names += len(listing.names)
+            while self._names > self._max_names:  # never the one just added: it fits alone
+                oldest = next(iter(self._known))
+                self._names -= len(self._known.pop(oldest)[1].names)
