@@ -10,6 +10,7 @@ import pytest
 from conftest import MIB, ROOT
 
 from drive_client import Drive
+from drive_client.malloc import USER_SETTINGS
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads page faults from /proc (Linux only)")
 
@@ -40,7 +41,7 @@ def test_daemon_moves_chunks_without_page_faults(start_daemon, tmp_path):
 @pytest.mark.parametrize(("env", "applied"), [({}, "True"), ({"MALLOC_TRIM_THRESHOLD_": "0"}, "False")])
 def test_settings_of_the_user_win(env, applied):
     code = "from drive_client.malloc import keep_transfer_buffers; print(keep_transfer_buffers())"
-    clean = {k: v for k, v in os.environ.items() if k not in ("MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")}
+    clean = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}
     out = subprocess.run(
         [sys.executable, "-c", code], env={**clean, **env}, cwd=ROOT, capture_output=True, text=True, check=True
     )

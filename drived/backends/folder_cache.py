@@ -54,6 +54,7 @@ class FolderCache:
         self._lock = threading.Lock()  # read from the event loop and from worker threads
 
     def read(self, folder: str) -> Listing:
+        """The entries of `folder` (see `scan`), from memory while the folder is unchanged."""
         try:
             st = os.stat(folder)
         except (FileNotFoundError, NotADirectoryError):
