@@ -287,8 +287,8 @@ class Harness:
         out = str(self.dst / "large.bin")
 
         def measure(key: str, what: str, spec: dict[str, Any], profile: str | None = None) -> dict[str, Any] | None:
-            # Each transfer starts with as much memory at hand as it moves (worker.make_memory_at_hand).
-            return self.measure(key, what, {**spec, "memory_at_hand": [size, str(self.dst)]}, to, profile)
+            # Each transfer starts from the same state of memory and disk (worker.settle_before_transfer).
+            return self.measure(key, what, {**spec, "settle": [size, str(self.dst)]}, to, profile)
 
         def rec(key: str, res: dict[str, Any] | None) -> None:
             if res:

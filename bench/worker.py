@@ -43,16 +43,20 @@ def _rm(path: Path) -> None:
         path.unlink()
 
 
-def make_memory_at_hand(size: int, folder: str) -> None:
-    """Writes and removes `size` bytes in `folder`, just before a large transfer (bench/WHY.md).
+def settle_before_transfer(size: int, folder: str) -> None:
+    """Runs before every large transfer, of every system alike (bench/WHY.md).
 
-    On this VM, memory the guest frees goes back to the host after about 2 s
-    (virtio balloon free page reporting), and its first touch afterwards costs
-    about 2.3 s of system time per GiB. Whichever transfer happened to follow
-    another's deletes ran fast and the others slow: nginx's 1 GiB GET measured
-    375 and 2,484 MB/s in one run. Every large transfer, of every system, now
-    starts with as much memory freed a moment ago as it moves.
+    First it writes out what earlier transfers left dirty: nginx does not
+    fsync a PUT, and its 1 GiB would otherwise be written back during the
+    next system's measurement. Then it writes and removes `size` bytes in
+    `folder`: on this VM, memory the guest frees goes back to the host after
+    about 2 s (virtio balloon free page reporting), and its first touch
+    afterwards costs about 2.3 s of system time per GiB, so whichever
+    transfer happened to follow another's deletes ran fast and the others
+    slow (nginx's 1 GiB GET measured 375 and 2,484 MB/s in one run). Each
+    transfer now starts with as much memory freed a moment ago as it moves.
     """
+    os.sync()
     scratch = Path(folder) / f".memory-at-hand-{os.getpid()}"
     block = bytes(CHUNK)
     with open(scratch, "wb") as f:
@@ -447,8 +451,8 @@ TASKS: dict[str, Callable[..., dict]] = {
 def main() -> None:
     spec: dict[str, Any] = json.loads(sys.argv[1])
     task = spec.pop("task")
-    if "memory_at_hand" in spec:
-        make_memory_at_hand(*spec.pop("memory_at_hand"))
+    if "settle" in spec:
+        settle_before_transfer(*spec.pop("settle"))
     out = TASKS[task](**spec)
     out["client_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(RESULT_PREFIX + json.dumps(out), flush=True)
