@@ -268,7 +268,7 @@ class LocalBackend(Backend):
         self.tmp_dir = os.path.join(os.path.realpath(data_dir), "tmp")
         self.chunk_size = chunk_size
         self.upload_numbers = itertools.count()  # names of the uploads in tmp/, which starts empty
-        self.folders = FolderCache()
+        self.listings = FolderCache()  # each folder read once while unchanged
         self.committer: GroupCommitter[ObjectInfo] = GroupCommitter(
             lambda err: _disk_error(err, "committing an upload")
         )
@@ -370,11 +370,11 @@ class LocalBackend(Backend):
         return os.path.isdir(path) and not os.path.islink(path)
 
     async def subfolders(self, prefix: str) -> frozenset[str]:
-        # Inline: every put asks for its drive's few component folders, remembered by `folders`.
-        return self.folders.read(self._path(prefix.rstrip("/"))).folders
+        # Inline: every put asks for its drive's few component folders, remembered by `listings`.
+        return self.listings.read(self._path(prefix.rstrip("/"))).folders
 
     def _list(self, prefix: str) -> Listing:
-        return self.folders.read(self._path(prefix.rstrip("/")))
+        return self.listings.read(self._path(prefix.rstrip("/")))
 
     async def list_folder(self, prefix: str) -> Listing:
         return await asyncio.get_running_loop().run_in_executor(None, self._list, prefix)
