@@ -11,7 +11,7 @@ import pathlib
 
 import grpc
 import pytest
-from conftest import DaemonHandle, put_messages, raw_put, snapshot
+from conftest import DaemonHandle, put_messages, raw_get, raw_put, snapshot
 
 from drive_client import Drive, DriveError
 from drive_client._pb import drive_pb2 as pb
@@ -263,3 +263,27 @@ def test_symlinks_in_data_dir_not_followed_out(start_daemon, tmp_path):
         with contextlib.suppress(grpc.RpcError):
             stub.Delete(pb.DeleteRequest(drive="lit://sym", path="filelink"), timeout=10)
     assert secret.read_bytes() == b"TOP SECRET outside the data dir"
+
+
+def test_symlinks_in_data_dir_refused_even_when_they_stay_inside(start_daemon, tmp_path):
+    """drived never makes links: a path through one planted in the data dir is refused, wherever it leads."""
+    handle = start_daemon(tmp_path)
+    with grpc.insecure_channel(handle.endpoint) as ch:
+        stub = drive_pb2_grpc.DriveServiceStub(ch)
+        raw_put(stub, "lit://inlink", "sub/real.txt", b"a real stored file")
+        holder = next(p for p in handle.data_dir.rglob("sub") if p.is_dir())
+        os.symlink(holder, holder.parent / "alias")  # "alias" leads to "sub", inside the data dir
+        before = snapshot(handle.data_dir)
+        for call in (
+            lambda: list(stub.Get(pb.GetRequest(drive="lit://inlink", path="alias/real.txt"), timeout=10)),
+            lambda: stub.Stat(pb.StatRequest(drive="lit://inlink", path="alias/real.txt"), timeout=10),
+            lambda: stub.Put(put_messages("lit://inlink", "alias/new.txt", b"through the link"), timeout=10),
+            lambda: stub.Delete(pb.DeleteRequest(drive="lit://inlink", path="alias/real.txt"), timeout=10),
+        ):
+            with pytest.raises(grpc.RpcError) as exc:
+                call()
+            assert exc.value.code() == INVALID, exc.value.details()
+            assert "symbolic link" in exc.value.details()
+        assert snapshot(handle.data_dir) == before
+        [(_, data)] = raw_get(stub, "lit://inlink", "sub/real.txt")
+        assert data == b"a real stored file"
