@@ -127,6 +127,13 @@ def put_file_request(header: pb.PutHeader, remote: str, data: bytes) -> pb.PutFi
     return request
 
 
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Writes all of `data` to the file descriptor (os.write may take part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 # Temporary names: the process id (read each time: a forked child gets its own), a random
 # token and a counter tell apart every file being received on this machine.
 _TMP_TOKEN = secrets.token_hex(4)
@@ -155,9 +162,7 @@ class _Receiving:
 
     def write(self, data: Chunk) -> None:
         self.digest.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        write_all(self.fd, data)
         self.size += len(data)
 
     def _close(self) -> None:

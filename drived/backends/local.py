@@ -23,6 +23,7 @@ import struct
 import time
 
 from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
+from drive_client.transfer import write_all
 
 from .base import Backend, Chunks, Listing, ObjectInfo, Upload
 from .folder_cache import FolderCache
@@ -34,12 +35,6 @@ FLUSH_BYTES = 1 << 20  # an upload buffers small chunks up to this before a disk
 WRITE_BACK_BYTES = 8 << 20  # a big upload has the disk write each this many bytes while more arrive
 _WRITE_BACK = getattr(os, "POSIX_FADV_DONTNEED", None)
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux: a read that fails rather than wait for the disk
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _read_cached(fd: int, size: int, offset: int) -> memoryview | None:
@@ -147,7 +142,7 @@ class LocalUpload(Upload):
                 os.lseek(self._fd, HEADER.size, os.SEEK_SET)  # the header is written at the commit
             for chunk in chunks:
                 self._hash.update(chunk)
-                _write_all(self._fd, chunk)
+                write_all(self._fd, chunk)
                 self._written += len(chunk)
             if _WRITE_BACK is not None and self._written - self._written_back >= WRITE_BACK_BYTES:
                 # Starts the disk writing these bytes now, so that the commit's fsync finds
@@ -204,7 +199,7 @@ class LocalUpload(Upload):
         try:
             if whole:
                 self._fd = self._create()
-                _write_all(self._fd, b"".join([header, *chunks]))
+                write_all(self._fd, b"".join([header, *chunks]))
             else:
                 os.pwrite(self._fd, header, 0)
             generation = time.time_ns()
@@ -277,22 +272,27 @@ class LocalBackend(Backend):
         os.makedirs(self.tmp_dir, exist_ok=True)
 
     def _path(self, key: str) -> str:
-        """The file or folder of `key`; refuses a key that goes through a symlink in the data dir.
+        """The file or folder of `key`; refuses a key that goes through a symlink in the data dir."""
+        return self._lookup(key)[0]
+
+    def _lookup(self, key: str) -> tuple[str, int | None]:
+        """The path of `key` and its st_mode (None if nothing is there); refuses a path through a symlink.
 
         drived never makes links, so one there was planted and could lead out
         of the data dir. One lstat per existing part of the key: cheaper than
         resolving the whole path.
         """
-        path = self.root
+        path: str = self.root
+        mode: int | None = stat.S_IFDIR  # the data dir itself, made at start-up
         for name in key.split("/") if key else ():
             path = f"{path}/{name}"
             try:
                 mode = os.lstat(path).st_mode
             except (FileNotFoundError, NotADirectoryError):
-                return f"{self.root}/{key}"  # the rest does not exist yet: drived makes it, with real folders
+                return f"{self.root}/{key}", None  # the rest does not exist yet: drived makes it, with real folders
             if stat.S_ISLNK(mode):
                 raise InvalidArgument(f"path {key!r} goes through a symbolic link in the data dir: refused")
-        return path
+        return path, mode
 
     def place(self, tmp_path: str, key: str, path: str) -> str:
         """Renames a finished upload to `path`, the file of `key`, creating its folders; returns the folder.
@@ -319,8 +319,8 @@ class LocalBackend(Backend):
                 raise _parent_is_file(key) from None
 
     async def start_upload(self, key: str) -> Upload:
-        path = self._path(key)
-        if os.path.isdir(path):
+        path, mode = self._lookup(key)
+        if mode is not None and stat.S_ISDIR(mode):
             raise InvalidArgument(f"cannot put {key!r}: it is a folder; put files below it instead")
         return LocalUpload(self, key, path)
 
@@ -366,8 +366,8 @@ class LocalBackend(Backend):
         return self._stat(key)
 
     async def is_folder(self, key: str) -> bool:
-        path = self._path(key)
-        return os.path.isdir(path) and not os.path.islink(path)
+        mode = self._lookup(key)[1]
+        return mode is not None and stat.S_ISDIR(mode)
 
     async def subfolders(self, prefix: str) -> frozenset[str]:
         # Inline: every put asks for its drive's few component folders, remembered by `listings`.
