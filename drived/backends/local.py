@@ -380,22 +380,19 @@ class LocalBackend(Backend):
         return await asyncio.get_running_loop().run_in_executor(None, self._list, prefix)
 
     def _walk(self, prefix: str) -> list[str]:
-        """Keys from the folders' entries alone (their file types); symlinks are neither followed nor listed."""
+        """Keys of the files in each folder's listing (see `listings`), depth first, then sorted."""
         base = prefix.rstrip("/")
         found: list[str] = []
         folders = [(base, self._path(base))]
         while folders:
             key, folder = folders.pop()
-            try:
-                with os.scandir(folder) as entries:
-                    for entry in entries:
-                        child = f"{key}/{entry.name}" if key else entry.name
-                        if entry.is_dir(follow_symlinks=False):
-                            folders.append((child, entry.path))
-                        elif entry.is_file(follow_symlinks=False):
-                            found.append(child)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
+            listing = self.listings.read(folder)
+            for name in listing.names:
+                child = f"{key}/{name}" if key else name
+                if name in listing.folders:
+                    folders.append((child, f"{folder}/{name}"))
+                else:
+                    found.append(child)
         found.sort()
         return found
 
