@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import OrderedDict
 
 from .base import Listing
 
@@ -49,7 +50,8 @@ class FolderCache:
 
     def __init__(self, max_names: int = MAX_NAMES) -> None:
         self._max_names = max_names
-        self._known: dict[str, tuple[tuple[int, int], Listing]] = {}  # path -> (inode, mtime), listing
+        # path -> ((inode, mtime), listing), least recently read first
+        self._known: OrderedDict[str, tuple[tuple[int, int], Listing]] = OrderedDict()
         self._names = 0  # names in self._known
         self._lock = threading.Lock()  # read from the event loop and from worker threads
 
@@ -61,9 +63,9 @@ class FolderCache:
             return EMPTY
         version = (st.st_ino, st.st_mtime_ns)
         with self._lock:
-            known = self._known.pop(folder, None)
+            known = self._known.get(folder)
             if known is not None:
-                self._known[folder] = known  # now the most recently read
+                self._known.move_to_end(folder)
         if known is not None and known[0] == version:
             return known[1]
         listing = scan(folder)
@@ -79,5 +81,5 @@ class FolderCache:
             self._known[folder] = (version, listing)
             self._names += len(listing.names)
             while self._names > self._max_names:  # never the one just added: it fits alone
-                oldest = next(iter(self._known))
-                self._names -= len(self._known.pop(oldest)[1].names)
+                _, (_, evicted) = self._known.popitem(last=False)
+                self._names -= len(evicted.names)
