@@ -251,12 +251,12 @@ class Harness:
                 self.notes.append(reason)
                 for k in ("large.nginx", "small.nginx", "folder.nginx_loop"):
                     self.figs.miss(k, reason)
-        if groups & {"large"}:
+        if groups & {"large", "small"}:
             try:
                 self.raw = self.exit_stack.enter_context(RawGrpcServer(self.work))
                 self.say(f"raw grpc server on {self.raw.endpoint}")
             except Exception as e:
-                self.fail("large.grpc_raw", "raw grpc server", e)
+                self.fail(["large.grpc_raw", "large.grpc_sha256", "small.grpc_raw"], "raw grpc server", e)
         if groups & {"large", "small", "folder"}:
             try:
                 self.drived = self.exit_stack.enter_context(Drived(self.work))
@@ -308,22 +308,11 @@ class Harness:
         )
         if self.raw:
             ep = self.raw.endpoint
-            rec(
-                "large.grpc_raw.up",
-                measure(
-                    "large.grpc_raw.up",
-                    "plain grpc up",
-                    {"task": "grpc_up", "endpoint": ep, "size": size, "chunk": a.chunk},
-                ),
-            )
-            rec(
-                "large.grpc_raw.down",
-                measure(
-                    "large.grpc_raw.down",
-                    "plain grpc down",
-                    {"task": "grpc_down", "endpoint": ep, "size": size, "chunk": a.chunk},
-                ),
-            )
+            for system, sha256 in (("grpc_raw", False), ("grpc_sha256", True)):
+                for direction, task in (("up", "grpc_up"), ("down", "grpc_down")):
+                    key = f"large.{system}.{direction}"
+                    spec = {"task": task, "endpoint": ep, "size": size, "chunk": a.chunk, "sha256": sha256}
+                    rec(key, measure(key, f"plain grpc {direction}{' + sha256' if sha256 else ''}", spec))
         if self.moto:
             u = self.moto.url
             if run == 0 and size > 64 * MIB:
@@ -398,6 +387,8 @@ class Harness:
             systems.append(("boto3_moto", {"url": self.moto.url, "bucket": BUCKET}))
         if self.nginx:
             systems.append(("nginx", {"url": self.nginx.url}))
+        if self.raw:
+            systems.append(("grpc_raw", {"endpoint": self.raw.endpoint}))
         for conc in SMALL_CONC:
             names = [f"{small_dir(run, conc)}/{i:05d}.bin" for i in range(a.small_files)]
             for op in SMALL_OPS:  # put before get: get reads what put stored

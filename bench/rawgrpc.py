@@ -1,11 +1,18 @@
-"""Plain grpcio streaming: the ceiling of the transport in Python.
+"""Plain grpcio: the ceilings of the transport in Python.
 
 A generic-handler grpc.aio server (same server flavour as drived), raw bytes
-as messages (no protobuf, no disk, no hashing):
+as messages (no protobuf, no disk):
 
-- `/bench.Raw/Up`   client stream of chunks; answers the byte count.
-- `/bench.Raw/Down` request: "SIZE CHUNK" as ASCII; streams SIZE bytes in CHUNK pieces.
-- `/bench.Raw/Ping` unary echo, for readiness.
+- `/bench.Raw/Up`       client stream of chunks; answers the byte count.
+- `/bench.Raw/UpSha256` the same, hashing what arrives; answers the hex sha256.
+- `/bench.Raw/Down`     request: "SIZE CHUNK" as ASCII; streams SIZE bytes in CHUNK pieces.
+- `/bench.Raw/Store`    unary: takes a small file's bytes, keeps nothing, answers the count.
+- `/bench.Raw/Fetch`    unary: request "SIZE" as ASCII; answers SIZE bytes.
+- `/bench.Raw/Ping`     unary echo, for readiness.
+
+With `sha256=True`, `upload` and `download` hash where a drive transfer does
+(both ends of a put, the receiver of a get): the ceiling of a verified
+transfer in Python with grpcio, still without disk.
 
 Run as `python -m bench.rawgrpc serve 127.0.0.1:PORT`.
 """
@@ -13,6 +20,7 @@ Run as `python -m bench.rawgrpc serve 127.0.0.1:PORT`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sys
 import time
 
@@ -37,6 +45,13 @@ async def _up(request_iterator, context) -> bytes:
     return str(n).encode()
 
 
+async def _up_sha256(request_iterator, context) -> bytes:
+    digest = hashlib.sha256()
+    async for chunk in request_iterator:
+        digest.update(chunk)
+    return digest.hexdigest().encode()
+
+
 async def _down(request: bytes, context):
     size_s, chunk_s = request.decode().split()
     size, chunk = int(size_s), int(chunk_s)
@@ -54,13 +69,24 @@ async def _ping(request: bytes, context) -> bytes:
     return request
 
 
+async def _store(request: bytes, context) -> bytes:
+    return str(len(request)).encode()
+
+
+async def _fetch(request: bytes, context) -> bytes:
+    return b"\xa5" * int(request)
+
+
 async def serve(addr: str) -> None:
     server = grpc.aio.server(options=OPTIONS)
     handler = grpc.method_handlers_generic_handler(
         "bench.Raw",
         {
             "Up": grpc.stream_unary_rpc_method_handler(_up, _ident, _ident),
+            "UpSha256": grpc.stream_unary_rpc_method_handler(_up_sha256, _ident, _ident),
             "Down": grpc.unary_stream_rpc_method_handler(_down, _ident, _ident),
+            "Store": grpc.unary_unary_rpc_method_handler(_store, _ident, _ident),
+            "Fetch": grpc.unary_unary_rpc_method_handler(_fetch, _ident, _ident),
             "Ping": grpc.unary_unary_rpc_method_handler(_ping, _ident, _ident),
         },
     )
@@ -75,33 +101,35 @@ def ping(addr: str) -> bool:
         return ch.unary_unary("/bench.Raw/Ping")(b"x", timeout=1.0) == b"x"
 
 
-def upload(addr: str, size: int, chunk: int) -> float:
-    """Streams `size` bytes up in `chunk` pieces; returns seconds."""
+def upload(addr: str, size: int, chunk: int, sha256: bool = False) -> float:
+    """Streams `size` bytes up in `chunk` pieces (hashed on both ends with `sha256`); returns seconds."""
     block = b"\x5a" * chunk
+    digest = hashlib.sha256()
     with grpc.insecure_channel(addr, options=OPTIONS) as ch:
-        up = ch.stream_unary("/bench.Raw/Up")
+        up = ch.stream_unary("/bench.Raw/UpSha256" if sha256 else "/bench.Raw/Up")
         up(iter([block[:1]]))  # connect outside the timed region
 
         def gen():
             left = size
             while left > 0:
-                if left >= chunk:
-                    yield block
-                    left -= chunk
-                else:
-                    yield block[:left]
-                    left = 0
+                piece = block if left >= chunk else block[:left]
+                if sha256:
+                    digest.update(piece)
+                yield piece
+                left -= len(piece)
 
         t0 = time.perf_counter()
-        n = int(up(gen(), timeout=3600))
+        answer = up(gen(), timeout=3600).decode()
         dt = time.perf_counter() - t0
-    if n != size:
-        raise RuntimeError(f"raw grpc up: server counted {n} bytes, sent {size}")
+    expected = digest.hexdigest() if sha256 else str(size)
+    if answer != expected:
+        raise RuntimeError(f"raw grpc up: server answered {answer}, expected {expected}")
     return dt
 
 
-def download(addr: str, size: int, chunk: int) -> float:
-    """Streams `size` bytes down in `chunk` pieces; returns seconds."""
+def download(addr: str, size: int, chunk: int, sha256: bool = False) -> float:
+    """Streams `size` bytes down in `chunk` pieces (hashed by the receiver with `sha256`); returns seconds."""
+    digest = hashlib.sha256()
     with grpc.insecure_channel(addr, options=OPTIONS) as ch:
         down = ch.unary_stream("/bench.Raw/Down")
         for _ in down(b"1 1", timeout=10):  # connect outside the timed region
@@ -110,10 +138,30 @@ def download(addr: str, size: int, chunk: int) -> float:
         n = 0
         for msg in down(f"{size} {chunk}".encode(), timeout=3600):
             n += len(msg)
+            if sha256:
+                digest.update(msg)
+        digest.hexdigest()
         dt = time.perf_counter() - t0
     if n != size:
         raise RuntimeError(f"raw grpc down: got {n} bytes, expected {size}")
     return dt
+
+
+class SmallCalls:
+    """One channel for unary calls of small files: a put sends the bytes, a get asks for `size` of them."""
+
+    def __init__(self, addr: str) -> None:
+        self.channel = grpc.insecure_channel(addr, options=OPTIONS)
+        self.store = self.channel.unary_unary("/bench.Raw/Store")
+        self.fetch = self.channel.unary_unary("/bench.Raw/Fetch")
+        self.store(b"x", timeout=10)  # connect outside the timed region
+
+    def put(self, data: bytes) -> None:
+        if self.store(data, timeout=60) != str(len(data)).encode():
+            raise RuntimeError("raw grpc store: wrong count")
+
+    def get(self, size: int) -> bytes:
+        return self.fetch(str(size).encode(), timeout=60)
 
 
 if __name__ == "__main__":

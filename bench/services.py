@@ -291,7 +291,7 @@ class Nginx(_Service):
 
 
 class RawGrpcServer(_Service):
-    """The transport ceiling: a generic-handler grpc.aio server with no disk, no hashing."""
+    """The transport ceilings: a generic-handler grpc.aio server with no disk (bench/rawgrpc.py)."""
 
     name = "rawgrpc"
 

@@ -153,16 +153,16 @@ def task_cp_fsync(src: str, dst: str) -> dict:
     return {"seconds": dt, "bytes": size}
 
 
-def task_grpc_up(endpoint: str, size: int, chunk: int = CHUNK) -> dict:
+def task_grpc_up(endpoint: str, size: int, chunk: int = CHUNK, sha256: bool = False) -> dict:
     from bench.rawgrpc import upload
 
-    return {"seconds": upload(endpoint, size, chunk), "bytes": size}
+    return {"seconds": upload(endpoint, size, chunk, sha256), "bytes": size}
 
 
-def task_grpc_down(endpoint: str, size: int, chunk: int = CHUNK) -> dict:
+def task_grpc_down(endpoint: str, size: int, chunk: int = CHUNK, sha256: bool = False) -> dict:
     from bench.rawgrpc import download
 
-    return {"seconds": download(endpoint, size, chunk), "bytes": size}
+    return {"seconds": download(endpoint, size, chunk, sha256), "bytes": size}
 
 
 def task_boto3_put(url: str, bucket: str, src: str, key: str) -> dict:
@@ -365,6 +365,21 @@ def task_small(
                 r = s.get(f"{url}/{name}")
                 r.raise_for_status()
                 (dst / name).write_bytes(r.content)
+
+            return get
+
+    elif system == "grpc_raw":
+
+        def make() -> Callable[[str], None]:
+            from bench.rawgrpc import SmallCalls
+
+            calls = SmallCalls(endpoint)
+            if op == "put":
+                return lambda name: calls.put((src / name).read_bytes())
+            size = (src / names[0]).stat().st_size
+
+            def get(name: str) -> None:
+                (dst / name).write_bytes(calls.get(size))
 
             return get
 
