@@ -1,11 +1,10 @@
 """LocalBackend: objects as files in a data directory (the embedded default).
 
-Layout: `DATA_DIR/objects/<key>` holds each object, `DATA_DIR/tmp/` the
-uploads in progress. A stored file is a 64-byte header (magic, sha256, size)
-followed by the object's bytes; its mtime (in ns) is the generation. An
-upload is written to `tmp/`, fsynced, and renamed over its key in one step;
-the rename is what makes it visible. Whatever `tmp/` holds at start-up is
-the leftover of a crash and is removed.
+Layout: `DATA_DIR/objects/<key>` holds each object (its format is in
+`stored.py`), `DATA_DIR/tmp/` the uploads in progress. An upload is written
+to `tmp/`, fsynced, and renamed over its key in one step; the rename is what
+makes it visible. Whatever `tmp/` holds at start-up is the leftover of a
+crash and is removed.
 """
 
 from __future__ import annotations
@@ -13,24 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import hashlib
 import itertools
 import os
 import shutil
 import stat
-import struct
-import time
+from typing import Any
 
-from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
+from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from drive_client.transfer import write_all
 
 from .base import Backend, Chunks, Listing, ObjectInfo, Upload
+from .commit_worker import CommitWorker
 from .folder_cache import FolderCache
-from .group_commit import GroupCommitter, fsync_folder
+from .stored import HEADER, MAGIC, fsync_folder, make_durable, place
 
-MAGIC = b"DRIVED01"
-HEADER = struct.Struct("<8s32sQ16x")  # magic, raw sha256, size, padding to 64 bytes
 FLUSH_BYTES = 1 << 20  # an upload buffers small chunks up to this before a disk write
 WRITE_BACK_BYTES = 8 << 20  # a big upload has the disk write each this many bytes while more arrive
 _WRITE_BACK = getattr(os, "POSIX_FADV_DONTNEED", None)
@@ -57,6 +53,19 @@ def _disk_error(err: OSError, what: str) -> Exception:
 
 def _parent_is_file(key: str) -> InvalidArgument:
     return InvalidArgument(f"cannot put {key!r}: a parent folder of it is a file")
+
+
+def _is_folder(key: str) -> InvalidArgument:
+    return InvalidArgument(f"cannot put {key!r}: it is a folder; put files below it instead")
+
+
+def _commit_error(err: OSError, key: str) -> Exception:
+    """What a put of `key` answers when its commit failed with `err`."""
+    if err.errno == errno.ENOTDIR:
+        return _parent_is_file(key)
+    if err.errno == errno.EISDIR:
+        return _is_folder(key)
+    return _disk_error(err, "committing an upload")
 
 
 class FileChunks:
@@ -113,8 +122,8 @@ class FileChunks:
 class LocalUpload(Upload):
     """An upload into `tmp/`: small chunks are buffered, big ones written in a worker thread.
 
-    A file whose bytes all fit the buffer is committed by the backend's
-    GroupCommitter; a bigger one by a worker thread of its own.
+    A file whose bytes all fit the buffer is verified, written and committed
+    by the backend's commit worker process; a bigger one by a worker thread.
     """
 
     def __init__(self, backend: LocalBackend, key: str, path: str) -> None:
@@ -129,7 +138,7 @@ class LocalUpload(Upload):
         self._pending: list[bytes | memoryview] = []
         self._pending_bytes = 0
         self._flushing: asyncio.Future[None] | None = None
-        self._committing: asyncio.Future[ObjectInfo] | None = None
+        self._committing: asyncio.Future[Any] | None = None
 
     def _create(self) -> int:
         return os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -171,66 +180,61 @@ class LocalUpload(Upload):
             flushing, self._flushing = self._flushing, None
             await flushing
 
-    def _commit(self, chunks: list[bytes | memoryview], sha256: str, size: int | None) -> tuple[ObjectInfo, str]:
-        """Runs in a worker thread: verifies, writes the header, fsyncs and renames into place.
+    def _mismatch(self, digest: str, sha256: str) -> DataLoss:
+        return DataLoss(
+            f"sha256 mismatch for {self._key!r}: received bytes hash to {digest}, client sent {sha256}; "
+            "nothing was stored, retry the put"
+        )
 
-        Returns the object's info and its folder, whose new entry the caller fsyncs.
-        A file not written yet (all its bytes are in `chunks`) is verified
-        before it is created, and written with its header in one write.
-        """
-        whole = self._fd < 0
-        if whole:
-            for chunk in chunks:
-                self._hash.update(chunk)
-        else:
-            self._flush(chunks)
-        digest = self._hash.hexdigest()
-        if digest != sha256:
-            raise DataLoss(
-                f"sha256 mismatch for {self._key!r}: received bytes hash to {digest}, client sent {sha256}; "
-                "nothing was stored, retry the put"
-            )
+    def _check_size(self, size: int | None) -> None:
         if size is not None and size != self._size:
             raise DataLoss(
                 f"size mismatch for {self._key!r}: received {self._size} bytes, header said {size}; "
                 "nothing was stored, retry the put"
             )
-        header = HEADER.pack(MAGIC, self._hash.digest(), self._size)
+
+    def _commit_big(self, chunks: list[bytes | memoryview], sha256: str, size: int | None) -> ObjectInfo:
+        """Runs in a worker thread: writes the rest, verifies, writes the header, fsyncs and renames into place."""
+        self._flush(chunks)
+        digest = self._hash.hexdigest()
+        if digest != sha256:
+            raise self._mismatch(digest, sha256)
+        self._check_size(size)
         try:
-            if whole:
-                self._fd = self._create()
-                write_all(self._fd, b"".join([header, *chunks]))
-            else:
-                os.pwrite(self._fd, header, 0)
-            generation = time.time_ns()
-            os.utime(self._fd, ns=(generation, generation))
-            os.fsync(self._fd)
+            os.pwrite(self._fd, HEADER.pack(MAGIC, self._hash.digest(), self._size), 0)
+            generation = make_durable(self._fd)
             os.close(self._fd)
             self._fd = -1
-            folder = self._backend.place(self._tmp_path, self._key, self._path)
+            folder = place(self._tmp_path, self._path)
             self._tmp_path = ""  # renamed away: nothing left to discard
-        except OSError as err:
-            raise _disk_error(err, "committing an upload") from err
-        return ObjectInfo(self._key, self._size, digest, generation), folder
-
-    def _commit_alone(self, chunks: list[bytes | memoryview], sha256: str, size: int | None) -> ObjectInfo:
-        info, folder = self._commit(chunks, sha256, size)
-        try:
             fsync_folder(folder)
         except OSError as err:
-            raise _disk_error(err, "committing an upload") from err
-        return info
+            raise _commit_error(err, self._key) from err
+        return ObjectInfo(self._key, self._size, digest, generation)
+
+    async def _commit_small(self, chunks: list[bytes | memoryview], sha256: str, size: int | None) -> ObjectInfo:
+        """Has the commit worker verify, write and commit the file, whose bytes are all in `chunks`."""
+        self._check_size(size)
+        self._committing = self._backend.committer.submit((self._tmp_path, self._path, b"".join(chunks), sha256))
+        # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
+        outcome = await asyncio.shield(self._committing)
+        if outcome[0] == "mismatch":
+            raise self._mismatch(outcome[1], sha256)
+        if outcome[0] == "error":
+            error_number, message = outcome[1:]
+            if error_number is None:
+                raise Unavailable(message)
+            raise _commit_error(OSError(error_number, message), self._key)
+        self._tmp_path = ""  # renamed away: nothing left to discard
+        return ObjectInfo(self._key, self._size, sha256, outcome[1])
 
     async def commit(self, sha256: str, size: int | None = None) -> ObjectInfo:
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
         try:
             await self._drain()
             if self._fd < 0:  # nothing written yet: a small file, committed with others
-                self._committing = self._backend.committer.submit(functools.partial(self._commit, chunks, sha256, size))
-            else:
-                self._committing = asyncio.get_running_loop().run_in_executor(
-                    None, self._commit_alone, chunks, sha256, size
-                )
+                return await self._commit_small(chunks, sha256, size)
+            self._committing = asyncio.get_running_loop().run_in_executor(None, self._commit_big, chunks, sha256, size)
             # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
             return await asyncio.shield(self._committing)
         finally:
@@ -264,12 +268,13 @@ class LocalBackend(Backend):
         self.chunk_size = chunk_size
         self.upload_numbers = itertools.count()  # names of the uploads in tmp/, which starts empty
         self.listings = FolderCache()  # each folder read once while unchanged
-        self.committer: GroupCommitter[ObjectInfo] = GroupCommitter(
-            lambda err: _disk_error(err, "committing an upload")
-        )
+        self.committer = CommitWorker()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         os.makedirs(self.root, exist_ok=True)
         os.makedirs(self.tmp_dir, exist_ok=True)
+
+    async def close(self) -> None:
+        await self.committer.close()
 
     def _path(self, key: str) -> str:
         """The file or folder of `key`; refuses a key that goes through a symlink in the data dir."""
@@ -294,34 +299,10 @@ class LocalBackend(Backend):
                 raise InvalidArgument(f"path {key!r} goes through a symbolic link in the data dir: refused")
         return path, mode
 
-    def place(self, tmp_path: str, key: str, path: str) -> str:
-        """Renames a finished upload to `path`, the file of `key`, creating its folders; returns the folder.
-
-        The caller fsyncs the folder before it acknowledges the put.
-        """
-        folder = os.path.dirname(path)
-        missing = 0
-        while True:
-            try:
-                os.rename(tmp_path, path)
-                return folder
-            except FileNotFoundError:  # its folder does not exist yet, or a concurrent delete just removed it
-                missing += 1
-                if missing == 5:
-                    raise
-            except NotADirectoryError:
-                raise _parent_is_file(key) from None
-            except IsADirectoryError:
-                raise InvalidArgument(f"cannot put {key!r}: it is a folder; put files below it instead") from None
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except (FileExistsError, NotADirectoryError):
-                raise _parent_is_file(key) from None
-
     async def start_upload(self, key: str) -> Upload:
         path, mode = self._lookup(key)
         if mode is not None and stat.S_ISDIR(mode):
-            raise InvalidArgument(f"cannot put {key!r}: it is a folder; put files below it instead")
+            raise _is_folder(key)
         return LocalUpload(self, key, path)
 
     def _open(self, key: str) -> tuple[int, ObjectInfo]:

@@ -1,0 +1,82 @@
+"""The commit worker: the daemon's child process that commits small files.
+
+It is started with the first small put, started again when it dies, and
+stops with the daemon, also on a Ctrl-C that reaches both processes.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import time
+
+from drive_client import Drive
+
+
+def commit_workers(daemon_pid: int) -> list[int]:
+    """The daemon's child processes: its commit worker, once a small file was put."""
+    children: list[int] = []
+    for task in pathlib.Path(f"/proc/{daemon_pid}/task").iterdir():
+        children += [int(pid) for pid in (task / "children").read_text().split()]
+    return children
+
+
+def wait_gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pathlib.Path(f"/proc/{pid}").exists():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def put_small_files(drive: Drive, root: pathlib.Path, names: list[str]) -> dict[str, bytes]:
+    written = {}
+    for name in names:
+        written[name] = os.urandom(3000)
+        (root / name).write_bytes(written[name])
+        drive.put(name)
+    return written
+
+
+def test_a_killed_commit_worker_is_started_again_and_nothing_is_lost(start_daemon, drive_uri, tmp_path):
+    daemon = start_daemon(tmp_path)
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    drive = Drive(drive_uri, root_folder=src, endpoint=daemon.endpoint)
+    stored = put_small_files(drive, src, ["before.bin"])
+    [worker] = commit_workers(daemon.proc.pid)
+
+    os.kill(worker, signal.SIGKILL)
+    assert wait_gone(worker)
+    stored |= put_small_files(drive, src, ["after.bin", "later.bin"])
+
+    [again] = commit_workers(daemon.proc.pid)
+    assert again != worker
+    reader = Drive(drive_uri, root_folder=out, endpoint=daemon.endpoint)
+    for name, data in stored.items():
+        reader.get(name)
+        assert (out / name).read_bytes() == data
+    assert sorted(reader.list(".")) == sorted(stored)
+    assert list((daemon.data_dir / "tmp").iterdir()) == []
+
+
+def test_ctrl_c_stops_the_daemon_and_its_commit_worker_with_every_put_kept(start_daemon, drive_uri, tmp_path):
+    daemon = start_daemon(tmp_path)
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    stored = put_small_files(Drive(drive_uri, root_folder=src, endpoint=daemon.endpoint), src, ["a.bin", "b.bin"])
+    [worker] = commit_workers(daemon.proc.pid)
+
+    for pid in (daemon.proc.pid, worker):  # what a terminal's Ctrl-C does: SIGINT to both
+        os.kill(pid, signal.SIGINT)
+    assert daemon.proc.wait(30) == 0, daemon.log()[-2000:]
+    assert wait_gone(worker), "the commit worker outlived the daemon"
+    assert "Traceback" not in daemon.log(), daemon.log()[-2000:]  # the worker left stopping to the daemon
+
+    again = start_daemon(tmp_path, data_dir=daemon.data_dir)
+    reader = Drive(drive_uri, root_folder=out, endpoint=again.endpoint)
+    for name, data in stored.items():
+        reader.get(name)
+        assert (out / name).read_bytes() == data
