@@ -7,6 +7,7 @@ which commits big uploads, and the commit worker, which commits small ones.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
@@ -43,8 +44,8 @@ def place(tmp_path: str, path: str) -> str:
                 raise
         try:
             os.makedirs(folder, exist_ok=True)
-        except FileExistsError as err:  # a file where a folder has to be
-            raise NotADirectoryError(err.errno, err.strerror, folder) from None
+        except FileExistsError:  # a file where a folder has to be
+            raise NotADirectoryError(errno.ENOTDIR, "a parent folder is a file", folder) from None
 
 
 def make_durable(fd: int) -> int:
