@@ -24,8 +24,9 @@ import pickle
 import signal
 import struct
 import sys
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from .stored import HEADER, MAGIC, fsync_folder, make_durable, place
 
@@ -40,6 +41,8 @@ Job = tuple[str, str, bytes, str]
 # What became of it: ("ok", generation, folder), ("mismatch", sha256 of the bytes) with nothing
 # stored, or ("error", errno, message).
 Outcome = tuple[Any, ...]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _commit(tmp_path: str, path: str, whole: bytes) -> tuple[int, str]:
@@ -85,14 +88,19 @@ def _fsync_folder(folder: str) -> Outcome | None:
     return None
 
 
+def _each(pool: ThreadPoolExecutor, work: Callable[[T], R], items: list[T]) -> Iterable[R]:
+    """`work` of each item: at once in the pool, or right here for one item (no hand-off to a thread)."""
+    return pool.map(work, items) if len(items) > 1 else map(work, items)
+
+
 def commit_batch(jobs: list[Job], pool: ThreadPoolExecutor) -> list[Outcome]:
     """Commits the jobs at once, then fsyncs each folder they went into; a failure fails only its own jobs.
 
     The jobs of a batch go to different paths (`CommitWorker` sees to it), so their order does not matter.
     """
-    outcomes = list(pool.map(_verify_and_commit, jobs))
+    outcomes = list(_each(pool, _verify_and_commit, jobs))
     folders = list({outcome[2] for outcome in outcomes if outcome[0] == "ok"})
-    folder_errors = dict(zip(folders, pool.map(_fsync_folder, folders), strict=True))
+    folder_errors = dict(zip(folders, _each(pool, _fsync_folder, folders), strict=True))
     return [folder_errors.get(outcome[2]) or outcome if outcome[0] == "ok" else outcome for outcome in outcomes]
 
 
