@@ -2,24 +2,27 @@
 
 Checks the order of messages (header, data..., finish, for each file). A
 file's commit (verify, fsync, rename) runs as a task while the stream goes on
-receiving, so a folder of small files is not one fsync after another; at most
-`MAX_COMMITS_IN_FLIGHT` run at once, each holding at most a chunk of buffered
-bytes. The answer waits for every commit.
+receiving, so a folder of small files is not one fsync after another. At most
+`MAX_COMMITS_IN_FLIGHT` run at once, holding at most `MAX_BYTES_IN_FLIGHT` of
+buffered bytes between them (a commit holds at most a chunk). The answer waits
+for every commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 
 from drive_client._pb import drive_pb2 as pb
 from drive_client.errors import InvalidArgument
-from drive_client.wire import PutMessage, chunk_of
+from drive_client.wire import SMALL_FILE, PutMessage, chunk_of
 
 from .entry import Entry
 from .managed import ManagedDrives, PendingPut
 
-MAX_COMMITS_IN_FLIGHT = 16
+MAX_COMMITS_IN_FLIGHT = 64  # the more commits wait together, the more the commit worker does at once
+MAX_BYTES_IN_FLIGHT = 16 << 20
 
 
 class PutStream:
@@ -31,7 +34,9 @@ class PutStream:
         self._pending: PendingPut | None = None
         self._size: int | None = None
         self._commits: list[asyncio.Task[Entry]] = []
-        self._slots = asyncio.Semaphore(MAX_COMMITS_IN_FLIGHT)
+        self._file_start = 0  # the stream's byte count when the current file started
+        self._running = self._held = 0  # commits in flight, and the bytes they hold
+        self._room = asyncio.Event()  # set when a commit ends
         self._failure: BaseException | None = None  # the first commit that failed
         self.bytes = 0
 
@@ -66,21 +71,30 @@ class PutStream:
             raise InvalidArgument(f"a new file arrived before the finish of {self._pending.path!r}")
         self._pending = await self._begin(header)
         self._size = header.size if header.HasField("size") else None
+        self._file_start = self.bytes
 
     async def _finish(self, sha256: str) -> None:
-        """Commits the current file as a task of its own, once one of the slots is free."""
+        """Commits the current file as a task of its own, once there is room for it."""
         if not sha256:
             raise InvalidArgument("a finish needs the sha256 of the file's bytes")
         put, self._pending = self._pending, None
         assert put is not None  # checked by the callers
-        await self._slots.acquire()
+        # What the commit holds: a bigger file than SMALL_FILE is on disk as it arrives, but for its last chunk.
+        held = min(self.bytes - self._file_start, SMALL_FILE)
+        while self._running == MAX_COMMITS_IN_FLIGHT or (self._running and self._held + held > MAX_BYTES_IN_FLIGHT):
+            self._room.clear()
+            await self._room.wait()
+        self._running += 1
+        self._held += held
         task = asyncio.create_task(self._managed.commit_put(put, sha256.lower(), self._size))
-        task.add_done_callback(self._committed)
+        task.add_done_callback(functools.partial(self._committed, held))
         self._commits.append(task)
 
-    def _committed(self, task: asyncio.Task[Entry]) -> None:
-        """Frees the task's slot and keeps the first failure (DataLoss, ALREADY_EXISTS, disk full)."""
-        self._slots.release()
+    def _committed(self, held: int, task: asyncio.Task[Entry]) -> None:
+        """Makes room and keeps the first failure (DataLoss, ALREADY_EXISTS, disk full)."""
+        self._running -= 1
+        self._held -= held
+        self._room.set()
         if self._failure is None and not task.cancelled() and task.exception() is not None:
             self._failure = task.exception()
 

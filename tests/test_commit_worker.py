@@ -80,3 +80,31 @@ def test_ctrl_c_stops_the_daemon_and_its_commit_worker_with_every_put_kept(start
     for name, data in stored.items():
         reader.get(name)
         assert (out / name).read_bytes() == data
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+
+
+def test_a_folder_of_megabyte_files_is_committed_in_bounded_memory(start_daemon, drive_uri, tmp_path):
+    """Commits in flight hold at most MAX_BYTES_IN_FLIGHT between them, whatever the size of the small files."""
+    daemon = start_daemon(tmp_path)
+    src = tmp_path / "src"
+    (src / "shards").mkdir(parents=True)
+    sizes = {f"shards/{i:03d}.bin": (1 << 20) - 100 * i for i in range(96)}  # each sent whole, in one message
+    for name, size in sizes.items():
+        (src / name).write_bytes(os.urandom(size))
+    drive = Drive(drive_uri, root_folder=src, endpoint=daemon.endpoint)
+    put_small_files(drive, src, ["warm.bin"])  # starts the commit worker
+    [worker] = commit_workers(daemon.proc.pid)
+    daemon_before, worker_before = peak_rss_mib(daemon.proc.pid), peak_rss_mib(worker)
+
+    drive.put("shards")
+
+    daemon_growth = peak_rss_mib(daemon.proc.pid) - daemon_before
+    worker_growth = peak_rss_mib(worker) - worker_before
+    print(f"peak RSS grew by {daemon_growth:.0f} MiB in the daemon, {worker_growth:.0f} MiB in the commit worker")
+    assert daemon_growth < 64 and worker_growth < 48, "the commits in flight hold more than MAX_BYTES_IN_FLIGHT"
+    stored = {name: drive.stat(name) for name in sizes}
+    assert {name: info.size for name, info in stored.items()} == sizes

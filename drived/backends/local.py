@@ -212,10 +212,10 @@ class LocalUpload(Upload):
             raise _commit_error(err, self._key) from err
         return ObjectInfo(self._key, self._size, digest, generation)
 
-    async def _commit_small(self, chunks: list[bytes | memoryview], sha256: str, size: int | None) -> ObjectInfo:
-        """Has the commit worker verify, write and commit the file, whose bytes are all in `chunks`."""
+    async def _commit_small(self, data: bytes, sha256: str, size: int | None) -> ObjectInfo:
+        """Has the commit worker verify, write and commit the file, all of whose bytes are `data`."""
         self._check_size(size)
-        self._committing = self._backend.committer.submit((self._tmp_path, self._path, b"".join(chunks), sha256))
+        self._committing = self._backend.committer.submit((self._tmp_path, self._path, data, sha256))
         # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
         outcome = await asyncio.shield(self._committing)
         if outcome[0] == "mismatch":
@@ -229,11 +229,12 @@ class LocalUpload(Upload):
         return ObjectInfo(self._key, self._size, sha256, outcome[1])
 
     async def commit(self, sha256: str, size: int | None = None) -> ObjectInfo:
-        chunks, self._pending, self._pending_bytes = self._pending, [], 0
         try:
             await self._drain()
             if self._fd < 0:  # nothing written yet: a small file, committed with others
-                return await self._commit_small(chunks, sha256, size)
+                data, self._pending, self._pending_bytes = b"".join(self._pending), [], 0
+                return await self._commit_small(data, sha256, size)
+            chunks, self._pending, self._pending_bytes = self._pending, [], 0
             self._committing = asyncio.get_running_loop().run_in_executor(None, self._commit_big, chunks, sha256, size)
             # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
             return await asyncio.shield(self._committing)
