@@ -159,7 +159,8 @@ class MotoServer(_Service):
 
     name = "moto"
 
-    def __init__(self, workdir: Path, timeout: float = 30.0) -> None:
+    def __init__(self, workdir: Path, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
+        """`env` adds to the server's environment (e.g. INITIAL_NO_AUTH_ACTION_COUNT to enforce IAM)."""
         super().__init__(workdir)
         exe = VENV_BIN / "moto_server"
         if not exe.exists():
@@ -168,7 +169,7 @@ class MotoServer(_Service):
                 raise ServiceUnavailable("moto_server is not installed (pip install 'moto[server]')")
             exe = Path(found)
         self.url = f"http://127.0.0.1:{self.port}"
-        self._spawn([str(exe), "-H", "127.0.0.1", "-p", str(self.port)])
+        self._spawn([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], {**os.environ, **env} if env else None)
         self._wait_ready(lambda: urllib.request.urlopen(self.url + "/moto-api/", timeout=1).status < 500, timeout)
 
 

@@ -17,7 +17,6 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,19 +40,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
 )
 
-from drive_client._pb import drive_pb2, drive_pb2_grpc  # noqa: E402, I001
+from bench.services import free_port  # noqa: E402, I001  (a TCP port on 127.0.0.1 nothing listens on)
+from drive_client._pb import drive_pb2, drive_pb2_grpc  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
 # Starting daemons
 # ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclasses.dataclass

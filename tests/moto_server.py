@@ -15,31 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-MOTO_SERVER = Path(sys.executable).parent / "moto_server"
+from bench.services import MotoServer, free_port
 
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def closed_port() -> int:
@@ -49,41 +37,12 @@ def closed_port() -> int:
 
 @contextlib.contextmanager
 def running_moto(timeout: float = 30.0, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Starts `moto_server -H 127.0.0.1 -p PORT`, waits until it answers, yields its URL, kills it.
+    """Starts `moto_server -H 127.0.0.1 -p PORT` (bench.services), yields its URL once it answers, stops it.
 
     `env` adds to the server's environment (e.g. INITIAL_NO_AUTH_ACTION_COUNT to enforce IAM).
     """
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-        )
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"moto_server exited ({proc.returncode}): {log.read()[-2000:]!r}")
-                try:
-                    with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
-                        break
-                except urllib.error.HTTPError:
-                    break  # it answered
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"moto_server did not answer at {url} within {timeout} s") from None
-                    time.sleep(0.1)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with tempfile.TemporaryDirectory() as work, MotoServer(Path(work), timeout, env) as server:
+        yield server.url
 
 
 @contextlib.contextmanager
