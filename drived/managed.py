@@ -237,13 +237,16 @@ class ManagedDrives:
         """Entries under `path` in path order after `start_after`: at most `limit`, and whether more remain.
 
         Each component's names come sorted from the backend; the page starts
-        where bisection finds `start_after`, is merged across components, and
-        only its files are stat'ed (size, sha256). A page of a big folder
-        therefore costs the page, once the backend remembers the folder.
+        where bisection finds `start_after` (a recursive page walks the
+        folders from there on, and stops after `limit`), is merged across
+        components, and only its files are stat'ed (size, sha256). A page of a
+        big folder or tree therefore costs the page, once the backend
+        remembers the folders.
         """
         components = [component] if component else await self.components(drive)
         streams = [
-            _held_by(c, await self._names_after(drive, c, path, recursive, start_after)) for c in components
+            _held_by(c, await self._names_after(drive, c, path, recursive, start_after, limit + 1))
+            for c in components
         ]
         page: list[tuple[str, list[tuple[str, bool]]]] = []  # path, (component, is a folder) in component order
         more = False
@@ -270,19 +273,18 @@ class ManagedDrives:
         return Entry(path=path, size=info.size, mtime_ns=info.generation) if shared else _entry(path, owner, info)
 
     async def _names_after(
-        self, drive: str, component: str, path: str, recursive: bool, start_after: str
+        self, drive: str, component: str, path: str, recursive: bool, start_after: str, limit: int
     ) -> Iterator[tuple[str, bool]]:
         """(path, is a folder) of what one component holds under `path` after `start_after`, in path order.
 
-        The file itself when `path` is one.
+        The file itself when `path` is one. Recursive: at most `limit` of them.
         """
         key = object_key(drive, component, path)
         if recursive:
-            keys = await self.backend.walk(key)  # sorted, each "<component key>/<path>"
             ckey = component_key(drive, component)
-            start = bisect.bisect_right(keys, f"{ckey}/{start_after}")
+            keys = await self.backend.walk(key, f"{ckey}/{start_after}", limit)  # each "<component key>/<path>"
             base = len(ckey) + 1
-            names: Iterator[tuple[str, bool]] = ((k[base:], False) for k in _from(keys, start))
+            names: Iterator[tuple[str, bool]] = ((k[base:], False) for k in keys)
             if keys:
                 return names
         else:

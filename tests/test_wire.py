@@ -70,6 +70,24 @@ def test_list_paging_across_components(stub, drive_uri, recursive):
     assert [e.path for e in one] == ["dir/y.txt"]
 
 
+def test_recursive_list_pages_follow_path_order_through_folders(stub, drive_uri):
+    """Pages of a recursive list are cut by walking folders from the page token on, in path order.
+
+    A folder sorts by its paths ("a/x"), not by its name: "a-b/x" < "a.txt" < "a/x" < "a0".
+    """
+    paths = ["a/x", "a/y/z", "a/y0", "a.txt", "a-b/x", "a0", "b/c/d/e.txt", "b/c.txt", "b/c0/f", "b.d/g", "c"]
+    for path in paths:
+        raw_put(stub, drive_uri, path, path.encode(), component="ca")
+    raw_put(stub, drive_uri, "a/y/w", b"other", component="cb", allow_duplicates=True)
+    expected = sorted([*paths, "a/y/w"])
+    for page_size in (1, 2, 5, 10000):
+        entries, pages = list_all(stub, drive_uri, page_size=page_size, recursive=True)
+        assert [e.path for e in entries] == expected, f"page_size {page_size}"
+        assert pages == -(-len(expected) // page_size)
+    under_b, _ = list_all(stub, drive_uri, path="b", page_size=2, recursive=True)
+    assert [e.path for e in under_b] == ["b/c.txt", "b/c/d/e.txt", "b/c0/f"]
+
+
 @pytest.mark.parametrize("mtime", ["settled", "same tick"])
 def test_list_pages_see_files_put_between_them(daemon, stub, drive_uri, mtime):
     """The daemon remembers a folder's sorted names by its mtime: a page after a put sees the new file.

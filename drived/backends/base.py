@@ -39,6 +39,13 @@ class Listing:
 
     names: tuple[str, ...]  # names of the objects and sub-folders directly under the prefix, sorted
     folders: frozenset[str]  # which of them are sub-folders (holding at least one object)
+    # The names in the order of the keys beneath them, where a sub-folder sorts as its name
+    # followed by "/": "a.txt" before folder "a" (whose keys start "a/") before "a0".
+    key_order: tuple[str, ...]
+
+    def key_of(self, name: str) -> str:
+        """How `name` sorts in `key_order`."""
+        return f"{name}/" if name in self.folders else name
 
 
 class Upload(abc.ABC):
@@ -109,8 +116,10 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def walk(self, prefix: str) -> list[str]:
-        """The key of every object under folder `prefix` at any depth, sorted."""
+    async def walk(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
+        """The keys of the objects under folder `prefix` at any depth, sorted: those after key
+        `start_after`, at most `limit` of them. Costs the keys returned, not all under `prefix`.
+        """
 
     @abc.abstractmethod
     async def delete(self, key: str) -> bool:

@@ -21,7 +21,7 @@ from .base import Listing
 
 SETTLED_NS = 1_000_000_000  # a folder's mtime this old changes with its next change
 MAX_NAMES = 200_000  # names remembered over all folders (some 20 MB); the least recently read go first
-EMPTY = Listing((), frozenset())
+EMPTY = Listing((), frozenset(), ())
 
 
 def scan(folder: str) -> Listing:
@@ -42,7 +42,8 @@ def scan(folder: str) -> Listing:
     except (FileNotFoundError, NotADirectoryError):
         return EMPTY
     names.sort()
-    return Listing(tuple(names), frozenset(folders))
+    key_order = sorted(names, key=lambda name: f"{name}/" if name in folders else name) if folders else names
+    return Listing(tuple(names), frozenset(folders), tuple(key_order))
 
 
 class FolderCache:

@@ -10,6 +10,7 @@ crash and is removed.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import hashlib
@@ -17,6 +18,7 @@ import itertools
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from typing import Any
 
 from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
@@ -361,25 +363,36 @@ class LocalBackend(Backend):
     async def list_folder(self, prefix: str) -> Listing:
         return await asyncio.get_running_loop().run_in_executor(None, self._list, prefix)
 
-    def _walk(self, prefix: str) -> list[str]:
-        """Keys of the files in each folder's listing (see `listings`), depth first, then sorted."""
+    def _walk(self, prefix: str, start_after: str, limit: int | None) -> list[str]:
         base = prefix.rstrip("/")
-        found: list[str] = []
-        folders = [(base, self._path(base))]
-        while folders:
-            key, folder = folders.pop()
-            listing = self.listings.read(folder)
-            for name in listing.names:
-                child = f"{key}/{name}" if key else name
-                if name in listing.folders:
-                    folders.append((child, f"{folder}/{name}"))
-                else:
-                    found.append(child)
-        found.sort()
-        return found
+        return list(itertools.islice(self._keys_after(base, self._path(base), start_after), limit))
 
-    async def walk(self, prefix: str) -> list[str]:
-        return await asyncio.get_running_loop().run_in_executor(None, self._walk, prefix)
+    def _keys_after(self, key: str, folder: str, start_after: str) -> Iterator[str]:
+        """Keys of the files under `key` (the folder `folder`) after `start_after`, in order, one by one.
+
+        Each folder's listing (see `listings`) is entered by bisection, so what
+        comes before `start_after` is neither read nor built.
+        """
+        listing = self.listings.read(folder)
+        prefix = f"{key}/" if key else ""
+        start = 0
+        if start_after.startswith(prefix):
+            rest = start_after[len(prefix):]
+            start = bisect.bisect_right(listing.key_order, rest, key=listing.key_of)
+            if start and rest.startswith(listing.key_of(listing.key_order[start - 1])):
+                start -= 1  # the sub-folder that `start_after` is in
+        elif start_after > prefix:
+            return
+        for position in range(start, len(listing.key_order)):
+            name = listing.key_order[position]
+            child = prefix + name
+            if name in listing.folders:
+                yield from self._keys_after(child, f"{folder}/{name}", start_after)
+            elif child > start_after:
+                yield child
+
+    async def walk(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._walk, prefix, start_after, limit)
 
     def _delete(self, key: str) -> bool:
         path = self._path(key)
