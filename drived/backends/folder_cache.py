@@ -42,8 +42,11 @@ def scan(folder: str) -> Listing:
     except (FileNotFoundError, NotADirectoryError):
         return EMPTY
     names.sort()
-    key_order = sorted(names, key=lambda name: f"{name}/" if name in folders else name) if folders else names
-    return Listing(tuple(names), frozenset(folders), tuple(key_order))
+    in_order = tuple(names)
+    if not folders:  # then the keys beneath sort as the names do
+        return Listing(in_order, frozenset(), in_order)
+    key_order = tuple(sorted(names, key=lambda name: f"{name}/" if name in folders else name))
+    return Listing(in_order, frozenset(folders), key_order)
 
 
 class FolderCache:
