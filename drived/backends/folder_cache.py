@@ -43,10 +43,10 @@ def scan(folder: str) -> Listing:
         return EMPTY
     names.sort()
     in_order = tuple(names)
+    by_name = Listing(in_order, frozenset(folders), in_order)
     if not folders:  # then the keys beneath sort as the names do
-        return Listing(in_order, frozenset(), in_order)
-    key_order = tuple(sorted(names, key=lambda name: f"{name}/" if name in folders else name))
-    return Listing(in_order, frozenset(folders), key_order)
+        return by_name
+    return Listing(by_name.names, by_name.folders, tuple(sorted(names, key=by_name.key_of)))
 
 
 class FolderCache:
