@@ -21,8 +21,7 @@ from .wire import Chunk, GetMessage, chunk_of
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
 MESSAGE_LIMIT = 8 << 20
-# Entries asked for per List call: the daemon's cap. Fewer calls list a big folder faster;
-# a recursive page still costs the daemon a walk of the whole tree.
+# Entries asked for per List call: the daemon's cap. Fewer calls list a big folder faster.
 LIST_PAGE_SIZE = 10_000
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MESSAGE_LIMIT),

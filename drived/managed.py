@@ -8,12 +8,11 @@ components, ambiguity, folders, and gets that wait for a put to commit.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import heapq
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from drive_client.errors import (
     WaitTimeout,
 )
 
-from .backends.base import Backend, Chunks, ObjectInfo, Upload
+from .backends.base import Backend, Chunks, ObjectInfo, Upload, names_from, position_after
 from .entry import Entry
 from .events import EventLog
 from .paths import component_key, object_key, relative_path
@@ -40,18 +39,6 @@ def _entry(path: str, component: str, info: ObjectInfo) -> Entry:
         path=path, size=info.size, sha256=info.sha256, mtime_ns=info.generation,
         component=component, generation=info.generation,
     )
-
-
-def _after(names: Sequence[str], prefix: str, start_after: str) -> int:
-    """Where sorted `names`, each read with `prefix` in front, continue after `start_after`."""
-    if start_after.startswith(prefix):
-        return bisect.bisect_right(names, start_after[len(prefix):])
-    return 0 if start_after < prefix else len(names)
-
-
-def _from(names: Sequence[str], start: int) -> Iterator[str]:
-    """`names[start:]` one at a time, without copying (nor, unlike islice, stepping over) the first `start`."""
-    return map(names.__getitem__, range(start, len(names)))
 
 
 def _held_by(component: str, names: Iterator[tuple[str, bool]]) -> Iterator[tuple[str, str, bool]]:
@@ -290,8 +277,8 @@ class ManagedDrives:
         else:
             listing = await self.backend.list_folder(key)
             prefix = f"{path}/" if path else ""
-            start = _after(listing.names, prefix, start_after)
-            names = ((prefix + n, n in listing.folders) for n in _from(listing.names, start))
+            start = position_after(listing.names, prefix, start_after)
+            names = ((prefix + n, n in listing.folders) for n in names_from(listing.names, start))
             if listing.names:
                 return names
         if path and path > start_after and await self.backend.stat(key):

@@ -10,7 +10,8 @@ may be called concurrently from many tasks. Failures are raised as
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import bisect
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +32,20 @@ class ObjectInfo:
     size: int
     sha256: str  # lowercase hex of the content
     generation: int  # commit time in ns: changes with every commit of the key
+
+
+def position_after(
+    names: Sequence[str], prefix: str, start_after: str, key: Callable[[str], str] | None = None
+) -> int:
+    """Where `names`, sorted by `key` and each read with `prefix` in front, continue after `start_after`."""
+    if start_after.startswith(prefix):
+        return bisect.bisect_right(names, start_after[len(prefix):], key=key)
+    return 0 if start_after < prefix else len(names)
+
+
+def names_from(names: Sequence[str], start: int) -> Iterator[str]:
+    """`names[start:]` one at a time, without copying (nor, unlike islice, stepping over) the first `start`."""
+    return map(names.__getitem__, range(start, len(names)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,6 @@ crash and is removed.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import errno
 import hashlib
@@ -24,7 +23,7 @@ from typing import Any
 from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from drive_client.transfer import write_all
 
-from .base import Backend, Chunks, Listing, ObjectInfo, Upload
+from .base import Backend, Chunks, Listing, ObjectInfo, Upload, names_from, position_after
 from .commit_worker import CommitWorker
 from .folder_cache import FolderCache
 from .stored import HEADER, MAGIC, fsync_folder, make_durable, place
@@ -355,7 +354,7 @@ class LocalBackend(Backend):
 
     async def subfolders(self, prefix: str) -> frozenset[str]:
         # Inline: every put asks for its drive's few component folders, remembered by `listings`.
-        return self.listings.read(self._path(prefix.rstrip("/"))).folders
+        return self._list(prefix).folders
 
     def _list(self, prefix: str) -> Listing:
         return self.listings.read(self._path(prefix.rstrip("/")))
@@ -375,16 +374,10 @@ class LocalBackend(Backend):
         """
         listing = self.listings.read(folder)
         prefix = f"{key}/" if key else ""
-        start = 0
-        if start_after.startswith(prefix):
-            rest = start_after[len(prefix):]
-            start = bisect.bisect_right(listing.key_order, rest, key=listing.key_of)
-            if start and rest.startswith(listing.key_of(listing.key_order[start - 1])):
-                start -= 1  # the sub-folder that `start_after` is in
-        elif start_after > prefix:
-            return
-        for position in range(start, len(listing.key_order)):
-            name = listing.key_order[position]
+        start = position_after(listing.key_order, prefix, start_after, listing.key_of)
+        if start and start_after.startswith(prefix + listing.key_of(listing.key_order[start - 1])):
+            start -= 1  # the sub-folder that `start_after` is in
+        for name in names_from(listing.key_order, start):
             child = prefix + name
             if name in listing.folders:
                 yield from self._keys_after(child, f"{folder}/{name}", start_after)
