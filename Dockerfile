@@ -19,16 +19,16 @@ RUN python3 -m venv /opt/venv
 # than apt so the image needs no Debian mirror and works on any python base.
 RUN /opt/venv/bin/pip install dumb-init==1.2.5.post1
 # Dependencies first, in a layer of their own, so a source change does not
-# download them again (read with tomllib: skipped on Python 3.10, where the
-# `pip install /src` below installs them anyway).
+# download them again: the client's and the daemon extra's (read with tomllib:
+# skipped on Python 3.10, where the `pip install '/src[daemon]'` below installs them anyway).
 COPY pyproject.toml /src/
-RUN /opt/venv/bin/python -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' >/tmp/deps.txt \
+RUN /opt/venv/bin/python -c 'import tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["daemon"]))' >/tmp/deps.txt \
  || : >/tmp/deps.txt; \
     if [ -s /tmp/deps.txt ]; then /opt/venv/bin/pip install -r /tmp/deps.txt; fi
 COPY README.md /src/
 COPY drived /src/drived
 COPY drive_client /src/drive_client
-RUN /opt/venv/bin/pip install /src \
+RUN /opt/venv/bin/pip install '/src[daemon]' \
  && /opt/venv/bin/pip uninstall --yes pip setuptools \
  && /opt/venv/bin/drived --help >/dev/null
 

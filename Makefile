@@ -1,26 +1,36 @@
 # One command each: `make run` serves, `make test` checks. Both install what they need.
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+SUM    := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+DAEMON := $(VENV)/.installed-daemon-$(SUM)
+DEV    := $(VENV)/.installed-dev-$(SUM)
 
-.PHONY: install run test lint proto bench bench-smoke container-test clean
+.PHONY: install run test test-fast lint proto bench bench-smoke container-test clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	rm -f $(VENV)/.installed-*
+
+# The daemon and the client (`pip install 'drived[daemon]'`).
+$(DAEMON): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e '.[daemon]'
 	touch $@
 
-install: $(STAMP)
+# Everything the tests, linters and benchmarks use.
+$(DEV): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(DAEMON) $@
 
-run: $(STAMP)
+install: $(DEV)
+
+run: $(DAEMON)
 	$(VENV)/bin/drived
 
-proto: $(STAMP)
+proto: $(DEV)
 	$(PY) tools/gen_proto.py
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	tools/buf.sh
@@ -28,14 +38,14 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest -q
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(PY) -m bench
 
-bench-smoke: $(STAMP)
+bench-smoke: $(DEV)
 	$(PY) -m bench --smoke --out $(or $(BENCH_OUT),/tmp/drived-bench-smoke)
 
 # Builds the image with podman and checks it from the host (exit 77: podman unavailable, reason printed).
-container-test: $(STAMP)
+container-test: $(DEV)
 	bash tests/container_test.sh
 
 clean:

@@ -18,8 +18,6 @@ from typing import Any
 
 import grpc
 
-from ._pb import drive_pb2 as pb
-from ._pb import drive_pb2_grpc as pb_grpc
 from .common import (
     CHANNEL_OPTIONS,
     DriveBase,
@@ -31,6 +29,8 @@ from .common import (
 )
 from .drive import _mounted, _mounted_lock
 from .errors import from_rpc_error
+from .pb import drive_pb2 as pb
+from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import CHUNK_SIZE, SMALL_FILE, local_files, put_file_request, put_requests, receive_files
 from .uri import normalize_path
 from .wire import GetMessage, PutMessage, fast_stub

@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from ._pb import drive_pb2 as pb
 from .errors import AlreadyExists, InvalidArgument, from_rpc_error
+from .pb import drive_pb2 as pb
 from .uri import DriveId, check_component, normalize_path, parse_drive
 from .wire import Chunk, GetMessage, chunk_of
 

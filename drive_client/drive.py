@@ -16,8 +16,6 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ._pb import drive_pb2 as pb
-from ._pb import drive_pb2_grpc as pb_grpc
 from .common import (
     CHANNEL_OPTIONS,
     DriveBase,
@@ -28,6 +26,8 @@ from .common import (
     reconnect_delay,
 )
 from .errors import from_rpc_error
+from .pb import drive_pb2 as pb
+from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import (
     PARALLEL_MIN_SIZE,
     SMALL_FILE,

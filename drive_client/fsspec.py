@@ -87,10 +87,10 @@ from fsspec.callbacks import DEFAULT_CALLBACK
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from fsspec.utils import isfilelike
 
-from ._pb import drive_pb2 as pb
 from .common import DEFAULT_ENDPOINT, FileStat
 from .drive import Drive
 from .errors import AmbiguousPathError, DataLoss, InvalidArgument, NotFound
+from .pb import drive_pb2 as pb
 from .uri import check_component, normalize_path, parse_drive
 
 __all__ = ["DriveFile", "DriveFileSystem"]

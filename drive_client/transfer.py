@@ -18,8 +18,9 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from ._pb import drive_pb2 as pb
 from .errors import DataLoss, NotFound
+from .files import write_all
+from .pb import drive_pb2 as pb
 from .wire import SMALL_FILE, Chunk, GetMessage, PutMessage, chunk_of
 
 CHUNK_SIZE = 1 << 20
@@ -125,13 +126,6 @@ def put_file_request(header: pb.PutHeader, remote: str, data: bytes) -> pb.PutFi
     request.header.path = remote
     request.header.size = len(data)
     return request
-
-
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """Writes all of `data` to the file descriptor (os.write may take part of it)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 # Temporary names: the process id (read each time: a forked child gets its own), a random

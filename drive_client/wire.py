@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 
-from ._pb import drive_pb2 as pb
-from ._pb import drive_pb2_grpc as pb_grpc
+from .pb import drive_pb2 as pb
+from .pb import drive_pb2_grpc as pb_grpc
 
 DATA_TAG = 0x12  # field 2, wire type 2 (length-delimited), in PutRequest and GetResponse
 SMALL_FILE = 1 << 20  # a file of at most this many bytes travels as one message (PutRequest.file, GetResponse.file)

@@ -12,7 +12,15 @@ import grpc
 
 from drive_client.malloc import keep_transfer_buffers
 
-from . import config, logs, server
+from . import config, logs
+
+try:
+    from . import server
+except ImportError as missing:  # `pip install drived` gives the client only
+    raise SystemExit(
+        f"drived: the daemon's dependencies are not installed ({missing.name} is missing): "
+        "pip install 'drived[daemon]'"
+    ) from None
 
 
 def _serve_parser() -> argparse.ArgumentParser:

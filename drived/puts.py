@@ -14,8 +14,8 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 
-from drive_client._pb import drive_pb2 as pb
 from drive_client.errors import InvalidArgument
+from drive_client.pb import drive_pb2 as pb
 from drive_client.wire import SMALL_FILE, PutMessage, chunk_of
 
 from .entry import Entry

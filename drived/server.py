@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from drive_client._pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2 as pb
 from drive_client.wire import add_fast_servicer
 
 from . import metrics

@@ -19,9 +19,9 @@ from typing import NoReturn
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from drive_client._pb import drive_pb2 as pb
-from drive_client._pb import drive_pb2_grpc as pb_grpc
 from drive_client.errors import DriveError, InvalidArgument, PermissionDenied
+from drive_client.pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2_grpc as pb_grpc
 from drive_client.uri import DriveId, check_component, normalize_path, parse_drive
 from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
 

@@ -41,7 +41,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 from bench.services import free_port  # noqa: E402, I001  (a TCP port on 127.0.0.1 nothing listens on)
-from drive_client._pb import drive_pb2, drive_pb2_grpc  # noqa: E402
+from drive_client.pb import drive_pb2, drive_pb2_grpc  # noqa: E402
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from conftest import BIN, health_status, start_daemon
 
 from drive_client import Drive, Unauthenticated
-from drive_client._pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2 as pb
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,8 @@ from conftest import (
 )
 from grpc_health.v1 import health_pb2
 
-from drive_client._pb import drive_pb2 as pb
-from drive_client._pb import drive_pb2_grpc
+from drive_client.pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2_grpc
 
 pytestmark = pytest.mark.timeout(90)
 

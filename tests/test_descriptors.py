@@ -8,8 +8,8 @@ import time
 import grpc
 from conftest import raw_put
 
-from drive_client._pb import drive_pb2 as pb
-from drive_client._pb import drive_pb2_grpc
+from drive_client.pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2_grpc
 
 
 def open_fds(pid: int) -> int:

@@ -22,7 +22,7 @@ from conftest import (
 )
 
 from drive_client import AmbiguousPathError, Drive, DriveError
-from drive_client._pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
 

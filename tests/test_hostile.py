@@ -14,8 +14,8 @@ import pytest
 from conftest import DaemonHandle, put_messages, raw_get, raw_put, snapshot
 
 from drive_client import Drive, DriveError
-from drive_client._pb import drive_pb2 as pb
-from drive_client._pb import drive_pb2_grpc
+from drive_client.pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)
 

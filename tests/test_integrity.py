@@ -32,8 +32,8 @@ from conftest import (
 )
 
 from drive_client import Drive
-from drive_client._pb import drive_pb2 as pb
-from drive_client._pb import drive_pb2_grpc
+from drive_client.pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -269,7 +269,7 @@ CRASHING_CLIENT = textwrap.dedent(
     """
     import os, sys, threading, grpc
     sys.path.insert(0, {root!r})
-    from drive_client._pb import drive_pb2 as pb, drive_pb2_grpc
+    from drive_client.pb import drive_pb2 as pb, drive_pb2_grpc
     ch = grpc.insecure_channel({endpoint!r})
     stub = drive_pb2_grpc.DriveServiceStub(ch)
     gate = threading.Event()

@@ -1,4 +1,4 @@
-"""The committed stubs in drive_client/_pb match what the pinned generator makes from protos/."""
+"""The committed stubs in drive_client/pb match what the pinned generator makes from protos/."""
 
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ def test_generated_stubs_have_not_drifted():
 
 def test_stubs_import_package_relative():
     """The generated *_pb2_grpc imports its messages from inside drive_client, not `drive.v1`."""
-    text = (ROOT / "drive_client" / "_pb" / "drive_pb2_grpc.py").read_text()
+    text = (ROOT / "drive_client" / "pb" / "drive_pb2_grpc.py").read_text()
     assert "from . import drive_pb2" in text
     assert "from drive.v1 import" not in text
 
 
 def test_stub_messages_match_proto():
-    from drive_client._pb import drive_pb2
+    from drive_client.pb import drive_pb2
 
     service = drive_pb2.DESCRIPTOR.services_by_name["DriveService"]
     methods = {m.name for m in service.methods}

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from drive_client import Drive
-from drive_client._pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2 as pb
 
 
 def put_file(stub, drive: str, path: str, data: bytes, component: str = "", sha256: str | None = None,

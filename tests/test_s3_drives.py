@@ -18,7 +18,7 @@ from conftest import start_daemon
 from moto_server import AWS_ENV, closed_port, running_moto
 
 from drive_client import Drive, StaleIndexError
-from drive_client._pb import drive_pb2
+from drive_client.pb import drive_pb2
 
 BUCKET = "datasets"
 BIG = 32 * 1024 * 1024

@@ -10,7 +10,7 @@ import pytest
 from conftest import free_port, start_daemon
 
 from drive_client import Drive, DriveError
-from drive_client._pb import drive_pb2
+from drive_client.pb import drive_pb2
 
 
 def collect(drive: Drive, count: int, **kwargs) -> tuple[list, threading.Thread, threading.Event]:

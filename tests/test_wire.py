@@ -12,8 +12,8 @@ import pytest
 from conftest import Background, put_messages, raw_get, raw_put, rpc_code, sha256_hex
 
 from drive_client import DataLoss, Drive
-from drive_client._pb import drive_pb2 as pb
-from drive_client._pb import drive_pb2_grpc
+from drive_client.pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""Generate the Python stubs for protos/ into drive_client/_pb/.
+"""Generate the Python stubs for protos/ into drive_client/pb/.
 
 `python tools/gen_proto.py` rewrites the committed stubs; `--check` only
 compares freshly generated stubs with the committed ones and exits 1 when
@@ -18,7 +18,7 @@ from grpc_tools import protoc
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
 PROTO = "drive/v1/drive.proto"
-OUT_DIR = ROOT / "drive_client" / "_pb"
+OUT_DIR = ROOT / "drive_client" / "pb"
 MODULES = ("drive_pb2.py", "drive_pb2.pyi", "drive_pb2_grpc.py", "drive_pb2_grpc.pyi")
 
 

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from drive_client.files import write_all
+
 from .stored import HEADER, MAGIC, fsync_folder, make_durable, place
 
 LENGTH = struct.Struct("<I")  # the length of the pickle that follows
@@ -53,10 +55,7 @@ def _commit(tmp_path: str, path: str, whole: bytes) -> tuple[int, str]:
     """
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        # drive_client.transfer.write_all's loop: importing drive_client would bring grpc (+14 MiB) here.
-        view = memoryview(whole)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, whole)
         generation = make_durable(fd)
     except BaseException:
         os.close(fd)

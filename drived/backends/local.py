@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from drive_client.transfer import write_all
+from drive_client.files import write_all
 
 from .base import Backend, Chunks, Listing, ObjectInfo, Upload, names_from, position_after
 from .commit_worker import CommitWorker
