@@ -369,7 +369,7 @@ def test_raw_mount_of_lit_drive_is_invalid(stub, drive_uri):
     assert rpc_code(lambda: stub.Mount(pb.MountRequest(drive=drive_uri))) == INVALID
 
 
-def test_raw_wait_answered_by_put(stub, drive_uri):
+def test_raw_wait_answered_by_put(stub, drive_uri, daemon):
     """A waiting Get is answered when a put commits (not only at its deadline)."""
     result: dict[str, object] = {}
 
@@ -377,9 +377,10 @@ def test_raw_wait_answered_by_put(stub, drive_uri):
         result["files"] = raw_get(stub, drive_uri, "late.txt", wait_seconds=30)
         result["t"] = time.monotonic()
 
+    waiting = daemon.open_requests("Get")
     t = threading.Thread(target=reader)
     t.start()
-    time.sleep(0.5)
+    daemon.wait_open("Get", waiting + 1)
     raw_put(stub, drive_uri, "late.txt", b"arrived")
     t_put = time.monotonic()
     t.join(20)
