@@ -1,6 +1,6 @@
 """Requests as validated values: every field of a call checked once, before any drive sees it.
 
-Each gRPC request message becomes one frozen value here: the drive URI
+Each gRPC request message becomes one value here: the drive URI
 parsed, the path normalised, the component checked, offsets, limits, page
 sizes, sizes, waits and sha256s refused when they cannot be right, defaults
 filled in. A bad field raises `InvalidArgument` with words for a person. What
@@ -9,6 +9,10 @@ a kind of drive cannot do (a put into an `s3://` drive, a mount of a
 `drived.drives`). What depends on the file found (an offset past its end, a
 range asked of a folder, a changed version) is checked by the methods of
 `GetRequest`, written once for both kinds of drive.
+
+The values are read, never changed. They are not frozen dataclasses because
+a put builds one per file, and a frozen one costs several times as much to
+build.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def file_sha256(sha256: str) -> str:
     return sha256.lower()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PutHeader:
     """Where one file of a put goes (`pb.PutHeader`)."""
 
@@ -57,7 +61,7 @@ class PutHeader:
         return cls(drive, path, component, header.allow_duplicates, size)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GetRequest:
     """Which file or folder to read, and which part of it (`pb.GetRequest`)."""
 
@@ -104,7 +108,7 @@ class GetRequest:
             raise InvalidArgument(f"{self.shown()} is a folder: offset, limit and if_match apply to files only")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ListRequest:
     """One page of a listing (`pb.ListRequest`)."""
 
@@ -126,7 +130,7 @@ class ListRequest:
         return cls(drive, path, component, request.recursive, request.page_token, limit)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PathRequest:
     """A call about one path below a drive's root."""
 
@@ -156,7 +160,7 @@ class DeleteRequest(PathRequest):
         return cls(parse_drive(request.drive), normalize_path(request.path), check_component(request.component))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MountRequest:
     """Which drive to index (`pb.MountRequest`)."""
 
@@ -167,7 +171,7 @@ class MountRequest:
         return cls(parse_drive(request.drive))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WatchRequest:
     """Which changes to stream (`pb.WatchRequest`)."""
 
