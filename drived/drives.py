@@ -3,9 +3,10 @@
 `ManagedDrives` (`lit://`) and `S3Drives` (`s3://`) implement it; the
 `DriveRouter` picks the one of a drive's scheme, so the service never asks
 which kind it has. Every method takes a request `drived.requests` has
-validated: an implementation never checks a URI, path, component or range
-again. What a kind of drive cannot do it refuses itself, with the status the
-API documents for it. Every method may be called concurrently from many
+validated: an implementation never validates a URI, path, component or
+number again, and the checks that need the file found are methods of the
+request. What a kind of drive cannot do it refuses itself, with the status
+the API documents for it. Every method may be called concurrently from many
 tasks; failures are `drive_client.errors` types (their status is the
 answer).
 """
@@ -29,8 +30,10 @@ class PendingPut(Protocol):
     """One file of a put, between its header and its finish.
 
     The caller passes the file's chunks in order to `write`, then calls
-    `commit`, and in any case `abort` at the end (also when a write failed or
-    the call was cancelled; after a commit it does nothing).
+    `commit` (which leaves no temporary data behind, whatever its outcome) or
+    `abort` (when a write failed, the stream ended early or the call was
+    cancelled). `abort` after a commit does nothing, so a caller may always
+    call it at the end.
     """
 
     @property
@@ -67,8 +70,9 @@ class Drives(Protocol):
         """The file at `get.path`, or every file under that folder in path order, each with its chunks.
 
         With `get.wait_seconds`, waits that long for a missing path to be put (WaitTimeout when it does
-        not come). The caller closes each file's chunks. NotFound, AmbiguousPathError, StaleIndexError,
-        InvalidArgument (the range of `get` does not fit the file).
+        not come, Unavailable when the daemon shuts down meanwhile). The caller closes each file's chunks.
+        NotFound, AmbiguousPathError, StaleIndexError, InvalidArgument (the range of `get` does not fit
+        the file).
         """
         ...
 
@@ -93,7 +97,8 @@ class Drives(Protocol):
     async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event]]:
         """Where a watch starts (the sequence after which it reports), and its events from there on,
         filtered by the watch's folder and component; the events never end. InvalidArgument for a kind
-        without a change feed; the events raise EventsGone when the start is no longer kept."""
+        without a change feed; the events raise EventsGone when the start is no longer kept, and
+        Unavailable when the daemon shuts down."""
         ...
 
 
