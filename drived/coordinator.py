@@ -139,6 +139,14 @@ class Coordinator(abc.ABC):
             await self.wait(drive, after, None)
 
     @abc.abstractmethod
+    def check_open(self) -> None:
+        """Raises Unavailable once `close` was called (the daemon is shutting down); costs no I/O.
+
+        A lookup calls it first, so that a get or stat that arrives while the
+        daemon drains is told to retry elsewhere rather than answered NOT_FOUND.
+        """
+
+    @abc.abstractmethod
     async def close(self) -> None:
         """Stops the coordinator (the daemon is shutting down).
 

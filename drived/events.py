@@ -165,5 +165,8 @@ class InProcessCoordinator(Coordinator):
             return
         self.log.check_open()
 
+    def check_open(self) -> None:
+        self.log.check_open()
+
     async def close(self) -> None:
         self.log.close()

@@ -135,6 +135,7 @@ class ManagedDrives:
         self, drive: str, path: str, component: str, wait_seconds: float
     ) -> list[tuple[str, ObjectInfo | None]]:
         """Like `_locate`, but waits up to `wait_seconds` for a put to commit the path."""
+        self.coordinator.check_open()
         owner = f" of component {component!r}" if component else ""
         if wait_seconds <= 0:
             hits = await self._locate(drive, path, component)

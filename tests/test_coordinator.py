@@ -98,7 +98,10 @@ async def test_wait_lasts_its_timeout_when_its_drive_does_not_change(coordinator
 async def test_close_ends_waits_in_progress_and_refuses_new_ones(coordinator: Coordinator) -> None:
     waiting = asyncio.ensure_future(coordinator.wait("d", await coordinator.last("d"), None))
     await asyncio.sleep(0)  # the wait starts
+    coordinator.check_open()
     await coordinator.close()
+    with pytest.raises(Unavailable):
+        coordinator.check_open()
     with pytest.raises(Unavailable):
         await asyncio.wait_for(waiting, 5)
     with pytest.raises(Unavailable):
