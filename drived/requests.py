@@ -88,9 +88,9 @@ class GetRequest:
             request.whole_small_files,
         )
 
-    def shown(self, path: str | None = None) -> str:
-        """How a message names `path` (the requested one by default) in this drive."""
-        return f"{self.path if path is None else path!r} in {self.drive.uri}"
+    def shown(self) -> str:
+        """How a message names the requested path."""
+        return f"{self.path!r} in {self.drive.uri}"
 
     def check_range(self, size: int) -> None:
         """Refuses an offset past the end of the file found (of `size` bytes)."""
