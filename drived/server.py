@@ -18,7 +18,8 @@ from . import metrics
 from .auth import TokenAuth
 from .backends.local import LocalBackend
 from .config import MAX_CHUNK_SIZE, Config
-from .events import EventLog
+from .drives import DriveRouter
+from .events import InProcessCoordinator
 from .managed import ManagedDrives
 from .s3drives import S3Drives
 from .s3index.mounts import S3Mounts
@@ -49,8 +50,8 @@ async def serve(config: Config) -> None:
     )
     backend = LocalBackend(config.data_dir, config.chunk_size)
     mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size)
-    events = EventLog()
-    service = DriveService(ManagedDrives(backend, events), S3Drives(mounts, config.chunk_size))
+    coordinator = InProcessCoordinator()
+    service = DriveService(DriveRouter(ManagedDrives(backend, coordinator), S3Drives(mounts, config.chunk_size)))
     add_fast_servicer(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -74,7 +75,7 @@ async def serve(config: Config) -> None:
     await stop.wait()
     log.info("draining", extra={"fields": {"grace_period_s": config.grace_period}})
     await health_servicer.enter_graceful_shutdown()
-    events.close()  # watches and waiting gets answer UNAVAILABLE now; transfers get the grace period
+    await coordinator.close()  # watches and waiting gets answer UNAVAILABLE now; transfers get the grace period
     await server.stop(config.grace_period)
     await mounts.close()
     await backend.close()
