@@ -159,9 +159,13 @@ class MotoServer(_Service):
 
     name = "moto"
 
-    def __init__(self, workdir: Path, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
-        """`env` adds to the server's environment (e.g. INITIAL_NO_AUTH_ACTION_COUNT to enforce IAM)."""
+    def __init__(
+        self, workdir: Path, timeout: float = 30.0, env: dict[str, str] | None = None, port: int | None = None
+    ) -> None:
+        """`env` adds to the server's environment (e.g. INITIAL_NO_AUTH_ACTION_COUNT to enforce IAM);
+        `port` reuses a port (a store coming back where it was)."""
         super().__init__(workdir)
+        self.port = port or self.port
         exe = VENV_BIN / "moto_server"
         if not exe.exists():
             found = shutil.which("moto_server")

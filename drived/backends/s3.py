@@ -335,18 +335,20 @@ class S3Backend(Backend):
     async def start(self) -> None:
         """Checks the bucket, sweeps uploads left behind, and starts sweeping every `upload_expiry` seconds.
 
-        A missing bucket or refused access ends the start-up (SystemExit with
-        the reason); an unreachable store does not: calls answer UNAVAILABLE
-        until it is back.
+        A missing bucket ends the start-up (SystemExit saying to create it):
+        it is a mistake in the deployment, not a passing state. An unreachable
+        store or refused access does not (credentials may be granted later):
+        calls answer UNAVAILABLE or PERMISSION_DENIED until it is fixed.
         """
         try:
             await self.call("head_bucket")
-        except NotFound as err:
-            raise SystemExit(f"drived: --storage: {err}") from None
+        except NotFound:
+            raise SystemExit(
+                f"drived: --storage: the S3 bucket {self.bucket!r} does not exist at {self.endpoint}: "
+                "create it, or point AWS_ENDPOINT_URL at the store that has it"
+            ) from None
         except DriveError as err:
-            if err.status.name == "PERMISSION_DENIED":
-                raise SystemExit(f"drived: --storage: {err}") from None
-            log.warning("storage unreachable at start-up", extra={"fields": {"error": str(err)}})
+            log.warning("storage not usable at start-up", extra={"fields": {"error": str(err)}})
         self._sweeper = asyncio.create_task(self._sweep_forever())
 
     async def _sweep_forever(self) -> None:
