@@ -124,6 +124,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 record.files = len(entries)
                 return pb.PutResponse(files=[file_info(e) for e in entries])
             except Exception as err:
+                await stream.close()  # before the answer: the files finished before the failure are committed
                 await self._fail(context, record, err)
             finally:
                 await stream.close()
