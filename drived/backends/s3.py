@@ -91,7 +91,7 @@ from .base import (
 log = logging.getLogger("drived")
 
 PART_SIZE = 8 << 20  # bytes per UploadPart; a file up to this size is one PutObject
-PARTS_IN_FLIGHT = 4  # parts of one upload being sent at once
+PARTS_IN_FLIGHT = 8  # parts of one upload being sent at once
 MAX_PARTS_IN_FLIGHT = 8  # over all uploads: bounds the memory they hold (8 × 8 MiB)
 CHECKSUMS = "~checksums"  # the folder of checksum objects, beside the drives
 THREADS = 32  # boto3 calls and body reads
