@@ -73,7 +73,14 @@ from typing import Any
 
 import botocore.exceptions
 
-from drive_client.errors import DriveError, InvalidArgument, NotFound, StaleIndexError, Unavailable
+from drive_client.errors import (
+    DriveError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    StaleIndexError,
+    Unavailable,
+)
 
 from ..s3index.lister import endpoint_of, make_client, map_error
 from .base import (
@@ -93,6 +100,7 @@ log = logging.getLogger("drived")
 PART_SIZE = 8 << 20  # bytes per UploadPart; a file up to this size is one PutObject
 PARTS_IN_FLIGHT = 8  # parts of one upload being sent at once
 MAX_PARTS_IN_FLIGHT = 8  # over all uploads: bounds the memory they hold (8 × 8 MiB)
+MAX_PARTS = 10_000  # S3's limit of parts in one upload
 CHECKSUMS = "~checksums"  # the folder of checksum objects, beside the drives
 THREADS = 32  # boto3 calls and body reads
 PAGE = 1000  # ListObjectsV2 MaxKeys
@@ -188,6 +196,11 @@ class S3Upload(Upload):
         self._hashing = self._backend.run(self._digests.update, data)
 
     async def _send_part(self) -> None:
+        if len(self._parts) == MAX_PARTS:
+            raise ResourceExhausted(
+                f"{self._key!r} is larger than {MAX_PARTS * PART_SIZE >> 30} GiB, the largest file --storage "
+                "keeps (S3 takes 10,000 parts): split it"
+            )
         part, self._buffer = self._buffer, bytearray()
         for sent in self._parts:  # a failed part fails the put now, not at its end
             error = sent.exception() if sent.done() else None
