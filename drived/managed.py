@@ -24,7 +24,7 @@ from drive_client.errors import (
     WaitTimeout,
 )
 
-from .backends.base import Backend, ObjectInfo, Upload, names_from, position_after
+from .backends.base import Backend, ObjectInfo, Upload
 from .coordinator import Coordinator, Event
 from .drives import FileStream
 from .entry import Entry
@@ -255,18 +255,17 @@ class ManagedDrives:
         The file itself when `path` is one. Recursive: at most `limit` of them.
         """
         key = object_key(drive, component, path)
+        ckey = component_key(drive, component)
         if recursive:
-            ckey = component_key(drive, component)
             keys = await self.backend.walk(key, f"{ckey}/{start_after}", limit)  # each "<component key>/<path>"
             base = len(ckey) + 1
             names: Iterator[tuple[str, bool]] = ((k[base:], False) for k in keys)
             if keys:
                 return names
         else:
-            listing = await self.backend.list_folder(key)
+            listing = await self.backend.list_folder(key, f"{ckey}/{start_after}", limit)
             prefix = f"{path}/" if path else ""
-            start = position_after(listing.names, prefix, start_after)
-            names = ((prefix + n, n in listing.folders) for n in names_from(listing.names, start))
+            names = ((prefix + n, n in listing.folders) for n in listing.names)
             if listing.names:
                 return names
         if path and path > start_after and await self.backend.stat(key):
