@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TypeVar, overload
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from drive_client.errors import DriveError
+from drive_client.errors import DriveError, NotFound
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc as pb_grpc
 from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
@@ -253,3 +253,10 @@ class DriveService(pb_grpc.DriveServiceServicer):
         async for event in events:
             record.files += 1
             yield pb.WatchEvent(sequence=event.sequence, kind=WATCH_KINDS[event.kind], file=file_info(event.entry))
+
+    @rpc
+    async def QueryWriteStatus(
+        self, request: pb.QueryWriteStatusRequest, record: RequestLog
+    ) -> pb.QueryWriteStatusResponse:
+        # This daemon keeps no unfinished upload once its stream ends, so there is never one to resume.
+        raise NotFound(f"upload {request.upload_id!r} is not held by this daemon: put the file again from offset 0")
