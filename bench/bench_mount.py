@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.s3_listing_server import BUCKET  # noqa: E402 - after the path set-up above
-from bench.services import S3ListingServer  # noqa: E402
+from bench.services import S3ListingServer, cpu_seconds  # noqa: E402
 
 _RESULT = "BENCH_MOUNT_RESULT "
 
@@ -63,7 +64,13 @@ def _status_mib(field: str) -> float:
     return 0.0
 
 
-def _child(keys_per_level: int, concurrency: int) -> dict[str, Any]:
+def _cpu_self() -> float:
+    """CPU seconds (user + system, every thread) this process has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _child(keys_per_level: int, concurrency: int, responder_pid: int) -> dict[str, Any]:
     """Runs in a fresh process pointed at the endpoint: drived's side of the benchmark."""
     import asyncio
     import statistics
@@ -82,15 +89,18 @@ def _child(keys_per_level: int, concurrency: int) -> dict[str, Any]:
         seconds = time.perf_counter() - t
         return mounts, seconds, objects, await mounts.index(BUCKET, "")
 
-    # The mount first, in this fresh process: its RSS is what a daemon holding the index pays.
+    # The mount first, in this fresh process: its RSS is what a daemon holding the index pays,
+    # and its CPU time (this process's, apart from the responder's) what a daemon spends on it.
+    cpu0, responder0 = _cpu_self(), cpu_seconds(responder_pid)
     mounts, mount_s, objects, index = asyncio.run(mount())
+    mount_cpu, responder_cpu = _cpu_self() - cpu0, cpu_seconds(responder_pid) - responder0
     rss, peak = _status_mib("VmRSS"), _status_mib("VmHWM")
 
     # Then the two phases, measured apart (this second index is dropped).
     client = make_listing_client(concurrency + 4)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_self()
     result = Lister(client, BUCKET, "", concurrency=concurrency).run()
-    list_s = time.perf_counter() - t0
+    list_s, list_cpu = time.perf_counter() - t0, _cpu_self() - cpu0
     t0 = time.perf_counter()
     S3Index.from_runs(result.runs)
     build_s = time.perf_counter() - t0
@@ -117,7 +127,11 @@ def _child(keys_per_level: int, concurrency: int) -> dict[str, Any]:
     return {
         "keys": objects,
         "mount_s": mount_s,
+        "mount_cpu_s": mount_cpu,
+        "mount_cpu_s_per_million": mount_cpu / objects * 1e6 if objects else None,
+        "responder_cpu_s": responder_cpu,
         "list_s": list_s,
+        "list_cpu_s": list_cpu,
         "index_build_s": build_s,
         "requests": requests,
         "concurrency": concurrency,
@@ -168,6 +182,8 @@ def measure(keys_per_level: int = 100, concurrency: int = 16, reference: bool = 
                 str(keys_per_level),
                 "--concurrency",
                 str(concurrency),
+                "--responder-pid",
+                str(server.pid),
             ],
             env=_env(endpoint),
             capture_output=True,
@@ -228,9 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip the boto3 paginator run")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--responder-pid", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        print(_RESULT + json.dumps(_child(a.keys_per_level, a.concurrency)), flush=True)
+        print(_RESULT + json.dumps(_child(a.keys_per_level, a.concurrency, a.responder_pid)), flush=True)
         return
     got = measure(a.keys_per_level, a.concurrency, reference=not a.no_reference)
     print(json.dumps(got, indent=2) if a.json else _table(got))
