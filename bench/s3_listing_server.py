@@ -6,7 +6,8 @@ so it cannot serve a 1M-key listing benchmark. This server answers only
 sorted keys `dIII/dJJJ/fKKK.bin` (keys_per_level ** 3 of them), with
 `prefix`, `delimiter`, `max-keys` (capped at 1000, as S3 does),
 `continuation-token`, `start-after` and `encoding-type=url`, answering the
-same XML S3 does. Every lookup is a bisect into the precomputed sorted key
+same XML S3 does, in chunks (`Transfer-Encoding: chunked`) as S3 often sends
+it. Every lookup is a bisect into the precomputed sorted key
 list, so a page costs O(page + log n): listing is never this server's
 bottleneck.
 
@@ -33,6 +34,7 @@ from xml.sax.saxutils import escape
 
 BUCKET = "bench"
 MAX_KEYS = 1000
+_CHUNK = 64 * 1024  # bytes per chunk of a chunked answer
 _MTIME_BASE = 1_700_000_000  # 2023-11-14T22:13:20Z
 _MASK128 = (1 << 128) - 1
 _PLAIN = re.compile(r"[A-Za-z0-9/._-]*")
@@ -172,10 +174,18 @@ def make_server(host: str, port: int, space: KeySpace) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: object) -> None:  # quiet
             pass
 
-        def _send(self, status: int, body: bytes) -> None:
+        def _send(self, status: int, body: bytes, chunked: bool = False) -> None:
             self.send_response(status)
             self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(body)))
+            if chunked:
+                # As S3 often answers a listing: in chunks, without a Content-Length.
+                self.send_header("Transfer-Encoding", "chunked")
+                body = b"".join(
+                    b"%x\r\n%s\r\n" % (len(piece), piece)
+                    for piece in (body[i : i + _CHUNK] for i in range(0, len(body), _CHUNK))
+                ) + b"0\r\n\r\n"
+            else:
+                self.send_header("Content-Length", str(len(body)))
             self.send_header("x-amz-request-id", "0")
             self.end_headers()
             if self.command != "HEAD":
@@ -188,7 +198,7 @@ def make_server(host: str, port: int, space: KeySpace) -> ThreadingHTTPServer:
             if bucket != BUCKET:
                 self._send(404, _error("NoSuchBucket", "The specified bucket does not exist", bucket))
             elif params.get("list-type") == "2":
-                self._send(200, space.list_v2(params))
+                self._send(200, space.list_v2(params), chunked=True)
             else:
                 self._send(501, _error("NotImplemented", "only ListObjectsV2 is served", self.path))
 
