@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import bisect
 import calendar
-import operator
 import re
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import accumulate, chain, pairwise
+from itertools import accumulate, chain, pairwise, repeat
 from typing import overload
 
 _SLASH = 0x2F
-_LAST = operator.itemgetter(-1)
 STAMP_WIDTH = 24  # len("2024-05-01T12:00:00.000Z")
 EPOCH_STAMP = b"1970-01-01T00:00:00.000Z"
 _SECONDS: dict[bytes, int] = {}  # stamp[:19] -> seconds since the epoch
@@ -79,26 +77,18 @@ class Run:
 
 def make_run(keys: list[bytes], sizes: Iterable[int], stamps: list[bytes], etags: list[bytes]) -> Run:
     """A run from parallel lists (keys sorted, relative to the prefix; stamps canonical)."""
-    lens = array("I", map(len, etags))
-    return run_of(keys, array("q", sizes), b"".join(stamps), b"".join(etags), lens,
-                  lens[0] if lens.count(lens[0]) == len(lens) else 0)
-
-
-def run_of(keys: Sequence[bytes], sizes: array, stamps: bytes, etags: bytes, etag_lens: array,
-           etag_width: int) -> Run:
-    """A run from its columns: the sorted (non-empty) keys, then sizes, stamps and ETags (joined),
-    the ETags' lengths and their common length (0 if they differ)."""
+    etag_lens = array("I", map(len, etags))
     return Run(
         first=keys[0],
         last=keys[-1],
         keys=b"".join(keys),
         key_lens=array("I", map(len, keys)),
-        sizes=sizes,
-        stamps=stamps,
-        etags=etags,
+        sizes=array("q", sizes),
+        stamps=b"".join(stamps),
+        etags=b"".join(etags),
         etag_lens=etag_lens,
-        etag_width=etag_width,
-        markers=bytes(map(_LAST, keys)).count(b"/"),
+        etag_width=etag_lens[0] if etag_lens.count(etag_lens[0]) == len(etag_lens) else 0,
+        markers=sum(map(bytes.endswith, keys, repeat(b"/"))),
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import operator
 import re
 import urllib.parse
 import xml.etree.ElementTree as ET
@@ -23,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .index import STAMP_WIDTH, Run, canonical_stamp, run_of
+from .index import STAMP_WIDTH, Run, canonical_stamp
 
 # One match per <Contents>, as S3, MinIO and moto write it: Key, LastModified, ETag, the
 # checksum elements S3 adds for newer objects (ChecksumAlgorithm, ChecksumType), Size, then
@@ -34,6 +35,7 @@ _ROW = re.compile(
     rb"<Contents><Key>([^<]*)</Key><LastModified>([^<]*)</LastModified><ETag>([^<]*)</ETag>"
     rb"(?:<Checksum[A-Za-z]*>[^<]*</Checksum[A-Za-z]*>)*<Size>([0-9]+)</Size>"
 )
+_LAST = operator.itemgetter(-1)
 _PREFIX = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>")
 _TOKEN = re.compile(rb"<NextContinuationToken>([^<]*)</NextContinuationToken>")
 
@@ -42,11 +44,14 @@ _TOKEN = re.compile(rb"<NextContinuationToken>([^<]*)</NextContinuationToken>")
 class Page:
     """One parsed ListObjectsV2 answer; keys and prefixes relative to the mounted prefix.
 
-    Object i is keys[i]; its size, stamp and ETag are the i-th of the columns
-    beside it, which `run` cuts into index runs.
+    Object i is keys[i]; it and its size, stamp and ETag are also the i-th of
+    the columns beside them, which `run` cuts into index runs.
     """
 
     keys: Sequence[bytes]
+    key_blob: bytes  # the keys, joined
+    key_lens: array  # array('I')
+    lasts: bytes  # each key's last byte (0 for an empty key): b'/' marks a folder marker
     sizes: array  # array('q')
     stamps: bytes  # canonical LastModified stamps, STAMP_WIDTH bytes each
     etags: bytes  # without quotes, joined
@@ -57,12 +62,30 @@ class Page:
 
     def run(self, start: int, stop: int) -> Run:
         """Objects start..stop-1 (at least one) as an index run."""
-        lens, width = self.etag_lens, self.etag_width
-        e0 = start * width if width else sum(lens[:start])
-        e1 = stop * width if width else e0 + sum(lens[start:stop])
-        return run_of(self.keys[start:stop], self.sizes[start:stop],
-                      self.stamps[start * STAMP_WIDTH : stop * STAMP_WIDTH], self.etags[e0:e1], lens[start:stop],
-                      width)
+        klens, elens, width = self.key_lens, self.etag_lens, self.etag_width
+        k0 = sum(klens[:start])
+        k1 = k0 + sum(klens[start:stop])
+        e0 = start * width if width else sum(elens[:start])
+        e1 = stop * width if width else e0 + sum(elens[start:stop])
+        return Run(
+            first=self.keys[start],
+            last=self.keys[stop - 1],
+            keys=self.key_blob[k0:k1],
+            key_lens=klens[start:stop],
+            sizes=self.sizes[start:stop],
+            stamps=self.stamps[start * STAMP_WIDTH : stop * STAMP_WIDTH],
+            etags=self.etags[e0:e1],
+            etag_lens=elens[start:stop],
+            etag_width=width,
+            markers=self.lasts[start:stop].count(b"/"),
+        )
+
+
+def _lasts(keys: Sequence[bytes]) -> bytes:
+    """Each key's last byte; keys are sorted and distinct, so only the first can be empty."""
+    if keys and not keys[0]:
+        return b"\0" + bytes(map(_LAST, keys[1:]))
+    return bytes(map(_LAST, keys))
 
 
 def parse_page(body: bytes, plen: int) -> Page:
@@ -79,8 +102,12 @@ def parse_page(body: bytes, plen: int) -> Page:
         match = _TOKEN.search(rest)
         token = html.unescape(match.group(1).decode()) if match else None
     etags, etag_lens, etag_width = _etag_column(parts[3::5])
+    keys = _decode_all(parts[1::5], url, plen)
     return Page(
-        keys=_decode_all(parts[1::5], url, plen),
+        keys=keys,
+        key_blob=b"".join(keys),
+        key_lens=array("I", map(len, keys)),
+        lasts=_lasts(keys),
         sizes=_sizes(parts[4::5]),
         stamps=_stamp_column(parts[2::5]),
         etags=etags,
@@ -95,7 +122,8 @@ def page_from_lists(keys: Sequence[bytes], sizes: Iterable[int], stamps: list[by
                     prefixes: list[bytes], token: str | None) -> Page:
     """A page from per-object lists (stamps canonical, ETags without quotes)."""
     lens = array("I", map(len, etags))
-    return Page(keys, array("q", sizes), b"".join(stamps), b"".join(etags), lens, _width(lens), prefixes, token)
+    return Page(keys, b"".join(keys), array("I", map(len, keys)), _lasts(keys), array("q", sizes), b"".join(stamps),
+                b"".join(etags), lens, _width(lens), prefixes, token)
 
 
 def page_from_parsed(answer: dict[str, Any], plen: int) -> Page:
@@ -197,3 +225,4 @@ def _parse_page_etree(body: bytes, plen: int, url: bool) -> Page:
         (text(root, "NextContinuationToken") or None) if text(root, "IsTruncated").strip().lower() == "true"
         else None,
     )
+
