@@ -209,7 +209,7 @@ def measure(keys_per_level: int = 100, concurrency: int = 16, reference: bool = 
     ) as server:
         endpoint = server.url
         children = [_run_child(endpoint, keys_per_level, concurrency, server.pid) for _ in range(max(1, runs))]
-        got = children[-1]
+        got = dict(children[-1])
         for key in _PER_RUN:
             got[key] = statistics.median(c[key] for c in children)
             got[key + "_runs"] = [round(c[key], 3) for c in children]

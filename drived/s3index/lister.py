@@ -1,15 +1,14 @@
 """Parallel, paginated ListObjectsV2 of one `s3://bucket/prefix/`, parsed fast.
 
 boto3 stays in charge of what it is good at: credentials, endpoint
-configuration (`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`), request signing
-and retries. What it is slow at is the rest of a call: ~50 ms of CPU to parse
-a 1000-key page, ~2 ms of hooks and request plumbing. So a page is fetched
-with a plain urllib3 GET of a URL boto3 presigned (SigV4), and its XML is
-read with a few C-level regex scans (~1 ms a page; ElementTree for any page
-whose shape is unexpected). Any failure of that direct GET falls back to the
-ordinary boto3 call, which retries with its configured policy and raises its
-typed errors; on that client a `before-parse` hook hands the raw XML back
-(`RawBody`) so botocore never parses a listing page itself.
+configuration (`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`), retries and
+typed errors. What it is slow at is the rest of a call: ~50 ms of CPU to
+parse a 1000-key page, ~2 ms of hooks and request plumbing. So a page is
+fetched with a GET signed here over a plain keep-alive connection (`direct`)
+and read into columns by `pages` (~1 ms a page). Any failure of that direct
+GET falls back to the ordinary boto3 call, which retries with its configured
+policy and raises its typed errors; on that client a `before-parse` hook hands
+the raw XML back (`RawBody`) so botocore never parses a listing page itself.
 
 Listing runs partitions of the key space concurrently on `concurrency`
 threads (boto3 clients are thread-safe). A partition starts as a flat
