@@ -39,7 +39,6 @@ from typing import Any
 import boto3
 import botocore.exceptions
 import botocore.handlers
-import botocore.httpsession
 from botocore.config import Config
 
 from drive_client.errors import DriveError, NotFound, PermissionDenied, StaleIndexError, Unavailable

@@ -5,10 +5,10 @@ every <Contents> element's Key, LastModified, ETag and Size in a single
 C-level scan; everything after that works on whole columns: the keys need
 decoding only when the page holds a '%', '+' or '&', the stamps are used as
 they are when their joined bytes have the canonical shape, the ETags lose
-their quotes in one `replace`, and the sizes are read by one JSON parse.
-There is no per-key Python work beyond what `findall` and `zip` create.
-A page of any other shape (elements missing or in another order) is read
-with ElementTree instead: slower, and exact.
+their quotes in one `translate`, and the sizes are read by one JSON parse.
+There is no per-key Python work beyond the field objects the scan creates.
+A page of any other shape (elements missing, in another order, or apart) is
+read with ElementTree instead: slower, and exact.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .index import STAMP_WIDTH, Run, canonical_stamp
 # checksum elements S3 adds for newer objects (ChecksumAlgorithm, ChecksumType), Size, then
 # what the index does not keep (Owner, StorageClass, RestoreStatus). Spelled out, with no
 # whitespace between elements: a generic "any element" or `\s*` between them makes the scan
-# ~40 % slower, and a page written another way is read by ElementTree.
+# up to 40 % slower, and a page written another way is read by ElementTree.
 _ROW = re.compile(
     rb"<Contents><Key>([^<]*)</Key><LastModified>([^<]*)</LastModified><ETag>([^<]*)</ETag>"
     rb"(?:<Checksum[A-Za-z]*>[^<]*</Checksum[A-Za-z]*>)*<Size>([0-9]+)</Size>"
@@ -38,6 +38,8 @@ _ROW = re.compile(
 _LAST = operator.itemgetter(-1)
 _PREFIX = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>")
 _TOKEN = re.compile(rb"<NextContinuationToken>([^<]*)</NextContinuationToken>")
+_TRUNCATED = re.compile(rb"<IsTruncated>\s*true\s*</IsTruncated>")
+_URL = re.compile(rb"<EncodingType>\s*url\s*</EncodingType>")
 
 
 @dataclass(slots=True)
@@ -95,10 +97,10 @@ def parse_page(body: bytes, plen: int) -> Page:
     parts = _ROW.split(body)
     rest = b"".join(parts[::5])  # everything outside the rows: the head, the tails of rows
     if b"<Contents>" in rest:  # a row of another shape
-        return _parse_page_etree(body, plen, b"<EncodingType>url</EncodingType>" in body)
-    url = b"<EncodingType>url</EncodingType>" in rest
+        return _parse_page_etree(body, plen, _URL.search(body) is not None)
+    url = _URL.search(rest) is not None
     token = None
-    if b"<IsTruncated>true</IsTruncated>" in rest:
+    if _TRUNCATED.search(rest):
         match = _TOKEN.search(rest)
         token = html.unescape(match.group(1).decode()) if match else None
     etags, etag_lens, etag_width = _etag_column(parts[3::5])
