@@ -84,7 +84,7 @@ class DriveBase:
         endpoint: str | None = None,
         token: str | None = None,
     ) -> None:
-        self.read_only = parse_drive(id).read_only
+        self._read_only = parse_drive(id).read_only  # an s3:// drive
         self.id = id
         self.allow_duplicates = allow_duplicates
         self.component_name = check_component(component_name or os.environ.get("DRIVE_COMPONENT"))

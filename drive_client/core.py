@@ -54,7 +54,7 @@ class MountRegistry:
     @staticmethod
     def _key(drive: DriveBase) -> tuple[int, str, str] | None:
         # The process id is part of the key: a forked child has mounted nothing on its own.
-        return (os.getpid(), drive.endpoint, drive.id) if drive.read_only else None
+        return (os.getpid(), drive.endpoint, drive.id) if drive._read_only else None
 
     def needs_mount(self, drive: DriveBase) -> bool:
         key = self._key(drive)

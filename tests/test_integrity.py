@@ -4,6 +4,7 @@ nothing visible and no temporary data."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import resource
@@ -11,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import grpc
 import pytest
@@ -199,6 +199,16 @@ def test_concurrent_puts_of_one_path_one_wins(daemon, tmp_path, drive_uri):
     assert file_sha256(got) == st.sha256
 
 
+def bytes_under(root: pathlib.Path) -> int:
+    """The bytes of all files under `root` (an upload in progress grows it as its chunks arrive)."""
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with contextlib.suppress(FileNotFoundError):  # renamed or removed while walking
+                total += os.path.getsize(os.path.join(dirpath, name))
+    return total
+
+
 def assert_data_dir_returns_to(handle, before: dict[str, str], what: str) -> None:
     ok = wait_until(lambda: snapshot(handle.data_dir) == before, timeout=5)
     after = snapshot(handle.data_dir)
@@ -224,9 +234,10 @@ def test_cancelled_upload_leaves_nothing(own_daemon, drive_uri):
         s = drive_pb2_grpc.DriveServiceStub(ch)
         raw_put(s, "lit://warmup", "w.txt", b"w")  # a stable baseline that includes any lazily made dirs
         before = snapshot(handle.data_dir)
+        held = bytes_under(handle.data_dir)
         fut = s.Put.future(requests(), timeout=60)
         assert sent.wait(10)
-        time.sleep(0.7)  # let the chunks reach the daemon
+        assert wait_until(lambda: bytes_under(handle.data_dir) >= held + 3 * MIB, timeout=10), "chunks never arrived"
         during = snapshot(handle.data_dir)
         fut.cancel()
         gate.set()
@@ -292,12 +303,13 @@ def test_crashed_client_upload_leaves_nothing(own_daemon, drive_uri):
         s = drive_pb2_grpc.DriveServiceStub(ch)
         raw_put(s, "lit://warmup", "w.txt", b"w")
         before = snapshot(own_daemon.data_dir)
+        held = bytes_under(own_daemon.data_dir)
         script = CRASHING_CLIENT.format(root=str(ROOT), endpoint=own_daemon.endpoint, drive=drive_uri)
         proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 text=True)
         try:
             assert proc.stdout.readline().strip() == "sent"
-            time.sleep(0.7)
+            assert wait_until(lambda: bytes_under(own_daemon.data_dir) >= held + 4 * MIB, timeout=10)
             proc.stdin.write("go\n")
             proc.stdin.flush()
             assert proc.wait(20) == 3
