@@ -423,6 +423,7 @@ def task_folder(
             d.put(folder)
             dt = time.perf_counter() - t0
         else:
+            dst.mkdir(parents=True, exist_ok=True)
             d = _drive(endpoint, str(dst))
             _drive_warm(d)
             _rm(dst / folder)

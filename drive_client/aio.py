@@ -99,7 +99,7 @@ class _AioCalls:
                 while batch := await asyncio.to_thread(_next_batch, messages):
                     for message in batch:
                         yield message
-            except BaseException as err:  # gRPC would hide it behind CANCELLED
+            except Exception as err:  # reading a local file failed: gRPC would hide it behind CANCELLED
                 failure.append(err)
                 raise
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import errno
 import multiprocessing
 import os
 import pathlib
@@ -628,3 +629,15 @@ def test_read_range(make, tmp_path, drive_uri):
         list(d.read_range("r.bin", 0, 5, if_match="0" * 64))
     with pytest.raises(ValueError):
         list(d.read_range("r.bin", -1))
+
+
+def test_a_local_read_failure_in_a_put_stream_is_raised_as_itself(make, tmp_path, drive_uri):
+    """gRPC would report a request stream that failed locally as CANCELLED; the put raises the OSError."""
+    write(tmp_path / "folder" / "a.bin", os.urandom(2 * 1024 * 1024))  # more than a message: a Put stream
+    (tmp_path / "folder" / "b.bin").symlink_to("/proc/self/mem")  # a file whose read fails (EIO at offset 0)
+    d = make(drive_uri, tmp_path)
+    with pytest.raises(OSError) as failed:
+        d.put("folder")
+    assert not isinstance(failed.value, DriveError) and failed.value.errno == errno.EIO
+    assert d.list(".", component_name=d.component_name) in ([], ["folder"])  # a.bin may have committed first
+    assert [e.path for e in d.entries("folder")] in ([], ["folder/a.bin"])
