@@ -5,7 +5,7 @@ SUM    := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DAEMON := $(VENV)/.installed-daemon-$(SUM)
 DEV    := $(VENV)/.installed-dev-$(SUM)
 
-.PHONY: install run test test-fast lint proto bench bench-smoke container-test clean
+.PHONY: install run test test-fast test-bench lint proto bench bench-smoke container-test clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -35,8 +35,17 @@ lint: $(DEV)
 	$(VENV)/bin/mypy
 	tools/buf.sh
 
+# Everything but the benchmark harness (markers in pyproject.toml: unit, integration, slow, bench).
 test: lint
 	$(VENV)/bin/pytest -q
+
+# The edit loop: unit tests only (no daemon, no other server), in seconds.
+test-fast: $(DEV)
+	$(VENV)/bin/pytest -q -m unit
+
+# The benchmark harness end to end with tiny sizes: every figure reported, none asserted (.ci/run runs it).
+test-bench: $(DEV)
+	$(VENV)/bin/pytest -q -m bench
 
 bench: $(DEV)
 	$(PY) -m bench

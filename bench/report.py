@@ -67,6 +67,10 @@ def figure_units() -> dict[str, str]:
         units[f"mem.{who}.peak_mib"] = "MiB"
         units[f"mem.{who}.peak_mib_quarter"] = "MiB"
     units["mem.daemon.baseline_mib"] = "MiB"
+    for system in ("drive", "boto3"):
+        for op in ("put", "get"):
+            units[f"storage.{system}.{op}"] = "MB/s"
+    units["storage.daemon.peak_mib"] = "MiB"
     units.update(INDEX_KEYS)
     return units
 
@@ -210,6 +214,14 @@ def checks(size_label: str, folder_files: int = 1000) -> list[Check]:
             "≤ +16 MiB (not growing)",
             "growth",
         ),
+        Check(
+            "put through --storage", "storage.drive.put", ("storage.boto3.put",), 1.0, "≥ 1.0 × boto3 upload_file"
+        ),
+        Check(
+            "get through --storage", "storage.drive.get", ("storage.boto3.get",), 1.0,
+            "≥ 1.0 × boto3 download_file",
+        ),
+        Check("peak RSS daemon, --storage", "storage.daemon.peak_mib", (), 200.0, "< 200 MiB", "below"),
         Check("mount 1M keys", "index.mount_s", (), 5.0, "≤ 5 s", "below"),
         Check(
             "boto3 paginator time ÷ mount time",
@@ -417,6 +429,23 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"{_fmt(figs[f'mem.{who}.peak_mib']['value'], 'MiB')} |"
         )
     lines.append(f"| daemon after start-up | {_fmt(figs['mem.daemon.baseline_mib']['value'], 'MiB')} | |")
+    lines += [
+        "",
+        f"## Managed drives in S3 (`--storage`, moto_server; {p.get('storage_size_label', '?')} file, "
+        f"memory moving {p['mem_size_label']})",
+        "",
+        "| system | put | get |",
+        "|---|---:|---:|",
+    ]
+    for sys_, label in (
+        ("drive", "Drive → drived --storage → moto_server"),
+        ("boto3", "boto3 upload_file / download_file → moto_server"),
+    ):
+        lines.append(
+            f"| {label} | {_fmt(figs[f'storage.{sys_}.put']['value'], 'MB/s')} | "
+            f"{_fmt(figs[f'storage.{sys_}.get']['value'], 'MB/s')} |"
+        )
+    lines.append(f"| daemon peak RSS | {_fmt(figs['storage.daemon.peak_mib']['value'], 'MiB')} | |")
     lines += ["", "## s3:// index", "", "| figure | value |", "|---|---:|"]
     for k, unit in INDEX_KEYS.items():
         lines.append(f"| {k} | {_fmt(figs[k]['value'], unit)} |")

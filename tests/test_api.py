@@ -15,7 +15,7 @@ import time
 
 import grpc
 import pytest
-from conftest import Background, free_port, open_requests, sha256_hex, wait_until
+from conftest import Background, sha256_hex
 
 from drive_client import AmbiguousPathError, Drive, DriveError, FileStat, StaleIndexError
 
@@ -282,8 +282,7 @@ def test_get_returns_local_path(make, tmp_path, drive_uri):
 
 @pytest.mark.timeout(90)
 def test_get_waits_for_put_from_another_process(twin, start_daemon, tmp_path, drive_uri):
-    metrics = f"127.0.0.1:{free_port()}"
-    handle = start_daemon(tmp_path, "--metrics-listen", metrics)  # its metrics tell when the get is waiting
+    handle = start_daemon(tmp_path)  # alone on it, the get is the one Get its metrics count
     src = tmp_path / "src"
     write(src / "late.txt", "worth the wait")
     dst = tmp_path / "dst"
@@ -293,7 +292,7 @@ def test_get_waits_for_put_from_another_process(twin, start_daemon, tmp_path, dr
         reader.stat("late.txt")
     waiting = Background(lambda: reader.get("late.txt", timeout=60))
     waiting.start()
-    assert wait_until(lambda: open_requests(metrics, "Get") == 1, timeout=30), "the get never started waiting"
+    handle.wait_open("Get", 1, timeout=30)
     assert not (dst / "late.txt").exists()
     proc = multiprocessing.get_context("spawn").Process(
         target=put_from_another_process, args=(drive_uri, handle.endpoint, str(src), "late.txt")

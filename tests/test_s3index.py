@@ -27,6 +27,8 @@ from drived.s3index import S3Entry, S3Index, S3Mounts, read_object, reader
 from drived.s3index.index import make_run
 from drived.s3index.lister import Lister, build_index, make_client, make_listing_client, map_error
 
+pytestmark = pytest.mark.integration  # starts moto_server endpoints of its own
+
 BUCKET = "drv-index-test"
 PREFIX = "data/"
 MANY = 2600
@@ -180,6 +182,7 @@ async def test_keys_outside_the_prefix_are_invisible(bucket: str, mounts: S3Moun
     assert whole.stat("data") is not None and not whole.stat("data").folder  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 async def test_prefix_needing_encoding_and_the_boto3_path(bucket: str) -> None:
     for prefix, files in ((PREFIX + "unicodé/", ["naïve 文件.txt"]), (PREFIX + "with space/", ["a b.txt"]),
                           (PREFIX + "odd/", ["100% sure?.txt", "a+b%20c&d=e.txt"])):
@@ -385,6 +388,7 @@ async def test_reads_during_reindex_use_the_previous_index(slow_bucket: str) -> 
         await m.close()
 
 
+@pytest.mark.slow
 async def test_flat_folders_are_split_by_key_range(moto_env: str) -> None:  # noqa: F811
     """A folder of files only has no sub-folders to fan out on: it is split by guessed key ranges."""
     rng = random.Random(3)

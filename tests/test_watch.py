@@ -11,6 +11,8 @@ from conftest import current_sequence, free_port, start_daemon
 from drive_client import Drive, DriveError, EventsExpired
 from drive_client.pb import drive_pb2
 
+pytestmark = pytest.mark.integration  # starts daemons of its own
+
 
 def collect(stub, drive_uri: str, count: int, **request) -> tuple[list, threading.Thread, threading.Event]:
     """Starts a thread gathering `count` events of a raw Watch(**request); `ready` is set once it is watching."""
