@@ -364,24 +364,13 @@ class Harness:
             )
         if self.drived:
             ep = self.drived.endpoint
-            rec(
-                "large.drive.put",
-                measure(
-                    "large.drive.put",
-                    "Drive.put large",
-                    {"task": "drive_put", "endpoint": ep, "root": str(self.src), "relpath": "large.bin"},
-                    profile="large-put",
-                ),
-            )
-            rec(
-                "large.drive.get",
-                measure(
-                    "large.drive.get",
-                    "Drive.get large",
-                    {"task": "drive_get", "endpoint": ep, "root": str(self.dst), "relpath": "large.bin"},
-                    profile="large-get",
-                ),
-            )
+            for system, twin in (("drive", "Drive"), ("async_drive", "AsyncDrive")):
+                for op, root in (("put", self.src), ("get", self.dst)):
+                    key = f"large.{system}.{op}"
+                    spec = {"task": f"drive_{op}", "endpoint": ep, "root": str(root), "relpath": "large.bin",
+                            "twin": twin}
+                    profile = f"large-{op}" if twin == "Drive" else None
+                    rec(key, measure(key, f"{twin}.{op} large", spec, profile=profile))
 
     def run_small(self, run: int) -> None:
         a = self.a

@@ -52,6 +52,8 @@ def figure_units() -> dict[str, str]:
         "nginx.get",
         "drive.put",
         "drive.get",
+        "async_drive.put",
+        "async_drive.get",
     ):
         units[f"large.{k}"] = "MB/s"
     for sys_ in SMALL_SYSTEMS:
@@ -381,6 +383,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         ("boto3 upload_file/download_file → moto_server", "large.boto3_moto.put", "large.boto3_moto.get"),
         ("requests PUT/GET → nginx", "large.nginx.put", "large.nginx.get"),
         ("**drive_client.Drive → drived**", "large.drive.put", "large.drive.get"),
+        ("drive_client.AsyncDrive → drived", "large.async_drive.put", "large.async_drive.get"),
     ):
         lines.append(
             f"| {name} | {_fmt(figs[up]['value'], 'MB/s')} | {_fmt(figs[down]['value'], 'MB/s') if down else '—'} |"
