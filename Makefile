@@ -4,8 +4,9 @@ PY     := $(VENV)/bin/python
 SUM    := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DAEMON := $(VENV)/.installed-daemon-$(SUM)
 DEV    := $(VENV)/.installed-dev-$(SUM)
+ML     := $(VENV)/.installed-ml-$(SUM)
 
-.PHONY: install run test test-fast lint proto bench bench-smoke container-test clean
+.PHONY: install install-ml run test test-ml lint proto bench bench-smoke container-test clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -24,6 +25,15 @@ $(DEV): pyproject.toml | $(VENV)/bin/python
 
 install: $(DEV)
 
+# torch, Lightning and pyarrow for the `ml` tests and the DataLoader benchmark. torch first, pinned:
+# pip takes the CPU wheel this machine holds; left to resolve torch itself, it downloads a CUDA build.
+$(ML): $(DEV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,ml]'
+	touch $@
+
+install-ml: $(ML)
+
 run: $(DAEMON)
 	$(VENV)/bin/drived
 
@@ -35,8 +45,13 @@ lint: $(DEV)
 	$(VENV)/bin/mypy
 	tools/buf.sh
 
+# Runs the `ml` tests too when torch, Lightning and pyarrow are installed (`make install-ml`);
+# otherwise the summary says they were skipped and why.
 test: lint
 	$(VENV)/bin/pytest -q
+
+test-ml: $(ML)
+	$(VENV)/bin/pytest -q -m ml
 
 bench: $(DEV)
 	$(PY) -m bench

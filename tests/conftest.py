@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import os
 import pathlib
 import re
@@ -42,6 +43,20 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 from bench.services import free_port  # noqa: E402, I001  (a TCP port on 127.0.0.1 nothing listens on)
 from drive_client.pb import drive_pb2, drive_pb2_grpc  # noqa: E402
+
+
+# ---------------------------------------------------------------------------
+# The `ml` tests: run when their packages are installed, skipped with one plain reason when not
+# ---------------------------------------------------------------------------
+
+ML_MISSING = [name for name in ("torch", "lightning", "pyarrow") if importlib.util.find_spec(name) is None]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Skipped here, at one place, the summary gives all of them one line.
+    if ML_MISSING and item.get_closest_marker("ml"):
+        pytest.skip(f"ml packages not installed ({', '.join(ML_MISSING)}): run `make test-ml`, "
+                    "or pip install torch==2.13.0 and then '.[ml]'")
 
 
 # ---------------------------------------------------------------------------
