@@ -53,10 +53,11 @@ test: lint
 test-ml: $(ML)
 	$(VENV)/bin/pytest -q -m ml
 
-bench: $(DEV)
+# The DataLoader figures need torch: both install the ml extra.
+bench: $(ML)
 	$(PY) -m bench
 
-bench-smoke: $(DEV)
+bench-smoke: $(ML)
 	$(PY) -m bench --smoke --out $(or $(BENCH_OUT),/tmp/drived-bench-smoke)
 
 # Builds the image with podman and checks it from the host (exit 77: podman unavailable, reason printed).

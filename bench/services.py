@@ -41,6 +41,12 @@ def rss_mib(pid: int) -> float | None:
     return _status_field_mib(pid, "VmRSS")
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Sets VmHWM back to the current VmRSS (Linux ≥ 4.0), to measure the peak of what follows."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _status_field_mib(pid: int, field: str) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -140,14 +146,15 @@ class Drived(_Service):
 
     name = "drived"
 
-    def __init__(self, workdir: Path, timeout: float = 30.0) -> None:
+    def __init__(self, workdir: Path, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
+        """`env` adds to the daemon's environment (e.g. AWS_ENDPOINT_URL for its s3:// drives)."""
         super().__init__(workdir)
         exe = VENV_BIN / "drived"
         # Not pip-installed yet (no `make install`): run the package from the checkout.
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "drived"]
         self.data_dir = self.dir / "data"
         self.endpoint = f"127.0.0.1:{self.port}"
-        env = _bench_env()
+        env = {**_bench_env(), **(env or {})}
         for k in ("DRIVED_LISTEN", "DRIVED_DATA_DIR", "DRIVED_STORAGE"):
             env.pop(k, None)
         self._spawn([*cmd, "--listen", self.endpoint, "--data-dir", str(self.data_dir)], env)
