@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import MIB, DaemonHandle, free_port, start_daemon
 from test_metrics import scrape
-from test_readme import as_files
+from test_readme import as_files, run_python
 
 from bench.services import peak_rss_mib, reset_peak_rss, rss_mib
 from drive_client import Drive
@@ -57,13 +56,7 @@ def metered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metered]:
     handle.stop()
 
 
-def run_python(args: list[str], endpoint: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DRIVE_ENDPOINT": endpoint}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def last_json(run: subprocess.CompletedProcess[str]) -> dict:
-    assert run.returncode == 0, f"exit {run.returncode}:\n{run.stdout}\n{run.stderr[-6000:]}"
     return json.loads(run.stdout.splitlines()[-1])
 
 
@@ -112,8 +105,8 @@ def round_trip(metered: Metered, tmp_path: Path, count: int, mib: int) -> tuple[
     pid = metered.daemon.proc.pid
     before = rss_mib(pid)
     reset_peak_rss(pid)
-    report = last_json(run_python(["-c", STATE_DICT_ROUND_TRIP, uri, str(count), str(mib)], metered.endpoint,
-                                  tmp_path))
+    report = last_json(run_python(["-c", STATE_DICT_ROUND_TRIP, uri, str(count), str(mib)], tmp_path,
+                                  metered.endpoint))
     daemon = peak_rss_mib(pid) - before
     stored = Drive(uri.rpartition("/")[0], endpoint=metered.endpoint).stat("model.pt")
     assert report["same"] and stored.size > count * mib * MIB
@@ -235,8 +228,7 @@ for step in range(2):
 with fsspec.open(f"{logger.log_dir}/metrics.csv", "r") as f:
     print(repr(f.read()))
 """
-    run = run_python(["-c", code], metered.endpoint, tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_python(["-c", code], tmp_path, metered.endpoint)
     assert run.stdout.strip() == repr("loss,step\n1.0,0\n0.5,1\n")
 
 
@@ -271,7 +263,7 @@ for batch, pids in DataLoader(data, batch_size=8, num_workers=4):
     workers.update(pids.tolist())
 print(json.dumps({"paths": data.paths, "digests": digests, "workers": sorted(workers), "main": os.getpid()}))
 """
-    report = last_json(run_python(["-W", "ignore::UserWarning", "-c", code], metered.endpoint, tmp_path))
+    report = last_json(run_python(["-W", "ignore::UserWarning", "-c", code], tmp_path, metered.endpoint))
     assert report["paths"] == [f"train/{i:04d}.bin" for i in range(96)]
     assert report["digests"] == digests
     assert len(report["workers"]) > 1 and report["main"] not in report["workers"], report["workers"]

@@ -89,10 +89,14 @@ def run_python(args: list[str], cwd: Path, endpoint: str, timeout: float = 300) 
 
 @pytest.mark.ml
 @pytest.mark.timeout(300)
-def test_torch_save_and_load_example(daemon, tmp_path):
-    [code] = readme_blocks("torch.save and torch.load")
+@pytest.mark.parametrize(("heading", "printed"), [
+    ("torch.save and torch.load", ["True"]),
+    ("Parquet with pandas and pyarrow", ["(5000, 1)"]),
+])
+def test_one_block_examples(daemon, tmp_path, heading, printed):
+    [code] = readme_blocks(heading)
     run = run_python(["-c", code], tmp_path, daemon.endpoint)
-    assert run.stdout.splitlines() == commented_output(code) == ["True"]
+    assert run.stdout.splitlines() == commented_output(code) == printed
 
 
 @pytest.mark.ml
@@ -163,10 +167,3 @@ def test_dataloader_example_over_an_s3_drive(start_daemon, tmp_path):
     assert run.stdout.splitlines() == commented_output(files["dataset.py"].read_text())
     assert run.stdout.splitlines() == ["64 torch.Size([32, 4096])"]
 
-
-@pytest.mark.ml
-@pytest.mark.timeout(300)
-def test_parquet_example(daemon, tmp_path):
-    [code] = readme_blocks("Parquet with pandas and pyarrow")
-    run = run_python(["-c", code], tmp_path, daemon.endpoint)
-    assert run.stdout.splitlines() == commented_output(code) == ["(5000, 1)"]
