@@ -113,10 +113,11 @@ def test_lightning_checkpoints_an_evaluator_and_a_resumed_run(start_daemon, tmp_
     assert sorted(files) == ["evaluate.py", "resume.py", "train.py"]
     run_1 = Drive("lit://run_1", endpoint=daemon.endpoint)
 
-    evaluator = subprocess.Popen(
-        [sys.executable, "evaluate.py"], cwd=tmp_path, env={**os.environ, "DRIVE_ENDPOINT": daemon.endpoint},
-        stdout=subprocess.PIPE, stderr=open(tmp_path / "evaluate.err", "w"), text=True,  # noqa: SIM115
-    )
+    with open(tmp_path / "evaluate.err", "w") as errors:
+        evaluator = subprocess.Popen(
+            [sys.executable, "evaluate.py"], cwd=tmp_path, env={**os.environ, "DRIVE_ENDPOINT": daemon.endpoint},
+            stdout=subprocess.PIPE, stderr=errors, text=True,
+        )
     evaluated: list[str] = []
     reader = threading.Thread(target=lambda: evaluated.extend(evaluator.stdout or ()), daemon=True)
     reader.start()
