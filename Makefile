@@ -6,7 +6,7 @@ DAEMON := $(VENV)/.installed-daemon-$(SUM)
 DEV    := $(VENV)/.installed-dev-$(SUM)
 ML     := $(VENV)/.installed-ml-$(SUM)
 
-.PHONY: install install-ml run test test-ml lint proto bench bench-smoke container-test clean
+.PHONY: install install-ml run test test-fast test-bench test-ml lint proto bench bench-smoke container-test clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -45,10 +45,19 @@ lint: $(DEV)
 	$(VENV)/bin/mypy
 	tools/buf.sh
 
-# Runs the `ml` tests too when torch, Lightning and pyarrow are installed (`make install-ml`);
-# otherwise the summary says they were skipped and why.
+# Everything but the benchmark harness (markers in pyproject.toml: unit, integration, slow, bench, ml).
+# The ml tests run when torch, Lightning and pyarrow are installed (`make install-ml`); otherwise the
+# summary says they were skipped and why.
 test: lint
 	$(VENV)/bin/pytest -q
+
+# The edit loop: unit tests only (no daemon, no other server), in seconds.
+test-fast: $(DEV)
+	$(VENV)/bin/pytest -q -m unit
+
+# The benchmark harness end to end with tiny sizes: every figure reported, none asserted (.ci/run runs it).
+test-bench: $(DEV)
+	$(VENV)/bin/pytest -q -m bench
 
 test-ml: $(ML)
 	$(VENV)/bin/pytest -q -m ml

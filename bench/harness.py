@@ -46,6 +46,7 @@ from bench.worker import RESULT_PREFIX
 
 HERE = Path(__file__).resolve().parent
 BUCKET = "drived-bench"
+STORE_BUCKET = "drived-bench-store"  # where the --storage daemon keeps its drives
 MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
 S3FS_MISSING = (
     "s3fs not installed: its aiobotocore pins botocore below what boto3 1.44 needs (aiobotocore 3.10: "
@@ -81,6 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--folder-files", type=int, default=None, help="files in the folder test (default 1000)")
     p.add_argument("--mem-size", type=parse_size, default=None, help="file size for the memory test (default 2G)")
     p.add_argument(
+        "--storage-size", type=parse_size, default=None,
+        help="file size of the --storage put/get against moto_server (default 256M; smoke 12M: two parts)",
+    )
+    p.add_argument(
         "--index-keys-per-level",
         type=int,
         default=None,
@@ -94,8 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None, help="max seconds per small-file loop (default 60; smoke 5)")
     p.add_argument(
         "--only",
-        default="large,small,folder,mem,index,loader",
-        help="comma-separated groups to run (large,small,folder,mem,index,loader)",
+        default="large,small,folder,mem,storage,index,loader",
+        help="comma-separated groups to run (large,small,folder,mem,storage,index,loader)",
     )
     p.add_argument("--out", type=Path, default=HERE / "results", help="where latest.json/md go")
     p.add_argument("--workdir", type=Path, default=None, help="parent of the scratch dir (default: system temp)")
@@ -119,6 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.small_files = a.small_files or (40 if smoke else 1000)
     a.folder_files = a.folder_files or (40 if smoke else 1000)
     a.mem_size = a.mem_size or (16 * MIB if smoke else 2 * GIB)
+    a.storage_size = a.storage_size or (12 * MIB if smoke else 256 * MIB)
     a.index_keys_per_level = a.index_keys_per_level or (4 if smoke else 100)
     a.budget = a.budget or (5.0 if smoke else 60.0)
     a.loader_samples = a.loader_samples or (64 if smoke else 1000)
@@ -559,6 +565,65 @@ class Harness:
             shutil.rmtree(mem_src, ignore_errors=True)
             shutil.rmtree(mem_dst, ignore_errors=True)
 
+    def run_storage(self) -> None:
+        """Large put and get through a daemon with --storage beside boto3's own transfers, against one moto_server;
+        then the daemon's peak RSS after it also moved a --mem-size file each way."""
+        a = self.a
+        src, dst = self.work / "storage-src", self.work / "storage-dst"
+        dst.mkdir(exist_ok=True)
+        write_random(src / "large.bin", a.storage_size)
+        write_random(src / "mem.bin", a.mem_size)
+        try:
+            moto = MotoServer(self.work)
+        except Exception as e:
+            self.fail("storage.", "moto_server (storage)", e)
+            return
+        try:
+            credentials = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench", "region_name": "us-east-1"}
+            import boto3
+
+            boto3.session.Session(**credentials).client("s3", endpoint_url=moto.url).create_bucket(Bucket=STORE_BUCKET)
+            env = {**MOTO_CREDENTIALS, "AWS_ENDPOINT_URL": moto.url}
+            d = Drived(self.work, storage=f"s3://{STORE_BUCKET}/drives/", env=env)
+        except Exception as e:
+            moto.stop()
+            self.fail("storage.", "drived --storage", e)
+            return
+        try:
+            self._storage_runs(d, moto.url, src, dst)
+            to = self.timeout_for(a.mem_size) * 3  # moto_server moves about 30 MB/s here
+            for task in ("drive_put", "drive_get"):
+                root = src if task == "drive_put" else dst
+                self.measure("storage.daemon.peak_mib", f"--storage memory test {task}",
+                             {"task": task, "endpoint": d.endpoint, "root": str(root), "relpath": "mem.bin"}, to)
+            self.figs.add("storage.daemon.peak_mib", peak_rss_mib(d.pid))
+        finally:
+            d.stop()
+            moto.stop()
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.rmtree(dst, ignore_errors=True)
+
+    def _storage_runs(self, d: Drived, url: str, src: Path, dst: Path) -> None:
+        size = self.a.storage_size
+        to = self.timeout_for(size) * 3
+        for run in range(self.a.runs):
+            name = f"r{run}.bin"
+            (src / name).unlink(missing_ok=True)
+            (src / name).hardlink_to(src / "large.bin")  # a fresh name each run: nothing is overwritten
+            systems = [
+                ("drive", {"task": "drive_put", "endpoint": d.endpoint, "root": str(src), "relpath": name},
+                 {"task": "drive_get", "endpoint": d.endpoint, "root": str(dst), "relpath": name}),
+                ("boto3", {"task": "boto3_put", "url": url, "bucket": STORE_BUCKET, "src": str(src / name),
+                           "key": name},
+                 {"task": "boto3_get", "url": url, "bucket": STORE_BUCKET, "key": name, "dst": str(dst / name)}),
+            ]
+            for system, put, get in rotated(systems, run):
+                for op, spec in (("put", put), ("get", get)):
+                    key = f"storage.{system}.{op}"
+                    res = self.measure(key, f"{system} {op} (storage)", {**spec, "settle": [size, str(dst)]}, to)
+                    if res:
+                        self.figs.add(key, res["bytes"] / res["seconds"] / 1e6)
+
     def run_index(self) -> None:
         k = self.a.index_keys_per_level
         res = self.measure("index.", "s3:// index benchmark", {"task": "index", "keys_per_level": k}, timeout=1800)
@@ -603,6 +668,9 @@ class Harness:
             if "mem" in a.groups:
                 self.say("memory test")
                 self.run_mem()
+            if "storage" in a.groups:
+                self.say("managed drives in S3 (--storage)")
+                self.run_storage()
             if "index" in a.groups:
                 self.say("s3:// index")
                 self.run_index()
@@ -619,6 +687,7 @@ class Harness:
             ("small", "small."),
             ("folder", "folder."),
             ("mem", "mem."),
+            ("storage", "storage."),
             ("index", "index."),
             ("loader", "loader."),
         ):
@@ -657,6 +726,8 @@ class Harness:
                 "folder_files": a.folder_files,
                 "mem_size": a.mem_size,
                 "mem_size_label": size_label(a.mem_size),
+                "storage_size": a.storage_size,
+                "storage_size_label": size_label(a.storage_size),
                 "index_keys_per_level": a.index_keys_per_level,
                 "loader_samples": a.loader_samples,
                 "loader_size": a.loader_size,
@@ -711,6 +782,7 @@ def map_index_result(got: dict[str, Any]) -> dict[str, float]:
     """bench_mount.measure()'s dict onto our index.* figures (tolerant of its key names)."""
     aliases = {
         "index.mount_s": ("mount_s", "mount_seconds", "drived_mount_s", "mount"),
+        "index.mount_cpu_s_per_million": ("mount_cpu_s_per_million",),
         "index.boto3_paginator_s": (
             "boto3_paginator_s",
             "paginator_s",

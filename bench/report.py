@@ -40,6 +40,7 @@ LOADER_BATCH = 32
 
 INDEX_KEYS = {
     "index.mount_s": "s",
+    "index.mount_cpu_s_per_million": "s",
     "index.boto3_paginator_s": "s",
     "index.list100_ms": "ms",
     "index.daemon_rss_mib": "MiB",
@@ -76,6 +77,10 @@ def figure_units() -> dict[str, str]:
         units[f"mem.{who}.peak_mib"] = "MiB"
         units[f"mem.{who}.peak_mib_quarter"] = "MiB"
     units["mem.daemon.baseline_mib"] = "MiB"
+    for system in ("drive", "boto3"):
+        for op in ("put", "get"):
+            units[f"storage.{system}.{op}"] = "MB/s"
+    units["storage.daemon.peak_mib"] = "MiB"
     for sys_ in LOADER_SYSTEMS:
         units[f"loader.{sys_}.samples_s"] = "samples/s"
     units.update(INDEX_KEYS)
@@ -221,7 +226,16 @@ def checks(size_label: str, folder_files: int = 1000) -> list[Check]:
             "≤ +16 MiB (not growing)",
             "growth",
         ),
-        Check("mount 1M keys", "index.mount_s", (), 5.0, "≤ 5 s", "below"),
+        Check(
+            "put through --storage", "storage.drive.put", ("storage.boto3.put",), 1.0, "≥ 1.0 × boto3 upload_file"
+        ),
+        Check(
+            "get through --storage", "storage.drive.get", ("storage.boto3.get",), 1.0,
+            "≥ 1.0 × boto3 download_file",
+        ),
+        Check("peak RSS daemon, --storage", "storage.daemon.peak_mib", (), 200.0, "< 200 MiB", "below"),
+        Check("mount 1M keys", "index.mount_s", (), 1.5, "≤ 1.5 s", "below"),
+        Check("daemon CPU per 1M keys mounted", "index.mount_cpu_s_per_million", (), 1.5, "≤ 1.5 CPU-s", "below"),
         Check(
             "boto3 paginator time ÷ mount time",
             "index.boto3_paginator_s",
@@ -427,6 +441,23 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"{_fmt(figs[f'mem.{who}.peak_mib']['value'], 'MiB')} |"
         )
     lines.append(f"| daemon after start-up | {_fmt(figs['mem.daemon.baseline_mib']['value'], 'MiB')} | |")
+    lines += [
+        "",
+        f"## Managed drives in S3 (`--storage`, moto_server; {p.get('storage_size_label', '?')} file, "
+        f"memory moving {p['mem_size_label']})",
+        "",
+        "| system | put | get |",
+        "|---|---:|---:|",
+    ]
+    for sys_, label in (
+        ("drive", "Drive → drived --storage → moto_server"),
+        ("boto3", "boto3 upload_file / download_file → moto_server"),
+    ):
+        lines.append(
+            f"| {label} | {_fmt(figs[f'storage.{sys_}.put']['value'], 'MB/s')} | "
+            f"{_fmt(figs[f'storage.{sys_}.get']['value'], 'MB/s')} |"
+        )
+    lines.append(f"| daemon peak RSS | {_fmt(figs['storage.daemon.peak_mib']['value'], 'MiB')} | |")
     lines += _loader(doc)
     lines += ["", "## s3:// index", "", "| figure | value |", "|---|---:|"]
     for k, unit in INDEX_KEYS.items():

@@ -47,6 +47,14 @@ def reset_peak_rss(pid: int) -> None:
         f.write("5")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process (all its threads) has used, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # after the command name: state is field 3; utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _status_field_mib(pid: int, field: str) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -142,22 +150,26 @@ def _grpc_serving(addr: str) -> bool:
 
 
 class Drived(_Service):
-    """The daemon under test: `drived --listen 127.0.0.1:PORT --data-dir DIR`."""
+    """The daemon under test: `drived --listen 127.0.0.1:PORT --data-dir DIR` (`--storage S3_URL` when given,
+    with `env` added to its environment: AWS_ENDPOINT_URL and credentials)."""
 
     name = "drived"
 
-    def __init__(self, workdir: Path, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
-        """`env` adds to the daemon's environment (e.g. AWS_ENDPOINT_URL for its s3:// drives)."""
+    def __init__(
+        self, workdir: Path, timeout: float = 30.0, storage: str = "", env: dict[str, str] | None = None
+    ) -> None:
         super().__init__(workdir)
         exe = VENV_BIN / "drived"
         # Not pip-installed yet (no `make install`): run the package from the checkout.
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "drived"]
         self.data_dir = self.dir / "data"
         self.endpoint = f"127.0.0.1:{self.port}"
-        env = {**_bench_env(), **(env or {})}
+        full_env = _bench_env()
         for k in ("DRIVED_LISTEN", "DRIVED_DATA_DIR", "DRIVED_STORAGE"):
-            env.pop(k, None)
-        self._spawn([*cmd, "--listen", self.endpoint, "--data-dir", str(self.data_dir)], env)
+            full_env.pop(k, None)
+        full_env.update(env or {})
+        where = ["--storage", storage] if storage else []
+        self._spawn([*cmd, "--listen", self.endpoint, "--data-dir", str(self.data_dir), *where], full_env)
         self._wait_ready(lambda: _grpc_serving(self.endpoint), timeout)
 
 
@@ -166,9 +178,13 @@ class MotoServer(_Service):
 
     name = "moto"
 
-    def __init__(self, workdir: Path, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
-        """`env` adds to the server's environment (e.g. INITIAL_NO_AUTH_ACTION_COUNT to enforce IAM)."""
+    def __init__(
+        self, workdir: Path, timeout: float = 30.0, env: dict[str, str] | None = None, port: int | None = None
+    ) -> None:
+        """`env` adds to the server's environment (e.g. INITIAL_NO_AUTH_ACTION_COUNT to enforce IAM);
+        `port` reuses a port (a store coming back where it was)."""
         super().__init__(workdir)
+        self.port = port or self.port
         exe = VENV_BIN / "moto_server"
         if not exe.exists():
             found = shutil.which("moto_server")

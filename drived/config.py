@@ -12,6 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from drive_client.errors import InvalidArgument
+from drive_client.uri import parse_drive
+
 MAX_CHUNK_SIZE = 3 << 20  # stays under gRPC's 4 MiB default message limit with room to spare
 
 
@@ -20,19 +23,24 @@ class Config:
     listen: str = "127.0.0.1:50051"
     data_dir: str = "./drive-data"
     storage: str = ""
+    upload_expiry: float = 60.0
     chunk_size: int = 1 << 20
     grace_period: float = 30.0
     s3_list_concurrency: int = 16
     s3_page_size: int = 1000
     metrics_listen: str = ""
     token: str = ""
+    max_connection_age: float = 0.0
     log_level: str = "info"
 
 
 HELP = {
     "listen": "address to serve gRPC on, HOST:PORT (0.0.0.0:50051 for all interfaces)",
     "data_dir": "folder where lit:// drives are kept (created if missing)",
-    "storage": "where managed drives live: empty for --data-dir; s3://bucket/prefix/ is not supported yet",
+    "storage": "where managed drives live: empty for --data-dir, or s3://bucket/prefix/ for an S3-compatible "
+    "store (boto3's configuration: AWS_ENDPOINT_URL, credentials, AWS_REGION); several daemons may share one",
+    "upload_expiry": "seconds after which an upload into --storage that no part was added to is aborted "
+    "(uploads of a daemon that died), checked at start-up and every this many seconds",
     "chunk_size": "bytes per message of a Get stream (at most 3 MiB)",
     "grace_period": "seconds that SIGTERM/SIGINT lets in-flight transfers finish before they are cancelled",
     "s3_list_concurrency": "parallel ListObjectsV2 calls when mounting an s3:// drive",
@@ -40,6 +48,8 @@ HELP = {
     "metrics_listen": "HOST:PORT to serve Prometheus metrics on (/metrics); empty: no metrics endpoint",
     "token": "when set, every DriveService call must carry `authorization: Bearer TOKEN` (UNAUTHENTICATED "
     "otherwise); health and reflection stay open. Prefer the env variable: flags show in `ps`",
+    "max_connection_age": "seconds after which a client connection is asked to reconnect (so clients behind "
+    "DNS round-robin find new replicas; calls in progress finish); 0: never",
     "log_level": "debug, info, warning or error",
 }
 
@@ -55,6 +65,29 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"cannot be negative, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _storage(text: str) -> str:
+    if not text:
+        return text
+    try:
+        where = parse_drive(text)
+    except InvalidArgument as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if not where.read_only:
+        raise argparse.ArgumentTypeError(f"use s3://bucket/prefix/ (or empty for --data-dir), not {text!r}")
+    return text
+
+
 def _chunk_size(text: str) -> int:
     value = _positive(int)(text)
     if value > MAX_CHUNK_SIZE:
@@ -63,9 +96,9 @@ def _chunk_size(text: str) -> int:
 
 
 PARSERS: dict[str, Callable[[str], Any]] = {
-    "listen": str, "data_dir": str, "storage": str, "chunk_size": _chunk_size,
+    "listen": str, "data_dir": str, "storage": _storage, "upload_expiry": _positive(float), "chunk_size": _chunk_size,
     "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
-    "metrics_listen": str, "token": str, "log_level": str,
+    "metrics_listen": str, "token": str, "max_connection_age": _non_negative(float), "log_level": str,
 }
 
 
@@ -95,8 +128,6 @@ def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Conf
     config = Config(**values)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         parser.error(f"--log-level {config.log_level!r}: use debug, info, warning or error")
-    if config.storage:
-        parser.error("--storage: keeping managed drives in S3 is not supported yet; use --data-dir")
     return config
 
 

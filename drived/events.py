@@ -1,6 +1,11 @@
-"""EventLog: the numbered puts and deletes of each managed drive, for Watch and for waiting gets.
+"""Coordination within one daemon: `InProcessCoordinator` over an in-memory `EventLog`.
 
-Kept in memory and bounded: the last `retain` events of a drive, at most
+The `Coordinator` (see `drived.coordinator`) of a daemon that serves its
+drives alone: claims are asyncio locks, the change feed is an `EventLog`,
+and wake-ups are asyncio events.
+
+The EventLog holds the numbered puts and deletes of each managed drive, in
+memory and bounded: the last `retain` events of a drive, at most
 `retain_total` events over all drives (the drives used least recently lose
 their oldest first), and the state of at most `max_drives` drives. Sequence
 numbers start at the daemon's start time in microseconds, so they keep
@@ -13,27 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import grpc
+from drive_client.errors import Unavailable
 
-from drive_client.errors import DriveError, Unavailable
-
+from .coordinator import Coordinator, Event, EventKind, EventsGone
 from .entry import Entry
-
-
-class EventsGone(DriveError):
-    """The events after a resume point are no longer kept."""
-
-    status = grpc.StatusCode.OUT_OF_RANGE
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    sequence: int
-    kind: str  # "put" or "delete"
-    entry: Entry
 
 
 @dataclass
@@ -82,7 +75,8 @@ class EventLog:
         state = self._drive(drive)
         return state.events[-1].sequence if state.events else state.dropped
 
-    def publish(self, drive: str, kind: str, entry: Entry) -> None:
+    def publish(self, drive: str, kind: EventKind, entry: Entry) -> int:
+        """Appends an event; returns its sequence."""
         self._last += 1
         state = self._drive(drive)
         state.events.append(Event(self._last, kind, entry))
@@ -97,6 +91,7 @@ class EventLog:
                     break
         state.changed.set()
         state.changed = asyncio.Event()
+        return self._last
 
     def since(self, drive: str, after: int) -> list[Event]:
         """The drive's events after sequence `after`; EventsGone when some of them were dropped."""
@@ -126,3 +121,52 @@ class EventLog:
         self._closed = True
         for state in self._drives.values():
             state.changed.set()
+
+
+class InProcessCoordinator(Coordinator):
+    """The coordinator of a daemon that serves its drives alone: an asyncio lock per claimed path,
+    an EventLog, and its asyncio events as wake-ups."""
+
+    def __init__(self) -> None:
+        self.log = EventLog()
+        self._claims: dict[tuple[str, str], asyncio.Lock] = {}
+        self._claim_users: defaultdict[tuple[str, str], int] = defaultdict(int)  # a lock goes when unused
+
+    @asynccontextmanager
+    async def claim(self, drive: str, path: str) -> AsyncIterator[None]:
+        name = (drive, path)
+        lock = self._claims.setdefault(name, asyncio.Lock())
+        self._claim_users[name] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._claim_users[name] -= 1
+            if not self._claim_users[name]:
+                del self._claim_users[name], self._claims[name]
+
+    async def publish(self, drive: str, kind: EventKind, entry: Entry) -> int:
+        return self.log.publish(drive, kind, entry)
+
+    async def last(self, drive: str) -> int:
+        return self.log.last(drive)
+
+    async def since(self, drive: str, after: int) -> list[Event]:
+        return self.log.since(drive, after)
+
+    async def wait(self, drive: str, after: int, timeout: float | None) -> None:
+        self.log.check_open()
+        changed = self.log.changed(drive)  # nothing runs between this and the check below: no publish is missed
+        if self.log.last(drive) > after:
+            return
+        try:
+            await asyncio.wait_for(changed.wait(), timeout)
+        except TimeoutError:
+            return
+        self.log.check_open()
+
+    def check_open(self) -> None:
+        self.log.check_open()
+
+    async def close(self) -> None:
+        self.log.close()

@@ -1,20 +1,19 @@
-"""ManagedDrives: the semantics of `lit://` drives over a storage Backend.
+"""ManagedDrives: the semantics of `lit://` drives over a storage Backend and a Coordinator.
 
 Namespaces (one per drive and component, see `drived.paths`), ownership
 (`allow_duplicates`, deletes of one's own files only), listing across
-components, ambiguity, folders, and gets that wait for a put to commit.
+components, ambiguity, folders, gets that wait for a put to commit, and
+watches. Bytes, listings and file metadata come from the `Backend`; claims,
+the change feed and wake-ups from the `Coordinator`; neither knows the
+other, and this module knows neither implementation.
 """
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from drive_client.errors import (
     AlreadyExists,
@@ -25,12 +24,13 @@ from drive_client.errors import (
     WaitTimeout,
 )
 
-from .backends.base import Backend, Chunks, ObjectInfo, Upload, names_from, position_after
+from .backends.base import Backend, ObjectInfo, Upload
+from .coordinator import Coordinator, Event
+from .drives import FileStream
 from .entry import Entry
-from .events import EventLog
 from .paths import component_key, object_key, relative_path
+from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutHeader, StatRequest, WatchRequest
 
-FileStream = tuple[Entry, Chunks]
 EARLY_CHECK_MIN_SIZE = 1 << 20
 
 
@@ -51,43 +51,33 @@ def _shown(drive: str, path: str) -> str:
     return f"{path!r} in lit://{drive}"
 
 
-@dataclass
-class PendingPut:
-    """A put between its header and its finish."""
+class ManagedPut:
+    """One file being put into a `lit://` drive (a `drived.drives.PendingPut`)."""
 
-    drive: str
-    component: str
-    path: str
-    allow_duplicates: bool
-    upload: Upload
+    def __init__(self, drives: ManagedDrives, header: PutHeader, upload: Upload) -> None:
+        self.header = header
+        self.path = header.path
+        self.upload = upload
+        self.write = upload.write
+        self._drives = drives
+
+    async def commit(self, sha256: str) -> Entry:
+        return await self._drives.commit_put(self, sha256)
+
+    async def abort(self) -> None:
+        await self.upload.abort()
 
 
 class ManagedDrives:
-    """All `lit://` drives kept in one backend."""
+    """All `lit://` drives kept in one backend (a `drived.drives.Drives`)."""
 
-    def __init__(self, backend: Backend, events: EventLog) -> None:
+    def __init__(self, backend: Backend, coordinator: Coordinator) -> None:
         self.backend = backend
-        self.events = events
-        self._path_locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._path_lock_users: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.coordinator = coordinator
 
     async def components(self, drive: str) -> list[str]:
         """The components that hold something in `drive`, sorted."""
         return sorted(await self.backend.subfolders(drive))
-
-    @asynccontextmanager
-    async def _path_lock(self, drive: str, path: str) -> AsyncIterator[None]:
-        """Serialises the ownership check and commit of one path (within this daemon)."""
-        name = (drive, path)
-        lock = self._path_locks.setdefault(name, asyncio.Lock())
-        self._path_lock_users[name] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._path_lock_users[name] -= 1
-            if not self._path_lock_users[name]:
-                del self._path_lock_users[name], self._path_locks[name]
 
     async def _check_duplicates(self, drive: str, component: str, path: str) -> None:
         for other in await self.components(drive):
@@ -97,32 +87,33 @@ class ManagedDrives:
                     "pick another path, or open the drive with allow_duplicates=True"
                 )
 
-    async def begin_put(
-        self, drive: str, component: str, path: str, allow_duplicates: bool, size: int | None
-    ) -> PendingPut:
-        """Starts the upload of one file; one of unknown or large `size` is checked for ownership first.
+    async def begin_put(self, put: PutHeader) -> ManagedPut:
+        """Starts the upload of one file; one of unknown or large size is checked for ownership first.
 
         The check that decides is the one at commit; this one only spares
         the upload of bytes that would be refused, which for a small file
         costs less than the check.
         """
-        if not allow_duplicates and (size is None or size > EARLY_CHECK_MIN_SIZE):
-            await self._check_duplicates(drive, component, path)
-        upload = await self.backend.start_upload(object_key(drive, component, path))
-        return PendingPut(drive, component, path, allow_duplicates, upload)
+        drive = put.drive.name
+        if not put.allow_duplicates and (put.size is None or put.size > EARLY_CHECK_MIN_SIZE):
+            await self._check_duplicates(drive, put.component, put.path)
+        upload = await self.backend.start_upload(object_key(drive, put.component, put.path))
+        return ManagedPut(self, put, upload)
 
-    async def commit_put(self, put: PendingPut, sha256: str, size: int | None) -> Entry:
-        """Verifies and commits a put (ownership checked again, atomically with the commit)."""
-        async with self._path_lock(put.drive, put.path):
-            if not put.allow_duplicates:
+    async def commit_put(self, put: ManagedPut, sha256: str) -> Entry:
+        """Verifies and commits a put: ownership is checked again inside the path's claim, so that the
+        check and the commit are one step for every daemon sharing the coordinator."""
+        header, drive = put.header, put.header.drive.name
+        async with self.coordinator.claim(drive, header.path):
+            if not header.allow_duplicates:
                 try:
-                    await self._check_duplicates(put.drive, put.component, put.path)
+                    await self._check_duplicates(drive, header.component, header.path)
                 except AlreadyExists:
-                    await put.upload.abort()
+                    await put.abort()
                     raise
-            info = await put.upload.commit(sha256, size)
-            entry = _entry(put.path, put.component, info)
-            self.events.publish(put.drive, "put", entry)
+            info = await put.upload.commit(sha256, header.size)
+            entry = _entry(header.path, header.component, info)
+            await self.coordinator.publish(drive, "put", entry)
         return entry
 
     async def _locate(self, drive: str, path: str, component: str) -> list[tuple[str, ObjectInfo | None]]:
@@ -144,23 +135,23 @@ class ManagedDrives:
         self, drive: str, path: str, component: str, wait_seconds: float
     ) -> list[tuple[str, ObjectInfo | None]]:
         """Like `_locate`, but waits up to `wait_seconds` for a put to commit the path."""
+        self.coordinator.check_open()
+        owner = f" of component {component!r}" if component else ""
+        if wait_seconds <= 0:
+            hits = await self._locate(drive, path, component)
+            if not hits:
+                raise NotFound(f"{_shown(drive, path)}{owner} does not exist")
+            return hits
         deadline = time.monotonic() + wait_seconds
         while True:
-            self.events.check_open()
-            changed = self.events.changed(drive)
+            seen = await self.coordinator.last(drive)  # taken before looking: a put after it ends the wait
             hits = await self._locate(drive, path, component)
             if hits:
                 return hits
             remaining = deadline - time.monotonic()
-            owner = f" of component {component!r}" if component else ""
-            if wait_seconds <= 0:
-                raise NotFound(f"{_shown(drive, path)}{owner} does not exist")
             if remaining <= 0:
                 raise WaitTimeout(f"{_shown(drive, path)}{owner} did not appear within {wait_seconds:g} s")
-            try:
-                await asyncio.wait_for(changed.wait(), remaining)
-            except TimeoutError:
-                continue  # the next round answers WaitTimeout, unless the path arrived just now
+            await self.coordinator.wait(drive, seen, remaining)  # then look again, and answer if it is there
 
     @staticmethod
     def _ambiguous(drive: str, path: str, components: list[str]) -> AmbiguousPathError:
@@ -169,8 +160,9 @@ class ManagedDrives:
             f"{_shown(drive, path)} is held by several components ({names}): pass component_name to choose one"
         )
 
-    async def stat(self, drive: str, path: str, component: str) -> Entry:
-        hits = await self._locate_or_wait(drive, path, component, 0)
+    async def stat(self, stat: StatRequest) -> Entry:
+        drive, path = stat.drive.name, stat.path
+        hits = await self._locate_or_wait(drive, path, stat.component, 0)
         files = [(c, info) for c, info in hits if info is not None]
         if not files:
             owner = hits[0][0] if len(hits) == 1 else ""
@@ -179,27 +171,24 @@ class ManagedDrives:
             raise self._ambiguous(drive, path, [c for c, _ in hits])
         return _entry(path, *files[0])
 
-    async def open_files(
-        self, drive: str, path: str, component: str, *, offset: int, limit: int, wait_seconds: float, if_match: str
-    ) -> AsyncIterator[FileStream]:
-        """The file at `path`, or every file under the folder `path`, each with its chunks."""
-        hits = await self._locate_or_wait(drive, path, component, wait_seconds)
+    async def open_files(self, get: GetRequest) -> AsyncIterator[FileStream]:
+        """The file at the path, or every file under the folder, each with its chunks."""
+        drive, path = get.drive.name, get.path
+        hits = await self._locate_or_wait(drive, path, get.component, get.wait_seconds)
         owner, found = hits[0]
         if len(hits) == 1 and found is not None:
-            if offset > found.size:
-                raise InvalidArgument(f"offset {offset} is past the end of {_shown(drive, path)} ({found.size} bytes)")
-            info, chunks = await self.backend.read(object_key(drive, owner, path), offset, limit)
-            if if_match and if_match != info.sha256:
+            get.check_range(found.size)
+            info, chunks = await self.backend.read(object_key(drive, owner, path), get.offset, get.limit)
+            try:
+                get.check_version(info.sha256, "sha256")
+            except StaleIndexError:
                 await chunks.aclose()
-                raise StaleIndexError(
-                    f"{_shown(drive, path)} changed (sha256 {info.sha256}, expected {if_match}): read it again"
-                )
+                raise
             yield _entry(path, owner, info), chunks
             return
         if any(info is not None for _, info in hits):
             raise self._ambiguous(drive, path, [c for c, _ in hits])
-        if offset or limit or if_match:
-            raise InvalidArgument(f"{_shown(drive, path)} is a folder: offset, limit and if_match apply to files only")
+        get.check_folder()
         for owner, file_path in await self._files_under(drive, path, [c for c, _ in hits]):
             try:
                 info, chunks = await self.backend.read(object_key(drive, owner, file_path))
@@ -218,10 +207,8 @@ class ManagedDrives:
                 owners[file_path] = c
         return [(c, p) for p, c in sorted(owners.items())]  # path order, as the proto promises
 
-    async def list_entries(
-        self, drive: str, path: str, component: str, *, recursive: bool, start_after: str, limit: int
-    ) -> tuple[list[Entry], bool]:
-        """Entries under `path` in path order after `start_after`: at most `limit`, and whether more remain.
+    async def list_entries(self, listing: ListRequest) -> tuple[list[Entry], bool]:
+        """Entries under the path in path order after `start_after`: at most `limit`, and whether more remain.
 
         Each component's names come sorted from the backend; the page starts
         where bisection finds `start_after` (a recursive page walks the
@@ -230,9 +217,10 @@ class ManagedDrives:
         big folder or tree therefore costs the page, once the backend
         remembers the folders.
         """
-        components = [component] if component else await self.components(drive)
+        drive, path, limit, start_after = listing.drive.name, listing.path, listing.limit, listing.start_after
+        components = [listing.component] if listing.component else await self.components(drive)
         streams = [
-            _held_by(c, await self._names_after(drive, c, path, recursive, start_after, limit + 1))
+            _held_by(c, await self._names_after(drive, c, path, listing.recursive, start_after, limit + 1))
             for c in components
         ]
         page: list[tuple[str, list[tuple[str, bool]]]] = []  # path, (component, is a folder) in component order
@@ -267,26 +255,26 @@ class ManagedDrives:
         The file itself when `path` is one. Recursive: at most `limit` of them.
         """
         key = object_key(drive, component, path)
+        ckey = component_key(drive, component)
         if recursive:
-            ckey = component_key(drive, component)
             keys = await self.backend.walk(key, f"{ckey}/{start_after}", limit)  # each "<component key>/<path>"
             base = len(ckey) + 1
             names: Iterator[tuple[str, bool]] = ((k[base:], False) for k in keys)
             if keys:
                 return names
         else:
-            listing = await self.backend.list_folder(key)
+            listing = await self.backend.list_folder(key, f"{ckey}/{start_after}", limit)
             prefix = f"{path}/" if path else ""
-            start = position_after(listing.names, prefix, start_after)
-            names = ((prefix + n, n in listing.folders) for n in names_from(listing.names, start))
+            names = ((prefix + n, n in listing.folders) for n in listing.names)
             if listing.names:
                 return names
         if path and path > start_after and await self.backend.stat(key):
             return iter([(path, False)])
         return iter(())
 
-    async def delete(self, drive: str, path: str, component: str) -> int:
+    async def delete(self, delete: DeleteRequest) -> int:
         """Removes the caller's file, or every file of its under a folder; the count removed."""
+        drive, path, component = delete.drive.name, delete.path, delete.component
         key = object_key(drive, component, path)
         if await self.backend.delete(key):
             deleted = [path]
@@ -302,5 +290,17 @@ class ManagedDrives:
                 "a file can only be deleted by the component that put it"
             )
         for file_path in deleted:
-            self.events.publish(drive, "delete", Entry(path=file_path, component=component))
+            await self.coordinator.publish(drive, "delete", Entry(path=file_path, component=component))
         return len(deleted)
+
+    async def mount(self, mount: MountRequest) -> tuple[int, float]:
+        raise InvalidArgument(f"{mount.drive.uri} is a lit:// drive: only s3:// drives are mounted")
+
+    async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event]]:
+        start = watch.after_sequence or await self.coordinator.last(watch.drive.name)
+        return start, self._watched(watch, start)
+
+    async def _watched(self, watch: WatchRequest, after: int) -> AsyncIterator[Event]:
+        async for event in self.coordinator.follow(watch.drive.name, after):
+            if watch.reports(event.entry.path, event.entry.component):
+                yield event

@@ -18,8 +18,9 @@ from drive_client.errors import InvalidArgument
 from drive_client.pb import drive_pb2 as pb
 from drive_client.wire import SMALL_FILE, PutMessage, chunk_of
 
+from .drives import PendingPut
 from .entry import Entry
-from .managed import ManagedDrives, PendingPut
+from .requests import file_sha256
 
 MAX_COMMITS_IN_FLIGHT = 64  # the more commits wait together, the more the commit worker does at once
 MAX_BYTES_IN_FLIGHT = 16 << 20
@@ -28,11 +29,9 @@ MAX_BYTES_IN_FLIGHT = 16 << 20
 class PutStream:
     """Receives the messages of one Put stream in order; `results` gives the committed files."""
 
-    def __init__(self, managed: ManagedDrives, begin: Callable[[pb.PutHeader], Awaitable[PendingPut]]) -> None:
-        self._managed = managed
-        self._begin = begin
+    def __init__(self, begin: Callable[[pb.PutHeader], Awaitable[PendingPut]]) -> None:
+        self._begin = begin  # decodes a header and starts its file in its drive
         self._pending: PendingPut | None = None
-        self._size: int | None = None
         self._commits: list[asyncio.Task[Entry]] = []
         self._file_start = 0  # the stream's byte count when the current file started
         self._running = self._held = 0  # commits in flight, and the bytes they hold
@@ -47,7 +46,7 @@ class PutStream:
         if data is not None:
             if self._pending is None:
                 raise InvalidArgument("a Put stream must start each file with a header before its data")
-            await self._pending.upload.write(data)
+            await self._pending.write(data)
             self.bytes += len(data)
             return
         kind = message.WhichOneof("message")  # type: ignore[union-attr]
@@ -56,13 +55,13 @@ class PutStream:
         elif kind == "finish":
             if self._pending is None:
                 raise InvalidArgument("a finish arrived with no file started: send a header first")
-            await self._finish(message.finish.sha256)  # type: ignore[union-attr]
+            await self._finish(file_sha256(message.finish.sha256))  # type: ignore[union-attr]
         elif kind == "file":
             whole = message.file  # type: ignore[union-attr]
             await self._start(whole.header)
-            await self._pending.upload.write(whole.data)  # type: ignore[union-attr]  # set by _start
+            await self._pending.write(whole.data)  # type: ignore[union-attr]  # set by _start
             self.bytes += len(whole.data)
-            await self._finish(whole.sha256)
+            await self._finish(file_sha256(whole.sha256))
         else:
             raise InvalidArgument("an empty PutRequest: send a header, data, finish or file")
 
@@ -70,13 +69,10 @@ class PutStream:
         if self._pending is not None:
             raise InvalidArgument(f"a new file arrived before the finish of {self._pending.path!r}")
         self._pending = await self._begin(header)
-        self._size = header.size if header.HasField("size") else None
         self._file_start = self.bytes
 
     async def _finish(self, sha256: str) -> None:
         """Commits the current file as a task of its own, once there is room for it."""
-        if not sha256:
-            raise InvalidArgument("a finish needs the sha256 of the file's bytes")
         put, self._pending = self._pending, None
         assert put is not None  # checked by the callers
         # What the commit holds: a bigger file than SMALL_FILE is on disk as it arrives, but for its last chunk.
@@ -86,7 +82,7 @@ class PutStream:
             await self._room.wait()
         self._running += 1
         self._held += held
-        task = asyncio.create_task(self._managed.commit_put(put, sha256.lower(), self._size))
+        task = asyncio.create_task(put.commit(sha256))
         task.add_done_callback(functools.partial(self._committed, held))
         self._commits.append(task)
 
@@ -109,6 +105,6 @@ class PutStream:
     async def close(self) -> None:
         """Discards an unfinished file and lets the commits in flight end (they are valid files)."""
         if self._pending is not None:
-            await self._pending.upload.abort()
+            await self._pending.abort()
             self._pending = None
         await asyncio.gather(*self._commits, return_exceptions=True)

@@ -2,38 +2,51 @@
 
 List and stat are answered from the mount's index; get streams ranged reads
 of the indexed version of each object. Paths are relative to the mounted
-prefix, so no request can reach a key outside it.
+prefix, so no request can reach a key outside it. Puts and deletes are
+refused (PERMISSION_DENIED), and so are watches (an s3:// drive has no
+change feed).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from drive_client.errors import InvalidArgument, NotFound, StaleIndexError
+from drive_client.errors import InvalidArgument, NotFound, PermissionDenied
 from drive_client.uri import DriveId
 
+from . import metrics
 from .backends.base import Chunks
+from .coordinator import Event
+from .drives import FileStream, PendingPut
 from .entry import Entry
+from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutHeader, StatRequest, WatchRequest
 from .s3index.index import S3Entry
 from .s3index.mounts import S3Mounts
 from .s3index.reader import read_object
-
-FileStream = tuple[Entry, Chunks]
 
 
 def _entry(e: S3Entry) -> Entry:
     return Entry(path=e.path, size=e.size, etag=e.etag, mtime_ns=e.mtime_ns, folder=e.folder)
 
 
+def _read_only(drive: DriveId) -> PermissionDenied:
+    return PermissionDenied(
+        f"{drive.uri} is an s3:// drive and s3 drives are read-only: put and delete need a lit:// drive"
+    )
+
+
 class S3Drives:
-    """All `s3://` drives, each backed by an index of its location."""
+    """All `s3://` drives, each backed by an index of its location (a `drived.drives.Drives`)."""
 
     def __init__(self, mounts: S3Mounts, chunk_size: int) -> None:
         self.mounts = mounts
         self.chunk_size = chunk_size
 
-    async def mount(self, drive: DriveId) -> tuple[int, float]:
-        return await self.mounts.mount(drive.bucket, drive.prefix)
+    async def mount(self, mount: MountRequest) -> tuple[int, float]:
+        drive = mount.drive
+        objects, seconds = await self.mounts.mount(drive.bucket, drive.prefix)
+        metrics.record_mount(drive.uri, objects, seconds)
+        return objects, seconds
 
     async def _find(self, drive: DriveId, path: str) -> S3Entry:
         found = (await self.mounts.index(drive.bucket, drive.prefix)).stat(path)
@@ -41,14 +54,13 @@ class S3Drives:
             raise NotFound(f"{path!r} does not exist in {drive.uri} (as of its last mount; mount() re-indexes)")
         return found
 
-    async def stat(self, drive: DriveId, path: str) -> Entry:
-        return _entry(await self._find(drive, path))
+    async def stat(self, stat: StatRequest) -> Entry:
+        return _entry(await self._find(stat.drive, stat.path))
 
-    async def list_entries(
-        self, drive: DriveId, path: str, *, recursive: bool, start_after: str, limit: int
-    ) -> tuple[list[Entry], bool]:
+    async def list_entries(self, listing: ListRequest) -> tuple[list[Entry], bool]:
+        drive = listing.drive
         index = await self.mounts.index(drive.bucket, drive.prefix)
-        entries, more = index.list(path, recursive, start_after, limit)
+        entries, more = index.list(listing.path, listing.recursive, listing.start_after, listing.limit)
         return [_entry(e) for e in entries], more
 
     def _read(self, drive: DriveId, e: S3Entry, offset: int = 0, limit: int = 0) -> Chunks:
@@ -57,20 +69,16 @@ class S3Drives:
             offset=offset, limit=limit, chunk_size=self.chunk_size,
         )
 
-    async def open_files(
-        self, drive: DriveId, path: str, *, offset: int, limit: int, if_match: str
-    ) -> AsyncIterator[FileStream]:
-        """The object at `path`, or every object under the folder `path`, each with its chunks."""
+    async def open_files(self, get: GetRequest) -> AsyncIterator[FileStream]:
+        """The object at the path, or every object under the folder, each with its chunks."""
+        drive, path = get.drive, get.path
         found = await self._find(drive, path) if path else S3Entry(path="", size=0, etag="", mtime_ns=0, folder=True)
         if not found.folder:
-            if offset > found.size:
-                raise InvalidArgument(f"offset {offset} is past the end of {path!r} ({found.size} bytes)")
-            if if_match and if_match != found.etag:
-                raise StaleIndexError(f"{path!r} in {drive.uri} has ETag {found.etag}, expected {if_match}")
-            yield _entry(found), self._read(drive, found, offset, limit)
+            get.check_range(found.size)
+            get.check_version(found.etag, "ETag")
+            yield _entry(found), self._read(drive, found, get.offset, get.limit)
             return
-        if offset or limit or if_match:
-            raise InvalidArgument(f"{path!r} is a folder: offset, limit and if_match apply to files only")
+        get.check_folder()
         index = await self.mounts.index(drive.bucket, drive.prefix)
         start_after = ""
         while True:
@@ -80,3 +88,12 @@ class S3Drives:
             if not more or not page:
                 return
             start_after = page[-1].path
+
+    async def begin_put(self, put: PutHeader) -> PendingPut:
+        raise _read_only(put.drive)
+
+    async def delete(self, delete: DeleteRequest) -> int:
+        raise _read_only(delete.drive)
+
+    async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event]]:
+        raise InvalidArgument(f"{watch.drive.uri} is an s3:// drive: only lit:// drives can be watched")

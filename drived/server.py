@@ -12,13 +12,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from drive_client.pb import drive_pb2 as pb
+from drive_client.uri import parse_drive
 from drive_client.wire import add_fast_servicer
 
 from . import metrics
 from .auth import TokenAuth
+from .backends.base import Backend
 from .backends.local import LocalBackend
+from .backends.s3 import S3Backend
 from .config import MAX_CHUNK_SIZE, Config
-from .events import EventLog
+from .drives import DriveRouter
+from .events import InProcessCoordinator
 from .managed import ManagedDrives
 from .s3drives import S3Drives
 from .s3index.mounts import S3Mounts
@@ -31,26 +35,42 @@ MESSAGE_LIMIT = MAX_CHUNK_SIZE + (1 << 20)  # a chunk plus room for the message 
 WORKER_THREADS = 32
 
 
+def make_backend(config: Config) -> Backend:
+    """The backend of managed drives: the data dir, or the S3 location of --storage."""
+    if config.storage:
+        where = parse_drive(config.storage)
+        return S3Backend(where.bucket, where.prefix, config.chunk_size, config.upload_expiry)
+    return LocalBackend(config.data_dir, config.chunk_size)
+
+
+def server_options(config: Config) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.so_reuseport", 0),  # a taken port must fail loudly
+        ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+        ("grpc.max_send_message_length", MESSAGE_LIMIT),
+        # A fixed receive window per stream, as in the client (drive_client.common):
+        # BDP-grown windows let a long put's buffered bytes, and the daemon's memory, vary.
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 2 << 20),
+    ]
+    if config.max_connection_age:
+        # GOAWAY after this age: clients reconnect, re-resolving dns:/// names; calls in progress go on.
+        options.append(("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)))
+    return options
+
+
 async def serve(config: Config) -> None:
     """Runs the daemon until SIGTERM or SIGINT, then drains in-flight calls within the grace period."""
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="drived-io"))
     server = grpc.aio.server(
-        interceptors=[TokenAuth(config.token)] if config.token else None,
-        options=[
-            ("grpc.so_reuseport", 0),  # a taken port must fail loudly
-            ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-            ("grpc.max_send_message_length", MESSAGE_LIMIT),
-            # A fixed receive window per stream, as in the client (drive_client.common):
-            # BDP-grown windows let a long put's buffered bytes, and the daemon's memory, vary.
-            ("grpc.http2.bdp_probe", 0),
-            ("grpc.http2.lookahead_bytes", 2 << 20),
-        ]
+        interceptors=[TokenAuth(config.token)] if config.token else None, options=server_options(config)
     )
-    backend = LocalBackend(config.data_dir, config.chunk_size)
+    backend = make_backend(config)
+    await backend.start()
     mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size)
-    events = EventLog()
-    service = DriveService(ManagedDrives(backend, events), S3Drives(mounts, config.chunk_size))
+    coordinator = InProcessCoordinator()
+    service = DriveService(DriveRouter(ManagedDrives(backend, coordinator), S3Drives(mounts, config.chunk_size)))
     add_fast_servicer(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -66,7 +86,8 @@ async def serve(config: Config) -> None:
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"fields": {"listen": config.listen, "data_dir": config.data_dir}})
+    where = {"storage": config.storage} if config.storage else {"data_dir": config.data_dir}
+    log.info("serving", extra={"fields": {"listen": config.listen, **where}})
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -74,7 +95,7 @@ async def serve(config: Config) -> None:
     await stop.wait()
     log.info("draining", extra={"fields": {"grace_period_s": config.grace_period}})
     await health_servicer.enter_graceful_shutdown()
-    events.close()  # watches and waiting gets answer UNAVAILABLE now; transfers get the grace period
+    await coordinator.close()  # watches and waiting gets answer UNAVAILABLE now; transfers get the grace period
     await server.stop(config.grace_period)
     await mounts.close()
     await backend.close()

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -46,9 +47,22 @@ from drive_client.pb import drive_pb2, drive_pb2_grpc  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
-# The `ml` tests: run when their packages are installed, skipped with one plain reason when not
+# Markers: `make test-fast` runs the unit tests only
 # ---------------------------------------------------------------------------
 
+# Fixtures that start a process serving on a port (a daemon, moto_server, ...): a test using one,
+# or in a module marked `integration` (one that starts such processes itself), is an integration
+# test; every other test is a unit test.
+SERVICE_FIXTURES = {"daemon", "own_daemon", "start_daemon", "moto_env"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        integration = item.get_closest_marker("integration") or not SERVICE_FIXTURES.isdisjoint(item.fixturenames)
+        item.add_marker(pytest.mark.integration if integration else pytest.mark.unit)
+
+
+# The `ml` tests run when their packages are installed, and are skipped with one plain reason when not.
 ML_MISSING = [name for name in ("torch", "lightning", "pyarrow") if importlib.util.find_spec(name) is None]
 
 
@@ -72,6 +86,7 @@ class DaemonHandle:
     data_dir: pathlib.Path
     proc: subprocess.Popen
     log_path: pathlib.Path
+    metrics: str = ""  # HOST:PORT of its Prometheus endpoint, when it serves one
 
     @property
     def port(self) -> int:
@@ -83,6 +98,26 @@ class DaemonHandle:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def open_requests(self, method: str) -> int:
+        """How many `method` calls the daemon is serving now (its drived_open_requests gauge)."""
+        assert self.metrics, "start the daemon with --metrics-listen (start_daemon does by default)"
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        found = re.search(rf'^drived_open_requests{{method="{method}"}} (\S+)$', text, re.M)
+        return int(float(found.group(1))) if found else 0
+
+    def wait_open(self, method: str, count: int, timeout: float = 10) -> None:
+        """Waits until the daemon is serving at least `count` `method` calls (e.g. Gets held waiting)."""
+        assert wait_until(lambda: self.open_requests(method) >= count, timeout), (
+            f"the daemon never served {count} {method} call(s) at once: {self.open_requests(method)}"
+        )
+
+    def wait_logged(self, event: str, timeout: float = 10) -> None:
+        """Waits until the daemon has logged `event` (a JSON line with that "event")."""
+        assert wait_until(lambda: f'"event": "{event}"' in self.log(), timeout), (
+            f"the daemon did not log {event!r}:\n{self.log()}"
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Sends `sig` and waits for the exit; kills after `timeout`. Returns the exit code."""
@@ -150,7 +185,8 @@ def spawn_daemon(
         )
     finally:
         log.close()
-    return DaemonHandle(endpoint=endpoint, data_dir=data_dir, proc=proc, log_path=log_path)
+    metrics = args[args.index("--metrics-listen") + 1] if "--metrics-listen" in args else ""
+    return DaemonHandle(endpoint=endpoint, data_dir=data_dir, proc=proc, log_path=log_path, metrics=metrics)
 
 
 def start_daemon(
@@ -164,11 +200,15 @@ def start_daemon(
     """Starts drived on a free 127.0.0.1 port with a data dir under `tmp_path`, and waits for SERVING.
 
     `extra_args` are appended to `--listen ... --data-dir ...` (e.g. "--grace-period", "5").
-    The caller stops it (`handle.stop()`); the `start_daemon` fixture does that itself.
+    It serves metrics on a free port too (unless `extra_args` say where), so that tests can
+    wait on what it is doing (`open_requests`). The caller stops it (`handle.stop()`); the
+    `start_daemon` fixture does that itself.
     """
     port = port or free_port()
     endpoint = f"127.0.0.1:{port}"
     data_dir = data_dir or (tmp_path / f"data-{port}")
+    if "--metrics-listen" not in extra_args:
+        extra_args = (*extra_args, "--metrics-listen", f"127.0.0.1:{free_port()}")
     args = ["--listen", endpoint, "--data-dir", str(data_dir), *extra_args]
     handle = spawn_daemon(args, tmp_path / f"drived-{port}.log", data_dir, endpoint, env=env)
     if wait:
@@ -349,6 +389,11 @@ def holds_bytes(root: pathlib.Path, data: bytes) -> bool:
                 if data in f.read():
                     return True
     return False
+
+
+def upload_bytes(data_dir: pathlib.Path) -> int:
+    """Bytes held by the uploads in progress in a local daemon's data dir (its tmp/ folder)."""
+    return sum(f.stat().st_size for f in (data_dir / "tmp").glob("*") if f.is_file())
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:

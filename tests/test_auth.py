@@ -12,6 +12,8 @@ from conftest import BIN, health_status, start_daemon
 from drive_client import Drive, Unauthenticated
 from drive_client.pb import drive_pb2 as pb
 
+pytestmark = pytest.mark.integration  # starts daemons of its own
+
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):

@@ -32,6 +32,9 @@ ALLOWED_MISSING = {
 }
 
 
+pytestmark = [pytest.mark.bench, pytest.mark.integration, pytest.mark.slow]
+
+
 @pytest.mark.timeout(420)
 def test_bench_smoke(tmp_path: pathlib.Path) -> None:
     out = tmp_path / "results"

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import time
+
+import pytest
+from conftest import wait_until
 
 from drive_client import Drive
 
@@ -23,12 +25,7 @@ def commit_workers(daemon_pid: int) -> list[int]:
 
 
 def wait_gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pathlib.Path(f"/proc/{pid}").exists():
-            return True
-        time.sleep(0.02)
-    return False
+    return wait_until(lambda: not pathlib.Path(f"/proc/{pid}").exists(), timeout, interval=0.02)
 
 
 def put_small_files(drive: Drive, root: pathlib.Path, names: list[str]) -> dict[str, bytes]:
@@ -87,6 +84,7 @@ def peak_rss_mib(pid: int) -> float:
     return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
 
 
+@pytest.mark.slow
 def test_a_folder_of_megabyte_files_is_committed_in_bounded_memory(start_daemon, drive_uri, tmp_path):
     """Commits in flight hold at most MAX_BYTES_IN_FLIGHT between them, whatever the size of the small files."""
     daemon = start_daemon(tmp_path)

@@ -28,7 +28,9 @@ from conftest import (
     sha256_hex,
     snapshot,
     spawn_daemon,
+    upload_bytes,
     wait_serving,
+    wait_until,
 )
 from grpc_health.v1 import health_pb2
 
@@ -64,6 +66,7 @@ def test_console_script_help():
     assert "--listen" in res.stdout
 
 
+@pytest.mark.integration  # starts a daemon of its own
 def test_env_configures_listen_and_data_dir(tmp_path):
     port = free_port()
     endpoint = f"127.0.0.1:{port}"
@@ -116,9 +119,9 @@ def test_sigterm_lets_inflight_put_finish(tmp_path, start_daemon):
     with ch:
         fut = stub.Put.future(slow_requests(), timeout=60)
         assert started.wait(10)
-        time.sleep(0.3)
+        handle.wait_open("Put", 1)
         handle.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        handle.wait_logged("draining")
         assert handle.proc.poll() is None, "the daemon must not exit while a put is in flight"
         # new calls are refused while draining (UNAVAILABLE: shutting down), the old one goes on
         late = rpc_code(lambda: stub.Stat(pb.StatRequest(drive="lit://drain", path="x"), timeout=5))
@@ -150,7 +153,7 @@ def test_sigterm_lets_inflight_get_finish(tmp_path, start_daemon):
         assert first.WhichOneof("message") == "info"
         received = bytearray(next(stream).data)
         handle.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        handle.wait_logged("draining")
         assert handle.proc.poll() is None, "the daemon must not exit while a get is in flight"
         for msg in stream:
             received.extend(msg.data)
@@ -181,6 +184,7 @@ def test_taken_port_by_another_daemon_fails_loudly(tmp_path, start_daemon):
     assert health_status(first.endpoint) == SERVING
 
 
+@pytest.mark.integration  # starts a daemon of its own
 def test_taken_port_by_other_program_fails_loudly(tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -243,7 +247,7 @@ def test_interrupted_upload_leftovers_removed_at_restart(tmp_path, start_daemon)
         before = snapshot(handle.data_dir)
         fut = stub.Put.future(requests(), timeout=60)
         assert started.wait(10)
-        time.sleep(0.7)
+        assert wait_until(lambda: upload_bytes(handle.data_dir) >= MIB), "no upload data reached the daemon"
         during = snapshot(handle.data_dir)
         handle.stop(signal.SIGKILL)  # the daemon crashes mid-upload
         gate.set()
@@ -305,7 +309,7 @@ def test_sigterm_answers_waiting_gets_unavailable(tmp_path, start_daemon):
     with ch:
         waiter = Background(lambda: raw_get(stub, "lit://waiting", "never.txt", wait_seconds=60))
         waiter.start()
-        time.sleep(0.5)
+        handle.wait_open("Get", 1)
         assert waiter.is_alive()
         t0 = time.monotonic()
         handle.proc.send_signal(signal.SIGTERM)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import time
 
 import grpc
-from conftest import raw_put
+from conftest import raw_put, wait_until
 
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
@@ -31,7 +30,4 @@ def test_refused_and_abandoned_gets_release_their_files(start_daemon, tmp_path):
             abandoned = stub.Get(pb.GetRequest(drive="lit://fds", path="f.bin"))
             assert next(abandoned).HasField("info")
             abandoned.cancel()
-        deadline = time.monotonic() + 10
-        while open_fds(handle.proc.pid) > before + 5 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert open_fds(handle.proc.pid) <= before + 5
+        assert wait_until(lambda: open_fds(handle.proc.pid) <= before + 5, 10), open_fds(handle.proc.pid)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
+import sys
 import threading
 import time
 
@@ -256,6 +258,38 @@ def test_raw_invalid_argument_get_offsets(stub, drive_uri):
     assert data == b"3456"
 
 
+def test_raw_wait_that_is_not_a_number_is_invalid(stub, drive_uri):
+    request = pb.GetRequest(drive=drive_uri, path="f.bin", wait_seconds=float("nan"))
+    t0 = time.monotonic()
+    assert rpc_code(lambda: list(stub.Get(request, timeout=20))) == INVALID
+    assert time.monotonic() - t0 < 10, "refused at once, not waited for"
+    assert list(stub.List(pb.ListRequest(drive=drive_uri, path=".")).entries) == []
+
+
+def test_unexpected_error_is_internal_naming_no_server_path(daemon, stub, drive_uri):
+    """An error the daemon does not expect answers INTERNAL: the message names its kind and the daemon
+    log (which has the traceback), never a path on the server."""
+    raw_put(stub, drive_uri, "kept.txt", b"kept")
+    folder = daemon.data_dir / "objects" / drive_uri.removeprefix("lit://") / "default"
+    # A socket where a stored file would be: opening it fails with ENXIO, which no backend code expects.
+    # Bound by a relative name in a child process, as the full path may be longer than a socket name can be.
+    bind = "import socket; socket.socket(socket.AF_UNIX).bind('odd')"
+    subprocess.run([sys.executable, "-c", bind], cwd=folder, check=True, timeout=30)
+    for call in (
+        lambda: stub.Stat(pb.StatRequest(drive=drive_uri, path="odd"), timeout=10),
+        lambda: list(stub.Get(pb.GetRequest(drive=drive_uri, path="odd"), timeout=10)),
+    ):
+        with pytest.raises(grpc.RpcError) as exc:
+            call()
+        assert exc.value.code() == SC.INTERNAL
+        details = exc.value.details()
+        assert "see the daemon log" in details and "OSError" in details, details
+        assert str(daemon.data_dir) not in details and "/" not in details, f"a server path in: {details}"
+    assert "Traceback" in daemon.log() and str(folder / "odd") in daemon.log(), "the log has what went wrong"
+    [(_, data)] = raw_get(stub, drive_uri, "kept.txt")
+    assert data == b"kept"
+
+
 def test_raw_put_over_folder_or_under_file_is_invalid(stub, drive_uri):
     raw_put(stub, drive_uri, "dir/f.txt", b"x")
     assert rpc_code(lambda: raw_put(stub, drive_uri, "dir", b"y")) == INVALID
@@ -369,7 +403,7 @@ def test_raw_mount_of_lit_drive_is_invalid(stub, drive_uri):
     assert rpc_code(lambda: stub.Mount(pb.MountRequest(drive=drive_uri))) == INVALID
 
 
-def test_raw_wait_answered_by_put(stub, drive_uri):
+def test_raw_wait_answered_by_put(stub, drive_uri, daemon):
     """A waiting Get is answered when a put commits (not only at its deadline)."""
     result: dict[str, object] = {}
 
@@ -377,9 +411,10 @@ def test_raw_wait_answered_by_put(stub, drive_uri):
         result["files"] = raw_get(stub, drive_uri, "late.txt", wait_seconds=30)
         result["t"] = time.monotonic()
 
+    waiting = daemon.open_requests("Get")
     t = threading.Thread(target=reader)
     t.start()
-    time.sleep(0.5)
+    daemon.wait_open("Get", waiting + 1)
     raw_put(stub, drive_uri, "late.txt", b"arrived")
     t_put = time.monotonic()
     t.join(20)

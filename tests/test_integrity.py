@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import grpc
 import pytest
@@ -27,6 +26,7 @@ from conftest import (
     rpc_code,
     sha256_hex,
     snapshot,
+    upload_bytes,
     wait_until,
     write_random_file,
 )
@@ -68,6 +68,7 @@ def test_raw_chunking_does_not_matter(stub, drive_uri):
         assert got == payload and info.sha256 == sha256_hex(payload)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_256_mib_random(daemon, tmp_path, drive_uri):
     size = 256 * MIB
@@ -225,7 +226,7 @@ def test_cancelled_upload_leaves_nothing(own_daemon, drive_uri):
         before = snapshot(handle.data_dir)
         fut = s.Put.future(requests(), timeout=60)
         assert sent.wait(10)
-        time.sleep(0.7)  # let the chunks reach the daemon
+        assert wait_until(lambda: upload_bytes(handle.data_dir) >= MIB), "no upload data reached the daemon"
         during = snapshot(handle.data_dir)
         fut.cancel()
         gate.set()
@@ -296,7 +297,7 @@ def test_crashed_client_upload_leaves_nothing(own_daemon, drive_uri):
                                 text=True)
         try:
             assert proc.stdout.readline().strip() == "sent"
-            time.sleep(0.7)
+            assert wait_until(lambda: upload_bytes(own_daemon.data_dir) >= MIB), "no upload data reached the daemon"
             proc.stdin.write("go\n")
             proc.stdin.flush()
             assert proc.wait(20) == 3

@@ -15,12 +15,10 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import MIB, DaemonHandle, free_port, start_daemon
+from conftest import MIB, DaemonHandle
 from test_metrics import scrape
 from test_readme import as_files, run_python
 
@@ -32,28 +30,9 @@ pytestmark = [pytest.mark.ml, pytest.mark.timeout(300)]
 STATE_DICT = 200 * MIB
 
 
-@dataclass
-class Metered:
-    """A daemon serving Prometheus metrics."""
-
-    daemon: DaemonHandle
-    metrics: str
-
-    @property
-    def endpoint(self) -> str:
-        return self.daemon.endpoint
-
-    def bytes_sent(self) -> float:
-        return scrape(self.metrics)['drived_transfer_bytes_total{direction="out"}']
-
-
-@pytest.fixture(scope="module")
-def metered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metered]:
-    tmp = tmp_path_factory.mktemp("ml-daemon")
-    metrics = f"127.0.0.1:{free_port()}"
-    handle = start_daemon(tmp, "--metrics-listen", metrics, data_dir=tmp / "data")
-    yield Metered(handle, metrics)
-    handle.stop()
+def bytes_sent(daemon: DaemonHandle) -> float:
+    """What the daemon has sent in file bytes since it started (its own counter)."""
+    return scrape(daemon.metrics)['drived_transfer_bytes_total{direction="out"}']
 
 
 def last_json(run: subprocess.CompletedProcess[str]) -> dict:
@@ -99,18 +78,18 @@ print(json.dumps({"save_mib": save, "load_mib": load, "same": digest(loaded) == 
 """
 
 
-def round_trip(metered: Metered, tmp_path: Path, count: int, mib: int) -> tuple[dict, float]:
+def round_trip(daemon: DaemonHandle, tmp_path: Path, count: int, mib: int) -> tuple[dict, float]:
     """The client's report, and how far the daemon's peak RSS rose above its RSS before the round trip."""
     uri = f"lit://state_{count}x{mib}/model.pt"
-    pid = metered.daemon.proc.pid
+    pid = daemon.proc.pid
     before = rss_mib(pid)
     reset_peak_rss(pid)
     report = last_json(run_python(["-c", STATE_DICT_ROUND_TRIP, uri, str(count), str(mib)], tmp_path,
-                                  metered.endpoint))
-    daemon = peak_rss_mib(pid) - before
-    stored = Drive(uri.rpartition("/")[0], endpoint=metered.endpoint).stat("model.pt")
+                                  daemon.endpoint))
+    rise = peak_rss_mib(pid) - before
+    stored = Drive(uri.rpartition("/")[0], endpoint=daemon.endpoint).stat("model.pt")
     assert report["same"] and stored.size > count * mib * MIB
-    return report, daemon
+    return report, rise
 
 
 # What streaming may hold beside the tensors: torch's record of one tensor at a time, fsspec's 5 MiB
@@ -120,12 +99,12 @@ def round_trip(metered: Metered, tmp_path: Path, count: int, mib: int) -> tuple[
 BUFFERS_MIB = STATE_DICT / MIB / 4
 
 
-def test_a_200_mib_state_dict_saves_and_loads_holding_a_fraction_of_it(metered, tmp_path):
+def test_a_200_mib_state_dict_saves_and_loads_holding_a_fraction_of_it(daemon, tmp_path):
     """50 tensors of 4 MiB (a model's layers): neither the client nor the daemon holds the whole file."""
-    client, daemon = round_trip(metered, tmp_path, count=50, mib=4)
+    client, served = round_trip(daemon, tmp_path, count=50, mib=4)
     assert client["save_mib"] < BUFFERS_MIB, client
     assert client["load_mib"] < STATE_DICT / MIB + BUFFERS_MIB, client  # the loaded tensors, and buffers
-    assert daemon < BUFFERS_MIB, daemon  # a few chunks per stream
+    assert served < BUFFERS_MIB, served  # a few chunks per stream
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -134,9 +113,9 @@ def test_a_200_mib_state_dict_saves_and_loads_holding_a_fraction_of_it(metered, 
     "cache (+626 MiB for torch.load, against +200 MiB from a local file): DriveFile could write large "
     "buffers straight to its spool and read into the caller's buffer"
 ))
-def test_one_200_mib_tensor_saves_and_loads_holding_a_fraction_of_it(metered, tmp_path):
-    client, daemon = round_trip(metered, tmp_path, count=1, mib=200)
-    assert daemon < BUFFERS_MIB, daemon
+def test_one_200_mib_tensor_saves_and_loads_holding_a_fraction_of_it(daemon, tmp_path):
+    client, served = round_trip(daemon, tmp_path, count=1, mib=200)
+    assert served < BUFFERS_MIB, served
     assert client["save_mib"] < BUFFERS_MIB, client
     assert client["load_mib"] < STATE_DICT / MIB + BUFFERS_MIB, client
 
@@ -148,14 +127,14 @@ GROUPS = 8  # row groups of a file
 
 
 @pytest.fixture(scope="module")
-def parquet_folder(metered: Metered) -> str:
+def parquet_folder(daemon: DaemonHandle) -> str:
     """lit://parquet_1/table/: two files of 8 row groups each; `step` counts rows across both files."""
     import fsspec
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs = fsspec.filesystem("lit", endpoint=metered.endpoint, skip_instance_cache=True)
+    fs = fsspec.filesystem("lit", endpoint=daemon.endpoint, skip_instance_cache=True)
     for part in range(2):
         first = part * GROUPS * ROWS
         table = pa.table({"step": np.arange(first, first + GROUPS * ROWS, dtype=np.int64),
@@ -183,13 +162,13 @@ def read_group_3_of_part_1(how: str, endpoint: str, folder: str):
 
 
 @pytest.mark.parametrize("how", ["pyarrow.dataset", "pandas.read_parquet"])
-def test_parquet_reads_send_only_the_row_groups_asked_for(metered, parquet_folder, how):
+def test_parquet_reads_send_only_the_row_groups_asked_for(daemon, parquet_folder, how):
     import fsspec
     import numpy as np
     import pyarrow.parquet as pq
     from fsspec.spec import AbstractBufferedFile
 
-    fs = fsspec.filesystem("lit", endpoint=metered.endpoint, skip_instance_cache=True)
+    fs = fsspec.filesystem("lit", endpoint=daemon.endpoint, skip_instance_cache=True)
     files = fs.find(parquet_folder)
     total = sum(fs.size(path) for path in files)
     with fs.open(files[1]) as f:
@@ -197,9 +176,9 @@ def test_parquet_reads_send_only_the_row_groups_asked_for(metered, parquet_folde
     asked = group.column(0).total_compressed_size + group.column(1).total_compressed_size  # step and x
     footers = 2 * len(files) * 64 * 1024  # pyarrow reads a file's last 64 KiB for its footer, here twice
 
-    before = metered.bytes_sent()
-    got = read_group_3_of_part_1(how, metered.endpoint, parquet_folder)
-    sent = metered.bytes_sent() - before
+    before = bytes_sent(daemon)
+    got = read_group_3_of_part_1(how, daemon.endpoint, parquet_folder)
+    sent = bytes_sent(daemon) - before
 
     expected = np.random.default_rng(1).random(GROUPS * ROWS)[3 * ROWS:4 * ROWS]
     assert np.array_equal(np.asarray(got["x"] if how == "pyarrow.dataset" else got[:, 0]), expected)
@@ -216,7 +195,7 @@ def test_parquet_reads_send_only_the_row_groups_asked_for(metered, parquet_folde
     "CSVLogger appends to metrics.csv from its second save on, so a Trainer whose default_root_dir is on a "
     "drive fails at its second log flush: an append could fetch the file into the spool and put it whole"
 ))
-def test_lightning_csv_logger_on_a_drive_flushes_twice(metered, tmp_path):
+def test_lightning_csv_logger_on_a_drive_flushes_twice(daemon, tmp_path):
     code = """
 import fsspec
 from lightning.pytorch.loggers import CSVLogger
@@ -228,13 +207,13 @@ for step in range(2):
 with fsspec.open(f"{logger.log_dir}/metrics.csv", "r") as f:
     print(repr(f.read()))
 """
-    run = run_python(["-c", code], tmp_path, metered.endpoint)
+    run = run_python(["-c", code], tmp_path, daemon.endpoint)
     assert run.stdout.strip() == repr("loss,step\n1.0,0\n0.5,1\n")
 
 
 # --- the DataLoader recipe ---------------------------------------------------------------------
 
-def test_the_dataloader_recipe_reads_every_file_of_a_lit_folder_in_4_workers(metered, tmp_path):
+def test_the_dataloader_recipe_reads_every_file_of_a_lit_folder_in_4_workers(daemon, tmp_path):
     """README's DriveFolder over lit://: every sample is its file's bytes, read by several worker processes."""
     files = as_files("A DataLoader over a folder of a drive", tmp_path)
     assert "dataset.py" in files
@@ -245,7 +224,7 @@ def test_the_dataloader_recipe_reads_every_file_of_a_lit_folder_in_4_workers(met
         data = os.urandom(4096)
         (samples / f"{i:04d}.bin").write_bytes(data)
         digests.append(hashlib.sha256(data).hexdigest())
-    Drive("lit://dataset_1", root_folder=tmp_path / "src", endpoint=metered.endpoint).put("train")
+    Drive("lit://dataset_1", root_folder=tmp_path / "src", endpoint=daemon.endpoint).put("train")
     code = """
 import hashlib, json, os
 from torch.utils.data import DataLoader
@@ -263,7 +242,7 @@ for batch, pids in DataLoader(data, batch_size=8, num_workers=4):
     workers.update(pids.tolist())
 print(json.dumps({"paths": data.paths, "digests": digests, "workers": sorted(workers), "main": os.getpid()}))
 """
-    report = last_json(run_python(["-W", "ignore::UserWarning", "-c", code], tmp_path, metered.endpoint))
+    report = last_json(run_python(["-W", "ignore::UserWarning", "-c", code], tmp_path, daemon.endpoint))
     assert report["paths"] == [f"train/{i:04d}.bin" for i in range(96)]
     assert report["digests"] == digests
     assert len(report["workers"]) > 1 and report["main"] not in report["workers"], report["workers"]

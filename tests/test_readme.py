@@ -16,9 +16,8 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import ROOT, free_port, wait_until
+from conftest import ROOT, wait_until
 from moto_server import AWS_ENV, running_moto
-from test_metrics import scrape
 
 from drive_client import Drive
 
@@ -106,8 +105,7 @@ def test_lightning_checkpoints_an_evaluator_and_a_resumed_run(start_daemon, tmp_
     lands; resume.py (a third) continues the run from last.ckpt. The evaluator sees every checkpoint, and
     each loads (a partial file would not); the resumed run trains on top of the restored steps instead of
     starting again (the first checkpoints are never re-put)."""
-    metrics = f"127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, "--metrics-listen", metrics)
+    daemon = start_daemon(tmp_path)
     heading = "Lightning: checkpoints on a drive, an evaluator, a resumed run"
     files = as_files(heading, tmp_path)
     assert sorted(files) == ["evaluate.py", "resume.py", "train.py"]
@@ -123,10 +121,9 @@ def test_lightning_checkpoints_an_evaluator_and_a_resumed_run(start_daemon, tmp_
     reader.start()
     try:
         # The trainer starts once the evaluator's Watch is open: from then on, no put can be missed.
-        assert wait_until(
-            lambda: evaluator.poll() is not None
-            or scrape(metrics).get('drived_open_requests{method="Watch"}') == 1, timeout=240,
-        ), "evaluate.py did not start watching"
+        assert wait_until(lambda: evaluator.poll() is not None or daemon.open_requests("Watch") == 1, timeout=240), (
+            "evaluate.py did not start watching"
+        )
         assert evaluator.poll() is None, (tmp_path / "evaluate.err").read_text()[-4000:]
 
         run_python(["train.py"], tmp_path, daemon.endpoint)

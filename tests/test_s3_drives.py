@@ -20,6 +20,8 @@ from moto_server import AWS_ENV, closed_port, running_moto
 from drive_client import Drive, StaleIndexError
 from drive_client.pb import drive_pb2
 
+pytestmark = pytest.mark.integration  # starts moto_server endpoints of its own
+
 BUCKET = "datasets"
 BIG = 32 * 1024 * 1024
 
@@ -141,6 +143,7 @@ def test_unreachable_endpoint_is_unavailable_naming_it(tmp_path):
         handle.stop()
 
 
+@pytest.mark.slow
 def test_get_of_a_folder_fetches_every_object_under_it(s3, tmp_path):
     got = drive(s3, root_folder=tmp_path).get("train")
     files = sorted(p.name for p in got.iterdir())

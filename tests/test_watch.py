@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
@@ -11,6 +10,8 @@ from conftest import free_port, start_daemon
 
 from drive_client import Drive, DriveError
 from drive_client.pb import drive_pb2
+
+pytestmark = pytest.mark.integration  # starts daemons of its own
 
 
 def collect(drive: Drive, count: int, **kwargs) -> tuple[list, threading.Thread, threading.Event]:
@@ -117,7 +118,7 @@ def test_watch_reconnects_to_a_restarted_daemon_and_reports_lost_events(tmp_path
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
-    time.sleep(0.5)  # let the watch open before the put
+    first.wait_open("Watch", 1)
     drive.put("f.txt")
     assert started.wait(10)
     assert first.stop() == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import grpc
 import pytest
@@ -195,11 +194,12 @@ def test_normalised_paths(stub, drive_uri):
     assert info.path == "a/b/c.txt" and data == b"c"
 
 
-def test_many_waiters_answered_by_one_put(stub, drive_uri):
+def test_many_waiters_answered_by_one_put(stub, drive_uri, daemon):
+    waiting = daemon.open_requests("Get")
     waiters = [Background(lambda: raw_get(stub, drive_uri, "event.txt", wait_seconds=30)) for _ in range(6)]
     for w in waiters:
         w.start()
-    time.sleep(0.5)
+    daemon.wait_open("Get", waiting + 6)
     assert all(w.is_alive() for w in waiters), "the waiters should still be waiting"
     raw_put(stub, drive_uri, "event.txt", b"go", component="signaller")
     for w in waiters:
@@ -207,17 +207,19 @@ def test_many_waiters_answered_by_one_put(stub, drive_uri):
         assert data == b"go" and info.component == "signaller"
 
 
-def test_wait_for_one_component_ignores_others(stub, drive_uri):
+def test_wait_for_one_component_ignores_others(stub, drive_uri, daemon):
+    """A put by another component wakes the waiting Get, which looks again and goes on waiting:
+    had it answered, it would have answered with the other component's file."""
     result: dict[str, object] = {}
 
     def wait():
         result["got"] = raw_get(stub, drive_uri, "f.txt", component="wanted", wait_seconds=20)
 
+    waiting = daemon.open_requests("Get")
     t = threading.Thread(target=wait)
     t.start()
+    daemon.wait_open("Get", waiting + 1)
     raw_put(stub, drive_uri, "f.txt", b"other", component="other", allow_duplicates=True)
-    time.sleep(0.5)
-    assert t.is_alive(), "a put by another component must not answer a wait for 'wanted'"
     raw_put(stub, drive_uri, "f.txt", b"wanted", component="wanted", allow_duplicates=True)
     t.join(20)
     [(info, data)] = result["got"]

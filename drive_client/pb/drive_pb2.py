@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64rive/v1/drive.proto\x12\x08\x64rive.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x01\n\nPutRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.drive.v1.PutHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12%\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x13.drive.v1.PutFinishH\x00\x12(\n\x04\x66ile\x18\x04 \x01(\x0b\x32\x18.drive.v1.PutFileRequestH\x00\x42\t\n\x07message\"q\n\tPutHeader\x12\r\n\x05\x64rive\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tcomponent\x18\x03 \x01(\t\x12\x18\n\x10\x61llow_duplicates\x18\x04 \x01(\x08\x12\x11\n\x04size\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_size\"\x1b\n\tPutFinish\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"S\n\x0ePutFileRequest\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.drive.v1.PutHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"3\n\x0fPutFileResponse\x12 \n\x04\x66ile\x18\x01 \x01(\x0b\x32\x12.drive.v1.FileInfo\"0\n\x0bPutResponse\x12!\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x12.drive.v1.FileInfo\"\xa9\x01\n\x08\x46ileInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\x12,\n\x08modified\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcomponent\x18\x06 \x01(\t\x12\x12\n\ngeneration\x18\x07 \x01(\x03\x12\x0e\n\x06\x66older\x18\x08 \x01(\x08\"\x9e\x01\n\nGetRequest\x12\r\n\x05\x64rive\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tcomponent\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\r\n\x05limit\x18\x05 \x01(\x03\x12\x14\n\x0cwait_seconds\x18\x06 \x01(\x01\x12\x10\n\x08if_match\x18\x07 \x01(\t\x12\x19\n\x11whole_small_files\x18\x08 \x01(\x08\"o\n\x0bGetResponse\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x12.drive.v1.FileInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12!\n\x04\x66ile\x18\x03 \x01(\x0b\x32\x11.drive.v1.GetFileH\x00\x42\t\n\x07message\"9\n\x07GetFile\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.drive.v1.FileInfo\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"w\n\x0bListRequest\x12\r\n\x05\x64rive\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tcomponent\x18\x03 \x01(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"L\n\x0cListResponse\x12#\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x12.drive.v1.FileInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"=\n\x0bStatRequest\x12\r\n\x05\x64rive\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tcomponent\x18\x03 \x01(\t\"?\n\rDeleteRequest\x12\r\n\x05\x64rive\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tcomponent\x18\x03 \x01(\t\"\'\n\x0e\x44\x65leteResponse\x12\x15\n\rfiles_deleted\x18\x01 \x01(\x03\"\x1d\n\x0cMountRequest\x12\r\n\x05\x64rive\x18\x01 \x01(\t\"1\n\rMountResponse\x12\x0f\n\x07objects\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"V\n\x0cWatchRequest\x12\r\n\x05\x64rive\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tcomponent\x18\x03 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x04 \x01(\x03\"\xb9\x01\n\nWatchEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.drive.v1.WatchEvent.Kind\x12 \n\x04\x66ile\x18\x03 \x01(\x0b\x32\x12.drive.v1.FileInfo\"N\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_WATCHING\x10\x01\x12\x0c\n\x08KIND_PUT\x10\x02\x12\x0f\n\x0bKIND_DELETE\x10\x03\x32\xd4\x03\n\x0c\x44riveService\x12\x34\n\x03Put\x12\x14.drive.v1.PutRequest\x1a\x15.drive.v1.PutResponse(\x01\x12>\n\x07PutFile\x12\x18.drive.v1.PutFileRequest\x1a\x19.drive.v1.PutFileResponse\x12\x34\n\x03Get\x12\x14.drive.v1.GetRequest\x1a\x15.drive.v1.GetResponse0\x01\x12\x35\n\x04List\x12\x15.drive.v1.ListRequest\x1a\x16.drive.v1.ListResponse\x12\x31\n\x04Stat\x12\x15.drive.v1.StatRequest\x1a\x12.drive.v1.FileInfo\x12;\n\x06\x44\x65lete\x12\x17.drive.v1.DeleteRequest\x1a\x18.drive.v1.DeleteResponse\x12\x38\n\x05Mount\x12\x16.drive.v1.MountRequest\x1a\x17.drive.v1.MountResponse\x12\x37\n\x05Watch\x12\x16.drive.v1.WatchRequest\x1a\x14.drive.v1.WatchEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64rive/v1/drive.proto\x12\x08\x64rive.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x01\n\nPutRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.drive.v1.PutHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12%\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x13.drive.v1.PutFinishH\x00\x12(\n\x04\x66ile\x18\x04 \x01(\x0b\x32\x18.drive.v1.PutFileRequestH\x00\x42\t\n\x07message\"\x9a\x01\n\tPutHeader\x12\r\n\x05\x64rive\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tcomponent\x18\x03 \x01(\t\x12\x18\n\x10\x61llow_duplicates\x18\x04 \x01(\x08\x12\x11\n\x04size\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tupload_id\x18\x06 \x01(\t\x12\x14\n\x0cwrite_offset\x18\x07 \x01(\x03\x42\x07\n\x05_size\";\n\tPutFinish\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x13\n\x06\x63rc32c\x18\x02 \x01(\x07H\x00\x88\x01\x01\x42\t\n\x07_crc32c\"s\n\x0ePutFileRequest\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.drive.v1.PutHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x06\x63rc32c\x18\x04 \x01(\x07H\x00\x88\x01\x01\x42\t\n\x07_crc32c\"3\n\x0fPutFileResponse\x12 \n\x04\x66ile\x18\x01 \x01(\x0b\x32\x12.drive.v1.FileInfo\"0\n\x0bPutResponse\x12!\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x12.drive.v1.FileInfo\"\xc9\x01\n\x08\x46ileInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\x12,\n\x08modified\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcomponent\x18\x06 \x01(\t\x12\x12\n\ngeneration\x18\x07 \x01(\x03\x12\x0e\n\x06\x66older\x18\x08 \x01(\x08\x12\x13\n\x06\x63rc32c\x18\t \x01(\x07H\x00\x88\x01\x01\x42\t\n\x07_crc32c\"\xb1\x01\n\nGetRequest\x12\r\n\x05\x64rive\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tcomponent\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\r\n\x05limit\x18\x05 \x01(\x03\x12\x14\n\x0cwait_seconds\x18\x06 \x01(\x01\x12\x10\n\x08if_match\x18\x07 \x01(\t\x12\x19\n\x11whole_small_files\x18\x08 \x01(\x08\x12\x11\n\tchecksums\x18\t \x01(\x08\"\x81\x01\n\x0bGetResponse\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x12.drive.v1.FileInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12!\n\x04\x66ile\x18\x03 \x01(\x0b\x32\x11.drive.v1.GetFileH\x00\x12\x10\n\x06\x63rc32c\x18\x04 \x01(\x07H\x00\x42\t\n\x07message\"Y\n\x07GetFile\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.drive.v1.FileInfo\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x06\x63rc32c\x18\x03 \x01(\x07H\x00\x88\x01\x01\x42\t\n\x07_crc32c\"w\n\x0bListRequest\x12\r\n\x05\x64rive\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tcomponent\x18\x03 \x01(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"L\n\x0cListResponse\x12#\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x12.drive.v1.FileInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"=\n\x0bStatRequest\x12\r\n\x05\x64rive\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tcomponent\x18\x03 \x01(\t\"?\n\rDeleteRequest\x12\r\n\x05\x64rive\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tcomponent\x18\x03 \x01(\t\"\'\n\x0e\x44\x65leteResponse\x12\x15\n\rfiles_deleted\x18\x01 \x01(\x03\"\x1d\n\x0cMountRequest\x12\r\n\x05\x64rive\x18\x01 \x01(\t\"1\n\rMountResponse\x12\x0f\n\x07objects\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"V\n\x0cWatchRequest\x12\r\n\x05\x64rive\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tcomponent\x18\x03 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x04 \x01(\x03\"\xb9\x01\n\nWatchEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.drive.v1.WatchEvent.Kind\x12 \n\x04\x66ile\x18\x03 \x01(\x0b\x32\x12.drive.v1.FileInfo\"N\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_WATCHING\x10\x01\x12\x0c\n\x08KIND_PUT\x10\x02\x12\x0f\n\x0bKIND_DELETE\x10\x03\"N\n\x17QueryWriteStatusRequest\x12\r\n\x05\x64rive\x18\x01 \x01(\t\x12\x11\n\tcomponent\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\"f\n\x18QueryWriteStatusResponse\x12\x16\n\x0e\x63ommitted_size\x18\x01 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12 \n\x04\x66ile\x18\x03 \x01(\x0b\x32\x12.drive.v1.FileInfo2\xaf\x04\n\x0c\x44riveService\x12\x34\n\x03Put\x12\x14.drive.v1.PutRequest\x1a\x15.drive.v1.PutResponse(\x01\x12>\n\x07PutFile\x12\x18.drive.v1.PutFileRequest\x1a\x19.drive.v1.PutFileResponse\x12\x34\n\x03Get\x12\x14.drive.v1.GetRequest\x1a\x15.drive.v1.GetResponse0\x01\x12\x35\n\x04List\x12\x15.drive.v1.ListRequest\x1a\x16.drive.v1.ListResponse\x12\x31\n\x04Stat\x12\x15.drive.v1.StatRequest\x1a\x12.drive.v1.FileInfo\x12;\n\x06\x44\x65lete\x12\x17.drive.v1.DeleteRequest\x1a\x18.drive.v1.DeleteResponse\x12\x38\n\x05Mount\x12\x16.drive.v1.MountRequest\x1a\x17.drive.v1.MountResponse\x12\x37\n\x05Watch\x12\x16.drive.v1.WatchRequest\x1a\x14.drive.v1.WatchEvent0\x01\x12Y\n\x10QueryWriteStatus\x12!.drive.v1.QueryWriteStatusRequest\x1a\".drive.v1.QueryWriteStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,44 +34,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PUTREQUEST']._serialized_start=68
   _globals['_PUTREQUEST']._serialized_end=227
-  _globals['_PUTHEADER']._serialized_start=229
-  _globals['_PUTHEADER']._serialized_end=342
-  _globals['_PUTFINISH']._serialized_start=344
-  _globals['_PUTFINISH']._serialized_end=371
-  _globals['_PUTFILEREQUEST']._serialized_start=373
-  _globals['_PUTFILEREQUEST']._serialized_end=456
-  _globals['_PUTFILERESPONSE']._serialized_start=458
-  _globals['_PUTFILERESPONSE']._serialized_end=509
-  _globals['_PUTRESPONSE']._serialized_start=511
-  _globals['_PUTRESPONSE']._serialized_end=559
-  _globals['_FILEINFO']._serialized_start=562
-  _globals['_FILEINFO']._serialized_end=731
-  _globals['_GETREQUEST']._serialized_start=734
-  _globals['_GETREQUEST']._serialized_end=892
-  _globals['_GETRESPONSE']._serialized_start=894
-  _globals['_GETRESPONSE']._serialized_end=1005
-  _globals['_GETFILE']._serialized_start=1007
-  _globals['_GETFILE']._serialized_end=1064
-  _globals['_LISTREQUEST']._serialized_start=1066
-  _globals['_LISTREQUEST']._serialized_end=1185
-  _globals['_LISTRESPONSE']._serialized_start=1187
-  _globals['_LISTRESPONSE']._serialized_end=1263
-  _globals['_STATREQUEST']._serialized_start=1265
-  _globals['_STATREQUEST']._serialized_end=1326
-  _globals['_DELETEREQUEST']._serialized_start=1328
-  _globals['_DELETEREQUEST']._serialized_end=1391
-  _globals['_DELETERESPONSE']._serialized_start=1393
-  _globals['_DELETERESPONSE']._serialized_end=1432
-  _globals['_MOUNTREQUEST']._serialized_start=1434
-  _globals['_MOUNTREQUEST']._serialized_end=1463
-  _globals['_MOUNTRESPONSE']._serialized_start=1465
-  _globals['_MOUNTRESPONSE']._serialized_end=1514
-  _globals['_WATCHREQUEST']._serialized_start=1516
-  _globals['_WATCHREQUEST']._serialized_end=1602
-  _globals['_WATCHEVENT']._serialized_start=1605
-  _globals['_WATCHEVENT']._serialized_end=1790
-  _globals['_WATCHEVENT_KIND']._serialized_start=1712
-  _globals['_WATCHEVENT_KIND']._serialized_end=1790
-  _globals['_DRIVESERVICE']._serialized_start=1793
-  _globals['_DRIVESERVICE']._serialized_end=2261
+  _globals['_PUTHEADER']._serialized_start=230
+  _globals['_PUTHEADER']._serialized_end=384
+  _globals['_PUTFINISH']._serialized_start=386
+  _globals['_PUTFINISH']._serialized_end=445
+  _globals['_PUTFILEREQUEST']._serialized_start=447
+  _globals['_PUTFILEREQUEST']._serialized_end=562
+  _globals['_PUTFILERESPONSE']._serialized_start=564
+  _globals['_PUTFILERESPONSE']._serialized_end=615
+  _globals['_PUTRESPONSE']._serialized_start=617
+  _globals['_PUTRESPONSE']._serialized_end=665
+  _globals['_FILEINFO']._serialized_start=668
+  _globals['_FILEINFO']._serialized_end=869
+  _globals['_GETREQUEST']._serialized_start=872
+  _globals['_GETREQUEST']._serialized_end=1049
+  _globals['_GETRESPONSE']._serialized_start=1052
+  _globals['_GETRESPONSE']._serialized_end=1181
+  _globals['_GETFILE']._serialized_start=1183
+  _globals['_GETFILE']._serialized_end=1272
+  _globals['_LISTREQUEST']._serialized_start=1274
+  _globals['_LISTREQUEST']._serialized_end=1393
+  _globals['_LISTRESPONSE']._serialized_start=1395
+  _globals['_LISTRESPONSE']._serialized_end=1471
+  _globals['_STATREQUEST']._serialized_start=1473
+  _globals['_STATREQUEST']._serialized_end=1534
+  _globals['_DELETEREQUEST']._serialized_start=1536
+  _globals['_DELETEREQUEST']._serialized_end=1599
+  _globals['_DELETERESPONSE']._serialized_start=1601
+  _globals['_DELETERESPONSE']._serialized_end=1640
+  _globals['_MOUNTREQUEST']._serialized_start=1642
+  _globals['_MOUNTREQUEST']._serialized_end=1671
+  _globals['_MOUNTRESPONSE']._serialized_start=1673
+  _globals['_MOUNTRESPONSE']._serialized_end=1722
+  _globals['_WATCHREQUEST']._serialized_start=1724
+  _globals['_WATCHREQUEST']._serialized_end=1810
+  _globals['_WATCHEVENT']._serialized_start=1813
+  _globals['_WATCHEVENT']._serialized_end=1998
+  _globals['_WATCHEVENT_KIND']._serialized_start=1920
+  _globals['_WATCHEVENT_KIND']._serialized_end=1998
+  _globals['_QUERYWRITESTATUSREQUEST']._serialized_start=2000
+  _globals['_QUERYWRITESTATUSREQUEST']._serialized_end=2078
+  _globals['_QUERYWRITESTATUSRESPONSE']._serialized_start=2080
+  _globals['_QUERYWRITESTATUSRESPONSE']._serialized_end=2182
+  _globals['_DRIVESERVICE']._serialized_start=2185
+  _globals['_DRIVESERVICE']._serialized_end=2744
 # @@protoc_insertion_point(module_scope)

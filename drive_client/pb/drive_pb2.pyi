@@ -31,7 +31,8 @@ Status codes used by every RPC:
   ABORTED              the file changed while it was read (if_match, s3 ETag)
   OUT_OF_RANGE         a Watch resumed from events no longer kept
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
-  DATA_LOSS            the bytes received do not match the sha256 sent
+  DATA_LOSS            the bytes received do not match the CRC32C (or sha256)
+                       sent, or a stored file is damaged (the message names it)
   RESOURCE_EXHAUSTED   disk full, or a message over the size limit
   UNAVAILABLE          S3 unreachable, or the daemon is shutting down
   UNIMPLEMENTED        an RPC this daemon does not serve yet
@@ -113,6 +114,8 @@ class PutHeader(_message.Message):
     COMPONENT_FIELD_NUMBER: _builtins.int
     ALLOW_DUPLICATES_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    WRITE_OFFSET_FIELD_NUMBER: _builtins.int
     drive: _builtins.str
     """The drive URI, e.g. "lit://drive_1". s3:// drives refuse puts."""
     path: _builtins.str
@@ -129,6 +132,21 @@ class PutHeader(_message.Message):
     """The file's size in bytes, when known. The server refuses a stream whose
     byte count differs (DATA_LOSS). Absent: the size is what arrives.
     """
+    upload_id: _builtins.str
+    """Makes the upload of this file resumable: an id the client makes unique
+    (e.g. 32 random hex digits; 1-128 letters, digits, '-' or '_'), scoped to
+    the drive and component. Empty: not resumable, and what arrived of an
+    unfinished file is discarded when the stream ends. With an id, the server
+    keeps what it holds of an unfinished file for its --upload-expiry after
+    the stream ends; QueryWriteStatus tells how much that is.
+    """
+    write_offset: _builtins.int
+    """Where this stream's bytes start in the file: 0 for a new upload; to
+    resume, the committed_size that QueryWriteStatus answered for
+    `upload_id`. Any other offset is refused with OUT_OF_RANGE (nothing
+    changes: query again), and the resume of an upload the server no longer
+    holds with NOT_FOUND (start again from 0). Needs `upload_id` when not 0.
+    """
     def __init__(
         self,
         *,
@@ -137,10 +155,12 @@ class PutHeader(_message.Message):
         component: _builtins.str = ...,
         allow_duplicates: _builtins.bool = ...,
         size: _builtins.int | None = ...,
+        upload_id: _builtins.str = ...,
+        write_offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_size", b"_size", "size", b"size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_size", b"_size", "allow_duplicates", b"allow_duplicates", "component", b"component", "drive", b"drive", "path", b"path", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_size", b"_size", "allow_duplicates", b"allow_duplicates", "component", b"component", "drive", b"drive", "path", b"path", "size", b"size", "upload_id", b"upload_id", "write_offset", b"write_offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__size: _TypeAlias = _typing.Literal["size"]  # noqa: Y015
     _WhichOneofArgType__size: _TypeAlias = _typing.Literal["_size", b"_size"]  # noqa: Y015
@@ -155,20 +175,32 @@ class PutFinish(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SHA256_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
-    """The lowercase hex sha256 of all the file's bytes, as the client
-    computed it. Required: an empty value is refused with INVALID_ARGUMENT.
+    """The lowercase hex sha256 of all the file's bytes, as the client computed
+    it. Optional when `crc32c` is set; when sent, the server checks it too
+    (DATA_LOSS when it differs). One of the two is required: a finish with
+    neither is refused with INVALID_ARGUMENT.
+    """
+    crc32c: _builtins.int
+    """The CRC32C (Castagnoli polynomial, as in iSCSI, Google Cloud Storage and
+    S3's checksums) of all the file's bytes, resumed parts included. The
+    server commits the file only when its own CRC32C of the bytes matches
+    (DATA_LOSS and nothing stored otherwise).
     """
     def __init__(
         self,
         *,
         sha256: _builtins.str = ...,
+        crc32c: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "crc32c", b"crc32c"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "crc32c", b"crc32c", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__crc32c: _TypeAlias = _typing.Literal["crc32c"]  # noqa: Y015
+    _WhichOneofArgType__crc32c: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crc32c) -> _WhichOneofReturnType__crc32c | None: ...
 
 Global___PutFinish: _TypeAlias = PutFinish  # noqa: Y015
 
@@ -181,10 +213,15 @@ class PutFileRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """All of the file's bytes."""
     sha256: _builtins.str
-    """The lowercase hex sha256 of `data`. Required: DATA_LOSS when it differs."""
+    """The lowercase hex sha256 of `data`, as PutFinish.sha256: optional when
+    `crc32c` is set, checked when sent (DATA_LOSS when it differs).
+    """
+    crc32c: _builtins.int
+    """The CRC32C of `data`, as PutFinish.crc32c: DATA_LOSS when it differs."""
     @_builtins.property
     def header(self) -> Global___PutHeader:
         """What the file is and where it goes, as for Put."""
@@ -195,12 +232,15 @@ class PutFileRequest(_message.Message):
         header: Global___PutHeader | None = ...,
         data: _builtins.bytes = ...,
         sha256: _builtins.str = ...,
+        crc32c: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "crc32c", b"crc32c", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "crc32c", b"crc32c", "data", b"data", "header", b"header", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__crc32c: _TypeAlias = _typing.Literal["crc32c"]  # noqa: Y015
+    _WhichOneofArgType__crc32c: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crc32c) -> _WhichOneofReturnType__crc32c | None: ...
 
 Global___PutFileRequest: _TypeAlias = PutFileRequest  # noqa: Y015
 
@@ -266,6 +306,7 @@ class FileInfo(_message.Message):
     COMPONENT_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     FOLDER_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """The path relative to the drive root."""
     size: _builtins.int
@@ -284,6 +325,11 @@ class FileInfo(_message.Message):
     """
     folder: _builtins.bool
     """True for a folder: a path with files beneath it."""
+    crc32c: _builtins.int
+    """The CRC32C of the content (see PutFinish.crc32c). Unset for s3://
+    objects and folders, and where the server does not know it yet (a file
+    stored by an older drived, until it is first read whole).
+    """
     @_builtins.property
     def modified(self) -> _timestamp_pb2.Timestamp:
         """When the file was committed (for s3://, the object's LastModified)."""
@@ -299,12 +345,15 @@ class FileInfo(_message.Message):
         component: _builtins.str = ...,
         generation: _builtins.int = ...,
         folder: _builtins.bool = ...,
+        crc32c: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["modified", b"modified"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "crc32c", b"crc32c", "modified", b"modified"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "etag", b"etag", "folder", b"folder", "generation", b"generation", "modified", b"modified", "path", b"path", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "component", b"component", "crc32c", b"crc32c", "etag", b"etag", "folder", b"folder", "generation", b"generation", "modified", b"modified", "path", b"path", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__crc32c: _TypeAlias = _typing.Literal["crc32c"]  # noqa: Y015
+    _WhichOneofArgType__crc32c: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crc32c) -> _WhichOneofReturnType__crc32c | None: ...
 
 Global___FileInfo: _TypeAlias = FileInfo  # noqa: Y015
 
@@ -322,6 +371,7 @@ class GetRequest(_message.Message):
     WAIT_SECONDS_FIELD_NUMBER: _builtins.int
     IF_MATCH_FIELD_NUMBER: _builtins.int
     WHOLE_SMALL_FILES_FIELD_NUMBER: _builtins.int
+    CHECKSUMS_FIELD_NUMBER: _builtins.int
     drive: _builtins.str
     """The drive URI."""
     path: _builtins.str
@@ -350,6 +400,14 @@ class GetRequest(_message.Message):
     info and bytes together) instead of `info` then `data`: half the
     messages for a folder of small files. Unset, nothing changes.
     """
+    checksums: _builtins.bool
+    """When true, each file's bytes come with the CRC32C of the bytes sent for
+    it (the whole file, or the range [offset, offset + limit)): in a
+    `crc32c` message after its last `data` chunk, or in `GetFile.crc32c`.
+    The server computes it from bytes it has checked against the stored
+    file's own checksums; a receiver whose CRC32C of what arrived differs
+    got damaged bytes (DATA_LOSS). Unset, nothing changes.
+    """
     def __init__(
         self,
         *,
@@ -361,10 +419,11 @@ class GetRequest(_message.Message):
         wait_seconds: _builtins.float = ...,
         if_match: _builtins.str = ...,
         whole_small_files: _builtins.bool = ...,
+        checksums: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "drive", b"drive", "if_match", b"if_match", "limit", b"limit", "offset", b"offset", "path", b"path", "wait_seconds", b"wait_seconds", "whole_small_files", b"whole_small_files"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksums", b"checksums", "component", b"component", "drive", b"drive", "if_match", b"if_match", "limit", b"limit", "offset", b"offset", "path", b"path", "wait_seconds", b"wait_seconds", "whole_small_files", b"whole_small_files"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -379,8 +438,13 @@ class GetResponse(_message.Message):
     INFO_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     FILE_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The next bytes of the current file."""
+    crc32c: _builtins.int
+    """Ends a file's bytes: the CRC32C of the `data` sent for it (only when
+    the request set `checksums`).
+    """
     @_builtins.property
     def info(self) -> Global___FileInfo:
         """Starts a file: its description. Its bytes follow in `data` messages
@@ -399,12 +463,13 @@ class GetResponse(_message.Message):
         info: Global___FileInfo | None = ...,
         data: _builtins.bytes = ...,
         file: Global___GetFile | None = ...,
+        crc32c: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "info", b"info", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "file", b"file", "info", b"info", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "info", b"info", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "file", b"file", "info", b"info", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["info", "data", "file"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["info", "data", "file", "crc32c"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -418,8 +483,11 @@ class GetFile(_message.Message):
 
     INFO_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The file's bytes (less offset, at most limit)."""
+    crc32c: _builtins.int
+    """The CRC32C of `data` (only when the request set `checksums`)."""
     @_builtins.property
     def info(self) -> Global___FileInfo:
         """What the file is."""
@@ -429,12 +497,15 @@ class GetFile(_message.Message):
         *,
         info: Global___FileInfo | None = ...,
         data: _builtins.bytes = ...,
+        crc32c: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "crc32c", b"crc32c", "info", b"info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "info", b"info"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c", "crc32c", b"crc32c", "data", b"data", "info", b"info"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__crc32c: _TypeAlias = _typing.Literal["crc32c"]  # noqa: Y015
+    _WhichOneofArgType__crc32c: _TypeAlias = _typing.Literal["_crc32c", b"_crc32c"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crc32c) -> _WhichOneofReturnType__crc32c | None: ...
 
 Global___GetFile: _TypeAlias = GetFile  # noqa: Y015
 
@@ -741,3 +812,69 @@ class WatchEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchEvent: _TypeAlias = WatchEvent  # noqa: Y015
+
+@_typing.final
+class QueryWriteStatusRequest(_message.Message):
+    """Which resumable upload to ask about."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRIVE_FIELD_NUMBER: _builtins.int
+    COMPONENT_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    drive: _builtins.str
+    """The drive URI of the upload, e.g. "lit://drive_1"."""
+    component: _builtins.str
+    """The putting component, as in the upload's PutHeader; "" means "default"."""
+    upload_id: _builtins.str
+    """The PutHeader.upload_id of the upload."""
+    def __init__(
+        self,
+        *,
+        drive: _builtins.str = ...,
+        component: _builtins.str = ...,
+        upload_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "drive", b"drive", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryWriteStatusRequest: _TypeAlias = QueryWriteStatusRequest  # noqa: Y015
+
+@_typing.final
+class QueryWriteStatusResponse(_message.Message):
+    """How much of a resumable upload the server holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMITTED_SIZE_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    committed_size: _builtins.int
+    """How many of the file's bytes the server holds: resume with a Put whose
+    header has this as `write_offset`. 0 when complete.
+    """
+    complete: _builtins.bool
+    """True when the upload's finish arrived and the file was committed:
+    nothing to resume.
+    """
+    @_builtins.property
+    def file(self) -> Global___FileInfo:
+        """The committed file, when complete."""
+
+    def __init__(
+        self,
+        *,
+        committed_size: _builtins.int = ...,
+        complete: _builtins.bool = ...,
+        file: Global___FileInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_size", b"committed_size", "complete", b"complete", "file", b"file"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryWriteStatusResponse: _TypeAlias = QueryWriteStatusResponse  # noqa: Y015

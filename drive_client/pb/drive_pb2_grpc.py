@@ -76,6 +76,11 @@ class DriveServiceStub:
                 request_serializer=drive_dot_v1_dot_drive__pb2.WatchRequest.SerializeToString,
                 response_deserializer=drive_dot_v1_dot_drive__pb2.WatchEvent.FromString,
                 _registered_method=True)
+        self.QueryWriteStatus = channel.unary_unary(
+                '/drive.v1.DriveService/QueryWriteStatus',
+                request_serializer=drive_dot_v1_dot_drive__pb2.QueryWriteStatusRequest.SerializeToString,
+                response_deserializer=drive_dot_v1_dot_drive__pb2.QueryWriteStatusResponse.FromString,
+                _registered_method=True)
 
 
 class DriveServiceServicer:
@@ -87,15 +92,19 @@ class DriveServiceServicer:
         """Stores one or more files. The client streams, for each file in turn:
         one `header`, any number of `data` chunks (each at most the server's
         message limit, 4 MiB by default; 1 MiB is a good size), then one
-        `finish` carrying the sha256 of all the file's bytes. The server hashes
-        what it receives and commits the file in one step only when the hashes
-        match (DATA_LOSS and nothing stored otherwise), replacing a file the
+        `finish` carrying the CRC32C (and, optionally, the sha256) of all the
+        file's bytes. The server checksums what it receives and commits the file
+        in one step only when the checksums match (DATA_LOSS and nothing stored
+        otherwise); it computes the stored file's sha256 itself. Replacing a file the
         same component already held at that path. Readers see the old file or
         the new one, never a mix. A stream that ends or is cancelled before a
         `finish` stores nothing for that file. The server commits each finished
         file while the next ones arrive and answers once all are committed,
         listing them; when one fails, the stream fails with its status, and
         files finished before (or committing at the same time) stay committed.
+        A file whose header carries an `upload_id` is resumable: when the stream
+        breaks off before its finish, QueryWriteStatus tells how many of its bytes
+        the server holds, and a new Put stream resumes it from there.
         Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
         header before the previous file's finish, a path that is a folder, or
         whose parent is a file), ALREADY_EXISTS (another component holds the
@@ -187,6 +196,18 @@ class DriveServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QueryWriteStatus(self, request, context):
+        """Tells how much of a resumable upload (a Put whose header carried an
+        `upload_id`) the server holds, so that a client whose Put stream was cut
+        can resume the file from there (like ByteStream's QueryWriteStatus).
+        Errors: NOT_FOUND (no such upload: never started, expired after the
+        daemon's --upload-expiry, or held by another daemon: start again from
+        offset 0), INVALID_ARGUMENT (bad drive, component or id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DriveServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -229,6 +250,11 @@ def add_DriveServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=drive_dot_v1_dot_drive__pb2.WatchRequest.FromString,
                     response_serializer=drive_dot_v1_dot_drive__pb2.WatchEvent.SerializeToString,
+            ),
+            'QueryWriteStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryWriteStatus,
+                    request_deserializer=drive_dot_v1_dot_drive__pb2.QueryWriteStatusRequest.FromString,
+                    response_serializer=drive_dot_v1_dot_drive__pb2.QueryWriteStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +475,33 @@ class DriveService:
             '/drive.v1.DriveService/Watch',
             drive_dot_v1_dot_drive__pb2.WatchRequest.SerializeToString,
             drive_dot_v1_dot_drive__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryWriteStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/drive.v1.DriveService/QueryWriteStatus',
+            drive_dot_v1_dot_drive__pb2.QueryWriteStatusRequest.SerializeToString,
+            drive_dot_v1_dot_drive__pb2.QueryWriteStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,7 +31,8 @@ Status codes used by every RPC:
   ABORTED              the file changed while it was read (if_match, s3 ETag)
   OUT_OF_RANGE         a Watch resumed from events no longer kept
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
-  DATA_LOSS            the bytes received do not match the sha256 sent
+  DATA_LOSS            the bytes received do not match the CRC32C (or sha256)
+                       sent, or a stored file is damaged (the message names it)
   RESOURCE_EXHAUSTED   disk full, or a message over the size limit
   UNAVAILABLE          S3 unreachable, or the daemon is shutting down
   UNIMPLEMENTED        an RPC this daemon does not serve yet
@@ -74,15 +75,19 @@ class DriveServiceStub:
     """Stores one or more files. The client streams, for each file in turn:
     one `header`, any number of `data` chunks (each at most the server's
     message limit, 4 MiB by default; 1 MiB is a good size), then one
-    `finish` carrying the sha256 of all the file's bytes. The server hashes
-    what it receives and commits the file in one step only when the hashes
-    match (DATA_LOSS and nothing stored otherwise), replacing a file the
+    `finish` carrying the CRC32C (and, optionally, the sha256) of all the
+    file's bytes. The server checksums what it receives and commits the file
+    in one step only when the checksums match (DATA_LOSS and nothing stored
+    otherwise); it computes the stored file's sha256 itself. Replacing a file the
     same component already held at that path. Readers see the old file or
     the new one, never a mix. A stream that ends or is cancelled before a
     `finish` stores nothing for that file. The server commits each finished
     file while the next ones arrive and answers once all are committed,
     listing them; when one fails, the stream fails with its status, and
     files finished before (or committing at the same time) stay committed.
+    A file whose header carries an `upload_id` is resumable: when the stream
+    breaks off before its finish, QueryWriteStatus tells how many of its bytes
+    the server holds, and a new Put stream resumes it from there.
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
     header before the previous file's finish, a path that is a folder, or
     whose parent is a file), ALREADY_EXISTS (another component holds the
@@ -142,6 +147,14 @@ class DriveServiceStub:
     drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
     shutting down: reconnect and resume).
     """
+    QueryWriteStatus: _grpc.UnaryUnaryMultiCallable[_drive_pb2.QueryWriteStatusRequest, _drive_pb2.QueryWriteStatusResponse]
+    """Tells how much of a resumable upload (a Put whose header carried an
+    `upload_id`) the server holds, so that a client whose Put stream was cut
+    can resume the file from there (like ByteStream's QueryWriteStatus).
+    Errors: NOT_FOUND (no such upload: never started, expired after the
+    daemon's --upload-expiry, or held by another daemon: start again from
+    offset 0), INVALID_ARGUMENT (bad drive, component or id).
+    """
 
 @_typing.type_check_only
 class DriveServiceAsyncStub(DriveServiceStub):
@@ -154,15 +167,19 @@ class DriveServiceAsyncStub(DriveServiceStub):
     """Stores one or more files. The client streams, for each file in turn:
     one `header`, any number of `data` chunks (each at most the server's
     message limit, 4 MiB by default; 1 MiB is a good size), then one
-    `finish` carrying the sha256 of all the file's bytes. The server hashes
-    what it receives and commits the file in one step only when the hashes
-    match (DATA_LOSS and nothing stored otherwise), replacing a file the
+    `finish` carrying the CRC32C (and, optionally, the sha256) of all the
+    file's bytes. The server checksums what it receives and commits the file
+    in one step only when the checksums match (DATA_LOSS and nothing stored
+    otherwise); it computes the stored file's sha256 itself. Replacing a file the
     same component already held at that path. Readers see the old file or
     the new one, never a mix. A stream that ends or is cancelled before a
     `finish` stores nothing for that file. The server commits each finished
     file while the next ones arrive and answers once all are committed,
     listing them; when one fails, the stream fails with its status, and
     files finished before (or committing at the same time) stay committed.
+    A file whose header carries an `upload_id` is resumable: when the stream
+    breaks off before its finish, QueryWriteStatus tells how many of its bytes
+    the server holds, and a new Put stream resumes it from there.
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
     header before the previous file's finish, a path that is a folder, or
     whose parent is a file), ALREADY_EXISTS (another component holds the
@@ -222,6 +239,14 @@ class DriveServiceAsyncStub(DriveServiceStub):
     drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
     shutting down: reconnect and resume).
     """
+    QueryWriteStatus: _aio.UnaryUnaryMultiCallable[_drive_pb2.QueryWriteStatusRequest, _drive_pb2.QueryWriteStatusResponse]  # type: ignore[assignment]
+    """Tells how much of a resumable upload (a Put whose header carried an
+    `upload_id`) the server holds, so that a client whose Put stream was cut
+    can resume the file from there (like ByteStream's QueryWriteStatus).
+    Errors: NOT_FOUND (no such upload: never started, expired after the
+    daemon's --upload-expiry, or held by another daemon: start again from
+    offset 0), INVALID_ARGUMENT (bad drive, component or id).
+    """
 
 class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
     """The file service. All RPCs are safe to call concurrently from any number
@@ -237,15 +262,19 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         """Stores one or more files. The client streams, for each file in turn:
         one `header`, any number of `data` chunks (each at most the server's
         message limit, 4 MiB by default; 1 MiB is a good size), then one
-        `finish` carrying the sha256 of all the file's bytes. The server hashes
-        what it receives and commits the file in one step only when the hashes
-        match (DATA_LOSS and nothing stored otherwise), replacing a file the
+        `finish` carrying the CRC32C (and, optionally, the sha256) of all the
+        file's bytes. The server checksums what it receives and commits the file
+        in one step only when the checksums match (DATA_LOSS and nothing stored
+        otherwise); it computes the stored file's sha256 itself. Replacing a file the
         same component already held at that path. Readers see the old file or
         the new one, never a mix. A stream that ends or is cancelled before a
         `finish` stores nothing for that file. The server commits each finished
         file while the next ones arrive and answers once all are committed,
         listing them; when one fails, the stream fails with its status, and
         files finished before (or committing at the same time) stay committed.
+        A file whose header carries an `upload_id` is resumable: when the stream
+        breaks off before its finish, QueryWriteStatus tells how many of its bytes
+        the server holds, and a new Put stream resumes it from there.
         Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
         header before the previous file's finish, a path that is a folder, or
         whose parent is a file), ALREADY_EXISTS (another component holds the
@@ -346,6 +375,20 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
         drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
         shutting down: reconnect and resume).
+        """
+
+    @_abc_1.abstractmethod
+    def QueryWriteStatus(
+        self,
+        request: _drive_pb2.QueryWriteStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_drive_pb2.QueryWriteStatusResponse, _abc.Awaitable[_drive_pb2.QueryWriteStatusResponse]]:
+        """Tells how much of a resumable upload (a Put whose header carried an
+        `upload_id`) the server holds, so that a client whose Put stream was cut
+        can resume the file from there (like ByteStream's QueryWriteStatus).
+        Errors: NOT_FOUND (no such upload: never started, expired after the
+        daemon's --upload-expiry, or held by another daemon: start again from
+        offset 0), INVALID_ARGUMENT (bad drive, component or id).
         """
 
 def add_DriveServiceServicer_to_server(servicer: DriveServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from drive_client.errors import DataLoss, InvalidArgument
+
 
 class Chunks(Protocol):
     """The bytes of one object, chunk by chunk; `aclose` releases them early (async generators qualify)."""
@@ -61,6 +63,30 @@ class Listing:
     def key_of(self, name: str) -> str:
         """How `name` sorts in `key_order`."""
         return f"{name}/" if name in self.folders else name
+
+
+def parent_is_file(key: str) -> InvalidArgument:
+    return InvalidArgument(f"cannot put {key!r}: a parent folder of it is a file")
+
+
+def is_a_folder(key: str) -> InvalidArgument:
+    return InvalidArgument(f"cannot put {key!r}: it is a folder; put files below it instead")
+
+
+def sha256_mismatch(key: str, digest: str, sha256: str) -> DataLoss:
+    return DataLoss(
+        f"sha256 mismatch for {key!r}: received bytes hash to {digest}, client sent {sha256}; "
+        "nothing was stored, retry the put"
+    )
+
+
+def check_size(key: str, received: int, size: int | None) -> None:
+    """Raises DataLoss when the header's `size` (if any) differs from the bytes `received`."""
+    if size is not None and size != received:
+        raise DataLoss(
+            f"size mismatch for {key!r}: received {received} bytes, header said {size}; "
+            "nothing was stored, retry the put"
+        )
 
 
 class Upload(abc.ABC):
@@ -123,11 +149,13 @@ class Backend(abc.ABC):
         """Names of the sub-folders directly under folder `prefix` (cheaper than list_folder: no objects)."""
 
     @abc.abstractmethod
-    async def list_folder(self, prefix: str) -> Listing:
-        """The names of the objects and sub-folders directly under folder `prefix` ("" is the top).
+    async def list_folder(self, prefix: str, start_after: str = "", limit: int | None = None) -> Listing:
+        """The names of the objects and sub-folders directly under folder `prefix` ("" is the top):
+        those whose key comes after key `start_after` in name order, at most `limit` of them.
 
         Names only, so that a page of a big folder's listing costs a `stat`
-        per entry of the page, not per entry of the folder.
+        per entry of the page, not per entry of the folder; a store that
+        lists in pages costs the page, not the folder.
         """
 
     @abc.abstractmethod
@@ -139,6 +167,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def delete(self, key: str) -> bool:
         """Removes the object at `key`; False when there was none."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Prepares the backend before the daemon serves (SystemExit with the reason when it cannot)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Releases resources; the backend is not used afterwards."""

@@ -20,10 +20,22 @@ import stat
 from collections.abc import Iterator
 from typing import Any
 
-from drive_client.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from drive_client.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from drive_client.files import write_all
 
-from .base import Backend, Chunks, Listing, ObjectInfo, Upload, names_from, position_after
+from .base import (
+    Backend,
+    Chunks,
+    Listing,
+    ObjectInfo,
+    Upload,
+    check_size,
+    is_a_folder,
+    names_from,
+    parent_is_file,
+    position_after,
+    sha256_mismatch,
+)
 from .commit_worker import CommitWorker
 from .folder_cache import FolderCache
 from .stored import HEADER, MAGIC, fsync_folder, make_durable, place
@@ -52,20 +64,12 @@ def _disk_error(err: OSError, what: str) -> Exception:
     return err
 
 
-def _parent_is_file(key: str) -> InvalidArgument:
-    return InvalidArgument(f"cannot put {key!r}: a parent folder of it is a file")
-
-
-def _is_folder(key: str) -> InvalidArgument:
-    return InvalidArgument(f"cannot put {key!r}: it is a folder; put files below it instead")
-
-
 def _commit_error(err: OSError, key: str) -> Exception:
     """What a put of `key` answers when its commit failed with `err`."""
     if err.errno == errno.ENOTDIR:
-        return _parent_is_file(key)
+        return parent_is_file(key)
     if err.errno == errno.EISDIR:
-        return _is_folder(key)
+        return is_a_folder(key)
     return _disk_error(err, "committing an upload")
 
 
@@ -181,26 +185,13 @@ class LocalUpload(Upload):
             flushing, self._flushing = self._flushing, None
             await flushing
 
-    def _mismatch(self, digest: str, sha256: str) -> DataLoss:
-        return DataLoss(
-            f"sha256 mismatch for {self._key!r}: received bytes hash to {digest}, client sent {sha256}; "
-            "nothing was stored, retry the put"
-        )
-
-    def _check_size(self, size: int | None) -> None:
-        if size is not None and size != self._size:
-            raise DataLoss(
-                f"size mismatch for {self._key!r}: received {self._size} bytes, header said {size}; "
-                "nothing was stored, retry the put"
-            )
-
     def _commit_big(self, chunks: list[bytes | memoryview], sha256: str, size: int | None) -> ObjectInfo:
         """Runs in a worker thread: writes the rest, verifies, writes the header, fsyncs and renames into place."""
         self._flush(chunks)
         digest = self._hash.hexdigest()
         if digest != sha256:
-            raise self._mismatch(digest, sha256)
-        self._check_size(size)
+            raise sha256_mismatch(self._key, digest, sha256)
+        check_size(self._key, self._size, size)
         try:
             os.pwrite(self._fd, HEADER.pack(MAGIC, self._hash.digest(), self._size), 0)
             generation = make_durable(self._fd)
@@ -215,12 +206,12 @@ class LocalUpload(Upload):
 
     async def _commit_small(self, data: bytes, sha256: str, size: int | None) -> ObjectInfo:
         """Has the commit worker verify, write and commit the file, all of whose bytes are `data`."""
-        self._check_size(size)
+        check_size(self._key, self._size, size)
         self._committing = self._backend.committer.submit((self._tmp_path, self._path, data, sha256))
         # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
         outcome = await asyncio.shield(self._committing)
         if outcome[0] == "mismatch":
-            raise self._mismatch(outcome[1], sha256)
+            raise sha256_mismatch(self._key, outcome[1], sha256)
         if outcome[0] == "error":
             error_number, message = outcome[1:]
             if error_number is None:
@@ -304,7 +295,7 @@ class LocalBackend(Backend):
     async def start_upload(self, key: str) -> Upload:
         path, mode = self._lookup(key)
         if mode is not None and stat.S_ISDIR(mode):
-            raise _is_folder(key)
+            raise is_a_folder(key)
         return LocalUpload(self, key, path)
 
     def _open(self, key: str) -> tuple[int, ObjectInfo]:
@@ -359,8 +350,17 @@ class LocalBackend(Backend):
     def _list(self, prefix: str) -> Listing:
         return self.listings.read(self._path(prefix.rstrip("/")))
 
-    async def list_folder(self, prefix: str) -> Listing:
-        return await asyncio.get_running_loop().run_in_executor(None, self._list, prefix)
+    def _list_after(self, prefix: str, start_after: str, limit: int | None) -> Listing:
+        listing = self._list(prefix)
+        base = prefix.rstrip("/")
+        start = position_after(listing.names, f"{base}/" if base else "", start_after)
+        if not start and limit is None:
+            return listing
+        names = listing.names[start:] if limit is None else listing.names[start:start + limit]
+        return Listing(names, listing.folders, tuple(sorted(names, key=listing.key_of)))
+
+    async def list_folder(self, prefix: str, start_after: str = "", limit: int | None = None) -> Listing:
+        return await asyncio.get_running_loop().run_in_executor(None, self._list_after, prefix, start_after, limit)
 
     def _walk(self, prefix: str, start_after: str, limit: int | None) -> list[str]:
         base = prefix.rstrip("/")

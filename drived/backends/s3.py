@@ -1,0 +1,652 @@
+"""S3Backend: managed drives kept in an S3-compatible store (`--storage s3://bucket/prefix/`).
+
+Layout: the object of key `<drive>/<component>/<path>` is `prefix/<drive>/<component>/<path>`,
+its plain bytes; its user metadata holds `generation` (ns, new with every
+commit) and its content hashes. The store is the only truth: any number of
+daemons serve the same prefix, listing and stat read it (S3 lists and reads
+its own writes), and nothing about a file lives only in a daemon.
+
+Commits. A file of at most `PART_SIZE` bytes is one PutObject, sent once its
+bytes are verified, with its sha256 in its metadata. A bigger one streams into
+a multipart upload, `PARTS_IN_FLIGHT` parts of `PART_SIZE` at a time, and
+becomes visible in one step at CompleteMultipartUpload, which is only called
+when the bytes match the client's sha256 and size; otherwise the upload is
+aborted and nothing is visible. Both steps are atomic in S3: a reader sees the
+previous version or the new one, never a part.
+
+Where a big file's sha256 lives. An object's metadata is fixed when its
+multipart upload is created, before any byte is hashed, and S3 can change it
+only by copying the object. Copying after the commit (CopyObject onto itself)
+would show the object without its sha256 until the copy ends, and for ever if
+the daemon died in between; completing into a staging key and copying into
+place is atomic but makes the store read and write every big file twice
+(UploadPartCopy above 5 GiB). Hashing before the upload would mean spooling
+the whole file first. So a multipart object's metadata names a *checksum
+object* instead, `prefix/~checksums/<key>/<name>`, an empty object whose
+metadata holds the hashes; it is written after the bytes are verified and
+before CompleteMultipartUpload, so the file is never visible without it.
+`~` cannot start a drive name: the checksum objects share no folder with a
+drive. This costs one small PUT per big file, and a stat of a big file a second
+HEAD; the checksum object of a replaced or deleted version is deleted after it.
+(MinIO keeps such metadata in its own xl.meta and JuiceFS in its metadata
+engine; rclone stores an MD5 only when it can hash the source before the
+upload: each keeps the hash beside the bytes, not in S3's metadata.)
+
+Folders. S3 has none: a folder is the common prefix of the keys below it, so
+it vanishes with its last file. A put is refused when a parent of its key is an
+object or its key is a folder, checked (a HEAD per parent, one LIST) while
+its first bytes arrive and before any is stored. Between replicas the check
+and the commit are not one step: two replicas putting `a` and `a/b` at the
+same moment can both succeed; listing then shows `a` as a folder.
+
+Uploads left behind. A put that fails, is cancelled or abandoned aborts its
+multipart upload. One whose daemon was killed is found by the sweep, at
+start-up and every `upload_expiry` seconds: ListMultipartUploads under the
+prefix, and an upload that no part was added to for `upload_expiry` (S3's own
+clock) is aborted, with the checksum objects its key no longer uses.
+
+Reads are one GetObject of the range asked for, streamed a chunk at a time: a
+single answer is one version. When the connection drops mid-way the rest is
+asked for again `If-Match` its ETag, so a file replaced meanwhile fails with
+ABORTED rather than mixing versions.
+
+boto3 (in a thread pool) is the client: measured against aiobotocore and
+obstore in bench/WHY.md. Payload signing is off (SigV4 over plain HTTP would
+sha256 every byte a second time); botocore's CRC32 per request stays on, so the
+store still checks what it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import email.utils
+import functools
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import botocore.exceptions
+
+from drive_client.errors import (
+    DriveError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    StaleIndexError,
+    Unavailable,
+)
+
+from ..s3index.lister import endpoint_of, make_client, map_error
+from .base import (
+    Backend,
+    Chunks,
+    Listing,
+    ObjectInfo,
+    Upload,
+    check_size,
+    is_a_folder,
+    parent_is_file,
+    sha256_mismatch,
+)
+
+log = logging.getLogger("drived")
+
+PART_SIZE = 8 << 20  # bytes per UploadPart; a file up to this size is one PutObject
+PARTS_IN_FLIGHT = 8  # parts of one upload being sent at once
+MAX_PARTS_IN_FLIGHT = 8  # over all uploads: bounds the memory they hold (8 × 8 MiB)
+MAX_PARTS = 10_000  # S3's limit of parts in one upload
+CHECKSUMS = "~checksums"  # the folder of checksum objects, beside the drives
+THREADS = 32  # boto3 calls and body reads
+PAGE = 1000  # ListObjectsV2 MaxKeys
+READ_RETRIES = 3  # times a read resumes after its connection dropped
+
+
+class Digests:
+    """The content hashes of one object, computed as its bytes go by: the one place a checksum is added."""
+
+    def __init__(self) -> None:
+        self._sha256 = hashlib.sha256()
+        self.size = 0
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._sha256.update(data)
+        self.size += len(data)
+
+    def verify(self, key: str, sha256: str, size: int | None) -> None:
+        """Raises DataLoss unless the bytes hash to `sha256` and number `size` (when given)."""
+        digest = self._sha256.hexdigest()
+        if digest != sha256:
+            raise sha256_mismatch(key, digest, sha256)
+        check_size(key, self.size, size)
+
+    def metadata(self) -> dict[str, str]:
+        """The hashes as S3 user metadata."""
+        return {"sha256": self._sha256.hexdigest()}
+
+
+def _sha256_of(metadata: dict[str, str]) -> str:
+    return metadata.get("sha256", "")
+
+
+def _code(err: BaseException) -> tuple[str, int]:
+    """The S3 error code and HTTP status of a boto3 failure ("", 0 for one without an answer)."""
+    if isinstance(err, botocore.exceptions.ClientError):
+        status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return str(err.response.get("Error", {}).get("Code", "")), status
+    return "", 0
+
+
+def _missing(err: BaseException) -> bool:
+    code, status = _code(err)
+    return code in ("NoSuchKey", "NotFound", "404") or (status == 404 and code != "NoSuchBucket")
+
+
+def _server_time(answer: dict[str, Any]) -> datetime:
+    """The store's clock at `answer` (its Date header), so expiry does not depend on this machine's clock."""
+    date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    return email.utils.parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
+
+
+def _name_bound(last: str) -> str:
+    """The least name that a folder listing can still give after its key `last` (a name, or a name + "/").
+
+    S3 lists in key order, where a sub-folder "a" sorts as "a/": after "a.txt",
+    "a-b". Listed names come out in name order, so a name is held back until
+    every name still to come is known to be greater.
+    """
+    for i in range(1, len(last)):
+        if last[i] < "/":
+            return last[:i]  # a folder of this name has a key ("a/") after `last` ("a.txt")
+    return last.rstrip("/")
+
+
+class S3Upload(Upload):
+    """An upload of one key: buffered up to a part, then a multipart upload with parts in flight."""
+
+    def __init__(self, backend: S3Backend, key: str) -> None:
+        self._backend = backend
+        self._key = key
+        self._checked = asyncio.ensure_future(backend.check_place(key))  # done before any byte is stored
+        self._digests = Digests()
+        self._buffer = bytearray()
+        self._hashing: asyncio.Future[None] | None = None  # the hashing of the last part handed on
+        self._upload_id = ""
+        self._generation = 0
+        self._checksums = ""  # the name of the checksum object of a multipart upload
+        self._parts: list[asyncio.Future[dict[str, Any]]] = []
+        self._room = asyncio.Semaphore(PARTS_IN_FLIGHT)
+        self._committing: asyncio.Future[Any] | None = None
+        self._ended = False
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self._buffer += data
+        if len(self._buffer) >= PART_SIZE:
+            await self._send_part()
+
+    async def _hash(self, data: bytearray) -> None:
+        """Hashes `data` in a worker thread, after the data before it."""
+        if self._hashing is not None:
+            await self._hashing
+        self._hashing = self._backend.run(self._digests.update, data)
+
+    async def _send_part(self) -> None:
+        if len(self._parts) == MAX_PARTS:
+            raise ResourceExhausted(
+                f"{self._key!r} is larger than {MAX_PARTS * PART_SIZE >> 30} GiB, the largest file --storage "
+                "keeps (S3 takes 10,000 parts): split it"
+            )
+        part, self._buffer = self._buffer, bytearray()
+        for sent in self._parts:  # a failed part fails the put now, not at its end
+            error = sent.exception() if sent.done() else None
+            if error is not None:
+                raise error
+        await self._hash(part)
+        if not self._upload_id:
+            await self._checked
+            self._generation = time.time_ns()
+            self._checksums = f"{self._generation}-{secrets.token_hex(4)}"
+            self._upload_id = await self._backend.create_upload(self._key, self._generation, self._checksums)
+        await self._room.acquire()
+        await self._backend.part_room.acquire()
+        sending = self._backend.upload_part(self._key, self._upload_id, len(self._parts) + 1, part)
+        sending.add_done_callback(self._part_sent)
+        self._parts.append(sending)
+
+    def _part_sent(self, _: asyncio.Future[dict[str, Any]]) -> None:
+        self._room.release()
+        self._backend.part_room.release()
+
+    async def commit(self, sha256: str, size: int | None = None) -> ObjectInfo:
+        try:
+            if not self._upload_id:
+                data, self._buffer = self._buffer, bytearray()
+                await self._hash(data)
+                await self._hashing  # type: ignore[misc]  # set by _hash
+                self._digests.verify(self._key, sha256, size)
+                await self._checked
+                self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, self._digests))
+                return await asyncio.shield(self._committing)
+            if self._buffer:
+                await self._send_part()  # the last part, which may be short
+            await self._hashing  # type: ignore[misc]  # a multipart upload has hashed a part
+            parts = await asyncio.gather(*self._parts)
+            self._digests.verify(self._key, sha256, size)
+            self._committing = asyncio.ensure_future(self._backend.complete_upload(
+                self._key, self._upload_id, parts, self._checksums, self._digests))
+            # Shielded: a cancelled put lets its commit end before abort() looks at what is left.
+            await asyncio.shield(self._committing)
+            self._upload_id = ""
+            return ObjectInfo(self._key, self._digests.size, sha256, self._generation)
+        finally:
+            await self.abort()
+
+    async def abort(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if not self._checked.done():
+            self._checked.cancel()
+        elif not self._checked.cancelled():
+            self._checked.exception()  # retrieved: raised to the caller already, or of no interest now
+        # Shielded and tracked by the backend: a cancelled put still aborts its multipart upload.
+        await asyncio.shield(self._backend.keep(self._discard()))
+
+    async def _discard(self) -> None:
+        running = [f for f in (self._committing, self._hashing, *self._parts) if f is not None]
+        if running:
+            await asyncio.wait(running)  # a part still being sent would outlive the abort
+        if self._committing is not None and not self._committing.cancelled() and not self._committing.exception():
+            self._upload_id = ""  # committed while the put was cancelled
+        if self._upload_id:
+            await self._backend.abort_upload(self._key, self._upload_id)
+
+
+class S3Backend(Backend):
+    """Objects in one bucket under one prefix, through boto3 in a thread pool."""
+
+    def __init__(self, bucket: str, prefix: str, chunk_size: int = 1 << 20, upload_expiry: float = 60.0) -> None:
+        self.bucket = bucket
+        self.root = prefix  # "" or ending in "/"
+        self.chunk_size = chunk_size
+        self.upload_expiry = upload_expiry
+        self._pool = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="s3-store")
+        self.client = make_client(pool=THREADS, s3={"payload_signing_enabled": False})
+        self.endpoint = endpoint_of(self.client)
+        self.part_room = asyncio.Semaphore(MAX_PARTS_IN_FLIGHT)
+        self._live: set[str] = set()  # this daemon's multipart uploads in progress: never swept
+        self._background: set[asyncio.Future[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- plumbing ------------------------------------------------------------
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        """Runs a blocking call in the backend's threads."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    def keep(self, work: Any) -> asyncio.Future[Any]:
+        """Runs `work` to its end even when its caller is cancelled; `close` waits for it."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def failure(self, err: BaseException, key: str = "") -> DriveError:
+        """The DriveError for a boto3 failure on `key` (a key of this backend)."""
+        code, _ = _code(err)
+        if code == "NoSuchBucket":
+            return NotFound(
+                f"the S3 bucket {self.bucket!r} of --storage does not exist at {self.endpoint}: create it"
+            )
+        if code == "NoSuchUpload":
+            return Unavailable(
+                f"the upload of {key!r} was given up (no part for {self.upload_expiry:g} s, or the store "
+                "dropped it): retry the put"
+            )
+        if code in ("PreconditionFailed", "InvalidRange") or (_missing(err) and key):
+            return DriveError(f"S3 error on s3://{self.bucket}/{self.root}{key} at {self.endpoint}: {code}")
+        return map_error(err, self.client, self.bucket, self.root + key if key else "")
+
+    async def call(self, method: str, key: str = "", **params: Any) -> Any:
+        """Calls the boto3 method in a thread; failures become DriveErrors."""
+        try:
+            return await self.run(getattr(self.client, method), Bucket=self.bucket, **params)
+        except Exception as err:
+            raise self.failure(err, key) from err
+
+    async def _head(self, name: str) -> dict[str, Any] | None:
+        """HeadObject of the full key `name`, or None when there is no such object."""
+        try:
+            return await self.run(self.client.head_object, Bucket=self.bucket, Key=name)
+        except Exception as err:
+            if _missing(err):
+                return None
+            raise self.failure(err, name[len(self.root):]) from err
+
+    def _checksums_key(self, key: str, name: str = "") -> str:
+        return f"{self.root}{CHECKSUMS}/{key}/{name}"
+
+    async def _info(self, key: str, answer: dict[str, Any], size: int) -> ObjectInfo | None:
+        """The info of the object in a HEAD or GET answer; None for an object drived did not write."""
+        metadata = answer.get("Metadata") or {}
+        generation = metadata.get("generation", "")
+        sha256 = _sha256_of(metadata)
+        if not sha256 and metadata.get("checksums"):
+            checksums = await self._head(self._checksums_key(key, metadata["checksums"]))
+            sha256 = _sha256_of(checksums.get("Metadata") or {}) if checksums else ""
+        if not generation.isdigit() or not sha256:
+            return None
+        return ObjectInfo(key, size, sha256, int(generation))
+
+    # -- life cycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Checks the bucket, sweeps uploads left behind, and starts sweeping every `upload_expiry` seconds.
+
+        A missing bucket ends the start-up (SystemExit saying to create it):
+        it is a mistake in the deployment, not a passing state. An unreachable
+        store or refused access does not (credentials may be granted later):
+        calls answer UNAVAILABLE or PERMISSION_DENIED until it is fixed.
+        """
+        try:
+            await self.call("head_bucket")
+        except NotFound:
+            raise SystemExit(
+                f"drived: --storage: the S3 bucket {self.bucket!r} does not exist at {self.endpoint}: "
+                "create it, or point AWS_ENDPOINT_URL at the store that has it"
+            ) from None
+        except DriveError as err:
+            log.warning("storage not usable at start-up", extra={"fields": {"error": str(err)}})
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except DriveError as err:
+                log.warning("sweeping abandoned uploads failed", extra={"fields": {"error": str(err)}})
+            await asyncio.sleep(self.upload_expiry)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._background:
+            await asyncio.wait(set(self._background))
+        self._pool.shutdown(wait=True)
+
+    # -- uploads -------------------------------------------------------------
+
+    async def check_place(self, key: str) -> None:
+        """Raises InvalidArgument when `key` is a folder or one of its parents is an object."""
+        parents = [key[:i] for i, c in enumerate(key) if c == "/"]
+        folder, *objects = await asyncio.gather(self.is_folder(key), *(self._head(self.root + p) for p in parents))
+        if folder:
+            raise is_a_folder(key)
+        if any(objects):
+            raise parent_is_file(key)
+
+    async def start_upload(self, key: str) -> Upload:
+        """Begins an upload; the folder checks run while its first bytes arrive (see `check_place`)."""
+        return S3Upload(self, key)
+
+    async def put_small(self, key: str, data: bytearray, digests: Digests) -> ObjectInfo:
+        generation = time.time_ns()
+        metadata = {"generation": str(generation), **digests.metadata()}
+        await self.call("put_object", key, Key=self.root + key, Body=bytes(data), Metadata=metadata)
+        return ObjectInfo(key, digests.size, _sha256_of(metadata), generation)
+
+    async def create_upload(self, key: str, generation: int, checksums: str) -> str:
+        answer = await self.call("create_multipart_upload", key, Key=self.root + key,
+                                 Metadata={"generation": str(generation), "checksums": checksums})
+        upload_id = str(answer["UploadId"])
+        self._live.add(upload_id)
+        return upload_id
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytearray) -> asyncio.Future[dict[str, Any]]:
+        async def send() -> dict[str, Any]:
+            answer = await self.call("upload_part", key, Key=self.root + key, UploadId=upload_id,
+                                     PartNumber=number, Body=data)
+            return {"PartNumber": number, "ETag": answer["ETag"]}
+
+        return asyncio.ensure_future(send())
+
+    async def complete_upload(
+        self, key: str, upload_id: str, parts: list[dict[str, Any]], checksums: str, digests: Digests
+    ) -> None:
+        """Writes the checksum object, then makes the upload the object (the commit)."""
+        replaced, _ = await asyncio.gather(
+            self._head(self.root + key),
+            self.call("put_object", key, Key=self._checksums_key(key, checksums), Body=b"",
+                      Metadata=digests.metadata()),
+        )
+        await self.call("complete_multipart_upload", key, Key=self.root + key, UploadId=upload_id,
+                        MultipartUpload={"Parts": parts})
+        self._live.discard(upload_id)
+        await self._forget_checksums(key, replaced)
+
+    async def _forget_checksums(self, key: str, answer: dict[str, Any] | None) -> None:
+        """Deletes the checksum object of the version in `answer` (a HEAD of `key` before it went)."""
+        name = ((answer or {}).get("Metadata") or {}).get("checksums")
+        if name:
+            with contextlib.suppress(DriveError):  # a leftover is removed by the sweep
+                await self.call("delete_object", key, Key=self._checksums_key(key, name))
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            await self.call("abort_multipart_upload", key, Key=self.root + key, UploadId=upload_id)
+        except DriveError as err:
+            log.warning("aborting an upload failed; the sweep retries", extra={"fields": {
+                "key": key, "error": str(err)}})
+        self._live.discard(upload_id)
+
+    def _abandoned(self) -> list[tuple[str, str]]:
+        """(key, upload id) of the uploads under the prefix that no part was added to for upload_expiry."""
+        found: list[tuple[str, str]] = []
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.root}
+        while True:
+            page = self.client.list_multipart_uploads(**params)
+            now = _server_time(page)
+            for upload in page.get("Uploads", []):
+                key, upload_id = upload["Key"], upload["UploadId"]
+                if upload_id in self._live or (now - upload["Initiated"]).total_seconds() < self.upload_expiry:
+                    continue
+                last = upload["Initiated"]
+                for parts in self.client.get_paginator("list_parts").paginate(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id):
+                    last = max([last, *(p["LastModified"] for p in parts.get("Parts", []))])
+                if (now - last).total_seconds() >= self.upload_expiry:
+                    found.append((key[len(self.root):], upload_id))
+            if not page.get("IsTruncated"):
+                return found
+            params.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+
+    async def sweep(self) -> int:
+        """Aborts the uploads left by daemons that died, with their keys' unused checksum objects; how many."""
+        try:
+            abandoned = await self.run(self._abandoned)
+        except Exception as err:
+            raise self.failure(err) from err
+        for key, upload_id in abandoned:
+            log.info("aborting an abandoned upload", extra={"fields": {"key": key}})
+            await self.abort_upload(key, upload_id)
+            await self._sweep_checksums(key)
+        return len(abandoned)
+
+    async def _sweep_checksums(self, key: str) -> None:
+        """Deletes the checksum objects of `key` that its object does not use and no commit is about to."""
+        current = await self._head(self.root + key)
+        used = ((current or {}).get("Metadata") or {}).get("checksums", "")
+        answer = await self.call("list_objects_v2", key, Prefix=self._checksums_key(key), Delimiter="/")
+        now = _server_time(answer)
+        for entry in answer.get("Contents", []):
+            name = entry["Key"].rsplit("/", 1)[1]
+            if name != used and (now - entry["LastModified"]).total_seconds() >= self.upload_expiry:
+                await self.call("delete_object", key, Key=entry["Key"])
+
+    # -- reads ---------------------------------------------------------------
+
+    async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, Chunks]:
+        params: dict[str, Any] = {"Key": self.root + key}
+        if offset or limit:
+            params["Range"] = f"bytes={offset}-{offset + limit - 1 if limit else ''}"
+        try:
+            answer = await self.run(self.client.get_object, Bucket=self.bucket, **params)
+        except Exception as err:
+            if _missing(err):
+                raise NotFound(f"{key!r} does not exist") from None
+            if _code(err)[0] != "InvalidRange":
+                raise self.failure(err, key) from err
+            return await self._read_past_end(key, offset)
+        body = answer["Body"]
+        total = answer.get("ContentRange", "").rpartition("/")[2]
+        size = int(total) if total.isdigit() else int(answer["ContentLength"])
+        info = await self._info(key, answer, size)
+        if info is None:
+            body.close()
+            raise NotFound(f"{key!r} is not a drived object (written to the bucket by something else)")
+        end = size if limit == 0 else min(size, offset + limit)
+        return info, self._chunks(key, body, str(answer["ETag"]), offset, end)
+
+    async def _read_past_end(self, key: str, offset: int) -> tuple[ObjectInfo, Chunks]:
+        """A read at or past the end: nothing to send at the end, InvalidArgument past it."""
+        info = await self.stat(key)
+        if info is None:
+            raise NotFound(f"{key!r} does not exist")
+        if offset > info.size:
+            raise InvalidArgument(f"offset {offset} is past the end of {key!r} ({info.size} bytes)")
+        return info, self._chunks(key, None, "", offset, offset)
+
+    async def _chunks(self, key: str, body: Any, etag: str, position: int, end: int) -> AsyncGenerator[bytes, None]:
+        retries = 0
+        try:
+            while position < end:
+                try:
+                    data = await self.run(body.read, min(self.chunk_size, end - position))
+                except (botocore.exceptions.BotoCoreError, OSError) as err:
+                    if retries == READ_RETRIES:
+                        raise self.failure(err, key) from err
+                    retries += 1
+                    body.close()
+                    body = await self._resume(key, etag, position, end)
+                    continue
+                if not data:
+                    raise Unavailable(f"the store ended {key!r} at byte {position} of {end}: read it again")
+                position += len(data)
+                yield data
+        finally:
+            if body is not None:
+                body.close()
+
+    async def _resume(self, key: str, etag: str, start: int, end: int) -> Any:
+        try:
+            answer = await self.run(self.client.get_object, Bucket=self.bucket, Key=self.root + key,
+                                    Range=f"bytes={start}-{end - 1}", IfMatch=etag)
+        except Exception as err:
+            if _code(err)[0] == "PreconditionFailed" or _missing(err):
+                raise StaleIndexError(f"{key!r} was replaced or deleted while it was read: read it again") from None
+            raise self.failure(err, key) from err
+        return answer["Body"]
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        answer = await self._head(self.root + key)
+        return None if answer is None else await self._info(key, answer, int(answer["ContentLength"]))
+
+    # -- listing -------------------------------------------------------------
+
+    def _folder(self, prefix: str) -> str:
+        """The S3 prefix of the keys under folder `prefix`."""
+        prefix = prefix.rstrip("/")
+        return f"{self.root}{prefix}/" if prefix else self.root
+
+    async def is_folder(self, key: str) -> bool:
+        answer = await self.call("list_objects_v2", key, Prefix=self._folder(key), MaxKeys=1)
+        return bool(answer.get("KeyCount") or answer.get("Contents"))
+
+    async def _pages(self, prefix: str, delimited: bool, start_after: str, limit: int | None
+                     ) -> AsyncIterator[dict[str, Any]]:
+        """The ListObjectsV2 pages under folder `prefix`, from after the relative key `start_after`."""
+        params: dict[str, Any] = {"Prefix": self._folder(prefix), "MaxKeys": min(PAGE, (limit or PAGE) + 1)}
+        if delimited:
+            params["Delimiter"] = "/"
+        if start_after:
+            params["StartAfter"] = params["Prefix"] + start_after
+        while True:
+            page = await self.call("list_objects_v2", prefix, **params)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            params.pop("StartAfter", None)
+            params["ContinuationToken"] = page["NextContinuationToken"]
+
+    def _relative_start(self, prefix: str, start_after: str) -> str | None:
+        """`start_after` relative to folder `prefix`: "" from the start, None when it is past the folder."""
+        base = prefix.rstrip("/")
+        base = f"{base}/" if base else ""
+        if start_after.startswith(base):
+            return start_after[len(base):]
+        return "" if start_after < base else None
+
+    async def subfolders(self, prefix: str) -> frozenset[str]:
+        return (await self.list_folder(prefix)).folders
+
+    async def list_folder(self, prefix: str, start_after: str = "", limit: int | None = None) -> Listing:
+        after = self._relative_start(prefix, start_after)
+        if after is None:
+            return Listing((), frozenset(), ())
+        cut = len(self._folder(prefix))
+        top = not prefix.strip("/")
+        pending: set[str] = set()
+        folders: set[str] = set()
+        names: list[str] = []
+        async for page in self._pages(prefix, True, after, limit):
+            keys = [c["Key"][cut:] for c in page.get("Contents", [])]
+            subfolders = [p["Prefix"][cut:] for p in page.get("CommonPrefixes", [])]
+            for name in subfolders:
+                name = name.rstrip("/")
+                if not (top and name == CHECKSUMS):
+                    folders.add(name)
+                    pending.add(name)
+            pending.update(k for k in keys if k)  # a key equal to the folder's prefix is no entry
+            pending = {n for n in pending if n > after}
+            last = max([*keys, *subfolders], default="")
+            bound = _name_bound(last) if page.get("IsTruncated") else None
+            ready = sorted(n for n in pending if bound is None or n < bound)
+            names += ready
+            pending.difference_update(ready)
+            if limit is not None and len(names) >= limit:
+                break
+        names = names[:limit] if limit is not None else names
+        listing = Listing(tuple(names), frozenset(folders), ())
+        return Listing(listing.names, listing.folders, tuple(sorted(names, key=listing.key_of)))
+
+    async def walk(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
+        after = self._relative_start(prefix, start_after)
+        if after is None:
+            return []
+        keys: list[str] = []
+        top = not prefix.strip("/")
+        async for page in self._pages(prefix, False, after, limit):
+            for entry in page.get("Contents", []):
+                key = entry["Key"][len(self.root):]
+                if not key.endswith("/") and not (top and key.startswith(CHECKSUMS + "/")):
+                    keys.append(key)
+            if limit is not None and len(keys) >= limit:
+                break
+        return keys[:limit] if limit is not None else keys
+
+    # -- deletes -------------------------------------------------------------
+
+    async def delete(self, key: str) -> bool:
+        answer = await self._head(self.root + key)
+        if answer is None:
+            return False
+        await self.call("delete_object", key, Key=self.root + key)
+        await self._forget_checksums(key, answer)
+        return True

@@ -1,0 +1,156 @@
+"""The Coordinator: what the daemons serving the same managed drives share.
+
+`ManagedDrives` holds the semantics of `lit://` drives; what differs between
+one daemon and several replicas of it is behind this one small interface:
+
+- ownership: the ownership check and the commit of one path run under a
+  claim on that path, one holder at a time;
+- the change feed: each drive's puts and deletes, numbered (Watch);
+- wake-ups: a get waiting for a path, and a watch waiting for the next
+  change, wake when the drive's feed moves on.
+
+`InProcessCoordinator` (`drived.events`) serves one daemon. A shared
+implementation (Redis/Valkey: a lock key per claimed path, a stream per
+drive) serves replicas. `ManagedDrives` never knows which one it has.
+
+Drives are named by their `lit://` name, paths as `drived.requests` made
+them. Every method may be called concurrently from many tasks. Failures are
+`drive_client.errors` types: `Unavailable` when the coordinator cannot be
+reached or is closed, `EventsGone` when a feed no longer holds what was
+asked for.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+
+from drive_client.errors import DriveError
+
+from .entry import Entry
+
+EventKind = Literal["put", "delete"]
+
+
+class EventsGone(DriveError):
+    """The events after a resume point are no longer kept."""
+
+    status = grpc.StatusCode.OUT_OF_RANGE
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change of a drive: a committed put, or a deleted file (its path and component only)."""
+
+    sequence: int
+    kind: EventKind
+    entry: Entry
+
+
+class Coordinator(abc.ABC):
+    """Ownership claims, the change feed and wake-ups of the managed drives."""
+
+    @abc.abstractmethod
+    def claim(self, drive: str, path: str) -> AbstractAsyncContextManager[None]:
+        """Holds the claim on `path` of `drive` for the body of an `async with`.
+
+        At most one holder at a time for each (drive, path), across every
+        daemon that shares this coordinator; the others wait their turn, in
+        no promised order. Claims of different paths never wait for each
+        other. A put checks ownership and commits inside the claim, so two
+        puts of one new path by different components cannot both pass the
+        check. Not reentrant.
+
+        A claim whose holder died (a killed replica) is released after a
+        bounded time, so no path stays blocked for ever: a shared
+        implementation gives the claim an expiry and renews it for as long
+        as the holder is alive and inside the `async with`.
+
+        Raises Unavailable, before the body runs, when the claim cannot be
+        taken (the coordinator is unreachable).
+        """
+
+    @abc.abstractmethod
+    async def publish(self, drive: str, kind: EventKind, entry: Entry) -> int:
+        """Appends a change to the drive's feed and returns its sequence number.
+
+        Sequence numbers increase strictly within a drive, in the order of
+        the publishes, and are never given twice: not after a restart of the
+        daemon, nor after the coordinator lost its data (a shared
+        implementation starts from the clock, as the in-process one does), so
+        a resume from before such a loss is refused with EventsGone instead
+        of being answered with other events. A put publishes inside its
+        path's claim, so the feed orders the puts of one path as they
+        committed. Every `wait` on the drive returns. The feed keeps a
+        bounded number of events; publishing drops the oldest beyond it.
+        Raises Unavailable.
+        """
+
+    @abc.abstractmethod
+    async def last(self, drive: str) -> int:
+        """The sequence of the drive's latest event: where a watch "from now" starts.
+
+        For a drive without kept events, a number no smaller than any
+        sequence it had, so that its next event comes after it. Raises
+        Unavailable.
+        """
+
+    @abc.abstractmethod
+    async def since(self, drive: str, after: int) -> list[Event]:
+        """The drive's kept events after sequence `after`, oldest first; [] when there are none yet.
+
+        Raises EventsGone when some events after `after` are no longer kept
+        (dropped to stay within the bounds, lost with the coordinator's data,
+        or numbered before this feed began), because the caller cannot learn
+        what it missed. May answer with only the first of many events; the
+        caller asks again after the last one it got. Raises Unavailable.
+        """
+
+    @abc.abstractmethod
+    async def wait(self, drive: str, after: int, timeout: float | None) -> None:
+        """Returns once the drive has an event after sequence `after`, or after `timeout` seconds.
+
+        Returns at once when such an event exists already, which makes it
+        race-free with `last`: take the position with `last`, look at the
+        store, then wait after that position; a publish in between makes the
+        wait return at once. `timeout` None waits without limit. May return
+        early although nothing changed (a caller looks again and, if need
+        be, waits again). Raises Unavailable when the coordinator is closed
+        (at once, and for a wait in progress as soon as `close` is called) or
+        cannot be reached.
+        """
+
+    async def follow(self, drive: str, after: int) -> AsyncIterator[Event]:
+        """Every event of the drive after sequence `after`, in order, as they are published; never ends.
+
+        Raises EventsGone and Unavailable as `since` and `wait` do. Written
+        on `since` and `wait`; an implementation may override it with one
+        that reads and waits in one call.
+        """
+        while True:
+            for event in await self.since(drive, after):
+                after = event.sequence
+                yield event
+            await self.wait(drive, after, None)
+
+    @abc.abstractmethod
+    def check_open(self) -> None:
+        """Raises Unavailable once `close` was called (the daemon is shutting down); costs no I/O.
+
+        A lookup calls it first, so that a get or stat that arrives while the
+        daemon drains is told to retry elsewhere rather than answered NOT_FOUND.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stops the coordinator (the daemon is shutting down).
+
+        Every `wait`, in progress or later, raises Unavailable, so waiting
+        gets and watches answer at once rather than hold the shutdown.
+        Claims held are released as their holders leave them. Idempotent.
+        """

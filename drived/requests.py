@@ -1,0 +1,192 @@
+"""Requests as validated values: every field of a call checked once, before any drive sees it.
+
+Each gRPC request message becomes one value here: the drive URI
+parsed, the path normalised, the component checked, offsets, limits, page
+sizes, sizes, waits and sha256s refused when they cannot be right, defaults
+filled in. A bad field raises `InvalidArgument` with words for a person. What
+a kind of drive cannot do (a put into an `s3://` drive, a mount of a
+`lit://` one) is not a question of form: the drive refuses it itself (see
+`drived.drives`). What depends on the file found (an offset past its end, a
+range asked of a folder, a changed version) is checked by the methods of
+`GetRequest`, written once for both kinds of drive.
+
+The values are read, never changed. They are not frozen dataclasses because
+a put builds one per file, and a frozen one costs several times as much to
+build.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from drive_client.errors import InvalidArgument, StaleIndexError
+from drive_client.pb import drive_pb2 as pb
+from drive_client.uri import DriveId, check_component, normalize_path, parse_drive
+
+DEFAULT_PAGE_SIZE = 1000
+MAX_PAGE_SIZE = 10000
+
+
+def _component_filter(component: str) -> str:
+    """A component filter: "" (all components) or a valid name."""
+    return check_component(component) if component else ""
+
+
+def file_sha256(sha256: str) -> str:
+    """The sha256 a client sent for a file's bytes, as lowercase hex; required."""
+    if not sha256:
+        raise InvalidArgument("a file's finish needs the sha256 of its bytes (lowercase hex)")
+    return sha256.lower()
+
+
+@dataclass(slots=True)
+class PutHeader:
+    """Where one file of a put goes (`pb.PutHeader`)."""
+
+    drive: DriveId
+    path: str  # below the root
+    component: str  # the owner ("default" when none was sent)
+    allow_duplicates: bool
+    size: int | None  # None when the client did not say
+
+    @classmethod
+    def from_pb(cls, header: pb.PutHeader) -> PutHeader:
+        drive = parse_drive(header.drive)
+        path = normalize_path(header.path)
+        component = check_component(header.component)
+        size = header.size if header.HasField("size") else None
+        if size is not None and size < 0:
+            raise InvalidArgument(f"size {size} is negative")
+        return cls(drive, path, component, header.allow_duplicates, size)
+
+
+@dataclass(slots=True)
+class GetRequest:
+    """Which file or folder to read, and which part of it (`pb.GetRequest`)."""
+
+    drive: DriveId
+    path: str  # "" is the whole drive
+    component: str  # "" finds the path in whichever component holds it
+    offset: int
+    limit: int  # 0: to the end
+    wait_seconds: float  # <= 0: answer at once
+    if_match: str
+    whole_small_files: bool
+
+    @classmethod
+    def from_pb(cls, request: pb.GetRequest) -> GetRequest:
+        drive = parse_drive(request.drive)
+        path = normalize_path(request.path, allow_root=True)
+        component = _component_filter(request.component)
+        if request.offset < 0 or request.limit < 0:
+            raise InvalidArgument("offset and limit cannot be negative")
+        if math.isnan(request.wait_seconds):
+            raise InvalidArgument("wait_seconds is not a number: give the seconds to wait, or 0 not to wait")
+        return cls(
+            drive, path, component, request.offset, request.limit, request.wait_seconds, request.if_match,
+            request.whole_small_files,
+        )
+
+    def shown(self) -> str:
+        """How a message names the requested path."""
+        return f"{self.path!r} in {self.drive.uri}"
+
+    def check_range(self, size: int) -> None:
+        """Refuses an offset past the end of the file found (of `size` bytes)."""
+        if self.offset > size:
+            raise InvalidArgument(f"offset {self.offset} is past the end of {self.shown()} ({size} bytes)")
+
+    def check_version(self, version: str, kind: str) -> None:
+        """Refuses a file whose version (`kind`: sha256 or ETag) is not the one `if_match` asks for."""
+        if self.if_match and self.if_match != version:
+            raise StaleIndexError(f"{self.shown()} changed ({kind} {version}, expected {self.if_match}): read it again")
+
+    def check_folder(self) -> None:
+        """Refuses a range or version asked of a folder."""
+        if self.offset or self.limit or self.if_match:
+            raise InvalidArgument(f"{self.shown()} is a folder: offset, limit and if_match apply to files only")
+
+
+@dataclass(slots=True)
+class ListRequest:
+    """One page of a listing (`pb.ListRequest`)."""
+
+    drive: DriveId
+    path: str  # "" is the root
+    component: str  # "" lists all components
+    recursive: bool
+    start_after: str  # the previous page's last path; "" for the first page
+    limit: int  # entries on the page: at least 1, at most MAX_PAGE_SIZE
+
+    @classmethod
+    def from_pb(cls, request: pb.ListRequest) -> ListRequest:
+        drive = parse_drive(request.drive)
+        path = normalize_path(request.path, allow_root=True)
+        if request.page_size < 0:
+            raise InvalidArgument("page_size cannot be negative")
+        component = _component_filter(request.component)
+        limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        return cls(drive, path, component, request.recursive, request.page_token, limit)
+
+
+@dataclass(slots=True)
+class PathRequest:
+    """A call about one path below a drive's root."""
+
+    drive: DriveId
+    path: str  # below the root
+    component: str
+
+
+class StatRequest(PathRequest):
+    """Which file or folder to describe (`pb.StatRequest`); component "" looks in all components."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_pb(cls, request: pb.StatRequest) -> StatRequest:
+        return cls(parse_drive(request.drive), normalize_path(request.path), _component_filter(request.component))
+
+
+class DeleteRequest(PathRequest):
+    """Which of the caller's files to remove (`pb.DeleteRequest`); component is the caller ("default" when
+    none was sent)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_pb(cls, request: pb.DeleteRequest) -> DeleteRequest:
+        return cls(parse_drive(request.drive), normalize_path(request.path), check_component(request.component))
+
+
+@dataclass(slots=True)
+class MountRequest:
+    """Which drive to index (`pb.MountRequest`)."""
+
+    drive: DriveId
+
+    @classmethod
+    def from_pb(cls, request: pb.MountRequest) -> MountRequest:
+        return cls(parse_drive(request.drive))
+
+
+@dataclass(slots=True)
+class WatchRequest:
+    """Which changes to stream (`pb.WatchRequest`)."""
+
+    drive: DriveId
+    path: str  # "" is the whole drive
+    component: str  # "" watches all components
+    after_sequence: int  # 0: from now
+
+    @classmethod
+    def from_pb(cls, request: pb.WatchRequest) -> WatchRequest:
+        drive = parse_drive(request.drive)
+        path = normalize_path(request.path, allow_root=True)
+        return cls(drive, path, _component_filter(request.component), request.after_sequence)
+
+    def reports(self, path: str, component: str) -> bool:
+        """Whether this watch reports a change of `path` owned by `component`."""
+        in_folder = not self.path or path == self.path or path.startswith(self.path + "/")
+        return in_folder and (not self.component or component == self.component)

@@ -1,0 +1,99 @@
+"""deploy/nginx.conf as written, in front of two drived replicas sharing one --storage (moto_server).
+
+Only the `listen` port and the upstream's `server` lines are replaced, so the
+file the cluster runs is the file tested: calls are balanced per call, and
+puts and gets go through it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, DaemonHandle, free_port, health_status, wait_until
+from grpc_health.v1 import health_pb2
+from test_storage_s3 import Store
+
+from bench.services import ServiceUnavailable, ensure_nginx
+from drive_client import Drive
+
+UPSTREAM_SERVER = re.compile(r"^(\s*)server drived-\d+:50051( [^;]*)?;$", re.MULTILINE)
+LISTEN = re.compile(r"^(\s*)listen 50051 http2;$", re.MULTILINE)
+
+
+def templated(replicas: list[str], port: int) -> str:
+    """deploy/nginx.conf with its replicas and port replaced, nothing else."""
+    text = (ROOT / "deploy" / "nginx.conf").read_text()
+    servers: list[str] = []
+
+    def ours(match: re.Match[str]) -> str:  # the first `server` line becomes ours, the others go
+        servers.append(match.group(0))
+        indent, options = match.group(1), match.group(2) or ""
+        return "\n".join(f"{indent}server {r}{options};" for r in replicas) if len(servers) == 1 else ""
+
+    text = UPSTREAM_SERVER.sub(ours, text)
+    assert servers, "deploy/nginx.conf has no `server drived-N:50051 ...;` lines to replace"
+    text, listens = LISTEN.subn(rf"\1listen 127.0.0.1:{port} http2;", text)
+    assert listens == 1, "deploy/nginx.conf should listen on 50051 once"
+    return text
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[str, list[DaemonHandle]]]:
+    try:
+        nginx = ensure_nginx()
+    except ServiceUnavailable as err:
+        pytest.skip(f"nginx is needed to test deploy/nginx.conf: {err}")
+    store = Store(tmp_path)
+    proc = None
+    try:
+        replicas = [store.daemon(), store.daemon()]
+        port = free_port()
+        conf = tmp_path / "nginx.conf"
+        conf.write_text(templated([r.endpoint for r in replicas], port))
+        log = open(tmp_path / "nginx.log", "wb")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            [nginx, "-p", str(tmp_path), "-c", str(conf),
+             "-g", f"daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log warn;"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        endpoint = f"127.0.0.1:{port}"
+        serving = health_pb2.HealthCheckResponse.SERVING
+        if not wait_until(lambda: proc.poll() is None and health_status(endpoint) == serving, timeout=20):
+            errors = (tmp_path / "error.log").read_text() if (tmp_path / "error.log").exists() else ""
+            raise AssertionError(f"nginx did not serve: exit {proc.poll()}: {(tmp_path / 'nginx.log').read_text()}"
+                                 f" {errors}")
+        yield endpoint, replicas
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+        store.close()
+
+
+def test_nginx_from_deploy_balances_calls_and_carries_puts_and_gets(cluster, drive_uri, tmp_path):
+    endpoint, replicas = cluster
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    names = [f"f{i}.txt" for i in range(8)]
+    for name in names:
+        (src / name).write_bytes(name.encode() * 100)
+    big = os.urandom(12 << 20)  # a multipart upload, streamed through nginx
+    (src / "big.bin").write_bytes(big)
+    writer = Drive(drive_uri, component_name="w", root_folder=src, endpoint=endpoint)
+    for name in [*names, "big.bin"]:
+        writer.put(name)
+    reader = Drive(drive_uri, root_folder=dst, endpoint=endpoint)
+    assert reader.list(".") == sorted(["big.bin", *names])
+    for name in names:
+        assert reader.get(name).read_bytes() == name.encode() * 100
+    assert reader.get("big.bin").read_bytes() == big
+    served = [sum(line.count('"method": "PutFile"') for line in r.log().splitlines()) for r in replicas]
+    assert all(served) and sum(served) == len(names), f"puts per replica: {served}"

@@ -1,0 +1,367 @@
+"""Managed drives kept in S3 (`drived --storage s3://bucket/prefix/`): real daemons against a real moto_server.
+
+Every daemon here keeps its lit:// drives in the same bucket and prefix, so
+what one stores another lists and reads: bytes and listing need no
+coordinator. Objects are checked through boto3 as a user of the bucket would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import fsspec
+import grpc
+import pytest
+from conftest import BIN, MIB, DaemonHandle, put_messages, raw_get, raw_put, rpc_code, start_daemon, wait_until
+from moto_server import AWS_ENV
+
+from bench.services import MotoServer
+from drive_client import Drive
+from drive_client.pb import drive_pb2, drive_pb2_grpc
+
+BUCKET = "drived-store"
+PREFIX = "drives/"
+STORAGE = f"s3://{BUCKET}/{PREFIX}"
+
+
+def s3_client(url: str):
+    return boto3.client(
+        "s3", endpoint_url=url, aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"], region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+    )
+
+
+class Store:
+    """One moto_server with the storage bucket, and daemons started on it."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.moto = MotoServer(work)
+        self.url = self.moto.url
+        self.client = s3_client(self.url)
+        self.client.create_bucket(Bucket=BUCKET)
+        self.daemons: list[DaemonHandle] = []
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**AWS_ENV, "AWS_ENDPOINT_URL": self.url, **extra}
+
+    def daemon(self, *args: str, env: dict[str, str] | None = None) -> DaemonHandle:
+        handle = start_daemon(self.work, "--storage", STORAGE, *args, env=env or self.env())
+        self.daemons.append(handle)
+        return handle
+
+    def uploads(self) -> list[dict]:
+        return self.client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+
+    def object_keys(self, under: str = PREFIX) -> list[str]:
+        return [o["Key"] for o in self.client.list_objects_v2(Bucket=BUCKET, Prefix=under).get("Contents", [])]
+
+    def close(self) -> None:
+        for handle in self.daemons:
+            handle.stop(signal.SIGTERM, timeout=20)
+        self.moto.stop()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    s = Store(tmp_path_factory.mktemp("s3-storage"))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def daemon_a(store: Store) -> DaemonHandle:
+    return store.daemon()
+
+
+@pytest.fixture(scope="module")
+def daemon_b(store: Store) -> DaemonHandle:
+    return store.daemon()
+
+
+def stub_of(handle: DaemonHandle) -> drive_pb2_grpc.DriveServiceStub:
+    return drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_put_list_stat_get_delete_through_one_daemon(store, daemon_a, drive_uri, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "sub").mkdir(parents=True)
+    dst.mkdir()
+    (src / "a.txt").write_bytes(b"hello")
+    (src / "sub" / "b.txt").write_bytes(b"world")
+    drive = Drive(drive_uri, component_name="w", root_folder=src, endpoint=daemon_a.endpoint)
+    drive.put("a.txt")
+    drive.put("sub")
+    assert drive.list(".") == ["a.txt", "sub"] and drive.list("sub") == ["sub/b.txt"]
+    stat = drive.stat("a.txt")
+    assert (stat.size, stat.sha256, stat.component) == (5, sha256_of(b"hello"), "w") and stat.generation
+    assert drive.stat("sub").folder
+    name = drive_uri.removeprefix("lit://")
+    assert f"{PREFIX}{name}/w/a.txt" in store.object_keys()  # plain bytes at prefix/<drive>/<component>/<path>
+    body = store.client.get_object(Bucket=BUCKET, Key=f"{PREFIX}{name}/w/a.txt")
+    assert body["Body"].read() == b"hello" and body["Metadata"]["sha256"] == sha256_of(b"hello")
+    reader = Drive(drive_uri, root_folder=dst, endpoint=daemon_a.endpoint)
+    assert reader.get("sub").joinpath("b.txt").read_bytes() == b"world"
+    drive.delete("a.txt")
+    drive.delete("sub")
+    assert drive.list(".") == [] and not store.object_keys(f"{PREFIX}{name}/")
+    with pytest.raises(FileNotFoundError):
+        reader.stat("a.txt")
+
+
+def test_put_through_a_is_read_and_deleted_through_b(daemon_a, daemon_b, drive_uri, tmp_path):
+    (tmp_path / "dir").mkdir()
+    data = os.urandom(3 * MIB)
+    (tmp_path / "dir" / "f.bin").write_bytes(data)
+    a = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=daemon_a.endpoint)
+    b = Drive(drive_uri, component_name="w", root_folder=tmp_path / "b", endpoint=daemon_b.endpoint)
+    (tmp_path / "b").mkdir()
+    a.put("dir")
+    assert b.list(".") == ["dir"] and b.list("dir") == ["dir/f.bin"]
+    assert b.stat("dir/f.bin").sha256 == sha256_of(data)
+    assert b.get("dir/f.bin").read_bytes() == data
+    assert b"".join(b.read_range("dir/f.bin", MIB, 10)) == data[MIB:MIB + 10]
+    assert b.delete("dir") is None
+    assert a.list(".") == [] and a.list("dir") == []
+    with pytest.raises(FileNotFoundError):
+        a.stat("dir/f.bin")
+
+
+def test_a_file_bigger_than_several_parts_is_one_multipart_object(store, daemon_a, daemon_b, drive_uri, tmp_path):
+    data = os.urandom(35 * MIB)  # five 8 MiB parts
+    (tmp_path / "big.bin").write_bytes(data)
+    a = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=daemon_a.endpoint)
+    a.put("big.bin")
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/big.bin"
+    head = store.client.head_object(Bucket=BUCKET, Key=key)
+    assert head["ETag"].strip('"').endswith("-5") and head["ContentLength"] == len(data)
+    (tmp_path / "out").mkdir()
+    b = Drive(drive_uri, root_folder=tmp_path / "out", endpoint=daemon_b.endpoint)
+    assert b.stat("big.bin").sha256 == sha256_of(data)
+    assert hashlib.sha256(b.get("big.bin").read_bytes()).hexdigest() == sha256_of(data)
+    assert b"".join(b.read_range("big.bin", 20 * MIB + 3, 5 * MIB)) == data[20 * MIB + 3:25 * MIB + 3]
+    checksums = f"{PREFIX}~checksums/{drive_uri.removeprefix('lit://')}/w/big.bin/"
+    assert len(store.object_keys(checksums)) == 1
+    replacement = os.urandom(17 * MIB)
+    (tmp_path / "big.bin").write_bytes(replacement)
+    a.put("big.bin")
+    assert b.stat("big.bin").sha256 == sha256_of(replacement)
+    assert len(store.object_keys(checksums)) == 1  # the replaced version's checksum object went with it
+    assert "~checksums" not in b.list(".") and b.list(".") == ["big.bin"]
+    a.delete("big.bin")
+    assert store.object_keys(checksums) == [] and not store.uploads()
+
+
+@pytest.mark.parametrize("size", [100, 20 * MIB], ids=["one-put", "multipart"])
+def test_sha256_mismatch_is_data_loss_and_stores_nothing(store, daemon_a, drive_uri, size):
+    stub = stub_of(daemon_a)
+    raw_put(stub, drive_uri, "f.bin", b"first", component="w")
+    data = os.urandom(size)
+    code = rpc_code(lambda: raw_put(stub, drive_uri, "f.bin", data, component="w", sha256="0" * 64))
+    assert code == grpc.StatusCode.DATA_LOSS
+    code = rpc_code(lambda: raw_put(stub, drive_uri, "g.bin", data, component="w", size=size + 1))
+    assert code == grpc.StatusCode.DATA_LOSS
+    [(info, got)] = raw_get(stub, drive_uri, "f.bin")
+    assert got == b"first" and info.sha256 == sha256_of(b"first")
+    assert rpc_code(lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="g.bin"))) == \
+        grpc.StatusCode.NOT_FOUND
+    assert not store.uploads()
+
+
+def test_folder_rules_hold_over_s3(store, daemon_a, drive_uri):
+    stub = stub_of(daemon_a)
+    raw_put(stub, drive_uri, "x", b"a file", component="w")
+    raw_put(stub, drive_uri, "f/g", b"in a folder", component="w")
+    before = store.object_keys()
+    for path in ("x/y", "x/y/z", "f"):  # under a file; onto a folder
+        code = rpc_code(lambda path=path: raw_put(stub, drive_uri, path, os.urandom(9 * MIB), component="w"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, path
+    assert store.object_keys() == before and not store.uploads()
+    listed = stub.List(drive_pb2.ListRequest(drive=drive_uri, path="."))
+    assert [(e.path, e.folder) for e in listed.entries] == [("f", True), ("x", False)]
+    stub.Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="f/g", component="w"))
+    assert [e.path for e in stub.List(drive_pb2.ListRequest(drive=drive_uri, path=".")).entries] == ["x"]
+
+
+def test_listing_pages_keep_path_order_where_s3_key_order_differs(daemon_a, daemon, drive_uri):
+    """S3 lists folder "a" as "a/", after "a.txt"; pages must still come in path order, each entry once."""
+    paths = ["a!", "a-b", "a.txt", "a/x", "a0", "b", "b.c/d", "c/e"]
+    pages: dict[str, list[list[str]]] = {}
+    for name, handle in (("s3", daemon_a), ("local", daemon)):
+        stub = stub_of(handle)
+        for path in paths:
+            raw_put(stub, drive_uri, path, path.encode(), component="w")
+        pages[name] = []
+        for size in (1, 2, 3, 100):
+            listed, token = [], ""
+            while True:
+                page = stub.List(drive_pb2.ListRequest(drive=drive_uri, path=".", page_size=size, page_token=token))
+                listed += [e.path for e in page.entries]
+                token = page.next_page_token
+                if not token:
+                    break
+            pages[name].append(listed)
+    expected = ["a", "a!", "a-b", "a.txt", "a0", "b", "b.c", "c"]
+    assert pages["s3"] == pages["local"] == [expected] * 4
+
+
+def test_ranged_reads_fsspec_and_grpcurl(daemon_a, drive_uri, tmp_path):
+    data = os.urandom(2 * MIB + 5)
+    (tmp_path / "r.bin").write_bytes(data)
+    drive = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=daemon_a.endpoint)
+    drive.put("r.bin")
+    assert b"".join(drive.read_range("r.bin", len(data) - 7)) == data[-7:]
+    assert b"".join(drive.read_range("r.bin", len(data))) == b""
+    with pytest.raises(ValueError):
+        b"".join(drive.read_range("r.bin", len(data) + 1))
+    stub = stub_of(daemon_a)
+    [(_, got)] = raw_get(stub, drive_uri, "r.bin", offset=MIB, limit=3)
+    assert got == data[MIB:MIB + 3]
+    fs = fsspec.filesystem("lit", endpoint=daemon_a.endpoint, component_name="w", skip_instance_cache=True)
+    name = drive_uri.removeprefix("lit://")
+    assert fs.cat_file(f"{name}/r.bin", 10, 20) == data[10:20]
+    with fs.open(f"{name}/written.txt", "wb") as f:
+        f.write(b"through fsspec")
+    assert fs.cat_file(f"{name}/written.txt") == b"through fsspec"
+    assert sorted(fs.ls(name, detail=False)) == [f"{name}/r.bin", f"{name}/written.txt"]
+    result = subprocess.run(
+        [str(BIN / "grpcurl"), "-plaintext", "-max-time", "20", "-d",
+         f'{{"drive":"{drive_uri}","path":"r.bin"}}', daemon_a.endpoint, "drive.v1.DriveService/Stat"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f'"size": "{len(data)}"' in result.stdout and hashlib.sha256(data).hexdigest() in result.stdout
+
+
+class StalledPut:
+    """A Put that sends `size` bytes of a file, then waits (a client stuck mid-upload) until released."""
+
+    def __init__(self, stub: drive_pb2_grpc.DriveServiceStub, drive: str, path: str, size: int) -> None:
+        self.release = threading.Event()
+        self.data = os.urandom(size)
+        self.call = stub.Put.future(self._messages(drive, path), timeout=120)
+
+    def _messages(self, drive: str, path: str) -> Iterator[drive_pb2.PutRequest]:
+        messages = put_messages(drive, path, self.data, component="w")
+        for message in messages:
+            if message.WhichOneof("message") == "finish":
+                self.release.wait(60)
+                return
+            yield message
+
+
+def test_a_cancelled_put_leaves_no_multipart_upload(store, daemon_a, drive_uri):
+    stub = stub_of(daemon_a)
+    put = StalledPut(stub, drive_uri, "c.bin", 20 * MIB)
+    try:
+        assert wait_until(lambda: len(store.uploads()) == 1, timeout=30), "the upload never started"
+        put.call.cancel()
+        assert wait_until(lambda: not store.uploads(), timeout=30), store.uploads()
+    finally:
+        put.release.set()
+    assert rpc_code(lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="c.bin"))) == \
+        grpc.StatusCode.NOT_FOUND
+
+
+def test_sigkill_mid_put_keeps_the_previous_version_and_the_next_start_aborts_the_upload(
+    tmp_path: Path, drive_uri: str
+):
+    store = Store(tmp_path)
+    try:
+        victim = store.daemon()
+        stub = stub_of(victim)
+        raw_put(stub, drive_uri, "v.bin", b"version 1", component="w")
+        put = StalledPut(stub, drive_uri, "v.bin", 20 * MIB)
+        try:
+            assert wait_until(lambda: len(store.uploads()) == 1, timeout=30), "the upload never started"
+            victim.stop(signal.SIGKILL)
+        finally:
+            put.release.set()
+        key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/v.bin"
+        assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"version 1"
+        assert len(store.uploads()) == 1  # orphaned: nobody aborted it
+        successor = store.daemon("--upload-expiry", "1")
+        assert wait_until(lambda: not store.uploads(), timeout=30), store.uploads()
+        [(info, got)] = raw_get(stub_of(successor), drive_uri, "v.bin")
+        assert got == b"version 1" and info.sha256 == sha256_of(b"version 1")
+        assert "aborting an abandoned upload" in successor.log()
+    finally:
+        store.close()
+
+
+def test_the_store_going_away_is_unavailable_naming_it_and_the_daemon_recovers(tmp_path: Path, drive_uri: str):
+    store = Store(tmp_path)
+    try:
+        handle = store.daemon(env=store.env(AWS_MAX_ATTEMPTS="2"))
+        stub = stub_of(handle)
+        raw_put(stub, drive_uri, "before.txt", b"before", component="w")
+        store.moto.stop()
+        where = store.url.removeprefix("http://")
+        for call in (
+            lambda: raw_put(stub, drive_uri, "during.txt", b"during", component="w"),
+            lambda: raw_get(stub, drive_uri, "before.txt"),
+            lambda: stub.List(drive_pb2.ListRequest(drive=drive_uri, path=".")),
+        ):
+            with pytest.raises(grpc.RpcError) as down:
+                call()
+                raise AssertionError("the call succeeded with the store down")
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE and where in down.value.details()
+        # The same endpoint comes back (moto keeps nothing: the bucket is made again, as an operator would).
+        store.moto = MotoServer(tmp_path, port=store.moto.port)
+        s3_client(store.url).create_bucket(Bucket=BUCKET)
+        raw_put(stub, drive_uri, "after.txt", b"after", component="w")
+        [(_, got)] = raw_get(stub, drive_uri, "after.txt")
+        assert got == b"after"
+    finally:
+        store.close()
+
+
+def test_a_missing_bucket_stops_the_start_up_naming_it(tmp_path: Path):
+    store = Store(tmp_path)
+    try:
+        handle = start_daemon(tmp_path, "--storage", "s3://no-such-bucket/x/", env=store.env(), wait=False)
+        assert handle.proc.wait(30) != 0
+        assert "no-such-bucket" in handle.log() and "create it" in handle.log()
+    finally:
+        store.close()
+
+
+def test_refused_access_is_permission_denied(tmp_path: Path, drive_uri: str):
+    denying = {"INITIAL_NO_AUTH_ACTION_COUNT": "1"}  # moto checks credentials after the first request
+    with tempfile.TemporaryDirectory() as work, MotoServer(Path(work), env=denying) as moto:
+        s3_client(moto.url).create_bucket(Bucket=BUCKET)  # the one request moto lets through
+        handle = start_daemon(tmp_path, "--storage", STORAGE, env={**AWS_ENV, "AWS_ENDPOINT_URL": moto.url})
+        try:
+            stub = stub_of(handle)
+            with pytest.raises(grpc.RpcError) as denied:
+                raw_put(stub, drive_uri, "p.txt", b"p", component="w")
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED and BUCKET in denied.value.details()
+            assert rpc_code(lambda: stub.List(drive_pb2.ListRequest(drive=drive_uri, path="."))) == \
+                grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            handle.stop()
+
+
+def test_s3_drives_and_mount_keep_working_beside_storage(store, daemon_a, tmp_path):
+    store.client.create_bucket(Bucket="datasets")
+    for i in range(3):
+        store.client.put_object(Bucket="datasets", Key=f"set/{i}.txt", Body=f"object {i}".encode())
+    data = Drive("s3://datasets/set/", root_folder=tmp_path, endpoint=daemon_a.endpoint)
+    assert data.list(".") == ["0.txt", "1.txt", "2.txt"]
+    assert data.get("1.txt").read_bytes() == b"object 1"
+    store.client.put_object(Bucket="datasets", Key="set/3.txt", Body=b"object 3")
+    assert data.mount().objects == 4 and data.list(".")[-1] == "3.txt"
