@@ -462,6 +462,17 @@ def task_folder(
     raise ValueError(system)
 
 
+# ---------------------------------------------------------------- DataLoader
+
+
+def task_loader(system: str, workers: int, batch: int, endpoint: str = "", url: str = "", bucket: str = "",
+                root: str = "") -> dict:
+    """Samples per second of a torch DataLoader over one folder (bench/loader.py; needs torch)."""
+    from bench.loader import samples_per_second
+
+    return samples_per_second(system, workers, batch, endpoint, url, bucket, root)
+
+
 # ---------------------------------------------------------------- index
 
 

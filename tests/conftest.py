@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import inspect
 import os
 import pathlib
@@ -67,6 +68,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         integration = item.get_closest_marker("integration") or not SERVICE_FIXTURES.isdisjoint(item.fixturenames)
         item.add_marker(pytest.mark.integration if integration else pytest.mark.unit)
+
+
+# The `ml` tests run when their packages are installed, and are skipped with one plain reason when not.
+ML_MISSING = [name for name in ("torch", "lightning", "pyarrow") if importlib.util.find_spec(name) is None]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Skipped here, at one place, the summary gives all of them one line.
+    if ML_MISSING and item.get_closest_marker("ml"):
+        pytest.skip(f"ml packages not installed ({', '.join(ML_MISSING)}): run `make test-ml`, "
+                    "or pip install torch==2.13.0 and then '.[ml]'")
 
 
 # ---------------------------------------------------------------------------
