@@ -10,11 +10,19 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-from .errors import NotADirectory, NotFound
+from .errors import InvalidArgument, NotADirectory, NotFound
 from .pb import drive_pb2 as pb
 from .uri import check_component, parse_drive
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
+VERIFY = ("crc32c", "sha256")  # what a Drive's `verify` may be
+
+
+def check_verify(verify: str) -> str:
+    """`verify` once it is one of VERIFY: what transfers check besides their size."""
+    if verify not in VERIFY:
+        raise InvalidArgument(f"verify={verify!r}: use 'crc32c' (the default) or 'sha256'")
+    return verify
 MESSAGE_LIMIT = 8 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MESSAGE_LIMIT),
@@ -83,6 +91,7 @@ class DriveBase:
         *,
         endpoint: str | None = None,
         token: str | None = None,
+        verify: str = "crc32c",
     ) -> None:
         self._read_only = parse_drive(id).read_only  # an s3:// drive
         self.id = id
@@ -91,6 +100,7 @@ class DriveBase:
         self.root_folder = None if root_folder is None else _existing_folder(root_folder)
         self.endpoint = endpoint or os.environ.get("DRIVE_ENDPOINT") or DEFAULT_ENDPOINT
         self.token = token or os.environ.get("DRIVE_TOKEN") or None
+        self.verify = check_verify(verify)
         self._channel: Any = None  # what the twin calls through, made on first use in each process
 
     def __str__(self) -> str:

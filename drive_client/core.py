@@ -4,9 +4,10 @@ Each operation is a plan (see `effects`): local checks, then the calls to
 make, in order. The decisions live here and nowhere else: paging of List,
 mounting an s3:// drive once per process, when a get is worth fetching in
 parallel ranged streams, one unary PutFile for a small file against a Put
-stream, what a watch does when its stream breaks, and how drive paths map to
-local ones. The bytes themselves move in `transfer`'s thread-based
-functions, which the plans run as `Blocking` work.
+stream, which checksums a transfer computes and checks (CRC32C always, sha256
+with `verify="sha256"`), what a watch does when its stream breaks, and how
+drive paths map to local ones. The bytes themselves move in `transfer`'s
+thread-based functions, which the plans run as `Blocking` work.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
+from crc32c import crc32c
+
 from .common import DriveBase, FileStat, MountResult, WatchEvent
 from .effects import Blocking, Caller, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
 from .errors import AlreadyExists, DriveError, InvalidArgument, Unavailable
@@ -27,8 +30,10 @@ from .transfer import (
     PARALLEL_MIN_SIZE,
     Progress,
     ReadAhead,
+    crc32c_mismatch,
     fetch_in_ranges,
     local_files,
+    no_crc32c,
     put_requests,
     receive_files,
     small_file_request,
@@ -85,6 +90,11 @@ def _local(drive: DriveBase, path: str | os.PathLike[str]) -> Path:
     return root / path
 
 
+def _sha256(drive: DriveBase) -> bool:
+    """Whether transfers of `drive` compute the sha256 too (sent with a put, checked on a get), beside CRC32C."""
+    return drive.verify == "sha256"
+
+
 def _put_header(drive: DriveBase) -> pb.PutHeader:
     return pb.PutHeader(drive=drive.id, component=drive.component_name, allow_duplicates=drive.allow_duplicates)
 
@@ -100,7 +110,7 @@ def _get_request(drive: DriveBase, remote: str, target: Path, component_name: st
         raise InvalidArgument(f"timeout must be >= 0, got {timeout}")
     return pb.GetRequest(
         drive=drive.id, path=remote, wait_seconds=timeout or 0, component=_filter(component_name),
-        whole_small_files=True,
+        whole_small_files=True, checksums=True,
     )
 
 
@@ -114,14 +124,10 @@ def _target_of(remote: str, target: Path) -> Callable[[str], Path]:
     return target_of
 
 
-def _check_range_reply(message: GetMessage, request: pb.GetRequest) -> Chunk | None:
-    """The bytes of a ranged-read reply (None for its info); refuses a folder."""
-    data = chunk_of(message)
-    if data is not None:
-        return data
-    if message.info.folder or message.info.path != request.path:  # type: ignore[union-attr]
+def _check_range_info(info: pb.FileInfo, request: pb.GetRequest) -> None:
+    """Refuses a ranged read whose path turns out to be a folder."""
+    if info.folder or info.path != request.path:
         raise InvalidArgument(f"{request.path!r} is a folder: a ranged read reads one file")
-    return None
 
 
 def _worth_ranges(first: pb.GetResponse, remote: str) -> bool:
@@ -165,15 +171,15 @@ def put(drive: DriveBase, path: str | os.PathLike[str], to: str | None, progress
     files: list[tuple[Path, str]] = yield Blocking(local_files, (local, remote))
     if not files:
         return []
-    header = _put_header(drive)
+    header, sha256 = _put_header(drive), _sha256(drive)
     if len(files) == 1:  # a file of at most a chunk goes in one unary call, much cheaper than a stream
-        request = yield Blocking(small_file_request, (header, *files[0]))
+        request = yield Blocking(small_file_request, (header, *files[0], sha256))
         if request is not None:
             reply: pb.PutFileResponse = yield Unary("PutFile", request)
             if progress:
                 progress(reply.file.size)
             return [FileStat.from_info(reply.file)]
-    stream_reply: pb.PutResponse = yield Send("Put", put_requests(header, files, progress=progress))
+    stream_reply: pb.PutResponse = yield Send("Put", put_requests(header, files, progress=progress, sha256=sha256))
     return [FileStat.from_info(info) for info in stream_reply.files]
 
 
@@ -212,7 +218,8 @@ def get(drive: DriveBase, path: str, component_name: str | None, timeout: float 
             stream.cancel()  # read again, in blocks over several streams
             yield Blocking(_fetch_ranges, (drive, remote, first.info, target, progress), calls=True)
         else:
-            yield Blocking(_receive_stream, (stream, first, _target_of(remote, target), progress), calls=True)
+            receive = (stream, first, _target_of(remote, target), progress, _sha256(drive))
+            yield Blocking(_receive_stream, receive, calls=True)
     finally:
         stream.cancel()  # a no-op once the stream is complete; stops it after a local failure
     return target
@@ -225,11 +232,11 @@ def _messages(stream: Stream) -> Plan[None]:
 
 
 def _receive_stream(calls: Caller, stream: Stream, first: GetMessage | None, target_of: Callable[[str], Path],
-                    progress: Progress | None) -> list[Path]:
+                    progress: Progress | None, sha256: bool) -> list[Path]:
     """Writes the files of a Get stream whose first message was `first`; the rest is read a little ahead."""
     rest = ReadAhead(calls.iterate(_messages(stream)))
     replies: Iterable[GetMessage] = itertools.chain([first] if first is not None else [], rest)
-    return receive_files(replies, target_of, progress=progress)
+    return receive_files(replies, target_of, progress=progress, sha256=sha256)
 
 
 def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInfo, target: Path,
@@ -240,27 +247,41 @@ def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInf
     def read(offset: int, length: int) -> Iterable[Chunk]:
         return calls.iterate(read_range(drive, remote, offset, length, component, if_match, copy=False))
 
-    return fetch_in_ranges(info, target, read, progress=progress)
+    return fetch_in_ranges(info, target, read, progress=progress, sha256=_sha256(drive))
 
 
 def read_range(drive: DriveBase, path: str, offset: int, length: int | None, component_name: str | None,
                if_match: str, copy: bool = True) -> Plan[None]:
-    """Emits the chunks of bytes [offset, offset+length) of a file; `copy=False` emits views into the messages."""
+    """Emits the chunks of bytes [offset, offset+length) of a file; `copy=False` emits views into the messages.
+
+    Their CRC32C is checked against the daemon's once the last has been
+    emitted: a mismatch raises DataLoss at the end of the range.
+    """
     if offset < 0 or (length is not None and length < 0):
         raise InvalidArgument("offset and length cannot be negative")
     request = pb.GetRequest(
         drive=drive.id, path=normalize_path(path), offset=offset, limit=length or 0, if_match=if_match,
-        component=_filter(component_name),
+        component=_filter(component_name), checksums=True,
     )
     if length == 0:
         return
     yield from _ensure_mounted(drive)
     stream = yield Open("Get", request)
     try:
+        crc, checked = 0, False
         while (message := (yield Next(stream))) is not None:
-            data = _check_range_reply(message, request)
+            data = chunk_of(message)
             if data is not None:
+                crc = crc32c(data, crc)
                 yield Emit((bytes(data) if copy else data,))
+            elif message.WhichOneof("message") == "crc32c":
+                if message.crc32c != crc:
+                    raise crc32c_mismatch(request.path)
+                checked = True
+            else:
+                _check_range_info(message.info, request)
+        if not checked:
+            raise no_crc32c(request.path)
     finally:
         stream.cancel()
 

@@ -63,14 +63,17 @@ class _BlockingCalls(Caller):
 class Drive(DriveBase):
     """A drive opened by name: `Drive("lit://drive_1", component_name="work_a")`.
 
-    `Drive(id, allow_duplicates=False, component_name=None, root_folder=None, *, endpoint=None, token=None)`:
+    `Drive(id, allow_duplicates=False, component_name=None, root_folder=None, *, endpoint=None, token=None,
+    verify="crc32c")`:
     `component_name` defaults to $DRIVE_COMPONENT, else "default"; `endpoint`
     to $DRIVE_ENDPOINT, else 127.0.0.1:50051. `root_folder` is where local
     paths are resolved: an existing folder (else `FileNotFoundError` or
     `NotADirectoryError` at once); when not given, the current working
-    directory at the time of each call. Picklable and deep-copyable; the gRPC
-    channel is created lazily, once per process and endpoint, and shared by
-    all Drives.
+    directory at the time of each call. Every transfer is checked with
+    CRC32C; `verify="sha256"` also sends each put file's sha256 (the daemon
+    checks it) and checks the stored sha256 of each file a get fetches.
+    Picklable and deep-copyable; the gRPC channel is created lazily, once
+    per process and endpoint, and shared by all Drives.
     """
 
     @property

@@ -33,6 +33,9 @@ fsspec paths (what `ls`, `find` and `info` answer in `name`) are
   all components, like `Drive.get` and `Drive.list`.
 - `allow_duplicates`: let writes store a path another component holds.
 - `token`: bearer token sent with every call.
+- `verify`: `"crc32c"` (the default: every read and write is checked with
+  CRC32C, each ranged read on its own) or `"sha256"` (whole-file reads also
+  check the stored sha256, and writes send theirs), as `Drive(verify=...)`.
 - `asynchronous`: `True` for `AsyncDriveFileSystem` (see above).
 
 Only `lit://` (managed) drives live here. `s3://` is fsspec's S3 protocol
@@ -45,9 +48,11 @@ Semantics:
   (`block_size`, default 5 MiB) are fetched with ranged `Get` calls, never
   the whole file. Every range carries the sha256 and owner from `info`, so a
   file replaced while it is being read fails with `StaleIndexError` instead
-  of mixing two versions. `cat_file` reads with the same pinning (and checks
-  the sha256 of whole-file reads); `get_file` uses the client's verified,
-  atomic whole-file download.
+  of mixing two versions, and its bytes are checked against the daemon's
+  CRC32C of them before they are returned (`DataLoss` otherwise).
+  `cat_file` reads with the same pinning and checks (and, with
+  `verify="sha256"`, the sha256 of whole-file reads); `get_file` uses the
+  client's verified, atomic whole-file download.
 - Writing spools: `open(mode="wb")` keeps at most one block in memory and the
   rest in a local temporary file, and puts the whole file on `close()` (a
   single atomic put on the server; readers never see a partial file). An
@@ -107,7 +112,7 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from fsspec.utils import isfilelike
 
 from .aio import AsyncDrive
-from .common import DEFAULT_ENDPOINT, FileStat
+from .common import DEFAULT_ENDPOINT, FileStat, check_verify
 from .drive import Drive
 from .effects import Done, advance
 from .errors import AmbiguousPathError, DataLoss, InvalidArgument, NotFound
@@ -176,15 +181,18 @@ def _describe(name: str, stat: FileStat) -> dict[str, Any]:
     return out
 
 
-def _check_read(info: dict[str, Any], start: int, end: int, data: bytes) -> bytes:
-    """`data`, once it is all of [start, end) and, for the whole file, matches its sha256."""
+def _check_read(info: dict[str, Any], start: int, end: int, data: bytes, sha256: bool) -> bytes:
+    """`data`, once it is all of [start, end) and, for the whole file with `sha256`, matches its sha256.
+
+    (Its CRC32C was checked as it arrived, by `Drive.read_range`.)
+    """
     if len(data) != end - start:
         raise DataLoss(
             f"lit://{info['name']}: got {len(data)} bytes of range [{start}, {end}); try again",
             grpc.StatusCode.DATA_LOSS,
         )
     whole = start == 0 and end == info["size"]
-    if whole and info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"]:
+    if sha256 and whole and info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"]:
         raise DataLoss(
             f"lit://{info['name']}: bytes do not match the stored sha256; try again", grpc.StatusCode.DATA_LOSS
         )
@@ -213,9 +221,11 @@ class _LitFileSystem:
         allow_duplicates: bool = False,
         token: str | None = None,
         spool_dir: str | None = None,
+        verify: str = "crc32c",
         **storage_options: Any,
     ) -> None:
         super().__init__(**storage_options)
+        self.verify = check_verify(verify)
         self._endpoint = endpoint
         self._component = check_component(component_name) if component_name else None
         self.allow_duplicates = allow_duplicates
@@ -268,7 +278,7 @@ class _LitFileSystem:
             if drive is None:
                 drive = self._twin(
                     f"lit://{name}", allow_duplicates=self.allow_duplicates, component_name=component,
-                    endpoint=endpoint, token=self._token,
+                    endpoint=endpoint, token=self._token, verify=self.verify,
                 )
                 self._drives[key] = drive
         return drive
@@ -343,7 +353,7 @@ class _LitFileSystem:
             return b""
         chunks: list[bytes] = []
         yield Each(self._chunks(info, start, end - start), chunks.append)
-        return _check_read(info, start, end, b"".join(chunks))
+        return _check_read(info, start, end, b"".join(chunks), self.verify == "sha256")
 
     def _steps_cat(self, path: str, start: int | None, end: int | None) -> Steps[bytes]:
         info = yield from self._steps_file_info(path)

@@ -19,6 +19,7 @@ from typing import Protocol
 from drive_client.uri import DriveId
 
 from .backends.base import Chunks
+from .checksums import ClientChecksums
 from .coordinator import Event
 from .entry import Entry
 from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutHeader, StatRequest, WatchRequest
@@ -46,10 +47,11 @@ class PendingPut(Protocol):
         """The store's own write of the next chunk: nothing runs between the stream and the store."""
         ...
 
-    async def commit(self, sha256: str) -> Entry:
-        """Makes the file visible in one step if its bytes hash to `sha256` (lowercase hex), and its size
+    async def commit(self, sent: ClientChecksums) -> Entry:
+        """Makes the file visible in one step if its bytes match the checksums the client sent, and its size
         is the header's when it gave one (DataLoss and nothing stored otherwise). AlreadyExists when another
-        component holds the path and the header did not allow duplicates."""
+        component holds the path and the header did not allow duplicates. The entry carries the sha256 and
+        CRC32C the daemon computed."""
         ...
 
     async def abort(self) -> None:

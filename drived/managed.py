@@ -25,6 +25,7 @@ from drive_client.errors import (
 )
 
 from .backends.base import Backend, ObjectInfo, Upload
+from .checksums import ClientChecksums
 from .coordinator import Coordinator, Event
 from .drives import FileStream
 from .entry import Entry
@@ -37,7 +38,7 @@ EARLY_CHECK_MIN_SIZE = 1 << 20
 def _entry(path: str, component: str, info: ObjectInfo) -> Entry:
     return Entry(
         path=path, size=info.size, sha256=info.sha256, mtime_ns=info.generation,
-        component=component, generation=info.generation,
+        component=component, generation=info.generation, crc32c=info.crc32c,
     )
 
 
@@ -61,8 +62,8 @@ class ManagedPut:
         self.write = upload.write
         self._drives = drives
 
-    async def commit(self, sha256: str) -> Entry:
-        return await self._drives.commit_put(self, sha256)
+    async def commit(self, sent: ClientChecksums) -> Entry:
+        return await self._drives.commit_put(self, sent)
 
     async def abort(self) -> None:
         await self.upload.abort()
@@ -100,7 +101,7 @@ class ManagedDrives:
         upload = await self.backend.start_upload(object_key(drive, put.component, put.path))
         return ManagedPut(self, put, upload)
 
-    async def commit_put(self, put: ManagedPut, sha256: str) -> Entry:
+    async def commit_put(self, put: ManagedPut, sent: ClientChecksums) -> Entry:
         """Verifies and commits a put: ownership is checked again inside the path's claim, so that the
         check and the commit are one step for every daemon sharing the coordinator."""
         header, drive = put.header, put.header.drive.name
@@ -111,7 +112,7 @@ class ManagedDrives:
                 except AlreadyExists:
                     await put.abort()
                     raise
-            info = await put.upload.commit(sha256, header.size)
+            info = await put.upload.commit(sent, header.size)
             entry = _entry(header.path, header.component, info)
             await self.coordinator.publish(drive, "put", entry)
         return entry

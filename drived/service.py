@@ -29,6 +29,7 @@ from drive_client.pb import drive_pb2_grpc as pb_grpc
 from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
 
 from . import metrics
+from .backends.base import Damaged
 from .drives import DriveRouter, PendingPut
 from .entry import Entry
 from .puts import PutStream
@@ -40,7 +41,7 @@ from .requests import (
     PutHeader,
     StatRequest,
     WatchRequest,
-    file_sha256,
+    sent_checksums,
 )
 
 log = logging.getLogger("drived")
@@ -54,7 +55,7 @@ def file_info(entry: Entry) -> pb.FileInfo:
         modified.FromNanoseconds(entry.mtime_ns)
     return pb.FileInfo(
         path=entry.path, size=entry.size, sha256=entry.sha256, etag=entry.etag, modified=modified,
-        component=entry.component, generation=entry.generation, folder=entry.folder,
+        component=entry.component, generation=entry.generation, folder=entry.folder, crc32c=entry.crc32c,
     )
 
 
@@ -104,6 +105,9 @@ async def _fail(context: grpc.aio.ServicerContext, record: RequestLog, err: Exce
     """
     if isinstance(err, DriveError):
         record.status = err.status.name
+        if isinstance(err, Damaged):
+            metrics.DAMAGED_READS.inc()
+            log.error("damaged stored file", extra={"fields": {"key": err.key, "damage": err.what}})
         await context.abort(err.status, err.message)
     record.status = "INTERNAL"
     log.error("unexpected error in %s\n%s", record.method, "".join(traceback.format_exception(err)))
@@ -191,10 +195,10 @@ class DriveService(pb_grpc.DriveServiceServicer):
     async def PutFile(self, request: pb.PutFileRequest, record: RequestLog) -> pb.PutFileResponse:
         put = await self._begin_put(record, request.header)
         try:
-            sha256 = file_sha256(request.sha256)
+            sent = sent_checksums(request)
             record.bytes = len(request.data)
             await put.write(request.data)
-            entry = await put.commit(sha256)
+            entry = await put.commit(sent)
         finally:
             await put.abort()  # a no-op after the commit
         record.files = 1
@@ -211,12 +215,20 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 if get.whole_small_files and entry.size <= SMALL_FILE:
                     data = b"".join([chunk async for chunk in chunks])
                     record.bytes += len(data)
-                    yield pb.GetResponse(file=pb.GetFile(info=file_info(entry), data=data))
+                    whole = pb.GetFile(info=file_info(entry), data=data)
+                    if get.checksums:
+                        whole.crc32c = chunks.crc32c
+                    yield pb.GetResponse(file=whole)
                     continue
                 yield pb.GetResponse(info=file_info(entry))
                 async for chunk in chunks:
                     record.bytes += len(chunk)
                     yield chunk  # encoded by drive_client.wire, without a protobuf copy
+                if get.checksums:
+                    yield pb.GetResponse(crc32c=chunks.crc32c)
+            except Damaged as err:
+                owner = f" of component {entry.component!r}" if entry.component else ""
+                raise err.named(f"{entry.path!r}{owner} in {get.drive.uri}") from None
             finally:
                 await chunks.aclose()
 

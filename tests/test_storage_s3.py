@@ -21,10 +21,11 @@ import fsspec
 import grpc
 import pytest
 from conftest import BIN, MIB, DaemonHandle, put_messages, raw_get, raw_put, rpc_code, start_daemon, wait_until
+from crc32c import crc32c
 from moto_server import AWS_ENV
 
 from bench.services import MotoServer
-from drive_client import Drive
+from drive_client import DataLoss, Drive
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 
 BUCKET = "drived-store"
@@ -180,6 +181,36 @@ def test_sha256_mismatch_is_data_loss_and_stores_nothing(store, daemon_a, drive_
     assert rpc_code(lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="g.bin"))) == \
         grpc.StatusCode.NOT_FOUND
     assert not store.uploads()
+
+
+@pytest.mark.parametrize("size", [100_000, 20 * MIB], ids=["one-put", "multipart"])
+def test_the_crc32c_is_stored_and_a_whole_read_of_a_damaged_object_is_data_loss(store, daemon_a, drive_uri,
+                                                                                 tmp_path, size):
+    """The CRC32C lies beside the sha256 (object metadata, or the checksum object of a multipart one); a read
+    of the whole object checks it before its last chunk. A ranged read relies on S3's own integrity."""
+    data = os.urandom(size)
+    (tmp_path / "f.bin").write_bytes(data)
+    drive = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=daemon_a.endpoint)
+    drive.put("f.bin")
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/f.bin"
+    head = store.client.head_object(Bucket=BUCKET, Key=key)
+    metadata = head["Metadata"]
+    if "checksums" in metadata:
+        checksums = f"{PREFIX}~checksums/{drive_uri.removeprefix('lit://')}/w/f.bin/{metadata['checksums']}"
+        metadata = store.client.head_object(Bucket=BUCKET, Key=checksums)["Metadata"]
+    assert metadata["crc32c"] == f"{crc32c(data):08x}" and metadata["sha256"] == sha256_of(data)
+    stub = stub_of(daemon_a)
+    assert stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="f.bin")).crc32c == crc32c(data)
+
+    damaged = bytearray(data)
+    damaged[size // 2] ^= 0x01  # the store's copy rots (written back with the same metadata)
+    store.client.put_object(Bucket=BUCKET, Key=key, Body=bytes(damaged), Metadata=head["Metadata"])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DataLoss, match=r"'f.bin' of component 'w' in lit://\S+ is damaged"):
+        Drive(drive_uri, root_folder=out, endpoint=daemon_a.endpoint).get("f.bin")
+    assert list(out.iterdir()) == []
+    assert b"".join(drive.read_range("f.bin", size // 2, 10)) == bytes(damaged[size // 2:size // 2 + 10])
 
 
 def test_folder_rules_hold_over_s3(store, daemon_a, drive_uri):

@@ -109,7 +109,8 @@ class DriveServiceServicer:
         header before the previous file's finish, a path that is a folder, or
         whose parent is a file), ALREADY_EXISTS (another component holds the
         path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-        DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+        DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
+        full).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,7 +137,9 @@ class DriveServiceServicer:
         was named; the message names them), ABORTED (if_match differs, or an
         s3 object changed since it was indexed: re-mount and retry),
         INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-        limit on a folder).
+        limit on a folder), DATA_LOSS (the stored file is damaged: the message
+        names it; the server checks each block it reads before sending any of
+        it, so the bytes sent before the error are good and none after).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -92,7 +92,8 @@ class DriveServiceStub:
     header before the previous file's finish, a path that is a folder, or
     whose parent is a file), ALREADY_EXISTS (another component holds the
     path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-    DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+    DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
+    full).
     """
     PutFile: _grpc.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -111,7 +112,9 @@ class DriveServiceStub:
     was named; the message names them), ABORTED (if_match differs, or an
     s3 object changed since it was indexed: re-mount and retry),
     INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-    limit on a folder).
+    limit on a folder), DATA_LOSS (the stored file is damaged: the message
+    names it; the server checks each block it reads before sending any of
+    it, so the bytes sent before the error are good and none after).
     """
     List: _grpc.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]
     """Lists the immediate entries (files and folders) under a path, or every
@@ -184,7 +187,8 @@ class DriveServiceAsyncStub(DriveServiceStub):
     header before the previous file's finish, a path that is a folder, or
     whose parent is a file), ALREADY_EXISTS (another component holds the
     path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-    DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+    DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
+    full).
     """
     PutFile: _aio.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]  # type: ignore[assignment]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -203,7 +207,9 @@ class DriveServiceAsyncStub(DriveServiceStub):
     was named; the message names them), ABORTED (if_match differs, or an
     s3 object changed since it was indexed: re-mount and retry),
     INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-    limit on a folder).
+    limit on a folder), DATA_LOSS (the stored file is damaged: the message
+    names it; the server checks each block it reads before sending any of
+    it, so the bytes sent before the error are good and none after).
     """
     List: _aio.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]  # type: ignore[assignment]
     """Lists the immediate entries (files and folders) under a path, or every
@@ -279,7 +285,8 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         header before the previous file's finish, a path that is a folder, or
         whose parent is a file), ALREADY_EXISTS (another component holds the
         path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-        DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+        DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
+        full).
         """
 
     @_abc_1.abstractmethod
@@ -310,7 +317,9 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         was named; the message names them), ABORTED (if_match differs, or an
         s3 object changed since it was indexed: re-mount and retry),
         INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-        limit on a folder).
+        limit on a folder), DATA_LOSS (the stored file is damaged: the message
+        names it; the server checks each block it reads before sending any of
+        it, so the bytes sent before the error are good and none after).
         """
 
     @_abc_1.abstractmethod
