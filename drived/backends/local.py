@@ -166,9 +166,13 @@ class FileChunks:
         block = self._position // size
         last = min(block + self._blocks_per_read, -(-self._end // size))  # the block after those read
         begin, stop = block * size, min(last * size, total)
-        data = memoryview(await self._read(stop - begin, HEADER_SIZE + begin))
-        if len(data) != stop - begin:
-            raise Damaged(self._key, f"it ends at byte {begin + len(data)} of {total}")
+        tail = ends.tail_size() if stop == total else 0
+        data = memoryview(await self._read(stop - begin + tail, HEADER_SIZE + begin))
+        if len(data) != stop - begin + tail:
+            raise Damaged(self._key, f"it ends at byte {begin + len(data)} of {total}, before its block table")
+        if tail:
+            ends.load(data[stop - begin:])
+            data = data[:stop - begin]
         try:
             damaged, at_cuts = check_blocks(data, block, size, ends, (self._start, self._end))
         except EOFError:

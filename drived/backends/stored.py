@@ -112,6 +112,22 @@ class BlockEnds:
         self._ends = ends if ends is not None else array("I")
         self._read_all = ends is not None
 
+    def tail_size(self) -> int:
+        """Bytes of table to read in one go with the content's last block: all of it when none is read yet and
+        it is at most a window (a file of at most a GiB: a small file costs one read, not two); else 0."""
+        return self._blocks * ENTRY if not self._ends and self._blocks <= TABLE_WINDOW else 0
+
+    def load(self, raw: bytes | memoryview) -> None:
+        """Takes the whole table (`tail_size()` bytes), read with the content's end."""
+        self._set(0, raw)
+
+    def _set(self, first: int, raw: bytes | memoryview) -> None:
+        ends = array("I")
+        ends.frombytes(raw)
+        if sys.byteorder == "big":
+            ends.byteswap()
+        self._first, self._ends = first, ends
+
     def at(self, index: int) -> int:
         if index < 0:
             return 0
@@ -124,11 +140,8 @@ class BlockEnds:
         raw = os.pread(self._fd, count * ENTRY, self._offset + index * ENTRY)
         if len(raw) != count * ENTRY:
             raise EOFError("the block table is cut short")
-        ends = array("I", raw)
-        if sys.byteorder == "big":
-            ends.byteswap()
-        self._first, self._ends = index, ends
-        return ends[0]
+        self._set(index, raw)
+        return self._ends[0]
 
 
 def check_blocks(data: memoryview, first: int, block_size: int, ends: BlockEnds, cuts: tuple[int, ...]
