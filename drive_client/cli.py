@@ -44,7 +44,8 @@ def split_uri(uri: str, folder: bool) -> tuple[str, str]:
 def _drive(uri: str, args: argparse.Namespace) -> Drive:
     return Drive(
         uri, component_name=args.component, endpoint=args.endpoint, allow_duplicates=args.allow_duplicates,
-        token=args.token,
+        token=args.token, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        insecure=args.insecure,
     )
 
 
@@ -125,7 +126,18 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="drive", description="Put, list, get and delete files in drived drives.")
     top.add_argument("--endpoint", help="drived address HOST:PORT (default: $DRIVE_ENDPOINT, else 127.0.0.1:50051)")
     top.add_argument("--component", help="your component name (default: $DRIVE_COMPONENT, else 'default')")
-    top.add_argument("--token", help="bearer token for a daemon started with --token (default: $DRIVE_TOKEN)")
+    top.add_argument("--token", help="bearer token for a daemon started with --token or --auth-tokens "
+                     "(default: $DRIVE_TOKEN)")
+    top.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
+                     help="reach the daemon over TLS (default: $DRIVE_TLS; on when --tls-ca or --tls-cert is given)")
+    top.add_argument("--tls-ca", metavar="PEM", help="CA bundle that signed the daemon's certificate (default: "
+                     "$DRIVE_TLS_CA, else the system's)")
+    top.add_argument("--tls-cert", metavar="PEM", help="client certificate, for a daemon with --tls-client-ca "
+                     "(default: $DRIVE_TLS_CERT)")
+    top.add_argument("--tls-key", metavar="PEM", help="the client certificate's key (default: $DRIVE_TLS_KEY)")
+    top.add_argument("--insecure", action="store_true", default=None,
+                     help="send the token in plaintext to another machine (default: $DRIVE_INSECURE); only on a "
+                     "network you trust")
     top.add_argument("--json", action="store_true", help="print results as JSON on stdout (for scripts)")
     top.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     top.set_defaults(only=None, allow_duplicates=False, timeout=None, overwrite=False)  # options of some commands
