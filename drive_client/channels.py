@@ -49,25 +49,26 @@ def env_flag(name: str, environ: Mapping[str, str] = os.environ) -> bool:
     raise InvalidArgument(f"${name}={environ[name]!r}: use 1 or 0 (true/false, yes/no, on/off)")
 
 
-def endpoint_host(endpoint: str) -> str:
-    """The host of an endpoint: `HOST:PORT`, `[V6]:PORT`, or a gRPC target (`dns:///HOST:PORT`, `ipv4:`,
-    `ipv6:`); "" for a `unix:` socket."""
+def endpoint_hosts(endpoint: str) -> list[str]:
+    """The hosts an endpoint names: `HOST:PORT`, `[V6]:PORT`, or a gRPC target (`dns:///HOST:PORT`, `ipv4:` and
+    `ipv6:` lists of addresses); none for a `unix:` socket."""
     if endpoint.startswith(("unix:", "unix-abstract:")):
-        return ""
+        return []
     target = endpoint
     for scheme in ("dns:", "ipv4:", "ipv6:"):
         if target.startswith(scheme):
             target = target[len(scheme):]
             if target.startswith("//"):  # dns://AUTHORITY/HOST:PORT
                 target = target[2:].partition("/")[2]
-            target = target.split(",")[0]  # ipv4:a:p,b:p lists several addresses: the first stands for all
             break
-    if target.startswith("["):
-        return target[1:].partition("]")[0]
-    host, colon, port = target.rpartition(":")
-    if not colon or not port.isdigit():
-        return target  # no port
-    return host
+    return [_host(address) for address in target.split(",")]
+
+
+def _host(address: str) -> str:
+    if address.startswith("["):
+        return address[1:].partition("]")[0]
+    host, colon, port = address.rpartition(":")
+    return host if colon and port.isdigit() else address
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -75,9 +76,10 @@ def is_loopback(endpoint: str) -> bool:
 
     Names are not resolved: any name but `localhost` counts as another machine.
     """
-    host = endpoint_host(endpoint)
-    if host in ("", "localhost"):
-        return True
+    return all(host == "localhost" or _loopback_address(host) for host in endpoint_hosts(endpoint))
+
+
+def _loopback_address(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
