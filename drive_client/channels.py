@@ -14,6 +14,7 @@ loopback unless the caller says the network is trusted.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -186,3 +187,16 @@ def open_channel(connection: Connection, *, aio: bool = False) -> Any:
     if connection.tls:
         return kind.secure_channel(connection.endpoint, connection.credentials(), options=options)
     return kind.insecure_channel(connection.endpoint, options=options)
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """The TLS flags of a command that reaches a daemon (`drive`, `drived health`), each defaulting to its
+    environment variable; `Connection.from_settings(endpoint, args.tls, args.tls_ca, args.tls_cert,
+    args.tls_key)` takes them."""
+    parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
+                        help="reach the daemon over TLS (default: $DRIVE_TLS; on when --tls-ca or --tls-cert is given)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle that signed the daemon's certificate (default: "
+                        "$DRIVE_TLS_CA, else the system's)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for a daemon with --tls-client-ca "
+                        "(default: $DRIVE_TLS_CERT)")
+    parser.add_argument("--tls-key", metavar="PEM", help="the client certificate's key (default: $DRIVE_TLS_KEY)")

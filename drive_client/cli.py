@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .channels import add_tls_arguments
 from .common import FileStat
 from .drive import Drive
 from .errors import DriveError, InvalidArgument
@@ -128,13 +129,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--component", help="your component name (default: $DRIVE_COMPONENT, else 'default')")
     top.add_argument("--token", help="bearer token for a daemon started with --token or --auth-tokens "
                      "(default: $DRIVE_TOKEN)")
-    top.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
-                     help="reach the daemon over TLS (default: $DRIVE_TLS; on when --tls-ca or --tls-cert is given)")
-    top.add_argument("--tls-ca", metavar="PEM", help="CA bundle that signed the daemon's certificate (default: "
-                     "$DRIVE_TLS_CA, else the system's)")
-    top.add_argument("--tls-cert", metavar="PEM", help="client certificate, for a daemon with --tls-client-ca "
-                     "(default: $DRIVE_TLS_CERT)")
-    top.add_argument("--tls-key", metavar="PEM", help="the client certificate's key (default: $DRIVE_TLS_KEY)")
+    add_tls_arguments(top)
     top.add_argument("--insecure", action="store_true", default=None,
                      help="send the token in plaintext to another machine (default: $DRIVE_INSECURE); only on a "
                      "network you trust")

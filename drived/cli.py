@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from drive_client.channels import Connection
+from drive_client.channels import Connection, add_tls_arguments
 from drive_client.errors import DriveError
 from drive_client.malloc import keep_transfer_buffers
 
@@ -42,13 +42,7 @@ def _health(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--endpoint", default=None, help="HOST:PORT (default: DRIVED_LISTEN, else 127.0.0.1:50051)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
-    parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
-                        help="over TLS (default: $DRIVE_TLS; on when --tls-ca or --tls-cert is given)")
-    parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle of the daemon's certificate (default: "
-                        "$DRIVE_TLS_CA, else the system's)")
-    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for a daemon with --tls-client-ca "
-                        "(default: $DRIVE_TLS_CERT)")
-    parser.add_argument("--tls-key", metavar="PEM", help="its key (default: $DRIVE_TLS_KEY)")
+    add_tls_arguments(parser)
     parser.add_argument("--tls-server-name", metavar="NAME",
                         help="the name the daemon's certificate carries, when it names neither 127.0.0.1 nor the "
                         "--endpoint host (e.g. drived.example.com)")

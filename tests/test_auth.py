@@ -49,32 +49,21 @@ SECRETS = {  # name -> token
     "team-a": "team-a-" + uuid.uuid4().hex,
     "datasets": "datasets-" + uuid.uuid4().hex,
 }
-TOKEN_FILE = f"""
-# admin and team-a are kept as their sha256 (recommended); reader is written in plaintext.
-[[token]]
-name = "admin"
-sha256 = "{sha256_hex(SECRETS["admin"].encode())}"
-drives = ["lit://*", "s3://*"]
-mode = "read-write"
 
-[[token]]
-name = "reader"
-token = "{SECRETS["reader"]}"
-drives = ["lit://shared_*"]
-mode = "read"
 
-[[token]]
-name = "team-a"
-sha256 = "{sha256_hex(SECRETS["team-a"].encode())}"
-drives = ["team_a_*"]
-mode = "read-write"
+def token_entry(name: str, secret: str, drives: str = '["lit://*"]', mode: str = "read-write",
+                plaintext: bool = False) -> str:
+    """One [[token]] table; the token kept as its sha256 unless `plaintext`."""
+    kept = f'token = "{secret}"' if plaintext else f'sha256 = "{hashlib.sha256(secret.encode()).hexdigest()}"'
+    return f'[[token]]\nname = "{name}"\n{kept}\ndrives = {drives}\nmode = "{mode}"\n'
 
-[[token]]
-name = "datasets"
-sha256 = "{sha256_hex(SECRETS["datasets"].encode())}"
-drives = ["s3://datasets/public/*"]
-mode = "read"
-"""
+
+TOKEN_FILE = "\n".join([
+    token_entry("admin", SECRETS["admin"], '["lit://*", "s3://*"]'),
+    token_entry("reader", SECRETS["reader"], '["lit://shared_*"]', "read", plaintext=True),
+    token_entry("team-a", SECRETS["team-a"], '["team_a_*"]'),
+    token_entry("datasets", SECRETS["datasets"], '["s3://datasets/public/*"]', "read"),
+])
 
 
 def bearer(name: str) -> list[tuple[str, str]]:
@@ -383,11 +372,6 @@ def test_cli_and_env_carry_the_token(guarded):
 
 
 # --- reloading, broken files, reflection -----------------------------------------------------------
-
-
-def token_entry(name: str, secret: str, drives: str = '["lit://*"]', mode: str = "read-write") -> str:
-    return (f'[[token]]\nname = "{name}"\nsha256 = "{hashlib.sha256(secret.encode()).hexdigest()}"\n'
-            f"drives = {drives}\nmode = \"{mode}\"\n")
 
 
 def test_sighup_reloads_the_token_file_and_a_broken_file_keeps_the_old_tokens(start_daemon, tmp_path, drive_uri):
