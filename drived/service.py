@@ -2,12 +2,12 @@
 
 Each handler decodes its request into a validated value (`drived.requests`),
 calls the drives of the request's drive (`drived.drives`) and answers with
-protobuf messages. The one wrapper around every handler, `rpc`, authenticates the call
-(`drived.auth`), logs one structured line per request, counts it in the
-metrics, and turns what the handler raised into the call's status: a call
-refused for its token is logged and counted like any other. Handlers reach
-the drives only through `DriveService._drives`, which checks the call's
-grant against each drive it names.
+protobuf messages. The one wrapper around every handler, `rpc`,
+authenticates the call (`drived.auth`), logs one structured line per
+request, counts it in the metrics, and turns what the handler raised into
+the call's status: a call refused for its token is logged and counted like
+any other. Handlers reach the drives only through `DriveService._drives`,
+which checks the call's grant against each drive it names.
 """
 
 from __future__ import annotations
