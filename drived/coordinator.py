@@ -37,6 +37,7 @@ from .entry import Entry
 
 EventKind = Literal["put", "delete"]
 EVENTS_KEPT = 10_000  # events of one drive a feed keeps: a watch further behind answers EventsGone
+CLAIM_TTL = 10.0  # seconds a shared claim outlives a daemon that died holding it (--claim-ttl)
 
 
 class EventsGone(DriveError):

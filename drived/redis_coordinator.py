@@ -55,13 +55,12 @@ from redis.backoff import NoBackoff
 
 from drive_client.errors import Unavailable
 
-from .coordinator import EVENTS_KEPT, Coordinator, Event, EventKind, EventsGone, folders_above
+from .coordinator import CLAIM_TTL, EVENTS_KEPT, Coordinator, Event, EventKind, EventsGone, folders_above
 from .entry import Entry
 from .redis_wakeups import Wakeups
 
 log = logging.getLogger("drived")
 
-CLAIM_TTL = 10.0  # seconds a claim outlives a holder that died
 TRIM_BATCH = 100  # events a feed may hold beyond EVENTS_KEPT before its oldest are dropped at once
 PAGE = 1000  # events `since` answers at most
 POOL_SIZE = 32  # connections a daemon uses for its calls, at most
