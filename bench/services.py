@@ -233,6 +233,53 @@ class ValkeyServer(_Service):
             self.proc.wait(10)
 
 
+def self_signed_certificate(cert: Path, key: Path, host: str = "127.0.0.1") -> None:
+    """Writes a certificate for `host` (an IP address) signed by its own key: a client trusts it by `cert`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    made = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(private, hashes.SHA256())
+    )
+    cert.write_bytes(made.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+
+
+class TlsProxy(_Service):
+    """bench/tls_proxy.py: TLS on a free port in front of a plain server on 127.0.0.1:`target`, with a
+    self-signed certificate (`ca`: the file a client trusts)."""
+
+    name = "tls-proxy"
+
+    def __init__(self, workdir: Path, target: int, timeout: float = 20.0) -> None:
+        super().__init__(workdir)
+        self.ca = self.dir / "cert.pem"
+        key = self.dir / "key.pem"
+        self_signed_certificate(self.ca, key)
+        self._spawn([sys.executable, "-m", "bench.tls_proxy", str(self.ca), str(key), str(self.port), str(target)],
+                    _bench_env())
+
+        def probe() -> bool:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+
+        self._wait_ready(probe, timeout)
+
+
 class S3ListingServer(_Service):
     """bench/s3_listing_server.py: a fast ListObjectsV2 endpoint over keys_per_level ** 3 keys.
 

