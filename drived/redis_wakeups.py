@@ -74,6 +74,7 @@ class Link:
         self._subscribed: dict[str, asyncio.Future[None]] = {}  # channel -> its SUBSCRIBE's confirmation
         # Confirmations not yet received, in the order of the SUBSCRIBEs sent: Redis answers in that order.
         self._unconfirmed: defaultdict[str, deque[asyncio.Future[None]]] = defaultdict(deque)
+        self._sending = asyncio.Lock()  # commands go out in the order they were asked for (a FIFO lock)
         self._reader = asyncio.ensure_future(self._read())
 
     async def subscribed(self, name: str) -> None:
@@ -95,13 +96,19 @@ class Link:
                 await self._send("UNSUBSCRIBE", name)
 
     async def _send(self, *command: str) -> None:
-        if self.failed:
-            raise self._wakeups.failure(ConnectionError("the subscriber connection was lost"))
-        try:
-            await self._conn.send_command(*command, check_health=False)
-        except Exception as err:
-            self.fail(err)
-            raise self._wakeups.failure(err) from None
+        """Sends `command` after those asked for before it, to its end even if the caller is cancelled:
+        a command dropped or cut off would leave the confirmations out of step (or end the connection)."""
+        await asyncio.shield(self._wakeups.keep(self._send_in_turn(*command)))
+
+    async def _send_in_turn(self, *command: str) -> None:
+        async with self._sending:
+            if self.failed:  # never reconnect it: a new connection is a new Link
+                raise self._wakeups.failure(ConnectionError("the subscriber connection was lost"))
+            try:
+                await self._conn.send_command(*command, check_health=False)
+            except Exception as err:
+                self.fail(err)
+                raise self._wakeups.failure(err) from None
 
     async def _read(self) -> None:
         try:
@@ -193,12 +200,13 @@ class Wakeups:
         for channel in self._channels.values():
             channel.wake(b"")
 
-    def keep(self, work: Awaitable[Any]) -> None:
-        """Runs `work` to its end in the background (`close` waits for it)."""
+    def keep(self, work: Awaitable[Any]) -> asyncio.Future[Any]:
+        """Runs `work` to its end in the background (`close` waits for it); its failure is its caller's to see."""
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # a failed disconnect is moot
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # no warning if nobody awaits
+        return task
 
     async def close(self) -> None:
         """Wakes every listener (its next `armed` raises Unavailable) and closes the connection."""

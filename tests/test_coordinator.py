@@ -186,6 +186,23 @@ async def test_a_wait_wakes_on_another_daemons_publish(coordinators: Make) -> No
     await events.aclose()
 
 
+async def test_waits_cancelled_at_any_moment_leave_later_waits_working(coordinators: Make) -> None:
+    waiter, publisher = coordinators(), coordinators()
+    for round_ in range(10):  # each round cancels waits at other points of subscribing and unsubscribing
+        seen = await waiter.last("d")
+        waits = [asyncio.ensure_future(waiter.wait("d", seen, None)) for _ in range(10)]
+        for _ in range(round_):
+            await asyncio.sleep(0)
+        for wait in waits[::2]:
+            wait.cancel()
+        await asyncio.sleep(0.05)
+        survivor = asyncio.ensure_future(waiter.wait("d", seen, None))
+        await asyncio.sleep(0.05)
+        await publisher.publish("d", "put", entry(f"r{round_}"))
+        await asyncio.wait_for(asyncio.gather(survivor, *waits[1::2]), 5)
+        await asyncio.gather(*waits[::2], return_exceptions=True)
+
+
 async def test_wait_lasts_its_timeout_when_its_drive_does_not_change(coordinator: Coordinator) -> None:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
