@@ -786,6 +786,7 @@ def map_index_result(got: dict[str, Any]) -> dict[str, float]:
     """bench_mount.measure()'s dict onto our index.* figures (tolerant of its key names)."""
     aliases = {
         "index.mount_s": ("mount_s", "mount_seconds", "drived_mount_s", "mount"),
+        "index.mount_cpu_s_per_million": ("mount_cpu_s_per_million",),
         "index.boto3_paginator_s": (
             "boto3_paginator_s",
             "paginator_s",
