@@ -31,6 +31,17 @@ SMALL_STATS = (("ops_s", "ops/s"), ("p50_ms", "ms"), ("p99_ms", "ms"))
 CLUSTER_LAYOUTS = ("alone", "one", "two")
 CLUSTER_CONC = 16  # threads of each client process
 
+# The DataLoader benchmark (bench/loader.py): one folder of samples, read from each system.
+LOADER_SYSTEMS = {
+    "drive_lit": "`Drive('lit://…').read_range` → drived",
+    "drive_s3": "`Drive('s3://…').read_range` → drived → moto_server",
+    "boto3_moto": "boto3 `get_object` → moto_server (the same objects)",
+    "s3fs_moto": "s3fs `cat_file` → moto_server (the same objects)",
+    "local": "local files (`Path.read_bytes`)",
+}
+LOADER_WORKERS = 4
+LOADER_BATCH = 32
+
 INDEX_KEYS = {
     "index.mount_s": "s",
     "index.mount_cpu_s_per_million": "s",
@@ -56,6 +67,8 @@ def figure_units() -> dict[str, str]:
         "nginx.get",
         "drive.put",
         "drive.get",
+        "async_drive.put",
+        "async_drive.get",
     ):
         units[f"large.{k}"] = "MB/s"
     for sys_ in SMALL_SYSTEMS:
@@ -76,6 +89,8 @@ def figure_units() -> dict[str, str]:
     units["storage.daemon.peak_mib"] = "MiB"
     for layout in CLUSTER_LAYOUTS:
         units[f"cluster.{layout}.put_ops_s"] = "ops/s"
+    for sys_ in LOADER_SYSTEMS:
+        units[f"loader.{sys_}.samples_s"] = "samples/s"
     units.update(INDEX_KEYS)
     return units
 
@@ -387,6 +402,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         ("boto3 upload_file/download_file → moto_server", "large.boto3_moto.put", "large.boto3_moto.get"),
         ("requests PUT/GET → nginx", "large.nginx.put", "large.nginx.get"),
         ("**drive_client.Drive → drived**", "large.drive.put", "large.drive.get"),
+        ("drive_client.AsyncDrive → drived", "large.async_drive.put", "large.async_drive.get"),
     ):
         lines.append(
             f"| {name} | {_fmt(figs[up]['value'], 'MB/s')} | {_fmt(figs[down]['value'], 'MB/s') if down else '—'} |"
@@ -451,27 +467,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"{_fmt(figs[f'storage.{sys_}.get']['value'], 'MB/s')} |"
         )
     lines.append(f"| daemon peak RSS | {_fmt(figs['storage.daemon.peak_mib']['value'], 'MiB')} | |")
-    alone, one, two = (figs[f"cluster.{layout}.put_ops_s"]["value"] for layout in CLUSTER_LAYOUTS)
-
-    def ratio(a: float | None, b: float | None) -> str:
-        return "—" if a is None or not b else f"{a / b:.2f}×"
-
-    lines += [
-        "",
-        f"## Replicas (`--storage` on one moto_server, `--coordinator` on one valkey-server; {p['small_files']} "
-        f"× 4 KiB puts per client process, {CLUSTER_CONC} threads each)",
-        "",
-        "| replicas | client processes | aggregate puts | ÷ one replica with the coordinator |",
-        "|---|---:|---:|---:|",
-        f"| one, without `--coordinator` | 1 | {_fmt(alone, 'ops/s')} | {ratio(alone, one)} |",
-        f"| one | 1 | {_fmt(one, 'ops/s')} | 1.00× |",
-        f"| two | 2 | {_fmt(two, 'ops/s')} | {ratio(two, one)} |",
-        "",
-        f"Every process (replicas, clients, moto_server, valkey-server) shares this machine's {m['cores']} "
-        "cores, and one moto_server process serves every replica's S3 requests (about 6 a small put): the "
-        "ratios say what the coordinator costs and what a second replica adds here, not on separate machines "
-        "with a real store.",
-    ]
+    lines += _cluster(doc)
+    lines += _loader(doc)
     lines += ["", "## s3:// index", "", "| figure | value |", "|---|---:|"]
     for k, unit in INDEX_KEYS.items():
         lines.append(f"| {k} | {_fmt(figs[k]['value'], unit)} |")
@@ -497,6 +494,33 @@ def render_markdown(doc: dict[str, Any]) -> str:
     if WHY.is_file():
         lines += ["", WHY.read_text().strip()]
     return "\n".join(lines) + "\n"
+
+
+
+def _cluster(doc: dict[str, Any]) -> list[str]:
+    """Aggregate small puts through one replica and two (cluster.*)."""
+    figs, p, m = doc["figures"], doc["params"], doc["machine"]
+    alone, one, two = (figs[f"cluster.{layout}.put_ops_s"]["value"] for layout in CLUSTER_LAYOUTS)
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "—" if a is None or not b else f"{a / b:.2f}×"
+
+    return [
+        "",
+        f"## Replicas (`--storage` on one moto_server, `--coordinator` on one valkey-server; {p['small_files']} "
+        f"× 4 KiB puts per client process, {CLUSTER_CONC} threads each)",
+        "",
+        "| replicas | client processes | aggregate puts | ÷ one replica with the coordinator |",
+        "|---|---:|---:|---:|",
+        f"| one, without `--coordinator` | 1 | {_fmt(alone, 'ops/s')} | {ratio(alone, one)} |",
+        f"| one | 1 | {_fmt(one, 'ops/s')} | 1.00× |",
+        f"| two | 2 | {_fmt(two, 'ops/s')} | {ratio(two, one)} |",
+        "",
+        f"Every process (replicas, clients, moto_server, valkey-server) shares this machine's {m['cores']} "
+        "cores, and one moto_server process serves every replica's S3 requests (about 6 a small put): the "
+        "ratios say what the coordinator costs and what a second replica adds here, not on separate machines "
+        "with a real store.",
+    ]
 
 
 def _ceilings(doc: dict[str, Any]) -> list[str]:
@@ -526,6 +550,30 @@ def _ceilings(doc: dict[str, Any]) -> list[str]:
             f"| {r['what']} | {r['target']} | {_fmt(needs, unit)} | {measured} | {over} "
             f"| {_fmt(r['value'], unit)} | {share} |"
         )
+    return lines
+
+
+def _loader(doc: dict[str, Any]) -> list[str]:
+    """The DataLoader table: samples per second of each system, and as a share of local files."""
+    figs, p = doc["figures"], doc["params"]
+    if "loader_samples" not in p:  # a report from before the DataLoader benchmark
+        return []
+    local = figs["loader.local.samples_s"]["value"]
+    lines = [
+        "",
+        f"## DataLoader ({p['loader_samples']:,} samples of {p['loader_size_label']}, "
+        f"{LOADER_WORKERS} workers, batches of {LOADER_BATCH})",
+        "",
+        "One Dataset, shaped like the README's `DriveFolder` recipe, reads the same samples from each system; "
+        "the second epoch of persistent workers is timed.",
+        "",
+        "| system | samples/s | ÷ local files |",
+        "|---|---:|---:|",
+    ]
+    for sys_, label in LOADER_SYSTEMS.items():
+        v = figs[f"loader.{sys_}.samples_s"]["value"]
+        share = "—" if v is None or not local else f"{v / local:.2f}×"
+        lines.append(f"| {label} | {_fmt(v)} | {share} |")
     return lines
 
 

@@ -41,6 +41,12 @@ def rss_mib(pid: int) -> float | None:
     return _status_field_mib(pid, "VmRSS")
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Sets VmHWM back to the current VmRSS (Linux ≥ 4.0), to measure the peak of what follows."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a live process (all its threads) has used, in seconds."""
     with open(f"/proc/{pid}/stat") as f:

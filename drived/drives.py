@@ -97,7 +97,7 @@ class Drives(Protocol):
     async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event]]:
         """Where a watch starts (the sequence after which it reports), and its events from there on,
         filtered by the watch's folder and component; the events never end. InvalidArgument for a kind
-        without a change feed; the events raise EventsGone when the start is no longer kept, and
+        without a change feed; the events raise EventsExpired when the start is no longer kept, and
         Unavailable when the daemon shuts down."""
         ...
 

@@ -24,7 +24,7 @@ trims and announces in one step.
 Sequences are max(the server's clock in µs, the feed's last + 1, the
 epoch + 1): they increase within a drive and are never given twice, also
 after the coordinator lost its data (its clock has moved on), so a resume
-from before a loss answers EventsGone instead of other events. The feed
+from before a loss answers EventsExpired instead of other events. The feed
 keeps the last EVENTS_KEPT events (up to TRIM_BATCH more), trimmed by XDEL of
 the oldest: unlike XADD MAXLEN ~, XDEL records the newest id it removed, which
 is how `since` tells a resume that missed events.
@@ -53,9 +53,9 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from drive_client.errors import Unavailable
+from drive_client.errors import EventsExpired, Unavailable
 
-from .coordinator import CLAIM_TTL, EVENTS_KEPT, Coordinator, Event, EventKind, EventsGone, folders_above
+from .coordinator import CLAIM_TTL, EVENTS_KEPT, Coordinator, Event, EventKind, folders_above
 from .entry import Entry
 from .redis_wakeups import Wakeups
 
@@ -365,7 +365,7 @@ class RedisCoordinator(Coordinator):
     async def since(self, drive: str, after: int) -> list[Event]:
         reply = await self._run(self._since, self._feed_keys(drive), [after, PAGE])
         if reply[0]:
-            raise EventsGone(
+            raise EventsExpired(
                 f"events of lit://{drive} after sequence {after} are no longer kept (more than {self.events_kept} "
                 "happened since, or the coordinator lost its data): list the drive, then watch from now"
             )

@@ -19,8 +19,8 @@ import pytest_asyncio
 import redis
 
 from bench.services import ValkeyServer
-from drive_client.errors import Unavailable
-from drived.coordinator import Coordinator, EventsGone
+from drive_client.errors import EventsExpired, Unavailable
+from drived.coordinator import Coordinator
 from drived.entry import Entry
 from drived.events import InProcessCoordinator
 from drived.redis_coordinator import RedisCoordinator
@@ -140,7 +140,7 @@ async def test_sequences_increase_and_since_answers_what_came_after(coordinator:
 
 async def test_a_resume_from_before_the_feed_is_refused(coordinator: Coordinator) -> None:
     await coordinator.publish("d", "put", entry("a"))
-    with pytest.raises(EventsGone) as gone:
+    with pytest.raises(EventsExpired) as gone:
         await coordinator.since("d", 5)  # a sequence this feed never had
     assert "list the drive" in str(gone.value)
 
@@ -150,7 +150,7 @@ async def test_a_feed_keeps_its_newest_events_and_refuses_a_resume_past_dropped_
 ) -> None:
     start = await coordinator.last("d")
     sequences = [await coordinator.publish("d", "put", entry(f"f{i}")) for i in range(KEPT + 120)]
-    with pytest.raises(EventsGone):
+    with pytest.raises(EventsExpired):
         await coordinator.since("d", start)  # the first events are dropped: refused, never answered short
     kept = await coordinator.since("d", sequences[-3])
     assert [e.entry.path for e in kept] == [f"f{KEPT + 118}", f"f{KEPT + 119}"]
@@ -328,12 +328,12 @@ async def test_after_the_data_is_lost_sequences_go_on_and_old_resumes_are_refuse
         assert [e.sequence for e in await coordinator.since("d", watch_from)] == [seen]
         server.kill()
         own_valkey(port=server.port)  # its data wiped
-        with pytest.raises(EventsGone):
+        with pytest.raises(EventsExpired):
             await coordinator.since("d", seen)  # before any new event: refused, not answered with nothing
         assert await coordinator.last("d") > seen
         again = await coordinator.publish("d", "put", entry("b"))
         assert again > seen
-        with pytest.raises(EventsGone):
+        with pytest.raises(EventsExpired):
             await coordinator.since("d", seen)  # and after one: refused, not answered with the new events
         assert [e.entry.path for e in await coordinator.since("d", again - 1)] == ["b"]
 
