@@ -8,6 +8,7 @@ killed while they hold a claim or stream a put.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -25,7 +26,7 @@ from conftest import MIB, DaemonHandle, free_port, put_messages, raw_get, raw_pu
 from test_storage_s3 import BUCKET, PREFIX, StalledPut, Store, stub_of
 
 from bench.services import TlsProxy, ValkeyServer
-from drive_client import Drive
+from drive_client import AsyncDrive, Drive
 from drive_client.pb import drive_pb2
 
 pytestmark = pytest.mark.integration  # starts servers of its own
@@ -379,3 +380,40 @@ def test_rediss_with_a_password_reaches_the_coordinator_through_tls(own_cluster,
         assert f"rediss://127.0.0.1:{proxy.port}/0" in over_tls.log() and PASSWORD not in over_tls.log()
     finally:
         proxy.stop()
+
+
+def served(handle: DaemonHandle, method: str) -> int:
+    """How many `method` calls the replica has logged."""
+    return handle.log().count(f'"method": "{method}"')
+
+
+@pytest.mark.parametrize("twin", ["Drive", "AsyncDrive"])
+def test_a_worker_reaches_replicas_without_a_load_balancer(replicas, drive_uri, tmp_path, twin):
+    a, b, c = replicas
+    (tmp_path / "f.txt").write_bytes(b"dns")
+
+    def calls(endpoint: str, count: int) -> list[str]:
+        """Puts f.txt, then lists `count` times, through `endpoint` with the twin under test."""
+        if twin == "Drive":
+            drive = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=endpoint)
+            drive.put("f.txt")
+            return [name for _ in range(count) for name in drive.list(".")]
+
+        async def run() -> list[str]:
+            async with AsyncDrive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=endpoint) as drive:
+                await drive.put("f.txt")
+                return [name for _ in range(count) for name in await drive.list(".")]
+
+        return asyncio.run(run())
+
+    # A dns:/// name (a headless Service in deploy/k8s/) reaches the replica it resolves to.
+    before = served(c, "List")
+    assert calls(f"dns:///localhost:{c.port}", 3) == ["f.txt"] * 3
+    assert wait_until(lambda: served(c, "List") == before + 3)
+    # A name of several addresses spreads the calls over all of them (round_robin). localhost resolves to
+    # one address here, so two replicas are named by gRPC's address list, which takes the same policy.
+    before_a, before_b = served(a, "List"), served(b, "List")
+    assert calls(f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}", 20) == ["f.txt"] * 20
+    assert wait_until(lambda: served(a, "List") + served(b, "List") == before_a + before_b + 20)
+    spread = (served(a, "List") - before_a, served(b, "List") - before_b)
+    assert all(spread), f"lists per replica: {spread}"
