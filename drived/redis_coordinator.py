@@ -69,7 +69,8 @@ CONNECT_TIMEOUT = 3.0
 COMMAND_TIMEOUT = 10.0
 EPOCH = "drived:epoch"
 # A dead peer (a coordinator host gone without closing its connections) is noticed in about 20 s.
-KEEPALIVE = {socket.TCP_KEEPIDLE: 10, socket.TCP_KEEPINTVL: 5, socket.TCP_KEEPCNT: 2}
+KEEPALIVE = {getattr(socket, name): seconds for name, seconds in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5),
+                                                                  ("TCP_KEEPCNT", 2)) if hasattr(socket, name)}
 
 FEED_STATE = """
 local function now_us()
