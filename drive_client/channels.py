@@ -36,6 +36,9 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 2 << 20),
 ]
+# Targets that name several addresses: `dns:///name:port` (every address the name resolves to, e.g. a
+# headless Service's pods) and gRPC's `ipv4:`/`ipv6:` address lists.
+SPREAD_TARGETS = ("dns:", "ipv4:", "ipv6:")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("", "0", "false", "no", "off")
 
@@ -178,11 +181,24 @@ def _path(value: str | os.PathLike[str] | None, env: str) -> str | None:
     return os.environ.get(env) or None
 
 
-def open_channel(connection: Connection, *, aio: bool = False) -> Any:
-    """A new channel to `connection`'s daemon: a `grpc.Channel`, or a `grpc.aio.Channel` with `aio=True`."""
+def channel_options(connection: Connection) -> list[tuple[str, Any]]:
+    """The options of a channel to `connection`'s daemon.
+
+    A target of several addresses spreads calls over all of them (round_robin, re-resolved when a
+    replica sends GOAWAY after --max-connection-age), where gRPC's default policy would send every
+    call to the first address that answers.
+    """
     options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
+    if connection.endpoint.startswith(SPREAD_TARGETS):
+        options.append(("grpc.lb_policy_name", "round_robin"))
     if connection.server_name:
         options.append(("grpc.ssl_target_name_override", connection.server_name))
+    return options
+
+
+def open_channel(connection: Connection, *, aio: bool = False) -> Any:
+    """A new channel to `connection`'s daemon: a `grpc.Channel`, or a `grpc.aio.Channel` with `aio=True`."""
+    options = channel_options(connection)
     kind = grpc.aio if aio else grpc
     if connection.tls:
         return kind.secure_channel(connection.endpoint, connection.credentials(), options=options)
