@@ -32,7 +32,11 @@ fsspec paths (what `ls`, `find` and `info` answer in `name`) are
   as; default `$DRIVE_COMPONENT`, else `"default"`. Reads and listings span
   all components, like `Drive.get` and `Drive.list`.
 - `allow_duplicates`: let writes store a path another component holds.
-- `token`: bearer token sent with every call.
+- `token`: bearer token sent with every call; default `$DRIVE_TOKEN`.
+- `tls`, `tls_ca`, `tls_cert`, `tls_key`: TLS to the daemon, as `Drive`
+  takes them (defaults `$DRIVE_TLS`, `$DRIVE_TLS_CA`, `$DRIVE_TLS_CERT`,
+  `$DRIVE_TLS_KEY`); `insecure=True` lets a token go in plaintext to another
+  machine (see README, Security).
 - `asynchronous`: `True` for `AsyncDriveFileSystem` (see above).
 
 Only `lit://` (managed) drives live here. `s3://` is fsspec's S3 protocol
@@ -107,7 +111,8 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from fsspec.utils import isfilelike
 
 from .aio import AsyncDrive
-from .common import DEFAULT_ENDPOINT, FileStat
+from .channels import DEFAULT_ENDPOINT
+from .common import FileStat
 from .drive import Drive
 from .effects import Done, advance
 from .errors import AmbiguousPathError, DataLoss, InvalidArgument, NotFound
@@ -213,6 +218,11 @@ class _LitFileSystem:
         allow_duplicates: bool = False,
         token: str | None = None,
         spool_dir: str | None = None,
+        tls: bool | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        insecure: bool | None = None,
         **storage_options: Any,
     ) -> None:
         super().__init__(**storage_options)
@@ -220,6 +230,9 @@ class _LitFileSystem:
         self._component = check_component(component_name) if component_name else None
         self.allow_duplicates = allow_duplicates
         self._token = token
+        self._security: dict[str, Any] = {
+            "tls": tls, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key, "insecure": insecure,
+        }
         self.spool_dir = spool_dir  # where writes spool; None: the system temp dir
         self._drives: dict[tuple[str, str, str], Drive | AsyncDrive] = {}
         self._drives_lock = threading.Lock()
@@ -268,7 +281,7 @@ class _LitFileSystem:
             if drive is None:
                 drive = self._twin(
                     f"lit://{name}", allow_duplicates=self.allow_duplicates, component_name=component,
-                    endpoint=endpoint, token=self._token,
+                    endpoint=endpoint, token=self._token, **self._security,
                 )
                 self._drives[key] = drive
         return drive

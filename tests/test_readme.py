@@ -7,6 +7,7 @@ against the comment beside its `print`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -19,7 +20,10 @@ import pytest
 from conftest import ROOT, wait_until
 from moto_server import AWS_ENV, running_moto
 
-from drive_client import Drive
+from drive_client import Drive, PermissionDenied
+from drive_client.uri import parse_drive
+from drived.auth import TokenTable
+from drived.config import Config
 
 
 def readme_section(heading: str) -> str:
@@ -62,6 +66,27 @@ def test_python_example_runs_as_printed(daemon, tmp_path):
     expected = commented_output(code)
     assert len(expected) == 4
     assert run.stdout.splitlines() == expected
+
+
+def test_the_configuration_table_has_every_flag_with_its_variable():
+    rows = re.findall(r"^\| `--([a-z0-9-]+)` \| `([A-Z0-9_]+)` \|", readme_section("Configuration"), re.M)
+    flags = {(f.name.replace("_", "-"), f"DRIVED_{f.name.upper()}") for f in dataclasses.fields(Config)}
+    assert set(rows) == flags
+
+
+def test_the_token_file_example_is_one_the_daemon_reads(tmp_path):
+    [example] = readme_blocks("Tokens", "toml")
+    (tmp_path / "tokens.toml").write_text(example)
+    table = TokenTable.read(str(tmp_path / "tokens.toml"))
+    grants = {grant.name: grant for grant in table.grants.values()}
+    assert sorted(grants) == ["dashboard", "trainer"] and table.plaintext
+    grants["trainer"].check("Put", parse_drive("lit://team_a_run1"))
+    grants["trainer"].check("Get", parse_drive("s3://datasets/imagenet/train/"))
+    grants["dashboard"].check("List", parse_drive("lit://team_a_run1"))
+    with pytest.raises(PermissionDenied):
+        grants["dashboard"].check("Delete", parse_drive("lit://team_a_run1"))
+    with pytest.raises(PermissionDenied):
+        grants["trainer"].check("Get", parse_drive("s3://datasets/"))
 
 
 # --- With PyTorch and Lightning ------------------------------------------------------------------
