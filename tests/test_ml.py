@@ -93,10 +93,11 @@ def round_trip(daemon: DaemonHandle, tmp_path: Path, count: int, mib: int) -> tu
     return report, rise
 
 
-# What streaming may hold beside the tensors: torch's record of one tensor at a time, fsspec's 5 MiB
-# blocks, and the transfer's 1 MiB chunks; a quarter of the file (50 MiB) is far more than that and
-# far less than the file. torch.save into a local file object holds nothing beyond the tensors, and
-# torch.load exactly the tensors it returns (both measured here).
+# What streaming may hold beside the tensors: the client's imports on the first lit:// open (~17 MiB),
+# a 5 MiB block of gathered writes or read-ahead, and the transfer's 1 MiB chunks (~30 MiB in all,
+# bench/WHY.md); a quarter of the file (50 MiB) is more than that and far less than one more copy of
+# a tensor as big as the file. torch.save into a local file object holds nothing beyond the tensors,
+# and torch.load exactly the tensors it returns (both measured in bench/WHY.md).
 BUFFERS_MIB = STATE_DICT / MIB / 4
 
 
