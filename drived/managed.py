@@ -101,8 +101,9 @@ class ManagedDrives:
         return ManagedPut(self, put, upload)
 
     async def commit_put(self, put: ManagedPut, sha256: str) -> Entry:
-        """Verifies and commits a put: ownership is checked again inside the path's claim, so that the
-        check and the commit are one step for every daemon sharing the coordinator."""
+        """Verifies and commits a put: ownership is checked again inside the path's claim (and the backend's
+        commit checks the folders there), so that the checks and the commit are one step for every daemon
+        sharing the coordinator."""
         header, drive = put.header, put.header.drive.name
         async with self.coordinator.claim(drive, header.path):
             if not header.allow_duplicates:
