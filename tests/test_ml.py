@@ -3,8 +3,9 @@
 What torch or Lightning runs, runs in a subprocess, as a user's job would (and so the client's
 memory is its own): a 200 MiB state dict through `fsspec.open("lit://…")` with the client's and
 the daemon's peak memory measured; the README's DataLoader recipe over a lit:// folder with 4
-workers; Lightning's CSVLogger on a drive. pyarrow runs here: a scan of a folder of Parquet files,
-with the bytes the daemon sent counted by its own metrics. The README's examples (Lightning
+workers; Lightning's CSVLogger on a drive, alone and under a Trainer (its flushes append). pyarrow
+runs here: a scan of a folder of Parquet files, with and without read-ahead, with the bytes the
+daemon sent counted by its own metrics. The README's examples (Lightning
 checkpoints, an evaluator watching them, a resumed run, a DataLoader over an s3:// drive) run in
 tests/test_readme.py.
 """
