@@ -7,7 +7,9 @@ against the comment beside its `print`.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import os
 import re
 import subprocess
@@ -129,7 +131,8 @@ def test_lightning_checkpoints_an_evaluator_and_a_resumed_run(start_daemon, tmp_
     """train.py checkpoints to the drive while evaluate.py (another process) loads each checkpoint as it
     lands; resume.py (a third) continues the run from last.ckpt. The evaluator sees every checkpoint, and
     each loads (a partial file would not); the resumed run trains on top of the restored steps instead of
-    starting again (the first checkpoints are never re-put)."""
+    starting again (the first checkpoints are never re-put). Each run's CSVLogger logs every 4th step to a
+    metrics.csv on the drive, appending to it from its second flush on."""
     daemon = start_daemon(tmp_path)
     heading = "Lightning: checkpoints on a drive, an evaluator, a resumed run"
     files = as_files(heading, tmp_path)
@@ -162,6 +165,10 @@ def test_lightning_checkpoints_an_evaluator_and_a_resumed_run(start_daemon, tmp_
         every = [path for path in run_1.list("checkpoints") if "epoch=" in path]
         assert every == [*first, "checkpoints/epoch=3-step=32.ckpt", "checkpoints/epoch=4-step=40.ckpt"]
         assert {path: run_1.stat(path).generation for path in first} == generation
+        for version, steps in ((0, range(3, 24, 4)), (1, range(27, 40, 4))):
+            rows = csv.DictReader(io.StringIO(b"".join(
+                run_1.read_range(f"logs/lightning_logs/version_{version}/metrics.csv")).decode()))
+            assert [int(row["step"]) for row in rows] == list(steps)
 
         assert wait_until(lambda: len(evaluated) >= len(every), timeout=120), (
             evaluated, (tmp_path / "evaluate.err").read_text()[-4000:]
