@@ -80,12 +80,27 @@ class ManagedDrives:
         return sorted(await self.backend.subfolders(drive))
 
     async def _check_duplicates(self, drive: str, component: str, path: str) -> None:
+        """Refuses a path that another component holds as a file or a folder, or that lies below its file.
+
+        A file in one component and a folder of the same path in another would make every later get of
+        the path without a component ambiguous, so they are duplicates too.
+        """
         for other in await self.components(drive):
-            if other != component and await self.backend.stat(object_key(drive, other, path)):
-                raise AlreadyExists(
-                    f"{_shown(drive, path)} is already held by component {other!r}; "
-                    "pick another path, or open the drive with allow_duplicates=True"
-                )
+            if other == component:
+                continue
+            held = await self.backend.occupant(component_key(drive, other), path)
+            if held is None:
+                continue
+            held_path, folder = held
+            if folder:
+                what = f"is a folder of component {other!r}"
+            elif held_path == path:
+                what = f"is already held by component {other!r}"
+            else:
+                what = f"is below {held_path!r}, a file of component {other!r}"
+            raise AlreadyExists(
+                f"{_shown(drive, path)} {what}; pick another path, or open the drive with allow_duplicates=True"
+            )
 
     async def begin_put(self, put: PutHeader) -> ManagedPut:
         """Starts the upload of one file; one of unknown or large size is checked for ownership first.

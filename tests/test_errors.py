@@ -319,6 +319,40 @@ def test_raw_already_exists(stub, drive_uri):
     assert (info.component, info.sha256) == ("ca", sha256_hex(b"a"))
 
 
+def put_one(stub, drive_uri: str, path: str, data: bytes, component: str, how: str) -> None:
+    """Puts one file as a Put stream or as a PutFile call."""
+    if how == "stream":
+        raw_put(stub, drive_uri, path, data, component=component)
+    else:
+        header = pb.PutHeader(drive=drive_uri, path=path, component=component)
+        stub.PutFile(pb.PutFileRequest(header=header, data=data, sha256=sha256_hex(data)), timeout=60)
+
+
+@pytest.mark.parametrize(
+    "how, size", [("stream", 5), ("stream", 2 * MIB), ("putfile", 5)],  # a big one is checked before its bytes
+    ids=["small_stream", "big_stream", "putfile"],
+)
+@pytest.mark.parametrize(
+    "first, second",
+    [("x", "x/y"), ("x", "x/y/z"), ("x/y", "x"), ("x/y/z", "x")],
+    ids=["file_then_below", "file_then_deep_below", "folder_then_file", "deep_folder_then_file"],
+)
+def test_raw_file_and_folder_of_one_path_in_two_components_refused(stub, drive_uri, how, size, first, second):
+    """A file in one component and a folder of the same path in another are duplicates too.
+
+    Both accepted, every later get of the path without a component would be ambiguous.
+    """
+    raw_put(stub, drive_uri, first, b"first", component="ca")
+    data = os.urandom(size)
+    assert rpc_code(lambda: put_one(stub, drive_uri, second, data, "cb", how)) == SC.ALREADY_EXISTS
+    assert [e.path for e in stub.List(pb.ListRequest(drive=drive_uri, path=".", component="cb")).entries] == []
+    [(info, got)] = raw_get(stub, drive_uri, first)
+    assert (info.component, got) == ("ca", b"first")
+    # allowed when the caller asks for duplicates; the path then names a file and a folder
+    raw_put(stub, drive_uri, second, data, component="cb", allow_duplicates=True)
+    assert stub.Stat(pb.StatRequest(drive=drive_uri, path=second, component="cb")).size == size
+
+
 @pytest.mark.parametrize("mtime", ["settled", "same tick"])
 def test_raw_already_exists_sees_a_new_component(daemon, stub, drive_uri, mtime):
     """The daemon remembers a drive's components by its folder's mtime: a new one is never missed.
