@@ -43,6 +43,12 @@ class EventsGone(DriveError):
     status = grpc.StatusCode.OUT_OF_RANGE
 
 
+class SequenceNotGiven(DriveError):
+    """A resume point after the drive's latest event: no event had that number, so none can follow it."""
+
+    status = grpc.StatusCode.OUT_OF_RANGE
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One change of a drive: a committed put, or a deleted file (its path and component only)."""

@@ -25,7 +25,7 @@ from drive_client.errors import (
 )
 
 from .backends.base import Backend, ObjectInfo, Upload
-from .coordinator import Coordinator, Event
+from .coordinator import Coordinator, Event, SequenceNotGiven
 from .drives import FileStream
 from .entry import Entry
 from .paths import component_key, object_key, relative_path
@@ -312,7 +312,14 @@ class ManagedDrives:
         raise InvalidArgument(f"{mount.drive.uri} is a lit:// drive: only s3:// drives are mounted")
 
     async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event]]:
-        start = watch.after_sequence or await self.coordinator.last(watch.drive.name)
+        last = await self.coordinator.last(watch.drive.name)
+        if watch.after_sequence > last:
+            # `last` is at least every sequence the drive gave: nothing would ever follow this point.
+            raise SequenceNotGiven(
+                f"{watch.drive.uri} has no event {watch.after_sequence}: its latest is {last}. Resume from a "
+                "sequence this drive's watch reported, or list the drive, then watch from now (after_sequence 0)"
+            )
+        start = watch.after_sequence or last
         return start, self._watched(watch, start)
 
     async def _watched(self, watch: WatchRequest, after: int) -> AsyncIterator[Event]:

@@ -29,7 +29,8 @@ Status codes used by every RPC:
   PERMISSION_DENIED    a write to a read-only (s3://) drive, or S3 refused access
   FAILED_PRECONDITION  the path is held by several components: name one
   ABORTED              the file changed while it was read (if_match, s3 ETag)
-  OUT_OF_RANGE         a Watch resumed from events no longer kept
+  OUT_OF_RANGE         a Watch resumed from events no longer kept, or from
+                       a sequence the drive never gave
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
   DATA_LOSS            the bytes received do not match the CRC32C (or sha256)
                        sent, or a stored file is damaged (the message names it)
@@ -736,7 +737,9 @@ class WatchRequest(_message.Message):
     """Resume: send the events after this sequence number. 0 starts from now.
     Sequence numbers increase across daemon restarts; the daemon keeps the
     last 10,000 events of each drive since it started, and 100,000 over all
-    drives. A resume from before what is kept answers OUT_OF_RANGE.
+    drives. A resume from before what is kept answers OUT_OF_RANGE, and so
+    does one from after the drive's latest event (a number the drive never
+    gave, which no event would ever follow).
     """
     def __init__(
         self,

@@ -29,7 +29,8 @@ Status codes used by every RPC:
   PERMISSION_DENIED    a write to a read-only (s3://) drive, or S3 refused access
   FAILED_PRECONDITION  the path is held by several components: name one
   ABORTED              the file changed while it was read (if_match, s3 ETag)
-  OUT_OF_RANGE         a Watch resumed from events no longer kept
+  OUT_OF_RANGE         a Watch resumed from events no longer kept, or from
+                       a sequence the drive never gave
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
   DATA_LOSS            the bytes received do not match the CRC32C (or sha256)
                        sent, or a stored file is damaged (the message names it)
@@ -143,9 +144,10 @@ class DriveServiceStub:
     increasing sequence numbers. After a reconnect, pass the last sequence
     seen as `after_sequence` to receive what was missed. The stream does not
     end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-    OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
-    drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
-    shutting down: reconnect and resume).
+    OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+    `after_sequence` is past the drive's latest event, so it is no sequence
+    this drive reported: list the drive to resynchronise, then watch from
+    now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
     """
     QueryWriteStatus: _grpc.UnaryUnaryMultiCallable[_drive_pb2.QueryWriteStatusRequest, _drive_pb2.QueryWriteStatusResponse]
     """Tells how much of a resumable upload (a Put whose header carried an
@@ -235,9 +237,10 @@ class DriveServiceAsyncStub(DriveServiceStub):
     increasing sequence numbers. After a reconnect, pass the last sequence
     seen as `after_sequence` to receive what was missed. The stream does not
     end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-    OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
-    drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
-    shutting down: reconnect and resume).
+    OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+    `after_sequence` is past the drive's latest event, so it is no sequence
+    this drive reported: list the drive to resynchronise, then watch from
+    now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
     """
     QueryWriteStatus: _aio.UnaryUnaryMultiCallable[_drive_pb2.QueryWriteStatusRequest, _drive_pb2.QueryWriteStatusResponse]  # type: ignore[assignment]
     """Tells how much of a resumable upload (a Put whose header carried an
@@ -372,9 +375,10 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         increasing sequence numbers. After a reconnect, pass the last sequence
         seen as `after_sequence` to receive what was missed. The stream does not
         end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-        OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
-        drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
-        shutting down: reconnect and resume).
+        OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+        `after_sequence` is past the drive's latest event, so it is no sequence
+        this drive reported: list the drive to resynchronise, then watch from
+        now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
         """
 
     @_abc_1.abstractmethod
