@@ -225,7 +225,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
         listing = ListRequest.from_pb(request)
         entries, more = await self.drives(listing.drive).list_entries(listing)
         record.files = len(entries)
-        token = entries[-1].path if more else ""
+        token = listing.page_token(entries[-1].path) if more else ""
         return pb.ListResponse(entries=[file_info(e) for e in entries], next_page_token=token)
 
     @rpc

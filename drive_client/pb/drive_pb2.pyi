@@ -16,7 +16,14 @@ A path names a file or folder inside a drive, relative to its root, with
 the root (accepted by List only). Paths are normalised ("a//b/./c" is
 "a/b/c"); a path that is absolute, contains "..", a NUL or control
 character, a part longer than 255 bytes or is longer than 4096 bytes is
-refused with INVALID_ARGUMENT.
+refused with INVALID_ARGUMENT. In a lit:// drive, paths are also kept in
+Unicode NFC: names that differ only by normalisation (an "é" sent as one
+code point or as "e" and a combining accent) are one name, whichever form
+a request uses, and answers give the NFC form. A name that an earlier
+drived stored in another form lists as stored and is read and deleted with
+its folder (or the drive root), but its own path now names its NFC
+spelling: get its folder and put it again to keep it. s3:// keys are the
+store's and are used exactly as sent.
 
 Files in a managed drive are owned by the component that put them; each
 component (a worker's name, 1-128 letters, digits, '.', '_', '-') has its
@@ -389,7 +396,9 @@ class GetRequest(_message.Message):
     """At most this many bytes from `offset`; 0 means to the end. Files only."""
     wait_seconds: _builtins.float
     """When > 0 and the path does not exist yet, wait up to this many seconds
-    for a put to commit it before answering DEADLINE_EXCEEDED.
+    for a put to commit it before answering DEADLINE_EXCEEDED. At most 86400
+    (a day): a wait holds a stream of the daemon's; to wait longer, wait
+    again. NaN, infinity or more than a day is INVALID_ARGUMENT.
     """
     if_match: _builtins.str
     """When set, the file must still have this sha256 (managed) or ETag (s3):
@@ -535,7 +544,13 @@ class ListRequest(_message.Message):
     page_size: _builtins.int
     """At most this many entries per answer; 0 means 1000. Capped at 10000."""
     page_token: _builtins.str
-    """The previous answer's next_page_token; "" for the first page."""
+    """The previous answer's next_page_token, unchanged; "" for the first page.
+    A token is opaque and checked: one this listing (same drive, path,
+    component and recursive) did not give is INVALID_ARGUMENT. That includes
+    the plain paths earlier daemons gave, which cannot be told from garbage:
+    a paging loop that spans an upgrade starts again from its first page.
+    Tokens do not expire, and any daemon serving the same store takes them.
+    """
     def __init__(
         self,
         *,
@@ -563,7 +578,9 @@ class ListResponse(_message.Message):
     ENTRIES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Pass to the next List call; empty on the last page."""
+    """Pass to the next List call, unchanged; empty on the last page. Opaque:
+    its form may change between releases (its first part is its version).
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileInfo]:
         """Entries in path order. For a folder entry only path and folder are set;

@@ -16,7 +16,14 @@ A path names a file or folder inside a drive, relative to its root, with
 the root (accepted by List only). Paths are normalised ("a//b/./c" is
 "a/b/c"); a path that is absolute, contains "..", a NUL or control
 character, a part longer than 255 bytes or is longer than 4096 bytes is
-refused with INVALID_ARGUMENT.
+refused with INVALID_ARGUMENT. In a lit:// drive, paths are also kept in
+Unicode NFC: names that differ only by normalisation (an "é" sent as one
+code point or as "e" and a combining accent) are one name, whichever form
+a request uses, and answers give the NFC form. A name that an earlier
+drived stored in another form lists as stored and is read and deleted with
+its folder (or the drive root), but its own path now names its NFC
+spelling: get its folder and put it again to keep it. s3:// keys are the
+store's and are used exactly as sent.
 
 Files in a managed drive are owned by the component that put them; each
 component (a worker's name, 1-128 letters, digits, '.', '_', '-') has its
@@ -112,13 +119,15 @@ class DriveServiceStub:
     was named; the message names them), ABORTED (if_match differs, or an
     s3 object changed since it was indexed: re-mount and retry),
     INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-    limit on a folder).
+    limit on a folder, a wait_seconds that is not a number or over a day).
     """
     List: _grpc.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]
     """Lists the immediate entries (files and folders) under a path, or every
     file beneath it with `recursive`, sorted by path and de-duplicated across
     components. A missing path lists as empty (no error). Paged: pass the
-    previous answer's `next_page_token` until it is empty.
+    previous answer's `next_page_token` until it is empty. Errors:
+    INVALID_ARGUMENT (bad path, a negative page_size, a page_token this
+    listing did not give).
     """
     Stat: _grpc.UnaryUnaryMultiCallable[_drive_pb2.StatRequest, _drive_pb2.FileInfo]
     """Describes one file or folder. Errors: NOT_FOUND, FAILED_PRECONDITION
@@ -205,13 +214,15 @@ class DriveServiceAsyncStub(DriveServiceStub):
     was named; the message names them), ABORTED (if_match differs, or an
     s3 object changed since it was indexed: re-mount and retry),
     INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-    limit on a folder).
+    limit on a folder, a wait_seconds that is not a number or over a day).
     """
     List: _aio.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]  # type: ignore[assignment]
     """Lists the immediate entries (files and folders) under a path, or every
     file beneath it with `recursive`, sorted by path and de-duplicated across
     components. A missing path lists as empty (no error). Paged: pass the
-    previous answer's `next_page_token` until it is empty.
+    previous answer's `next_page_token` until it is empty. Errors:
+    INVALID_ARGUMENT (bad path, a negative page_size, a page_token this
+    listing did not give).
     """
     Stat: _aio.UnaryUnaryMultiCallable[_drive_pb2.StatRequest, _drive_pb2.FileInfo]  # type: ignore[assignment]
     """Describes one file or folder. Errors: NOT_FOUND, FAILED_PRECONDITION
@@ -313,7 +324,7 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         was named; the message names them), ABORTED (if_match differs, or an
         s3 object changed since it was indexed: re-mount and retry),
         INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-        limit on a folder).
+        limit on a folder, a wait_seconds that is not a number or over a day).
         """
 
     @_abc_1.abstractmethod
@@ -325,7 +336,9 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the immediate entries (files and folders) under a path, or every
         file beneath it with `recursive`, sorted by path and de-duplicated across
         components. A missing path lists as empty (no error). Paged: pass the
-        previous answer's `next_page_token` until it is empty.
+        previous answer's `next_page_token` until it is empty. Errors:
+        INVALID_ARGUMENT (bad path, a negative page_size, a page_token this
+        listing did not give).
         """
 
     @_abc_1.abstractmethod

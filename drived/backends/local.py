@@ -306,7 +306,8 @@ class LocalBackend(Backend):
             if stat.S_ISREG(mode):
                 return "/".join(parts[:end]), False
             if not stat.S_ISDIR(mode):
-                raise InvalidArgument(f"path {f'{root}/{path}'!r} goes through a symbolic link in the data dir: refused")
+                key = f"{root}/{path}"
+                raise InvalidArgument(f"path {key!r} goes through a symbolic link in the data dir: refused")
         return path, True
 
     async def start_upload(self, key: str) -> Upload:
