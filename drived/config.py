@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -31,6 +32,9 @@ class Config:
     metrics_listen: str = ""
     token: str = ""
     max_connection_age: float = 0.0
+    max_streams: int = 1024
+    max_streams_per_peer: int = 256
+    stream_idle_timeout: float = 60.0
     log_level: str = "info"
 
 
@@ -50,6 +54,12 @@ HELP = {
     "otherwise); health and reflection stay open. Prefer the env variable: flags show in `ps`",
     "max_connection_age": "seconds after which a client connection is asked to reconnect (so clients behind "
     "DNS round-robin find new replicas; calls in progress finish); 0: never",
+    "max_streams": "transfers (Put, PutFile, Get) and watches served at once; more are refused with "
+    "RESOURCE_EXHAUSTED. With the message limit, bounds the daemon's memory (README, Failure behaviour)",
+    "max_streams_per_peer": "transfers and watches served at once for one client host (its address without the "
+    "port; behind a proxy, the proxy); more are refused with RESOURCE_EXHAUSTED",
+    "stream_idle_timeout": "seconds a Put or Get may wait on its client, which sends or reads nothing meanwhile, "
+    "before it is ended (UNAVAILABLE) and its upload data removed; 0: never",
     "log_level": "debug, info, warning or error",
 }
 
@@ -88,6 +98,18 @@ def _storage(text: str) -> str:
     return text
 
 
+SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """Bytes, as a number with an optional K, M, G or T (powers of 1024): "512M", "10G", "1TiB"."""
+    found = SIZE_RE.fullmatch(text.strip())
+    if not found:
+        raise argparse.ArgumentTypeError(f"give bytes, e.g. 1048576, 512M or 10G, not {text!r}")
+    return int(found.group(1)) * SIZE_UNITS[found.group(2).upper()]
+
+
 def _chunk_size(text: str) -> int:
     value = _positive(int)(text)
     if value > MAX_CHUNK_SIZE:
@@ -98,7 +120,9 @@ def _chunk_size(text: str) -> int:
 PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": str, "data_dir": str, "storage": _storage, "upload_expiry": _positive(float), "chunk_size": _chunk_size,
     "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
-    "metrics_listen": str, "token": str, "max_connection_age": _non_negative(float), "log_level": str,
+    "metrics_listen": str, "token": str, "max_connection_age": _non_negative(float),
+    "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
+    "stream_idle_timeout": _non_negative(float), "log_level": str,
 }
 
 
