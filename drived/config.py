@@ -32,6 +32,8 @@ class Config:
     metrics_listen: str = ""
     token: str = ""
     max_connection_age: float = 0.0
+    max_file_size: int = 0
+    quota: int = 0
     max_streams: int = 1024
     max_streams_per_peer: int = 256
     stream_idle_timeout: float = 60.0
@@ -54,6 +56,10 @@ HELP = {
     "otherwise); health and reflection stay open. Prefer the env variable: flags show in `ps`",
     "max_connection_age": "seconds after which a client connection is asked to reconnect (so clients behind "
     "DNS round-robin find new replicas; calls in progress finish); 0: never",
+    "max_file_size": "the largest file a put may store, in bytes (K, M, G, T: powers of 1024); a bigger one is "
+    "refused with RESOURCE_EXHAUSTED as soon as its header or its bytes say so, and nothing is stored. 0: no limit",
+    "quota": "bytes each lit:// drive may hold (K, M, G, T: powers of 1024); a put that would go over is refused "
+    "with RESOURCE_EXHAUSTED naming used, asked and quota, and nothing is stored. 0: no quota",
     "max_streams": "transfers (Put, PutFile, Get) and watches served at once; more are refused with "
     "RESOURCE_EXHAUSTED. With the message limit, bounds the daemon's memory (README, Failure behaviour)",
     "max_streams_per_peer": "transfers and watches served at once for one client host (its address without the "
@@ -121,7 +127,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": str, "data_dir": str, "storage": _storage, "upload_expiry": _positive(float), "chunk_size": _chunk_size,
     "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
     "metrics_listen": str, "token": str, "max_connection_age": _non_negative(float),
-    "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
+    "max_file_size": _size, "quota": _size, "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
     "stream_idle_timeout": _non_negative(float), "log_level": str,
 }
 

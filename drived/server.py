@@ -77,7 +77,8 @@ async def serve(config: Config) -> None:
         config.max_streams, config.max_streams_per_peer, config.stream_idle_timeout,
         release_memory=lambda: loop.run_in_executor(None, release_free_memory),
     )
-    drives = DriveRouter(ManagedDrives(backend, coordinator), S3Drives(mounts, config.chunk_size))
+    managed = ManagedDrives(backend, coordinator, config.max_file_size, config.quota)
+    drives = DriveRouter(managed, S3Drives(mounts, config.chunk_size))
     service = DriveService(drives, streams)
     add_fast_servicer(service, server)
     health_servicer = health.aio.HealthServicer()

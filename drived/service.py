@@ -289,8 +289,10 @@ class DriveService(pb_grpc.DriveServiceServicer):
         try:
             sha256 = file_sha256(request.sha256)
             record.bytes = len(request.data)
+            if record.bytes > put.max_bytes:
+                raise await put.over_limit(record.bytes)
             await put.write(request.data)
-            entry = await put.commit(sha256)
+            entry = await put.commit(sha256, record.bytes)
         finally:
             await put.abort()  # a no-op after the commit
         record.files = 1

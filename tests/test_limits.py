@@ -5,6 +5,7 @@ serving everyone else."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import grpc
@@ -18,10 +19,12 @@ from conftest import (
     raw_put,
     rpc_code,
     sha256_hex,
+    snapshot,
     upload_bytes,
     wait_until,
 )
 
+from drive_client import Drive
 from drive_client.errors import ResourceExhausted
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
@@ -179,3 +182,114 @@ def test_300_stalled_streams_leave_listing_prompt_and_are_gone_after_the_idle_ti
         assert wait_until(lambda: upload_bytes(handle.data_dir) == 0, 10), "their upload data is removed"
         assert handle.open_requests("Put") == 0
         assert listed(stub, drive) == ["kept"]
+
+
+# --- the largest file and the quota ------------------------------------------------------------
+
+
+def endless(drive: str, path: str, sent: list[int]):
+    """A Put of a file of unknown size that sends up to 100 MiB, counting what the daemon took."""
+    yield header(drive, path)
+    for _ in range(100):
+        sent.append(MIB)
+        yield pb.PutRequest(data=b"\0" * MIB)
+    yield pb.PutRequest(finish=pb.PutFinish(sha256="0" * 64))
+
+
+def refused_put(call) -> str:
+    """Runs a put that must be refused with RESOURCE_EXHAUSTED; returns its message."""
+    with pytest.raises(grpc.RpcError) as refused:
+        call()
+    assert refused.value.code() == SC.RESOURCE_EXHAUSTED, refused.value.details()
+    return refused.value.details()
+
+
+def test_files_over_the_largest_size_are_refused_and_nothing_is_stored(start_daemon, tmp_path):
+    handle = start_daemon(tmp_path, "--max-file-size", "1M")
+    drive = "lit://largest"
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, drive, "exactly.bin", os.urandom(MIB))  # the limit itself is fine
+        before = snapshot(handle.data_dir)
+        big = os.urandom(MIB + 1)
+        # the header says so: refused before any byte is taken
+        message = refused_put(lambda: raw_put(stub, drive, "said.bin", big, size=len(big)))
+        assert "--max-file-size" in message and "1,048,576" in message and "said.bin" in message
+        # the bytes say so: refused as soon as they pass the limit, not at the end of the stream
+        sent: list[int] = []
+        refused_put(lambda: stub.Put(endless(drive, "endless.bin", sent), timeout=60))
+        assert len(sent) < 10, f"the daemon took {len(sent)} MiB of a file over 1 MiB before refusing it"
+        header_only = pb.PutHeader(drive=drive, path="whole.bin")
+        refused_put(lambda: stub.PutFile(
+            pb.PutFileRequest(header=header_only, data=big, sha256=sha256_hex(big)), timeout=60))
+        folder = [m for name in ("a.bin", "b.bin") for m in put_messages(drive, f"folder/{name}", big)]
+        refused_put(lambda: stub.Put(iter(folder), timeout=60))
+        assert wait_until(lambda: upload_bytes(handle.data_dir) == 0, 10)
+        assert snapshot(handle.data_dir) == before, "nothing stored"
+        assert listed(stub, drive) == ["exactly.bin"]
+    (tmp_path / "big.bin").write_bytes(big)
+    with pytest.raises(ResourceExhausted):
+        Drive(drive, root_folder=str(tmp_path), endpoint=handle.endpoint).put("big.bin")
+
+
+def test_a_drive_over_its_quota_refuses_puts_with_the_numbers(start_daemon, tmp_path):
+    handle = start_daemon(tmp_path, "--quota", "4M")
+    drive, other_drive = "lit://quota", "lit://quota_other"
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, drive, "three.bin", os.urandom(3 * MIB), component="ca")
+        before = snapshot(handle.data_dir)
+        two = os.urandom(2 * MIB)
+        for how in ({"size": len(two)}, {}):  # known from the header, or only from the bytes
+            message = refused_put(lambda how=how: raw_put(stub, drive, "two.bin", two, component="cb", **how))
+            assert all(n in message for n in ("3,145,728", "2,097,152", "4,194,304", "--quota")), message
+        sent: list[int] = []
+        refused_put(lambda: stub.Put(endless(drive, "endless.bin", sent), timeout=60))
+        assert len(sent) < 10, f"the daemon took {len(sent)} MiB past the quota before refusing"
+        assert wait_until(lambda: upload_bytes(handle.data_dir) == 0, 10)
+        assert snapshot(handle.data_dir) == before, "nothing stored"
+        # the quota is each drive's own
+        raw_put(stub, other_drive, "two.bin", two)
+        # replacing one's own file needs room only for what it adds
+        raw_put(stub, drive, "three.bin", os.urandom(3 * MIB + MIB // 2), component="ca")
+        refused_put(lambda: raw_put(stub, drive, "one.bin", os.urandom(MIB), component="ca"))
+        # a delete gives its room back
+        stub.Delete(pb.DeleteRequest(drive=drive, path="three.bin", component="ca"), timeout=10)
+        raw_put(stub, drive, "two.bin", two, component="cb")
+        raw_put(stub, drive, "small/one.bin", os.urandom(MIB), component="cb")
+        stub.Delete(pb.DeleteRequest(drive=drive, path="small", component="cb"), timeout=10)
+        raw_put(stub, drive, "two_more.bin", two, component="cb")
+        assert listed(stub, drive) == ["two.bin", "two_more.bin"]
+    # a restarted daemon counts the drive again from what is stored
+    assert handle.stop() == 0
+    again = start_daemon(tmp_path, "--quota", "4M", data_dir=handle.data_dir)
+    with grpc.insecure_channel(again.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        message = refused_put(lambda: raw_put(stub, drive, "one.bin", b"x"))
+        assert "holds 4,194,304 bytes" in message, message
+
+
+def test_concurrent_puts_never_pass_the_quota_together(start_daemon, tmp_path):
+    handle = start_daemon(tmp_path, "--quota", "4M")
+    drive = "lit://quota_race"
+    outcomes: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+
+    def put(i: int) -> None:
+        with grpc.insecure_channel(handle.endpoint) as channel:
+            try:
+                raw_put(drive_pb2_grpc.DriveServiceStub(channel), drive, f"f{i}.bin", os.urandom(MIB))
+                code = SC.OK
+            except grpc.RpcError as err:
+                code = err.code()
+        with lock:
+            outcomes.append(code)
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes, key=str) == sorted([SC.OK] * 4 + [SC.RESOURCE_EXHAUSTED] * 6, key=str), outcomes
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        assert len(listed(drive_pb2_grpc.DriveServiceStub(channel), drive)) == 4

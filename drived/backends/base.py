@@ -164,6 +164,13 @@ class Backend(abc.ABC):
         `start_after`, at most `limit` of them. Costs the keys returned, not all under `prefix`.
         """
 
+    @abc.abstractmethod
+    async def usage(self, prefix: str) -> int:
+        """The bytes of all objects under folder `prefix` (their content, not what the store adds).
+
+        Reads every object's size once: the cost of a `walk` of the folder.
+        """
+
     async def occupant(self, root: str, path: str) -> tuple[str, bool] | None:
         """What under folder `root` takes the place of `path`: an object at `path` or at one of its parent
         folders, or a folder at `path`; as (its path below `root`, whether it is a folder), or None.

@@ -437,6 +437,17 @@ class LocalBackend(Backend):
     async def walk(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
         return await asyncio.get_running_loop().run_in_executor(None, self._walk, prefix, start_after, limit)
 
+    def _usage(self, prefix: str) -> int:
+        total = 0
+        for folder, _, names in os.walk(self._path(prefix)):
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):  # deleted or replaced while counted
+                    total += max(os.lstat(f"{folder}/{name}").st_size - HEADER.size, 0)
+        return total
+
+    async def usage(self, prefix: str) -> int:
+        return await asyncio.get_running_loop().run_in_executor(None, self._usage, prefix)
+
     def _delete(self, key: str) -> bool:
         path = self._path(key)
         try:
