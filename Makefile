@@ -4,8 +4,9 @@ PY     := $(VENV)/bin/python
 SUM    := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DAEMON := $(VENV)/.installed-daemon-$(SUM)
 DEV    := $(VENV)/.installed-dev-$(SUM)
+ML     := $(VENV)/.installed-ml-$(SUM)
 
-.PHONY: install run test test-fast test-bench lint proto bench bench-smoke container-test clean
+.PHONY: install install-ml run test test-fast test-bench test-ml lint proto bench bench-smoke container-test clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -24,6 +25,15 @@ $(DEV): pyproject.toml | $(VENV)/bin/python
 
 install: $(DEV)
 
+# torch, Lightning and pyarrow for the `ml` tests and the DataLoader benchmark. torch first, pinned:
+# pip takes the CPU wheel this machine holds; left to resolve torch itself, it downloads a CUDA build.
+$(ML): $(DEV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,ml]'
+	touch $@
+
+install-ml: $(ML)
+
 run: $(DAEMON)
 	$(VENV)/bin/drived
 
@@ -35,7 +45,9 @@ lint: $(DEV)
 	$(VENV)/bin/mypy
 	tools/buf.sh
 
-# Everything but the benchmark harness (markers in pyproject.toml: unit, integration, slow, bench).
+# Everything but the benchmark harness (markers in pyproject.toml: unit, integration, slow, bench, ml).
+# The ml tests run when torch, Lightning and pyarrow are installed (`make install-ml`); otherwise the
+# summary says they were skipped and why.
 test: lint
 	$(VENV)/bin/pytest -q
 
@@ -47,10 +59,14 @@ test-fast: $(DEV)
 test-bench: $(DEV)
 	$(VENV)/bin/pytest -q -m bench
 
-bench: $(DEV)
+test-ml: $(ML)
+	$(VENV)/bin/pytest -q -m ml
+
+# The DataLoader figures need torch: both install the ml extra.
+bench: $(ML)
 	$(PY) -m bench
 
-bench-smoke: $(DEV)
+bench-smoke: $(ML)
 	$(PY) -m bench --smoke --out $(or $(BENCH_OUT),/tmp/drived-bench-smoke)
 
 # Builds the image with podman and checks it from the host (exit 77: podman unavailable, reason printed).

@@ -6,15 +6,20 @@ in its own process):
 - `mount_s`: drived's mount (S3Mounts.mount: parallel lister + index), first
   thing in a fresh child process, which then holds the index: its RSS
   (`daemon_rss_mib`, and the peak during the mount) is the index's cost plus
-  the interpreter-and-boto3 baseline (`baseline_rss_mib`);
-- `list_s` / `index_build_s`: a second listing in the same child, split into
-  its two phases (ListObjectsV2 + parsing, then `S3Index.from_runs` alone);
+  the interpreter-and-boto3 baseline (`baseline_rss_mib`). `mount_cpu_s` is the
+  CPU time (user + system, all threads) the child spent on the mount, boto3
+  client set-up included, and `mount_cpu_s_per_million` the same per million
+  keys; `responder_cpu_s` is what the listing endpoint spent meanwhile (it
+  shares the machine's cores). The mount is repeated `runs` times, each in a
+  fresh child: these figures are the medians, and `*_runs` lists every run;
+- `list_s` / `list_cpu_s` / `index_build_s`: a second listing in the same child, split
+  into its two phases (ListObjectsV2 + parsing, then `S3Index.from_runs` alone);
 - `list100_ms`: one List of a 100-entry folder from that index (median), and
   `stat_us`, one Stat;
 - `boto3_paginator_s`: the reference, a plain boto3 `list_objects_v2` paginator
   over the same key space, collecting the keys (what a naive mount does).
 
-    python bench/bench_mount.py [--keys-per-level 100] [--json]
+    python bench/bench_mount.py [--keys-per-level 100] [--runs 3] [--json]
 
 `measure(keys_per_level)` returns the figures as a dict (the bench harness calls it).
 Nothing here asserts on timings.
@@ -25,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.s3_listing_server import BUCKET  # noqa: E402 - after the path set-up above
-from bench.services import S3ListingServer  # noqa: E402
+from bench.services import S3ListingServer, cpu_seconds  # noqa: E402
 
 _RESULT = "BENCH_MOUNT_RESULT "
 
@@ -63,10 +70,15 @@ def _status_mib(field: str) -> float:
     return 0.0
 
 
-def _child(keys_per_level: int, concurrency: int) -> dict[str, Any]:
+def _cpu_self() -> float:
+    """CPU seconds (user + system, every thread) this process has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _child(keys_per_level: int, concurrency: int, responder_pid: int) -> dict[str, Any]:
     """Runs in a fresh process pointed at the endpoint: drived's side of the benchmark."""
     import asyncio
-    import statistics
 
     from drived.s3index import S3Mounts
     from drived.s3index.index import S3Index
@@ -82,15 +94,18 @@ def _child(keys_per_level: int, concurrency: int) -> dict[str, Any]:
         seconds = time.perf_counter() - t
         return mounts, seconds, objects, await mounts.index(BUCKET, "")
 
-    # The mount first, in this fresh process: its RSS is what a daemon holding the index pays.
+    # The mount first, in this fresh process: its RSS is what a daemon holding the index pays,
+    # and its CPU time (this process's, apart from the responder's) what a daemon spends on it.
+    cpu0, responder0 = _cpu_self(), cpu_seconds(responder_pid)
     mounts, mount_s, objects, index = asyncio.run(mount())
+    mount_cpu, responder_cpu = _cpu_self() - cpu0, cpu_seconds(responder_pid) - responder0
     rss, peak = _status_mib("VmRSS"), _status_mib("VmHWM")
 
     # Then the two phases, measured apart (this second index is dropped).
     client = make_listing_client(concurrency + 4)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_self()
     result = Lister(client, BUCKET, "", concurrency=concurrency).run()
-    list_s = time.perf_counter() - t0
+    list_s, list_cpu = time.perf_counter() - t0, _cpu_self() - cpu0
     t0 = time.perf_counter()
     S3Index.from_runs(result.runs)
     build_s = time.perf_counter() - t0
@@ -117,7 +132,11 @@ def _child(keys_per_level: int, concurrency: int) -> dict[str, Any]:
     return {
         "keys": objects,
         "mount_s": mount_s,
+        "mount_cpu_s": mount_cpu,
+        "mount_cpu_s_per_million": mount_cpu / objects * 1e6 if objects else None,
+        "responder_cpu_s": responder_cpu,
         "list_s": list_s,
+        "list_cpu_s": list_cpu,
         "index_build_s": build_s,
         "requests": requests,
         "concurrency": concurrency,
@@ -153,31 +172,47 @@ def _paginator(endpoint: str) -> tuple[float, int]:
     return time.perf_counter() - t0, keys
 
 
-def measure(keys_per_level: int = 100, concurrency: int = 16, reference: bool = True) -> dict[str, Any]:
-    """Runs the benchmark (endpoint, drived child, paginator reference); returns the figures."""
+def _run_child(endpoint: str, keys_per_level: int, concurrency: int, responder_pid: int) -> dict[str, Any]:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "--keys-per-level",
+            str(keys_per_level),
+            "--concurrency",
+            str(concurrency),
+            "--responder-pid",
+            str(responder_pid),
+        ],
+        env=_env(endpoint),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_RESULT)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bench_mount child failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    got: dict[str, Any] = json.loads(lines[-1][len(_RESULT) :])
+    return got
+
+
+# Figures that move from run to run: reported as the median of the runs, with every run's value.
+_PER_RUN = ("mount_s", "mount_cpu_s", "mount_cpu_s_per_million", "responder_cpu_s", "list_s", "list_cpu_s")
+
+
+def measure(keys_per_level: int = 100, concurrency: int = 16, reference: bool = True,
+            runs: int = 3) -> dict[str, Any]:
+    """Runs the benchmark (endpoint, `runs` drived children, paginator reference); returns the figures."""
     with tempfile.TemporaryDirectory(prefix="bench-mount-") as workdir, S3ListingServer(
         Path(workdir), keys_per_level
     ) as server:
         endpoint = server.url
-        proc = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                "--keys-per-level",
-                str(keys_per_level),
-                "--concurrency",
-                str(concurrency),
-            ],
-            env=_env(endpoint),
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_RESULT)]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"bench_mount child failed ({proc.returncode}): {proc.stderr[-3000:]}")
-        got: dict[str, Any] = json.loads(lines[-1][len(_RESULT) :])
+        children = [_run_child(endpoint, keys_per_level, concurrency, server.pid) for _ in range(max(1, runs))]
+        got = dict(children[-1])
+        for key in _PER_RUN:
+            got[key] = statistics.median(c[key] for c in children)
+            got[key + "_runs"] = [round(c[key], 3) for c in children]
         got["expected_keys"] = keys_per_level**3
         if reference:
             seconds, keys = _paginator(endpoint)
@@ -194,7 +229,14 @@ def _table(got: dict[str, Any]) -> str:
         (
             "mount (list + index)",
             f"{got['mount_s']:.2f} s",
-            f"{ref / got['mount_s']:.1f}x faster than boto3 paginator" if ref else "(no reference run)",
+            (f"{ref / got['mount_s']:.1f}x faster than boto3 paginator; " if ref else "")
+            + f"median of runs {got['mount_s_runs']}",
+        ),
+        (
+            "  daemon CPU per 1M keys",
+            f"{got['mount_cpu_s_per_million']:.2f} s",
+            f"runs {got['mount_cpu_s_per_million_runs']}; the listing responder used "
+            f"{got['responder_cpu_s']:.2f} CPU-s",
         ),
         (
             "  listing phase",
@@ -225,14 +267,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="s3:// mount benchmark")
     ap.add_argument("--keys-per-level", type=int, default=100)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=3, help="mounts, each in a fresh process (medians reported)")
     ap.add_argument("--no-reference", action="store_true", help="skip the boto3 paginator run")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--responder-pid", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        print(_RESULT + json.dumps(_child(a.keys_per_level, a.concurrency)), flush=True)
+        print(_RESULT + json.dumps(_child(a.keys_per_level, a.concurrency, a.responder_pid)), flush=True)
         return
-    got = measure(a.keys_per_level, a.concurrency, reference=not a.no_reference)
+    got = measure(a.keys_per_level, a.concurrency, reference=not a.no_reference, runs=a.runs)
     print(json.dumps(got, indent=2) if a.json else _table(got))
 
 

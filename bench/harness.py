@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.report import SMALL_CONC, SMALL_OPS, Figures
+from bench.report import LOADER_BATCH, LOADER_WORKERS, SMALL_CONC, SMALL_OPS, Figures
 from bench.services import (
     Drived,
     MotoServer,
@@ -46,6 +47,11 @@ from bench.worker import RESULT_PREFIX
 HERE = Path(__file__).resolve().parent
 BUCKET = "drived-bench"
 STORE_BUCKET = "drived-bench-store"  # where the --storage daemon keeps its drives
+MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
+S3FS_MISSING = (
+    "s3fs not installed: its aiobotocore pins botocore below what boto3 1.44 needs (aiobotocore 3.10: "
+    "botocore <1.43.118), so the dev extra leaves it out; boto3 get_object reads the same objects instead"
+)
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
 
 
@@ -85,12 +91,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="bench_mount.measure(keys_per_level) (default 100 = 1M keys; smoke 4)",
     )
+    p.add_argument(
+        "--loader-samples", type=int, default=None, help="samples the DataLoader reads (default 1000; smoke 64)"
+    )
+    p.add_argument("--loader-size", type=parse_size, default=None, help="bytes of a sample (default 64K; smoke 4K)")
     p.add_argument("--chunk", type=parse_size, default=MIB, help="chunk size of the raw references (1M)")
     p.add_argument("--budget", type=float, default=None, help="max seconds per small-file loop (default 60; smoke 5)")
     p.add_argument(
         "--only",
-        default="large,small,folder,mem,storage,index",
-        help="comma-separated groups to run (large,small,folder,mem,storage,index)",
+        default="large,small,folder,mem,storage,index,loader",
+        help="comma-separated groups to run (large,small,folder,mem,storage,index,loader)",
     )
     p.add_argument("--out", type=Path, default=HERE / "results", help="where latest.json/md go")
     p.add_argument("--workdir", type=Path, default=None, help="parent of the scratch dir (default: system temp)")
@@ -117,6 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.storage_size = a.storage_size or (12 * MIB if smoke else 256 * MIB)
     a.index_keys_per_level = a.index_keys_per_level or (4 if smoke else 100)
     a.budget = a.budget or (5.0 if smoke else 60.0)
+    a.loader_samples = a.loader_samples or (64 if smoke else 1000)
+    a.loader_size = a.loader_size or (4 * KIB if smoke else 64 * KIB)
     a.groups = {g.strip() for g in a.only.split(",") if g.strip()}
     return a
 
@@ -138,6 +150,8 @@ class Harness:
         self.work = Path(tempfile.mkdtemp(prefix="drived-bench-", dir=parent))
         self.src = self.work / "src"
         self.dst = self.work / "dst"
+        self.loader_root = self.src / "loader"
+        self.loader_systems: list[tuple[str, dict[str, Any]]] = []
         self.src.mkdir()
         self.dst.mkdir()
         self.env = _bench_env()
@@ -158,6 +172,13 @@ class Harness:
         self.errors.append(reason)
         for k in [keys] if isinstance(keys, str) else keys:
             self.figs.miss(k, reason)
+
+    def leave_out(self, reason: str, *prefixes: str) -> None:
+        """Leaves figures out for a reason that is printed and kept in the report's notes."""
+        self.say(reason)
+        self.notes.append(reason)
+        for prefix in prefixes:
+            self.figs.miss(prefix, reason)
 
     def worker(self, spec: dict[str, Any], timeout: float, profile: str | None = None) -> dict[str, Any]:
         argv = [sys.executable, "-m", "bench.worker", json.dumps(spec)]
@@ -232,11 +253,14 @@ class Harness:
             if a.groups & {"folder"}:
                 for i in range(a.folder_files):
                     write_random(self.src / folder_dir(run) / f"d{i % 10}" / f"{i:05d}.bin", 4 * KIB)
+        if "loader" in a.groups:
+            for i in range(a.loader_samples):
+                write_random(self.loader_root / "train" / f"{i:05d}.bin", a.loader_size)
         self.say(f"test data written in {time.perf_counter() - t0:.1f}s under {self.work}")
 
     def start_services(self) -> None:
         groups = self.a.groups
-        if groups & {"large", "small"}:
+        if groups & {"large", "small", "loader"}:
             try:
                 self.moto = self.exit_stack.enter_context(MotoServer(self.work))
                 import boto3
@@ -246,29 +270,28 @@ class Harness:
                 ).client("s3", endpoint_url=self.moto.url).create_bucket(Bucket=BUCKET)
                 self.say(f"moto_server on {self.moto.url}")
             except Exception as e:
-                self.fail(["large.boto3_moto", "small.boto3_moto"], "moto_server", e)
+                self.fail(["large.boto3_moto", "small.boto3_moto", "loader.boto3_moto", "loader.s3fs_moto",
+                           "loader.drive_s3"], "moto_server", e)
         if groups & {"large", "small", "folder"}:
             try:
                 self.nginx = self.exit_stack.enter_context(Nginx(self.work))
                 self.say(f"nginx on {self.nginx.url} (root {self.nginx.root})")
             except ServiceUnavailable as e:
-                reason = f"nginx unavailable: {e}"
-                self.say(reason)
-                self.notes.append(reason)
-                for k in ("large.nginx", "small.nginx", "folder.nginx_loop"):
-                    self.figs.miss(k, reason)
+                self.leave_out(f"nginx unavailable: {e}", "large.nginx", "small.nginx", "folder.nginx_loop")
         if groups & {"large", "small"}:
             try:
                 self.raw = self.exit_stack.enter_context(RawGrpcServer(self.work))
                 self.say(f"raw grpc server on {self.raw.endpoint}")
             except Exception as e:
                 self.fail(["large.grpc_raw", "large.grpc_sha256", "small.grpc_raw"], "raw grpc server", e)
-        if groups & {"large", "small", "folder"}:
+        if groups & {"large", "small", "folder", "loader"}:
+            # Its s3:// drives read the bench's moto_server (the DataLoader's s3:// drive).
+            s3_env = {"AWS_ENDPOINT_URL": self.moto.url, **MOTO_CREDENTIALS} if self.moto else {}
             try:
-                self.drived = self.exit_stack.enter_context(Drived(self.work))
+                self.drived = self.exit_stack.enter_context(Drived(self.work, env=s3_env))
                 self.say(f"drived on {self.drived.endpoint} (pid {self.drived.pid})")
             except Exception as e:
-                self.fail(["large.drive", "small.drive", "folder.drive"], "drived", e)
+                self.fail(["large.drive", "small.drive", "folder.drive", "loader.drive"], "drived", e)
 
     # ------------------------------------------------------------ groups
 
@@ -364,24 +387,13 @@ class Harness:
             )
         if self.drived:
             ep = self.drived.endpoint
-            rec(
-                "large.drive.put",
-                measure(
-                    "large.drive.put",
-                    "Drive.put large",
-                    {"task": "drive_put", "endpoint": ep, "root": str(self.src), "relpath": "large.bin"},
-                    profile="large-put",
-                ),
-            )
-            rec(
-                "large.drive.get",
-                measure(
-                    "large.drive.get",
-                    "Drive.get large",
-                    {"task": "drive_get", "endpoint": ep, "root": str(self.dst), "relpath": "large.bin"},
-                    profile="large-get",
-                ),
-            )
+            for system, twin in (("drive", "Drive"), ("async_drive", "AsyncDrive")):
+                for op, root in (("put", self.src), ("get", self.dst)):
+                    key = f"large.{system}.{op}"
+                    spec = {"task": f"drive_{op}", "endpoint": ep, "root": str(root), "relpath": "large.bin",
+                            "twin": twin}
+                    profile = f"large-{op}" if twin == "Drive" else None
+                    rec(key, measure(key, f"{twin}.{op} large", spec, profile=profile))
 
     def run_small(self, run: int) -> None:
         a = self.a
@@ -460,6 +472,44 @@ class Harness:
                     if not res["complete"]:
                         self.notes.append(f"{base}: stopped by the budget after {res['files']} files")
 
+    def prepare_loader(self) -> None:
+        """Puts the DataLoader's samples where each system reads them, and picks the systems that can run."""
+        if importlib.util.find_spec("torch") is None:
+            self.leave_out("torch not installed: `make install-ml` for the DataLoader figures", "loader.")
+            return
+        root = str(self.loader_root)
+        if self.drived:
+            from drive_client import Drive
+
+            Drive("lit://loader", root_folder=self.loader_root, endpoint=self.drived.endpoint).put("train")
+            self.loader_systems.append(("drive_lit", {"endpoint": self.drived.endpoint}))
+        if self.moto:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from bench.worker import _boto3_client
+
+            s3 = _boto3_client(self.moto.url)
+            names = sorted(p.name for p in (self.loader_root / "train").iterdir())
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda n: s3.upload_file(f"{root}/train/{n}", BUCKET, f"loader/train/{n}"), names))
+            where = {"url": self.moto.url, "bucket": BUCKET, "root": root}  # root: the sample names
+            if self.drived:
+                self.loader_systems.append(("drive_s3", {"endpoint": self.drived.endpoint, "bucket": BUCKET}))
+            self.loader_systems.append(("boto3_moto", where))
+            if importlib.util.find_spec("s3fs") is None:
+                self.leave_out(S3FS_MISSING, "loader.s3fs_moto")
+            else:
+                self.loader_systems.append(("s3fs_moto", where))
+        self.loader_systems.append(("local", {"root": root}))
+
+    def run_loader(self, run: int) -> None:
+        for system, extra in rotated(self.loader_systems, run):
+            key = f"loader.{system}.samples_s"
+            spec = {"task": "loader", "system": system, "workers": LOADER_WORKERS, "batch": LOADER_BATCH, **extra}
+            res = self.measure(key, f"DataLoader over {system}", spec, timeout=self.a.budget * 2 + 180)
+            if res:
+                self.figs.add(key, res["samples_s"])
+
     def run_mem(self) -> None:
         """Peak RSS of a fresh daemon and of each client process, ¼-size file then full size."""
         a = self.a
@@ -522,8 +572,7 @@ class Harness:
             import boto3
 
             boto3.session.Session(**credentials).client("s3", endpoint_url=moto.url).create_bucket(Bucket=STORE_BUCKET)
-            env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
-                   "AWS_ENDPOINT_URL": moto.url}
+            env = {**MOTO_CREDENTIALS, "AWS_ENDPOINT_URL": moto.url}
             d = Drived(self.work, storage=f"s3://{STORE_BUCKET}/drives/", env=env)
         except Exception as e:
             moto.stop()
@@ -592,6 +641,8 @@ class Harness:
         try:
             self.make_data()
             self.start_services()
+            if "loader" in a.groups:
+                self.prepare_loader()
             for run in range(a.runs):
                 self.say(f"run {run + 1}/{a.runs}")
                 if "large" in a.groups:
@@ -600,6 +651,8 @@ class Harness:
                     self.run_small(run)
                 if "folder" in a.groups:
                     self.run_folder(run)
+                if "loader" in a.groups:
+                    self.run_loader(run)
             self.exit_stack.close()
             if "mem" in a.groups:
                 self.say("memory test")
@@ -625,6 +678,7 @@ class Harness:
             ("mem", "mem."),
             ("storage", "storage."),
             ("index", "index."),
+            ("loader", "loader."),
         ):
             if g in a.groups:
                 continue
@@ -664,6 +718,9 @@ class Harness:
                 "storage_size": a.storage_size,
                 "storage_size_label": size_label(a.storage_size),
                 "index_keys_per_level": a.index_keys_per_level,
+                "loader_samples": a.loader_samples,
+                "loader_size": a.loader_size,
+                "loader_size_label": size_label(a.loader_size),
                 "budget_s": a.budget,
                 "groups": sorted(a.groups),
                 "seconds": round(time.perf_counter() - t_start, 1),
@@ -714,6 +771,7 @@ def map_index_result(got: dict[str, Any]) -> dict[str, float]:
     """bench_mount.measure()'s dict onto our index.* figures (tolerant of its key names)."""
     aliases = {
         "index.mount_s": ("mount_s", "mount_seconds", "drived_mount_s", "mount"),
+        "index.mount_cpu_s_per_million": ("mount_cpu_s_per_million",),
         "index.boto3_paginator_s": (
             "boto3_paginator_s",
             "paginator_s",

@@ -6,7 +6,8 @@ so it cannot serve a 1M-key listing benchmark. This server answers only
 sorted keys `dIII/dJJJ/fKKK.bin` (keys_per_level ** 3 of them), with
 `prefix`, `delimiter`, `max-keys` (capped at 1000, as S3 does),
 `continuation-token`, `start-after` and `encoding-type=url`, answering the
-same XML S3 does. Every lookup is a bisect into the precomputed sorted key
+same XML S3 does, in chunks (`Transfer-Encoding: chunked`) as S3 often sends
+it. Every lookup is a bisect into the precomputed sorted key
 list, so a page costs O(page + log n): listing is never this server's
 bottleneck.
 
@@ -27,11 +28,13 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from array import array
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from xml.sax.saxutils import escape
 
 BUCKET = "bench"
 MAX_KEYS = 1000
+_CHUNK = 64 * 1024  # bytes per chunk of a chunked answer
 _MTIME_BASE = 1_700_000_000  # 2023-11-14T22:13:20Z
 _MASK128 = (1 << 128) - 1
 _PLAIN = re.compile(r"[A-Za-z0-9/._-]*")
@@ -58,14 +61,31 @@ class KeySpace:
         self._seconds = [
             time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(_MTIME_BASE + s)) for s in range(len(keys) // 1000 + 1)
         ]
-        # Keys that need neither URL- nor XML-escaping are written as they are (fast path).
-        self._plain = _PLAIN.fullmatch("".join(keys)) is not None
+        # Each object's <Contents> element is rendered once, as S3 keeps its listing rows
+        # stored: a page of a flat listing is then one slice of `_rows`, and serving it costs
+        # this process (which shares the machine with the lister under test) no per-key work.
+        # Keys need no escaping, so a row reads the same with and without encoding-type=url.
+        if _PLAIN.fullmatch("".join(keys)) is None:
+            raise ValueError("KeySpace serves keys of [A-Za-z0-9/._-] only")
+        self._rows, self._row_off = self._render(keys)
 
-    def _meta(self, i: int) -> tuple[str, str, int]:
-        """LastModified, ETag (32 hex digits, distinct per key) and size of key i."""
-        stamp = f"{self._seconds[i // 1000]}.{i % 1000:03d}Z"
-        etag = f"{(i * 0x9E3779B97F4A7C15F39CC0605CEDC835 + 0x5DEECE66D) & _MASK128:032x}"
-        return stamp, etag, 1000 + i % 4096
+    def _render(self, keys: list[str]) -> tuple[bytearray, array]:
+        rows = bytearray()  # grown in place: ~200 bytes a key, never held twice
+        offsets = array("q", [0])
+        for i, key in enumerate(keys):
+            stamp = f"{self._seconds[i // 1000]}.{i % 1000:03d}Z"
+            etag = f"{(i * 0x9E3779B97F4A7C15F39CC0605CEDC835 + 0x5DEECE66D) & _MASK128:032x}"
+            rows += (
+                f"<Contents><Key>{key}</Key><LastModified>{stamp}</LastModified>"
+                f"<ETag>&quot;{etag}&quot;</ETag><Size>{1000 + i % 4096}</Size>"
+                "<StorageClass>STANDARD</StorageClass></Contents>".encode()
+            )
+            offsets.append(len(rows))
+        return rows, offsets
+
+    def _contents(self, start: int, stop: int) -> bytearray:
+        """The <Contents> elements of keys[start:stop]."""
+        return self._rows[self._row_off[start] : self._row_off[stop]]
 
     def list_v2(self, params: dict[str, str]) -> bytes:
         keys = self.keys
@@ -93,27 +113,27 @@ class KeySpace:
             )
         end = bisect.bisect_left(keys, _upper(prefix)) if prefix else len(keys)
 
-        contents: list[str] = []
+        contents: list[bytearray] = []
         prefixes: list[str] = []
         last = ""
         count = 0
         plen = len(prefix)
-        plain = self._plain
+        if not delimiter:  # a run of consecutive keys
+            stop = max(pos, min(end, pos + max_keys))
+            if stop > pos:
+                contents.append(self._contents(pos, stop))
+                last = "K:" + keys[stop - 1]
+            count, pos = stop - pos, stop
         while pos < end and count < max_keys:
             key = keys[pos]
-            cut = key.find(delimiter, plen) if delimiter else -1
+            cut = key.find(delimiter, plen)
             if cut >= 0:
                 cp = key[: cut + len(delimiter)]
                 prefixes.append(f"<CommonPrefixes><Prefix>{enc(cp)}</Prefix></CommonPrefixes>")
                 last = "P:" + cp
                 pos = bisect.bisect_left(keys, _upper(cp), pos, end)
             else:
-                stamp, etag, size = self._meta(pos)
-                contents.append(
-                    f"<Contents><Key>{key if plain else enc(key)}</Key><LastModified>{stamp}</LastModified>"
-                    f"<ETag>&quot;{etag}&quot;</ETag><Size>{size}</Size>"
-                    "<StorageClass>STANDARD</StorageClass></Contents>"
-                )
+                contents.append(self._contents(pos, pos + 1))
                 last = "K:" + key
                 pos += 1
             count += 1
@@ -136,10 +156,7 @@ class KeySpace:
         if truncated:
             nxt = base64.urlsafe_b64encode(last.encode()).decode()
             parts.append(f"<NextContinuationToken>{nxt}</NextContinuationToken>")
-        parts.extend(contents)
-        parts.extend(prefixes)
-        parts.append("</ListBucketResult>")
-        return "".join(parts).encode()
+        return "".join(parts).encode() + b"".join(contents) + "".join(prefixes).encode() + b"</ListBucketResult>"
 
 
 def _error(code: str, message: str, resource: str) -> bytes:
@@ -157,10 +174,18 @@ def make_server(host: str, port: int, space: KeySpace) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: object) -> None:  # quiet
             pass
 
-        def _send(self, status: int, body: bytes) -> None:
+        def _send(self, status: int, body: bytes, chunked: bool = False) -> None:
             self.send_response(status)
             self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(body)))
+            if chunked:
+                # As S3 often answers a listing: in chunks, without a Content-Length.
+                self.send_header("Transfer-Encoding", "chunked")
+                body = b"".join(
+                    b"%x\r\n%s\r\n" % (len(piece), piece)
+                    for piece in (body[i : i + _CHUNK] for i in range(0, len(body), _CHUNK))
+                ) + b"0\r\n\r\n"
+            else:
+                self.send_header("Content-Length", str(len(body)))
             self.send_header("x-amz-request-id", "0")
             self.end_headers()
             if self.command != "HEAD":
@@ -173,7 +198,7 @@ def make_server(host: str, port: int, space: KeySpace) -> ThreadingHTTPServer:
             if bucket != BUCKET:
                 self._send(404, _error("NoSuchBucket", "The specified bucket does not exist", bucket))
             elif params.get("list-type") == "2":
-                self._send(200, space.list_v2(params))
+                self._send(200, space.list_v2(params), chunked=True)
             else:
                 self._send(501, _error("NotImplemented", "only ListObjectsV2 is served", self.path))
 

@@ -41,6 +41,20 @@ def rss_mib(pid: int) -> float | None:
     return _status_field_mib(pid, "VmRSS")
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Sets VmHWM back to the current VmRSS (Linux ≥ 4.0), to measure the peak of what follows."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process (all its threads) has used, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # after the command name: state is field 3; utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _status_field_mib(pid: int, field: str) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:

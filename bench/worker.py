@@ -9,6 +9,7 @@ raw TCP and raw gRPC ceilings, which touch no disk).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -218,23 +219,36 @@ def task_nginx_get(url: str, name: str, dst: str) -> dict:
     return {"seconds": dt, "bytes": size}
 
 
-def task_drive_put(endpoint: str, root: str, relpath: str) -> dict:
-    d = _drive(endpoint, root)
-    _drive_warm(d)
+def _timed_drive_call(twin: str, endpoint: str, root: str, method: str, *args: Any, **kwargs: Any) -> float:
+    """Seconds one call of `Drive.method` (or `AsyncDrive.method`, on a new event loop) takes, channel open."""
+    if twin == "Drive":
+        d = _drive(endpoint, root)
+        _drive_warm(d)
+        t0 = time.perf_counter()
+        getattr(d, method)(*args, **kwargs)
+        return time.perf_counter() - t0
+
+    async def timed() -> float:
+        from drive_client import AsyncDrive
+
+        async with AsyncDrive("lit://bench", component_name="b", root_folder=root, endpoint=endpoint) as d:
+            await d.list(".")  # opens the channel outside the timed region
+            t0 = time.perf_counter()
+            await getattr(d, method)(*args, **kwargs)
+            return time.perf_counter() - t0
+
+    return asyncio.run(timed())
+
+
+def task_drive_put(endpoint: str, root: str, relpath: str, twin: str = "Drive") -> dict:
     size = _tree_size(Path(root) / relpath)
-    t0 = time.perf_counter()
-    d.put(relpath)
-    return {"seconds": time.perf_counter() - t0, "bytes": size}
+    return {"seconds": _timed_drive_call(twin, endpoint, root, "put", relpath), "bytes": size}
 
 
-def task_drive_get(endpoint: str, root: str, relpath: str) -> dict:
-    d = _drive(endpoint, root)
-    _drive_warm(d)
+def task_drive_get(endpoint: str, root: str, relpath: str, twin: str = "Drive") -> dict:
     target = Path(root) / relpath
     _rm(target)
-    t0 = time.perf_counter()
-    d.get(relpath, overwrite=True)
-    dt = time.perf_counter() - t0
+    dt = _timed_drive_call(twin, endpoint, root, "get", relpath, overwrite=True)
     size = _tree_size(target)
     _rm(target)
     return {"seconds": dt, "bytes": size}
@@ -409,6 +423,7 @@ def task_folder(
             d.put(folder)
             dt = time.perf_counter() - t0
         else:
+            dst.mkdir(parents=True, exist_ok=True)
             d = _drive(endpoint, str(dst))
             _drive_warm(d)
             _rm(dst / folder)
@@ -445,6 +460,17 @@ def task_folder(
             dt = time.perf_counter() - t0
         return {"seconds": dt, "files": done, "files_s": done / dt, "complete": done == len(files)}
     raise ValueError(system)
+
+
+# ---------------------------------------------------------------- DataLoader
+
+
+def task_loader(system: str, workers: int, batch: int, endpoint: str = "", url: str = "", bucket: str = "",
+                root: str = "") -> dict:
+    """Samples per second of a torch DataLoader over one folder (bench/loader.py; needs torch)."""
+    from bench.loader import samples_per_second
+
+    return samples_per_second(system, workers, batch, endpoint, url, bucket, root)
 
 
 # ---------------------------------------------------------------- index

@@ -1,39 +1,35 @@
-"""`AsyncDrive`: the async twin of `Drive`, on grpc.aio, with the same methods and errors.
+"""`AsyncDrive`: the async twin of `Drive`, on grpc.aio, with the same methods, arguments and errors.
 
     drive = AsyncDrive("lit://drive_1", component_name="work_a")
     await drive.put("a.txt"); await drive.list("."); await drive.get("a.txt", timeout=60)
     async for event in drive.watch("checkpoints"): ...
 
-Local file reads, writes and hashing run in worker threads, a batch of
-messages (about a chunk) per hop, so the event loop stays free.
+Each operation is the same plan of `core` that `Drive` runs; this module
+only makes its calls. Work on local files (reading, hashing and writing
+them) runs in worker threads, which read the streams they need through the
+event loop, so the loop stays free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
-from .common import (
-    CHANNEL_OPTIONS,
-    DriveBase,
-    FileStat,
-    MountResult,
-    WatchEvent,
-    check_range_reply,
-    reconnect_delay,
-)
-from .drive import _mounted, _mounted_lock
+from . import core
+from .common import CHANNEL_OPTIONS, DriveBase, FileStat, MountResult, WatchEvent
+from .effects import Blocking, Call, Caller, Done, Emit, Next, Open, Plan, Send, Sleep, Unary, advance
 from .errors import from_rpc_error
-from .pb import drive_pb2 as pb
 from .pb import drive_pb2_grpc as pb_grpc
-from .transfer import CHUNK_SIZE, SMALL_FILE, local_files, put_file_request, put_requests, receive_files
-from .uri import normalize_path
-from .wire import GetMessage, PutMessage, fast_stub
+from .transfer import CHUNK_SIZE, Progress
+from .wire import PutMessage, fast_stub
+
+T = TypeVar("T")
 
 
 def _next_batch(messages: Iterator[PutMessage]) -> list[PutMessage]:
@@ -48,8 +44,118 @@ def _next_batch(messages: Iterator[PutMessage]) -> list[PutMessage]:
     return batch
 
 
+class _LoopStream:
+    """An open grpc.aio server stream; `cancel()` works from any thread (the call itself belongs to its loop)."""
+
+    def __init__(self, call: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.call = call
+        self._loop = loop
+
+    def cancel(self) -> bool:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            return bool(self.call.cancel())
+        with contextlib.suppress(RuntimeError):  # the loop is closed, and its calls with it
+            self._loop.call_soon_threadsafe(self.call.cancel)
+        return True
+
+
+class _AioCalls:
+    """Makes a plan's calls with grpc.aio, on the event loop that runs the plan."""
+
+    def __init__(self, drive: AsyncDrive) -> None:
+        self._drive = drive
+
+    async def perform(self, effect: Call | Sleep | Blocking) -> Any:
+        if isinstance(effect, Blocking):
+            caller = _ThreadCalls(self, asyncio.get_running_loop())
+            return await asyncio.to_thread(effect.work, *((caller, *effect.args) if effect.calls else effect.args))
+        if isinstance(effect, Sleep):
+            return await asyncio.sleep(effect.seconds)
+        drive = self._drive
+        try:
+            if isinstance(effect, Next):
+                message = await effect.stream.call.read()  # type: ignore[attr-defined]
+                return None if message is grpc.aio.EOF else message
+            rpc = getattr(drive._stub, effect.method)
+            if isinstance(effect, Unary):
+                return await rpc(effect.request, metadata=drive._metadata)
+            if isinstance(effect, Open):
+                return _LoopStream(rpc(effect.request, metadata=drive._metadata), asyncio.get_running_loop())
+            assert isinstance(effect, Send)
+            return await self._send(rpc, effect)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, drive.endpoint) from None
+
+    async def _send(self, rpc: Any, effect: Send) -> Any:
+        messages = iter(effect.messages)
+        failure: list[BaseException] = []
+
+        async def requests() -> AsyncIterator[PutMessage]:
+            try:
+                while batch := await asyncio.to_thread(_next_batch, messages):
+                    for message in batch:
+                        yield message
+            except Exception as err:  # reading a local file failed: gRPC would hide it behind CANCELLED
+                failure.append(err)
+                raise
+
+        try:
+            return await rpc(requests(), metadata=self._drive._metadata)
+        except (grpc.RpcError, asyncio.CancelledError):
+            if failure:
+                raise failure[0] from None
+            raise
+
+    async def iterate(self, plan: Plan[Any]) -> AsyncGenerator[Any, None]:
+        """Drives `plan` on this loop, yielding what it emits; closing the iterator closes the plan."""
+        try:
+            effect = advance(plan)
+            while not isinstance(effect, Done):
+                if isinstance(effect, Emit):
+                    for value in effect.values:
+                        yield value
+                    effect = advance(plan)
+                    continue
+                try:
+                    outcome = await self.perform(effect)
+                except BaseException as err:  # the plan decides: it may catch it, and its `finally` runs either way
+                    effect = advance(plan, error=err)
+                else:
+                    effect = advance(plan, outcome)
+        finally:
+            plan.close()
+
+    async def run(self, plan: Plan[T]) -> T:
+        """Drives `plan` to its end; answers what it returns."""
+        results = self.iterate(_returning(plan))
+        try:
+            return await anext(results)
+        finally:
+            await results.aclose()
+
+
+def _returning(plan: Plan[T]) -> Plan[None]:
+    """`plan`, emitting its return value: how the one loop of `_AioCalls.iterate` runs a plan for its result."""
+    yield Emit(((yield from plan),))
+
+
+class _ThreadCalls(Caller):
+    """Lends an AsyncDrive's calls to a worker thread: each call is made on the event loop, the thread waits."""
+
+    def __init__(self, calls: _AioCalls, loop: asyncio.AbstractEventLoop) -> None:
+        self._calls = calls
+        self._loop = loop
+
+    def call(self, effect: Call) -> Any:
+        return asyncio.run_coroutine_threadsafe(self._calls.perform(effect), self._loop).result()
+
+
 class AsyncDrive(DriveBase):
-    """A drive opened by name, for asyncio code. Same arguments, methods and errors as `Drive`.
+    """A drive opened by name, for asyncio code: the twin of `Drive`, with the same arguments, methods and errors.
 
     The grpc.aio channel belongs to the event loop it was first used on; use
     one AsyncDrive per loop (or per process: it is picklable like Drive).
@@ -75,144 +181,48 @@ class AsyncDrive(DriveBase):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, rpc: Any, request: Any) -> Any:
-        try:
-            return await rpc(request, metadata=self._metadata)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.endpoint) from None
+    async def put(self, path: str | os.PathLike[str], *, to: str | None = None, progress: Progress | None = None
+                  ) -> list[FileStat]:
+        """`Drive.put`: stores a local file or folder in one call; returns the files stored."""
+        return await _AioCalls(self).run(core.put(self, path, to, progress))
 
-    async def _ensure_mounted(self) -> None:
-        key = self._mount_key
-        if key is not None:
-            with _mounted_lock:
-                if key in _mounted:
-                    return
-            await self.mount()
-
-    # -- the API --------------------------------------------------------------
-
-    async def put(self, path: str | os.PathLike[str]) -> None:
-        """Stores a local file, or every file of a local folder, at the same path in the drive."""
-        remote = normalize_path(os.fspath(path))
-        files = await asyncio.to_thread(local_files, self._root() / remote, remote)
-        if not files:
-            return
-        if len(files) == 1 and files[0][0].stat().st_size <= SMALL_FILE:  # one unary call
-            local, remote = files[0]
-            request = put_file_request(self._put_header(), remote, await asyncio.to_thread(local.read_bytes))
-            await self._call(self._stub.PutFile, request)
-            return
-        messages = put_requests(self._put_header(), files)
-        failure: list[BaseException] = []
-
-        async def requests() -> AsyncIterator[PutMessage]:
-            try:
-                while batch := await asyncio.to_thread(_next_batch, messages):
-                    for message in batch:
-                        yield message
-            except BaseException as err:  # gRPC would hide it behind CANCELLED
-                failure.append(err)
-                raise
-
-        try:
-            await self._stub.Put(requests(), metadata=self._metadata)
-        except (grpc.RpcError, asyncio.CancelledError) as err:
-            if failure:
-                raise failure[0] from None
-            if isinstance(err, grpc.RpcError):
-                raise from_rpc_error(err, self.endpoint) from None
-            raise
+    def entries(self, path: str = ".", component_name: str | None = None, recursive: bool = False
+                ) -> AsyncIterator[FileStat]:
+        """`Drive.entries`, for `async for`: the entries under `path`, sorted by path."""
+        return _AioCalls(self).iterate(core.entries(self, path, component_name, recursive))
 
     async def list(self, path: str = ".", component_name: str | None = None) -> list[str]:
-        """The immediate entries under `path` (files and folders), as sorted paths from the drive root."""
-        request = self._list_request(path, component_name, recursive=False)
-        await self._ensure_mounted()
-        paths: list[str] = []
-        while True:
-            reply: pb.ListResponse = await self._call(self._stub.List, request)
-            paths += (entry.path for entry in reply.entries)
-            if not reply.next_page_token:
-                return paths
-            request.page_token = reply.next_page_token
+        """`Drive.list`: the immediate entries under `path`, as sorted paths from the drive root."""
+        return [entry async for entry in _AioCalls(self).iterate(core.paths(self, path, component_name))]
 
     async def get(
-        self, path: str, component_name: str | None = None, timeout: float | None = None, overwrite: bool = False
+        self, path: str, component_name: str | None = None, timeout: float | None = None, overwrite: bool = False,
+        *, to: str | os.PathLike[str] | None = None, progress: Progress | None = None,
     ) -> Path:
-        """Fetches a file (or folder) to the same path under the root folder; returns the local path."""
-        remote = normalize_path(path)
-        target = self._root() / remote
-        request = self._get_request(remote, target, component_name, timeout, overwrite)
-        await self._ensure_mounted()
-        call = self._stub.Get(request, metadata=self._metadata)
-        loop = asyncio.get_running_loop()
+        """`Drive.get`: fetches a file (or folder) to its path under the root folder, or to `to`."""
+        return await _AioCalls(self).run(core.get(self, path, component_name, timeout, overwrite, to, progress))
 
-        def messages() -> Iterator[GetMessage]:
-            """The stream's messages, read on the event loop for the writing thread."""
-            while (message := asyncio.run_coroutine_threadsafe(call.read(), loop).result()) is not grpc.aio.EOF:
-                yield message
-
-        try:
-            await asyncio.to_thread(receive_files, messages(), self._target_of(remote, target))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.endpoint) from None
-        finally:
-            call.cancel()
-        return target
-
-    async def read_range(self, path: str, offset: int = 0, length: int | None = None,
-                         component_name: str | None = None, if_match: str = "") -> AsyncIterator[bytes]:
-        """Streams bytes [offset, offset+length) of a drive file (length None: to the end)."""
-        request = self._range_request(path, offset, length, component_name, if_match)
-        if length == 0:
-            return
-        await self._ensure_mounted()
-        call = self._stub.Get(request, metadata=self._metadata)
-        try:
-            async for message in call:
-                data = check_range_reply(message, request)
-                if data is not None:
-                    yield bytes(data)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, self.endpoint) from None
-        finally:
-            call.cancel()
+    def read_range(self, path: str, offset: int = 0, length: int | None = None,
+                   component_name: str | None = None, if_match: str = "") -> AsyncIterator[bytes]:
+        """`Drive.read_range`, for `async for`: bytes [offset, offset+length) of a drive file, chunk by chunk."""
+        return _AioCalls(self).iterate(core.read_range(self, path, offset, length, component_name, if_match))
 
     async def delete(self, path: str) -> None:
-        """Removes this component's file, or all its files under a folder."""
-        await self._call(self._stub.Delete, self._delete_request(path))
+        """`Drive.delete`: removes this component's file, or all its files under a folder."""
+        await _AioCalls(self).run(core.delete(self, path))
 
     async def stat(self, path: str, component_name: str | None = None) -> FileStat:
-        """Size, sha256 (or ETag), modification time and owner of a file or folder."""
-        request = self._stat_request(path, component_name)
-        await self._ensure_mounted()
-        return FileStat.from_info(await self._call(self._stub.Stat, request))
+        """`Drive.stat`: size, sha256 (or ETag), modification time and owner of a file or folder."""
+        return await _AioCalls(self).run(core.stat(self, path, component_name))
 
     async def mount(self) -> MountResult:
-        """(Re)indexes an s3:// drive now; answers with the object count and the time taken."""
-        reply: pb.MountResponse = await self._call(self._stub.Mount, pb.MountRequest(drive=self.id))
-        if self._mount_key is not None:
-            with _mounted_lock:
-                _mounted.add(self._mount_key)
-        return MountResult(reply.objects, reply.seconds)
+        """`Drive.mount`: (re)indexes an s3:// drive now."""
+        return await _AioCalls(self).run(core.mount(self))
 
-    async def watch(self, path: str = ".", component_name: str | None = None, after_sequence: int = 0
-                    ) -> AsyncIterator[WatchEvent]:
-        """Yields puts and deletes under `path` as they commit, reconnecting like `Drive.watch`."""
-        after = after_sequence
-        failures = 0
-        while True:
-            call = self._stub.Watch(self._watch_request(path, component_name, after), metadata=self._metadata)
-            try:
-                async for message in call:
-                    failures = 0
-                    after = message.sequence
-                    if message.kind != pb.WatchEvent.KIND_WATCHING:
-                        yield WatchEvent.from_message(message)
-            except grpc.RpcError as err:
-                await asyncio.sleep(reconnect_delay(err, self.endpoint, failures))
-                failures += 1
-            finally:
-                call.cancel()
+    def watch(self, path: str = ".", component_name: str | None = None, after_sequence: int = 0
+              ) -> AsyncIterator[WatchEvent]:
+        """`Drive.watch`, for `async for`: puts and deletes under `path` as they commit, reconnecting by itself."""
+        return _AioCalls(self).iterate(core.watch(self, path, component_name, after_sequence))
 
 
 __all__ = ["AsyncDrive"]

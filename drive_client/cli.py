@@ -19,7 +19,6 @@ from .drive import Drive
 from .errors import DriveError, InvalidArgument
 from .malloc import keep_transfer_buffers
 from .progress import ProgressBar
-from .transfer import local_files
 from .uri import normalize_path
 
 
@@ -60,25 +59,24 @@ def run(args: argparse.Namespace) -> Any:
     """Runs one subcommand; returns what --json prints (the plain output is printed here)."""
     if args.command == "ls":
         drive_uri, path = split_uri(args.location, folder=True)
-        entries = list(_drive(drive_uri, args)._list(path or ".", args.only, recursive=False))
+        entries = list(_drive(drive_uri, args).entries(path or ".", args.only))
         if not args.json:
             print("\n".join(e.path for e in entries))
-        return [_stat_fields(FileStat.from_info(e)) for e in entries]
+        return [_stat_fields(e) for e in entries]
     if args.command == "put":
         drive_uri, path = split_uri(args.location, folder=False)
         local = Path(args.local)
         if not path or path.endswith("/"):
             path += local.resolve().name
-        files = local_files(local, normalize_path(path))
-        bar = _progress(args, f"put {args.local}", sum(f.stat().st_size for f, _ in files))
+        bar = _progress(args, f"put {args.local}", _local_size(local))
         try:
-            infos = _drive(drive_uri, args)._put_files(files, progress=bar)
+            stored = _drive(drive_uri, args).put(local, to=path, progress=bar)
         finally:
             if bar:
                 bar.close()
         if not args.json:
-            print(f"put {len(infos)} file(s), {sum(i.size for i in infos)} bytes, into {drive_uri}")
-        return [_stat_fields(FileStat.from_info(i)) for i in infos]
+            print(f"put {len(stored)} file(s), {sum(f.size for f in stored)} bytes, into {drive_uri}")
+        return [_stat_fields(f) for f in stored]
     if args.command == "get":
         drive_uri, path = split_uri(args.location, folder=False)
         remote = normalize_path(path)
@@ -88,7 +86,7 @@ def run(args: argparse.Namespace) -> Any:
         drive = _drive(drive_uri, args)
         bar = _progress(args, f"get {args.location}", 0)
         try:
-            got = drive._get_into(remote, target, args.only, args.timeout, args.overwrite, progress=bar)
+            got = drive.get(remote, args.only, args.timeout, args.overwrite, to=target, progress=bar)
         finally:
             if bar:
                 bar.close()
@@ -110,6 +108,13 @@ def run(args: argparse.Namespace) -> Any:
     if not args.json:
         print(f"indexed {result.objects} objects in {result.seconds:.2f} s")
     return result._asdict()
+
+
+def _local_size(local: Path) -> int:
+    """Bytes in a local file, or in the files of a local folder (0 when missing: the put says so)."""
+    if local.is_file():
+        return local.stat().st_size
+    return sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
 
 
 def _stat_fields(stat: FileStat) -> dict[str, Any]:

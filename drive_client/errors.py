@@ -93,6 +93,22 @@ class Unavailable(DriveError, ConnectionError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
+class EventsExpired(DriveError):
+    """A watch resumed after a sequence whose following events the daemon no longer keeps, or after a
+    sequence the drive never gave.
+
+    List the drive to learn its state, then watch from now (`after_sequence=0`).
+    """
+
+    status = grpc.StatusCode.OUT_OF_RANGE
+
+
+class NotADirectory(DriveError, NotADirectoryError):
+    """A local path that must be a folder is a file (e.g. a Drive's `root_folder`); found before any call."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+
 class Unimplemented(DriveError, NotImplementedError):
     """The daemon does not serve this call."""
 
@@ -104,7 +120,7 @@ _BY_STATUS: dict[grpc.StatusCode, type[DriveError]] = {
     for cls in (
         InvalidArgument, NotFound, AlreadyExists, PermissionDenied, Unauthenticated,
         AmbiguousPathError, StaleIndexError, WaitTimeout, DataLoss, ResourceExhausted,
-        Unavailable, Unimplemented,
+        Unavailable, Unimplemented, EventsExpired,
     )
 }
 

@@ -1,4 +1,4 @@
-"""fsspec filesystem for `lit://` drives: `fsspec.open("lit://drive_1/a.txt")`.
+"""fsspec filesystem for `lit://` drives: `fsspec.open("lit://drive_1/a.txt")`, blocking or asyncio.
 
 Registered through the `fsspec.specs` entry point as protocol `lit`, so
 fsspec, pandas, dask, pyarrow and anything else that takes a URL plus
@@ -9,6 +9,18 @@ fsspec, pandas, dask, pyarrow and anything else that takes a URL plus
     fs.put("t.csv", "drive_1/t.csv"); fs.ls("drive_1"); fs.cat_file("drive_1/t.csv", 0, 100)
     with fsspec.open("lit://drive_1/a.txt", "rb") as f: head = f.read(1 << 20)
     df = pd.read_csv("lit://drive_1/t.csv", storage_options={"endpoint": "127.0.0.1:50051"})
+
+asyncio code passes `asynchronous=True` and gets `AsyncDriveFileSystem`, an
+fsspec `AsyncFileSystem` on `AsyncDrive`, whose coroutine methods it awaits:
+
+    fs = fsspec.filesystem("lit", asynchronous=True, endpoint="127.0.0.1:50051")
+    await fs._pipe_file("drive_1/a.txt", b"hello"); await fs._ls("drive_1"); await fs._cat_file("drive_1/a.txt")
+    f = await fs.open_async("drive_1/a.txt", "rb"); head = await f.read(100); await f.close()
+
+`DriveFileSystem` (blocking, on `Drive`) and `AsyncDriveFileSystem` are two
+thin faces of one implementation: each operation is written once, as a
+generator of `Drive` calls (bench/WHY.md says why the blocking one is not
+fsspec's mirror of the async one: it must keep working in forked workers).
 
 URLs are `lit://DRIVE/path/in/drive`: the netloc is the drive name, and
 fsspec paths (what `ls`, `find` and `info` answer in `name`) are
@@ -21,6 +33,7 @@ fsspec paths (what `ls`, `find` and `info` answer in `name`) are
   all components, like `Drive.get` and `Drive.list`.
 - `allow_duplicates`: let writes store a path another component holds.
 - `token`: bearer token sent with every call.
+- `asynchronous`: `True` for `AsyncDriveFileSystem` (see above).
 
 Only `lit://` (managed) drives live here. `s3://` is fsspec's S3 protocol
 (s3fs), a different filesystem that talks to the bucket itself; the
@@ -44,9 +57,12 @@ Semantics:
   wrappers, `fsspec.open(...)` (an `OpenFile`) and libraries that call
   `close()` in a `finally` (pandas) still close, and so put, what was
   written before the error.
-  Inside `fs.transaction` files are put when the transaction ends. A path
-  another component holds is refused up front with `FileExistsError`
-  (unless `allow_duplicates`); the server checks again when it commits.
+  Inside `fs.transaction` files are put when the transaction ends. Opening
+  refuses up front only what the daemon cannot know: a path that is a
+  folder (`IsADirectoryError`), and for `"xb"` a path that exists
+  (`FileExistsError`). Ownership is the daemon's to decide when the file is
+  put: a path another component holds fails then with `FileExistsError`
+  (unless `allow_duplicates`), and the spool is removed.
   Append (`"ab"`) is not supported: files are replaced whole.
 - Folders are implicit (a path with files beneath it): `mkdir`/`makedirs`
   are no-ops and a folder disappears with its last file. A drive root always
@@ -73,27 +89,55 @@ read cache holds at most about two blocks of that one version of the file.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, Callable, Generator, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from fsspec.asyn import AbstractAsyncStreamedFile, AsyncFileSystem
 from fsspec.callbacks import DEFAULT_CALLBACK
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from fsspec.utils import isfilelike
 
+from .aio import AsyncDrive
 from .common import DEFAULT_ENDPOINT, FileStat
 from .drive import Drive
+from .effects import Done, advance
 from .errors import AmbiguousPathError, DataLoss, InvalidArgument, NotFound
-from .pb import drive_pb2 as pb
 from .uri import check_component, normalize_path, parse_drive
 
-__all__ = ["DriveFile", "DriveFileSystem"]
+__all__ = ["AsyncDriveFile", "AsyncDriveFileSystem", "DriveFile", "DriveFileSystem"]
+
+T = TypeVar("T")
+
+# An operation of the filesystem, written once for both faces. It yields what it asks for and is
+# sent the answer: a call of a Drive method (its result, or the coroutine AsyncDrive gives for
+# it: awaited), `Each` (every item of an iteration, handed to a function) or `Local` (blocking
+# work on local files). Errors come back as they are raised, at the `yield`.
+Steps = Generator[Any, Any, T]
+
+
+@dataclass(frozen=True)
+class Each:
+    """Hands every item of `items` (an iterator of a Drive, or async iterator of an AsyncDrive) to `each`."""
+
+    items: Iterable[Any] | AsyncIterable[Any]
+    each: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Local:
+    """Runs `work(*args)`, which may block on local files: inline, or in a worker thread for asyncio."""
+
+    work: Callable[..., Any]
+    args: tuple[Any, ...] = ()
 
 
 def _slice(start: int | None, end: int | None, size: int) -> tuple[int, int]:
@@ -109,11 +153,58 @@ def _slice(start: int | None, end: int | None, size: int) -> tuple[int, int]:
     return bound(start, 0), bound(end, size)
 
 
-class DriveFileSystem(AbstractFileSystem):
-    """fsspec filesystem over drived's `lit://` drives (see the module docstring)."""
+def _folder(name: str) -> dict[str, Any]:
+    """The description of a folder (or drive root) that no entry describes."""
+    return {"name": name, "size": 0, "type": "directory", "component": ""}
+
+
+def _join(name: str, sub: str) -> str:
+    return f"{name}/{sub}" if sub else name
+
+
+def _describe(name: str, stat: FileStat) -> dict[str, Any]:
+    """fsspec's description of an entry of drive `name`."""
+    out: dict[str, Any] = {
+        "name": _join(name, stat.path),
+        "size": 0 if stat.folder else stat.size,
+        "type": "directory" if stat.folder else "file",
+        "component": stat.component,
+    }
+    if not stat.folder:
+        out.update(modified=stat.modified, generation=stat.generation)
+        out.update((key, value) for key, value in (("sha256", stat.sha256), ("etag", stat.etag)) if value)
+    return out
+
+
+def _check_read(info: dict[str, Any], start: int, end: int, data: bytes) -> bytes:
+    """`data`, once it is all of [start, end) and, for the whole file, matches its sha256."""
+    if len(data) != end - start:
+        raise DataLoss(
+            f"lit://{info['name']}: got {len(data)} bytes of range [{start}, {end}); try again",
+            grpc.StatusCode.DATA_LOSS,
+        )
+    whole = start == 0 and end == info["size"]
+    if whole and info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise DataLoss(
+            f"lit://{info['name']}: bytes do not match the stored sha256; try again", grpc.StatusCode.DATA_LOSS
+        )
+    return data
+
+
+def _spool(folder: str | None, data: bytes) -> str:
+    """A local temporary file holding `data` (the caller removes it)."""
+    fd, path = tempfile.mkstemp(prefix=".lit-upload-", dir=folder)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+class _LitFileSystem:
+    """What both faces share: options, paths, and every operation as steps (see `Steps`)."""
 
     protocol = "lit"
     root_marker = ""
+    _twin: type[Drive] | type[AsyncDrive]
 
     def __init__(
         self,
@@ -129,8 +220,8 @@ class DriveFileSystem(AbstractFileSystem):
         self._component = check_component(component_name) if component_name else None
         self.allow_duplicates = allow_duplicates
         self._token = token
-        self.spool_dir = spool_dir  # where `open(mode="wb")` spools; None: the system temp dir
-        self._drives: dict[tuple[str, str, str], Drive] = {}
+        self.spool_dir = spool_dir  # where writes spool; None: the system temp dir
+        self._drives: dict[tuple[str, str, str], Drive | AsyncDrive] = {}
         self._drives_lock = threading.Lock()
 
     # -- paths and drives -----------------------------------------------------
@@ -168,82 +259,265 @@ class DriveFileSystem(AbstractFileSystem):
         parse_drive(f"lit://{name}")  # validates the name
         return name, normalize_path(rest, allow_root=True)
 
-    def _drive(self, name: str) -> Drive:
+    def _drive(self, name: str) -> Any:
+        """The Drive (or AsyncDrive) for drive `name`, made once per endpoint and component."""
         endpoint, component = self.endpoint, self.component_name
         key = (name, endpoint, component)
         with self._drives_lock:
             drive = self._drives.get(key)
             if drive is None:
-                drive = Drive(
+                drive = self._twin(
                     f"lit://{name}", allow_duplicates=self.allow_duplicates, component_name=component,
                     endpoint=endpoint, token=self._token,
                 )
                 self._drives[key] = drive
         return drive
 
-    @staticmethod
-    def _join(name: str, sub: str) -> str:
-        return f"{name}/{sub}" if sub else name
+    def _expand(self, path: str) -> Any:
+        """The paths a glob matches (fsspec's expansion, as this face runs it)."""
+        raise NotImplementedError
 
     # -- descriptions ---------------------------------------------------------
 
-    def _describe(self, name: str, stat: FileStat) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "name": self._join(name, stat.path),
-            "size": 0 if stat.folder else stat.size,
-            "type": "directory" if stat.folder else "file",
-            "component": stat.component,
-        }
-        if not stat.folder:
-            out.update(modified=stat.modified, generation=stat.generation)
-            out.update((key, value) for key, value in (("sha256", stat.sha256), ("etag", stat.etag)) if value)
-        return out
-
-    def _entry(self, name: str, entry: pb.FileInfo) -> dict[str, Any]:
-        return self._describe(name, FileStat.from_info(entry))
-
-    def _stat(self, drive: Drive, sub: str) -> FileStat:
-        """`Drive.stat`; a path several components hold resolves to this component's copy, if any."""
+    def _steps_stat(self, name: str, sub: str) -> Steps[FileStat]:
+        """`stat`; a path several components hold resolves to this component's copy, if any."""
+        drive = self._drive(name)
         try:
-            return drive.stat(sub)
+            return (yield drive.stat(sub))
         except AmbiguousPathError as err:
             try:
-                return drive.stat(sub, component_name=self.component_name)
+                return (yield drive.stat(sub, component_name=self.component_name))
             except NotFound:
                 raise err from None
 
-    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+    def _steps_info(self, path: str) -> Steps[dict[str, Any]]:
         name, sub = self._split(path)
         if not sub:
-            return {"name": name, "size": 0, "type": "directory", "component": ""}
-        return self._describe(name, self._stat(self._drive(name), sub))
+            return _folder(name)
+        return _describe(name, (yield from self._steps_stat(name, sub)))
 
-    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+    def _steps_ls(self, path: str, detail: bool) -> Steps[list[Any]]:
         name, sub = self._split(path)
-        entries = [self._entry(name, e) for e in self._drive(name)._list(sub, None, recursive=False)]
+        entries: list[dict[str, Any]] = []
+        yield Each(self._drive(name).entries(sub), lambda entry: entries.append(_describe(name, entry)))
         if not entries and sub:
             raise NotFound(f"lit://{name}/{sub} does not exist")
         return entries if detail else [e["name"] for e in entries]
 
-    def find(
-        self, path: str, maxdepth: int | None = None, withdirs: bool = False, detail: bool = False, **kwargs: Any
-    ) -> Any:
-        """Every file under `path` from one recursive listing (a walk when `maxdepth` is given)."""
-        if maxdepth is not None:
-            return super().find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail, **kwargs)
+    def _steps_find(self, path: str, withdirs: bool, detail: bool) -> Steps[Any]:
+        """Every file under `path` from one recursive listing (and the folders above them, `withdirs`)."""
         name, sub = self._split(path)
         out: dict[str, dict[str, Any]] = {}
-        top = self._join(name, sub)
-        for entry in self._drive(name)._list(sub, None, recursive=True):
-            info = self._entry(name, entry)
+        top = _join(name, sub)
+
+        def add(entry: FileStat) -> None:
+            info = _describe(name, entry)
             out[info["name"]] = info
             if withdirs and entry.path != sub:
                 parent = info["name"].rpartition("/")[0]
                 while len(parent) >= len(top) and parent not in out:
-                    out[parent] = {"name": parent, "size": 0, "type": "directory", "component": ""}
+                    out[parent] = _folder(parent)
                     parent = parent.rpartition("/")[0]
+
+        yield Each(self._drive(name).entries(sub, recursive=True), add)
         names = sorted(out)
         return {n: out[n] for n in names} if detail else names
+
+    # -- reading --------------------------------------------------------------
+
+    def _steps_file_info(self, path: str) -> Steps[dict[str, Any]]:
+        info = yield from self._steps_info(path)
+        if info["type"] != "file":
+            raise IsADirectoryError(f"lit://{info['name']} is a folder, not a file")
+        return info
+
+    def _chunks(self, info: dict[str, Any], start: int, length: int | None) -> Any:
+        """Bytes [start, start+length) of the file `info` describes, pinned to its owner and sha256."""
+        name, sub = self._split(info["name"])
+        return self._drive(name).read_range(
+            sub, start, length, component_name=info.get("component") or None, if_match=info.get("sha256", ""),
+        )
+
+    def _steps_read(self, info: dict[str, Any], start: int, end: int) -> Steps[bytes]:
+        if start >= end:
+            return b""
+        chunks: list[bytes] = []
+        yield Each(self._chunks(info, start, end - start), chunks.append)
+        return _check_read(info, start, end, b"".join(chunks))
+
+    def _steps_cat(self, path: str, start: int | None, end: int | None) -> Steps[bytes]:
+        info = yield from self._steps_file_info(path)
+        return (yield from self._steps_read(info, *_slice(start, end, info["size"])))
+
+    def _steps_get_file(self, rpath: str, lpath: Any, callback: Any, outfile: Any) -> Steps[None]:
+        """Downloads one file: verified and renamed into place (or streamed into a file object)."""
+        if outfile is None and isfilelike(lpath):
+            outfile = lpath
+        info = yield from self._steps_info(rpath)
+        if info["type"] == "directory":
+            if outfile is None:
+                os.makedirs(lpath, exist_ok=True)
+            return
+        callback.set_size(info["size"])
+        if outfile is not None:
+
+            def write(chunk: bytes) -> None:
+                outfile.write(chunk)
+                callback.relative_update(len(chunk))
+
+            yield Each(self._chunks(info, 0, None), write)
+            return
+        name, sub = self._split(info["name"])
+        yield self._drive(name).get(
+            sub, info.get("component") or None, overwrite=True, to=lpath, progress=callback.relative_update
+        )
+
+    # -- writing --------------------------------------------------------------
+
+    def _steps_put_local(self, local: str | os.PathLike[str], rpath: str, callback: Any = DEFAULT_CALLBACK
+                         ) -> Steps[None]:
+        name, sub = self._split(rpath)
+        if not sub:
+            raise IsADirectoryError(f"lit://{name} is a drive root: name a file in it")
+        yield self._drive(name).put(local, to=sub, progress=callback.relative_update)
+
+    def _steps_check_writable(self, path: str, exclusive: bool) -> Steps[None]:
+        """Fails early where the put would be wrong and the daemon cannot tell: a folder, or any file for "xb".
+
+        Who may write the path is the daemon's to decide when the file is put.
+        """
+        name, sub = self._split(path)
+        if not sub:
+            raise IsADirectoryError(f"lit://{name} is a drive root: name a file in it")
+        try:
+            stat = yield self._drive(name).stat(sub)
+        except NotFound:
+            return
+        except AmbiguousPathError:  # a file that several components hold
+            if exclusive:
+                raise FileExistsError(f"lit://{name}/{sub} exists") from None
+            return
+        if stat.folder:
+            raise IsADirectoryError(f"lit://{name}/{sub} is a folder")
+        if exclusive:
+            raise FileExistsError(f"lit://{name}/{sub} exists")
+
+    def _steps_opened(self, path: str, mode: str) -> Steps[dict[str, Any] | None]:
+        """What opening `path` in `mode` needs: the file's info to read it; nothing to write it, once it may be."""
+        if mode == "rb":
+            return (yield from self._steps_file_info(path))
+        if mode in ("wb", "xb"):
+            yield from self._steps_check_writable(path, exclusive=mode == "xb")
+            return None
+        raise NotImplementedError(
+            f"mode {mode!r} is not supported: files are replaced whole, never appended to; use 'rb', 'wb' or 'xb'"
+        )
+
+    def _steps_put_file(self, lpath: Any, rpath: str, callback: Any, mode: str) -> Steps[None]:
+        """Uploads one local file in one call; folders need no creating."""
+        if os.path.isdir(lpath):
+            return
+        if mode == "create":
+            yield from self._steps_check_writable(rpath, exclusive=True)
+        callback.set_size(os.path.getsize(lpath))
+        yield from self._steps_put_local(lpath, rpath, callback)
+
+    def _steps_pipe_file(self, path: str, value: bytes, mode: str) -> Steps[None]:
+        """Stores `value` as the whole file `path` (spooled to a local file, then put in one call)."""
+        yield from self._steps_check_writable(path, exclusive=mode == "create")
+        spooled = yield Local(_spool, (self.spool_dir, value))
+        try:
+            yield from self._steps_put_local(spooled, path)
+        finally:
+            os.unlink(spooled)
+
+    def _steps_cp_file(self, path1: str, path2: str) -> Steps[None]:
+        """Copies through a local temporary file (the daemon has no server-side copy)."""
+        with tempfile.TemporaryDirectory(prefix="lit-cp-", dir=self.spool_dir) as tmp:
+            local = Path(tmp, "file")
+            yield from self._steps_get_file(path1, str(local), DEFAULT_CALLBACK, None)
+            yield from self._steps_put_local(local, path2)
+
+    def _steps_rm_file(self, path: str) -> Steps[None]:
+        info = yield from self._steps_file_info(path)
+        name, sub = self._split(info["name"])
+        yield self._drive(name).delete(sub)
+
+    def _steps_rm(self, path: Any, recursive: bool, maxdepth: int | None) -> Steps[None]:
+        """Removes this component's files at `path` (a list, glob, file, or folder with `recursive`)."""
+        targets: list[str] = []
+        for p in path if isinstance(path, list) else [path]:
+            stripped = self._strip_protocol(p)
+            if any(c in stripped for c in "*?["):
+                targets += yield self._expand(stripped)
+            else:
+                targets.append(stripped)
+        for target in targets:
+            name, sub = self._split(target)
+            drive = self._drive(name)
+            if not recursive:
+                yield from self._steps_rm_file(target)
+            elif sub and maxdepth is None:
+                yield drive.delete(sub)
+            else:  # listed whole before deleting: deletes change the listing
+                entries: list[FileStat] = []
+                yield Each(drive.entries(sub, self.component_name, recursive=maxdepth is not None), entries.append)
+                prefix = sub + "/" if sub else ""
+                for entry in entries:  # without maxdepth, a drive root: each of this component's top-level entries
+                    if maxdepth is None or entry.path == sub or entry.path[len(prefix):].count("/") < maxdepth:
+                        yield drive.delete(entry.path)
+
+    def _steps_noop(self, path: str) -> Steps[None]:
+        """mkdir, makedirs, rmdir: folders are implicit (they come and go with their files); the path is checked."""
+        self._split(path)
+        yield from ()
+
+
+class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
+    """fsspec filesystem over drived's `lit://` drives, on `Drive` (see the module docstring).
+
+    `DriveFileSystem(asynchronous=True, ...)` (and so `fsspec.filesystem("lit", asynchronous=True)`)
+    gives an `AsyncDriveFileSystem`.
+    """
+
+    _twin = Drive
+
+    def __new__(cls, *args: Any, asynchronous: bool = False, **kwargs: Any) -> Any:
+        if asynchronous:
+            return AsyncDriveFileSystem(*args, asynchronous=True, **kwargs)
+        return super().__new__(cls)
+
+    def _run(self, steps: Steps[T]) -> T:
+        step = advance(steps)
+        while not isinstance(step, Done):
+            try:
+                answer = None
+                if isinstance(step, Each):
+                    for item in step.items:  # type: ignore[union-attr]
+                        step.each(item)
+                else:
+                    answer = step.work(*step.args) if isinstance(step, Local) else step  # called already
+            except BaseException as err:  # the steps decide: they may catch it
+                step = advance(steps, error=err)
+            else:
+                step = advance(steps, answer)
+        return step.value
+
+    def _expand(self, path: str) -> list[str]:
+        return self.expand_path(path)
+
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        return self._run(self._steps_info(path))
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        return self._run(self._steps_ls(path, detail))
+
+    def find(self, path: str, maxdepth: int | None = None, withdirs: bool = False, detail: bool = False,
+             **kwargs: Any) -> Any:
+        """Every file under `path` from one recursive listing (a walk when `maxdepth` is given)."""
+        if maxdepth is not None:
+            return super().find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail, **kwargs)
+        return self._run(self._steps_find(path, withdirs, detail))
 
     def ukey(self, path: str) -> str:
         info = self.info(path)
@@ -255,152 +529,34 @@ class DriveFileSystem(AbstractFileSystem):
             raise IsADirectoryError(f"{path!r} is a folder: folders have no modification time")
         return info["modified"]
 
-    # -- reading --------------------------------------------------------------
-
-    def _file_info(self, path: str) -> dict[str, Any]:
-        info = self.info(path)
-        if info["type"] != "file":
-            raise IsADirectoryError(f"lit://{info['name']} is a folder, not a file")
-        return info
-
-    def _chunks(self, info: dict[str, Any], start: int, length: int | None) -> Iterator[bytes]:
-        """Bytes [start, start+length) of the file `info` describes, pinned to its owner and sha256."""
-        name, sub = self._split(info["name"])
-        return self._drive(name).read_range(
-            sub, start, length, component_name=info.get("component") or None, if_match=info.get("sha256", ""),
-        )
-
-    def _read(self, info: dict[str, Any], start: int, end: int) -> bytes:
-        if start >= end:
-            return b""
-        data = b"".join(self._chunks(info, start, end - start))
-        if len(data) != end - start:
-            raise DataLoss(
-                f"lit://{info['name']}: got {len(data)} bytes of range [{start}, {end}); try again",
-                grpc.StatusCode.DATA_LOSS,
-            )
-        whole = start == 0 and end == info["size"]
-        if whole and info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise DataLoss(
-                    f"lit://{info['name']}: bytes do not match the stored sha256; try again",
-                    grpc.StatusCode.DATA_LOSS,
-                )
-        return data
-
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
-        info = self._file_info(path)
-        return self._read(info, *_slice(start, end, info["size"]))
+        return self._run(self._steps_cat(path, start, end))
 
-    def get_file(
-        self, rpath: str, lpath: Any, callback: Any = DEFAULT_CALLBACK, outfile: Any = None, **kwargs: Any
-    ) -> None:
-        """Downloads one file: verified and renamed into place (or streamed into a file object)."""
-        if outfile is None and isfilelike(lpath):
-            outfile = lpath
-        info = self.info(rpath)
-        if info["type"] == "directory":
-            if outfile is None:
-                os.makedirs(lpath, exist_ok=True)
-            return
-        callback.set_size(info["size"])
-        if outfile is not None:
-            for chunk in self._chunks(info, 0, None):
-                outfile.write(chunk)
-                callback.relative_update(len(chunk))
-            return
-        name, sub = self._split(info["name"])
-        self._drive(name)._get_into(
-            sub, Path(lpath), info.get("component") or None, None, True, progress=callback.relative_update
-        )
+    def get_file(self, rpath: str, lpath: Any, callback: Any = DEFAULT_CALLBACK, outfile: Any = None,
+                 **kwargs: Any) -> None:
+        self._run(self._steps_get_file(rpath, lpath, callback, outfile))
 
-    # -- writing --------------------------------------------------------------
-
-    def _put_local(self, local: str | os.PathLike[str], rpath: str, callback: Any = DEFAULT_CALLBACK) -> None:
-        name, sub = self._split(rpath)
-        if not sub:
-            raise IsADirectoryError(f"lit://{name} is a drive root: name a file in it")
-        self._drive(name)._put_files([(Path(local), sub)], progress=callback.relative_update)
-
-    def _check_writable(self, path: str, exclusive: bool = False) -> None:
-        """Fails early where the put on close would fail: a folder, or a path another component holds."""
-        name, sub = self._split(path)
-        if not sub:
-            raise IsADirectoryError(f"lit://{name} is a drive root: name a file in it")
-        if self.allow_duplicates and not exclusive:
-            return
-        try:
-            stat = self._drive(name).stat(sub)
-        except NotFound:
-            return
-        except AmbiguousPathError:
-            raise FileExistsError(f"lit://{name}/{sub} is held by several components") from None
-        if stat.folder:
-            raise IsADirectoryError(f"lit://{name}/{sub} is a folder")
-        if exclusive:
-            raise FileExistsError(f"lit://{name}/{sub} exists")
-        if stat.component != self.component_name:
-            raise FileExistsError(
-                f"lit://{name}/{sub} is held by component {stat.component!r}, not {self.component_name!r} "
-                "(pass allow_duplicates=True to store your own copy)"
-            )
-
-    def put_file(
-        self, lpath: Any, rpath: str, callback: Any = DEFAULT_CALLBACK, mode: str = "overwrite", **kwargs: Any
-    ) -> None:
-        """Uploads one local file in one Put stream; folders need no creating."""
-        if os.path.isdir(lpath):
-            return
-        if mode == "create":
-            self._check_writable(rpath, exclusive=True)
-        callback.set_size(os.path.getsize(lpath))
-        self._put_local(lpath, rpath, callback)
+    def put_file(self, lpath: Any, rpath: str, callback: Any = DEFAULT_CALLBACK, mode: str = "overwrite",
+                 **kwargs: Any) -> None:
+        self._run(self._steps_put_file(lpath, rpath, callback, mode))
 
     def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
-        """Copies through a local temporary file (the daemon has no server-side copy)."""
-        with tempfile.TemporaryDirectory(prefix="lit-cp-", dir=self.spool_dir) as tmp:
-            local = Path(tmp, "file")
-            self.get_file(path1, str(local))
-            self._put_local(local, path2)
+        self._run(self._steps_cp_file(path1, path2))
 
     def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
-        self._split(path)  # folders are implicit: nothing to create
+        self._run(self._steps_noop(path))
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
-        self._split(path)
+        self._run(self._steps_noop(path))
 
     def rmdir(self, path: str) -> None:
-        self._split(path)  # a folder goes away with its last file
+        self._run(self._steps_noop(path))
 
     def rm_file(self, path: str) -> None:
-        info = self._file_info(path)
-        name, sub = self._split(info["name"])
-        self._drive(name).delete(sub)
+        self._run(self._steps_rm_file(path))
 
     def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
-        """Removes this component's files at `path` (a list, glob, file, or folder with `recursive`)."""
-        paths = path if isinstance(path, list) else [path]
-        targets: list[str] = []
-        for p in paths:
-            stripped = self._strip_protocol(p)
-            if any(c in stripped for c in "*?["):
-                targets += self.expand_path(stripped)
-            else:
-                targets.append(stripped)
-        for target in targets:
-            name, sub = self._split(target)
-            drive = self._drive(name)
-            if not recursive:
-                self.rm_file(target)
-            elif maxdepth is not None:
-                prefix = sub + "/" if sub else ""
-                for entry in list(drive._list(sub, self.component_name, recursive=True)):
-                    if entry.path == sub or entry.path[len(prefix):].count("/") < maxdepth:
-                        drive.delete(entry.path)
-            elif sub:
-                drive.delete(sub)
-            else:  # a drive root: delete each of this component's top-level entries
-                for entry in list(drive._list("", self.component_name, recursive=False)):
-                    drive.delete(entry.path)
+        self._run(self._steps_rm(path, recursive, maxdepth))
 
     def _open(
         self,
@@ -411,17 +567,109 @@ class DriveFileSystem(AbstractFileSystem):
         cache_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> DriveFile:
-        if mode == "rb":
-            kwargs["details"] = self._file_info(path)
-        elif mode in ("wb", "xb"):
-            self._check_writable(path, exclusive=mode == "xb")
-        else:
-            raise NotImplementedError(
-                f"mode {mode!r} is not supported: files are replaced whole, never appended to; use 'rb', 'wb' or 'xb'"
-            )
         return DriveFile(
-            self, self._strip_protocol(path), mode, block_size, autocommit, cache_options=cache_options, **kwargs
+            self, self._strip_protocol(path), mode, block_size, autocommit, cache_options=cache_options,
+            details=self._run(self._steps_opened(path, mode)), **kwargs,
         )
+
+
+class AsyncDriveFileSystem(_LitFileSystem, AsyncFileSystem):
+    """fsspec filesystem over drived's `lit://` drives for asyncio code, on `AsyncDrive`.
+
+    `fsspec.filesystem("lit", asynchronous=True, ...)` makes one. Await its
+    coroutine methods (`_ls`, `_info`, `_cat_file`, `_put_file`, `_get_file`,
+    `_pipe_file`, `_rm`, ...) and `open_async`; the operations are
+    `DriveFileSystem`'s, driven on the event loop.
+    """
+
+    _twin = AsyncDrive
+
+    async def _run(self, steps: Steps[T]) -> T:
+        step = advance(steps)
+        while not isinstance(step, Done):
+            try:
+                answer = None
+                if isinstance(step, Each):
+                    async for item in step.items:  # type: ignore[union-attr]
+                        step.each(item)
+                else:
+                    answer = await (asyncio.to_thread(step.work, *step.args) if isinstance(step, Local) else step)
+            except BaseException as err:  # the steps decide: they may catch it
+                step = advance(steps, error=err)
+            else:
+                step = advance(steps, answer)
+        return step.value
+
+    def _expand(self, path: str) -> Any:
+        return self._expand_path(path)
+
+    async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        return await self._run(self._steps_info(path))
+
+    async def _ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        return await self._run(self._steps_ls(path, detail))
+
+    async def _find(self, path: str, maxdepth: int | None = None, withdirs: bool = False, detail: bool = False,
+                    **kwargs: Any) -> Any:
+        """Every file under `path` from one recursive listing (a walk when `maxdepth` is given)."""
+        if maxdepth is not None:
+            return await super()._find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail, **kwargs)
+        return await self._run(self._steps_find(path, withdirs, detail))
+
+    async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        return await self._run(self._steps_cat(path, start, end))
+
+    async def _get_file(self, rpath: str, lpath: Any, callback: Any = DEFAULT_CALLBACK, outfile: Any = None,
+                        **kwargs: Any) -> None:
+        await self._run(self._steps_get_file(rpath, lpath, callback, outfile))
+
+    async def _put_file(self, lpath: Any, rpath: str, callback: Any = DEFAULT_CALLBACK, mode: str = "overwrite",
+                        **kwargs: Any) -> None:
+        await self._run(self._steps_put_file(lpath, rpath, callback, mode))
+
+    async def _pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        await self._run(self._steps_pipe_file(path, value, mode))
+
+    async def _cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
+        await self._run(self._steps_cp_file(path1, path2))
+
+    async def _mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
+        await self._run(self._steps_noop(path))
+
+    async def _makedirs(self, path: str, exist_ok: bool = False) -> None:
+        await self._run(self._steps_noop(path))
+
+    async def _rm_file(self, path: str, **kwargs: Any) -> None:
+        await self._run(self._steps_rm_file(path))
+
+    async def _rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None, **kwargs: Any) -> None:
+        await self._run(self._steps_rm(path, recursive, maxdepth))
+
+    async def open_async(self, path: str, mode: str = "rb", **kwargs: Any) -> AsyncDriveFile:
+        """A file for asyncio code: `await f.read(n)` in "rb"; `await f.write(b)` in "wb"/"xb", put on `close()`."""
+        details = await self._run(self._steps_opened(path, mode))
+        # fsspec's async files write in "wb" only: "xb" is "wb" once nothing was found at the path
+        return AsyncDriveFile(self, self._strip_protocol(path), "wb" if mode == "xb" else mode, details=details,
+                              **kwargs)
+
+
+class _Spool:
+    """A local temporary file that holds what is written until it is put; removed by `discard()`."""
+
+    def __init__(self, folder: str | None) -> None:
+        fd, self.path = tempfile.mkstemp(prefix=".lit-upload-", dir=folder)
+        self._file: Any = os.fdopen(fd, "wb")
+
+    def write(self, data: Any) -> None:
+        self._file.write(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def discard(self) -> None:
+        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
 class DriveFile(AbstractBufferedFile):
@@ -442,8 +690,7 @@ class DriveFile(AbstractBufferedFile):
         details: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        self._spool: Any = None
-        self._spool_path: str | None = None
+        self._spool: _Spool | None = None
         if details is not None:
             self._details = details
             size = details["size"]
@@ -453,13 +700,13 @@ class DriveFile(AbstractBufferedFile):
         )
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        return self.fs._read(self.details, start, min(end, self.size))
+        return self.fs._run(self.fs._steps_read(self.details, start, min(end, self.size)))
 
     def _initiate_upload(self) -> None:
-        fd, self._spool_path = tempfile.mkstemp(prefix=".lit-upload-", dir=self.fs.spool_dir)
-        self._spool = os.fdopen(fd, "wb")
+        self._spool = _Spool(self.fs.spool_dir)
 
     def _upload_chunk(self, final: bool = False) -> bool:
+        assert self._spool is not None
         self._spool.write(self.buffer.getbuffer())
         if final:
             self._spool.close()
@@ -469,21 +716,18 @@ class DriveFile(AbstractBufferedFile):
 
     def commit(self) -> None:
         """Puts the spooled file (one atomic put), then removes the spool."""
-        if self._spool_path is None:
+        if self._spool is None:
             return
         try:
-            self.fs._put_local(self._spool_path, self.path)
+            self.fs._run(self.fs._steps_put_local(self._spool.path, self.path))
         finally:
             self.discard()
 
     def discard(self) -> None:
         """Drops the spooled bytes without putting them."""
         if self._spool is not None:
-            self._spool.close()
-        if self._spool_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._spool_path)
-        self._spool = self._spool_path = None
+            self._spool.discard()
+            self._spool = None
 
     def __exit__(self, exc_type: Any, *args: Any) -> None:
         if exc_type is not None and self.writable():
@@ -491,3 +735,40 @@ class DriveFile(AbstractBufferedFile):
             self.closed = True
             return
         self.close()
+
+
+class AsyncDriveFile(AbstractAsyncStreamedFile):
+    """A file of a `lit://` drive for asyncio code (`AsyncDriveFileSystem.open_async`): `DriveFile`, awaited."""
+
+    fs: AsyncDriveFileSystem
+
+    def __init__(self, fs: AsyncDriveFileSystem, path: str, mode: str = "rb", details: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        self._spool: _Spool | None = None
+        self._details = details
+        super().__init__(fs, path, mode, size=details["size"] if details else None, **kwargs)
+
+    async def _fetch_range(self, start: int, end: int) -> bytes:
+        return await self.fs._run(self.fs._steps_read(self.details, start, min(end, self.size)))
+
+    async def _initiate_upload(self) -> None:
+        self._spool = _Spool(self.fs.spool_dir)
+
+    async def _upload_chunk(self, final: bool = False) -> bool:
+        assert self._spool is not None
+        await asyncio.to_thread(self._spool.write, self.buffer.getvalue())
+        if final:
+            try:
+                self._spool.close()
+                await self.fs._run(self.fs._steps_put_local(self._spool.path, self.path))
+            finally:
+                self._spool.discard()
+        return True
+
+    async def __aexit__(self, exc_type: Any, *args: Any) -> None:
+        if exc_type is not None and self.writable():
+            if self._spool is not None:
+                self._spool.discard()  # an exception inside `async with`: store nothing
+            self.closed = True
+            return
+        await self.close()

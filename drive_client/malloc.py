@@ -3,13 +3,10 @@
 Every chunk crossing a process is a buffer of about 1 MiB: gRPC's message,
 and the bytes read from or written to the file. With glibc's defaults,
 freed buffers go back to the system (heap trimming) and the next ones are
-mapped fresh, so every chunk costs 256 page faults and the zeroing of 1 MiB:
-in a 1 GiB get most of the daemon's system time (perf: `clear_page_erms`,
-`do_anonymous_page`, `unmap_page_range`), about 0.4 core-seconds. Keeping
-up to `TRIM_THRESHOLD` of freed memory per arena lets the next chunks reuse
-it; at most `ARENAS` arenas (glibc's default is 8 per core) bound what is
-kept: the daemon's peak RSS over 1 GiB put and gets was 96 MiB with the
-default number of arenas and 82 MiB with two.
+mapped fresh, so every chunk costs a page fault per page and the zeroing of
+the whole buffer (bench/WHY.md has the profiles). Keeping up to
+`TRIM_THRESHOLD` of freed memory per arena lets the next chunks reuse it;
+at most `ARENAS` arenas (glibc's default is 8 per core) bound what is kept.
 
 Only the daemon and the `drive` command apply this: a library must not
 change the allocator of the program that imports it.

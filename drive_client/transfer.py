@@ -119,6 +119,14 @@ def put_requests(
         yield pb.PutRequest(finish=pb.PutFinish(sha256=digest.hexdigest()))
 
 
+def small_file_request(header: pb.PutHeader, local: Path, remote: str) -> pb.PutFileRequest | None:
+    """A PutFile request carrying the whole of `local`, or None when it is bigger than `SMALL_FILE`."""
+    with open(local, "rb") as f:
+        if os.fstat(f.fileno()).st_size > SMALL_FILE:
+            return None
+        return put_file_request(header, remote, f.read())
+
+
 def put_file_request(header: pb.PutHeader, remote: str, data: bytes) -> pb.PutFileRequest:
     """A whole small file in one message (a PutFile request, or a `file` in a Put stream)."""
     request = pb.PutFileRequest(data=data, sha256=hashlib.sha256(data).hexdigest())
@@ -230,7 +238,6 @@ def receive_files(
     return written
 
 
-
 PARALLEL_MIN_SIZE = 64 << 20  # files at least this big are fetched over several streams
 RANGE_BLOCK = 16 << 20  # bytes per ranged read
 RANGE_STREAMS = 4
@@ -255,7 +262,7 @@ def fetch_in_ranges(
     errors: list[BaseException] = []
     changed = threading.Condition()
     # One write at a time: the kernel serialises writes to one file anyway, and its
-    # waiters spin (perf: 8 % of the client in rwsem_spin_on_owner); ours sleep.
+    # waiters spin where ours sleep (bench/WHY.md).
     writing = threading.Lock()
 
     def fetch_blocks() -> None:

@@ -16,7 +16,7 @@ drive) serves replicas. `ManagedDrives` never knows which one it has.
 Drives are named by their `lit://` name, paths as `drived.requests` made
 them. Every method may be called concurrently from many tasks. Failures are
 `drive_client.errors` types: `Unavailable` when the coordinator cannot be
-reached or is closed, `EventsGone` when a feed no longer holds what was
+reached or is closed, `EventsExpired` when a feed no longer holds what was
 asked for.
 """
 
@@ -28,25 +28,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal
 
-import grpc
-
-from drive_client.errors import DriveError
-
 from .entry import Entry
 
 EventKind = Literal["put", "delete"]
-
-
-class EventsGone(DriveError):
-    """The events after a resume point are no longer kept."""
-
-    status = grpc.StatusCode.OUT_OF_RANGE
-
-
-class SequenceNotGiven(DriveError):
-    """A resume point after the drive's latest event: no event had that number, so none can follow it."""
-
-    status = grpc.StatusCode.OUT_OF_RANGE
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +73,7 @@ class Coordinator(abc.ABC):
         the publishes, and are never given twice: not after a restart of the
         daemon, nor after the coordinator lost its data (a shared
         implementation starts from the clock, as the in-process one does), so
-        a resume from before such a loss is refused with EventsGone instead
+        a resume from before such a loss is refused with EventsExpired instead
         of being answered with other events. A put publishes inside its
         path's claim, so the feed orders the puts of one path as they
         committed. Every `wait` on the drive returns. The feed keeps a
@@ -110,7 +94,7 @@ class Coordinator(abc.ABC):
     async def since(self, drive: str, after: int) -> list[Event]:
         """The drive's kept events after sequence `after`, oldest first; [] when there are none yet.
 
-        Raises EventsGone when some events after `after` are no longer kept
+        Raises EventsExpired when some events after `after` are no longer kept
         (dropped to stay within the bounds, lost with the coordinator's data,
         or numbered before this feed began), because the caller cannot learn
         what it missed. May answer with only the first of many events; the
@@ -134,7 +118,7 @@ class Coordinator(abc.ABC):
     async def follow(self, drive: str, after: int) -> AsyncIterator[Event]:
         """Every event of the drive after sequence `after`, in order, as they are published; never ends.
 
-        Raises EventsGone and Unavailable as `since` and `wait` do. Written
+        Raises EventsExpired and Unavailable as `since` and `wait` do. Written
         on `since` and `wait`; an implementation may override it with one
         that reads and waits in one call.
         """

@@ -110,9 +110,9 @@ class Drives(Protocol):
     async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event]]:
         """Where a watch starts (the sequence after which it reports), and its events from there on,
         filtered by the watch's folder and component; the events never end. InvalidArgument for a kind
-        without a change feed; SequenceNotGiven when the start is after the drive's latest event; the
-        events raise EventsGone when the start is no longer kept, and Unavailable when the daemon shuts
-        down."""
+        without a change feed; EventsExpired when the start is after the drive's latest event (a sequence
+        it never gave); the events raise EventsExpired when the start is no longer kept, and Unavailable
+        when the daemon shuts down."""
         ...
 
 

@@ -23,9 +23,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from drive_client.errors import Unavailable
+from drive_client.errors import EventsExpired, Unavailable
 
-from .coordinator import Coordinator, Event, EventKind, EventsGone
+from .coordinator import Coordinator, Event, EventKind
 from .entry import Entry
 
 
@@ -94,10 +94,10 @@ class EventLog:
         return self._last
 
     def since(self, drive: str, after: int) -> list[Event]:
-        """The drive's events after sequence `after`; EventsGone when some of them were dropped."""
+        """The drive's events after sequence `after`; EventsExpired when some of them were dropped."""
         state = self._drive(drive)
         if after < state.dropped:
-            raise EventsGone(
+            raise EventsExpired(
                 f"events of lit://{drive} after sequence {after} are no longer kept "
                 "(the daemon restarted, or more than the retained number happened): list the drive, then watch from now"
             )

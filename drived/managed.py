@@ -21,6 +21,7 @@ from contextlib import AbstractAsyncContextManager
 from drive_client.errors import (
     AlreadyExists,
     AmbiguousPathError,
+    EventsExpired,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -29,7 +30,7 @@ from drive_client.errors import (
 )
 
 from .backends.base import Backend, ObjectInfo, Upload
-from .coordinator import Coordinator, Event, SequenceNotGiven
+from .coordinator import Coordinator, Event
 from .drives import FileStream
 from .entry import Entry
 from .paths import component_key, object_key, relative_path
@@ -369,7 +370,7 @@ class ManagedDrives:
         last = await self.coordinator.last(watch.drive.name)
         if watch.after_sequence > last:
             # `last` is at least every sequence the drive gave: nothing would ever follow this point.
-            raise SequenceNotGiven(
+            raise EventsExpired(
                 f"{watch.drive.uri} has no event {watch.after_sequence}: its latest is {last}. Resume from a "
                 "sequence this drive's watch reported, or list the drive, then watch from now (after_sequence 0)"
             )

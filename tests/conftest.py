@@ -5,6 +5,8 @@
   for SIGTERM tests or with an S3 environment; the fixture stops its daemons at teardown.
 - `drive_uri`: a `lit://t_<test name>_<random>` URI unique to the test.
 - `stub`: a DriveService stub on a real channel to the session daemon.
+- `twin`: makes a `Drive`, or an `AsyncDrive` run on a private event loop: tests that take it run
+  against both twins of the client.
 - helpers: `raw_put`, `raw_get`, `snapshot` (a byte-for-byte picture of a folder).
 """
 
@@ -14,6 +16,8 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
+import inspect
 import os
 import pathlib
 import re
@@ -25,7 +29,8 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -43,8 +48,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
 )
 
-from bench.services import free_port  # noqa: E402, I001  (a TCP port on 127.0.0.1 nothing listens on)
+from bench.services import free_port  # noqa: E402  (a TCP port on 127.0.0.1 nothing listens on)
+from drive_client import AsyncDrive, Drive  # noqa: E402
 from drive_client.pb import drive_pb2, drive_pb2_grpc  # noqa: E402
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------
@@ -61,6 +69,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         integration = item.get_closest_marker("integration") or not SERVICE_FIXTURES.isdisjoint(item.fixturenames)
         item.add_marker(pytest.mark.integration if integration else pytest.mark.unit)
+
+
+# The `ml` tests run when their packages are installed, and are skipped with one plain reason when not.
+ML_MISSING = [name for name in ("torch", "lightning", "pyarrow") if importlib.util.find_spec(name) is None]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Skipped here, at one place, the summary gives all of them one line.
+    if ML_MISSING and item.get_closest_marker("ml"):
+        pytest.skip(f"ml packages not installed ({', '.join(ML_MISSING)}): run `make test-ml`, "
+                    "or pip install torch==2.13.0 and then '.[ml]'")
 
 
 # ---------------------------------------------------------------------------
@@ -539,3 +558,104 @@ def rss_mib(pid: int) -> float:
 def open_fds(pid: int) -> int:
     """How many file descriptors process `pid` has open."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# ---------------------------------------------------------------------------
+# Both twins of the client
+# ---------------------------------------------------------------------------
+
+
+class LoopThread:
+    """An event loop running in a thread of its own, for driving AsyncDrive from blocking test code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="test-async-twin").start()
+
+    def run(self, awaitable: Awaitable[T]) -> T:
+        async def wait() -> T:
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(wait(), self.loop).result()
+
+    def iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
+        end = object()
+
+        async def step() -> object:
+            try:
+                return await anext(items)
+            except StopAsyncIteration:
+                return end
+
+        try:
+            while (item := self.run(step())) is not end:
+                yield item  # type: ignore[misc]
+        finally:
+            self.run(items.aclose())  # type: ignore[attr-defined]
+
+
+_loop_thread: LoopThread | None = None
+
+
+def loop_thread() -> LoopThread:
+    """The one loop every AsyncDrive of the tests runs on (started on first use)."""
+    global _loop_thread
+    if _loop_thread is None:
+        _loop_thread = LoopThread()
+    return _loop_thread
+
+
+class BlockingAsyncDrive:
+    """An AsyncDrive with Drive's blocking face: each coroutine is run to its end on `loop_thread()`,
+    and each async iterator is read from there, so one test body checks both twins."""
+
+    def __init__(self, drive: AsyncDrive) -> None:
+        self.drive = drive
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.drive, name)
+        if not callable(value):
+            return value
+
+        def blocking(*args: Any, **kwargs: Any) -> Any:
+            result = value(*args, **kwargs)
+            if inspect.iscoroutine(result):
+                return loop_thread().run(result)
+            if hasattr(result, "__anext__"):
+                return loop_thread().iterate(result)
+            return result
+
+        return blocking
+
+    def __str__(self) -> str:
+        return str(self.drive)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickling and copying go to the AsyncDrive inside
+        return BlockingAsyncDrive, (self.drive,)
+
+
+TWINS: dict[str, Callable[..., Any]] = {
+    "Drive": Drive,
+    "AsyncDrive": lambda *args, **kwargs: BlockingAsyncDrive(AsyncDrive(*args, **kwargs)),
+}
+
+
+@pytest.fixture(params=sorted(TWINS))
+def twin(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """Makes a drive of the twin under test, with Drive's arguments: a Drive, or an AsyncDrive run to completion
+    on a private event loop (`BlockingAsyncDrive`). A test that takes it runs once with each."""
+    return TWINS[request.param]
+
+
+
+def current_sequence(endpoint: str, drive_uri: str) -> int:
+    """The drive's latest event sequence: what a Watch's first message (KIND_WATCHING) says.
+
+    A watch resumed after it replays every later event, however late it opens.
+    """
+    with grpc.insecure_channel(endpoint) as channel:
+        stream = drive_pb2_grpc.DriveServiceStub(channel).Watch(drive_pb2.WatchRequest(drive=drive_uri))
+        first = next(stream)
+        stream.cancel()
+    assert first.kind == drive_pb2.WatchEvent.KIND_WATCHING
+    return first.sequence

@@ -1,10 +1,12 @@
 """The Python API's semantics: ownership, listing, folders, waits, overwrite, root_folder,
-pickling and stat, against the session daemon."""
+pickling and stat, against the session daemon; every test runs against both twins
+(`Drive`, and `AsyncDrive` on a private event loop: the `twin` fixture)."""
 
 from __future__ import annotations
 
 import copy
 import datetime
+import errno
 import multiprocessing
 import os
 import pathlib
@@ -13,16 +15,22 @@ import time
 
 import grpc
 import pytest
-from conftest import sha256_hex
+from conftest import Background, sha256_hex
 
-from drive_client import Drive, DriveError
+from drive_client import AmbiguousPathError, Drive, DriveError, FileStat, StaleIndexError
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def make(uri: str, daemon, root: pathlib.Path | None, component: str | None = None, **kw) -> Drive:
-    return Drive(uri, component_name=component, root_folder=None if root is None else str(root),
-                 endpoint=daemon.endpoint, **kw)
+@pytest.fixture
+def make(twin, daemon):
+    """`make(uri, root, component=None, **kw)`: a drive of the twin under test on the session daemon."""
+
+    def make(uri: str, root: pathlib.Path | None, component: str | None = None, **kw):
+        return twin(uri, component_name=component, root_folder=None if root is None else str(root),
+                    endpoint=daemon.endpoint, **kw)
+
+    return make
 
 
 def write(path: pathlib.Path, data: bytes | str) -> pathlib.Path:
@@ -33,36 +41,35 @@ def write(path: pathlib.Path, data: bytes | str) -> pathlib.Path:
     return path
 
 
-def put_later(uri: str, endpoint: str, root: str, path: str, delay: float) -> None:
-    """Runs in another OS process (spawn): waits, then puts `path` from `root`."""
-    time.sleep(delay)
+def put_from_another_process(uri: str, endpoint: str, root: str, path: str) -> None:
+    """Runs in another OS process (spawn): puts `path` from `root`."""
     Drive(uri, component_name="late_writer", root_folder=root, endpoint=endpoint).put(path)
 
 
 # --- ownership ------------------------------------------------------------------------------
 
 
-def test_duplicates_refused_across_components(daemon, tmp_path, drive_uri):
+def test_duplicates_refused_across_components(make, tmp_path, drive_uri):
     write(tmp_path / "a.txt", "from a")
-    make(drive_uri, daemon, tmp_path, "work_a").put("a.txt")
+    make(drive_uri, tmp_path, "work_a").put("a.txt")
     write(tmp_path / "a.txt", "from b")
     with pytest.raises(FileExistsError):
-        make(drive_uri, daemon, tmp_path, "work_b").put("a.txt")
+        make(drive_uri, tmp_path, "work_b").put("a.txt")
     out = tmp_path / "out"
     out.mkdir()
-    got = make(drive_uri, daemon, out, "reader").get("a.txt")
+    got = make(drive_uri, out, "reader").get("a.txt")
     assert got.read_bytes() == b"from a"
-    assert make(drive_uri, daemon, out).list(".", component_name="work_b") == []
+    assert make(drive_uri, out).list(".", component_name="work_b") == []
 
 
-def test_duplicates_allowed_with_allow_duplicates(daemon, tmp_path, drive_uri):
+def test_duplicates_allowed_with_allow_duplicates(make, tmp_path, drive_uri):
     write(tmp_path / "a.txt", "from a")
-    make(drive_uri, daemon, tmp_path, "work_a").put("a.txt")
+    make(drive_uri, tmp_path, "work_a").put("a.txt")
     write(tmp_path / "a.txt", "from b")
-    make(drive_uri, daemon, tmp_path, "work_b", allow_duplicates=True).put("a.txt")
+    make(drive_uri, tmp_path, "work_b", allow_duplicates=True).put("a.txt")
     out = tmp_path / "out"
     out.mkdir()
-    r = make(drive_uri, daemon, out, "reader")
+    r = make(drive_uri, out, "reader")
     assert r.list(".") == ["a.txt"], "de-duplicated across components"
     assert r.list(".", component_name="work_a") == ["a.txt"]
     assert r.list(".", component_name="work_b") == ["a.txt"]
@@ -70,8 +77,8 @@ def test_duplicates_allowed_with_allow_duplicates(daemon, tmp_path, drive_uri):
     assert r.get("a.txt", component_name="work_b", overwrite=True).read_bytes() == b"from b"
 
 
-def test_component_replaces_its_own_file(daemon, tmp_path, drive_uri):
-    d = make(drive_uri, daemon, tmp_path, "work_a")
+def test_component_replaces_its_own_file(make, tmp_path, drive_uri):
+    d = make(drive_uri, tmp_path, "work_a")
     write(tmp_path / "a.txt", "v1")
     d.put("a.txt")
     gen1 = d.stat("a.txt").generation
@@ -82,13 +89,13 @@ def test_component_replaces_its_own_file(daemon, tmp_path, drive_uri):
     assert st.generation != gen1, "generation changes with every commit"
     out = tmp_path / "out"
     out.mkdir()
-    assert make(drive_uri, daemon, out).get("a.txt").read_bytes() == b"version 2"
+    assert make(drive_uri, out).get("a.txt").read_bytes() == b"version 2"
 
 
-def test_delete_only_own_files(daemon, tmp_path, drive_uri):
+def test_delete_only_own_files(make, tmp_path, drive_uri):
     write(tmp_path / "a.txt", "a")
-    a = make(drive_uri, daemon, tmp_path, "work_a")
-    b = make(drive_uri, daemon, tmp_path, "work_b")
+    a = make(drive_uri, tmp_path, "work_a")
+    b = make(drive_uri, tmp_path, "work_b")
     a.put("a.txt")
     with pytest.raises(FileNotFoundError):
         b.delete("a.txt")
@@ -100,11 +107,11 @@ def test_delete_only_own_files(daemon, tmp_path, drive_uri):
         a.stat("a.txt")
 
 
-def test_delete_folder(daemon, tmp_path, drive_uri):
+def test_delete_folder(make, tmp_path, drive_uri):
     write(tmp_path / "ck" / "x.pt", "x")
     write(tmp_path / "ck" / "sub" / "y.pt", "y")
     write(tmp_path / "keep.txt", "k")
-    d = make(drive_uri, daemon, tmp_path, "work_a")
+    d = make(drive_uri, tmp_path, "work_a")
     d.put("ck")
     d.put("keep.txt")
     d.delete("ck")
@@ -112,10 +119,10 @@ def test_delete_folder(daemon, tmp_path, drive_uri):
     assert d.list("ck") == []
 
 
-def test_delete_leaves_other_components_copy(daemon, tmp_path, drive_uri):
+def test_delete_leaves_other_components_copy(make, tmp_path, drive_uri):
     write(tmp_path / "s.txt", "shared")
-    a = make(drive_uri, daemon, tmp_path, "work_a", allow_duplicates=True)
-    b = make(drive_uri, daemon, tmp_path, "work_b", allow_duplicates=True)
+    a = make(drive_uri, tmp_path, "work_a", allow_duplicates=True)
+    b = make(drive_uri, tmp_path, "work_b", allow_duplicates=True)
     a.put("s.txt")
     b.put("s.txt")
     a.delete("s.txt")
@@ -124,34 +131,32 @@ def test_delete_leaves_other_components_copy(daemon, tmp_path, drive_uri):
     assert a.stat("s.txt").component == "work_b"
 
 
-def test_ambiguity_names_both_components(daemon, tmp_path, drive_uri):
-    from drive_client import AmbiguousPathError
-
+def test_ambiguity_names_both_components(make, tmp_path, drive_uri):
     write(tmp_path / "m.txt", "m")
-    make(drive_uri, daemon, tmp_path, "first_worker", allow_duplicates=True).put("m.txt")
-    make(drive_uri, daemon, tmp_path, "second_worker", allow_duplicates=True).put("m.txt")
+    make(drive_uri, tmp_path, "first_worker", allow_duplicates=True).put("m.txt")
+    make(drive_uri, tmp_path, "second_worker", allow_duplicates=True).put("m.txt")
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(AmbiguousPathError, match="first_worker") as exc:
-        make(drive_uri, daemon, out).get("m.txt")
+        make(drive_uri, out).get("m.txt")
     assert "second_worker" in str(exc.value)
 
 
-def test_default_component_from_env(daemon, tmp_path, drive_uri, monkeypatch):
+def test_default_component_from_env(make, tmp_path, drive_uri, monkeypatch):
     write(tmp_path / "e.txt", "e")
     monkeypatch.setenv("DRIVE_COMPONENT", "env_comp")
-    make(drive_uri, daemon, tmp_path).put("e.txt")
+    make(drive_uri, tmp_path).put("e.txt")
     monkeypatch.delenv("DRIVE_COMPONENT")
-    assert make(drive_uri, daemon, tmp_path).stat("e.txt").component == "env_comp"
+    assert make(drive_uri, tmp_path).stat("e.txt").component == "env_comp"
     write(tmp_path / "f.txt", "f")
-    make(drive_uri, daemon, tmp_path).put("f.txt")
-    assert make(drive_uri, daemon, tmp_path).stat("f.txt").component == "default"
+    make(drive_uri, tmp_path).put("f.txt")
+    assert make(drive_uri, tmp_path).stat("f.txt").component == "default"
 
 
-def test_endpoint_from_env(daemon, tmp_path, drive_uri, monkeypatch):
+def test_endpoint_from_env(twin, daemon, tmp_path, drive_uri, monkeypatch):
     monkeypatch.setenv("DRIVE_ENDPOINT", daemon.endpoint)
     write(tmp_path / "e.txt", "e")
-    d = Drive(drive_uri, root_folder=str(tmp_path))
+    d = twin(drive_uri, root_folder=str(tmp_path))
     d.put("e.txt")
     assert d.list(".") == ["e.txt"]
 
@@ -159,14 +164,14 @@ def test_endpoint_from_env(daemon, tmp_path, drive_uri, monkeypatch):
 # --- listing --------------------------------------------------------------------------------
 
 
-def test_list_one_component_or_all(daemon, tmp_path, drive_uri):
+def test_list_one_component_or_all(make, tmp_path, drive_uri):
     write(tmp_path / "b.txt", "b")
     write(tmp_path / "a.txt", "a")
     write(tmp_path / "c" / "deep" / "f.txt", "f")
-    make(drive_uri, daemon, tmp_path, "work_b").put("b.txt")
-    make(drive_uri, daemon, tmp_path, "work_a").put("a.txt")
-    make(drive_uri, daemon, tmp_path, "work_a").put("c/deep/f.txt")
-    r = make(drive_uri, daemon, tmp_path, "reader")
+    make(drive_uri, tmp_path, "work_b").put("b.txt")
+    make(drive_uri, tmp_path, "work_a").put("a.txt")
+    make(drive_uri, tmp_path, "work_a").put("c/deep/f.txt")
+    r = make(drive_uri, tmp_path, "reader")
     assert r.list(".") == ["a.txt", "b.txt", "c"]
     assert r.list("") == ["a.txt", "b.txt", "c"]
     assert r.list() == ["a.txt", "b.txt", "c"]
@@ -178,21 +183,21 @@ def test_list_one_component_or_all(daemon, tmp_path, drive_uri):
     assert r.list("c/deep/") == ["c/deep/f.txt"]
 
 
-def test_list_nested_put_and_shared_folder_deduplicated(daemon, tmp_path, drive_uri):
+def test_list_nested_put_and_shared_folder_deduplicated(make, tmp_path, drive_uri):
     write(tmp_path / "checkpoints" / "x.pt", "x")
     write(tmp_path / "checkpoints" / "y.pt", "y")
-    make(drive_uri, daemon, tmp_path, "work_a").put("checkpoints/x.pt")
-    assert make(drive_uri, daemon, tmp_path).list(".") == ["checkpoints"]
-    assert make(drive_uri, daemon, tmp_path).list("checkpoints") == ["checkpoints/x.pt"]
-    make(drive_uri, daemon, tmp_path, "work_b").put("checkpoints/y.pt")
-    r = make(drive_uri, daemon, tmp_path)
+    make(drive_uri, tmp_path, "work_a").put("checkpoints/x.pt")
+    assert make(drive_uri, tmp_path).list(".") == ["checkpoints"]
+    assert make(drive_uri, tmp_path).list("checkpoints") == ["checkpoints/x.pt"]
+    make(drive_uri, tmp_path, "work_b").put("checkpoints/y.pt")
+    r = make(drive_uri, tmp_path)
     assert r.list(".") == ["checkpoints"], "a folder held by two components is listed once"
     assert r.list("checkpoints") == ["checkpoints/x.pt", "checkpoints/y.pt"]
     assert r.list("checkpoints", component_name="work_b") == ["checkpoints/y.pt"]
 
 
-def test_list_missing_path_is_empty(daemon, tmp_path, drive_uri):
-    d = make(drive_uri, daemon, tmp_path)
+def test_list_missing_path_is_empty(make, tmp_path, drive_uri):
+    d = make(drive_uri, tmp_path)
     assert d.list(".") == []
     assert d.list("no/such/folder") == []
     write(tmp_path / "a.txt", "a")
@@ -200,9 +205,9 @@ def test_list_missing_path_is_empty(daemon, tmp_path, drive_uri):
     assert d.list("nothing_here") == []
 
 
-def test_list_is_sorted(daemon, tmp_path, drive_uri):
+def test_list_is_sorted(make, tmp_path, drive_uri):
     names = ["zeta.txt", "Alpha.txt", "beta.txt", "10.txt", "2.txt", "_u.txt"]
-    d = make(drive_uri, daemon, tmp_path)
+    d = make(drive_uri, tmp_path)
     for n in names:
         write(tmp_path / n, n)
         d.put(n)
@@ -212,7 +217,7 @@ def test_list_is_sorted(daemon, tmp_path, drive_uri):
 # --- folders in and out ----------------------------------------------------------------------
 
 
-def test_put_folder_and_get_folder(daemon, tmp_path, drive_uri):
+def test_put_folder_and_get_folder(make, tmp_path, drive_uri):
     src = tmp_path / "src"
     tree = {
         "checkpoints/step_1/model.pt": b"m1" * 1000,
@@ -222,8 +227,8 @@ def test_put_folder_and_get_folder(daemon, tmp_path, drive_uri):
     }
     for rel, data in tree.items():
         write(src / rel, data)
-    make(drive_uri, daemon, src, "work_a").put("checkpoints")
-    r = make(drive_uri, daemon, tmp_path)
+    make(drive_uri, src, "work_a").put("checkpoints")
+    r = make(drive_uri, tmp_path)
     assert r.list(".") == ["checkpoints"]
     assert r.list("checkpoints") == [
         "checkpoints/empty.bin", "checkpoints/log.txt", "checkpoints/step_1", "checkpoints/step_2",
@@ -233,7 +238,7 @@ def test_put_folder_and_get_folder(daemon, tmp_path, drive_uri):
 
     dst = tmp_path / "dst"
     dst.mkdir()
-    got = make(drive_uri, daemon, dst, "reader").get("checkpoints")
+    got = make(drive_uri, dst, "reader").get("checkpoints")
     assert pathlib.Path(got) == dst / "checkpoints"
     for rel, data in tree.items():
         assert (dst / rel).read_bytes() == data, rel
@@ -241,22 +246,22 @@ def test_put_folder_and_get_folder(daemon, tmp_path, drive_uri):
     assert found == sorted(tree), "get of a folder recreates exactly its tree"
 
 
-def test_put_folder_with_trailing_slash(daemon, tmp_path, drive_uri):
+def test_put_folder_with_trailing_slash(make, tmp_path, drive_uri):
     write(tmp_path / "data" / "a.txt", "a")
     write(tmp_path / "data" / "b" / "c.txt", "c")
-    d = make(drive_uri, daemon, tmp_path, "work_a")
+    d = make(drive_uri, tmp_path, "work_a")
     d.put("data/")
     assert d.list("data") == ["data/a.txt", "data/b"]
     assert d.list("data/b") == ["data/b/c.txt"]
 
 
-def test_get_subfolder(daemon, tmp_path, drive_uri):
+def test_get_subfolder(make, tmp_path, drive_uri):
     write(tmp_path / "src" / "top" / "sub" / "f.txt", "f")
     write(tmp_path / "src" / "top" / "g.txt", "g")
-    make(drive_uri, daemon, tmp_path / "src").put("top")
+    make(drive_uri, tmp_path / "src").put("top")
     dst = tmp_path / "dst"
     dst.mkdir()
-    make(drive_uri, daemon, dst).get("top/sub")
+    make(drive_uri, dst).get("top/sub")
     assert (dst / "top" / "sub" / "f.txt").read_bytes() == b"f"
     assert not (dst / "top" / "g.txt").exists()
 
@@ -264,63 +269,64 @@ def test_get_subfolder(daemon, tmp_path, drive_uri):
 # --- get: returns, waits, overwrite ---------------------------------------------------------
 
 
-def test_get_returns_local_path(daemon, tmp_path, drive_uri):
+def test_get_returns_local_path(make, tmp_path, drive_uri):
     write(tmp_path / "src" / "d" / "a.txt", "hello")
-    make(drive_uri, daemon, tmp_path / "src").put("d/a.txt")
+    make(drive_uri, tmp_path / "src").put("d/a.txt")
     dst = tmp_path / "dst"
     dst.mkdir()
-    got = make(drive_uri, daemon, dst).get("d/a.txt")
+    got = make(drive_uri, dst).get("d/a.txt")
     assert isinstance(got, pathlib.Path)
     assert got == dst / "d" / "a.txt"
     assert got.read_bytes() == b"hello"
 
 
 @pytest.mark.timeout(90)
-def test_get_waits_for_put_from_another_process(daemon, tmp_path, drive_uri):
+def test_get_waits_for_put_from_another_process(twin, start_daemon, tmp_path, drive_uri):
+    handle = start_daemon(tmp_path)  # alone on it, the get is the one Get its metrics count
     src = tmp_path / "src"
     write(src / "late.txt", "worth the wait")
     dst = tmp_path / "dst"
     dst.mkdir()
-    reader = make(drive_uri, daemon, dst, "reader")
+    reader = twin(drive_uri, component_name="reader", root_folder=str(dst), endpoint=handle.endpoint)
     with pytest.raises(FileNotFoundError):
         reader.stat("late.txt")
-    ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=put_later, args=(drive_uri, daemon.endpoint, str(src), "late.txt", 1.5))
+    waiting = Background(lambda: reader.get("late.txt", timeout=60))
+    waiting.start()
+    handle.wait_open("Get", 1, timeout=30)
+    assert not (dst / "late.txt").exists()
+    proc = multiprocessing.get_context("spawn").Process(
+        target=put_from_another_process, args=(drive_uri, handle.endpoint, str(src), "late.txt")
+    )
     proc.start()
-    try:
-        t0 = time.monotonic()
-        got = reader.get("late.txt", timeout=60)
-        waited = time.monotonic() - t0
-    finally:
-        proc.join(60)
+    proc.join(60)
     assert proc.exitcode == 0
+    got = waiting.join_checked(60)
     assert got.read_bytes() == b"worth the wait"
-    assert waited < 45, "the get should return soon after the other process's put"
     assert reader.stat("late.txt").component == "late_writer"
 
 
-def test_get_times_out_quickly(daemon, tmp_path, drive_uri):
+def test_get_times_out_quickly(make, tmp_path, drive_uri):
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
-        make(drive_uri, daemon, tmp_path).get("never.txt", timeout=0.3)
+        make(drive_uri, tmp_path).get("never.txt", timeout=0.3)
     assert time.monotonic() - t0 < 10
     assert not (tmp_path / "never.txt").exists()
 
 
-def test_get_timeout_on_existing_file_returns_at_once(daemon, tmp_path, drive_uri):
+def test_get_timeout_on_existing_file_returns_at_once(make, tmp_path, drive_uri):
     write(tmp_path / "src" / "here.txt", "here")
-    make(drive_uri, daemon, tmp_path / "src").put("here.txt")
+    make(drive_uri, tmp_path / "src").put("here.txt")
     dst = tmp_path / "dst"
     dst.mkdir()
     t0 = time.monotonic()
-    got = make(drive_uri, daemon, dst).get("here.txt", timeout=60)
+    got = make(drive_uri, dst).get("here.txt", timeout=60)
     assert time.monotonic() - t0 < 10
     assert got.read_bytes() == b"here"
 
 
-def test_existing_target_fails_before_waiting(daemon, tmp_path, drive_uri):
+def test_existing_target_fails_before_waiting(make, tmp_path, drive_uri):
     write(tmp_path / "exists.txt", "local")
-    d = make(drive_uri, daemon, tmp_path)
+    d = make(drive_uri, tmp_path)
     t0 = time.monotonic()
     with pytest.raises(FileExistsError) as exc:
         d.get("exists.txt", timeout=30)  # not in the drive: would wait 30s if checked late
@@ -329,33 +335,33 @@ def test_existing_target_fails_before_waiting(daemon, tmp_path, drive_uri):
     assert (tmp_path / "exists.txt").read_bytes() == b"local"
 
 
-def test_overwrite_true_replaces(daemon, tmp_path, drive_uri):
+def test_overwrite_true_replaces(make, tmp_path, drive_uri):
     write(tmp_path / "src" / "f.txt", "remote version")
-    make(drive_uri, daemon, tmp_path / "src").put("f.txt")
+    make(drive_uri, tmp_path / "src").put("f.txt")
     write(tmp_path / "dst" / "f.txt", "local version that is longer than the remote one")
-    got = make(drive_uri, daemon, tmp_path / "dst").get("f.txt", overwrite=True)
+    got = make(drive_uri, tmp_path / "dst").get("f.txt", overwrite=True)
     assert got.read_bytes() == b"remote version"
     leftovers = sorted(p.name for p in (tmp_path / "dst").iterdir())
     assert leftovers == ["f.txt"], f"no temporary files left beside the target: {leftovers}"
 
 
-def test_overwrite_false_existing_target_untouched(daemon, tmp_path, drive_uri):
+def test_overwrite_false_existing_target_untouched(make, tmp_path, drive_uri):
     write(tmp_path / "src" / "f.txt", "remote")
-    make(drive_uri, daemon, tmp_path / "src").put("f.txt")
+    make(drive_uri, tmp_path / "src").put("f.txt")
     write(tmp_path / "dst" / "f.txt", "mine")
     with pytest.raises(FileExistsError):
-        make(drive_uri, daemon, tmp_path / "dst").get("f.txt")
+        make(drive_uri, tmp_path / "dst").get("f.txt")
     assert (tmp_path / "dst" / "f.txt").read_bytes() == b"mine"
 
 
 # --- root_folder ------------------------------------------------------------------------------
 
 
-def test_root_folder_resolved_per_call(daemon, tmp_path, drive_uri, monkeypatch):
+def test_root_folder_resolved_per_call(make, tmp_path, drive_uri, monkeypatch):
     one, two = tmp_path / "one", tmp_path / "two"
     write(one / "a.txt", "from one")
     two.mkdir()
-    d = make(drive_uri, daemon, None, "work_a")  # no root_folder: cwd at each call
+    d = make(drive_uri, None, "work_a")  # no root_folder: cwd at each call
     monkeypatch.chdir(one)
     d.put("a.txt")
     monkeypatch.chdir(two)
@@ -367,11 +373,11 @@ def test_root_folder_resolved_per_call(daemon, tmp_path, drive_uri, monkeypatch)
     assert d.list(".") == ["a.txt", "b.txt"]
 
 
-def test_explicit_root_folder_ignores_cwd(daemon, tmp_path, drive_uri, monkeypatch):
+def test_explicit_root_folder_ignores_cwd(make, tmp_path, drive_uri, monkeypatch):
     root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
     write(root / "a.txt", "in root")
     write(elsewhere / "a.txt", "elsewhere")
-    d = make(drive_uri, daemon, root)
+    d = make(drive_uri, root)
     monkeypatch.chdir(elsewhere)
     d.put("a.txt")
     (root / "a.txt").unlink()
@@ -384,14 +390,14 @@ def test_explicit_root_folder_ignores_cwd(daemon, tmp_path, drive_uri, monkeypat
 # --- the Drive object -------------------------------------------------------------------------
 
 
-def test_str_is_uri(daemon, tmp_path, drive_uri):
-    assert str(make(drive_uri, daemon, tmp_path)) == drive_uri
-    assert str(Drive("lit://drive_1")) == "lit://drive_1"
+def test_str_is_uri(make, twin, tmp_path, drive_uri):
+    assert str(make(drive_uri, tmp_path)) == drive_uri
+    assert str(twin("lit://drive_1")) == "lit://drive_1"
 
 
-def test_drive_picklable_and_deepcopyable_after_use(daemon, tmp_path, drive_uri):
+def test_drive_picklable_and_deepcopyable_after_use(make, tmp_path, drive_uri):
     write(tmp_path / "a.txt", "a")
-    d = make(drive_uri, daemon, tmp_path, "work_a")
+    d = make(drive_uri, tmp_path, "work_a")
     d.put("a.txt")  # the channel now exists; it must not break pickling
     for clone in (pickle.loads(pickle.dumps(d)), copy.deepcopy(d), copy.copy(d)):
         assert str(clone) == drive_uri
@@ -401,8 +407,8 @@ def test_drive_picklable_and_deepcopyable_after_use(daemon, tmp_path, drive_uri)
     assert pickle.loads(pickle.dumps(d)).list(".") == []
 
 
-def test_drive_picklable_before_use(daemon, tmp_path, drive_uri):
-    d = make(drive_uri, daemon, tmp_path, "work_x", allow_duplicates=True)
+def test_drive_picklable_before_use(make, tmp_path, drive_uri):
+    d = make(drive_uri, tmp_path, "work_x", allow_duplicates=True)
     clone = pickle.loads(pickle.dumps(d))
     write(tmp_path / "x.txt", "x")
     clone.put("x.txt")
@@ -412,10 +418,10 @@ def test_drive_picklable_before_use(daemon, tmp_path, drive_uri):
 # --- stat -------------------------------------------------------------------------------------
 
 
-def test_stat_fields(daemon, tmp_path, drive_uri):
+def test_stat_fields(make, tmp_path, drive_uri):
     data = b"stat me please"
     write(tmp_path / "dir" / "s.txt", data)
-    d = make(drive_uri, daemon, tmp_path, "stat_comp")
+    d = make(drive_uri, tmp_path, "stat_comp")
     before = datetime.datetime.now(datetime.timezone.utc)
     d.put("dir/s.txt")
     after = datetime.datetime.now(datetime.timezone.utc)
@@ -436,25 +442,201 @@ def test_stat_fields(daemon, tmp_path, drive_uri):
     assert folder.folder is True and folder.size == 0 and folder.path == "dir"
 
 
-def test_stat_of_empty_file(daemon, tmp_path, drive_uri):
+def test_stat_of_empty_file(make, tmp_path, drive_uri):
     write(tmp_path / "empty", b"")
-    d = make(drive_uri, daemon, tmp_path)
+    d = make(drive_uri, tmp_path)
     d.put("empty")
     st = d.stat("empty")
     assert (st.size, st.sha256) == (0, sha256_hex(b""))
 
 
-def test_stat_root_refused(daemon, tmp_path, drive_uri):
-    d = make(drive_uri, daemon, tmp_path)
+def test_stat_root_refused(make, tmp_path, drive_uri):
+    d = make(drive_uri, tmp_path)
     for root in ("", "."):
         with pytest.raises(ValueError) as exc:
             d.stat(root)
         assert exc.value.code in (None, grpc.StatusCode.INVALID_ARGUMENT)
 
 
-def test_put_returns_without_leaving_local_changes(daemon, tmp_path, drive_uri):
+def test_put_returns_without_leaving_local_changes(make, tmp_path, drive_uri):
     write(tmp_path / "a.txt", "a")
     before = sorted(os.listdir(tmp_path))
-    make(drive_uri, daemon, tmp_path).put("a.txt")
+    make(drive_uri, tmp_path).put("a.txt")
     assert sorted(os.listdir(tmp_path)) == before
     assert (tmp_path / "a.txt").read_bytes() == b"a"
+
+
+# --- entries, put(to=), get(to=), progress --------------------------------------------------------
+
+
+def test_entries_are_typed_sorted_and_recursive(make, tmp_path, drive_uri):
+    write(tmp_path / "b.txt", "bb")
+    write(tmp_path / "dir" / "sub" / "c.txt", "ccc")
+    write(tmp_path / "dir" / "a.txt", "a")
+    make(drive_uri, tmp_path, "work_a").put("dir")
+    make(drive_uri, tmp_path, "work_b").put("b.txt")
+    reader = make(drive_uri, tmp_path, "reader")
+    top = list(reader.entries())
+    assert all(isinstance(e, FileStat) for e in top)
+    assert [(e.path, e.folder, e.size, e.component) for e in top] == [
+        ("b.txt", False, 2, "work_b"), ("dir", True, 0, "work_a"),
+    ]
+    assert top[0].sha256 == sha256_hex(b"bb") and top[0].modified is not None
+    assert [e.path for e in reader.entries("dir")] == ["dir/a.txt", "dir/sub"]
+    deep = list(reader.entries(".", recursive=True))
+    assert [(e.path, e.folder) for e in deep] == [("b.txt", False), ("dir/a.txt", False), ("dir/sub/c.txt", False)]
+    assert [e.path for e in reader.entries(component_name="work_b", recursive=True)] == ["b.txt"]
+    assert list(reader.entries("no/such/folder")) == []
+    assert [e.path for e in reader.entries(".")] == reader.list(".")
+    with pytest.raises(ValueError):
+        list(reader.entries("../up"))
+
+
+def test_put_to_another_drive_path_returns_what_it_stored(make, tmp_path, drive_uri):
+    write(tmp_path / "local" / "a.txt", "aaa")
+    write(tmp_path / "local" / "tree" / "x.bin", b"x" * 2_000_000)  # bigger than a message: a Put stream
+    write(tmp_path / "local" / "tree" / "y.txt", "y")
+    d = make(drive_uri, tmp_path / "local", "work_a")
+    stored = d.put("a.txt", to="renamed/b.txt")
+    assert [(f.path, f.size, f.sha256, f.component) for f in stored] == [
+        ("renamed/b.txt", 3, sha256_hex(b"aaa"), "work_a"),
+    ]
+    stored = d.put(tmp_path / "local" / "tree", to="copies/tree")  # an absolute local path
+    assert [(f.path, f.size) for f in stored] == [("copies/tree/x.bin", 2_000_000), ("copies/tree/y.txt", 1)]
+    assert all(isinstance(f, FileStat) and f.generation > 0 for f in stored)
+    assert d.put("a.txt") == [d.stat("a.txt")]  # without `to`: the same path in the drive
+    assert d.list(".") == ["a.txt", "copies", "renamed"]
+    for bad in ("../b.txt", "/abs.txt", ""):
+        with pytest.raises(ValueError):
+            d.put("a.txt", to=bad)
+    with pytest.raises(FileNotFoundError):
+        d.put("missing.txt", to="m.txt")
+    assert d.list(".") == ["a.txt", "copies", "renamed"], "refused puts store nothing"
+
+
+def test_get_to_another_local_path(make, tmp_path, drive_uri):
+    write(tmp_path / "src" / "d" / "f.txt", "file")
+    write(tmp_path / "src" / "d" / "sub" / "g.txt", "folder file")
+    make(drive_uri, tmp_path / "src").put("d")
+    root = tmp_path / "root"
+    root.mkdir()
+    d = make(drive_uri, root)
+    elsewhere = tmp_path / "elsewhere" / "named.txt"
+    assert d.get("d/f.txt", to=elsewhere) == elsewhere
+    assert elsewhere.read_bytes() == b"file"
+    assert d.get("d/f.txt", to="relative/f2.txt") == root / "relative" / "f2.txt"  # resolved under root_folder
+    assert (root / "relative" / "f2.txt").read_bytes() == b"file"
+    assert d.get("d", to=tmp_path / "tree") == tmp_path / "tree"
+    assert (tmp_path / "tree" / "sub" / "g.txt").read_bytes() == b"folder file"
+    write(elsewhere, "mine")
+    with pytest.raises(FileExistsError):
+        d.get("d/f.txt", to=elsewhere)
+    assert elsewhere.read_bytes() == b"mine"
+    assert d.get("d/f.txt", to=elsewhere, overwrite=True).read_bytes() == b"file"
+    assert not (root / "d").exists(), "nothing went to the default target"
+
+
+def test_progress_counts_every_byte_moved(make, tmp_path, drive_uri):
+    sizes = {"p/small.txt": 10, "p/empty.bin": 0, "p/big.bin": 3 * 1024 * 1024 + 7}
+    for name, size in sizes.items():
+        write(tmp_path / "src" / name, os.urandom(size))
+    d = make(drive_uri, tmp_path / "src")
+    sent: list[int] = []
+    d.put("p", progress=sent.append)
+    assert sum(sent) == sum(sizes.values()) and all(n >= 0 for n in sent)
+    single: list[int] = []
+    d.put("p/small.txt", to="one.txt", progress=single.append)  # one unary call
+    assert sum(single) == 10
+    received: list[int] = []
+    (tmp_path / "dst").mkdir()
+    make(drive_uri, tmp_path / "dst").get("p", progress=received.append)
+    assert sum(received) == sum(sizes.values())
+    assert (tmp_path / "dst" / "p" / "big.bin").read_bytes() == (tmp_path / "src" / "p" / "big.bin").read_bytes()
+
+
+# --- mends ------------------------------------------------------------------------------------
+
+
+def test_root_folder_must_be_an_existing_folder(twin, daemon, tmp_path, drive_uri):
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError) as absent:
+        twin(drive_uri, root_folder=missing, endpoint=daemon.endpoint)
+    assert isinstance(absent.value, DriveError) and absent.value.code is None
+    assert "missing" in str(absent.value) and not missing.exists()
+    a_file = write(tmp_path / "file.txt", "not a folder")
+    with pytest.raises(NotADirectoryError) as not_folder:
+        twin(drive_uri, root_folder=a_file, endpoint=daemon.endpoint)
+    assert isinstance(not_folder.value, DriveError) and "file.txt" in str(not_folder.value)
+    assert a_file.read_text() == "not a folder"
+    assert twin(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint).list(".") == []
+
+
+def test_errors_carry_their_status(make, tmp_path, drive_uri):
+    """The error table through either twin: built-in bases, and `.code` None for what fails before any call."""
+    write(tmp_path / "f.txt", "f")
+    a = make(drive_uri, tmp_path, "a")
+    b = make(drive_uri, tmp_path, "b")
+    a.put("f.txt")
+    with pytest.raises(FileExistsError) as exists:
+        b.put("f.txt")
+    assert exists.value.code == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(FileNotFoundError) as missing:
+        b.delete("f.txt")
+    assert missing.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(FileNotFoundError) as local_missing:
+        a.put("nope.txt")
+    assert local_missing.value.code is None
+    with pytest.raises(FileExistsError) as target_exists:  # the local target exists: fails before any call
+        a.get("f.txt", timeout=30)
+    assert target_exists.value.code is None
+    with pytest.raises(TimeoutError) as expired:
+        a.get("later.txt", timeout=0.3)
+    assert expired.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(ValueError):
+        a.get("../x")
+    make(drive_uri, tmp_path, "b", allow_duplicates=True).put("f.txt")
+    with pytest.raises(AmbiguousPathError) as ambiguous:
+        a.stat("f.txt")
+    assert "'a'" in str(ambiguous.value) and "'b'" in str(ambiguous.value)
+    write(tmp_path / "dir" / "x.txt", "x")
+    a.put("dir")
+    with pytest.raises(ValueError, match="folder"):
+        list(a.read_range("dir"))
+    assert (tmp_path / "f.txt").read_bytes() == b"f"  # nothing local was touched
+    assert [(e.path, e.component) for e in a.entries(recursive=True)] == [
+        ("dir/x.txt", "a"), ("f.txt", ""),  # a file several components hold is listed once, owned by none
+    ]
+
+
+def test_unreachable_daemon_names_the_endpoint(twin, drive_uri):
+    with pytest.raises(ConnectionError) as down:
+        twin(drive_uri, endpoint="127.0.0.1:1").list(".")
+    assert "127.0.0.1:1" in str(down.value) and down.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_read_range(make, tmp_path, drive_uri):
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    write(tmp_path / "r.bin", data)
+    d = make(drive_uri, tmp_path)
+    d.put("r.bin")
+    assert b"".join(d.read_range("r.bin", 10, 2_000_000)) == data[10:2_000_010]
+    assert b"".join(d.read_range("r.bin", len(data) - 3)) == data[-3:]
+    assert b"".join(d.read_range("r.bin", 0, 0)) == b""
+    pinned = d.stat("r.bin").sha256
+    assert b"".join(d.read_range("r.bin", 0, 5, if_match=pinned)) == data[:5]
+    with pytest.raises(StaleIndexError):
+        list(d.read_range("r.bin", 0, 5, if_match="0" * 64))
+    with pytest.raises(ValueError):
+        list(d.read_range("r.bin", -1))
+
+
+def test_a_local_read_failure_in_a_put_stream_is_raised_as_itself(make, tmp_path, drive_uri):
+    """gRPC would report a request stream that failed locally as CANCELLED; the put raises the OSError."""
+    write(tmp_path / "folder" / "a.bin", os.urandom(2 * 1024 * 1024))  # more than a message: a Put stream
+    (tmp_path / "folder" / "b.bin").symlink_to("/proc/self/mem")  # a file whose read fails (EIO at offset 0)
+    d = make(drive_uri, tmp_path)
+    with pytest.raises(OSError) as failed:
+        d.put("folder")
+    assert not isinstance(failed.value, DriveError) and failed.value.errno == errno.EIO
+    assert d.list(".", component_name=d.component_name) in ([], ["folder"])  # a.bin may have committed first
+    assert [e.path for e in d.entries("folder")] in ([], ["folder/a.bin"])

@@ -23,11 +23,14 @@ def guarded(tmp_path_factory):
     handle.stop()
 
 
-def test_calls_without_the_token_are_refused_and_store_nothing(guarded):
-    handle, tmp = guarded
-    (tmp / "f.txt").write_bytes(b"f")
+def test_calls_without_the_token_are_refused_and_store_nothing(twin, guarded, drive_uri, tmp_path):
+    handle, _ = guarded
+    (tmp_path / "f.txt").write_bytes(b"f")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "g.txt").write_bytes(b"g")
+    (tmp_path / "two" / "h.txt").write_bytes(b"h")
     for token in (None, "wrong"):
-        drive = Drive("lit://guarded", root_folder=tmp, endpoint=handle.endpoint, token=token)
+        drive = twin(drive_uri, root_folder=tmp_path, endpoint=handle.endpoint, token=token)
         with pytest.raises(PermissionError) as refused:
             drive.put("f.txt")  # a unary PutFile
         assert isinstance(refused.value, Unauthenticated)
@@ -35,10 +38,10 @@ def test_calls_without_the_token_are_refused_and_store_nothing(guarded):
         with pytest.raises(Unauthenticated):
             drive.list(".")
         with pytest.raises(Unauthenticated):
-            drive._put_files([(tmp / "f.txt", "g.txt"), (tmp / "f.txt", "h.txt")])  # a Put stream
+            drive.put("two")  # a Put stream
         with pytest.raises(Unauthenticated):
             list(drive.read_range("f.txt"))  # a Get stream
-    allowed = Drive("lit://guarded", root_folder=tmp, endpoint=handle.endpoint, token="s3cret")
+    allowed = twin(drive_uri, root_folder=tmp_path, endpoint=handle.endpoint, token="s3cret")
     assert allowed.list(".") == []  # nothing was stored by the refused calls
     allowed.put("f.txt")
     assert allowed.list(".") == ["f.txt"]

@@ -41,6 +41,7 @@ def test_a_killed_commit_worker_is_started_again_and_nothing_is_lost(start_daemo
     daemon = start_daemon(tmp_path)
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
+    out.mkdir()
     drive = Drive(drive_uri, root_folder=src, endpoint=daemon.endpoint)
     stored = put_small_files(drive, src, ["before.bin"])
     [worker] = commit_workers(daemon.proc.pid)
@@ -63,6 +64,7 @@ def test_ctrl_c_stops_the_daemon_and_its_commit_worker_with_every_put_kept(start
     daemon = start_daemon(tmp_path)
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
+    out.mkdir()
     stored = put_small_files(Drive(drive_uri, root_folder=src, endpoint=daemon.endpoint), src, ["a.bin", "b.bin"])
     [worker] = commit_workers(daemon.proc.pid)
 

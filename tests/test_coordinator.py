@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from drive_client.errors import Unavailable
-from drived.coordinator import Coordinator, EventsGone
+from drive_client.errors import EventsExpired, Unavailable
+from drived.coordinator import Coordinator
 from drived.entry import Entry
 from drived.events import InProcessCoordinator
 
@@ -66,7 +66,7 @@ async def test_sequences_increase_and_since_answers_what_came_after(coordinator:
 
 async def test_a_resume_from_before_the_feed_is_refused(coordinator: Coordinator) -> None:
     await coordinator.publish("d", "put", entry("a"))
-    with pytest.raises(EventsGone) as gone:
+    with pytest.raises(EventsExpired) as gone:
         await coordinator.since("d", 5)  # a sequence this feed never had
     assert "list the drive" in str(gone.value)
 

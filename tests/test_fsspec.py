@@ -4,19 +4,22 @@ no stale listings, and block-sized streaming reads measured in the daemon's requ
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import json
 import os
 import pathlib
 import pickle
+import subprocess
+import sys
 
 import fsspec
 import pytest
 from conftest import MIB, file_sha256, sha256_hex, wait_until, write_random_file
 
 from drive_client import AmbiguousPathError, Drive, StaleIndexError
-from drive_client.fsspec import DriveFileSystem
+from drive_client.fsspec import AsyncDriveFileSystem, DriveFileSystem
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,6 +62,7 @@ def get_requests(daemon, drive_uri: str) -> list[dict]:
 
 def test_entry_point_and_open_by_url(daemon, monkeypatch, drive_uri, name):
     assert fsspec.get_filesystem_class("lit") is DriveFileSystem
+    assert type(fsspec.filesystem("lit", endpoint=daemon.endpoint, asynchronous=True)) is AsyncDriveFileSystem
     monkeypatch.setenv("DRIVE_ENDPOINT", daemon.endpoint)
     monkeypatch.setenv("DRIVE_COMPONENT", "url_writer")
     with fsspec.open(f"{drive_uri}/dir/a.txt", "wb") as f:
@@ -348,8 +352,8 @@ def test_missing_paths_raise_file_not_found(fs, tmp_path, name):
 def test_path_held_by_another_component(fs, daemon, tmp_path, drive_uri, name):
     write(tmp_path / "shared.txt", b"from work_b")
     drive(daemon, drive_uri, "work_b", root_folder=tmp_path).put("shared.txt")
-    with pytest.raises(FileExistsError, match="work_b"):
-        fs.open(f"{name}/shared.txt", "wb")  # refused before any byte is spooled
+    with pytest.raises(FileExistsError, match="work_b"), fs.open(f"{name}/shared.txt", "wb") as f:
+        f.write(b"mine")  # the daemon decides who may write a path, when the file is put on close
     with pytest.raises(FileExistsError):
         fs.pipe(f"{name}/shared.txt", b"mine")
     write(tmp_path / "mine.txt", b"mine")
@@ -373,7 +377,7 @@ def test_path_held_by_another_component(fs, daemon, tmp_path, drive_uri, name):
 
 
 def test_path_taken_while_writing_fails_on_close(daemon, tmp_path, drive_uri, name):
-    """The early check is advice; the daemon's check at commit decides, and the spool is removed."""
+    """The daemon decides ownership when the file is put on close, and the spool is removed."""
     spool = tmp_path / "spool"
     spool.mkdir()
     fs = DriveFileSystem(endpoint=daemon.endpoint, component_name="work_a", spool_dir=str(spool),
@@ -422,3 +426,133 @@ def test_pandas_read_and_write_csv(daemon, tmp_path, drive_uri, name):
     assert got.to_dict("list") == {"a": [1, 2], "b": ["x", "y"]}
     with pytest.raises(FileNotFoundError):
         pd.read_csv(f"{drive_uri}/none.csv", storage_options={"endpoint": daemon.endpoint})
+
+
+# --- fork ----------------------------------------------------------------------------------
+
+
+FORKING_PARENT = """
+import multiprocessing, sys
+import fsspec
+
+def cat_in_child(fs, path, results):
+    results.put(fs.cat(path))
+
+fs = fsspec.filesystem("lit", endpoint=sys.argv[1], component_name="work_a")
+path = sys.argv[2]
+fs.pipe(path, b"for the child")
+assert fs.cat(path) == b"for the child"  # the parent's channel exists before the fork
+context = multiprocessing.get_context("fork")
+results = context.Queue()
+child = context.Process(target=cat_in_child, args=(fs, path, results))
+child.start()
+print(results.get(timeout=60).decode())
+child.join(60)
+sys.exit(child.exitcode)
+"""
+
+
+def test_a_forked_worker_reads_through_its_parents_filesystem(daemon, name):
+    """What a fork-started data loader worker does: use the filesystem the parent made and used.
+
+    The parent is a process of its own, as a training script is: a fork inside pytest would
+    inherit whatever channels and event loops earlier tests left running.
+    """
+    run = subprocess.run([sys.executable, "-c", FORKING_PARENT, daemon.endpoint, f"{name}/f.txt"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "for the child"
+
+
+# --- the async filesystem --------------------------------------------------------------------
+
+
+@pytest.fixture
+def afs(daemon) -> AsyncDriveFileSystem:
+    fs = fsspec.filesystem("lit", asynchronous=True, endpoint=daemon.endpoint, component_name="work_a",
+                           skip_instance_cache=True)
+    assert isinstance(fs, AsyncDriveFileSystem) and fs.async_impl and fs.asynchronous
+    return fs
+
+
+async def test_async_filesystem_reads_writes_and_lists(afs, tmp_path, name):
+    data = bytes(range(256)) * 40
+    await afs._pipe_file(f"lit://{name}/r.bin", data)
+    await afs._pipe_file(f"{name}/dir/a.txt", b"a")
+    assert await afs._cat_file(f"{name}/r.bin") == data
+    assert await afs._cat_file(f"{name}/r.bin", 100, -100) == data[100:-100]
+    sizes = await asyncio.gather(*(afs._cat_file(f"{name}/r.bin", i, i + 10) for i in range(0, 100, 10)))
+    assert b"".join(sizes) == data[:100]  # concurrent reads on one loop
+    info = await afs._info(f"{name}/r.bin")
+    assert (info["size"], info["sha256"], info["component"]) == (len(data), sha256_hex(data), "work_a")
+    assert await afs._ls(name, detail=False) == [f"{name}/dir", f"{name}/r.bin"]
+    assert await afs._find(name) == [f"{name}/dir/a.txt", f"{name}/r.bin"]
+    assert await afs._find(name, withdirs=True) == [name, f"{name}/dir", f"{name}/dir/a.txt", f"{name}/r.bin"]
+    assert await afs._exists(f"{name}/dir/a.txt") and not await afs._exists(f"{name}/nope")
+    assert await afs._isdir(f"{name}/dir")
+
+    write(tmp_path / "up.bin", os.urandom(3 * MIB))
+    await afs._put_file(str(tmp_path / "up.bin"), f"{name}/up.bin")
+    await afs._get_file(f"{name}/up.bin", str(tmp_path / "down" / "up.bin"))
+    assert file_sha256(tmp_path / "down" / "up.bin") == file_sha256(tmp_path / "up.bin")
+    await afs._cp_file(f"{name}/dir/a.txt", f"{name}/copy.txt")
+    assert await afs._cat_file(f"{name}/copy.txt") == b"a"
+    await afs._rm(f"{name}/dir", recursive=True)
+    await afs._rm_file(f"{name}/copy.txt")
+    assert await afs._ls(name, detail=False) == [f"{name}/r.bin", f"{name}/up.bin"]
+
+
+async def test_async_files_stream_reads_and_put_on_close(afs, daemon, tmp_path, drive_uri, name):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    afs.spool_dir = str(spool)
+    async with await afs.open_async(f"{name}/w.bin", "wb") as f:
+        await f.write(b"x" * (6 * MIB))
+        await f.write(b"tail")
+        assert not await afs._exists(f"{name}/w.bin")  # nothing visible before close
+    assert list(spool.iterdir()) == []
+    f = await afs.open_async(f"{name}/w.bin", "rb")
+    assert f.size == 6 * MIB + 4
+    f.seek(6 * MIB)
+    assert await f.read() == b"tail"
+    await f.close()
+    with pytest.raises(FileExistsError):
+        await afs.open_async(f"{name}/w.bin", "xb")
+    with pytest.raises(RuntimeError, match="boom"):  # an exception inside `async with` stores nothing
+        async with await afs.open_async(f"{name}/half.bin", "wb") as f:
+            await f.write(b"half")
+            raise RuntimeError("boom")
+    assert not await afs._exists(f"{name}/half.bin") and list(spool.iterdir()) == []
+
+
+async def test_async_filesystem_errors_and_pinned_reads(afs, daemon, tmp_path, drive_uri, name):
+    with pytest.raises(FileNotFoundError):
+        await afs._cat_file(f"{name}/missing.txt")
+    with pytest.raises(FileNotFoundError):
+        await afs._ls(f"{name}/missing")
+    with pytest.raises(ValueError, match="lit:// drives only"):
+        await afs._ls("s3://bucket/prefix/")
+    await afs._pipe_file(f"{name}/d/f", b"1")
+    with pytest.raises(IsADirectoryError):
+        await afs.open_async(f"{name}/d", "rb")
+    with pytest.raises(IsADirectoryError):
+        await afs._pipe_file(f"{name}/d", b"over a folder")
+    write(tmp_path / "theirs.txt", b"theirs")
+    drive(daemon, drive_uri, "work_b", root_folder=tmp_path).put("theirs.txt")
+    with pytest.raises(FileExistsError, match="work_b"):  # the daemon's refusal
+        await afs._pipe_file(f"{name}/theirs.txt", b"mine")
+    with pytest.raises(FileExistsError):
+        await afs._pipe_file(f"{name}/theirs.txt", b"mine", mode="create")
+    assert await afs._cat_file(f"{name}/theirs.txt") == b"theirs"
+    write(tmp_path / "v.bin", b"1" * (2 * MIB))
+    owner = drive(daemon, drive_uri, "work_a", root_folder=tmp_path)
+    owner.put("v.bin")
+    f = await afs.open_async(f"{name}/v.bin", "rb")
+    assert await f.read(3) == b"111"
+    write(tmp_path / "v.bin", b"2" * (2 * MIB))
+    owner.put("v.bin")
+    with pytest.raises(StaleIndexError):
+        await f.read(3)
+    await f.close()
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:1"):
+        await AsyncDriveFileSystem(endpoint="127.0.0.1:1", asynchronous=True, skip_instance_cache=True)._ls(name)

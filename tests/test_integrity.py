@@ -115,6 +115,7 @@ NAMES = [
 
 def test_unicode_and_space_names(daemon, tmp_path, drive_uri):
     src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
     dst.mkdir()
     d = make(drive_uri, daemon, src, "uni")
     for name in NAMES:

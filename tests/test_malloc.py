@@ -24,6 +24,7 @@ def test_daemon_moves_chunks_without_page_faults(start_daemon, tmp_path):
     size = 64 * MIB
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
+    dst.mkdir()
     (src / "big.bin").write_bytes(os.urandom(size))
     Drive("lit://faults", root_folder=str(src), endpoint=handle.endpoint).put("big.bin")
     reader = Drive("lit://faults", root_folder=str(dst), endpoint=handle.endpoint)

@@ -118,12 +118,12 @@ def test_many_processes_one_drive(daemon, tmp_path, drive_uri):
                      f"p{i}", count))
     with ctx.Pool(n) as pool:
         assert pool.starmap(worker_put_many, args) == [count] * n
+    (tmp_path / "r").mkdir()
     reader = Drive(drive_uri, root_folder=str(tmp_path / "r"), endpoint=daemon.endpoint)
     assert reader.list(".") == [f"p{i}" for i in range(n)]
     for i in range(n):
         assert reader.list(f"p{i}", component_name=f"proc_{i}") == [f"p{i}/f{j:03d}.bin" for j in range(count)]
         assert reader.list(f"p{i}", component_name=f"proc_{(i + 1) % n}") == []
-    (tmp_path / "r").mkdir()
     reader.get("p2")
     for j in range(count):
         name = f"p2/f{j:03d}.bin"

@@ -1,4 +1,4 @@
-"""Big files are fetched over parallel ranged reads, pinned to one version, and verified whole."""
+"""Big files are fetched over parallel ranged reads, pinned to one version, and verified whole, by both twins."""
 
 from __future__ import annotations
 
@@ -10,17 +10,19 @@ from drive_client import Drive
 from drive_client.transfer import PARALLEL_MIN_SIZE, RANGE_BLOCK
 
 
-def test_big_get_uses_ranged_reads_and_matches(start_daemon, tmp_path):
+def test_big_get_uses_ranged_reads_and_matches(twin, start_daemon, tmp_path):
     handle = start_daemon(tmp_path)
     size = PARALLEL_MIN_SIZE + RANGE_BLOCK + 12345  # a partial last block
     src = tmp_path / "big.bin"
     with open(src, "wb") as f:
         for _ in range(0, size, 1 << 22):
             f.write(os.urandom(min(1 << 22, size - f.tell())))
-    drive = Drive("lit://ranges", root_folder=tmp_path, endpoint=handle.endpoint)
-    drive.put("big.bin")
-    out = Drive("lit://ranges", root_folder=tmp_path / "out", endpoint=handle.endpoint).get("big.bin")
-    assert out.stat().st_size == size
+    Drive("lit://ranges", root_folder=tmp_path, endpoint=handle.endpoint).put("big.bin")
+    (tmp_path / "out").mkdir()
+    received: list[int] = []
+    out = twin("lit://ranges", root_folder=tmp_path / "out", endpoint=handle.endpoint).get("big.bin",
+                                                                                            progress=received.append)
+    assert out.stat().st_size == size and sum(received) == size
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
     gets = [line for line in map(json.loads, handle.log().splitlines())
             if line.get("method") == "Get" and line.get("path") == "big.bin"]

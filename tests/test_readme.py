@@ -1,4 +1,9 @@
-"""The README's examples run as printed, against a real daemon."""
+"""The README's examples run as printed, against a real daemon.
+
+The "With PyTorch and Lightning" examples need torch, Lightning and pyarrow (marker `ml`):
+each block runs in its own process, as a user would run it, and what it prints is checked
+against the comment beside its `print`.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,46 @@ import os
 import re
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
-from conftest import ROOT
+import boto3
+import pytest
+from conftest import ROOT, wait_until
+from moto_server import AWS_ENV, running_moto
+
+from drive_client import Drive
+
+
+def readme_section(heading: str) -> str:
+    """The README's text under `heading` (of any level), up to the next heading of that level or above."""
+    lines = (ROOT / "README.md").read_text().splitlines(keepends=True)
+    in_code, level, section = False, 0, []
+    for line in lines:
+        in_code ^= line.startswith("```")
+        marks = len(line) - len(line.lstrip("#")) if not in_code and line.startswith("#") else 0
+        if level and 0 < marks <= level:
+            break
+        if level:
+            section.append(line)
+        elif marks and line[marks:].strip() == heading:
+            level = marks
+    assert level, f"README has no heading {heading!r}"
+    return "".join(section)
+
+
+def readme_blocks(heading: str, language: str = "python") -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", readme_section(heading), re.S)
 
 
 def readme_block(heading: str, language: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index(f"\n## {heading}\n"):]
-    return re.search(rf"```{language}\n(.*?)```", section, re.S).group(1)
+    return readme_blocks(heading, language)[0]
+
+
+def commented_output(code: str) -> list[str]:
+    """What each `print(...)` line of `code` says it prints: its comment, up to a parenthesised aside."""
+    return [re.search(r"#\s*(.*?)(?:\s+\(|$)", line).group(1) for line in code.splitlines()
+            if line.strip().startswith("print(")]
 
 
 def test_python_example_runs_as_printed(daemon, tmp_path):
@@ -22,8 +59,109 @@ def test_python_example_runs_as_printed(daemon, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 0, run.stderr
-    printed = [line.split("#")[0].strip() for line in code.splitlines() if line.startswith("print(")]
-    expected = [re.search(r"#\s*(.*?)(?:\s+\(|$)", line).group(1) for line in code.splitlines()
-                if line.startswith("print(")]
-    assert len(printed) == 4
+    expected = commented_output(code)
+    assert len(expected) == 4
     assert run.stdout.splitlines() == expected
+
+
+# --- With PyTorch and Lightning ------------------------------------------------------------------
+
+
+def as_files(heading: str, folder: Path) -> dict[str, Path]:
+    """Writes each block of a README section that opens with `# NAME.py` to folder/NAME.py."""
+    files = {}
+    for code in readme_blocks(heading):
+        name = re.match(r"# (\w+\.py)\n", code)
+        if name:
+            files[name.group(1)] = folder / name.group(1)
+            files[name.group(1)].write_text(code)
+    return files
+
+
+def run_python(args: list[str], cwd: Path, endpoint: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Runs `python ARGS` as a user would, against the daemon on `endpoint`; fails with its output."""
+    env = {**os.environ, "DRIVE_ENDPOINT": endpoint}
+    run = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, f"python {' '.join(args)} exited {run.returncode}:\n{run.stdout}\n{run.stderr[-6000:]}"
+    return run
+
+
+@pytest.mark.ml
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("heading", "printed"), [
+    ("torch.save and torch.load", ["True"]),
+    ("Parquet with pandas and pyarrow", ["(5000, 1)"]),
+])
+def test_one_block_examples(daemon, tmp_path, heading, printed):
+    [code] = readme_blocks(heading)
+    run = run_python(["-c", code], tmp_path, daemon.endpoint)
+    assert run.stdout.splitlines() == commented_output(code) == printed
+
+
+@pytest.mark.ml
+@pytest.mark.timeout(600)
+def test_lightning_checkpoints_an_evaluator_and_a_resumed_run(start_daemon, tmp_path):
+    """train.py checkpoints to the drive while evaluate.py (another process) loads each checkpoint as it
+    lands; resume.py (a third) continues the run from last.ckpt. The evaluator sees every checkpoint, and
+    each loads (a partial file would not); the resumed run trains on top of the restored steps instead of
+    starting again (the first checkpoints are never re-put)."""
+    daemon = start_daemon(tmp_path)
+    heading = "Lightning: checkpoints on a drive, an evaluator, a resumed run"
+    files = as_files(heading, tmp_path)
+    assert sorted(files) == ["evaluate.py", "resume.py", "train.py"]
+    run_1 = Drive("lit://run_1", endpoint=daemon.endpoint)
+
+    with open(tmp_path / "evaluate.err", "w") as errors:
+        evaluator = subprocess.Popen(
+            [sys.executable, "evaluate.py"], cwd=tmp_path, env={**os.environ, "DRIVE_ENDPOINT": daemon.endpoint},
+            stdout=subprocess.PIPE, stderr=errors, text=True,
+        )
+    evaluated: list[str] = []
+    reader = threading.Thread(target=lambda: evaluated.extend(evaluator.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        # The trainer starts once the evaluator's Watch is open: from then on, no put can be missed.
+        assert wait_until(lambda: evaluator.poll() is not None or daemon.open_requests("Watch") == 1, timeout=240), (
+            "evaluate.py did not start watching"
+        )
+        assert evaluator.poll() is None, (tmp_path / "evaluate.err").read_text()[-4000:]
+
+        run_python(["train.py"], tmp_path, daemon.endpoint)
+        first = [path for path in run_1.list("checkpoints") if "epoch=" in path]
+        assert first == [f"checkpoints/epoch={e}-step={8 * (e + 1)}.ckpt" for e in range(3)]
+        generation = {path: run_1.stat(path).generation for path in first}
+
+        resumed = run_python(["resume.py"], tmp_path, daemon.endpoint)
+        assert resumed.stdout.splitlines()[-1:] == commented_output(files["resume.py"].read_text()) == ["40"]
+        assert "Restored all states from the checkpoint at lit://run_1/checkpoints/last.ckpt" in resumed.stderr
+        every = [path for path in run_1.list("checkpoints") if "epoch=" in path]
+        assert every == [*first, "checkpoints/epoch=3-step=32.ckpt", "checkpoints/epoch=4-step=40.ckpt"]
+        assert {path: run_1.stat(path).generation for path in first} == generation
+
+        assert wait_until(lambda: len(evaluated) >= len(every), timeout=120), (
+            evaluated, (tmp_path / "evaluate.err").read_text()[-4000:]
+        )
+        assert [line.split()[0] for line in evaluated] == every
+        assert all(re.fullmatch(r"\S+ loss \d+\.\d{3}\n", line) for line in evaluated), evaluated
+    finally:
+        evaluator.terminate()
+        evaluator.wait(30)
+
+
+@pytest.mark.ml
+@pytest.mark.timeout(300)
+def test_dataloader_example_over_an_s3_drive(start_daemon, tmp_path):
+    """dataset.py as printed: 64 objects of my-bucket/images/train/ read by a DataLoader of 4 workers."""
+    files = as_files("A DataLoader over a folder of a drive", tmp_path)
+    with running_moto() as url:
+        s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+                          region_name=AWS_ENV["AWS_DEFAULT_REGION"])
+        s3.create_bucket(Bucket="my-bucket")
+        for i in range(64):
+            s3.put_object(Bucket="my-bucket", Key=f"images/train/{i:04d}.bin", Body=os.urandom(4096))
+        daemon = start_daemon(tmp_path, env={**AWS_ENV, "AWS_ENDPOINT_URL": url})
+        run = run_python(["dataset.py"], tmp_path, daemon.endpoint)
+    assert run.stdout.splitlines() == commented_output(files["dataset.py"].read_text())
+    assert run.stdout.splitlines() == ["64 torch.Size([32, 4096])"]
+

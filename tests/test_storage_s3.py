@@ -128,8 +128,8 @@ def test_put_through_a_is_read_and_deleted_through_b(daemon_a, daemon_b, drive_u
     data = os.urandom(3 * MIB)
     (tmp_path / "dir" / "f.bin").write_bytes(data)
     a = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=daemon_a.endpoint)
-    b = Drive(drive_uri, component_name="w", root_folder=tmp_path / "b", endpoint=daemon_b.endpoint)
     (tmp_path / "b").mkdir()
+    b = Drive(drive_uri, component_name="w", root_folder=tmp_path / "b", endpoint=daemon_b.endpoint)
     a.put("dir")
     assert b.list(".") == ["dir"] and b.list("dir") == ["dir/f.bin"]
     assert b.stat("dir/f.bin").sha256 == sha256_of(data)

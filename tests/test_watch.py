@@ -6,22 +6,21 @@ import threading
 
 import grpc
 import pytest
-from conftest import free_port, start_daemon
+from conftest import current_sequence, free_port, start_daemon
 
-from drive_client import Drive, DriveError
+from drive_client import Drive, DriveError, EventsExpired
 from drive_client.pb import drive_pb2
 
 pytestmark = pytest.mark.integration  # starts daemons of its own
 
 
-def collect(drive: Drive, count: int, **kwargs) -> tuple[list, threading.Thread, threading.Event]:
-    """Starts a thread gathering `count` events of drive.watch(**kwargs); `ready` is set once it is watching."""
+def collect(stub, drive_uri: str, count: int, **request) -> tuple[list, threading.Thread, threading.Event]:
+    """Starts a thread gathering `count` events of a raw Watch(**request); `ready` is set once it is watching."""
     events: list = []
     ready = threading.Event()
 
     def run() -> None:
-        stream = drive._stub.Watch(drive._watch_request(kwargs.get("path", "."), kwargs.get("component_name"),
-                                                        kwargs.get("after_sequence", 0)))
+        stream = stub.Watch(drive_pb2.WatchRequest(drive=drive_uri, **request))
         for message in stream:
             if message.kind == drive_pb2.WatchEvent.KIND_WATCHING:
                 events.append(("watching", message.sequence))
@@ -40,14 +39,13 @@ def collect(drive: Drive, count: int, **kwargs) -> tuple[list, threading.Thread,
 
 
 @pytest.mark.timeout(60)
-def test_watch_reports_puts_and_deletes_in_order(daemon, drive_uri, tmp_path):
+def test_watch_reports_puts_and_deletes_in_order(daemon, stub, drive_uri, tmp_path):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "a.pt").write_bytes(b"a")
     (tmp_path / "ck" / "b.pt").write_bytes(b"b")
     (tmp_path / "other.txt").write_bytes(b"o")
     writer = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=daemon.endpoint)
-    watcher = Drive(drive_uri, endpoint=daemon.endpoint)
-    events, thread, _ = collect(watcher, 4, path="ck")
+    events, thread, _ = collect(stub, drive_uri, 4, path="ck")
     writer.put("other.txt")  # outside the watched folder: not reported
     writer.put("ck")
     writer.delete("ck")
@@ -60,34 +58,40 @@ def test_watch_reports_puts_and_deletes_in_order(daemon, drive_uri, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_watch_resumes_after_a_sequence_and_filters_by_component(daemon, drive_uri, tmp_path):
+def test_watch_resumes_after_a_sequence_and_filters_by_component(twin, daemon, stub, drive_uri, tmp_path):
     (tmp_path / "x.txt").write_bytes(b"x")
-    a = Drive(drive_uri, component_name="a", root_folder=tmp_path, endpoint=daemon.endpoint)
-    b = Drive(drive_uri, component_name="b", root_folder=tmp_path, endpoint=daemon.endpoint, allow_duplicates=True)
-    reader = Drive(drive_uri, endpoint=daemon.endpoint)
-    opening = reader._stub.Watch(drive_pb2.WatchRequest(drive=drive_uri))
-    first = next(opening)
-    opening.cancel()
-    assert first.kind == drive_pb2.WatchEvent.KIND_WATCHING
+    a = twin(drive_uri, component_name="a", root_folder=tmp_path, endpoint=daemon.endpoint)
+    b = twin(drive_uri, component_name="b", root_folder=tmp_path, endpoint=daemon.endpoint, allow_duplicates=True)
+    reader = twin(drive_uri, endpoint=daemon.endpoint)
+    start = current_sequence(daemon.endpoint, drive_uri)
     a.put("x.txt")
     b.put("x.txt")
     a.delete("x.txt")
     # Resuming after the sequence the first watch started at replays what happened since.
-    replayed = next(iter(reader.watch(after_sequence=first.sequence)))
-    assert (replayed.kind, replayed.file.path, replayed.file.component) == ("put", "x.txt", "a")
-    assert replayed.sequence > first.sequence
-    events, thread, _ = collect(reader, 2, component_name="a", after_sequence=first.sequence)
+    watching = reader.watch(after_sequence=start)
+    replayed = [next(watching) for _ in range(3)]
+    watching.close()
+    assert [(e.kind, e.file.path, e.file.component) for e in replayed] == [
+        ("put", "x.txt", "a"), ("put", "x.txt", "b"), ("delete", "x.txt", "a"),
+    ]
+    assert start < replayed[0].sequence < replayed[1].sequence < replayed[2].sequence
+    only_a = reader.watch(component_name="a", after_sequence=start)
+    assert [(e.kind, e.file.component) for e in (next(only_a), next(only_a))] == [("put", "a"), ("delete", "a")]
+    only_a.close()
+    events, thread, _ = collect(stub, drive_uri, 2, component="a", after_sequence=start)
     thread.join(20)
     assert [e[:3] for e in events[1:]] == [("KIND_PUT", "x.txt", "a"), ("KIND_DELETE", "x.txt", "a")]
 
 
-def test_watch_from_a_forgotten_sequence_is_out_of_range(daemon, drive_uri):
-    reader = Drive(drive_uri, endpoint=daemon.endpoint)
-    stream = reader._stub.Watch(drive_pb2.WatchRequest(drive=drive_uri, after_sequence=5))
+def test_watch_from_a_forgotten_sequence_is_out_of_range(twin, daemon, stub, drive_uri):
+    stream = stub.Watch(drive_pb2.WatchRequest(drive=drive_uri, after_sequence=5))
     with pytest.raises(grpc.RpcError) as info:
         list(stream)
     assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
     assert "list the drive" in info.value.details()
+    with pytest.raises(EventsExpired) as expired:
+        next(twin(drive_uri, endpoint=daemon.endpoint).watch(after_sequence=5))
+    assert expired.value.code == grpc.StatusCode.OUT_OF_RANGE and "list the drive" in str(expired.value)
 
 
 @pytest.mark.timeout(60)
@@ -113,26 +117,26 @@ def test_watch_after_a_sequence_not_given_yet_is_out_of_range(daemon, drive_uri,
 
 
 @pytest.mark.parametrize("drive", ["s3://bucket/prefix/", "lit://bad/name"])
-def test_watch_refuses_s3_and_bad_drives(daemon, drive):
-    reader = Drive("lit://x", endpoint=daemon.endpoint)
+def test_watch_refuses_s3_and_bad_drives(stub, drive):
     with pytest.raises(grpc.RpcError) as info:
-        list(reader._stub.Watch(drive_pb2.WatchRequest(drive=drive)))
+        list(stub.Watch(drive_pb2.WatchRequest(drive=drive)))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.timeout(90)
-def test_watch_reconnects_to_a_restarted_daemon_and_reports_lost_events(tmp_path):
+def test_watch_reconnects_to_a_restarted_daemon_and_reports_lost_events(twin, tmp_path):
     """A watch survives a daemon restart on the same port: it reconnects, then says events were lost."""
     port = free_port()
     first = start_daemon(tmp_path, port=port, data_dir=tmp_path / "data")
-    drive = Drive("lit://restart", endpoint=first.endpoint, root_folder=tmp_path)
+    drive = twin("lit://restart", endpoint=first.endpoint, root_folder=tmp_path)
     (tmp_path / "f.txt").write_bytes(b"f")
     outcome: list = []
     started = threading.Event()
+    after = current_sequence(first.endpoint, "lit://restart")  # the watch replays from here, however late it opens
 
     def watch() -> None:
         try:
-            for event in drive.watch():
+            for event in drive.watch(after_sequence=after):
                 outcome.append(event)
                 started.set()
         except DriveError as err:
@@ -140,7 +144,6 @@ def test_watch_reconnects_to_a_restarted_daemon_and_reports_lost_events(tmp_path
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
-    first.wait_open("Watch", 1)
     drive.put("f.txt")
     assert started.wait(10)
     assert first.stop() == 0
@@ -148,6 +151,6 @@ def test_watch_reconnects_to_a_restarted_daemon_and_reports_lost_events(tmp_path
     try:
         thread.join(30)
         assert outcome[0].kind == "put" and outcome[0].file.path == "f.txt"
-        assert isinstance(outcome[-1], DriveError) and outcome[-1].code == grpc.StatusCode.OUT_OF_RANGE
+        assert isinstance(outcome[-1], EventsExpired) and outcome[-1].code == grpc.StatusCode.OUT_OF_RANGE
     finally:
         second.stop()

@@ -1,6 +1,8 @@
 """Read-only `s3://bucket/prefix/` drives: parallel listing, a compact index, ranged reads.
 
-- `lister`: parallel, paginated ListObjectsV2 with fast page parsing.
+- `lister`: parallel, paginated ListObjectsV2 (pages fetched by `direct`, read by `pages`).
+- `direct`: signed ListObjectsV2 GETs over keep-alive connections, beside boto3.
+- `pages`: ListObjectsV2 answers read into the index's columns.
 - `index`: `S3Index`, the sorted, compact index (`stat` O(log n), `list` O(entries)).
 - `mounts`: `S3Mounts`, single-flight (re)indexing and the cache of current indexes.
 - `reader`: `read_object`, ranged GetObject streaming that refuses a changed object.

@@ -75,11 +75,8 @@ class Run:
         return len(self.key_lens)
 
 
-def make_run(keys: list[bytes], sizes: Iterable[int], stamps: list[bytes], etags: list[bytes],
-             markers: int | None = None) -> Run:
+def make_run(keys: list[bytes], sizes: Iterable[int], stamps: list[bytes], etags: list[bytes]) -> Run:
     """A run from parallel lists (keys sorted, relative to the prefix; stamps canonical)."""
-    if markers is None:
-        markers = sum(map(bytes.endswith, keys, repeat(b"/")))
     etag_lens = array("I", map(len, etags))
     return Run(
         first=keys[0],
@@ -90,8 +87,8 @@ def make_run(keys: list[bytes], sizes: Iterable[int], stamps: list[bytes], etags
         stamps=b"".join(stamps),
         etags=b"".join(etags),
         etag_lens=etag_lens,
-        etag_width=etag_lens[0] if etag_lens and min(etag_lens) == max(etag_lens) else 0,
-        markers=markers,
+        etag_width=etag_lens[0] if etag_lens.count(etag_lens[0]) == len(etag_lens) else 0,
+        markers=sum(map(bytes.endswith, keys, repeat(b"/"))),
     )
 
 

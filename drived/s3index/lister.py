@@ -1,15 +1,14 @@
 """Parallel, paginated ListObjectsV2 of one `s3://bucket/prefix/`, parsed fast.
 
 boto3 stays in charge of what it is good at: credentials, endpoint
-configuration (`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`), request signing
-and retries. What it is slow at is the rest of a call: ~50 ms of CPU to parse
-a 1000-key page, ~2 ms of hooks and request plumbing. So a page is fetched
-with a plain urllib3 GET of a URL boto3 presigned (SigV4), and its XML is
-read with a few C-level regex scans (~1 ms a page; ElementTree for any page
-whose shape is unexpected). Any failure of that direct GET falls back to the
-ordinary boto3 call, which retries with its configured policy and raises its
-typed errors; on that client a `before-parse` hook hands the raw XML back
-(`RawBody`) so botocore never parses a listing page itself.
+configuration (`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`), retries and
+typed errors. What it is slow at is the rest of a call: ~50 ms of CPU to
+parse a 1000-key page, ~2 ms of hooks and request plumbing. So a page is
+fetched with a GET signed here over a plain keep-alive connection (`direct`)
+and read into columns by `pages` (~1 ms a page). Any failure of that direct
+GET falls back to the ordinary boto3 call, which retries with its configured
+policy and raises its typed errors; on that client a `before-parse` hook hands
+the raw XML back (`RawBody`) so botocore never parses a listing page itself.
 
 Listing runs partitions of the key space concurrently on `concurrency`
 threads (boto3 clients are thread-safe). A partition starts as a flat
@@ -28,32 +27,25 @@ from __future__ import annotations
 import bisect
 import collections
 import functools
-import html
-import http.client
 import itertools
 import os
-import re
-import ssl
 import threading
 import time
-import urllib.parse
-import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import boto3
 import botocore.exceptions
 import botocore.handlers
-import botocore.httpsession
-from botocore.auth import S3SigV4QueryAuth
-from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 
 from drive_client.errors import DriveError, NotFound, PermissionDenied, StaleIndexError, Unavailable
 
-from .index import STAMP_WIDTH, Run, S3Index, canonical_stamp, make_run
+from . import direct
+from .index import Run, S3Index
+from .pages import Page, page_from_parsed, parse_page
 
 MAX_DEPTH = 6  # how many folder levels a partition may be split down
 _MAX_CHAR = "\U0010ffff"  # sorts after every other character (and UTF-8 byte sequence)
@@ -87,100 +79,6 @@ def make_listing_client(pool: int = 10) -> Any:
     events.unregister("before-parse.s3.*", getattr(botocore.handlers, "_handle_200_error", None))
     events.register_first("before-parse.s3.ListObjectsV2", _take_raw_body)
     return client
-
-
-class _Direct:
-    """Keep-alive HTTP(S) connections, one per thread, for presigned GETs.
-
-    Plain `http.client`: a listing page needs no more, and urllib3's URL
-    handling costs more CPU than the request itself. TLS is verified as the
-    boto3 client would (its `verify` setting / AWS_CA_BUNDLE). Not used when
-    a proxy is configured (boto3 then does every request).
-    """
-
-    def __init__(self, client: Any) -> None:
-        session = getattr(getattr(client, "_endpoint", None), "http_session", None)
-        verify = getattr(session, "_verify", True)
-        if verify is False:
-            self._ssl = ssl._create_unverified_context()
-        else:
-            self._ssl = ssl.create_default_context(
-                cafile=verify if isinstance(verify, str) else botocore.httpsession.where())
-        self._local = threading.local()
-
-    @staticmethod
-    def usable(client: Any) -> bool:
-        proxies = getattr(client.meta.config, "proxies", None)
-        env = any(os.environ.get(k) for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"))
-        return not proxies and not env
-
-    def get(self, url: str, timeout: float) -> tuple[int, bytes]:
-        scheme, _, rest = url.partition("://")
-        host, _, path = rest.partition("/")
-        conns: dict[tuple[str, str], http.client.HTTPConnection] = self._local.__dict__.setdefault("conns", {})
-        conn = conns.get((scheme, host))
-        for attempt in (0, 1):  # a kept-alive connection the server closed: reconnect once
-            if conn is None:
-                if scheme == "https":
-                    conn = http.client.HTTPSConnection(host, timeout=timeout, context=self._ssl)
-                else:
-                    conn = http.client.HTTPConnection(host, timeout=timeout)
-                conns[(scheme, host)] = conn
-            try:
-                conn.request("GET", "/" + path)
-                resp = conn.getresponse()
-                body = resp.read()
-                if resp.will_close:
-                    conn.close()
-                    del conns[(scheme, host)]
-                return resp.status, body
-            except (http.client.HTTPException, OSError):
-                conn.close()
-                conns.pop((scheme, host), None)
-                conn = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-
-class _Presigner:
-    """SigV4 query-signed ListObjectsV2 URLs, ~3x cheaper than `generate_presigned_url`.
-
-    boto3 presigns one URL for the bucket first: that fixes the endpoint,
-    the addressing style (path or virtual host) and the signing region the
-    way boto3 resolves them. Each page's URL is then that base plus its query,
-    signed by botocore's own S3SigV4QueryAuth with the client's credentials
-    (refreshed as boto3 refreshes them), skipping the per-call parameter
-    validation, serialization and endpoint-ruleset resolution.
-    """
-
-    _NAMES: ClassVar[dict[str, str]] = {"Prefix": "prefix", "MaxKeys": "max-keys", "EncodingType": "encoding-type",
-              "Delimiter": "delimiter", "ContinuationToken": "continuation-token", "StartAfter": "start-after"}
-
-    def __init__(self, client: Any, bucket: str) -> None:
-        self._client = client
-        url = client.generate_presigned_url("list_objects_v2", Params={"Bucket": bucket}, ExpiresIn=900)
-        self.base, _, query = url.partition("?")
-        fields = urllib.parse.parse_qs(query)
-        credential = fields.get("X-Amz-Credential", [""])[0].split("/")
-        signer = getattr(client, "_request_signer", None)
-        self._credentials = getattr(signer, "_credentials", None)
-        self._region = credential[2] if len(credential) == 5 else ""
-        self.usable = bool(self._region and self._credentials is not None
-                           and fields.get("X-Amz-Algorithm") == ["AWS4-HMAC-SHA256"])
-
-    def url(self, params: dict[str, Any]) -> str:
-        if not self.usable:
-            return str(self._client.generate_presigned_url("list_objects_v2", Params=params, ExpiresIn=900))
-        query = {"list-type": "2"}
-        for name, value in params.items():
-            if name != "Bucket":
-                query[self._NAMES[name]] = str(value)
-        request = AWSRequest(method="GET", url=self.base, params=query)
-        assert self._credentials is not None
-        S3SigV4QueryAuth(self._credentials.get_frozen_credentials(), "s3", self._region, expires=900) \
-            .add_auth(request)
-        return str(request.prepare().url)
 
 
 _EMPTY = b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult></ListBucketResult>'
@@ -240,121 +138,6 @@ def map_error(err: BaseException, client: Any, bucket: str, key: str = "") -> Dr
     return DriveError(f"listing {where} failed: {type(err).__name__}: {err}")
 
 
-# -- page parsing -------------------------------------------------------------------------
-
-_KEY = re.compile(rb"<Key>([^<]*)</Key>")
-_SIZE = re.compile(rb"<Size>(\d+)</Size>")
-_ETAG = re.compile(rb"<ETag>([^<]*)</ETag>")
-_MTIME = re.compile(rb"<LastModified>([^<]*)</LastModified>")
-_PREFIX = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>")
-_TOKEN = re.compile(rb"<NextContinuationToken>([^<]*)</NextContinuationToken>")
-_TRUNCATED = re.compile(rb"<IsTruncated>\s*true\s*</IsTruncated>")
-_URL = re.compile(rb"<EncodingType>\s*url\s*</EncodingType>")
-
-
-def _special(text: bytes) -> bool:
-    """Whether text holds URL or XML escapes (three `in` scans beat one regex 50x)."""
-    return b"%" in text or b"+" in text or b"&" in text
-
-
-
-@dataclass(slots=True)
-class Page:
-    """One parsed ListObjectsV2 answer; keys and prefixes relative to the mounted prefix."""
-
-    keys: list[bytes]
-    sizes: list[int]
-    stamps: list[bytes]  # canonical LastModified stamps (index.STAMP_WIDTH bytes)
-    etags: list[bytes]  # without quotes
-    prefixes: list[bytes]
-    token: str | None  # the continuation token when truncated
-    markers: int | None = None  # keys ending in '/', when counted
-
-
-def _decode(raw: bytes, url: bool) -> bytes:
-    if b"&" in raw:
-        raw = html.unescape(raw.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
-    if url:
-        raw = urllib.parse.unquote_to_bytes(raw.replace(b"+", b" "))
-    return raw
-
-
-def _decode_all(raw: list[bytes], url: bool, plen: int) -> list[bytes]:
-    """Decoded keys, relative to the prefix (`plen` bytes long)."""
-    if not _special(b"".join(raw)):
-        return [k[plen:] for k in raw] if plen else raw
-    return [_decode(k, url)[plen:] for k in raw]
-
-
-def _etags(raw: list[bytes]) -> list[bytes]:
-    """ETag texts without their quotes (`&quot;abc&quot;` -> `abc`)."""
-    n = len(raw)
-    joined = b"".join(raw)
-    if joined.count(b"&quot;") == 2 * n and joined.count(b"&") == 2 * n:
-        return [e[6:-6] for e in raw]
-    if b"&" not in joined and joined.count(b'"') == 2 * n:
-        return [e[1:-1] for e in raw]
-    return [html.unescape(e.decode("utf-8", "replace")).strip('"').encode() for e in raw]
-
-
-def _stamps(raw: list[bytes]) -> list[bytes]:
-    """LastModified texts as canonical stamps (they already are, from S3)."""
-    joined = b"".join(raw)
-    n = len(raw)
-    if len(joined) == STAMP_WIDTH * n and joined.count(b"Z") == n and joined.count(b"T") == n \
-            and joined.count(b".") == n:
-        return raw
-    return [canonical_stamp(s.decode("ascii", "replace")) for s in raw]
-
-
-def parse_page(body: bytes, plen: int) -> Page:
-    """Parses a ListObjectsV2 XML answer; `plen` is the UTF-8 length of the mounted prefix."""
-    url = _URL.search(body) is not None
-    raw_keys = _KEY.findall(body)
-    sizes = _SIZE.findall(body)
-    etags = _ETAG.findall(body)
-    stamps = _MTIME.findall(body)
-    n = len(raw_keys)
-    if not (len(sizes) == len(etags) == len(stamps) == n == body.count(b"<Contents>")):
-        return _parse_page_etree(body, plen, url)
-    match = _TOKEN.search(body)
-    truncated = _TRUNCATED.search(body) is not None
-    token = html.unescape(match.group(1).decode()) if match and truncated else None
-    return Page(
-        keys=_decode_all(raw_keys, url, plen),
-        sizes=list(map(int, sizes)),
-        stamps=_stamps(stamps),
-        etags=_etags(etags),
-        prefixes=_decode_all(_PREFIX.findall(body), url, plen) if b"<CommonPrefixes>" in body else [],
-        token=token,
-    )
-
-
-def _parse_page_etree(body: bytes, plen: int, url: bool) -> Page:
-    root = ET.fromstring(body)
-    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
-
-    def text(el: ET.Element | None, name: str) -> str:
-        found = el.find(ns + name) if el is not None else None
-        return (found.text or "") if found is not None else ""
-
-    def dec(s: str) -> bytes:
-        b = s.encode("utf-8")
-        return (urllib.parse.unquote_to_bytes(b.replace(b"+", b" ")) if url else b)[plen:]
-
-    page = Page([], [], [], [], [], None)
-    for c in root.iter(ns + "Contents"):
-        page.keys.append(dec(text(c, "Key")))
-        page.sizes.append(int(text(c, "Size") or 0))
-        page.etags.append(text(c, "ETag").strip('"').encode())
-        page.stamps.append(canonical_stamp(text(c, "LastModified")))
-    for p in root.iter(ns + "CommonPrefixes"):
-        page.prefixes.append(dec(text(p, "Prefix")))
-    if text(root, "IsTruncated").strip().lower() == "true":
-        page.token = text(root, "NextContinuationToken") or None
-    return page
-
-
 # -- the parallel listing -----------------------------------------------------------------
 
 
@@ -379,41 +162,32 @@ class ListingResult:
     seconds: float
 
 
-def _file_runs(page: Page) -> list[Run]:
-    """The page's objects as runs, split wherever a listed sub-folder falls between them.
+def _file_runs(page: Page, start: int = 0, stop: int | None = None) -> list[Run]:
+    """The page's objects start..stop-1 as runs, split wherever a listed sub-folder falls between them.
 
     In a delimiter listing, sub-folders (listed separately) interleave with
     the files; cutting the files at each sub-folder keeps every run disjoint
     from every other.
     """
     keys = page.keys
-    if not keys:
+    stop = len(keys) if stop is None else stop
+    if start < stop and keys[start] == b"":  # the mounted prefix's own folder marker: not an entry
+        start += 1
+    if start >= stop:
         return []
-    if keys[0] == b"":  # the mounted prefix's own folder marker: not an entry
-        del keys[0], page.sizes[0], page.stamps[0], page.etags[0]
-        if page.markers:
-            page.markers -= 1
-        if not keys:
-            return []
-    cuts = [0]
+    cuts = [start]
     if page.prefixes:
         prefixes = iter(page.prefixes)
         nxt = next(prefixes, None)
-        for i, k in enumerate(keys):
+        for i in range(start, stop):
             moved = False
-            while nxt is not None and nxt < k:
+            while nxt is not None and nxt < keys[i]:
                 nxt = next(prefixes, None)
                 moved = True
-            if moved and i:
+            if moved and i > start:
                 cuts.append(i)
-    cuts.append(len(keys))
-    if len(cuts) == 2:
-        return [make_run(keys, page.sizes, page.stamps, page.etags, page.markers)]
-    return [
-        make_run(keys[a:b], page.sizes[a:b], page.stamps[a:b], page.etags[a:b])
-        for a, b in itertools.pairwise(cuts)
-        if b > a
-    ]
+    cuts.append(stop)
+    return [page.run(a, b) for a, b in itertools.pairwise(cuts)]
 
 
 def _common(a: str, b: str) -> int:
@@ -425,16 +199,10 @@ def _common(a: str, b: str) -> int:
     return i
 
 
-def _trim(page: Page, lo: bytes, stop: bytes) -> bool:
-    """Drops the page's keys outside [lo, stop); True when a key at or past `stop` was seen."""
-    keys = page.keys
+def _within(keys: Sequence[bytes], lo: bytes, stop: bytes) -> tuple[int, int]:
+    """The positions of the first key >= lo and of the first key >= stop ('' = no bound)."""
     i = bisect.bisect_left(keys, lo) if lo else 0
-    j = bisect.bisect_left(keys, stop) if stop else len(keys)
-    if i or j < len(keys):
-        page.keys, page.sizes, page.stamps, page.etags = keys[i:j], page.sizes[i:j], page.stamps[i:j], \
-            page.etags[i:j]
-        page.markers = None
-    return j < len(keys)
+    return i, bisect.bisect_left(keys, stop) if stop else len(keys)
 
 
 class Lister:
@@ -456,8 +224,8 @@ class Lister:
         self._error: BaseException | None = None
         self.requests = 0
         self.partitions = 0  # listings of a prefix or key range (a measure of the fan-out)
-        self._http = _Direct(client) if fast and _Direct.usable(client) else None
-        self._presigner: _Presigner | None = None
+        self._direct_usable = fast and direct.usable(client)
+        self._direct: direct.Direct | None = None
         self._fast_failures = 0
 
     # each task runs on a worker thread; `_submit` queues more
@@ -499,30 +267,32 @@ class Lister:
         self.stats.add(requests=1)
         with self._cond:
             self.requests += 1
-        body = self._fetch_fast(params) if self._http is not None else None
+        body = self._fetch_fast(params) if self._direct_usable else None
         if body is None:
             answer = self.client.list_objects_v2(**params)
             body = answer.get("RawBody")
             if body is None:  # no hook on this client: botocore parsed it (slowly)
-                return _page_from_parsed(answer, self._plen)
-            if self._http is not None and self._fast_failures > 2:
-                self._http = None  # the direct path keeps failing where boto3 works: stop trying
+                return page_from_parsed(answer, self._plen)
+            if self._fast_failures > 2:
+                self._direct_usable = False  # the direct path keeps failing where boto3 works: stop trying
         return parse_page(body, self._plen)
 
     def _fetch_fast(self, params: dict[str, Any]) -> bytes | None:
-        """GETs a page by a URL boto3 presigned; None (use the boto3 call) on any failure.
+        """GETs a page directly (`direct`); None (use the boto3 call) on any failure.
 
-        Signing a URL costs ~0.2 ms of CPU where a full boto3 call costs ~2 ms
-        (hooks, request building, response handling). Failures are not
-        retried here: the boto3 call that follows retries them with its
-        configured policy and raises its typed errors.
+        Failures are not retried here: the boto3 call that follows retries
+        them with its configured policy and raises its typed errors.
         """
-        assert self._http is not None
         try:
-            if self._presigner is None:
-                self._presigner = _Presigner(self.client, self.bucket)
-            url = self._presigner.url(params)
-            status, body = self._http.get(url, timeout=60)
+            if self._direct is None:
+                with self._cond:
+                    if self._direct is None:
+                        made = direct.Direct(self.client, self.bucket)
+                        if not made.signer.usable:
+                            self._direct_usable = False
+                            return None
+                        self._direct = made
+            status, body = self._direct.get(params)
         except Exception:
             self._fast_failures += 1
             return None
@@ -557,15 +327,15 @@ class Lister:
             self.partitions += 1
         while self._error is None:
             page = self._page(prefix, False, token, start_after if first else "")
-            past_stop = _trim(page, lo_rel, stop_rel) if (lo_rel or stop_rel) else False
-            self._add(_file_runs(page))
+            i, j = _within(page.keys, lo_rel, stop_rel)
+            self._add(_file_runs(page, i, j))
             token = page.token
-            if not token or past_stop:
+            if not token or j < len(page.keys):  # done, or past `stop`
                 return
-            if first and page.keys and depth < MAX_DEPTH and self._pending < self.concurrency:
-                last = self._full(page.keys[-1])
+            if first and j > i and depth < MAX_DEPTH and self._pending < self.concurrency:
+                last = self._full(page.keys[j - 1])
                 if stop:
-                    self._split_range(prefix, page.keys, last, stop, depth)
+                    self._split_range(prefix, page.keys[i:j], last, stop, depth)
                 else:
                     self._submit(functools.partial(self._split, prefix, last, depth))
                 return
@@ -606,7 +376,7 @@ class Lister:
                 return
             first = False
 
-    def _split_range(self, prefix: str, sample: list[bytes], after: str, stop: str, depth: int) -> None:
+    def _split_range(self, prefix: str, sample: Sequence[bytes], after: str, stop: str, depth: int) -> None:
         """Splits the keys under `prefix` in (after, stop) into key ranges listed in parallel.
 
         Without sub-folders there is nothing to ask S3 for: the boundaries are
@@ -655,18 +425,6 @@ class Lister:
         if self._error is not None:
             raise map_error(self._error, self.client, self.bucket) from self._error
         return ListingResult(self._runs, self.requests, time.perf_counter() - t0)
-
-
-def _page_from_parsed(answer: dict[str, Any], plen: int) -> Page:
-    contents = answer.get("Contents", [])
-    return Page(
-        keys=[c["Key"].encode("utf-8")[plen:] for c in contents],
-        sizes=[int(c.get("Size", 0)) for c in contents],
-        stamps=[canonical_stamp(c["LastModified"].isoformat()) for c in contents],
-        etags=[str(c.get("ETag", "")).strip('"').encode() for c in contents],
-        prefixes=[p["Prefix"].encode("utf-8")[plen:] for p in answer.get("CommonPrefixes", [])],
-        token=answer.get("NextContinuationToken") if answer.get("IsTruncated") else None,
-    )
 
 
 def build_index(client: Any, bucket: str, prefix: str, *, concurrency: int = 16, page_size: int = 1000,

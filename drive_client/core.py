@@ -1,0 +1,309 @@
+"""What every drive operation decides, written once for `Drive` and `AsyncDrive`.
+
+Each operation is a plan (see `effects`): local checks, then the calls to
+make, in order. The decisions live here and nowhere else: paging of List,
+mounting an s3:// drive once per process, when a get is worth fetching in
+parallel ranged streams, one unary PutFile for a small file against a Put
+stream, what a watch does when its stream breaks, and how drive paths map to
+local ones. The bytes themselves move in `transfer`'s thread-based
+functions, which the plans run as `Blocking` work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Callable, Iterable
+from operator import attrgetter
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .common import DriveBase, FileStat, MountResult, WatchEvent
+from .effects import Blocking, Caller, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
+from .errors import AlreadyExists, DriveError, InvalidArgument, Unavailable
+from .pb import drive_pb2 as pb
+from .transfer import (
+    PARALLEL_MIN_SIZE,
+    Progress,
+    ReadAhead,
+    fetch_in_ranges,
+    local_files,
+    put_requests,
+    receive_files,
+    small_file_request,
+)
+from .uri import check_component, normalize_path
+from .wire import Chunk, GetMessage, chunk_of
+
+T = TypeVar("T")
+
+# Entries asked for per List call: the daemon's cap. Fewer calls list a big folder faster.
+LIST_PAGE_SIZE = 10_000
+# How a watch reconnects after UNAVAILABLE: delays between attempts, then it gives up.
+RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1, 2, 5, 5, 5, 5, 5, 10, 10)
+
+
+class MountRegistry:
+    """The s3:// drives this process has mounted, by endpoint and URI: each is mounted on its first use, once."""
+
+    def __init__(self) -> None:
+        self._mounted: set[tuple[int, str, str]] = set()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(drive: DriveBase) -> tuple[int, str, str] | None:
+        # The process id is part of the key: a forked child has mounted nothing on its own.
+        return (os.getpid(), drive.endpoint, drive.id) if drive._read_only else None
+
+    def needs_mount(self, drive: DriveBase) -> bool:
+        key = self._key(drive)
+        with self._lock:
+            return key is not None and key not in self._mounted
+
+    def mounted(self, drive: DriveBase) -> None:
+        key = self._key(drive)
+        if key is not None:
+            with self._lock:
+                self._mounted.add(key)
+
+
+MOUNTS = MountRegistry()
+
+
+# -- requests and local checks ---------------------------------------------------------------------
+
+
+def _filter(component_name: str | None) -> str:
+    """A component filter for requests: "" means all components."""
+    return check_component(component_name) if component_name else ""
+
+
+def _local(drive: DriveBase, path: str | os.PathLike[str]) -> Path:
+    """A local path: a relative one is resolved under the drive's root folder (the current directory by default)."""
+    root = Path(drive.root_folder) if drive.root_folder is not None else Path.cwd()
+    return root / path
+
+
+def _put_header(drive: DriveBase) -> pb.PutHeader:
+    return pb.PutHeader(drive=drive.id, component=drive.component_name, allow_duplicates=drive.allow_duplicates)
+
+
+def _get_request(drive: DriveBase, remote: str, target: Path, component_name: str | None, timeout: float | None,
+                 overwrite: bool) -> pb.GetRequest:
+    """The request for a whole-file get, after the local checks that fail before any waiting."""
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise AlreadyExists(
+            f"local path {str(target)!r} exists: pass overwrite=True (`drive get --overwrite`) to replace it"
+        )
+    if timeout is not None and timeout < 0:
+        raise InvalidArgument(f"timeout must be >= 0, got {timeout}")
+    return pb.GetRequest(
+        drive=drive.id, path=remote, wait_seconds=timeout or 0, component=_filter(component_name),
+        whole_small_files=True,
+    )
+
+
+def _target_of(remote: str, target: Path) -> Callable[[str], Path]:
+    """Maps the drive paths a Get of `remote` answers with to local paths under `target`."""
+    prefix = remote + "/"
+
+    def target_of(file_path: str) -> Path:
+        return target if file_path == remote else target / file_path.removeprefix(prefix)
+
+    return target_of
+
+
+def _check_range_reply(message: GetMessage, request: pb.GetRequest) -> Chunk | None:
+    """The bytes of a ranged-read reply (None for its info); refuses a folder."""
+    data = chunk_of(message)
+    if data is not None:
+        return data
+    if message.info.folder or message.info.path != request.path:  # type: ignore[union-attr]
+        raise InvalidArgument(f"{request.path!r} is a folder: a ranged read reads one file")
+    return None
+
+
+def _worth_ranges(first: pb.GetResponse, remote: str) -> bool:
+    """Whether a Get's first message describes one big file, fetched faster over parallel ranged reads."""
+    info = first.info
+    return info.path == remote and not info.folder and info.size >= PARALLEL_MIN_SIZE
+
+
+def _reconnect_delay(error: DriveError, failures: int) -> float:
+    """Seconds to wait before reconnecting a watch after `error`; raises it when it is not worth retrying."""
+    if not isinstance(error, Unavailable) or failures >= len(RECONNECT_DELAYS):
+        raise error
+    return RECONNECT_DELAYS[failures]
+
+
+# -- the operations ---------------------------------------------------------------------------------
+
+
+def mount(drive: DriveBase) -> Plan[MountResult]:
+    """(Re)indexes an s3:// drive now."""
+    reply: pb.MountResponse = yield Unary("Mount", pb.MountRequest(drive=drive.id))
+    MOUNTS.mounted(drive)
+    return MountResult(reply.objects, reply.seconds)
+
+
+def _ensure_mounted(drive: DriveBase) -> Plan[None]:
+    """Mounts an s3:// drive on its first use in this process."""
+    if MOUNTS.needs_mount(drive):
+        yield from mount(drive)
+
+
+def put(drive: DriveBase, path: str | os.PathLike[str], to: str | None, progress: Progress | None
+        ) -> Plan[list[FileStat]]:
+    """Stores a local file, or every file of a local folder, in one call; answers the stored files."""
+    if to is None:
+        remote = normalize_path(os.fspath(path))
+        local = _local(drive, remote)
+    else:
+        remote = normalize_path(to)
+        local = _local(drive, path)
+    files: list[tuple[Path, str]] = yield Blocking(local_files, (local, remote))
+    if not files:
+        return []
+    header = _put_header(drive)
+    if len(files) == 1:  # a file of at most a chunk goes in one unary call, much cheaper than a stream
+        request = yield Blocking(small_file_request, (header, *files[0]))
+        if request is not None:
+            reply: pb.PutFileResponse = yield Unary("PutFile", request)
+            if progress:
+                progress(reply.file.size)
+            return [FileStat.from_info(reply.file)]
+    stream_reply: pb.PutResponse = yield Send("Put", put_requests(header, files, progress=progress))
+    return [FileStat.from_info(info) for info in stream_reply.files]
+
+
+def entries(drive: DriveBase, path: str, component_name: str | None, recursive: bool,
+            each: Callable[[pb.FileInfo], Any] = FileStat.from_info) -> Plan[None]:
+    """Emits `each(entry)` for the entries under `path`, page by page."""
+    request = pb.ListRequest(
+        drive=drive.id, path=normalize_path(path, allow_root=True), recursive=recursive,
+        component=_filter(component_name), page_size=LIST_PAGE_SIZE,
+    )
+    yield from _ensure_mounted(drive)
+    while True:
+        reply: pb.ListResponse = yield Unary("List", request)
+        yield Emit(map(each, reply.entries))
+        if not reply.next_page_token:
+            return
+        request.page_token = reply.next_page_token
+
+
+def paths(drive: DriveBase, path: str, component_name: str | None) -> Plan[None]:
+    """Emits the paths of the immediate entries under `path` (what `list` returns)."""
+    return entries(drive, path, component_name, recursive=False, each=attrgetter("path"))
+
+
+def get(drive: DriveBase, path: str, component_name: str | None, timeout: float | None, overwrite: bool,
+        to: str | os.PathLike[str] | None, progress: Progress | None) -> Plan[Path]:
+    """Fetches a file or folder to `to` (by default its own path under the root folder); answers the local path."""
+    remote = normalize_path(path)
+    target = _local(drive, remote if to is None else to)
+    request = _get_request(drive, remote, target, component_name, timeout, overwrite)
+    yield from _ensure_mounted(drive)
+    stream = yield Open("Get", request)
+    try:
+        first: GetMessage | None = yield Next(stream)
+        if isinstance(first, pb.GetResponse) and _worth_ranges(first, remote):
+            stream.cancel()  # read again, in blocks over several streams
+            yield Blocking(_fetch_ranges, (drive, remote, first.info, target, progress), calls=True)
+        else:
+            yield Blocking(_receive_stream, (stream, first, _target_of(remote, target), progress), calls=True)
+    finally:
+        stream.cancel()  # a no-op once the stream is complete; stops it after a local failure
+    return target
+
+
+def _messages(stream: Stream) -> Plan[None]:
+    """Emits the messages left in `stream`."""
+    while (message := (yield Next(stream))) is not None:
+        yield Emit((message,))
+
+
+def _receive_stream(calls: Caller, stream: Stream, first: GetMessage | None, target_of: Callable[[str], Path],
+                    progress: Progress | None) -> list[Path]:
+    """Writes the files of a Get stream whose first message was `first`; the rest is read a little ahead."""
+    rest = ReadAhead(calls.iterate(_messages(stream)))
+    replies: Iterable[GetMessage] = itertools.chain([first] if first is not None else [], rest)
+    return receive_files(replies, target_of, progress=progress)
+
+
+def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInfo, target: Path,
+                  progress: Progress | None) -> Path:
+    """Fetches one big file over concurrent ranged reads, each pinned to the version `info` describes."""
+    component, if_match = info.component or None, info.sha256 or info.etag
+
+    def read(offset: int, length: int) -> Iterable[Chunk]:
+        return calls.iterate(read_range(drive, remote, offset, length, component, if_match, copy=False))
+
+    return fetch_in_ranges(info, target, read, progress=progress)
+
+
+def read_range(drive: DriveBase, path: str, offset: int, length: int | None, component_name: str | None,
+               if_match: str, copy: bool = True) -> Plan[None]:
+    """Emits the chunks of bytes [offset, offset+length) of a file; `copy=False` emits views into the messages."""
+    if offset < 0 or (length is not None and length < 0):
+        raise InvalidArgument("offset and length cannot be negative")
+    request = pb.GetRequest(
+        drive=drive.id, path=normalize_path(path), offset=offset, limit=length or 0, if_match=if_match,
+        component=_filter(component_name),
+    )
+    if length == 0:
+        return
+    yield from _ensure_mounted(drive)
+    stream = yield Open("Get", request)
+    try:
+        while (message := (yield Next(stream))) is not None:
+            data = _check_range_reply(message, request)
+            if data is not None:
+                yield Emit((bytes(data) if copy else data,))
+    finally:
+        stream.cancel()
+
+
+def delete(drive: DriveBase, path: str) -> Plan[None]:
+    """Removes this component's file, or all its files under a folder."""
+    yield Unary("Delete", pb.DeleteRequest(drive=drive.id, path=normalize_path(path), component=drive.component_name))
+
+
+def stat(drive: DriveBase, path: str, component_name: str | None) -> Plan[FileStat]:
+    """Describes a file or folder."""
+    request = pb.StatRequest(drive=drive.id, path=normalize_path(path), component=_filter(component_name))
+    yield from _ensure_mounted(drive)
+    info: pb.FileInfo = yield Unary("Stat", request)
+    return FileStat.from_info(info)
+
+
+def watch(drive: DriveBase, path: str, component_name: str | None, after_sequence: int) -> Plan[None]:
+    """Emits puts and deletes under `path` as they commit, forever.
+
+    When the stream breaks with UNAVAILABLE it reconnects (after the delays
+    of RECONNECT_DELAYS, then it gives up) and resumes after the last event
+    seen; any other failure ends the watch with its error (`EventsExpired`
+    when the daemon no longer keeps the events after that sequence).
+    """
+    request = pb.WatchRequest(
+        drive=drive.id, path=normalize_path(path, allow_root=True), component=_filter(component_name),
+        after_sequence=after_sequence,
+    )
+    failures = 0
+    while True:
+        delay = 0.0
+        stream = yield Open("Watch", request)
+        try:
+            while (message := (yield Next(stream))) is not None:
+                failures = 0
+                request.after_sequence = message.sequence
+                if message.kind != pb.WatchEvent.KIND_WATCHING:
+                    yield Emit((WatchEvent.from_message(message),))
+        except DriveError as err:
+            delay = _reconnect_delay(err, failures)
+            failures += 1
+        finally:
+            stream.cancel()
+        if delay:
+            yield Sleep(delay)
