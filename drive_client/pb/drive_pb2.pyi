@@ -41,8 +41,15 @@ Status codes used by every RPC:
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
   DATA_LOSS            the bytes received do not match the CRC32C (or sha256)
                        sent, or a stored file is damaged (the message names it)
-  RESOURCE_EXHAUSTED   disk full, or a message over the size limit
-  UNAVAILABLE          S3 unreachable, or the daemon is shutting down
+  RESOURCE_EXHAUSTED   disk full, a file over the daemon's --max-file-size,
+                       a drive over its --quota (the message gives the
+                       numbers), too many transfers and watches open at
+                       once (--max-streams, --max-streams-per-peer), the
+                       daemon's open-file limit, or a message over the
+                       size limit (4 MiB)
+  UNAVAILABLE          S3 unreachable, the daemon is shutting down, or a
+                       Put or Get whose client sent or read nothing for
+                       the daemon's --stream-idle-timeout: retry
   UNIMPLEMENTED        an RPC this daemon does not serve yet
 The status message says what happened and what to do, for a person.
 """

@@ -41,8 +41,15 @@ Status codes used by every RPC:
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
   DATA_LOSS            the bytes received do not match the CRC32C (or sha256)
                        sent, or a stored file is damaged (the message names it)
-  RESOURCE_EXHAUSTED   disk full, or a message over the size limit
-  UNAVAILABLE          S3 unreachable, or the daemon is shutting down
+  RESOURCE_EXHAUSTED   disk full, a file over the daemon's --max-file-size,
+                       a drive over its --quota (the message gives the
+                       numbers), too many transfers and watches open at
+                       once (--max-streams, --max-streams-per-peer), the
+                       daemon's open-file limit, or a message over the
+                       size limit (4 MiB)
+  UNAVAILABLE          S3 unreachable, the daemon is shutting down, or a
+                       Put or Get whose client sent or read nothing for
+                       the daemon's --stream-idle-timeout: retry
   UNIMPLEMENTED        an RPC this daemon does not serve yet
 The status message says what happened and what to do, for a person.
 """
@@ -99,8 +106,13 @@ class DriveServiceStub:
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
     header before the previous file's finish, a path that is a folder, or
     whose parent is a file), ALREADY_EXISTS (another component holds the
-    path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-    DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+    path and allow_duplicates is false; a file and a folder of one path in
+    two components count as the same path), PERMISSION_DENIED (s3://
+    drive), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
+    full, a file over --max-file-size as soon as its header or its bytes
+    say so, the drive's --quota, too many streams), UNAVAILABLE (the client
+    sent nothing for --stream-idle-timeout; the daemon is shutting down).
+    Nothing is stored for a file refused so.
     """
     PutFile: _grpc.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -119,7 +131,10 @@ class DriveServiceStub:
     was named; the message names them), ABORTED (if_match differs, or an
     s3 object changed since it was indexed: re-mount and retry),
     INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-    limit on a folder, a wait_seconds that is not a number or over a day).
+    limit on a folder, a wait_seconds that is not a number or over a day),
+    RESOURCE_EXHAUSTED (too many streams), UNAVAILABLE (the client read
+    nothing for --stream-idle-timeout: resume from the offset reached; the
+    daemon is shutting down). The time a Get waits for its path is not idle.
     """
     List: _grpc.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]
     """Lists the immediate entries (files and folders) under a path, or every
@@ -194,8 +209,13 @@ class DriveServiceAsyncStub(DriveServiceStub):
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
     header before the previous file's finish, a path that is a folder, or
     whose parent is a file), ALREADY_EXISTS (another component holds the
-    path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-    DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+    path and allow_duplicates is false; a file and a folder of one path in
+    two components count as the same path), PERMISSION_DENIED (s3://
+    drive), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
+    full, a file over --max-file-size as soon as its header or its bytes
+    say so, the drive's --quota, too many streams), UNAVAILABLE (the client
+    sent nothing for --stream-idle-timeout; the daemon is shutting down).
+    Nothing is stored for a file refused so.
     """
     PutFile: _aio.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]  # type: ignore[assignment]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -214,7 +234,10 @@ class DriveServiceAsyncStub(DriveServiceStub):
     was named; the message names them), ABORTED (if_match differs, or an
     s3 object changed since it was indexed: re-mount and retry),
     INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-    limit on a folder, a wait_seconds that is not a number or over a day).
+    limit on a folder, a wait_seconds that is not a number or over a day),
+    RESOURCE_EXHAUSTED (too many streams), UNAVAILABLE (the client read
+    nothing for --stream-idle-timeout: resume from the offset reached; the
+    daemon is shutting down). The time a Get waits for its path is not idle.
     """
     List: _aio.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]  # type: ignore[assignment]
     """Lists the immediate entries (files and folders) under a path, or every
@@ -292,8 +315,13 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
         header before the previous file's finish, a path that is a folder, or
         whose parent is a file), ALREADY_EXISTS (another component holds the
-        path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-        DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+        path and allow_duplicates is false; a file and a folder of one path in
+        two components count as the same path), PERMISSION_DENIED (s3://
+        drive), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
+        full, a file over --max-file-size as soon as its header or its bytes
+        say so, the drive's --quota, too many streams), UNAVAILABLE (the client
+        sent nothing for --stream-idle-timeout; the daemon is shutting down).
+        Nothing is stored for a file refused so.
         """
 
     @_abc_1.abstractmethod
@@ -324,7 +352,10 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         was named; the message names them), ABORTED (if_match differs, or an
         s3 object changed since it was indexed: re-mount and retry),
         INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-        limit on a folder, a wait_seconds that is not a number or over a day).
+        limit on a folder, a wait_seconds that is not a number or over a day),
+        RESOURCE_EXHAUSTED (too many streams), UNAVAILABLE (the client read
+        nothing for --stream-idle-timeout: resume from the offset reached; the
+        daemon is shutting down). The time a Get waits for its path is not idle.
         """
 
     @_abc_1.abstractmethod
