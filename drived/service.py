@@ -10,13 +10,14 @@ handler raised into the call's status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import inspect
 import logging
 import time
 import traceback
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial, wraps
 from typing import Any, NoReturn, TypeVar, overload
@@ -196,62 +197,58 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     method = handler.__name__
     idle_limited = method in IDLE_LIMITED
 
-    @contextmanager
-    def admitted(service: DriveService, context: grpc.aio.ServicerContext) -> Iterator[Stream | None]:
-        if service.draining:
-            raise Unavailable("drived is shutting down: retry (on another replica, or here once it is back)")
-        if method not in STREAMS:
-            yield None
-            return
-        with service.streams.opened(method, context.peer(), idle_limited) as stream:
-            yield stream
+    @asynccontextmanager
+    async def answering(
+        service: DriveService, context: grpc.aio.ServicerContext, record: RequestLog
+    ) -> AsyncIterator[Stream | None]:
+        """The body of a call: refused while draining, admitted among the streams (the Stream; None for a
+        call that is none), and its failure answered with its status, an idle stream's with UNAVAILABLE."""
+        try:
+            if service.draining:
+                raise Unavailable("drived is shutting down: retry (on another replica, or here once it is back)")
+            with contextlib.ExitStack() as admitted:
+                stream = None
+                if method in STREAMS:
+                    stream = admitted.enter_context(service.streams.opened(method, context.peer(), idle_limited))
+                try:
+                    yield stream
+                except asyncio.CancelledError:
+                    if stream is None or not stream.timed_out:
+                        raise
+                    # Answered while still admitted: see _end_idle.
+                    await _end_idle(context, record, stream, service.streams.idle_timeout)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            await _fail(context, record, err)
 
     if inspect.isasyncgenfunction(handler):
 
         @wraps(handler)
         async def streams(self: DriveService, request: object, context: grpc.aio.ServicerContext) -> None:
             with _logged(method, request) as record:
-                try:
-                    with admitted(self, context) as stream:
-                        assert stream is not None
-                        try:
-                            async with aclosing(handler(self, request, record)) as answers:
-                                async for answer in answers:
-                                    stream.waiting = True
-                                    try:
-                                        await context.write(answer)
-                                    except grpc.aio.InternalError:  # a write to a call its client ended
-                                        raise asyncio.CancelledError from None
-                                    stream.waiting = False
-                                    stream.progress += 1
-                        except asyncio.CancelledError:
-                            if not stream.timed_out:
-                                raise
-                            await _end_idle(context, record, stream, self.streams.idle_timeout)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as err:
-                    await _fail(context, record, err)
+                async with answering(self, context, record) as stream:
+                    assert stream is not None
+                    async with aclosing(handler(self, request, record)) as answers:
+                        async for answer in answers:
+                            stream.waiting = True
+                            try:
+                                await context.write(answer)
+                            except grpc.aio.InternalError:  # a write to a call its client ended
+                                raise asyncio.CancelledError from None
+                            stream.waiting = False
+                            stream.progress += 1
 
         return streams
 
     @wraps(handler)
     async def answers(self: DriveService, request: object, context: grpc.aio.ServicerContext) -> object:
         with _logged(method, request) as record:
-            try:
-                with admitted(self, context) as stream:
-                    if stream is None or not hasattr(request, "__anext__"):
-                        return await handler(self, request, record)
-                    try:
-                        return await handler(self, _received(context, stream), record)
-                    except asyncio.CancelledError:
-                        if not stream.timed_out:
-                            raise
-                        await _end_idle(context, record, stream, self.streams.idle_timeout)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as err:
-                await _fail(context, record, err)
+            async with answering(self, context, record) as stream:
+                if stream is not None and hasattr(request, "__anext__"):
+                    request = _received(context, stream)
+                return await handler(self, request, record)
+        raise AssertionError("unreachable")  # a failure is answered by aborting, which raises
 
     return answers
 

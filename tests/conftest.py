@@ -411,6 +411,11 @@ def upload_bytes(data_dir: pathlib.Path) -> int:
     return sum(f.stat().st_size for f in (data_dir / "tmp").glob("*") if f.is_file())
 
 
+def no_uploads(data_dir: pathlib.Path) -> bool:
+    """True when a local daemon's data dir holds no upload in progress (its tmp/ folder is empty)."""
+    return not any((data_dir / "tmp").iterdir())
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
     """Polls `predicate` until true or `timeout`; returns its last value."""
     deadline = time.monotonic() + timeout

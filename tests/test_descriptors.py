@@ -11,10 +11,10 @@ from conftest import (
     MIB,
     StalledPuts,
     health_status,
+    no_uploads,
     open_fds,
     raw_get,
     raw_put,
-    upload_bytes,
     wait_until,
 )
 from grpc_health.v1 import health_pb2
@@ -78,7 +78,7 @@ def test_at_the_descriptor_limit_uploads_are_refused_and_reads_and_health_served
                 raw_put(stub, drive, "new.bin", os.urandom(2 * MIB))
             assert refused_put.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert str(handle.data_dir) not in refused_put.value.details()
-        assert wait_until(lambda: upload_bytes(handle.data_dir) == 0 and open_fds(handle.proc.pid) <= before + 5, 30)
+        assert wait_until(lambda: no_uploads(handle.data_dir) and open_fds(handle.proc.pid) <= before + 5, 30)
         raw_put(stub, drive, "new.bin", os.urandom(2 * MIB))
         assert [e.path for e in stub.List(pb.ListRequest(drive=drive, path=".")).entries] == [
             "kept.bin", "new.bin", "small.txt"

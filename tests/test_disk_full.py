@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest import MIB, DaemonHandle, raw_get, raw_put, snapshot, upload_bytes, wait_until
+from conftest import MIB, DaemonHandle, no_uploads, raw_get, raw_put, snapshot, wait_until
 
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
@@ -73,7 +73,7 @@ def test_a_full_disk_refuses_the_put_removes_its_data_and_recovers(start_daemon,
             # a big put: the disk fills while its bytes arrive
             message = refused_for_space(lambda: raw_put(stub, DRIVE, "too_big.bin", os.urandom(3 * SPACE // 2)))
             assert str(handle.data_dir) not in message and "/" not in message.split("lit://")[0], message
-            assert wait_until(lambda: upload_bytes(handle.data_dir) == 0, 10), "the partial upload stays"
+            assert wait_until(lambda: no_uploads(handle.data_dir), 10), "the partial upload stays"
             assert snapshot(handle.data_dir) == before
 
             # small puts (committed by the commit worker) until the disk is full
@@ -87,7 +87,7 @@ def test_a_full_disk_refuses_the_put_removes_its_data_and_recovers(start_daemon,
                     break
                 stored.append(f"fill/{i}.bin")
             assert last == grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(stored)} small puts, then {last}"
-            assert wait_until(lambda: upload_bytes(handle.data_dir) == 0, 10)
+            assert wait_until(lambda: no_uploads(handle.data_dir), 10)
 
             # earlier files and what fitted are whole
             for path, data in earlier.items():

@@ -13,6 +13,7 @@ import pytest
 from conftest import (
     MIB,
     StalledPuts,
+    no_uploads,
     open_fds,
     put_messages,
     raw_get,
@@ -20,7 +21,6 @@ from conftest import (
     rpc_code,
     sha256_hex,
     snapshot,
-    upload_bytes,
     wait_until,
 )
 
@@ -93,7 +93,7 @@ def test_streams_over_the_per_peer_cap_are_refused_and_others_are_served(start_d
         assert wait_until(lambda: handle.open_requests("Put") == 0, 10)
         raw_put(stub, drive, "fifth.txt", b"fifth")
         assert listed(stub, drive) == ["fifth.txt", "kept.txt"]
-    assert upload_bytes(handle.data_dir) == 0
+    assert wait_until(lambda: no_uploads(handle.data_dir), 10)
 
 
 def test_streams_over_the_total_cap_are_refused(start_daemon, tmp_path):
@@ -117,7 +117,7 @@ def test_a_put_whose_client_sends_nothing_is_ended_and_its_upload_removed(start_
         assert wait_until(lambda: stalled.open() == 0, 30), "the stalled put was never ended"
         assert stalled.outcomes == [SC.UNAVAILABLE], stalled.details
         assert "sent nothing for 1 s" in stalled.details[0] and "--stream-idle-timeout" in stalled.details[0]
-    assert upload_bytes(handle.data_dir) == 0, "its upload data is removed"
+    assert wait_until(lambda: no_uploads(handle.data_dir), 10), "its upload data is removed"
     handle.wait_logged("idle stream cancelled")
     with grpc.insecure_channel(handle.endpoint) as channel:
         stub = drive_pb2_grpc.DriveServiceStub(channel)
@@ -161,7 +161,8 @@ def test_a_get_whose_client_reads_nothing_is_ended_and_its_file_closed(start_dae
 
 
 def test_300_stalled_streams_leave_listing_prompt_and_are_gone_after_the_idle_timeout(start_daemon, tmp_path):
-    handle = start_daemon(tmp_path, "--stream-idle-timeout", "3", "--max-streams-per-peer", "400")
+    # Long enough for all 300 to be open at once on a loaded machine before the first is ended.
+    handle = start_daemon(tmp_path, "--stream-idle-timeout", "15", "--max-streams-per-peer", "400")
     drive = "lit://three_hundred"
     with grpc.insecure_channel(handle.endpoint) as channel:
         stub = drive_pb2_grpc.DriveServiceStub(channel)
@@ -170,6 +171,7 @@ def test_300_stalled_streams_leave_listing_prompt_and_are_gone_after_the_idle_ti
         before = listed(stub, drive, "kept")
         first = lambda i: [header(drive, f"stalled/{i}.bin"), os.urandom(MIB)]  # noqa: E731
         with StalledPuts(handle.endpoint, 300, first, channels=3) as stalled:
+            assert stalled.open() == 300, stalled.refused()
             handle.wait_open("Put", 300)
             latencies = []
             for _ in range(10):
@@ -179,7 +181,7 @@ def test_300_stalled_streams_leave_listing_prompt_and_are_gone_after_the_idle_ti
             print(f"List beside 300 stalled puts: slowest of 10 took {max(latencies) * 1000:.0f} ms")
             assert wait_until(lambda: stalled.open() == 0, 60), f"{stalled.open()} stalled puts still open"
             assert stalled.refused() == {SC.UNAVAILABLE: 300}
-        assert wait_until(lambda: upload_bytes(handle.data_dir) == 0, 10), "their upload data is removed"
+        assert wait_until(lambda: no_uploads(handle.data_dir), 10), "their upload data is removed"
         assert handle.open_requests("Put") == 0
         assert listed(stub, drive) == ["kept"]
 
@@ -224,7 +226,7 @@ def test_files_over_the_largest_size_are_refused_and_nothing_is_stored(start_dae
             pb.PutFileRequest(header=header_only, data=big, sha256=sha256_hex(big)), timeout=60))
         folder = [m for name in ("a.bin", "b.bin") for m in put_messages(drive, f"folder/{name}", big)]
         refused_put(lambda: stub.Put(iter(folder), timeout=60))
-        assert wait_until(lambda: upload_bytes(handle.data_dir) == 0, 10)
+        assert wait_until(lambda: no_uploads(handle.data_dir), 10)
         assert snapshot(handle.data_dir) == before, "nothing stored"
         assert listed(stub, drive) == ["exactly.bin"]
     (tmp_path / "big.bin").write_bytes(big)
@@ -246,7 +248,7 @@ def test_a_drive_over_its_quota_refuses_puts_with_the_numbers(start_daemon, tmp_
         sent: list[int] = []
         refused_put(lambda: stub.Put(endless(drive, "endless.bin", sent), timeout=60))
         assert len(sent) < 10, f"the daemon took {len(sent)} MiB past the quota before refusing"
-        assert wait_until(lambda: upload_bytes(handle.data_dir) == 0, 10)
+        assert wait_until(lambda: no_uploads(handle.data_dir), 10)
         assert snapshot(handle.data_dir) == before, "nothing stored"
         # the quota is each drive's own
         raw_put(stub, other_drive, "two.bin", two)

@@ -13,7 +13,7 @@ import os
 import sys
 
 import pytest
-from conftest import MIB, StalledPuts, rss_mib, upload_bytes, wait_until
+from conftest import MIB, StalledPuts, no_uploads, rss_mib, upload_bytes, wait_until
 
 from drive_client import Drive
 from drive_client.malloc import KEEP_FREE
@@ -55,7 +55,7 @@ def test_stalled_uploads_hold_no_chunks_and_their_memory_is_returned(start_daemo
             print(f"wave {wave}: {STREAMS} stalled uploads of {CHUNK / MIB:.1f} MiB: daemon {during:.0f} MiB "
                   f"(baseline {baseline:.0f} MiB, bound {bound:.0f} MiB)")
             assert held, f"{STREAMS} stalled uploads keep the daemon at {during:.0f} MiB (bound {bound:.0f} MiB)"
-        assert wait_until(lambda: upload_bytes(handle.data_dir) == 0 and handle.open_requests("Put") == 0, 30)
+        assert wait_until(lambda: no_uploads(handle.data_dir) and handle.open_requests("Put") == 0, 30)
         bound = baseline + kept + SLACK_MIB
         returned = wait_until(lambda bound=bound: rss_mib(handle.proc.pid) <= bound, 15)
         after = rss_mib(handle.proc.pid)
