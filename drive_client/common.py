@@ -25,6 +25,21 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 2 << 20),
 ]
+# Targets that name several addresses: `dns:///name:port` (every address the name resolves to, e.g. a
+# headless Service's pods) and gRPC's `ipv4:`/`ipv6:` address lists.
+SPREAD_TARGETS = ("dns:", "ipv4:", "ipv6:")
+
+
+def channel_options(endpoint: str) -> list[tuple[str, Any]]:
+    """The options of a channel to `endpoint`, the one place both twins take them from.
+
+    A target of several addresses spreads calls over all of them (round_robin, re-resolved when a
+    replica sends GOAWAY after --max-connection-age), where gRPC's default policy would send every
+    call to the first address that answers.
+    """
+    if endpoint.startswith(SPREAD_TARGETS):
+        return [*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
+    return CHANNEL_OPTIONS
 
 
 @dataclass(frozen=True)

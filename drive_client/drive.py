@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from . import core
-from .common import CHANNEL_OPTIONS, DriveBase, FileStat, MountResult, WatchEvent
+from .common import DriveBase, FileStat, MountResult, WatchEvent, channel_options
 from .effects import Call, Caller, Next, Send
 from .errors import from_rpc_error
 from .pb import drive_pb2_grpc as pb_grpc
@@ -31,7 +31,7 @@ def _shared_stub(endpoint: str) -> pb_grpc.DriveServiceStub:
     key = (os.getpid(), endpoint)
     with _stubs_lock:
         if key not in _stubs:
-            _stubs[key] = fast_stub(grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS))
+            _stubs[key] = fast_stub(grpc.insecure_channel(endpoint, options=channel_options(endpoint)))
         return _stubs[key]
 
 

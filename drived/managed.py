@@ -154,9 +154,9 @@ class ManagedDrives:
         return self.quotas.refusal(put.drive.name, received - await self._own_size(put))
 
     async def commit_put(self, put: ManagedPut, sha256: str, received: int) -> Entry:
-        """Verifies and commits a put: ownership and the quota are checked again inside the path's claim, so
-        that the check and the commit are one step for every daemon sharing the coordinator (and, for the
-        quota, for this daemon)."""
+        """Verifies and commits a put: ownership and the quota are checked again inside the path's claim (and
+        the backend's commit checks the folders there), so that the checks and the commit are one step for
+        every daemon sharing the coordinator (for the quota, for this daemon)."""
         header, drive = put.header, put.header.drive.name
         async with self.coordinator.claim(drive, header.path):
             try:

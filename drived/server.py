@@ -22,11 +22,13 @@ from .backends.base import Backend
 from .backends.local import LocalBackend
 from .backends.s3 import S3Backend
 from .config import MAX_CHUNK_SIZE, Config
+from .coordinator import Coordinator
 from .descriptors import Descriptors
 from .drives import DriveRouter
 from .events import InProcessCoordinator
 from .limits import Streams
 from .managed import ManagedDrives
+from .redis_coordinator import RedisCoordinator, coordinator_name
 from .s3drives import S3Drives
 from .s3index.mounts import S3Mounts
 from .service import DriveService
@@ -44,6 +46,13 @@ def make_backend(config: Config) -> Backend:
         where = parse_drive(config.storage)
         return S3Backend(where.bucket, where.prefix, config.chunk_size, config.upload_expiry)
     return LocalBackend(config.data_dir, Descriptors.of_this_process(), config.chunk_size)
+
+
+def make_coordinator(config: Config) -> Coordinator:
+    """The coordinator of managed drives: in-process, or the Redis/Valkey of --coordinator."""
+    if config.coordinator:
+        return RedisCoordinator(config.coordinator, config.claim_ttl)
+    return InProcessCoordinator()
 
 
 def server_options(config: Config) -> list[tuple[str, int]]:
@@ -72,7 +81,8 @@ async def serve(config: Config) -> None:
     backend = make_backend(config)
     await backend.start()
     mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size)
-    coordinator = InProcessCoordinator()
+    coordinator = make_coordinator(config)
+    await coordinator.start()
     streams = Streams(
         config.max_streams, config.max_streams_per_peer, config.stream_idle_timeout,
         release_memory=lambda: loop.run_in_executor(None, release_free_memory),
@@ -97,6 +107,8 @@ async def serve(config: Config) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     where = {"storage": config.storage} if config.storage else {"data_dir": config.data_dir}
+    if config.coordinator:
+        where["coordinator"] = coordinator_name(config.coordinator)  # the URL without its password
     log.info("serving", extra={"fields": {"listen": config.listen, **where}})
 
     stop = asyncio.Event()
@@ -116,6 +128,7 @@ async def serve(config: Config) -> None:
         log.warning("grace period over: cancelling what is still open", extra={"fields": {"streams": streams.count}})
     await server.stop(max(0.0, deadline - loop.time()))
     await streams.close()
+    await coordinator.disconnect()
     await mounts.close()
     await backend.close()
     log.info("stopped")
