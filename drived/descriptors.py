@@ -33,7 +33,7 @@ class Descriptors:
         self.for_uploads = max(1, available // 2)
         self.for_files = max(2, available * 3 // 4)  # uploads and reads together
         self._uploads = self._reads = 0
-        self._lock = threading.Lock()  # uploads open their files in worker threads
+        self._lock = threading.Lock()  # a big upload closes its file, and gives it back, in a worker thread
 
     @classmethod
     def of_this_process(cls) -> Descriptors:

@@ -69,9 +69,11 @@ def put(stub, path: str, component: str, pieces: list) -> str:
     return digest.hexdigest()
 
 
-def client(endpoint: str, seconds: float, number: int, block: memoryview, counts: Counter, errors: list) -> None:
+def client(
+    endpoint: str, seconds: float, run: str, number: int, block: memoryview, counts: Counter, errors: list
+) -> None:
     rng = random.Random(number)
-    component = f"c{number}"
+    component = f"{run}c{number}"  # a namespace of its own: every answer is known
     held: dict[str, tuple[str, int]] = {}  # path -> (sha256, size) as last put
     with grpc.insecure_channel(endpoint) as channel:
         stub = drive_pb2_grpc.DriveServiceStub(channel)
@@ -117,12 +119,12 @@ def client(endpoint: str, seconds: float, number: int, block: memoryview, counts
                 return
 
 
-def process(endpoint: str, seconds: float, first: int, out: multiprocessing.Queue) -> None:
+def process(endpoint: str, seconds: float, run: str, first: int, out: multiprocessing.Queue) -> None:
     block = memoryview(os.urandom(BLOCK))
     counts: list[Counter] = [Counter() for _ in range(THREADS)]  # one each: Counter updates are not atomic
     errors: list[str] = []
     threads = [
-        threading.Thread(target=client, args=(endpoint, seconds, first + i, block, counts[i], errors))
+        threading.Thread(target=client, args=(endpoint, seconds, run, first + i, block, counts[i], errors))
         for i in range(THREADS)
     ]
     for thread in threads:
@@ -132,11 +134,13 @@ def process(endpoint: str, seconds: float, first: int, out: multiprocessing.Queu
     out.put((dict(sum(counts, Counter())), errors))
 
 
-def run_clients(endpoint: str, seconds: float) -> tuple[Counter, list[str], float]:
+def run_clients(endpoint: str, seconds: float, run: str) -> tuple[Counter, list[str], float]:
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     started = time.monotonic()
-    workers = [context.Process(target=process, args=(endpoint, seconds, p * THREADS, out)) for p in range(PROCESSES)]
+    workers = [
+        context.Process(target=process, args=(endpoint, seconds, run, p * THREADS, out)) for p in range(PROCESSES)
+    ]
     for worker in workers:
         worker.start()
     counts: Counter = Counter()
@@ -153,13 +157,13 @@ def run_clients(endpoint: str, seconds: float) -> tuple[Counter, list[str], floa
 def test_64_clients_at_once_lose_nothing_and_leave_the_daemon_as_it_was(start_daemon, tmp_path):
     handle = start_daemon(tmp_path, "--stream-idle-timeout", "60")
     pid = handle.proc.pid
-    _, warm_errors, _ = run_clients(handle.endpoint, 2)
+    _, warm_errors, _ = run_clients(handle.endpoint, 2, "warm")
     assert not warm_errors, warm_errors[:5]
     assert wait_until(lambda: handle.open_requests("Put") == 0 and handle.open_requests("Get") == 0, 30)
     resting_fds, resting_rss = open_fds(pid), rss_mib(pid)
 
     seconds = float(os.environ.get("LOAD_SECONDS", "20"))
-    counts, errors, elapsed = run_clients(handle.endpoint, seconds)
+    counts, errors, elapsed = run_clients(handle.endpoint, seconds, "load")
     peak_rss = rss_mib(pid)
     moved = counts["bytes_put"] + counts["bytes_got"]
     calls = sum(counts[a] for a in ("put", "get", "list", "stat", "delete"))
