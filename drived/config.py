@@ -36,6 +36,11 @@ class Config:
     s3_page_size: int = 1000
     metrics_listen: str = ""
     token: str = ""
+    auth_tokens: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    reflection: bool = True
     max_connection_age: float = 0.0
     max_file_size: int = 0
     quota: int = 0
@@ -64,7 +69,15 @@ HELP = {
     "s3_page_size": "MaxKeys of each ListObjectsV2 call",
     "metrics_listen": "HOST:PORT to serve Prometheus metrics on (/metrics); empty: no metrics endpoint",
     "token": "when set, every DriveService call must carry `authorization: Bearer TOKEN` (UNAUTHENTICATED "
-    "otherwise); health and reflection stay open. Prefer the env variable: flags show in `ps`",
+    "otherwise): one token for every drive, read-write, beside those of --auth-tokens; health and reflection "
+    "stay open. Prefer the env variable: flags show in `ps`",
+    "auth_tokens": "TOML file of tokens, each with the drives it may use and its mode, read or read-write "
+    "(README, Security); calls then need one of them. SIGHUP reads it again",
+    "tls_cert": "PEM certificate (chain) to serve gRPC over TLS with; needs --tls-key. SIGHUP reads it again",
+    "tls_key": "PEM private key of --tls-cert (unencrypted)",
+    "tls_client_ca": "PEM bundle of the CAs whose client certificates are accepted: with it, every client must "
+    "show one (mutual TLS); needs --tls-cert",
+    "reflection": "on or off: serve gRPC server reflection (what grpcurl uses to learn the API)",
     "max_connection_age": "seconds after which a client connection is asked to reconnect (so clients behind "
     "DNS round-robin find new replicas; calls in progress finish); 0: never",
     "max_file_size": "the largest file a put may store, in bytes (K, M, G, T: powers of 1024); a bigger one is "
@@ -146,6 +159,15 @@ def _coordinator(text: str) -> str:
     return text
 
 
+def _switch(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("on", "true", "yes", "1"):
+        return True
+    if word in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"use on or off, not {text!r}")
+
+
 def _chunk_size(text: str) -> int:
     value = _positive(int)(text)
     if value > MAX_CHUNK_SIZE:
@@ -159,10 +181,17 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": str, "data_dir": str, "storage": _storage, "upload_expiry": _positive(float),
     "coordinator": _coordinator, "claim_ttl": _positive(float), "chunk_size": _chunk_size,
     "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
-    "metrics_listen": str, "token": str, "max_connection_age": _non_negative(float),
+    "metrics_listen": str, "token": str, "auth_tokens": str, "tls_cert": str, "tls_key": str, "tls_client_ca": str,
+    "reflection": _switch, "max_connection_age": _non_negative(float),
     "max_file_size": _size, "quota": _size, "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
     "stream_idle_timeout": _non_negative(float), "log_level": str,
 }
+
+
+def _shown(default: object) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return repr(default)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -171,7 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         env = f"DRIVED_{f.name.upper()}"
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, type=PARSERS[f.name], default=None,
-            metavar=f.name.upper(), help=f"{HELP[f.name]} (env {env}; default {f.default!r})",
+            metavar=f.name.upper(), help=f"{HELP[f.name]} (env {env}; default {_shown(f.default)})",
         )
 
 
@@ -192,6 +221,10 @@ def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Conf
     config = Config(**values)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         parser.error(f"--log-level {config.log_level!r}: use debug, info, warning or error")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        parser.error("--tls-cert and --tls-key go together: give the certificate and its key, or neither")
+    if config.tls_client_ca and not config.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first")
     return config
 
 

@@ -2,9 +2,12 @@
 
 Each handler decodes its request into a validated value (`drived.requests`),
 calls the drives of the request's drive (`drived.drives`) and answers with
-protobuf messages. The one wrapper around every handler, `rpc`, logs one
-structured line per request, counts it in the metrics, and turns what the
-handler raised into the call's status.
+protobuf messages. The one wrapper around every handler, `rpc`,
+authenticates the call (`drived.auth`), logs one structured line per
+request, counts it in the metrics, and turns what the handler raised into
+the call's status: a call refused for its token is logged and counted like
+any other. Handlers reach the drives only through `DriveService._drives`,
+which checks the call's grant against each drive it names.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from drive_client.errors import DriveError, NotFound, ResourceExhausted, Unavailable
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc as pb_grpc
+from drive_client.uri import DriveId, parse_drive
 from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
 
 from . import metrics
-from .drives import DriveRouter, PendingPut
+from .auth import EVERYONE, NOBODY, READS, WRITES, Access, Grant
+from .drives import DriveRouter, Drives, PendingPut
 from .entry import Entry
 from .limits import Stream, Streams
 from .puts import PutStream
@@ -72,6 +77,7 @@ class RequestLog:
     bytes: int = 0
     files: int = 0
     status: str = "OK"
+    grant: Grant = NOBODY  # the caller's, once authenticated; its name is logged, never the token
 
 
 @contextmanager
@@ -94,7 +100,7 @@ def _logged(method: str, request: object) -> Iterator[RequestLog]:
         fields = {
             "method": record.method, "drive": record.drive, "path": record.path,
             "component": record.component, "bytes": record.bytes, "files": record.files,
-            "duration_ms": round(seconds * 1000, 3), "status": record.status,
+            "duration_ms": round(seconds * 1000, 3), "status": record.status, "token": record.grant.name,
         }
         log.info("request", extra={"fields": fields})
 
@@ -192,18 +198,22 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     One wrapper for every shape: a handler that returns its answer (unary, or
     a client stream as `request`, read as `_received` says) or one that
     yields its answers (a server stream, written one by one, and closed when
-    the call ends early).
+    the call ends early). The call is authenticated before the handler runs.
     """
     method = handler.__name__
+    if method not in READS | WRITES:
+        raise TypeError(f"{method}: say in drived.auth whether it reads or writes (READS or WRITES)")
     idle_limited = method in IDLE_LIMITED
 
     @asynccontextmanager
     async def answering(
         service: DriveService, context: grpc.aio.ServicerContext, record: RequestLog
     ) -> AsyncIterator[Stream | None]:
-        """The body of a call: refused while draining, admitted among the streams (the Stream; None for a
-        call that is none), and its failure answered with its status, an idle stream's with UNAVAILABLE."""
+        """The body of a call: authenticated, refused while draining, admitted among the streams (the
+        Stream; None for a call that is none), and its failure answered with its status, an idle stream's
+        with UNAVAILABLE."""
         try:
+            record.grant = service.caller(context)
             if service.draining:
                 raise Unavailable("drived is shutting down: retry (on another replica, or here once it is back)")
             with contextlib.ExitStack() as admitted:
@@ -256,15 +266,25 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
 class DriveService(pb_grpc.DriveServiceServicer):
     """Serves drive.v1.DriveService."""
 
-    def __init__(self, drives: DriveRouter, streams: Streams) -> None:
-        self.drives = drives
+    def __init__(self, drives: DriveRouter, streams: Streams, access: Access | None = None) -> None:
+        self._router = drives
         self.streams = streams
+        self.access = access or Access()
         self.draining = False  # set on SIGTERM: new calls answer UNAVAILABLE while the open ones finish
+
+    def caller(self, context: grpc.aio.ServicerContext) -> Grant:
+        """What the call may do, by its token; Unauthenticated when tokens are needed and it has no good one."""
+        return self.access.authenticate(context.invocation_metadata()) if self.access.required else EVERYONE
+
+    def _drives(self, record: RequestLog, drive: DriveId) -> Drives:
+        """The drives of `drive`, once the caller's grant covers the call on it (PermissionDenied otherwise)."""
+        record.grant.check(record.method, drive)
+        return self._router(drive)
 
     async def _begin_put(self, record: RequestLog, header: pb.PutHeader) -> PendingPut:
         record.drive, record.path, record.component = header.drive, header.path, header.component
         put = PutHeader.from_pb(header)
-        return await self.drives(put.drive).begin_put(put)
+        return await self._drives(record, put.drive).begin_put(put)
 
     @rpc
     async def Put(self, messages: AsyncIterable[PutMessage], record: RequestLog) -> pb.PutResponse:
@@ -300,7 +320,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
         self, request: pb.GetRequest, record: RequestLog
     ) -> AsyncIterator[GetMessage]:
         get = GetRequest.from_pb(request)
-        async for entry, chunks in self.drives(get.drive).open_files(get):
+        async for entry, chunks in self._drives(record, get.drive).open_files(get):
             try:
                 record.files += 1
                 if get.whole_small_files and entry.size <= SMALL_FILE:
@@ -318,7 +338,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
     @rpc
     async def List(self, request: pb.ListRequest, record: RequestLog) -> pb.ListResponse:
         listing = ListRequest.from_pb(request)
-        entries, more = await self.drives(listing.drive).list_entries(listing)
+        entries, more = await self._drives(record, listing.drive).list_entries(listing)
         record.files = len(entries)
         token = listing.page_token(entries[-1].path) if more else ""
         return pb.ListResponse(entries=[file_info(e) for e in entries], next_page_token=token)
@@ -326,18 +346,18 @@ class DriveService(pb_grpc.DriveServiceServicer):
     @rpc
     async def Stat(self, request: pb.StatRequest, record: RequestLog) -> pb.FileInfo:
         stat = StatRequest.from_pb(request)
-        return file_info(await self.drives(stat.drive).stat(stat))
+        return file_info(await self._drives(record, stat.drive).stat(stat))
 
     @rpc
     async def Delete(self, request: pb.DeleteRequest, record: RequestLog) -> pb.DeleteResponse:
         delete = DeleteRequest.from_pb(request)
-        record.files = await self.drives(delete.drive).delete(delete)
+        record.files = await self._drives(record, delete.drive).delete(delete)
         return pb.DeleteResponse(files_deleted=record.files)
 
     @rpc
     async def Mount(self, request: pb.MountRequest, record: RequestLog) -> pb.MountResponse:
         mount = MountRequest.from_pb(request)
-        record.files, seconds = await self.drives(mount.drive).mount(mount)
+        record.files, seconds = await self._drives(record, mount.drive).mount(mount)
         return pb.MountResponse(objects=record.files, seconds=seconds)
 
     @rpc
@@ -345,7 +365,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
         self, request: pb.WatchRequest, record: RequestLog
     ) -> AsyncIterator[pb.WatchEvent]:
         watch = WatchRequest.from_pb(request)
-        start, events = await self.drives(watch.drive).watch(watch)
+        start, events = await self._drives(record, watch.drive).watch(watch)
         yield pb.WatchEvent(sequence=start, kind=pb.WatchEvent.KIND_WATCHING)
         async for event in events:
             record.files += 1
@@ -355,5 +375,6 @@ class DriveService(pb_grpc.DriveServiceServicer):
     async def QueryWriteStatus(
         self, request: pb.QueryWriteStatusRequest, record: RequestLog
     ) -> pb.QueryWriteStatusResponse:
+        self._drives(record, parse_drive(request.drive))
         # This daemon keeps no unfinished upload once its stream ends, so there is never one to resume.
         raise NotFound(f"upload {request.upload_id!r} is not held by this daemon: put the file again from offset 0")

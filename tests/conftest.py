@@ -50,6 +50,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 from bench.services import free_port  # noqa: E402  (a TCP port on 127.0.0.1 nothing listens on)
 from drive_client import AsyncDrive, Drive  # noqa: E402
+from drive_client.channels import Connection, open_channel  # noqa: E402
 from drive_client.pb import drive_pb2, drive_pb2_grpc  # noqa: E402
 
 T = TypeVar("T")
@@ -141,9 +142,14 @@ class DaemonHandle:
         return self.proc.returncode
 
 
-def health_status(endpoint: str, timeout: float = 1.0, service: str = "") -> int | None:
-    """The grpc health status of `endpoint` (e.g. SERVING), or None when it does not answer."""
-    with grpc.insecure_channel(endpoint) as channel:
+def health_status(endpoint: str, timeout: float = 1.0, service: str = "", tls: Connection | None = None
+                  ) -> int | None:
+    """The grpc health status of `endpoint` (e.g. SERVING), or None when it does not answer.
+
+    `tls`: how to reach a daemon that serves TLS (its endpoint is `endpoint`'s).
+    """
+    connection = dataclasses.replace(tls, endpoint=endpoint) if tls else Connection(endpoint)
+    with open_channel(connection) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -153,8 +159,9 @@ def health_status(endpoint: str, timeout: float = 1.0, service: str = "") -> int
         return resp.status
 
 
-def wait_serving(handle: DaemonHandle, timeout: float = 20) -> None:
-    """Waits until the daemon answers its health check with SERVING; fails with its log otherwise."""
+def wait_serving(handle: DaemonHandle, timeout: float = 20, tls: Connection | None = None) -> None:
+    """Waits until the daemon answers its health check with SERVING (over `tls` when given); fails with its log
+    otherwise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if handle.proc.poll() is not None:
@@ -162,7 +169,7 @@ def wait_serving(handle: DaemonHandle, timeout: float = 20) -> None:
                 f"drived exited with code {handle.proc.returncode} before serving on {handle.endpoint}.\n"
                 f"--- its output ---\n{handle.log()}"
             )
-        if health_status(handle.endpoint, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING:
+        if health_status(handle.endpoint, timeout=0.5, tls=tls) == health_pb2.HealthCheckResponse.SERVING:
             return
         time.sleep(0.05)
     handle.stop(signal.SIGKILL)
@@ -211,8 +218,10 @@ def start_daemon(
     port: int | None = None,
     wait: bool = True,
     nofile: int | None = None,
+    tls: Connection | None = None,
 ) -> DaemonHandle:
-    """Starts drived on a free 127.0.0.1 port with a data dir under `tmp_path`, and waits for SERVING.
+    """Starts drived on a free 127.0.0.1 port with a data dir under `tmp_path`, and waits for SERVING
+    (asking over `tls` when the daemon serves TLS).
 
     `extra_args` are appended to `--listen ... --data-dir ...` (e.g. "--grace-period", "5").
     It serves metrics on a free port too (unless `extra_args` say where), so that tests can
@@ -227,7 +236,7 @@ def start_daemon(
     args = ["--listen", endpoint, "--data-dir", str(data_dir), *extra_args]
     handle = spawn_daemon(args, tmp_path / f"drived-{port}.log", data_dir, endpoint, env=env, nofile=nofile)
     if wait:
-        wait_serving(handle)
+        wait_serving(handle, tls=tls)
     return handle
 
 

@@ -33,7 +33,13 @@ Status codes used by every RPC:
   INVALID_ARGUMENT     bad drive URI, path, component, or stream order
   NOT_FOUND            the path (or the S3 bucket) does not exist
   ALREADY_EXISTS       another component holds the path (allow_duplicates off)
-  PERMISSION_DENIED    a write to a read-only (s3://) drive, or S3 refused access
+  UNAUTHENTICATED      the daemon wants a token (`authorization: Bearer TOKEN`
+                       metadata) and the call has none it accepts
+  PERMISSION_DENIED    a write to a read-only (s3://) drive, S3 refused access,
+                       or the call's token does not cover the drive or the
+                       call (a write with a read token). Checked before the
+                       drive is touched: the answer is the same whether the
+                       drive exists or not
   FAILED_PRECONDITION  the path is held by several components: name one
   ABORTED              the file changed while it was read (if_match, s3 ETag)
   OUT_OF_RANGE         a Watch resumed from events no longer kept, or from
