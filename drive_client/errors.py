@@ -94,7 +94,8 @@ class Unavailable(DriveError, ConnectionError):
 
 
 class EventsExpired(DriveError):
-    """A watch resumed after a sequence whose following events the daemon no longer keeps.
+    """A watch resumed after a sequence whose following events the daemon no longer keeps, or after a
+    sequence the drive never gave.
 
     List the drive to learn its state, then watch from now (`after_sequence=0`).
     """

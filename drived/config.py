@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -41,6 +42,11 @@ class Config:
     tls_client_ca: str = ""
     reflection: bool = True
     max_connection_age: float = 0.0
+    max_file_size: int = 0
+    quota: int = 0
+    max_streams: int = 1024
+    max_streams_per_peer: int = 256
+    stream_idle_timeout: float = 60.0
     log_level: str = "info"
 
 
@@ -74,6 +80,16 @@ HELP = {
     "reflection": "on or off: serve gRPC server reflection (what grpcurl uses to learn the API)",
     "max_connection_age": "seconds after which a client connection is asked to reconnect (so clients behind "
     "DNS round-robin find new replicas; calls in progress finish); 0: never",
+    "max_file_size": "the largest file a put may store, in bytes (K, M, G, T: powers of 1024); a bigger one is "
+    "refused with RESOURCE_EXHAUSTED as soon as its header or its bytes say so, and nothing is stored. 0: no limit",
+    "quota": "bytes each lit:// drive may hold (K, M, G, T: powers of 1024); a put that would go over is refused "
+    "with RESOURCE_EXHAUSTED naming used, asked and quota, and nothing is stored. 0: no quota",
+    "max_streams": "transfers (Put, PutFile, Get) and watches served at once; more are refused with "
+    "RESOURCE_EXHAUSTED. With the message limit, bounds the daemon's memory (README, Failure behaviour)",
+    "max_streams_per_peer": "transfers and watches served at once for one client host (its address without the "
+    "port; behind a proxy, the proxy); more are refused with RESOURCE_EXHAUSTED",
+    "stream_idle_timeout": "seconds a Put or Get may wait on its client, which sends or reads nothing meanwhile, "
+    "before it is ended (UNAVAILABLE) and its upload data removed; 0: never",
     "log_level": "debug, info, warning or error",
 }
 
@@ -110,6 +126,18 @@ def _storage(text: str) -> str:
     if not where.read_only:
         raise argparse.ArgumentTypeError(f"use s3://bucket/prefix/ (or empty for --data-dir), not {text!r}")
     return text
+
+
+SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """Bytes, as a number with an optional K, M, G or T (powers of 1024): "512M", "10G", "1TiB"."""
+    found = SIZE_RE.fullmatch(text.strip())
+    if not found:
+        raise argparse.ArgumentTypeError(f"give bytes, e.g. 1048576, 512M or 10G, not {text!r}")
+    return int(found.group(1)) * SIZE_UNITS[found.group(2).upper()]
 
 
 def _coordinator(text: str) -> str:
@@ -154,7 +182,9 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "coordinator": _coordinator, "claim_ttl": _positive(float), "chunk_size": _chunk_size,
     "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
     "metrics_listen": str, "token": str, "auth_tokens": str, "tls_cert": str, "tls_key": str, "tls_client_ca": str,
-    "reflection": _switch, "max_connection_age": _non_negative(float), "log_level": str,
+    "reflection": _switch, "max_connection_age": _non_negative(float),
+    "max_file_size": _size, "quota": _size, "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
+    "stream_idle_timeout": _non_negative(float), "log_level": str,
 }
 
 

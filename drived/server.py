@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from drive_client.channels import Connection, is_loopback, open_channel
+from drive_client.malloc import release_free_memory
 from drive_client.pb import drive_pb2 as pb
 from drive_client.uri import parse_drive
 from drive_client.wire import add_fast_servicer
@@ -23,8 +24,10 @@ from .backends.local import LocalBackend
 from .backends.s3 import S3Backend
 from .config import MAX_CHUNK_SIZE, Config
 from .coordinator import Coordinator
+from .descriptors import Descriptors
 from .drives import DriveRouter
 from .events import InProcessCoordinator
+from .limits import Streams
 from .managed import ManagedDrives
 from .redis_coordinator import RedisCoordinator, coordinator_name
 from .s3drives import S3Drives
@@ -44,7 +47,7 @@ def make_backend(config: Config) -> Backend:
     if config.storage:
         where = parse_drive(config.storage)
         return S3Backend(where.bucket, where.prefix, config.chunk_size, config.upload_expiry)
-    return LocalBackend(config.data_dir, config.chunk_size)
+    return LocalBackend(config.data_dir, Descriptors.of_this_process(), config.chunk_size)
 
 
 def make_coordinator(config: Config) -> Coordinator:
@@ -120,8 +123,14 @@ async def serve(config: Config) -> None:
     mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size)
     coordinator = make_coordinator(config)
     await coordinator.start()
-    drives = DriveRouter(ManagedDrives(backend, coordinator), S3Drives(mounts, config.chunk_size))
-    add_fast_servicer(DriveService(drives, access), server)
+    streams = Streams(
+        config.max_streams, config.max_streams_per_peer, config.stream_idle_timeout,
+        release_memory=lambda: loop.run_in_executor(None, release_free_memory),
+    )
+    managed = ManagedDrives(backend, coordinator, config.max_file_size, config.quota)
+    drives = DriveRouter(managed, S3Drives(mounts, config.chunk_size))
+    service = DriveService(drives, streams, access)
+    add_fast_servicer(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
@@ -139,6 +148,7 @@ async def serve(config: Config) -> None:
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
     await server.start()
+    streams.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     where = {"storage": config.storage} if config.storage else {"data_dir": config.data_dir}
@@ -153,10 +163,19 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload, access, tls)
     await stop.wait()
-    log.info("draining", extra={"fields": {"grace_period_s": config.grace_period}})
+    # The drain is done here, before grpc's server.stop: from the moment that starts, grpc cancels each new
+    # call (CANCELLED, which clients do not retry) until the client has read its GOAWAY, and a call sent on
+    # a live connection just then was answered CANCELLED instead of UNAVAILABLE. Until the open streams end,
+    # the service answers new calls UNAVAILABLE itself; server.stop comes when nothing is left to finish.
+    service.draining = True
+    log.info("draining", extra={"fields": {"grace_period_s": config.grace_period, "open_streams": streams.count}})
+    deadline = loop.time() + config.grace_period
     await health_servicer.enter_graceful_shutdown()
     await coordinator.close()  # watches and waiting gets answer UNAVAILABLE now; transfers get the grace period
-    await server.stop(config.grace_period)
+    if not await streams.wait_closed(config.grace_period):
+        log.warning("grace period over: cancelling what is still open", extra={"fields": {"streams": streams.count}})
+    await server.stop(max(0.0, deadline - loop.time()))
+    await streams.close()
     await coordinator.disconnect()
     await mounts.close()
     await backend.close()

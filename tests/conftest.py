@@ -21,6 +21,7 @@ import inspect
 import os
 import pathlib
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -185,8 +186,12 @@ def spawn_daemon(
     endpoint: str,
     env: dict[str, str] | None = None,
     use_console_script: bool = False,
+    nofile: int | None = None,
 ) -> DaemonHandle:
-    """Starts `drived ARGS` without waiting; stdout+stderr go to `log_path`."""
+    """Starts `drived ARGS` without waiting; stdout+stderr go to `log_path`.
+
+    `nofile` sets the daemon's limit of open files (soft and hard, as `ulimit -n` does).
+    """
     full_env = dict(os.environ)
     for var in ("DRIVED_LISTEN", "DRIVED_DATA_DIR", "DRIVED_STORAGE"):
         full_env.pop(var, None)  # only what the test asks for
@@ -197,6 +202,7 @@ def spawn_daemon(
         proc = subprocess.Popen(
             [*cmd, *args], stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT),
             stdin=subprocess.DEVNULL,
+            preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
         )
     finally:
         log.close()
@@ -211,6 +217,7 @@ def start_daemon(
     data_dir: pathlib.Path | None = None,
     port: int | None = None,
     wait: bool = True,
+    nofile: int | None = None,
     tls: Connection | None = None,
 ) -> DaemonHandle:
     """Starts drived on a free 127.0.0.1 port with a data dir under `tmp_path`, and waits for SERVING
@@ -227,7 +234,7 @@ def start_daemon(
     if "--metrics-listen" not in extra_args:
         extra_args = (*extra_args, "--metrics-listen", f"127.0.0.1:{free_port()}")
     args = ["--listen", endpoint, "--data-dir", str(data_dir), *extra_args]
-    handle = spawn_daemon(args, tmp_path / f"drived-{port}.log", data_dir, endpoint, env=env)
+    handle = spawn_daemon(args, tmp_path / f"drived-{port}.log", data_dir, endpoint, env=env, nofile=nofile)
     if wait:
         wait_serving(handle, tls=tls)
     return handle
@@ -413,6 +420,11 @@ def upload_bytes(data_dir: pathlib.Path) -> int:
     return sum(f.stat().st_size for f in (data_dir / "tmp").glob("*") if f.is_file())
 
 
+def no_uploads(data_dir: pathlib.Path) -> bool:
+    """True when a local daemon's data dir holds no upload in progress (its tmp/ folder is empty)."""
+    return not any((data_dir / "tmp").iterdir())
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
     """Polls `predicate` until true or `timeout`; returns its last value."""
     deadline = time.monotonic() + timeout
@@ -459,6 +471,107 @@ class Background(threading.Thread):
         if self.error is not None:
             raise self.error
         return self.result
+
+
+# ---------------------------------------------------------------------------
+# Stalled clients
+# ---------------------------------------------------------------------------
+
+
+class StalledPuts:
+    """`count` Put streams that each send `first_messages(i)` and then send nothing more, as a client that
+    stalls does; on one grpc.aio channel (or `channels` of them), run by an event loop in a thread of its own.
+
+    `with StalledPuts(...) as stalled:` opens them; leaving the block cancels those still open.
+    `outcomes` holds each stream's status once it has one (None while open); `refused()` counts by code.
+    """
+
+    def __init__(
+        self, endpoint: str, count: int, first_messages: Callable[[int], list], channels: int = 1
+    ) -> None:
+        self.endpoint = endpoint
+        self.count = count
+        self.first_messages = first_messages
+        self.channels = channels
+        self.outcomes: list[grpc.StatusCode | None] = [None] * count
+        self.details: list[str] = [""] * count
+        self._sent = threading.Semaphore(0)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _one(self, stub: drive_pb2_grpc.DriveServiceStub, i: int) -> None:
+        assert self._stop is not None
+        messages = self.first_messages(i)
+
+        async def requests():
+            for message in messages:
+                yield message
+            self._sent.release()
+            await self._stop.wait()
+
+        call = stub.Put(requests())
+        try:
+            await call
+            self.outcomes[i] = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as err:
+            self.outcomes[i] = err.code()
+            self.details[i] = err.details() or ""
+        except asyncio.CancelledError:
+            self.outcomes[i] = grpc.StatusCode.CANCELLED
+        finally:
+            self._sent.release()  # a refused stream may end before it sent all
+
+    async def _run(self) -> None:
+        from drive_client.wire import fast_stub
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        options = [("grpc.max_send_message_length", 64 << 20)]
+        channels = [grpc.aio.insecure_channel(self.endpoint, options=options) for _ in range(self.channels)]
+        stubs = [fast_stub(c) for c in channels]
+        tasks = [asyncio.create_task(self._one(stubs[i % len(stubs)], i)) for i in range(self.count)]
+        await self._stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in channels:
+            await c.close()
+
+    def __enter__(self) -> StalledPuts:
+        self._thread.start()
+        for _ in range(self.count):  # each has sent its messages, or ended
+            assert self._sent.acquire(timeout=120), "the stalled puts did not get their messages out"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
+
+    def open(self) -> int:
+        return self.outcomes.count(None)
+
+    def refused(self) -> dict[grpc.StatusCode, int]:
+        counts: dict[grpc.StatusCode, int] = {}
+        for code in self.outcomes:
+            if code is not None:
+                counts[code] = counts.get(code, 0) + 1
+        return counts
+
+
+def rss_mib(pid: int) -> float:
+    """The resident memory of process `pid`, in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors process `pid` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 # ---------------------------------------------------------------------------

@@ -108,8 +108,13 @@ class DriveServiceServicer:
         Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
         header before the previous file's finish, a path that is a folder, or
         whose parent is a file), ALREADY_EXISTS (another component holds the
-        path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-        DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+        path and allow_duplicates is false; a file and a folder of one path in
+        two components count as the same path), PERMISSION_DENIED (s3://
+        drive), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
+        full, a file over --max-file-size as soon as its header or its bytes
+        say so, the drive's --quota, too many streams), UNAVAILABLE (the client
+        sent nothing for --stream-idle-timeout; the daemon is shutting down).
+        Nothing is stored for a file refused so.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,7 +141,10 @@ class DriveServiceServicer:
         was named; the message names them), ABORTED (if_match differs, or an
         s3 object changed since it was indexed: re-mount and retry),
         INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-        limit on a folder).
+        limit on a folder, a wait_seconds that is not a number or over a day),
+        RESOURCE_EXHAUSTED (too many streams), UNAVAILABLE (the client read
+        nothing for --stream-idle-timeout: resume from the offset reached; the
+        daemon is shutting down). The time a Get waits for its path is not idle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,7 +154,9 @@ class DriveServiceServicer:
         """Lists the immediate entries (files and folders) under a path, or every
         file beneath it with `recursive`, sorted by path and de-duplicated across
         components. A missing path lists as empty (no error). Paged: pass the
-        previous answer's `next_page_token` until it is empty.
+        previous answer's `next_page_token` until it is empty. Errors:
+        INVALID_ARGUMENT (bad path, a negative page_size, a page_token this
+        listing did not give).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -188,9 +198,10 @@ class DriveServiceServicer:
         increasing sequence numbers. After a reconnect, pass the last sequence
         seen as `after_sequence` to receive what was missed. The stream does not
         end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-        OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
-        drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
-        shutting down: reconnect and resume).
+        OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+        `after_sequence` is past the drive's latest event, so it is no sequence
+        this drive reported: list the drive to resynchronise, then watch from
+        now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
