@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .channels import add_tls_arguments
 from .common import VERIFY, FileStat
 from .drive import Drive
 from .errors import DriveError, InvalidArgument
@@ -44,7 +45,8 @@ def split_uri(uri: str, folder: bool) -> tuple[str, str]:
 def _drive(uri: str, args: argparse.Namespace) -> Drive:
     return Drive(
         uri, component_name=args.component, endpoint=args.endpoint, allow_duplicates=args.allow_duplicates,
-        token=args.token, verify=args.verify,
+        token=args.token, verify=args.verify, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, insecure=args.insecure,
     )
 
 
@@ -123,9 +125,15 @@ def _stat_fields(stat: FileStat) -> dict[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="drive", description="Put, list, get and delete files in drived drives.")
-    top.add_argument("--endpoint", help="drived address HOST:PORT (default: $DRIVE_ENDPOINT, else 127.0.0.1:50051)")
+    top.add_argument("--endpoint", help="drived address HOST:PORT, or dns:///NAME:PORT for round-robin over NAME's "
+                     "addresses (default: $DRIVE_ENDPOINT, else 127.0.0.1:50051)")
     top.add_argument("--component", help="your component name (default: $DRIVE_COMPONENT, else 'default')")
-    top.add_argument("--token", help="bearer token for a daemon started with --token (default: $DRIVE_TOKEN)")
+    top.add_argument("--token", help="bearer token for a daemon started with --token or --auth-tokens "
+                     "(default: $DRIVE_TOKEN)")
+    add_tls_arguments(top)
+    top.add_argument("--insecure", action="store_true", default=None,
+                     help="send the token in plaintext to another machine (default: $DRIVE_INSECURE); only on a "
+                     "network you trust")
     top.add_argument("--json", action="store_true", help="print results as JSON on stdout (for scripts)")
     top.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     # options of some commands

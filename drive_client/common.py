@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
+from .channels import Connection
 from .errors import InvalidArgument, NotADirectory, NotFound
 from .pb import drive_pb2 as pb
 from .uri import check_component, parse_drive
 
-DEFAULT_ENDPOINT = "127.0.0.1:50051"
 VERIFY = ("crc32c", "sha256")  # what a Drive's `verify` may be
 
 
@@ -23,16 +23,6 @@ def check_verify(verify: str) -> str:
     if verify not in VERIFY:
         raise InvalidArgument(f"verify={verify!r}: use 'crc32c' (the default) or 'sha256'")
     return verify
-MESSAGE_LIMIT = 8 << 20
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-    ("grpc.max_send_message_length", MESSAGE_LIMIT),
-    # A fixed 2 MiB receive window per stream: with gRPC's default window sizing (BDP
-    # probing) the window of a long get keeps growing, and the client's memory with it
-    # (bench/WHY.md).
-    ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.lookahead_bytes", 2 << 20),
-]
 
 
 @dataclass(frozen=True)
@@ -92,15 +82,23 @@ class DriveBase:
         endpoint: str | None = None,
         token: str | None = None,
         verify: str = "crc32c",
+        tls: bool | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        insecure: bool | None = None,
     ) -> None:
         self._read_only = parse_drive(id).read_only  # an s3:// drive
         self.id = id
         self.allow_duplicates = allow_duplicates
         self.component_name = check_component(component_name or os.environ.get("DRIVE_COMPONENT"))
         self.root_folder = None if root_folder is None else _existing_folder(root_folder)
-        self.endpoint = endpoint or os.environ.get("DRIVE_ENDPOINT") or DEFAULT_ENDPOINT
+        self.connection = Connection.from_settings(endpoint, tls, tls_ca, tls_cert, tls_key)
+        self.endpoint = self.connection.endpoint
         self.token = token or os.environ.get("DRIVE_TOKEN") or None
         self.verify = check_verify(verify)
+        if self.token:
+            self.connection.check_token_transport(insecure)
         self._channel: Any = None  # what the twin calls through, made on first use in each process
 
     def __str__(self) -> str:

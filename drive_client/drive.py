@@ -15,23 +15,25 @@ from typing import Any
 import grpc
 
 from . import core
-from .common import CHANNEL_OPTIONS, DriveBase, FileStat, MountResult, WatchEvent
+from .channels import Connection, open_channel
+from .common import DriveBase, FileStat, MountResult, WatchEvent
 from .effects import Call, Caller, Next, Send
 from .errors import from_rpc_error
 from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import Progress, ReadAhead
 from .wire import fast_stub
 
-# One channel per endpoint and process, shared by every Drive: a Drive made per call costs no handshake.
-_stubs: dict[tuple[int, str], pb_grpc.DriveServiceStub] = {}
+# One channel per connection (endpoint and TLS settings) and process, shared by every Drive: a Drive made per
+# call costs no handshake.
+_stubs: dict[tuple[int, Connection], pb_grpc.DriveServiceStub] = {}
 _stubs_lock = threading.Lock()
 
 
-def _shared_stub(endpoint: str) -> pb_grpc.DriveServiceStub:
-    key = (os.getpid(), endpoint)
+def _shared_stub(connection: Connection) -> pb_grpc.DriveServiceStub:
+    key = (os.getpid(), connection)
     with _stubs_lock:
         if key not in _stubs:
-            _stubs[key] = fast_stub(grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS))
+            _stubs[key] = fast_stub(open_channel(connection))
         return _stubs[key]
 
 
@@ -57,14 +59,14 @@ class _BlockingCalls(Caller):
                     raise requests.error from None
                 raise
         except grpc.RpcError as err:
-            raise from_rpc_error(err, drive.endpoint) from None
+            raise from_rpc_error(err, drive.endpoint, drive.connection.unreachable_advice()) from None
 
 
 class Drive(DriveBase):
     """A drive opened by name: `Drive("lit://drive_1", component_name="work_a")`.
 
     `Drive(id, allow_duplicates=False, component_name=None, root_folder=None, *, endpoint=None, token=None,
-    verify="crc32c")`:
+    verify="crc32c", tls=None, tls_ca=None, tls_cert=None, tls_key=None, insecure=None)`:
     `component_name` defaults to $DRIVE_COMPONENT, else "default"; `endpoint`
     to $DRIVE_ENDPOINT, else 127.0.0.1:50051. `root_folder` is where local
     paths are resolved: an existing folder (else `FileNotFoundError` or
@@ -72,14 +74,19 @@ class Drive(DriveBase):
     directory at the time of each call. Every transfer is checked with
     CRC32C; `verify="sha256"` also sends each put file's sha256 (the daemon
     checks it) and checks the stored sha256 of each file a get fetches.
-    Picklable and deep-copyable; the gRPC channel is created lazily, once
-    per process and endpoint, and shared by all Drives.
+    `token` (default $DRIVE_TOKEN) is sent as `authorization: Bearer TOKEN`;
+    TLS settings default to $DRIVE_TLS, $DRIVE_TLS_CA, $DRIVE_TLS_CERT and
+    $DRIVE_TLS_KEY (`drive_client.channels`). A token is never sent in
+    plaintext beyond loopback: without TLS such a Drive raises `ValueError`
+    at once, unless `insecure=True` ($DRIVE_INSECURE=1). Picklable and
+    deep-copyable; the gRPC channel is created lazily, once per process and
+    connection, and shared by all Drives.
     """
 
     @property
     def _stub(self) -> pb_grpc.DriveServiceStub:
         if self._channel is None or self._channel[0] != os.getpid():
-            self._channel = (os.getpid(), _shared_stub(self.endpoint))
+            self._channel = (os.getpid(), _shared_stub(self.connection))
         return self._channel[1]
 
     def put(self, path: str | os.PathLike[str], *, to: str | None = None, progress: Progress | None = None

@@ -95,7 +95,8 @@ class Unavailable(DriveError, ConnectionError):
 
 
 class EventsExpired(DriveError):
-    """A watch resumed after a sequence whose following events the daemon no longer keeps.
+    """A watch resumed after a sequence whose following events the daemon no longer keeps, or after a
+    sequence the drive never gave.
 
     List the drive to learn its state, then watch from now (`after_sequence=0`).
     """
@@ -130,10 +131,12 @@ def error_for_status(code: grpc.StatusCode, message: str) -> DriveError:
     return _BY_STATUS.get(code, DriveError)(message, code)
 
 
-def from_rpc_error(err: grpc.RpcError, endpoint: str) -> DriveError:
-    """Turns a failed call into the matching DriveError, naming the endpoint when unreachable."""
+def from_rpc_error(
+    err: grpc.RpcError, endpoint: str, advice: str = "is the daemon running? `make run` starts one"
+) -> DriveError:
+    """Turns a failed call into the matching DriveError; when unreachable, naming the endpoint and what to check."""
     code = err.code()
     details = err.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE and not details.startswith("drived:"):
-        details = f"cannot reach drived at {endpoint}: {details} (is the daemon running? `make run` starts one)"
+        details = f"cannot reach drived at {endpoint}: {details} ({advice})"
     return error_for_status(code, details)

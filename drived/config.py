@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 from drive_client.errors import InvalidArgument
 from drive_client.uri import parse_drive
+
+from .coordinator import CLAIM_TTL
 
 MAX_CHUNK_SIZE = 3 << 20  # stays under gRPC's 4 MiB default message limit with room to spare
 
@@ -24,13 +28,25 @@ class Config:
     data_dir: str = "./drive-data"
     storage: str = ""
     upload_expiry: float = 60.0
+    coordinator: str = ""
+    claim_ttl: float = CLAIM_TTL
     chunk_size: int = 1 << 20
     grace_period: float = 30.0
     s3_list_concurrency: int = 16
     s3_page_size: int = 1000
     metrics_listen: str = ""
     token: str = ""
+    auth_tokens: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    reflection: bool = True
     max_connection_age: float = 0.0
+    max_file_size: int = 0
+    quota: int = 0
+    max_streams: int = 1024
+    max_streams_per_peer: int = 256
+    stream_idle_timeout: float = 60.0
     log_level: str = "info"
 
 
@@ -41,15 +57,39 @@ HELP = {
     "store (boto3's configuration: AWS_ENDPOINT_URL, credentials, AWS_REGION); several daemons may share one",
     "upload_expiry": "seconds after which an upload into --storage that no part was added to is aborted "
     "(uploads of a daemon that died), checked at start-up and every this many seconds",
+    "coordinator": "redis://[:PASSWORD@]HOST:PORT/DB of a Redis or Valkey (7 or newer; rediss:// for TLS) that "
+    "daemons sharing --storage coordinate through: ownership claims, the Watch feed, waiting gets. Several "
+    "replicas need it; empty: this daemon coordinates alone. Prefer the env variable when the URL holds a "
+    "password: flags show in `ps`",
+    "claim_ttl": "seconds after which the claim of a path being committed is given up when its daemon died "
+    "(with --coordinator; renewed every third of it while held)",
     "chunk_size": "bytes per message of a Get stream (at most 3 MiB)",
     "grace_period": "seconds that SIGTERM/SIGINT lets in-flight transfers finish before they are cancelled",
     "s3_list_concurrency": "parallel ListObjectsV2 calls when mounting an s3:// drive",
     "s3_page_size": "MaxKeys of each ListObjectsV2 call",
     "metrics_listen": "HOST:PORT to serve Prometheus metrics on (/metrics); empty: no metrics endpoint",
     "token": "when set, every DriveService call must carry `authorization: Bearer TOKEN` (UNAUTHENTICATED "
-    "otherwise); health and reflection stay open. Prefer the env variable: flags show in `ps`",
+    "otherwise): one token for every drive, read-write, beside those of --auth-tokens; health and reflection "
+    "stay open. Prefer the env variable: flags show in `ps`",
+    "auth_tokens": "TOML file of tokens, each with the drives it may use and its mode, read or read-write "
+    "(README, Security); calls then need one of them. SIGHUP reads it again",
+    "tls_cert": "PEM certificate (chain) to serve gRPC over TLS with; needs --tls-key. SIGHUP reads it again",
+    "tls_key": "PEM private key of --tls-cert (unencrypted)",
+    "tls_client_ca": "PEM bundle of the CAs whose client certificates are accepted: with it, every client must "
+    "show one (mutual TLS); needs --tls-cert",
+    "reflection": "on or off: serve gRPC server reflection (what grpcurl uses to learn the API)",
     "max_connection_age": "seconds after which a client connection is asked to reconnect (so clients behind "
     "DNS round-robin find new replicas; calls in progress finish); 0: never",
+    "max_file_size": "the largest file a put may store, in bytes (K, M, G, T: powers of 1024); a bigger one is "
+    "refused with RESOURCE_EXHAUSTED as soon as its header or its bytes say so, and nothing is stored. 0: no limit",
+    "quota": "bytes each lit:// drive may hold (K, M, G, T: powers of 1024); a put that would go over is refused "
+    "with RESOURCE_EXHAUSTED naming used, asked and quota, and nothing is stored. 0: no quota",
+    "max_streams": "transfers (Put, PutFile, Get) and watches served at once; more are refused with "
+    "RESOURCE_EXHAUSTED. With the message limit, bounds the daemon's memory (README, Failure behaviour)",
+    "max_streams_per_peer": "transfers and watches served at once for one client host (its address without the "
+    "port; behind a proxy, the proxy); more are refused with RESOURCE_EXHAUSTED",
+    "stream_idle_timeout": "seconds a Put or Get may wait on its client, which sends or reads nothing meanwhile, "
+    "before it is ended (UNAVAILABLE) and its upload data removed; 0: never",
     "log_level": "debug, info, warning or error",
 }
 
@@ -88,6 +128,46 @@ def _storage(text: str) -> str:
     return text
 
 
+SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """Bytes, as a number with an optional K, M, G or T (powers of 1024): "512M", "10G", "1TiB"."""
+    found = SIZE_RE.fullmatch(text.strip())
+    if not found:
+        raise argparse.ArgumentTypeError(f"give bytes, e.g. 1048576, 512M or 10G, not {text!r}")
+    return int(found.group(1)) * SIZE_UNITS[found.group(2).upper()]
+
+
+def _coordinator(text: str) -> str:
+    """A redis:// or rediss:// URL; a refusal never repeats the URL, which may hold a password."""
+    if not text:
+        return text
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a URL: use redis://[:PASSWORD@]HOST:PORT/DB") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"use redis://[:PASSWORD@]HOST:PORT/DB or rediss://... (got a {parts.scheme or 'schemeless'} URL"
+            f"{'' if parts.hostname else ' without a host'})"
+        )
+    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        raise argparse.ArgumentTypeError(f"the database after the port is a number, like /0 (port {port})")
+    return text
+
+
+def _switch(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("on", "true", "yes", "1"):
+        return True
+    if word in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"use on or off, not {text!r}")
+
+
 def _chunk_size(text: str) -> int:
     value = _positive(int)(text)
     if value > MAX_CHUNK_SIZE:
@@ -95,11 +175,23 @@ def _chunk_size(text: str) -> int:
     return int(value)
 
 
+SECRET = {"token", "coordinator"}  # values that may hold a password: never repeated in a message
+
 PARSERS: dict[str, Callable[[str], Any]] = {
-    "listen": str, "data_dir": str, "storage": _storage, "upload_expiry": _positive(float), "chunk_size": _chunk_size,
+    "listen": str, "data_dir": str, "storage": _storage, "upload_expiry": _positive(float),
+    "coordinator": _coordinator, "claim_ttl": _positive(float), "chunk_size": _chunk_size,
     "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
-    "metrics_listen": str, "token": str, "max_connection_age": _non_negative(float), "log_level": str,
+    "metrics_listen": str, "token": str, "auth_tokens": str, "tls_cert": str, "tls_key": str, "tls_client_ca": str,
+    "reflection": _switch, "max_connection_age": _non_negative(float),
+    "max_file_size": _size, "quota": _size, "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
+    "stream_idle_timeout": _non_negative(float), "log_level": str,
 }
+
+
+def _shown(default: object) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return repr(default)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         env = f"DRIVED_{f.name.upper()}"
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, type=PARSERS[f.name], default=None,
-            metavar=f.name.upper(), help=f"{HELP[f.name]} (env {env}; default {f.default!r})",
+            metavar=f.name.upper(), help=f"{HELP[f.name]} (env {env}; default {_shown(f.default)})",
         )
 
 
@@ -124,10 +216,15 @@ def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Conf
             try:
                 values[f.name] = PARSERS[f.name](env)
             except (argparse.ArgumentTypeError, ValueError) as err:
-                parser.error(f"DRIVED_{f.name.upper()}={env!r}: {err}")
+                shown = "" if f.name in SECRET else f"={env!r}"
+                parser.error(f"DRIVED_{f.name.upper()}{shown}: {err}")
     config = Config(**values)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         parser.error(f"--log-level {config.log_level!r}: use debug, info, warning or error")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        parser.error("--tls-cert and --tls-key go together: give the certificate and its key, or neither")
+    if config.tls_client_ca and not config.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first")
     return config
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
+from drive_client.errors import DriveError
 from drive_client.uri import DriveId
 
 from .backends.base import Chunks
@@ -47,11 +48,23 @@ class PendingPut(Protocol):
         """The store's own write of the next chunk: nothing runs between the stream and the store."""
         ...
 
-    async def commit(self, sent: ClientChecksums) -> Entry:
+    @property
+    def max_bytes(self) -> int:
+        """The most bytes the file may have (--max-file-size, the room left in the drive's quota): the
+        caller stops a stream that sends more, with `over_limit`, rather than write them."""
+        ...
+
+    async def over_limit(self, received: int) -> DriveError:
+        """The error (ResourceExhausted, with the numbers) for a file that reached `received` bytes, more
+        than `max_bytes`."""
+        ...
+
+    async def commit(self, sent: ClientChecksums, received: int) -> Entry:
         """Makes the file visible in one step if its bytes match the checksums the client sent, and its size
-        is the header's when it gave one (DataLoss and nothing stored otherwise). AlreadyExists when another
-        component holds the path and the header did not allow duplicates. The entry carries the sha256 and
-        CRC32C the daemon computed."""
+        is the header's when it gave one (DataLoss and nothing stored otherwise). `received` is how many
+        bytes were written. AlreadyExists when another component holds the path and the header did not
+        allow duplicates; ResourceExhausted when the drive's quota has no room left for them. The entry
+        carries the sha256 and CRC32C the daemon computed."""
         ...
 
     async def abort(self) -> None:
@@ -99,8 +112,9 @@ class Drives(Protocol):
     async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event]]:
         """Where a watch starts (the sequence after which it reports), and its events from there on,
         filtered by the watch's folder and component; the events never end. InvalidArgument for a kind
-        without a change feed; the events raise EventsExpired when the start is no longer kept, and
-        Unavailable when the daemon shuts down."""
+        without a change feed; EventsExpired when the start is after the drive's latest event (a sequence
+        it never gave); the events raise EventsExpired when the start is no longer kept, and Unavailable
+        when the daemon shuts down."""
         ...
 
 

@@ -35,6 +35,7 @@ class PutStream:
         self._pending: PendingPut | None = None
         self._commits: list[asyncio.Task[Entry]] = []
         self._file_start = 0  # the stream's byte count when the current file started
+        self._stop_at = 0  # the stream's byte count past which the current file is over its limit
         self._running = self._held = 0  # commits in flight, and the bytes they hold
         self._room = asyncio.Event()  # set when a commit ends
         self._failure: BaseException | None = None  # the first commit that failed
@@ -47,6 +48,8 @@ class PutStream:
         if data is not None:
             if self._pending is None:
                 raise InvalidArgument("a Put stream must start each file with a header before its data")
+            if self.bytes + len(data) > self._stop_at:
+                raise await self._pending.over_limit(self.bytes + len(data) - self._file_start)
             await self._pending.write(data)
             self.bytes += len(data)
             return
@@ -60,7 +63,10 @@ class PutStream:
         elif kind == "file":
             whole = message.file  # type: ignore[union-attr]
             await self._start(whole.header)
-            await self._pending.write(whole.data)  # type: ignore[union-attr]  # set by _start
+            assert self._pending is not None  # set by _start
+            if len(whole.data) > self._pending.max_bytes:
+                raise await self._pending.over_limit(len(whole.data))
+            await self._pending.write(whole.data)
             self.bytes += len(whole.data)
             await self._finish(sent_checksums(whole))
         else:
@@ -71,19 +77,21 @@ class PutStream:
             raise InvalidArgument(f"a new file arrived before the finish of {self._pending.path!r}")
         self._pending = await self._begin(header)
         self._file_start = self.bytes
+        self._stop_at = self.bytes + self._pending.max_bytes
 
     async def _finish(self, sent: ClientChecksums) -> None:
         """Commits the current file as a task of its own, once there is room for it."""
         put, self._pending = self._pending, None
         assert put is not None  # checked by the callers
+        received = self.bytes - self._file_start
         # What the commit holds: a bigger file than SMALL_FILE is on disk as it arrives, but for its last chunk.
-        held = min(self.bytes - self._file_start, SMALL_FILE)
+        held = min(received, SMALL_FILE)
         while self._running == MAX_COMMITS_IN_FLIGHT or (self._running and self._held + held > MAX_BYTES_IN_FLIGHT):
             self._room.clear()
             await self._room.wait()
         self._running += 1
         self._held += held
-        task = asyncio.create_task(put.commit(sent))
+        task = asyncio.create_task(put.commit(sent, received))
         task.add_done_callback(functools.partial(self._committed, held))
         self._commits.append(task)
 

@@ -108,9 +108,14 @@ class DriveServiceServicer:
         Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
         header before the previous file's finish, a path that is a folder, or
         whose parent is a file), ALREADY_EXISTS (another component holds the
-        path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-        DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
-        full).
+        path and allow_duplicates is false; a file and a folder of one path in
+        two components count as the same path), PERMISSION_DENIED (s3://
+        drive), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
+        (disk full, a file over --max-file-size as soon as its header or its
+        bytes say so, the drive's --quota, too many streams), UNAVAILABLE (the
+        client sent nothing for --stream-idle-timeout; the daemon is shutting
+        down).
+        Nothing is stored for a file refused so.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,9 +142,13 @@ class DriveServiceServicer:
         was named; the message names them), ABORTED (if_match differs, or an
         s3 object changed since it was indexed: re-mount and retry),
         INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-        limit on a folder), DATA_LOSS (the stored file is damaged: the message
-        names it; the server checks each block it reads before sending any of
-        it, so the bytes sent before the error are good and none after).
+        limit on a folder, a wait_seconds that is not a number or over a day),
+        DATA_LOSS (the stored file is damaged: the message names it; the server
+        checks each block it reads before sending any of it, so the bytes sent
+        before the error are good and none after), RESOURCE_EXHAUSTED (too many
+        streams), UNAVAILABLE (the client read nothing for
+        --stream-idle-timeout: resume from the offset reached; the daemon is
+        shutting down). The time a Get waits for its path is not idle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,7 +158,9 @@ class DriveServiceServicer:
         """Lists the immediate entries (files and folders) under a path, or every
         file beneath it with `recursive`, sorted by path and de-duplicated across
         components. A missing path lists as empty (no error). Paged: pass the
-        previous answer's `next_page_token` until it is empty.
+        previous answer's `next_page_token` until it is empty. Errors:
+        INVALID_ARGUMENT (bad path, a negative page_size, a page_token this
+        listing did not give).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,9 +202,10 @@ class DriveServiceServicer:
         increasing sequence numbers. After a reconnect, pass the last sequence
         seen as `after_sequence` to receive what was missed. The stream does not
         end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-        OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
-        drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
-        shutting down: reconnect and resume).
+        OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+        `after_sequence` is past the drive's latest event, so it is no sequence
+        this drive reported: list the drive to resynchronise, then watch from
+        now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

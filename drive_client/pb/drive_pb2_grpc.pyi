@@ -16,7 +16,14 @@ A path names a file or folder inside a drive, relative to its root, with
 the root (accepted by List only). Paths are normalised ("a//b/./c" is
 "a/b/c"); a path that is absolute, contains "..", a NUL or control
 character, a part longer than 255 bytes or is longer than 4096 bytes is
-refused with INVALID_ARGUMENT.
+refused with INVALID_ARGUMENT. In a lit:// drive, paths are also kept in
+Unicode NFC: names that differ only by normalisation (an "é" sent as one
+code point or as "e" and a combining accent) are one name, whichever form
+a request uses, and answers give the NFC form. A name that an earlier
+drived stored in another form lists as stored and is read and deleted with
+its folder (or the drive root), but its own path now names its NFC
+spelling: get its folder and put it again to keep it. s3:// keys are the
+store's and are used exactly as sent.
 
 Files in a managed drive are owned by the component that put them; each
 component (a worker's name, 1-128 letters, digits, '.', '_', '-') has its
@@ -26,15 +33,29 @@ Status codes used by every RPC:
   INVALID_ARGUMENT     bad drive URI, path, component, or stream order
   NOT_FOUND            the path (or the S3 bucket) does not exist
   ALREADY_EXISTS       another component holds the path (allow_duplicates off)
-  PERMISSION_DENIED    a write to a read-only (s3://) drive, or S3 refused access
+  UNAUTHENTICATED      the daemon wants a token (`authorization: Bearer TOKEN`
+                       metadata) and the call has none it accepts
+  PERMISSION_DENIED    a write to a read-only (s3://) drive, S3 refused access,
+                       or the call's token does not cover the drive or the
+                       call (a write with a read token). Checked before the
+                       drive is touched: the answer is the same whether the
+                       drive exists or not
   FAILED_PRECONDITION  the path is held by several components: name one
   ABORTED              the file changed while it was read (if_match, s3 ETag)
-  OUT_OF_RANGE         a Watch resumed from events no longer kept
+  OUT_OF_RANGE         a Watch resumed from events no longer kept, or from
+                       a sequence the drive never gave
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
   DATA_LOSS            the bytes received do not match the CRC32C (or sha256)
                        sent, or a stored file is damaged (the message names it)
-  RESOURCE_EXHAUSTED   disk full, or a message over the size limit
-  UNAVAILABLE          S3 unreachable, or the daemon is shutting down
+  RESOURCE_EXHAUSTED   disk full, a file over the daemon's --max-file-size,
+                       a drive over its --quota (the message gives the
+                       numbers), too many transfers and watches open at
+                       once (--max-streams, --max-streams-per-peer), the
+                       daemon's open-file limit, or a message over the
+                       size limit (4 MiB)
+  UNAVAILABLE          S3 unreachable, the daemon is shutting down, or a
+                       Put or Get whose client sent or read nothing for
+                       the daemon's --stream-idle-timeout: retry
   UNIMPLEMENTED        an RPC this daemon does not serve yet
 The status message says what happened and what to do, for a person.
 """
@@ -91,9 +112,14 @@ class DriveServiceStub:
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
     header before the previous file's finish, a path that is a folder, or
     whose parent is a file), ALREADY_EXISTS (another component holds the
-    path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-    DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
-    full).
+    path and allow_duplicates is false; a file and a folder of one path in
+    two components count as the same path), PERMISSION_DENIED (s3://
+    drive), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
+    (disk full, a file over --max-file-size as soon as its header or its
+    bytes say so, the drive's --quota, too many streams), UNAVAILABLE (the
+    client sent nothing for --stream-idle-timeout; the daemon is shutting
+    down).
+    Nothing is stored for a file refused so.
     """
     PutFile: _grpc.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -112,15 +138,21 @@ class DriveServiceStub:
     was named; the message names them), ABORTED (if_match differs, or an
     s3 object changed since it was indexed: re-mount and retry),
     INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-    limit on a folder), DATA_LOSS (the stored file is damaged: the message
-    names it; the server checks each block it reads before sending any of
-    it, so the bytes sent before the error are good and none after).
+    limit on a folder, a wait_seconds that is not a number or over a day),
+    DATA_LOSS (the stored file is damaged: the message names it; the server
+    checks each block it reads before sending any of it, so the bytes sent
+    before the error are good and none after), RESOURCE_EXHAUSTED (too many
+    streams), UNAVAILABLE (the client read nothing for
+    --stream-idle-timeout: resume from the offset reached; the daemon is
+    shutting down). The time a Get waits for its path is not idle.
     """
     List: _grpc.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]
     """Lists the immediate entries (files and folders) under a path, or every
     file beneath it with `recursive`, sorted by path and de-duplicated across
     components. A missing path lists as empty (no error). Paged: pass the
-    previous answer's `next_page_token` until it is empty.
+    previous answer's `next_page_token` until it is empty. Errors:
+    INVALID_ARGUMENT (bad path, a negative page_size, a page_token this
+    listing did not give).
     """
     Stat: _grpc.UnaryUnaryMultiCallable[_drive_pb2.StatRequest, _drive_pb2.FileInfo]
     """Describes one file or folder. Errors: NOT_FOUND, FAILED_PRECONDITION
@@ -146,9 +178,10 @@ class DriveServiceStub:
     increasing sequence numbers. After a reconnect, pass the last sequence
     seen as `after_sequence` to receive what was missed. The stream does not
     end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-    OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
-    drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
-    shutting down: reconnect and resume).
+    OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+    `after_sequence` is past the drive's latest event, so it is no sequence
+    this drive reported: list the drive to resynchronise, then watch from
+    now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
     """
     QueryWriteStatus: _grpc.UnaryUnaryMultiCallable[_drive_pb2.QueryWriteStatusRequest, _drive_pb2.QueryWriteStatusResponse]
     """Tells how much of a resumable upload (a Put whose header carried an
@@ -186,9 +219,14 @@ class DriveServiceAsyncStub(DriveServiceStub):
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
     header before the previous file's finish, a path that is a folder, or
     whose parent is a file), ALREADY_EXISTS (another component holds the
-    path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-    DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
-    full).
+    path and allow_duplicates is false; a file and a folder of one path in
+    two components count as the same path), PERMISSION_DENIED (s3://
+    drive), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
+    (disk full, a file over --max-file-size as soon as its header or its
+    bytes say so, the drive's --quota, too many streams), UNAVAILABLE (the
+    client sent nothing for --stream-idle-timeout; the daemon is shutting
+    down).
+    Nothing is stored for a file refused so.
     """
     PutFile: _aio.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]  # type: ignore[assignment]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -207,15 +245,21 @@ class DriveServiceAsyncStub(DriveServiceStub):
     was named; the message names them), ABORTED (if_match differs, or an
     s3 object changed since it was indexed: re-mount and retry),
     INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-    limit on a folder), DATA_LOSS (the stored file is damaged: the message
-    names it; the server checks each block it reads before sending any of
-    it, so the bytes sent before the error are good and none after).
+    limit on a folder, a wait_seconds that is not a number or over a day),
+    DATA_LOSS (the stored file is damaged: the message names it; the server
+    checks each block it reads before sending any of it, so the bytes sent
+    before the error are good and none after), RESOURCE_EXHAUSTED (too many
+    streams), UNAVAILABLE (the client read nothing for
+    --stream-idle-timeout: resume from the offset reached; the daemon is
+    shutting down). The time a Get waits for its path is not idle.
     """
     List: _aio.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]  # type: ignore[assignment]
     """Lists the immediate entries (files and folders) under a path, or every
     file beneath it with `recursive`, sorted by path and de-duplicated across
     components. A missing path lists as empty (no error). Paged: pass the
-    previous answer's `next_page_token` until it is empty.
+    previous answer's `next_page_token` until it is empty. Errors:
+    INVALID_ARGUMENT (bad path, a negative page_size, a page_token this
+    listing did not give).
     """
     Stat: _aio.UnaryUnaryMultiCallable[_drive_pb2.StatRequest, _drive_pb2.FileInfo]  # type: ignore[assignment]
     """Describes one file or folder. Errors: NOT_FOUND, FAILED_PRECONDITION
@@ -241,9 +285,10 @@ class DriveServiceAsyncStub(DriveServiceStub):
     increasing sequence numbers. After a reconnect, pass the last sequence
     seen as `after_sequence` to receive what was missed. The stream does not
     end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-    OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
-    drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
-    shutting down: reconnect and resume).
+    OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+    `after_sequence` is past the drive's latest event, so it is no sequence
+    this drive reported: list the drive to resynchronise, then watch from
+    now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
     """
     QueryWriteStatus: _aio.UnaryUnaryMultiCallable[_drive_pb2.QueryWriteStatusRequest, _drive_pb2.QueryWriteStatusResponse]  # type: ignore[assignment]
     """Tells how much of a resumable upload (a Put whose header carried an
@@ -284,9 +329,14 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
         header before the previous file's finish, a path that is a folder, or
         whose parent is a file), ALREADY_EXISTS (another component holds the
-        path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-        DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
-        full).
+        path and allow_duplicates is false; a file and a folder of one path in
+        two components count as the same path), PERMISSION_DENIED (s3://
+        drive), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
+        (disk full, a file over --max-file-size as soon as its header or its
+        bytes say so, the drive's --quota, too many streams), UNAVAILABLE (the
+        client sent nothing for --stream-idle-timeout; the daemon is shutting
+        down).
+        Nothing is stored for a file refused so.
         """
 
     @_abc_1.abstractmethod
@@ -317,9 +367,13 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         was named; the message names them), ABORTED (if_match differs, or an
         s3 object changed since it was indexed: re-mount and retry),
         INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-        limit on a folder), DATA_LOSS (the stored file is damaged: the message
-        names it; the server checks each block it reads before sending any of
-        it, so the bytes sent before the error are good and none after).
+        limit on a folder, a wait_seconds that is not a number or over a day),
+        DATA_LOSS (the stored file is damaged: the message names it; the server
+        checks each block it reads before sending any of it, so the bytes sent
+        before the error are good and none after), RESOURCE_EXHAUSTED (too many
+        streams), UNAVAILABLE (the client read nothing for
+        --stream-idle-timeout: resume from the offset reached; the daemon is
+        shutting down). The time a Get waits for its path is not idle.
         """
 
     @_abc_1.abstractmethod
@@ -331,7 +385,9 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the immediate entries (files and folders) under a path, or every
         file beneath it with `recursive`, sorted by path and de-duplicated across
         components. A missing path lists as empty (no error). Paged: pass the
-        previous answer's `next_page_token` until it is empty.
+        previous answer's `next_page_token` until it is empty. Errors:
+        INVALID_ARGUMENT (bad path, a negative page_size, a page_token this
+        listing did not give).
         """
 
     @_abc_1.abstractmethod
@@ -381,9 +437,10 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         increasing sequence numbers. After a reconnect, pass the last sequence
         seen as `after_sequence` to receive what was missed. The stream does not
         end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-        OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
-        drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
-        shutting down: reconnect and resume).
+        OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+        `after_sequence` is past the drive's latest event, so it is no sequence
+        this drive reported: list the drive to resynchronise, then watch from
+        now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
         """
 
     @_abc_1.abstractmethod

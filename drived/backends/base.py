@@ -183,10 +183,14 @@ class Upload(abc.ABC):
 
         When a checksum in `sent` (the CRC32C, the sha256, either or both)
         differs from that of the bytes written, or `size` is given and differs
-        from their count, raises DataLoss and stores nothing. The object is
-        stored with the sha256 and CRC32C of its bytes, computed here (the
-        info answered carries both). Two concurrent commits of one key: one
-        wins entirely. The temporary data is gone afterwards either way.
+        from their count, raises DataLoss and stores nothing. Raises
+        InvalidArgument and stores nothing when, at the commit, a parent of
+        the key is an object or the key is a folder (a store that cannot check
+        and commit in one step, like S3, relies on its caller committing
+        inside the path's claim). The object is stored with the sha256 and
+        CRC32C of its bytes, computed here (the info answered carries both).
+        Two concurrent commits of one key: one wins entirely. The temporary
+        data is gone afterwards either way.
         """
 
     @abc.abstractmethod
@@ -201,8 +205,8 @@ class Backend(abc.ABC):
     async def start_upload(self, key: str) -> Upload:
         """Begins an atomic write of `key`; nothing is visible until `Upload.commit`.
 
-        Raises InvalidArgument when a parent of `key` is an object or `key`
-        is a folder.
+        May raise InvalidArgument already when a parent of `key` is an object
+        or `key` is a folder (the commit checks again).
         """
 
     @abc.abstractmethod
@@ -243,6 +247,27 @@ class Backend(abc.ABC):
         """The keys of the objects under folder `prefix` at any depth, sorted: those after key
         `start_after`, at most `limit` of them. Costs the keys returned, not all under `prefix`.
         """
+
+    @abc.abstractmethod
+    async def usage(self, prefix: str) -> int:
+        """The bytes of all objects under folder `prefix` (their content, not what the store adds).
+
+        Reads every object's size once: the cost of a `walk` of the folder.
+        """
+
+    async def occupant(self, root: str, path: str) -> tuple[str, bool] | None:
+        """What under folder `root` takes the place of `path`: an object at `path` or at one of its parent
+        folders, or a folder at `path`; as (its path below `root`, whether it is a folder), or None.
+
+        Another component's put of `path` would hold a file and a folder of one path in the drive. This
+        default asks `stat` for each part and `is_folder` for the whole; a backend may answer in one walk.
+        """
+        parts = path.split("/")
+        for end in range(1, len(parts) + 1):
+            held = "/".join(parts[:end])
+            if await self.stat(f"{root}/{held}"):
+                return held, False
+        return (path, True) if await self.is_folder(f"{root}/{path}") else None
 
     @abc.abstractmethod
     async def delete(self, key: str) -> bool:

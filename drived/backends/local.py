@@ -23,6 +23,7 @@ from drive_client.errors import InvalidArgument, NotFound, ResourceExhausted, Un
 from drive_client.files import write_all
 
 from ..checksums import BLOCK_SIZE, Checksums, ClientChecksums, range_crc32c
+from ..descriptors import Descriptors
 from .base import (
     Backend,
     Chunks,
@@ -100,13 +101,15 @@ class FileChunks:
     A cached block is copied in about the time a thread hop takes, so it is
     read on the event loop with RWF_NOWAIT, which never waits for the disk; a
     block that needs the disk is read by a worker thread. The file closes at
-    the end, on `aclose`, or when collected. A file of format 1 has its table
+    the end, on `aclose`, or when collected, and its descriptor goes back to
+    the backend's `descriptors`. A file of format 1 has its table
     built (and its sha256 checked) by the first read in a worker thread.
     """
 
     def __init__(self, backend: LocalBackend, fd: int, key: str, layout: Layout, version: tuple[int, int, int],
                  start: int, end: int) -> None:
         self._backend = backend
+        self._descriptors = backend.descriptors
         self._fd = fd
         self._key = key
         self._layout = layout
@@ -192,9 +195,13 @@ class FileChunks:
             return
         fd, self._fd = self._fd, -1
         if self._reading is not None:  # cancelled mid-read: close once the worker thread is done with it
-            self._reading.add_done_callback(lambda _: os.close(fd))
+            self._reading.add_done_callback(lambda _: self._close_fd(fd))
         else:
-            os.close(fd)
+            self._close_fd(fd)
+
+    def _close_fd(self, fd: int) -> None:
+        os.close(fd)
+        self._descriptors.give_read()
 
     async def aclose(self) -> None:
         self._close()
@@ -223,9 +230,19 @@ class LocalUpload(Upload):
         self._pending_bytes = 0
         self._flushing: asyncio.Future[None] | None = None
         self._committing: asyncio.Future[Any] | None = None
+        self._counted = False  # a descriptor is counted for the temporary file (Descriptors.take_upload)
 
     def _create(self) -> int:
+        """Opens the temporary file; its descriptor was counted by `write` (`_counted`)."""
         return os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._counted:
+            self._counted = False
+            self._backend.descriptors.give_upload()
 
     def _flush(self, chunks: list[bytes | memoryview]) -> None:
         """Runs in a worker thread: sums and appends `chunks` to the temporary file."""
@@ -253,6 +270,9 @@ class LocalUpload(Upload):
         self._pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= FLUSH_BYTES:
+            if not self._counted:  # here, not in the worker thread: a refusal fails this write, at once
+                self._backend.descriptors.take_upload()
+                self._counted = True
             chunks, self._pending, self._pending_bytes = self._pending, [], 0
             await self._drain()
             # Not awaited: the next chunk is received while this one is hashed and written.
@@ -274,8 +294,7 @@ class LocalUpload(Upload):
             write_all(self._fd, sums.block_table())  # after the content, where `_flush` left off
             os.pwrite(self._fd, header(sums), 0)
             generation = make_durable(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            self._close_fd()
             folder = place(self._tmp_path, self._path)
             self._tmp_path = ""  # renamed away: nothing left to discard
             fsync_folder(folder)
@@ -314,9 +333,7 @@ class LocalUpload(Upload):
             await self.abort()
 
     def _discard(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close_fd()
         if self._tmp_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._tmp_path)
@@ -325,18 +342,27 @@ class LocalUpload(Upload):
         self._pending = []
         running = self._committing or self._flushing
         self._flushing = None
-        if running is not None and not running.done():
-            # Closing the file under a running write would be unsafe: let that write finish first.
-            running.add_done_callback(lambda _: self._discard())
-        else:
+        if running is None:
             self._discard()
+        elif not running.done():
+            # Closing the file under a running write would be unsafe: let that write finish first.
+            running.add_done_callback(self._discard_after)
+        else:
+            self._discard_after(running)
+
+    def _discard_after(self, running: asyncio.Future[Any]) -> None:
+        """Discards the upload once `running` ended; what it failed with was for a put that is over."""
+        if not running.cancelled():
+            running.exception()
+        self._discard()
 
 
 class LocalBackend(Backend):
     """Objects as files under a data directory."""
 
-    def __init__(self, data_dir: str, chunk_size: int = 1 << 20) -> None:
+    def __init__(self, data_dir: str, descriptors: Descriptors, chunk_size: int = 1 << 20) -> None:
         self.root = os.path.realpath(os.path.join(data_dir, "objects"))
+        self.descriptors = descriptors
         self.tmp_dir = os.path.join(os.path.realpath(data_dir), "tmp")
         self.chunk_size = chunk_size
         self.upload_numbers = itertools.count()  # names of the uploads in tmp/, which starts empty
@@ -372,6 +398,24 @@ class LocalBackend(Backend):
             if stat.S_ISLNK(mode):
                 raise InvalidArgument(f"path {key!r} goes through a symbolic link in the data dir: refused")
         return path, mode
+
+    async def occupant(self, root: str, path: str) -> tuple[str, bool] | None:
+        # One lstat per part, inline like stat: the ownership check of every put of a drive with
+        # several components runs this for each of the others.
+        folder = self._path(root)
+        parts = path.split("/")
+        for end, name in enumerate(parts, 1):
+            folder = f"{folder}/{name}"
+            try:
+                mode = os.lstat(folder).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if stat.S_ISREG(mode):
+                return "/".join(parts[:end]), False
+            if not stat.S_ISDIR(mode):
+                key = f"{root}/{path}"
+                raise InvalidArgument(f"path {key!r} goes through a symbolic link in the data dir: refused")
+        return path, True
 
     async def start_upload(self, key: str) -> Upload:
         path, mode = self._lookup(key)
@@ -411,12 +455,18 @@ class LocalBackend(Backend):
             raise
 
     async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, Chunks]:
-        fd, layout, version, info = self._open(key)  # inline, like stat: the open file pins this version
-        if offset > info.size:
-            os.close(fd)
-            raise InvalidArgument(f"offset {offset} is past the end of {key!r} ({info.size} bytes)")
+        self.descriptors.take_read()
+        try:
+            fd, layout, version, info = self._open(key)  # inline, like stat: the open file pins this version
+        except BaseException:
+            self.descriptors.give_read()
+            raise
         end = info.size if limit == 0 else min(info.size, offset + limit)
-        return info, FileChunks(self, fd, key, layout, version, offset, end)
+        chunks = FileChunks(self, fd, key, layout, version, offset, end)
+        if offset > info.size:
+            await chunks.aclose()
+            raise InvalidArgument(f"offset {offset} is past the end of {key!r} ({info.size} bytes)")
+        return info, chunks
 
     def _stat(self, key: str) -> ObjectInfo | None:
         try:
@@ -477,6 +527,17 @@ class LocalBackend(Backend):
 
     async def walk(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
         return await asyncio.get_running_loop().run_in_executor(None, self._walk, prefix, start_after, limit)
+
+    def _usage(self, prefix: str) -> int:
+        total = 0
+        for folder, _, names in os.walk(self._path(prefix)):
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):  # deleted or replaced while counted
+                    total += max(os.lstat(f"{folder}/{name}").st_size - HEADER.size, 0)
+        return total
+
+    async def usage(self, prefix: str) -> int:
+        return await asyncio.get_running_loop().run_in_executor(None, self._usage, prefix)
 
     def _delete(self, key: str) -> bool:
         path = self._path(key)
