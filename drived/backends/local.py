@@ -48,6 +48,7 @@ from .stored import (
     Layout,
     LegacyTables,
     check_blocks,
+    content_size,
     fsync_folder,
     header,
     legacy_block_ends,
@@ -533,7 +534,7 @@ class LocalBackend(Backend):
         for folder, _, names in os.walk(self._path(prefix)):
             for name in names:
                 with contextlib.suppress(FileNotFoundError):  # deleted or replaced while counted
-                    total += max(os.lstat(f"{folder}/{name}").st_size - HEADER.size, 0)
+                    total += content_size(f"{folder}/{name}")
         return total
 
     async def usage(self, prefix: str) -> int:

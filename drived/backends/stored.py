@@ -81,6 +81,18 @@ def parse_header(raw: bytes) -> Layout | None:
     return None
 
 
+def content_size(path: str) -> int:
+    """The size of the content of the stored file at `path`, as its header says (0 for a file that is not one)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        layout = parse_header(os.pread(fd, HEADER_SIZE, 0))
+    except DamagedHeader:
+        layout = None
+    finally:
+        os.close(fd)
+    return layout.size if layout else 0
+
+
 def header(sums: Checksums) -> bytes:
     """The format 2 header of a file whose content `sums` has summed."""
     fields = HEADER.pack(MAGIC, sums.sha256_digest(), sums.size, sums.crc32c, sums.block_size, 0)[:-4]
