@@ -190,13 +190,30 @@ def test_grpcurl_puts_with_a_crc32c_and_gets_it_back(daemon, drive_uri):
 # -- bytes damaged on the way -----------------------------------------------------------------------
 
 
+def inside(data: bytes) -> list[bytes]:
+    """Markers for `flipping_proxy` that damage `data` where it is sent: three pieces from its middle."""
+    return [data[at:at + 12] for at in (len(data) // 3, len(data) // 2, 2 * len(data) // 3)]
+
+
+def crc32c_field(data: bytes, *elsewhere: bytes) -> tuple[bytes, list[bytes]]:
+    """`data`, or other random bytes of its size, whose CRC32C as a message carries it (4 bytes, little-endian)
+    appears nowhere in them nor in `elsewhere`; and that marker, for `flipping_proxy` to damage the message
+    that carries the CRC32C."""
+    while True:
+        marker = crc32c(data).to_bytes(4, "little")
+        if not any(marker in part for part in (data, hashlib.sha256(data).digest(), *elsewhere)):
+            return data, [marker]
+        data = os.urandom(len(data))
+
+
 @contextlib.contextmanager
-def flipping_proxy(target: str, direction: str, data: bytes) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A proxy to `target` that flips one bit of `data` going `direction` ("up" or "down"): its endpoint."""
-    markers = ",".join(data[at:at + 12].hex() for at in (len(data) // 3, len(data) // 2, 2 * len(data) // 3))
+def flipping_proxy(target: str, direction: str, markers: list[bytes]) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A proxy to `target` that flips one bit of the first of `markers` going `direction` ("up" or "down"):
+    its endpoint."""
     port = free_port()
     proxy = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "flipping_proxy.py"), str(port), target, direction, markers],
+        [sys.executable, str(ROOT / "tests" / "flipping_proxy.py"), str(port), target, direction,
+         ",".join(m.hex() for m in markers)],
         stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -211,15 +228,21 @@ def assert_flipped(proxy: subprocess.Popen) -> None:
     assert proxy.stdout is not None and proxy.stdout.readline().strip() == "flipped", "the proxy damaged nothing"
 
 
+@pytest.mark.parametrize("where", ["a chunk", "the finish"])
 @pytest.mark.parametrize("size", [300_000, 3 * MIB + 5], ids=["small", "chunked"])
 def test_a_put_damaged_on_the_way_is_refused_and_the_previous_version_stays(twin, daemon, stub, drive_uri,
-                                                                              tmp_path, size):
+                                                                              tmp_path, size, where):
+    """One bit flipped in the file's bytes, or in the CRC32C the client sends after them."""
     data = os.urandom(size)
+    if where == "the finish":
+        data, markers = crc32c_field(data, drive_uri.encode())
+    else:
+        markers = inside(data)
     (tmp_path / "f.bin").write_bytes(data)
     raw_put(stub, drive_uri, "f.bin", b"previous version")
-    with flipping_proxy(daemon.endpoint, "up", data) as (endpoint, proxy):
+    with flipping_proxy(daemon.endpoint, "up", markers) as (endpoint, proxy):
         drive = twin(drive_uri, root_folder=tmp_path, endpoint=endpoint)
-        with pytest.raises(DataLoss, match="CRC32C"):
+        with pytest.raises(DataLoss, match=r"CRC32C.*nothing was stored"):
             drive.put("f.bin")
         assert_flipped(proxy)
         assert stored(stub, drive_uri, "f.bin") == b"previous version"
@@ -233,7 +256,7 @@ def test_a_get_damaged_on_the_way_is_data_loss_and_the_local_target_stays(twin, 
     data = os.urandom(size)
     raw_put(stub, drive_uri, "f.bin", data)
     (tmp_path / "f.bin").write_bytes(b"the local file")
-    with flipping_proxy(daemon.endpoint, "down", data) as (endpoint, proxy):
+    with flipping_proxy(daemon.endpoint, "down", inside(data)) as (endpoint, proxy):
         drive = twin(drive_uri, root_folder=tmp_path, endpoint=endpoint)
         with pytest.raises(DataLoss, match="do not match the CRC32C the daemon sent"):
             drive.get("f.bin", overwrite=True)
@@ -242,12 +265,21 @@ def test_a_get_damaged_on_the_way_is_data_loss_and_the_local_target_stays(twin, 
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
 
 
-@pytest.mark.parametrize("read", ["read_range", "cat_file", "open"])
-def test_a_range_damaged_on_the_way_is_data_loss(daemon, stub, drive_uri, read):
-    data = os.urandom(3 * MIB)
-    raw_put(stub, drive_uri, "f.bin", data)
+@pytest.mark.parametrize(("read", "where"), [
+    ("read_range", "a chunk"), ("cat_file", "a chunk"), ("open", "a chunk"),
+    ("read_range", "the final message"), ("cat_file", "the final message"),
+])
+def test_a_range_damaged_on_the_way_is_data_loss(daemon, stub, drive_uri, read, where):
+    """One bit flipped in the range's bytes, or in the CRC32C of the range the daemon sends after them."""
     start, end = MIB // 2, 5 * MIB // 2
-    with flipping_proxy(daemon.endpoint, "down", data[start:end]) as (endpoint, proxy):
+    data = os.urandom(3 * MIB)
+    if where == "the final message":
+        middle, markers = crc32c_field(data[start:end], crc32c(data).to_bytes(4, "little"), drive_uri.encode())
+        data = data[:start] + middle + data[end:]
+    else:
+        markers = inside(data[start:end])
+    raw_put(stub, drive_uri, "f.bin", data)
+    with flipping_proxy(daemon.endpoint, "down", markers) as (endpoint, proxy):
         with pytest.raises(DataLoss, match="CRC32C"):
             if read == "read_range":
                 b"".join(Drive(drive_uri, endpoint=endpoint).read_range("f.bin", start, end - start))

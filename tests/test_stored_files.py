@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import struct
+import tarfile
 import urllib.request
 from pathlib import Path
 
@@ -149,29 +150,43 @@ def test_a_file_cut_short_is_data_loss(handle, own_stub, drive_uri, cut):
 # -- data dirs of an earlier release -----------------------------------------------------------------
 
 
-def write_format_1(data_dir: Path, drive: str, path: str, data: bytes, component: str = "default") -> None:
-    """A file as drived stored it before format 2: a 64-byte header (magic "DRIVED01", raw sha256, size,
-    padding), then the bytes."""
-    target = data_dir / "objects" / drive / component / path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(struct.pack("<8s32sQ16x", b"DRIVED01", hashlib.sha256(data).digest(), len(data)) + data)
+FORMAT_1_DATA = Path(__file__).parent / "fixtures" / "format1-data.tar.gz"
+
+
+def pattern(size: int, seed: int) -> bytes:
+    """Content that compresses well, so that the fixture stays small."""
+    unit = bytes((seed * 31 + i * 7) % 251 for i in range(4093))
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+# What FORMAT_1_DATA holds: drive "old", {component: {path: content}}. It was made by the drived of main at
+# 0d5a601 (format 1), the last release before format 2: that daemon started on an empty data dir, and its
+# Drive put these files, one component at a time (the archive holds the data dir as the daemon left it).
+FORMAT_1_FILES = {
+    "default": {"f/big.bin": pattern(3 * BLOCK + 77, 1), "f/d/small.txt": b"small and old", "f/empty": b"",
+                "rotten.bin": pattern(2 * BLOCK, 2)},
+    "other": {"g/mid.bin": pattern(300_000, 3)},
+}
 
 
 def test_a_data_dir_of_format_1_is_read_as_it_is(start_daemon, tmp_path):
     data_dir = tmp_path / "old-data"
-    files = {"f/big.bin": os.urandom(3 * BLOCK + 77), "f/d/small.txt": b"small and old", "f/empty": b""}
-    for path, data in files.items():
-        write_format_1(data_dir, "old", path, data)
-    write_format_1(data_dir, "old", "rotten.bin", os.urandom(2 * BLOCK))
-    flip(data_dir / "objects" / "old" / "default" / "rotten.bin", 64 + 100)
+    data_dir.mkdir()
+    with tarfile.open(FORMAT_1_DATA) as archive:
+        archive.extractall(data_dir, filter="data")
+    objects = data_dir / "objects" / "old"
+    assert {p.read_bytes()[:8] for p in objects.rglob("*") if p.is_file()} == {b"DRIVED01"}
+    flip(objects / "default" / "rotten.bin", 64 + 100)
     before = {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file()}
     handle = start_daemon(tmp_path, data_dir=data_dir)
+    files = FORMAT_1_FILES["default"]
     drive = Drive("lit://old", root_folder=tmp_path, endpoint=handle.endpoint)
 
     data = files["f/big.bin"]
     stat = drive.stat("f/big.bin")
     assert (stat.size, stat.sha256) == (len(data), sha256_hex(data))
     assert drive.list("f") == ["f/big.bin", "f/d", "f/empty"]
+    assert drive.list(".") == ["f", "g", "rotten.bin"]
     with grpc.insecure_channel(handle.endpoint) as channel:
         stub = drive_pb2_grpc.DriveServiceStub(channel)
         assert not stub.Stat(pb.StatRequest(drive="lit://old", path="f/big.bin")).HasField("crc32c")  # not read yet
@@ -184,18 +199,23 @@ def test_a_data_dir_of_format_1_is_read_as_it_is(start_daemon, tmp_path):
 
     out = tmp_path / "out"
     assert drive.get("f", to=out / "f") == out / "f"
-    for path, content in files.items():
-        assert (out / path).read_bytes() == content, path  # a folder get: small, empty and big files
+    for path in ("f/big.bin", "f/d/small.txt", "f/empty"):
+        assert (out / path).read_bytes() == files[path], path  # a folder get: small, empty and big files
+    mid = FORMAT_1_FILES["other"]["g/mid.bin"]
+    assert drive.get("g/mid.bin", to=out / "mid.bin", component_name="other").read_bytes() == mid
     with pytest.raises(DataLoss, match="sha256"):
         drive.get("rotten.bin", to=tmp_path / "rotten.bin")
+    assert not (tmp_path / "rotten.bin").exists()
     with pytest.raises(DataLoss, match=r"'rotten.bin' of component 'default' in lit://old is damaged"):
         b"".join(drive.read_range("rotten.bin", BLOCK + 1, 10))  # far from the damage: the file is checked whole
     fs = fsspec.filesystem("lit", endpoint=handle.endpoint, skip_instance_cache=True)
     assert fs.cat_file("old/f/d/small.txt", 6, 9) == b"and"
+    with pytest.raises(DataLoss, match="is damaged"):
+        fs.cat_file("old/rotten.bin", 0, 10)
     assert {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file() and "objects" in p.parts} == {
         p: raw for p, raw in before.items()}, "reading never rewrites a file"
 
     (tmp_path / "new.txt").write_bytes(b"replaced")
     drive.put("new.txt", to="f/d/small.txt")  # a put writes format 2
-    assert (data_dir / "objects" / "old" / "default" / "f" / "d" / "small.txt").read_bytes()[:8] == b"DRIVED02"
+    assert (objects / "default" / "f" / "d" / "small.txt").read_bytes()[:8] == b"DRIVED02"
     assert drive.stat("f/d/small.txt").sha256 == sha256_hex(b"replaced")
