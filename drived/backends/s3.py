@@ -76,6 +76,7 @@ import email.utils
 import functools
 import logging
 import secrets
+import string
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime, timezone
@@ -127,7 +128,8 @@ def _checksums_of(metadata: dict[str, str]) -> tuple[str, int | None]:
     """(sha256, CRC32C) from an object's metadata; "" and None for what it lacks (an object of an earlier drived
     has no CRC32C)."""
     crc = metadata.get("crc32c", "")
-    return metadata.get("sha256", ""), int(crc, 16) if len(crc) == 8 and crc.isalnum() else None
+    is_hex = len(crc) == 8 and all(c in string.hexdigits for c in crc)
+    return metadata.get("sha256", ""), int(crc, 16) if is_hex else None
 
 
 def _code(err: BaseException) -> tuple[str, int]:
