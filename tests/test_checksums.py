@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -158,33 +157,6 @@ def test_a_checksum_that_does_not_match_is_data_loss_and_stores_nothing(stub, dr
         assert refused.value.code() == grpc.StatusCode.DATA_LOSS, case
         assert "nothing was stored" in refused.value.details(), case
         assert stored(stub, drive_uri, "f.bin") == b"previous version", case
-
-
-def test_grpcurl_puts_with_a_crc32c_and_gets_it_back(daemon, drive_uri):
-    grpcurl = BIN / "grpcurl"
-    data = b"checked by CRC32C"
-    put = {"header": {"drive": drive_uri, "path": "g.txt"}, "data": "Y2hlY2tlZCBieSBDUkMzMkM=",
-           "crc32c": crc32c(data)}
-    run = [str(grpcurl), "-plaintext", "-max-time", "20", "-d"]
-    res = subprocess.run([*run, json.dumps(put), daemon.endpoint, "drive.v1.DriveService/PutFile"],
-                         capture_output=True, text=True, timeout=40)
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["file"]["crc32c"] == crc32c(data)
-    get = {"drive": drive_uri, "path": "g.txt", "checksums": True}
-    res = subprocess.run([*run, json.dumps(get), daemon.endpoint, "drive.v1.DriveService/Get"],
-                         capture_output=True, text=True, timeout=40)
-    assert res.returncode == 0, res.stderr
-    decoder, text, messages = json.JSONDecoder(), res.stdout.strip(), []
-    while text:
-        message, end = decoder.raw_decode(text)
-        messages.append(message)
-        text = text[end:].strip()
-    assert messages[0]["info"]["crc32c"] == crc32c(data)
-    assert messages[-1] == {"crc32c": crc32c(data)}
-    bad = {**put, "crc32c": crc32c(data) ^ 1}
-    res = subprocess.run([*run, json.dumps(bad), daemon.endpoint, "drive.v1.DriveService/PutFile"],
-                         capture_output=True, text=True, timeout=40)
-    assert res.returncode != 0 and "Code: DataLoss" in res.stderr
 
 
 # -- bytes damaged on the way -----------------------------------------------------------------------
