@@ -29,7 +29,7 @@ from drive_client.errors import (
     WaitTimeout,
 )
 
-from .backends.base import Backend, ObjectInfo, Upload
+from .backends.base import Backend, Damaged, ObjectInfo, Upload
 from .checksums import ClientChecksums
 from .coordinator import Coordinator, Event
 from .drives import FileStream
@@ -56,6 +56,10 @@ def _held_by(component: str, names: Iterator[tuple[str, bool]]) -> Iterator[tupl
 
 def _shown(drive: str, path: str) -> str:
     return f"{path!r} in lit://{drive}"
+
+
+def _shown_file(drive: str, component: str, path: str) -> str:
+    return f"{path!r} of component {component!r} in lit://{drive}"
 
 
 class ManagedPut:
@@ -141,7 +145,10 @@ class ManagedDrives:
     async def _own_size(self, put: PutHeader) -> int:
         """The size of the file the caller already holds at the put's path (0 when none): a put replacing it
         needs quota only for the difference."""
-        info = await self.backend.stat(object_key(put.drive.name, put.component, put.path))
+        try:
+            info = await self.backend.stat(object_key(put.drive.name, put.component, put.path))
+        except Damaged:
+            return 0  # as the drive's usage counts it (`Backend.usage`): a put is how to repair it
         return info.size if info else 0
 
     async def over_limit(self, put: PutHeader, received: int) -> ResourceExhausted:
@@ -177,6 +184,13 @@ class ManagedDrives:
         """The drive's quota room for a commit that adds `added` bytes (nothing to hold without a quota)."""
         return self.quotas.adding(drive, added) if self.quotas else contextlib.nullcontext()
 
+    async def _file_info(self, drive: str, component: str, path: str) -> ObjectInfo | None:
+        """The stored file's info (None when there is none); Damaged names the file as its client knows it."""
+        try:
+            return await self.backend.stat(object_key(drive, component, path))
+        except Damaged as err:
+            raise err.named(_shown_file(drive, component, path)) from None
+
     async def _locate(self, drive: str, path: str, component: str) -> list[tuple[str, ObjectInfo | None]]:
         """Which components hold `path`: (component, file info), or (component, None) for a folder."""
         components = [component] if component else await self.components(drive)
@@ -185,7 +199,7 @@ class ManagedDrives:
         hits: list[tuple[str, ObjectInfo | None]] = []
         for c in components:
             key = object_key(drive, c, path)
-            info = await self.backend.stat(key)
+            info = await self._file_info(drive, c, path)
             if info:
                 hits.append((c, info))
             elif await self.backend.is_folder(key):
@@ -303,7 +317,10 @@ class ManagedDrives:
         shared = len(holders) > 1
         if folder:
             return Entry(path=path, component="" if shared else owner, folder=True)
-        info = await self.backend.stat(object_key(drive, owner, path))
+        try:
+            info = await self.backend.stat(object_key(drive, owner, path))
+        except Damaged:  # listed with what is known of it; a stat or get of it says what is wrong
+            return Entry(path=path, component="" if shared else owner)
         if info is None:
             return None
         return Entry(path=path, size=info.size, mtime_ns=info.generation) if shared else _entry(path, owner, info)
@@ -358,7 +375,10 @@ class ManagedDrives:
         """Deletes one object; with a quota, its size leaves the drive's usage."""
         if self.quotas is None:
             return await self.backend.delete(key)
-        info = await self.backend.stat(key)
+        try:
+            info = await self.backend.stat(key)
+        except Damaged:
+            info = None  # counted as no bytes in the drive's usage (`Backend.usage`)
         if not await self.backend.delete(key):
             return False
         self.quotas.deleted(drive, info.size if info else 0)
