@@ -213,6 +213,23 @@ def test_the_crc32c_is_stored_and_a_whole_read_of_a_damaged_object_is_data_loss(
     assert b"".join(drive.read_range("f.bin", size // 2, 10)) == bytes(damaged[size // 2:size // 2 + 10])
 
 
+def test_an_object_of_an_earlier_drived_without_a_crc32c_is_read(store, daemon_a, drive_uri, tmp_path):
+    """An earlier drived kept only the sha256 and generation in an object's metadata: the object lists, stats
+    (no crc32c) and reads as it is, each transfer still checked by the CRC32C the daemon computes as it sends."""
+    data = os.urandom(300_000)
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/old.bin"
+    store.client.put_object(Bucket=BUCKET, Key=key, Body=data,
+                            Metadata={"generation": "1764547200000000000", "sha256": sha256_of(data)})
+    stub = stub_of(daemon_a)
+    info = stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="old.bin"))
+    assert (info.size, info.sha256, info.HasField("crc32c")) == (len(data), sha256_of(data), False)
+    drive = Drive(drive_uri, root_folder=tmp_path, endpoint=daemon_a.endpoint)
+    assert drive.get("old.bin").read_bytes() == data
+    assert b"".join(drive.read_range("old.bin", 10, 100)) == data[10:110]
+    assert store.client.head_object(Bucket=BUCKET, Key=key)["Metadata"] == {
+        "generation": "1764547200000000000", "sha256": sha256_of(data)}, "reading never rewrites an object"
+
+
 def test_folder_rules_hold_over_s3(store, daemon_a, drive_uri):
     stub = stub_of(daemon_a)
     raw_put(stub, drive_uri, "x", b"a file", component="w")
