@@ -127,21 +127,25 @@ def test_a_damaged_header_or_table_is_data_loss(handle, own_stub, drive_uri):
     raw_put(own_stub, drive_uri, "t.bin", data)
     flip(stored_path(handle.data_dir, drive_uri, "h.bin"), 50)  # the size field
     flip(stored_path(handle.data_dir, drive_uri, "t.bin"), 64 + len(data) + 4)  # the second block's entry
-    with pytest.raises(grpc.RpcError) as header:
-        own_stub.Stat(pb.StatRequest(drive=drive_uri, path="h.bin"))
-    assert header.value.code() == grpc.StatusCode.DATA_LOSS and "header" in header.value.details()
-    assert f"'h.bin' of component 'default' in {drive_uri} is damaged" in header.value.details()
+    raw_put(own_stub, drive_uri, "m.bin", b"magic")
+    flip(stored_path(handle.data_dir, drive_uri, "m.bin"), 0)  # the format's magic
+    for path in ("h.bin", "m.bin"):
+        with pytest.raises(grpc.RpcError) as header:
+            own_stub.Stat(pb.StatRequest(drive=drive_uri, path=path))
+        assert header.value.code() == grpc.StatusCode.DATA_LOSS and "header" in header.value.details()
+        assert f"'{path}' of component 'default' in {drive_uri} is damaged" in header.value.details()
     drive = Drive(drive_uri, endpoint=handle.endpoint)
     with pytest.raises(DataLoss, match=r"'h.bin' of component 'default'.* is damaged"):
         drive.get("h.bin", to=str(handle.data_dir.parent / "h.bin"))
     # The folder still lists (the damaged file with what is known of it), and the remedies work.
     listed = {e.path: e for e in own_stub.List(pb.ListRequest(drive=drive_uri, path=".")).entries}
-    assert set(listed) == {"h.bin", "t.bin"} and listed["t.bin"].size == len(data)
+    assert set(listed) == {"h.bin", "m.bin", "t.bin"} and listed["t.bin"].size == len(data)
     assert not listed["h.bin"].sha256 and not listed["h.bin"].HasField("crc32c")
     raw_put(own_stub, drive_uri, "h.bin", b"put again")
     assert drive.stat("h.bin").size == len(b"put again")
     flip(stored_path(handle.data_dir, drive_uri, "h.bin"), 50)
     drive.delete("h.bin")
+    drive.delete("m.bin")
     assert drive.list(".") == ["t.bin"]
     assert b"".join(drive.read_range("t.bin", 0, BLOCK)) == data[:BLOCK]
     with pytest.raises(DataLoss, match="is damaged"):

@@ -444,8 +444,8 @@ class LocalBackend(Backend):
                 layout = parse_header(os.pread(fd, HEADER_SIZE, 0))
             except DamagedHeader:
                 raise Damaged(key, "its header does not match its CRC32C") from None
-            if layout is None:
-                raise NotFound(f"{key!r} is not a drived object (damaged or foreign file in the data dir)")
+            if layout is None:  # drived writes every file under objects/ with a header: this one is damaged
+                raise Damaged(key, "its header is not one drived writes")
             version = (st.st_dev, st.st_ino, st.st_mtime_ns)
             crc = layout.crc32c
             if crc is None and (ends := self.legacy_tables.get(version)) is not None:
