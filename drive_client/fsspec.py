@@ -127,6 +127,7 @@ read cache (read-ahead: at most about two blocks) holds only that one version of
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import io
@@ -152,11 +153,16 @@ from .drive import Drive
 from .effects import Done, advance
 from .errors import AmbiguousPathError, DataLoss, InvalidArgument, NotFound, StaleIndexError
 from .files import write_all
+from .pyarrow_exit import wait_for_pyarrow_threads
 from .uri import check_component, normalize_path, parse_drive
 
 __all__ = ["AsyncDriveFile", "AsyncDriveFileSystem", "DriveFile", "DriveFileSystem"]
 
 T = TypeVar("T")
+
+# pyarrow reads this filesystem in its own threads, which must let go of its files before the interpreter begins to
+# finalize (see pyarrow_exit); atexit hooks run before that.
+atexit.register(wait_for_pyarrow_threads)
 
 # An operation of the filesystem, written once for both faces. It yields what it asks for and is
 # sent the answer: a call of a Drive method (its result, or the coroutine AsyncDrive gives for

@@ -5,7 +5,8 @@ memory is its own): a 200 MiB state dict through `fsspec.open("lit://…")` with
 the daemon's peak memory measured; the README's DataLoader recipe over a lit:// folder with 4
 workers; Lightning's CSVLogger on a drive, alone and under a Trainer (its flushes append). pyarrow
 runs here: a scan of a folder of Parquet files, with and without read-ahead, with the bytes the
-daemon sent counted by its own metrics. The README's examples (Lightning
+daemon sent counted by its own metrics; scripts that read Parquet and exit at once, run again and
+again, exit 0 (pyarrow's threads are done with the files first). The README's examples (Lightning
 checkpoints, an evaluator watching them, a resumed run, a DataLoader over an s3:// drive) run in
 tests/test_readme.py.
 """
@@ -16,13 +17,15 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import MIB, DaemonHandle, wait_until
 from test_fsspec import get_requests
 from test_metrics import scrape
-from test_readme import as_files, run_python
+from test_readme import as_files, readme_blocks, run_python
 
 from bench.services import peak_rss_mib, reset_peak_rss, rss_mib
 from drive_client import Drive
@@ -190,6 +193,61 @@ def test_parquet_reads_send_only_the_row_groups_asked_for(daemon, parquet_folder
     read_ahead = AbstractBufferedFile.DEFAULT_BLOCK_SIZE if cache_type == "readahead" else 0
     assert asked <= sent <= asked + read_ahead + footers, (sent, asked, total)
     assert sent < total / 5
+
+
+# --- exiting right after a read ------------------------------------------------------------------
+
+# A pyarrow.dataset scan of a lit:// folder beside a thread that holds the GIL whenever it runs (as a
+# progress reporter or a prefetching thread may): pyarrow's threads, which let go of the files they
+# read just after the scan returns, then wait longest for the GIL, so the script's exit comes first.
+SCAN_BESIDE_A_BUSY_THREAD = """
+import sys, threading
+import fsspec
+import pyarrow.dataset as ds
+
+def busy():
+    while True:
+        pass
+
+threading.Thread(target=busy, daemon=True).start()
+dataset = ds.dataset(sys.argv[1], filesystem=fsspec.filesystem("lit"), format="parquet")
+print(dataset.to_table(columns=["loss"], filter=ds.field("step") >= 95_000).num_rows)
+"""
+EXIT_RUNS = 10  # of each script: an abort at exit is a race that a single run seldom loses
+
+
+def test_scripts_that_read_parquet_from_a_drive_exit_0_every_time(daemon, tmp_path):
+    """The README's pandas block and a pyarrow.dataset scan, each run again and again in a fresh process (the
+    two side by side), exit 0 every time: no thread of pyarrow drops a lit:// file once Python has begun to
+    shut down (that aborts the process: "terminate called without an active exception", exit 134)."""
+    import pandas as pd
+
+    steps = pd.DataFrame({"step": range(100_000), "loss": [1 / (1 + s) for s in range(100_000)]})
+    steps.to_parquet("lit://exit_1/run_1/part-0.parquet", row_group_size=10_000,
+                     storage_options={"endpoint": daemon.endpoint})
+    [readme] = readme_blocks("Parquet with pandas and pyarrow")
+    env = {**os.environ, "DRIVE_ENDPOINT": daemon.endpoint}
+
+    def runs(args: list[str]) -> list[subprocess.CompletedProcess[str]]:
+        return [subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=120) for _ in range(EXIT_RUNS)]
+
+    # The README block rewrites its own file, so its runs follow one another; the scans read another drive.
+    with ThreadPoolExecutor(2) as pool:
+        readme_runs, scan_runs = pool.map(runs, [["-c", readme], ["-c", SCAN_BESIDE_A_BUSY_THREAD, "exit_1/run_1"]])
+    failed = [(run.returncode, run.stderr[-1000:]) for run in readme_runs + scan_runs if run.returncode]
+    assert not failed, failed
+    assert [run.stdout for run in readme_runs] == ["(5000, 1)\n"] * EXIT_RUNS
+    assert [run.stdout for run in scan_runs] == ["5000\n"] * EXIT_RUNS
+
+
+def test_the_exit_wait_finds_pyarrows_thread_pools():
+    """The C++ functions the wait at exit calls are in the installed pyarrow (else it would wait for nothing)."""
+    import pyarrow.dataset  # noqa: F401  (starts no thread: the pools are idle)
+
+    from drive_client.pyarrow_exit import wait_for_pyarrow_threads
+
+    assert wait_for_pyarrow_threads()
 
 
 # --- Lightning's loggers ------------------------------------------------------------------------
