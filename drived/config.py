@@ -24,6 +24,8 @@ class Config:
     data_dir: str = "./drive-data"
     storage: str = ""
     upload_expiry: float = 60.0
+    max_held_uploads: int = 1000
+    max_held_bytes: int = 64 << 30
     chunk_size: int = 1 << 20
     grace_period: float = 30.0
     s3_list_concurrency: int = 16
@@ -39,8 +41,14 @@ HELP = {
     "data_dir": "folder where lit:// drives are kept (created if missing)",
     "storage": "where managed drives live: empty for --data-dir, or s3://bucket/prefix/ for an S3-compatible "
     "store (boto3's configuration: AWS_ENDPOINT_URL, credentials, AWS_REGION); several daemons may share one",
-    "upload_expiry": "seconds after which an upload into --storage that no part was added to is aborted "
-    "(uploads of a daemon that died), checked at start-up and every this many seconds",
+    "upload_expiry": "seconds a resumable upload whose stream ended before its finish is held for a resume "
+    "(then removed), and a completed one remembered; also the age after which an upload into --storage "
+    "that no part was added to is aborted (uploads of a daemon that died), checked at start-up and every "
+    "this many seconds",
+    "max_held_uploads": "resumable uploads held at most at once, waiting for a resume; past it the oldest is "
+    "removed (its client starts that file again)",
+    "max_held_bytes": "bytes held at most by the resumable uploads waiting for a resume (on the data dir's "
+    "disk, or in --storage's parts); past it the oldest is removed",
     "chunk_size": "bytes per message of a Get stream (at most 3 MiB)",
     "grace_period": "seconds that SIGTERM/SIGINT lets in-flight transfers finish before they are cancelled",
     "s3_list_concurrency": "parallel ListObjectsV2 calls when mounting an s3:// drive",
@@ -96,7 +104,8 @@ def _chunk_size(text: str) -> int:
 
 
 PARSERS: dict[str, Callable[[str], Any]] = {
-    "listen": str, "data_dir": str, "storage": _storage, "upload_expiry": _positive(float), "chunk_size": _chunk_size,
+    "listen": str, "data_dir": str, "storage": _storage, "upload_expiry": _positive(float),
+    "max_held_uploads": _non_negative(int), "max_held_bytes": _non_negative(int), "chunk_size": _chunk_size,
     "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
     "metrics_listen": str, "token": str, "max_connection_age": _non_negative(float), "log_level": str,
 }

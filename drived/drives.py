@@ -21,7 +21,16 @@ from drive_client.uri import DriveId
 from .backends.base import Chunks
 from .coordinator import Event
 from .entry import Entry
-from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutHeader, StatRequest, WatchRequest
+from .requests import (
+    DeleteRequest,
+    GetRequest,
+    ListRequest,
+    MountRequest,
+    PutHeader,
+    QueryWriteStatusRequest,
+    StatRequest,
+    WatchRequest,
+)
 
 FileStream = tuple[Entry, Chunks]  # a file found by a get, and its bytes
 
@@ -30,10 +39,10 @@ class PendingPut(Protocol):
     """One file of a put, between its header and its finish.
 
     The caller passes the file's chunks in order to `write`, then calls
-    `commit` (which leaves no temporary data behind, whatever its outcome) or
-    `abort` (when a write failed, the stream ended early or the call was
-    cancelled). `abort` after a commit does nothing, so a caller may always
-    call it at the end.
+    `commit` (which leaves no temporary data behind, whatever its outcome),
+    `suspend` (the stream ended or was cancelled before the finish) or
+    `abort` (a write failed, or the call failed otherwise). `abort` after a
+    commit does nothing, so a caller may always call it at the end.
     """
 
     @property
@@ -56,6 +65,11 @@ class PendingPut(Protocol):
         """Discards what was written, unless committed. Idempotent."""
         ...
 
+    async def suspend(self) -> None:
+        """The stream ended before the file's finish: a resumable upload is held for a resume, any other
+        discarded (as `abort`)."""
+        ...
+
 
 class Drives(Protocol):
     """The operations of the wire API on one kind of drive."""
@@ -74,6 +88,11 @@ class Drives(Protocol):
         NotFound, AmbiguousPathError, StaleIndexError, InvalidArgument (the range of `get` does not fit
         the file).
         """
+        ...
+
+    async def query_upload(self, query: QueryWriteStatusRequest) -> tuple[int, Entry | None]:
+        """How much of a resumable upload is held: (bytes, None), or (0, the stored file) once it was
+        committed. NotFound when this daemon holds no such upload."""
         ...
 
     async def list_entries(self, listing: ListRequest) -> tuple[list[Entry], bool]:

@@ -10,10 +10,11 @@ other, and this module knows neither implementation.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from drive_client.errors import (
     AlreadyExists,
@@ -29,7 +30,17 @@ from .coordinator import Coordinator, Event
 from .drives import FileStream
 from .entry import Entry
 from .paths import component_key, object_key, relative_path
-from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutHeader, StatRequest, WatchRequest
+from .requests import (
+    DeleteRequest,
+    GetRequest,
+    ListRequest,
+    MountRequest,
+    PutHeader,
+    QueryWriteStatusRequest,
+    StatRequest,
+    WatchRequest,
+)
+from .uploads import HeldUploads, Resumable
 
 EARLY_CHECK_MIN_SIZE = 1 << 20
 
@@ -58,7 +69,7 @@ class ManagedPut:
         self.header = header
         self.path = header.path
         self.upload = upload
-        self.write = upload.write
+        self.write: Callable[[bytes | memoryview], Awaitable[None]] = upload.write
         self._drives = drives
 
     async def commit(self, sha256: str) -> Entry:
@@ -67,13 +78,52 @@ class ManagedPut:
     async def abort(self) -> None:
         await self.upload.abort()
 
+    async def suspend(self) -> None:
+        await self.abort()  # not resumable: nothing is kept
+
+
+class ResumablePut:
+    """One stream's part of a resumable upload (a header with an `upload_id`, see `drived.uploads`): a
+    `drived.drives.PendingPut` whose upload is held when its stream ends before the finish."""
+
+    upload: Upload
+    write: Callable[[bytes | memoryview], Awaitable[None]]
+
+    def __init__(self, drives: ManagedDrives, header: PutHeader) -> None:
+        self.header = header
+        self.path = header.path
+        self._drives = drives
+        self._resumable: Resumable | None = None
+
+    def attach(self, resumable: Resumable) -> ResumablePut:
+        """Writes `resumable` from now on (the registry made this put its writer)."""
+        self._resumable = resumable
+        self.upload = resumable.upload
+        self.write = functools.partial(resumable.write, self)
+        return self
+
+    @property
+    def resumable(self) -> Resumable:
+        assert self._resumable is not None, "attach() comes first"
+        return self._resumable
+
+    async def commit(self, sha256: str) -> Entry:
+        return await self._drives.uploads.committed(self.resumable, self._drives.commit_put(self, sha256))
+
+    async def abort(self) -> None:
+        await self._drives.uploads.abort(self.resumable, self)
+
+    async def suspend(self) -> None:
+        await self._drives.uploads.suspend(self.resumable, self)
+
 
 class ManagedDrives:
     """All `lit://` drives kept in one backend (a `drived.drives.Drives`)."""
 
-    def __init__(self, backend: Backend, coordinator: Coordinator) -> None:
+    def __init__(self, backend: Backend, coordinator: Coordinator, uploads: HeldUploads) -> None:
         self.backend = backend
         self.coordinator = coordinator
+        self.uploads = uploads
 
     async def components(self, drive: str) -> list[str]:
         """The components that hold something in `drive`, sorted."""
@@ -87,8 +137,11 @@ class ManagedDrives:
                     "pick another path, or open the drive with allow_duplicates=True"
                 )
 
-    async def begin_put(self, put: PutHeader) -> ManagedPut:
+    async def begin_put(self, put: PutHeader) -> ManagedPut | ResumablePut:
         """Starts the upload of one file; one of unknown or large size is checked for ownership first.
+
+        A header with an `upload_id` makes the upload resumable, and with a
+        `write_offset` resumes the one held under that id (`drived.uploads`).
 
         The check that decides is the one at commit; this one only spares
         the upload of bytes that would be refused, which for a small file
@@ -97,10 +150,19 @@ class ManagedDrives:
         drive = put.drive.name
         if not put.allow_duplicates and (put.size is None or put.size > EARLY_CHECK_MIN_SIZE):
             await self._check_duplicates(drive, put.component, put.path)
+        if put.write_offset:
+            resumed = ResumablePut(self, put)
+            return resumed.attach(await self.uploads.resume(put, resumed))
         upload = await self.backend.start_upload(object_key(drive, put.component, put.path))
-        return ManagedPut(self, put, upload)
+        if not put.upload_id:
+            return ManagedPut(self, put, upload)
+        started = ResumablePut(self, put)
+        return started.attach(await self.uploads.start(put, upload, started))
 
-    async def commit_put(self, put: ManagedPut, sha256: str) -> Entry:
+    async def query_upload(self, query: QueryWriteStatusRequest) -> tuple[int, Entry | None]:
+        return await self.uploads.status((query.drive.name, query.component, query.upload_id))
+
+    async def commit_put(self, put: ManagedPut | ResumablePut, sha256: str) -> Entry:
         """Verifies and commits a put: ownership is checked again inside the path's claim, so that the
         check and the commit are one step for every daemon sharing the coordinator."""
         header, drive = put.header, put.header.drive.name

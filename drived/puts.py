@@ -46,8 +46,8 @@ class PutStream:
         if data is not None:
             if self._pending is None:
                 raise InvalidArgument("a Put stream must start each file with a header before its data")
+            self.bytes += len(data)  # received, and the upload's once handed to it (writes are cancel-safe)
             await self._pending.write(data)
-            self.bytes += len(data)
             return
         kind = message.WhichOneof("message")  # type: ignore[union-attr]
         if kind == "header":
@@ -59,8 +59,8 @@ class PutStream:
         elif kind == "file":
             whole = message.file  # type: ignore[union-attr]
             await self._start(whole.header)
-            await self._pending.write(whole.data)  # type: ignore[union-attr]  # set by _start
             self.bytes += len(whole.data)
+            await self._pending.write(whole.data)  # type: ignore[union-attr]  # set by _start
             await self._finish(file_sha256(whole.sha256))
         else:
             raise InvalidArgument("an empty PutRequest: send a header, data, finish or file")
@@ -98,13 +98,15 @@ class PutStream:
         """At the end of the stream: every committed file, in the order sent."""
         if self._pending is not None:
             raise InvalidArgument(
-                f"the Put stream ended before the finish of {self._pending.path!r}: nothing was stored for it"
+                f"the Put stream ended before the finish of {self._pending.path!r}: it is not stored (with an "
+                "upload_id, what arrived is held for a resume)"
             )
         return list(await asyncio.gather(*self._commits))
 
     async def close(self) -> None:
-        """Discards an unfinished file and lets the commits in flight end (they are valid files)."""
+        """Suspends an unfinished file (held when resumable, else discarded) and lets the commits in flight
+        end (they are valid files)."""
         if self._pending is not None:
-            await self._pending.abort()
+            await self._pending.suspend()
             self._pending = None
         await asyncio.gather(*self._commits, return_exceptions=True)

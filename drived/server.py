@@ -27,6 +27,7 @@ from .managed import ManagedDrives
 from .s3drives import S3Drives
 from .s3index.mounts import S3Mounts
 from .service import DriveService
+from .uploads import HeldUploads
 
 log = logging.getLogger("drived")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DriveService"].full_name
@@ -70,7 +71,9 @@ async def serve(config: Config) -> None:
     await backend.start()
     mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size)
     coordinator = InProcessCoordinator()
-    service = DriveService(DriveRouter(ManagedDrives(backend, coordinator), S3Drives(mounts, config.chunk_size)))
+    uploads = HeldUploads(config.upload_expiry, config.max_held_uploads, config.max_held_bytes)
+    managed = ManagedDrives(backend, coordinator, uploads)
+    service = DriveService(DriveRouter(managed, S3Drives(mounts, config.chunk_size)))
     add_fast_servicer(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -97,6 +100,7 @@ async def serve(config: Config) -> None:
     await health_servicer.enter_graceful_shutdown()
     await coordinator.close()  # watches and waiting gets answer UNAVAILABLE now; transfers get the grace period
     await server.stop(config.grace_period)
+    await uploads.close()
     await mounts.close()
     await backend.close()
     log.info("stopped")

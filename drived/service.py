@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TypeVar, overload
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from drive_client.errors import DriveError, NotFound
+from drive_client.errors import DriveError
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc as pb_grpc
 from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
@@ -38,6 +38,7 @@ from .requests import (
     ListRequest,
     MountRequest,
     PutHeader,
+    QueryWriteStatusRequest,
     StatRequest,
     WatchRequest,
     file_sha256,
@@ -180,9 +181,9 @@ class DriveService(pb_grpc.DriveServiceServicer):
         try:
             async for message in messages:
                 await stream.receive(message)
-                record.bytes = stream.bytes
             entries = await stream.results()
         finally:
+            record.bytes = stream.bytes
             await stream.close()
         record.files = len(entries)
         return pb.PutResponse(files=[file_info(e) for e in entries])
@@ -258,5 +259,9 @@ class DriveService(pb_grpc.DriveServiceServicer):
     async def QueryWriteStatus(
         self, request: pb.QueryWriteStatusRequest, record: RequestLog
     ) -> pb.QueryWriteStatusResponse:
-        # This daemon keeps no unfinished upload once its stream ends, so there is never one to resume.
-        raise NotFound(f"upload {request.upload_id!r} is not held by this daemon: put the file again from offset 0")
+        query = QueryWriteStatusRequest.from_pb(request)
+        held, entry = await self.drives(query.drive).query_upload(query)
+        if entry is None:
+            return pb.QueryWriteStatusResponse(committed_size=held)
+        record.path = entry.path
+        return pb.QueryWriteStatusResponse(complete=True, file=file_info(entry))

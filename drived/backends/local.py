@@ -137,6 +137,7 @@ class LocalUpload(Upload):
         self._path = path  # where the object goes, checked by LocalBackend._path
         self._tmp_path = f"{backend.tmp_dir}/{next(backend.upload_numbers)}"
         self._fd = -1
+        self._created = False  # whether the temporary file exists (it is closed while suspended)
         self._hash = hashlib.sha256()
         self._size = 0
         self._written = self._written_back = 0  # bytes in the file, and those the disk was told to write
@@ -145,15 +146,19 @@ class LocalUpload(Upload):
         self._flushing: asyncio.Future[None] | None = None
         self._committing: asyncio.Future[Any] | None = None
 
-    def _create(self) -> int:
-        return os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    def _open(self) -> None:
+        """Opens the temporary file at its end: created on the first flush, opened again after `suspend`."""
+        if self._fd >= 0:
+            return
+        flags = os.O_WRONLY | os.O_CLOEXEC | (0 if self._created else os.O_CREAT | os.O_EXCL)
+        self._fd = os.open(self._tmp_path, flags, 0o644)
+        self._created = True
+        os.lseek(self._fd, HEADER.size + self._written, os.SEEK_SET)  # the header is written at the commit
 
     def _flush(self, chunks: list[bytes | memoryview]) -> None:
         """Runs in a worker thread: hashes and appends `chunks` to the temporary file."""
         try:
-            if self._fd < 0:
-                self._fd = self._create()
-                os.lseek(self._fd, HEADER.size, os.SEEK_SET)  # the header is written at the commit
+            self._open()
             for chunk in chunks:
                 self._hash.update(chunk)
                 write_all(self._fd, chunk)
@@ -169,21 +174,41 @@ class LocalUpload(Upload):
         except OSError as err:
             raise _disk_error(err, "writing an upload") from err
 
+    @property
+    def held(self) -> int:
+        return self._size
+
     async def write(self, data: bytes | memoryview) -> None:
         self._size += len(data)
         self._pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= FLUSH_BYTES:
-            chunks, self._pending, self._pending_bytes = self._pending, [], 0
             await self._drain()
-            # Not awaited: the next chunk is received while this one is hashed and written.
-            self._flushing = asyncio.get_running_loop().run_in_executor(None, self._flush, chunks)
+            self._start_flush()
+
+    def _start_flush(self) -> None:
+        """Hands the pending chunks to a worker thread, not awaited: the next chunk is received meanwhile."""
+        chunks, self._pending, self._pending_bytes = self._pending, [], 0
+        self._flushing = asyncio.get_running_loop().run_in_executor(None, self._flush, chunks)
 
     async def _drain(self) -> None:
-        """Waits for the write in flight, if any (at most one chunk is ever in flight)."""
+        """Waits for the write in flight, if any (at most one chunk is ever in flight).
+
+        Shielded, and forgotten only once done: a cancelled caller leaves the
+        write running and known, for whoever waits next (`suspend`, `abort`).
+        """
         if self._flushing is not None:
-            flushing, self._flushing = self._flushing, None
-            await flushing
+            await asyncio.shield(self._flushing)
+            self._flushing = None
+
+    async def suspend(self) -> None:
+        await self._drain()
+        if self._pending:
+            self._start_flush()
+            await self._drain()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _commit_big(self, chunks: list[bytes | memoryview], sha256: str, size: int | None) -> ObjectInfo:
         """Runs in a worker thread: writes the rest, verifies, writes the header, fsyncs and renames into place."""
@@ -223,7 +248,7 @@ class LocalUpload(Upload):
     async def commit(self, sha256: str, size: int | None = None) -> ObjectInfo:
         try:
             await self._drain()
-            if self._fd < 0:  # nothing written yet: a small file, committed with others
+            if not self._created:  # nothing written to disk yet: a small file, committed with others
                 data, self._pending, self._pending_bytes = b"".join(self._pending), [], 0
                 return await self._commit_small(data, sha256, size)
             chunks, self._pending, self._pending_bytes = self._pending, [], 0
