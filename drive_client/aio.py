@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc
 
 from . import core
-from .common import CHANNEL_OPTIONS, DriveBase, FileStat, MountResult, WatchEvent
+from .common import DriveBase, FileStat, MountResult, WatchEvent, channel_options
 from .effects import Blocking, Call, Caller, Done, Emit, Next, Open, Plan, Send, Sleep, Unary, advance
 from .errors import from_rpc_error
 from .pb import drive_pb2_grpc as pb_grpc
@@ -165,7 +165,7 @@ class AsyncDrive(DriveBase):
     def _stub(self) -> pb_grpc.DriveServiceStub:
         loop = asyncio.get_running_loop()
         if self._channel is None or self._channel[0] != (os.getpid(), loop):
-            channel = grpc.aio.insecure_channel(self.endpoint, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(self.endpoint, options=channel_options(self.retry_seconds > 0))
             self._channel = ((os.getpid(), loop), channel, fast_stub(channel))
         return self._channel[2]
 

@@ -44,7 +44,7 @@ def split_uri(uri: str, folder: bool) -> tuple[str, str]:
 def _drive(uri: str, args: argparse.Namespace) -> Drive:
     return Drive(
         uri, component_name=args.component, endpoint=args.endpoint, allow_duplicates=args.allow_duplicates,
-        token=args.token,
+        token=args.token, retry_seconds=args.retry_seconds,
     )
 
 
@@ -126,6 +126,9 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--endpoint", help="drived address HOST:PORT (default: $DRIVE_ENDPOINT, else 127.0.0.1:50051)")
     top.add_argument("--component", help="your component name (default: $DRIVE_COMPONENT, else 'default')")
     top.add_argument("--token", help="bearer token for a daemon started with --token (default: $DRIVE_TOKEN)")
+    top.add_argument("--retry-seconds", type=float, metavar="SECONDS",
+                     help="how long a transfer cut by the network or a daemon restart keeps trying to resume "
+                     "(default: $DRIVE_RETRY_SECONDS, else 60; 0: no retries)")
     top.add_argument("--json", action="store_true", help="print results as JSON on stdout (for scripts)")
     top.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     top.set_defaults(only=None, allow_duplicates=False, timeout=None, overwrite=False)  # options of some commands

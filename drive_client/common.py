@@ -5,13 +5,15 @@ Their operations are `core`'s plans; the twins differ only in how they call.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-from .errors import NotADirectory, NotFound
+from .errors import InvalidArgument, NotADirectory, NotFound
 from .pb import drive_pb2 as pb
+from .resume import RETRY_SECONDS
 from .uri import check_component, parse_drive
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
@@ -24,7 +26,32 @@ CHANNEL_OPTIONS = [
     # (bench/WHY.md).
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 2 << 20),
+    # A daemon that could not be reached is tried again after 0.1 s, then less and less often,
+    # but at least every 5 s (gRPC's own are 1 s and 2 min): the retries of a call or a transfer
+    # (see `resume`) find a restarted daemon soon after it is back.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5000),
 ]
+# gRPC's retry policy for the unary calls (the client's own code retries streams, see `resume`):
+# UNAVAILABLE means the call did not run, or may be run again to the same effect. Not Delete:
+# a delete that ran but whose answer was lost would be answered NOT_FOUND when tried again.
+UNARY_RETRY = json.dumps({"methodConfig": [{
+    "name": [{"service": "drive.v1.DriveService", "method": method}
+             for method in ("PutFile", "List", "Stat", "Mount", "QueryWriteStatus")],
+    "retryPolicy": {
+        "maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    },
+}]})
+
+
+def channel_options(retries: bool) -> list[tuple[str, Any]]:
+    """The options of a channel to drived, with gRPC's retries of unary calls on or off."""
+    if not retries:
+        return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 0)]
+    # A retried call's request is kept until the call is answered: room for a whole small file.
+    return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", UNARY_RETRY),
+            ("grpc.per_rpc_retry_buffer_size", MESSAGE_LIMIT)]
 
 
 @dataclass(frozen=True)
@@ -83,6 +110,7 @@ class DriveBase:
         *,
         endpoint: str | None = None,
         token: str | None = None,
+        retry_seconds: float | None = None,
     ) -> None:
         self._read_only = parse_drive(id).read_only  # an s3:// drive
         self.id = id
@@ -91,6 +119,7 @@ class DriveBase:
         self.root_folder = None if root_folder is None else _existing_folder(root_folder)
         self.endpoint = endpoint or os.environ.get("DRIVE_ENDPOINT") or DEFAULT_ENDPOINT
         self.token = token or os.environ.get("DRIVE_TOKEN") or None
+        self.retry_seconds = _retry_seconds(retry_seconds)
         self._channel: Any = None  # what the twin calls through, made on first use in each process
 
     def __str__(self) -> str:
@@ -107,6 +136,19 @@ class DriveBase:
     @property
     def _metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+
+def _retry_seconds(retry_seconds: float | None) -> float:
+    """The retry budget: as given, else $DRIVE_RETRY_SECONDS, else RETRY_SECONDS; 0 turns retries off."""
+    if retry_seconds is None:
+        text = os.environ.get("DRIVE_RETRY_SECONDS")
+        try:
+            retry_seconds = float(text) if text else RETRY_SECONDS
+        except ValueError:
+            raise InvalidArgument(f"DRIVE_RETRY_SECONDS={text!r} is not a number of seconds") from None
+    if not retry_seconds >= 0:  # NaN too
+        raise InvalidArgument(f"retry_seconds must be a number of seconds >= 0 (0: no retries), got {retry_seconds}")
+    return float(retry_seconds)
 
 
 def _existing_folder(root_folder: str | os.PathLike[str]) -> str:

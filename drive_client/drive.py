@@ -15,23 +15,24 @@ from typing import Any
 import grpc
 
 from . import core
-from .common import CHANNEL_OPTIONS, DriveBase, FileStat, MountResult, WatchEvent
+from .common import DriveBase, FileStat, MountResult, WatchEvent, channel_options
 from .effects import Call, Caller, Next, Send
 from .errors import from_rpc_error
 from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import Progress, ReadAhead
 from .wire import fast_stub
 
-# One channel per endpoint and process, shared by every Drive: a Drive made per call costs no handshake.
-_stubs: dict[tuple[int, str], pb_grpc.DriveServiceStub] = {}
+# One channel per endpoint and process (and whether gRPC retries its unary calls), shared by every
+# Drive: a Drive made per call costs no handshake.
+_stubs: dict[tuple[int, str, bool], pb_grpc.DriveServiceStub] = {}
 _stubs_lock = threading.Lock()
 
 
-def _shared_stub(endpoint: str) -> pb_grpc.DriveServiceStub:
-    key = (os.getpid(), endpoint)
+def _shared_stub(endpoint: str, retries: bool) -> pb_grpc.DriveServiceStub:
+    key = (os.getpid(), endpoint, retries)
     with _stubs_lock:
         if key not in _stubs:
-            _stubs[key] = fast_stub(grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS))
+            _stubs[key] = fast_stub(grpc.insecure_channel(endpoint, options=channel_options(retries)))
         return _stubs[key]
 
 
@@ -63,20 +64,22 @@ class _BlockingCalls(Caller):
 class Drive(DriveBase):
     """A drive opened by name: `Drive("lit://drive_1", component_name="work_a")`.
 
-    `Drive(id, allow_duplicates=False, component_name=None, root_folder=None, *, endpoint=None, token=None)`:
-    `component_name` defaults to $DRIVE_COMPONENT, else "default"; `endpoint`
-    to $DRIVE_ENDPOINT, else 127.0.0.1:50051. `root_folder` is where local
-    paths are resolved: an existing folder (else `FileNotFoundError` or
-    `NotADirectoryError` at once); when not given, the current working
-    directory at the time of each call. Picklable and deep-copyable; the gRPC
-    channel is created lazily, once per process and endpoint, and shared by
-    all Drives.
+    `Drive(id, allow_duplicates=False, component_name=None, root_folder=None, *, endpoint=None, token=None,
+    retry_seconds=None)`: `component_name` defaults to $DRIVE_COMPONENT, else
+    "default"; `endpoint` to $DRIVE_ENDPOINT, else 127.0.0.1:50051. `root_folder`
+    is where local paths are resolved: an existing folder (else
+    `FileNotFoundError` or `NotADirectoryError` at once); when not given, the
+    current working directory at the time of each call. `retry_seconds`
+    (default $DRIVE_RETRY_SECONDS, else 60; 0: off) is how long a transfer
+    cut by the network or a daemon restart keeps trying to resume (see
+    `drive_client.resume`). Picklable and deep-copyable; the gRPC channel is
+    created lazily, once per process and endpoint, and shared by all Drives.
     """
 
     @property
     def _stub(self) -> pb_grpc.DriveServiceStub:
         if self._channel is None or self._channel[0] != os.getpid():
-            self._channel = (os.getpid(), _shared_stub(self.endpoint))
+            self._channel = (os.getpid(), _shared_stub(self.endpoint, self.retry_seconds > 0))
         return self._channel[1]
 
     def put(self, path: str | os.PathLike[str], *, to: str | None = None, progress: Progress | None = None

@@ -93,13 +93,18 @@ class Unavailable(DriveError, ConnectionError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
-class EventsExpired(DriveError):
+class OutOfRange(DriveError):
+    """A position the daemon cannot go on from: a resumed upload's offset is not what it holds (query
+    it again), or a watch's sequence is no longer kept (`EventsExpired`)."""
+
+    status = grpc.StatusCode.OUT_OF_RANGE
+
+
+class EventsExpired(OutOfRange):
     """A watch resumed after a sequence whose following events the daemon no longer keeps.
 
     List the drive to learn its state, then watch from now (`after_sequence=0`).
     """
-
-    status = grpc.StatusCode.OUT_OF_RANGE
 
 
 class NotADirectory(DriveError, NotADirectoryError):
@@ -119,7 +124,7 @@ _BY_STATUS: dict[grpc.StatusCode, type[DriveError]] = {
     for cls in (
         InvalidArgument, NotFound, AlreadyExists, PermissionDenied, Unauthenticated,
         AmbiguousPathError, StaleIndexError, WaitTimeout, DataLoss, ResourceExhausted,
-        Unavailable, Unimplemented, EventsExpired,
+        Unavailable, Unimplemented, OutOfRange,
     )
 }
 

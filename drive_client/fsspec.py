@@ -33,6 +33,8 @@ fsspec paths (what `ls`, `find` and `info` answer in `name`) are
   all components, like `Drive.get` and `Drive.list`.
 - `allow_duplicates`: let writes store a path another component holds.
 - `token`: bearer token sent with every call.
+- `retry_seconds`: how long a read or write cut by the network keeps trying
+  to resume (`Drive`'s argument: default `$DRIVE_RETRY_SECONDS`, else 60; 0: off).
 - `asynchronous`: `True` for `AsyncDriveFileSystem` (see above).
 
 Only `lit://` (managed) drives live here. `s3://` is fsspec's S3 protocol
@@ -213,6 +215,7 @@ class _LitFileSystem:
         allow_duplicates: bool = False,
         token: str | None = None,
         spool_dir: str | None = None,
+        retry_seconds: float | None = None,
         **storage_options: Any,
     ) -> None:
         super().__init__(**storage_options)
@@ -220,6 +223,7 @@ class _LitFileSystem:
         self._component = check_component(component_name) if component_name else None
         self.allow_duplicates = allow_duplicates
         self._token = token
+        self.retry_seconds = retry_seconds
         self.spool_dir = spool_dir  # where writes spool; None: the system temp dir
         self._drives: dict[tuple[str, str, str], Drive | AsyncDrive] = {}
         self._drives_lock = threading.Lock()
@@ -268,7 +272,7 @@ class _LitFileSystem:
             if drive is None:
                 drive = self._twin(
                     f"lit://{name}", allow_duplicates=self.allow_duplicates, component_name=component,
-                    endpoint=endpoint, token=self._token,
+                    endpoint=endpoint, token=self._token, retry_seconds=self.retry_seconds,
                 )
                 self._drives[key] = drive
         return drive
