@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
+from drive_client.errors import EventsExpired
 from drived.entry import Entry
-from drived.events import EventLog, EventsGone
+from drived.events import EventLog
 
 
 def put(log: EventLog, drive: str, n: int) -> None:
@@ -21,7 +22,7 @@ async def test_each_drive_keeps_its_last_events() -> None:
     put(log, "a", 8)
     kept = log.since("a", log.last("a") - 5)
     assert [e.entry.path for e in kept] == ["f3", "f4", "f5", "f6", "f7"]
-    with pytest.raises(EventsGone):
+    with pytest.raises(EventsExpired):
         log.since("a", start)  # the first three events are gone: the resume is refused, not answered short
 
 
@@ -31,7 +32,7 @@ async def test_total_bound_trims_the_least_recently_used_drive_first() -> None:
     put(log, "old", 6)
     put(log, "new", 6)  # 12 in total: two of "old" go
     assert [e.entry.path for e in log.since("new", start)] == [f"f{i}" for i in range(6)]
-    with pytest.raises(EventsGone):
+    with pytest.raises(EventsExpired):
         log.since("old", start)
     assert [e.entry.path for e in log.since("old", log.last("old") - 4)] == ["f2", "f3", "f4", "f5"]
 
@@ -44,7 +45,7 @@ async def test_drive_states_are_bounded_and_forgetting_wakes_and_refuses_old_res
     for name in ("x", "y", "z"):  # touching three other drives pushes "busy" out
         log.changed(name)
     await asyncio.wait_for(waiting.wait(), 1)  # its waiters are woken, to look again
-    with pytest.raises(EventsGone):
+    with pytest.raises(EventsExpired):
         log.since("busy", seen - 1)  # what it had is forgotten: refused, never answered with a gap
     assert log.since("busy", log.last("busy")) == []  # a watch from now works
     assert len(log._drives) == 3

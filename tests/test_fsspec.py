@@ -8,10 +8,11 @@ import asyncio
 import datetime
 import hashlib
 import json
-import multiprocessing
 import os
 import pathlib
 import pickle
+import subprocess
+import sys
 
 import fsspec
 import pytest
@@ -430,23 +431,37 @@ def test_pandas_read_and_write_csv(daemon, tmp_path, drive_uri, name):
 # --- fork ----------------------------------------------------------------------------------
 
 
-def cat_in_child(fs: DriveFileSystem, path: str, results) -> None:
+FORKING_PARENT = """
+import multiprocessing, sys
+import fsspec
+
+def cat_in_child(fs, path, results):
     results.put(fs.cat(path))
 
+fs = fsspec.filesystem("lit", endpoint=sys.argv[1], component_name="work_a")
+path = sys.argv[2]
+fs.pipe(path, b"for the child")
+assert fs.cat(path) == b"for the child"  # the parent's channel exists before the fork
+context = multiprocessing.get_context("fork")
+results = context.Queue()
+child = context.Process(target=cat_in_child, args=(fs, path, results))
+child.start()
+print(results.get(timeout=60).decode())
+child.join(60)
+sys.exit(child.exitcode)
+"""
 
-def test_a_forked_worker_reads_through_its_parents_filesystem(fs, name):
-    """What a fork-started data loader worker does: use the filesystem the parent made and used."""
-    fs.pipe(f"{name}/f.txt", b"for the child")
-    assert fs.cat(f"{name}/f.txt") == b"for the child"  # the parent's channel exists before the fork
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    child = context.Process(target=cat_in_child, args=(fs, f"{name}/f.txt", results))
-    child.start()
-    try:
-        assert results.get(timeout=60) == b"for the child"
-    finally:
-        child.join(60)
-    assert child.exitcode == 0
+
+def test_a_forked_worker_reads_through_its_parents_filesystem(daemon, name):
+    """What a fork-started data loader worker does: use the filesystem the parent made and used.
+
+    The parent is a process of its own, as a training script is: a fork inside pytest would
+    inherit whatever channels and event loops earlier tests left running.
+    """
+    run = subprocess.run([sys.executable, "-c", FORKING_PARENT, daemon.endpoint, f"{name}/f.txt"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "for the child"
 
 
 # --- the async filesystem --------------------------------------------------------------------
