@@ -26,18 +26,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.report import LOADER_BATCH, LOADER_WORKERS, SMALL_CONC, SMALL_OPS, Figures
+from bench.report import CLUSTER_CONC, CLUSTER_LAYOUTS, LOADER_BATCH, LOADER_WORKERS, SMALL_CONC, SMALL_OPS, Figures
 from bench.services import (
     Drived,
     MotoServer,
     Nginx,
     RawGrpcServer,
     ServiceUnavailable,
+    ValkeyServer,
     _bench_env,
     peak_rss_mib,
     rss_mib,
@@ -99,8 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None, help="max seconds per small-file loop (default 60; smoke 5)")
     p.add_argument(
         "--only",
-        default="large,small,folder,mem,storage,index,loader",
-        help="comma-separated groups to run (large,small,folder,mem,storage,index,loader)",
+        default="large,small,folder,mem,storage,cluster,index,loader",
+        help="comma-separated groups to run (large,small,folder,mem,storage,cluster,index,loader)",
     )
     p.add_argument("--out", type=Path, default=HERE / "results", help="where latest.json/md go")
     p.add_argument("--workdir", type=Path, default=None, help="parent of the scratch dir (default: system temp)")
@@ -613,6 +615,72 @@ class Harness:
                     if res:
                         self.figs.add(key, res["bytes"] / res["seconds"] / 1e6)
 
+    def run_cluster(self) -> None:
+        """Aggregate small-file puts through two replicas, each with its own client process, beside one
+        replica with one client, and one replica without --coordinator, in the same run: all over one
+        moto_server (and one valkey-server)."""
+        a = self.a
+        src = self.work / "cluster-src"
+        names = [f"c/{i:05d}.bin" for i in range(a.small_files)]
+        for name in names:
+            write_random(src / name, 4 * KIB)
+        services: list[Any] = []
+        try:
+            moto = MotoServer(self.work)
+            services.append(moto)
+            import boto3
+
+            boto3.session.Session(aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1"
+                                  ).client("s3", endpoint_url=moto.url).create_bucket(Bucket=STORE_BUCKET)
+            valkey = ValkeyServer(self.work)
+            services.append(valkey)
+            env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
+                   "AWS_ENDPOINT_URL": moto.url, "DRIVED_COORDINATOR": valkey.url}
+            storage = f"s3://{STORE_BUCKET}/drives/"
+            replicas = [Drived(self.work, storage=storage, env=env) for _ in range(2)]
+            services += replicas
+            alone = Drived(self.work, storage=storage, env={k: v for k, v in env.items() if k != "DRIVED_COORDINATOR"})
+            services.append(alone)
+        except Exception as e:
+            for service in services:
+                service.stop()
+            self.fail("cluster.", "the replicas (moto_server, valkey-server, three drived)", e)
+            return
+        layouts = {"alone": [alone], "one": replicas[:1], "two": replicas}
+        try:
+            for run in range(a.runs):
+                for layout in rotated(list(CLUSTER_LAYOUTS), run):
+                    self._cluster_put(run, layout, layouts[layout], src, names)
+        finally:
+            for service in services:
+                service.stop()
+            shutil.rmtree(src, ignore_errors=True)
+
+    def _cluster_put(self, run: int, layout: str, replicas: list[Drived], src: Path, names: list[str]) -> None:
+        """One client process per replica, all starting at once (each into a drive of its own)."""
+        key = f"cluster.{layout}.put_ops_s"
+        start_at = time.time() + 5  # after every client process has started and warmed its channels
+        specs = [
+            {"task": "small", "system": "drive", "op": "put", "conc": CLUSTER_CONC, "names": names,
+             "src_root": str(src), "dst_root": str(self.work / "cluster-dst"), "budget": self.a.budget,
+             "endpoint": replica.endpoint, "drive": f"lit://cluster-r{run}-{layout}-{i}", "start_at": start_at}
+            for i, replica in enumerate(replicas)
+        ]
+        results: list[dict[str, Any] | None] = [None] * len(specs)
+
+        def one(i: int) -> None:
+            results[i] = self.measure(key, f"cluster put ({layout}, client {i + 1})", specs[i],
+                                      self.a.budget * 2 + 120)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(specs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if all(results):
+            done = [r for r in results if r is not None]
+            self.figs.add(key, sum(r["ops"] for r in done) / max(r["seconds"] for r in done))
+
     def run_index(self) -> None:
         k = self.a.index_keys_per_level
         res = self.measure("index.", "s3:// index benchmark", {"task": "index", "keys_per_level": k}, timeout=1800)
@@ -660,6 +728,9 @@ class Harness:
             if "storage" in a.groups:
                 self.say("managed drives in S3 (--storage)")
                 self.run_storage()
+            if "cluster" in a.groups:
+                self.say("replicas over --storage and --coordinator")
+                self.run_cluster()
             if "index" in a.groups:
                 self.say("s3:// index")
                 self.run_index()
@@ -677,6 +748,7 @@ class Harness:
             ("folder", "folder."),
             ("mem", "mem."),
             ("storage", "storage."),
+            ("cluster", "cluster."),
             ("index", "index."),
             ("loader", "loader."),
         ):

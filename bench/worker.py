@@ -81,10 +81,10 @@ def _boto3_client(url: str):
     ).client("s3", endpoint_url=url)
 
 
-def _drive(endpoint: str, root: str):
+def _drive(endpoint: str, root: str, uri: str = "lit://bench"):
     from drive_client import Drive
 
-    return Drive("lit://bench", component_name="b", root_folder=root, endpoint=endpoint)
+    return Drive(uri, component_name="b", root_folder=root, endpoint=endpoint)
 
 
 def _drive_warm(d) -> None:
@@ -263,12 +263,17 @@ def _tree_size(p: Path) -> int:
 # ---------------------------------------------------------------- small files
 
 
-def _run_ops(names: list[str], conc: int, budget: float, make: Callable[[], Callable[[str], None]]) -> dict:
+def _run_ops(
+    names: list[str], conc: int, budget: float, make: Callable[[], Callable[[str], None]], start_at: float = 0.0
+) -> dict:
     """Runs op(name) over names with `conc` threads, each with its own client.
 
-    Stops early after `budget` seconds. Returns ops/s and latency percentiles.
+    Starts at wall-clock time `start_at` when given (so that client processes
+    measured together overlap), stops early after `budget` seconds. Returns
+    ops/s and latency percentiles.
     """
     ops = [make() for _ in range(conc)]  # clients built and warmed before timing
+    time.sleep(max(0.0, start_at - time.time()))
     lock = threading.Lock()
     it = iter(names)
     lat: list[float] = []
@@ -327,6 +332,8 @@ def task_small(
     endpoint: str = "",
     url: str = "",
     bucket: str = "",
+    drive: str = "lit://bench",
+    start_at: float = 0.0,
 ) -> dict:
     src, dst = Path(src_root), Path(dst_root)
     dst.mkdir(parents=True, exist_ok=True)
@@ -337,10 +344,10 @@ def task_small(
 
         def make() -> Callable[[str], None]:
             if op == "put":
-                d = _drive(endpoint, str(src))
+                d = _drive(endpoint, str(src), drive)
                 _drive_warm(d)
                 return d.put
-            d = _drive(endpoint, str(dst))
+            d = _drive(endpoint, str(dst), drive)
             _drive_warm(d)
             return lambda name: d.get(name, overwrite=True)
 
@@ -399,7 +406,7 @@ def task_small(
 
     else:
         raise ValueError(system)
-    return _run_ops(names, conc, budget, make)
+    return _run_ops(names, conc, budget, make, start_at)
 
 
 def task_folder(

@@ -165,7 +165,8 @@ class AsyncDrive(DriveBase):
     def _stub(self) -> pb_grpc.DriveServiceStub:
         loop = asyncio.get_running_loop()
         if self._channel is None or self._channel[0] != (os.getpid(), loop):
-            channel = grpc.aio.insecure_channel(self.endpoint, options=channel_options(self.retry_seconds > 0))
+            channel = grpc.aio.insecure_channel(
+                self.endpoint, options=channel_options(self.endpoint, self.retry_seconds > 0))
             self._channel = ((os.getpid(), loop), channel, fast_stub(channel))
         return self._channel[2]
 

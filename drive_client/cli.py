@@ -123,7 +123,8 @@ def _stat_fields(stat: FileStat) -> dict[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="drive", description="Put, list, get and delete files in drived drives.")
-    top.add_argument("--endpoint", help="drived address HOST:PORT (default: $DRIVE_ENDPOINT, else 127.0.0.1:50051)")
+    top.add_argument("--endpoint", help="drived address HOST:PORT, or dns:///NAME:PORT for round-robin over NAME's "
+                     "addresses (default: $DRIVE_ENDPOINT, else 127.0.0.1:50051)")
     top.add_argument("--component", help="your component name (default: $DRIVE_COMPONENT, else 'default')")
     top.add_argument("--token", help="bearer token for a daemon started with --token (default: $DRIVE_TOKEN)")
     top.add_argument("--retry-seconds", type=float, metavar="SECONDS",

@@ -43,14 +43,25 @@ UNARY_RETRY = json.dumps({"methodConfig": [{
         "retryableStatusCodes": ["UNAVAILABLE"],
     },
 }]})
+# Targets that name several addresses: `dns:///name:port` (every address the name resolves to, e.g. a
+# headless Service's pods) and gRPC's `ipv4:`/`ipv6:` address lists.
+SPREAD_TARGETS = ("dns:", "ipv4:", "ipv6:")
 
 
-def channel_options(retries: bool) -> list[tuple[str, Any]]:
-    """The options of a channel to drived, with gRPC's retries of unary calls on or off."""
+def channel_options(endpoint: str, retries: bool) -> list[tuple[str, Any]]:
+    """The options of a channel to `endpoint`, the one place both twins take them from.
+
+    A target of several addresses spreads calls over all of them (round_robin, re-resolved when a
+    replica sends GOAWAY after --max-connection-age), where gRPC's default policy would send every
+    call to the first address that answers. `retries` turns gRPC's retries of unary calls on; a
+    retried call's request is kept until the call is answered: room for a whole small file.
+    """
+    options: list[tuple[str, Any]] = [*CHANNEL_OPTIONS]
+    if endpoint.startswith(SPREAD_TARGETS):
+        options.append(("grpc.lb_policy_name", "round_robin"))
     if not retries:
-        return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 0)]
-    # A retried call's request is kept until the call is answered: room for a whole small file.
-    return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", UNARY_RETRY),
+        return [*options, ("grpc.enable_retries", 0)]
+    return [*options, ("grpc.enable_retries", 1), ("grpc.service_config", UNARY_RETRY),
             ("grpc.per_rpc_retry_buffer_size", MESSAGE_LIMIT)]
 
 

@@ -32,7 +32,7 @@ def _shared_stub(endpoint: str, retries: bool) -> pb_grpc.DriveServiceStub:
     key = (os.getpid(), endpoint, retries)
     with _stubs_lock:
         if key not in _stubs:
-            _stubs[key] = fast_stub(grpc.insecure_channel(endpoint, options=channel_options(retries)))
+            _stubs[key] = fast_stub(grpc.insecure_channel(endpoint, options=channel_options(endpoint, retries)))
         return _stubs[key]
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 from drive_client.errors import InvalidArgument
 from drive_client.uri import parse_drive
+
+from .coordinator import CLAIM_TTL
 
 MAX_CHUNK_SIZE = 3 << 20  # stays under gRPC's 4 MiB default message limit with room to spare
 
@@ -26,6 +29,8 @@ class Config:
     upload_expiry: float = 60.0
     max_held_uploads: int = 1000
     max_held_bytes: int = 64 << 30
+    coordinator: str = ""
+    claim_ttl: float = CLAIM_TTL
     chunk_size: int = 1 << 20
     grace_period: float = 30.0
     s3_list_concurrency: int = 16
@@ -49,6 +54,12 @@ HELP = {
     "removed (its client starts that file again)",
     "max_held_bytes": "bytes held at most by the resumable uploads waiting for a resume (on the data dir's "
     "disk, or in --storage's parts); past it the oldest is removed",
+    "coordinator": "redis://[:PASSWORD@]HOST:PORT/DB of a Redis or Valkey (7 or newer; rediss:// for TLS) that "
+    "daemons sharing --storage coordinate through: ownership claims, the Watch feed, waiting gets. Several "
+    "replicas need it; empty: this daemon coordinates alone. Prefer the env variable when the URL holds a "
+    "password: flags show in `ps`",
+    "claim_ttl": "seconds after which the claim of a path being committed is given up when its daemon died "
+    "(with --coordinator; renewed every third of it while held)",
     "chunk_size": "bytes per message of a Get stream (at most 3 MiB)",
     "grace_period": "seconds that SIGTERM/SIGINT lets in-flight transfers finish before they are cancelled",
     "s3_list_concurrency": "parallel ListObjectsV2 calls when mounting an s3:// drive",
@@ -96,6 +107,25 @@ def _storage(text: str) -> str:
     return text
 
 
+def _coordinator(text: str) -> str:
+    """A redis:// or rediss:// URL; a refusal never repeats the URL, which may hold a password."""
+    if not text:
+        return text
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a URL: use redis://[:PASSWORD@]HOST:PORT/DB") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"use redis://[:PASSWORD@]HOST:PORT/DB or rediss://... (got a {parts.scheme or 'schemeless'} URL"
+            f"{'' if parts.hostname else ' without a host'})"
+        )
+    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        raise argparse.ArgumentTypeError(f"the database after the port is a number, like /0 (port {port})")
+    return text
+
+
 def _chunk_size(text: str) -> int:
     value = _positive(int)(text)
     if value > MAX_CHUNK_SIZE:
@@ -103,9 +133,12 @@ def _chunk_size(text: str) -> int:
     return int(value)
 
 
+SECRET = {"token", "coordinator"}  # values that may hold a password: never repeated in a message
+
 PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": str, "data_dir": str, "storage": _storage, "upload_expiry": _positive(float),
-    "max_held_uploads": _non_negative(int), "max_held_bytes": _non_negative(int), "chunk_size": _chunk_size,
+    "max_held_uploads": _non_negative(int), "max_held_bytes": _non_negative(int),
+    "coordinator": _coordinator, "claim_ttl": _positive(float), "chunk_size": _chunk_size,
     "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
     "metrics_listen": str, "token": str, "max_connection_age": _non_negative(float), "log_level": str,
 }
@@ -133,7 +166,8 @@ def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Conf
             try:
                 values[f.name] = PARSERS[f.name](env)
             except (argparse.ArgumentTypeError, ValueError) as err:
-                parser.error(f"DRIVED_{f.name.upper()}={env!r}: {err}")
+                shown = "" if f.name in SECRET else f"={env!r}"
+                parser.error(f"DRIVED_{f.name.upper()}{shown}: {err}")
     config = Config(**values)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         parser.error(f"--log-level {config.log_level!r}: use debug, info, warning or error")

@@ -9,9 +9,10 @@ one daemon and several replicas of it is behind this one small interface:
 - wake-ups: a get waiting for a path, and a watch waiting for the next
   change, wake when the drive's feed moves on.
 
-`InProcessCoordinator` (`drived.events`) serves one daemon. A shared
-implementation (Redis/Valkey: a lock key per claimed path, a stream per
-drive) serves replicas. `ManagedDrives` never knows which one it has.
+`InProcessCoordinator` (`drived.events`) serves one daemon;
+`RedisCoordinator` (`drived.redis_coordinator`: a lock key per claimed path,
+a Stream per drive) serves replicas. `ManagedDrives` never knows which one it
+has.
 
 Drives are named by their `lit://` name, paths as `drived.requests` made
 them. Every method may be called concurrently from many tasks. Failures are
@@ -31,6 +32,8 @@ from typing import Literal
 from .entry import Entry
 
 EventKind = Literal["put", "delete"]
+EVENTS_KEPT = 10_000  # events of one drive a feed keeps: a watch further behind answers EventsExpired
+CLAIM_TTL = 10.0  # seconds a shared claim outlives a daemon that died holding it (--claim-ttl)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +54,13 @@ class Coordinator(abc.ABC):
 
         At most one holder at a time for each (drive, path), across every
         daemon that shares this coordinator; the others wait their turn, in
-        no promised order. Claims of different paths never wait for each
-        other. A put checks ownership and commits inside the claim, so two
-        puts of one new path by different components cannot both pass the
-        check. Not reentrant.
+        no promised order. A claim also excludes claims of the folders above
+        its path and of the paths below it (`a` and `a/b` are never held at
+        once); claims of other paths never wait for each other. A put checks
+        ownership and folders and commits inside the claim, so two puts of
+        one new path by different components cannot both pass the ownership
+        check, nor puts of `a` and `a/b` both pass the folder check. Not
+        reentrant.
 
         A claim whose holder died (a killed replica) is released after a
         bounded time, so no path stays blocked for ever: a shared
@@ -128,6 +134,9 @@ class Coordinator(abc.ABC):
                 yield event
             await self.wait(drive, after, None)
 
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Prepares the coordinator before the daemon serves (SystemExit with the reason when it cannot)."""
+
     @abc.abstractmethod
     def check_open(self) -> None:
         """Raises Unavailable once `close` was called (the daemon is shutting down); costs no I/O.
@@ -142,5 +151,15 @@ class Coordinator(abc.ABC):
 
         Every `wait`, in progress or later, raises Unavailable, so waiting
         gets and watches answer at once rather than hold the shutdown.
-        Claims held are released as their holders leave them. Idempotent.
+        Claims held are released as their holders leave them, and claims and
+        publishes still work: puts finishing in the grace period commit.
+        Idempotent.
         """
+
+    async def disconnect(self) -> None:  # noqa: B027 - optional hook
+        """Releases the coordinator's connections, after `close` and after the last call ended."""
+
+
+def folders_above(path: str) -> list[str]:
+    """The folders that hold `path`, outermost first: "a/b/c" -> ["a", "a/b"]."""
+    return [path[:i] for i, c in enumerate(path) if c == "/"]

@@ -1,8 +1,8 @@
 """Coordination within one daemon: `InProcessCoordinator` over an in-memory `EventLog`.
 
 The `Coordinator` (see `drived.coordinator`) of a daemon that serves its
-drives alone: claims are asyncio locks, the change feed is an `EventLog`,
-and wake-ups are asyncio events.
+drives alone: claims are a set of held paths, the change feed is an
+`EventLog`, and wake-ups are asyncio events.
 
 The EventLog holds the numbered puts and deletes of each managed drive, in
 memory and bounded: the last `retain` events of a drive, at most
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, defaultdict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from drive_client.errors import EventsExpired, Unavailable
 
-from .coordinator import Coordinator, Event, EventKind
+from .coordinator import EVENTS_KEPT, Coordinator, Event, EventKind, folders_above
 from .entry import Entry
 
 
@@ -39,7 +39,7 @@ class _DriveEvents:
 class EventLog:
     """Publishes events and lets readers wait for the next one."""
 
-    def __init__(self, retain: int = 10_000, retain_total: int = 100_000, max_drives: int = 10_000) -> None:
+    def __init__(self, retain: int = EVENTS_KEPT, retain_total: int = 100_000, max_drives: int = 10_000) -> None:
         self._retain = retain
         self._retain_total = retain_total
         self._max_drives = max_drives
@@ -124,26 +124,39 @@ class EventLog:
 
 
 class InProcessCoordinator(Coordinator):
-    """The coordinator of a daemon that serves its drives alone: an asyncio lock per claimed path,
+    """The coordinator of a daemon that serves its drives alone: the claimed paths in memory,
     an EventLog, and its asyncio events as wake-ups."""
 
-    def __init__(self) -> None:
-        self.log = EventLog()
-        self._claims: dict[tuple[str, str], asyncio.Lock] = {}
-        self._claim_users: defaultdict[tuple[str, str], int] = defaultdict(int)  # a lock goes when unused
+    def __init__(self, events_kept: int = EVENTS_KEPT) -> None:
+        self.log = EventLog(retain=events_kept)
+        self._held: set[tuple[str, str]] = set()  # (drive, path) of the claims held
+        self._held_below: Counter[tuple[str, str]] = Counter()  # (drive, folder): claims held below it
+        self._released = asyncio.Event()  # set and replaced by every release
+
+    def _free(self, drive: str, path: str) -> bool:
+        """Whether no claim is held on `path`, on a folder above it, or below it."""
+        return (
+            (drive, path) not in self._held
+            and not self._held_below[(drive, path)]
+            and not any((drive, folder) in self._held for folder in folders_above(path))
+        )
 
     @asynccontextmanager
     async def claim(self, drive: str, path: str) -> AsyncIterator[None]:
-        name = (drive, path)
-        lock = self._claims.setdefault(name, asyncio.Lock())
-        self._claim_users[name] += 1
+        while not self._free(drive, path):
+            await self._released.wait()  # nothing runs between the check and taking the event
+        self._held.add((drive, path))
+        self._held_below.update((drive, folder) for folder in folders_above(path))
         try:
-            async with lock:
-                yield
+            yield
         finally:
-            self._claim_users[name] -= 1
-            if not self._claim_users[name]:
-                del self._claim_users[name], self._claims[name]
+            self._held.discard((drive, path))
+            for folder in folders_above(path):
+                self._held_below[(drive, folder)] -= 1
+                if not self._held_below[(drive, folder)]:
+                    del self._held_below[(drive, folder)]
+            self._released.set()
+            self._released = asyncio.Event()
 
     async def publish(self, drive: str, kind: EventKind, entry: Entry) -> int:
         return self.log.publish(drive, kind, entry)

@@ -163,8 +163,9 @@ class ManagedDrives:
         return await self.uploads.status((query.drive.name, query.component, query.upload_id))
 
     async def commit_put(self, put: ManagedPut | ResumablePut, sha256: str) -> Entry:
-        """Verifies and commits a put: ownership is checked again inside the path's claim, so that the
-        check and the commit are one step for every daemon sharing the coordinator."""
+        """Verifies and commits a put: ownership is checked again inside the path's claim (and the backend's
+        commit checks the folders there), so that the checks and the commit are one step for every daemon
+        sharing the coordinator."""
         header, drive = put.header, put.header.drive.name
         async with self.coordinator.claim(drive, header.path):
             if not header.allow_duplicates:

@@ -21,9 +21,11 @@ from .backends.base import Backend
 from .backends.local import LocalBackend
 from .backends.s3 import S3Backend
 from .config import MAX_CHUNK_SIZE, Config
+from .coordinator import Coordinator
 from .drives import DriveRouter
 from .events import InProcessCoordinator
 from .managed import ManagedDrives
+from .redis_coordinator import RedisCoordinator, coordinator_name
 from .s3drives import S3Drives
 from .s3index.mounts import S3Mounts
 from .service import DriveService
@@ -42,6 +44,13 @@ def make_backend(config: Config) -> Backend:
         where = parse_drive(config.storage)
         return S3Backend(where.bucket, where.prefix, config.chunk_size, config.upload_expiry)
     return LocalBackend(config.data_dir, config.chunk_size)
+
+
+def make_coordinator(config: Config) -> Coordinator:
+    """The coordinator of managed drives: in-process, or the Redis/Valkey of --coordinator."""
+    if config.coordinator:
+        return RedisCoordinator(config.coordinator, config.claim_ttl)
+    return InProcessCoordinator()
 
 
 def server_options(config: Config) -> list[tuple[str, int]]:
@@ -70,7 +79,8 @@ async def serve(config: Config) -> None:
     backend = make_backend(config)
     await backend.start()
     mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size)
-    coordinator = InProcessCoordinator()
+    coordinator = make_coordinator(config)
+    await coordinator.start()
     uploads = HeldUploads(config.upload_expiry, config.max_held_uploads, config.max_held_bytes)
     managed = ManagedDrives(backend, coordinator, uploads)
     service = DriveService(DriveRouter(managed, S3Drives(mounts, config.chunk_size)))
@@ -90,6 +100,8 @@ async def serve(config: Config) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     where = {"storage": config.storage} if config.storage else {"data_dir": config.data_dir}
+    if config.coordinator:
+        where["coordinator"] = coordinator_name(config.coordinator)  # the URL without its password
     log.info("serving", extra={"fields": {"listen": config.listen, **where}})
 
     stop = asyncio.Event()
@@ -101,6 +113,7 @@ async def serve(config: Config) -> None:
     await coordinator.close()  # watches and waiting gets answer UNAVAILABLE now; transfers get the grace period
     await server.stop(config.grace_period)
     await uploads.close()
+    await coordinator.disconnect()
     await mounts.close()
     await backend.close()
     log.info("stopped")

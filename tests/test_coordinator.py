@@ -1,34 +1,74 @@
 """The Coordinator contract (drived/coordinator.py), checked on every implementation.
 
-`coordinator` is parametrised by implementation: a shared one (Redis/Valkey)
-joins the list with a fixture that starts its server, and must pass the same
-tests.
+`coordinators` is parametrised by implementation: in-process, and Redis over
+a real valkey-server process (started by `bench.services.ValkeyServer`,
+with a password, so that the URL's credentials are exercised too). It makes
+the coordinator of one daemon, and of another daemon sharing it (the same
+object in-process; a second RedisCoordinator on the same server).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
+import pytest_asyncio
+import redis
 
+from bench.services import ValkeyServer
 from drive_client.errors import EventsExpired, Unavailable
 from drived.coordinator import Coordinator
 from drived.entry import Entry
 from drived.events import InProcessCoordinator
+from drived.redis_coordinator import RedisCoordinator
 
 pytestmark = pytest.mark.timeout(30)
 
+PASSWORD = "pw-not-to-show"
+KEPT = 5  # events a feed keeps in these tests
 
-@pytest.fixture(params=["in-process"])
-async def coordinator(request: pytest.FixtureRequest) -> AsyncIterator[Coordinator]:
-    made = InProcessCoordinator()
-    yield made
-    await made.close()
+Make = Callable[..., Coordinator]
+
+
+@pytest.fixture(scope="module")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
+    with ValkeyServer(tmp_path_factory.mktemp("valkey"), password=PASSWORD) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(params=["in-process", pytest.param("redis", marks=pytest.mark.integration)],
+                        loop_scope="function")  # the test's loop: the coordinators' connections belong to it
+async def coordinators(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
+    """`make()` is a daemon's coordinator; each call after the first, another daemon's sharing it."""
+    made: list[Coordinator] = []
+
+    def make(**options: float) -> Coordinator:
+        if request.param == "in-process":
+            if not made:
+                made.append(InProcessCoordinator(events_kept=KEPT))
+            return made[0]
+        valkey: ValkeyServer = request.getfixturevalue("valkey")
+        made.append(RedisCoordinator(valkey.url, events_kept=KEPT, **options))
+        return made[-1]
+
+    if request.param == "redis":
+        redis.Redis.from_url(request.getfixturevalue("valkey").url).flushall()
+    yield make
+    for coordinator in made:
+        await coordinator.close()
+        await coordinator.disconnect()
+
+
+@pytest.fixture
+def coordinator(coordinators: Make) -> Coordinator:
+    return coordinators()
 
 
 def entry(path: str) -> Entry:
-    return Entry(path=path, component="c")
+    return Entry(path=path, component="c", size=3, sha256="ab" * 32, mtime_ns=7, generation=7)
 
 
 async def test_a_claim_has_one_holder_at_a_time_per_path(coordinator: Coordinator) -> None:
@@ -50,15 +90,49 @@ async def test_a_claim_has_one_holder_at_a_time_per_path(coordinator: Coordinato
         await asyncio.wait_for(hold("b"), 5)
 
 
+async def test_a_claim_excludes_the_folders_above_and_the_paths_below_it(coordinator: Coordinator) -> None:
+    for held, other in (("a", "a/b/c"), ("a/b/c", "a"), ("a/b", "a/b")):
+        entered = asyncio.Event()
+        async with coordinator.claim("d", held):
+            async def take(path: str = other, entered: asyncio.Event = entered) -> None:
+                async with coordinator.claim("d", path):
+                    entered.set()
+
+            taking = asyncio.ensure_future(take())
+            await asyncio.sleep(0.1)  # time for the other claim to be taken, if it wrongly could be
+            assert not entered.is_set(), (held, other)
+        await asyncio.wait_for(taking, 5)  # taken once the first is released
+        assert entered.is_set()
+    async with coordinator.claim("d", "a/b"), contextlib.AsyncExitStack() as others:
+        # Siblings, and the same path in another drive, do not wait.
+        for drive, path in (("d", "a/c"), ("d", "ab"), ("d", "a/bc"), ("other", "a/b")):
+            await asyncio.wait_for(others.enter_async_context(coordinator.claim(drive, path)), 5)
+
+
+async def test_claims_are_shared_by_daemons(coordinators: Make) -> None:
+    one, two = coordinators(), coordinators()
+    order: list[str] = []
+
+    async def hold(coordinator: Coordinator, name: str) -> None:
+        async with coordinator.claim("d", "p"):
+            order.append(f"{name} in")
+            await asyncio.sleep(0.05)
+            order.append(f"{name} out")
+
+    await asyncio.gather(*(hold(c, f"{n}{i}") for i in range(3) for n, c in (("one", one), ("two", two))))
+    assert all(order[i].endswith(" in") and order[i + 1] == order[i].replace(" in", " out")
+               for i in range(0, len(order), 2)), order
+
+
 async def test_sequences_increase_and_since_answers_what_came_after(coordinator: Coordinator) -> None:
     start = await coordinator.last("d")
     first = await coordinator.publish("d", "put", entry("a"))
-    second = await coordinator.publish("d", "delete", entry("a"))
+    second = await coordinator.publish("d", "delete", Entry(path="a", component="c"))
     assert start < first < second
     assert await coordinator.last("d") == second
-    assert [(e.sequence, e.kind, e.entry.path) for e in await coordinator.since("d", start)] == [
-        (first, "put", "a"), (second, "delete", "a")
-    ]
+    events = await coordinator.since("d", start)
+    assert [(e.sequence, e.kind, e.entry.path) for e in events] == [(first, "put", "a"), (second, "delete", "a")]
+    assert events[0].entry == entry("a") and events[1].entry == Entry(path="a", component="c")
     assert [e.sequence for e in await coordinator.since("d", first)] == [second]
     assert await coordinator.since("d", second) == []
     assert await coordinator.since("other", await coordinator.last("other")) == []  # feeds are per drive
@@ -69,6 +143,17 @@ async def test_a_resume_from_before_the_feed_is_refused(coordinator: Coordinator
     with pytest.raises(EventsExpired) as gone:
         await coordinator.since("d", 5)  # a sequence this feed never had
     assert "list the drive" in str(gone.value)
+
+
+async def test_a_feed_keeps_its_newest_events_and_refuses_a_resume_past_dropped_ones(
+    coordinator: Coordinator,
+) -> None:
+    start = await coordinator.last("d")
+    sequences = [await coordinator.publish("d", "put", entry(f"f{i}")) for i in range(KEPT + 120)]
+    with pytest.raises(EventsExpired):
+        await coordinator.since("d", start)  # the first events are dropped: refused, never answered short
+    kept = await coordinator.since("d", sequences[-3])
+    assert [e.entry.path for e in kept] == [f"f{KEPT + 118}", f"f{KEPT + 119}"]
 
 
 async def test_wait_returns_at_once_for_an_event_already_there(coordinator: Coordinator) -> None:
@@ -85,6 +170,39 @@ async def test_wait_returns_when_an_event_of_its_drive_comes(coordinator: Coordi
     await asyncio.wait_for(waiting, 5)
 
 
+async def test_a_wait_wakes_on_another_daemons_publish(coordinators: Make) -> None:
+    waiter, publisher = coordinators(), coordinators()
+    seen = await waiter.last("d")
+    waits = [asyncio.ensure_future(waiter.wait("d", seen, None)) for _ in range(50)]
+    await asyncio.sleep(0.2)  # the waits are under way (each returns at once if it started after the publish)
+    await publisher.publish("d", "put", entry("a"))
+    await asyncio.wait_for(asyncio.gather(*waits), 5)
+    events = waiter.follow("d", seen)
+    assert (await asyncio.wait_for(anext(events), 5)).entry.path == "a"
+    later = asyncio.ensure_future(anext(events))
+    await asyncio.sleep(0.1)
+    await publisher.publish("d", "delete", Entry(path="a", component="c"))
+    assert (await asyncio.wait_for(later, 5)).kind == "delete"
+    await events.aclose()
+
+
+async def test_waits_cancelled_at_any_moment_leave_later_waits_working(coordinators: Make) -> None:
+    waiter, publisher = coordinators(), coordinators()
+    for round_ in range(10):  # each round cancels waits at other points of subscribing and unsubscribing
+        seen = await waiter.last("d")
+        waits = [asyncio.ensure_future(waiter.wait("d", seen, None)) for _ in range(10)]
+        for _ in range(round_):
+            await asyncio.sleep(0)
+        for wait in waits[::2]:
+            wait.cancel()
+        await asyncio.sleep(0.05)
+        survivor = asyncio.ensure_future(waiter.wait("d", seen, None))
+        await asyncio.sleep(0.05)
+        await publisher.publish("d", "put", entry(f"r{round_}"))
+        await asyncio.wait_for(asyncio.gather(survivor, *waits[1::2]), 5)
+        await asyncio.gather(*waits[::2], return_exceptions=True)
+
+
 async def test_wait_lasts_its_timeout_when_its_drive_does_not_change(coordinator: Coordinator) -> None:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -97,7 +215,9 @@ async def test_wait_lasts_its_timeout_when_its_drive_does_not_change(coordinator
 
 async def test_close_ends_waits_in_progress_and_refuses_new_ones(coordinator: Coordinator) -> None:
     waiting = asyncio.ensure_future(coordinator.wait("d", await coordinator.last("d"), None))
-    await asyncio.sleep(0)  # the wait starts
+    watching = coordinator.follow("d", await coordinator.last("d"))
+    following = asyncio.ensure_future(anext(watching))
+    await asyncio.sleep(0.1)  # the wait and the watch start
     coordinator.check_open()
     await coordinator.close()
     with pytest.raises(Unavailable):
@@ -105,7 +225,12 @@ async def test_close_ends_waits_in_progress_and_refuses_new_ones(coordinator: Co
     with pytest.raises(Unavailable):
         await asyncio.wait_for(waiting, 5)
     with pytest.raises(Unavailable):
+        await asyncio.wait_for(following, 5)
+    with pytest.raises(Unavailable):
         await coordinator.wait("fresh", 0, None)
+    # Puts finishing in the grace period still claim and publish.
+    async with coordinator.claim("d", "late"):
+        assert await coordinator.publish("d", "put", entry("late")) > 0
 
 
 async def test_follow_reports_every_event_in_order_as_it_comes(coordinator: Coordinator) -> None:
@@ -119,3 +244,113 @@ async def test_follow_reports_every_event_in_order_as_it_comes(coordinator: Coor
     await coordinator.publish("d", "delete", entry("b"))
     assert (await asyncio.wait_for(later, 5)).entry.path == "b"
     assert (await anext(events)).kind == "delete"
+
+
+# -- Redis only: what a shared coordinator adds ------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_valkey(tmp_path: Path) -> Iterator[Callable[..., ValkeyServer]]:
+    """Starts valkey-servers for one test (`port=` to come back where one was); stops them at the end."""
+    started: list[ValkeyServer] = []
+
+    def start(**options: object) -> ValkeyServer:
+        started.append(ValkeyServer(tmp_path, password=PASSWORD, **options))  # type: ignore[arg-type]
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@contextlib.asynccontextmanager
+async def redis_coordinator(url: str, **options: float) -> AsyncIterator[RedisCoordinator]:
+    made = RedisCoordinator(url, **options)
+    try:
+        yield made
+    finally:
+        await made.close()
+        await made.disconnect()
+
+
+@pytest.mark.integration
+async def test_a_claim_whose_holder_stopped_renewing_expires_and_a_held_one_does_not(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    server = own_valkey()
+    async with redis_coordinator(server.url, claim_ttl=0.6) as one, redis_coordinator(server.url) as two:
+        async with one.claim("d", "held"):
+            taking = asyncio.ensure_future(two.claim("d", "held").__aenter__())
+            await asyncio.sleep(1.5)  # more than twice the TTL: renewals keep it
+            assert not taking.done()
+        await asyncio.wait_for(taking, 5)
+    async with redis_coordinator(server.url, claim_ttl=0.6) as dying:
+        held = dying.claim("d", "orphan")
+        await held.__aenter__()
+        assert dying._renewer is not None
+        dying._renewer.cancel()  # what a killed replica does: nothing; its claim lapses after the TTL
+        async with redis_coordinator(server.url) as other:
+            await asyncio.wait_for(other.claim("d", "orphan").__aenter__(), 5)
+
+
+@pytest.mark.integration
+async def test_an_unreachable_coordinator_is_unavailable_naming_it_and_recovers(
+    own_valkey: Callable[..., ValkeyServer], caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = own_valkey()
+    async with redis_coordinator(server.url) as coordinator:
+        before = await coordinator.publish("d", "put", entry("a"))
+        server.kill()
+        calls = (
+            lambda: coordinator.publish("d", "put", entry("b")), lambda: coordinator.last("d"),
+            lambda: coordinator.since("d", before), lambda: coordinator.wait("d", before, 5),
+            lambda: coordinator.claim("d", "p").__aenter__(),
+        )
+        for call in calls:
+            with pytest.raises(Unavailable) as down:
+                await asyncio.wait_for(call(), 15)
+            message = str(down.value)
+            assert f"redis://127.0.0.1:{server.port}/0" in message and PASSWORD not in message
+        own_valkey(port=server.port, appendonly=False)  # back, empty
+        after = await coordinator.publish("d", "put", entry("c"))
+        assert after > before
+        assert PASSWORD not in caplog.text
+
+
+@pytest.mark.integration
+async def test_after_the_data_is_lost_sequences_go_on_and_old_resumes_are_refused(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    server = own_valkey()
+    async with redis_coordinator(server.url) as coordinator:
+        watch_from = await coordinator.last("d")
+        seen = await coordinator.publish("d", "put", entry("a"))
+        assert [e.sequence for e in await coordinator.since("d", watch_from)] == [seen]
+        server.kill()
+        own_valkey(port=server.port)  # its data wiped
+        with pytest.raises(EventsExpired):
+            await coordinator.since("d", seen)  # before any new event: refused, not answered with nothing
+        assert await coordinator.last("d") > seen
+        again = await coordinator.publish("d", "put", entry("b"))
+        assert again > seen
+        with pytest.raises(EventsExpired):
+            await coordinator.since("d", seen)  # and after one: refused, not answered with the new events
+        assert [e.entry.path for e in await coordinator.since("d", again - 1)] == ["b"]
+
+
+@pytest.mark.integration
+async def test_a_wait_survives_the_subscriber_connection_dropping(own_valkey: Callable[..., ValkeyServer]) -> None:
+    server = own_valkey()
+    async with redis_coordinator(server.url) as waiter, redis_coordinator(server.url) as publisher:
+        seen = await waiter.last("d")
+        waiting = asyncio.ensure_future(waiter.wait("d", seen, None))
+        await asyncio.sleep(0.2)
+        admin = redis.Redis.from_url(server.url)
+        assert admin.client_kill_filter(_type="pubsub") == 1  # the one subscriber connection of the waiter
+        await asyncio.wait_for(waiting, 5)  # woken: it may have missed an event, so it looks again
+        waits = [asyncio.ensure_future(waiter.wait(drive, seen, None)) for drive in ("d", "e") for _ in range(20)]
+        await asyncio.sleep(0.2)
+        assert len(admin.client_list(_type="pubsub")) == 1  # reconnected once, for every wait of every drive
+        await publisher.publish("d", "put", entry("a"))
+        await publisher.publish("e", "put", entry("a"))
+        await asyncio.wait_for(asyncio.gather(*waits), 5)

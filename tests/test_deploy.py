@@ -1,8 +1,10 @@
-"""deploy/nginx.conf as written, in front of two drived replicas sharing one --storage (moto_server).
+"""deploy/ as written: nginx.conf in front of two drived replicas sharing one --storage (moto_server) and one
+--coordinator (valkey-server), and the coordinator that compose.yaml and the k8s manifest configure.
 
-Only the `listen` port and the upstream's `server` lines are replaced, so the
-file the cluster runs is the file tested: calls are balanced per call, and
-puts and gets go through it.
+Only the `listen` port and the `server` lines of the upstream are replaced, so
+the file the cluster runs is the file tested: calls are balanced per call,
+puts and gets go through it, and a get waiting through it is woken by a put
+through it, whichever replica takes each.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, DaemonHandle, free_port, health_status, wait_until
+from conftest import ROOT, Background, DaemonHandle, free_port, health_status, wait_until
 from grpc_health.v1 import health_pb2
-from test_storage_s3 import Store
+from test_cluster import Cluster
 
 from bench.services import ServiceUnavailable, ensure_nginx
 from drive_client import Drive
+from drived import config
 
 UPSTREAM_SERVER = re.compile(r"^(\s*)server drived-\d+:50051( [^;]*)?;$", re.MULTILINE)
 LISTEN = re.compile(r"^(\s*)listen 50051 http2;$", re.MULTILINE)
@@ -49,10 +52,10 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, list[DaemonHandle]]]:
         nginx = ensure_nginx()
     except ServiceUnavailable as err:
         pytest.skip(f"nginx is needed to test deploy/nginx.conf: {err}")
-    store = Store(tmp_path)
+    made = Cluster(tmp_path)
     proc = None
     try:
-        replicas = [store.daemon(), store.daemon()]
+        replicas = [made.replica(), made.replica()]
         port = free_port()
         conf = tmp_path / "nginx.conf"
         conf.write_text(templated([r.endpoint for r in replicas], port))
@@ -74,7 +77,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, list[DaemonHandle]]]:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
-        store.close()
+        made.close()
 
 
 def test_nginx_from_deploy_balances_calls_and_carries_puts_and_gets(cluster, drive_uri, tmp_path):
@@ -97,3 +100,25 @@ def test_nginx_from_deploy_balances_calls_and_carries_puts_and_gets(cluster, dri
     assert reader.get("big.bin").read_bytes() == big
     served = [sum(line.count('"method": "PutFile"') for line in r.log().splitlines()) for r in replicas]
     assert all(served) and sum(served) == len(names), f"puts per replica: {served}"
+
+
+def test_a_get_waiting_through_nginx_is_woken_by_a_put_through_nginx(cluster, drive_uri, tmp_path):
+    endpoint, replicas = cluster
+    (tmp_path / "late.txt").write_bytes(b"late")
+    (tmp_path / "out").mkdir()
+    reader = Drive(drive_uri, root_folder=tmp_path / "out", endpoint=endpoint)
+    waiting = Background(lambda: reader.get("late.txt", timeout=60))
+    waiting.start()
+    assert wait_until(lambda: sum(r.open_requests("Get") for r in replicas) == 1, timeout=20)
+    Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=endpoint).put("late.txt")
+    assert Path(str(waiting.join_checked(30))).read_bytes() == b"late"
+
+
+def test_the_deployments_configure_the_coordinator():
+    compose = (ROOT / "deploy" / "compose.yaml").read_text()
+    k8s = (ROOT / "deploy" / "k8s" / "drived.yaml").read_text()
+    urls = [*re.findall(r"DRIVED_COORDINATOR: (\S+)", compose),
+            *re.findall(r'name: DRIVED_COORDINATOR, value: "([^"]+)"', k8s)]
+    assert len(urls) == 2, urls
+    for url in urls:
+        assert config.PARSERS["coordinator"](url) == url

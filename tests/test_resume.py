@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from conftest import (
     DaemonHandle,
     file_sha256,
     free_port,
-    put_messages,
     rpc_code,
     sha256_hex,
     snapshot,
@@ -36,13 +34,12 @@ from conftest import (
 )
 from cutting_proxy import CuttingProxy
 
-from drived.backends.stored import HEADER
-
 from drive_client.errors import DataLoss, NotFound, StaleIndexError, Unavailable
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
 from drive_client.resume import FIRST_DELAY, MAX_DELAY, Backoff, GetPosition
 from drive_client.transfer import RANGE_STREAMS
+from drived.backends.stored import HEADER
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -129,8 +129,12 @@ class Upload(abc.ABC):
 
         When `sha256` (lowercase hex) differs from the hash of the bytes
         written, or `size` is given and differs from their count, raises
-        DataLoss and stores nothing. Two concurrent commits of one key: one
-        wins entirely. The temporary data is gone afterwards either way.
+        DataLoss and stores nothing. Raises InvalidArgument and stores
+        nothing when, at the commit, a parent of the key is an object or the
+        key is a folder (a store that cannot check and commit in one step,
+        like S3, relies on its caller committing inside the path's claim).
+        Two concurrent commits of one key: one wins entirely. The temporary
+        data is gone afterwards either way.
         """
 
     @abc.abstractmethod
@@ -145,8 +149,8 @@ class Backend(abc.ABC):
     async def start_upload(self, key: str) -> Upload:
         """Begins an atomic write of `key`; nothing is visible until `Upload.commit`.
 
-        Raises InvalidArgument when a parent of `key` is an object or `key`
-        is a folder.
+        May raise InvalidArgument already when a parent of `key` is an object
+        or `key` is a folder (the commit checks again).
         """
 
     @abc.abstractmethod

@@ -34,10 +34,15 @@ upload: each keeps the hash beside the bytes, not in S3's metadata.)
 
 Folders. S3 has none: a folder is the common prefix of the keys below it, so
 it vanishes with its last file. A put is refused when a parent of its key is an
-object or its key is a folder, checked (a HEAD per parent, one LIST) while
-its first bytes arrive and before any is stored. Between replicas the check
-and the commit are not one step: two replicas putting `a` and `a/b` at the
-same moment can both succeed; listing then shows `a` as a folder.
+object or its key is a folder, checked (a HEAD per parent, one LIST) at the
+commit, just before the PutObject or CompleteMultipartUpload; a multipart
+upload is also checked before its first part is stored, so that a refused
+big file is not uploaded first. S3 cannot make the check and the commit one
+step: the caller commits inside the path's claim (`drived.coordinator`),
+which excludes the claims of the folders above the path and of the paths
+below it, so two puts of `a` and `a/b` at the same moment cannot both
+succeed: within one daemon, and across replicas that share a coordinator.
+Replicas without one can both succeed; listing then shows `a` as a folder.
 
 Uploads left behind. A put that fails, is cancelled or abandoned aborts its
 multipart upload. One whose daemon was killed is found by the sweep, at
@@ -172,7 +177,6 @@ class S3Upload(Upload):
     def __init__(self, backend: S3Backend, key: str) -> None:
         self._backend = backend
         self._key = key
-        self._checked = asyncio.ensure_future(backend.check_place(key))  # done before any byte is stored
         self._digests = Digests()
         self._buffer = bytearray()
         self._handed = 0  # bytes handed on as parts: what a suspended upload keeps
@@ -240,7 +244,7 @@ class S3Upload(Upload):
                 raise error
         await self._hash(part)
         if not self._upload_id:
-            await self._checked
+            await self._backend.check_place(self._key)  # before storing anything the commit would refuse
             self._generation = time.time_ns()
             self._checksums = f"{self._generation}-{secrets.token_hex(4)}"
             self._upload_id = await self._backend.create_upload(self._key, self._generation, self._checksums)
@@ -262,7 +266,7 @@ class S3Upload(Upload):
                 await self._hash(data)
                 await self._hashing  # type: ignore[misc]  # set by _hash
                 self._digests.verify(self._key, sha256, size)
-                await self._checked
+                await self._backend.check_place(self._key)
                 self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, self._digests))
                 return await asyncio.shield(self._committing)
             if self._buffer:
@@ -270,6 +274,7 @@ class S3Upload(Upload):
             await self._hashing  # type: ignore[misc]  # a multipart upload has hashed a part
             parts = await asyncio.gather(*self._parts)
             self._digests.verify(self._key, sha256, size)
+            await self._backend.check_place(self._key)  # again: a conflicting put may have committed since
             self._committing = asyncio.ensure_future(self._backend.complete_upload(
                 self._key, self._upload_id, parts, self._checksums, self._digests))
             # Shielded: a cancelled put lets its commit end before abort() looks at what is left.
@@ -283,10 +288,6 @@ class S3Upload(Upload):
         if self._ended:
             return
         self._ended = True
-        if not self._checked.done():
-            self._checked.cancel()
-        elif not self._checked.cancelled():
-            self._checked.exception()  # retrieved: raised to the caller already, or of no interest now
         # Shielded and tracked by the backend: a cancelled put still aborts its multipart upload.
         await asyncio.shield(self._backend.keep(self._discard()))
 
@@ -426,7 +427,7 @@ class S3Backend(Backend):
             raise parent_is_file(key)
 
     async def start_upload(self, key: str) -> Upload:
-        """Begins an upload; the folder checks run while its first bytes arrive (see `check_place`)."""
+        """Begins an upload; the folder checks run at its commit, and before the first part of a big one."""
         return S3Upload(self, key)
 
     async def put_small(self, key: str, data: bytearray, digests: Digests) -> ObjectInfo:

