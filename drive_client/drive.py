@@ -145,7 +145,7 @@ class Drive(DriveBase):
         """Yields puts and deletes under `path` as they commit, forever.
 
         Reconnects by itself when the daemon becomes unreachable, resuming
-        after the last event seen (giving up after about a minute). To resume
+        after the last event seen (giving up after `retry_seconds`). To resume
         in a new process, pass the last `event.sequence` as `after_sequence`;
         `EventsExpired` says the daemon no longer keeps the events after it.
         """

@@ -14,6 +14,7 @@ QueryWriteStatus (`core`).
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 import time
@@ -21,6 +22,8 @@ import time
 from .errors import DriveError, StaleIndexError, Unavailable
 from .pb import drive_pb2 as pb
 from .wire import GetMessage, chunk_of
+
+log = logging.getLogger("drive_client")
 
 RETRY_SECONDS = 60.0  # default budget of a stream's retries: $DRIVE_RETRY_SECONDS overrides it
 FIRST_DELAY = 0.1  # seconds before the first retry; doubles with each failure after it
@@ -55,9 +58,11 @@ class Backoff:
             self._since = now
         ceiling = min(MAX_DELAY, FIRST_DELAY * 2**self._failures)
         delay = ceiling * (0.5 + random.random() / 2)  # jitter: many clients cut at once come back spread out
-        if now + delay - self._since > self.budget:
+        left = self.budget - (now + delay - self._since)
+        if left < 0:
             raise error
         self._failures += 1
+        log.warning("%s; trying again in %.1f s (for %.0f s more at most)", error, delay, left)
         return delay
 
     def progressed(self) -> None:

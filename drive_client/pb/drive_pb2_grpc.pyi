@@ -29,7 +29,8 @@ Status codes used by every RPC:
   PERMISSION_DENIED    a write to a read-only (s3://) drive, or S3 refused access
   FAILED_PRECONDITION  the path is held by several components: name one
   ABORTED              the file changed while it was read (if_match, s3 ETag)
-  OUT_OF_RANGE         a Watch resumed from events no longer kept
+  OUT_OF_RANGE         a Watch resumed from events no longer kept, or a Put
+                       resumed at another offset than the server holds
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
   DATA_LOSS            the bytes received do not match the CRC32C (or sha256)
                        sent, or a stored file is damaged (the message names it)
@@ -86,13 +87,20 @@ class DriveServiceStub:
     listing them; when one fails, the stream fails with its status, and
     files finished before (or committing at the same time) stay committed.
     A file whose header carries an `upload_id` is resumable: when the stream
-    breaks off before its finish, QueryWriteStatus tells how many of its bytes
-    the server holds, and a new Put stream resumes it from there.
+    ends or breaks off before its finish, the server holds what arrived (for
+    its --upload-expiry), QueryWriteStatus tells how many bytes that is, and a
+    new Put stream resumes the file from there (PutHeader.write_offset). A
+    resuming stream takes the upload over from a stream of it still open on
+    the server (one broken on the client's side): that one fails with ABORTED.
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
     header before the previous file's finish, a path that is a folder, or
-    whose parent is a file), ALREADY_EXISTS (another component holds the
-    path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-    DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+    whose parent is a file; a bad upload_id, a write_offset without one, or
+    a resume whose path or size is not the upload's), ALREADY_EXISTS (another
+    component holds the path and allow_duplicates is false),
+    PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
+    server does not hold), OUT_OF_RANGE (a resume at another offset than it
+    holds), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
+    full).
     """
     PutFile: _grpc.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -150,10 +158,14 @@ class DriveServiceStub:
     QueryWriteStatus: _grpc.UnaryUnaryMultiCallable[_drive_pb2.QueryWriteStatusRequest, _drive_pb2.QueryWriteStatusResponse]
     """Tells how much of a resumable upload (a Put whose header carried an
     `upload_id`) the server holds, so that a client whose Put stream was cut
-    can resume the file from there (like ByteStream's QueryWriteStatus).
-    Errors: NOT_FOUND (no such upload: never started, expired after the
-    daemon's --upload-expiry, or held by another daemon: start again from
-    offset 0), INVALID_ARGUMENT (bad drive, component or id).
+    can resume the file from there (like ByteStream's QueryWriteStatus). An
+    upload whose finish arrived is described once its commit ended: complete,
+    with the file, for the server's --upload-expiry after the commit, so that a
+    client cut after its finish learns the file is stored (NOT_FOUND when the
+    commit failed). Errors: NOT_FOUND (no such upload: never started, expired
+    after the daemon's --upload-expiry, held by another daemon or by this one
+    before a restart, or on an s3:// drive: start again from offset 0),
+    INVALID_ARGUMENT (bad drive, component or id).
     """
 
 @_typing.type_check_only
@@ -178,13 +190,20 @@ class DriveServiceAsyncStub(DriveServiceStub):
     listing them; when one fails, the stream fails with its status, and
     files finished before (or committing at the same time) stay committed.
     A file whose header carries an `upload_id` is resumable: when the stream
-    breaks off before its finish, QueryWriteStatus tells how many of its bytes
-    the server holds, and a new Put stream resumes it from there.
+    ends or breaks off before its finish, the server holds what arrived (for
+    its --upload-expiry), QueryWriteStatus tells how many bytes that is, and a
+    new Put stream resumes the file from there (PutHeader.write_offset). A
+    resuming stream takes the upload over from a stream of it still open on
+    the server (one broken on the client's side): that one fails with ABORTED.
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
     header before the previous file's finish, a path that is a folder, or
-    whose parent is a file), ALREADY_EXISTS (another component holds the
-    path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-    DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+    whose parent is a file; a bad upload_id, a write_offset without one, or
+    a resume whose path or size is not the upload's), ALREADY_EXISTS (another
+    component holds the path and allow_duplicates is false),
+    PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
+    server does not hold), OUT_OF_RANGE (a resume at another offset than it
+    holds), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
+    full).
     """
     PutFile: _aio.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]  # type: ignore[assignment]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -242,10 +261,14 @@ class DriveServiceAsyncStub(DriveServiceStub):
     QueryWriteStatus: _aio.UnaryUnaryMultiCallable[_drive_pb2.QueryWriteStatusRequest, _drive_pb2.QueryWriteStatusResponse]  # type: ignore[assignment]
     """Tells how much of a resumable upload (a Put whose header carried an
     `upload_id`) the server holds, so that a client whose Put stream was cut
-    can resume the file from there (like ByteStream's QueryWriteStatus).
-    Errors: NOT_FOUND (no such upload: never started, expired after the
-    daemon's --upload-expiry, or held by another daemon: start again from
-    offset 0), INVALID_ARGUMENT (bad drive, component or id).
+    can resume the file from there (like ByteStream's QueryWriteStatus). An
+    upload whose finish arrived is described once its commit ended: complete,
+    with the file, for the server's --upload-expiry after the commit, so that a
+    client cut after its finish learns the file is stored (NOT_FOUND when the
+    commit failed). Errors: NOT_FOUND (no such upload: never started, expired
+    after the daemon's --upload-expiry, held by another daemon or by this one
+    before a restart, or on an s3:// drive: start again from offset 0),
+    INVALID_ARGUMENT (bad drive, component or id).
     """
 
 class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -273,13 +296,20 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         listing them; when one fails, the stream fails with its status, and
         files finished before (or committing at the same time) stay committed.
         A file whose header carries an `upload_id` is resumable: when the stream
-        breaks off before its finish, QueryWriteStatus tells how many of its bytes
-        the server holds, and a new Put stream resumes it from there.
+        ends or breaks off before its finish, the server holds what arrived (for
+        its --upload-expiry), QueryWriteStatus tells how many bytes that is, and a
+        new Put stream resumes the file from there (PutHeader.write_offset). A
+        resuming stream takes the upload over from a stream of it still open on
+        the server (one broken on the client's side): that one fails with ABORTED.
         Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
         header before the previous file's finish, a path that is a folder, or
-        whose parent is a file), ALREADY_EXISTS (another component holds the
-        path and allow_duplicates is false), PERMISSION_DENIED (s3:// drive),
-        DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk full).
+        whose parent is a file; a bad upload_id, a write_offset without one, or
+        a resume whose path or size is not the upload's), ALREADY_EXISTS (another
+        component holds the path and allow_duplicates is false),
+        PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
+        server does not hold), OUT_OF_RANGE (a resume at another offset than it
+        holds), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
+        full).
         """
 
     @_abc_1.abstractmethod
@@ -385,10 +415,14 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_drive_pb2.QueryWriteStatusResponse, _abc.Awaitable[_drive_pb2.QueryWriteStatusResponse]]:
         """Tells how much of a resumable upload (a Put whose header carried an
         `upload_id`) the server holds, so that a client whose Put stream was cut
-        can resume the file from there (like ByteStream's QueryWriteStatus).
-        Errors: NOT_FOUND (no such upload: never started, expired after the
-        daemon's --upload-expiry, or held by another daemon: start again from
-        offset 0), INVALID_ARGUMENT (bad drive, component or id).
+        can resume the file from there (like ByteStream's QueryWriteStatus). An
+        upload whose finish arrived is described once its commit ended: complete,
+        with the file, for the server's --upload-expiry after the commit, so that a
+        client cut after its finish learns the file is stored (NOT_FOUND when the
+        commit failed). Errors: NOT_FOUND (no such upload: never started, expired
+        after the daemon's --upload-expiry, held by another daemon or by this one
+        before a restart, or on an s3:// drive: start again from offset 0),
+        INVALID_ARGUMENT (bad drive, component or id).
         """
 
 def add_DriveServiceServicer_to_server(servicer: DriveServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
