@@ -102,7 +102,7 @@ class HeldUploads:
         """Registers a new upload (write_offset 0) written by `writer`; an earlier one of its id is discarded."""
         key = (header.drive.name, header.component, header.upload_id)
         earlier = self._known.get(key)
-        if earlier is not None:
+        if earlier is not None and earlier.committing is None:  # one committing ends by itself
             await self._discard(earlier, "started again from 0")
         self._completed.pop(key, None)
         resumable = Resumable(key, header, upload, writer)
@@ -230,7 +230,7 @@ class HeldUploads:
 
     async def _keep_within_bounds(self, newest: Resumable) -> None:
         """Discards held uploads, oldest first, past the bounds; one bigger than all of them at once."""
-        if newest.upload.held > self.max_bytes and newest.key in self._held:
+        if newest.upload.held > self.max_bytes and self._held.get(newest.key) is newest:
             await self._discard(newest, f"larger than --max-held-bytes ({self.max_bytes})")
         while self._held and (len(self._held) > self.max_uploads or self._held_bytes > self.max_bytes):
             oldest = next(iter(self._held.values()))

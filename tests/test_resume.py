@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from conftest import (
     DaemonHandle,
     file_sha256,
     free_port,
+    raw_get,
     rpc_code,
     sha256_hex,
     snapshot,
@@ -313,8 +315,9 @@ def test_a_held_upload_expires_and_its_data_is_removed(start_daemon, tmp_path, d
     assert "expired (--upload-expiry 1 s)" in handle.log()
 
 
-def test_held_uploads_stay_within_their_bound_oldest_first(start_daemon, tmp_path, drive_uri):
-    handle = start_daemon(tmp_path, "--max-held-uploads", "2")
+@pytest.mark.parametrize("bound", [("--max-held-uploads", "2"), ("--max-held-bytes", str(3 * MIB))])
+def test_held_uploads_stay_within_their_bound_oldest_first(start_daemon, tmp_path, drive_uri, bound):
+    handle = start_daemon(tmp_path, *bound)
     stub = stub_of(handle.endpoint)
     for name in ("a", "b", "c"):
         open_upload(stub, drive_uri, f"{name}.bin", os.urandom(MIB + 1), f"u-{name}")
@@ -322,6 +325,35 @@ def test_held_uploads_stay_within_their_bound_oldest_first(start_daemon, tmp_pat
     assert [query(stub, drive_uri, f"u-{n}").committed_size for n in "bc"] == [MIB + 1, MIB + 1]
     assert metric(handle, "drived_held_uploads") == 2
     assert upload_bytes(handle.data_dir) == 2 * (HEADER.size + MIB + 1)  # the oldest one's file is gone
+
+
+def test_a_resume_takes_the_upload_over_from_a_stream_still_open_on_the_daemon(daemon, drive_uri):
+    """The client's old stream broke on its side, but the daemon still has it open: the resume wins."""
+    stub = stub_of(daemon.endpoint)
+    data = os.urandom(6 * MIB)
+    header = pb.PutHeader(drive=drive_uri, path="t.bin", upload_id="u-taken", size=len(data))
+    release = threading.Event()
+
+    def stale_stream():
+        yield pb.PutRequest(header=header)
+        for i in range(0, 3 * MIB, MIB):
+            yield pb.PutRequest(data=data[i:i + MIB])
+        release.wait(30)
+        yield pb.PutRequest(data=data[3 * MIB:4 * MIB])  # arrives after the takeover: refused
+
+    stale = stub.Put.future(stale_stream(), timeout=60)
+    assert wait_until(lambda: query(stub, drive_uri, "u-taken").committed_size == 3 * MIB, 10)
+    resumed = pb.PutHeader()
+    resumed.CopyFrom(header)
+    resumed.write_offset = 3 * MIB
+    rest = [pb.PutRequest(header=resumed), pb.PutRequest(data=data[3 * MIB:]),
+            pb.PutRequest(finish=pb.PutFinish(sha256=sha256_hex(data)))]
+    [stored] = stub.Put(iter(rest), timeout=30).files
+    release.set()
+    assert stale.exception(30).code() == grpc.StatusCode.ABORTED
+    assert stored.sha256 == sha256_hex(data)
+    [(info, got)] = raw_get(stub, drive_uri, "t.bin")
+    assert got == data and info.sha256 == sha256_hex(data)
 
 
 def test_a_held_upload_keeps_no_descriptor_open(start_daemon, tmp_path, drive_uri):
