@@ -182,7 +182,9 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
 
     Every file is a resumable upload of its own id: the files the daemon
     committed are not sent again, and the one it holds part of is sent from
-    the first byte it does not hold.
+    the first byte it does not hold. The files sent again from their first
+    byte get new ids: the daemon may still be reading what the broken stream
+    carried, and a late start of an old id must not discard the new upload.
     """
     ids = upload_ids(len(files))
     stored: list[pb.FileInfo] = []  # the files before `start`, which the daemon committed
@@ -208,6 +210,8 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
         start += len(done)
         if start == len(files):
             return stored
+        fresh = start + 1 if offset else start
+        ids[fresh:] = upload_ids(len(files) - fresh)
         if (start, offset) > reached:
             backoff.progressed()
         else:  # the daemon holds nothing more than before: try again after a while

@@ -46,7 +46,8 @@ from drived.backends.stored import HEADER
 pytestmark = pytest.mark.timeout(120)
 
 # What a cut costs at most in bytes sent twice, per stream it breaks: what was in flight (the
-# sender's and the receiver's socket buffers and HTTP/2 windows), lost with the connection.
+# sender's and the receiver's socket buffers and HTTP/2 windows), lost with the connection or
+# read by the daemon after the client asked it where the stream got to.
 IN_FLIGHT = 8 * MIB
 
 
@@ -106,7 +107,9 @@ def test_a_256_mib_put_and_get_complete_through_cuts_without_sending_bytes_twice
         assert (stored.size, stored.sha256) == (size, digest)
         puts = requests(handle, "Put")
         assert [p["status"] for p in puts][-1] == "OK" and len(puts) == len(cuts) + 1
-        assert metric(handle, 'drived_transfer_bytes_total{direction="in"}') == size  # every byte received once
+        # What the daemon read of a broken stream after the client asked where it got to is received twice.
+        received = metric(handle, 'drived_transfer_bytes_total{direction="in"}')
+        assert size <= received <= size + len(cuts) * IN_FLIGHT, f"{received - size} bytes received twice"
         assert sent_up <= size + len(cuts) * IN_FLIGHT, f"{sent_up - size} bytes more than the file went up"
         print(f"put: {len(cuts)} cuts, {sent_up - size} bytes over the file's size through the proxy")
 
@@ -142,7 +145,8 @@ def test_a_folder_put_cut_midway_completes_without_sending_finished_files_again(
         stored = twin("lit://folder", root_folder=src, endpoint=proxy.endpoint).put("set")
         assert proxy.cuts_made == 1
     assert {s.path: s.sha256 for s in stored} == digests
-    assert metric(handle, 'drived_transfer_bytes_total{direction="in"}') == total  # nothing received twice
+    received = metric(handle, 'drived_transfer_bytes_total{direction="in"}')
+    assert total <= received <= total + IN_FLIGHT, f"{received - total} bytes received twice"
     second = requests(handle, "Put")[-1]
     assert second["status"] == "OK" and second["files"] < len(digests)  # the second stream sent the rest only
     queries = requests(handle, "QueryWriteStatus")
@@ -235,10 +239,13 @@ def test_errors_that_retrying_cannot_mend_are_raised_at_once(twin, start_daemon,
         other.stat("missing.bin")
     with pytest.raises(PermissionError):  # PERMISSION_DENIED: s3:// drives are read-only
         twin("s3://some-bucket/data/", root_folder=tmp_path, endpoint=handle.endpoint).put("big.bin")
-    assert [p["status"] for p in requests(handle, "Put")] == [
-        "OK", "OK", "ALREADY_EXISTS", "INVALID_ARGUMENT", "PERMISSION_DENIED"]
-    assert [g["status"] for g in requests(handle, "Get")] == ["NOT_FOUND"]
-    assert [s["status"] for s in requests(handle, "Stat")] == ["NOT_FOUND"]
+    expected = {"Put": ["OK", "OK", "ALREADY_EXISTS", "INVALID_ARGUMENT", "PERMISSION_DENIED"],
+                "Get": ["NOT_FOUND"], "Stat": ["NOT_FOUND"]}
+
+    def statuses() -> dict[str, list[str]]:
+        return {method: [r["status"] for r in requests(handle, method)] for method in expected}
+
+    assert wait_until(lambda: statuses() == expected), statuses()  # a refusal's log line may follow its answer
     assert requests(handle, "QueryWriteStatus") == []  # no refusal was taken for a cut
     assert not (tmp_path / "missing.bin").exists()
 
