@@ -47,7 +47,9 @@ WORKDIR /data
 VOLUME /data
 EXPOSE 50051
 # `drived health` asks the gRPC health service at DRIVED_LISTEN (0.0.0.0 is
-# dialled as 127.0.0.1) and exits 0 only on SERVING.
+# dialled as 127.0.0.1) and exits 0 only on SERVING. With TLS (DRIVED_TLS_CERT,
+# DRIVED_TLS_KEY) it needs the CA in DRIVE_TLS_CA, and with mutual TLS a client
+# certificate in DRIVE_TLS_CERT and DRIVE_TLS_KEY (README, Container).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["drived", "health", "--timeout", "3"]
 # SIGTERM: dumb-init passes it on; drived stops taking calls, lets in-flight

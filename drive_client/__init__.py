@@ -7,7 +7,8 @@ drive.put("a.txt"); drive.list("."); drive.get("a.txt", timeout=60); drive.delet
 The names below are loaded on first use, so that a process importing only a
 shared module (`drive_client.files`, `drive_client.uri`) does not load grpc.
 Modules shared with the daemon, and public: `pb` (the generated messages),
-`uri`, `errors`, `wire`, `files`, `malloc`.
+`uri`, `errors`, `wire`, `files`, `malloc`, `channels` (endpoints, TLS and the one place channels
+are made).
 """
 
 from __future__ import annotations

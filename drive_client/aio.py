@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 import grpc
 
 from . import core
-from .common import DriveBase, FileStat, MountResult, WatchEvent, channel_options
+from .channels import open_channel
+from .common import DriveBase, FileStat, MountResult, WatchEvent
 from .effects import Blocking, Call, Caller, Done, Emit, Next, Open, Plan, Send, Sleep, Unary, advance
 from .errors import from_rpc_error
 from .pb import drive_pb2_grpc as pb_grpc
@@ -88,7 +89,7 @@ class _AioCalls:
             assert isinstance(effect, Send)
             return await self._send(rpc, effect)
         except grpc.RpcError as err:
-            raise from_rpc_error(err, drive.endpoint) from None
+            raise from_rpc_error(err, drive.endpoint, drive.connection.unreachable_advice()) from None
 
     async def _send(self, rpc: Any, effect: Send) -> Any:
         messages = iter(effect.messages)
@@ -165,8 +166,7 @@ class AsyncDrive(DriveBase):
     def _stub(self) -> pb_grpc.DriveServiceStub:
         loop = asyncio.get_running_loop()
         if self._channel is None or self._channel[0] != (os.getpid(), loop):
-            channel = grpc.aio.insecure_channel(
-                self.endpoint, options=channel_options(self.endpoint, self.retry_seconds > 0))
+            channel = open_channel(self.connection, aio=True, retries=self.retry_seconds > 0)
             self._channel = ((os.getpid(), loop), channel, fast_stub(channel))
         return self._channel[2]
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .channels import add_tls_arguments
 from .common import FileStat
 from .drive import Drive
 from .errors import DriveError, InvalidArgument
@@ -44,7 +45,8 @@ def split_uri(uri: str, folder: bool) -> tuple[str, str]:
 def _drive(uri: str, args: argparse.Namespace) -> Drive:
     return Drive(
         uri, component_name=args.component, endpoint=args.endpoint, allow_duplicates=args.allow_duplicates,
-        token=args.token, retry_seconds=args.retry_seconds,
+        token=args.token, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        insecure=args.insecure, retry_seconds=args.retry_seconds,
     )
 
 
@@ -126,7 +128,12 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--endpoint", help="drived address HOST:PORT, or dns:///NAME:PORT for round-robin over NAME's "
                      "addresses (default: $DRIVE_ENDPOINT, else 127.0.0.1:50051)")
     top.add_argument("--component", help="your component name (default: $DRIVE_COMPONENT, else 'default')")
-    top.add_argument("--token", help="bearer token for a daemon started with --token (default: $DRIVE_TOKEN)")
+    top.add_argument("--token", help="bearer token for a daemon started with --token or --auth-tokens "
+                     "(default: $DRIVE_TOKEN)")
+    add_tls_arguments(top)
+    top.add_argument("--insecure", action="store_true", default=None,
+                     help="send the token in plaintext to another machine (default: $DRIVE_INSECURE); only on a "
+                     "network you trust")
     top.add_argument("--retry-seconds", type=float, metavar="SECONDS",
                      help="how long a transfer cut by the network or a daemon restart keeps trying to resume "
                      "(default: $DRIVE_RETRY_SECONDS, else 60; 0: no retries)")

@@ -5,64 +5,16 @@ Their operations are `core`'s plans; the twins differ only in how they call.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
+from .channels import Connection
 from .errors import InvalidArgument, NotADirectory, NotFound
 from .pb import drive_pb2 as pb
 from .resume import RETRY_SECONDS
 from .uri import check_component, parse_drive
-
-DEFAULT_ENDPOINT = "127.0.0.1:50051"
-MESSAGE_LIMIT = 8 << 20
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-    ("grpc.max_send_message_length", MESSAGE_LIMIT),
-    # A fixed 2 MiB receive window per stream: with gRPC's default window sizing (BDP
-    # probing) the window of a long get keeps growing, and the client's memory with it
-    # (bench/WHY.md).
-    ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.lookahead_bytes", 2 << 20),
-    # A daemon that could not be reached is tried again after 0.1 s, then less and less often,
-    # but at least every 5 s (gRPC's own are 1 s and 2 min): the retries of a call or a transfer
-    # (see `resume`) find a restarted daemon soon after it is back.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 5000),
-]
-# gRPC's retry policy for the unary calls (the client's own code retries streams, see `resume`):
-# UNAVAILABLE means the call did not run, or may be run again to the same effect. Not Delete:
-# a delete that ran but whose answer was lost would be answered NOT_FOUND when tried again.
-UNARY_RETRY = json.dumps({"methodConfig": [{
-    "name": [{"service": "drive.v1.DriveService", "method": method}
-             for method in ("PutFile", "List", "Stat", "Mount", "QueryWriteStatus")],
-    "retryPolicy": {
-        "maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
-    },
-}]})
-# Targets that name several addresses: `dns:///name:port` (every address the name resolves to, e.g. a
-# headless Service's pods) and gRPC's `ipv4:`/`ipv6:` address lists.
-SPREAD_TARGETS = ("dns:", "ipv4:", "ipv6:")
-
-
-def channel_options(endpoint: str, retries: bool) -> list[tuple[str, Any]]:
-    """The options of a channel to `endpoint`, the one place both twins take them from.
-
-    A target of several addresses spreads calls over all of them (round_robin, re-resolved when a
-    replica sends GOAWAY after --max-connection-age), where gRPC's default policy would send every
-    call to the first address that answers. `retries` turns gRPC's retries of unary calls on; a
-    retried call's request is kept until the call is answered: room for a whole small file.
-    """
-    options: list[tuple[str, Any]] = [*CHANNEL_OPTIONS]
-    if endpoint.startswith(SPREAD_TARGETS):
-        options.append(("grpc.lb_policy_name", "round_robin"))
-    if not retries:
-        return [*options, ("grpc.enable_retries", 0)]
-    return [*options, ("grpc.enable_retries", 1), ("grpc.service_config", UNARY_RETRY),
-            ("grpc.per_rpc_retry_buffer_size", MESSAGE_LIMIT)]
 
 
 @dataclass(frozen=True)
@@ -121,6 +73,11 @@ class DriveBase:
         *,
         endpoint: str | None = None,
         token: str | None = None,
+        tls: bool | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        insecure: bool | None = None,
         retry_seconds: float | None = None,
     ) -> None:
         self._read_only = parse_drive(id).read_only  # an s3:// drive
@@ -128,9 +85,12 @@ class DriveBase:
         self.allow_duplicates = allow_duplicates
         self.component_name = check_component(component_name or os.environ.get("DRIVE_COMPONENT"))
         self.root_folder = None if root_folder is None else _existing_folder(root_folder)
-        self.endpoint = endpoint or os.environ.get("DRIVE_ENDPOINT") or DEFAULT_ENDPOINT
+        self.connection = Connection.from_settings(endpoint, tls, tls_ca, tls_cert, tls_key)
+        self.endpoint = self.connection.endpoint
         self.token = token or os.environ.get("DRIVE_TOKEN") or None
         self.retry_seconds = _retry_seconds(retry_seconds)
+        if self.token:
+            self.connection.check_token_transport(insecure)
         self._channel: Any = None  # what the twin calls through, made on first use in each process
 
     def __str__(self) -> str:

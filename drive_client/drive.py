@@ -15,24 +15,25 @@ from typing import Any
 import grpc
 
 from . import core
-from .common import DriveBase, FileStat, MountResult, WatchEvent, channel_options
+from .channels import Connection, open_channel
+from .common import DriveBase, FileStat, MountResult, WatchEvent
 from .effects import Call, Caller, Next, Send
 from .errors import from_rpc_error
 from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import Progress, ReadAhead
 from .wire import fast_stub
 
-# One channel per endpoint and process (and whether gRPC retries its unary calls), shared by every
-# Drive: a Drive made per call costs no handshake.
-_stubs: dict[tuple[int, str, bool], pb_grpc.DriveServiceStub] = {}
+# One channel per connection (endpoint and TLS settings), process and retry setting (whether gRPC retries its
+# unary calls), shared by every Drive: a Drive made per call costs no handshake.
+_stubs: dict[tuple[int, Connection, bool], pb_grpc.DriveServiceStub] = {}
 _stubs_lock = threading.Lock()
 
 
-def _shared_stub(endpoint: str, retries: bool) -> pb_grpc.DriveServiceStub:
-    key = (os.getpid(), endpoint, retries)
+def _shared_stub(connection: Connection, retries: bool) -> pb_grpc.DriveServiceStub:
+    key = (os.getpid(), connection, retries)
     with _stubs_lock:
         if key not in _stubs:
-            _stubs[key] = fast_stub(grpc.insecure_channel(endpoint, options=channel_options(endpoint, retries)))
+            _stubs[key] = fast_stub(open_channel(connection, retries=retries))
         return _stubs[key]
 
 
@@ -58,28 +59,34 @@ class _BlockingCalls(Caller):
                     raise requests.error from None
                 raise
         except grpc.RpcError as err:
-            raise from_rpc_error(err, drive.endpoint) from None
+            raise from_rpc_error(err, drive.endpoint, drive.connection.unreachable_advice()) from None
 
 
 class Drive(DriveBase):
     """A drive opened by name: `Drive("lit://drive_1", component_name="work_a")`.
 
     `Drive(id, allow_duplicates=False, component_name=None, root_folder=None, *, endpoint=None, token=None,
-    retry_seconds=None)`: `component_name` defaults to $DRIVE_COMPONENT, else
-    "default"; `endpoint` to $DRIVE_ENDPOINT, else 127.0.0.1:50051. `root_folder`
-    is where local paths are resolved: an existing folder (else
-    `FileNotFoundError` or `NotADirectoryError` at once); when not given, the
-    current working directory at the time of each call. `retry_seconds`
-    (default $DRIVE_RETRY_SECONDS, else 60; 0: off) is how long a transfer
-    cut by the network or a daemon restart keeps trying to resume (see
-    `drive_client.resume`). Picklable and deep-copyable; the gRPC channel is
-    created lazily, once per process and endpoint, and shared by all Drives.
+    tls=None, tls_ca=None, tls_cert=None, tls_key=None, insecure=None, retry_seconds=None)`:
+    `component_name` defaults to $DRIVE_COMPONENT, else "default"; `endpoint`
+    to $DRIVE_ENDPOINT, else 127.0.0.1:50051. `root_folder` is where local
+    paths are resolved: an existing folder (else `FileNotFoundError` or
+    `NotADirectoryError` at once); when not given, the current working
+    directory at the time of each call. `token` (default $DRIVE_TOKEN) is sent
+    as `authorization: Bearer TOKEN`; TLS settings default to $DRIVE_TLS,
+    $DRIVE_TLS_CA, $DRIVE_TLS_CERT and $DRIVE_TLS_KEY (`drive_client.channels`).
+    A token is never sent in plaintext beyond loopback: without TLS such a
+    Drive raises `ValueError` at once, unless `insecure=True`
+    ($DRIVE_INSECURE=1). `retry_seconds` (default $DRIVE_RETRY_SECONDS, else
+    60; 0: off) is how long a transfer cut by the network or a daemon restart
+    keeps trying to resume (see `drive_client.resume`). Picklable and
+    deep-copyable; the gRPC channel is created lazily, once per process,
+    connection and retry setting, and shared by all Drives.
     """
 
     @property
     def _stub(self) -> pb_grpc.DriveServiceStub:
         if self._channel is None or self._channel[0] != os.getpid():
-            self._channel = (os.getpid(), _shared_stub(self.endpoint, self.retry_seconds > 0))
+            self._channel = (os.getpid(), _shared_stub(self.connection, self.retry_seconds > 0))
         return self._channel[1]
 
     def put(self, path: str | os.PathLike[str], *, to: str | None = None, progress: Progress | None = None

@@ -95,13 +95,14 @@ class Unavailable(DriveError, ConnectionError):
 
 class OutOfRange(DriveError):
     """A position the daemon cannot go on from: a resumed upload's offset is not what it holds (query
-    it again), or a watch's sequence is no longer kept (`EventsExpired`)."""
+    it again), or a watch's sequence is no longer kept or was never given (`EventsExpired`)."""
 
     status = grpc.StatusCode.OUT_OF_RANGE
 
 
 class EventsExpired(OutOfRange):
-    """A watch resumed after a sequence whose following events the daemon no longer keeps.
+    """A watch resumed after a sequence whose following events the daemon no longer keeps, or after a
+    sequence the drive never gave.
 
     List the drive to learn its state, then watch from now (`after_sequence=0`).
     """
@@ -134,10 +135,12 @@ def error_for_status(code: grpc.StatusCode, message: str) -> DriveError:
     return _BY_STATUS.get(code, DriveError)(message, code)
 
 
-def from_rpc_error(err: grpc.RpcError, endpoint: str) -> DriveError:
-    """Turns a failed call into the matching DriveError, naming the endpoint when unreachable."""
+def from_rpc_error(
+    err: grpc.RpcError, endpoint: str, advice: str = "is the daemon running? `make run` starts one"
+) -> DriveError:
+    """Turns a failed call into the matching DriveError; when unreachable, naming the endpoint and what to check."""
     code = err.code()
     details = err.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE and not details.startswith("drived:"):
-        details = f"cannot reach drived at {endpoint}: {details} (is the daemon running? `make run` starts one)"
+        details = f"cannot reach drived at {endpoint}: {details} ({advice})"
     return error_for_status(code, details)

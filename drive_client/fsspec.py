@@ -32,10 +32,25 @@ fsspec paths (what `ls`, `find` and `info` answer in `name`) are
   as; default `$DRIVE_COMPONENT`, else `"default"`. Reads and listings span
   all components, like `Drive.get` and `Drive.list`.
 - `allow_duplicates`: let writes store a path another component holds.
-- `token`: bearer token sent with every call.
+- `token`: bearer token sent with every call; default `$DRIVE_TOKEN`.
+- `tls`, `tls_ca`, `tls_cert`, `tls_key`: TLS to the daemon, as `Drive`
+  takes them (defaults `$DRIVE_TLS`, `$DRIVE_TLS_CA`, `$DRIVE_TLS_CERT`,
+  `$DRIVE_TLS_KEY`); `insecure=True` lets a token go in plaintext to another
+  machine (see README, Security).
 - `retry_seconds`: how long a read or write cut by the network keeps trying
   to resume (`Drive`'s argument: default `$DRIVE_RETRY_SECONDS`, else 60; 0: off).
 - `asynchronous`: `True` for `AsyncDriveFileSystem` (see above).
+- `block_size`, `cache_type`, `cache_options`: the defaults of `open`'s
+  arguments of those names, as fsspec's HTTP filesystem takes them (so they
+  reach the files that `fsspec.open(url, block_size=...)`, pandas' and
+  pyarrow's `storage_options` open). `block_size` (bytes, default 5 MiB) is
+  what a read fetches ahead and what small writes gather in memory;
+  `cache_type` (default `"readahead"`) names one of fsspec's read caches, e.g.
+  `"none"` to fetch exactly what each read asks for (Parquet readers that
+  jump between column chunks), `"all"` or `"blockcache"`. `AsyncDriveFile`
+  has no read cache (fsspec's async files read what they are asked).
+- `spool_dir`: where files being written are spooled; default the system's
+  temporary folder.
 
 Only `lit://` (managed) drives live here. `s3://` is fsspec's S3 protocol
 (s3fs), a different filesystem that talks to the bucket itself; the
@@ -47,25 +62,43 @@ Semantics:
   (`block_size`, default 5 MiB) are fetched with ranged `Get` calls, never
   the whole file. Every range carries the sha256 and owner from `info`, so a
   file replaced while it is being read fails with `StaleIndexError` instead
-  of mixing two versions. `cat_file` reads with the same pinning (and checks
-  the sha256 of whole-file reads); `get_file` uses the client's verified,
-  atomic whole-file download.
-- Writing spools: `open(mode="wb")` keeps at most one block in memory and the
-  rest in a local temporary file, and puts the whole file on `close()` (a
-  single atomic put on the server; readers never see a partial file). An
-  exception inside a `with fs.open(path, "wb")` block discards the upload
-  (fsspec files commit what was written when closed, whatever happened).
-  That applies to binary files used as context managers themselves: text
-  wrappers, `fsspec.open(...)` (an `OpenFile`) and libraries that call
-  `close()` in a `finally` (pandas) still close, and so put, what was
-  written before the error.
+  of mixing two versions. A read of a block or more, with the read-ahead
+  cache or none, goes past the cache: its bytes are fetched once, straight
+  into the bytes it returns, or into the caller's buffer for `readinto` (how
+  `torch.load` reads), so loading a 200 MiB tensor holds no second copy of it.
+  `cat_file` reads with the same pinning (and checks the sha256 of
+  whole-file reads); `get_file` uses the client's verified, atomic
+  whole-file download.
+- Writing spools: `open(mode="wb")` gathers small writes in memory, at most
+  one block, and sends the rest to a local temporary file; a write that does
+  not fit in the block goes to the file straight from the caller's buffer
+  (`torch.save` of a 200 MiB tensor holds no copy of it). `close()` puts the
+  whole file (a single atomic put on the server; readers never see a partial
+  file). An exception inside a `with fs.open(path, "wb")` block discards the
+  upload (fsspec files commit what was written when closed, whatever
+  happened). That applies to binary files used as context managers
+  themselves: text wrappers, `fsspec.open(...)` (an `OpenFile`) and libraries
+  that call `close()` in a `finally` (pandas) still close, and so put, what
+  was written before the error.
   Inside `fs.transaction` files are put when the transaction ends. Opening
   refuses up front only what the daemon cannot know: a path that is a
   folder (`IsADirectoryError`), and for `"xb"` a path that exists
   (`FileExistsError`). Ownership is the daemon's to decide when the file is
   put: a path another component holds fails then with `FileExistsError`
   (unless `allow_duplicates`), and the spool is removed.
-  Append (`"ab"`) is not supported: files are replaced whole.
+- Appending reads, modifies and writes the whole file: `open(mode="ab")`
+  fetches the file as it is (this component's copy, or the one `info`
+  resolves to) into the spool, writes go after it, and `close()` puts the
+  whole file as this component's, like `"wb"` (so a path another component
+  holds fails with `FileExistsError`, unless `allow_duplicates`). Each append
+  costs a download and an upload of the whole file: right for a log of a few
+  MiB (Lightning's `CSVLogger` appends at every flush), not for growing a big
+  file. Before the put, `close()` checks that the file is still the version
+  fetched (its generation), else it fails with `StaleIndexError` and stores
+  nothing: open it and append again. The daemon has no conditional put, so
+  that check and the put are two calls: a put by another writer *of the same
+  component* landing between them is replaced, and its data lost. Appending
+  to one file from several writers at once is not safe; give each its own.
 - Folders are implicit (a path with files beneath it): `mkdir`/`makedirs`
   are no-ops and a folder disappears with its last file. A drive root always
   exists (an unused drive is empty); `ls` of a missing path below it raises
@@ -86,7 +119,7 @@ and `exists` always ask the daemon (fsspec's `dircache` is never filled, and
 kept (it is per process and thread): it holds only options and gRPC channels,
 so reusing an instance saves reconnecting and never serves stale data; pass
 `skip_instance_cache=True` for a private instance. Within one open file the
-read cache holds at most about two blocks of that one version of the file.
+read cache (read-ahead: at most about two blocks) holds only that one version of the file.
 """
 
 from __future__ import annotations
@@ -94,6 +127,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
 import threading
@@ -104,15 +138,18 @@ from typing import Any, TypeVar
 
 import grpc
 from fsspec.asyn import AbstractAsyncStreamedFile, AsyncFileSystem
+from fsspec.caching import caches
 from fsspec.callbacks import DEFAULT_CALLBACK
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from fsspec.utils import isfilelike
 
 from .aio import AsyncDrive
-from .common import DEFAULT_ENDPOINT, FileStat
+from .channels import DEFAULT_ENDPOINT
+from .common import FileStat
 from .drive import Drive
 from .effects import Done, advance
-from .errors import AmbiguousPathError, DataLoss, InvalidArgument, NotFound
+from .errors import AmbiguousPathError, DataLoss, InvalidArgument, NotFound, StaleIndexError
+from .files import write_all
 from .uri import check_component, normalize_path, parse_drive
 
 __all__ = ["AsyncDriveFile", "AsyncDriveFileSystem", "DriveFile", "DriveFileSystem"]
@@ -178,27 +215,24 @@ def _describe(name: str, stat: FileStat) -> dict[str, Any]:
     return out
 
 
-def _check_read(info: dict[str, Any], start: int, end: int, data: bytes) -> bytes:
-    """`data`, once it is all of [start, end) and, for the whole file, matches its sha256."""
-    if len(data) != end - start:
-        raise DataLoss(
-            f"lit://{info['name']}: got {len(data)} bytes of range [{start}, {end}); try again",
-            grpc.StatusCode.DATA_LOSS,
-        )
-    whole = start == 0 and end == info["size"]
-    if whole and info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"]:
-        raise DataLoss(
-            f"lit://{info['name']}: bytes do not match the stored sha256; try again", grpc.StatusCode.DATA_LOSS
-        )
-    return data
+def _short_read(info: dict[str, Any], start: int, end: int, got: int) -> DataLoss:
+    return DataLoss(
+        f"lit://{info['name']}: got {got} bytes of range [{start}, {end}); try again", grpc.StatusCode.DATA_LOSS
+    )
 
 
-def _spool(folder: str | None, data: bytes) -> str:
-    """A local temporary file holding `data` (the caller removes it)."""
-    fd, path = tempfile.mkstemp(prefix=".lit-upload-", dir=folder)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return path
+def _version(info: dict[str, Any]) -> tuple[str, int]:
+    """What tells one commit of a file from any other: its owner and generation (an append is put only onto the
+    version it fetched)."""
+    return info["component"], info["generation"]
+
+
+_NO_FILE = ("", 0)  # the version of a path with no file: every stored file has an owner and a generation
+
+
+# The read caches a read of a block or more passes by: they keep nothing of it that a later read could use,
+# beyond a block. Other caches (chosen with `cache_type`) serve every read.
+_CACHES_PASSED = frozenset({"readahead", "none"})
 
 
 class _LitFileSystem:
@@ -215,7 +249,15 @@ class _LitFileSystem:
         allow_duplicates: bool = False,
         token: str | None = None,
         spool_dir: str | None = None,
+        tls: bool | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        insecure: bool | None = None,
         retry_seconds: float | None = None,
+        block_size: int | None = None,
+        cache_type: str = "readahead",
+        cache_options: dict[str, Any] | None = None,
         **storage_options: Any,
     ) -> None:
         super().__init__(**storage_options)
@@ -224,7 +266,19 @@ class _LitFileSystem:
         self.allow_duplicates = allow_duplicates
         self._token = token
         self.retry_seconds = retry_seconds
+        self._security: dict[str, Any] = {
+            "tls": tls, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key, "insecure": insecure,
+        }
         self.spool_dir = spool_dir  # where writes spool; None: the system temp dir
+        if block_size is not None and (not isinstance(block_size, int) or block_size <= 0):
+            raise InvalidArgument(f"block_size must be a positive number of bytes, got {block_size!r}")
+        if cache_type not in caches:
+            raise InvalidArgument(
+                f"cache_type {cache_type!r} is not one of fsspec's read caches: {', '.join(sorted(map(str, caches)))}"
+            )
+        self.block_size = block_size or AbstractBufferedFile.DEFAULT_BLOCK_SIZE
+        self.cache_type = cache_type
+        self.cache_options = cache_options
         self._drives: dict[tuple[str, str, str], Drive | AsyncDrive] = {}
         self._drives_lock = threading.Lock()
 
@@ -272,7 +326,7 @@ class _LitFileSystem:
             if drive is None:
                 drive = self._twin(
                     f"lit://{name}", allow_duplicates=self.allow_duplicates, component_name=component,
-                    endpoint=endpoint, token=self._token, retry_seconds=self.retry_seconds,
+                    endpoint=endpoint, token=self._token, retry_seconds=self.retry_seconds, **self._security,
                 )
                 self._drives[key] = drive
         return drive
@@ -342,12 +396,38 @@ class _LitFileSystem:
             sub, start, length, component_name=info.get("component") or None, if_match=info.get("sha256", ""),
         )
 
+    def _steps_read_into(self, info: dict[str, Any], start: int, out: memoryview) -> Steps[None]:
+        """Fills `out` with the bytes of the file `info` describes from `start` on, pinned to that version."""
+        end = start + len(out)
+        filled = 0
+
+        def place(chunk: bytes) -> None:
+            nonlocal filled
+            if filled + len(chunk) > len(out):
+                raise _short_read(info, start, end, filled + len(chunk))
+            out[filled:filled + len(chunk)] = chunk
+            filled += len(chunk)
+
+        yield Each(self._chunks(info, start, len(out)), place)
+        if filled != len(out):
+            raise _short_read(info, start, end, filled)
+
     def _steps_read(self, info: dict[str, Any], start: int, end: int) -> Steps[bytes]:
+        """Bytes [start, end) of the file `info` describes, assembled once; a whole file's are checked by sha256."""
         if start >= end:
             return b""
-        chunks: list[bytes] = []
-        yield Each(self._chunks(info, start, end - start), chunks.append)
-        return _check_read(info, start, end, b"".join(chunks))
+        # A BytesIO made on a bytes object nothing else holds is filled in place through its buffer, and
+        # hands that same object out once full: the bytes returned are the only copy made.
+        assembly = io.BytesIO(bytes(end - start))
+        with assembly.getbuffer() as view:
+            yield from self._steps_read_into(info, start, view)
+        data = assembly.getvalue()
+        whole = start == 0 and end == info["size"]
+        if whole and info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise DataLoss(
+                f"lit://{info['name']}: bytes do not match the stored sha256; try again", grpc.StatusCode.DATA_LOSS
+            )
+        return data
 
     def _steps_cat(self, path: str, start: int | None, end: int | None) -> Steps[bytes]:
         info = yield from self._steps_file_info(path)
@@ -371,10 +451,12 @@ class _LitFileSystem:
 
             yield Each(self._chunks(info, 0, None), write)
             return
+        yield from self._steps_download(info, lpath, callback.relative_update)
+
+    def _steps_download(self, info: dict[str, Any], lpath: Any, progress: Any = None) -> Steps[None]:
+        """Fetches the file `info` describes to `lpath`: verified, and renamed into place (replacing what is there)."""
         name, sub = self._split(info["name"])
-        yield self._drive(name).get(
-            sub, info.get("component") or None, overwrite=True, to=lpath, progress=callback.relative_update
-        )
+        yield self._drive(name).get(sub, info.get("component") or None, overwrite=True, to=lpath, progress=progress)
 
     # -- writing --------------------------------------------------------------
 
@@ -406,16 +488,49 @@ class _LitFileSystem:
         if exclusive:
             raise FileExistsError(f"lit://{name}/{sub} exists")
 
-    def _steps_opened(self, path: str, mode: str) -> Steps[dict[str, Any] | None]:
-        """What opening `path` in `mode` needs: the file's info to read it; nothing to write it, once it may be."""
+    def _steps_opened(self, path: str, mode: str, block: int) -> Steps[tuple[dict[str, Any] | None, _Spool | None]]:
+        """What opening `path` in `mode` needs: the file's info to read it; a spool to write it, once it may be.
+
+        For an append the spool starts as the file is now (none: empty), and remembers which version that is.
+        """
         if mode == "rb":
-            return (yield from self._steps_file_info(path))
-        if mode in ("wb", "xb"):
+            return (yield from self._steps_file_info(path)), None
+        if mode not in ("wb", "xb", "ab"):
+            raise NotImplementedError(f"mode {mode!r} is not supported: use 'rb', 'wb', 'xb' or 'ab'")
+        base = None
+        if mode == "ab":
+            with contextlib.suppress(NotFound):
+                base = yield from self._steps_file_info(path)
+        else:
             yield from self._steps_check_writable(path, exclusive=mode == "xb")
-            return None
-        raise NotImplementedError(
-            f"mode {mode!r} is not supported: files are replaced whole, never appended to; use 'rb', 'wb' or 'xb'"
-        )
+        spool: _Spool = yield Local(_Spool, (self.spool_dir, block))
+        if mode == "ab":
+            spool.appends_to = _NO_FILE if base is None else _version(base)
+        if base is not None:
+            try:
+                yield from self._steps_download(base, spool.path)
+                spool.start = yield Local(os.path.getsize, (spool.path,))
+            except BaseException:
+                spool.discard()
+                raise
+        return None, spool
+
+    def _steps_put_spool(self, spool: _Spool, path: str) -> Steps[None]:
+        """Puts what `spool` holds as the file `path`; an append only while the file is the version it started from."""
+        if spool.appends_to is not None:
+            try:
+                now: tuple[str, int] | None = _version((yield from self._steps_file_info(path)))
+            except NotFound:
+                now = _NO_FILE
+            except AmbiguousPathError:  # another component has put the path since: not the version fetched
+                now = None
+            if now != spool.appends_to:
+                name, sub = self._split(path)
+                raise StaleIndexError(
+                    f"lit://{name}/{sub} changed since it was opened for appending (another writer put or removed "
+                    "it): nothing was stored; open it and append again", grpc.StatusCode.ABORTED,
+                )
+        yield from self._steps_put_local(spool.path, path)
 
     def _steps_put_file(self, lpath: Any, rpath: str, callback: Any, mode: str) -> Steps[None]:
         """Uploads one local file in one call; folders need no creating."""
@@ -429,11 +544,11 @@ class _LitFileSystem:
     def _steps_pipe_file(self, path: str, value: bytes, mode: str) -> Steps[None]:
         """Stores `value` as the whole file `path` (spooled to a local file, then put in one call)."""
         yield from self._steps_check_writable(path, exclusive=mode == "create")
-        spooled = yield Local(_spool, (self.spool_dir, value))
+        spool = yield Local(_Spool.holding, (self.spool_dir, value))
         try:
-            yield from self._steps_put_local(spooled, path)
+            yield from self._steps_put_spool(spool, path)
         finally:
-            os.unlink(spooled)
+            spool.discard()
 
     def _steps_cp_file(self, path1: str, path2: str) -> Steps[None]:
         """Copies through a local temporary file (the daemon has no server-side copy)."""
@@ -569,11 +684,15 @@ class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
         block_size: int | None = None,
         autocommit: bool = True,
         cache_options: dict[str, Any] | None = None,
+        cache_type: str | None = None,
         **kwargs: Any,
     ) -> DriveFile:
+        block = block_size or self.block_size
+        details, spool = self._run(self._steps_opened(path, mode, block))
         return DriveFile(
-            self, self._strip_protocol(path), mode, block_size, autocommit, cache_options=cache_options,
-            details=self._run(self._steps_opened(path, mode)), **kwargs,
+            self, self._strip_protocol(path), mode, block, autocommit, cache_type=cache_type or self.cache_type,
+            cache_options=self.cache_options if cache_options is None else cache_options, details=details,
+            spool=spool, **kwargs,
         )
 
 
@@ -649,31 +768,88 @@ class AsyncDriveFileSystem(_LitFileSystem, AsyncFileSystem):
     async def _rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None, **kwargs: Any) -> None:
         await self._run(self._steps_rm(path, recursive, maxdepth))
 
-    async def open_async(self, path: str, mode: str = "rb", **kwargs: Any) -> AsyncDriveFile:
-        """A file for asyncio code: `await f.read(n)` in "rb"; `await f.write(b)` in "wb"/"xb", put on `close()`."""
-        details = await self._run(self._steps_opened(path, mode))
-        # fsspec's async files write in "wb" only: "xb" is "wb" once nothing was found at the path
-        return AsyncDriveFile(self, self._strip_protocol(path), "wb" if mode == "xb" else mode, details=details,
-                              **kwargs)
+    async def open_async(self, path: str, mode: str = "rb", block_size: int | None = None, **kwargs: Any
+                         ) -> AsyncDriveFile:
+        """A file for asyncio code: `await f.read(n)` in "rb"; `await f.write(b)` in "wb", "xb", "ab" (put on close)."""
+        block = block_size or self.block_size
+        details, spool = await self._run(self._steps_opened(path, mode, block))
+        # fsspec's async files write in "wb" and "ab" only: "xb" is "wb" once nothing was found at the path
+        return AsyncDriveFile(self, self._strip_protocol(path), "wb" if mode == "xb" else mode, block_size=block,
+                              details=details, spool=spool, **kwargs)
 
 
 class _Spool:
-    """A local temporary file that holds what is written until it is put; removed by `discard()`."""
+    """What a file open for writing holds until it is put: small writes in memory (up to a block), the rest in a
+    local temporary file, which the put reads; removed by `discard()`.
 
-    def __init__(self, folder: str | None) -> None:
-        fd, self.path = tempfile.mkstemp(prefix=".lit-upload-", dir=folder)
-        self._file: Any = os.fdopen(fd, "wb")
+    A write that does not fit in the block goes to the file straight from the caller's buffer, so a large one is
+    never copied in memory. The file is opened for appending at the first write that reaches it, so a file
+    fetched into `path` before that (an append, "ab") is continued.
+    """
 
-    def write(self, data: Any) -> None:
-        self._file.write(data)
+    def __init__(self, folder: str | None, block: int) -> None:
+        fd, path = tempfile.mkstemp(prefix=".lit-upload-", dir=folder)
+        os.close(fd)
+        self.path = os.path.abspath(path)
+        # For an append, the version of the file it started from (`_NO_FILE`: none), checked before the put,
+        # and that file's size: where the first write goes.
+        self.appends_to: tuple[str, int] | None = None
+        self.start = 0
+        self._block = block
+        self._gathered = bytearray()
+        self._fd = -1
+
+    @classmethod
+    def holding(cls, folder: str | None, data: Any) -> _Spool:
+        """A closed spool holding `data`."""
+        spool = cls(folder, 0)
+        spool.write(memoryview(data).cast("B"))
+        spool.close()
+        return spool
+
+    def gathers(self, data: memoryview) -> bool:
+        """Whether writing `data` only gathers it in memory: it touches no file, so it never blocks."""
+        return len(self._gathered) + data.nbytes <= self._block
+
+    def write(self, data: memoryview) -> None:
+        if self.gathers(data):
+            self._gathered += data
+            return
+        self._write_gathered()
+        write_all(self._fd, data)
+
+    def _write_gathered(self) -> None:
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        with memoryview(self._gathered) as gathered:
+            write_all(self._fd, gathered)
+        self._gathered.clear()
 
     def close(self) -> None:
-        self._file.close()
+        """Writes what is gathered in memory to the file: the file is complete, ready to be put."""
+        self._write_gathered()
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def discard(self) -> None:
-        self._file.close()
+        self._close_fd()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def _writable(file: AbstractBufferedFile, data: Any) -> memoryview:
+    """`data` as bytes to write to `file`, once `file` takes writes (fsspec's errors otherwise)."""
+    if file.closed:
+        raise ValueError("I/O operation on closed file.")
+    if not file.writable():
+        raise ValueError("File not in write mode")
+    if file.forced:
+        raise ValueError("This file has been force-flushed, can only close")
+    return memoryview(data).cast("B")
 
 
 class DriveFile(AbstractBufferedFile):
@@ -692,9 +868,10 @@ class DriveFile(AbstractBufferedFile):
         cache_options: dict[str, Any] | None = None,
         size: int | None = None,
         details: dict[str, Any] | None = None,
+        spool: _Spool | None = None,
         **kwargs: Any,
     ) -> None:
-        self._spool: _Spool | None = None
+        self._spool = spool
         if details is not None:
             self._details = details
             size = details["size"]
@@ -702,18 +879,57 @@ class DriveFile(AbstractBufferedFile):
             fs, path, mode, block_size, autocommit, cache_type=cache_type, cache_options=cache_options, size=size,
             **kwargs,
         )
+        if spool is not None:
+            self.loc = spool.start  # like a local file opened to append: at its end
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         return self.fs._run(self.fs._steps_read(self.details, start, min(end, self.size)))
 
-    def _initiate_upload(self) -> None:
-        self._spool = _Spool(self.fs.spool_dir)
+    def _direct_length(self, length: int) -> int:
+        """How many bytes of a read of `length` (negative: to the end) are fetched past the cache, straight to where
+        they go: 0 to read through the cache."""
+        if self.mode != "rb" or self.closed or self.cache.name not in _CACHES_PASSED:
+            return 0
+        left = max(self.size - self.loc, 0)
+        length = left if length < 0 else min(length, left)
+        return length if length >= self.blocksize else 0
+
+    def read(self, length: int = -1) -> bytes:
+        """fsspec's read; `length` a block or more is fetched once, into the bytes returned (see the module doc)."""
+        direct = self._direct_length(-1 if length is None else int(length))
+        if not direct:
+            return super().read(length)
+        data = self._fetch_range(self.loc, self.loc + direct)
+        self.loc += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        """Reads into `b`; a block or more is fetched straight into it, holding no copy."""
+        out = memoryview(b).cast("B")
+        direct = self._direct_length(out.nbytes)
+        if not direct:
+            return super().readinto(out)
+        self.fs._run(self.fs._steps_read_into(self.details, self.loc, out[:direct]))
+        self.loc += direct
+        return direct
+
+    def write(self, data: Any) -> int:
+        """Writes `data` to the spool: gathered in memory if it fits in the block, else to the local file at once."""
+        view = _writable(self, data)
+        assert self._spool is not None
+        self._spool.write(view)
+        self.loc += view.nbytes
+        return view.nbytes
 
     def _upload_chunk(self, final: bool = False) -> bool:
-        assert self._spool is not None
-        self._spool.write(self.buffer.getbuffer())
+        """Closes the spool when the file is closed (fsspec's buffer stays empty: writes go to the spool)."""
         if final:
-            self._spool.close()
+            assert self._spool is not None
+            try:
+                self._spool.close()
+            except BaseException:
+                self.discard()
+                raise
             if self.autocommit:
                 self.commit()
         return True
@@ -723,7 +939,7 @@ class DriveFile(AbstractBufferedFile):
         if self._spool is None:
             return
         try:
-            self.fs._run(self.fs._steps_put_local(self._spool.path, self.path))
+            self.fs._run(self.fs._steps_put_spool(self._spool, self.path))
         finally:
             self.discard()
 
@@ -747,27 +963,43 @@ class AsyncDriveFile(AbstractAsyncStreamedFile):
     fs: AsyncDriveFileSystem
 
     def __init__(self, fs: AsyncDriveFileSystem, path: str, mode: str = "rb", details: dict[str, Any] | None = None,
-                 **kwargs: Any) -> None:
-        self._spool: _Spool | None = None
+                 spool: _Spool | None = None, **kwargs: Any) -> None:
+        self._spool = spool
         self._details = details
         super().__init__(fs, path, mode, size=details["size"] if details else None, **kwargs)
+        if spool is not None:
+            self.loc = spool.start
 
     async def _fetch_range(self, start: int, end: int) -> bytes:
         return await self.fs._run(self.fs._steps_read(self.details, start, min(end, self.size)))
 
-    async def _initiate_upload(self) -> None:
-        self._spool = _Spool(self.fs.spool_dir)
+    async def write(self, data: Any) -> int:
+        """`DriveFile.write`: what does not fit in the block is written in a worker thread."""
+        view = _writable(self, data)
+        assert self._spool is not None
+        if self._spool.gathers(view):
+            self._spool.write(view)
+        else:
+            await asyncio.to_thread(self._spool.write, view)
+        self.loc += view.nbytes
+        return view.nbytes
 
     async def _upload_chunk(self, final: bool = False) -> bool:
-        assert self._spool is not None
-        await asyncio.to_thread(self._spool.write, self.buffer.getvalue())
         if final:
+            assert self._spool is not None
             try:
-                self._spool.close()
-                await self.fs._run(self.fs._steps_put_local(self._spool.path, self.path))
+                await asyncio.to_thread(self._spool.close)
+                await self.fs._run(self.fs._steps_put_spool(self._spool, self.path))
             finally:
                 self._spool.discard()
         return True
+
+    async def close(self) -> None:
+        """Puts the file (in a write mode); closed even when the put fails, like `DriveFile`."""
+        try:
+            await super().close()
+        finally:
+            self.closed = True
 
     async def __aexit__(self, exc_type: Any, *args: Any) -> None:
         if exc_type is not None and self.writable():

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import grpc
 
+from drive_client.channels import Connection, add_tls_arguments
+from drive_client.errors import DriveError
 from drive_client.malloc import keep_transfer_buffers
 
 from . import config, logs
@@ -34,14 +36,27 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 def _health(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="drived health", description="Exit 0 when the daemon answers SERVING.")
+    parser = argparse.ArgumentParser(
+        prog="drived health",
+        description="Exit 0 when the daemon answers SERVING. A daemon with --tls-cert needs --tls (or a CA).",
+    )
     parser.add_argument("--endpoint", default=None, help="HOST:PORT (default: DRIVED_LISTEN, else 127.0.0.1:50051)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    add_tls_arguments(parser)
+    parser.add_argument("--tls-server-name", metavar="NAME",
+                        help="the name the daemon's certificate carries, when it names neither 127.0.0.1 nor the "
+                        "--endpoint host (e.g. drived.example.com)")
     args = parser.parse_args(argv)
     endpoint = args.endpoint or os.environ.get("DRIVED_LISTEN") or config.Config.listen
     endpoint = endpoint.replace("0.0.0.0:", "127.0.0.1:")
     try:
-        status = asyncio.run(server.check_health(endpoint, args.timeout))
+        connection = Connection.from_settings(
+            endpoint, args.tls, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name
+        )
+        status = asyncio.run(server.check_health(connection, args.timeout))
+    except DriveError as err:
+        print(f"drived health: {err}", file=sys.stderr)
+        return 1
     except grpc.RpcError as err:
         print(f"drived at {endpoint}: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -37,7 +38,17 @@ class Config:
     s3_page_size: int = 1000
     metrics_listen: str = ""
     token: str = ""
+    auth_tokens: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    reflection: bool = True
     max_connection_age: float = 0.0
+    max_file_size: int = 0
+    quota: int = 0
+    max_streams: int = 1024
+    max_streams_per_peer: int = 256
+    stream_idle_timeout: float = 60.0
     log_level: str = "info"
 
 
@@ -53,7 +64,7 @@ HELP = {
     "max_held_uploads": "resumable uploads held at most at once, waiting for a resume; past it the oldest is "
     "removed (its client starts that file again)",
     "max_held_bytes": "bytes held at most by the resumable uploads waiting for a resume (on the data dir's "
-    "disk, or in --storage's parts); past it the oldest is removed",
+    "disk, or in --storage's parts; K, M, G, T: powers of 1024); past it the oldest is removed",
     "coordinator": "redis://[:PASSWORD@]HOST:PORT/DB of a Redis or Valkey (7 or newer; rediss:// for TLS) that "
     "daemons sharing --storage coordinate through: ownership claims, the Watch feed, waiting gets. Several "
     "replicas need it; empty: this daemon coordinates alone. Prefer the env variable when the URL holds a "
@@ -66,9 +77,28 @@ HELP = {
     "s3_page_size": "MaxKeys of each ListObjectsV2 call",
     "metrics_listen": "HOST:PORT to serve Prometheus metrics on (/metrics); empty: no metrics endpoint",
     "token": "when set, every DriveService call must carry `authorization: Bearer TOKEN` (UNAUTHENTICATED "
-    "otherwise); health and reflection stay open. Prefer the env variable: flags show in `ps`",
+    "otherwise): one token for every drive, read-write, beside those of --auth-tokens; health and reflection "
+    "stay open. Prefer the env variable: flags show in `ps`",
+    "auth_tokens": "TOML file of tokens, each with the drives it may use and its mode, read or read-write "
+    "(README, Security); calls then need one of them. SIGHUP reads it again",
+    "tls_cert": "PEM certificate (chain) to serve gRPC over TLS with; needs --tls-key. SIGHUP reads it again",
+    "tls_key": "PEM private key of --tls-cert (unencrypted)",
+    "tls_client_ca": "PEM bundle of the CAs whose client certificates are accepted: with it, every client must "
+    "show one (mutual TLS); needs --tls-cert",
+    "reflection": "on or off: serve gRPC server reflection (what grpcurl uses to learn the API)",
     "max_connection_age": "seconds after which a client connection is asked to reconnect (so clients behind "
     "DNS round-robin find new replicas; calls in progress finish); 0: never",
+    "max_file_size": "the largest file a put may store, in bytes (K, M, G, T: powers of 1024); a bigger one is "
+    "refused with RESOURCE_EXHAUSTED as soon as its header or its bytes say so, and nothing is stored. 0: no limit",
+    "quota": "bytes each lit:// drive may hold (K, M, G, T: powers of 1024); a put that would go over is refused "
+    "with RESOURCE_EXHAUSTED naming used, asked and quota, and nothing is stored. 0: no quota",
+    "max_streams": "transfers (Put, PutFile, Get) and watches served at once; more are refused with "
+    "RESOURCE_EXHAUSTED. With the message limit, bounds the daemon's memory (README, Failure behaviour)",
+    "max_streams_per_peer": "transfers and watches served at once for one client host (its address without the "
+    "port; behind a proxy, the proxy); more are refused with RESOURCE_EXHAUSTED",
+    "stream_idle_timeout": "seconds a Put or Get may wait on its client, which sends or reads nothing meanwhile, "
+    "before it is ended (UNAVAILABLE) and its upload data removed (a resumable upload is not held for a resume); "
+    "0: never",
     "log_level": "debug, info, warning or error",
 }
 
@@ -107,6 +137,18 @@ def _storage(text: str) -> str:
     return text
 
 
+SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """Bytes, as a number with an optional K, M, G or T (powers of 1024): "512M", "10G", "1TiB"."""
+    found = SIZE_RE.fullmatch(text.strip())
+    if not found:
+        raise argparse.ArgumentTypeError(f"give bytes, e.g. 1048576, 512M or 10G, not {text!r}")
+    return int(found.group(1)) * SIZE_UNITS[found.group(2).upper()]
+
+
 def _coordinator(text: str) -> str:
     """A redis:// or rediss:// URL; a refusal never repeats the URL, which may hold a password."""
     if not text:
@@ -126,6 +168,15 @@ def _coordinator(text: str) -> str:
     return text
 
 
+def _switch(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("on", "true", "yes", "1"):
+        return True
+    if word in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"use on or off, not {text!r}")
+
+
 def _chunk_size(text: str) -> int:
     value = _positive(int)(text)
     if value > MAX_CHUNK_SIZE:
@@ -137,11 +188,20 @@ SECRET = {"token", "coordinator"}  # values that may hold a password: never repe
 
 PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": str, "data_dir": str, "storage": _storage, "upload_expiry": _positive(float),
-    "max_held_uploads": _non_negative(int), "max_held_bytes": _non_negative(int),
+    "max_held_uploads": _non_negative(int), "max_held_bytes": _size,
     "coordinator": _coordinator, "claim_ttl": _positive(float), "chunk_size": _chunk_size,
     "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
-    "metrics_listen": str, "token": str, "max_connection_age": _non_negative(float), "log_level": str,
+    "metrics_listen": str, "token": str, "auth_tokens": str, "tls_cert": str, "tls_key": str, "tls_client_ca": str,
+    "reflection": _switch, "max_connection_age": _non_negative(float),
+    "max_file_size": _size, "quota": _size, "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
+    "stream_idle_timeout": _non_negative(float), "log_level": str,
 }
+
+
+def _shown(default: object) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return repr(default)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,7 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         env = f"DRIVED_{f.name.upper()}"
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, type=PARSERS[f.name], default=None,
-            metavar=f.name.upper(), help=f"{HELP[f.name]} (env {env}; default {f.default!r})",
+            metavar=f.name.upper(), help=f"{HELP[f.name]} (env {env}; default {_shown(f.default)})",
         )
 
 
@@ -171,6 +231,10 @@ def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Conf
     config = Config(**values)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         parser.error(f"--log-level {config.log_level!r}: use debug, info, warning or error")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        parser.error("--tls-cert and --tls-key go together: give the certificate and its key, or neither")
+    if config.tls_client_ca and not config.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first")
     return config
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
+from drive_client.errors import DriveError
 from drive_client.uri import DriveId
 
 from .backends.base import Chunks
@@ -40,9 +41,10 @@ class PendingPut(Protocol):
 
     The caller passes the file's chunks in order to `write`, then calls
     `commit` (which leaves no temporary data behind, whatever its outcome),
-    `suspend` (the stream ended or was cancelled before the finish) or
-    `abort` (a write failed, or the call failed otherwise). `abort` after a
-    commit does nothing, so a caller may always call it at the end.
+    `suspend` (the client ended or broke the stream before the finish) or
+    `abort` (a write failed, the daemon refused the stream, or the idle check
+    ended it). `abort` after a commit does nothing, so a caller may always
+    call it at the end.
     """
 
     @property
@@ -55,10 +57,28 @@ class PendingPut(Protocol):
         """The store's own write of the next chunk: nothing runs between the stream and the store."""
         ...
 
-    async def commit(self, sha256: str) -> Entry:
+    @property
+    def offset(self) -> int:
+        """How many of the file's bytes were written before this stream: those a resumed upload holds, else 0."""
+        ...
+
+    @property
+    def max_bytes(self) -> int:
+        """The most bytes the file may have (--max-file-size, the room left in the drive's quota): the
+        caller stops a stream that sends more, with `over_limit`, rather than write them."""
+        ...
+
+    async def over_limit(self, received: int) -> DriveError:
+        """The error (ResourceExhausted, with the numbers) for a file that reached `received` bytes, more
+        than `max_bytes`."""
+        ...
+
+    async def commit(self, sha256: str, received: int) -> Entry:
         """Makes the file visible in one step if its bytes hash to `sha256` (lowercase hex), and its size
-        is the header's when it gave one (DataLoss and nothing stored otherwise). AlreadyExists when another
-        component holds the path and the header did not allow duplicates."""
+        is the header's when it gave one (DataLoss and nothing stored otherwise). `received` is how many
+        bytes the file has, those written before this stream included. AlreadyExists when another
+        component holds the path and the header did not allow duplicates; ResourceExhausted when the
+        drive's quota has no room left for them."""
         ...
 
     async def abort(self) -> None:
@@ -116,8 +136,9 @@ class Drives(Protocol):
     async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event]]:
         """Where a watch starts (the sequence after which it reports), and its events from there on,
         filtered by the watch's folder and component; the events never end. InvalidArgument for a kind
-        without a change feed; the events raise EventsExpired when the start is no longer kept, and
-        Unavailable when the daemon shuts down."""
+        without a change feed; EventsExpired when the start is after the drive's latest event (a sequence
+        it never gave); the events raise EventsExpired when the start is no longer kept, and Unavailable
+        when the daemon shuts down."""
         ...
 
 

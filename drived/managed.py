@@ -10,17 +10,22 @@ other, and this module knows neither implementation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import itertools
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 
 from drive_client.errors import (
     AlreadyExists,
     AmbiguousPathError,
+    EventsExpired,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     StaleIndexError,
     WaitTimeout,
 )
@@ -30,6 +35,7 @@ from .coordinator import Coordinator, Event
 from .drives import FileStream
 from .entry import Entry
 from .paths import component_key, object_key, relative_path
+from .quota import Quotas
 from .requests import (
     DeleteRequest,
     GetRequest,
@@ -63,17 +69,29 @@ def _shown(drive: str, path: str) -> str:
 
 
 class ManagedPut:
-    """One file being put into a `lit://` drive (a `drived.drives.PendingPut`)."""
+    """One file being put into a `lit://` drive (a `drived.drives.PendingPut`), once `writing` its upload."""
 
-    def __init__(self, drives: ManagedDrives, header: PutHeader, upload: Upload) -> None:
+    upload: Upload
+    write: Callable[[bytes | memoryview], Awaitable[None]]
+
+    def __init__(self, drives: ManagedDrives, header: PutHeader, max_bytes: int) -> None:
         self.header = header
         self.path = header.path
-        self.upload = upload
-        self.write: Callable[[bytes | memoryview], Awaitable[None]] = upload.write
+        self.offset = header.write_offset
+        self.max_bytes = max_bytes
         self._drives = drives
 
-    async def commit(self, sha256: str) -> Entry:
-        return await self._drives.commit_put(self, sha256)
+    def writing(self, upload: Upload) -> ManagedPut:
+        """Writes `upload` from now on."""
+        self.upload = upload
+        self.write = upload.write
+        return self
+
+    async def over_limit(self, received: int) -> ResourceExhausted:
+        return await self._drives.over_limit(self.header, received)
+
+    async def commit(self, sha256: str, received: int) -> Entry:
+        return await self._drives.commit_put(self, sha256, received)
 
     async def abort(self) -> None:
         await self.upload.abort()
@@ -82,60 +100,71 @@ class ManagedPut:
         await self.abort()  # not resumable: nothing is kept
 
 
-class ResumablePut:
-    """One stream's part of a resumable upload (a header with an `upload_id`, see `drived.uploads`): a
-    `drived.drives.PendingPut` whose upload is held when its stream ends before the finish."""
+class ResumablePut(ManagedPut):
+    """One stream's part of a resumable upload (a header with an `upload_id`, see `drived.uploads`), once
+    `taking` it: held when its stream ends before the finish."""
 
-    upload: Upload
-    write: Callable[[bytes | memoryview], Awaitable[None]]
+    _resumable: Resumable
 
-    def __init__(self, drives: ManagedDrives, header: PutHeader) -> None:
-        self.header = header
-        self.path = header.path
-        self._drives = drives
-        self._resumable: Resumable | None = None
-
-    def attach(self, resumable: Resumable) -> ResumablePut:
+    def taking(self, resumable: Resumable) -> ResumablePut:
         """Writes `resumable` from now on (the registry made this put its writer)."""
         self._resumable = resumable
         self.upload = resumable.upload
         self.write = functools.partial(resumable.write, self)
         return self
 
-    @property
-    def resumable(self) -> Resumable:
-        assert self._resumable is not None, "attach() comes first"
-        return self._resumable
-
-    async def commit(self, sha256: str) -> Entry:
-        return await self._drives.uploads.committed(self.resumable, self._drives.commit_put(self, sha256))
+    async def commit(self, sha256: str, received: int) -> Entry:
+        return await self._drives.uploads.committed(self._resumable, super().commit(sha256, received))
 
     async def abort(self) -> None:
-        await self._drives.uploads.abort(self.resumable, self)
+        await self._drives.uploads.abort(self._resumable, self)
 
     async def suspend(self) -> None:
-        await self._drives.uploads.suspend(self.resumable, self)
+        await self._drives.uploads.suspend(self._resumable, self)
 
 
 class ManagedDrives:
-    """All `lit://` drives kept in one backend (a `drived.drives.Drives`)."""
+    """All `lit://` drives kept in one backend (a `drived.drives.Drives`).
 
-    def __init__(self, backend: Backend, coordinator: Coordinator, uploads: HeldUploads) -> None:
+    `uploads` holds its resumable uploads between their streams; `max_file_size` (0: none) bounds each file
+    and `quota` (0: none) each drive's bytes (`drived.quota`), resumed files included.
+    """
+
+    def __init__(
+        self, backend: Backend, coordinator: Coordinator, uploads: HeldUploads, max_file_size: int = 0, quota: int = 0
+    ) -> None:
         self.backend = backend
         self.coordinator = coordinator
         self.uploads = uploads
+        self.max_file_size = max_file_size or sys.maxsize
+        self.quotas = Quotas(backend, quota) if quota else None
 
     async def components(self, drive: str) -> list[str]:
         """The components that hold something in `drive`, sorted."""
         return sorted(await self.backend.subfolders(drive))
 
     async def _check_duplicates(self, drive: str, component: str, path: str) -> None:
+        """Refuses a path that another component holds as a file or a folder, or that lies below its file.
+
+        A file in one component and a folder of the same path in another would make every later get of
+        the path without a component ambiguous, so they are duplicates too.
+        """
         for other in await self.components(drive):
-            if other != component and await self.backend.stat(object_key(drive, other, path)):
-                raise AlreadyExists(
-                    f"{_shown(drive, path)} is already held by component {other!r}; "
-                    "pick another path, or open the drive with allow_duplicates=True"
-                )
+            if other == component:
+                continue
+            held = await self.backend.occupant(component_key(drive, other), path)
+            if held is None:
+                continue
+            held_path, folder = held
+            if folder:
+                what = f"is a folder of component {other!r}"
+            elif held_path == path:
+                what = f"is already held by component {other!r}"
+            else:
+                what = f"is below {held_path!r}, a file of component {other!r}"
+            raise AlreadyExists(
+                f"{_shown(drive, path)} {what}; pick another path, or open the drive with allow_duplicates=True"
+            )
 
     async def begin_put(self, put: PutHeader) -> ManagedPut | ResumablePut:
         """Starts the upload of one file; one of unknown or large size is checked for ownership first.
@@ -148,36 +177,67 @@ class ManagedDrives:
         costs less than the check.
         """
         drive = put.drive.name
+        max_bytes = self.max_file_size
+        if put.size is not None and put.size > max_bytes:
+            raise await self.over_limit(put, put.size)
+        if self.quotas is not None:
+            max_bytes = min(max_bytes, await self.quotas.room(drive, await self._own_size(put)))
+            if put.size is not None and put.size > max_bytes:
+                raise await self.over_limit(put, put.size)
         if not put.allow_duplicates and (put.size is None or put.size > EARLY_CHECK_MIN_SIZE):
             await self._check_duplicates(drive, put.component, put.path)
+        if put.write_offset > max_bytes:  # the bytes held already pass a limit
+            raise await self.over_limit(put, put.write_offset)
         if put.write_offset:
-            resumed = ResumablePut(self, put)
-            return resumed.attach(await self.uploads.resume(put, resumed))
+            resumed = ResumablePut(self, put, max_bytes)
+            return resumed.taking(await self.uploads.resume(put, resumed))
         upload = await self.backend.start_upload(object_key(drive, put.component, put.path))
-        if not put.upload_id:
-            return ManagedPut(self, put, upload)
-        started = ResumablePut(self, put)
-        return started.attach(await self.uploads.start(put, upload, started))
+        if put.upload_id:
+            started = ResumablePut(self, put, max_bytes)
+            return started.taking(await self.uploads.start(put, upload, started))
+        return ManagedPut(self, put, max_bytes).writing(upload)
+
+    async def _own_size(self, put: PutHeader) -> int:
+        """The size of the file the caller already holds at the put's path (0 when none): a put replacing it
+        needs quota only for the difference."""
+        info = await self.backend.stat(object_key(put.drive.name, put.component, put.path))
+        return info.size if info else 0
+
+    async def over_limit(self, put: PutHeader, received: int) -> ResourceExhausted:
+        """The refusal of a put that has (or, by its header, will have) `received` bytes, past its limit."""
+        if received > self.max_file_size:
+            return ResourceExhausted(
+                f"{_shown(put.drive.name, put.path)} has more than {self.max_file_size:,} bytes, the largest file "
+                "this drived stores (--max-file-size): nothing was stored"
+            )
+        assert self.quotas is not None  # the other limit
+        return self.quotas.refusal(put.drive.name, received - await self._own_size(put))
 
     async def query_upload(self, query: QueryWriteStatusRequest) -> tuple[int, Entry | None]:
         return await self.uploads.status((query.drive.name, query.component, query.upload_id))
 
-    async def commit_put(self, put: ManagedPut | ResumablePut, sha256: str) -> Entry:
-        """Verifies and commits a put: ownership is checked again inside the path's claim (and the backend's
-        commit checks the folders there), so that the checks and the commit are one step for every daemon
-        sharing the coordinator."""
+    async def commit_put(self, put: ManagedPut, sha256: str, received: int) -> Entry:
+        """Verifies and commits a put: ownership and the quota are checked again inside the path's claim (and
+        the backend's commit checks the folders there), so that the checks and the commit are one step for
+        every daemon sharing the coordinator (for the quota, for this daemon)."""
         header, drive = put.header, put.header.drive.name
         async with self.coordinator.claim(drive, header.path):
-            if not header.allow_duplicates:
-                try:
+            try:
+                if not header.allow_duplicates:
                     await self._check_duplicates(drive, header.component, header.path)
-                except AlreadyExists:
-                    await put.abort()
-                    raise
-            info = await put.upload.commit(sha256, header.size)
+                added = received - await self._own_size(header) if self.quotas else 0
+                async with self._holding(drive, added):
+                    info = await put.upload.commit(sha256, header.size)
+            except (AlreadyExists, ResourceExhausted):
+                await put.abort()
+                raise
             entry = _entry(header.path, header.component, info)
             await self.coordinator.publish(drive, "put", entry)
         return entry
+
+    def _holding(self, drive: str, added: int) -> AbstractAsyncContextManager[None]:
+        """The drive's quota room for a commit that adds `added` bytes (nothing to hold without a quota)."""
+        return self.quotas.adding(drive, added) if self.quotas else contextlib.nullcontext()
 
     async def _locate(self, drive: str, path: str, component: str) -> list[tuple[str, ObjectInfo | None]]:
         """Which components hold `path`: (component, file info), or (component, None) for a folder."""
@@ -339,13 +399,13 @@ class ManagedDrives:
         """Removes the caller's file, or every file of its under a folder; the count removed."""
         drive, path, component = delete.drive.name, delete.path, delete.component
         key = object_key(drive, component, path)
-        if await self.backend.delete(key):
+        if await self._delete(drive, key):
             deleted = [path]
         else:
             deleted = [
                 relative_path(k, drive, component)
                 for k in await self.backend.walk(key)
-                if await self.backend.delete(k)
+                if await self._delete(drive, k)
             ]
         if not deleted:
             raise NotFound(
@@ -356,11 +416,28 @@ class ManagedDrives:
             await self.coordinator.publish(drive, "delete", Entry(path=file_path, component=component))
         return len(deleted)
 
+    async def _delete(self, drive: str, key: str) -> bool:
+        """Deletes one object; with a quota, its size leaves the drive's usage."""
+        if self.quotas is None:
+            return await self.backend.delete(key)
+        info = await self.backend.stat(key)
+        if not await self.backend.delete(key):
+            return False
+        self.quotas.deleted(drive, info.size if info else 0)
+        return True
+
     async def mount(self, mount: MountRequest) -> tuple[int, float]:
         raise InvalidArgument(f"{mount.drive.uri} is a lit:// drive: only s3:// drives are mounted")
 
     async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event]]:
-        start = watch.after_sequence or await self.coordinator.last(watch.drive.name)
+        last = await self.coordinator.last(watch.drive.name)
+        if watch.after_sequence > last:
+            # `last` is at least every sequence the drive gave: nothing would ever follow this point.
+            raise EventsExpired(
+                f"{watch.drive.uri} has no event {watch.after_sequence}: its latest is {last}. Resume from a "
+                "sequence this drive's watch reported, or list the drive, then watch from now (after_sequence 0)"
+            )
+        start = watch.after_sequence or last
         return start, self._watched(watch, start)
 
     async def _watched(self, watch: WatchRequest, after: int) -> AsyncIterator[Event]:

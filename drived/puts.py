@@ -33,7 +33,9 @@ class PutStream:
         self._begin = begin  # decodes a header and starts its file in its drive
         self._pending: PendingPut | None = None
         self._commits: list[asyncio.Task[Entry]] = []
-        self._file_start = 0  # the stream's byte count when the current file started
+        self._file_start = 0  # the stream's byte count at the current file's first byte (negative for a resumed
+        # file whose first bytes came in an earlier stream)
+        self._stop_at = 0  # the stream's byte count past which the current file is over its limit
         self._running = self._held = 0  # commits in flight, and the bytes they hold
         self._room = asyncio.Event()  # set when a commit ends
         self._failure: BaseException | None = None  # the first commit that failed
@@ -46,8 +48,7 @@ class PutStream:
         if data is not None:
             if self._pending is None:
                 raise InvalidArgument("a Put stream must start each file with a header before its data")
-            self.bytes += len(data)  # received, and the upload's once handed to it (writes are cancel-safe)
-            await self._pending.write(data)
+            await self._write(self._pending, data)
             return
         kind = message.WhichOneof("message")  # type: ignore[union-attr]
         if kind == "header":
@@ -59,8 +60,8 @@ class PutStream:
         elif kind == "file":
             whole = message.file  # type: ignore[union-attr]
             await self._start(whole.header)
-            self.bytes += len(whole.data)
-            await self._pending.write(whole.data)  # type: ignore[union-attr]  # set by _start
+            assert self._pending is not None  # set by _start
+            await self._write(self._pending, whole.data)
             await self._finish(file_sha256(whole.sha256))
         else:
             raise InvalidArgument("an empty PutRequest: send a header, data, finish or file")
@@ -69,20 +70,29 @@ class PutStream:
         if self._pending is not None:
             raise InvalidArgument(f"a new file arrived before the finish of {self._pending.path!r}")
         self._pending = await self._begin(header)
-        self._file_start = self.bytes
+        self._file_start = self.bytes - self._pending.offset
+        self._stop_at = self._file_start + self._pending.max_bytes
+
+    async def _write(self, pending: PendingPut, data: bytes | memoryview) -> None:
+        """Writes the next bytes of the current file, unless they take it past its limit."""
+        if self.bytes + len(data) > self._stop_at:
+            raise await pending.over_limit(self.bytes + len(data) - self._file_start)
+        self.bytes += len(data)  # received, and the upload's once handed to it (writes are cancel-safe)
+        await pending.write(data)
 
     async def _finish(self, sha256: str) -> None:
         """Commits the current file as a task of its own, once there is room for it."""
         put, self._pending = self._pending, None
         assert put is not None  # checked by the callers
+        received = self.bytes - self._file_start
         # What the commit holds: a bigger file than SMALL_FILE is on disk as it arrives, but for its last chunk.
-        held = min(self.bytes - self._file_start, SMALL_FILE)
+        held = min(received, SMALL_FILE)
         while self._running == MAX_COMMITS_IN_FLIGHT or (self._running and self._held + held > MAX_BYTES_IN_FLIGHT):
             self._room.clear()
             await self._room.wait()
         self._running += 1
         self._held += held
-        task = asyncio.create_task(put.commit(sha256))
+        task = asyncio.create_task(put.commit(sha256, received))
         task.add_done_callback(functools.partial(self._committed, held))
         self._commits.append(task)
 
@@ -103,10 +113,10 @@ class PutStream:
             )
         return list(await asyncio.gather(*self._commits))
 
-    async def close(self) -> None:
-        """Suspends an unfinished file (held when resumable, else discarded) and lets the commits in flight
-        end (they are valid files)."""
+    async def close(self, keep: bool) -> None:
+        """Ends an unfinished file, suspended when `keep` (held when resumable) or else discarded, and lets the
+        commits in flight end (they are valid files)."""
         if self._pending is not None:
-            await self._pending.suspend()
+            await (self._pending.suspend() if keep else self._pending.abort())
             self._pending = None
         await asyncio.gather(*self._commits, return_exceptions=True)

@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from drive_client.errors import InvalidArgument, StaleIndexError
 from drive_client.pb import drive_pb2 as pb
 from drive_client.uri import DriveId, check_component, normalize_path, parse_drive
 
+from . import page_tokens
+
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10000
 UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+MAX_WAIT_SECONDS = 86400.0  # a day: a wait holds one of the peer's streams (--max-streams-per-peer)
 
 
 def _component_filter(component: str) -> str:
@@ -42,6 +46,18 @@ def check_upload_id(upload_id: str) -> str:
             f"upload id {upload_id[:140]!r} is not 1-128 letters, digits, '-' or '_' (e.g. 32 random hex digits)"
         )
     return upload_id
+
+
+def drive_path(drive: DriveId, path: str, allow_root: bool = False) -> str:
+    """A request's path in `drive`, normalised; in a `lit://` drive also in Unicode NFC.
+
+    Names that differ only by normalisation (an "é" as one code point or as "e" and a
+    combining accent) look the same, so a managed drive keeps one of them: the composed
+    form, whichever form a client sends. An `s3://` drive's keys are the store's, kept as they are.
+    """
+    if drive.scheme == "lit" and not path.isascii():
+        path = unicodedata.normalize("NFC", path)
+    return normalize_path(path, allow_root)
 
 
 def file_sha256(sha256: str) -> str:
@@ -66,7 +82,7 @@ class PutHeader:
     @classmethod
     def from_pb(cls, header: pb.PutHeader) -> PutHeader:
         drive = parse_drive(header.drive)
-        path = normalize_path(header.path)
+        path = drive_path(drive, header.path)
         component = check_component(header.component)
         size = header.size if header.HasField("size") else None
         if size is not None and size < 0:
@@ -115,12 +131,17 @@ class GetRequest:
     @classmethod
     def from_pb(cls, request: pb.GetRequest) -> GetRequest:
         drive = parse_drive(request.drive)
-        path = normalize_path(request.path, allow_root=True)
+        path = drive_path(drive, request.path, allow_root=True)
         component = _component_filter(request.component)
         if request.offset < 0 or request.limit < 0:
             raise InvalidArgument("offset and limit cannot be negative")
         if math.isnan(request.wait_seconds):
             raise InvalidArgument("wait_seconds is not a number: give the seconds to wait, or 0 not to wait")
+        if request.wait_seconds > MAX_WAIT_SECONDS:
+            raise InvalidArgument(
+                f"wait_seconds {request.wait_seconds:g} is longer than the longest wait, {MAX_WAIT_SECONDS:g} s: "
+                "wait again when it expires"
+            )
         return cls(
             drive, path, component, request.offset, request.limit, request.wait_seconds, request.if_match,
             request.whole_small_files,
@@ -154,18 +175,27 @@ class ListRequest:
     path: str  # "" is the root
     component: str  # "" lists all components
     recursive: bool
-    start_after: str  # the previous page's last path; "" for the first page
+    start_after: str  # the previous page's last path, from its page token; "" for the first page
     limit: int  # entries on the page: at least 1, at most MAX_PAGE_SIZE
 
     @classmethod
     def from_pb(cls, request: pb.ListRequest) -> ListRequest:
         drive = parse_drive(request.drive)
-        path = normalize_path(request.path, allow_root=True)
+        path = drive_path(drive, request.path, allow_root=True)
         if request.page_size < 0:
             raise InvalidArgument("page_size cannot be negative")
         component = _component_filter(request.component)
         limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        return cls(drive, path, component, request.recursive, request.page_token, limit)
+        listing = cls(drive, path, component, request.recursive, "", limit)
+        listing.start_after = page_tokens.start_after(listing._identity(), request.page_token)
+        return listing
+
+    def _identity(self) -> tuple[str, str, str, bool]:
+        return self.drive.uri, self.path, self.component, self.recursive
+
+    def page_token(self, last_path: str) -> str:
+        """The token of the page that follows one ending at `last_path`."""
+        return page_tokens.issue(self._identity(), last_path)
 
 
 @dataclass(slots=True)
@@ -184,7 +214,8 @@ class StatRequest(PathRequest):
 
     @classmethod
     def from_pb(cls, request: pb.StatRequest) -> StatRequest:
-        return cls(parse_drive(request.drive), normalize_path(request.path), _component_filter(request.component))
+        drive = parse_drive(request.drive)
+        return cls(drive, drive_path(drive, request.path), _component_filter(request.component))
 
 
 class DeleteRequest(PathRequest):
@@ -195,7 +226,8 @@ class DeleteRequest(PathRequest):
 
     @classmethod
     def from_pb(cls, request: pb.DeleteRequest) -> DeleteRequest:
-        return cls(parse_drive(request.drive), normalize_path(request.path), check_component(request.component))
+        drive = parse_drive(request.drive)
+        return cls(drive, drive_path(drive, request.path), check_component(request.component))
 
 
 @dataclass(slots=True)
@@ -221,7 +253,7 @@ class WatchRequest:
     @classmethod
     def from_pb(cls, request: pb.WatchRequest) -> WatchRequest:
         drive = parse_drive(request.drive)
-        path = normalize_path(request.path, allow_root=True)
+        path = drive_path(drive, request.path, allow_root=True)
         return cls(drive, path, _component_filter(request.component), request.after_sequence)
 
     def reports(self, path: str, component: str) -> bool:

@@ -11,24 +11,29 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from drive_client.channels import Connection, is_loopback, open_channel
+from drive_client.malloc import release_free_memory
 from drive_client.pb import drive_pb2 as pb
 from drive_client.uri import parse_drive
 from drive_client.wire import add_fast_servicer
 
 from . import metrics
-from .auth import TokenAuth
+from .auth import Access, TokenFileError
 from .backends.base import Backend
 from .backends.local import LocalBackend
 from .backends.s3 import S3Backend
 from .config import MAX_CHUNK_SIZE, Config
 from .coordinator import Coordinator
+from .descriptors import Descriptors
 from .drives import DriveRouter
 from .events import InProcessCoordinator
+from .limits import Streams
 from .managed import ManagedDrives
 from .redis_coordinator import RedisCoordinator, coordinator_name
 from .s3drives import S3Drives
 from .s3index.mounts import S3Mounts
 from .service import DriveService
+from .tls import ServerTLS, TLSFileError
 from .uploads import HeldUploads
 
 log = logging.getLogger("drived")
@@ -43,7 +48,7 @@ def make_backend(config: Config) -> Backend:
     if config.storage:
         where = parse_drive(config.storage)
         return S3Backend(where.bucket, where.prefix, config.chunk_size, config.upload_expiry)
-    return LocalBackend(config.data_dir, config.chunk_size)
+    return LocalBackend(config.data_dir, Descriptors.of_this_process(), config.chunk_size)
 
 
 def make_coordinator(config: Config) -> Coordinator:
@@ -69,49 +74,110 @@ def server_options(config: Config) -> list[tuple[str, int]]:
     return options
 
 
+def make_access(config: Config) -> Access:
+    """The tokens calls need (`--token`, `--auth-tokens`); none when neither is set."""
+    try:
+        return Access(config.auth_tokens, config.token)
+    except TokenFileError as err:
+        raise SystemExit(f"drived: --auth-tokens: {err}") from None
+
+
+def make_tls(config: Config) -> ServerTLS | None:
+    """The TLS of the gRPC port (`--tls-cert`, `--tls-key`, `--tls-client-ca`); None for plaintext."""
+    if not config.tls_cert:
+        return None
+    try:
+        return ServerTLS(config.tls_cert, config.tls_key, config.tls_client_ca)
+    except TLSFileError as err:
+        raise SystemExit(f"drived: {err}") from None
+
+
+def exposure(config: Config, tokens: bool) -> list[str]:
+    """What is unprotected when the daemon listens beyond loopback: one sentence a problem."""
+    if is_loopback(config.listen):
+        return []
+    problems = []
+    if not tokens and not config.tls_client_ca:
+        problems.append("calls need no token: anyone who reaches this address can read, write and delete every "
+                        "drive; set --auth-tokens (or --token)")
+    if not config.tls_cert:
+        problems.append("no TLS: files" + (" and tokens" if tokens else "") + " cross the network unencrypted, "
+                        "readable by anyone on the path; set --tls-cert and --tls-key")
+    return problems
+
+
 async def serve(config: Config) -> None:
-    """Runs the daemon until SIGTERM or SIGINT, then drains in-flight calls within the grace period."""
+    """Runs the daemon until SIGTERM or SIGINT, then drains in-flight calls within the grace period.
+
+    SIGHUP reads the token file and the TLS files again.
+    """
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="drived-io"))
-    server = grpc.aio.server(
-        interceptors=[TokenAuth(config.token)] if config.token else None, options=server_options(config)
-    )
+    access = make_access(config)
+    tls = make_tls(config)
+    problems = exposure(config, access.required)
+    if problems:
+        log.warning("listening beyond loopback", extra={"fields": {"listen": config.listen, "problems": problems}})
+    server = grpc.aio.server(options=server_options(config))
     backend = make_backend(config)
     await backend.start()
     mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size)
     coordinator = make_coordinator(config)
     await coordinator.start()
+    streams = Streams(
+        config.max_streams, config.max_streams_per_peer, config.stream_idle_timeout,
+        release_memory=lambda: loop.run_in_executor(None, release_free_memory),
+    )
     uploads = HeldUploads(config.upload_expiry, config.max_held_uploads, config.max_held_bytes)
-    managed = ManagedDrives(backend, coordinator, uploads)
-    service = DriveService(DriveRouter(managed, S3Drives(mounts, config.chunk_size)))
+    managed = ManagedDrives(backend, coordinator, uploads, config.max_file_size, config.quota)
+    drives = DriveRouter(managed, S3Drives(mounts, config.chunk_size))
+    service = DriveService(drives, streams, access)
     add_fast_servicer(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
-    )
+    if config.reflection:
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
     try:
-        server.add_insecure_port(config.listen)
+        if tls:
+            server.add_secure_port(config.listen, tls.credentials())
+        else:
+            server.add_insecure_port(config.listen)
     except RuntimeError as err:
         raise SystemExit(f"drived: cannot listen on {config.listen}: {err} (is another daemon using it?)") from None
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
     await server.start()
+    streams.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     where = {"storage": config.storage} if config.storage else {"data_dir": config.data_dir}
     if config.coordinator:
         where["coordinator"] = coordinator_name(config.coordinator)  # the URL without its password
-    log.info("serving", extra={"fields": {"listen": config.listen, **where}})
+    security = {"tls": "mutual" if config.tls_client_ca else "on" if tls else "off",
+                "tokens": "on" if access.required else "off"}
+    log.info("serving", extra={"fields": {"listen": config.listen, **where, **security}})
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload, access, tls)
     await stop.wait()
-    log.info("draining", extra={"fields": {"grace_period_s": config.grace_period}})
+    # The drain is done here, before grpc's server.stop: from the moment that starts, grpc cancels each new
+    # call (CANCELLED, which clients do not retry) until the client has read its GOAWAY, and a call sent on
+    # a live connection just then was answered CANCELLED instead of UNAVAILABLE. Until the open streams end,
+    # the service answers new calls UNAVAILABLE itself; server.stop comes when nothing is left to finish.
+    service.draining = True
+    log.info("draining", extra={"fields": {"grace_period_s": config.grace_period, "open_streams": streams.count}})
+    deadline = loop.time() + config.grace_period
     await health_servicer.enter_graceful_shutdown()
     await coordinator.close()  # watches and waiting gets answer UNAVAILABLE now; transfers get the grace period
-    await server.stop(config.grace_period)
+    if not await streams.wait_closed(config.grace_period):
+        log.warning("grace period over: cancelling what is still open", extra={"fields": {"streams": streams.count}})
+    await server.stop(max(0.0, deadline - loop.time()))
+    await streams.close()
     await uploads.close()
     await coordinator.disconnect()
     await mounts.close()
@@ -119,9 +185,16 @@ async def serve(config: Config) -> None:
     log.info("stopped")
 
 
-async def check_health(endpoint: str, timeout: float) -> str:
+def reload(access: Access, tls: ServerTLS | None) -> None:
+    """SIGHUP: the token file and the TLS files read again; each keeps what it had when its files are bad."""
+    access.reload()
+    if tls:
+        tls.reload()
+
+
+async def check_health(connection: Connection, timeout: float) -> str:
     """The serving status of a daemon, by the gRPC health service."""
-    async with grpc.aio.insecure_channel(endpoint) as channel:
+    async with open_channel(connection, aio=True) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

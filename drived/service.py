@@ -2,20 +2,25 @@
 
 Each handler decodes its request into a validated value (`drived.requests`),
 calls the drives of the request's drive (`drived.drives`) and answers with
-protobuf messages. The one wrapper around every handler, `rpc`, logs one
-structured line per request, counts it in the metrics, and turns what the
-handler raised into the call's status.
+protobuf messages. The one wrapper around every handler, `rpc`,
+authenticates the call (`drived.auth`), logs one structured line per
+request, counts it in the metrics, and turns what the handler raised into
+the call's status: a call refused for its token is logged and counted like
+any other. Handlers reach the drives only through `DriveService._drives`,
+which checks the call's grant against each drive it names.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import inspect
 import logging
 import time
 import traceback
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial, wraps
 from typing import Any, NoReturn, TypeVar, overload
@@ -23,14 +28,17 @@ from typing import Any, NoReturn, TypeVar, overload
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from drive_client.errors import DriveError
+from drive_client.errors import DriveError, ResourceExhausted, Unavailable
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc as pb_grpc
+from drive_client.uri import DriveId
 from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
 
 from . import metrics
-from .drives import DriveRouter, PendingPut
+from .auth import EVERYONE, NOBODY, READS, WRITES, Access, Grant
+from .drives import DriveRouter, Drives, PendingPut
 from .entry import Entry
+from .limits import Stream, Streams
 from .puts import PutStream
 from .requests import (
     DeleteRequest,
@@ -70,6 +78,8 @@ class RequestLog:
     bytes: int = 0
     files: int = 0
     status: str = "OK"
+    grant: Grant = NOBODY  # the caller's, once authenticated; its name is logged, never the token
+    stream: Stream | None = None  # the call's place among the open streams (drived.limits), once admitted
 
 
 @contextmanager
@@ -92,7 +102,7 @@ def _logged(method: str, request: object) -> Iterator[RequestLog]:
         fields = {
             "method": record.method, "drive": record.drive, "path": record.path,
             "component": record.component, "bytes": record.bytes, "files": record.files,
-            "duration_ms": round(seconds * 1000, 3), "status": record.status,
+            "duration_ms": round(seconds * 1000, 3), "status": record.status, "token": record.grant.name,
         }
         log.info("request", extra={"fields": fields})
 
@@ -100,9 +110,16 @@ def _logged(method: str, request: object) -> Iterator[RequestLog]:
 async def _fail(context: grpc.aio.ServicerContext, record: RequestLog, err: Exception) -> NoReturn:
     """Answers the call with the status of `err`: its own for a DriveError, else INTERNAL.
 
-    The message of an unexpected error names only its type: its text may name
-    a server path. The daemon log has the whole traceback.
+    Running out of file descriptors anywhere is RESOURCE_EXHAUSTED, as the
+    client can retry it. The message of an unexpected error names only its
+    type: its text may name a server path. The daemon log has the whole
+    traceback.
     """
+    if isinstance(err, OSError) and err.errno in (errno.EMFILE, errno.ENFILE):
+        log.warning("out of file descriptors in %s: %s", record.method, err)
+        err = ResourceExhausted(
+            "drived has too many files open (its descriptor limit, ulimit -n): retry when transfers have ended"
+        )
     if isinstance(err, DriveError):
         record.status = err.status.name
         await context.abort(err.status, err.message)
@@ -113,15 +130,60 @@ async def _fail(context: grpc.aio.ServicerContext, record: RequestLog, err: Exce
     raise AssertionError("unreachable")  # context.abort raises
 
 
+async def _end_idle(
+    context: grpc.aio.ServicerContext, record: RequestLog, stream: Stream, idle_timeout: float
+) -> NoReturn:
+    """Answers a stream that the idle check cancelled: UNAVAILABLE, so a client that is still there retries.
+
+    For a Get the status waits behind the chunk its client did not take, so this
+    returns only once the client reads again or goes away: until then the stream
+    keeps its place among the open ones, which bounds what such streams hold.
+    """
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    record.status = "UNAVAILABLE"
+    what = "sent" if stream.method == "Put" else "read"
+    await context.abort(
+        grpc.StatusCode.UNAVAILABLE,
+        f"drived ended this {stream.method}: its client {what} nothing for {idle_timeout:g} s "
+        "(--stream-idle-timeout); retry it",
+    )
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+async def _received(context: grpc.aio.ServicerContext, stream: Stream) -> AsyncIterator[object]:
+    """The messages of a client stream, read one at a time and counted for the idle check.
+
+    Read with `context.read()` rather than grpc's request iterator, whose
+    generator keeps the last message while it waits for the next: a stalled
+    upload then held a whole chunk (up to the message limit) for as long as
+    it stalled. Nothing here keeps a message once it is handed on.
+    """
+    while True:
+        stream.waiting = True
+        message = await context.read()
+        stream.waiting = False
+        stream.progress += 1
+        if message is grpc.aio.EOF:
+            return
+        yield message
+        del message
+
+
 S = TypeVar("S")
 R = TypeVar("R")
 A = TypeVar("A")
+
+# Calls that hold a stream's place (see drived.limits), and those of them whose peer may not go quiet.
+STREAMS = frozenset({"Put", "PutFile", "Get", "Watch"})
+IDLE_LIMITED = frozenset({"Put", "Get"})
 
 
 @overload
 def rpc(
     handler: Callable[[S, R, RequestLog], AsyncIterator[A]],
-) -> Callable[[S, R, grpc.aio.ServicerContext], AsyncIterator[A]]: ...
+) -> Callable[[S, R, grpc.aio.ServicerContext], Awaitable[None]]: ...
 
 
 @overload
@@ -132,34 +194,74 @@ def rpc(
 
 def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     """Makes `handler(self, request, record)` a gRPC method `(self, request, context)` that is logged,
-    counted and answers a failure with its status.
+    counted, refused while the daemon drains, admitted among the open streams (`DriveService.streams`)
+    and answers a failure with its status.
 
     One wrapper for every shape: a handler that returns its answer (unary, or
-    a client stream as `request`) or one that yields its answers (a server
-    stream, passed on one by one, and closed when the call ends early).
+    a client stream as `request`, read as `_received` says) or one that
+    yields its answers (a server stream, written one by one, and closed when
+    the call ends early). The call is authenticated before the handler runs.
     """
     method = handler.__name__
+    if method not in READS | WRITES:
+        raise TypeError(f"{method}: say in drived.auth whether it reads or writes (READS or WRITES)")
+    idle_limited = method in IDLE_LIMITED
+
+    @asynccontextmanager
+    async def answering(
+        service: DriveService, context: grpc.aio.ServicerContext, record: RequestLog
+    ) -> AsyncIterator[Stream | None]:
+        """The body of a call: authenticated, refused while draining, admitted among the streams (the
+        Stream; None for a call that is none), and its failure answered with its status, an idle stream's
+        with UNAVAILABLE."""
+        try:
+            record.grant = service.caller(context)
+            if service.draining:
+                raise Unavailable("drived is shutting down: retry (on another replica, or here once it is back)")
+            with contextlib.ExitStack() as admitted:
+                stream = None
+                if method in STREAMS:
+                    stream = admitted.enter_context(service.streams.opened(method, context.peer(), idle_limited))
+                    record.stream = stream
+                try:
+                    yield stream
+                except asyncio.CancelledError:
+                    if stream is None or not stream.timed_out:
+                        raise
+                    # Answered while still admitted: see _end_idle.
+                    await _end_idle(context, record, stream, service.streams.idle_timeout)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            await _fail(context, record, err)
+
     if inspect.isasyncgenfunction(handler):
 
         @wraps(handler)
-        async def streams(self: object, request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+        async def streams(self: DriveService, request: object, context: grpc.aio.ServicerContext) -> None:
             with _logged(method, request) as record:
-                try:
+                async with answering(self, context, record) as stream:
+                    assert stream is not None
                     async with aclosing(handler(self, request, record)) as answers:
                         async for answer in answers:
-                            yield answer
-                except Exception as err:
-                    await _fail(context, record, err)
+                            stream.waiting = True
+                            try:
+                                await context.write(answer)
+                            except grpc.aio.InternalError:  # a write to a call its client ended
+                                raise asyncio.CancelledError from None
+                            stream.waiting = False
+                            stream.progress += 1
 
         return streams
 
     @wraps(handler)
-    async def answers(self: object, request: object, context: grpc.aio.ServicerContext) -> object:
+    async def answers(self: DriveService, request: object, context: grpc.aio.ServicerContext) -> object:
         with _logged(method, request) as record:
-            try:
+            async with answering(self, context, record) as stream:
+                if stream is not None and hasattr(request, "__anext__"):
+                    request = _received(context, stream)
                 return await handler(self, request, record)
-            except Exception as err:
-                await _fail(context, record, err)
+        raise AssertionError("unreachable")  # a failure is answered by aborting, which raises
 
     return answers
 
@@ -167,24 +269,44 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
 class DriveService(pb_grpc.DriveServiceServicer):
     """Serves drive.v1.DriveService."""
 
-    def __init__(self, drives: DriveRouter) -> None:
-        self.drives = drives
+    def __init__(self, drives: DriveRouter, streams: Streams, access: Access | None = None) -> None:
+        self._router = drives
+        self.streams = streams
+        self.access = access or Access()
+        self.draining = False  # set on SIGTERM: new calls answer UNAVAILABLE while the open ones finish
+
+    def caller(self, context: grpc.aio.ServicerContext) -> Grant:
+        """What the call may do, by its token; Unauthenticated when tokens are needed and it has no good one."""
+        return self.access.authenticate(context.invocation_metadata()) if self.access.required else EVERYONE
+
+    def _drives(self, record: RequestLog, drive: DriveId) -> Drives:
+        """The drives of `drive`, once the caller's grant covers the call on it (PermissionDenied otherwise)."""
+        record.grant.check(record.method, drive)
+        return self._router(drive)
 
     async def _begin_put(self, record: RequestLog, header: pb.PutHeader) -> PendingPut:
         record.drive, record.path, record.component = header.drive, header.path, header.component
         put = PutHeader.from_pb(header)
-        return await self.drives(put.drive).begin_put(put)
+        return await self._drives(record, put.drive).begin_put(put)
 
     @rpc
     async def Put(self, messages: AsyncIterable[PutMessage], record: RequestLog) -> pb.PutResponse:
         stream = PutStream(partial(self._begin_put, record))
+        # Whether a resumable file left unfinished is held for a resume: when the client ended or broke the
+        # stream, not when the daemon refused it or the idle check ended it (README, Failure behaviour).
+        keep = False
         try:
             async for message in messages:
                 await stream.receive(message)
+                del message  # not kept while the next one is awaited (see _received)
+            keep = True
             entries = await stream.results()
+        except asyncio.CancelledError:
+            keep = record.stream is None or not record.stream.timed_out
+            raise
         finally:
             record.bytes = stream.bytes
-            await stream.close()
+            await stream.close(keep)
         record.files = len(entries)
         return pb.PutResponse(files=[file_info(e) for e in entries])
 
@@ -194,8 +316,11 @@ class DriveService(pb_grpc.DriveServiceServicer):
         try:
             sha256 = file_sha256(request.sha256)
             record.bytes = len(request.data)
+            received = put.offset + record.bytes  # the file's bytes, those held before a resume included
+            if received > put.max_bytes:
+                raise await put.over_limit(received)
             await put.write(request.data)
-            entry = await put.commit(sha256)
+            entry = await put.commit(sha256, received)
         finally:
             await put.abort()  # a no-op after the commit
         record.files = 1
@@ -206,7 +331,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
         self, request: pb.GetRequest, record: RequestLog
     ) -> AsyncIterator[GetMessage]:
         get = GetRequest.from_pb(request)
-        async for entry, chunks in self.drives(get.drive).open_files(get):
+        async for entry, chunks in self._drives(record, get.drive).open_files(get):
             try:
                 record.files += 1
                 if get.whole_small_files and entry.size <= SMALL_FILE:
@@ -224,32 +349,34 @@ class DriveService(pb_grpc.DriveServiceServicer):
     @rpc
     async def List(self, request: pb.ListRequest, record: RequestLog) -> pb.ListResponse:
         listing = ListRequest.from_pb(request)
-        entries, more = await self.drives(listing.drive).list_entries(listing)
+        entries, more = await self._drives(record, listing.drive).list_entries(listing)
         record.files = len(entries)
-        token = entries[-1].path if more else ""
+        token = listing.page_token(entries[-1].path) if more else ""
         return pb.ListResponse(entries=[file_info(e) for e in entries], next_page_token=token)
 
     @rpc
     async def Stat(self, request: pb.StatRequest, record: RequestLog) -> pb.FileInfo:
         stat = StatRequest.from_pb(request)
-        return file_info(await self.drives(stat.drive).stat(stat))
+        return file_info(await self._drives(record, stat.drive).stat(stat))
 
     @rpc
     async def Delete(self, request: pb.DeleteRequest, record: RequestLog) -> pb.DeleteResponse:
         delete = DeleteRequest.from_pb(request)
-        record.files = await self.drives(delete.drive).delete(delete)
+        record.files = await self._drives(record, delete.drive).delete(delete)
         return pb.DeleteResponse(files_deleted=record.files)
 
     @rpc
     async def Mount(self, request: pb.MountRequest, record: RequestLog) -> pb.MountResponse:
         mount = MountRequest.from_pb(request)
-        record.files, seconds = await self.drives(mount.drive).mount(mount)
+        record.files, seconds = await self._drives(record, mount.drive).mount(mount)
         return pb.MountResponse(objects=record.files, seconds=seconds)
 
     @rpc
-    async def Watch(self, request: pb.WatchRequest, record: RequestLog) -> AsyncIterator[pb.WatchEvent]:
+    async def Watch(  # type: ignore[override]  # the rpc wrapper writes what it yields (context.write)
+        self, request: pb.WatchRequest, record: RequestLog
+    ) -> AsyncIterator[pb.WatchEvent]:
         watch = WatchRequest.from_pb(request)
-        start, events = await self.drives(watch.drive).watch(watch)
+        start, events = await self._drives(record, watch.drive).watch(watch)
         yield pb.WatchEvent(sequence=start, kind=pb.WatchEvent.KIND_WATCHING)
         async for event in events:
             record.files += 1
@@ -260,7 +387,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
         self, request: pb.QueryWriteStatusRequest, record: RequestLog
     ) -> pb.QueryWriteStatusResponse:
         query = QueryWriteStatusRequest.from_pb(request)
-        held, entry = await self.drives(query.drive).query_upload(query)
+        held, entry = await self._drives(record, query.drive).query_upload(query)
         if entry is None:
             return pb.QueryWriteStatusResponse(committed_size=held)
         record.path = entry.path

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -94,6 +93,7 @@ class HeldUploads:
         self._held: OrderedDict[UploadKey, Resumable] = OrderedDict()  # the suspended ones, oldest first
         self._held_bytes = 0
         self._completed: OrderedDict[UploadKey, tuple[float, Entry]] = OrderedDict()  # deadline, file
+        self._forgetting: asyncio.TimerHandle | None = None  # when the oldest completion expires
         self._tasks: set[asyncio.Future[None]] = set()
 
     # -- streams -------------------------------------------------------------
@@ -176,11 +176,27 @@ class HeldUploads:
             resumable.gone = True
             if self._known.get(resumable.key) is resumable:
                 del self._known[resumable.key]
-        self._completed[resumable.key] = (time.monotonic() + self.expiry, entry)
+        self._completed[resumable.key] = (asyncio.get_running_loop().time() + self.expiry, entry)
         self._completed.move_to_end(resumable.key)
-        while len(self._completed) > COMPLETED_KEPT:
-            self._completed.popitem(last=False)
+        self._forget_completed()
         return entry
+
+    def _forget_completed(self) -> None:
+        """Forgets the completions past their expiry, or past COMPLETED_KEPT, oldest first; then waits for the
+        oldest one left to expire, so that a burst of puts leaves no records behind."""
+        loop = asyncio.get_running_loop()
+        while self._completed:
+            deadline, _ = next(iter(self._completed.values()))
+            if deadline > loop.time() and len(self._completed) <= COMPLETED_KEPT:
+                break
+            self._completed.popitem(last=False)
+        if self._forgetting is None and self._completed:
+            deadline, _ = next(iter(self._completed.values()))
+            self._forgetting = loop.call_at(deadline, self._forgot)
+
+    def _forgot(self) -> None:
+        self._forgetting = None
+        self._forget_completed()
 
     async def abort(self, resumable: Resumable, writer: object) -> None:
         """Discards the upload that `writer` writes (a failed write or commit); a no-op when it is not its writer."""
@@ -200,7 +216,7 @@ class HeldUploads:
         if resumable is not None:
             return resumable.upload.held, None
         completed = self._completed.get(key)
-        if completed is not None and completed[0] > time.monotonic():
+        if completed is not None and completed[0] > asyncio.get_running_loop().time():
             return 0, completed[1]
         raise NotFound(_not_held(key))
 
@@ -264,6 +280,8 @@ class HeldUploads:
 
     async def close(self) -> None:
         """Discards every held upload (the daemon stops: nothing here outlives it)."""
+        if self._forgetting is not None:
+            self._forgetting.cancel()
         while self._tasks:
             await asyncio.wait(set(self._tasks))
         for resumable in list(self._held.values()):

@@ -21,6 +21,7 @@ import inspect
 import os
 import pathlib
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -49,6 +50,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 from bench.services import free_port  # noqa: E402  (a TCP port on 127.0.0.1 nothing listens on)
 from drive_client import AsyncDrive, Drive  # noqa: E402
+from drive_client.channels import Connection, open_channel  # noqa: E402
 from drive_client.pb import drive_pb2, drive_pb2_grpc  # noqa: E402
 
 T = TypeVar("T")
@@ -140,9 +142,14 @@ class DaemonHandle:
         return self.proc.returncode
 
 
-def health_status(endpoint: str, timeout: float = 1.0, service: str = "") -> int | None:
-    """The grpc health status of `endpoint` (e.g. SERVING), or None when it does not answer."""
-    with grpc.insecure_channel(endpoint) as channel:
+def health_status(endpoint: str, timeout: float = 1.0, service: str = "", tls: Connection | None = None
+                  ) -> int | None:
+    """The grpc health status of `endpoint` (e.g. SERVING), or None when it does not answer.
+
+    `tls`: how to reach a daemon that serves TLS (its endpoint is `endpoint`'s).
+    """
+    connection = dataclasses.replace(tls, endpoint=endpoint) if tls else Connection(endpoint)
+    with open_channel(connection) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -152,8 +159,9 @@ def health_status(endpoint: str, timeout: float = 1.0, service: str = "") -> int
         return resp.status
 
 
-def wait_serving(handle: DaemonHandle, timeout: float = 20) -> None:
-    """Waits until the daemon answers its health check with SERVING; fails with its log otherwise."""
+def wait_serving(handle: DaemonHandle, timeout: float = 20, tls: Connection | None = None) -> None:
+    """Waits until the daemon answers its health check with SERVING (over `tls` when given); fails with its log
+    otherwise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if handle.proc.poll() is not None:
@@ -161,7 +169,7 @@ def wait_serving(handle: DaemonHandle, timeout: float = 20) -> None:
                 f"drived exited with code {handle.proc.returncode} before serving on {handle.endpoint}.\n"
                 f"--- its output ---\n{handle.log()}"
             )
-        if health_status(handle.endpoint, timeout=0.5) == health_pb2.HealthCheckResponse.SERVING:
+        if health_status(handle.endpoint, timeout=0.5, tls=tls) == health_pb2.HealthCheckResponse.SERVING:
             return
         time.sleep(0.05)
     handle.stop(signal.SIGKILL)
@@ -178,8 +186,12 @@ def spawn_daemon(
     endpoint: str,
     env: dict[str, str] | None = None,
     use_console_script: bool = False,
+    nofile: int | None = None,
 ) -> DaemonHandle:
-    """Starts `drived ARGS` without waiting; stdout+stderr go to `log_path`."""
+    """Starts `drived ARGS` without waiting; stdout+stderr go to `log_path`.
+
+    `nofile` sets the daemon's limit of open files (soft and hard, as `ulimit -n` does).
+    """
     full_env = dict(os.environ)
     for var in ("DRIVED_LISTEN", "DRIVED_DATA_DIR", "DRIVED_STORAGE"):
         full_env.pop(var, None)  # only what the test asks for
@@ -190,6 +202,7 @@ def spawn_daemon(
         proc = subprocess.Popen(
             [*cmd, *args], stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT),
             stdin=subprocess.DEVNULL,
+            preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
         )
     finally:
         log.close()
@@ -204,8 +217,11 @@ def start_daemon(
     data_dir: pathlib.Path | None = None,
     port: int | None = None,
     wait: bool = True,
+    nofile: int | None = None,
+    tls: Connection | None = None,
 ) -> DaemonHandle:
-    """Starts drived on a free 127.0.0.1 port with a data dir under `tmp_path`, and waits for SERVING.
+    """Starts drived on a free 127.0.0.1 port with a data dir under `tmp_path`, and waits for SERVING
+    (asking over `tls` when the daemon serves TLS).
 
     `extra_args` are appended to `--listen ... --data-dir ...` (e.g. "--grace-period", "5").
     It serves metrics on a free port too (unless `extra_args` say where), so that tests can
@@ -218,9 +234,9 @@ def start_daemon(
     if "--metrics-listen" not in extra_args:
         extra_args = (*extra_args, "--metrics-listen", f"127.0.0.1:{free_port()}")
     args = ["--listen", endpoint, "--data-dir", str(data_dir), *extra_args]
-    handle = spawn_daemon(args, tmp_path / f"drived-{port}.log", data_dir, endpoint, env=env)
+    handle = spawn_daemon(args, tmp_path / f"drived-{port}.log", data_dir, endpoint, env=env, nofile=nofile)
     if wait:
-        wait_serving(handle)
+        wait_serving(handle, tls=tls)
     return handle
 
 
@@ -404,6 +420,11 @@ def upload_bytes(data_dir: pathlib.Path) -> int:
     return sum(f.stat().st_size for f in (data_dir / "tmp").glob("*") if f.is_file())
 
 
+def no_uploads(data_dir: pathlib.Path) -> bool:
+    """True when a local daemon's data dir holds no upload in progress (its tmp/ folder is empty)."""
+    return not any((data_dir / "tmp").iterdir())
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
     """Polls `predicate` until true or `timeout`; returns its last value."""
     deadline = time.monotonic() + timeout
@@ -450,6 +471,107 @@ class Background(threading.Thread):
         if self.error is not None:
             raise self.error
         return self.result
+
+
+# ---------------------------------------------------------------------------
+# Stalled clients
+# ---------------------------------------------------------------------------
+
+
+class StalledPuts:
+    """`count` Put streams that each send `first_messages(i)` and then send nothing more, as a client that
+    stalls does; on one grpc.aio channel (or `channels` of them), run by an event loop in a thread of its own.
+
+    `with StalledPuts(...) as stalled:` opens them; leaving the block cancels those still open.
+    `outcomes` holds each stream's status once it has one (None while open); `refused()` counts by code.
+    """
+
+    def __init__(
+        self, endpoint: str, count: int, first_messages: Callable[[int], list], channels: int = 1
+    ) -> None:
+        self.endpoint = endpoint
+        self.count = count
+        self.first_messages = first_messages
+        self.channels = channels
+        self.outcomes: list[grpc.StatusCode | None] = [None] * count
+        self.details: list[str] = [""] * count
+        self._sent = threading.Semaphore(0)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _one(self, stub: drive_pb2_grpc.DriveServiceStub, i: int) -> None:
+        assert self._stop is not None
+        messages = self.first_messages(i)
+
+        async def requests():
+            for message in messages:
+                yield message
+            self._sent.release()
+            await self._stop.wait()
+
+        call = stub.Put(requests())
+        try:
+            await call
+            self.outcomes[i] = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as err:
+            self.outcomes[i] = err.code()
+            self.details[i] = err.details() or ""
+        except asyncio.CancelledError:
+            self.outcomes[i] = grpc.StatusCode.CANCELLED
+        finally:
+            self._sent.release()  # a refused stream may end before it sent all
+
+    async def _run(self) -> None:
+        from drive_client.wire import fast_stub
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        options = [("grpc.max_send_message_length", 64 << 20)]
+        channels = [grpc.aio.insecure_channel(self.endpoint, options=options) for _ in range(self.channels)]
+        stubs = [fast_stub(c) for c in channels]
+        tasks = [asyncio.create_task(self._one(stubs[i % len(stubs)], i)) for i in range(self.count)]
+        await self._stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in channels:
+            await c.close()
+
+    def __enter__(self) -> StalledPuts:
+        self._thread.start()
+        for _ in range(self.count):  # each has sent its messages, or ended
+            assert self._sent.acquire(timeout=120), "the stalled puts did not get their messages out"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
+
+    def open(self) -> int:
+        return self.outcomes.count(None)
+
+    def refused(self) -> dict[grpc.StatusCode, int]:
+        counts: dict[grpc.StatusCode, int] = {}
+        for code in self.outcomes:
+            if code is not None:
+                counts[code] = counts.get(code, 0) + 1
+        return counts
+
+
+def rss_mib(pid: int) -> float:
+    """The resident memory of process `pid`, in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors process `pid` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 # ---------------------------------------------------------------------------

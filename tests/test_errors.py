@@ -268,6 +268,67 @@ def test_raw_wait_that_is_not_a_number_is_invalid(stub, drive_uri):
     assert list(stub.List(pb.ListRequest(drive=drive_uri, path=".")).entries) == []
 
 
+@pytest.mark.parametrize("wait", [float("inf"), 86400 * 2], ids=["infinite", "two_days"])
+def test_raw_wait_longer_than_a_day_is_invalid(stub, drive_uri, wait):
+    request = pb.GetRequest(drive=drive_uri, path="f.bin", wait_seconds=wait)
+    t0 = time.monotonic()
+    assert rpc_code(lambda: list(stub.Get(request, timeout=20))) == INVALID
+    assert time.monotonic() - t0 < 10, "refused at once, not held until the client's deadline"
+    assert list(stub.List(pb.ListRequest(drive=drive_uri, path=".")).entries) == []
+
+
+def test_raw_garbage_page_tokens_are_invalid(stub, drive_uri):
+    for name in ("a.txt", "b.txt", "c.txt"):
+        raw_put(stub, drive_uri, f"dir/{name}", name.encode())
+    first = stub.List(pb.ListRequest(drive=drive_uri, path="dir", page_size=1))
+    assert [e.path for e in first.entries] == ["dir/a.txt"] and first.next_page_token
+    for token in ("garbage", "dir/a.txt", "1.AAAA", first.next_page_token[:-1] + "x", "é" * 50):
+        request = pb.ListRequest(drive=drive_uri, path="dir", page_size=1, page_token=token)
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.List(request, timeout=10)
+        assert exc.value.code() == INVALID, token
+        assert "next_page_token" in exc.value.details()
+    elsewhere = pb.ListRequest(drive=drive_uri, path=".", page_token=first.next_page_token)
+    assert rpc_code(lambda: stub.List(elsewhere, timeout=10)) == INVALID, "a token of another folder"
+    second = stub.List(pb.ListRequest(drive=drive_uri, path="dir", page_size=1, page_token=first.next_page_token))
+    assert [e.path for e in second.entries] == ["dir/b.txt"]
+    assert [e.path for e in stub.List(pb.ListRequest(drive=drive_uri, path="dir")).entries] == [
+        "dir/a.txt", "dir/b.txt", "dir/c.txt"
+    ]
+
+
+COMPOSED, DECOMPOSED = "caf\u00e9.txt", "cafe\u0301.txt"  # one name in Unicode NFC and NFD
+
+
+def test_raw_names_differing_only_by_unicode_normalisation_are_one_name(stub, drive_uri):
+    raw_put(stub, drive_uri, DECOMPOSED, b"sent decomposed", component="ca")
+    assert rpc_code(lambda: raw_put(stub, drive_uri, COMPOSED, b"other", component="cb")) == SC.ALREADY_EXISTS
+    raw_put(stub, drive_uri, COMPOSED, b"sent composed", component="ca")  # the same file again: replaced
+    assert [e.path for e in stub.List(pb.ListRequest(drive=drive_uri, path=".")).entries] == [COMPOSED]
+    for spelling in (COMPOSED, DECOMPOSED):
+        [(info, data)] = raw_get(stub, drive_uri, spelling)
+        assert (info.path, data) == (COMPOSED, b"sent composed")
+    assert stub.Delete(pb.DeleteRequest(drive=drive_uri, path=DECOMPOSED, component="ca")).files_deleted == 1
+    assert list(stub.List(pb.ListRequest(drive=drive_uri, path=".")).entries) == []
+
+
+def test_raw_a_name_stored_in_nfd_before_is_listed_and_read_with_its_folder(daemon, stub, drive_uri):
+    """An earlier daemon kept names as sent: such a name lists as stored, comes with its folder (or the drive
+    root) and goes with a delete of its folder, but its own path now names the NFC spelling."""
+    raw_put(stub, drive_uri, "dir/plain.txt", b"plain")
+    raw_put(stub, drive_uri, f"dir/{COMPOSED}", b"stored before")
+    folder = daemon.data_dir / "objects" / drive_uri.removeprefix("lit://") / "default" / "dir"
+    os.rename(folder / COMPOSED, folder / DECOMPOSED)  # as an earlier daemon kept a name sent in NFD
+    assert [e.path for e in stub.List(pb.ListRequest(drive=drive_uri, path="dir")).entries] == [
+        f"dir/{DECOMPOSED}", "dir/plain.txt"
+    ]
+    assert rpc_code(lambda: raw_get(stub, drive_uri, f"dir/{DECOMPOSED}")) == SC.NOT_FOUND
+    assert {info.path: data for info, data in raw_get(stub, drive_uri, "dir")} == {
+        f"dir/{DECOMPOSED}": b"stored before", "dir/plain.txt": b"plain"
+    }
+    assert stub.Delete(pb.DeleteRequest(drive=drive_uri, path="dir")).files_deleted == 2
+
+
 def test_unexpected_error_is_internal_naming_no_server_path(daemon, stub, drive_uri):
     """An error the daemon does not expect answers INTERNAL: the message names its kind and the daemon
     log (which has the traceback), never a path on the server."""
@@ -319,6 +380,40 @@ def test_raw_already_exists(stub, drive_uri):
     assert rpc_code(lambda: raw_put(stub, drive_uri, "f.txt", b"b", component="cb")) == SC.ALREADY_EXISTS
     info = stub.Stat(pb.StatRequest(drive=drive_uri, path="f.txt"))
     assert (info.component, info.sha256) == ("ca", sha256_hex(b"a"))
+
+
+def put_one(stub, drive_uri: str, path: str, data: bytes, component: str, how: str) -> None:
+    """Puts one file as a Put stream or as a PutFile call."""
+    if how == "stream":
+        raw_put(stub, drive_uri, path, data, component=component)
+    else:
+        header = pb.PutHeader(drive=drive_uri, path=path, component=component)
+        stub.PutFile(pb.PutFileRequest(header=header, data=data, sha256=sha256_hex(data)), timeout=60)
+
+
+@pytest.mark.parametrize(
+    "how, size", [("stream", 5), ("stream", 2 * MIB), ("putfile", 5)],  # a big one is checked before its bytes
+    ids=["small_stream", "big_stream", "putfile"],
+)
+@pytest.mark.parametrize(
+    "first, second",
+    [("x", "x/y"), ("x", "x/y/z"), ("x/y", "x"), ("x/y/z", "x")],
+    ids=["file_then_below", "file_then_deep_below", "folder_then_file", "deep_folder_then_file"],
+)
+def test_raw_file_and_folder_of_one_path_in_two_components_refused(stub, drive_uri, how, size, first, second):
+    """A file in one component and a folder of the same path in another are duplicates too.
+
+    Both accepted, every later get of the path without a component would be ambiguous.
+    """
+    raw_put(stub, drive_uri, first, b"first", component="ca")
+    data = os.urandom(size)
+    assert rpc_code(lambda: put_one(stub, drive_uri, second, data, "cb", how)) == SC.ALREADY_EXISTS
+    assert [e.path for e in stub.List(pb.ListRequest(drive=drive_uri, path=".", component="cb")).entries] == []
+    [(info, got)] = raw_get(stub, drive_uri, first)
+    assert (info.component, got) == ("ca", b"first")
+    # allowed when the caller asks for duplicates; the path then names a file and a folder
+    raw_put(stub, drive_uri, second, data, component="cb", allow_duplicates=True)
+    assert stub.Stat(pb.StatRequest(drive=drive_uri, path=second, component="cb")).size == size
 
 
 @pytest.mark.parametrize("mtime", ["settled", "same tick"])

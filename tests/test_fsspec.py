@@ -202,6 +202,32 @@ def test_reading_streams_block_by_block(fs, daemon, tmp_path, drive_uri, name):
     assert served <= 12 * MIB, f"{served} bytes served for 2 MiB read from a {size}-byte file"
 
 
+def test_block_size_and_cache_type_storage_options(daemon, drive_uri, name):
+    """`block_size` and `cache_type` given to the filesystem (fsspec.open's and pandas' storage_options) are what
+    its files read with; `open`'s own arguments override them."""
+    data = os.urandom(4 * MIB)
+    fs = DriveFileSystem(endpoint=daemon.endpoint, block_size=MIB, cache_type="none", skip_instance_cache=True)
+    fs.pipe(f"{name}/o.bin", data)
+    with fsspec.open(f"{drive_uri}/o.bin", "rb", endpoint=daemon.endpoint, block_size=MIB, cache_type="none") as f:
+        assert (f.blocksize, f.cache.name) == (MIB, "none")
+        assert f.read(10) == data[:10]  # no read-ahead: 10 bytes asked, 10 fetched
+        f.seek(2 * MIB)
+        assert f.read(10) == data[2 * MIB:2 * MIB + 10]
+    with fsspec.open(f"{drive_uri}/o.bin", "rb", endpoint=daemon.endpoint, block_size=MIB) as f:
+        assert (f.blocksize, f.cache.name) == (MIB, "readahead")
+        assert f.read(10) == data[:10]  # 10 bytes and a block of read-ahead
+    with fs.open(f"{name}/o.bin", "rb", block_size=2 * MIB, cache_type="readahead") as f:
+        assert (f.blocksize, f.cache.name) == (2 * MIB, "readahead")
+    assert wait_until(lambda: len(get_requests(daemon, drive_uri)) >= 3), daemon.log()[-2000:]
+    assert [g["bytes"] for g in get_requests(daemon, drive_uri)] == [10, 10, 10 + MIB]
+
+    for bad, message in (({"block_size": 0}, "block_size"), ({"block_size": "5MB"}, "block_size"),
+                         ({"cache_type": "lru"}, "readahead")):
+        with pytest.raises(ValueError, match=message):
+            DriveFileSystem(endpoint=daemon.endpoint, skip_instance_cache=True, **bad)
+    assert fs.cat(f"{name}/o.bin") == data
+
+
 def test_read_of_replaced_file_fails_stale(fs, daemon, tmp_path, drive_uri, name):
     """Blocks of one open file come from one version: a replacement midway raises StaleIndexError."""
     write(tmp_path / "v.bin", b"1" * (3 * MIB))
@@ -215,6 +241,39 @@ def test_read_of_replaced_file_fails_stale(fs, daemon, tmp_path, drive_uri, name
         with pytest.raises(StaleIndexError):
             f.read(10)
     assert fs.cat_file(f"{name}/v.bin", 0, 3) == b"222"
+    with fs.open(f"{name}/v.bin", "rb", block_size=MIB) as f:
+        assert f.read(3) == b"222"
+        write(tmp_path / "v.bin", b"3" * (3 * MIB))
+        owner.put("v.bin")
+        out = bytearray(2 * MIB)
+        with pytest.raises(StaleIndexError):  # a read past the cache is pinned alike
+            f.readinto(out)
+
+
+def test_large_reads_are_fetched_once_into_their_destination(fs, daemon, drive_uri, name):
+    """A read of a block or more skips the read-ahead: one Get of exactly its bytes, into the caller's buffer
+    (readinto) or the bytes returned; smaller reads still go through the cache, from the right place."""
+    data = os.urandom(12 * MIB + 5)
+    fs.pipe(f"{name}/big.bin", data)
+    with fs.open(f"{name}/big.bin", "rb", block_size=MIB) as f:
+        assert f.read(10) == data[:10]  # through the cache: 10 bytes and a block ahead
+        out = bytearray(3 * MIB)
+        assert f.readinto(out) == 3 * MIB and out == data[10:10 + 3 * MIB]
+        assert f.tell() == 10 + 3 * MIB
+        assert f.read(4 * MIB) == data[10 + 3 * MIB:10 + 7 * MIB]
+        assert f.read(3) == data[10 + 7 * MIB:13 + 7 * MIB]
+        f.seek(-(2 * MIB), 2)
+        rest = bytearray(3 * MIB)  # more than is left: fills what there is, like a local file
+        assert f.readinto(rest) == 2 * MIB and rest[:2 * MIB] == data[-2 * MIB:]
+        f.seek(5 * MIB)
+        assert f.read() == data[5 * MIB:]
+        assert f.read() == b"" and f.readinto(out) == 0
+    with fs.open(f"{name}/big.bin", "rb", block_size=MIB, cache_type="all") as f:  # a cache that serves all reads
+        f.seek(MIB)
+        assert f.read(4 * MIB) == data[MIB:5 * MIB]
+    assert wait_until(lambda: len(get_requests(daemon, drive_uri)) >= 7), daemon.log()[-2000:]
+    served = sorted(g["bytes"] for g in get_requests(daemon, drive_uri))
+    assert served == sorted([10 + MIB, 3 * MIB, 4 * MIB, 3 + MIB, 2 * MIB, len(data) - 5 * MIB, len(data)])
 
 
 # --- get, put, write ---------------------------------------------------------------------------
@@ -250,18 +309,22 @@ def test_write_round_trip_multi_mib_spools_to_disk(daemon, tmp_path, name):
     fs = DriveFileSystem(endpoint=daemon.endpoint, component_name="work_a", spool_dir=str(spool),
                          skip_instance_cache=True)
     digest = hashlib.sha256()
+    written = 0
+    # Odd sizes, so that blocks do not line up with writes; small writes gather, big ones go straight to disk.
+    sizes = [MIB - 7 + i for i in range(12)] + [10, 100, 3 * MIB + 1, 5, MIB, 7, 2 * MIB, 1]
     with fs.open(f"{name}/big/w.bin", "wb", block_size=MIB) as f:
-        for i in range(12):
-            piece = os.urandom(MIB - 7 + i)  # odd sizes: blocks do not line up with writes
+        [spooled] = spool.iterdir()
+        for size in sizes:
+            piece = os.urandom(size)
             digest.update(piece)
-            f.write(piece)
-            assert f.buffer.tell() < 2 * MIB  # bounded memory: the rest is on disk
-        spooled = list(spool.iterdir())
-        assert len(spooled) == 1 and spooled[0].stat().st_size >= 10 * MIB
+            assert f.write(memoryview(piece)) == size
+            written += size
+            assert f.tell() == written
+            assert spooled.stat().st_size >= written - MIB  # bounded memory: at most a block is not on disk
         assert not fs.exists(f"{name}/big/w.bin")  # nothing visible before close
     assert list(spool.iterdir()) == []  # the spool is removed once put
     info = fs.info(f"{name}/big/w.bin")
-    assert info["sha256"] == digest.hexdigest() and info["size"] == 12 * MIB - 84 + 66
+    assert info["sha256"] == digest.hexdigest() and info["size"] == written
     got = hashlib.sha256()
     with fs.open(f"{name}/big/w.bin", "rb", block_size=2 * MIB) as f:
         while piece := f.read(MIB + 3):
@@ -345,8 +408,11 @@ def test_missing_paths_raise_file_not_found(fs, tmp_path, name):
     fs.pipe(f"{name}/d/f", b"1")
     with pytest.raises(IsADirectoryError):
         fs.open(f"{name}/d", "rb")
-    with pytest.raises(NotImplementedError, match="append"):
-        fs.open(f"{name}/d/f", "ab")
+    with pytest.raises(IsADirectoryError):
+        fs.open(f"{name}/d", "ab")
+    with pytest.raises(NotImplementedError, match=r"'r\+b' is not supported"):
+        fs.open(f"{name}/d/f", "r+b")
+    assert fs.find(name) == [f"{name}/d/f"] and fs.cat(f"{name}/d/f") == b"1"
 
 
 def test_path_held_by_another_component(fs, daemon, tmp_path, drive_uri, name):
@@ -390,6 +456,97 @@ def test_path_taken_while_writing_fails_on_close(daemon, tmp_path, drive_uri, na
         f.close()
     assert f.closed and list(spool.iterdir()) == []
     assert fs.cat(f"{name}/race.txt") == b"theirs"
+
+
+# --- appending -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spooling(daemon, tmp_path) -> DriveFileSystem:
+    """A filesystem of component work_a that spools into tmp_path/spool, so tests can see the spools."""
+    (tmp_path / "spool").mkdir()
+    return DriveFileSystem(endpoint=daemon.endpoint, component_name="work_a", spool_dir=str(tmp_path / "spool"),
+                           skip_instance_cache=True)
+
+
+def test_append_continues_the_file_and_puts_it_whole(spooling, daemon, tmp_path, drive_uri, name):
+    fs, path = spooling, f"{name}/logs/metrics.csv"
+    with fs.open(path, "ab") as f:  # no file yet: an append starts one
+        assert f.tell() == 0
+        f.write(b"step,loss\n")
+    with fs.open(path, "ab", block_size=MIB) as f:
+        assert f.tell() == 10  # at the end, like a local file opened to append
+        f.write(b"0,1.0\n")
+        big = os.urandom(3 * MIB)  # more than a block
+        f.write(big)
+        assert fs.cat(path) == b"step,loss\n"  # readers see the file as it was until close
+    with fs.open(path, "a", newline="") as text:  # as Lightning's CSVLogger opens it
+        text.write("1,0.5\n")
+    want = b"step,loss\n0,1.0\n" + big + b"1,0.5\n"
+    assert fs.cat(path) == want
+    stat = drive(daemon, drive_uri, "reader").stat("logs/metrics.csv")
+    assert (stat.component, stat.size, stat.sha256) == ("work_a", len(want), sha256_hex(want))
+    assert list((tmp_path / "spool").iterdir()) == []
+
+    with pytest.raises(RuntimeError, match="boom"), fs.open(path, "ab") as f:
+        f.write(b"half a line")
+        raise RuntimeError("boom")  # inside `with`: nothing is stored
+    assert fs.cat(path) == want and drive(daemon, drive_uri, "reader").stat(path.partition("/")[2]) == stat
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_append_puts_as_this_component(spooling, daemon, tmp_path, drive_uri, name):
+    """The appended file is put as this component's: refused where another holds the path, unless duplicates
+    are allowed; then this component's copy is the one appended to."""
+    write(tmp_path / "shared.log", b"theirs\n")
+    theirs = drive(daemon, drive_uri, "work_b", root_folder=tmp_path)
+    theirs.put("shared.log")
+    with pytest.raises(FileExistsError, match="work_b"), spooling.open(f"{name}/shared.log", "ab") as f:
+        f.write(b"mine\n")
+    assert spooling.cat(f"{name}/shared.log") == b"theirs\n"
+    assert list((tmp_path / "spool").iterdir()) == []
+
+    dup = DriveFileSystem(endpoint=daemon.endpoint, component_name="work_a", allow_duplicates=True,
+                          skip_instance_cache=True)
+    for line in (b"mine\n", b"more\n"):  # the first continues work_b's file, the second this component's copy
+        with dup.open(f"{name}/shared.log", "ab") as f:
+            f.write(line)
+    copies = {"work_a": b"theirs\nmine\nmore\n", "work_b": b"theirs\n"}
+    assert {c: b"".join(theirs.read_range("shared.log", component_name=c)) for c in copies} == copies
+    reader = DriveFileSystem(endpoint=daemon.endpoint, component_name="reader", allow_duplicates=True,
+                             skip_instance_cache=True)
+    with pytest.raises(AmbiguousPathError):  # two copies, none of them the reader's: which one to continue?
+        reader.open(f"{name}/shared.log", "ab")
+    assert {c: b"".join(theirs.read_range("shared.log", component_name=c)) for c in copies} == copies
+    with pytest.raises(IsADirectoryError):
+        dup.open(name, "ab")
+
+
+def test_append_refuses_a_file_changed_since_it_was_fetched(spooling, tmp_path, name):
+    fs, path = spooling, f"{name}/log.txt"
+    fs.pipe(path, b"v1\n")
+    first, second = fs.open(path, "ab"), fs.open(path, "ab")
+    first.write(b"from first\n")
+    second.write(b"from second\n")
+    first.close()
+    with pytest.raises(StaleIndexError, match="changed since it was opened for appending"):
+        second.close()
+    assert fs.cat(path) == b"v1\nfrom first\n"
+
+    removed = fs.open(path, "ab")
+    removed.write(b"after a delete")
+    fs.rm(path)
+    with pytest.raises(StaleIndexError):
+        removed.close()
+    assert not fs.exists(path)
+
+    created = fs.open(path, "ab")  # no file: it must still be none at close
+    created.write(b"late")
+    fs.pipe(path, b"first to put")
+    with pytest.raises(StaleIndexError):
+        created.close()
+    assert fs.cat(path) == b"first to put"
+    assert list((tmp_path / "spool").iterdir()) == []
 
 
 def test_unreachable_daemon_raises_connection_error(name):
@@ -523,6 +680,29 @@ async def test_async_files_stream_reads_and_put_on_close(afs, daemon, tmp_path, 
             await f.write(b"half")
             raise RuntimeError("boom")
     assert not await afs._exists(f"{name}/half.bin") and list(spool.iterdir()) == []
+
+
+async def test_async_append(afs, tmp_path, name):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    afs.spool_dir = str(spool)
+    path = f"{name}/log.txt"
+    await afs._pipe_file(path, b"head\n")
+    big = os.urandom(6 * MIB)  # more than a block: written in a worker thread, straight from `big`
+    async with await afs.open_async(path, "ab") as f:
+        assert f.tell() == 5
+        await f.write(b"tail\n")
+        await f.write(big)
+        await f.write(b"end")
+        assert f.tell() == 5 + 5 + len(big) + 3
+        assert await afs._cat_file(path) == b"head\n"
+    assert await afs._cat_file(path) == b"head\ntail\n" + big + b"end"
+    f = await afs.open_async(path, "ab")
+    await f.write(b"late")
+    await afs._pipe_file(path, b"replaced")
+    with pytest.raises(StaleIndexError, match="changed since it was opened for appending"):
+        await f.close()
+    assert await afs._cat_file(path) == b"replaced" and list(spool.iterdir()) == []
 
 
 async def test_async_filesystem_errors_and_pinned_reads(afs, daemon, tmp_path, drive_uri, name):

@@ -3,8 +3,9 @@
 What torch or Lightning runs, runs in a subprocess, as a user's job would (and so the client's
 memory is its own): a 200 MiB state dict through `fsspec.open("lit://…")` with the client's and
 the daemon's peak memory measured; the README's DataLoader recipe over a lit:// folder with 4
-workers; Lightning's CSVLogger on a drive. pyarrow runs here: a scan of a folder of Parquet files,
-with the bytes the daemon sent counted by its own metrics. The README's examples (Lightning
+workers; Lightning's CSVLogger on a drive, alone and under a Trainer (its flushes append). pyarrow
+runs here: a scan of a folder of Parquet files, with and without read-ahead, with the bytes the
+daemon sent counted by its own metrics. The README's examples (Lightning
 checkpoints, an evaluator watching them, a resumed run, a DataLoader over an s3:// drive) run in
 tests/test_readme.py.
 """
@@ -18,7 +19,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import MIB, DaemonHandle
+from conftest import MIB, DaemonHandle, wait_until
+from test_fsspec import get_requests
 from test_metrics import scrape
 from test_readme import as_files, run_python
 
@@ -92,10 +94,11 @@ def round_trip(daemon: DaemonHandle, tmp_path: Path, count: int, mib: int) -> tu
     return report, rise
 
 
-# What streaming may hold beside the tensors: torch's record of one tensor at a time, fsspec's 5 MiB
-# blocks, and the transfer's 1 MiB chunks; a quarter of the file (50 MiB) is far more than that and
-# far less than the file. torch.save into a local file object holds nothing beyond the tensors, and
-# torch.load exactly the tensors it returns (both measured here).
+# What streaming may hold beside the tensors: the client's imports on the first lit:// open (~17 MiB),
+# a 5 MiB block of gathered writes or read-ahead, and the transfer's 1 MiB chunks (~30 MiB in all,
+# bench/WHY.md); a quarter of the file (50 MiB) is more than that and far less than one more copy of
+# a tensor as big as the file. torch.save into a local file object holds nothing beyond the tensors,
+# and torch.load exactly the tensors it returns (both measured in bench/WHY.md).
 BUFFERS_MIB = STATE_DICT / MIB / 4
 
 
@@ -107,13 +110,9 @@ def test_a_200_mib_state_dict_saves_and_loads_holding_a_fraction_of_it(daemon, t
     assert served < BUFFERS_MIB, served  # a few chunks per stream
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fsspec's AbstractBufferedFile copies each write into its buffer, so torch.save of one 200 MiB tensor "
-    "holds a second copy (+217 MiB measured), and a 200 MiB read joins chunks and slices the read-ahead "
-    "cache (+626 MiB for torch.load, against +200 MiB from a local file): DriveFile could write large "
-    "buffers straight to its spool and read into the caller's buffer"
-))
 def test_one_200_mib_tensor_saves_and_loads_holding_a_fraction_of_it(daemon, tmp_path):
+    """One tensor as big as the file: torch.save writes it in one call, which goes to the spool straight from the
+    tensor's memory, and torch.load reads it with one readinto, fetched straight into the tensor."""
     client, served = round_trip(daemon, tmp_path, count=1, mib=200)
     assert served < BUFFERS_MIB, served
     assert client["save_mib"] < BUFFERS_MIB, client
@@ -144,25 +143,28 @@ def parquet_folder(daemon: DaemonHandle) -> str:
     return "parquet_1/table"
 
 
-def read_group_3_of_part_1(how: str, endpoint: str, folder: str):
+def read_group_3_of_part_1(how: str, endpoint: str, folder: str, cache_type: str):
     """Column x of the rows of part-1's row group 3, selected by a filter on step."""
     import fsspec
     import pandas as pd
     import pyarrow.dataset as ds
 
     low = GROUPS * ROWS + 3 * ROWS
+    options = {"endpoint": endpoint, "cache_type": cache_type}
     if how == "pyarrow.dataset":
-        fs = fsspec.filesystem("lit", endpoint=endpoint, skip_instance_cache=True)
+        fs = fsspec.filesystem("lit", skip_instance_cache=True, **options)
         dataset = ds.dataset(folder, filesystem=fs, format="parquet")
         return dataset.to_table(columns=["x"], filter=(ds.field("step") >= low) & (ds.field("step") < low + ROWS))
     frame = pd.read_parquet(f"lit://{folder}/part-1.parquet", columns=["x"],
-                            filters=[("step", ">=", low), ("step", "<", low + ROWS)],
-                            storage_options={"endpoint": endpoint})
+                            filters=[("step", ">=", low), ("step", "<", low + ROWS)], storage_options=options)
     return frame.to_numpy()
 
 
-@pytest.mark.parametrize("how", ["pyarrow.dataset", "pandas.read_parquet"])
-def test_parquet_reads_send_only_the_row_groups_asked_for(daemon, parquet_folder, how):
+@pytest.mark.parametrize(("how", "cache_type"), [
+    ("pyarrow.dataset", "readahead"), ("pandas.read_parquet", "readahead"),
+    ("pyarrow.dataset", "none"), ("pandas.read_parquet", "none"),
+])
+def test_parquet_reads_send_only_the_row_groups_asked_for(daemon, parquet_folder, how, cache_type):
     import fsspec
     import numpy as np
     import pyarrow.parquet as pq
@@ -177,25 +179,23 @@ def test_parquet_reads_send_only_the_row_groups_asked_for(daemon, parquet_folder
     footers = 2 * len(files) * 64 * 1024  # pyarrow reads a file's last 64 KiB for its footer, here twice
 
     before = bytes_sent(daemon)
-    got = read_group_3_of_part_1(how, daemon.endpoint, parquet_folder)
+    got = read_group_3_of_part_1(how, daemon.endpoint, parquet_folder, cache_type)
     sent = bytes_sent(daemon) - before
 
     expected = np.random.default_rng(1).random(GROUPS * ROWS)[3 * ROWS:4 * ROWS]
     assert np.array_equal(np.asarray(got["x"] if how == "pyarrow.dataset" else got[:, 0]), expected)
     # The two column chunks asked for (one contiguous range), plus the one block fsspec reads ahead of
-    # a read, plus the footers; the other 15 row groups (more than 80 % of the files) are never sent.
-    assert asked <= sent <= asked + AbstractBufferedFile.DEFAULT_BLOCK_SIZE + footers, (sent, asked, total)
+    # a read (none with cache_type "none"), plus the footers; the other 15 row groups (more than 80 % of
+    # the files) are never sent.
+    read_ahead = AbstractBufferedFile.DEFAULT_BLOCK_SIZE if cache_type == "readahead" else 0
+    assert asked <= sent <= asked + read_ahead + footers, (sent, asked, total)
     assert sent < total / 5
 
 
 # --- Lightning's loggers ------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lit:// files refuse append ('ab' raises NotImplementedError in DriveFileSystem._open), and Lightning's "
-    "CSVLogger appends to metrics.csv from its second save on, so a Trainer whose default_root_dir is on a "
-    "drive fails at its second log flush: an append could fetch the file into the spool and put it whole"
-))
 def test_lightning_csv_logger_on_a_drive_flushes_twice(daemon, tmp_path):
+    """CSVLogger writes metrics.csv at its first save and appends to it ("a") from the second on."""
     code = """
 import fsspec
 from lightning.pytorch.loggers import CSVLogger
@@ -209,6 +209,54 @@ with fsspec.open(f"{logger.log_dir}/metrics.csv", "r") as f:
 """
     run = run_python(["-c", code], tmp_path, daemon.endpoint)
     assert run.stdout.strip() == repr("loss,step\n1.0,0\n0.5,1\n")
+
+
+def metrics_csv_gets(daemon: DaemonHandle) -> list[dict]:
+    return [g for g in get_requests(daemon, "lit://train_logs_1") if g["path"].endswith("/metrics.csv")]
+
+
+def test_a_trainer_logs_every_step_to_a_drive(daemon, tmp_path):
+    """A Trainer on the CPU whose CSVLogger (Lightning's default logger when tensorboard is not installed) writes
+    to a drive, flushing after every logged step: metrics.csv is put at the first flush and appended to at each
+    of the 23 others, and ends with a row for every step, in order."""
+    code = """
+import csv, fsspec, json
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+class Regression(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+trainer = L.Trainer(default_root_dir="lit://train_logs_1/", logger=CSVLogger("lit://train_logs_1/"), max_epochs=3,
+                    log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+trainer.fit(Regression(), DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8))
+with fsspec.open(f"{trainer.logger.log_dir}/metrics.csv", "r") as f:
+    rows = list(csv.DictReader(f))
+print(json.dumps({"log_dir": trainer.logger.log_dir, "rows": rows}))
+"""
+    report = last_json(run_python(["-W", "ignore::UserWarning", "-c", code], tmp_path, daemon.endpoint))
+    assert report["log_dir"] == "lit://train_logs_1/lightning_logs/version_0"
+    assert [int(row["step"]) for row in report["rows"]] == list(range(24))  # 3 epochs of 8 batches
+    assert [int(row["epoch"]) for row in report["rows"]] == [step // 8 for step in range(24)]
+    assert all(float(row["loss"]) >= 0 for row in report["rows"])
+    # Each append fetched the file first: one Get of metrics.csv for each of the 23 flushes after the first,
+    # and one for reading it back.
+    assert wait_until(lambda: len(metrics_csv_gets(daemon)) >= 24), daemon.log()[-2000:]
+    assert len(metrics_csv_gets(daemon)) == 24
 
 
 # --- the DataLoader recipe ---------------------------------------------------------------------

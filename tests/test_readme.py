@@ -7,6 +7,9 @@ against the comment beside its `print`.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
 import os
 import re
 import subprocess
@@ -19,7 +22,10 @@ import pytest
 from conftest import ROOT, wait_until
 from moto_server import AWS_ENV, running_moto
 
-from drive_client import Drive
+from drive_client import Drive, PermissionDenied
+from drive_client.uri import parse_drive
+from drived.auth import TokenTable
+from drived.config import Config
 
 
 def readme_section(heading: str) -> str:
@@ -64,6 +70,27 @@ def test_python_example_runs_as_printed(daemon, tmp_path):
     assert run.stdout.splitlines() == expected
 
 
+def test_the_configuration_table_has_every_flag_with_its_variable():
+    rows = re.findall(r"^\| `--([a-z0-9-]+)` \| `([A-Z0-9_]+)` \|", readme_section("Configuration"), re.M)
+    flags = {(f.name.replace("_", "-"), f"DRIVED_{f.name.upper()}") for f in dataclasses.fields(Config)}
+    assert set(rows) == flags
+
+
+def test_the_token_file_example_is_one_the_daemon_reads(tmp_path):
+    [example] = readme_blocks("Tokens", "toml")
+    (tmp_path / "tokens.toml").write_text(example)
+    table = TokenTable.read(str(tmp_path / "tokens.toml"))
+    grants = {grant.name: grant for grant in table.grants.values()}
+    assert sorted(grants) == ["dashboard", "trainer"] and table.plaintext
+    grants["trainer"].check("Put", parse_drive("lit://team_a_run1"))
+    grants["trainer"].check("Get", parse_drive("s3://datasets/imagenet/train/"))
+    grants["dashboard"].check("List", parse_drive("lit://team_a_run1"))
+    with pytest.raises(PermissionDenied):
+        grants["dashboard"].check("Delete", parse_drive("lit://team_a_run1"))
+    with pytest.raises(PermissionDenied):
+        grants["trainer"].check("Get", parse_drive("s3://datasets/"))
+
+
 # --- With PyTorch and Lightning ------------------------------------------------------------------
 
 
@@ -104,7 +131,8 @@ def test_lightning_checkpoints_an_evaluator_and_a_resumed_run(start_daemon, tmp_
     """train.py checkpoints to the drive while evaluate.py (another process) loads each checkpoint as it
     lands; resume.py (a third) continues the run from last.ckpt. The evaluator sees every checkpoint, and
     each loads (a partial file would not); the resumed run trains on top of the restored steps instead of
-    starting again (the first checkpoints are never re-put)."""
+    starting again (the first checkpoints are never re-put). Each run's CSVLogger logs every 4th step to a
+    metrics.csv on the drive, appending to it from its second flush on."""
     daemon = start_daemon(tmp_path)
     heading = "Lightning: checkpoints on a drive, an evaluator, a resumed run"
     files = as_files(heading, tmp_path)
@@ -137,6 +165,10 @@ def test_lightning_checkpoints_an_evaluator_and_a_resumed_run(start_daemon, tmp_
         every = [path for path in run_1.list("checkpoints") if "epoch=" in path]
         assert every == [*first, "checkpoints/epoch=3-step=32.ckpt", "checkpoints/epoch=4-step=40.ckpt"]
         assert {path: run_1.stat(path).generation for path in first} == generation
+        for version, steps in ((0, range(3, 24, 4)), (1, range(27, 40, 4))):
+            rows = csv.DictReader(io.StringIO(b"".join(
+                run_1.read_range(f"logs/lightning_logs/version_{version}/metrics.csv")).decode()))
+            assert [int(row["step"]) for row in rows] == list(steps)
 
         assert wait_until(lambda: len(evaluated) >= len(every), timeout=120), (
             evaluated, (tmp_path / "evaluate.err").read_text()[-4000:]

@@ -8,6 +8,7 @@ from drive_client.errors import InvalidArgument, StaleIndexError
 from drive_client.pb import drive_pb2 as pb
 from drived.requests import (
     MAX_PAGE_SIZE,
+    MAX_WAIT_SECONDS,
     DeleteRequest,
     GetRequest,
     ListRequest,
@@ -39,6 +40,8 @@ def test_defaults_are_filled_in() -> None:
         lambda: GetRequest.from_pb(pb.GetRequest(drive="lit://d", path="a", offset=-1)),
         lambda: GetRequest.from_pb(pb.GetRequest(drive="lit://d", path="a", limit=-1)),
         lambda: GetRequest.from_pb(pb.GetRequest(drive="lit://d", path="a", wait_seconds=float("nan"))),
+        lambda: GetRequest.from_pb(pb.GetRequest(drive="lit://d", path="a", wait_seconds=float("inf"))),
+        lambda: GetRequest.from_pb(pb.GetRequest(drive="lit://d", path="a", wait_seconds=MAX_WAIT_SECONDS + 1)),
         lambda: GetRequest.from_pb(pb.GetRequest(drive="lit://d", path="a", component="../x")),
         lambda: ListRequest.from_pb(pb.ListRequest(drive="lit://d", page_size=-1)),
         lambda: StatRequest.from_pb(pb.StatRequest(drive="lit://d", path="/etc/passwd")),
@@ -71,3 +74,64 @@ def test_a_watch_reports_its_folder_and_component_only() -> None:
     assert watch.reports("ck", "w") and watch.reports("ck/a.pt", "w")
     assert not watch.reports("ck2/a.pt", "w") and not watch.reports("ck/a.pt", "other")
     assert WatchRequest.from_pb(pb.WatchRequest(drive="lit://d")).reports("any/where", "any")
+
+
+def test_a_wait_of_up_to_a_day_is_taken() -> None:
+    assert GetRequest.from_pb(pb.GetRequest(drive="lit://d", path="a", wait_seconds=MAX_WAIT_SECONDS)).wait_seconds
+    assert GetRequest.from_pb(pb.GetRequest(drive="lit://d", path="a", wait_seconds=float("-inf"))).wait_seconds < 0
+
+
+def test_page_tokens_come_back_as_the_path_they_follow() -> None:
+    first = ListRequest.from_pb(pb.ListRequest(drive="lit://d", path="dir", component="c", recursive=True))
+    token = first.page_token("dir/é/x y.txt")
+    assert "dir" not in token, "opaque"
+    again = pb.ListRequest(drive="lit://d", path="dir/", component="c", recursive=True, page_token=token)
+    assert ListRequest.from_pb(again).start_after == "dir/é/x y.txt"
+    assert ListRequest.from_pb(pb.ListRequest(drive="lit://d", path="dir")).start_after == ""
+
+
+GARBAGE_TOKENS = {
+    "a plain path (as earlier daemons issued)": "dir/a.txt",
+    "words": "garbage",
+    "the version alone": "1.",
+    "another version": "2.AAAAAAAAAAAA",
+    "not base64": "1.@@@@",
+    "a flipped character": None,  # made from a real token below
+    "too long": "1." + "A" * 10000,
+    "control characters": "1.\x00\n",
+}
+
+
+@pytest.mark.parametrize("token", GARBAGE_TOKENS.values(), ids=GARBAGE_TOKENS.keys())
+def test_garbage_page_tokens_are_refused(token: str | None) -> None:
+    listing = pb.ListRequest(drive="lit://d", path="dir")
+    if token is None:
+        real = ListRequest.from_pb(listing).page_token("dir/a.txt")
+        token = real[:-2] + ("B" if real[-2] != "B" else "C") + real[-1]
+    listing.page_token = token
+    with pytest.raises(InvalidArgument, match="next_page_token unchanged"):
+        ListRequest.from_pb(listing)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"drive": "lit://e"}, {"path": "dir2"}, {"component": "c"}, {"recursive": True},
+    ],
+)
+def test_a_token_of_another_listing_is_refused(other: dict) -> None:
+    token = ListRequest.from_pb(pb.ListRequest(drive="lit://d", path="dir")).page_token("dir/a.txt")
+    fields = {"drive": "lit://d", "path": "dir", **other}
+    with pytest.raises(InvalidArgument, match="same drive, path, component and recursive"):
+        ListRequest.from_pb(pb.ListRequest(page_token=token, **fields))
+
+
+def test_managed_paths_are_kept_in_nfc_and_s3_keys_as_sent() -> None:
+    decomposed, composed = "cafe\u0301/n\u0303.txt", "caf\u00e9/\u00f1.txt"
+    assert PutHeader.from_pb(pb.PutHeader(drive="lit://d", path=decomposed)).path == composed
+    assert GetRequest.from_pb(pb.GetRequest(drive="lit://d", path=decomposed)).path == composed
+    assert StatRequest.from_pb(pb.StatRequest(drive="lit://d", path=decomposed)).path == composed
+    assert DeleteRequest.from_pb(pb.DeleteRequest(drive="lit://d", path=decomposed)).path == composed
+    assert ListRequest.from_pb(pb.ListRequest(drive="lit://d", path=decomposed)).path == composed
+    assert WatchRequest.from_pb(pb.WatchRequest(drive="lit://d", path=decomposed)).path == composed
+    assert GetRequest.from_pb(pb.GetRequest(drive="s3://bucket/p/", path=decomposed)).path == decomposed

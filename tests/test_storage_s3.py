@@ -211,6 +211,38 @@ def test_folder_rules_hold_over_s3(store, daemon_a, drive_uri):
     assert [e.path for e in stub.List(drive_pb2.ListRequest(drive=drive_uri, path=".")).entries] == ["x"]
 
 
+def test_a_file_and_a_folder_of_one_path_in_two_components_are_duplicates_over_s3(store, daemon_a, drive_uri):
+    stub = stub_of(daemon_a)
+    raw_put(stub, drive_uri, "x", b"a file", component="ca")
+    raw_put(stub, drive_uri, "f/g", b"in a folder", component="ca")
+    before = store.object_keys()
+    for path, size in (("x/y", 5), ("x/y/z", 9 * MIB), ("f", 5), ("f", 9 * MIB)):
+        code = rpc_code(lambda p=path, n=size: raw_put(stub, drive_uri, p, os.urandom(n), component="cb"))
+        assert code == grpc.StatusCode.ALREADY_EXISTS, path
+    assert store.object_keys() == before and not store.uploads()
+
+
+def test_the_quota_is_counted_from_the_store(store, drive_uri):
+    first = store.daemon("--quota", "3M")
+    stub = stub_of(first)
+    raw_put(stub, drive_uri, "two.bin", os.urandom(2 * MIB))
+    before = store.object_keys()
+    with pytest.raises(grpc.RpcError) as refused:
+        raw_put(stub, drive_uri, "more.bin", os.urandom(2 * MIB), component="other")
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "holds 2,097,152 bytes" in refused.value.details() and "3,145,728" in refused.value.details()
+    assert store.object_keys() == before and not store.uploads()
+    # another daemon of the same store counts the drive from it when it first needs to
+    second = store.daemon("--quota", "3M")
+    assert rpc_code(lambda: raw_put(stub_of(second), drive_uri, "more.bin", os.urandom(2 * MIB))) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    raw_put(stub_of(second), drive_uri, "one.bin", os.urandom(MIB))
+    assert sorted(e.path for e in stub.List(drive_pb2.ListRequest(drive=drive_uri, path=".")).entries) == [
+        "one.bin", "two.bin"
+    ]
+
+
 def test_listing_pages_keep_path_order_where_s3_key_order_differs(daemon_a, daemon, drive_uri):
     """S3 lists folder "a" as "a/", after "a.txt"; pages must still come in path order, each entry once."""
     paths = ["a!", "a-b", "a.txt", "a/x", "a0", "b", "b.c/d", "c/e"]

@@ -94,6 +94,28 @@ def test_watch_from_a_forgotten_sequence_is_out_of_range(twin, daemon, stub, dri
     assert expired.value.code == grpc.StatusCode.OUT_OF_RANGE and "list the drive" in str(expired.value)
 
 
+@pytest.mark.timeout(60)
+def test_watch_after_a_sequence_not_given_yet_is_out_of_range(daemon, drive_uri, tmp_path):
+    """A resume point past the drive's last event was accepted and then delivered nothing, for ever."""
+    reader = Drive(drive_uri, endpoint=daemon.endpoint)
+    opening = reader._stub.Watch(drive_pb2.WatchRequest(drive=drive_uri))
+    last = next(opening).sequence
+    opening.cancel()
+    for after in (last + 1, last + 10**12, 2**63 - 1):
+        stream = reader._stub.Watch(drive_pb2.WatchRequest(drive=drive_uri, after_sequence=after), timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+        assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE, info.value.details()
+        assert str(after) in info.value.details() and str(last) in info.value.details()
+    (tmp_path / "f.txt").write_bytes(b"f")
+    Drive(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint).put("f.txt")
+    put = next(iter(reader.watch(after_sequence=last)))
+    assert (put.kind, put.file.path) == ("put", "f.txt") and put.sequence > last
+    resumed = reader._stub.Watch(drive_pb2.WatchRequest(drive=drive_uri, after_sequence=put.sequence), timeout=10)
+    assert next(resumed).sequence == put.sequence, "the drive's last event is a valid resume point"
+    resumed.cancel()
+
+
 @pytest.mark.parametrize("drive", ["s3://bucket/prefix/", "lit://bad/name"])
 def test_watch_refuses_s3_and_bad_drives(stub, drive):
     with pytest.raises(grpc.RpcError) as info:

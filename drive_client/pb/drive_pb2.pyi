@@ -16,7 +16,14 @@ A path names a file or folder inside a drive, relative to its root, with
 the root (accepted by List only). Paths are normalised ("a//b/./c" is
 "a/b/c"); a path that is absolute, contains "..", a NUL or control
 character, a part longer than 255 bytes or is longer than 4096 bytes is
-refused with INVALID_ARGUMENT.
+refused with INVALID_ARGUMENT. In a lit:// drive, paths are also kept in
+Unicode NFC: names that differ only by normalisation (an "é" sent as one
+code point or as "e" and a combining accent) are one name, whichever form
+a request uses, and answers give the NFC form. A name that an earlier
+drived stored in another form lists as stored and is read and deleted with
+its folder (or the drive root), but its own path now names its NFC
+spelling: get its folder and put it again to keep it. s3:// keys are the
+store's and are used exactly as sent.
 
 Files in a managed drive are owned by the component that put them; each
 component (a worker's name, 1-128 letters, digits, '.', '_', '-') has its
@@ -26,16 +33,30 @@ Status codes used by every RPC:
   INVALID_ARGUMENT     bad drive URI, path, component, or stream order
   NOT_FOUND            the path (or the S3 bucket) does not exist
   ALREADY_EXISTS       another component holds the path (allow_duplicates off)
-  PERMISSION_DENIED    a write to a read-only (s3://) drive, or S3 refused access
+  UNAUTHENTICATED      the daemon wants a token (`authorization: Bearer TOKEN`
+                       metadata) and the call has none it accepts
+  PERMISSION_DENIED    a write to a read-only (s3://) drive, S3 refused access,
+                       or the call's token does not cover the drive or the
+                       call (a write with a read token). Checked before the
+                       drive is touched: the answer is the same whether the
+                       drive exists or not
   FAILED_PRECONDITION  the path is held by several components: name one
   ABORTED              the file changed while it was read (if_match, s3 ETag)
-  OUT_OF_RANGE         a Watch resumed from events no longer kept, or a Put
-                       resumed at another offset than the server holds
+  OUT_OF_RANGE         a Watch resumed from events no longer kept, or from
+                       a sequence the drive never gave; a Put resumed at
+                       another offset than the server holds
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
   DATA_LOSS            the bytes received do not match the CRC32C (or sha256)
                        sent, or a stored file is damaged (the message names it)
-  RESOURCE_EXHAUSTED   disk full, or a message over the size limit
-  UNAVAILABLE          S3 unreachable, or the daemon is shutting down
+  RESOURCE_EXHAUSTED   disk full, a file over the daemon's --max-file-size,
+                       a drive over its --quota (the message gives the
+                       numbers), too many transfers and watches open at
+                       once (--max-streams, --max-streams-per-peer), the
+                       daemon's open-file limit, or a message over the
+                       size limit (4 MiB)
+  UNAVAILABLE          S3 unreachable, the daemon is shutting down, or a
+                       Put or Get whose client sent or read nothing for
+                       the daemon's --stream-idle-timeout: retry
   UNIMPLEMENTED        an RPC this daemon does not serve yet
 The status message says what happened and what to do, for a person.
 """
@@ -139,8 +160,10 @@ class PutHeader(_message.Message):
     the drive and component. Empty: not resumable, and what arrived of an
     unfinished file is discarded when the stream ends. With an id, the server
     keeps what it holds of an unfinished file for its --upload-expiry after
-    the stream ends (fewer when it holds more uploads than its bounds allow:
-    the oldest go first); QueryWriteStatus tells how much that is. What is
+    the client ended or broke the stream (fewer when it holds more uploads
+    than its bounds allow: the oldest go first); QueryWriteStatus tells how
+    much that is. A stream the server ended (an error status, or UNAVAILABLE
+    after --stream-idle-timeout) leaves nothing held. What is
     held lives in that server's memory: another server (a replica behind a
     load balancer) or the same one restarted holds nothing, and answers
     NOT_FOUND: the client puts the file again from offset 0.
@@ -395,7 +418,9 @@ class GetRequest(_message.Message):
     """At most this many bytes from `offset`; 0 means to the end. Files only."""
     wait_seconds: _builtins.float
     """When > 0 and the path does not exist yet, wait up to this many seconds
-    for a put to commit it before answering DEADLINE_EXCEEDED.
+    for a put to commit it before answering DEADLINE_EXCEEDED. At most 86400
+    (a day): a wait holds a stream of the daemon's; to wait longer, wait
+    again. NaN, infinity or more than a day is INVALID_ARGUMENT.
     """
     if_match: _builtins.str
     """When set, the file must still have this sha256 (managed) or ETag (s3):
@@ -541,7 +566,13 @@ class ListRequest(_message.Message):
     page_size: _builtins.int
     """At most this many entries per answer; 0 means 1000. Capped at 10000."""
     page_token: _builtins.str
-    """The previous answer's next_page_token; "" for the first page."""
+    """The previous answer's next_page_token, unchanged; "" for the first page.
+    A token is opaque and checked: one this listing (same drive, path,
+    component and recursive) did not give is INVALID_ARGUMENT. That includes
+    the plain paths earlier daemons gave, which cannot be told from garbage:
+    a paging loop that spans an upgrade starts again from its first page.
+    Tokens do not expire, and any daemon serving the same store takes them.
+    """
     def __init__(
         self,
         *,
@@ -569,7 +600,9 @@ class ListResponse(_message.Message):
     ENTRIES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Pass to the next List call; empty on the last page."""
+    """Pass to the next List call, unchanged; empty on the last page. Opaque:
+    its form may change between releases (its first part is its version).
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileInfo]:
         """Entries in path order. For a folder entry only path and folder are set;
@@ -743,7 +776,9 @@ class WatchRequest(_message.Message):
     """Resume: send the events after this sequence number. 0 starts from now.
     Sequence numbers increase across daemon restarts; the daemon keeps the
     last 10,000 events of each drive since it started, and 100,000 over all
-    drives. A resume from before what is kept answers OUT_OF_RANGE.
+    drives. A resume from before what is kept answers OUT_OF_RANGE, and so
+    does one from after the drive's latest event (a number the drive never
+    gave, which no event would ever follow).
     """
     def __init__(
         self,

@@ -112,11 +112,16 @@ class DriveServiceServicer:
         header before the previous file's finish, a path that is a folder, or
         whose parent is a file; a bad upload_id, a write_offset without one, or
         a resume whose path or size is not the upload's), ALREADY_EXISTS (another
-        component holds the path and allow_duplicates is false),
+        component holds the path and allow_duplicates is false; a file and a
+        folder of one path in two components count as the same path),
         PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
         server does not hold), OUT_OF_RANGE (a resume at another offset than it
         holds), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
-        full).
+        full, a file over --max-file-size as soon as its header or its bytes
+        say so, the drive's --quota, too many streams), UNAVAILABLE (the client
+        sent nothing for --stream-idle-timeout; the daemon is shutting down).
+        Nothing is stored for a file refused so, and nothing is held of it even
+        with an `upload_id`. A resumed file's limits count its held bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,7 +148,10 @@ class DriveServiceServicer:
         was named; the message names them), ABORTED (if_match differs, or an
         s3 object changed since it was indexed: re-mount and retry),
         INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-        limit on a folder).
+        limit on a folder, a wait_seconds that is not a number or over a day),
+        RESOURCE_EXHAUSTED (too many streams), UNAVAILABLE (the client read
+        nothing for --stream-idle-timeout: resume from the offset reached; the
+        daemon is shutting down). The time a Get waits for its path is not idle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,7 +161,9 @@ class DriveServiceServicer:
         """Lists the immediate entries (files and folders) under a path, or every
         file beneath it with `recursive`, sorted by path and de-duplicated across
         components. A missing path lists as empty (no error). Paged: pass the
-        previous answer's `next_page_token` until it is empty.
+        previous answer's `next_page_token` until it is empty. Errors:
+        INVALID_ARGUMENT (bad path, a negative page_size, a page_token this
+        listing did not give).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -195,9 +205,10 @@ class DriveServiceServicer:
         increasing sequence numbers. After a reconnect, pass the last sequence
         seen as `after_sequence` to receive what was missed. The stream does not
         end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-        OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
-        drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
-        shutting down: reconnect and resume).
+        OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+        `after_sequence` is past the drive's latest event, so it is no sequence
+        this drive reported: list the drive to resynchronise, then watch from
+        now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,10 +221,13 @@ class DriveServiceServicer:
         upload whose finish arrived is described once its commit ended: complete,
         with the file, for the server's --upload-expiry after the commit, so that a
         client cut after its finish learns the file is stored (NOT_FOUND when the
-        commit failed). Errors: NOT_FOUND (no such upload: never started, expired
-        after the daemon's --upload-expiry, held by another daemon or by this one
-        before a restart, or on an s3:// drive: start again from offset 0),
-        INVALID_ARGUMENT (bad drive, component or id).
+        commit failed). The call's token needs what a Put needs (read-write, the
+        drive in its scope), checked before the upload is looked up. Errors:
+        NOT_FOUND (no such upload: never started, expired after the daemon's
+        --upload-expiry, removed when the server ended its stream, held by another
+        daemon or by this one before a restart, or on an s3:// drive: start again
+        from offset 0), INVALID_ARGUMENT (bad drive, component or id),
+        PERMISSION_DENIED (the token does not cover a write to the drive).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -16,7 +16,14 @@ A path names a file or folder inside a drive, relative to its root, with
 the root (accepted by List only). Paths are normalised ("a//b/./c" is
 "a/b/c"); a path that is absolute, contains "..", a NUL or control
 character, a part longer than 255 bytes or is longer than 4096 bytes is
-refused with INVALID_ARGUMENT.
+refused with INVALID_ARGUMENT. In a lit:// drive, paths are also kept in
+Unicode NFC: names that differ only by normalisation (an "é" sent as one
+code point or as "e" and a combining accent) are one name, whichever form
+a request uses, and answers give the NFC form. A name that an earlier
+drived stored in another form lists as stored and is read and deleted with
+its folder (or the drive root), but its own path now names its NFC
+spelling: get its folder and put it again to keep it. s3:// keys are the
+store's and are used exactly as sent.
 
 Files in a managed drive are owned by the component that put them; each
 component (a worker's name, 1-128 letters, digits, '.', '_', '-') has its
@@ -26,16 +33,30 @@ Status codes used by every RPC:
   INVALID_ARGUMENT     bad drive URI, path, component, or stream order
   NOT_FOUND            the path (or the S3 bucket) does not exist
   ALREADY_EXISTS       another component holds the path (allow_duplicates off)
-  PERMISSION_DENIED    a write to a read-only (s3://) drive, or S3 refused access
+  UNAUTHENTICATED      the daemon wants a token (`authorization: Bearer TOKEN`
+                       metadata) and the call has none it accepts
+  PERMISSION_DENIED    a write to a read-only (s3://) drive, S3 refused access,
+                       or the call's token does not cover the drive or the
+                       call (a write with a read token). Checked before the
+                       drive is touched: the answer is the same whether the
+                       drive exists or not
   FAILED_PRECONDITION  the path is held by several components: name one
   ABORTED              the file changed while it was read (if_match, s3 ETag)
-  OUT_OF_RANGE         a Watch resumed from events no longer kept, or a Put
-                       resumed at another offset than the server holds
+  OUT_OF_RANGE         a Watch resumed from events no longer kept, or from
+                       a sequence the drive never gave; a Put resumed at
+                       another offset than the server holds
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
   DATA_LOSS            the bytes received do not match the CRC32C (or sha256)
                        sent, or a stored file is damaged (the message names it)
-  RESOURCE_EXHAUSTED   disk full, or a message over the size limit
-  UNAVAILABLE          S3 unreachable, or the daemon is shutting down
+  RESOURCE_EXHAUSTED   disk full, a file over the daemon's --max-file-size,
+                       a drive over its --quota (the message gives the
+                       numbers), too many transfers and watches open at
+                       once (--max-streams, --max-streams-per-peer), the
+                       daemon's open-file limit, or a message over the
+                       size limit (4 MiB)
+  UNAVAILABLE          S3 unreachable, the daemon is shutting down, or a
+                       Put or Get whose client sent or read nothing for
+                       the daemon's --stream-idle-timeout: retry
   UNIMPLEMENTED        an RPC this daemon does not serve yet
 The status message says what happened and what to do, for a person.
 """
@@ -96,11 +117,16 @@ class DriveServiceStub:
     header before the previous file's finish, a path that is a folder, or
     whose parent is a file; a bad upload_id, a write_offset without one, or
     a resume whose path or size is not the upload's), ALREADY_EXISTS (another
-    component holds the path and allow_duplicates is false),
+    component holds the path and allow_duplicates is false; a file and a
+    folder of one path in two components count as the same path),
     PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
     server does not hold), OUT_OF_RANGE (a resume at another offset than it
     holds), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
-    full).
+    full, a file over --max-file-size as soon as its header or its bytes
+    say so, the drive's --quota, too many streams), UNAVAILABLE (the client
+    sent nothing for --stream-idle-timeout; the daemon is shutting down).
+    Nothing is stored for a file refused so, and nothing is held of it even
+    with an `upload_id`. A resumed file's limits count its held bytes.
     """
     PutFile: _grpc.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -119,13 +145,18 @@ class DriveServiceStub:
     was named; the message names them), ABORTED (if_match differs, or an
     s3 object changed since it was indexed: re-mount and retry),
     INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-    limit on a folder).
+    limit on a folder, a wait_seconds that is not a number or over a day),
+    RESOURCE_EXHAUSTED (too many streams), UNAVAILABLE (the client read
+    nothing for --stream-idle-timeout: resume from the offset reached; the
+    daemon is shutting down). The time a Get waits for its path is not idle.
     """
     List: _grpc.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]
     """Lists the immediate entries (files and folders) under a path, or every
     file beneath it with `recursive`, sorted by path and de-duplicated across
     components. A missing path lists as empty (no error). Paged: pass the
-    previous answer's `next_page_token` until it is empty.
+    previous answer's `next_page_token` until it is empty. Errors:
+    INVALID_ARGUMENT (bad path, a negative page_size, a page_token this
+    listing did not give).
     """
     Stat: _grpc.UnaryUnaryMultiCallable[_drive_pb2.StatRequest, _drive_pb2.FileInfo]
     """Describes one file or folder. Errors: NOT_FOUND, FAILED_PRECONDITION
@@ -151,9 +182,10 @@ class DriveServiceStub:
     increasing sequence numbers. After a reconnect, pass the last sequence
     seen as `after_sequence` to receive what was missed. The stream does not
     end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-    OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
-    drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
-    shutting down: reconnect and resume).
+    OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+    `after_sequence` is past the drive's latest event, so it is no sequence
+    this drive reported: list the drive to resynchronise, then watch from
+    now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
     """
     QueryWriteStatus: _grpc.UnaryUnaryMultiCallable[_drive_pb2.QueryWriteStatusRequest, _drive_pb2.QueryWriteStatusResponse]
     """Tells how much of a resumable upload (a Put whose header carried an
@@ -162,10 +194,13 @@ class DriveServiceStub:
     upload whose finish arrived is described once its commit ended: complete,
     with the file, for the server's --upload-expiry after the commit, so that a
     client cut after its finish learns the file is stored (NOT_FOUND when the
-    commit failed). Errors: NOT_FOUND (no such upload: never started, expired
-    after the daemon's --upload-expiry, held by another daemon or by this one
-    before a restart, or on an s3:// drive: start again from offset 0),
-    INVALID_ARGUMENT (bad drive, component or id).
+    commit failed). The call's token needs what a Put needs (read-write, the
+    drive in its scope), checked before the upload is looked up. Errors:
+    NOT_FOUND (no such upload: never started, expired after the daemon's
+    --upload-expiry, removed when the server ended its stream, held by another
+    daemon or by this one before a restart, or on an s3:// drive: start again
+    from offset 0), INVALID_ARGUMENT (bad drive, component or id),
+    PERMISSION_DENIED (the token does not cover a write to the drive).
     """
 
 @_typing.type_check_only
@@ -199,11 +234,16 @@ class DriveServiceAsyncStub(DriveServiceStub):
     header before the previous file's finish, a path that is a folder, or
     whose parent is a file; a bad upload_id, a write_offset without one, or
     a resume whose path or size is not the upload's), ALREADY_EXISTS (another
-    component holds the path and allow_duplicates is false),
+    component holds the path and allow_duplicates is false; a file and a
+    folder of one path in two components count as the same path),
     PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
     server does not hold), OUT_OF_RANGE (a resume at another offset than it
     holds), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
-    full).
+    full, a file over --max-file-size as soon as its header or its bytes
+    say so, the drive's --quota, too many streams), UNAVAILABLE (the client
+    sent nothing for --stream-idle-timeout; the daemon is shutting down).
+    Nothing is stored for a file refused so, and nothing is held of it even
+    with an `upload_id`. A resumed file's limits count its held bytes.
     """
     PutFile: _aio.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]  # type: ignore[assignment]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -222,13 +262,18 @@ class DriveServiceAsyncStub(DriveServiceStub):
     was named; the message names them), ABORTED (if_match differs, or an
     s3 object changed since it was indexed: re-mount and retry),
     INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-    limit on a folder).
+    limit on a folder, a wait_seconds that is not a number or over a day),
+    RESOURCE_EXHAUSTED (too many streams), UNAVAILABLE (the client read
+    nothing for --stream-idle-timeout: resume from the offset reached; the
+    daemon is shutting down). The time a Get waits for its path is not idle.
     """
     List: _aio.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]  # type: ignore[assignment]
     """Lists the immediate entries (files and folders) under a path, or every
     file beneath it with `recursive`, sorted by path and de-duplicated across
     components. A missing path lists as empty (no error). Paged: pass the
-    previous answer's `next_page_token` until it is empty.
+    previous answer's `next_page_token` until it is empty. Errors:
+    INVALID_ARGUMENT (bad path, a negative page_size, a page_token this
+    listing did not give).
     """
     Stat: _aio.UnaryUnaryMultiCallable[_drive_pb2.StatRequest, _drive_pb2.FileInfo]  # type: ignore[assignment]
     """Describes one file or folder. Errors: NOT_FOUND, FAILED_PRECONDITION
@@ -254,9 +299,10 @@ class DriveServiceAsyncStub(DriveServiceStub):
     increasing sequence numbers. After a reconnect, pass the last sequence
     seen as `after_sequence` to receive what was missed. The stream does not
     end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-    OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
-    drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
-    shutting down: reconnect and resume).
+    OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+    `after_sequence` is past the drive's latest event, so it is no sequence
+    this drive reported: list the drive to resynchronise, then watch from
+    now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
     """
     QueryWriteStatus: _aio.UnaryUnaryMultiCallable[_drive_pb2.QueryWriteStatusRequest, _drive_pb2.QueryWriteStatusResponse]  # type: ignore[assignment]
     """Tells how much of a resumable upload (a Put whose header carried an
@@ -265,10 +311,13 @@ class DriveServiceAsyncStub(DriveServiceStub):
     upload whose finish arrived is described once its commit ended: complete,
     with the file, for the server's --upload-expiry after the commit, so that a
     client cut after its finish learns the file is stored (NOT_FOUND when the
-    commit failed). Errors: NOT_FOUND (no such upload: never started, expired
-    after the daemon's --upload-expiry, held by another daemon or by this one
-    before a restart, or on an s3:// drive: start again from offset 0),
-    INVALID_ARGUMENT (bad drive, component or id).
+    commit failed). The call's token needs what a Put needs (read-write, the
+    drive in its scope), checked before the upload is looked up. Errors:
+    NOT_FOUND (no such upload: never started, expired after the daemon's
+    --upload-expiry, removed when the server ended its stream, held by another
+    daemon or by this one before a restart, or on an s3:// drive: start again
+    from offset 0), INVALID_ARGUMENT (bad drive, component or id),
+    PERMISSION_DENIED (the token does not cover a write to the drive).
     """
 
 class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -305,11 +354,16 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         header before the previous file's finish, a path that is a folder, or
         whose parent is a file; a bad upload_id, a write_offset without one, or
         a resume whose path or size is not the upload's), ALREADY_EXISTS (another
-        component holds the path and allow_duplicates is false),
+        component holds the path and allow_duplicates is false; a file and a
+        folder of one path in two components count as the same path),
         PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
         server does not hold), OUT_OF_RANGE (a resume at another offset than it
         holds), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
-        full).
+        full, a file over --max-file-size as soon as its header or its bytes
+        say so, the drive's --quota, too many streams), UNAVAILABLE (the client
+        sent nothing for --stream-idle-timeout; the daemon is shutting down).
+        Nothing is stored for a file refused so, and nothing is held of it even
+        with an `upload_id`. A resumed file's limits count its held bytes.
         """
 
     @_abc_1.abstractmethod
@@ -340,7 +394,10 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         was named; the message names them), ABORTED (if_match differs, or an
         s3 object changed since it was indexed: re-mount and retry),
         INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
-        limit on a folder).
+        limit on a folder, a wait_seconds that is not a number or over a day),
+        RESOURCE_EXHAUSTED (too many streams), UNAVAILABLE (the client read
+        nothing for --stream-idle-timeout: resume from the offset reached; the
+        daemon is shutting down). The time a Get waits for its path is not idle.
         """
 
     @_abc_1.abstractmethod
@@ -352,7 +409,9 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the immediate entries (files and folders) under a path, or every
         file beneath it with `recursive`, sorted by path and de-duplicated across
         components. A missing path lists as empty (no error). Paged: pass the
-        previous answer's `next_page_token` until it is empty.
+        previous answer's `next_page_token` until it is empty. Errors:
+        INVALID_ARGUMENT (bad path, a negative page_size, a page_token this
+        listing did not give).
         """
 
     @_abc_1.abstractmethod
@@ -402,9 +461,10 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         increasing sequence numbers. After a reconnect, pass the last sequence
         seen as `after_sequence` to receive what was missed. The stream does not
         end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-        OUT_OF_RANGE (events after `after_sequence` are no longer kept: list the
-        drive to resynchronise, then watch from now), UNAVAILABLE (the daemon is
-        shutting down: reconnect and resume).
+        OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+        `after_sequence` is past the drive's latest event, so it is no sequence
+        this drive reported: list the drive to resynchronise, then watch from
+        now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
         """
 
     @_abc_1.abstractmethod
@@ -419,10 +479,13 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         upload whose finish arrived is described once its commit ended: complete,
         with the file, for the server's --upload-expiry after the commit, so that a
         client cut after its finish learns the file is stored (NOT_FOUND when the
-        commit failed). Errors: NOT_FOUND (no such upload: never started, expired
-        after the daemon's --upload-expiry, held by another daemon or by this one
-        before a restart, or on an s3:// drive: start again from offset 0),
-        INVALID_ARGUMENT (bad drive, component or id).
+        commit failed). The call's token needs what a Put needs (read-write, the
+        drive in its scope), checked before the upload is looked up. Errors:
+        NOT_FOUND (no such upload: never started, expired after the daemon's
+        --upload-expiry, removed when the server ended its stream, held by another
+        daemon or by this one before a restart, or on an s3:// drive: start again
+        from offset 0), INVALID_ARGUMENT (bad drive, component or id),
+        PERMISSION_DENIED (the token does not cover a write to the drive).
         """
 
 def add_DriveServiceServicer_to_server(servicer: DriveServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

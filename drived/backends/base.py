@@ -192,6 +192,27 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def usage(self, prefix: str) -> int:
+        """The bytes of all objects under folder `prefix` (their content, not what the store adds).
+
+        Reads every object's size once: the cost of a `walk` of the folder.
+        """
+
+    async def occupant(self, root: str, path: str) -> tuple[str, bool] | None:
+        """What under folder `root` takes the place of `path`: an object at `path` or at one of its parent
+        folders, or a folder at `path`; as (its path below `root`, whether it is a folder), or None.
+
+        Another component's put of `path` would hold a file and a folder of one path in the drive. This
+        default asks `stat` for each part and `is_folder` for the whole; a backend may answer in one walk.
+        """
+        parts = path.split("/")
+        for end in range(1, len(parts) + 1):
+            held = "/".join(parts[:end])
+            if await self.stat(f"{root}/{held}"):
+                return held, False
+        return (path, True) if await self.is_folder(f"{root}/{path}") else None
+
+    @abc.abstractmethod
     async def delete(self, key: str) -> bool:
         """Removes the object at `key`; False when there was none."""
 

@@ -23,6 +23,7 @@ from typing import Any
 from drive_client.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from drive_client.files import write_all
 
+from ..descriptors import Descriptors
 from .base import (
     Backend,
     Chunks,
@@ -74,15 +75,17 @@ def _commit_error(err: OSError, key: str) -> Exception:
 
 
 class FileChunks:
-    """The chunks of one open file, [start, end); the file closes at the end, on `aclose`, or when collected.
+    """The chunks of one open file, [start, end); the file closes at the end, on `aclose`, or when collected,
+    and its descriptor goes back to `descriptors`.
 
     A cached chunk is copied in about the time a thread hop takes, so it is
     read on the event loop with RWF_NOWAIT, which never waits for the disk; a
     chunk that needs the disk is read by a worker thread.
     """
 
-    def __init__(self, fd: int, start: int, end: int, chunk_size: int) -> None:
+    def __init__(self, fd: int, start: int, end: int, chunk_size: int, descriptors: Descriptors) -> None:
         self._fd = fd
+        self._descriptors = descriptors
         self._position = start
         self._end = end
         self._chunk_size = chunk_size
@@ -113,9 +116,13 @@ class FileChunks:
             return
         fd, self._fd = self._fd, -1
         if self._reading is not None:  # cancelled mid-read: close once the worker thread is done with it
-            self._reading.add_done_callback(lambda _: os.close(fd))
+            self._reading.add_done_callback(lambda _: self._close_fd(fd))
         else:
-            os.close(fd)
+            self._close_fd(fd)
+
+    def _close_fd(self, fd: int) -> None:
+        os.close(fd)
+        self._descriptors.give_read()
 
     async def aclose(self) -> None:
         self._close()
@@ -145,6 +152,7 @@ class LocalUpload(Upload):
         self._pending_bytes = 0
         self._flushing: asyncio.Future[None] | None = None
         self._committing: asyncio.Future[Any] | None = None
+        self._counted = False  # a descriptor is counted for the temporary file (Descriptors.take_upload)
 
     def _open(self) -> None:
         """Opens the temporary file at its end: created on the first flush, opened again after `suspend`."""
@@ -154,6 +162,21 @@ class LocalUpload(Upload):
         self._fd = os.open(self._tmp_path, flags, 0o644)
         self._created = True
         os.lseek(self._fd, HEADER.size + self._written, os.SEEK_SET)  # the header is written at the commit
+
+    def _count_descriptor(self) -> None:
+        """Counts the temporary file's descriptor before a worker thread opens it (again, after `suspend`):
+        here, not in the worker thread, so that a refusal fails this call, at once."""
+        if not self._counted:
+            self._backend.descriptors.take_upload()
+            self._counted = True
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._counted:
+            self._counted = False
+            self._backend.descriptors.give_upload()
 
     def _flush(self, chunks: list[bytes | memoryview]) -> None:
         """Runs in a worker thread: hashes and appends `chunks` to the temporary file."""
@@ -188,6 +211,7 @@ class LocalUpload(Upload):
 
     def _start_flush(self) -> None:
         """Hands the pending chunks to a worker thread, not awaited: the next chunk is received meanwhile."""
+        self._count_descriptor()
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
         self._flushing = asyncio.get_running_loop().run_in_executor(None, self._flush, chunks)
 
@@ -206,9 +230,7 @@ class LocalUpload(Upload):
         if self._pending:
             self._start_flush()
             await self._drain()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close_fd()
 
     def _commit_big(self, chunks: list[bytes | memoryview], sha256: str, size: int | None) -> ObjectInfo:
         """Runs in a worker thread: writes the rest, verifies, writes the header, fsyncs and renames into place."""
@@ -220,8 +242,7 @@ class LocalUpload(Upload):
         try:
             os.pwrite(self._fd, HEADER.pack(MAGIC, self._hash.digest(), self._size), 0)
             generation = make_durable(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            self._close_fd()
             folder = place(self._tmp_path, self._path)
             self._tmp_path = ""  # renamed away: nothing left to discard
             fsync_folder(folder)
@@ -251,6 +272,7 @@ class LocalUpload(Upload):
             if not self._created:  # nothing written to disk yet: a small file, committed with others
                 data, self._pending, self._pending_bytes = b"".join(self._pending), [], 0
                 return await self._commit_small(data, sha256, size)
+            self._count_descriptor()  # its file is closed after a `suspend`
             chunks, self._pending, self._pending_bytes = self._pending, [], 0
             self._committing = asyncio.get_running_loop().run_in_executor(None, self._commit_big, chunks, sha256, size)
             # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
@@ -259,9 +281,7 @@ class LocalUpload(Upload):
             await self.abort()
 
     def _discard(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close_fd()
         if self._tmp_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._tmp_path)
@@ -270,18 +290,27 @@ class LocalUpload(Upload):
         self._pending = []
         running = self._committing or self._flushing
         self._flushing = None
-        if running is not None and not running.done():
-            # Closing the file under a running write would be unsafe: let that write finish first.
-            running.add_done_callback(lambda _: self._discard())
-        else:
+        if running is None:
             self._discard()
+        elif not running.done():
+            # Closing the file under a running write would be unsafe: let that write finish first.
+            running.add_done_callback(self._discard_after)
+        else:
+            self._discard_after(running)
+
+    def _discard_after(self, running: asyncio.Future[Any]) -> None:
+        """Discards the upload once `running` ended; what it failed with was for a put that is over."""
+        if not running.cancelled():
+            running.exception()
+        self._discard()
 
 
 class LocalBackend(Backend):
     """Objects as files under a data directory."""
 
-    def __init__(self, data_dir: str, chunk_size: int = 1 << 20) -> None:
+    def __init__(self, data_dir: str, descriptors: Descriptors, chunk_size: int = 1 << 20) -> None:
         self.root = os.path.realpath(os.path.join(data_dir, "objects"))
+        self.descriptors = descriptors
         self.tmp_dir = os.path.join(os.path.realpath(data_dir), "tmp")
         self.chunk_size = chunk_size
         self.upload_numbers = itertools.count()  # names of the uploads in tmp/, which starts empty
@@ -317,6 +346,24 @@ class LocalBackend(Backend):
                 raise InvalidArgument(f"path {key!r} goes through a symbolic link in the data dir: refused")
         return path, mode
 
+    async def occupant(self, root: str, path: str) -> tuple[str, bool] | None:
+        # One lstat per part, inline like stat: the ownership check of every put of a drive with
+        # several components runs this for each of the others.
+        folder = self._path(root)
+        parts = path.split("/")
+        for end, name in enumerate(parts, 1):
+            folder = f"{folder}/{name}"
+            try:
+                mode = os.lstat(folder).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if stat.S_ISREG(mode):
+                return "/".join(parts[:end]), False
+            if not stat.S_ISDIR(mode):
+                key = f"{root}/{path}"
+                raise InvalidArgument(f"path {key!r} goes through a symbolic link in the data dir: refused")
+        return path, True
+
     async def start_upload(self, key: str) -> Upload:
         path, mode = self._lookup(key)
         if mode is not None and stat.S_ISDIR(mode):
@@ -345,12 +392,18 @@ class LocalBackend(Backend):
             raise
 
     async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, Chunks]:
-        fd, info = self._open(key)  # inline, like stat: the open file pins this version
-        if offset > info.size:
-            os.close(fd)
-            raise InvalidArgument(f"offset {offset} is past the end of {key!r} ({info.size} bytes)")
+        self.descriptors.take_read()
+        try:
+            fd, info = self._open(key)  # inline, like stat: the open file pins this version
+        except BaseException:
+            self.descriptors.give_read()
+            raise
         end = info.size if limit == 0 else min(info.size, offset + limit)
-        return info, FileChunks(fd, offset, end, self.chunk_size)
+        chunks = FileChunks(fd, offset, end, self.chunk_size, self.descriptors)
+        if offset > info.size:
+            await chunks.aclose()
+            raise InvalidArgument(f"offset {offset} is past the end of {key!r} ({info.size} bytes)")
+        return info, chunks
 
     def _stat(self, key: str) -> ObjectInfo | None:
         try:
@@ -411,6 +464,17 @@ class LocalBackend(Backend):
 
     async def walk(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
         return await asyncio.get_running_loop().run_in_executor(None, self._walk, prefix, start_after, limit)
+
+    def _usage(self, prefix: str) -> int:
+        total = 0
+        for folder, _, names in os.walk(self._path(prefix)):
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):  # deleted or replaced while counted
+                    total += max(os.lstat(f"{folder}/{name}").st_size - HEADER.size, 0)
+        return total
+
+    async def usage(self, prefix: str) -> int:
+        return await asyncio.get_running_loop().run_in_executor(None, self._usage, prefix)
 
     def _delete(self, key: str) -> bool:
         path = self._path(key)

@@ -675,6 +675,12 @@ class S3Backend(Backend):
                 break
         return keys[:limit] if limit is not None else keys
 
+    async def usage(self, prefix: str) -> int:
+        total = 0
+        async for page in self._pages(prefix, False, "", None):
+            total += sum(int(entry.get("Size", 0)) for entry in page.get("Contents", []))
+        return total
+
     # -- deletes -------------------------------------------------------------
 
     async def delete(self, key: str) -> bool:

@@ -30,6 +30,9 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _QUERY_NAMES = {"Prefix": "prefix", "MaxKeys": "max-keys", "EncodingType": "encoding-type",
                 "Delimiter": "delimiter", "ContinuationToken": "continuation-token", "StartAfter": "start-after"}
 _MAX_HEAD = 64 * 1024  # a status line and headers longer than this are not a listing answer
+# A page of 1,000 keys of at most 1 KiB each is under 2 MiB of XML: a longer body is not a
+# listing answer, and is left to boto3 rather than read into memory.
+_MAX_BODY = 16 << 20
 
 
 def usable(client: Any) -> bool:
@@ -116,6 +119,8 @@ class _Connection:
         self.buf = bytearray()
 
     def _fill(self) -> None:
+        if len(self.buf) > _MAX_BODY:
+            raise HTTPError("the answer is too long for a listing page")
         data = self.sock.recv(256 * 1024)
         if not data:
             raise ConnectionError("the S3 endpoint closed the connection")
@@ -160,7 +165,11 @@ class _Connection:
                 keep = value.strip().lower() == b"keep-alive"
         if chunked:
             parts = []
+            total = 0
             while size := int(self._line().partition(b";")[0], 16):
+                total += size
+                if total > _MAX_BODY:
+                    raise HTTPError("the answer is too long for a listing page")
                 parts.append(self._take(size))
                 if self._take(2) != b"\r\n":
                     raise HTTPError("bad chunk")

@@ -1,0 +1,240 @@
+"""How a client reaches drived: the endpoint, its transport security, and the one function that makes channels.
+
+Shared by the client (`Drive`, `AsyncDrive`) and the daemon's `drived health`,
+so both read the same settings the same way. Every channel to a daemon is
+made by `open_channel`: the place for channel options.
+
+TLS: `Connection.tls` on, the daemon's certificate is checked against
+`tls_ca` (a PEM bundle; the system's roots when not given), and with
+`tls_cert`/`tls_key` the client shows its own certificate (mutual TLS). A
+token travels in the call's metadata: over a plaintext channel anyone on the
+path reads it, so `check_token_transport` refuses that to any address but
+loopback unless the caller says the network is trusted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from .errors import InvalidArgument, NotFound
+
+DEFAULT_ENDPOINT = "127.0.0.1:50051"
+MESSAGE_LIMIT = 8 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    # A fixed 2 MiB receive window per stream: with gRPC's default window sizing (BDP
+    # probing) the window of a long get keeps growing, and the client's memory with it
+    # (bench/WHY.md).
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 2 << 20),
+    # A daemon that could not be reached is tried again after 0.1 s, then less and less often,
+    # but at least every 5 s (gRPC's own are 1 s and 2 min): the retries of a call or a transfer
+    # (see `resume`) find a restarted daemon soon after it is back.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
+# gRPC's retry policy for the unary calls (the client's own code retries streams, see `resume`):
+# UNAVAILABLE means the call did not run, or may be run again to the same effect. Not Delete:
+# a delete that ran but whose answer was lost would be answered NOT_FOUND when tried again.
+UNARY_RETRY = json.dumps({"methodConfig": [{
+    "name": [{"service": "drive.v1.DriveService", "method": method}
+             for method in ("PutFile", "List", "Stat", "Mount", "QueryWriteStatus")],
+    "retryPolicy": {
+        "maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    },
+}]})
+# Targets that name several addresses: `dns:///name:port` (every address the name resolves to, e.g. a
+# headless Service's pods) and gRPC's `ipv4:`/`ipv6:` address lists.
+SPREAD_TARGETS = ("dns:", "ipv4:", "ipv6:")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("", "0", "false", "no", "off")
+
+
+def env_flag(name: str, environ: Mapping[str, str] = os.environ) -> bool:
+    """A yes/no environment variable (1/true/yes/on or 0/false/no/off, any case; unset is no)."""
+    text = environ.get(name, "").strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise InvalidArgument(f"${name}={environ[name]!r}: use 1 or 0 (true/false, yes/no, on/off)")
+
+
+def endpoint_hosts(endpoint: str) -> list[str]:
+    """The hosts an endpoint names: `HOST:PORT`, `[V6]:PORT`, or a gRPC target (`dns:///HOST:PORT`, `ipv4:` and
+    `ipv6:` lists of addresses); none for a `unix:` socket."""
+    if endpoint.startswith(("unix:", "unix-abstract:")):
+        return []
+    target = endpoint
+    for scheme in ("dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme):]
+            if target.startswith("//"):  # dns://AUTHORITY/HOST:PORT
+                target = target[2:].partition("/")[2]
+            break
+    return [_host(address) for address in target.split(",")]
+
+
+def _host(address: str) -> str:
+    if address.startswith("["):
+        return address[1:].partition("]")[0]
+    host, colon, port = address.rpartition(":")
+    return host if colon and port.isdigit() else address
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether `endpoint` stays on this machine: localhost, 127.0.0.0/8, ::1, or a unix socket.
+
+    Names are not resolved: any name but `localhost` counts as another machine.
+    """
+    return all(host == "localhost" or _loopback_address(host) for host in endpoint_hosts(endpoint))
+
+
+def _loopback_address(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read(path: str | None, setting: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise NotFound(f"{setting} {path!r} does not exist: give the path of a PEM file") from None
+    except OSError as err:
+        raise InvalidArgument(f"cannot read {setting} {path!r}: {err.strerror}") from None
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where a daemon is and how to reach it: the endpoint, and TLS files when it uses TLS."""
+
+    endpoint: str
+    tls: bool = False
+    tls_ca: str | None = None  # PEM bundle of the CAs that signed the daemon's certificate; None: system roots
+    tls_cert: str | None = None  # the client's certificate chain (PEM), for a daemon that asks for one
+    tls_key: str | None = None  # its private key (PEM)
+    server_name: str | None = None  # the name the daemon's certificate must carry, when not the endpoint's host
+
+    @classmethod
+    def from_settings(
+        cls,
+        endpoint: str | None = None,
+        tls: bool | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        server_name: str | None = None,
+    ) -> Connection:
+        """The connection for these arguments, each falling back to its environment variable.
+
+        $DRIVE_ENDPOINT (else 127.0.0.1:50051), $DRIVE_TLS, $DRIVE_TLS_CA,
+        $DRIVE_TLS_CERT, $DRIVE_TLS_KEY. TLS is on when `tls` (else $DRIVE_TLS)
+        says so; when neither is set, when a CA or a client certificate is
+        given. With TLS off the files are ignored.
+        """
+        endpoint = endpoint or os.environ.get("DRIVE_ENDPOINT") or DEFAULT_ENDPOINT
+        ca = _path(tls_ca, "DRIVE_TLS_CA")
+        cert = _path(tls_cert, "DRIVE_TLS_CERT")
+        key = _path(tls_key, "DRIVE_TLS_KEY")
+        if tls is None:
+            tls = env_flag("DRIVE_TLS") if os.environ.get("DRIVE_TLS") else bool(ca or cert)
+        if not tls:
+            return cls(endpoint)
+        if (cert is None) != (key is None):
+            raise InvalidArgument(
+                "a client certificate needs its key and a key its certificate: give both tls_cert and tls_key "
+                "($DRIVE_TLS_CERT and $DRIVE_TLS_KEY), or neither"
+            )
+        return cls(endpoint, True, ca, cert, key, server_name)
+
+    def check_token_transport(self, insecure: bool | None) -> None:
+        """Refuses to send a token in plaintext beyond loopback, unless `insecure` (else $DRIVE_INSECURE) says
+        the network is trusted. Called before any channel is made, so nothing has been sent."""
+        if self.tls or is_loopback(self.endpoint):
+            return
+        if env_flag("DRIVE_INSECURE") if insecure is None else insecure:
+            return
+        raise InvalidArgument(
+            f"refusing to send the token in plaintext to {self.endpoint} (not a loopback address), where anyone "
+            "on the network could read it: use TLS (tls=True or $DRIVE_TLS=1, `drive --tls`, with a daemon "
+            "started with --tls-cert), or pass insecure=True ($DRIVE_INSECURE=1, `drive --insecure`) on a "
+            "network you trust"
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The TLS credentials of this connection, read from its files now."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.tls_ca, "tls_ca ($DRIVE_TLS_CA)"),
+            private_key=_read(self.tls_key, "tls_key ($DRIVE_TLS_KEY)"),
+            certificate_chain=_read(self.tls_cert, "tls_cert ($DRIVE_TLS_CERT)"),
+        )
+
+    def unreachable_advice(self) -> str:
+        """What to check when the daemon cannot be reached (a failed TLS handshake looks the same)."""
+        if self.tls:
+            return ("is the daemon running, with --tls-cert? Check that tls_ca holds the CA of its certificate, and "
+                    "give a client certificate (tls_cert, tls_key) if it asks for one")
+        return "is the daemon running? `make run` starts one; a daemon started with --tls-cert needs tls=True"
+
+
+def _path(value: str | os.PathLike[str] | None, env: str) -> str | None:
+    if value is not None:
+        return os.fspath(value)
+    return os.environ.get(env) or None
+
+
+def channel_options(connection: Connection, retries: bool = False) -> list[tuple[str, Any]]:
+    """The options of a channel to `connection`'s daemon.
+
+    A target of several addresses spreads calls over all of them (round_robin, re-resolved when a
+    replica sends GOAWAY after --max-connection-age), where gRPC's default policy would send every
+    call to the first address that answers. `retries` turns gRPC's retries of unary calls on; a
+    retried call's request is kept until the call is answered: room for a whole small file.
+    """
+    options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
+    if connection.endpoint.startswith(SPREAD_TARGETS):
+        options.append(("grpc.lb_policy_name", "round_robin"))
+    if connection.server_name:
+        options.append(("grpc.ssl_target_name_override", connection.server_name))
+    if not retries:
+        return [*options, ("grpc.enable_retries", 0)]
+    return [*options, ("grpc.enable_retries", 1), ("grpc.service_config", UNARY_RETRY),
+            ("grpc.per_rpc_retry_buffer_size", MESSAGE_LIMIT)]
+
+
+def open_channel(connection: Connection, *, aio: bool = False, retries: bool = False) -> Any:
+    """A new channel to `connection`'s daemon: a `grpc.Channel`, or a `grpc.aio.Channel` with `aio=True`;
+    `retries` as `channel_options` says."""
+    options = channel_options(connection, retries)
+    kind = grpc.aio if aio else grpc
+    if connection.tls:
+        return kind.secure_channel(connection.endpoint, connection.credentials(), options=options)
+    return kind.insecure_channel(connection.endpoint, options=options)
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """The TLS flags of a command that reaches a daemon (`drive`, `drived health`), each defaulting to its
+    environment variable; `Connection.from_settings(endpoint, args.tls, args.tls_ca, args.tls_cert,
+    args.tls_key)` takes them."""
+    parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
+                        help="reach the daemon over TLS (default: $DRIVE_TLS; on when --tls-ca or --tls-cert is given)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle that signed the daemon's certificate (default: "
+                        "$DRIVE_TLS_CA, else the system's)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for a daemon with --tls-client-ca "
+                        "(default: $DRIVE_TLS_CERT)")
+    parser.add_argument("--tls-key", metavar="PEM", help="the client certificate's key (default: $DRIVE_TLS_KEY)")

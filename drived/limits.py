@@ -1,0 +1,158 @@
+"""Streams: how many the daemon serves at once, which ones a quiet peer has abandoned, and memory given back.
+
+Every call that moves file bytes or stays open (Put, PutFile, Get, Watch) is a
+*stream* here. `Streams.open` admits it or refuses it with RESOURCE_EXHAUSTED:
+at most `max_streams` at once in all, and `max_streams_per_peer` from one
+peer, a peer being the client's address without its port (every process of
+one host, or everything behind one proxy, is one peer). Calls that only ask
+(List, Stat, Delete, health) are never refused here, so one client's flood
+of streams leaves the daemon answering everyone else.
+
+A Put or Get whose peer has sent (Put) or taken (Get) nothing for
+`idle_timeout` seconds while the daemon waited on it is cancelled, and the
+caller answers it UNAVAILABLE; the Put's upload is discarded on the way out.
+The time a Get spends waiting for its path to be put, or reading from the
+store, is not the peer's and does not count. Nothing runs per message for
+this: the call counts its messages and says when it waits on its peer
+(`Stream.progress`, `Stream.waiting`), and one task looks at every stream a
+few times per timeout.
+
+The same task gives memory back: each received or sent message is a buffer
+of up to a message's size, and the malloc settings of `drive_client.malloc`
+keep freed buffers for reuse. After streams have ended, what the allocator
+holds free is returned to the system (`release_memory`), at most once a tick,
+so that what a burst of streams took does not stay with the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from drive_client.errors import ResourceExhausted
+
+log = logging.getLogger("drived")
+
+MAX_TICK_SECONDS = 1.0  # how often streams are looked at (more often for a short idle timeout)
+
+
+def peer_host(peer: str) -> str:
+    """A gRPC peer ("ipv4:10.0.0.7:53122", "ipv6:[::1]:53122", "unix:/run/x") without its port."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return f"{kind}:{address.rpartition(':')[0]}"
+    return peer
+
+
+@dataclass(eq=False)
+class Stream:
+    """One admitted call: its peer, its task, and what it has moved, for the idle check."""
+
+    method: str
+    peer: str
+    task: asyncio.Task[object] | None
+    idle_limited: bool  # Put and Get: cancelled when their peer goes quiet
+    progress: int = 0  # messages received or sent
+    waiting: bool = False  # waiting on the peer (the next message of a Put, the write of a Get)
+    timed_out: bool = False  # cancelled by the idle check
+    _seen: int = -1  # `progress` at the last look while waiting
+    _quiet_since: float = field(default=0.0)
+
+
+class Streams:
+    """The daemon's open streams: admission, the idle check and giving memory back."""
+
+    def __init__(
+        self, max_streams: int, max_per_peer: int, idle_timeout: float,
+        release_memory: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        self.max_streams = max_streams
+        self.max_per_peer = max_per_peer
+        self.idle_timeout = idle_timeout  # 0: no idle check
+        self._release_memory = release_memory
+        self._open: set[Stream] = set()
+        self._per_peer: Counter[str] = Counter()
+        self._none_open = asyncio.Event()
+        self._none_open.set()
+        self._ticking: asyncio.Task[None] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self._open)
+
+    @contextmanager
+    def opened(self, method: str, peer: str, idle_limited: bool) -> Iterator[Stream]:
+        """Admits a stream of `method` from `peer` for the body of a `with`; ResourceExhausted when full."""
+        host = peer_host(peer)
+        if self._per_peer[host] >= self.max_per_peer:
+            raise ResourceExhausted(
+                f"this client's host has {self.max_per_peer} transfers and watches open, the most drived "
+                "takes from one host (--max-streams-per-peer): wait for some to end, then retry"
+            )
+        if len(self._open) >= self.max_streams:
+            raise ResourceExhausted(
+                f"drived has {self.max_streams} transfers and watches open, the most it takes at once "
+                "(--max-streams): retry later"
+            )
+        stream = Stream(method, host, asyncio.current_task(), idle_limited)
+        self._open.add(stream)
+        self._per_peer[host] += 1
+        self._none_open.clear()
+        try:
+            yield stream
+        finally:
+            self._open.discard(stream)
+            self._per_peer[host] -= 1
+            if not self._per_peer[host]:
+                del self._per_peer[host]
+            if not self._open:
+                self._none_open.set()
+
+    async def wait_closed(self, timeout: float) -> bool:
+        """Waits up to `timeout` seconds for every open stream to end; True if they did."""
+        try:
+            await asyncio.wait_for(self._none_open.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def start(self) -> None:
+        """Starts looking at the streams (idle check, memory) in a task of the running loop."""
+        self._ticking = asyncio.create_task(self._tick_forever())
+
+    async def close(self) -> None:
+        if self._ticking is not None:
+            self._ticking.cancel()
+            await asyncio.gather(self._ticking, return_exceptions=True)
+
+    def tick_seconds(self) -> float:
+        return min(MAX_TICK_SECONDS, self.idle_timeout / 4) if self.idle_timeout else MAX_TICK_SECONDS
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_seconds())
+            self.cancel_idle(time.monotonic())
+            if self._release_memory is not None:
+                started = time.perf_counter()
+                await self._release_memory()
+                log.debug("memory check", extra={"fields": {"ms": round((time.perf_counter() - started) * 1000, 3)}})
+
+    def cancel_idle(self, now: float) -> None:
+        """Cancels each Put or Get that has waited on its peer, with no message moved, for the idle timeout."""
+        if not self.idle_timeout:
+            return
+        for stream in self._open:
+            if not (stream.idle_limited and stream.waiting) or stream.progress != stream._seen:
+                stream._seen = stream.progress
+                stream._quiet_since = now
+            elif now - stream._quiet_since >= self.idle_timeout and not stream.timed_out and stream.task:
+                stream.timed_out = True
+                stream.task.cancel()
+                log.info("idle stream cancelled", extra={"fields": {
+                    "method": stream.method, "peer": stream.peer, "idle_s": round(now - stream._quiet_since, 1),
+                }})

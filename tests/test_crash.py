@@ -1,0 +1,162 @@
+"""SIGKILL at any moment never leaves a visible partial nor damages an earlier version, and the next start-up
+recovers at once; SIGTERM under load lets every transfer in flight finish, refuses new calls with UNAVAILABLE
+(never CANCELLED) and exits 0 (issue 13, item 6)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from conftest import MIB, DaemonHandle, put_messages, raw_get, raw_put, sha256_hex, wait_until
+
+from drive_client.pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2_grpc
+
+pytestmark = pytest.mark.timeout(300)
+
+DRIVE = "lit://crash"
+SIZES = {"empty.bin": 0, "tiny.bin": 1000, "small.bin": 900 * 1024, "big.bin": 3 * MIB, "bigger.bin": 24 * MIB}
+
+
+def version(name: str, n: int) -> bytes:
+    """Version `n` of a file: bytes that tell which version they are, whatever the size."""
+    seed = hashlib.sha256(f"{name}/{n}".encode()).digest()
+    return (seed * (SIZES[name] // len(seed) + 1))[: SIZES[name]]
+
+
+def put_versions(endpoint: str, n: int, acknowledged: dict[str, set[int]], stop: threading.Event) -> None:
+    """Puts version `n` of every file, one stream each, until the daemon dies; records what was acknowledged."""
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        for name in SIZES:
+            if stop.is_set():
+                return
+            try:
+                raw_put(stub, DRIVE, name, version(name, n))
+            except grpc.RpcError:
+                return  # the daemon was killed
+            acknowledged[name].add(n)
+
+
+def start_again(start_daemon, tmp_path, data_dir) -> tuple[DaemonHandle, float]:
+    started = time.monotonic()
+    handle = start_daemon(tmp_path, data_dir=data_dir)
+    return handle, time.monotonic() - started
+
+
+def test_sigkill_at_any_moment_leaves_whole_versions_only(start_daemon, tmp_path):
+    handle = start_daemon(tmp_path)
+    data_dir = handle.data_dir
+    acknowledged: dict[str, set[int]] = {name: set() for name in SIZES}
+    put_versions(handle.endpoint, 0, acknowledged, threading.Event())
+    assert all(acknowledged.values()), "version 0 of every file is stored"
+    rng = random.Random(13)
+    for round_ in range(1, 6):
+        stop = threading.Event()
+        writers = [
+            threading.Thread(target=put_versions, args=(handle.endpoint, round_ * 10 + w, acknowledged, stop))
+            for w in range(3)
+        ]
+        for writer in writers:
+            writer.start()
+        moment = rng.uniform(0.02, 1.5)
+        time.sleep(moment)  # the moment of the kill is what is random here, not a wait for something
+        handle.stop(signal.SIGKILL)
+        stop.set()
+        for writer in writers:
+            writer.join(60)
+        handle, seconds = start_again(start_daemon, tmp_path, data_dir)
+        print(f"round {round_}: SIGKILL {moment:.2f} s into the puts; serving again {seconds:.2f} s after the start")
+        assert list((data_dir / "tmp").iterdir()) == [], "what the killed puts left in tmp/ is gone at start-up"
+        with grpc.insecure_channel(handle.endpoint) as channel:
+            stub = drive_pb2_grpc.DriveServiceStub(channel)
+            assert sorted(e.path for e in stub.List(pb.ListRequest(drive=DRIVE, path=".")).entries) == sorted(SIZES)
+            for name in SIZES:
+                [(info, data)] = raw_get(stub, DRIVE, name)
+                tried = {n for n in range(round_ * 10 + 3) if version(name, n) == data}
+                assert tried, f"{name} holds bytes no put sent: a partial or damaged file"
+                assert info.sha256 == sha256_hex(data) and info.size == SIZES[name]
+
+
+def test_sigterm_under_load_finishes_transfers_refuses_new_calls_and_exits_zero(start_daemon, tmp_path):
+    handle = start_daemon(tmp_path, "--grace-period", "30")
+    big = os.urandom(32 * MIB)
+    uploads = {f"up/{i}.bin": os.urandom((i + 1) * MIB) for i in range(6)}
+    results: dict[str, object] = {}
+    gate = threading.Event()
+
+    def slow_put(name: str, data: bytes) -> None:
+        def messages():
+            for i, message in enumerate(put_messages(DRIVE, name, data, chunk=MIB // 2)):
+                yield message
+                if i == 1:
+                    gate.wait(30)  # every put is in flight when SIGTERM comes
+                time.sleep(0.02)
+
+        with grpc.insecure_channel(handle.endpoint) as channel:
+            try:
+                results[name] = drive_pb2_grpc.DriveServiceStub(channel).Put(messages(), timeout=120).files[0].sha256
+            except grpc.RpcError as err:
+                results[name] = err.code()
+
+    def slow_get(i: int) -> None:
+        with grpc.insecure_channel(handle.endpoint) as channel:
+            received = hashlib.sha256()
+            try:
+                stream = drive_pb2_grpc.DriveServiceStub(channel).Get(
+                    pb.GetRequest(drive=DRIVE, path="big.bin"), timeout=120)
+                for n, message in enumerate(stream):
+                    received.update(message.data)
+                    if n == 1:
+                        gate.wait(30)
+                    time.sleep(0.01)
+                results[f"get/{i}"] = received.hexdigest()
+            except grpc.RpcError as err:
+                results[f"get/{i}"] = err.code()
+
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, DRIVE, "big.bin", big)
+        threads = [threading.Thread(target=slow_put, args=item) for item in uploads.items()]
+        threads += [threading.Thread(target=slow_get, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        handle.wait_open("Put", len(uploads))
+        handle.wait_open("Get", 4)
+        handle.proc.send_signal(signal.SIGTERM)
+        handle.wait_logged("draining")
+        late = []
+        for call in (
+            lambda: raw_put(stub, DRIVE, "late.bin", b"late"),
+            lambda: stub.List(pb.ListRequest(drive=DRIVE, path="."), timeout=10),
+            lambda: stub.Stat(pb.StatRequest(drive=DRIVE, path="big.bin"), timeout=10),
+            lambda: list(stub.Get(pb.GetRequest(drive=DRIVE, path="big.bin"), timeout=10)),
+        ):
+            try:
+                call()
+                late.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                late.append(err.code())
+        gate.set()
+        for thread in threads:
+            thread.join(90)
+    assert late == [grpc.StatusCode.UNAVAILABLE] * 4, f"new calls while draining: {late}"
+    assert results == {
+        **{name: sha256_hex(data) for name, data in uploads.items()},
+        **{f"get/{i}": sha256_hex(big) for i in range(4)},
+    }, "every transfer in flight finished"
+    assert handle.proc.wait(60) == 0, handle.log()[-3000:]
+    again = start_daemon(tmp_path, data_dir=handle.data_dir)
+    with grpc.insecure_channel(again.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        for name, data in uploads.items():
+            [(_, got)] = raw_get(stub, DRIVE, name)
+            assert got == data
+        assert wait_until(lambda: again.open_requests("Put") == 0, 5)
+        assert "late.bin" not in [e.path for e in stub.List(pb.ListRequest(drive=DRIVE, path=".")).entries]

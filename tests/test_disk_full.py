@@ -1,0 +1,109 @@
+"""A full disk (issue 13): a put that runs out of space is RESOURCE_EXHAUSTED, its partial data is removed,
+earlier files stay readable, and puts work again once space is freed.
+
+The data dir lies on a 16 MiB tmpfs where the machine lets the test mount one (root, or a container with
+CAP_SYS_ADMIN); elsewhere the same steps run against `--quota`, the other way a drive fills up. The test
+prints which ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from conftest import MIB, DaemonHandle, no_uploads, raw_get, raw_put, snapshot, wait_until
+
+from drive_client.pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2_grpc
+
+pytestmark = pytest.mark.timeout(180)
+
+SPACE = 16 * MIB
+DRIVE = "lit://full"
+
+
+@contextlib.contextmanager
+def small_filesystem(folder: pathlib.Path) -> Iterator[str]:
+    """Mounts a SPACE-sized tmpfs on `folder`; yields "tmpfs", or the reason it could not be mounted."""
+    folder.mkdir()
+    if shutil.which("mount") is None:
+        yield "no mount command"
+        return
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={SPACE},mode=0700", "tmpfs", str(folder)],
+        capture_output=True, text=True, timeout=30,
+    )
+    if mounted.returncode != 0:
+        yield f"mount -t tmpfs failed: {mounted.stderr.strip() or mounted.returncode}"
+        return
+    try:
+        yield "tmpfs"
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
+
+
+def refused_for_space(call) -> str:
+    with pytest.raises(grpc.RpcError) as refused:
+        call()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+    return refused.value.details()
+
+
+def test_a_full_disk_refuses_the_put_removes_its_data_and_recovers(start_daemon, tmp_path):
+    with small_filesystem(tmp_path / "small") as how:
+        if how == "tmpfs":
+            print(f"ran on a {SPACE // MIB} MiB tmpfs")
+            handle: DaemonHandle = start_daemon(tmp_path, data_dir=tmp_path / "small" / "data")
+        else:
+            print(f"ran the quota path ({how})")
+            handle = start_daemon(tmp_path, "--quota", str(SPACE - MIB))
+        earlier = {"earlier/big.bin": os.urandom(6 * MIB), "earlier/small.txt": b"small and earlier"}
+        with grpc.insecure_channel(handle.endpoint) as channel:
+            stub = drive_pb2_grpc.DriveServiceStub(channel)
+            for path, data in earlier.items():
+                raw_put(stub, DRIVE, path, data)
+            before = snapshot(handle.data_dir)
+
+            # a big put: the disk fills while its bytes arrive
+            message = refused_for_space(lambda: raw_put(stub, DRIVE, "too_big.bin", os.urandom(3 * SPACE // 2)))
+            assert str(handle.data_dir) not in message and "/" not in message.split("lit://")[0], message
+            assert wait_until(lambda: no_uploads(handle.data_dir), 10), "the partial upload stays"
+            assert snapshot(handle.data_dir) == before
+
+            # small puts (committed by the commit worker) until the disk is full
+            small = os.urandom(512 * 1024)
+            stored, last = [], grpc.StatusCode.OK
+            for i in range(2 * SPACE // len(small)):
+                try:
+                    raw_put(stub, DRIVE, f"fill/{i}.bin", small)
+                except grpc.RpcError as err:
+                    last = err.code()
+                    break
+                stored.append(f"fill/{i}.bin")
+            assert last == grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(stored)} small puts, then {last}"
+            assert wait_until(lambda: no_uploads(handle.data_dir), 10)
+
+            # earlier files and what fitted are whole
+            for path, data in earlier.items():
+                [(_, got)] = raw_get(stub, DRIVE, path)
+                assert got == data
+            for path in stored:
+                [(_, got)] = raw_get(stub, DRIVE, path)
+                assert got == small
+            listed = {e.path for e in stub.List(pb.ListRequest(drive=DRIVE, path="fill")).entries}
+            assert listed == set(stored), "no partial file is listed"
+
+            # space freed: puts work again
+            stub.Delete(pb.DeleteRequest(drive=DRIVE, path="earlier/big.bin"), timeout=10)
+            stub.Delete(pb.DeleteRequest(drive=DRIVE, path="fill"), timeout=10)
+            again = os.urandom(6 * MIB)
+            raw_put(stub, DRIVE, "again.bin", again)
+            [(_, got)] = raw_get(stub, DRIVE, "again.bin")
+            assert got == again
+        assert handle.stop() == 0, handle.log()[-3000:]

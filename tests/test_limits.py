@@ -1,0 +1,297 @@
+"""Limits (issue 13): streams per peer and in all, the idle timeout of a Put or Get, the largest file and the
+quota of a drive. Each refusal has its documented status and message, stores nothing, and leaves the daemon
+serving everyone else."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import grpc
+import pytest
+from conftest import (
+    MIB,
+    StalledPuts,
+    no_uploads,
+    open_fds,
+    put_messages,
+    raw_get,
+    raw_put,
+    rpc_code,
+    sha256_hex,
+    snapshot,
+    wait_until,
+)
+
+from drive_client import Drive
+from drive_client.errors import ResourceExhausted
+from drive_client.pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2_grpc
+from drived.limits import Streams, peer_host
+
+pytestmark = pytest.mark.timeout(180)
+
+SC = grpc.StatusCode
+
+
+def header(drive: str, path: str, **fields) -> pb.PutRequest:
+    return pb.PutRequest(header=pb.PutHeader(drive=drive, path=path, **fields))
+
+
+def listed(stub, drive: str, path: str = ".") -> list[str]:
+    return [e.path for e in stub.List(pb.ListRequest(drive=drive, path=path), timeout=10).entries]
+
+
+# --- admission, without a daemon -------------------------------------------------------------
+
+
+def test_a_peer_is_its_address_without_the_port() -> None:
+    assert peer_host("ipv4:10.0.0.7:53122") == "ipv4:10.0.0.7"
+    assert peer_host("ipv6:[::1]:53122") == "ipv6:[::1]"
+    assert peer_host("unix:/run/drived.sock") == "unix:/run/drived.sock"
+
+
+async def test_streams_are_admitted_per_peer_and_in_all() -> None:
+    streams = Streams(max_streams=3, max_per_peer=2, idle_timeout=0)
+    a1, a2, a3, b, c = (f"ipv4:10.0.0.{host}:{port}" for host, port in ((1, 1), (1, 2), (1, 3), (2, 1), (3, 1)))
+    with streams.opened("Put", a1, True), streams.opened("Get", a2, True):
+        with pytest.raises(ResourceExhausted, match="max-streams-per-peer"), streams.opened("Get", a3, True):
+            pass
+        with streams.opened("Watch", b, False):
+            with pytest.raises(ResourceExhausted, match="--max-streams\\)"), streams.opened("Put", c, True):
+                pass
+            assert streams.count == 3
+        assert streams.count == 2
+    assert streams.count == 0
+    assert await streams.wait_closed(0.1)
+
+
+# --- streams against a daemon ------------------------------------------------------------------
+
+
+def test_streams_over_the_per_peer_cap_are_refused_and_others_are_served(start_daemon, tmp_path):
+    handle = start_daemon(tmp_path, "--max-streams-per-peer", "4")
+    drive = "lit://per_peer"
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, drive, "kept.txt", b"kept")
+        before = listed(stub, drive)
+        first = lambda i: [header(drive, f"stalled/{i}"), pb.PutRequest(data=b"x")]  # noqa: E731
+        # Two channels: two connections from two ports of one host, one peer.
+        with StalledPuts(handle.endpoint, 4, first, channels=2) as stalled:
+            handle.wait_open("Put", 4)
+            assert stalled.open() == 4
+            with pytest.raises(grpc.RpcError) as refused:
+                raw_put(stub, drive, "fifth.txt", b"fifth")
+            assert refused.value.code() == SC.RESOURCE_EXHAUSTED
+            assert "--max-streams-per-peer" in refused.value.details()
+            assert rpc_code(lambda: raw_get(stub, drive, "kept.txt")) == SC.RESOURCE_EXHAUSTED
+            # calls that only ask are never refused
+            assert listed(stub, drive) == before
+            assert stub.Stat(pb.StatRequest(drive=drive, path="kept.txt"), timeout=10).size == 4
+        assert wait_until(lambda: handle.open_requests("Put") == 0, 10)
+        raw_put(stub, drive, "fifth.txt", b"fifth")
+        assert listed(stub, drive) == ["fifth.txt", "kept.txt"]
+    assert wait_until(lambda: no_uploads(handle.data_dir), 10)
+
+
+def test_streams_over_the_total_cap_are_refused(start_daemon, tmp_path):
+    handle = start_daemon(tmp_path, "--max-streams", "3")
+    drive = "lit://total"
+    first = lambda i: [header(drive, f"stalled/{i}")]  # noqa: E731
+    with StalledPuts(handle.endpoint, 3, first), grpc.insecure_channel(handle.endpoint) as channel:
+        handle.wait_open("Put", 3)
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_put(stub, drive, "fourth.txt", b"fourth")
+        assert refused.value.code() == SC.RESOURCE_EXHAUSTED and "--max-streams)" in refused.value.details()
+        assert listed(stub, drive) == []
+
+
+def test_a_put_whose_client_sends_nothing_is_ended_and_its_upload_removed(start_daemon, tmp_path):
+    handle = start_daemon(tmp_path, "--stream-idle-timeout", "1")
+    drive = "lit://idle_put"
+    first = lambda i: [header(drive, "stalled.bin"), os.urandom(2 * MIB)]  # noqa: E731
+    with StalledPuts(handle.endpoint, 1, first) as stalled:
+        assert wait_until(lambda: stalled.open() == 0, 30), "the stalled put was never ended"
+        assert stalled.outcomes == [SC.UNAVAILABLE], stalled.details
+        assert "sent nothing for 1 s" in stalled.details[0] and "--stream-idle-timeout" in stalled.details[0]
+    assert wait_until(lambda: no_uploads(handle.data_dir), 10), "its upload data is removed"
+    handle.wait_logged("idle stream cancelled")
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        assert listed(stub, drive) == []
+
+        # A slow put that keeps sending is not idle, however long it takes.
+        data = os.urandom(6 * MIB)
+
+        def slowly():
+            for message in put_messages(drive, "slow.bin", data, chunk=MIB):
+                yield message
+                time.sleep(0.4)
+
+        assert [f.sha256 for f in stub.Put(slowly(), timeout=60).files] == [sha256_hex(data)]
+        # A get waiting for its path waits on the daemon, not its client: not idle either.
+        waiting = pb.GetRequest(drive=drive, path="never.bin", wait_seconds=3)
+        assert rpc_code(lambda: list(stub.Get(waiting, timeout=30))) == SC.DEADLINE_EXCEEDED
+
+
+def test_a_get_whose_client_reads_nothing_is_ended_and_its_file_closed(start_daemon, tmp_path):
+    handle = start_daemon(tmp_path, "--stream-idle-timeout", "1")
+    drive = "lit://idle_get"
+    data = os.urandom(64 * MIB)
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, drive, "big.bin", data)
+        before = open_fds(handle.proc.pid)
+        stream = stub.Get(pb.GetRequest(drive=drive, path="big.bin"), timeout=60)
+        assert next(stream).HasField("info")  # then the client stops reading: the windows fill up
+        handle.wait_logged("idle stream cancelled")
+        assert wait_until(lambda: open_fds(handle.proc.pid) <= before, 10), "the file stays open"
+        received = 0
+        with pytest.raises(grpc.RpcError) as ended:
+            for message in stream:  # what was on its way, then the status
+                received += len(message.data)
+        assert ended.value.code() == SC.UNAVAILABLE and "read nothing for 1 s" in ended.value.details()
+        assert 0 < received < len(data)
+        [(_, again)] = raw_get(stub, drive, "big.bin")
+        assert again == data
+    assert wait_until(lambda: handle.open_requests("Get") == 0, 10)
+
+
+def test_300_stalled_streams_leave_listing_prompt_and_are_gone_after_the_idle_timeout(start_daemon, tmp_path):
+    # Long enough for all 300 to be open at once on a loaded machine before the first is ended.
+    handle = start_daemon(tmp_path, "--stream-idle-timeout", "15", "--max-streams-per-peer", "400")
+    drive = "lit://three_hundred"
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        for i in range(20):
+            raw_put(stub, drive, f"kept/{i:02d}.txt", b"kept")
+        before = listed(stub, drive, "kept")
+        first = lambda i: [header(drive, f"stalled/{i}.bin"), os.urandom(MIB)]  # noqa: E731
+        with StalledPuts(handle.endpoint, 300, first, channels=3) as stalled:
+            assert stalled.open() == 300, stalled.refused()
+            handle.wait_open("Put", 300)
+            latencies = []
+            for _ in range(10):
+                started = time.perf_counter()
+                assert listed(stub, drive, "kept") == before  # a deadline of 10 s: answered, not held
+                latencies.append(time.perf_counter() - started)
+            print(f"List beside 300 stalled puts: slowest of 10 took {max(latencies) * 1000:.0f} ms")
+            assert wait_until(lambda: stalled.open() == 0, 60), f"{stalled.open()} stalled puts still open"
+            assert stalled.refused() == {SC.UNAVAILABLE: 300}
+        assert wait_until(lambda: no_uploads(handle.data_dir), 10), "their upload data is removed"
+        assert handle.open_requests("Put") == 0
+        assert listed(stub, drive) == ["kept"]
+
+
+# --- the largest file and the quota ------------------------------------------------------------
+
+
+def endless(drive: str, path: str, sent: list[int]):
+    """A Put of a file of unknown size that sends up to 100 MiB, counting what the daemon took."""
+    yield header(drive, path)
+    for _ in range(100):
+        sent.append(MIB)
+        yield pb.PutRequest(data=b"\0" * MIB)
+    yield pb.PutRequest(finish=pb.PutFinish(sha256="0" * 64))
+
+
+def refused_put(call) -> str:
+    """Runs a put that must be refused with RESOURCE_EXHAUSTED; returns its message."""
+    with pytest.raises(grpc.RpcError) as refused:
+        call()
+    assert refused.value.code() == SC.RESOURCE_EXHAUSTED, refused.value.details()
+    return refused.value.details()
+
+
+def test_files_over_the_largest_size_are_refused_and_nothing_is_stored(start_daemon, tmp_path):
+    handle = start_daemon(tmp_path, "--max-file-size", "1M")
+    drive = "lit://largest"
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, drive, "exactly.bin", os.urandom(MIB))  # the limit itself is fine
+        before = snapshot(handle.data_dir)
+        big = os.urandom(MIB + 1)
+        # the header says so: refused before any byte is taken
+        message = refused_put(lambda: raw_put(stub, drive, "said.bin", big, size=len(big)))
+        assert "--max-file-size" in message and "1,048,576" in message and "said.bin" in message
+        # the bytes say so: refused as soon as they pass the limit, not at the end of the stream
+        sent: list[int] = []
+        refused_put(lambda: stub.Put(endless(drive, "endless.bin", sent), timeout=60))
+        assert len(sent) < 10, f"the daemon took {len(sent)} MiB of a file over 1 MiB before refusing it"
+        header_only = pb.PutHeader(drive=drive, path="whole.bin")
+        refused_put(lambda: stub.PutFile(
+            pb.PutFileRequest(header=header_only, data=big, sha256=sha256_hex(big)), timeout=60))
+        folder = [m for name in ("a.bin", "b.bin") for m in put_messages(drive, f"folder/{name}", big)]
+        refused_put(lambda: stub.Put(iter(folder), timeout=60))
+        assert wait_until(lambda: no_uploads(handle.data_dir), 10)
+        assert snapshot(handle.data_dir) == before, "nothing stored"
+        assert listed(stub, drive) == ["exactly.bin"]
+    (tmp_path / "big.bin").write_bytes(big)
+    with pytest.raises(ResourceExhausted):
+        Drive(drive, root_folder=str(tmp_path), endpoint=handle.endpoint).put("big.bin")
+
+
+def test_a_drive_over_its_quota_refuses_puts_with_the_numbers(start_daemon, tmp_path):
+    handle = start_daemon(tmp_path, "--quota", "4M")
+    drive, other_drive = "lit://quota", "lit://quota_other"
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, drive, "three.bin", os.urandom(3 * MIB), component="ca")
+        before = snapshot(handle.data_dir)
+        two = os.urandom(2 * MIB)
+        for how in ({"size": len(two)}, {}):  # known from the header, or only from the bytes
+            message = refused_put(lambda how=how: raw_put(stub, drive, "two.bin", two, component="cb", **how))
+            assert all(n in message for n in ("3,145,728", "2,097,152", "4,194,304", "--quota")), message
+        sent: list[int] = []
+        refused_put(lambda: stub.Put(endless(drive, "endless.bin", sent), timeout=60))
+        assert len(sent) < 10, f"the daemon took {len(sent)} MiB past the quota before refusing"
+        assert wait_until(lambda: no_uploads(handle.data_dir), 10)
+        assert snapshot(handle.data_dir) == before, "nothing stored"
+        # the quota is each drive's own
+        raw_put(stub, other_drive, "two.bin", two)
+        # replacing one's own file needs room only for what it adds
+        raw_put(stub, drive, "three.bin", os.urandom(3 * MIB + MIB // 2), component="ca")
+        refused_put(lambda: raw_put(stub, drive, "one.bin", os.urandom(MIB), component="ca"))
+        # a delete gives its room back
+        stub.Delete(pb.DeleteRequest(drive=drive, path="three.bin", component="ca"), timeout=10)
+        raw_put(stub, drive, "two.bin", two, component="cb")
+        raw_put(stub, drive, "small/one.bin", os.urandom(MIB), component="cb")
+        stub.Delete(pb.DeleteRequest(drive=drive, path="small", component="cb"), timeout=10)
+        raw_put(stub, drive, "two_more.bin", two, component="cb")
+        assert listed(stub, drive) == ["two.bin", "two_more.bin"]
+    # a restarted daemon counts the drive again from what is stored
+    assert handle.stop() == 0
+    again = start_daemon(tmp_path, "--quota", "4M", data_dir=handle.data_dir)
+    with grpc.insecure_channel(again.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        message = refused_put(lambda: raw_put(stub, drive, "one.bin", b"x"))
+        assert "holds 4,194,304 bytes" in message, message
+
+
+def test_concurrent_puts_never_pass_the_quota_together(start_daemon, tmp_path):
+    handle = start_daemon(tmp_path, "--quota", "4M")
+    drive = "lit://quota_race"
+    outcomes: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+
+    def put(i: int) -> None:
+        with grpc.insecure_channel(handle.endpoint) as channel:
+            try:
+                raw_put(drive_pb2_grpc.DriveServiceStub(channel), drive, f"f{i}.bin", os.urandom(MIB))
+                code = SC.OK
+            except grpc.RpcError as err:
+                code = err.code()
+        with lock:
+            outcomes.append(code)
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes, key=str) == sorted([SC.OK] * 4 + [SC.RESOURCE_EXHAUSTED] * 6, key=str), outcomes
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        assert len(listed(drive_pb2_grpc.DriveServiceStub(channel), drive)) == 4
