@@ -86,6 +86,15 @@ def open_upload(stub: drive_pb2_grpc.DriveServiceStub, drive: str, path: str, da
     assert rpc_code(lambda: stub.Put(iter(messages), timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT  # no finish
 
 
+def resume_put(stub: drive_pb2_grpc.DriveServiceStub, drive: str, path: str, data: bytes, upload_id: str,
+               offset: int) -> pb.PutResponse:
+    """A Put that resumes `upload_id` at `offset` and sends the rest of `data`, then its finish."""
+    header = pb.PutHeader(drive=drive, path=path, upload_id=upload_id, write_offset=offset)
+    rest = [pb.PutRequest(data=data[i:i + MIB]) for i in range(offset, len(data), MIB)]
+    finish = pb.PutRequest(finish=pb.PutFinish(sha256=sha256_hex(data)))
+    return stub.Put(iter([pb.PutRequest(header=header), *rest, finish]), timeout=30)
+
+
 # --- through the cutting proxy ---------------------------------------------------------------
 
 
@@ -300,13 +309,41 @@ def test_query_and_resume_refusals_get_their_status_and_change_nothing(own_daemo
         assert query(stub, drive_uri, "u-1").committed_size == 3 * MIB, what
         assert snapshot(own_daemon.data_dir) == before, what
     # and then the upload resumes and completes
-    header = pb.PutHeader(drive=drive_uri, path="held.bin", upload_id="u-1", write_offset=3 * MIB, size=len(data))
-    rest = [pb.PutRequest(data=data[3 * MIB:]), pb.PutRequest(finish=pb.PutFinish(sha256=sha256_hex(data)))]
-    [stored] = stub.Put(iter([pb.PutRequest(header=header), *rest]), timeout=30).files
+    [stored] = resume_put(stub, drive_uri, "held.bin", data, "u-1", 3 * MIB).files
     assert (stored.size, stored.sha256) == (len(data), sha256_hex(data))
     status = query(stub, drive_uri, "u-1")
     assert status.complete and status.file.sha256 == sha256_hex(data) and status.committed_size == 0
     assert upload_bytes(own_daemon.data_dir) == 0
+
+
+def test_a_resumed_upload_is_one_file_for_the_largest_size_and_the_quota(start_daemon, tmp_path):
+    """The bytes held count: a resume whose bytes take the file past a limit is refused and the upload
+    removed; one whose held bytes already pass it is refused at once and changes nothing."""
+    handle = start_daemon(tmp_path, "--max-file-size", "3M", "--quota", "4M")
+    stub = stub_of(handle.endpoint)
+    drive = "lit://resumed_limits"
+    over = os.urandom(3 * MIB + 1)
+    open_upload(stub, drive, "over.bin", over[:2 * MIB], "u-over")
+    with pytest.raises(grpc.RpcError) as refused:
+        resume_put(stub, drive, "over.bin", over, "u-over", 2 * MIB)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-file-size" in refused.value.details()
+    assert rpc_code(lambda: query(stub, drive, "u-over")) == grpc.StatusCode.NOT_FOUND  # removed, not held
+    assert wait_until(lambda: upload_bytes(handle.data_dir) == 0)
+
+    three = os.urandom(3 * MIB)
+    open_upload(stub, drive, "three.bin", three[:2 * MIB], "u-three")
+    filler = os.urandom(3 * MIB)
+    stub.PutFile(pb.PutFileRequest(header=pb.PutHeader(drive=drive, path="filler.bin"), data=filler,
+                                   sha256=sha256_hex(filler)), timeout=30)
+    before = snapshot(handle.data_dir)
+    with pytest.raises(grpc.RpcError) as refused:  # 1 MiB of room left, 2 MiB held
+        resume_put(stub, drive, "three.bin", three, "u-three", 2 * MIB)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--quota" in refused.value.details()
+    assert query(stub, drive, "u-three").committed_size == 2 * MIB and snapshot(handle.data_dir) == before
+    stub.Delete(pb.DeleteRequest(drive=drive, path="filler.bin"), timeout=10)
+    [stored] = resume_put(stub, drive, "three.bin", three, "u-three", 2 * MIB).files
+    assert (stored.size, stored.sha256) == (len(three), sha256_hex(three))
+    assert upload_bytes(handle.data_dir) == 0
 
 
 def test_a_held_upload_expires_and_its_data_is_removed(start_daemon, tmp_path, drive_uri):
