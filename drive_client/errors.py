@@ -135,12 +135,19 @@ def error_for_status(code: grpc.StatusCode, message: str) -> DriveError:
     return _BY_STATUS.get(code, DriveError)(message, code)
 
 
+# The status grpc.aio gives a stream whose message its transport failed to send (grpc.aio's `_write`): the
+# connection broke under the stream, which the transport's own status says as UNAVAILABLE when it comes first.
+AIO_SEND_FAILED = "Internal error from Core"
+
+
 def from_rpc_error(
     err: grpc.RpcError, endpoint: str, advice: str = "is the daemon running? `make run` starts one"
 ) -> DriveError:
     """Turns a failed call into the matching DriveError; when unreachable, naming the endpoint and what to check."""
     code = err.code()
     details = err.details() or code.name
+    if code == grpc.StatusCode.INTERNAL and details == AIO_SEND_FAILED:
+        code, details = grpc.StatusCode.UNAVAILABLE, "the connection broke while a message was being sent"
     if code == grpc.StatusCode.UNAVAILABLE and not details.startswith("drived:"):
         details = f"cannot reach drived at {endpoint}: {details} ({advice})"
     return error_for_status(code, details)
