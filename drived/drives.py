@@ -22,16 +22,7 @@ from drive_client.uri import DriveId
 from .backends.base import Chunks
 from .coordinator import Event
 from .entry import Entry
-from .requests import (
-    DeleteRequest,
-    GetRequest,
-    ListRequest,
-    MountRequest,
-    PutHeader,
-    QueryWriteStatusRequest,
-    StatRequest,
-    WatchRequest,
-)
+from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutHeader, StatRequest, WatchRequest
 
 FileStream = tuple[Entry, Chunks]  # a file found by a get, and its bytes
 
@@ -86,8 +77,8 @@ class PendingPut(Protocol):
         ...
 
     async def suspend(self) -> None:
-        """The stream ended before the file's finish: a resumable upload is held for a resume, any other
-        discarded (as `abort`)."""
+        """The client ended or broke the stream before the file's finish: a resumable upload is held for a
+        resume, any other discarded (as `abort`)."""
         ...
 
 
@@ -110,9 +101,9 @@ class Drives(Protocol):
         """
         ...
 
-    async def query_upload(self, query: QueryWriteStatusRequest) -> tuple[int, Entry | None]:
-        """How much of a resumable upload is held: (bytes, None), or (0, the stored file) once it was
-        committed. NotFound when this daemon holds no such upload."""
+    async def query_upload(self, drive: DriveId, component: str, upload_id: str) -> tuple[int, Entry | None]:
+        """How much of the resumable upload `upload_id` of `component` in `drive` is held: (bytes, None), or
+        (0, the stored file) once it was committed. NotFound when this daemon holds no such upload."""
         ...
 
     async def list_entries(self, listing: ListRequest) -> tuple[list[Entry], bool]:

@@ -29,6 +29,7 @@ from drive_client.errors import (
     StaleIndexError,
     WaitTimeout,
 )
+from drive_client.uri import DriveId
 
 from .backends.base import Backend, ObjectInfo, Upload
 from .coordinator import Coordinator, Event
@@ -36,16 +37,7 @@ from .drives import FileStream
 from .entry import Entry
 from .paths import component_key, object_key, relative_path
 from .quota import Quotas
-from .requests import (
-    DeleteRequest,
-    GetRequest,
-    ListRequest,
-    MountRequest,
-    PutHeader,
-    QueryWriteStatusRequest,
-    StatRequest,
-    WatchRequest,
-)
+from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutHeader, StatRequest, WatchRequest
 from .uploads import HeldUploads, Resumable
 
 EARLY_CHECK_MIN_SIZE = 1 << 20
@@ -213,8 +205,8 @@ class ManagedDrives:
         assert self.quotas is not None  # the other limit
         return self.quotas.refusal(put.drive.name, received - await self._own_size(put))
 
-    async def query_upload(self, query: QueryWriteStatusRequest) -> tuple[int, Entry | None]:
-        return await self.uploads.status((query.drive.name, query.component, query.upload_id))
+    async def query_upload(self, drive: DriveId, component: str, upload_id: str) -> tuple[int, Entry | None]:
+        return await self.uploads.status((drive.name, component, upload_id))
 
     async def commit_put(self, put: ManagedPut, sha256: str, received: int) -> Entry:
         """Verifies and commits a put: ownership and the quota are checked again inside the path's claim (and

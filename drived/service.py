@@ -387,7 +387,8 @@ class DriveService(pb_grpc.DriveServiceServicer):
         self, request: pb.QueryWriteStatusRequest, record: RequestLog
     ) -> pb.QueryWriteStatusResponse:
         query = QueryWriteStatusRequest.from_pb(request)
-        held, entry = await self._drives(record, query.drive).query_upload(query)
+        drives = self._drives(record, query.drive)
+        held, entry = await drives.query_upload(query.drive, query.component, query.upload_id)
         if entry is None:
             return pb.QueryWriteStatusResponse(committed_size=held)
         record.path = entry.path
