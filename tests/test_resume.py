@@ -122,7 +122,8 @@ def test_a_256_mib_put_and_get_complete_through_cuts_without_sending_bytes_twice
         received = metric(handle, 'drived_transfer_bytes_total{direction="in"}')
         assert size <= received <= size + len(cuts) * IN_FLIGHT, f"{received - size} bytes received twice"
         assert sent_up <= size + len(cuts) * IN_FLIGHT, f"{sent_up - size} bytes more than the file went up"
-        print(f"put: {len(cuts)} cuts, {sent_up - size} bytes over the file's size through the proxy")
+        print(f"put: {len(cuts)} cuts, {sent_up - size} bytes over the file's size through the proxy, "
+              f"{received - size:.0f} received twice by the daemon")
 
         with CuttingProxy(handle.endpoint) as proxy:  # a new channel: these cuts break the get's connections
             for nbytes in cuts:
