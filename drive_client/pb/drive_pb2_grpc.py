@@ -120,8 +120,9 @@ class DriveServiceServicer:
         full, a file over --max-file-size as soon as its header or its bytes
         say so, the drive's --quota, too many streams), UNAVAILABLE (the client
         sent nothing for --stream-idle-timeout; the daemon is shutting down).
-        Nothing is stored for a file refused so, and nothing is held of it even
-        with an `upload_id`. A resumed file's limits count its held bytes.
+        Nothing is stored for a file refused so, and what its stream wrote is
+        not held even with an `upload_id` (a resume refused at its header leaves
+        what was held as it was). A resumed file's limits count its held bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -125,8 +125,9 @@ class DriveServiceStub:
     full, a file over --max-file-size as soon as its header or its bytes
     say so, the drive's --quota, too many streams), UNAVAILABLE (the client
     sent nothing for --stream-idle-timeout; the daemon is shutting down).
-    Nothing is stored for a file refused so, and nothing is held of it even
-    with an `upload_id`. A resumed file's limits count its held bytes.
+    Nothing is stored for a file refused so, and what its stream wrote is
+    not held even with an `upload_id` (a resume refused at its header leaves
+    what was held as it was). A resumed file's limits count its held bytes.
     """
     PutFile: _grpc.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -242,8 +243,9 @@ class DriveServiceAsyncStub(DriveServiceStub):
     full, a file over --max-file-size as soon as its header or its bytes
     say so, the drive's --quota, too many streams), UNAVAILABLE (the client
     sent nothing for --stream-idle-timeout; the daemon is shutting down).
-    Nothing is stored for a file refused so, and nothing is held of it even
-    with an `upload_id`. A resumed file's limits count its held bytes.
+    Nothing is stored for a file refused so, and what its stream wrote is
+    not held even with an `upload_id` (a resume refused at its header leaves
+    what was held as it was). A resumed file's limits count its held bytes.
     """
     PutFile: _aio.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]  # type: ignore[assignment]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -362,8 +364,9 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         full, a file over --max-file-size as soon as its header or its bytes
         say so, the drive's --quota, too many streams), UNAVAILABLE (the client
         sent nothing for --stream-idle-timeout; the daemon is shutting down).
-        Nothing is stored for a file refused so, and nothing is held of it even
-        with an `upload_id`. A resumed file's limits count its held bytes.
+        Nothing is stored for a file refused so, and what its stream wrote is
+        not held even with an `upload_id` (a resume refused at its header leaves
+        what was held as it was). A resumed file's limits count its held bytes.
         """
 
     @_abc_1.abstractmethod
