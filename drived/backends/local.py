@@ -293,8 +293,10 @@ class LocalUpload(Upload):
         if running is None:
             self._discard()
         elif not running.done():
-            # Closing the file under a running write would be unsafe: let that write finish first.
+            # Closing the file under a running write would be unsafe: let that write finish first. Waited for,
+            # so that a refused put is answered once its data is gone (a cancelled wait still discards).
             running.add_done_callback(self._discard_after)
+            await asyncio.wait([running])
         else:
             self._discard_after(running)
 
