@@ -1,14 +1,15 @@
 """Resumable uploads: kept between the streams that carry them, expired, resumed and described.
 
-A file whose PutHeader carries an `upload_id` is resumable. When its stream
-ends or breaks before the finish, its backend `Upload` is suspended (no
+A file whose PutHeader carries an `upload_id` is resumable. When its client
+ends or breaks its stream before the finish, its backend `Upload` is suspended (no
 descriptor, no buffer: only its bytes in temporary storage and the state of
 their checksums, in the Upload object) and held for `expiry` seconds; a
 timer then discards it. A Put whose header has a `write_offset` equal to
 what is held takes the upload over and writes on; QueryWriteStatus tells
 what is held, or that the upload completed (a bounded record of recent
 completions, so that a client whose stream broke after its finish learns the
-file is stored).
+file is stored). A stream that the daemon ends (a refusal, the idle timeout:
+see `drived.service.DriveService.Put`) aborts its upload instead.
 
 Everything here lives in this daemon's memory: another daemon, or this one
 after a restart, holds nothing (NOT_FOUND, and the client starts the file
@@ -48,8 +49,8 @@ def _shown(key: UploadKey) -> str:
 
 
 def _not_held(key: UploadKey) -> str:
-    return (f"{_shown(key)} is not held by this daemon (never started, expired after --upload-expiry, "
-            "or held by another daemon): put the file again from offset 0")
+    return (f"{_shown(key)} is not held by this daemon (never started, expired after --upload-expiry, removed "
+            "when the daemon ended its stream, or held by another daemon): put the file again from offset 0")
 
 
 @dataclass(eq=False)
@@ -199,7 +200,8 @@ class HeldUploads:
         self._forget_completed()
 
     async def abort(self, resumable: Resumable, writer: object) -> None:
-        """Discards the upload that `writer` writes (a failed write or commit); a no-op when it is not its writer."""
+        """Discards the upload that `writer` writes (a failed write or commit, a stream the daemon ended); a no-op
+        when it is not its writer."""
         async with resumable.lock:
             if resumable.writer is writer and not resumable.gone:
                 await self._drop(resumable)
