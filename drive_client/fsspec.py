@@ -37,6 +37,8 @@ fsspec paths (what `ls`, `find` and `info` answer in `name`) are
   takes them (defaults `$DRIVE_TLS`, `$DRIVE_TLS_CA`, `$DRIVE_TLS_CERT`,
   `$DRIVE_TLS_KEY`); `insecure=True` lets a token go in plaintext to another
   machine (see README, Security).
+- `retry_seconds`: how long a read or write cut by the network keeps trying
+  to resume (`Drive`'s argument: default `$DRIVE_RETRY_SECONDS`, else 60; 0: off).
 - `asynchronous`: `True` for `AsyncDriveFileSystem` (see above).
 - `block_size`, `cache_type`, `cache_options`: the defaults of `open`'s
   arguments of those names, as fsspec's HTTP filesystem takes them (so they
@@ -258,6 +260,7 @@ class _LitFileSystem:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         insecure: bool | None = None,
+        retry_seconds: float | None = None,
         block_size: int | None = None,
         cache_type: str = "readahead",
         cache_options: dict[str, Any] | None = None,
@@ -268,6 +271,7 @@ class _LitFileSystem:
         self._component = check_component(component_name) if component_name else None
         self.allow_duplicates = allow_duplicates
         self._token = token
+        self.retry_seconds = retry_seconds
         self._security: dict[str, Any] = {
             "tls": tls, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key, "insecure": insecure,
         }
@@ -328,7 +332,7 @@ class _LitFileSystem:
             if drive is None:
                 drive = self._twin(
                     f"lit://{name}", allow_duplicates=self.allow_duplicates, component_name=component,
-                    endpoint=endpoint, token=self._token, **self._security,
+                    endpoint=endpoint, token=self._token, retry_seconds=self.retry_seconds, **self._security,
                 )
                 self._drives[key] = drive
         return drive

@@ -88,20 +88,27 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
 
 
 def put_requests(
-    header: pb.PutHeader, files: Iterable[tuple[Path, str]], chunk_size: int = CHUNK_SIZE,
-    progress: Progress | None = None,
+    header: pb.PutHeader, files: Iterable[tuple[Path, str]], upload_ids: Iterable[str] = (), offset: int = 0,
+    chunk_size: int = CHUNK_SIZE, progress: Progress | None = None,
 ) -> Iterator[PutMessage]:
     """The messages of one Put stream carrying `files`, each with a header copied from `header`.
 
     A file of at most `SMALL_FILE` bytes goes as one message; a bigger one as
     its header, its chunks and a finish. Data chunks are plain bytes (see
-    `wire`): a stub from `wire.fast_stub` sends them.
+    `wire`): a stub from `wire.fast_stub` sends them. `upload_ids`, one per
+    file, make the files resumable; the first file's bytes then start at
+    `offset` (a resume: the bytes before it are read again to checksum the
+    whole file, not sent).
     """
+    ids = iter(upload_ids)
     for local, remote in files:
+        upload_id, start, offset = next(ids, ""), offset, 0
         with open(local, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size <= SMALL_FILE:
-                yield pb.PutRequest(file=put_file_request(header, remote, f.read()))
+                request = put_file_request(header, remote, f.read())
+                request.header.upload_id = upload_id
+                yield pb.PutRequest(file=request)
                 if progress:
                     progress(size)
                 continue
@@ -109,8 +116,14 @@ def put_requests(
             file_header.CopyFrom(header)
             file_header.path = remote
             file_header.size = size
+            file_header.upload_id = upload_id
+            file_header.write_offset = start
             yield pb.PutRequest(header=file_header)
             digest = hashlib.sha256()
+            unsent = start
+            while unsent and (chunk := f.read(min(chunk_size, unsent))):
+                digest.update(chunk)
+                unsent -= len(chunk)
             while chunk := f.read(chunk_size):
                 digest.update(chunk)
                 yield chunk
