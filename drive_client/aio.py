@@ -166,7 +166,7 @@ class AsyncDrive(DriveBase):
     def _stub(self) -> pb_grpc.DriveServiceStub:
         loop = asyncio.get_running_loop()
         if self._channel is None or self._channel[0] != (os.getpid(), loop):
-            channel = open_channel(self.connection, aio=True)
+            channel = open_channel(self.connection, aio=True, retries=self.retry_seconds > 0)
             self._channel = ((os.getpid(), loop), channel, fast_stub(channel))
         return self._channel[2]
 

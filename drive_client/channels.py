@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,7 +36,23 @@ CHANNEL_OPTIONS = [
     # (bench/WHY.md).
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 2 << 20),
+    # A daemon that could not be reached is tried again after 0.1 s, then less and less often,
+    # but at least every 5 s (gRPC's own are 1 s and 2 min): the retries of a call or a transfer
+    # (see `resume`) find a restarted daemon soon after it is back.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5000),
 ]
+# gRPC's retry policy for the unary calls (the client's own code retries streams, see `resume`):
+# UNAVAILABLE means the call did not run, or may be run again to the same effect. Not Delete:
+# a delete that ran but whose answer was lost would be answered NOT_FOUND when tried again.
+UNARY_RETRY = json.dumps({"methodConfig": [{
+    "name": [{"service": "drive.v1.DriveService", "method": method}
+             for method in ("PutFile", "List", "Stat", "Mount", "QueryWriteStatus")],
+    "retryPolicy": {
+        "maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    },
+}]})
 # Targets that name several addresses: `dns:///name:port` (every address the name resolves to, e.g. a
 # headless Service's pods) and gRPC's `ipv4:`/`ipv6:` address lists.
 SPREAD_TARGETS = ("dns:", "ipv4:", "ipv6:")
@@ -181,24 +198,29 @@ def _path(value: str | os.PathLike[str] | None, env: str) -> str | None:
     return os.environ.get(env) or None
 
 
-def channel_options(connection: Connection) -> list[tuple[str, Any]]:
+def channel_options(connection: Connection, retries: bool = False) -> list[tuple[str, Any]]:
     """The options of a channel to `connection`'s daemon.
 
     A target of several addresses spreads calls over all of them (round_robin, re-resolved when a
     replica sends GOAWAY after --max-connection-age), where gRPC's default policy would send every
-    call to the first address that answers.
+    call to the first address that answers. `retries` turns gRPC's retries of unary calls on; a
+    retried call's request is kept until the call is answered: room for a whole small file.
     """
     options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
     if connection.endpoint.startswith(SPREAD_TARGETS):
         options.append(("grpc.lb_policy_name", "round_robin"))
     if connection.server_name:
         options.append(("grpc.ssl_target_name_override", connection.server_name))
-    return options
+    if not retries:
+        return [*options, ("grpc.enable_retries", 0)]
+    return [*options, ("grpc.enable_retries", 1), ("grpc.service_config", UNARY_RETRY),
+            ("grpc.per_rpc_retry_buffer_size", MESSAGE_LIMIT)]
 
 
-def open_channel(connection: Connection, *, aio: bool = False) -> Any:
-    """A new channel to `connection`'s daemon: a `grpc.Channel`, or a `grpc.aio.Channel` with `aio=True`."""
-    options = channel_options(connection)
+def open_channel(connection: Connection, *, aio: bool = False, retries: bool = False) -> Any:
+    """A new channel to `connection`'s daemon: a `grpc.Channel`, or a `grpc.aio.Channel` with `aio=True`;
+    `retries` as `channel_options` says."""
+    options = channel_options(connection, retries)
     kind = grpc.aio if aio else grpc
     if connection.tls:
         return kind.secure_channel(connection.endpoint, connection.credentials(), options=options)

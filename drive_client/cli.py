@@ -46,7 +46,7 @@ def _drive(uri: str, args: argparse.Namespace) -> Drive:
     return Drive(
         uri, component_name=args.component, endpoint=args.endpoint, allow_duplicates=args.allow_duplicates,
         token=args.token, verify=args.verify, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, insecure=args.insecure,
+        tls_key=args.tls_key, insecure=args.insecure, retry_seconds=args.retry_seconds,
     )
 
 
@@ -134,6 +134,9 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--insecure", action="store_true", default=None,
                      help="send the token in plaintext to another machine (default: $DRIVE_INSECURE); only on a "
                      "network you trust")
+    top.add_argument("--retry-seconds", type=float, metavar="SECONDS",
+                     help="how long a transfer cut by the network or a daemon restart keeps trying to resume "
+                     "(default: $DRIVE_RETRY_SECONDS, else 60; 0: no retries)")
     top.add_argument("--json", action="store_true", help="print results as JSON on stdout (for scripts)")
     top.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     # options of some commands

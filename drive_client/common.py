@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 from .channels import Connection
 from .errors import InvalidArgument, NotADirectory, NotFound
 from .pb import drive_pb2 as pb
+from .resume import RETRY_SECONDS
 from .uri import check_component, parse_drive
 
 VERIFY = ("crc32c", "sha256")  # what a Drive's `verify` may be
@@ -87,6 +88,7 @@ class DriveBase:
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
         insecure: bool | None = None,
+        retry_seconds: float | None = None,
     ) -> None:
         self._read_only = parse_drive(id).read_only  # an s3:// drive
         self.id = id
@@ -97,6 +99,7 @@ class DriveBase:
         self.endpoint = self.connection.endpoint
         self.token = token or os.environ.get("DRIVE_TOKEN") or None
         self.verify = check_verify(verify)
+        self.retry_seconds = _retry_seconds(retry_seconds)
         if self.token:
             self.connection.check_token_transport(insecure)
         self._channel: Any = None  # what the twin calls through, made on first use in each process
@@ -115,6 +118,19 @@ class DriveBase:
     @property
     def _metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+
+def _retry_seconds(retry_seconds: float | None) -> float:
+    """The retry budget: as given, else $DRIVE_RETRY_SECONDS, else RETRY_SECONDS; 0 turns retries off."""
+    if retry_seconds is None:
+        text = os.environ.get("DRIVE_RETRY_SECONDS")
+        try:
+            retry_seconds = float(text) if text else RETRY_SECONDS
+        except ValueError:
+            raise InvalidArgument(f"DRIVE_RETRY_SECONDS={text!r} is not a number of seconds") from None
+    if not retry_seconds >= 0:  # NaN too
+        raise InvalidArgument(f"retry_seconds must be a number of seconds >= 0 (0: no retries), got {retry_seconds}")
+    return float(retry_seconds)
 
 
 def _existing_folder(root_folder: str | os.PathLike[str]) -> str:

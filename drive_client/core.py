@@ -5,7 +5,9 @@ make, in order. The decisions live here and nowhere else: paging of List,
 mounting an s3:// drive once per process, when a get is worth fetching in
 parallel ranged streams, one unary PutFile for a small file against a Put
 stream, which checksums a transfer computes and checks (CRC32C always, sha256
-with `verify="sha256"`), what a watch does when its stream breaks, and how
+with `verify="sha256"`), how a put, a get, a ranged read or a watch goes on
+when its stream breaks (`resume` paces the attempts and knows where a get got
+to), and how
 drive paths map to local ones. The bytes themselves move in `transfer`'s
 thread-based functions, which the plans run as `Blocking` work.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from operator import attrgetter
 from pathlib import Path
@@ -24,8 +27,9 @@ from crc32c import crc32c
 
 from .common import DriveBase, FileStat, MountResult, WatchEvent
 from .effects import Blocking, Caller, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
-from .errors import AlreadyExists, DriveError, InvalidArgument, Unavailable
+from .errors import AlreadyExists, DriveError, EventsExpired, InvalidArgument, NotFound, OutOfRange
 from .pb import drive_pb2 as pb
+from .resume import Backoff, GetPosition, upload_ids
 from .transfer import (
     PARALLEL_MIN_SIZE,
     Progress,
@@ -45,8 +49,9 @@ T = TypeVar("T")
 
 # Entries asked for per List call: the daemon's cap. Fewer calls list a big folder faster.
 LIST_PAGE_SIZE = 10_000
-# How a watch reconnects after UNAVAILABLE: delays between attempts, then it gives up.
-RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1, 2, 5, 5, 5, 5, 5, 10, 10)
+# Files per Put stream: after a cut, the daemon is asked about each file of the stream up to the
+# one to resume, and it remembers completions for a while only.
+PUT_STREAM_FILES = 1000
 
 
 class MountRegistry:
@@ -136,13 +141,6 @@ def _worth_ranges(first: pb.GetResponse, remote: str) -> bool:
     return info.path == remote and not info.folder and info.size >= PARALLEL_MIN_SIZE
 
 
-def _reconnect_delay(error: DriveError, failures: int) -> float:
-    """Seconds to wait before reconnecting a watch after `error`; raises it when it is not worth retrying."""
-    if not isinstance(error, Unavailable) or failures >= len(RECONNECT_DELAYS):
-        raise error
-    return RECONNECT_DELAYS[failures]
-
-
 # -- the operations ---------------------------------------------------------------------------------
 
 
@@ -174,13 +172,73 @@ def put(drive: DriveBase, path: str | os.PathLike[str], to: str | None, progress
     header, sha256 = _put_header(drive), _sha256(drive)
     if len(files) == 1:  # a file of at most a chunk goes in one unary call, much cheaper than a stream
         request = yield Blocking(small_file_request, (header, *files[0], sha256))
-        if request is not None:
+        if request is not None:  # retried whole by gRPC when the daemon is unreachable
             reply: pb.PutFileResponse = yield Unary("PutFile", request)
             if progress:
                 progress(reply.file.size)
             return [FileStat.from_info(reply.file)]
-    stream_reply: pb.PutResponse = yield Send("Put", put_requests(header, files, progress=progress, sha256=sha256))
-    return [FileStat.from_info(info) for info in stream_reply.files]
+    stored: list[pb.FileInfo] = []
+    for first in range(0, len(files), PUT_STREAM_FILES):
+        stored += yield from _put_stream(drive, header, files[first:first + PUT_STREAM_FILES], progress)
+    return [FileStat.from_info(info) for info in stored]
+
+
+def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, str]], progress: Progress | None
+                ) -> Plan[list[pb.FileInfo]]:
+    """Stores `files` over a Put stream; when it breaks, asks the daemon where it got to and goes on from there.
+
+    Every file is a resumable upload of its own id: the files the daemon
+    committed are not sent again, and the one it holds part of is sent from
+    the first byte it does not hold. The files sent again from their first
+    byte get new ids: the daemon may still be reading what the broken stream
+    carried, and a late start of an old id must not discard the new upload.
+    """
+    ids = upload_ids(len(files))
+    stored: list[pb.FileInfo] = []  # the files before `start`, which the daemon committed
+    start = offset = 0  # the file to send first, and the byte its stream starts at
+    backoff = Backoff(drive.retry_seconds)
+    while True:
+        try:
+            reply: pb.PutResponse = yield Send("Put", put_requests(
+                header, files[start:], ids[start:], offset, progress=progress, sha256=_sha256(drive)))
+            return [*stored, *reply.files]
+        except DriveError as err:
+            if not (offset and isinstance(err, (OutOfRange, NotFound))):  # else a refused resume: ask again
+                backoff.check(err)
+            failure = err
+        reached = (start, offset)
+        while True:
+            try:
+                done, offset = yield from _put_resume_point(drive, ids[start:])
+                break
+            except DriveError as err:
+                yield Sleep(backoff.delay(err))
+        stored += done
+        start += len(done)
+        if start == len(files):
+            return stored
+        fresh = start + 1 if offset else start
+        ids[fresh:] = upload_ids(len(files) - fresh)
+        if (start, offset) > reached:
+            backoff.progressed()
+        else:  # the daemon holds nothing more than before: try again after a while
+            yield Sleep(backoff.pace(failure))
+
+
+def _put_resume_point(drive: DriveBase, ids: list[str]) -> Plan[tuple[list[pb.FileInfo], int]]:
+    """Where a put of the uploads `ids` (in the order sent) goes on from: the files of the first ones the
+    daemon committed, and how many bytes it holds of the next one (0: that one is sent again whole)."""
+    done: list[pb.FileInfo] = []
+    for upload_id in ids:
+        query = pb.QueryWriteStatusRequest(drive=drive.id, component=drive.component_name, upload_id=upload_id)
+        try:
+            status: pb.QueryWriteStatusResponse = yield Unary("QueryWriteStatus", query)
+        except NotFound:  # never reached the daemon, expired, or held by another one
+            return done, 0
+        if not status.complete:
+            return done, status.committed_size
+        done.append(status.file)
+    return done, 0
 
 
 def entries(drive: DriveBase, path: str, component_name: str | None, recursive: bool,
@@ -211,32 +269,79 @@ def get(drive: DriveBase, path: str, component_name: str | None, timeout: float 
     target = _local(drive, remote if to is None else to)
     request = _get_request(drive, remote, target, component_name, timeout, overwrite)
     yield from _ensure_mounted(drive)
-    stream = yield Open("Get", request)
+    stream, first = yield from _open_get(drive, request)
     try:
-        first: GetMessage | None = yield Next(stream)
         if isinstance(first, pb.GetResponse) and _worth_ranges(first, remote):
             stream.cancel()  # read again, in blocks over several streams
             yield Blocking(_fetch_ranges, (drive, remote, first.info, target, progress), calls=True)
         else:
-            receive = (stream, first, _target_of(remote, target), progress, _sha256(drive))
-            yield Blocking(_receive_stream, receive, calls=True)
+            yield Blocking(_receive_stream, (drive, request, stream, first, _target_of(remote, target), progress),
+                           calls=True)
     finally:
         stream.cancel()  # a no-op once the stream is complete; stops it after a local failure
     return target
 
 
-def _messages(stream: Stream) -> Plan[None]:
-    """Emits the messages left in `stream`."""
-    while (message := (yield Next(stream))) is not None:
-        yield Emit((message,))
+def _open_get(drive: DriveBase, request: pb.GetRequest) -> Plan[tuple[Stream, GetMessage | None]]:
+    """Opens a Get stream and reads its first message, trying again while the daemon cannot be reached.
+
+    A wait for the path (`wait_seconds`) counts from the first attempt: each
+    later one waits only for what is left of it.
+    """
+    backoff = Backoff(drive.retry_seconds)
+    deadline = time.monotonic() + request.wait_seconds
+    while True:
+        stream = yield Open("Get", request)
+        try:
+            first: GetMessage | None = yield Next(stream)
+            return stream, first
+        except DriveError as err:
+            stream.cancel()
+            delay = backoff.delay(err)
+        except BaseException:
+            stream.cancel()
+            raise
+        yield Sleep(delay)
+        if request.wait_seconds:
+            request.wait_seconds = max(deadline - time.monotonic(), 0.001)  # 0 would not wait at all
 
 
-def _receive_stream(calls: Caller, stream: Stream, first: GetMessage | None, target_of: Callable[[str], Path],
-                    progress: Progress | None, sha256: bool) -> list[Path]:
+def _rest_of_get(drive: DriveBase, request: pb.GetRequest, stream: Stream, first: GetMessage | None) -> Plan[None]:
+    """Emits the messages of the Get `request` after `first` (read from `stream`); when the stream breaks,
+    goes on from where it got on a new one (see `GetPosition`)."""
+    position = GetPosition(request)
+    if first is not None:
+        position.passed(first)
+    backoff = Backoff(drive.retry_seconds)
+    moved = position.moved
+    try:
+        while True:
+            try:
+                while (message := (yield Next(stream))) is not None:
+                    kept = position.kept(message)
+                    if kept is not None:
+                        position.passed(kept)
+                        yield Emit((kept,))
+                return
+            except DriveError as err:
+                if position.moved > moved:
+                    backoff.progressed()
+                    moved = position.moved
+                delay = backoff.delay(err)
+            stream.cancel()
+            yield Sleep(delay)
+            stream = yield Open("Get", position.resumed())
+    finally:
+        stream.cancel()
+
+
+def _receive_stream(calls: Caller, drive: DriveBase, request: pb.GetRequest, stream: Stream,
+                    first: GetMessage | None, target_of: Callable[[str], Path], progress: Progress | None
+                    ) -> list[Path]:
     """Writes the files of a Get stream whose first message was `first`; the rest is read a little ahead."""
-    rest = ReadAhead(calls.iterate(_messages(stream)))
+    rest = ReadAhead(calls.iterate(_rest_of_get(drive, request, stream, first)))
     replies: Iterable[GetMessage] = itertools.chain([first] if first is not None else [], rest)
-    return receive_files(replies, target_of, progress=progress, sha256=sha256)
+    return receive_files(replies, target_of, progress=progress, sha256=_sha256(drive))
 
 
 def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInfo, target: Path,
@@ -255,7 +360,10 @@ def read_range(drive: DriveBase, path: str, offset: int, length: int | None, com
     """Emits the chunks of bytes [offset, offset+length) of a file; `copy=False` emits views into the messages.
 
     Their CRC32C is checked against the daemon's once the last has been
-    emitted: a mismatch raises DataLoss at the end of the range.
+    emitted: a mismatch raises DataLoss at the end of the range. A stream that
+    breaks is resumed from where it got; the daemon's CRC32C then covers the
+    bytes of the resumed stream, and those the broken one carried had TCP's
+    checks only.
     """
     if offset < 0 or (length is not None and length < 0):
         raise InvalidArgument("offset and length cannot be negative")
@@ -266,24 +374,38 @@ def read_range(drive: DriveBase, path: str, offset: int, length: int | None, com
     if length == 0:
         return
     yield from _ensure_mounted(drive)
-    stream = yield Open("Get", request)
-    try:
-        crc, checked = 0, False
-        while (message := (yield Next(stream))) is not None:
-            data = chunk_of(message)
-            if data is not None:
-                crc = crc32c(data, crc)
-                yield Emit((bytes(data) if copy else data,))
-            elif message.WhichOneof("message") == "crc32c":
-                if message.crc32c != crc:
-                    raise crc32c_mismatch(request.path)
-                checked = True
-            else:
-                _check_range_info(message.info, request)
-        if not checked:
-            raise no_crc32c(request.path)
-    finally:
-        stream.cancel()
+    end = None if length is None else offset + length
+    backoff = Backoff(drive.retry_seconds)
+    while True:
+        stream = yield Open("Get", request)
+        crc, checked = 0, False  # of this stream's bytes: the daemon's CRC32C covers the range it was asked for
+        try:
+            while (message := (yield Next(stream))) is not None:
+                data = chunk_of(message)
+                if data is not None:
+                    crc = crc32c(data, crc)
+                    request.offset += len(data)
+                    request.limit = 0 if end is None else end - request.offset
+                    backoff.progressed()
+                    yield Emit((bytes(data) if copy else data,))
+                elif message.WhichOneof("message") == "crc32c":
+                    if message.crc32c != crc:
+                        raise crc32c_mismatch(request.path)
+                    checked = True
+                else:  # the file's info: a resumed read reads this version of this component's file
+                    _check_range_info(message.info, request)
+                    request.if_match = request.if_match or message.info.sha256 or message.info.etag
+                    request.component = request.component or message.info.component
+            if not checked:
+                raise no_crc32c(request.path)
+            return
+        except DriveError as err:
+            delay = backoff.delay(err)
+        finally:
+            stream.cancel()
+        if end is not None and request.offset >= end:  # all of it arrived before the stream broke
+            return
+        yield Sleep(delay)
 
 
 def delete(drive: DriveBase, path: str) -> Plan[None]:
@@ -302,28 +424,30 @@ def stat(drive: DriveBase, path: str, component_name: str | None) -> Plan[FileSt
 def watch(drive: DriveBase, path: str, component_name: str | None, after_sequence: int) -> Plan[None]:
     """Emits puts and deletes under `path` as they commit, forever.
 
-    When the stream breaks with UNAVAILABLE it reconnects (after the delays
-    of RECONNECT_DELAYS, then it gives up) and resumes after the last event
-    seen; any other failure ends the watch with its error (`EventsExpired`
-    when the daemon no longer keeps the events after that sequence).
+    When the stream breaks with UNAVAILABLE it reconnects (paced by
+    `Backoff`, within the drive's retry_seconds) and resumes after the last
+    event seen; any other failure ends the watch with its error
+    (`EventsExpired` when the daemon no longer keeps the events after that
+    sequence).
     """
     request = pb.WatchRequest(
         drive=drive.id, path=normalize_path(path, allow_root=True), component=_filter(component_name),
         after_sequence=after_sequence,
     )
-    failures = 0
+    backoff = Backoff(drive.retry_seconds)
     while True:
         delay = 0.0
         stream = yield Open("Watch", request)
         try:
             while (message := (yield Next(stream))) is not None:
-                failures = 0
+                backoff.progressed()
                 request.after_sequence = message.sequence
                 if message.kind != pb.WatchEvent.KIND_WATCHING:
                     yield Emit((WatchEvent.from_message(message),))
+        except OutOfRange as err:  # the one OUT_OF_RANGE a watch gets
+            raise EventsExpired(err.message, err.code) from None
         except DriveError as err:
-            delay = _reconnect_delay(err, failures)
-            failures += 1
+            delay = backoff.delay(err)
         finally:
             stream.cancel()
         if delay:

@@ -23,17 +23,17 @@ from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import Progress, ReadAhead
 from .wire import fast_stub
 
-# One channel per connection (endpoint and TLS settings) and process, shared by every Drive: a Drive made per
-# call costs no handshake.
-_stubs: dict[tuple[int, Connection], pb_grpc.DriveServiceStub] = {}
+# One channel per connection (endpoint and TLS settings), process and retry setting (whether gRPC retries its
+# unary calls), shared by every Drive: a Drive made per call costs no handshake.
+_stubs: dict[tuple[int, Connection, bool], pb_grpc.DriveServiceStub] = {}
 _stubs_lock = threading.Lock()
 
 
-def _shared_stub(connection: Connection) -> pb_grpc.DriveServiceStub:
-    key = (os.getpid(), connection)
+def _shared_stub(connection: Connection, retries: bool) -> pb_grpc.DriveServiceStub:
+    key = (os.getpid(), connection, retries)
     with _stubs_lock:
         if key not in _stubs:
-            _stubs[key] = fast_stub(open_channel(connection))
+            _stubs[key] = fast_stub(open_channel(connection, retries=retries))
         return _stubs[key]
 
 
@@ -66,7 +66,7 @@ class Drive(DriveBase):
     """A drive opened by name: `Drive("lit://drive_1", component_name="work_a")`.
 
     `Drive(id, allow_duplicates=False, component_name=None, root_folder=None, *, endpoint=None, token=None,
-    verify="crc32c", tls=None, tls_ca=None, tls_cert=None, tls_key=None, insecure=None)`:
+    verify="crc32c", tls=None, tls_ca=None, tls_cert=None, tls_key=None, insecure=None, retry_seconds=None)`:
     `component_name` defaults to $DRIVE_COMPONENT, else "default"; `endpoint`
     to $DRIVE_ENDPOINT, else 127.0.0.1:50051. `root_folder` is where local
     paths are resolved: an existing folder (else `FileNotFoundError` or
@@ -78,15 +78,18 @@ class Drive(DriveBase):
     TLS settings default to $DRIVE_TLS, $DRIVE_TLS_CA, $DRIVE_TLS_CERT and
     $DRIVE_TLS_KEY (`drive_client.channels`). A token is never sent in
     plaintext beyond loopback: without TLS such a Drive raises `ValueError`
-    at once, unless `insecure=True` ($DRIVE_INSECURE=1). Picklable and
-    deep-copyable; the gRPC channel is created lazily, once per process and
-    connection, and shared by all Drives.
+    at once, unless `insecure=True` ($DRIVE_INSECURE=1). `retry_seconds`
+    (default $DRIVE_RETRY_SECONDS, else 60; 0: off) is how long a transfer
+    cut by the network or a daemon restart keeps trying to resume (see
+    `drive_client.resume`). Picklable and deep-copyable; the gRPC channel is
+    created lazily, once per process, connection and retry setting, and
+    shared by all Drives.
     """
 
     @property
     def _stub(self) -> pb_grpc.DriveServiceStub:
         if self._channel is None or self._channel[0] != os.getpid():
-            self._channel = (os.getpid(), _shared_stub(self.connection))
+            self._channel = (os.getpid(), _shared_stub(self.connection, self.retry_seconds > 0))
         return self._channel[1]
 
     def put(self, path: str | os.PathLike[str], *, to: str | None = None, progress: Progress | None = None
@@ -152,7 +155,7 @@ class Drive(DriveBase):
         """Yields puts and deletes under `path` as they commit, forever.
 
         Reconnects by itself when the daemon becomes unreachable, resuming
-        after the last event seen (giving up after about a minute). To resume
+        after the last event seen (giving up after `retry_seconds`). To resume
         in a new process, pass the last `event.sequence` as `after_sequence`;
         `EventsExpired` says the daemon no longer keeps the events after it.
         """

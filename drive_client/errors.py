@@ -94,14 +94,19 @@ class Unavailable(DriveError, ConnectionError):
     status = grpc.StatusCode.UNAVAILABLE
 
 
-class EventsExpired(DriveError):
+class OutOfRange(DriveError):
+    """A position the daemon cannot go on from: a resumed upload's offset is not what it holds (query
+    it again), or a watch's sequence is no longer kept or was never given (`EventsExpired`)."""
+
+    status = grpc.StatusCode.OUT_OF_RANGE
+
+
+class EventsExpired(OutOfRange):
     """A watch resumed after a sequence whose following events the daemon no longer keeps, or after a
     sequence the drive never gave.
 
     List the drive to learn its state, then watch from now (`after_sequence=0`).
     """
-
-    status = grpc.StatusCode.OUT_OF_RANGE
 
 
 class NotADirectory(DriveError, NotADirectoryError):
@@ -121,7 +126,7 @@ _BY_STATUS: dict[grpc.StatusCode, type[DriveError]] = {
     for cls in (
         InvalidArgument, NotFound, AlreadyExists, PermissionDenied, Unauthenticated,
         AmbiguousPathError, StaleIndexError, WaitTimeout, DataLoss, ResourceExhausted,
-        Unavailable, Unimplemented, EventsExpired,
+        Unavailable, Unimplemented, OutOfRange,
     )
 }
 
@@ -131,12 +136,19 @@ def error_for_status(code: grpc.StatusCode, message: str) -> DriveError:
     return _BY_STATUS.get(code, DriveError)(message, code)
 
 
+# The status grpc.aio gives a stream whose message its transport failed to send (grpc.aio's `_write`): the
+# connection broke under the stream, which the transport's own status says as UNAVAILABLE when it comes first.
+AIO_SEND_FAILED = "Internal error from Core"
+
+
 def from_rpc_error(
     err: grpc.RpcError, endpoint: str, advice: str = "is the daemon running? `make run` starts one"
 ) -> DriveError:
     """Turns a failed call into the matching DriveError; when unreachable, naming the endpoint and what to check."""
     code = err.code()
     details = err.details() or code.name
+    if code == grpc.StatusCode.INTERNAL and details == AIO_SEND_FAILED:
+        code, details = grpc.StatusCode.UNAVAILABLE, "the connection broke while a message was being sent"
     if code == grpc.StatusCode.UNAVAILABLE and not details.startswith("drived:"):
         details = f"cannot reach drived at {endpoint}: {details} ({advice})"
     return error_for_status(code, details)

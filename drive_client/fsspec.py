@@ -40,6 +40,8 @@ fsspec paths (what `ls`, `find` and `info` answer in `name`) are
 - `verify`: `"crc32c"` (the default: every read and write is checked with
   CRC32C, each ranged read on its own) or `"sha256"` (whole-file reads also
   check the stored sha256, and writes send theirs), as `Drive(verify=...)`.
+- `retry_seconds`: how long a read or write cut by the network keeps trying
+  to resume (`Drive`'s argument: default `$DRIVE_RETRY_SECONDS`, else 60; 0: off).
 - `asynchronous`: `True` for `AsyncDriveFileSystem` (see above).
 - `block_size`, `cache_type`, `cache_options`: the defaults of `open`'s
   arguments of those names, as fsspec's HTTP filesystem takes them (so they
@@ -263,6 +265,7 @@ class _LitFileSystem:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         insecure: bool | None = None,
+        retry_seconds: float | None = None,
         block_size: int | None = None,
         cache_type: str = "readahead",
         cache_options: dict[str, Any] | None = None,
@@ -274,6 +277,7 @@ class _LitFileSystem:
         self._component = check_component(component_name) if component_name else None
         self.allow_duplicates = allow_duplicates
         self._token = token
+        self.retry_seconds = retry_seconds
         self._security: dict[str, Any] = {
             "tls": tls, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key, "insecure": insecure,
         }
@@ -334,7 +338,8 @@ class _LitFileSystem:
             if drive is None:
                 drive = self._twin(
                     f"lit://{name}", allow_duplicates=self.allow_duplicates, component_name=component,
-                    endpoint=endpoint, token=self._token, verify=self.verify, **self._security,
+                    endpoint=endpoint, token=self._token, verify=self.verify, retry_seconds=self.retry_seconds,
+                    **self._security,
                 )
                 self._drives[key] = drive
         return drive

@@ -94,21 +94,27 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
 
 
 def put_requests(
-    header: pb.PutHeader, files: Iterable[tuple[Path, str]], chunk_size: int = CHUNK_SIZE,
-    progress: Progress | None = None, sha256: bool = False,
+    header: pb.PutHeader, files: Iterable[tuple[Path, str]], upload_ids: Iterable[str] = (), offset: int = 0,
+    chunk_size: int = CHUNK_SIZE, progress: Progress | None = None, sha256: bool = False,
 ) -> Iterator[PutMessage]:
     """The messages of one Put stream carrying `files`, each with a header copied from `header`.
 
     A file of at most `SMALL_FILE` bytes goes as one message; a bigger one as
     its header, its chunks and a finish with their CRC32C (and sha256, with
     `sha256`). Data chunks are plain bytes (see `wire`): a stub from
-    `wire.fast_stub` sends them.
+    `wire.fast_stub` sends them. `upload_ids`, one per file, make the files
+    resumable; the first file's bytes then start at `offset` (a resume: the
+    bytes before it are read again to checksum the whole file, not sent).
     """
+    ids = iter(upload_ids)
     for local, remote in files:
+        upload_id, start, offset = next(ids, ""), offset, 0
         with open(local, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size <= SMALL_FILE:
-                yield pb.PutRequest(file=put_file_request(header, remote, f.read(), sha256))
+                request = put_file_request(header, remote, f.read(), sha256)
+                request.header.upload_id = upload_id
+                yield pb.PutRequest(file=request)
                 if progress:
                     progress(size)
                 continue
@@ -116,12 +122,18 @@ def put_requests(
             file_header.CopyFrom(header)
             file_header.path = remote
             file_header.size = size
+            file_header.upload_id = upload_id
+            file_header.write_offset = start
             yield pb.PutRequest(header=file_header)
             crc, digest = 0, hashlib.sha256() if sha256 else None
-            while chunk := f.read(chunk_size):
+            unsent = start
+            while chunk := f.read(min(chunk_size, unsent) if unsent else chunk_size):
                 crc = crc32c(chunk, crc)
                 if digest is not None:
                     digest.update(chunk)
+                if unsent:  # held by the daemon already: summed, not sent
+                    unsent -= len(chunk)
+                    continue
                 yield chunk
                 if progress:
                     progress(len(chunk))
@@ -174,10 +186,17 @@ class _Receiving:
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.digest = hashlib.sha256() if sha256 else None
         self.crc32c = 0
+        self.resumed_crc32c: int | None = None  # of the bytes since the last `resumed`, if any
         self.size = 0
+
+    def resumed(self) -> None:
+        """The bytes from here on come from a stream that resumed the file: the daemon's CRC32C covers them."""
+        self.resumed_crc32c = 0
 
     def write(self, data: Chunk) -> None:
         self.crc32c = crc32c(data, self.crc32c)
+        if self.resumed_crc32c is not None:
+            self.resumed_crc32c = crc32c(data, self.resumed_crc32c)
         if self.digest is not None:
             self.digest.update(data)
         write_all(self.fd, data)
@@ -192,8 +211,11 @@ class _Receiving:
         """Verifies what arrived and renames it into place.
 
         Checks the size, the CRC32C against `crc` (the daemon's, of the bytes
-        it sent; None when the caller checked the bytes already, range by
-        range) and, when summed, the sha256 against the stored one.
+        it sent since the file's start, or since it was `resumed`; None when
+        the caller checked the bytes already, range by range) and, when
+        summed, the sha256 against the stored one. After a resume, the whole
+        file is checked against the stored CRC32C in its info too, where the
+        daemon knows one.
         """
         self._close()
         if self.size != self.info.size:
@@ -201,8 +223,10 @@ class _Receiving:
                 f"{self.info.path!r}: received {self.size} of {self.info.size} bytes; try again",
                 grpc.StatusCode.DATA_LOSS,
             )
-        if crc is not None and crc != self.crc32c:
+        if crc is not None and crc != (self.crc32c if self.resumed_crc32c is None else self.resumed_crc32c):
             raise crc32c_mismatch(self.info.path)
+        if self.resumed_crc32c is not None and self.info.HasField("crc32c") and self.info.crc32c != self.crc32c:
+            raise crc32c_mismatch(self.info.path)  # the bytes before the cut, against the stored CRC32C
         if self.digest is not None and self.info.sha256 and self.digest.hexdigest() != self.info.sha256:
             raise DataLoss(
                 f"{self.info.path!r}: received bytes do not match the stored sha256; try again",
@@ -263,6 +287,8 @@ def receive_files(
                     raise DataLoss("the server sent a CRC32C before the file's info", grpc.StatusCode.DATA_LOSS)
                 written.append(current.finish(message.crc32c))  # type: ignore[union-attr]
                 current = None
+            elif current is not None and kind == "info" and message.info.path == current.info.path:  # type: ignore[union-attr]
+                current.resumed()  # a cut stream goes on with a ranged read (`resume.GetPosition`)
             elif current is not None:  # the next file began before this one's CRC32C
                 raise no_crc32c(current.info.path)
             elif kind == "file":

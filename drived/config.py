@@ -28,6 +28,8 @@ class Config:
     data_dir: str = "./drive-data"
     storage: str = ""
     upload_expiry: float = 60.0
+    max_held_uploads: int = 1000
+    max_held_bytes: int = 64 << 30
     coordinator: str = ""
     claim_ttl: float = CLAIM_TTL
     chunk_size: int = 1 << 20
@@ -55,8 +57,14 @@ HELP = {
     "data_dir": "folder where lit:// drives are kept (created if missing)",
     "storage": "where managed drives live: empty for --data-dir, or s3://bucket/prefix/ for an S3-compatible "
     "store (boto3's configuration: AWS_ENDPOINT_URL, credentials, AWS_REGION); several daemons may share one",
-    "upload_expiry": "seconds after which an upload into --storage that no part was added to is aborted "
-    "(uploads of a daemon that died), checked at start-up and every this many seconds",
+    "upload_expiry": "seconds a resumable upload whose stream ended before its finish is held for a resume "
+    "(then removed), and a completed one remembered; also the age after which an upload into --storage "
+    "that no part was added to is aborted (uploads of a daemon that died), checked at start-up and every "
+    "this many seconds",
+    "max_held_uploads": "resumable uploads held at most at once, waiting for a resume; past it the oldest is "
+    "removed (its client starts that file again)",
+    "max_held_bytes": "bytes held at most by the resumable uploads waiting for a resume (on the data dir's "
+    "disk, or in --storage's parts; K, M, G, T: powers of 1024); past it the oldest is removed",
     "coordinator": "redis://[:PASSWORD@]HOST:PORT/DB of a Redis or Valkey (7 or newer; rediss:// for TLS) that "
     "daemons sharing --storage coordinate through: ownership claims, the Watch feed, waiting gets. Several "
     "replicas need it; empty: this daemon coordinates alone. Prefer the env variable when the URL holds a "
@@ -89,7 +97,8 @@ HELP = {
     "max_streams_per_peer": "transfers and watches served at once for one client host (its address without the "
     "port; behind a proxy, the proxy); more are refused with RESOURCE_EXHAUSTED",
     "stream_idle_timeout": "seconds a Put or Get may wait on its client, which sends or reads nothing meanwhile, "
-    "before it is ended (UNAVAILABLE) and its upload data removed; 0: never",
+    "before it is ended (UNAVAILABLE) and its upload data removed (a resumable upload is not held for a resume); "
+    "0: never",
     "log_level": "debug, info, warning or error",
 }
 
@@ -179,6 +188,7 @@ SECRET = {"token", "coordinator"}  # values that may hold a password: never repe
 
 PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": str, "data_dir": str, "storage": _storage, "upload_expiry": _positive(float),
+    "max_held_uploads": _non_negative(int), "max_held_bytes": _size,
     "coordinator": _coordinator, "claim_ttl": _positive(float), "chunk_size": _chunk_size,
     "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
     "metrics_listen": str, "token": str, "auth_tokens": str, "tls_cert": str, "tls_key": str, "tls_client_ca": str,

@@ -32,9 +32,10 @@ class PendingPut(Protocol):
     """One file of a put, between its header and its finish.
 
     The caller passes the file's chunks in order to `write`, then calls
-    `commit` (which leaves no temporary data behind, whatever its outcome) or
-    `abort` (when a write failed, the stream ended early or the call was
-    cancelled). `abort` after a commit does nothing, so a caller may always
+    `commit` (which leaves no temporary data behind, whatever its outcome),
+    `suspend` (the client ended or broke the stream before the finish) or
+    `abort` (a write failed, the daemon refused the stream, or the idle check
+    ended it). `abort` after a commit does nothing, so a caller may always
     call it at the end.
     """
 
@@ -46,6 +47,11 @@ class PendingPut(Protocol):
     @property
     def write(self) -> Callable[[bytes | memoryview], Awaitable[None]]:
         """The store's own write of the next chunk: nothing runs between the stream and the store."""
+        ...
+
+    @property
+    def offset(self) -> int:
+        """How many of the file's bytes were written before this stream: those a resumed upload holds, else 0."""
         ...
 
     @property
@@ -62,13 +68,19 @@ class PendingPut(Protocol):
     async def commit(self, sent: ClientChecksums, received: int) -> Entry:
         """Makes the file visible in one step if its bytes match the checksums the client sent, and its size
         is the header's when it gave one (DataLoss and nothing stored otherwise). `received` is how many
-        bytes were written. AlreadyExists when another component holds the path and the header did not
-        allow duplicates; ResourceExhausted when the drive's quota has no room left for them. The entry
-        carries the sha256 and CRC32C the daemon computed."""
+        bytes the file has, those written before this stream included. AlreadyExists when another
+        component holds the path and the header did not allow duplicates; ResourceExhausted when the
+        drive's quota has no room left for them. The entry carries the sha256 and CRC32C the daemon
+        computed."""
         ...
 
     async def abort(self) -> None:
         """Discards what was written, unless committed. Idempotent."""
+        ...
+
+    async def suspend(self) -> None:
+        """The client ended or broke the stream before the file's finish: a resumable upload is held for a
+        resume, any other discarded (as `abort`)."""
         ...
 
 
@@ -89,6 +101,11 @@ class Drives(Protocol):
         NotFound, AmbiguousPathError, StaleIndexError, InvalidArgument (the range of `get` does not fit
         the file).
         """
+        ...
+
+    async def query_upload(self, drive: DriveId, component: str, upload_id: str) -> tuple[int, Entry | None]:
+        """How much of the resumable upload `upload_id` of `component` in `drive` is held: (bytes, None), or
+        (0, the stored file) once it was committed. NotFound when this daemon holds no such upload."""
         ...
 
     async def list_entries(self, listing: ListRequest) -> tuple[list[Entry], bool]:

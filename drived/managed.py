@@ -11,11 +11,12 @@ other, and this module knows neither implementation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 
 from drive_client.errors import (
@@ -28,6 +29,7 @@ from drive_client.errors import (
     StaleIndexError,
     WaitTimeout,
 )
+from drive_client.uri import DriveId
 
 from .backends.base import Backend, Damaged, ObjectInfo, Upload
 from .checksums import ClientChecksums
@@ -37,6 +39,7 @@ from .entry import Entry
 from .paths import component_key, object_key, relative_path
 from .quota import Quotas
 from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutHeader, StatRequest, WatchRequest
+from .uploads import HeldUploads, Resumable
 
 EARLY_CHECK_MIN_SIZE = 1 << 20
 
@@ -63,15 +66,23 @@ def _shown_file(drive: str, component: str, path: str) -> str:
 
 
 class ManagedPut:
-    """One file being put into a `lit://` drive (a `drived.drives.PendingPut`)."""
+    """One file being put into a `lit://` drive (a `drived.drives.PendingPut`), once `writing` its upload."""
 
-    def __init__(self, drives: ManagedDrives, header: PutHeader, upload: Upload, max_bytes: int) -> None:
+    upload: Upload
+    write: Callable[[bytes | memoryview], Awaitable[None]]
+
+    def __init__(self, drives: ManagedDrives, header: PutHeader, max_bytes: int) -> None:
         self.header = header
         self.path = header.path
-        self.upload = upload
-        self.write = upload.write
+        self.offset = header.write_offset
         self.max_bytes = max_bytes
         self._drives = drives
+
+    def writing(self, upload: Upload) -> ManagedPut:
+        """Writes `upload` from now on."""
+        self.upload = upload
+        self.write = upload.write
+        return self
 
     async def over_limit(self, received: int) -> ResourceExhausted:
         return await self._drives.over_limit(self.header, received)
@@ -82,16 +93,46 @@ class ManagedPut:
     async def abort(self) -> None:
         await self.upload.abort()
 
+    async def suspend(self) -> None:
+        await self.abort()  # not resumable: nothing is kept
+
+
+class ResumablePut(ManagedPut):
+    """One stream's part of a resumable upload (a header with an `upload_id`, see `drived.uploads`), once
+    `taking` it: held when its stream ends before the finish."""
+
+    _resumable: Resumable
+
+    def taking(self, resumable: Resumable) -> ResumablePut:
+        """Writes `resumable` from now on (the registry made this put its writer)."""
+        self._resumable = resumable
+        self.upload = resumable.upload
+        self.write = functools.partial(resumable.write, self)
+        return self
+
+    async def commit(self, sent: ClientChecksums, received: int) -> Entry:
+        return await self._drives.uploads.committed(self._resumable, super().commit(sent, received))
+
+    async def abort(self) -> None:
+        await self._drives.uploads.abort(self._resumable, self)
+
+    async def suspend(self) -> None:
+        await self._drives.uploads.suspend(self._resumable, self)
+
 
 class ManagedDrives:
     """All `lit://` drives kept in one backend (a `drived.drives.Drives`).
 
-    `max_file_size` (0: none) bounds each file and `quota` (0: none) each drive's bytes (`drived.quota`).
+    `uploads` holds its resumable uploads between their streams; `max_file_size` (0: none) bounds each file
+    and `quota` (0: none) each drive's bytes (`drived.quota`), resumed files included.
     """
 
-    def __init__(self, backend: Backend, coordinator: Coordinator, max_file_size: int = 0, quota: int = 0) -> None:
+    def __init__(
+        self, backend: Backend, coordinator: Coordinator, uploads: HeldUploads, max_file_size: int = 0, quota: int = 0
+    ) -> None:
         self.backend = backend
         self.coordinator = coordinator
+        self.uploads = uploads
         self.max_file_size = max_file_size or sys.maxsize
         self.quotas = Quotas(backend, quota) if quota else None
 
@@ -122,8 +163,11 @@ class ManagedDrives:
                 f"{_shown(drive, path)} {what}; pick another path, or open the drive with allow_duplicates=True"
             )
 
-    async def begin_put(self, put: PutHeader) -> ManagedPut:
+    async def begin_put(self, put: PutHeader) -> ManagedPut | ResumablePut:
         """Starts the upload of one file; one of unknown or large size is checked for ownership first.
+
+        A header with an `upload_id` makes the upload resumable, and with a
+        `write_offset` resumes the one held under that id (`drived.uploads`).
 
         The check that decides is the one at commit; this one only spares
         the upload of bytes that would be refused, which for a small file
@@ -139,8 +183,16 @@ class ManagedDrives:
                 raise await self.over_limit(put, put.size)
         if not put.allow_duplicates and (put.size is None or put.size > EARLY_CHECK_MIN_SIZE):
             await self._check_duplicates(drive, put.component, put.path)
+        if put.write_offset > max_bytes:  # the bytes held already pass a limit
+            raise await self.over_limit(put, put.write_offset)
+        if put.write_offset:
+            resumed = ResumablePut(self, put, max_bytes)
+            return resumed.taking(await self.uploads.resume(put, resumed))
         upload = await self.backend.start_upload(object_key(drive, put.component, put.path))
-        return ManagedPut(self, put, upload, max_bytes)
+        if put.upload_id:
+            started = ResumablePut(self, put, max_bytes)
+            return started.taking(await self.uploads.start(put, upload, started))
+        return ManagedPut(self, put, max_bytes).writing(upload)
 
     async def _own_size(self, put: PutHeader) -> int:
         """The size of the file the caller already holds at the put's path (0 when none): a put replacing it
@@ -160,6 +212,9 @@ class ManagedDrives:
             )
         assert self.quotas is not None  # the other limit
         return self.quotas.refusal(put.drive.name, received - await self._own_size(put))
+
+    async def query_upload(self, drive: DriveId, component: str, upload_id: str) -> tuple[int, Entry | None]:
+        return await self.uploads.status((drive.name, component, upload_id))
 
     async def commit_put(self, put: ManagedPut, sent: ClientChecksums, received: int) -> Entry:
         """Verifies and commits a put: ownership and the quota are checked again inside the path's claim (and

@@ -14,6 +14,8 @@ OPEN_REQUESTS = Gauge("drived_open_requests", "Requests in progress (open stream
 DAMAGED_READS = Counter(
     "drived_damaged_reads", "Reads refused because stored bytes did not match their stored checksums (DATA_LOSS)"
 )
+HELD_UPLOADS = Gauge("drived_held_uploads", "Resumable uploads held between streams, waiting for a resume")
+HELD_UPLOAD_BYTES = Gauge("drived_held_upload_bytes", "Bytes held by the resumable uploads waiting for a resume")
 INDEX_OBJECTS = Gauge("drived_s3_index_objects", "Objects in the index of each mounted s3:// drive", ["drive"])
 MOUNT_DURATION = Histogram(
     "drived_s3_mount_duration_seconds", "Time to index an s3:// drive",

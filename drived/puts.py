@@ -34,7 +34,8 @@ class PutStream:
         self._begin = begin  # decodes a header and starts its file in its drive
         self._pending: PendingPut | None = None
         self._commits: list[asyncio.Task[Entry]] = []
-        self._file_start = 0  # the stream's byte count when the current file started
+        self._file_start = 0  # the stream's byte count at the current file's first byte (negative for a resumed
+        # file whose first bytes came in an earlier stream)
         self._stop_at = 0  # the stream's byte count past which the current file is over its limit
         self._running = self._held = 0  # commits in flight, and the bytes they hold
         self._room = asyncio.Event()  # set when a commit ends
@@ -48,10 +49,7 @@ class PutStream:
         if data is not None:
             if self._pending is None:
                 raise InvalidArgument("a Put stream must start each file with a header before its data")
-            if self.bytes + len(data) > self._stop_at:
-                raise await self._pending.over_limit(self.bytes + len(data) - self._file_start)
-            await self._pending.write(data)
-            self.bytes += len(data)
+            await self._write(self._pending, data)
             return
         kind = message.WhichOneof("message")  # type: ignore[union-attr]
         if kind == "header":
@@ -64,10 +62,7 @@ class PutStream:
             whole = message.file  # type: ignore[union-attr]
             await self._start(whole.header)
             assert self._pending is not None  # set by _start
-            if len(whole.data) > self._pending.max_bytes:
-                raise await self._pending.over_limit(len(whole.data))
-            await self._pending.write(whole.data)
-            self.bytes += len(whole.data)
+            await self._write(self._pending, whole.data)
             await self._finish(sent_checksums(whole))
         else:
             raise InvalidArgument("an empty PutRequest: send a header, data, finish or file")
@@ -76,8 +71,15 @@ class PutStream:
         if self._pending is not None:
             raise InvalidArgument(f"a new file arrived before the finish of {self._pending.path!r}")
         self._pending = await self._begin(header)
-        self._file_start = self.bytes
-        self._stop_at = self.bytes + self._pending.max_bytes
+        self._file_start = self.bytes - self._pending.offset
+        self._stop_at = self._file_start + self._pending.max_bytes
+
+    async def _write(self, pending: PendingPut, data: bytes | memoryview) -> None:
+        """Writes the next bytes of the current file, unless they take it past its limit."""
+        if self.bytes + len(data) > self._stop_at:
+            raise await pending.over_limit(self.bytes + len(data) - self._file_start)
+        self.bytes += len(data)  # received, and the upload's once handed to it (writes are cancel-safe)
+        await pending.write(data)
 
     async def _finish(self, sent: ClientChecksums) -> None:
         """Commits the current file as a task of its own, once there is room for it."""
@@ -107,13 +109,15 @@ class PutStream:
         """At the end of the stream: every committed file, in the order sent."""
         if self._pending is not None:
             raise InvalidArgument(
-                f"the Put stream ended before the finish of {self._pending.path!r}: nothing was stored for it"
+                f"the Put stream ended before the finish of {self._pending.path!r}: it is not stored (with an "
+                "upload_id, what arrived is held for a resume)"
             )
         return list(await asyncio.gather(*self._commits))
 
-    async def close(self) -> None:
-        """Discards an unfinished file and lets the commits in flight end (they are valid files)."""
+    async def close(self, keep: bool) -> None:
+        """Ends an unfinished file, suspended when `keep` (held when resumable) or else discarded, and lets the
+        commits in flight end (they are valid files)."""
         if self._pending is not None:
-            await self._pending.abort()
+            await (self._pending.suspend() if keep else self._pending.abort())
             self._pending = None
         await asyncio.gather(*self._commits, return_exceptions=True)

@@ -18,6 +18,7 @@ build.
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -30,12 +31,22 @@ from .checksums import ClientChecksums
 
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10000
+UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_WAIT_SECONDS = 86400.0  # a day: a wait holds one of the peer's streams (--max-streams-per-peer)
 
 
 def _component_filter(component: str) -> str:
     """A component filter: "" (all components) or a valid name."""
     return check_component(component) if component else ""
+
+
+def check_upload_id(upload_id: str) -> str:
+    """A resumable upload's id, as the client made it: 1-128 letters, digits, '-' or '_'."""
+    if not UPLOAD_ID_RE.fullmatch(upload_id):
+        raise InvalidArgument(
+            f"upload id {upload_id[:140]!r} is not 1-128 letters, digits, '-' or '_' (e.g. 32 random hex digits)"
+        )
+    return upload_id
 
 
 def drive_path(drive: DriveId, path: str, allow_root: bool = False) -> str:
@@ -69,6 +80,8 @@ class PutHeader:
     component: str  # the owner ("default" when none was sent)
     allow_duplicates: bool
     size: int | None  # None when the client did not say
+    upload_id: str  # "" for an upload that is not resumable
+    write_offset: int  # where this stream's bytes start in the file: > 0 resumes upload_id
 
     @classmethod
     def from_pb(cls, header: pb.PutHeader) -> PutHeader:
@@ -78,7 +91,32 @@ class PutHeader:
         size = header.size if header.HasField("size") else None
         if size is not None and size < 0:
             raise InvalidArgument(f"size {size} is negative")
-        return cls(drive, path, component, header.allow_duplicates, size)
+        if header.write_offset < 0:
+            raise InvalidArgument(f"write_offset {header.write_offset} is negative")
+        if header.upload_id:
+            check_upload_id(header.upload_id)
+        elif header.write_offset:
+            raise InvalidArgument(
+                "write_offset resumes a resumable upload: it needs the upload_id of the first stream"
+            )
+        return cls(
+            drive, path, component, header.allow_duplicates, size, header.upload_id, header.write_offset
+        )
+
+
+@dataclass(slots=True)
+class QueryWriteStatusRequest:
+    """Which resumable upload to describe (`pb.QueryWriteStatusRequest`)."""
+
+    drive: DriveId
+    component: str  # the putting component ("default" when none was sent)
+    upload_id: str
+
+    @classmethod
+    def from_pb(cls, request: pb.QueryWriteStatusRequest) -> QueryWriteStatusRequest:
+        return cls(
+            parse_drive(request.drive), check_component(request.component), check_upload_id(request.upload_id)
+        )
 
 
 @dataclass(slots=True)

@@ -94,6 +94,9 @@ class S3Drives:
     async def begin_put(self, put: PutHeader) -> PendingPut:
         raise _read_only(put.drive)
 
+    async def query_upload(self, drive: DriveId, component: str, upload_id: str) -> tuple[int, Entry | None]:
+        raise NotFound(f"{drive.uri} is an s3:// drive: it takes no puts, so it has no uploads")
+
     async def delete(self, delete: DeleteRequest) -> int:
         raise _read_only(delete.drive)
 

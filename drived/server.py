@@ -34,6 +34,7 @@ from .s3drives import S3Drives
 from .s3index.mounts import S3Mounts
 from .service import DriveService
 from .tls import ServerTLS, TLSFileError
+from .uploads import HeldUploads
 
 log = logging.getLogger("drived")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DriveService"].full_name
@@ -127,7 +128,8 @@ async def serve(config: Config) -> None:
         config.max_streams, config.max_streams_per_peer, config.stream_idle_timeout,
         release_memory=lambda: loop.run_in_executor(None, release_free_memory),
     )
-    managed = ManagedDrives(backend, coordinator, config.max_file_size, config.quota)
+    uploads = HeldUploads(config.upload_expiry, config.max_held_uploads, config.max_held_bytes)
+    managed = ManagedDrives(backend, coordinator, uploads, config.max_file_size, config.quota)
     drives = DriveRouter(managed, S3Drives(mounts, config.chunk_size))
     service = DriveService(drives, streams, access)
     add_fast_servicer(service, server)
@@ -176,6 +178,7 @@ async def serve(config: Config) -> None:
         log.warning("grace period over: cancelling what is still open", extra={"fields": {"streams": streams.count}})
     await server.stop(max(0.0, deadline - loop.time()))
     await streams.close()
+    await uploads.close()
     await coordinator.disconnect()
     await mounts.close()
     await backend.close()

@@ -28,10 +28,10 @@ from typing import Any, NoReturn, TypeVar, overload
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from drive_client.errors import DriveError, NotFound, ResourceExhausted, Unavailable
+from drive_client.errors import DriveError, ResourceExhausted, Unavailable
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc as pb_grpc
-from drive_client.uri import DriveId, parse_drive
+from drive_client.uri import DriveId
 from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
 
 from . import metrics
@@ -47,6 +47,7 @@ from .requests import (
     ListRequest,
     MountRequest,
     PutHeader,
+    QueryWriteStatusRequest,
     StatRequest,
     WatchRequest,
     sent_checksums,
@@ -79,6 +80,7 @@ class RequestLog:
     files: int = 0
     status: str = "OK"
     grant: Grant = NOBODY  # the caller's, once authenticated; its name is logged, never the token
+    stream: Stream | None = None  # the call's place among the open streams (drived.limits), once admitted
 
 
 @contextmanager
@@ -224,6 +226,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
                 stream = None
                 if method in STREAMS:
                     stream = admitted.enter_context(service.streams.opened(method, context.peer(), idle_limited))
+                    record.stream = stream
                 try:
                     yield stream
                 except asyncio.CancelledError:
@@ -293,14 +296,21 @@ class DriveService(pb_grpc.DriveServiceServicer):
     @rpc
     async def Put(self, messages: AsyncIterable[PutMessage], record: RequestLog) -> pb.PutResponse:
         stream = PutStream(partial(self._begin_put, record))
+        # Whether a resumable file left unfinished is held for a resume: when the client ended or broke the
+        # stream, not when the daemon refused it or the idle check ended it (README, Failure behaviour).
+        keep = False
         try:
             async for message in messages:
                 await stream.receive(message)
-                record.bytes = stream.bytes
                 del message  # not kept while the next one is awaited (see _received)
+            keep = True
             entries = await stream.results()
+        except asyncio.CancelledError:
+            keep = record.stream is None or not record.stream.timed_out
+            raise
         finally:
-            await stream.close()
+            record.bytes = stream.bytes
+            await stream.close(keep)
         record.files = len(entries)
         return pb.PutResponse(files=[file_info(e) for e in entries])
 
@@ -310,10 +320,11 @@ class DriveService(pb_grpc.DriveServiceServicer):
         try:
             sent = sent_checksums(request)
             record.bytes = len(request.data)
-            if record.bytes > put.max_bytes:
-                raise await put.over_limit(record.bytes)
+            received = put.offset + record.bytes  # the file's bytes, those held before a resume included
+            if received > put.max_bytes:
+                raise await put.over_limit(received)
             await put.write(request.data)
-            entry = await put.commit(sent, record.bytes)
+            entry = await put.commit(sent, received)
         finally:
             await put.abort()  # a no-op after the commit
         record.files = 1
@@ -387,6 +398,10 @@ class DriveService(pb_grpc.DriveServiceServicer):
     async def QueryWriteStatus(
         self, request: pb.QueryWriteStatusRequest, record: RequestLog
     ) -> pb.QueryWriteStatusResponse:
-        self._drives(record, parse_drive(request.drive))
-        # This daemon keeps no unfinished upload once its stream ends, so there is never one to resume.
-        raise NotFound(f"upload {request.upload_id!r} is not held by this daemon: put the file again from offset 0")
+        query = QueryWriteStatusRequest.from_pb(request)
+        drives = self._drives(record, query.drive)
+        held, entry = await drives.query_upload(query.drive, query.component, query.upload_id)
+        if entry is None:
+            return pb.QueryWriteStatusResponse(committed_size=held)
+        record.path = entry.path
+        return pb.QueryWriteStatusResponse(complete=True, file=file_info(entry))

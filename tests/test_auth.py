@@ -21,6 +21,7 @@ import grpc
 import pytest
 from conftest import (
     BIN,
+    MIB,
     DaemonHandle,
     health_status,
     put_messages,
@@ -234,6 +235,42 @@ def test_a_put_stream_is_checked_at_each_files_header(scoped, tmp_path):
     code, message = refusal(lambda: stub.Put(two_drives(), metadata=bearer("team-a"), timeout=30))
     assert code == grpc.StatusCode.PERMISSION_DENIED and other in message
     assert [e.path for e in CALLS["List"](stub, other, bearer("admin")).entries] == ["a.txt"]
+
+
+def test_a_held_upload_is_neither_described_nor_resumed_for_a_token_that_may_not_write_its_drive(scoped):
+    """QueryWriteStatus and a resuming Put need what a Put needs: a token of another drive, or a read token, is
+    refused the same whether the upload is held or not, and the upload stays as it was."""
+    handle, stub = scoped
+    drive = f"lit://shared_{uuid.uuid4().hex[:8]}"
+    data = os.urandom(3 * MIB)
+    first = [pb.PutRequest(header=pb.PutHeader(drive=drive, path="held.bin", upload_id="u-held", size=len(data))),
+             pb.PutRequest(data=data[:MIB]), pb.PutRequest(data=data[MIB:2 * MIB])]
+    code, _ = refusal(lambda: stub.Put(iter(first), metadata=bearer("admin"), timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT  # ended before its finish: held
+
+    def status(upload_id: str, token: str) -> pb.QueryWriteStatusResponse:
+        request = pb.QueryWriteStatusRequest(drive=drive, upload_id=upload_id)
+        return stub.QueryWriteStatus(request, metadata=bearer(token), timeout=30)
+
+    def resume(upload_id: str, token: str) -> pb.PutResponse:
+        header = pb.PutHeader(drive=drive, path="held.bin", upload_id=upload_id, size=len(data), write_offset=2 * MIB)
+        rest = [pb.PutRequest(header=header), pb.PutRequest(data=data[2 * MIB:]),
+                pb.PutRequest(finish=pb.PutFinish(sha256=sha256_hex(data)))]
+        return stub.Put(iter(rest), metadata=bearer(token), timeout=30)
+
+    assert status("u-held", "admin").committed_size == 2 * MIB
+    before = snapshot(handle.data_dir)
+    for token in ("team-a", "reader"):  # another drive's; a read token of this drive
+        refusals = Refusals(handle, "PERMISSION_DENIED", token)
+        for method, call in (("QueryWriteStatus", status), ("Put", resume)):
+            held, unknown = (refusals.check(method, lambda call=call, upload_id=upload_id, token=token:
+                                            call(upload_id, token)) for upload_id in ("u-held", "u-unknown"))
+            assert held == unknown and "u-held" not in held, (token, method)
+        refusals.assert_logged_and_counted()
+    assert snapshot(handle.data_dir) == before
+    assert status("u-held", "admin").committed_size == 2 * MIB
+    [stored] = resume("u-held", "admin").files
+    assert (stored.size, stored.sha256) == (len(data), sha256_hex(data))
 
 
 def test_a_scoped_token_works_on_its_own_drives_through_the_client(twin, scoped, tmp_path):

@@ -177,3 +177,11 @@ def test_error_unreachable(tmp_path):
     res = subprocess.run([*drive_cmd(), "--endpoint", endpoint, "ls", "lit://d"], capture_output=True,
                          text=True, timeout=40)
     assert_one_line_error(res, endpoint)
+    get = [*drive_cmd(), "--endpoint", endpoint, "--retry-seconds", "0", "get", "lit://d/x", str(tmp_path / "x")]
+    assert_one_line_error(subprocess.run(get, capture_output=True, text=True, timeout=40), endpoint)
+    get[get.index("--retry-seconds") + 1] = "1"  # a transfer tries again for that long, saying so on stderr
+    res = subprocess.run(get, capture_output=True, text=True, timeout=40)
+    *retries, error = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and endpoint in error and "Traceback" not in res.stderr
+    assert retries and all("trying again in" in line for line in retries)
+    assert not (tmp_path / "x").exists()

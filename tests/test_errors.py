@@ -185,9 +185,11 @@ def test_ambiguous_get_names_components(daemon, tmp_path, drive_uri):
 
 
 def test_unreachable_daemon_is_connection_error(tmp_path):
+    """With retries off, every call fails at once; with them, a transfer keeps trying for its budget and then
+    fails the same way (test_resume)."""
     endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
     (tmp_path / "a.txt").write_bytes(b"a")
-    d = Drive("lit://drive_1", root_folder=str(tmp_path), endpoint=endpoint)
+    d = Drive("lit://drive_1", root_folder=str(tmp_path), endpoint=endpoint, retry_seconds=0)
     calls = {
         "list": lambda: d.list("."), "put": lambda: d.put("a.txt"), "get": lambda: d.get("b.txt"),
         "get_wait": lambda: d.get("b.txt", timeout=30), "stat": lambda: d.stat("a.txt"),

@@ -110,18 +110,21 @@ def test_streams_over_the_total_cap_are_refused(start_daemon, tmp_path):
 
 
 def test_a_put_whose_client_sends_nothing_is_ended_and_its_upload_removed(start_daemon, tmp_path):
+    """A resumable upload too: the daemon ended its stream, so nothing is held for a resume."""
     handle = start_daemon(tmp_path, "--stream-idle-timeout", "1")
     drive = "lit://idle_put"
-    first = lambda i: [header(drive, "stalled.bin"), os.urandom(2 * MIB)]  # noqa: E731
-    with StalledPuts(handle.endpoint, 1, first) as stalled:
-        assert wait_until(lambda: stalled.open() == 0, 30), "the stalled put was never ended"
-        assert stalled.outcomes == [SC.UNAVAILABLE], stalled.details
-        assert "sent nothing for 1 s" in stalled.details[0] and "--stream-idle-timeout" in stalled.details[0]
-    assert wait_until(lambda: no_uploads(handle.data_dir), 10), "its upload data is removed"
+    first = lambda i: [header(drive, f"stalled{i}.bin", upload_id=f"u-{i}" if i else ""), os.urandom(2 * MIB)]  # noqa: E731
+    with StalledPuts(handle.endpoint, 2, first) as stalled:
+        assert wait_until(lambda: stalled.open() == 0, 30), "the stalled puts were never ended"
+        assert stalled.outcomes == [SC.UNAVAILABLE] * 2, stalled.details
+        assert all("sent nothing for 1 s" in d and "--stream-idle-timeout" in d for d in stalled.details)
+    assert wait_until(lambda: no_uploads(handle.data_dir), 10), "their upload data is removed"
     handle.wait_logged("idle stream cancelled")
     with grpc.insecure_channel(handle.endpoint) as channel:
         stub = drive_pb2_grpc.DriveServiceStub(channel)
         assert listed(stub, drive) == []
+        query = pb.QueryWriteStatusRequest(drive=drive, upload_id="u-1")
+        assert rpc_code(lambda: stub.QueryWriteStatus(query, timeout=10)) == SC.NOT_FOUND  # not held
 
         # A slow put that keeps sending is not idle, however long it takes.
         data = os.urandom(6 * MIB)

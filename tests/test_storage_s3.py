@@ -8,6 +8,7 @@ coordinator. Objects are checked through boto3 as a user of the bucket would.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -20,13 +21,26 @@ import boto3
 import fsspec
 import grpc
 import pytest
-from conftest import BIN, MIB, DaemonHandle, put_messages, raw_get, raw_put, rpc_code, start_daemon, wait_until
+from conftest import (
+    BIN,
+    MIB,
+    DaemonHandle,
+    put_messages,
+    raw_get,
+    raw_put,
+    rpc_code,
+    start_daemon,
+    wait_until,
+    write_random_file,
+)
 from crc32c import crc32c
+from cutting_proxy import CuttingProxy
 from moto_server import AWS_ENV
 
 from bench.services import MotoServer
 from drive_client import DataLoss, Drive
 from drive_client.pb import drive_pb2, drive_pb2_grpc
+from drived.backends.s3 import PART_SIZE
 
 BUCKET = "drived-store"
 PREFIX = "drives/"
@@ -355,6 +369,46 @@ def test_a_cancelled_put_leaves_no_multipart_upload(store, daemon_a, drive_uri):
         put.release.set()
     assert rpc_code(lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="c.bin"))) == \
         grpc.StatusCode.NOT_FOUND
+
+
+def test_a_held_upload_keeps_its_multipart_upload_and_resumes_into_it(store, daemon_a, drive_uri):
+    """The parts sent before a stream ended stay in the store; the unsent tail (less than a part) is sent again."""
+    stub = stub_of(daemon_a)
+    data = os.urandom(2 * PART_SIZE + 5 * MIB)
+    header = drive_pb2.PutHeader(drive=drive_uri, path="held.bin", component="w", upload_id="s3-held", size=len(data))
+    first = [drive_pb2.PutRequest(header=header), *(drive_pb2.PutRequest(data=data[i:i + MIB])
+                                                     for i in range(0, 2 * PART_SIZE + 3 * MIB, MIB))]
+    assert rpc_code(lambda: stub.Put(iter(first), timeout=60)) == grpc.StatusCode.INVALID_ARGUMENT  # no finish
+    status = stub.QueryWriteStatus(drive_pb2.QueryWriteStatusRequest(
+        drive=drive_uri, component="w", upload_id="s3-held"), timeout=10)
+    assert status.committed_size == 2 * PART_SIZE and not status.complete
+    [upload] = [u for u in store.uploads() if u["Key"].endswith("/w/held.bin")]
+    parts = store.client.list_parts(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])["Parts"]
+    assert [p["Size"] for p in parts] == [PART_SIZE, PART_SIZE]
+    header.write_offset = status.committed_size
+    rest = [drive_pb2.PutRequest(header=header),
+            *(drive_pb2.PutRequest(data=data[i:i + MIB]) for i in range(2 * PART_SIZE, len(data), MIB)),
+            drive_pb2.PutRequest(finish=drive_pb2.PutFinish(sha256=sha256_of(data)))]
+    [stored] = stub.Put(iter(rest), timeout=60).files
+    assert (stored.size, stored.sha256) == (len(data), sha256_of(data))
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/held.bin"
+    assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == data
+    assert store.client.head_object(Bucket=BUCKET, Key=key)["ETag"].strip('"').endswith("-3")  # one upload
+    assert not [u for u in store.uploads() if u["Key"].endswith("/w/held.bin")]
+
+
+def test_a_put_cut_midway_completes_through_resume(store, daemon_a, drive_uri, tmp_path):
+    size = 3 * PART_SIZE + 5 * MIB
+    digest = write_random_file(tmp_path / "r.bin", size)
+    with CuttingProxy(daemon_a.endpoint) as proxy:
+        proxy.cut_after("up", 20 * MIB)
+        [stored] = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=proxy.endpoint).put("r.bin")
+        assert proxy.cuts_made == 1
+    assert stored.sha256 == digest
+    received = [line["bytes"] for line in map(json.loads, daemon_a.log().splitlines()[1:])
+                if line.get("method") == "Put" and line.get("drive") == drive_uri]
+    assert len(received) == 2 and size <= sum(received) <= size + PART_SIZE  # the unsent tail, sent again
+    assert not [u for u in store.uploads() if drive_uri.removeprefix("lit://") in u["Key"]]
 
 
 def test_sigkill_mid_put_keeps_the_previous_version_and_the_next_start_aborts_the_upload(

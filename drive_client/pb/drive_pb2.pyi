@@ -43,7 +43,8 @@ Status codes used by every RPC:
   FAILED_PRECONDITION  the path is held by several components: name one
   ABORTED              the file changed while it was read (if_match, s3 ETag)
   OUT_OF_RANGE         a Watch resumed from events no longer kept, or from
-                       a sequence the drive never gave
+                       a sequence the drive never gave; a Put resumed at
+                       another offset than the server holds
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
   DATA_LOSS            the bytes received do not match the CRC32C (or sha256)
                        sent, or a stored file is damaged (the message names it)
@@ -159,14 +160,22 @@ class PutHeader(_message.Message):
     the drive and component. Empty: not resumable, and what arrived of an
     unfinished file is discarded when the stream ends. With an id, the server
     keeps what it holds of an unfinished file for its --upload-expiry after
-    the stream ends; QueryWriteStatus tells how much that is.
+    the client ended or broke the stream (fewer when it holds more uploads
+    than its bounds allow: the oldest go first); QueryWriteStatus tells how
+    much that is. A stream the server ended (an error status, or UNAVAILABLE
+    after --stream-idle-timeout) leaves nothing held. What is
+    held lives in that server's memory: another server (a replica behind a
+    load balancer) or the same one restarted holds nothing, and answers
+    NOT_FOUND: the client puts the file again from offset 0.
     """
     write_offset: _builtins.int
-    """Where this stream's bytes start in the file: 0 for a new upload; to
-    resume, the committed_size that QueryWriteStatus answered for
-    `upload_id`. Any other offset is refused with OUT_OF_RANGE (nothing
-    changes: query again), and the resume of an upload the server no longer
-    holds with NOT_FOUND (start again from 0). Needs `upload_id` when not 0.
+    """Where this stream's bytes start in the file: 0 for a new upload (one
+    held under the same `upload_id` is discarded); to resume, the
+    committed_size that QueryWriteStatus answered for `upload_id`. Any other
+    offset is refused with OUT_OF_RANGE (nothing changes: query again), and
+    the resume of an upload the server does not hold with NOT_FOUND (start
+    again from 0). Needs `upload_id` when not 0 (INVALID_ARGUMENT otherwise,
+    and for a negative offset); `path` and `size` must be the upload's.
     """
     def __init__(
         self,
@@ -889,7 +898,9 @@ class QueryWriteStatusResponse(_message.Message):
     FILE_FIELD_NUMBER: _builtins.int
     committed_size: _builtins.int
     """How many of the file's bytes the server holds: resume with a Put whose
-    header has this as `write_offset`. 0 when complete.
+    header has this as `write_offset`. 0 when complete. A server keeping its
+    files in S3 (--storage) holds the multipart upload's parts only: the bytes
+    after its last whole part are sent again.
     """
     complete: _builtins.bool
     """True when the upload's finish arrived and the file was committed:

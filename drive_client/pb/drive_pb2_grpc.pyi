@@ -43,7 +43,8 @@ Status codes used by every RPC:
   FAILED_PRECONDITION  the path is held by several components: name one
   ABORTED              the file changed while it was read (if_match, s3 ETag)
   OUT_OF_RANGE         a Watch resumed from events no longer kept, or from
-                       a sequence the drive never gave
+                       a sequence the drive never gave; a Put resumed at
+                       another offset than the server holds
   DEADLINE_EXCEEDED    a Get's wait expired before the path appeared
   DATA_LOSS            the bytes received do not match the CRC32C (or sha256)
                        sent, or a stored file is damaged (the message names it)
@@ -107,19 +108,27 @@ class DriveServiceStub:
     listing them; when one fails, the stream fails with its status, and
     files finished before (or committing at the same time) stay committed.
     A file whose header carries an `upload_id` is resumable: when the stream
-    breaks off before its finish, QueryWriteStatus tells how many of its bytes
-    the server holds, and a new Put stream resumes it from there.
+    ends or breaks off before its finish, the server holds what arrived (for
+    its --upload-expiry), QueryWriteStatus tells how many bytes that is, and a
+    new Put stream resumes the file from there (PutHeader.write_offset). A
+    resuming stream takes the upload over from a stream of it still open on
+    the server (one broken on the client's side): that one fails with ABORTED.
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
     header before the previous file's finish, a path that is a folder, or
-    whose parent is a file), ALREADY_EXISTS (another component holds the
-    path and allow_duplicates is false; a file and a folder of one path in
-    two components count as the same path), PERMISSION_DENIED (s3://
-    drive), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
+    whose parent is a file; a bad upload_id, a write_offset without one, or
+    a resume whose path or size is not the upload's), ALREADY_EXISTS (another
+    component holds the path and allow_duplicates is false; a file and a
+    folder of one path in two components count as the same path),
+    PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
+    server does not hold), OUT_OF_RANGE (a resume at another offset than it
+    holds), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
     (disk full, a file over --max-file-size as soon as its header or its
     bytes say so, the drive's --quota, too many streams), UNAVAILABLE (the
     client sent nothing for --stream-idle-timeout; the daemon is shutting
-    down).
-    Nothing is stored for a file refused so.
+    down). Nothing is stored for a file refused so, and what its stream
+    wrote is not held even with an `upload_id` (a resume refused at its
+    header leaves what was held as it was). A resumed file's limits count
+    its held bytes.
     """
     PutFile: _grpc.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -186,10 +195,17 @@ class DriveServiceStub:
     QueryWriteStatus: _grpc.UnaryUnaryMultiCallable[_drive_pb2.QueryWriteStatusRequest, _drive_pb2.QueryWriteStatusResponse]
     """Tells how much of a resumable upload (a Put whose header carried an
     `upload_id`) the server holds, so that a client whose Put stream was cut
-    can resume the file from there (like ByteStream's QueryWriteStatus).
-    Errors: NOT_FOUND (no such upload: never started, expired after the
-    daemon's --upload-expiry, or held by another daemon: start again from
-    offset 0), INVALID_ARGUMENT (bad drive, component or id).
+    can resume the file from there (like ByteStream's QueryWriteStatus). An
+    upload whose finish arrived is described once its commit ended: complete,
+    with the file, for the server's --upload-expiry after the commit, so that a
+    client cut after its finish learns the file is stored (NOT_FOUND when the
+    commit failed). The call's token needs what a Put needs (read-write, the
+    drive in its scope), checked before the upload is looked up. Errors:
+    NOT_FOUND (no such upload: never started, expired after the daemon's
+    --upload-expiry, removed when the server ended its stream, held by another
+    daemon or by this one before a restart, or on an s3:// drive: start again
+    from offset 0), INVALID_ARGUMENT (bad drive, component or id),
+    PERMISSION_DENIED (the token does not cover a write to the drive).
     """
 
 @_typing.type_check_only
@@ -214,19 +230,27 @@ class DriveServiceAsyncStub(DriveServiceStub):
     listing them; when one fails, the stream fails with its status, and
     files finished before (or committing at the same time) stay committed.
     A file whose header carries an `upload_id` is resumable: when the stream
-    breaks off before its finish, QueryWriteStatus tells how many of its bytes
-    the server holds, and a new Put stream resumes it from there.
+    ends or breaks off before its finish, the server holds what arrived (for
+    its --upload-expiry), QueryWriteStatus tells how many bytes that is, and a
+    new Put stream resumes the file from there (PutHeader.write_offset). A
+    resuming stream takes the upload over from a stream of it still open on
+    the server (one broken on the client's side): that one fails with ABORTED.
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
     header before the previous file's finish, a path that is a folder, or
-    whose parent is a file), ALREADY_EXISTS (another component holds the
-    path and allow_duplicates is false; a file and a folder of one path in
-    two components count as the same path), PERMISSION_DENIED (s3://
-    drive), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
+    whose parent is a file; a bad upload_id, a write_offset without one, or
+    a resume whose path or size is not the upload's), ALREADY_EXISTS (another
+    component holds the path and allow_duplicates is false; a file and a
+    folder of one path in two components count as the same path),
+    PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
+    server does not hold), OUT_OF_RANGE (a resume at another offset than it
+    holds), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
     (disk full, a file over --max-file-size as soon as its header or its
     bytes say so, the drive's --quota, too many streams), UNAVAILABLE (the
     client sent nothing for --stream-idle-timeout; the daemon is shutting
-    down).
-    Nothing is stored for a file refused so.
+    down). Nothing is stored for a file refused so, and what its stream
+    wrote is not held even with an `upload_id` (a resume refused at its
+    header leaves what was held as it was). A resumed file's limits count
+    its held bytes.
     """
     PutFile: _aio.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]  # type: ignore[assignment]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -293,10 +317,17 @@ class DriveServiceAsyncStub(DriveServiceStub):
     QueryWriteStatus: _aio.UnaryUnaryMultiCallable[_drive_pb2.QueryWriteStatusRequest, _drive_pb2.QueryWriteStatusResponse]  # type: ignore[assignment]
     """Tells how much of a resumable upload (a Put whose header carried an
     `upload_id`) the server holds, so that a client whose Put stream was cut
-    can resume the file from there (like ByteStream's QueryWriteStatus).
-    Errors: NOT_FOUND (no such upload: never started, expired after the
-    daemon's --upload-expiry, or held by another daemon: start again from
-    offset 0), INVALID_ARGUMENT (bad drive, component or id).
+    can resume the file from there (like ByteStream's QueryWriteStatus). An
+    upload whose finish arrived is described once its commit ended: complete,
+    with the file, for the server's --upload-expiry after the commit, so that a
+    client cut after its finish learns the file is stored (NOT_FOUND when the
+    commit failed). The call's token needs what a Put needs (read-write, the
+    drive in its scope), checked before the upload is looked up. Errors:
+    NOT_FOUND (no such upload: never started, expired after the daemon's
+    --upload-expiry, removed when the server ended its stream, held by another
+    daemon or by this one before a restart, or on an s3:// drive: start again
+    from offset 0), INVALID_ARGUMENT (bad drive, component or id),
+    PERMISSION_DENIED (the token does not cover a write to the drive).
     """
 
 class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -324,19 +355,27 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         listing them; when one fails, the stream fails with its status, and
         files finished before (or committing at the same time) stay committed.
         A file whose header carries an `upload_id` is resumable: when the stream
-        breaks off before its finish, QueryWriteStatus tells how many of its bytes
-        the server holds, and a new Put stream resumes it from there.
+        ends or breaks off before its finish, the server holds what arrived (for
+        its --upload-expiry), QueryWriteStatus tells how many bytes that is, and a
+        new Put stream resumes the file from there (PutHeader.write_offset). A
+        resuming stream takes the upload over from a stream of it still open on
+        the server (one broken on the client's side): that one fails with ABORTED.
         Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
         header before the previous file's finish, a path that is a folder, or
-        whose parent is a file), ALREADY_EXISTS (another component holds the
-        path and allow_duplicates is false; a file and a folder of one path in
-        two components count as the same path), PERMISSION_DENIED (s3://
-        drive), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
+        whose parent is a file; a bad upload_id, a write_offset without one, or
+        a resume whose path or size is not the upload's), ALREADY_EXISTS (another
+        component holds the path and allow_duplicates is false; a file and a
+        folder of one path in two components count as the same path),
+        PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
+        server does not hold), OUT_OF_RANGE (a resume at another offset than it
+        holds), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
         (disk full, a file over --max-file-size as soon as its header or its
         bytes say so, the drive's --quota, too many streams), UNAVAILABLE (the
         client sent nothing for --stream-idle-timeout; the daemon is shutting
-        down).
-        Nothing is stored for a file refused so.
+        down). Nothing is stored for a file refused so, and what its stream
+        wrote is not held even with an `upload_id` (a resume refused at its
+        header leaves what was held as it was). A resumed file's limits count
+        its held bytes.
         """
 
     @_abc_1.abstractmethod
@@ -451,10 +490,17 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_drive_pb2.QueryWriteStatusResponse, _abc.Awaitable[_drive_pb2.QueryWriteStatusResponse]]:
         """Tells how much of a resumable upload (a Put whose header carried an
         `upload_id`) the server holds, so that a client whose Put stream was cut
-        can resume the file from there (like ByteStream's QueryWriteStatus).
-        Errors: NOT_FOUND (no such upload: never started, expired after the
-        daemon's --upload-expiry, or held by another daemon: start again from
-        offset 0), INVALID_ARGUMENT (bad drive, component or id).
+        can resume the file from there (like ByteStream's QueryWriteStatus). An
+        upload whose finish arrived is described once its commit ended: complete,
+        with the file, for the server's --upload-expiry after the commit, so that a
+        client cut after its finish learns the file is stored (NOT_FOUND when the
+        commit failed). The call's token needs what a Put needs (read-write, the
+        drive in its scope), checked before the upload is looked up. Errors:
+        NOT_FOUND (no such upload: never started, expired after the daemon's
+        --upload-expiry, removed when the server ended its stream, held by another
+        daemon or by this one before a restart, or on an s3:// drive: start again
+        from offset 0), INVALID_ARGUMENT (bad drive, component or id),
+        PERMISSION_DENIED (the token does not cover a write to the drive).
         """
 
 def add_DriveServiceServicer_to_server(servicer: DriveServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -169,13 +169,36 @@ class SummedChunks:
 class Upload(abc.ABC):
     """An object being written: bytes go to temporary storage, summed on the way by one `Checksums`.
 
-    The caller calls `write` for each chunk in order, then exactly one of
-    `commit` or `abort` (also when `write` failed or the task is cancelled).
+    The caller calls `write` for each chunk in order, one at a time, then
+    exactly one of `commit` or `abort` (also when `write` failed or the task
+    is cancelled). A resumable upload may be paused between two streams with
+    `suspend`, then written again from `held` on (see `drived.uploads`).
     """
 
     @abc.abstractmethod
     async def write(self, data: bytes | memoryview) -> None:
-        """Appends `data`. Raises ResourceExhausted when the store is full."""
+        """Appends `data`. Raises ResourceExhausted when the store is full.
+
+        Cancel-safe: once called, `data` belongs to the upload even when the
+        caller is cancelled while the write waits; `suspend`, `commit` and
+        `abort` wait for what is still in flight.
+        """
+
+    @property
+    @abc.abstractmethod
+    def held(self) -> int:
+        """How many bytes the upload keeps when suspended: where a resumed stream's bytes continue."""
+
+    @abc.abstractmethod
+    async def suspend(self) -> None:
+        """Pauses the upload until its next `write` or `commit`, keeping its first `held` bytes.
+
+        Waits for the writes in flight, releases descriptors and buffers (a
+        paused upload holds neither), and keeps the bytes and the state of
+        their checksums, so that a later `write` continues the same object
+        and `commit` checks every byte. Raises (the caller then aborts) when
+        a write in flight failed.
+        """
 
     @abc.abstractmethod
     async def commit(self, sent: ClientChecksums, size: int | None = None) -> ObjectInfo:

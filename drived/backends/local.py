@@ -224,6 +224,7 @@ class LocalUpload(Upload):
         self._path = path  # where the object goes, checked by LocalBackend._path
         self._tmp_path = f"{backend.tmp_dir}/{next(backend.upload_numbers)}"
         self._fd = -1
+        self._created = False  # whether the temporary file exists (it is closed while suspended)
         self._checksums = Checksums()  # of the bytes written so far, by `_flush` in worker threads
         self._size = 0
         self._written = self._written_back = 0  # bytes in the file, and those the disk was told to write
@@ -233,9 +234,21 @@ class LocalUpload(Upload):
         self._committing: asyncio.Future[Any] | None = None
         self._counted = False  # a descriptor is counted for the temporary file (Descriptors.take_upload)
 
-    def _create(self) -> int:
-        """Opens the temporary file; its descriptor was counted by `write` (`_counted`)."""
-        return os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    def _open(self) -> None:
+        """Opens the temporary file at its end: created on the first flush, opened again after `suspend`."""
+        if self._fd >= 0:
+            return
+        flags = os.O_WRONLY | os.O_CLOEXEC | (0 if self._created else os.O_CREAT | os.O_EXCL)
+        self._fd = os.open(self._tmp_path, flags, 0o644)
+        self._created = True
+        os.lseek(self._fd, HEADER_SIZE + self._written, os.SEEK_SET)  # the header is written at the commit
+
+    def _count_descriptor(self) -> None:
+        """Counts the temporary file's descriptor before a worker thread opens it (again, after `suspend`):
+        here, not in the worker thread, so that a refusal fails this call, at once."""
+        if not self._counted:
+            self._backend.descriptors.take_upload()
+            self._counted = True
 
     def _close_fd(self) -> None:
         if self._fd >= 0:
@@ -248,9 +261,7 @@ class LocalUpload(Upload):
     def _flush(self, chunks: list[bytes | memoryview]) -> None:
         """Runs in a worker thread: sums and appends `chunks` to the temporary file."""
         try:
-            if self._fd < 0:
-                self._fd = self._create()
-                os.lseek(self._fd, HEADER_SIZE, os.SEEK_SET)  # the header is written at the commit
+            self._open()
             for chunk in chunks:
                 self._checksums.update(chunk)
                 write_all(self._fd, chunk)
@@ -266,24 +277,40 @@ class LocalUpload(Upload):
         except OSError as err:
             raise _disk_error(err, "writing an upload") from err
 
+    @property
+    def held(self) -> int:
+        return self._size
+
     async def write(self, data: bytes | memoryview) -> None:
         self._size += len(data)
         self._pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= FLUSH_BYTES:
-            if not self._counted:  # here, not in the worker thread: a refusal fails this write, at once
-                self._backend.descriptors.take_upload()
-                self._counted = True
-            chunks, self._pending, self._pending_bytes = self._pending, [], 0
             await self._drain()
-            # Not awaited: the next chunk is received while this one is hashed and written.
-            self._flushing = asyncio.get_running_loop().run_in_executor(None, self._flush, chunks)
+            self._start_flush()
+
+    def _start_flush(self) -> None:
+        """Hands the pending chunks to a worker thread, not awaited: the next chunk is received meanwhile."""
+        self._count_descriptor()
+        chunks, self._pending, self._pending_bytes = self._pending, [], 0
+        self._flushing = asyncio.get_running_loop().run_in_executor(None, self._flush, chunks)
 
     async def _drain(self) -> None:
-        """Waits for the write in flight, if any (at most one chunk is ever in flight)."""
+        """Waits for the write in flight, if any (at most one chunk is ever in flight).
+
+        Shielded, and forgotten only once done: a cancelled caller leaves the
+        write running and known, for whoever waits next (`suspend`, `abort`).
+        """
         if self._flushing is not None:
-            flushing, self._flushing = self._flushing, None
-            await flushing
+            await asyncio.shield(self._flushing)
+            self._flushing = None
+
+    async def suspend(self) -> None:
+        await self._drain()
+        if self._pending:
+            self._start_flush()
+            await self._drain()
+        self._close_fd()
 
     def _commit_big(self, chunks: list[bytes | memoryview], sent: ClientChecksums, size: int | None) -> ObjectInfo:
         """Runs in a worker thread: writes the rest, verifies, writes the block table and the header, fsyncs and
@@ -323,9 +350,10 @@ class LocalUpload(Upload):
     async def commit(self, sent: ClientChecksums, size: int | None = None) -> ObjectInfo:
         try:
             await self._drain()
-            if self._fd < 0:  # nothing written yet: a small file, committed with others
+            if not self._created:  # nothing written to disk yet: a small file, committed with others
                 data, self._pending, self._pending_bytes = b"".join(self._pending), [], 0
                 return await self._commit_small(data, sent, size)
+            self._count_descriptor()  # its file is closed after a `suspend`
             chunks, self._pending, self._pending_bytes = self._pending, [], 0
             self._committing = asyncio.get_running_loop().run_in_executor(None, self._commit_big, chunks, sent, size)
             # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
@@ -346,8 +374,10 @@ class LocalUpload(Upload):
         if running is None:
             self._discard()
         elif not running.done():
-            # Closing the file under a running write would be unsafe: let that write finish first.
+            # Closing the file under a running write would be unsafe: let that write finish first. Waited for,
+            # so that a refused put is answered once its data is gone (a cancelled wait still discards).
             running.add_done_callback(self._discard_after)
+            await asyncio.wait([running])
         else:
             self._discard_after(running)
 

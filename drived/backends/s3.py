@@ -172,6 +172,8 @@ class S3Upload(Upload):
         self._key = key
         self._checksums = Checksums()
         self._buffer = bytearray()
+        self._handed = 0  # bytes handed on as parts: what a suspended upload keeps
+        self._handing: asyncio.Future[None] | None = None  # the handing on of the last part
         self._hashing: asyncio.Future[None] | None = None  # the hashing of the last part handed on
         self._upload_id = ""
         self._generation = 0
@@ -181,10 +183,41 @@ class S3Upload(Upload):
         self._committing: asyncio.Future[Any] | None = None
         self._ended = False
 
+    @property
+    def held(self) -> int:
+        return self._handed
+
     async def write(self, data: bytes | memoryview) -> None:
         self._buffer += data
         if len(self._buffer) >= PART_SIZE:
-            await self._send_part()
+            await self._hand_on()
+
+    async def _hand_on(self) -> None:
+        """Makes the buffer the next part, hashed and sent after the part before it.
+
+        Shielded, and forgotten only once done: a part begun is hashed and
+        sent whole even when the caller is cancelled, so the hashes always
+        cover exactly the bytes handed on.
+        """
+        await self._handed_on()
+        part, self._buffer = self._buffer, bytearray()
+        self._handed += len(part)
+        self._handing = asyncio.ensure_future(self._send_part(part))
+        await self._handed_on()
+
+    async def _handed_on(self) -> None:
+        """Waits for the part being handed on, if any (raising its failure)."""
+        if self._handing is not None:
+            await asyncio.shield(self._handing)
+            self._handing = None
+
+    async def suspend(self) -> None:
+        """Keeps the parts sent and drops the rest of the buffer (at most a part, sent again on resume)."""
+        await self._handed_on()
+        self._buffer = bytearray()
+        await asyncio.gather(*self._parts)
+        if self._hashing is not None:
+            await self._hashing
 
     async def _hash(self, data: bytearray) -> None:
         """Hashes `data` in a worker thread, after the data before it."""
@@ -192,13 +225,12 @@ class S3Upload(Upload):
             await self._hashing
         self._hashing = self._backend.run(self._checksums.update, data)
 
-    async def _send_part(self) -> None:
+    async def _send_part(self, part: bytearray) -> None:
         if len(self._parts) == MAX_PARTS:
             raise ResourceExhausted(
                 f"{self._key!r} is larger than {MAX_PARTS * PART_SIZE >> 30} GiB, the largest file --storage "
                 "keeps (S3 takes 10,000 parts): split it"
             )
-        part, self._buffer = self._buffer, bytearray()
         for sent in self._parts:  # a failed part fails the put now, not at its end
             error = sent.exception() if sent.done() else None
             if error is not None:
@@ -222,6 +254,7 @@ class S3Upload(Upload):
     async def commit(self, sent: ClientChecksums, size: int | None = None) -> ObjectInfo:
         sums = self._checksums
         try:
+            await self._handed_on()
             if not self._upload_id:
                 data, self._buffer = self._buffer, bytearray()
                 await self._hash(data)
@@ -231,7 +264,7 @@ class S3Upload(Upload):
                 self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, sums))
                 return await asyncio.shield(self._committing)
             if self._buffer:
-                await self._send_part()  # the last part, which may be short
+                await self._hand_on()  # the last part, which may be short
             await self._hashing  # type: ignore[misc]  # a multipart upload has hashed a part
             parts = await asyncio.gather(*self._parts)
             check_received(self._key, sums, sent, size)
@@ -253,7 +286,7 @@ class S3Upload(Upload):
         await asyncio.shield(self._backend.keep(self._discard()))
 
     async def _discard(self) -> None:
-        running = [f for f in (self._committing, self._hashing, *self._parts) if f is not None]
+        running = [f for f in (self._committing, self._handing, self._hashing, *self._parts) if f is not None]
         if running:
             await asyncio.wait(running)  # a part still being sent would outlive the abort
         if self._committing is not None and not self._committing.cancelled() and not self._committing.exception():

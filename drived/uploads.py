@@ -1,0 +1,290 @@
+"""Resumable uploads: kept between the streams that carry them, expired, resumed and described.
+
+A file whose PutHeader carries an `upload_id` is resumable. When its client
+ends or breaks its stream before the finish, its backend `Upload` is suspended (no
+descriptor, no buffer: only its bytes in temporary storage and the state of
+their checksums, in the Upload object) and held for `expiry` seconds; a
+timer then discards it. A Put whose header has a `write_offset` equal to
+what is held takes the upload over and writes on; QueryWriteStatus tells
+what is held, or that the upload completed (a bounded record of recent
+completions, so that a client whose stream broke after its finish learns the
+file is stored). A stream that the daemon ends (a refusal, the idle timeout:
+see `drived.service.DriveService.Put`) aborts its upload instead.
+
+Everything here lives in this daemon's memory: another daemon, or this one
+after a restart, holds nothing (NOT_FOUND, and the client starts the file
+again from 0). The number of held uploads and their bytes are bounded: past
+a bound, the oldest held upload is discarded first.
+
+Ids are scoped by drive and component. One stream writes an upload at a
+time: a resume takes it over from a stream that broke on the client's side
+but is still open here (its later writes fail), after that stream's write in
+flight; the takeover, each write and the suspension are serialised by the
+upload's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+
+from drive_client.errors import InvalidArgument, NotFound, OutOfRange, StaleIndexError
+
+from . import metrics
+from .backends.base import Upload
+from .entry import Entry
+from .requests import PutHeader
+
+log = logging.getLogger("drived")
+
+UploadKey = tuple[str, str, str]  # drive name, component, upload id
+COMPLETED_KEPT = 20_000  # completions remembered at most (each for `expiry` seconds)
+
+
+def _shown(key: UploadKey) -> str:
+    return f"upload {key[2]!r} of component {key[1]!r} in lit://{key[0]}"
+
+
+def _not_held(key: UploadKey) -> str:
+    return (f"{_shown(key)} is not held by this daemon (never started, expired after --upload-expiry, removed "
+            "when the daemon ended its stream, or held by another daemon): put the file again from offset 0")
+
+
+@dataclass(eq=False)
+class Resumable:
+    """One resumable upload, across the streams that carry it."""
+
+    key: UploadKey
+    header: PutHeader  # of the stream that started it
+    upload: Upload
+    writer: object | None = None  # the put writing it now; None while held
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    expiry: asyncio.TimerHandle | None = None  # set while held
+    committing: asyncio.Future[Entry] | None = None
+    broken: bool = False  # a write failed: what it holds cannot be trusted
+    gone: bool = False  # discarded, or committed
+
+    async def write(self, writer: object, data: bytes | memoryview) -> None:
+        """Writes `data` for `writer`, which must still be the upload's writer."""
+        async with self.lock:
+            if self.writer is not writer:
+                raise StaleIndexError(
+                    f"{_shown(self.key)} was resumed by another stream: this one stops writing it"
+                )
+            try:
+                await self.upload.write(data)
+            except asyncio.CancelledError:
+                raise  # the upload has the data (writes are cancel-safe)
+            except BaseException:
+                self.broken = True
+                raise
+
+
+class HeldUploads:
+    """The resumable uploads of one daemon: written, held, committing, and recently completed."""
+
+    def __init__(self, expiry: float, max_uploads: int, max_bytes: int) -> None:
+        self.expiry = expiry
+        self.max_uploads = max_uploads
+        self.max_bytes = max_bytes
+        self._known: dict[UploadKey, Resumable] = {}  # every upload not yet committed or discarded
+        self._held: OrderedDict[UploadKey, Resumable] = OrderedDict()  # the suspended ones, oldest first
+        self._held_bytes = 0
+        self._completed: OrderedDict[UploadKey, tuple[float, Entry]] = OrderedDict()  # deadline, file
+        self._forgetting: asyncio.TimerHandle | None = None  # when the oldest completion expires
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    # -- streams -------------------------------------------------------------
+
+    async def start(self, header: PutHeader, upload: Upload, writer: object) -> Resumable:
+        """Registers a new upload (write_offset 0) written by `writer`; an earlier one of its id is discarded."""
+        key = (header.drive.name, header.component, header.upload_id)
+        earlier = self._known.get(key)
+        if earlier is not None and earlier.committing is None:  # one committing ends by itself
+            await self._discard(earlier, "started again from 0")
+        self._completed.pop(key, None)
+        resumable = Resumable(key, header, upload, writer)
+        self._known[key] = resumable
+        return resumable
+
+    async def resume(self, header: PutHeader, writer: object) -> Resumable:
+        """Hands the upload `header` resumes to `writer`, at `header.write_offset`.
+
+        NotFound when it is not held (never started, expired, discarded,
+        completed, or held by another daemon); InvalidArgument when the
+        header's path or size is not the upload's; OutOfRange when the
+        offset is not what it holds. A refused resume changes nothing.
+        """
+        key = (header.drive.name, header.component, header.upload_id)
+        resumable = self._known.get(key)
+        if resumable is not None and resumable.committing is not None:
+            raise NotFound(f"{_shown(key)} has had its finish: nothing to resume (QueryWriteStatus tells the file)")
+        if resumable is None:
+            raise NotFound(_not_held(key))
+        first = resumable.header
+        if header.path != first.path:
+            raise InvalidArgument(f"{_shown(key)} is the upload of {first.path!r}, not of {header.path!r}")
+        if header.size is not None and first.size is not None and header.size != first.size:
+            raise InvalidArgument(f"{_shown(key)} is of {first.size} bytes, not {header.size}")
+        if resumable.writer is not None:
+            # Its stream broke on the client's side but is still open here: it stops now, and
+            # what it wrote is held as if it had ended.
+            await self.suspend(resumable, resumable.writer)
+        async with resumable.lock:
+            if resumable.gone:
+                raise NotFound(_not_held(key))
+            held = resumable.upload.held
+            if header.write_offset != held:
+                raise OutOfRange(
+                    f"{_shown(key)} holds {held} bytes, not {header.write_offset}: resume from {held} "
+                    "(QueryWriteStatus tells)"
+                )
+            self._unhold(resumable)
+            resumable.writer = writer
+        return resumable
+
+    async def suspend(self, resumable: Resumable, writer: object) -> None:
+        """The stream of `writer` ended before the finish: holds what it wrote for `expiry` seconds."""
+        await asyncio.shield(self._track(self._suspend(resumable, writer)))
+
+    async def _suspend(self, resumable: Resumable, writer: object) -> None:
+        async with resumable.lock:
+            if resumable.writer is not writer or resumable.gone:
+                return  # taken over by a resumed stream, or discarded
+            resumable.writer = None
+            if not resumable.broken:
+                try:
+                    await resumable.upload.suspend()
+                except Exception as err:  # a write in flight failed: nothing to resume
+                    log.info("a resumable upload is discarded", extra={"fields": {
+                        "upload_id": resumable.key[2], "error": str(err)}})
+                    resumable.broken = True
+            if resumable.broken:
+                await self._drop(resumable)
+                return
+            self._hold(resumable)
+        await self._keep_within_bounds(resumable)
+
+    async def committed(self, resumable: Resumable, commit: Awaitable[Entry]) -> Entry:
+        """Runs the commit of the upload, and remembers the file it stored for `expiry` seconds."""
+        resumable.committing = asyncio.ensure_future(commit)
+        try:
+            entry = await asyncio.shield(resumable.committing)
+        finally:
+            resumable.gone = True
+            if self._known.get(resumable.key) is resumable:
+                del self._known[resumable.key]
+        self._completed[resumable.key] = (asyncio.get_running_loop().time() + self.expiry, entry)
+        self._completed.move_to_end(resumable.key)
+        self._forget_completed()
+        return entry
+
+    def _forget_completed(self) -> None:
+        """Forgets the completions past their expiry, or past COMPLETED_KEPT, oldest first; then waits for the
+        oldest one left to expire, so that a burst of puts leaves no records behind."""
+        loop = asyncio.get_running_loop()
+        while self._completed:
+            deadline, _ = next(iter(self._completed.values()))
+            if deadline > loop.time() and len(self._completed) <= COMPLETED_KEPT:
+                break
+            self._completed.popitem(last=False)
+        if self._forgetting is None and self._completed:
+            deadline, _ = next(iter(self._completed.values()))
+            self._forgetting = loop.call_at(deadline, self._forgot)
+
+    def _forgot(self) -> None:
+        self._forgetting = None
+        self._forget_completed()
+
+    async def abort(self, resumable: Resumable, writer: object) -> None:
+        """Discards the upload that `writer` writes (a failed write or commit, a stream the daemon ended); a no-op
+        when it is not its writer."""
+        async with resumable.lock:
+            if resumable.writer is writer and not resumable.gone:
+                await self._drop(resumable)
+
+    # -- queries -------------------------------------------------------------
+
+    async def status(self, key: UploadKey) -> tuple[int, Entry | None]:
+        """(bytes held, None) for an unfinished upload; (0, the stored file) for a completed one."""
+        resumable = self._known.get(key)
+        if resumable is not None and resumable.committing is not None:
+            # The finish arrived: answer with its outcome (a failed commit leaves nothing to resume).
+            await asyncio.wait([resumable.committing])
+            resumable = None
+        if resumable is not None:
+            return resumable.upload.held, None
+        completed = self._completed.get(key)
+        if completed is not None and completed[0] > asyncio.get_running_loop().time():
+            return 0, completed[1]
+        raise NotFound(_not_held(key))
+
+    # -- holding, expiry and bounds ------------------------------------------
+
+    def _hold(self, resumable: Resumable) -> None:
+        loop = asyncio.get_running_loop()
+        resumable.expiry = loop.call_later(self.expiry, self._expire, resumable)
+        self._held[resumable.key] = resumable
+        self._held_bytes += resumable.upload.held
+        self._count()
+
+    def _unhold(self, resumable: Resumable) -> None:
+        if resumable.expiry is not None:
+            resumable.expiry.cancel()
+            resumable.expiry = None
+        if self._held.pop(resumable.key, None) is not None:
+            self._held_bytes -= resumable.upload.held
+            self._count()
+
+    def _count(self) -> None:
+        metrics.HELD_UPLOADS.set(len(self._held))
+        metrics.HELD_UPLOAD_BYTES.set(self._held_bytes)
+
+    def _expire(self, resumable: Resumable) -> None:
+        self._track(self._discard(resumable, f"expired (--upload-expiry {self.expiry:g} s)", held_only=True))
+
+    async def _keep_within_bounds(self, newest: Resumable) -> None:
+        """Discards held uploads, oldest first, past the bounds; one bigger than all of them at once."""
+        if newest.upload.held > self.max_bytes and self._held.get(newest.key) is newest:
+            await self._discard(newest, f"larger than --max-held-bytes ({self.max_bytes})")
+        while self._held and (len(self._held) > self.max_uploads or self._held_bytes > self.max_bytes):
+            oldest = next(iter(self._held.values()))
+            await self._discard(oldest, "the oldest held upload, past --max-held-uploads or --max-held-bytes")
+
+    async def _discard(self, resumable: Resumable, why: str, held_only: bool = False) -> None:
+        """Discards the upload, logging `why`; with `held_only`, unless a stream resumed it meanwhile."""
+        async with resumable.lock:
+            if resumable.gone or (held_only and resumable.writer is not None):
+                return
+            log.info("a resumable upload is discarded", extra={"fields": {
+                "drive": resumable.key[0], "component": resumable.key[1], "upload_id": resumable.key[2],
+                "path": resumable.header.path, "bytes": resumable.upload.held, "why": why}})
+            await self._drop(resumable)
+
+    async def _drop(self, resumable: Resumable) -> None:
+        """Forgets the upload and removes its data (the caller holds its lock)."""
+        self._unhold(resumable)
+        resumable.gone = True
+        resumable.writer = None
+        if self._known.get(resumable.key) is resumable:
+            del self._known[resumable.key]
+        await resumable.upload.abort()
+
+    def _track(self, work: Awaitable[None]) -> asyncio.Future[None]:
+        """Runs `work` to its end, whoever waits for it; `close` waits for it."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        """Discards every held upload (the daemon stops: nothing here outlives it)."""
+        if self._forgetting is not None:
+            self._forgetting.cancel()
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+        for resumable in list(self._held.values()):
+            await self._discard(resumable, "the daemon stops")

@@ -1,0 +1,543 @@
+"""Resumable transfers and retries, through a TCP proxy that cuts streams (`cutting_proxy`), against real daemons.
+
+A put cut mid-file resumes from the last byte the daemon holds (QueryWriteStatus, then a Put with
+write_offset); a get resumes from the last byte written, pinned to the version it started; bytes
+already sent are not sent again. Held uploads expire after --upload-expiry, stay within their
+bounds, and live in one daemon's memory only. Errors that retrying cannot mend are raised at once.
+Tests of the client API run against both twins (`twin`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import struct
+import threading
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import (
+    MIB,
+    Background,
+    DaemonHandle,
+    file_sha256,
+    free_port,
+    raw_get,
+    rpc_code,
+    sha256_hex,
+    snapshot,
+    start_daemon,
+    upload_bytes,
+    wait_until,
+    write_random_file,
+)
+from crc32c import crc32c
+from cutting_proxy import CuttingProxy
+
+from drive_client.errors import DataLoss, NotFound, StaleIndexError, Unavailable
+from drive_client.pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2_grpc
+from drive_client.resume import FIRST_DELAY, MAX_DELAY, Backoff, GetPosition
+from drive_client.transfer import RANGE_STREAMS
+from drived.backends.stored import HEADER_SIZE
+
+pytestmark = pytest.mark.timeout(120)
+
+# What a cut costs at most in bytes sent twice, per stream it breaks: what was in flight (the
+# sender's and the receiver's socket buffers and HTTP/2 windows), lost with the connection or
+# read by the daemon after the client asked it where the stream got to.
+IN_FLIGHT = 8 * MIB
+
+
+def metric(handle: DaemonHandle, name: str) -> float:
+    """One sample of the daemon's /metrics, by its full name with labels (0 when absent)."""
+    with urllib.request.urlopen(f"http://{handle.metrics}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def requests(handle: DaemonHandle, method: str) -> list[dict]:
+    """The daemon's request log lines of `method`, in order."""
+    lines = [json.loads(line) for line in handle.log().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == "request" and line.get("method") == method]
+
+
+def stub_of(endpoint: str) -> drive_pb2_grpc.DriveServiceStub:
+    return drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(endpoint))
+
+
+def query(stub: drive_pb2_grpc.DriveServiceStub, drive: str, upload_id: str, component: str = ""
+          ) -> pb.QueryWriteStatusResponse:
+    return stub.QueryWriteStatus(
+        pb.QueryWriteStatusRequest(drive=drive, component=component, upload_id=upload_id), timeout=10
+    )
+
+
+def open_upload(stub: drive_pb2_grpc.DriveServiceStub, drive: str, path: str, data: bytes, upload_id: str,
+                size: int | None = None) -> None:
+    """A resumable Put of `data` as the first bytes of `path` that ends without a finish (the daemon holds them)."""
+    header = pb.PutHeader(drive=drive, path=path, upload_id=upload_id)
+    if size is not None:
+        header.size = size
+    messages = [pb.PutRequest(header=header), *(pb.PutRequest(data=data[i:i + MIB]) for i in range(0, len(data), MIB))]
+    assert rpc_code(lambda: stub.Put(iter(messages), timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT  # no finish
+
+
+def resume_put(stub: drive_pb2_grpc.DriveServiceStub, drive: str, path: str, data: bytes, upload_id: str,
+               offset: int) -> pb.PutResponse:
+    """A Put that resumes `upload_id` at `offset` and sends the rest of `data`, then its finish."""
+    header = pb.PutHeader(drive=drive, path=path, upload_id=upload_id, write_offset=offset)
+    rest = [pb.PutRequest(data=data[i:i + MIB]) for i in range(offset, len(data), MIB)]
+    finish = pb.PutRequest(finish=pb.PutFinish(sha256=sha256_hex(data)))
+    return stub.Put(iter([pb.PutRequest(header=header), *rest, finish]), timeout=30)
+
+
+# --- through the cutting proxy ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_256_mib_put_and_get_complete_through_cuts_without_sending_bytes_twice(twin, start_daemon, tmp_path, request):
+    """256 MiB with `Drive`; the asyncio twin, whose transfers are the same plans of the core, moves a quarter of
+    that through cuts at the same fractions of it (the suite's time)."""
+    handle = start_daemon(tmp_path)
+    size = 256 * MIB if request.node.callspec.params["twin"] == "Drive" else 64 * MIB
+    digest = write_random_file(tmp_path / "src" / "big.bin", size)
+    (tmp_path / "out").mkdir()
+    cuts = tuple(size * n // 256 for n in (40, 70, 100))  # bytes each connection carries before it breaks
+    try:
+        with CuttingProxy(handle.endpoint) as proxy:
+            for nbytes in cuts:
+                proxy.cut_after("up", nbytes)
+            [stored] = twin("lit://resume", root_folder=tmp_path / "src", endpoint=proxy.endpoint).put("big.bin")
+            assert proxy.cuts_made == len(cuts)
+            sent_up = proxy.forwarded["up"]
+        assert (stored.size, stored.sha256) == (size, digest)
+        puts = requests(handle, "Put")
+        assert [p["status"] for p in puts][-1] == "OK" and len(puts) == len(cuts) + 1
+        # What the daemon read of a broken stream after the client asked where it got to is received twice.
+        received = metric(handle, 'drived_transfer_bytes_total{direction="in"}')
+        assert size <= received <= size + len(cuts) * IN_FLIGHT, f"{received - size} bytes received twice"
+        assert sent_up <= size + len(cuts) * IN_FLIGHT, f"{sent_up - size} bytes more than the file went up"
+        print(f"put: {len(cuts)} cuts, {sent_up - size} bytes over the file's size through the proxy, "
+              f"{received - size:.0f} received twice by the daemon")
+
+        with CuttingProxy(handle.endpoint) as proxy:  # a new channel: these cuts break the get's connections
+            for nbytes in cuts:
+                proxy.cut_after("down", nbytes)
+            got = twin("lit://resume", root_folder=tmp_path / "out", endpoint=proxy.endpoint).get("big.bin")
+            assert proxy.cuts_made == len(cuts)
+            sent_down = proxy.forwarded["down"]
+        assert file_sha256(got) == digest
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["big.bin"]  # no partial left beside it
+        sent_out = metric(handle, 'drived_transfer_bytes_total{direction="out"}')
+        # The get's first answer is cancelled once it says "big" (its first window was sent); each cut
+        # breaks the parallel ranged reads at once.
+        bound = size + (1 + len(cuts) * RANGE_STREAMS) * IN_FLIGHT
+        assert sent_down <= bound and sent_out <= bound, (sent_down, sent_out)
+        print(f"get: {len(cuts)} cuts, {sent_down - size} bytes over the file's size through the proxy")
+    finally:
+        for folder in ("src", "out"):
+            (tmp_path / folder / "big.bin").unlink(missing_ok=True)
+
+
+def test_a_folder_put_cut_midway_completes_without_sending_finished_files_again(twin, start_daemon, tmp_path):
+    handle = start_daemon(tmp_path)
+    src = tmp_path / "src"
+    digests = {f"set/f{i}.bin": write_random_file(src / "set" / f"f{i}.bin", 3 * MIB + i) for i in range(6)}
+    for i in range(5):
+        (src / "set" / f"small{i}.txt").write_bytes(os.urandom(1000 + i))
+        digests[f"set/small{i}.txt"] = sha256_hex((src / "set" / f"small{i}.txt").read_bytes())
+    total = sum((src / path).stat().st_size for path in digests)
+    with CuttingProxy(handle.endpoint) as proxy:
+        proxy.cut_after("up", 11 * MIB)  # in the fourth file
+        stored = twin("lit://folder", root_folder=src, endpoint=proxy.endpoint).put("set")
+        assert proxy.cuts_made == 1
+    assert {s.path: s.sha256 for s in stored} == digests
+    received = metric(handle, 'drived_transfer_bytes_total{direction="in"}')
+    assert total <= received <= total + IN_FLIGHT, f"{received - total} bytes received twice"
+    second = requests(handle, "Put")[-1]
+    assert second["status"] == "OK" and second["files"] < len(digests)  # the second stream sent the rest only
+    queries = requests(handle, "QueryWriteStatus")
+    assert queries and all(q["status"] == "OK" for q in queries[:-1])
+    out = tmp_path / "out"
+    out.mkdir()
+    twin("lit://folder", root_folder=out, endpoint=handle.endpoint).get("set")
+    assert {str(p.relative_to(out)): file_sha256(p) for p in (out / "set").iterdir()} == digests
+
+
+def test_a_folder_get_cut_midway_completes(twin, start_daemon, tmp_path):
+    handle = start_daemon(tmp_path)
+    src = tmp_path / "src"
+    digests = {f"set/f{i}.bin": write_random_file(src / "set" / f"f{i}.bin", 3 * MIB + i) for i in range(5)}
+    (src / "set" / "z.txt").write_bytes(b"last")
+    digests["set/z.txt"] = sha256_hex(b"last")
+    twin("lit://folderget", root_folder=src, endpoint=handle.endpoint).put("set")
+    out = tmp_path / "out"
+    out.mkdir()
+    with CuttingProxy(handle.endpoint) as proxy:
+        proxy.cut_after("down", 8 * MIB)  # in the third file
+        twin("lit://folderget", root_folder=out, endpoint=proxy.endpoint).get("set")
+        assert proxy.cuts_made == 1
+    assert {f"set/{p.name}": file_sha256(p) for p in (out / "set").iterdir()} == digests
+
+
+def test_a_put_resumes_after_the_daemon_restarted_from_the_first_byte(twin, tmp_path):
+    """A restarted daemon holds nothing: the client learns it (NOT_FOUND) and sends the file again whole."""
+    port = free_port()
+    first = start_daemon(tmp_path, port=port, data_dir=tmp_path / "data")
+    size = 24 * MIB
+    digest = write_random_file(tmp_path / "src" / "r.bin", size)
+    drive = twin("lit://restarted", root_folder=tmp_path / "src", endpoint=first.endpoint)
+    put = Background(lambda: drive.put("r.bin"))
+    second = None
+    try:
+        put.start()
+        assert wait_until(lambda: upload_bytes(first.data_dir) >= 8 * MIB, 30), "the upload never started"
+        first.stop(signal.SIGKILL)
+        second = start_daemon(tmp_path, port=port, data_dir=tmp_path / "data")
+        [stored] = put.join_checked(90)
+        assert (stored.size, stored.sha256) == (size, digest)
+        assert [q["status"] for q in requests(second, "QueryWriteStatus")][:1] == ["NOT_FOUND"]
+        [resent] = [p for p in requests(second, "Put") if p["status"] == "OK"]
+        assert resent["bytes"] == size  # from the first byte
+    finally:
+        if second is not None:
+            second.stop()
+
+
+@pytest.mark.parametrize("transfer", ["put", "get"])
+def test_the_retry_budget_ends_with_unavailable_naming_the_endpoint(twin, daemon, tmp_path, drive_uri, transfer):
+    write_random_file(tmp_path / "f.bin", 8 * MIB)
+    twin(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint).put("f.bin")
+    (tmp_path / "out").mkdir()
+    with CuttingProxy(daemon.endpoint) as proxy:
+        proxy.cut_after("up" if transfer == "put" else "down", 4 * MIB)
+        proxy.down_after_cuts()  # from the cut on, the daemon "stays down": every later connection breaks at once
+        drive = twin(drive_uri, root_folder=tmp_path, endpoint=proxy.endpoint, retry_seconds=1)
+        with pytest.raises(ConnectionError) as down:
+            if transfer == "put":
+                drive.put("f.bin", to="again.bin")
+            else:
+                drive.get("f.bin", to="out/f.bin")
+        assert down.value.code == grpc.StatusCode.UNAVAILABLE and proxy.endpoint in str(down.value)
+        assert proxy.connections > 2, "the transfer was not tried again"
+    assert os.listdir(tmp_path / "out") == []  # no partial file left
+    reader = twin(drive_uri, endpoint=daemon.endpoint)
+    assert reader.list(".") == ["f.bin"]  # nothing stored
+
+
+
+# --- what is not retried -----------------------------------------------------------------------
+
+
+def test_errors_that_retrying_cannot_mend_are_raised_at_once(twin, start_daemon, tmp_path):
+    handle = start_daemon(tmp_path)
+    write_random_file(tmp_path / "big.bin", 3 * MIB)
+    owner = twin("lit://refusals", component_name="owner", root_folder=tmp_path, endpoint=handle.endpoint)
+    other = twin("lit://refusals", component_name="other", root_folder=tmp_path, endpoint=handle.endpoint)
+    owner.put("big.bin")
+    owner.put("big.bin", to="folder/inside.bin")
+    with pytest.raises(FileExistsError):  # ALREADY_EXISTS
+        other.put("big.bin")
+    with pytest.raises(ValueError):  # INVALID_ARGUMENT: a folder is there
+        owner.put("big.bin", to="folder")
+    with pytest.raises(FileNotFoundError):  # NOT_FOUND
+        other.get("missing.bin", to=tmp_path / "missing.bin")
+    with pytest.raises(FileNotFoundError):
+        other.stat("missing.bin")
+    with pytest.raises(PermissionError):  # PERMISSION_DENIED: s3:// drives are read-only
+        twin("s3://some-bucket/data/", root_folder=tmp_path, endpoint=handle.endpoint).put("big.bin")
+    expected = {"Put": ["OK", "OK", "ALREADY_EXISTS", "INVALID_ARGUMENT", "PERMISSION_DENIED"],
+                "Get": ["NOT_FOUND"], "Stat": ["NOT_FOUND"]}
+
+    def statuses() -> dict[str, list[str]]:
+        return {method: [r["status"] for r in requests(handle, method)] for method in expected}
+
+    assert wait_until(lambda: statuses() == expected), statuses()  # a refusal's log line may follow its answer
+    assert requests(handle, "QueryWriteStatus") == []  # no refusal was taken for a cut
+    assert not (tmp_path / "missing.bin").exists()
+
+
+def test_unary_calls_are_retried_by_grpc_and_retry_seconds_0_turns_retries_off(twin, daemon, tmp_path, drive_uri):
+    (tmp_path / "u.txt").write_text("u")
+    twin(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint).put("u.txt")
+    with CuttingProxy(daemon.endpoint) as proxy:
+        proxy.refuse_next(1)  # the daemon is not up yet for the first connection
+        assert twin(drive_uri, endpoint=proxy.endpoint).list(".") == ["u.txt"]
+        assert proxy.connections == 2
+    with CuttingProxy(daemon.endpoint) as proxy:
+        proxy.refuse_next(1)
+        with pytest.raises(ConnectionError):
+            twin(drive_uri, endpoint=proxy.endpoint, retry_seconds=0).list(".")
+        assert proxy.connections == 1
+
+
+# --- the daemon: QueryWriteStatus, resumes, expiry, bounds --------------------------------------
+
+
+def test_query_and_resume_refusals_get_their_status_and_change_nothing(own_daemon, drive_uri):
+    stub = stub_of(own_daemon.endpoint)
+    data = os.urandom(5 * MIB)
+    open_upload(stub, drive_uri, "held.bin", data[:3 * MIB], "u-1", size=len(data))
+    assert query(stub, drive_uri, "u-1").committed_size == 3 * MIB
+    before = snapshot(own_daemon.data_dir)
+
+    def resume(offset: int, upload_id: str = "u-1", path: str = "held.bin", size: int = len(data)) -> None:
+        header = pb.PutHeader(drive=drive_uri, path=path, upload_id=upload_id, write_offset=offset, size=size)
+        rest = [pb.PutRequest(data=data[offset:offset + MIB])] if 0 < offset < len(data) else []
+        stub.Put(iter([pb.PutRequest(header=header), *rest]), timeout=10)
+
+    refusals = {
+        "an unknown id": (lambda: query(stub, drive_uri, "u-unknown"), grpc.StatusCode.NOT_FOUND),
+        "the id of another component": (lambda: query(stub, drive_uri, "u-1", "other"), grpc.StatusCode.NOT_FOUND),
+        "an id that is not one": (lambda: query(stub, drive_uri, "u 1/.."), grpc.StatusCode.INVALID_ARGUMENT),
+        "an s3:// drive": (lambda: query(stub, "s3://bucket/p/", "u-1"), grpc.StatusCode.NOT_FOUND),
+        "an offset behind": (lambda: resume(MIB), grpc.StatusCode.OUT_OF_RANGE),
+        "an offset ahead": (lambda: resume(4 * MIB), grpc.StatusCode.OUT_OF_RANGE),
+        "an offset without id": (lambda: resume(3 * MIB, upload_id=""), grpc.StatusCode.INVALID_ARGUMENT),
+        "a negative offset": (lambda: resume(-1), grpc.StatusCode.INVALID_ARGUMENT),
+        "another path": (lambda: resume(3 * MIB, path="other.bin"), grpc.StatusCode.INVALID_ARGUMENT),
+        "another size": (lambda: resume(3 * MIB, size=len(data) + 1), grpc.StatusCode.INVALID_ARGUMENT),
+        "an unknown upload": (lambda: resume(3 * MIB, upload_id="u-2"), grpc.StatusCode.NOT_FOUND),
+    }
+    for what, (call, code) in refusals.items():
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.code() == code, what
+        assert refused.value.details() and str(own_daemon.data_dir) not in refused.value.details(), what
+        assert query(stub, drive_uri, "u-1").committed_size == 3 * MIB, what
+        assert snapshot(own_daemon.data_dir) == before, what
+    # and then the upload resumes and completes
+    [stored] = resume_put(stub, drive_uri, "held.bin", data, "u-1", 3 * MIB).files
+    assert (stored.size, stored.sha256) == (len(data), sha256_hex(data))
+    status = query(stub, drive_uri, "u-1")
+    assert status.complete and status.file.sha256 == sha256_hex(data) and status.committed_size == 0
+    assert upload_bytes(own_daemon.data_dir) == 0
+
+
+def test_a_resumed_upload_is_one_file_for_the_largest_size_and_the_quota(start_daemon, tmp_path):
+    """The bytes held count: a resume whose bytes take the file past a limit is refused and the upload
+    removed; one whose held bytes already pass it is refused at once and changes nothing."""
+    handle = start_daemon(tmp_path, "--max-file-size", "3M", "--quota", "4M")
+    stub = stub_of(handle.endpoint)
+    drive = "lit://resumed_limits"
+    over = os.urandom(3 * MIB + 1)
+    open_upload(stub, drive, "over.bin", over[:2 * MIB], "u-over")
+    with pytest.raises(grpc.RpcError) as refused:
+        resume_put(stub, drive, "over.bin", over, "u-over", 2 * MIB)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-file-size" in refused.value.details()
+    assert rpc_code(lambda: query(stub, drive, "u-over")) == grpc.StatusCode.NOT_FOUND  # removed, not held
+    assert wait_until(lambda: upload_bytes(handle.data_dir) == 0)
+
+    three = os.urandom(3 * MIB)
+    open_upload(stub, drive, "three.bin", three[:2 * MIB], "u-three")
+    filler = os.urandom(3 * MIB)
+    stub.PutFile(pb.PutFileRequest(header=pb.PutHeader(drive=drive, path="filler.bin"), data=filler,
+                                   sha256=sha256_hex(filler)), timeout=30)
+    before = snapshot(handle.data_dir)
+    with pytest.raises(grpc.RpcError) as refused:  # 1 MiB of room left, 2 MiB held
+        resume_put(stub, drive, "three.bin", three, "u-three", 2 * MIB)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--quota" in refused.value.details()
+    assert query(stub, drive, "u-three").committed_size == 2 * MIB and snapshot(handle.data_dir) == before
+    stub.Delete(pb.DeleteRequest(drive=drive, path="filler.bin"), timeout=10)
+    [stored] = resume_put(stub, drive, "three.bin", three, "u-three", 2 * MIB).files
+    assert (stored.size, stored.sha256) == (len(three), sha256_hex(three))
+    assert upload_bytes(handle.data_dir) == 0
+
+
+def test_a_held_upload_expires_and_its_data_is_removed(start_daemon, tmp_path, drive_uri):
+    handle = start_daemon(tmp_path, "--upload-expiry", "1")
+    stub = stub_of(handle.endpoint)
+    open_upload(stub, drive_uri, "e.bin", os.urandom(2 * MIB), "u-expiring")
+    assert query(stub, drive_uri, "u-expiring").committed_size == 2 * MIB
+    assert upload_bytes(handle.data_dir) >= 2 * MIB
+    assert metric(handle, "drived_held_uploads") == 1
+    handle.wait_logged("a resumable upload is discarded")
+    assert rpc_code(lambda: query(stub, drive_uri, "u-expiring")) == grpc.StatusCode.NOT_FOUND
+    assert upload_bytes(handle.data_dir) == 0 and metric(handle, "drived_held_uploads") == 0
+    assert "expired (--upload-expiry 1 s)" in handle.log()
+
+
+@pytest.mark.parametrize("finish", ["crc32c", "sha256"])
+def test_a_held_upload_keeps_its_checksums_across_the_resume(own_daemon, drive_uri, finish):
+    """The daemon sums a held upload's bytes once: the resumed file's CRC32C (or sha256) is checked over all of
+    them, and the stored file's CRC32C and block table cover the bytes of both streams."""
+    stub = stub_of(own_daemon.endpoint)
+    data = os.urandom(3 * MIB + 5)
+    open_upload(stub, drive_uri, "held.bin", data[:2 * MIB], "u-held")
+    header = pb.PutHeader(drive=drive_uri, path="held.bin", upload_id="u-held", write_offset=2 * MIB)
+    sums = {"crc32c": crc32c(data)} if finish == "crc32c" else {"sha256": sha256_hex(data)}
+    wrong = {"crc32c": crc32c(data) ^ 1} if finish == "crc32c" else {"sha256": sha256_hex(b"other")}
+    rest = [pb.PutRequest(data=data[2 * MIB:])]
+    with pytest.raises(grpc.RpcError) as refused:  # a wrong checksum of the whole file: nothing stored
+        stub.Put(iter([pb.PutRequest(header=header), *rest, pb.PutRequest(finish=pb.PutFinish(**wrong))]),
+                 timeout=30)
+    assert refused.value.code() == grpc.StatusCode.DATA_LOSS
+    assert rpc_code(lambda: stub.Stat(pb.StatRequest(drive=drive_uri, path="held.bin"))) == grpc.StatusCode.NOT_FOUND
+    open_upload(stub, drive_uri, "held.bin", data[:2 * MIB], "u-held")
+    [stored] = stub.Put(iter([pb.PutRequest(header=header), *rest, pb.PutRequest(finish=pb.PutFinish(**sums))]),
+                        timeout=30).files
+    assert (stored.crc32c, stored.sha256) == (crc32c(data), sha256_hex(data))
+    path = own_daemon.data_dir / "objects" / drive_uri.removeprefix("lit://") / "default" / "held.bin"
+    ends = [crc32c(data[:min(end, len(data))]) for end in range(MIB, len(data) + MIB, MIB)]
+    assert path.read_bytes()[HEADER_SIZE + len(data):] == struct.pack(f"<{len(ends)}I", *ends)
+    assert [d for _, d in raw_get(stub, drive_uri, "held.bin")] == [data]
+
+
+@pytest.mark.parametrize("bound", [("--max-held-uploads", "2"), ("--max-held-bytes", str(3 * MIB))])
+def test_held_uploads_stay_within_their_bound_oldest_first(start_daemon, tmp_path, drive_uri, bound):
+    handle = start_daemon(tmp_path, *bound)
+    stub = stub_of(handle.endpoint)
+    for name in ("a", "b", "c"):
+        open_upload(stub, drive_uri, f"{name}.bin", os.urandom(MIB + 1), f"u-{name}")
+    assert rpc_code(lambda: query(stub, drive_uri, "u-a")) == grpc.StatusCode.NOT_FOUND
+    assert [query(stub, drive_uri, f"u-{n}").committed_size for n in "bc"] == [MIB + 1, MIB + 1]
+    assert metric(handle, "drived_held_uploads") == 2
+    assert upload_bytes(handle.data_dir) == 2 * (HEADER_SIZE + MIB + 1)  # the oldest one's file is gone
+
+
+def test_a_resume_takes_the_upload_over_from_a_stream_still_open_on_the_daemon(daemon, drive_uri):
+    """The client's old stream broke on its side, but the daemon still has it open: the resume wins."""
+    stub = stub_of(daemon.endpoint)
+    data = os.urandom(6 * MIB)
+    header = pb.PutHeader(drive=drive_uri, path="t.bin", upload_id="u-taken", size=len(data))
+    release = threading.Event()
+
+    def stale_stream():
+        yield pb.PutRequest(header=header)
+        for i in range(0, 3 * MIB, MIB):
+            yield pb.PutRequest(data=data[i:i + MIB])
+        release.wait(30)
+        yield pb.PutRequest(data=data[3 * MIB:4 * MIB])  # arrives after the takeover: refused
+
+    stale = stub.Put.future(stale_stream(), timeout=60)
+
+    def held() -> int:
+        try:
+            return query(stub, drive_uri, "u-taken").committed_size
+        except grpc.RpcError as err:  # the stale stream's header is not there yet
+            assert err.code() == grpc.StatusCode.NOT_FOUND, err
+            return 0
+
+    assert wait_until(lambda: held() == 3 * MIB, 10)
+    resumed = pb.PutHeader()
+    resumed.CopyFrom(header)
+    resumed.write_offset = 3 * MIB
+    rest = [pb.PutRequest(header=resumed), pb.PutRequest(data=data[3 * MIB:]),
+            pb.PutRequest(finish=pb.PutFinish(sha256=sha256_hex(data)))]
+    [stored] = stub.Put(iter(rest), timeout=30).files
+    release.set()
+    assert stale.exception(30).code() == grpc.StatusCode.ABORTED
+    assert stored.sha256 == sha256_hex(data)
+    [(info, got)] = raw_get(stub, drive_uri, "t.bin")
+    assert got == data and info.sha256 == sha256_hex(data)
+
+
+def test_a_held_upload_keeps_no_descriptor_open(start_daemon, tmp_path, drive_uri):
+    handle = start_daemon(tmp_path)
+    stub = stub_of(handle.endpoint)
+    tmp_dir = os.path.realpath(handle.data_dir / "tmp")
+
+    def open_uploads() -> int:
+        return sum(os.readlink(fd).startswith(tmp_dir) for fd in Path(f"/proc/{handle.proc.pid}/fd").iterdir()
+                   if fd.is_symlink())
+
+    for i in range(5):
+        open_upload(stub, drive_uri, f"d{i}.bin", os.urandom(2 * MIB), f"u-{i}")
+    assert metric(handle, "drived_held_uploads") == 5
+    assert open_uploads() == 0
+
+
+# --- the decisions, without a daemon -------------------------------------------------------------
+
+
+def info(path: str, size: int, sha256: str = "s") -> pb.GetResponse:
+    return pb.GetResponse(info=pb.FileInfo(path=path, size=size, sha256=sha256, component="c"))
+
+
+def replayed(position: GetPosition, messages: list) -> list:
+    """What a resumed stream of `messages` hands on to the receiver."""
+    return [m for m in (position.kept(message) for message in messages) if m is not None]
+
+
+def test_a_get_of_one_file_goes_on_with_a_ranged_read_of_its_version():
+    position = GetPosition(pb.GetRequest(drive="lit://d", path="a.bin", whole_small_files=True, checksums=True))
+    for message in (info("a.bin", 10, "v1"), b"0123"):
+        position.passed(message)
+    request = position.resumed()
+    assert (request.path, request.offset, request.if_match, request.component) == ("a.bin", 4, "v1", "c")
+    assert request.checksums  # the ranged read's CRC32C covers the bytes from the cut on
+    again = info("a.bin", 10, "v1")
+    kept = replayed(position, [again, b"456789"])
+    assert kept == [again, b"456789"]  # the file's info again tells the receiver where that CRC32C starts
+    for message in kept:
+        position.passed(message)
+    assert position.sent == 10  # and is no new file
+
+
+def test_a_get_of_a_folder_goes_on_after_what_was_handed_on():
+    request = pb.GetRequest(drive="lit://d", path="d")
+    position = GetPosition(request)
+    for message in (info("d/a", 3), b"aaa", info("d/b", 5), b"bb"):
+        position.passed(message)
+    assert position.resumed() == request  # the folder again
+    kept = replayed(position, [info("d/a", 3), b"aaa", info("d/b", 5), b"bbb", b"bb", info("d/c", 1), b"c"])
+    assert [bytes(m) if isinstance(m, (bytes, memoryview)) else m.info.path for m in kept] == [
+        b"b", b"bb", "d/c", b"c"]
+
+
+def test_a_folder_cut_between_two_files_skips_the_whole_first_one():
+    position = GetPosition(pb.GetRequest(drive="lit://d", path="d", whole_small_files=True))
+    small = pb.GetResponse(file=pb.GetFile(info=pb.FileInfo(path="d/0"), data=b"0"))
+    for message in (small, info("d/a", 3), b"aaa"):
+        position.passed(message)
+    position.resumed()
+    kept = replayed(position, [small, info("d/a", 3), b"aaa", info("d/b", 1), b"b"])
+    assert [m.info.path if not isinstance(m, (bytes, memoryview)) else bytes(m) for m in kept] == ["d/b", b"b"]
+
+
+def test_a_folder_cut_after_a_files_crc32c_skips_that_file_and_its_crc32c():
+    position = GetPosition(pb.GetRequest(drive="lit://d", path="d", checksums=True))
+    crc = pb.GetResponse(crc32c=7)
+    for message in (info("d/a", 3), b"aaa", crc):
+        position.passed(message)
+    position.resumed()
+    kept = replayed(position, [info("d/a", 3), b"aaa", crc, info("d/b", 1), b"b", crc])
+    assert [m.info.path if not isinstance(m, (bytes, memoryview)) and m.HasField("info") else m for m in kept] == [
+        "d/b", b"b", crc]
+
+
+@pytest.mark.parametrize("change", ["changed", "deleted"])
+def test_a_folder_whose_file_in_progress_changed_is_refused(change):
+    position = GetPosition(pb.GetRequest(drive="lit://d", path="d"))
+    for message in (info("d/a", 3), b"a"):
+        position.passed(message)
+    position.resumed()
+    again = [info("d/a", 3, "v2")] if change == "changed" else [info("d/b", 3)]
+    with pytest.raises(StaleIndexError, match=change):
+        replayed(position, again)
+
+
+def test_backoff_retries_unavailable_only_with_growing_delays_within_its_budget():
+    unavailable = Unavailable("cannot reach drived", grpc.StatusCode.UNAVAILABLE)
+    for error in (NotFound("gone", grpc.StatusCode.NOT_FOUND), DataLoss("bad", grpc.StatusCode.DATA_LOSS)):
+        with pytest.raises(type(error)):
+            Backoff(60).delay(error)
+    with pytest.raises(Unavailable):
+        Backoff(0).delay(unavailable)  # retries off
+    backoff = Backoff(60)
+    delays = [backoff.delay(unavailable) for _ in range(8)]
+    assert all(FIRST_DELAY / 2 <= d <= MAX_DELAY for d in delays) and delays[-1] >= MAX_DELAY / 2
+    assert delays[3] > delays[0]
+    short = Backoff(0.5)
+    with pytest.raises(Unavailable):
+        for _ in range(10):  # no time passes: the growing delays alone go past the budget
+            short.delay(unavailable)
+    short.progressed()
+    assert short.delay(unavailable) <= FIRST_DELAY  # a new budget, from the first delay
