@@ -78,6 +78,16 @@ def query(stub: drive_pb2_grpc.DriveServiceStub, drive: str, upload_id: str, com
     )
 
 
+def held_size(stub: drive_pb2_grpc.DriveServiceStub, drive: str, upload_id: str) -> int | None:
+    """The bytes the daemon holds of `upload_id`; None while it holds none (its stream has not reached it yet)."""
+    try:
+        return query(stub, drive, upload_id).committed_size
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+
+
 def open_upload(stub: drive_pb2_grpc.DriveServiceStub, drive: str, path: str, data: bytes, upload_id: str,
                 size: int | None = None) -> None:
     """A resumable Put of `data` as the first bytes of `path` that ends without a finish (the daemon holds them)."""
@@ -417,15 +427,7 @@ def test_a_resume_takes_the_upload_over_from_a_stream_still_open_on_the_daemon(d
         yield pb.PutRequest(data=data[3 * MIB:4 * MIB])  # arrives after the takeover: refused
 
     stale = stub.Put.future(stale_stream(), timeout=60)
-
-    def held() -> int:
-        try:
-            return query(stub, drive_uri, "u-taken").committed_size
-        except grpc.RpcError as err:  # the stale stream's header is not there yet
-            assert err.code() == grpc.StatusCode.NOT_FOUND, err
-            return 0
-
-    assert wait_until(lambda: held() == 3 * MIB, 10)
+    assert wait_until(lambda: held_size(stub, drive_uri, "u-taken") == 3 * MIB, 10)
     resumed = pb.PutHeader()
     resumed.CopyFrom(header)
     resumed.write_offset = 3 * MIB
