@@ -285,7 +285,7 @@ class Harness:
                 self.raw = self.exit_stack.enter_context(RawGrpcServer(self.work))
                 self.say(f"raw grpc server on {self.raw.endpoint}")
             except Exception as e:
-                self.fail(["large.grpc_raw", "large.grpc_sha256", "small.grpc_raw"], "raw grpc server", e)
+                self.fail(["large.grpc_raw", "large.grpc_crc32c", "small.grpc_raw"], "raw grpc server", e)
         if groups & {"large", "small", "folder", "loader"}:
             # Its s3:// drives read the bench's moto_server (the DataLoader's s3:// drive).
             s3_env = {"AWS_ENDPOINT_URL": self.moto.url, **MOTO_CREDENTIALS} if self.moto else {}
@@ -339,11 +339,11 @@ class Harness:
         )
         if self.raw:
             ep = self.raw.endpoint
-            for system, sha256 in (("grpc_raw", False), ("grpc_sha256", True)):
+            for system, checksums in (("grpc_raw", False), ("grpc_crc32c", True)):
                 for direction, task in (("up", "grpc_up"), ("down", "grpc_down")):
                     key = f"large.{system}.{direction}"
-                    spec = {"task": task, "endpoint": ep, "size": size, "chunk": a.chunk, "sha256": sha256}
-                    rec(key, measure(key, f"plain grpc {direction}{' + sha256' if sha256 else ''}", spec))
+                    spec = {"task": task, "endpoint": ep, "size": size, "chunk": a.chunk, "checksums": checksums}
+                    rec(key, measure(key, f"plain grpc {direction}{' + checksums' if checksums else ''}", spec))
         if self.moto:
             u = self.moto.url
             if run == 0 and size > 64 * MIB:

@@ -59,8 +59,8 @@ def figure_units() -> dict[str, str]:
         "cp_fsync",
         "grpc_raw.up",
         "grpc_raw.down",
-        "grpc_sha256.up",
-        "grpc_sha256.down",
+        "grpc_crc32c.up",
+        "grpc_crc32c.down",
         "boto3_moto.put",
         "boto3_moto.get",
         "nginx.put",
@@ -145,7 +145,9 @@ class Check:
     refs: tuple[str, ...]  # the reference is the min of these
     factor: float  # pass when figure >= factor * ref (or < factor when absolute)
     target: str
-    kind: str = "ratio"  # "ratio", "below" (absolute upper bound), "growth"
+    # "ratio" (of the medians), "every run" (the ratio of each run, paired by run, and the least of
+    # them shown), "below" (absolute upper bound), "growth"
+    kind: str = "ratio"
     ceiling: str = ""  # figure of what Python with grpcio reaches here without storage, measured in the same run
 
 
@@ -156,17 +158,17 @@ def checks(size_label: str, folder_files: int = 1000) -> list[Check]:
             "get throughput",
             "large.drive.get",
             ("large.grpc_raw.down",),
-            0.8,
-            "≥ 0.8 × plain grpcio",
-            ceiling="large.grpc_sha256.down",
+            1.0,
+            "≥ 1.0 × plain grpcio",
+            ceiling="large.grpc_crc32c.down",
         ),
         Check(
             "put throughput (durable)",
             "large.drive.put",
             ("large.grpc_raw.up", "large.cp_fsync"),
-            0.8,
-            "≥ 0.8 × min(plain grpcio, cp+fsync)",
-            ceiling="large.grpc_sha256.up",
+            0.6,
+            "≥ 0.6 × min(plain grpcio, cp+fsync)",
+            ceiling="large.grpc_crc32c.up",
         ),
         Check("put throughput", "large.drive.put", ("large.boto3_moto.put",), 3.0, "≥ 3 × boto3/moto"),
         Check("get throughput", "large.drive.get", ("large.boto3_moto.get",), 3.0, "≥ 3 × boto3/moto"),
@@ -176,7 +178,7 @@ def checks(size_label: str, folder_files: int = 1000) -> list[Check]:
             ("large.nginx.get",),
             1.0,
             "≥ 1.0 × requests/nginx",
-            ceiling="large.grpc_sha256.down",
+            ceiling="large.grpc_crc32c.down",
         ),
         Check(
             "4 KiB put/s, c16",
@@ -198,14 +200,16 @@ def checks(size_label: str, folder_files: int = 1000) -> list[Check]:
             "folder.drive.put.files_s",
             ("folder.nginx_loop.put.files_s",),
             2.0,
-            "≥ 2 × loop of requests PUT/nginx",
+            "≥ 2 × loop of requests PUT/nginx, every run",
+            "every run",
         ),
         Check(
             f"folder {nf} × 4 KiB, one get",
             "folder.drive.get.files_s",
             ("folder.nginx_loop.get.files_s",),
             2.0,
-            "≥ 2 × loop of requests GET/nginx",
+            "≥ 2 × loop of requests GET/nginx, every run",
+            "every run",
         ),
         Check("peak RSS daemon", "mem.daemon.peak_mib", (), 150.0, "< 150 MiB", "below"),
         Check("peak RSS client (put)", "mem.client_put.peak_mib", (), 150.0, "< 150 MiB", "below"),
@@ -272,6 +276,12 @@ def evaluate(figs: Figures, size_label: str, folder_files: int = 1000) -> list[d
             if v is not None and ref is not None:
                 ratio = v / ref if ref else None
                 ok = (v - ref) <= c.factor
+        elif c.kind == "every run":
+            runs = zip(figs.samples[c.figure], *(figs.samples[k] for k in c.refs), strict=False)
+            per_run = [x / min(r) for x, *r in runs if min(r) > 0]
+            if per_run:
+                ratio = min(per_run)
+                ok = ratio >= c.factor
         elif v is not None and ref is not None and ref > 0:
             ratio = v / ref
             ok = ratio >= c.factor
@@ -289,7 +299,7 @@ def evaluate(figs: Figures, size_label: str, folder_files: int = 1000) -> list[d
                 "pass": ok,
                 "ceiling": c.ceiling or None,
                 "ceiling_value": ceiling,
-                "needs": None if ref is None or c.kind != "ratio" else c.factor * ref,
+                "needs": None if ref is None or c.kind not in ("ratio", "every run") else c.factor * ref,
             }
         )
     return rows
@@ -394,9 +404,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
         ("raw TCP, loopback (one direction)", "large.tcp", "large.tcp"),
         ("plain grpcio streaming, no disk", "large.grpc_raw.up", "large.grpc_raw.down"),
         (
-            "plain grpcio streaming + sha256 where drived verifies, no disk",
-            "large.grpc_sha256.up",
-            "large.grpc_sha256.down",
+            "plain grpcio streaming + CRC32C on both ends (+ sha256 of a put at the server), no disk",
+            "large.grpc_crc32c.up",
+            "large.grpc_crc32c.down",
         ),
         ("cp + fsync (durable write)", "large.cp_fsync", None),
         ("boto3 upload_file/download_file → moto_server", "large.boto3_moto.put", "large.boto3_moto.get"),
@@ -534,9 +544,10 @@ def _ceilings(doc: dict[str, Any]) -> list[str]:
         "## Targets beside what Python with grpcio reaches here (same run)",
         "",
         "Each ceiling is plain grpcio doing only the work the contract requires, with no disk: streaming",
-        "with sha256 where drived verifies (both ends of a put, the receiver of a get), or one unary call",
-        "per 4 KiB file to a server that keeps nothing. Where a target needs more than its ceiling, no",
-        "drived that stores and verifies the bytes can reach it in Python with grpcio on this machine.",
+        "with CRC32C on both ends (and the sha256 a put's receiver computes as the file's identity), or",
+        "one unary call per 4 KiB file to a server that keeps nothing. Where a target needs more than its",
+        "ceiling, no drived that stores and verifies the bytes can reach it in Python with grpcio on this",
+        "machine (a get may beat a single stream's ceiling over parallel ranged streams).",
         "",
         "| figure | target | needs | ceiling | needs ÷ ceiling | drive | drive ÷ ceiling |",
         "|---|---|---:|---|---:|---:|---:|",

@@ -154,16 +154,16 @@ def task_cp_fsync(src: str, dst: str) -> dict:
     return {"seconds": dt, "bytes": size}
 
 
-def task_grpc_up(endpoint: str, size: int, chunk: int = CHUNK, sha256: bool = False) -> dict:
+def task_grpc_up(endpoint: str, size: int, chunk: int = CHUNK, checksums: bool = False) -> dict:
     from bench.rawgrpc import upload
 
-    return {"seconds": upload(endpoint, size, chunk, sha256), "bytes": size}
+    return {"seconds": upload(endpoint, size, chunk, checksums), "bytes": size}
 
 
-def task_grpc_down(endpoint: str, size: int, chunk: int = CHUNK, sha256: bool = False) -> dict:
+def task_grpc_down(endpoint: str, size: int, chunk: int = CHUNK, checksums: bool = False) -> dict:
     from bench.rawgrpc import download
 
-    return {"seconds": download(endpoint, size, chunk, sha256), "bytes": size}
+    return {"seconds": download(endpoint, size, chunk, checksums), "bytes": size}
 
 
 def task_boto3_put(url: str, bucket: str, src: str, key: str) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .channels import add_tls_arguments
-from .common import FileStat
+from .common import VERIFY, FileStat
 from .drive import Drive
 from .errors import DriveError, InvalidArgument
 from .malloc import keep_transfer_buffers
@@ -45,8 +45,8 @@ def split_uri(uri: str, folder: bool) -> tuple[str, str]:
 def _drive(uri: str, args: argparse.Namespace) -> Drive:
     return Drive(
         uri, component_name=args.component, endpoint=args.endpoint, allow_duplicates=args.allow_duplicates,
-        token=args.token, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        insecure=args.insecure, retry_seconds=args.retry_seconds,
+        token=args.token, verify=args.verify, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, insecure=args.insecure, retry_seconds=args.retry_seconds,
     )
 
 
@@ -139,7 +139,8 @@ def parser() -> argparse.ArgumentParser:
                      "(default: $DRIVE_RETRY_SECONDS, else 60; 0: no retries)")
     top.add_argument("--json", action="store_true", help="print results as JSON on stdout (for scripts)")
     top.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    top.set_defaults(only=None, allow_duplicates=False, timeout=None, overwrite=False)  # options of some commands
+    # options of some commands
+    top.set_defaults(only=None, allow_duplicates=False, timeout=None, overwrite=False, verify="crc32c")
     commands = top.add_subparsers(dest="command", required=True)
     ls = commands.add_parser("ls", help="list a folder: drive ls lit://d[/folder]")
     ls.add_argument("location")
@@ -152,6 +153,12 @@ def parser() -> argparse.ArgumentParser:
     get.add_argument("local", nargs="?")
     get.add_argument("--timeout", type=float, help="wait up to this many seconds for the path to appear")
     get.add_argument("--overwrite", action="store_true", help="replace an existing local file")
+    for sub in (put, get):
+        sub.add_argument(
+            "--verify", choices=VERIFY, default="crc32c",
+            help="crc32c (default): check every byte moved with CRC32C; sha256: also check (get) or send (put) "
+            "each file's sha256",
+        )
     commands.add_parser("rm", help="delete your file or folder: drive rm lit://d/path").add_argument("location")
     commands.add_parser("stat", help="describe a file: drive stat lit://d/path").add_argument("location")
     commands.add_parser("mount", help="re-index an s3 drive: drive mount s3://bucket/prefix/").add_argument("location")

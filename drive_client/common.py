@@ -16,6 +16,15 @@ from .pb import drive_pb2 as pb
 from .resume import RETRY_SECONDS
 from .uri import check_component, parse_drive
 
+VERIFY = ("crc32c", "sha256")  # what a Drive's `verify` may be
+
+
+def check_verify(verify: str) -> str:
+    """`verify` once it is one of VERIFY: what transfers check besides their size."""
+    if verify not in VERIFY:
+        raise InvalidArgument(f"verify={verify!r}: use 'crc32c' (the default) or 'sha256'")
+    return verify
+
 
 @dataclass(frozen=True)
 class FileStat:
@@ -73,6 +82,7 @@ class DriveBase:
         *,
         endpoint: str | None = None,
         token: str | None = None,
+        verify: str = "crc32c",
         tls: bool | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
@@ -88,6 +98,7 @@ class DriveBase:
         self.connection = Connection.from_settings(endpoint, tls, tls_ca, tls_cert, tls_key)
         self.endpoint = self.connection.endpoint
         self.token = token or os.environ.get("DRIVE_TOKEN") or None
+        self.verify = check_verify(verify)
         self.retry_seconds = _retry_seconds(retry_seconds)
         if self.token:
             self.connection.check_token_transport(insecure)

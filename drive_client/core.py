@@ -4,8 +4,10 @@ Each operation is a plan (see `effects`): local checks, then the calls to
 make, in order. The decisions live here and nowhere else: paging of List,
 mounting an s3:// drive once per process, when a get is worth fetching in
 parallel ranged streams, one unary PutFile for a small file against a Put
-stream, how a put, a get, a ranged read or a watch goes on when its stream
-breaks (`resume` paces the attempts and knows where a get got to), and how
+stream, which checksums a transfer computes and checks (CRC32C always, sha256
+with `verify="sha256"`), how a put, a get, a ranged read or a watch goes on
+when its stream breaks (`resume` paces the attempts and knows where a get got
+to), and how
 drive paths map to local ones. The bytes themselves move in `transfer`'s
 thread-based functions, which the plans run as `Blocking` work.
 """
@@ -21,6 +23,8 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
+from crc32c import crc32c
+
 from .common import DriveBase, FileStat, MountResult, WatchEvent
 from .effects import Blocking, Caller, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
 from .errors import AlreadyExists, DriveError, EventsExpired, InvalidArgument, NotFound, OutOfRange
@@ -30,8 +34,10 @@ from .transfer import (
     PARALLEL_MIN_SIZE,
     Progress,
     ReadAhead,
+    crc32c_mismatch,
     fetch_in_ranges,
     local_files,
+    no_crc32c,
     put_requests,
     receive_files,
     small_file_request,
@@ -89,6 +95,11 @@ def _local(drive: DriveBase, path: str | os.PathLike[str]) -> Path:
     return root / path
 
 
+def _sha256(drive: DriveBase) -> bool:
+    """Whether transfers of `drive` compute the sha256 too (sent with a put, checked on a get), beside CRC32C."""
+    return drive.verify == "sha256"
+
+
 def _put_header(drive: DriveBase) -> pb.PutHeader:
     return pb.PutHeader(drive=drive.id, component=drive.component_name, allow_duplicates=drive.allow_duplicates)
 
@@ -104,7 +115,7 @@ def _get_request(drive: DriveBase, remote: str, target: Path, component_name: st
         raise InvalidArgument(f"timeout must be >= 0, got {timeout}")
     return pb.GetRequest(
         drive=drive.id, path=remote, wait_seconds=timeout or 0, component=_filter(component_name),
-        whole_small_files=True,
+        whole_small_files=True, checksums=True,
     )
 
 
@@ -118,14 +129,10 @@ def _target_of(remote: str, target: Path) -> Callable[[str], Path]:
     return target_of
 
 
-def _check_range_reply(message: GetMessage, request: pb.GetRequest) -> Chunk | None:
-    """The bytes of a ranged-read reply (None for its info); refuses a folder."""
-    data = chunk_of(message)
-    if data is not None:
-        return data
-    if message.info.folder or message.info.path != request.path:  # type: ignore[union-attr]
+def _check_range_info(info: pb.FileInfo, request: pb.GetRequest) -> None:
+    """Refuses a ranged read whose path turns out to be a folder."""
+    if info.folder or info.path != request.path:
         raise InvalidArgument(f"{request.path!r} is a folder: a ranged read reads one file")
-    return None
 
 
 def _worth_ranges(first: pb.GetResponse, remote: str) -> bool:
@@ -162,9 +169,9 @@ def put(drive: DriveBase, path: str | os.PathLike[str], to: str | None, progress
     files: list[tuple[Path, str]] = yield Blocking(local_files, (local, remote))
     if not files:
         return []
-    header = _put_header(drive)
+    header, sha256 = _put_header(drive), _sha256(drive)
     if len(files) == 1:  # a file of at most a chunk goes in one unary call, much cheaper than a stream
-        request = yield Blocking(small_file_request, (header, *files[0]))
+        request = yield Blocking(small_file_request, (header, *files[0], sha256))
         if request is not None:  # retried whole by gRPC when the daemon is unreachable
             reply: pb.PutFileResponse = yield Unary("PutFile", request)
             if progress:
@@ -193,7 +200,7 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
     while True:
         try:
             reply: pb.PutResponse = yield Send("Put", put_requests(
-                header, files[start:], ids[start:], offset, progress=progress))
+                header, files[start:], ids[start:], offset, progress=progress, sha256=_sha256(drive)))
             return [*stored, *reply.files]
         except DriveError as err:
             if not (offset and isinstance(err, (OutOfRange, NotFound))):  # else a refused resume: ask again
@@ -334,7 +341,7 @@ def _receive_stream(calls: Caller, drive: DriveBase, request: pb.GetRequest, str
     """Writes the files of a Get stream whose first message was `first`; the rest is read a little ahead."""
     rest = ReadAhead(calls.iterate(_rest_of_get(drive, request, stream, first)))
     replies: Iterable[GetMessage] = itertools.chain([first] if first is not None else [], rest)
-    return receive_files(replies, target_of, progress=progress)
+    return receive_files(replies, target_of, progress=progress, sha256=_sha256(drive))
 
 
 def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInfo, target: Path,
@@ -345,17 +352,24 @@ def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInf
     def read(offset: int, length: int) -> Iterable[Chunk]:
         return calls.iterate(read_range(drive, remote, offset, length, component, if_match, copy=False))
 
-    return fetch_in_ranges(info, target, read, progress=progress)
+    return fetch_in_ranges(info, target, read, progress=progress, sha256=_sha256(drive))
 
 
 def read_range(drive: DriveBase, path: str, offset: int, length: int | None, component_name: str | None,
                if_match: str, copy: bool = True) -> Plan[None]:
-    """Emits the chunks of bytes [offset, offset+length) of a file; `copy=False` emits views into the messages."""
+    """Emits the chunks of bytes [offset, offset+length) of a file; `copy=False` emits views into the messages.
+
+    Their CRC32C is checked against the daemon's once the last has been
+    emitted: a mismatch raises DataLoss at the end of the range. A stream that
+    breaks is resumed from where it got; the daemon's CRC32C then covers the
+    bytes of the resumed stream, and those the broken one carried had TCP's
+    checks only.
+    """
     if offset < 0 or (length is not None and length < 0):
         raise InvalidArgument("offset and length cannot be negative")
     request = pb.GetRequest(
         drive=drive.id, path=normalize_path(path), offset=offset, limit=length or 0, if_match=if_match,
-        component=_filter(component_name),
+        component=_filter(component_name), checksums=True,
     )
     if length == 0:
         return
@@ -364,17 +378,26 @@ def read_range(drive: DriveBase, path: str, offset: int, length: int | None, com
     backoff = Backoff(drive.retry_seconds)
     while True:
         stream = yield Open("Get", request)
+        crc, checked = 0, False  # of this stream's bytes: the daemon's CRC32C covers the range it was asked for
         try:
             while (message := (yield Next(stream))) is not None:
-                data = _check_range_reply(message, request)
-                if data is None:  # the file's info: a resumed read reads this version of this component's file
+                data = chunk_of(message)
+                if data is not None:
+                    crc = crc32c(data, crc)
+                    request.offset += len(data)
+                    request.limit = 0 if end is None else end - request.offset
+                    backoff.progressed()
+                    yield Emit((bytes(data) if copy else data,))
+                elif message.WhichOneof("message") == "crc32c":
+                    if message.crc32c != crc:
+                        raise crc32c_mismatch(request.path)
+                    checked = True
+                else:  # the file's info: a resumed read reads this version of this component's file
+                    _check_range_info(message.info, request)
                     request.if_match = request.if_match or message.info.sha256 or message.info.etag
                     request.component = request.component or message.info.component
-                    continue
-                request.offset += len(data)
-                request.limit = 0 if end is None else end - request.offset
-                backoff.progressed()
-                yield Emit((bytes(data) if copy else data,))
+            if not checked:
+                raise no_crc32c(request.path)
             return
         except DriveError as err:
             delay = backoff.delay(err)

@@ -66,21 +66,24 @@ class Drive(DriveBase):
     """A drive opened by name: `Drive("lit://drive_1", component_name="work_a")`.
 
     `Drive(id, allow_duplicates=False, component_name=None, root_folder=None, *, endpoint=None, token=None,
-    tls=None, tls_ca=None, tls_cert=None, tls_key=None, insecure=None, retry_seconds=None)`:
+    verify="crc32c", tls=None, tls_ca=None, tls_cert=None, tls_key=None, insecure=None, retry_seconds=None)`:
     `component_name` defaults to $DRIVE_COMPONENT, else "default"; `endpoint`
     to $DRIVE_ENDPOINT, else 127.0.0.1:50051. `root_folder` is where local
     paths are resolved: an existing folder (else `FileNotFoundError` or
     `NotADirectoryError` at once); when not given, the current working
-    directory at the time of each call. `token` (default $DRIVE_TOKEN) is sent
-    as `authorization: Bearer TOKEN`; TLS settings default to $DRIVE_TLS,
-    $DRIVE_TLS_CA, $DRIVE_TLS_CERT and $DRIVE_TLS_KEY (`drive_client.channels`).
-    A token is never sent in plaintext beyond loopback: without TLS such a
-    Drive raises `ValueError` at once, unless `insecure=True`
-    ($DRIVE_INSECURE=1). `retry_seconds` (default $DRIVE_RETRY_SECONDS, else
-    60; 0: off) is how long a transfer cut by the network or a daemon restart
-    keeps trying to resume (see `drive_client.resume`). Picklable and
-    deep-copyable; the gRPC channel is created lazily, once per process,
-    connection and retry setting, and shared by all Drives.
+    directory at the time of each call. Every transfer is checked with
+    CRC32C; `verify="sha256"` also sends each put file's sha256 (the daemon
+    checks it) and checks the stored sha256 of each file a get fetches.
+    `token` (default $DRIVE_TOKEN) is sent as `authorization: Bearer TOKEN`;
+    TLS settings default to $DRIVE_TLS, $DRIVE_TLS_CA, $DRIVE_TLS_CERT and
+    $DRIVE_TLS_KEY (`drive_client.channels`). A token is never sent in
+    plaintext beyond loopback: without TLS such a Drive raises `ValueError`
+    at once, unless `insecure=True` ($DRIVE_INSECURE=1). `retry_seconds`
+    (default $DRIVE_RETRY_SECONDS, else 60; 0: off) is how long a transfer
+    cut by the network or a daemon restart keeps trying to resume (see
+    `drive_client.resume`). Picklable and deep-copyable; the gRPC channel is
+    created lazily, once per process, connection and retry setting, and
+    shared by all Drives.
     """
 
     @property

@@ -76,7 +76,8 @@ class WaitTimeout(DriveError, TimeoutError):
 
 
 class DataLoss(DriveError):
-    """The bytes do not match their sha256: nothing was stored."""
+    """Bytes that do not match their checksums: a put stores nothing, a get keeps nothing; or a damaged stored
+    file (the message names it)."""
 
     status = grpc.StatusCode.DATA_LOSS
 

@@ -37,6 +37,9 @@ fsspec paths (what `ls`, `find` and `info` answer in `name`) are
   takes them (defaults `$DRIVE_TLS`, `$DRIVE_TLS_CA`, `$DRIVE_TLS_CERT`,
   `$DRIVE_TLS_KEY`); `insecure=True` lets a token go in plaintext to another
   machine (see README, Security).
+- `verify`: `"crc32c"` (the default: every read and write is checked with
+  CRC32C, each ranged read on its own) or `"sha256"` (whole-file reads also
+  check the stored sha256, and writes send theirs), as `Drive(verify=...)`.
 - `retry_seconds`: how long a read or write cut by the network keeps trying
   to resume (`Drive`'s argument: default `$DRIVE_RETRY_SECONDS`, else 60; 0: off).
 - `asynchronous`: `True` for `AsyncDriveFileSystem` (see above).
@@ -62,13 +65,14 @@ Semantics:
   (`block_size`, default 5 MiB) are fetched with ranged `Get` calls, never
   the whole file. Every range carries the sha256 and owner from `info`, so a
   file replaced while it is being read fails with `StaleIndexError` instead
-  of mixing two versions. A read of a block or more, with the read-ahead
-  cache or none, goes past the cache: its bytes are fetched once, straight
-  into the bytes it returns, or into the caller's buffer for `readinto` (how
-  `torch.load` reads), so loading a 200 MiB tensor holds no second copy of it.
-  `cat_file` reads with the same pinning (and checks the sha256 of
-  whole-file reads); `get_file` uses the client's verified, atomic
-  whole-file download.
+  of mixing two versions, and its bytes are checked against the daemon's
+  CRC32C of them (`DataLoss` otherwise). A read of a block or more, with the
+  read-ahead cache or none, goes past the cache: its bytes are fetched once,
+  straight into the bytes it returns, or into the caller's buffer for
+  `readinto` (how `torch.load` reads), so loading a 200 MiB tensor holds no
+  second copy of it. `cat_file` reads with the same pinning and checks (and,
+  with `verify="sha256"`, the sha256 of whole-file reads); `get_file` uses
+  the client's verified, atomic whole-file download.
 - Writing spools: `open(mode="wb")` gathers small writes in memory, at most
   one block, and sends the rest to a local temporary file; a write that does
   not fit in the block goes to the file straight from the caller's buffer
@@ -146,7 +150,7 @@ from fsspec.utils import isfilelike
 
 from .aio import AsyncDrive
 from .channels import DEFAULT_ENDPOINT
-from .common import FileStat
+from .common import FileStat, check_verify
 from .drive import Drive
 from .effects import Done, advance
 from .errors import AmbiguousPathError, DataLoss, InvalidArgument, NotFound, StaleIndexError
@@ -255,6 +259,7 @@ class _LitFileSystem:
         allow_duplicates: bool = False,
         token: str | None = None,
         spool_dir: str | None = None,
+        verify: str = "crc32c",
         tls: bool | None = None,
         tls_ca: str | None = None,
         tls_cert: str | None = None,
@@ -267,6 +272,7 @@ class _LitFileSystem:
         **storage_options: Any,
     ) -> None:
         super().__init__(**storage_options)
+        self.verify = check_verify(verify)
         self._endpoint = endpoint
         self._component = check_component(component_name) if component_name else None
         self.allow_duplicates = allow_duplicates
@@ -332,7 +338,8 @@ class _LitFileSystem:
             if drive is None:
                 drive = self._twin(
                     f"lit://{name}", allow_duplicates=self.allow_duplicates, component_name=component,
-                    endpoint=endpoint, token=self._token, retry_seconds=self.retry_seconds, **self._security,
+                    endpoint=endpoint, token=self._token, verify=self.verify, retry_seconds=self.retry_seconds,
+                    **self._security,
                 )
                 self._drives[key] = drive
         return drive
@@ -419,7 +426,8 @@ class _LitFileSystem:
             raise _short_read(info, start, end, filled)
 
     def _steps_read(self, info: dict[str, Any], start: int, end: int) -> Steps[bytes]:
-        """Bytes [start, end) of the file `info` describes, assembled once; a whole file's are checked by sha256."""
+        """Bytes [start, end) of the file `info` describes, assembled once; with `verify="sha256"`, a whole
+        file's are checked by sha256 too."""
         if start >= end:
             return b""
         # A BytesIO made on a bytes object nothing else holds is filled in place through its buffer, and
@@ -429,7 +437,9 @@ class _LitFileSystem:
             yield from self._steps_read_into(info, start, view)
         data = assembly.getvalue()
         whole = start == 0 and end == info["size"]
-        if whole and info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"]:
+        if self.verify == "sha256" and whole and info.get("sha256") and (
+            hashlib.sha256(data).hexdigest() != info["sha256"]
+        ):
             raise DataLoss(
                 f"lit://{info['name']}: bytes do not match the stored sha256; try again", grpc.StatusCode.DATA_LOSS
             )

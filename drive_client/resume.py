@@ -81,7 +81,9 @@ class GetPosition:
     """How far a Get stream got (what was handed on to the receiver), and how a new stream goes on from there.
 
     A get of one file goes on with a ranged read from its first byte not
-    handed on, pinned to the version it started with (if_match). A get of a
+    handed on, pinned to the version it started with (if_match); its info
+    goes on to the receiver, as the sign that the daemon's CRC32C that ends
+    it covers the bytes from there on (`transfer.receive_files`). A get of a
     folder asks for the folder again: the daemon sends its files in path
     order, and what was handed on already is skipped: the files before the
     one in progress, and that one's first bytes (it must be the same
@@ -94,7 +96,6 @@ class GetPosition:
         self.sent = 0  # how many of its bytes
         self.done = ""  # the path of the last file handed on whole
         self.moved = 0  # bytes handed on in all: whether the stream moved forward since it broke
-        self._ranged = False  # a ranged read of `file` goes on: its info is known already
         self._replaying = False  # a folder is sent again: what was handed on is skipped
         self._in_file = False  # the replay has reached `file`
         self._skip = 0  # bytes of `file` the replay still skips
@@ -107,7 +108,9 @@ class GetPosition:
             self.moved += len(data)
             return
         kind = message.WhichOneof("message")  # type: ignore[union-attr]
-        if kind in ("info", "file") and self.file is not None:
+        if kind == "info" and self.file is not None and message.info.path == self.file.path:  # type: ignore[union-attr]
+            return  # a ranged read goes on with the same file
+        if kind in ("info", "file", "crc32c") and self.file is not None:  # the CRC32C ends its file
             self.done, self.file = self.file.path, None
         if kind == "info":
             self.file, self.sent = message.info, 0  # type: ignore[union-attr]
@@ -119,10 +122,9 @@ class GetPosition:
         """The request that goes on from here, once `passed` has seen all that was handed on."""
         file = self.file
         if file is not None and file.path == self.request.path and not file.folder:
-            self._ranged = True
             return pb.GetRequest(
                 drive=self.request.drive, path=file.path, component=file.component, offset=self.sent,
-                if_match=file.sha256 or file.etag,
+                if_match=file.sha256 or file.etag, checksums=self.request.checksums,
             )
         self._replaying, self._in_file, self._skip = True, False, self.sent
         return self.request
@@ -131,9 +133,6 @@ class GetPosition:
         """`message` of a resumed stream as it goes on to the receiver; None for what was handed on already."""
         data = chunk_of(message)
         kind = None if data is not None else message.WhichOneof("message")  # type: ignore[union-attr]
-        if self._ranged:
-            self._ranged = kind != "info"  # the file's info opens the ranged read: the receiver has it
-            return None if kind == "info" else message
         if not self._replaying:
             return message
         if kind in ("info", "file"):

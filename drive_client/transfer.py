@@ -1,4 +1,9 @@
-"""Chunked, hashed streaming of files into a Put stream and out of a Get stream.
+"""Chunked, checksummed streaming of files into a Put stream and out of a Get stream.
+
+Every byte sent is summed with CRC32C, and every byte received is checked
+against the daemon's CRC32C of it (`checksums` set on each Get). With
+`sha256=True` the sha256 is computed too: sent with a put, checked on a get
+(`Drive(..., verify="sha256")`).
 
 Memory per transfer is a few chunks on this side (`ReadAhead` holds at most
 `depth`); gRPC's flow control bounds what is in flight.
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import grpc
+from crc32c import crc32c
 
 from .errors import DataLoss, NotFound
 from .files import write_all
@@ -89,16 +95,16 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
 
 def put_requests(
     header: pb.PutHeader, files: Iterable[tuple[Path, str]], upload_ids: Iterable[str] = (), offset: int = 0,
-    chunk_size: int = CHUNK_SIZE, progress: Progress | None = None,
+    chunk_size: int = CHUNK_SIZE, progress: Progress | None = None, sha256: bool = False,
 ) -> Iterator[PutMessage]:
     """The messages of one Put stream carrying `files`, each with a header copied from `header`.
 
     A file of at most `SMALL_FILE` bytes goes as one message; a bigger one as
-    its header, its chunks and a finish. Data chunks are plain bytes (see
-    `wire`): a stub from `wire.fast_stub` sends them. `upload_ids`, one per
-    file, make the files resumable; the first file's bytes then start at
-    `offset` (a resume: the bytes before it are read again to checksum the
-    whole file, not sent).
+    its header, its chunks and a finish with their CRC32C (and sha256, with
+    `sha256`). Data chunks are plain bytes (see `wire`): a stub from
+    `wire.fast_stub` sends them. `upload_ids`, one per file, make the files
+    resumable; the first file's bytes then start at `offset` (a resume: the
+    bytes before it are read again to checksum the whole file, not sent).
     """
     ids = iter(upload_ids)
     for local, remote in files:
@@ -106,7 +112,7 @@ def put_requests(
         with open(local, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size <= SMALL_FILE:
-                request = put_file_request(header, remote, f.read())
+                request = put_file_request(header, remote, f.read(), sha256)
                 request.header.upload_id = upload_id
                 yield pb.PutRequest(file=request)
                 if progress:
@@ -119,30 +125,35 @@ def put_requests(
             file_header.upload_id = upload_id
             file_header.write_offset = start
             yield pb.PutRequest(header=file_header)
-            digest = hashlib.sha256()
+            crc, digest = 0, hashlib.sha256() if sha256 else None
             unsent = start
-            while unsent and (chunk := f.read(min(chunk_size, unsent))):
-                digest.update(chunk)
-                unsent -= len(chunk)
-            while chunk := f.read(chunk_size):
-                digest.update(chunk)
+            while chunk := f.read(min(chunk_size, unsent) if unsent else chunk_size):
+                crc = crc32c(chunk, crc)
+                if digest is not None:
+                    digest.update(chunk)
+                if unsent:  # held by the daemon already: summed, not sent
+                    unsent -= len(chunk)
+                    continue
                 yield chunk
                 if progress:
                     progress(len(chunk))
-        yield pb.PutRequest(finish=pb.PutFinish(sha256=digest.hexdigest()))
+        yield pb.PutRequest(finish=pb.PutFinish(crc32c=crc, sha256=digest.hexdigest() if digest else ""))
 
 
-def small_file_request(header: pb.PutHeader, local: Path, remote: str) -> pb.PutFileRequest | None:
+def small_file_request(header: pb.PutHeader, local: Path, remote: str, sha256: bool = False
+                       ) -> pb.PutFileRequest | None:
     """A PutFile request carrying the whole of `local`, or None when it is bigger than `SMALL_FILE`."""
     with open(local, "rb") as f:
         if os.fstat(f.fileno()).st_size > SMALL_FILE:
             return None
-        return put_file_request(header, remote, f.read())
+        return put_file_request(header, remote, f.read(), sha256)
 
 
-def put_file_request(header: pb.PutHeader, remote: str, data: bytes) -> pb.PutFileRequest:
-    """A whole small file in one message (a PutFile request, or a `file` in a Put stream)."""
-    request = pb.PutFileRequest(data=data, sha256=hashlib.sha256(data).hexdigest())
+def put_file_request(header: pb.PutHeader, remote: str, data: bytes, sha256: bool = False) -> pb.PutFileRequest:
+    """A whole small file in one message (a PutFile request, or a `file` in a Put stream), with its CRC32C (and
+    sha256, with `sha256`)."""
+    request = pb.PutFileRequest(data=data, crc32c=crc32c(data), sha256=hashlib.sha256(data).hexdigest() if sha256
+                                else "")
     request.header.CopyFrom(header)
     request.header.path = remote
     request.header.size = len(data)
@@ -156,13 +167,14 @@ _tmp_numbers = itertools.count()
 
 
 class _Receiving:
-    """One file being received into a temporary file beside its target.
+    """One file being received into a temporary file beside its target, summed with CRC32C (and sha256).
 
     `made` holds the folders known to exist (shared by the files of one get),
     so a folder of many files does not re-create its parents for each.
     """
 
-    def __init__(self, info: pb.FileInfo, target: Path, made: set[Path] | None = None) -> None:
+    def __init__(self, info: pb.FileInfo, target: Path, made: set[Path] | None = None, sha256: bool = False
+                 ) -> None:
         self.info = info
         self.target = target
         parent = target.parent
@@ -172,11 +184,21 @@ class _Receiving:
                 made.add(parent)
         self.tmp = parent / f".{target.name}.{os.getpid()}-{_TMP_TOKEN}-{next(_tmp_numbers)}.part"
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self.digest = hashlib.sha256()
+        self.digest = hashlib.sha256() if sha256 else None
+        self.crc32c = 0
+        self.resumed_crc32c: int | None = None  # of the bytes since the last `resumed`, if any
         self.size = 0
 
+    def resumed(self) -> None:
+        """The bytes from here on come from a stream that resumed the file: the daemon's CRC32C covers them."""
+        self.resumed_crc32c = 0
+
     def write(self, data: Chunk) -> None:
-        self.digest.update(data)
+        self.crc32c = crc32c(data, self.crc32c)
+        if self.resumed_crc32c is not None:
+            self.resumed_crc32c = crc32c(data, self.resumed_crc32c)
+        if self.digest is not None:
+            self.digest.update(data)
         write_all(self.fd, data)
         self.size += len(data)
 
@@ -185,15 +207,27 @@ class _Receiving:
             os.close(self.fd)
             self.fd = -1
 
-    def finish(self) -> Path:
-        """Verifies what arrived (size and sha256) and renames it into place."""
+    def finish(self, crc: int | None) -> Path:
+        """Verifies what arrived and renames it into place.
+
+        Checks the size, the CRC32C against `crc` (the daemon's, of the bytes
+        it sent since the file's start, or since it was `resumed`; None when
+        the caller checked the bytes already, range by range) and, when
+        summed, the sha256 against the stored one. After a resume, the whole
+        file is checked against the stored CRC32C in its info too, where the
+        daemon knows one.
+        """
         self._close()
         if self.size != self.info.size:
             raise DataLoss(
                 f"{self.info.path!r}: received {self.size} of {self.info.size} bytes; try again",
                 grpc.StatusCode.DATA_LOSS,
             )
-        if self.info.sha256 and self.digest.hexdigest() != self.info.sha256:
+        if crc is not None and crc != (self.crc32c if self.resumed_crc32c is None else self.resumed_crc32c):
+            raise crc32c_mismatch(self.info.path)
+        if self.resumed_crc32c is not None and self.info.HasField("crc32c") and self.info.crc32c != self.crc32c:
+            raise crc32c_mismatch(self.info.path)  # the bytes before the cut, against the stored CRC32C
+        if self.digest is not None and self.info.sha256 and self.digest.hexdigest() != self.info.sha256:
             raise DataLoss(
                 f"{self.info.path!r}: received bytes do not match the stored sha256; try again",
                 grpc.StatusCode.DATA_LOSS,
@@ -206,14 +240,33 @@ class _Receiving:
         self.tmp.unlink(missing_ok=True)
 
 
+def crc32c_mismatch(path: str) -> DataLoss:
+    """The error of bytes that arrived damaged: they differ from what the daemon checked and sent."""
+    return DataLoss(
+        f"{path!r}: the bytes received do not match the CRC32C the daemon sent with them (damaged on the way); "
+        "nothing was kept, try again", grpc.StatusCode.DATA_LOSS,
+    )
+
+
+def no_crc32c(path: str) -> DataLoss:
+    """The error of a file whose bytes came without the CRC32C a get asks for (`GetRequest.checksums`)."""
+    return DataLoss(
+        f"{path!r}: the daemon sent no CRC32C with the file's bytes, so they cannot be checked: it is older than "
+        "this client; upgrade the daemon", grpc.StatusCode.DATA_LOSS,
+    )
+
+
 def receive_files(
     responses: Iterable[GetMessage], target_of: Callable[[str], Path],
-    progress: Progress | None = None,
+    progress: Progress | None = None, sha256: bool = False,
 ) -> list[Path]:
-    """Writes the files of a Get stream; `target_of` maps a file's drive path to its local path.
+    """Writes the files of a Get stream that asked for `checksums`; `target_of` maps a file's drive path to its
+    local path.
 
     Each file goes to a temporary file beside its target and is renamed into
-    place once complete and verified; a failure leaves no partial file.
+    place once complete and its CRC32C matches the daemon's (and, with
+    `sha256`, its sha256 the stored one); a failure leaves no partial file
+    and every existing target as it was.
     """
     written: list[Path] = []
     made: set[Path] = set()
@@ -221,30 +274,38 @@ def receive_files(
     try:
         for message in responses:
             data = chunk_of(message)
-            if data is None:
-                if current is not None:
-                    written.append(current.finish())
-                    current = None
-                if message.WhichOneof("message") == "file":  # type: ignore[union-attr]
-                    whole = message.file  # type: ignore[union-attr]
-                    current = _Receiving(whole.info, target_of(whole.info.path), made)
-                    current.write(whole.data)
-                    if progress:
-                        progress(len(whole.data))
-                    written.append(current.finish())
-                    current = None
-                    continue
-                info = message.info  # type: ignore[union-attr]
-                current = _Receiving(info, target_of(info.path), made)
-            elif current is None:
-                raise DataLoss("the server sent data before the file's info", grpc.StatusCode.DATA_LOSS)
-            else:
+            if data is not None:
+                if current is None:
+                    raise DataLoss("the server sent data before the file's info", grpc.StatusCode.DATA_LOSS)
                 current.write(data)
                 if progress:
                     progress(len(data))
+                continue
+            kind = message.WhichOneof("message")  # type: ignore[union-attr]
+            if kind == "crc32c":
+                if current is None:
+                    raise DataLoss("the server sent a CRC32C before the file's info", grpc.StatusCode.DATA_LOSS)
+                written.append(current.finish(message.crc32c))  # type: ignore[union-attr]
+                current = None
+            elif current is not None and kind == "info" and message.info.path == current.info.path:  # type: ignore[union-attr]
+                current.resumed()  # a cut stream goes on with a ranged read (`resume.GetPosition`)
+            elif current is not None:  # the next file began before this one's CRC32C
+                raise no_crc32c(current.info.path)
+            elif kind == "file":
+                whole = message.file  # type: ignore[union-attr]
+                current = _Receiving(whole.info, target_of(whole.info.path), made, sha256)
+                current.write(whole.data)
+                if progress:
+                    progress(len(whole.data))
+                if not whole.HasField("crc32c"):
+                    raise no_crc32c(whole.info.path)
+                written.append(current.finish(whole.crc32c))
+                current = None
+            else:
+                info = message.info  # type: ignore[union-attr]
+                current = _Receiving(info, target_of(info.path), made, sha256)
         if current is not None:
-            written.append(current.finish())
-            current = None
+            raise no_crc32c(current.info.path)
     finally:
         if current is not None:
             current.discard()
@@ -258,16 +319,18 @@ RANGE_STREAMS = 4
 
 def fetch_in_ranges(
     info: pb.FileInfo, target: Path, read_range: Callable[[int, int], Iterable[Chunk]],
-    streams: int = RANGE_STREAMS, progress: Progress | None = None,
+    streams: int = RANGE_STREAMS, progress: Progress | None = None, sha256: bool = False,
 ) -> Path:
     """Fetches one file as blocks read by `streams` concurrent ranged reads, then verifies and renames it.
 
-    `read_range(offset, length)` yields the bytes of one block; it must pin
-    the version (if_match), so blocks of different versions never mix. The
-    blocks are written in place; this thread hashes the file behind them, in
-    order, from the page cache. Memory: a chunk per stream.
+    `read_range(offset, length)` yields the bytes of one block and checks
+    their CRC32C (DataLoss at its end otherwise); it must pin the version
+    (if_match), so blocks of different versions never mix. The blocks are
+    written in place; with `sha256`, this thread hashes the file behind them,
+    in order, from the page cache. Memory: a chunk per stream.
     """
-    receiving = _Receiving(info, target)
+    receiving = _Receiving(info, target, sha256=sha256)
+    digest = receiving.digest
     fd = receiving.fd
     offsets = list(range(0, info.size, RANGE_BLOCK))
     pending = iter(offsets)
@@ -312,11 +375,12 @@ def fetch_in_ranges(
                 changed.wait_for(lambda o=offset: o in finished or bool(errors))  # type: ignore[misc]
                 if errors:
                     raise errors[0]
-            end = min(offset + RANGE_BLOCK, info.size)
-            for position in range(offset, end, CHUNK_SIZE):
-                receiving.digest.update(os.pread(fd, min(CHUNK_SIZE, end - position), position))
+            if digest is not None:
+                end = min(offset + RANGE_BLOCK, info.size)
+                for position in range(offset, end, CHUNK_SIZE):
+                    digest.update(os.pread(fd, min(CHUNK_SIZE, end - position), position))
         receiving.size = info.size
-        return receiving.finish()
+        return receiving.finish(None)
     except BaseException:
         errors.append(InterruptedError("stopped"))  # the workers stop after their current block
         for worker in workers:

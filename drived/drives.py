@@ -20,6 +20,7 @@ from drive_client.errors import DriveError
 from drive_client.uri import DriveId
 
 from .backends.base import Chunks
+from .checksums import ClientChecksums
 from .coordinator import Event
 from .entry import Entry
 from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutHeader, StatRequest, WatchRequest
@@ -64,12 +65,13 @@ class PendingPut(Protocol):
         than `max_bytes`."""
         ...
 
-    async def commit(self, sha256: str, received: int) -> Entry:
-        """Makes the file visible in one step if its bytes hash to `sha256` (lowercase hex), and its size
+    async def commit(self, sent: ClientChecksums, received: int) -> Entry:
+        """Makes the file visible in one step if its bytes match the checksums the client sent, and its size
         is the header's when it gave one (DataLoss and nothing stored otherwise). `received` is how many
         bytes the file has, those written before this stream included. AlreadyExists when another
         component holds the path and the header did not allow duplicates; ResourceExhausted when the
-        drive's quota has no room left for them."""
+        drive's quota has no room left for them. The entry carries the sha256 and CRC32C the daemon
+        computed."""
         ...
 
     async def abort(self) -> None:

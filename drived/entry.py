@@ -17,3 +17,4 @@ class Entry:
     component: str = ""  # the owner; "" for s3 objects and for folders shared by components
     generation: int = 0
     folder: bool = False
+    crc32c: int | None = None  # managed files, where the store knows it

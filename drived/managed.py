@@ -31,7 +31,8 @@ from drive_client.errors import (
 )
 from drive_client.uri import DriveId
 
-from .backends.base import Backend, ObjectInfo, Upload
+from .backends.base import Backend, Damaged, ObjectInfo, Upload
+from .checksums import ClientChecksums
 from .coordinator import Coordinator, Event
 from .drives import FileStream
 from .entry import Entry
@@ -46,7 +47,7 @@ EARLY_CHECK_MIN_SIZE = 1 << 20
 def _entry(path: str, component: str, info: ObjectInfo) -> Entry:
     return Entry(
         path=path, size=info.size, sha256=info.sha256, mtime_ns=info.generation,
-        component=component, generation=info.generation,
+        component=component, generation=info.generation, crc32c=info.crc32c,
     )
 
 
@@ -58,6 +59,10 @@ def _held_by(component: str, names: Iterator[tuple[str, bool]]) -> Iterator[tupl
 
 def _shown(drive: str, path: str) -> str:
     return f"{path!r} in lit://{drive}"
+
+
+def _shown_file(drive: str, component: str, path: str) -> str:
+    return f"{path!r} of component {component!r} in lit://{drive}"
 
 
 class ManagedPut:
@@ -82,8 +87,8 @@ class ManagedPut:
     async def over_limit(self, received: int) -> ResourceExhausted:
         return await self._drives.over_limit(self.header, received)
 
-    async def commit(self, sha256: str, received: int) -> Entry:
-        return await self._drives.commit_put(self, sha256, received)
+    async def commit(self, sent: ClientChecksums, received: int) -> Entry:
+        return await self._drives.commit_put(self, sent, received)
 
     async def abort(self) -> None:
         await self.upload.abort()
@@ -105,8 +110,8 @@ class ResumablePut(ManagedPut):
         self.write = functools.partial(resumable.write, self)
         return self
 
-    async def commit(self, sha256: str, received: int) -> Entry:
-        return await self._drives.uploads.committed(self._resumable, super().commit(sha256, received))
+    async def commit(self, sent: ClientChecksums, received: int) -> Entry:
+        return await self._drives.uploads.committed(self._resumable, super().commit(sent, received))
 
     async def abort(self) -> None:
         await self._drives.uploads.abort(self._resumable, self)
@@ -192,7 +197,10 @@ class ManagedDrives:
     async def _own_size(self, put: PutHeader) -> int:
         """The size of the file the caller already holds at the put's path (0 when none): a put replacing it
         needs quota only for the difference."""
-        info = await self.backend.stat(object_key(put.drive.name, put.component, put.path))
+        try:
+            info = await self.backend.stat(object_key(put.drive.name, put.component, put.path))
+        except Damaged:
+            return 0  # as the drive's usage counts it (`Backend.usage`): a put is how to repair it
         return info.size if info else 0
 
     async def over_limit(self, put: PutHeader, received: int) -> ResourceExhausted:
@@ -208,7 +216,7 @@ class ManagedDrives:
     async def query_upload(self, drive: DriveId, component: str, upload_id: str) -> tuple[int, Entry | None]:
         return await self.uploads.status((drive.name, component, upload_id))
 
-    async def commit_put(self, put: ManagedPut, sha256: str, received: int) -> Entry:
+    async def commit_put(self, put: ManagedPut, sent: ClientChecksums, received: int) -> Entry:
         """Verifies and commits a put: ownership and the quota are checked again inside the path's claim (and
         the backend's commit checks the folders there), so that the checks and the commit are one step for
         every daemon sharing the coordinator (for the quota, for this daemon)."""
@@ -219,7 +227,7 @@ class ManagedDrives:
                     await self._check_duplicates(drive, header.component, header.path)
                 added = received - await self._own_size(header) if self.quotas else 0
                 async with self._holding(drive, added):
-                    info = await put.upload.commit(sha256, header.size)
+                    info = await put.upload.commit(sent, header.size)
             except (AlreadyExists, ResourceExhausted):
                 await put.abort()
                 raise
@@ -231,6 +239,13 @@ class ManagedDrives:
         """The drive's quota room for a commit that adds `added` bytes (nothing to hold without a quota)."""
         return self.quotas.adding(drive, added) if self.quotas else contextlib.nullcontext()
 
+    async def _file_info(self, drive: str, component: str, path: str) -> ObjectInfo | None:
+        """The stored file's info (None when there is none); Damaged names the file as its client knows it."""
+        try:
+            return await self.backend.stat(object_key(drive, component, path))
+        except Damaged as err:
+            raise err.named(_shown_file(drive, component, path)) from None
+
     async def _locate(self, drive: str, path: str, component: str) -> list[tuple[str, ObjectInfo | None]]:
         """Which components hold `path`: (component, file info), or (component, None) for a folder."""
         components = [component] if component else await self.components(drive)
@@ -239,7 +254,7 @@ class ManagedDrives:
         hits: list[tuple[str, ObjectInfo | None]] = []
         for c in components:
             key = object_key(drive, c, path)
-            info = await self.backend.stat(key)
+            info = await self._file_info(drive, c, path)
             if info:
                 hits.append((c, info))
             elif await self.backend.is_folder(key):
@@ -357,7 +372,10 @@ class ManagedDrives:
         shared = len(holders) > 1
         if folder:
             return Entry(path=path, component="" if shared else owner, folder=True)
-        info = await self.backend.stat(object_key(drive, owner, path))
+        try:
+            info = await self.backend.stat(object_key(drive, owner, path))
+        except Damaged:  # listed with what is known of it; a stat or get of it says what is wrong
+            return Entry(path=path, component="" if shared else owner)
         if info is None:
             return None
         return Entry(path=path, size=info.size, mtime_ns=info.generation) if shared else _entry(path, owner, info)
@@ -412,7 +430,10 @@ class ManagedDrives:
         """Deletes one object; with a quota, its size leaves the drive's usage."""
         if self.quotas is None:
             return await self.backend.delete(key)
-        info = await self.backend.stat(key)
+        try:
+            info = await self.backend.stat(key)
+        except Damaged:
+            info = None  # counted as no bytes in the drive's usage (`Backend.usage`)
         if not await self.backend.delete(key):
             return False
         self.quotas.deleted(drive, info.size if info else 0)

@@ -11,6 +11,9 @@ DURATION = Histogram(
     buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2, 10, 60, 300, float("inf")),
 )
 OPEN_REQUESTS = Gauge("drived_open_requests", "Requests in progress (open streams), by method", ["method"])
+DAMAGED_READS = Counter(
+    "drived_damaged_reads", "Reads refused because stored bytes did not match their stored checksums (DATA_LOSS)"
+)
 HELD_UPLOADS = Gauge("drived_held_uploads", "Resumable uploads held between streams, waiting for a resume")
 HELD_UPLOAD_BYTES = Gauge("drived_held_upload_bytes", "Bytes held by the resumable uploads waiting for a resume")
 INDEX_OBJECTS = Gauge("drived_s3_index_objects", "Objects in the index of each mounted s3:// drive", ["drive"])

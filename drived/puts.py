@@ -18,9 +18,10 @@ from drive_client.errors import InvalidArgument
 from drive_client.pb import drive_pb2 as pb
 from drive_client.wire import SMALL_FILE, PutMessage, chunk_of
 
+from .checksums import ClientChecksums
 from .drives import PendingPut
 from .entry import Entry
-from .requests import file_sha256
+from .requests import sent_checksums
 
 MAX_COMMITS_IN_FLIGHT = 64  # the more commits wait together, the more the commit worker does at once
 MAX_BYTES_IN_FLIGHT = 16 << 20
@@ -56,13 +57,13 @@ class PutStream:
         elif kind == "finish":
             if self._pending is None:
                 raise InvalidArgument("a finish arrived with no file started: send a header first")
-            await self._finish(file_sha256(message.finish.sha256))  # type: ignore[union-attr]
+            await self._finish(sent_checksums(message.finish))  # type: ignore[union-attr]
         elif kind == "file":
             whole = message.file  # type: ignore[union-attr]
             await self._start(whole.header)
             assert self._pending is not None  # set by _start
             await self._write(self._pending, whole.data)
-            await self._finish(file_sha256(whole.sha256))
+            await self._finish(sent_checksums(whole))
         else:
             raise InvalidArgument("an empty PutRequest: send a header, data, finish or file")
 
@@ -80,7 +81,7 @@ class PutStream:
         self.bytes += len(data)  # received, and the upload's once handed to it (writes are cancel-safe)
         await pending.write(data)
 
-    async def _finish(self, sha256: str) -> None:
+    async def _finish(self, sent: ClientChecksums) -> None:
         """Commits the current file as a task of its own, once there is room for it."""
         put, self._pending = self._pending, None
         assert put is not None  # checked by the callers
@@ -92,7 +93,7 @@ class PutStream:
             await self._room.wait()
         self._running += 1
         self._held += held
-        task = asyncio.create_task(put.commit(sha256, received))
+        task = asyncio.create_task(put.commit(sent, received))
         task.add_done_callback(functools.partial(self._committed, held))
         self._commits.append(task)
 

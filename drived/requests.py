@@ -2,7 +2,7 @@
 
 Each gRPC request message becomes one value here: the drive URI
 parsed, the path normalised, the component checked, offsets, limits, page
-sizes, sizes, waits and sha256s refused when they cannot be right, defaults
+sizes, sizes, waits and checksums refused when they cannot be right, defaults
 filled in. A bad field raises `InvalidArgument` with words for a person. What
 a kind of drive cannot do (a put into an `s3://` drive, a mount of a
 `lit://` one) is not a question of form: the drive refuses it itself (see
@@ -27,6 +27,7 @@ from drive_client.pb import drive_pb2 as pb
 from drive_client.uri import DriveId, check_component, normalize_path, parse_drive
 
 from . import page_tokens
+from .checksums import ClientChecksums
 
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10000
@@ -60,11 +61,14 @@ def drive_path(drive: DriveId, path: str, allow_root: bool = False) -> str:
     return normalize_path(path, allow_root)
 
 
-def file_sha256(sha256: str) -> str:
-    """The sha256 a client sent for a file's bytes, as lowercase hex; required."""
-    if not sha256:
-        raise InvalidArgument("a file's finish needs the sha256 of its bytes (lowercase hex)")
-    return sha256.lower()
+def sent_checksums(message: pb.PutFinish | pb.PutFileRequest) -> ClientChecksums:
+    """The checksums a client sent for a file's bytes: a CRC32C, a sha256 (as lowercase hex), or both."""
+    crc = message.crc32c if message.HasField("crc32c") else None
+    if crc is None and not message.sha256:
+        raise InvalidArgument(
+            "a file's finish needs the CRC32C of its bytes (crc32c), or their sha256 (lowercase hex): it had neither"
+        )
+    return ClientChecksums(message.sha256.lower(), crc)
 
 
 @dataclass(slots=True)
@@ -127,6 +131,7 @@ class GetRequest:
     wait_seconds: float  # <= 0: answer at once
     if_match: str
     whole_small_files: bool
+    checksums: bool  # send the CRC32C of each file's bytes after them
 
     @classmethod
     def from_pb(cls, request: pb.GetRequest) -> GetRequest:
@@ -144,7 +149,7 @@ class GetRequest:
             )
         return cls(
             drive, path, component, request.offset, request.limit, request.wait_seconds, request.if_match,
-            request.whole_small_files,
+            request.whole_small_files, request.checksums,
         )
 
     def shown(self) -> str:

@@ -15,7 +15,7 @@ from drive_client.errors import InvalidArgument, NotFound, PermissionDenied
 from drive_client.uri import DriveId
 
 from . import metrics
-from .backends.base import Chunks
+from .backends.base import Chunks, SummedChunks
 from .coordinator import Event
 from .drives import FileStream, PendingPut
 from .entry import Entry
@@ -64,10 +64,12 @@ class S3Drives:
         return [_entry(e) for e in entries], more
 
     def _read(self, drive: DriveId, e: S3Entry, offset: int = 0, limit: int = 0) -> Chunks:
-        return read_object(
+        """The object's bytes, with their CRC32C: from what S3 sent, as drived keeps no checksums of s3:// objects."""
+        chunks = read_object(
             drive.bucket, drive.prefix + e.path, etag=e.etag, size=e.size,
             offset=offset, limit=limit, chunk_size=self.chunk_size,
         )
+        return SummedChunks(chunks, e.path)
 
     async def open_files(self, get: GetRequest) -> AsyncIterator[FileStream]:
         """The object at the path, or every object under the folder, each with its chunks."""

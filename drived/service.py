@@ -36,6 +36,7 @@ from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
 
 from . import metrics
 from .auth import EVERYONE, NOBODY, READS, WRITES, Access, Grant
+from .backends.base import Damaged
 from .drives import DriveRouter, Drives, PendingPut
 from .entry import Entry
 from .limits import Stream, Streams
@@ -49,7 +50,7 @@ from .requests import (
     QueryWriteStatusRequest,
     StatRequest,
     WatchRequest,
-    file_sha256,
+    sent_checksums,
 )
 
 log = logging.getLogger("drived")
@@ -63,7 +64,7 @@ def file_info(entry: Entry) -> pb.FileInfo:
         modified.FromNanoseconds(entry.mtime_ns)
     return pb.FileInfo(
         path=entry.path, size=entry.size, sha256=entry.sha256, etag=entry.etag, modified=modified,
-        component=entry.component, generation=entry.generation, folder=entry.folder,
+        component=entry.component, generation=entry.generation, folder=entry.folder, crc32c=entry.crc32c,
     )
 
 
@@ -122,6 +123,9 @@ async def _fail(context: grpc.aio.ServicerContext, record: RequestLog, err: Exce
         )
     if isinstance(err, DriveError):
         record.status = err.status.name
+        if isinstance(err, Damaged):
+            metrics.DAMAGED_READS.inc()
+            log.error("damaged stored file", extra={"fields": {"key": err.key, "damage": err.what}})
         await context.abort(err.status, err.message)
     record.status = "INTERNAL"
     log.error("unexpected error in %s\n%s", record.method, "".join(traceback.format_exception(err)))
@@ -314,13 +318,13 @@ class DriveService(pb_grpc.DriveServiceServicer):
     async def PutFile(self, request: pb.PutFileRequest, record: RequestLog) -> pb.PutFileResponse:
         put = await self._begin_put(record, request.header)
         try:
-            sha256 = file_sha256(request.sha256)
+            sent = sent_checksums(request)
             record.bytes = len(request.data)
             received = put.offset + record.bytes  # the file's bytes, those held before a resume included
             if received > put.max_bytes:
                 raise await put.over_limit(received)
             await put.write(request.data)
-            entry = await put.commit(sha256, received)
+            entry = await put.commit(sent, received)
         finally:
             await put.abort()  # a no-op after the commit
         record.files = 1
@@ -337,12 +341,20 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 if get.whole_small_files and entry.size <= SMALL_FILE:
                     data = b"".join([chunk async for chunk in chunks])
                     record.bytes += len(data)
-                    yield pb.GetResponse(file=pb.GetFile(info=file_info(entry), data=data))
+                    whole = pb.GetFile(info=file_info(entry), data=data)
+                    if get.checksums:
+                        whole.crc32c = chunks.crc32c
+                    yield pb.GetResponse(file=whole)
                     continue
                 yield pb.GetResponse(info=file_info(entry))
                 async for chunk in chunks:
                     record.bytes += len(chunk)
                     yield chunk  # encoded by drive_client.wire, without a protobuf copy
+                if get.checksums:
+                    yield pb.GetResponse(crc32c=chunks.crc32c)
+            except Damaged as err:
+                owner = f" of component {entry.component!r}" if entry.component else ""
+                raise err.named(f"{entry.path!r}{owner} in {get.drive.uri}") from None
             finally:
                 await chunks.aclose()
 

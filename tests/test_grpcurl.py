@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 
 import pytest
-from conftest import BIN, raw_put, sha256_hex
+from conftest import BIN, raw_get, raw_put, sha256_hex
+from crc32c import crc32c
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,6 +23,16 @@ def grpcurl(endpoint: str, *args: str, data: dict | None = None) -> subprocess.C
         cmd += ["-d", json.dumps(data)]
     cmd += [endpoint, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=40)
+
+
+def stream_messages(stdout: str) -> list[dict]:
+    """The messages of a streaming call as grpcurl prints them: one JSON object each, one after the other."""
+    decoder, text, messages = json.JSONDecoder(), stdout.strip(), []
+    while text:
+        message, end = decoder.raw_decode(text)
+        messages.append(message)
+        text = text[end:].strip()
+    return messages
 
 
 def test_list_services(daemon):
@@ -101,10 +113,25 @@ def test_get_stream_with_json(daemon, stub, drive_uri):
     res = grpcurl(daemon.endpoint, "drive.v1.DriveService/Get", data={"drive": drive_uri, "path": "g.txt"})
     assert res.returncode == 0, res.stderr
     # one JSON object per stream message: the info, then the data (bytes print as base64)
-    decoder, text, messages = json.JSONDecoder(), res.stdout.strip(), []
-    while text:
-        obj, end = decoder.raw_decode(text)
-        messages.append(obj)
-        text = text[end:].strip()
+    messages = stream_messages(res.stdout)
     assert messages[0]["info"]["size"] == "3"
     assert "".join(m.get("data", "") for m in messages[1:]) == "YWJj"
+
+
+def test_put_with_a_crc32c_and_get_it_back(daemon, stub, drive_uri):
+    data = b"checked by CRC32C"
+    put = {"header": {"drive": drive_uri, "path": "c.txt"}, "data": base64.b64encode(data).decode(),
+           "crc32c": crc32c(data)}
+    res = grpcurl(daemon.endpoint, "drive.v1.DriveService/PutFile", data=put)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["file"]["crc32c"] == crc32c(data)
+    res = grpcurl(daemon.endpoint, "drive.v1.DriveService/Get",
+                  data={"drive": drive_uri, "path": "c.txt", "checksums": True})
+    assert res.returncode == 0, res.stderr
+    messages = stream_messages(res.stdout)
+    assert messages[0]["info"]["crc32c"] == crc32c(data)
+    assert messages[-1] == {"crc32c": crc32c(data)}
+    res = grpcurl(daemon.endpoint, "drive.v1.DriveService/PutFile", data={**put, "crc32c": crc32c(data) ^ 1})
+    assert res.returncode != 0 and "Code: DataLoss" in res.stderr
+    [(_, stored)] = raw_get(stub, drive_uri, "c.txt")
+    assert stored == data, "the refused put left the file as it was"

@@ -6,6 +6,7 @@ import pytest
 
 from drive_client.errors import InvalidArgument, StaleIndexError
 from drive_client.pb import drive_pb2 as pb
+from drived.checksums import ClientChecksums
 from drived.requests import (
     MAX_PAGE_SIZE,
     MAX_WAIT_SECONDS,
@@ -15,7 +16,7 @@ from drived.requests import (
     PutHeader,
     StatRequest,
     WatchRequest,
-    file_sha256,
+    sent_checksums,
 )
 
 
@@ -28,7 +29,9 @@ def test_defaults_are_filled_in() -> None:
     listing = ListRequest.from_pb(pb.ListRequest(drive="s3://bucket/p/", path="."))
     assert (listing.drive.bucket, listing.path, listing.limit) == ("bucket", "", 1000)
     assert ListRequest.from_pb(pb.ListRequest(drive="lit://d", page_size=10**6)).limit == MAX_PAGE_SIZE
-    assert file_sha256("ABCdef") == "abcdef"
+    assert sent_checksums(pb.PutFinish(sha256="ABCdef")) == ClientChecksums("abcdef", None)
+    assert sent_checksums(pb.PutFileRequest(crc32c=0)) == ClientChecksums("", 0)
+    assert sent_checksums(pb.PutFinish(sha256="ab", crc32c=7)) == ClientChecksums("ab", 7)
 
 
 @pytest.mark.parametrize(
@@ -47,7 +50,8 @@ def test_defaults_are_filled_in() -> None:
         lambda: StatRequest.from_pb(pb.StatRequest(drive="lit://d", path="/etc/passwd")),
         lambda: DeleteRequest.from_pb(pb.DeleteRequest(drive="s3://bucket/no-slash", path="a")),
         lambda: WatchRequest.from_pb(pb.WatchRequest(drive="ftp://d")),
-        lambda: file_sha256(""),
+        lambda: sent_checksums(pb.PutFinish()),
+        lambda: sent_checksums(pb.PutFileRequest(data=b"x")),
     ],
 )
 def test_bad_fields_are_refused_with_a_message(decode) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import struct
 import threading
 import urllib.request
 from pathlib import Path
@@ -34,6 +35,7 @@ from conftest import (
     wait_until,
     write_random_file,
 )
+from crc32c import crc32c
 from cutting_proxy import CuttingProxy
 
 from drive_client.errors import DataLoss, NotFound, StaleIndexError, Unavailable
@@ -41,7 +43,7 @@ from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
 from drive_client.resume import FIRST_DELAY, MAX_DELAY, Backoff, GetPosition
 from drive_client.transfer import RANGE_STREAMS
-from drived.backends.stored import HEADER
+from drived.backends.stored import HEADER_SIZE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -372,6 +374,32 @@ def test_a_held_upload_expires_and_its_data_is_removed(start_daemon, tmp_path, d
     assert "expired (--upload-expiry 1 s)" in handle.log()
 
 
+@pytest.mark.parametrize("finish", ["crc32c", "sha256"])
+def test_a_held_upload_keeps_its_checksums_across_the_resume(own_daemon, drive_uri, finish):
+    """The daemon sums a held upload's bytes once: the resumed file's CRC32C (or sha256) is checked over all of
+    them, and the stored file's CRC32C and block table cover the bytes of both streams."""
+    stub = stub_of(own_daemon.endpoint)
+    data = os.urandom(3 * MIB + 5)
+    open_upload(stub, drive_uri, "held.bin", data[:2 * MIB], "u-held")
+    header = pb.PutHeader(drive=drive_uri, path="held.bin", upload_id="u-held", write_offset=2 * MIB)
+    sums = {"crc32c": crc32c(data)} if finish == "crc32c" else {"sha256": sha256_hex(data)}
+    wrong = {"crc32c": crc32c(data) ^ 1} if finish == "crc32c" else {"sha256": sha256_hex(b"other")}
+    rest = [pb.PutRequest(data=data[2 * MIB:])]
+    with pytest.raises(grpc.RpcError) as refused:  # a wrong checksum of the whole file: nothing stored
+        stub.Put(iter([pb.PutRequest(header=header), *rest, pb.PutRequest(finish=pb.PutFinish(**wrong))]),
+                 timeout=30)
+    assert refused.value.code() == grpc.StatusCode.DATA_LOSS
+    assert rpc_code(lambda: stub.Stat(pb.StatRequest(drive=drive_uri, path="held.bin"))) == grpc.StatusCode.NOT_FOUND
+    open_upload(stub, drive_uri, "held.bin", data[:2 * MIB], "u-held")
+    [stored] = stub.Put(iter([pb.PutRequest(header=header), *rest, pb.PutRequest(finish=pb.PutFinish(**sums))]),
+                        timeout=30).files
+    assert (stored.crc32c, stored.sha256) == (crc32c(data), sha256_hex(data))
+    path = own_daemon.data_dir / "objects" / drive_uri.removeprefix("lit://") / "default" / "held.bin"
+    ends = [crc32c(data[:min(end, len(data))]) for end in range(MIB, len(data) + MIB, MIB)]
+    assert path.read_bytes()[HEADER_SIZE + len(data):] == struct.pack(f"<{len(ends)}I", *ends)
+    assert [d for _, d in raw_get(stub, drive_uri, "held.bin")] == [data]
+
+
 @pytest.mark.parametrize("bound", [("--max-held-uploads", "2"), ("--max-held-bytes", str(3 * MIB))])
 def test_held_uploads_stay_within_their_bound_oldest_first(start_daemon, tmp_path, drive_uri, bound):
     handle = start_daemon(tmp_path, *bound)
@@ -381,7 +409,7 @@ def test_held_uploads_stay_within_their_bound_oldest_first(start_daemon, tmp_pat
     assert rpc_code(lambda: query(stub, drive_uri, "u-a")) == grpc.StatusCode.NOT_FOUND
     assert [query(stub, drive_uri, f"u-{n}").committed_size for n in "bc"] == [MIB + 1, MIB + 1]
     assert metric(handle, "drived_held_uploads") == 2
-    assert upload_bytes(handle.data_dir) == 2 * (HEADER.size + MIB + 1)  # the oldest one's file is gone
+    assert upload_bytes(handle.data_dir) == 2 * (HEADER_SIZE + MIB + 1)  # the oldest one's file is gone
 
 
 def test_a_resume_takes_the_upload_over_from_a_stream_still_open_on_the_daemon(daemon, drive_uri):
@@ -441,12 +469,18 @@ def replayed(position: GetPosition, messages: list) -> list:
 
 
 def test_a_get_of_one_file_goes_on_with_a_ranged_read_of_its_version():
-    position = GetPosition(pb.GetRequest(drive="lit://d", path="a.bin", whole_small_files=True))
+    position = GetPosition(pb.GetRequest(drive="lit://d", path="a.bin", whole_small_files=True, checksums=True))
     for message in (info("a.bin", 10, "v1"), b"0123"):
         position.passed(message)
     request = position.resumed()
     assert (request.path, request.offset, request.if_match, request.component) == ("a.bin", 4, "v1", "c")
-    assert replayed(position, [info("a.bin", 10, "v1"), b"456789"]) == [b"456789"]
+    assert request.checksums  # the ranged read's CRC32C covers the bytes from the cut on
+    again = info("a.bin", 10, "v1")
+    kept = replayed(position, [again, b"456789"])
+    assert kept == [again, b"456789"]  # the file's info again tells the receiver where that CRC32C starts
+    for message in kept:
+        position.passed(message)
+    assert position.sent == 10  # and is no new file
 
 
 def test_a_get_of_a_folder_goes_on_after_what_was_handed_on():
@@ -468,6 +502,17 @@ def test_a_folder_cut_between_two_files_skips_the_whole_first_one():
     position.resumed()
     kept = replayed(position, [small, info("d/a", 3), b"aaa", info("d/b", 1), b"b"])
     assert [m.info.path if not isinstance(m, (bytes, memoryview)) else bytes(m) for m in kept] == ["d/b", b"b"]
+
+
+def test_a_folder_cut_after_a_files_crc32c_skips_that_file_and_its_crc32c():
+    position = GetPosition(pb.GetRequest(drive="lit://d", path="d", checksums=True))
+    crc = pb.GetResponse(crc32c=7)
+    for message in (info("d/a", 3), b"aaa", crc):
+        position.passed(message)
+    position.resumed()
+    kept = replayed(position, [info("d/a", 3), b"aaa", crc, info("d/b", 1), b"b", crc])
+    assert [m.info.path if not isinstance(m, (bytes, memoryview)) and m.HasField("info") else m for m in kept] == [
+        "d/b", b"b", crc]
 
 
 @pytest.mark.parametrize("change", ["changed", "deleted"])

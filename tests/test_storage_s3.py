@@ -33,11 +33,12 @@ from conftest import (
     wait_until,
     write_random_file,
 )
+from crc32c import crc32c
 from cutting_proxy import CuttingProxy
 from moto_server import AWS_ENV
 
 from bench.services import MotoServer
-from drive_client import Drive
+from drive_client import DataLoss, Drive
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drived.backends.s3 import PART_SIZE
 
@@ -194,6 +195,53 @@ def test_sha256_mismatch_is_data_loss_and_stores_nothing(store, daemon_a, drive_
     assert rpc_code(lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="g.bin"))) == \
         grpc.StatusCode.NOT_FOUND
     assert not store.uploads()
+
+
+@pytest.mark.parametrize("size", [100_000, 20 * MIB], ids=["one-put", "multipart"])
+def test_the_crc32c_is_stored_and_a_whole_read_of_a_damaged_object_is_data_loss(store, daemon_a, drive_uri,
+                                                                                 tmp_path, size):
+    """The CRC32C lies beside the sha256 (object metadata, or the checksum object of a multipart one); a read
+    of the whole object checks it before its last chunk. A ranged read relies on S3's own integrity."""
+    data = os.urandom(size)
+    (tmp_path / "f.bin").write_bytes(data)
+    drive = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=daemon_a.endpoint)
+    drive.put("f.bin")
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/f.bin"
+    head = store.client.head_object(Bucket=BUCKET, Key=key)
+    metadata = head["Metadata"]
+    if "checksums" in metadata:
+        checksums = f"{PREFIX}~checksums/{drive_uri.removeprefix('lit://')}/w/f.bin/{metadata['checksums']}"
+        metadata = store.client.head_object(Bucket=BUCKET, Key=checksums)["Metadata"]
+    assert metadata["crc32c"] == f"{crc32c(data):08x}" and metadata["sha256"] == sha256_of(data)
+    stub = stub_of(daemon_a)
+    assert stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="f.bin")).crc32c == crc32c(data)
+
+    damaged = bytearray(data)
+    damaged[size // 2] ^= 0x01  # the store's copy rots (written back with the same metadata)
+    store.client.put_object(Bucket=BUCKET, Key=key, Body=bytes(damaged), Metadata=head["Metadata"])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DataLoss, match=r"'f.bin' of component 'w' in lit://\S+ is damaged"):
+        Drive(drive_uri, root_folder=out, endpoint=daemon_a.endpoint).get("f.bin")
+    assert list(out.iterdir()) == []
+    assert b"".join(drive.read_range("f.bin", size // 2, 10)) == bytes(damaged[size // 2:size // 2 + 10])
+
+
+def test_an_object_of_an_earlier_drived_without_a_crc32c_is_read(store, daemon_a, drive_uri, tmp_path):
+    """An earlier drived kept only the sha256 and generation in an object's metadata: the object lists, stats
+    (no crc32c) and reads as it is, each transfer still checked by the CRC32C the daemon computes as it sends."""
+    data = os.urandom(300_000)
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/old.bin"
+    store.client.put_object(Bucket=BUCKET, Key=key, Body=data,
+                            Metadata={"generation": "1764547200000000000", "sha256": sha256_of(data)})
+    stub = stub_of(daemon_a)
+    info = stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="old.bin"))
+    assert (info.size, info.sha256, info.HasField("crc32c")) == (len(data), sha256_of(data), False)
+    drive = Drive(drive_uri, root_folder=tmp_path, endpoint=daemon_a.endpoint)
+    assert drive.get("old.bin").read_bytes() == data
+    assert b"".join(drive.read_range("old.bin", 10, 100)) == data[10:110]
+    assert store.client.head_object(Bucket=BUCKET, Key=key)["Metadata"] == {
+        "generation": "1764547200000000000", "sha256": sha256_of(data)}, "reading never rewrites an object"
 
 
 def test_folder_rules_hold_over_s3(store, daemon_a, drive_uri):

@@ -358,7 +358,8 @@ class FileInfo(_message.Message):
     crc32c: _builtins.int
     """The CRC32C of the content (see PutFinish.crc32c). Unset for s3://
     objects and folders, and where the server does not know it yet (a file
-    stored by an older drived, until it is first read whole).
+    stored by an older drived: on local storage, until this daemon first
+    reads it).
     """
     @_builtins.property
     def modified(self) -> _timestamp_pb2.Timestamp:
@@ -437,8 +438,9 @@ class GetRequest(_message.Message):
     it (the whole file, or the range [offset, offset + limit)): in a
     `crc32c` message after its last `data` chunk, or in `GetFile.crc32c`.
     The server computes it from bytes it has checked against the stored
-    file's own checksums; a receiver whose CRC32C of what arrived differs
-    got damaged bytes (DATA_LOSS). Unset, nothing changes.
+    file's own checksums (for s3:// objects, which drived keeps no checksums
+    of, from the bytes S3 sent); a receiver whose CRC32C of what arrived
+    differs got damaged bytes (DATA_LOSS). Unset, nothing changes.
     """
     def __init__(
         self,

@@ -116,13 +116,14 @@ class DriveServiceServicer:
         folder of one path in two components count as the same path),
         PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
         server does not hold), OUT_OF_RANGE (a resume at another offset than it
-        holds), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
-        full, a file over --max-file-size as soon as its header or its bytes
-        say so, the drive's --quota, too many streams), UNAVAILABLE (the client
-        sent nothing for --stream-idle-timeout; the daemon is shutting down).
-        Nothing is stored for a file refused so, and what its stream wrote is
-        not held even with an `upload_id` (a resume refused at its header leaves
-        what was held as it was). A resumed file's limits count its held bytes.
+        holds), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
+        (disk full, a file over --max-file-size as soon as its header or its
+        bytes say so, the drive's --quota, too many streams), UNAVAILABLE (the
+        client sent nothing for --stream-idle-timeout; the daemon is shutting
+        down). Nothing is stored for a file refused so, and what its stream
+        wrote is not held even with an `upload_id` (a resume refused at its
+        header leaves what was held as it was). A resumed file's limits count
+        its held bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,9 +151,12 @@ class DriveServiceServicer:
         s3 object changed since it was indexed: re-mount and retry),
         INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
         limit on a folder, a wait_seconds that is not a number or over a day),
-        RESOURCE_EXHAUSTED (too many streams), UNAVAILABLE (the client read
-        nothing for --stream-idle-timeout: resume from the offset reached; the
-        daemon is shutting down). The time a Get waits for its path is not idle.
+        DATA_LOSS (the stored file is damaged: the message names it; the server
+        checks each block it reads before sending any of it, so the bytes sent
+        before the error are good and none after), RESOURCE_EXHAUSTED (too many
+        streams), UNAVAILABLE (the client read nothing for
+        --stream-idle-timeout: resume from the offset reached; the daemon is
+        shutting down). The time a Get waits for its path is not idle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -121,13 +121,14 @@ class DriveServiceStub:
     folder of one path in two components count as the same path),
     PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
     server does not hold), OUT_OF_RANGE (a resume at another offset than it
-    holds), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
-    full, a file over --max-file-size as soon as its header or its bytes
-    say so, the drive's --quota, too many streams), UNAVAILABLE (the client
-    sent nothing for --stream-idle-timeout; the daemon is shutting down).
-    Nothing is stored for a file refused so, and what its stream wrote is
-    not held even with an `upload_id` (a resume refused at its header leaves
-    what was held as it was). A resumed file's limits count its held bytes.
+    holds), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
+    (disk full, a file over --max-file-size as soon as its header or its
+    bytes say so, the drive's --quota, too many streams), UNAVAILABLE (the
+    client sent nothing for --stream-idle-timeout; the daemon is shutting
+    down). Nothing is stored for a file refused so, and what its stream
+    wrote is not held even with an `upload_id` (a resume refused at its
+    header leaves what was held as it was). A resumed file's limits count
+    its held bytes.
     """
     PutFile: _grpc.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -147,9 +148,12 @@ class DriveServiceStub:
     s3 object changed since it was indexed: re-mount and retry),
     INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
     limit on a folder, a wait_seconds that is not a number or over a day),
-    RESOURCE_EXHAUSTED (too many streams), UNAVAILABLE (the client read
-    nothing for --stream-idle-timeout: resume from the offset reached; the
-    daemon is shutting down). The time a Get waits for its path is not idle.
+    DATA_LOSS (the stored file is damaged: the message names it; the server
+    checks each block it reads before sending any of it, so the bytes sent
+    before the error are good and none after), RESOURCE_EXHAUSTED (too many
+    streams), UNAVAILABLE (the client read nothing for
+    --stream-idle-timeout: resume from the offset reached; the daemon is
+    shutting down). The time a Get waits for its path is not idle.
     """
     List: _grpc.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]
     """Lists the immediate entries (files and folders) under a path, or every
@@ -239,13 +243,14 @@ class DriveServiceAsyncStub(DriveServiceStub):
     folder of one path in two components count as the same path),
     PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
     server does not hold), OUT_OF_RANGE (a resume at another offset than it
-    holds), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
-    full, a file over --max-file-size as soon as its header or its bytes
-    say so, the drive's --quota, too many streams), UNAVAILABLE (the client
-    sent nothing for --stream-idle-timeout; the daemon is shutting down).
-    Nothing is stored for a file refused so, and what its stream wrote is
-    not held even with an `upload_id` (a resume refused at its header leaves
-    what was held as it was). A resumed file's limits count its held bytes.
+    holds), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
+    (disk full, a file over --max-file-size as soon as its header or its
+    bytes say so, the drive's --quota, too many streams), UNAVAILABLE (the
+    client sent nothing for --stream-idle-timeout; the daemon is shutting
+    down). Nothing is stored for a file refused so, and what its stream
+    wrote is not held even with an `upload_id` (a resume refused at its
+    header leaves what was held as it was). A resumed file's limits count
+    its held bytes.
     """
     PutFile: _aio.UnaryUnaryMultiCallable[_drive_pb2.PutFileRequest, _drive_pb2.PutFileResponse]  # type: ignore[assignment]
     """Stores one small file sent whole in a single message: the same as a Put
@@ -265,9 +270,12 @@ class DriveServiceAsyncStub(DriveServiceStub):
     s3 object changed since it was indexed: re-mount and retry),
     INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
     limit on a folder, a wait_seconds that is not a number or over a day),
-    RESOURCE_EXHAUSTED (too many streams), UNAVAILABLE (the client read
-    nothing for --stream-idle-timeout: resume from the offset reached; the
-    daemon is shutting down). The time a Get waits for its path is not idle.
+    DATA_LOSS (the stored file is damaged: the message names it; the server
+    checks each block it reads before sending any of it, so the bytes sent
+    before the error are good and none after), RESOURCE_EXHAUSTED (too many
+    streams), UNAVAILABLE (the client read nothing for
+    --stream-idle-timeout: resume from the offset reached; the daemon is
+    shutting down). The time a Get waits for its path is not idle.
     """
     List: _aio.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]  # type: ignore[assignment]
     """Lists the immediate entries (files and folders) under a path, or every
@@ -360,13 +368,14 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         folder of one path in two components count as the same path),
         PERMISSION_DENIED (s3:// drive), NOT_FOUND (a resume of an upload the
         server does not hold), OUT_OF_RANGE (a resume at another offset than it
-        holds), DATA_LOSS (sha256 or size mismatch), RESOURCE_EXHAUSTED (disk
-        full, a file over --max-file-size as soon as its header or its bytes
-        say so, the drive's --quota, too many streams), UNAVAILABLE (the client
-        sent nothing for --stream-idle-timeout; the daemon is shutting down).
-        Nothing is stored for a file refused so, and what its stream wrote is
-        not held even with an `upload_id` (a resume refused at its header leaves
-        what was held as it was). A resumed file's limits count its held bytes.
+        holds), DATA_LOSS (CRC32C, sha256 or size mismatch), RESOURCE_EXHAUSTED
+        (disk full, a file over --max-file-size as soon as its header or its
+        bytes say so, the drive's --quota, too many streams), UNAVAILABLE (the
+        client sent nothing for --stream-idle-timeout; the daemon is shutting
+        down). Nothing is stored for a file refused so, and what its stream
+        wrote is not held even with an `upload_id` (a resume refused at its
+        header leaves what was held as it was). A resumed file's limits count
+        its held bytes.
         """
 
     @_abc_1.abstractmethod
@@ -398,9 +407,12 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         s3 object changed since it was indexed: re-mount and retry),
         INVALID_ARGUMENT (offset past the end, negative offset/limit, offset or
         limit on a folder, a wait_seconds that is not a number or over a day),
-        RESOURCE_EXHAUSTED (too many streams), UNAVAILABLE (the client read
-        nothing for --stream-idle-timeout: resume from the offset reached; the
-        daemon is shutting down). The time a Get waits for its path is not idle.
+        DATA_LOSS (the stored file is damaged: the message names it; the server
+        checks each block it reads before sending any of it, so the bytes sent
+        before the error are good and none after), RESOURCE_EXHAUSTED (too many
+        streams), UNAVAILABLE (the client read nothing for
+        --stream-idle-timeout: resume from the offset reached; the daemon is
+        shutting down). The time a Get waits for its path is not idle.
         """
 
     @_abc_1.abstractmethod

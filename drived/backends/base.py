@@ -15,15 +15,27 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from crc32c import crc32c
+
 from drive_client.errors import DataLoss, InvalidArgument
+
+from ..checksums import Checksums, ClientChecksums
 
 
 class Chunks(Protocol):
-    """The bytes of one object, chunk by chunk; `aclose` releases them early (async generators qualify)."""
+    """The bytes of one object, chunk by chunk; `aclose` releases them early.
+
+    Each chunk has been checked against the object's stored checksums where
+    the store keeps them (a damaged one raises `Damaged` instead of being
+    yielded). `crc32c` is the CRC32C of the bytes yielded so far.
+    """
 
     def __aiter__(self) -> AsyncIterator[bytes | memoryview]: ...
 
     async def aclose(self) -> None: ...
+
+    @property
+    def crc32c(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +46,7 @@ class ObjectInfo:
     size: int
     sha256: str  # lowercase hex of the content
     generation: int  # commit time in ns: changes with every commit of the key
+    crc32c: int | None = None  # of the content; None where the store does not know it (yet)
 
 
 def position_after(
@@ -73,11 +86,9 @@ def is_a_folder(key: str) -> InvalidArgument:
     return InvalidArgument(f"cannot put {key!r}: it is a folder; put files below it instead")
 
 
-def sha256_mismatch(key: str, digest: str, sha256: str) -> DataLoss:
-    return DataLoss(
-        f"sha256 mismatch for {key!r}: received bytes hash to {digest}, client sent {sha256}; "
-        "nothing was stored, retry the put"
-    )
+def checksum_mismatch(key: str, mismatch: str) -> DataLoss:
+    """The error of a put whose bytes do not match what the client sent (`ClientChecksums.mismatch`)."""
+    return DataLoss(f"checksum mismatch for {key!r}: {mismatch}; nothing was stored, retry the put")
 
 
 def check_size(key: str, received: int, size: int | None) -> None:
@@ -89,8 +100,74 @@ def check_size(key: str, received: int, size: int | None) -> None:
         )
 
 
+def check_received(key: str, sums: Checksums, sent: ClientChecksums, size: int | None) -> None:
+    """Raises DataLoss unless the bytes `sums` summed number `size` (when given) and match what the client sent."""
+    check_size(key, sums.size, size)
+    mismatch = sent.mismatch(sums.sha256, sums.crc32c)
+    if mismatch:
+        raise checksum_mismatch(key, mismatch)
+
+
+class Damaged(DataLoss):
+    """Stored bytes that do not match the checksums stored with them; never sent to a client.
+
+    `what` says which part of the object (`key`) is damaged. The service
+    names the file for the client (`named`) and counts it.
+    """
+
+    def __init__(self, key: str, what: str, message: str | None = None) -> None:
+        self.key = key
+        self.what = what
+        super().__init__(message or self._message(repr(key)))
+
+    def _message(self, shown: str) -> str:
+        return (
+            f"the stored copy of {shown} is damaged ({self.what}); no damaged bytes were sent. Put the file "
+            "again, or restore the daemon's storage from a backup"
+        )
+
+    def named(self, shown: str) -> Damaged:
+        """The same damage, with the file named as the client knows it (e.g. "'a.bin' in lit://d")."""
+        return Damaged(self.key, self.what, self._message(shown))
+
+
+class SummedChunks:
+    """Chunks of a store that keeps no block checksums (S3), with the CRC32C of those yielded so far.
+
+    With `expected`, the CRC32C of the whole object (the chunks must be all
+    of it, `size` bytes), the last chunk is only yielded once the CRC32C of
+    every byte matches it; otherwise `Damaged` is raised in its place.
+    `chunks` None: no bytes.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes] | None, key: str, size: int = 0, expected: int | None = None
+                 ) -> None:
+        self._chunks = chunks
+        self._key = key
+        self._left = size
+        self._expected = expected
+        self.crc32c = 0
+
+    def __aiter__(self) -> SummedChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._chunks is None:
+            raise StopAsyncIteration
+        data = await anext(self._chunks)
+        self.crc32c = crc32c(data, self.crc32c)
+        self._left -= len(data)
+        if self._expected is not None and self._left <= 0 and self.crc32c != self._expected:
+            raise Damaged(self._key, f"its bytes do not match their CRC32C {self._expected:08x}")
+        return data
+
+    async def aclose(self) -> None:
+        if self._chunks is not None:
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+
+
 class Upload(abc.ABC):
-    """An object being written: bytes go to temporary storage, hashed on the way.
+    """An object being written: bytes go to temporary storage, summed on the way by one `Checksums`.
 
     The caller calls `write` for each chunk in order, one at a time, then
     exactly one of `commit` or `abort` (also when `write` failed or the task
@@ -124,15 +201,17 @@ class Upload(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def commit(self, sha256: str, size: int | None = None) -> ObjectInfo:
+    async def commit(self, sent: ClientChecksums, size: int | None = None) -> ObjectInfo:
         """Makes the object visible in one step if the bytes match.
 
-        When `sha256` (lowercase hex) differs from the hash of the bytes
-        written, or `size` is given and differs from their count, raises
-        DataLoss and stores nothing. Raises InvalidArgument and stores
-        nothing when, at the commit, a parent of the key is an object or the
-        key is a folder (a store that cannot check and commit in one step,
-        like S3, relies on its caller committing inside the path's claim).
+        When a checksum in `sent` (the CRC32C, the sha256, either or both)
+        differs from that of the bytes written, or `size` is given and differs
+        from their count, raises DataLoss and stores nothing. Raises
+        InvalidArgument and stores nothing when, at the commit, a parent of
+        the key is an object or the key is a folder (a store that cannot check
+        and commit in one step, like S3, relies on its caller committing
+        inside the path's claim). The object is stored with the sha256 and
+        CRC32C of its bytes, computed here (the info answered carries both).
         Two concurrent commits of one key: one wins entirely. The temporary
         data is gone afterwards either way.
         """
@@ -160,7 +239,8 @@ class Backend(abc.ABC):
         Returns the object's info and its chunks, all of that one version even
         if the key is replaced or deleted while it is read. The caller closes
         the chunks (`aclose`) when it stops before their end. Raises NotFound,
-        or InvalidArgument when offset is past the end.
+        or InvalidArgument when offset is past the end; the chunks raise
+        `Damaged` where the stored bytes do not match their checksums.
         """
 
     @abc.abstractmethod

@@ -11,14 +11,14 @@ No put is acknowledged before its file and its folder entry are on disk.
 
 The daemon side is `CommitWorker`; `python -m drived.backends.commit_worker`
 is the worker side, which reads batches from stdin and writes answers to
-stdout as length-prefixed pickles. The worker also verifies each file's
-sha256, so that hashing up to a megabyte never holds up the event loop.
+stdout as length-prefixed pickles. The worker also sums each file (sha256,
+CRC32C, block table) and checks it against what the client sent, so that
+hashing up to a megabyte never holds up the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import pickle
 import signal
@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 
 from drive_client.files import write_all
 
-from .stored import HEADER, MAGIC, fsync_folder, make_durable, place
+from ..checksums import Checksums, ClientChecksums
+from .stored import fsync_folder, make_durable, place, stored_bytes
 
 LENGTH = struct.Struct("<I")  # the length of the pickle that follows
 MAX_BATCH = 64  # commits answered together at most, so none waits long behind the others
@@ -39,17 +40,17 @@ MAX_BATCH_BYTES = 4 << 20  # and their bytes at most (but for a batch of one): e
 # (here 1,000 small files: 3,000/s one by one, 5,500/s four at a time).
 COMMIT_THREADS = 4
 
-# A small commit: the temporary file to write, the object's path, its bytes, and the sha256 the client sent.
-Job = tuple[str, str, bytes, str]
-# What became of it: ("ok", generation, folder), ("mismatch", sha256 of the bytes) with nothing
-# stored, or ("error", errno, message).
+# A small commit: the temporary file to write, the object's path, its bytes, and the checksums the client sent.
+Job = tuple[str, str, bytes, ClientChecksums]
+# What became of it: ("ok", generation, folder, sha256, CRC32C), ("mismatch", how the checksums
+# differ) with nothing stored, or ("error", errno, message).
 Outcome = tuple[Any, ...]
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 def _commit(tmp_path: str, path: str, whole: bytes) -> tuple[int, str]:
-    """Writes `whole` (header and bytes) to a new `tmp_path`, makes it durable and renames it to `path`.
+    """Writes `whole` (the stored file) to a new `tmp_path`, makes it durable and renames it to `path`.
 
     Returns the generation and the folder to fsync; leaves no temporary file behind on error.
     """
@@ -74,15 +75,17 @@ def _failed(err: OSError) -> Outcome:
 
 
 def _verify_and_commit(job: Job) -> Outcome:
-    tmp_path, path, data, sha256 = job
-    digest = hashlib.sha256(data)
-    if digest.hexdigest() != sha256:  # verified before anything is created
-        return ("mismatch", digest.hexdigest())
+    tmp_path, path, data, sent = job
+    sums = Checksums()
+    sums.update(data)
+    mismatch = sent.mismatch(sums.sha256, sums.crc32c)
+    if mismatch:  # verified before anything is created
+        return ("mismatch", mismatch)
     try:
-        generation, folder = _commit(tmp_path, path, HEADER.pack(MAGIC, digest.digest(), len(data)) + data)
+        generation, folder = _commit(tmp_path, path, stored_bytes(data, sums))
     except OSError as err:
         return _failed(err)
-    return ("ok", generation, folder)
+    return ("ok", generation, folder, sums.sha256, sums.crc32c)
 
 
 def _fsync_folder(folder: str) -> Outcome | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import itertools
 import os
 import shutil
@@ -23,23 +22,40 @@ from typing import Any
 from drive_client.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from drive_client.files import write_all
 
+from ..checksums import BLOCK_SIZE, Checksums, ClientChecksums, range_crc32c
 from ..descriptors import Descriptors
 from .base import (
     Backend,
     Chunks,
+    Damaged,
     Listing,
     ObjectInfo,
     Upload,
+    check_received,
     check_size,
+    checksum_mismatch,
     is_a_folder,
     names_from,
     parent_is_file,
     position_after,
-    sha256_mismatch,
 )
 from .commit_worker import CommitWorker
 from .folder_cache import FolderCache
-from .stored import HEADER, MAGIC, fsync_folder, make_durable, place
+from .stored import (
+    HEADER_SIZE,
+    BlockEnds,
+    DamagedHeader,
+    Layout,
+    LegacyTables,
+    check_blocks,
+    content_size,
+    fsync_folder,
+    header,
+    legacy_block_ends,
+    make_durable,
+    parse_header,
+    place,
+)
 
 FLUSH_BYTES = 1 << 20  # an upload buffers small chunks up to this before a disk write
 WRITE_BACK_BYTES = 8 << 20  # a big upload has the disk write each this many bytes while more arrive
@@ -75,41 +91,105 @@ def _commit_error(err: OSError, key: str) -> Exception:
 
 
 class FileChunks:
-    """The chunks of one open file, [start, end); the file closes at the end, on `aclose`, or when collected,
-    and its descriptor goes back to `descriptors`.
+    """The bytes [start, end) of one open stored file, each block checked before any of it is yielded.
 
-    A cached chunk is copied in about the time a thread hop takes, so it is
+    Reads whole blocks (those that [start, end) touches), verifies each
+    against the file's block table (`stored.check_blocks`), and yields the
+    part of them inside the range; a block that does not match raises
+    `Damaged` instead. `crc32c` comes from the table and the CRC32Cs at the
+    range's two ends, with no second pass over the bytes.
+
+    A cached block is copied in about the time a thread hop takes, so it is
     read on the event loop with RWF_NOWAIT, which never waits for the disk; a
-    chunk that needs the disk is read by a worker thread.
+    block that needs the disk is read by a worker thread. The file closes at
+    the end, on `aclose`, or when collected, and its descriptor goes back to
+    the backend's `descriptors`. A file of format 1 has its table
+    built (and its sha256 checked) by the first read in a worker thread.
     """
 
-    def __init__(self, fd: int, start: int, end: int, chunk_size: int, descriptors: Descriptors) -> None:
+    def __init__(self, backend: LocalBackend, fd: int, key: str, layout: Layout, version: tuple[int, int, int],
+                 start: int, end: int) -> None:
+        self._backend = backend
+        self._descriptors = backend.descriptors
         self._fd = fd
-        self._descriptors = descriptors
-        self._position = start
+        self._key = key
+        self._layout = layout
+        self._version = version
+        self._start = self._position = start
         self._end = end
-        self._chunk_size = chunk_size
-        self._reading: asyncio.Future[bytes] | None = None
+        self._ends: BlockEnds | None = None
+        self._block_size = layout.block_size or BLOCK_SIZE
+        self._blocks_per_read = max(1, backend.chunk_size // self._block_size)
+        self._before = self._through = 0  # CRC32C of the content before `start`, and up to `position`
+        self._reading: asyncio.Future[Any] | None = None
 
     def __aiter__(self) -> FileChunks:
         return self
 
-    async def __anext__(self) -> bytes | memoryview:
-        if self._fd < 0 or self._position >= self._end:
-            self._close()
-            raise StopAsyncIteration
-        size = min(self._chunk_size, self._end - self._position)
-        offset = HEADER.size + self._position
+    @property
+    def crc32c(self) -> int:
+        return range_crc32c(self._before, self._through, self._position - self._start)
+
+    async def _block_ends(self) -> BlockEnds:
+        if self._layout.version >= 2:
+            return BlockEnds(self._fd, self._layout)
+        ends = self._backend.legacy_tables.get(self._version)
+        if ends is None:
+            self._reading = asyncio.get_running_loop().run_in_executor(
+                None, legacy_block_ends, self._fd, self._layout, self._block_size)
+            ends = await self._reading
+            self._reading = None
+            if ends is None:
+                raise Damaged(self._key, "its bytes do not match its sha256")
+            self._backend.legacy_tables.add(self._version, ends)
+        return BlockEnds(self._fd, self._layout._replace(block_size=self._block_size), ends)
+
+    async def _read(self, size: int, offset: int) -> bytes | memoryview:
         data: bytes | memoryview | None = _read_cached(self._fd, size, offset)
         if data is None:
             self._reading = asyncio.get_running_loop().run_in_executor(None, os.pread, self._fd, size, offset)
             data = await self._reading
             self._reading = None
-        if not data:
+        return data
+
+    async def __anext__(self) -> memoryview:
+        if self._fd < 0 or self._position >= self._end:
             self._close()
             raise StopAsyncIteration
-        self._position += len(data)
-        return data
+        try:
+            return await self._next_checked()
+        except BaseException:
+            self._close()
+            raise
+
+    async def _next_checked(self) -> memoryview:
+        """The next chunk: up to `_blocks_per_read` whole blocks read, checked, and cut to [start, end)."""
+        if self._ends is None:
+            self._ends = await self._block_ends()
+        ends, size, total = self._ends, self._block_size, self._layout.size
+        block = self._position // size
+        last = min(block + self._blocks_per_read, -(-self._end // size))  # the block after those read
+        begin, stop = block * size, min(last * size, total)
+        tail = ends.tail_size() if stop == total else 0
+        data = memoryview(await self._read(stop - begin + tail, HEADER_SIZE + begin))
+        if len(data) != stop - begin + tail:
+            raise Damaged(self._key, f"it ends at byte {begin + len(data)} of {total}, before its block table")
+        if tail:
+            ends.load(data[stop - begin:])
+            data = data[:stop - begin]
+        try:
+            damaged, at_cuts = check_blocks(data, block, size, ends, (self._start, self._end))
+        except EOFError:
+            raise Damaged(self._key, "its block table is cut short") from None
+        if damaged is not None:
+            raise Damaged(self._key, f"the block at byte {damaged} of {total} does not match its CRC32C")
+        if self._position == self._start:
+            self._before = at_cuts[self._start] if self._start % size else ends.at(block - 1)
+        through = min(stop, self._end)
+        self._through = at_cuts[through] if through in at_cuts else ends.at(last - 1)
+        chunk = data[self._position - begin:through - begin]
+        self._position = through
+        return chunk
 
     def _close(self) -> None:
         if self._fd < 0:
@@ -145,7 +225,7 @@ class LocalUpload(Upload):
         self._tmp_path = f"{backend.tmp_dir}/{next(backend.upload_numbers)}"
         self._fd = -1
         self._created = False  # whether the temporary file exists (it is closed while suspended)
-        self._hash = hashlib.sha256()
+        self._checksums = Checksums()  # of the bytes written so far, by `_flush` in worker threads
         self._size = 0
         self._written = self._written_back = 0  # bytes in the file, and those the disk was told to write
         self._pending: list[bytes | memoryview] = []
@@ -161,7 +241,7 @@ class LocalUpload(Upload):
         flags = os.O_WRONLY | os.O_CLOEXEC | (0 if self._created else os.O_CREAT | os.O_EXCL)
         self._fd = os.open(self._tmp_path, flags, 0o644)
         self._created = True
-        os.lseek(self._fd, HEADER.size + self._written, os.SEEK_SET)  # the header is written at the commit
+        os.lseek(self._fd, HEADER_SIZE + self._written, os.SEEK_SET)  # the header is written at the commit
 
     def _count_descriptor(self) -> None:
         """Counts the temporary file's descriptor before a worker thread opens it (again, after `suspend`):
@@ -179,11 +259,11 @@ class LocalUpload(Upload):
             self._backend.descriptors.give_upload()
 
     def _flush(self, chunks: list[bytes | memoryview]) -> None:
-        """Runs in a worker thread: hashes and appends `chunks` to the temporary file."""
+        """Runs in a worker thread: sums and appends `chunks` to the temporary file."""
         try:
             self._open()
             for chunk in chunks:
-                self._hash.update(chunk)
+                self._checksums.update(chunk)
                 write_all(self._fd, chunk)
                 self._written += len(chunk)
             if _WRITE_BACK is not None and self._written - self._written_back >= WRITE_BACK_BYTES:
@@ -191,7 +271,7 @@ class LocalUpload(Upload):
                 # little left to do. DONTNEED writes dirty pages back without waiting and
                 # drops only pages already clean, which pages just written rarely are
                 # (a 1 GiB put keeps 98 % of itself in the page cache).
-                start = HEADER.size + self._written_back
+                start = HEADER_SIZE + self._written_back
                 os.posix_fadvise(self._fd, start, self._written - self._written_back, _WRITE_BACK)
                 self._written_back = self._written
         except OSError as err:
@@ -232,15 +312,15 @@ class LocalUpload(Upload):
             await self._drain()
         self._close_fd()
 
-    def _commit_big(self, chunks: list[bytes | memoryview], sha256: str, size: int | None) -> ObjectInfo:
-        """Runs in a worker thread: writes the rest, verifies, writes the header, fsyncs and renames into place."""
+    def _commit_big(self, chunks: list[bytes | memoryview], sent: ClientChecksums, size: int | None) -> ObjectInfo:
+        """Runs in a worker thread: writes the rest, verifies, writes the block table and the header, fsyncs and
+        renames into place."""
         self._flush(chunks)
-        digest = self._hash.hexdigest()
-        if digest != sha256:
-            raise sha256_mismatch(self._key, digest, sha256)
-        check_size(self._key, self._size, size)
+        sums = self._checksums
+        check_received(self._key, sums, sent, size)
         try:
-            os.pwrite(self._fd, HEADER.pack(MAGIC, self._hash.digest(), self._size), 0)
+            write_all(self._fd, sums.block_table())  # after the content, where `_flush` left off
+            os.pwrite(self._fd, header(sums), 0)
             generation = make_durable(self._fd)
             self._close_fd()
             folder = place(self._tmp_path, self._path)
@@ -248,33 +328,34 @@ class LocalUpload(Upload):
             fsync_folder(folder)
         except OSError as err:
             raise _commit_error(err, self._key) from err
-        return ObjectInfo(self._key, self._size, digest, generation)
+        return ObjectInfo(self._key, sums.size, sums.sha256, generation, sums.crc32c)
 
-    async def _commit_small(self, data: bytes, sha256: str, size: int | None) -> ObjectInfo:
-        """Has the commit worker verify, write and commit the file, all of whose bytes are `data`."""
+    async def _commit_small(self, data: bytes, sent: ClientChecksums, size: int | None) -> ObjectInfo:
+        """Has the commit worker sum, verify, write and commit the file, all of whose bytes are `data`."""
         check_size(self._key, self._size, size)
-        self._committing = self._backend.committer.submit((self._tmp_path, self._path, data, sha256))
+        self._committing = self._backend.committer.submit((self._tmp_path, self._path, data, sent))
         # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
         outcome = await asyncio.shield(self._committing)
         if outcome[0] == "mismatch":
-            raise sha256_mismatch(self._key, outcome[1], sha256)
+            raise checksum_mismatch(self._key, outcome[1])
         if outcome[0] == "error":
             error_number, message = outcome[1:]
             if error_number is None:
                 raise Unavailable(message)
             raise _commit_error(OSError(error_number, message), self._key)
         self._tmp_path = ""  # renamed away: nothing left to discard
-        return ObjectInfo(self._key, self._size, sha256, outcome[1])
+        _, generation, _, sha256, crc32c = outcome
+        return ObjectInfo(self._key, self._size, sha256, generation, crc32c)
 
-    async def commit(self, sha256: str, size: int | None = None) -> ObjectInfo:
+    async def commit(self, sent: ClientChecksums, size: int | None = None) -> ObjectInfo:
         try:
             await self._drain()
             if not self._created:  # nothing written to disk yet: a small file, committed with others
                 data, self._pending, self._pending_bytes = b"".join(self._pending), [], 0
-                return await self._commit_small(data, sha256, size)
+                return await self._commit_small(data, sent, size)
             self._count_descriptor()  # its file is closed after a `suspend`
             chunks, self._pending, self._pending_bytes = self._pending, [], 0
-            self._committing = asyncio.get_running_loop().run_in_executor(None, self._commit_big, chunks, sha256, size)
+            self._committing = asyncio.get_running_loop().run_in_executor(None, self._commit_big, chunks, sent, size)
             # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
             return await asyncio.shield(self._committing)
         finally:
@@ -318,6 +399,7 @@ class LocalBackend(Backend):
         self.upload_numbers = itertools.count()  # names of the uploads in tmp/, which starts empty
         self.listings = FolderCache()  # each folder read once while unchanged
         self.committer = CommitWorker()
+        self.legacy_tables = LegacyTables()  # block tables of format 1 files, built when first read
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         os.makedirs(self.root, exist_ok=True)
         os.makedirs(self.tmp_dir, exist_ok=True)
@@ -372,8 +454,12 @@ class LocalBackend(Backend):
             raise is_a_folder(key)
         return LocalUpload(self, key, path)
 
-    def _open(self, key: str) -> tuple[int, ObjectInfo]:
-        """Opens `key` and reads its header; the caller closes the descriptor."""
+    def _open(self, key: str) -> tuple[int, Layout, tuple[int, int, int], ObjectInfo]:
+        """Opens `key` and reads its header: (descriptor, layout, version, info); the caller closes the descriptor.
+
+        The version (device, inode, mtime) tells this file apart from any
+        other that was or will be at `key`.
+        """
         try:
             fd = os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as err:
@@ -384,11 +470,17 @@ class LocalBackend(Backend):
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise NotFound(f"{key!r} is a folder, not a file")
-            header = os.pread(fd, HEADER.size, 0)
-            magic, digest, size = HEADER.unpack(header) if len(header) == HEADER.size else (b"", b"", 0)
-            if magic != MAGIC:
-                raise NotFound(f"{key!r} is not a drived object (damaged or foreign file in the data dir)")
-            return fd, ObjectInfo(key, size, digest.hex(), st.st_mtime_ns)
+            try:
+                layout = parse_header(os.pread(fd, HEADER_SIZE, 0))
+            except DamagedHeader:
+                raise Damaged(key, "its header does not match its CRC32C") from None
+            if layout is None:  # drived writes every file under objects/ with a header: this one is damaged
+                raise Damaged(key, "its header is not one drived writes")
+            version = (st.st_dev, st.st_ino, st.st_mtime_ns)
+            crc = layout.crc32c
+            if crc is None and (ends := self.legacy_tables.get(version)) is not None:
+                crc = ends[-1] if ends else 0  # a format 1 file read before: its table is known
+            return fd, layout, version, ObjectInfo(key, layout.size, layout.sha256.hex(), st.st_mtime_ns, crc)
         except BaseException:
             os.close(fd)
             raise
@@ -396,12 +488,12 @@ class LocalBackend(Backend):
     async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, Chunks]:
         self.descriptors.take_read()
         try:
-            fd, info = self._open(key)  # inline, like stat: the open file pins this version
+            fd, layout, version, info = self._open(key)  # inline, like stat: the open file pins this version
         except BaseException:
             self.descriptors.give_read()
             raise
         end = info.size if limit == 0 else min(info.size, offset + limit)
-        chunks = FileChunks(fd, offset, end, self.chunk_size, self.descriptors)
+        chunks = FileChunks(self, fd, key, layout, version, offset, end)
         if offset > info.size:
             await chunks.aclose()
             raise InvalidArgument(f"offset {offset} is past the end of {key!r} ({info.size} bytes)")
@@ -409,7 +501,7 @@ class LocalBackend(Backend):
 
     def _stat(self, key: str) -> ObjectInfo | None:
         try:
-            fd, info = self._open(key)
+            fd, _, _, info = self._open(key)
         except NotFound:
             return None
         os.close(fd)
@@ -472,7 +564,7 @@ class LocalBackend(Backend):
         for folder, _, names in os.walk(self._path(prefix)):
             for name in names:
                 with contextlib.suppress(FileNotFoundError):  # deleted or replaced while counted
-                    total += max(os.lstat(f"{folder}/{name}").st_size - HEADER.size, 0)
+                    total += content_size(f"{folder}/{name}")
         return total
 
     async def usage(self, prefix: str) -> int:

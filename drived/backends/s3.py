@@ -7,11 +7,11 @@ daemons serve the same prefix, listing and stat read it (S3 lists and reads
 its own writes), and nothing about a file lives only in a daemon.
 
 Commits. A file of at most `PART_SIZE` bytes is one PutObject, sent once its
-bytes are verified, with its sha256 in its metadata. A bigger one streams into
-a multipart upload, `PARTS_IN_FLIGHT` parts of `PART_SIZE` at a time, and
-becomes visible in one step at CompleteMultipartUpload, which is only called
-when the bytes match the client's sha256 and size; otherwise the upload is
-aborted and nothing is visible. Both steps are atomic in S3: a reader sees the
+bytes are verified, with its sha256 and CRC32C in its metadata. A bigger one
+streams into a multipart upload, `PARTS_IN_FLIGHT` parts of `PART_SIZE` at a
+time, and becomes visible in one step at CompleteMultipartUpload, which is
+only called when the bytes match the client's checksums and size; otherwise
+the upload is aborted and nothing is visible. Both steps are atomic in S3: a reader sees the
 previous version or the new one, never a part.
 
 Where a big file's sha256 lives. An object's metadata is fixed when its
@@ -53,7 +53,13 @@ clock) is aborted, with the checksum objects its key no longer uses.
 Reads are one GetObject of the range asked for, streamed a chunk at a time: a
 single answer is one version. When the connection drops mid-way the rest is
 asked for again `If-Match` its ETag, so a file replaced meanwhile fails with
-ABORTED rather than mixing versions.
+ABORTED rather than mixing versions. A read of a whole object checks its
+bytes against the stored CRC32C before it yields the last chunk
+(`SummedChunks`): a damaged object fails with DATA_LOSS before its end, and a
+client never keeps any of it. A ranged read relies on S3's own integrity (the
+store checksums what it keeps, TCP and TLS what it sends): no per-block
+checksums are kept in S3, and checking a range against the whole object's
+CRC32C would mean reading all of it.
 
 boto3 (in a thread pool) is the client: measured against aiobotocore and
 obstore in bench/WHY.md. Payload signing is off (SigV4 over plain HTTP would
@@ -68,9 +74,9 @@ import concurrent.futures
 import contextlib
 import email.utils
 import functools
-import hashlib
 import logging
 import secrets
+import string
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import datetime, timezone
@@ -87,17 +93,18 @@ from drive_client.errors import (
     Unavailable,
 )
 
+from ..checksums import Checksums, ClientChecksums
 from ..s3index.lister import endpoint_of, make_client, map_error
 from .base import (
     Backend,
     Chunks,
     Listing,
     ObjectInfo,
+    SummedChunks,
     Upload,
-    check_size,
+    check_received,
     is_a_folder,
     parent_is_file,
-    sha256_mismatch,
 )
 
 log = logging.getLogger("drived")
@@ -112,31 +119,17 @@ PAGE = 1000  # ListObjectsV2 MaxKeys
 READ_RETRIES = 3  # times a read resumes after its connection dropped
 
 
-class Digests:
-    """The content hashes of one object, computed as its bytes go by: the one place a checksum is added."""
-
-    def __init__(self) -> None:
-        self._sha256 = hashlib.sha256()
-        self.size = 0
-
-    def update(self, data: bytes | bytearray | memoryview) -> None:
-        self._sha256.update(data)
-        self.size += len(data)
-
-    def verify(self, key: str, sha256: str, size: int | None) -> None:
-        """Raises DataLoss unless the bytes hash to `sha256` and number `size` (when given)."""
-        digest = self._sha256.hexdigest()
-        if digest != sha256:
-            raise sha256_mismatch(key, digest, sha256)
-        check_size(key, self.size, size)
-
-    def metadata(self) -> dict[str, str]:
-        """The hashes as S3 user metadata."""
-        return {"sha256": self._sha256.hexdigest()}
+def _metadata(sums: Checksums) -> dict[str, str]:
+    """An object's checksums as S3 user metadata."""
+    return {"sha256": sums.sha256, "crc32c": f"{sums.crc32c:08x}"}
 
 
-def _sha256_of(metadata: dict[str, str]) -> str:
-    return metadata.get("sha256", "")
+def _checksums_of(metadata: dict[str, str]) -> tuple[str, int | None]:
+    """(sha256, CRC32C) from an object's metadata; "" and None for what it lacks (an object of an earlier drived
+    has no CRC32C)."""
+    crc = metadata.get("crc32c", "")
+    is_hex = len(crc) == 8 and all(c in string.hexdigits for c in crc)
+    return metadata.get("sha256", ""), int(crc, 16) if is_hex else None
 
 
 def _code(err: BaseException) -> tuple[str, int]:
@@ -177,14 +170,14 @@ class S3Upload(Upload):
     def __init__(self, backend: S3Backend, key: str) -> None:
         self._backend = backend
         self._key = key
-        self._digests = Digests()
+        self._checksums = Checksums()
         self._buffer = bytearray()
         self._handed = 0  # bytes handed on as parts: what a suspended upload keeps
         self._handing: asyncio.Future[None] | None = None  # the handing on of the last part
         self._hashing: asyncio.Future[None] | None = None  # the hashing of the last part handed on
         self._upload_id = ""
         self._generation = 0
-        self._checksums = ""  # the name of the checksum object of a multipart upload
+        self._checksums_name = ""  # the name of the checksum object of a multipart upload
         self._parts: list[asyncio.Future[dict[str, Any]]] = []
         self._room = asyncio.Semaphore(PARTS_IN_FLIGHT)
         self._committing: asyncio.Future[Any] | None = None
@@ -230,7 +223,7 @@ class S3Upload(Upload):
         """Hashes `data` in a worker thread, after the data before it."""
         if self._hashing is not None:
             await self._hashing
-        self._hashing = self._backend.run(self._digests.update, data)
+        self._hashing = self._backend.run(self._checksums.update, data)
 
     async def _send_part(self, part: bytearray) -> None:
         if len(self._parts) == MAX_PARTS:
@@ -246,8 +239,8 @@ class S3Upload(Upload):
         if not self._upload_id:
             await self._backend.check_place(self._key)  # before storing anything the commit would refuse
             self._generation = time.time_ns()
-            self._checksums = f"{self._generation}-{secrets.token_hex(4)}"
-            self._upload_id = await self._backend.create_upload(self._key, self._generation, self._checksums)
+            self._checksums_name = f"{self._generation}-{secrets.token_hex(4)}"
+            self._upload_id = await self._backend.create_upload(self._key, self._generation, self._checksums_name)
         await self._room.acquire()
         await self._backend.part_room.acquire()
         sending = self._backend.upload_part(self._key, self._upload_id, len(self._parts) + 1, part)
@@ -258,29 +251,30 @@ class S3Upload(Upload):
         self._room.release()
         self._backend.part_room.release()
 
-    async def commit(self, sha256: str, size: int | None = None) -> ObjectInfo:
+    async def commit(self, sent: ClientChecksums, size: int | None = None) -> ObjectInfo:
+        sums = self._checksums
         try:
             await self._handed_on()
             if not self._upload_id:
                 data, self._buffer = self._buffer, bytearray()
                 await self._hash(data)
                 await self._hashing  # type: ignore[misc]  # set by _hash
-                self._digests.verify(self._key, sha256, size)
+                check_received(self._key, sums, sent, size)
                 await self._backend.check_place(self._key)
-                self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, self._digests))
+                self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, sums))
                 return await asyncio.shield(self._committing)
             if self._buffer:
                 await self._hand_on()  # the last part, which may be short
             await self._hashing  # type: ignore[misc]  # a multipart upload has hashed a part
             parts = await asyncio.gather(*self._parts)
-            self._digests.verify(self._key, sha256, size)
+            check_received(self._key, sums, sent, size)
             await self._backend.check_place(self._key)  # again: a conflicting put may have committed since
             self._committing = asyncio.ensure_future(self._backend.complete_upload(
-                self._key, self._upload_id, parts, self._checksums, self._digests))
+                self._key, self._upload_id, parts, self._checksums_name, sums))
             # Shielded: a cancelled put lets its commit end before abort() looks at what is left.
             await asyncio.shield(self._committing)
             self._upload_id = ""
-            return ObjectInfo(self._key, self._digests.size, sha256, self._generation)
+            return ObjectInfo(self._key, sums.size, sums.sha256, self._generation, sums.crc32c)
         finally:
             await self.abort()
 
@@ -369,13 +363,13 @@ class S3Backend(Backend):
         """The info of the object in a HEAD or GET answer; None for an object drived did not write."""
         metadata = answer.get("Metadata") or {}
         generation = metadata.get("generation", "")
-        sha256 = _sha256_of(metadata)
+        sha256, crc = _checksums_of(metadata)
         if not sha256 and metadata.get("checksums"):
             checksums = await self._head(self._checksums_key(key, metadata["checksums"]))
-            sha256 = _sha256_of(checksums.get("Metadata") or {}) if checksums else ""
+            sha256, crc = _checksums_of(checksums.get("Metadata") or {}) if checksums else ("", None)
         if not generation.isdigit() or not sha256:
             return None
-        return ObjectInfo(key, size, sha256, int(generation))
+        return ObjectInfo(key, size, sha256, int(generation), crc)
 
     # -- life cycle ----------------------------------------------------------
 
@@ -430,11 +424,11 @@ class S3Backend(Backend):
         """Begins an upload; the folder checks run at its commit, and before the first part of a big one."""
         return S3Upload(self, key)
 
-    async def put_small(self, key: str, data: bytearray, digests: Digests) -> ObjectInfo:
+    async def put_small(self, key: str, data: bytearray, sums: Checksums) -> ObjectInfo:
         generation = time.time_ns()
-        metadata = {"generation": str(generation), **digests.metadata()}
+        metadata = {"generation": str(generation), **_metadata(sums)}
         await self.call("put_object", key, Key=self.root + key, Body=bytes(data), Metadata=metadata)
-        return ObjectInfo(key, digests.size, _sha256_of(metadata), generation)
+        return ObjectInfo(key, sums.size, sums.sha256, generation, sums.crc32c)
 
     async def create_upload(self, key: str, generation: int, checksums: str) -> str:
         answer = await self.call("create_multipart_upload", key, Key=self.root + key,
@@ -452,13 +446,13 @@ class S3Backend(Backend):
         return asyncio.ensure_future(send())
 
     async def complete_upload(
-        self, key: str, upload_id: str, parts: list[dict[str, Any]], checksums: str, digests: Digests
+        self, key: str, upload_id: str, parts: list[dict[str, Any]], checksums: str, sums: Checksums
     ) -> None:
         """Writes the checksum object, then makes the upload the object (the commit)."""
         replaced, _ = await asyncio.gather(
             self._head(self.root + key),
             self.call("put_object", key, Key=self._checksums_key(key, checksums), Body=b"",
-                      Metadata=digests.metadata()),
+                      Metadata=_metadata(sums)),
         )
         await self.call("complete_multipart_upload", key, Key=self.root + key, UploadId=upload_id,
                         MultipartUpload={"Parts": parts})
@@ -546,7 +540,8 @@ class S3Backend(Backend):
             body.close()
             raise NotFound(f"{key!r} is not a drived object (written to the bucket by something else)")
         end = size if limit == 0 else min(size, offset + limit)
-        return info, self._chunks(key, body, str(answer["ETag"]), offset, end)
+        whole = info.crc32c if offset == 0 and end == size else None  # a range is left to S3's integrity
+        return info, SummedChunks(self._chunks(key, body, str(answer["ETag"]), offset, end), key, end - offset, whole)
 
     async def _read_past_end(self, key: str, offset: int) -> tuple[ObjectInfo, Chunks]:
         """A read at or past the end: nothing to send at the end, InvalidArgument past it."""
@@ -555,7 +550,7 @@ class S3Backend(Backend):
             raise NotFound(f"{key!r} does not exist")
         if offset > info.size:
             raise InvalidArgument(f"offset {offset} is past the end of {key!r} ({info.size} bytes)")
-        return info, self._chunks(key, None, "", offset, offset)
+        return info, SummedChunks(None, key)
 
     async def _chunks(self, key: str, body: Any, etag: str, position: int, end: int) -> AsyncGenerator[bytes, None]:
         retries = 0
@@ -575,8 +570,7 @@ class S3Backend(Backend):
                 position += len(data)
                 yield data
         finally:
-            if body is not None:
-                body.close()
+            body.close()
 
     async def _resume(self, key: str, etag: str, start: int, end: int) -> Any:
         try:

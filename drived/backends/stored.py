@@ -1,8 +1,29 @@
-"""A stored file: its format, and how a finished upload becomes one.
+"""A stored file: its format, how a finished upload becomes one, and how its blocks are checked.
 
-A stored file is a 64-byte header (magic, sha256, size) followed by the
-object's bytes; its mtime (in ns) is the generation. Shared by the daemon,
-which commits big uploads, and the commit worker, which commits small ones.
+Format 2 (magic "DRIVED02"), written by this release:
+
+    header   64 bytes: magic, raw sha256, size, CRC32C of the content,
+             block size, the CRC32C of these 56 bytes, and 4 bytes of zeros
+    content  `size` bytes
+    table    one 4-byte little-endian CRC32C per block of `block size` bytes
+             (the last one may be short): the CRC32C of the content from its
+             start to the end of that block
+
+The table comes after the content because an upload's size is known only at
+its end. Each entry runs from the file's start, not the block's: verifying a
+block is one CRC32C pass seeded with the entry before it, and a whole-file
+read's CRC32C is the last entry, with no second pass. A ranged read reads
+the whole blocks it touches and their entries (`BlockEnds`).
+
+Format 1 (magic "DRIVED01", earlier releases): a 64-byte header of magic,
+raw sha256 and size, then the content, no table. Such files stay readable
+as they are: the first read of one in a daemon's life checks its content
+against its sha256 and builds its table in memory (`LegacyTables`), not on
+disk, so reading never writes.
+
+A stored file's mtime (in ns) is its generation. Shared by the daemon, which
+commits big uploads and reads, and the commit worker, which commits small
+ones; no grpc here (see `drived.checksums`).
 """
 
 from __future__ import annotations
@@ -10,10 +31,198 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import sys
+import threading
 import time
+from array import array
+from collections import OrderedDict
+from typing import NamedTuple
 
-MAGIC = b"DRIVED01"
-HEADER = struct.Struct("<8s32sQ16x")  # magic, raw sha256, size, padding to 64 bytes
+from crc32c import crc32c
+
+from ..checksums import Checksums
+
+MAGIC = b"DRIVED02"
+LEGACY_MAGIC = b"DRIVED01"
+# magic, raw sha256, size, CRC32C of the content, block size, CRC32C of the 56 bytes before it
+HEADER = struct.Struct("<8s32sQIII")
+LEGACY_HEADER = struct.Struct("<8s32sQ16x")  # magic, raw sha256, size, padding
+HEADER_SIZE = 64  # both formats: the content starts here
+ENTRY = 4  # bytes per entry of the block table
+TABLE_WINDOW = 1024  # entries read at once (4 KiB: a GiB of content)
+
+
+class Layout(NamedTuple):
+    """What a stored file's header says."""
+
+    version: int  # 2, or 1 for a file of an earlier release (no block table)
+    sha256: bytes
+    size: int
+    crc32c: int | None  # of the whole content; None in format 1
+    block_size: int  # 0 in format 1
+
+
+class DamagedHeader(Exception):
+    """A format 2 header whose own CRC32C does not match it."""
+
+
+def parse_header(raw: bytes) -> Layout | None:
+    """The layout a header describes; None when `raw` is no drived header (too short, unknown magic)."""
+    if len(raw) < HEADER_SIZE:
+        return None
+    if raw[:8] == MAGIC:
+        _, sha256, size, content_crc, block_size, header_crc = HEADER.unpack_from(raw)
+        if crc32c(raw[:HEADER.size - 4]) != header_crc or block_size <= 0:
+            raise DamagedHeader()
+        return Layout(2, sha256, size, content_crc, block_size)
+    if raw[:8] == LEGACY_MAGIC:
+        _, sha256, size = LEGACY_HEADER.unpack_from(raw)
+        return Layout(1, sha256, size, None, 0)
+    return None
+
+
+def content_size(path: str) -> int:
+    """The size of the content of the stored file at `path`, as its header says (0 for a file that is not one)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        layout = parse_header(os.pread(fd, HEADER_SIZE, 0))
+    except DamagedHeader:
+        layout = None
+    finally:
+        os.close(fd)
+    return layout.size if layout else 0
+
+
+def header(sums: Checksums) -> bytes:
+    """The format 2 header of a file whose content `sums` has summed."""
+    fields = HEADER.pack(MAGIC, sums.sha256_digest(), sums.size, sums.crc32c, sums.block_size, 0)[:-4]
+    return (fields + struct.pack("<I", crc32c(fields))).ljust(HEADER_SIZE, b"\0")
+
+
+def stored_bytes(data: bytes, sums: Checksums) -> bytes:
+    """A whole stored file (header, content, table) holding `data`, which `sums` has summed."""
+    return b"".join((header(sums), data, sums.block_table()))
+
+
+def table_offset(layout: Layout) -> int:
+    return HEADER_SIZE + layout.size
+
+
+class BlockEnds:
+    """The CRC32C of a stored file's content up to the end of each block: its table, read a window at a time.
+
+    `at(i)` is block i's entry, `at(-1)` is 0 (nothing before the first
+    block). Raises EOFError when the table is cut short. A file of format 1
+    passes its table, built by `LegacyTables`, as `ends`.
+    """
+
+    def __init__(self, fd: int, layout: Layout, ends: array[int] | None = None) -> None:
+        self._fd = fd
+        self._offset = table_offset(layout)
+        self._blocks = -(-layout.size // layout.block_size) if layout.block_size else 0
+        self._first = 0
+        self._ends = ends if ends is not None else array("I")
+        self._read_all = ends is not None
+
+    def tail_size(self) -> int:
+        """Bytes of table to read in one go with the content's last block: all of it when none is read yet and
+        it is at most a window (a file of at most a GiB: a small file costs one read, not two); else 0."""
+        return self._blocks * ENTRY if not self._ends and self._blocks <= TABLE_WINDOW else 0
+
+    def load(self, raw: bytes | memoryview) -> None:
+        """Takes the whole table (`tail_size()` bytes), read with the content's end."""
+        self._set(0, raw)
+
+    def _set(self, first: int, raw: bytes | memoryview) -> None:
+        ends = array("I")
+        ends.frombytes(raw)
+        if sys.byteorder == "big":
+            ends.byteswap()
+        self._first, self._ends = first, ends
+
+    def at(self, index: int) -> int:
+        if index < 0:
+            return 0
+        position = index - self._first
+        if 0 <= position < len(self._ends):
+            return self._ends[position]
+        if self._read_all or index >= self._blocks:
+            raise EOFError(f"block {index} has no entry")
+        count = min(TABLE_WINDOW, self._blocks - index)
+        raw = os.pread(self._fd, count * ENTRY, self._offset + index * ENTRY)
+        if len(raw) != count * ENTRY:
+            raise EOFError("the block table is cut short")
+        self._set(index, raw)
+        return self._ends[0]
+
+
+def check_blocks(data: memoryview, first: int, block_size: int, ends: BlockEnds, cuts: tuple[int, ...]
+                 ) -> tuple[int | None, dict[int, int]]:
+    """Verifies `data`, the content of whole blocks from block `first` on (the last may be short).
+
+    Returns (None, CRC32C of the content up to each offset in `cuts`, an
+    offset inside the blocks) when every block matches its entry, else (the
+    offset of the first damaged block, {}).
+    """
+    at_cuts: dict[int, int] = {}
+    start = first * block_size
+    for offset in range(0, len(data), block_size):
+        block = data[offset:offset + block_size]
+        begin = start + offset
+        index = first + offset // block_size
+        value, done = ends.at(index - 1), 0
+        for cut in cuts:
+            if begin < cut < begin + len(block):
+                value = crc32c(block[done:cut - begin], value)
+                at_cuts[cut] = value
+                done = cut - begin
+        if crc32c(block[done:], value) != ends.at(index):
+            return begin, {}
+    return None, at_cuts
+
+
+def legacy_block_ends(fd: int, layout: Layout, block_size: int) -> array[int] | None:
+    """The block table of a format 1 file, once its content matches its sha256 (None when it does not)."""
+    sums = Checksums(block_size)
+    position = 0
+    while position < layout.size:
+        data = os.pread(fd, min(block_size, layout.size - position), HEADER_SIZE + position)
+        if not data:
+            return None
+        sums.update(data)
+        position += len(data)
+    return sums.block_ends() if sums.sha256_digest() == layout.sha256 else None
+
+
+class LegacyTables:
+    """The block tables of format 1 files read so far, by file version, in memory; the least used go first.
+
+    A version is (device, inode, mtime): a put replaces the file (a new
+    inode), so a table never outlives the bytes it was built from.
+    """
+
+    def __init__(self, max_entries: int = 4 << 20) -> None:  # 16 MiB of tables: 4 TiB of content
+        self._tables: OrderedDict[tuple[int, int, int], array[int]] = OrderedDict()
+        self._entries = 0
+        self._max_entries = max_entries
+        self._lock = threading.Lock()  # tables are built in worker threads
+
+    def get(self, version: tuple[int, int, int]) -> array[int] | None:
+        with self._lock:
+            ends = self._tables.get(version)
+            if ends is not None:
+                self._tables.move_to_end(version)
+            return ends
+
+    def add(self, version: tuple[int, int, int], ends: array[int]) -> None:
+        with self._lock:
+            if version in self._tables:
+                return
+            self._tables[version] = ends
+            self._entries += len(ends)
+            while self._entries > self._max_entries and len(self._tables) > 1:
+                _, dropped = self._tables.popitem(last=False)
+                self._entries -= len(dropped)
 
 
 def fsync_folder(folder: str) -> None:
