@@ -192,18 +192,18 @@ class Access:
 
     def __init__(self, tokens_file: str = "", token: str = "") -> None:
         self._file = tokens_file
-        self._token = token
+        self._token_digest = token_digest(token) if token else b""  # never the token itself (README)
         self._table = self._load()  # TokenFileError at start-up
 
     @property
     def required(self) -> bool:
         """Whether calls need a token."""
-        return bool(self._file or self._token)
+        return bool(self._file or self._token_digest)
 
     def _load(self) -> TokenTable:
         table = TokenTable.read(self._file) if self._file else TokenTable({})
-        if self._token:
-            grants = {token_digest(self._token): Grant("--token", None, True), **table.grants}
+        if self._token_digest:
+            grants = {self._token_digest: Grant("--token", None, True), **table.grants}
             table = TokenTable(grants, table.plaintext)
         if table.plaintext and _shared(self._file):
             log.warning("token file readable by others", extra={"fields": {

@@ -2,7 +2,9 @@
 
 Checks the order of messages (header, data..., finish, for each file). A
 file's commit (verify, fsync, rename) runs as a task while the stream goes on
-receiving, so a folder of small files is not one fsync after another. At most
+receiving, so a folder of small files is not one fsync after another. A
+stream carries at most `MAX_FILES_PER_STREAM` files: each one's entry is kept
+for the answer, which must stay within the message limit. At most
 `MAX_COMMITS_IN_FLIGHT` run at once, holding at most `MAX_BYTES_IN_FLIGHT` of
 buffered bytes between them (a commit holds at most a chunk). The answer waits
 for every commit.
@@ -25,6 +27,7 @@ from .requests import sent_checksums
 
 MAX_COMMITS_IN_FLIGHT = 64  # the more commits wait together, the more the commit worker does at once
 MAX_BYTES_IN_FLIGHT = 16 << 20
+MAX_FILES_PER_STREAM = 10_000  # the answer lists them all: ~10,000 entries stay well within 4 MiB
 
 
 class PutStream:
@@ -70,6 +73,11 @@ class PutStream:
     async def _start(self, header: pb.PutHeader) -> None:
         if self._pending is not None:
             raise InvalidArgument(f"a new file arrived before the finish of {self._pending.path!r}")
+        if len(self._commits) == MAX_FILES_PER_STREAM:
+            raise InvalidArgument(
+                f"a Put stream carries at most {MAX_FILES_PER_STREAM} files: the first {MAX_FILES_PER_STREAM} are "
+                "stored; send the rest in another stream"
+            )
         self._pending = await self._begin(header)
         self._file_start = self.bytes - self._pending.offset
         self._stop_at = self._file_start + self._pending.max_bytes

@@ -29,6 +29,7 @@ from drive_client.errors import ResourceExhausted
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
 from drived.limits import Streams, peer_host
+from drived.puts import MAX_FILES_PER_STREAM
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -299,3 +300,23 @@ def test_concurrent_puts_never_pass_the_quota_together(start_daemon, tmp_path):
     assert sorted(outcomes, key=str) == sorted([SC.OK] * 4 + [SC.RESOURCE_EXHAUSTED] * 6, key=str), outcomes
     with grpc.insecure_channel(handle.endpoint) as channel:
         assert len(listed(drive_pb2_grpc.DriveServiceStub(channel), drive)) == 4
+
+
+# --- files in one Put stream -------------------------------------------------------------------
+
+
+def test_a_put_stream_over_its_file_cap_is_refused_and_keeps_the_files_before(daemon, drive_uri):
+    cap = MAX_FILES_PER_STREAM
+
+    def files():
+        for i in range(cap + 1):
+            data = f"{i}".encode()
+            header = pb.PutHeader(drive=drive_uri, path=f"f/{i:05d}", size=len(data))
+            yield pb.PutRequest(file=pb.PutFileRequest(header=header, data=data, sha256=sha256_hex(data)))
+
+    with grpc.insecure_channel(daemon.endpoint) as channel, pytest.raises(grpc.RpcError) as refused:
+        drive_pb2_grpc.DriveServiceStub(channel).Put(files(), timeout=120)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {cap} files" in refused.value.details()
+    stored = Drive(drive_uri, endpoint=daemon.endpoint).list("f")
+    assert len(stored) == cap and f"{cap:05d}" not in stored
