@@ -71,7 +71,7 @@ HELP = {
     "password: flags show in `ps`",
     "claim_ttl": "seconds after which the claim of a path being committed is given up when its daemon died "
     "(with --coordinator; renewed every third of it while held)",
-    "chunk_size": "bytes per message of a Get stream (at most 3 MiB)",
+    "chunk_size": "bytes per message of a Get stream (at most 3 MiB; local storage sends whole 1 MiB blocks)",
     "grace_period": "seconds that SIGTERM/SIGINT lets in-flight transfers finish before they are cancelled",
     "s3_list_concurrency": "parallel ListObjectsV2 calls when mounting an s3:// drive",
     "s3_page_size": "MaxKeys of each ListObjectsV2 call",

@@ -1,6 +1,7 @@
 """Coordination shared by drived replicas: `RedisCoordinator`, over Redis or Valkey 7 or newer.
 
-What it keeps (all of a drive's keys carry the drive as their hash tag):
+What it keeps, in one Redis or Valkey server (not Redis Cluster: the feed's
+scripts touch `drived:epoch` beside a drive's keys):
 
 - `drived:epoch`: when the coordinator's data began, in µs of its clock.
   Made by the first call that finds it missing, so it is new after the data

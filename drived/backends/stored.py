@@ -113,7 +113,7 @@ class BlockEnds:
 
     `at(i)` is block i's entry, `at(-1)` is 0 (nothing before the first
     block). Raises EOFError when the table is cut short. A file of format 1
-    passes its table, built by `LegacyTables`, as `ends`.
+    passes its table, built by `legacy_block_ends` and kept in `LegacyTables`, as `ends`.
     """
 
     def __init__(self, fd: int, layout: Layout, ends: array[int] | None = None) -> None:
@@ -205,7 +205,7 @@ class LegacyTables:
         self._tables: OrderedDict[tuple[int, int, int], array[int]] = OrderedDict()
         self._entries = 0
         self._max_entries = max_entries
-        self._lock = threading.Lock()  # tables are built in worker threads
+        self._lock = threading.Lock()  # cheap insurance: today only the event loop calls get and add
 
     def get(self, version: tuple[int, int, int]) -> array[int] | None:
         with self._lock:
