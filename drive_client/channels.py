@@ -76,7 +76,7 @@ def endpoint_hosts(endpoint: str) -> list[str]:
     if endpoint.startswith(("unix:", "unix-abstract:")):
         return []
     target = endpoint
-    for scheme in ("dns:", "ipv4:", "ipv6:"):
+    for scheme in SPREAD_TARGETS:
         if target.startswith(scheme):
             target = target[len(scheme):]
             if target.startswith("//"):  # dns://AUTHORITY/HOST:PORT

@@ -5,7 +5,7 @@ read's or a watch's): only UNAVAILABLE (the daemon unreachable, or the
 connection cut) is tried again, after exponential delays with jitter, for at
 most `retry_seconds` from the first failure since the transfer last moved
 forward; anything else is raised at once. Unary calls are retried by gRPC
-itself (the channel's retry policy, `common.channel_options`).
+itself (the channel's retry policy, `channels.channel_options`).
 
 `GetPosition` knows how far a Get stream got, and the request that goes on
 from there. Where a put goes on from is the daemon's answer to
