@@ -232,7 +232,9 @@ def start_daemon(
     endpoint = f"127.0.0.1:{port}"
     data_dir = data_dir or (tmp_path / f"data-{port}")
     if "--metrics-listen" not in extra_args:
-        extra_args = (*extra_args, "--metrics-listen", f"127.0.0.1:{free_port()}")
+        # a port other than `port`: a restart on `port` leaves it free until the daemon binds it
+        metrics_port = next(p for p in iter(free_port, None) if p != port)
+        extra_args = (*extra_args, "--metrics-listen", f"127.0.0.1:{metrics_port}")
     args = ["--listen", endpoint, "--data-dir", str(data_dir), *extra_args]
     handle = spawn_daemon(args, tmp_path / f"drived-{port}.log", data_dir, endpoint, env=env, nofile=nofile)
     if wait:
