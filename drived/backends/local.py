@@ -422,42 +422,41 @@ class LocalBackend(Backend):
         """The file or folder of `key`; refuses a key that goes through a symlink in the data dir."""
         return self._lookup(key)[0]
 
-    def _lookup(self, key: str) -> tuple[str, int | None]:
-        """The path of `key` and its st_mode (None if nothing is there); refuses a path through a symlink.
+    def _modes(self, key: str) -> Iterator[int | None]:
+        """The st_mode of each part of `key` in turn, None for the first that does not exist (and nothing after
+        it); refuses a path through a symlink.
 
         drived never makes links, so one there was planted and could lead out
         of the data dir. One lstat per existing part of the key: cheaper than
         resolving the whole path.
         """
-        path: str = self.root
-        mode: int | None = stat.S_IFDIR  # the data dir itself, made at start-up
+        path = self.root
         for name in key.split("/") if key else ():
             path = f"{path}/{name}"
             try:
                 mode = os.lstat(path).st_mode
             except (FileNotFoundError, NotADirectoryError):
-                return f"{self.root}/{key}", None  # the rest does not exist yet: drived makes it, with real folders
+                yield None  # the rest does not exist yet: drived makes it, with real folders
+                return
             if stat.S_ISLNK(mode):
                 raise InvalidArgument(f"path {key!r} goes through a symbolic link in the data dir: refused")
-        return path, mode
+            yield mode
+
+    def _lookup(self, key: str) -> tuple[str, int | None]:
+        """The path of `key` and its st_mode (None if nothing is there); refuses a path through a symlink."""
+        modes = [stat.S_IFDIR, *self._modes(key)]  # the data dir itself (made at start-up), then each part
+        return (f"{self.root}/{key}" if key else self.root), modes[-1]
 
     async def occupant(self, root: str, path: str) -> tuple[str, bool] | None:
-        # One lstat per part, inline like stat: the ownership check of every put of a drive with
+        # One walk, inline like stat: the ownership check of every put of a drive with
         # several components runs this for each of the others.
-        folder = self._path(root)
         parts = path.split("/")
-        for end, name in enumerate(parts, 1):
-            folder = f"{folder}/{name}"
-            try:
-                mode = os.lstat(folder).st_mode
-            except (FileNotFoundError, NotADirectoryError):
-                return None
-            if stat.S_ISREG(mode):
+        mode: int | None = None
+        below_root = itertools.islice(self._modes(f"{root}/{path}"), root.count("/") + 1, None)
+        for end, mode in enumerate(below_root, 1):
+            if mode is not None and stat.S_ISREG(mode):
                 return "/".join(parts[:end]), False
-            if not stat.S_ISDIR(mode):
-                key = f"{root}/{path}"
-                raise InvalidArgument(f"path {key!r} goes through a symbolic link in the data dir: refused")
-        return path, True
+        return (path, True) if mode is not None and stat.S_ISDIR(mode) else None
 
     async def start_upload(self, key: str) -> Upload:
         path, mode = self._lookup(key)
