@@ -183,6 +183,7 @@ async def _alone(message: A) -> AsyncIterator[A]:
     """A stream of one message."""
     yield message
 
+
 # Calls that hold a stream's place (see drived.limits), and those of them whose peer may not go quiet.
 STREAMS = frozenset({"Put", "PutFile", "Get", "Watch"})
 IDLE_LIMITED = frozenset({"Put", "Get"})
