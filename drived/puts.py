@@ -45,9 +45,13 @@ class PutStream:
         self._failure: BaseException | None = None  # the first commit that failed
         self.bytes = 0
 
-    async def receive(self, message: PutMessage) -> None:
+    async def receive(self, message: PutMessage | pb.PutFileRequest) -> None:
+        """Takes the stream's next message; a PutFile call's request is one whole file, as a `file` message."""
         if self._failure is not None:  # fail the stream as soon as a commit failed
             raise self._failure
+        if isinstance(message, pb.PutFileRequest):
+            await self._receive_file(message)
+            return
         data = chunk_of(message)
         if data is not None:
             if self._pending is None:
@@ -62,13 +66,16 @@ class PutStream:
                 raise InvalidArgument("a finish arrived with no file started: send a header first")
             await self._finish(sent_checksums(message.finish))  # type: ignore[union-attr]
         elif kind == "file":
-            whole = message.file  # type: ignore[union-attr]
-            await self._start(whole.header)
-            assert self._pending is not None  # set by _start
-            await self._write(self._pending, whole.data)
-            await self._finish(sent_checksums(whole))
+            await self._receive_file(message.file)  # type: ignore[union-attr]
         else:
             raise InvalidArgument("an empty PutRequest: send a header, data, finish or file")
+
+    async def _receive_file(self, whole: pb.PutFileRequest) -> None:
+        await self._start(whole.header)
+        assert self._pending is not None  # set by _start
+        sent = sent_checksums(whole)
+        await self._write(self._pending, whole.data)
+        await self._finish(sent)
 
     async def _start(self, header: pb.PutHeader) -> None:
         if self._pending is not None:

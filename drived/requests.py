@@ -191,16 +191,12 @@ class ListRequest:
             raise InvalidArgument("page_size cannot be negative")
         component = _component_filter(request.component)
         limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        listing = cls(drive, path, component, request.recursive, "", limit)
-        listing.start_after = page_tokens.start_after(listing._identity(), request.page_token)
-        return listing
-
-    def _identity(self) -> tuple[str, str, str, bool]:
-        return self.drive.uri, self.path, self.component, self.recursive
+        start_after = page_tokens.start_after((drive.uri, path, component, request.recursive), request.page_token)
+        return cls(drive, path, component, request.recursive, start_after, limit)
 
     def page_token(self, last_path: str) -> str:
         """The token of the page that follows one ending at `last_path`."""
-        return page_tokens.issue(self._identity(), last_path)
+        return page_tokens.issue((self.drive.uri, self.path, self.component, self.recursive), last_path)
 
 
 @dataclass(slots=True)

@@ -50,7 +50,6 @@ from .requests import (
     QueryWriteStatusRequest,
     StatRequest,
     WatchRequest,
-    sent_checksums,
 )
 
 log = logging.getLogger("drived")
@@ -179,6 +178,12 @@ S = TypeVar("S")
 R = TypeVar("R")
 A = TypeVar("A")
 
+
+async def _alone(message: A) -> AsyncIterator[A]:
+    """A stream of one message."""
+    yield message
+
+
 # Calls that hold a stream's place (see drived.limits), and those of them whose peer may not go quiet.
 STREAMS = frozenset({"Put", "PutFile", "Get", "Watch"})
 IDLE_LIMITED = frozenset({"Put", "Get"})
@@ -293,42 +298,40 @@ class DriveService(pb_grpc.DriveServiceServicer):
         put = PutHeader.from_pb(header)
         return await self._drives(record, put.drive).begin_put(put)
 
-    @rpc
-    async def Put(self, messages: AsyncIterable[PutMessage], record: RequestLog) -> pb.PutResponse:
+    async def _put(self, record: RequestLog, messages: AsyncIterable[PutMessage | pb.PutFileRequest], hold: bool
+                   ) -> list[Entry]:
+        """Stores the files of a Put stream, or of a PutFile call as a stream of one whole file; the committed ones.
+
+        `hold`: whether a resumable file left unfinished is held for a resume when the client ended or broke the
+        call (a Put), not when the daemon refused it or the idle check ended it (README, Failure behaviour).
+        """
+        assert record.stream is not None  # Put and PutFile are STREAMS: admitted before the handler runs
         stream = PutStream(partial(self._begin_put, record))
-        # Whether a resumable file left unfinished is held for a resume: when the client ended or broke the
-        # stream, not when the daemon refused it or the idle check ended it (README, Failure behaviour).
         keep = False
         try:
             async for message in messages:
                 await stream.receive(message)
                 del message  # not kept while the next one is awaited (see _received)
-            keep = True
+            keep = hold
             entries = await stream.results()
         except asyncio.CancelledError:
-            keep = record.stream is None or not record.stream.timed_out
+            keep = hold and not record.stream.timed_out
             raise
         finally:
             record.bytes = stream.bytes
             await stream.close(keep)
         record.files = len(entries)
+        return entries
+
+    @rpc
+    async def Put(self, messages: AsyncIterable[PutMessage], record: RequestLog) -> pb.PutResponse:
+        entries = await self._put(record, messages, hold=True)
         return pb.PutResponse(files=[file_info(e) for e in entries])
 
     @rpc
     async def PutFile(self, request: pb.PutFileRequest, record: RequestLog) -> pb.PutFileResponse:
-        put = await self._begin_put(record, request.header)
-        try:
-            sent = sent_checksums(request)
-            record.bytes = len(request.data)
-            received = put.offset + record.bytes  # the file's bytes, those held before a resume included
-            if received > put.max_bytes:
-                raise await put.over_limit(received)
-            await put.write(request.data)
-            entry = await put.commit(sent, received)
-        finally:
-            await put.abort()  # a no-op after the commit
-        record.files = 1
-        return pb.PutFileResponse(file=file_info(entry))
+        entries = await self._put(record, _alone(request), hold=False)
+        return pb.PutFileResponse(file=file_info(entries[0]))
 
     @rpc
     async def Get(  # type: ignore[override]  # chunks are yielded as bytes, see drive_client.wire

@@ -416,6 +416,34 @@ def test_raw_file_and_folder_of_one_path_in_two_components_refused(stub, drive_u
     assert stub.Stat(pb.StatRequest(drive=drive_uri, path=second, component="cb")).size == size
 
 
+def test_raw_what_another_component_holds_is_named(daemon, stub, drive_uri):
+    """A put refused for another component's file or folder says which, and where; a symbolic link planted in
+    that component's folders is refused as everywhere else."""
+    raw_put(stub, drive_uri, "x/y", b"first", component="ca")
+    raw_put(stub, drive_uri, "x/f", b"first", component="ca")
+    holds = {
+        "x": "is a folder of component 'ca'",
+        "x/y": "is already held by component 'ca'",
+        "x/y/z": "is below 'x/y', a file of component 'ca'",
+    }
+    for path, what in holds.items():
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_put(stub, drive_uri, path, b"second", component="cb")
+        assert refused.value.code() == SC.ALREADY_EXISTS and what in refused.value.details(), path
+    raw_put(stub, drive_uri, "x/w/v", b"beside", component="cb")  # nothing of ca's at x/w: stored
+    folder = daemon.data_dir / "objects" / drive_uri.removeprefix("lit://") / "ca" / "x"
+    os.symlink(folder, folder / "alias")
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_put(stub, drive_uri, "x/alias/y", b"second", component="cb")
+        assert refused.value.code() == INVALID and "symbolic link" in refused.value.details()
+    finally:
+        (folder / "alias").unlink()
+    listed = stub.List(pb.ListRequest(drive=drive_uri, path=".", component="cb", recursive=True)).entries
+    assert [e.path for e in listed] == ["x/w/v"]
+    assert [data for _, data in raw_get(stub, drive_uri, "x/y")] == [b"first"]
+
+
 @pytest.mark.parametrize("mtime", ["settled", "same tick"])
 def test_raw_already_exists_sees_a_new_component(daemon, stub, drive_uri, mtime):
     """The daemon remembers a drive's components by its folder's mtime: a new one is never missed.

@@ -3,18 +3,22 @@ it (a damaged byte is never sent), and data dirs written by an earlier release (
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import json
 import os
 import re
 import struct
 import tarfile
+import threading
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
 import grpc
 import pytest
-from conftest import MIB, raw_get, raw_put, rpc_code, sha256_hex
+from conftest import MIB, raw_get, raw_put, rpc_code, sha256_hex, wait_until
 from crc32c import crc32c
 
 from drive_client import DataLoss, Drive
@@ -185,11 +189,49 @@ FORMAT_1_FILES = {
 }
 
 
-def test_a_data_dir_of_format_1_is_read_as_it_is(start_daemon, tmp_path):
+CHECKED_WHOLE = "checking a file of the old format whole"
+
+
+def format_1(data: bytes) -> bytes:
+    """A stored file as the release before format 2 wrote it: magic, raw sha256, size, 16 zero bytes, content."""
+    return struct.pack("<8s32sQ16x", b"DRIVED01", hashlib.sha256(data).digest(), len(data)) + data
+
+
+def old_data_dir(tmp_path: Path) -> Path:
+    """A copy of FORMAT_1_DATA (drive "old"), for a test to add to or damage before its daemon starts."""
     data_dir = tmp_path / "old-data"
     data_dir.mkdir()
     with tarfile.open(FORMAT_1_DATA) as archive:
         archive.extractall(data_dir, filter="data")
+    big = data_dir / "objects" / "old" / "default" / "f" / "big.bin"
+    assert big.read_bytes() == format_1(FORMAT_1_FILES["default"]["f/big.bin"]), "format_1 writes what it wrote"
+    return data_dir
+
+
+def whole_checks(handle, path: str) -> int:
+    """How many times the daemon read the format 1 file `path` of drive old's default component whole."""
+    lines = [json.loads(line) for line in handle.log().splitlines() if line.startswith("{")]
+    return sum(line["event"] == CHECKED_WHOLE and line["key"] == f"old/default/{path}" for line in lines)
+
+
+def get_intervals(handle, path: str) -> list[tuple[float, float]]:
+    """(start, end) in seconds of each Get of `path` the daemon answered, from its request log lines."""
+    intervals = []
+    for line in handle.log().splitlines():
+        fields = json.loads(line) if line.startswith("{") else {}
+        if fields.get("event") == "request" and fields["method"] == "Get" and fields["path"] == path:
+            end = datetime.datetime.fromisoformat(fields["ts"]).timestamp()
+            intervals.append((end - fields["duration_ms"] / 1000, end))
+    return intervals
+
+
+def ranged_get(stub, path: str, offset: int, limit: int) -> bytes:
+    request = pb.GetRequest(drive="lit://old", path=path, offset=offset, limit=limit, checksums=True)
+    return b"".join(message.data for message in stub.Get(request, timeout=60))
+
+
+def test_a_data_dir_of_format_1_is_read_as_it_is(start_daemon, tmp_path):
+    data_dir = old_data_dir(tmp_path)
     objects = data_dir / "objects" / "old"
     assert {p.read_bytes()[:8] for p in objects.rglob("*") if p.is_file()} == {b"DRIVED01"}
     flip(objects / "default" / "rotten.bin", 64 + 100)
@@ -235,3 +277,79 @@ def test_a_data_dir_of_format_1_is_read_as_it_is(start_daemon, tmp_path):
     drive.put("new.txt", to="f/d/small.txt")  # a put writes format 2
     assert (objects / "default" / "f" / "d" / "small.txt").read_bytes()[:8] == b"DRIVED02"
     assert drive.stat("f/d/small.txt").sha256 == sha256_hex(b"replaced")
+
+
+def test_concurrent_first_reads_of_a_format_1_file_check_it_once(start_daemon, tmp_path):
+    data_dir = old_data_dir(tmp_path)
+    data = os.urandom(64 * MIB)  # its whole check takes a good part of a second here: the reads overlap it
+    (data_dir / "objects" / "old" / "default" / "huge.bin").write_bytes(format_1(data))
+    handle = start_daemon(tmp_path, data_dir=data_dir)
+    readers = 8
+    start = threading.Barrier(readers)
+
+    def read(i: int) -> bytes:
+        start.wait()
+        return ranged_get(own_stub, "huge.bin", i * 5 * MIB + 3, 100)
+
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        own_stub = drive_pb2_grpc.DriveServiceStub(channel)
+        with ThreadPoolExecutor(readers) as pool:
+            read_back = list(pool.map(read, range(readers)))
+        assert read_back == [data[i * 5 * MIB + 3:i * 5 * MIB + 103] for i in range(readers)]
+        intervals = get_intervals(handle, "huge.bin")
+        assert len(intervals) == readers
+        assert max(s for s, _ in intervals) + 0.002 < min(e for _, e in intervals), (
+            f"the reads did not overlap, so they tested nothing: {intervals}")
+        assert whole_checks(handle, "huge.bin") == 1
+
+
+def test_a_first_reader_that_goes_away_leaves_its_check_to_the_next_reads(start_daemon, tmp_path):
+    data_dir = old_data_dir(tmp_path)
+    data = os.urandom(64 * MIB)
+    (data_dir / "objects" / "old" / "default" / "huge.bin").write_bytes(format_1(data))
+    handle = start_daemon(tmp_path, data_dir=data_dir)
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        own_stub = drive_pb2_grpc.DriveServiceStub(channel)
+        call = own_stub.Get(pb.GetRequest(drive="lit://old", path="huge.bin", offset=7, limit=10), timeout=60)
+        assert wait_until(lambda: whole_checks(handle, "huge.bin") == 1, timeout=30), handle.log()
+        call.cancel()
+        with pytest.raises(grpc.RpcError) as cancelled:
+            next(call)
+        assert cancelled.value.code() == grpc.StatusCode.CANCELLED
+        assert ranged_get(own_stub, "huge.bin", 7, 10) == data[7:17]
+        assert whole_checks(handle, "huge.bin") == 1
+
+
+def test_a_damaged_format_1_file_is_checked_once_and_refused_at_every_read(start_daemon, tmp_path):
+    data_dir = old_data_dir(tmp_path)
+    rotten = data_dir / "objects" / "old" / "default" / "rotten.bin"
+    flip(rotten, 64 + 100)
+    damaged = rotten.read_bytes()
+    handle = start_daemon(tmp_path, data_dir=data_dir)
+    drive = Drive("lit://old", root_folder=tmp_path, endpoint=handle.endpoint)
+    fs = fsspec.filesystem("lit", endpoint=handle.endpoint, skip_instance_cache=True)
+    named = r"'rotten.bin' of component 'default' in lit://old is damaged \(its bytes do not match its sha256\)"
+    counted = damaged_reads(handle)
+    reads = [
+        lambda: drive.get("rotten.bin", to=tmp_path / "rotten.bin"),
+        lambda: b"".join(drive.read_range("rotten.bin", BLOCK + 1, 10)),  # far from the damage: format 1 has
+        lambda: fs.cat_file("old/rotten.bin", 0, 10),  # no block checksums, the whole file is refused
+        lambda: drive.get("rotten.bin", to=tmp_path / "rotten.bin"),
+    ]
+    for read in reads:
+        with pytest.raises(DataLoss, match=named):
+            read()
+    assert whole_checks(handle, "rotten.bin") == 1, "the verdict is kept: a damaged file is not read whole again"
+    assert damaged_reads(handle) == counted + len(reads)
+    assert not (tmp_path / "rotten.bin").exists()
+    assert rotten.read_bytes() == damaged, "reading never rewrites a file"
+    assert drive.stat("rotten.bin").size == 2 * BLOCK  # its header is sound: stat and list still describe it
+
+    # Restored in place as `cp -p` from a backup does (the same inode and mtime): read again, and served.
+    mtime = rotten.stat().st_mtime_ns
+    flip(rotten, 64 + 100)
+    os.utime(rotten, ns=(mtime, mtime))
+    good = FORMAT_1_FILES["default"]["rotten.bin"]
+    assert b"".join(drive.read_range("rotten.bin", BLOCK + 1, 10)) == good[BLOCK + 1:BLOCK + 11]
+    assert drive.get("rotten.bin", to=tmp_path / "rotten.bin").read_bytes() == good
+    assert whole_checks(handle, "rotten.bin") == 2

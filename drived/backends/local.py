@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import itertools
+import logging
 import os
 import shutil
 import stat
+from array import array
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,6 +50,7 @@ from .stored import (
     DamagedHeader,
     Layout,
     LegacyTables,
+    Version,
     check_blocks,
     content_size,
     fsync_folder,
@@ -62,6 +66,8 @@ WRITE_BACK_BYTES = 8 << 20  # a big upload has the disk write each this many byt
 _WRITE_BACK = getattr(os, "POSIX_FADV_DONTNEED", None)
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux: a read that fails rather than wait for the disk
 
+log = logging.getLogger("drived")
+
 
 def _read_cached(fd: int, size: int, offset: int) -> memoryview | None:
     """`size` bytes at `offset` if all are in the page cache (never waits for the disk); else None."""
@@ -73,6 +79,13 @@ def _read_cached(fd: int, size: int, offset: int) -> memoryview | None:
     except OSError:  # EAGAIN: not cached; EOPNOTSUPP: a file system without RWF_NOWAIT
         return None
     return memoryview(buffer) if read == size else None
+
+
+def _check_whole(fd: int, key: str, layout: Layout, block_size: int) -> array[int] | None:
+    """Runs in a worker thread: the block table of the format 1 file `fd`, or None when it does not match its
+    sha256 (`legacy_block_ends`). Logged: it reads the whole file, however little of it was asked for."""
+    log.info("checking a file of the old format whole", extra={"fields": {"key": key, "bytes": layout.size}})
+    return legacy_block_ends(fd, layout, block_size)
 
 
 def _disk_error(err: OSError, what: str) -> Exception:
@@ -103,11 +116,12 @@ class FileChunks:
     read on the event loop with RWF_NOWAIT, which never waits for the disk; a
     block that needs the disk is read by a worker thread. The file closes at
     the end, on `aclose`, or when collected, and its descriptor goes back to
-    the backend's `descriptors`. A file of format 1 has its table
-    built (and its sha256 checked) by the first read in a worker thread.
+    the backend's `descriptors`. A file of format 1 has its sha256 checked
+    and its table built once, by its first read, in a worker thread; reads
+    that come meanwhile wait for that one (`LegacyTables`).
     """
 
-    def __init__(self, backend: LocalBackend, fd: int, key: str, layout: Layout, version: tuple[int, int, int],
+    def __init__(self, backend: LocalBackend, fd: int, key: str, layout: Layout, version: Version,
                  start: int, end: int) -> None:
         self._backend = backend
         self._descriptors = backend.descriptors
@@ -133,15 +147,12 @@ class FileChunks:
     async def _block_ends(self) -> BlockEnds:
         if self._layout.version >= 2:
             return BlockEnds(self._fd, self._layout)
-        ends = self._backend.legacy_tables.get(self._version)
+        build = functools.partial(_check_whole, self._fd, self._key, self._layout, self._block_size)
+        self._reading = self._backend.legacy_tables.table(self._version, build)  # may read with this descriptor
+        ends = await asyncio.shield(self._reading)
+        self._reading = None
         if ends is None:
-            self._reading = asyncio.get_running_loop().run_in_executor(
-                None, legacy_block_ends, self._fd, self._layout, self._block_size)
-            ends = await self._reading
-            self._reading = None
-            if ends is None:
-                raise Damaged(self._key, "its bytes do not match its sha256")
-            self._backend.legacy_tables.add(self._version, ends)
+            raise Damaged(self._key, "its bytes do not match its sha256")
         return BlockEnds(self._fd, self._layout._replace(block_size=self._block_size), ends)
 
     async def _read(self, size: int, offset: int) -> bytes | memoryview:
@@ -411,42 +422,41 @@ class LocalBackend(Backend):
         """The file or folder of `key`; refuses a key that goes through a symlink in the data dir."""
         return self._lookup(key)[0]
 
-    def _lookup(self, key: str) -> tuple[str, int | None]:
-        """The path of `key` and its st_mode (None if nothing is there); refuses a path through a symlink.
+    def _modes(self, key: str) -> Iterator[int | None]:
+        """The st_mode of each part of `key` in turn, None for the first that does not exist (and nothing after
+        it); refuses a path through a symlink.
 
         drived never makes links, so one there was planted and could lead out
         of the data dir. One lstat per existing part of the key: cheaper than
         resolving the whole path.
         """
-        path: str = self.root
-        mode: int | None = stat.S_IFDIR  # the data dir itself, made at start-up
+        path = self.root
         for name in key.split("/") if key else ():
             path = f"{path}/{name}"
             try:
                 mode = os.lstat(path).st_mode
             except (FileNotFoundError, NotADirectoryError):
-                return f"{self.root}/{key}", None  # the rest does not exist yet: drived makes it, with real folders
+                yield None  # the rest does not exist yet: drived makes it, with real folders
+                return
             if stat.S_ISLNK(mode):
                 raise InvalidArgument(f"path {key!r} goes through a symbolic link in the data dir: refused")
-        return path, mode
+            yield mode
+
+    def _lookup(self, key: str) -> tuple[str, int | None]:
+        """The path of `key` and its st_mode (None if nothing is there); refuses a path through a symlink."""
+        modes = [stat.S_IFDIR, *self._modes(key)]  # the data dir itself (made at start-up), then each part
+        return (f"{self.root}/{key}" if key else self.root), modes[-1]
 
     async def occupant(self, root: str, path: str) -> tuple[str, bool] | None:
-        # One lstat per part, inline like stat: the ownership check of every put of a drive with
+        # One walk, inline like stat: the ownership check of every put of a drive with
         # several components runs this for each of the others.
-        folder = self._path(root)
         parts = path.split("/")
-        for end, name in enumerate(parts, 1):
-            folder = f"{folder}/{name}"
-            try:
-                mode = os.lstat(folder).st_mode
-            except (FileNotFoundError, NotADirectoryError):
-                return None
-            if stat.S_ISREG(mode):
+        mode: int | None = None
+        below_root = itertools.islice(self._modes(f"{root}/{path}"), root.count("/") + 1, None)
+        for end, mode in enumerate(below_root, 1):
+            if mode is not None and stat.S_ISREG(mode):
                 return "/".join(parts[:end]), False
-            if not stat.S_ISDIR(mode):
-                key = f"{root}/{path}"
-                raise InvalidArgument(f"path {key!r} goes through a symbolic link in the data dir: refused")
-        return path, True
+        return (path, True) if mode is not None and stat.S_ISDIR(mode) else None
 
     async def start_upload(self, key: str) -> Upload:
         path, mode = self._lookup(key)
@@ -454,11 +464,11 @@ class LocalBackend(Backend):
             raise is_a_folder(key)
         return LocalUpload(self, key, path)
 
-    def _open(self, key: str) -> tuple[int, Layout, tuple[int, int, int], ObjectInfo]:
+    def _open(self, key: str) -> tuple[int, Layout, Version, ObjectInfo]:
         """Opens `key` and reads its header: (descriptor, layout, version, info); the caller closes the descriptor.
 
-        The version (device, inode, mtime) tells this file apart from any
-        other that was or will be at `key`.
+        The version (device, inode, ctime) tells these bytes apart from any
+        others that were or will be at `key`.
         """
         try:
             fd = os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -476,9 +486,9 @@ class LocalBackend(Backend):
                 raise Damaged(key, "its header does not match its CRC32C") from None
             if layout is None:  # drived writes every file under objects/ with a header: this one is damaged
                 raise Damaged(key, "its header is not one drived writes")
-            version = (st.st_dev, st.st_ino, st.st_mtime_ns)
+            version = (st.st_dev, st.st_ino, st.st_ctime_ns)
             crc = layout.crc32c
-            if crc is None and (ends := self.legacy_tables.get(version)) is not None:
+            if crc is None and (ends := self.legacy_tables.known(version)) is not None:
                 crc = ends[-1] if ends else 0  # a format 1 file read before: its table is known
             return fd, layout, version, ObjectInfo(key, layout.size, layout.sha256.hex(), st.st_mtime_ns, crc)
         except BaseException:

@@ -17,9 +17,10 @@ the whole blocks it touches and their entries (`BlockEnds`).
 
 Format 1 (magic "DRIVED01", earlier releases): a 64-byte header of magic,
 raw sha256 and size, then the content, no table. Such files stay readable
-as they are: the first read of one in a daemon's life checks its content
-against its sha256 and builds its table in memory (`LegacyTables`), not on
-disk, so reading never writes.
+as they are: the first read of one in a daemon's life checks its whole
+content against its sha256 and builds its table in memory (`LegacyTables`),
+not on disk, so reading never writes. That sha256 is all format 1 knows: a
+file that does not match it is damaged as a whole, every range of it.
 
 A stored file's mtime (in ns) is its generation. Shared by the daemon, which
 commits big uploads and reads, and the commit worker, which commits small
@@ -28,14 +29,16 @@ ones; no grpc here (see `drived.checksums`).
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import functools
 import os
 import struct
 import sys
-import threading
 import time
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import NamedTuple
 
 from crc32c import crc32c
@@ -194,35 +197,63 @@ def legacy_block_ends(fd: int, layout: Layout, block_size: int) -> array[int] | 
     return sums.block_ends() if sums.sha256_digest() == layout.sha256 else None
 
 
-class LegacyTables:
-    """The block tables of format 1 files read so far, by file version, in memory; the least used go first.
+Version = tuple[int, int, int]  # a stored file's (device, inode, ctime): see LegacyTables
 
-    A version is (device, inode, mtime): a put replaces the file (a new
-    inode), so a table never outlives the bytes it was built from.
+
+class LegacyTables:
+    """The block tables of format 1 files, by file version, each built once and kept in memory; the least used go
+    first past `max_entries` entries.
+
+    A version is (device, inode, ctime): a put replaces the file (a new
+    inode), and any write or restore in place changes its ctime, so a table
+    never outlives the bytes it was built from. A version's table is built
+    once however many read it at once: the first read starts the build and
+    the others wait for that same Future. A file whose bytes do not match
+    its sha256 keeps that verdict (None) as its table, so every read of it is
+    refused without reading it again. A build that fails (a read error) is
+    not kept: the next read builds again. Used on the event loop only.
     """
 
     def __init__(self, max_entries: int = 4 << 20) -> None:  # 16 MiB of tables: 4 TiB of content
-        self._tables: OrderedDict[tuple[int, int, int], array[int]] = OrderedDict()
+        self._tables: OrderedDict[Version, array[int] | None] = OrderedDict()  # built; None: damaged
+        self._building: dict[Version, asyncio.Future[array[int] | None]] = {}
         self._entries = 0
         self._max_entries = max_entries
-        self._lock = threading.Lock()  # cheap insurance: today only the event loop calls get and add
 
-    def get(self, version: tuple[int, int, int]) -> array[int] | None:
-        with self._lock:
-            ends = self._tables.get(version)
-            if ends is not None:
-                self._tables.move_to_end(version)
-            return ends
+    def known(self, version: Version) -> array[int] | None:
+        """The table of `version` when it is built (and its file matched its sha256); else None."""
+        return self._tables.get(version)
 
-    def add(self, version: tuple[int, int, int], ends: array[int]) -> None:
-        with self._lock:
-            if version in self._tables:
-                return
-            self._tables[version] = ends
-            self._entries += len(ends)
-            while self._entries > self._max_entries and len(self._tables) > 1:
-                _, dropped = self._tables.popitem(last=False)
-                self._entries -= len(dropped)
+    def table(self, version: Version, build: Callable[[], array[int] | None]) -> asyncio.Future[array[int] | None]:
+        """The table of `version` (None for a file that does not match its sha256), built or being built; else
+        built now by `build` in a worker thread. Await it shielded: a reader that goes away leaves it to the
+        others."""
+        if version in self._tables:
+            self._tables.move_to_end(version)
+            done: asyncio.Future[array[int] | None] = asyncio.get_running_loop().create_future()
+            done.set_result(self._tables[version])
+            return done
+        building = self._building.get(version)
+        if building is None:
+            building = asyncio.get_running_loop().run_in_executor(None, build)
+            self._building[version] = building
+            building.add_done_callback(functools.partial(self._built, version))
+        return building
+
+    def _built(self, version: Version, building: asyncio.Future[array[int] | None]) -> None:
+        del self._building[version]
+        if building.cancelled() or building.exception() is not None:
+            return  # told to the readers that waited for it; the next read builds again
+        ends = self._tables[version] = building.result()
+        self._entries += _entries(ends)
+        while self._entries > self._max_entries and len(self._tables) > 1:
+            _, dropped = self._tables.popitem(last=False)
+            self._entries -= _entries(dropped)
+
+
+def _entries(ends: array[int] | None) -> int:
+    """What a kept table counts against LegacyTables' bound: at least 1, so that verdicts are bounded too."""
+    return max(1, len(ends)) if ends is not None else 1
 
 
 def fsync_folder(folder: str) -> None:
