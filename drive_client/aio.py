@@ -25,7 +25,6 @@ from . import core
 from .channels import open_channel
 from .common import DriveBase, FileStat, MountResult, WatchEvent
 from .effects import Blocking, Call, Caller, Done, Emit, Next, Open, Plan, Send, Sleep, Unary, advance
-from .errors import from_rpc_error
 from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import CHUNK_SIZE, Progress
 from .wire import PutMessage, fast_stub
@@ -89,7 +88,7 @@ class _AioCalls:
             assert isinstance(effect, Send)
             return await self._send(rpc, effect)
         except grpc.RpcError as err:
-            raise from_rpc_error(err, drive.endpoint, drive.connection.unreachable_advice()) from None
+            raise drive.error(err) from None
 
     async def _send(self, rpc: Any, effect: Send) -> Any:
         messages = iter(effect.messages)

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
+import grpc
+
 from .channels import Connection
-from .errors import InvalidArgument, NotADirectory, NotFound
+from .errors import DriveError, InvalidArgument, NotADirectory, NotFound, from_rpc_error
 from .pb import drive_pb2 as pb
 from .resume import RETRY_SECONDS
 from .uri import check_component, parse_drive
@@ -96,7 +98,6 @@ class DriveBase:
         self.component_name = check_component(component_name or os.environ.get("DRIVE_COMPONENT"))
         self.root_folder = None if root_folder is None else _existing_folder(root_folder)
         self.connection = Connection.from_settings(endpoint, tls, tls_ca, tls_cert, tls_key)
-        self.endpoint = self.connection.endpoint
         self.token = token or os.environ.get("DRIVE_TOKEN") or None
         self.verify = check_verify(verify)
         self.retry_seconds = _retry_seconds(retry_seconds)
@@ -114,6 +115,14 @@ class DriveBase:
         state = self.__dict__.copy()
         state["_channel"] = None  # channels do not cross processes; a new one is made on first use
         return state
+
+    @property
+    def endpoint(self) -> str:
+        return self.connection.endpoint
+
+    def error(self, err: grpc.RpcError) -> DriveError:
+        """The DriveError a failed call raises, its message saying how to reach this drive's daemon."""
+        return from_rpc_error(err, self.endpoint, self.connection.unreachable_advice())
 
     @property
     def _metadata(self) -> list[tuple[str, str]]:

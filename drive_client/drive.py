@@ -18,7 +18,6 @@ from . import core
 from .channels import Connection, open_channel
 from .common import DriveBase, FileStat, MountResult, WatchEvent
 from .effects import Call, Caller, Next, Send
-from .errors import from_rpc_error
 from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import Progress, ReadAhead
 from .wire import fast_stub
@@ -59,7 +58,7 @@ class _BlockingCalls(Caller):
                     raise requests.error from None
                 raise
         except grpc.RpcError as err:
-            raise from_rpc_error(err, drive.endpoint, drive.connection.unreachable_advice()) from None
+            raise drive.error(err) from None
 
 
 class Drive(DriveBase):

@@ -203,6 +203,11 @@ class Access:
     def _load(self) -> TokenTable:
         table = TokenTable.read(self._file) if self._file else TokenTable({})
         if self._token_digest:
+            if self._token_digest in table.grants:
+                raise TokenFileError(
+                    f"{self._file}: token {table.grants[self._token_digest].name!r} is also --token, which grants "
+                    "every drive read-write: give each token once"
+                )
             grants = {self._token_digest: Grant("--token", None, True), **table.grants}
             table = TokenTable(grants, table.plaintext)
         if table.plaintext and _shared(self._file):

@@ -62,11 +62,12 @@ class ServerTLS:
         if self._client_ca:
             client_ca = _read(self._client_ca, "client CA (--tls-client-ca)")
             try:
-                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=self._client_ca)
-            except ssl.SSLError as err:
-                raise TLSFileError(
-                    f"--tls-client-ca {self._client_ca} holds no PEM certificate ({err.reason or err})"
-                ) from None
+                # The bytes read above, not the file again: what is checked is what is served.
+                pem = client_ca.decode("ascii", "ignore")
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem)
+            except (ssl.SSLError, ValueError) as err:  # ValueError: an empty file
+                reason = getattr(err, "reason", None) or err
+                raise TLSFileError(f"--tls-client-ca {self._client_ca} holds no PEM certificate ({reason})") from None
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
 
     def credentials(self) -> grpc.ServerCredentials:

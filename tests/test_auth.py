@@ -446,6 +446,7 @@ def test_sighup_reloads_the_token_file_and_a_broken_file_keeps_the_old_tokens(st
 
 @pytest.mark.parametrize(("content", "reason"), [
     ("", "defines no token"),
+    ('[[token]]\nname = "a"\ntoken = "plain-secret"\ndrives = ["*"]\nmode = "read"\n', "'a' is also --token"),
     ('[[token]]\nname = "a"\ntoken = "plain-secret"\ndrives = ["lit://*"]\n', "`mode` is"),
     ('[[token]]\nname = "a"\ntoken = "plain-secret"\nsha256 = "' + "0" * 64 + '"\ndrives = ["*"]\nmode = "read"\n',
      "exactly one of `sha256`"),
@@ -459,8 +460,8 @@ def test_a_token_file_that_cannot_be_used_stops_the_start(tmp_path, content, rea
     tokens = tmp_path / "tokens.toml"
     tokens.write_text(content)
     endpoint = f"127.0.0.1:{free_port()}"
-    handle = spawn_daemon(["--listen", endpoint, "--data-dir", str(tmp_path / "data"), "--auth-tokens", str(tokens)],
-                          tmp_path / "drived.log", tmp_path / "data", endpoint)
+    handle = spawn_daemon(["--listen", endpoint, "--data-dir", str(tmp_path / "data"), "--auth-tokens", str(tokens),
+                           "--token", "plain-secret"], tmp_path / "drived.log", tmp_path / "data", endpoint)
     assert handle.proc.wait(30) == 1
     assert "drived: --auth-tokens:" in handle.log() and reason in handle.log(), handle.log()
     assert "plain-secret" not in handle.log()

@@ -5,7 +5,7 @@ and afterwards the daemon is back to its resting descriptors and memory. Prints 
 The clients are threads in 4 processes (16 each), each with a component and folder of its own, so every
 answer is known in advance: a get must return the last version its client put, a stat its size, a list
 its names, and a delete must find its file. Sizes: most small (the commit worker's path), some of a few
-MiB, a few up to 64 MiB (streamed, fsynced). LOAD_SECONDS sets the time (20 s by default).
+MiB, a few up to 64 MiB (streamed, fsynced). LOAD_SECONDS sets the time (12 s by default).
 
 Resting state: the daemon's descriptors and memory after one short round of the same mix (its threads,
 its commit worker, its buffers started). Afterwards descriptors must come back to within 8 of it (the
@@ -162,7 +162,7 @@ def test_64_clients_at_once_lose_nothing_and_leave_the_daemon_as_it_was(start_da
     assert wait_until(lambda: handle.open_requests("Put") == 0 and handle.open_requests("Get") == 0, 30)
     resting_fds, resting_rss = open_fds(pid), rss_mib(pid)
 
-    seconds = float(os.environ.get("LOAD_SECONDS", "20"))
+    seconds = float(os.environ.get("LOAD_SECONDS", "12"))
     counts, errors, elapsed = run_clients(handle.endpoint, seconds, "load")
     peak_rss = rss_mib(pid)
     moved = counts["bytes_put"] + counts["bytes_got"]

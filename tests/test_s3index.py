@@ -39,7 +39,7 @@ pytestmark = pytest.mark.integration  # starts moto_server endpoints of its own
 
 BUCKET = "drv-index-test"
 PREFIX = "data/"
-MANY = 2600
+MANY = 1100  # at 100 keys a page: 11 pages for that folder alone
 MIB = 1024 * 1024
 BIG = b"".join(hashlib.sha256(str(i).encode()).digest() * 1024 for i in range(32 * MIB // (32 * 1024)))
 assert len(BIG) == 32 * MIB
@@ -123,7 +123,7 @@ async def test_mount_paginates_and_indexes_every_key(bucket: str, mounts: S3Moun
     objects, seconds = await mounts.mount(bucket, PREFIX)
     assert objects == len(FILES)  # markers are not objects; outside keys are not counted
     assert seconds > 0
-    # 2,600 keys under one folder at 100 keys a page: at least 26 requests for that folder alone.
+    # MANY keys under one folder at 100 keys a page: a request for each page of that folder.
     assert mounts.stats.requests >= MANY // 100
     index = await mounts.index(bucket, PREFIX)
     many = _all(index, "many", False, 0)

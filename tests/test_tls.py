@@ -207,10 +207,13 @@ def test_sighup_reloads_the_certificate_and_bad_files_keep_the_old_one(start_dae
     (("--tls-cert", "CERT", "--tls-key", "/nonexistent.key"), "cannot read the key (--tls-key) /nonexistent.key"),
     (("--tls-cert", "CERT", "--tls-key", "OTHER_KEY"), "are not a PEM certificate and its key"),
     (("--tls-cert", "CERT", "--tls-key", "KEY", "--tls-client-ca", "KEY"), "holds no PEM certificate"),
+    (("--tls-cert", "CERT", "--tls-key", "KEY", "--tls-client-ca", "EMPTY"), "holds no PEM certificate"),
     (("--tls-client-ca", "CA"), "--tls-client-ca needs --tls-cert"),
 ])
 def test_tls_files_that_cannot_be_used_stop_the_start(pki, tmp_path, flags, message):
-    files = {"CERT": pki.server.cert, "KEY": pki.server.key, "OTHER_KEY": pki.client.key, "CA": pki.ca}
+    (tmp_path / "empty.pem").write_bytes(b"")
+    files = {"CERT": pki.server.cert, "KEY": pki.server.key, "OTHER_KEY": pki.client.key, "CA": pki.ca,
+             "EMPTY": tmp_path / "empty.pem"}
     endpoint = f"127.0.0.1:{free_port()}"
     args = ["--listen", endpoint, "--data-dir", str(tmp_path / "data"), *(str(files.get(f, f)) for f in flags)]
     handle = spawn_daemon(args, tmp_path / "drived.log", tmp_path / "data", endpoint)

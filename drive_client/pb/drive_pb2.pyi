@@ -41,7 +41,8 @@ Status codes used by every RPC:
                        drive is touched: the answer is the same whether the
                        drive exists or not
   FAILED_PRECONDITION  the path is held by several components: name one
-  ABORTED              the file changed while it was read (if_match, s3 ETag)
+  ABORTED              the file changed while it was read (if_match, s3 ETag);
+                       a Put stream whose upload another stream resumed
   OUT_OF_RANGE         a Watch resumed from events no longer kept, or from
                        a sequence the drive never gave; a Put resumed at
                        another offset than the server holds
