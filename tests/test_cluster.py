@@ -371,6 +371,37 @@ def test_a_put_whose_claim_is_lost_before_its_commit_fails_and_stores_nothing(ow
     assert raw_get(stub, drive_uri, "kept.txt")[0][1] == b"version 2"
 
 
+def test_a_put_whose_claim_lapsed_while_the_coordinator_was_stopped_fails_and_stores_nothing(own_cluster, drive_uri):
+    replica = own_cluster.replica("--claim-ttl", "1")
+    stub = stub_of(replica)
+    raw_put(stub, drive_uri, "kept.txt", b"version 1", component="w")
+    moto, valkey = own_cluster.store.moto.proc, own_cluster.valkey.proc
+    assert moto is not None and valkey is not None
+    moto.send_signal(signal.SIGSTOP)  # the put's ownership check hangs on the store, inside its claim
+    try:
+        put = stub.Put.future(put_messages(drive_uri, "kept.txt", b"version 2", component="w", size=9), timeout=60)
+        assert wait_until(lambda: bool(own_cluster.keys("drived:*:claim:kept.txt")), timeout=20), \
+            "the put never took its claim"
+        failed = replica.log().count('"event": "renewing claims failed"')
+        valkey.send_signal(signal.SIGSTOP)
+        try:
+            # Each round of renewals gives up after a third of the TTL: four of them outlast the claim.
+            assert wait_until(lambda: replica.log().count('"event": "renewing claims failed"') >= failed + 4,
+                              timeout=30), "the renewals never gave up"
+        finally:
+            valkey.send_signal(signal.SIGCONT)
+    finally:
+        moto.send_signal(signal.SIGCONT)
+    with pytest.raises(grpc.RpcError) as lost:
+        put.result(60)
+    assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "lapsed before its commit" in lost.value.details() and own_cluster.name in lost.value.details()
+    assert PASSWORD not in lost.value.details()
+    [(info, data)] = raw_get(stub, drive_uri, "kept.txt")
+    assert (data, info.sha256) == (b"version 1", sha256_of(b"version 1"))
+    assert own_cluster.store.uploads() == []
+
+
 def test_a_delete_waits_for_the_put_of_its_path_and_counts_the_version_it_deleted(own_cluster, drive_uri):
     quota = 1000
     replica = own_cluster.replica("--quota", str(quota))
