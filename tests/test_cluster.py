@@ -336,6 +336,13 @@ def test_a_claim_held_by_a_killed_replica_expires(own_cluster, drive_uri):
     assert (data, info.component) == (b"survivor", "s")
 
 
+def held_at_finish(messages: list[drive_pb2.PutRequest], finish: threading.Event) -> Iterator[drive_pb2.PutRequest]:
+    """A Put's messages, its last (the finish) sent once `finish` is set."""
+    yield from messages[:-1]
+    finish.wait(30)
+    yield messages[-1]
+
+
 def test_a_put_whose_claim_is_lost_before_its_commit_fails_and_stores_nothing(own_cluster, drive_uri):
     replica = own_cluster.replica()
     stub = stub_of(replica)
@@ -345,9 +352,14 @@ def test_a_put_whose_claim_is_lost_before_its_commit_fails_and_stores_nothing(ow
     assert moto is not None
     # Lost: expired while the coordinator was out of reach (or it lost its data), or since taken by another.
     for lose in ("deleted", "taken"):
-        moto.send_signal(signal.SIGSTOP)  # the put's ownership check hangs on the store, inside its claim
+        data = os.urandom(9 * MIB)  # a multipart upload, which the failed put aborts
+        finish = threading.Event()
+        messages = list(put_messages(drive_uri, "kept.txt", data, component="w", size=len(data)))
+        put = stub.Put.future(held_at_finish(messages, finish), timeout=60)
         try:
-            put = stub.Put.future(put_messages(drive_uri, "kept.txt", b"version 2", component="w", size=9), timeout=60)
+            assert wait_until(lambda: len(own_cluster.store.uploads()) == 1, timeout=20), "the upload never started"
+            moto.send_signal(signal.SIGSTOP)  # the put's ownership check hangs on the store, inside its claim
+            finish.set()
             assert wait_until(lambda: bool(own_cluster.keys("drived:*:claim:kept.txt")), timeout=20), \
                 "the put never took its claim"
             [key] = own_cluster.keys("drived:*:claim:kept.txt")
@@ -356,6 +368,7 @@ def test_a_put_whose_claim_is_lost_before_its_commit_fails_and_stores_nothing(ow
             else:
                 admin.set(key, "another replica's token", px=60_000)
         finally:
+            finish.set()
             moto.send_signal(signal.SIGCONT)
         with pytest.raises(grpc.RpcError) as lost:
             put.result(60)
@@ -413,11 +426,6 @@ def test_a_delete_waits_for_the_put_of_its_path_and_counts_the_version_it_delete
     messages[0].header.upload_id = "replacing"
     finish = threading.Event()
 
-    def held_at_finish() -> Iterator[drive_pb2.PutRequest]:
-        yield from messages[:-1]
-        finish.wait(30)
-        yield messages[-1]
-
     def began() -> bool:
         query = drive_pb2.QueryWriteStatusRequest(drive=drive_uri, component="w", upload_id="replacing")
         try:
@@ -428,7 +436,7 @@ def test_a_delete_waits_for_the_put_of_its_path_and_counts_the_version_it_delete
             return False
         return True
 
-    put = stub.Put.future(held_at_finish(), timeout=60)
+    put = stub.Put.future(held_at_finish(messages, finish), timeout=60)
     moto = own_cluster.store.moto.proc
     assert moto is not None
     try:
