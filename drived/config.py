@@ -69,8 +69,8 @@ HELP = {
     "daemons sharing --storage coordinate through: ownership claims, the Watch feed, waiting gets. Several "
     "replicas need it; empty: this daemon coordinates alone. Prefer the env variable when the URL holds a "
     "password: flags show in `ps`",
-    "claim_ttl": "seconds after which the claim of a path being committed is given up when its daemon died "
-    "(with --coordinator; renewed every third of it while held)",
+    "claim_ttl": "seconds after which the claim of a path being committed or deleted is given up when its daemon "
+    "died (with --coordinator; renewed every third of it while held; a put whose claim lapsed fails UNAVAILABLE)",
     "chunk_size": "bytes per message of a Get stream (at most 3 MiB; local storage sends whole 1 MiB blocks)",
     "grace_period": "seconds that SIGTERM/SIGINT lets in-flight transfers finish before they are cancelled",
     "s3_list_concurrency": "parallel ListObjectsV2 calls when mounting an s3:// drive",

@@ -7,7 +7,7 @@ one daemon and several replicas of it is behind this one small interface:
   claim on that path, one holder at a time;
 - the change feed: each drive's puts and deletes, numbered (Watch);
 - wake-ups: a get waiting for a path, and a watch waiting for the next
-  change, wake when the drive's feed moves on.
+  change, wake when the drive's feed moves on (`changes`).
 
 `InProcessCoordinator` (`drived.events`) serves one daemon;
 `RedisCoordinator` (`drived.redis_coordinator`: a lock key per claimed path,
@@ -17,8 +17,8 @@ has.
 Drives are named by their `lit://` name, paths as `drived.requests` made
 them. Every method may be called concurrently from many tasks. Failures are
 `drive_client.errors` types: `Unavailable` when the coordinator cannot be
-reached or is closed, `EventsExpired` when a feed no longer holds what was
-asked for.
+reached or is closed (or a claim lapsed), `EventsExpired` when a feed no
+longer holds what was asked for.
 """
 
 from __future__ import annotations
@@ -45,11 +45,53 @@ class Event:
     entry: Entry
 
 
+class Claim:
+    """A claim held: what `Coordinator.claim` gives the body of its `async with`.
+
+    This one cannot be lost (the in-process coordinator's); a shared
+    coordinator's claim can, when its holder could not renew it in time.
+    """
+
+    async def confirm(self) -> None:
+        """Makes sure the claim is still held, right before the step it guards (a put's commit).
+
+        A shared implementation renews it for a whole TTL from now, so the
+        step has that long before the claim could lapse. Raises Unavailable
+        when the claim is no longer held (it lapsed, or the coordinator lost
+        it) or cannot be confirmed: the step must not be taken.
+        """
+
+
+class Changes(abc.ABC):
+    """One drive's feed as a task follows it: what `Coordinator.changes` gives the body of its `async with`."""
+
+    @abc.abstractmethod
+    async def latest(self) -> int:
+        """The sequence of the drive's latest event (as `Coordinator.last`).
+
+        Take it before looking at what is awaited, then `wait` after it: a
+        publish in between makes the wait return at once. A shared
+        implementation asks the coordinator once and then learns each
+        event's sequence from its wake-up. Raises Unavailable.
+        """
+
+    @abc.abstractmethod
+    async def wait(self, after: int, timeout: float | None) -> None:
+        """Returns once the drive has an event after sequence `after`, or after `timeout` seconds.
+
+        Returns at once when such an event exists already. `timeout` None
+        waits without limit. May return early although nothing changed (a
+        caller looks again and, if need be, waits again). Raises Unavailable
+        when the coordinator is closed (at once, and for a wait in progress
+        as soon as `close` is called) or cannot be reached.
+        """
+
+
 class Coordinator(abc.ABC):
     """Ownership claims, the change feed and wake-ups of the managed drives."""
 
     @abc.abstractmethod
-    def claim(self, drive: str, path: str) -> AbstractAsyncContextManager[None]:
+    def claim(self, drive: str, path: str) -> AbstractAsyncContextManager[Claim]:
         """Holds the claim on `path` of `drive` for the body of an `async with`.
 
         At most one holder at a time for each (drive, path), across every
@@ -65,7 +107,10 @@ class Coordinator(abc.ABC):
         A claim whose holder died (a killed replica) is released after a
         bounded time, so no path stays blocked for ever: a shared
         implementation gives the claim an expiry and renews it for as long
-        as the holder is alive and inside the `async with`.
+        as the holder is alive and inside the `async with`. A holder that
+        cannot renew it in time (the coordinator out of reach, or too slow,
+        for longer than the expiry) loses it: the body calls the `Claim`'s
+        `confirm` right before the step the claim guards.
 
         Raises Unavailable, before the body runs, when the claim cannot be
         taken (the coordinator is unreachable).
@@ -82,7 +127,7 @@ class Coordinator(abc.ABC):
         a resume from before such a loss is refused with EventsExpired instead
         of being answered with other events. A put publishes inside its
         path's claim, so the feed orders the puts of one path as they
-        committed. Every `wait` on the drive returns. The feed keeps a
+        committed. Every `Changes.wait` on the drive returns. The feed keeps a
         bounded number of events; publishing drops the oldest beyond it.
         Raises Unavailable.
         """
@@ -108,31 +153,26 @@ class Coordinator(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def wait(self, drive: str, after: int, timeout: float | None) -> None:
-        """Returns once the drive has an event after sequence `after`, or after `timeout` seconds.
+    def changes(self, drive: str) -> AbstractAsyncContextManager[Changes]:
+        """The drive's feed, followed for the body of an `async with`: its latest sequence, and waits for more.
 
-        Returns at once when such an event exists already, which makes it
-        race-free with `last`: take the position with `last`, look at the
-        store, then wait after that position; a publish in between makes the
-        wait return at once. `timeout` None waits without limit. May return
-        early although nothing changed (a caller looks again and, if need
-        be, waits again). Raises Unavailable when the coordinator is closed
-        (at once, and for a wait in progress as soon as `close` is called) or
-        cannot be reached.
+        A get waiting for a path holds one for its whole wait: a shared
+        implementation listens to the drive once, not once per look.
         """
 
     async def follow(self, drive: str, after: int) -> AsyncIterator[Event]:
         """Every event of the drive after sequence `after`, in order, as they are published; never ends.
 
-        Raises EventsExpired and Unavailable as `since` and `wait` do. Written
-        on `since` and `wait`; an implementation may override it with one
-        that reads and waits in one call.
+        Raises EventsExpired and Unavailable as `since` and `Changes.wait`
+        do. Written on `since` and `changes`; an implementation may override
+        it with one that reads and waits in one call.
         """
-        while True:
-            for event in await self.since(drive, after):
-                after = event.sequence
-                yield event
-            await self.wait(drive, after, None)
+        async with self.changes(drive) as changes:
+            while True:
+                for event in await self.since(drive, after):
+                    after = event.sequence
+                    yield event
+                await changes.wait(after, None)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepares the coordinator before the daemon serves (SystemExit with the reason when it cannot)."""
@@ -149,7 +189,7 @@ class Coordinator(abc.ABC):
     async def close(self) -> None:
         """Stops the coordinator (the daemon is shutting down).
 
-        Every `wait`, in progress or later, raises Unavailable, so waiting
+        Every `Changes.wait`, in progress or later, raises Unavailable, so waiting
         gets and watches answer at once rather than hold the shutdown.
         Claims held are released as their holders leave them, and claims and
         publishes still work: puts finishing in the grace period commit.

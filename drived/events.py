@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from drive_client.errors import EventsExpired, Unavailable
 
-from .coordinator import EVENTS_KEPT, Coordinator, Event, EventKind, folders_above
+from .coordinator import EVENTS_KEPT, Changes, Claim, Coordinator, Event, EventKind, folders_above
 from .entry import Entry
 
 
@@ -123,6 +123,28 @@ class EventLog:
             state.changed.set()
 
 
+class _LogChanges(Changes):
+    """A drive's feed in an EventLog, as a task follows it."""
+
+    def __init__(self, log: EventLog, drive: str) -> None:
+        self._log = log
+        self._drive = drive
+
+    async def latest(self) -> int:
+        return self._log.last(self._drive)
+
+    async def wait(self, after: int, timeout: float | None) -> None:
+        self._log.check_open()
+        changed = self._log.changed(self._drive)  # nothing runs between this and the check below: no publish is missed
+        if self._log.last(self._drive) > after:
+            return
+        try:
+            await asyncio.wait_for(changed.wait(), timeout)
+        except TimeoutError:
+            return
+        self._log.check_open()
+
+
 class InProcessCoordinator(Coordinator):
     """The coordinator of a daemon that serves its drives alone: the claimed paths in memory,
     an EventLog, and its asyncio events as wake-ups."""
@@ -142,13 +164,13 @@ class InProcessCoordinator(Coordinator):
         )
 
     @asynccontextmanager
-    async def claim(self, drive: str, path: str) -> AsyncIterator[None]:
+    async def claim(self, drive: str, path: str) -> AsyncIterator[Claim]:
         while not self._free(drive, path):
             await self._released.wait()  # nothing runs between the check and taking the event
         self._held.add((drive, path))
         self._held_below.update((drive, folder) for folder in folders_above(path))
         try:
-            yield
+            yield Claim()  # held until the body ends: nothing here can take it away
         finally:
             self._held.discard((drive, path))
             for folder in folders_above(path):
@@ -167,16 +189,9 @@ class InProcessCoordinator(Coordinator):
     async def since(self, drive: str, after: int) -> list[Event]:
         return self.log.since(drive, after)
 
-    async def wait(self, drive: str, after: int, timeout: float | None) -> None:
-        self.log.check_open()
-        changed = self.log.changed(drive)  # nothing runs between this and the check below: no publish is missed
-        if self.log.last(drive) > after:
-            return
-        try:
-            await asyncio.wait_for(changed.wait(), timeout)
-        except TimeoutError:
-            return
-        self.log.check_open()
+    @asynccontextmanager
+    async def changes(self, drive: str) -> AsyncIterator[Changes]:
+        yield _LogChanges(self.log, drive)
 
     def check_open(self) -> None:
         self.log.check_open()

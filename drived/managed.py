@@ -27,6 +27,7 @@ from drive_client.errors import (
     NotFound,
     ResourceExhausted,
     StaleIndexError,
+    Unavailable,
     WaitTimeout,
 )
 from drive_client.uri import DriveId
@@ -71,11 +72,12 @@ class ManagedPut:
     upload: Upload
     write: Callable[[bytes | memoryview], Awaitable[None]]
 
-    def __init__(self, drives: ManagedDrives, header: PutHeader, max_bytes: int) -> None:
+    def __init__(self, drives: ManagedDrives, header: PutHeader, max_bytes: int, replaced: int) -> None:
         self.header = header
         self.path = header.path
         self.offset = header.write_offset
         self.max_bytes = max_bytes
+        self.replaced = replaced  # the size of the caller's file at the path when the put began (for the quota)
         self._drives = drives
 
     def writing(self, upload: Upload) -> ManagedPut:
@@ -85,7 +87,7 @@ class ManagedPut:
         return self
 
     async def over_limit(self, received: int) -> ResourceExhausted:
-        return await self._drives.over_limit(self.header, received)
+        return self._drives.over_limit(self.header, received, self.replaced)
 
     async def commit(self, sent: ClientChecksums, received: int) -> Entry:
         return await self._drives.commit_put(self, sent, received)
@@ -176,23 +178,25 @@ class ManagedDrives:
         drive = put.drive.name
         max_bytes = self.max_file_size
         if put.size is not None and put.size > max_bytes:
-            raise await self.over_limit(put, put.size)
+            raise self.over_limit(put, put.size, 0)
+        replaced = 0
         if self.quotas is not None:
-            max_bytes = min(max_bytes, await self.quotas.room(drive, await self._own_size(put)))
+            replaced = await self._own_size(put)  # read once: the refusals below and the stream's say the same
+            max_bytes = min(max_bytes, await self.quotas.room(drive, replaced))
             if put.size is not None and put.size > max_bytes:
-                raise await self.over_limit(put, put.size)
+                raise self.over_limit(put, put.size, replaced)
         if not put.allow_duplicates and (put.size is None or put.size > EARLY_CHECK_MIN_SIZE):
             await self._check_duplicates(drive, put.component, put.path)
         if put.write_offset > max_bytes:  # the bytes held already pass a limit
-            raise await self.over_limit(put, put.write_offset)
+            raise self.over_limit(put, put.write_offset, replaced)
         if put.write_offset:
-            resumed = ResumablePut(self, put, max_bytes)
+            resumed = ResumablePut(self, put, max_bytes, replaced)
             return resumed.taking(await self.uploads.resume(put, resumed))
         upload = await self.backend.start_upload(object_key(drive, put.component, put.path))
         if put.upload_id:
-            started = ResumablePut(self, put, max_bytes)
+            started = ResumablePut(self, put, max_bytes, replaced)
             return started.taking(await self.uploads.start(put, upload, started))
-        return ManagedPut(self, put, max_bytes).writing(upload)
+        return ManagedPut(self, put, max_bytes, replaced).writing(upload)
 
     async def _own_size(self, put: PutHeader) -> int:
         """The size of the file the caller already holds at the put's path (0 when none): a put replacing it
@@ -203,15 +207,16 @@ class ManagedDrives:
             return 0  # as the drive's usage counts it (`Backend.usage`): a put is how to repair it
         return info.size if info else 0
 
-    async def over_limit(self, put: PutHeader, received: int) -> ResourceExhausted:
-        """The refusal of a put that has (or, by its header, will have) `received` bytes, past its limit."""
+    def over_limit(self, put: PutHeader, received: int, replaced: int) -> ResourceExhausted:
+        """The refusal of a put that has (or, by its header, will have) `received` bytes, past its limit; it
+        replaces a file of `replaced` bytes (0: none, or not read because the quota is not what it passes)."""
         if received > self.max_file_size:
             return ResourceExhausted(
                 f"{_shown(put.drive.name, put.path)} has more than {self.max_file_size:,} bytes, the largest file "
                 "this drived stores (--max-file-size): nothing was stored"
             )
         assert self.quotas is not None  # the other limit
-        return self.quotas.refusal(put.drive.name, received - await self._own_size(put))
+        return self.quotas.refusal(put.drive.name, received - replaced)
 
     async def query_upload(self, drive: DriveId, component: str, upload_id: str) -> tuple[int, Entry | None]:
         return await self.uploads.status((drive.name, component, upload_id))
@@ -219,16 +224,20 @@ class ManagedDrives:
     async def commit_put(self, put: ManagedPut, sent: ClientChecksums, received: int) -> Entry:
         """Verifies and commits a put: ownership and the quota are checked again inside the path's claim (and
         the backend's commit checks the folders there), so that the checks and the commit are one step for
-        every daemon sharing the coordinator (for the quota, for this daemon)."""
+        every daemon sharing the coordinator (for the quota, for this daemon). The claim is confirmed right
+        before the commit: a put whose claim lapsed meanwhile (the coordinator out of reach for longer than
+        its expiry) fails UNAVAILABLE and stores nothing, since another put of the path may have committed."""
         header, drive = put.header, put.header.drive.name
-        async with self.coordinator.claim(drive, header.path):
+        async with self.coordinator.claim(drive, header.path) as claim:
             try:
                 if not header.allow_duplicates:
                     await self._check_duplicates(drive, header.component, header.path)
+                # Read again inside the claim: the file may have been replaced since the put began.
                 added = received - await self._own_size(header) if self.quotas else 0
                 async with self._holding(drive, added):
+                    await claim.confirm()
                     info = await put.upload.commit(sent, header.size)
-            except (AlreadyExists, ResourceExhausted):
+            except (AlreadyExists, ResourceExhausted, Unavailable):  # nothing is stored: the upload goes now
                 await put.abort()
                 raise
             entry = _entry(header.path, header.component, info)
@@ -273,15 +282,16 @@ class ManagedDrives:
                 raise NotFound(f"{_shown(drive, path)}{owner} does not exist")
             return hits
         deadline = time.monotonic() + wait_seconds
-        while True:
-            seen = await self.coordinator.last(drive)  # taken before looking: a put after it ends the wait
-            hits = await self._locate(drive, path, component)
-            if hits:
-                return hits
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WaitTimeout(f"{_shown(drive, path)}{owner} did not appear within {wait_seconds:g} s")
-            await self.coordinator.wait(drive, seen, remaining)  # then look again, and answer if it is there
+        async with self.coordinator.changes(drive) as changes:  # followed for the whole wait
+            while True:
+                seen = await changes.latest()  # taken before looking: a put after it ends the wait
+                hits = await self._locate(drive, path, component)
+                if hits:
+                    return hits
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WaitTimeout(f"{_shown(drive, path)}{owner} did not appear within {wait_seconds:g} s")
+                await changes.wait(seen, remaining)  # then look again, and answer if it is there
 
     @staticmethod
     def _ambiguous(drive: str, path: str, components: list[str]) -> AmbiguousPathError:
@@ -406,28 +416,37 @@ class ManagedDrives:
         return iter(())
 
     async def delete(self, delete: DeleteRequest) -> int:
-        """Removes the caller's file, or every file of its under a folder; the count removed."""
+        """Removes the caller's file, or every file of its under a folder; the count removed.
+
+        Inside the path's claim (which excludes the puts of the path and of
+        every path below it), so that what a file's size takes from the
+        quota is the size of the version deleted, two deletes of one file
+        count it once, and the feed orders a delete and the puts of its path
+        as they happened.
+        """
         drive, path, component = delete.drive.name, delete.path, delete.component
         key = object_key(drive, component, path)
-        if await self._delete(drive, key):
-            deleted = [path]
-        else:
-            deleted = [
-                relative_path(k, drive, component)
-                for k in await self.backend.walk(key)
-                if await self._delete(drive, k)
-            ]
-        if not deleted:
-            raise NotFound(
-                f"component {component!r} owns nothing at {_shown(drive, path)}; "
-                "a file can only be deleted by the component that put it"
-            )
-        for file_path in deleted:
-            await self.coordinator.publish(drive, "delete", Entry(path=file_path, component=component))
+        async with self.coordinator.claim(drive, path):
+            if await self._delete(drive, key):
+                deleted = [path]
+            else:
+                deleted = [
+                    relative_path(k, drive, component)
+                    for k in await self.backend.walk(key)
+                    if await self._delete(drive, k)
+                ]
+            if not deleted:
+                raise NotFound(
+                    f"component {component!r} owns nothing at {_shown(drive, path)}; "
+                    "a file can only be deleted by the component that put it"
+                )
+            for file_path in deleted:
+                await self.coordinator.publish(drive, "delete", Entry(path=file_path, component=component))
         return len(deleted)
 
     async def _delete(self, drive: str, key: str) -> bool:
-        """Deletes one object; with a quota, its size leaves the drive's usage."""
+        """Deletes one object; with a quota, its size (read once, under the caller's claim) leaves the drive's
+        usage."""
         if self.quotas is None:
             return await self.backend.delete(key)
         try:

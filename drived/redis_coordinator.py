@@ -10,13 +10,17 @@ scripts touch `drived:epoch` beside a drive's keys):
   are `<sequence>-0`. Its max-deleted-entry-id is the newest sequence no
   longer kept: the epoch when the feed is made, then the newest event dropped.
 - `drived:{<drive>}:claim:<path>`: the token of the claim's holder, with a
-  TTL that the holder renews every third of it; a claim whose holder died
-  is free once its TTL has passed.
+  TTL that the holder renews every third of it (all its claims in one
+  script call, given at most a third of the TTL), and once more right
+  before the commit it guards, which fails when the claim was lost; a claim
+  whose holder died is free once its TTL has passed.
 - `drived:{<drive>}:below:<folder>`: the tokens of the claims held below the
   folder, scored by their expiry, so that a claim of `a` waits while `a/b`
   is held, and the other way round.
-- the channel `drived:{<drive>}`: "e" after each event, "r" after each
-  claim released, for the daemons waiting on the drive (`drived.redis_wakeups`).
+- the channel `drived:{<drive>}`: "e<sequence>" after each event, "r" after
+  each claim released, for the daemons waiting on the drive
+  (`drived.redis_wakeups`): a waiting get or watch learns the sequence from
+  the message, without asking again.
 
 Each operation is one Lua script (one round trip, atomic): a claim checks
 and takes its key and its folders' in one step; a publish numbers, appends,
@@ -56,9 +60,9 @@ from redis.backoff import NoBackoff
 
 from drive_client.errors import EventsExpired, Unavailable
 
-from .coordinator import CLAIM_TTL, EVENTS_KEPT, Coordinator, Event, EventKind, folders_above
+from .coordinator import CLAIM_TTL, EVENTS_KEPT, Changes, Claim, Coordinator, Event, EventKind, folders_above
 from .entry import Entry
-from .redis_wakeups import Wakeups
+from .redis_wakeups import Channel, Wakeups
 
 log = logging.getLogger("drived")
 
@@ -114,7 +118,7 @@ elseif state.length + 1 > tonumber(ARGV[1]) + tonumber(ARGV[2]) then
   for i, entry in ipairs(oldest) do ids[i] = entry[1] end
   redis.call('XDEL', KEYS[2], unpack(ids))
 end
-redis.call('PUBLISH', ARGV[3], 'e')
+redis.call('PUBLISH', ARGV[3], 'e' .. string.format('%.0f', sequence))
 return sequence
 """
 
@@ -137,9 +141,8 @@ return {0, redis.call('XRANGE', KEYS[2], '(' .. ARGV[1] .. '-0', '+', 'COUNT', A
 CLAIM_CLOCK = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-local function hold_below(i)
-  redis.call('ZADD', KEYS[i], now + ttl, ARGV[1])
+local function hold_below(i, token, ttl)
+  redis.call('ZADD', KEYS[i], now + ttl, token)
   if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 """
@@ -147,6 +150,7 @@ end
 # KEYS: the path's claim and below keys, then each folder's above it. ARGV: token, ttl (ms).
 # 0 when taken; else the milliseconds after which the claim in the way expires.
 ACQUIRE = CLAIM_CLOCK + """
+local ttl = tonumber(ARGV[2])
 local function held(key)
   local left = redis.call('PTTL', key)
   if left == -2 then return nil end
@@ -163,16 +167,28 @@ local busy = held(KEYS[1]) or held_below(KEYS[2])
 for i = 3, #KEYS, 2 do busy = busy or held(KEYS[i]) end
 if busy then return math.max(busy, 1) end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-for i = 4, #KEYS, 2 do hold_below(i) end
+for i = 4, #KEYS, 2 do hold_below(i, ARGV[1], ttl) end
 return 0
 """
 
-# KEYS and ARGV as ACQUIRE. 1 when still held, 0 when the claim expired (and maybe went to another).
+# KEYS: each claim's keys (as ACQUIRE's) in turn. ARGV: ttl (ms), then each claim's token and number of keys.
+# For each claim, 1 when it was still held (and is renewed), 0 when it was lost (expired, and maybe taken by another).
 RENEW = CLAIM_CLOCK + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ttl)
-for i = 4, #KEYS, 2 do hold_below(i) end
-return 1
+local ttl = tonumber(ARGV[1])
+local kept = {}
+local first = 0
+for c = 2, #ARGV, 2 do
+  local token = ARGV[c]
+  if redis.call('GET', KEYS[first + 1]) == token then
+    redis.call('PEXPIRE', KEYS[first + 1], ttl)
+    for i = first + 4, first + tonumber(ARGV[c + 1]), 2 do hold_below(i, token, ttl) end
+    kept[#kept + 1] = 1
+  else
+    kept[#kept + 1] = 0
+  end
+  first = first + tonumber(ARGV[c + 1])
+end
+return kept
 """
 
 # KEYS as ACQUIRE. ARGV: token, channel.
@@ -202,6 +218,48 @@ def _event(entry_id: bytes, fields: list[bytes]) -> Event:
     return Event(int(entry_id.split(b"-", 1)[0]), cast(EventKind, values[b"k"].decode()), entry)
 
 
+class _RedisClaim(Claim):
+    """A claim this daemon holds in Redis: renewed by the daemon's renewer, confirmed before its commit."""
+
+    def __init__(self, coordinator: RedisCoordinator, drive: str, path: str, token: str, keys: list[str]) -> None:
+        self._coordinator = coordinator
+        self._shown = f"{path!r} in lit://{drive}"
+        self.token = token
+        self.keys = keys
+
+    async def confirm(self) -> None:
+        [kept] = await self._coordinator.renew([self])
+        if not kept:
+            raise Unavailable(
+                f"the claim on {self._shown} lapsed before its commit (the coordinator {self._coordinator.name} was "
+                "out of reach or too slow for longer than --claim-ttl, or lost its data): nothing was stored; retry"
+            )
+
+
+class _ChannelChanges(Changes):
+    """A drive's feed followed through its channel: its latest sequence is asked once, then learnt from messages."""
+
+    def __init__(self, coordinator: RedisCoordinator, drive: str, channel: Channel) -> None:
+        self._coordinator = coordinator
+        self._drive = drive
+        self._channel = channel
+
+    async def latest(self) -> int:
+        link = await self._channel.armed()
+        if not self._channel.known:  # first, or after a lost connection: asked once the subscription is confirmed
+            self._channel.learnt(link, await self._coordinator.last(self._drive))
+        return self._channel.latest
+
+    async def wait(self, after: int, timeout: float | None) -> None:
+        self._coordinator.check_open()
+        changed = self._channel.changed  # taken before looking: an event in between is not missed
+        if await self.latest() > after:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout)
+        self._coordinator.check_open()
+
+
 class RedisCoordinator(Coordinator):
     """The coordinator of replicas: claims, feeds and wake-ups in one Redis or Valkey (see the module doc)."""
 
@@ -224,7 +282,7 @@ class RedisCoordinator(Coordinator):
         self._renew = self._redis.register_script(RENEW)
         self._release = self._redis.register_script(RELEASE)
         self._wakeups = Wakeups(self._subscriber, self.failure)
-        self._held: dict[str, list[str]] = {}  # token -> keys of the claims this daemon holds
+        self._held: dict[str, _RedisClaim] = {}  # token -> a claim this daemon holds
         self._renewer: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._closed = False
@@ -308,10 +366,10 @@ class RedisCoordinator(Coordinator):
     # -- claims --------------------------------------------------------------
 
     @asynccontextmanager
-    async def claim(self, drive: str, path: str) -> AsyncIterator[None]:
-        keys = self._claim_keys(drive, path)
-        token = secrets.token_hex(8)
-        ttl_ms = max(1, int(self.claim_ttl * 1000))
+    async def claim(self, drive: str, path: str) -> AsyncIterator[Claim]:
+        held = _RedisClaim(self, drive, path, secrets.token_hex(8), self._claim_keys(drive, path))
+        keys, token = held.keys, held.token
+        ttl_ms = self._ttl_ms()
         busy = await self._run(self._acquire, keys, [token, ttl_ms])
         if busy:
             async with self._wakeups.listening(self._channel(drive)) as channel:
@@ -322,14 +380,17 @@ class RedisCoordinator(Coordinator):
                     if busy:  # until a release in the drive, or the expiry of the claim in the way
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(released.wait(), busy / 1000)
-        self._held[token] = keys
+        self._held[token] = held
         if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.ensure_future(self._renew_held(ttl_ms))
+            self._renewer = asyncio.ensure_future(self._renew_held())
         try:
-            yield
+            yield held
         finally:
             del self._held[token]
             await asyncio.shield(self._keep(self._give_back(drive, keys, token)))
+
+    def _ttl_ms(self) -> int:
+        return max(1, int(self.claim_ttl * 1000))
 
     async def _give_back(self, drive: str, keys: list[str], token: str) -> None:
         try:
@@ -338,20 +399,41 @@ class RedisCoordinator(Coordinator):
             log.warning("a claim could not be released; it expires after --claim-ttl", extra={"fields": {
                 "drive": drive, "key": keys[0], "error": str(err)}})
 
-    async def _renew_held(self, ttl_ms: int) -> None:
-        """Renews this daemon's claims every third of their TTL for as long as it holds any."""
+    async def renew(self, claims: list[_RedisClaim]) -> list[int]:
+        """Renews `claims` for a whole TTL from now, in one call: for each, 1 when it was still held, else 0."""
+        keys = [key for claim in claims for key in claim.keys]
+        counts = [value for claim in claims for value in (claim.token, len(claim.keys))]
+        return cast(list[int], await self._run(self._renew, keys, [self._ttl_ms(), *counts]))
+
+    async def _renew_held(self) -> None:
+        """Renews this daemon's claims every third of their TTL for as long as it holds any.
+
+        All of them in one call, given at most that third: however many
+        claims, and however slow the coordinator, a round ends before the
+        next one starts, and a claim held is renewed within two thirds of its
+        TTL or (when the coordinator does not answer in time) lost, which its
+        commit finds out (`Claim.confirm`).
+        """
+        period = self.claim_ttl / 3
+        loop = asyncio.get_running_loop()
+        round_start = loop.time()
         while self._held:
-            await asyncio.sleep(ttl_ms / 3000)
-            for token, keys in list(self._held.items()):
-                try:
-                    kept = await self._run(self._renew, keys, [token, ttl_ms])
-                except Unavailable as err:
-                    kept, error = 1, str(err)  # it may still be held: tried again next time
-                    log.warning("renewing a claim failed", extra={"fields": {"key": keys[0], "error": error}})
-                if not kept and token in self._held:
-                    log.warning("a claim expired while held (the coordinator was out of reach for longer than "
-                                "--claim-ttl): another put of the path may commit meanwhile",
-                                extra={"fields": {"key": keys[0]}})
+            round_start = max(round_start + period, loop.time())
+            await asyncio.sleep(round_start - loop.time())
+            claims = list(self._held.values())
+            if not claims:
+                continue
+            try:
+                kept = await asyncio.wait_for(self.renew(claims), period)
+            except (Unavailable, TimeoutError) as err:  # they may still be held: tried again next round
+                log.warning("renewing claims failed", extra={"fields": {
+                    "claims": len(claims), "error": str(err) or "no answer within a third of --claim-ttl"}})
+                continue
+            for claim, still in zip(claims, kept, strict=True):
+                if not still and claim.token in self._held:
+                    log.warning("a claim lapsed while held (the coordinator was out of reach or too slow for longer "
+                                "than --claim-ttl): its put fails before its commit",
+                                extra={"fields": {"key": claim.keys[0]}})
 
     # -- the change feed -----------------------------------------------------
 
@@ -373,27 +455,7 @@ class RedisCoordinator(Coordinator):
             )
         return [_event(entry_id, fields) for entry_id, fields in reply[1]]
 
-    async def wait(self, drive: str, after: int, timeout: float | None) -> None:
-        self.check_open()
+    @asynccontextmanager
+    async def changes(self, drive: str) -> AsyncIterator[Changes]:
         async with self._wakeups.listening(self._channel(drive)) as channel:
-            await channel.armed()
-            changed = channel.changed  # taken before looking: an event in between is not missed
-            if await self.last(drive) > after:
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout)
-        self.check_open()
-
-    async def follow(self, drive: str, after: int) -> AsyncIterator[Event]:
-        """As `Coordinator.follow`, listening to the drive for as long as it runs, not once per event."""
-        async with self._wakeups.listening(self._channel(drive)) as channel:
-            while True:
-                self.check_open()
-                await channel.armed()
-                changed = channel.changed
-                events = await self.since(drive, after)
-                for event in events:
-                    after = event.sequence
-                    yield event
-                if not events:
-                    await changed.wait()
+            yield _ChannelChanges(self, drive, channel)

@@ -16,6 +16,12 @@ Pub/sub delivers only to subscribers that the server had subscribed when the
 message was published, so a task waits for the confirmation of its
 subscription (`armed`) before it looks at what it waits for; from then on
 nothing published is missed.
+
+An event's message carries its sequence ("e<sequence>"), so a channel knows
+its drive's latest sequence for as long as it stays subscribed: once learnt
+from the feed after the subscription was confirmed (`learnt`), it follows
+the messages, and the tasks waiting on the drive ask Redis nothing more. A
+lost connection makes it unknown again.
 """
 
 from __future__ import annotations
@@ -43,9 +49,13 @@ class Channel:
         self.users = 0
         self.changed = asyncio.Event()  # set and replaced by the next event of the drive (or a lost connection)
         self.released = asyncio.Event()  # set and replaced by the next claim released in the drive (likewise)
+        # The newest sequence of the drive seen (in a message, or learnt from the feed); while `known`, no event
+        # published since the subscription was confirmed is newer.
+        self.latest = 0
+        self.known = False
         self._wakeups = wakeups
 
-    async def armed(self) -> None:
+    async def armed(self) -> Link:
         """Returns once the subscription is confirmed: every message published from now on is seen.
 
         Take `changed` or `released` after this, then look at what is
@@ -53,10 +63,22 @@ class Channel:
         """
         link = await self._wakeups.link()
         await link.subscribed(self.name)
+        return link
 
-    def wake(self, kind: bytes) -> None:
-        """Sets (and replaces) the event of a message: b"e" an event, b"r" a release, b"" both."""
+    def learnt(self, link: Link, sequence: int) -> None:
+        """The drive's latest sequence, read from its feed after `link` confirmed the subscription."""
+        self.latest = max(self.latest, sequence)
+        self.known = self.known or not link.failed  # a connection lost meanwhile may have missed messages
+
+    def wake(self, message: bytes) -> None:
+        """Sets (and replaces) the event of a message: b"e<sequence>" an event, b"r" a release, b"" both (the
+        connection was lost: both may have been missed)."""
+        kind, sequence = message[:1], message[1:]
         if kind in (b"e", b""):
+            if sequence.isdigit():
+                self.latest = max(self.latest, int(sequence))
+            else:  # lost, or from a daemon that does not send the sequence: learnt again from the feed
+                self.known = False
             self.changed.set()
             self.changed = asyncio.Event()
         if kind in (b"r", b""):
@@ -191,7 +213,7 @@ class Wakeups:
     def message(self, name: str, data: bytes) -> None:
         channel = self._channels.get(name)
         if channel is not None:
-            channel.wake(data[:1])
+            channel.wake(data)
 
     def lost(self, link: Link) -> None:
         """A connection failed: every listener wakes and looks again (it may have missed a message)."""

@@ -23,6 +23,7 @@ import grpc
 import pytest
 import redis
 from conftest import MIB, DaemonHandle, free_port, put_messages, raw_get, raw_put, rpc_code, wait_until
+from test_coordinator import calls
 from test_storage_s3 import BUCKET, PREFIX, StalledPut, Store, stub_of
 
 from bench.services import TlsProxy, ValkeyServer
@@ -197,6 +198,23 @@ def test_a_get_waiting_on_b_returns_when_a_commits_the_path(replicas, drive_uri)
     assert answered - committed < 10, f"the get on B answered {answered - committed:.1f} s after the commit on A"
 
 
+def test_a_get_waiting_on_b_through_other_puts_listens_to_the_drive_once(cluster, replicas, drive_uri):
+    a, b = replicas[:2]
+    admin = redis.Redis.from_url(cluster.valkey.url)
+    subscribes, unsubscribes = calls(admin, "subscribe"), calls(admin, "unsubscribe")
+    waiting = threading.Thread(target=lambda: raw_get(stub_of(b), drive_uri, "awaited.txt", wait_seconds=60))
+    waiting.start()
+    b.wait_open("Get", 1)
+    for i in range(3):  # each wakes the get, which looks again and waits on
+        raw_put(stub_of(a), drive_uri, f"other{i}.txt", b"not yet", component="w")
+    raw_put(stub_of(a), drive_uri, "awaited.txt", b"now", component="w")
+    waiting.join(60)
+    assert not waiting.is_alive()
+    assert wait_until(lambda: calls(admin, "unsubscribe") > unsubscribes), "the get never stopped listening"
+    # One subscription for the whole wait, however many wakes.
+    assert (calls(admin, "subscribe") - subscribes, calls(admin, "unsubscribe") - unsubscribes) == (1, 1)
+
+
 def watch_events(handle: DaemonHandle, drive: str, count: int, after: int = 0,
                  ready: threading.Event | None = None) -> list[tuple[str, str, int]]:
     """The first `count` events of a Watch on `handle`: (kind, path, sequence), the WATCHING one first."""
@@ -316,6 +334,128 @@ def test_a_claim_held_by_a_killed_replica_expires(own_cluster, drive_uri):
     raw_put(stub_of(survivor), drive_uri, "held.txt", b"survivor", component="s")
     [(info, data)] = raw_get(stub_of(survivor), drive_uri, "held.txt")
     assert (data, info.component) == (b"survivor", "s")
+
+
+def held_at_finish(messages: list[drive_pb2.PutRequest], finish: threading.Event) -> Iterator[drive_pb2.PutRequest]:
+    """A Put's messages, its last (the finish) sent once `finish` is set."""
+    yield from messages[:-1]
+    finish.wait(30)
+    yield messages[-1]
+
+
+def test_a_put_whose_claim_is_lost_before_its_commit_fails_and_stores_nothing(own_cluster, drive_uri):
+    replica = own_cluster.replica()
+    stub = stub_of(replica)
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    raw_put(stub, drive_uri, "kept.txt", b"version 1", component="w")
+    moto = own_cluster.store.moto.proc
+    assert moto is not None
+    # Lost: expired while the coordinator was out of reach (or it lost its data), or since taken by another.
+    for lose in ("deleted", "taken"):
+        version_2 = os.urandom(9 * MIB)  # a multipart upload, which the failed put aborts
+        finish = threading.Event()
+        messages = list(put_messages(drive_uri, "kept.txt", version_2, component="w", size=len(version_2)))
+        put = stub.Put.future(held_at_finish(messages, finish), timeout=60)
+        try:
+            assert wait_until(lambda: len(own_cluster.store.uploads()) == 1, timeout=20), "the upload never started"
+            moto.send_signal(signal.SIGSTOP)  # the put's ownership check hangs on the store, inside its claim
+            finish.set()
+            assert wait_until(lambda: bool(own_cluster.keys("drived:*:claim:kept.txt")), timeout=20), \
+                "the put never took its claim"
+            [key] = own_cluster.keys("drived:*:claim:kept.txt")
+            if lose == "deleted":
+                admin.delete(key)
+            else:
+                admin.set(key, "another replica's token", px=60_000)
+        finally:
+            finish.set()
+            moto.send_signal(signal.SIGCONT)
+        with pytest.raises(grpc.RpcError) as lost:
+            put.result(60)
+        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE, lose
+        assert "lapsed before its commit" in lost.value.details() and "nothing was stored" in lost.value.details()
+        [(info, data)] = raw_get(stub, drive_uri, "kept.txt")
+        assert (data, info.sha256) == (b"version 1", sha256_of(b"version 1")), lose
+        key_in_store = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/kept.txt"
+        assert own_cluster.store.client.get_object(Bucket=BUCKET, Key=key_in_store)["Body"].read() == b"version 1"
+        assert own_cluster.store.uploads() == []
+        admin.delete(key)
+    raw_put(stub, drive_uri, "kept.txt", b"version 2", component="w")  # with its claim kept, it commits
+    assert raw_get(stub, drive_uri, "kept.txt")[0][1] == b"version 2"
+
+
+def test_a_put_whose_claim_lapsed_while_the_coordinator_was_stopped_fails_and_stores_nothing(own_cluster, drive_uri):
+    replica = own_cluster.replica("--claim-ttl", "1")
+    stub = stub_of(replica)
+    raw_put(stub, drive_uri, "kept.txt", b"version 1", component="w")
+    moto, valkey = own_cluster.store.moto.proc, own_cluster.valkey.proc
+    assert moto is not None and valkey is not None
+    moto.send_signal(signal.SIGSTOP)  # the put's ownership check hangs on the store, inside its claim
+    try:
+        put = stub.Put.future(put_messages(drive_uri, "kept.txt", b"version 2", component="w", size=9), timeout=60)
+        assert wait_until(lambda: bool(own_cluster.keys("drived:*:claim:kept.txt")), timeout=20), \
+            "the put never took its claim"
+        failed = replica.log().count('"event": "renewing claims failed"')
+        valkey.send_signal(signal.SIGSTOP)
+        try:
+            # Each round of renewals gives up after a third of the TTL: four of them outlast the claim.
+            assert wait_until(lambda: replica.log().count('"event": "renewing claims failed"') >= failed + 4,
+                              timeout=30), "the renewals never gave up"
+        finally:
+            valkey.send_signal(signal.SIGCONT)
+    finally:
+        moto.send_signal(signal.SIGCONT)
+    with pytest.raises(grpc.RpcError) as lost:
+        put.result(60)
+    assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "lapsed before its commit" in lost.value.details() and own_cluster.name in lost.value.details()
+    assert PASSWORD not in lost.value.details()
+    [(info, data)] = raw_get(stub, drive_uri, "kept.txt")
+    assert (data, info.sha256) == (b"version 1", sha256_of(b"version 1"))
+
+
+def test_a_delete_waits_for_the_put_of_its_path_and_counts_the_version_it_deleted(own_cluster, drive_uri):
+    quota = 1000
+    replica = own_cluster.replica("--quota", str(quota))
+    stub = stub_of(replica)
+    raw_put(stub, drive_uri, "f.bin", b"v" * 10, component="w")
+    start = watch_events(replica, drive_uri, 0)[0][2]
+    # A resumable put (so that the daemon says when it began), held before its finish.
+    messages = list(put_messages(drive_uri, "f.bin", b"w" * quota, component="w", size=quota))
+    messages[0].header.upload_id = "replacing"
+    finish = threading.Event()
+
+    def began() -> bool:
+        query = drive_pb2.QueryWriteStatusRequest(drive=drive_uri, component="w", upload_id="replacing")
+        try:
+            stub.QueryWriteStatus(query, timeout=10)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return False
+        return True
+
+    put = stub.Put.future(held_at_finish(messages, finish), timeout=60)
+    moto = own_cluster.store.moto.proc
+    assert moto is not None
+    try:
+        assert wait_until(began, timeout=20), "the put never began"
+        moto.send_signal(signal.SIGSTOP)  # the put's commit waits on the store, inside its claim
+        finish.set()
+        assert wait_until(lambda: bool(own_cluster.keys("drived:*:claim:f.bin")), timeout=20)
+        deleted = stub.Delete.future(drive_pb2.DeleteRequest(drive=drive_uri, path="f.bin", component="w"), timeout=60)
+        replica.wait_open("Delete", 1)
+    finally:
+        finish.set()
+        moto.send_signal(signal.SIGCONT)
+    put.result(60)
+    assert deleted.result(60).files_deleted == 1
+    events = watch_events(replica, drive_uri, 2, after=start)
+    assert [e[:2] for e in events[1:]] == [("put", "f.bin"), ("delete", "f.bin")]  # as they happened
+    with pytest.raises(FileNotFoundError):
+        Drive(drive_uri, component_name="w", endpoint=replica.endpoint).stat("f.bin")
+    # The drive is empty, and counted so: a put of the whole quota fits.
+    raw_put(stub, drive_uri, "full.bin", b"x" * quota, component="w")
 
 
 def test_sigkill_mid_put_leaves_no_partial_and_the_previous_version(own_cluster, drive_uri):

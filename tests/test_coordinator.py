@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -65,6 +68,12 @@ async def coordinators(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
 @pytest.fixture
 def coordinator(coordinators: Make) -> Coordinator:
     return coordinators()
+
+
+async def wait_once(coordinator: Coordinator, drive: str, after: int, timeout: float | None) -> None:
+    """One wait of the drive's feed, as a get that looks once does it."""
+    async with coordinator.changes(drive) as changes:
+        await changes.wait(after, timeout)
 
 
 def entry(path: str) -> Entry:
@@ -159,12 +168,12 @@ async def test_a_feed_keeps_its_newest_events_and_refuses_a_resume_past_dropped_
 async def test_wait_returns_at_once_for_an_event_already_there(coordinator: Coordinator) -> None:
     seen = await coordinator.last("d")
     await coordinator.publish("d", "put", entry("a"))  # between taking the position and waiting
-    await asyncio.wait_for(coordinator.wait("d", seen, 10), 5)
+    await asyncio.wait_for(wait_once(coordinator, "d", seen, 10), 5)
 
 
 async def test_wait_returns_when_an_event_of_its_drive_comes(coordinator: Coordinator) -> None:
     seen = await coordinator.last("d")
-    waiting = asyncio.ensure_future(coordinator.wait("d", seen, None))
+    waiting = asyncio.ensure_future(wait_once(coordinator, "d", seen, None))
     await asyncio.sleep(0)  # the wait starts
     await coordinator.publish("d", "put", entry("a"))
     await asyncio.wait_for(waiting, 5)
@@ -173,7 +182,7 @@ async def test_wait_returns_when_an_event_of_its_drive_comes(coordinator: Coordi
 async def test_a_wait_wakes_on_another_daemons_publish(coordinators: Make) -> None:
     waiter, publisher = coordinators(), coordinators()
     seen = await waiter.last("d")
-    waits = [asyncio.ensure_future(waiter.wait("d", seen, None)) for _ in range(50)]
+    waits = [asyncio.ensure_future(wait_once(waiter, "d", seen, None)) for _ in range(50)]
     await asyncio.sleep(0.2)  # the waits are under way (each returns at once if it started after the publish)
     await publisher.publish("d", "put", entry("a"))
     await asyncio.wait_for(asyncio.gather(*waits), 5)
@@ -190,13 +199,13 @@ async def test_waits_cancelled_at_any_moment_leave_later_waits_working(coordinat
     waiter, publisher = coordinators(), coordinators()
     for round_ in range(10):  # each round cancels waits at other points of subscribing and unsubscribing
         seen = await waiter.last("d")
-        waits = [asyncio.ensure_future(waiter.wait("d", seen, None)) for _ in range(10)]
+        waits = [asyncio.ensure_future(wait_once(waiter, "d", seen, None)) for _ in range(10)]
         for _ in range(round_):
             await asyncio.sleep(0)
         for wait in waits[::2]:
             wait.cancel()
         await asyncio.sleep(0.05)
-        survivor = asyncio.ensure_future(waiter.wait("d", seen, None))
+        survivor = asyncio.ensure_future(wait_once(waiter, "d", seen, None))
         await asyncio.sleep(0.05)
         await publisher.publish("d", "put", entry(f"r{round_}"))
         await asyncio.wait_for(asyncio.gather(survivor, *waits[1::2]), 5)
@@ -206,7 +215,7 @@ async def test_waits_cancelled_at_any_moment_leave_later_waits_working(coordinat
 async def test_wait_lasts_its_timeout_when_its_drive_does_not_change(coordinator: Coordinator) -> None:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    waiting = asyncio.ensure_future(coordinator.wait("d", await coordinator.last("d"), 0.2))
+    waiting = asyncio.ensure_future(wait_once(coordinator, "d", await coordinator.last("d"), 0.2))
     await asyncio.sleep(0)
     await coordinator.publish("other", "put", entry("x"))  # another drive's event does not end it
     await waiting
@@ -214,7 +223,7 @@ async def test_wait_lasts_its_timeout_when_its_drive_does_not_change(coordinator
 
 
 async def test_close_ends_waits_in_progress_and_refuses_new_ones(coordinator: Coordinator) -> None:
-    waiting = asyncio.ensure_future(coordinator.wait("d", await coordinator.last("d"), None))
+    waiting = asyncio.ensure_future(wait_once(coordinator, "d", await coordinator.last("d"), None))
     watching = coordinator.follow("d", await coordinator.last("d"))
     following = asyncio.ensure_future(anext(watching))
     await asyncio.sleep(0.1)  # the wait and the watch start
@@ -227,7 +236,7 @@ async def test_close_ends_waits_in_progress_and_refuses_new_ones(coordinator: Co
     with pytest.raises(Unavailable):
         await asyncio.wait_for(following, 5)
     with pytest.raises(Unavailable):
-        await coordinator.wait("fresh", 0, None)
+        await wait_once(coordinator, "fresh", 0, None)
     # Puts finishing in the grace period still claim and publish.
     async with coordinator.claim("d", "late"):
         assert await coordinator.publish("d", "put", entry("late")) > 0
@@ -244,6 +253,27 @@ async def test_follow_reports_every_event_in_order_as_it_comes(coordinator: Coor
     await coordinator.publish("d", "delete", entry("b"))
     assert (await asyncio.wait_for(later, 5)).entry.path == "b"
     assert (await anext(events)).kind == "delete"
+
+
+async def test_changes_learn_each_event_while_they_are_held(coordinators: Make) -> None:
+    follower, publisher = coordinators(), coordinators()
+    async with follower.changes("d") as changes:
+        seen = await changes.latest()
+        assert seen == await publisher.last("d")
+        for i in range(3):
+            waiting = asyncio.ensure_future(changes.wait(seen, None))
+            await asyncio.sleep(0.05)  # the wait is under way (it returns at once if it starts after the publish)
+            published = await publisher.publish("d", "put", entry(f"f{i}"))
+            await asyncio.wait_for(waiting, 5)
+            seen = await changes.latest()
+            assert seen == published, i
+        await asyncio.wait_for(changes.wait(seen - 1, None), 5)  # an event after `after` is there already
+
+
+async def test_a_claim_is_confirmed_while_it_is_held(coordinator: Coordinator) -> None:
+    async with coordinator.claim("d", "a/b") as claim:
+        await claim.confirm()
+        await claim.confirm()
 
 
 # -- Redis only: what a shared coordinator adds ------------------------------------------------------------------
@@ -303,7 +333,7 @@ async def test_an_unreachable_coordinator_is_unavailable_naming_it_and_recovers(
         server.kill()
         calls = (
             lambda: coordinator.publish("d", "put", entry("b")), lambda: coordinator.last("d"),
-            lambda: coordinator.since("d", before), lambda: coordinator.wait("d", before, 5),
+            lambda: coordinator.since("d", before), lambda: wait_once(coordinator, "d", before, 5),
             lambda: coordinator.claim("d", "p").__aenter__(),
         )
         for call in calls:
@@ -343,14 +373,121 @@ async def test_a_wait_survives_the_subscriber_connection_dropping(own_valkey: Ca
     server = own_valkey()
     async with redis_coordinator(server.url) as waiter, redis_coordinator(server.url) as publisher:
         seen = await waiter.last("d")
-        waiting = asyncio.ensure_future(waiter.wait("d", seen, None))
+        waiting = asyncio.ensure_future(wait_once(waiter, "d", seen, None))
         await asyncio.sleep(0.2)
         admin = redis.Redis.from_url(server.url)
         assert admin.client_kill_filter(_type="pubsub") == 1  # the one subscriber connection of the waiter
         await asyncio.wait_for(waiting, 5)  # woken: it may have missed an event, so it looks again
-        waits = [asyncio.ensure_future(waiter.wait(drive, seen, None)) for drive in ("d", "e") for _ in range(20)]
+        waits = [asyncio.ensure_future(wait_once(waiter, drive, seen, None)) for drive in ("d", "e") for _ in range(20)]
         await asyncio.sleep(0.2)
         assert len(admin.client_list(_type="pubsub")) == 1  # reconnected once, for every wait of every drive
         await publisher.publish("d", "put", entry("a"))
         await publisher.publish("e", "put", entry("a"))
         await asyncio.wait_for(asyncio.gather(*waits), 5)
+
+
+def calls(admin: redis.Redis, command: str) -> int:
+    """How many times the server ran `command` (INFO commandstats)."""
+    return int(admin.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+@pytest.mark.integration
+async def test_changes_subscribe_once_and_ask_the_feed_once_however_many_events_come(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    server = own_valkey()
+    admin = redis.Redis.from_url(server.url)
+    async with redis_coordinator(server.url) as follower, redis_coordinator(server.url) as publisher:
+        await publisher.publish("d", "put", entry("warm"))
+        await follower.last("d")  # the scripts are loaded: each later call of them is one EVALSHA
+        subscribes, scripts = calls(admin, "subscribe"), calls(admin, "evalsha")
+        async with follower.changes("d") as changes:
+            seen = await changes.latest()
+            for i in range(5):
+                waiting = asyncio.ensure_future(changes.wait(seen, None))
+                await asyncio.sleep(0.05)
+                await publisher.publish("d", "put", entry(f"f{i}"))
+                await asyncio.wait_for(waiting, 5)
+                seen = await changes.latest()
+        assert calls(admin, "subscribe") - subscribes == 1
+        assert calls(admin, "evalsha") - scripts == 1 + 5  # the follower's one LAST, and the publishes
+        assert [e.entry.path for e in await follower.since("d", seen - 1)] == ["f4"]
+
+
+@pytest.mark.integration
+async def test_a_claim_lost_while_held_is_not_confirmed(own_valkey: Callable[..., ValkeyServer]) -> None:
+    server = own_valkey()
+    admin = redis.Redis.from_url(server.url)
+    async with redis_coordinator(server.url) as coordinator:
+        for lose in ("deleted", "taken"):  # expired (or the coordinator lost its data), or held by another since
+            async with coordinator.claim("d", "p") as claim:
+                [key] = admin.keys("drived:{d}:claim:p")
+                if lose == "deleted":
+                    admin.delete(key)
+                else:
+                    admin.set(key, "another replica's token", px=10_000)
+                with pytest.raises(Unavailable) as lost:
+                    await claim.confirm()
+                message = str(lost.value)
+                assert "'p' in lit://d" in message and "--claim-ttl" in message and "nothing was stored" in message
+                assert f"redis://127.0.0.1:{server.port}/0" in message and PASSWORD not in message
+            assert admin.get(key) == (None if lose == "deleted" else b"another replica's token"), lose
+            admin.delete(key)
+
+
+class SlowLink:
+    """A TCP proxy on loopback to a server, which holds each piece a client sends for `delay` seconds: a
+    coordinator far away (or slow), where every call costs at least `delay`, and calls on one connection queue."""
+
+    def __init__(self, target: int, delay: float) -> None:
+        self._target = target
+        self._delay = delay
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, self._delay), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, 0.0), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, delay: float) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                time.sleep(delay)  # the latency this link adds
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._listener.close()
+        for end in self._sockets:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+
+@pytest.mark.integration
+async def test_many_claims_over_a_slow_link_are_all_kept(own_valkey: Callable[..., ValkeyServer]) -> None:
+    server = own_valkey()
+    admin = redis.Redis.from_url(server.url)
+    link = SlowLink(server.port, delay=0.05)
+    count = 40  # one call after another, renewing them would take 2 s: longer than their TTL
+    try:
+        url = f"redis://:{PASSWORD}@127.0.0.1:{link.port}/0"
+        async with redis_coordinator(url, claim_ttl=1.5) as holder, contextlib.AsyncExitStack() as held:
+            claims = await asyncio.gather(*(held.enter_async_context(holder.claim("d", f"f{i}")) for i in range(count)))
+            await asyncio.sleep(3.0)  # twice the TTL: kept only by renewals
+            assert len(admin.keys("drived:{d}:claim:*")) == count
+            await asyncio.gather(*(claim.confirm() for claim in claims))
+    finally:
+        link.close()
