@@ -3,7 +3,7 @@
 A daemon remembers the files a stream committed while the stream runs and for --upload-expiry after it
 ended; a commit that its stream's cut interrupts is remembered all the same; taking an upload over from a
 stream still open on the daemon pushes no other held upload out, and a refused takeover leaves that stream
-writing.
+writing; a put's progress counts each byte of its files once, however often a cut makes it send them.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def test_a_folder_put_cut_later_than_the_upload_expiry_after_its_first_file_send
     assert resumed["status"] == "OK" and resumed["files"] <= 3, resumed
     received = metric(handle, 'drived_transfer_bytes_total{direction="in"}') - MIB  # the marker's MiB
     assert total <= received <= total + IN_FLIGHT, f"{received - total} bytes received twice"
+    assert sum(counted) == total  # progress counts the files' bytes, not what was sent twice
     last_sequence = current_sequence(handle.endpoint, drive)
     assert sorted(put_events(handle.endpoint, drive, first_sequence, last_sequence)) == sorted(digests)  # once each
     for info in stored:  # the result describes the stored versions
@@ -194,3 +195,20 @@ def test_a_refused_takeover_leaves_the_open_stream_writing(start_daemon, tmp_pat
     assert [d for _, d in raw_get(stub, drive_uri, "t.bin")] == [data]
     assert query(stub, drive_uri, "u-held").committed_size == 2 * MIB
     assert metric(handle, "drived_held_uploads") == 1
+
+
+def test_the_progress_of_a_put_sent_again_from_its_first_byte_counts_each_byte_once(twin, start_daemon, tmp_path):
+    """Nothing is held for a resume (--max-held-uploads 0): the file cut midway is sent again whole."""
+    handle = start_daemon(tmp_path, "--max-held-uploads", "0")
+    size = 16 * MIB
+    digest = write_random_file(tmp_path / "big.bin", size)
+    counted: list[int] = []
+    with CuttingProxy(handle.endpoint) as proxy:
+        proxy.cut_after("up", 8 * MIB)
+        [stored] = twin("lit://progress", root_folder=tmp_path, endpoint=proxy.endpoint).put(
+            "big.bin", progress=counted.append)
+        assert proxy.cuts_made == 1
+    assert stored.sha256 == digest
+    [resent] = [p for p in requests(handle, "Put") if p["status"] == "OK"]
+    assert resent["bytes"] == size  # from the first byte
+    assert sum(counted) == size
