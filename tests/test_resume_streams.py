@@ -1,7 +1,8 @@
 """Resumes of long streams, of cuts during a commit and of takeovers, against real daemons.
 
 A daemon remembers the files a stream committed while the stream runs and for --upload-expiry after it
-ended; a commit that its stream's cut interrupts is remembered all the same; taking an upload over from a
+ended; a commit that its stream's cut interrupts is remembered all the same, and a file whose commit waits
+for room when its stream is cut is held like any file in progress; taking an upload over from a
 stream still open on the daemon pushes no other held upload out, and a refused takeover leaves that stream
 writing; a put's progress counts each byte of its files once, however often a cut makes it send them.
 """
@@ -30,6 +31,7 @@ from test_resume import IN_FLIGHT, held_size, metric, open_upload, query, reques
 from bench.services import ValkeyServer
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
+from drived.puts import MAX_COMMITS_IN_FLIGHT
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -98,35 +100,86 @@ def test_a_folder_put_cut_later_than_the_upload_expiry_after_its_first_file_send
         assert stub.Stat(pb.StatRequest(drive=drive, path=info.path), timeout=5).generation == info.generation
 
 
-def test_a_file_whose_stream_is_cut_during_its_commit_is_remembered_as_stored(start_daemon, tmp_path):
-    """The commit waits for its path's claim (held here in the coordinator, as another daemon's commit would
-    hold it) while its stream is cut: it still ends, and QueryWriteStatus tells the stored file."""
-    with ValkeyServer(tmp_path / "valkey") as valkey:
-        handle = start_daemon(tmp_path, "--coordinator", valkey.url)
-        coordinator = redis.Redis.from_url(valkey.url)
-        stub = stub_of(handle.endpoint)
-        drive, channel = "lit://cut_commit", "drived:{cut_commit}"
-        claim = f"{channel}:claim:c.bin"
-        coordinator.set(claim, "another-daemon", px=60_000)
-        data = os.urandom(3 * MIB)
-        header = pb.PutHeader(drive=drive, path="c.bin", upload_id="u-c", size=len(data))
-        chunks = [pb.PutRequest(data=data[i:i + MIB]) for i in range(0, len(data), MIB)]
-        messages = [pb.PutRequest(header=header), *chunks, pb.PutRequest(finish=pb.PutFinish(sha256=sha256_hex(data)))]
-        call = stub.Put.future(iter(messages), timeout=60)
+class HeldClaim:
+    """A claim of `path` in `drive` held in the coordinator, as another daemon's commit of it would hold it: the
+    commits of the path (and below it) wait until `release`."""
 
-        def waiting_for_the_claim() -> bool:
-            [(_, listeners)] = coordinator.pubsub_numsub(channel)
-            return listeners > 0
+    def __init__(self, coordinator: redis.Redis, drive: str, path: str) -> None:
+        self.coordinator = coordinator
+        self.channel = f"drived:{{{drive}}}"
+        self.key = f"{self.channel}:claim:{path}"
+        coordinator.set(self.key, "another-daemon", px=60_000)
 
-        assert wait_until(waiting_for_the_claim, 20), "the commit never waited for the claim"
+    def waited_for(self) -> bool:
+        """Whether a daemon waits for a claim of the drive (it listens to the drive's wake-ups)."""
+        [(_, listeners)] = self.coordinator.pubsub_numsub(self.channel)
+        return listeners > 0
+
+    def release(self) -> None:
+        self.coordinator.delete(self.key)
+        self.coordinator.publish(self.channel, "r")  # as a daemon does when it releases a claim
+
+
+@pytest.fixture
+def valkey(tmp_path) -> Iterator[ValkeyServer]:
+    with ValkeyServer(tmp_path / "valkey") as server:
+        yield server
+
+
+def test_a_file_whose_stream_is_cut_during_its_commit_is_remembered_as_stored(start_daemon, tmp_path, valkey):
+    """The commit waits for its path's claim while its stream is cut: it still ends, and QueryWriteStatus tells
+    the stored file."""
+    handle = start_daemon(tmp_path, "--coordinator", valkey.url)
+    stub = stub_of(handle.endpoint)
+    drive = "lit://cut_commit"
+    claim = HeldClaim(redis.Redis.from_url(valkey.url), "cut_commit", "c.bin")
+    data = os.urandom(3 * MIB)
+    header = pb.PutHeader(drive=drive, path="c.bin", upload_id="u-c", size=len(data))
+    chunks = [pb.PutRequest(data=data[i:i + MIB]) for i in range(0, len(data), MIB)]
+    messages = [pb.PutRequest(header=header), *chunks, pb.PutRequest(finish=pb.PutFinish(sha256=sha256_hex(data)))]
+    call = stub.Put.future(iter(messages), timeout=60)
+    assert wait_until(claim.waited_for, 20), "the commit never waited for the claim"
+    call.cancel()
+    assert wait_until(lambda: [p["status"] for p in requests(handle, "Put")] == ["CANCELLED"], 20)
+    claim.release()
+    status = query(stub, drive, "u-c")
+    assert status.complete and (status.file.size, status.file.sha256) == (len(data), sha256_hex(data))
+    [(info, got)] = raw_get(stub, drive, "c.bin")
+    assert got == data and info.generation == status.file.generation
+
+
+def test_a_file_cut_while_its_commit_waits_for_room_is_held_for_a_resume(start_daemon, tmp_path, valkey):
+    """MAX_COMMITS_IN_FLIGHT commits wait for their folder's claim; the next file's commit waits for room when
+    the stream is cut: that file is held like any file in progress (and expires), the others are stored."""
+    handle = start_daemon(tmp_path, "--coordinator", valkey.url, "--upload-expiry", "1")
+    stub = stub_of(handle.endpoint)
+    drive = "lit://no_room"
+    claim = HeldClaim(redis.Redis.from_url(valkey.url), "no_room", "d")
+    files = {f"u-{i}": os.urandom(64 * 1024 + i) for i in range(MAX_COMMITS_IN_FLIGHT + 1)}
+    messages = [
+        pb.PutRequest(file=pb.PutFileRequest(
+            header=pb.PutHeader(drive=drive, path=f"d/{upload_id}", upload_id=upload_id, size=len(data)),
+            data=data, sha256=sha256_hex(data)))
+        for upload_id, data in files.items()
+    ]
+    last = f"u-{MAX_COMMITS_IN_FLIGHT}"
+    call = stub.Put.future(iter(messages), timeout=60)
+    try:
+        assert wait_until(claim.waited_for, 20), "the commits never waited for the claim"
+        assert wait_until(lambda: held_size(stub, drive, last) == len(files[last]), 20)  # all of it arrived
         call.cancel()
-        assert wait_until(lambda: [p["status"] for p in requests(handle, "Put")] == ["CANCELLED"], 20)
-        coordinator.delete(claim)
-        coordinator.publish(channel, "r")  # as a daemon does when it releases a claim
-        status = query(stub, drive, "u-c")
-        assert status.complete and (status.file.size, status.file.sha256) == (len(data), sha256_hex(data))
-        [(info, got)] = raw_get(stub, drive, "c.bin")
-        assert got == data and info.generation == status.file.generation
+        assert wait_until(lambda: metric(handle, "drived_held_uploads") == 1, 20)  # before the commits end
+    finally:
+        claim.release()
+    assert wait_until(lambda: [p["status"] for p in requests(handle, "Put")] == ["CANCELLED"], 20)
+    assert query(stub, drive, "u-0").complete
+    handle.wait_logged("a resumable upload is discarded")  # the last file, held, then expired
+    assert rpc_code(lambda: query(stub, drive, last)) == grpc.StatusCode.NOT_FOUND
+    for upload_id, data in files.items():
+        if upload_id != last:
+            assert query(stub, drive, upload_id).file.sha256 == sha256_hex(data)
+    assert sorted(e.path for e in listed(stub, drive)) == sorted(f"d/{u}" for u in files if u != last)
+    assert metric(handle, "drived_held_uploads") == 0
 
 
 def stale_put(header: pb.PutHeader, data: bytes, release: threading.Event) -> Iterator[pb.PutRequest]:
