@@ -53,7 +53,7 @@ UploadKey = tuple[str, str, str]  # drive name, component, upload id
 # longest streams. Those of running streams are kept whatever their number: each stream holds its files' entries
 # for its answer anyway.
 COMPLETED_KEPT = 2 * MAX_FILES_PER_STREAM
-Stream = asyncio.Task[object]  # the task serving one call: a stream's end is when it is done
+Call = asyncio.Task[object]  # the task serving one call (a Put stream, a PutFile): it is done when the call ends
 
 
 def _shown(key: UploadKey) -> str:
@@ -73,7 +73,7 @@ class Resumable:
     header: PutHeader  # of the stream that started it
     upload: Upload
     writer: object | None = None  # the put writing it now; None while held
-    stream: Stream | None = None  # the call of that put
+    stream: Call | None = None  # the call of that put
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     expiry: asyncio.TimerHandle | None = None  # set while held
     committing: asyncio.Future[Entry] | None = None
@@ -108,8 +108,8 @@ class HeldUploads:
         self._held_bytes = 0
         self._completed: OrderedDict[UploadKey, tuple[float, Entry]] = OrderedDict()  # deadline, file: of ended
         # streams, oldest first
-        self._streaming: dict[UploadKey, tuple[Stream, Entry]] = {}  # the completions of running streams
-        self._streams: dict[Stream, list[UploadKey]] = {}  # those running streams, with their completions
+        self._streaming: dict[UploadKey, tuple[Call, Entry]] = {}  # the completions of running streams
+        self._streams: dict[Call, list[UploadKey]] = {}  # those running streams, with their completions
         self._forgetting: asyncio.TimerHandle | None = None  # when the oldest completion expires
         self._tasks: set[asyncio.Future[None]] = set()
 
@@ -218,7 +218,7 @@ class HeldUploads:
             stream.add_done_callback(self._ended_stream)
         self._streams[stream].append(key)
 
-    def _ended_stream(self, stream: Stream) -> None:
+    def _ended_stream(self, stream: Call) -> None:
         """The stream's completions are remembered for `expiry` seconds from now on."""
         for key in self._streams.pop(stream):
             if self._streaming.get(key, (None,))[0] is stream:  # not started again since
