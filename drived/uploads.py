@@ -201,6 +201,8 @@ class HeldUploads:
         return await asyncio.shield(resumable.committing)
 
     def _ended_commit(self, resumable: Resumable, commit: asyncio.Future[Entry]) -> None:
+        """The upload is no longer unfinished; the file a commit stored is remembered with the stream that
+        committed it while that runs, else for `expiry` seconds from now."""
         resumable.gone = True
         key = resumable.key
         if self._known.get(key) is resumable:
@@ -221,8 +223,10 @@ class HeldUploads:
     def _ended_stream(self, stream: Call) -> None:
         """The stream's completions are remembered for `expiry` seconds from now on."""
         for key in self._streams.pop(stream):
-            if self._streaming.get(key, (None,))[0] is stream:  # not started again since
-                self._expiring(key, self._streaming.pop(key)[1])
+            completed = self._streaming.get(key)
+            if completed is not None and completed[0] is stream:  # not started again since
+                del self._streaming[key]
+                self._expiring(key, completed[1])
         self._forget_completed()
 
     def _expiring(self, key: UploadKey, entry: Entry) -> None:
