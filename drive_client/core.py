@@ -29,7 +29,7 @@ from .common import DriveBase, FileStat, MountResult, WatchEvent
 from .effects import Blocking, Caller, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
 from .errors import AlreadyExists, DriveError, EventsExpired, InvalidArgument, NotFound, OutOfRange
 from .pb import drive_pb2 as pb
-from .resume import Backoff, GetPosition, upload_ids
+from .resume import Backoff, GetPosition, PutProgress, upload_ids
 from .transfer import (
     PARALLEL_MIN_SIZE,
     Progress,
@@ -50,7 +50,7 @@ T = TypeVar("T")
 # Entries asked for per List call: the daemon's cap. Fewer calls list a big folder faster.
 LIST_PAGE_SIZE = 10_000
 # Files per Put stream: after a cut, the daemon is asked about each file of the stream up to the
-# one to resume, and it remembers completions for a while only.
+# one to resume, one call each.
 PUT_STREAM_FILES = 1000
 
 
@@ -192,15 +192,17 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
     the first byte it does not hold. The files sent again from their first
     byte get new ids: the daemon may still be reading what the broken stream
     carried, and a late start of an old id must not discard the new upload.
+    `progress` counts each byte of the files once (`PutProgress`).
     """
     ids = upload_ids(len(files))
     stored: list[pb.FileInfo] = []  # the files before `start`, which the daemon committed
     start = offset = 0  # the file to send first, and the byte its stream starts at
     backoff = Backoff(drive.retry_seconds)
+    counted = PutProgress(progress) if progress else None
     while True:
         try:
             reply: pb.PutResponse = yield Send("Put", put_requests(
-                header, files[start:], ids[start:], offset, progress=progress, sha256=_sha256(drive)))
+                header, files[start:], ids[start:], offset, progress=counted, sha256=_sha256(drive)))
             return [*stored, *reply.files]
         except DriveError as err:
             if not (offset and isinstance(err, (OutOfRange, NotFound))):  # else a refused resume: ask again
@@ -217,6 +219,8 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
         start += len(done)
         if start == len(files):
             return stored
+        if counted:
+            counted.resumed_at(sum(info.size for info in stored) + offset)
         fresh = start + 1 if offset else start
         ids[fresh:] = upload_ids(len(files) - fresh)
         if (start, offset) > reached:

@@ -9,7 +9,8 @@ itself (the channel's retry policy, `channels.channel_options`).
 
 `GetPosition` knows how far a Get stream got, and the request that goes on
 from there. Where a put goes on from is the daemon's answer to
-QueryWriteStatus (`core`).
+QueryWriteStatus (`core`); `PutProgress` counts a put's bytes once however
+often a cut makes it send them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Callable
 
 from .errors import DriveError, StaleIndexError, Unavailable
 from .pb import drive_pb2 as pb
@@ -69,6 +71,29 @@ class Backoff:
         """The stream moved forward: its next failure starts a new budget."""
         self._failures = 0
         self._since = None
+
+
+class PutProgress:
+    """The progress of a put's files across the streams that carry them: each byte counted once.
+
+    A stream that goes on after a cut starts at `resumed_at` (the bytes of
+    the files before it, and those the daemon holds of the first one); what
+    it sends again up to where the broken stream got is not counted again.
+    """
+
+    def __init__(self, progress: Callable[[int], None]) -> None:
+        self._progress = progress
+        self._position = 0  # where the stream being sent got to, in bytes of the put's files
+        self._counted = 0  # the furthest position counted so far
+
+    def resumed_at(self, position: int) -> None:
+        self._position = position
+
+    def __call__(self, nbytes: int) -> None:
+        self._position += nbytes
+        if self._position > self._counted:
+            self._progress(self._position - self._counted)
+            self._counted = self._position
 
 
 def upload_ids(count: int) -> list[str]:

@@ -58,9 +58,9 @@ HELP = {
     "storage": "where managed drives live: empty for --data-dir, or s3://bucket/prefix/ for an S3-compatible "
     "store (boto3's configuration: AWS_ENDPOINT_URL, credentials, AWS_REGION); several daemons may share one",
     "upload_expiry": "seconds a resumable upload whose stream ended before its finish is held for a resume "
-    "(then removed), and a completed one remembered; also the age after which an upload into --storage "
-    "that no part was added to is aborted (uploads of a daemon that died), checked at start-up and every "
-    "this many seconds",
+    "(then removed), and a completed one remembered after the end of its stream; also the age after which an "
+    "upload into --storage that no part was added to is aborted (uploads of a daemon that died), checked at "
+    "start-up and every this many seconds",
     "max_held_uploads": "resumable uploads held at most at once, waiting for a resume; past it the oldest is "
     "removed (its client starts that file again)",
     "max_held_bytes": "bytes held at most by the resumable uploads waiting for a resume (on the data dir's "

@@ -97,8 +97,9 @@ class PutStream:
         await pending.write(data)
 
     async def _finish(self, sent: ClientChecksums) -> None:
-        """Commits the current file as a task of its own, once there is room for it."""
-        put, self._pending = self._pending, None
+        """Commits the current file as a task of its own, once there is room for it (until then it is the file in
+        progress, which `close` suspends or aborts when the stream ends)."""
+        put = self._pending
         assert put is not None  # checked by the callers
         received = self.bytes - self._file_start
         # What the commit holds: a bigger file than SMALL_FILE is on disk as it arrives, but for its last chunk.
@@ -106,6 +107,7 @@ class PutStream:
         while self._running == MAX_COMMITS_IN_FLIGHT or (self._running and self._held + held > MAX_BYTES_IN_FLIGHT):
             self._room.clear()
             await self._room.wait()
+        self._pending = None
         self._running += 1
         self._held += held
         task = asyncio.create_task(put.commit(sent, received))

@@ -6,10 +6,14 @@ descriptor, no buffer: only its bytes in temporary storage and the state of
 their checksums, in the Upload object) and held for `expiry` seconds; a
 timer then discards it. A Put whose header has a `write_offset` equal to
 what is held takes the upload over and writes on; QueryWriteStatus tells
-what is held, or that the upload completed (a bounded record of recent
-completions, so that a client whose stream broke after its finish learns the
-file is stored). A stream that the daemon ends (a refusal, the idle timeout:
-see `drived.service.DriveService.Put`) aborts its upload instead.
+what is held, or that the upload completed, so that a client whose stream broke
+after its finish learns the file is stored. A completion is remembered while
+the stream that committed it runs (a stream is the task serving its call: the
+whole Put of up to `MAX_FILES_PER_STREAM` files, or one PutFile) and for
+`expiry` seconds after it ended, so that a client cut late in a long stream
+learns of every file it stored, however long ago the first one was. A stream
+that the daemon ends (a refusal, the idle timeout: see
+`drived.service.DriveService.Put`) aborts its upload instead.
 
 Everything here lives in this daemon's memory: another daemon, or this one
 after a restart, holds nothing (NOT_FOUND, and the client starts the file
@@ -20,12 +24,15 @@ Ids are scoped by drive and component. One stream writes an upload at a
 time: a resume takes it over from a stream that broke on the client's side
 but is still open here (its later writes fail), after that stream's write in
 flight; the takeover, each write and the suspension are serialised by the
-upload's lock.
+upload's lock. A takeover checks the offset before it stops the old stream
+(a refused one leaves that stream writing), and hands the upload on without
+holding it: it never pushes another held upload out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable
@@ -36,12 +43,17 @@ from drive_client.errors import InvalidArgument, NotFound, OutOfRange, StaleInde
 from . import metrics
 from .backends.base import Upload
 from .entry import Entry
+from .puts import MAX_FILES_PER_STREAM
 from .requests import PutHeader
 
 log = logging.getLogger("drived")
 
 UploadKey = tuple[str, str, str]  # drive name, component, upload id
-COMPLETED_KEPT = 20_000  # completions remembered at most (each for `expiry` seconds)
+# Completions remembered at most once their streams ended (each for `expiry` seconds): the whole of the two
+# longest streams. Those of running streams are kept whatever their number: each stream holds its files' entries
+# for its answer anyway.
+COMPLETED_KEPT = 2 * MAX_FILES_PER_STREAM
+Call = asyncio.Task[object]  # the task serving one call (a Put stream, a PutFile): it is done when the call ends
 
 
 def _shown(key: UploadKey) -> str:
@@ -61,6 +73,7 @@ class Resumable:
     header: PutHeader  # of the stream that started it
     upload: Upload
     writer: object | None = None  # the put writing it now; None while held
+    stream: Call | None = None  # the call of that put
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     expiry: asyncio.TimerHandle | None = None  # set while held
     committing: asyncio.Future[Entry] | None = None
@@ -93,7 +106,10 @@ class HeldUploads:
         self._known: dict[UploadKey, Resumable] = {}  # every upload not yet committed or discarded
         self._held: OrderedDict[UploadKey, Resumable] = OrderedDict()  # the suspended ones, oldest first
         self._held_bytes = 0
-        self._completed: OrderedDict[UploadKey, tuple[float, Entry]] = OrderedDict()  # deadline, file
+        self._completed: OrderedDict[UploadKey, tuple[float, Entry]] = OrderedDict()  # deadline, file: of ended
+        # streams, oldest first
+        self._streaming: dict[UploadKey, tuple[Call, Entry]] = {}  # the completions of running streams
+        self._streams: dict[Call, list[UploadKey]] = {}  # those running streams, with their completions
         self._forgetting: asyncio.TimerHandle | None = None  # when the oldest completion expires
         self._tasks: set[asyncio.Future[None]] = set()
 
@@ -106,7 +122,8 @@ class HeldUploads:
         if earlier is not None and earlier.committing is None:  # one committing ends by itself
             await self._discard(earlier, "started again from 0")
         self._completed.pop(key, None)
-        resumable = Resumable(key, header, upload, writer)
+        self._streaming.pop(key, None)
+        resumable = Resumable(key, header, upload, writer, asyncio.current_task())
         self._known[key] = resumable
         return resumable
 
@@ -120,8 +137,6 @@ class HeldUploads:
         """
         key = (header.drive.name, header.component, header.upload_id)
         resumable = self._known.get(key)
-        if resumable is not None and resumable.committing is not None:
-            raise NotFound(f"{_shown(key)} has had its finish: nothing to resume (QueryWriteStatus tells the file)")
         if resumable is None:
             raise NotFound(_not_held(key))
         first = resumable.header
@@ -129,12 +144,12 @@ class HeldUploads:
             raise InvalidArgument(f"{_shown(key)} is the upload of {first.path!r}, not of {header.path!r}")
         if header.size is not None and first.size is not None and header.size != first.size:
             raise InvalidArgument(f"{_shown(key)} is of {first.size} bytes, not {header.size}")
-        if resumable.writer is not None:
-            # Its stream broke on the client's side but is still open here: it stops now, and
-            # what it wrote is held as if it had ended.
-            await self.suspend(resumable, resumable.writer)
-        async with resumable.lock:
-            if resumable.gone:
+        async with resumable.lock:  # after the write in flight of a stream still open here
+            if resumable.committing is not None:
+                raise NotFound(
+                    f"{_shown(key)} has had its finish: nothing to resume (QueryWriteStatus tells the file)"
+                )
+            if resumable.gone or resumable.broken:
                 raise NotFound(_not_held(key))
             held = resumable.upload.held
             if header.write_offset != held:
@@ -142,8 +157,11 @@ class HeldUploads:
                     f"{_shown(key)} holds {held} bytes, not {header.write_offset}: resume from {held} "
                     "(QueryWriteStatus tells)"
                 )
+            # A stream still open here (broken on the client's side) stops now: what it wrote goes on with this one.
+            if resumable.writer is not None and not await self._release(resumable):
+                raise NotFound(_not_held(key))
             self._unhold(resumable)
-            resumable.writer = writer
+            resumable.writer, resumable.stream = writer, asyncio.current_task()
         return resumable
 
     async def suspend(self, resumable: Resumable, writer: object) -> None:
@@ -154,33 +172,66 @@ class HeldUploads:
         async with resumable.lock:
             if resumable.writer is not writer or resumable.gone:
                 return  # taken over by a resumed stream, or discarded
-            resumable.writer = None
-            if not resumable.broken:
-                try:
-                    await resumable.upload.suspend()
-                except Exception as err:  # a write in flight failed: nothing to resume
-                    log.info("a resumable upload is discarded", extra={"fields": {
-                        "upload_id": resumable.key[2], "error": str(err)}})
-                    resumable.broken = True
-            if resumable.broken:
-                await self._drop(resumable)
+            if not await self._release(resumable):
                 return
             self._hold(resumable)
         await self._keep_within_bounds(resumable)
 
+    async def _release(self, resumable: Resumable) -> bool:
+        """Stops its writer and suspends the upload (the caller holds its lock); False when it cannot be resumed
+        (a write failed) and is discarded."""
+        resumable.writer = resumable.stream = None
+        if not resumable.broken:
+            try:
+                await resumable.upload.suspend()
+            except Exception as err:  # a write in flight failed: nothing to resume
+                log.info("a resumable upload is discarded", extra={"fields": {
+                    "upload_id": resumable.key[2], "error": str(err)}})
+                resumable.broken = True
+        if resumable.broken:
+            await self._drop(resumable)
+            return False
+        return True
+
     async def committed(self, resumable: Resumable, commit: Awaitable[Entry]) -> Entry:
-        """Runs the commit of the upload, and remembers the file it stored for `expiry` seconds."""
+        """Runs the commit of the upload; the file it stores is remembered (see the module doc) whether or not
+        its caller is still waiting when it ends (a stream cut during the commit)."""
         resumable.committing = asyncio.ensure_future(commit)
-        try:
-            entry = await asyncio.shield(resumable.committing)
-        finally:
-            resumable.gone = True
-            if self._known.get(resumable.key) is resumable:
-                del self._known[resumable.key]
-        self._completed[resumable.key] = (asyncio.get_running_loop().time() + self.expiry, entry)
-        self._completed.move_to_end(resumable.key)
+        resumable.committing.add_done_callback(functools.partial(self._ended_commit, resumable))
+        return await asyncio.shield(resumable.committing)
+
+    def _ended_commit(self, resumable: Resumable, commit: asyncio.Future[Entry]) -> None:
+        """The upload is no longer unfinished; the file a commit stored is remembered with the stream that
+        committed it while that runs, else for `expiry` seconds from now."""
+        resumable.gone = True
+        key = resumable.key
+        if self._known.get(key) is resumable:
+            del self._known[key]
+        if commit.cancelled() or commit.exception() is not None:
+            return
+        stream = resumable.stream
+        if stream is None or stream.done():
+            self._expiring(key, commit.result())
+            self._forget_completed()
+            return
+        self._streaming[key] = (stream, commit.result())
+        if stream not in self._streams:
+            self._streams[stream] = []
+            stream.add_done_callback(self._ended_stream)
+        self._streams[stream].append(key)
+
+    def _ended_stream(self, stream: Call) -> None:
+        """The stream's completions are remembered for `expiry` seconds from now on."""
+        for key in self._streams.pop(stream):
+            completed = self._streaming.get(key)
+            if completed is not None and completed[0] is stream:  # not started again since
+                del self._streaming[key]
+                self._expiring(key, completed[1])
         self._forget_completed()
-        return entry
+
+    def _expiring(self, key: UploadKey, entry: Entry) -> None:
+        self._completed[key] = (asyncio.get_running_loop().time() + self.expiry, entry)
+        self._completed.move_to_end(key)
 
     def _forget_completed(self) -> None:
         """Forgets the completions past their expiry, or past COMPLETED_KEPT, oldest first; then waits for the
@@ -217,6 +268,9 @@ class HeldUploads:
             resumable = None
         if resumable is not None:
             return resumable.upload.held, None
+        streaming = self._streaming.get(key)
+        if streaming is not None:
+            return 0, streaming[1]
         completed = self._completed.get(key)
         if completed is not None and completed[0] > asyncio.get_running_loop().time():
             return 0, completed[1]
