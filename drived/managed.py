@@ -113,7 +113,9 @@ class ResumablePut(ManagedPut):
         return self
 
     async def commit(self, sent: ClientChecksums, received: int) -> Entry:
-        return await self._drives.uploads.committed(self._resumable, super().commit(sent, received))
+        return await self._drives.uploads.committed(
+            self._resumable, self, functools.partial(ManagedPut.commit, self, sent, received)
+        )
 
     async def abort(self) -> None:
         await self._drives.uploads.abort(self._resumable, self)

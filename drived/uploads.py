@@ -35,7 +35,7 @@ import asyncio
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from drive_client.errors import InvalidArgument, NotFound, OutOfRange, StaleIndexError
@@ -193,10 +193,14 @@ class HeldUploads:
             return False
         return True
 
-    async def committed(self, resumable: Resumable, commit: Awaitable[Entry]) -> Entry:
-        """Runs the commit of the upload; the file it stores is remembered (see the module doc) whether or not
-        its caller is still waiting when it ends (a stream cut during the commit)."""
-        resumable.committing = asyncio.ensure_future(commit)
+    async def committed(self, resumable: Resumable, writer: object, commit: Callable[[], Awaitable[Entry]]) -> Entry:
+        """Runs the commit of the upload for `writer`, which must still be its writer (a stream whose finish
+        waited for room while another took the upload over commits nothing); the file it stores is remembered
+        (see the module doc) whether or not its caller is still waiting when it ends (a stream cut during the
+        commit)."""
+        if resumable.writer is not writer:
+            raise StaleIndexError(f"{_shown(resumable.key)} was resumed by another stream: this one commits nothing")
+        resumable.committing = asyncio.ensure_future(commit())
         resumable.committing.add_done_callback(functools.partial(self._ended_commit, resumable))
         return await asyncio.shield(resumable.committing)
 

@@ -2,9 +2,10 @@
 
 A daemon remembers the files a stream committed while the stream runs and for --upload-expiry after it
 ended; a commit that its stream's cut interrupts is remembered all the same, and a file whose commit waits
-for room when its stream is cut is held like any file in progress; taking an upload over from a
-stream still open on the daemon pushes no other held upload out, and a refused takeover leaves that stream
-writing; a put's progress counts each byte of its files once, however often a cut makes it send them.
+for room when its stream is cut is held like any file in progress (taken over by another stream meanwhile,
+it is committed by that one alone); taking an upload over from a stream still open on the daemon pushes no
+other held upload out, and a refused takeover leaves that stream writing; a put's progress counts each byte
+of its files once, however often a cut makes it send them.
 """
 
 from __future__ import annotations
@@ -180,6 +181,54 @@ def test_a_file_cut_while_its_commit_waits_for_room_is_held_for_a_resume(start_d
             assert query(stub, drive, upload_id).file.sha256 == sha256_hex(data)
     assert sorted(e.path for e in listed(stub, drive)) == sorted(f"d/{u}" for u in files if u != last)
     assert metric(handle, "drived_held_uploads") == 0
+
+
+def committing(stub: drive_pb2_grpc.DriveServiceStub, drive: str, upload_id: str) -> bool:
+    """Whether the upload's commit runs: QueryWriteStatus waits for it to end."""
+    try:
+        stub.QueryWriteStatus(pb.QueryWriteStatusRequest(drive=drive, upload_id=upload_id), timeout=0.5)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return True
+        raise
+    return False
+
+
+def test_a_file_whose_commit_waits_for_room_when_another_stream_takes_it_over_is_stored_once(
+    start_daemon, tmp_path, valkey
+):
+    """As above, but the last file is resumed by a second stream while its finish waits for room: the second
+    stream stores it, and the first, no longer its writer, fails ABORTED instead of committing it again."""
+    handle = start_daemon(tmp_path, "--coordinator", valkey.url)
+    stub = stub_of(handle.endpoint)
+    drive = "lit://taken_over"
+    claim = HeldClaim(redis.Redis.from_url(valkey.url), "taken_over", "d")
+    files = {f"u-{i}": os.urandom(64 * 1024 + i) for i in range(MAX_COMMITS_IN_FLIGHT + 1)}
+    headers = {u: pb.PutHeader(drive=drive, path=f"d/{u}", upload_id=u, size=len(data)) for u, data in files.items()}
+    messages = [pb.PutRequest(file=pb.PutFileRequest(header=headers[u], data=data, sha256=sha256_hex(data)))
+                for u, data in files.items()]
+    last = f"u-{MAX_COMMITS_IN_FLIGHT}"
+    stub.PutFile(pb.PutFileRequest(header=pb.PutHeader(drive=drive, path="marker"), data=b"m", sha256=sha256_hex(b"m")),
+                 timeout=10)
+    before = current_sequence(handle.endpoint, drive)
+    first = stub.Put.future(iter(messages), timeout=60)
+    try:
+        assert wait_until(claim.waited_for, 20), "the commits never waited for the claim"
+        assert wait_until(lambda: held_size(stub, drive, last) == len(files[last]), 20)  # its finish waits
+        second = stub.Put.future(iter(resuming_put(headers[last], files[last], len(files[last]))), timeout=60)
+        assert wait_until(lambda: committing(stub, drive, last), 20), "the second stream's commit never began"
+    finally:
+        claim.release()
+    [stored] = second.result().files
+    assert stored.sha256 == sha256_hex(files[last])
+    with pytest.raises(grpc.RpcError) as refused:
+        first.result()
+    assert refused.value.code() == grpc.StatusCode.ABORTED and "resumed by another stream" in refused.value.details()
+    assert query(stub, drive, last).file.generation == stored.generation
+    assert sorted(e.path for e in listed(stub, drive)) == sorted(["marker", *(f"d/{u}" for u in files)])
+    [(_, got)] = raw_get(stub, drive, f"d/{last}")
+    assert got == files[last]
+    assert put_events(handle.endpoint, drive, before, current_sequence(handle.endpoint, drive)).count(f"d/{last}") == 1
 
 
 def stale_put(header: pb.PutHeader, data: bytes, release: threading.Event) -> Iterator[pb.PutRequest]:
