@@ -70,6 +70,7 @@ store still checks what it receives.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import email.utils
@@ -83,6 +84,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import botocore.exceptions
+from crc32c import crc32c
 
 from drive_client.errors import (
     DriveError,
@@ -122,6 +124,11 @@ READ_RETRIES = 3  # times a read resumes after its connection dropped
 def _metadata(sums: Checksums) -> dict[str, str]:
     """An object's checksums as S3 user metadata."""
     return {"sha256": sums.sha256, "crc32c": f"{sums.crc32c:08x}"}
+
+
+def _crc32c_header(crc: int) -> str:
+    """A CRC32C as S3's checksum headers and part lists spell it: base64 of its 4 big-endian bytes."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
 
 
 def _checksums_of(metadata: dict[str, str]) -> tuple[str, int | None]:
@@ -427,11 +434,12 @@ class S3Backend(Backend):
     async def put_small(self, key: str, data: bytearray, sums: Checksums) -> ObjectInfo:
         generation = time.time_ns()
         metadata = {"generation": str(generation), **_metadata(sums)}
-        await self.call("put_object", key, Key=self.root + key, Body=bytes(data), Metadata=metadata)
+        await self.call("put_object", key, Key=self.root + key, Body=bytes(data), Metadata=metadata,
+                        ChecksumCRC32C=_crc32c_header(sums.crc32c))
         return ObjectInfo(key, sums.size, sums.sha256, generation, sums.crc32c)
 
     async def create_upload(self, key: str, generation: int, checksums: str) -> str:
-        answer = await self.call("create_multipart_upload", key, Key=self.root + key,
+        answer = await self.call("create_multipart_upload", key, Key=self.root + key, ChecksumAlgorithm="CRC32C",
                                  Metadata={"generation": str(generation), "checksums": checksums})
         upload_id = str(answer["UploadId"])
         self._live.add(upload_id)
@@ -439,9 +447,10 @@ class S3Backend(Backend):
 
     def upload_part(self, key: str, upload_id: str, number: int, data: bytearray) -> asyncio.Future[dict[str, Any]]:
         async def send() -> dict[str, Any]:
+            checksum = _crc32c_header(await self.run(crc32c, data))
             answer = await self.call("upload_part", key, Key=self.root + key, UploadId=upload_id,
-                                     PartNumber=number, Body=data)
-            return {"PartNumber": number, "ETag": answer["ETag"]}
+                                     PartNumber=number, Body=data, ChecksumCRC32C=checksum)
+            return {"PartNumber": number, "ETag": answer["ETag"], "ChecksumCRC32C": checksum}
 
         return asyncio.ensure_future(send())
 
