@@ -7,6 +7,7 @@ coordinator. Objects are checked through boto3 as a user of the bucket would.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -179,6 +180,28 @@ def test_a_file_bigger_than_several_parts_is_one_multipart_object(store, daemon_
     assert "~checksums" not in b.list(".") and b.list(".") == ["big.bin"]
     a.delete("big.bin")
     assert store.object_keys(checksums) == [] and not store.uploads()
+
+
+def test_chunks_across_part_boundaries_make_whole_parts_each_with_its_crc32c(store, daemon_a, drive_uri):
+    """Chunks that do not divide the part size are split between parts: every part but the last is PART_SIZE,
+    and the store keeps each part's CRC32C (a composite checksum of the parts')."""
+    stub = stub_of(daemon_a)
+    data = os.urandom(5 * PART_SIZE + 3 * MIB)
+    step = 3 * MIB + 1
+    header = drive_pb2.PutHeader(drive=drive_uri, path="odd.bin", component="w", size=len(data))
+    [stored] = stub.Put(iter([drive_pb2.PutRequest(header=header),
+                              *(drive_pb2.PutRequest(data=data[i:i + step]) for i in range(0, len(data), step)),
+                              drive_pb2.PutRequest(finish=drive_pb2.PutFinish(sha256=sha256_of(data)))]),
+                        timeout=120).files
+    assert (stored.size, stored.sha256) == (len(data), sha256_of(data))
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/odd.bin"
+    assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == data
+    head = store.client.head_object(Bucket=BUCKET, Key=key, ChecksumMode="ENABLED")
+    parts = [data[i:i + PART_SIZE] for i in range(0, len(data), PART_SIZE)]
+    composite = base64.b64encode(crc32c(b"".join(crc32c(p).to_bytes(4, "big") for p in parts)).to_bytes(4, "big"))
+    assert head["ETag"].strip('"').endswith(f"-{len(parts)}")
+    assert head["ChecksumCRC32C"] == composite.decode(), head
+    assert not [u for u in store.uploads() if u["Key"] == key]
 
 
 @pytest.mark.parametrize("size", [100, 20 * MIB], ids=["one-put", "multipart"])
