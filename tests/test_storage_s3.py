@@ -293,6 +293,23 @@ def test_a_file_and_a_folder_of_one_path_in_two_components_are_duplicates_over_s
     assert store.object_keys() == before and not store.uploads()
 
 
+def test_the_occupant_of_a_path_in_another_component_is_named_over_s3(store, daemon_a, drive_uri):
+    """The shortest part of the path another component holds is the one named, whatever the depth."""
+    stub = stub_of(daemon_a)
+    raw_put(stub, drive_uri, "p/q", b"a file", component="ca")
+    raw_put(stub, drive_uri, "m/n/o", b"in a folder", component="ca")
+    before = store.object_keys()
+    for path, named in (("p/q/r/s/t", "is below 'p/q', a file of component 'ca'"),
+                        ("p/q", "is already held by component 'ca'"),
+                        ("m/n", "is a folder of component 'ca'"), ("m", "is a folder of component 'ca'")):
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_put(stub, drive_uri, path, b"x", component="cb")
+        assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS and named in refused.value.details(), path
+    assert store.object_keys() == before
+    raw_put(stub, drive_uri, "m/n2", b"beside", component="cb")  # no part of it is held
+    assert len(store.object_keys()) == len(before) + 1
+
+
 def test_the_quota_is_counted_from_the_store(store, drive_uri):
     first = store.daemon("--quota", "3M")
     stub = stub_of(first)

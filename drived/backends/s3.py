@@ -63,8 +63,11 @@ CRC32C would mean reading all of it.
 
 boto3 (in a thread pool) is the client: measured against aiobotocore and
 obstore in bench/WHY.md. Payload signing is off (SigV4 over plain HTTP would
-sha256 every byte a second time); botocore's CRC32 per request stays on, so the
-store still checks what it receives.
+sha256 every byte a second time). The store still checks what it receives
+against the daemon's own CRC32C: a small file's PutObject carries the file's,
+and a multipart upload is created with ChecksumAlgorithm=CRC32C, each
+UploadPart carrying its part's, so the store keeps a composite checksum of the
+parts' (botocore would otherwise compute a CRC32 of every request once more).
 """
 
 from __future__ import annotations
@@ -703,6 +706,18 @@ class S3Backend(Backend):
         """The S3 prefix of the keys under folder `prefix`."""
         prefix = prefix.rstrip("/")
         return f"{self.root}{prefix}/" if prefix else self.root
+
+    async def occupant(self, root: str, path: str) -> tuple[str, bool] | None:
+        """As `Backend.occupant`, with the HEAD of every part of `path` and the LIST under it all at once:
+        one round trip to the store, not one per part."""
+        parts = path.split("/")
+        held = ["/".join(parts[:end]) for end in range(1, len(parts) + 1)]
+        *objects, folder = await asyncio.gather(*(self.stat(f"{root}/{h}") for h in held),
+                                                self.is_folder(f"{root}/{path}"))
+        for name, found in zip(held, objects, strict=True):
+            if found:
+                return name, False
+        return (path, True) if folder else None
 
     async def is_folder(self, key: str) -> bool:
         answer = await self.call("list_objects_v2", key, Prefix=self._folder(key), MaxKeys=1)
