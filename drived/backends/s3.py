@@ -214,7 +214,7 @@ class S3Upload(Upload):
         self._backend = backend
         self._key = key
         self._checksums = Checksums()
-        self._buffer: bytearray | None = bytearray()  # the part being filled; None: take one at the next byte
+        self._buffer: bytearray | None = bytearray()  # the part being filled; None: one is made at the next byte
         self._filled = 0  # bytes in it
         self._full: list[tuple[bytearray, bool]] = []  # parts filled and not yet handed on, and if taken
         self._handed = 0  # bytes handed on as parts: what a suspended upload keeps
@@ -252,7 +252,9 @@ class S3Upload(Upload):
             view = view[len(piece):]
             if self._filled == PART_SIZE:
                 self._full.append((self._buffer, self._taken))
-                self._buffer, self._filled = None, 0
+                # Taken now, not at the next byte: a buffer stays lent for the whole upload, so the free ones are
+                # kept even when every part sent has come back.
+                self._buffer, self._filled = self._backend.part_buffers.take(), 0
         while self._full:
             await self._hand_on()
 
@@ -279,10 +281,11 @@ class S3Upload(Upload):
 
     def _cut_short(self) -> None:
         """Makes the bytes being filled a (last, short) part of its own."""
-        if self._buffer is None or not self._filled:
+        if self._buffer is None:
             return
         buffer, taken = self._buffer, self._taken
-        self._full.append((buffer[:self._filled] if taken else buffer, False))
+        if self._filled:
+            self._full.append((buffer[:self._filled] if taken else buffer, False))
         if taken:
             self._backend.part_buffers.give_back(buffer)
         self._buffer, self._filled = None, 0
