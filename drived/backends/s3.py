@@ -292,7 +292,7 @@ class S3Upload(Upload):
 
     def _drop_unsent(self) -> None:
         """Drops the bytes not handed on, giving their buffers back."""
-        buffers = [(b, t) for b, t in self._full]
+        buffers = list(self._full)
         if self._buffer is not None:
             buffers.append((self._buffer, self._taken))
         for buffer, taken in buffers:
