@@ -7,6 +7,7 @@ coordinator. Objects are checked through boto3 as a user of the bucket would.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -181,6 +182,28 @@ def test_a_file_bigger_than_several_parts_is_one_multipart_object(store, daemon_
     assert store.object_keys(checksums) == [] and not store.uploads()
 
 
+def test_chunks_across_part_boundaries_make_whole_parts_each_with_its_crc32c(store, daemon_a, drive_uri):
+    """Chunks that do not divide the part size are split between parts: every part but the last is PART_SIZE,
+    and the store keeps each part's CRC32C (a composite checksum of the parts')."""
+    stub = stub_of(daemon_a)
+    data = os.urandom(5 * PART_SIZE + 3 * MIB)
+    step = 3 * MIB + 1
+    header = drive_pb2.PutHeader(drive=drive_uri, path="odd.bin", component="w", size=len(data))
+    [stored] = stub.Put(iter([drive_pb2.PutRequest(header=header),
+                              *(drive_pb2.PutRequest(data=data[i:i + step]) for i in range(0, len(data), step)),
+                              drive_pb2.PutRequest(finish=drive_pb2.PutFinish(sha256=sha256_of(data)))]),
+                        timeout=120).files
+    assert (stored.size, stored.sha256) == (len(data), sha256_of(data))
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/odd.bin"
+    assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == data
+    head = store.client.head_object(Bucket=BUCKET, Key=key, ChecksumMode="ENABLED")
+    parts = [data[i:i + PART_SIZE] for i in range(0, len(data), PART_SIZE)]
+    composite = base64.b64encode(crc32c(b"".join(crc32c(p).to_bytes(4, "big") for p in parts)).to_bytes(4, "big"))
+    assert head["ETag"].strip('"').endswith(f"-{len(parts)}")
+    assert head["ChecksumCRC32C"] == composite.decode(), head
+    assert not [u for u in store.uploads() if u["Key"] == key]
+
+
 @pytest.mark.parametrize("size", [100, 20 * MIB], ids=["one-put", "multipart"])
 def test_sha256_mismatch_is_data_loss_and_stores_nothing(store, daemon_a, drive_uri, size):
     stub = stub_of(daemon_a)
@@ -268,6 +291,23 @@ def test_a_file_and_a_folder_of_one_path_in_two_components_are_duplicates_over_s
         code = rpc_code(lambda p=path, n=size: raw_put(stub, drive_uri, p, os.urandom(n), component="cb"))
         assert code == grpc.StatusCode.ALREADY_EXISTS, path
     assert store.object_keys() == before and not store.uploads()
+
+
+def test_the_occupant_of_a_path_in_another_component_is_named_over_s3(store, daemon_a, drive_uri):
+    """The shortest part of the path another component holds is the one named, whatever the depth."""
+    stub = stub_of(daemon_a)
+    raw_put(stub, drive_uri, "p/q", b"a file", component="ca")
+    raw_put(stub, drive_uri, "m/n/o", b"in a folder", component="ca")
+    before = store.object_keys()
+    for path, named in (("p/q/r/s/t", "is below 'p/q', a file of component 'ca'"),
+                        ("p/q", "is already held by component 'ca'"),
+                        ("m/n", "is a folder of component 'ca'"), ("m", "is a folder of component 'ca'")):
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_put(stub, drive_uri, path, b"x", component="cb")
+        assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS and named in refused.value.details(), path
+    assert store.object_keys() == before
+    raw_put(stub, drive_uri, "m/n2", b"beside", component="cb")  # no part of it is held
+    assert len(store.object_keys()) == len(before) + 1
 
 
 def test_the_quota_is_counted_from_the_store(store, drive_uri):

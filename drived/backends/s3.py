@@ -63,13 +63,17 @@ CRC32C would mean reading all of it.
 
 boto3 (in a thread pool) is the client: measured against aiobotocore and
 obstore in bench/WHY.md. Payload signing is off (SigV4 over plain HTTP would
-sha256 every byte a second time); botocore's CRC32 per request stays on, so the
-store still checks what it receives.
+sha256 every byte a second time). The store still checks what it receives
+against the daemon's own CRC32C: a small file's PutObject carries the file's,
+and a multipart upload is created with ChecksumAlgorithm=CRC32C, each
+UploadPart carrying its part's, so the store keeps a composite checksum of the
+parts' (botocore would otherwise compute a CRC32 of every request once more).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import email.utils
@@ -83,6 +87,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import botocore.exceptions
+from crc32c import crc32c
 
 from drive_client.errors import (
     DriveError,
@@ -122,6 +127,11 @@ READ_RETRIES = 3  # times a read resumes after its connection dropped
 def _metadata(sums: Checksums) -> dict[str, str]:
     """An object's checksums as S3 user metadata."""
     return {"sha256": sums.sha256, "crc32c": f"{sums.crc32c:08x}"}
+
+
+def _crc32c_header(crc: int) -> str:
+    """A CRC32C as S3's checksum headers and part lists spell it: base64 of its 4 big-endian bytes."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
 
 
 def _checksums_of(metadata: dict[str, str]) -> tuple[str, int | None]:
@@ -164,14 +174,49 @@ def _name_bound(last: str) -> str:
     return last.rstrip("/")
 
 
+class PartBuffers:
+    """Part-sized buffers, reused from one part to the next while uploads run.
+
+    A fresh buffer of a part's size is mapped anew by malloc, and filling it
+    costs a page fault per page; one grown a chunk at a time is also copied
+    again as it grows. Reused, a part costs one copy of its bytes. A buffer
+    comes back once its part is hashed and sent; the free ones are dropped
+    when none is lent, so an idle daemon keeps none.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[bytearray] = []
+        self._lent = 0
+
+    def take(self) -> bytearray:
+        self._lent += 1
+        return self._free.pop() if self._free else bytearray(self.size)
+
+    def give_back(self, buffer: bytearray | None) -> None:
+        """Returns a taken buffer; None for one not to reuse (a thread may still be reading it)."""
+        self._lent -= 1
+        if not self._lent:
+            self._free.clear()
+        elif buffer is not None:
+            self._free.append(buffer)
+
+
 class S3Upload(Upload):
-    """An upload of one key: buffered up to a part, then a multipart upload with parts in flight."""
+    """An upload of one key: buffered up to a part, then a multipart upload with parts in flight.
+
+    A file's first part grows in a buffer of its own (a small file never
+    takes a part-sized one); the parts after it fill buffers of the
+    backend's `PartBuffers`, each given back once its part is hashed and sent.
+    """
 
     def __init__(self, backend: S3Backend, key: str) -> None:
         self._backend = backend
         self._key = key
         self._checksums = Checksums()
-        self._buffer = bytearray()
+        self._buffer: bytearray | None = bytearray()  # the part being filled; None: one is made at the next byte
+        self._filled = 0  # bytes in it
+        self._full: list[tuple[bytearray, bool]] = []  # parts filled and not yet handed on, and if taken
         self._handed = 0  # bytes handed on as parts: what a suspended upload keeps
         self._handing: asyncio.Future[None] | None = None  # the handing on of the last part
         self._hashing: asyncio.Future[None] | None = None  # the hashing of the last part handed on
@@ -187,22 +232,45 @@ class S3Upload(Upload):
     def held(self) -> int:
         return self._handed
 
+    @property
+    def _taken(self) -> bool:
+        """Whether the part being filled is a buffer of the backend's (every part after the first)."""
+        return bool(self._handed or self._full)
+
     async def write(self, data: bytes | memoryview) -> None:
-        self._buffer += data
-        if len(self._buffer) >= PART_SIZE:
+        """Copies `data` into parts before it waits for anything: a cancelled write still has it all."""
+        view = memoryview(data)
+        while len(view):
+            if self._buffer is None:
+                self._buffer = self._backend.part_buffers.take() if self._taken else bytearray()
+            piece = view[:PART_SIZE - self._filled]
+            if len(self._buffer) == PART_SIZE:
+                self._buffer[self._filled:self._filled + len(piece)] = piece
+            else:
+                self._buffer += piece
+            self._filled += len(piece)
+            view = view[len(piece):]
+            if self._filled == PART_SIZE:
+                self._full.append((self._buffer, self._taken))
+                # Taken now, not at the next byte: a buffer stays lent for the whole upload, so the free ones are
+                # kept even when every part sent has come back.
+                self._buffer, self._filled = self._backend.part_buffers.take(), 0
+        while self._full:
             await self._hand_on()
 
     async def _hand_on(self) -> None:
-        """Makes the buffer the next part, hashed and sent after the part before it.
+        """Makes the first full part the next part, hashed and sent after the part before it.
 
         Shielded, and forgotten only once done: a part begun is hashed and
         sent whole even when the caller is cancelled, so the hashes always
         cover exactly the bytes handed on.
         """
         await self._handed_on()
-        part, self._buffer = self._buffer, bytearray()
+        if not self._full:  # dropped meanwhile (suspended or aborted)
+            return
+        part, taken = self._full.pop(0)
         self._handed += len(part)
-        self._handing = asyncio.ensure_future(self._send_part(part))
+        self._handing = asyncio.ensure_future(self._send_part(part, taken))
         await self._handed_on()
 
     async def _handed_on(self) -> None:
@@ -211,10 +279,31 @@ class S3Upload(Upload):
             await asyncio.shield(self._handing)
             self._handing = None
 
+    def _cut_short(self) -> None:
+        """Makes the bytes being filled a (last, short) part of its own."""
+        if self._buffer is None:
+            return
+        buffer, taken = self._buffer, self._taken
+        if self._filled:
+            self._full.append((buffer[:self._filled] if taken else buffer, False))
+        if taken:
+            self._backend.part_buffers.give_back(buffer)
+        self._buffer, self._filled = None, 0
+
+    def _drop_unsent(self) -> None:
+        """Drops the bytes not handed on, giving their buffers back."""
+        buffers = list(self._full)
+        if self._buffer is not None:
+            buffers.append((self._buffer, self._taken))
+        for buffer, taken in buffers:
+            if taken:
+                self._backend.part_buffers.give_back(buffer)
+        self._full, self._buffer, self._filled = [], None, 0
+
     async def suspend(self) -> None:
-        """Keeps the parts sent and drops the rest of the buffer (at most a part, sent again on resume)."""
+        """Keeps the parts sent and drops the rest (at most a part or two, sent again on resume)."""
         await self._handed_on()
-        self._buffer = bytearray()
+        self._drop_unsent()
         await asyncio.gather(*self._parts)
         if self._hashing is not None:
             await self._hashing
@@ -225,27 +314,50 @@ class S3Upload(Upload):
             await self._hashing
         self._hashing = self._backend.run(self._checksums.update, data)
 
-    async def _send_part(self, part: bytearray) -> None:
-        if len(self._parts) == MAX_PARTS:
-            raise ResourceExhausted(
-                f"{self._key!r} is larger than {MAX_PARTS * PART_SIZE >> 30} GiB, the largest file --storage "
-                "keeps (S3 takes 10,000 parts): split it"
-            )
-        for sent in self._parts:  # a failed part fails the put now, not at its end
-            error = sent.exception() if sent.done() else None
-            if error is not None:
-                raise error
-        await self._hash(part)
-        if not self._upload_id:
-            await self._backend.check_place(self._key)  # before storing anything the commit would refuse
-            self._generation = time.time_ns()
-            self._checksums_name = f"{self._generation}-{secrets.token_hex(4)}"
-            self._upload_id = await self._backend.create_upload(self._key, self._generation, self._checksums_name)
-        await self._room.acquire()
-        await self._backend.part_room.acquire()
-        sending = self._backend.upload_part(self._key, self._upload_id, len(self._parts) + 1, part)
-        sending.add_done_callback(self._part_sent)
-        self._parts.append(sending)
+    async def _send_part(self, part: bytearray, taken: bool) -> None:
+        uses: list[asyncio.Future[Any]] = []  # what reads `part`: it is given back when they are done
+        try:
+            if len(self._parts) == MAX_PARTS:
+                raise ResourceExhausted(
+                    f"{self._key!r} is larger than {MAX_PARTS * PART_SIZE >> 30} GiB, the largest file --storage "
+                    "keeps (S3 takes 10,000 parts): split it"
+                )
+            for sent in self._parts:  # a failed part fails the put now, not at its end
+                error = sent.exception() if sent.done() else None
+                if error is not None:
+                    raise error
+            await self._hash(part)
+            uses.append(self._hashing)  # type: ignore[arg-type]  # set by _hash
+            if not self._upload_id:
+                await self._backend.check_place(self._key)  # before storing anything the commit would refuse
+                self._generation = time.time_ns()
+                self._checksums_name = f"{self._generation}-{secrets.token_hex(4)}"
+                self._upload_id = await self._backend.create_upload(
+                    self._key, self._generation, self._checksums_name)
+            await self._room.acquire()
+            await self._backend.part_room.acquire()
+            sending = self._backend.upload_part(self._key, self._upload_id, len(self._parts) + 1, part)
+            sending.add_done_callback(self._part_sent)
+            self._parts.append(sending)
+            uses.append(sending)
+        finally:
+            if taken:
+                self._give_back_after(part, uses)
+
+    def _give_back_after(self, part: bytearray, uses: list[asyncio.Future[Any]]) -> None:
+        """Gives `part` back once `uses` are done; not for reuse if one was cancelled (its thread may read on)."""
+        left = len(uses)
+
+        def done(_: asyncio.Future[Any]) -> None:
+            nonlocal left
+            left -= 1
+            if not left:
+                self._backend.part_buffers.give_back(None if any(u.cancelled() for u in uses) else part)
+
+        if not uses:
+            self._backend.part_buffers.give_back(part)
+        for use in uses:
+            use.add_done_callback(done)
 
     def _part_sent(self, _: asyncio.Future[dict[str, Any]]) -> None:
         self._room.release()
@@ -255,16 +367,17 @@ class S3Upload(Upload):
         sums = self._checksums
         try:
             await self._handed_on()
-            if not self._upload_id:
-                data, self._buffer = self._buffer, bytearray()
+            if not self._upload_id and not self._full:  # a small file, all in its first buffer
+                data, self._buffer, self._filled = self._buffer or bytearray(), None, 0
                 await self._hash(data)
                 await self._hashing  # type: ignore[misc]  # set by _hash
                 check_received(self._key, sums, sent, size)
                 await self._backend.check_place(self._key)
                 self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, sums))
                 return await asyncio.shield(self._committing)
-            if self._buffer:
-                await self._hand_on()  # the last part, which may be short
+            self._cut_short()
+            while self._full:
+                await self._hand_on()
             await self._hashing  # type: ignore[misc]  # a multipart upload has hashed a part
             parts = await asyncio.gather(*self._parts)
             check_received(self._key, sums, sent, size)
@@ -282,6 +395,7 @@ class S3Upload(Upload):
         if self._ended:
             return
         self._ended = True
+        self._drop_unsent()
         # Shielded and tracked by the backend: a cancelled put still aborts its multipart upload.
         await asyncio.shield(self._backend.keep(self._discard()))
 
@@ -307,6 +421,7 @@ class S3Backend(Backend):
         self.client = make_client(pool=THREADS, s3={"payload_signing_enabled": False})
         self.endpoint = endpoint_of(self.client)
         self.part_room = asyncio.Semaphore(MAX_PARTS_IN_FLIGHT)
+        self.part_buffers = PartBuffers(PART_SIZE)
         self._live: set[str] = set()  # this daemon's multipart uploads in progress: never swept
         self._background: set[asyncio.Future[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -427,11 +542,12 @@ class S3Backend(Backend):
     async def put_small(self, key: str, data: bytearray, sums: Checksums) -> ObjectInfo:
         generation = time.time_ns()
         metadata = {"generation": str(generation), **_metadata(sums)}
-        await self.call("put_object", key, Key=self.root + key, Body=bytes(data), Metadata=metadata)
+        await self.call("put_object", key, Key=self.root + key, Body=bytes(data), Metadata=metadata,
+                        ChecksumCRC32C=_crc32c_header(sums.crc32c))
         return ObjectInfo(key, sums.size, sums.sha256, generation, sums.crc32c)
 
     async def create_upload(self, key: str, generation: int, checksums: str) -> str:
-        answer = await self.call("create_multipart_upload", key, Key=self.root + key,
+        answer = await self.call("create_multipart_upload", key, Key=self.root + key, ChecksumAlgorithm="CRC32C",
                                  Metadata={"generation": str(generation), "checksums": checksums})
         upload_id = str(answer["UploadId"])
         self._live.add(upload_id)
@@ -439,9 +555,10 @@ class S3Backend(Backend):
 
     def upload_part(self, key: str, upload_id: str, number: int, data: bytearray) -> asyncio.Future[dict[str, Any]]:
         async def send() -> dict[str, Any]:
+            checksum = _crc32c_header(await self.run(crc32c, data))
             answer = await self.call("upload_part", key, Key=self.root + key, UploadId=upload_id,
-                                     PartNumber=number, Body=data)
-            return {"PartNumber": number, "ETag": answer["ETag"]}
+                                     PartNumber=number, Body=data, ChecksumCRC32C=checksum)
+            return {"PartNumber": number, "ETag": answer["ETag"], "ChecksumCRC32C": checksum}
 
         return asyncio.ensure_future(send())
 
@@ -592,6 +709,18 @@ class S3Backend(Backend):
         """The S3 prefix of the keys under folder `prefix`."""
         prefix = prefix.rstrip("/")
         return f"{self.root}{prefix}/" if prefix else self.root
+
+    async def occupant(self, root: str, path: str) -> tuple[str, bool] | None:
+        """As `Backend.occupant`, with the HEAD of every part of `path` and the LIST under it all at once:
+        one round trip to the store, not one per part."""
+        parts = path.split("/")
+        held = ["/".join(parts[:end]) for end in range(1, len(parts) + 1)]
+        *objects, folder = await asyncio.gather(*(self.stat(f"{root}/{h}") for h in held),
+                                                self.is_folder(f"{root}/{path}"))
+        for name, found in zip(held, objects, strict=True):
+            if found:
+                return name, False
+        return (path, True) if folder else None
 
     async def is_folder(self, key: str) -> bool:
         answer = await self.call("list_objects_v2", key, Prefix=self._folder(key), MaxKeys=1)
