@@ -19,10 +19,11 @@ few times per timeout.
 
 The same task gives memory back: each received or sent message is a buffer
 of up to a message's size, and the malloc settings of `drive_client.malloc`
-keep freed buffers for reuse. After streams have ended, what the allocator
-holds free is returned to the system (`release_memory`), at the first tick
-after one ended, so that what a burst of streams took does not stay with the
-daemon, while a long transfer's buffers stay for its next chunks.
+keep freed buffers for reuse. Each tick, what the allocator holds free past
+what a quiet daemon reuses is returned to the system (`release_memory`), so
+that what a burst of streams took does not stay with the daemon, whether those
+streams ended or stalled holding nothing (a running transfer's few buffers are
+below that and stay).
 """
 
 from __future__ import annotations
@@ -81,8 +82,6 @@ class Streams:
         self._none_open = asyncio.Event()
         self._none_open.set()
         self._ticking: asyncio.Task[None] | None = None
-        self._ended = 0  # streams ended so far
-        self._ended_at_release = 0
 
     @property
     def count(self) -> int:
@@ -110,7 +109,6 @@ class Streams:
             yield stream
         finally:
             self._open.discard(stream)
-            self._ended += 1
             self._per_peer[host] -= 1
             if not self._per_peer[host]:
                 del self._per_peer[host]
@@ -141,8 +139,7 @@ class Streams:
         while True:
             await asyncio.sleep(self.tick_seconds())
             self.cancel_idle(time.monotonic())
-            if self._release_memory is not None and self._ended != self._ended_at_release:
-                self._ended_at_release = self._ended
+            if self._release_memory is not None:
                 started = time.perf_counter()
                 await self._release_memory()
                 log.debug("memory check", extra={"fields": {"ms": round((time.perf_counter() - started) * 1000, 3)}})

@@ -4,7 +4,6 @@ serving everyone else."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import time
@@ -67,42 +66,6 @@ async def test_streams_are_admitted_per_peer_and_in_all() -> None:
         assert streams.count == 2
     assert streams.count == 0
     assert await streams.wait_closed(0.1)
-
-
-async def test_memory_is_given_back_after_streams_end_not_while_they_run() -> None:
-    released: list[int] = []  # the streams open at each release
-    ticks = 0
-
-    async def release() -> None:
-        released.append(streams.count)
-
-    async def ticked(n: int) -> None:  # waits for n more looks at the streams (the idle check runs on each)
-        seen = ticks + n
-        while ticks < seen:
-            await asyncio.sleep(0.005)
-
-    streams = Streams(max_streams=3, max_per_peer=3, idle_timeout=0.04, release_memory=release)  # 10 ms ticks
-    cancel_idle = streams.cancel_idle
-
-    def counted(now: float) -> None:
-        nonlocal ticks
-        ticks += 1
-        cancel_idle(now)
-
-    streams.cancel_idle = counted  # type: ignore[method-assign]
-    streams.start()
-    try:
-        with streams.opened("Put", "ipv4:10.0.0.1:1", True):
-            await ticked(5)
-            assert released == []  # a running transfer keeps its buffers
-            with streams.opened("Get", "ipv4:10.0.0.1:2", True):
-                pass
-            await ticked(5)
-            assert released == [1]  # once, after the Get ended, while the Put goes on
-        await ticked(5)
-        assert released == [1, 0]
-    finally:
-        await streams.close()
 
 
 # --- streams against a daemon ------------------------------------------------------------------
