@@ -39,6 +39,7 @@ import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from crc32c import crc32c
@@ -53,6 +54,8 @@ LEGACY_HEADER = struct.Struct("<8s32sQ16x")  # magic, raw sha256, size, padding
 HEADER_SIZE = 64  # both formats: the content starts here
 ENTRY = 4  # bytes per entry of the block table
 TABLE_WINDOW = 1024  # entries read at once (4 KiB: a GiB of content)
+BUILDERS = 2  # threads checking format 1 files whole (LegacyTables)
+TABLE_OVERHEAD = 320  # bytes a kept format 1 table costs beyond its entries (measured with tracemalloc)
 
 
 class Layout(NamedTuple):
@@ -202,7 +205,7 @@ Version = tuple[int, int, int]  # a stored file's (device, inode, ctime): see Le
 
 class LegacyTables:
     """The block tables of format 1 files, by file version, each built once and kept in memory; the least used go
-    first past `max_entries` entries.
+    first past `max_bytes` (a table's array, and what keeping it costs: its key, its slot, the array object).
 
     A version is (device, inode, ctime): a put replaces the file (a new
     inode), and any write or restore in place changes its ctime, so a table
@@ -211,14 +214,17 @@ class LegacyTables:
     the others wait for that same Future. A file whose bytes do not match
     its sha256 keeps that verdict (None) as its table, so every read of it is
     refused without reading it again. A build that fails (a read error) is
-    not kept: the next read builds again. Used on the event loop only.
+    not kept: the next read builds again. Builds read whole files, so they
+    run on threads of their own (`BUILDERS`), never holding the threads of the
+    daemon's other disk work. Used on the event loop only.
     """
 
-    def __init__(self, max_entries: int = 4 << 20) -> None:  # 16 MiB of tables: 4 TiB of content
+    def __init__(self, max_bytes: int = 32 << 20) -> None:  # ~100,000 small files, or 8 TiB in 1 MiB blocks
         self._tables: OrderedDict[Version, array[int] | None] = OrderedDict()  # built; None: damaged
         self._building: dict[Version, asyncio.Future[array[int] | None]] = {}
-        self._entries = 0
-        self._max_entries = max_entries
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._builders = ThreadPoolExecutor(BUILDERS, thread_name_prefix="drived-legacy")
 
     def known(self, version: Version) -> array[int] | None:
         """The table of `version` when it is built (and its file matched its sha256); else None."""
@@ -235,7 +241,7 @@ class LegacyTables:
             return done
         building = self._building.get(version)
         if building is None:
-            building = asyncio.get_running_loop().run_in_executor(None, build)
+            building = asyncio.get_running_loop().run_in_executor(self._builders, build)
             self._building[version] = building
             building.add_done_callback(functools.partial(self._built, version))
         return building
@@ -245,15 +251,15 @@ class LegacyTables:
         if building.cancelled() or building.exception() is not None:
             return  # told to the readers that waited for it; the next read builds again
         ends = self._tables[version] = building.result()
-        self._entries += _entries(ends)
-        while self._entries > self._max_entries and len(self._tables) > 1:
+        self._bytes += _kept_bytes(ends)
+        while self._bytes > self._max_bytes and len(self._tables) > 1:
             _, dropped = self._tables.popitem(last=False)
-            self._entries -= _entries(dropped)
+            self._bytes -= _kept_bytes(dropped)
 
 
-def _entries(ends: array[int] | None) -> int:
-    """What a kept table counts against LegacyTables' bound: at least 1, so that verdicts are bounded too."""
-    return max(1, len(ends)) if ends is not None else 1
+def _kept_bytes(ends: array[int] | None) -> int:
+    """What keeping a table (or a verdict, None) costs LegacyTables: its entries and TABLE_OVERHEAD."""
+    return TABLE_OVERHEAD + (ends.itemsize * len(ends) if ends is not None else 0)
 
 
 def fsync_folder(folder: str) -> None:
