@@ -34,7 +34,7 @@ from drive_client.uri import DriveId
 
 from .backends.base import Backend, Damaged, ObjectInfo, Upload
 from .checksums import ClientChecksums
-from .coordinator import Coordinator, Event
+from .coordinator import Claim, Coordinator, Event
 from .drives import FileStream
 from .entry import Entry
 from .paths import component_key, object_key, relative_path
@@ -428,14 +428,14 @@ class ManagedDrives:
         """
         drive, path, component = delete.drive.name, delete.path, delete.component
         key = object_key(drive, component, path)
-        async with self.coordinator.claim(drive, path):
-            if await self._delete(drive, key):
+        async with self.coordinator.claim(drive, path) as claim:
+            if await self._delete(drive, key, claim):
                 deleted = [path]
             else:
                 deleted = [
                     relative_path(k, drive, component)
                     for k in await self.backend.walk(key)
-                    if await self._delete(drive, k)
+                    if await self._delete(drive, k, claim)
                 ]
             if not deleted:
                 raise NotFound(
@@ -446,9 +446,10 @@ class ManagedDrives:
                 await self.coordinator.publish(drive, "delete", Entry(path=file_path, component=component))
         return len(deleted)
 
-    async def _delete(self, drive: str, key: str) -> bool:
-        """Deletes one object; with a quota, its size (read once, under the caller's claim) leaves the drive's
-        usage."""
+    async def _delete(self, drive: str, key: str, claim: Claim) -> bool:
+        """Deletes one object, `claim` confirmed right before (a delete that walks a big folder may outlast an
+        unrenewed claim); with a quota, its size (read once, under the claim) leaves the drive's usage."""
+        await claim.confirm()
         if self.quotas is None:
             return await self.backend.delete(key)
         try:
