@@ -180,12 +180,14 @@ class PartBuffers:
     A fresh buffer of a part's size is mapped anew by malloc, and filling it
     costs a page fault per page; one grown a chunk at a time is also copied
     again as it grows. Reused, a part costs one copy of its bytes. A buffer
-    comes back once its part is hashed and sent; the free ones are dropped
-    when none is lent, so an idle daemon keeps none.
+    comes back once its part is hashed and sent; at most `keep` free ones
+    stay (what the parts in flight give back), and none when none is lent,
+    so an idle daemon keeps none and a burst of uploads leaves no more.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, keep: int) -> None:
         self.size = size
+        self.keep = keep
         self._free: list[bytearray] = []
         self._lent = 0
 
@@ -198,7 +200,7 @@ class PartBuffers:
         self._lent -= 1
         if not self._lent:
             self._free.clear()
-        elif buffer is not None:
+        elif buffer is not None and len(self._free) < self.keep:
             self._free.append(buffer)
 
 
@@ -421,7 +423,7 @@ class S3Backend(Backend):
         self.client = make_client(pool=THREADS, s3={"payload_signing_enabled": False})
         self.endpoint = endpoint_of(self.client)
         self.part_room = asyncio.Semaphore(MAX_PARTS_IN_FLIGHT)
-        self.part_buffers = PartBuffers(PART_SIZE)
+        self.part_buffers = PartBuffers(PART_SIZE, keep=MAX_PARTS_IN_FLIGHT)
         self._live: set[str] = set()  # this daemon's multipart uploads in progress: never swept
         self._background: set[asyncio.Future[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
