@@ -530,8 +530,7 @@ class S3Backend(Backend):
 
     async def check_place(self, key: str) -> None:
         """Raises InvalidArgument when `key` is a folder or one of its parents is an object."""
-        parents = [key[:i] for i, c in enumerate(key) if c == "/"]
-        folder, *objects = await asyncio.gather(self.is_folder(key), *(self._head(self.root + p) for p in parents))
+        objects, folder = await self._occupied([key[:i] for i, c in enumerate(key) if c == "/"], key)
         if folder:
             raise is_a_folder(key)
         if any(objects):
@@ -717,12 +716,16 @@ class S3Backend(Backend):
         one round trip to the store, not one per part."""
         parts = path.split("/")
         held = ["/".join(parts[:end]) for end in range(1, len(parts) + 1)]
-        *objects, folder = await asyncio.gather(*(self.stat(f"{root}/{h}") for h in held),
-                                                self.is_folder(f"{root}/{path}"))
+        objects, folder = await self._occupied([f"{root}/{h}" for h in held], f"{root}/{path}")
         for name, found in zip(held, objects, strict=True):
             if found:
                 return name, False
         return (path, True) if folder else None
+
+    async def _occupied(self, keys: list[str], folder: str) -> tuple[list[bool], bool]:
+        """Whether each of `keys` is an object, and whether `folder` holds any: asked of the store all at once."""
+        held, *objects = await asyncio.gather(self.is_folder(folder), *(self._head(self.root + k) for k in keys))
+        return [answer is not None for answer in objects], bool(held)
 
     async def is_folder(self, key: str) -> bool:
         answer = await self.call("list_objects_v2", key, Prefix=self._folder(key), MaxKeys=1)
