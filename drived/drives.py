@@ -46,7 +46,7 @@ class PendingPut(Protocol):
 
     @property
     def write(self) -> Callable[[bytes | memoryview], Awaitable[None]]:
-        """The store's own write of the next chunk: nothing runs between the stream and the store."""
+        """The store's write of the next chunk (a resumable upload's is serialised with a resume taking it over)."""
         ...
 
     @property
@@ -60,7 +60,7 @@ class PendingPut(Protocol):
         caller stops a stream that sends more, with `over_limit`, rather than write them."""
         ...
 
-    async def over_limit(self, received: int) -> DriveError:
+    def over_limit(self, received: int) -> DriveError:
         """The error (ResourceExhausted, with the numbers) for a file that reached `received` bytes, more
         than `max_bytes`."""
         ...

@@ -86,7 +86,7 @@ class ManagedPut:
         self.write = upload.write
         return self
 
-    async def over_limit(self, received: int) -> ResourceExhausted:
+    def over_limit(self, received: int) -> ResourceExhausted:
         return self._drives.over_limit(self.header, received, self.replaced)
 
     async def commit(self, sent: ClientChecksums, received: int) -> Entry:

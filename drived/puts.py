@@ -92,7 +92,7 @@ class PutStream:
     async def _write(self, pending: PendingPut, data: bytes | memoryview) -> None:
         """Writes the next bytes of the current file, unless they take it past its limit."""
         if self.bytes + len(data) > self._stop_at:
-            raise await pending.over_limit(self.bytes + len(data) - self._file_start)
+            raise pending.over_limit(self.bytes + len(data) - self._file_start)
         self.bytes += len(data)  # received, and the upload's once handed to it (writes are cancel-safe)
         await pending.write(data)
 
