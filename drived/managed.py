@@ -203,10 +203,15 @@ class ManagedDrives:
     async def _own_size(self, put: PutHeader) -> int:
         """The size of the file the caller already holds at the put's path (0 when none): a put replacing it
         needs quota only for the difference."""
+        return await self._counted_size(object_key(put.drive.name, put.component, put.path))
+
+    async def _counted_size(self, key: str) -> int:
+        """What the object at `key` counts in its drive's usage: its size, 0 when there is none or it is damaged
+        (as `Backend.usage` counts it: a put is how to repair it)."""
         try:
-            info = await self.backend.stat(object_key(put.drive.name, put.component, put.path))
+            info = await self.backend.stat(key)
         except Damaged:
-            return 0  # as the drive's usage counts it (`Backend.usage`): a put is how to repair it
+            return 0
         return info.size if info else 0
 
     def over_limit(self, put: PutHeader, received: int, replaced: int) -> ResourceExhausted:
@@ -452,13 +457,10 @@ class ManagedDrives:
         await claim.confirm()
         if self.quotas is None:
             return await self.backend.delete(key)
-        try:
-            info = await self.backend.stat(key)
-        except Damaged:
-            info = None  # counted as no bytes in the drive's usage (`Backend.usage`)
+        size = await self._counted_size(key)
         if not await self.backend.delete(key):
             return False
-        self.quotas.deleted(drive, info.size if info else 0)
+        self.quotas.deleted(drive, size)
         return True
 
     async def mount(self, mount: MountRequest) -> tuple[int, float]:
