@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import bisect
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -166,6 +166,9 @@ class SummedChunks:
             await self._chunks.aclose()  # type: ignore[attr-defined]
 
 
+BeforeVisible = Callable[[], Awaitable[None]]  # awaited by `Upload.commit` right before the object becomes visible
+
+
 class Upload(abc.ABC):
     """An object being written: bytes go to temporary storage, summed on the way by one `Checksums`.
 
@@ -201,7 +204,9 @@ class Upload(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def commit(self, sent: ClientChecksums, size: int | None = None) -> ObjectInfo:
+    async def commit(
+        self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None
+    ) -> ObjectInfo:
         """Makes the object visible in one step if the bytes match.
 
         When a checksum in `sent` (the CRC32C, the sha256, either or both)
@@ -214,6 +219,11 @@ class Upload(abc.ABC):
         CRC32C of its bytes, computed here (the info answered carries both).
         Two concurrent commits of one key: one wins entirely. The temporary
         data is gone afterwards either way.
+
+        `before_visible` is awaited on the event loop after the checks and the
+        work the commit does on the store, right before the step that makes the
+        object visible (a caller confirms its claim there: that work may take
+        seconds); what it raises is raised, and nothing is stored.
         """
 
     @abc.abstractmethod

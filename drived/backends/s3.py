@@ -43,6 +43,11 @@ which excludes the claims of the folders above the path and of the paths
 below it, so two puts of `a` and `a/b` at the same moment cannot both
 succeed: within one daemon, and across replicas that share a coordinator.
 Replicas without one can both succeed; listing then shows `a` as a folder.
+A claim may lapse while the commit sends its last part, waits for the parts
+in flight and checks the folders (seconds, for a big file): the caller's
+`before_visible` (which confirms the claim) is awaited after all of that,
+right before the PutObject, or the checksum object and
+CompleteMultipartUpload; when it raises, the upload is aborted.
 
 Uploads left behind. A put that fails, is cancelled or abandoned aborts its
 multipart upload. One whose daemon was killed is found by the sweep, at
@@ -102,6 +107,7 @@ from ..checksums import Checksums, ClientChecksums
 from ..s3index.lister import endpoint_of, make_client, map_error
 from .base import (
     Backend,
+    BeforeVisible,
     Chunks,
     Listing,
     ObjectInfo,
@@ -365,7 +371,9 @@ class S3Upload(Upload):
         self._room.release()
         self._backend.part_room.release()
 
-    async def commit(self, sent: ClientChecksums, size: int | None = None) -> ObjectInfo:
+    async def commit(
+        self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None
+    ) -> ObjectInfo:
         sums = self._checksums
         try:
             await self._handed_on()
@@ -375,6 +383,8 @@ class S3Upload(Upload):
                 await self._hashing  # type: ignore[misc]  # set by _hash
                 check_received(self._key, sums, sent, size)
                 await self._backend.check_place(self._key)
+                if before_visible is not None:
+                    await before_visible()
                 self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, sums))
                 return await asyncio.shield(self._committing)
             self._cut_short()
@@ -384,6 +394,8 @@ class S3Upload(Upload):
             parts = await asyncio.gather(*self._parts)
             check_received(self._key, sums, sent, size)
             await self._backend.check_place(self._key)  # again: a conflicting put may have committed since
+            if before_visible is not None:
+                await before_visible()
             self._committing = asyncio.ensure_future(self._backend.complete_upload(
                 self._key, self._upload_id, parts, self._checksums_name, sums))
             # Shielded: a cancelled put lets its commit end before abort() looks at what is left.
