@@ -15,11 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from typing import Protocol
 
-from crc32c import crc32c
-
 from drive_client.errors import DataLoss, InvalidArgument
 
-from ..checksums import Checksums, ClientChecksums
+from ..checksums import Checksums, ClientChecksums, RunningCrc32c
 
 
 class Chunks(Protocol):
@@ -134,19 +132,24 @@ class Damaged(DataLoss):
 class SummedChunks:
     """Chunks of a store that keeps no block checksums (S3), with the CRC32C of those yielded so far.
 
-    With `expected`, the CRC32C of the whole object (the chunks must be all
-    of it, `size` bytes), the last chunk is only yielded once the CRC32C of
-    every byte matches it; otherwise `Damaged` is raised in its place.
-    `chunks` None: no bytes.
+    `chunks` are read through `summed` (`RunningCrc32c.read`), which sums
+    them in the worker threads that read them. With `expected`, the CRC32C
+    of the whole object (the chunks must be all of it, `size` bytes), the
+    last chunk is only yielded once the CRC32C of every byte matches it;
+    otherwise `Damaged` is raised in its place. `chunks` None: no bytes.
     """
 
-    def __init__(self, chunks: AsyncIterator[bytes] | None, key: str, size: int = 0, expected: int | None = None
-                 ) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes] | None, summed: RunningCrc32c, key: str, size: int = 0,
+                 expected: int | None = None) -> None:
         self._chunks = chunks
+        self._summed = summed
         self._key = key
         self._left = size
         self._expected = expected
-        self.crc32c = 0
+
+    @property
+    def crc32c(self) -> int:
+        return self._summed.crc32c
 
     def __aiter__(self) -> SummedChunks:
         return self
@@ -155,7 +158,6 @@ class SummedChunks:
         if self._chunks is None:
             raise StopAsyncIteration
         data = await anext(self._chunks)
-        self.crc32c = crc32c(data, self.crc32c)
         self._left -= len(data)
         if self._expected is not None and self._left <= 0 and self.crc32c != self._expected:
             raise Damaged(self._key, f"its bytes do not match their CRC32C {self._expected:08x}")
