@@ -203,6 +203,10 @@ def legacy_block_ends(fd: int, layout: Layout, block_size: int) -> array[int] | 
 Version = tuple[int, int, int]  # a stored file's (device, inode, ctime): see LegacyTables
 
 
+def version_of(st: os.stat_result) -> Version:
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
 class LegacyTables:
     """The block tables of format 1 files, by file version, each built once and kept in memory; the least used go
     first past `max_bytes` (a table's array, and what keeping it costs: its key, its slot, the array object).
@@ -213,10 +217,11 @@ class LegacyTables:
     once however many read it at once: the first read starts the build and
     the others wait for that same Future. A file whose bytes do not match
     its sha256 keeps that verdict (None) as its table, so every read of it is
-    refused without reading it again. A build that fails (a read error) is
-    not kept: the next read builds again. Builds read whole files, so they
-    run on threads of their own (`BUILDERS`), never holding the threads of the
-    daemon's other disk work. Used on the event loop only.
+    refused without reading it again. A build that fails (a read error, a
+    file replaced before its build started) is not kept: the next read
+    builds again. Builds read whole files, so they run on threads of their
+    own (`BUILDERS`), never holding the threads of the daemon's other disk
+    work. Used on the event loop only.
     """
 
     def __init__(self, max_bytes: int = 32 << 20) -> None:  # ~100,000 small files, or 8 TiB in 1 MiB blocks
