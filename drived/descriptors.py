@@ -10,9 +10,9 @@ to the hard one (as Go's runtime and many servers do), and of the descriptors
 left then, uploads may hold at most half, and uploads and reads together
 three quarters: the last quarter stays for connections, health, metrics, the
 commit worker's pipes, the short opens of stats and listings, and the checks
-of format 1 files (`stored.BUILDERS` at once). An upload or
-a read past its share is refused with RESOURCE_EXHAUSTED; the counts are
-taken where the files are opened and given back where they are closed.
+of format 1 files (`stored.BUILDERS` at once). An upload or a read past its
+share is refused with RESOURCE_EXHAUSTED; the counts are taken where the
+files are opened and given back where they are closed.
 """
 
 from __future__ import annotations
