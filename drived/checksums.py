@@ -23,7 +23,7 @@ from typing import Protocol
 
 from crc32c import crc32c
 
-BLOCK_SIZE = 1 << 20  # bytes per block of a stored file's block table
+BLOCK_SIZE = 1 << 20  # bytes per block of a stored file's block table (its size follows: stored.content_size)
 _POLY = 0x82F63B78  # CRC-32C (Castagnoli), bit-reflected as the CRC register holds it
 
 

@@ -9,9 +9,10 @@ out. So the descriptors are shared out. At start-up the soft limit is raised
 to the hard one (as Go's runtime and many servers do), and of the descriptors
 left then, uploads may hold at most half, and uploads and reads together
 three quarters: the last quarter stays for connections, health, metrics, the
-commit worker's pipes and the short opens of stats and listings. An upload or
-a read past its share is refused with RESOURCE_EXHAUSTED; the counts are
-taken where the files are opened and given back where they are closed.
+commit worker's pipes, the short opens of stats and listings, and the checks
+of format 1 files (`stored.BUILDERS` at once). An upload or a read past its
+share is refused with RESOURCE_EXHAUSTED; the counts are taken where the
+files are opened and given back where they are closed.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ class ManagedDrives:
 
     async def _counted_size(self, key: str) -> int:
         """What the object at `key` counts in its drive's usage: its size, 0 when there is none or it is damaged
-        (as `Backend.usage` counts it: a put is how to repair it)."""
+        (a put is how to repair it; `Backend.usage` counts one from its size in the store, see `drived.quota`)."""
         try:
             info = await self.backend.stat(key)
         except Damaged:

@@ -18,7 +18,7 @@ from pathlib import Path
 import fsspec
 import grpc
 import pytest
-from conftest import MIB, raw_get, raw_put, rpc_code, sha256_hex, wait_until
+from conftest import MIB, open_fds, raw_get, raw_put, rpc_code, sha256_hex, wait_until
 from crc32c import crc32c
 
 from drive_client import DataLoss, Drive
@@ -318,6 +318,108 @@ def test_a_first_reader_that_goes_away_leaves_its_check_to_the_next_reads(start_
         assert cancelled.value.code() == grpc.StatusCode.CANCELLED
         assert ranged_get(own_stub, "huge.bin", 7, 10) == data[7:17]
         assert whole_checks(handle, "huge.bin") == 1
+
+
+def sparse_format_1(path: Path, size: int, pieces: dict[int, bytes]) -> None:
+    """A format 1 file of `size` bytes of zeros but for `pieces` ({offset: bytes}), its zeros a hole: a check of it
+    whole reads (and sums) every byte, while the disk holds only the pieces."""
+    summed, position, zeros = hashlib.sha256(), 0, memoryview(bytes(MIB))
+    for offset, piece in [*sorted(pieces.items()), (size, b"")]:
+        while position < offset:
+            step = min(MIB, offset - position)
+            summed.update(zeros[:step])
+            position += step
+        summed.update(piece)
+        position += len(piece)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<8s32sQ16x", b"DRIVED01", summed.digest(), size))
+        for offset, piece in pieces.items():
+            f.seek(64 + offset)
+            f.write(piece)
+        f.truncate(64 + size)
+
+
+def checked(stub, path: str) -> bool:
+    """Whether the daemon knows the whole-file check of the format 1 file `path` (its Stat gives its CRC32C)."""
+    return stub.Stat(pb.StatRequest(drive="lit://old", path=path)).HasField("crc32c")
+
+
+def test_reads_of_a_format_1_file_cancelled_while_it_is_checked_close_their_files_at_once(start_daemon, tmp_path):
+    """The cancelled reads kept their files open until the check ended, the one that started it as well (the
+    check read with its descriptor)."""
+    data_dir = old_data_dir(tmp_path)
+    piece_at, piece = 700 * MIB + 3, os.urandom(MIB)
+    sparse_format_1(data_dir / "objects" / "old" / "default" / "huge.bin", 1024 * MIB, {piece_at: piece})
+    handle = start_daemon(tmp_path, data_dir=data_dir)
+    pid = handle.proc.pid
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        assert not checked(stub, "huge.bin")  # and the channel is connected before the count
+        resting = open_fds(pid)
+
+        def get(offset: int, limit: int):
+            return stub.Get(pb.GetRequest(drive="lit://old", path="huge.bin", offset=offset, limit=limit,
+                                          checksums=True), timeout=60)
+
+        first = get(7, 10)  # starts the check
+        assert wait_until(lambda: whole_checks(handle, "huge.bin") == 1, timeout=30), handle.log()
+        kept = get(piece_at, MIB)
+        cancelled = [first, *(get(i * MIB, 10) for i in range(8))]
+        assert wait_until(lambda: open_fds(pid) >= resting + 10, timeout=30), (resting, open_fds(pid))
+        for call in cancelled:
+            call.cancel()
+        # What stays open: the kept read's file, and the check's own.
+        assert wait_until(lambda: open_fds(pid) <= resting + 2, timeout=30), (resting, open_fds(pid))
+        assert not checked(stub, "huge.bin"), "the cancelled reads closed their files only once the check ended"
+        for call in cancelled:
+            with pytest.raises(grpc.RpcError) as gone:
+                list(call)
+            assert gone.value.code() == grpc.StatusCode.CANCELLED
+
+        messages = list(kept)
+        assert b"".join(m.data for m in messages) == piece
+        assert messages[-1].crc32c == crc32c(piece)
+        assert checked(stub, "huge.bin") and whole_checks(handle, "huge.bin") == 1
+        assert wait_until(lambda: open_fds(pid) <= resting, timeout=30), (resting, open_fds(pid))
+
+
+def test_a_format_1_file_replaced_before_its_check_starts_is_read_again(start_daemon, tmp_path):
+    """The check opens the file itself: when another version is at the path by then, the reads that waited for it
+    are told to read the file again (the new version), and nothing is checked."""
+    data_dir = old_data_dir(tmp_path)
+    folder = data_dir / "objects" / "old" / "default"
+    for name in ("huge-1.bin", "huge-2.bin"):  # their checks take both threads that check files whole
+        sparse_format_1(folder / name, 1024 * MIB, {})
+    handle = start_daemon(tmp_path, data_dir=data_dir)
+    pid = handle.proc.pid
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, "lit://old", "first.txt", b"a put starts the commit worker, whose pipes are descriptors too")
+        resting = open_fds(pid)
+        busy = []
+        for name in ("huge-1.bin", "huge-2.bin"):
+            busy.append(stub.Get(pb.GetRequest(drive="lit://old", path=name, offset=3, limit=10), timeout=60))
+            assert wait_until(lambda name=name: whole_checks(handle, name) == 1, timeout=30), handle.log()
+        busy_fds = open_fds(pid)
+        waiting = stub.Get(pb.GetRequest(drive="lit://old", path="f/d/small.txt"), timeout=60)
+        # small.txt open, its check waiting for a thread
+        assert wait_until(lambda: open_fds(pid) > busy_fds, timeout=30), (busy_fds, open_fds(pid))
+        raw_put(stub, "lit://old", "f/d/small.txt", b"replaced while its read waited")
+        assert whole_checks(handle, "f/d/small.txt") == 0, "the check started before the put: this tested nothing"
+
+        with pytest.raises(grpc.RpcError) as stale:
+            list(waiting)
+        assert stale.value.code() == grpc.StatusCode.ABORTED
+        details = stale.value.details()
+        assert "was replaced or deleted while it was read: read it again" in details, details
+        assert str(handle.data_dir) not in details
+        [(_, again)] = raw_get(stub, "lit://old", "f/d/small.txt")
+        assert again == b"replaced while its read waited"
+        for call in busy:
+            call.cancel()
+        assert wait_until(lambda: checked(stub, "huge-1.bin") and checked(stub, "huge-2.bin"), timeout=60)
+        assert whole_checks(handle, "f/d/small.txt") == 0
+        assert wait_until(lambda: open_fds(pid) <= resting, timeout=30), (resting, open_fds(pid))
 
 
 def test_a_damaged_format_1_file_is_checked_once_and_refused_at_every_read(start_daemon, tmp_path):

@@ -22,7 +22,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from drive_client.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from drive_client.errors import InvalidArgument, NotFound, ResourceExhausted, StaleIndexError, Unavailable
 from drive_client.files import write_all
 
 from ..checksums import BLOCK_SIZE, Checksums, ClientChecksums, range_crc32c
@@ -60,6 +60,7 @@ from .stored import (
     make_durable,
     parse_header,
     place,
+    version_of,
 )
 
 FLUSH_BYTES = 1 << 20  # an upload buffers small chunks up to this before a disk write
@@ -83,17 +84,14 @@ def _read_cached(fd: int, size: int, offset: int) -> memoryview | None:
     return memoryview(buffer) if read == size else None
 
 
-def _check_whole(fd: int, key: str, layout: Layout, block_size: int) -> array[int] | None:
-    """Runs in a worker thread: the block table of the format 1 file `fd`, or None when it does not match its
-    sha256 (`legacy_block_ends`). Logged: it reads the whole file, however little of it was asked for."""
-    log.info("checking a file of the old format whole", extra={"fields": {"key": key, "bytes": layout.size}})
-    return legacy_block_ends(fd, layout, block_size)
-
-
 def _disk_error(err: OSError, what: str) -> Exception:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return ResourceExhausted(f"the data dir is full while {what}: free space and retry")
     return err
+
+
+def _replaced(key: str) -> StaleIndexError:
+    return StaleIndexError(f"{key!r} was replaced or deleted while it was read: read it again")
 
 
 def _commit_error(err: OSError, key: str) -> Exception:
@@ -120,7 +118,9 @@ class FileChunks:
     the end, on `aclose`, or when collected, and its descriptor goes back to
     the backend's `descriptors`. A file of format 1 has its sha256 checked
     and its table built once, by its first read, in a worker thread; reads
-    that come meanwhile wait for that one (`LegacyTables`).
+    that come meanwhile wait for that one (`LegacyTables`). That check opens
+    the file on its own (`LocalBackend.check_whole`): a read that goes away
+    closes its file at once, whoever else waits for the check.
     """
 
     def __init__(self, backend: LocalBackend, fd: int, key: str, layout: Layout, version: Version,
@@ -149,13 +149,12 @@ class FileChunks:
     async def _block_ends(self) -> BlockEnds:
         if self._layout.version >= 2:
             return BlockEnds(self._fd, self._layout)
-        build = functools.partial(_check_whole, self._fd, self._key, self._layout, self._block_size)
-        self._reading = self._backend.legacy_tables.table(self._version, build)  # may read with this descriptor
-        ends = await asyncio.shield(self._reading)
-        self._reading = None
+        layout = self._layout._replace(block_size=self._block_size)
+        build = functools.partial(self._backend.check_whole, self._key, layout, self._version)
+        ends = await asyncio.shield(self._backend.legacy_tables.table(self._version, build))
         if ends is None:
             raise Damaged(self._key, "its bytes do not match its sha256")
-        return BlockEnds(self._fd, self._layout._replace(block_size=self._block_size), ends)
+        return BlockEnds(self._fd, layout, ends)
 
     async def _read(self, size: int, offset: int) -> bytes | memoryview:
         data: bytes | memoryview | None = _read_cached(self._fd, size, offset)
@@ -494,18 +493,22 @@ class LocalBackend(Backend):
             raise is_a_folder(key)
         return LocalUpload(self, key, path)
 
+    def _open_file(self, key: str) -> int:
+        """A descriptor of the file or folder at `key`, for reading; NotFound when nothing is there."""
+        try:
+            return os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise NotFound(f"{key!r} does not exist") from None
+            raise
+
     def _open(self, key: str) -> tuple[int, Layout, Version, ObjectInfo]:
         """Opens `key` and reads its header: (descriptor, layout, version, info); the caller closes the descriptor.
 
         The version (device, inode, ctime) tells these bytes apart from any
         others that were or will be at `key`.
         """
-        try:
-            fd = os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as err:
-            if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                raise NotFound(f"{key!r} does not exist") from None
-            raise
+        fd = self._open_file(key)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -516,7 +519,7 @@ class LocalBackend(Backend):
                 raise Damaged(key, "its header does not match its CRC32C") from None
             if layout is None:  # drived writes every file under objects/ with a header: this one is damaged
                 raise Damaged(key, "its header is not one drived writes")
-            version = (st.st_dev, st.st_ino, st.st_ctime_ns)
+            version = version_of(st)
             crc = layout.crc32c
             if crc is None and (ends := self.legacy_tables.known(version)) is not None:
                 crc = ends[-1] if ends else 0  # a format 1 file read before: its table is known
@@ -524,6 +527,29 @@ class LocalBackend(Backend):
         except BaseException:
             os.close(fd)
             raise
+
+    def check_whole(self, key: str, layout: Layout, version: Version) -> array[int] | None:
+        """Runs in a `LegacyTables` builder thread: the block table of `version` of the format 1 file at `key`, or
+        None when its bytes do not match its sha256 (`legacy_block_ends`).
+
+        Opens the file itself, and closes it when done, because the readers
+        that wait for the table may all go away meanwhile, and a build that
+        waits for a builder thread holds no descriptor. StaleIndexError when
+        `key` holds other bytes by then (replaced, deleted or changed in
+        place): the readers of `version` are told to read the file again.
+        Logged: it reads the whole file, however little of it was asked for.
+        """
+        try:
+            fd = self._open_file(key)
+        except NotFound:
+            raise _replaced(key) from None
+        try:
+            if version_of(os.fstat(fd)) != version:
+                raise _replaced(key)
+            log.info("checking a file of the old format whole", extra={"fields": {"key": key, "bytes": layout.size}})
+            return legacy_block_ends(fd, layout, layout.block_size)
+        finally:
+            os.close(fd)
 
     async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, Chunks]:
         self.descriptors.take_read()
@@ -600,11 +626,15 @@ class LocalBackend(Backend):
         return await asyncio.get_running_loop().run_in_executor(None, self._walk, prefix, start_after, limit)
 
     def _usage(self, prefix: str) -> int:
+        # One lstat a file and no open: a stored file's size gives its content's (`content_size`), and a drive's
+        # first count after start-up would otherwise read a block of every file it holds.
         total = 0
         for folder, _, names in os.walk(self._path(prefix)):
             for name in names:
                 with contextlib.suppress(FileNotFoundError):  # deleted or replaced while counted
-                    total += content_size(f"{folder}/{name}")
+                    st = os.lstat(f"{folder}/{name}")
+                    if stat.S_ISREG(st.st_mode):  # not a link or a pipe planted there, which no put makes
+                        total += content_size(st.st_size)
         return total
 
     async def usage(self, prefix: str) -> int:

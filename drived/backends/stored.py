@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 from crc32c import crc32c
 
-from ..checksums import Checksums
+from ..checksums import BLOCK_SIZE, Checksums
 
 MAGIC = b"DRIVED02"
 LEGACY_MAGIC = b"DRIVED01"
@@ -87,16 +87,20 @@ def parse_header(raw: bytes) -> Layout | None:
     return None
 
 
-def content_size(path: str) -> int:
-    """The size of the content of the stored file at `path`, as its header says (0 for a file that is not one)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        layout = parse_header(os.pread(fd, HEADER_SIZE, 0))
-    except DamagedHeader:
-        layout = None
-    finally:
-        os.close(fd)
-    return layout.size if layout else 0
+def content_size(stored_size: int) -> int:
+    """The content size of a format 2 file in `BLOCK_SIZE` blocks whose whole file is `stored_size` bytes.
+
+    Such a file of n bytes of content is 64 + n + 4 * ceil(n / BLOCK_SIZE)
+    bytes, which grows with n: each started block adds BLOCK_SIZE + 4 bytes
+    at most, so the blocks are ceil((stored_size - 64) / (BLOCK_SIZE + 4)).
+    Read from the size alone (an lstat, no open), a format 1 file (no table)
+    comes out at most 4 bytes per started block smaller than its content,
+    and a file whose header is damaged as if it were sound.
+    """
+    rest = stored_size - HEADER_SIZE  # the content and its table
+    if rest <= 0:
+        return 0
+    return rest - ENTRY * -(-rest // (BLOCK_SIZE + ENTRY))
 
 
 def header(sums: Checksums) -> bytes:
@@ -203,6 +207,10 @@ def legacy_block_ends(fd: int, layout: Layout, block_size: int) -> array[int] | 
 Version = tuple[int, int, int]  # a stored file's (device, inode, ctime): see LegacyTables
 
 
+def version_of(st: os.stat_result) -> Version:
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
 class LegacyTables:
     """The block tables of format 1 files, by file version, each built once and kept in memory; the least used go
     first past `max_bytes` (a table's array, and what keeping it costs: its key, its slot, the array object).
@@ -213,10 +221,11 @@ class LegacyTables:
     once however many read it at once: the first read starts the build and
     the others wait for that same Future. A file whose bytes do not match
     its sha256 keeps that verdict (None) as its table, so every read of it is
-    refused without reading it again. A build that fails (a read error) is
-    not kept: the next read builds again. Builds read whole files, so they
-    run on threads of their own (`BUILDERS`), never holding the threads of the
-    daemon's other disk work. Used on the event loop only.
+    refused without reading it again. A build that fails (a read error, a
+    file replaced before its build started) is not kept: the next read
+    builds again. Builds read whole files, so they run on threads of their
+    own (`BUILDERS`), never holding the threads of the daemon's other disk
+    work. Used on the event loop only.
     """
 
     def __init__(self, max_bytes: int = 32 << 20) -> None:  # ~100,000 small files, or 8 TiB in 1 MiB blocks
