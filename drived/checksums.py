@@ -3,10 +3,11 @@
 `Checksums` is the whole hashing state of one upload (sha256, CRC32C, and the
 CRC32C at each block's end that a stored file keeps as its block table); an
 upload feeds it every byte in order and asks it at the commit.
-`ClientChecksums` is what the client sent with the file. `combine_crc32c`
+`ClientChecksums` is what the client sent with the file. `range_crc32c`
 gives the CRC32C of a range of a file from the CRC32Cs of the file up to the
-range's two ends, so a ranged read's CRC32C costs no second pass over its
-bytes.
+range's two ends, so a ranged read's CRC32C (or an S3 part's) costs no second
+pass over its bytes. `RunningCrc32c` sums a read's bytes in the worker thread
+that reads them.
 
 No grpc here: the commit worker, a process of its own that stays small,
 imports this module.
@@ -18,6 +19,7 @@ import hashlib
 import sys
 from array import array
 from dataclasses import dataclass
+from typing import Protocol
 
 from crc32c import crc32c
 
@@ -75,6 +77,30 @@ class Checksums:
         if sys.byteorder == "big":
             ends.byteswap()
         return ends.tobytes()
+
+
+class Readable(Protocol):
+    """A stream of bytes read a chunk at a time (a GetObject body)."""
+
+    def read(self, size: int) -> bytes: ...
+
+
+class RunningCrc32c:
+    """The CRC32C of the bytes read so far through `read`, in order.
+
+    A worker thread calls `read` for each chunk, so the bytes are summed in
+    the thread hop their read takes anyway: not on the event loop, and
+    without a hop of their own (which costs more than the CRC32C of a chunk).
+    """
+
+    def __init__(self) -> None:
+        self.crc32c = 0
+
+    def read(self, body: Readable, size: int) -> bytes:
+        """Runs in a worker thread: up to `size` bytes of `body`, added to `crc32c`."""
+        data = body.read(size)
+        self.crc32c = crc32c(data, self.crc32c)
+        return data
 
 
 @dataclass(frozen=True, slots=True)

@@ -231,9 +231,11 @@ class ManagedDrives:
     async def commit_put(self, put: ManagedPut, sent: ClientChecksums, received: int) -> Entry:
         """Verifies and commits a put: ownership and the quota are checked again inside the path's claim (and
         the backend's commit checks the folders there), so that the checks and the commit are one step for
-        every daemon sharing the coordinator (for the quota, for this daemon). The claim is confirmed right
-        before the commit: a put whose claim lapsed meanwhile (the coordinator out of reach for longer than
-        its expiry) fails UNAVAILABLE and stores nothing, since another put of the path may have committed."""
+        every daemon sharing the coordinator (for the quota, for this daemon). The backend's commit confirms the
+        claim right before the object becomes visible, after the work it does on the store (which may take
+        seconds): a put whose claim lapsed meanwhile (the coordinator out of reach for longer than its expiry,
+        or the claim lost with its data) fails UNAVAILABLE and stores nothing, since another put of the path
+        may have committed."""
         header, drive = put.header, put.header.drive.name
         async with self.coordinator.claim(drive, header.path) as claim:
             try:
@@ -242,8 +244,7 @@ class ManagedDrives:
                 # Read again inside the claim: the file may have been replaced since the put began.
                 added = received - await self._own_size(header) if self.quotas else 0
                 async with self._holding(drive, added):
-                    await claim.confirm()
-                    info = await put.upload.commit(sent, header.size)
+                    info = await put.upload.commit(sent, header.size, claim.confirm)
             except (AlreadyExists, ResourceExhausted, Unavailable):  # nothing is stored: the upload goes now
                 await put.abort()
                 raise

@@ -16,6 +16,7 @@ from drive_client.uri import DriveId
 
 from . import metrics
 from .backends.base import Chunks, SummedChunks
+from .checksums import RunningCrc32c
 from .coordinator import Event
 from .drives import FileStream, PendingPut
 from .entry import Entry
@@ -65,11 +66,12 @@ class S3Drives:
 
     def _read(self, drive: DriveId, e: S3Entry, offset: int = 0, limit: int = 0) -> Chunks:
         """The object's bytes, with their CRC32C: from what S3 sent, as drived keeps no checksums of s3:// objects."""
+        summed = RunningCrc32c()
         chunks = read_object(
             drive.bucket, drive.prefix + e.path, etag=e.etag, size=e.size,
-            offset=offset, limit=limit, chunk_size=self.chunk_size,
+            offset=offset, limit=limit, chunk_size=self.chunk_size, summed=summed,
         )
-        return SummedChunks(chunks, e.path)
+        return SummedChunks(chunks, summed, e.path)
 
     async def open_files(self, get: GetRequest) -> AsyncIterator[FileStream]:
         """The object at the path, or every object under the folder, each with its chunks."""

@@ -23,12 +23,14 @@ import grpc
 import pytest
 import redis
 from conftest import MIB, DaemonHandle, free_port, put_messages, raw_get, raw_put, rpc_code, wait_until
+from cutting_proxy import CuttingProxy
 from test_coordinator import calls
 from test_storage_s3 import BUCKET, PREFIX, StalledPut, Store, stub_of
 
 from bench.services import TlsProxy, ValkeyServer
 from drive_client import AsyncDrive, Drive
 from drive_client.pb import drive_pb2
+from drived.backends.s3 import PART_SIZE
 
 pytestmark = pytest.mark.integration  # starts servers of its own
 
@@ -412,6 +414,61 @@ def test_a_put_whose_claim_lapsed_while_the_coordinator_was_stopped_fails_and_st
     assert PASSWORD not in lost.value.details()
     [(info, data)] = raw_get(stub, drive_uri, "kept.txt")
     assert (data, info.sha256) == (b"version 1", sha256_of(b"version 1"))
+
+
+def put_losing_its_claim_in_its_commit(cluster: Cluster, to_store: CuttingProxy, stub, drive_uri: str, path: str,
+                                       data: bytes) -> grpc.RpcError:
+    """Puts `data` at `path`, deletes the put's claim while its commit waits on the stopped store; its error.
+
+    `to_store` carries the replica's requests to the store. With allow_duplicates, the put checks no ownership,
+    so the first bytes it sends the store inside its claim are its commit's.
+    """
+    moto, admin = cluster.store.moto.proc, redis.Redis.from_url(cluster.valkey.url)
+    assert moto is not None
+    finish = threading.Event()
+    messages = list(put_messages(drive_uri, path, data, component="w", allow_duplicates=True, size=len(data)))
+    put = stub.Put.future(held_at_finish(messages, finish), timeout=60)
+    try:
+        if len(data) > PART_SIZE:
+            assert wait_until(lambda: cluster.store.parts() == 1, timeout=20), "no part was stored"
+        sent = to_store.forwarded["up"]
+        moto.send_signal(signal.SIGSTOP)  # the commit's requests wait in the store's sockets
+        finish.set()
+        assert wait_until(lambda: to_store.forwarded["up"] > sent, timeout=20), "the commit never began"
+        [key] = cluster.keys(f"drived:*:claim:{path}")  # the commit runs inside its claim
+        admin.delete(key)
+    finally:
+        finish.set()
+        moto.send_signal(signal.SIGCONT)
+    with pytest.raises(grpc.RpcError) as lost:
+        put.result(60)
+    return lost.value
+
+
+def test_a_put_whose_claim_is_lost_during_its_commit_stores_nothing_and_aborts_its_upload(own_cluster, drive_uri):
+    """The claim is confirmed right before the object becomes visible, not before the commit's work on the store
+    (its last part, every part in flight, the folder checks), which may take seconds."""
+    with CuttingProxy(own_cluster.store.url.removeprefix("http://")) as to_store:
+        env = own_cluster.store.env(DRIVED_COORDINATOR=own_cluster.valkey.url,
+                                    AWS_ENDPOINT_URL=f"http://{to_store.endpoint}")
+        replica = own_cluster.store.daemon("--upload-expiry", "3600", env=env)  # no sweep reaches the store meanwhile
+        stub = stub_of(replica)
+        raw_put(stub, drive_uri, "kept.bin", b"version 1", component="w")
+        stored = own_cluster.store.object_keys()
+        # A multipart upload whose last part is a few bytes (its commit sends them), replacing version 1; and a
+        # small new file (its commit checks the folders, then puts it).
+        for path, data in (("kept.bin", os.urandom(PART_SIZE + 1000)), ("new.txt", b"never")):
+            lost = put_losing_its_claim_in_its_commit(own_cluster, to_store, stub, drive_uri, path, data)
+            assert lost.code() == grpc.StatusCode.UNAVAILABLE, path
+            assert "lapsed before its commit" in lost.details() and "nothing was stored" in lost.details()
+            assert own_cluster.store.uploads() == []
+            assert own_cluster.store.object_keys() == stored, path
+        [(info, data)] = raw_get(stub, drive_uri, "kept.bin")
+        assert (data, info.sha256) == (b"version 1", sha256_of(b"version 1"))
+        assert rpc_code(lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="new.txt"))) == \
+            grpc.StatusCode.NOT_FOUND
+        raw_put(stub, drive_uri, "new.txt", b"stored", component="w")  # with its claim kept, it commits
+        assert raw_get(stub, drive_uri, "new.txt")[0][1] == b"stored"
 
 
 def test_a_delete_waits_for_the_put_of_its_path_and_counts_the_version_it_deleted(own_cluster, drive_uri):

@@ -24,12 +24,14 @@ import botocore.exceptions
 import pytest
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
+from crc32c import crc32c
 from moto_server import aws_env, closed_port, moto_env, running_moto  # noqa: F401  (moto_env is a fixture)
 
 from bench.s3_listing_server import BUCKET as LISTING_BUCKET
 from bench.s3_listing_server import synthetic_keys
 from bench.services import S3ListingServer
 from drive_client.errors import InvalidArgument, NotFound, PermissionDenied, StaleIndexError, Unavailable
+from drived.checksums import RunningCrc32c
 from drived.s3index import S3Entry, S3Index, S3Mounts, direct, pages, read_object, reader
 from drived.s3index.index import canonical_stamp, make_run
 from drived.s3index.lister import Lister, build_index, make_client, make_listing_client, map_error
@@ -96,10 +98,13 @@ async def _read(bucket: str, key: str, entry: S3Entry, offset: int = 0, limit: i
                 chunk_size: int = MIB) -> tuple[bytes, int]:
     out = bytearray()
     biggest = 0
+    summed, expected = RunningCrc32c(), 0
     async for chunk in read_object(bucket, key, etag=entry.etag, size=entry.size, offset=offset,
-                                   limit=limit, chunk_size=chunk_size):
+                                   limit=limit, chunk_size=chunk_size, summed=summed):
         biggest = max(biggest, len(chunk))
         out += chunk
+        expected = crc32c(chunk, expected)
+        assert summed.crc32c == expected  # summed as read, up to the chunk just yielded
     return bytes(out), biggest
 
 
@@ -257,7 +262,7 @@ async def test_changed_object_is_stale(moto_env: str) -> None:  # noqa: F811
             got: list[bytes] = []
             with pytest.raises(StaleIndexError, match="re-mount"):
                 async for chunk in read_object("drv-stale", key, etag=entry.etag, size=entry.size,
-                                               offset=0, limit=0, chunk_size=4):
+                                               offset=0, limit=0, chunk_size=4, summed=RunningCrc32c()):
                     got.append(chunk)
             assert got == []  # not one byte of the other version
         s3.delete_object(Bucket="drv-stale", Key="f.bin")
@@ -293,7 +298,7 @@ async def test_stopped_endpoint_is_unavailable(moto_env: str) -> None:  # noqa: 
             await m.close()
         with pytest.raises(Unavailable, match=r"127\.0\.0\.1"):
             async for _ in read_object(BUCKET, "data/x.txt", etag="0" * 32, size=9, offset=0, limit=0,
-                                       chunk_size=4):
+                                       chunk_size=4, summed=RunningCrc32c()):
                 pass
 
 

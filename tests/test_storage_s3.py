@@ -81,6 +81,15 @@ class Store:
     def uploads(self) -> list[dict]:
         return self.client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
 
+    def parts(self) -> int:
+        """How many parts the store holds of its one multipart upload (0 without one)."""
+        uploads = self.uploads()
+        if not uploads:
+            return 0
+        [upload] = uploads
+        answer = self.client.list_parts(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
+        return len(answer.get("Parts", []))
+
     def object_keys(self, under: str = PREFIX) -> list[str]:
         return [o["Key"] for o in self.client.list_objects_v2(Bucket=BUCKET, Prefix=under).get("Contents", [])]
 

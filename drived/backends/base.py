@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import abc
 import bisect
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from crc32c import crc32c
-
 from drive_client.errors import DataLoss, InvalidArgument
 
-from ..checksums import Checksums, ClientChecksums
+from ..checksums import Checksums, ClientChecksums, RunningCrc32c
 
 
 class Chunks(Protocol):
@@ -134,19 +132,24 @@ class Damaged(DataLoss):
 class SummedChunks:
     """Chunks of a store that keeps no block checksums (S3), with the CRC32C of those yielded so far.
 
-    With `expected`, the CRC32C of the whole object (the chunks must be all
-    of it, `size` bytes), the last chunk is only yielded once the CRC32C of
-    every byte matches it; otherwise `Damaged` is raised in its place.
-    `chunks` None: no bytes.
+    `chunks` are read through `summed` (`RunningCrc32c.read`), which sums
+    them in the worker threads that read them. With `expected`, the CRC32C
+    of the whole object (the chunks must be all of it, `size` bytes), the
+    last chunk is only yielded once the CRC32C of every byte matches it;
+    otherwise `Damaged` is raised in its place. `chunks` None: no bytes.
     """
 
-    def __init__(self, chunks: AsyncIterator[bytes] | None, key: str, size: int = 0, expected: int | None = None
-                 ) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes] | None, summed: RunningCrc32c, key: str, size: int = 0,
+                 expected: int | None = None) -> None:
         self._chunks = chunks
+        self._summed = summed
         self._key = key
         self._left = size
         self._expected = expected
-        self.crc32c = 0
+
+    @property
+    def crc32c(self) -> int:
+        return self._summed.crc32c
 
     def __aiter__(self) -> SummedChunks:
         return self
@@ -155,7 +158,6 @@ class SummedChunks:
         if self._chunks is None:
             raise StopAsyncIteration
         data = await anext(self._chunks)
-        self.crc32c = crc32c(data, self.crc32c)
         self._left -= len(data)
         if self._expected is not None and self._left <= 0 and self.crc32c != self._expected:
             raise Damaged(self._key, f"its bytes do not match their CRC32C {self._expected:08x}")
@@ -164,6 +166,9 @@ class SummedChunks:
     async def aclose(self) -> None:
         if self._chunks is not None:
             await self._chunks.aclose()  # type: ignore[attr-defined]
+
+
+BeforeVisible = Callable[[], Awaitable[None]]  # awaited by `Upload.commit` right before the object becomes visible
 
 
 class Upload(abc.ABC):
@@ -201,7 +206,9 @@ class Upload(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def commit(self, sent: ClientChecksums, size: int | None = None) -> ObjectInfo:
+    async def commit(
+        self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None
+    ) -> ObjectInfo:
         """Makes the object visible in one step if the bytes match.
 
         When a checksum in `sent` (the CRC32C, the sha256, either or both)
@@ -214,6 +221,11 @@ class Upload(abc.ABC):
         CRC32C of its bytes, computed here (the info answered carries both).
         Two concurrent commits of one key: one wins entirely. The temporary
         data is gone afterwards either way.
+
+        `before_visible` is awaited on the event loop after the checks and the
+        work the commit does on the store, right before the step that makes the
+        object visible (a caller confirms its claim there: that work may take
+        seconds); what it raises is raised, and nothing is stored.
         """
 
     @abc.abstractmethod

@@ -19,8 +19,8 @@ import os
 import shutil
 import stat
 from array import array
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from drive_client.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from drive_client.files import write_all
@@ -29,6 +29,7 @@ from ..checksums import BLOCK_SIZE, Checksums, ClientChecksums, range_crc32c
 from ..descriptors import Descriptors
 from .base import (
     Backend,
+    BeforeVisible,
     Chunks,
     Damaged,
     Listing,
@@ -67,6 +68,7 @@ _WRITE_BACK = getattr(os, "POSIX_FADV_DONTNEED", None)
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux: a read that fails rather than wait for the disk
 
 log = logging.getLogger("drived")
+T = TypeVar("T")
 
 
 def _read_cached(fd: int, size: int, offset: int) -> memoryview | None:
@@ -226,7 +228,9 @@ class LocalUpload(Upload):
     """An upload into `tmp/`: small chunks are buffered, big ones written in a worker thread.
 
     A file whose bytes all fit the buffer is verified, written and committed
-    by the backend's commit worker process; a bigger one by a worker thread.
+    by the backend's commit worker process; a bigger one by worker threads:
+    one writes and fsyncs it, then (after the commit's `before_visible`, on
+    the event loop) another renames it into place.
     """
 
     def __init__(self, backend: LocalBackend, key: str, path: str) -> None:
@@ -323,9 +327,9 @@ class LocalUpload(Upload):
             await self._drain()
         self._close_fd()
 
-    def _commit_big(self, chunks: list[bytes | memoryview], sent: ClientChecksums, size: int | None) -> ObjectInfo:
-        """Runs in a worker thread: writes the rest, verifies, writes the block table and the header, fsyncs and
-        renames into place."""
+    def _write_big(self, chunks: list[bytes | memoryview], sent: ClientChecksums, size: int | None) -> int:
+        """Runs in a worker thread: writes the rest, verifies, writes the block table and the header, and makes the
+        file durable; its generation. `_place_big` then makes it visible."""
         self._flush(chunks)
         sums = self._checksums
         check_received(self._key, sums, sent, size)
@@ -333,17 +337,31 @@ class LocalUpload(Upload):
             write_all(self._fd, sums.block_table())  # after the content, where `_flush` left off
             os.pwrite(self._fd, header(sums), 0)
             generation = make_durable(self._fd)
-            self._close_fd()
+        except OSError as err:
+            raise _commit_error(err, self._key) from err
+        self._close_fd()
+        return generation
+
+    def _place_big(self) -> None:
+        """Runs in a worker thread: renames the file `_write_big` made durable into place."""
+        try:
             folder = place(self._tmp_path, self._path)
             self._tmp_path = ""  # renamed away: nothing left to discard
             fsync_folder(folder)
         except OSError as err:
             raise _commit_error(err, self._key) from err
-        return ObjectInfo(self._key, sums.size, sums.sha256, generation, sums.crc32c)
 
-    async def _commit_small(self, data: bytes, sent: ClientChecksums, size: int | None) -> ObjectInfo:
-        """Has the commit worker sum, verify, write and commit the file, all of whose bytes are `data`."""
+    async def _commit_small(
+        self, data: bytes, sent: ClientChecksums, size: int | None, before_visible: BeforeVisible | None
+    ) -> ObjectInfo:
+        """Has the commit worker sum, verify, write and commit the file, all of whose bytes are `data`.
+
+        The worker does all of that in one step, in a batch with others: `before_visible` is awaited before the
+        job is sent (a few milliseconds of disk work before the rename, not a store's seconds).
+        """
         check_size(self._key, self._size, size)
+        if before_visible is not None:
+            await before_visible()
         self._committing = self._backend.committer.submit((self._tmp_path, self._path, data, sent))
         # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
         outcome = await asyncio.shield(self._committing)
@@ -358,17 +376,29 @@ class LocalUpload(Upload):
         _, generation, _, sha256, crc32c = outcome
         return ObjectInfo(self._key, self._size, sha256, generation, crc32c)
 
-    async def commit(self, sent: ClientChecksums, size: int | None = None) -> ObjectInfo:
+    async def _in_thread(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(*args)` in a worker thread; shielded: a cancelled put still lets it finish before abort() cleans
+        up."""
+        running = asyncio.get_running_loop().run_in_executor(None, work, *args)
+        self._committing = running
+        return await asyncio.shield(running)
+
+    async def commit(
+        self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None
+    ) -> ObjectInfo:
         try:
             await self._drain()
             if not self._created:  # nothing written to disk yet: a small file, committed with others
                 data, self._pending, self._pending_bytes = b"".join(self._pending), [], 0
-                return await self._commit_small(data, sent, size)
+                return await self._commit_small(data, sent, size, before_visible)
             self._count_descriptor()  # its file is closed after a `suspend`
             chunks, self._pending, self._pending_bytes = self._pending, [], 0
-            self._committing = asyncio.get_running_loop().run_in_executor(None, self._commit_big, chunks, sent, size)
-            # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
-            return await asyncio.shield(self._committing)
+            generation = await self._in_thread(self._write_big, chunks, sent, size)
+            if before_visible is not None:  # on the event loop, between the worker threads' steps
+                await before_visible()
+            await self._in_thread(self._place_big)
+            sums = self._checksums
+            return ObjectInfo(self._key, sums.size, sums.sha256, generation, sums.crc32c)
         finally:
             await self.abort()
 

@@ -43,6 +43,11 @@ which excludes the claims of the folders above the path and of the paths
 below it, so two puts of `a` and `a/b` at the same moment cannot both
 succeed: within one daemon, and across replicas that share a coordinator.
 Replicas without one can both succeed; listing then shows `a` as a folder.
+A claim may lapse while the commit sends its last part, waits for the parts
+in flight and checks the folders (seconds, for a big file): the caller's
+`before_visible` (which confirms the claim) is awaited after all of that,
+right before the PutObject, or the checksum object and
+CompleteMultipartUpload; when it raises, the upload is aborted.
 
 Uploads left behind. A put that fails, is cancelled or abandoned aborts its
 multipart upload. One whose daemon was killed is found by the sweep, at
@@ -88,7 +93,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import botocore.exceptions
-from crc32c import crc32c
 
 from drive_client.errors import (
     DriveError,
@@ -100,10 +104,11 @@ from drive_client.errors import (
 )
 from drive_client.wire import SMALL_FILE
 
-from ..checksums import Checksums, ClientChecksums
+from ..checksums import Checksums, ClientChecksums, RunningCrc32c, range_crc32c
 from ..s3index.lister import endpoint_of, make_client, map_error
 from .base import (
     Backend,
+    BeforeVisible,
     Chunks,
     Listing,
     ObjectInfo,
@@ -273,7 +278,7 @@ class S3Upload(Upload):
         self._full: list[bytearray] = []  # parts filled and not yet handed on
         self._handed = 0  # bytes handed on as parts: what a suspended upload keeps
         self._handing: asyncio.Future[None] | None = None  # the handing on of the last part
-        self._hashing: asyncio.Future[None] | None = None  # the hashing of the last part handed on
+        self._hashing: asyncio.Future[int] | None = None  # the hashing of the last part handed on: its CRC32C
         self._upload_id = ""
         self._generation = 0
         self._checksums_name = ""  # the name of the checksum object of a multipart upload
@@ -371,11 +376,20 @@ class S3Upload(Upload):
         if self._hashing is not None:
             await self._hashing
 
-    async def _hash(self, data: bytearray) -> None:
-        """Hashes `data` in a worker thread, after the data before it."""
+    async def _hash(self, data: bytearray) -> asyncio.Future[int]:
+        """Hashes `data` in a worker thread, after the data before it; answers the future of its CRC32C."""
         if self._hashing is not None:
             await self._hashing
-        self._hashing = self._backend.run(self._checksums.update, data)
+        hashing: asyncio.Future[int] = self._backend.run(self._sum, data)
+        self._hashing = hashing
+        return hashing
+
+    def _sum(self, data: bytearray) -> int:
+        """Runs in a worker thread: adds `data` to the upload's checksums; the CRC32C of `data` alone, from those
+        of the upload before and after it (no second pass over its bytes)."""
+        before = self._checksums.crc32c
+        self._checksums.update(data)
+        return range_crc32c(before, self._checksums.crc32c, len(data))
 
     async def _send_part(self, part: bytearray) -> None:
         uses: list[asyncio.Future[Any]] = []  # what reads `part`: it is given back when they are done
@@ -389,8 +403,8 @@ class S3Upload(Upload):
                 error = sent.exception() if sent.done() else None
                 if error is not None:
                     raise error
-            await self._hash(part)
-            uses.append(self._hashing)  # type: ignore[arg-type]  # set by _hash
+            summed = await self._hash(part)
+            uses.append(summed)
             if not self._upload_id:
                 await self._backend.check_place(self._key)  # before storing anything the commit would refuse
                 self._generation = time.time_ns()
@@ -399,7 +413,7 @@ class S3Upload(Upload):
                     self._key, self._generation, self._checksums_name)
             await self._room.acquire()
             await self._backend.part_room.acquire()
-            sending = self._backend.upload_part(self._key, self._upload_id, len(self._parts) + 1, part)
+            sending = self._backend.upload_part(self._key, self._upload_id, len(self._parts) + 1, part, summed)
             sending.add_done_callback(self._part_sent)
             self._parts.append(sending)
             uses.append(sending)
@@ -425,16 +439,19 @@ class S3Upload(Upload):
         self._room.release()
         self._backend.part_room.release()
 
-    async def commit(self, sent: ClientChecksums, size: int | None = None) -> ObjectInfo:
+    async def commit(
+        self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None
+    ) -> ObjectInfo:
         sums = self._checksums
         try:
             await self._handed_on()
             if not self._upload_id and not self._full:  # a small file, all in its first buffer
                 data = self._buffer or bytearray()  # left the part being filled: abort gives its room back
-                await self._hash(data)
-                await self._hashing  # type: ignore[misc]  # set by _hash
+                await (await self._hash(data))
                 check_received(self._key, sums, sent, size)
                 await self._backend.check_place(self._key)
+                if before_visible is not None:
+                    await before_visible()
                 self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, sums))
                 return await asyncio.shield(self._committing)
             self._cut_short()
@@ -444,6 +461,8 @@ class S3Upload(Upload):
             parts = await asyncio.gather(*self._parts)
             check_received(self._key, sums, sent, size)
             await self._backend.check_place(self._key)  # again: a conflicting put may have committed since
+            if before_visible is not None:
+                await before_visible()
             self._committing = asyncio.ensure_future(self._backend.complete_upload(
                 self._key, self._upload_id, parts, self._checksums_name, sums))
             # Shielded: a cancelled put lets its commit end before abort() looks at what is left.
@@ -614,9 +633,13 @@ class S3Backend(Backend):
         self._live.add(upload_id)
         return upload_id
 
-    def upload_part(self, key: str, upload_id: str, number: int, data: bytearray) -> asyncio.Future[dict[str, Any]]:
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytearray, summed: asyncio.Future[int]
+                    ) -> asyncio.Future[dict[str, Any]]:
+        """Sends part `number` once `summed` (its hashing in `S3Upload`) answers its CRC32C."""
+
         async def send() -> dict[str, Any]:
-            checksum = _crc32c_header(await self.run(crc32c, data))
+            # Shielded: the hashing goes on for the parts after this one even if this send is cancelled.
+            checksum = _crc32c_header(await asyncio.shield(summed))
             answer = await self.call("upload_part", key, Key=self.root + key, UploadId=upload_id,
                                      PartNumber=number, Body=data, ChecksumCRC32C=checksum)
             return {"PartNumber": number, "ETag": answer["ETag"], "ChecksumCRC32C": checksum}
@@ -719,7 +742,9 @@ class S3Backend(Backend):
             raise NotFound(f"{key!r} is not a drived object (written to the bucket by something else)")
         end = size if limit == 0 else min(size, offset + limit)
         whole = info.crc32c if offset == 0 and end == size else None  # a range is left to S3's integrity
-        return info, SummedChunks(self._chunks(key, body, str(answer["ETag"]), offset, end), key, end - offset, whole)
+        summed = RunningCrc32c()
+        chunks = self._chunks(key, body, str(answer["ETag"]), offset, end, summed)
+        return info, SummedChunks(chunks, summed, key, end - offset, whole)
 
     async def _read_past_end(self, key: str, offset: int) -> tuple[ObjectInfo, Chunks]:
         """A read at or past the end: nothing to send at the end, InvalidArgument past it."""
@@ -728,14 +753,16 @@ class S3Backend(Backend):
             raise NotFound(f"{key!r} does not exist")
         if offset > info.size:
             raise InvalidArgument(f"offset {offset} is past the end of {key!r} ({info.size} bytes)")
-        return info, SummedChunks(None, key)
+        return info, SummedChunks(None, RunningCrc32c(), key)
 
-    async def _chunks(self, key: str, body: Any, etag: str, position: int, end: int) -> AsyncGenerator[bytes, None]:
+    async def _chunks(self, key: str, body: Any, etag: str, position: int, end: int, summed: RunningCrc32c
+                      ) -> AsyncGenerator[bytes, None]:
+        """Bytes [position, end) of `body`, each chunk read (and summed) through `summed` in a worker thread."""
         retries = 0
         try:
             while position < end:
                 try:
-                    data = await self.run(body.read, min(self.chunk_size, end - position))
+                    data = await self.run(summed.read, body, min(self.chunk_size, end - position))
                 except (botocore.exceptions.BotoCoreError, OSError) as err:
                     if retries == READ_RETRIES:
                         raise self.failure(err, key) from err

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import os
 import re
 import threading
@@ -21,6 +20,7 @@ from typing import Any
 
 from drive_client.errors import InvalidArgument, StaleIndexError
 
+from ..checksums import RunningCrc32c
 from .lister import make_client, map_error
 
 WINDOW = 64 * 1024 * 1024  # bytes per ranged GET (at least one chunk)
@@ -89,8 +89,9 @@ def _head(client: Any, bucket: str, key: str, etag: str, size: int) -> None:
 
 
 async def read_object(bucket: str, key: str, *, etag: str, size: int, offset: int, limit: int,
-                      chunk_size: int) -> AsyncGenerator[bytes, None]:
-    """Streams bytes [offset, offset+limit) of the object (limit 0: to the end).
+                      chunk_size: int, summed: RunningCrc32c) -> AsyncGenerator[bytes, None]:
+    """Streams bytes [offset, offset+limit) of the object (limit 0: to the end), each chunk read through
+    `summed` (which sums it in the thread that reads it).
 
     Raises InvalidArgument (offset outside [0, size], negative limit),
     StaleIndexError (the object changed or vanished: re-mount and retry),
@@ -115,7 +116,7 @@ async def read_object(bucket: str, key: str, *, etag: str, size: int, offset: in
             while pos < stop:
                 want = min(chunk_size, stop - pos)
                 try:
-                    data = await loop.run_in_executor(_EXECUTOR, functools.partial(body.read, want))
+                    data = await loop.run_in_executor(_EXECUTOR, summed.read, body, want)
                 except Exception as err:
                     raise map_error(err, client, bucket, key) from err
                 if not data:

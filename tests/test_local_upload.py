@@ -1,0 +1,78 @@
+"""LocalUpload.commit's `before_visible`: awaited once the file is ready and before it is at its key.
+
+A shared coordinator's claim is confirmed there (`ManagedDrives.commit_put`):
+what it raises fails the commit, which stores nothing and leaves the previous
+version. A small file goes through the commit worker process, a big one
+through worker threads (durable in tmp/ before the hook, renamed after it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from conftest import MIB
+
+from drive_client.errors import Unavailable
+from drived.backends.local import LocalBackend
+from drived.checksums import ClientChecksums
+from drived.descriptors import Descriptors
+
+pytestmark = pytest.mark.timeout(30)
+
+SIZES = [3000, 3 * MIB]  # through the commit worker; through worker threads
+KEY = "d/w/f.bin"
+
+
+@pytest_asyncio.fixture(loop_scope="function")  # the test's loop: the commit worker's pipes belong to it
+async def backend(tmp_path: Path) -> AsyncIterator[LocalBackend]:
+    made = LocalBackend(str(tmp_path), Descriptors(64))
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+async def stored(backend: LocalBackend, key: str) -> bytes | None:
+    """The bytes at `key`, None when nothing is there."""
+    if await backend.stat(key) is None:
+        return None
+    _, chunks = await backend.read(key)
+    return b"".join([bytes(chunk) async for chunk in chunks])
+
+
+async def put(backend: LocalBackend, data: bytes, before_visible=None) -> None:
+    upload = await backend.start_upload(KEY)
+    for at in range(0, len(data), MIB):
+        await upload.write(data[at:at + MIB])
+    await upload.commit(ClientChecksums("", None), len(data), before_visible)
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_the_hook_runs_before_the_file_is_visible(backend, size):
+    data = os.urandom(size)
+    seen: list[bytes | None] = []
+
+    async def before_visible() -> None:
+        seen.append(await stored(backend, KEY))
+
+    await put(backend, data, before_visible)
+    assert seen == [None]  # awaited once, with nothing at the key yet
+    assert await stored(backend, KEY) == data
+    assert os.listdir(backend.tmp_dir) == []
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_a_hook_that_raises_stores_nothing_and_keeps_the_previous_version(backend, size):
+    await put(backend, b"version 1")
+
+    async def claim_lost() -> None:
+        raise Unavailable("the claim lapsed")
+
+    with pytest.raises(Unavailable, match="the claim lapsed"):
+        await put(backend, os.urandom(size), claim_lost)
+    assert await stored(backend, KEY) == b"version 1"
+    assert os.listdir(backend.tmp_dir) == []  # the upload's temporary file is gone
