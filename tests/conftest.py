@@ -489,9 +489,11 @@ class StalledPuts:
     """
 
     def __init__(
-        self, endpoint: str, count: int, first_messages: Callable[[int], list], channels: int = 1
+        self, endpoint: str, count: int, first_messages: Callable[[int], list], channels: int = 1,
+        all_sent: bool = True,
     ) -> None:
         self.endpoint = endpoint
+        self.all_sent = all_sent  # whether entering waits until each stream has sent its messages (or ended)
         self.count = count
         self.first_messages = first_messages
         self.channels = channels
@@ -542,7 +544,7 @@ class StalledPuts:
 
     def __enter__(self) -> StalledPuts:
         self._thread.start()
-        for _ in range(self.count):  # each has sent its messages, or ended
+        for _ in range(self.count if self.all_sent else 0):  # each has sent its messages, or ended
             assert self._sent.acquire(timeout=120), "the stalled puts did not get their messages out"
         return self
 

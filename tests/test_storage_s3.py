@@ -25,11 +25,15 @@ import pytest
 from conftest import (
     BIN,
     MIB,
+    Background,
     DaemonHandle,
+    StalledPuts,
+    file_sha256,
     put_messages,
     raw_get,
     raw_put,
     rpc_code,
+    rss_mib,
     start_daemon,
     wait_until,
     write_random_file,
@@ -38,10 +42,10 @@ from crc32c import crc32c
 from cutting_proxy import CuttingProxy
 from moto_server import AWS_ENV
 
-from bench.services import MotoServer
+from bench.services import MotoServer, peak_rss_mib, reset_peak_rss
 from drive_client import DataLoss, Drive
 from drive_client.pb import drive_pb2, drive_pb2_grpc
-from drived.backends.s3 import PART_SIZE
+from drived.backends.s3 import MAX_PARTS_IN_FLIGHT, PART_SIZE, PARTS_IN_MEMORY
 
 BUCKET = "drived-store"
 PREFIX = "drives/"
@@ -548,3 +552,52 @@ def test_s3_drives_and_mount_keep_working_beside_storage(store, daemon_a, tmp_pa
     assert data.get("1.txt").read_bytes() == b"object 1"
     store.client.put_object(Bucket="datasets", Key="set/3.txt", Body=b"object 3")
     assert data.mount().objects == 4 and data.list(".")[-1] == "3.txt"
+
+
+def test_stalled_uploads_hold_at_most_the_parts_room_and_the_others_wait_for_it(store, drive_uri, tmp_path):
+    """What uploads to the store keep in memory is bounded over all of them (PARTS_IN_MEMORY parts), whatever their
+    clients do: uploads whose clients stall keep their part's room, every other upload waits for room before its
+    next part without reading more of its stream, and a put that waited completes once the stalled ones end."""
+    handle = store.daemon("--max-streams-per-peer", "400")
+    pid = handle.proc.pid
+    (tmp_path / "warm.bin").write_bytes(os.urandom(16 * MIB))
+    drive = Drive(drive_uri, endpoint=handle.endpoint, root_folder=str(tmp_path))
+    drive.put("warm.bin")
+    drive.get("warm.bin", overwrite=True)  # the daemon's buffers and threads are up: its resting size
+    baseline = rss_mib(pid)
+    reset_peak_rss(pid)
+    chunk = os.urandom(MIB)
+    held = PART_SIZE - MIB // 2  # each stalled upload sends a part's worth but half a chunk, so sends no part
+
+    def first_messages(i: int) -> list:
+        header = drive_pb2.PutHeader(drive=drive_uri, path=f"stalled/{i}.bin")
+        return [drive_pb2.PutRequest(header=header), *[chunk] * (held // MIB), chunk[:held % MIB]]
+
+    waiting = 80
+    count = PARTS_IN_MEMORY + waiting
+    expected = write_random_file(tmp_path / "big.bin", 3 * PART_SIZE)
+    with StalledPuts(handle.endpoint, count, first_messages, all_sent=False) as stalled:
+        assert wait_until(lambda: handle.open_requests("Put") == count, 60), stalled.refused()
+        readings = [rss_mib(pid)]
+
+        def settled() -> bool:  # the stalled streams sent what the daemon takes from them
+            readings.append(rss_mib(pid))
+            return readings[-1] - readings[-2] < 2
+        assert wait_until(settled, 60, interval=1.0), readings
+        put = Background(lambda: drive.put("big.bin"))
+        put.start()
+        assert wait_until(lambda: handle.open_requests("Put") == count + 1, 30)
+        peak = peak_rss_mib(pid)
+        # Room for the parts, the free buffers kept for reuse, and for each waiting stream a message in its write
+        # and gRPC's window of what its client sent (~4 MiB); about 8 MiB more each when stalled uploads take no room.
+        bound = baseline + (PARTS_IN_MEMORY + MAX_PARTS_IN_FLIGHT) * PART_SIZE / MIB + waiting * 5 + count * 0.25 + 24
+        print(f"{count} stalled uploads of {held / MIB:.1f} MiB: peak {peak:.0f} MiB "
+              f"(baseline {baseline:.0f} MiB, bound {bound:.0f} MiB)")
+        assert peak <= bound, f"{count} stalled uploads took the daemon to {peak:.0f} MiB (bound {bound:.0f} MiB)"
+        assert put.is_alive(), "a put completed while stalled uploads held all the room"
+    put.join_checked(120)  # the stalled streams ended (their clients went away): their room went to the put
+    assert drive.stat("big.bin").sha256 == expected
+    drive.get("big.bin", to=tmp_path / "back.bin")
+    assert file_sha256(tmp_path / "back.bin") == expected
+    assert drive.list("stalled") == [], "nothing of the stalled uploads is stored"
+    assert wait_until(lambda: not store.uploads(), 30), store.uploads()

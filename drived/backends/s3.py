@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import email.utils
@@ -101,6 +102,7 @@ from drive_client.errors import (
     StaleIndexError,
     Unavailable,
 )
+from drive_client.wire import SMALL_FILE
 
 from ..checksums import Checksums, ClientChecksums, RunningCrc32c, range_crc32c
 from ..s3index.lister import endpoint_of, make_client, map_error
@@ -121,7 +123,8 @@ log = logging.getLogger("drived")
 
 PART_SIZE = 8 << 20  # bytes per UploadPart; a file up to this size is one PutObject
 PARTS_IN_FLIGHT = 8  # parts of one upload being sent at once
-MAX_PARTS_IN_FLIGHT = 8  # over all uploads: bounds the memory they hold (8 × 8 MiB)
+MAX_PARTS_IN_FLIGHT = 8  # over all uploads (8 × 8 MiB)
+PARTS_IN_MEMORY = 24  # over all uploads, being filled or sent: bounds the memory they hold (24 × 8 MiB)
 MAX_PARTS = 10_000  # S3's limit of parts in one upload
 CHECKSUMS = "~checksums"  # the folder of checksum objects, beside the drives
 THREADS = 32  # boto3 calls and body reads
@@ -180,50 +183,99 @@ def _name_bound(last: str) -> str:
 
 
 class PartBuffers:
-    """Part-sized buffers, reused from one part to the next while uploads run.
+    """The parts uploads hold in memory: at most `limit` over all uploads, in buffers reused from part to part.
+
+    A part takes its room before its first byte (a file's first part, which
+    grows, once it passes `SMALL_FILE`: a small file takes none) and gives
+    it back once it is sent or dropped, so what uploads hold stays bounded
+    whatever their clients do: a client that stalls keeps its part's room
+    until its stream is ended for idleness, and other uploads wait for room
+    before their next part. An upload hands its full parts on before it
+    waits, so the room is held by parts being filled or sent, never by one
+    waiting for room, and a waiting upload gets room as sends end.
 
     A fresh buffer of a part's size is mapped anew by malloc, and filling it
     costs a page fault per page; one grown a chunk at a time is also copied
-    again as it grows. Reused, a part costs one copy of its bytes. A buffer
-    comes back once its part is hashed and sent; at most `keep` free ones
-    stay (what the parts in flight give back), and none when none is lent,
-    so an idle daemon keeps none and a burst of uploads leaves no more.
+    again as it grows. Reused, a part costs one copy of its bytes. At most
+    `keep` free buffers stay (what the parts in flight give back), and none
+    when no part holds room, so an idle daemon keeps none and a burst of
+    uploads leaves no more.
     """
 
-    def __init__(self, size: int, keep: int) -> None:
+    def __init__(self, size: int, keep: int, limit: int) -> None:
         self.size = size
         self.keep = keep
+        self.limit = limit
         self._free: list[bytearray] = []
-        self._lent = 0
+        self._lent = 0  # parts holding room
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    def take(self) -> bytearray:
+    async def make_room(self) -> None:
+        """Room for a part, once there is some, in turn."""
+        if self.room_now():
+            return
+        room = asyncio.get_running_loop().create_future()
+        self._waiting.append(room)
+        try:
+            await room  # given its room by a part that gave it back
+        except asyncio.CancelledError:
+            if room.done() and not room.cancelled():
+                self._hand_over()  # given room while being cancelled: it goes to the next in turn
+            elif room in self._waiting:
+                self._waiting.remove(room)
+            raise
+
+    def room_now(self) -> bool:
+        """Room for a part if there is some now and no one waits for it (True: taken)."""
+        if self._lent >= self.limit or self._waiting:
+            return False
         self._lent += 1
+        return True
+
+    def buffer(self) -> bytearray:
+        """A part-sized buffer, for a part that has room."""
         return self._free.pop() if self._free else bytearray(self.size)
 
-    def give_back(self, buffer: bytearray | None) -> None:
-        """Returns a taken buffer; None for one not to reuse (a thread may still be reading it)."""
+    def give_back(self, part: bytearray | None) -> None:
+        """A part's room back: `part` is kept for reuse when it is part-sized, and not None (None: a thread may
+        still read it)."""
+        if part is not None and len(part) == self.size and len(self._free) < self.keep:
+            self._free.append(part)
+        self._hand_over()
+
+    def reuse(self, buffer: bytearray) -> None:
+        """Keeps a part-sized `buffer` whose bytes were copied out: the copy keeps its part's room."""
+        if len(self._free) < self.keep:
+            self._free.append(buffer)
+
+    def _hand_over(self) -> None:
+        """Room given back goes to the first upload waiting, if any."""
+        while self._waiting:
+            room = self._waiting.popleft()
+            if not room.done():
+                room.set_result(None)  # the room stays lent, now to it
+                return
         self._lent -= 1
         if not self._lent:
             self._free.clear()
-        elif buffer is not None and len(self._free) < self.keep:
-            self._free.append(buffer)
 
 
 class S3Upload(Upload):
     """An upload of one key: buffered up to a part, then a multipart upload with parts in flight.
 
-    A file's first part grows in a buffer of its own (a small file never
-    takes a part-sized one); the parts after it fill buffers of the
-    backend's `PartBuffers`, each given back once its part is hashed and sent.
+    Each part holds room among the backend's `PartBuffers` until it is
+    hashed and sent (or dropped); a file's first part grows in a buffer of
+    its own, the parts after it fill the backend's part-sized ones.
     """
 
     def __init__(self, backend: S3Backend, key: str) -> None:
         self._backend = backend
         self._key = key
         self._checksums = Checksums()
-        self._buffer: bytearray | None = bytearray()  # the part being filled; None: one is made at the next byte
+        self._buffer: bytearray | None = None  # the part being filled; None: one is taken at the next byte
         self._filled = 0  # bytes in it
-        self._full: list[tuple[bytearray, bool]] = []  # parts filled and not yet handed on, and if taken
+        self._roomy = False  # whether it holds room (a file's first part only once it passed SMALL_FILE)
+        self._full: list[bytearray] = []  # parts filled and not yet handed on
         self._handed = 0  # bytes handed on as parts: what a suspended upload keeps
         self._handing: asyncio.Future[None] | None = None  # the handing on of the last part
         self._hashing: asyncio.Future[int] | None = None  # the hashing of the last part handed on: its CRC32C
@@ -239,17 +291,24 @@ class S3Upload(Upload):
     def held(self) -> int:
         return self._handed
 
-    @property
-    def _taken(self) -> bool:
-        """Whether the part being filled is a buffer of the backend's (every part after the first)."""
-        return bool(self._handed or self._full)
-
     async def write(self, data: bytes | memoryview) -> None:
-        """Copies `data` into parts before it waits for anything: a cancelled write still has it all."""
+        """Copies `data` into parts. Waits for room before a part's bytes: a cancelled write keeps what it copied,
+        and loses no more than bytes after the last part handed on, which a cut stream's upload drops anyway
+        (`suspend`)."""
         view = memoryview(data)
+        buffers = self._backend.part_buffers
         while len(view):
             if self._buffer is None:
-                self._buffer = self._backend.part_buffers.take() if self._taken else bytearray()
+                while self._full:  # the room this upload holds goes on to be sent before it waits for more
+                    await self._hand_on()
+                if self._handed:
+                    await buffers.make_room()
+                    self._buffer, self._roomy = buffers.buffer(), True
+                else:
+                    self._buffer, self._roomy = bytearray(), False  # a file's first part: maybe a small file
+            if not self._roomy and self._filled + len(view) > SMALL_FILE:
+                await buffers.make_room()
+                self._roomy = True
             piece = view[:PART_SIZE - self._filled]
             if len(self._buffer) == PART_SIZE:
                 self._buffer[self._filled:self._filled + len(piece)] = piece
@@ -258,10 +317,12 @@ class S3Upload(Upload):
             self._filled += len(piece)
             view = view[len(piece):]
             if self._filled == PART_SIZE:
-                self._full.append((self._buffer, self._taken))
-                # Taken now, not at the next byte: a buffer stays lent for the whole upload, so the free ones are
-                # kept even when every part sent has come back.
-                self._buffer, self._filled = self._backend.part_buffers.take(), 0
+                self._full.append(self._buffer)
+                # Taken now when there is room, not at the next byte: a buffer stays lent for the whole upload, so
+                # the free ones are kept even when every part sent has come back.
+                self._buffer, self._filled = None, 0
+                if buffers.room_now():
+                    self._buffer, self._roomy = buffers.buffer(), True
         while self._full:
             await self._hand_on()
 
@@ -275,9 +336,9 @@ class S3Upload(Upload):
         await self._handed_on()
         if not self._full:  # dropped meanwhile (suspended or aborted)
             return
-        part, taken = self._full.pop(0)
+        part = self._full.pop(0)
         self._handed += len(part)
-        self._handing = asyncio.ensure_future(self._send_part(part, taken))
+        self._handing = asyncio.ensure_future(self._send_part(part))
         await self._handed_on()
 
     async def _handed_on(self) -> None:
@@ -288,24 +349,24 @@ class S3Upload(Upload):
 
     def _cut_short(self) -> None:
         """Makes the bytes being filled a (last, short) part of its own."""
-        if self._buffer is None:
+        buffer, self._buffer = self._buffer, None
+        if buffer is None:
             return
-        buffer, taken = self._buffer, self._taken
-        if self._filled:
-            self._full.append((buffer[:self._filled] if taken else buffer, False))
-        if taken:
-            self._backend.part_buffers.give_back(buffer)
-        self._buffer, self._filled = None, 0
+        if not self._filled:
+            self._backend.part_buffers.give_back(buffer)  # a part-sized one, taken when the part before filled
+        elif len(buffer) == self._filled:
+            self._full.append(buffer)
+        else:
+            self._full.append(buffer[:self._filled])
+            self._backend.part_buffers.reuse(buffer)
+        self._filled = 0
 
     def _drop_unsent(self) -> None:
-        """Drops the bytes not handed on, giving their buffers back."""
-        buffers = list(self._full)
-        if self._buffer is not None:
-            buffers.append((self._buffer, self._taken))
-        for buffer, taken in buffers:
-            if taken:
-                self._backend.part_buffers.give_back(buffer)
+        """Drops the bytes not handed on, giving their room back."""
+        parts = [*self._full, self._buffer] if self._buffer is not None and self._roomy else self._full
         self._full, self._buffer, self._filled = [], None, 0
+        for part in parts:
+            self._backend.part_buffers.give_back(part)
 
     async def suspend(self) -> None:
         """Keeps the parts sent and drops the rest (at most a part or two, sent again on resume)."""
@@ -330,7 +391,7 @@ class S3Upload(Upload):
         self._checksums.update(data)
         return range_crc32c(before, self._checksums.crc32c, len(data))
 
-    async def _send_part(self, part: bytearray, taken: bool) -> None:
+    async def _send_part(self, part: bytearray) -> None:
         uses: list[asyncio.Future[Any]] = []  # what reads `part`: it is given back when they are done
         try:
             if len(self._parts) == MAX_PARTS:
@@ -357,8 +418,7 @@ class S3Upload(Upload):
             self._parts.append(sending)
             uses.append(sending)
         finally:
-            if taken:
-                self._give_back_after(part, uses)
+            self._give_back_after(part, uses)
 
     def _give_back_after(self, part: bytearray, uses: list[asyncio.Future[Any]]) -> None:
         """Gives `part` back once `uses` are done; not for reuse if one was cancelled (its thread may read on)."""
@@ -386,7 +446,7 @@ class S3Upload(Upload):
         try:
             await self._handed_on()
             if not self._upload_id and not self._full:  # a small file, all in its first buffer
-                data, self._buffer, self._filled = self._buffer or bytearray(), None, 0
+                data = self._buffer or bytearray()  # left the part being filled: abort gives its room back
                 await (await self._hash(data))
                 check_received(self._key, sums, sent, size)
                 await self._backend.check_place(self._key)
@@ -442,7 +502,7 @@ class S3Backend(Backend):
         self.client = make_client(pool=THREADS, s3={"payload_signing_enabled": False})
         self.endpoint = endpoint_of(self.client)
         self.part_room = asyncio.Semaphore(MAX_PARTS_IN_FLIGHT)
-        self.part_buffers = PartBuffers(PART_SIZE, keep=MAX_PARTS_IN_FLIGHT)
+        self.part_buffers = PartBuffers(PART_SIZE, keep=MAX_PARTS_IN_FLIGHT, limit=PARTS_IN_MEMORY)
         self._live: set[str] = set()  # this daemon's multipart uploads in progress: never swept
         self._background: set[asyncio.Future[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
