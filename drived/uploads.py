@@ -307,12 +307,14 @@ class HeldUploads:
         self._track(self._discard(resumable, f"expired (--upload-expiry {self.expiry:g} s)", held_only=True))
 
     async def _keep_within_bounds(self, newest: Resumable) -> None:
-        """Discards held uploads, oldest first, past the bounds; one bigger than all of them at once."""
+        """Discards held uploads, oldest first, past the bounds; one bigger than all of them at once. Each only if
+        still held once its lock is taken: a stream may have resumed it while the discard waited for the lock."""
         if newest.upload.held > self.max_bytes and self._held.get(newest.key) is newest:
-            await self._discard(newest, f"larger than --max-held-bytes ({self.max_bytes})")
+            await self._discard(newest, f"larger than --max-held-bytes ({self.max_bytes})", held_only=True)
         while self._held and (len(self._held) > self.max_uploads or self._held_bytes > self.max_bytes):
             oldest = next(iter(self._held.values()))
-            await self._discard(oldest, "the oldest held upload, past --max-held-uploads or --max-held-bytes")
+            await self._discard(oldest, "the oldest held upload, past --max-held-uploads or --max-held-bytes",
+                                held_only=True)
 
     async def _discard(self, resumable: Resumable, why: str, held_only: bool = False) -> None:
         """Discards the upload, logging `why`; with `held_only`, unless a stream resumed it meanwhile."""
