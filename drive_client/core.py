@@ -171,20 +171,18 @@ def put(drive: DriveBase, path: str | os.PathLike[str], to: str | None, progress
         return []
     header, sha256 = _put_header(drive), _sha256(drive)
     if len(files) == 1:  # a file of at most a chunk goes in one unary call, much cheaper than a stream
-        request = yield Blocking(small_file_request, (header, *files[0], sha256))
-        if request is not None:  # retried whole by gRPC when the daemon is unreachable
-            reply: pb.PutFileResponse = yield Unary("PutFile", request)
-            if progress:
-                progress(reply.file.size)
-            return [FileStat.from_info(reply.file)]
+        whole = yield Blocking(small_file_request, (header, *files[0], sha256))
+        if whole is not None:
+            [info] = yield from _put_stream(drive, header, files, progress, whole)
+            return [FileStat.from_info(info)]
     stored: list[pb.FileInfo] = []
     for first in range(0, len(files), PUT_STREAM_FILES):
         stored += yield from _put_stream(drive, header, files[first:first + PUT_STREAM_FILES], progress)
     return [FileStat.from_info(info) for info in stored]
 
 
-def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, str]], progress: Progress | None
-                ) -> Plan[list[pb.FileInfo]]:
+def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, str]], progress: Progress | None,
+                whole: pb.PutFileRequest | None = None) -> Plan[list[pb.FileInfo]]:
     """Stores `files` over a Put stream; when it breaks, asks the daemon where it got to and goes on from there.
 
     Every file is a resumable upload of its own id: the files the daemon
@@ -193,6 +191,11 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
     byte get new ids: the daemon may still be reading what the broken stream
     carried, and a late start of an old id must not discard the new upload.
     `progress` counts each byte of the files once (`PutProgress`).
+
+    `whole`: the one file of `files`, small, read whole into a PutFile
+    request, which carries it instead of a stream: a PutFile whose answer
+    was lost is asked about and sent again the same way (it is never held
+    for a resume, so it is sent again whole).
     """
     ids = upload_ids(len(files))
     stored: list[pb.FileInfo] = []  # the files before `start`, which the daemon committed
@@ -201,6 +204,12 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
     counted = PutProgress(progress) if progress else None
     while True:
         try:
+            if whole is not None:
+                whole.header.upload_id = ids[0]
+                one: pb.PutFileResponse = yield Unary("PutFile", whole)
+                if progress:
+                    progress(one.file.size)
+                return [one.file]
             reply: pb.PutResponse = yield Send("Put", put_requests(
                 header, files[start:], ids[start:], offset, progress=counted, sha256=_sha256(drive)))
             return [*stored, *reply.files]
