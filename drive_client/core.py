@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from crc32c import crc32c
 
 from .common import DriveBase, FileStat, MountResult, WatchEvent
-from .effects import Blocking, Caller, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
+from .effects import Blocking, Caller, Connected, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
 from .errors import AlreadyExists, DriveError, EventsExpired, InvalidArgument, NotFound, OutOfRange
 from .pb import drive_pb2 as pb
 from .resume import Backoff, GetPosition, PutProgress, upload_ids
@@ -145,8 +145,24 @@ def _worth_ranges(first: pb.GetResponse, remote: str) -> bool:
 
 
 def mount(drive: DriveBase) -> Plan[MountResult]:
-    """(Re)indexes an s3:// drive now."""
-    reply: pb.MountResponse = yield Unary("Mount", pb.MountRequest(drive=drive.id))
+    """(Re)indexes an s3:// drive now.
+
+    Tried again within the drive's retry_seconds while the daemon cannot be
+    reached. An UNAVAILABLE the daemon answers is raised at once: its S3
+    endpoint failed, after boto3's own retries, and a mount tried again
+    would list the whole location again against an endpoint that is down.
+    """
+    backoff = Backoff(drive.retry_seconds)
+    while True:
+        try:
+            reply: pb.MountResponse = yield Unary("Mount", pb.MountRequest(drive=drive.id))
+            break
+        except DriveError as err:
+            backoff.check(err)
+            if (yield Connected()):
+                raise
+            delay = backoff.pace(err)
+        yield Sleep(delay)
     MOUNTS.mounted(drive)
     return MountResult(reply.objects, reply.seconds)
 
