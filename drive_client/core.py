@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from crc32c import crc32c
 
+from .checksums import joined_crc32c
 from .common import DriveBase, FileStat, MountResult, WatchEvent
 from .effects import Blocking, Caller, Connected, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
 from .errors import AlreadyExists, DriveError, EventsExpired, InvalidArgument, NotFound, OutOfRange
@@ -378,21 +379,23 @@ def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInf
     """Fetches one big file over concurrent ranged reads, each pinned to the version `info` describes."""
     component, if_match = info.component or None, info.sha256 or info.etag
 
-    def read(offset: int, length: int) -> Iterable[Chunk]:
-        return calls.iterate(read_range(drive, remote, offset, length, component, if_match, copy=False))
+    def read(offset: int, length: int, summed: Callable[[int], None]) -> Iterable[Chunk]:
+        return calls.iterate(read_range(drive, remote, offset, length, component, if_match, copy=False,
+                                        summed=summed))
 
     return fetch_in_ranges(info, target, read, progress=progress, sha256=_sha256(drive))
 
 
 def read_range(drive: DriveBase, path: str, offset: int, length: int | None, component_name: str | None,
-               if_match: str, copy: bool = True) -> Plan[None]:
+               if_match: str, copy: bool = True, summed: Callable[[int], None] | None = None) -> Plan[None]:
     """Emits the chunks of bytes [offset, offset+length) of a file; `copy=False` emits views into the messages.
 
     Their CRC32C is checked against the daemon's once the last has been
     emitted: a mismatch raises DataLoss at the end of the range. A stream that
     breaks is resumed from where it got; the daemon's CRC32C then covers the
     bytes of the resumed stream, and those the broken one carried had TCP's
-    checks only.
+    checks only. `summed`, when given, is called at the end with the CRC32C
+    of all the range's bytes, for a caller that knows what it must be.
     """
     if offset < 0 or (length is not None and length < 0):
         raise InvalidArgument("offset and length cannot be negative")
@@ -405,9 +408,11 @@ def read_range(drive: DriveBase, path: str, offset: int, length: int | None, com
     yield from _ensure_mounted(drive)
     end = None if length is None else offset + length
     backoff = Backoff(drive.retry_seconds)
+    earlier = 0  # the CRC32C of the bytes that the streams before this one carried
     while True:
         stream = yield Open("Get", request)
         crc, checked = 0, False  # of this stream's bytes: the daemon's CRC32C covers the range it was asked for
+        start = request.offset
         try:
             while (message := (yield Next(stream))) is not None:
                 data = chunk_of(message)
@@ -427,12 +432,17 @@ def read_range(drive: DriveBase, path: str, offset: int, length: int | None, com
                     request.component = request.component or message.info.component
             if not checked:
                 raise no_crc32c(request.path)
+            if summed:
+                summed(joined_crc32c(earlier, crc, request.offset - start))
             return
         except DriveError as err:
             delay = backoff.delay(err)
         finally:
             stream.cancel()
+        earlier = joined_crc32c(earlier, crc, request.offset - start)
         if end is not None and request.offset >= end:  # all of it arrived before the stream broke
+            if summed:
+                summed(earlier)
             return
         yield Sleep(delay)
 
