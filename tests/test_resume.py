@@ -273,20 +273,24 @@ def test_a_small_put_whose_answer_was_lost_is_not_sent_again(twin, daemon, tmp_p
     assert got == b"answered"
 
 
-@pytest.mark.parametrize("transfer", ["put", "get"])
+@pytest.mark.parametrize("transfer", ["put", "get", "small put"])
 def test_the_retry_budget_ends_with_unavailable_naming_the_endpoint(twin, daemon, tmp_path, drive_uri, transfer):
     write_random_file(tmp_path / "f.bin", 8 * MIB)
+    write_random_file(tmp_path / "s.bin", 1000)
     twin(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint).put("f.bin")
     (tmp_path / "out").mkdir()
     with CuttingProxy(daemon.endpoint) as proxy:
-        proxy.cut_after("up" if transfer == "put" else "down", 4 * MIB)
-        proxy.down_after_cuts()  # from the cut on, the daemon "stays down": every later connection breaks at once
+        if transfer == "small put":
+            proxy.refuse()  # the daemon is down from the start
+        else:
+            proxy.cut_after("up" if transfer == "put" else "down", 4 * MIB)
+            proxy.down_after_cuts()  # from the cut on, the daemon "stays down": every later connection breaks at once
         drive = twin(drive_uri, root_folder=tmp_path, endpoint=proxy.endpoint, retry_seconds=1)
         with pytest.raises(ConnectionError) as down:
-            if transfer == "put":
-                drive.put("f.bin", to="again.bin")
-            else:
+            if transfer == "get":
                 drive.get("f.bin", to="out/f.bin")
+            else:
+                drive.put("s.bin" if transfer == "small put" else "f.bin", to="again.bin")
         assert down.value.code == grpc.StatusCode.UNAVAILABLE and proxy.endpoint in str(down.value)
         assert proxy.connections > 2, "the transfer was not tried again"
     assert os.listdir(tmp_path / "out") == []  # no partial file left
