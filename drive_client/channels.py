@@ -42,12 +42,13 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 5000),
 ]
-# gRPC's retry policy for the unary calls (the client's own code retries streams, see `resume`):
-# UNAVAILABLE means the call did not run, or may be run again to the same effect. Not Delete:
-# a delete that ran but whose answer was lost would be answered NOT_FOUND when tried again.
+# gRPC's retry policy for the unary reads List and Stat: UNAVAILABLE means the call did not run, or
+# may be run again to the same effect. The client's own code retries the rest, one layer a call
+# (`core`, paced by `resume.Backoff`): streams, PutFile and QueryWriteStatus (a put asks where it
+# got to before it sends again), Mount (only while the daemon is unreachable). Not Delete: a
+# delete that ran but whose answer was lost would be answered NOT_FOUND when tried again.
 UNARY_RETRY = json.dumps({"methodConfig": [{
-    "name": [{"service": "drive.v1.DriveService", "method": method}
-             for method in ("PutFile", "List", "Stat", "Mount", "QueryWriteStatus")],
+    "name": [{"service": "drive.v1.DriveService", "method": method} for method in ("List", "Stat")],
     "retryPolicy": {
         "maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
         "retryableStatusCodes": ["UNAVAILABLE"],
@@ -203,8 +204,7 @@ def channel_options(connection: Connection, retries: bool = False) -> list[tuple
 
     A target of several addresses spreads calls over all of them (round_robin, re-resolved when a
     replica sends GOAWAY after --max-connection-age), where gRPC's default policy would send every
-    call to the first address that answers. `retries` turns gRPC's retries of unary calls on; a
-    retried call's request is kept until the call is answered: room for a whole small file.
+    call to the first address that answers. `retries` turns gRPC's retries of List and Stat on.
     """
     options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
     if connection.endpoint.startswith(SPREAD_TARGETS):
@@ -213,8 +213,7 @@ def channel_options(connection: Connection, retries: bool = False) -> list[tuple
         options.append(("grpc.ssl_target_name_override", connection.server_name))
     if not retries:
         return [*options, ("grpc.enable_retries", 0)]
-    return [*options, ("grpc.enable_retries", 1), ("grpc.service_config", UNARY_RETRY),
-            ("grpc.per_rpc_retry_buffer_size", MESSAGE_LIMIT)]
+    return [*options, ("grpc.enable_retries", 1), ("grpc.service_config", UNARY_RETRY)]
 
 
 def open_channel(connection: Connection, *, aio: bool = False, retries: bool = False) -> Any:

@@ -25,8 +25,9 @@ from typing import Any, TypeVar
 
 from crc32c import crc32c
 
+from .checksums import joined_crc32c
 from .common import DriveBase, FileStat, MountResult, WatchEvent
-from .effects import Blocking, Caller, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
+from .effects import Blocking, Caller, Connected, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
 from .errors import AlreadyExists, DriveError, EventsExpired, InvalidArgument, NotFound, OutOfRange
 from .pb import drive_pb2 as pb
 from .resume import Backoff, GetPosition, PutProgress, upload_ids
@@ -145,8 +146,24 @@ def _worth_ranges(first: pb.GetResponse, remote: str) -> bool:
 
 
 def mount(drive: DriveBase) -> Plan[MountResult]:
-    """(Re)indexes an s3:// drive now."""
-    reply: pb.MountResponse = yield Unary("Mount", pb.MountRequest(drive=drive.id))
+    """(Re)indexes an s3:// drive now.
+
+    Tried again within the drive's retry_seconds while the daemon cannot be
+    reached. An UNAVAILABLE the daemon answers is raised at once: its S3
+    endpoint failed, after boto3's own retries, and a mount tried again
+    would list the whole location again against an endpoint that is down.
+    """
+    backoff = Backoff(drive.retry_seconds)
+    while True:
+        try:
+            reply: pb.MountResponse = yield Unary("Mount", pb.MountRequest(drive=drive.id))
+            break
+        except DriveError as err:
+            backoff.check(err)
+            if (yield Connected()):
+                raise
+            delay = backoff.pace(err)
+        yield Sleep(delay)
     MOUNTS.mounted(drive)
     return MountResult(reply.objects, reply.seconds)
 
@@ -171,20 +188,18 @@ def put(drive: DriveBase, path: str | os.PathLike[str], to: str | None, progress
         return []
     header, sha256 = _put_header(drive), _sha256(drive)
     if len(files) == 1:  # a file of at most a chunk goes in one unary call, much cheaper than a stream
-        request = yield Blocking(small_file_request, (header, *files[0], sha256))
-        if request is not None:  # retried whole by gRPC when the daemon is unreachable
-            reply: pb.PutFileResponse = yield Unary("PutFile", request)
-            if progress:
-                progress(reply.file.size)
-            return [FileStat.from_info(reply.file)]
+        whole = yield Blocking(small_file_request, (header, *files[0], sha256))
+        if whole is not None:
+            [info] = yield from _put_stream(drive, header, files, progress, whole)
+            return [FileStat.from_info(info)]
     stored: list[pb.FileInfo] = []
     for first in range(0, len(files), PUT_STREAM_FILES):
         stored += yield from _put_stream(drive, header, files[first:first + PUT_STREAM_FILES], progress)
     return [FileStat.from_info(info) for info in stored]
 
 
-def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, str]], progress: Progress | None
-                ) -> Plan[list[pb.FileInfo]]:
+def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, str]], progress: Progress | None,
+                whole: pb.PutFileRequest | None = None) -> Plan[list[pb.FileInfo]]:
     """Stores `files` over a Put stream; when it breaks, asks the daemon where it got to and goes on from there.
 
     Every file is a resumable upload of its own id: the files the daemon
@@ -193,6 +208,11 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
     byte get new ids: the daemon may still be reading what the broken stream
     carried, and a late start of an old id must not discard the new upload.
     `progress` counts each byte of the files once (`PutProgress`).
+
+    `whole`: the one file of `files`, small, read whole into a PutFile
+    request, which carries it instead of a stream: a PutFile whose answer
+    was lost is asked about and sent again the same way (it is never held
+    for a resume, so it is sent again whole).
     """
     ids = upload_ids(len(files))
     stored: list[pb.FileInfo] = []  # the files before `start`, which the daemon committed
@@ -201,6 +221,12 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
     counted = PutProgress(progress) if progress else None
     while True:
         try:
+            if whole is not None:
+                whole.header.upload_id = ids[0]
+                one: pb.PutFileResponse = yield Unary("PutFile", whole)
+                if progress:
+                    progress(one.file.size)
+                return [one.file]
             reply: pb.PutResponse = yield Send("Put", put_requests(
                 header, files[start:], ids[start:], offset, progress=counted, sha256=_sha256(drive)))
             return [*stored, *reply.files]
@@ -353,21 +379,23 @@ def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInf
     """Fetches one big file over concurrent ranged reads, each pinned to the version `info` describes."""
     component, if_match = info.component or None, info.sha256 or info.etag
 
-    def read(offset: int, length: int) -> Iterable[Chunk]:
-        return calls.iterate(read_range(drive, remote, offset, length, component, if_match, copy=False))
+    def read(offset: int, length: int, summed: Callable[[int], None]) -> Iterable[Chunk]:
+        return calls.iterate(read_range(drive, remote, offset, length, component, if_match, copy=False,
+                                        summed=summed))
 
     return fetch_in_ranges(info, target, read, progress=progress, sha256=_sha256(drive))
 
 
 def read_range(drive: DriveBase, path: str, offset: int, length: int | None, component_name: str | None,
-               if_match: str, copy: bool = True) -> Plan[None]:
+               if_match: str, copy: bool = True, summed: Callable[[int], None] | None = None) -> Plan[None]:
     """Emits the chunks of bytes [offset, offset+length) of a file; `copy=False` emits views into the messages.
 
     Their CRC32C is checked against the daemon's once the last has been
     emitted: a mismatch raises DataLoss at the end of the range. A stream that
     breaks is resumed from where it got; the daemon's CRC32C then covers the
     bytes of the resumed stream, and those the broken one carried had TCP's
-    checks only.
+    checks only. `summed`, when given, is called at the end with the CRC32C
+    of all the range's bytes, for a caller that knows what it must be.
     """
     if offset < 0 or (length is not None and length < 0):
         raise InvalidArgument("offset and length cannot be negative")
@@ -380,9 +408,11 @@ def read_range(drive: DriveBase, path: str, offset: int, length: int | None, com
     yield from _ensure_mounted(drive)
     end = None if length is None else offset + length
     backoff = Backoff(drive.retry_seconds)
+    earlier = 0  # the CRC32C of the bytes that the streams before this one carried
     while True:
         stream = yield Open("Get", request)
         crc, checked = 0, False  # of this stream's bytes: the daemon's CRC32C covers the range it was asked for
+        start = request.offset
         try:
             while (message := (yield Next(stream))) is not None:
                 data = chunk_of(message)
@@ -402,12 +432,17 @@ def read_range(drive: DriveBase, path: str, offset: int, length: int | None, com
                     request.component = request.component or message.info.component
             if not checked:
                 raise no_crc32c(request.path)
+            if summed:
+                summed(joined_crc32c(earlier, crc, request.offset - start))
             return
         except DriveError as err:
             delay = backoff.delay(err)
         finally:
             stream.cancel()
+        earlier = joined_crc32c(earlier, crc, request.offset - start)
         if end is not None and request.offset >= end:  # all of it arrived before the stream broke
+            if summed:
+                summed(earlier)
             return
         yield Sleep(delay)
 

@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from crc32c import crc32c
 
+from .checksums import joined_crc32c
 from .errors import DataLoss, NotFound
 from .files import write_all
 from .pb import drive_pb2 as pb
@@ -170,7 +171,11 @@ class _Receiving:
     """One file being received into a temporary file beside its target, summed with CRC32C (and sha256).
 
     `made` holds the folders known to exist (shared by the files of one get),
-    so a folder of many files does not re-create its parents for each.
+    so a folder of many files does not re-create its parents for each. Each
+    byte is summed once: the CRC32C of the bytes of the stream that carries
+    them (checked against the daemon's), joined to that of the earlier
+    streams of the file when a cut stream was resumed (checked against the
+    stored CRC32C of the whole file).
     """
 
     def __init__(self, info: pb.FileInfo, target: Path, made: set[Path] | None = None, sha256: bool = False
@@ -185,18 +190,22 @@ class _Receiving:
         self.tmp = parent / f".{target.name}.{os.getpid()}-{_TMP_TOKEN}-{next(_tmp_numbers)}.part"
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.digest = hashlib.sha256() if sha256 else None
-        self.crc32c = 0
-        self.resumed_crc32c: int | None = None  # of the bytes since the last `resumed`, if any
+        self.crc32c = 0  # of the bytes since the file's start, or since the last `resumed`
         self.size = 0
+        self.earlier_crc32c = 0  # of the bytes before the last `resumed`
+        self.earlier_size = 0
 
     def resumed(self) -> None:
         """The bytes from here on come from a stream that resumed the file: the daemon's CRC32C covers them."""
-        self.resumed_crc32c = 0
+        self.earlier_crc32c, self.earlier_size = self.whole_crc32c(), self.size
+        self.crc32c = 0
+
+    def whole_crc32c(self) -> int:
+        """The CRC32C of all the bytes so far."""
+        return joined_crc32c(self.earlier_crc32c, self.crc32c, self.size - self.earlier_size)
 
     def write(self, data: Chunk) -> None:
         self.crc32c = crc32c(data, self.crc32c)
-        if self.resumed_crc32c is not None:
-            self.resumed_crc32c = crc32c(data, self.resumed_crc32c)
         if self.digest is not None:
             self.digest.update(data)
         write_all(self.fd, data)
@@ -212,10 +221,9 @@ class _Receiving:
 
         Checks the size, the CRC32C against `crc` (the daemon's, of the bytes
         it sent since the file's start, or since it was `resumed`; None when
-        the caller checked the bytes already, range by range) and, when
-        summed, the sha256 against the stored one. After a resume, the whole
-        file is checked against the stored CRC32C in its info too, where the
-        daemon knows one.
+        the caller checked the bytes already, range by range), the whole
+        file's against the stored CRC32C in its info, where the daemon knows
+        one, and, when summed, the sha256 against the stored one.
         """
         self._close()
         if self.size != self.info.size:
@@ -223,10 +231,10 @@ class _Receiving:
                 f"{self.info.path!r}: received {self.size} of {self.info.size} bytes; try again",
                 grpc.StatusCode.DATA_LOSS,
             )
-        if crc is not None and crc != (self.crc32c if self.resumed_crc32c is None else self.resumed_crc32c):
+        if crc is not None and crc != self.crc32c:
             raise crc32c_mismatch(self.info.path)
-        if self.resumed_crc32c is not None and self.info.HasField("crc32c") and self.info.crc32c != self.crc32c:
-            raise crc32c_mismatch(self.info.path)  # the bytes before the cut, against the stored CRC32C
+        if self.info.HasField("crc32c") and self.info.crc32c != self.whole_crc32c():
+            raise crc32c_mismatch(self.info.path)  # bytes a cut stream carried, or those of the ranges of a file
         if self.digest is not None and self.info.sha256 and self.digest.hexdigest() != self.info.sha256:
             raise DataLoss(
                 f"{self.info.path!r}: received bytes do not match the stored sha256; try again",
@@ -318,23 +326,27 @@ RANGE_STREAMS = 4
 
 
 def fetch_in_ranges(
-    info: pb.FileInfo, target: Path, read_range: Callable[[int, int], Iterable[Chunk]],
+    info: pb.FileInfo, target: Path, read_range: Callable[[int, int, Callable[[int], None]], Iterable[Chunk]],
     streams: int = RANGE_STREAMS, progress: Progress | None = None, sha256: bool = False,
 ) -> Path:
     """Fetches one file as blocks read by `streams` concurrent ranged reads, then verifies and renames it.
 
-    `read_range(offset, length)` yields the bytes of one block and checks
-    their CRC32C (DataLoss at its end otherwise); it must pin the version
-    (if_match), so blocks of different versions never mix. The blocks are
-    written in place; with `sha256`, this thread hashes the file behind them,
-    in order, from the page cache. Memory: a chunk per stream.
+    `read_range(offset, length, summed)` yields the bytes of one block and
+    checks their CRC32C (DataLoss at its end otherwise), then calls
+    `summed` with the CRC32C of the whole block; it must pin the version
+    (if_match), so blocks of different versions never mix. The blocks'
+    CRC32Cs, joined, are the file's, checked against the stored one (this
+    covers the bytes a cut stream carried, which its block's check does
+    not). The blocks are written in place; with `sha256`, this thread
+    hashes the file behind them, in order, from the page cache. Memory: a
+    chunk per stream.
     """
     receiving = _Receiving(info, target, sha256=sha256)
     digest = receiving.digest
     fd = receiving.fd
     offsets = list(range(0, info.size, RANGE_BLOCK))
     pending = iter(offsets)
-    finished: set[int] = set()
+    finished: dict[int, int] = {}  # the CRC32C of each block read whole, by offset
     errors: list[BaseException] = []
     changed = threading.Condition()
     # One write at a time: the kernel serialises writes to one file anyway, and its
@@ -349,7 +361,8 @@ def fetch_in_ranges(
                 if offset is None:
                     return
                 position, end = offset, min(offset + RANGE_BLOCK, info.size)
-                for data in read_range(offset, end - offset):
+                summed: list[int] = []
+                for data in read_range(offset, end - offset, summed.append):
                     with writing:
                         os.pwrite(fd, data, position)
                     position += len(data)
@@ -358,7 +371,7 @@ def fetch_in_ranges(
                 if position != end:
                     raise DataLoss(f"{info.path!r}: a ranged read ended early; try again", grpc.StatusCode.DATA_LOSS)
                 with changed:
-                    finished.add(offset)
+                    finished[offset] = summed[0]
                     changed.notify_all()
         except BaseException as err:  # handed to the hashing thread
             with changed:
@@ -375,8 +388,9 @@ def fetch_in_ranges(
                 changed.wait_for(lambda o=offset: o in finished or bool(errors))  # type: ignore[misc]
                 if errors:
                     raise errors[0]
+            end = min(offset + RANGE_BLOCK, info.size)
+            receiving.crc32c = joined_crc32c(receiving.crc32c, finished[offset], end - offset)
             if digest is not None:
-                end = min(offset + RANGE_BLOCK, info.size)
                 for position in range(offset, end, CHUNK_SIZE):
                     digest.update(os.pread(fd, min(CHUNK_SIZE, end - position), position))
         receiving.size = info.size

@@ -23,8 +23,9 @@ from typing import Protocol
 
 from crc32c import crc32c
 
+from drive_client.checksums import joined_crc32c
+
 BLOCK_SIZE = 1 << 20  # bytes per block of a stored file's block table (its size follows: stored.content_size)
-_POLY = 0x82F63B78  # CRC-32C (Castagnoli), bit-reflected as the CRC register holds it
 
 
 class Checksums:
@@ -119,40 +120,12 @@ class ClientChecksums:
         return None
 
 
-def _multiply(a: int, b: int) -> int:
-    """a × b modulo the CRC-32C polynomial, both bit-reflected (a must not be 0)."""
-    m = 1 << 31
-    product = 0
-    while True:
-        if a & m:
-            product ^= b
-            if not a & (m - 1):
-                return product
-        m >>= 1
-        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
-
-
-# x^(2^k) modulo the polynomial, for k = 0..31 (x^1 is 1 << 30 in the reflected form).
-_X_2K = [1 << 30]
-for _ in range(31):
-    _X_2K.append(_multiply(_X_2K[-1], _X_2K[-1]))
-
-
-def _x_8n(n: int) -> int:
-    """x^(8n) modulo the polynomial: what appending n bytes does to a CRC register."""
-    power, k = 1 << 31, 3
-    while n:
-        if n & 1:
-            power = _multiply(_X_2K[k & 31], power)
-        n >>= 1
-        k += 1
-    return power
-
-
 def range_crc32c(before: int, through: int, length: int) -> int:
     """The CRC32C of the `length` bytes between two points of a file, from the CRC32C of the file up to each.
 
     `before` is the CRC32C of the bytes before the range, `through` of those
-    up to its end (zlib's crc32_combine, solved for the second part).
+    up to its end. Joining `before` to a run's CRC32C adds `before`'s share
+    to it (XOR); joined to `through`, it takes that share out again, which
+    leaves the range's (zlib's crc32_combine, solved for the second part).
     """
-    return through if not before else through ^ _multiply(_x_8n(length), before)
+    return joined_crc32c(before, through, length)

@@ -2,6 +2,7 @@
 
     with CuttingProxy(daemon.endpoint) as proxy:
         proxy.cut_after("up", 50 * MIB)       # the next connection breaks once 50 MiB went client -> daemon
+        proxy.cut_before("down", marker)      # ... or just before `marker` (bytes of an answer) would reach the client
         Drive(..., endpoint=proxy.endpoint).put("big.bin")
         proxy.forwarded["up"]                 # bytes it carried towards the daemon, over all connections
 
@@ -21,6 +22,7 @@ from collections import deque
 from typing import Literal
 
 Direction = Literal["up", "down"]  # up: client -> daemon; down: daemon -> client
+Cut = tuple[Direction, int | bytes]  # where a connection breaks: after that many bytes, or before those bytes
 PIECE = 1 << 20
 
 
@@ -42,11 +44,12 @@ class _Connection:
     """One client connection and its upstream one; two threads pump bytes, one each way."""
 
     def __init__(self, proxy: CuttingProxy, client: socket.socket, upstream: socket.socket,
-                 cut: tuple[Direction, int] | None) -> None:
+                 cut: Cut | None) -> None:
         self.proxy = proxy
         self.client = client
         self.upstream = upstream
         self.cut = cut
+        self._seen = b""  # the last bytes forwarded towards a marker cut, for a marker split between two reads
         self.moved = {"up": 0, "down": 0}
         self.closed = threading.Event()
         self._lock = threading.Lock()
@@ -54,11 +57,19 @@ class _Connection:
             threading.Thread(target=self._pump, args=(direction, source, sink), daemon=True,
                              name=f"proxy-{direction}").start()
 
-    def _allowed(self, direction: Direction, wanted: int) -> int:
-        """How many of `wanted` bytes may go on before this connection's cut (all when it has none)."""
+    def _allowed(self, direction: Direction, data: memoryview) -> int:
+        """How many bytes of `data` may go on before this connection's cut (all when it has none)."""
         if self.cut is None or self.cut[0] != direction:
-            return wanted
-        return max(0, min(wanted, self.cut[1] - self.moved[direction]))
+            return len(data)
+        where = self.cut[1]
+        if isinstance(where, int):
+            return max(0, min(len(data), where - self.moved[direction]))
+        seen = self._seen + bytes(data)
+        at = seen.find(where)
+        if at < 0:
+            self._seen = seen[len(seen) - len(where) + 1:]
+            return len(data)
+        return max(0, at - len(self._seen))
 
     def _pump(self, direction: Direction, source: socket.socket, sink: socket.socket) -> None:
         buffer = bytearray(PIECE)
@@ -72,7 +83,7 @@ class _Connection:
                     with contextlib.suppress(OSError):
                         sink.shutdown(socket.SHUT_WR)
                     return
-                allowed = self._allowed(direction, received)
+                allowed = self._allowed(direction, view[:received])
                 if allowed:
                     sink.sendall(view[:allowed])
                     with self._lock:
@@ -103,7 +114,7 @@ class CuttingProxy:
         self.forwarded = {"up": 0, "down": 0}
         self.connections = 0  # accepted so far
         self.cuts_made = 0
-        self._cuts: deque[tuple[Direction, int]] = deque()
+        self._cuts: deque[Cut] = deque()
         self._refusing = False
         self._refuse_next = 0
         self._down_after_cuts = False
@@ -119,6 +130,12 @@ class CuttingProxy:
         connection, in the order given)."""
         with self._lock:
             self._cuts.append((direction, nbytes))
+
+    def cut_before(self, direction: Direction, marker: bytes) -> None:
+        """The next connection accepted is cut just before `marker` would pass in `direction` (queued as
+        `cut_after`): e.g. in the middle of an answer that carries it, which then never arrives whole."""
+        with self._lock:
+            self._cuts.append((direction, marker))
 
     def down_after_cuts(self) -> None:
         """Once the cuts given so far are made, breaks every later connection at once (a daemon that stays down)."""

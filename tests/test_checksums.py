@@ -16,6 +16,7 @@ import grpc
 import pytest
 from conftest import BIN, MIB, ROOT, free_port, raw_get, raw_put, sha256_hex
 from crc32c import crc32c
+from cutting_proxy import CuttingProxy
 
 from drive_client import DataLoss, Drive
 from drive_client.pb import drive_pb2 as pb
@@ -233,6 +234,30 @@ def test_a_get_damaged_on_the_way_is_data_loss_and_the_local_target_stays(twin, 
         with pytest.raises(DataLoss, match="do not match the CRC32C the daemon sent"):
             drive.get("f.bin", overwrite=True)
         assert_flipped(proxy)
+    assert (tmp_path / "f.bin").read_bytes() == b"the local file"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+@pytest.mark.parametrize("size", [8 * MIB, 64 * MIB], ids=["one stream", "parallel"])
+def test_bytes_damaged_on_a_stream_cut_before_its_crc32c_are_data_loss(twin, daemon, stub, drive_uri, tmp_path,
+                                                                        size):
+    """One bit flipped in a stream that is cut before the daemon's CRC32C of it arrives: the stream that resumes
+    the file (or the block of a parallel get) is checked whole, so only the file's stored CRC32C, against the
+    CRC32C of every byte received, sees the damage."""
+    data = os.urandom(size)
+    raw_put(stub, drive_uri, "f.bin", data)
+    # Early in the file, or in each 16 MiB block of a parallel get but the first (the get that learns the file's
+    # size may be sent the first block's first bytes, and drop them): well before the cut.
+    starts = range(16 * MIB, size, 16 * MIB) if size >= 16 * MIB else [0]
+    markers = [data[at + MIB // 2:at + MIB // 2 + 12] for at in starts]
+    (tmp_path / "f.bin").write_bytes(b"the local file")
+    with flipping_proxy(daemon.endpoint, "down", markers) as (flipping, proxy), CuttingProxy(flipping) as cutting:
+        cutting.cut_after("down", 6 * MIB if size < 16 * MIB else 12 * MIB)  # before any stream's end
+        drive = twin(drive_uri, root_folder=tmp_path, endpoint=cutting.endpoint)
+        with pytest.raises(DataLoss, match=r"'f\.bin'.*CRC32C"):
+            drive.get("f.bin", overwrite=True)
+        assert_flipped(proxy)
+        assert cutting.cuts_made == 1
     assert (tmp_path / "f.bin").read_bytes() == b"the local file"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
 

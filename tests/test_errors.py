@@ -194,6 +194,7 @@ def test_unreachable_daemon_is_connection_error(tmp_path):
         "list": lambda: d.list("."), "put": lambda: d.put("a.txt"), "get": lambda: d.get("b.txt"),
         "get_wait": lambda: d.get("b.txt", timeout=30), "stat": lambda: d.stat("a.txt"),
         "delete": lambda: d.delete("a.txt"),
+        "mount": lambda: Drive("s3://bucket/prefix/", endpoint=endpoint, retry_seconds=0).mount(),
     }
     for name, call in calls.items():
         t0 = time.monotonic()

@@ -10,6 +10,7 @@ Tests of the client API run against both twins (`twin`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -221,20 +222,75 @@ def test_a_put_resumes_after_the_daemon_restarted_from_the_first_byte(twin, tmp_
             second.stop()
 
 
-@pytest.mark.parametrize("transfer", ["put", "get"])
+def test_a_small_put_waits_for_a_daemon_started_after_it_and_stores_the_file_once(twin, tmp_path, caplog):
+    """A PutFile is tried again within retry_seconds, as a stream is: a daemon not up yet is waited for."""
+    caplog.set_level(logging.WARNING, logger="drive_client")
+    port = free_port()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "s.txt").write_bytes(b"small and late")
+    drive = twin("lit://late", root_folder=tmp_path / "src", endpoint=f"127.0.0.1:{port}")
+    put = Background(lambda: drive.put("s.txt"))
+    handle = None
+    try:
+        put.start()
+        # Five failed attempts: the put has been trying for a second or two (0.05-0.1 s first, doubling), and
+        # the daemon takes as long again to start: gRPC's own retries (5 attempts, 2 s) would be over by then.
+        assert wait_until(lambda: len(retries(caplog)) >= 5 or not put.is_alive(), 30), caplog.text
+        assert put.is_alive(), f"the put gave up: {put.error!r}"
+        handle = start_daemon(tmp_path, port=port, data_dir=tmp_path / "data")
+        [stored] = put.join_checked(60)
+        assert (stored.path, stored.size, stored.sha256) == ("s.txt", 14, sha256_hex(b"small and late"))
+        assert wait_until(lambda: [r["status"] for r in requests(handle, "PutFile")] == ["OK"])  # stored once
+        [(_, got)] = raw_get(stub_of(handle.endpoint), "lit://late", "s.txt")
+        assert got == b"small and late"
+    finally:
+        if handle is not None:
+            handle.stop()
+
+
+def retries(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The warnings the client logged for the attempts it made again."""
+    return [r.getMessage() for r in caplog.records if r.name == "drive_client" and "trying again in" in r.getMessage()]
+
+
+def test_a_small_put_whose_answer_was_lost_is_not_sent_again(twin, daemon, tmp_path, drive_uri):
+    """The PutFile reached the daemon and was stored, but the connection broke before its answer: the client
+    learns from QueryWriteStatus that the file is stored (as a stream does), and sends nothing again."""
+    (tmp_path / "a.txt").write_bytes(b"answered")
+    with CuttingProxy(daemon.endpoint) as proxy:
+        proxy.cut_before("down", sha256_hex(b"answered").encode())  # in the answer: the stored file's sha256
+        [stored] = twin(drive_uri, root_folder=tmp_path, endpoint=proxy.endpoint).put("a.txt")
+        assert proxy.cuts_made == 1 and proxy.connections == 2
+    assert (stored.path, stored.sha256) == ("a.txt", sha256_hex(b"answered"))
+
+    def puts() -> list[str]:
+        return [r["status"] for r in requests(daemon, "PutFile") if (r["drive"], r["path"]) == (drive_uri, "a.txt")]
+
+    assert wait_until(lambda: puts() == ["OK"]), puts()  # stored once (a log line may follow its answer)
+    assert [(r["status"], r["path"]) for r in requests(daemon, "QueryWriteStatus") if r["drive"] == drive_uri] == [
+        ("OK", "a.txt")]  # asked once, and it answered with the stored file
+    [(_, got)] = raw_get(stub_of(daemon.endpoint), drive_uri, "a.txt")
+    assert got == b"answered"
+
+
+@pytest.mark.parametrize("transfer", ["put", "get", "small put"])
 def test_the_retry_budget_ends_with_unavailable_naming_the_endpoint(twin, daemon, tmp_path, drive_uri, transfer):
     write_random_file(tmp_path / "f.bin", 8 * MIB)
+    write_random_file(tmp_path / "s.bin", 1000)
     twin(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint).put("f.bin")
     (tmp_path / "out").mkdir()
     with CuttingProxy(daemon.endpoint) as proxy:
-        proxy.cut_after("up" if transfer == "put" else "down", 4 * MIB)
-        proxy.down_after_cuts()  # from the cut on, the daemon "stays down": every later connection breaks at once
+        if transfer == "small put":
+            proxy.refuse()  # the daemon is down from the start
+        else:
+            proxy.cut_after("up" if transfer == "put" else "down", 4 * MIB)
+            proxy.down_after_cuts()  # from the cut on, the daemon "stays down": every later connection breaks at once
         drive = twin(drive_uri, root_folder=tmp_path, endpoint=proxy.endpoint, retry_seconds=1)
         with pytest.raises(ConnectionError) as down:
-            if transfer == "put":
-                drive.put("f.bin", to="again.bin")
-            else:
+            if transfer == "get":
                 drive.get("f.bin", to="out/f.bin")
+            else:
+                drive.put("s.bin" if transfer == "small put" else "f.bin", to="again.bin")
         assert down.value.code == grpc.StatusCode.UNAVAILABLE and proxy.endpoint in str(down.value)
         assert proxy.connections > 2, "the transfer was not tried again"
     assert os.listdir(tmp_path / "out") == []  # no partial file left

@@ -7,6 +7,8 @@ API and the Python client are exercised together, as a user would.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import boto3
 import grpc
 import pytest
-from conftest import start_daemon
+from conftest import Background, DaemonHandle, free_port, start_daemon, wait_until
 from moto_server import AWS_ENV, closed_port, running_moto
 
 from drive_client import Drive, StaleIndexError
@@ -126,21 +128,51 @@ def test_mount_of_a_lit_drive_is_refused(s3):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_unreachable_endpoint_is_unavailable_naming_it(tmp_path):
+def test_unreachable_endpoint_is_unavailable_naming_it(twin, tmp_path):
+    """The daemon answers UNAVAILABLE for its S3 endpoint: a mount is not tried again (the daemon is there, and
+    boto3 has retried already), however long the drive's retry_seconds."""
     port = closed_port()
     env = {**AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "2"}
     handle = start_daemon(tmp_path, env=env)
     try:
-        d = Drive(f"s3://{BUCKET}/x/", endpoint=handle.endpoint)
+        d = twin(f"s3://{BUCKET}/x/", endpoint=handle.endpoint, retry_seconds=600)
         with pytest.raises(ConnectionError) as down:
-            d.list(".")
+            d.list(".")  # mounts first
         assert down.value.code == grpc.StatusCode.UNAVAILABLE and str(port) in str(down.value)
+        with pytest.raises(ConnectionError) as down:
+            d.mount()
+        assert down.value.code == grpc.StatusCode.UNAVAILABLE and str(port) in str(down.value)
+        assert wait_until(lambda: mounts_logged(handle) == ["UNAVAILABLE", "UNAVAILABLE"]), mounts_logged(handle)
         (tmp_path / "l.txt").write_bytes(b"l")
         lit = Drive("lit://still_up", endpoint=handle.endpoint, root_folder=tmp_path)
         lit.put("l.txt")
         assert lit.list(".") == ["l.txt"]
     finally:
         handle.stop()
+
+
+def mounts_logged(handle: DaemonHandle) -> list[str]:
+    """The statuses of the Mount calls the daemon answered, in order."""
+    lines = [json.loads(line) for line in handle.log().splitlines() if line.startswith("{")]
+    return [line["status"] for line in lines if line.get("event") == "request" and line.get("method") == "Mount"]
+
+
+def test_a_mount_waits_for_a_daemon_started_after_it(twin, s3, tmp_path, caplog):
+    """A daemon that cannot be reached is waited for within retry_seconds, as for a transfer."""
+    caplog.set_level(logging.WARNING, logger="drive_client")
+    port = free_port()
+    mount = Background(twin(f"s3://{BUCKET}/imagenet/val/", endpoint=f"127.0.0.1:{port}").mount)
+    handle = None
+    try:
+        mount.start()
+        assert wait_until(lambda: "trying again in" in caplog.text or not mount.is_alive(), 30)
+        assert mount.is_alive(), f"the mount gave up: {mount.error!r}"
+        handle = start_daemon(tmp_path, port=port, env={**AWS_ENV, "AWS_ENDPOINT_URL": s3["url"]})
+        assert mount.join_checked(60).objects >= 2
+        assert wait_until(lambda: mounts_logged(handle) == ["OK"]), mounts_logged(handle)
+    finally:
+        if handle is not None:
+            handle.stop()
 
 
 @pytest.mark.slow

@@ -99,12 +99,14 @@ def test_tls_carries_calls_and_a_plaintext_client_is_told_what_to_do(twin, tls_d
 
     before = snapshot(tls_daemon.data_dir)
     (tmp_path / "g.txt").write_bytes(b"plaintext")
-    plain = twin(drive_uri, root_folder=tmp_path, endpoint=tls_daemon.endpoint)
+    # A refused handshake looks like a daemon that cannot be reached: retried within retry_seconds, kept short here.
+    plain = twin(drive_uri, root_folder=tmp_path, endpoint=tls_daemon.endpoint, retry_seconds=1)
     with pytest.raises(ConnectionError) as refused:
         plain.put("g.txt")
     assert isinstance(refused.value, Unavailable) and refused.value.code == grpc.StatusCode.UNAVAILABLE
     assert tls_daemon.endpoint in str(refused.value) and "tls=True" in str(refused.value)
-    untrusting = twin(drive_uri, root_folder=tmp_path, endpoint=tls_daemon.endpoint, tls_ca=pki.other_ca)
+    untrusting = twin(drive_uri, root_folder=tmp_path, endpoint=tls_daemon.endpoint, tls_ca=pki.other_ca,
+                      retry_seconds=1)
     with pytest.raises(Unavailable, match="tls_ca"):
         untrusting.put("g.txt")  # the daemon's certificate is not signed by the CA given
     assert snapshot(tls_daemon.data_dir) == before
@@ -115,7 +117,7 @@ def test_mutual_tls_needs_a_client_certificate_the_daemon_trusts(twin, mtls_daem
     before = snapshot(mtls_daemon.data_dir)
     for cert in (None, pki.stranger):
         drive = twin(drive_uri, root_folder=tmp_path, endpoint=mtls_daemon.endpoint, tls_ca=pki.ca,
-                     tls_cert=cert and cert.cert, tls_key=cert and cert.key)
+                     tls_cert=cert and cert.cert, tls_key=cert and cert.key, retry_seconds=1)  # as above
         with pytest.raises(ConnectionError, match="client certificate"):
             drive.put("f.txt")
         with pytest.raises(ConnectionError):
