@@ -98,7 +98,8 @@ HELP = {
     "port; behind a proxy, the proxy); more are refused with RESOURCE_EXHAUSTED",
     "stream_idle_timeout": "seconds a Put or Get may wait on its client, which sends or reads nothing meanwhile, "
     "before it is ended (UNAVAILABLE) and its upload data removed (a resumable upload is not held for a resume); "
-    "0: never",
+    "with --storage, also the most a client may keep a part it sends waiting, in all, while other uploads wait "
+    "for memory; 0: never",
     "log_level": "debug, info, warning or error",
 }
 

@@ -47,7 +47,8 @@ def make_backend(config: Config) -> Backend:
     """The backend of managed drives: the data dir, or the S3 location of --storage."""
     if config.storage:
         where = parse_drive(config.storage)
-        return S3Backend(where.bucket, where.prefix, config.chunk_size, config.upload_expiry)
+        return S3Backend(where.bucket, where.prefix, config.chunk_size, config.upload_expiry,
+                         config.stream_idle_timeout)
     return LocalBackend(config.data_dir, Descriptors.of_this_process(), config.chunk_size)
 
 

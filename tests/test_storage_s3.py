@@ -7,6 +7,7 @@ coordinator. Objects are checked through boto3 as a user of the bucket would.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -29,6 +30,7 @@ from conftest import (
     DaemonHandle,
     StalledPuts,
     file_sha256,
+    loop_thread,
     put_messages,
     raw_get,
     raw_put,
@@ -45,6 +47,7 @@ from moto_server import AWS_ENV
 from bench.services import MotoServer, peak_rss_mib, reset_peak_rss
 from drive_client import DataLoss, Drive
 from drive_client.pb import drive_pb2, drive_pb2_grpc
+from drive_client.wire import fast_stub
 from drived.backends.s3 import MAX_PARTS_IN_FLIGHT, PART_SIZE, PARTS_IN_MEMORY
 
 BUCKET = "drived-store"
@@ -600,4 +603,57 @@ def test_stalled_uploads_hold_at_most_the_parts_room_and_the_others_wait_for_it(
     drive.get("big.bin", to=tmp_path / "back.bin")
     assert file_sha256(tmp_path / "back.bin") == expected
     assert drive.list("stalled") == [], "nothing of the stalled uploads is stored"
+    assert wait_until(lambda: not store.uploads(), 30), store.uploads()
+
+
+async def _trickle(endpoint: str, drive_uri: str, count: int, first: bytes, trickled: asyncio.Event
+                   ) -> list[grpc.aio.AioRpcError]:
+    """`count` puts that each send `first`, then a byte every 0.2 s until `trickled` is set; the errors of those
+    the daemon ended before that."""
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        stub = fast_stub(channel)
+
+        async def requests(i: int):
+            yield drive_pb2.PutRequest(header=drive_pb2.PutHeader(drive=drive_uri, path=f"trickle/{i}.bin"))
+            yield first
+            while not trickled.is_set():
+                await asyncio.sleep(0.2)  # the client's pace: a byte now and then
+                yield b"x"
+
+        async def one(i: int) -> grpc.aio.AioRpcError | None:
+            try:
+                await stub.Put(requests(i))
+            except grpc.aio.AioRpcError as err:
+                return None if trickled.is_set() else err
+            return None
+
+        return [err for err in await asyncio.gather(*(one(i) for i in range(count))) if err is not None]
+
+
+def test_clients_that_trickle_bytes_cannot_keep_the_parts_room_from_others(store, drive_uri, tmp_path):
+    """A part whose client kept it waiting, in all, longer than --stream-idle-timeout while other uploads wanted
+    room ends its put UNAVAILABLE: clients that send a byte now and then (never idle for the idle check) cannot
+    hold all the room for ever, and a put that waited for it completes."""
+    handle = store.daemon("--stream-idle-timeout", "2")
+    drive = Drive(drive_uri, endpoint=handle.endpoint, root_folder=str(tmp_path))
+    loop = loop_thread().loop
+    trickled = asyncio.Event()
+    trickling = asyncio.run_coroutine_threadsafe(
+        _trickle(handle.endpoint, drive_uri, PARTS_IN_MEMORY, os.urandom(2 * MIB), trickled), loop)
+    try:
+        assert wait_until(lambda: handle.open_requests("Put") == PARTS_IN_MEMORY, 30)
+        expected = write_random_file(tmp_path / "big.bin", 3 * PART_SIZE)
+        put = Background(lambda: drive.put("big.bin"))  # waits for room, which the trickling puts hold
+        put.start()
+        [stored] = put.join_checked(60)  # type: ignore[misc]
+    finally:
+        loop.call_soon_threadsafe(trickled.set)
+    ended = trickling.result(60)
+    assert ended, "no trickling put was ended, yet the put got room"
+    for err in ended:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "--stream-idle-timeout" in err.details(), err
+    assert stored.sha256 == expected
+    drive.get("big.bin", to=tmp_path / "back.bin")
+    assert file_sha256(tmp_path / "back.bin") == expected
+    assert drive.list("trickle") == [], "nothing of the trickling puts is stored"
     assert wait_until(lambda: not store.uploads(), 30), store.uploads()

@@ -192,7 +192,11 @@ class PartBuffers:
     until its stream is ended for idleness, and other uploads wait for room
     before their next part. An upload hands its full parts on before it
     waits, so the room is held by parts being filled or sent, never by one
-    waiting for room, and a waiting upload gets room as sends end.
+    waiting for room, and a waiting upload gets room as sends end. A part
+    whose client has kept it waiting longer than the backend's
+    `fill_seconds` in all, while others want room, ends its put
+    (`S3Upload.write`): a client that sends a byte now and then cannot keep
+    room from others for ever.
 
     A fresh buffer of a part's size is mapped anew by malloc, and filling it
     costs a page fault per page; one grown a chunk at a time is also copied
@@ -224,6 +228,11 @@ class PartBuffers:
             elif room in self._waiting:
                 self._waiting.remove(room)
             raise
+
+    @property
+    def wanted(self) -> bool:
+        """Whether an upload waits for room."""
+        return bool(self._waiting)
 
     def room_now(self) -> bool:
         """Room for a part if there is some now and no one waits for it (True: taken)."""
@@ -275,6 +284,8 @@ class S3Upload(Upload):
         self._buffer: bytearray | None = None  # the part being filled; None: one is taken at the next byte
         self._filled = 0  # bytes in it
         self._roomy = False  # whether it holds room (a file's first part only once it passed SMALL_FILE)
+        self._kept_waiting = 0.0  # seconds the client kept the part being filled waiting, since it took room
+        self._written = time.monotonic()  # when the last write returned
         self._full: list[bytearray] = []  # parts filled and not yet handed on
         self._handed = 0  # bytes handed on as parts: what a suspended upload keeps
         self._handing: asyncio.Future[None] | None = None  # the handing on of the last part
@@ -297,18 +308,26 @@ class S3Upload(Upload):
         (`suspend`)."""
         view = memoryview(data)
         buffers = self._backend.part_buffers
+        if self._buffer is not None and self._roomy:
+            self._kept_waiting += time.monotonic() - self._written
+            if buffers.wanted and 0 < self._backend.fill_seconds < self._kept_waiting:
+                raise Unavailable(
+                    f"drived ended this put of {self._key!r}: its client took more than "
+                    f"{self._backend.fill_seconds:g} s (--stream-idle-timeout) to send a part's "
+                    f"{PART_SIZE >> 20} MiB while other uploads waited for the memory it holds; retry it"
+                )
         while len(view):
             if self._buffer is None:
                 while self._full:  # the room this upload holds goes on to be sent before it waits for more
                     await self._hand_on()
                 if self._handed:
                     await buffers.make_room()
-                    self._buffer, self._roomy = buffers.buffer(), True
+                    self._buffer, self._roomy, self._kept_waiting = buffers.buffer(), True, 0.0
                 else:
                     self._buffer, self._roomy = bytearray(), False  # a file's first part: maybe a small file
             if not self._roomy and self._filled + len(view) > SMALL_FILE:
                 await buffers.make_room()
-                self._roomy = True
+                self._roomy, self._kept_waiting = True, 0.0
             piece = view[:PART_SIZE - self._filled]
             if len(self._buffer) == PART_SIZE:
                 self._buffer[self._filled:self._filled + len(piece)] = piece
@@ -322,9 +341,10 @@ class S3Upload(Upload):
                 # the free ones are kept even when every part sent has come back.
                 self._buffer, self._filled = None, 0
                 if buffers.room_now():
-                    self._buffer, self._roomy = buffers.buffer(), True
+                    self._buffer, self._roomy, self._kept_waiting = buffers.buffer(), True, 0.0
         while self._full:
             await self._hand_on()
+        self._written = time.monotonic()
 
     async def _hand_on(self) -> None:
         """Makes the first full part the next part, hashed and sent after the part before it.
@@ -493,10 +513,12 @@ class S3Upload(Upload):
 class S3Backend(Backend):
     """Objects in one bucket under one prefix, through boto3 in a thread pool."""
 
-    def __init__(self, bucket: str, prefix: str, chunk_size: int = 1 << 20, upload_expiry: float = 60.0) -> None:
+    def __init__(self, bucket: str, prefix: str, chunk_size: int = 1 << 20, upload_expiry: float = 60.0,
+                 fill_seconds: float = 60.0) -> None:
         self.bucket = bucket
         self.root = prefix  # "" or ending in "/"
         self.chunk_size = chunk_size
+        self.fill_seconds = fill_seconds  # a client's waits a part may hold room for while others want it (0: any)
         self.upload_expiry = upload_expiry
         self._pool = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="s3-store")
         self.client = make_client(pool=THREADS, s3={"payload_signing_enabled": False})
