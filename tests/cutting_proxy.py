@@ -137,10 +137,11 @@ class CuttingProxy:
         with self._lock:
             self._cuts.append((direction, marker))
 
-    def down_after_cuts(self) -> None:
-        """Once the cuts given so far are made, breaks every later connection at once (a daemon that stays down)."""
+    def down_after_cuts(self, down: bool = True) -> None:
+        """Once the cuts given so far are made, breaks every later connection at once (a daemon that stays down);
+        `down=False`: takes connections again."""
         with self._lock:
-            self._down_after_cuts = True
+            self._down_after_cuts = down
 
     def refuse_next(self, count: int) -> None:
         """Breaks the next `count` connections at once, as a daemon that is not up yet."""

@@ -19,6 +19,7 @@ import pytest
 import redis
 from conftest import (
     MIB,
+    Background,
     current_sequence,
     raw_get,
     rpc_code,
@@ -295,8 +296,18 @@ def test_the_progress_of_a_put_sent_again_from_its_first_byte_counts_each_byte_o
     counted: list[int] = []
     with CuttingProxy(handle.endpoint) as proxy:
         proxy.cut_after("up", 8 * MIB)
+        # The client reaches the daemon again only once the daemon has ended the cut stream (and so discarded its
+        # upload): asked earlier, it would be told what the stream still open here holds, and resume from there.
+        proxy.down_after_cuts()
+
+        def up_once_the_cut_stream_ended() -> None:
+            wait_until(lambda: proxy.cuts_made == 1 and handle.open_requests("Put") == 0, 60)
+            proxy.down_after_cuts(False)
+        reopening = Background(up_once_the_cut_stream_ended)
+        reopening.start()
         [stored] = twin("lit://progress", root_folder=tmp_path, endpoint=proxy.endpoint).put(
             "big.bin", progress=counted.append)
+        reopening.join_checked(60)
         assert proxy.cuts_made == 1
     assert stored.sha256 == digest
     [resent] = [p for p in requests(handle, "Put") if p["status"] == "OK"]
