@@ -252,11 +252,6 @@ class PartBuffers:
             self._free.append(part)
         self._hand_over()
 
-    def reuse(self, buffer: bytearray) -> None:
-        """Keeps a part-sized `buffer` whose bytes were copied out: the copy keeps its part's room."""
-        if len(self._free) < self.keep:
-            self._free.append(buffer)
-
     def _hand_over(self) -> None:
         """Room given back goes to the first upload waiting, if any."""
         while self._waiting:
@@ -372,13 +367,13 @@ class S3Upload(Upload):
         buffer, self._buffer = self._buffer, None
         if buffer is None:
             return
-        if not self._filled:
-            self._backend.part_buffers.give_back(buffer)  # a part-sized one, taken when the part before filled
-        elif len(buffer) == self._filled:
+        # A part-sized buffer (a file's grown first part commits as a small file): taken when the part before
+        # filled, it is given back empty, or cut to its bytes in place (no copy; then not kept for reuse).
+        if self._filled:
+            del buffer[self._filled:]
             self._full.append(buffer)
         else:
-            self._full.append(buffer[:self._filled])
-            self._backend.part_buffers.reuse(buffer)
+            self._backend.part_buffers.give_back(buffer)
         self._filled = 0
 
     def _drop_unsent(self) -> None:
@@ -644,7 +639,7 @@ class S3Backend(Backend):
     async def put_small(self, key: str, data: bytearray, sums: Checksums) -> ObjectInfo:
         generation = time.time_ns()
         metadata = {"generation": str(generation), **_metadata(sums)}
-        await self.call("put_object", key, Key=self.root + key, Body=bytes(data), Metadata=metadata,
+        await self.call("put_object", key, Key=self.root + key, Body=data, Metadata=metadata,
                         ChecksumCRC32C=_crc32c_header(sums.crc32c))
         return ObjectInfo(key, sums.size, sums.sha256, generation, sums.crc32c)
 
