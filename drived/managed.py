@@ -433,35 +433,31 @@ class ManagedDrives:
         as they happened.
         """
         drive, path, component = delete.drive.name, delete.path, delete.component
-        key = object_key(drive, component, path)
         async with self.coordinator.claim(drive, path) as claim:
-            if await self._delete(drive, key, claim):
-                deleted = [path]
-            else:
-                deleted = [
-                    relative_path(k, drive, component)
-                    for k in await self.backend.walk(key)
-                    if await self._delete(drive, k, claim)
-                ]
+            if await self._delete(drive, component, path, claim):
+                return 1
+            deleted = 0
+            for key in await self.backend.walk(object_key(drive, component, path)):
+                deleted += await self._delete(drive, component, relative_path(key, drive, component), claim)
             if not deleted:
                 raise NotFound(
                     f"component {component!r} owns nothing at {_shown(drive, path)}; "
                     "a file can only be deleted by the component that put it"
                 )
-            for file_path in deleted:
-                await self.coordinator.publish(drive, "delete", Entry(path=file_path, component=component))
-        return len(deleted)
+        return deleted
 
-    async def _delete(self, drive: str, key: str, claim: Claim) -> bool:
-        """Deletes one object, `claim` confirmed right before (a delete that walks a big folder may outlast an
-        unrenewed claim); with a quota, its size (read once, under the claim) leaves the drive's usage."""
+    async def _delete(self, drive: str, component: str, path: str, claim: Claim) -> bool:
+        """Deletes one file, `claim` confirmed right before (a delete that walks a big folder may outlast an
+        unrenewed claim), and announces it at once (a walk that stops midway has announced every file it removed);
+        with a quota, its size (read once, under the claim) leaves the drive's usage."""
         await claim.confirm()
-        if self.quotas is None:
-            return await self.backend.delete(key)
-        size = await self._counted_size(key)
+        key = object_key(drive, component, path)
+        size = await self._counted_size(key) if self.quotas else 0
         if not await self.backend.delete(key):
             return False
-        self.quotas.deleted(drive, size)
+        if self.quotas:
+            self.quotas.deleted(drive, size)
+        await self.coordinator.publish(drive, "delete", Entry(path=path, component=component))
         return True
 
     async def mount(self, mount: MountRequest) -> tuple[int, float]:
