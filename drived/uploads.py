@@ -144,8 +144,6 @@ class HeldUploads:
             raise InvalidArgument(f"{_shown(key)} is the upload of {first.path!r}, not of {header.path!r}")
         if header.size is not None and first.size is not None and header.size != first.size:
             raise InvalidArgument(f"{_shown(key)} is of {first.size} bytes, not {header.size}")
-        if header.size is None:
-            header.size = first.size  # the size the upload began with is checked at its commit all the same
         async with resumable.lock:  # after the write in flight of a stream still open here
             if resumable.committing is not None:
                 raise NotFound(
@@ -164,6 +162,8 @@ class HeldUploads:
                 raise NotFound(_not_held(key))
             self._unhold(resumable)
             resumable.writer, resumable.stream = writer, asyncio.current_task()
+            if header.size is None:
+                header.size = first.size  # the size the upload began with is checked at its commit all the same
         return resumable
 
     async def suspend(self, resumable: Resumable, writer: object) -> None:
