@@ -164,8 +164,7 @@ class Coordinator(abc.ABC):
         """Every event of the drive after sequence `after`, in order, as they are published; never ends.
 
         Raises EventsExpired and Unavailable as `since` and `Changes.wait`
-        do. Written on `since` and `changes`; an implementation may override
-        it with one that reads and waits in one call.
+        do. Written on `since` and `changes`, for every coordinator.
         """
         async with self.changes(drive) as changes:
             while True:
