@@ -223,9 +223,9 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
         try:
             if whole is not None:
                 whole.header.upload_id = ids[0]
+                if counted:  # counted as it goes, as a stream's bytes are: once, whether or not its answer comes
+                    counted(len(whole.data))
                 one: pb.PutFileResponse = yield Unary("PutFile", whole)
-                if progress:
-                    progress(one.file.size)
                 return [one.file]
             reply: pb.PutResponse = yield Send("Put", put_requests(
                 header, files[start:], ids[start:], offset, progress=counted, sha256=_sha256(drive)))
