@@ -24,6 +24,7 @@ from crc32c import crc32c
 from drive_client import DataLoss, Drive
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
+from drived.backends.stored import BUILDERS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -381,6 +382,30 @@ def test_reads_of_a_format_1_file_cancelled_while_it_is_checked_close_their_file
         assert messages[-1].crc32c == crc32c(piece)
         assert checked(stub, "huge.bin") and whole_checks(handle, "huge.bin") == 1
         assert wait_until(lambda: open_fds(pid) <= resting, timeout=30), (resting, open_fds(pid))
+
+
+def test_reads_of_format_1_files_given_up_before_their_checks_start_queue_no_checks(start_daemon, tmp_path):
+    """A client that asks for a byte of many old files and goes away at once queued a whole-file read of each,
+    run one after another whoever still wanted them; now a check that all its reads left before it started does
+    not run. Checks run in order on BUILDERS threads: once a check asked after the given-up ones has ended, those
+    would have run before it."""
+    data_dir = old_data_dir(tmp_path)
+    folder = data_dir / "objects" / "old" / "default"
+    names = [f"huge-{i}.bin" for i in range(BUILDERS + 4)]
+    for name in [*names, "last.bin"]:
+        sparse_format_1(folder / name, 2048 * MIB, {5: b"piece"})
+    handle = start_daemon(tmp_path, data_dir=data_dir)
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        calls = [stub.Get(pb.GetRequest(drive="lit://old", path=name, offset=5, limit=5), timeout=60) for name in names]
+        assert wait_until(lambda: sum(whole_checks(handle, name) for name in names) == BUILDERS, timeout=30)
+        running = [name for name in names if whole_checks(handle, name)]
+        for call in calls:
+            call.cancel()
+        assert ranged_get(stub, "last.bin", 5, 5) == b"piece"
+        assert sum(whole_checks(handle, name) for name in names) == BUILDERS, "a check no read waited for ran"
+        assert all(checked(stub, name) for name in running), "a check that was running ends and is kept"
+        assert not any(checked(stub, name) for name in names if name not in running)
 
 
 def test_a_format_1_file_replaced_before_its_check_starts_is_read_again(start_daemon, tmp_path):

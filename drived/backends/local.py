@@ -151,7 +151,7 @@ class FileChunks:
             return BlockEnds(self._fd, self._layout)
         layout = self._layout._replace(block_size=self._block_size)
         build = functools.partial(self._backend.check_whole, self._key, layout, self._version)
-        ends = await asyncio.shield(self._backend.legacy_tables.table(self._version, build))
+        ends = await self._backend.legacy_tables.table(self._version, build)
         if ends is None:
             raise Damaged(self._key, "its bytes do not match its sha256")
         return BlockEnds(self._fd, layout, ends)
@@ -445,6 +445,7 @@ class LocalBackend(Backend):
         os.makedirs(self.tmp_dir, exist_ok=True)
 
     async def close(self) -> None:
+        self.legacy_tables.close()
         await self.committer.close()
 
     def _path(self, key: str) -> str:

@@ -37,9 +37,9 @@ import struct
 import sys
 import time
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 from crc32c import crc32c
@@ -230,7 +230,8 @@ class LegacyTables:
 
     def __init__(self, max_bytes: int = 32 << 20) -> None:  # ~100,000 small files, or 8 TiB in 1 MiB blocks
         self._tables: OrderedDict[Version, array[int] | None] = OrderedDict()  # built; None: damaged
-        self._building: dict[Version, asyncio.Future[array[int] | None]] = {}
+        self._building: dict[Version, tuple[Future[array[int] | None], asyncio.Future[array[int] | None]]] = {}
+        self._readers: Counter[Version] = Counter()  # the reads waiting for each build
         self._bytes = 0
         self._max_bytes = max_bytes
         self._builders = ThreadPoolExecutor(BUILDERS, thread_name_prefix="drived-legacy")
@@ -239,25 +240,38 @@ class LegacyTables:
         """The table of `version` when it is built (and its file matched its sha256); else None."""
         return self._tables.get(version)
 
-    def table(self, version: Version, build: Callable[[], array[int] | None]) -> asyncio.Future[array[int] | None]:
+    async def table(self, version: Version, build: Callable[[], array[int] | None]) -> array[int] | None:
         """The table of `version` (None for a file that does not match its sha256), built or being built; else
-        built now by `build` in a worker thread. Await it shielded: a reader that goes away leaves it to the
-        others."""
+        built now by `build` in a worker thread. A reader that goes away leaves the build to the others; one that
+        all its readers left before it started is not run (reads of many old files, each given up at once, queue
+        no whole-file reads)."""
         if version in self._tables:
             self._tables.move_to_end(version)
-            done: asyncio.Future[array[int] | None] = asyncio.get_running_loop().create_future()
-            done.set_result(self._tables[version])
-            return done
-        building = self._building.get(version)
-        if building is None:
-            building = asyncio.get_running_loop().run_in_executor(self._builders, build)
-            self._building[version] = building
-            building.add_done_callback(functools.partial(self._built, version))
-        return building
+            return self._tables[version]
+        if version not in self._building:
+            started = self._builders.submit(build)
+            self._building[version] = started, asyncio.wrap_future(started)
+            self._building[version][1].add_done_callback(functools.partial(self._built, version))
+        started, building = self._building[version]
+        self._readers[version] += 1
+        try:
+            return await asyncio.shield(building)
+        finally:
+            self._readers[version] -= 1
+            if not self._readers[version]:
+                del self._readers[version]
+                if started.cancel():  # only a build not yet running: one running ends, and is kept for the next read
+                    del self._building[version]  # now: a read that comes next starts its own
+
+    def close(self) -> None:
+        """Drops the builds not started (the daemon stops)."""
+        self._builders.shutdown(wait=False, cancel_futures=True)
 
     def _built(self, version: Version, building: asyncio.Future[array[int] | None]) -> None:
+        if building.cancelled():
+            return  # not run: its readers all went away (and dropped it)
         del self._building[version]
-        if building.cancelled() or building.exception() is not None:
+        if building.exception() is not None:
             return  # told to the readers that waited for it; the next read builds again
         ends = self._tables[version] = building.result()
         self._bytes += _kept_bytes(ends)
