@@ -408,13 +408,17 @@ def test_reads_of_format_1_files_given_up_before_their_checks_start_queue_no_che
         assert not any(checked(stub, name) for name in names if name not in running)
 
 
-def test_a_format_1_file_replaced_before_its_check_starts_is_read_again(start_daemon, tmp_path):
-    """The check opens the file itself: when another version is at the path by then, the reads that waited for it
-    are told to read the file again (the new version), and nothing is checked."""
+def test_reads_of_a_format_1_file_replaced_before_its_check_starts_get_the_version_they_opened(
+        start_daemon, tmp_path):
+    """The check opened the path again and, finding another version there, failed the reads that waited for it
+    ABORTED. It now reads through a dup of a waiting read's descriptor (one still there when a thread is free):
+    each read gets the bytes it opened, checked, and a read after the put the new ones."""
     data_dir = old_data_dir(tmp_path)
     folder = data_dir / "objects" / "old" / "default"
     for name in ("huge-1.bin", "huge-2.bin"):  # their checks take both threads that check files whole
         sparse_format_1(folder / name, 1024 * MIB, {})
+    old = FORMAT_1_FILES["default"]["f/big.bin"]
+    new = os.urandom(2 * MIB + 1)
     handle = start_daemon(tmp_path, data_dir=data_dir)
     pid = handle.proc.pid
     with grpc.insecure_channel(handle.endpoint) as channel:
@@ -426,24 +430,26 @@ def test_a_format_1_file_replaced_before_its_check_starts_is_read_again(start_da
             busy.append(stub.Get(pb.GetRequest(drive="lit://old", path=name, offset=3, limit=10), timeout=60))
             assert wait_until(lambda name=name: whole_checks(handle, name) == 1, timeout=30), handle.log()
         busy_fds = open_fds(pid)
-        waiting = stub.Get(pb.GetRequest(drive="lit://old", path="f/d/small.txt"), timeout=60)
-        # small.txt open, its check waiting for a thread
-        assert wait_until(lambda: open_fds(pid) > busy_fds, timeout=30), (busy_fds, open_fds(pid))
-        raw_put(stub, "lit://old", "f/d/small.txt", b"replaced while its read waited")
-        assert whole_checks(handle, "f/d/small.txt") == 0, "the check started before the put: this tested nothing"
-
-        with pytest.raises(grpc.RpcError) as stale:
-            list(waiting)
-        assert stale.value.code() == grpc.StatusCode.ABORTED
-        details = stale.value.details()
-        assert "was replaced or deleted while it was read: read it again" in details, details
-        assert str(handle.data_dir) not in details
-        [(_, again)] = raw_get(stub, "lit://old", "f/d/small.txt")
-        assert again == b"replaced while its read waited"
+        # The first read goes away before the check starts: the check reads through the second's descriptor.
+        given_up, waiting = (stub.Get(pb.GetRequest(drive="lit://old", path="f/big.bin", checksums=True), timeout=60)
+                             for _ in range(2))
+        assert wait_until(lambda: open_fds(pid) >= busy_fds + 2, timeout=30), (busy_fds, open_fds(pid))
+        raw_put(stub, "lit://old", "f/big.bin", new)
+        given_up.cancel()
+        assert wait_until(lambda: open_fds(pid) <= busy_fds + 1, timeout=30), (busy_fds, open_fds(pid))
+        assert whole_checks(handle, "f/big.bin") == 0, "the check started before the put: this tested nothing"
         for call in busy:
             call.cancel()
+
+        messages = list(waiting)
+        assert messages[0].info.size == len(old)
+        assert b"".join(m.data for m in messages) == old
+        assert messages[-1].crc32c == crc32c(old)
+        assert whole_checks(handle, "f/big.bin") == 1
+        [(info, again)] = raw_get(stub, "lit://old", "f/big.bin")
+        assert (again, info.sha256) == (new, sha256_hex(new))
+        assert whole_checks(handle, "f/big.bin") == 1, "the new version is of format 2: no check"
         assert wait_until(lambda: checked(stub, "huge-1.bin") and checked(stub, "huge-2.bin"), timeout=60)
-        assert whole_checks(handle, "f/d/small.txt") == 0
         assert wait_until(lambda: open_fds(pid) <= resting, timeout=30), (resting, open_fds(pid))
 
 
