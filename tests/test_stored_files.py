@@ -486,3 +486,51 @@ def test_a_damaged_format_1_file_is_checked_once_and_refused_at_every_read(start
     assert b"".join(drive.read_range("rotten.bin", BLOCK + 1, 10)) == good[BLOCK + 1:BLOCK + 11]
     assert drive.get("rotten.bin", to=tmp_path / "rotten.bin").read_bytes() == good
     assert whole_checks(handle, "rotten.bin") == 2
+
+
+def test_format_1_files_and_damaged_headers_count_in_the_quota_what_their_removal_takes_off(start_daemon, tmp_path):
+    """The count took each file's size from its stored size, while a put replacing it or a delete took off what its
+    header said: a format 1 file's removal 4 bytes per started MiB more than it counted, and a damaged header's
+    nothing (a put replacing it needed room for all of it), so the count drifted until a restart."""
+    handle = start_daemon(tmp_path)
+    drive = "lit://measured"
+    damaged = {"damaged-1.bin": MIB + 7, "damaged-2.bin": 3000}
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        for name, size in damaged.items():
+            raw_put(stub, drive, name, os.urandom(size))
+    assert handle.stop() == 0
+    folder = stored_path(handle.data_dir, drive, "damaged-1.bin").parent
+    for name in damaged:
+        flip(folder / name, 20)  # in the sha256 of its header, which no longer matches its CRC32C
+    old = {"old-1.bin": 3 * MIB + 5, "old-2.bin": MIB + 1}
+    for name, size in old.items():
+        (folder / name).write_bytes(format_1(os.urandom(size)))
+    # A format 1 file counts 4 bytes per started MiB less than it holds, one with a damaged header as if sound.
+    counted = {**damaged, "old-1.bin": old["old-1.bin"] - 12, "old-2.bin": old["old-2.bin"] - 4}
+    quota = sum(counted.values())
+
+    def full(stub) -> None:
+        """The drive holds exactly its quota: a put of one byte is refused with the count, and stores nothing."""
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_put(stub, drive, "probe.bin", b"x")
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"holds {quota:,} bytes" in refused.value.details(), refused.value.details()
+        assert not (folder / "probe.bin").exists()
+
+    again = start_daemon(tmp_path, "--quota", str(quota), data_dir=handle.data_dir)
+    with grpc.insecure_channel(again.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        full(stub)  # the first count
+        for name in ("damaged-1.bin", "old-1.bin"):
+            stub.Delete(pb.DeleteRequest(drive=drive, path=name), timeout=10)
+        raw_put(stub, drive, "fill.bin", os.urandom(counted["damaged-1.bin"] + counted["old-1.bin"]))
+        full(stub)
+        for name in ("damaged-2.bin", "old-2.bin"):  # replaced by as many bytes as they count: no room needed
+            raw_put(stub, drive, name, os.urandom(counted[name]))
+        full(stub)
+        assert sorted(p.name for p in folder.iterdir()) == ["damaged-2.bin", "fill.bin", "old-2.bin"]
+    assert again.stop() == 0
+    recounted = start_daemon(tmp_path, "--quota", str(quota), data_dir=handle.data_dir)
+    with grpc.insecure_channel(recounted.endpoint) as channel:
+        full(drive_pb2_grpc.DriveServiceStub(channel))  # a count from scratch finds what the daemon followed

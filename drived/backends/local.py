@@ -622,20 +622,33 @@ class LocalBackend(Backend):
     async def walk(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
         return await asyncio.get_running_loop().run_in_executor(None, self._walk, prefix, start_after, limit)
 
+    @staticmethod
+    def _counted_size(path: str) -> int:
+        """What the file at `path` counts in its drive's usage: its content's size, from its stored size
+        (`content_size`), whatever its header says; 0 when nothing is there, or what no put makes (a link, a
+        pipe planted there).
+
+        One lstat and no open: a drive's first count after start-up would
+        otherwise read a block of every file it holds. A put replacing the
+        file and a delete take off what this counted, so the count stays
+        what a count from scratch would find.
+        """
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):  # deleted or replaced meanwhile, or a parent is a file
+            return 0
+        return content_size(st.st_size) if stat.S_ISREG(st.st_mode) else 0
+
     def _usage(self, prefix: str) -> int:
-        # One lstat a file and no open: a stored file's size gives its content's (`content_size`), and a drive's
-        # first count after start-up would otherwise read a block of every file it holds.
-        total = 0
-        for folder, _, names in os.walk(self._path(prefix)):
-            for name in names:
-                with contextlib.suppress(FileNotFoundError):  # deleted or replaced while counted
-                    st = os.lstat(f"{folder}/{name}")
-                    if stat.S_ISREG(st.st_mode):  # not a link or a pipe planted there, which no put makes
-                        total += content_size(st.st_size)
-        return total
+        return sum(self._counted_size(f"{folder}/{name}") for folder, _, names in os.walk(self._path(prefix))
+                   for name in names)
 
     async def usage(self, prefix: str) -> int:
         return await asyncio.get_running_loop().run_in_executor(None, self._usage, prefix)
+
+    async def counted_size(self, key: str) -> int:
+        # Inline, like stat: a few syscalls on cached metadata.
+        return self._counted_size(self._path(key))
 
     def _delete(self, key: str) -> bool:
         path = self._path(key)
