@@ -201,18 +201,9 @@ class ManagedDrives:
         return ManagedPut(self, put, max_bytes, replaced).writing(upload)
 
     async def _own_size(self, put: PutHeader) -> int:
-        """The size of the file the caller already holds at the put's path (0 when none): a put replacing it
-        needs quota only for the difference."""
-        return await self._counted_size(object_key(put.drive.name, put.component, put.path))
-
-    async def _counted_size(self, key: str) -> int:
-        """What the object at `key` counts in its drive's usage: its size, 0 when there is none or it is damaged
-        (a put is how to repair it; `Backend.usage` counts one from its size in the store, see `drived.quota`)."""
-        try:
-            info = await self.backend.stat(key)
-        except Damaged:
-            return 0
-        return info.size if info else 0
+        """What the file the caller already holds at the put's path counts in the drive's usage (0 when none): a
+        put replacing it needs quota only for the difference."""
+        return await self.backend.counted_size(object_key(put.drive.name, put.component, put.path))
 
     def over_limit(self, put: PutHeader, received: int, replaced: int) -> ResourceExhausted:
         """The refusal of a put that has (or, by its header, will have) `received` bytes, past its limit; it
@@ -452,7 +443,7 @@ class ManagedDrives:
         with a quota, its size (read once, under the claim) leaves the drive's usage."""
         await claim.confirm()
         key = object_key(drive, component, path)
-        size = await self._counted_size(key) if self.quotas else 0
+        size = await self.backend.counted_size(key) if self.quotas else 0
         if not await self.backend.delete(key):
             return False
         if self.quotas:

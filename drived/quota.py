@@ -11,9 +11,10 @@ On the local disk the count, which a drive's first put after start-up waits
 for, takes each file's content size from the stored file's size (an lstat;
 `stored.content_size`) and reads no file. Sizes are all it sees: a file of
 an earlier release (format 1) counts at most 4 bytes per started MiB less
-than it holds, and one whose header is damaged counts as if it were sound
-and stays counted when a put replaces it or a delete removes it (neither
-has a size of it to trust), until a restart.
+than it holds, and one whose header is damaged counts as if it were sound.
+A put replacing a file, and a delete, take off what the file counts by that
+same measure (`Backend.counted_size`), so the count stays what a count from
+scratch would find.
 
 A put is checked three times: when it starts (a header that gives the size,
 and the room left bounds how many bytes the stream may send), as its bytes

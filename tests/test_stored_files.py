@@ -408,13 +408,17 @@ def test_reads_of_format_1_files_given_up_before_their_checks_start_queue_no_che
         assert not any(checked(stub, name) for name in names if name not in running)
 
 
-def test_a_format_1_file_replaced_before_its_check_starts_is_read_again(start_daemon, tmp_path):
-    """The check opens the file itself: when another version is at the path by then, the reads that waited for it
-    are told to read the file again (the new version), and nothing is checked."""
+def test_reads_of_a_format_1_file_replaced_before_its_check_starts_get_the_version_they_opened(
+        start_daemon, tmp_path):
+    """The check opened the path again and, finding another version there, failed the reads that waited for it
+    ABORTED. It now reads through a dup of a waiting read's descriptor (one still there when a thread is free):
+    each read gets the bytes it opened, checked, and a read after the put the new ones."""
     data_dir = old_data_dir(tmp_path)
     folder = data_dir / "objects" / "old" / "default"
     for name in ("huge-1.bin", "huge-2.bin"):  # their checks take both threads that check files whole
         sparse_format_1(folder / name, 1024 * MIB, {})
+    old = FORMAT_1_FILES["default"]["f/big.bin"]
+    new = os.urandom(2 * MIB + 1)
     handle = start_daemon(tmp_path, data_dir=data_dir)
     pid = handle.proc.pid
     with grpc.insecure_channel(handle.endpoint) as channel:
@@ -426,24 +430,26 @@ def test_a_format_1_file_replaced_before_its_check_starts_is_read_again(start_da
             busy.append(stub.Get(pb.GetRequest(drive="lit://old", path=name, offset=3, limit=10), timeout=60))
             assert wait_until(lambda name=name: whole_checks(handle, name) == 1, timeout=30), handle.log()
         busy_fds = open_fds(pid)
-        waiting = stub.Get(pb.GetRequest(drive="lit://old", path="f/d/small.txt"), timeout=60)
-        # small.txt open, its check waiting for a thread
-        assert wait_until(lambda: open_fds(pid) > busy_fds, timeout=30), (busy_fds, open_fds(pid))
-        raw_put(stub, "lit://old", "f/d/small.txt", b"replaced while its read waited")
-        assert whole_checks(handle, "f/d/small.txt") == 0, "the check started before the put: this tested nothing"
-
-        with pytest.raises(grpc.RpcError) as stale:
-            list(waiting)
-        assert stale.value.code() == grpc.StatusCode.ABORTED
-        details = stale.value.details()
-        assert "was replaced or deleted while it was read: read it again" in details, details
-        assert str(handle.data_dir) not in details
-        [(_, again)] = raw_get(stub, "lit://old", "f/d/small.txt")
-        assert again == b"replaced while its read waited"
+        # The first read goes away before the check starts: the check reads through the second's descriptor.
+        given_up, waiting = (stub.Get(pb.GetRequest(drive="lit://old", path="f/big.bin", checksums=True), timeout=60)
+                             for _ in range(2))
+        assert wait_until(lambda: open_fds(pid) >= busy_fds + 2, timeout=30), (busy_fds, open_fds(pid))
+        raw_put(stub, "lit://old", "f/big.bin", new)
+        given_up.cancel()
+        assert wait_until(lambda: open_fds(pid) <= busy_fds + 1, timeout=30), (busy_fds, open_fds(pid))
+        assert whole_checks(handle, "f/big.bin") == 0, "the check started before the put: this tested nothing"
         for call in busy:
             call.cancel()
+
+        messages = list(waiting)
+        assert messages[0].info.size == len(old)
+        assert b"".join(m.data for m in messages) == old
+        assert messages[-1].crc32c == crc32c(old)
+        assert whole_checks(handle, "f/big.bin") == 1
+        [(info, again)] = raw_get(stub, "lit://old", "f/big.bin")
+        assert (again, info.sha256) == (new, sha256_hex(new))
+        assert whole_checks(handle, "f/big.bin") == 1, "the new version is of format 2: no check"
         assert wait_until(lambda: checked(stub, "huge-1.bin") and checked(stub, "huge-2.bin"), timeout=60)
-        assert whole_checks(handle, "f/d/small.txt") == 0
         assert wait_until(lambda: open_fds(pid) <= resting, timeout=30), (resting, open_fds(pid))
 
 
@@ -480,3 +486,51 @@ def test_a_damaged_format_1_file_is_checked_once_and_refused_at_every_read(start
     assert b"".join(drive.read_range("rotten.bin", BLOCK + 1, 10)) == good[BLOCK + 1:BLOCK + 11]
     assert drive.get("rotten.bin", to=tmp_path / "rotten.bin").read_bytes() == good
     assert whole_checks(handle, "rotten.bin") == 2
+
+
+def test_format_1_files_and_damaged_headers_count_in_the_quota_what_their_removal_takes_off(start_daemon, tmp_path):
+    """The count took each file's size from its stored size, while a put replacing it or a delete took off what its
+    header said: a format 1 file's removal 4 bytes per started MiB more than it counted, and a damaged header's
+    nothing (a put replacing it needed room for all of it), so the count drifted until a restart."""
+    handle = start_daemon(tmp_path)
+    drive = "lit://measured"
+    damaged = {"damaged-1.bin": MIB + 7, "damaged-2.bin": 3000}
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        for name, size in damaged.items():
+            raw_put(stub, drive, name, os.urandom(size))
+    assert handle.stop() == 0
+    folder = stored_path(handle.data_dir, drive, "damaged-1.bin").parent
+    for name in damaged:
+        flip(folder / name, 20)  # in the sha256 of its header, which no longer matches its CRC32C
+    old = {"old-1.bin": 3 * MIB + 5, "old-2.bin": MIB + 1}
+    for name, size in old.items():
+        (folder / name).write_bytes(format_1(os.urandom(size)))
+    # A format 1 file counts 4 bytes per started MiB less than it holds, one with a damaged header as if sound.
+    counted = {**damaged, "old-1.bin": old["old-1.bin"] - 12, "old-2.bin": old["old-2.bin"] - 4}
+    quota = sum(counted.values())
+
+    def full(stub) -> None:
+        """The drive holds exactly its quota: a put of one byte is refused with the count, and stores nothing."""
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_put(stub, drive, "probe.bin", b"x")
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"holds {quota:,} bytes" in refused.value.details(), refused.value.details()
+        assert not (folder / "probe.bin").exists()
+
+    again = start_daemon(tmp_path, "--quota", str(quota), data_dir=handle.data_dir)
+    with grpc.insecure_channel(again.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        full(stub)  # the first count
+        for name in ("damaged-1.bin", "old-1.bin"):
+            stub.Delete(pb.DeleteRequest(drive=drive, path=name), timeout=10)
+        raw_put(stub, drive, "fill.bin", os.urandom(counted["damaged-1.bin"] + counted["old-1.bin"]))
+        full(stub)
+        for name in ("damaged-2.bin", "old-2.bin"):  # replaced by as many bytes as they count: no room needed
+            raw_put(stub, drive, name, os.urandom(counted[name]))
+        full(stub)
+        assert sorted(p.name for p in folder.iterdir()) == ["damaged-2.bin", "fill.bin", "old-2.bin"]
+    assert again.stop() == 0
+    recounted = start_daemon(tmp_path, "--quota", str(quota), data_dir=handle.data_dir)
+    with grpc.insecure_channel(recounted.endpoint) as channel:
+        full(drive_pb2_grpc.DriveServiceStub(channel))  # a count from scratch finds what the daemon followed

@@ -290,6 +290,12 @@ class Backend(abc.ABC):
         Reads every object's size once: the cost of a `walk` of the folder.
         """
 
+    async def counted_size(self, key: str) -> int:
+        """What the object at `key` counts in `usage` (0 when there is none), by the same measure: what a put
+        replacing it, or a delete of it, takes off its drive's count. This default is its `stat` size."""
+        info = await self.stat(key)
+        return info.size if info else 0
+
     async def occupant(self, root: str, path: str) -> tuple[str, bool] | None:
         """What under folder `root` takes the place of `path`: an object at `path` or at one of its parent
         folders, or a folder at `path`; as (its path below `root`, whether it is a folder), or None.

@@ -91,7 +91,7 @@ def _disk_error(err: OSError, what: str) -> Exception:
 
 
 def _replaced(key: str) -> StaleIndexError:
-    return StaleIndexError(f"{key!r} was replaced or deleted while it was read: read it again")
+    return StaleIndexError(f"{key!r} changed on disk while it was read: read it again")
 
 
 def _commit_error(err: OSError, key: str) -> Exception:
@@ -118,9 +118,11 @@ class FileChunks:
     the end, on `aclose`, or when collected, and its descriptor goes back to
     the backend's `descriptors`. A file of format 1 has its sha256 checked
     and its table built once, by its first read, in a worker thread; reads
-    that come meanwhile wait for that one (`LegacyTables`). That check opens
-    the file on its own (`LocalBackend.check_whole`): a read that goes away
-    closes its file at once, whoever else waits for the check.
+    that come meanwhile wait for that one (`LegacyTables`). That check reads
+    through a dup of a waiting read's descriptor (`LocalBackend.check_whole`):
+    it checks the version the reads opened, even if a put has replaced the
+    file since, and a read that goes away closes its file at once, whoever
+    else waits for the check.
     """
 
     def __init__(self, backend: LocalBackend, fd: int, key: str, layout: Layout, version: Version,
@@ -151,7 +153,7 @@ class FileChunks:
             return BlockEnds(self._fd, self._layout)
         layout = self._layout._replace(block_size=self._block_size)
         build = functools.partial(self._backend.check_whole, self._key, layout, self._version)
-        ends = await self._backend.legacy_tables.table(self._version, build)
+        ends = await self._backend.legacy_tables.table(self._version, self._fd, build)
         if ends is None:
             raise Damaged(self._key, "its bytes do not match its sha256")
         return BlockEnds(self._fd, layout, ends)
@@ -529,28 +531,22 @@ class LocalBackend(Backend):
             os.close(fd)
             raise
 
-    def check_whole(self, key: str, layout: Layout, version: Version) -> array[int] | None:
+    def check_whole(self, key: str, layout: Layout, version: Version, fd: int) -> array[int] | None:
         """Runs in a `LegacyTables` builder thread: the block table of `version` of the format 1 file at `key`, or
-        None when its bytes do not match its sha256 (`legacy_block_ends`).
+        None when its bytes do not match its sha256 (`legacy_block_ends`), read through `fd`, a descriptor of
+        that version (a dup of a waiting read's).
 
-        Opens the file itself, and closes it when done, because the readers
-        that wait for the table may all go away meanwhile, and a build that
-        waits for a builder thread holds no descriptor. StaleIndexError when
-        `key` holds other bytes by then (replaced, deleted or changed in
-        place): the readers of `version` are told to read the file again.
+        A put that replaced the file, or a delete, unlinks that version and
+        leaves its bytes as they were: they are checked. StaleIndexError
+        when it is still linked but another version by now (changed in
+        place): the reads of `version` are told to read the file again.
         Logged: it reads the whole file, however little of it was asked for.
         """
-        try:
-            fd = self._open_file(key)
-        except NotFound:
-            raise _replaced(key) from None
-        try:
-            if version_of(os.fstat(fd)) != version:
-                raise _replaced(key)
-            log.info("checking a file of the old format whole", extra={"fields": {"key": key, "bytes": layout.size}})
-            return legacy_block_ends(fd, layout, layout.block_size)
-        finally:
-            os.close(fd)
+        st = os.fstat(fd)
+        if st.st_nlink and version_of(st) != version:  # unlinking changes the ctime too, not the bytes
+            raise _replaced(key)
+        log.info("checking a file of the old format whole", extra={"fields": {"key": key, "bytes": layout.size}})
+        return legacy_block_ends(fd, layout, layout.block_size)
 
     async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, Chunks]:
         self.descriptors.take_read()
@@ -626,20 +622,33 @@ class LocalBackend(Backend):
     async def walk(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
         return await asyncio.get_running_loop().run_in_executor(None, self._walk, prefix, start_after, limit)
 
+    @staticmethod
+    def _counted_size(path: str) -> int:
+        """What the file at `path` counts in its drive's usage: its content's size, from its stored size
+        (`content_size`), whatever its header says; 0 when nothing is there, or what no put makes (a link, a
+        pipe planted there).
+
+        One lstat and no open: a drive's first count after start-up would
+        otherwise read a block of every file it holds. A put replacing the
+        file and a delete take off what this counted, so the count stays
+        what a count from scratch would find.
+        """
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):  # deleted or replaced meanwhile, or a parent is a file
+            return 0
+        return content_size(st.st_size) if stat.S_ISREG(st.st_mode) else 0
+
     def _usage(self, prefix: str) -> int:
-        # One lstat a file and no open: a stored file's size gives its content's (`content_size`), and a drive's
-        # first count after start-up would otherwise read a block of every file it holds.
-        total = 0
-        for folder, _, names in os.walk(self._path(prefix)):
-            for name in names:
-                with contextlib.suppress(FileNotFoundError):  # deleted or replaced while counted
-                    st = os.lstat(f"{folder}/{name}")
-                    if stat.S_ISREG(st.st_mode):  # not a link or a pipe planted there, which no put makes
-                        total += content_size(st.st_size)
-        return total
+        return sum(self._counted_size(f"{folder}/{name}") for folder, _, names in os.walk(self._path(prefix))
+                   for name in names)
 
     async def usage(self, prefix: str) -> int:
         return await asyncio.get_running_loop().run_in_executor(None, self._usage, prefix)
+
+    async def counted_size(self, key: str) -> int:
+        # Inline, like stat: a few syscalls on cached metadata.
+        return self._counted_size(self._path(key))
 
     def _delete(self, key: str) -> bool:
         path = self._path(key)

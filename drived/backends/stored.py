@@ -37,9 +37,9 @@ import struct
 import sys
 import time
 from array import array
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from crc32c import crc32c
@@ -205,6 +205,7 @@ def legacy_block_ends(fd: int, layout: Layout, block_size: int) -> array[int] | 
 
 
 Version = tuple[int, int, int]  # a stored file's (device, inode, ctime): see LegacyTables
+Build = Callable[[int], "array[int] | None"]  # a table built by reading the file through the descriptor it is given
 
 
 def version_of(st: os.stat_result) -> Version:
@@ -218,20 +219,30 @@ class LegacyTables:
     A version is (device, inode, ctime): a put replaces the file (a new
     inode), and any write or restore in place changes its ctime, so a table
     never outlives the bytes it was built from. A version's table is built
-    once however many read it at once: the first read starts the build and
+    once however many read it at once: the first read queues the build and
     the others wait for that same Future. A file whose bytes do not match
     its sha256 keeps that verdict (None) as its table, so every read of it is
     refused without reading it again. A build that fails (a read error, a
-    file replaced before its build started) is not kept: the next read
-    builds again. Builds read whole files, so they run on threads of their
-    own (`BUILDERS`), never holding the threads of the daemon's other disk
-    work. Used on the event loop only.
+    file changed in place before its build started) is not kept: the next
+    read builds again. Builds read whole files, so they run on threads of
+    their own (`BUILDERS`), never holding the threads of the daemon's other
+    disk work, in the order they were asked for.
+
+    A build reads through a descriptor of its own: a dup of the descriptor
+    of a read still waiting for it, taken when a builder thread is free. So
+    it reads the very version its reads opened, even once a put has put
+    another at the path; every read can close its own descriptor as soon as
+    it goes away; and builds hold at most `BUILDERS` descriptors, queued ones
+    none. A build that every read left before it started is not run. Used on
+    the event loop only, where the reads close their descriptors too.
     """
 
     def __init__(self, max_bytes: int = 32 << 20) -> None:  # ~100,000 small files, or 8 TiB in 1 MiB blocks
         self._tables: OrderedDict[Version, array[int] | None] = OrderedDict()  # built; None: damaged
-        self._building: dict[Version, tuple[Future[array[int] | None], asyncio.Future[array[int] | None]]] = {}
-        self._readers: Counter[Version] = Counter()  # the reads waiting for each build
+        self._building: dict[Version, asyncio.Future[array[int] | None]] = {}  # queued or running
+        self._queued: OrderedDict[Version, Build] = OrderedDict()  # waiting for a builder thread
+        self._readers: dict[Version, list[int]] = {}  # the descriptors of the reads waiting for each build
+        self._running = 0
         self._bytes = 0
         self._max_bytes = max_bytes
         self._builders = ThreadPoolExecutor(BUILDERS, thread_name_prefix="drived-legacy")
@@ -240,44 +251,73 @@ class LegacyTables:
         """The table of `version` when it is built (and its file matched its sha256); else None."""
         return self._tables.get(version)
 
-    async def table(self, version: Version, build: Callable[[], array[int] | None]) -> array[int] | None:
+    async def table(self, version: Version, fd: int, build: Build) -> array[int] | None:
         """The table of `version` (None for a file that does not match its sha256), built or being built; else
-        built now by `build` in a worker thread. A reader that goes away leaves the build to the others; one that
-        all its readers left before it started is not run (reads of many old files, each given up at once, queue
-        no whole-file reads)."""
+        built by `build` in a builder thread, through a dup of `fd` (the caller's descriptor of `version`, open
+        while it waits here) or of another waiting read's. A read that goes away leaves the build to the others;
+        one that all its reads left before it started is not run (reads of many old files, each given up at
+        once, queue no whole-file reads)."""
         if version in self._tables:
             self._tables.move_to_end(version)
             return self._tables[version]
-        if version not in self._building:
-            started = self._builders.submit(build)
-            self._building[version] = started, asyncio.wrap_future(started)
-            self._building[version][1].add_done_callback(functools.partial(self._built, version))
-        started, building = self._building[version]
-        self._readers[version] += 1
+        building = self._building.get(version)
+        if building is None:
+            building = self._building[version] = asyncio.get_running_loop().create_future()
+            self._queued[version] = build
+        self._readers.setdefault(version, []).append(fd)
         try:
+            self._start()
             return await asyncio.shield(building)
         finally:
-            self._readers[version] -= 1
-            if not self._readers[version]:
+            readers = self._readers[version]
+            readers.remove(fd)
+            if not readers:
                 del self._readers[version]
-                if started.cancel():  # only a build not yet running: one running ends, and is kept for the next read
-                    del self._building[version]  # now: a read that comes next starts its own
+                if self._queued.pop(version, None) is not None:  # not started: a read that comes next queues anew
+                    del self._building[version]
+
+    def _start(self) -> None:
+        """Starts the queued builds, oldest first, while a builder thread is free."""
+        while self._running < BUILDERS and self._queued:
+            version, build = self._queued.popitem(last=False)
+            try:
+                fd = os.dup(self._readers[version][0])
+            except OSError as err:  # out of descriptors: told to the waiting reads, as a failed build is
+                self._building.pop(version).set_exception(err)
+                continue
+            self._running += 1
+            running = asyncio.get_running_loop().run_in_executor(self._builders, _build_and_close, build, fd)
+            running.add_done_callback(functools.partial(self._built, version))
 
     def close(self) -> None:
-        """Drops the builds not started (the daemon stops)."""
-        self._builders.shutdown(wait=False, cancel_futures=True)
+        """Drops the builds not started (the daemon stops): their reads end CancelledError."""
+        for version in self._queued:
+            self._building.pop(version).cancel()
+        self._queued.clear()
+        self._builders.shutdown(wait=False)
 
-    def _built(self, version: Version, building: asyncio.Future[array[int] | None]) -> None:
-        if building.cancelled():
-            return  # not run: its readers all went away (and dropped it)
-        del self._building[version]
-        if building.exception() is not None:
-            return  # told to the readers that waited for it; the next read builds again
-        ends = self._tables[version] = building.result()
-        self._bytes += _kept_bytes(ends)
-        while self._bytes > self._max_bytes and len(self._tables) > 1:
-            _, dropped = self._tables.popitem(last=False)
-            self._bytes -= _kept_bytes(dropped)
+    def _built(self, version: Version, running: asyncio.Future[array[int] | None]) -> None:
+        self._running -= 1
+        building = self._building.pop(version)
+        error = running.exception()
+        if error is not None:
+            building.set_exception(error)  # told to the reads that wait for it; the next read builds again
+        else:
+            ends = self._tables[version] = running.result()
+            building.set_result(ends)
+            self._bytes += _kept_bytes(ends)
+            while self._bytes > self._max_bytes and len(self._tables) > 1:
+                _, dropped = self._tables.popitem(last=False)
+                self._bytes -= _kept_bytes(dropped)
+        self._start()
+
+
+def _build_and_close(build: Build, fd: int) -> array[int] | None:
+    """Runs in a builder thread: `build(fd)`, then closes `fd`, the build's own descriptor."""
+    try:
+        return build(fd)
+    finally:
+        os.close(fd)
 
 
 def _kept_bytes(ends: array[int] | None) -> int:
