@@ -111,6 +111,7 @@ from .base import (
     Backend,
     BeforeVisible,
     Chunks,
+    ClientTooSlow,
     Listing,
     ObjectInfo,
     SummedChunks,
@@ -194,9 +195,11 @@ class PartBuffers:
     waits, so the room is held by parts being filled or sent, never by one
     waiting for room, and a waiting upload gets room as sends end. A part
     whose client has kept it waiting longer than the backend's
-    `fill_seconds` in all, while others want room, ends its put
-    (`S3Upload.write`): a client that sends a byte now and then cannot keep
-    room from others for ever.
+    `fill_seconds` in all, while others want room, ends its stream
+    (`S3Upload.write` raises ClientTooSlow): a client that sends a byte now
+    and then cannot keep room from others for ever. Its upload keeps the
+    parts it sent (held for a resume when resumable), so a slow client goes
+    on from its last part sent rather than from its first byte.
 
     A fresh buffer of a part's size is mapped anew by malloc, and filling it
     costs a page fault per page; one grown a chunk at a time is also copied
@@ -299,13 +302,14 @@ class S3Upload(Upload):
     async def write(self, data: bytes | memoryview) -> None:
         """Copies `data` into parts. Waits for room before a part's bytes: a cancelled write keeps what it copied,
         and loses no more than bytes after the last part handed on, which a cut stream's upload drops anyway
-        (`suspend`)."""
+        (`suspend`). Raises ClientTooSlow before taking any of `data` when the part being filled has kept its
+        room from others too long (`PartBuffers`): `suspend` then gives that room back."""
         view = memoryview(data)
         buffers = self._backend.part_buffers
         if self._buffer is not None and self._roomy:
             self._kept_waiting += time.monotonic() - self._written
             if buffers.wanted and 0 < self._backend.fill_seconds < self._kept_waiting:
-                raise Unavailable(
+                raise ClientTooSlow(
                     f"drived ended this put of {self._key!r}: its client took more than "
                     f"{self._backend.fill_seconds:g} s (--stream-idle-timeout) to send a part's "
                     f"{PART_SIZE >> 20} MiB while other uploads waited for the memory it holds; retry it"
