@@ -99,7 +99,8 @@ HELP = {
     "stream_idle_timeout": "seconds a Put or Get may wait on its client, which sends or reads nothing meanwhile, "
     "before it is ended (UNAVAILABLE) and its upload data removed (a resumable upload is not held for a resume); "
     "with --storage, also the most a client may keep a part it sends waiting, in all, while other uploads wait "
-    "for memory (its upload is then removed the same way); 0: never",
+    "for memory (its stream is then ended too, but its upload is held for a resume from its last part sent, as a "
+    "cut stream's is); 0: never",
     "log_level": "debug, info, warning or error",
 }
 

@@ -36,7 +36,7 @@ from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
 
 from . import metrics
 from .auth import EVERYONE, NOBODY, READS, WRITES, Access, Grant
-from .backends.base import Damaged
+from .backends.base import ClientTooSlow, Damaged
 from .drives import DriveRouter, Drives, PendingPut
 from .entry import Entry
 from .limits import Stream, Streams
@@ -303,7 +303,8 @@ class DriveService(pb_grpc.DriveServiceServicer):
         """Stores the files of a Put stream, or of a PutFile call as a stream of one whole file; the committed ones.
 
         `hold`: whether a resumable file left unfinished is held for a resume when the client ended or broke the
-        call (a Put), not when the daemon refused it or the idle check ended it (README, Failure behaviour).
+        call (a Put), or was too slow for the memory its upload holds (`ClientTooSlow`), not when the daemon
+        refused it or the idle check ended it (README, Failure behaviour).
         """
         assert record.stream is not None  # Put and PutFile are STREAMS: admitted before the handler runs
         stream = PutStream(partial(self._begin_put, record))
@@ -314,6 +315,9 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 del message  # not kept while the next one is awaited (see _received)
             keep = hold
             entries = await stream.results()
+        except ClientTooSlow:
+            keep = hold
+            raise
         except asyncio.CancelledError:
             keep = hold and not record.stream.timed_out
             raise

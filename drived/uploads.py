@@ -13,7 +13,9 @@ whole Put of up to `MAX_FILES_PER_STREAM` files, or one PutFile) and for
 `expiry` seconds after it ended, so that a client cut late in a long stream
 learns of every file it stored, however long ago the first one was. A stream
 that the daemon ends (a refusal, the idle timeout: see
-`drived.service.DriveService.Put`) aborts its upload instead.
+`drived.service.DriveService.Put`) aborts its upload instead, but for one
+ended because its client kept memory from others for too long
+(`ClientTooSlow`): that upload is intact, and held as a cut stream's is.
 
 Everything here lives in this daemon's memory: another daemon, or this one
 after a restart, holds nothing (NOT_FOUND, and the client starts the file
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 from drive_client.errors import InvalidArgument, NotFound, OutOfRange, StaleIndexError
 
 from . import metrics
-from .backends.base import Upload
+from .backends.base import ClientTooSlow, Upload
 from .entry import Entry
 from .puts import MAX_FILES_PER_STREAM
 from .requests import PutHeader
@@ -91,6 +93,8 @@ class Resumable:
                 await self.upload.write(data)
             except asyncio.CancelledError:
                 raise  # the upload has the data (writes are cancel-safe)
+            except ClientTooSlow:
+                raise  # refused whole: what the upload holds is sound, and held for a resume
             except BaseException:
                 self.broken = True
                 raise

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -606,28 +607,34 @@ def test_stalled_uploads_hold_at_most_the_parts_room_and_the_others_wait_for_it(
     assert wait_until(lambda: not store.uploads(), 30), store.uploads()
 
 
-async def _trickle(endpoint: str, drive_uri: str, count: int, first: bytes, trickled: asyncio.Event
-                   ) -> list[grpc.aio.AioRpcError]:
+async def _trickle(endpoint: str, drive_uri: str, count: int, first: bytes, trickled: asyncio.Event,
+                   again: bool = False) -> list[grpc.aio.AioRpcError]:
     """`count` puts that each send `first`, then a byte every 0.2 s until `trickled` is set; the errors of those
-    the daemon ended before that."""
+    the daemon ended before that. `again`: each put the daemon ends is followed by another, so that uploads keep
+    wanting room until `trickled` is set."""
     async with grpc.aio.insecure_channel(endpoint) as channel:
         stub = fast_stub(channel)
 
-        async def requests(i: int):
-            yield drive_pb2.PutRequest(header=drive_pb2.PutHeader(drive=drive_uri, path=f"trickle/{i}.bin"))
+        async def requests(name: str):
+            yield drive_pb2.PutRequest(header=drive_pb2.PutHeader(drive=drive_uri, path=f"trickle/{name}.bin"))
             yield first
             while not trickled.is_set():
                 await asyncio.sleep(0.2)  # the client's pace: a byte now and then
                 yield b"x"
 
-        async def one(i: int) -> grpc.aio.AioRpcError | None:
-            try:
-                await stub.Put(requests(i))
-            except grpc.aio.AioRpcError as err:
-                return None if trickled.is_set() else err
-            return None
+        async def one(i: int) -> list[grpc.aio.AioRpcError]:
+            ended: list[grpc.aio.AioRpcError] = []
+            while True:
+                try:
+                    await stub.Put(requests(f"{i}-{len(ended)}"))
+                except grpc.aio.AioRpcError as err:
+                    if trickled.is_set():
+                        return ended
+                    ended.append(err)
+                if not again:
+                    return ended
 
-        return [err for err in await asyncio.gather(*(one(i) for i in range(count))) if err is not None]
+        return [err for errors in await asyncio.gather(*(one(i) for i in range(count))) for err in errors]
 
 
 def test_clients_that_trickle_bytes_cannot_keep_the_parts_room_from_others(store, drive_uri, tmp_path):
@@ -655,5 +662,71 @@ def test_clients_that_trickle_bytes_cannot_keep_the_parts_room_from_others(store
     assert stored.sha256 == expected
     drive.get("big.bin", to=tmp_path / "back.bin")
     assert file_sha256(tmp_path / "back.bin") == expected
+    assert drive.list("trickle") == [], "nothing of the trickling puts is stored"
+    assert wait_until(lambda: not store.uploads(), 30), store.uploads()
+
+
+def _put_streams(handle: DaemonHandle, path: str) -> list[dict]:
+    """The request log lines of the daemon's Put streams of `path`, in the order they ended."""
+    lines = [json.loads(line) for line in handle.log().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("method") == "Put" and line.get("path") == path]
+
+
+@pytest.mark.parametrize("max_held_uploads", [1000, 0])
+def test_a_slow_client_ended_for_its_parts_room_resumes_after_the_parts_it_sent(
+    store, drive_uri, tmp_path, max_held_uploads
+):
+    """A client too slow to fill a part within --stream-idle-timeout, while other uploads keep wanting room, has its
+    stream ended UNAVAILABLE naming the flag; its upload is held with the parts it sent, as a cut stream's is. The
+    client resumes from the end of its last part sent, and the file completes with those parts sent once. Held
+    uploads' bounds apply as usual: past --max-held-uploads it is removed, and the file is sent again whole."""
+    handle = store.daemon("--stream-idle-timeout", "2", "--max-held-uploads", str(max_held_uploads))
+    size = 3 * PART_SIZE
+    expected = write_random_file(tmp_path / "slow.bin", size)
+    drive = Drive(drive_uri, endpoint=handle.endpoint, root_folder=str(tmp_path))
+    trickling, released = threading.Event(), threading.Event()
+    sent = 0
+
+    def paced(nbytes: int) -> None:  # the client's pace: its first part at once, then a MiB every 0.5 s
+        nonlocal sent
+        sent += nbytes
+        if sent > PART_SIZE and not released.is_set():
+            trickling.set()
+            time.sleep(0.5)
+
+    put = Background(lambda: drive.put("slow.bin", progress=paced))
+    put.start()
+    assert trickling.wait(30), "the put never sent its first part"
+    loop = loop_thread().loop
+    trickled = asyncio.Event()
+    wanting = asyncio.run_coroutine_threadsafe(
+        _trickle(handle.endpoint, drive_uri, PARTS_IN_MEMORY, os.urandom(2 * MIB), trickled, again=True), loop)
+    try:
+        assert wait_until(lambda: _put_streams(handle, "slow.bin"), 60), "the slow put was never ended"
+    finally:
+        released.set()  # from now on at full speed, and no other upload wants room
+        loop.call_soon_threadsafe(trickled.set)
+    [stored] = put.join_checked(60)  # type: ignore[misc]
+    trickling_ended = wanting.result(60)
+    assert trickling_ended, "no trickling put was ended"
+    for err in trickling_ended:  # as the slow put's stream was (its client resumes without showing it)
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "--stream-idle-timeout" in err.details(), err
+    assert stored.sha256 == expected
+    drive.get("slow.bin", to=tmp_path / "back.bin")
+    assert file_sha256(tmp_path / "back.bin") == expected
+    *ended, resumed = _put_streams(handle, "slow.bin")
+    print(f"the slow put: {len(ended)} stream(s) ended, then {resumed['bytes'] / MIB:g} MiB sent to complete it")
+    assert ended and all(line["status"] == "UNAVAILABLE" for line in ended), ended
+    assert resumed["status"] == "OK", resumed
+    if max_held_uploads:
+        # The daemon answered QueryWriteStatus with the end of a part it sent: the last stream sent the rest only.
+        assert resumed["bytes"] in (PART_SIZE, 2 * PART_SIZE), resumed
+        drive_key = f"/{PREFIX}{drive_uri.removeprefix('lit://')}/"
+        uploaded = [line for line in store.moto.log.read_text().splitlines()
+                    if drive_key in line and "/slow.bin?uploadId=" in line and "partNumber=" in line]
+        assert len(uploaded) == size // PART_SIZE, uploaded  # no part was sent twice
+    else:
+        assert resumed["bytes"] == size, resumed
+        assert "past --max-held-uploads" in handle.log()
     assert drive.list("trickle") == [], "nothing of the trickling puts is stored"
     assert wait_until(lambda: not store.uploads(), 30), store.uploads()

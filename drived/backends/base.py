@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from typing import Protocol
 
-from drive_client.errors import DataLoss, InvalidArgument
+from drive_client.errors import DataLoss, InvalidArgument, Unavailable
 
 from ..checksums import Checksums, ClientChecksums, RunningCrc32c
 
@@ -129,6 +129,12 @@ class Damaged(DataLoss):
         return Damaged(self.key, self.what, self._message(shown))
 
 
+class ClientTooSlow(Unavailable):
+    """`Upload.write` refused its data, whole, because the client keeps the memory its upload holds from others
+    for too long: the stream ends, and the upload is as it was before the write, so it can be held for a resume
+    as a cut stream's is (`drived.uploads`)."""
+
+
 class SummedChunks:
     """Chunks of a store that keeps no block checksums (S3), with the CRC32C of those yielded so far.
 
@@ -182,7 +188,8 @@ class Upload(abc.ABC):
 
     @abc.abstractmethod
     async def write(self, data: bytes | memoryview) -> None:
-        """Appends `data`. Raises ResourceExhausted when the store is full.
+        """Appends `data`. Raises ResourceExhausted when the store is full, ClientTooSlow (taking none of
+        `data`) when the stream that writes it must end for keeping memory from others.
 
         Cancel-safe: once called, `data` belongs to the upload even when the
         caller is cancelled while the write waits; `suspend`, `commit` and

@@ -8,11 +8,12 @@ its own writes), and nothing about a file lives only in a daemon.
 
 Commits. A file of at most `PART_SIZE` bytes is one PutObject, sent once its
 bytes are verified, with its sha256 and CRC32C in its metadata. A bigger one
-streams into a multipart upload, `PARTS_IN_FLIGHT` parts of `PART_SIZE` at a
-time, and becomes visible in one step at CompleteMultipartUpload, which is
-only called when the bytes match the client's checksums and size; otherwise
-the upload is aborted and nothing is visible. Both steps are atomic in S3: a reader sees the
-previous version or the new one, never a part.
+streams into a multipart upload, parts of `PART_SIZE` sent while the next
+ones arrive (`MAX_PARTS_IN_FLIGHT` at a time over all uploads), and becomes
+visible in one step at CompleteMultipartUpload, which is only called when
+the bytes match the client's checksums and size; otherwise the upload is
+aborted and nothing is visible. Both steps are atomic in S3: a reader sees
+the previous version or the new one, never a part.
 
 Where a big file's sha256 lives. An object's metadata is fixed when its
 multipart upload is created, before any byte is hashed, and S3 can change it
@@ -110,6 +111,7 @@ from .base import (
     Backend,
     BeforeVisible,
     Chunks,
+    ClientTooSlow,
     Listing,
     ObjectInfo,
     SummedChunks,
@@ -122,7 +124,6 @@ from .base import (
 log = logging.getLogger("drived")
 
 PART_SIZE = 8 << 20  # bytes per UploadPart; a file up to this size is one PutObject
-PARTS_IN_FLIGHT = 8  # parts of one upload being sent at once
 MAX_PARTS_IN_FLIGHT = 8  # over all uploads (8 × 8 MiB)
 PARTS_IN_MEMORY = 24  # over all uploads, being filled or sent: bounds the memory they hold (24 × 8 MiB)
 MAX_PARTS = 10_000  # S3's limit of parts in one upload
@@ -194,9 +195,11 @@ class PartBuffers:
     waits, so the room is held by parts being filled or sent, never by one
     waiting for room, and a waiting upload gets room as sends end. A part
     whose client has kept it waiting longer than the backend's
-    `fill_seconds` in all, while others want room, ends its put
-    (`S3Upload.write`): a client that sends a byte now and then cannot keep
-    room from others for ever.
+    `fill_seconds` in all, while others want room, ends its stream
+    (`S3Upload.write` raises ClientTooSlow): a client that sends a byte now
+    and then cannot keep room from others for ever. Its upload keeps the
+    parts it sent (held for a resume when resumable), so a slow client goes
+    on from its last part sent rather than from its first byte.
 
     A fresh buffer of a part's size is mapped anew by malloc, and filling it
     costs a page fault per page; one grown a chunk at a time is also copied
@@ -289,7 +292,6 @@ class S3Upload(Upload):
         self._generation = 0
         self._checksums_name = ""  # the name of the checksum object of a multipart upload
         self._parts: list[asyncio.Future[dict[str, Any]]] = []
-        self._room = asyncio.Semaphore(PARTS_IN_FLIGHT)
         self._committing: asyncio.Future[Any] | None = None
         self._ended = False
 
@@ -300,13 +302,14 @@ class S3Upload(Upload):
     async def write(self, data: bytes | memoryview) -> None:
         """Copies `data` into parts. Waits for room before a part's bytes: a cancelled write keeps what it copied,
         and loses no more than bytes after the last part handed on, which a cut stream's upload drops anyway
-        (`suspend`)."""
+        (`suspend`). Raises ClientTooSlow before taking any of `data` when the part being filled has kept its
+        room from others too long (`PartBuffers`): `suspend` then gives that room back."""
         view = memoryview(data)
         buffers = self._backend.part_buffers
         if self._buffer is not None and self._roomy:
             self._kept_waiting += time.monotonic() - self._written
             if buffers.wanted and 0 < self._backend.fill_seconds < self._kept_waiting:
-                raise Unavailable(
+                raise ClientTooSlow(
                     f"drived ended this put of {self._key!r}: its client took more than "
                     f"{self._backend.fill_seconds:g} s (--stream-idle-timeout) to send a part's "
                     f"{PART_SIZE >> 20} MiB while other uploads waited for the memory it holds; retry it"
@@ -426,7 +429,6 @@ class S3Upload(Upload):
                 self._checksums_name = f"{self._generation}-{secrets.token_hex(4)}"
                 self._upload_id = await self._backend.create_upload(
                     self._key, self._generation, self._checksums_name)
-            await self._room.acquire()
             await self._backend.part_room.acquire()
             sending = self._backend.upload_part(self._key, self._upload_id, len(self._parts) + 1, part, summed)
             sending.add_done_callback(self._part_sent)
@@ -451,7 +453,6 @@ class S3Upload(Upload):
             use.add_done_callback(done)
 
     def _part_sent(self, _: asyncio.Future[dict[str, Any]]) -> None:
-        self._room.release()
         self._backend.part_room.release()
 
     async def commit(
