@@ -8,12 +8,15 @@ killed while they hold a claim or stream a put.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import hashlib
 import os
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +27,7 @@ import pytest
 import redis
 from conftest import MIB, DaemonHandle, free_port, put_messages, raw_get, raw_put, rpc_code, wait_until
 from cutting_proxy import CuttingProxy
+from test_commit_worker import commit_workers
 from test_coordinator import calls
 from test_storage_s3 import BUCKET, PREFIX, StalledPut, Store, stub_of
 
@@ -469,6 +473,60 @@ def test_a_put_whose_claim_is_lost_during_its_commit_stores_nothing_and_aborts_i
             grpc.StatusCode.NOT_FOUND
         raw_put(stub, drive_uri, "new.txt", b"stored", component="w")  # with its claim kept, it commits
         assert raw_get(stub, drive_uri, "new.txt")[0][1] == b"stored"
+
+
+def stdin_unread(pid: int) -> int:
+    """How many bytes wait in the stdin pipe of process `pid`, unread (FIONREAD on the pipe, opened through /proc)."""
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        count = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, count)
+        return count[0]
+    finally:
+        os.close(fd)
+
+
+def test_a_small_local_put_confirms_its_claim_when_its_batch_goes_to_the_commit_worker(
+    cluster, start_daemon, drive_uri, tmp_path
+):
+    """A small file on local disk may wait long in the commit worker's queue (behind a slow disk's batches): its
+    claim is confirmed when its own batch is sent, so one lost while queued stores nothing, and the other commits of
+    its batch go on."""
+    daemon = start_daemon(tmp_path, env={"DRIVED_COORDINATOR": cluster.valkey.url})
+    stub = stub_of(daemon)
+    admin = redis.Redis.from_url(cluster.valkey.url)
+    drive = drive_uri.removeprefix("lit://")
+    raw_put(stub, drive_uri, "kept.txt", b"version 1", component="w")  # starts the commit worker
+    [worker] = commit_workers(daemon.proc.pid)
+
+    def put(path: str, data: bytes) -> grpc.Future:
+        return stub.Put.future(put_messages(drive_uri, path, data, component="w", size=len(data)), timeout=60)
+
+    def claimed(path: str) -> bool:
+        return bool(admin.exists(f"drived:{{{drive}}}:claim:{path}"))
+
+    os.kill(worker, signal.SIGSTOP)  # a slow disk: the batch sent to it waits, and the commits queued behind it
+    try:
+        ahead = put("ahead.txt", b"in flight")
+        assert wait_until(lambda: stdin_unread(worker) > 0, timeout=20), "its batch never went to the worker"
+        lost, other = put("kept.txt", b"version 2"), put("other.txt", b"queued too")
+        assert wait_until(lambda: claimed("kept.txt") and claimed("other.txt"), timeout=20), "never claimed"
+        time.sleep(1)  # time to join the worker's queue (a confirmation before queueing would be over by now)
+        admin.delete(f"drived:{{{drive}}}:claim:kept.txt")
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    with pytest.raises(grpc.RpcError) as failed:
+        lost.result(60)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "lapsed before its commit" in failed.value.details() and "nothing was stored" in failed.value.details()
+    assert PASSWORD not in failed.value.details()
+    ahead.result(60)
+    other.result(60)
+    assert raw_get(stub, drive_uri, "kept.txt")[0][1] == b"version 1"
+    assert raw_get(stub, drive_uri, "other.txt")[0][1] == b"queued too"
+    assert list((daemon.data_dir / "tmp").iterdir()) == []
+    raw_put(stub, drive_uri, "kept.txt", b"version 2", component="w")  # with its claim kept, it commits
+    assert raw_get(stub, drive_uri, "kept.txt")[0][1] == b"version 2"
 
 
 def test_a_delete_waits_for_the_put_of_its_path_and_counts_the_version_it_deleted(own_cluster, drive_uri):

@@ -2,14 +2,16 @@
 
 A shared coordinator's claim is confirmed there (`ManagedDrives.commit_put`):
 what it raises fails the commit, which stores nothing and leaves the previous
-version. A small file goes through the commit worker process, a big one
+version. A small file goes through the commit worker process (its hook
+awaited with those of its batch, right before the batch is sent), a big one
 through worker threads (durable in tmp/ before the hook, renamed after it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -44,8 +46,8 @@ async def stored(backend: LocalBackend, key: str) -> bytes | None:
     return b"".join([bytes(chunk) async for chunk in chunks])
 
 
-async def put(backend: LocalBackend, data: bytes, before_visible=None) -> None:
-    upload = await backend.start_upload(KEY)
+async def put(backend: LocalBackend, data: bytes, before_visible=None, key: str = KEY) -> None:
+    upload = await backend.start_upload(key)
     for at in range(0, len(data), MIB):
         await upload.write(data[at:at + MIB])
     await upload.commit(ClientChecksums("", None), len(data), before_visible)
@@ -76,3 +78,28 @@ async def test_a_hook_that_raises_stores_nothing_and_keeps_the_previous_version(
         await put(backend, os.urandom(size), claim_lost)
     assert await stored(backend, KEY) == b"version 1"
     assert os.listdir(backend.tmp_dir) == []  # the upload's temporary file is gone
+
+
+async def test_the_hooks_of_one_batch_run_at_once_and_one_that_raises_fails_only_its_own_put(backend):
+    """Small files committed together: their hooks are awaited together, right before their batch goes to the commit
+    worker; a hook that raises keeps its own file out of the batch, and the others are stored."""
+    arrived = [asyncio.Event(), asyncio.Event()]
+
+    def meeting(mine: int) -> Callable[[], Awaitable[None]]:
+        async def before_visible() -> None:
+            arrived[mine].set()
+            await asyncio.wait_for(arrived[1 - mine].wait(), 5)  # returns only if the other hook runs meanwhile
+        return before_visible
+
+    async def claim_lost() -> None:
+        raise Unavailable("the claim lapsed")
+
+    keys = ["d/w/a.bin", "d/w/lost.bin", "d/w/b.bin"]
+    data = [os.urandom(3000) for _ in keys]
+    hooks = [meeting(0), claim_lost, meeting(1)]
+    puts = (put(backend, content, hook, key) for content, hook, key in zip(data, hooks, keys, strict=True))
+    results = await asyncio.gather(*puts, return_exceptions=True)
+    assert results[0] is None and results[2] is None, results
+    assert isinstance(results[1], Unavailable) and "the claim lapsed" in str(results[1])
+    assert [await stored(backend, key) for key in keys] == [data[0], None, data[2]]
+    assert os.listdir(backend.tmp_dir) == []

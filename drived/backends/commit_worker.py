@@ -8,6 +8,8 @@ worker is a process of its own, with its own GIL. The daemon sends it every
 commit that is ready as one batch; it commits the batch's files a few at a
 time, fsyncs each folder the batch renamed into once, and only then answers.
 No put is acknowledged before its file and its folder entry are on disk.
+Each commit's `before_visible` (its claim's confirmation) is awaited just
+before its batch is sent, however long it waited in the queue.
 
 The daemon side is `CommitWorker`; `python -m drived.backends.commit_worker`
 is the worker side, which reads batches from stdin and writes answers to
@@ -26,11 +28,12 @@ import struct
 import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from drive_client.files import write_all
 
 from ..checksums import Checksums, ClientChecksums
+from .base import BeforeVisible
 from .stored import fsync_folder, make_durable, place, stored_bytes
 
 LENGTH = struct.Struct("<I")  # the length of the pickle that follows
@@ -112,6 +115,18 @@ def commit_batch(jobs: list[Job], pool: ThreadPoolExecutor) -> list[Outcome]:
     return [folder_errors.get(outcome[2]) or outcome if outcome[0] == "ok" else outcome for outcome in outcomes]
 
 
+async def _visible_at_once() -> None:
+    """The `before_visible` of a commit submitted without one."""
+
+
+class _Queued(NamedTuple):
+    """A commit submitted: its job, what to await before it is sent, and the future its outcome goes to."""
+
+    job: Job
+    before_visible: BeforeVisible
+    outcome: asyncio.Future[Outcome]
+
+
 class CommitWorker:
     """The daemon's side: sends the commits that are ready to the worker, one batch at a time.
 
@@ -120,14 +135,18 @@ class CommitWorker:
     """
 
     def __init__(self) -> None:
-        self._ready: list[tuple[Job, asyncio.Future[Outcome]]] = []
+        self._ready: list[_Queued] = []
         self._process: asyncio.subprocess.Process | None = None
         self._sending: asyncio.Task[None] | None = None
 
-    def submit(self, job: Job) -> asyncio.Future[Outcome]:
-        """Queues `job`; the future answers with its outcome once file and folder entry are durable."""
+    def submit(self, job: Job, before_visible: BeforeVisible | None = None) -> asyncio.Future[Outcome]:
+        """Queues `job`; the future answers with its outcome once file and folder entry are durable.
+
+        `before_visible` is awaited just before the job's batch is sent; what
+        it raises, the future raises, and the job is not sent.
+        """
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._ready.append((job, future))
+        self._ready.append(_Queued(job, before_visible or _visible_at_once, future))
         if self._sending is None:
             self._sending = asyncio.create_task(self._send())
         return future
@@ -135,24 +154,39 @@ class CommitWorker:
     async def _send(self) -> None:
         try:
             while self._ready:
-                batch = self._next_batch()
+                batch = await self._confirmed(self._next_batch())
+                if not batch:
+                    continue
                 try:
-                    outcomes = await self._call([job for job, _ in batch])
+                    outcomes = await self._call([queued.job for queued in batch])
                 except (OSError, EOFError, pickle.UnpicklingError) as err:
                     await self.close()
                     lost: Outcome = ("error", None, f"the commit worker failed ({err!r}); the put may not be stored")
                     outcomes = [lost] * len(batch)
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
-                    if not future.done():
-                        future.set_result(outcome)
+                for queued, outcome in zip(batch, outcomes, strict=True):
+                    if not queued.outcome.done():
+                        queued.outcome.set_result(outcome)
         finally:
             self._sending = None
 
-    def _next_batch(self) -> list[tuple[Job, asyncio.Future[Outcome]]]:
+    @staticmethod
+    async def _confirmed(batch: list[_Queued]) -> list[_Queued]:
+        """The commits of `batch` whose `before_visible` passed, all awaited at once; each that raised fails with
+        what it raised, and the others go on."""
+        raised = await asyncio.gather(*(queued.before_visible() for queued in batch), return_exceptions=True)
+        confirmed = []
+        for queued, error in zip(batch, raised, strict=True):
+            if error is None:
+                confirmed.append(queued)
+            else:
+                queued.outcome.set_exception(error)
+        return confirmed
+
+    def _next_batch(self) -> list[_Queued]:
         """The commits ready, in order, up to MAX_BATCH, MAX_BATCH_BYTES and a second commit of one path."""
         paths: set[str] = set()
         size = 0
-        for taken, (job, _) in enumerate(self._ready):
+        for taken, (job, _, _) in enumerate(self._ready):
             size += len(job[2])
             if taken == MAX_BATCH or job[1] in paths or (taken and size > MAX_BATCH_BYTES):
                 break

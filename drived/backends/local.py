@@ -357,13 +357,12 @@ class LocalUpload(Upload):
     ) -> ObjectInfo:
         """Has the commit worker sum, verify, write and commit the file, all of whose bytes are `data`.
 
-        The worker does all of that in one step, in a batch with others: `before_visible` is awaited before the
-        job is sent (a few milliseconds of disk work before the rename, not a store's seconds).
+        The worker does all of that in one step, in a batch with others: `before_visible` is awaited just before
+        that batch is sent (`CommitWorker.submit`), however long the job waited in the queue behind others.
         """
         check_size(self._key, self._size, size)
-        if before_visible is not None:
-            await before_visible()
-        self._committing = self._backend.committer.submit((self._tmp_path, self._path, data, sent))
+        job = (self._tmp_path, self._path, data, sent)
+        self._committing = self._backend.committer.submit(job, before_visible)
         # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
         outcome = await asyncio.shield(self._committing)
         if outcome[0] == "mismatch":
