@@ -10,8 +10,8 @@ scripts touch `drived:epoch` beside a drive's keys):
   are `<sequence>-0`. Its max-deleted-entry-id is the newest sequence no
   longer kept: the epoch when the feed is made, then the newest event dropped.
 - `drived:{<drive>}:claim:<path>`: the token of the claim's holder, with a
-  TTL that the holder renews every third of it (all its claims in one
-  script call, given at most a third of the TTL), and once more right
+  TTL that the holder renews every third of it (all its claims, RENEW_CHUNK
+  a script call, given at most a third of the TTL), and once more right
   before the commit it guards, which fails when the claim was lost; a claim
   whose holder died is free once its TTL has passed.
 - `drived:{<drive>}:below:<folder>`: the tokens of the claims held below the
@@ -68,6 +68,10 @@ log = logging.getLogger("drived")
 
 TRIM_BATCH = 100  # events a feed may hold beyond EVENTS_KEPT before its oldest are dropped at once
 PAGE = 1000  # events `since` answers at most
+# Claims one RENEW call renews at most: clients decide how many claims a replica holds (concurrent deletes are
+# not limited), so past this a round makes more calls, never a bigger one; each call's arguments, reply and time
+# on the server stay bounded.
+RENEW_CHUNK = 500
 POOL_SIZE = 32  # connections a daemon uses for its calls, at most
 POOL_WAIT = 10.0  # seconds a call waits for a free connection
 CONNECT_TIMEOUT = 3.0
@@ -400,7 +404,16 @@ class RedisCoordinator(Coordinator):
                 "drive": drive, "key": keys[0], "error": str(err)}})
 
     async def renew(self, claims: list[_RedisClaim]) -> list[int]:
-        """Renews `claims` for a whole TTL from now, in one call: for each, 1 when it was still held, else 0."""
+        """Renews `claims` for a whole TTL from now: for each, 1 when it was still held, else 0.
+
+        RENEW_CHUNK claims a call, the calls at once (each on its own pooled
+        connection), so a round costs one round trip while the pool lasts.
+        """
+        chunks = [claims[start:start + RENEW_CHUNK] for start in range(0, len(claims), RENEW_CHUNK)]
+        return [kept for answers in await asyncio.gather(*map(self._renew_chunk, chunks)) for kept in answers]
+
+    async def _renew_chunk(self, claims: list[_RedisClaim]) -> list[int]:
+        """Renews up to RENEW_CHUNK claims in one call."""
         keys = [key for claim in claims for key in claim.keys]
         counts = [value for claim in claims for value in (claim.token, len(claim.keys))]
         return cast(list[int], await self._run(self._renew, keys, [self._ttl_ms(), *counts]))
@@ -408,11 +421,11 @@ class RedisCoordinator(Coordinator):
     async def _renew_held(self) -> None:
         """Renews this daemon's claims every third of their TTL for as long as it holds any.
 
-        All of them in one call, given at most that third: however many
-        claims, and however slow the coordinator, a round ends before the
-        next one starts, and a claim held is renewed within two thirds of its
-        TTL or (when the coordinator does not answer in time) lost, which its
-        commit finds out (`Claim.confirm`).
+        All of them (`renew`: bounded calls at once), given at most that
+        third: however many claims, and however slow the coordinator, a round
+        ends before the next one starts, and a claim held is renewed within
+        two thirds of its TTL or (when the coordinator does not answer in
+        time) lost, which its commit finds out (`Claim.confirm`).
         """
         period = self.claim_ttl / 3
         loop = asyncio.get_running_loop()
