@@ -10,10 +10,13 @@ scripts touch `drived:epoch` beside a drive's keys):
   are `<sequence>-0`. Its max-deleted-entry-id is the newest sequence no
   longer kept: the epoch when the feed is made, then the newest event dropped.
 - `drived:{<drive>}:claim:<path>`: the token of the claim's holder, with a
-  TTL that the holder renews every third of it (all its claims in one
-  script call, given at most a third of the TTL), and once more right
+  TTL that the holder renews every third of it (all its claims, RENEW_CHUNK
+  a script call, given at most a third of the TTL), and once more right
   before the commit it guards, which fails when the claim was lost; a claim
-  whose holder died is free once its TTL has passed.
+  whose holder died is free once its TTL has passed. A confirm that may
+  reuse a recent renewal (a folder delete's, before each file) asks only
+  when the claim's last take or renewal was sent more than a third of the
+  TTL ago.
 - `drived:{<drive>}:below:<folder>`: the tokens of the claims held below the
   folder, scored by their expiry, so that a claim of `a` waits while `a/b`
   is held, and the other way round.
@@ -46,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import socket
 import urllib.parse
@@ -68,6 +72,10 @@ log = logging.getLogger("drived")
 
 TRIM_BATCH = 100  # events a feed may hold beyond EVENTS_KEPT before its oldest are dropped at once
 PAGE = 1000  # events `since` answers at most
+# Claims one RENEW call renews at most: clients decide how many claims a replica holds (concurrent deletes are
+# not limited), so past this a round makes more calls, never a bigger one; each call's arguments, reply and time
+# on the server stay bounded.
+RENEW_CHUNK = 500
 POOL_SIZE = 32  # connections a daemon uses for its calls, at most
 POOL_WAIT = 10.0  # seconds a call waits for a free connection
 CONNECT_TIMEOUT = 3.0
@@ -226,8 +234,24 @@ class _RedisClaim(Claim):
         self._shown = f"{path!r} in lit://{drive}"
         self.token = token
         self.keys = keys
+        self.renewed = -math.inf  # loop time at which the latest take or renewal that found it held was sent
+        self.lost = False  # a renewal found it no longer held: it never is again
 
-    async def confirm(self) -> None:
+    def answered(self, sent: float, held: bool) -> None:
+        """Records what a take or renewal sent at loop time `sent` found: the claim `held`, or lost.
+
+        Redis starts the TTL when it runs the call, after `sent`, so the
+        claim is held until `renewed` + the TTL at least.
+        """
+        if held:
+            self.renewed = max(self.renewed, sent)
+        else:
+            self.lost = True
+
+    async def confirm(self, *, reuse_recent: bool = False) -> None:
+        age = asyncio.get_running_loop().time() - self.renewed
+        if reuse_recent and not self.lost and age < self._coordinator.claim_ttl / 3:
+            return  # held for two thirds of the TTL at least
         [kept] = await self._coordinator.renew([self])
         if not kept:
             raise Unavailable(
@@ -369,14 +393,13 @@ class RedisCoordinator(Coordinator):
     async def claim(self, drive: str, path: str) -> AsyncIterator[Claim]:
         held = _RedisClaim(self, drive, path, secrets.token_hex(8), self._claim_keys(drive, path))
         keys, token = held.keys, held.token
-        ttl_ms = self._ttl_ms()
-        busy = await self._run(self._acquire, keys, [token, ttl_ms])
+        busy = await self._take(held)
         if busy:
             async with self._wakeups.listening(self._channel(drive)) as channel:
                 while busy:
                     await channel.armed()
                     released = channel.released  # taken before trying: a release in between is not missed
-                    busy = await self._run(self._acquire, keys, [token, ttl_ms])
+                    busy = await self._take(held)
                     if busy:  # until a release in the drive, or the expiry of the claim in the way
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(released.wait(), busy / 1000)
@@ -389,6 +412,14 @@ class RedisCoordinator(Coordinator):
             del self._held[token]
             await asyncio.shield(self._keep(self._give_back(drive, keys, token)))
 
+    async def _take(self, claim: _RedisClaim) -> int:
+        """Tries once to take `claim`: 0 when taken, else the milliseconds after which the claim in the way expires."""
+        sent = asyncio.get_running_loop().time()
+        busy = int(await self._run(self._acquire, claim.keys, [claim.token, self._ttl_ms()]))
+        if not busy:
+            claim.answered(sent, True)
+        return busy
+
     def _ttl_ms(self) -> int:
         return max(1, int(self.claim_ttl * 1000))
 
@@ -400,19 +431,32 @@ class RedisCoordinator(Coordinator):
                 "drive": drive, "key": keys[0], "error": str(err)}})
 
     async def renew(self, claims: list[_RedisClaim]) -> list[int]:
-        """Renews `claims` for a whole TTL from now, in one call: for each, 1 when it was still held, else 0."""
+        """Renews `claims` for a whole TTL from now: for each, 1 when it was still held, else 0.
+
+        RENEW_CHUNK claims a call, the calls at once (each on its own pooled
+        connection), so a round costs one round trip while the pool lasts.
+        """
+        chunks = [claims[start:start + RENEW_CHUNK] for start in range(0, len(claims), RENEW_CHUNK)]
+        return [kept for answers in await asyncio.gather(*map(self._renew_chunk, chunks)) for kept in answers]
+
+    async def _renew_chunk(self, claims: list[_RedisClaim]) -> list[int]:
+        """Renews up to RENEW_CHUNK claims in one call, and records for each what it found."""
+        sent = asyncio.get_running_loop().time()
         keys = [key for claim in claims for key in claim.keys]
         counts = [value for claim in claims for value in (claim.token, len(claim.keys))]
-        return cast(list[int], await self._run(self._renew, keys, [self._ttl_ms(), *counts]))
+        kept = cast(list[int], await self._run(self._renew, keys, [self._ttl_ms(), *counts]))
+        for claim, still in zip(claims, kept, strict=True):
+            claim.answered(sent, bool(still))
+        return kept
 
     async def _renew_held(self) -> None:
         """Renews this daemon's claims every third of their TTL for as long as it holds any.
 
-        All of them in one call, given at most that third: however many
-        claims, and however slow the coordinator, a round ends before the
-        next one starts, and a claim held is renewed within two thirds of its
-        TTL or (when the coordinator does not answer in time) lost, which its
-        commit finds out (`Claim.confirm`).
+        All of them (`renew`: bounded calls at once), given at most that
+        third: however many claims, and however slow the coordinator, a round
+        ends before the next one starts, and a claim held is renewed within
+        two thirds of its TTL or (when the coordinator does not answer in
+        time) lost, which its commit finds out (`Claim.confirm`).
         """
         period = self.claim_ttl / 3
         loop = asyncio.get_running_loop()

@@ -573,6 +573,25 @@ def test_a_delete_waits_for_the_put_of_its_path_and_counts_the_version_it_delete
     raw_put(stub, drive_uri, "full.bin", b"x" * quota, component="w")
 
 
+def test_a_folder_delete_confirms_its_claim_without_a_round_trip_a_file_and_announces_each(own_cluster, drive_uri):
+    replica = own_cluster.replica()
+    stub = stub_of(replica)
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    count = 40
+    start = watch_events(replica, drive_uri, 0)[0][2]  # its last calls to the coordinator end during the puts
+    for i in range(count):  # each put loads the scripts a delete runs: each later call of one is one EVALSHA
+        raw_put(stub, drive_uri, f"folder/f{i:02}.txt", b"x", component="w")
+    scripts = calls(admin, "evalsha")
+    deleted = stub.Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="folder", component="w"), timeout=60)
+    assert deleted.files_deleted == count
+    # Its claim, its release, one publish a file; the rest confirm the claim (or renew it, every 3.3 s).
+    confirms = calls(admin, "evalsha") - scripts - 2 - count
+    assert confirms < count, f"{confirms} confirm round trips for {count} files"
+    events = watch_events(replica, drive_uri, 2 * count, after=start)
+    assert [e[:2] for e in events[1 + count:]] == [("delete", f"folder/f{i:02}.txt") for i in range(count)]
+    assert stub.List(drive_pb2.ListRequest(drive=drive_uri, path=".")).entries == []
+
+
 def test_sigkill_mid_put_leaves_no_partial_and_the_previous_version(own_cluster, drive_uri):
     victim, other = own_cluster.replica(), own_cluster.replica()
     raw_put(stub_of(victim), drive_uri, "v.bin", b"version 1", component="w")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import socket
 import threading
 import time
@@ -26,7 +27,7 @@ from drive_client.errors import EventsExpired, Unavailable
 from drived.coordinator import Coordinator
 from drived.entry import Entry
 from drived.events import InProcessCoordinator
-from drived.redis_coordinator import RedisCoordinator
+from drived.redis_coordinator import RENEW, RENEW_CHUNK, RedisCoordinator
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -491,3 +492,79 @@ async def test_many_claims_over_a_slow_link_are_all_kept(own_valkey: Callable[..
             await asyncio.gather(*(claim.confirm() for claim in claims))
     finally:
         link.close()
+
+
+def renewals_logged(admin: redis.Redis) -> list[tuple[int, int]]:
+    """(claims, microseconds on the server) of each RENEW call in the SLOWLOG, oldest first; claims here are at depth
+    2 (four keys each)."""
+    renew = hashlib.sha1(RENEW.encode()).hexdigest().encode()
+    logged = []
+    for call in reversed(admin.slowlog_get(-1)):
+        words = call["command"].split()  # EVALSHA <sha> <number of keys> ...
+        if words[:2] == [b"EVALSHA", renew]:
+            logged.append((int(words[2]) // 4, call["duration"]))
+    return logged
+
+
+@pytest.mark.integration
+async def test_many_claims_are_renewed_in_bounded_calls_and_every_one_is_extended(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    server = own_valkey()
+    admin = redis.Redis.from_url(server.url)
+    count = 1200  # as many concurrent deletes of one replica, each holding its claim
+    async with redis_coordinator(server.url, claim_ttl=3.0) as holder, contextlib.AsyncExitStack() as held:
+        async with holder.claim("d", "warm") as warm:
+            await warm.confirm()  # the scripts are loaded: each later call of one is one EVALSHA
+        await asyncio.gather(*(held.enter_async_context(holder.claim("d", f"many/{i}")) for i in range(count)))
+        keys = admin.keys("drived:{d}:claim:many/*")
+        assert len(keys) == count
+
+        def expiries() -> list[int]:
+            """When each claim expires, in ms of the server's clock: only a renewal moves it."""
+            with admin.pipeline(transaction=False) as ask:
+                for key in keys:
+                    ask.pexpiretime(key)
+                return ask.execute()
+
+        admin.config_set("slowlog-max-len", 100_000)
+        admin.config_set("slowlog-log-slower-than", 0)  # every command the server runs from now on
+        admin.slowlog_reset()
+        taken = expiries()
+        deadline = time.monotonic() + 10
+        while not all(now > then for now, then in zip(expiries(), taken, strict=True)):
+            assert time.monotonic() < deadline, "some claims were never renewed"
+            await asyncio.sleep(0.5)
+        renewals = renewals_logged(admin)
+    assert sum(claims for claims, _ in renewals) >= count
+    assert len(renewals) >= -(-count // RENEW_CHUNK)
+    assert max(claims for claims, _ in renewals) <= RENEW_CHUNK, renewals  # never one call for all of them
+
+
+@pytest.mark.integration
+async def test_a_confirm_may_reuse_a_recent_renewal_but_not_one_found_lost(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    server = own_valkey()
+    admin = redis.Redis.from_url(server.url)
+    async with redis_coordinator(server.url, claim_ttl=3.0) as coordinator:
+        async with coordinator.claim("d", "p") as claim:
+            assert coordinator._renewer is not None
+            coordinator._renewer.cancel()  # only the confirms renew it here
+            await claim.confirm()  # the script is loaded: each later call of it is one EVALSHA
+            scripts = calls(admin, "evalsha")
+            await claim.confirm(reuse_recent=True)  # renewed just now: nothing asked
+            assert calls(admin, "evalsha") == scripts
+            await claim.confirm()  # as before a put becomes visible: always asked
+            assert calls(admin, "evalsha") == scripts + 1
+            await asyncio.sleep(1.1)  # more than a third of the TTL since: asked (and renewed) again
+            await claim.confirm(reuse_recent=True)
+            assert calls(admin, "evalsha") == scripts + 2
+            [key] = admin.keys("drived:{d}:claim:p")
+            admin.set(key, "another replica's token", px=10_000)
+            assert await coordinator.renew([claim]) == [0]  # as the renewer finds it: lost
+            with pytest.raises(Unavailable) as lost:
+                await claim.confirm(reuse_recent=True)  # renewed within the third, but lost since: asked
+            assert "lapsed before its commit" in str(lost.value)
+            assert calls(admin, "evalsha") == scripts + 4
+        assert admin.get(key) == b"another replica's token"
