@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
@@ -19,7 +20,7 @@ import pytest
 from conftest import Background, DaemonHandle, free_port, start_daemon, wait_until
 from moto_server import AWS_ENV, closed_port, running_moto
 
-from drive_client import Drive, StaleIndexError
+from drive_client import Drive, StaleIndexError, StoreUnavailable
 from drive_client.pb import drive_pb2
 
 pytestmark = pytest.mark.integration  # starts moto_server endpoints of its own
@@ -129,19 +130,23 @@ def test_mount_of_a_lit_drive_is_refused(s3):
 
 
 def test_unreachable_endpoint_is_unavailable_naming_it(twin, tmp_path):
-    """The daemon answers UNAVAILABLE for its S3 endpoint: a mount is not tried again (the daemon is there, and
-    boto3 has retried already), however long the drive's retry_seconds."""
+    """The daemon answers UNAVAILABLE for its S3 endpoint, marked as its store's failure: a mount is not tried
+    again (boto3 has retried already), however long the drive's retry_seconds, and the message names the S3
+    endpoint, not the daemon as unreachable."""
     port = closed_port()
     env = {**AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "2"}
     handle = start_daemon(tmp_path, env=env)
     try:
         d = twin(f"s3://{BUCKET}/x/", endpoint=handle.endpoint, retry_seconds=600)
-        with pytest.raises(ConnectionError) as down:
-            d.list(".")  # mounts first
-        assert down.value.code == grpc.StatusCode.UNAVAILABLE and str(port) in str(down.value)
-        with pytest.raises(ConnectionError) as down:
-            d.mount()
-        assert down.value.code == grpc.StatusCode.UNAVAILABLE and str(port) in str(down.value)
+        for call in (lambda: d.list("."), d.mount):  # list mounts first
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as down:
+                call()
+            assert time.monotonic() - started < 30, "the mount was tried again"
+            message = str(down.value)
+            assert down.value.code == grpc.StatusCode.UNAVAILABLE and isinstance(down.value, ConnectionError)
+            assert message.startswith("drived: store failed: ") and f"http://127.0.0.1:{port}" in message, message
+            assert "cannot reach drived" not in message, message
         assert wait_until(lambda: mounts_logged(handle) == ["UNAVAILABLE", "UNAVAILABLE"]), mounts_logged(handle)
         (tmp_path / "l.txt").write_bytes(b"l")
         lit = Drive("lit://still_up", endpoint=handle.endpoint, root_folder=tmp_path)
