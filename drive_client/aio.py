@@ -24,7 +24,7 @@ import grpc
 from . import core
 from .channels import open_channel
 from .common import DriveBase, FileStat, MountResult, WatchEvent
-from .effects import Blocking, Call, Caller, Connected, Done, Emit, Next, Open, Plan, Send, Sleep, Unary, advance
+from .effects import Blocking, Call, Caller, Done, Emit, Next, Open, Plan, Send, Sleep, Unary, advance
 from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import CHUNK_SIZE, Progress
 from .wire import PutMessage, fast_stub
@@ -80,8 +80,6 @@ class _AioCalls:
             if isinstance(effect, Next):
                 message = await effect.stream.call.read()  # type: ignore[attr-defined]
                 return None if message is grpc.aio.EOF else message
-            if isinstance(effect, Connected):
-                return drive._channel_and_stub[0].get_state() is grpc.ChannelConnectivity.READY
             rpc = getattr(drive._stub, effect.method)
             if isinstance(effect, Unary):
                 return await rpc(effect.request, metadata=drive._metadata)
@@ -164,16 +162,12 @@ class AsyncDrive(DriveBase):
     """
 
     @property
-    def _channel_and_stub(self) -> tuple[grpc.aio.Channel, pb_grpc.DriveServiceStub]:
+    def _stub(self) -> pb_grpc.DriveServiceStub:
         loop = asyncio.get_running_loop()
         if self._channel is None or self._channel[0] != (os.getpid(), loop):
             channel = open_channel(self.connection, aio=True, retries=self.retry_seconds > 0)
             self._channel = ((os.getpid(), loop), channel, fast_stub(channel))
-        return self._channel[1], self._channel[2]
-
-    @property
-    def _stub(self) -> pb_grpc.DriveServiceStub:
-        return self._channel_and_stub[1]
+        return self._channel[2]
 
     async def close(self) -> None:
         """Closes the channel (a later call opens a new one)."""

@@ -45,7 +45,7 @@ CHANNEL_OPTIONS = [
 # gRPC's retry policy for the unary reads List and Stat: UNAVAILABLE means the call did not run, or
 # may be run again to the same effect. The client's own code retries the rest, one layer a call
 # (`core`, paced by `resume.Backoff`): streams, PutFile and QueryWriteStatus (a put asks where it
-# got to before it sends again), Mount (only while the daemon is unreachable). Not Delete: a
+# got to before it sends again), Mount (not when the daemon says its store failed). Not Delete: a
 # delete that ran but whose answer was lost would be answered NOT_FOUND when tried again.
 UNARY_RETRY = json.dumps({"methodConfig": [{
     "name": [{"service": "drive.v1.DriveService", "method": method} for method in ("List", "Stat")],

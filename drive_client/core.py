@@ -27,8 +27,8 @@ from crc32c import crc32c
 
 from .checksums import joined_crc32c
 from .common import DriveBase, FileStat, MountResult, WatchEvent
-from .effects import Blocking, Caller, Connected, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
-from .errors import AlreadyExists, DriveError, EventsExpired, InvalidArgument, NotFound, OutOfRange
+from .effects import Blocking, Caller, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
+from .errors import AlreadyExists, DriveError, EventsExpired, InvalidArgument, NotFound, OutOfRange, StoreUnavailable
 from .pb import drive_pb2 as pb
 from .resume import Backoff, GetPosition, PutProgress, upload_ids
 from .transfer import (
@@ -148,8 +148,9 @@ def _worth_ranges(first: pb.GetResponse, remote: str) -> bool:
 def mount(drive: DriveBase) -> Plan[MountResult]:
     """(Re)indexes an s3:// drive now.
 
-    Tried again within the drive's retry_seconds while the daemon cannot be
-    reached. An UNAVAILABLE the daemon answers is raised at once: its S3
+    An UNAVAILABLE is tried again within the drive's retry_seconds (the
+    daemon unreachable, or draining: the next attempt may reach another
+    replica), except `StoreUnavailable`, raised at once: the daemon's S3
     endpoint failed, after boto3's own retries, and a mount tried again
     would list the whole location again against an endpoint that is down.
     """
@@ -158,11 +159,10 @@ def mount(drive: DriveBase) -> Plan[MountResult]:
         try:
             reply: pb.MountResponse = yield Unary("Mount", pb.MountRequest(drive=drive.id))
             break
+        except StoreUnavailable:
+            raise
         except DriveError as err:
-            backoff.check(err)
-            if (yield Connected()):
-                raise
-            delay = backoff.pace(err)
+            delay = backoff.delay(err)
         yield Sleep(delay)
     MOUNTS.mounted(drive)
     return MountResult(reply.objects, reply.seconds)

@@ -7,7 +7,6 @@ only makes the calls the plans ask for.
 from __future__ import annotations
 
 import os
-import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,38 +17,23 @@ import grpc
 from . import core
 from .channels import Connection, open_channel
 from .common import DriveBase, FileStat, MountResult, WatchEvent
-from .effects import Call, Caller, Connected, Next, Send
+from .effects import Call, Caller, Next, Send
 from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import Progress, ReadAhead
 from .wire import fast_stub
 
 # One channel per connection (endpoint and TLS settings), process and retry setting (whether gRPC retries its
-# unary calls), shared by every Drive with its stub: a Drive made per call costs no handshake.
-_stubs: dict[tuple[int, Connection, bool], tuple[grpc.Channel, pb_grpc.DriveServiceStub]] = {}
+# unary calls), shared by every Drive: a Drive made per call costs no handshake.
+_stubs: dict[tuple[int, Connection, bool], pb_grpc.DriveServiceStub] = {}
 _stubs_lock = threading.Lock()
 
 
-def _shared_stub(connection: Connection, retries: bool) -> tuple[grpc.Channel, pb_grpc.DriveServiceStub]:
+def _shared_stub(connection: Connection, retries: bool) -> pb_grpc.DriveServiceStub:
     key = (os.getpid(), connection, retries)
     with _stubs_lock:
         if key not in _stubs:
-            channel = open_channel(connection, retries=retries)
-            _stubs[key] = (channel, fast_stub(channel))
+            _stubs[key] = fast_stub(open_channel(connection, retries=retries))
         return _stubs[key]
-
-
-def _connected(channel: grpc.Channel) -> bool:
-    """Whether `channel` is connected now. gRPC's blocking API tells a channel's state to subscribers only, the
-    current state first, from a thread of its own that ends soon after the last one leaves."""
-    states: queue.SimpleQueue[grpc.ChannelConnectivity] = queue.SimpleQueue()
-    tell = states.put
-    channel.subscribe(tell)
-    try:
-        return states.get(timeout=10) is grpc.ChannelConnectivity.READY
-    except queue.Empty:  # not told: taken as unreachable, which is tried again within retry_seconds
-        return False
-    finally:
-        channel.unsubscribe(tell)
 
 
 class _BlockingCalls(Caller):
@@ -63,8 +47,6 @@ class _BlockingCalls(Caller):
         try:
             if isinstance(effect, Next):
                 return next(effect.stream, None)  # type: ignore[call-overload]
-            if isinstance(effect, Connected):
-                return _connected(drive._channel_and_stub[0])
             rpc = getattr(drive._stub, effect.method)
             if not isinstance(effect, Send):  # Unary answers the reply; Open, the call, which iterates its stream
                 return rpc(effect.request, metadata=drive._metadata)
@@ -104,14 +86,10 @@ class Drive(DriveBase):
     """
 
     @property
-    def _channel_and_stub(self) -> tuple[grpc.Channel, pb_grpc.DriveServiceStub]:
+    def _stub(self) -> pb_grpc.DriveServiceStub:
         if self._channel is None or self._channel[0] != os.getpid():
             self._channel = (os.getpid(), _shared_stub(self.connection, self.retry_seconds > 0))
         return self._channel[1]
-
-    @property
-    def _stub(self) -> pb_grpc.DriveServiceStub:
-        return self._channel_and_stub[1]
 
     def put(self, path: str | os.PathLike[str], *, to: str | None = None, progress: Progress | None = None
             ) -> list[FileStat]:

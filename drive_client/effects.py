@@ -79,17 +79,6 @@ class Send:
 
 
 @dataclass(frozen=True)
-class Connected:
-    """Whether the channel to the daemon is connected now (gRPC's READY): answers a bool.
-
-    Asked after a call failed with UNAVAILABLE, it tells who failed: True,
-    the daemon answered the call (what failed is behind it, e.g. its S3
-    store); False, the daemon could not be reached (down, restarting, the
-    connection cut).
-    """
-
-
-@dataclass(frozen=True)
 class Sleep:
     """Waits `seconds`: answers None."""
 
@@ -118,7 +107,7 @@ class Emit:
     values: Iterable[Any]
 
 
-Call = Unary | Open | Next | Send | Connected  # the effects that talk to the daemon, or ask about its channel
+Call = Unary | Open | Next | Send  # the effects that talk to the daemon
 Effect = Call | Sleep | Blocking | Emit
 Plan = Generator[Effect, Any, T]
 

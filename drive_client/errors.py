@@ -26,6 +26,10 @@ class DriveError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def details(self) -> str:
+        """The message the daemon answers this error's status with."""
+        return self.message
+
 
 class InvalidArgument(DriveError, ValueError):
     """A bad drive id, path, component or request."""
@@ -89,9 +93,23 @@ class ResourceExhausted(DriveError):
 
 
 class Unavailable(DriveError, ConnectionError):
-    """The daemon (or the S3 endpoint behind it) cannot be reached."""
+    """The daemon cannot be reached, or answered that it cannot serve the call now (it is draining, it ended
+    the stream, or `StoreUnavailable`)."""
 
     status = grpc.StatusCode.UNAVAILABLE
+    # How the message of every UNAVAILABLE the daemon answers starts; any other UNAVAILABLE comes from gRPC or
+    # what is between (the daemon unreachable).
+    mark = "drived: "
+
+    def details(self) -> str:
+        return self.mark + self.message
+
+
+class StoreUnavailable(Unavailable):
+    """The daemon answered, but what is behind it cannot be used: its S3 endpoint (named in the message) or its
+    coordinator. A mount is not tried again: it would list the whole location again against that endpoint."""
+
+    mark = "drived: store failed: "
 
 
 class OutOfRange(DriveError):
@@ -144,11 +162,15 @@ AIO_SEND_FAILED = "Internal error from Core"
 def from_rpc_error(
     err: grpc.RpcError, endpoint: str, advice: str = "is the daemon running? `make run` starts one"
 ) -> DriveError:
-    """Turns a failed call into the matching DriveError; when unreachable, naming the endpoint and what to check."""
+    """Turns a failed call into the matching DriveError. An UNAVAILABLE the daemon answered keeps its message
+    (`StoreUnavailable` when it says the store failed); any other names the endpoint and what to check."""
     code = err.code()
     details = err.details() or code.name
     if code == grpc.StatusCode.INTERNAL and details == AIO_SEND_FAILED:
         code, details = grpc.StatusCode.UNAVAILABLE, "the connection broke while a message was being sent"
-    if code == grpc.StatusCode.UNAVAILABLE and not details.startswith("drived:"):
-        details = f"cannot reach drived at {endpoint}: {details} ({advice})"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if details.startswith(StoreUnavailable.mark):
+            return StoreUnavailable(details, code)
+        if not details.startswith(Unavailable.mark):
+            details = f"cannot reach drived at {endpoint}: {details} ({advice})"
     return error_for_status(code, details)

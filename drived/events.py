@@ -114,7 +114,7 @@ class EventLog:
     def check_open(self) -> None:
         """Raises Unavailable once the log is closed (the daemon is shutting down)."""
         if self._closed:
-            raise Unavailable("drived is shutting down: reconnect and retry")
+            raise Unavailable("shutting down: reconnect and retry")
 
     def close(self) -> None:
         """Wakes every waiter, which then answers UNAVAILABLE."""

@@ -62,7 +62,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from drive_client.errors import EventsExpired, Unavailable
+from drive_client.errors import EventsExpired, StoreUnavailable, Unavailable
 
 from .coordinator import CLAIM_TTL, EVENTS_KEPT, Changes, Claim, Coordinator, Event, EventKind, folders_above
 from .entry import Entry
@@ -315,7 +315,7 @@ class RedisCoordinator(Coordinator):
 
     def failure(self, err: BaseException) -> Unavailable:
         """The Unavailable for a failed call: names the coordinator, never its password."""
-        return Unavailable(
+        return StoreUnavailable(
             f"the coordinator {self.name} cannot be used ({type(err).__name__}: {err}): "
             "retry once it is reachable again"
         )
@@ -371,7 +371,7 @@ class RedisCoordinator(Coordinator):
 
     def check_open(self) -> None:
         if self._closed:
-            raise Unavailable("drived is shutting down: reconnect and retry")
+            raise Unavailable("shutting down: reconnect and retry")
 
     async def close(self) -> None:
         self._closed = True

@@ -200,7 +200,7 @@ class Wakeups:
     async def link(self) -> Link:
         """The subscriber connection, made now if there is none. Raises Unavailable."""
         if self._closed:
-            raise Unavailable("drived is shutting down: reconnect and retry")
+            raise Unavailable("shutting down: reconnect and retry")
         async with self._linking:
             if self._link is None:
                 try:

@@ -108,7 +108,8 @@ def _logged(method: str, request: object) -> Iterator[RequestLog]:
 
 
 async def _fail(context: grpc.aio.ServicerContext, record: RequestLog, err: Exception) -> NoReturn:
-    """Answers the call with the status of `err`: its own for a DriveError, else INTERNAL.
+    """Answers the call with the status of `err`: its own for a DriveError (an UNAVAILABLE marked as the
+    daemon's, `Unavailable.mark`), else INTERNAL.
 
     Running out of file descriptors anywhere is RESOURCE_EXHAUSTED, as the
     client can retry it. The message of an unexpected error names only its
@@ -125,7 +126,7 @@ async def _fail(context: grpc.aio.ServicerContext, record: RequestLog, err: Exce
         if isinstance(err, Damaged):
             metrics.DAMAGED_READS.inc()
             log.error("damaged stored file", extra={"fields": {"key": err.key, "damage": err.what}})
-        await context.abort(err.status, err.message)
+        await context.abort(err.status, err.details())
     record.status = "INTERNAL"
     log.error("unexpected error in %s\n%s", record.method, "".join(traceback.format_exception(err)))
     message = f"drived: internal error ({type(err).__name__}) in {record.method}; see the daemon log"
@@ -147,11 +148,11 @@ async def _end_idle(
         task.uncancel()
     record.status = "UNAVAILABLE"
     what = "sent" if stream.method == "Put" else "read"
-    await context.abort(
-        grpc.StatusCode.UNAVAILABLE,
-        f"drived ended this {stream.method}: its client {what} nothing for {idle_timeout:g} s "
-        "(--stream-idle-timeout); retry it",
+    ended = Unavailable(
+        f"this {stream.method} was ended: its client {what} nothing for {idle_timeout:g} s "
+        "(--stream-idle-timeout); retry it"
     )
+    await context.abort(ended.status, ended.details())
     raise AssertionError("unreachable")  # context.abort raises
 
 
@@ -226,7 +227,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
         try:
             record.grant = service.caller(context)
             if service.draining:
-                raise Unavailable("drived is shutting down: retry (on another replica, or here once it is back)")
+                raise Unavailable("shutting down: retry (on another replica, or here once it is back)")
             with contextlib.ExitStack() as admitted:
                 stream = None
                 if method in STREAMS:

@@ -309,6 +309,7 @@ def test_an_unreachable_coordinator_makes_puts_unavailable_naming_it_and_they_re
         raw_put(stub, drive_uri, "during.txt", b"during", component="w")
     assert down.value.code() == grpc.StatusCode.UNAVAILABLE
     assert own_cluster.name in down.value.details() and PASSWORD not in down.value.details()
+    assert down.value.details().startswith("drived: store failed: "), down.value.details()
     code = rpc_code(lambda: raw_get(stub, drive_uri, "during.txt", wait_seconds=5))
     assert code == grpc.StatusCode.UNAVAILABLE  # a get that would wait needs the coordinator
     # What needs no coordinator goes on: reads of what is stored.

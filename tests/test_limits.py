@@ -158,6 +158,7 @@ def test_a_get_whose_client_reads_nothing_is_ended_and_its_file_closed(start_dae
             for message in stream:  # what was on its way, then the status
                 received += len(message.data)
         assert ended.value.code() == SC.UNAVAILABLE and "read nothing for 1 s" in ended.value.details()
+        assert ended.value.details().startswith("drived: "), ended.value.details()  # marked as the daemon's own
         assert 0 < received < len(data)
         [(_, again)] = raw_get(stub, drive, "big.bin")
         assert again == data

@@ -6,20 +6,23 @@ API and the Python client are exercised together, as a user would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import grpc
 import pytest
-from conftest import Background, DaemonHandle, free_port, start_daemon, wait_until
+from conftest import Background, DaemonHandle, StalledPuts, free_port, put_messages, start_daemon, wait_until
 from moto_server import AWS_ENV, closed_port, running_moto
 
-from drive_client import Drive, StaleIndexError
+from drive_client import Drive, StaleIndexError, StoreUnavailable
 from drive_client.pb import drive_pb2
 
 pytestmark = pytest.mark.integration  # starts moto_server endpoints of its own
@@ -129,19 +132,23 @@ def test_mount_of_a_lit_drive_is_refused(s3):
 
 
 def test_unreachable_endpoint_is_unavailable_naming_it(twin, tmp_path):
-    """The daemon answers UNAVAILABLE for its S3 endpoint: a mount is not tried again (the daemon is there, and
-    boto3 has retried already), however long the drive's retry_seconds."""
+    """The daemon answers UNAVAILABLE for its S3 endpoint, marked as its store's failure: a mount is not tried
+    again (boto3 has retried already), however long the drive's retry_seconds, and the message names the S3
+    endpoint, not the daemon as unreachable."""
     port = closed_port()
     env = {**AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "2"}
     handle = start_daemon(tmp_path, env=env)
     try:
         d = twin(f"s3://{BUCKET}/x/", endpoint=handle.endpoint, retry_seconds=600)
-        with pytest.raises(ConnectionError) as down:
-            d.list(".")  # mounts first
-        assert down.value.code == grpc.StatusCode.UNAVAILABLE and str(port) in str(down.value)
-        with pytest.raises(ConnectionError) as down:
-            d.mount()
-        assert down.value.code == grpc.StatusCode.UNAVAILABLE and str(port) in str(down.value)
+        for call in (lambda: d.list("."), d.mount):  # list mounts first
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as down:
+                call()
+            assert time.monotonic() - started < 30, "the mount was tried again"
+            message = str(down.value)
+            assert down.value.code == grpc.StatusCode.UNAVAILABLE and isinstance(down.value, ConnectionError)
+            assert message.startswith("drived: store failed: ") and f"http://127.0.0.1:{port}" in message, message
+            assert "cannot reach drived" not in message, message
         assert wait_until(lambda: mounts_logged(handle) == ["UNAVAILABLE", "UNAVAILABLE"]), mounts_logged(handle)
         (tmp_path / "l.txt").write_bytes(b"l")
         lit = Drive("lit://still_up", endpoint=handle.endpoint, root_folder=tmp_path)
@@ -173,6 +180,76 @@ def test_a_mount_waits_for_a_daemon_started_after_it(twin, s3, tmp_path, caplog)
     finally:
         if handle is not None:
             handle.stop()
+
+
+@contextlib.contextmanager
+def held_open(handle: DaemonHandle) -> Iterator[None]:
+    """A Put stream left open on `handle` for the body of a `with`: after SIGTERM, it keeps the daemon draining."""
+    messages = put_messages("lit://held", "held.bin", b"held")
+    with StalledPuts(handle.endpoint, 1, lambda _: [next(messages), next(messages)]):
+        handle.wait_open("Put", 1)
+        yield
+
+
+def test_a_mount_goes_on_to_another_replica_when_one_is_draining(twin, s3, tmp_path):
+    """Two replicas behind one target, gRPC balancing calls over both: once one drains, it answers UNAVAILABLE
+    over a connection that stays live, and a mount it answers is tried again, on the other."""
+    env = {**AWS_ENV, "AWS_ENDPOINT_URL": s3["url"]}
+    draining = start_daemon(tmp_path, "--grace-period", "60", env=env)
+    serving = start_daemon(tmp_path, env=env)
+    d = twin(f"s3://{BUCKET}/imagenet/val/", endpoint=f"ipv4:127.0.0.1:{draining.port},127.0.0.1:{serving.port}",
+             retry_seconds=30)
+
+    def mount_until(reached: Callable[[], bool]) -> int:
+        """Mounts until `reached()` (at most 20 times); how many mounts it took, each checked."""
+        count = 0
+        while not reached() and count < 20:
+            assert d.mount().objects >= 2
+            count += 1
+        assert reached(), f"gRPC sent no Mount there in {count}"
+        return count
+
+    try:
+        with held_open(draining):
+            before = mount_until(lambda: bool(mounts_logged(draining) and mounts_logged(serving)))  # both connected
+            draining.proc.send_signal(signal.SIGTERM)
+            draining.wait_logged("draining")
+            after = mount_until(lambda: "UNAVAILABLE" in mounts_logged(draining))
+            oks = before + after  # each mount answered OK once, by one replica or the other
+            assert wait_until(lambda: (mounts_logged(draining) + mounts_logged(serving)).count("OK") == oks)
+            assert draining.proc.poll() is None, "the draining replica exited while a put was open"
+        assert draining.proc.wait(30) == 0, draining.log()
+    finally:
+        draining.stop()
+        serving.stop()
+
+
+def test_a_mount_during_a_restart_waits_for_the_daemon_back(twin, s3, tmp_path, caplog):
+    """A draining daemon's UNAVAILABLE is its own (marked, never "cannot reach drived"), and a mount tries
+    again through the drain and the restart, within retry_seconds."""
+    caplog.set_level(logging.WARNING, logger="drive_client")
+    env = {**AWS_ENV, "AWS_ENDPOINT_URL": s3["url"]}
+    old = start_daemon(tmp_path, "--grace-period", "60", env=env)
+    new = None
+    try:
+        with held_open(old):
+            old.proc.send_signal(signal.SIGTERM)
+            old.wait_logged("draining")
+            mount = Background(twin(f"s3://{BUCKET}/imagenet/val/", endpoint=old.endpoint, retry_seconds=60).mount)
+            mount.start()
+            assert wait_until(lambda: len(mounts_logged(old)) >= 2 or not mount.is_alive(), 30), mounts_logged(old)
+            assert mount.is_alive(), f"the mount gave up: {mount.error!r}"
+            assert set(mounts_logged(old)) == {"UNAVAILABLE"}, mounts_logged(old)
+            assert "drived: shutting down" in caplog.text and "cannot reach drived" not in caplog.text, caplog.text
+        assert old.proc.wait(30) == 0, old.log()
+        (tmp_path / "back").mkdir()  # a log of its own
+        new = start_daemon(tmp_path / "back", port=old.port, env=env)
+        assert mount.join_checked(60).objects >= 2
+        assert wait_until(lambda: mounts_logged(new) == ["OK"]), mounts_logged(new)
+    finally:
+        old.stop()
+        if new is not None:
+            new.stop()
 
 
 @pytest.mark.slow

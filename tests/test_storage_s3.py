@@ -511,6 +511,7 @@ def test_the_store_going_away_is_unavailable_naming_it_and_the_daemon_recovers(t
                 call()
                 raise AssertionError("the call succeeded with the store down")
             assert down.value.code() == grpc.StatusCode.UNAVAILABLE and where in down.value.details()
+            assert down.value.details().startswith("drived: store failed: "), down.value.details()
         # The same endpoint comes back (moto keeps nothing: the bucket is made again, as an operator would).
         store.moto = MotoServer(tmp_path, port=store.moto.port)
         s3_client(store.url).create_bucket(Bucket=BUCKET)

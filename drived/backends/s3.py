@@ -310,7 +310,7 @@ class S3Upload(Upload):
             self._kept_waiting += time.monotonic() - self._written
             if buffers.wanted and 0 < self._backend.fill_seconds < self._kept_waiting:
                 raise ClientTooSlow(
-                    f"drived ended this put of {self._key!r}: its client took more than "
+                    f"this put of {self._key!r} was ended: its client took more than "
                     f"{self._backend.fill_seconds:g} s (--stream-idle-timeout) to send a part's "
                     f"{PART_SIZE >> 20} MiB while other uploads waited for the memory it holds; retry it"
                 )

@@ -41,7 +41,7 @@ import botocore.exceptions
 import botocore.handlers
 from botocore.config import Config
 
-from drive_client.errors import DriveError, NotFound, PermissionDenied, StaleIndexError, Unavailable
+from drive_client.errors import DriveError, NotFound, PermissionDenied, StaleIndexError, StoreUnavailable
 
 from . import direct
 from .index import Run, S3Index
@@ -126,15 +126,15 @@ def map_error(err: BaseException, client: Any, bucket: str, key: str = "") -> Dr
         if code in _DENIED or status == 403:
             return PermissionDenied(f"S3 refused access to {where} at {endpoint}: {code}: {message}")
         if status >= 500 or code in ("SlowDown", "InternalError", "ServiceUnavailable"):
-            return Unavailable(f"S3 endpoint {endpoint} failed on {where} after retries: {code} {message}")
+            return StoreUnavailable(f"S3 endpoint {endpoint} failed on {where} after retries: {code} {message}")
         return DriveError(f"S3 error on {where} at {endpoint}: {code or status}: {message}")
     if isinstance(err, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError,
                         botocore.exceptions.HTTPClientError, ConnectionError, TimeoutError)):
-        return Unavailable(f"cannot reach the S3 endpoint {endpoint} for {where}: {err}")
+        return StoreUnavailable(f"cannot reach the S3 endpoint {endpoint} for {where}: {err}")
     if isinstance(err, botocore.exceptions.NoCredentialsError):
         return PermissionDenied(f"no S3 credentials found for {where}: set AWS_ACCESS_KEY_ID or a profile")
     if isinstance(err, botocore.exceptions.BotoCoreError):
-        return Unavailable(f"S3 request to {endpoint} for {where} failed: {err}")
+        return StoreUnavailable(f"S3 request to {endpoint} for {where} failed: {err}")
     return DriveError(f"listing {where} failed: {type(err).__name__}: {err}")
 
 
