@@ -191,18 +191,18 @@ class ListRequest:
             raise InvalidArgument("page_size cannot be negative")
         component = _component_filter(request.component)
         limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        listing = _listing(drive, path, component, request.recursive)
-        return cls(drive, path, component, request.recursive, page_tokens.start_after(listing, request.page_token),
-                   limit)
+        page = cls(drive, path, component, request.recursive, "", limit)
+        page.start_after = page_tokens.start_after(page.listing, request.page_token)  # the token is checked against it
+        return page
+
+    @property
+    def listing(self) -> tuple[str, str, str, bool]:
+        """What a page token is bound to: the listing it pages through (the same in the token issued and checked)."""
+        return self.drive.uri, self.path, self.component, self.recursive
 
     def page_token(self, last_path: str) -> str:
         """The token of the page that follows one ending at `last_path`."""
-        return page_tokens.issue(_listing(self.drive, self.path, self.component, self.recursive), last_path)
-
-
-def _listing(drive: DriveId, path: str, component: str, recursive: bool) -> tuple[str, str, str, bool]:
-    """What a page token is bound to: the listing it pages through (the same in the token issued and checked)."""
-    return drive.uri, path, component, recursive
+        return page_tokens.issue(self.listing, last_path)
 
 
 @dataclass(slots=True)

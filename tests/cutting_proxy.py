@@ -15,6 +15,7 @@ once, as a daemon that stays down looks to a client (`down_after_cuts` does so o
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import struct
 import threading
@@ -24,6 +25,12 @@ from typing import Literal
 Direction = Literal["up", "down"]  # up: client -> daemon; down: daemon -> client
 Cut = tuple[Direction, int | bytes]  # where a connection breaks: after that many bytes, or before those bytes
 PIECE = 1 << 20
+HOLD_SECONDS = 0.5  # how long bytes that may begin a marker wait for the next read while their source is quiet
+
+
+def _marker_start(data: bytes, marker: bytes) -> int:
+    """How many bytes at the end of `data` could be the start of `marker` (fewer than all of it)."""
+    return next((n for n in range(min(len(marker) - 1, len(data)), 0, -1) if data.endswith(marker[:n])), 0)
 
 
 def _reset(sock: socket.socket) -> None:
@@ -40,6 +47,62 @@ def _reset(sock: socket.socket) -> None:
         sock.close()
 
 
+class _Count:
+    """Watches the bytes going one way, to cut once `nbytes` went on."""
+
+    holding = False  # holds nothing back
+
+    def __init__(self, nbytes: int) -> None:
+        self._left = nbytes
+
+    def passing(self, data: memoryview) -> tuple[memoryview, bool]:
+        """What goes on now of the read `data`, and whether the connection is cut after it."""
+        allowed = min(len(data), self._left)
+        self._left -= allowed
+        return data[:allowed], allowed < len(data)
+
+    def release(self) -> bytes:
+        return b""
+
+
+class _Marker:
+    """Watches the bytes going one way for a marker, to cut just before it, however the reads split it.
+
+    Bytes at the end of a read that could begin the marker are held back
+    until the next read shows whether they do; when their source goes quiet
+    (`HOLD_SECONDS`) instead, they go on and are still watched, so that a
+    marker whose rest comes later is found, cut inside (no other way then).
+    """
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+        self._tail = b""  # the last bytes read that could begin the marker
+        self._unsent = 0  # how many of them are held back
+
+    @property
+    def holding(self) -> bool:
+        return self._unsent > 0
+
+    def passing(self, data: memoryview) -> tuple[bytes, bool]:
+        """What goes on now of the bytes held back and the read `data`, and whether the marker follows it (the
+        connection is cut after it)."""
+        seen = self._tail + bytes(data)
+        sent = len(self._tail) - self._unsent  # seen[:sent] went on already
+        at = seen.find(self.marker)
+        if at >= 0:
+            return seen[sent:max(sent, at)], True
+        keep = _marker_start(seen, self.marker)
+        end = max(sent, len(seen) - keep)
+        self._tail, self._unsent = seen[len(seen) - keep:], len(seen) - end
+        return seen[sent:end], False
+
+    def release(self) -> bytes:
+        """The bytes held back, which go on now (their source went quiet or ended)."""
+        held = self._tail[len(self._tail) - self._unsent:]
+        self._unsent = 0
+        return held
+
+
 class _Connection:
     """One client connection and its upstream one; two threads pump bytes, one each way."""
 
@@ -49,52 +112,45 @@ class _Connection:
         self.client = client
         self.upstream = upstream
         self.cut = cut
-        self._seen = b""  # the last bytes forwarded towards a marker cut, for a marker split between two reads
-        self.moved = {"up": 0, "down": 0}
         self.closed = threading.Event()
         self._lock = threading.Lock()
         for direction, source, sink in (("up", client, upstream), ("down", upstream, client)):
             threading.Thread(target=self._pump, args=(direction, source, sink), daemon=True,
                              name=f"proxy-{direction}").start()
 
-    def _allowed(self, direction: Direction, data: memoryview) -> int:
-        """How many bytes of `data` may go on before this connection's cut (all when it has none)."""
-        if self.cut is None or self.cut[0] != direction:
-            return len(data)
-        where = self.cut[1]
-        if isinstance(where, int):
-            return max(0, min(len(data), where - self.moved[direction]))
-        seen = self._seen + bytes(data)
-        at = seen.find(where)
-        if at < 0:
-            self._seen = seen[len(seen) - len(where) + 1:]
-            return len(data)
-        return max(0, at - len(self._seen))
-
     def _pump(self, direction: Direction, source: socket.socket, sink: socket.socket) -> None:
+        watch: _Count | _Marker | None = None  # this direction's cut
+        if self.cut is not None and self.cut[0] == direction:
+            where = self.cut[1]
+            watch = _Count(where) if isinstance(where, int) else _Marker(where)
         buffer = bytearray(PIECE)
         view = memoryview(buffer)
         try:
             while not self.closed.is_set():
+                if watch and watch.holding and not select.select([source], [], [], HOLD_SECONDS)[0]:
+                    self._send(direction, sink, watch.release())
+                    continue
                 received = source.recv_into(buffer)
                 if self.closed.is_set():
                     return
                 if not received:
+                    self._send(direction, sink, watch.release() if watch else b"")
                     with contextlib.suppress(OSError):
                         sink.shutdown(socket.SHUT_WR)
                     return
-                allowed = self._allowed(direction, view[:received])
-                if allowed:
-                    sink.sendall(view[:allowed])
-                    with self._lock:
-                        self.moved[direction] += allowed
-                    self.proxy.count(direction, allowed)
-                if allowed < received:
+                passing, cut = watch.passing(view[:received]) if watch else (view[:received], False)
+                self._send(direction, sink, passing)
+                if cut:
                     self.proxy.cuts_made += 1
                     break
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select on a socket the other direction closed
             pass
         self.close()
+
+    def _send(self, direction: Direction, sink: socket.socket, data: bytes | memoryview) -> None:
+        if data:
+            sink.sendall(data)
+            self.proxy.count(direction, len(data))
 
     def close(self) -> None:
         with self._lock:
@@ -133,7 +189,8 @@ class CuttingProxy:
 
     def cut_before(self, direction: Direction, marker: bytes) -> None:
         """The next connection accepted is cut just before `marker` would pass in `direction` (queued as
-        `cut_after`): e.g. in the middle of an answer that carries it, which then never arrives whole."""
+        `cut_after`): e.g. in the middle of an answer that carries it, which then never arrives whole. Also when
+        reads split it: bytes that may begin it wait for the next read (`_Marker`)."""
         with self._lock:
             self._cuts.append((direction, marker))
 

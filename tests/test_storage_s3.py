@@ -348,6 +348,35 @@ def test_the_quota_is_counted_from_the_store(store, drive_uri):
     ]
 
 
+@pytest.mark.parametrize("removal", ["delete", "replace"])
+def test_an_object_drived_did_not_write_leaves_the_quota_count_with_its_size(store, drive_uri, removal):
+    """The count takes every object in the drive's prefix at its listed size, one written to the bucket by
+    something else too: a delete of it, or a put replacing it, takes that size off again."""
+    stub = stub_of(store.daemon("--quota", "2M"))
+    name = drive_uri.removeprefix("lit://")
+    store.client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{name}/w/foreign.bin", Body=os.urandom(2 * MIB))
+    # the drive is exactly full (and the daemon has counted it)
+    assert rpc_code(lambda: raw_put(stub, drive_uri, "fill.bin", b"x", component="w")) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    if removal == "delete":
+        stub.Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="foreign.bin", component="w"))
+        freed, kept = 2 * MIB, []
+    else:
+        raw_put(stub, drive_uri, "foreign.bin", os.urandom(MIB), component="w")
+        freed, kept = MIB, ["foreign.bin"]
+    before = store.object_keys()
+    with pytest.raises(grpc.RpcError) as refused:
+        raw_put(stub, drive_uri, "fill.bin", os.urandom(freed + 1), component="w")
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (f"holds {2 * MIB - freed:,} bytes; this put asks for {freed + 1:,} bytes more, over its quota of "
+            "2,097,152 bytes") in refused.value.details()
+    assert store.object_keys() == before and not store.uploads()
+    raw_put(stub, drive_uri, "fill.bin", os.urandom(freed), component="w")
+    listed = stub.List(drive_pb2.ListRequest(drive=drive_uri, path="."))
+    assert sorted(e.path for e in listed.entries) == ["fill.bin", *kept]
+
+
 def test_listing_pages_keep_path_order_where_s3_key_order_differs(daemon_a, daemon, drive_uri):
     """S3 lists folder "a" as "a/", after "a.txt"; pages must still come in path order, each entry once."""
     paths = ["a!", "a-b", "a.txt", "a/x", "a0", "b", "b.c/d", "c/e"]

@@ -914,6 +914,13 @@ class S3Backend(Backend):
             total += sum(int(entry.get("Size", 0)) for entry in page.get("Contents", []))
         return total
 
+    async def counted_size(self, key: str) -> int:
+        """The object's size from a HEAD, as `usage` counts it from the listing: an object that drived did not
+        write (which `stat` does not answer) counts too. A big file's checksum object counts in neither: it is
+        empty, and lies outside every drive's prefix."""
+        answer = await self._head(self.root + key)
+        return int(answer["ContentLength"]) if answer else 0
+
     # -- deletes -------------------------------------------------------------
 
     async def delete(self, key: str) -> bool:
