@@ -302,7 +302,8 @@ def test_the_retry_budget_ends_with_unavailable_naming_the_endpoint(twin, daemon
 # --- what is not retried -----------------------------------------------------------------------
 
 
-def test_errors_that_retrying_cannot_mend_are_raised_at_once(twin, start_daemon, tmp_path):
+def test_errors_that_retrying_cannot_mend_are_raised_at_once(twin, start_daemon, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="drive_client")
     handle = start_daemon(tmp_path)
     write_random_file(tmp_path / "big.bin", 3 * MIB)
     owner = twin("lit://refusals", component_name="owner", root_folder=tmp_path, endpoint=handle.endpoint)
@@ -322,11 +323,21 @@ def test_errors_that_retrying_cannot_mend_are_raised_at_once(twin, start_daemon,
     expected = {"Put": ["OK", "OK", "ALREADY_EXISTS", "INVALID_ARGUMENT", "PERMISSION_DENIED"],
                 "Get": ["NOT_FOUND"], "Stat": ["NOT_FOUND"]}
 
+    # grpc.aio may report a refusal that ended a Put while its client was still sending as a failed send
+    # (INTERNAL "Internal error from Core": `errors.AIO_SEND_FAILED`), which the client takes for a cut
+    # stream: it logs it, asks about the upload (QueryWriteStatus: NOT_FOUND) and sends once more, and then
+    # the refusal reaches it.
+    resends = sum("the connection broke while a message was being sent" in r.getMessage() for r in caplog.records)
+
     def statuses() -> dict[str, list[str]]:
-        return {method: [r["status"] for r in requests(handle, method)] for method in expected}
+        got = {method: [r["status"] for r in requests(handle, method)] for method in expected}
+        puts = got["Put"]  # a refusal sent again answers the same, right after the first
+        got["Put"] = [status for i, status in enumerate(puts) if status == "OK" or status != puts[i - 1]]
+        return got if len(puts) == len(expected["Put"]) + resends else {"Put": puts}
 
     assert wait_until(lambda: statuses() == expected), statuses()  # a refusal's log line may follow its answer
-    assert requests(handle, "QueryWriteStatus") == []  # no refusal was taken for a cut
+    queries = [r["status"] for r in requests(handle, "QueryWriteStatus")]
+    assert queries == ["NOT_FOUND"] * resends  # no refusal was taken for a cut, but for a failed send
     assert not (tmp_path / "missing.bin").exists()
 
 

@@ -26,16 +26,17 @@ import pickle
 import signal
 import struct
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, TypeVar
 
 from drive_client.files import write_all
 
 from ..checksums import Checksums, ClientChecksums
-from .base import BeforeVisible
 from .stored import fsync_folder, make_durable, place, stored_bytes
 
+# `base.BeforeVisible`, not imported: base brings grpc (~14 MiB) into the worker process.
+BeforeVisible = Callable[[], Awaitable[None]]
 LENGTH = struct.Struct("<I")  # the length of the pickle that follows
 MAX_BATCH = 64  # commits answered together at most, so none waits long behind the others
 MAX_BATCH_BYTES = 4 << 20  # and their bytes at most (but for a batch of one): each crosses the pipe in copies
