@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,18 +41,6 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 5000),
 ]
-# gRPC's retry policy for the unary reads List and Stat: UNAVAILABLE means the call did not run, or
-# may be run again to the same effect. The client's own code retries the rest, one layer a call
-# (`core`, paced by `resume.Backoff`): streams, PutFile and QueryWriteStatus (a put asks where it
-# got to before it sends again), Mount (not when the daemon says its store failed). Not Delete: a
-# delete that ran but whose answer was lost would be answered NOT_FOUND when tried again.
-UNARY_RETRY = json.dumps({"methodConfig": [{
-    "name": [{"service": "drive.v1.DriveService", "method": method} for method in ("List", "Stat")],
-    "retryPolicy": {
-        "maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
-    },
-}]})
 # Targets that name several addresses: `dns:///name:port` (every address the name resolves to, e.g. a
 # headless Service's pods) and gRPC's `ipv4:`/`ipv6:` address lists.
 SPREAD_TARGETS = ("dns:", "ipv4:", "ipv6:")
@@ -204,16 +191,20 @@ def channel_options(connection: Connection, retries: bool = False) -> list[tuple
 
     A target of several addresses spreads calls over all of them (round_robin, re-resolved when a
     replica sends GOAWAY after --max-connection-age), where gRPC's default policy would send every
-    call to the first address that answers. `retries` turns gRPC's retries of List and Stat on.
+    call to the first address that answers.
+
+    `retries` leaves gRPC's transparent retries on: a call that gRPC knows the daemon's code never saw
+    (it never left the client, or the daemon's gRPC library refused its stream) is sent again. gRPC
+    has no retry policy for any method: the client's own code (`core`, paced by `resume.Backoff`)
+    tries calls again within `retry_seconds`, one layer a call, and not Delete (one that ran but whose
+    answer was lost would be answered NOT_FOUND when tried again).
     """
     options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
     if connection.endpoint.startswith(SPREAD_TARGETS):
         options.append(("grpc.lb_policy_name", "round_robin"))
     if connection.server_name:
         options.append(("grpc.ssl_target_name_override", connection.server_name))
-    if not retries:
-        return [*options, ("grpc.enable_retries", 0)]
-    return [*options, ("grpc.enable_retries", 1), ("grpc.service_config", UNARY_RETRY)]
+    return [*options, ("grpc.enable_retries", int(retries))]
 
 
 def open_channel(connection: Connection, *, aio: bool = False, retries: bool = False) -> Any:

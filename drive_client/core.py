@@ -7,8 +7,8 @@ parallel ranged streams, one unary PutFile for a small file against a Put
 stream, which checksums a transfer computes and checks (CRC32C always, sha256
 with `verify="sha256"`), how a put, a get, a ranged read or a watch goes on
 when its stream breaks (`resume` paces the attempts and knows where a get got
-to), and how
-drive paths map to local ones. The bytes themselves move in `transfer`'s
+to), which unary calls are simply sent again (List, Stat, Mount: `_retried`), and
+how drive paths map to local ones. The bytes themselves move in `transfer`'s
 thread-based functions, which the plans run as `Blocking` work.
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from crc32c import crc32c
+from google.protobuf.message import Message
 
 from .checksums import joined_crc32c
 from .common import DriveBase, FileStat, MountResult, WatchEvent
@@ -145,6 +146,25 @@ def _worth_ranges(first: pb.GetResponse, remote: str) -> bool:
 # -- the operations ---------------------------------------------------------------------------------
 
 
+def _retried(drive: DriveBase, method: str, request: Message,
+             at_once: tuple[type[DriveError], ...] = ()) -> Plan[Any]:
+    """The reply to the unary call `method` with `request`, tried again on UNAVAILABLE (paced by `Backoff`,
+    within the drive's retry_seconds) but for the errors `at_once`; any other error is raised at once too.
+
+    For calls that have the same effect however often they run: a List
+    page, a Stat, a Mount.
+    """
+    backoff = Backoff(drive.retry_seconds)
+    while True:
+        try:
+            return (yield Unary(method, request))
+        except at_once:
+            raise
+        except DriveError as err:
+            delay = backoff.delay(err)
+        yield Sleep(delay)
+
+
 def mount(drive: DriveBase) -> Plan[MountResult]:
     """(Re)indexes an s3:// drive now.
 
@@ -154,16 +174,8 @@ def mount(drive: DriveBase) -> Plan[MountResult]:
     endpoint failed, after boto3's own retries, and a mount tried again
     would list the whole location again against an endpoint that is down.
     """
-    backoff = Backoff(drive.retry_seconds)
-    while True:
-        try:
-            reply: pb.MountResponse = yield Unary("Mount", pb.MountRequest(drive=drive.id))
-            break
-        except StoreUnavailable:
-            raise
-        except DriveError as err:
-            delay = backoff.delay(err)
-        yield Sleep(delay)
+    reply: pb.MountResponse = yield from _retried(drive, "Mount", pb.MountRequest(drive=drive.id),
+                                                  at_once=(StoreUnavailable,))
     MOUNTS.mounted(drive)
     return MountResult(reply.objects, reply.seconds)
 
@@ -273,14 +285,15 @@ def _put_resume_point(drive: DriveBase, ids: list[str]) -> Plan[tuple[list[pb.Fi
 
 def entries(drive: DriveBase, path: str, component_name: str | None, recursive: bool,
             each: Callable[[pb.FileInfo], Any] = FileStat.from_info) -> Plan[None]:
-    """Emits `each(entry)` for the entries under `path`, page by page."""
+    """Emits `each(entry)` for the entries under `path`, page by page; a page whose call fails with UNAVAILABLE
+    is asked for again (`_retried`): its token holds where it starts, which any daemon of the store accepts."""
     request = pb.ListRequest(
         drive=drive.id, path=normalize_path(path, allow_root=True), recursive=recursive,
         component=_filter(component_name), page_size=LIST_PAGE_SIZE,
     )
     yield from _ensure_mounted(drive)
     while True:
-        reply: pb.ListResponse = yield Unary("List", request)
+        reply: pb.ListResponse = yield from _retried(drive, "List", request)
         yield Emit(map(each, reply.entries))
         if not reply.next_page_token:
             return
@@ -453,10 +466,10 @@ def delete(drive: DriveBase, path: str) -> Plan[None]:
 
 
 def stat(drive: DriveBase, path: str, component_name: str | None) -> Plan[FileStat]:
-    """Describes a file or folder."""
+    """Describes a file or folder (asked again on UNAVAILABLE, `_retried`)."""
     request = pb.StatRequest(drive=drive.id, path=normalize_path(path), component=_filter(component_name))
     yield from _ensure_mounted(drive)
-    info: pb.FileInfo = yield Unary("Stat", request)
+    info: pb.FileInfo = yield from _retried(drive, "Stat", request)
     return FileStat.from_info(info)
 
 

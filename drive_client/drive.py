@@ -22,8 +22,8 @@ from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import Progress, ReadAhead
 from .wire import fast_stub
 
-# One channel per connection (endpoint and TLS settings), process and retry setting (whether gRPC retries its
-# unary calls), shared by every Drive: a Drive made per call costs no handshake.
+# One channel per connection (endpoint and TLS settings), process and retry setting (whether gRPC makes its
+# transparent retries, `channels.channel_options`), shared by every Drive: a Drive made per call costs no handshake.
 _stubs: dict[tuple[int, Connection, bool], pb_grpc.DriveServiceStub] = {}
 _stubs_lock = threading.Lock()
 

@@ -1,12 +1,11 @@
 """When a broken stream is tried again, and where a transfer goes on from: decisions `core` makes.
 
 `Backoff` paces the attempts of one stream (a put's, a get's, a ranged
-read's or a watch's) or call (a small put's PutFile, a mount): only
-UNAVAILABLE (the daemon unreachable, or the connection cut) is tried again,
-after exponential delays with jitter, for at most `retry_seconds` from the
-first failure since the transfer last moved forward; anything else is raised
-at once. List and Stat are retried by gRPC itself (the channel's retry
-policy, `channels.channel_options`).
+read's or a watch's) or call (a small put's PutFile, a List page, a Stat, a
+mount): only UNAVAILABLE (the daemon unreachable, draining, or the
+connection cut) is tried again, after exponential delays with jitter, for at
+most `retry_seconds` from the first failure since the transfer last moved
+forward; anything else is raised at once.
 
 `GetPosition` knows how far a Get stream got, and the request that goes on
 from there. Where a put goes on from is the daemon's answer to

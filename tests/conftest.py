@@ -564,6 +564,15 @@ class StalledPuts:
         return counts
 
 
+@contextlib.contextmanager
+def held_open(handle: DaemonHandle) -> Iterator[None]:
+    """A Put stream left open on `handle` for the body of a `with`: after SIGTERM, it keeps the daemon draining."""
+    messages = put_messages("lit://held", "held.bin", b"held")
+    with StalledPuts(handle.endpoint, 1, lambda _: [next(messages), next(messages)]):
+        handle.wait_open("Put", 1)
+        yield
+
+
 def rss_mib(pid: int) -> float:
     """The resident memory of process `pid`, in MiB."""
     with open(f"/proc/{pid}/status") as status:

@@ -174,8 +174,8 @@ def test_error_unreachable(tmp_path):
     from conftest import free_port
 
     endpoint = f"127.0.0.1:{free_port()}"
-    res = subprocess.run([*drive_cmd(), "--endpoint", endpoint, "ls", "lit://d"], capture_output=True,
-                         text=True, timeout=40)
+    res = subprocess.run([*drive_cmd(), "--endpoint", endpoint, "--retry-seconds", "0", "ls", "lit://d"],
+                         capture_output=True, text=True, timeout=40)
     assert_one_line_error(res, endpoint)
     get = [*drive_cmd(), "--endpoint", endpoint, "--retry-seconds", "0", "get", "lit://d/x", str(tmp_path / "x")]
     assert_one_line_error(subprocess.run(get, capture_output=True, text=True, timeout=40), endpoint)

@@ -212,7 +212,7 @@ def test_default_endpoint(tmp_path, monkeypatch):
     if health_status("127.0.0.1:50051", timeout=0.5) is not None:
         pytest.skip("a daemon is serving on 127.0.0.1:50051 here (make run?): cannot check the default")
     with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:50051"):
-        Drive("lit://drive_1", root_folder=str(tmp_path)).list(".")
+        Drive("lit://drive_1", root_folder=str(tmp_path), retry_seconds=1).list(".")
 
 
 def test_drive_errors_have_messages(daemon, tmp_path, drive_uri):

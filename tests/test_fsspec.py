@@ -550,7 +550,7 @@ def test_append_refuses_a_file_changed_since_it_was_fetched(spooling, tmp_path, 
 
 
 def test_unreachable_daemon_raises_connection_error(name):
-    fs = DriveFileSystem(endpoint="127.0.0.1:1", skip_instance_cache=True)
+    fs = DriveFileSystem(endpoint="127.0.0.1:1", retry_seconds=1, skip_instance_cache=True)
     with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:1"):
         fs.ls(name)
 
@@ -735,4 +735,5 @@ async def test_async_filesystem_errors_and_pinned_reads(afs, daemon, tmp_path, d
         await f.read(3)
     await f.close()
     with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:1"):
-        await AsyncDriveFileSystem(endpoint="127.0.0.1:1", asynchronous=True, skip_instance_cache=True)._ls(name)
+        await AsyncDriveFileSystem(endpoint="127.0.0.1:1", retry_seconds=1, asynchronous=True,
+                                   skip_instance_cache=True)._ls(name)

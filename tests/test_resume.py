@@ -16,6 +16,7 @@ import re
 import signal
 import struct
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from conftest import (
     DaemonHandle,
     file_sha256,
     free_port,
+    held_open,
     raw_get,
     rpc_code,
     sha256_hex,
@@ -248,6 +250,85 @@ def test_a_small_put_waits_for_a_daemon_started_after_it_and_stores_the_file_onc
             handle.stop()
 
 
+def test_a_list_and_a_stat_wait_through_a_daemon_restart(twin, tmp_path, caplog):
+    """A list and a stat started while the daemon drains (it answers UNAVAILABLE "drived: shutting down") keep
+    trying while it exits and stays down for 3 s, and succeed on the daemon started again on its port: gRPC's
+    own retries (5 attempts, about 2 s) would be over by then."""
+    caplog.set_level(logging.WARNING, logger="drive_client")
+    old = start_daemon(tmp_path, "--grace-period", "60", data_dir=tmp_path / "data")
+    (tmp_path / "a.txt").write_bytes(b"listed")
+    drive = twin("lit://relisted", root_folder=tmp_path, endpoint=old.endpoint)
+    [stored] = drive.put("a.txt", to="kept/a.txt")
+    listing = Background(lambda: drive.list("kept"))
+    stat = Background(lambda: drive.stat("kept/a.txt"))
+    new = None
+    try:
+        with held_open(old):
+            old.proc.send_signal(signal.SIGTERM)
+            old.wait_logged("draining")
+            listing.start()
+            stat.start()
+
+            def refused() -> dict[str, list[str]]:
+                return {method: [r["status"] for r in requests(old, method)] for method in ("List", "Stat")}
+
+            assert wait_until(lambda: all(refused().values()), 30), refused()
+            assert {status for statuses in refused().values() for status in statuses} == {"UNAVAILABLE"}
+        assert old.proc.wait(30) == 0, old.log()
+        time.sleep(3)  # the daemon is down
+        assert listing.is_alive(), f"the list gave up: {listing.error!r}"
+        assert stat.is_alive(), f"the stat gave up: {stat.error!r}"
+        assert "drived: shutting down" in caplog.text and "cannot reach drived" in caplog.text, caplog.text
+        (tmp_path / "back").mkdir()  # a log of its own
+        new = start_daemon(tmp_path / "back", port=old.port, data_dir=tmp_path / "data")
+        assert listing.join_checked(60) == ["kept/a.txt"]
+        assert (stat.join_checked(60).size, stat.result.sha256) == (6, stored.sha256)
+        assert wait_until(lambda: [r["status"] for r in requests(new, "List") + requests(new, "Stat")] == ["OK"] * 2)
+    finally:
+        if new is not None:
+            new.stop()
+
+
+def test_a_list_and_a_stat_give_up_on_a_daemon_down_after_retry_seconds(twin, tmp_path, caplog):
+    """Nothing listens: each tries again (a warning each time) for about retry_seconds, then raises
+    ConnectionError naming the endpoint."""
+    caplog.set_level(logging.WARNING, logger="drive_client")
+    endpoint = f"127.0.0.1:{free_port()}"
+    drive = twin("lit://nobody", endpoint=endpoint, retry_seconds=1)
+    for name, call in {"list": lambda: drive.list("."), "stat": lambda: drive.stat("a.txt")}.items():
+        caplog.clear()
+        started = time.monotonic()
+        with pytest.raises(ConnectionError) as down:
+            call()
+        took = time.monotonic() - started
+        assert down.value.code == grpc.StatusCode.UNAVAILABLE and endpoint in str(down.value), name
+        assert took < 5, f"{name} took {took:.1f} s"
+        # 0.05-0.1 s, then 0.1-0.2 and 0.2-0.4 s: three waits at least fit in the budget of 1 s
+        assert len(retries(caplog)) >= 3, caplog.text
+
+
+def test_a_list_or_a_stat_the_daemon_refuses_is_raised_at_once(twin, start_daemon, tmp_path):
+    """Only UNAVAILABLE is tried again: a List page the daemon answers with another error (here UNAUTHENTICATED,
+    a wrong token) fails the list after one call, and so does a Stat."""
+    handle = start_daemon(tmp_path, "--token", "right")
+    (tmp_path / "a.txt").write_bytes(b"a")
+    twin("lit://refused", root_folder=tmp_path, endpoint=handle.endpoint, token="right").put("a.txt")
+    before = snapshot(handle.data_dir)
+    wrong = twin("lit://refused", endpoint=handle.endpoint, token="wrong")
+    started = time.monotonic()
+    with pytest.raises(PermissionError, match="token"):
+        wrong.list(".")
+    with pytest.raises(PermissionError, match="token"):
+        wrong.stat("a.txt")
+    assert time.monotonic() - started < 5
+
+    def statuses() -> dict[str, list[str]]:
+        return {method: [r["status"] for r in requests(handle, method)] for method in ("List", "Stat")}
+
+    assert wait_until(lambda: statuses() == {"List": ["UNAUTHENTICATED"], "Stat": ["UNAUTHENTICATED"]}), statuses()
+    assert snapshot(handle.data_dir) == before
+
+
 def retries(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The warnings the client logged for the attempts it made again."""
     return [r.getMessage() for r in caplog.records if r.name == "drive_client" and "trying again in" in r.getMessage()]
@@ -341,7 +422,7 @@ def test_errors_that_retrying_cannot_mend_are_raised_at_once(twin, start_daemon,
     assert not (tmp_path / "missing.bin").exists()
 
 
-def test_unary_calls_are_retried_by_grpc_and_retry_seconds_0_turns_retries_off(twin, daemon, tmp_path, drive_uri):
+def test_a_list_is_tried_again_and_retry_seconds_0_turns_retries_off(twin, daemon, tmp_path, drive_uri):
     (tmp_path / "u.txt").write_text("u")
     twin(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint).put("u.txt")
     with CuttingProxy(daemon.endpoint) as proxy:

@@ -6,20 +6,19 @@ API and the Python client are exercised together, as a user would.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import grpc
 import pytest
-from conftest import Background, DaemonHandle, StalledPuts, free_port, put_messages, start_daemon, wait_until
+from conftest import Background, DaemonHandle, free_port, held_open, start_daemon, wait_until
 from moto_server import AWS_ENV, closed_port, running_moto
 
 from drive_client import Drive, StaleIndexError, StoreUnavailable
@@ -180,15 +179,6 @@ def test_a_mount_waits_for_a_daemon_started_after_it(twin, s3, tmp_path, caplog)
     finally:
         if handle is not None:
             handle.stop()
-
-
-@contextlib.contextmanager
-def held_open(handle: DaemonHandle) -> Iterator[None]:
-    """A Put stream left open on `handle` for the body of a `with`: after SIGTERM, it keeps the daemon draining."""
-    messages = put_messages("lit://held", "held.bin", b"held")
-    with StalledPuts(handle.endpoint, 1, lambda _: [next(messages), next(messages)]):
-        handle.wait_open("Put", 1)
-        yield
 
 
 def test_a_mount_goes_on_to_another_replica_when_one_is_draining(twin, s3, tmp_path):
