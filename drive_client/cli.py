@@ -135,8 +135,8 @@ def parser() -> argparse.ArgumentParser:
                      help="send the token in plaintext to another machine (default: $DRIVE_INSECURE); only on a "
                      "network you trust")
     top.add_argument("--retry-seconds", type=float, metavar="SECONDS",
-                     help="how long a transfer cut by the network or a daemon restart keeps trying to resume "
-                     "(default: $DRIVE_RETRY_SECONDS, else 60; 0: no retries)")
+                     help="how long a transfer, list, stat or mount keeps trying through a network cut or a daemon "
+                     "restart (default: $DRIVE_RETRY_SECONDS, else 60; 0: no retries)")
     top.add_argument("--json", action="store_true", help="print results as JSON on stdout (for scripts)")
     top.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     # options of some commands

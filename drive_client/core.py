@@ -165,6 +165,13 @@ def _retried(drive: DriveBase, method: str, request: Message,
         yield Sleep(delay)
 
 
+def _read_at_once(drive: DriveBase) -> tuple[type[DriveError], ...]:
+    """What a List page or a Stat raises without trying again: on an s3:// drive, `StoreUnavailable` (a daemon
+    that lost its index mounts again for the call, listing the whole location against an endpoint that is
+    down, as `mount` says); on a lit:// drive nothing (its store's calls work again once the store is back)."""
+    return (StoreUnavailable,) if drive._read_only else ()
+
+
 def mount(drive: DriveBase) -> Plan[MountResult]:
     """(Re)indexes an s3:// drive now.
 
@@ -293,7 +300,7 @@ def entries(drive: DriveBase, path: str, component_name: str | None, recursive: 
     )
     yield from _ensure_mounted(drive)
     while True:
-        reply: pb.ListResponse = yield from _retried(drive, "List", request)
+        reply: pb.ListResponse = yield from _retried(drive, "List", request, _read_at_once(drive))
         yield Emit(map(each, reply.entries))
         if not reply.next_page_token:
             return
@@ -469,7 +476,7 @@ def stat(drive: DriveBase, path: str, component_name: str | None) -> Plan[FileSt
     """Describes a file or folder (asked again on UNAVAILABLE, `_retried`)."""
     request = pb.StatRequest(drive=drive.id, path=normalize_path(path), component=_filter(component_name))
     yield from _ensure_mounted(drive)
-    info: pb.FileInfo = yield from _retried(drive, "Stat", request)
+    info: pb.FileInfo = yield from _retried(drive, "Stat", request, _read_at_once(drive))
     return FileStat.from_info(info)
 
 

@@ -78,9 +78,9 @@ class Drive(DriveBase):
     $DRIVE_TLS_KEY (`drive_client.channels`). A token is never sent in
     plaintext beyond loopback: without TLS such a Drive raises `ValueError`
     at once, unless `insecure=True` ($DRIVE_INSECURE=1). `retry_seconds`
-    (default $DRIVE_RETRY_SECONDS, else 60; 0: off) is how long a transfer
-    cut by the network or a daemon restart keeps trying to resume (see
-    `drive_client.resume`). Picklable and deep-copyable; the gRPC channel is
+    (default $DRIVE_RETRY_SECONDS, else 60; 0: off) is how long a transfer,
+    a list, a stat or a mount keeps trying through a network cut or a
+    daemon restart (see `drive_client.resume`). Picklable and deep-copyable; the gRPC channel is
     created lazily, once per process, connection and retry setting, and
     shared by all Drives.
     """

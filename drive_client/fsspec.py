@@ -40,8 +40,9 @@ fsspec paths (what `ls`, `find` and `info` answer in `name`) are
 - `verify`: `"crc32c"` (the default: every read and write is checked with
   CRC32C, each ranged read on its own) or `"sha256"` (whole-file reads also
   check the stored sha256, and writes send theirs), as `Drive(verify=...)`.
-- `retry_seconds`: how long a read or write cut by the network keeps trying
-  to resume (`Drive`'s argument: default `$DRIVE_RETRY_SECONDS`, else 60; 0: off).
+- `retry_seconds`: how long a read, a write or a listing keeps trying through a
+  network cut or a daemon restart (`Drive`'s argument: default
+  `$DRIVE_RETRY_SECONDS`, else 60; 0: off).
 - `asynchronous`: `True` for `AsyncDriveFileSystem` (see above).
 - `block_size`, `cache_type`, `cache_options`: the defaults of `open`'s
   arguments of those names, as fsspec's HTTP filesystem takes them (so they

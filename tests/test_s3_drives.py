@@ -157,6 +157,33 @@ def test_unreachable_endpoint_is_unavailable_naming_it(twin, tmp_path):
         handle.stop()
 
 
+def test_a_list_or_stat_of_a_mounted_drive_is_not_tried_again_when_the_store_fails(twin, tmp_path):
+    """A daemon restarted since this process mounted the drive indexes it again for a List or a Stat; with its
+    S3 endpoint down that fails as the store's, raised at once (each try would list the location again)."""
+    with running_moto() as url:
+        client = boto3.client("s3", endpoint_url=url, aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+                              region_name=AWS_ENV["AWS_DEFAULT_REGION"])
+        client.create_bucket(Bucket=BUCKET)
+        client.put_object(Bucket=BUCKET, Key="x/a.txt", Body=b"a")
+        env = {**AWS_ENV, "AWS_ENDPOINT_URL": url, "AWS_MAX_ATTEMPTS": "2"}
+        first = start_daemon(tmp_path, env=env)
+        d = twin(f"s3://{BUCKET}/x/", endpoint=first.endpoint, retry_seconds=600)
+        assert d.list(".") == ["a.txt"]  # mounted, once for this process
+        first.stop()
+    (tmp_path / "again").mkdir()  # a log of its own
+    again = start_daemon(tmp_path / "again", port=first.port, env=env)  # no index, and moto is gone
+    try:
+        for call in (lambda: d.list("."), lambda: d.stat("a.txt")):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as down:
+                call()
+            assert time.monotonic() - started < 30, "tried again"
+            assert url in str(down.value), str(down.value)
+    finally:
+        again.stop()
+
+
 def mounts_logged(handle: DaemonHandle) -> list[str]:
     """The statuses of the Mount calls the daemon answered, in order."""
     lines = [json.loads(line) for line in handle.log().splitlines() if line.startswith("{")]
