@@ -441,11 +441,10 @@ class ManagedDrives:
         """Deletes one file, `claim` confirmed right before (a delete that walks a big folder may outlast an
         unrenewed claim; a renewal within the last third of its TTL will do, so that a folder's files do not cost a
         round trip each), and announces it at once (a walk that stops midway has announced every file it removed);
-        with a quota, its size (read once, under the claim) leaves the drive's usage."""
+        with a quota, what it counted (read by the delete itself) leaves the drive's usage."""
         await claim.confirm(reuse_recent=True)
-        key = object_key(drive, component, path)
-        size = await self.backend.counted_size(key) if self.quotas else 0
-        if not await self.backend.delete(key):
+        size = await self.backend.delete(object_key(drive, component, path))
+        if size is None:
             return False
         if self.quotas:
             self.quotas.deleted(drive, size)

@@ -297,11 +297,10 @@ class Backend(abc.ABC):
         Reads every object's size once: the cost of a `walk` of the folder.
         """
 
+    @abc.abstractmethod
     async def counted_size(self, key: str) -> int:
         """What the object at `key` counts in `usage` (0 when there is none), by the same measure: what a put
-        replacing it, or a delete of it, takes off its drive's count. This default is its `stat` size."""
-        info = await self.stat(key)
-        return info.size if info else 0
+        replacing it takes off its drive's count (a delete answers it itself)."""
 
     async def occupant(self, root: str, path: str) -> tuple[str, bool] | None:
         """What under folder `root` takes the place of `path`: an object at `path` or at one of its parent
@@ -318,8 +317,9 @@ class Backend(abc.ABC):
         return (path, True) if await self.is_folder(f"{root}/{path}") else None
 
     @abc.abstractmethod
-    async def delete(self, key: str) -> bool:
-        """Removes the object at `key`; False when there was none."""
+    async def delete(self, key: str) -> int | None:
+        """Removes the object at `key`: what it counted in `usage` (`counted_size`, read as it goes), or None when
+        there was none."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepares the backend before the daemon serves (SystemExit with the reason when it cannot)."""

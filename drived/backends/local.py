@@ -649,12 +649,13 @@ class LocalBackend(Backend):
         # Inline, like stat: a few syscalls on cached metadata.
         return self._counted_size(self._path(key))
 
-    def _delete(self, key: str) -> bool:
+    def _delete(self, key: str) -> int | None:
         path = self._path(key)
+        size = self._counted_size(path)
         try:
             os.unlink(path)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return False
+            return None
         folder = os.path.dirname(path)
         while folder != self.root and folder.startswith(self.root):
             try:
@@ -662,7 +663,7 @@ class LocalBackend(Backend):
             except OSError:
                 break
             folder = os.path.dirname(folder)
-        return True
+        return size
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str) -> int | None:
         return await asyncio.get_running_loop().run_in_executor(None, self._delete, key)

@@ -923,10 +923,10 @@ class S3Backend(Backend):
 
     # -- deletes -------------------------------------------------------------
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str) -> int | None:
         answer = await self._head(self.root + key)
         if answer is None:
-            return False
+            return None
         await self.call("delete_object", key, Key=self.root + key)
         await self._forget_checksums(key, answer)
-        return True
+        return int(answer["ContentLength"])
