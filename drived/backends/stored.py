@@ -242,7 +242,6 @@ class LegacyTables:
         self._building: dict[Version, asyncio.Future[array[int] | None]] = {}  # queued or running
         self._queued: OrderedDict[Version, Build] = OrderedDict()  # waiting for a builder thread
         self._readers: dict[Version, list[int]] = {}  # the descriptors of the reads waiting for each build
-        self._running = 0
         self._bytes = 0
         self._max_bytes = max_bytes
         self._builders = ThreadPoolExecutor(BUILDERS, thread_name_prefix="drived-legacy")
@@ -278,15 +277,19 @@ class LegacyTables:
 
     def _start(self) -> None:
         """Starts the queued builds, oldest first, while a builder thread is free."""
-        while self._running < BUILDERS and self._queued:
+        while len(self._building) - len(self._queued) < BUILDERS and self._queued:  # running: building, not queued
             version, build = self._queued.popitem(last=False)
             try:
                 fd = os.dup(self._readers[version][0])
             except OSError as err:  # out of descriptors: told to the waiting reads, as a failed build is
                 self._building.pop(version).set_exception(err)
                 continue
-            self._running += 1
-            running = asyncio.get_running_loop().run_in_executor(self._builders, _build_and_close, build, fd)
+            try:
+                running = asyncio.get_running_loop().run_in_executor(self._builders, _build_and_close, build, fd)
+            except RuntimeError as err:  # the builders are shut down: the daemon stops
+                os.close(fd)
+                self._building.pop(version).set_exception(err)
+                continue
             running.add_done_callback(functools.partial(self._built, version))
 
     def close(self) -> None:
@@ -297,7 +300,6 @@ class LegacyTables:
         self._builders.shutdown(wait=False)
 
     def _built(self, version: Version, running: asyncio.Future[array[int] | None]) -> None:
-        self._running -= 1
         building = self._building.pop(version)
         error = running.exception()
         if error is not None:
