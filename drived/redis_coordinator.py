@@ -76,6 +76,7 @@ PAGE = 1000  # events `since` answers at most
 # not limited), so past this a round makes more calls, never a bigger one; each call's arguments, reply and time
 # on the server stay bounded.
 RENEW_CHUNK = 500
+RENEW_CALLS = 4  # RENEW calls of one round in flight at once: a round leaves the pool to puts and publishes
 POOL_SIZE = 32  # connections a daemon uses for its calls, at most
 POOL_WAIT = 10.0  # seconds a call waits for a free connection
 CONNECT_TIMEOUT = 3.0
@@ -433,18 +434,23 @@ class RedisCoordinator(Coordinator):
     async def renew(self, claims: list[_RedisClaim]) -> list[int]:
         """Renews `claims` for a whole TTL from now: for each, 1 when it was still held, else 0.
 
-        RENEW_CHUNK claims a call, the calls at once (each on its own pooled
-        connection), so a round costs one round trip while the pool lasts.
+        RENEW_CHUNK claims a call, RENEW_CALLS calls at once (each on its own
+        pooled connection): a round of up to 2,000 claims costs one round
+        trip, and never takes the whole pool.
         """
         chunks = [claims[start:start + RENEW_CHUNK] for start in range(0, len(claims), RENEW_CHUNK)]
-        return [kept for answers in await asyncio.gather(*map(self._renew_chunk, chunks)) for kept in answers]
+        calls = asyncio.Semaphore(RENEW_CALLS)
+        answers = await asyncio.gather(*(self._renew_chunk(chunk, calls) for chunk in chunks))
+        return [kept for chunk_answers in answers for kept in chunk_answers]
 
-    async def _renew_chunk(self, claims: list[_RedisClaim]) -> list[int]:
-        """Renews up to RENEW_CHUNK claims in one call, and records for each what it found."""
-        sent = asyncio.get_running_loop().time()
-        keys = [key for claim in claims for key in claim.keys]
-        counts = [value for claim in claims for value in (claim.token, len(claim.keys))]
-        kept = cast(list[int], await self._run(self._renew, keys, [self._ttl_ms(), *counts]))
+    async def _renew_chunk(self, claims: list[_RedisClaim], calls: asyncio.Semaphore) -> list[int]:
+        """Renews up to RENEW_CHUNK claims in one call, once one of `calls` is free, and records for each what it
+        found."""
+        async with calls:
+            sent = asyncio.get_running_loop().time()
+            keys = [key for claim in claims for key in claim.keys]
+            counts = [value for claim in claims for value in (claim.token, len(claim.keys))]
+            kept = cast(list[int], await self._run(self._renew, keys, [self._ttl_ms(), *counts]))
         for claim, still in zip(claims, kept, strict=True):
             claim.answered(sent, bool(still))
         return kept
