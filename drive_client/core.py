@@ -182,7 +182,7 @@ def mount(drive: DriveBase) -> Plan[MountResult]:
     would list the whole location again against an endpoint that is down.
     """
     reply: pb.MountResponse = yield from _retried(drive, "Mount", pb.MountRequest(drive=drive.id),
-                                                  at_once=(StoreUnavailable,))
+                                                  _read_at_once(drive))
     MOUNTS.mounted(drive)
     return MountResult(reply.objects, reply.seconds)
 
