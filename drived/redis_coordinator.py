@@ -10,8 +10,9 @@ scripts touch `drived:epoch` beside a drive's keys):
   are `<sequence>-0`. Its max-deleted-entry-id is the newest sequence no
   longer kept: the epoch when the feed is made, then the newest event dropped.
 - `drived:{<drive>}:claim:<path>`: the token of the claim's holder, with a
-  TTL that the holder renews every third of it (all its claims, RENEW_CHUNK
-  a script call, given at most a third of the TTL), and once more right before the commit it
+  TTL that the holder renews every third of it (all its claims but those
+  taken or confirmed within the last sixth, RENEW_CHUNK a script call, given
+  at most a third of the TTL), and once more right before the commit it
   guards, which fails when the claim was lost; a claim whose holder died is
   free once its TTL has passed. The confirms asked together (a commit
   worker's batch) are one renewal call.
@@ -475,8 +476,9 @@ class RedisCoordinator(Coordinator):
         All of them (`renew`: bounded calls at once), given at most that
         third: however many claims, and however slow the coordinator, a round
         ends before the next one starts, and a claim held is renewed within
-        two thirds of its TTL or (when the coordinator does not answer in
-        time) lost, which its commit finds out (`Claim.confirm`).
+        five sixths of its TTL of its last take or renewal or (when the
+        coordinator does not answer in time) lost, which its commit finds out
+        (`Claim.confirm`).
         """
         period = self.claim_ttl / 3
         loop = asyncio.get_running_loop()
@@ -484,7 +486,9 @@ class RedisCoordinator(Coordinator):
         while self._held:
             round_start = max(round_start + period, loop.time())
             await asyncio.sleep(round_start - loop.time())
-            claims = list(self._held.values())
+            # One taken or confirmed within the last half period is left to the next round, which renews it within
+            # two and a half periods of that: before it could lapse (three).
+            claims = [claim for claim in self._held.values() if loop.time() - claim.renewed >= period / 2]
             if not claims:
                 continue
             try:

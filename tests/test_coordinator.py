@@ -558,3 +558,26 @@ async def test_the_confirms_asked_together_are_one_call_and_each_learns_its_own_
         assert confirmed[:7] + confirmed[8:] == [None] * 19
         assert admin.pttl("drived:{d}:claim:p8") > 9_000  # renewed for a whole TTL
         assert not admin.exists("drived:{d}:claim:p7")
+
+
+@pytest.mark.integration
+async def test_the_renewer_leaves_a_claim_confirmed_moments_ago_to_its_next_round(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    server = own_valkey()
+    admin = redis.Redis.from_url(server.url)
+    loop = asyncio.get_running_loop()
+    async with redis_coordinator(server.url, claim_ttl=1.5) as coordinator:  # a round every 0.5 s
+        async with coordinator.claim("d", "idle") as idle, coordinator.claim("d", "busy") as busy:
+            admin.config_set("slowlog-log-slower-than", 0)  # every command the server runs from now on
+            admin.slowlog_reset()
+            deadline = loop.time() + 1.6  # three rounds at least
+            while loop.time() < deadline:
+                await busy.confirm()  # as a folder delete's batches do
+                await asyncio.sleep(0.05)
+            renewals = [call["command"] for call in admin.slowlog_get(-1) if call["command"].startswith(b"EVALSHA")]
+        # The renewer's calls name the idle claim; none of them names the busy one too.
+        rounds = [command for command in renewals if b"claim:idle" in command]
+        assert len(rounds) >= 2, renewals
+        assert not any(b"claim:busy" in command for command in rounds), rounds
+        assert idle.renewed > loop.time() - 1.0
