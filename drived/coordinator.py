@@ -52,19 +52,16 @@ class Claim:
     coordinator's claim can, when its holder could not renew it in time.
     """
 
-    async def confirm(self, *, reuse_recent: bool = False) -> None:
-        """Makes sure the claim is still held, right before the step it guards (a put's commit).
+    async def confirm(self) -> None:
+        """Makes sure the claim is still held, right before the step it guards (a put's commit, a batch of a folder
+        delete's files).
 
-        A shared implementation renews it for a whole TTL from now, so the
-        step has that long before the claim could lapse. With `reuse_recent`
-        it asks nothing when the claim was taken or renewed within the last
-        third of its TTL (and not found lost since), so the step has two
-        thirds of the TTL at least: for steps taken many times under one
-        claim (each file a folder delete removes). A put's commit never
-        passes it: asking the coordinator is what makes a lapsed claim fail
-        the put. Raises Unavailable when the claim is no longer held (it
-        lapsed, or the coordinator lost it) or cannot be confirmed: the step
-        must not be taken.
+        A shared implementation asks the coordinator, and renews the claim for
+        a whole TTL from now, so the step has that long before the claim could
+        lapse; the confirms of many claims asked together may share one round
+        trip. Raises Unavailable when the claim is no longer held (it lapsed,
+        or the coordinator lost it) or cannot be confirmed: the step must not
+        be taken.
         """
 
 

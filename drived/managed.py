@@ -34,7 +34,7 @@ from drive_client.uri import DriveId
 
 from .backends.base import Backend, Damaged, ObjectInfo, Upload
 from .checksums import ClientChecksums
-from .coordinator import Claim, Coordinator, Event
+from .coordinator import Coordinator, Event
 from .drives import FileStream
 from .entry import Entry
 from .paths import component_key, object_key, relative_path
@@ -43,6 +43,7 @@ from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutH
 from .uploads import HeldUploads, Resumable
 
 EARLY_CHECK_MIN_SIZE = 1 << 20
+DELETE_BATCH = 100  # files a folder delete removes after one confirm of its claim (one round trip)
 
 
 def _entry(path: str, component: str, info: ObjectInfo) -> Entry:
@@ -425,11 +426,14 @@ class ManagedDrives:
         """
         drive, path, component = delete.drive.name, delete.path, delete.component
         async with self.coordinator.claim(drive, path) as claim:
-            if await self._delete(drive, component, path, claim):
+            if await self._delete(drive, object_key(drive, component, path), path, component):  # claim just taken
                 return 1
             deleted = 0
-            for key in await self.backend.walk(object_key(drive, component, path)):
-                deleted += await self._delete(drive, component, relative_path(key, drive, component), claim)
+            keys = await self.backend.walk(object_key(drive, component, path))
+            for start in range(0, len(keys), DELETE_BATCH):
+                await claim.confirm()  # a big folder's walk and deletes may outlast an unrenewed claim
+                for key in keys[start:start + DELETE_BATCH]:
+                    deleted += await self._delete(drive, key, relative_path(key, drive, component), component)
             if not deleted:
                 raise NotFound(
                     f"component {component!r} owns nothing at {_shown(drive, path)}; "
@@ -437,13 +441,11 @@ class ManagedDrives:
                 )
         return deleted
 
-    async def _delete(self, drive: str, component: str, path: str, claim: Claim) -> bool:
-        """Deletes one file, `claim` confirmed right before (a delete that walks a big folder may outlast an
-        unrenewed claim; a renewal within the last third of its TTL will do, so that a folder's files do not cost a
-        round trip each), and announces it at once (a walk that stops midway has announced every file it removed);
-        with a quota, what it counted (read by the delete itself) leaves the drive's usage."""
-        await claim.confirm(reuse_recent=True)
-        size = await self.backend.delete(object_key(drive, component, path))
+    async def _delete(self, drive: str, key: str, path: str, component: str) -> bool:
+        """Deletes the file at `key` (`path` of `component`) and announces it at once (a walk that stops midway has
+        announced every file it removed); with a quota, what it counted (read by the delete itself) leaves the
+        drive's usage."""
+        size = await self.backend.delete(key)
         if size is None:
             return False
         if self.quotas:

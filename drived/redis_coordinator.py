@@ -10,13 +10,12 @@ scripts touch `drived:epoch` beside a drive's keys):
   are `<sequence>-0`. Its max-deleted-entry-id is the newest sequence no
   longer kept: the epoch when the feed is made, then the newest event dropped.
 - `drived:{<drive>}:claim:<path>`: the token of the claim's holder, with a
-  TTL that the holder renews every third of it (all its claims, RENEW_CHUNK
-  a script call, given at most a third of the TTL), and once more right
-  before the commit it guards, which fails when the claim was lost; a claim
-  whose holder died is free once its TTL has passed. A confirm that may
-  reuse a recent renewal (a folder delete's, before each file) asks only
-  when the claim's last take or renewal was sent more than a third of the
-  TTL ago.
+  TTL that the holder renews every third of it (all its claims but those
+  taken or confirmed within the last sixth, RENEW_CHUNK a script call, given
+  at most a third of the TTL), and once more right before the commit it
+  guards, which fails when the claim was lost; a claim whose holder died is
+  free once its TTL has passed. The confirms asked together (a commit
+  worker's batch) are one renewal call.
 - `drived:{<drive>}:below:<folder>`: the tokens of the claims held below the
   folder, scored by their expiry, so that a claim of `a` waits while `a/b`
   is held, and the other way round.
@@ -236,7 +235,6 @@ class _RedisClaim(Claim):
         self.token = token
         self.keys = keys
         self.renewed = -math.inf  # loop time at which the latest take or renewal that found it held was sent
-        self.lost = False  # a renewal found it no longer held: it never is again
 
     def answered(self, sent: float, held: bool) -> None:
         """Records what a take or renewal sent at loop time `sent` found: the claim `held`, or lost.
@@ -246,15 +244,9 @@ class _RedisClaim(Claim):
         """
         if held:
             self.renewed = max(self.renewed, sent)
-        else:
-            self.lost = True
 
-    async def confirm(self, *, reuse_recent: bool = False) -> None:
-        age = asyncio.get_running_loop().time() - self.renewed
-        if reuse_recent and not self.lost and age < self._coordinator.claim_ttl / 3:
-            return  # held for two thirds of the TTL at least
-        [kept] = await self._coordinator.renew([self])
-        if not kept:
+    async def confirm(self) -> None:
+        if not await self._coordinator.confirm(self):
             raise Unavailable(
                 f"the claim on {self._shown} lapsed before its commit (the coordinator {self._coordinator.name} was "
                 "out of reach or too slow for longer than --claim-ttl, or lost its data): nothing was stored; retry"
@@ -309,6 +301,8 @@ class RedisCoordinator(Coordinator):
         self._wakeups = Wakeups(self._subscriber, self.failure)
         self._held: dict[str, _RedisClaim] = {}  # token -> a claim this daemon holds
         self._renewer: asyncio.Task[None] | None = None
+        # The claims whose confirms were asked in this turn of the event loop, and the renewal that answers them.
+        self._confirming: tuple[list[_RedisClaim], asyncio.Future[list[int]]] | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._closed = False
 
@@ -455,14 +449,36 @@ class RedisCoordinator(Coordinator):
             claim.answered(sent, bool(still))
         return kept
 
+    async def confirm(self, claim: _RedisClaim) -> bool:
+        """Renews `claim` for a whole TTL from now: True when it was still held.
+
+        The confirms asked in one turn of the event loop (those of a commit
+        worker's batch, awaited together) share one `renew`: one round trip
+        for all of them.
+        """
+        if self._confirming is None:
+            claims: list[_RedisClaim] = []
+            self._confirming = claims, self._keep(self._renew_together(claims))
+        claims, renewing = self._confirming
+        mine = len(claims)
+        claims.append(claim)
+        return bool((await asyncio.shield(renewing))[mine])
+
+    async def _renew_together(self, claims: list[_RedisClaim]) -> list[int]:
+        """Renews `claims` once the confirms asked in this turn of the event loop have joined them."""
+        await asyncio.sleep(0)
+        self._confirming = None
+        return await self.renew(claims)
+
     async def _renew_held(self) -> None:
         """Renews this daemon's claims every third of their TTL for as long as it holds any.
 
         All of them (`renew`: bounded calls at once), given at most that
         third: however many claims, and however slow the coordinator, a round
         ends before the next one starts, and a claim held is renewed within
-        two thirds of its TTL or (when the coordinator does not answer in
-        time) lost, which its commit finds out (`Claim.confirm`).
+        five sixths of its TTL of its last take or renewal or (when the
+        coordinator does not answer in time) lost, which its commit finds out
+        (`Claim.confirm`).
         """
         period = self.claim_ttl / 3
         loop = asyncio.get_running_loop()
@@ -470,7 +486,9 @@ class RedisCoordinator(Coordinator):
         while self._held:
             round_start = max(round_start + period, loop.time())
             await asyncio.sleep(round_start - loop.time())
-            claims = list(self._held.values())
+            # One taken or confirmed within the last half period is left to the next round, which renews it within
+            # two and a half periods of that: before it could lapse (three).
+            claims = [claim for claim in self._held.values() if loop.time() - claim.renewed >= period / 2]
             if not claims:
                 continue
             try:

@@ -6,6 +6,7 @@ stops with the daemon, also on a Ctrl-C that reaches both processes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import signal
@@ -14,6 +15,8 @@ import pytest
 from conftest import wait_until
 
 from drive_client import Drive
+from drived.backends.commit_worker import CommitWorker, Job
+from drived.checksums import ClientChecksums
 
 
 def commit_workers(daemon_pid: int) -> list[int]:
@@ -108,3 +111,30 @@ def test_a_folder_of_megabyte_files_is_committed_in_bounded_memory(start_daemon,
     assert daemon_growth < 64 and worker_growth < 48, "the commits in flight hold more than MAX_BYTES_IN_FLIGHT"
     stored = {name: drive.stat(name) for name in sizes}
     assert {name: info.size for name, info in stored.items()} == sizes
+
+
+def job_of(folder: pathlib.Path, name: str, data: bytes) -> Job:
+    return str(folder / f"{name}.tmp"), str(folder / name), data, ClientChecksums("", None)
+
+
+async def test_a_slow_before_visible_holds_up_no_commit_submitted_after_it(tmp_path):
+    """A claim's confirm that takes long (its call to the coordinator stuck) delays its own commit only."""
+    worker = CommitWorker()
+    confirmed = asyncio.Event()
+
+    async def slow_confirm() -> None:
+        await confirmed.wait()
+
+    try:
+        slow = worker.submit(job_of(tmp_path, "slow", b"confirmed late"), slow_confirm)
+        await asyncio.sleep(0.1)  # its confirm has begun
+        later = [worker.submit(job_of(tmp_path, f"later{i}", b"x")) for i in range(3)]
+        outcomes = await asyncio.wait_for(asyncio.gather(*later), 5)
+        assert [outcome[0] for outcome in outcomes] == ["ok"] * 3
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["later0", "later1", "later2"]
+        assert not slow.done()
+        confirmed.set()
+        assert (await asyncio.wait_for(slow, 5))[0] == "ok"
+        assert (tmp_path / "slow").exists() and not (tmp_path / "slow.tmp").exists()
+    finally:
+        await worker.close()

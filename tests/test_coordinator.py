@@ -542,29 +542,42 @@ async def test_many_claims_are_renewed_in_bounded_calls_and_every_one_is_extende
 
 
 @pytest.mark.integration
-async def test_a_confirm_may_reuse_a_recent_renewal_but_not_one_found_lost(
+async def test_the_confirms_asked_together_are_one_call_and_each_learns_its_own_claim(
     own_valkey: Callable[..., ValkeyServer],
 ) -> None:
     server = own_valkey()
     admin = redis.Redis.from_url(server.url)
-    async with redis_coordinator(server.url, claim_ttl=3.0) as coordinator:
-        async with coordinator.claim("d", "p") as claim:
-            assert coordinator._renewer is not None
-            coordinator._renewer.cancel()  # only the confirms renew it here
-            await claim.confirm()  # the script is loaded: each later call of it is one EVALSHA
-            scripts = calls(admin, "evalsha")
-            await claim.confirm(reuse_recent=True)  # renewed just now: nothing asked
-            assert calls(admin, "evalsha") == scripts
-            await claim.confirm()  # as before a put becomes visible: always asked
-            assert calls(admin, "evalsha") == scripts + 1
-            await asyncio.sleep(1.1)  # more than a third of the TTL since: asked (and renewed) again
-            await claim.confirm(reuse_recent=True)
-            assert calls(admin, "evalsha") == scripts + 2
-            [key] = admin.keys("drived:{d}:claim:p")
-            admin.set(key, "another replica's token", px=10_000)
-            assert await coordinator.renew([claim]) == [0]  # as the renewer finds it: lost
-            with pytest.raises(Unavailable) as lost:
-                await claim.confirm(reuse_recent=True)  # renewed within the third, but lost since: asked
-            assert "lapsed before its commit" in str(lost.value)
-            assert calls(admin, "evalsha") == scripts + 4
-        assert admin.get(key) == b"another replica's token"
+    async with redis_coordinator(server.url) as coordinator, contextlib.AsyncExitStack() as held:
+        claims = [await held.enter_async_context(coordinator.claim("d", f"p{i}")) for i in range(20)]
+        await claims[0].confirm()  # the script is loaded: each later call of it is one EVALSHA
+        admin.delete("drived:{d}:claim:p7")  # lapsed, or lost with the coordinator's data
+        scripts = calls(admin, "evalsha")
+        confirmed = await asyncio.gather(*(claim.confirm() for claim in claims), return_exceptions=True)
+        assert calls(admin, "evalsha") == scripts + 1
+        assert isinstance(confirmed[7], Unavailable) and "lapsed before its commit" in str(confirmed[7])
+        assert confirmed[:7] + confirmed[8:] == [None] * 19
+        assert admin.pttl("drived:{d}:claim:p8") > 9_000  # renewed for a whole TTL
+        assert not admin.exists("drived:{d}:claim:p7")
+
+
+@pytest.mark.integration
+async def test_the_renewer_leaves_a_claim_confirmed_moments_ago_to_its_next_round(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    server = own_valkey()
+    admin = redis.Redis.from_url(server.url)
+    loop = asyncio.get_running_loop()
+    async with redis_coordinator(server.url, claim_ttl=1.5) as coordinator:  # a round every 0.5 s
+        async with coordinator.claim("d", "idle") as idle, coordinator.claim("d", "busy") as busy:
+            admin.config_set("slowlog-log-slower-than", 0)  # every command the server runs from now on
+            admin.slowlog_reset()
+            deadline = loop.time() + 1.6  # three rounds at least
+            while loop.time() < deadline:
+                await busy.confirm()  # as a folder delete's batches do
+                await asyncio.sleep(0.05)
+            renewals = [call["command"] for call in admin.slowlog_get(-1) if call["command"].startswith(b"EVALSHA")]
+        # The renewer's calls name the idle claim; none of them names the busy one too.
+        rounds = [command for command in renewals if b"claim:idle" in command]
+        assert len(rounds) >= 2, renewals
+        assert not any(b"claim:busy" in command for command in rounds), rounds
+        assert idle.renewed > loop.time() - 1.0

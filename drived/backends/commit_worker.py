@@ -8,8 +8,9 @@ worker is a process of its own, with its own GIL. The daemon sends it every
 commit that is ready as one batch; it commits the batch's files a few at a
 time, fsyncs each folder the batch renamed into once, and only then answers.
 No put is acknowledged before its file and its folder entry are on disk.
-Each commit's `before_visible` (its claim's confirmation) is awaited just
-before its batch is sent, however long it waited in the queue.
+Each commit's `before_visible` (its claim's confirmation) is awaited once
+the worker is free, just before its batch is sent, however long it waited
+in the queue.
 
 The daemon side is `CommitWorker`; `python -m drived.backends.commit_worker`
 is the worker side, which reads batches from stdin and writes answers to
@@ -131,70 +132,95 @@ class _Queued(NamedTuple):
 class CommitWorker:
     """The daemon's side: sends the commits that are ready to the worker, one batch at a time.
 
-    The worker is started on the first commit and again after it has died.
-    A commit that was sent runs to its end even if its caller stops waiting.
+    A commit's `before_visible` is awaited while the worker is free, for a
+    batch of commits at once (a shared coordinator makes that one round trip:
+    `RedisCoordinator.renew`), and the commits that passed it go in the next
+    batch sent. A `before_visible` that is slow holds up only its own batch:
+    while it runs, the commits submitted after it are confirmed and sent. The
+    worker is started on the first commit and again after it has died. A
+    commit that was sent runs to its end even if its caller stops waiting.
     """
 
     def __init__(self) -> None:
-        self._ready: list[_Queued] = []
+        self._ready: list[_Queued] = []  # submitted, `before_visible` not yet called
+        self._confirming: set[str] = set()  # the paths of the commits whose `before_visible` runs
+        self._confirmed: list[_Queued] = []  # `before_visible` passed: for the next batch sent
+        self._changed = asyncio.Event()  # set on a submit and when a batch's `before_visible` ends
         self._process: asyncio.subprocess.Process | None = None
         self._sending: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     def submit(self, job: Job, before_visible: BeforeVisible | None = None) -> asyncio.Future[Outcome]:
         """Queues `job`; the future answers with its outcome once file and folder entry are durable.
 
-        `before_visible` is awaited just before the job's batch is sent; what
-        it raises, the future raises, and the job is not sent.
+        `before_visible` is awaited once the worker is free, right before the
+        job's batch is sent; what it raises, the future raises, and the job is
+        not sent.
         """
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._ready.append(_Queued(job, before_visible or _visible_at_once, future))
+        self._changed.set()
         if self._sending is None:
             self._sending = asyncio.create_task(self._send())
         return future
 
     async def _send(self) -> None:
+        """Sends what passed its `before_visible`, else starts the `before_visible` of the next commits and waits."""
         try:
-            while self._ready:
-                batch = await self._confirmed(self._next_batch())
-                if not batch:
+            while self._ready or self._confirming or self._confirmed:
+                if self._confirmed:
+                    await self._commit(self._next_batch(self._confirmed, set()))
                     continue
-                try:
-                    outcomes = await self._call([queued.job for queued in batch])
-                except (OSError, EOFError, pickle.UnpicklingError) as err:
-                    await self.close()
-                    lost: Outcome = ("error", None, f"the commit worker failed ({err!r}); the put may not be stored")
-                    outcomes = [lost] * len(batch)
-                for queued, outcome in zip(batch, outcomes, strict=True):
-                    if not queued.outcome.done():
-                        queued.outcome.set_result(outcome)
+                self._changed.clear()
+                batch = self._next_batch(self._ready, self._confirming)
+                if batch:
+                    self._confirming.update(queued.job[1] for queued in batch)
+                    task = asyncio.create_task(self._confirm(batch))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+                await self._changed.wait()
         finally:
             self._sending = None
 
-    @staticmethod
-    async def _confirmed(batch: list[_Queued]) -> list[_Queued]:
-        """The commits of `batch` whose `before_visible` passed, all awaited at once; each that raised fails with
-        what it raised, and the others go on."""
+    async def _confirm(self, batch: list[_Queued]) -> None:
+        """Awaits the `before_visible` of `batch` all at once; each that raised fails with what it raised, and the
+        others are confirmed."""
         raised = await asyncio.gather(*(queued.before_visible() for queued in batch), return_exceptions=True)
-        confirmed = []
         for queued, error in zip(batch, raised, strict=True):
+            self._confirming.discard(queued.job[1])
             if error is None:
-                confirmed.append(queued)
-            else:
+                self._confirmed.append(queued)
+            elif not queued.outcome.done():
                 queued.outcome.set_exception(error)
-        return confirmed
+        self._changed.set()
 
-    def _next_batch(self) -> list[_Queued]:
-        """The commits ready, in order, up to MAX_BATCH, MAX_BATCH_BYTES and a second commit of one path."""
-        paths: set[str] = set()
+    async def _commit(self, batch: list[_Queued]) -> None:
+        """Sends `batch` to the worker and answers each of its commits with its outcome."""
+        try:
+            outcomes = await self._call([queued.job for queued in batch])
+        except (OSError, EOFError, pickle.UnpicklingError) as err:
+            await self.close()
+            lost: Outcome = ("error", None, f"the commit worker failed ({err!r}); the put may not be stored")
+            outcomes = [lost] * len(batch)
+        for queued, outcome in zip(batch, outcomes, strict=True):
+            if not queued.outcome.done():
+                queued.outcome.set_result(outcome)
+
+    @staticmethod
+    def _next_batch(queue: list[_Queued], busy: set[str]) -> list[_Queued]:
+        """Takes from `queue` the commits at its head, in order, up to MAX_BATCH, MAX_BATCH_BYTES and a commit of a
+        path in `busy` or a second one of a path (which keeps the commits of one path in the order submitted)."""
+        paths = set(busy)
         size = 0
-        for taken, (job, _, _) in enumerate(self._ready):
+        for taken, (job, _, _) in enumerate(queue):
             size += len(job[2])
             if taken == MAX_BATCH or job[1] in paths or (taken and size > MAX_BATCH_BYTES):
                 break
             paths.add(job[1])
         else:
-            taken = len(self._ready)
-        batch, self._ready = self._ready[:taken], self._ready[taken:]
+            taken = len(queue)
+        batch = queue[:taken]
+        del queue[:taken]
         return batch
 
     async def _call(self, jobs: list[Job]) -> list[Outcome]:
