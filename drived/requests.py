@@ -82,9 +82,11 @@ class PutHeader:
     size: int | None  # None when the client did not say
     upload_id: str  # "" for an upload that is not resumable
     write_offset: int  # where this stream's bytes start in the file: > 0 resumes upload_id
+    put_file: bool = False  # the file of a PutFile call, not of a Put stream (drived.uploads keeps their
+    # completions apart)
 
     @classmethod
-    def from_pb(cls, header: pb.PutHeader) -> PutHeader:
+    def from_pb(cls, header: pb.PutHeader, put_file: bool = False) -> PutHeader:
         drive = parse_drive(header.drive)
         path = drive_path(drive, header.path)
         component = check_component(header.component)
@@ -100,7 +102,7 @@ class PutHeader:
                 "write_offset resumes a resumable upload: it needs the upload_id of the first stream"
             )
         return cls(
-            drive, path, component, header.allow_duplicates, size, header.upload_id, header.write_offset
+            drive, path, component, header.allow_duplicates, size, header.upload_id, header.write_offset, put_file
         )
 
 

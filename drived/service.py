@@ -296,7 +296,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
 
     async def _begin_put(self, record: RequestLog, header: pb.PutHeader) -> PendingPut:
         record.drive, record.path, record.component = header.drive, header.path, header.component
-        put = PutHeader.from_pb(header)
+        put = PutHeader.from_pb(header, put_file=record.method == "PutFile")
         return await self._drives(record, put.drive).begin_put(put)
 
     async def _put(self, record: RequestLog, messages: AsyncIterable[PutMessage | pb.PutFileRequest], hold: bool

@@ -11,7 +11,10 @@ after its finish learns the file is stored. A completion is remembered while
 the stream that committed it runs (a stream is the task serving its call: the
 whole Put of up to `MAX_FILES_PER_STREAM` files, or one PutFile) and for
 `expiry` seconds after it ended, so that a client cut late in a long stream
-learns of every file it stored, however long ago the first one was. A stream
+learns of every file it stored, however long ago the first one was. Once their
+streams ended, at most `COMPLETED_KEPT` completions of Put streams are
+remembered, and as many of PutFile calls apart: small puts, however many, never
+push out the completions that a cut folder put goes on from. A stream
 that the daemon ends (a refusal, the idle timeout: see
 `drived.service.DriveService.Put`) aborts its upload instead, but for one
 ended because its client kept memory from others for too long
@@ -51,9 +54,9 @@ from .requests import PutHeader
 log = logging.getLogger("drived")
 
 UploadKey = tuple[str, str, str]  # drive name, component, upload id
-# Completions remembered at most once their streams ended (each for `expiry` seconds): the whole of the two
-# longest streams. Those of running streams are kept whatever their number: each stream holds its files' entries
-# for its answer anyway.
+# Completions remembered at most once their streams ended (each for `expiry` seconds), of Put streams (the whole
+# of the two longest) and as many again of PutFile calls. Those of running streams are kept whatever their number:
+# each stream holds its files' entries for its answer anyway.
 COMPLETED_KEPT = 2 * MAX_FILES_PER_STREAM
 Call = asyncio.Task[object]  # the task serving one call (a Put stream, a PutFile): it is done when the call ends
 
@@ -100,6 +103,52 @@ class Resumable:
                 raise
 
 
+class Completions:
+    """The files that resumable uploads stored, once the streams that committed them ended: each remembered for
+    `expiry` seconds, at most `kept` of them (past it, the oldest are forgotten first)."""
+
+    def __init__(self, expiry: float, kept: int) -> None:
+        self.expiry = expiry
+        self.kept = kept
+        self._files: OrderedDict[UploadKey, tuple[float, Entry]] = OrderedDict()  # deadline, file: oldest first
+        self._forgetting: asyncio.TimerHandle | None = None  # when the oldest one expires
+
+    def add(self, key: UploadKey, entry: Entry) -> None:
+        self._files[key] = (asyncio.get_running_loop().time() + self.expiry, entry)
+        self._files.move_to_end(key)
+        self._forget()
+
+    def get(self, key: UploadKey) -> Entry | None:
+        remembered = self._files.get(key)
+        if remembered is None or remembered[0] <= asyncio.get_running_loop().time():
+            return None
+        return remembered[1]
+
+    def discard(self, key: UploadKey) -> None:
+        self._files.pop(key, None)
+
+    def _forget(self) -> None:
+        """Forgets the files past their expiry, or past `kept`, oldest first; then waits for the oldest one left
+        to expire, so that a burst of puts leaves no records behind."""
+        loop = asyncio.get_running_loop()
+        while self._files:
+            deadline, _ = next(iter(self._files.values()))
+            if deadline > loop.time() and len(self._files) <= self.kept:
+                break
+            self._files.popitem(last=False)
+        if self._forgetting is None and self._files:
+            deadline, _ = next(iter(self._files.values()))
+            self._forgetting = loop.call_at(deadline, self._forgot)
+
+    def _forgot(self) -> None:
+        self._forgetting = None
+        self._forget()
+
+    def close(self) -> None:
+        if self._forgetting is not None:
+            self._forgetting.cancel()
+
+
 class HeldUploads:
     """The resumable uploads of one daemon: written, held, committing, and recently completed."""
 
@@ -110,11 +159,12 @@ class HeldUploads:
         self._known: dict[UploadKey, Resumable] = {}  # every upload not yet committed or discarded
         self._held: OrderedDict[UploadKey, Resumable] = OrderedDict()  # the suspended ones, oldest first
         self._held_bytes = 0
-        self._completed: OrderedDict[UploadKey, tuple[float, Entry]] = OrderedDict()  # deadline, file: of ended
-        # streams, oldest first
+        # The completions of ended streams: a Put stream's, and apart a PutFile call's (see the module doc).
+        self._completed_put_streams = Completions(expiry, COMPLETED_KEPT)
+        self._completed_put_files = Completions(expiry, COMPLETED_KEPT)
         self._streaming: dict[UploadKey, tuple[Call, Entry]] = {}  # the completions of running streams
-        self._streams: dict[Call, list[UploadKey]] = {}  # those running streams, with their completions
-        self._forgetting: asyncio.TimerHandle | None = None  # when the oldest completion expires
+        self._streams: dict[Call, tuple[Completions, list[UploadKey]]] = {}  # those running streams, with where
+        # their completions go once they end
         self._tasks: set[asyncio.Future[None]] = set()
 
     # -- streams -------------------------------------------------------------
@@ -125,7 +175,8 @@ class HeldUploads:
         earlier = self._known.get(key)
         if earlier is not None and earlier.committing is None:  # one committing ends by itself
             await self._discard(earlier, "started again from 0")
-        self._completed.pop(key, None)
+        self._completed_put_streams.discard(key)
+        self._completed_put_files.discard(key)
         self._streaming.pop(key, None)
         resumable = Resumable(key, header, upload, writer, asyncio.current_task())
         self._known[key] = resumable
@@ -219,46 +270,25 @@ class HeldUploads:
             del self._known[key]
         if commit.cancelled() or commit.exception() is not None:
             return
+        completed = self._completed_put_files if resumable.header.put_file else self._completed_put_streams
         stream = resumable.stream
         if stream is None or stream.done():
-            self._expiring(key, commit.result())
-            self._forget_completed()
+            completed.add(key, commit.result())
             return
         self._streaming[key] = (stream, commit.result())
         if stream not in self._streams:
-            self._streams[stream] = []
+            self._streams[stream] = (completed, [])
             stream.add_done_callback(self._ended_stream)
-        self._streams[stream].append(key)
+        self._streams[stream][1].append(key)
 
     def _ended_stream(self, stream: Call) -> None:
         """The stream's completions are remembered for `expiry` seconds from now on."""
-        for key in self._streams.pop(stream):
-            completed = self._streaming.get(key)
-            if completed is not None and completed[0] is stream:  # not started again since
+        completed, keys = self._streams.pop(stream)
+        for key in keys:
+            streaming = self._streaming.get(key)
+            if streaming is not None and streaming[0] is stream:  # not started again since
                 del self._streaming[key]
-                self._expiring(key, completed[1])
-        self._forget_completed()
-
-    def _expiring(self, key: UploadKey, entry: Entry) -> None:
-        self._completed[key] = (asyncio.get_running_loop().time() + self.expiry, entry)
-        self._completed.move_to_end(key)
-
-    def _forget_completed(self) -> None:
-        """Forgets the completions past their expiry, or past COMPLETED_KEPT, oldest first; then waits for the
-        oldest one left to expire, so that a burst of puts leaves no records behind."""
-        loop = asyncio.get_running_loop()
-        while self._completed:
-            deadline, _ = next(iter(self._completed.values()))
-            if deadline > loop.time() and len(self._completed) <= COMPLETED_KEPT:
-                break
-            self._completed.popitem(last=False)
-        if self._forgetting is None and self._completed:
-            deadline, _ = next(iter(self._completed.values()))
-            self._forgetting = loop.call_at(deadline, self._forgot)
-
-    def _forgot(self) -> None:
-        self._forgetting = None
-        self._forget_completed()
+                completed.add(key, streaming[1])
 
     async def abort(self, resumable: Resumable, writer: object) -> None:
         """Discards the upload that `writer` writes (a failed write or commit, a stream the daemon ended); a no-op
@@ -281,9 +311,9 @@ class HeldUploads:
         streaming = self._streaming.get(key)
         if streaming is not None:
             return 0, streaming[1]
-        completed = self._completed.get(key)
-        if completed is not None and completed[0] > asyncio.get_running_loop().time():
-            return 0, completed[1]
+        entry = self._completed_put_streams.get(key) or self._completed_put_files.get(key)
+        if entry is not None:
+            return 0, entry
         raise NotFound(_not_held(key))
 
     # -- holding, expiry and bounds ------------------------------------------
@@ -348,8 +378,8 @@ class HeldUploads:
 
     async def close(self) -> None:
         """Discards every held upload (the daemon stops: nothing here outlives it)."""
-        if self._forgetting is not None:
-            self._forgetting.cancel()
+        self._completed_put_streams.close()
+        self._completed_put_files.close()
         while self._tasks:
             await asyncio.wait(set(self._tasks))
         for resumable in list(self._held.values()):

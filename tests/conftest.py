@@ -187,16 +187,20 @@ def spawn_daemon(
     env: dict[str, str] | None = None,
     use_console_script: bool = False,
     nofile: int | None = None,
+    before: str = "",
 ) -> DaemonHandle:
     """Starts `drived ARGS` without waiting; stdout+stderr go to `log_path`.
 
-    `nofile` sets the daemon's limit of open files (soft and hard, as `ulimit -n` does).
+    `nofile` sets the daemon's limit of open files (soft and hard, as `ulimit -n` does). `before` is Python that
+    the daemon's process runs before the daemon starts (e.g. to lower one of its module constants).
     """
     full_env = dict(os.environ)
     for var in ("DRIVED_LISTEN", "DRIVED_DATA_DIR", "DRIVED_STORAGE"):
         full_env.pop(var, None)  # only what the test asks for
     full_env.update(env or {})
     cmd = [str(BIN / "drived")] if use_console_script else [sys.executable, "-m", "drived"]
+    if before:
+        cmd = [sys.executable, "-c", f"{before}\nimport runpy\nrunpy.run_module('drived', run_name='__main__')"]
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(
@@ -219,14 +223,15 @@ def start_daemon(
     wait: bool = True,
     nofile: int | None = None,
     tls: Connection | None = None,
+    before: str = "",
 ) -> DaemonHandle:
     """Starts drived on a free 127.0.0.1 port with a data dir under `tmp_path`, and waits for SERVING
     (asking over `tls` when the daemon serves TLS).
 
     `extra_args` are appended to `--listen ... --data-dir ...` (e.g. "--grace-period", "5").
     It serves metrics on a free port too (unless `extra_args` say where), so that tests can
-    wait on what it is doing (`open_requests`). The caller stops it (`handle.stop()`); the
-    `start_daemon` fixture does that itself.
+    wait on what it is doing (`open_requests`). `before`: Python run first in its process (`spawn_daemon`). The
+    caller stops it (`handle.stop()`); the `start_daemon` fixture does that itself.
     """
     port = port or free_port()
     endpoint = f"127.0.0.1:{port}"
@@ -236,7 +241,8 @@ def start_daemon(
         metrics_port = next(p for p in iter(free_port, None) if p != port)
         extra_args = (*extra_args, "--metrics-listen", f"127.0.0.1:{metrics_port}")
     args = ["--listen", endpoint, "--data-dir", str(data_dir), *extra_args]
-    handle = spawn_daemon(args, tmp_path / f"drived-{port}.log", data_dir, endpoint, env=env, nofile=nofile)
+    handle = spawn_daemon(args, tmp_path / f"drived-{port}.log", data_dir, endpoint, env=env, nofile=nofile,
+                          before=before)
     if wait:
         wait_serving(handle, tls=tls)
     return handle

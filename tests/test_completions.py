@@ -1,0 +1,53 @@
+"""The completions a daemon remembers for a cut put: small puts (PutFile calls) never push out a Put stream's.
+
+The daemon runs with `drived.uploads.COMPLETED_KEPT` lowered in its own process, so that a few small puts reach
+the bound that 20,000 would in production.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from conftest import MIB, Background, rpc_code, sha256_hex, wait_until, write_random_file
+from cutting_proxy import CuttingProxy
+from test_resume import IN_FLIGHT, metric, query, requests, stub_of
+
+from drive_client import Drive
+from drive_client.pb import drive_pb2 as pb
+from drive_client.transfer import put_file_request
+
+pytestmark = pytest.mark.timeout(60)
+
+KEPT = 5  # completions the daemon remembers of each kind once their streams ended
+
+
+def test_small_puts_past_their_bound_leave_a_cut_folder_puts_completions(start_daemon, tmp_path):
+    """A folder put is cut in its fourth file, and stays cut while twice the bound of small puts complete: its
+    resume still learns of the three files stored, and sends only the rest; the small puts' completions stay
+    within their bound (the oldest is forgotten)."""
+    handle = start_daemon(tmp_path, before=f"import drived.uploads\ndrived.uploads.COMPLETED_KEPT = {KEPT}")
+    drive = "lit://kept_apart"
+    src = tmp_path / "src"
+    digests = {f"set/f{i}.bin": write_random_file(src / "set" / f"f{i}.bin", 3 * MIB + i) for i in range(4)}
+    total = sum((src / path).stat().st_size for path in digests)
+    with CuttingProxy(handle.endpoint) as proxy:
+        proxy.cut_after("up", 11 * MIB)  # in the fourth file
+        proxy.down_after_cuts()  # the client can reach the daemon again only once the small puts are done
+        folder = Background(lambda: Drive(drive, root_folder=src, endpoint=proxy.endpoint).put("set"))
+        folder.start()
+        assert wait_until(lambda: len(requests(handle, "Put")) == 1, timeout=20), "the folder put was never cut"
+        stub = stub_of(handle.endpoint)
+        small_ids = [f"small-{i}" for i in range(2 * KEPT)]
+        for i, upload_id in enumerate(small_ids):
+            header = pb.PutHeader(drive=drive, upload_id=upload_id)
+            stub.PutFile(put_file_request(header, f"small/{i}.txt", b"small %d" % i), timeout=10)
+        proxy.down_after_cuts(False)
+        stored = folder.join_checked(timeout=30)
+    assert {s.path: s.sha256 for s in stored} == digests
+    cut, resumed = requests(handle, "Put")
+    assert cut["status"] != "OK" and resumed["status"] == "OK" and resumed["files"] < len(digests), (cut, resumed)
+    small_bytes = sum(len(b"small %d" % i) for i in range(len(small_ids)))
+    received = metric(handle, 'drived_transfer_bytes_total{direction="in"}') - small_bytes
+    assert total <= received <= total + IN_FLIGHT, f"{received - total} bytes received twice"
+    assert query(stub, drive, small_ids[-1]).file.sha256 == sha256_hex(b"small %d" % (len(small_ids) - 1))
+    assert rpc_code(lambda: query(stub, drive, small_ids[0])) == grpc.StatusCode.NOT_FOUND  # past the bound
