@@ -186,6 +186,7 @@ def test_reads_of_a_mounted_drive_are_not_tried_again_when_the_store_fails(twin,
             assert time.monotonic() - started < 30, "tried again"
             message = str(down.value)
             assert message.startswith("drived: store failed: ") and url in message, message
+            assert down.value.details() == message, "the daemon's answer, marked once"
             assert list(local.iterdir()) == [], "a failed get leaves no local file"
     finally:
         again.stop()
