@@ -7,8 +7,9 @@ parallel ranged streams, one unary PutFile for a small file against a Put
 stream, which checksums a transfer computes and checks (CRC32C always, sha256
 with `verify="sha256"`), how a put, a get, a ranged read or a watch goes on
 when its stream breaks (`resume` paces the attempts and knows where a get got
-to), which unary calls are simply sent again (List, Stat, Mount: `_retried`), and
-how drive paths map to local ones. The bytes themselves move in `transfer`'s
+to), which unary calls are simply sent again (List, Stat, Mount: `_retried`),
+what an s3:// drive's calls never try again (`_backoff`), and how drive paths
+map to local ones. The bytes themselves move in `transfer`'s
 thread-based functions, which the plans run as `Blocking` work.
 """
 
@@ -146,30 +147,34 @@ def _worth_ranges(first: pb.GetResponse, remote: str) -> bool:
 # -- the operations ---------------------------------------------------------------------------------
 
 
-def _retried(drive: DriveBase, method: str, request: Message,
-             at_once: tuple[type[DriveError], ...] = ()) -> Plan[Any]:
-    """The reply to the unary call `method` with `request`, tried again on UNAVAILABLE (paced by `Backoff`,
-    within the drive's retry_seconds) but for the errors `at_once`; any other error is raised at once too.
+def _backoff(drive: DriveBase) -> Backoff:
+    """The pacing of an operation's attempts on `drive`, within its retry_seconds.
+
+    On an s3:// drive a `StoreUnavailable` is raised at once, whatever the
+    call and however far it got: a daemon that lost its index mounts again
+    for a List page, a Stat, a Get or a ranged read (each try would list the
+    whole location against an endpoint that is down, after boto3's own
+    retries), and no replica does better, as all of them share the endpoint.
+    On a lit:// drive it is tried again: its store's calls work again once
+    the store is back.
+    """
+    return Backoff(drive.retry_seconds, (StoreUnavailable,) if drive._read_only else ())
+
+
+def _retried(drive: DriveBase, method: str, request: Message) -> Plan[Any]:
+    """The reply to the unary call `method` with `request`, tried again on UNAVAILABLE as `_backoff` says;
+    any other error is raised at once.
 
     For calls that have the same effect however often they run: a List
     page, a Stat, a Mount.
     """
-    backoff = Backoff(drive.retry_seconds)
+    backoff = _backoff(drive)
     while True:
         try:
             return (yield Unary(method, request))
-        except at_once:
-            raise
         except DriveError as err:
             delay = backoff.delay(err)
         yield Sleep(delay)
-
-
-def _read_at_once(drive: DriveBase) -> tuple[type[DriveError], ...]:
-    """What a List page or a Stat raises without trying again: on an s3:// drive, `StoreUnavailable` (a daemon
-    that lost its index mounts again for the call, listing the whole location against an endpoint that is
-    down, as `mount` says); on a lit:// drive nothing (its store's calls work again once the store is back)."""
-    return (StoreUnavailable,) if drive._read_only else ()
 
 
 def mount(drive: DriveBase) -> Plan[MountResult]:
@@ -177,12 +182,11 @@ def mount(drive: DriveBase) -> Plan[MountResult]:
 
     An UNAVAILABLE is tried again within the drive's retry_seconds (the
     daemon unreachable, or draining: the next attempt may reach another
-    replica), except `StoreUnavailable`, raised at once: the daemon's S3
-    endpoint failed, after boto3's own retries, and a mount tried again
-    would list the whole location again against an endpoint that is down.
+    replica), except `StoreUnavailable`, raised at once (`_backoff`): the
+    daemon's S3 endpoint failed, after boto3's own retries, and a mount
+    tried again would list the whole location again against it.
     """
-    reply: pb.MountResponse = yield from _retried(drive, "Mount", pb.MountRequest(drive=drive.id),
-                                                  _read_at_once(drive))
+    reply: pb.MountResponse = yield from _retried(drive, "Mount", pb.MountRequest(drive=drive.id))
     MOUNTS.mounted(drive)
     return MountResult(reply.objects, reply.seconds)
 
@@ -236,7 +240,7 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
     ids = upload_ids(len(files))
     stored: list[pb.FileInfo] = []  # the files before `start`, which the daemon committed
     start = offset = 0  # the file to send first, and the byte its stream starts at
-    backoff = Backoff(drive.retry_seconds)
+    backoff = _backoff(drive)
     counted = PutProgress(progress) if progress else None
     while True:
         try:
@@ -300,7 +304,7 @@ def entries(drive: DriveBase, path: str, component_name: str | None, recursive: 
     )
     yield from _ensure_mounted(drive)
     while True:
-        reply: pb.ListResponse = yield from _retried(drive, "List", request, _read_at_once(drive))
+        reply: pb.ListResponse = yield from _retried(drive, "List", request)
         yield Emit(map(each, reply.entries))
         if not reply.next_page_token:
             return
@@ -333,12 +337,13 @@ def get(drive: DriveBase, path: str, component_name: str | None, timeout: float 
 
 
 def _open_get(drive: DriveBase, request: pb.GetRequest) -> Plan[tuple[Stream, GetMessage | None]]:
-    """Opens a Get stream and reads its first message, trying again while the daemon cannot be reached.
+    """Opens a Get stream and reads its first message, trying again while the daemon cannot be reached
+    (`_backoff`: not after a StoreUnavailable of an s3:// drive).
 
     A wait for the path (`wait_seconds`) counts from the first attempt: each
     later one waits only for what is left of it.
     """
-    backoff = Backoff(drive.retry_seconds)
+    backoff = _backoff(drive)
     deadline = time.monotonic() + request.wait_seconds
     while True:
         stream = yield Open("Get", request)
@@ -358,11 +363,11 @@ def _open_get(drive: DriveBase, request: pb.GetRequest) -> Plan[tuple[Stream, Ge
 
 def _rest_of_get(drive: DriveBase, request: pb.GetRequest, stream: Stream, first: GetMessage | None) -> Plan[None]:
     """Emits the messages of the Get `request` after `first` (read from `stream`); when the stream breaks,
-    goes on from where it got on a new one (see `GetPosition`)."""
+    goes on from where it got on a new one (see `GetPosition`), but for what `_backoff` raises at once."""
     position = GetPosition(request)
     if first is not None:
         position.passed(first)
-    backoff = Backoff(drive.retry_seconds)
+    backoff = _backoff(drive)
     moved = position.moved
     try:
         while True:
@@ -412,10 +417,11 @@ def read_range(drive: DriveBase, path: str, offset: int, length: int | None, com
 
     Their CRC32C is checked against the daemon's once the last has been
     emitted: a mismatch raises DataLoss at the end of the range. A stream that
-    breaks is resumed from where it got; the daemon's CRC32C then covers the
-    bytes of the resumed stream, and those the broken one carried had TCP's
-    checks only. `summed`, when given, is called at the end with the CRC32C
-    of all the range's bytes, for a caller that knows what it must be.
+    breaks is resumed from where it got (but for what `_backoff` raises at
+    once); the daemon's CRC32C then covers the bytes of the resumed stream,
+    and those the broken one carried had TCP's checks only. `summed`, when
+    given, is called at the end with the CRC32C of all the range's bytes, for
+    a caller that knows what it must be.
     """
     if offset < 0 or (length is not None and length < 0):
         raise InvalidArgument("offset and length cannot be negative")
@@ -427,7 +433,7 @@ def read_range(drive: DriveBase, path: str, offset: int, length: int | None, com
         return
     yield from _ensure_mounted(drive)
     end = None if length is None else offset + length
-    backoff = Backoff(drive.retry_seconds)
+    backoff = _backoff(drive)
     earlier = 0  # the CRC32C of the bytes that the streams before this one carried
     while True:
         stream = yield Open("Get", request)
@@ -476,7 +482,7 @@ def stat(drive: DriveBase, path: str, component_name: str | None) -> Plan[FileSt
     """Describes a file or folder (asked again on UNAVAILABLE, `_retried`)."""
     request = pb.StatRequest(drive=drive.id, path=normalize_path(path), component=_filter(component_name))
     yield from _ensure_mounted(drive)
-    info: pb.FileInfo = yield from _retried(drive, "Stat", request, _read_at_once(drive))
+    info: pb.FileInfo = yield from _retried(drive, "Stat", request)
     return FileStat.from_info(info)
 
 
@@ -493,7 +499,7 @@ def watch(drive: DriveBase, path: str, component_name: str | None, after_sequenc
         drive=drive.id, path=normalize_path(path, allow_root=True), component=_filter(component_name),
         after_sequence=after_sequence,
     )
-    backoff = Backoff(drive.retry_seconds)
+    backoff = _backoff(drive)
     while True:
         delay = 0.0
         stream = yield Open("Watch", request)

@@ -102,7 +102,9 @@ class Unavailable(DriveError, ConnectionError):
     mark = "drived: "
 
     def details(self) -> str:
-        return self.mark + self.message
+        """The message marked as the daemon's: on the daemon the mark is added; an error the client built from
+        the daemon's answer carries it already (`from_rpc_error`)."""
+        return self.message if self.message.startswith(self.mark) else self.mark + self.message
 
 
 class StoreUnavailable(Unavailable):

@@ -5,7 +5,8 @@ read's or a watch's) or call (a small put's PutFile, a List page, a Stat, a
 mount): only UNAVAILABLE (the daemon unreachable, draining, or the
 connection cut) is tried again, after exponential delays with jitter, for at
 most `retry_seconds` from the first failure since the transfer last moved
-forward; anything else is raised at once.
+forward; anything else is raised at once, and so are the UNAVAILABLE errors
+its caller names `at_once` (what `core` says an s3:// drive's calls raise).
 
 `GetPosition` knows how far a Get stream got, and the request that goes on
 from there. Where a put goes on from is the daemon's answer to
@@ -33,16 +34,18 @@ MAX_DELAY = 5.0  # the longest wait between two attempts
 
 
 class Backoff:
-    """Pacing of one stream's attempts: exponential delays with jitter, within a budget of seconds."""
+    """Pacing of one stream's attempts: exponential delays with jitter, within a budget of seconds; the errors
+    `at_once` are never tried again."""
 
-    def __init__(self, budget: float) -> None:
+    def __init__(self, budget: float, at_once: tuple[type[DriveError], ...] = ()) -> None:
         self.budget = budget
+        self.at_once = at_once
         self._failures = 0
         self._since: float | None = None  # the first failure since the stream last moved forward
 
     def check(self, error: DriveError) -> None:
-        """Raises `error` unless it is worth trying again: UNAVAILABLE, with retries on."""
-        if not isinstance(error, Unavailable) or self.budget <= 0:
+        """Raises `error` unless it is worth trying again: UNAVAILABLE but not `at_once`, with retries on."""
+        if not isinstance(error, Unavailable) or isinstance(error, self.at_once) or self.budget <= 0:
             raise error
 
     def delay(self, error: DriveError) -> float:

@@ -41,7 +41,7 @@ from conftest import (
 from crc32c import crc32c
 from cutting_proxy import CuttingProxy
 
-from drive_client.errors import DataLoss, NotFound, StaleIndexError, Unavailable
+from drive_client.errors import DataLoss, NotFound, StaleIndexError, StoreUnavailable, Unavailable
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
 from drive_client.resume import FIRST_DELAY, MAX_DELAY, Backoff, GetPosition
@@ -681,6 +681,11 @@ def test_backoff_retries_unavailable_only_with_growing_delays_within_its_budget(
             Backoff(60).delay(error)
     with pytest.raises(Unavailable):
         Backoff(0).delay(unavailable)  # retries off
+    store_down = StoreUnavailable("drived: store failed: S3 endpoint down", grpc.StatusCode.UNAVAILABLE)
+    with pytest.raises(StoreUnavailable):
+        Backoff(60, (StoreUnavailable,)).delay(store_down)  # what its caller raises at once
+    assert Backoff(60, (StoreUnavailable,)).delay(unavailable) <= FIRST_DELAY
+    assert Backoff(60).delay(store_down) <= FIRST_DELAY
     backoff = Backoff(60)
     delays = [backoff.delay(unavailable) for _ in range(8)]
     assert all(FIRST_DELAY / 2 <= d <= MAX_DELAY for d in delays) and delays[-1] >= MAX_DELAY / 2

@@ -19,6 +19,7 @@ import boto3
 import grpc
 import pytest
 from conftest import Background, DaemonHandle, free_port, held_open, start_daemon, wait_until
+from cutting_proxy import CuttingProxy
 from moto_server import AWS_ENV, closed_port, running_moto
 
 from drive_client import Drive, StaleIndexError, StoreUnavailable
@@ -157,9 +158,10 @@ def test_unreachable_endpoint_is_unavailable_naming_it(twin, tmp_path):
         handle.stop()
 
 
-def test_a_list_or_stat_of_a_mounted_drive_is_not_tried_again_when_the_store_fails(twin, tmp_path):
-    """A daemon restarted since this process mounted the drive indexes it again for a List or a Stat; with its
-    S3 endpoint down that fails as the store's, raised at once (each try would list the location again)."""
+def test_reads_of_a_mounted_drive_are_not_tried_again_when_the_store_fails(twin, tmp_path):
+    """A daemon restarted since this process mounted the drive indexes it again for a List, a Stat, a Get or a
+    ranged read; with its S3 endpoint down that fails as the store's, raised at once (each try would list the
+    location again), and a get leaves no local file."""
     with running_moto() as url:
         client = boto3.client("s3", endpoint_url=url, aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
                               aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
@@ -168,20 +170,57 @@ def test_a_list_or_stat_of_a_mounted_drive_is_not_tried_again_when_the_store_fai
         client.put_object(Bucket=BUCKET, Key="x/a.txt", Body=b"a")
         env = {**AWS_ENV, "AWS_ENDPOINT_URL": url, "AWS_MAX_ATTEMPTS": "2"}
         first = start_daemon(tmp_path, env=env)
-        d = twin(f"s3://{BUCKET}/x/", endpoint=first.endpoint, retry_seconds=600)
+        local = tmp_path / "local"
+        local.mkdir()
+        d = twin(f"s3://{BUCKET}/x/", endpoint=first.endpoint, retry_seconds=600, root_folder=local)
         assert d.list(".") == ["a.txt"]  # mounted, once for this process
         first.stop()
     (tmp_path / "again").mkdir()  # a log of its own
     again = start_daemon(tmp_path / "again", port=first.port, env=env)  # no index, and moto is gone
     try:
-        for call in (lambda: d.list("."), lambda: d.stat("a.txt")):
+        for call in (lambda: d.list("."), lambda: d.stat("a.txt"), lambda: d.get("a.txt"),
+                     lambda: list(d.read_range("a.txt", 0, 1))):
             started = time.monotonic()
             with pytest.raises(StoreUnavailable) as down:
                 call()
             assert time.monotonic() - started < 30, "tried again"
-            assert url in str(down.value), str(down.value)
+            message = str(down.value)
+            assert message.startswith("drived: store failed: ") and url in message, message
+            assert down.value.details() == message, "the daemon's answer, marked once"
+            assert list(local.iterdir()) == [], "a failed get leaves no local file"
     finally:
         again.stop()
+
+
+def test_a_read_whose_store_fails_midway_ends_at_once(twin, s3, tmp_path):
+    """An s3:// get or ranged read whose S3 endpoint goes away after some bytes ends with StoreUnavailable at
+    once rather than resuming: every replica reads the same endpoint, so a resume fails the same way. The get
+    leaves no local file; the daemon serves the read again once the endpoint is back."""
+    with CuttingProxy(s3["url"].removeprefix("http://")) as to_store:
+        env = {**AWS_ENV, "AWS_ENDPOINT_URL": f"http://{to_store.endpoint}", "AWS_MAX_ATTEMPTS": "2"}
+        handle = start_daemon(tmp_path, env=env)
+        try:
+            local = tmp_path / "local"
+            local.mkdir()
+            d = twin(f"s3://{BUCKET}/imagenet/", endpoint=handle.endpoint, retry_seconds=600, root_folder=local)
+            d.mount()
+
+            def read_range() -> None:
+                for _ in d.read_range("big.bin"):
+                    to_store.refuse()
+
+            for read in (lambda: d.get("big.bin", progress=lambda _: to_store.refuse()), read_range):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable) as down:
+                    read()
+                assert time.monotonic() - started < 30, "tried again"
+                message = str(down.value)
+                assert message.startswith("drived: store failed: ") and to_store.endpoint in message, message
+                assert list(local.iterdir()) == [], "a failed get leaves no local file"
+                to_store.refuse(False)
+            assert b"".join(d.read_range("big.bin")) == s3["big"]
+        finally:
+            handle.stop()
 
 
 def mounts_logged(handle: DaemonHandle) -> list[str]:
