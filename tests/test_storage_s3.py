@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -693,6 +694,51 @@ def test_clients_that_trickle_bytes_cannot_keep_the_parts_room_from_others(store
     drive.get("big.bin", to=tmp_path / "back.bin")
     assert file_sha256(tmp_path / "back.bin") == expected
     assert drive.list("trickle") == [], "nothing of the trickling puts is stored"
+    assert wait_until(lambda: not store.uploads(), 30), store.uploads()
+
+
+def test_a_slow_client_is_charged_only_its_waits_while_others_want_room(store, drive_uri):
+    """Only the time a client keeps its part waiting while other uploads want room counts against it: a client
+    that trickled bytes for longer than --stream-idle-timeout while no upload waited is not ended when others
+    start waiting, and completes its put when it sends the rest within the timeout."""
+    handle = store.daemon("--stream-idle-timeout", "2")
+    loop = loop_thread().loop
+    trickled = asyncio.Event()
+    trickling: list[concurrent.futures.Future[list[grpc.aio.AioRpcError]]] = []
+    data = bytearray(os.urandom(2 * MIB))  # past the first MiB: its part takes room
+    others_open: list[bool] = []
+
+    def trickle(count: int) -> Iterator[drive_pb2.PutRequest]:  # a byte every 0.2 s
+        for _ in range(count):
+            time.sleep(0.2)
+            data.append(ord("x"))
+            yield drive_pb2.PutRequest(data=b"x")
+
+    def requests() -> Iterator[drive_pb2.PutRequest]:
+        yield drive_pb2.PutRequest(header=drive_pb2.PutHeader(drive=drive_uri, path="slow.bin"))
+        yield drive_pb2.PutRequest(data=bytes(data))
+        yield from trickle(15)  # 3 s while no upload waits: longer than the timeout
+        # All the room taken, and uploads waiting for it: two while this one holds its part, one after.
+        trickling.append(asyncio.run_coroutine_threadsafe(
+            _trickle(handle.endpoint, drive_uri, PARTS_IN_MEMORY + 1, os.urandom(2 * MIB), trickled), loop))
+        others_open.append(wait_until(lambda: handle.open_requests("Put") == PARTS_IN_MEMORY + 2, 30))
+        yield from trickle(5)  # 1 s while others want room: less than the timeout
+        yield drive_pb2.PutRequest(finish=drive_pb2.PutFinish(sha256=sha256_of(data)))
+
+    try:
+        answer = stub_of(handle).Put(requests(), timeout=60)
+        time.sleep(2.5)  # the others go on wanting room: the parts that keep it waiting are ended
+    finally:
+        loop.call_soon_threadsafe(trickled.set)
+    assert others_open == [True], "the other puts did not all start"
+    [stored] = answer.files
+    assert stored.sha256 == sha256_of(data) and stored.size == len(data)
+    ended = trickling[0].result(60)
+    assert ended, "no other upload waited for room, so the slow put was never at risk"
+    for err in ended:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "--stream-idle-timeout" in err.details(), err
+    assert [line["status"] for line in _put_streams(handle, "slow.bin")] == ["OK"]
+    assert not [key for key in store.object_keys() if "/trickle/" in key], "nothing of the other puts is stored"
     assert wait_until(lambda: not store.uploads(), 30), store.uploads()
 
 
