@@ -44,13 +44,14 @@ from conftest import (
 )
 from crc32c import crc32c
 from cutting_proxy import CuttingProxy
-from moto_server import AWS_ENV
+from moto_server import AWS_ENV, aws_env
 
 from bench.services import MotoServer, peak_rss_mib, reset_peak_rss
 from drive_client import DataLoss, Drive
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drive_client.wire import fast_stub
-from drived.backends.s3 import MAX_PARTS_IN_FLIGHT, PART_SIZE, PARTS_IN_MEMORY
+from drived.backends.s3 import MAX_PARTS_IN_FLIGHT, PART_SIZE, PARTS_IN_MEMORY, S3Backend
+from drived.checksums import ClientChecksums
 
 BUCKET = "drived-store"
 PREFIX = "drives/"
@@ -740,6 +741,34 @@ def test_a_slow_client_is_charged_only_its_waits_while_others_want_room(store, d
     assert [line["status"] for line in _put_streams(handle, "slow.bin")] == ["OK"]
     assert not [key for key in store.object_keys() if "/trickle/" in key], "nothing of the other puts is stored"
     assert wait_until(lambda: not store.uploads(), 30), store.uploads()
+
+
+def test_a_short_last_part_keeps_its_part_sized_buffer_for_the_next_part(store):
+    """A multipart file's last part, shorter than a part, is sent from a copy of its bytes: the part-sized buffer
+    it filled is kept for reuse (beside the first part's), so the next upload's part is not mapped fresh."""
+    data = os.urandom(PART_SIZE + MIB)
+
+    async def put() -> int:
+        backend = S3Backend(BUCKET, "unit/")
+        buffers = backend.part_buffers
+        try:
+            assert buffers.room_now()  # another upload's part holds room throughout: free buffers are kept
+            upload = await backend.start_upload("short-last.bin")
+            await upload.write(data)
+            await upload.commit(ClientChecksums(sha256_of(data), None), len(data))
+            kept = len(buffers._free)
+            buffers.give_back(None)
+            return kept
+        finally:
+            await backend.close()
+
+    with aws_env(store.url):
+        kept = asyncio.run(put())
+    assert kept == 2, f"{kept} part-sized buffers kept after a put of two parts"
+    stored = store.client.get_object(Bucket=BUCKET, Key="unit/short-last.bin")
+    assert stored["ETag"].endswith('-2"'), stored  # a multipart object of two parts
+    assert stored["Body"].read() == data
+    assert not store.uploads()
 
 
 def _put_streams(handle: DaemonHandle, path: str) -> list[dict]:

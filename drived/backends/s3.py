@@ -207,8 +207,9 @@ class PartBuffers:
 
     A fresh buffer of a part's size is mapped anew by malloc, and filling it
     costs a page fault per page; one grown a chunk at a time is also copied
-    again as it grows. Reused, a part costs one copy of its bytes. At most
-    `keep` free buffers stay (what the parts in flight give back), and none
+    again as it grows. Reused, a part costs one copy of its bytes (a file's
+    short last part two: they are copied out of its buffer, which is kept
+    rather than cut to their size). At most `keep` free buffers stay (what the parts in flight give back), and none
     when no part holds room, so an idle daemon keeps none and a burst of
     uploads leaves no more.
     """
@@ -274,9 +275,15 @@ class PartBuffers:
     def give_back(self, part: bytearray | None) -> None:
         """A part's room back: `part` is kept for reuse when it is part-sized, and not None (None: a thread may
         still read it)."""
-        if part is not None and len(part) == self.size and len(self._free) < self.keep:
-            self._free.append(part)
+        if part is not None:
+            self.reuse(part)
         self._hand_over()
+
+    def reuse(self, part: bytearray) -> None:
+        """Keeps `part` for the next part to take, when it is part-sized and fewer than `keep` are kept; the room
+        it had stays lent."""
+        if len(part) == self.size and len(self._free) < self.keep:
+            self._free.append(part)
 
     def _hand_over(self) -> None:
         """Room given back goes to the first upload waiting, if any."""
@@ -397,10 +404,11 @@ class S3Upload(Upload):
         if buffer is None:
             return
         # A part-sized buffer (a file's grown first part commits as a small file): taken when the part before
-        # filled, it is given back empty, or cut to its bytes in place (no copy; then not kept for reuse).
+        # filled, it is given back empty, or its bytes are copied out to be sent and it is kept for the next
+        # upload's part, which a fresh buffer would cost a page fault per page.
         if self._filled:
-            del buffer[self._filled:]
-            self._full.append(buffer)
+            self._full.append(buffer[:self._filled])  # holds the room the buffer held
+            self._backend.part_buffers.reuse(buffer)
         else:
             self._backend.part_buffers.give_back(buffer)
         self._filled = 0
