@@ -785,18 +785,18 @@ def test_a_stream_ended_for_its_parts_room_logs_the_bytes_the_daemon_took(store,
     wanting: list[concurrent.futures.Future[list[grpc.aio.AioRpcError]]] = []
     sent = bytearray(os.urandom(2 * MIB))  # past the first MiB: its part takes room
 
-    def others_open() -> bool:  # all the room taken, and an upload waiting
-        return handle.open_requests("Put") >= PARTS_IN_MEMORY + 1
+    def others_open() -> bool:  # all the room taken, and more uploads waiting than the others' parts ended at once
+        return handle.open_requests("Put") >= 2 * PARTS_IN_MEMORY + 1
 
     def requests() -> Iterator[drive_pb2.PutRequest]:
         yield drive_pb2.PutRequest(header=drive_pb2.PutHeader(drive=drive_uri, path="refused.bin"))
         yield drive_pb2.PutRequest(data=bytes(sent))
         yield from _byte_by_byte(sent, 3)  # its part has room before the others come
         wanting.append(asyncio.run_coroutine_threadsafe(  # uploads wait for room all along
-            _trickle(handle.endpoint, drive_uri, PARTS_IN_MEMORY, os.urandom(2 * MIB), trickled, again=True), loop))
+            _trickle(handle.endpoint, drive_uri, 2 * PARTS_IN_MEMORY, os.urandom(2 * MIB), trickled), loop))
         yield from _byte_by_byte(sent, 150, until=_set_when(others_open))
         yield from _byte_by_byte(sent, 5)  # 1 s while others want room: taken
-        time.sleep(1.4)  # not idle, but 2.4 s in all while others want room: the next chunk is refused
+        time.sleep(1.5)  # not idle, but 2.5 s in all while others want room: the next chunk is refused
         yield drive_pb2.PutRequest(data=os.urandom(100_000))
         ended.wait(30)
 
