@@ -201,17 +201,17 @@ class PartBuffers:
     overlap others wanting room count: `wanted_seconds` is a clock that runs
     while the waiting list is not empty, read by an upload as each write
     returns and again at its next write, so a slow client that took no room
-    from anyone has lost no time when others start waiting. Its upload keeps the
-    parts it sent (held for a resume when resumable), so a slow client goes
-    on from its last part sent rather than from its first byte.
+    from anyone has lost no time when others start waiting. Its upload keeps
+    the parts it sent (held for a resume when resumable), so a slow client
+    goes on from its last part sent rather than from its first byte.
 
     A fresh buffer of a part's size is mapped anew by malloc, and filling it
     costs a page fault per page; one grown a chunk at a time is also copied
     again as it grows. Reused, a part costs one copy of its bytes (a file's
     short last part two: they are copied out of its buffer, which is kept
-    rather than cut to their size). At most `keep` free buffers stay (what the parts in flight give back), and none
-    when no part holds room, so an idle daemon keeps none and a burst of
-    uploads leaves no more.
+    rather than cut to their size). At most `keep` free buffers stay (what
+    the parts in flight give back), and none when no part holds room, so an
+    idle daemon keeps none and a burst of uploads leaves no more.
     """
 
     def __init__(self, size: int, keep: int, limit: int) -> None:
