@@ -20,6 +20,7 @@ from drive_client.errors import InvalidArgument
 from drive_client.pb import drive_pb2 as pb
 from drive_client.wire import SMALL_FILE, PutMessage, chunk_of
 
+from .backends.base import ClientTooSlow
 from .checksums import ClientChecksums
 from .drives import PendingPut
 from .entry import Entry
@@ -94,7 +95,11 @@ class PutStream:
         if self.bytes + len(data) > self._stop_at:
             raise pending.over_limit(self.bytes + len(data) - self._file_start)
         self.bytes += len(data)  # received, and the upload's once handed to it (writes are cancel-safe)
-        await pending.write(data)
+        try:
+            await pending.write(data)
+        except ClientTooSlow:
+            self.bytes -= len(data)  # refused whole: none of it was taken
+            raise
 
     async def _finish(self, sent: ClientChecksums) -> None:
         """Commits the current file as a task of its own, once there is room for it (until then it is the file in

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
@@ -43,13 +44,14 @@ from conftest import (
 )
 from crc32c import crc32c
 from cutting_proxy import CuttingProxy
-from moto_server import AWS_ENV
+from moto_server import AWS_ENV, aws_env
 
 from bench.services import MotoServer, peak_rss_mib, reset_peak_rss
 from drive_client import DataLoss, Drive
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drive_client.wire import fast_stub
-from drived.backends.s3 import MAX_PARTS_IN_FLIGHT, PART_SIZE, PARTS_IN_MEMORY
+from drived.backends.s3 import MAX_PARTS_IN_FLIGHT, PART_SIZE, PARTS_IN_MEMORY, S3Backend
+from drived.checksums import ClientChecksums
 
 BUCKET = "drived-store"
 PREFIX = "drives/"
@@ -697,9 +699,148 @@ def test_clients_that_trickle_bytes_cannot_keep_the_parts_room_from_others(store
 
 
 def _put_streams(handle: DaemonHandle, path: str) -> list[dict]:
-    """The request log lines of the daemon's Put streams of `path`, in the order they ended."""
+    """The request log lines of the daemon's Put streams of `path` (of the files under it when it ends in "/"),
+    in the order they ended."""
     lines = [json.loads(line) for line in handle.log().splitlines() if line.startswith("{")]
-    return [line for line in lines if line.get("method") == "Put" and line.get("path") == path]
+    puts = [line for line in lines if line.get("method") == "Put"]
+    if path.endswith("/"):
+        return [line for line in puts if line.get("path", "").startswith(path)]
+    return [line for line in puts if line.get("path") == path]
+
+
+@pytest.fixture(scope="module")
+def quick_fill(store: Store) -> DaemonHandle:
+    """A daemon that lets a client keep its part waiting 2 s while other uploads want room."""
+    return store.daemon("--stream-idle-timeout", "2")
+
+
+def _set_when(predicate: Callable[[], bool]) -> threading.Event:
+    """An event set once `predicate` holds (polled in a thread of its own for up to 30 s)."""
+    event = threading.Event()
+    threading.Thread(target=lambda: wait_until(predicate, 30) and event.set(), daemon=True).start()
+    return event
+
+
+def _byte_by_byte(sent: bytearray, most: int, until: threading.Event | None = None
+                  ) -> Iterator[drive_pb2.PutRequest]:
+    """Up to `most` data messages of a byte each, one every 0.2 s (never idle), until `until` is set; each byte
+    sent is added to `sent`."""
+    for _ in range(most):
+        if until is not None and until.is_set():
+            return
+        time.sleep(0.2)
+        sent.append(ord("x"))
+        yield drive_pb2.PutRequest(data=b"x")
+
+
+def test_a_slow_client_is_charged_only_its_waits_while_others_want_room(store, quick_fill, drive_uri):
+    """Only the time a client keeps its part waiting while other uploads want room counts against it: a client
+    that trickled bytes for longer than --stream-idle-timeout while no upload waited is not ended when others
+    start waiting, and completes its put when it sends the rest within the timeout."""
+    handle = quick_fill
+    assert wait_until(lambda: handle.open_requests("Put") == 0, 30), "puts of another test are still open"
+    loop = loop_thread().loop
+    trickled = asyncio.Event()
+    trickling: list[concurrent.futures.Future[list[grpc.aio.AioRpcError]]] = []
+    data = bytearray(os.urandom(2 * MIB))  # past the first MiB: its part takes room
+
+    def others_open() -> bool:  # all the room taken, and uploads waiting: two while this one holds its part
+        return handle.open_requests("Put") >= PARTS_IN_MEMORY + 2
+
+    def requests() -> Iterator[drive_pb2.PutRequest]:
+        yield drive_pb2.PutRequest(header=drive_pb2.PutHeader(drive=drive_uri, path="slow.bin"))
+        yield drive_pb2.PutRequest(data=bytes(data))
+        yield from _byte_by_byte(data, 15)  # 3 s while no upload waits: longer than the timeout
+        trickling.append(asyncio.run_coroutine_threadsafe(
+            _trickle(handle.endpoint, drive_uri, PARTS_IN_MEMORY + 1, os.urandom(2 * MIB), trickled), loop))
+        yield from _byte_by_byte(data, 150, until=_set_when(others_open))
+        yield from _byte_by_byte(data, 5)  # 1 s while others want room: less than the timeout
+        yield drive_pb2.PutRequest(finish=drive_pb2.PutFinish(sha256=sha256_of(data)))
+
+    def others_ended() -> bool:  # for keeping their parts waiting while others wanted room
+        lines = _put_streams(handle, "trickle/")
+        return any(line["drive"] == drive_uri and line["status"] == "UNAVAILABLE" for line in lines)
+
+    try:
+        answer = stub_of(handle).Put(requests(), timeout=60)
+        assert wait_until(others_ended, 30), "no other upload waited for room, so the slow put was never at risk"
+    finally:
+        loop.call_soon_threadsafe(trickled.set)
+    [stored] = answer.files
+    assert stored.sha256 == sha256_of(data) and stored.size == len(data)
+    for err in trickling[0].result(60):
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "--stream-idle-timeout" in err.details(), err
+    assert [line["status"] for line in _put_streams(handle, "slow.bin")] == ["OK"]
+    assert not [key for key in store.object_keys() if "/trickle/" in key], "nothing of the other puts is stored"
+    assert wait_until(lambda: not store.uploads(), 30), store.uploads()
+
+
+def test_a_stream_ended_for_its_parts_room_logs_the_bytes_the_daemon_took(store, quick_fill, drive_uri):
+    """The chunk that the fill-time rule refuses is not taken: the ended stream's request log counts the bytes
+    before it, and nothing of the put is stored."""
+    handle = quick_fill
+    assert wait_until(lambda: handle.open_requests("Put") == 0, 30), "puts of another test are still open"
+    loop = loop_thread().loop
+    trickled, ended = asyncio.Event(), threading.Event()
+    wanting: list[concurrent.futures.Future[list[grpc.aio.AioRpcError]]] = []
+    sent = bytearray(os.urandom(2 * MIB))  # past the first MiB: its part takes room
+
+    def others_open() -> bool:  # all the room taken, and more uploads waiting than the others' parts ended at once
+        return handle.open_requests("Put") >= 2 * PARTS_IN_MEMORY + 1
+
+    def requests() -> Iterator[drive_pb2.PutRequest]:
+        yield drive_pb2.PutRequest(header=drive_pb2.PutHeader(drive=drive_uri, path="refused.bin"))
+        yield drive_pb2.PutRequest(data=bytes(sent))
+        yield from _byte_by_byte(sent, 3)  # its part has room before the others come
+        wanting.append(asyncio.run_coroutine_threadsafe(  # uploads wait for room all along
+            _trickle(handle.endpoint, drive_uri, 2 * PARTS_IN_MEMORY, os.urandom(2 * MIB), trickled), loop))
+        yield from _byte_by_byte(sent, 150, until=_set_when(others_open))
+        yield from _byte_by_byte(sent, 5)  # 1 s while others want room: taken
+        time.sleep(1.5)  # not idle, but 2.5 s in all while others want room: the next chunk is refused
+        yield drive_pb2.PutRequest(data=os.urandom(100_000))
+        ended.wait(30)
+
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            stub_of(handle).Put(requests(), timeout=60)
+    finally:
+        ended.set()
+        loop.call_soon_threadsafe(trickled.set)
+    wanting[0].result(60)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+    assert "while other uploads waited for the memory it holds" in refused.value.details(), refused.value
+    [line] = _put_streams(handle, "refused.bin")
+    assert (line["status"], line["bytes"]) == ("UNAVAILABLE", len(sent)), line
+    assert not [key for key in store.object_keys() if key.endswith("/refused.bin")], "the refused put is stored"
+    assert wait_until(lambda: not store.uploads(), 30), store.uploads()
+
+
+def test_a_short_last_part_keeps_its_part_sized_buffer_for_the_next_part(store):
+    """A multipart file's last part, shorter than a part, is sent from a copy of its bytes: the part-sized buffer
+    it filled is kept for reuse (beside the first part's), so the next upload's part is not mapped fresh."""
+    data = os.urandom(PART_SIZE + MIB)
+
+    async def put() -> int:
+        backend = S3Backend(BUCKET, "unit/")
+        buffers = backend.part_buffers
+        try:
+            assert buffers.room_now()  # another upload's part holds room throughout: free buffers are kept
+            upload = await backend.start_upload("short-last.bin")
+            await upload.write(data)
+            await upload.commit(ClientChecksums(sha256_of(data), None), len(data))
+            kept = len(buffers._free)
+            buffers.give_back(None)
+            return kept
+        finally:
+            await backend.close()
+
+    with aws_env(store.url):
+        kept = asyncio.run(put())
+    assert kept == 2, f"{kept} part-sized buffers kept after a put of two parts"
+    stored = store.client.get_object(Bucket=BUCKET, Key="unit/short-last.bin")
+    assert stored["ETag"].endswith('-2"'), stored  # a multipart object of two parts
+    assert stored["Body"].read() == data
+    assert not store.uploads()
 
 
 @pytest.mark.parametrize("max_held_uploads", [1000, 0])

@@ -197,16 +197,21 @@ class PartBuffers:
     whose client has kept it waiting longer than the backend's
     `fill_seconds` in all, while others want room, ends its stream
     (`S3Upload.write` raises ClientTooSlow): a client that sends a byte now
-    and then cannot keep room from others for ever. Its upload keeps the
-    parts it sent (held for a resume when resumable), so a slow client goes
-    on from its last part sent rather than from its first byte.
+    and then cannot keep room from others for ever. Only the waits that
+    overlap others wanting room count: `wanted_seconds` is a clock that runs
+    while the waiting list is not empty, read by an upload as each write
+    returns and again at its next write, so a slow client that took no room
+    from anyone has lost no time when others start waiting. Its upload keeps
+    the parts it sent (held for a resume when resumable), so a slow client
+    goes on from its last part sent rather than from its first byte.
 
     A fresh buffer of a part's size is mapped anew by malloc, and filling it
     costs a page fault per page; one grown a chunk at a time is also copied
-    again as it grows. Reused, a part costs one copy of its bytes. At most
-    `keep` free buffers stay (what the parts in flight give back), and none
-    when no part holds room, so an idle daemon keeps none and a burst of
-    uploads leaves no more.
+    again as it grows. Reused, a part costs one copy of its bytes (a file's
+    short last part two: they are copied out of its buffer, which is kept
+    rather than cut to their size). At most `keep` free buffers stay (what
+    the parts in flight give back), and none when no part holds room, so an
+    idle daemon keeps none and a burst of uploads leaves no more.
     """
 
     def __init__(self, size: int, keep: int, limit: int) -> None:
@@ -216,6 +221,8 @@ class PartBuffers:
         self._free: list[bytearray] = []
         self._lent = 0  # parts holding room
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._wanted_before = 0.0  # seconds the waiting list was not empty, up to `_wanted_since`
+        self._wanted_since: float | None = None  # when the waiting list last became non-empty; None: it is empty
 
     async def make_room(self) -> None:
         """Room for a part, once there is some, in turn."""
@@ -223,6 +230,7 @@ class PartBuffers:
             return
         room = asyncio.get_running_loop().create_future()
         self._waiting.append(room)
+        self._note_wanted()
         try:
             await room  # given its room by a part that gave it back
         except asyncio.CancelledError:
@@ -230,12 +238,28 @@ class PartBuffers:
                 self._hand_over()  # given room while being cancelled: it goes to the next in turn
             elif room in self._waiting:
                 self._waiting.remove(room)
+                self._note_wanted()
             raise
 
     @property
     def wanted(self) -> bool:
         """Whether an upload waits for room."""
         return bool(self._waiting)
+
+    def wanted_seconds(self) -> float:
+        """Seconds, in all, that some upload has waited for room: the difference of two readings is how much of
+        the time between them others wanted room."""
+        if self._wanted_since is None:
+            return self._wanted_before
+        return self._wanted_before + time.monotonic() - self._wanted_since
+
+    def _note_wanted(self) -> None:
+        """Starts or stops the clock of `wanted_seconds` when the waiting list has become non-empty or empty."""
+        if self._waiting and self._wanted_since is None:
+            self._wanted_since = time.monotonic()
+        elif not self._waiting and self._wanted_since is not None:
+            self._wanted_before += time.monotonic() - self._wanted_since
+            self._wanted_since = None
 
     def room_now(self) -> bool:
         """Room for a part if there is some now and no one waits for it (True: taken)."""
@@ -251,9 +275,15 @@ class PartBuffers:
     def give_back(self, part: bytearray | None) -> None:
         """A part's room back: `part` is kept for reuse when it is part-sized, and not None (None: a thread may
         still read it)."""
-        if part is not None and len(part) == self.size and len(self._free) < self.keep:
-            self._free.append(part)
+        if part is not None:
+            self.reuse(part)
         self._hand_over()
+
+    def reuse(self, part: bytearray) -> None:
+        """Keeps `part` for the next part to take, when it is part-sized and fewer than `keep` are kept; the room
+        it had stays lent."""
+        if len(part) == self.size and len(self._free) < self.keep:
+            self._free.append(part)
 
     def _hand_over(self) -> None:
         """Room given back goes to the first upload waiting, if any."""
@@ -261,7 +291,9 @@ class PartBuffers:
             room = self._waiting.popleft()
             if not room.done():
                 room.set_result(None)  # the room stays lent, now to it
+                self._note_wanted()
                 return
+        self._note_wanted()
         self._lent -= 1
         if not self._lent:
             self._free.clear()
@@ -282,8 +314,9 @@ class S3Upload(Upload):
         self._buffer: bytearray | None = None  # the part being filled; None: one is taken at the next byte
         self._filled = 0  # bytes in it
         self._roomy = False  # whether it holds room (a file's first part only once it passed SMALL_FILE)
-        self._kept_waiting = 0.0  # seconds the client kept the part being filled waiting, since it took room
-        self._written = time.monotonic()  # when the last write returned
+        self._kept_waiting = 0.0  # seconds the client kept the part being filled waiting while others wanted room,
+        # since it took room
+        self._wanted_written = backend.part_buffers.wanted_seconds()  # its reading as the last write returned
         self._full: list[bytearray] = []  # parts filled and not yet handed on
         self._handed = 0  # bytes handed on as parts: what a suspended upload keeps
         self._handing: asyncio.Future[None] | None = None  # the handing on of the last part
@@ -307,7 +340,7 @@ class S3Upload(Upload):
         view = memoryview(data)
         buffers = self._backend.part_buffers
         if self._buffer is not None and self._roomy:
-            self._kept_waiting += time.monotonic() - self._written
+            self._kept_waiting += buffers.wanted_seconds() - self._wanted_written
             if buffers.wanted and 0 < self._backend.fill_seconds < self._kept_waiting:
                 raise ClientTooSlow(
                     f"this put of {self._key!r} was ended: its client took more than "
@@ -342,7 +375,7 @@ class S3Upload(Upload):
                     self._buffer, self._roomy, self._kept_waiting = buffers.buffer(), True, 0.0
         while self._full:
             await self._hand_on()
-        self._written = time.monotonic()
+        self._wanted_written = buffers.wanted_seconds()
 
     async def _hand_on(self) -> None:
         """Makes the first full part the next part, hashed and sent after the part before it.
@@ -371,10 +404,11 @@ class S3Upload(Upload):
         if buffer is None:
             return
         # A part-sized buffer (a file's grown first part commits as a small file): taken when the part before
-        # filled, it is given back empty, or cut to its bytes in place (no copy; then not kept for reuse).
+        # filled, it is given back empty, or its bytes are copied out to be sent and it is kept for the next
+        # upload's part, which a fresh buffer would cost a page fault per page.
         if self._filled:
-            del buffer[self._filled:]
-            self._full.append(buffer)
+            self._full.append(buffer[:self._filled])  # holds the room the buffer held
+            self._backend.part_buffers.reuse(buffer)
         else:
             self._backend.part_buffers.give_back(buffer)
         self._filled = 0
