@@ -103,6 +103,24 @@ def _commit_error(err: OSError, key: str) -> Exception:
     return _disk_error(err, "committing an upload")
 
 
+def _check_whole(key: str, layout: Layout, version: Version, fd: int) -> array[int] | None:
+    """Runs in a `LegacyTables` builder thread: the block table of `version` of the format 1 file at `key`, or
+    None when its bytes do not match its sha256 (`legacy_block_ends`), read through `fd`, a descriptor of
+    that version (a dup of a waiting read's).
+
+    A put that replaced the file, or a delete, unlinks that version and
+    leaves its bytes as they were: they are checked. StaleIndexError
+    when it is still linked but another version by now (changed in
+    place): the reads of `version` are told to read the file again.
+    Logged: it reads the whole file, however little of it was asked for.
+    """
+    st = os.fstat(fd)
+    if st.st_nlink and version_of(st) != version:  # unlinking changes the ctime too, not the bytes
+        raise _replaced(key)
+    log.info("checking a file of the old format whole", extra={"fields": {"key": key, "bytes": layout.size}})
+    return legacy_block_ends(fd, layout, layout.block_size)
+
+
 class FileChunks:
     """The bytes [start, end) of one open stored file, each block checked before any of it is yielded.
 
@@ -119,7 +137,7 @@ class FileChunks:
     the backend's `descriptors`. A file of format 1 has its sha256 checked
     and its table built once, by its first read, in a worker thread; reads
     that come meanwhile wait for that one (`LegacyTables`). That check reads
-    through a dup of a waiting read's descriptor (`LocalBackend.check_whole`):
+    through a dup of a waiting read's descriptor (`_check_whole`):
     it checks the version the reads opened, even if a put has replaced the
     file since, and a read that goes away closes its file at once, whoever
     else waits for the check.
@@ -152,7 +170,7 @@ class FileChunks:
         if self._layout.version >= 2:
             return BlockEnds(self._fd, self._layout)
         layout = self._layout._replace(block_size=self._block_size)
-        build = functools.partial(self._backend.check_whole, self._key, layout, self._version)
+        build = functools.partial(_check_whole, self._key, layout, self._version)
         ends = await self._backend.legacy_tables.table(self._version, self._fd, build)
         if ends is None:
             raise Damaged(self._key, "its bytes do not match its sha256")
@@ -529,23 +547,6 @@ class LocalBackend(Backend):
         except BaseException:
             os.close(fd)
             raise
-
-    def check_whole(self, key: str, layout: Layout, version: Version, fd: int) -> array[int] | None:
-        """Runs in a `LegacyTables` builder thread: the block table of `version` of the format 1 file at `key`, or
-        None when its bytes do not match its sha256 (`legacy_block_ends`), read through `fd`, a descriptor of
-        that version (a dup of a waiting read's).
-
-        A put that replaced the file, or a delete, unlinks that version and
-        leaves its bytes as they were: they are checked. StaleIndexError
-        when it is still linked but another version by now (changed in
-        place): the reads of `version` are told to read the file again.
-        Logged: it reads the whole file, however little of it was asked for.
-        """
-        st = os.fstat(fd)
-        if st.st_nlink and version_of(st) != version:  # unlinking changes the ctime too, not the bytes
-            raise _replaced(key)
-        log.info("checking a file of the old format whole", extra={"fields": {"key": key, "bytes": layout.size}})
-        return legacy_block_ends(fd, layout, layout.block_size)
 
     async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, Chunks]:
         self.descriptors.take_read()
