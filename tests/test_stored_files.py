@@ -453,6 +453,40 @@ def test_reads_of_a_format_1_file_replaced_before_its_check_starts_get_the_versi
         assert wait_until(lambda: open_fds(pid) <= resting, timeout=30), (resting, open_fds(pid))
 
 
+def test_a_read_of_a_format_1_file_changed_in_place_before_its_check_starts_names_the_path_asked_for(
+        start_daemon, tmp_path):
+    """The read was told ABORTED with a message that named the file by its key in the data dir
+    ('old/default/f/big.bin'), not as the client asked for it."""
+    data_dir = old_data_dir(tmp_path)
+    folder = data_dir / "objects" / "old" / "default"
+    for name in ("huge-1.bin", "huge-2.bin"):  # their checks take both threads that check files whole
+        sparse_format_1(folder / name, 512 * MIB, {})
+    big = folder / "f" / "big.bin"
+    stored = big.read_bytes()
+    handle = start_daemon(tmp_path, data_dir=data_dir)
+    pid = handle.proc.pid
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        assert not checked(stub, "f/big.bin")  # and the channel is connected before the count
+        busy = []
+        for name in ("huge-1.bin", "huge-2.bin"):
+            busy.append(stub.Get(pb.GetRequest(drive="lit://old", path=name, offset=3, limit=10), timeout=60))
+            assert wait_until(lambda name=name: whole_checks(handle, name) == 1, timeout=30), handle.log()
+        busy_fds = open_fds(pid)
+        waiting = stub.Get(pb.GetRequest(drive="lit://old", path="f/big.bin"), timeout=60)
+        assert wait_until(lambda: open_fds(pid) > busy_fds, timeout=30), (busy_fds, open_fds(pid))
+        with open(big, "r+b") as f:  # the same bytes written again: the file changes in place (its ctime)
+            f.write(stored)
+        assert whole_checks(handle, "f/big.bin") == 0, "the check started before the change: this tested nothing"
+        with pytest.raises(grpc.RpcError) as changed:
+            list(waiting)
+        assert changed.value.code() == grpc.StatusCode.ABORTED
+        assert changed.value.details() == (
+            "'f/big.bin' of component 'default' in lit://old changed on disk while it was read: read it again")
+        assert big.read_bytes() == stored
+        assert ranged_get(stub, "f/big.bin", 0, 0) == FORMAT_1_FILES["default"]["f/big.bin"]
+
+
 def test_a_damaged_format_1_file_is_checked_once_and_refused_at_every_read(start_daemon, tmp_path):
     data_dir = old_data_dir(tmp_path)
     rotten = data_dir / "objects" / "old" / "default" / "rotten.bin"

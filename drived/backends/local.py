@@ -22,7 +22,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from drive_client.errors import InvalidArgument, NotFound, ResourceExhausted, StaleIndexError, Unavailable
+from drive_client.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from drive_client.files import write_all
 
 from ..checksums import BLOCK_SIZE, Checksums, ClientChecksums, range_crc32c
@@ -30,6 +30,7 @@ from ..descriptors import Descriptors
 from .base import (
     Backend,
     BeforeVisible,
+    ChangedWhileRead,
     Chunks,
     Damaged,
     Listing,
@@ -90,10 +91,6 @@ def _disk_error(err: OSError, what: str) -> Exception:
     return err
 
 
-def _replaced(key: str) -> StaleIndexError:
-    return StaleIndexError(f"{key!r} changed on disk while it was read: read it again")
-
-
 def _commit_error(err: OSError, key: str) -> Exception:
     """What a put of `key` answers when its commit failed with `err`."""
     if err.errno == errno.ENOTDIR:
@@ -109,14 +106,15 @@ def _check_whole(key: str, layout: Layout, version: Version, fd: int) -> array[i
     that version (a dup of a waiting read's).
 
     A put that replaced the file, or a delete, unlinks that version and
-    leaves its bytes as they were: they are checked. StaleIndexError
-    when it is still linked but another version by now (changed in
-    place): the reads of `version` are told to read the file again.
-    Logged: it reads the whole file, however little of it was asked for.
+    leaves its bytes as they were: they are checked. ChangedWhileRead
+    (a StaleIndexError) when it is still linked but another version by now
+    (changed in place): the reads of `version` are told to read the file
+    again. Logged: it reads the whole file, however little of it was asked
+    for.
     """
     st = os.fstat(fd)
     if st.st_nlink and version_of(st) != version:  # unlinking changes the ctime too, not the bytes
-        raise _replaced(key)
+        raise ChangedWhileRead(key, "changed on disk")
     log.info("checking a file of the old format whole", extra={"fields": {"key": key, "bytes": layout.size}})
     return legacy_block_ends(fd, layout, layout.block_size)
 
