@@ -11,6 +11,7 @@ import re
 import struct
 import tarfile
 import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -406,6 +407,26 @@ def test_reads_of_format_1_files_given_up_before_their_checks_start_queue_no_che
         assert sum(whole_checks(handle, name) for name in names) == BUILDERS, "a check no read waited for ran"
         assert all(checked(stub, name) for name in running), "a check that was running ends and is kept"
         assert not any(checked(stub, name) for name in names if name not in running)
+
+
+def test_a_daemon_stopped_while_it_checks_a_format_1_file_whole_exits_without_reading_the_rest(start_daemon, tmp_path):
+    """The check went on after the daemon had stopped, its own descriptor open, and the exit waited for it: about
+    minutes here for this file (nothing of it on disk: its zeros are a hole, read at memory speed)."""
+    data_dir = old_data_dir(tmp_path)
+    size = 64 * 1024 * MIB
+    with open(data_dir / "objects" / "old" / "default" / "huge.bin", "wb") as f:  # its sha256 is only known at
+        f.write(struct.pack("<8s32sQ16x", b"DRIVED01", bytes(32), size))  # the end of the check: none is needed
+        f.truncate(64 + size)
+    handle = start_daemon(tmp_path, data_dir=data_dir)
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        call = stub.Get(pb.GetRequest(drive="lit://old", path="huge.bin", offset=3, limit=10), timeout=60)
+        assert wait_until(lambda: whole_checks(handle, "huge.bin") == 1, timeout=30), handle.log()
+        call.cancel()  # the check goes on for the reads to come
+        assert not checked(stub, "huge.bin")
+    asked = time.monotonic()
+    assert handle.stop(timeout=30) == 0
+    assert time.monotonic() - asked < 10, "the exit waited for the check"
 
 
 def test_reads_of_a_format_1_file_replaced_before_its_check_starts_get_the_version_they_opened(

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 from array import array
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -100,10 +101,10 @@ def _commit_error(err: OSError, key: str) -> Exception:
     return _disk_error(err, "committing an upload")
 
 
-def _check_whole(key: str, layout: Layout, version: Version, fd: int) -> array[int] | None:
+def _check_whole(key: str, layout: Layout, version: Version, fd: int, stopping: threading.Event) -> array[int] | None:
     """Runs in a `LegacyTables` builder thread: the block table of `version` of the format 1 file at `key`, or
     None when its bytes do not match its sha256 (`legacy_block_ends`), read through `fd`, a descriptor of
-    that version (a dup of a waiting read's).
+    that version (a dup of a waiting read's); given up (Stopped) once `stopping` is set.
 
     A put that replaced the file, or a delete, unlinks that version and
     leaves its bytes as they were: they are checked. ChangedWhileRead
@@ -116,7 +117,7 @@ def _check_whole(key: str, layout: Layout, version: Version, fd: int) -> array[i
     if st.st_nlink and version_of(st) != version:  # unlinking changes the ctime too, not the bytes
         raise ChangedWhileRead(key, "changed on disk")
     log.info("checking a file of the old format whole", extra={"fields": {"key": key, "bytes": layout.size}})
-    return legacy_block_ends(fd, layout, layout.block_size)
+    return legacy_block_ends(fd, layout, layout.block_size, stopping)
 
 
 class FileChunks:
