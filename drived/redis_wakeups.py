@@ -41,6 +41,10 @@ Connect = Callable[[], Awaitable[Any]]  # a new, connected redis.asyncio Connect
 Failure = Callable[[BaseException], Unavailable]  # the Unavailable that names the coordinator
 
 
+def _shutting_down() -> Unavailable:
+    return Unavailable("shutting down: reconnect and retry")
+
+
 class Channel:
     """One drive's channel as the tasks listening to it see it."""
 
@@ -174,7 +178,7 @@ class Wakeups:
 
     def __init__(self, connect: Connect, failure: Failure) -> None:
         self._connect = connect
-        self.failure = failure
+        self._failure = failure
         self._channels: dict[str, Channel] = {}
         self._link: Link | None = None
         self._linking = asyncio.Lock()
@@ -200,7 +204,7 @@ class Wakeups:
     async def link(self) -> Link:
         """The subscriber connection, made now if there is none. Raises Unavailable."""
         if self._closed:
-            raise Unavailable("shutting down: reconnect and retry")
+            raise _shutting_down()
         async with self._linking:
             if self._link is None:
                 try:
@@ -209,6 +213,11 @@ class Wakeups:
                     raise self.failure(err) from None
                 self._link = Link(conn, self)
             return self._link
+
+    def failure(self, err: BaseException) -> Unavailable:
+        """What a task raises when the connection failed with `err`: the coordinator's failure, naming it; once
+        `close` was called, the shutdown's Unavailable (the daemon ended the connection, not the coordinator)."""
+        return _shutting_down() if self._closed else self._failure(err)
 
     def message(self, name: str, data: bytes) -> None:
         channel = self._channels.get(name)
@@ -231,7 +240,8 @@ class Wakeups:
         return task
 
     async def close(self) -> None:
-        """Wakes every listener (its next `armed` raises Unavailable) and closes the connection."""
+        """Wakes every listener and closes the connection: the next `armed`, and a subscription not confirmed yet,
+        raise the shutdown's Unavailable."""
         self._closed = True
         if self._link is not None:
             self._link.fail(ConnectionError("drived is shutting down"))

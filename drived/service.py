@@ -36,7 +36,7 @@ from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
 
 from . import metrics
 from .auth import EVERYONE, NOBODY, READS, WRITES, Access, Grant
-from .backends.base import ClientTooSlow, Damaged
+from .backends.base import ClientTooSlow, Damaged, StoredFileError
 from .drives import DriveRouter, Drives, PendingPut
 from .entry import Entry
 from .limits import Stream, Streams
@@ -360,7 +360,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
                     yield chunk  # encoded by drive_client.wire, without a protobuf copy
                 if get.checksums:
                     yield pb.GetResponse(crc32c=chunks.crc32c)
-            except Damaged as err:
+            except StoredFileError as err:  # named by its key in the store: named here as the client asked for it
                 owner = f" of component {entry.component!r}" if entry.component else ""
                 raise err.named(f"{entry.path!r}{owner} in {get.drive.uri}") from None
             finally:

@@ -320,6 +320,53 @@ def test_an_unreachable_coordinator_makes_puts_unavailable_naming_it_and_they_re
     assert raw_get(stub, drive_uri, "after.txt")[0][1] == b"after"
 
 
+def unread_bytes(port: int) -> int:
+    """Bytes sent to the server on loopback `port` that it has not read yet (what its connections' receive queues
+    hold)."""
+    unread = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        _, local, _, state, queues = line.split()[:5]  # sl, local_address, rem_address, st, tx_queue:rx_queue
+        if int(local.rsplit(":", 1)[1], 16) == port and state == "01":  # ESTABLISHED
+            unread += int(queues.split(":")[1], 16)
+    return unread
+
+
+def test_a_get_whose_subscription_is_unconfirmed_when_the_daemon_drains_is_told_it_shuts_down(
+        own_cluster, make_drive_uri):
+    """The drain ended the subscriber connection, and a get whose subscription it had not confirmed yet was told
+    "drived: store failed: the coordinator ... cannot be used", as if the coordinator had failed."""
+    replica = own_cluster.replica()
+    stub = stub_of(replica)
+    first, second = make_drive_uri("first"), make_drive_uri("second")
+    valkey = own_cluster.valkey.proc
+    assert valkey is not None
+    coordinator = redis.Redis.from_url(own_cluster.valkey.url)
+
+    def wait(drive: str) -> Iterator[drive_pb2.GetResponse]:
+        return stub.Get(drive_pb2.GetRequest(drive=drive, path="late.txt", wait_seconds=60), timeout=90)
+
+    waiting = [wait(first)]  # its subscription makes the subscriber connection, and is confirmed
+    channel = f"drived:{{{first.removeprefix('lit://')}}}"
+    assert wait_until(lambda: coordinator.pubsub_numsub(channel) == [(channel.encode(), 1)], timeout=10)
+    # Then it asks the drive's latest sequence, which makes the coordinator's epoch (a fresh coordinator's first
+    # question): answered, it waits with nothing more to ask the coordinator.
+    assert wait_until(lambda: coordinator.exists("drived:epoch") == 1, timeout=10)
+    valkey.send_signal(signal.SIGSTOP)
+    try:
+        waiting.append(wait(second))
+        # Its SUBSCRIBE waits in the coordinator's socket, unread, so unconfirmed (for up to CONFIRM_TIMEOUT).
+        assert wait_until(lambda: unread_bytes(own_cluster.valkey.port) > 0, timeout=4), "no SUBSCRIBE was sent"
+        replica.proc.send_signal(signal.SIGTERM)
+        for call in waiting:
+            with pytest.raises(grpc.RpcError) as stopped:
+                list(call)
+            assert stopped.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert stopped.value.details() == "drived: shutting down: reconnect and retry"
+    finally:
+        valkey.send_signal(signal.SIGCONT)
+    assert replica.stop() == 0
+
+
 def test_a_claim_held_by_a_killed_replica_expires(own_cluster, drive_uri):
     victim = own_cluster.replica("--claim-ttl", "2")
     survivor = own_cluster.replica("--claim-ttl", "2")

@@ -11,6 +11,7 @@ import re
 import struct
 import tarfile
 import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -408,6 +409,26 @@ def test_reads_of_format_1_files_given_up_before_their_checks_start_queue_no_che
         assert not any(checked(stub, name) for name in names if name not in running)
 
 
+def test_a_daemon_stopped_while_it_checks_a_format_1_file_whole_exits_without_reading_the_rest(start_daemon, tmp_path):
+    """The check went on after the daemon had stopped, its own descriptor open, and the exit waited for it: about
+    minutes here for this file (nothing of it on disk: its zeros are a hole, read at memory speed)."""
+    data_dir = old_data_dir(tmp_path)
+    size = 64 * 1024 * MIB
+    with open(data_dir / "objects" / "old" / "default" / "huge.bin", "wb") as f:  # its sha256 is only known at
+        f.write(struct.pack("<8s32sQ16x", b"DRIVED01", bytes(32), size))  # the end of the check: none is needed
+        f.truncate(64 + size)
+    handle = start_daemon(tmp_path, data_dir=data_dir)
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        call = stub.Get(pb.GetRequest(drive="lit://old", path="huge.bin", offset=3, limit=10), timeout=60)
+        assert wait_until(lambda: whole_checks(handle, "huge.bin") == 1, timeout=30), handle.log()
+        call.cancel()  # the check goes on for the reads to come
+        assert not checked(stub, "huge.bin")
+    asked = time.monotonic()
+    assert handle.stop(timeout=30) == 0
+    assert time.monotonic() - asked < 10, "the exit waited for the check"
+
+
 def test_reads_of_a_format_1_file_replaced_before_its_check_starts_get_the_version_they_opened(
         start_daemon, tmp_path):
     """The check opened the path again and, finding another version there, failed the reads that waited for it
@@ -451,6 +472,40 @@ def test_reads_of_a_format_1_file_replaced_before_its_check_starts_get_the_versi
         assert whole_checks(handle, "f/big.bin") == 1, "the new version is of format 2: no check"
         assert wait_until(lambda: checked(stub, "huge-1.bin") and checked(stub, "huge-2.bin"), timeout=60)
         assert wait_until(lambda: open_fds(pid) <= resting, timeout=30), (resting, open_fds(pid))
+
+
+def test_a_read_of_a_format_1_file_changed_in_place_before_its_check_starts_names_the_path_asked_for(
+        start_daemon, tmp_path):
+    """The read was told ABORTED with a message that named the file by its key in the data dir
+    ('old/default/f/big.bin'), not as the client asked for it."""
+    data_dir = old_data_dir(tmp_path)
+    folder = data_dir / "objects" / "old" / "default"
+    for name in ("huge-1.bin", "huge-2.bin"):  # their checks take both threads that check files whole
+        sparse_format_1(folder / name, 512 * MIB, {})
+    big = folder / "f" / "big.bin"
+    stored = big.read_bytes()
+    handle = start_daemon(tmp_path, data_dir=data_dir)
+    pid = handle.proc.pid
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        assert not checked(stub, "f/big.bin")  # and the channel is connected before the count
+        busy = []
+        for name in ("huge-1.bin", "huge-2.bin"):
+            busy.append(stub.Get(pb.GetRequest(drive="lit://old", path=name, offset=3, limit=10), timeout=60))
+            assert wait_until(lambda name=name: whole_checks(handle, name) == 1, timeout=30), handle.log()
+        busy_fds = open_fds(pid)
+        waiting = stub.Get(pb.GetRequest(drive="lit://old", path="f/big.bin"), timeout=60)
+        assert wait_until(lambda: open_fds(pid) > busy_fds, timeout=30), (busy_fds, open_fds(pid))
+        with open(big, "r+b") as f:  # the same bytes written again: the file changes in place (its ctime)
+            f.write(stored)
+        assert whole_checks(handle, "f/big.bin") == 0, "the check started before the change: this tested nothing"
+        with pytest.raises(grpc.RpcError) as changed:
+            list(waiting)
+        assert changed.value.code() == grpc.StatusCode.ABORTED
+        assert changed.value.details() == (
+            "'f/big.bin' of component 'default' in lit://old changed on disk while it was read: read it again")
+        assert big.read_bytes() == stored
+        assert ranged_get(stub, "f/big.bin", 0, 0) == FORMAT_1_FILES["default"]["f/big.bin"]
 
 
 def test_a_damaged_format_1_file_is_checked_once_and_refused_at_every_read(start_daemon, tmp_path):

@@ -13,9 +13,9 @@ import abc
 import bisect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Self
 
-from drive_client.errors import DataLoss, InvalidArgument, Unavailable
+from drive_client.errors import DataLoss, DriveError, InvalidArgument, StaleIndexError, Unavailable
 
 from ..checksums import Checksums, ClientChecksums, RunningCrc32c
 
@@ -106,11 +106,11 @@ def check_received(key: str, sums: Checksums, sent: ClientChecksums, size: int |
         raise checksum_mismatch(key, mismatch)
 
 
-class Damaged(DataLoss):
-    """Stored bytes that do not match the checksums stored with them; never sent to a client.
+class StoredFileError(DriveError):
+    """What is wrong with a stored file, said of it by its key (`key`); `what` says what it is.
 
-    `what` says which part of the object (`key`) is damaged. The service
-    names the file for the client (`named`) and counts it.
+    The key names it in the data dir or the bucket, not as its client knows
+    it: the service names the file for the client (`named`) before it answers.
     """
 
     def __init__(self, key: str, what: str, message: str | None = None) -> None:
@@ -118,15 +118,34 @@ class Damaged(DataLoss):
         self.what = what
         super().__init__(message or self._message(repr(key)))
 
+    @abc.abstractmethod
+    def _message(self, shown: str) -> str:
+        """The message, with the file named `shown`."""
+
+    def named(self, shown: str) -> Self:
+        """The same error, with the file named as the client knows it (e.g. "'a.bin' in lit://d")."""
+        return type(self)(self.key, self.what, self._message(shown))
+
+
+class Damaged(StoredFileError, DataLoss):
+    """Stored bytes that do not match the checksums stored with them; never sent to a client.
+
+    `what` says which part of the object (`key`) is damaged. The service
+    names the file for the client (`named`) and counts it.
+    """
+
     def _message(self, shown: str) -> str:
         return (
             f"the stored copy of {shown} is damaged ({self.what}); no damaged bytes were sent. Put the file "
             "again, or restore the daemon's storage from a backup"
         )
 
-    def named(self, shown: str) -> Damaged:
-        """The same damage, with the file named as the client knows it (e.g. "'a.bin' in lit://d")."""
-        return Damaged(self.key, self.what, self._message(shown))
+
+class ChangedWhileRead(StoredFileError, StaleIndexError):
+    """A stored file that changed while it was read (`what` says how): the read is told to read it again."""
+
+    def _message(self, shown: str) -> str:
+        return f"{shown} {self.what} while it was read: read it again"
 
 
 class ClientTooSlow(Unavailable):

@@ -18,11 +18,12 @@ import logging
 import os
 import shutil
 import stat
+import threading
 from array import array
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from drive_client.errors import InvalidArgument, NotFound, ResourceExhausted, StaleIndexError, Unavailable
+from drive_client.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from drive_client.files import write_all
 
 from ..checksums import BLOCK_SIZE, Checksums, ClientChecksums, range_crc32c
@@ -30,6 +31,7 @@ from ..descriptors import Descriptors
 from .base import (
     Backend,
     BeforeVisible,
+    ChangedWhileRead,
     Chunks,
     Damaged,
     Listing,
@@ -90,10 +92,6 @@ def _disk_error(err: OSError, what: str) -> Exception:
     return err
 
 
-def _replaced(key: str) -> StaleIndexError:
-    return StaleIndexError(f"{key!r} changed on disk while it was read: read it again")
-
-
 def _commit_error(err: OSError, key: str) -> Exception:
     """What a put of `key` answers when its commit failed with `err`."""
     if err.errno == errno.ENOTDIR:
@@ -101,6 +99,25 @@ def _commit_error(err: OSError, key: str) -> Exception:
     if err.errno == errno.EISDIR:
         return is_a_folder(key)
     return _disk_error(err, "committing an upload")
+
+
+def _check_whole(key: str, layout: Layout, version: Version, fd: int, stopping: threading.Event) -> array[int] | None:
+    """Runs in a `LegacyTables` builder thread: the block table of `version` of the format 1 file at `key`, or
+    None when its bytes do not match its sha256 (`legacy_block_ends`), read through `fd`, a descriptor of
+    that version (a dup of a waiting read's); given up (Stopped) once `stopping` is set.
+
+    A put that replaced the file, or a delete, unlinks that version and
+    leaves its bytes as they were: they are checked. ChangedWhileRead
+    (a StaleIndexError) when it is still linked but another version by now
+    (changed in place): the reads of `version` are told to read the file
+    again. Logged: it reads the whole file, however little of it was asked
+    for.
+    """
+    st = os.fstat(fd)
+    if st.st_nlink and version_of(st) != version:  # unlinking changes the ctime too, not the bytes
+        raise ChangedWhileRead(key, "changed on disk")
+    log.info("checking a file of the old format whole", extra={"fields": {"key": key, "bytes": layout.size}})
+    return legacy_block_ends(fd, layout, layout.block_size, stopping)
 
 
 class FileChunks:
@@ -119,7 +136,7 @@ class FileChunks:
     the backend's `descriptors`. A file of format 1 has its sha256 checked
     and its table built once, by its first read, in a worker thread; reads
     that come meanwhile wait for that one (`LegacyTables`). That check reads
-    through a dup of a waiting read's descriptor (`LocalBackend.check_whole`):
+    through a dup of a waiting read's descriptor (`_check_whole`):
     it checks the version the reads opened, even if a put has replaced the
     file since, and a read that goes away closes its file at once, whoever
     else waits for the check.
@@ -152,7 +169,7 @@ class FileChunks:
         if self._layout.version >= 2:
             return BlockEnds(self._fd, self._layout)
         layout = self._layout._replace(block_size=self._block_size)
-        build = functools.partial(self._backend.check_whole, self._key, layout, self._version)
+        build = functools.partial(_check_whole, self._key, layout, self._version)
         ends = await self._backend.legacy_tables.table(self._version, self._fd, build)
         if ends is None:
             raise Damaged(self._key, "its bytes do not match its sha256")
@@ -529,23 +546,6 @@ class LocalBackend(Backend):
         except BaseException:
             os.close(fd)
             raise
-
-    def check_whole(self, key: str, layout: Layout, version: Version, fd: int) -> array[int] | None:
-        """Runs in a `LegacyTables` builder thread: the block table of `version` of the format 1 file at `key`, or
-        None when its bytes do not match its sha256 (`legacy_block_ends`), read through `fd`, a descriptor of
-        that version (a dup of a waiting read's).
-
-        A put that replaced the file, or a delete, unlinks that version and
-        leaves its bytes as they were: they are checked. StaleIndexError
-        when it is still linked but another version by now (changed in
-        place): the reads of `version` are told to read the file again.
-        Logged: it reads the whole file, however little of it was asked for.
-        """
-        st = os.fstat(fd)
-        if st.st_nlink and version_of(st) != version:  # unlinking changes the ctime too, not the bytes
-            raise _replaced(key)
-        log.info("checking a file of the old format whole", extra={"fields": {"key": key, "bytes": layout.size}})
-        return legacy_block_ends(fd, layout, layout.block_size)
 
     async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, Chunks]:
         self.descriptors.take_read()

@@ -35,6 +35,7 @@ import functools
 import os
 import struct
 import sys
+import threading
 import time
 from array import array
 from collections import OrderedDict
@@ -191,11 +192,20 @@ def check_blocks(data: memoryview, first: int, block_size: int, ends: BlockEnds,
     return None, at_cuts
 
 
-def legacy_block_ends(fd: int, layout: Layout, block_size: int) -> array[int] | None:
-    """The block table of a format 1 file, once its content matches its sha256 (None when it does not)."""
+class Stopped(Exception):
+    """A format 1 file's check given up half way because the daemon stops (`LegacyTables.close`)."""
+
+
+def legacy_block_ends(fd: int, layout: Layout, block_size: int, stopping: threading.Event) -> array[int] | None:
+    """The block table of a format 1 file, once its content matches its sha256 (None when it does not).
+
+    Raises Stopped at the next block once `stopping` is set.
+    """
     sums = Checksums(block_size)
     position = 0
     while position < layout.size:
+        if stopping.is_set():
+            raise Stopped()
         data = os.pread(fd, min(block_size, layout.size - position), HEADER_SIZE + position)
         if not data:
             return None
@@ -205,7 +215,8 @@ def legacy_block_ends(fd: int, layout: Layout, block_size: int) -> array[int] | 
 
 
 Version = tuple[int, int, int]  # a stored file's (device, inode, ctime): see LegacyTables
-Build = Callable[[int], "array[int] | None"]  # a table built by reading the file through the descriptor it is given
+# A table built by reading the file through the descriptor it is given, given up (Stopped) once the event is set.
+Build = Callable[[int, threading.Event], "array[int] | None"]
 
 
 def version_of(st: os.stat_result) -> Version:
@@ -245,6 +256,7 @@ class LegacyTables:
         self._bytes = 0
         self._max_bytes = max_bytes
         self._builders = ThreadPoolExecutor(BUILDERS, thread_name_prefix="drived-legacy")
+        self._stopping = threading.Event()  # set by `close`: the builds running give up
 
     def known(self, version: Version) -> array[int] | None:
         """The table of `version` when it is built (and its file matched its sha256); else None."""
@@ -285,7 +297,8 @@ class LegacyTables:
                 self._building.pop(version).set_exception(err)
                 continue
             try:
-                running = asyncio.get_running_loop().run_in_executor(self._builders, _build_and_close, build, fd)
+                running = asyncio.get_running_loop().run_in_executor(
+                    self._builders, _build_and_close, build, fd, self._stopping)
             except RuntimeError as err:  # the builders are shut down: the daemon stops
                 os.close(fd)
                 self._building.pop(version).set_exception(err)
@@ -293,10 +306,13 @@ class LegacyTables:
             running.add_done_callback(functools.partial(self._built, version))
 
     def close(self) -> None:
-        """Drops the builds not started (the daemon stops): their reads end CancelledError."""
+        """Drops the builds not started (the daemon stops): their reads end CancelledError. Those running end
+        Stopped at their next block, their descriptors closed: the daemon's exit, which waits for its threads,
+        does not wait for whole files to be read."""
         for version in self._queued:
             self._building.pop(version).cancel()
         self._queued.clear()
+        self._stopping.set()
         self._builders.shutdown(wait=False)
 
     def _built(self, version: Version, running: asyncio.Future[array[int] | None]) -> None:
@@ -314,10 +330,10 @@ class LegacyTables:
         self._start()
 
 
-def _build_and_close(build: Build, fd: int) -> array[int] | None:
-    """Runs in a builder thread: `build(fd)`, then closes `fd`, the build's own descriptor."""
+def _build_and_close(build: Build, fd: int, stopping: threading.Event) -> array[int] | None:
+    """Runs in a builder thread: `build(fd, stopping)`, then closes `fd`, the build's own descriptor."""
     try:
-        return build(fd)
+        return build(fd, stopping)
     finally:
         os.close(fd)
 
