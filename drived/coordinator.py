@@ -29,11 +29,18 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal
 
+from drive_client.errors import Unavailable
+
 from .entry import Entry
 
 EventKind = Literal["put", "delete"]
 EVENTS_KEPT = 10_000  # events of one drive a feed keeps: a watch further behind answers EventsExpired
 CLAIM_TTL = 10.0  # seconds a shared claim outlives a daemon that died holding it (--claim-ttl)
+
+
+def shutting_down() -> Unavailable:
+    """What a call that needs the coordinator answers once the daemon is shutting down (`Coordinator.close`)."""
+    return Unavailable("shutting down: reconnect and retry")
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,9 +23,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from drive_client.errors import EventsExpired, Unavailable
+from drive_client.errors import EventsExpired
 
-from .coordinator import EVENTS_KEPT, Changes, Claim, Coordinator, Event, EventKind, folders_above
+from .coordinator import EVENTS_KEPT, Changes, Claim, Coordinator, Event, EventKind, folders_above, shutting_down
 from .entry import Entry
 
 
@@ -114,7 +114,7 @@ class EventLog:
     def check_open(self) -> None:
         """Raises Unavailable once the log is closed (the daemon is shutting down)."""
         if self._closed:
-            raise Unavailable("shutting down: reconnect and retry")
+            raise shutting_down()
 
     def close(self) -> None:
         """Wakes every waiter, which then answers UNAVAILABLE."""

@@ -63,7 +63,17 @@ from redis.backoff import NoBackoff
 
 from drive_client.errors import EventsExpired, StoreUnavailable, Unavailable
 
-from .coordinator import CLAIM_TTL, EVENTS_KEPT, Changes, Claim, Coordinator, Event, EventKind, folders_above
+from .coordinator import (
+    CLAIM_TTL,
+    EVENTS_KEPT,
+    Changes,
+    Claim,
+    Coordinator,
+    Event,
+    EventKind,
+    folders_above,
+    shutting_down,
+)
 from .entry import Entry
 from .redis_wakeups import Channel, Wakeups
 
@@ -366,7 +376,7 @@ class RedisCoordinator(Coordinator):
 
     def check_open(self) -> None:
         if self._closed:
-            raise Unavailable("shutting down: reconnect and retry")
+            raise shutting_down()
 
     async def close(self) -> None:
         self._closed = True

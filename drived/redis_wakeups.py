@@ -35,14 +35,12 @@ from typing import Any
 
 from drive_client.errors import Unavailable
 
+from .coordinator import shutting_down
+
 CONFIRM_TIMEOUT = 5.0  # seconds a subscription may take to be confirmed before the coordinator counts as unreachable
 
 Connect = Callable[[], Awaitable[Any]]  # a new, connected redis.asyncio Connection
 Failure = Callable[[BaseException], Unavailable]  # the Unavailable that names the coordinator
-
-
-def _shutting_down() -> Unavailable:
-    return Unavailable("shutting down: reconnect and retry")
 
 
 class Channel:
@@ -204,7 +202,7 @@ class Wakeups:
     async def link(self) -> Link:
         """The subscriber connection, made now if there is none. Raises Unavailable."""
         if self._closed:
-            raise _shutting_down()
+            raise shutting_down()
         async with self._linking:
             if self._link is None:
                 try:
@@ -217,7 +215,7 @@ class Wakeups:
     def failure(self, err: BaseException) -> Unavailable:
         """What a task raises when the connection failed with `err`: the coordinator's failure, naming it; once
         `close` was called, the shutdown's Unavailable (the daemon ended the connection, not the coordinator)."""
-        return _shutting_down() if self._closed else self._failure(err)
+        return shutting_down() if self._closed else self._failure(err)
 
     def message(self, name: str, data: bytes) -> None:
         channel = self._channels.get(name)
