@@ -430,18 +430,22 @@ def test_ranged_reads_fsspec_and_grpcurl(daemon_a, drive_uri, tmp_path):
 
 
 class StalledPut:
-    """A Put that sends `size` bytes of a file, then waits (a client stuck mid-upload) until released."""
+    """A Put that sends `size` bytes of a file, then waits (a client stuck mid-upload) until released; then it
+    ends its stream, with the file's finish when `finish`."""
 
-    def __init__(self, stub: drive_pb2_grpc.DriveServiceStub, drive: str, path: str, size: int) -> None:
+    def __init__(self, stub: drive_pb2_grpc.DriveServiceStub, drive: str, path: str, size: int,
+                 finish: bool = False) -> None:
         self.release = threading.Event()
         self.data = os.urandom(size)
-        self.call = stub.Put.future(self._messages(drive, path), timeout=120)
+        self.call = stub.Put.future(self._messages(drive, path, finish), timeout=120)
 
-    def _messages(self, drive: str, path: str) -> Iterator[drive_pb2.PutRequest]:
+    def _messages(self, drive: str, path: str, finish: bool) -> Iterator[drive_pb2.PutRequest]:
         messages = put_messages(drive, path, self.data, component="w")
         for message in messages:
             if message.WhichOneof("message") == "finish":
                 self.release.wait(60)
+                if finish:
+                    yield message
                 return
             yield message
 
@@ -457,6 +461,26 @@ def test_a_cancelled_put_leaves_no_multipart_upload(store, daemon_a, drive_uri):
         put.release.set()
     assert rpc_code(lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="c.bin"))) == \
         grpc.StatusCode.NOT_FOUND
+
+
+def test_a_big_put_refused_at_its_commit_leaves_no_checksum_object(store, daemon_a, drive_uri):
+    """The folder check at the commit runs beside the checksum object's write: a put refused there (its path
+    became a folder while it was sent) leaves neither that object nor its upload."""
+    stub = stub_of(daemon_a)
+    put = StalledPut(stub, drive_uri, "p", 17 * MIB, finish=True)  # three parts
+    try:
+        assert wait_until(lambda: len(store.uploads()) == 1, timeout=30), "the upload never started"
+        raw_put(stub, drive_uri, "p/x", b"now p is a folder", component="w")
+        before = store.object_keys()
+    finally:
+        put.release.set()
+    with pytest.raises(grpc.RpcError) as refused:
+        put.call.result(timeout=60)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "folder" in refused.value.details()
+    assert wait_until(lambda: not store.uploads(), timeout=30), store.uploads()
+    assert store.object_keys() == before
+    assert not store.object_keys(f"{PREFIX}~checksums/{drive_uri.removeprefix('lit://')}/")
+    assert raw_get(stub, drive_uri, "p/x") and [info.path for info, _ in raw_get(stub, drive_uri, "p")] == ["p/x"]
 
 
 def test_a_held_upload_keeps_its_multipart_upload_and_resumes_into_it(store, daemon_a, drive_uri):

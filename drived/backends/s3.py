@@ -25,7 +25,8 @@ place is atomic but makes the store read and write every big file twice
 the whole file first. So a multipart object's metadata names a *checksum
 object* instead, `prefix/~checksums/<key>/<name>`, an empty object whose
 metadata holds the hashes; it is written after the bytes are verified and
-before CompleteMultipartUpload, so the file is never visible without it.
+before CompleteMultipartUpload, so the file is never visible without it (and
+deleted when the upload is aborted before its commit was tried).
 `~` cannot start a drive name: the checksum objects share no folder with a
 drive. This costs one small PUT per big file, and a stat of a big file a second
 HEAD; the checksum object of a replaced or deleted version is deleted after it.
@@ -36,9 +37,10 @@ upload: each keeps the hash beside the bytes, not in S3's metadata.)
 Folders. S3 has none: a folder is the common prefix of the keys below it, so
 it vanishes with its last file. A put is refused when a parent of its key is an
 object or its key is a folder, checked (a HEAD per parent, one LIST) at the
-commit, just before the PutObject or CompleteMultipartUpload; a multipart
-upload is also checked before its first part is stored, so that a refused
-big file is not uploaded first. S3 cannot make the check and the commit one
+commit: just before the PutObject, or beside the checksum object's write
+while the last parts are sent, so that CompleteMultipartUpload is all that is
+left once they end; a multipart upload is also checked before its first part
+is stored, so that a refused big file is not uploaded first. S3 cannot make the check and the commit one
 step: the caller commits inside the path's claim (`drived.coordinator`),
 which excludes the claims of the folders above the path and of the paths
 below it, so two puts of `a` and `a/b` at the same moment cannot both
@@ -47,8 +49,8 @@ Replicas without one can both succeed; listing then shows `a` as a folder.
 A claim may lapse while the commit sends its last part, waits for the parts
 in flight and checks the folders (seconds, for a big file): the caller's
 `before_visible` (which confirms the claim) is awaited after all of that,
-right before the PutObject, or the checksum object and
-CompleteMultipartUpload; when it raises, the upload is aborted.
+right before the PutObject or CompleteMultipartUpload; when it raises, the
+upload is aborted.
 
 Uploads left behind. A put that fails, is cancelled or abandoned aborts its
 multipart upload. One whose daemon was killed is found by the sweep, at
@@ -324,6 +326,7 @@ class S3Upload(Upload):
         self._upload_id = ""
         self._generation = 0
         self._checksums_name = ""  # the name of the checksum object of a multipart upload
+        self._preparing: asyncio.Future[dict[str, Any] | None] | None = None  # the writing of that object
         self._parts: list[asyncio.Future[dict[str, Any]]] = []
         self._committing: asyncio.Future[Any] | None = None
         self._ended = False
@@ -508,13 +511,18 @@ class S3Upload(Upload):
             while self._full:
                 await self._hand_on()
             await self._hashing  # type: ignore[misc]  # a multipart upload has hashed a part
-            parts = await asyncio.gather(*self._parts)
             check_received(self._key, sums, sent, size)
-            await self._backend.check_place(self._key)  # again: a conflicting put may have committed since
+            # Beside the last parts in flight, so that only the commit is left once they end: the folders checked
+            # again (a conflicting put may have committed since the first part), and the checksum object.
+            self._preparing = asyncio.ensure_future(
+                self._backend.prepare_completion(self._key, self._checksums_name, sums))
+            # Shielded: a cancelled put lets it end before abort() forgets the checksum object.
+            replaced, _ = await asyncio.gather(asyncio.shield(self._preparing), self._backend.check_place(self._key))
+            parts = await asyncio.gather(*self._parts)
             if before_visible is not None:
                 await before_visible()
             self._committing = asyncio.ensure_future(self._backend.complete_upload(
-                self._key, self._upload_id, parts, self._checksums_name, sums))
+                self._key, self._upload_id, parts, replaced))
             # Shielded: a cancelled put lets its commit end before abort() looks at what is left.
             await asyncio.shield(self._committing)
             self._upload_id = ""
@@ -531,13 +539,17 @@ class S3Upload(Upload):
         await asyncio.shield(self._backend.keep(self._discard()))
 
     async def _discard(self) -> None:
-        running = [f for f in (self._committing, self._handing, self._hashing, *self._parts) if f is not None]
+        running = [f for f in (self._committing, self._preparing, self._handing, self._hashing, *self._parts)
+                   if f is not None]
         if running:
             await asyncio.wait(running)  # a part still being sent would outlive the abort
         if self._committing is not None and not self._committing.cancelled() and not self._committing.exception():
             self._upload_id = ""  # committed while the put was cancelled
         if self._upload_id:
             await self._backend.abort_upload(self._key, self._upload_id)
+            if self._preparing is not None and self._committing is None:
+                # Of no use now; once a commit was tried, the object it may have made uses it.
+                await self._backend.forget_checksums(self._key, self._checksums_name)
 
 
 class S3Backend(Backend):
@@ -698,26 +710,36 @@ class S3Backend(Backend):
 
         return asyncio.ensure_future(send())
 
-    async def complete_upload(
-        self, key: str, upload_id: str, parts: list[dict[str, Any]], checksums: str, sums: Checksums
-    ) -> None:
-        """Writes the checksum object, then makes the upload the object (the commit)."""
+    async def prepare_completion(self, key: str, checksums: str, sums: Checksums) -> dict[str, Any] | None:
+        """What an upload's commit needs of the store before it: writes its checksum object (named `checksums`),
+        and answers the HEAD of the version of `key` it replaces (None: none), all at once."""
         replaced, _ = await asyncio.gather(
             self._head(self.root + key),
             self.call("put_object", key, Key=self._checksums_key(key, checksums), Body=b"",
                       Metadata=_metadata(sums)),
         )
+        return replaced
+
+    async def complete_upload(
+        self, key: str, upload_id: str, parts: list[dict[str, Any]], replaced: dict[str, Any] | None
+    ) -> None:
+        """Makes the upload the object (the commit), then forgets the checksum object of the version `replaced`
+        (`prepare_completion`)."""
         await self.call("complete_multipart_upload", key, Key=self.root + key, UploadId=upload_id,
                         MultipartUpload={"Parts": parts})
         self._live.discard(upload_id)
-        await self._forget_checksums(key, replaced)
+        await self._forget_checksums_of(key, replaced)
 
-    async def _forget_checksums(self, key: str, answer: dict[str, Any] | None) -> None:
+    async def _forget_checksums_of(self, key: str, answer: dict[str, Any] | None) -> None:
         """Deletes the checksum object of the version in `answer` (a HEAD of `key` before it went)."""
         name = ((answer or {}).get("Metadata") or {}).get("checksums")
         if name:
-            with contextlib.suppress(DriveError):  # a leftover is removed by the sweep
-                await self.call("delete_object", key, Key=self._checksums_key(key, name))
+            await self.forget_checksums(key, name)
+
+    async def forget_checksums(self, key: str, name: str) -> None:
+        """Deletes the checksum object `name` of `key`."""
+        with contextlib.suppress(DriveError):  # a leftover is removed by the sweep
+            await self.call("delete_object", key, Key=self._checksums_key(key, name))
 
     async def abort_upload(self, key: str, upload_id: str) -> None:
         try:
@@ -962,5 +984,5 @@ class S3Backend(Backend):
         if answer is None:
             return None
         await self.call("delete_object", key, Key=self.root + key)
-        await self._forget_checksums(key, answer)
+        await self._forget_checksums_of(key, answer)
         return int(answer["ContentLength"])
