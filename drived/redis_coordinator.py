@@ -258,8 +258,9 @@ class _RedisClaim(Claim):
     async def confirm(self) -> None:
         if not await self._coordinator.confirm(self):
             raise Unavailable(
-                f"the claim on {self._shown} lapsed before its commit (the coordinator {self._coordinator.name} was "
-                "out of reach or too slow for longer than --claim-ttl, or lost its data): nothing was stored; retry"
+                f"the claim on {self._shown} lapsed before its next step (a put's commit, a folder delete's next "
+                f"files; the coordinator {self._coordinator.name} was out of reach or too slow for longer than "
+                "--claim-ttl, or lost its data): nothing more was changed; retry"
             )
 
 

@@ -427,7 +427,8 @@ def test_a_put_whose_claim_is_lost_before_its_commit_fails_and_stores_nothing(ow
         with pytest.raises(grpc.RpcError) as lost:
             put.result(60)
         assert lost.value.code() == grpc.StatusCode.UNAVAILABLE, lose
-        assert "lapsed before its commit" in lost.value.details() and "nothing was stored" in lost.value.details()
+        details = lost.value.details()
+        assert "lapsed before its next step" in details and "nothing more was changed" in details
         [(info, data)] = raw_get(stub, drive_uri, "kept.txt")
         assert (data, info.sha256) == (b"version 1", sha256_of(b"version 1")), lose
         key_in_store = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/kept.txt"
@@ -462,7 +463,7 @@ def test_a_put_whose_claim_lapsed_while_the_coordinator_was_stopped_fails_and_st
     with pytest.raises(grpc.RpcError) as lost:
         put.result(60)
     assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "lapsed before its commit" in lost.value.details() and own_cluster.name in lost.value.details()
+    assert "lapsed before its next step" in lost.value.details() and own_cluster.name in lost.value.details()
     assert PASSWORD not in lost.value.details()
     [(info, data)] = raw_get(stub, drive_uri, "kept.txt")
     assert (data, info.sha256) == (b"version 1", sha256_of(b"version 1"))
@@ -512,7 +513,7 @@ def test_a_put_whose_claim_is_lost_during_its_commit_stores_nothing_and_aborts_i
         for path, data in (("kept.bin", os.urandom(PART_SIZE + 1000)), ("new.txt", b"never")):
             lost = put_losing_its_claim_in_its_commit(own_cluster, to_store, stub, drive_uri, path, data)
             assert lost.code() == grpc.StatusCode.UNAVAILABLE, path
-            assert "lapsed before its commit" in lost.details() and "nothing was stored" in lost.details()
+            assert "lapsed before its next step" in lost.details() and "nothing more was changed" in lost.details()
             assert own_cluster.store.uploads() == []
             assert own_cluster.store.object_keys() == stored, path
         [(info, data)] = raw_get(stub, drive_uri, "kept.bin")
@@ -568,7 +569,8 @@ def test_a_small_local_put_confirms_its_claim_when_its_batch_goes_to_the_commit_
     with pytest.raises(grpc.RpcError) as failed:
         lost.result(60)
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "lapsed before its commit" in failed.value.details() and "nothing was stored" in failed.value.details()
+    details = failed.value.details()
+    assert "lapsed before its next step" in details and "nothing more was changed" in details
     assert PASSWORD not in failed.value.details()
     ahead.result(60)
     other.result(60)
