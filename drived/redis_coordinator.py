@@ -333,9 +333,14 @@ class RedisCoordinator(Coordinator):
             raise self.failure(err) from None
 
     async def _subscriber(self) -> Any:
-        """A new connection for the wake-ups: it blocks reading for as long as it lives, so no read timeout."""
+        """A new connection for the wake-ups: it blocks reading for as long as it lives, so no read timeout (the
+        wake-ups bound its making)."""
         conn = self._pool.connection_class(**{**self._pool.connection_kwargs, "socket_timeout": None})
-        await conn.connect()
+        try:
+            await conn.connect()
+        except BaseException:  # failed, or abandoned mid-handshake: redis-py leaves the socket open then
+            await conn.disconnect()
+            raise
         return conn
 
     def _keep(self, work: Any) -> asyncio.Future[Any]:
