@@ -845,7 +845,7 @@ def test_a_coordinator_that_accepts_but_never_answers_fails_a_waiting_get_in_tim
             assert CONFIRM_TIMEOUT - 0.5 < took < CONFIRM_TIMEOUT + 5, f"failed after {took:.1f} s"
             assert connections_to(replica.proc.pid, port) == pooled  # the one given up on was closed
             waiting = wait(make_drive_uri("second"), 30)
-            assert wait_until(lambda: connections_to(replica.proc.pid, port) == pooled + 1, timeout=4), "no connect"
+            assert wait_until(lambda: connections_to(replica.proc.pid, port) == pooled + 1, timeout=10), "no connect"
             replica.proc.send_signal(signal.SIGTERM)
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as stopped:
