@@ -258,8 +258,9 @@ class _RedisClaim(Claim):
     async def confirm(self) -> None:
         if not await self._coordinator.confirm(self):
             raise Unavailable(
-                f"the claim on {self._shown} lapsed before its commit (the coordinator {self._coordinator.name} was "
-                "out of reach or too slow for longer than --claim-ttl, or lost its data): nothing was stored; retry"
+                f"the claim on {self._shown} lapsed before its next step (a put's commit, a folder delete's next "
+                f"files; the coordinator {self._coordinator.name} was out of reach or too slow for longer than "
+                "--claim-ttl, or lost its data): nothing more was changed; retry"
             )
 
 
@@ -332,9 +333,14 @@ class RedisCoordinator(Coordinator):
             raise self.failure(err) from None
 
     async def _subscriber(self) -> Any:
-        """A new connection for the wake-ups: it blocks reading for as long as it lives, so no read timeout."""
+        """A new connection for the wake-ups: it blocks reading for as long as it lives, so no read timeout (the
+        wake-ups bound its making)."""
         conn = self._pool.connection_class(**{**self._pool.connection_kwargs, "socket_timeout": None})
-        await conn.connect()
+        try:
+            await conn.connect()
+        except BaseException:  # failed, or abandoned mid-handshake: redis-py leaves the socket open then
+            await conn.disconnect()
+            raise
         return conn
 
     def _keep(self, work: Any) -> asyncio.Future[Any]:

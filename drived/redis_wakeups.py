@@ -8,9 +8,12 @@ comes. A channel is subscribed while a task listens to it and unsubscribed
 when the last one leaves.
 
 The connection is made when a task first needs it and again after it
-failed; no task reconnects in the background. When it fails, every waiting
-task is woken (it may have missed a message) and looks again: its next
-`armed` makes a new connection, or raises Unavailable.
+failed; no task reconnects in the background. The tasks that need it while
+it is being made share that making, which is given CONFIRM_TIMEOUT (a
+coordinator that accepts connections but does not answer is unreachable),
+and which `close` abandons. When the connection fails, every waiting task is
+woken (it may have missed a message) and looks again: its next `armed` makes
+a new connection, or raises Unavailable.
 
 Pub/sub delivers only to subscribers that the server had subscribed when the
 message was published, so a task waits for the confirmation of its
@@ -37,9 +40,12 @@ from drive_client.errors import Unavailable
 
 from .coordinator import shutting_down
 
-CONFIRM_TIMEOUT = 5.0  # seconds a subscription may take to be confirmed before the coordinator counts as unreachable
+# Seconds the subscriber connection may take to be made (connect, AUTH, CLIENT SETNAME ...), and a subscription to
+# be confirmed, before the coordinator counts as unreachable.
+CONFIRM_TIMEOUT = 5.0
 
-Connect = Callable[[], Awaitable[Any]]  # a new, connected redis.asyncio Connection
+# A new, connected redis.asyncio Connection; when abandoned (cancelled) or failed, it closes what it opened.
+Connect = Callable[[], Awaitable[Any]]
 Failure = Callable[[BaseException], Unavailable]  # the Unavailable that names the coordinator
 
 
@@ -179,7 +185,7 @@ class Wakeups:
         self._failure = failure
         self._channels: dict[str, Channel] = {}
         self._link: Link | None = None
-        self._linking = asyncio.Lock()
+        self._making: asyncio.Future[Link] | None = None  # the connection being made, shared by those who wait for it
         self._background: set[asyncio.Future[Any]] = set()
         self._closed = False
 
@@ -203,14 +209,33 @@ class Wakeups:
         """The subscriber connection, made now if there is none. Raises Unavailable."""
         if self._closed:
             raise shutting_down()
-        async with self._linking:
-            if self._link is None:
-                try:
-                    conn = await self._connect()
-                except Exception as err:
-                    raise self.failure(err) from None
-                self._link = Link(conn, self)
+        if self._link is not None:
             return self._link
+        if self._making is None:
+            self._making = self.keep(self._make())
+        making = self._making
+        await asyncio.wait([making])  # a caller cancelled meanwhile leaves the making to the others
+        if making.cancelled():  # only `close` cancels it
+            raise shutting_down()
+        failed = making.exception()
+        if failed is not None:
+            raise failed if isinstance(failed, Unavailable) else self.failure(failed)
+        return making.result()
+
+    async def _make(self) -> Link:
+        """Makes the subscriber connection within CONFIRM_TIMEOUT; closes it if `close` came meanwhile."""
+        try:
+            conn = await asyncio.wait_for(self._connect(), CONFIRM_TIMEOUT)
+        except TimeoutError:
+            raise self.failure(TimeoutError(
+                f"the subscriber connection was not made within {CONFIRM_TIMEOUT:g} s")) from None
+        finally:
+            self._making = None
+        if self._closed:
+            await conn.disconnect()
+            raise shutting_down()
+        self._link = Link(conn, self)
+        return self._link
 
     def failure(self, err: BaseException) -> Unavailable:
         """What a task raises when the connection failed with `err`: the coordinator's failure, naming it; once
@@ -238,9 +263,11 @@ class Wakeups:
         return task
 
     async def close(self) -> None:
-        """Wakes every listener and closes the connection: the next `armed`, and a subscription not confirmed yet,
-        raise the shutdown's Unavailable."""
+        """Wakes every listener and closes the connection (or abandons its making): the next `armed`, and a
+        subscription or connection not confirmed or made yet, raise the shutdown's Unavailable."""
         self._closed = True
+        if self._making is not None:
+            self._making.cancel()
         if self._link is not None:
             self._link.fail(ConnectionError("drived is shutting down"))
         for channel in self._channels.values():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from conftest import MIB, DaemonHandle, free_port, put_messages, raw_get, raw_put, rpc_code, wait_until
+from conftest import MIB, DaemonHandle, free_port, held_open, put_messages, raw_get, raw_put, rpc_code, wait_until
 from cutting_proxy import CuttingProxy
 from test_commit_worker import commit_workers
 from test_coordinator import calls
@@ -35,6 +36,7 @@ from bench.services import TlsProxy, ValkeyServer
 from drive_client import AsyncDrive, Drive
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drived.backends.s3 import PART_SIZE
+from drived.redis_wakeups import CONFIRM_TIMEOUT
 
 pytestmark = pytest.mark.integration  # starts servers of its own
 
@@ -427,7 +429,8 @@ def test_a_put_whose_claim_is_lost_before_its_commit_fails_and_stores_nothing(ow
         with pytest.raises(grpc.RpcError) as lost:
             put.result(60)
         assert lost.value.code() == grpc.StatusCode.UNAVAILABLE, lose
-        assert "lapsed before its commit" in lost.value.details() and "nothing was stored" in lost.value.details()
+        details = lost.value.details()
+        assert "lapsed before its next step" in details and "nothing more was changed" in details
         [(info, data)] = raw_get(stub, drive_uri, "kept.txt")
         assert (data, info.sha256) == (b"version 1", sha256_of(b"version 1")), lose
         key_in_store = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/kept.txt"
@@ -462,7 +465,7 @@ def test_a_put_whose_claim_lapsed_while_the_coordinator_was_stopped_fails_and_st
     with pytest.raises(grpc.RpcError) as lost:
         put.result(60)
     assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "lapsed before its commit" in lost.value.details() and own_cluster.name in lost.value.details()
+    assert "lapsed before its next step" in lost.value.details() and own_cluster.name in lost.value.details()
     assert PASSWORD not in lost.value.details()
     [(info, data)] = raw_get(stub, drive_uri, "kept.txt")
     assert (data, info.sha256) == (b"version 1", sha256_of(b"version 1"))
@@ -512,7 +515,7 @@ def test_a_put_whose_claim_is_lost_during_its_commit_stores_nothing_and_aborts_i
         for path, data in (("kept.bin", os.urandom(PART_SIZE + 1000)), ("new.txt", b"never")):
             lost = put_losing_its_claim_in_its_commit(own_cluster, to_store, stub, drive_uri, path, data)
             assert lost.code() == grpc.StatusCode.UNAVAILABLE, path
-            assert "lapsed before its commit" in lost.details() and "nothing was stored" in lost.details()
+            assert "lapsed before its next step" in lost.details() and "nothing more was changed" in lost.details()
             assert own_cluster.store.uploads() == []
             assert own_cluster.store.object_keys() == stored, path
         [(info, data)] = raw_get(stub, drive_uri, "kept.bin")
@@ -568,7 +571,8 @@ def test_a_small_local_put_confirms_its_claim_when_its_batch_goes_to_the_commit_
     with pytest.raises(grpc.RpcError) as failed:
         lost.result(60)
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "lapsed before its commit" in failed.value.details() and "nothing was stored" in failed.value.details()
+    details = failed.value.details()
+    assert "lapsed before its next step" in details and "nothing more was changed" in details
     assert PASSWORD not in failed.value.details()
     ahead.result(60)
     other.result(60)
@@ -794,3 +798,66 @@ def test_a_worker_reaches_replicas_without_a_load_balancer(replicas, drive_uri, 
     assert wait_until(lambda: served(a, "List") + served(b, "List") == before_a + before_b + 20)
     spread = (served(a, "List") - before_a, served(b, "List") - before_b)
     assert all(spread), f"lists per replica: {spread}"
+
+
+def connections_to(pid: int, port: int) -> int:
+    """How many TCP connections process `pid` holds open to the server on loopback `port`."""
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # a descriptor closed meanwhile
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:["):-1])
+    held = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()  # sl, local_address, rem_address, st, queues, tr, retrnsmt, uid, timeout, inode
+        if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] in sockets:
+            held += 1
+    return held
+
+
+def test_a_coordinator_that_accepts_but_never_answers_fails_a_waiting_get_in_time_and_a_drain_closes_the_connecting(
+        own_cluster, make_drive_uri):
+    """Making the subscriber connection (connect, AUTH, CLIENT SETNAME ...) had no bound: with the coordinator
+    stopped, a waiting get hung in it, a drain waited the grace period for it, and a connection still being made
+    at the drain was completed after it and kept open."""
+    replica = own_cluster.replica()
+    stub = stub_of(replica)
+    valkey = own_cluster.valkey.proc
+    assert valkey is not None
+    port = own_cluster.valkey.port
+
+    def wait(drive: str, timeout: float) -> Iterator[drive_pb2.GetResponse]:
+        return stub.Get(drive_pb2.GetRequest(drive=drive, path="late.txt", wait_seconds=60), timeout=timeout)
+
+    with held_open(replica):  # keeps the daemon draining after SIGTERM, so what it holds open can be counted
+        pooled = connections_to(replica.proc.pid, port)
+        valkey.send_signal(signal.SIGSTOP)  # its kernel still accepts connections; nobody answers on them
+        try:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as failed:
+                list(wait(make_drive_uri("first"), CONFIRM_TIMEOUT + 15))
+            took = time.monotonic() - started
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+            details = failed.value.details()
+            assert details.startswith("drived: store failed: ") and own_cluster.name in details, details
+            assert PASSWORD not in details
+            assert CONFIRM_TIMEOUT - 0.5 < took < CONFIRM_TIMEOUT + 5, f"failed after {took:.1f} s"
+            assert connections_to(replica.proc.pid, port) == pooled  # the one given up on was closed
+            waiting = wait(make_drive_uri("second"), 30)
+            assert wait_until(lambda: connections_to(replica.proc.pid, port) == pooled + 1, timeout=10), "no connect"
+            replica.proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as stopped:
+                list(waiting)
+            took = time.monotonic() - started
+            assert stopped.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert stopped.value.details() == "drived: shutting down: reconnect and retry"
+            assert took < 3, f"answered after {took:.1f} s"
+        finally:
+            valkey.send_signal(signal.SIGCONT)
+        # The coordinator answers again while the daemon drains: the connection abandoned stays closed.
+        assert wait_until(lambda: connections_to(replica.proc.pid, port) == pooled, timeout=3)
+        time.sleep(0.5)
+        assert connections_to(replica.proc.pid, port) == pooled
+    assert replica.stop() == 0
