@@ -208,7 +208,8 @@ def test_refused_puts_name_the_path_asked_for_not_its_key(handle, own_stub, driv
 
 
 def test_a_folder_get_names_a_file_with_a_damaged_header_by_its_path(handle, own_stub, drive_uri):
-    """Each file of a folder is opened without a stat first: its damaged header was named by its key."""
+    """Each file of a folder is opened without a stat first: its damaged header was named by its key (and by a
+    listing of its path)."""
     raw_put(own_stub, drive_uri, "dir/a.bin", b"fine")
     raw_put(own_stub, drive_uri, "dir/b.bin", b"header damaged")
     damaged = stored_path(handle.data_dir, drive_uri, "dir/b.bin")
@@ -220,6 +221,9 @@ def test_a_folder_get_names_a_file_with_a_damaged_header_by_its_path(handle, own
     assert refused.value.details().startswith(
         f"the stored copy of 'dir/b.bin' of component 'default' in {drive_uri} is damaged (its header"
     ), refused.value.details()
+    with pytest.raises(grpc.RpcError) as listed:  # a listing of the file's own path reads its header too
+        own_stub.List(pb.ListRequest(drive=drive_uri, path="dir/b.bin"))
+    assert listed.value.details() == refused.value.details()
     assert damaged.read_bytes() == stored
     assert raw_get(own_stub, drive_uri, "dir/a.bin")[0][1] == b"fine"
 
