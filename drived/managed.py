@@ -32,7 +32,7 @@ from drive_client.errors import (
 )
 from drive_client.uri import DriveId
 
-from .backends.base import Backend, Damaged, ObjectInfo, Upload
+from .backends.base import Backend, Damaged, ObjectInfo, StoredFileError, Upload
 from .checksums import ClientChecksums
 from .coordinator import Coordinator, Event
 from .drives import FileStream
@@ -67,11 +67,20 @@ def _shown_file(drive: str, component: str, path: str) -> str:
     return f"{path!r} of component {component!r} in lit://{drive}"
 
 
+@contextlib.contextmanager
+def _named(drive: str, component: str, path: str) -> Iterator[None]:
+    """Names a StoredFileError raised inside (said of the file's key in the store) as the client knows the file."""
+    try:
+        yield
+    except StoredFileError as err:
+        raise err.named(_shown_file(drive, component, path)) from None
+
+
 class ManagedPut:
     """One file being put into a `lit://` drive (a `drived.drives.PendingPut`), once `writing` its upload."""
 
     upload: Upload
-    write: Callable[[bytes | memoryview], Awaitable[None]]
+    _write: Callable[[bytes | memoryview], Awaitable[None]]
 
     def __init__(self, drives: ManagedDrives, header: PutHeader, max_bytes: int, replaced: int) -> None:
         self.header = header
@@ -84,8 +93,12 @@ class ManagedPut:
     def writing(self, upload: Upload) -> ManagedPut:
         """Writes `upload` from now on."""
         self.upload = upload
-        self.write = upload.write
+        self._write = upload.write
         return self
+
+    async def write(self, data: bytes | memoryview) -> None:
+        with _named(self.header.drive.name, self.header.component, self.path):
+            await self._write(data)
 
     def over_limit(self, received: int) -> ResourceExhausted:
         return self._drives.over_limit(self.header, received, self.replaced)
@@ -110,7 +123,7 @@ class ResumablePut(ManagedPut):
         """Writes `resumable` from now on (the registry made this put its writer)."""
         self._resumable = resumable
         self.upload = resumable.upload
-        self.write = functools.partial(resumable.write, self)
+        self._write = functools.partial(resumable.write, self)
         return self
 
     async def commit(self, sent: ClientChecksums, received: int) -> Entry:
@@ -195,7 +208,8 @@ class ManagedDrives:
         if put.write_offset:
             resumed = ResumablePut(self, put, max_bytes, replaced)
             return resumed.taking(await self.uploads.resume(put, resumed))
-        upload = await self.backend.start_upload(object_key(drive, put.component, put.path))
+        with _named(drive, put.component, put.path):
+            upload = await self.backend.start_upload(object_key(drive, put.component, put.path))
         if put.upload_id:
             started = ResumablePut(self, put, max_bytes, replaced)
             return started.taking(await self.uploads.start(put, upload, started))
@@ -236,7 +250,8 @@ class ManagedDrives:
                 # Read again inside the claim: the file may have been replaced since the put began.
                 added = received - await self._own_size(header) if self.quotas else 0
                 async with self._holding(drive, added):
-                    info = await put.upload.commit(sent, header.size, claim.confirm)
+                    with _named(drive, header.component, header.path):
+                        info = await put.upload.commit(sent, header.size, claim.confirm)
             except (AlreadyExists, ResourceExhausted, Unavailable):  # nothing is stored: the upload goes now
                 await put.abort()
                 raise
@@ -249,11 +264,9 @@ class ManagedDrives:
         return self.quotas.adding(drive, added) if self.quotas else contextlib.nullcontext()
 
     async def _file_info(self, drive: str, component: str, path: str) -> ObjectInfo | None:
-        """The stored file's info (None when there is none); Damaged names the file as its client knows it."""
-        try:
+        """The stored file's info (None when there is none)."""
+        with _named(drive, component, path):
             return await self.backend.stat(object_key(drive, component, path))
-        except Damaged as err:
-            raise err.named(_shown_file(drive, component, path)) from None
 
     async def _locate(self, drive: str, path: str, component: str) -> list[tuple[str, ObjectInfo | None]]:
         """Which components hold `path`: (component, file info), or (component, None) for a folder."""
@@ -318,7 +331,8 @@ class ManagedDrives:
         owner, found = hits[0]
         if len(hits) == 1 and found is not None:
             get.check_range(found.size)
-            info, chunks = await self.backend.read(object_key(drive, owner, path), get.offset, get.limit)
+            with _named(drive, owner, path):  # the file may have changed since it was found
+                info, chunks = await self.backend.read(object_key(drive, owner, path), get.offset, get.limit)
             try:
                 get.check_version(info.sha256, "sha256")
             except StaleIndexError:
@@ -331,7 +345,8 @@ class ManagedDrives:
         get.check_folder()
         for owner, file_path in await self._files_under(drive, path, [c for c, _ in hits]):
             try:
-                info, chunks = await self.backend.read(object_key(drive, owner, file_path))
+                with _named(drive, owner, file_path):
+                    info, chunks = await self.backend.read(object_key(drive, owner, file_path))
             except NotFound:
                 continue  # deleted since it was listed
             yield _entry(file_path, owner, info), chunks
@@ -411,7 +426,7 @@ class ManagedDrives:
             names = ((prefix + n, n in listing.folders) for n in listing.names)
             if listing.names:
                 return names
-        if path and path > start_after and await self.backend.stat(key):
+        if path and path > start_after and await self._file_info(drive, component, path):
             return iter([(path, False)])
         return iter(())
 

@@ -482,6 +482,55 @@ class Background(threading.Thread):
 
 
 # ---------------------------------------------------------------------------
+# A file changed between a get's lookup and its read
+# ---------------------------------------------------------------------------
+
+PAUSED_READS = """
+import asyncio, os
+from drived.backends.local import LocalBackend
+from drived.backends.s3 import S3Backend
+
+def paused(read):
+    async def read_once_resumed(self, key, offset=0, limit=0):
+        open({reached!r}, "w").close()
+        while os.path.exists({pause!r}):
+            await asyncio.sleep(0.01)
+        return await read(self, key, offset, limit)
+    return read_once_resumed
+
+LocalBackend.read = paused(LocalBackend.read)
+S3Backend.read = paused(S3Backend.read)
+"""
+
+
+def paused_reads(pause: pathlib.Path) -> str:
+    """Python for `start_daemon(before=...)`: while the file `pause` exists, each read of the backend waits
+    before it opens its file, once its get found the file (`read_changed` changes it then)."""
+    return PAUSED_READS.format(pause=str(pause), reached=f"{pause}.reached")
+
+
+def read_changed(stub: drive_pb2_grpc.DriveServiceStub, pause: pathlib.Path, change: Callable[[], object],
+                 request: drive_pb2.GetRequest) -> grpc.RpcError:
+    """The error of a get that found its file and reads it only after `change` (on a daemon whose reads wait
+    while `pause` exists, `paused_reads`)."""
+    reached = pathlib.Path(f"{pause}.reached")
+    reached.unlink(missing_ok=True)
+    pause.touch()
+    get = Background(lambda: list(stub.Get(request, timeout=60)))
+    get.start()
+    try:
+        assert wait_until(reached.exists, timeout=30), "the get never reached its read"
+        change()
+    finally:
+        pause.unlink()
+    try:
+        get.join_checked()
+    except grpc.RpcError as err:
+        return err
+    raise AssertionError("the get of a changed file succeeded")
+
+
+# ---------------------------------------------------------------------------
 # Stalled clients
 # ---------------------------------------------------------------------------
 

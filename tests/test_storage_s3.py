@@ -33,9 +33,11 @@ from conftest import (
     StalledPuts,
     file_sha256,
     loop_thread,
+    paused_reads,
     put_messages,
     raw_get,
     raw_put,
+    read_changed,
     rpc_code,
     rss_mib,
     start_daemon,
@@ -79,8 +81,8 @@ class Store:
     def env(self, **extra: str) -> dict[str, str]:
         return {**AWS_ENV, "AWS_ENDPOINT_URL": self.url, **extra}
 
-    def daemon(self, *args: str, env: dict[str, str] | None = None) -> DaemonHandle:
-        handle = start_daemon(self.work, "--storage", STORAGE, *args, env=env or self.env())
+    def daemon(self, *args: str, env: dict[str, str] | None = None, before: str = "") -> DaemonHandle:
+        handle = start_daemon(self.work, "--storage", STORAGE, *args, env=env or self.env(), before=before)
         self.daemons.append(handle)
         return handle
 
@@ -448,6 +450,77 @@ class StalledPut:
                     yield message
                 return
             yield message
+
+
+@pytest.fixture(scope="module")
+def changing(store: Store) -> Iterator[tuple[DaemonHandle, CuttingProxy, Path]]:
+    """A daemon that reaches the store through a CuttingProxy, whose reads wait while the file it gives exists
+    (`paused_reads`), and whose uploads take at most 2 parts: (the daemon, the proxy, that file)."""
+    pause = store.work / "pause"
+    with CuttingProxy(store.url.removeprefix("http://")) as to_store:
+        two_parts = "import drived.backends.s3\ndrived.backends.s3.MAX_PARTS = 2"
+        env = store.env(AWS_ENDPOINT_URL=f"http://{to_store.endpoint}")
+        yield store.daemon(env=env, before=f"{paused_reads(pause)}\n{two_parts}"), to_store, pause
+
+
+def test_an_object_changed_between_a_gets_lookup_and_its_read_is_named_as_asked_for(store, changing, drive_uri):
+    """Deleted, replaced by an object drived did not write, or cut short after the get found it: the get's
+    error named the file by its key in the bucket."""
+    handle, _, pause = changing
+    stub = stub_of(handle)
+    shown = f"'f.bin' of component 'w' in {drive_uri}"
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/f.bin"
+    get = drive_pb2.GetRequest(drive=drive_uri, path="f.bin")
+    raw_put(stub, drive_uri, "f.bin", b"version 1", component="w")
+    gone = read_changed(stub, pause, lambda: store.client.delete_object(Bucket=BUCKET, Key=key), get)
+    assert (gone.code(), gone.details()) == (grpc.StatusCode.NOT_FOUND, f"{shown} does not exist")
+    raw_put(stub, drive_uri, "f.bin", b"version 2", component="w")
+    foreign = read_changed(stub, pause, lambda: store.client.put_object(Bucket=BUCKET, Key=key, Body=b"theirs"), get)
+    assert (foreign.code(), foreign.details()) == (
+        grpc.StatusCode.NOT_FOUND, f"{shown} is not a drived object (written to the bucket by something else)")
+    assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"theirs"
+    raw_put(stub, drive_uri, "f.bin", b"version 3, long", component="w")
+    short = read_changed(stub, pause, lambda: raw_put(stub, drive_uri, "f.bin", b"v4", component="w"),
+                         drive_pb2.GetRequest(drive=drive_uri, path="f.bin", offset=5))
+    assert (short.code(), short.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT, f"{shown} ends before offset 5 (it has 2 bytes)")
+    assert raw_get(stub, drive_uri, "f.bin")[0][1] == b"v4"
+
+
+def test_an_object_replaced_between_the_parts_of_its_read_is_named_as_asked_for(store, daemon_a, changing, drive_uri):
+    """The read resumes after its connection to the store broke, and finds another object: the get's error
+    named the file by its key in the bucket."""
+    handle, to_store, _ = changing
+    stub = stub_of(handle)
+    data = os.urandom(32 * MIB)  # more than the sockets and the get's flow control window hold
+    raw_put(stub_of(daemon_a), drive_uri, "big.bin", data, component="w")
+    read = stub.Get(drive_pb2.GetRequest(drive=drive_uri, path="big.bin"), timeout=60)
+    assert next(read).WhichOneof("message") == "info"  # the read is open, waiting for its client
+    raw_put(stub_of(daemon_a), drive_uri, "big.bin", b"version 2", component="w")
+    assert to_store.forwarded["down"] < len(data), "the store sent all of the object before the cut"
+    to_store.refuse()
+    to_store.refuse(False)
+    with pytest.raises(grpc.RpcError) as changed:
+        list(read)
+    assert (changed.value.code(), changed.value.details()) == (
+        grpc.StatusCode.ABORTED,
+        f"'big.bin' of component 'w' in {drive_uri} was replaced or deleted while it was read: read it again")
+    assert raw_get(stub, drive_uri, "big.bin")[0][1] == b"version 2"
+
+
+def test_a_put_of_more_parts_than_s3_takes_is_named_as_asked_for(store, changing, drive_uri):
+    """It was named by its key in the bucket (the daemon here takes 2 parts, where S3 takes 10,000)."""
+    handle, _, _ = changing
+    stub = stub_of(handle)
+    raw_put(stub, drive_uri, "big.bin", b"version 1", component="w")
+    with pytest.raises(grpc.RpcError) as refused:
+        raw_put(stub, drive_uri, "big.bin", os.urandom(2 * PART_SIZE + 1), component="w")
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.details().startswith(
+        f"'big.bin' of component 'w' in {drive_uri} is larger than 0 GiB, the largest file --storage keeps"
+    ), refused.value.details()
+    assert raw_get(stub, drive_uri, "big.bin")[0][1] == b"version 1"
+    assert wait_until(lambda: not [u for u in store.uploads() if u["Key"].endswith("/w/big.bin")], 30)
 
 
 def test_a_cancelled_put_leaves_no_multipart_upload(store, daemon_a, drive_uri):
@@ -832,6 +905,9 @@ def test_a_stream_ended_for_its_parts_room_logs_the_bytes_the_daemon_took(store,
         loop.call_soon_threadsafe(trickled.set)
     wanting[0].result(60)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+    assert refused.value.details().startswith(
+        f"drived: this put of 'refused.bin' of component 'default' in {drive_uri} was ended: its client took more than"
+    ), refused.value
     assert "while other uploads waited for the memory it holds" in refused.value.details(), refused.value
     [line] = _put_streams(handle, "refused.bin")
     assert (line["status"], line["bytes"]) == ("UNAVAILABLE", len(sent)), line

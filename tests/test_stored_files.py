@@ -19,7 +19,18 @@ from pathlib import Path
 import fsspec
 import grpc
 import pytest
-from conftest import MIB, open_fds, raw_get, raw_put, rpc_code, sha256_hex, wait_until
+from conftest import (
+    MIB,
+    open_fds,
+    paused_reads,
+    raw_get,
+    raw_put,
+    read_changed,
+    rpc_code,
+    sha256_hex,
+    snapshot,
+    wait_until,
+)
 from crc32c import crc32c
 
 from drive_client import DataLoss, Drive
@@ -167,6 +178,81 @@ def test_a_file_cut_short_is_data_loss(handle, own_stub, drive_uri, cut):
     assert rpc_code(lambda: raw_get(own_stub, drive_uri, "cut.bin")) == grpc.StatusCode.DATA_LOSS
     with pytest.raises(DataLoss, match="is damaged"):
         b"".join(Drive(drive_uri, endpoint=handle.endpoint).read_range("cut.bin", 0, 10))
+
+
+def test_refused_puts_name_the_path_asked_for_not_its_key(handle, own_stub, drive_uri):
+    """They named the file by its key in the data dir ('<drive>/c/f'), as no client knows it."""
+    raw_put(own_stub, drive_uri, "f/a.txt", b"kept", component="c")
+    drive_dir = handle.data_dir / "objects" / drive_uri.removeprefix("lit://")
+    stored = snapshot(drive_dir)
+    big = os.urandom(3 * MIB)  # written as it arrives (a small file is written by the commit worker)
+    where = f"of component 'c' in {drive_uri}"
+    refusals = [
+        ("f", b"x", {}, grpc.StatusCode.INVALID_ARGUMENT, f"cannot put 'f' {where}: it is a folder"),
+        ("f/a.txt/b", b"x", {}, grpc.StatusCode.INVALID_ARGUMENT,
+         f"cannot put 'f/a.txt/b' {where}: a parent folder of it is a file"),
+        ("g.txt", b"x", {"sha256": "0" * 64}, grpc.StatusCode.DATA_LOSS,
+         f"nothing was stored for 'g.txt' {where}: checksum mismatch"),
+        ("big.bin", big, {"sha256": "0" * 64}, grpc.StatusCode.DATA_LOSS,
+         f"nothing was stored for 'big.bin' {where}: checksum mismatch"),
+        ("h.txt", b"x", {"size": 2}, grpc.StatusCode.DATA_LOSS,
+         f"nothing was stored for 'h.txt' {where}: size mismatch (received 1 bytes, header said 2)"),
+    ]
+    for path, data, header, code, message in refusals:
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_put(own_stub, drive_uri, path, data, component="c", **header)
+        assert refused.value.code() == code, refused.value
+        assert refused.value.details().startswith(message), refused.value.details()
+        assert drive_uri.removeprefix("lit://") + "/c/" not in refused.value.details()
+    assert snapshot(drive_dir) == stored
+
+
+def test_a_folder_get_names_a_file_with_a_damaged_header_by_its_path(handle, own_stub, drive_uri):
+    """Each file of a folder is opened without a stat first: its damaged header was named by its key (and by a
+    listing of its path)."""
+    raw_put(own_stub, drive_uri, "dir/a.bin", b"fine")
+    raw_put(own_stub, drive_uri, "dir/b.bin", b"header damaged")
+    damaged = stored_path(handle.data_dir, drive_uri, "dir/b.bin")
+    flip(damaged, 50)
+    stored = damaged.read_bytes()
+    with pytest.raises(grpc.RpcError) as refused:
+        raw_get(own_stub, drive_uri, "dir")
+    assert refused.value.code() == grpc.StatusCode.DATA_LOSS
+    assert refused.value.details().startswith(
+        f"the stored copy of 'dir/b.bin' of component 'default' in {drive_uri} is damaged (its header"
+    ), refused.value.details()
+    with pytest.raises(grpc.RpcError) as listed:  # a listing of the file's own path reads its header too
+        own_stub.List(pb.ListRequest(drive=drive_uri, path="dir/b.bin"))
+    assert listed.value.details() == refused.value.details()
+    assert damaged.read_bytes() == stored
+    assert raw_get(own_stub, drive_uri, "dir/a.bin")[0][1] == b"fine"
+
+
+def test_a_file_changed_between_a_gets_lookup_and_its_read_is_named_as_asked_for(start_daemon, tmp_path, drive_uri):
+    """Deleted, made a folder or cut short after the get found it: the get's error named the file by its key."""
+    pause = tmp_path / "pause"
+    handle = start_daemon(tmp_path, before=paused_reads(pause))
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
+    shown = f"'f.bin' of component 'default' in {drive_uri}"
+    get = pb.GetRequest(drive=drive_uri, path="f.bin")
+    raw_put(stub, drive_uri, "f.bin", b"version 1")
+    gone = read_changed(stub, pause, lambda: stub.Delete(pb.DeleteRequest(drive=drive_uri, path="f.bin")), get)
+    assert (gone.code(), gone.details()) == (grpc.StatusCode.NOT_FOUND, f"{shown} does not exist")
+    raw_put(stub, drive_uri, "f.bin", b"version 2")
+
+    def to_folder() -> None:
+        stub.Delete(pb.DeleteRequest(drive=drive_uri, path="f.bin"))
+        raw_put(stub, drive_uri, "f.bin/in.txt", b"in the folder")
+
+    folder = read_changed(stub, pause, to_folder, get)
+    assert (folder.code(), folder.details()) == (grpc.StatusCode.NOT_FOUND, f"{shown} is a folder, not a file")
+    stub.Delete(pb.DeleteRequest(drive=drive_uri, path="f.bin"))
+    raw_put(stub, drive_uri, "f.bin", b"version 3, long")
+    short = read_changed(stub, pause, lambda: raw_put(stub, drive_uri, "f.bin", b"v4"),
+                         pb.GetRequest(drive=drive_uri, path="f.bin", offset=5))
+    assert (short.code(), short.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT, f"{shown} ends before offset 5 (it has 2 bytes)")
+    assert raw_get(stub, drive_uri, "f.bin")[0][1] == b"v4"
 
 
 # -- data dirs of an earlier release -----------------------------------------------------------------

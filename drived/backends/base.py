@@ -15,7 +15,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from typing import Protocol, Self
 
-from drive_client.errors import DataLoss, DriveError, InvalidArgument, StaleIndexError, Unavailable
+from drive_client.errors import (
+    DataLoss,
+    DriveError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    StaleIndexError,
+    Unavailable,
+)
 
 from ..checksums import Checksums, ClientChecksums, RunningCrc32c
 
@@ -76,41 +84,14 @@ class Listing:
         return f"{name}/" if name in self.folders else name
 
 
-def parent_is_file(key: str) -> InvalidArgument:
-    return InvalidArgument(f"cannot put {key!r}: a parent folder of it is a file")
-
-
-def is_a_folder(key: str) -> InvalidArgument:
-    return InvalidArgument(f"cannot put {key!r}: it is a folder; put files below it instead")
-
-
-def checksum_mismatch(key: str, mismatch: str) -> DataLoss:
-    """The error of a put whose bytes do not match what the client sent (`ClientChecksums.mismatch`)."""
-    return DataLoss(f"checksum mismatch for {key!r}: {mismatch}; nothing was stored, retry the put")
-
-
-def check_size(key: str, received: int, size: int | None) -> None:
-    """Raises DataLoss when the header's `size` (if any) differs from the bytes `received`."""
-    if size is not None and size != received:
-        raise DataLoss(
-            f"size mismatch for {key!r}: received {received} bytes, header said {size}; "
-            "nothing was stored, retry the put"
-        )
-
-
-def check_received(key: str, sums: Checksums, sent: ClientChecksums, size: int | None) -> None:
-    """Raises DataLoss unless the bytes `sums` summed number `size` (when given) and match what the client sent."""
-    check_size(key, sums.size, size)
-    mismatch = sent.mismatch(sums.sha256, sums.crc32c)
-    if mismatch:
-        raise checksum_mismatch(key, mismatch)
-
-
 class StoredFileError(DriveError):
     """What is wrong with a stored file, said of it by its key (`key`); `what` says what it is.
 
     The key names it in the data dir or the bucket, not as its client knows
-    it: the service names the file for the client (`named`) before it answers.
+    it: the caller that knows the request names the file for the client
+    (`named`) before it answers (the service for a get's bytes, `drived.managed`
+    for the rest). The message is "<file> <what>" unless a subclass says it
+    otherwise.
     """
 
     def __init__(self, key: str, what: str, message: str | None = None) -> None:
@@ -118,13 +99,69 @@ class StoredFileError(DriveError):
         self.what = what
         super().__init__(message or self._message(repr(key)))
 
-    @abc.abstractmethod
     def _message(self, shown: str) -> str:
         """The message, with the file named `shown`."""
+        return f"{shown} {self.what}"
 
     def named(self, shown: str) -> Self:
         """The same error, with the file named as the client knows it (e.g. "'a.bin' in lit://d")."""
         return type(self)(self.key, self.what, self._message(shown))
+
+
+class Missing(StoredFileError, NotFound):
+    """No file to read at the key (`what`: "does not exist", "is a folder, not a file", ...)."""
+
+
+class EndsBefore(StoredFileError, InvalidArgument):
+    """A read that starts past the end of the file (`what`: the offset and the file's size)."""
+
+    def _message(self, shown: str) -> str:
+        return f"{shown} ends before {self.what}"
+
+
+class TooLarge(StoredFileError, ResourceExhausted):
+    """A put of more bytes than the store keeps in one file (`what`: "is larger than ...")."""
+
+
+class Misplaced(StoredFileError, InvalidArgument):
+    """A put refused for where its file would be (`what`): a folder is there, or a parent of it is a file."""
+
+    def _message(self, shown: str) -> str:
+        return f"cannot put {shown}: {self.what}"
+
+
+class NotAsSent(StoredFileError, DataLoss):
+    """A put whose bytes are not what its client sent (`what` says how): nothing is stored."""
+
+    def _message(self, shown: str) -> str:
+        return f"nothing was stored for {shown}: {self.what}; retry the put"
+
+
+def parent_is_file(key: str) -> Misplaced:
+    return Misplaced(key, "a parent folder of it is a file")
+
+
+def is_a_folder(key: str) -> Misplaced:
+    return Misplaced(key, "it is a folder; put files below it instead")
+
+
+def checksum_mismatch(key: str, mismatch: str) -> NotAsSent:
+    """The error of a put whose bytes do not match what the client sent (`ClientChecksums.mismatch`)."""
+    return NotAsSent(key, f"checksum mismatch ({mismatch})")
+
+
+def check_size(key: str, received: int, size: int | None) -> None:
+    """Raises NotAsSent when the header's `size` (if any) differs from the bytes `received`."""
+    if size is not None and size != received:
+        raise NotAsSent(key, f"size mismatch (received {received} bytes, header said {size})")
+
+
+def check_received(key: str, sums: Checksums, sent: ClientChecksums, size: int | None) -> None:
+    """Raises NotAsSent unless the bytes `sums` summed number `size` (when given) and match what the client sent."""
+    check_size(key, sums.size, size)
+    mismatch = sent.mismatch(sums.sha256, sums.crc32c)
+    if mismatch:
+        raise checksum_mismatch(key, mismatch)
 
 
 class Damaged(StoredFileError, DataLoss):
@@ -148,10 +185,13 @@ class ChangedWhileRead(StoredFileError, StaleIndexError):
         return f"{shown} {self.what} while it was read: read it again"
 
 
-class ClientTooSlow(Unavailable):
+class ClientTooSlow(StoredFileError, Unavailable):
     """`Upload.write` refused its data, whole, because the client keeps the memory its upload holds from others
-    for too long: the stream ends, and the upload is as it was before the write, so it can be held for a resume
-    as a cut stream's is (`drived.uploads`)."""
+    for too long (`what` says how long): the stream ends, and the upload is as it was before the write, so it can
+    be held for a resume as a cut stream's is (`drived.uploads`)."""
+
+    def _message(self, shown: str) -> str:
+        return f"this put of {shown} was ended: {self.what}; retry it"
 
 
 class SummedChunks:

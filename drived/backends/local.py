@@ -23,7 +23,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from drive_client.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from drive_client.errors import InvalidArgument, ResourceExhausted, Unavailable
 from drive_client.files import write_all
 
 from ..checksums import BLOCK_SIZE, Checksums, ClientChecksums, range_crc32c
@@ -34,7 +34,9 @@ from .base import (
     ChangedWhileRead,
     Chunks,
     Damaged,
+    EndsBefore,
     Listing,
+    Missing,
     ObjectInfo,
     Upload,
     check_received,
@@ -513,12 +515,12 @@ class LocalBackend(Backend):
         return LocalUpload(self, key, path)
 
     def _open_file(self, key: str) -> int:
-        """A descriptor of the file or folder at `key`, for reading; NotFound when nothing is there."""
+        """A descriptor of the file or folder at `key`, for reading; Missing when nothing is there."""
         try:
             return os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                raise NotFound(f"{key!r} does not exist") from None
+                raise Missing(key, "does not exist") from None
             raise
 
     def _open(self, key: str) -> tuple[int, Layout, Version, ObjectInfo]:
@@ -531,7 +533,7 @@ class LocalBackend(Backend):
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise NotFound(f"{key!r} is a folder, not a file")
+                raise Missing(key, "is a folder, not a file")
             try:
                 layout = parse_header(os.pread(fd, HEADER_SIZE, 0))
             except DamagedHeader:
@@ -558,13 +560,13 @@ class LocalBackend(Backend):
         chunks = FileChunks(self, fd, key, layout, version, offset, end)
         if offset > info.size:
             await chunks.aclose()
-            raise InvalidArgument(f"offset {offset} is past the end of {key!r} ({info.size} bytes)")
+            raise EndsBefore(key, f"offset {offset} (it has {info.size} bytes)")
         return info, chunks
 
     def _stat(self, key: str) -> ObjectInfo | None:
         try:
             fd, _, _, info = self._open(key)
-        except NotFound:
+        except Missing:
             return None
         os.close(fd)
         return info

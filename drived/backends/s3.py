@@ -99,10 +99,7 @@ import botocore.exceptions
 
 from drive_client.errors import (
     DriveError,
-    InvalidArgument,
     NotFound,
-    ResourceExhausted,
-    StaleIndexError,
     Unavailable,
 )
 from drive_client.wire import SMALL_FILE
@@ -112,11 +109,15 @@ from ..s3index.lister import endpoint_of, make_client, map_error
 from .base import (
     Backend,
     BeforeVisible,
+    ChangedWhileRead,
     Chunks,
     ClientTooSlow,
+    EndsBefore,
     Listing,
+    Missing,
     ObjectInfo,
     SummedChunks,
+    TooLarge,
     Upload,
     check_received,
     is_a_folder,
@@ -346,9 +347,8 @@ class S3Upload(Upload):
             self._kept_waiting += buffers.wanted_seconds() - self._wanted_written
             if buffers.wanted and 0 < self._backend.fill_seconds < self._kept_waiting:
                 raise ClientTooSlow(
-                    f"this put of {self._key!r} was ended: its client took more than "
-                    f"{self._backend.fill_seconds:g} s (--stream-idle-timeout) to send a part's "
-                    f"{PART_SIZE >> 20} MiB while other uploads waited for the memory it holds; retry it"
+                    self._key, f"its client took more than {self._backend.fill_seconds:g} s (--stream-idle-timeout) "
+                    f"to send a part's {PART_SIZE >> 20} MiB while other uploads waited for the memory it holds"
                 )
         while len(view):
             if self._buffer is None:
@@ -450,8 +450,8 @@ class S3Upload(Upload):
         uses: list[asyncio.Future[Any]] = []  # what reads `part`: it is given back when they are done
         try:
             if len(self._parts) == MAX_PARTS:
-                raise ResourceExhausted(
-                    f"{self._key!r} is larger than {MAX_PARTS * PART_SIZE >> 30} GiB, the largest file --storage "
+                raise TooLarge(
+                    self._key, f"is larger than {MAX_PARTS * PART_SIZE >> 30} GiB, the largest file --storage "
                     "keeps (S3 takes 10,000 parts): split it"
                 )
             for sent in self._parts:  # a failed part fails the put now, not at its end
@@ -803,7 +803,7 @@ class S3Backend(Backend):
             answer = await self.run(self.client.get_object, Bucket=self.bucket, **params)
         except Exception as err:
             if _missing(err):
-                raise NotFound(f"{key!r} does not exist") from None
+                raise Missing(key, "does not exist") from None
             if _code(err)[0] != "InvalidRange":
                 raise self.failure(err, key) from err
             return await self._read_past_end(key, offset)
@@ -813,7 +813,7 @@ class S3Backend(Backend):
         info = await self._info(key, answer, size)
         if info is None:
             body.close()
-            raise NotFound(f"{key!r} is not a drived object (written to the bucket by something else)")
+            raise Missing(key, "is not a drived object (written to the bucket by something else)")
         end = size if limit == 0 else min(size, offset + limit)
         whole = info.crc32c if offset == 0 and end == size else None  # a range is left to S3's integrity
         summed = RunningCrc32c()
@@ -824,9 +824,9 @@ class S3Backend(Backend):
         """A read at or past the end: nothing to send at the end, InvalidArgument past it."""
         info = await self.stat(key)
         if info is None:
-            raise NotFound(f"{key!r} does not exist")
+            raise Missing(key, "does not exist")
         if offset > info.size:
-            raise InvalidArgument(f"offset {offset} is past the end of {key!r} ({info.size} bytes)")
+            raise EndsBefore(key, f"offset {offset} (it has {info.size} bytes)")
         return info, SummedChunks(None, RunningCrc32c(), key)
 
     async def _chunks(self, key: str, body: Any, etag: str, position: int, end: int, summed: RunningCrc32c
@@ -857,7 +857,7 @@ class S3Backend(Backend):
                                     Range=f"bytes={start}-{end - 1}", IfMatch=etag)
         except Exception as err:
             if _code(err)[0] == "PreconditionFailed" or _missing(err):
-                raise StaleIndexError(f"{key!r} was replaced or deleted while it was read: read it again") from None
+                raise ChangedWhileRead(key, "was replaced or deleted") from None
             raise self.failure(err, key) from err
         return answer["Body"]
 
