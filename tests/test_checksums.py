@@ -215,7 +215,7 @@ def test_a_put_damaged_on_the_way_is_refused_and_the_previous_version_stays(twin
     raw_put(stub, drive_uri, "f.bin", b"previous version")
     with flipping_proxy(daemon.endpoint, "up", markers) as (endpoint, proxy):
         drive = twin(drive_uri, root_folder=tmp_path, endpoint=endpoint)
-        with pytest.raises(DataLoss, match=r"CRC32C.*nothing was stored"):
+        with pytest.raises(DataLoss, match=r"nothing was stored for .f.bin.*CRC32C"):
             drive.put("f.bin")
         assert_flipped(proxy)
         assert stored(stub, drive_uri, "f.bin") == b"previous version"
