@@ -97,8 +97,10 @@ class ManagedPut:
         return self
 
     async def write(self, data: bytes | memoryview) -> None:
-        with _named(self.header.drive.name, self.header.component, self.path):
+        try:  # as `_named` does, without a context manager made for every chunk
             await self._write(data)
+        except StoredFileError as err:
+            raise err.named(_shown_file(self.header.drive.name, self.header.component, self.path)) from None
 
     def over_limit(self, received: int) -> ResourceExhausted:
         return self._drives.over_limit(self.header, received, self.replaced)

@@ -15,7 +15,7 @@ import pytest
 from conftest import wait_until
 
 from drive_client import Drive
-from drived.backends.commit_worker import CommitWorker, Job
+from drived.backends.commit_worker import CONFIRMS_IN_FLIGHT, BeforeVisible, CommitWorker, Job
 from drived.checksums import ClientChecksums
 
 
@@ -136,5 +136,35 @@ async def test_a_slow_before_visible_holds_up_no_commit_submitted_after_it(tmp_p
         confirmed.set()
         assert (await asyncio.wait_for(slow, 5))[0] == "ok"
         assert (tmp_path / "slow").exists() and not (tmp_path / "slow.tmp").exists()
+    finally:
+        await worker.close()
+
+
+
+async def test_commits_submitted_while_confirms_run_wait_for_room_and_go_together(tmp_path):
+    """At most CONFIRMS_IN_FLIGHT batches are confirmed at a time: the commits submitted one by one while they run
+    wait, and are confirmed together once one ends, not each in a call of its own."""
+    worker = CommitWorker()
+    release = asyncio.Event()
+    began_before_release: list[str] = []
+
+    def confirm_of(name: str) -> BeforeVisible:
+        async def confirm() -> None:
+            if not release.is_set():
+                began_before_release.append(name)
+            await release.wait()
+        return confirm
+
+    names = [f"f{i}" for i in range(2 + CONFIRMS_IN_FLIGHT + 3)]
+    try:
+        outcomes = [worker.submit(job_of(tmp_path, name, b"x"), confirm_of(name)) for name in names[:2]]  # one batch
+        await asyncio.sleep(0.05)
+        for name in names[2:]:  # one at a time, while the confirms in flight hang
+            outcomes.append(worker.submit(job_of(tmp_path, name, b"x"), confirm_of(name)))
+            await asyncio.sleep(0.02)
+        assert began_before_release == names[:2 + CONFIRMS_IN_FLIGHT - 1]  # a batch of its own for the room left
+        release.set()
+        assert [outcome[0] for outcome in await asyncio.wait_for(asyncio.gather(*outcomes), 10)] == ["ok"] * len(names)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     finally:
         await worker.close()

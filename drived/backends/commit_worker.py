@@ -8,9 +8,9 @@ worker is a process of its own, with its own GIL. The daemon sends it every
 commit that is ready as one batch; it commits the batch's files a few at a
 time, fsyncs each folder the batch renamed into once, and only then answers.
 No put is acknowledged before its file and its folder entry are on disk.
-Each commit's `before_visible` (its claim's confirmation) is awaited once
-the worker is free, just before its batch is sent, however long it waited
-in the queue.
+Each commit's `before_visible` (its claim's confirmation) is awaited after
+it waited in the queue, for the commits that are ready together, and the
+commit is sent as soon as it passed.
 
 The daemon side is `CommitWorker`; `python -m drived.backends.commit_worker`
 is the worker side, which reads batches from stdin and writes answers to
@@ -41,6 +41,7 @@ BeforeVisible = Callable[[], Awaitable[None]]
 LENGTH = struct.Struct("<I")  # the length of the pickle that follows
 MAX_BATCH = 64  # commits answered together at most, so none waits long behind the others
 MAX_BATCH_BYTES = 4 << 20  # and their bytes at most (but for a batch of one): each crosses the pipe in copies
+CONFIRMS_IN_FLIGHT = 2  # batches whose `before_visible` is awaited at once: one that hangs leaves room for the others
 # Files committed at once: the disk takes fsyncs in parallel faster than one after another
 # (here 1,000 small files: 3,000/s one by one, 5,500/s four at a time).
 COMMIT_THREADS = 4
@@ -132,19 +133,22 @@ class _Queued(NamedTuple):
 class CommitWorker:
     """The daemon's side: sends the commits that are ready to the worker, one batch at a time.
 
-    A commit's `before_visible` is awaited while the worker is free, for a
-    batch of commits at once (a shared coordinator makes that one round trip:
+    The `before_visible` of the commits that are ready is awaited for all of
+    them at once (a shared coordinator makes that one round trip:
     `RedisCoordinator.renew`), and the commits that passed it go in the next
-    batch sent. A `before_visible` that is slow holds up only its own batch:
-    while it runs, the commits submitted after it are confirmed and sent. The
-    worker is started on the first commit and again after it has died. A
-    commit that was sent runs to its end even if its caller stops waiting.
+    batches sent. At most CONFIRMS_IN_FLIGHT such batches are awaited at a
+    time: the commits submitted meanwhile wait and go together, and a
+    `before_visible` that hangs holds up only its own batch while the others
+    are confirmed and sent. The worker is started on the first commit and
+    again after it has died. A commit that was sent runs to its end even if
+    its caller stops waiting.
     """
 
     def __init__(self) -> None:
         self._ready: list[_Queued] = []  # submitted, `before_visible` not yet called
         self._confirming: set[str] = set()  # the paths of the commits whose `before_visible` runs
         self._confirmed: list[_Queued] = []  # `before_visible` passed: for the next batch sent
+        self._confirms = 0  # batches whose `before_visible` runs
         self._changed = asyncio.Event()  # set on a submit and when a batch's `before_visible` ends
         self._process: asyncio.subprocess.Process | None = None
         self._sending: asyncio.Task[None] | None = None
@@ -153,9 +157,8 @@ class CommitWorker:
     def submit(self, job: Job, before_visible: BeforeVisible | None = None) -> asyncio.Future[Outcome]:
         """Queues `job`; the future answers with its outcome once file and folder entry are durable.
 
-        `before_visible` is awaited once the worker is free, right before the
-        job's batch is sent; what it raises, the future raises, and the job is
-        not sent.
+        `before_visible` is awaited before the job is sent (`CommitWorker`);
+        what it raises, the future raises, and the job is not sent.
         """
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._ready.append(_Queued(job, before_visible or _visible_at_once, future))
@@ -172,8 +175,9 @@ class CommitWorker:
                     await self._commit(self._next_batch(self._confirmed, set()))
                     continue
                 self._changed.clear()
-                batch = self._next_batch(self._ready, self._confirming)
+                batch = self._next_batch(self._ready, self._confirming) if self._confirms < CONFIRMS_IN_FLIGHT else []
                 if batch:
+                    self._confirms += 1
                     self._confirming.update(queued.job[1] for queued in batch)
                     task = asyncio.create_task(self._confirm(batch))
                     self._background.add(task)
@@ -185,14 +189,17 @@ class CommitWorker:
     async def _confirm(self, batch: list[_Queued]) -> None:
         """Awaits the `before_visible` of `batch` all at once; each that raised fails with what it raised, and the
         others are confirmed."""
-        raised = await asyncio.gather(*(queued.before_visible() for queued in batch), return_exceptions=True)
-        for queued, error in zip(batch, raised, strict=True):
-            self._confirming.discard(queued.job[1])
-            if error is None:
-                self._confirmed.append(queued)
-            elif not queued.outcome.done():
-                queued.outcome.set_exception(error)
-        self._changed.set()
+        try:
+            raised = await asyncio.gather(*(queued.before_visible() for queued in batch), return_exceptions=True)
+            for queued, error in zip(batch, raised, strict=True):
+                self._confirming.discard(queued.job[1])
+                if error is None:
+                    self._confirmed.append(queued)
+                elif not queued.outcome.done():
+                    queued.outcome.set_exception(error)
+        finally:
+            self._confirms -= 1
+            self._changed.set()
 
     async def _commit(self, batch: list[_Queued]) -> None:
         """Sends `batch` to the worker and answers each of its commits with its outcome."""
