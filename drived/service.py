@@ -294,9 +294,9 @@ class DriveService(pb_grpc.DriveServiceServicer):
         record.grant.check(record.method, drive)
         return self._router(drive)
 
-    async def _begin_put(self, record: RequestLog, header: pb.PutHeader) -> PendingPut:
+    async def _begin_put(self, record: RequestLog, header: pb.PutHeader, put_file: bool) -> PendingPut:
         record.drive, record.path, record.component = header.drive, header.path, header.component
-        put = PutHeader.from_pb(header, put_file=record.method == "PutFile")
+        put = PutHeader.from_pb(header, put_file)
         return await self._drives(record, put.drive).begin_put(put)
 
     async def _put(self, record: RequestLog, messages: AsyncIterable[PutMessage | pb.PutFileRequest], hold: bool
@@ -308,7 +308,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
         refused it or the idle check ended it (README, Failure behaviour).
         """
         assert record.stream is not None  # Put and PutFile are STREAMS: admitted before the handler runs
-        stream = PutStream(partial(self._begin_put, record))
+        stream = PutStream(partial(self._begin_put, record, put_file=not hold))  # only a Put stream holds
         keep = False
         try:
             async for message in messages:

@@ -185,6 +185,13 @@ class ChangedWhileRead(StoredFileError, StaleIndexError):
         return f"{shown} {self.what} while it was read: read it again"
 
 
+class UploadGone(StoredFileError, Unavailable):
+    """An upload the store no longer has (`what` says why): the put is tried again."""
+
+    def _message(self, shown: str) -> str:
+        return f"the upload of {shown} was given up ({self.what}): retry the put"
+
+
 class ClientTooSlow(StoredFileError, Unavailable):
     """`Upload.write` refused its data, whole, because the client keeps the memory its upload holds from others
     for too long (`what` says how long): the stream ends, and the upload is as it was before the write, so it can

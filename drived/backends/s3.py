@@ -26,7 +26,7 @@ the whole file first. So a multipart object's metadata names a *checksum
 object* instead, `prefix/~checksums/<key>/<name>`, an empty object whose
 metadata holds the hashes; it is written after the bytes are verified and
 before CompleteMultipartUpload, so the file is never visible without it (and
-deleted when the upload is aborted before its commit was tried).
+deleted when the upload is aborted, unless the object at the key uses it).
 `~` cannot start a drive name: the checksum objects share no folder with a
 drive. This costs one small PUT per big file, and a stat of a big file a second
 HEAD; the checksum object of a replaced or deleted version is deleted after it.
@@ -37,10 +37,9 @@ upload: each keeps the hash beside the bytes, not in S3's metadata.)
 Folders. S3 has none: a folder is the common prefix of the keys below it, so
 it vanishes with its last file. A put is refused when a parent of its key is an
 object or its key is a folder, checked (a HEAD per parent, one LIST) at the
-commit: just before the PutObject, or beside the checksum object's write
-while the last parts are sent, so that CompleteMultipartUpload is all that is
-left once they end; a multipart upload is also checked before its first part
-is stored, so that a refused big file is not uploaded first. S3 cannot make the check and the commit one
+commit: just before the PutObject, or, once the last part is stored, beside
+the checksum object's write; a multipart upload is also checked before its
+first part is stored, so that a refused big file is not uploaded first. S3 cannot make the check and the commit one
 step: the caller commits inside the path's claim (`drived.coordinator`),
 which excludes the claims of the folders above the path and of the paths
 below it, so two puts of `a` and `a/b` at the same moment cannot both
@@ -119,6 +118,7 @@ from .base import (
     SummedChunks,
     TooLarge,
     Upload,
+    UploadGone,
     check_received,
     is_a_folder,
     parent_is_file,
@@ -152,6 +152,11 @@ def _checksums_of(metadata: dict[str, str]) -> tuple[str, int | None]:
     crc = metadata.get("crc32c", "")
     is_hex = len(crc) == 8 and all(c in string.hexdigits for c in crc)
     return metadata.get("sha256", ""), int(crc, 16) if is_hex else None
+
+
+def _checksums_used(answer: dict[str, Any] | None) -> str:
+    """The name of the checksum object that the object of a HEAD's `answer` uses ("": none, or no object)."""
+    return str(((answer or {}).get("Metadata") or {}).get("checksums", ""))
 
 
 def _code(err: BaseException) -> tuple[str, int]:
@@ -512,13 +517,14 @@ class S3Upload(Upload):
                 await self._hand_on()
             await self._hashing  # type: ignore[misc]  # a multipart upload has hashed a part
             check_received(self._key, sums, sent, size)
-            # Beside the last parts in flight, so that only the commit is left once they end: the folders checked
-            # again (a conflicting put may have committed since the first part), and the checksum object.
+            parts = await asyncio.gather(*self._parts)
+            # At once: the folders checked again (a conflicting put may have committed since the first part), and
+            # the checksum object, written just before the commit (the sweep takes it for a leftover once it is
+            # older than upload_expiry).
             self._preparing = asyncio.ensure_future(
                 self._backend.prepare_completion(self._key, self._checksums_name, sums))
             # Shielded: a cancelled put lets it end before abort() forgets the checksum object.
             replaced, _ = await asyncio.gather(asyncio.shield(self._preparing), self._backend.check_place(self._key))
-            parts = await asyncio.gather(*self._parts)
             if before_visible is not None:
                 await before_visible()
             self._committing = asyncio.ensure_future(self._backend.complete_upload(
@@ -547,9 +553,8 @@ class S3Upload(Upload):
             self._upload_id = ""  # committed while the put was cancelled
         if self._upload_id:
             await self._backend.abort_upload(self._key, self._upload_id)
-            if self._preparing is not None and self._committing is None:
-                # Of no use now; once a commit was tried, the object it may have made uses it.
-                await self._backend.forget_checksums(self._key, self._checksums_name)
+            if self._preparing is not None:
+                await self._backend.forget_unused_checksums(self._key, self._checksums_name)
 
 
 class S3Backend(Backend):
@@ -592,10 +597,7 @@ class S3Backend(Backend):
                 f"the S3 bucket {self.bucket!r} of --storage does not exist at {self.endpoint}: create it"
             )
         if code == "NoSuchUpload":
-            return Unavailable(
-                f"the upload of {key!r} was given up (no part for {self.upload_expiry:g} s, or the store "
-                "dropped it): retry the put"
-            )
+            return UploadGone(key, f"no part for {self.upload_expiry:g} s, or the store dropped it")
         if code in ("PreconditionFailed", "InvalidRange") or (_missing(err) and key):
             return DriveError(f"S3 error on s3://{self.bucket}/{self.root}{key} at {self.endpoint}: {code}")
         return map_error(err, self.client, self.bucket, self.root + key if key else "")
@@ -732,11 +734,18 @@ class S3Backend(Backend):
 
     async def _forget_checksums_of(self, key: str, answer: dict[str, Any] | None) -> None:
         """Deletes the checksum object of the version in `answer` (a HEAD of `key` before it went)."""
-        name = ((answer or {}).get("Metadata") or {}).get("checksums")
+        name = _checksums_used(answer)
         if name:
-            await self.forget_checksums(key, name)
+            await self._forget_checksums(key, name)
 
-    async def forget_checksums(self, key: str, name: str) -> None:
+    async def forget_unused_checksums(self, key: str, name: str) -> None:
+        """Deletes the checksum object `name` of an upload of `key` that was aborted, unless the object at `key` uses
+        it (a commit whose answer was lost may have made it)."""
+        with contextlib.suppress(DriveError):  # a leftover is removed by the sweep
+            if _checksums_used(await self._head(self.root + key)) != name:
+                await self._forget_checksums(key, name)
+
+    async def _forget_checksums(self, key: str, name: str) -> None:
         """Deletes the checksum object `name` of `key`."""
         with contextlib.suppress(DriveError):  # a leftover is removed by the sweep
             await self.call("delete_object", key, Key=self._checksums_key(key, name))
@@ -784,8 +793,7 @@ class S3Backend(Backend):
 
     async def _sweep_checksums(self, key: str) -> None:
         """Deletes the checksum objects of `key` that its object does not use and no commit is about to."""
-        current = await self._head(self.root + key)
-        used = ((current or {}).get("Metadata") or {}).get("checksums", "")
+        used = _checksums_used(await self._head(self.root + key))
         answer = await self.call("list_objects_v2", key, Prefix=self._checksums_key(key), Delimiter="/")
         now = _server_time(answer)
         for entry in answer.get("Contents", []):
