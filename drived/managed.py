@@ -63,17 +63,13 @@ def _shown(drive: str, path: str) -> str:
     return f"{path!r} in lit://{drive}"
 
 
-def _shown_file(drive: str, component: str, path: str) -> str:
-    return f"{path!r} of component {component!r} in lit://{drive}"
-
-
 @contextlib.contextmanager
 def _named(drive: str, component: str, path: str) -> Iterator[None]:
     """Names a StoredFileError raised inside (said of the file's key in the store) as the client knows the file."""
     try:
         yield
     except StoredFileError as err:
-        raise err.named(_shown_file(drive, component, path)) from None
+        raise err.named(f"lit://{drive}", component, path) from None
 
 
 class ManagedPut:
@@ -100,7 +96,7 @@ class ManagedPut:
         try:  # as `_named` does, without a context manager made for every chunk
             await self._write(data)
         except StoredFileError as err:
-            raise err.named(_shown_file(self.header.drive.name, self.header.component, self.path)) from None
+            raise err.named(self.header.drive.uri, self.header.component, self.path) from None
 
     def over_limit(self, received: int) -> ResourceExhausted:
         return self._drives.over_limit(self.header, received, self.replaced)

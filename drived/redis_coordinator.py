@@ -478,7 +478,11 @@ class RedisCoordinator(Coordinator):
         claims, renewing = self._confirming
         mine = len(claims)
         claims.append(claim)
-        return bool((await asyncio.shield(renewing))[mine])
+        try:
+            kept = await asyncio.shield(renewing)
+        except Unavailable as shared:  # each confirm raises its own: one object raised by all gathers their tracebacks
+            raise type(shared)(shared.message) from None
+        return bool(kept[mine])
 
     async def _renew_together(self, claims: list[_RedisClaim]) -> list[int]:
         """Renews `claims` once the confirms asked in this turn of the event loop have joined them."""

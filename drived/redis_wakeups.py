@@ -101,9 +101,11 @@ class Link:
         self._conn = conn
         self._wakeups = wakeups
         self.failed = False
-        self._subscribed: dict[str, asyncio.Future[None]] = {}  # channel -> its SUBSCRIBE's confirmation
+        # channel -> its SUBSCRIBE's confirmation: None, or why the connection failed first. The cause, not an
+        # exception: each task waiting on it raises its own (one object raised by all gathers their tracebacks).
+        self._subscribed: dict[str, asyncio.Future[BaseException | None]] = {}
         # Confirmations not yet received, in the order of the SUBSCRIBEs sent: Redis answers in that order.
-        self._unconfirmed: defaultdict[str, deque[asyncio.Future[None]]] = defaultdict(deque)
+        self._unconfirmed: defaultdict[str, deque[asyncio.Future[BaseException | None]]] = defaultdict(deque)
         self._sending = asyncio.Lock()  # commands go out in the order they were asked for (a FIFO lock)
         self._reader = asyncio.ensure_future(self._read())
 
@@ -115,10 +117,12 @@ class Link:
             self._unconfirmed[name].append(confirmed)
             await self._send("SUBSCRIBE", name)
         try:
-            await asyncio.wait_for(asyncio.shield(confirmed), CONFIRM_TIMEOUT)
-        except TimeoutError as err:
-            self.fail(err)
-            raise self._wakeups.failure(err) from None
+            failed = await asyncio.wait_for(asyncio.shield(confirmed), CONFIRM_TIMEOUT)
+        except TimeoutError:
+            failed = TimeoutError(f"the SUBSCRIBE of {name} was not confirmed within {CONFIRM_TIMEOUT:g} s")
+            self.fail(failed)
+        if failed is not None:
+            raise self._wakeups.failure(failed)
 
     async def unsubscribe(self, name: str) -> None:
         if self._subscribed.pop(name, None) is not None:
@@ -167,8 +171,7 @@ class Link:
         for pending in self._unconfirmed.values():
             for confirmed in pending:
                 if not confirmed.done():
-                    confirmed.set_exception(self._wakeups.failure(err))
-                    confirmed.exception()  # retrieved here: a waiter that gave up raises nothing
+                    confirmed.set_result(err)
         self._unconfirmed.clear()
         self._subscribed.clear()
         self._wakeups.lost(self)
@@ -218,17 +221,17 @@ class Wakeups:
         if making.cancelled():  # only `close` cancels it
             raise shutting_down()
         failed = making.exception()
-        if failed is not None:
-            raise failed if isinstance(failed, Unavailable) else self.failure(failed)
+        if failed is not None:  # each task raises its own: one object raised by all gathers their tracebacks
+            raise self.failure(failed)
         return making.result()
 
     async def _make(self) -> Link:
-        """Makes the subscriber connection within CONFIRM_TIMEOUT; closes it if `close` came meanwhile."""
+        """Makes the subscriber connection within CONFIRM_TIMEOUT; closes it if `close` came meanwhile. Raises why
+        it failed (`link` turns that into each waiting task's Unavailable)."""
         try:
             conn = await asyncio.wait_for(self._connect(), CONFIRM_TIMEOUT)
         except TimeoutError:
-            raise self.failure(TimeoutError(
-                f"the subscriber connection was not made within {CONFIRM_TIMEOUT:g} s")) from None
+            raise TimeoutError(f"the subscriber connection was not made within {CONFIRM_TIMEOUT:g} s") from None
         finally:
             self._making = None
         if self._closed:

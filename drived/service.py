@@ -361,8 +361,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 if get.checksums:
                     yield pb.GetResponse(crc32c=chunks.crc32c)
             except StoredFileError as err:  # named by its key in the store: named here as the client asked for it
-                owner = f" of component {entry.component!r}" if entry.component else ""
-                raise err.named(f"{entry.path!r}{owner} in {get.drive.uri}") from None
+                raise err.named(get.drive.uri, entry.component, entry.path) from None
             finally:
                 await chunks.aclose()
 

@@ -29,7 +29,7 @@ import redis
 from conftest import MIB, DaemonHandle, free_port, held_open, put_messages, raw_get, raw_put, rpc_code, wait_until
 from cutting_proxy import CuttingProxy
 from test_commit_worker import commit_workers
-from test_coordinator import calls
+from test_coordinator import calls, stopped
 from test_storage_s3 import BUCKET, PREFIX, StalledPut, Store, stub_of
 
 from bench.services import TlsProxy, ValkeyServer
@@ -366,6 +366,29 @@ def test_a_get_whose_subscription_is_unconfirmed_when_the_daemon_drains_is_told_
             assert stopped.value.details() == "drived: shutting down: reconnect and retry"
     finally:
         valkey.send_signal(signal.SIGCONT)
+    assert replica.stop() == 0
+
+
+def test_a_subscription_the_coordinator_does_not_confirm_is_unavailable_saying_so_and_the_replica_recovers(
+        own_cluster, make_drive_uri):
+    replica = own_cluster.replica()
+    stub = stub_of(replica)
+    first, second = make_drive_uri("first"), make_drive_uri("second")
+    coordinator = redis.Redis.from_url(own_cluster.valkey.url)
+    # A wait makes the subscriber connection, which outlives it (subscribed to nothing once it is over).
+    assert rpc_code(lambda: raw_get(stub, first, "never.txt", wait_seconds=0.5)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: coordinator.pubsub_channels() == [], timeout=10)
+    with stopped(own_cluster.valkey), pytest.raises(grpc.RpcError) as down:
+        raw_get(stub, second, "late.txt", wait_seconds=60)  # its SUBSCRIBE is never confirmed
+    details = down.value.details()
+    assert down.value.code() == grpc.StatusCode.UNAVAILABLE, details
+    channel = f"drived:{{{second.removeprefix('lit://')}}}"
+    assert f"the SUBSCRIBE of {channel} was not confirmed within {CONFIRM_TIMEOUT:g} s" in details, details
+    assert "TimeoutError: )" not in details
+    assert own_cluster.name in details and PASSWORD not in details
+    # The coordinator answers again: a put, and a get that waits (its subscription on a new subscriber connection).
+    raw_put(stub, second, "late.txt", b"after", component="w")
+    assert raw_get(stub, second, "late.txt", wait_seconds=5)[0][1] == b"after"
     assert replica.stop() == 0
 
 

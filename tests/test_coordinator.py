@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import signal
 import socket
 import threading
 import time
@@ -385,6 +386,73 @@ async def test_a_wait_survives_the_subscriber_connection_dropping(own_valkey: Ca
         await publisher.publish("d", "put", entry("a"))
         await publisher.publish("e", "put", entry("a"))
         await asyncio.wait_for(asyncio.gather(*waits), 5)
+
+
+@contextlib.contextmanager
+def stopped(server: ValkeyServer) -> Iterator[None]:
+    """The server SIGSTOPped for the body: it accepts connections (the kernel does) but answers nothing."""
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.integration
+async def test_the_waits_sharing_a_failed_subscriber_connection_each_raise_their_own_unavailable(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    server = own_valkey()
+    async with redis_coordinator(server.url) as coordinator:
+        with stopped(server):  # both waits wait for the one connection being made, which is never answered
+            failed = await asyncio.wait_for(asyncio.gather(
+                wait_once(coordinator, "d", 0, 5), wait_once(coordinator, "e", 0, 5), return_exceptions=True), 15)
+        one, other = failed
+        assert isinstance(one, Unavailable) and isinstance(other, Unavailable), failed
+        assert one is not other  # one object raised by every wait would gather all their tracebacks
+        for err in failed:
+            message = str(err)
+            assert f"redis://127.0.0.1:{server.port}/0" in message and PASSWORD not in message
+            assert "the subscriber connection was not made within 5 s" in message, message
+        await wait_once(coordinator, "d", -1, 5)  # the server answers again: a wait makes the connection anew
+
+
+@pytest.mark.integration
+async def test_the_waits_sharing_an_unconfirmed_subscribe_each_raise_their_own_unavailable_saying_so(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    server = own_valkey()
+    async with redis_coordinator(server.url) as coordinator:
+        await wait_once(coordinator, "d", -1, 5)  # makes the subscriber connection, which outlives the wait
+        with stopped(server):
+            first = asyncio.ensure_future(wait_once(coordinator, "e", 0, 5))  # sends the SUBSCRIBE
+            await asyncio.sleep(1)
+            later = [asyncio.ensure_future(wait_once(coordinator, "e", 0, 5)) for _ in range(2)]  # wait for its answer
+            failed = await asyncio.wait_for(asyncio.gather(first, *later, return_exceptions=True), 15)
+        assert all(isinstance(err, Unavailable) for err in failed), failed
+        assert len({id(err) for err in failed}) == 3
+        for err in failed:
+            message = str(err)
+            assert "the SUBSCRIBE of drived:{e} was not confirmed within 5 s" in message, message
+            assert f"redis://127.0.0.1:{server.port}/0" in message and PASSWORD not in message
+
+
+@pytest.mark.integration
+async def test_the_confirms_sharing_a_failed_renewal_each_raise_their_own_unavailable(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    server = own_valkey()
+    async with redis_coordinator(server.url) as coordinator, contextlib.AsyncExitStack() as held:
+        claims = [await held.enter_async_context(coordinator.claim("d", f"p{i}")) for i in range(2)]
+        server.kill()
+        failed = await asyncio.gather(*(claim.confirm() for claim in claims), return_exceptions=True)
+        one, other = failed
+        assert isinstance(one, Unavailable) and isinstance(other, Unavailable), failed
+        assert one is not other
+        for err in failed:
+            message = str(err)
+            assert f"redis://127.0.0.1:{server.port}/0" in message and PASSWORD not in message
 
 
 def calls(admin: redis.Redis, command: str) -> int:

@@ -103,9 +103,11 @@ class StoredFileError(DriveError):
         """The message, with the file named `shown`."""
         return f"{shown} {self.what}"
 
-    def named(self, shown: str) -> Self:
-        """The same error, with the file named as the client knows it (e.g. "'a.bin' in lit://d")."""
-        return type(self)(self.key, self.what, self._message(shown))
+    def named(self, drive_uri: str, component: str, path: str) -> Self:
+        """The same error, with the file named as the client knows it: "'a.bin' of component 'c' in lit://d", or
+        "'a.bin' in s3://b/p/" (an s3:// object has no component)."""
+        owner = f" of component {component!r}" if component else ""
+        return type(self)(self.key, self.what, self._message(f"{path!r}{owner} in {drive_uri}"))
 
 
 class Missing(StoredFileError, NotFound):
