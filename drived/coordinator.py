@@ -100,6 +100,8 @@ class Changes(abc.ABC):
 class Coordinator(abc.ABC):
     """Ownership claims, the change feed and wake-ups of the managed drives."""
 
+    claim_ttl = CLAIM_TTL  # seconds a claim stays held unrenewed (a shared one's --claim-ttl)
+
     @abc.abstractmethod
     def claim(self, drive: str, path: str) -> AbstractAsyncContextManager[Claim]:
         """Holds the claim on `path` of `drive` for the body of an `async with`.

@@ -43,7 +43,7 @@ from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutH
 from .uploads import HeldUploads, Resumable
 
 EARLY_CHECK_MIN_SIZE = 1 << 20
-DELETE_BATCH = 100  # files a folder delete removes after one confirm of its claim (one round trip)
+DELETE_BATCH = 100  # files a folder delete removes at most after one confirm of its claim (one round trip)
 
 
 def _entry(path: str, component: str, info: ObjectInfo) -> Entry:
@@ -443,10 +443,15 @@ class ManagedDrives:
                 return 1
             deleted = 0
             keys = await self.backend.walk(object_key(drive, component, path))
-            for start in range(0, len(keys), DELETE_BATCH):
-                await claim.confirm()  # a big folder's walk and deletes may outlast an unrenewed claim
-                for key in keys[start:start + DELETE_BATCH]:
-                    deleted += await self._delete(drive, key, relative_path(key, drive, component), component)
+            # A big folder's walk and deletes, or a slow store's, may outlast an unrenewed claim: it is confirmed
+            # before the first file, then once DELETE_BATCH files or a third of its TTL went by since.
+            since_confirm, confirmed_at = DELETE_BATCH, 0.0  # files taken on since the last confirm, and its time
+            for key in keys:
+                if since_confirm == DELETE_BATCH or time.monotonic() - confirmed_at >= self.coordinator.claim_ttl / 3:
+                    since_confirm, confirmed_at = 0, time.monotonic()
+                    await claim.confirm()
+                since_confirm += 1
+                deleted += await self._delete(drive, key, relative_path(key, drive, component), component)
             if not deleted:
                 raise NotFound(
                     f"component {component!r} owns nothing at {_shown(drive, path)}; "

@@ -722,6 +722,42 @@ def test_a_folder_delete_whose_claim_was_lost_since_its_take_removes_nothing(own
     assert [entry.path for entry in listed] == [f"folder/f{i}.txt" for i in range(3)]
 
 
+def test_a_folder_delete_on_a_stalled_store_confirms_its_claim_by_time_not_only_every_batch(own_cluster, drive_uri):
+    """A folder delete confirms its claim before its next file once a third of --claim-ttl passed since the last
+    confirm, not only every DELETE_BATCH files: a claim lost while the store stalls mid-folder stops the delete
+    there, and the files after it stay."""
+    replica = own_cluster.replica("--claim-ttl", "3")
+    stub = stub_of(replica)
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    names = [f"folder/f{i:02}.txt" for i in range(30)]  # far fewer than DELETE_BATCH
+    for name in names:
+        raw_put(stub, drive_uri, name, name.encode(), component="w")
+    moto = own_cluster.store.moto.proc
+    assert moto is not None
+    announced = admin.pubsub(ignore_subscribe_messages=True)
+    announced.subscribe(f"drived:{{{drive_uri.removeprefix('lit://')}}}")  # each deleted file's event, at once
+    deleting = stub.Delete.future(drive_pb2.DeleteRequest(drive=drive_uri, path="folder", component="w"), timeout=60)
+    try:
+        assert wait_until(lambda: (announced.get_message(timeout=0.01) or {}).get("data", b"").startswith(b"e"),
+                          timeout=20, interval=0), "no file was deleted"
+        moto.send_signal(signal.SIGSTOP)  # the delete's next file waits on the store, with its claim confirmed
+        admin.delete(*own_cluster.keys("drived:*:claim:folder"))  # the coordinator lost it
+        time.sleep(1.5)  # past a third of --claim-ttl since the delete's last confirm
+    finally:
+        moto.send_signal(signal.SIGCONT)
+        announced.close()
+    with pytest.raises(grpc.RpcError) as refused:
+        deleting.result(60)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "lapsed" in refused.value.details() and "nothing more was changed" in refused.value.details()
+    listed = [entry.path for entry in stub.List(drive_pb2.ListRequest(drive=drive_uri, path="folder"),
+                                                 timeout=10).entries]
+    assert 0 < len(listed) < len(names) and listed == names[len(names) - len(listed):]  # removed in path order
+    for name in listed:
+        [(info, data)] = raw_get(stub, drive_uri, name)
+        assert data == name.encode() and info.component == "w"
+
+
 def test_sigkill_mid_put_leaves_no_partial_and_the_previous_version(own_cluster, drive_uri):
     victim, other = own_cluster.replica(), own_cluster.replica()
     raw_put(stub_of(victim), drive_uri, "v.bin", b"version 1", component="w")

@@ -15,6 +15,7 @@ import pytest
 from conftest import wait_until
 
 from drive_client import Drive
+from drive_client.errors import Unavailable
 from drived.backends.commit_worker import CONFIRMS_IN_FLIGHT, BeforeVisible, CommitWorker, Job
 from drived.checksums import ClientChecksums
 
@@ -166,5 +167,33 @@ async def test_commits_submitted_while_confirms_run_wait_for_room_and_go_togethe
         release.set()
         assert [outcome[0] for outcome in await asyncio.wait_for(asyncio.gather(*outcomes), 10)] == ["ok"] * len(names)
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    finally:
+        await worker.close()
+
+
+async def test_a_commit_confirmed_after_close_fails_shutting_down_and_starts_no_worker(tmp_path):
+    """A batch whose `before_visible` was in flight when the worker was closed (the daemon shutting down) fails
+    when it ends, as does a commit submitted later: neither starts a worker again, nor stores anything."""
+    worker = CommitWorker()
+    release = asyncio.Event()
+
+    async def held_confirm() -> None:
+        await release.wait()
+
+    others = set(commit_workers(os.getpid()))  # this process's children that are not its worker (other fixtures')
+    try:
+        assert (await asyncio.wait_for(worker.submit(job_of(tmp_path, "first", b"x")), 10))[0] == "ok"
+        [process] = set(commit_workers(os.getpid())) - others  # the worker the first commit started
+        held = worker.submit(job_of(tmp_path, "held", b"confirmed after close"), held_confirm)
+        await asyncio.sleep(0.1)  # its confirm has begun
+        await worker.close()
+        assert wait_gone(process)
+        release.set()
+        with pytest.raises(Unavailable, match=r"^shutting down: reconnect and retry$"):
+            await asyncio.wait_for(held, 10)
+        with pytest.raises(Unavailable, match=r"^shutting down: reconnect and retry$"):
+            await asyncio.wait_for(worker.submit(job_of(tmp_path, "later", b"x")), 10)
+        assert set(commit_workers(os.getpid())) == others
+        assert [p.name for p in tmp_path.iterdir()] == ["first"]
     finally:
         await worker.close()

@@ -122,6 +122,18 @@ async def _visible_at_once() -> None:
     """The `before_visible` of a commit submitted without one."""
 
 
+class _Closed(Exception):
+    """A worker would be started after `CommitWorker.close`: the commits that need it fail instead."""
+
+
+def _shutting_down() -> Exception:
+    """What a commit fails with once its worker is closed: the daemon is shutting down (`drived.coordinator`, imported
+    here: at the top it would bring grpc into the worker process)."""
+    from ..coordinator import shutting_down
+
+    return shutting_down()
+
+
 class _Queued(NamedTuple):
     """A commit submitted: its job, what to await before it is sent, and the future its outcome goes to."""
 
@@ -140,8 +152,8 @@ class CommitWorker:
     time: the commits submitted meanwhile wait and go together, and a
     `before_visible` that hangs holds up only its own batch while the others
     are confirmed and sent. The worker is started on the first commit and
-    again after it has died. A commit that was sent runs to its end even if
-    its caller stops waiting.
+    again after it has died, until `close`. A commit that was sent runs to
+    its end even if its caller stops waiting.
     """
 
     def __init__(self) -> None:
@@ -153,6 +165,7 @@ class CommitWorker:
         self._process: asyncio.subprocess.Process | None = None
         self._sending: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._closed = False  # `close` was called: no worker is started again
 
     def submit(self, job: Job, before_visible: BeforeVisible | None = None) -> asyncio.Future[Outcome]:
         """Queues `job`; the future answers with its outcome once file and folder entry are durable.
@@ -161,6 +174,9 @@ class CommitWorker:
         what it raises, the future raises, and the job is not sent.
         """
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(_shutting_down())
+            return future
         self._ready.append(_Queued(job, before_visible or _visible_at_once, future))
         self._changed.set()
         if self._sending is None:
@@ -202,11 +218,17 @@ class CommitWorker:
             self._changed.set()
 
     async def _commit(self, batch: list[_Queued]) -> None:
-        """Sends `batch` to the worker and answers each of its commits with its outcome."""
+        """Sends `batch` to the worker and answers each of its commits with its outcome; once the worker is closed
+        (its `before_visible` ended after `close`), fails them shutting down instead."""
         try:
             outcomes = await self._call([queued.job for queued in batch])
+        except _Closed:
+            for queued in batch:
+                if not queued.outcome.done():
+                    queued.outcome.set_exception(_shutting_down())
+            return
         except (OSError, EOFError, pickle.UnpicklingError) as err:
-            await self.close()
+            await self._stop()
             lost: Outcome = ("error", None, f"the commit worker failed ({err!r}); the put may not be stored")
             outcomes = [lost] * len(batch)
         for queued, outcome in zip(batch, outcomes, strict=True):
@@ -236,7 +258,7 @@ class CommitWorker:
         try:
             await self._write(process, frame)
         except ConnectionError:  # it died before it read the batch, so it did none of it: once more
-            await self.close()
+            await self._stop()
             process = await self._started()
             await self._write(process, frame)
         assert process.stdout is not None
@@ -248,6 +270,8 @@ class CommitWorker:
         return outcomes
 
     async def _started(self) -> asyncio.subprocess.Process:
+        if self._closed:
+            raise _Closed
         if self._process is None or self._process.returncode is not None:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", __name__, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
@@ -262,7 +286,13 @@ class CommitWorker:
         await process.stdin.drain()
 
     async def close(self) -> None:
-        """Stops the worker: it finishes the batch it has, then exits."""
+        """Stops the worker for good: it finishes the batch it has, then exits. The commits not sent by then (their
+        `before_visible` still running) and those submitted later fail shutting down. Idempotent."""
+        self._closed = True
+        await self._stop()
+
+    async def _stop(self) -> None:
+        """Stops the worker: it finishes the batch it has, then exits (the next batch starts another)."""
         process, self._process = self._process, None
         if process is None:
             return
