@@ -523,52 +523,6 @@ def test_a_put_of_more_parts_than_s3_takes_is_named_as_asked_for(store, changing
     assert wait_until(lambda: not [u for u in store.uploads() if u["Key"].endswith("/w/big.bin")], 30)
 
 
-PAUSED_CREATES = """
-import asyncio, os
-import drived.backends.s3
-
-def paused(create):
-    async def create_once_resumed(self, *args):
-        open({reached!r}, "w").close()
-        while os.path.exists({pause!r}):
-            await asyncio.sleep(0.01)
-        return await create(self, *args)
-    return create_once_resumed
-
-drived.backends.s3.S3Backend.create_upload = paused(drived.backends.s3.S3Backend.create_upload)
-"""
-
-
-def test_a_big_put_goes_on_reading_its_client_while_its_upload_is_made(store, drive_uri, tmp_path):
-    """Making the multipart upload (a folder check and CreateMultipartUpload: two round trips to the store) does
-    not hold up the client's stream: the daemon goes on taking parts, up to those in flight, meanwhile."""
-    pause = tmp_path / "pause"
-    pause.touch()
-    stub = stub_of(store.daemon(before=PAUSED_CREATES.format(pause=str(pause), reached=f"{pause}.reached")))
-    data = os.urandom((MAX_PARTS_IN_FLIGHT + 2) * PART_SIZE)
-    taken = 0  # bytes the client's stream has handed to gRPC
-
-    def messages() -> Iterator[drive_pb2.PutRequest]:
-        nonlocal taken
-        for message in put_messages(drive_uri, "big.bin", data, component="w"):
-            yield message
-            taken += len(message.data)
-
-    put = stub.Put.future(messages(), timeout=120)
-    try:
-        assert wait_until(lambda: Path(f"{pause}.reached").exists(), timeout=30), "the upload was never made"
-        least = (MAX_PARTS_IN_FLIGHT - 2) * PART_SIZE
-        assert wait_until(lambda: taken >= least, timeout=20), \
-            f"the stream stopped at {taken >> 20} MiB while the upload was made (least: {least >> 20} MiB)"
-        assert not store.uploads()
-    finally:
-        pause.unlink()
-    assert put.result(timeout=60).files[0].sha256 == sha256_of(data)
-    [(_, stored)] = raw_get(stub, drive_uri, "big.bin")
-    assert stored == data
-    assert wait_until(lambda: not store.uploads(), timeout=30), store.uploads()
-
-
 def test_a_cancelled_put_leaves_no_multipart_upload(store, daemon_a, drive_uri):
     stub = stub_of(daemon_a)
     put = StalledPut(stub, drive_uri, "c.bin", 20 * MIB)

@@ -329,7 +329,6 @@ class S3Upload(Upload):
         self._handed = 0  # bytes handed on as parts: what a suspended upload keeps
         self._handing: asyncio.Future[None] | None = None  # the handing on of the last part
         self._hashing: asyncio.Future[int] | None = None  # the hashing of the last part handed on: its CRC32C
-        self._creating: asyncio.Future[str] | None = None  # the making of the multipart upload: its id
         self._upload_id = ""
         self._generation = 0
         self._checksums_name = ""  # the name of the checksum object of a multipart upload
@@ -434,9 +433,8 @@ class S3Upload(Upload):
         await self._handed_on()
         self._drop_unsent()
         await asyncio.gather(*self._parts)
-        for running in (self._creating, self._hashing):
-            if running is not None:
-                await running
+        if self._hashing is not None:
+            await self._hashing
 
     async def _hash(self, data: bytearray) -> asyncio.Future[int]:
         """Hashes `data` in a worker thread, after the data before it; answers the future of its CRC32C."""
@@ -467,24 +465,19 @@ class S3Upload(Upload):
                     raise error
             summed = await self._hash(part)
             uses.append(summed)
-            if self._creating is None:  # made beside the stream, which does not wait for its two round trips
-                self._creating = asyncio.ensure_future(self._create())
+            if not self._upload_id:
+                await self._backend.check_place(self._key)  # before storing anything the commit would refuse
+                self._generation = time.time_ns()
+                self._checksums_name = f"{self._generation}-{secrets.token_hex(4)}"
+                self._upload_id = await self._backend.create_upload(
+                    self._key, self._generation, self._checksums_name)
             await self._backend.part_room.acquire()
-            sending = self._backend.upload_part(self._key, self._creating, len(self._parts) + 1, part, summed)
+            sending = self._backend.upload_part(self._key, self._upload_id, len(self._parts) + 1, part, summed)
             sending.add_done_callback(self._part_sent)
             self._parts.append(sending)
             uses.append(sending)
         finally:
             self._give_back_after(part, uses)
-
-    async def _create(self) -> str:
-        """Makes the multipart upload, once the folders allow the key (before storing anything the commit would
-        refuse); its id."""
-        await self._backend.check_place(self._key)
-        self._generation = time.time_ns()
-        self._checksums_name = f"{self._generation}-{secrets.token_hex(4)}"
-        self._upload_id = await self._backend.create_upload(self._key, self._generation, self._checksums_name)
-        return self._upload_id
 
     def _give_back_after(self, part: bytearray, uses: list[asyncio.Future[Any]]) -> None:
         """Gives `part` back once `uses` are done; not for reuse if one was cancelled (its thread may read on)."""
@@ -510,7 +503,7 @@ class S3Upload(Upload):
         sums = self._checksums
         try:
             await self._handed_on()
-            if self._creating is None and not self._full:  # a small file, all in its first buffer
+            if not self._upload_id and not self._full:  # a small file, all in its first buffer
                 data = self._buffer or bytearray()  # left the part being filled: abort gives its room back
                 await (await self._hash(data))
                 check_received(self._key, sums, sent, size)
@@ -552,8 +545,7 @@ class S3Upload(Upload):
         await asyncio.shield(self._backend.keep(self._discard()))
 
     async def _discard(self) -> None:
-        running = [f for f in (self._committing, self._preparing, self._handing, self._hashing, self._creating,
-                               *self._parts)
+        running = [f for f in (self._committing, self._preparing, self._handing, self._hashing, *self._parts)
                    if f is not None]
         if running:
             await asyncio.wait(running)  # a part still being sent would outlive the abort
@@ -707,15 +699,12 @@ class S3Backend(Backend):
         self._live.add(upload_id)
         return upload_id
 
-    def upload_part(self, key: str, upload: asyncio.Future[str], number: int, data: bytearray,
-                    summed: asyncio.Future[int]) -> asyncio.Future[dict[str, Any]]:
-        """Sends part `number` of the upload whose id `upload` answers, once `summed` (its hashing in `S3Upload`)
-        answers its CRC32C."""
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytearray, summed: asyncio.Future[int]
+                    ) -> asyncio.Future[dict[str, Any]]:
+        """Sends part `number` once `summed` (its hashing in `S3Upload`) answers its CRC32C."""
 
         async def send() -> dict[str, Any]:
-            # Shielded: the making of the upload and the hashing go on for the parts after this one even if this
-            # send is cancelled.
-            upload_id = await asyncio.shield(upload)
+            # Shielded: the hashing goes on for the parts after this one even if this send is cancelled.
             checksum = _crc32c_header(await asyncio.shield(summed))
             answer = await self.call("upload_part", key, Key=self.root + key, UploadId=upload_id,
                                      PartNumber=number, Body=data, ChecksumCRC32C=checksum)
