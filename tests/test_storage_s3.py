@@ -536,6 +536,73 @@ def test_a_cancelled_put_leaves_no_multipart_upload(store, daemon_a, drive_uri):
         grpc.StatusCode.NOT_FOUND
 
 
+ONE_SLOT_AND_LOGGED_CALLS = """
+import asyncio, json, os
+import drived.backends.s3 as s3
+
+s3.MAX_PARTS_IN_FLIGHT = 1
+
+def log(*event):
+    with open({log!r}, "a") as f:
+        f.write(json.dumps(event) + "\\n")
+
+def logged(call):
+    async def call_logged(self, method, key="", **params):
+        log(method, key, "start")
+        while method == "upload_part" and key.endswith("first.bin") and os.path.exists({pause!r}):
+            await asyncio.sleep(0.01)
+        try:
+            return await call(self, method, key, **params)
+        finally:
+            log(method, key, "end")
+    return call_logged
+
+def announced(discard):
+    async def discard_announced(self):
+        log("discard", self._key, "start")
+        return await discard(self)
+    return discard_announced
+
+s3.S3Backend.call = logged(s3.S3Backend.call)
+s3.S3Upload._discard = announced(s3.S3Upload._discard)
+"""
+
+
+def test_an_upload_ended_while_its_part_waits_for_room_is_aborted_after_that_part(store, drive_uri, tmp_path):
+    """A put's stream ends while its part waits for room among the parts in flight: the part goes out once it
+    gets room, and the abort waited for the hand-on but not for the send it started, so the upload was aborted
+    while its part was being sent (a store may keep such a part; the send's failure went unread)."""
+    log, pause = tmp_path / "calls.jsonl", tmp_path / "pause"
+    pause.touch()
+    stub = stub_of(store.daemon(before=ONE_SLOT_AND_LOGGED_CALLS.format(log=str(log), pause=str(pause))))
+
+    def events() -> list[list[str]]:
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def seen(method: str, name: str, stage: str) -> bool:
+        return any(e[0] == method and e[1].endswith(name) and e[2] == stage for e in events())
+
+    first = StalledPut(stub, drive_uri, "first.bin", PART_SIZE + MIB, finish=True)  # its part holds the one slot
+    second = StalledPut(stub, drive_uri, "second.bin", PART_SIZE + MIB)
+    try:
+        assert wait_until(lambda: seen("upload_part", "first.bin", "start"), timeout=30), events()
+        assert wait_until(lambda: seen("create_multipart_upload", "second.bin", "end"), timeout=30), events()
+        second.call.cancel()  # its part waits for the slot
+        assert wait_until(lambda: seen("discard", "second.bin", "start"), timeout=30), events()
+    finally:
+        pause.unlink()
+        first.release.set()
+    assert first.call.result(timeout=60).files[0].sha256 == sha256_of(first.data)
+    assert wait_until(lambda: seen("abort_multipart_upload", "second.bin", "end"), timeout=30), events()
+    order = [(e[0], e[2]) for e in events() if e[1].endswith("second.bin")]
+    assert order.index(("abort_multipart_upload", "start")) > order.index(("upload_part", "end")), order
+    assert wait_until(lambda: not store.uploads(), timeout=30), store.uploads()
+    assert rpc_code(lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="second.bin"))) == \
+        grpc.StatusCode.NOT_FOUND
+    [(_, stored)] = raw_get(stub, drive_uri, "first.bin")
+    assert stored == first.data
+
+
 def test_a_big_put_refused_at_its_commit_leaves_no_checksum_object(store, daemon_a, drive_uri):
     """The folder check at the commit runs beside the checksum object's write: a put refused there (its path
     became a folder while it was sent) leaves neither that object nor its upload."""

@@ -126,7 +126,7 @@ from .base import (
 
 log = logging.getLogger("drived")
 
-PART_SIZE = 8 << 20  # bytes per UploadPart; a file up to this size is one PutObject
+PART_SIZE = 8 << 20  # bytes per UploadPart; a file smaller than this is one PutObject
 MAX_PARTS_IN_FLIGHT = 8  # over all uploads (8 × 8 MiB)
 PARTS_IN_MEMORY = 24  # over all uploads, being filled or sent: bounds the memory they hold (24 × 8 MiB)
 MAX_PARTS = 10_000  # S3's limit of parts in one upload
@@ -545,6 +545,8 @@ class S3Upload(Upload):
         await asyncio.shield(self._backend.keep(self._discard()))
 
     async def _discard(self) -> None:
+        if self._handing is not None:  # a part it hands on (once it gets room) is among those awaited below
+            await asyncio.wait([self._handing])
         running = [f for f in (self._committing, self._preparing, self._handing, self._hashing, *self._parts)
                    if f is not None]
         if running:
