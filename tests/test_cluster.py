@@ -729,7 +729,7 @@ def test_a_folder_delete_on_a_stalled_store_confirms_its_claim_by_time_not_only_
     replica = own_cluster.replica("--claim-ttl", "3")
     stub = stub_of(replica)
     admin = redis.Redis.from_url(own_cluster.valkey.url)
-    names = [f"folder/f{i:02}.txt" for i in range(30)]  # far fewer than DELETE_BATCH
+    names = [f"folder/f{i:02}.txt" for i in range(90)]  # fewer than DELETE_BATCH, many enough to stop midway under load
     for name in names:
         raw_put(stub, drive_uri, name, name.encode(), component="w")
     moto = own_cluster.store.moto.proc
