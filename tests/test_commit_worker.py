@@ -197,3 +197,21 @@ async def test_a_commit_confirmed_after_close_fails_shutting_down_and_starts_no_
         assert [p.name for p in tmp_path.iterdir()] == ["first"]
     finally:
         await worker.close()
+
+
+async def test_a_worker_closed_while_it_starts_is_stopped_and_its_commit_fails_shutting_down(tmp_path):
+    """The worker was being started for a commit when it was closed (the daemon shutting down): the process left
+    afterwards committed the batch and lived until the daemon's exit."""
+    worker = CommitWorker()
+    others = set(commit_workers(os.getpid()))
+    try:
+        starting = worker.submit(job_of(tmp_path, "first", b"x"))
+        while not set(commit_workers(os.getpid())) - others:  # its process runs, not yet handed to the worker
+            await asyncio.sleep(0)
+        await worker.close()
+        with pytest.raises(Unavailable, match=r"^shutting down: reconnect and retry$"):
+            await asyncio.wait_for(starting, 10)
+        assert wait_until(lambda: set(commit_workers(os.getpid())) == others, timeout=10)
+        assert not list(tmp_path.iterdir())
+    finally:
+        await worker.close()

@@ -276,6 +276,9 @@ class CommitWorker:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", __name__, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
             )
+            if self._closed:  # while it started: `close` found no process to stop
+                await self._stop()
+                raise _Closed
         return self._process
 
     @staticmethod
