@@ -324,6 +324,48 @@ def test_a_get_still_open_when_the_grace_period_ends_goes_on_on_the_daemon_start
             new.stop()
 
 
+CANCELLED_TWICE = """
+import grpc
+import drived.managed
+from drive_client.errors import DriveError
+
+
+class Cancelled(DriveError):
+    status = grpc.StatusCode.CANCELLED  # as a stopping daemon's gRPC answers a call that reaches it too late
+
+
+answered = []
+
+
+def cancelled_twice(stat):
+    async def stat_after_two_cancels(self, request):
+        answered.append(request.path)
+        if len(answered) <= 2:
+            raise Cancelled("Cancelled")
+        return await stat(self, request)
+    return stat_after_two_cancels
+
+
+drived.managed.ManagedDrives.stat = cancelled_twice(drived.managed.ManagedDrives.stat)
+"""
+
+
+def test_a_stat_answered_cancelled_by_the_daemon_is_tried_again(twin, tmp_path, caplog):
+    """A CANCELLED the client did not ask for (a stopping daemon's gRPC answers it to a call that reaches it just
+    before the client has read its GOAWAY) is tried again as UNAVAILABLE is: the stat raised it at once."""
+    caplog.set_level(logging.WARNING, logger="drive_client")
+    handle = start_daemon(tmp_path, before=CANCELLED_TWICE)
+    try:
+        (tmp_path / "a.txt").write_bytes(b"stated")
+        drive = twin("lit://cancelled", root_folder=tmp_path, endpoint=handle.endpoint)
+        [stored] = drive.put("a.txt")
+        assert drive.stat("a.txt").sha256 == stored.sha256
+        assert len(retries(caplog)) == 2 and "cancelled on the daemon's side" in caplog.text, caplog.text
+        assert [r["status"] for r in requests(handle, "Stat")] == ["CANCELLED", "CANCELLED", "OK"]
+    finally:
+        handle.stop()
+
+
 def test_a_list_and_a_stat_give_up_on_a_daemon_down_after_retry_seconds(twin, tmp_path, caplog):
     """Nothing listens: each tries again (a warning each time) for about retry_seconds, then raises
     ConnectionError naming the endpoint."""
