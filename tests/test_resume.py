@@ -41,6 +41,7 @@ from conftest import (
 from crc32c import crc32c
 from cutting_proxy import CuttingProxy
 
+from drive_client import Drive
 from drive_client.errors import DataLoss, NotFound, StaleIndexError, StoreUnavailable, Unavailable
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
@@ -287,6 +288,82 @@ def test_a_list_and_a_stat_wait_through_a_daemon_restart(twin, tmp_path, caplog)
     finally:
         if new is not None:
             new.stop()
+
+
+def test_a_get_still_open_when_the_grace_period_ends_goes_on_on_the_daemon_started_again(tmp_path, caplog):
+    """The daemon ends the streams still open once its grace period is over: a get stalled by its reader goes on
+    from where it was on the daemon started again on its port, and its file is whole."""
+    caplog.set_level(logging.WARNING, logger="drive_client")
+    old = start_daemon(tmp_path, "--grace-period", "1", data_dir=tmp_path / "data")
+    digest = write_random_file(tmp_path / "big.bin", 32 * MIB)
+    drive = Drive("lit://cancelled", root_folder=tmp_path, endpoint=old.endpoint)
+    drive.put("big.bin", to="kept/big.bin")
+    reading, release = threading.Event(), threading.Event()
+
+    def stalled(_: int) -> None:  # the first chunk stops the reading: the stream stays open
+        reading.set()
+        release.wait(60)
+
+    get = Background(lambda: drive.get("kept/big.bin", to=tmp_path / "got.bin", progress=stalled))
+    new = None
+    try:
+        get.start()
+        assert reading.wait(30), "the get never started"
+        old.proc.send_signal(signal.SIGTERM)
+        assert old.proc.wait(30) == 0, old.log()
+        assert "grace period over" in old.log()
+        (tmp_path / "back").mkdir()  # a log of its own
+        new = start_daemon(tmp_path / "back", port=old.port, data_dir=tmp_path / "data")
+        release.set()
+        assert get.join_checked(60) == tmp_path / "got.bin"
+        assert file_sha256(tmp_path / "got.bin") == digest
+        assert "trying again" in caplog.text, caplog.text
+    finally:
+        release.set()
+        if new is not None:
+            new.stop()
+
+
+CANCELLED_TWICE = """
+import grpc
+import drived.managed
+from drive_client.errors import DriveError
+
+
+class Cancelled(DriveError):
+    status = grpc.StatusCode.CANCELLED  # as a stopping daemon's gRPC answers a call that reaches it too late
+
+
+answered = []
+
+
+def cancelled_twice(stat):
+    async def stat_after_two_cancels(self, request):
+        answered.append(request.path)
+        if len(answered) <= 2:
+            raise Cancelled("Cancelled")
+        return await stat(self, request)
+    return stat_after_two_cancels
+
+
+drived.managed.ManagedDrives.stat = cancelled_twice(drived.managed.ManagedDrives.stat)
+"""
+
+
+def test_a_stat_answered_cancelled_by_the_daemon_is_tried_again(twin, tmp_path, caplog):
+    """A CANCELLED the client did not ask for (a stopping daemon's gRPC answers it to a call that reaches it just
+    before the client has read its GOAWAY) is tried again as UNAVAILABLE is: the stat raised it at once."""
+    caplog.set_level(logging.WARNING, logger="drive_client")
+    handle = start_daemon(tmp_path, before=CANCELLED_TWICE)
+    try:
+        (tmp_path / "a.txt").write_bytes(b"stated")
+        drive = twin("lit://cancelled", root_folder=tmp_path, endpoint=handle.endpoint)
+        [stored] = drive.put("a.txt")
+        assert drive.stat("a.txt").sha256 == stored.sha256
+        assert len(retries(caplog)) == 2 and "cancelled on the daemon's side" in caplog.text, caplog.text
+        assert [r["status"] for r in requests(handle, "Stat")] == ["CANCELLED", "CANCELLED", "OK"]
+    finally:
+        handle.stop()
 
 
 def test_a_list_and_a_stat_give_up_on_a_daemon_down_after_retry_seconds(twin, tmp_path, caplog):
