@@ -159,9 +159,11 @@ def error_for_status(code: grpc.StatusCode, message: str) -> DriveError:
 # The status grpc.aio gives a stream whose message its transport failed to send (grpc.aio's `_write`): the
 # connection broke under the stream, which the transport's own status says as UNAVAILABLE when it comes first.
 AIO_SEND_FAILED = "Internal error from Core"
-# The details gRPC gives a call this process cancelled; any other CANCELLED came from the other side, which
-# drived never answers on purpose: a daemon stopping cancels the calls that reach it after its GOAWAY was sent.
-LOCALLY_CANCELLED = "Locally cancelled by application!"
+# The details gRPC gives a call cancelled in this process (by its caller, by closing its channel, or when it was
+# dropped); any other CANCELLED came from the other side, which drived never answers on purpose: a daemon stopping
+# cancels the calls that reach it after its GOAWAY was sent.
+LOCALLY_CANCELLED = frozenset({"Locally cancelled by application!", "Channel closed!",
+                               "Cancelled upon garbage collection!"})
 
 
 def from_rpc_error(
@@ -173,7 +175,7 @@ def from_rpc_error(
     details = err.details() or code.name
     if code == grpc.StatusCode.INTERNAL and details == AIO_SEND_FAILED:
         code, details = grpc.StatusCode.UNAVAILABLE, "the connection broke while a message was being sent"
-    if code == grpc.StatusCode.CANCELLED and details != LOCALLY_CANCELLED:
+    if code == grpc.StatusCode.CANCELLED and details not in LOCALLY_CANCELLED:
         code, details = grpc.StatusCode.UNAVAILABLE, "the call was cancelled on the daemon's side (a stopping daemon " \
             "cancels the calls that reach it before the client has read its GOAWAY)"
     if code == grpc.StatusCode.UNAVAILABLE:

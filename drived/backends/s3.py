@@ -547,7 +547,7 @@ class S3Upload(Upload):
     async def _discard(self) -> None:
         if self._handing is not None:  # a part it hands on (once it gets room) is among those awaited below
             await asyncio.wait([self._handing])
-        running = [f for f in (self._committing, self._preparing, self._handing, self._hashing, *self._parts)
+        running = [f for f in (self._committing, self._preparing, self._hashing, *self._parts)
                    if f is not None]
         if running:
             await asyncio.wait(running)  # a part still being sent would outlive the abort
