@@ -199,6 +199,43 @@ async def test_a_commit_confirmed_after_close_fails_shutting_down_and_starts_no_
         await worker.close()
 
 
+async def test_commits_queued_behind_the_confirms_fail_at_close_without_a_confirm(tmp_path):
+    """At close, commits still waiting for room among the confirms in flight fail shutting down at once: their
+    `before_visible` (a call to the coordinator) is never made for a commit that cannot be sent. Those whose
+    `before_visible` runs fail once it ends; nothing is stored."""
+    worker = CommitWorker()
+    release = asyncio.Event()
+    confirms_begun: list[str] = []
+
+    def confirm_of(name: str) -> BeforeVisible:
+        async def confirm() -> None:
+            confirms_begun.append(name)
+            await release.wait()
+        return confirm
+
+    running = [f"running{i}" for i in range(CONFIRMS_IN_FLIGHT)]
+    try:
+        outcomes = {}
+        for name in running:  # a batch each: every confirm in flight hangs
+            outcomes[name] = worker.submit(job_of(tmp_path, name, b"x"), confirm_of(name))
+            await asyncio.sleep(0.05)
+        outcomes["queued"] = worker.submit(job_of(tmp_path, "queued", b"x"), confirm_of("queued"))
+        await asyncio.sleep(0.05)
+        assert confirms_begun == running
+        await asyncio.wait_for(worker.close(), 10)
+        with pytest.raises(Unavailable, match=r"^shutting down: reconnect and retry$"):
+            await asyncio.wait_for(outcomes["queued"], 1)
+        release.set()
+        for name in running:
+            with pytest.raises(Unavailable, match=r"^shutting down: reconnect and retry$"):
+                await asyncio.wait_for(outcomes[name], 10)
+        assert confirms_begun == running
+        assert not list(tmp_path.iterdir())
+    finally:
+        release.set()
+        await worker.close()
+
+
 async def test_a_worker_closed_while_it_starts_is_stopped_and_its_commit_fails_shutting_down(tmp_path):
     """The worker was being started for a commit when it was closed (the daemon shutting down): the process left
     afterwards committed the batch and lived until the daemon's exit."""

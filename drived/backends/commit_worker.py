@@ -289,9 +289,16 @@ class CommitWorker:
         await process.stdin.drain()
 
     async def close(self) -> None:
-        """Stops the worker for good: it finishes the batch it has, then exits. The commits not sent by then (their
-        `before_visible` still running) and those submitted later fail shutting down. Idempotent."""
+        """Stops the worker for good: it finishes the batch it has, then exits. The commits not sent by then fail
+        shutting down: those whose `before_visible` has not begun at once (no call to the coordinator for a commit
+        that cannot be sent), those whose `before_visible` runs when it ends, and those submitted later at
+        their submit. Idempotent."""
         self._closed = True
+        for queued in self._ready:
+            if not queued.outcome.done():  # its caller may have stopped waiting
+                queued.outcome.set_exception(_shutting_down())
+        self._ready.clear()
+        self._changed.set()
         await self._stop()
 
     async def _stop(self) -> None:
