@@ -26,7 +26,7 @@ def commit_workers(daemon_pid: int) -> list[int]:
     for task in pathlib.Path(f"/proc/{daemon_pid}/task").iterdir():
         try:
             children += [int(pid) for pid in (task / "children").read_text().split()]
-        except FileNotFoundError:  # a thread that ended since the listing (pytest-xdist's, an executor's)
+        except FileNotFoundError:  # a thread that ended since the listing (asyncio runs one per child it waits for)
             continue
     return children
 
