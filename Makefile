@@ -48,10 +48,8 @@ lint: $(DEV)
 # Everything but the benchmark harness (markers in pyproject.toml: unit, integration, slow, bench, ml).
 # The ml tests run when torch, Lightning and pyarrow are installed (`make install-ml`); otherwise the
 # summary says they were skipped and why.
-# Two processes, a file's tests in one of them: most of a test is waiting on a daemon or another server
-# (here 767 tests in 5.0 min against 9.6 one by one).
 test: lint
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile
+	$(VENV)/bin/pytest -q
 
 # The edit loop: unit tests only (no daemon, no other server), in seconds.
 test-fast: $(DEV)
