@@ -642,6 +642,15 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def descriptor_targets(pid: int) -> list[str]:
+    """What the open file descriptors of process `pid` point to ("socket:[123]", a file's path, ...)."""
+    targets = []
+    for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # a descriptor closed since the listing
+            targets.append(os.readlink(fd))
+    return targets
+
+
 # ---------------------------------------------------------------------------
 # Both twins of the client
 # ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -26,7 +25,18 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from conftest import MIB, DaemonHandle, free_port, held_open, put_messages, raw_get, raw_put, rpc_code, wait_until
+from conftest import (
+    MIB,
+    DaemonHandle,
+    descriptor_targets,
+    free_port,
+    held_open,
+    put_messages,
+    raw_get,
+    raw_put,
+    rpc_code,
+    wait_until,
+)
 from cutting_proxy import CuttingProxy
 from test_commit_worker import commit_workers
 from test_coordinator import calls, stopped
@@ -861,12 +871,7 @@ def test_a_worker_reaches_replicas_without_a_load_balancer(replicas, drive_uri, 
 
 def connections_to(pid: int, port: int) -> int:
     """How many TCP connections process `pid` holds open to the server on loopback `port`."""
-    sockets = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):  # a descriptor closed meanwhile
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                sockets.add(target[len("socket:["):-1])
+    sockets = {target[len("socket:["):-1] for target in descriptor_targets(pid) if target.startswith("socket:[")}
     held = 0
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()  # sl, local_address, rem_address, st, queues, tr, retrnsmt, uid, timeout, inode

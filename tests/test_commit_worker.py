@@ -7,6 +7,7 @@ stops with the daemon, also on a Ctrl-C that reaches both processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
 import signal
@@ -24,10 +25,9 @@ def commit_workers(daemon_pid: int) -> list[int]:
     """The daemon's child processes: its commit worker, once a small file was put."""
     children: list[int] = []
     for task in pathlib.Path(f"/proc/{daemon_pid}/task").iterdir():
-        try:
+        # A thread may have ended since the listing (asyncio runs one per child process it waits for).
+        with contextlib.suppress(FileNotFoundError):
             children += [int(pid) for pid in (task / "children").read_text().split()]
-        except FileNotFoundError:  # a thread that ended since the listing (asyncio runs one per child it waits for)
-            continue
     return children
 
 

@@ -9,7 +9,6 @@ Tests of the client API run against both twins (`twin`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -19,7 +18,6 @@ import struct
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
@@ -27,6 +25,7 @@ from conftest import (
     MIB,
     Background,
     DaemonHandle,
+    descriptor_targets,
     file_sha256,
     free_port,
     held_open,
@@ -673,11 +672,7 @@ def test_a_held_upload_keeps_no_descriptor_open(start_daemon, tmp_path, drive_ur
     tmp_dir = os.path.realpath(handle.data_dir / "tmp")
 
     def open_uploads() -> int:
-        held = 0
-        for fd in Path(f"/proc/{handle.proc.pid}/fd").iterdir():
-            with contextlib.suppress(OSError):  # a descriptor closed since the listing
-                held += os.readlink(fd).startswith(tmp_dir)
-        return held
+        return sum(target.startswith(tmp_dir) for target in descriptor_targets(handle.proc.pid))
 
     for i in range(5):
         open_upload(stub, drive_uri, f"d{i}.bin", os.urandom(2 * MIB), f"u-{i}")

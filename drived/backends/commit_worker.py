@@ -142,6 +142,13 @@ class _Queued(NamedTuple):
     outcome: asyncio.Future[Outcome]
 
 
+def _fail_shutting_down(commits: list[_Queued]) -> None:
+    """Fails `commits` shutting down, but those whose caller stopped waiting (their future cancelled)."""
+    for queued in commits:
+        if not queued.outcome.done():
+            queued.outcome.set_exception(_shutting_down())
+
+
 class CommitWorker:
     """The daemon's side: sends the commits that are ready to the worker, one batch at a time.
 
@@ -223,9 +230,7 @@ class CommitWorker:
         try:
             outcomes = await self._call([queued.job for queued in batch])
         except _Closed:
-            for queued in batch:
-                if not queued.outcome.done():
-                    queued.outcome.set_exception(_shutting_down())
+            _fail_shutting_down(batch)
             return
         except (OSError, EOFError, pickle.UnpicklingError) as err:
             await self._stop()
@@ -294,9 +299,7 @@ class CommitWorker:
         that cannot be sent), those whose `before_visible` runs when it ends, and those submitted later at
         their submit. Idempotent."""
         self._closed = True
-        for queued in self._ready:
-            if not queued.outcome.done():  # its caller may have stopped waiting
-                queued.outcome.set_exception(_shutting_down())
+        _fail_shutting_down(self._ready)
         self._ready.clear()
         self._changed.set()
         await self._stop()
