@@ -133,11 +133,16 @@ def test_a_256_mib_put_and_get_complete_through_cuts_without_sending_bytes_twice
             sent_up = proxy.forwarded["up"]
         assert (stored.size, stored.sha256) == (size, digest)
         puts = requests(handle, "Put")
-        assert [p["status"] for p in puts][-1] == "OK" and len(puts) == len(cuts) + 1
+        # A resume can be refused, before any byte is taken, when the broken stream was still writing as the
+        # client asked where it got to (it holds more by then): the client asks again (drive_client.core).
+        refused = [p for p in puts if not p["bytes"]]
+        assert {p["status"] for p in refused} <= {"OUT_OF_RANGE", "NOT_FOUND"}, puts
+        assert puts[-1]["status"] == "OK" and len(puts) - len(refused) == len(cuts) + 1, puts
         # What the daemon read of a broken stream after the client asked where it got to is received twice.
         received = metric(handle, 'drived_transfer_bytes_total{direction="in"}')
         assert size <= received <= size + len(cuts) * IN_FLIGHT, f"{received - size} bytes received twice"
-        assert sent_up <= size + len(cuts) * IN_FLIGHT, f"{sent_up - size} bytes more than the file went up"
+        streams_broken = len(cuts) + len(refused)  # a refused stream's bytes in flight went up too
+        assert sent_up <= size + streams_broken * IN_FLIGHT, f"{sent_up - size} bytes more than the file went up"
         print(f"put: {len(cuts)} cuts, {sent_up - size} bytes over the file's size through the proxy, "
               f"{received - size:.0f} received twice by the daemon")
 
