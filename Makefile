@@ -48,8 +48,10 @@ lint: $(DEV)
 # Everything but the benchmark harness (markers in pyproject.toml: unit, integration, slow, bench, ml).
 # The ml tests run when torch, Lightning and pyarrow are installed (`make install-ml`); otherwise the
 # summary says they were skipped and why.
+# Two processes, a file's tests in one of them: most of a test is waiting on a daemon or another server.
+# Each process starts its servers on ports of its own (bench.services.free_port).
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 # The edit loop: unit tests only (no daemon, no other server), in seconds.
 test-fast: $(DEV)

@@ -7,6 +7,7 @@ answers, and stops it (SIGTERM, then SIGKILL) on exit. Nothing here measures.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -25,10 +26,44 @@ class ServiceUnavailable(RuntimeError):
     """A service could not be started; the message says why."""
 
 
+def _port_block() -> range:
+    """The ports this process hands out: outside the kernel's ephemeral range, one block per
+    pytest-xdist worker.
+
+    A port from the ephemeral range (what binding port 0 gives) can be taken by any outgoing
+    connection or by another test process while a server that had it restarts on it; ports
+    outside that range, each handed out once and only in this process, cannot.
+    """
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    below, above = range(10000, low), range(high + 1, 65536)
+    ports = below if len(below) >= len(above) else above
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    size = len(ports) // workers
+    start = ports.start + int(worker) * size
+    return range(start, start + size)
+
+
+_PORTS = _port_block()
+# Each process starts at its own place in the block: a child (the bench run by a test) shares its
+# parent's block.
+_next_ports = itertools.islice(itertools.cycle(_PORTS), os.getpid() * 7919 % len(_PORTS), None)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 nothing listens on, never the same one twice in this process
+    until its block of thousands wraps round."""
+    for port in itertools.islice(_next_ports, len(_PORTS)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ServiceUnavailable(f"no free TCP port on 127.0.0.1 in {_PORTS}")
 
 
 def peak_rss_mib(pid: int) -> float | None:
