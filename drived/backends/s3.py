@@ -39,11 +39,13 @@ it vanishes with its last file. A put is refused when a parent of its key is an
 object or its key is a folder, checked (a HEAD per parent, one LIST) at the
 commit: just before the PutObject, or, once the last part is stored, beside
 the checksum object's write; a multipart upload is also checked before its
-first part is stored, so that a refused big file is not uploaded first. S3 cannot make the check and the commit one
-step: the caller commits inside the path's claim (`drived.coordinator`),
-which excludes the claims of the folders above the path and of the paths
-below it, so two puts of `a` and `a/b` at the same moment cannot both
-succeed: within one daemon, and across replicas that share a coordinator.
+first part is stored (beside its CreateMultipartUpload, aborted when the check
+refuses), so that a refused big file is not uploaded first. S3 cannot make the
+check and the commit one step: the caller commits inside the path's claim
+(`drived.coordinator`), which excludes the claims of the folders above the
+path and of the paths below it, so two puts of `a` and `a/b` at the same
+moment cannot both succeed: within one daemon, and across replicas that
+share a coordinator.
 Replicas without one can both succeed; listing then shows `a` as a folder.
 A claim may lapse while the commit sends its last part, waits for the parts
 in flight and checks the folders (seconds, for a big file): the caller's
@@ -466,11 +468,7 @@ class S3Upload(Upload):
             summed = await self._hash(part)
             uses.append(summed)
             if not self._upload_id:
-                await self._backend.check_place(self._key)  # before storing anything the commit would refuse
-                self._generation = time.time_ns()
-                self._checksums_name = f"{self._generation}-{secrets.token_hex(4)}"
-                self._upload_id = await self._backend.create_upload(
-                    self._key, self._generation, self._checksums_name)
+                await self._make_upload()
             await self._backend.part_room.acquire()
             sending = self._backend.upload_part(self._key, self._upload_id, len(self._parts) + 1, part, summed)
             sending.add_done_callback(self._part_sent)
@@ -478,6 +476,23 @@ class S3Upload(Upload):
             uses.append(sending)
         finally:
             self._give_back_after(part, uses)
+
+    async def _make_upload(self) -> None:
+        """Checks the place and creates the multipart upload at once, before storing anything the commit would
+        refuse: one round trip before the first part, not two. An upload made for a place the check refuses is
+        aborted with the put."""
+        self._generation = time.time_ns()
+        self._checksums_name = f"{self._generation}-{secrets.token_hex(4)}"
+        made, checked = await asyncio.gather(
+            self._backend.create_upload(self._key, self._generation, self._checksums_name),
+            self._backend.check_place(self._key),
+            return_exceptions=True,
+        )
+        if isinstance(made, str):
+            self._upload_id = made
+        for outcome in (checked, made):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def _give_back_after(self, part: bytearray, uses: list[asyncio.Future[Any]]) -> None:
         """Gives `part` back once `uses` are done; not for reuse if one was cancelled (its thread may read on)."""
