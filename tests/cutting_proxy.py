@@ -8,7 +8,8 @@
 
 Each cut applies to one connection, the next one accepted (a gRPC channel makes one at a time);
 connections after the cuts run out are forwarded whole. A cut resets both sides (SO_LINGER 0: an RST, as when a network
-path breaks), and the proxy goes on accepting. `refuse()` makes every later connection break at
+path breaks), or the client's first and the daemon's later (`cut_after(..., daemon_side=SECONDS)`), and the proxy goes
+on accepting. `refuse()` makes every later connection break at
 once, as a daemon that stays down looks to a client (`down_after_cuts` does so once the cuts are made).
 """
 
@@ -107,11 +108,13 @@ class _Connection:
     """One client connection and its upstream one; two threads pump bytes, one each way."""
 
     def __init__(self, proxy: CuttingProxy, client: socket.socket, upstream: socket.socket,
-                 cut: Cut | None) -> None:
+                 cut: Cut | None, daemon_side: float = 0.0) -> None:
         self.proxy = proxy
         self.client = client
         self.upstream = upstream
         self.cut = cut
+        self.daemon_side = daemon_side  # seconds the daemon's side stays open after the cut
+        self.half_open = False  # cut on the client's side only, for now
         self.closed = threading.Event()
         self._lock = threading.Lock()
         for direction, source, sink in (("up", client, upstream), ("down", upstream, client)):
@@ -142,10 +145,22 @@ class _Connection:
                 self._send(direction, sink, passing)
                 if cut:
                     self.proxy.cuts_made += 1
-                    break
+                    self._cut()
+                    return
         except (OSError, ValueError):  # ValueError: select on a socket the other direction closed
             pass
-        self.close()
+        if not self.half_open:
+            self.close()
+
+    def _cut(self) -> None:
+        """Resets both sides, or the client's alone when the daemon's side stays open a while: the daemon goes on
+        reading what was forwarded to it, as when the path breaks between the client and the daemon."""
+        if not self.daemon_side:
+            self.close()
+            return
+        self.half_open = True
+        _reset(self.client)
+        threading.Timer(self.daemon_side, self.close).start()
 
     def _send(self, direction: Direction, sink: socket.socket, data: bytes | memoryview) -> None:
         if data:
@@ -171,6 +186,7 @@ class CuttingProxy:
         self.connections = 0  # accepted so far
         self.cuts_made = 0
         self._cuts: deque[Cut] = deque()
+        self._daemon_sides: deque[float] = deque()  # of each cut queued (0 for a `cut_before`)
         self._refusing = False
         self._refuse_next = 0
         self._down_after_cuts = False
@@ -181,11 +197,13 @@ class CuttingProxy:
         self._stopped = threading.Event()
         threading.Thread(target=self._accept, daemon=True, name="proxy-accept").start()
 
-    def cut_after(self, direction: Direction, nbytes: int) -> None:
+    def cut_after(self, direction: Direction, nbytes: int, daemon_side: float = 0.0) -> None:
         """The next connection accepted is cut once it moved `nbytes` in `direction` (cuts queue up: one a
-        connection, in the order given)."""
+        connection, in the order given). `daemon_side`: the daemon's side is reset that many seconds after the
+        client's (0: at once)."""
         with self._lock:
             self._cuts.append((direction, nbytes))
+            self._daemon_sides.append(daemon_side)
 
     def cut_before(self, direction: Direction, marker: bytes) -> None:
         """The next connection accepted is cut just before `marker` would pass in `direction` (queued as
@@ -193,6 +211,7 @@ class CuttingProxy:
         reads split it: bytes that may begin it wait for the next read (`_Marker`)."""
         with self._lock:
             self._cuts.append((direction, marker))
+            self._daemon_sides.append(0.0)
 
     def down_after_cuts(self, down: bool = True) -> None:
         """Once the cuts given so far are made, breaks every later connection at once (a daemon that stays down);
@@ -239,9 +258,9 @@ class CuttingProxy:
             for sock in (client, upstream):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
-                cut = self._cuts.popleft() if self._cuts else None
+                cut, daemon_side = (self._cuts.popleft(), self._daemon_sides.popleft()) if self._cuts else (None, 0.0)
                 self._open = [c for c in self._open if not c.closed.is_set()]
-                self._open.append(_Connection(self, client, upstream, cut))
+                self._open.append(_Connection(self, client, upstream, cut, daemon_side))
 
     def close(self) -> None:
         self._stopped.set()

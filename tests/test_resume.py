@@ -165,6 +165,41 @@ def test_a_256_mib_put_and_get_complete_through_cuts_without_sending_bytes_twice
             (tmp_path / folder / "big.bin").unlink(missing_ok=True)
 
 
+# The daemon's writes of the chunks at 10 and 11 MiB take 0.3 s each.
+SLOW_CHUNKS = """
+import asyncio
+import drived.backends.local as local
+_write = local.LocalUpload.write
+async def write(self, data):
+    if 10 * 2**20 <= self.held < 12 * 2**20:
+        await asyncio.sleep(0.3)
+    await _write(self, data)
+local.LocalUpload.write = write
+"""
+
+
+def test_a_resume_refused_because_the_broken_stream_wrote_on_is_asked_again(twin, start_daemon, tmp_path):
+    """A put's connection breaks on the client's side while the daemon still reads (and slowly writes) what reached
+    it: the client's resume at the offset it was told is refused (OUT_OF_RANGE) as long as that stream writes on,
+    and the client asks again until one is taken. Each byte is received once."""
+    handle = start_daemon(tmp_path, before=SLOW_CHUNKS)
+    size = 24 * MIB
+    digest = write_random_file(tmp_path / "src" / "big.bin", size)
+    with CuttingProxy(handle.endpoint) as proxy:
+        proxy.cut_after("up", 12 * MIB + MIB // 2, daemon_side=5)
+        [stored] = twin("lit://resume", root_folder=tmp_path / "src", endpoint=proxy.endpoint).put("big.bin")
+    assert (stored.size, stored.sha256) == (size, digest)
+    assert wait_until(lambda: len(requests(handle, "Put")) >= 3 and any(  # the broken stream is logged too
+        p["bytes"] and p["status"] != "OK" for p in requests(handle, "Put")), timeout=10), requests(handle, "Put")
+    puts = requests(handle, "Put")
+    refused = [p for p in puts if p["status"] == "OUT_OF_RANGE"]
+    assert refused and all(not p["bytes"] for p in refused), puts
+    assert [p["status"] for p in puts].count("OK") == 1 and len(puts) == len(refused) + 2, puts
+    assert sum(p["bytes"] for p in puts) == size, puts  # the resume began where the broken stream ended
+    assert [d for _, d in raw_get(stub_of(handle.endpoint), "lit://resume", "big.bin")] == [
+        (tmp_path / "src" / "big.bin").read_bytes()]
+
+
 def test_a_folder_put_cut_midway_completes_without_sending_finished_files_again(twin, start_daemon, tmp_path):
     handle = start_daemon(tmp_path)
     src = tmp_path / "src"
