@@ -9,8 +9,8 @@
 Each cut applies to one connection, the next one accepted (a gRPC channel makes one at a time);
 connections after the cuts run out are forwarded whole. A cut resets both sides (SO_LINGER 0: an RST, as when a network
 path breaks), or the client's first and the daemon's later (`cut_after(..., daemon_side=SECONDS)`), and the proxy goes
-on accepting. `refuse()` makes every later connection break at
-once, as a daemon that stays down looks to a client (`down_after_cuts` does so once the cuts are made).
+on accepting. `refuse()` makes every later connection break at once, as a daemon that stays down looks to a client
+(`down_after_cuts` does so once the cuts are made).
 """
 
 from __future__ import annotations
@@ -160,7 +160,9 @@ class _Connection:
             return
         self.half_open = True
         _reset(self.client)
-        threading.Timer(self.daemon_side, self.close).start()
+        timer = threading.Timer(self.daemon_side, self.close)
+        timer.daemon = True
+        timer.start()
 
     def _send(self, direction: Direction, sink: socket.socket, data: bytes | memoryview) -> None:
         if data:
@@ -185,8 +187,7 @@ class CuttingProxy:
         self.forwarded = {"up": 0, "down": 0}
         self.connections = 0  # accepted so far
         self.cuts_made = 0
-        self._cuts: deque[Cut] = deque()
-        self._daemon_sides: deque[float] = deque()  # of each cut queued (0 for a `cut_before`)
+        self._cuts: deque[tuple[Cut, float]] = deque()  # each with the seconds its daemon's side stays open
         self._refusing = False
         self._refuse_next = 0
         self._down_after_cuts = False
@@ -202,16 +203,14 @@ class CuttingProxy:
         connection, in the order given). `daemon_side`: the daemon's side is reset that many seconds after the
         client's (0: at once)."""
         with self._lock:
-            self._cuts.append((direction, nbytes))
-            self._daemon_sides.append(daemon_side)
+            self._cuts.append(((direction, nbytes), daemon_side))
 
     def cut_before(self, direction: Direction, marker: bytes) -> None:
         """The next connection accepted is cut just before `marker` would pass in `direction` (queued as
         `cut_after`): e.g. in the middle of an answer that carries it, which then never arrives whole. Also when
         reads split it: bytes that may begin it wait for the next read (`_Marker`)."""
         with self._lock:
-            self._cuts.append((direction, marker))
-            self._daemon_sides.append(0.0)
+            self._cuts.append(((direction, marker), 0.0))
 
     def down_after_cuts(self, down: bool = True) -> None:
         """Once the cuts given so far are made, breaks every later connection at once (a daemon that stays down);
@@ -258,7 +257,7 @@ class CuttingProxy:
             for sock in (client, upstream):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
-                cut, daemon_side = (self._cuts.popleft(), self._daemon_sides.popleft()) if self._cuts else (None, 0.0)
+                cut, daemon_side = self._cuts.popleft() if self._cuts else (None, 0.0)
                 self._open = [c for c in self._open if not c.closed.is_set()]
                 self._open.append(_Connection(self, client, upstream, cut, daemon_side))
 
