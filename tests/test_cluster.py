@@ -446,7 +446,8 @@ def test_a_put_whose_claim_is_lost_before_its_commit_fails_and_stores_nothing(ow
         messages = list(put_messages(drive_uri, "kept.txt", version_2, component="w", size=len(version_2)))
         put = stub.Put.future(held_at_finish(messages, finish), timeout=60)
         try:
-            assert wait_until(lambda: len(own_cluster.store.uploads()) == 1, timeout=20), "the upload never started"
+            # Its first part stored: past the folder check that runs beside the upload's making.
+            assert wait_until(lambda: own_cluster.store.parts() == 1, timeout=20), "the upload never started"
             moto.send_signal(signal.SIGSTOP)  # the put's ownership check hangs on the store, inside its claim
             finish.set()
             assert wait_until(lambda: bool(own_cluster.keys("drived:*:claim:kept.txt")), timeout=20), \
