@@ -32,16 +32,17 @@ def _port_block() -> range:
 
     A port from the ephemeral range (what binding port 0 gives) can be taken by any outgoing
     connection or by another test process while a server that had it restarts on it; ports
-    outside that range, each handed out once and only in this process, cannot.
+    outside that range, each handed out once and only in this process, cannot. Where the kernel's
+    range leaves fewer than a thousand a worker outside it, the blocks are cut from the range itself.
     """
     try:
         low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     except (OSError, ValueError):
         low, high = 32768, 60999
-    below, above = range(10000, low), range(high + 1, 65536)
-    ports = below if len(below) >= len(above) else above
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    outside = max(range(10000, low), range(high + 1, 65536), key=len)
+    ports = outside if len(outside) >= 1000 * workers else range(low, high + 1)
     size = len(ports) // workers
     start = ports.start + int(worker) * size
     return range(start, start + size)
