@@ -36,6 +36,7 @@ class Config:
     grace_period: float = 30.0
     s3_list_concurrency: int = 16
     s3_page_size: int = 1000
+    s3_index_memory: int = 2 << 30
     metrics_listen: str = ""
     token: str = ""
     auth_tokens: str = ""
@@ -75,6 +76,10 @@ HELP = {
     "grace_period": "seconds that SIGTERM/SIGINT lets in-flight transfers finish before they are cancelled",
     "s3_list_concurrency": "parallel ListObjectsV2 calls when mounting an s3:// drive",
     "s3_page_size": "MaxKeys of each ListObjectsV2 call",
+    "s3_index_memory": "bytes the indexes of mounted s3:// drives hold at most (about 80 per object; K, M, G, T: "
+    "powers of 1024): past it the least recently used are dropped, and indexed again at their next use; the "
+    "mounts in progress take at most as much again between them, and one that would pass it is refused with "
+    "RESOURCE_EXHAUSTED",
     "metrics_listen": "HOST:PORT to serve Prometheus metrics on (/metrics); empty: no metrics endpoint",
     "token": "when set, every DriveService call must carry `authorization: Bearer TOKEN` (UNAUTHENTICATED "
     "otherwise): one token for every drive, read-write, beside those of --auth-tokens; health and reflection "
@@ -193,6 +198,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "max_held_uploads": _non_negative(int), "max_held_bytes": _size,
     "coordinator": _coordinator, "claim_ttl": _positive(float), "chunk_size": _chunk_size,
     "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
+    "s3_index_memory": _positive(_size),
     "metrics_listen": str, "token": str, "auth_tokens": str, "tls_cert": str, "tls_key": str, "tls_client_ca": str,
     "reflection": _switch, "max_connection_age": _non_negative(float),
     "max_file_size": _size, "quota": _size, "max_streams": _positive(int), "max_streams_per_peer": _positive(int),

@@ -17,6 +17,7 @@ DAMAGED_READS = Counter(
 HELD_UPLOADS = Gauge("drived_held_uploads", "Resumable uploads held between streams, waiting for a resume")
 HELD_UPLOAD_BYTES = Gauge("drived_held_upload_bytes", "Bytes held by the resumable uploads waiting for a resume")
 INDEX_OBJECTS = Gauge("drived_s3_index_objects", "Objects in the index of each mounted s3:// drive", ["drive"])
+INDEX_BYTES = Gauge("drived_s3_index_bytes", "Memory the indexes of the mounted s3:// drives hold (--s3-index-memory)")
 MOUNT_DURATION = Histogram(
     "drived_s3_mount_duration_seconds", "Time to index an s3:// drive",
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 120, 600, float("inf")),
@@ -30,11 +31,6 @@ def record_request(method: str, code: str, seconds: float, nbytes: int) -> None:
     DURATION.labels(method).observe(seconds)
     if nbytes and method in DIRECTION:
         BYTES.labels(DIRECTION[method]).inc(nbytes)
-
-
-def record_mount(drive: str, objects: int, seconds: float) -> None:
-    INDEX_OBJECTS.labels(drive).set(objects)
-    MOUNT_DURATION.observe(seconds)
 
 
 def serve(listen: str) -> None:

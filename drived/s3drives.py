@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from drive_client.errors import InvalidArgument, NotFound, PermissionDenied
 from drive_client.uri import DriveId
 
-from . import metrics
 from .backends.base import Chunks, SummedChunks
 from .checksums import RunningCrc32c
 from .coordinator import Event
@@ -44,10 +43,7 @@ class S3Drives:
         self.chunk_size = chunk_size
 
     async def mount(self, mount: MountRequest) -> tuple[int, float]:
-        drive = mount.drive
-        objects, seconds = await self.mounts.mount(drive.bucket, drive.prefix)
-        metrics.record_mount(drive.uri, objects, seconds)
-        return objects, seconds
+        return await self.mounts.mount(mount.drive.bucket, mount.drive.prefix)
 
     async def _find(self, drive: DriveId, path: str) -> S3Entry:
         found = (await self.mounts.index(drive.bucket, drive.prefix)).stat(path)

@@ -122,7 +122,8 @@ async def serve(config: Config) -> None:
     server = grpc.aio.server(options=server_options(config))
     backend = make_backend(config)
     await backend.start()
-    mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size)
+    mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size,
+                      memory=config.s3_index_memory)
     coordinator = make_coordinator(config)
     await coordinator.start()
     streams = Streams(

@@ -10,8 +10,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +24,7 @@ from conftest import Background, DaemonHandle, free_port, held_open, start_daemo
 from cutting_proxy import CuttingProxy
 from moto_server import AWS_ENV, closed_port, running_moto
 
-from drive_client import Drive, StaleIndexError, StoreUnavailable
+from drive_client import Drive, ResourceExhausted, StaleIndexError, StoreUnavailable
 from drive_client.pb import drive_pb2
 
 pytestmark = pytest.mark.integration  # starts moto_server endpoints of its own
@@ -115,6 +117,54 @@ def test_remount_sees_new_objects_and_stale_objects_are_refused(s3, tmp_path):
     assert not (tmp_path / "new.jpg").exists()  # no mixed or partial file
     d.mount()
     assert d.get("new.jpg").read_bytes() == b"changed!"
+
+
+def _index_metrics(daemon: DaemonHandle) -> dict[str, float]:
+    """The daemon's `drived_s3_index_*` samples, by name and labels."""
+    with urllib.request.urlopen(f"http://{daemon.metrics}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return {name: float(value) for name, value in re.findall(r"^(drived_s3_index_\S+) (\S+)$", text, re.M)}
+
+
+def test_mounted_indexes_stay_within_s3_index_memory(s3, start_daemon, tmp_path):
+    """Indexes held past --s3-index-memory are dropped, least recently used first, and indexed again at their
+    next use; a mount whose index alone passes it is refused, and the daemon keeps serving the others."""
+    bucket = "index-memory"
+    s3["client"].create_bucket(Bucket=bucket)
+    keys = [f"{folder}/k{i:04d}" for folder in "ab" for i in range(400)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: s3["client"].put_object(Bucket=bucket, Key=k, Body=k.encode()), keys))
+    memory = 50_000  # one folder's index (~34 KB: ~85 bytes a key) fits, two do not, nor the bucket's
+    daemon = start_daemon(tmp_path, "--s3-index-memory", str(memory), "--s3-page-size", "100",
+                          env={**AWS_ENV, "AWS_ENDPOINT_URL": s3["url"]})
+
+    def folder(name: str) -> Drive:
+        return Drive(f"s3://{bucket}/{name}", endpoint=daemon.endpoint, root_folder=tmp_path)
+
+    a, b = folder("a/"), folder("b/")
+    assert a.list(".")[:2] == ["k0000", "k0001"]  # the first use indexes a/
+    s3["client"].put_object(Bucket=bucket, Key="a/new", Body=b"new")
+    assert "new" not in a.list(".")  # a/'s index is held: as of its first use
+    assert b.mount().objects == 400  # b/'s index does not fit beside a/'s: a/'s is dropped
+    held = _index_metrics(daemon)
+    assert 0 < held["drived_s3_index_bytes"] <= memory, held
+    assert f'drived_s3_index_objects{{drive="s3://{bucket}/b/"}}' in held, held
+    assert f'drived_s3_index_objects{{drive="s3://{bucket}/a/"}}' not in held, held
+    assert f"dropped the index of s3://{bucket}/a/ (400 objects" in daemon.log()
+    assert "new" in a.list(".")  # indexed again at its next use (and now b/'s is dropped)
+    assert a.get("k0007").read_bytes() == b"a/k0007" and b.get("k0009").read_bytes() == b"b/k0009"
+
+    whole = Drive(f"s3://{bucket}/", endpoint=daemon.endpoint)
+    for call in (whole.mount, lambda: whole.list(".")):
+        with pytest.raises(ResourceExhausted) as refused:
+            call()
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"s3://{bucket}/" in str(refused.value) and "--s3-index-memory" in str(refused.value)
+    held = _index_metrics(daemon)
+    assert 0 < held["drived_s3_index_bytes"] <= memory, held
+    assert f'drived_s3_index_objects{{drive="s3://{bucket}/"}}' not in held, held
+    assert "new" in a.list(".") and b.stat("k0399").size == len(b"b/k0399")  # the others still served
+    assert s3["client"].get_object(Bucket=bucket, Key="a/k0001")["Body"].read() == b"a/k0001"  # store untouched
 
 
 def test_missing_bucket_is_not_found_and_the_daemon_keeps_serving(s3):

@@ -74,6 +74,13 @@ class Run:
     def __len__(self) -> int:
         return len(self.key_lens)
 
+    def nbytes(self) -> int:
+        """Approximate memory held by the run's arrays, in bytes."""
+        return (
+            len(self.keys) + len(self.stamps) + len(self.etags)
+            + sum(a.itemsize * len(a) for a in (self.key_lens, self.sizes, self.etag_lens))
+        )
+
 
 def make_run(keys: list[bytes], sizes: Iterable[int], stamps: list[bytes], etags: list[bytes]) -> Run:
     """A run from parallel lists (keys sorted, relative to the prefix; stamps canonical)."""

@@ -209,8 +209,11 @@ class Lister:
     """One listing of `s3://bucket/prefix/` over `concurrency` threads."""
 
     def __init__(self, client: Any, bucket: str, prefix: str, *, concurrency: int = 16,
-                 page_size: int = 1000, stats: ListingStats | None = None, fast: bool = True) -> None:
+                 page_size: int = 1000, stats: ListingStats | None = None, fast: bool = True,
+                 take: Callable[[int], None] = lambda nbytes: None) -> None:
+        """`take(nbytes)` is called before each listed run is kept, with its size; what it raises ends the run."""
         self.client = client
+        self._take = take
         self.bucket = bucket
         self.prefix = prefix
         self.concurrency = max(1, concurrency)
@@ -303,6 +306,7 @@ class Lister:
 
     def _add(self, runs: list[Run]) -> None:
         if runs:
+            self._take(sum(run.nbytes() for run in runs))
             with self._cond:
                 self._runs.extend(runs)
 
@@ -428,8 +432,9 @@ class Lister:
 
 
 def build_index(client: Any, bucket: str, prefix: str, *, concurrency: int = 16, page_size: int = 1000,
-                stats: ListingStats | None = None, fast: bool = True) -> tuple[S3Index, ListingResult]:
-    """Lists `s3://bucket/prefix` and builds its index (blocking; call from a thread)."""
+                stats: ListingStats | None = None, fast: bool = True,
+                take: Callable[[int], None] = lambda nbytes: None) -> tuple[S3Index, ListingResult]:
+    """Lists `s3://bucket/prefix` and builds its index (blocking; call from a thread); `take` as `Lister`'s."""
     result = Lister(client, bucket, prefix, concurrency=concurrency, page_size=page_size, stats=stats,
-                    fast=fast).run()
+                    fast=fast, take=take).run()
     return S3Index.from_runs(result.runs), result

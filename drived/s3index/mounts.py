@@ -5,6 +5,12 @@ indexing run (the first starts it, the others await the same task). Until a
 run completes, `index` keeps answering with the previous complete index, so
 lists and gets during a re-index never see a half-built one. A failed run
 leaves the previous index in place.
+
+The indexes held take at most `memory` bytes: past it the least recently used
+are dropped, and indexed again at their next use. The runs in progress take at
+most as much again between them; one that would pass it fails
+RESOURCE_EXHAUSTED, so no client makes the daemon hold more by mounting many
+locations or a huge one.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
-from drive_client.errors import InvalidArgument
+from drive_client.errors import InvalidArgument, ResourceExhausted
 
+from .. import metrics
 from .index import S3Index
 from .lister import ListingStats, build_index, make_listing_client
 
@@ -26,14 +35,21 @@ log = logging.getLogger(__name__)
 _Key = tuple[str, str]
 
 
+def _uri(key: _Key) -> str:
+    return f"s3://{key[0]}/{key[1]}"
+
+
 class S3Mounts:
     """The indexes of the mounted s3:// locations of one daemon."""
 
-    def __init__(self, *, concurrency: int = 16, page_size: int = 1000) -> None:
+    def __init__(self, *, concurrency: int = 16, page_size: int = 1000, memory: int = 2 << 30) -> None:
         self.concurrency = concurrency
         self.page_size = page_size  # MaxKeys per ListObjectsV2 call
+        self.memory = memory  # bytes the held indexes take at most, and the runs in progress between them
         self.stats = ListingStats()  # requests and indexing runs, over all locations
-        self._indexes: dict[_Key, S3Index] = {}
+        self._indexes: OrderedDict[_Key, S3Index] = OrderedDict()  # the least recently used first
+        self._building = 0  # bytes the listed runs of the runs in progress hold (taken on their threads)
+        self._building_lock = threading.Lock()
         self._inflight: dict[_Key, asyncio.Task[tuple[S3Index, float]]] = {}
         self._client: Any = None
         self._closed = False
@@ -47,10 +63,28 @@ class S3Mounts:
 
     def _index_blocking(self, bucket: str, prefix: str) -> tuple[S3Index, float]:
         t0 = time.perf_counter()
-        index, result = build_index(
-            self._listing_client(), bucket, prefix,
-            concurrency=self.concurrency, page_size=self.page_size, stats=self.stats,
-        )
+        taken = 0
+
+        def take(nbytes: int) -> None:
+            nonlocal taken
+            with self._building_lock:
+                if self._building + nbytes > self.memory:
+                    raise ResourceExhausted(
+                        f"indexing s3://{bucket}/{prefix} passed the daemon's --s3-index-memory "
+                        f"({self.memory} bytes) with the other mounts in progress: mount a narrower prefix, "
+                        "retry when other mounts have ended, or raise the flag"
+                    )
+                self._building += nbytes
+                taken += nbytes
+
+        try:
+            index, result = build_index(
+                self._listing_client(), bucket, prefix,
+                concurrency=self.concurrency, page_size=self.page_size, stats=self.stats, take=take,
+            )
+        finally:
+            with self._building_lock:
+                self._building -= taken
         seconds = time.perf_counter() - t0
         log.info("indexed s3://%s/%s: %d objects, %d requests, %.3f s",
                  bucket, prefix, index.objects, result.requests, seconds)
@@ -61,17 +95,38 @@ class S3Mounts:
         index, seconds = await loop.run_in_executor(self._executor, functools.partial(self._index_blocking, *key))
         if not self._closed:
             self._indexes[key] = index  # readers switch to the new index in one step...
+            self._indexes.move_to_end(key)
+            metrics.INDEX_OBJECTS.labels(_uri(key)).set(index.objects)
+            metrics.MOUNT_DURATION.observe(seconds)
+            self._drop_beyond_memory(key)
         if self._inflight.get(key) is asyncio.current_task():
             del self._inflight[key]  # ...and in the same step the run stops being "in progress"
         return index, seconds
+
+    def _drop_beyond_memory(self, kept: _Key) -> None:
+        """Drops the least recently used indexes but `kept` until those held fit in `memory`."""
+        held = sum(index.nbytes() for index in self._indexes.values())
+        for key in [k for k in self._indexes if k != kept]:
+            if held <= self.memory:
+                break
+            dropped = self._indexes.pop(key)
+            held -= dropped.nbytes()
+            metrics.INDEX_OBJECTS.remove(_uri(key))
+            log.info("dropped the index of %s (%d objects, %d bytes): --s3-index-memory is %d bytes; "
+                     "its next use indexes it again", _uri(key), dropped.objects, dropped.nbytes(), self.memory)
+        metrics.INDEX_BYTES.set(held)
 
     async def mount(self, bucket: str, prefix: str) -> tuple[int, float]:
         """Re-indexes `s3://bucket/prefix`; returns (objects, seconds).
 
         Joins the run in progress for that location, if any. Raises NotFound
         (no bucket), PermissionDenied, Unavailable (endpoint unreachable or
-        failing after retries).
+        failing after retries), ResourceExhausted (past `memory`).
         """
+        index, seconds = await self._indexed(bucket, prefix)
+        return index.objects, seconds
+
+    async def _indexed(self, bucket: str, prefix: str) -> tuple[S3Index, float]:
         if self._closed:
             raise RuntimeError("S3Mounts is closed")
         if prefix and not prefix.endswith("/"):
@@ -90,16 +145,16 @@ class S3Mounts:
 
             task.add_done_callback(done)
         # shield: a cancelled caller does not cancel the run the others wait for
-        index, seconds = await asyncio.shield(task)
-        return index.objects, seconds
+        return await asyncio.shield(task)
 
     async def index(self, bucket: str, prefix: str) -> S3Index:
-        """The current index of `s3://bucket/prefix`, mounting it first if never mounted."""
+        """The current index of `s3://bucket/prefix`, mounting it first if it is not held."""
         key = (bucket, prefix)
         index = self._indexes.get(key)
         if index is None:
-            await self.mount(bucket, prefix)
-            index = self._indexes[key]
+            index, _ = await self._indexed(bucket, prefix)
+        else:
+            self._indexes.move_to_end(key)
         return index
 
     def mounted(self, bucket: str, prefix: str) -> bool:
