@@ -101,11 +101,13 @@ class Quotas:
         usage = await self._of(drive)
         if added > 0 and usage.used + usage.reserved + added > self.quota:
             raise self._refusal(drive, usage, added)
-        usage.reserved += added
+        # What a commit frees is room once it committed, not while it runs: it may still fail.
+        held = max(added, 0)
+        usage.reserved += held
         try:
             yield
         finally:
-            usage.reserved -= added
+            usage.reserved -= held
         usage.used += added
 
     def deleted(self, drive: str, size: int) -> None:

@@ -353,6 +353,52 @@ def test_concurrent_puts_never_pass_the_quota_together(start_daemon, tmp_path):
         assert len(listed(drive_pb2_grpc.DriveServiceStub(channel), drive)) == 4
 
 
+PAUSED_COMMITS = """
+import asyncio, os
+from drived.backends.local import LocalUpload
+
+def paused(commit):
+    async def commit_once_resumed(self, *args, **kwargs):
+        if self._key.endswith("/{name}") and os.path.exists({pause!r}):
+            open({pause!r} + ".reached", "w").close()
+            while os.path.exists({pause!r}):
+                await asyncio.sleep(0.01)
+        return await commit(self, *args, **kwargs)
+    return commit_once_resumed
+
+LocalUpload.commit = paused(LocalUpload.commit)
+"""
+
+
+def test_room_a_failing_commit_would_free_lets_no_other_put_pass_the_quota(start_daemon, tmp_path):
+    """A commit replacing the caller's file with a smaller one held its difference as negative room while it ran:
+    another put committing meanwhile was let in on room that came back when that commit failed (here, a checksum
+    the bytes do not match), and the drive then held more than its quota."""
+    pause = tmp_path / "pause"
+    handle = start_daemon(tmp_path, "--quota", "4M", before=PAUSED_COMMITS.format(name="big.bin", pause=str(pause)))
+    drive = "lit://quota_shrink"
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        big = os.urandom(3 * MIB)
+        raw_put(stub, drive, "big.bin", big)
+        pause.touch()
+        outcome: list[grpc.StatusCode] = []
+        shrink = threading.Thread(target=lambda: outcome.append(rpc_code(
+            lambda: raw_put(stub, drive, "big.bin", os.urandom(MIB), sha256="0" * 64))))
+        shrink.start()
+        try:
+            assert wait_until((tmp_path / "pause.reached").exists, 30), "the shrinking put never reached its commit"
+            message = refused_put(lambda: raw_put(stub, drive, "other.bin", os.urandom(3 * MIB)))
+            assert "holds 3,145,728 bytes" in message, message
+        finally:
+            pause.unlink()
+            shrink.join(60)
+        assert outcome == [SC.DATA_LOSS]
+        assert listed(stub, drive) == ["big.bin"]
+        assert raw_get(stub, drive, "big.bin")[0][1] == big
+        assert wait_until(lambda: no_uploads(handle.data_dir), 10)
+
+
 # --- files in one Put stream -------------------------------------------------------------------
 
 
