@@ -20,6 +20,7 @@ from drive_client.uri import parse_drive
 from .coordinator import CLAIM_TTL
 
 MAX_CHUNK_SIZE = 3 << 20  # stays under gRPC's 4 MiB default message limit with room to spare
+MESSAGE_LIMIT = MAX_CHUNK_SIZE + (1 << 20)  # the daemon's, both ways: a chunk and room for the message around it
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from .auth import Access, TokenFileError
 from .backends.base import Backend
 from .backends.local import LocalBackend
 from .backends.s3 import S3Backend
-from .config import MAX_CHUNK_SIZE, Config
+from .config import MESSAGE_LIMIT, Config
 from .coordinator import Coordinator
 from .descriptors import Descriptors
 from .drives import DriveRouter
@@ -38,7 +38,6 @@ from .uploads import HeldUploads
 
 log = logging.getLogger("drived")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DriveService"].full_name
-MESSAGE_LIMIT = MAX_CHUNK_SIZE + (1 << 20)  # a chunk plus room for the message around it
 # Disk and hashing work runs in threads; puts and gets of many files at once each need one.
 WORKER_THREADS = 32
 

@@ -37,6 +37,7 @@ from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
 from . import metrics
 from .auth import EVERYONE, NOBODY, READS, WRITES, Access, Grant
 from .backends.base import ClientTooSlow, Damaged, StoredFileError
+from .config import MESSAGE_LIMIT
 from .drives import DriveRouter, Drives, PendingPut
 from .entry import Entry
 from .limits import Stream, Streams
@@ -55,6 +56,9 @@ from .requests import (
 log = logging.getLogger("drived")
 
 WATCH_KINDS = {"put": pb.WatchEvent.KIND_PUT, "delete": pb.WatchEvent.KIND_DELETE}
+# The entries of a List page at most, leaving its message room for its token (at most 8 KiB, drived.page_tokens).
+LIST_ENTRIES_BYTES = MESSAGE_LIMIT - (64 << 10)
+ENTRY_FRAMING = 4  # the tag and length of an entry in its message (a FileInfo is under 2 MiB)
 
 
 def file_info(entry: Entry) -> pb.FileInfo:
@@ -369,9 +373,19 @@ class DriveService(pb_grpc.DriveServiceServicer):
     async def List(self, request: pb.ListRequest, record: RequestLog) -> pb.ListResponse:
         listing = ListRequest.from_pb(request)
         entries, more = await self._drives(record, listing.drive).list_entries(listing)
-        record.files = len(entries)
-        token = listing.page_token(entries[-1].path) if more else ""
-        return pb.ListResponse(entries=[file_info(e) for e in entries], next_page_token=token)
+        # A page of long paths is cut where its message would pass the limit: the rest comes on the next page.
+        infos: list[pb.FileInfo] = []
+        size = 0
+        for entry in entries:
+            info = file_info(entry)
+            size += info.ByteSize() + ENTRY_FRAMING
+            if infos and size > LIST_ENTRIES_BYTES:
+                more = True
+                break
+            infos.append(info)
+        record.files = len(infos)
+        token = listing.page_token(infos[-1].path) if more else ""
+        return pb.ListResponse(entries=infos, next_page_token=token)
 
     @rpc
     async def Stat(self, request: pb.StatRequest, record: RequestLog) -> pb.FileInfo:

@@ -399,6 +399,34 @@ def test_room_a_failing_commit_would_free_lets_no_other_put_pass_the_quota(start
         assert wait_until(lambda: no_uploads(handle.data_dir), 10)
 
 
+# --- answers within the message limit ----------------------------------------------------------
+
+LONG_FOLDER = "/".join(["p" * 250] * 15)  # 3,764 bytes: with a file's name, near the longest path
+
+
+def small_files(drive: str, names: list[str]):
+    """Put messages carrying one small file at each of `names`."""
+    for name in names:
+        data = name.encode()
+        header = pb.PutHeader(drive=drive, path=name, size=len(data))
+        yield pb.PutRequest(file=pb.PutFileRequest(header=header, data=data, sha256=sha256_hex(data)))
+
+
+def test_a_page_of_long_paths_is_cut_to_fit_its_message(daemon, drive_uri):
+    """A page of 10,000 entries (the client's page size) passed the 4 MiB message limit once its paths averaged
+    some 300 bytes: the daemon failed to send it, and a folder of long paths could not be listed at all."""
+    names = [f"{LONG_FOLDER}/{i:04d}.bin" for i in range(1100)]  # 4.3 MB of entries in one page
+    with grpc.insecure_channel(daemon.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        for first in range(0, len(names), 550):
+            stub.Put(small_files(drive_uri, names[first:first + 550]), timeout=60)
+        request = pb.ListRequest(drive=drive_uri, path=LONG_FOLDER, page_size=10_000)
+        first_page = stub.List(request, timeout=30)
+        assert first_page.next_page_token and 0 < len(first_page.entries) < len(names)
+        assert first_page.ByteSize() <= 4 << 20
+    assert Drive(drive_uri, endpoint=daemon.endpoint).list(LONG_FOLDER) == names
+
+
 # --- files in one Put stream -------------------------------------------------------------------
 
 

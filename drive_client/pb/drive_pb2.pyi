@@ -567,7 +567,10 @@ class ListRequest(_message.Message):
     immediate entries.
     """
     page_size: _builtins.int
-    """At most this many entries per answer; 0 means 1000. Capped at 10000."""
+    """At most this many entries per answer; 0 means 1000. Capped at 10000.
+    A page of long paths has fewer where its entries would pass the message
+    limit (4 MiB); its next_page_token goes on from there.
+    """
     page_token: _builtins.str
     """The previous answer's next_page_token, unchanged; "" for the first page.
     A token is opaque and checked: one this listing (same drive, path,
