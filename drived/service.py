@@ -13,9 +13,11 @@ which checks the call's grant against each drive it names.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import inspect
+import itertools
 import logging
 import time
 import traceback
@@ -111,6 +113,27 @@ def _logged(method: str, request: object) -> Iterator[RequestLog]:
         log.info("request", extra={"fields": fields})
 
 
+# The most a status message takes as sent, percent-encoded (three characters for each byte outside printable
+# ASCII): gRPC clients take 8 KiB of trailers, and past it (16 KiB for certain) answer RESOURCE_EXHAUSTED
+# "received metadata size exceeds ..." instead of the status.
+MAX_SENT_DETAILS = 6 << 10
+
+
+def _sent_size(char: str) -> int:
+    return 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode())
+
+
+def fitting(details: str) -> str:
+    """A status message that a client takes whole: one naming long paths or drive ids keeps its start and its end,
+    each within half of MAX_SENT_DETAILS as sent."""
+    if len(details) <= MAX_SENT_DETAILS and sum(map(_sent_size, details)) <= MAX_SENT_DETAILS:
+        return details
+    half = MAX_SENT_DETAILS // 2 - 4  # room for the " ... " between
+    head = bisect.bisect_right(list(itertools.accumulate(map(_sent_size, details[:half]))), half)
+    tail = bisect.bisect_right(list(itertools.accumulate(map(_sent_size, reversed(details[-half:])))), half)
+    return f"{details[:head]} ... {details[len(details) - tail:]}"
+
+
 async def _fail(context: grpc.aio.ServicerContext, record: RequestLog, err: Exception) -> NoReturn:
     """Answers the call with the status of `err`: its own for a DriveError (an UNAVAILABLE marked as the
     daemon's, `Unavailable.mark`), else INTERNAL.
@@ -130,7 +153,7 @@ async def _fail(context: grpc.aio.ServicerContext, record: RequestLog, err: Exce
         if isinstance(err, Damaged):
             metrics.DAMAGED_READS.inc()
             log.error("damaged stored file", extra={"fields": {"key": err.key, "damage": err.what}})
-        await context.abort(err.status, err.details())
+        await context.abort(err.status, fitting(err.details()))
     record.status = "INTERNAL"
     log.error("unexpected error in %s\n%s", record.method, "".join(traceback.format_exception(err)))
     message = f"drived: internal error ({type(err).__name__}) in {record.method}; see the daemon log"

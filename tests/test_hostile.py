@@ -46,6 +46,7 @@ HOSTILE_DRIVES = {
     "traversal": "lit://../../etc",
     "nul_name": "lit://a\x00b",
     "long_name": "lit://" + "d" * 200,
+    "long_name_20000": "lit://" + "d" * 20000,  # named in its refusal: past what a client takes of a status
     "no_scheme": "drive_1",
     "file_scheme": "file:///etc",
     "empty": "",
@@ -207,6 +208,24 @@ def test_drive_hostile_component_value_error(seeded, tmp_path, component):
         Drive(DRIVE, component_name=component, root_folder=str(tmp_path), endpoint=handle.endpoint).put("f.txt")
     assert isinstance(exc.value, DriveError) and exc.value.code in (None, INVALID)
     assert_untouched(seeded)
+
+
+def test_a_refusal_naming_long_paths_keeps_its_status(daemon, drive_uri):
+    """A status message reaches the client percent-encoded in its trailers, of which a gRPC client takes 8 KiB
+    (16 KiB at most): a refusal naming two long non-ASCII paths came as RESOURCE_EXHAUSTED ("received metadata
+    size exceeds hard limit") instead of ALREADY_EXISTS. Its message keeps its start and its end."""
+    held = "/".join(["文" * 84] * 12)  # 3,035 bytes, 9,105 characters in a status message
+    with grpc.insecure_channel(daemon.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, drive_uri, held, b"held", component="a")
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_put(stub, drive_uri, f"{held}/below", b"below", component="b")
+        assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS, refused.value.details()
+        message = refused.value.details()
+        assert message.startswith(f"'{held[:100]}") and " ... " in message, message
+        assert message.endswith("a file of component 'a'; pick another path, or open the drive with "
+                                "allow_duplicates=True"), message
+        assert [(info.path, data) for info, data in raw_get(stub, drive_uri, ".")] == [(held, b"held")]
 
 
 def test_raw_hostile_path_in_second_file_of_stream(seeded):
