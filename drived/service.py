@@ -30,7 +30,7 @@ from typing import Any, NoReturn, TypeVar, overload
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from drive_client.errors import DriveError, ResourceExhausted, Unavailable
+from drive_client.errors import DriveError, InvalidArgument, ResourceExhausted, Unavailable
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc as pb_grpc
 from drive_client.uri import DriveId
@@ -139,14 +139,20 @@ async def _fail(context: grpc.aio.ServicerContext, record: RequestLog, err: Exce
     daemon's, `Unavailable.mark`), else INTERNAL.
 
     Running out of file descriptors anywhere is RESOURCE_EXHAUSTED, as the
-    client can retry it. The message of an unexpected error names only its
-    type: its text may name a server path. The daemon log has the whole
-    traceback.
+    client can retry it; a path too long for the disk is INVALID_ARGUMENT.
+    The message of an unexpected error names only its type: its text may
+    name a server path. The daemon log has the whole traceback.
     """
     if isinstance(err, OSError) and err.errno in (errno.EMFILE, errno.ENFILE):
         log.warning("out of file descriptors in %s: %s", record.method, err)
         err = ResourceExhausted(
             "drived has too many files open (its descriptor limit, ulimit -n): retry when transfers have ended"
+        )
+    elif isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG:
+        # A path the API takes (4,096 bytes) can pass the system's limit behind the data dir, drive and component.
+        err = InvalidArgument(
+            "a path is too long for the daemon's disk: behind its data dir, the drive and the component it passes "
+            "the system's limit on a file's path (ENAMETOOLONG): use a shorter path"
         )
     if isinstance(err, DriveError):
         record.status = err.status.name

@@ -11,7 +11,7 @@ import pathlib
 
 import grpc
 import pytest
-from conftest import DaemonHandle, put_messages, raw_get, raw_put, snapshot
+from conftest import DaemonHandle, no_uploads, put_messages, raw_get, raw_put, snapshot, wait_until
 
 from drive_client import Drive, DriveError
 from drive_client.pb import drive_pb2 as pb
@@ -226,6 +226,28 @@ def test_a_refusal_naming_long_paths_keeps_its_status(daemon, drive_uri):
         assert message.endswith("a file of component 'a'; pick another path, or open the drive with "
                                 "allow_duplicates=True"), message
         assert [(info.path, data) for info, data in raw_get(stub, drive_uri, ".")] == [(held, b"held")]
+
+
+def test_a_path_too_long_for_the_data_dir_is_refused_as_such(start_daemon, tmp_path):
+    """A path within the 4,096 bytes the API takes can pass the system's limit on disk once the data dir, drive and
+    component come in front of it (ENAMETOOLONG): its put and its delete failed INTERNAL."""
+    handle = start_daemon(tmp_path, data_dir=tmp_path / ("d" * 250) / ("d" * 250))
+    drive, path = "lit://long_on_disk", "/".join(["n" * 250] * 14)  # 3,513 bytes
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, drive, "kept.txt", b"kept")
+        before = snapshot(handle.data_dir)
+        for data in (b"small", os.urandom(3 << 20)):  # committed by the commit worker, or written as it arrives
+            with pytest.raises(grpc.RpcError) as refused:
+                raw_put(stub, drive, path, data)
+            assert refused.value.code() == INVALID, refused.value.details()
+            assert "path is too long for the daemon's disk" in refused.value.details()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Delete(pb.DeleteRequest(drive=drive, path=path), timeout=10)
+        assert refused.value.code() == INVALID, refused.value.details()
+        assert wait_until(lambda: no_uploads(handle.data_dir), 10)
+        assert snapshot(handle.data_dir) == before
+        assert [(info.path, data) for info, data in raw_get(stub, drive, ".")] == [("kept.txt", b"kept")]
 
 
 def test_raw_hostile_path_in_second_file_of_stream(seeded):

@@ -16,7 +16,9 @@ A path names a file or folder inside a drive, relative to its root, with
 the root (accepted by List only). Paths are normalised ("a//b/./c" is
 "a/b/c"); a path that is absolute, contains "..", a NUL or control
 character, a part longer than 255 bytes or is longer than 4096 bytes is
-refused with INVALID_ARGUMENT. In a lit:// drive, paths are also kept in
+refused with INVALID_ARGUMENT, and so is a put or delete of a path that,
+behind a daemon's data dir, the drive and the component, is too long for
+its disk (the system's limit on a file's path). In a lit:// drive, paths are also kept in
 Unicode NFC: names that differ only by normalisation (an "é" sent as one
 code point or as "e" and a combining accent) are one name, whichever form
 a request uses, and answers give the NFC form. A name that an earlier
