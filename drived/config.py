@@ -21,6 +21,8 @@ from .coordinator import CLAIM_TTL
 
 MAX_CHUNK_SIZE = 3 << 20  # stays under gRPC's 4 MiB default message limit with room to spare
 MESSAGE_LIMIT = MAX_CHUNK_SIZE + (1 << 20)  # the daemon's, both ways: a chunk and room for the message around it
+# The entries one answer lists at most (a List page, the files of a Put): its message keeps room for the rest.
+ANSWER_ENTRIES_BYTES = MESSAGE_LIMIT - (64 << 10)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 Checks the order of messages (header, data..., finish, for each file). A
 file's commit (verify, fsync, rename) runs as a task while the stream goes on
 receiving, so a folder of small files is not one fsync after another. A
-stream carries at most `MAX_FILES_PER_STREAM` files: each one's entry is kept
-for the answer, which must stay within the message limit. At most
+stream carries at most `MAX_FILES_PER_STREAM` files, fewer when their paths are
+long: each one's entry is kept for the answer, which must stay within the
+message limit. At most
 `MAX_COMMITS_IN_FLIGHT` run at once, holding at most `MAX_BYTES_IN_FLIGHT` of
 buffered bytes between them (a commit holds at most a chunk). The answer waits
 for every commit.
@@ -18,17 +19,20 @@ from collections.abc import Awaitable, Callable
 
 from drive_client.errors import InvalidArgument
 from drive_client.pb import drive_pb2 as pb
+from drive_client.uri import DEFAULT_COMPONENT
 from drive_client.wire import SMALL_FILE, PutMessage, chunk_of
 
 from .backends.base import ClientTooSlow
 from .checksums import ClientChecksums
+from .config import ANSWER_ENTRIES_BYTES
 from .drives import PendingPut
 from .entry import Entry
 from .requests import sent_checksums
 
 MAX_COMMITS_IN_FLIGHT = 64  # the more commits wait together, the more the commit worker does at once
 MAX_BYTES_IN_FLIGHT = 16 << 20
-MAX_FILES_PER_STREAM = 10_000  # the answer lists them all: ~10,000 entries stay well within 4 MiB
+MAX_FILES_PER_STREAM = 10_000  # the answer lists them all
+ENTRY_BEYOND_NAMES = 128  # what a file's entry in the answer takes beside its path and component, at most
 
 
 class PutStream:
@@ -44,6 +48,7 @@ class PutStream:
         self._running = self._held = 0  # commits in flight, and the bytes they hold
         self._room = asyncio.Event()  # set when a commit ends
         self._failure: BaseException | None = None  # the first commit that failed
+        self._answer_bytes = 0  # what the files' entries take in the answer, at most
         self.bytes = 0
 
     async def receive(self, message: PutMessage | pb.PutFileRequest) -> None:
@@ -85,6 +90,14 @@ class PutStream:
             raise InvalidArgument(
                 f"a Put stream carries at most {MAX_FILES_PER_STREAM} files: the first {MAX_FILES_PER_STREAM} are "
                 "stored; send the rest in another stream"
+            )
+        names = len(header.path.encode()) + len(header.component or DEFAULT_COMPONENT)
+        self._answer_bytes += names + ENTRY_BEYOND_NAMES
+        if self._answer_bytes > ANSWER_ENTRIES_BYTES:
+            raise InvalidArgument(
+                f"a Put stream's answer lists its files within the message limit, which the paths of its first "
+                f"{len(self._commits)} files take: those are stored; send {header.path!r} and the rest in another "
+                "stream"
             )
         self._pending = await self._begin(header)
         self._file_start = self.bytes - self._pending.offset

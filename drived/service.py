@@ -39,7 +39,7 @@ from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
 from . import metrics
 from .auth import EVERYONE, NOBODY, READS, WRITES, Access, Grant
 from .backends.base import ClientTooSlow, Damaged, StoredFileError
-from .config import MESSAGE_LIMIT
+from .config import ANSWER_ENTRIES_BYTES
 from .drives import DriveRouter, Drives, PendingPut
 from .entry import Entry
 from .limits import Stream, Streams
@@ -58,8 +58,6 @@ from .requests import (
 log = logging.getLogger("drived")
 
 WATCH_KINDS = {"put": pb.WatchEvent.KIND_PUT, "delete": pb.WatchEvent.KIND_DELETE}
-# The entries of a List page at most, leaving its message room for its token (at most 8 KiB, drived.page_tokens).
-LIST_ENTRIES_BYTES = MESSAGE_LIMIT - (64 << 10)
 ENTRY_FRAMING = 4  # the tag and length of an entry in its message (a FileInfo is under 2 MiB)
 
 
@@ -408,7 +406,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
         for entry in entries:
             info = file_info(entry)
             size += info.ByteSize() + ENTRY_FRAMING
-            if infos and size > LIST_ENTRIES_BYTES:
+            if infos and size > ANSWER_ENTRIES_BYTES:
                 more = True
                 break
             infos.append(info)

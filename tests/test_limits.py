@@ -427,6 +427,26 @@ def test_a_page_of_long_paths_is_cut_to_fit_its_message(daemon, drive_uri):
     assert Drive(drive_uri, endpoint=daemon.endpoint).list(LONG_FOLDER) == names
 
 
+def test_a_put_stream_whose_answer_would_pass_its_message_is_refused_at_the_file_that_would(daemon, drive_uri):
+    """The answer to a Put lists every file it stored: 1,100 files of long paths (within the 10,000 files a stream
+    carries) were all stored, and then the answer could not be sent (RESOURCE_EXHAUSTED 'Sent message larger than
+    max'), so the client learnt of none of them. The file that would take the answer past the message limit is
+    refused, as the 10,001st file is, and those before stay."""
+    names = [f"{LONG_FOLDER}/{i:04d}.bin" for i in range(1100)]
+    with grpc.insecure_channel(daemon.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Put(small_files(drive_uri, names), timeout=60)
+        assert refused.value.code() == SC.INVALID_ARGUMENT, refused.value.details()
+        assert "another stream" in refused.value.details()
+        stored = Drive(drive_uri, endpoint=daemon.endpoint).list(LONG_FOLDER)
+        assert 0 < len(stored) < len(names) and stored == names[:len(stored)]
+        assert f"{len(stored):04d}.bin" in refused.value.details()
+        # the files a stream did not store go in another one
+        answer = stub.Put(small_files(drive_uri, names[len(stored):]), timeout=60)
+        assert [f.path for f in answer.files] == names[len(stored):]
+
+
 # --- files in one Put stream -------------------------------------------------------------------
 
 

@@ -117,7 +117,9 @@ class DriveServiceStub:
     resuming stream takes the upload over from a stream of it still open on
     the server (one broken on the client's side): that one fails with ABORTED.
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
-    header before the previous file's finish, a path that is a folder, or
+    header before the previous file's finish, a file past the 10,000 a
+    stream carries or past what its answer can list within the message
+    limit (long paths), a path that is a folder, or
     whose parent is a file; a bad upload_id, a write_offset without one, or
     a resume whose path or size is not the upload's), ALREADY_EXISTS (another
     component holds the path and allow_duplicates is false; a file and a
@@ -239,7 +241,9 @@ class DriveServiceAsyncStub(DriveServiceStub):
     resuming stream takes the upload over from a stream of it still open on
     the server (one broken on the client's side): that one fails with ABORTED.
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
-    header before the previous file's finish, a path that is a folder, or
+    header before the previous file's finish, a file past the 10,000 a
+    stream carries or past what its answer can list within the message
+    limit (long paths), a path that is a folder, or
     whose parent is a file; a bad upload_id, a write_offset without one, or
     a resume whose path or size is not the upload's), ALREADY_EXISTS (another
     component holds the path and allow_duplicates is false; a file and a
@@ -364,7 +368,9 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         resuming stream takes the upload over from a stream of it still open on
         the server (one broken on the client's side): that one fails with ABORTED.
         Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
-        header before the previous file's finish, a path that is a folder, or
+        header before the previous file's finish, a file past the 10,000 a
+        stream carries or past what its answer can list within the message
+        limit (long paths), a path that is a folder, or
         whose parent is a file; a bad upload_id, a write_offset without one, or
         a resume whose path or size is not the upload's), ALREADY_EXISTS (another
         component holds the path and allow_duplicates is false; a file and a
