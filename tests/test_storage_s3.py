@@ -508,6 +508,67 @@ def test_an_object_replaced_between_the_parts_of_its_read_is_named_as_asked_for(
     assert raw_get(stub, drive_uri, "big.bin")[0][1] == b"version 2"
 
 
+PAUSED_CHECKSUM_HEADS = """
+import asyncio, os
+from drived.backends import s3
+
+def paused(head):
+    async def head_once_resumed(self, name):
+        if f"/{{s3.CHECKSUMS}}/" in name and os.path.exists({pause!r}):
+            with open({pause!r}, "r+") as let_through:  # how many checksum objects to read before pausing
+                count = int(let_through.read() or 0)
+                let_through.seek(0)
+                let_through.write(str(count - 1))
+            if count > 0:
+                return await head(self, name)
+            open({reached!r}, "w").close()
+            while os.path.exists({pause!r}):
+                await asyncio.sleep(0.01)
+        return await head(self, name)
+    return head_once_resumed
+
+s3.S3Backend._head = paused(s3.S3Backend._head)
+"""
+
+
+def test_a_big_file_replaced_while_its_checksum_object_is_read_is_found(store, daemon_a, drive_uri, tmp_path):
+    """A stat, get or listing reads a multipart object's HEAD (or GET), then its checksum object's; a put that
+    replaces the file in between deletes that checksum object. The file, there all along, was not found (stat,
+    get: "not a drived object") or left out of the listing; each now answers one whole version. A get reads the
+    checksum object twice: as it finds the file, and as it opens the GET of its bytes."""
+    pause = tmp_path / "pause"
+    reached = Path(f"{pause}.reached")
+    reader = stub_of(store.daemon(before=PAUSED_CHECKSUM_HEADS.format(pause=str(pause), reached=str(reached))))
+    writer = stub_of(daemon_a)
+    versions = [os.urandom(PART_SIZE + 1) for _ in range(4)]
+    raw_put(writer, drive_uri, "big.bin", versions[0], component="w")
+
+    def got() -> tuple[str, bytes]:
+        [(info, data)] = raw_get(reader, drive_uri, "big.bin")
+        return info.sha256, data
+
+    asks: dict[str, Callable[[], object]] = {
+        "stat": lambda: reader.Stat(drive_pb2.StatRequest(drive=drive_uri, path="big.bin"), timeout=60).sha256,
+        "get": got,
+        "list": lambda: [(e.path, e.sha256) for e in reader.List(
+            drive_pb2.ListRequest(drive=drive_uri, path="."), timeout=60).entries],
+    }
+    for (name, ask), replacement in zip(asks.items(), versions[1:], strict=True):
+        reached.unlink(missing_ok=True)
+        pause.write_text("1" if name == "get" else "0")
+        asking = Background(ask)
+        asking.start()
+        try:
+            assert wait_until(reached.exists, timeout=30), f"the {name} never read a checksum object"
+            raw_put(writer, drive_uri, "big.bin", replacement, component="w")
+        finally:
+            pause.unlink()
+        expected: object = {"stat": sha256_of(replacement), "get": (sha256_of(replacement), replacement),
+                            "list": [("big.bin", sha256_of(replacement))]}[name]
+        assert asking.join_checked() == expected, name
+    assert got() == (sha256_of(versions[-1]), versions[-1])
+
+
 def test_a_put_of_more_parts_than_s3_takes_is_named_as_asked_for(store, changing, drive_uri):
     """It was named by its key in the bucket (the daemon here takes 2 parts, where S3 takes 10,000)."""
     handle, _, _ = changing

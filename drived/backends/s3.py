@@ -92,9 +92,9 @@ import logging
 import secrets
 import string
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import botocore.exceptions
 
@@ -135,7 +135,8 @@ MAX_PARTS = 10_000  # S3's limit of parts in one upload
 CHECKSUMS = "~checksums"  # the folder of checksum objects, beside the drives
 THREADS = 32  # boto3 calls and body reads
 PAGE = 1000  # ListObjectsV2 MaxKeys
-READ_RETRIES = 3  # times a read resumes after its connection dropped
+READ_RETRIES = 3  # times a read resumes after its connection dropped, or starts again on a version replaced
+T = TypeVar("T")
 
 
 def _metadata(sums: Checksums) -> dict[str, str]:
@@ -639,16 +640,36 @@ class S3Backend(Backend):
         return f"{self.root}{CHECKSUMS}/{key}/{name}"
 
     async def _info(self, key: str, answer: dict[str, Any], size: int) -> ObjectInfo | None:
-        """The info of the object in a HEAD or GET answer; None for an object drived did not write."""
+        """The info of the object in a HEAD or GET answer; None for an object drived did not write.
+
+        Raises ChangedWhileRead when a multipart object's checksum object is
+        gone because a put or delete replaced the object after `answer`: that
+        put or delete removes the checksum object of the version it replaced.
+        """
         metadata = answer.get("Metadata") or {}
         generation = metadata.get("generation", "")
         sha256, crc = _checksums_of(metadata)
         if not sha256 and metadata.get("checksums"):
             checksums = await self._head(self._checksums_key(key, metadata["checksums"]))
+            if checksums is None and not await self._unchanged(key, answer):
+                raise ChangedWhileRead(key, "was replaced or deleted")
             sha256, crc = _checksums_of(checksums.get("Metadata") or {}) if checksums else ("", None)
         if not generation.isdigit() or not sha256:
             return None
         return ObjectInfo(key, size, sha256, int(generation), crc)
+
+    async def _unchanged(self, key: str, answer: dict[str, Any]) -> bool:
+        """Whether the object at `key` is still the version of `answer` (a HEAD or GET of it)."""
+        now = await self._head(self.root + key)
+        return now is not None and now["ETag"] == answer["ETag"]
+
+    async def _again_if_replaced(self, look: Callable[[], Awaitable[T]]) -> T:
+        """`look`, asked again (READ_RETRIES times at most) while the version it looks at is replaced before it
+        has read its checksum object: a new version stands whole in the store by then, so it answers that one."""
+        for _ in range(READ_RETRIES):
+            with contextlib.suppress(ChangedWhileRead):
+                return await look()
+        return await look()
 
     # -- life cycle ----------------------------------------------------------
 
@@ -821,6 +842,9 @@ class S3Backend(Backend):
     # -- reads ---------------------------------------------------------------
 
     async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, Chunks]:
+        return await self._again_if_replaced(functools.partial(self._read, key, offset, limit))
+
+    async def _read(self, key: str, offset: int, limit: int) -> tuple[ObjectInfo, Chunks]:
         params: dict[str, Any] = {"Key": self.root + key}
         if offset or limit:
             params["Range"] = f"bytes={offset}-{offset + limit - 1 if limit else ''}"
@@ -835,7 +859,11 @@ class S3Backend(Backend):
         body = answer["Body"]
         total = answer.get("ContentRange", "").rpartition("/")[2]
         size = int(total) if total.isdigit() else int(answer["ContentLength"])
-        info = await self._info(key, answer, size)
+        try:
+            info = await self._info(key, answer, size)
+        except BaseException:
+            body.close()
+            raise
         if info is None:
             body.close()
             raise Missing(key, "is not a drived object (written to the bucket by something else)")
@@ -887,6 +915,9 @@ class S3Backend(Backend):
         return answer["Body"]
 
     async def stat(self, key: str) -> ObjectInfo | None:
+        return await self._again_if_replaced(functools.partial(self._stat, key))
+
+    async def _stat(self, key: str) -> ObjectInfo | None:
         answer = await self._head(self.root + key)
         return None if answer is None else await self._info(key, answer, int(answer["ContentLength"]))
 
