@@ -203,6 +203,19 @@ def test_a_file_bigger_than_several_parts_is_one_multipart_object(store, daemon_
     assert store.object_keys(checksums) == [] and not store.uploads()
 
 
+def test_a_big_file_replaced_by_a_small_one_leaves_no_checksum_object(store, daemon_a, drive_uri):
+    """A small file is one PutObject with its checksums in its own metadata: the checksum object of the big
+    version it replaced was left in the bucket for ever (no sweep looks at a key without an abandoned upload)."""
+    stub = stub_of(daemon_a)
+    checksums = f"{PREFIX}~checksums/{drive_uri.removeprefix('lit://')}/w/f.bin/"
+    raw_put(stub, drive_uri, "f.bin", os.urandom(PART_SIZE + 1), component="w")
+    assert len(store.object_keys(checksums)) == 1
+    raw_put(stub, drive_uri, "f.bin", b"small now", component="w")
+    assert store.object_keys(checksums) == []
+    [(info, got)] = raw_get(stub, drive_uri, "f.bin")
+    assert (info.sha256, got) == (sha256_of(b"small now"), b"small now")
+
+
 def test_chunks_across_part_boundaries_make_whole_parts_each_with_its_crc32c(store, daemon_a, drive_uri):
     """Chunks that do not divide the part size are split between parts: every part but the last is PART_SIZE,
     and the store keeps each part's CRC32C (a composite checksum of the parts')."""

@@ -29,7 +29,8 @@ before CompleteMultipartUpload, so the file is never visible without it (and
 deleted when the upload is aborted, unless the object at the key uses it).
 `~` cannot start a drive name: the checksum objects share no folder with a
 drive. This costs one small PUT per big file, and a stat of a big file a second
-HEAD; the checksum object of a replaced or deleted version is deleted after it.
+HEAD; the checksum object of a replaced or deleted version is deleted after it
+(a small file's commit HEADs the version it replaces beside its folder check).
 (MinIO keeps such metadata in its own xl.meta and JuiceFS in its metadata
 engine; rclone stores an MD5 only when it can hash the source before the
 upload: each keeps the hash beside the bytes, not in S3's metadata.)
@@ -523,10 +524,11 @@ class S3Upload(Upload):
                 data = self._buffer or bytearray()  # left the part being filled: abort gives its room back
                 await (await self._hash(data))
                 check_received(self._key, sums, sent, size)
-                await self._backend.check_place(self._key)
+                replaced, _ = await asyncio.gather(self._backend.replaced(self._key),
+                                                   self._backend.check_place(self._key))
                 if before_visible is not None:
                     await before_visible()
-                self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, sums))
+                self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, sums, replaced))
                 return await asyncio.shield(self._committing)
             self._cut_short()
             while self._full:
@@ -723,11 +725,19 @@ class S3Backend(Backend):
         """Begins an upload; the folder checks run at its commit, and before the first part of a big one."""
         return S3Upload(self, key)
 
-    async def put_small(self, key: str, data: bytearray, sums: Checksums) -> ObjectInfo:
+    async def replaced(self, key: str) -> dict[str, Any] | None:
+        """The HEAD of the version of `key` that a small file's commit replaces (None: none)."""
+        return await self._head(self.root + key)
+
+    async def put_small(self, key: str, data: bytearray, sums: Checksums, replaced: dict[str, Any] | None
+                        ) -> ObjectInfo:
+        """Makes `data` the object (the commit), then forgets the checksum object of the version `replaced` (a big
+        file's: a small one keeps its checksums in its own metadata)."""
         generation = time.time_ns()
         metadata = {"generation": str(generation), **_metadata(sums)}
         await self.call("put_object", key, Key=self.root + key, Body=data, Metadata=metadata,
                         ChecksumCRC32C=_crc32c_header(sums.crc32c))
+        await self._forget_checksums_of(key, replaced)
         return ObjectInfo(key, sums.size, sums.sha256, generation, sums.crc32c)
 
     async def create_upload(self, key: str, generation: int, checksums: str) -> str:
