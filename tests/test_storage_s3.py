@@ -284,6 +284,32 @@ def test_the_crc32c_is_stored_and_a_whole_read_of_a_damaged_object_is_data_loss(
     assert b"".join(drive.read_range("f.bin", size // 2, 10)) == bytes(damaged[size // 2:size // 2 + 10])
 
 
+def test_a_big_file_whose_checksum_object_is_gone_is_data_loss_and_stays_listed(store, daemon_a, drive_uri):
+    """A multipart object's checksums live in its checksum object (under ~checksums/, beside the drives): one
+    lost behind the daemon's back (a drive's folder copied or restored alone, a cleanup of what looks like
+    leftovers) hid the file from stat, get and listing (NOT_FOUND) while another component's put was refused as
+    held by it. It is listed, and its stat and get are DATA_LOSS saying what is wrong; its bytes are kept."""
+    stub = stub_of(daemon_a)
+    data = os.urandom(PART_SIZE + 1)
+    raw_put(stub, drive_uri, "big.bin", data, component="w")
+    [lost] = store.object_keys(f"{PREFIX}~checksums/{drive_uri.removeprefix('lit://')}/w/big.bin/")
+    store.client.delete_object(Bucket=BUCKET, Key=lost)
+    listed = stub.List(drive_pb2.ListRequest(drive=drive_uri, path="."), timeout=60).entries
+    assert [(e.path, e.component) for e in listed] == [("big.bin", "w")]
+    for call in (lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="big.bin"), timeout=60),
+                 lambda: raw_get(stub, drive_uri, "big.bin")):
+        with pytest.raises(grpc.RpcError) as damaged:
+            call()
+        assert damaged.value.code() == grpc.StatusCode.DATA_LOSS, damaged.value.details()
+        assert damaged.value.details().startswith(
+            f"the stored copy of 'big.bin' of component 'w' in {drive_uri} is damaged (its checksum object "
+        ), damaged.value.details()
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/big.bin"
+    assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == data
+    raw_put(stub, drive_uri, "big.bin", b"put again", component="w")
+    assert raw_get(stub, drive_uri, "big.bin")[0][1] == b"put again"
+
+
 def test_an_object_of_an_earlier_drived_without_a_crc32c_is_read(store, daemon_a, drive_uri, tmp_path):
     """An earlier drived kept only the sha256 and generation in an object's metadata: the object lists, stats
     (no crc32c) and reads as it is, each transfer still checked by the CRC32C the daemon computes as it sends."""

@@ -114,6 +114,7 @@ from .base import (
     ChangedWhileRead,
     Chunks,
     ClientTooSlow,
+    Damaged,
     EndsBefore,
     Listing,
     Missing,
@@ -647,14 +648,18 @@ class S3Backend(Backend):
         Raises ChangedWhileRead when a multipart object's checksum object is
         gone because a put or delete replaced the object after `answer`: that
         put or delete removes the checksum object of the version it replaced.
+        Raises Damaged when it is gone from under the object still there: lost
+        behind the daemon's back, it leaves bytes that nothing can check.
         """
         metadata = answer.get("Metadata") or {}
         generation = metadata.get("generation", "")
         sha256, crc = _checksums_of(metadata)
         if not sha256 and metadata.get("checksums"):
             checksums = await self._head(self._checksums_key(key, metadata["checksums"]))
-            if checksums is None and not await self._unchanged(key, answer):
-                raise ChangedWhileRead(key, "was replaced or deleted")
+            if checksums is None:
+                if not await self._unchanged(key, answer):
+                    raise ChangedWhileRead(key, "was replaced or deleted")
+                raise Damaged(key, f"its checksum object {self._checksums_key(key, metadata['checksums'])} is missing")
             sha256, crc = _checksums_of(checksums.get("Metadata") or {}) if checksums else ("", None)
         if not generation.isdigit() or not sha256:
             return None
