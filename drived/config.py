@@ -64,7 +64,8 @@ HELP = {
     "upload_expiry": "seconds a resumable upload whose stream ended before its finish is held for a resume "
     "(then removed), and a completed one remembered after the end of its stream; also the age after which an "
     "upload into --storage that no part was added to is aborted (uploads of a daemon that died), checked at "
-    "start-up and every this many seconds",
+    "start-up and every this many seconds, unless the daemon writing it listed it live within that time (every "
+    "third of it, under prefix/~uploads/): replicas sharing --storage take the same value",
     "max_held_uploads": "resumable uploads held at most at once, waiting for a resume; past it the oldest is "
     "removed (its client starts that file again)",
     "max_held_bytes": "bytes held at most by the resumable uploads waiting for a resume (on the data dir's "

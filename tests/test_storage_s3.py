@@ -790,6 +790,43 @@ def test_sigkill_mid_put_keeps_the_previous_version_and_the_next_start_aborts_th
         store.close()
 
 
+def test_a_live_upload_whose_client_is_slow_is_not_swept_by_another_daemon(tmp_path: Path, drive_uri: str):
+    """Every daemon sweeps the uploads that no part was added to for --upload-expiry, as a daemon killed mid-put
+    leaves them; another daemon's upload, live but whose client sends a part slower than that, was aborted under
+    it (the put failed UNAVAILABLE, where one daemon alone stores it). Each daemon now keeps a list of its live
+    uploads in the store, rewritten while it has some, and the sweeps pass over those listed recently; those of a
+    daemon killed mid-put are still swept."""
+    store = Store(tmp_path)
+    try:
+        # 3 s: S3's times are in whole seconds, so a list rewritten every second looks up to 2 s old, and one
+        # rewrite late by a second (a busy machine) leaves it fresh
+        writer, sweeper = store.daemon("--upload-expiry", "3"), store.daemon("--upload-expiry", "3")
+        put = StalledPut(stub_of(writer), drive_uri, "slow.bin", PART_SIZE + MIB, finish=True)
+        try:
+            assert wait_until(lambda: store.parts() == 1, timeout=30), "the first part was never stored"
+            time.sleep(8)  # the client sends nothing: the sweeps, every 3 s, find no part for longer than that
+        finally:
+            put.release.set()
+        [stored] = put.call.result(timeout=60).files
+        assert stored.sha256 == sha256_of(put.data)
+        [(_, got)] = raw_get(stub_of(sweeper), drive_uri, "slow.bin")
+        assert got == put.data and not store.uploads()
+        assert "aborting an abandoned upload" not in sweeper.log() + writer.log()
+        # A daemon killed mid-put lists its upload no more: the sweep aborts it once the list is older.
+        killed = StalledPut(stub_of(writer), drive_uri, "killed.bin", PART_SIZE + MIB)
+        try:
+            assert wait_until(lambda: store.parts() == 1, timeout=30), "the first part was never stored"
+            time.sleep(1)  # listed live
+            writer.stop(signal.SIGKILL)
+        finally:
+            killed.release.set()
+        assert wait_until(lambda: not store.uploads(), timeout=30), store.uploads()
+        assert "aborting an abandoned upload" in sweeper.log()
+        assert raw_get(stub_of(sweeper), drive_uri, "slow.bin")[0][1] == put.data
+    finally:
+        store.close()
+
+
 def test_the_store_going_away_is_unavailable_naming_it_and_the_daemon_recovers(tmp_path: Path, drive_uri: str):
     store = Store(tmp_path)
     try:

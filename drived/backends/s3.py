@@ -58,7 +58,13 @@ Uploads left behind. A put that fails, is cancelled or abandoned aborts its
 multipart upload. One whose daemon was killed is found by the sweep, at
 start-up and every `upload_expiry` seconds: ListMultipartUploads under the
 prefix, and an upload that no part was added to for `upload_expiry` (S3's own
-clock) is aborted, with the checksum objects its key no longer uses.
+clock) is aborted, with the checksum objects its key no longer uses. A live
+upload may add no part for longer (its client sends slowly or pauses, it is
+held for a resume, its commit waits for a claim): each daemon lists the ids of
+its live uploads in `prefix/~uploads/<daemon>`, rewritten every third of
+`upload_expiry` while it has some, and a sweep passes over the uploads of the
+lists rewritten within `upload_expiry` (a daemon's own are in its memory) and
+deletes the older lists.
 
 Reads are one GetObject of the range asked for, streamed a chunk at a time: a
 single answer is one version. When the connection drops mid-way the rest is
@@ -135,6 +141,7 @@ MAX_PARTS_IN_FLIGHT = 8  # over all uploads (8 × 8 MiB)
 PARTS_IN_MEMORY = 24  # over all uploads, being filled or sent: bounds the memory they hold (24 × 8 MiB)
 MAX_PARTS = 10_000  # S3's limit of parts in one upload
 CHECKSUMS = "~checksums"  # the folder of checksum objects, beside the drives
+LIVE = "~uploads"  # the folder of each daemon's list of its live uploads, beside the drives
 THREADS = 32  # boto3 calls and body reads
 PAGE = 1000  # ListObjectsV2 MaxKeys
 READ_RETRIES = 3  # times a read resumes after its connection dropped, or starts again on a version replaced
@@ -595,7 +602,8 @@ class S3Backend(Backend):
         self.part_buffers = PartBuffers(PART_SIZE, keep=MAX_PARTS_IN_FLIGHT, limit=PARTS_IN_MEMORY)
         self._live: set[str] = set()  # this daemon's multipart uploads in progress: never swept
         self._background: set[asyncio.Future[Any]] = set()
-        self._sweeper: asyncio.Task[None] | None = None
+        self._live_key = f"{self.root}{LIVE}/{secrets.token_hex(8)}"  # where this daemon lists `_live`
+        self._sweepers: list[asyncio.Task[None]] = []
 
     # -- plumbing ------------------------------------------------------------
 
@@ -697,7 +705,7 @@ class S3Backend(Backend):
             ) from None
         except DriveError as err:
             log.warning("storage not usable at start-up", extra={"fields": {"error": str(err)}})
-        self._sweeper = asyncio.create_task(self._sweep_forever())
+        self._sweepers = [asyncio.create_task(self._sweep_forever()), asyncio.create_task(self._list_live_forever())]
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -707,11 +715,22 @@ class S3Backend(Backend):
                 log.warning("sweeping abandoned uploads failed", extra={"fields": {"error": str(err)}})
             await asyncio.sleep(self.upload_expiry)
 
+    async def _list_live_forever(self) -> None:
+        """Rewrites this daemon's list of its live uploads every third of upload_expiry while it has some, so that
+        the sweeps of the daemons sharing the prefix pass over them (`_live_elsewhere`)."""
+        while True:
+            await asyncio.sleep(self.upload_expiry / 3)
+            if self._live:
+                try:
+                    await self.call("put_object", Key=self._live_key, Body="\n".join(self._live).encode())
+                except DriveError as err:
+                    log.warning("listing live uploads failed", extra={"fields": {"error": str(err)}})
+
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for sweeper in self._sweepers:
+            sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+                await sweeper
         if self._background:
             await asyncio.wait(set(self._background))
         self._pool.shutdown(wait=True)
@@ -812,7 +831,8 @@ class S3Backend(Backend):
         self._live.discard(upload_id)
 
     def _abandoned(self) -> list[tuple[str, str]]:
-        """(key, upload id) of the uploads under the prefix that no part was added to for upload_expiry."""
+        """(key, upload id) of the uploads under the prefix that no part was added to for upload_expiry, and no
+        daemon lists live."""
         found: list[tuple[str, str]] = []
         params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.root}
         while True:
@@ -829,8 +849,26 @@ class S3Backend(Backend):
                 if (now - last).total_seconds() >= self.upload_expiry:
                     found.append((key[len(self.root):], upload_id))
             if not page.get("IsTruncated"):
-                return found
+                break
             params.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+        live = self._live_elsewhere()
+        return [(key, upload_id) for key, upload_id in found if upload_id not in live]
+
+    def _live_elsewhere(self) -> set[str]:
+        """The ids of the uploads in the lists of live uploads rewritten within upload_expiry
+        (`_list_live_forever`); an older list, of a daemon that died or has none live, is deleted."""
+        live: set[str] = set()
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{self.root}{LIVE}/"):
+            now = _server_time(page)
+            for entry in page.get("Contents", []):
+                if (now - entry["LastModified"]).total_seconds() >= self.upload_expiry:
+                    self.client.delete_object(Bucket=self.bucket, Key=entry["Key"])
+                    continue
+                with contextlib.suppress(self.client.exceptions.NoSuchKey):  # deleted by another sweep meanwhile
+                    listed = self.client.get_object(Bucket=self.bucket, Key=entry["Key"])["Body"].read()
+                    live.update(listed.decode().split())
+        return live
 
     async def sweep(self) -> int:
         """Aborts the uploads left by daemons that died, with their keys' unused checksum objects; how many."""
@@ -1004,7 +1042,7 @@ class S3Backend(Backend):
             subfolders = [p["Prefix"][cut:] for p in page.get("CommonPrefixes", [])]
             for name in subfolders:
                 name = name.rstrip("/")
-                if not (top and name == CHECKSUMS):
+                if not (top and name in (CHECKSUMS, LIVE)):
                     folders.add(name)
                     pending.add(name)
             pending.update(k for k in keys if k)  # a key equal to the folder's prefix is no entry
@@ -1029,7 +1067,7 @@ class S3Backend(Backend):
         async for page in self._pages(prefix, False, after, limit):
             for entry in page.get("Contents", []):
                 key = entry["Key"][len(self.root):]
-                if not key.endswith("/") and not (top and key.startswith(CHECKSUMS + "/")):
+                if not key.endswith("/") and not (top and key.startswith((CHECKSUMS + "/", LIVE + "/"))):
                     keys.append(key)
             if limit is not None and len(keys) >= limit:
                 break
