@@ -327,6 +327,27 @@ def test_an_object_of_an_earlier_drived_without_a_crc32c_is_read(store, daemon_a
         "generation": "1764547200000000000", "sha256": sha256_of(data)}, "reading never rewrites an object"
 
 
+def test_an_object_whose_generation_is_past_int64_is_not_taken_for_a_drived_file(store, daemon_a, drive_uri):
+    """A generation is a commit time in ns, an int64 on the wire: an object whose metadata held a bigger number
+    (damaged, or written by something else) failed its stat and get, and the listing of its whole folder,
+    INTERNAL. It is taken for an object drived did not write, as one whose generation is no number is."""
+    stub = stub_of(daemon_a)
+    raw_put(stub, drive_uri, "good.txt", b"good", component="w")
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/odd.txt"
+    store.client.put_object(Bucket=BUCKET, Key=key, Body=b"odd",
+                            Metadata={"generation": str(1 << 63), "sha256": sha256_of(b"odd")})
+    listed = stub.List(drive_pb2.ListRequest(drive=drive_uri, path="."), timeout=60).entries
+    assert [e.path for e in listed] == ["good.txt"]
+    for call in (lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="odd.txt"), timeout=60),
+                 lambda: raw_get(stub, drive_uri, "odd.txt")):
+        with pytest.raises(grpc.RpcError) as foreign:
+            call()
+        assert (foreign.value.code(), foreign.value.details()) == (
+            grpc.StatusCode.NOT_FOUND, f"'odd.txt' in {drive_uri} does not exist")
+    assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"odd"
+    assert raw_get(stub, drive_uri, "good.txt")[0][1] == b"good"
+
+
 def test_folder_rules_hold_over_s3(store, daemon_a, drive_uri):
     stub = stub_of(daemon_a)
     raw_put(stub, drive_uri, "x", b"a file", component="w")

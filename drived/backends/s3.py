@@ -144,6 +144,7 @@ CHECKSUMS = "~checksums"  # the folder of checksum objects, beside the drives
 LIVE = "~uploads"  # the folder of each daemon's list of its live uploads, beside the drives
 THREADS = 32  # boto3 calls and body reads
 PAGE = 1000  # ListObjectsV2 MaxKeys
+MAX_GENERATION = (1 << 63) - 1  # a generation is an int64 on the wire
 READ_RETRIES = 3  # times a read resumes after its connection dropped, or starts again on a version replaced
 T = TypeVar("T")
 
@@ -669,7 +670,7 @@ class S3Backend(Backend):
                     raise ChangedWhileRead(key, "was replaced or deleted")
                 raise Damaged(key, f"its checksum object {self._checksums_key(key, metadata['checksums'])} is missing")
             sha256, crc = _checksums_of(checksums.get("Metadata") or {}) if checksums else ("", None)
-        if not generation.isdigit() or not sha256:
+        if not generation.isdigit() or int(generation) > MAX_GENERATION or not sha256:
             return None
         return ObjectInfo(key, size, sha256, int(generation), crc)
 
