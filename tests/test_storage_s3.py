@@ -348,6 +348,35 @@ def test_an_object_whose_generation_is_past_int64_is_not_taken_for_a_drived_file
     assert raw_get(stub, drive_uri, "good.txt")[0][1] == b"good"
 
 
+def _path_of(nbytes: int) -> str:
+    """A drive path of exactly `nbytes` ASCII bytes, in names of at most 200."""
+    names = []
+    while nbytes > 201:
+        names.append("n" * 200)
+        nbytes -= 201
+    return "/".join([*names, "f" * nbytes])
+
+
+def test_a_path_whose_key_s3_cannot_hold_is_refused_before_any_byte(store, daemon_a, tmp_path):
+    """S3 keys hold at most 1,024 bytes: a path whose key (its checksum object's, the longest) would pass that is
+    refused INVALID_ARGUMENT at its header, small file or big, and the longest that fits is stored."""
+    drive = Drive("lit://longkeys", endpoint=daemon_a.endpoint, component_name="c", root_folder=tmp_path)
+    # PREFIX, "~checksums/", "longkeys/c/", the path, "/" and the checksum object's name (generation-8 hex)
+    room = 1024 - len(f"{PREFIX}~checksums/longkeys/c//") - len(f"{time.time_ns()}-00000000")
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.write_bytes(b"fits")
+    write_random_file(big, 9 << 20)
+    for local in (small, big):
+        with pytest.raises(ValueError) as refused:
+            drive.put(str(local), to=_path_of(room + 1))
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "S3 keys hold at most 1024" in str(refused.value)
+    assert store.uploads() == [] and store.object_keys(f"{PREFIX}longkeys/") == []
+    drive.put(str(small), to=_path_of(room))
+    assert drive.get(_path_of(room), to=tmp_path / "back").read_bytes() == b"fits"
+    assert store.object_keys(f"{PREFIX}longkeys/") == [f"{PREFIX}longkeys/c/{_path_of(room)}"]
+
+
 def test_folder_rules_hold_over_s3(store, daemon_a, drive_uri):
     stub = stub_of(daemon_a)
     raw_put(stub, drive_uri, "x", b"a file", component="w")

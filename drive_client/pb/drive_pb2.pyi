@@ -18,7 +18,9 @@ the root (accepted by List only). Paths are normalised ("a//b/./c" is
 character, a part longer than 255 bytes or is longer than 4096 bytes is
 refused with INVALID_ARGUMENT, and so is a put or delete of a path that,
 behind a daemon's data dir, the drive and the component, is too long for
-its disk (the system's limit on a file's path). In a lit:// drive, paths are also kept in
+its disk (the system's limit on a file's path), or behind its --storage
+prefix for an S3 key (1,024 bytes, with room for the file's checksum
+object). In a lit:// drive, paths are also kept in
 Unicode NFC: names that differ only by normalisation (an "é" sent as one
 code point or as "e" and a combining accent) are one name, whichever form
 a request uses, and answers give the NFC form. A name that an earlier

@@ -107,6 +107,7 @@ import botocore.exceptions
 
 from drive_client.errors import (
     DriveError,
+    InvalidArgument,
     NotFound,
     Unavailable,
 )
@@ -140,6 +141,7 @@ PART_SIZE = 8 << 20  # bytes per UploadPart; a file smaller than this is one Put
 MAX_PARTS_IN_FLIGHT = 8  # over all uploads (8 × 8 MiB)
 PARTS_IN_MEMORY = 24  # over all uploads, being filled or sent: bounds the memory they hold (24 × 8 MiB)
 MAX_PARTS = 10_000  # S3's limit of parts in one upload
+MAX_KEY_BYTES = 1024  # S3's limit on a key, in UTF-8
 CHECKSUMS = "~checksums"  # the folder of checksum objects, beside the drives
 LIVE = "~uploads"  # the folder of each daemon's list of its live uploads, beside the drives
 THREADS = 32  # boto3 calls and body reads
@@ -147,6 +149,11 @@ PAGE = 1000  # ListObjectsV2 MaxKeys
 MAX_GENERATION = (1 << 63) - 1  # a generation is an int64 on the wire
 READ_RETRIES = 3  # times a read resumes after its connection dropped, or starts again on a version replaced
 T = TypeVar("T")
+
+
+def _checksums_name(generation: int) -> str:
+    """The name of a multipart upload's checksum object: its generation, and a tag of its own."""
+    return f"{generation}-{secrets.token_hex(4)}"
 
 
 def _metadata(sums: Checksums) -> dict[str, str]:
@@ -493,7 +500,7 @@ class S3Upload(Upload):
         refuse: one round trip before the first part, not two. An upload made for a place the check refuses is
         aborted with the put."""
         self._generation = time.time_ns()
-        self._checksums_name = f"{self._generation}-{secrets.token_hex(4)}"
+        self._checksums_name = _checksums_name(self._generation)
         made, checked = await asyncio.gather(
             self._backend.create_upload(self._key, self._generation, self._checksums_name),
             self._backend.check_place(self._key),
@@ -747,7 +754,18 @@ class S3Backend(Backend):
             raise parent_is_file(key)
 
     async def start_upload(self, key: str) -> Upload:
-        """Begins an upload; the folder checks run at its commit, and before the first part of a big one."""
+        """Begins an upload; the folder checks run at its commit, and before the first part of a big one.
+
+        Refuses a key the store cannot hold: S3 keys take at most MAX_KEY_BYTES, and a big file's checksum object
+        has the longest key of a file's (moto takes any, real stores refuse it only when the bytes have been sent).
+        """
+        longest = len(self._checksums_key(key, _checksums_name(time.time_ns())).encode())
+        if longest > MAX_KEY_BYTES:
+            raise InvalidArgument(
+                f"the path is too long for the daemon's --storage: behind its prefix, the drive and the component, "
+                f"its checksum object's key would take {longest} bytes, and S3 keys hold at most {MAX_KEY_BYTES}: "
+                "use a shorter path"
+            )
         return S3Upload(self, key)
 
     async def replaced(self, key: str) -> dict[str, Any] | None:
