@@ -86,12 +86,20 @@ class RequestLog:
     stream: Stream | None = None  # the call's place among the open streams (drived.limits), once admitted
 
 
+LOGGED_CHARS = 4200  # a valid path (at most 4,096 bytes) is logged whole
+
+
+def _loggable(text: str) -> str:
+    """`text` for the request log: a field a client sent longer than any valid one is cut, its length said, so
+    that no request makes a log line of megabytes."""
+    return text if len(text) <= LOGGED_CHARS else f"{text[:LOGGED_CHARS]}... ({len(text)} characters)"
+
+
 @contextmanager
 def _logged(method: str, request: object) -> Iterator[RequestLog]:
     """Logs and counts one request (drive, path and component taken from `request` where it has them)."""
-    record = RequestLog(
-        method, getattr(request, "drive", ""), getattr(request, "path", ""), getattr(request, "component", "")
-    )
+    drive, path, component = (_loggable(getattr(request, name, "")) for name in ("drive", "path", "component"))
+    record = RequestLog(method, drive, path, component)
     started = time.perf_counter()
     metrics.OPEN_REQUESTS.labels(method).inc()
     try:
@@ -326,7 +334,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
         return self._router(drive)
 
     async def _begin_put(self, record: RequestLog, header: pb.PutHeader, put_file: bool) -> PendingPut:
-        record.drive, record.path, record.component = header.drive, header.path, header.component
+        record.drive, record.path, record.component = map(_loggable, (header.drive, header.path, header.component))
         put = PutHeader.from_pb(header, put_file)
         return await self._drives(record, put.drive).begin_put(put)
 

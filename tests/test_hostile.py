@@ -144,6 +144,21 @@ def test_raw_hostile_drive_refused(seeded, drive):
     assert_untouched(seeded)
 
 
+def test_request_log_lines_stay_short_whatever_a_request_names(seeded):
+    """Drive ids, paths and components of a megabyte are refused, and logged cut to their start and length: no
+    request makes a log line of megabytes."""
+    handle, stub, _ = seeded
+    huge = "x" * 1_000_000
+    for drive, path, component in ((f"lit://{huge}", "f.txt", ""), (DRIVE, huge, ""), (DRIVE, "f.txt", huge)):
+        for name, call in rpc_calls(stub, drive, path, component).items():
+            assert code_of(call) == INVALID, name
+    logged = [line for line in handle.log().splitlines() if "characters)" in line]
+    assert len(logged) >= 3 * 7, logged  # every call above, Put and PutFile too
+    assert all(len(line) < 10_000 for line in handle.log().splitlines())
+    assert all(f"... ({len(huge) + len(s)} characters)" in handle.log() for s in ("", "lit://"))
+    assert_untouched(seeded)
+
+
 @pytest.mark.parametrize("component", HOSTILE_COMPONENTS.values(), ids=HOSTILE_COMPONENTS.keys())
 def test_raw_hostile_component_refused(seeded, component):
     _, stub, _ = seeded
