@@ -368,23 +368,29 @@ class ManagedDrives:
         folders from there on, and stops after `limit`), is merged across
         components, and only its files are stat'ed (size, sha256). A page of a
         big folder or tree therefore costs the page, once the backend
-        remembers the folders.
+        remembers the folders. A page whose every file went away since its
+        folder was read is passed over: a page with more after it has an entry
+        to go on from.
         """
         drive, path, limit, start_after = listing.drive.name, listing.path, listing.limit, listing.start_after
         components = [listing.component] if listing.component else await self.components(drive)
-        streams = [
-            _held_by(c, await self._names_after(drive, c, path, listing.recursive, start_after, limit + 1))
-            for c in components
-        ]
-        page: list[tuple[str, list[tuple[str, bool]]]] = []  # path, (component, is a folder) in component order
-        more = False
-        for name, holding in itertools.groupby(heapq.merge(*streams), key=lambda held: held[0]):
-            if len(page) == limit:
-                more = True
-                break
-            page.append((name, [(c, folder) for _, c, folder in holding]))
-        entries = [await self._listed(drive, name, holders) for name, holders in page]
-        return [entry for entry in entries if entry is not None], more
+        while True:
+            streams = [
+                _held_by(c, await self._names_after(drive, c, path, listing.recursive, start_after, limit + 1))
+                for c in components
+            ]
+            page: list[tuple[str, list[tuple[str, bool]]]] = []  # path, (component, is a folder) in component order
+            more = False
+            for name, holding in itertools.groupby(heapq.merge(*streams), key=lambda held: held[0]):
+                if len(page) == limit:
+                    more = True
+                    break
+                page.append((name, [(c, folder) for _, c, folder in holding]))
+            listed = [await self._listed(drive, name, holders) for name, holders in page]
+            entries = [entry for entry in listed if entry is not None]
+            if entries or not more:
+                return entries, more
+            start_after = page[-1][0]
 
     async def _listed(self, drive: str, path: str, holders: list[tuple[str, bool]]) -> Entry | None:
         """A listing's entry: the file or folder of its component; the first one's size when several hold it.

@@ -465,3 +465,55 @@ def test_a_put_stream_over_its_file_cap_is_refused_and_keeps_the_files_before(da
     assert f"at most {cap} files" in refused.value.details()
     stored = Drive(drive_uri, endpoint=daemon.endpoint).list("f")
     assert len(stored) == cap and f"{cap:05d}" not in stored
+
+
+PAUSED_STAT = """
+import asyncio, os
+from drived.backends.local import LocalBackend
+
+def paused(stat):
+    async def stat_once_resumed(self, key):
+        if "/gone/" in key and os.path.exists({pause!r}) and not os.path.exists({pause!r} + ".reached"):
+            open({pause!r} + ".reached", "w").close()
+            while os.path.exists({pause!r}):
+                await asyncio.sleep(0.01)
+        return await stat(self, key)
+    return stat_once_resumed
+
+LocalBackend.stat = paused(LocalBackend.stat)
+"""
+
+
+def test_a_page_whose_files_all_went_away_while_it_was_read_goes_on_to_the_next(start_daemon, tmp_path):
+    """A List page whose every file was deleted between the reading of its folder and the stat of its files had
+    no entry to make its next_page_token from, and failed INTERNAL; it now goes on from there."""
+    pause = tmp_path / "pause"
+    handle = start_daemon(tmp_path, before=PAUSED_STAT.format(pause=str(pause)))
+    drive = "lit://vanishing"
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        for name in ("a", "b", "c"):
+            raw_put(stub, drive, f"gone/{name}", name.encode())
+        pause.touch()
+        answers: list = []
+
+        def list_gone() -> None:
+            try:
+                answers.append(stub.List(pb.ListRequest(drive=drive, path="gone", page_size=2), timeout=30))
+            except grpc.RpcError as err:
+                answers.append((err.code(), err.details()))
+
+        listing = threading.Thread(target=list_gone)
+        listing.start()
+        try:
+            assert wait_until((tmp_path / "pause.reached").exists, 30), "the listing never reached its first stat"
+            for name in ("a", "b"):
+                stub.Delete(pb.DeleteRequest(drive=drive, path=f"gone/{name}"), timeout=10)
+        finally:
+            pause.unlink()
+            listing.join(30)
+        [answer] = answers
+        assert isinstance(answer, pb.ListResponse), answer
+        assert [e.path for e in answer.entries] == ["gone/c"] and answer.next_page_token == ""
+        assert listed(stub, drive, "gone") == ["gone/c"]
+        assert raw_get(stub, drive, "gone/c")[0][1] == b"c"
