@@ -295,7 +295,12 @@ class ManagedDrives:
         deadline = time.monotonic() + wait_seconds
         async with self.coordinator.changes(drive) as changes:  # followed for the whole wait
             while True:
-                seen = await changes.latest()  # taken before looking: a put after it ends the wait
+                try:
+                    seen = await changes.latest()  # taken before looking: a put after it ends the wait
+                except Unavailable:  # only the wait needs the coordinator: a stored file is answered without it
+                    if hits := await self._locate(drive, path, component):
+                        return hits
+                    raise
                 hits = await self._locate(drive, path, component)
                 if hits:
                     return hits

@@ -324,8 +324,9 @@ def test_an_unreachable_coordinator_makes_puts_unavailable_naming_it_and_they_re
     assert down.value.details().startswith("drived: store failed: "), down.value.details()
     code = rpc_code(lambda: raw_get(stub, drive_uri, "during.txt", wait_seconds=5))
     assert code == grpc.StatusCode.UNAVAILABLE  # a get that would wait needs the coordinator
-    # What needs no coordinator goes on: reads of what is stored.
+    # What needs no coordinator goes on: reads of what is stored, with a wait asked or not.
     assert raw_get(stub, drive_uri, "before.txt")[0][1] == b"before"
+    assert raw_get(stub, drive_uri, "before.txt", wait_seconds=5)[0][1] == b"before"
     assert [e.path for e in stub.List(drive_pb2.ListRequest(drive=drive_uri, path=".")).entries] == ["before.txt"]
     own_cluster.coordinator_back()
     raw_put(stub, drive_uri, "after.txt", b"after", component="w")
