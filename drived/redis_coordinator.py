@@ -227,6 +227,25 @@ def coordinator_name(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
+def check_url_options(url: str) -> None:
+    """Raises ValueError, naming the option but never the URL, when an option of `url`'s query cannot be used.
+
+    redis-py takes the query's options as its connection's arguments: an
+    unknown name or a bad value would otherwise fail the first call (a
+    traceback at start-up), and `protocol` or `decode_responses` would make
+    every reply unreadable as the scripts and the wake-ups read them.
+    """
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url)  # ValueError for a value of the wrong type
+    fixed = [name for name in ("protocol", "decode_responses") if name in pool.connection_kwargs]
+    if fixed:
+        raise ValueError(f"drived sets {' and '.join(fixed)} itself: leave {'them' if len(fixed) > 1 else 'it'} "
+                         "out of the URL")
+    try:
+        pool.connection_class(**pool.connection_kwargs)  # made, not connected: only its arguments are checked
+    except TypeError as err:
+        raise ValueError(f"an option of the URL is not one of redis-py's connection options ({err})") from None
+
+
 def _event(entry_id: bytes, fields: list[bytes]) -> Event:
     values = dict(zip(fields[::2], fields[1::2], strict=True))
     entry = Entry(
@@ -365,13 +384,17 @@ class RedisCoordinator(Coordinator):
     # -- life cycle ----------------------------------------------------------
 
     async def start(self) -> None:
-        """Checks the server: a refused password or a server older than 7 ends the start-up; an unreachable
-        one does not (calls answer UNAVAILABLE until it is back)."""
+        """Checks the server: a refused password, database or command (INFO, or one each connection sends) or a
+        server older than 7 ends the start-up; an unreachable one does not (calls answer UNAVAILABLE until it is
+        back)."""
         try:
             info = await self._redis.info("server")
         except redis.exceptions.AuthenticationError as err:
             raise SystemExit(f"drived: --coordinator {self.name} refused the credentials ({err}): "
                              "fix the user or password in the URL") from None
+        except redis.exceptions.ResponseError as err:  # it answers, refusing the database or a command
+            raise SystemExit(f"drived: --coordinator {self.name} refused drived ({err}): fix the database "
+                             "number in the URL, or the permissions of its user") from None
         except (redis.exceptions.RedisError, OSError) as err:
             log.warning("coordinator not reachable at start-up", extra={"fields": {"error": str(self.failure(err))}})
             return

