@@ -10,6 +10,7 @@ other, and this module knows neither implementation.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import heapq
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
+from typing import TypeVar
 
 from drive_client.errors import (
     AlreadyExists,
@@ -45,6 +47,8 @@ from .uploads import HeldUploads, Resumable
 EARLY_CHECK_MIN_SIZE = 1 << 20
 DELETE_BATCH = 100  # files a folder delete removes at most after one confirm of its claim (one round trip)
 
+T = TypeVar("T")
+
 
 def _entry(path: str, component: str, info: ObjectInfo) -> Entry:
     return Entry(
@@ -70,6 +74,26 @@ def _named(drive: str, component: str, path: str) -> Iterator[None]:
         yield
     except StoredFileError as err:
         raise err.named(f"lit://{drive}", component, path) from None
+
+
+async def _to_its_end(change: Awaitable[T]) -> T:
+    """Awaits `change` (a change of the store and its event, inside its claim) to its end, even when the caller is
+    cancelled meanwhile: then the cancel is raised once it ended.
+
+    A client that goes away while the store makes a change does not stop it
+    (the store's worker thread or request runs on): cut there, the change
+    was made but never published (no watch saw it), and a delete gave its
+    claim up before its file was gone (a put of the path meanwhile was then
+    deleted by it).
+    """
+    running = asyncio.ensure_future(change)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        await asyncio.wait([running])
+        if not running.cancelled():
+            running.exception()  # its caller is gone: nobody is answered
+        raise
 
 
 class ManagedPut:
@@ -239,7 +263,11 @@ class ManagedDrives:
         claim right before the object becomes visible, after the work it does on the store (which may take
         seconds): a put whose claim lapsed meanwhile (the coordinator out of reach for longer than its expiry,
         or the claim lost with its data) fails UNAVAILABLE and stores nothing, since another put of the path
-        may have committed."""
+        may have committed. Runs to its end when its caller is cancelled: every byte is in, and what it stores
+        is published."""
+        return await _to_its_end(self._commit_put(put, sent, received))
+
+    async def _commit_put(self, put: ManagedPut, sent: ClientChecksums, received: int) -> Entry:
         header, drive = put.header, put.header.drive.name
         async with self.coordinator.claim(drive, header.path) as claim:
             try:
@@ -473,7 +501,10 @@ class ManagedDrives:
     async def _delete(self, drive: str, key: str, path: str, component: str) -> bool:
         """Deletes the file at `key` (`path` of `component`) and announces it at once (a walk that stops midway has
         announced every file it removed); with a quota, what it counted (read by the delete itself) leaves the
-        drive's usage."""
+        drive's usage. Runs to its end when its caller is cancelled (a folder delete stops after it)."""
+        return await _to_its_end(self._delete_file(drive, key, path, component))
+
+    async def _delete_file(self, drive: str, key: str, path: str, component: str) -> bool:
         size = await self.backend.delete(key)
         if size is None:
             return False

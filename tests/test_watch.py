@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
-from conftest import current_sequence, free_port, start_daemon
+from conftest import MIB, current_sequence, free_port, put_messages, raw_get, raw_put, start_daemon, wait_until
 
 from drive_client import Drive, DriveError, EventsExpired
-from drive_client.pb import drive_pb2
+from drive_client.pb import drive_pb2, drive_pb2_grpc
 
 pytestmark = pytest.mark.integration  # starts daemons of its own
 
@@ -154,3 +156,79 @@ def test_watch_reconnects_to_a_restarted_daemon_and_reports_lost_events(twin, tm
         assert isinstance(outcome[-1], EventsExpired) and outcome[-1].code == grpc.StatusCode.OUT_OF_RANGE
     finally:
         second.stop()
+
+
+# Python for `start_daemon(before=...)`: while the file PAUSE exists, the local backend's rename of a big put into
+# place and its delete of a file wait in their worker threads (a slow disk), once they touch PAUSE.reached.
+PAUSED_CHANGES = """
+import os, time
+from drived.backends.local import LocalBackend, LocalUpload
+
+def paused(change):
+    def once_resumed(self, *args):
+        open({pause!r} + ".reached", "w").close()
+        while os.path.exists({pause!r}):
+            time.sleep(0.01)
+        return change(self, *args)
+    return once_resumed
+
+LocalUpload._place_big = paused(LocalUpload._place_big)
+LocalBackend._delete = paused(LocalBackend._delete)
+"""
+
+
+def cancelled_in_its_change(handle, pause: Path, call, then=lambda: None) -> None:
+    """Starts `call` (a grpc future) with the daemon's changes paused, cancels it once its change began (the
+    change's thread runs on), runs `then`, and lets the change end; returns once the daemon ended the call."""
+    reached = Path(f"{pause}.reached")
+    reached.unlink(missing_ok=True)
+    pause.touch()
+    cancels = handle.log().count('"status": "CANCELLED"')
+
+    def ended() -> bool:
+        return handle.log().count('"status": "CANCELLED"') > cancels
+
+    try:
+        future = call()
+        assert wait_until(reached.exists, timeout=30), "the change never began"
+        future.cancel()
+        wait_until(ended, timeout=2)  # a daemon that gives the call up at once logs it now, else once it ended
+        then()
+    finally:
+        pause.unlink()
+    assert wait_until(ended, timeout=30), "the daemon never ended the cancelled call"
+
+
+@pytest.mark.timeout(60)
+def test_a_put_or_delete_whose_client_goes_away_midway_is_reported_and_keeps_its_claim_to_the_end(
+    tmp_path, drive_uri
+):
+    """Cancelled while the store made its change, a put (without upload_id) or a delete left the change made and
+    never reported it to any watch; the delete gave up its claim first, so a put of the path meanwhile committed and
+    was then deleted by it, although that put had succeeded."""
+    pause = tmp_path / "pause"
+    handle = start_daemon(tmp_path, before=PAUSED_CHANGES.format(pause=str(pause)))
+    try:
+        stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
+        raw_put(stub, drive_uri, "f.txt", b"version 1", component="a")
+        events, thread, _ = collect(stub, drive_uri, 3)
+        data = os.urandom(2 * MIB)
+        cancelled_in_its_change(
+            handle, pause, lambda: stub.Put.future(put_messages(drive_uri, "big.bin", data, component="a"), timeout=60))
+        again: list[grpc.Future] = []
+
+        def put_again() -> None:
+            again.append(stub.Put.future(put_messages(drive_uri, "f.txt", b"version 2", component="a"), timeout=60))
+            wait_until(again[0].done, timeout=2)  # at once when the delete gave its claim up
+
+        delete = drive_pb2.DeleteRequest(drive=drive_uri, path="f.txt", component="a")
+        cancelled_in_its_change(handle, pause, lambda: stub.Delete.future(delete, timeout=60), then=put_again)
+        again[0].result(30)
+        thread.join(20)
+        assert [e[:3] for e in events[1:]] == [
+            ("KIND_PUT", "big.bin", "a"), ("KIND_DELETE", "f.txt", "a"), ("KIND_PUT", "f.txt", "a"),
+        ]
+        assert raw_get(stub, drive_uri, "big.bin")[0][1] == data
+        assert raw_get(stub, drive_uri, "f.txt")[0][1] == b"version 2"
+    finally:
+        handle.stop()
