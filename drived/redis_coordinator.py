@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import secrets
@@ -427,13 +428,13 @@ class RedisCoordinator(Coordinator):
     async def claim(self, drive: str, path: str) -> AsyncIterator[Claim]:
         held = _RedisClaim(self, drive, path, secrets.token_hex(8), self._claim_keys(drive, path))
         keys, token = held.keys, held.token
-        busy = await self._take(held)
+        busy = await self._take(drive, held)
         if busy:
             async with self._wakeups.listening(self._channel(drive)) as channel:
                 while busy:
                     await channel.armed()
                     released = channel.released  # taken before trying: a release in between is not missed
-                    busy = await self._take(held)
+                    busy = await self._take(drive, held)
                     if busy:  # until a release in the drive, or the expiry of the claim in the way
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(released.wait(), busy / 1000)
@@ -446,8 +447,25 @@ class RedisCoordinator(Coordinator):
             del self._held[token]
             await asyncio.shield(self._keep(self._give_back(drive, keys, token)))
 
-    async def _take(self, claim: _RedisClaim) -> int:
-        """Tries once to take `claim`: 0 when taken, else the milliseconds after which the claim in the way expires."""
+    async def _take(self, drive: str, claim: _RedisClaim) -> int:
+        """Tries once to take `claim`: 0 when taken, else the milliseconds after which the claim in the way expires.
+
+        A caller cancelled meanwhile (its client gone) does not stop the try,
+        whose script may run yet: a claim it takes is given back, rather than
+        left to block the path for a whole TTL.
+        """
+        trying = self._keep(self._try(claim))
+        try:
+            return await asyncio.shield(trying)
+        except asyncio.CancelledError:
+            trying.add_done_callback(functools.partial(self._taken_for_nobody, drive, claim))
+            raise
+
+    def _taken_for_nobody(self, drive: str, claim: _RedisClaim, trying: asyncio.Future[int]) -> None:
+        if not trying.cancelled() and trying.exception() is None and not trying.result():
+            self._keep(self._give_back(drive, claim.keys, claim.token))
+
+    async def _try(self, claim: _RedisClaim) -> int:
         sent = asyncio.get_running_loop().time()
         busy = int(await self._run(self._acquire, claim.keys, [claim.token, self._ttl_ms()]))
         if not busy:

@@ -580,6 +580,24 @@ def claimed(admin: redis.Redis, drive_uri: str, path: str) -> bool:
     return bool(admin.exists(f"drived:{{{drive_uri.removeprefix('lit://')}}}:claim:{path}"))
 
 
+def test_a_delete_cancelled_while_the_coordinator_takes_its_claim_leaves_no_claim_behind(own_cluster, drive_uri):
+    """The claim's take ran on the coordinator after the delete's client had given up (its deadline passed while
+    the coordinator was slow): the key stayed, held by nobody, and every put of the path (and of the folders
+    above it) waited for --claim-ttl."""
+    replica = own_cluster.replica("--claim-ttl", "120")
+    stub = stub_of(replica)
+    raw_put(stub, drive_uri, "f.txt", b"kept", component="w")
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    delete = drive_pb2.DeleteRequest(drive=drive_uri, path="f.txt", component="w")
+    with stopped(own_cluster.valkey):  # the take waits in the coordinator's socket
+        assert rpc_code(lambda: stub.Delete(delete, timeout=1)) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert wait_until(lambda: '"method": "Delete"' in replica.log(), timeout=20), "the delete never ended"
+    assert wait_until(lambda: not claimed(admin, drive_uri, "f.txt"), timeout=20), "the claim was left behind"
+    assert raw_get(stub, drive_uri, "f.txt")[0][1] == b"kept"  # the cancelled delete removed nothing
+    raw_put(stub, drive_uri, "f.txt", b"replaced", component="w")
+    assert raw_get(stub, drive_uri, "f.txt")[0][1] == b"replaced"
+
+
 def test_a_small_local_put_confirms_its_claim_when_its_batch_goes_to_the_commit_worker(
     cluster, start_daemon, drive_uri, tmp_path
 ):
