@@ -87,6 +87,7 @@ PAGE = 1000  # events `since` answers at most
 # on the server stay bounded.
 RENEW_CHUNK = 500
 RENEW_CALLS = 4  # RENEW calls of one round in flight at once: a round leaves the pool to puts and publishes
+DRAIN_POLL = 0.1  # seconds between tries of a claim held by another while the daemon drains (no wake-ups then)
 POOL_SIZE = 32  # connections a daemon uses for its calls, at most
 POOL_WAIT = 10.0  # seconds a call waits for a free connection
 CONNECT_TIMEOUT = 3.0
@@ -432,12 +433,12 @@ class RedisCoordinator(Coordinator):
         if busy:
             async with self._wakeups.listening(self._channel(drive)) as channel:
                 while busy:
-                    await channel.armed()
-                    released = channel.released  # taken before trying: a release in between is not missed
+                    released = await self._releases(channel)  # taken before trying: a release in between is not missed
                     busy = await self._take(drive, held)
                     if busy:  # until a release in the drive, or the expiry of the claim in the way
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(released.wait(), busy / 1000)
+                            await asyncio.wait_for(released.wait(), min(busy / 1000, DRAIN_POLL) if self._closed
+                                                   else busy / 1000)
         self._held[token] = held
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.ensure_future(self._renew_held())
@@ -446,6 +447,19 @@ class RedisCoordinator(Coordinator):
         finally:
             del self._held[token]
             await asyncio.shield(self._keep(self._give_back(drive, keys, token)))
+
+    async def _releases(self, channel: Channel) -> asyncio.Event:
+        """The event that the drive's next release sets, once the subscription is confirmed.
+
+        While the daemon drains, its wake-ups are closed but claims still
+        work: an event that nothing sets (the claim is tried every DRAIN_POLL).
+        """
+        try:
+            await channel.armed()
+        except Unavailable:
+            if not self._closed:
+                raise
+        return asyncio.Event() if self._closed else channel.released
 
     async def _take(self, drive: str, claim: _RedisClaim) -> int:
         """Tries once to take `claim`: 0 when taken, else the milliseconds after which the claim in the way expires.

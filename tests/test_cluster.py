@@ -636,6 +636,34 @@ def test_a_small_local_put_confirms_its_claim_when_its_batch_goes_to_the_commit_
     assert raw_get(stub, drive_uri, "kept.txt")[0][1] == b"version 2"
 
 
+def test_a_put_waiting_for_its_paths_claim_when_the_daemon_drains_commits_in_the_grace_period(
+    cluster, start_daemon, drive_uri, tmp_path
+):
+    """The drain closed the wake-ups that a put waiting for a claim held by another listens to: the put failed
+    UNAVAILABLE at once, every byte received, although claims still work in the grace period."""
+    daemon = start_daemon(tmp_path, env={"DRIVED_COORDINATOR": cluster.valkey.url})
+    stub = stub_of(daemon)
+    admin = redis.Redis.from_url(cluster.valkey.url)
+    channel = f"drived:{{{drive_uri.removeprefix('lit://')}}}"
+    raw_put(stub, drive_uri, "f.txt", b"version 1", component="w")  # starts the commit worker
+    [worker] = commit_workers(daemon.proc.pid)
+    os.kill(worker, signal.SIGSTOP)  # the first put's commit waits inside its claim
+    try:
+        first = put_future(stub, drive_uri, "f.txt", b"version 2")
+        assert wait_until(lambda: claimed(admin, drive_uri, "f.txt"), timeout=20)
+        second = put_future(stub, drive_uri, "f.txt", b"version 3")
+        assert wait_until(lambda: admin.pubsub_numsub(channel)[0][1] == 1, timeout=20), "it never waited"
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: '"event": "draining"' in daemon.log(), timeout=20)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    first.result(60)
+    second.result(60)
+    assert daemon.proc.wait(60) == 0
+    restarted = start_daemon(tmp_path, env={"DRIVED_COORDINATOR": cluster.valkey.url}, data_dir=daemon.data_dir)
+    assert raw_get(stub_of(restarted), drive_uri, "f.txt")[0][1] == b"version 3"
+
+
 def test_the_small_local_puts_committed_together_confirm_their_claims_in_one_round_trip(
     cluster, start_daemon, drive_uri, tmp_path
 ):
