@@ -24,6 +24,7 @@ longer holds what was asked for.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -209,6 +210,20 @@ class Coordinator(abc.ABC):
 
     async def disconnect(self) -> None:  # noqa: B027 - optional hook
         """Releases the coordinator's connections, after `close` and after the last call ended."""
+
+
+async def set_within(event: asyncio.Event, timeout: float | None) -> None:
+    """Returns once `event` is set, or after `timeout` seconds (None: no limit).
+
+    Not asyncio.wait_for: before Python 3.12 it swallows a cancel of its
+    caller that comes as the wait ends, and the caller then goes on (a watch
+    whose client went away waited for ever, holding its stream's place).
+    """
+    setting = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([setting], timeout=timeout)
+    finally:
+        setting.cancel()
 
 
 def folders_above(path: str) -> list[str]:

@@ -25,7 +25,17 @@ from dataclasses import dataclass, field
 
 from drive_client.errors import EventsExpired
 
-from .coordinator import EVENTS_KEPT, Changes, Claim, Coordinator, Event, EventKind, folders_above, shutting_down
+from .coordinator import (
+    EVENTS_KEPT,
+    Changes,
+    Claim,
+    Coordinator,
+    Event,
+    EventKind,
+    folders_above,
+    set_within,
+    shutting_down,
+)
 from .entry import Entry
 
 
@@ -138,11 +148,9 @@ class _LogChanges(Changes):
         changed = self._log.changed(self._drive)  # nothing runs between this and the check below: no publish is missed
         if self._log.last(self._drive) > after:
             return
-        try:
-            await asyncio.wait_for(changed.wait(), timeout)
-        except TimeoutError:
-            return
-        self._log.check_open()
+        await set_within(changed, timeout)
+        if changed.is_set():
+            self._log.check_open()
 
 
 class InProcessCoordinator(Coordinator):

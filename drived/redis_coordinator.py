@@ -73,6 +73,7 @@ from .coordinator import (
     Event,
     EventKind,
     folders_above,
+    set_within,
     shutting_down,
 )
 from .entry import Entry
@@ -304,8 +305,7 @@ class _ChannelChanges(Changes):
         changed = self._channel.changed  # taken before looking: an event in between is not missed
         if await self.latest() > after:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), timeout)
+        await set_within(changed, timeout)
         self._coordinator.check_open()
 
 
@@ -348,6 +348,11 @@ class RedisCoordinator(Coordinator):
         )
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Runs `script` in a task of its own, to its end even when the caller is cancelled: redis-py sends each
+        command under asyncio.wait_for, which before Python 3.12 swallows a cancel of the task awaiting it."""
+        return await asyncio.shield(self._keep(self._call(script, keys, args)))
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
             return await script(keys=keys, args=args)
         except (redis.exceptions.RedisError, OSError) as err:
@@ -436,9 +441,7 @@ class RedisCoordinator(Coordinator):
                     released = await self._releases(channel)  # taken before trying: a release in between is not missed
                     busy = await self._take(drive, held)
                     if busy:  # until a release in the drive, or the expiry of the claim in the way
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(released.wait(), min(busy / 1000, DRAIN_POLL) if self._closed
-                                                   else busy / 1000)
+                        await set_within(released, min(busy / 1000, DRAIN_POLL) if self._closed else busy / 1000)
         self._held[token] = held
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.ensure_future(self._renew_held())

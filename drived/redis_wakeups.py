@@ -116,11 +116,10 @@ class Link:
             confirmed = self._subscribed[name] = asyncio.get_running_loop().create_future()
             self._unconfirmed[name].append(confirmed)
             await self._send("SUBSCRIBE", name)
-        try:
-            failed = await asyncio.wait_for(asyncio.shield(confirmed), CONFIRM_TIMEOUT)
-        except TimeoutError:
-            failed = TimeoutError(f"the SUBSCRIBE of {name} was not confirmed within {CONFIRM_TIMEOUT:g} s")
-            self.fail(failed)
+        await asyncio.wait([confirmed], timeout=CONFIRM_TIMEOUT)
+        if not confirmed.done():  # fail() gives it the cause
+            self.fail(TimeoutError(f"the SUBSCRIBE of {name} was not confirmed within {CONFIRM_TIMEOUT:g} s"))
+        failed = confirmed.result()
         if failed is not None:
             raise self._wakeups.failure(failed)
 

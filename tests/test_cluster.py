@@ -664,6 +664,19 @@ def test_a_put_waiting_for_its_paths_claim_when_the_daemon_drains_commits_in_the
     assert raw_get(stub_of(restarted), drive_uri, "f.txt")[0][1] == b"version 3"
 
 
+def test_watches_whose_clients_go_away_at_once_all_end(cluster, start_daemon, drive_uri, tmp_path):
+    """A watch cancelled while one of its calls to the coordinator ended (each is sent under asyncio.wait_for, which
+    in Python 3.11 swallows a cancel that comes then) went on and waited for the drive's next event for ever,
+    holding its stream's place: about one in two `next(drive.watch())` leaked one, until the client's host got
+    RESOURCE_EXHAUSTED for every put, get and watch (--max-streams-per-peer)."""
+    daemon = start_daemon(tmp_path, "--max-streams-per-peer", "4", env={"DRIVED_COORDINATOR": cluster.valkey.url})
+    for _ in range(12):
+        assert watch_events(daemon, drive_uri, 0)[0][0] == "watching"
+    assert wait_until(lambda: daemon.open_requests("Watch") == 0, timeout=20), daemon.open_requests("Watch")
+    raw_put(stub_of(daemon), drive_uri, "f.txt", b"served", component="w")
+    assert raw_get(stub_of(daemon), drive_uri, "f.txt")[0][1] == b"served"
+
+
 def test_the_small_local_puts_committed_together_confirm_their_claims_in_one_round_trip(
     cluster, start_daemon, drive_uri, tmp_path
 ):
