@@ -19,6 +19,9 @@ scripts touch `drived:epoch` beside a drive's keys):
 - `drived:{<drive>}:below:<folder>`: the tokens of the claims held below the
   folder, scored by their expiry, so that a claim of `a` waits while `a/b`
   is held, and the other way round.
+- `drived:{<drive>}:published:<token>`: the sequence a publish was given,
+  for ANSWER_KEPT_MS: redis-py sends a call again when its connection broke
+  before the answer came, and the feed must not take the event twice.
 - the channel `drived:{<drive>}`: "e<sequence>" after each event, "r" after
   each claim released, for the daemons waiting on the drive
   (`drived.redis_wakeups`): a waiting get or watch learns the sequence from
@@ -83,6 +86,9 @@ log = logging.getLogger("drived")
 
 TRIM_BATCH = 100  # events a feed may hold beyond EVENTS_KEPT before its oldest are dropped at once
 PAGE = 1000  # events `since` answers at most
+# How long a publish's answer is kept for the call sent again: well past its connection's timeouts (connect and
+# command), after which redis-py sends it again at once.
+ANSWER_KEPT_MS = 60_000
 # Claims one RENEW call renews at most: clients decide how many claims a replica holds (concurrent deletes are
 # not limited), so past this a round makes more calls, never a bigger one; each call's arguments, reply and time
 # on the server stay bounded.
@@ -122,15 +128,20 @@ local function feed(key)
 end
 """
 
-# KEYS: epoch, feed. ARGV: events kept, trim batch, channel, then the fields k p c s h g m.
+# KEYS: epoch, feed, the publish's answer. ARGV: events kept, trim batch, channel, ms its answer is kept, then the
+# fields k p c s h g m. The answer key makes the call idempotent: sent again (redis-py's retry on a new connection,
+# after the first connection broke before its answer came), it answers the first call's sequence and adds nothing.
 PUBLISH = FEED_STATE + """
+local done = redis.call('GET', KEYS[3])
+if done then return tonumber(done) end
 local now = now_us()
 local epoch = epoch_of(now)
 local state = feed(KEYS[2])
 local sequence = math.max(now, epoch + 1, state and state.last + 1 or 0)
 local id = string.format('%.0f-0', sequence)
-redis.call('XADD', KEYS[2], id, 'k', ARGV[4], 'p', ARGV[5], 'c', ARGV[6], 's', ARGV[7], 'h', ARGV[8],
-           'g', ARGV[9], 'm', ARGV[10])
+redis.call('XADD', KEYS[2], id, 'k', ARGV[5], 'p', ARGV[6], 'c', ARGV[7], 's', ARGV[8], 'h', ARGV[9],
+           'g', ARGV[10], 'm', ARGV[11])
+redis.call('SET', KEYS[3], string.format('%.0f', sequence), 'PX', ARGV[4])
 if not state then
   redis.call('XSETID', KEYS[2], id, 'MAXDELETEDID', string.format('%.0f-0', epoch))
 elseif state.length + 1 > tonumber(ARGV[1]) + tonumber(ARGV[2]) then
@@ -586,8 +597,9 @@ class RedisCoordinator(Coordinator):
     async def publish(self, drive: str, kind: EventKind, entry: Entry) -> int:
         fields = [kind, entry.path, entry.component, entry.size, bytes.fromhex(entry.sha256), entry.generation,
                   entry.mtime_ns]
-        return int(await self._run(self._publish, self._feed_keys(drive),
-                                   [self.events_kept, TRIM_BATCH, self._channel(drive), *fields]))
+        answer = f"drived:{{{drive}}}:published:{secrets.token_hex(8)}"
+        return int(await self._run(self._publish, [*self._feed_keys(drive), answer],
+                                   [self.events_kept, TRIM_BATCH, self._channel(drive), ANSWER_KEPT_MS, *fields]))
 
     async def last(self, drive: str) -> int:
         return int(await self._run(self._last, self._feed_keys(drive), []))

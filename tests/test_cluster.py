@@ -664,6 +664,27 @@ def test_a_put_waiting_for_its_paths_claim_when_the_daemon_drains_commits_in_the
     assert raw_get(stub_of(restarted), drive_uri, "f.txt")[0][1] == b"version 3"
 
 
+def test_a_put_whose_event_was_appended_but_its_answer_lost_is_reported_once(
+    cluster, start_daemon, drive_uri, tmp_path
+):
+    """The coordinator's connection broke after the feed took the put's event, before its answer came: the call
+    was sent again on a new connection (the retry meant for a connection that predates a coordinator restart), and
+    the feed took the event a second time, under another sequence: every watch reported the put twice."""
+    with CuttingProxy(f"127.0.0.1:{cluster.valkey.port}") as to_coordinator:
+        url = cluster.valkey.url.replace(f":{cluster.valkey.port}/", f":{to_coordinator.endpoint.rpartition(':')[2]}/")
+        daemon = start_daemon(tmp_path, env={"DRIVED_COORDINATOR": url})
+        start = watch_events(daemon, drive_uri, 0)[0][2]
+        raw_put(stub_of(daemon), drive_uri, "e.txt", b"first", component="w")  # after the watch's calls
+        to_coordinator.refuse()  # the connections made so far break: the next put's calls go on a new one
+        to_coordinator.refuse(False)
+        to_coordinator.cut_before("down", b":17")  # the answer of the event's append: its sequence, µs since 1970
+        raw_put(stub_of(daemon), drive_uri, "f.txt", b"once", component="w")
+        assert to_coordinator.cuts_made == 1
+        raw_put(stub_of(daemon), drive_uri, "g.txt", b"then", component="w")
+        reported = watch_events(daemon, drive_uri, 3, after=start)[1:]
+        assert [e[:2] for e in reported] == [("put", "e.txt"), ("put", "f.txt"), ("put", "g.txt")]
+
+
 def test_watches_whose_clients_go_away_at_once_all_end(cluster, start_daemon, drive_uri, tmp_path):
     """A watch cancelled while one of its calls to the coordinator ended (each is sent under asyncio.wait_for, which
     in Python 3.11 swallows a cancel that comes then) went on and waited for the drive's next event for ever,
