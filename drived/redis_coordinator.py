@@ -180,7 +180,8 @@ end
 """
 
 # KEYS: the path's claim and below keys, then each folder's above it. ARGV: token, ttl (ms).
-# 0 when taken; else the milliseconds after which the claim in the way expires.
+# 0 when taken; else the milliseconds after which the claim in the way expires. One taken already with this token
+# (the call sent again after its answer was lost, as PUBLISH's) is taken again, for a whole TTL from now.
 ACQUIRE = CLAIM_CLOCK + """
 local ttl = tonumber(ARGV[2])
 local function held(key)
@@ -195,9 +196,11 @@ local function held_below(key)
   if first[1] then return tonumber(first[2]) - now end
   return nil
 end
-local busy = held(KEYS[1]) or held_below(KEYS[2])
-for i = 3, #KEYS, 2 do busy = busy or held(KEYS[i]) end
-if busy then return math.max(busy, 1) end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  local busy = held(KEYS[1]) or held_below(KEYS[2])
+  for i = 3, #KEYS, 2 do busy = busy or held(KEYS[i]) end
+  if busy then return math.max(busy, 1) end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 for i = 4, #KEYS, 2 do hold_below(i, ARGV[1], ttl) end
 return 0

@@ -685,6 +685,21 @@ def test_a_put_whose_event_was_appended_but_its_answer_lost_is_reported_once(
         assert [e[:2] for e in reported] == [("put", "e.txt"), ("put", "f.txt"), ("put", "g.txt")]
 
 
+def test_a_claim_taken_but_whose_answer_was_lost_is_held_at_once(cluster, start_daemon, drive_uri, tmp_path):
+    """The take of a put's claim was sent again (as the publish above) after it had taken the claim: it found the
+    claim held (by itself) and waited for it to expire, --claim-ttl, before the put could go on."""
+    with CuttingProxy(f"127.0.0.1:{cluster.valkey.port}") as to_coordinator:
+        url = cluster.valkey.url.replace(f":{cluster.valkey.port}/", f":{to_coordinator.endpoint.rpartition(':')[2]}/")
+        daemon = start_daemon(tmp_path, "--claim-ttl", "300", env={"DRIVED_COORDINATOR": url})
+        raw_put(stub_of(daemon), drive_uri, "e.txt", b"first", component="w")  # the scripts are loaded
+        to_coordinator.refuse()  # the connections made so far break: the next put's calls go on a new one
+        to_coordinator.refuse(False)
+        to_coordinator.cut_before("down", b":0\r\n")  # the answer of the claim's take: taken
+        raw_put(stub_of(daemon), drive_uri, "f.txt", b"claimed once", component="w")  # within its 60 s deadline
+        assert to_coordinator.cuts_made == 1
+        assert raw_get(stub_of(daemon), drive_uri, "f.txt")[0][1] == b"claimed once"
+
+
 def test_watches_whose_clients_go_away_at_once_all_end(cluster, start_daemon, drive_uri, tmp_path):
     """A watch cancelled while one of its calls to the coordinator ended (each is sent under asyncio.wait_for, which
     in Python 3.11 swallows a cancel that comes then) went on and waited for the drive's next event for ever,
