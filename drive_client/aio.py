@@ -13,8 +13,10 @@ event loop, so the loop stays free.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +26,7 @@ import grpc
 from . import core
 from .channels import open_channel
 from .common import DriveBase, FileStat, MountResult, WatchEvent
-from .effects import Blocking, Call, Caller, Done, Emit, Next, Open, Plan, Send, Sleep, Unary, advance
+from .effects import Blocking, Call, Caller, Done, Effect, Emit, Next, Open, Plan, Send, Sleep, Unary, advance
 from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import CHUNK_SIZE, Progress
 from .wire import PutMessage, fast_stub
@@ -71,8 +73,7 @@ class _AioCalls:
 
     async def perform(self, effect: Call | Sleep | Blocking) -> Any:
         if isinstance(effect, Blocking):
-            caller = _ThreadCalls(self, asyncio.get_running_loop())
-            return await asyncio.to_thread(effect.work, *((caller, *effect.args) if effect.calls else effect.args))
+            return await self._blocking(effect)
         if isinstance(effect, Sleep):
             return await asyncio.sleep(effect.seconds)
         drive = self._drive
@@ -89,6 +90,19 @@ class _AioCalls:
             return await self._send(rpc, effect)
         except grpc.RpcError as err:
             raise drive.error(err) from None
+
+    async def _blocking(self, effect: Blocking) -> Any:
+        """Runs `effect` in a worker thread. Cancelled, it stops the thread's calls and returns once the thread
+        has ended: a get's threads would otherwise go on, and rename a file into place after the cancellation."""
+        caller = _ThreadCalls(self, asyncio.get_running_loop())
+        work = asyncio.ensure_future(
+            asyncio.to_thread(effect.work, *((caller, *effect.args) if effect.calls else effect.args)))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            caller.stop()
+            await asyncio.wait([work])  # a second cancellation stops this wait, not the work
+            raise
 
     async def _send(self, rpc: Any, effect: Send) -> Any:
         messages = iter(effect.messages)
@@ -144,14 +158,42 @@ def _returning(plan: Plan[T]) -> Plan[None]:
 
 
 class _ThreadCalls(Caller):
-    """Lends an AsyncDrive's calls to a worker thread: each call is made on the event loop, the thread waits."""
+    """Lends an AsyncDrive's calls to a worker thread: each call is made on the event loop, the thread waits.
+
+    Once `stop`ped, its calls and sleeps, those under way and those to come, raise CancelledError in the thread.
+    """
 
     def __init__(self, calls: _AioCalls, loop: asyncio.AbstractEventLoop) -> None:
         self._calls = calls
         self._loop = loop
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()  # a call is made and known, or refused, never lost to `stop` between
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped.set()
+            for pending in self._pending:
+                pending.cancel()
 
     def call(self, effect: Call) -> Any:
-        return asyncio.run_coroutine_threadsafe(self._calls.perform(effect), self._loop).result()
+        with self._lock:
+            if self._stopped.is_set():
+                raise concurrent.futures.CancelledError()
+            pending = asyncio.run_coroutine_threadsafe(self._calls.perform(effect), self._loop)
+            self._pending.add(pending)
+        try:
+            return pending.result()
+        finally:
+            with self._lock:
+                self._pending.discard(pending)
+
+    def perform(self, effect: Effect) -> Any:
+        if isinstance(effect, Sleep):
+            if self._stopped.wait(effect.seconds):
+                raise concurrent.futures.CancelledError()
+            return None
+        return super().perform(effect)
 
 
 class AsyncDrive(DriveBase):

@@ -7,11 +7,14 @@ auth tests) run against both twins.
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
+import threading
 
-from conftest import current_sequence
+import pytest
+from conftest import MIB, current_sequence, wait_until
 
-from drive_client import AsyncDrive
+from drive_client import AsyncDrive, core, transfer
 
 
 async def test_one_loop_serves_a_waiting_get_a_watch_and_a_put(daemon, drive_uri, tmp_path):
@@ -38,3 +41,40 @@ def test_async_drive_pickles_without_its_channel_and_opens_one_per_loop(daemon, 
     assert str(copy) == drive_uri and copy.component_name == "p"
     assert asyncio.run(copy.list(".")) == []
     assert asyncio.run(drive.list(".")) == []  # a second loop: a new channel, not the closed loop's
+
+
+async def test_a_cancelled_get_has_stopped_when_its_cancellation_returns(daemon, drive_uri, tmp_path, monkeypatch):
+    """A get's work on local files runs in worker threads: cancelling the get stopped waiting for them, not them.
+    A big file's ranged reads went on after the CancelledError and replaced the local file the caller had kept
+    by cancelling; the get now stops its threads' calls and returns once they have ended."""
+    monkeypatch.setattr(core, "PARALLEL_MIN_SIZE", MIB)  # an 8 MiB file is fetched in 1 MiB ranged reads
+    monkeypatch.setattr(transfer, "RANGE_BLOCK", MIB)
+    (tmp_path / "big.bin").write_bytes(os.urandom(8 * MIB))
+    await AsyncDrive(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint).put("big.bin")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "big.bin").write_bytes(b"old")
+    loop = asyncio.get_running_loop()
+    arrived, release, cancelled = asyncio.Event(), threading.Event(), threading.Event()
+    late: list[int] = []
+
+    def progress(nbytes: int) -> None:  # holds the ranged reads at their first bytes until the get is cancelled
+        if cancelled.is_set():
+            late.append(nbytes)
+        loop.call_soon_threadsafe(arrived.set)
+        release.wait(30)
+
+    drive = AsyncDrive(drive_uri, root_folder=out, endpoint=daemon.endpoint)
+    get = asyncio.create_task(drive.get("big.bin", overwrite=True, progress=progress))
+    await asyncio.wait_for(arrived.wait(), 30)
+    get.cancel()
+    release.set()  # the reads may go on: the cancelled get must stop them
+    with pytest.raises(asyncio.CancelledError):
+        await get
+    cancelled.set()
+    assert await asyncio.to_thread(wait_until, lambda: daemon.open_requests("Get") == 0, 10)
+    assert late == [], "the cancelled get went on receiving bytes"
+    assert [p.name for p in out.iterdir()] == ["big.bin"] and (out / "big.bin").read_bytes() == b"old"
+    fetched = await drive.get("big.bin", overwrite=True)  # the drive works on after a cancelled get
+    assert fetched.read_bytes() == (tmp_path / "big.bin").read_bytes()
+    await drive.close()
