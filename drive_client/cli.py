@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> Any:
         drive_uri, path = split_uri(args.location, folder=False)
         remote = normalize_path(path)
         target = Path(args.local) if args.local else Path(remote.rsplit("/", 1)[-1])
-        if target.is_dir() and args.local and not args.overwrite:
+        if target.is_dir() and args.local:  # into an existing folder, as cp does: --overwrite replaces what is in it
             target = target / remote.rsplit("/", 1)[-1]
         drive = _drive(drive_uri, args)
         bar = _progress(args, f"get {args.location}", 0)

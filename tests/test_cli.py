@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BIN, sha256_hex
+from conftest import BIN, sha256_hex, snapshot
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -185,3 +185,30 @@ def test_error_unreachable(tmp_path):
     assert res.returncode == 1 and endpoint in error and "Traceback" not in res.stderr
     assert retries and all("trying again in" in line for line in retries)
     assert not (tmp_path / "x").exists()
+
+
+def test_get_into_an_existing_folder_goes_there_with_overwrite_too(daemon, tmp_path, drive_uri):
+    """`drive get REMOTE FOLDER` puts REMOTE into an existing FOLDER, as cp does; with --overwrite it went onto
+    FOLDER itself: a folder's files spread over FOLDER (replacing the user's files there) and a file failed
+    renaming its temporary file onto FOLDER, after the error without --overwrite had said to pass it."""
+    src = tmp_path / "src"
+    (src / "tree").mkdir(parents=True)
+    (src / "tree" / "x.txt").write_text("x1")
+    (src / "f.txt").write_text("f1")
+    ok(run(daemon, "put", str(src / "tree"), f"{drive_uri}/tree"))
+    ok(run(daemon, "put", str(src / "f.txt"), f"{drive_uri}/f.txt"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.txt").write_text("the user's own")
+    ok(run(daemon, "get", f"{drive_uri}/tree", str(out)))
+    ok(run(daemon, "get", f"{drive_uri}/f.txt", str(out)))
+    (src / "tree" / "x.txt").write_text("x2")
+    (src / "f.txt").write_text("f2")
+    ok(run(daemon, "put", str(src / "tree"), f"{drive_uri}/tree"))
+    ok(run(daemon, "put", str(src / "f.txt"), f"{drive_uri}/f.txt"))
+    assert_one_line_error(run(daemon, "get", f"{drive_uri}/f.txt", str(out)), "f.txt", "--overwrite")
+    assert (out / "f.txt").read_text() == "f1"
+    ok(run(daemon, "get", f"{drive_uri}/tree", str(out), "--overwrite"))
+    ok(run(daemon, "get", f"{drive_uri}/f.txt", str(out), "--overwrite"))
+    assert snapshot(out) == {"x.txt": sha256_hex(b"the user's own"), "tree": "dir",
+                             "tree/x.txt": sha256_hex(b"x2"), "f.txt": sha256_hex(b"f2")}
