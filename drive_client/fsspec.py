@@ -116,6 +116,8 @@ Semantics:
   `AmbiguousPathError`.
 - Errors are the client's: `FileNotFoundError`, `FileExistsError`,
   `PermissionError`, `ValueError`, `ConnectionError`, ... (see README).
+  `exists` is False only for a missing path, and raises the others (a
+  refused token, the daemon unreachable), as the async face's `_exists` does.
 
 Caching: nothing read from the daemon is cached across calls. A drive is
 shared by workers that put and delete concurrently, so `ls`, `info`, `find`
@@ -647,6 +649,15 @@ class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         return self._run(self._steps_ls(path, detail))
+
+    def exists(self, path: str, **kwargs: Any) -> bool:
+        """Whether `path` exists. Only a missing path is False: fsspec's `exists` is False for any error, so a
+        file there would read as missing to a refused token or while the daemon cannot be reached."""
+        try:
+            self.info(path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def find(self, path: str, maxdepth: int | None = None, withdirs: bool = False, detail: bool = False,
              **kwargs: Any) -> Any:

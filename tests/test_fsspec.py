@@ -555,6 +555,24 @@ def test_unreachable_daemon_raises_connection_error(name):
         fs.ls(name)
 
 
+def test_exists_raises_what_is_not_a_missing_path(start_daemon, tmp_path, name):
+    """fsspec's `exists` answers False for any error: a file there read as missing to a wrong token, or while the
+    daemon could not be reached (where the async face raised), and a caller that checks for a checkpoint before
+    writing a fresh one starts over. Only a missing path is False now; the other errors are raised."""
+    handle = start_daemon(tmp_path, "--token", "right")
+    fsspec.filesystem("lit", endpoint=handle.endpoint, token="right", skip_instance_cache=True).pipe_file(
+        f"{name}/ckpt.pt", b"weights")
+    wrong = fsspec.filesystem("lit", endpoint=handle.endpoint, token="wrong", skip_instance_cache=True)
+    with pytest.raises(PermissionError):
+        wrong.exists(f"{name}/ckpt.pt")
+    unreachable = DriveFileSystem(endpoint="127.0.0.1:1", retry_seconds=0, skip_instance_cache=True)
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:1"):
+        unreachable.exists(f"{name}/ckpt.pt")
+    right = fsspec.filesystem("lit", endpoint=handle.endpoint, token="right", skip_instance_cache=True)
+    assert right.exists(f"{name}/ckpt.pt") and not right.exists(f"{name}/none.pt")
+    assert right.cat(f"{name}/ckpt.pt") == b"weights"
+
+
 def test_pickles_for_worker_processes(fs, name):
     fs.pipe(f"{name}/p.txt", b"pickled")
     clone = pickle.loads(pickle.dumps(fs))
