@@ -7,6 +7,7 @@ same words. Every failure raises `InvalidArgument` (a `ValueError`).
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from .errors import InvalidArgument
@@ -102,3 +103,16 @@ def normalize_path(path: str, allow_root: bool = False) -> str:
     if not normal and not allow_root:
         raise InvalidArgument("this needs a path below the drive root, not the root itself")
     return normal
+
+
+def drive_path(drive: DriveId, path: str, allow_root: bool = False) -> str:
+    """A path in `drive`, normalised; in a `lit://` drive also in Unicode NFC, the form the daemon keeps and
+    answers with.
+
+    Names that differ only by normalisation (an "é" as one code point or as "e" and a
+    combining accent) look the same, so a managed drive keeps one of them: the composed
+    form, whichever form a client sends. An `s3://` drive's keys are the store's, kept as they are.
+    """
+    if drive.scheme == "lit" and isinstance(path, str) and not path.isascii():  # normalize_path refuses the rest
+        path = unicodedata.normalize("NFC", path)
+    return normalize_path(path, allow_root)

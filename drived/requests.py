@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from dataclasses import dataclass
 
 from drive_client.errors import InvalidArgument, StaleIndexError
 from drive_client.pb import drive_pb2 as pb
-from drive_client.uri import DriveId, check_component, normalize_path, parse_drive
+from drive_client.uri import DriveId, check_component, drive_path, parse_drive
 
 from . import page_tokens
 from .checksums import ClientChecksums
@@ -47,18 +46,6 @@ def check_upload_id(upload_id: str) -> str:
             f"upload id {upload_id[:140]!r} is not 1-128 letters, digits, '-' or '_' (e.g. 32 random hex digits)"
         )
     return upload_id
-
-
-def drive_path(drive: DriveId, path: str, allow_root: bool = False) -> str:
-    """A request's path in `drive`, normalised; in a `lit://` drive also in Unicode NFC.
-
-    Names that differ only by normalisation (an "é" as one code point or as "e" and a
-    combining accent) look the same, so a managed drive keeps one of them: the composed
-    form, whichever form a client sends. An `s3://` drive's keys are the store's, kept as they are.
-    """
-    if drive.scheme == "lit" and not path.isascii():
-        path = unicodedata.normalize("NFC", path)
-    return normalize_path(path, allow_root)
 
 
 def sent_checksums(message: pb.PutFinish | pb.PutFileRequest) -> ClientChecksums:

@@ -12,10 +12,11 @@ import os
 import pathlib
 import pickle
 import time
+import unicodedata
 
 import grpc
 import pytest
-from conftest import Background, sha256_hex
+from conftest import Background, sha256_hex, snapshot
 
 from drive_client import AmbiguousPathError, Drive, DriveError, FileStat, StaleIndexError
 
@@ -628,6 +629,25 @@ def test_read_range(make, tmp_path, drive_uri):
         list(d.read_range("r.bin", 0, 5, if_match="0" * 64))
     with pytest.raises(ValueError):
         list(d.read_range("r.bin", -1))
+
+
+def test_a_path_given_decomposed_is_read_as_the_daemon_names_it(make, tmp_path, drive_uri):
+    """A lit:// drive keeps names in Unicode NFC, and answers with them; a get or ranged read given a name
+    decomposed (NFD, as macOS file names come) compared the answers with that spelling: a file went into a
+    folder made at its target, a folder's files one level too deep, and a ranged read said the file was a
+    folder."""
+    nfd = unicodedata.normalize("NFD", "café")
+    write(tmp_path / "src" / "x.txt", "x")
+    write(tmp_path / "one.txt", "one")
+    d = make(drive_uri, tmp_path)
+    d.put("src", to=nfd)
+    d.put("one.txt", to=f"{nfd}.txt")
+    assert d.get(f"{nfd}.txt", to=tmp_path / "file.txt").read_bytes() == b"one"
+    assert d.get(nfd, to=tmp_path / "folder") == tmp_path / "folder"
+    assert snapshot(tmp_path / "folder") == {"x.txt": sha256_hex(b"x")}
+    assert b"".join(d.read_range(f"{nfd}.txt", 1)) == b"ne"
+    with pytest.raises(ValueError, match="a path is a string"):
+        d.get(None)
 
 
 def test_a_local_read_failure_in_a_put_stream_is_raised_as_itself(make, tmp_path, drive_uri):
