@@ -17,7 +17,7 @@ import concurrent.futures
 import contextlib
 import os
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +44,23 @@ def _next_batch(messages: Iterator[PutMessage]) -> list[PutMessage]:
         if size >= CHUNK_SIZE:
             break
     return batch
+
+
+async def in_thread(work: Callable[..., T], *args: Any, stop: Callable[[], object] | None = None,
+                    abandoned: Callable[[T], object] | None = None) -> T:
+    """`work(*args)` in a worker thread, which a cancellation cannot stop: cancelled, this calls `stop()` (what
+    makes the work end soon), waits for the thread to end, hands what the work returned to `abandoned` (no one
+    else gets it), then raises the cancellation. Whatever cleans up after it never runs beside the work."""
+    running = asyncio.ensure_future(asyncio.to_thread(work, *args))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        if stop is not None:
+            stop()
+        await asyncio.wait([running])  # a second cancellation stops this wait, not the work
+        if abandoned is not None and running.exception() is None:
+            abandoned(running.result())
+        raise
 
 
 class _LoopStream:
@@ -92,17 +109,13 @@ class _AioCalls:
             raise drive.error(err) from None
 
     async def _blocking(self, effect: Blocking) -> Any:
-        """Runs `effect` in a worker thread. Cancelled, it stops the thread's calls and returns once the thread
-        has ended: a get's threads would otherwise go on, and rename a file into place after the cancellation."""
+        """Runs `effect` in a worker thread. Work that makes calls (a get's, which writes local files) is
+        stopped when cancelled and waited for: it would go on, and rename a file into place after the
+        cancellation. Other work only reads local files: a cancellation leaves it to end by itself."""
+        if not effect.calls:
+            return await asyncio.to_thread(effect.work, *effect.args)
         caller = _ThreadCalls(self, asyncio.get_running_loop())
-        work = asyncio.ensure_future(
-            asyncio.to_thread(effect.work, *((caller, *effect.args) if effect.calls else effect.args)))
-        try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            caller.stop()
-            await asyncio.wait([work])  # a second cancellation stops this wait, not the work
-            raise
+        return await in_thread(effect.work, caller, *effect.args, stop=caller.stop)
 
     async def _send(self, rpc: Any, effect: Send) -> Any:
         messages = iter(effect.messages)

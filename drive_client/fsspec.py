@@ -131,7 +131,6 @@ read cache (read-ahead: at most about two blocks) holds only that one version of
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import hashlib
@@ -151,7 +150,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from fsspec.utils import isfilelike
 
-from .aio import AsyncDrive
+from .aio import AsyncDrive, in_thread
 from .channels import DEFAULT_ENDPOINT
 from .common import FileStat, check_verify
 from .drive import Drive
@@ -743,8 +742,10 @@ class AsyncDriveFileSystem(_LitFileSystem, AsyncFileSystem):
                 if isinstance(step, Each):
                     async for item in step.items:  # type: ignore[union-attr]
                         step.each(item)
+                elif isinstance(step, Local):
+                    answer = await in_thread(step.work, *step.args, abandoned=_discard_spool)
                 else:
-                    answer = await (asyncio.to_thread(step.work, *step.args) if isinstance(step, Local) else step)
+                    answer = await step
             except BaseException as err:  # the steps decide: they may catch it
                 step = advance(steps, error=err)
             else:
@@ -867,6 +868,12 @@ class _Spool:
         self._close_fd()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def _discard_spool(made: Any) -> None:
+    """Removes a spool made by a step whose caller was cancelled (`aio.in_thread`): the steps never got it."""
+    if isinstance(made, _Spool):
+        made.discard()
 
 
 def _writable(file: AbstractBufferedFile, data: Any) -> memoryview:
@@ -1008,7 +1015,7 @@ class AsyncDriveFile(AbstractAsyncStreamedFile):
         if self._spool.gathers(view):
             self._spool.write(view)
         else:
-            await asyncio.to_thread(self._spool.write, view)
+            await in_thread(self._spool.write, view)
         self.loc += view.nbytes
         return view.nbytes
 
@@ -1016,7 +1023,7 @@ class AsyncDriveFile(AbstractAsyncStreamedFile):
         if final:
             assert self._spool is not None
             try:
-                await asyncio.to_thread(self._spool.close)
+                await in_thread(self._spool.close)
                 await self.fs._run(self.fs._steps_put_spool(self._spool, self.path))
             finally:
                 self._spool.discard()

@@ -13,12 +13,15 @@ import pathlib
 import pickle
 import subprocess
 import sys
+import threading
 
 import fsspec
 import pytest
 from conftest import MIB, file_sha256, sha256_hex, wait_until, write_random_file
 
+import drive_client.fsspec
 from drive_client import AmbiguousPathError, Drive, StaleIndexError
+from drive_client.files import write_all
 from drive_client.fsspec import AsyncDriveFileSystem, DriveFileSystem
 
 pytestmark = pytest.mark.timeout(120)
@@ -721,6 +724,31 @@ async def test_async_append(afs, tmp_path, name):
     with pytest.raises(StaleIndexError, match="changed since it was opened for appending"):
         await f.close()
     assert await afs._cat_file(path) == b"replaced" and list(spool.iterdir()) == []
+
+
+async def test_a_pipe_cancelled_while_it_spools_leaves_no_spool(afs, tmp_path, name, monkeypatch):
+    """`_pipe_file` spools its bytes in a worker thread, which a cancellation does not stop: the spool it made
+    was handed to no one, and stayed in the spool folder for good (as big as the bytes). A cancelled step now
+    ends once its thread has, and the spool it made is removed."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    afs.spool_dir = str(spool)
+    spooling, go_on = threading.Event(), threading.Event()
+
+    def held(fd: int, data: memoryview) -> None:  # the spool's write, held until the pipe is cancelled
+        spooling.set()
+        go_on.wait(30)
+        write_all(fd, data)
+
+    monkeypatch.setattr(drive_client.fsspec, "write_all", held)
+    pipe = asyncio.create_task(afs._pipe_file(f"{name}/p.bin", b"p" * MIB))
+    assert await asyncio.to_thread(spooling.wait, 30)
+    pipe.cancel()
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await pipe
+    assert list(spool.iterdir()) == []
+    assert not await afs._exists(f"{name}/p.bin")
 
 
 async def test_async_filesystem_errors_and_pinned_reads(afs, daemon, tmp_path, drive_uri, name):
