@@ -44,6 +44,8 @@ CHANNEL_OPTIONS = [
 # Targets that name several addresses: `dns:///name:port` (every address the name resolves to, e.g. a
 # headless Service's pods) and gRPC's `ipv4:`/`ipv6:` address lists.
 SPREAD_TARGETS = ("dns:", "ipv4:", "ipv6:")
+# The schemes of gRPC's targets (its name resolvers); any other `SCHEME://` in an endpoint is a URL.
+TARGET_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("", "0", "false", "no", "off")
 
@@ -61,6 +63,11 @@ def env_flag(name: str, environ: Mapping[str, str] = os.environ) -> bool:
 def endpoint_hosts(endpoint: str) -> list[str]:
     """The hosts an endpoint names: `HOST:PORT`, `[V6]:PORT`, or a gRPC target (`dns:///HOST:PORT`, `ipv4:` and
     `ipv6:` lists of addresses); none for a `unix:` socket."""
+    return [_host(address) for address in _addresses(endpoint)]
+
+
+def _addresses(endpoint: str) -> list[str]:
+    """The addresses (`HOST:PORT`, `HOST`, `[V6]:PORT`) an endpoint names; none for a `unix:` socket."""
     if endpoint.startswith(("unix:", "unix-abstract:")):
         return []
     target = endpoint
@@ -70,7 +77,26 @@ def endpoint_hosts(endpoint: str) -> list[str]:
             if target.startswith("//"):  # dns://AUTHORITY/HOST:PORT
                 target = target[2:].partition("/")[2]
             break
-    return [_host(address) for address in target.split(",")]
+    return target.split(",")
+
+
+def check_endpoint(endpoint: str, setting: str) -> str:
+    """`endpoint` once a daemon can be there; `setting` names where it came from, for the error.
+
+    Refused: a URL (gRPC would look `http://host:port` up in DNS as one name) and a port outside 1-65535
+    (gRPC would take it modulo 65536, and reach another port): both would be tried for the whole
+    retry_seconds before failing, or worse.
+    """
+    scheme, url, _ = endpoint.partition("://")
+    if url and scheme not in TARGET_SCHEMES:
+        raise InvalidArgument(f"{setting} {endpoint!r} is a URL: give HOST:PORT (e.g. 127.0.0.1:50051), or "
+                              "dns:///NAME:PORT for every address of NAME")
+    for address in _addresses(endpoint):
+        port = address.rpartition("]")[2] if address.startswith("[") else address
+        _, colon, port = port.rpartition(":")
+        if colon and port.isdigit() and not 0 < int(port) < 65536:
+            raise InvalidArgument(f"{setting} {endpoint!r}: port {port} is not one of 1-65535; give HOST:PORT")
+    return endpoint
 
 
 def _host(address: str) -> str:
@@ -130,12 +156,14 @@ class Connection:
     ) -> Connection:
         """The connection for these arguments, each falling back to its environment variable.
 
-        $DRIVE_ENDPOINT (else 127.0.0.1:50051), $DRIVE_TLS, $DRIVE_TLS_CA,
-        $DRIVE_TLS_CERT, $DRIVE_TLS_KEY. TLS is on when `tls` (else $DRIVE_TLS)
-        says so; when neither is set, when a CA or a client certificate is
-        given. With TLS off the files are ignored.
+        $DRIVE_ENDPOINT (else 127.0.0.1:50051; `check_endpoint` refuses one no
+        daemon can be at), $DRIVE_TLS, $DRIVE_TLS_CA, $DRIVE_TLS_CERT,
+        $DRIVE_TLS_KEY. TLS is on when `tls` (else $DRIVE_TLS) says so; when
+        neither is set, when a CA or a client certificate is given. With TLS
+        off the files are ignored.
         """
-        endpoint = endpoint or os.environ.get("DRIVE_ENDPOINT") or DEFAULT_ENDPOINT
+        setting = "endpoint" if endpoint else "$DRIVE_ENDPOINT"
+        endpoint = check_endpoint(endpoint or os.environ.get("DRIVE_ENDPOINT") or DEFAULT_ENDPOINT, setting)
         ca = _path(tls_ca, "DRIVE_TLS_CA")
         cert = _path(tls_cert, "DRIVE_TLS_CERT")
         key = _path(tls_key, "DRIVE_TLS_KEY")

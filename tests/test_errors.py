@@ -207,6 +207,20 @@ def test_unreachable_daemon_is_connection_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:50051", "grpc://localhost:50051", "127.0.0.1:99999",
+                                      "dns:///localhost:0", "ipv4:127.0.0.1:1,127.0.0.1:70000"])
+def test_an_endpoint_no_daemon_can_be_at_is_value_error_at_once(twin, tmp_path, endpoint, monkeypatch):
+    """gRPC looks a URL up in DNS as one name, and takes a port modulo 65536 (99999 is 34463): the client tried
+    such an endpoint for its retry_seconds, a minute by default, then said it could not resolve it, or talked to
+    whatever listens at the other port. It is refused when the Drive is made, naming what an endpoint is."""
+    with pytest.raises(ValueError, match="HOST:PORT") as refused:
+        twin("lit://drive_1", root_folder=tmp_path, endpoint=endpoint)
+    assert endpoint in str(refused.value)
+    monkeypatch.setenv("DRIVE_ENDPOINT", endpoint)
+    with pytest.raises(ValueError, match="DRIVE_ENDPOINT"):
+        twin("lit://drive_1", root_folder=tmp_path)
+
+
 def test_default_endpoint(tmp_path, monkeypatch):
     monkeypatch.delenv("DRIVE_ENDPOINT", raising=False)
     if health_status("127.0.0.1:50051", timeout=0.5) is not None:
