@@ -158,7 +158,7 @@ from .effects import Done, advance
 from .errors import AmbiguousPathError, DataLoss, InvalidArgument, NotFound, StaleIndexError
 from .files import write_all
 from .pyarrow_exit import wait_for_pyarrow_threads
-from .uri import check_component, normalize_path, parse_drive
+from .uri import check_component, drive_path, parse_drive
 
 __all__ = ["AsyncDriveFile", "AsyncDriveFileSystem", "DriveFile", "DriveFileSystem"]
 
@@ -328,8 +328,8 @@ class _LitFileSystem:
         name, _, rest = self._strip_protocol(path).partition("/")
         if not name:
             raise InvalidArgument("a lit:// path names a drive first: 'lit://drive_1/path/in/drive'")
-        parse_drive(f"lit://{name}")  # validates the name
-        return name, normalize_path(rest, allow_root=True)
+        # The path as the daemon names it (NFC), which the steps compare its answers with.
+        return name, drive_path(parse_drive(f"lit://{name}"), rest, allow_root=True)
 
     def _drive(self, name: str) -> Any:
         """The Drive (or AsyncDrive) for drive `name`, made once per endpoint and component."""

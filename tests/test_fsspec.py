@@ -14,6 +14,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import unicodedata
 
 import fsspec
 import pytest
@@ -574,6 +575,17 @@ def test_exists_raises_what_is_not_a_missing_path(start_daemon, tmp_path, name):
     right = fsspec.filesystem("lit", endpoint=handle.endpoint, token="right", skip_instance_cache=True)
     assert right.exists(f"{name}/ckpt.pt") and not right.exists(f"{name}/none.pt")
     assert right.cat(f"{name}/ckpt.pt") == b"weights"
+
+
+def test_a_path_given_decomposed_removes_to_the_depth_asked(fs, name):
+    """The daemon answers a lit:// drive's names in Unicode NFC; `rm(..., maxdepth=)` measured each entry's depth
+    past the path as the caller spelled it, so a decomposed (NFD) name of two accents shifted the count by two
+    characters: `maxdepth=1` removed the files one level further down too."""
+    folder = f"{name}/{unicodedata.normalize('NFD', 'éé')}"
+    for path in ("a/b", "a/keep.txt", "top.txt"):
+        fs.pipe_file(f"{folder}/{path}", b"x")
+    fs.rm(folder, recursive=True, maxdepth=1)
+    assert fs.find(name) == [f"{name}/éé/a/b", f"{name}/éé/a/keep.txt"]
 
 
 def test_pickles_for_worker_processes(fs, name):
