@@ -325,6 +325,8 @@ def get(drive: DriveBase, path: str, component_name: str | None, timeout: float 
     yield from _ensure_mounted(drive)
     stream, first = yield from _open_get(drive, request)
     try:
+        if first is None:  # the daemon found a folder, then no file under it: deleted in between, or s3's marker
+            raise NotFound(f"{remote!r} in {drive.id} holds no file (deleted as the get began, or an empty folder)")
         if isinstance(first, pb.GetResponse) and _worth_ranges(first, remote):
             stream.cancel()  # read again, in blocks over several streams
             yield Blocking(_fetch_ranges, (drive, remote, first.info, target, progress), calls=True)
@@ -361,12 +363,11 @@ def _open_get(drive: DriveBase, request: pb.GetRequest) -> Plan[tuple[Stream, Ge
             request.wait_seconds = max(deadline - time.monotonic(), 0.001)  # 0 would not wait at all
 
 
-def _rest_of_get(drive: DriveBase, request: pb.GetRequest, stream: Stream, first: GetMessage | None) -> Plan[None]:
+def _rest_of_get(drive: DriveBase, request: pb.GetRequest, stream: Stream, first: GetMessage) -> Plan[None]:
     """Emits the messages of the Get `request` after `first` (read from `stream`); when the stream breaks,
     goes on from where it got on a new one (see `GetPosition`), but for what `_backoff` raises at once."""
     position = GetPosition(request)
-    if first is not None:
-        position.passed(first)
+    position.passed(first)
     backoff = _backoff(drive)
     moved = position.moved
     try:
@@ -391,11 +392,11 @@ def _rest_of_get(drive: DriveBase, request: pb.GetRequest, stream: Stream, first
 
 
 def _receive_stream(calls: Caller, drive: DriveBase, request: pb.GetRequest, stream: Stream,
-                    first: GetMessage | None, target_of: Callable[[str], Path], progress: Progress | None
+                    first: GetMessage, target_of: Callable[[str], Path], progress: Progress | None
                     ) -> list[Path]:
     """Writes the files of a Get stream whose first message was `first`; the rest is read a little ahead."""
     rest = ReadAhead(calls.iterate(_rest_of_get(drive, request, stream, first)))
-    replies: Iterable[GetMessage] = itertools.chain([first] if first is not None else [], rest)
+    replies: Iterable[GetMessage] = itertools.chain([first], rest)
     return receive_files(replies, target_of, progress=progress, sha256=_sha256(drive))
 
 

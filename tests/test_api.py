@@ -16,7 +16,7 @@ import unicodedata
 
 import grpc
 import pytest
-from conftest import Background, sha256_hex, snapshot
+from conftest import Background, paused_reads, sha256_hex, snapshot, wait_until
 
 from drive_client import AmbiguousPathError, Drive, DriveError, FileStat, StaleIndexError
 
@@ -648,6 +648,30 @@ def test_a_path_given_decomposed_is_read_as_the_daemon_names_it(make, tmp_path, 
     assert b"".join(d.read_range(f"{nfd}.txt", 1)) == b"ne"
     with pytest.raises(ValueError, match="a path is a string"):
         d.get(None)
+
+
+def test_a_folder_deleted_while_its_get_starts_is_not_found(twin, start_daemon, tmp_path):
+    """A daemon that found a folder and then none of its files (deleted in between) ends the Get with no file:
+    the get answered its local target, which it had not made, as if the folder had been fetched."""
+    pause = tmp_path / "pause"
+    handle = start_daemon(tmp_path, before=paused_reads(pause))
+    write(tmp_path / "src" / "f" / "a.txt", "a")
+    write(tmp_path / "src" / "f" / "b.txt", "b")
+    Drive("lit://gone", root_folder=tmp_path / "src", endpoint=handle.endpoint).put("f")
+    out = tmp_path / "out"
+    out.mkdir()
+    reader = twin("lit://gone", root_folder=out, endpoint=handle.endpoint)
+    pause.touch()
+    get = Background(lambda: reader.get("f"))
+    get.start()
+    try:
+        assert wait_until(pathlib.Path(f"{pause}.reached").exists, 30), "the get never reached its first read"
+        Drive("lit://gone", endpoint=handle.endpoint).delete("f")
+    finally:
+        pause.unlink()
+    with pytest.raises(FileNotFoundError, match="'f'"):
+        get.join_checked()
+    assert list(out.iterdir()) == []
 
 
 def test_a_local_read_failure_in_a_put_stream_is_raised_as_itself(make, tmp_path, drive_uri):
