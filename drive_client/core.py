@@ -378,6 +378,7 @@ def _rest_of_get(drive: DriveBase, request: pb.GetRequest, stream: Stream, first
                     if kept is not None:
                         position.passed(kept)
                         yield Emit((kept,))
+                position.ended()
                 return
             except DriveError as err:
                 if position.moved > moved:

@@ -178,6 +178,11 @@ class GetPosition:
         data, self._skip = data[self._skip:], 0
         return data
 
+    def ended(self) -> None:
+        """The stream ended: raises when a folder sent again ended before the file being handed on (deleted)."""
+        if self._replaying and self.file is not None and not self._in_file:
+            raise _deleted(self.file)
+
     def _replayed_file(self, message: GetMessage, info: pb.FileInfo, kind: str) -> GetMessage | None:
         """A file's first message in a folder sent again: None while it was handed on already."""
         file = self.file
@@ -191,4 +196,8 @@ class GetPosition:
             return None
         if info.path < (file.path if file is not None else self.done) or info.path == self.done:
             return None
-        raise StaleIndexError(f"{file.path!r} was deleted while it was read: get it again")  # type: ignore[union-attr]
+        raise _deleted(file)  # type: ignore[arg-type]
+
+
+def _deleted(file: pb.FileInfo) -> StaleIndexError:
+    return StaleIndexError(f"{file.path!r} was deleted while it was read: get it again")

@@ -241,6 +241,55 @@ def test_a_folder_get_cut_midway_completes(twin, start_daemon, tmp_path):
     assert {f"set/{p.name}": file_sha256(p) for p in (out / "set").iterdir()} == digests
 
 
+# Python for `start_daemon(before=...)`: a read of a file whose key ends with NAME, once the file is open, creates
+# PAUSE.reached and waits while PAUSE exists (the test changes the drive then).
+HELD_OPEN_READ = """
+import asyncio, os
+from drived.backends.local import LocalBackend
+
+def held(read):
+    async def read_held_open(self, key, offset=0, limit=0):
+        opened = await read(self, key, offset, limit)
+        if key.endswith({name!r}):
+            open({pause!r} + ".reached", "w").close()
+            while os.path.exists({pause!r}):
+                await asyncio.sleep(0.01)
+        return opened
+    return read_held_open
+
+LocalBackend.read = held(LocalBackend.read)
+"""
+
+
+def test_a_folder_get_whose_file_in_progress_is_deleted_before_the_resume_is_stale(twin, start_daemon, tmp_path):
+    """A folder get cut in the middle of its last file asks for the folder again and skips what it had; that file
+    deleted meanwhile, the folder came again without it, and the get raised DataLoss saying the daemon was too old
+    to send CRC32Cs ("upgrade the daemon"). It raises StaleIndexError naming the file, as when a later file comes
+    in its place."""
+    pause = tmp_path / "pause"
+    handle = start_daemon(tmp_path, before=HELD_OPEN_READ.format(name="b.bin", pause=str(pause)))
+    src = tmp_path / "src"
+    write_random_file(src / "set" / "a.bin", 3 * MIB)
+    write_random_file(src / "set" / "b.bin", 8 * MIB)
+    Drive("lit://gone", root_folder=src, endpoint=handle.endpoint).put("set")
+    out = tmp_path / "out"
+    out.mkdir()
+    pause.touch()
+    with CuttingProxy(handle.endpoint) as proxy:
+        proxy.cut_after("down", 6 * MIB)  # in b.bin
+        get = Background(lambda: twin("lit://gone", root_folder=out, endpoint=proxy.endpoint).get("set"))
+        get.start()
+        try:
+            assert wait_until(lambda: os.path.exists(f"{pause}.reached"), 30), "the get never opened b.bin"
+            Drive("lit://gone", endpoint=handle.endpoint).delete("set/b.bin")  # the open file is read on
+        finally:
+            pause.unlink()
+        with pytest.raises(StaleIndexError, match=r"'set/b\.bin' was deleted"):
+            get.join_checked()
+        assert proxy.cuts_made == 1
+    assert snapshot(out) == {"set": "dir", "set/a.bin": file_sha256(src / "set" / "a.bin")}
+
+
 def test_a_put_resumes_after_the_daemon_restarted_from_the_first_byte(twin, tmp_path):
     """A restarted daemon holds nothing: the client learns it (NOT_FOUND) and sends the file again whole."""
     port = free_port()
