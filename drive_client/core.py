@@ -123,11 +123,24 @@ def _get_request(drive: DriveBase, remote: str, target: Path, component_name: st
 
 
 def _target_of(remote: str, target: Path) -> Callable[[str], Path]:
-    """Maps the drive paths a Get of `remote` answers with to local paths under `target`."""
+    """Maps the drive paths a Get of `remote` answers with to local paths under `target`.
+
+    An s3:// drive's keys are used as the bucket holds them, and whoever writes the bucket may name one
+    `x/../../f` or `x//home/f`: a path that is not a plain one below `remote` (a '..', '.' or empty part)
+    is refused, so that no file is written outside `target`.
+    """
     prefix = remote + "/"
 
     def target_of(file_path: str) -> Path:
-        return target if file_path == remote else target / file_path.removeprefix(prefix)
+        if file_path == remote:
+            return target
+        below = file_path.removeprefix(prefix)
+        if below == file_path or {"", ".", ".."} & set(below.split("/")):
+            raise InvalidArgument(
+                f"{file_path!r} has a '..', '.' or empty part: a get of {remote!r} writes no file outside "
+                f"{str(target)!r}, so it stopped there; get the other files by their paths"
+            )
+        return target / below
 
     return target_of
 

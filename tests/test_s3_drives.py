@@ -88,6 +88,24 @@ def test_keys_outside_the_prefix_stay_invisible(s3, tmp_path):
     assert "outside" in drive(s3, f"s3://{BUCKET}/").list(".")  # the whole bucket does show it
 
 
+def test_a_folder_get_writes_nothing_outside_its_target(s3, tmp_path):
+    """An s3:// drive's keys are whoever wrote the bucket's, used as they are: a folder get of "x" wrote the key
+    "x/../../../up.txt" three folders above its target, and "x//ABSOLUTE/PATH" at that absolute path: any file
+    the user may write, from a bucket they only read. A file whose path is no plain path under the folder (a
+    '..', '.' or empty part) is refused before anything of it is written."""
+    client = s3["client"]
+    client.create_bucket(Bucket="hostile")
+    escaped = tmp_path / "escaped.txt"
+    for key in ("up/x/../../../up.txt", f"abs/x/{escaped}", "abs/x/ok.txt"):
+        client.put_object(Bucket="hostile", Key=key, Body=b"from the bucket")
+    target = tmp_path / "out" / "deep" / "x"
+    for prefix, key in (("up", "x/../../../up.txt"), ("abs", f"x/{escaped}")):
+        with pytest.raises(ValueError, match=re.escape(repr(key))):
+            drive(s3, f"s3://hostile/{prefix}/").get("x", to=target, overwrite=True)
+    assert not (tmp_path / "up.txt").exists() and not escaped.exists()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
 def test_read_only_refusals(s3, tmp_path):
     (tmp_path / "x.txt").write_bytes(b"x")
     d = drive(s3, root_folder=tmp_path)
