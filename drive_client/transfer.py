@@ -28,6 +28,7 @@ from .checksums import joined_crc32c
 from .errors import DataLoss, NotFound
 from .files import write_all
 from .pb import drive_pb2 as pb
+from .uri import normalize_path
 from .wire import SMALL_FILE, Chunk, GetMessage, PutMessage, chunk_of
 
 CHUNK_SIZE = 1 << 20
@@ -79,7 +80,11 @@ class ReadAhead(Generic[T]):
 
 
 def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
-    """(local file, drive path) for a file, or for every file under a folder, sorted."""
+    """(local file, drive path) for a file, or for every file under a folder, sorted.
+
+    Each file's drive path is checked here (`normalize_path`): a name no drive path can be (not UTF-8, a
+    control character, too long) is refused before any file is sent, naming it.
+    """
     if local.is_file():
         return [(local, remote)]
     if not local.is_dir():
@@ -90,7 +95,7 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
             path = Path(folder, name)
             if path.is_file():
                 rel = path.relative_to(local).as_posix()
-                pairs.append((path, f"{remote}/{rel}" if remote else rel))
+                pairs.append((path, normalize_path(f"{remote}/{rel}" if remote else rel)))
     return sorted(pairs, key=lambda pair: pair[1])
 
 

@@ -674,6 +674,19 @@ def test_a_folder_deleted_while_its_get_starts_is_not_found(twin, start_daemon, 
     assert list(out.iterdir()) == []
 
 
+def test_a_folder_put_with_a_name_that_is_not_unicode_is_refused_before_anything_is_sent(make, tmp_path, drive_uri):
+    """A Linux file name may be any bytes; one that is not UTF-8 cannot be a drive path. The put failed as it
+    built that file's request, with Python's bare "'utf-8' codec can't encode characters in position 2-3:
+    surrogates not allowed", naming no file, after the files sorted before it had gone."""
+    write(tmp_path / "f" / "a.txt", "a")
+    with open(os.path.join(os.fsencode(tmp_path / "f"), b"\xff.txt"), "wb") as bad:
+        bad.write(b"bad")
+    d = make(drive_uri, tmp_path)
+    with pytest.raises(ValueError, match=r"'f/\\udcff\.txt' is not valid unicode"):
+        d.put("f")
+    assert d.list(".") == []
+
+
 def test_a_local_read_failure_in_a_put_stream_is_raised_as_itself(make, tmp_path, drive_uri):
     """gRPC would report a request stream that failed locally as CANCELLED; the put raises the OSError."""
     write(tmp_path / "folder" / "a.bin", os.urandom(2 * 1024 * 1024))  # more than a message: a Put stream
