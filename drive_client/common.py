@@ -98,7 +98,7 @@ class DriveBase:
         self.component_name = check_component(component_name or os.environ.get("DRIVE_COMPONENT"))
         self.root_folder = None if root_folder is None else _existing_folder(root_folder)
         self.connection = Connection.from_settings(endpoint, tls, tls_ca, tls_cert, tls_key)
-        self.token = token or os.environ.get("DRIVE_TOKEN") or None
+        self.token = _token(token)
         self.verify = check_verify(verify)
         self.retry_seconds = _retry_seconds(retry_seconds)
         if self.token:
@@ -127,6 +127,18 @@ class DriveBase:
     @property
     def _metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+
+def _token(token: str | None) -> str | None:
+    """The bearer token: as given, else $DRIVE_TOKEN, else none. One that a gRPC header cannot carry (a newline
+    read with it from a file, a letter beyond ASCII) is refused here: gRPC would fail every call with it, without
+    a DriveError from grpc.aio. The message never shows the token."""
+    setting = "token" if token else "$DRIVE_TOKEN"
+    token = token or os.environ.get("DRIVE_TOKEN") or None
+    if token is not None and not all(" " <= c <= "~" for c in token):
+        raise InvalidArgument(f"{setting} holds a character other than printable ASCII, which a gRPC header cannot "
+                              "carry: a newline read with it from a file? Strip it")
+    return token
 
 
 def _retry_seconds(retry_seconds: float | None) -> float:

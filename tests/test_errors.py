@@ -221,6 +221,19 @@ def test_an_endpoint_no_daemon_can_be_at_is_value_error_at_once(twin, tmp_path, 
         twin("lit://drive_1", root_folder=tmp_path)
 
 
+@pytest.mark.parametrize("token", ["s3cret\n", "sécret"])
+def test_a_token_no_header_can_carry_is_value_error_at_once(twin, daemon, drive_uri, token, monkeypatch):
+    """A token read from a file keeps its newline (`Path("token").read_text()`): gRPC refused every call, Drive's
+    with a bare DriveError "Invalid metadata" (and gRPC's own lines on stderr), AsyncDrive's with grpc's
+    ExecuteBatchError, no DriveError at all. It is refused when the Drive is made, saying why, never showing it."""
+    with pytest.raises(ValueError, match="printable ASCII") as refused:
+        twin(drive_uri, endpoint=daemon.endpoint, token=token).list(".")
+    assert token.strip() not in str(refused.value)
+    monkeypatch.setenv("DRIVE_TOKEN", token)
+    with pytest.raises(ValueError, match=r"\$DRIVE_TOKEN"):
+        twin(drive_uri, endpoint=daemon.endpoint).list(".")
+
+
 def test_default_endpoint(tmp_path, monkeypatch):
     monkeypatch.delenv("DRIVE_ENDPOINT", raising=False)
     if health_status("127.0.0.1:50051", timeout=0.5) is not None:
