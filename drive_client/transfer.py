@@ -25,7 +25,7 @@ import grpc
 from crc32c import crc32c
 
 from .checksums import joined_crc32c
-from .errors import DataLoss, NotFound
+from .errors import DataLoss, InvalidArgument, NotFound
 from .files import write_all
 from .pb import drive_pb2 as pb
 from .uri import normalize_path
@@ -88,6 +88,9 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
     if local.is_file():
         return [(local, remote)]
     if not local.is_dir():
+        if local.exists():  # a pipe, a socket or a device: no size to announce, nothing to read again after a cut
+            raise InvalidArgument(f"local path {str(local)!r} is not a file or a folder: put a file (write the "
+                                  "pipe's bytes to one first)")
         raise NotFound(f"local path {str(local)!r} does not exist: nothing to put")
     pairs = []
     for folder, _dirs, names in os.walk(local):

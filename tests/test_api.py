@@ -687,6 +687,16 @@ def test_a_folder_put_with_a_name_that_is_not_unicode_is_refused_before_anything
     assert d.list(".") == []
 
 
+def test_a_put_of_a_pipe_says_what_it_is(make, tmp_path, drive_uri):
+    """`drive put <(make_data) lit://d/x` gives a pipe, which a put cannot size or read again after a cut: the put
+    said "local path '/dev/fd/63' does not exist" of a path that exists."""
+    os.mkfifo(tmp_path / "pipe")
+    d = make(drive_uri, tmp_path)
+    with pytest.raises(ValueError, match="/pipe' is not a file or a folder"):
+        d.put("pipe")
+    assert d.list(".") == []
+
+
 def test_a_local_read_failure_in_a_put_stream_is_raised_as_itself(make, tmp_path, drive_uri):
     """gRPC would report a request stream that failed locally as CANCELLED; the put raises the OSError."""
     write(tmp_path / "folder" / "a.bin", os.urandom(2 * 1024 * 1024))  # more than a message: a Put stream
