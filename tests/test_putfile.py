@@ -9,6 +9,20 @@ import pytest
 
 from drive_client import Drive
 from drive_client.pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def daemon(own_daemon):
+    """This module's own daemon: a test here asserts that its tmp folder is left empty, which the uploads that
+    another module's tests leave held in the session daemon's would break when both run in one process."""
+    return own_daemon
+
+
+@pytest.fixture(scope="module")
+def stub(daemon):
+    with grpc.insecure_channel(daemon.endpoint) as channel:
+        yield drive_pb2_grpc.DriveServiceStub(channel)
 
 
 def put_file(stub, drive: str, path: str, data: bytes, component: str = "", sha256: str | None = None,
