@@ -312,7 +312,13 @@ class ManagedDrives:
     async def _locate_or_wait(
         self, drive: str, path: str, component: str, wait_seconds: float
     ) -> list[tuple[str, ObjectInfo | None]]:
-        """Like `_locate`, but waits up to `wait_seconds` for a put to commit the path."""
+        """Like `_locate`, but waits up to `wait_seconds` for a put to commit the path.
+
+        Once it has looked, it looks again only when the drive's feed has a put
+        that may have made the path: any other change of the drive wakes it too,
+        and would otherwise cost every waiting get a look in the store (on S3,
+        requests for each component).
+        """
         self.coordinator.check_open()
         owner = f" of component {component!r}" if component else ""
         if wait_seconds <= 0:
@@ -322,20 +328,41 @@ class ManagedDrives:
             return hits
         deadline = time.monotonic() + wait_seconds
         async with self.coordinator.changes(drive) as changes:  # followed for the whole wait
+            seen: int | None = None  # the drive's latest sequence when it last looked
             while True:
                 try:
-                    seen = await changes.latest()  # taken before looking: a put after it ends the wait
+                    latest = await changes.latest()  # taken before looking: a put after it ends the wait
+                    look = seen is None or await self._put_of(drive, path, component, seen, latest)
                 except Unavailable:  # only the wait needs the coordinator: a stored file is answered without it
                     if hits := await self._locate(drive, path, component):
                         return hits
                     raise
-                hits = await self._locate(drive, path, component)
-                if hits:
+                if look and (hits := await self._locate(drive, path, component)):
                     return hits
+                seen = latest
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise WaitTimeout(f"{_shown(drive, path)}{owner} did not appear within {wait_seconds:g} s")
-                await changes.wait(seen, remaining)  # then look again, and answer if it is there
+                await changes.wait(seen, remaining)
+
+    async def _put_of(self, drive: str, path: str, component: str, after: int, until: int) -> bool:
+        """Whether the drive's events after sequence `after`, up to `until`, hold a put that may have made `path`
+        (of `component`, when named): of the path, or of a file below it. True when they are no longer kept."""
+        below = f"{path}/" if path else ""
+        while after < until:
+            try:
+                events = await self.coordinator.since(drive, after)
+            except EventsExpired:
+                return True
+            if not events:  # none kept after all: look rather than miss one
+                return True
+            for event in events:
+                made = event.entry
+                if (event.kind == "put" and (not component or made.component == component)
+                        and (made.path == path or made.path.startswith(below))):
+                    return True
+            after = events[-1].sequence
+        return False
 
     @staticmethod
     def _ambiguous(drive: str, path: str, components: list[str]) -> AmbiguousPathError:

@@ -306,6 +306,47 @@ def test_get_waits_for_put_from_another_process(twin, start_daemon, tmp_path, dr
     assert reader.stat("late.txt").component == "late_writer"
 
 
+COUNTED_LOOKS = """
+from drived.backends.local import LocalBackend
+
+def counted(stat):
+    async def stat_counted(self, key):
+        if key.endswith("/awaited.txt"):
+            with open({looks!r}, "a") as looks:
+                looks.write("look\\n")
+        return await stat(self, key)
+    return stat_counted
+
+LocalBackend.stat = counted(LocalBackend.stat)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_waiting_get_looks_again_only_after_a_put_that_may_have_made_its_path(start_daemon, tmp_path, drive_uri):
+    """Every change of a drive wakes the gets waiting on it; other paths' puts and deletes must not cost each of
+    them a look in the store (with --storage, S3 requests per component), only a put of the awaited path."""
+    looks = tmp_path / "looks"
+    handle = start_daemon(tmp_path, before=COUNTED_LOOKS.format(looks=str(looks)))
+    writer = Drive(drive_uri, component_name="writer", root_folder=str(tmp_path), endpoint=handle.endpoint)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    reader = Drive(drive_uri, component_name="reader", root_folder=str(dst), endpoint=handle.endpoint)
+    write(tmp_path / "first.txt", "first")
+    writer.put("first.txt")  # a component to look in from the first look on
+    waiting = Background(lambda: reader.get("awaited.txt", timeout=60))
+    waiting.start()
+    handle.wait_open("Get", 1, timeout=30)
+    for i in range(20):
+        write(tmp_path / f"other{i}.txt", f"other {i}")
+        writer.put(f"other{i}.txt")
+        time.sleep(0.05)  # each put a wake-up of its own
+    writer.delete("other0.txt")
+    write(tmp_path / "awaited.txt", "at last")
+    writer.put("awaited.txt")
+    assert waiting.join_checked(60).read_bytes() == b"at last"
+    assert looks.read_text().count("look") == 2  # the first look, and the one after its put
+
+
 def test_get_times_out_quickly(make, tmp_path, drive_uri):
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
