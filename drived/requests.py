@@ -250,6 +250,9 @@ class WatchRequest:
     def from_pb(cls, request: pb.WatchRequest) -> WatchRequest:
         drive = parse_drive(request.drive)
         path = drive_path(drive, request.path, allow_root=True)
+        if request.after_sequence < 0:
+            raise InvalidArgument(f"after_sequence {request.after_sequence} is negative: 0 watches from now, a "
+                                  "sequence number a watch reported resumes after it")
         return cls(drive, path, _component_filter(request.component), request.after_sequence)
 
     def reports(self, path: str, component: str) -> bool:

@@ -118,6 +118,20 @@ def test_watch_after_a_sequence_not_given_yet_is_out_of_range(daemon, drive_uri,
     resumed.cancel()
 
 
+def test_watch_after_a_negative_sequence_is_invalid(daemon, drive_uri):
+    """A negative resume point is no sequence at all: INVALID_ARGUMENT, not the OUT_OF_RANGE that tells a client
+    its events were lost."""
+    reader = Drive(drive_uri, endpoint=daemon.endpoint)
+    for after in (-1, -(2**63)):
+        stream = reader._stub.Watch(drive_pb2.WatchRequest(drive=drive_uri, after_sequence=after), timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "negative" in info.value.details()
+    with pytest.raises(ValueError, match="negative"):
+        next(iter(reader.watch(after_sequence=-1)))
+
+
 @pytest.mark.parametrize("drive", ["s3://bucket/prefix/", "lit://bad/name"])
 def test_watch_refuses_s3_and_bad_drives(stub, drive):
     with pytest.raises(grpc.RpcError) as info:

@@ -193,8 +193,8 @@ class DriveServiceStub:
     event per committed put and per deleted file, in commit order, with
     increasing sequence numbers. After a reconnect, pass the last sequence
     seen as `after_sequence` to receive what was missed. The stream does not
-    end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-    OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+    end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path, a
+    negative `after_sequence`), OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
     `after_sequence` is past the drive's latest event, so it is no sequence
     this drive reported: list the drive to resynchronise, then watch from
     now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
@@ -317,8 +317,8 @@ class DriveServiceAsyncStub(DriveServiceStub):
     event per committed put and per deleted file, in commit order, with
     increasing sequence numbers. After a reconnect, pass the last sequence
     seen as `after_sequence` to receive what was missed. The stream does not
-    end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-    OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+    end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path, a
+    negative `after_sequence`), OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
     `after_sequence` is past the drive's latest event, so it is no sequence
     this drive reported: list the drive to resynchronise, then watch from
     now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
@@ -486,8 +486,8 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         event per committed put and per deleted file, in commit order, with
         increasing sequence numbers. After a reconnect, pass the last sequence
         seen as `after_sequence` to receive what was missed. The stream does not
-        end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path),
-        OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
+        end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path, a
+        negative `after_sequence`), OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
         `after_sequence` is past the drive's latest event, so it is no sequence
         this drive reported: list the drive to resynchronise, then watch from
         now), UNAVAILABLE (the daemon is shutting down: reconnect and resume).
