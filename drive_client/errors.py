@@ -17,6 +17,8 @@ class DriveError(Exception):
     """Any error of a drive operation. `.code` is the gRPC status code or None."""
 
     status: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    # How the daemon's message starts, for a class the client tells apart from others of its status by it.
+    mark = ""
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
@@ -27,8 +29,9 @@ class DriveError(Exception):
         return self.message
 
     def details(self) -> str:
-        """The message the daemon answers this error's status with."""
-        return self.message
+        """The message the daemon answers this error's status with: marked as its class's; on the daemon the mark
+        is added, an error the client built from the daemon's answer carries it already (`from_rpc_error`)."""
+        return self.message if self.message.startswith(self.mark) else self.mark + self.message
 
 
 class InvalidArgument(DriveError, ValueError):
@@ -92,6 +95,14 @@ class ResourceExhausted(DriveError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class TooManyStreams(ResourceExhausted):
+    """The daemon serves as many transfers and watches as it takes, in all or from this client's host
+    (--max-streams, --max-streams-per-peer). Tried again within the drive's retry_seconds, as an UNAVAILABLE is:
+    streams end, and many workers of one host starting big gets at once need not fail."""
+
+    mark = "drived: busy: "
+
+
 class Unavailable(DriveError, ConnectionError):
     """The daemon cannot be reached, or answered that it cannot serve the call now (it is draining, it ended
     the stream, or `StoreUnavailable`)."""
@@ -100,11 +111,6 @@ class Unavailable(DriveError, ConnectionError):
     # How the message of every UNAVAILABLE the daemon answers starts; any other UNAVAILABLE comes from gRPC or
     # what is between (the daemon unreachable).
     mark = "drived: "
-
-    def details(self) -> str:
-        """The message marked as the daemon's: on the daemon the mark is added; an error the client built from
-        the daemon's answer carries it already (`from_rpc_error`)."""
-        return self.message if self.message.startswith(self.mark) else self.mark + self.message
 
 
 class StoreUnavailable(Unavailable):
@@ -178,6 +184,8 @@ def from_rpc_error(
     if code == grpc.StatusCode.CANCELLED and details not in LOCALLY_CANCELLED:
         code, details = grpc.StatusCode.UNAVAILABLE, "the call was cancelled on the daemon's side (a stopping daemon " \
             "cancels the calls that reach it before the client has read its GOAWAY)"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(TooManyStreams.mark):
+        return TooManyStreams(details, code)
     if code == grpc.StatusCode.UNAVAILABLE:
         if details.startswith(StoreUnavailable.mark):
             return StoreUnavailable(details, code)

@@ -22,7 +22,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-from .errors import DriveError, StaleIndexError, Unavailable
+from .errors import DriveError, StaleIndexError, TooManyStreams, Unavailable
 from .pb import drive_pb2 as pb
 from .wire import GetMessage, chunk_of
 
@@ -44,8 +44,9 @@ class Backoff:
         self._since: float | None = None  # the first failure since the stream last moved forward
 
     def check(self, error: DriveError) -> None:
-        """Raises `error` unless it is worth trying again: UNAVAILABLE but not `at_once`, with retries on."""
-        if not isinstance(error, Unavailable) or isinstance(error, self.at_once) or self.budget <= 0:
+        """Raises `error` unless it is worth trying again: UNAVAILABLE but not `at_once`, or a daemon busy with
+        other streams (`TooManyStreams`), with retries on."""
+        if not isinstance(error, (Unavailable, TooManyStreams)) or isinstance(error, self.at_once) or self.budget <= 0:
             raise error
 
     def delay(self, error: DriveError) -> float:

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from drive_client.errors import ResourceExhausted
+from drive_client.errors import TooManyStreams
 
 log = logging.getLogger("drived")
 
@@ -89,15 +89,15 @@ class Streams:
 
     @contextmanager
     def opened(self, method: str, peer: str, idle_limited: bool) -> Iterator[Stream]:
-        """Admits a stream of `method` from `peer` for the body of a `with`; ResourceExhausted when full."""
+        """Admits a stream of `method` from `peer` for the body of a `with`; TooManyStreams when full."""
         host = peer_host(peer)
         if self._per_peer[host] >= self.max_per_peer:
-            raise ResourceExhausted(
+            raise TooManyStreams(
                 f"this client's host has {self.max_per_peer} transfers and watches open, the most drived "
                 "takes from one host (--max-streams-per-peer): wait for some to end, then retry"
             )
         if len(self._open) >= self.max_streams:
-            raise ResourceExhausted(
+            raise TooManyStreams(
                 f"drived has {self.max_streams} transfers and watches open, the most it takes at once "
                 "(--max-streams): retry later"
             )

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from conftest import (
     MIB,
+    Background,
     StalledPuts,
     no_uploads,
     open_fds,
@@ -25,7 +26,7 @@ from conftest import (
 )
 
 from drive_client import Drive
-from drive_client.errors import ResourceExhausted
+from drive_client.errors import ResourceExhausted, TooManyStreams
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
 from drived.limits import Streams, peer_host
@@ -95,6 +96,41 @@ def test_streams_over_the_per_peer_cap_are_refused_and_others_are_served(start_d
         raw_put(stub, drive, "fifth.txt", b"fifth")
         assert listed(stub, drive) == ["fifth.txt", "kept.txt"]
     assert wait_until(lambda: no_uploads(handle.data_dir), 10)
+
+
+def test_a_client_refused_for_too_many_streams_tries_again_until_one_ends(start_daemon, tmp_path):
+    """Many workers of one host starting big gets at once (4 ranged streams each) pass --max-streams-per-peer
+    together: a refusal for streams is worth trying again once others end, as the message says, and the client
+    does, within retry_seconds; with retries off it raises TooManyStreams, a ResourceExhausted."""
+    handle = start_daemon(tmp_path, "--max-streams-per-peer", "4")
+    drive = "lit://busy_peer"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "wanted.txt").write_bytes(b"worth retrying")
+    Drive(drive, root_folder=str(tmp_path / "src"), endpoint=handle.endpoint).put("wanted.txt")
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        watches = [stub.Watch(pb.WatchRequest(drive=drive)) for _ in range(4)]
+        try:
+            assert all(next(watch).kind == pb.WatchEvent.KIND_WATCHING for watch in watches)
+            impatient = Drive(drive, root_folder=str(tmp_path), endpoint=handle.endpoint, retry_seconds=0)
+            with pytest.raises(TooManyStreams, match="--max-streams-per-peer") as refused:
+                impatient.get("wanted.txt", to="impatient.txt")
+            assert isinstance(refused.value, ResourceExhausted) and refused.value.code == SC.RESOURCE_EXHAUSTED
+            patient = Drive(drive, root_folder=str(tmp_path), endpoint=handle.endpoint, retry_seconds=60)
+            getting = Background(lambda: patient.get("wanted.txt", to="patient.txt"))
+            getting.start()
+            assert wait_until(lambda: handle.log().count('"status": "RESOURCE_EXHAUSTED"') >= 3, 30), handle.log()
+            assert not (tmp_path / "patient.txt").exists()
+            watches.pop().cancel()
+            assert getting.join_checked(60).read_bytes() == b"worth retrying"
+        finally:
+            for watch in watches:
+                watch.cancel()
+    assert not (tmp_path / "impatient.txt").exists()
+    quota = start_daemon(tmp_path, "--quota", "4")  # a refusal that no retry mends is raised at once
+    with pytest.raises(ResourceExhausted, match="quota") as over:
+        Drive(drive, root_folder=str(tmp_path / "src"), endpoint=quota.endpoint, retry_seconds=60).put("wanted.txt")
+    assert not isinstance(over.value, TooManyStreams)
 
 
 def test_streams_over_the_total_cap_are_refused(start_daemon, tmp_path):
