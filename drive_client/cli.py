@@ -178,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"error": str(err), "code": code, "type": type(err).__name__}))
         print(f"drive: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, without the traceback of where it landed
+        print("drive: interrupted", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0

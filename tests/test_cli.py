@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
-from conftest import BIN, sha256_hex, snapshot
+from conftest import BIN, sha256_hex, snapshot, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -212,3 +213,22 @@ def test_get_into_an_existing_folder_goes_there_with_overwrite_too(daemon, tmp_p
     ok(run(daemon, "get", f"{drive_uri}/f.txt", str(out), "--overwrite"))
     assert snapshot(out) == {"x.txt": sha256_hex(b"the user's own"), "tree": "dir",
                              "tree/x.txt": sha256_hex(b"x2"), "f.txt": sha256_hex(b"f2")}
+
+
+def test_ctrl_c_ends_a_waiting_get_with_one_line_and_no_file(daemon, tmp_path, drive_uri):
+    (tmp_path / "kept.txt").write_bytes(b"kept")
+    ok(run(daemon, "put", str(tmp_path / "kept.txt"), f"{drive_uri}/kept.txt"))
+    target = tmp_path / "late.txt"
+    waiting = daemon.open_requests("Get")
+    get = subprocess.Popen([*drive_cmd(), "--endpoint", daemon.endpoint, "get", f"{drive_uri}/late.txt", str(target),
+                            "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: daemon.open_requests("Get") > waiting, timeout=20), "the get never waited"
+        get.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, err = get.communicate(timeout=20)
+    finally:
+        get.kill()
+    assert get.returncode == 130, f"exit {get.returncode}\nstdout: {out}\nstderr: {err}"
+    assert err.strip() == "drive: interrupted", err
+    assert not target.exists()
+    assert ok(run(daemon, "ls", drive_uri)).stdout.split() == ["kept.txt"]
