@@ -7,6 +7,7 @@ flag wins over the environment, which wins over the default.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import urllib.parse
@@ -137,6 +138,31 @@ def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+# The most seconds a setting takes (about 24 days): gRPC keeps --max-connection-age in milliseconds in a C int,
+# and none of the others needs more. nan and inf are refused too: a daemon would start and misbehave with them.
+MAX_SECONDS = (2**31 - 1) // 1000
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a number of seconds, not {text!r}") from None
+    if not math.isfinite(value) or value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"give seconds, at most {MAX_SECONDS} (about 24 days), not {text}")
+    return value
+
+
+def _address(text: str) -> str:
+    """HOST:PORT, or a unix: socket: gRPC would take a port past 65535 (or -1) modulo 65536, and serve another."""
+    if not text or text.startswith(("unix:", "unix-abstract:")):
+        return text
+    _, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"give HOST:PORT with a port of 0-65535, not {text!r}")
+    return text
+
+
 def _storage(text: str) -> str:
     if not text:
         return text
@@ -203,15 +229,15 @@ def _chunk_size(text: str) -> int:
 SECRET = {"token", "coordinator"}  # values that may hold a password: never repeated in a message
 
 PARSERS: dict[str, Callable[[str], Any]] = {
-    "listen": str, "data_dir": str, "storage": _storage, "upload_expiry": _positive(float),
+    "listen": _address, "data_dir": str, "storage": _storage, "upload_expiry": _positive(_seconds),
     "max_held_uploads": _non_negative(int), "max_held_bytes": _size,
-    "coordinator": _coordinator, "claim_ttl": _positive(float), "chunk_size": _chunk_size,
-    "grace_period": _positive(float), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
+    "coordinator": _coordinator, "claim_ttl": _positive(_seconds), "chunk_size": _chunk_size,
+    "grace_period": _positive(_seconds), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
     "s3_index_memory": _positive(_size),
-    "metrics_listen": str, "token": str, "auth_tokens": str, "tls_cert": str, "tls_key": str, "tls_client_ca": str,
-    "reflection": _switch, "max_connection_age": _non_negative(float),
+    "metrics_listen": _address, "token": str, "auth_tokens": str, "tls_cert": str, "tls_key": str,
+    "tls_client_ca": str, "reflection": _switch, "max_connection_age": _non_negative(_seconds),
     "max_file_size": _size, "quota": _size, "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
-    "stream_idle_timeout": _non_negative(float), "log_level": str,
+    "stream_idle_timeout": _non_negative(_seconds), "log_level": str,
 }
 
 

@@ -319,3 +319,36 @@ def test_sigterm_answers_waiting_gets_unavailable(tmp_path, start_daemon):
         assert waiter.error.code() == grpc.StatusCode.UNAVAILABLE
     assert handle.proc.wait(25) == 0, handle.log()
     assert time.monotonic() - t0 < 20, "a waiting Get should not hold the shutdown for the grace period"
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--listen", "127.0.0.1:99999"),  # gRPC would serve port 34463 (99999 modulo 65536)
+    ("--listen", "127.0.0.1:-1"),  # ... and port 65535
+    ("--metrics-listen", "127.0.0.1:70000"),
+    ("--max-connection-age", "3000000"),  # 35 days: past what gRPC holds in milliseconds
+    ("--max-connection-age", "nan"),
+    ("--grace-period", "inf"),
+    ("--upload-expiry", "nan"),
+    ("--claim-ttl", "1e30"),
+    ("--stream-idle-timeout", "nan"),
+])
+def test_a_bad_address_or_seconds_value_is_refused_naming_its_flag(tmp_path, flag, value):
+    data = tmp_path / "data"
+    (data / "tmp").mkdir(parents=True)
+    (data / "tmp" / "held").write_bytes(b"an upload a running daemon would remove")
+    before = snapshot(data)
+    env_name = "DRIVED_" + flag[2:].upper().replace("-", "_")
+    for args, env, named in (([flag, value], {}, flag), ([], {env_name: value}, env_name)):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "drived", "--data-dir", str(data), *args], cwd=ROOT,
+            env={**os.environ, "DRIVED_LISTEN": f"127.0.0.1:{free_port()}", **env},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        assert proc.returncode == 2, f"{named}={value} was not refused: exit {proc.returncode}\n{out}{err}"
+        assert "Traceback" not in err and named in err.strip().splitlines()[-1], err
+    assert snapshot(data) == before
