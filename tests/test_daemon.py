@@ -352,3 +352,15 @@ def test_a_bad_address_or_seconds_value_is_refused_naming_its_flag(tmp_path, fla
         assert proc.returncode == 2, f"{named}={value} was not refused: exit {proc.returncode}\n{out}{err}"
         assert "Traceback" not in err and named in err.strip().splitlines()[-1], err
     assert snapshot(data) == before
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_a_data_dir_that_is_a_file_is_refused_naming_the_flag(tmp_path, below):
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"not a folder")
+    data = taken / below if below else taken
+    res = subprocess.run([sys.executable, "-m", "drived", "--listen", f"127.0.0.1:{free_port()}",
+                          "--data-dir", str(data)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"--data-dir {data}" in res.stderr.strip().splitlines()[-1], res.stderr
+    assert taken.read_bytes() == b"not a folder"

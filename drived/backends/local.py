@@ -461,8 +461,12 @@ class LocalBackend(Backend):
         self.committer = CommitWorker()
         self.legacy_tables = LegacyTables()  # block tables of format 1 files, built when first read
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        os.makedirs(self.root, exist_ok=True)
-        os.makedirs(self.tmp_dir, exist_ok=True)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            os.makedirs(self.tmp_dir, exist_ok=True)
+        except OSError as err:  # a file there, a missing mount, no permission: the start ends, saying why
+            raise SystemExit(f"drived: --data-dir {data_dir}: cannot make its folders: {err.strerror}: "
+                             f"{err.filename}") from None
 
     async def close(self) -> None:
         self.legacy_tables.close()
