@@ -42,7 +42,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DRIVED_LISTEN=0.0.0.0:50051 \
     DRIVED_DATA_DIR=/data
-USER drived
+# By number: Kubernetes' runAsNonRoot (deploy/k8s) can check only a numeric user.
+USER 10001:10001
 WORKDIR /data
 VOLUME /data
 EXPOSE 50051

@@ -122,3 +122,13 @@ def test_the_deployments_configure_the_coordinator():
     assert len(urls) == 2, urls
     for url in urls:
         assert config.PARSERS["coordinator"](url) == url
+
+
+def test_the_image_user_is_a_number_the_k8s_manifest_can_check_is_not_root():
+    # With runAsNonRoot the kubelet checks the image's USER before starting the container, and it can check
+    # only a number: a name fails every pod with CreateContainerConfigError ("image has non-numeric user").
+    assert "runAsNonRoot: true" in (ROOT / "deploy" / "k8s" / "drived.yaml").read_text()
+    users = re.findall(r"^USER (\S+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert users, "the Dockerfile sets no USER: the image would run as root"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and int(uid) != 0 and (not gid or gid.isdigit()), f"USER {users[-1]}"
