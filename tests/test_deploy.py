@@ -9,6 +9,7 @@ through it, whichever replica takes each.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -16,17 +17,28 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+import yaml
 from conftest import ROOT, Background, DaemonHandle, free_port, health_status, wait_until
 from grpc_health.v1 import health_pb2
 from test_cluster import Cluster
 
 from bench.services import ServiceUnavailable, ensure_nginx
 from drive_client import Drive
+from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drived import config
 
 UPSTREAM_SERVER = re.compile(r"^(\s*)server drived-\d+:50051( [^;]*)?;$", re.MULTILINE)
 LISTEN = re.compile(r"^(\s*)listen 50051 http2;$", re.MULTILINE)
+
+
+def compose_stream_caps() -> list[str]:
+    """The flags of the stream caps that deploy/compose.yaml gives its replicas (none: the defaults)."""
+    environment = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["x-drived"]["environment"]
+    caps = [name for name in environment if name.startswith("DRIVED_MAX_STREAMS")]
+    return [flag for name in caps for flag in ("--" + name[len("DRIVED_"):].lower().replace("_", "-"),
+                                               str(environment[name]))]
 
 
 def templated(replicas: list[str], port: int) -> str:
@@ -55,7 +67,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, list[DaemonHandle]]]:
     made = Cluster(tmp_path)
     proc = None
     try:
-        replicas = [made.replica(), made.replica()]
+        replicas = [made.replica(*compose_stream_caps()), made.replica(*compose_stream_caps())]
         port = free_port()
         conf = tmp_path / "nginx.conf"
         conf.write_text(templated([r.endpoint for r in replicas], port))
@@ -132,3 +144,32 @@ def test_the_image_user_is_a_number_the_k8s_manifest_can_check_is_not_root():
     assert users, "the Dockerfile sets no USER: the image would run as root"
     uid, _, gid = users[-1].partition(":")
     assert uid.isdigit() and int(uid) != 0 and (not gid or gid.isdigit()), f"USER {users[-1]}"
+
+
+def test_the_replicas_behind_nginx_serve_more_waiting_gets_than_one_host_may_open(cluster, drive_uri):
+    # Behind nginx every client is nginx's address: the replicas' cap per client host is the cap of all clients
+    # together. More waiting gets than two replicas take from one host by default, from many "workers"
+    # (channels: nginx takes 128 streams a connection), must all wait.
+    endpoint, replicas = cluster
+    count = 2 * config.Config.max_streams_per_peer + 1
+
+    async def wait_them() -> list[grpc.StatusCode]:
+        channels = [grpc.aio.insecure_channel(endpoint, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(count // 100 + 1)]
+        calls = [drive_pb2_grpc.DriveServiceStub(channels[i % len(channels)]).Get(
+            drive_pb2.GetRequest(drive=drive_uri, path="late.txt", wait_seconds=120)) for i in range(count)]
+        reads = [asyncio.ensure_future(call.read()) for call in calls]
+        try:
+            deadline = asyncio.get_running_loop().time() + 60
+            while sum(r.open_requests("Get") for r in replicas) + sum(r.done() for r in reads) < count:
+                assert asyncio.get_running_loop().time() < deadline, "the gets neither waited nor were refused"
+                await asyncio.sleep(0.2)
+            return [read.exception().code() for read in reads if read.done()]  # type: ignore[union-attr]
+        finally:
+            for call in calls:
+                call.cancel()
+            for channel in channels:
+                await channel.close()
+
+    refused = asyncio.run(wait_them())
+    assert not refused, f"{len(refused)} of {count} gets refused: {set(refused)}"
