@@ -173,3 +173,28 @@ def test_the_replicas_behind_nginx_serve_more_waiting_gets_than_one_host_may_ope
 
     refused = asyncio.run(wait_them())
     assert not refused, f"{len(refused)} of {count} gets refused: {set(refused)}"
+
+
+def test_one_worker_waiting_on_many_gets_through_nginx_still_lists(cluster, drive_uri):
+    # One process shares one connection to nginx: its streams past nginx's per-connection cap (128 by default)
+    # would queue behind the waiting gets, and so would its list, as they do not when it talks to drived itself.
+    endpoint, replicas = cluster
+    count = 200
+
+    async def list_while_waiting() -> list[str]:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            stub = drive_pb2_grpc.DriveServiceStub(channel)
+            calls = [stub.Get(drive_pb2.GetRequest(drive=drive_uri, path="late.txt", wait_seconds=120))
+                     for _ in range(count)]
+            try:
+                deadline = asyncio.get_running_loop().time() + 60
+                while sum(r.open_requests("Get") for r in replicas) < min(count, 128):
+                    assert asyncio.get_running_loop().time() < deadline, "the gets did not wait"
+                    await asyncio.sleep(0.2)
+                listed = await stub.List(drive_pb2.ListRequest(drive=drive_uri, path="."), timeout=10)
+                return [e.path for e in listed.entries]
+            finally:
+                for call in calls:
+                    call.cancel()
+
+    assert asyncio.run(list_while_waiting()) == []
