@@ -20,7 +20,7 @@ from drive_client.wire import add_fast_servicer
 from . import metrics
 from .auth import Access, TokenFileError
 from .backends.base import Backend
-from .backends.local import LocalBackend
+from .backends.local import DataDirInUse, LocalBackend
 from .backends.s3 import S3Backend
 from .config import MESSAGE_LIMIT, Config
 from .coordinator import Coordinator
@@ -48,7 +48,10 @@ def make_backend(config: Config) -> Backend:
         where = parse_drive(config.storage)
         return S3Backend(where.bucket, where.prefix, config.chunk_size, config.upload_expiry,
                          config.stream_idle_timeout)
-    return LocalBackend(config.data_dir, Descriptors.of_this_process(), config.chunk_size)
+    try:
+        return LocalBackend(config.data_dir, Descriptors.of_this_process(), config.chunk_size)
+    except DataDirInUse as err:
+        raise SystemExit(f"drived: {err}") from None
 
 
 def make_coordinator(config: Config) -> Coordinator:

@@ -201,6 +201,45 @@ def test_taken_port_by_other_program_fails_loudly(tmp_path):
         assert endpoint.split(":")[1] in handle.log()
 
 
+
+def test_a_second_daemon_on_a_data_dir_in_use_is_refused_and_leaves_the_first_ones_uploads(tmp_path, start_daemon):
+    """drived run twice on one data dir (by mistake: the defaults twice, or another --listen): the second one
+    removed the first one's uploads from tmp/ at its start-up, before it failed on the taken port, and on a port
+    of its own wrote its uploads under the first one's names: the first one's resumed put failed INTERNAL, or was
+    acknowledged holding the second one's bytes (DATA_LOSS on every get)."""
+    first = start_daemon(tmp_path)
+    data = os.urandom(3 * MIB)
+    ch, stub = stub_for(first.endpoint)
+    with ch:
+        raw_put(stub, "lit://shared", "kept.bin", b"stored before")
+        header = pb.PutHeader(drive="lit://shared", path="held.bin", upload_id="u-held")
+        assert rpc_code(lambda: stub.Put(iter([pb.PutRequest(header=header), pb.PutRequest(data=data[:2 * MIB])]),
+                                         timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT  # no finish: held
+        before = snapshot(first.data_dir)
+        for i, listen in enumerate((first.endpoint, f"127.0.0.1:{free_port()}")):
+            second = spawn_daemon(["--listen", listen, "--data-dir", str(first.data_dir)],
+                                  tmp_path / f"second-{i}.log", first.data_dir, listen)
+            try:
+                rc = second.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                second.stop(signal.SIGKILL)
+                pytest.fail(f"a second daemon on a data dir in use kept running on {listen}")
+            assert rc != 0
+            assert snapshot(first.data_dir) == before
+            assert f"{first.data_dir} is in use by another drived" in second.log(), second.log()
+            assert "Traceback" not in second.log(), second.log()
+        header.write_offset = 2 * MIB
+        rest = [pb.PutRequest(data=data[2 * MIB:]), pb.PutRequest(finish=pb.PutFinish(sha256=sha256_hex(data)))]
+        stub.Put(iter([pb.PutRequest(header=header), *rest]), timeout=30)
+        assert [d for _, d in raw_get(stub, "lit://shared", "held.bin")] == [data]
+        assert [d for _, d in raw_get(stub, "lit://shared", "kept.bin")] == [b"stored before"]
+    assert first.stop() == 0
+    again = start_daemon(tmp_path, data_dir=first.data_dir)  # the lock goes with the daemon that held it
+    ch, stub = stub_for(again.endpoint)
+    with ch:
+        assert [d for _, d in raw_get(stub, "lit://shared", "held.bin")] == [data]
+
+
 def find_tmp_dir(data_dir):
     """Where the daemon keeps temporary upload data (it creates it at start-up)."""
     for name in (".tmp", "tmp"):

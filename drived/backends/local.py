@@ -4,7 +4,8 @@ Layout: `DATA_DIR/objects/<key>` holds each object (its format is in
 `stored.py`), `DATA_DIR/tmp/` the uploads in progress. An upload is written
 to `tmp/`, fsynced, and renamed over its key in one step; the rename is what
 makes it visible. Whatever `tmp/` holds at start-up is the leftover of a
-crash and is removed.
+crash and is removed. `DATA_DIR/lock` is locked by the one daemon that uses
+the data dir, for its whole life (`lock_data_dir`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
 import itertools
 import logging
@@ -74,6 +76,29 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux: a read that fails rather tha
 
 log = logging.getLogger("drived")
 T = TypeVar("T")
+
+
+class DataDirInUse(Exception):
+    """Another daemon holds the data dir's lock."""
+
+
+def lock_data_dir(data_dir: str) -> int:
+    """A descriptor holding the lock of `data_dir`, which it keeps while it is open (the kernel drops the lock of a
+    process that dies, however it dies); DataDirInUse when another daemon holds it.
+
+    A second daemon on a data dir in use would remove the first one's uploads
+    from `tmp/` at its start-up and then write its own under the same names.
+    """
+    fd = os.open(os.path.join(data_dir, "lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirInUse(
+            f"the data dir {data_dir} is in use by another drived (it holds {data_dir}/lock): give each daemon "
+            "its own --data-dir; daemons that serve the same drives share them through --storage"
+        ) from None
+    return fd
 
 
 def _read_cached(fd: int, size: int, offset: int) -> memoryview | None:
@@ -460,9 +485,10 @@ class LocalBackend(Backend):
         self.listings = FolderCache()  # each folder read once while unchanged
         self.committer = CommitWorker()
         self.legacy_tables = LegacyTables()  # block tables of format 1 files, built when first read
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
         try:
             os.makedirs(self.root, exist_ok=True)
+            self._lock = lock_data_dir(data_dir)  # before tmp/ is emptied: it may be another's
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
             os.makedirs(self.tmp_dir, exist_ok=True)
         except OSError as err:  # a file there, a missing mount, no permission: the start ends, saying why
             raise SystemExit(f"drived: --data-dir {data_dir}: cannot make its folders: {err.strerror}: "
@@ -471,6 +497,7 @@ class LocalBackend(Backend):
     async def close(self) -> None:
         self.legacy_tables.close()
         await self.committer.close()
+        os.close(self._lock)
 
     def _path(self, key: str) -> str:
         """The file or folder of `key`; refuses a key that goes through a symlink in the data dir."""
