@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import pathlib
+import stat
 
 import grpc
 import pytest
@@ -319,6 +320,30 @@ def test_symlinks_in_data_dir_not_followed_out(start_daemon, tmp_path):
         with contextlib.suppress(grpc.RpcError):
             stub.Delete(pb.DeleteRequest(drive="lit://sym", path="filelink"), timeout=10)
     assert secret.read_bytes() == b"TOP SECRET outside the data dir"
+
+
+def test_a_pipe_planted_in_the_data_dir_is_no_file_and_holds_up_nothing(start_daemon, tmp_path):
+    """drived never makes pipes: one planted where a file could be is not there for a stat or a get. Opening it
+    for reading waited for a writer, on the event loop: the daemon answered nothing more, health included."""
+    handle = start_daemon(tmp_path)
+    with grpc.insecure_channel(handle.endpoint) as ch:
+        stub = drive_pb2_grpc.DriveServiceStub(ch)
+        raw_put(stub, "lit://piped", "real.txt", b"a real stored file")
+        stored = next(handle.data_dir.rglob("real.txt"))
+        before = stored.read_bytes()
+        os.mkfifo(stored.parent / "pipe")
+        for call in (
+            lambda: stub.Stat(pb.StatRequest(drive="lit://piped", path="pipe"), timeout=10),
+            lambda: list(stub.Get(pb.GetRequest(drive="lit://piped", path="pipe"), timeout=10)),
+        ):
+            with pytest.raises(grpc.RpcError) as exc:
+                call()
+            assert exc.value.code() == grpc.StatusCode.NOT_FOUND, exc.value.details()
+        assert [e.path for e in stub.List(pb.ListRequest(drive="lit://piped", path="."), timeout=10).entries] == [
+            "real.txt"]
+        assert [(info.path, data) for info, data in raw_get(stub, "lit://piped", ".")] == [
+            ("real.txt", b"a real stored file")]
+        assert stat.S_ISFIFO((stored.parent / "pipe").lstat().st_mode) and stored.read_bytes() == before
 
 
 def test_symlinks_in_data_dir_refused_even_when_they_stay_inside(start_daemon, tmp_path):

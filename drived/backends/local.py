@@ -546,9 +546,13 @@ class LocalBackend(Backend):
         return LocalUpload(self, key, path)
 
     def _open_file(self, key: str) -> int:
-        """A descriptor of the file or folder at `key`, for reading; Missing when nothing is there."""
+        """A descriptor of the file or folder at `key`, for reading; Missing when nothing is there.
+
+        Non-blocking: opening a pipe planted there would otherwise wait for a
+        writer, on the event loop (a regular file ignores the flag).
+        """
         try:
-            return os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 raise Missing(key, "does not exist") from None
