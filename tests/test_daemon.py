@@ -240,6 +240,26 @@ def test_a_second_daemon_on_a_data_dir_in_use_is_refused_and_leaves_the_first_on
         assert [d for _, d in raw_get(stub, "lit://shared", "held.bin")] == [data]
 
 
+
+NO_LOCKS = """
+import errno, fcntl
+def flock(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+fcntl.flock = flock
+"""
+
+
+def test_a_data_dir_that_cannot_be_locked_is_served_with_a_warning(tmp_path, start_daemon):
+    """A file system without locks (an NFS mount without its lock service: ENOLCK) is no reason to refuse to
+    serve: the daemon says that it cannot guard the data dir, and serves."""
+    handle = start_daemon(tmp_path, before=NO_LOCKS)
+    assert "the data dir cannot be locked" in handle.log()
+    ch, stub = stub_for(handle.endpoint)
+    with ch:
+        raw_put(stub, "lit://unlocked", "f.txt", b"stored")
+        assert [d for _, d in raw_get(stub, "lit://unlocked", "f.txt")] == [b"stored"]
+
+
 def find_tmp_dir(data_dir):
     """Where the daemon keeps temporary upload data (it creates it at start-up)."""
     for name in (".tmp", "tmp"):

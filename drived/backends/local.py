@@ -98,6 +98,9 @@ def lock_data_dir(data_dir: str) -> int:
             f"the data dir {data_dir} is in use by another drived (it holds {data_dir}/lock): give each daemon "
             "its own --data-dir; daemons that serve the same drives share them through --storage"
         ) from None
+    except OSError as err:  # a file system without locks (a network mount without its lock service): unguarded
+        log.warning("the data dir cannot be locked: a second daemon started on it would not be refused",
+                    extra={"fields": {"data_dir": data_dir, "error": str(err)}})
     return fd
 
 
