@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import pathlib
 import signal
+import struct
+import termios
 
+import grpc
 import pytest
-from conftest import wait_until
+from conftest import put_messages, raw_get, raw_put, rpc_code, wait_until
 
 from drive_client import Drive
 from drive_client.errors import Unavailable
+from drive_client.pb import drive_pb2_grpc
 from drived.backends.commit_worker import CONFIRMS_IN_FLIGHT, BeforeVisible, CommitWorker, Job
 from drived.checksums import ClientChecksums
 
@@ -65,6 +70,38 @@ def test_a_killed_commit_worker_is_started_again_and_nothing_is_lost(start_daemo
         assert (out / name).read_bytes() == data
     assert sorted(reader.list(".")) == sorted(stored)
     assert list((daemon.data_dir / "tmp").iterdir()) == []
+
+
+def queued_bytes(pid: int) -> int:
+    """The bytes waiting in the pipe that is process `pid`'s stdin (a batch the commit worker has not read yet)."""
+    with open(f"/proc/{pid}/fd/0", "rb", buffering=0) as pipe:
+        return struct.unpack("i", fcntl.ioctl(pipe, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def test_a_commit_worker_dies_with_its_daemon_and_commits_nothing_over_the_next_ones_puts(
+    start_daemon, drive_uri, tmp_path
+):
+    """The commit worker of a daemon killed with SIGKILL (the OOM killer, a crash) lived on to the end of the
+    batch it had, however long its disk took: by then a daemon started again had stored a newer version of a path
+    of that batch, acknowledged, and the worker renamed its older version, never acknowledged, over it."""
+    daemon = start_daemon(tmp_path)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(daemon.endpoint))
+    raw_put(stub, drive_uri, "f.txt", b"version 0")  # starts the commit worker
+    [worker] = commit_workers(daemon.proc.pid)
+    os.kill(worker, signal.SIGSTOP)  # a worker slow to take its next batch (its disk busy)
+    try:
+        lost = stub.Put.future(put_messages(drive_uri, "f.txt", b"version 1"), timeout=30)
+        assert wait_until(lambda: queued_bytes(worker) > 0, 10), "the daemon never sent the batch"
+        daemon.stop(signal.SIGKILL)
+        assert rpc_code(lambda: lost.result(30)) == grpc.StatusCode.UNAVAILABLE
+        again = start_daemon(tmp_path, data_dir=daemon.data_dir)
+        stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(again.endpoint))
+        raw_put(stub, drive_uri, "f.txt", b"version 2")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
+    assert wait_gone(worker)
+    assert [data for _, data in raw_get(stub, drive_uri, "f.txt")] == [b"version 2"]
 
 
 def test_ctrl_c_stops_the_daemon_and_its_commit_worker_with_every_put_kept(start_daemon, drive_uri, tmp_path):

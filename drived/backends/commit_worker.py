@@ -22,6 +22,7 @@ hashing up to a megabyte never holds up the event loop.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import pickle
 import signal
@@ -45,6 +46,7 @@ CONFIRMS_IN_FLIGHT = 2  # batches whose `before_visible` is awaited at once: one
 # Files committed at once: the disk takes fsyncs in parallel faster than one after another
 # (here 1,000 small files: 3,000/s one by one, 5,500/s four at a time).
 COMMIT_THREADS = 4
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent ends
 
 # A small commit: the temporary file to write, the object's path, its bytes, and the checksums the client sent.
 Job = tuple[str, str, bytes, ClientChecksums]
@@ -279,7 +281,8 @@ class CommitWorker:
             raise _Closed
         if self._process is None or self._process.returncode is not None:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", __name__, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+                sys.executable, "-m", __name__, str(os.getpid()),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )
             if self._closed:  # while it started: `close` found no process to stop
                 await self._stop()
@@ -318,8 +321,24 @@ class CommitWorker:
             await process.wait()
 
 
+def _die_with(daemon: int) -> None:
+    """Has the kernel kill this process as soon as the daemon, its parent, ends, however it ends (Linux).
+
+    A daemon that stops closes the worker's stdin and waits for it; one
+    killed cannot. Its worker, left to finish its batch, would go on
+    renaming files into place after a daemon started again has stored newer
+    versions of the same paths, and put its older ones, never acknowledged,
+    over them.
+    """
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != daemon:  # it ended before that was set
+        sys.exit(1)
+
+
 def main() -> None:
     """The worker: answers each batch read from stdin on stdout, until stdin closes."""
+    _die_with(int(sys.argv[1]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the daemon: it stops the worker when done
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
