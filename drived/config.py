@@ -82,10 +82,10 @@ HELP = {
     "grace_period": "seconds that SIGTERM/SIGINT lets in-flight transfers finish before they are cancelled",
     "s3_list_concurrency": "parallel ListObjectsV2 calls when mounting an s3:// drive",
     "s3_page_size": "MaxKeys of each ListObjectsV2 call",
-    "s3_index_memory": "bytes the indexes of mounted s3:// drives hold at most (about 80 per object; K, M, G, T: "
-    "powers of 1024): past it the least recently used are dropped, and indexed again at their next use; the "
-    "mounts in progress take at most as much again between them, and one that would pass it is refused with "
-    "RESOURCE_EXHAUSTED",
+    "s3_index_memory": "bytes the indexes of mounted s3:// drives hold at most (about 80 per object and 1.5 K "
+    "per location; K, M, G, T: powers of 1024): past it the least recently used are dropped, and indexed again "
+    "at their next use; the mounts in progress take at most as much again between them, and one that would pass "
+    "it is refused with RESOURCE_EXHAUSTED",
     "metrics_listen": "HOST:PORT to serve Prometheus metrics on (/metrics); empty: no metrics endpoint",
     "token": "when set, every DriveService call must carry `authorization: Bearer TOKEN` (UNAUTHENTICATED "
     "otherwise): one token for every drive, read-write, beside those of --auth-tokens; health and reflection "

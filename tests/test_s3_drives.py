@@ -185,6 +185,29 @@ def test_mounted_indexes_stay_within_s3_index_memory(s3, start_daemon, tmp_path)
     assert s3["client"].get_object(Bucket=bucket, Key="a/k0001")["Body"].read() == b"a/k0001"  # store untouched
 
 
+def test_many_small_mounts_stay_within_s3_index_memory(s3, start_daemon, tmp_path):
+    """A held index counts what it costs beside its arrays (its objects, its place in the daemon, its metric's
+    series: over 1 KB for an empty location), so a client mounting many small locations (a drive per shard or
+    per run) cannot make the daemon hold past --s3-index-memory; the dropped ones are indexed again at their
+    next use."""
+    memory = 64 * 1024
+    daemon = start_daemon(tmp_path, "--s3-index-memory", str(memory), env={**AWS_ENV, "AWS_ENDPOINT_URL": s3["url"]})
+
+    def shard(i: int) -> Drive:
+        return Drive(f"s3://{BUCKET}/shard{i:03d}/", endpoint=daemon.endpoint, root_folder=tmp_path)
+
+    for i in range(100):
+        assert shard(i).mount().objects == 0
+    held = _index_metrics(daemon)
+    series = [name for name in held if name.startswith("drived_s3_index_objects{")]
+    assert 0 < len(series) <= memory // 1024, len(series)
+    assert 0 < held["drived_s3_index_bytes"] <= memory, held
+    assert 'drived_s3_index_objects{drive="s3://datasets/shard099/"}' in held, held  # the last used is kept
+    assert shard(0).list(".") == []  # dropped, indexed again
+    val = Drive(f"s3://{BUCKET}/imagenet/val/", endpoint=daemon.endpoint, root_folder=tmp_path)
+    assert val.get("unicodé.jpg").read_bytes() == "imagenet/val/unicodé.jpg".encode()  # the others still served
+
+
 def test_missing_bucket_is_not_found_and_the_daemon_keeps_serving(s3):
     with pytest.raises(FileNotFoundError) as missing:
         drive(s3, "s3://no-such-bucket/").list(".")
