@@ -26,11 +26,12 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from crc32c import crc32c
 from moto_server import aws_env, closed_port, moto_env, running_moto  # noqa: F401  (moto_env is a fixture)
+from rewriting_s3_proxy import RewritingS3Proxy
 
 from bench.s3_listing_server import BUCKET as LISTING_BUCKET
 from bench.s3_listing_server import synthetic_keys
 from bench.services import S3ListingServer
-from drive_client.errors import InvalidArgument, NotFound, PermissionDenied, StaleIndexError, Unavailable
+from drive_client.errors import DriveError, InvalidArgument, NotFound, PermissionDenied, StaleIndexError, Unavailable
 from drived.checksums import RunningCrc32c
 from drived.s3index import S3Entry, S3Index, S3Mounts, direct, pages, read_object, reader
 from drived.s3index.index import canonical_stamp, make_run
@@ -278,6 +279,55 @@ async def test_changed_object_is_stale(moto_env: str) -> None:  # noqa: F811
 
 
 # -- errors -------------------------------------------------------------------------------
+
+
+def _without_tokens(query: dict[str, str], body: bytes) -> bytes:
+    """A page that says more keys follow and gives no token to list them with (an endpoint that ignores
+    list-type=2 answers so: ListObjects v1 has no NextContinuationToken)."""
+    return re.sub(rb"<NextContinuationToken>[^<]*</NextContinuationToken>", b"", body)
+
+
+def _out_of_order(query: dict[str, str], body: bytes) -> bytes:
+    """A page whose keys come in another order than S3's (UTF-8 bytes), as an endpoint sorting otherwise sends."""
+    rows = re.findall(rb"<Contents>.*?</Contents>", body, re.S)
+    if not rows:
+        return body
+    start, end = body.index(rows[0]), body.index(rows[-1]) + len(rows[-1])
+    return body[:start] + b"".join(reversed(rows)) + body[end:]
+
+
+def _stuck(query: dict[str, str], body: bytes) -> bytes:
+    """A page that gives back the token it was asked with: the next page is this one again, forever."""
+    sent = query.get("continuation-token")
+    if not sent:
+        return body
+    return re.sub(rb"<NextContinuationToken>[^<]*</", b"<NextContinuationToken>%s</" % sent.encode(), body)
+
+
+@pytest.mark.parametrize(("rewrite", "why"), [
+    (_without_tokens, "no NextContinuationToken"), (_out_of_order, "out of S3's order"),
+    (_stuck, "the continuation token it was asked with"),
+])
+async def test_a_listing_that_cannot_be_right_is_refused(moto_env: str, rewrite: Any, why: str) -> None:  # noqa: F811
+    """A listing answer that cannot be right fails the mount with an error naming the location and the
+    endpoint: never an index of part of the location, or one out of order, served as if complete."""
+    s3 = _s3()
+    s3.create_bucket(Bucket="drv-lies")
+    objects = {f"d/k{i:02d}": f"k{i}".encode() for i in range(40)}
+    _put_all("drv-lies", objects)
+    with RewritingS3Proxy(moto_env, rewrite) as proxy, aws_env(proxy.url):
+        m = S3Mounts(concurrency=1, page_size=10, memory=64 * 1024)  # one thread: no partition ends the stuck one
+        try:
+            for _ in range(2):  # the mount, then the index a list would use
+                with pytest.raises(DriveError, match=why) as refused:
+                    await m.index("drv-lies", "d/")
+                assert "s3://drv-lies/d/" in str(refused.value) and proxy.url in str(refused.value)
+                assert not m.mounted("drv-lies", "d/")
+        finally:
+            await m.close()
+    listed = s3.list_objects_v2(Bucket="drv-lies")["Contents"]  # the bucket as it was
+    assert [c["Key"] for c in listed] == list(objects)
+    assert s3.get_object(Bucket="drv-lies", Key="d/k07")["Body"].read() == b"k7"
 
 
 async def test_missing_bucket_is_not_found(moto_env: str, mounts: S3Mounts) -> None:  # noqa: F811

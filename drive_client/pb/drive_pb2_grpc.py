@@ -198,7 +198,10 @@ class DriveServiceServicer:
         one location share one indexing run; reads during a re-index are served
         from the previous complete index. Errors: INVALID_ARGUMENT (not an s3://
         drive), NOT_FOUND (no such bucket), PERMISSION_DENIED (S3 refused the
-        listing), UNAVAILABLE (the S3 endpoint cannot be reached).
+        listing), UNAVAILABLE (the S3 endpoint cannot be reached), UNKNOWN (the
+        endpoint answered a listing that cannot be right: keys out of S3's
+        order, or a page saying more keys follow without a token to list them
+        with; nothing is indexed, rather than part of the location).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -184,7 +184,10 @@ class DriveServiceStub:
     one location share one indexing run; reads during a re-index are served
     from the previous complete index. Errors: INVALID_ARGUMENT (not an s3://
     drive), NOT_FOUND (no such bucket), PERMISSION_DENIED (S3 refused the
-    listing), UNAVAILABLE (the S3 endpoint cannot be reached).
+    listing), UNAVAILABLE (the S3 endpoint cannot be reached), UNKNOWN (the
+    endpoint answered a listing that cannot be right: keys out of S3's
+    order, or a page saying more keys follow without a token to list them
+    with; nothing is indexed, rather than part of the location).
     """
     Watch: _grpc.UnaryStreamMultiCallable[_drive_pb2.WatchRequest, _drive_pb2.WatchEvent]
     """Streams the puts and deletes of a managed drive as they commit, for
@@ -308,7 +311,10 @@ class DriveServiceAsyncStub(DriveServiceStub):
     one location share one indexing run; reads during a re-index are served
     from the previous complete index. Errors: INVALID_ARGUMENT (not an s3://
     drive), NOT_FOUND (no such bucket), PERMISSION_DENIED (S3 refused the
-    listing), UNAVAILABLE (the S3 endpoint cannot be reached).
+    listing), UNAVAILABLE (the S3 endpoint cannot be reached), UNKNOWN (the
+    endpoint answered a listing that cannot be right: keys out of S3's
+    order, or a page saying more keys follow without a token to list them
+    with; nothing is indexed, rather than part of the location).
     """
     Watch: _aio.UnaryStreamMultiCallable[_drive_pb2.WatchRequest, _drive_pb2.WatchEvent]  # type: ignore[assignment]
     """Streams the puts and deletes of a managed drive as they commit, for
@@ -471,7 +477,10 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         one location share one indexing run; reads during a re-index are served
         from the previous complete index. Errors: INVALID_ARGUMENT (not an s3://
         drive), NOT_FOUND (no such bucket), PERMISSION_DENIED (S3 refused the
-        listing), UNAVAILABLE (the S3 endpoint cannot be reached).
+        listing), UNAVAILABLE (the S3 endpoint cannot be reached), UNKNOWN (the
+        endpoint answered a listing that cannot be right: keys out of S3's
+        order, or a page saying more keys follow without a token to list them
+        with; nothing is indexed, rather than part of the location).
         """
 
     @_abc_1.abstractmethod

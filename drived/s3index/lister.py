@@ -28,6 +28,7 @@ import bisect
 import collections
 import functools
 import itertools
+import operator
 import os
 import threading
 import time
@@ -45,7 +46,7 @@ from drive_client.errors import DriveError, NotFound, PermissionDenied, StaleInd
 
 from . import direct
 from .index import Run, S3Index
-from .pages import Page, page_from_parsed, parse_page
+from .pages import BadPage, Page, page_from_parsed, parse_page
 
 MAX_DEPTH = 6  # how many folder levels a partition may be split down
 _MAX_CHAR = "\U0010ffff"  # sorts after every other character (and UTF-8 byte sequence)
@@ -270,6 +271,21 @@ class Lister:
         self.stats.add(requests=1)
         with self._cond:
             self.requests += 1
+        try:
+            page = self._answer(params)
+            if token and page.token == token:
+                raise BadPage("a page gives back the continuation token it was asked with, so the next page is it")
+            if not all(map(operator.lt, page.keys, page.keys[1:])):  # the index bisects each page's keys
+                raise BadPage("a page lists keys out of S3's order (UTF-8 bytes) or twice")
+        except BadPage as err:
+            raise DriveError(
+                f"{endpoint_of(self.client)} answered a listing of s3://{self.bucket}/{self.prefix} that cannot be "
+                f"right: {err}; the location is not indexed (does the endpoint implement ListObjectsV2 as S3 does?)"
+            ) from err
+        return page
+
+    def _answer(self, params: dict[str, Any]) -> Page:
+        """The page ListObjectsV2 with `params` answers, parsed."""
         body = self._fetch_fast(params) if self._direct_usable else None
         if body is None:
             answer = self.client.list_objects_v2(**params)

@@ -42,6 +42,17 @@ _TRUNCATED = re.compile(rb"<IsTruncated>\s*true\s*</IsTruncated>")
 _URL = re.compile(rb"<EncodingType>\s*url\s*</EncodingType>")
 
 
+class BadPage(ValueError):
+    """A ListObjectsV2 answer that cannot be right: a listing cannot go on from it."""
+
+
+def _token(truncated: bool, token: str | None) -> str | None:
+    """The token to list the next page with; None when the page is the last."""
+    if truncated and not token:
+        raise BadPage("a page says more keys follow (IsTruncated) but gives no NextContinuationToken to list them with")
+    return token if truncated else None
+
+
 @dataclass(slots=True)
 class Page:
     """One parsed ListObjectsV2 answer; keys and prefixes relative to the mounted prefix.
@@ -99,10 +110,8 @@ def parse_page(body: bytes, plen: int) -> Page:
     if b"<Contents>" in rest:  # a row of another shape
         return _parse_page_etree(body, plen, _URL.search(body) is not None)
     url = _URL.search(rest) is not None
-    token = None
-    if _TRUNCATED.search(rest):
-        match = _TOKEN.search(rest)
-        token = html.unescape(match.group(1).decode()) if match else None
+    match = _TOKEN.search(rest)
+    token = _token(_TRUNCATED.search(rest) is not None, html.unescape(match.group(1).decode()) if match else None)
     etags, etag_lens, etag_width = _etag_column(parts[3::5])
     keys = _decode_all(parts[1::5], url, plen)
     return Page(
@@ -137,7 +146,7 @@ def page_from_parsed(answer: dict[str, Any], plen: int) -> Page:
         [canonical_stamp(c["LastModified"].isoformat()) for c in contents],
         [str(c.get("ETag", "")).strip('"').encode() for c in contents],
         [p["Prefix"].encode("utf-8")[plen:] for p in answer.get("CommonPrefixes", [])],
-        answer.get("NextContinuationToken") if answer.get("IsTruncated") else None,
+        _token(bool(answer.get("IsTruncated")), answer.get("NextContinuationToken")),
     )
 
 
@@ -224,7 +233,6 @@ def _parse_page_etree(body: bytes, plen: int, url: bool) -> Page:
         [canonical_stamp(text(c, "LastModified")) for c in contents],
         [text(c, "ETag").strip('"').encode() for c in contents],
         [dec(text(p, "Prefix")) for p in root.iter(ns + "CommonPrefixes")],
-        (text(root, "NextContinuationToken") or None) if text(root, "IsTruncated").strip().lower() == "true"
-        else None,
+        _token(text(root, "IsTruncated").strip().lower() == "true", text(root, "NextContinuationToken") or None),
     )
 
