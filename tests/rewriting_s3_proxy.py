@@ -4,9 +4,10 @@ what a faulty S3-compatible server or gateway would send.
     with RewritingS3Proxy(moto_url, rewrite) as proxy:   # rewrite(query, body) -> body
         ... AWS_ENDPOINT_URL=proxy.url ...
 
-Every request is forwarded as it came (HTTP/1.1, kept alive); the body of each answer to a
-`list-type=2` GET goes through `rewrite` with the request's decoded query. moto does not check
-signatures, so a request signed for the proxy's address is answered as it is.
+Every request is forwarded as it came (HTTP/1.1, kept alive) but for the headers named in `drop`
+(`drop=("Range",)`: a server that ignores ranges answers every GET with the whole object); the body
+of each answer to a `list-type=2` GET goes through `rewrite` with the request's decoded query. moto
+does not check signatures, so a request signed for the proxy's address is answered as it is.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ Rewrite = Callable[[dict[str, str], bytes], bytes]
 
 
 class RewritingS3Proxy:
-    def __init__(self, target: str, rewrite: Rewrite) -> None:
+    def __init__(self, target: str, rewrite: Rewrite = lambda query, body: body, drop: tuple[str, ...] = ()) -> None:
         parts = urllib.parse.urlsplit(target)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        dropped = {name.lower() for name in drop}
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -34,7 +36,8 @@ class RewritingS3Proxy:
                 body = self.rfile.read(length) if length else None
                 upstream = http.client.HTTPConnection(host, port, timeout=30)
                 try:
-                    upstream.request(self.command, self.path, body, dict(self.headers.items()))
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
+                    upstream.request(self.command, self.path, body, headers)
                     answer = upstream.getresponse()
                     data = answer.read()
                 finally:

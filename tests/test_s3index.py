@@ -278,6 +278,30 @@ async def test_changed_object_is_stale(moto_env: str) -> None:  # noqa: F811
         await m.close()
 
 
+async def test_an_endpoint_that_ignores_ranges_is_refused_not_read_from_its_start(
+        moto_env: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """An endpoint that answers a ranged GET with the whole object (as HTTP allows, and as some gateways and
+    caches do) fails a read from an offset with an error saying so: never the object's first bytes served as
+    those at the offset (a resumed get, a window past the first, a block of a big file's parallel ranges)."""
+    monkeypatch.setattr(reader, "WINDOW", 256)  # 1 KiB in four ranged GETs
+    s3 = _s3()
+    s3.create_bucket(Bucket="drv-ranges")
+    body = bytes(range(256)) * 4
+    s3.put_object(Bucket="drv-ranges", Key="f.bin", Body=body)
+    entry = S3Entry("f.bin", len(body), hashlib.md5(body).hexdigest(), 0, False)
+    with RewritingS3Proxy(moto_env, drop=("Range",)) as proxy, aws_env(proxy.url):
+        assert (await _read("drv-ranges", "f.bin", entry, limit=200, chunk_size=64))[0] == body[:200]
+        for offset, served in ((100, 0), (0, 256)):  # refused at once; after the first window
+            got = bytearray()
+            with pytest.raises(DriveError, match="ignores the Range") as refused:
+                async for chunk in read_object("drv-ranges", "f.bin", etag=entry.etag, size=entry.size,
+                                               offset=offset, limit=0, chunk_size=64, summed=RunningCrc32c()):
+                    got += chunk
+            assert proxy.url in str(refused.value) and "s3://drv-ranges/f.bin" in str(refused.value)
+            assert bytes(got) == body[offset : offset + served]
+    assert s3.get_object(Bucket="drv-ranges", Key="f.bin")["Body"].read() == body
+
+
 # -- errors -------------------------------------------------------------------------------
 
 

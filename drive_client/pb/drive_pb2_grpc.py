@@ -158,7 +158,9 @@ class DriveServiceServicer:
         before the error are good and none after), RESOURCE_EXHAUSTED (too many
         streams), UNAVAILABLE (the client read nothing for
         --stream-idle-timeout: resume from the offset reached; the daemon is
-        shutting down). The time a Get waits for its path is not idle.
+        shutting down), UNKNOWN (an s3 endpoint that answers a read from an
+        offset with the object's start: it ignores ranges; nothing after the
+        offset is sent). The time a Get waits for its path is not idle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -160,7 +160,9 @@ class DriveServiceStub:
     before the error are good and none after), RESOURCE_EXHAUSTED (too many
     streams), UNAVAILABLE (the client read nothing for
     --stream-idle-timeout: resume from the offset reached; the daemon is
-    shutting down). The time a Get waits for its path is not idle.
+    shutting down), UNKNOWN (an s3 endpoint that answers a read from an
+    offset with the object's start: it ignores ranges; nothing after the
+    offset is sent). The time a Get waits for its path is not idle.
     """
     List: _grpc.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]
     """Lists the immediate entries (files and folders) under a path, or every
@@ -287,7 +289,9 @@ class DriveServiceAsyncStub(DriveServiceStub):
     before the error are good and none after), RESOURCE_EXHAUSTED (too many
     streams), UNAVAILABLE (the client read nothing for
     --stream-idle-timeout: resume from the offset reached; the daemon is
-    shutting down). The time a Get waits for its path is not idle.
+    shutting down), UNKNOWN (an s3 endpoint that answers a read from an
+    offset with the object's start: it ignores ranges; nothing after the
+    offset is sent). The time a Get waits for its path is not idle.
     """
     List: _aio.UnaryUnaryMultiCallable[_drive_pb2.ListRequest, _drive_pb2.ListResponse]  # type: ignore[assignment]
     """Lists the immediate entries (files and folders) under a path, or every
@@ -429,7 +433,9 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         before the error are good and none after), RESOURCE_EXHAUSTED (too many
         streams), UNAVAILABLE (the client read nothing for
         --stream-idle-timeout: resume from the offset reached; the daemon is
-        shutting down). The time a Get waits for its path is not idle.
+        shutting down), UNKNOWN (an s3 endpoint that answers a read from an
+        offset with the object's start: it ignores ranges; nothing after the
+        offset is sent). The time a Get waits for its path is not idle.
         """
 
     @_abc_1.abstractmethod

@@ -5,7 +5,9 @@ ETag), read `chunk_size` at a time, so memory stays at about one chunk
 whatever the object's size. An object whose ETag or size differs from the
 index fails with StaleIndexError before any byte of the other version is
 yielded: S3 answers 412 to the If-Match, and the answer's ETag and total size
-(Content-Range) are checked too, for servers that ignore If-Match.
+(Content-Range) are checked too, for servers that ignore If-Match. An answer
+that starts at another byte than asked (a server that ignores ranges sends the
+whole object) fails before any of its bytes is yielded.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import threading
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from drive_client.errors import InvalidArgument, StaleIndexError
+from drive_client.errors import DriveError, InvalidArgument, StaleIndexError
 
 from ..checksums import RunningCrc32c
-from .lister import make_client, map_error
+from .lister import endpoint_of, make_client, map_error
 
 WINDOW = 64 * 1024 * 1024  # bytes per ranged GET (at least one chunk)
 # Blocking boto3 calls and body reads run here, not in the loop's small default executor
@@ -31,6 +33,7 @@ _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_pr
 _clients: dict[tuple[tuple[str, str], ...], Any] = {}
 _clients_lock = threading.Lock()
 _TOTAL = re.compile(r"/(\d+)\s*$")
+_FIRST = re.compile(r"\s*bytes\s+(\d+)-")
 
 
 def _get_client() -> Any:
@@ -71,6 +74,14 @@ def _open(client: Any, bucket: str, key: str, etag: str, size: int, start: int, 
     body = answer["Body"]
     try:
         _check(bucket, key, etag, size, answer)
+        # HTTP lets a server answer a ranged GET with the whole object: its first bytes are not those asked for.
+        match = _FIRST.match(str(answer.get("ContentRange", "")))
+        first = int(match.group(1)) if match else 0
+        if first != start:
+            raise DriveError(
+                f"{endpoint_of(client)} answered a read of s3://{bucket}/{key} from byte {start} with the bytes "
+                f"from {first}: it ignores the Range of a GET, which reads past an object's start need"
+            )
     except BaseException:
         body.close()
         raise
