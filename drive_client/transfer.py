@@ -25,7 +25,7 @@ import grpc
 from crc32c import crc32c
 
 from .checksums import joined_crc32c
-from .errors import DataLoss, InvalidArgument, NotFound
+from .errors import DataLoss, InvalidArgument, NotADirectory, NotFound
 from .files import write_all
 from .pb import drive_pb2 as pb
 from .uri import normalize_path
@@ -192,7 +192,15 @@ class _Receiving:
         self.target = target
         parent = target.parent
         if made is None or parent not in made:
-            parent.mkdir(parents=True, exist_ok=True)
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError) as err:
+                # An s3:// bucket may hold an object `x/a` and objects below `x/a/`: one folder cannot hold both.
+                raise NotADirectory(
+                    f"{info.path!r} cannot be written to {str(target)!r}: a file is in the way at {err.filename!r} "
+                    "or above it, where a folder is needed (a drive may hold a file and files below it by one "
+                    "name, as an s3:// bucket may: get those by their paths to other places)"
+                ) from err
             if made is not None:
                 made.add(parent)
         self.tmp = parent / f".{target.name}.{os.getpid()}-{_TMP_TOKEN}-{next(_tmp_numbers)}.part"

@@ -24,7 +24,7 @@ from conftest import Background, DaemonHandle, free_port, held_open, start_daemo
 from cutting_proxy import CuttingProxy
 from moto_server import AWS_ENV, closed_port, running_moto
 
-from drive_client import Drive, ResourceExhausted, StaleIndexError, StoreUnavailable
+from drive_client import Drive, DriveError, NotADirectory, ResourceExhausted, StaleIndexError, StoreUnavailable
 from drive_client.pb import drive_pb2
 
 pytestmark = pytest.mark.integration  # starts moto_server endpoints of its own
@@ -104,6 +104,25 @@ def test_a_folder_get_writes_nothing_outside_its_target(s3, tmp_path):
             drive(s3, f"s3://hostile/{prefix}/").get("x", to=target, overwrite=True)
     assert not (tmp_path / "up.txt").exists() and not escaped.exists()
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_a_folder_get_of_an_object_that_is_also_a_folder_stops_with_a_drive_error(s3, twin, tmp_path):
+    """A bucket may hold an object `x/a` and objects below `x/a/`; one local folder cannot hold both. A folder
+    get of `x` raised the OSError of the mkdir (`[Errno 17] File exists`), not a DriveError; it now stops with
+    NotADirectory (a DriveError and a NotADirectoryError) naming the file in the way, keeping the files before
+    it and leaving no partial file."""
+    client = s3["client"]
+    objects = {"clash/x/a": b"object a", "clash/x/a/b": b"below a", "clash/x/c": b"after"}
+    for key, body in objects.items():
+        client.put_object(Bucket=BUCKET, Key=key, Body=body)
+    d = twin(f"s3://{BUCKET}/clash/", endpoint=s3["daemon"].endpoint, root_folder=tmp_path)
+    with pytest.raises(NotADirectory) as refused:
+        d.get("x")
+    assert isinstance(refused.value, DriveError) and refused.value.code is None
+    assert "'x/a/b'" in str(refused.value) and str(tmp_path / "x" / "a") in str(refused.value)
+    assert (tmp_path / "x" / "a").read_bytes() == b"object a"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["x", "x/a"]
+    assert {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in objects} == objects
 
 
 def test_read_only_refusals(s3, tmp_path):
