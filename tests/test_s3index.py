@@ -278,6 +278,28 @@ async def test_changed_object_is_stale(moto_env: str) -> None:  # noqa: F811
         await m.close()
 
 
+async def test_stamps_of_several_lengths_are_read_each_as_written(moto_env: str) -> None:  # noqa: F811
+    """LastModified stamps written with as many fraction digits as they need (Go's RFC 3339 with nanoseconds
+    writes `.12Z` for 120 ms and `.1234Z` for 123.4 ms), whose lengths add up to those of canonical ones: each
+    object's modification time is its own (they were read as one column cut every 24 bytes: 0 and 12 ms off)."""
+    s3 = _s3()
+    s3.create_bucket(Bucket="drv-stamps")
+    _put_all("drv-stamps", {f"k{i}": b"x" for i in range(4)})
+    fractions = [b".12Z", b".1234Z"]
+
+    def nano(query: dict[str, str], body: bytes) -> bytes:
+        rows = iter(range(1 << 20))
+        return re.sub(rb"(<LastModified>[^<.]*)\.\d+Z<", lambda m: m.group(1) + fractions[next(rows) % 2] + b"<", body)
+
+    with RewritingS3Proxy(moto_env, nano) as proxy, aws_env(proxy.url):
+        index, _ = await asyncio.to_thread(build_index, make_listing_client(), "drv-stamps", "")
+    for i in range(4):
+        listed = s3.head_object(Bucket="drv-stamps", Key=f"k{i}")["LastModified"]
+        entry = index.stat(f"k{i}")
+        assert entry is not None
+        assert entry.mtime_ns == int(listed.timestamp()) * 1_000_000_000 + (120 if i % 2 == 0 else 123) * 1_000_000
+
+
 async def test_an_endpoint_that_ignores_ranges_is_refused_not_read_from_its_start(
         moto_env: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """An endpoint that answers a ranged GET with the whole object (as HTTP allows, and as some gateways and

@@ -208,8 +208,9 @@ def _stamp_column(raw: Sequence[bytes]) -> bytes:
     """LastModified texts as canonical stamps, joined (S3 already writes them so)."""
     joined = b"".join(raw)
     n = len(raw)
-    if len(joined) == STAMP_WIDTH * n and joined.count(b"Z") == n and joined.count(b"T") == n \
-            and joined.count(b".") == n:
+    # Each in its place: stamps of other lengths (`.12Z`, `.1234Z`) may add up to n canonical ones.
+    if len(joined) == STAMP_WIDTH * n and joined[10::STAMP_WIDTH] == b"T" * n \
+            and joined[19::STAMP_WIDTH] == b"." * n and joined[23::STAMP_WIDTH] == b"Z" * n:
         return joined
     return b"".join(canonical_stamp(s.decode("ascii", "replace")) for s in raw)
 
