@@ -58,6 +58,7 @@ class S3Mounts:
         self.memory = memory  # bytes the held indexes take at most, and the runs in progress between them
         self.stats = ListingStats()  # requests and indexing runs, over all locations
         self._indexes: OrderedDict[_Key, S3Index] = OrderedDict()  # the least recently used first
+        self._held = 0  # what the held indexes take (`_held_bytes`), kept as they come and go
         self._building = 0  # bytes the listed runs of the runs in progress hold (taken on their threads)
         self._building_lock = threading.Lock()
         self._inflight: dict[_Key, asyncio.Task[tuple[S3Index, float]]] = {}
@@ -104,28 +105,28 @@ class S3Mounts:
         loop = asyncio.get_running_loop()
         index, seconds = await loop.run_in_executor(self._executor, functools.partial(self._index_blocking, *key))
         if not self._closed:
+            replaced = self._indexes.get(key)
             self._indexes[key] = index  # readers switch to the new index in one step...
             self._indexes.move_to_end(key)
+            self._held += _held_bytes(key, index) - (0 if replaced is None else _held_bytes(key, replaced))
             metrics.INDEX_OBJECTS.labels(_uri(key)).set(index.objects)
             metrics.MOUNT_DURATION.observe(seconds)
-            self._drop_beyond_memory(key)
+            self._drop_beyond_memory()
         if self._inflight.get(key) is asyncio.current_task():
             del self._inflight[key]  # ...and in the same step the run stops being "in progress"
         return index, seconds
 
-    def _drop_beyond_memory(self, kept: _Key) -> None:
-        """Drops the least recently used indexes but `kept` until those held fit in `memory`."""
-        held = sum(_held_bytes(key, index) for key, index in self._indexes.items())
-        for key in [k for k in self._indexes if k != kept]:
-            if held <= self.memory:
-                break
-            dropped = self._indexes.pop(key)
+    def _drop_beyond_memory(self) -> None:
+        """Drops the least recently used indexes, never the most recent (the one just made), until those held fit
+        in `memory`."""
+        while self._held > self.memory and len(self._indexes) > 1:
+            key, dropped = self._indexes.popitem(last=False)
             freed = _held_bytes(key, dropped)
-            held -= freed
+            self._held -= freed
             metrics.INDEX_OBJECTS.remove(_uri(key))
             log.info("dropped the index of %s (%d objects, %d bytes): --s3-index-memory is %d bytes; "
                      "its next use indexes it again", _uri(key), dropped.objects, freed, self.memory)
-        metrics.INDEX_BYTES.set(held)
+        metrics.INDEX_BYTES.set(self._held)
 
     async def mount(self, bucket: str, prefix: str) -> tuple[int, float]:
         """Re-indexes `s3://bucket/prefix`; returns (objects, seconds).
@@ -183,5 +184,6 @@ class S3Mounts:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._indexes.clear()
+        self._held = 0
         self._client = None
         self._executor.shutdown(wait=False)
