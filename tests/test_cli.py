@@ -215,17 +215,23 @@ def test_get_into_an_existing_folder_goes_there_with_overwrite_too(daemon, tmp_p
                              "tree/x.txt": sha256_hex(b"x2"), "f.txt": sha256_hex(b"f2")}
 
 
-def test_ctrl_c_ends_a_waiting_get_with_one_line_and_no_file(daemon, tmp_path, drive_uri):
+def test_ctrl_c_ends_a_waiting_get_with_one_line_and_no_file(start_daemon, tmp_path, drive_uri):
+    daemon = start_daemon(tmp_path)  # its own: the one Get it counts open is this test's
     (tmp_path / "kept.txt").write_bytes(b"kept")
     ok(run(daemon, "put", str(tmp_path / "kept.txt"), f"{drive_uri}/kept.txt"))
     target = tmp_path / "late.txt"
-    waiting = daemon.open_requests("Get")
     get = subprocess.Popen([*drive_cmd(), "--endpoint", daemon.endpoint, "get", f"{drive_uri}/late.txt", str(target),
-                            "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
-        assert wait_until(lambda: daemon.open_requests("Get") > waiting, timeout=20), "the get never waited"
+        assert wait_until(lambda: daemon.open_requests("Get") == 1, timeout=20), "the get never waited"
         get.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        out, err = get.communicate(timeout=20)
+        try:
+            out, err = get.communicate(timeout=20)
+        except subprocess.TimeoutExpired:  # SIGABRT makes faulthandler print where each thread is
+            get.send_signal(signal.SIGABRT)
+            stacks = get.communicate(timeout=20)[1]
+            raise AssertionError(f"drive did not end within 20 s of SIGINT:\n{stacks}") from None
     finally:
         get.kill()
     assert get.returncode == 130, f"exit {get.returncode}\nstdout: {out}\nstderr: {err}"
