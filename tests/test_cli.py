@@ -220,8 +220,13 @@ def test_ctrl_c_ends_a_waiting_get_with_one_line_and_no_file(start_daemon, tmp_p
     (tmp_path / "kept.txt").write_bytes(b"kept")
     ok(run(daemon, "put", str(tmp_path / "kept.txt"), f"{drive_uri}/kept.txt"))
     target = tmp_path / "late.txt"
-    get = subprocess.Popen([*drive_cmd(), "--endpoint", daemon.endpoint, "get", f"{drive_uri}/late.txt", str(target),
-                            "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    # As from a terminal: SIGINT's default action on entry (a CI job run in the background ignores it, and its
+    # children inherit that), which Python turns into KeyboardInterrupt.
+    sigint_default = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "os.execv(sys.argv[1], sys.argv[1:])")
+    get = subprocess.Popen([sys.executable, "-c", sigint_default, *drive_cmd(), "--endpoint", daemon.endpoint, "get",
+                            f"{drive_uri}/late.txt", str(target), "--timeout", "60"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         assert wait_until(lambda: daemon.open_requests("Get") == 1, timeout=20), "the get never waited"
