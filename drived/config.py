@@ -84,8 +84,8 @@ HELP = {
     "s3_page_size": "MaxKeys of each ListObjectsV2 call",
     "s3_index_memory": "bytes the indexes of mounted s3:// drives hold at most (about 80 per object and 1.5 K "
     "per location; K, M, G, T: powers of 1024): past it the least recently used are dropped, and indexed again "
-    "at their next use; the mounts in progress take at most as much again between them, and one that would pass "
-    "it is refused with RESOURCE_EXHAUSTED",
+    "at their next use; the listings of mounts in progress take at most as much again between them (and each its "
+    "index beside it, for the moment it is built), and one that would pass it is refused with RESOURCE_EXHAUSTED",
     "metrics_listen": "HOST:PORT to serve Prometheus metrics on (/metrics); empty: no metrics endpoint",
     "token": "when set, every DriveService call must carry `authorization: Bearer TOKEN` (UNAUTHENTICATED "
     "otherwise): one token for every drive, read-write, beside those of --auth-tokens; health and reflection "

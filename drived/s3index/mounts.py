@@ -7,8 +7,9 @@ lists and gets during a re-index never see a half-built one. A failed run
 leaves the previous index in place.
 
 The indexes held take at most `memory` bytes: past it the least recently used
-are dropped, and indexed again at their next use. The runs in progress take at
-most as much again between them; one that would pass it fails
+are dropped, and indexed again at their next use. The listings of the runs in
+progress take at most as much again between them (and each run its index
+beside its listing, for the moment it builds it); one that would pass it fails
 RESOURCE_EXHAUSTED, so no client makes the daemon hold more by mounting many
 locations or a huge one.
 """
