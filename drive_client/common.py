@@ -16,7 +16,7 @@ from .channels import Connection
 from .errors import DriveError, InvalidArgument, NotADirectory, NotFound, from_rpc_error
 from .pb import drive_pb2 as pb
 from .resume import RETRY_SECONDS
-from .uri import check_component, parse_drive
+from .uri import check_component, drive_path, parse_drive
 
 VERIFY = ("crc32c", "sha256")  # what a Drive's `verify` may be
 
@@ -92,7 +92,7 @@ class DriveBase:
         insecure: bool | None = None,
         retry_seconds: float | None = None,
     ) -> None:
-        self._read_only = parse_drive(id).read_only  # an s3:// drive
+        self._where = parse_drive(id)
         self.id = id
         self.allow_duplicates = allow_duplicates
         self.component_name = check_component(component_name or os.environ.get("DRIVE_COMPONENT"))
@@ -119,6 +119,15 @@ class DriveBase:
     @property
     def endpoint(self) -> str:
         return self.connection.endpoint
+
+    @property
+    def _read_only(self) -> bool:
+        """Whether this is an s3:// drive."""
+        return self._where.read_only
+
+    def _remote(self, path: str) -> str:
+        """`path` in this drive as the daemon names it, and the files it answers with (`drive_path`)."""
+        return drive_path(self._where, path)
 
     def error(self, err: grpc.RpcError) -> DriveError:
         """The DriveError a failed call raises, its message saying how to reach this drive's daemon."""

@@ -45,7 +45,7 @@ from .transfer import (
     receive_files,
     small_file_request,
 )
-from .uri import check_component, drive_path, normalize_path, parse_drive
+from .uri import check_component, normalize_path
 from .wire import Chunk, GetMessage, chunk_of
 
 T = TypeVar("T")
@@ -332,7 +332,7 @@ def paths(drive: DriveBase, path: str, component_name: str | None) -> Plan[None]
 def get(drive: DriveBase, path: str, component_name: str | None, timeout: float | None, overwrite: bool,
         to: str | os.PathLike[str] | None, progress: Progress | None) -> Plan[Path]:
     """Fetches a file or folder to `to` (by default its own path under the root folder); answers the local path."""
-    remote = drive_path(parse_drive(drive.id), path)  # as the daemon names the files it answers with
+    remote = drive._remote(path)
     target = _local(drive, normalize_path(path) if to is None else to)
     request = _get_request(drive, remote, target, component_name, timeout, overwrite)
     yield from _ensure_mounted(drive)
@@ -441,7 +441,7 @@ def read_range(drive: DriveBase, path: str, offset: int, length: int | None, com
     if offset < 0 or (length is not None and length < 0):
         raise InvalidArgument("offset and length cannot be negative")
     request = pb.GetRequest(
-        drive=drive.id, path=drive_path(parse_drive(drive.id), path), offset=offset, limit=length or 0,
+        drive=drive.id, path=drive._remote(path), offset=offset, limit=length or 0,
         if_match=if_match, component=_filter(component_name), checksums=True,
     )
     if length == 0:
