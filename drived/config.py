@@ -25,6 +25,12 @@ MAX_CHUNK_SIZE = 3 << 20  # stays under gRPC's 4 MiB default message limit with 
 MESSAGE_LIMIT = MAX_CHUNK_SIZE + (1 << 20)  # the daemon's, both ways: a chunk and room for the message around it
 # The entries one answer lists at most (a List page, the files of a Put): its message keeps room for the rest.
 ANSWER_ENTRIES_BYTES = MESSAGE_LIMIT - (64 << 10)
+ENTRY_BEYOND_NAMES = 128  # what a managed file's entry (a FileInfo, framed) takes beside its path and component
+
+
+def answer_entry_bytes(path: str, component: str) -> int:
+    """The most a managed file's entry takes in an answer, known from its names before the file is read."""
+    return len(path.encode()) + len(component.encode()) + ENTRY_BEYOND_NAMES
 
 
 @dataclass(frozen=True)

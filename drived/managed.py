@@ -36,6 +36,7 @@ from drive_client.uri import DriveId
 
 from .backends.base import Backend, Damaged, ObjectInfo, StoredFileError, Upload
 from .checksums import ClientChecksums
+from .config import ANSWER_ENTRIES_BYTES, answer_entry_bytes
 from .coordinator import Coordinator, Event
 from .drives import FileStream
 from .entry import Entry
@@ -428,7 +429,9 @@ class ManagedDrives:
         folders from there on, and stops after `limit`), is merged across
         components, and only its files are stat'ed (size, sha256). A page of a
         big folder or tree therefore costs the page, once the backend
-        remembers the folders. A page whose every file went away since its
+        remembers the folders. A page of long paths ends where its answer's
+        message would be full (its names say how long its entries are), before
+        any of its files is stat'ed. A page whose every file went away since its
         folder was read is passed over: a page with more after it has an entry
         to go on from.
         """
@@ -441,11 +444,14 @@ class ManagedDrives:
             ]
             page: list[tuple[str, list[tuple[str, bool]]]] = []  # path, (component, is a folder) in component order
             more = False
+            size = 0  # the most its entries take in the answer: a page of long paths ends before its message would
             for name, holding in itertools.groupby(heapq.merge(*streams), key=lambda held: held[0]):
-                if len(page) == limit:
+                holders = [(c, folder) for _, c, folder in holding]
+                size += answer_entry_bytes(name, holders[0][0])
+                if len(page) == limit or (page and size > ANSWER_ENTRIES_BYTES):
                     more = True
                     break
-                page.append((name, [(c, folder) for _, c, folder in holding]))
+                page.append((name, holders))
             listed = [await self._listed(drive, name, holders) for name, holders in page]
             entries = [entry for entry in listed if entry is not None]
             if entries or not more:

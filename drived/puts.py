@@ -24,7 +24,7 @@ from drive_client.wire import SMALL_FILE, PutMessage, chunk_of
 
 from .backends.base import ClientTooSlow
 from .checksums import ClientChecksums
-from .config import ANSWER_ENTRIES_BYTES
+from .config import ANSWER_ENTRIES_BYTES, answer_entry_bytes
 from .drives import PendingPut
 from .entry import Entry
 from .requests import sent_checksums
@@ -32,7 +32,6 @@ from .requests import sent_checksums
 MAX_COMMITS_IN_FLIGHT = 64  # the more commits wait together, the more the commit worker does at once
 MAX_BYTES_IN_FLIGHT = 16 << 20
 MAX_FILES_PER_STREAM = 10_000  # the answer lists them all
-ENTRY_BEYOND_NAMES = 128  # what a file's entry in the answer takes beside its path and component, at most
 
 
 class PutStream:
@@ -91,8 +90,7 @@ class PutStream:
                 f"a Put stream carries at most {MAX_FILES_PER_STREAM} files: the first {MAX_FILES_PER_STREAM} are "
                 "stored; send the rest in another stream"
             )
-        names = len(header.path.encode()) + len(header.component or DEFAULT_COMPONENT)
-        self._answer_bytes += names + ENTRY_BEYOND_NAMES
+        self._answer_bytes += answer_entry_bytes(header.path, header.component or DEFAULT_COMPONENT)
         if self._answer_bytes > ANSWER_ENTRIES_BYTES:
             raise InvalidArgument(
                 f"a Put stream's answer lists its files within the message limit, which the paths of its first "

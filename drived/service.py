@@ -408,7 +408,8 @@ class DriveService(pb_grpc.DriveServiceServicer):
     async def List(self, request: pb.ListRequest, record: RequestLog) -> pb.ListResponse:
         listing = ListRequest.from_pb(request)
         entries, more = await self._drives(record, listing.drive).list_entries(listing)
-        # A page of long paths is cut where its message would pass the limit: the rest comes on the next page.
+        # A page of long paths is cut where its message would pass the limit, the rest coming on the next page
+        # (a managed drive's page ends there already, before it reads files the answer could not carry).
         infos: list[pb.FileInfo] = []
         size = 0
         for entry in entries:
