@@ -7,7 +7,12 @@ one daemon and several replicas of it is behind this one small interface:
   claim on that path, one holder at a time;
 - the change feed: each drive's puts and deletes, numbered (Watch);
 - wake-ups: a get waiting for a path, and a watch waiting for the next
-  change, wake when the drive's feed moves on (`changes`).
+  change, wake when the drive's feed moves on (`changes`);
+- unpublished changes: a change a claim's holder was about to make is
+  recorded with the claim's confirm, so that when the holder never publishes
+  it (it died, or lost the coordinator, between the store's change and the
+  publish) another daemon learns of it (`unpublished`) and publishes what the
+  store has (`settle`): every change reaches the feed, late rather than never.
 
 `InProcessCoordinator` (`drived.events`) serves one daemon;
 `RedisCoordinator` (`drived.redis_coordinator`: a lock key per claimed path,
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal
@@ -53,6 +58,25 @@ class Event:
     entry: Entry
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A change of the store that a claim's holder is about to make: the put or the delete of `component`'s file at
+    `path`."""
+
+    kind: EventKind
+    path: str
+    component: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unpublished:
+    """A change whose claim ended before its event was published (`Coordinator.unpublished`)."""
+
+    drive: str
+    change: Change
+    mark: str  # how the coordinator knows it (what `settle` drops)
+
+
 class Claim:
     """A claim held: what `Coordinator.claim` gives the body of its `async with`.
 
@@ -60,7 +84,7 @@ class Claim:
     coordinator's claim can, when its holder could not renew it in time.
     """
 
-    async def confirm(self) -> None:
+    async def confirm(self, changing: Sequence[Change] | None = None) -> None:
         """Makes sure the claim is still held, right before the step it guards (a put's commit, a batch of a folder
         delete's files).
 
@@ -70,6 +94,14 @@ class Claim:
         trip. Raises Unavailable when the claim is no longer held (it lapsed,
         or the coordinator lost it) or cannot be confirmed: the step must not
         be taken.
+
+        `changing`: the changes the step may make (in place of those an
+        earlier confirm of this claim gave; None keeps them). A shared
+        implementation records them with the renewal, and drops each when its
+        event is published (a publish of its path and component) or when the
+        claim's body ends without raising; one left when the claim ended
+        otherwise (its holder died, or raised after the step) is handed out by
+        `unpublished`.
         """
 
 
@@ -185,6 +217,26 @@ class Coordinator(abc.ABC):
                     after = event.sequence
                     yield event
                 await changes.wait(after, None)
+
+    async def unpublished(self) -> list[Unpublished]:
+        """Changes recorded by confirms (`Claim.confirm`) whose claims ended before their events were published.
+
+        A bounded number, each handed to one caller about once a claim TTL
+        (to another, or again, while it is not settled): the caller settles
+        each inside a claim on its path (`settle`). None in a coordinator
+        whose claims end only with their daemon, which takes the feed with it
+        (the in-process one).
+        """
+        return []
+
+    async def settle(self, unpublished: Unpublished, stored: Entry | None) -> None:  # noqa: B027 - none unpublished
+        """Publishes what `unpublished` changed, as the store has its path now (`stored`: the file, None when there
+        is none), and drops it; nothing when it was settled or published meanwhile.
+
+        A put whose file is stored is published as a put of that file, a
+        delete whose file is gone as a delete; otherwise the change was not
+        made (its holder stopped before it) and nothing is published.
+        """
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepares the coordinator before the daemon serves (SystemExit with the reason when it cannot)."""

@@ -15,6 +15,8 @@ import contextlib
 import functools
 import heapq
 import itertools
+import logging
+import random
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,6 +26,7 @@ from typing import TypeVar
 from drive_client.errors import (
     AlreadyExists,
     AmbiguousPathError,
+    DriveError,
     EventsExpired,
     InvalidArgument,
     NotFound,
@@ -37,7 +40,7 @@ from drive_client.uri import DriveId
 from .backends.base import Backend, Damaged, ObjectInfo, StoredFileError, Upload
 from .checksums import ClientChecksums
 from .config import ANSWER_ENTRIES_BYTES, answer_entry_bytes
-from .coordinator import Coordinator, Event
+from .coordinator import Change, Coordinator, Event, Unpublished
 from .drives import FileStream
 from .entry import Entry
 from .paths import component_key, object_key, relative_path
@@ -49,6 +52,7 @@ EARLY_CHECK_MIN_SIZE = 1 << 20
 DELETE_BATCH = 100  # files a folder delete removes at most after one confirm of its claim (one round trip)
 
 T = TypeVar("T")
+log = logging.getLogger("drived")
 
 
 def _entry(path: str, component: str, info: ObjectInfo) -> Entry:
@@ -278,7 +282,8 @@ class ManagedDrives:
                 added = received - await self._own_size(header) if self.quotas else 0
                 async with self._holding(drive, added):
                     with _named(drive, header.component, header.path):
-                        info = await put.upload.commit(sent, header.size, claim.confirm)
+                        changing = [Change("put", header.path, header.component)]
+                        info = await put.upload.commit(sent, header.size, functools.partial(claim.confirm, changing))
             except (AlreadyExists, ResourceExhausted, Unavailable):  # nothing is stored: the upload goes now
                 await put.abort()
                 raise
@@ -510,25 +515,29 @@ class ManagedDrives:
         as they happened.
         """
         drive, path, component = delete.drive.name, delete.path, delete.component
+        deleted = 0
         async with self.coordinator.claim(drive, path) as claim:
-            if await self._delete(drive, object_key(drive, component, path), path, component):  # claim just taken
+            await claim.confirm([Change("delete", path, component)])
+            if await self._delete(drive, object_key(drive, component, path), path, component):
                 return 1
-            deleted = 0
             keys = await self.backend.walk(object_key(drive, component, path))
             # A big folder's walk and deletes, or a slow store's, may outlast an unrenewed claim: it is confirmed
-            # before the first file, then once DELETE_BATCH files or a third of its TTL went by since.
-            since_confirm, confirmed_at = DELETE_BATCH, 0.0  # files taken on since the last confirm, and its time
-            for key in keys:
-                if since_confirm == DELETE_BATCH or time.monotonic() - confirmed_at >= self.coordinator.claim_ttl / 3:
-                    since_confirm, confirmed_at = 0, time.monotonic()
-                    await claim.confirm()
-                since_confirm += 1
-                deleted += await self._delete(drive, key, relative_path(key, drive, component), component)
-            if not deleted:
-                raise NotFound(
-                    f"component {component!r} owns nothing at {_shown(drive, path)}; "
-                    "a file can only be deleted by the component that put it"
-                )
+            # before each DELETE_BATCH files (which it records as its changes), and again before the next file once
+            # a third of its TTL went by since.
+            for start in range(0, len(keys), DELETE_BATCH):
+                batch = [(key, relative_path(key, drive, component)) for key in keys[start:start + DELETE_BATCH]]
+                await claim.confirm([Change("delete", file, component) for _, file in batch])
+                confirmed_at = time.monotonic()
+                for key, file in batch:
+                    if time.monotonic() - confirmed_at >= self.coordinator.claim_ttl / 3:
+                        await claim.confirm()
+                        confirmed_at = time.monotonic()
+                    deleted += await self._delete(drive, key, file, component)
+        if not deleted:  # raised once the claim ended: nothing changed
+            raise NotFound(
+                f"component {component!r} owns nothing at {_shown(drive, path)}; "
+                "a file can only be deleted by the component that put it"
+            )
         return deleted
 
     async def _delete(self, drive: str, key: str, path: str, component: str) -> bool:
@@ -545,6 +554,37 @@ class ManagedDrives:
             self.quotas.deleted(drive, size)
         await self.coordinator.publish(drive, "delete", Entry(path=path, component=component))
         return True
+
+    async def settle_unpublished(self) -> None:
+        """Publishes the changes whose claims ended before their events were (`Coordinator.unpublished`: their
+        daemon died, or lost the coordinator, between the store's change and the publish), each as the store has
+        its path now, inside a claim on the path; looks every half claim TTL on average, until cancelled. The
+        periods are drawn at random (a quarter to three quarters of the TTL): the first replica to look at a drive
+        takes its changes for a TTL, and replicas on fixed periods would leave them to the same one every time,
+        also when that one cannot settle them."""
+        while True:
+            await asyncio.sleep(self.coordinator.claim_ttl * random.uniform(0.25, 0.75))
+            try:
+                found = await self.coordinator.unpublished()
+            except Unavailable:  # the coordinator is away: puts and deletes say so; looked for again later
+                continue
+            for unpublished in found:
+                try:
+                    await self._settle(unpublished)
+                except DriveError as err:
+                    log.warning("an unpublished change could not be settled; tried again after --claim-ttl",
+                                extra={"fields": {"drive": unpublished.drive, "path": unpublished.change.path,
+                                                  "error": str(err)}})
+
+    async def _settle(self, unpublished: Unpublished) -> None:
+        drive, change = unpublished.drive, unpublished.change
+        async with self.coordinator.claim(drive, change.path):
+            info = await self._file_info(drive, change.component, change.path)
+            stored = _entry(change.path, change.component, info) if info else None
+            await self.coordinator.settle(unpublished, stored)
+        log.info("settled a change whose daemon did not publish it", extra={"fields": {
+            "drive": drive, "path": change.path, "component": change.component, "kind": change.kind,
+            "stored": stored is not None}})
 
     async def mount(self, mount: MountRequest) -> tuple[int, float]:
         raise InvalidArgument(f"{mount.drive.uri} is a lit:// drive: only s3:// drives are mounted")

@@ -26,10 +26,22 @@ scripts touch `drived:epoch` beside a drive's keys):
   each claim released, for the daemons waiting on the drive
   (`drived.redis_wakeups`): a waiting get or watch learns the sequence from
   the message, without asking again.
+- `drived:{<drive>}:unpublished`: the changes being made (`Claim.confirm`'s
+  `changing`), a field `<component>\0<path>` each, its value the claim's
+  token, `p` or `d` (put, delete) and the path claimed. A publish of the
+  path and component drops its field, and so does the release of a claim
+  whose body ended without raising; a field whose claim is no longer held
+  by its token is a change never published, which `unpublished` hands out.
+- `drived:unpublished`: the keys of those hashes, each scored by when
+  (ms of the server's clock) its fields are next looked at: one claim TTL
+  after its first field, then every TTL (`unpublished` moves it on as it
+  looks, so each is looked at by one daemon a TTL), until it is empty.
 
 Each operation is one Lua script (one round trip, atomic): a claim checks
 and takes its key and its folders' in one step; a publish numbers, appends,
-trims and announces in one step.
+trims and announces in one step. The scripts that look for unpublished
+changes (and the feed's, beside `drived:epoch`) build keys they are not
+given: one server, not Redis Cluster.
 
 Sequences are max(the server's clock in µs, the feed's last + 1, the
 epoch + 1): they increase within a drive and are never given twice, also
@@ -56,7 +68,7 @@ import math
 import secrets
 import socket
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -70,11 +82,13 @@ from drive_client.errors import EventsExpired, StoreUnavailable, Unavailable
 from .coordinator import (
     CLAIM_TTL,
     EVENTS_KEPT,
+    Change,
     Changes,
     Claim,
     Coordinator,
     Event,
     EventKind,
+    Unpublished,
     folders_above,
     set_within,
     shutting_down,
@@ -94,12 +108,17 @@ ANSWER_KEPT_MS = 60_000
 # on the server stay bounded.
 RENEW_CHUNK = 500
 RENEW_CALLS = 4  # RENEW calls of one round in flight at once: a round leaves the pool to puts and publishes
+UNPUBLISHED_DRIVES = 100  # drives whose unpublished changes one `unpublished` call looks at, at most
 DRAIN_POLL = 0.1  # seconds between tries of a claim held by another while the daemon drains (no wake-ups then)
 POOL_SIZE = 32  # connections a daemon uses for its calls, at most
 POOL_WAIT = 10.0  # seconds a call waits for a free connection
 CONNECT_TIMEOUT = 3.0
 COMMAND_TIMEOUT = 10.0
 EPOCH = "drived:epoch"
+UNPUBLISHED = "drived:unpublished"
+TOKEN_LENGTH = 16  # hex digits of a claim's token
+KIND_MARKS: dict[EventKind, str] = {"put": "p", "delete": "d"}  # how a recorded change says which it is
+MARKED_KINDS = {mark: kind for kind, mark in KIND_MARKS.items()}
 # A dead peer (a coordinator host gone without closing its connections) is noticed in about 20 s.
 KEEPALIVE = {getattr(socket, name): seconds for name, seconds in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5),
                                                                   ("TCP_KEEPCNT", 2)) if hasattr(socket, name)}
@@ -128,12 +147,16 @@ local function feed(key)
 end
 """
 
-# KEYS: epoch, feed, the publish's answer. ARGV: events kept, trim batch, channel, ms its answer is kept, then the
-# fields k p c s h g m. The answer key makes the call idempotent: sent again (redis-py's retry on a new connection,
-# after the first connection broke before its answer came), it answers the first call's sequence and adds nothing.
+# KEYS: epoch, feed, the publish's answer, the drive's unpublished changes. ARGV: events kept, trim batch, channel,
+# ms its answer is kept, the fields k p c s h g m, the change's field among the unpublished, and '' (it is dropped)
+# or its value (a settle: nothing is published unless that value is still there). The answer key makes the call
+# idempotent: sent again (redis-py's retry on a new connection, after the first connection broke before its answer
+# came), it answers the first call's sequence and adds nothing. 0 when a settle found its change gone.
 PUBLISH = FEED_STATE + """
 local done = redis.call('GET', KEYS[3])
 if done then return tonumber(done) end
+if ARGV[13] ~= '' and redis.call('HGET', KEYS[4], ARGV[12]) ~= ARGV[13] then return 0 end
+redis.call('HDEL', KEYS[4], ARGV[12])
 local now = now_us()
 local epoch = epoch_of(now)
 local state = feed(KEYS[2])
@@ -206,31 +229,87 @@ for i = 4, #KEYS, 2 do hold_below(i, ARGV[1], ttl) end
 return 0
 """
 
-# KEYS: each claim's keys (as ACQUIRE's) in turn. ARGV: ttl (ms), then each claim's token and number of keys.
-# For each claim, 1 when it was still held (and is renewed), 0 when it was lost (expired, and maybe taken by another).
-RENEW = CLAIM_CLOCK + """
+# Drops the unpublished changes ARGV[from..to] (fields) of `hash` that are the claim `token`'s.
+DROP = """
+local function drop(hash, token, from, to)
+  for i = from, to do
+    if string.sub(redis.call('HGET', hash, ARGV[i]) or '', 1, 16) == token then redis.call('HDEL', hash, ARGV[i]) end
+  end
+end
+"""
+
+# KEYS: the unpublished hashes' index, then each claim's keys (as ACQUIRE's) in turn, each followed by its drive's
+# unpublished changes when it changes them. ARGV: ttl (ms), then for each claim its token, its number of keys and
+# the number of arguments about its changes that follow (0: kept as they are); those are the number of changes it
+# drops, their fields, then the field and value (without the token) of each change it records.
+# For each claim, 1 when it was still held (and is renewed, its changes recorded), 0 when it was lost (expired, and
+# maybe taken by another).
+RENEW = CLAIM_CLOCK + DROP + """
 local ttl = tonumber(ARGV[1])
 local kept = {}
-local first = 0
-for c = 2, #ARGV, 2 do
-  local token = ARGV[c]
-  if redis.call('GET', KEYS[first + 1]) == token then
-    redis.call('PEXPIRE', KEYS[first + 1], ttl)
-    for i = first + 4, first + tonumber(ARGV[c + 1]), 2 do hold_below(i, token, ttl) end
-    kept[#kept + 1] = 1
-  else
-    kept[#kept + 1] = 0
+local k, a = 1, 2
+while a <= #ARGV do
+  local token, nkeys, nchanges = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local held = redis.call('GET', KEYS[k + 1]) == token
+  if held then
+    redis.call('PEXPIRE', KEYS[k + 1], ttl)
+    for i = k + 4, k + nkeys, 2 do hold_below(i, token, ttl) end
   end
-  first = first + tonumber(ARGV[c + 1])
+  kept[#kept + 1] = held and 1 or 0
+  k, a = k + nkeys, a + 3
+  if nchanges > 0 then
+    k = k + 1
+    if held then
+      local drops = tonumber(ARGV[a])
+      drop(KEYS[k], token, a + 1, a + drops)
+      for i = a + 1 + drops, a + nchanges - 1, 2 do redis.call('HSET', KEYS[k], ARGV[i], token .. ARGV[i + 1]) end
+      if nchanges > drops + 1 then redis.call('ZADD', KEYS[1], 'NX', now + ttl, KEYS[k]) end
+    end
+    a = a + nchanges
+  end
 end
 return kept
 """
 
-# KEYS as ACQUIRE. ARGV: token, channel.
-RELEASE = """
+# KEYS as ACQUIRE, then the drive's unpublished changes. ARGV: token, channel, number of claim keys, then the fields
+# of the claim's changes to drop.
+RELEASE = DROP + """
+local nkeys = tonumber(ARGV[3])
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-for i = 4, #KEYS, 2 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+for i = 4, nkeys, 2 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+drop(KEYS[nkeys + 1], ARGV[1], 4, #ARGV)
 redis.call('PUBLISH', ARGV[2], 'r')
+return 1
+"""
+
+# KEYS: the unpublished hashes' index. ARGV: ttl (ms), how many hashes at most. The hashes due, each moved on a TTL
+# (dropped from the index when empty), and of each the changes whose claims are no longer held by their tokens:
+# hash, field and value of each in turn.
+UNPUBLISHED_DUE = CLAIM_CLOCK + """
+local found = {}
+for _, hash in ipairs(redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE', 'LIMIT', 0, ARGV[2])) do
+  local changes = redis.call('HGETALL', hash)
+  if #changes == 0 then
+    redis.call('ZREM', KEYS[1], hash)
+  else
+    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), hash)
+    local claims = string.sub(hash, 1, -string.len('unpublished') - 1) .. 'claim:'
+    for i = 1, #changes, 2 do
+      local value = changes[i + 1]
+      if redis.call('GET', claims .. string.sub(value, 18)) ~= string.sub(value, 1, 16) then
+        found[#found + 1] = hash
+        found[#found + 1] = changes[i]
+        found[#found + 1] = value
+      end
+    end
+  end
+end
+return found
+"""
+
+# KEYS: a drive's unpublished changes. ARGV: a field, and the value it must still have to be dropped.
+FORGET = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return 1
 """
 
@@ -272,15 +351,27 @@ def _event(entry_id: bytes, fields: list[bytes]) -> Event:
     return Event(int(entry_id.split(b"-", 1)[0]), cast(EventKind, values[b"k"].decode()), entry)
 
 
+def _unpublished_key(drive: str) -> str:
+    return f"drived:{{{drive}}}:unpublished"
+
+
+def _change_field(component: str, path: str) -> str:
+    """The field of a change among its drive's unpublished ones."""
+    return f"{component}\0{path}"
+
+
 class _RedisClaim(Claim):
     """A claim this daemon holds in Redis: renewed by the daemon's renewer, confirmed before its commit."""
 
     def __init__(self, coordinator: RedisCoordinator, drive: str, path: str, token: str, keys: list[str]) -> None:
         self._coordinator = coordinator
         self._shown = f"{path!r} in lit://{drive}"
+        self.drive = drive
+        self.path = path
         self.token = token
         self.keys = keys
         self.renewed = -math.inf  # loop time at which the latest take or renewal that found it held was sent
+        self.changing: list[str] = []  # the fields of the changes it recorded (its release drops those left)
 
     def answered(self, sent: float, held: bool) -> None:
         """Records what a take or renewal sent at loop time `sent` found: the claim `held`, or lost.
@@ -291,8 +382,17 @@ class _RedisClaim(Claim):
         if held:
             self.renewed = max(self.renewed, sent)
 
-    async def confirm(self) -> None:
-        if not await self._coordinator.confirm(self):
+    async def confirm(self, changing: Sequence[Change] | None = None) -> None:
+        fields = [] if changing is None else [_change_field(change.component, change.path) for change in changing]
+        recorded: list[str] = []  # RENEW's arguments about the claim's changes (none: kept as they are)
+        if changing is not None:
+            recorded = [str(len(self.changing)), *self.changing]
+            for field, change in zip(fields, changing, strict=True):
+                recorded += [field, KIND_MARKS[change.kind] + self.path]
+        if await self._coordinator.confirm(self, recorded):
+            if changing is not None:
+                self.changing = fields
+        else:
             raise Unavailable(
                 f"the claim on {self._shown} lapsed before its next step (a put's commit, a folder delete's next "
                 f"files; the coordinator {self._coordinator.name} was out of reach or too slow for longer than "
@@ -344,11 +444,13 @@ class RedisCoordinator(Coordinator):
         self._acquire = self._redis.register_script(ACQUIRE)
         self._renew = self._redis.register_script(RENEW)
         self._release = self._redis.register_script(RELEASE)
+        self._unpublished_due = self._redis.register_script(UNPUBLISHED_DUE)
+        self._forget = self._redis.register_script(FORGET)
         self._wakeups = Wakeups(self._subscriber, self.failure)
         self._held: dict[str, _RedisClaim] = {}  # token -> a claim this daemon holds
         self._renewer: asyncio.Task[None] | None = None
         # The claims whose confirms were asked in this turn of the event loop, and the renewal that answers them.
-        self._confirming: tuple[list[_RedisClaim], asyncio.Future[list[int]]] | None = None
+        self._confirming: tuple[list[_RedisClaim], list[list[str]], asyncio.Future[list[int]]] | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._closed = False
 
@@ -446,8 +548,8 @@ class RedisCoordinator(Coordinator):
 
     @asynccontextmanager
     async def claim(self, drive: str, path: str) -> AsyncIterator[Claim]:
-        held = _RedisClaim(self, drive, path, secrets.token_hex(8), self._claim_keys(drive, path))
-        keys, token = held.keys, held.token
+        held = _RedisClaim(self, drive, path, secrets.token_hex(TOKEN_LENGTH // 2), self._claim_keys(drive, path))
+        token = held.token
         busy = await self._take(drive, held)
         if busy:
             async with self._wakeups.listening(self._channel(drive)) as channel:
@@ -461,9 +563,12 @@ class RedisCoordinator(Coordinator):
             self._renewer = asyncio.ensure_future(self._renew_held())
         try:
             yield held
+        except BaseException:
+            held.changing = []  # the body may have changed the store without publishing: left for `unpublished`
+            raise
         finally:
             del self._held[token]
-            await asyncio.shield(self._keep(self._give_back(drive, keys, token)))
+            await asyncio.shield(self._keep(self._give_back(held)))
 
     async def _releases(self, channel: Channel) -> asyncio.Event:
         """The event that the drive's next release sets, once the subscription is confirmed.
@@ -494,7 +599,7 @@ class RedisCoordinator(Coordinator):
 
     def _taken_for_nobody(self, drive: str, claim: _RedisClaim, trying: asyncio.Future[int]) -> None:
         if not trying.cancelled() and trying.exception() is None and not trying.result():
-            self._keep(self._give_back(drive, claim.keys, claim.token))
+            self._keep(self._give_back(claim))
 
     async def _try(self, claim: _RedisClaim) -> int:
         sent = asyncio.get_running_loop().time()
@@ -506,39 +611,52 @@ class RedisCoordinator(Coordinator):
     def _ttl_ms(self) -> int:
         return max(1, int(self.claim_ttl * 1000))
 
-    async def _give_back(self, drive: str, keys: list[str], token: str) -> None:
+    async def _give_back(self, claim: _RedisClaim) -> None:
+        """Releases `claim`, and drops the changes it recorded that are left (`_RedisClaim.changing`)."""
+        keys = [*claim.keys, _unpublished_key(claim.drive)]
         try:
-            await self._run(self._release, keys, [token, self._channel(drive)])
+            await self._run(self._release, keys,
+                            [claim.token, self._channel(claim.drive), len(claim.keys), *claim.changing])
         except Unavailable as err:
             log.warning("a claim could not be released; it expires after --claim-ttl", extra={"fields": {
-                "drive": drive, "key": keys[0], "error": str(err)}})
+                "drive": claim.drive, "key": claim.keys[0], "error": str(err)}})
 
-    async def renew(self, claims: list[_RedisClaim]) -> list[int]:
+    async def renew(self, claims: list[_RedisClaim], changes: list[list[str]] | None = None) -> list[int]:
         """Renews `claims` for a whole TTL from now: for each, 1 when it was still held, else 0.
 
+        `changes`: for each claim, RENEW's arguments about its changes
+        (`_RedisClaim.confirm`), recorded when it is held; none keeps them.
         RENEW_CHUNK claims a call, RENEW_CALLS calls at once (each on its own
         pooled connection): a round of up to 2,000 claims costs one round
         trip, and never takes the whole pool.
         """
-        chunks = [claims[start:start + RENEW_CHUNK] for start in range(0, len(claims), RENEW_CHUNK)]
+        changes = changes or [[] for _ in claims]
         calls = asyncio.Semaphore(RENEW_CALLS)
-        answers = await asyncio.gather(*(self._renew_chunk(chunk, calls) for chunk in chunks))
+        answers = await asyncio.gather(*(
+            self._renew_chunk(claims[start:start + RENEW_CHUNK], changes[start:start + RENEW_CHUNK], calls)
+            for start in range(0, len(claims), RENEW_CHUNK)
+        ))
         return [kept for chunk_answers in answers for kept in chunk_answers]
 
-    async def _renew_chunk(self, claims: list[_RedisClaim], calls: asyncio.Semaphore) -> list[int]:
+    async def _renew_chunk(self, claims: list[_RedisClaim], changes: list[list[str]],
+                           calls: asyncio.Semaphore) -> list[int]:
         """Renews up to RENEW_CHUNK claims in one call, once one of `calls` is free, and records for each what it
         found."""
+        keys: list[str] = [UNPUBLISHED]
+        args: list[str | int] = [self._ttl_ms()]
+        for claim, recorded in zip(claims, changes, strict=True):
+            keys += [*claim.keys, _unpublished_key(claim.drive)] if recorded else claim.keys
+            args += [claim.token, len(claim.keys), len(recorded), *recorded]
         async with calls:
             sent = asyncio.get_running_loop().time()
-            keys = [key for claim in claims for key in claim.keys]
-            counts = [value for claim in claims for value in (claim.token, len(claim.keys))]
-            kept = cast(list[int], await self._run(self._renew, keys, [self._ttl_ms(), *counts]))
+            kept = cast(list[int], await self._run(self._renew, keys, args))
         for claim, still in zip(claims, kept, strict=True):
             claim.answered(sent, bool(still))
         return kept
 
-    async def confirm(self, claim: _RedisClaim) -> bool:
-        """Renews `claim` for a whole TTL from now: True when it was still held.
+    async def confirm(self, claim: _RedisClaim, recorded: list[str]) -> bool:
+        """Renews `claim` for a whole TTL from now, recording its changes (`recorded`: RENEW's arguments about
+        them): True when it was still held.
 
         The confirms asked in one turn of the event loop (those of a commit
         worker's batch, awaited together) share one `renew`: one round trip
@@ -546,21 +664,23 @@ class RedisCoordinator(Coordinator):
         """
         if self._confirming is None:
             claims: list[_RedisClaim] = []
-            self._confirming = claims, self._keep(self._renew_together(claims))
-        claims, renewing = self._confirming
+            changes: list[list[str]] = []
+            self._confirming = claims, changes, self._keep(self._renew_together(claims, changes))
+        claims, changes, renewing = self._confirming
         mine = len(claims)
         claims.append(claim)
+        changes.append(recorded)
         try:
             kept = await asyncio.shield(renewing)
         except Unavailable as shared:  # each confirm raises its own: one object raised by all gathers their tracebacks
             raise type(shared)(shared.message) from None
         return bool(kept[mine])
 
-    async def _renew_together(self, claims: list[_RedisClaim]) -> list[int]:
+    async def _renew_together(self, claims: list[_RedisClaim], changes: list[list[str]]) -> list[int]:
         """Renews `claims` once the confirms asked in this turn of the event loop have joined them."""
         await asyncio.sleep(0)
         self._confirming = None
-        return await self.renew(claims)
+        return await self.renew(claims, changes)
 
     async def _renew_held(self) -> None:
         """Renews this daemon's claims every third of their TTL for as long as it holds any.
@@ -598,11 +718,36 @@ class RedisCoordinator(Coordinator):
     # -- the change feed -----------------------------------------------------
 
     async def publish(self, drive: str, kind: EventKind, entry: Entry) -> int:
+        return await self._append(drive, kind, entry, "")
+
+    async def _append(self, drive: str, kind: EventKind, entry: Entry, settling: str) -> int:
+        """Appends the event and drops its change from the unpublished ones; `settling`: the value that change must
+        still have, else nothing is appended (0)."""
         fields = [kind, entry.path, entry.component, entry.size, bytes.fromhex(entry.sha256), entry.generation,
-                  entry.mtime_ns]
+                  entry.mtime_ns, _change_field(entry.component, entry.path), settling]
         answer = f"drived:{{{drive}}}:published:{secrets.token_hex(8)}"
-        return int(await self._run(self._publish, [*self._feed_keys(drive), answer],
+        return int(await self._run(self._publish, [*self._feed_keys(drive), answer, _unpublished_key(drive)],
                                    [self.events_kept, TRIM_BATCH, self._channel(drive), ANSWER_KEPT_MS, *fields]))
+
+    async def unpublished(self) -> list[Unpublished]:
+        found = await self._run(self._unpublished_due, [UNPUBLISHED], [self._ttl_ms(), UNPUBLISHED_DRIVES])
+        changes = []
+        for key, field, value in zip(found[::3], found[1::3], found[2::3], strict=True):
+            drive = key.decode().removeprefix("drived:{").removesuffix("}:unpublished")
+            component, _, path = field.decode().partition("\0")
+            mark = value.decode()
+            changes.append(Unpublished(drive, Change(MARKED_KINDS[mark[TOKEN_LENGTH]], path, component), mark))
+        return changes
+
+    async def settle(self, unpublished: Unpublished, stored: Entry | None) -> None:
+        drive, change = unpublished.drive, unpublished.change
+        if change.kind == "put" and stored is not None:
+            await self._append(drive, "put", stored, unpublished.mark)
+        elif change.kind == "delete" and stored is None:
+            await self._append(drive, "delete", Entry(path=change.path, component=change.component), unpublished.mark)
+        else:
+            await self._run(self._forget, [_unpublished_key(drive)],
+                            [_change_field(change.component, change.path), unpublished.mark])
 
     async def last(self, drive: str) -> int:
         return int(await self._run(self._last, self._feed_keys(drive), []))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -155,6 +156,7 @@ async def serve(config: Config) -> None:
         metrics.serve(config.metrics_listen)
     await server.start()
     streams.start()
+    settling = asyncio.ensure_future(managed.settle_unpublished())
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     where = {"storage": config.storage} if config.storage else {"data_dir": config.data_dir}
@@ -177,6 +179,9 @@ async def serve(config: Config) -> None:
     log.info("draining", extra={"fields": {"grace_period_s": config.grace_period, "open_streams": streams.count}})
     deadline = loop.time() + config.grace_period
     await health_servicer.enter_graceful_shutdown()
+    settling.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await settling
     await coordinator.close()  # watches and waiting gets answer UNAVAILABLE now; transfers get the grace period
     if not await streams.wait_closed(config.grace_period):
         log.warning("grace period over: cancelling what is still open", extra={"fields": {"streams": streams.count}})

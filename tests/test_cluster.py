@@ -716,7 +716,8 @@ def test_watches_whose_clients_go_away_at_once_all_end(cluster, start_daemon, dr
 def test_the_small_local_puts_committed_together_confirm_their_claims_in_one_round_trip(
     cluster, start_daemon, drive_uri, tmp_path
 ):
-    daemon = start_daemon(tmp_path, env={"DRIVED_COORDINATOR": cluster.valkey.url})
+    # A long --claim-ttl: no renewal round, nor look for unpublished changes, among the calls counted.
+    daemon = start_daemon(tmp_path, "--claim-ttl", "300", env={"DRIVED_COORDINATOR": cluster.valkey.url})
     stub = stub_of(daemon)
     admin = redis.Redis.from_url(cluster.valkey.url)
     raw_put(stub, drive_uri, "first.txt", b"x", component="w")  # starts the commit worker and loads the scripts
@@ -734,9 +735,9 @@ def test_the_small_local_puts_committed_together_confirm_their_claims_in_one_rou
         os.kill(worker, signal.SIGCONT)
     for put in (ahead, *queued):
         put.result(60)
-    # Each put publishes and releases its claim; the queued puts' confirms are one call (two with a renewer round).
+    # Each put publishes and releases its claim; the queued puts' confirms are one call.
     confirms = calls(admin, "evalsha") - scripts - 2 * (count + 1)
-    assert 1 <= confirms <= 2, f"{confirms} confirm round trips for {count} puts committed together"
+    assert confirms == 1, f"{confirms} confirm round trips for {count} puts committed together"
     assert all(raw_get(stub, drive_uri, f"q{i:02}.txt")[0][1] == b"queued" for i in range(count))
 
 
@@ -785,7 +786,7 @@ def test_a_delete_waits_for_the_put_of_its_path_and_counts_the_version_it_delete
 
 
 def test_a_folder_delete_confirms_its_claim_without_a_round_trip_a_file_and_announces_each(own_cluster, drive_uri):
-    replica = own_cluster.replica()
+    replica = own_cluster.replica("--claim-ttl", "300")  # no renewal round, nor look for unpublished changes
     stub = stub_of(replica)
     admin = redis.Redis.from_url(own_cluster.valkey.url)
     count = 40
@@ -795,9 +796,9 @@ def test_a_folder_delete_confirms_its_claim_without_a_round_trip_a_file_and_anno
     scripts = calls(admin, "evalsha")
     deleted = stub.Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="folder", component="w"), timeout=60)
     assert deleted.files_deleted == count
-    # Its claim, its release, one publish a file; the rest confirm the claim (or renew it, every 3.3 s).
+    # Its claim, its release, one publish a file; the rest confirm the claim: for the path, then for the batch.
     confirms = calls(admin, "evalsha") - scripts - 2 - count
-    assert confirms < count, f"{confirms} confirm round trips for {count} files"
+    assert confirms == 2, f"{confirms} confirm round trips for {count} files"
     events = watch_events(replica, drive_uri, 2 * count, after=start)
     assert [e[:2] for e in events[1 + count:]] == [("delete", f"folder/f{i:02}.txt") for i in range(count)]
     assert stub.List(drive_pb2.ListRequest(drive=drive_uri, path=".")).entries == []
@@ -882,6 +883,91 @@ def test_sigkill_mid_put_leaves_no_partial_and_the_previous_version(own_cluster,
     assert [(e.path, e.size) for e in listed.entries] == [("v.bin", len(b"version 1"))]
     raw_put(stub_of(other), drive_uri, "v.bin", b"version 2", component="w")  # no claim left in the way
     assert raw_get(stub_of(other), drive_uri, "v.bin")[0][1] == b"version 2"
+
+
+def unpublished_left(cluster: Cluster) -> list[bytes]:
+    """The coordinator's records of changes not yet published: none once each is published or settled."""
+    return cluster.keys("drived:*unpublished*")
+
+
+def test_a_put_and_a_delete_whose_events_the_coordinator_never_took_are_published_once_it_is_back(
+    own_cluster, drive_uri
+):
+    """The coordinator went away between a put's (a delete's) change of the store and its publish: the file was
+    stored (deleted), its client told UNAVAILABLE, and no watch ever saw the change. Now the change, recorded with
+    the claim's confirm, is published by a replica that finds its claim ended (here the other one: every publish of
+    the first still fails), once."""
+    with CuttingProxy(f"127.0.0.1:{own_cluster.valkey.port}") as to_coordinator:
+        port = to_coordinator.endpoint.rpartition(":")[2]
+        url = own_cluster.valkey.url.replace(f":{own_cluster.valkey.port}/", f":{port}/")
+        a = own_cluster.store.daemon("--claim-ttl", "2", env=own_cluster.store.env(DRIVED_COORDINATOR=url))
+        b = own_cluster.replica("--claim-ttl", "2")
+        raw_put(stub_of(a), drive_uri, "kept.txt", b"kept", component="w")
+        raw_put(stub_of(a), drive_uri, "gone.txt", b"to be deleted", component="w")
+        start = watch_events(b, drive_uri, 0)[0][2]
+        to_coordinator.refuse()  # the connections made so far break: each later one is watched
+        to_coordinator.refuse(False)
+        for _ in range(50):
+            to_coordinator.cut_before("up", b":published:")  # every publish of replica a, and its retry, is cut
+        with pytest.raises(grpc.RpcError) as put_failed:
+            raw_put(stub_of(a), drive_uri, "put.txt", b"stored, its event lost", component="w")
+        with pytest.raises(grpc.RpcError) as delete_failed:
+            stub_of(a).Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="gone.txt", component="w"), timeout=60)
+        for failed in (put_failed, delete_failed):
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+            assert f"the coordinator redis://127.0.0.1:{port}/0 cannot be used" in failed.value.details()
+        # The store changed all the same.
+        assert raw_get(stub_of(b), drive_uri, "put.txt")[0][1] == b"stored, its event lost"
+        assert rpc_code(lambda: raw_get(stub_of(b), drive_uri, "gone.txt")) == grpc.StatusCode.NOT_FOUND
+        events = watch_events(b, drive_uri, 2, after=start)[1:]
+        assert sorted(e[:2] for e in events) == [("delete", "gone.txt"), ("put", "put.txt")]
+        assert wait_until(lambda: not unpublished_left(own_cluster), timeout=30), unpublished_left(own_cluster)
+        raw_put(stub_of(b), drive_uri, "after.txt", b"after", component="w")
+        following = watch_events(b, drive_uri, 1, after=events[-1][2])[1:]
+        assert [e[:2] for e in following] == [("put", "after.txt")]  # each change was published once
+        assert "settled a change whose daemon did not publish it" in b.log()
+        assert raw_get(stub_of(b), drive_uri, "kept.txt")[0][1] == b"kept"
+
+
+def test_a_folder_delete_whose_replica_is_killed_midway_has_each_file_it_removed_published_once(
+    own_cluster, drive_uri
+):
+    """A replica killed in the middle of a folder delete (its store stalled) had removed files whose events it
+    never published. Another replica publishes a delete for each file the killed one removed, and none for the
+    files it did not reach."""
+    victim, other = own_cluster.replica("--claim-ttl", "2"), own_cluster.replica("--claim-ttl", "2")
+    names = [f"folder/f{i:02}.txt" for i in range(60)]
+    for name in names:
+        raw_put(stub_of(victim), drive_uri, name, name.encode(), component="w")
+    start = watch_events(other, drive_uri, 0)[0][2]
+    moto = own_cluster.store.moto.proc
+    assert moto is not None
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    announced = admin.pubsub(ignore_subscribe_messages=True)
+    announced.subscribe(f"drived:{{{drive_uri.removeprefix('lit://')}}}")
+    deleting = stub_of(victim).Delete.future(
+        drive_pb2.DeleteRequest(drive=drive_uri, path="folder", component="w"), timeout=60)
+    try:
+        assert wait_until(lambda: (announced.get_message(timeout=0.01) or {}).get("data", b"").startswith(b"e"),
+                          timeout=20, interval=0), "no file was deleted"
+        moto.send_signal(signal.SIGSTOP)  # the delete's next file waits on the store
+        time.sleep(0.2)
+        victim.stop(signal.SIGKILL)
+    finally:
+        moto.send_signal(signal.SIGCONT)
+        announced.close()
+    assert rpc_code(deleting.result) == grpc.StatusCode.UNAVAILABLE
+    assert wait_until(lambda: not unpublished_left(own_cluster), timeout=30), unpublished_left(own_cluster)
+    listed = [e.path for e in stub_of(other).List(drive_pb2.ListRequest(drive=drive_uri, path="folder")).entries]
+    removed = [name for name in names if name not in listed]
+    assert removed and listed, "the delete was not cut midway"
+    events = watch_events(other, drive_uri, len(removed), after=start)[1:]
+    assert sorted(e[:2] for e in events) == [("delete", name) for name in removed]
+    raw_put(stub_of(other), drive_uri, "after.txt", b"after", component="w")
+    following = watch_events(other, drive_uri, 1, after=events[-1][2])[1:]
+    assert [e[:2] for e in following] == [("put", "after.txt")]  # nothing for the files left, nothing twice
+    for name in listed:
+        assert raw_get(stub_of(other), drive_uri, name)[0][1] == name.encode()
 
 
 def test_the_password_of_the_coordinator_url_is_never_shown(own_cluster, tmp_path):

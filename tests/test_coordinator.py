@@ -25,7 +25,7 @@ import redis
 
 from bench.services import ValkeyServer
 from drive_client.errors import EventsExpired, Unavailable
-from drived.coordinator import Coordinator
+from drived.coordinator import Change, Coordinator
 from drived.entry import Entry
 from drived.events import InProcessCoordinator
 from drived.redis_coordinator import RENEW, RENEW_CHUNK, RedisCoordinator
@@ -650,3 +650,57 @@ async def test_the_renewer_leaves_a_claim_confirmed_moments_ago_to_its_next_roun
         assert len(rounds) >= 2, renewals
         assert not any(b"claim:busy" in command for command in rounds), rounds
         assert idle.renewed > loop.time() - 1.0
+
+
+async def test_the_in_process_coordinator_has_no_unpublished_changes() -> None:
+    """Its claims end only with their daemon, whose feed goes with it."""
+    coordinator = InProcessCoordinator()
+    with contextlib.suppress(RuntimeError):
+        async with coordinator.claim("d", "f") as claim:
+            await claim.confirm([Change("put", "f", "c")])
+            raise RuntimeError("the body fails after its confirm")
+    assert await coordinator.unpublished() == []
+    async with coordinator.claim("d", "f"):  # and the claim was released
+        pass
+
+
+@pytest.mark.integration
+async def test_the_changes_a_claim_recorded_are_handed_out_once_it_ended_unpublished_and_settled_once(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    server = own_valkey()
+    ttl = 0.3
+    async with redis_coordinator(server.url, claim_ttl=ttl) as one, \
+            redis_coordinator(server.url, claim_ttl=ttl) as other:
+        async with one.claim("d", "published") as claim:  # each change published: nothing left
+            await claim.confirm([Change("put", "published", "c")])
+            await one.publish("d", "put", entry("published"))
+        async with one.claim("d", "folder") as claim:  # a body that ends without raising drops what it recorded
+            await claim.confirm([Change("delete", "folder", "c")])
+            await claim.confirm([Change("delete", "folder/a", "c"), Change("delete", "folder/b", "c")])
+            await claim.confirm()
+        for path, kind in (("lost", "put"), ("never", "put"), ("gone", "delete"), ("kept", "delete")):
+            with pytest.raises(RuntimeError):  # a body that raises after its confirm leaves its changes
+                async with one.claim("d", path) as claim:
+                    await claim.confirm([Change(kind, path, "c")])
+                    raise RuntimeError("the body fails after its confirm")
+        async with one.claim("d", "held") as claim:  # a claim still held keeps its changes to itself
+            await claim.confirm([Change("put", "held", "c")])
+            await asyncio.sleep(ttl * 1.5)  # past the drive's first look
+            found = {unpublished.change.path: unpublished for unpublished in await other.unpublished()}
+            assert await one.unpublished() == []  # each is handed out once a TTL
+        assert {path: (u.drive, u.change.kind, u.change.component) for path, u in found.items()} == {
+            "lost": ("d", "put", "c"), "never": ("d", "put", "c"), "gone": ("d", "delete", "c"),
+            "kept": ("d", "delete", "c")}
+        start = await other.last("d")
+        await other.settle(found["lost"], entry("lost"))  # a put whose file is stored: published
+        await one.settle(found["lost"], entry("lost"))  # settled already: nothing more
+        await other.settle(found["never"], None)  # a put whose file is not stored: not made
+        await other.settle(found["gone"], None)  # a delete whose file is gone: published
+        await other.settle(found["kept"], entry("kept"))  # a delete whose file is stored: not made
+        events = await other.since("d", start)
+        assert [(event.kind, event.entry.path) for event in events] == [("put", "lost"), ("delete", "gone")]
+        assert events[0].entry == entry("lost")
+        await asyncio.sleep(ttl * 1.5)
+        assert await other.unpublished() == []  # the drive's next look finds nothing, and drops it
+        assert not list(redis.Redis.from_url(server.url).scan_iter("drived:*unpublished*"))
