@@ -26,7 +26,6 @@ from typing import TypeVar
 from drive_client.errors import (
     AlreadyExists,
     AmbiguousPathError,
-    DriveError,
     EventsExpired,
     InvalidArgument,
     NotFound,
@@ -517,9 +516,12 @@ class ManagedDrives:
         drive, path, component = delete.drive.name, delete.path, delete.component
         deleted = 0
         async with self.coordinator.claim(drive, path) as claim:
-            await claim.confirm([Change("delete", path, component)])
-            if await self._delete(drive, object_key(drive, component, path), path, component):
-                return 1
+            # Not recorded for a folder: its record would be settled as a delete of the folder's path when the walk
+            # below fails.
+            if not await self._is_folder(object_key(drive, component, path)):
+                await claim.confirm([Change("delete", path, component)])
+                if await self._delete(drive, object_key(drive, component, path), path, component):
+                    return 1
             keys = await self.backend.walk(object_key(drive, component, path))
             # A big folder's walk and deletes, or a slow store's, may outlast an unrenewed claim: it is confirmed
             # before each DELETE_BATCH files (which it records as its changes), and again before the next file once
@@ -539,6 +541,15 @@ class ManagedDrives:
                 "a file can only be deleted by the component that put it"
             )
         return deleted
+
+    async def _is_folder(self, key: str) -> bool:
+        """Whether `key` is a folder and no file (of drived's, damaged or not, or an object drived did not write)."""
+        try:
+            if await self.backend.stat(key) is not None:
+                return False
+        except StoredFileError:
+            return False
+        return await self.backend.is_folder(key)
 
     async def _delete(self, drive: str, key: str, path: str, component: str) -> bool:
         """Deletes the file at `key` (`path` of `component`) and announces it at once (a walk that stops midway has
@@ -566,15 +577,20 @@ class ManagedDrives:
             await asyncio.sleep(self.coordinator.claim_ttl * random.uniform(0.25, 0.75))
             try:
                 found = await self.coordinator.unpublished()
-            except Unavailable:  # the coordinator is away: puts and deletes say so; looked for again later
+            except Exception as err:  # the coordinator away, or an answer not understood: looked for again later
+                log.warning("looking for unpublished changes failed", extra={"fields": {
+                    "error": f"{type(err).__name__}: {err}"}})
                 continue
             for unpublished in found:
                 try:
-                    await self._settle(unpublished)
-                except DriveError as err:
+                    # Within a TTL: a claim in the way (a long folder delete above) holds up only this change, which
+                    # a replica takes again a TTL later.
+                    async with asyncio.timeout(self.coordinator.claim_ttl):
+                        await self._settle(unpublished)
+                except Exception as err:  # whatever one change raises, the others are settled
                     log.warning("an unpublished change could not be settled; tried again after --claim-ttl",
                                 extra={"fields": {"drive": unpublished.drive, "path": unpublished.change.path,
-                                                  "error": str(err)}})
+                                                  "error": f"{type(err).__name__}: {err}"}})
 
     async def _settle(self, unpublished: Unpublished) -> None:
         drive, change = unpublished.drive, unpublished.change

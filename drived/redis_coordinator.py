@@ -109,6 +109,7 @@ ANSWER_KEPT_MS = 60_000
 RENEW_CHUNK = 500
 RENEW_CALLS = 4  # RENEW calls of one round in flight at once: a round leaves the pool to puts and publishes
 UNPUBLISHED_DRIVES = 100  # drives whose unpublished changes one `unpublished` call looks at, at most
+UNPUBLISHED_FOUND = 1000  # changes one `unpublished` call hands out, at most (the rest: a TTL later)
 DRAIN_POLL = 0.1  # seconds between tries of a claim held by another while the daemon drains (no wake-ups then)
 POOL_SIZE = 32  # connections a daemon uses for its calls, at most
 POOL_WAIT = 10.0  # seconds a call waits for a free connection
@@ -282,12 +283,14 @@ redis.call('PUBLISH', ARGV[2], 'r')
 return 1
 """
 
-# KEYS: the unpublished hashes' index. ARGV: ttl (ms), how many hashes at most. The hashes due, each moved on a TTL
-# (dropped from the index when empty), and of each the changes whose claims are no longer held by their tokens:
-# hash, field and value of each in turn.
+# KEYS: the unpublished hashes' index. ARGV: ttl (ms), how many hashes at most, how many changes at most. The hashes
+# due, each moved on a TTL (dropped from the index when empty), and of each the changes whose claims are no longer
+# held by their tokens: hash, field and value of each in turn, until the changes found reach their most.
 UNPUBLISHED_DUE = CLAIM_CLOCK + """
 local found = {}
+local most = 3 * tonumber(ARGV[3])
 for _, hash in ipairs(redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE', 'LIMIT', 0, ARGV[2])) do
+  if #found >= most then break end
   local changes = redis.call('HGETALL', hash)
   if #changes == 0 then
     redis.call('ZREM', KEYS[1], hash)
@@ -296,7 +299,7 @@ for _, hash in ipairs(redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE', 'LIM
     local claims = string.sub(hash, 1, -string.len('unpublished') - 1) .. 'claim:'
     for i = 1, #changes, 2 do
       local value = changes[i + 1]
-      if redis.call('GET', claims .. string.sub(value, 18)) ~= string.sub(value, 1, 16) then
+      if #found < most and redis.call('GET', claims .. string.sub(value, 18)) ~= string.sub(value, 1, 16) then
         found[#found + 1] = hash
         found[#found + 1] = changes[i]
         found[#found + 1] = value
@@ -730,7 +733,8 @@ class RedisCoordinator(Coordinator):
                                    [self.events_kept, TRIM_BATCH, self._channel(drive), ANSWER_KEPT_MS, *fields]))
 
     async def unpublished(self) -> list[Unpublished]:
-        found = await self._run(self._unpublished_due, [UNPUBLISHED], [self._ttl_ms(), UNPUBLISHED_DRIVES])
+        found = await self._run(self._unpublished_due, [UNPUBLISHED],
+                                [self._ttl_ms(), UNPUBLISHED_DRIVES, UNPUBLISHED_FOUND])
         changes = []
         for key, field, value in zip(found[::3], found[1::3], found[2::3], strict=True):
             drive = key.decode().removeprefix("drived:{").removesuffix("}:unpublished")

@@ -735,9 +735,10 @@ def test_the_small_local_puts_committed_together_confirm_their_claims_in_one_rou
         os.kill(worker, signal.SIGCONT)
     for put in (ahead, *queued):
         put.result(60)
-    # Each put publishes and releases its claim; the queued puts' confirms are one call.
+    # Each put publishes and releases its claim; the queued puts' confirms are one call (two when the first queued
+    # put's confirm went before the others had come).
     confirms = calls(admin, "evalsha") - scripts - 2 * (count + 1)
-    assert confirms == 1, f"{confirms} confirm round trips for {count} puts committed together"
+    assert 1 <= confirms <= 2, f"{confirms} confirm round trips for {count} puts committed together"
     assert all(raw_get(stub, drive_uri, f"q{i:02}.txt")[0][1] == b"queued" for i in range(count))
 
 
@@ -796,9 +797,9 @@ def test_a_folder_delete_confirms_its_claim_without_a_round_trip_a_file_and_anno
     scripts = calls(admin, "evalsha")
     deleted = stub.Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="folder", component="w"), timeout=60)
     assert deleted.files_deleted == count
-    # Its claim, its release, one publish a file; the rest confirm the claim: for the path, then for the batch.
+    # Its claim, its release, one publish a file; the rest confirm the claim: once, for the batch.
     confirms = calls(admin, "evalsha") - scripts - 2 - count
-    assert confirms == 2, f"{confirms} confirm round trips for {count} files"
+    assert confirms == 1, f"{confirms} confirm round trips for {count} files"
     events = watch_events(replica, drive_uri, 2 * count, after=start)
     assert [e[:2] for e in events[1 + count:]] == [("delete", f"folder/f{i:02}.txt") for i in range(count)]
     assert stub.List(drive_pb2.ListRequest(drive=drive_uri, path=".")).entries == []
@@ -968,6 +969,30 @@ def test_a_folder_delete_whose_replica_is_killed_midway_has_each_file_it_removed
     assert [e[:2] for e in following] == [("put", "after.txt")]  # nothing for the files left, nothing twice
     for name in listed:
         assert raw_get(stub_of(other), drive_uri, name)[0][1] == name.encode()
+
+
+def test_a_folder_delete_whose_listing_failed_reports_no_delete_of_the_folders_path(own_cluster, drive_uri):
+    """A delete records the change of its own path only when a file is there: a folder delete whose listing failed
+    left the record of its path, which a replica then reported as the delete of a file at the folder's path."""
+    with CuttingProxy(own_cluster.store.url.removeprefix("http://")) as to_store:
+        env = own_cluster.store.env(DRIVED_COORDINATOR=own_cluster.valkey.url,
+                                    AWS_ENDPOINT_URL=f"http://{to_store.endpoint}")
+        replica = own_cluster.store.daemon("--claim-ttl", "1", "--upload-expiry", "3600", env=env)
+        stub = stub_of(replica)
+        raw_put(stub, drive_uri, "folder/f.txt", b"kept", component="w")
+        start = watch_events(replica, drive_uri, 0)[0][2]
+        to_store.refuse()  # the connections made so far break: the next one is watched
+        to_store.refuse(False)
+        to_store.cut_before("up", b"list-type=2")  # the folder's listing, and every retry of it, fails
+        to_store.down_after_cuts()
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="folder", component="w"), timeout=60)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+        to_store.down_after_cuts(False)
+        assert wait_until(lambda: not unpublished_left(own_cluster), timeout=30), unpublished_left(own_cluster)
+        raw_put(stub, drive_uri, "after.txt", b"after", component="w")
+        assert [e[:2] for e in watch_events(replica, drive_uri, 1, after=start)[1:]] == [("put", "after.txt")]
+        assert raw_get(stub, drive_uri, "folder/f.txt")[0][1] == b"kept"
 
 
 def test_the_password_of_the_coordinator_url_is_never_shown(own_cluster, tmp_path):

@@ -28,7 +28,7 @@ from drive_client.errors import EventsExpired, Unavailable
 from drived.coordinator import Change, Coordinator
 from drived.entry import Entry
 from drived.events import InProcessCoordinator
-from drived.redis_coordinator import RENEW, RENEW_CHUNK, RedisCoordinator
+from drived.redis_coordinator import RENEW, RENEW_CHUNK, UNPUBLISHED_FOUND, RedisCoordinator
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -704,3 +704,24 @@ async def test_the_changes_a_claim_recorded_are_handed_out_once_it_ended_unpubli
         await asyncio.sleep(ttl * 1.5)
         assert await other.unpublished() == []  # the drive's next look finds nothing, and drops it
         assert not list(redis.Redis.from_url(server.url).scan_iter("drived:*unpublished*"))
+
+
+@pytest.mark.integration
+async def test_a_look_for_unpublished_changes_hands_out_a_bounded_number_and_the_rest_later(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    server = own_valkey()
+    ttl = 0.3
+    paths = [f"folder/f{i:05}" for i in range(UNPUBLISHED_FOUND + 200)]
+    async with redis_coordinator(server.url, claim_ttl=ttl) as one:
+        with pytest.raises(RuntimeError):
+            async with one.claim("d", "folder") as claim:
+                await claim.confirm([Change("delete", path, "c") for path in paths])
+                raise RuntimeError("the body fails after its confirm")
+        await asyncio.sleep(ttl * 1.5)
+        first = await one.unpublished()
+        assert len(first) == UNPUBLISHED_FOUND
+        await asyncio.gather(*(one.settle(unpublished, entry(unpublished.change.path)) for unpublished in first))
+        await asyncio.sleep(ttl * 1.5)
+        rest = await one.unpublished()
+        assert sorted(u.change.path for u in first + rest) == paths
