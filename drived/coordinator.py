@@ -134,6 +134,7 @@ class Coordinator(abc.ABC):
     """Ownership claims, the change feed and wake-ups of the managed drives."""
 
     claim_ttl = CLAIM_TTL  # seconds a claim stays held unrenewed (a shared one's --claim-ttl)
+    records_changes = False  # whether `Claim.confirm` records the changes it is given (for `unpublished`)
 
     @abc.abstractmethod
     def claim(self, drive: str, path: str) -> AbstractAsyncContextManager[Claim]:
@@ -162,8 +163,9 @@ class Coordinator(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def publish(self, drive: str, kind: EventKind, entry: Entry) -> int:
-        """Appends a change to the drive's feed and returns its sequence number.
+    async def publish(self, drive: str, kind: EventKind, entry: Entry, claim: Claim | None = None) -> int:
+        """Appends a change to the drive's feed and returns its sequence number; `claim`: the claim it is made in,
+        whose record of the change (`Claim.confirm`) it drops (none: any record of the change).
 
         Sequence numbers increase strictly within a drive, in the order of
         the publishes, and are never given twice: not after a restart of the

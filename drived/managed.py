@@ -39,7 +39,7 @@ from drive_client.uri import DriveId
 from .backends.base import Backend, Damaged, ObjectInfo, StoredFileError, Upload
 from .checksums import ClientChecksums
 from .config import ANSWER_ENTRIES_BYTES, answer_entry_bytes
-from .coordinator import Change, Coordinator, Event, Unpublished
+from .coordinator import Change, Claim, Coordinator, Event, Unpublished
 from .drives import FileStream
 from .entry import Entry
 from .paths import component_key, object_key, relative_path
@@ -287,7 +287,7 @@ class ManagedDrives:
                 await put.abort()
                 raise
             entry = _entry(header.path, header.component, info)
-            await self.coordinator.publish(drive, "put", entry)
+            await self.coordinator.publish(drive, "put", entry, claim)
         return entry
 
     def _holding(self, drive: str, added: int) -> AbstractAsyncContextManager[None]:
@@ -518,10 +518,10 @@ class ManagedDrives:
         async with self.coordinator.claim(drive, path) as claim:
             # Not recorded for a folder: its record would be settled as a delete of the folder's path when the walk
             # below fails.
-            if not await self._is_folder(object_key(drive, component, path)):
+            if self.coordinator.records_changes and not await self._is_folder(object_key(drive, component, path)):
                 await claim.confirm([Change("delete", path, component)])
-                if await self._delete(drive, object_key(drive, component, path), path, component):
-                    return 1
+            if await self._delete(claim, drive, object_key(drive, component, path), path, component):
+                return 1
             keys = await self.backend.walk(object_key(drive, component, path))
             # A big folder's walk and deletes, or a slow store's, may outlast an unrenewed claim: it is confirmed
             # before each DELETE_BATCH files (which it records as its changes), and again before the next file once
@@ -534,7 +534,7 @@ class ManagedDrives:
                     if time.monotonic() - confirmed_at >= self.coordinator.claim_ttl / 3:
                         await claim.confirm()
                         confirmed_at = time.monotonic()
-                    deleted += await self._delete(drive, key, file, component)
+                    deleted += await self._delete(claim, drive, key, file, component)
         if not deleted:  # raised once the claim ended: nothing changed
             raise NotFound(
                 f"component {component!r} owns nothing at {_shown(drive, path)}; "
@@ -551,19 +551,19 @@ class ManagedDrives:
             return False
         return await self.backend.is_folder(key)
 
-    async def _delete(self, drive: str, key: str, path: str, component: str) -> bool:
+    async def _delete(self, claim: Claim, drive: str, key: str, path: str, component: str) -> bool:
         """Deletes the file at `key` (`path` of `component`) and announces it at once (a walk that stops midway has
         announced every file it removed); with a quota, what it counted (read by the delete itself) leaves the
         drive's usage. Runs to its end when its caller is cancelled (a folder delete stops after it)."""
-        return await _to_its_end(self._delete_file(drive, key, path, component))
+        return await _to_its_end(self._delete_file(claim, drive, key, path, component))
 
-    async def _delete_file(self, drive: str, key: str, path: str, component: str) -> bool:
+    async def _delete_file(self, claim: Claim, drive: str, key: str, path: str, component: str) -> bool:
         size = await self.backend.delete(key)
         if size is None:
             return False
         if self.quotas:
             self.quotas.deleted(drive, size)
-        await self.coordinator.publish(drive, "delete", Entry(path=path, component=component))
+        await self.coordinator.publish(drive, "delete", Entry(path=path, component=component), claim)
         return True
 
     async def settle_unpublished(self) -> None:

@@ -28,8 +28,8 @@ scripts touch `drived:epoch` beside a drive's keys):
   the message, without asking again.
 - `drived:{<drive>}:unpublished`: the changes being made (`Claim.confirm`'s
   `changing`), a field `<component>\0<path>` each, its value the claim's
-  token, `p` or `d` (put, delete) and the path claimed. A publish of the
-  path and component drops its field, and so does the release of a claim
+  token, `p` or `d` (put, delete) and the path claimed. The publish of the
+  change in that claim drops its field, and so does the release of a claim
   whose body ended without raising; a field whose claim is no longer held
   by its token is a change never published, which `unpublished` hands out.
 - `drived:unpublished`: the keys of those hashes, each scored by when
@@ -149,15 +149,17 @@ end
 """
 
 # KEYS: epoch, feed, the publish's answer, the drive's unpublished changes. ARGV: events kept, trim batch, channel,
-# ms its answer is kept, the fields k p c s h g m, the change's field among the unpublished, and '' (it is dropped)
-# or its value (a settle: nothing is published unless that value is still there). The answer key makes the call
+# ms its answer is kept, the fields k p c s h g m, the change's field among the unpublished, then its value for a
+# settle (nothing is published unless that value is still there; '' otherwise), and the token of the claim the
+# change was made in (its record is dropped only when that claim's; '': whosever). The answer key makes the call
 # idempotent: sent again (redis-py's retry on a new connection, after the first connection broke before its answer
 # came), it answers the first call's sequence and adds nothing. 0 when a settle found its change gone.
 PUBLISH = FEED_STATE + """
 local done = redis.call('GET', KEYS[3])
 if done then return tonumber(done) end
-if ARGV[13] ~= '' and redis.call('HGET', KEYS[4], ARGV[12]) ~= ARGV[13] then return 0 end
-redis.call('HDEL', KEYS[4], ARGV[12])
+local record = redis.call('HGET', KEYS[4], ARGV[12])
+if ARGV[13] ~= '' and record ~= ARGV[13] then return 0 end
+if record and (ARGV[14] == '' or string.sub(record, 1, 16) == ARGV[14]) then redis.call('HDEL', KEYS[4], ARGV[12]) end
 local now = now_us()
 local epoch = epoch_of(now)
 local state = feed(KEYS[2])
@@ -428,6 +430,8 @@ class _ChannelChanges(Changes):
 
 class RedisCoordinator(Coordinator):
     """The coordinator of replicas: claims, feeds and wake-ups in one Redis or Valkey (see the module doc)."""
+
+    records_changes = True
 
     def __init__(self, url: str, claim_ttl: float = CLAIM_TTL, events_kept: int = EVENTS_KEPT) -> None:
         self.name = coordinator_name(url)
@@ -720,14 +724,15 @@ class RedisCoordinator(Coordinator):
 
     # -- the change feed -----------------------------------------------------
 
-    async def publish(self, drive: str, kind: EventKind, entry: Entry) -> int:
-        return await self._append(drive, kind, entry, "")
+    async def publish(self, drive: str, kind: EventKind, entry: Entry, claim: Claim | None = None) -> int:
+        token = claim.token if isinstance(claim, _RedisClaim) else ""
+        return await self._append(drive, kind, entry, settling="", token=token)
 
-    async def _append(self, drive: str, kind: EventKind, entry: Entry, settling: str) -> int:
-        """Appends the event and drops its change from the unpublished ones; `settling`: the value that change must
-        still have, else nothing is appended (0)."""
+    async def _append(self, drive: str, kind: EventKind, entry: Entry, settling: str, token: str = "") -> int:
+        """Appends the event and drops its change from the unpublished ones (only the record of the claim `token`,
+        when given); `settling`: the value that record must still have, else nothing is appended (0)."""
         fields = [kind, entry.path, entry.component, entry.size, bytes.fromhex(entry.sha256), entry.generation,
-                  entry.mtime_ns, _change_field(entry.component, entry.path), settling]
+                  entry.mtime_ns, _change_field(entry.component, entry.path), settling, token]
         answer = f"drived:{{{drive}}}:published:{secrets.token_hex(8)}"
         return int(await self._run(self._publish, [*self._feed_keys(drive), answer, _unpublished_key(drive)],
                                    [self.events_kept, TRIM_BATCH, self._channel(drive), ANSWER_KEPT_MS, *fields]))

@@ -725,3 +725,28 @@ async def test_a_look_for_unpublished_changes_hands_out_a_bounded_number_and_the
         await asyncio.sleep(ttl * 1.5)
         rest = await one.unpublished()
         assert sorted(u.change.path for u in first + rest) == paths
+
+
+@pytest.mark.integration
+async def test_a_publish_late_past_its_claims_ttl_leaves_the_record_of_the_claim_that_took_the_path_since(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    """A holder whose claim lapsed before its publish (the coordinator too slow) dropped the record of the change
+    by whichever claim held the path then: when that holder died before its own publish, its change was lost."""
+    server = own_valkey()
+    admin = redis.Redis.from_url(server.url)
+    ttl = 0.3
+    async with redis_coordinator(server.url, claim_ttl=ttl) as late, \
+            redis_coordinator(server.url, claim_ttl=ttl) as taker:
+        async with late.claim("d", "x") as lapsed:
+            await lapsed.confirm([Change("put", "x", "c")])
+            admin.delete(*admin.keys("drived:*:claim:x"))  # lapsed: the path is free for another claim
+            with pytest.raises(RuntimeError):
+                async with taker.claim("d", "x") as taken:
+                    await taken.confirm([Change("put", "x", "c")])
+                    await late.publish("d", "put", entry("x"), lapsed)  # the late publish of the first change
+                    raise RuntimeError("the taker dies after its change, before its publish")
+        await asyncio.sleep(ttl * 1.5)
+        [left] = await taker.unpublished()
+        assert (left.change.kind, left.change.path) == ("put", "x")
+        assert left.mark.startswith(taken.token)  # the taker's record
