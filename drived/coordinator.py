@@ -97,9 +97,9 @@ class Claim:
 
         `changing`: the changes the step may make (in place of those an
         earlier confirm of this claim gave; None keeps them). A shared
-        implementation records them with the renewal, and drops each when its
-        event is published (a publish of its path and component) or when the
-        claim's body ends without raising; one left when the claim ended
+        implementation (`records_changes`) records them with the renewal, and
+        drops each when its event is published in this claim (`publish`) or
+        when the claim's body ends without raising; one left when the claim ended
         otherwise (its holder died, or raised after the step) is handed out by
         `unpublished`.
         """

@@ -573,6 +573,8 @@ class ManagedDrives:
         periods are drawn at random (a quarter to three quarters of the TTL): the first replica to look at a drive
         takes its changes for a TTL, and replicas on fixed periods would leave them to the same one every time,
         also when that one cannot settle them."""
+        if not self.coordinator.records_changes:  # none to settle
+            return
         while True:
             await asyncio.sleep(self.coordinator.claim_ttl * random.uniform(0.25, 0.75))
             try:
