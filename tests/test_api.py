@@ -267,6 +267,24 @@ def test_get_subfolder(make, tmp_path, drive_uri):
     assert not (dst / "top" / "g.txt").exists()
 
 
+def test_a_folder_got_with_overwrite_onto_a_local_folder_replaces_its_files_and_keeps_the_others(
+    make, tmp_path, drive_uri
+):
+    write(tmp_path / "src" / "top" / "f.txt", "from the drive")
+    write(tmp_path / "src" / "top" / "sub" / "g.txt", "g from the drive")
+    make(drive_uri, tmp_path / "src").put("top")
+    dst = tmp_path / "dst"
+    write(dst / "top" / "f.txt", "local, replaced")
+    write(dst / "top" / "local.txt", "local only, kept")
+    with pytest.raises(FileExistsError):
+        make(drive_uri, dst).get("top")
+    assert (dst / "top" / "f.txt").read_text() == "local, replaced"
+    make(drive_uri, dst).get("top", overwrite=True)
+    found = {str(p.relative_to(dst)): p.read_text() for p in dst.rglob("*") if p.is_file()}
+    assert found == {"top/f.txt": "from the drive", "top/sub/g.txt": "g from the drive",
+                     "top/local.txt": "local only, kept"}
+
+
 # --- get: returns, waits, overwrite ---------------------------------------------------------
 
 
