@@ -101,8 +101,12 @@ class Claim:
         drops each when its event is published in this claim (`publish`) or
         when the claim's body ends without raising; one left when the claim ended
         otherwise (its holder died, or raised after the step) is handed out by
-        `unpublished`.
+        `unpublished`, unless the body said it was not made (`unmade`).
         """
+
+    def unmade(self, changes: Sequence[Change]) -> None:
+        """Says that these changes, recorded by a confirm, were not made (their step never began): their records are
+        dropped when the claim ends, also when its body raises, rather than left to be settled one by one."""
 
 
 class Changes(abc.ABC):

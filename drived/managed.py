@@ -530,11 +530,17 @@ class ManagedDrives:
                 batch = [(key, relative_path(key, drive, component)) for key in keys[start:start + DELETE_BATCH]]
                 await claim.confirm([Change("delete", file, component) for _, file in batch])
                 confirmed_at = time.monotonic()
-                for key, file in batch:
-                    if time.monotonic() - confirmed_at >= self.coordinator.claim_ttl / 3:
-                        await claim.confirm()
-                        confirmed_at = time.monotonic()
-                    deleted += await self._delete(claim, drive, key, file, component)
+                begun = 0  # files of the batch whose delete began: the others are untouched when it stops
+                try:
+                    for key, file in batch:
+                        if time.monotonic() - confirmed_at >= self.coordinator.claim_ttl / 3:
+                            await claim.confirm()
+                            confirmed_at = time.monotonic()
+                        begun += 1
+                        deleted += await self._delete(claim, drive, key, file, component)
+                except BaseException:  # a cancel, a lapsed claim, the store: what was not begun was not made
+                    claim.unmade([Change("delete", file, component) for _, file in batch[begun:]])
+                    raise
         if not deleted:  # raised once the claim ended: nothing changed
             raise NotFound(
                 f"component {component!r} owns nothing at {_shown(drive, path)}; "

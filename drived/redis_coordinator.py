@@ -377,6 +377,7 @@ class _RedisClaim(Claim):
         self.keys = keys
         self.renewed = -math.inf  # loop time at which the latest take or renewal that found it held was sent
         self.changing: list[str] = []  # the fields of the changes it recorded (its release drops those left)
+        self.not_made: set[str] = set()  # fields of changes its body said it did not make (`unmade`)
 
     def answered(self, sent: float, held: bool) -> None:
         """Records what a take or renewal sent at loop time `sent` found: the claim `held`, or lost.
@@ -386,6 +387,9 @@ class _RedisClaim(Claim):
         """
         if held:
             self.renewed = max(self.renewed, sent)
+
+    def unmade(self, changes: Sequence[Change]) -> None:
+        self.not_made.update(_change_field(change.component, change.path) for change in changes)
 
     async def confirm(self, changing: Sequence[Change] | None = None) -> None:
         fields = [] if changing is None else [_change_field(change.component, change.path) for change in changing]
@@ -571,7 +575,8 @@ class RedisCoordinator(Coordinator):
         try:
             yield held
         except BaseException:
-            held.changing = []  # the body may have changed the store without publishing: left for `unpublished`
+            # The body may have changed the store without publishing: left for `unpublished`, but what it did not make.
+            held.changing = [field for field in held.changing if field in held.not_made]
             raise
         finally:
             del self._held[token]

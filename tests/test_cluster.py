@@ -971,6 +971,40 @@ def test_a_folder_delete_whose_replica_is_killed_midway_has_each_file_it_removed
         assert raw_get(stub_of(other), drive_uri, name)[0][1] == name.encode()
 
 
+def test_a_folder_delete_cancelled_midway_leaves_no_record_of_the_files_it_did_not_reach(own_cluster, drive_uri):
+    """A folder delete records each batch of files before it deletes them. Cancelled after its first file, it left
+    the records of the others, each of which a replica then settled with a claim and a stat: a client cancelling
+    folder deletes made the replicas do a hundred times the work it asked for."""
+    replica = own_cluster.replica("--claim-ttl", "300")  # no replica looks for unpublished changes meanwhile
+    stub = stub_of(replica)
+    names = [f"folder/f{i:02}.txt" for i in range(60)]
+    for name in names:
+        raw_put(stub, drive_uri, name, name.encode(), component="w")
+    start = watch_events(replica, drive_uri, 0)[0][2]
+    moto = own_cluster.store.moto.proc
+    assert moto is not None
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    announced = admin.pubsub(ignore_subscribe_messages=True)
+    announced.subscribe(f"drived:{{{drive_uri.removeprefix('lit://')}}}")
+    deleting = stub.Delete.future(drive_pb2.DeleteRequest(drive=drive_uri, path="folder", component="w"), timeout=60)
+    try:
+        assert wait_until(lambda: (announced.get_message(timeout=0.01) or {}).get("data", b"").startswith(b"e"),
+                          timeout=20, interval=0), "no file was deleted"
+        moto.send_signal(signal.SIGSTOP)  # the delete's next file waits on the store
+        deleting.cancel()
+        time.sleep(0.5)  # the cancel reaches the daemon while its delete waits on the store
+    finally:
+        moto.send_signal(signal.SIGCONT)
+        announced.close()
+    assert wait_until(lambda: not claimed(admin, drive_uri, "folder"), timeout=20), "the claim was never released"
+    assert unpublished_left(own_cluster) in ([], [b"drived:unpublished"])  # no record: only the index, to be dropped
+    listed = [e.path for e in stub.List(drive_pb2.ListRequest(drive=drive_uri, path="folder")).entries]
+    removed = [name for name in names if name not in listed]
+    assert removed and listed, "the delete was not cut midway"
+    events = watch_events(replica, drive_uri, len(removed), after=start)[1:]
+    assert sorted(e[:2] for e in events) == [("delete", name) for name in removed]  # each published by its delete
+
+
 def test_a_folder_delete_whose_listing_failed_reports_no_delete_of_the_folders_path(own_cluster, drive_uri):
     """A delete records the change of its own path only when a file is there: a folder delete whose listing failed
     left the record of its path, which a replica then reported as the delete of a file at the folder's path."""
