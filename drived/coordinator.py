@@ -44,6 +44,11 @@ EVENTS_KEPT = 10_000  # events of one drive a feed keeps: a watch further behind
 CLAIM_TTL = 10.0  # seconds a shared claim outlives a daemon that died holding it (--claim-ttl)
 
 
+def version_of(sha256: str, crc32c: int | None) -> str:
+    """What a put's `Change` records of the version it stores: its CRC32C when known, else its sha256."""
+    return f"{crc32c:08x}" if crc32c is not None else sha256
+
+
 def shutting_down() -> Unavailable:
     """What a call that needs the coordinator answers once the daemon is shutting down (`Coordinator.close`)."""
     return Unavailable("shutting down: reconnect and retry")
@@ -66,6 +71,7 @@ class Change:
     kind: EventKind
     path: str
     component: str
+    version: str = ""  # a put's: what tells its version from others (`version_of`); "" when not known
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +247,9 @@ class Coordinator(abc.ABC):
 
         A put whose file is stored is published as a put of that file, a
         delete whose file is gone as a delete; otherwise the change was not
-        made (its holder stopped before it) and nothing is published.
+        made (its holder stopped before it) and nothing is published. The
+        caller passes None for a put whose version is not the one stored
+        (`Change.version`): it was not made either.
         """
 
     async def start(self) -> None:  # noqa: B027 - optional hook

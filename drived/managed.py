@@ -39,7 +39,7 @@ from drive_client.uri import DriveId
 from .backends.base import Backend, Damaged, ObjectInfo, StoredFileError, Upload
 from .checksums import ClientChecksums
 from .config import ANSWER_ENTRIES_BYTES, answer_entry_bytes
-from .coordinator import Change, Claim, Coordinator, Event, Unpublished
+from .coordinator import Change, Claim, Coordinator, Event, Unpublished, version_of
 from .drives import FileStream
 from .entry import Entry
 from .paths import component_key, object_key, relative_path
@@ -78,6 +78,14 @@ def _named(drive: str, component: str, path: str) -> Iterator[None]:
         yield
     except StoredFileError as err:
         raise err.named(f"lit://{drive}", component, path) from None
+
+
+def _is_version(info: ObjectInfo, version: str) -> bool:
+    """Whether `info` is the version a put recorded (`Change.version`: a CRC32C or a sha256); True when it cannot
+    tell (nothing recorded, or no CRC32C stored)."""
+    if len(version) == len(info.sha256):
+        return version == info.sha256
+    return not version or info.crc32c is None or version == version_of(info.sha256, info.crc32c)
 
 
 async def _to_its_end(change: Awaitable[T]) -> T:
@@ -281,7 +289,7 @@ class ManagedDrives:
                 added = received - await self._own_size(header) if self.quotas else 0
                 async with self._holding(drive, added):
                     with _named(drive, header.component, header.path):
-                        changing = [Change("put", header.path, header.component)]
+                        changing = [Change("put", header.path, header.component, version_of(sent.sha256, sent.crc32c))]
                         info = await put.upload.commit(sent, header.size, functools.partial(claim.confirm, changing))
             except (AlreadyExists, ResourceExhausted, Unavailable):  # nothing is stored: the upload goes now
                 await put.abort()
@@ -604,6 +612,8 @@ class ManagedDrives:
         drive, change = unpublished.drive, unpublished.change
         async with self.coordinator.claim(drive, change.path):
             info = await self._file_info(drive, change.component, change.path)
+            if info and change.kind == "put" and not _is_version(info, change.version):
+                info = None  # a put whose version never became visible (its replica died, or the store failed, first)
             stored = _entry(change.path, change.component, info) if info else None
             await self.coordinator.settle(unpublished, stored)
         log.info("settled a change whose daemon did not publish it", extra={"fields": {

@@ -28,7 +28,8 @@ scripts touch `drived:epoch` beside a drive's keys):
   the message, without asking again.
 - `drived:{<drive>}:unpublished`: the changes being made (`Claim.confirm`'s
   `changing`), a field `<component>\0<path>` each, its value the claim's
-  token, `p` or `d` (put, delete) and the path claimed. The publish of the
+  token, `p` or `d` (put, delete), the path claimed, `\0` and the version
+  of a put (`Change.version`). The publish of the
   change in that claim drops its field, and so does the release of a claim
   whose body ended without raising; a field whose claim is no longer held
   by its token is a change never published, which `unpublished` hands out.
@@ -301,7 +302,8 @@ for _, hash in ipairs(redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE', 'LIM
     local claims = string.sub(hash, 1, -string.len('unpublished') - 1) .. 'claim:'
     for i = 1, #changes, 2 do
       local value = changes[i + 1]
-      if #found < most and redis.call('GET', claims .. string.sub(value, 18)) ~= string.sub(value, 1, 16) then
+      local claimed = string.match(value, '^[^%z]*', 18)
+      if #found < most and redis.call('GET', claims .. claimed) ~= string.sub(value, 1, 16) then
         found[#found + 1] = hash
         found[#found + 1] = changes[i]
         found[#found + 1] = value
@@ -397,7 +399,7 @@ class _RedisClaim(Claim):
         if changing is not None:
             recorded = [str(len(self.changing)), *self.changing]
             for field, change in zip(fields, changing, strict=True):
-                recorded += [field, KIND_MARKS[change.kind] + self.path]
+                recorded += [field, f"{KIND_MARKS[change.kind]}{self.path}\0{change.version}"]
         if await self._coordinator.confirm(self, recorded):
             if changing is not None:
                 self.changing = fields
@@ -750,7 +752,8 @@ class RedisCoordinator(Coordinator):
             drive = key.decode().removeprefix("drived:{").removesuffix("}:unpublished")
             component, _, path = field.decode().partition("\0")
             mark = value.decode()
-            changes.append(Unpublished(drive, Change(MARKED_KINDS[mark[TOKEN_LENGTH]], path, component), mark))
+            version = mark.rpartition("\0")[2]
+            changes.append(Unpublished(drive, Change(MARKED_KINDS[mark[TOKEN_LENGTH]], path, component, version), mark))
         return changes
 
     async def settle(self, unpublished: Unpublished, stored: Entry | None) -> None:

@@ -1005,6 +1005,30 @@ def test_a_folder_delete_cancelled_midway_leaves_no_record_of_the_files_it_did_n
     assert sorted(e[:2] for e in events) == [("delete", name) for name in removed]  # each published by its delete
 
 
+def test_a_put_that_the_store_failed_after_its_confirm_is_not_reported(own_cluster, drive_uri):
+    """A put whose file never became visible (the store failed its PutObject after the claim's confirm had recorded
+    the change) was settled as a put of the version stored before it: watchers were told of a change that never
+    was. The record carries the version the put stores, and a settle that finds another one reports nothing."""
+    with CuttingProxy(own_cluster.store.url.removeprefix("http://")) as to_store:
+        env = own_cluster.store.env(DRIVED_COORDINATOR=own_cluster.valkey.url,
+                                    AWS_ENDPOINT_URL=f"http://{to_store.endpoint}")
+        a = own_cluster.store.daemon("--claim-ttl", "1", "--upload-expiry", "3600", env=env)
+        b = own_cluster.replica("--claim-ttl", "1")
+        raw_put(stub_of(a), drive_uri, "f.txt", b"version 1", component="w")
+        start = watch_events(b, drive_uri, 0)[0][2]
+        to_store.refuse()  # the connections made so far break: each later one is watched
+        to_store.refuse(False)
+        for _ in range(30):
+            to_store.cut_before("up", b"PUT /")  # every PutObject of replica a, and each retry of it, fails
+        with pytest.raises(grpc.RpcError) as failed:
+            raw_put(stub_of(a), drive_uri, "f.txt", b"version 2", component="w")
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+        assert wait_until(lambda: not unpublished_left(own_cluster), timeout=30), unpublished_left(own_cluster)
+        assert raw_get(stub_of(b), drive_uri, "f.txt")[0][1] == b"version 1"
+        raw_put(stub_of(b), drive_uri, "after.txt", b"after", component="w")
+        assert [e[:2] for e in watch_events(b, drive_uri, 1, after=start)[1:]] == [("put", "after.txt")]
+
+
 def test_a_folder_delete_whose_listing_failed_reports_no_delete_of_the_folders_path(own_cluster, drive_uri):
     """A delete records the change of its own path only when a file is there: a folder delete whose listing failed
     left the record of its path, which a replica then reported as the delete of a file at the folder's path."""

@@ -682,7 +682,7 @@ async def test_the_changes_a_claim_recorded_are_handed_out_once_it_ended_unpubli
         for path, kind in (("lost", "put"), ("never", "put"), ("gone", "delete"), ("kept", "delete")):
             with pytest.raises(RuntimeError):  # a body that raises after its confirm leaves its changes
                 async with one.claim("d", path) as claim:
-                    await claim.confirm([Change(kind, path, "c")])
+                    await claim.confirm([Change(kind, path, "c", "1234abcd" if kind == "put" else "")])
                     raise RuntimeError("the body fails after its confirm")
         async with holder.claim("d", "held") as claim:  # a claim still held keeps its changes to itself
             await claim.confirm([Change("put", "held", "c")])
@@ -692,6 +692,7 @@ async def test_the_changes_a_claim_recorded_are_handed_out_once_it_ended_unpubli
         assert {path: (u.drive, u.change.kind, u.change.component) for path, u in found.items()} == {
             "lost": ("d", "put", "c"), "never": ("d", "put", "c"), "gone": ("d", "delete", "c"),
             "kept": ("d", "delete", "c")}
+        assert (found["lost"].change.version, found["gone"].change.version) == ("1234abcd", "")  # a put's version
         start = await other.last("d")
         await other.settle(found["lost"], entry("lost"))  # a put whose file is stored: published
         await one.settle(found["lost"], entry("lost"))  # settled already: nothing more
