@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -930,6 +931,33 @@ def test_a_put_and_a_delete_whose_events_the_coordinator_never_took_are_publishe
         assert raw_get(stub_of(b), drive_uri, "kept.txt")[0][1] == b"kept"
 
 
+@contextlib.contextmanager
+def folder_delete_stalled_after_its_first_file(
+    cluster: Cluster, deleter: DaemonHandle, watcher: DaemonHandle, drive_uri: str
+) -> Iterator[tuple[list[str], int, grpc.Future]]:
+    """Puts 60 files under `folder` through `deleter`, then deletes the folder through it, and stops the store once
+    the first file's delete is announced: the body runs while the delete's next file waits on the store, which goes
+    on after it. Gives the names, where a watch on `watcher` stood before the delete, and the delete's call."""
+    names = [f"folder/f{i:02}.txt" for i in range(60)]
+    for name in names:
+        raw_put(stub_of(deleter), drive_uri, name, name.encode(), component="w")
+    start = watch_events(watcher, drive_uri, 0)[0][2]
+    moto = cluster.store.moto.proc
+    assert moto is not None
+    announced = redis.Redis.from_url(cluster.valkey.url).pubsub(ignore_subscribe_messages=True)
+    announced.subscribe(f"drived:{{{drive_uri.removeprefix('lit://')}}}")
+    deleting = stub_of(deleter).Delete.future(
+        drive_pb2.DeleteRequest(drive=drive_uri, path="folder", component="w"), timeout=60)
+    try:
+        assert wait_until(lambda: (announced.get_message(timeout=0.01) or {}).get("data", b"").startswith(b"e"),
+                          timeout=20, interval=0), "no file was deleted"
+        moto.send_signal(signal.SIGSTOP)
+        yield names, start, deleting
+    finally:
+        moto.send_signal(signal.SIGCONT)
+        announced.close()
+
+
 def test_a_folder_delete_whose_replica_is_killed_midway_has_each_file_it_removed_published_once(
     own_cluster, drive_uri
 ):
@@ -937,26 +965,9 @@ def test_a_folder_delete_whose_replica_is_killed_midway_has_each_file_it_removed
     never published. Another replica publishes a delete for each file the killed one removed, and none for the
     files it did not reach."""
     victim, other = own_cluster.replica("--claim-ttl", "2"), own_cluster.replica("--claim-ttl", "2")
-    names = [f"folder/f{i:02}.txt" for i in range(60)]
-    for name in names:
-        raw_put(stub_of(victim), drive_uri, name, name.encode(), component="w")
-    start = watch_events(other, drive_uri, 0)[0][2]
-    moto = own_cluster.store.moto.proc
-    assert moto is not None
-    admin = redis.Redis.from_url(own_cluster.valkey.url)
-    announced = admin.pubsub(ignore_subscribe_messages=True)
-    announced.subscribe(f"drived:{{{drive_uri.removeprefix('lit://')}}}")
-    deleting = stub_of(victim).Delete.future(
-        drive_pb2.DeleteRequest(drive=drive_uri, path="folder", component="w"), timeout=60)
-    try:
-        assert wait_until(lambda: (announced.get_message(timeout=0.01) or {}).get("data", b"").startswith(b"e"),
-                          timeout=20, interval=0), "no file was deleted"
-        moto.send_signal(signal.SIGSTOP)  # the delete's next file waits on the store
+    with folder_delete_stalled_after_its_first_file(own_cluster, victim, other, drive_uri) as (names, start, deleting):
         time.sleep(0.2)
         victim.stop(signal.SIGKILL)
-    finally:
-        moto.send_signal(signal.SIGCONT)
-        announced.close()
     assert rpc_code(deleting.result) == grpc.StatusCode.UNAVAILABLE
     assert wait_until(lambda: not unpublished_left(own_cluster), timeout=30), unpublished_left(own_cluster)
     listed = [e.path for e in stub_of(other).List(drive_pb2.ListRequest(drive=drive_uri, path="folder")).entries]
@@ -977,25 +988,11 @@ def test_a_folder_delete_cancelled_midway_leaves_no_record_of_the_files_it_did_n
     folder deletes made the replicas do a hundred times the work it asked for."""
     replica = own_cluster.replica("--claim-ttl", "300")  # no replica looks for unpublished changes meanwhile
     stub = stub_of(replica)
-    names = [f"folder/f{i:02}.txt" for i in range(60)]
-    for name in names:
-        raw_put(stub, drive_uri, name, name.encode(), component="w")
-    start = watch_events(replica, drive_uri, 0)[0][2]
-    moto = own_cluster.store.moto.proc
-    assert moto is not None
     admin = redis.Redis.from_url(own_cluster.valkey.url)
-    announced = admin.pubsub(ignore_subscribe_messages=True)
-    announced.subscribe(f"drived:{{{drive_uri.removeprefix('lit://')}}}")
-    deleting = stub.Delete.future(drive_pb2.DeleteRequest(drive=drive_uri, path="folder", component="w"), timeout=60)
-    try:
-        assert wait_until(lambda: (announced.get_message(timeout=0.01) or {}).get("data", b"").startswith(b"e"),
-                          timeout=20, interval=0), "no file was deleted"
-        moto.send_signal(signal.SIGSTOP)  # the delete's next file waits on the store
+    with folder_delete_stalled_after_its_first_file(own_cluster, replica, replica, drive_uri) as (names, start,
+                                                                                                   deleting):
         deleting.cancel()
         time.sleep(0.5)  # the cancel reaches the daemon while its delete waits on the store
-    finally:
-        moto.send_signal(signal.SIGCONT)
-        announced.close()
     assert wait_until(lambda: not claimed(admin, drive_uri, "folder"), timeout=20), "the claim was never released"
     assert unpublished_left(own_cluster) in ([], [b"drived:unpublished"])  # no record: only the index, to be dropped
     listed = [e.path for e in stub.List(drive_pb2.ListRequest(drive=drive_uri, path="folder")).entries]
