@@ -233,7 +233,8 @@ for i = 4, #KEYS, 2 do hold_below(i, ARGV[1], ttl) end
 return 0
 """
 
-# Drops the unpublished changes ARGV[from..to] (fields) of `hash` that are the claim `token`'s.
+# Drops the unpublished changes ARGV[from..to] (fields) of `hash` that are the claim `token`'s. A value starts with
+# the token (TOKEN_LENGTH: 16 characters), then the kind (the 17th), then the path claimed (from the 18th) to a \0.
 DROP = """
 local function drop(hash, token, from, to)
   for i = from, to do
@@ -372,7 +373,6 @@ class _RedisClaim(Claim):
 
     def __init__(self, coordinator: RedisCoordinator, drive: str, path: str, token: str, keys: list[str]) -> None:
         self._coordinator = coordinator
-        self._shown = f"{path!r} in lit://{drive}"
         self.drive = drive
         self.path = path
         self.token = token
@@ -405,9 +405,9 @@ class _RedisClaim(Claim):
                 self.changing = fields
         else:
             raise Unavailable(
-                f"the claim on {self._shown} lapsed before its next step (a put's commit, a folder delete's next "
-                f"files; the coordinator {self._coordinator.name} was out of reach or too slow for longer than "
-                "--claim-ttl, or lost its data): nothing more was changed; retry"
+                f"the claim on {self.path!r} in lit://{self.drive} lapsed before its next step (a put's commit, a "
+                f"folder delete's next files; the coordinator {self._coordinator.name} was out of reach or too slow "
+                "for longer than --claim-ttl, or lost its data): nothing more was changed; retry"
             )
 
 
