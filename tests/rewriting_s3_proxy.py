@@ -1,5 +1,5 @@
-"""An HTTP proxy on loopback in front of an S3 endpoint that rewrites its ListObjectsV2 answers on the way back:
-what a faulty S3-compatible server or gateway would send.
+"""An HTTP proxy on loopback in front of an S3 endpoint that rewrites its ListObjectsV2 answers on the way back, or
+loses its CompleteMultipartUpload answers: what a faulty S3-compatible server, gateway or network would send.
 
     with RewritingS3Proxy(moto_url, rewrite) as proxy:   # rewrite(query, body) -> body
         ... AWS_ENDPOINT_URL=proxy.url ...
@@ -8,6 +8,11 @@ Every request is forwarded as it came (HTTP/1.1, kept alive) but for the headers
 (`drop=("Range",)`: a server that ignores ranges answers every GET with the whole object); the body
 of each answer to a `list-type=2` GET goes through `rewrite` with the request's decoded query. moto
 does not check signatures, so a request signed for the proxy's address is answered as it is.
+
+`lose_completes=N`: the answers of the first N CompleteMultipartUploads that succeed are lost (the
+connection closes before any byte of them), and a CompleteMultipartUpload of an upload already
+completed is answered NoSuchUpload, as MinIO answers a client's retry of it (minio/minio#13318;
+AWS and moto answer it as the first).
 """
 
 from __future__ import annotations
@@ -15,18 +20,26 @@ from __future__ import annotations
 import http.client
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 
 Rewrite = Callable[[dict[str, str], bytes], bytes]
+_NO_SUCH_UPLOAD = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchUpload</Code><Message>The specified '
+                   b'multipart upload does not exist. The upload ID may be invalid, or the upload may have been '
+                   b'aborted or completed.</Message></Error>')
 
 
 class RewritingS3Proxy:
-    def __init__(self, target: str, rewrite: Rewrite = lambda query, body: body, drop: tuple[str, ...] = ()) -> None:
+    def __init__(self, target: str, rewrite: Rewrite = lambda query, body: body, drop: tuple[str, ...] = (),
+                 lose_completes: int = 0) -> None:
         parts = urllib.parse.urlsplit(target)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         dropped = {name.lower() for name in drop}
+        completed: set[str] = set()  # the upload ids of the CompleteMultipartUploads that succeeded
+        self.lost_completes = 0
+        lock = threading.Lock()
+        proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -34,6 +47,10 @@ class RewritingS3Proxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+                if self.command == "POST" and query.get("uploadId") in completed:
+                    self._answer(404, _NO_SUCH_UPLOAD, [("Content-Type", "application/xml")])
+                    return
                 upstream = http.client.HTTPConnection(host, port, timeout=30)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
@@ -42,11 +59,27 @@ class RewritingS3Proxy:
                     data = answer.read()
                 finally:
                     upstream.close()
-                query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+                if self.command == "POST" and "uploadId" in query and self._completed(query["uploadId"], answer.status):
+                    return
                 if self.command == "GET" and query.get("list-type") == "2" and answer.status == 200:
                     data = rewrite(query, data)
-                self.send_response(answer.status)
-                for name, value in answer.getheaders():
+                self._answer(answer.status, data, answer.getheaders())
+
+            def _completed(self, upload: str, status: int) -> bool:
+                """Whether the answer of this CompleteMultipartUpload (of `upload`, answered `status`) is lost."""
+                if status != 200:
+                    return False
+                with lock:
+                    completed.add(upload)
+                    if proxy.lost_completes == lose_completes:
+                        return False
+                    proxy.lost_completes += 1
+                self.close_connection = True
+                return True
+
+            def _answer(self, status: int, data: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
+                self.send_response(status)
+                for name, value in headers:
                     if name.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
                         self.send_header(name, value)
                 self.send_header("Content-Length", str(len(data)))

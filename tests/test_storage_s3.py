@@ -47,6 +47,7 @@ from conftest import (
 from crc32c import crc32c
 from cutting_proxy import CuttingProxy
 from moto_server import AWS_ENV, aws_env
+from rewriting_s3_proxy import RewritingS3Proxy
 
 from bench.services import MotoServer, peak_rss_mib, reset_peak_rss
 from drive_client import DataLoss, Drive
@@ -772,6 +773,29 @@ def test_a_big_put_refused_at_its_commit_leaves_no_checksum_object(store, daemon
     assert store.object_keys() == before
     assert not store.object_keys(f"{PREFIX}~checksums/{drive_uri.removeprefix('lit://')}/")
     assert raw_get(stub, drive_uri, "p/x") and [info.path for info, _ in raw_get(stub, drive_uri, "p")] == ["p/x"]
+
+
+def test_a_big_put_whose_commit_answer_was_lost_is_stored_and_reported_stored(store, drive_uri):
+    """The answer of CompleteMultipartUpload lost, boto3 completes again, and a store that forgets an upload at its
+    commit (MinIO, the store of deploy/) answers NoSuchUpload: the put was reported failed ("retry the put") with
+    its file stored. The commit now looks whether the object at its key is its own before it says so."""
+    with RewritingS3Proxy(store.url, lose_completes=1) as proxy:
+        handle = store.daemon(env=store.env(AWS_ENDPOINT_URL=proxy.url))
+        stub = stub_of(handle)
+        raw_put(stub, drive_uri, "lost.bin", b"version 1", component="w")
+        data = os.urandom(PART_SIZE + 1)
+        stored = raw_put(stub, drive_uri, "lost.bin", data, component="w")
+        assert proxy.lost_completes == 1, "no answer was lost"
+        assert "a commit whose answer was lost was made" in handle.log()
+    [entry] = stored.files
+    assert entry.sha256 == sha256_of(data) and entry.size == len(data)
+    [(info, got)] = raw_get(stub_of(store.daemons[0]), drive_uri, "lost.bin")
+    assert got == data and info.sha256 == sha256_of(data) and info.generation == entry.generation
+    assert wait_until(lambda: not store.uploads(), timeout=30), store.uploads()
+    key = f"{drive_uri.removeprefix('lit://')}/w/lost.bin"
+    [checksums] = store.object_keys(f"{PREFIX}~checksums/{key}/")  # the one the object uses, and no other
+    assert store.client.head_object(Bucket=BUCKET, Key=PREFIX + key)["Metadata"]["checksums"] == checksums.rsplit(
+        "/", 1)[1]
 
 
 def test_a_held_upload_keeps_its_multipart_upload_and_resumes_into_it(store, daemon_a, drive_uri):

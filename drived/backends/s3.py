@@ -13,7 +13,11 @@ ones arrive (`MAX_PARTS_IN_FLIGHT` at a time over all uploads), and becomes
 visible in one step at CompleteMultipartUpload, which is only called when
 the bytes match the client's checksums and size; otherwise the upload is
 aborted and nothing is visible. Both steps are atomic in S3: a reader sees
-the previous version or the new one, never a part.
+the previous version or the new one, never a part. A CompleteMultipartUpload
+that fails is looked at with a HEAD: its answer may have been lost after the
+commit was made (boto3's retry of it is then answered NoSuchUpload by stores
+that forget an upload at its commit, as MinIO does), and a put whose file is
+stored is not reported failed.
 
 Where a big file's sha256 lives. An object's metadata is fixed when its
 multipart upload is created, before any byte is hashed, and S3 can change it
@@ -562,7 +566,7 @@ class S3Upload(Upload):
             if before_visible is not None:
                 await before_visible()
             self._committing = asyncio.ensure_future(self._backend.complete_upload(
-                self._key, self._upload_id, parts, replaced))
+                self._key, self._upload_id, self._checksums_name, parts, replaced))
             # Shielded: a cancelled put lets its commit end before abort() looks at what is left.
             await asyncio.shield(self._committing)
             self._upload_id = ""
@@ -814,14 +818,29 @@ class S3Backend(Backend):
         return replaced
 
     async def complete_upload(
-        self, key: str, upload_id: str, parts: list[dict[str, Any]], replaced: dict[str, Any] | None
+        self, key: str, upload_id: str, checksums: str, parts: list[dict[str, Any]], replaced: dict[str, Any] | None
     ) -> None:
-        """Makes the upload the object (the commit), then forgets the checksum object of the version `replaced`
-        (`prepare_completion`)."""
-        await self.call("complete_multipart_upload", key, Key=self.root + key, UploadId=upload_id,
-                        MultipartUpload={"Parts": parts})
+        """Makes the upload (whose checksum object is named `checksums`) the object (the commit), then forgets the
+        checksum object of the version `replaced` (`prepare_completion`)."""
+        try:
+            await self.call("complete_multipart_upload", key, Key=self.root + key, UploadId=upload_id,
+                            MultipartUpload={"Parts": parts})
+        except DriveError:
+            # The commit may have been made with its answer lost: boto3 then completes again, which some stores
+            # (MinIO) answer NoSuchUpload, having forgotten the upload at its commit. The object at the key says.
+            try:
+                made = await self._uses(key, checksums)
+            except DriveError:
+                made = False
+            if not made:
+                raise
+            log.info("a commit whose answer was lost was made", extra={"fields": {"key": key}})
         self._live.discard(upload_id)
         await self._forget_checksums_of(key, replaced)
+
+    async def _uses(self, key: str, checksums: str) -> bool:
+        """Whether the object at `key` uses the checksum object named `checksums`: it is the upload that wrote it."""
+        return _checksums_used(await self._head(self.root + key)) == checksums
 
     async def _forget_checksums_of(self, key: str, answer: dict[str, Any] | None) -> None:
         """Deletes the checksum object of the version in `answer` (a HEAD of `key` before it went)."""
@@ -833,7 +852,7 @@ class S3Backend(Backend):
         """Deletes the checksum object `name` of an upload of `key` that was aborted, unless the object at `key` uses
         it (a commit whose answer was lost may have made it)."""
         with contextlib.suppress(DriveError):  # a leftover is removed by the sweep
-            if _checksums_used(await self._head(self.root + key)) != name:
+            if not await self._uses(key, name):
                 await self._forget_checksums(key, name)
 
     async def _forget_checksums(self, key: str, name: str) -> None:
