@@ -611,14 +611,25 @@ class ManagedDrives:
     async def _settle(self, unpublished: Unpublished) -> None:
         drive, change = unpublished.drive, unpublished.change
         async with self.coordinator.claim(drive, change.path):
-            info = await self._file_info(drive, change.component, change.path)
-            if info and change.kind == "put" and not _is_version(info, change.version):
-                info = None  # a put whose version never became visible (its replica died, or the store failed, first)
-            stored = _entry(change.path, change.component, info) if info else None
+            stored = await self._stored_at(drive, change)
             await self.coordinator.settle(unpublished, stored)
         log.info("settled a change whose daemon did not publish it", extra={"fields": {
             "drive": drive, "path": change.path, "component": change.component, "kind": change.kind,
             "stored": stored is not None}})
+
+    async def _stored_at(self, drive: str, change: Change) -> Entry | None:
+        """What the store holds at the path of `change`, as `Coordinator.settle` is told it."""
+        try:
+            info = await self._file_info(drive, change.component, change.path)
+        except Damaged as err:
+            # A file is there (no delete was made) whose version cannot be told (no put is reported): settled as a
+            # change not made, rather than looked at again every TTL while the file stays damaged.
+            log.warning("an unpublished change of a damaged file is not reported", extra={"fields": {
+                "drive": drive, "path": change.path, "component": change.component, "error": str(err)}})
+            return Entry(path=change.path, component=change.component) if change.kind == "delete" else None
+        if info and change.kind == "put" and not _is_version(info, change.version):
+            return None  # a put whose version never became visible (its replica died, or the store failed, first)
+        return _entry(change.path, change.component, info) if info else None
 
     async def mount(self, mount: MountRequest) -> tuple[int, float]:
         raise InvalidArgument(f"{mount.drive.uri} is a lit:// drive: only s3:// drives are mounted")

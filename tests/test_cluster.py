@@ -1026,6 +1026,36 @@ def test_a_put_that_the_store_failed_after_its_confirm_is_not_reported(own_clust
         assert [e[:2] for e in watch_events(b, drive_uri, 1, after=start)[1:]] == [("put", "after.txt")]
 
 
+def test_an_unpublished_put_whose_file_is_damaged_is_dropped_not_retried_for_ever(own_cluster, drive_uri):
+    """A change never published whose file is damaged by the time a replica settles it (a big file's checksum object
+    lost): its stat failed, and the replicas took and failed it again every --claim-ttl, for as long as the file
+    stayed damaged. It is now dropped, unreported (no version of the file can be told), and logged once."""
+    with CuttingProxy(f"127.0.0.1:{own_cluster.valkey.port}") as to_coordinator:
+        port = to_coordinator.endpoint.rpartition(":")[2]
+        url = own_cluster.valkey.url.replace(f":{own_cluster.valkey.port}/", f":{port}/")
+        # Long TTLs: the checksum object is gone before the first look (0.25-0.75 of a TTL after the claim ended).
+        a = own_cluster.store.daemon("--claim-ttl", "8", env=own_cluster.store.env(DRIVED_COORDINATOR=url))
+        b = own_cluster.replica("--claim-ttl", "8")
+        start = watch_events(b, drive_uri, 0)[0][2]
+        to_coordinator.refuse()  # the connections made so far break: each later one is watched
+        to_coordinator.refuse(False)
+        for _ in range(50):
+            to_coordinator.cut_before("up", b":published:")  # every publish of replica a, and its retry, is cut
+        with pytest.raises(grpc.RpcError) as failed:
+            raw_put(stub_of(a), drive_uri, "big.bin", os.urandom(PART_SIZE + 1), component="w")
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+        checksums = f"{PREFIX}~checksums/{drive_uri.removeprefix('lit://')}/w/big.bin/"
+        [lost] = own_cluster.store.object_keys(checksums)
+        own_cluster.store.client.delete_object(Bucket=BUCKET, Key=lost)
+        assert unpublished_left(own_cluster), "the put's change was not recorded"
+        assert wait_until(lambda: not unpublished_left(own_cluster), timeout=40), unpublished_left(own_cluster)
+        assert rpc_code(lambda: raw_get(stub_of(b), drive_uri, "big.bin")) == grpc.StatusCode.DATA_LOSS
+        raw_put(stub_of(b), drive_uri, "after.txt", b"after", component="w")
+        assert [e[:2] for e in watch_events(b, drive_uri, 1, after=start)[1:]] == [("put", "after.txt")]
+        logs = a.log() + b.log()
+        assert logs.count("an unpublished change of a damaged file is not reported") == 1, logs
+
+
 def test_a_folder_delete_whose_listing_failed_reports_no_delete_of_the_folders_path(own_cluster, drive_uri):
     """A delete records the change of its own path only when a file is there: a folder delete whose listing failed
     left the record of its path, which a replica then reported as the delete of a file at the folder's path."""
