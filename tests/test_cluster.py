@@ -892,6 +892,25 @@ def unpublished_left(cluster: Cluster) -> list[bytes]:
     return cluster.keys("drived:*unpublished*")
 
 
+@contextlib.contextmanager
+def replicas_a_coordinator_proxy_apart(
+    cluster: Cluster, claim_ttl: str
+) -> Iterator[tuple[DaemonHandle, DaemonHandle, CuttingProxy]]:
+    """Replica a, which reaches the coordinator through a CuttingProxy, and replica b, which reaches it directly."""
+    with CuttingProxy(f"127.0.0.1:{cluster.valkey.port}") as to_coordinator:
+        url = cluster.valkey.url.replace(f":{cluster.valkey.port}/", f":{to_coordinator.endpoint.rpartition(':')[2]}/")
+        a = cluster.store.daemon("--claim-ttl", claim_ttl, env=cluster.store.env(DRIVED_COORDINATOR=url))
+        yield a, cluster.replica("--claim-ttl", claim_ttl), to_coordinator
+
+
+def cut_every_publish(to_coordinator: CuttingProxy) -> None:
+    """Every publish through `to_coordinator` from now on, and each retry of it, is cut."""
+    to_coordinator.refuse()  # the connections made so far break: each later one is watched
+    to_coordinator.refuse(False)
+    for _ in range(50):
+        to_coordinator.cut_before("up", b":published:")
+
+
 def test_a_put_and_a_delete_whose_events_the_coordinator_never_took_are_published_once_it_is_back(
     own_cluster, drive_uri
 ):
@@ -899,25 +918,18 @@ def test_a_put_and_a_delete_whose_events_the_coordinator_never_took_are_publishe
     stored (deleted), its client told UNAVAILABLE, and no watch ever saw the change. Now the change, recorded with
     the claim's confirm, is published by a replica that finds its claim ended (here the other one: every publish of
     the first still fails), once."""
-    with CuttingProxy(f"127.0.0.1:{own_cluster.valkey.port}") as to_coordinator:
-        port = to_coordinator.endpoint.rpartition(":")[2]
-        url = own_cluster.valkey.url.replace(f":{own_cluster.valkey.port}/", f":{port}/")
-        a = own_cluster.store.daemon("--claim-ttl", "2", env=own_cluster.store.env(DRIVED_COORDINATOR=url))
-        b = own_cluster.replica("--claim-ttl", "2")
+    with replicas_a_coordinator_proxy_apart(own_cluster, "2") as (a, b, to_coordinator):
         raw_put(stub_of(a), drive_uri, "kept.txt", b"kept", component="w")
         raw_put(stub_of(a), drive_uri, "gone.txt", b"to be deleted", component="w")
         start = watch_events(b, drive_uri, 0)[0][2]
-        to_coordinator.refuse()  # the connections made so far break: each later one is watched
-        to_coordinator.refuse(False)
-        for _ in range(50):
-            to_coordinator.cut_before("up", b":published:")  # every publish of replica a, and its retry, is cut
+        cut_every_publish(to_coordinator)
         with pytest.raises(grpc.RpcError) as put_failed:
             raw_put(stub_of(a), drive_uri, "put.txt", b"stored, its event lost", component="w")
         with pytest.raises(grpc.RpcError) as delete_failed:
             stub_of(a).Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="gone.txt", component="w"), timeout=60)
         for failed in (put_failed, delete_failed):
             assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
-            assert f"the coordinator redis://127.0.0.1:{port}/0 cannot be used" in failed.value.details()
+            assert f"the coordinator redis://{to_coordinator.endpoint}/0 cannot be used" in failed.value.details()
         # The store changed all the same.
         assert raw_get(stub_of(b), drive_uri, "put.txt")[0][1] == b"stored, its event lost"
         assert rpc_code(lambda: raw_get(stub_of(b), drive_uri, "gone.txt")) == grpc.StatusCode.NOT_FOUND
@@ -1030,17 +1042,10 @@ def test_an_unpublished_put_whose_file_is_damaged_is_dropped_not_retried_for_eve
     """A change never published whose file is damaged by the time a replica settles it (a big file's checksum object
     lost): its stat failed, and the replicas took and failed it again every --claim-ttl, for as long as the file
     stayed damaged. It is now dropped, unreported (no version of the file can be told), and logged once."""
-    with CuttingProxy(f"127.0.0.1:{own_cluster.valkey.port}") as to_coordinator:
-        port = to_coordinator.endpoint.rpartition(":")[2]
-        url = own_cluster.valkey.url.replace(f":{own_cluster.valkey.port}/", f":{port}/")
-        # Long TTLs: the checksum object is gone before the first look (0.25-0.75 of a TTL after the claim ended).
-        a = own_cluster.store.daemon("--claim-ttl", "8", env=own_cluster.store.env(DRIVED_COORDINATOR=url))
-        b = own_cluster.replica("--claim-ttl", "8")
+    # Long TTLs: the checksum object is gone before the first look (0.25-0.75 of a TTL after the claim ended).
+    with replicas_a_coordinator_proxy_apart(own_cluster, "8") as (a, b, to_coordinator):
         start = watch_events(b, drive_uri, 0)[0][2]
-        to_coordinator.refuse()  # the connections made so far break: each later one is watched
-        to_coordinator.refuse(False)
-        for _ in range(50):
-            to_coordinator.cut_before("up", b":published:")  # every publish of replica a, and its retry, is cut
+        cut_every_publish(to_coordinator)
         with pytest.raises(grpc.RpcError) as failed:
             raw_put(stub_of(a), drive_uri, "big.bin", os.urandom(PART_SIZE + 1), component="w")
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
