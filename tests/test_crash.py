@@ -160,3 +160,29 @@ def test_sigterm_under_load_finishes_transfers_refuses_new_calls_and_exits_zero(
             assert got == data
         assert wait_until(lambda: again.open_requests("Put") == 0, 5)
         assert "late.bin" not in [e.path for e in stub.List(pb.ListRequest(drive=DRIVE, path=".")).entries]
+
+
+def test_empty_folders_a_killed_daemon_left_are_removed_at_the_next_start(start_daemon, tmp_path):
+    """A daemon killed between a put's making of its folders and its rename, or between a delete's unlink and its
+    removal of the folders it emptied, leaves them empty. They listed as folders and refused a put of their path
+    (INVALID_ARGUMENT to the same component, ALREADY_EXISTS to another), and no delete reached them."""
+    first = start_daemon(tmp_path)
+    raw_put(drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint)), DRIVE, "keep/f.txt", b"kept",
+            component="a")
+    first.stop(signal.SIGKILL)
+    drive = first.data_dir / "objects" / DRIVE.removeprefix("lit://")
+    for left in ("a/newdir/sub", "a/keep/empty", "b/other"):  # as a SIGKILL at those moments leaves them
+        (drive / left).mkdir(parents=True)
+    second = start_daemon(tmp_path, data_dir=first.data_dir)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(second.endpoint))
+
+    def listed(recursive: bool) -> list[str]:
+        asked = pb.ListRequest(drive=DRIVE, path=".", recursive=recursive)
+        return sorted(e.path for e in stub.List(asked, timeout=30).entries)
+
+    assert wait_until(lambda: listed(False) == ["keep"], timeout=30), listed(False)
+    raw_put(stub, DRIVE, "newdir", b"a file where a folder was left", component="a")
+    raw_put(stub, DRIVE, "other", b"another component's file", component="b")
+    assert raw_get(stub, DRIVE, "keep/f.txt")[0][1] == b"kept"
+    assert listed(True) == ["keep/f.txt", "newdir", "other"]
+    assert "removed empty folders left by a daemon stopped mid-put or mid-delete" in second.log()

@@ -488,6 +488,8 @@ class LocalBackend(Backend):
         self.listings = FolderCache()  # each folder read once while unchanged
         self.committer = CommitWorker()
         self.legacy_tables = LegacyTables()  # block tables of format 1 files, built when first read
+        self._closing = threading.Event()  # stops the sweep of empty folders
+        self._sweep: asyncio.Future[None] | None = None
         try:
             os.makedirs(self.root, exist_ok=True)
             self._lock = lock_data_dir(data_dir)  # before tmp/ is emptied: it may be another's
@@ -497,7 +499,30 @@ class LocalBackend(Backend):
             raise SystemExit(f"drived: --data-dir {data_dir}: cannot make its folders: {err.strerror}: "
                              f"{err.filename}") from None
 
+    async def start(self) -> None:
+        # A daemon killed between a put's making of its folders and its rename, or between a delete's unlink and
+        # its removal of the folders it emptied, leaves empty folders: they list as folders, refuse a put of their
+        # path, and no delete reaches them. No call makes an empty folder, so every one is such a leftover; they are
+        # removed while the daemon serves (a put whose new folder goes meanwhile makes it again: `place`).
+        self._sweep = asyncio.get_running_loop().run_in_executor(None, self._remove_empty_folders)
+
+    def _remove_empty_folders(self) -> None:
+        removed = 0
+        for folder, _, files in os.walk(self.root, topdown=False):
+            if self._closing.is_set():
+                return
+            if not files and folder != self.root:
+                with contextlib.suppress(OSError):  # not empty: a subfolder holds files, or a put came meanwhile
+                    os.rmdir(folder)
+                    removed += 1
+        if removed:
+            log.info("removed empty folders left by a daemon stopped mid-put or mid-delete",
+                     extra={"fields": {"count": removed}})
+
     async def close(self) -> None:
+        self._closing.set()
+        if self._sweep is not None:
+            await self._sweep
         self.legacy_tables.close()
         await self.committer.close()
         os.close(self._lock)
