@@ -37,6 +37,7 @@ from drive_client.uri import DriveId
 from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
 
 from . import metrics
+from .answers import AnswerRoom, Held
 from .auth import EVERYONE, NOBODY, READS, WRITES, Access, Grant
 from .backends.base import ClientTooSlow, Damaged, StoredFileError
 from .config import ANSWER_ENTRIES_BYTES
@@ -84,6 +85,7 @@ class RequestLog:
     status: str = "OK"
     grant: Grant = NOBODY  # the caller's, once authenticated; its name is logged, never the token
     stream: Stream | None = None  # the call's place among the open streams (drived.limits), once admitted
+    answer: Held | None = None  # the room a List's answer holds until its client takes it (drived.answers)
 
 
 LOGGED_CHARS = 4200  # a valid path (at most 4,096 bytes) is logged whole
@@ -227,6 +229,7 @@ async def _alone(message: A) -> AsyncIterator[A]:
 # Calls that hold a stream's place (see drived.limits), and those of them whose peer may not go quiet.
 STREAMS = frozenset({"Put", "PutFile", "Get", "Watch"})
 IDLE_LIMITED = frozenset({"Put", "Get"})
+HELD_ANSWERS = frozenset({"List"})  # answers of up to a message, held in room of their own (drived.answers)
 
 
 @overload
@@ -272,6 +275,9 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
                 if method in STREAMS:
                     stream = admitted.enter_context(service.streams.opened(method, context.peer(), idle_limited))
                     record.stream = stream
+                if method in HELD_ANSWERS:
+                    held = record.answer = await service.answers.take(context.peer())
+                    context.add_done_callback(lambda _: held.release())
                 try:
                     yield stream
                 except asyncio.CancelledError:
@@ -321,6 +327,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
     def __init__(self, drives: DriveRouter, streams: Streams, access: Access | None = None) -> None:
         self._router = drives
         self.streams = streams
+        self.answers = AnswerRoom()
         self.access = access or Access()
         self.draining = False  # set on SIGTERM: new calls answer UNAVAILABLE while the open ones finish
 
@@ -420,6 +427,8 @@ class DriveService(pb_grpc.DriveServiceServicer):
                 break
             infos.append(info)
         record.files = len(infos)
+        assert record.answer is not None  # a List is among HELD_ANSWERS
+        record.answer.keep(size)
         token = listing.page_token(infos[-1].path) if more else ""
         return pb.ListResponse(entries=infos, next_page_token=token)
 

@@ -10,14 +10,19 @@ freed memory once a look at the streams (at most a second) has passed.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
+import grpc
 import pytest
 from conftest import MIB, StalledPuts, no_uploads, rss_mib, upload_bytes, wait_until
+from crc32c import crc32c
 
 from drive_client import Drive
 from drive_client.malloc import KEEP_FREE
 from drive_client.pb import drive_pb2 as pb
+from drive_client.pb import drive_pb2_grpc
+from drived.answers import PER_PEER
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="reads the daemon's memory from /proc (Linux only)"),
@@ -62,3 +67,57 @@ def test_stalled_uploads_hold_no_chunks_and_their_memory_is_returned(start_daemo
         print(f"wave {wave}: after the streams ended: daemon {after:.0f} MiB (bound {bound:.0f} MiB)")
         assert returned, f"the daemon kept {after:.0f} MiB after the streams ended (bound {bound:.0f} MiB)"
     assert Drive("lit://memory", endpoint=handle.endpoint).list("stalled") == [], "nothing of theirs is stored"
+
+
+DEEP = "/".join(["x" * 250] * 15)  # 3,764 bytes of folders: a page of 1,000 files' entries takes ~3.8 MB
+
+
+def test_list_answers_a_client_does_not_take_hold_at_most_the_answer_room(start_daemon, tmp_path):
+    """200 List calls of ~3.8 MB pages from a client that stopped reading took a daemon from 88 MiB to 2,087 MiB:
+    gRPC holds an answer until its client takes it, and a List was admitted whatever the answers held. Each List
+    now takes room before it builds its answer (`drived.answers`): a host's calls wait behind its own answers not
+    yet taken, and are answered once its stalled client is gone."""
+    handle = start_daemon(tmp_path)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
+    for start in (0, 500):
+        stub.Put((pb.PutRequest(file=pb.PutFileRequest(header=pb.PutHeader(drive="lit://lists", path=f"{DEEP}/f{i}"),
+                                                        data=b"", crc32c=0)) for i in range(start, start + 500)),
+                 timeout=120)
+    stub.Put(iter([pb.PutRequest(file=pb.PutFileRequest(header=pb.PutHeader(drive="lit://lists", path="small"),
+                                                         data=b"s", crc32c=crc32c(b"s")))]), timeout=60)
+    page = pb.ListRequest(drive="lit://lists", path=".", recursive=True, page_size=10000)
+    assert len(stub.List(page, timeout=60).entries) == 1001
+    baseline = rss_mib(handle.proc.pid)
+    stalled = subprocess.Popen([sys.executable, "-c", f"""
+import os, signal, time, grpc
+from drive_client.pb import drive_pb2 as pb, drive_pb2_grpc
+channel = grpc.insecure_channel("{handle.endpoint}", options=[("grpc.max_receive_message_length", 8 << 20)])
+stub = drive_pb2_grpc.DriveServiceStub(channel)
+page = pb.ListRequest(drive="lit://lists", path=".", recursive=True, page_size=10000)
+calls = [stub.List.future(page, timeout=600) for _ in range(200)]
+time.sleep(1)  # the calls reach the daemon
+os.kill(os.getpid(), signal.SIGSTOP)  # a client that stops reading: stalled, swapped out, or hostile
+"""])
+    try:
+        assert wait_until(lambda: _state(stalled.pid) == "T", 30), "the client never stopped"
+        assert wait_until(lambda: handle.open_requests("List") >= 100, 30), (
+            f"{handle.open_requests('List')} Lists wait for room: the daemon built the others' answers, which it holds "
+            f"while their client does not take them ({rss_mib(handle.proc.pid):.0f} MiB, baseline {baseline:.0f})")
+        waiting = stub.List.future(pb.ListRequest(drive="lit://lists", path="small"), timeout=60)  # the same host
+        bound = baseline + PER_PEER / MIB + KEEP_FREE / MIB + SLACK_MIB
+        held = wait_until(lambda: rss_mib(handle.proc.pid) <= bound, 15)
+        during = rss_mib(handle.proc.pid)
+        print(f"200 List answers not taken: daemon {during:.0f} MiB (baseline {baseline:.0f}, bound {bound:.0f})")
+        assert held, f"200 List answers not taken keep the daemon at {during:.0f} MiB (bound {bound:.0f} MiB)"
+        assert not waiting.done(), "a List passed the room its host's answers hold"
+    finally:
+        stalled.kill()
+        stalled.wait()
+    assert [e.path for e in waiting.result(timeout=60).entries] == ["small"]
+    assert wait_until(lambda: handle.open_requests("List") == 0, 30), handle.open_requests("List")
+
+
+def _state(pid: int) -> str:
+    """The state of process `pid` (R, S, T for stopped, ...)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0]
