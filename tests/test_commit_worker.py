@@ -14,15 +14,17 @@ import pathlib
 import signal
 import struct
 import termios
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 from conftest import put_messages, raw_get, raw_put, rpc_code, wait_until
+from crc32c import crc32c
 
 from drive_client import Drive
 from drive_client.errors import Unavailable
 from drive_client.pb import drive_pb2_grpc
-from drived.backends.commit_worker import CONFIRMS_IN_FLIGHT, BeforeVisible, CommitWorker, Job
+from drived.backends.commit_worker import CONFIRMS_IN_FLIGHT, BeforeVisible, CommitWorker, Job, commit_batch
 from drived.checksums import ClientChecksums
 
 
@@ -292,3 +294,29 @@ async def test_a_worker_closed_while_it_starts_is_stopped_and_its_commit_fails_s
         assert not list(tmp_path.iterdir())
     finally:
         await worker.close()
+
+
+def test_a_commit_into_new_folders_fsyncs_every_folder_whose_entries_it_changed(tmp_path, monkeypatch):
+    """Only the file's own folder was fsynced: the folders a commit made, and their entries in the folders above,
+    were not, so a power cut could lose a new folder, and the acknowledged file in it, on a file system that does
+    not order its metadata (ext4 without a journal). `place` names every folder whose entries it changed, and a
+    batch fsyncs each of them (a file put into an existing folder fsyncs that folder alone, as before)."""
+    root = tmp_path / "objects"
+    (root / "old").mkdir(parents=True)
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(fd: int) -> None:  # the real fsync, and what it made durable
+        fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", recording)
+    sent = ClientChecksums(sha256="", crc32c=crc32c(b"x"))
+    jobs: list[Job] = [(str(tmp_path / "t1"), str(root / "new/sub/f"), b"x", sent),
+                       (str(tmp_path / "t2"), str(root / "old/g"), b"x", sent)]
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = commit_batch(jobs, pool)
+    assert [outcome[0] for outcome in outcomes] == ["ok", "ok"], outcomes
+    folders = sorted(path for path in synced if os.path.isdir(path))
+    assert folders == [str(root), str(root / "new"), str(root / "new/sub"), str(root / "old")]
+    assert (root / "new/sub/f").exists() and (root / "old/g").exists()

@@ -57,10 +57,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _commit(tmp_path: str, path: str, whole: bytes) -> tuple[int, str]:
+def _commit(tmp_path: str, path: str, whole: bytes) -> tuple[int, list[str]]:
     """Writes `whole` (the stored file) to a new `tmp_path`, makes it durable and renames it to `path`.
 
-    Returns the generation and the folder to fsync; leaves no temporary file behind on error.
+    Returns the generation and the folders to fsync (`place`); leaves no temporary file behind on error.
     """
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
@@ -90,10 +90,10 @@ def _verify_and_commit(job: Job) -> Outcome:
     if mismatch:  # verified before anything is created
         return ("mismatch", mismatch)
     try:
-        generation, folder = _commit(tmp_path, path, stored_bytes(data, sums))
+        generation, folders = _commit(tmp_path, path, stored_bytes(data, sums))
     except OSError as err:
         return _failed(err)
-    return ("ok", generation, folder, sums.sha256, sums.crc32c)
+    return ("ok", generation, folders, sums.sha256, sums.crc32c)
 
 
 def _fsync_folder(folder: str) -> Outcome | None:
@@ -115,9 +115,14 @@ def commit_batch(jobs: list[Job], pool: ThreadPoolExecutor) -> list[Outcome]:
     The jobs of a batch go to different paths (`CommitWorker` sees to it), so their order does not matter.
     """
     outcomes = list(_each(pool, _verify_and_commit, jobs))
-    folders = list({outcome[2] for outcome in outcomes if outcome[0] == "ok"})
+    folders = list({folder for outcome in outcomes if outcome[0] == "ok" for folder in outcome[2]})
     folder_errors = dict(zip(folders, _each(pool, _fsync_folder, folders), strict=True))
-    return [folder_errors.get(outcome[2]) or outcome if outcome[0] == "ok" else outcome for outcome in outcomes]
+    return [_first_error(outcome, folder_errors) if outcome[0] == "ok" else outcome for outcome in outcomes]
+
+
+def _first_error(outcome: Outcome, folder_errors: dict[str, Outcome | None]) -> Outcome:
+    """A committed job's outcome: the failed fsync of one of its folders, if any."""
+    return next((error for error in map(folder_errors.get, outcome[2]) if error), outcome)
 
 
 async def _visible_at_once() -> None:

@@ -393,9 +393,10 @@ class LocalUpload(Upload):
     def _place_big(self) -> None:
         """Runs in a worker thread: renames the file `_write_big` made durable into place."""
         try:
-            folder = place(self._tmp_path, self._path)
+            folders = place(self._tmp_path, self._path)
             self._tmp_path = ""  # renamed away: nothing left to discard
-            fsync_folder(folder)
+            for folder in folders:
+                fsync_folder(folder)
         except OSError as err:
             raise _commit_error(err, self._key) from err
 

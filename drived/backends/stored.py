@@ -30,6 +30,7 @@ ones; no grpc here (see `drived.checksums`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import os
@@ -352,27 +353,45 @@ def fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def place(tmp_path: str, path: str) -> str:
-    """Renames a finished upload to `path`, creating its folders; returns the folder.
+def place(tmp_path: str, path: str) -> list[str]:
+    """Renames a finished upload to `path`, creating its folders; returns the folders whose entries it changed.
 
-    Raises NotADirectoryError when a parent of `path` is a file, and
-    IsADirectoryError when `path` is a folder. The caller fsyncs the folder
-    before it acknowledges the put.
+    Those are `path`'s folder and, when folders had to be made, the folder
+    each was made in: the caller fsyncs them all before it acknowledges the
+    put, so that a power cut cannot lose a new folder, and the file with it,
+    on a file system that does not order its metadata. Raises
+    NotADirectoryError when a parent of `path` is a file, and
+    IsADirectoryError when `path` is a folder.
     """
     folder = os.path.dirname(path)
+    changed = {folder}
     missing = 0
     while True:
         try:
             os.rename(tmp_path, path)
-            return folder
+            return sorted(changed)
         except FileNotFoundError:  # its folder does not exist yet, or a concurrent delete just removed it
             missing += 1
             if missing == 5:
                 raise
+        with contextlib.suppress(FileNotFoundError):  # a parent removed meanwhile by a delete: made again
+            _make_folders(folder, changed)
+
+
+def _make_folders(folder: str, changed: set[str]) -> None:
+    """Makes `folder` and its missing parents, adding the folder each is made in to `changed` first (also when a
+    concurrent put makes it: that put's fsync of it may not have happened yet)."""
+    missing = []
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for made in reversed(missing):
+        changed.add(os.path.dirname(made))
         try:
-            os.makedirs(folder, exist_ok=True)
-        except FileExistsError:  # a file where a folder has to be
-            raise NotADirectoryError(errno.ENOTDIR, "a parent folder is a file", folder) from None
+            os.mkdir(made)
+        except FileExistsError:  # made meanwhile by another put, or a file where a folder has to be
+            if not os.path.isdir(made):
+                raise NotADirectoryError(errno.ENOTDIR, "a parent folder is a file", made) from None
 
 
 def make_durable(fd: int) -> int:
