@@ -170,7 +170,10 @@ def put_file_request(header: pb.PutHeader, remote: str, data: bytes, sha256: boo
 
 
 # Temporary names: the process id (read each time: a forked child gets its own), a random
-# token and a counter tell apart every file being received on this machine.
+# token and a counter tell apart every file being received on this machine. They keep only
+# the start of the target's name (at most 128 bytes), so a target name as long as the file
+# system allows (255 bytes) still gives a temporary name it allows.
+_TMP_NAME_PREFIX = 32  # characters
 _TMP_TOKEN = secrets.token_hex(4)
 _tmp_numbers = itertools.count()
 
@@ -203,7 +206,7 @@ class _Receiving:
                 ) from err
             if made is not None:
                 made.add(parent)
-        self.tmp = parent / f".{target.name}.{os.getpid()}-{_TMP_TOKEN}-{next(_tmp_numbers)}.part"
+        self.tmp = parent / f".{target.name[:_TMP_NAME_PREFIX]}.{os.getpid()}-{_TMP_TOKEN}-{next(_tmp_numbers)}.part"
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.digest = hashlib.sha256() if sha256 else None
         self.crc32c = 0  # of the bytes since the file's start, or since the last `resumed`

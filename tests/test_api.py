@@ -414,6 +414,17 @@ def test_overwrite_false_existing_target_untouched(make, tmp_path, drive_uri):
     assert (tmp_path / "dst" / "f.txt").read_bytes() == b"mine"
 
 
+def test_a_file_with_the_longest_name_a_file_system_allows_is_got(make, tmp_path, drive_uri):
+    """The temporary file of a get was named after its whole target: a name of 244 bytes, which a put stores,
+    made one over 255 bytes, and the get failed with a bare `OSError: File name too long`."""
+    name = "é" * 120 + ".bin"  # 244 bytes in UTF-8
+    write(tmp_path / "src" / name, "long")
+    make(drive_uri, tmp_path / "src").put(name)
+    (tmp_path / "dst").mkdir()
+    assert make(drive_uri, tmp_path / "dst").get(name).read_bytes() == b"long"
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == [name], "no temporary file is left beside it"
+
+
 # --- root_folder ------------------------------------------------------------------------------
 
 
