@@ -71,7 +71,7 @@ class AmbiguousPathError(DriveError):
 
 
 class StaleIndexError(DriveError):
-    """An s3:// object (or a file being read) changed since it was indexed."""
+    """An s3:// object (or a file being read) changed since it was indexed, or a local file while it was put."""
 
     status = grpc.StatusCode.ABORTED
 

@@ -19,13 +19,13 @@ import secrets
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, BinaryIO, Generic, TypeVar
 
 import grpc
 from crc32c import crc32c
 
 from .checksums import joined_crc32c
-from .errors import DataLoss, InvalidArgument, NotADirectory, NotFound
+from .errors import DataLoss, InvalidArgument, NotADirectory, NotFound, StaleIndexError
 from .files import write_all
 from .pb import drive_pb2 as pb
 from .uri import normalize_path
@@ -119,9 +119,10 @@ def put_requests(
     for local, remote in files:
         upload_id, start, offset = next(ids, ""), offset, 0
         with open(local, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            opened = _version(f)
+            size = opened[0]
             if size <= SMALL_FILE:
-                request = put_file_request(header, remote, f.read(), sha256)
+                request = _whole_file_request(f, opened, header, local, remote, sha256)
                 request.header.upload_id = upload_id
                 yield pb.PutRequest(file=request)
                 if progress:
@@ -135,27 +136,55 @@ def put_requests(
             file_header.write_offset = start
             yield pb.PutRequest(header=file_header)
             crc, digest = 0, hashlib.sha256() if sha256 else None
-            unsent = start
-            while chunk := f.read(min(chunk_size, unsent) if unsent else chunk_size):
+            position = 0
+            while position < size:  # never past the size announced: a file that grows is refused below, as changed
+                chunk = f.read(min(chunk_size, (start if position < start else size) - position))
+                if not chunk:  # the file shrank: refused below
+                    break
+                position += len(chunk)
                 crc = crc32c(chunk, crc)
                 if digest is not None:
                     digest.update(chunk)
-                if unsent:  # held by the daemon already: summed, not sent
-                    unsent -= len(chunk)
+                if position <= start:  # held by the daemon already: summed, not sent
                     continue
                 yield chunk
                 if progress:
                     progress(len(chunk))
+            _check_unchanged(f, opened, local)  # before the finish: without it the daemon commits nothing
         yield pb.PutRequest(finish=pb.PutFinish(crc32c=crc, sha256=digest.hexdigest() if digest else ""))
+
+
+def _version(f: BinaryIO) -> tuple[int, int, int]:
+    """What changes when an open file is written to: its size, modification and change times."""
+    stat = os.fstat(f.fileno())
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def _check_unchanged(f: BinaryIO, opened: tuple[int, int, int], local: Path) -> None:
+    """Refuses a file written to since it was opened (`_version`): the bytes read may mix two versions of it,
+    which their CRC32C, summed as they were read, would not reveal. A write in the clock tick of the open
+    may keep the times, so a file being written to is put only once its writer is done."""
+    if _version(f) != opened:
+        raise StaleIndexError(f"the local file {str(local)!r} changed while it was being put (nothing of it was "
+                              "stored): put it again once it is written")
 
 
 def small_file_request(header: pb.PutHeader, local: Path, remote: str, sha256: bool = False
                        ) -> pb.PutFileRequest | None:
     """A PutFile request carrying the whole of `local`, or None when it is bigger than `SMALL_FILE`."""
     with open(local, "rb") as f:
-        if os.fstat(f.fileno()).st_size > SMALL_FILE:
+        opened = _version(f)
+        if opened[0] > SMALL_FILE:
             return None
-        return put_file_request(header, remote, f.read(), sha256)
+        return _whole_file_request(f, opened, header, local, remote, sha256)
+
+
+def _whole_file_request(f: BinaryIO, opened: tuple[int, int, int], header: pb.PutHeader, local: Path, remote: str,
+                        sha256: bool) -> pb.PutFileRequest:
+    """`put_file_request` of the whole of the small file `f`, refused if it changed since it was `opened`."""
+    data = f.read()
+    _check_unchanged(f, opened, local)
+    return put_file_request(header, remote, data, sha256)
 
 
 def put_file_request(header: pb.PutHeader, remote: str, data: bytes, sha256: bool = False) -> pb.PutFileRequest:

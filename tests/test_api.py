@@ -757,6 +757,34 @@ def test_a_folder_put_with_a_name_that_is_not_unicode_is_refused_before_anything
     assert d.list(".") == []
 
 
+@pytest.mark.parametrize("change", ["rewrite", "truncate"])
+def test_a_local_file_written_to_while_it_is_put_is_refused_and_the_stored_version_stays(
+        make, tmp_path, drive_uri, change):
+    """A file rewritten in place while its put read it was stored as a mix of its two versions: the CRC32C
+    covers the bytes read, so the daemon committed them. One cut shorter got "size mismatch ... retry the put"."""
+    size = 8 * 1024 * 1024
+    local = write(tmp_path / "model.bin", os.urandom(size))
+    d = make(drive_uri, tmp_path)
+    [before] = d.put("model.bin")
+    local.write_bytes(os.urandom(size))
+    sent = [0]
+
+    def write_while_sending(count: int) -> None:
+        sent[0] += count
+        if sent[0] - count < 2 * 1024 * 1024 <= sent[0]:
+            time.sleep(0.05)  # past the clock tick of the put's open, whose times are compared
+            with open(local, "r+b") as f:
+                if change == "truncate":
+                    f.truncate(size // 2)
+                else:
+                    f.write(bytes(size))
+
+    with pytest.raises(StaleIndexError, match=r"model\.bin' changed while it was being put .* put it again"):
+        d.put("model.bin", progress=write_while_sending)
+    assert d.stat("model.bin").sha256 == before.sha256
+    assert sha256_hex(d.get("model.bin", to=tmp_path / "got.bin").read_bytes()) == before.sha256
+
+
 def test_a_put_of_a_pipe_says_what_it_is(make, tmp_path, drive_uri):
     """`drive put <(make_data) lit://d/x` gives a pipe, which a put cannot size or read again after a cut: the put
     said "local path '/dev/fd/63' does not exist" of a path that exists."""
