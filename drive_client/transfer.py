@@ -11,6 +11,8 @@ Memory per transfer is a few chunks on this side (`ReadAhead` holds at most
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -25,7 +27,7 @@ import grpc
 from crc32c import crc32c
 
 from .checksums import joined_crc32c
-from .errors import DataLoss, InvalidArgument, NotADirectory, NotFound, StaleIndexError
+from .errors import DataLoss, InvalidArgument, NotADirectory, NotFound, ResourceExhausted, StaleIndexError
 from .files import write_all
 from .pb import drive_pb2 as pb
 from .uri import normalize_path
@@ -118,7 +120,7 @@ def put_requests(
     ids = iter(upload_ids)
     for local, remote in files:
         upload_id, start, offset = next(ids, ""), offset, 0
-        with open(local, "rb") as f:
+        with _open_to_put(local) as f:
             opened = _version(f)
             size = opened[0]
             if size <= SMALL_FILE:
@@ -154,6 +156,15 @@ def put_requests(
         yield pb.PutRequest(finish=pb.PutFinish(crc32c=crc, sha256=digest.hexdigest() if digest else ""))
 
 
+def _open_to_put(local: Path) -> BinaryIO:
+    """Opens a local file a put listed; one removed since is `NotFound`, as a put of a missing path is."""
+    try:
+        return open(local, "rb")
+    except FileNotFoundError as err:
+        raise NotFound(f"local path {str(local)!r} was removed while the put ran (nothing of it was stored): "
+                       "put it again once it is there") from err
+
+
 def _version(f: BinaryIO) -> tuple[int, int, int]:
     """What changes when an open file is written to: its size, modification and change times."""
     stat = os.fstat(f.fileno())
@@ -172,7 +183,7 @@ def _check_unchanged(f: BinaryIO, opened: tuple[int, int, int], local: Path) -> 
 def small_file_request(header: pb.PutHeader, local: Path, remote: str, sha256: bool = False
                        ) -> pb.PutFileRequest | None:
     """A PutFile request carrying the whole of `local`, or None when it is bigger than `SMALL_FILE`."""
-    with open(local, "rb") as f:
+    with _open_to_put(local) as f:
         opened = _version(f)
         if opened[0] > SMALL_FILE:
             return None
@@ -256,7 +267,8 @@ class _Receiving:
         self.crc32c = crc32c(data, self.crc32c)
         if self.digest is not None:
             self.digest.update(data)
-        write_all(self.fd, data)
+        with _local_space(self.target):
+            write_all(self.fd, data)
         self.size += len(data)
 
     def _close(self) -> None:
@@ -294,6 +306,19 @@ class _Receiving:
     def discard(self) -> None:
         self._close()
         self.tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _local_space(target: Path) -> Iterator[None]:
+    """Raises a local disk found full while writing `target` as `ResourceExhausted`, the error of a full disk on the
+    daemon's side, so that a caller handles both alike."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ResourceExhausted(f"the local disk is full: {str(target)!r} could not be written (nothing of it was "
+                                "kept, an existing file is as it was): free some space and get it again") from err
 
 
 def crc32c_mismatch(path: str) -> DataLoss:
@@ -411,7 +436,7 @@ def fetch_in_ranges(
                 position, end = offset, min(offset + RANGE_BLOCK, info.size)
                 summed: list[int] = []
                 for data in read_range(offset, end - offset, summed.append):
-                    with writing:
+                    with writing, _local_space(target):
                         os.pwrite(fd, data, position)
                     position += len(data)
                     if progress:

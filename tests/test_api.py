@@ -785,6 +785,26 @@ def test_a_local_file_written_to_while_it_is_put_is_refused_and_the_stored_versi
     assert sha256_hex(d.get("model.bin", to=tmp_path / "got.bin").read_bytes()) == before.sha256
 
 
+def test_a_file_removed_while_its_folder_is_put_is_not_found_and_its_stored_version_stays(make, tmp_path, drive_uri):
+    """A file of a folder put removed before the put opened it raised a bare FileNotFoundError, not a DriveError."""
+    write(tmp_path / "f" / "c.bin", "stored before")
+    d = make(drive_uri, tmp_path)
+    [before] = d.put("f/c.bin")
+    for name in ("a.bin", "b.bin", "c.bin"):
+        write(tmp_path / "f" / name, os.urandom(3 * 1024 * 1024))  # each more than a message: one Put stream
+    removed: list[int] = []
+
+    def remove_c(count: int) -> None:
+        if not removed:
+            removed.append(count)
+            (tmp_path / "f" / "c.bin").unlink()
+
+    with pytest.raises(DriveError, match=r"f/c\.bin' was removed while the put ran") as failed:
+        d.put("f", progress=remove_c)
+    assert isinstance(failed.value, FileNotFoundError)
+    assert d.stat("f/c.bin").sha256 == before.sha256
+
+
 def test_a_put_of_a_pipe_says_what_it_is(make, tmp_path, drive_uri):
     """`drive put <(make_data) lit://d/x` gives a pipe, which a put cannot size or read again after a cut: the put
     said "local path '/dev/fd/63' does not exist" of a path that exists."""

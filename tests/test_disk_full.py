@@ -17,8 +17,9 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest import MIB, DaemonHandle, no_uploads, raw_get, raw_put, snapshot, wait_until
+from conftest import MIB, DaemonHandle, no_uploads, raw_get, raw_put, sha256_hex, snapshot, wait_until
 
+from drive_client import ResourceExhausted
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
 
@@ -107,3 +108,24 @@ def test_a_full_disk_refuses_the_put_removes_its_data_and_recovers(start_daemon,
             [(_, got)] = raw_get(stub, DRIVE, "again.bin")
             assert got == again
         assert handle.stop() == 0, handle.log()[-3000:]
+
+
+def test_a_get_onto_a_full_local_disk_is_resource_exhausted_and_keeps_the_local_file(
+        twin, daemon, tmp_path, drive_uri):
+    """A local disk that filled while a get wrote to it raised a bare OSError (ENOSPC), though every error of the
+    client is a DriveError and a full disk is RESOURCE_EXHAUSTED's condition. Both ways of fetching a file are
+    tried: one stream, and parallel ranged reads (64 MiB and more)."""
+    sizes = {"one_stream.bin": SPACE + MIB, "ranges.bin": 64 * MIB}
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(os.urandom(size))
+    drive = twin(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint)
+    for name in sizes:
+        drive.put(name)
+    with small_filesystem(tmp_path / "small") as how:
+        if how != "tmpfs":
+            pytest.skip(f"needs a small file system to fill: {how}")
+        for name in sizes:
+            (tmp_path / "small" / name).write_bytes(b"the local version")
+            with pytest.raises(ResourceExhausted, match=f"the local disk is full: '.*/small/{name}' could not be"):
+                drive.get(name, overwrite=True, to=tmp_path / "small" / name)
+        assert snapshot(tmp_path / "small") == {name: sha256_hex(b"the local version") for name in sizes}
