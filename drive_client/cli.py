@@ -137,8 +137,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--retry-seconds", type=float, metavar="SECONDS",
                      help="how long a transfer, list, stat or mount keeps trying through a network cut or a daemon "
                      "restart (default: $DRIVE_RETRY_SECONDS, else 60; 0: no retries)")
-    top.add_argument("--json", action="store_true", help="print results as JSON on stdout (for scripts)")
-    top.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_output_arguments(top, default=False)
     # options of some commands
     top.set_defaults(only=None, allow_duplicates=False, timeout=None, overwrite=False, verify="crc32c")
     commands = top.add_subparsers(dest="command", required=True)
@@ -164,7 +163,15 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("mount", help="re-index an s3 drive: drive mount s3://bucket/prefix/").add_argument("location")
     for sub in (ls, get, commands.choices["stat"]):
         sub.add_argument("--only", metavar="COMPONENT", help="only this component's files")
+    for sub in commands.choices.values():  # given after the subcommand too; when not, the top's value stays
+        _add_output_arguments(sub, default=argparse.SUPPRESS)
     return top
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--json", action="store_true", default=default, help="print results as JSON on stdout "
+                        "(for scripts)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bar")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

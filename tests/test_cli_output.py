@@ -66,3 +66,19 @@ def test_progress_bar_on_a_terminal_and_quiet_otherwise(daemon, drive_uri, tmp_p
     not_a_tty = drive_cmd(daemon, "get", drive_uri + "/p.bin", str(tmp_path / "r.bin"))
     assert not_a_tty.returncode == 0 and not_a_tty.stderr == ""
     assert (tmp_path / "r.bin").read_bytes() == (tmp_path / "p.bin").read_bytes()
+
+
+def test_json_and_quiet_are_taken_after_the_subcommand_too(daemon, drive_uri, tmp_path):
+    """`drive get lit://d/a.txt out --quiet` failed with "unrecognized arguments: --quiet": the output flags were
+    taken before the subcommand only."""
+    (tmp_path / "p.bin").write_bytes(os.urandom(2 * 1024 * 1024))
+    put = drive_cmd(daemon, "put", str(tmp_path / "p.bin"), drive_uri + "/", "--json")
+    assert put.returncode == 0, put.stderr
+    assert [f["path"] for f in json.loads(put.stdout)] == ["p.bin"]
+    code, shown = run_on_terminal(daemon, "get", drive_uri + "/p.bin", str(tmp_path / "q.bin"), "--quiet")
+    assert code == 0 and shown == ""
+    assert (tmp_path / "q.bin").read_bytes() == (tmp_path / "p.bin").read_bytes()
+    (tmp_path / "mine.bin").write_bytes(b"mine")
+    refused = drive_cmd(daemon, "--quiet", "get", drive_uri + "/p.bin", str(tmp_path / "mine.bin"), "--json")
+    assert refused.returncode == 1 and json.loads(refused.stdout)["type"] == "AlreadyExists"
+    assert (tmp_path / "mine.bin").read_bytes() == b"mine"
