@@ -342,10 +342,10 @@ def get(drive: DriveBase, path: str, component_name: str | None, timeout: float 
             raise NotFound(f"{remote!r} in {drive.id} holds no file (deleted as the get began, or an empty folder)")
         if isinstance(first, pb.GetResponse) and _worth_ranges(first, remote):
             stream.cancel()  # read again, in blocks over several streams
-            yield Blocking(_fetch_ranges, (drive, remote, first.info, target, progress), calls=True)
+            yield Blocking(_fetch_ranges, (drive, remote, first.info, target, overwrite, progress), calls=True)
         else:
-            yield Blocking(_receive_stream, (drive, request, stream, first, _target_of(remote, target), progress),
-                           calls=True)
+            yield Blocking(_receive_stream, (drive, request, stream, first, _target_of(remote, target), overwrite,
+                                             progress), calls=True)
     finally:
         stream.cancel()  # a no-op once the stream is complete; stops it after a local failure
     return target
@@ -406,15 +406,15 @@ def _rest_of_get(drive: DriveBase, request: pb.GetRequest, stream: Stream, first
 
 
 def _receive_stream(calls: Caller, drive: DriveBase, request: pb.GetRequest, stream: Stream,
-                    first: GetMessage, target_of: Callable[[str], Path], progress: Progress | None
+                    first: GetMessage, target_of: Callable[[str], Path], overwrite: bool, progress: Progress | None
                     ) -> list[Path]:
     """Writes the files of a Get stream whose first message was `first`; the rest is read a little ahead."""
     rest = ReadAhead(calls.iterate(_rest_of_get(drive, request, stream, first)))
     replies: Iterable[GetMessage] = itertools.chain([first], rest)
-    return receive_files(replies, target_of, progress=progress, sha256=_sha256(drive))
+    return receive_files(replies, target_of, overwrite, progress=progress, sha256=_sha256(drive))
 
 
-def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInfo, target: Path,
+def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInfo, target: Path, overwrite: bool,
                   progress: Progress | None) -> Path:
     """Fetches one big file over concurrent ranged reads, each pinned to the version `info` describes."""
     component, if_match = info.component or None, info.sha256 or info.etag
@@ -423,7 +423,7 @@ def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInf
         return calls.iterate(read_range(drive, remote, offset, length, component, if_match, copy=False,
                                         summed=summed))
 
-    return fetch_in_ranges(info, target, read, progress=progress, sha256=_sha256(drive))
+    return fetch_in_ranges(info, target, read, overwrite, progress=progress, sha256=_sha256(drive))
 
 
 def read_range(drive: DriveBase, path: str, offset: int, length: int | None, component_name: str | None,

@@ -27,7 +27,15 @@ import grpc
 from crc32c import crc32c
 
 from .checksums import joined_crc32c
-from .errors import DataLoss, InvalidArgument, NotADirectory, NotFound, ResourceExhausted, StaleIndexError
+from .errors import (
+    AlreadyExists,
+    DataLoss,
+    InvalidArgument,
+    NotADirectory,
+    NotFound,
+    ResourceExhausted,
+    StaleIndexError,
+)
 from .files import write_all
 from .pb import drive_pb2 as pb
 from .uri import normalize_path
@@ -229,10 +237,11 @@ class _Receiving:
     stored CRC32C of the whole file).
     """
 
-    def __init__(self, info: pb.FileInfo, target: Path, made: set[Path] | None = None, sha256: bool = False
-                 ) -> None:
+    def __init__(self, info: pb.FileInfo, target: Path, overwrite: bool, made: set[Path] | None = None,
+                 sha256: bool = False) -> None:
         self.info = info
         self.target = target
+        self.overwrite = overwrite
         parent = target.parent
         if made is None or parent not in made:
             try:
@@ -277,7 +286,8 @@ class _Receiving:
             self.fd = -1
 
     def finish(self, crc: int | None) -> Path:
-        """Verifies what arrived and renames it into place.
+        """Verifies what arrived and moves it into place: replacing a file there with `overwrite`, else only where
+        none is.
 
         Checks the size, the CRC32C against `crc` (the daemon's, of the bytes
         it sent since the file's start, or since it was `resumed`; None when
@@ -300,12 +310,30 @@ class _Receiving:
                 f"{self.info.path!r}: received bytes do not match the stored sha256; try again",
                 grpc.StatusCode.DATA_LOSS,
             )
-        os.replace(self.tmp, self.target)
+        if self.overwrite or not _linked(self.tmp, self.target):
+            os.replace(self.tmp, self.target)
         return self.target
 
     def discard(self) -> None:
         self._close()
         self.tmp.unlink(missing_ok=True)
+
+
+def _linked(tmp: Path, target: Path) -> bool:
+    """Links `tmp` at `target`, then removes `tmp`; answers False on a file system without hard links (FAT, some
+    FUSE and SMB mounts). A link, unlike a rename, fails where a file is: one made since the get checked its
+    target (`core._get_request`) is left as it is."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise AlreadyExists(f"local path {str(target)!r} was made while the get ran: it is left as it is; pass "
+                            "overwrite=True (`drive get --overwrite`) to replace it") from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+            raise
+        return False
+    tmp.unlink()
+    return True
 
 
 @contextlib.contextmanager
@@ -338,7 +366,7 @@ def no_crc32c(path: str) -> DataLoss:
 
 
 def receive_files(
-    responses: Iterable[GetMessage], target_of: Callable[[str], Path],
+    responses: Iterable[GetMessage], target_of: Callable[[str], Path], overwrite: bool,
     progress: Progress | None = None, sha256: bool = False,
 ) -> list[Path]:
     """Writes the files of a Get stream that asked for `checksums`; `target_of` maps a file's drive path to its
@@ -347,7 +375,8 @@ def receive_files(
     Each file goes to a temporary file beside its target and is renamed into
     place once complete and its CRC32C matches the daemon's (and, with
     `sha256`, its sha256 the stored one); a failure leaves no partial file
-    and every existing target as it was.
+    and every existing target as it was. A local file of a target's name is
+    replaced with `overwrite`, else it is an error (`AlreadyExists`).
     """
     written: list[Path] = []
     made: set[Path] = set()
@@ -374,7 +403,7 @@ def receive_files(
                 raise no_crc32c(current.info.path)
             elif kind == "file":
                 whole = message.file  # type: ignore[union-attr]
-                current = _Receiving(whole.info, target_of(whole.info.path), made, sha256)
+                current = _Receiving(whole.info, target_of(whole.info.path), overwrite, made, sha256)
                 current.write(whole.data)
                 if progress:
                     progress(len(whole.data))
@@ -384,7 +413,7 @@ def receive_files(
                 current = None
             else:
                 info = message.info  # type: ignore[union-attr]
-                current = _Receiving(info, target_of(info.path), made, sha256)
+                current = _Receiving(info, target_of(info.path), overwrite, made, sha256)
         if current is not None:
             raise no_crc32c(current.info.path)
     finally:
@@ -400,9 +429,10 @@ RANGE_STREAMS = 4
 
 def fetch_in_ranges(
     info: pb.FileInfo, target: Path, read_range: Callable[[int, int, Callable[[int], None]], Iterable[Chunk]],
-    streams: int = RANGE_STREAMS, progress: Progress | None = None, sha256: bool = False,
+    overwrite: bool, streams: int = RANGE_STREAMS, progress: Progress | None = None, sha256: bool = False,
 ) -> Path:
-    """Fetches one file as blocks read by `streams` concurrent ranged reads, then verifies and renames it.
+    """Fetches one file as blocks read by `streams` concurrent ranged reads, then verifies and moves it into place
+    (`overwrite`: see `receive_files`).
 
     `read_range(offset, length, summed)` yields the bytes of one block and
     checks their CRC32C (DataLoss at its end otherwise), then calls
@@ -414,7 +444,7 @@ def fetch_in_ranges(
     hashes the file behind them, in order, from the page cache. Memory: a
     chunk per stream.
     """
-    receiving = _Receiving(info, target, sha256=sha256)
+    receiving = _Receiving(info, target, overwrite, sha256=sha256)
     digest = receiving.digest
     fd = receiving.fd
     offsets = list(range(0, info.size, RANGE_BLOCK))

@@ -324,6 +324,25 @@ def test_get_waits_for_put_from_another_process(twin, start_daemon, tmp_path, dr
     assert reader.stat("late.txt").component == "late_writer"
 
 
+@pytest.mark.timeout(90)
+def test_a_local_file_made_while_a_get_waits_is_kept_without_overwrite(twin, start_daemon, tmp_path, drive_uri):
+    """A get checked its local target only before it waited, then renamed the file it fetched over it: a local
+    file made meanwhile was replaced, though overwrite=False."""
+    handle = start_daemon(tmp_path)  # alone on it, the get is the one Get its metrics count
+    write(tmp_path / "src" / "late.txt", "from the drive")
+    (tmp_path / "dst").mkdir()
+    reader = twin(drive_uri, root_folder=tmp_path / "dst", endpoint=handle.endpoint)
+    waiting = Background(lambda: reader.get("late.txt", timeout=60))
+    waiting.start()
+    handle.wait_open("Get", 1, timeout=30)
+    write(tmp_path / "dst" / "late.txt", "made meanwhile")
+    Drive(drive_uri, component_name="writer", root_folder=tmp_path / "src", endpoint=handle.endpoint).put("late.txt")
+    with pytest.raises(FileExistsError, match=r"late\.txt' was made while the get ran: it is left as it is"):
+        waiting.join_checked(60)
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["late.txt"], "no temporary file is left beside it"
+    assert (tmp_path / "dst" / "late.txt").read_text() == "made meanwhile"
+
+
 COUNTED_LOOKS = """
 from drived.backends.local import LocalBackend
 
