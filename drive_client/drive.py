@@ -51,12 +51,18 @@ class _BlockingCalls(Caller):
             if not isinstance(effect, Send):  # Unary answers the reply; Open, the call, which iterates its stream
                 return rpc(effect.request, metadata=drive._metadata)
             requests = ReadAhead(effect.messages)  # reading and hashing files overlaps with sending
+            # A future, not the blocking form: a KeyboardInterrupt in the blocking form leaves its call running
+            # with nobody to drive it, its threads blocked for good and the daemon's upload open.
+            sending = rpc.future(iter(requests), metadata=drive._metadata)
             try:
-                return rpc(iter(requests), metadata=drive._metadata)
+                return sending.result()
             except grpc.RpcError:
                 if requests.error is not None:  # reading a local file failed, and gRPC cancelled the call
                     raise requests.error from None
                 raise
+            finally:
+                sending.cancel()  # a no-op once the call has ended; stops one interrupted (Ctrl-C)
+                requests.stop()
         except grpc.RpcError as err:
             raise drive.error(err) from None
 

@@ -77,16 +77,31 @@ class ReadAhead(Generic[T]):
                     return
         except BaseException as err:  # handed to the consumer
             self.error = err
+        finally:
+            if isinstance(items, Generator):  # now, not when collected: it may hold a file or a stream open
+                items.close()
         self._offer(_END)
+
+    def _next(self) -> Any:
+        while not self._stopped.is_set():  # after `stop`, the producer hands on nothing more, not even the end
+            try:
+                return self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return _END
 
     def __iter__(self) -> Generator[T, None, None]:
         try:
-            while (item := self._queue.get()) is not _END:
+            while (item := self._next()) is not _END:
                 yield item
             if self.error is not None:
                 raise self.error
         finally:
-            self._stopped.set()
+            self.stop()
+
+    def stop(self) -> None:
+        """Ends the producing thread, and the iteration of a consumer in another thread (a cancelled call's)."""
+        self._stopped.set()
 
 
 def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:

@@ -7,16 +7,19 @@ from __future__ import annotations
 import copy
 import datetime
 import errno
+import json
 import multiprocessing
 import os
 import pathlib
 import pickle
+import subprocess
+import sys
 import time
 import unicodedata
 
 import grpc
 import pytest
-from conftest import Background, paused_reads, sha256_hex, snapshot, wait_until
+from conftest import MIB, Background, paused_reads, sha256_hex, snapshot, wait_until
 
 from drive_client import AmbiguousPathError, Drive, DriveError, FileStat, StaleIndexError
 
@@ -844,3 +847,72 @@ def test_a_local_read_failure_in_a_put_stream_is_raised_as_itself(make, tmp_path
     assert not isinstance(failed.value, DriveError) and failed.value.errno == errno.EIO
     assert d.list(".", component_name=d.component_name) in ([], ["folder"])  # a.bin may have committed first
     assert [e.path for e in d.entries("folder")] in ([], ["folder/a.bin"])
+
+
+# --- Ctrl-C in a sync transfer --------------------------------------------------------------
+
+# Runs a sync Drive's `put` or `get` of big.bin (sys.argv: uri, endpoint, root, call, bytes, pid to SIGSTOP or 0)
+# with a progress callback that, once that many bytes have moved, freezes that process (a hung daemon) and then
+# sends this process SIGINT, as Ctrl-C does. Prints, as JSON, how long KeyboardInterrupt took to reach the
+# caller and what is left running or open once the threads the call started have had 5 s to end.
+INTERRUPTED = """
+import contextlib, json, os, signal, sys, threading, time
+from drive_client import Drive
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal: a background job ignores SIGINT
+uri, endpoint, root, call = sys.argv[1:5]
+at, freeze = int(sys.argv[5]), int(sys.argv[6])
+drive = Drive(uri, endpoint=endpoint, root_folder=root)
+moved, interrupted = 0, []
+def interrupt():
+    interrupted.append(time.monotonic())
+    os.kill(os.getpid(), signal.SIGINT)
+def progress(count):
+    global moved
+    moved += count
+    if moved - count < at <= moved:
+        if freeze:
+            os.kill(freeze, signal.SIGSTOP)
+        threading.Timer(0.5 if freeze else 0, interrupt).start()
+try:
+    if call == "get":
+        drive.get("big.bin", overwrite=True, progress=progress)
+    else:
+        drive.put("big.bin", progress=progress)
+    outcome = "returned"
+except KeyboardInterrupt:
+    outcome = "interrupted"
+seconds = time.monotonic() - interrupted[0]
+deadline = time.monotonic() + 5
+while threading.active_count() > 1 and time.monotonic() < deadline:
+    time.sleep(0.05)
+files = []
+for fd in os.listdir("/proc/self/fd"):
+    with contextlib.suppress(OSError):  # the listing's own descriptor, closed since
+        files.append(os.readlink(f"/proc/self/fd/{fd}"))
+print(json.dumps({"outcome": outcome, "seconds": seconds, "threads": [t.name for t in threading.enumerate()],
+                  "files": [path for path in files if path.startswith(root)]}))
+"""
+
+
+def interrupted(uri: str, endpoint: str, root: pathlib.Path, call: str, at: int, freeze: int = 0) -> dict:
+    """What INTERRUPTED reports of a sync `call` ("put" or "get") of big.bin Ctrl-C'd after `at` bytes moved."""
+    run = subprocess.run([sys.executable, "-c", INTERRUPTED, uri, endpoint, str(root), call, str(at), str(freeze)],
+                         capture_output=True, text=True, timeout=50)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def test_ctrl_c_in_a_sync_put_cancels_it_and_leaves_no_thread_or_file_open(start_daemon, tmp_path, drive_uri):
+    """gRPC's blocking Put did not cancel its call when KeyboardInterrupt landed in it: a read-ahead thread and a
+    gRPC thread stayed blocked for good with the file open, and the daemon kept the upload open (~90 s)."""
+    daemon = start_daemon(tmp_path)  # its own: the Puts it counts open are this test's
+    drive = Drive(drive_uri, root_folder=str(tmp_path), endpoint=daemon.endpoint)
+    write(tmp_path / "big.bin", b"the first version")
+    drive.put("big.bin")
+    write(tmp_path / "big.bin", os.urandom(30 * MIB))
+    report = interrupted(drive_uri, daemon.endpoint, tmp_path, "put", 4 * MIB)
+    assert report["outcome"] == "interrupted" and report["seconds"] < 5, report
+    assert report["threads"] == ["MainThread"] and report["files"] == [], report
+    assert wait_until(lambda: daemon.open_requests("Put") == 0, timeout=10), "the daemon still serves the put"
+    out = drive.get("big.bin", to=str(tmp_path / "out.bin"))
+    assert out.read_bytes() == b"the first version"
