@@ -26,7 +26,7 @@ import grpc
 from . import core
 from .channels import open_channel
 from .common import DriveBase, FileStat, MountResult, WatchEvent
-from .effects import Blocking, Call, Caller, Done, Effect, Emit, Next, Open, Plan, Send, Sleep, Unary, advance
+from .effects import Blocking, Call, Caller, Done, Emit, Next, Open, Plan, Send, Sleep, Unary, advance
 from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import CHUNK_SIZE, Progress
 from .wire import PutMessage, fast_stub
@@ -177,15 +177,15 @@ class _ThreadCalls(Caller):
     """
 
     def __init__(self, calls: _AioCalls, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self._calls = calls
         self._loop = loop
-        self._stopped = threading.Event()
         self._lock = threading.Lock()  # a call is made and known, or refused, never lost to `stop` between
         self._pending: set[concurrent.futures.Future[Any]] = set()
 
     def stop(self) -> None:
         with self._lock:
-            self._stopped.set()
+            super().stop()
             for pending in self._pending:
                 pending.cancel()
 
@@ -200,13 +200,6 @@ class _ThreadCalls(Caller):
         finally:
             with self._lock:
                 self._pending.discard(pending)
-
-    def perform(self, effect: Effect) -> Any:
-        if isinstance(effect, Sleep):
-            if self._stopped.wait(effect.seconds):
-                raise concurrent.futures.CancelledError()
-            return None
-        return super().perform(effect)
 
 
 class AsyncDrive(DriveBase):

@@ -423,7 +423,7 @@ def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInf
         return calls.iterate(read_range(drive, remote, offset, length, component, if_match, copy=False,
                                         summed=summed))
 
-    return fetch_in_ranges(info, target, read, overwrite, progress=progress, sha256=_sha256(drive))
+    return fetch_in_ranges(info, target, read, overwrite, calls.stop, progress=progress, sha256=_sha256(drive))
 
 
 def read_range(drive: DriveBase, path: str, offset: int, length: int | None, component_name: str | None,

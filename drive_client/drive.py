@@ -6,8 +6,10 @@ only makes the calls the plans ask for.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import grpc
 from . import core
 from .channels import Connection, open_channel
 from .common import DriveBase, FileStat, MountResult, WatchEvent
-from .effects import Call, Caller, Next, Send
+from .effects import Call, Caller, Next, Open, Unary
 from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import Progress, ReadAhead
 from .wire import fast_stub
@@ -37,10 +39,27 @@ def _shared_stub(connection: Connection, retries: bool) -> pb_grpc.DriveServiceS
 
 
 class _BlockingCalls(Caller):
-    """Makes a plan's calls with grpc's blocking stubs, from any thread."""
+    """Makes a plan's calls with grpc's blocking stubs, from any thread; `stop` cancels the streams it opened."""
 
     def __init__(self, drive: Drive) -> None:
+        super().__init__()
         self._drive = drive
+        self._lock = threading.Lock()  # a stream is opened and known, or refused, never lost to `stop` between
+        self._streams: weakref.WeakSet[Any] = weakref.WeakSet()  # one no plan holds any more needs no cancelling
+
+    def stop(self) -> None:
+        with self._lock:
+            super().stop()
+            for stream in self._streams:
+                stream.cancel()
+
+    def _open(self, rpc: Any, request: Any) -> Any:
+        with self._lock:
+            if self._stopped.is_set():
+                raise concurrent.futures.CancelledError()
+            stream = rpc(request, metadata=self._drive._metadata)
+            self._streams.add(stream)
+            return stream
 
     def call(self, effect: Call) -> Any:
         drive = self._drive
@@ -48,7 +67,9 @@ class _BlockingCalls(Caller):
             if isinstance(effect, Next):
                 return next(effect.stream, None)  # type: ignore[call-overload]
             rpc = getattr(drive._stub, effect.method)
-            if not isinstance(effect, Send):  # Unary answers the reply; Open, the call, which iterates its stream
+            if isinstance(effect, Open):  # answers the call, which iterates its stream
+                return self._open(rpc, effect.request)
+            if isinstance(effect, Unary):
                 return rpc(effect.request, metadata=drive._metadata)
             requests = ReadAhead(effect.messages)  # reading and hashing files overlaps with sending
             # A future, not the blocking form: a KeyboardInterrupt in the blocking form leaves its call running

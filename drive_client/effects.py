@@ -18,7 +18,8 @@ it is; a plan that does not catch it fails with it.
 
 from __future__ import annotations
 
-import time
+import concurrent.futures
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -132,18 +133,28 @@ class Caller(ABC):
 
     Subclasses perform the gRPC effects (`call`); blocking work, sleeping and
     emitting are the same for every blocking caller. Thread-safe: one caller
-    serves the concurrent ranged reads of a get.
+    serves the concurrent ranged reads of a get, and `stop` ends them all.
     """
+
+    def __init__(self) -> None:
+        self._stopped = threading.Event()
 
     @abstractmethod
     def call(self, effect: Call) -> Any:
         """Performs a gRPC effect; a failed call raises the DriveError of its status."""
 
+    def stop(self) -> None:
+        """Makes the sleeps and streams of every thread using this caller, those under way and those to come,
+        raise at once: how work that makes calls from several threads (a get's ranged reads) ends when
+        interrupted. Subclasses end their calls under way."""
+        self._stopped.set()
+
     def perform(self, effect: Effect) -> Any:
         if isinstance(effect, Blocking):
             return effect.work(self, *effect.args) if effect.calls else effect.work(*effect.args)
         if isinstance(effect, Sleep):
-            time.sleep(effect.seconds)
+            if self._stopped.wait(effect.seconds):
+                raise concurrent.futures.CancelledError()
             return None
         if isinstance(effect, Emit):
             raise TypeError("a plan run for its result emitted values: iterate it instead")

@@ -444,7 +444,8 @@ RANGE_STREAMS = 4
 
 def fetch_in_ranges(
     info: pb.FileInfo, target: Path, read_range: Callable[[int, int, Callable[[int], None]], Iterable[Chunk]],
-    overwrite: bool, streams: int = RANGE_STREAMS, progress: Progress | None = None, sha256: bool = False,
+    overwrite: bool, stop: Callable[[], object], streams: int = RANGE_STREAMS, progress: Progress | None = None,
+    sha256: bool = False,
 ) -> Path:
     """Fetches one file as blocks read by `streams` concurrent ranged reads, then verifies and moves it into place
     (`overwrite`: see `receive_files`).
@@ -457,7 +458,8 @@ def fetch_in_ranges(
     covers the bytes a cut stream carried, which its block's check does
     not). The blocks are written in place; with `sha256`, this thread
     hashes the file behind them, in order, from the page cache. Memory: a
-    chunk per stream.
+    chunk per stream. Interrupted (Ctrl-C), it calls `stop`, which must make
+    the reads under way raise at once, and leaves no file.
     """
     receiving = _Receiving(info, target, overwrite, sha256=sha256)
     digest = receiving.digest
@@ -482,6 +484,8 @@ def fetch_in_ranges(
                 summed: list[int] = []
                 for data in read_range(offset, end - offset, summed.append):
                     with writing, _local_space(target):
+                        if errors:  # stopped: the file may be closed, and its number another file's
+                            return
                         os.pwrite(fd, data, position)
                     position += len(data)
                     if progress:
@@ -514,8 +518,13 @@ def fetch_in_ranges(
         receiving.size = info.size
         return receiving.finish(None)
     except BaseException:
-        errors.append(InterruptedError("stopped"))  # the workers stop after their current block
-        for worker in workers:
-            worker.join()
-        receiving.discard()
+        receiving.tmp.unlink(missing_ok=True)  # first: a second Ctrl-C while the workers end leaves no file either
+        errors.append(InterruptedError("stopped"))  # the workers write nothing more, and take no other block
+        stop()  # their reads raise now, not once their block, or their retries of a daemon gone, end
+        try:
+            for worker in workers:
+                worker.join()
+        finally:
+            with writing:
+                receiving.discard()
         raise

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import pathlib
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -897,7 +898,7 @@ print(json.dumps({"outcome": outcome, "seconds": seconds, "threads": [t.name for
 def interrupted(uri: str, endpoint: str, root: pathlib.Path, call: str, at: int, freeze: int = 0) -> dict:
     """What INTERRUPTED reports of a sync `call` ("put" or "get") of big.bin Ctrl-C'd after `at` bytes moved."""
     run = subprocess.run([sys.executable, "-c", INTERRUPTED, uri, endpoint, str(root), call, str(at), str(freeze)],
-                         capture_output=True, text=True, timeout=50)
+                         capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout)
 
@@ -916,3 +917,22 @@ def test_ctrl_c_in_a_sync_put_cancels_it_and_leaves_no_thread_or_file_open(start
     assert wait_until(lambda: daemon.open_requests("Put") == 0, timeout=10), "the daemon still serves the put"
     out = drive.get("big.bin", to=str(tmp_path / "out.bin"))
     assert out.read_bytes() == b"the first version"
+
+
+def test_ctrl_c_in_a_sync_get_of_a_big_file_ends_it_at_once_and_leaves_no_file(start_daemon, tmp_path, drive_uri):
+    """A get of 64 MiB or more reads ranges in worker threads; Ctrl-C waited for them to end their blocks, which
+    with a hung daemon is never, and a second Ctrl-C meanwhile left the temporary .part file."""
+    daemon = start_daemon(tmp_path)  # its own: it is frozen, and the Gets it counts open are this test's
+    drive = Drive(drive_uri, root_folder=str(tmp_path), endpoint=daemon.endpoint)
+    write(tmp_path / "big.bin", os.urandom(80 * MIB))
+    drive.put("big.bin")
+    write(tmp_path / "big.bin", b"the local file")
+    try:
+        report = interrupted(drive_uri, daemon.endpoint, tmp_path, "get", 20 * MIB, freeze=daemon.proc.pid)
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    assert report["outcome"] == "interrupted" and report["seconds"] < 5, report
+    assert report["threads"] == ["MainThread"] and report["files"] == [], report
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(("data-", "drived-"))) == ["big.bin"]
+    assert (tmp_path / "big.bin").read_bytes() == b"the local file"
+    assert wait_until(lambda: daemon.open_requests("Get") == 0, timeout=10), "the daemon still serves the get"

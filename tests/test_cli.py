@@ -3,11 +3,13 @@ errors with a non-zero exit."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 from conftest import BIN, sha256_hex, snapshot, wait_until
@@ -215,31 +217,63 @@ def test_get_into_an_existing_folder_goes_there_with_overwrite_too(daemon, tmp_p
                              "tree/x.txt": sha256_hex(b"x2"), "f.txt": sha256_hex(b"f2")}
 
 
+def ctrl_c(daemon, ready: Callable[[], bool], *args: str) -> None:
+    """Runs `drive ARGS`, sends it SIGINT once `ready()`, and checks that it ends within 20 s as Ctrl-C ends it:
+    one line, exit 130."""
+    # As from a terminal: SIGINT's default action on entry (a CI job run in the background ignores it, and its
+    # children inherit that), which Python turns into KeyboardInterrupt.
+    sigint_default = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "os.execv(sys.argv[1], sys.argv[1:])")
+    command = subprocess.Popen([sys.executable, "-c", sigint_default, *drive_cmd(), "--endpoint", daemon.endpoint,
+                                *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    try:
+        assert wait_until(ready, timeout=20), f"drive {' '.join(args)} never got far enough"
+        command.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        try:
+            out, err = command.communicate(timeout=20)
+        except subprocess.TimeoutExpired:  # SIGABRT makes faulthandler print where each thread is
+            command.send_signal(signal.SIGABRT)
+            stacks = command.communicate(timeout=20)[1]
+            raise AssertionError(f"drive did not end within 20 s of SIGINT:\n{stacks}") from None
+    finally:
+        command.kill()
+    assert command.returncode == 130, f"exit {command.returncode}\nstdout: {out}\nstderr: {err}"
+    assert err.strip() == "drive: interrupted", err
+
+
 def test_ctrl_c_ends_a_waiting_get_with_one_line_and_no_file(start_daemon, tmp_path, drive_uri):
     daemon = start_daemon(tmp_path)  # its own: the one Get it counts open is this test's
     (tmp_path / "kept.txt").write_bytes(b"kept")
     ok(run(daemon, "put", str(tmp_path / "kept.txt"), f"{drive_uri}/kept.txt"))
     target = tmp_path / "late.txt"
-    # As from a terminal: SIGINT's default action on entry (a CI job run in the background ignores it, and its
-    # children inherit that), which Python turns into KeyboardInterrupt.
-    sigint_default = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-                      "os.execv(sys.argv[1], sys.argv[1:])")
-    get = subprocess.Popen([sys.executable, "-c", sigint_default, *drive_cmd(), "--endpoint", daemon.endpoint, "get",
-                            f"{drive_uri}/late.txt", str(target), "--timeout", "60"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env={**os.environ, "PYTHONFAULTHANDLER": "1"})
-    try:
-        assert wait_until(lambda: daemon.open_requests("Get") == 1, timeout=20), "the get never waited"
-        get.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        try:
-            out, err = get.communicate(timeout=20)
-        except subprocess.TimeoutExpired:  # SIGABRT makes faulthandler print where each thread is
-            get.send_signal(signal.SIGABRT)
-            stacks = get.communicate(timeout=20)[1]
-            raise AssertionError(f"drive did not end within 20 s of SIGINT:\n{stacks}") from None
-    finally:
-        get.kill()
-    assert get.returncode == 130, f"exit {get.returncode}\nstdout: {out}\nstderr: {err}"
-    assert err.strip() == "drive: interrupted", err
+    ctrl_c(daemon, lambda: daemon.open_requests("Get") == 1, "get", f"{drive_uri}/late.txt", str(target),
+           "--timeout", "60")
     assert not target.exists()
     assert ok(run(daemon, "ls", drive_uri)).stdout.split() == ["kept.txt"]
+
+
+def test_ctrl_c_ends_a_get_of_a_big_file_from_a_hung_daemon_with_no_file(start_daemon, tmp_path, drive_uri):
+    """A get of 64 MiB or more (ranged reads in worker threads) ignored Ctrl-C until its workers ended: with the
+    daemon hung, never."""
+    daemon = start_daemon(tmp_path)  # its own: it is frozen
+    data = os.urandom(160 * 1024 * 1024)  # big enough that its get is caught while it runs
+    (tmp_path / "big.bin").write_bytes(data)
+    ok(run(daemon, "put", str(tmp_path / "big.bin"), f"{drive_uri}/big.bin"))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def receiving() -> bool:  # bytes written to the temporary file: the workers are reading
+        with contextlib.suppress(FileNotFoundError):  # no file yet, or renamed since the listing
+            if any(p.name != "big.bin" and p.stat().st_blocks for p in out.iterdir()):
+                daemon.proc.send_signal(signal.SIGSTOP)  # hung: a frozen VM, a host gone from the network
+                return True
+        return False
+
+    try:
+        ctrl_c(daemon, receiving, "--quiet", "get", f"{drive_uri}/big.bin", str(out / "big.bin"))
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    assert list(out.iterdir()) == []
+    ok(run(daemon, "get", f"{drive_uri}/big.bin", str(out / "big.bin")))
+    assert (out / "big.bin").read_bytes() == data
