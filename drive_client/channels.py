@@ -40,6 +40,17 @@ CHANNEL_OPTIONS = [
     # (see `resume`) find a restarted daemon soon after it is back.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 5000),
+    # While calls are open, a ping after 10 s without a frame from the daemon, which it must answer within
+    # 10 s (gRPC waits for a ping's answer for `ping_timeout_ms`, 1 min by default, whatever the keepalive
+    # timeout): a daemon that stops answering (a frozen process or VM, a network black hole) fails its calls
+    # UNAVAILABLE within ~20 s, for `resume` to try again within retry_seconds, where they would wait for
+    # good. The pings go on however long a call carries nothing (a get waiting for its path, a quiet
+    # watch); with no call open there are none. The daemon accepts pings this often
+    # (drived.server.server_options).
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 # Targets that name several addresses: `dns:///name:port` (every address the name resolves to, e.g. a
 # headless Service's pods) and gRPC's `ipv4:`/`ipv6:` address lists.

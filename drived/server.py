@@ -71,6 +71,10 @@ def server_options(config: Config) -> list[tuple[str, int]]:
         # BDP-grown windows let a long put's buffered bytes, and the daemon's memory, vary.
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", 2 << 20),
+        # Clients ping every 10 s while they have calls open, to find a daemon that stopped answering
+        # (drive_client.channels); gRPC's default would take pings more often than every 5 min, on a
+        # connection carrying nothing, as abuse and end the connection (GOAWAY too_many_pings).
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ]
     if config.max_connection_age:
         # GOAWAY after this age: clients reconnect, re-resolving dns:/// names; calls in progress go on.

@@ -546,6 +546,52 @@ def test_the_retry_budget_ends_with_unavailable_naming_the_endpoint(twin, daemon
 
 
 
+def test_a_daemon_that_stops_answering_fails_a_get_and_a_put_within_seconds(start_daemon, tmp_path, drive_uri):
+    """A frozen daemon (SIGSTOP: its kernel still acknowledges, as a hung process's or a frozen VM's does) held
+    a transfer for good, whatever retry_seconds said: nothing on the channel noticed that it no longer answered.
+    Keepalive pings find it: each transfer fails UNAVAILABLE (retry_seconds=0: at once) within ~20 s."""
+    daemon = start_daemon(tmp_path)  # its own: it is frozen
+    stored = write_random_file(tmp_path / "f.bin", 40 * MIB)
+    write_random_file(tmp_path / "g.bin", 40 * MIB)
+    Drive(drive_uri, root_folder=str(tmp_path), endpoint=daemon.endpoint).put("f.bin")
+    (tmp_path / "out").mkdir()
+    frozen: list[float] = []
+
+    def freeze() -> None:
+        daemon.proc.send_signal(signal.SIGSTOP)
+        frozen.append(time.monotonic())
+
+    both_moving = threading.Barrier(2, action=freeze)
+
+    def transfer(call: str) -> Background:
+        moved = [0]
+
+        def progress(count: int) -> None:  # freezes the daemon once both transfers have moved 4 MiB
+            moved[0] += count
+            if moved[0] - count < 4 * MIB <= moved[0]:
+                both_moving.wait(20)
+
+        drive = Drive(drive_uri, root_folder=str(tmp_path), endpoint=daemon.endpoint, retry_seconds=0)
+        if call == "get":
+            return Background(lambda: drive.get("f.bin", to="out/f.bin", progress=progress))
+        return Background(lambda: drive.put("g.bin", progress=progress))
+
+    get, put = transfer("get"), transfer("put")
+    try:
+        get.start()
+        put.start()
+        for running in (get, put):
+            with pytest.raises(Unavailable):
+                running.join_checked(timeout=35)
+        assert time.monotonic() - frozen[0] < 30
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    assert os.listdir(tmp_path / "out") == []
+    drive = Drive(drive_uri, root_folder=str(tmp_path), endpoint=daemon.endpoint)
+    assert drive.list(".") == ["f.bin"]
+    assert file_sha256(drive.get("f.bin", to="out/f.bin")) == stored
+
+
 # --- what is not retried -----------------------------------------------------------------------
 
 
