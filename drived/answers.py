@@ -42,7 +42,7 @@ class AnswerRoom:
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(host, deque()).append(waiter)
         try:
-            await waiter  # its room is taken for it as it is woken (`_hand_out`)
+            await waiter  # its room is taken for it as it is woken (`give_back`)
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.give_back(host, MESSAGE_LIMIT)
