@@ -267,7 +267,9 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
                 header, files[start:], ids[start:], offset, progress=counted, sha256=_sha256(drive)))
             return [*stored, *reply.files]
         except DriveError as err:
-            if not (offset and isinstance(err, (OutOfRange, NotFound))):  # else a refused resume: ask again
+            # A resume the daemon refused (OUT_OF_RANGE, NOT_FOUND) is asked about again; a local error (no code:
+            # the file removed or changed since) is not the daemon's to mend.
+            if not (offset and err.code is not None and isinstance(err, (OutOfRange, NotFound))):
                 backoff.check(err)
             failure = err
         reached = (start, offset)
