@@ -74,7 +74,15 @@ def server_options(config: Config) -> list[tuple[str, int]]:
         # Clients ping every 10 s while they have calls open, to find a daemon that stopped answering
         # (drive_client.channels); gRPC's default would take pings more often than every 5 min, on a
         # connection carrying nothing, as abuse and end the connection (GOAWAY too_many_pings).
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        # And the daemon pings its clients while they have calls open: the connection of one that stopped
+        # answering (a stopped or frozen process, a network black hole) is closed within 30 s, and what its
+        # calls held (a List's answer room, a request's bytes received so far) comes back. gRPC waits a
+        # minute for a ping's answer unless `ping_timeout_ms` says otherwise.
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.ping_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
     if config.max_connection_age:
         # GOAWAY after this age: clients reconnect, re-resolving dns:/// names; calls in progress go on.

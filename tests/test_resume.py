@@ -30,6 +30,7 @@ from conftest import (
     free_port,
     held_open,
     raw_get,
+    raw_put,
     rpc_code,
     sha256_hex,
     snapshot,
@@ -932,3 +933,21 @@ def test_backoff_retries_unavailable_only_with_growing_delays_within_its_budget(
             short.delay(unavailable)
     short.progressed()
     assert short.delay(unavailable) <= FIRST_DELAY  # a new budget, from the first delay
+
+
+def test_a_call_waiting_long_is_not_ended_for_its_clients_keepalive_pings(start_daemon, tmp_path):
+    """The daemon's option that takes a client's pings every 5 s was misspelled, so gRPC kept its default (one in 5
+    minutes on a connection carrying nothing): a get waiting for its path, or a quiet watch, of a client pinging
+    every 10 s while it waits was ended GOAWAY `too_many_pings` after 40-50 s. A channel pinging every 6 s here
+    waits 25 s for a put (without the option: ended after ~20 s)."""
+    handle = start_daemon(tmp_path)
+    pinging = grpc.insecure_channel(handle.endpoint, options=[
+        ("grpc.keepalive_time_ms", 6_000), ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.http2.max_pings_without_data", 0)])
+    waiting = Background(lambda: raw_get(drive_pb2_grpc.DriveServiceStub(pinging), "lit://pinged", "late.txt",
+                                         wait_seconds=60))
+    waiting.start()
+    time.sleep(25)
+    raw_put(stub_of(handle.endpoint), "lit://pinged", "late.txt", b"put after 25 s")
+    [(_, got)] = waiting.join_checked()
+    assert got == b"put after 25 s"
