@@ -37,6 +37,7 @@ from .transfer import (
     PARALLEL_MIN_SIZE,
     Progress,
     ReadAhead,
+    Version,
     crc32c_mismatch,
     fetch_in_ranges,
     local_files,
@@ -252,6 +253,7 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
     """
     ids = upload_ids(len(files))
     stored: list[pb.FileInfo] = []  # the files before `start`, which the daemon committed
+    versions: dict[Path, Version] = {}  # each file's at its first open: one changed before a resume is refused
     start = offset = 0  # the file to send first, and the byte its stream starts at
     backoff = _backoff(drive)
     counted = PutProgress(progress) if progress else None
@@ -264,7 +266,8 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
                 one: pb.PutFileResponse = yield Unary("PutFile", whole)
                 return [one.file]
             reply: pb.PutResponse = yield Send("Put", put_requests(
-                header, files[start:], ids[start:], offset, progress=counted, sha256=_sha256(drive)))
+                header, files[start:], ids[start:], offset, progress=counted, sha256=_sha256(drive),
+                versions=versions))
             return [*stored, *reply.files]
         except DriveError as err:
             # A resume the daemon refused (OUT_OF_RANGE, NOT_FOUND) is asked about again; a local error (no code:

@@ -127,9 +127,13 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
     return sorted(pairs, key=lambda pair: pair[1])
 
 
+Version = tuple[int, int, int]  # a local file's size, modification and change times (`_version`)
+
+
 def put_requests(
     header: pb.PutHeader, files: Iterable[tuple[Path, str]], upload_ids: Iterable[str] = (), offset: int = 0,
     chunk_size: int = CHUNK_SIZE, progress: Progress | None = None, sha256: bool = False,
+    versions: dict[Path, Version] | None = None,
 ) -> Iterator[PutMessage]:
     """The messages of one Put stream carrying `files`, each with a header copied from `header`.
 
@@ -139,12 +143,18 @@ def put_requests(
     `wire.fast_stub` sends them. `upload_ids`, one per file, make the files
     resumable; the first file's bytes then start at `offset` (a resume: the
     bytes before it are read again to checksum the whole file, not sent).
+    `versions` keeps each file's version at its first open over the streams of
+    one put: a file changed between them is refused as one changed during a
+    stream is (the daemon may hold bytes of the earlier version).
     """
     ids = iter(upload_ids)
     for local, remote in files:
         upload_id, start, offset = next(ids, ""), offset, 0
         with _open_to_put(local) as f:
             opened = _version(f)
+            if versions is not None:
+                opened = versions.setdefault(local, opened)
+                _check_unchanged(f, opened, local)
             size = opened[0]
             if size <= SMALL_FILE:
                 request = _whole_file_request(f, opened, header, local, remote, sha256)
@@ -188,13 +198,13 @@ def _open_to_put(local: Path) -> BinaryIO:
                        "put it again once it is there") from err
 
 
-def _version(f: BinaryIO) -> tuple[int, int, int]:
+def _version(f: BinaryIO) -> Version:
     """What changes when an open file is written to: its size, modification and change times."""
     stat = os.fstat(f.fileno())
     return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
-def _check_unchanged(f: BinaryIO, opened: tuple[int, int, int], local: Path) -> None:
+def _check_unchanged(f: BinaryIO, opened: Version, local: Path) -> None:
     """Refuses a file written to since it was opened (`_version`): the bytes read may mix two versions of it,
     which their CRC32C, summed as they were read, would not reveal. A write in the clock tick of the open
     may keep the times, so a file being written to is put only once its writer is done."""
@@ -213,7 +223,7 @@ def small_file_request(header: pb.PutHeader, local: Path, remote: str, sha256: b
         return _whole_file_request(f, opened, header, local, remote, sha256)
 
 
-def _whole_file_request(f: BinaryIO, opened: tuple[int, int, int], header: pb.PutHeader, local: Path, remote: str,
+def _whole_file_request(f: BinaryIO, opened: Version, header: pb.PutHeader, local: Path, remote: str,
                         sha256: bool) -> pb.PutFileRequest:
     """`put_file_request` of the whole of the small file `f`, refused if it changed since it was `opened`."""
     data = f.read()

@@ -201,29 +201,42 @@ def test_a_resume_refused_because_the_broken_stream_wrote_on_is_asked_again(twin
         (tmp_path / "src" / "big.bin").read_bytes()]
 
 
-def test_a_file_removed_before_its_put_resumes_is_not_found_at_once(twin, start_daemon, tmp_path):
-    """A put's stream broke and its local file was removed before the resume opened it again: the local NotFound
-    was taken for the daemon refusing the resume, and the put asked again until retry_seconds ran out."""
+@pytest.mark.parametrize("change, error, said", [
+    ("removed", NotFound, "was removed while the put ran"),
+    ("rewritten", StaleIndexError, "changed while it was being put"),
+])
+def test_a_file_removed_or_rewritten_before_its_put_resumes_is_refused_as_such(
+    twin, start_daemon, tmp_path, change, error, said
+):
+    """A put's stream broke, and its local file changed before the resume opened it again. Removed: the local
+    NotFound was taken for the daemon refusing the resume, and the put asked again until retry_seconds ran out.
+    Rewritten: each stream compared the file with its own open only, and the resume sent the new bytes behind the
+    old ones the daemon held, refused as damaged on the way (DataLoss: "retry the put"). Nothing is stored."""
     handle = start_daemon(tmp_path)
     local = tmp_path / "src" / "big.bin"
     write_random_file(local, 24 * MIB)
     sent = [0]
 
-    def remove_after_4_mib(count: int) -> None:  # the first stream has the file open, and sends it on
+    def change_after_4_mib(count: int) -> None:  # the first stream has the file open, and sends it on
         sent[0] += count
-        if sent[0] >= 4 * MIB and local.exists():
-            local.unlink()
+        if sent[0] >= 4 * MIB and sent[0] - count < 4 * MIB:
+            if change == "removed":
+                local.unlink()
+            else:
+                time.sleep(0.05)  # past the clock tick of the open (see transfer._check_unchanged)
+                with open(local, "r+b") as f:
+                    f.write(b"a new first byte")
 
     with CuttingProxy(handle.endpoint) as proxy:
         proxy.cut_after("up", 12 * MIB)
-        drive = twin("lit://removed", root_folder=tmp_path / "src", endpoint=proxy.endpoint, retry_seconds=30)
+        drive = twin("lit://changed", root_folder=tmp_path / "src", endpoint=proxy.endpoint, retry_seconds=30)
         started = time.monotonic()
-        with pytest.raises(NotFound, match="was removed while the put ran"):
-            drive.put("big.bin", progress=remove_after_4_mib)
+        with pytest.raises(error, match=said):
+            drive.put("big.bin", progress=change_after_4_mib)
         assert proxy.cuts_made == 1
-    assert time.monotonic() - started < 15, "the put asked again for retry_seconds before it said the file is gone"
+    assert time.monotonic() - started < 15, "the put asked again for retry_seconds before it said what changed"
     with pytest.raises(NotFound):
-        twin("lit://removed", endpoint=handle.endpoint).stat("big.bin")
+        twin("lit://changed", endpoint=handle.endpoint).stat("big.bin")
 
 
 def test_a_folder_put_cut_midway_completes_without_sending_finished_files_again(twin, start_daemon, tmp_path):
