@@ -13,10 +13,8 @@ event loop, so the loop stays free.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import os
-import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -180,26 +178,9 @@ class _ThreadCalls(Caller):
         super().__init__()
         self._calls = calls
         self._loop = loop
-        self._lock = threading.Lock()  # a call is made and known, or refused, never lost to `stop` between
-        self._pending: set[concurrent.futures.Future[Any]] = set()
-
-    def stop(self) -> None:
-        with self._lock:
-            super().stop()
-            for pending in self._pending:
-                pending.cancel()
 
     def call(self, effect: Call) -> Any:
-        with self._lock:
-            if self._stopped.is_set():
-                raise concurrent.futures.CancelledError()
-            pending = asyncio.run_coroutine_threadsafe(self._calls.perform(effect), self._loop)
-            self._pending.add(pending)
-        try:
-            return pending.result()
-        finally:
-            with self._lock:
-                self._pending.discard(pending)
+        return self._start(lambda: asyncio.run_coroutine_threadsafe(self._calls.perform(effect), self._loop)).result()
 
 
 class AsyncDrive(DriveBase):

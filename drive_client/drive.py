@@ -6,10 +6,8 @@ only makes the calls the plans ask for.
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import threading
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,22 +42,6 @@ class _BlockingCalls(Caller):
     def __init__(self, drive: Drive) -> None:
         super().__init__()
         self._drive = drive
-        self._lock = threading.Lock()  # a stream is opened and known, or refused, never lost to `stop` between
-        self._streams: weakref.WeakSet[Any] = weakref.WeakSet()  # one no plan holds any more needs no cancelling
-
-    def stop(self) -> None:
-        with self._lock:
-            super().stop()
-            for stream in self._streams:
-                stream.cancel()
-
-    def _open(self, rpc: Any, request: Any) -> Any:
-        with self._lock:
-            if self._stopped.is_set():
-                raise concurrent.futures.CancelledError()
-            stream = rpc(request, metadata=self._drive._metadata)
-            self._streams.add(stream)
-            return stream
 
     def call(self, effect: Call) -> Any:
         drive = self._drive
@@ -68,7 +50,7 @@ class _BlockingCalls(Caller):
                 return next(effect.stream, None)  # type: ignore[call-overload]
             rpc = getattr(drive._stub, effect.method)
             if isinstance(effect, Open):  # answers the call, which iterates its stream
-                return self._open(rpc, effect.request)
+                return self._start(lambda: rpc(effect.request, metadata=drive._metadata))
             if isinstance(effect, Unary):
                 return rpc(effect.request, metadata=drive._metadata)
             requests = ReadAhead(effect.messages)  # reading and hashing files overlaps with sending

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,6 +32,13 @@ from .wire import PutMessage
 
 T = TypeVar("T")
 E = TypeVar("E")
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> object: ...
+
+
+C = TypeVar("C", bound=_Cancellable)
 
 
 class Stream(Protocol):
@@ -138,16 +146,31 @@ class Caller(ABC):
 
     def __init__(self) -> None:
         self._stopped = threading.Event()
+        self._lock = threading.Lock()  # a call is started and known, or refused, never lost to `stop` between
+        self._under_way: weakref.WeakSet[Any] = weakref.WeakSet()  # one nobody holds any more needs no cancel
 
     @abstractmethod
     def call(self, effect: Call) -> Any:
         """Performs a gRPC effect; a failed call raises the DriveError of its status."""
 
     def stop(self) -> None:
-        """Makes the sleeps and streams of every thread using this caller, those under way and those to come,
+        """Makes the sleeps and calls of every thread using this caller, those under way and those to come,
         raise at once: how work that makes calls from several threads (a get's ranged reads) ends when
-        interrupted. Subclasses end their calls under way."""
-        self._stopped.set()
+        interrupted."""
+        with self._lock:
+            self._stopped.set()
+            for started in list(self._under_way):
+                started.cancel()
+
+    def _start(self, make: Callable[[], C]) -> C:
+        """`make()`s a call (a stream, a future: anything with `cancel`) that `stop` cancels; once stopped, raises
+        CancelledError instead."""
+        with self._lock:
+            if self._stopped.is_set():
+                raise concurrent.futures.CancelledError()
+            started = make()
+            self._under_way.add(started)
+            return started
 
     def perform(self, effect: Effect) -> Any:
         if isinstance(effect, Blocking):
