@@ -61,14 +61,18 @@ class ReadAhead(Generic[T]):
         self._stopped = threading.Event()
         threading.Thread(target=self._produce, args=(iter(items),), daemon=True, name="drive-read-ahead").start()
 
-    def _offer(self, item: Any) -> bool:
+    def _until_stopped(self, step: Callable[[float], Any], busy: type[Exception]) -> Any:
+        """`step(timeout)`, a put or get of the queue, tried again while it finds the queue `busy` (full, empty);
+        `_END` once `stop`ped: after it, the producer hands on nothing more, not even the end."""
         while not self._stopped.is_set():
             try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
+                return step(0.1)
+            except busy:
                 continue
-        return False
+        return _END
+
+    def _offer(self, item: Any) -> bool:
+        return self._until_stopped(lambda timeout: self._queue.put(item, timeout=timeout), queue.Full) is not _END
 
     def _produce(self, items: Iterator[T]) -> None:
         try:
@@ -82,17 +86,10 @@ class ReadAhead(Generic[T]):
                 items.close()
         self._offer(_END)
 
-    def _next(self) -> Any:
-        while not self._stopped.is_set():  # after `stop`, the producer hands on nothing more, not even the end
-            try:
-                return self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return _END
-
     def __iter__(self) -> Generator[T, None, None]:
         try:
-            while (item := self._next()) is not _END:
+            while (item := self._until_stopped(lambda timeout: self._queue.get(timeout=timeout),
+                                               queue.Empty)) is not _END:
                 yield item
             if self.error is not None:
                 raise self.error
