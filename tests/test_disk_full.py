@@ -30,14 +30,15 @@ DRIVE = "lit://full"
 
 
 @contextlib.contextmanager
-def small_filesystem(folder: pathlib.Path) -> Iterator[str]:
-    """Mounts a SPACE-sized tmpfs on `folder`; yields "tmpfs", or the reason it could not be mounted."""
+def small_filesystem(folder: pathlib.Path, limits: str = f"size={SPACE}") -> Iterator[str]:
+    """Mounts a tmpfs of `limits` (SPACE bytes) on `folder`; yields "tmpfs", or the reason it could not be
+    mounted."""
     folder.mkdir()
     if shutil.which("mount") is None:
         yield "no mount command"
         return
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={SPACE},mode=0700", "tmpfs", str(folder)],
+        ["mount", "-t", "tmpfs", "-o", f"{limits},mode=0700", "tmpfs", str(folder)],
         capture_output=True, text=True, timeout=30,
     )
     if mounted.returncode != 0:
@@ -129,3 +130,30 @@ def test_a_get_onto_a_full_local_disk_is_resource_exhausted_and_keeps_the_local_
             with pytest.raises(ResourceExhausted, match=f"the local disk is full: '.*/small/{name}' could not be"):
                 drive.get(name, overwrite=True, to=tmp_path / "small" / name)
         assert snapshot(tmp_path / "small") == {name: sha256_hex(b"the local version") for name in sizes}
+
+
+def test_a_put_refused_for_space_while_its_folders_are_made_leaves_none(start_daemon, tmp_path):
+    """A put into new folders whose disk ran out of inodes between two of them left the ones made: empty
+    folders that listed, and refused a put of their path, until the daemon's next unclean start."""
+    with small_filesystem(tmp_path / "small", "size=16m,nr_inodes=64") as how:
+        if how != "tmpfs":
+            pytest.skip(f"needs a small file system to fill: {how}")
+        handle = start_daemon(tmp_path, data_dir=tmp_path / "small" / "data")
+        with grpc.insecure_channel(handle.endpoint) as channel:
+            stub = drive_pb2_grpc.DriveServiceStub(channel)
+            filled = []
+            with pytest.raises(grpc.RpcError) as full:
+                for i in range(64):
+                    raw_put(stub, DRIVE, f"fill/{i}", b"x")
+                    filled.append(f"fill/{i}")
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, full.value.details()
+            for path in filled[:2]:  # room for the upload's file and one folder, not two
+                stub.Delete(pb.DeleteRequest(drive=DRIVE, path=path), timeout=10)
+            before = snapshot(handle.data_dir)
+            message = refused_for_space(lambda: raw_put(stub, DRIVE, "new/deeper/file", b"needs two folders"))
+            assert "new" not in [e.path for e in stub.List(pb.ListRequest(drive=DRIVE, path=".")).entries], message
+            assert wait_until(lambda: no_uploads(handle.data_dir), 10)
+            assert snapshot(handle.data_dir) == before
+            raw_put(stub, DRIVE, "new", b"a file where the folder was made")
+            assert raw_get(stub, DRIVE, "new")[0][1] == b"a file where the folder was made"
+        assert handle.stop() == 0, handle.log()[-3000:]

@@ -365,33 +365,41 @@ def place(tmp_path: str, path: str) -> list[str]:
     """
     folder = os.path.dirname(path)
     changed = {folder}
+    made: list[str] = []
     missing = 0
-    while True:
-        try:
-            os.rename(tmp_path, path)
-            return sorted(changed)
-        except FileNotFoundError:  # its folder does not exist yet, or a concurrent delete just removed it
-            missing += 1
-            if missing == 5:
-                raise
-        with contextlib.suppress(FileNotFoundError):  # a parent removed meanwhile by a delete: made again
-            _make_folders(folder, changed)
+    try:
+        while True:
+            try:
+                os.rename(tmp_path, path)
+                return sorted(changed)
+            except FileNotFoundError:  # its folder does not exist yet, or a concurrent delete just removed it
+                missing += 1
+                if missing == 5:
+                    raise
+            with contextlib.suppress(FileNotFoundError):  # a parent removed meanwhile by a delete: made again
+                _make_folders(folder, changed, made)
+    except OSError:  # a full or failing disk, a file in the way: the folders made for the file go (no call leaves one)
+        for empty in reversed(made):
+            with contextlib.suppress(OSError):  # not empty: another put's file is in it
+                os.rmdir(empty)
+        raise
 
 
-def _make_folders(folder: str, changed: set[str]) -> None:
-    """Makes `folder` and its missing parents, adding the folder each is made in to `changed` first (also when a
-    concurrent put makes it: that put's fsync of it may not have happened yet)."""
+def _make_folders(folder: str, changed: set[str], made: list[str]) -> None:
+    """Makes `folder` and its missing parents, adding each to `made` and the folder each is made in to `changed`
+    first (also when a concurrent put makes it: that put's fsync of it may not have happened yet)."""
     missing = []
     while not os.path.isdir(folder):
         missing.append(folder)
         folder = os.path.dirname(folder)
-    for made in reversed(missing):
-        changed.add(os.path.dirname(made))
+    for new in reversed(missing):
+        changed.add(os.path.dirname(new))
         try:
-            os.mkdir(made)
+            os.mkdir(new)
+            made.append(new)
         except FileExistsError:  # made meanwhile by another put, or a file where a folder has to be
-            if not os.path.isdir(made):
-                raise NotADirectoryError(errno.ENOTDIR, "a parent folder is a file", made) from None
+            if not os.path.isdir(new):
+                raise NotADirectoryError(errno.ENOTDIR, "a parent folder is a file", new) from None
 
 
 def make_durable(fd: int) -> int:
