@@ -5,7 +5,8 @@ Layout: `DATA_DIR/objects/<key>` holds each object (its format is in
 to `tmp/`, fsynced, and renamed over its key in one step; the rename is what
 makes it visible. Whatever `tmp/` holds at start-up is the leftover of a
 crash and is removed. `DATA_DIR/lock` is locked by the one daemon that uses
-the data dir, for its whole life (`lock_data_dir`).
+the data dir, for its whole life (`lock_data_dir`). `DATA_DIR/clean-stop`
+exists while no daemon runs after a clean stop: no empty folder was left.
 """
 
 from __future__ import annotations
@@ -102,6 +103,22 @@ def lock_data_dir(data_dir: str) -> int:
         log.warning("the data dir cannot be locked: a second daemon started on it would not be refused",
                     extra={"fields": {"data_dir": data_dir, "error": str(err)}})
     return fd
+
+
+def _taken(marker: str) -> bool:
+    """Whether `marker` was there; it is removed, durably: a daemon killed from now on leaves no mark."""
+    try:
+        os.unlink(marker)
+    except FileNotFoundError:
+        return False
+    fsync_folder(os.path.dirname(marker))
+    return True
+
+
+def _mark(marker: str) -> None:
+    """Makes `marker`, durably."""
+    os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    fsync_folder(os.path.dirname(marker))
 
 
 def _read_cached(fd: int, size: int, offset: int) -> memoryview | None:
@@ -490,12 +507,14 @@ class LocalBackend(Backend):
         self.committer = CommitWorker()
         self.legacy_tables = LegacyTables()  # block tables of format 1 files, built when first read
         self._closing = threading.Event()  # stops the sweep of empty folders
-        self._sweep: asyncio.Future[None] | None = None
+        self._sweep: asyncio.Future[bool] | None = None
+        self._clean_stop = os.path.join(data_dir, "clean-stop")
         try:
             os.makedirs(self.root, exist_ok=True)
             self._lock = lock_data_dir(data_dir)  # before tmp/ is emptied: it may be another's
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             os.makedirs(self.tmp_dir, exist_ok=True)
+            self._stopped_cleanly = _taken(self._clean_stop)
         except OSError as err:  # a file there, a missing mount, no permission: the start ends, saying why
             raise SystemExit(f"drived: --data-dir {data_dir}: cannot make its folders: {err.strerror}: "
                              f"{err.filename}") from None
@@ -503,15 +522,18 @@ class LocalBackend(Backend):
     async def start(self) -> None:
         # A daemon killed between a put's making of its folders and its rename, or between a delete's unlink and
         # its removal of the folders it emptied, leaves empty folders: they list as folders, refuse a put of their
-        # path, and no delete reaches them. No call makes an empty folder, so every one is such a leftover; they are
-        # removed while the daemon serves (a put whose new folder goes meanwhile makes it again: `place`).
-        self._sweep = asyncio.get_running_loop().run_in_executor(None, self._remove_empty_folders)
+        # path, and no delete reaches them. No call leaves an empty folder, so every one is such a leftover; they
+        # are removed while the daemon serves (a put whose new folder goes meanwhile makes it again: `place`).
+        # After a clean stop there are none, and the walk of every folder is spared.
+        if not self._stopped_cleanly:
+            self._sweep = asyncio.get_running_loop().run_in_executor(None, self._remove_empty_folders)
 
-    def _remove_empty_folders(self) -> None:
+    def _remove_empty_folders(self) -> bool:
+        """Removes the empty folders; False when the daemon's close stopped it before it was done."""
         removed = 0
         for folder, _, files in os.walk(self.root, topdown=False):
             if self._closing.is_set():
-                return
+                return False
             if not files and folder != self.root:
                 with contextlib.suppress(OSError):  # not empty: a subfolder holds files, or a put came meanwhile
                     os.rmdir(folder)
@@ -519,13 +541,16 @@ class LocalBackend(Backend):
         if removed:
             log.info("removed empty folders left by a daemon stopped mid-put or mid-delete",
                      extra={"fields": {"count": removed}})
+        return True
 
     async def close(self) -> None:
         self._closing.set()
-        if self._sweep is not None:
-            await self._sweep
+        swept = self._sweep is None or await self._sweep
         self.legacy_tables.close()
         await self.committer.close()
+        if swept:  # no put or delete runs any more, and none left an empty folder
+            with contextlib.suppress(OSError):  # not marked: the next start walks the folders
+                _mark(self._clean_stop)
         os.close(self._lock)
 
     def _path(self, key: str) -> str:
