@@ -267,7 +267,8 @@ class _Receiving:
         parent = target.parent
         if made is None or parent not in made:
             try:
-                parent.mkdir(parents=True, exist_ok=True)
+                with _local_space(target):
+                    parent.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError) as err:
                 # An s3:// bucket may hold an object `x/a` and objects below `x/a/`: one folder cannot hold both.
                 raise NotADirectory(
@@ -278,7 +279,8 @@ class _Receiving:
             if made is not None:
                 made.add(parent)
         self.tmp = parent / f".{target.name[:_TMP_NAME_PREFIX]}.{os.getpid()}-{_TMP_TOKEN}-{next(_tmp_numbers)}.part"
-        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with _local_space(target):  # a new file, as a new folder, takes an inode and room for its name
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.digest = hashlib.sha256() if sha256 else None
         self.crc32c = 0  # of the bytes since the file's start, or since the last `resumed`
         self.size = 0
@@ -332,8 +334,9 @@ class _Receiving:
                 f"{self.info.path!r}: received bytes do not match the stored sha256; try again",
                 grpc.StatusCode.DATA_LOSS,
             )
-        if self.overwrite or not _linked(self.tmp, self.target):
-            os.replace(self.tmp, self.target)
+        with _local_space(self.target):  # a link, or a rename, may need room in the folder for the target's name
+            if self.overwrite or not _linked(self.tmp, self.target):
+                os.replace(self.tmp, self.target)
         return self.target
 
     def discard(self) -> None:

@@ -30,15 +30,15 @@ DRIVE = "lit://full"
 
 
 @contextlib.contextmanager
-def small_filesystem(folder: pathlib.Path, limits: str = f"size={SPACE}") -> Iterator[str]:
-    """Mounts a tmpfs of `limits` (SPACE bytes) on `folder`; yields "tmpfs", or the reason it could not be
-    mounted."""
+def small_filesystem(folder: pathlib.Path, options: str = "") -> Iterator[str]:
+    """Mounts a SPACE-sized tmpfs on `folder`, with more mount `options` (e.g. "nr_inodes=2": room for its root
+    folder and one file); yields "tmpfs", or the reason it could not be mounted."""
     folder.mkdir()
     if shutil.which("mount") is None:
         yield "no mount command"
         return
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"{limits},mode=0700", "tmpfs", str(folder)],
+        ["mount", "-t", "tmpfs", "-o", f"size={SPACE},mode=0700{options and ',' + options}", "tmpfs", str(folder)],
         capture_output=True, text=True, timeout=30,
     )
     if mounted.returncode != 0:
@@ -135,7 +135,7 @@ def test_a_get_onto_a_full_local_disk_is_resource_exhausted_and_keeps_the_local_
 def test_a_put_refused_for_space_while_its_folders_are_made_leaves_none(start_daemon, tmp_path):
     """A put into new folders whose disk ran out of inodes between two of them left the ones made: empty
     folders that listed, and refused a put of their path, until the daemon's next unclean start."""
-    with small_filesystem(tmp_path / "small", "size=16m,nr_inodes=64") as how:
+    with small_filesystem(tmp_path / "small", "nr_inodes=64") as how:
         if how != "tmpfs":
             pytest.skip(f"needs a small file system to fill: {how}")
         handle = start_daemon(tmp_path, data_dir=tmp_path / "small" / "data")
@@ -157,3 +157,27 @@ def test_a_put_refused_for_space_while_its_folders_are_made_leaves_none(start_da
             raw_put(stub, DRIVE, "new", b"a file where the folder was made")
             assert raw_get(stub, DRIVE, "new")[0][1] == b"a file where the folder was made"
         assert handle.stop() == 0, handle.log()[-3000:]
+
+
+@pytest.mark.parametrize("step", ["folder", "temporary file", "link"])
+def test_a_local_disk_full_before_a_get_writes_is_resource_exhausted_and_leaves_nothing(
+        twin, daemon, tmp_path, drive_uri, step):
+    """A get ran out of room before its first byte, which raised a bare OSError (ENOSPC) where one that filled the
+    disk with its bytes raised ResourceExhausted. The tmpfs has inodes for its root folder and one file, so each
+    step that takes one more fails: the folder a get makes for its target, its temporary `.part` file (beside a
+    local file it would replace), and the link that moves that file into place without overwrite (a tmpfs counts
+    a hard link as an inode; a rename takes none, so a full folder failing a rename is not reproduced here)."""
+    (tmp_path / "a.txt").write_bytes(b"from the drive")
+    drive = twin(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint)
+    drive.put("a.txt")
+    small = tmp_path / "small"
+    with small_filesystem(small, "nr_inodes=2") as how:
+        if how != "tmpfs":
+            pytest.skip(f"needs a small file system to fill: {how}")
+        if step != "link":
+            (small / "a.txt").write_bytes(b"the local version")  # the one file there is room for
+        target = small / "sub" / "a.txt" if step == "folder" else small / "a.txt"
+        before = snapshot(small)
+        with pytest.raises(ResourceExhausted, match=f"the local disk is full: '{target}' could not be written"):
+            drive.get("a.txt", overwrite=step == "temporary file", to=target)
+        assert snapshot(small) == before, "no .part file is left, and a local file is as it was"
