@@ -344,18 +344,25 @@ class _Receiving:
         self.tmp.unlink(missing_ok=True)
 
 
+# What link(2) answers on a file system without hard links: EPERM (FAT), EOPNOTSUPP, ENOSYS (a FUSE file system
+# that has no link) or EACCES (some FUSE and network file systems). EPERM and EACCES cannot be the folder's own
+# permissions, which let the temporary file be made in it; and the rename that follows meets those checks itself.
+_NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EACCES})
+
+
 def _linked(tmp: Path, target: Path) -> bool:
-    """Links `tmp` at `target`, then removes `tmp`; answers False on a file system without hard links (FAT, some
-    FUSE and SMB mounts). A link, unlike a rename, fails where a file is: one made since the get checked its
-    target (`core._get_request`) is left as it is."""
+    """Links `tmp` at `target`, then removes `tmp`; answers False on a file system without hard links (`_NO_LINKS`),
+    where the caller renames instead. A link, unlike a rename, fails where a file is: one made since the get
+    checked its target (`core._get_request`) is left as it is. Without links, a file there now is refused alike;
+    only one made in the instant before the rename would be replaced."""
     try:
         os.link(tmp, target)
-    except FileExistsError:
-        raise AlreadyExists(f"local path {str(target)!r} was made while the get ran: it is left as it is; pass "
-                            "overwrite=True (`drive get --overwrite`) to replace it") from None
     except OSError as err:
-        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+        if err.errno != errno.EEXIST and err.errno not in _NO_LINKS:
             raise
+        if err.errno == errno.EEXIST or os.path.lexists(target):
+            raise AlreadyExists(f"local path {str(target)!r} was made while the get ran: it is left as it is; pass "
+                                "overwrite=True (`drive get --overwrite`) to replace it") from None
         return False
     tmp.unlink()
     return True

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import unicodedata
+from unittest import mock
 
 import grpc
 import pytest
@@ -345,6 +346,33 @@ def test_a_local_file_made_while_a_get_waits_is_kept_without_overwrite(twin, sta
         waiting.join_checked(60)
     assert [p.name for p in (tmp_path / "dst").iterdir()] == ["late.txt"], "no temporary file is left beside it"
     assert (tmp_path / "dst" / "late.txt").read_text() == "made meanwhile"
+
+
+@pytest.mark.parametrize("answer", ["EPERM", "EOPNOTSUPP", "ENOSYS", "EACCES"])
+def test_a_get_onto_a_file_system_without_hard_links_renames_and_still_keeps_a_local_file(
+        make, tmp_path, drive_uri, answer):
+    """A get without overwrite links its file into place; on a file system without hard links it renames it
+    instead. Only EPERM and EOPNOTSUPP were taken to mean that: ENOSYS (FUSE) or EACCES raised a bare OSError. And
+    the rename replaced a local file made while the get ran, which the link refuses. No such file system can be
+    mounted here (this kernel has no vfat, and a FUSE one needs a library the project does not have), so os.link
+    answers as one does; the rest is real."""
+    write(tmp_path / "a.txt", "from the drive")
+    d = make(drive_uri, tmp_path)
+    d.put("a.txt")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    refused = OSError(getattr(errno, answer), os.strerror(getattr(errno, answer)))
+    with mock.patch("os.link", side_effect=refused):
+        assert d.get("a.txt", to=dst / "a.txt").read_text() == "from the drive"
+
+    def made_meanwhile(tmp: str, target: str) -> None:
+        write(pathlib.Path(target), "made meanwhile")
+        raise refused
+
+    with mock.patch("os.link", side_effect=made_meanwhile), pytest.raises(
+            FileExistsError, match=r"b\.txt' was made while the get ran: it is left as it is"):
+        d.get("a.txt", to=dst / "b.txt")
+    assert snapshot(dst) == {"a.txt": sha256_hex(b"from the drive"), "b.txt": sha256_hex(b"made meanwhile")}
 
 
 COUNTED_LOOKS = """
