@@ -53,7 +53,7 @@ class AlreadyExists(DriveError, FileExistsError):
 
 
 class PermissionDenied(DriveError, PermissionError):
-    """A write to a read-only drive, or a right the token lacks."""
+    """A write to a read-only drive, a right the token lacks, or a local folder or file a get may not write."""
 
     status = grpc.StatusCode.PERMISSION_DENIED
 

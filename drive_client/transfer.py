@@ -30,9 +30,11 @@ from .checksums import joined_crc32c
 from .errors import (
     AlreadyExists,
     DataLoss,
+    DriveError,
     InvalidArgument,
     NotADirectory,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     StaleIndexError,
 )
@@ -266,20 +268,20 @@ class _Receiving:
         self.overwrite = overwrite
         parent = target.parent
         if made is None or parent not in made:
-            try:
-                with _local_space(target):
+            with _local_errors(target):
+                try:
                     parent.mkdir(parents=True, exist_ok=True)
-            except (FileExistsError, NotADirectoryError) as err:
-                # An s3:// bucket may hold an object `x/a` and objects below `x/a/`: one folder cannot hold both.
-                raise NotADirectory(
-                    f"{info.path!r} cannot be written to {str(target)!r}: a file is in the way at {err.filename!r} "
-                    "or above it, where a folder is needed (a drive may hold a file and files below it by one "
-                    "name, as an s3:// bucket may: get those by their paths to other places)"
-                ) from err
+                except (FileExistsError, NotADirectoryError) as err:
+                    # An s3:// bucket may hold an object `x/a` and objects below `x/a/`: one folder cannot hold both.
+                    raise NotADirectory(
+                        f"{info.path!r} cannot be written to {str(target)!r}: a file is in the way at "
+                        f"{err.filename!r} or above it, where a folder is needed (a drive may hold a file and files "
+                        "below it by one name, as an s3:// bucket may: get those by their paths to other places)"
+                    ) from err
             if made is not None:
                 made.add(parent)
         self.tmp = parent / f".{target.name[:_TMP_NAME_PREFIX]}.{os.getpid()}-{_TMP_TOKEN}-{next(_tmp_numbers)}.part"
-        with _local_space(target):  # a new file, as a new folder, takes an inode and room for its name
+        with _local_errors(target):  # a new file, as a new folder, takes an inode and room for its name
             self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.digest = hashlib.sha256() if sha256 else None
         self.crc32c = 0  # of the bytes since the file's start, or since the last `resumed`
@@ -300,7 +302,7 @@ class _Receiving:
         self.crc32c = crc32c(data, self.crc32c)
         if self.digest is not None:
             self.digest.update(data)
-        with _local_space(self.target):
+        with _local_errors(self.target):
             write_all(self.fd, data)
         self.size += len(data)
 
@@ -334,7 +336,7 @@ class _Receiving:
                 f"{self.info.path!r}: received bytes do not match the stored sha256; try again",
                 grpc.StatusCode.DATA_LOSS,
             )
-        with _local_space(self.target):  # a link, or a rename, may need room in the folder for the target's name
+        with _local_errors(self.target):  # a link, or a rename, may need room in the folder for the target's name
             if self.overwrite or not _linked(self.tmp, self.target):
                 os.replace(self.tmp, self.target)
         return self.target
@@ -369,16 +371,22 @@ def _linked(tmp: Path, target: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _local_space(target: Path) -> Iterator[None]:
-    """Raises a local disk found full while writing `target` as `ResourceExhausted`, the error of a full disk on the
-    daemon's side, so that a caller handles both alike."""
+def _local_errors(target: Path) -> Iterator[None]:
+    """Raises an error of the local file system, met while a get makes, writes or moves `target`, as a DriveError:
+    a full disk as `ResourceExhausted`, the error of a full disk on the daemon's side, so that a caller handles
+    both alike; a refusal (EACCES, EPERM) as `PermissionDenied`, still a `PermissionError`; any other as a
+    `DriveError` naming `target`."""
     try:
         yield
+    except DriveError:
+        raise
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise ResourceExhausted(f"the local disk is full: {str(target)!r} could not be written (nothing of it was "
-                                "kept, an existing file is as it was): free some space and get it again") from err
+        kept = "nothing of it was kept, an existing file is as it was"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(f"the local disk is full: {str(target)!r} could not be written ({kept}): free "
+                                    "some space and get it again") from err
+        error = PermissionDenied if isinstance(err, PermissionError) else DriveError
+        raise error(f"{str(target)!r} could not be written: {err.strerror or err} ({kept})") from err
 
 
 def crc32c_mismatch(path: str) -> DataLoss:
@@ -500,7 +508,7 @@ def fetch_in_ranges(
                 position, end = offset, min(offset + RANGE_BLOCK, info.size)
                 summed: list[int] = []
                 for data in read_range(offset, end - offset, summed.append):
-                    with writing, _local_space(target):
+                    with writing, _local_errors(target):
                         if errors:  # stopped: the file may be closed, and its number another file's
                             return
                         os.pwrite(fd, data, position)
@@ -519,7 +527,8 @@ def fetch_in_ranges(
 
     workers = [threading.Thread(target=fetch_blocks, daemon=True) for _ in range(min(streams, len(offsets)))]
     try:
-        os.ftruncate(fd, info.size)
+        with _local_errors(target):  # a file system may not hold a file this big (FAT: 4 GiB)
+            os.ftruncate(fd, info.size)
         for worker in workers:
             worker.start()
         for offset in offsets:
@@ -540,7 +549,8 @@ def fetch_in_ranges(
         stop()  # their reads raise now, not once their block, or their retries of a daemon gone, end
         try:
             for worker in workers:
-                worker.join()
+                if worker.is_alive():  # none is started when sizing the file failed
+                    worker.join()
         finally:
             with writing:
                 receiving.discard()

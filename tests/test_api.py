@@ -4,6 +4,7 @@ pickling and stat, against the session daemon; every test runs against both twin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import errno
@@ -12,11 +13,14 @@ import multiprocessing
 import os
 import pathlib
 import pickle
+import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import unicodedata
+from collections.abc import Iterator
 from unittest import mock
 
 import grpc
@@ -373,6 +377,54 @@ def test_a_get_onto_a_file_system_without_hard_links_renames_and_still_keeps_a_l
             FileExistsError, match=r"b\.txt' was made while the get ran: it is left as it is"):
         d.get("a.txt", to=dst / "b.txt")
     assert snapshot(dst) == {"a.txt": sha256_hex(b"from the drive"), "b.txt": sha256_hex(b"made meanwhile")}
+
+
+@contextlib.contextmanager
+def immutable(path: pathlib.Path) -> Iterator[None]:
+    """`chattr +i path` while the block runs: not even root may change it, add to it or replace it."""
+    if shutil.which("chattr") is None:
+        pytest.skip("needs chattr")
+    made = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"chattr +i failed: {made.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("immutable_one", ["folder", "file"])
+def test_a_get_the_local_file_system_refuses_is_permission_denied(make, tmp_path, drive_uri, immutable_one):
+    """A folder a get may not write to (its .part file cannot be made), or a local file it may not replace, raised
+    a bare PermissionError, not a DriveError. Root may write anywhere, so the refusal is an immutable folder or
+    file (chattr +i), which refuses root too."""
+    write(tmp_path / "a.txt", "from the drive")
+    d = make(drive_uri, tmp_path)
+    d.put("a.txt")
+    dst = write(tmp_path / "dst" / "a.txt", "the local version").parent
+    with immutable(dst if immutable_one == "folder" else dst / "a.txt"), pytest.raises(
+            DriveError, match=r"dst/a\.txt' could not be written: Operation not permitted") as refused:
+        d.get("a.txt", overwrite=True, to=dst / "a.txt")
+    assert isinstance(refused.value, PermissionError)
+    assert snapshot(dst) == {"a.txt": sha256_hex(b"the local version")}, "no .part file is left"
+
+
+@pytest.mark.parametrize("size", [3 * MIB, 64 * MIB], ids=["one stream", "ranges"])
+def test_a_local_write_error_of_a_get_is_a_drive_error_naming_the_file(make, tmp_path, drive_uri, size):
+    """A get whose local write failed otherwise than for space or permission raised a bare OSError. The error here
+    is a real EFBIG: the file size limit (RLIMIT_FSIZE, as `ulimit -f` sets) lies within the file, as FAT's 4 GiB
+    limit lies within a bigger one. A file of 64 MiB or more is sized at once (ftruncate) for its ranged reads."""
+    write(tmp_path / "big.bin", os.urandom(size))
+    d = make(drive_uri, tmp_path)
+    d.put("big.bin")
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (MIB, limits[1]))
+    try:
+        with pytest.raises(DriveError, match=r"dst/big\.bin' could not be written: File too large"):
+            d.get("big.bin", to=tmp_path / "dst" / "big.bin")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert snapshot(tmp_path / "dst") == {}, "no .part file is left"
 
 
 COUNTED_LOOKS = """
