@@ -379,6 +379,28 @@ def test_a_get_onto_a_file_system_without_hard_links_renames_and_still_keeps_a_l
     assert snapshot(dst) == {"a.txt": sha256_hex(b"from the drive"), "b.txt": sha256_hex(b"made meanwhile")}
 
 
+def test_a_symbolic_link_at_a_gets_target_is_kept_without_overwrite_and_replaced_itself_with_it(
+        make, tmp_path, drive_uri):
+    """A symbolic link is a local path that exists, even one to nothing: without overwrite it is refused at once
+    and kept (as `open(path, "x")` refuses it). With overwrite the link itself is replaced, never written through:
+    the file it points to stays as it is, and a missing one is not made."""
+    write(tmp_path / "a.txt", "from the drive")
+    d = make(drive_uri, tmp_path)
+    d.put("a.txt")
+    dst = write(tmp_path / "dst" / "elsewhere.txt", "pointed to").parent
+    (dst / "dangling").symlink_to(dst / "nothing")
+    (dst / "live").symlink_to(dst / "elsewhere.txt")
+    for name in ("dangling", "live"):
+        with pytest.raises(FileExistsError, match=f"{name}' exists: pass overwrite=True"):
+            d.get("a.txt", to=dst / name)
+    assert snapshot(dst) == {"dangling": f"link:{dst / 'nothing'}", "live": f"link:{dst / 'elsewhere.txt'}",
+                             "elsewhere.txt": sha256_hex(b"pointed to")}
+    for name in ("dangling", "live"):
+        d.get("a.txt", overwrite=True, to=dst / name)
+    assert snapshot(dst) == {"dangling": sha256_hex(b"from the drive"), "live": sha256_hex(b"from the drive"),
+                             "elsewhere.txt": sha256_hex(b"pointed to")}
+
+
 @contextlib.contextmanager
 def immutable(path: pathlib.Path) -> Iterator[None]:
     """`chattr +i path` while the block runs: not even root may change it, add to it or replace it."""
