@@ -198,7 +198,10 @@ def _open_to_put(local: Path) -> BinaryIO:
 
 
 def _version(f: BinaryIO) -> Version:
-    """What changes when an open file is written to: its size, modification and change times."""
+    """What changes when an open file is written to: its size, modification and change times. The change time
+    alone sees a rewrite whose writer set the modification time back (`cp -p`, `touch -r`), which would be stored
+    torn; it also moves with a chmod, a chown or a new link, which refuse a put whose bytes did not change: such a
+    put is tried again, a torn file would be kept."""
     stat = os.fstat(f.fileno())
     return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
@@ -208,8 +211,8 @@ def _check_unchanged(f: BinaryIO, opened: Version, local: Path) -> None:
     which their CRC32C, summed as they were read, would not reveal. A write in the clock tick of the open
     may keep the times, so a file being written to is put only once its writer is done."""
     if _version(f) != opened:
-        raise StaleIndexError(f"the local file {str(local)!r} changed while it was being put (nothing of it was "
-                              "stored): put it again once it is written")
+        raise StaleIndexError(f"the local file {str(local)!r} changed while it was being put (its size, modification "
+                              "or change time moved; nothing of it was stored): put it again once it is written")
 
 
 def small_file_request(header: pb.PutHeader, local: Path, remote: str, sha256: bool = False
