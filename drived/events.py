@@ -17,6 +17,7 @@ past events that were dropped to stay within the bounds.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator
@@ -111,7 +112,9 @@ class EventLog:
                 f"events of lit://{drive} after sequence {after} are no longer kept "
                 "(the daemon restarted, or more than the retained number happened): list the drive, then watch from now"
             )
-        return [e for e in state.events if e.sequence > after]
+        newer = list(itertools.takewhile(lambda e: e.sequence > after, reversed(state.events)))
+        newer.reverse()  # from the newest back: each wake-up of a waiter costs the events it has not seen
+        return newer
 
     def changed(self, drive: str) -> asyncio.Event:
         """An asyncio.Event set by the drive's next publish, or by `close`.
