@@ -79,12 +79,12 @@ Semantics:
   not fit in the block goes to the file straight from the caller's buffer
   (`torch.save` of a 200 MiB tensor holds no copy of it). `close()` puts the
   whole file (a single atomic put on the server; readers never see a partial
-  file). An exception inside a `with fs.open(path, "wb")` block discards the
-  upload (fsspec files commit what was written when closed, whatever
-  happened). That applies to binary files used as context managers
-  themselves: text wrappers, `fsspec.open(...)` (an `OpenFile`) and libraries
-  that call `close()` in a `finally` (pandas) still close, and so put, what
-  was written before the error.
+  file). A file closed while an exception unwinds puts nothing, and the
+  file's previous version stays: the end of a `with` block the exception
+  leaves (of the file, of `fsspec.open(...)`'s `OpenFile`, of a text
+  wrapper) or a `finally:` that closes it (pandas, a `torch.save` caller's);
+  fsspec's files put what was written when closed, whatever happened. A
+  file opened inside an `except:` block and closed normally there is put.
   Inside `fs.transaction` files are put when the transaction ends. Opening
   refuses up front only what the daemon cannot know: a path that is a
   folder (`IsADirectoryError`), and for `"xb"` a path that exists
@@ -136,6 +136,7 @@ import contextlib
 import hashlib
 import io
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import AsyncIterable, Callable, Generator, Iterable
@@ -887,7 +888,33 @@ def _writable(file: AbstractBufferedFile, data: Any) -> memoryview:
     return memoryview(data).cast("B")
 
 
-class DriveFile(AbstractBufferedFile):
+class _Writing:
+    """What the files of both faces add to fsspec's about writing: a file open for writing holds a spool (None
+    when reading, or once put or discarded), and what happens to it when the file is not closed normally."""
+
+    _spool: _Spool | None
+
+    def _hold(self, spool: _Spool | None) -> None:
+        self._spool = spool
+        # The exception being handled as the file is opened (in an `except:` block), which a close may see
+        # without unwinding anything (`_unwinding`).
+        self._opened_during = sys.exc_info()[1]
+
+    def _unwinding(self) -> bool:
+        """Whether the file is being closed as an exception unwinds: by a `with` block's exit (fsspec's `OpenFile`,
+        a text wrapper) or a `finally:` (pandas, `torch.save`'s callers), both of which close it without saying
+        why. What was written is then partial, and the previous version of the file must stay."""
+        handled = sys.exc_info()[1]
+        return handled is not None and handled is not self._opened_during
+
+    def discard(self) -> None:
+        """Drops the spooled bytes without putting them."""
+        if self._spool is not None:
+            self._spool.discard()
+            self._spool = None
+
+
+class DriveFile(_Writing, AbstractBufferedFile):
     """A file of a `lit://` drive: ranged reads in blocks, or writes spooled to disk and put on close."""
 
     fs: DriveFileSystem
@@ -906,7 +933,7 @@ class DriveFile(AbstractBufferedFile):
         spool: _Spool | None = None,
         **kwargs: Any,
     ) -> None:
-        self._spool = spool
+        self._hold(spool)
         if details is not None:
             self._details = details
             size = details["size"]
@@ -957,9 +984,13 @@ class DriveFile(AbstractBufferedFile):
         return view.nbytes
 
     def _upload_chunk(self, final: bool = False) -> bool:
-        """Closes the spool when the file is closed (fsspec's buffer stays empty: writes go to the spool)."""
+        """Closes the spool when the file is closed (fsspec's buffer stays empty: writes go to the spool); a file
+        closed as an exception unwinds puts nothing."""
         if final:
             assert self._spool is not None
+            if self._unwinding():
+                self.discard()
+                return True
             try:
                 self._spool.close()
             except BaseException:
@@ -978,28 +1009,15 @@ class DriveFile(AbstractBufferedFile):
         finally:
             self.discard()
 
-    def discard(self) -> None:
-        """Drops the spooled bytes without putting them."""
-        if self._spool is not None:
-            self._spool.discard()
-            self._spool = None
 
-    def __exit__(self, exc_type: Any, *args: Any) -> None:
-        if exc_type is not None and self.writable():
-            self.discard()  # an exception inside `with`: store nothing
-            self.closed = True
-            return
-        self.close()
-
-
-class AsyncDriveFile(AbstractAsyncStreamedFile):
+class AsyncDriveFile(_Writing, AbstractAsyncStreamedFile):
     """A file of a `lit://` drive for asyncio code (`AsyncDriveFileSystem.open_async`): `DriveFile`, awaited."""
 
     fs: AsyncDriveFileSystem
 
     def __init__(self, fs: AsyncDriveFileSystem, path: str, mode: str = "rb", details: dict[str, Any] | None = None,
                  spool: _Spool | None = None, **kwargs: Any) -> None:
-        self._spool = spool
+        self._hold(spool)
         self._details = details
         super().__init__(fs, path, mode, size=details["size"] if details else None, **kwargs)
         if spool is not None:
@@ -1023,10 +1041,11 @@ class AsyncDriveFile(AbstractAsyncStreamedFile):
         if final:
             assert self._spool is not None
             try:
-                await in_thread(self._spool.close)
-                await self.fs._run(self.fs._steps_put_spool(self._spool, self.path))
+                if not self._unwinding():
+                    await in_thread(self._spool.close)
+                    await self.fs._run(self.fs._steps_put_spool(self._spool, self.path))
             finally:
-                self._spool.discard()
+                self.discard()
         return True
 
     async def close(self) -> None:
@@ -1035,11 +1054,3 @@ class AsyncDriveFile(AbstractAsyncStreamedFile):
             await super().close()
         finally:
             self.closed = True
-
-    async def __aexit__(self, exc_type: Any, *args: Any) -> None:
-        if exc_type is not None and self.writable():
-            if self._spool is not None:
-                self._spool.discard()  # an exception inside `async with`: store nothing
-            self.closed = True
-            return
-        await self.close()

@@ -349,6 +349,59 @@ def test_exception_inside_with_stores_nothing(daemon, tmp_path, name):
     assert list(spool.iterdir()) == []
 
 
+def test_a_write_that_fails_midway_keeps_the_previous_file(daemon, tmp_path, drive_uri, name):
+    """fsspec's `OpenFile` (`fsspec.open`) and text wrappers close their file at the end of a `with` block without
+    the exception that ends it, as a `finally:` does, and the close put what was written: a `torch.save` that failed
+    midway replaced the last good checkpoint with half of one. A file closed while an exception unwinds now puts
+    nothing; one closed normally in an `except:` block that ran when it was opened, or after an exception caught
+    inside its block, is put."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: the torch.save case is skipped")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    options = {"endpoint": daemon.endpoint, "spool_dir": str(spool)}
+    good = {"w": torch.arange(4.0)}
+    with fsspec.open(f"{drive_uri}/model.pt", "wb", **options) as f:
+        torch.save(good, f)
+    with pytest.raises((AttributeError, pickle.PicklingError)), fsspec.open(f"{drive_uri}/model.pt", "wb",
+                                                                           **options) as f:
+        torch.save({"w": torch.ones(1 << 18), "callback": lambda: 0}, f)  # a lambda does not pickle
+    with fsspec.open(f"{drive_uri}/model.pt", "rb", **options) as f:
+        assert torch.equal(torch.load(f)["w"], good["w"])
+
+    fs = DriveFileSystem(skip_instance_cache=True, **options)
+    path = f"{name}/notes.txt"
+    fs.pipe_file(path, b"v1")
+    with pytest.raises(RuntimeError, match="boom"), fsspec.open(f"{drive_uri}/notes.txt", "w", **options) as text:
+        text.write("half")
+        raise RuntimeError("boom")
+    assert fs.cat(path) == b"v1"
+    f = fs.open(path, "wb")
+    with pytest.raises(RuntimeError, match="boom"):
+        try:
+            f.write(b"half")
+            raise RuntimeError("boom")
+        finally:
+            f.close()
+    assert f.closed and fs.cat(path) == b"v1"
+    try:
+        raise KeyError("handled")
+    except KeyError:
+        with pytest.raises(RuntimeError, match="boom"), fs.open(path, "wb") as f:
+            f.write(b"half")
+            raise RuntimeError("boom") from None  # another exception inside the handler: nothing is put
+        assert fs.cat(path) == b"v1"
+        with fs.open(path, "wb") as f:  # the handler's own exception was there at open: put
+            f.write(b"v2")
+    assert fs.cat(path) == b"v2"
+    with fs.open(path, "wb") as f:
+        try:
+            raise KeyError("caught")
+        except KeyError:
+            f.write(b"v3")
+    assert fs.cat(path) == b"v3"
+    assert list(spool.iterdir()) == []
+
+
 def test_transaction_puts_at_the_end(fs, name):
     with fs.transaction:
         with fs.open(f"{name}/t1.txt", "wb") as f:
@@ -701,6 +754,7 @@ async def test_async_files_stream_reads_and_put_on_close(afs, daemon, tmp_path, 
         await f.write(b"tail")
         assert not await afs._exists(f"{name}/w.bin")  # nothing visible before close
     assert list(spool.iterdir()) == []
+    info = await afs._info(f"{name}/w.bin")
     f = await afs.open_async(f"{name}/w.bin", "rb")
     assert f.size == 6 * MIB + 4
     f.seek(6 * MIB)
@@ -713,6 +767,14 @@ async def test_async_files_stream_reads_and_put_on_close(afs, daemon, tmp_path, 
             await f.write(b"half")
             raise RuntimeError("boom")
     assert not await afs._exists(f"{name}/half.bin") and list(spool.iterdir()) == []
+    f = await afs.open_async(f"{name}/w.bin", "wb")
+    with pytest.raises(RuntimeError, match="boom"):  # closed in a `finally:` as the exception unwinds: nothing put
+        try:
+            await f.write(b"half")
+            raise RuntimeError("boom")
+        finally:
+            await f.close()
+    assert await afs._info(f"{name}/w.bin") == info and list(spool.iterdir()) == []
 
 
 async def test_async_append(afs, tmp_path, name):
