@@ -85,6 +85,9 @@ Semantics:
   wrapper) or a `finally:` that closes it (pandas, a `torch.save` caller's);
   fsspec's files put what was written when closed, whatever happened. A
   file opened inside an `except:` block and closed normally there is put.
+  A file never closed stores nothing: one collected unclosed, or still open
+  as the interpreter exits, removes its spool (warning with a
+  `ResourceWarning`, as Python's files do), where fsspec's would put it.
   Inside `fs.transaction` files are put when the transaction ends. Opening
   refuses up front only what the daemon cannot know: a path that is a
   folder (`IsADirectoryError`), and for `"xb"` a path that exists
@@ -139,6 +142,8 @@ import os
 import sys
 import tempfile
 import threading
+import warnings
+import weakref
 from collections.abc import AsyncIterable, Callable, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -888,17 +893,52 @@ def _writable(file: AbstractBufferedFile, data: Any) -> memoryview:
     return memoryview(data).cast("B")
 
 
+# The files open for writing, held weakly: those still open as the interpreter exits are abandoned then
+# (`_abandon_unclosed`).
+_WRITERS: weakref.WeakValueDictionary[int, _Writing] = weakref.WeakValueDictionary()
+
+
+def _abandon_unclosed() -> None:
+    """Abandons the files still open for writing as the interpreter exits (a script ended, or died, before closing
+    one): fsspec's would be closed as the interpreter finalizes, putting their partial bytes, and a put then hangs
+    (it starts threads)."""
+    for file in list(_WRITERS.values()):
+        file._abandon()
+
+
+atexit.register(_abandon_unclosed)
+
+
 class _Writing:
     """What the files of both faces add to fsspec's about writing: a file open for writing holds a spool (None
     when reading, or once put or discarded), and what happens to it when the file is not closed normally."""
 
     _spool: _Spool | None
+    closed: bool
+    path: str
+    mode: str
 
     def _hold(self, spool: _Spool | None) -> None:
         self._spool = spool
         # The exception being handled as the file is opened (in an `except:` block), which a close may see
         # without unwinding anything (`_unwinding`).
         self._opened_during = sys.exc_info()[1]
+        if spool is not None:
+            _WRITERS[id(self)] = self
+
+    def _abandon(self) -> None:
+        """Discards the spool of a file open for writing that was never closed: nothing is stored, as nothing
+        said that what was written is whole."""
+        if self.closed or self._spool is None:
+            return
+        warnings.warn(f"unclosed file 'lit://{self.path}' (mode {self.mode!r}): nothing stored", ResourceWarning,
+                      stacklevel=2, source=self)
+        self.discard()
+        self.closed = True
+
+    # fsspec's closes a file collected unclosed, which puts a writer's partial bytes (the async face's close is a
+    # coroutine no one awaits: its spool stayed). A reader holds nothing its collection does not release.
+    __del__ = _abandon
 
     def _unwinding(self) -> bool:
         """Whether the file is being closed as an exception unwinds: by a `with` block's exit (fsspec's `OpenFile`,

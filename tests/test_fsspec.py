@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import hashlib
 import json
 import os
@@ -402,6 +403,66 @@ def test_a_write_that_fails_midway_keeps_the_previous_file(daemon, tmp_path, dri
     assert list(spool.iterdir()) == []
 
 
+def test_a_writer_collected_unclosed_stores_nothing(spooling, name):
+    """fsspec's files close themselves when collected unclosed, and a close puts: a writer dropped after an error,
+    without `with` or `close()`, replaced the last good file with its partial bytes. It now stores nothing and
+    removes its spool, warning as Python's own files do."""
+    path = f"{name}/ckpt.bin"
+    spooling.pipe_file(path, b"good")
+
+    def save() -> None:
+        f = spooling.open(path, "wb")
+        f.write(b"half")
+        raise RuntimeError("crash before close")
+
+    with pytest.warns(ResourceWarning, match=rf"unclosed file 'lit://{path}' \(mode 'wb'\): nothing stored"):
+        with pytest.raises(RuntimeError, match="crash before close"):
+            save()
+        gc.collect()
+    assert spooling.cat(path) == b"good"
+    assert list(pathlib.Path(spooling.spool_dir).iterdir()) == []
+
+
+LEFT_OPEN = """
+import asyncio, os, sys
+import fsspec
+
+endpoint, spool, path, size, how = sys.argv[1:]
+options = {"endpoint": endpoint, "component_name": "work_a", "spool_dir": spool, "skip_instance_cache": True}
+if how == "async":
+    afs = fsspec.filesystem("lit", asynchronous=True, **options)
+
+    async def main():
+        global f
+        f = await afs.open_async(path, "wb")
+        await f.write(os.urandom(int(size)))
+
+    asyncio.run(main())
+else:
+    f = fsspec.filesystem("lit", **options).open(path, "wb")
+    f.write(os.urandom(int(size)))
+if how == "raise":
+    raise SystemExit("an uncaught error while the file is written")
+"""
+
+
+@pytest.mark.parametrize(("size", "how"), [(10, "raise"), (3 * MIB, "raise"), (3 * MIB, "exit"), (10, "async")])
+def test_a_writer_open_at_exit_stores_nothing_and_exit_does_not_hang(spooling, name, size, how):
+    """A script that ends (or dies of an uncaught error) with a file open for writing: fsspec closes it as the
+    interpreter finalizes, and the put started its threads then and hung for good; a small file was put
+    half-written first. Its spool is now discarded at exit: the script exits, nothing is stored, no spool left."""
+    path = f"{name}/left_open.bin"
+    spooling.pipe_file(path, b"previous")
+    run = subprocess.run(
+        [sys.executable, "-W", "always::ResourceWarning", "-c", LEFT_OPEN, spooling.endpoint, spooling.spool_dir,
+         path, str(size), how], capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == (1 if how == "raise" else 0), run.stderr
+    assert spooling.cat(path) == b"previous"
+    assert list(pathlib.Path(spooling.spool_dir).iterdir()) == []
+    assert "nothing stored" in run.stderr
+
+
 def test_transaction_puts_at_the_end(fs, name):
     with fs.transaction:
         with fs.open(f"{name}/t1.txt", "wb") as f:
@@ -775,6 +836,35 @@ async def test_async_files_stream_reads_and_put_on_close(afs, daemon, tmp_path, 
         finally:
             await f.close()
     assert await afs._info(f"{name}/w.bin") == info and list(spool.iterdir()) == []
+
+
+async def test_an_async_writer_dropped_unclosed_stores_nothing(afs, tmp_path, name):
+    """An async file inherited fsspec's blocking `__del__`, which calls the async `close()` and never awaits it:
+    a writer dropped unclosed (its task cancelled) warned 'coroutine was never awaited' and left its spool, as big
+    as what it wrote. It is discarded now, as a blocking writer's is."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    afs.spool_dir = str(spool)
+    wrote = asyncio.Event()
+
+    async def writer() -> None:
+        f = await afs.open_async(f"{name}/dropped.bin", "wb")
+        await f.write(os.urandom(2 * MIB))
+        wrote.set()
+        await asyncio.sleep(60)
+
+    with pytest.warns(ResourceWarning, match="nothing stored") as caught:
+        task = asyncio.create_task(writer())
+        await wrote.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        del task
+        await asyncio.sleep(0)  # the loop lets go of the task once its done callbacks have run
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert list(spool.iterdir()) == []
+    assert not await afs._exists(f"{name}/dropped.bin")
 
 
 async def test_async_append(afs, tmp_path, name):
