@@ -119,8 +119,9 @@ Semantics:
   `AmbiguousPathError`.
 - Errors are the client's: `FileNotFoundError`, `FileExistsError`,
   `PermissionError`, `ValueError`, `ConnectionError`, ... (see README).
-  `exists` is False only for a missing path, and raises the others (a
-  refused token, the daemon unreachable), as the async face's `_exists` does.
+  `exists`, `isdir` and `isfile` are False only for a missing path, and
+  raise the others (a refused token, the daemon unreachable), where fsspec's
+  answer False.
 
 Caching: nothing read from the daemon is cached across calls. A drive is
 shared by workers that put and delete concurrently, so `ls`, `info`, `find`
@@ -374,6 +375,16 @@ class _LitFileSystem:
         if not sub:
             return _folder(name)
         return _describe(name, (yield from self._steps_stat(name, sub)))
+
+    def _steps_type(self, path: str) -> Steps[str | None]:
+        """What is at `path`: "file", "directory", or None for nothing. Only a missing path is None, and the other
+        errors are raised: fsspec's `exists`, `isdir` and `isfile` answer False for any error, so a file there read
+        as missing to a refused token or while the daemon could not be reached."""
+        try:
+            info = yield from self._steps_info(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return info["type"]
 
     def _steps_ls(self, path: str, detail: bool) -> Steps[list[Any]]:
         name, sub = self._split(path)
@@ -656,13 +667,13 @@ class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
         return self._run(self._steps_ls(path, detail))
 
     def exists(self, path: str, **kwargs: Any) -> bool:
-        """Whether `path` exists. Only a missing path is False: fsspec's `exists` is False for any error, so a
-        file there would read as missing to a refused token or while the daemon cannot be reached."""
-        try:
-            self.info(path)
-        except FileNotFoundError:
-            return False
-        return True
+        return self._run(self._steps_type(path)) is not None
+
+    def isdir(self, path: str) -> bool:
+        return self._run(self._steps_type(path)) == "directory"
+
+    def isfile(self, path: str) -> bool:
+        return self._run(self._steps_type(path)) == "file"
 
     def find(self, path: str, maxdepth: int | None = None, withdirs: bool = False, detail: bool = False,
              **kwargs: Any) -> Any:
@@ -763,6 +774,15 @@ class AsyncDriveFileSystem(_LitFileSystem, AsyncFileSystem):
 
     async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         return await self._run(self._steps_info(path))
+
+    async def _exists(self, path: str, **kwargs: Any) -> bool:
+        return await self._run(self._steps_type(path)) is not None
+
+    async def _isdir(self, path: str) -> bool:
+        return await self._run(self._steps_type(path)) == "directory"
+
+    async def _isfile(self, path: str) -> bool:
+        return await self._run(self._steps_type(path)) == "file"
 
     async def _ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         return await self._run(self._steps_ls(path, detail))

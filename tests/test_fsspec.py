@@ -673,22 +673,30 @@ def test_unreachable_daemon_raises_connection_error(name):
         fs.ls(name)
 
 
-def test_exists_raises_what_is_not_a_missing_path(start_daemon, tmp_path, name):
-    """fsspec's `exists` answers False for any error: a file there read as missing to a wrong token, or while the
-    daemon could not be reached (where the async face raised), and a caller that checks for a checkpoint before
-    writing a fresh one starts over. Only a missing path is False now; the other errors are raised."""
+def test_exists_isdir_isfile_raise_what_is_not_a_missing_path(start_daemon, tmp_path, name):
+    """fsspec's `exists`, `isdir` and `isfile` answer False for any error: a file or folder there read as missing
+    to a wrong token, or while the daemon could not be reached, and a caller that checks for a checkpoint before
+    writing a fresh one starts over. Only a missing path is False now, on both faces; the other errors are raised."""
     handle = start_daemon(tmp_path, "--token", "right")
-    fsspec.filesystem("lit", endpoint=handle.endpoint, token="right", skip_instance_cache=True).pipe_file(
-        f"{name}/ckpt.pt", b"weights")
-    wrong = fsspec.filesystem("lit", endpoint=handle.endpoint, token="wrong", skip_instance_cache=True)
-    with pytest.raises(PermissionError):
-        wrong.exists(f"{name}/ckpt.pt")
-    unreachable = DriveFileSystem(endpoint="127.0.0.1:1", retry_seconds=0, skip_instance_cache=True)
-    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:1"):
-        unreachable.exists(f"{name}/ckpt.pt")
     right = fsspec.filesystem("lit", endpoint=handle.endpoint, token="right", skip_instance_cache=True)
-    assert right.exists(f"{name}/ckpt.pt") and not right.exists(f"{name}/none.pt")
-    assert right.cat(f"{name}/ckpt.pt") == b"weights"
+    right.pipe_file(f"{name}/run/ckpt.pt", b"weights")
+    wrong = {"endpoint": handle.endpoint, "token": "wrong"}
+    unreachable = {"endpoint": "127.0.0.1:1", "retry_seconds": 0}
+    for options, error in ((wrong, PermissionError), (unreachable, ConnectionError)):
+        sync = DriveFileSystem(skip_instance_cache=True, **options)
+        for check in (sync.exists, sync.isdir, sync.isfile):
+            for path in (f"{name}/run", f"{name}/run/ckpt.pt"):
+                with pytest.raises(error):
+                    check(path)
+        afs = AsyncDriveFileSystem(asynchronous=True, skip_instance_cache=True, **options)
+        for acheck in (afs._exists, afs._isdir, afs._isfile):
+            with pytest.raises(error):
+                asyncio.run(acheck(f"{name}/run"))
+    assert right.exists(f"{name}/run/ckpt.pt") and not right.exists(f"{name}/none.pt")
+    assert right.isdir(f"{name}/run") and not right.isdir(f"{name}/run/ckpt.pt") and not right.isdir(f"{name}/no")
+    assert right.isfile(f"{name}/run/ckpt.pt") and not right.isfile(f"{name}/run") and not right.isfile(f"{name}/no")
+    assert not right.isfile(f"{name}/run/ckpt.pt/below") and not right.isdir(f"{name}/run/ckpt.pt/below")
+    assert right.cat(f"{name}/run/ckpt.pt") == b"weights"
 
 
 def test_a_path_given_decomposed_removes_to_the_depth_asked(fs, name):
