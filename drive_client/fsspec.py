@@ -89,9 +89,10 @@ Semantics:
   as the interpreter exits, removes its spool (warning with a
   `ResourceWarning`, as Python's files do), where fsspec's would put it.
   Inside `fs.transaction` files are put when the transaction ends. Opening
-  refuses up front only what the daemon cannot know: a path that is a
+  (and `pipe_file`, `put_file`, `cp_file`) refuses up front a path that is a
   folder (`IsADirectoryError`), and for `"xb"` a path that exists
-  (`FileExistsError`). Ownership is the daemon's to decide when the file is
+  (`FileExistsError`); a path below a file fails when put, with
+  `NotADirectoryError`. Ownership is the daemon's to decide when the file is
   put: a path another component holds fails then with `FileExistsError`
   (unless `allow_duplicates`), and the spool is removed.
 - Appending reads, modifies and writes the whole file: `open(mode="ab")`
@@ -162,7 +163,7 @@ from .channels import DEFAULT_ENDPOINT
 from .common import FileStat, check_verify
 from .drive import Drive
 from .effects import Done, advance
-from .errors import AmbiguousPathError, DataLoss, InvalidArgument, NotFound, StaleIndexError
+from .errors import AmbiguousPathError, DataLoss, InvalidArgument, NotADirectory, NotFound, StaleIndexError
 from .files import write_all
 from .pyarrow_exit import wait_for_pyarrow_threads
 from .uri import check_component, drive_path, parse_drive
@@ -245,6 +246,10 @@ def _version(info: dict[str, Any]) -> tuple[str, int]:
     version it fetched)."""
     return info["component"], info["generation"]
 
+
+# How the daemon's refusal of a put below a file ends (an INVALID_ARGUMENT, a ValueError), where fsspec's callers
+# expect NotADirectoryError; no check before the put finds it but a stat of each of the path's parents.
+_BELOW_A_FILE = ": a parent folder of it is a file"
 
 _NO_FILE = ("", 0)  # the version of a path with no file: every stored file has an owner and a generation
 
@@ -500,10 +505,16 @@ class _LitFileSystem:
         name, sub = self._split(rpath)
         if not sub:
             raise IsADirectoryError(f"lit://{name} is a drive root: name a file in it")
-        yield self._drive(name).put(local, to=sub, progress=callback.relative_update)
+        try:
+            yield self._drive(name).put(local, to=sub, progress=callback.relative_update)
+        except InvalidArgument as err:
+            if not err.message.endswith(_BELOW_A_FILE):
+                raise
+            raise NotADirectory(err.message, err.code) from None
 
     def _steps_check_writable(self, path: str, exclusive: bool) -> Steps[None]:
-        """Fails early where the put would be wrong and the daemon cannot tell: a folder, or any file for "xb".
+        """Fails early where the put would be wrong: a folder (the daemon's refusal is a ValueError, where fsspec's
+        callers expect IsADirectoryError), or any file for "xb" (the daemon has no put that refuses one).
 
         Who may write the path is the daemon's to decide when the file is put.
         """
@@ -571,8 +582,7 @@ class _LitFileSystem:
         """Uploads one local file in one call; folders need no creating."""
         if os.path.isdir(lpath):
             return
-        if mode == "create":
-            yield from self._steps_check_writable(rpath, exclusive=True)
+        yield from self._steps_check_writable(rpath, exclusive=mode == "create")
         callback.set_size(os.path.getsize(lpath))
         yield from self._steps_put_local(lpath, rpath, callback)
 
@@ -587,6 +597,7 @@ class _LitFileSystem:
 
     def _steps_cp_file(self, path1: str, path2: str) -> Steps[None]:
         """Copies through a local temporary file (the daemon has no server-side copy)."""
+        yield from self._steps_check_writable(path2, exclusive=False)
         with tempfile.TemporaryDirectory(prefix="lit-cp-", dir=self.spool_dir) as tmp:
             local = Path(tmp, "file")
             yield from self._steps_get_file(path1, str(local), DEFAULT_CALLBACK, None)

@@ -533,6 +533,30 @@ def test_missing_paths_raise_file_not_found(fs, tmp_path, name):
     assert fs.find(name) == [f"{name}/d/f"] and fs.cat(f"{name}/d/f") == b"1"
 
 
+@pytest.mark.parametrize(("where", "error"), [("folder", IsADirectoryError), ("file.txt/x", NotADirectoryError)])
+def test_a_write_onto_a_folder_or_below_a_file_raises_what_fsspec_expects(spooling, afs, tmp_path, name, where,
+                                                                           error):
+    """`put_file` and `cp_file` onto a folder, and any write below a file, raised the daemon's refusal as a
+    ValueError (`InvalidArgument`) where fsspec's callers expect IsADirectoryError and NotADirectoryError (as
+    `pipe_file` onto a folder raised). Nothing is stored, no spool is left."""
+    fs, path = spooling, f"{name}/{where}"
+    fs.pipe({f"{name}/folder/a.txt": b"a", f"{name}/file.txt": b"f"})
+    local = str(write(tmp_path / "local.txt", b"local"))
+
+    def open_and_write() -> None:
+        with fs.open(path, "wb") as f:
+            f.write(b"x")
+
+    for call in (lambda: fs.pipe_file(path, b"x"), lambda: fs.put_file(local, path),
+                 lambda: fs.cp_file(f"{name}/file.txt", path), open_and_write,
+                 lambda: asyncio.run(afs._pipe_file(path, b"x")), lambda: asyncio.run(afs._put_file(local, path)),
+                 lambda: asyncio.run(afs._cp_file(f"{name}/file.txt", path))):
+        with pytest.raises(error):
+            call()
+    assert fs.find(name) == [f"{name}/file.txt", f"{name}/folder/a.txt"] and fs.cat(f"{name}/file.txt") == b"f"
+    assert list(pathlib.Path(fs.spool_dir).iterdir()) == []
+
+
 def test_path_held_by_another_component(fs, daemon, tmp_path, drive_uri, name):
     write(tmp_path / "shared.txt", b"from work_b")
     drive(daemon, drive_uri, "work_b", root_folder=tmp_path).put("shared.txt")
