@@ -24,7 +24,8 @@ fsspec's mirror of the async one: it must keep working in forked workers).
 
 URLs are `lit://DRIVE/path/in/drive`: the netloc is the drive name, and
 fsspec paths (what `ls`, `find` and `info` answer in `name`) are
-`DRIVE/path/in/drive`. Options (all optional):
+`DRIVE/path/in/drive` (repeated slashes are one, after DRIVE too: a URL
+joined as `lit://DRIVE/` + `/x` names DRIVE's `x`). Options (all optional):
 
 - `endpoint`: `HOST:PORT` of drived; default `$DRIVE_ENDPOINT`, else
   `127.0.0.1:50051` (read on each call, so a changed environment is honoured).
@@ -340,8 +341,9 @@ class _LitFileSystem:
         name, _, rest = self._strip_protocol(path).partition("/")
         if not name:
             raise InvalidArgument("a lit:// path names a drive first: 'lit://drive_1/path/in/drive'")
-        # The path as the daemon names it (NFC), which the steps compare its answers with.
-        return name, drive_path(parse_drive(f"lit://{name}"), rest, allow_root=True)
+        # The path as the daemon names it (NFC), which the steps compare its answers with. Slashes after the drive
+        # name are one, as `//` deeper in the path is: `lit://d//x` is d's x, not an absolute path.
+        return name, drive_path(parse_drive(f"lit://{name}"), rest.lstrip("/"), allow_root=True)
 
     def _drive(self, name: str) -> Any:
         """The Drive (or AsyncDrive) for drive `name`, made once per endpoint and component."""

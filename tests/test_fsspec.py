@@ -95,6 +95,14 @@ def test_only_lit_paths(fs):
         fs.cat("lit://d1/../x")
 
 
+def test_slashes_after_the_drive_name_are_one(fs, drive_uri, name):
+    """`lit://d//x.txt` raised "path '/x.txt' is absolute", though `//` deeper in a path is taken as one `/`."""
+    fs.pipe_file(f"{drive_uri}//dir//x.txt", b"x")
+    assert fs.cat(f"{drive_uri}//dir/x.txt") == b"x" and fs.cat(f"{name}///dir/x.txt") == b"x"
+    assert fs.ls(f"{drive_uri}//", detail=False) == [f"{name}/dir"]
+    assert fs.info(f"{drive_uri}//dir//x.txt")["name"] == f"{name}/dir/x.txt"
+
+
 # --- listing, info, find -------------------------------------------------------------------
 
 
