@@ -93,7 +93,10 @@ Semantics:
   (and `pipe_file`, `put_file`, `cp_file`) refuses up front a path that is a
   folder (`IsADirectoryError`), and for `"xb"` a path that exists
   (`FileExistsError`); a path below a file fails when put, with
-  `NotADirectoryError`. Ownership is the daemon's to decide when the file is
+  `NotADirectoryError`. `"xb"` checks again at close, before the put, and
+  stores nothing if a file was put meanwhile; the daemon has no put that
+  refuses an existing file, so that check and the put are two calls, and a
+  file put between them is replaced. Ownership is the daemon's to decide when the file is
   put: a path another component holds fails then with `FileExistsError`
   (unless `allow_duplicates`), and the spool is removed.
 - Appending reads, modifies and writes the whole file: `open(mode="ab")`
@@ -554,6 +557,7 @@ class _LitFileSystem:
         spool: _Spool = yield Local(_Spool, (self.spool_dir, block))
         if mode == "ab":
             spool.appends_to = _NO_FILE if base is None else _version(base)
+        spool.exclusive = mode == "xb"
         if base is not None:
             try:
                 yield from self._steps_download(base, spool.path)
@@ -564,7 +568,10 @@ class _LitFileSystem:
         return None, spool
 
     def _steps_put_spool(self, spool: _Spool, path: str) -> Steps[None]:
-        """Puts what `spool` holds as the file `path`; an append only while the file is the version it started from."""
+        """Puts what `spool` holds as the file `path`; an append only while the file is the version it started from,
+        "xb" only while there is still no file (two writers may have opened it so)."""
+        if spool.exclusive:
+            yield from self._steps_check_writable(path, exclusive=True)
         if spool.appends_to is not None:
             try:
                 now: tuple[str, int] | None = _version((yield from self._steps_file_info(path)))
@@ -863,6 +870,7 @@ class _Spool:
         # and that file's size: where the first write goes.
         self.appends_to: tuple[str, int] | None = None
         self.start = 0
+        self.exclusive = False  # "xb": the path must still hold no file when it is put
         self._block = block
         self._gathered = bytearray()
         self._fd = -1

@@ -608,6 +608,30 @@ def test_path_taken_while_writing_fails_on_close(daemon, tmp_path, drive_uri, na
     assert fs.cat(f"{name}/race.txt") == b"theirs"
 
 
+def test_exclusive_create_is_checked_again_at_close(spooling, afs, name):
+    """Two writers that both opened a path "xb" before either closed: the second's close replaced the first's
+    file (the check was at open only). The path is checked again before the put: the second stores nothing."""
+    fs, path = spooling, f"{name}/ckpt"
+    first, second = fs.open(path, "xb"), fs.open(path, "xb")
+    first.write(b"first writer")
+    second.write(b"second writer")
+    first.close()
+    with pytest.raises(FileExistsError):
+        second.close()
+    assert second.closed and fs.cat(path) == b"first writer"
+
+    async def racing_async_writer() -> None:
+        f = await afs.open_async(f"{name}/async", "xb")
+        await f.write(b"second writer")
+        fs.pipe_file(f"{name}/async", b"first writer")
+        with pytest.raises(FileExistsError):
+            await f.close()
+
+    asyncio.run(racing_async_writer())
+    assert fs.cat(f"{name}/async") == b"first writer"
+    assert list(pathlib.Path(fs.spool_dir).iterdir()) == []
+
+
 # --- appending -------------------------------------------------------------------------------
 
 
