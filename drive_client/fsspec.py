@@ -981,6 +981,11 @@ class _Writing:
     # coroutine no one awaits: its spool stayed). A reader holds nothing its collection does not release.
     __del__ = _abandon
 
+    def _dealloc_warn(self, source: Any) -> None:
+        """What a text wrapper (io.TextIOWrapper) collected unclosed calls on its buffer before it closes it, which
+        would put the partial bytes: the file is abandoned first, so the close finds it closed."""
+        self._abandon()
+
     def _unwinding(self) -> bool:
         """Whether the file is being closed as an exception unwinds: by a `with` block's exit (fsspec's `OpenFile`,
         a text wrapper) or a `finally:` (pandas, `torch.save`'s callers), both of which close it without saying

@@ -411,16 +411,22 @@ def test_a_write_that_fails_midway_keeps_the_previous_file(daemon, tmp_path, dri
     assert list(spool.iterdir()) == []
 
 
-def test_a_writer_collected_unclosed_stores_nothing(spooling, name):
-    """fsspec's files close themselves when collected unclosed, and a close puts: a writer dropped after an error,
-    without `with` or `close()`, replaced the last good file with its partial bytes. It now stores nothing and
-    removes its spool, warning as Python's own files do."""
+@pytest.mark.parametrize("how", ["binary", "text", "fsspec.open text"])
+def test_a_writer_collected_unclosed_stores_nothing(spooling, name, how):
+    """fsspec's files close themselves when collected unclosed, as text wrappers close their file, and a close
+    puts: a writer dropped after an error, without `with` or `close()`, replaced the last good file with its
+    partial bytes. It now stores nothing and removes its spool, warning as Python's own files do."""
     path = f"{name}/ckpt.bin"
     spooling.pipe_file(path, b"good")
 
     def save() -> None:
-        f = spooling.open(path, "wb")
-        f.write(b"half")
+        if how == "fsspec.open text":
+            opened = fsspec.open(f"lit://{path}", "w", endpoint=spooling.endpoint, component_name="work_a",
+                                 spool_dir=spooling.spool_dir, skip_instance_cache=True)
+            f = opened.open()
+        else:
+            f = spooling.open(path, "wb" if how == "binary" else "w")
+        f.write(b"half" if how == "binary" else "half")
         raise RuntimeError("crash before close")
 
     with pytest.warns(ResourceWarning, match=rf"unclosed file 'lit://{path}' \(mode 'wb'\): nothing stored"):
