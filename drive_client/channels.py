@@ -228,6 +228,8 @@ def _path(value: str | os.PathLike[str] | None, env: str) -> str | None:
 def channel_options(connection: Connection, retries: bool = False) -> list[tuple[str, Any]]:
     """The options of a channel to `connection`'s daemon.
 
+    A loopback target is reached directly, never through an HTTP proxy of the environment.
+
     A target of several addresses spreads calls over all of them (round_robin, re-resolved when a
     replica sends GOAWAY after --max-connection-age), where gRPC's default policy would send every
     call to the first address that answers.
@@ -243,6 +245,10 @@ def channel_options(connection: Connection, retries: bool = False) -> list[tuple
         options.append(("grpc.lb_policy_name", "round_robin"))
     if connection.server_name:
         options.append(("grpc.ssl_target_name_override", connection.server_name))
+    if is_loopback(connection.endpoint):
+        # gRPC sends even a loopback target through $grpc_proxy, $https_proxy or $http_proxy: a proxy is another
+        # machine, which would read a plaintext call's token (loopback is exempt from `check_token_transport`).
+        options.append(("grpc.enable_http_proxy", 0))
     return [*options, ("grpc.enable_retries", int(retries))]
 
 

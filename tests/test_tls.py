@@ -3,6 +3,7 @@ a token in plaintext beyond loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,6 +249,69 @@ def test_a_token_is_not_sent_in_plaintext_to_another_machine(make, monkeypatch):
     monkeypatch.setenv("DRIVE_INSECURE", "maybe")
     with pytest.raises(InvalidArgument, match=r"\$DRIVE_INSECURE='maybe'"):
         make("lit://d", endpoint=UNREACHABLE)
+
+
+class ConnectProxy:
+    """An HTTP CONNECT proxy on loopback, as `$http_proxy` names one: `carried` holds every byte a client sent it,
+    what another machine on the path would read."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self.carried = bytearray()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # closed by `close`
+            while True:
+                threading.Thread(target=self._tunnel, args=(self._server.accept()[0],), daemon=True).start()
+
+    def _tunnel(self, client: socket.socket) -> None:
+        with client, contextlib.suppress(OSError):
+            request = b""
+            while b"\r\n\r\n" not in request:
+                piece = client.recv(4096)
+                if not piece:
+                    return
+                self.carried += piece
+                request += piece
+            host, _, port = request.split()[1].decode().rpartition(":")  # CONNECT HOST:PORT HTTP/1.1
+            with socket.create_connection((host, int(port))) as daemon:
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                threading.Thread(target=self._pipe, args=(daemon, client, None), daemon=True).start()
+                self._pipe(client, daemon, self.carried)
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket, record: bytearray | None) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if record is not None:
+                    record += data
+                sink.sendall(data)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def test_a_token_to_a_loopback_daemon_never_goes_through_the_environments_proxy(twin, start_daemon, tmp_path,
+                                                                               drive_uri, monkeypatch):
+    """gRPC sent a call to 127.0.0.1 through $http_proxy, token and all, in plaintext: a proxy is another machine."""
+    handle = start_daemon(tmp_path, "--token", "s3cret-token")
+    proxy = ConnectProxy()
+    try:
+        monkeypatch.setenv("http_proxy", proxy.url)
+        with grpc.insecure_channel(handle.endpoint) as channel:  # gRPC left to itself takes the proxy
+            grpc.channel_ready_future(channel).result(timeout=10)
+        assert b"CONNECT " + handle.endpoint.encode() in proxy.carried
+        proxy.carried.clear()
+
+        (tmp_path / "f.txt").write_bytes(b"f")
+        drive = twin(drive_uri, root_folder=tmp_path, endpoint=handle.endpoint, token="s3cret-token")
+        drive.put("f.txt")
+        assert drive.list(".") == ["f.txt"]
+        assert not proxy.carried, f"the proxy carried the calls (the token in them: {b's3cret-token' in proxy.carried})"
+    finally:
+        proxy.close()
 
 
 def test_the_cli_and_fsspec_refuse_a_plaintext_token_to_another_machine(tmp_path):
