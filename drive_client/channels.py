@@ -169,17 +169,23 @@ class Connection:
 
         $DRIVE_ENDPOINT (else 127.0.0.1:50051; `check_endpoint` refuses one no
         daemon can be at), $DRIVE_TLS, $DRIVE_TLS_CA, $DRIVE_TLS_CERT,
-        $DRIVE_TLS_KEY. TLS is on when `tls` (else $DRIVE_TLS) says so; when
-        neither is set, when a CA or a client certificate is given. With TLS
-        off the files are ignored.
+        $DRIVE_TLS_KEY. Whether TLS is on: `tls`, else on when a TLS file is
+        given as an argument, else $DRIVE_TLS, else on when the environment
+        names a CA or a client certificate. An argument wins over the
+        environment, so files given as arguments with `tls=False` are refused,
+        where the environment's are ignored.
         """
         setting = "endpoint" if endpoint else "$DRIVE_ENDPOINT"
         endpoint = check_endpoint(endpoint or os.environ.get("DRIVE_ENDPOINT") or DEFAULT_ENDPOINT, setting)
+        files_given = any(f is not None for f in (tls_ca, tls_cert, tls_key))
+        if tls is False and files_given:
+            raise InvalidArgument("TLS files (tls_ca, tls_cert or tls_key) given with TLS turned off (tls=False, "
+                                  "`drive --no-tls`): drop them, or turn TLS on")
         ca = _path(tls_ca, "DRIVE_TLS_CA")
         cert = _path(tls_cert, "DRIVE_TLS_CERT")
         key = _path(tls_key, "DRIVE_TLS_KEY")
         if tls is None:
-            tls = env_flag("DRIVE_TLS") if os.environ.get("DRIVE_TLS") else bool(ca or cert)
+            tls = files_given or (env_flag("DRIVE_TLS") if os.environ.get("DRIVE_TLS") else bool(ca or cert))
         if not tls:
             return cls(endpoint)
         if (cert is None) != (key is None):

@@ -160,6 +160,33 @@ def test_the_environment_the_cli_and_fsspec_take_the_same_settings(mtls_daemon, 
     assert sorted(fs.ls(name, detail=False)) == [f"{name}/a.txt", f"{name}/b.txt"]
 
 
+def test_tls_files_given_as_arguments_win_over_drive_tls_0_in_the_environment(twin, tls_daemon, pki, drive_uri,
+                                                                              tmp_path, monkeypatch):
+    """$DRIVE_TLS=0 beat a tls_ca given as an argument: the client went in plaintext, token and all."""
+    monkeypatch.setenv("DRIVE_TLS", "0")
+    (tmp_path / "f.txt").write_bytes(b"f")
+    drive = twin(drive_uri, root_folder=tmp_path, endpoint=tls_daemon.endpoint, tls_ca=pki.ca, retry_seconds=1)
+    drive.put("f.txt")
+    assert drive.list(".") == ["f.txt"]
+    with pytest.raises(InvalidArgument, match="given with TLS turned off"):
+        twin(drive_uri, endpoint=tls_daemon.endpoint, tls=False, tls_ca=pki.ca)
+    monkeypatch.setenv("DRIVE_TLS_CA", str(pki.ca))  # the environment's files follow its own $DRIVE_TLS=0
+    with pytest.raises(Unavailable):
+        twin(drive_uri, endpoint=tls_daemon.endpoint, retry_seconds=0).list(".")
+
+
+def test_the_clis_tls_flags_win_over_drive_tls_0_in_the_environment(tls_daemon, pki, drive_uri, tmp_path):
+    env = {**os.environ, "DRIVE_TLS": "0"}
+    cli = [str(BIN / "python"), "-m", "drive_client.cli", "--endpoint", tls_daemon.endpoint, "--retry-seconds", "1"]
+    (tmp_path / "f.txt").write_bytes(b"f")
+    put = subprocess.run([*cli, "--tls-ca", str(pki.ca), "put", str(tmp_path / "f.txt"), drive_uri],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert put.returncode == 0, put.stderr
+    refused = subprocess.run([*cli, "--no-tls", "--tls-ca", str(pki.ca), "ls", drive_uri], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "given with TLS turned off" in refused.stderr
+
+
 def test_drived_health_reaches_a_tls_daemon(tls_daemon, mtls_daemon, pki):
     def health(endpoint: str, *flags: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "drived", "health", "--endpoint", endpoint, *flags],
