@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .channels import add_tls_arguments
 from .common import VERIFY, FileStat
@@ -21,6 +21,18 @@ from .errors import DriveError, InvalidArgument
 from .malloc import keep_transfer_buffers
 from .progress import ProgressBar
 from .uri import normalize_path
+
+
+class UsageError(InvalidArgument):
+    """A command line argparse cannot read: a missing or unknown argument, a value of the wrong type."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises what it cannot read, for `main` to print as it prints every error (one line, or JSON with --json),
+    where argparse prints its usage and exits. Its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def split_uri(uri: str, folder: bool) -> tuple[str, str]:
@@ -124,7 +136,7 @@ def _stat_fields(stat: FileStat) -> dict[str, Any]:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="drive", description="Put, list, get and delete files in drived drives.")
+    top = _Parser(prog="drive", description="Put, list, get and delete files in drived drives.")
     top.add_argument("--endpoint", help="drived address HOST:PORT, or dns:///NAME:PORT for round-robin over NAME's "
                      "addresses (default: $DRIVE_ENDPOINT, else 127.0.0.1:50051)")
     top.add_argument("--component", help="your component name (default: $DRIVE_COMPONENT, else 'default')")
@@ -175,22 +187,31 @@ def _add_output_arguments(parser: argparse.ArgumentParser, default: Any) -> None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parser().parse_args(argv)
+    except UsageError as err:  # 2, as argparse and POSIX tools exit on a command line they cannot read
+        return _failed(err, "--json" in argv, 2)  # the arguments read are lost with the error: --json as written
     keep_transfer_buffers()
     try:
         result = run(args)
     except (DriveError, OSError) as err:
-        if args.json:
-            code = err.code.name if isinstance(err, DriveError) and err.code else None
-            print(json.dumps({"error": str(err), "code": code, "type": type(err).__name__}))
-        print(f"drive: {err}", file=sys.stderr)
-        return 1
+        return _failed(err, args.json, 1)
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, without the traceback of where it landed
         print("drive: interrupted", file=sys.stderr)
         return 130
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
+
+
+def _failed(err: Exception, as_json: bool, status: int) -> int:
+    """Prints `err` on one line of stderr, and as JSON on stdout with --json; answers the exit status."""
+    if as_json:
+        code = err.code.name if isinstance(err, DriveError) and err.code else None
+        print(json.dumps({"error": str(err), "code": code, "type": type(err).__name__}))
+    print(f"drive: {err}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

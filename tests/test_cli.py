@@ -190,6 +190,22 @@ def test_error_unreachable(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_command_line_it_cannot_read_exits_2_with_one_line_and_json_with_json(daemon):
+    """argparse printed its usage and exited 2 without a JSON error, whatever --json said."""
+    for args, words in [(("ls",), ("location", "drive ls --help")),
+                        (("--retry-seconds", "abc", "ls", "lit://d"), ("--retry-seconds", "'abc'", "drive --help")),
+                        (("frob",), ("invalid choice: 'frob'",))]:
+        res = run(daemon, *args)
+        assert res.returncode == 2 and res.stdout == ""
+        assert_one_line_error(res, *words)
+        for as_json in (("--json", *args), (*args, "--json")):
+            res = run(daemon, *as_json)
+            assert res.returncode == 2
+            assert_one_line_error(res, *words)
+            error = json.loads(res.stdout)
+            assert (error["code"], error["type"]) == (None, "UsageError") and words[0] in error["error"]
+
+
 def test_get_into_an_existing_folder_goes_there_with_overwrite_too(daemon, tmp_path, drive_uri):
     """`drive get REMOTE FOLDER` puts REMOTE into an existing FOLDER, as cp does; with --overwrite it went onto
     FOLDER itself: a folder's files spread over FOLDER (replacing the user's files there) and a file failed
