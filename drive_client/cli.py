@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -195,13 +196,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_transfer_buffers()
     try:
         result = run(args)
+        if args.json:
+            print(json.dumps(result, indent=2, ensure_ascii=False))
+        sys.stdout.flush()  # a reader gone fails here, not in Python's flush at exit
+    except BrokenPipeError:
+        # stdout's reader is gone (`drive ls ... | head -1`): end quietly with the status of a tool killed by SIGPIPE
+        # (128 + 13), stdout pointed at /dev/null so that Python's flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (DriveError, OSError) as err:
         return _failed(err, args.json, 1)
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, without the traceback of where it landed
         print("drive: interrupted", file=sys.stderr)
         return 130
-    if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 
 

@@ -206,6 +206,19 @@ def test_a_command_line_it_cannot_read_exits_2_with_one_line_and_json_with_json(
             assert (error["code"], error["type"]) == (None, "UsageError") and words[0] in error["error"]
 
 
+def test_a_closed_stdout_ends_it_quietly_as_sigpipe_does(daemon, tmp_path, drive_uri):
+    """`drive ls ... | head -1` printed `drive: [Errno 32] Broken pipe` and exited 1."""
+    (tmp_path / "a.txt").write_bytes(b"a")
+    ok(run(daemon, "put", str(tmp_path / "a.txt"), drive_uri))
+    for args in (("ls", drive_uri), ("--json", "ls", drive_uri)):
+        ls = subprocess.Popen([*drive_cmd(), "--endpoint", daemon.endpoint, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+        ls.stdout.close()  # the reader is gone before it prints, as `head -1` is once it has read its line
+        with ls.stderr:
+            err = ls.stderr.read()  # to its end, when the command ends
+        assert (ls.wait(timeout=40), err) == (141, "")  # 128 + SIGPIPE, as the shell reports a tool SIGPIPE ends
+
+
 def test_get_into_an_existing_folder_goes_there_with_overwrite_too(daemon, tmp_path, drive_uri):
     """`drive get REMOTE FOLDER` puts REMOTE into an existing FOLDER, as cp does; with --overwrite it went onto
     FOLDER itself: a folder's files spread over FOLDER (replacing the user's files there) and a file failed
