@@ -164,7 +164,7 @@ from fsspec.utils import isfilelike
 
 from .aio import AsyncDrive, in_thread
 from .channels import DEFAULT_ENDPOINT
-from .common import FileStat, check_verify
+from .common import DriveBase, FileStat, check_verify
 from .drive import Drive
 from .effects import Done, advance
 from .errors import AmbiguousPathError, DataLoss, InvalidArgument, NotADirectory, NotFound, StaleIndexError
@@ -299,6 +299,11 @@ class _LitFileSystem:
         self._security: dict[str, Any] = {
             "tls": tls, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key, "insecure": insecure,
         }
+        # Each call's Drive checks these settings when it is made; checked now too, so that the filesystem is
+        # refused when it is made, as a Drive is (a token in plaintext to another machine, half a client
+        # certificate), not at its first call.
+        DriveBase("lit://_", endpoint=self.endpoint, token=token, verify=verify, retry_seconds=retry_seconds,
+                  **self._security)
         self.spool_dir = spool_dir  # where writes spool; None: the system temp dir
         if block_size is not None and (not isinstance(block_size, int) or block_size <= 0):
             raise InvalidArgument(f"block_size must be a positive number of bytes, got {block_size!r}")

@@ -345,9 +345,12 @@ def test_the_cli_and_fsspec_refuse_a_plaintext_token_to_another_machine(tmp_path
     cli = [str(BIN / "python"), "-m", "drive_client.cli", "--endpoint", UNREACHABLE, "--token", "t0ken"]
     refused = subprocess.run([*cli, "ls", "lit://d"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "refusing to send the token in plaintext" in refused.stderr
-    fs = fsspec.filesystem("lit", endpoint=UNREACHABLE, token="t0ken", skip_instance_cache=True)
-    with pytest.raises(ValueError, match="refusing to send the token in plaintext"):
-        fs.ls("d")
+    for asynchronous in (False, True):  # refused when the filesystem is made, as a Drive is
+        with pytest.raises(ValueError, match="refusing to send the token in plaintext"):
+            fsspec.filesystem("lit", endpoint=UNREACHABLE, token="t0ken", asynchronous=asynchronous,
+                              skip_instance_cache=True)
+        fsspec.filesystem("lit", endpoint=UNREACHABLE, token="t0ken", insecure=True, asynchronous=asynchronous,
+                          skip_instance_cache=True)
 
 
 def test_endpoint_hosts_and_loopback():
