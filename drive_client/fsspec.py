@@ -969,13 +969,14 @@ class _Writing:
         # The exception being handled as the file is opened (in an `except:` block), which a close may see
         # without unwinding anything (`_unwinding`).
         self._opened_during = sys.exc_info()[1]
+        self._pid = os.getpid()  # a forked child's copy leaves the spool to the process that writes it
         if spool is not None:
             _WRITERS[id(self)] = self
 
     def _abandon(self) -> None:
         """Discards the spool of a file open for writing that was never closed: nothing is stored, as nothing
         said that what was written is whole."""
-        if self.closed or self._spool is None:
+        if self.closed or self._spool is None or os.getpid() != self._pid:
             return
         warnings.warn(f"unclosed file 'lit://{self.path}' (mode {self.mode!r}): nothing stored", ResourceWarning,
                       stacklevel=2, source=self)

@@ -477,6 +477,35 @@ def test_a_writer_open_at_exit_stores_nothing_and_exit_does_not_hang(spooling, n
     assert "nothing stored" in run.stderr
 
 
+FORKED = """
+import gc, os, sys
+import fsspec
+
+endpoint, spool, path = sys.argv[1:]
+fs = fsspec.filesystem("lit", endpoint=endpoint, component_name="work_a", spool_dir=spool, skip_instance_cache=True)
+f = fs.open(path, "wb")
+f.write(b"the parent's")
+child = os.fork()
+if child == 0:  # a worker forked mid-write, which drops its copy and exits normally (its exit hooks run)
+    del f
+    gc.collect()
+    sys.exit(0)
+assert os.waitpid(child, 0)[1] == 0
+f.close()
+"""
+
+
+def test_a_forked_child_leaves_its_parents_writer_alone(spooling, name):
+    """The copy of an open writer a forked child holds is the parent's file: its collection, or the child's exit,
+    would remove the spool the parent is still writing, and the parent's close would then fail."""
+    path = f"{name}/forked.bin"
+    run = subprocess.run([sys.executable, "-c", FORKED, spooling.endpoint, spooling.spool_dir, path],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert spooling.cat(path) == b"the parent's"
+    assert list(pathlib.Path(spooling.spool_dir).iterdir()) == []
+
+
 def test_transaction_puts_at_the_end(fs, name):
     with fs.transaction:
         with fs.open(f"{name}/t1.txt", "wb") as f:
