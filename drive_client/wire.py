@@ -13,10 +13,14 @@ protobuf object.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from .errors import InvalidArgument
 from .pb import drive_pb2 as pb
 from .pb import drive_pb2_grpc as pb_grpc
 
@@ -105,13 +109,43 @@ class _Capture:
         self.handlers = handlers
 
 
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What the daemon receives in place of a request message that does not decode (bad UTF-8 in a string, a
+    corrupt message): its handler refuses it with `error`, once the call is authenticated, and logs and counts the
+    refusal. A deserializer that raised would have gRPC answer UNKNOWN itself, naming a Python class, before the
+    service sees the call."""
+
+    error: InvalidArgument
+
+
+def _or_undecodable(decode: Callable[[bytes], Any], type_name: str) -> Callable[[bytes], Any]:
+    """`decode`, giving an Undecodable for a message of `type_name` that does not decode."""
+    prefix = f"Error parsing message with type '{type_name}': "  # protobuf's: our message names the type once
+
+    def decoded(raw: bytes) -> Any:
+        try:
+            return decode(raw)
+        except DecodeError as err:
+            reason = str(err).removeprefix(prefix)
+            return Undecodable(InvalidArgument(f"the request is not a valid {type_name}: {reason}"))
+
+    return decoded
+
+
 def add_fast_servicer(servicer: pb_grpc.DriveServiceServicer, server: grpc.aio.Server) -> None:
-    """Registers `servicer` like the generated code does, with Put and Get chunks as plain bytes."""
+    """Registers `servicer` like the generated code does, with Put and Get chunks as plain bytes, and requests
+    that do not decode handed to it as `Undecodable`."""
     capture = _Capture()
     pb_grpc.add_DriveServiceServicer_to_server(servicer, capture)
     handlers = dict(capture.handlers)
     handlers["Put"] = handlers["Put"]._replace(request_deserializer=decode_put_request)
     handlers["Get"] = handlers["Get"]._replace(response_serializer=encode_get_response)
-    name = pb.DESCRIPTOR.services_by_name["DriveService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
+    service = pb.DESCRIPTOR.services_by_name["DriveService"]
+    for method, handler in handlers.items():
+        request_type = service.methods_by_name[method].input_type.full_name
+        handlers[method] = handler._replace(
+            request_deserializer=_or_undecodable(handler.request_deserializer, request_type)
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

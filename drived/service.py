@@ -34,7 +34,7 @@ from drive_client.errors import DriveError, InvalidArgument, ResourceExhausted, 
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc as pb_grpc
 from drive_client.uri import DriveId
-from drive_client.wire import SMALL_FILE, GetMessage, PutMessage
+from drive_client.wire import SMALL_FILE, GetMessage, PutMessage, Undecodable
 
 from . import metrics
 from .answers import AnswerRoom, Held
@@ -197,8 +197,15 @@ async def _end_idle(
     raise AssertionError("unreachable")  # context.abort raises
 
 
+def _check_decoded(message: object) -> None:
+    """Refuses a request message that did not decode (see drive_client.wire.Undecodable)."""
+    if isinstance(message, Undecodable):
+        raise message.error
+
+
 async def _received(context: grpc.aio.ServicerContext, stream: Stream) -> AsyncIterator[object]:
-    """The messages of a client stream, read one at a time and counted for the idle check.
+    """The messages of a client stream, read one at a time, counted for the idle check, and refused when one
+    does not decode.
 
     Read with `context.read()` rather than grpc's request iterator, whose
     generator keeps the last message while it waits for the next: a stalled
@@ -212,6 +219,7 @@ async def _received(context: grpc.aio.ServicerContext, stream: Stream) -> AsyncI
         stream.progress += 1
         if message is grpc.aio.EOF:
             return
+        _check_decoded(message)
         yield message
         del message
 
@@ -261,13 +269,14 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
 
     @asynccontextmanager
     async def answering(
-        service: DriveService, context: grpc.aio.ServicerContext, record: RequestLog
+        service: DriveService, request: object, context: grpc.aio.ServicerContext, record: RequestLog
     ) -> AsyncIterator[Stream | None]:
-        """The body of a call: authenticated, refused while draining, admitted among the streams (the
-        Stream; None for a call that is none), and its failure answered with its status, an idle stream's
-        with UNAVAILABLE."""
+        """The body of a call: authenticated, its request refused when it does not decode, refused while
+        draining, admitted among the streams (the Stream; None for a call that is none), and its failure answered
+        with its status, an idle stream's with UNAVAILABLE."""
         try:
             record.grant = service.caller(context)
+            _check_decoded(request)  # a client stream's messages are checked as they arrive (_received)
             if service.draining:
                 raise Unavailable("shutting down: retry (on another replica, or here once it is back)")
             with contextlib.ExitStack() as admitted:
@@ -295,7 +304,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
         @wraps(handler)
         async def streams(self: DriveService, request: object, context: grpc.aio.ServicerContext) -> None:
             with _logged(method, request) as record:
-                async with answering(self, context, record) as stream:
+                async with answering(self, request, context, record) as stream:
                     assert stream is not None
                     async with aclosing(handler(self, request, record)) as answers:
                         async for answer in answers:
@@ -312,7 +321,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(handler)
     async def answers(self: DriveService, request: object, context: grpc.aio.ServicerContext) -> object:
         with _logged(method, request) as record:
-            async with answering(self, context, record) as stream:
+            async with answering(self, request, context, record) as stream:
                 if stream is not None and hasattr(request, "__anext__"):
                     request = _received(context, stream)
                 return await handler(self, request, record)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pathlib
 import stat
@@ -13,6 +14,7 @@ import stat
 import grpc
 import pytest
 from conftest import DaemonHandle, no_uploads, put_messages, raw_get, raw_put, snapshot, wait_until
+from test_metrics import scrape
 
 from drive_client import Drive, DriveError
 from drive_client.pb import drive_pb2 as pb
@@ -264,6 +266,60 @@ def test_a_path_too_long_for_the_data_dir_is_refused_as_such(start_daemon, tmp_p
         assert wait_until(lambda: no_uploads(handle.data_dir), 10)
         assert snapshot(handle.data_dir) == before
         assert [(info.path, data) for info, data in raw_get(stub, drive, ".")] == [("kept.txt", b"kept")]
+
+
+def field(number: int, value: bytes) -> bytes:
+    """A length-delimited protobuf field of under 128 bytes, made by hand: a client may send any bytes."""
+    return bytes([number << 3 | 2, len(value)]) + value
+
+
+NOT_UTF8 = field(1, DRIVE.encode()) + field(2, b"x\xff")  # drive, and a path of bad UTF-8
+CUT_SHORT = field(1, DRIVE.encode())[:-2]
+
+
+@pytest.mark.parametrize("token", ["", "s3cret"], ids=["open", "token"])
+def test_a_request_that_does_not_decode_is_refused_as_invalid(start_daemon, tmp_path, token):
+    """Bad UTF-8 in a string field, or a corrupt message, in a unary request or in a Put stream: INVALID_ARGUMENT
+    naming the message, once the token is checked, logged as one request line and counted, nothing stored. gRPC
+    answered UNKNOWN itself, naming a Python class, before any token was checked, and a Put INTERNAL; each logged
+    a traceback and no request."""
+    handle = start_daemon(tmp_path, *(["--token", token] if token else []))
+    bearer = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        drive_pb2_grpc.DriveServiceStub(channel).Put(put_messages(DRIVE, "x", b"x"), metadata=bearer, timeout=10)
+        stored, logged, counts = snapshot(handle.data_dir), len(handle.log().splitlines()), scrape(handle.metrics)
+        stat_bytes = channel.unary_unary("/drive.v1.DriveService/Stat")  # sends and answers bytes as they are
+        put_bytes = channel.stream_unary("/drive.v1.DriveService/Put")
+        header = pb.PutRequest(header=pb.PutHeader(drive=DRIVE, path="x")).SerializeToString()
+        calls = [
+            ("Stat", lambda md: stat_bytes(NOT_UTF8, metadata=md, timeout=10),
+             "StatRequest: String field had bad UTF-8"),
+            ("Stat", lambda md: stat_bytes(CUT_SHORT, metadata=md, timeout=10),
+             "StatRequest: Wire format was corrupt"),
+            ("Put", lambda md: put_bytes(iter([field(1, NOT_UTF8)]), metadata=md, timeout=10),
+             "PutRequest: String field had bad UTF-8"),
+            ("Put", lambda md: put_bytes(iter([header, field(2, b"evil"), CUT_SHORT]), metadata=md, timeout=10),
+             "PutRequest: Wire format was corrupt"),
+        ]
+        for _, call, reason in calls:
+            with pytest.raises(grpc.RpcError) as refused:
+                call(bearer)
+            assert refused.value.code() == INVALID, refused.value.details()
+            assert refused.value.details() == f"the request is not a valid drive.v1.{reason}"
+            if token:  # checked first
+                assert code_of(lambda call=call: call([])) == grpc.StatusCode.UNAUTHENTICATED
+    assert wait_until(lambda: no_uploads(handle.data_dir), 10)
+    assert snapshot(handle.data_dir) == stored
+    calls_made = len(calls) * (2 if token else 1)
+    assert wait_until(lambda: len(handle.log().splitlines()) >= logged + calls_made)
+    lines = [json.loads(line) for line in handle.log().splitlines()[logged:]]
+    assert {(line["event"], line["level"]) for line in lines} == {("request", "info")}, lines  # and no traceback
+    refusals = [line["method"] for line in lines if line["status"] == "INVALID_ARGUMENT"]
+    assert refusals == [method for method, _, _ in calls], lines
+    after = scrape(handle.metrics)
+    for method in ("Stat", "Put"):
+        counted = f'drived_requests_total{{code="INVALID_ARGUMENT",method="{method}"}}'
+        assert after[counted] - counts.get(counted, 0) == 2, method
 
 
 def test_raw_hostile_path_in_second_file_of_stream(seeded):
