@@ -117,7 +117,7 @@ HELP = {
     "before it is ended (UNAVAILABLE) and its upload data removed (a resumable upload is not held for a resume); "
     "with --storage, also the most a client may keep a part it sends waiting, in all, while other uploads wait "
     "for memory (its stream is then ended too, but its upload is held for a resume from its last part sent, as a "
-    "cut stream's is); 0: never",
+    "cut stream's is); at least 1, or 0: never",
     "log_level": "debug, info, warning or error",
 }
 
@@ -156,6 +156,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"give a number of seconds, not {text!r}") from None
     if not math.isfinite(value) or value > MAX_SECONDS:
         raise argparse.ArgumentTypeError(f"give seconds, at most {MAX_SECONDS} (about 24 days), not {text}")
+    return value
+
+
+MIN_IDLE_TIMEOUT = 1.0  # shorter, a client's ordinary pause (a busy disk, a collection) would end its transfers
+
+
+def _idle_timeout(text: str) -> float:
+    value = _non_negative(_seconds)(text)
+    if 0 < value < MIN_IDLE_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"give 0 (never) or at least {MIN_IDLE_TIMEOUT:g} s, not {text}")
     return value
 
 
@@ -243,7 +253,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "metrics_listen": _address, "token": str, "auth_tokens": str, "tls_cert": str, "tls_key": str,
     "tls_client_ca": str, "reflection": _switch, "max_connection_age": _non_negative(_seconds),
     "max_file_size": _size, "quota": _size, "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
-    "stream_idle_timeout": _non_negative(_seconds), "log_level": str,
+    "stream_idle_timeout": _idle_timeout, "log_level": str,
 }
 
 

@@ -41,6 +41,7 @@ from drive_client.errors import TooManyStreams
 log = logging.getLogger("drived")
 
 MAX_TICK_SECONDS = 1.0  # how often streams are looked at (more often for a short idle timeout)
+MIN_TICK_SECONDS = 0.1  # and at most this often, whatever the idle timeout: a tick of nothing spins the loop
 
 
 def peer_host(peer: str) -> str:
@@ -133,7 +134,9 @@ class Streams:
             await asyncio.gather(self._ticking, return_exceptions=True)
 
     def tick_seconds(self) -> float:
-        return min(MAX_TICK_SECONDS, self.idle_timeout / 4) if self.idle_timeout else MAX_TICK_SECONDS
+        if not self.idle_timeout:
+            return MAX_TICK_SECONDS
+        return max(MIN_TICK_SECONDS, min(MAX_TICK_SECONDS, self.idle_timeout / 4))
 
     async def _tick_forever(self) -> None:
         while True:

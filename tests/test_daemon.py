@@ -380,18 +380,24 @@ def test_sigterm_answers_waiting_gets_unavailable(tmp_path, start_daemon):
     assert time.monotonic() - t0 < 20, "a waiting Get should not hold the shutdown for the grace period"
 
 
-@pytest.mark.parametrize(("flag", "value"), [
-    ("--listen", "127.0.0.1:99999"),  # gRPC would serve port 34463 (99999 modulo 65536)
-    ("--listen", "127.0.0.1:-1"),  # ... and port 65535
-    ("--metrics-listen", "127.0.0.1:70000"),
-    ("--max-connection-age", "3000000"),  # 35 days: past what gRPC holds in milliseconds
-    ("--max-connection-age", "nan"),
-    ("--grace-period", "inf"),
-    ("--upload-expiry", "nan"),
-    ("--claim-ttl", "1e30"),
-    ("--stream-idle-timeout", "nan"),
+SECONDS = "at most 2147483 (about 24 days)"
+
+
+@pytest.mark.parametrize(("flag", "value", "why"), [
+    ("--listen", "127.0.0.1:99999", "a port of 0-65535"),  # gRPC would serve port 34463 (99999 modulo 65536)
+    ("--listen", "127.0.0.1:-1", "a port of 0-65535"),  # ... and port 65535
+    ("--metrics-listen", "127.0.0.1:70000", "a port of 0-65535"),
+    ("--max-connection-age", "3000000", SECONDS),  # 35 days: past what gRPC holds in milliseconds
+    ("--max-connection-age", "nan", SECONDS),
+    ("--grace-period", "inf", SECONDS),
+    ("--upload-expiry", "nan", SECONDS),
+    ("--claim-ttl", "1e30", SECONDS),
+    ("--stream-idle-timeout", "nan", SECONDS),
+    # The idle check ticked every quarter of it: the daemon spun its CPU, and ended every Put at once.
+    ("--stream-idle-timeout", "0.01", "0 (never) or at least 1 s"),
+    ("--stream-idle-timeout", "1e-9", "0 (never) or at least 1 s"),
 ])
-def test_a_bad_address_or_seconds_value_is_refused_naming_its_flag(tmp_path, flag, value):
+def test_a_bad_address_or_seconds_value_is_refused_naming_its_flag(tmp_path, flag, value, why):
     data = tmp_path / "data"
     (data / "tmp").mkdir(parents=True)
     (data / "tmp" / "held").write_bytes(b"an upload a running daemon would remove")
@@ -409,7 +415,8 @@ def test_a_bad_address_or_seconds_value_is_refused_naming_its_flag(tmp_path, fla
             proc.kill()
             out, err = proc.communicate()
         assert proc.returncode == 2, f"{named}={value} was not refused: exit {proc.returncode}\n{out}{err}"
-        assert "Traceback" not in err and named in err.strip().splitlines()[-1], err
+        last = err.strip().splitlines()[-1]
+        assert "Traceback" not in err and named in last and why in last, err
     assert snapshot(data) == before
 
 

@@ -29,7 +29,7 @@ from drive_client import Drive
 from drive_client.errors import ResourceExhausted, TooManyStreams
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
-from drived.limits import Streams, peer_host
+from drived.limits import MAX_TICK_SECONDS, MIN_TICK_SECONDS, Streams, peer_host
 from drived.puts import MAX_FILES_PER_STREAM
 
 pytestmark = pytest.mark.timeout(180)
@@ -67,6 +67,13 @@ async def test_streams_are_admitted_per_peer_and_in_all() -> None:
         assert streams.count == 2
     assert streams.count == 0
     assert await streams.wait_closed(0.1)
+
+
+def test_the_idle_check_looks_at_streams_at_most_ten_times_a_second() -> None:
+    """Every quarter of the idle timeout, at most every second and at least every 0.1 s: a tick of a quarter of
+    1e-9 s spun the daemon's CPU (the config refuses such a timeout, and the floor holds whatever the caller)."""
+    ticks = {timeout: Streams(1, 1, idle_timeout=timeout).tick_seconds() for timeout in (0, 1e-9, 0.2, 2, 60)}
+    assert ticks == {0: MAX_TICK_SECONDS, 1e-9: MIN_TICK_SECONDS, 0.2: MIN_TICK_SECONDS, 2: 0.5, 60: MAX_TICK_SECONDS}
 
 
 # --- streams against a daemon ------------------------------------------------------------------
