@@ -90,6 +90,14 @@ def compile_scope(patterns: Iterable[str]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in full))
 
 
+SENDABLE = "printable ASCII without spaces"
+
+
+def sendable(token: str) -> bool:
+    """Whether a client can send `token`: gRPC metadata carries printable ASCII only, and a space would end it."""
+    return bool(token) and all("!" <= c <= "~" for c in token)
+
+
 def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -128,8 +136,8 @@ def _entry(number: int, entry: Any) -> tuple[bytes, Grant, bool]:
         digest = bytes.fromhex(hexdigest)
     else:
         token = entry["token"]
-        if not isinstance(token, str) or not token or not all("!" <= c <= "~" for c in token):
-            raise TokenFileError(f"{where}: `token` is a non-empty string of printable ASCII without spaces")
+        if not isinstance(token, str) or not sendable(token):
+            raise TokenFileError(f"{where}: `token` is a non-empty string of {SENDABLE}")
         digest = token_digest(token)
     drives = entry.get("drives")
     if not isinstance(drives, list) or not drives:

@@ -18,6 +18,7 @@ from typing import Any
 from drive_client.errors import InvalidArgument
 from drive_client.uri import parse_drive
 
+from .auth import SENDABLE, sendable
 from .coordinator import CLAIM_TTL
 from .redis_coordinator import check_url_options
 
@@ -95,7 +96,7 @@ HELP = {
     "metrics_listen": "HOST:PORT to serve Prometheus metrics on (/metrics); empty: no metrics endpoint",
     "token": "when set, every DriveService call must carry `authorization: Bearer TOKEN` (UNAUTHENTICATED "
     "otherwise): one token for every drive, read-write, beside those of --auth-tokens; health and reflection "
-    "stay open. Prefer the env variable: flags show in `ps`",
+    f"stay open. A token is {SENDABLE}. Prefer the env variable: flags show in `ps`",
     "auth_tokens": "TOML file of tokens, each with the drives it may use and its mode, read or read-write "
     "(README, Security); calls then need one of them. SIGHUP reads it again",
     "tls_cert": "PEM certificate (chain) to serve gRPC over TLS with; needs --tls-key. SIGHUP reads it again",
@@ -226,6 +227,13 @@ def _coordinator(text: str) -> str:
     return text
 
 
+def _token(text: str) -> str:
+    """A token a client can send (empty: none); a refusal never repeats it."""
+    if text and not sendable(text):
+        raise argparse.ArgumentTypeError(f"a token is {SENDABLE}, as clients send it: every client would be refused")
+    return text
+
+
 def _switch(text: str) -> bool:
     word = text.strip().lower()
     if word in ("on", "true", "yes", "1"):
@@ -250,7 +258,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "coordinator": _coordinator, "claim_ttl": _positive(_seconds), "chunk_size": _chunk_size,
     "grace_period": _positive(_seconds), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
     "s3_index_memory": _positive(_size),
-    "metrics_listen": _address, "token": str, "auth_tokens": str, "tls_cert": str, "tls_key": str,
+    "metrics_listen": _address, "token": _token, "auth_tokens": str, "tls_cert": str, "tls_key": str,
     "tls_client_ca": str, "reflection": _switch, "max_connection_age": _non_negative(_seconds),
     "max_file_size": _size, "quota": _size, "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
     "stream_idle_timeout": _idle_timeout, "log_level": str,

@@ -468,6 +468,25 @@ def test_a_token_file_that_cannot_be_used_stops_the_start(tmp_path, content, rea
     assert not (tmp_path / "data").exists()  # refused before the data dir was made
 
 
+@pytest.mark.parametrize("token", ["Zq7-sécret", "Zq7 two", "Zq7\nline", "Zq7\ttab"])
+def test_a_token_no_client_can_send_stops_the_start_unshown(tmp_path, token):
+    """A --token (or DRIVED_TOKEN) held to what a token file's is: the daemon started, and every client was locked
+    out (the client refused the token, gRPC answered INTERNAL "Invalid metadata")."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    for args, env, named in ((["--token", token], {}, "--token"), ([], {"DRIVED_TOKEN": token}, "DRIVED_TOKEN")):
+        log = tmp_path / f"drived-{named}.log"
+        handle = spawn_daemon(["--listen", endpoint, "--data-dir", str(tmp_path / "data"), *args], log,
+                              tmp_path / "data", endpoint, env=env)
+        try:
+            assert handle.proc.wait(30) == 2, handle.log()
+        finally:
+            handle.stop(signal.SIGKILL)  # a daemon that started (without the check)
+        last = handle.log().strip().splitlines()[-1]
+        assert named in last and "printable ASCII without spaces" in last, handle.log()
+        assert "Zq7" not in handle.log()  # no part of the token
+    assert not (tmp_path / "data").exists()
+
+
 def test_reflection_can_be_turned_off(start_daemon, tmp_path):
     handle = start_daemon(tmp_path, "--reflection", "off")
     listed = subprocess.run([str(BIN / "grpcurl"), "-plaintext", handle.endpoint, "list"],
