@@ -180,6 +180,17 @@ def _address(text: str) -> str:
     return text
 
 
+def _listen(text: str) -> str:
+    """The gRPC address: gRPC cannot listen on an empty host, and would say only that it failed to bind."""
+    address = _address(text)
+    if not address or address.startswith(":"):
+        raise argparse.ArgumentTypeError(
+            f"give HOST:PORT with its host (127.0.0.1:PORT for this machine only, 0.0.0.0:PORT for every "
+            f"interface), not {text!r}"
+        )
+    return address
+
+
 def _storage(text: str) -> str:
     if not text:
         return text
@@ -253,7 +264,7 @@ def _chunk_size(text: str) -> int:
 SECRET = {"token", "coordinator"}  # values that may hold a password: never repeated in a message
 
 PARSERS: dict[str, Callable[[str], Any]] = {
-    "listen": _address, "data_dir": str, "storage": _storage, "upload_expiry": _positive(_seconds),
+    "listen": _listen, "data_dir": str, "storage": _storage, "upload_expiry": _positive(_seconds),
     "max_held_uploads": _non_negative(int), "max_held_bytes": _size,
     "coordinator": _coordinator, "claim_ttl": _positive(_seconds), "chunk_size": _chunk_size,
     "grace_period": _positive(_seconds), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),

@@ -386,6 +386,7 @@ SECONDS = "at most 2147483 (about 24 days)"
 @pytest.mark.parametrize(("flag", "value", "why"), [
     ("--listen", "127.0.0.1:99999", "a port of 0-65535"),  # gRPC would serve port 34463 (99999 modulo 65536)
     ("--listen", "127.0.0.1:-1", "a port of 0-65535"),  # ... and port 65535
+    ("--listen", ":0", "with its host"),  # gRPC failed to bind, and the daemon asked whether another one was there
     ("--metrics-listen", "127.0.0.1:70000", "a port of 0-65535"),
     ("--max-connection-age", "3000000", SECONDS),  # 35 days: past what gRPC holds in milliseconds
     ("--max-connection-age", "nan", SECONDS),
