@@ -426,7 +426,9 @@ class GetRequest(_message.Message):
     """When > 0 and the path does not exist yet, wait up to this many seconds
     for a put to commit it before answering DEADLINE_EXCEEDED. At most 86400
     (a day): a wait holds a stream of the daemon's; to wait longer, wait
-    again. NaN, infinity or more than a day is INVALID_ARGUMENT.
+    again. NaN, infinity or more than a day is INVALID_ARGUMENT. A folder
+    exists once its first file is committed: to wait for a whole folder put,
+    wait for a file put after it.
     """
     if_match: _builtins.str
     """When set, the file must still have this sha256 (managed) or ETag (s3):
