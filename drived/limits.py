@@ -1,15 +1,17 @@
 """Streams: how many the daemon serves at once, which ones a quiet peer has abandoned, and memory given back.
 
 Every call that moves file bytes or stays open (Put, PutFile, Get, Watch) is a
-*stream* here. `Streams.open` admits it or refuses it with RESOURCE_EXHAUSTED:
+*stream* here. `Streams.opened` admits it or refuses it with RESOURCE_EXHAUSTED:
 at most `max_streams` at once in all, and `max_streams_per_peer` from one
 peer, a peer being the client's address without its port (every process of
 one host, or everything behind one proxy, is one peer). Calls that only ask
-(List, Stat, Delete, health) are never refused here, so one client's flood
-of streams leaves the daemon answering everyone else.
+(List, Stat, Delete) take no stream's place, so one client's flood of
+streams leaves the daemon answering everyone else; they take one among the
+requests arriving (`Streams.arriving`) only while their request arrives.
 
 A Put or Get whose peer has sent (Put) or taken (Get) nothing for
-`idle_timeout` seconds while the daemon waited on it is cancelled, and the
+`idle_timeout` seconds while the daemon waited on it, or a call whose request
+has not all come in that time, is cancelled, and the
 caller answers it UNAVAILABLE; the Put's upload is discarded on the way out.
 The time a Get spends waiting for its path to be put, or reading from the
 store, is not the peer's and does not count. Nothing runs per message for
@@ -29,6 +31,7 @@ below that and stay).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter
@@ -60,6 +63,7 @@ class Stream:
     peer: str
     task: asyncio.Task[object] | None
     idle_limited: bool  # Put and Get: cancelled when their peer goes quiet
+    arriving: bool = False  # its request is arriving: cancelled too when its peer goes quiet meanwhile
     progress: int = 0  # messages received or sent
     waiting: bool = False  # waiting on the peer (the next message of a Put, the write of a Get)
     timed_out: bool = False  # cancelled by the idle check
@@ -80,6 +84,8 @@ class Streams:
         self._release_memory = release_memory
         self._open: set[Stream] = set()
         self._per_peer: Counter[str] = Counter()
+        self._arriving: set[Stream] = set()  # requests of calls that are no stream, still arriving
+        self._arriving_per_peer: Counter[str] = Counter()
         self._none_open = asyncio.Event()
         self._none_open.set()
         self._ticking: asyncio.Task[None] | None = None
@@ -91,30 +97,50 @@ class Streams:
     @contextmanager
     def opened(self, method: str, peer: str, idle_limited: bool) -> Iterator[Stream]:
         """Admits a stream of `method` from `peer` for the body of a `with`; TooManyStreams when full."""
-        host = peer_host(peer)
-        if self._per_peer[host] >= self.max_per_peer:
-            raise TooManyStreams(
-                f"this client's host has {self.max_per_peer} transfers and watches open, the most drived "
-                "takes from one host (--max-streams-per-peer): wait for some to end, then retry"
-            )
-        if len(self._open) >= self.max_streams:
-            raise TooManyStreams(
-                f"drived has {self.max_streams} transfers and watches open, the most it takes at once "
-                "(--max-streams): retry later"
-            )
-        stream = Stream(method, host, asyncio.current_task(), idle_limited)
-        self._open.add(stream)
-        self._per_peer[host] += 1
-        self._none_open.clear()
+        stream = Stream(method, peer_host(peer), asyncio.current_task(), idle_limited)
         try:
-            yield stream
+            with self._admitted(stream, self._open, self._per_peer, "transfers and watches open"):
+                self._none_open.clear()
+                yield stream
         finally:
-            self._open.discard(stream)
-            self._per_peer[host] -= 1
-            if not self._per_peer[host]:
-                del self._per_peer[host]
             if not self._open:
                 self._none_open.set()
+
+    @contextmanager
+    def arriving(self, method: str, peer: str) -> Iterator[Stream]:
+        """Admits the request of a call of `method` that is no stream (List, Stat, Delete, ...) from `peer` while
+        it arrives, as a stream that the idle check ends, for the body of a `with`; TooManyStreams when full.
+
+        gRPC holds what has come of a request until all of it has: a client
+        that sends part of each of many requests and stalls would hold up to
+        a message (4 MiB) each, for as long as it stalls. Such a call takes a
+        place of its own, as many as streams, while its request arrives; a
+        whole request arrives with its call, so no other call waits here.
+        """
+        stream = Stream(method, peer_host(peer), asyncio.current_task(), idle_limited=False, arriving=True)
+        with self._admitted(stream, self._arriving, self._arriving_per_peer, "requests arriving"):
+            yield stream
+
+    @contextmanager
+    def _admitted(self, stream: Stream, admitted: set[Stream], per_peer: Counter[str], what: str) -> Iterator[None]:
+        """Adds `stream` to `admitted` and `per_peer` for the body of a `with`; TooManyStreams when either is full."""
+        if per_peer[stream.peer] >= self.max_per_peer:
+            raise TooManyStreams(
+                f"this client's host has {self.max_per_peer} {what}, the most drived takes from one host "
+                "(--max-streams-per-peer): wait for some to end, then retry"
+            )
+        if len(admitted) >= self.max_streams:
+            raise TooManyStreams(f"drived has {self.max_streams} {what}, the most it takes at once (--max-streams): "
+                                 "retry later")
+        admitted.add(stream)
+        per_peer[stream.peer] += 1
+        try:
+            yield
+        finally:
+            admitted.discard(stream)
+            per_peer[stream.peer] -= 1
+            if not per_peer[stream.peer]:
+                del per_peer[stream.peer]
 
     async def wait_closed(self, timeout: float) -> bool:
         """Waits up to `timeout` seconds for every open stream to end; True if they did."""
@@ -148,11 +174,12 @@ class Streams:
                 log.debug("memory check", extra={"fields": {"ms": round((time.perf_counter() - started) * 1000, 3)}})
 
     def cancel_idle(self, now: float) -> None:
-        """Cancels each Put or Get that has waited on its peer, with no message moved, for the idle timeout."""
+        """Cancels each Put or Get, and each call whose request arrives, that has waited on its peer, with no
+        message moved, for the idle timeout."""
         if not self.idle_timeout:
             return
-        for stream in self._open:
-            if not (stream.idle_limited and stream.waiting) or stream.progress != stream._seen:
+        for stream in itertools.chain(self._open, self._arriving):
+            if not ((stream.idle_limited or stream.arriving) and stream.waiting) or stream.progress != stream._seen:
                 stream._seen = stream.progress
                 stream._quiet_since = now
             elif now - stream._quiet_since >= self.idle_timeout and not stream.timed_out and stream.task:

@@ -98,10 +98,9 @@ def _loggable(text: str) -> str:
 
 
 @contextmanager
-def _logged(method: str, request: object) -> Iterator[RequestLog]:
-    """Logs and counts one request (drive, path and component taken from `request` where it has them)."""
-    drive, path, component = (_loggable(getattr(request, name, "")) for name in ("drive", "path", "component"))
-    record = RequestLog(method, drive, path, component)
+def _logged(method: str) -> Iterator[RequestLog]:
+    """Logs and counts one request (its drive, path and component once known: `_describe`)."""
+    record = RequestLog(method)
     started = time.perf_counter()
     metrics.OPEN_REQUESTS.labels(method).inc()
     try:
@@ -188,7 +187,7 @@ async def _end_idle(
     if task is not None:
         task.uncancel()
     record.status = "UNAVAILABLE"
-    what = "sent" if stream.method == "Put" else "read"
+    what = "sent" if stream.method == "Put" or stream.arriving else "read"
     ended = Unavailable(
         f"this {stream.method} was ended: its client {what} nothing for {idle_timeout:g} s "
         "(--stream-idle-timeout); retry it"
@@ -201,6 +200,25 @@ def _check_decoded(message: object) -> None:
     """Refuses a request message that did not decode (see drive_client.wire.Undecodable)."""
     if isinstance(message, Undecodable):
         raise message.error
+
+
+def _describe(record: RequestLog, request: object) -> None:
+    """Logs the drive, path and component of `request` where it has them."""
+    record.drive, record.path, record.component = (
+        _loggable(getattr(request, name, "")) for name in ("drive", "path", "component"))
+
+
+async def _request(context: grpc.aio.ServicerContext, stream: Stream, record: RequestLog) -> object:
+    """The call's one request message, read while `stream` waits on its client (the idle check ends a request
+    that stops arriving: `drive_client.wire.add_fast_servicer`); refused when it does not decode."""
+    stream.arriving = stream.waiting = True
+    message = await context.read()
+    stream.arriving = stream.waiting = False
+    if message is grpc.aio.EOF:
+        raise InvalidArgument("the call ended before its request message")
+    _check_decoded(message)
+    _describe(record, message)
+    return message
 
 
 async def _received(context: grpc.aio.ServicerContext, stream: Stream) -> AsyncIterator[object]:
@@ -266,34 +284,40 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     if method not in READS | WRITES:
         raise TypeError(f"{method}: say in drived.auth whether it reads or writes (READS or WRITES)")
     idle_limited = method in IDLE_LIMITED
+    one_request = not pb.DESCRIPTOR.services_by_name["DriveService"].methods_by_name[method].client_streaming
 
     @asynccontextmanager
     async def answering(
-        service: DriveService, request: object, context: grpc.aio.ServicerContext, record: RequestLog
-    ) -> AsyncIterator[Stream | None]:
-        """The body of a call: authenticated, its request refused when it does not decode, refused while
-        draining, admitted among the streams (the Stream; None for a call that is none), and its failure answered
-        with its status, an idle stream's with UNAVAILABLE."""
+        service: DriveService, context: grpc.aio.ServicerContext, record: RequestLog
+    ) -> AsyncIterator[tuple[Stream | None, object]]:
+        """The body of a call: authenticated, refused while draining, admitted among the streams (the Stream;
+        None for a call that is none), its request read (None for a client stream, read by the handler), and its
+        failure answered with its status, an idle stream's with UNAVAILABLE."""
         try:
             record.grant = service.caller(context)
-            _check_decoded(request)  # a client stream's messages are checked as they arrive (_received)
             if service.draining:
                 raise Unavailable("shutting down: retry (on another replica, or here once it is back)")
             with contextlib.ExitStack() as admitted:
-                stream = None
+                stream = idle = None
                 if method in STREAMS:
                     stream = admitted.enter_context(service.streams.opened(method, context.peer(), idle_limited))
                     record.stream = stream
-                if method in HELD_ANSWERS:
-                    held = record.answer = await service.answers.take(context.peer())
-                    context.add_done_callback(lambda _: held.release())
                 try:
-                    yield stream
+                    request = None
+                    if one_request:
+                        with contextlib.ExitStack() as arriving:
+                            idle = stream or arriving.enter_context(service.streams.arriving(method, context.peer()))
+                            request = await _request(context, idle, record)
+                    idle = stream
+                    if method in HELD_ANSWERS:
+                        held = record.answer = await service.answers.take(context.peer())
+                        context.add_done_callback(lambda _: held.release())
+                    yield stream, request
                 except asyncio.CancelledError:
-                    if stream is None or not stream.timed_out:
+                    if idle is None or not idle.timed_out:
                         raise
                     # Answered while still admitted: see _end_idle.
-                    await _end_idle(context, record, stream, service.streams.idle_timeout)
+                    await _end_idle(context, record, idle, service.streams.idle_timeout)
         except grpc.aio.AbortError:
             raise
         except Exception as err:
@@ -302,9 +326,9 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(handler):
 
         @wraps(handler)
-        async def streams(self: DriveService, request: object, context: grpc.aio.ServicerContext) -> None:
-            with _logged(method, request) as record:
-                async with answering(self, request, context, record) as stream:
+        async def streams(self: DriveService, requests: object, context: grpc.aio.ServicerContext) -> None:
+            with _logged(method) as record:
+                async with answering(self, context, record) as (stream, request):
                     assert stream is not None
                     async with aclosing(handler(self, request, record)) as answers:
                         async for answer in answers:
@@ -319,10 +343,11 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
         return streams
 
     @wraps(handler)
-    async def answers(self: DriveService, request: object, context: grpc.aio.ServicerContext) -> object:
-        with _logged(method, request) as record:
-            async with answering(self, request, context, record) as stream:
-                if stream is not None and hasattr(request, "__anext__"):
+    async def answers(self: DriveService, requests: object, context: grpc.aio.ServicerContext) -> object:
+        with _logged(method) as record:
+            async with answering(self, context, record) as (stream, request):
+                if not one_request:
+                    assert stream is not None
                     request = _received(context, stream)
                 return await handler(self, request, record)
         raise AssertionError("unreachable")  # a failure is answered by aborting, which raises

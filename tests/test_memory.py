@@ -9,6 +9,7 @@ freed memory once a look at the streams (at most a second) has passed.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import grpc
 import pytest
 from conftest import MIB, StalledPuts, no_uploads, rss_mib, upload_bytes, wait_until
 from crc32c import crc32c
+from partial_requests import PartialRequests
 
 from drive_client import Drive
 from drive_client.malloc import KEEP_FREE
@@ -118,6 +120,51 @@ os.kill(os.getpid(), signal.SIGSTOP)  # a client that stops reading: stalled, sw
     finally:
         stalled.kill()
         stalled.wait()
+
+
+ARRIVING = 4  # --max-streams-per-peer in the test below
+IN_PART = 2 * MIB  # what comes of each call's 4 MB request
+
+
+@pytest.mark.parametrize("method, token", [("PutFile", ""), ("Stat", ""), ("Stat", "a-token")])
+def test_requests_that_arrive_in_part_hold_memory_only_while_admitted(start_daemon, tmp_path, method, token):
+    """300 calls whose client sent 2 of each request's 4 MB and stalled, answering the daemon's pings, took a
+    daemon from 66 to 658 MiB, without a token too: gRPC holds what came of a request until all of it has, and
+    ran the daemon's code (the token, the stream caps, the idle check) only then. A call now takes its place
+    among the streams, or among the requests arriving (List, Stat, ...), before its request is read: beyond
+    --max-streams-per-peer it is refused at once, one without a token before anything, and an admitted one that
+    stops arriving is ended by the idle check."""
+    extra = ("--token", token) if token else ()
+    handle = start_daemon(tmp_path, "--max-streams", "8", "--max-streams-per-peer", str(ARRIVING),
+                          "--stream-idle-timeout", "3", *extra)
+    before = {e.path for e in _listed(handle.endpoint, token)}
+    baseline = rss_mib(handle.proc.pid)
+    attacker = PartialRequests(int(handle.endpoint.rpartition(":")[2]))
+    try:
+        calls = [attacker.call(f"/drive.v1.DriveService/{method}", 4_000_000, IN_PART) for _ in range(100)]
+        during = rss_mib(handle.proc.pid)
+        bound = baseline + ARRIVING * IN_PART / MIB + KEEP_FREE / MIB + SLACK_MIB
+        print(f"100 requests arriving in part: daemon {during:.0f} MiB (baseline {baseline:.0f}, bound {bound:.0f})")
+        assert during <= bound, f"100 requests arriving in part keep the daemon at {during:.0f} MiB"
+        assert wait_until(lambda: set(calls) <= attacker.ended, 30), "calls the daemon neither refused nor ended"
+    finally:
+        attacker.close()
+    statuses = [line["status"] for line in map(json.loads, handle.log().splitlines())
+                if line.get("event") == "request" and line.get("method") == method]
+    if token:
+        assert statuses == ["UNAUTHENTICATED"] * 100, statuses
+    else:
+        assert sorted(statuses) == ["RESOURCE_EXHAUSTED"] * (100 - ARRIVING) + ["UNAVAILABLE"] * ARRIVING, statuses
+        assert handle.log().count('"event": "idle stream cancelled"') == ARRIVING
+    assert {e.path for e in _listed(handle.endpoint, token)} == before
+
+
+def _listed(endpoint: str, token: str) -> list[pb.FileInfo]:
+    """The root of the drive the partial requests would have touched."""
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(endpoint) as channel:
+        asked = pb.ListRequest(drive="lit://partial", path=".")
+        return list(drive_pb2_grpc.DriveServiceStub(channel).List(asked, metadata=metadata, timeout=10).entries)
 
 
 def _state(pid: int) -> str:
