@@ -149,8 +149,12 @@ def test_requests_that_arrive_in_part_hold_memory_only_while_admitted(start_daem
         assert wait_until(lambda: set(calls) <= attacker.ended, 30), "calls the daemon neither refused nor ended"
     finally:
         attacker.close()
-    statuses = [line["status"] for line in map(json.loads, handle.log().splitlines())
+    def logged() -> list[str]:  # a call's line is written once its status is sent: the last may come after it
+        return [line["status"] for line in map(json.loads, handle.log().splitlines())
                 if line.get("event") == "request" and line.get("method") == method]
+
+    assert wait_until(lambda: len(logged()) == 100, 10), logged()
+    statuses = logged()
     if token:
         assert statuses == ["UNAUTHENTICATED"] * 100, statuses
     else:
