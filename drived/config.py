@@ -110,11 +110,13 @@ HELP = {
     "refused with RESOURCE_EXHAUSTED as soon as its header or its bytes say so, and nothing is stored. 0: no limit",
     "quota": "bytes each lit:// drive may hold (K, M, G, T: powers of 1024); a put that would go over is refused "
     "with RESOURCE_EXHAUSTED naming used, asked and quota, and nothing is stored. 0: no quota",
-    "max_streams": "transfers (Put, PutFile, Get) and watches served at once; more are refused with "
-    "RESOURCE_EXHAUSTED. With the message limit, bounds the daemon's memory (README, Failure behaviour)",
-    "max_streams_per_peer": "transfers and watches served at once for one client host (its address without the "
-    "port; behind a proxy, the proxy); more are refused with RESOURCE_EXHAUSTED",
+    "max_streams": "transfers (Put, PutFile, Get) and watches served at once, and as many other calls whose "
+    "request is still arriving; more are refused with RESOURCE_EXHAUSTED. With the message limit, bounds the "
+    "daemon's memory (README, Failure behaviour)",
+    "max_streams_per_peer": "the same for one client host (its address without the port; behind a proxy, the "
+    "proxy); more are refused with RESOURCE_EXHAUSTED",
     "stream_idle_timeout": "seconds a Put or Get may wait on its client, which sends or reads nothing meanwhile, "
+    "or a call's request may stop arriving, "
     "before it is ended (UNAVAILABLE) and its upload data removed (a resumable upload is not held for a resume); "
     "with --storage, also the most a client may keep a part it sends waiting, in all, while other uploads wait "
     "for memory (its stream is then ended too, but its upload is held for a resume from its last part sent, as a "

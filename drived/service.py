@@ -22,7 +22,7 @@ import logging
 import time
 import traceback
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import aclosing, asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial, wraps
 from typing import Any, NoReturn, TypeVar, overload
@@ -208,12 +208,49 @@ def _describe(record: RequestLog, request: object) -> None:
         _loggable(getattr(request, name, "")) for name in ("drive", "path", "component"))
 
 
-async def _request(context: grpc.aio.ServicerContext, stream: Stream, record: RequestLog) -> object:
-    """The call's one request message, read while `stream` waits on its client (the idle check ends a request
-    that stops arriving: `drive_client.wire.add_fast_servicer`); refused when it does not decode."""
-    stream.arriving = stream.waiting = True
-    message = await context.read()
-    stream.arriving = stream.waiting = False
+# A whole request arrives with its call: one not read this long after its call started is still arriving, and the
+# call then takes a place among the requests arriving (`Streams.arriving`), or is refused, to wait for the rest.
+ARRIVAL_GRACE = 0.25
+
+
+class _StoppedArriving(Exception):
+    """The idle check ended `stream`, whose request stopped arriving."""
+
+    def __init__(self, stream: Stream) -> None:
+        super().__init__(stream.method)
+        self.stream = stream
+
+
+async def _request(context: grpc.aio.ServicerContext, record: RequestLog, stream: Stream | None,
+                   place: Callable[[], AbstractContextManager[Stream]]) -> object:
+    """The call's one request message, refused when it does not decode.
+
+    gRPC would hold what came of a request until all of it has, before the
+    daemon knows of the call: a client that sends part of many requests and
+    stalls would hold up to a message (4 MiB) each. The call waits for the
+    rest of its request in its own place among the streams (a `stream`), or
+    in one among the requests arriving (`place`) once ARRIVAL_GRACE has
+    passed, so a request that arrives whole never needs one; while it waits,
+    the idle check ends it (`_StoppedArriving`) when its client stops sending.
+    """
+    reading = asyncio.ensure_future(context.read())
+    try:
+        if stream is None:
+            await asyncio.wait({reading}, timeout=ARRIVAL_GRACE)
+        if not reading.done():
+            with contextlib.ExitStack() as placed:
+                waiting = stream or placed.enter_context(place())
+                waiting.arriving = waiting.waiting = True
+                try:
+                    await reading
+                except asyncio.CancelledError:
+                    if waiting.timed_out:
+                        raise _StoppedArriving(waiting) from None
+                    raise
+                waiting.arriving = waiting.waiting = False
+        message = reading.result()
+    finally:
+        reading.cancel()  # the call ended first: nothing is read for it any more
     if message is grpc.aio.EOF:
         raise InvalidArgument("the call ended before its request message")
     _check_decoded(message)
@@ -271,14 +308,18 @@ def rpc(
 
 
 def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Makes `handler(self, request, record)` a gRPC method `(self, request, context)` that is logged,
+    """Makes `handler(self, request, record)` a gRPC method `(self, requests, context)` that is logged,
     counted, refused while the daemon drains, admitted among the open streams (`DriveService.streams`)
     and answers a failure with its status.
 
-    One wrapper for every shape: a handler that returns its answer (unary, or
-    a client stream as `request`, read as `_received` says) or one that
-    yields its answers (a server stream, written one by one, and closed when
-    the call ends early). The call is authenticated before the handler runs.
+    Every method is registered as one whose client streams
+    (`drive_client.wire.add_fast_servicer`): gRPC's request iterator,
+    `requests`, goes unused, and the call's one request is read here once
+    the call is authenticated and admitted (`_request`), or, a client
+    stream, handed to the handler as `request`, read as `_received` says.
+    One wrapper for every shape: a handler that returns its answer or one
+    that yields its answers (a server stream, written one by one, and closed
+    when the call ends early).
     """
     method = handler.__name__
     if method not in READS | WRITES:
@@ -298,26 +339,26 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
             if service.draining:
                 raise Unavailable("shutting down: retry (on another replica, or here once it is back)")
             with contextlib.ExitStack() as admitted:
-                stream = idle = None
+                stream = None
                 if method in STREAMS:
                     stream = admitted.enter_context(service.streams.opened(method, context.peer(), idle_limited))
                     record.stream = stream
                 try:
                     request = None
                     if one_request:
-                        with contextlib.ExitStack() as arriving:
-                            idle = stream or arriving.enter_context(service.streams.arriving(method, context.peer()))
-                            request = await _request(context, idle, record)
-                    idle = stream
+                        place = partial(service.streams.arriving, method, context.peer())
+                        request = await _request(context, record, stream, place)
                     if method in HELD_ANSWERS:
                         held = record.answer = await service.answers.take(context.peer())
                         context.add_done_callback(lambda _: held.release())
                     yield stream, request
+                except _StoppedArriving as stopped:
+                    await _end_idle(context, record, stopped.stream, service.streams.idle_timeout)
                 except asyncio.CancelledError:
-                    if idle is None or not idle.timed_out:
+                    if stream is None or not stream.timed_out:
                         raise
                     # Answered while still admitted: see _end_idle.
-                    await _end_idle(context, record, idle, service.streams.idle_timeout)
+                    await _end_idle(context, record, stream, service.streams.idle_timeout)
         except grpc.aio.AbortError:
             raise
         except Exception as err:
@@ -375,7 +416,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
         return self._router(drive)
 
     async def _begin_put(self, record: RequestLog, header: pb.PutHeader, put_file: bool) -> PendingPut:
-        record.drive, record.path, record.component = map(_loggable, (header.drive, header.path, header.component))
+        _describe(record, header)
         put = PutHeader.from_pb(header, put_file)
         return await self._drives(record, put.drive).begin_put(put)
 
