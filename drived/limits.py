@@ -108,14 +108,14 @@ class Streams:
 
     @contextmanager
     def arriving(self, method: str, peer: str) -> Iterator[Stream]:
-        """Admits the request of a call of `method` that is no stream (List, Stat, Delete, ...) from `peer` while
-        it arrives, as a stream that the idle check ends, for the body of a `with`; TooManyStreams when full.
+        """Admits a call of `method` that is no stream (List, Stat, Delete, ...) from `peer` while the rest of its
+        request arrives, as a stream that the idle check ends, for the body of a `with`; TooManyStreams when full.
 
         gRPC holds what has come of a request until all of it has: a client
         that sends part of each of many requests and stalls would hold up to
         a message (4 MiB) each, for as long as it stalls. Such a call takes a
-        place of its own, as many as streams, while its request arrives; a
-        whole request arrives with its call, so no other call waits here.
+        place here, as many as streams (`drived.service._request`); a whole
+        request comes with its call, so no other call waits here.
         """
         stream = Stream(method, peer_host(peer), asyncio.current_task(), idle_limited=False, arriving=True)
         with self._admitted(stream, self._arriving, self._arriving_per_peer, "requests arriving"):
