@@ -41,7 +41,7 @@ class InvalidArgument(DriveError, ValueError):
 
 
 class NotFound(DriveError, FileNotFoundError):
-    """No such file in the drive, or no such local file to put."""
+    """No such file in the drive, no such local file to put, or a local folder removed while a get wrote to it."""
 
     status = grpc.StatusCode.NOT_FOUND
 
@@ -136,9 +136,19 @@ class EventsExpired(OutOfRange):
 
 
 class NotADirectory(DriveError, NotADirectoryError):
-    """A local path that must be a folder is a file (e.g. a Drive's `root_folder`); found before any call."""
+    """A local path that must be a folder is a file (e.g. a Drive's `root_folder`, or the folder a get writes to);
+    found on the local side."""
 
     status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class IsADirectory(DriveError, IsADirectoryError):
+    """A local folder where a get is to write a file; found on the local side."""
+
+
+class LocalFileError(DriveError, OSError):
+    """Any other error of the local file system a get writes to; `.errno`, `.strerror` and `.filename` are the
+    system's."""
 
 
 class Unimplemented(DriveError, NotImplementedError):

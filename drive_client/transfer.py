@@ -32,6 +32,8 @@ from .errors import (
     DataLoss,
     DriveError,
     InvalidArgument,
+    IsADirectory,
+    LocalFileError,
     NotADirectory,
     NotFound,
     PermissionDenied,
@@ -346,7 +348,9 @@ class _Receiving:
 
     def discard(self) -> None:
         self._close()
-        self.tmp.unlink(missing_ok=True)
+        # The .part file went with its folder when that was removed, or a file put in its place, while the get ran.
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            self.tmp.unlink()
 
 
 # What link(2) answers on a file system without hard links: EPERM (FAT), EOPNOTSUPP, ENOSYS (a FUSE file system
@@ -373,12 +377,21 @@ def _linked(tmp: Path, target: Path) -> bool:
     return True
 
 
+# The DriveError each error of the local file system becomes, by the built-in type it keeps; any other becomes a
+# `LocalFileError`. Each is an OSError too, typed as one for the fields `_local_errors` sets. A FileExistsError never
+# reaches `_local_errors`: `_linked` and the making of the folders answer theirs.
+_LOCAL_ERRORS: dict[type[OSError], type[OSError]] = {
+    PermissionError: PermissionDenied, FileNotFoundError: NotFound, NotADirectoryError: NotADirectory,
+    IsADirectoryError: IsADirectory,
+}
+
+
 @contextlib.contextmanager
 def _local_errors(target: Path) -> Iterator[None]:
-    """Raises an error of the local file system, met while a get makes, writes or moves `target`, as a DriveError:
-    a full disk as `ResourceExhausted`, the error of a full disk on the daemon's side, so that a caller handles
-    both alike; a refusal (EACCES, EPERM) as `PermissionDenied`, still a `PermissionError`; any other as a
-    `DriveError` naming `target`."""
+    """Raises an error of the local file system, met while a get makes, writes or moves `target`, as a DriveError
+    naming `target`: a full disk as `ResourceExhausted`, the error of a full disk on the daemon's side, so that a
+    caller handles both alike; any other as the DriveError of its built-in type (`_LOCAL_ERRORS`), which keeps the
+    system's `errno`, `strerror` and `filename`, so that a caller catching `OSError` or its subclass still does."""
     try:
         yield
     except DriveError:
@@ -388,8 +401,10 @@ def _local_errors(target: Path) -> Iterator[None]:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ResourceExhausted(f"the local disk is full: {str(target)!r} could not be written ({kept}): free "
                                     "some space and get it again") from err
-        error = PermissionDenied if isinstance(err, PermissionError) else DriveError
-        raise error(f"{str(target)!r} could not be written: {err.strerror or err} ({kept})") from err
+        error = _LOCAL_ERRORS.get(type(err), LocalFileError)(
+            f"{str(target)!r} could not be written: {err.strerror or err} ({kept})")
+        error.errno, error.strerror, error.filename = err.errno, err.strerror, err.filename
+        raise error from err
 
 
 def crc32c_mismatch(path: str) -> DataLoss:

@@ -427,13 +427,51 @@ def test_a_get_the_local_file_system_refuses_is_permission_denied(make, tmp_path
     with immutable(dst if immutable_one == "folder" else dst / "a.txt"), pytest.raises(
             DriveError, match=r"dst/a\.txt' could not be written: Operation not permitted") as refused:
         d.get("a.txt", overwrite=True, to=dst / "a.txt")
-    assert isinstance(refused.value, PermissionError)
+    assert isinstance(refused.value, PermissionError) and refused.value.errno == errno.EPERM
     assert snapshot(dst) == {"a.txt": sha256_hex(b"the local version")}, "no .part file is left"
+
+
+def test_a_get_onto_a_local_folder_is_an_is_a_directory_error(make, tmp_path, drive_uri):
+    """A folder where the file goes, with overwrite=True, raised a DriveError that was no IsADirectoryError, which
+    callers catch."""
+    write(tmp_path / "a.txt", "from the drive")
+    d = make(drive_uri, tmp_path)
+    d.put("a.txt")
+    write(tmp_path / "dst" / "a.txt" / "kept.txt", "a local file")
+    with pytest.raises(DriveError, match=r"dst/a\.txt' could not be written: Is a directory") as refused:
+        d.get("a.txt", overwrite=True, to=tmp_path / "dst" / "a.txt")
+    assert isinstance(refused.value, IsADirectoryError) and refused.value.errno == errno.EISDIR
+    assert snapshot(tmp_path / "dst") == {"a.txt": "dir", "a.txt/kept.txt": sha256_hex(b"a local file")}, \
+        "no .part file is left"
+
+
+@pytest.mark.parametrize(("instead", "builtin", "number"), [
+    ("nothing", FileNotFoundError, errno.ENOENT), ("a file", NotADirectoryError, errno.ENOTDIR),
+])
+def test_a_get_whose_local_folder_goes_while_it_runs_keeps_the_built_in_error(
+        make, tmp_path, drive_uri, instead, builtin, number):
+    """The folder a get writes to is removed (or a file put in its place) after its first bytes are written: the
+    file cannot be moved into place. That raised a DriveError of neither built-in type."""
+    write(tmp_path / "a.bin", os.urandom(3 * MIB))
+    d = make(drive_uri, tmp_path)
+    d.put("a.bin")
+    dst = tmp_path / "dst"
+
+    def remove_the_folder(count: int) -> None:
+        if dst.is_dir():
+            shutil.rmtree(dst)
+            if instead == "a file":
+                write(dst, "a local file")
+
+    with pytest.raises(DriveError, match=r"dst/a\.bin' could not be written") as failed:
+        d.get("a.bin", to=dst / "a.bin", progress=remove_the_folder)
+    assert isinstance(failed.value, builtin) and failed.value.errno == number
 
 
 @pytest.mark.parametrize("size", [3 * MIB, 64 * MIB], ids=["one stream", "ranges"])
 def test_a_local_write_error_of_a_get_is_a_drive_error_naming_the_file(make, tmp_path, drive_uri, size):
-    """A get whose local write failed otherwise than for space or permission raised a bare OSError. The error here
+    """A get whose local write failed otherwise than for space or permission raised a bare OSError, then a DriveError
+    that was no OSError: it is both (`LocalFileError`), with the system's errno. The error here
     is a real EFBIG: the file size limit (RLIMIT_FSIZE, as `ulimit -f` sets) lies within the file, as FAT's 4 GiB
     limit lies within a bigger one. A file of 64 MiB or more is sized at once (ftruncate) for its ranged reads."""
     write(tmp_path / "big.bin", os.urandom(size))
@@ -442,10 +480,11 @@ def test_a_local_write_error_of_a_get_is_a_drive_error_naming_the_file(make, tmp
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (MIB, limits[1]))
     try:
-        with pytest.raises(DriveError, match=r"dst/big\.bin' could not be written: File too large"):
+        with pytest.raises(DriveError, match=r"dst/big\.bin' could not be written: File too large") as failed:
             d.get("big.bin", to=tmp_path / "dst" / "big.bin")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert isinstance(failed.value, OSError) and failed.value.errno == errno.EFBIG
     assert snapshot(tmp_path / "dst") == {}, "no .part file is left"
 
 
