@@ -200,10 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(result, indent=2, ensure_ascii=False))
         sys.stdout.flush()  # a reader gone fails here, not in Python's flush at exit
     except BrokenPipeError:
-        # stdout's reader is gone (`drive ls ... | head -1`): end quietly with the status of a tool killed by SIGPIPE
-        # (128 + 13), stdout pointed at /dev/null so that Python's flush at exit does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        return _reader_gone()
     except (DriveError, OSError) as err:
         return _failed(err, args.json, 1)
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, without the traceback of where it landed
@@ -214,11 +211,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _failed(err: Exception, as_json: bool, status: int) -> int:
     """Prints `err` on one line of stderr, and as JSON on stdout with --json; answers the exit status."""
+    print(f"drive: {err}", file=sys.stderr)
     if as_json:
         code = err.code.name if isinstance(err, DriveError) and err.code else None
-        print(json.dumps({"error": str(err), "code": code, "type": type(err).__name__}))
-    print(f"drive: {err}", file=sys.stderr)
+        try:
+            print(json.dumps({"error": str(err), "code": code, "type": type(err).__name__}), flush=True)
+        except BrokenPipeError:
+            return _reader_gone()
     return status
+
+
+def _reader_gone() -> int:
+    """Ends quietly when stdout's reader is gone (`drive ls ... | head -1`): answers the status of a tool killed by
+    SIGPIPE (128 + 13), with stdout pointed at /dev/null so that Python's flush at exit does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
 
 
 if __name__ == "__main__":

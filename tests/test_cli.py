@@ -206,17 +206,34 @@ def test_a_command_line_it_cannot_read_exits_2_with_one_line_and_json_with_json(
             assert (error["code"], error["type"]) == (None, "UsageError") and words[0] in error["error"]
 
 
+def with_stdout_closed(daemon, *args: str) -> tuple[int, str]:
+    """Runs `drive ARGS` with its stdout's reader gone before it prints, as `head -1` is once it has read its line;
+    answers its exit status and stderr."""
+    drive = subprocess.Popen([*drive_cmd(), "--endpoint", daemon.endpoint, *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    drive.stdout.close()
+    with drive.stderr:
+        err = drive.stderr.read()  # to its end, when the command ends
+    return drive.wait(timeout=40), err
+
+
 def test_a_closed_stdout_ends_it_quietly_as_sigpipe_does(daemon, tmp_path, drive_uri):
     """`drive ls ... | head -1` printed `drive: [Errno 32] Broken pipe` and exited 1."""
     (tmp_path / "a.txt").write_bytes(b"a")
     ok(run(daemon, "put", str(tmp_path / "a.txt"), drive_uri))
     for args in (("ls", drive_uri), ("--json", "ls", drive_uri)):
-        ls = subprocess.Popen([*drive_cmd(), "--endpoint", daemon.endpoint, *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-        ls.stdout.close()  # the reader is gone before it prints, as `head -1` is once it has read its line
-        with ls.stderr:
-            err = ls.stderr.read()  # to its end, when the command ends
-        assert (ls.wait(timeout=40), err) == (141, "")  # 128 + SIGPIPE, as the shell reports a tool SIGPIPE ends
+        # 128 + SIGPIPE, as the shell reports a tool SIGPIPE ends
+        assert with_stdout_closed(daemon, *args) == (141, "")
+
+
+def test_a_closed_stdout_ends_an_error_printed_as_json_quietly_too(daemon, drive_uri):
+    """With --json, an error (of the call, or of the command line) printed to a closed stdout raised a
+    BrokenPipeError while the error was handled: a chained traceback, and exit 1. The error's line on stderr
+    stays."""
+    for args, words in ((("--json", "stat", f"{drive_uri}/nope/x"), "nope/x"), (("--json", "bogus"), "bogus")):
+        status, err = with_stdout_closed(daemon, *args)
+        assert (status, err.count("\n"), err.startswith("drive: ")) == (141, 1, True), err
+        assert words in err
 
 
 def test_get_into_an_existing_folder_goes_there_with_overwrite_too(daemon, tmp_path, drive_uri):
