@@ -87,8 +87,12 @@ Semantics:
   fsspec's files put what was written when closed, whatever happened. A
   file opened inside an `except:` block and closed normally there is put.
   A file never closed stores nothing: one collected unclosed, or still open
-  as the interpreter exits, removes its spool (warning with a
+  as the interpreter finalizes, removes its spool (warning with a
   `ResourceWarning`, as Python's files do), where fsspec's would put it.
+  One closed by an exit hook before that (`atexit`, `logging.shutdown`
+  closing a handler's file) is put. A writer never finalized (held by a
+  daemon thread still running at exit, or in a process killed or ended by
+  `os._exit`) stores nothing and leaves its spool in `spool_dir`.
   Inside `fs.transaction` files are put when the transaction ends. Opening
   (and `pipe_file`, `put_file`, `cp_file`) refuses up front a path that is a
   folder (`IsADirectoryError`), and for `"xb"` a path that exists
@@ -149,7 +153,6 @@ import sys
 import tempfile
 import threading
 import warnings
-import weakref
 from collections.abc import AsyncIterable, Callable, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -939,22 +942,6 @@ def _writable(file: AbstractBufferedFile, data: Any) -> memoryview:
     return memoryview(data).cast("B")
 
 
-# The files open for writing, held weakly: those still open as the interpreter exits are abandoned then
-# (`_abandon_unclosed`).
-_WRITERS: weakref.WeakValueDictionary[int, _Writing] = weakref.WeakValueDictionary()
-
-
-def _abandon_unclosed() -> None:
-    """Abandons the files still open for writing as the interpreter exits (a script ended, or died, before closing
-    one): fsspec's would be closed as the interpreter finalizes, putting their partial bytes, and a put then hangs
-    (it starts threads)."""
-    for file in list(_WRITERS.values()):
-        file._abandon()
-
-
-atexit.register(_abandon_unclosed)
-
-
 class _Writing:
     """What the files of both faces add to fsspec's about writing: a file open for writing holds a spool (None
     when reading, or once put or discarded), and what happens to it when the file is not closed normally."""
@@ -970,8 +957,6 @@ class _Writing:
         # without unwinding anything (`_unwinding`).
         self._opened_during = sys.exc_info()[1]
         self._pid = os.getpid()  # a forked child's copy leaves the spool to the process that writes it
-        if spool is not None:
-            _WRITERS[id(self)] = self
 
     def _abandon(self) -> None:
         """Discards the spool of a file open for writing that was never closed: nothing is stored, as nothing
@@ -984,7 +969,8 @@ class _Writing:
         self.closed = True
 
     # fsspec's closes a file collected unclosed, which puts a writer's partial bytes (the async face's close is a
-    # coroutine no one awaits: its spool stayed). A reader holds nothing its collection does not release.
+    # coroutine no one awaits: its spool stayed), and as the interpreter finalizes that put hangs (it starts
+    # threads). A reader holds nothing its collection does not release.
     __del__ = _abandon
 
     def _dealloc_warn(self, source: Any) -> None:

@@ -477,6 +477,44 @@ def test_a_writer_open_at_exit_stores_nothing_and_exit_does_not_hang(spooling, n
     assert "nothing stored" in run.stderr
 
 
+CLOSED_BY_LOGGING = """
+import logging, sys
+import fsspec
+
+endpoint, spool, path = sys.argv[1:]
+
+
+class DriveLog(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.file = fsspec.open(f"lit://{path}", "w", endpoint=endpoint, component_name="work_a",
+                                spool_dir=spool).open()
+
+    def emit(self, record):
+        self.file.write(self.format(record) + "\\n")
+
+    def close(self):  # logging.shutdown, an exit hook, calls it
+        self.file.close()
+        super().close()
+
+
+logging.getLogger("run").addHandler(DriveLog())
+logging.getLogger("run").warning("epoch 1 done")
+"""
+
+
+def test_a_file_closed_by_an_exit_hook_is_put(spooling, name):
+    """A file closed as the interpreter exits, by an exit hook (`logging.shutdown` closing a handler that writes to
+    the drive), is put: an exit hook of this module, registered after logging's and so run before it, abandoned
+    the file first."""
+    path = f"{name}/run.log"
+    run = subprocess.run([sys.executable, "-c", CLOSED_BY_LOGGING, spooling.endpoint, spooling.spool_dir, path],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert spooling.cat(path) == b"epoch 1 done\n"
+    assert list(pathlib.Path(spooling.spool_dir).iterdir()) == []
+
+
 FORKED = """
 import gc, os, sys
 import fsspec
