@@ -81,11 +81,22 @@ Semantics:
   (`torch.save` of a 200 MiB tensor holds no copy of it). `close()` puts the
   whole file (a single atomic put on the server; readers never see a partial
   file). A file closed while an exception unwinds puts nothing, and the
-  file's previous version stays: the end of a `with` block the exception
-  leaves (of the file, of `fsspec.open(...)`'s `OpenFile`, of a text
-  wrapper) or a `finally:` that closes it (pandas, a `torch.save` caller's);
-  fsspec's files put what was written when closed, whatever happened. A
-  file opened inside an `except:` block and closed normally there is put.
+  file's previous version stays; fsspec's files put what was written when
+  closed, whatever happened. The file's own `with` (`async with`) goes by
+  the exception that ends its block, `GeneratorExit` too: a generator
+  closed inside the block puts nothing. Other closes are not told why they
+  run (the end of `fsspec.open(...)`'s `OpenFile` or of a text wrapper, a
+  `finally:` that closes the file: pandas, a `torch.save` caller's), so
+  they go by the exception being handled: a file closed, other than by its
+  own `with`, while an exception is being handled that was not being
+  handled when it was opened, stores nothing. The same exception raised
+  again counts as another (it gets a new traceback), except when a bare
+  `raise` re-raises it in the function whose `except:` handles it: its
+  traceback stays as it was, so a file opened in that block and closed as
+  the `raise` unwinds is put. A file opened inside an `except:` block and
+  closed there normally is put, and one opened before it and closed inside it
+  (`f.close()` in the handler, or an `ExitStack` closing an `OpenFile`
+  after a later context suppressed the exception) stores nothing.
   A file never closed stores nothing: one collected unclosed, or still open
   as the interpreter finalizes, removes its spool (warning with a
   `ResourceWarning`, as Python's files do), where fsspec's would put it.
@@ -953,9 +964,11 @@ class _Writing:
 
     def _hold(self, spool: _Spool | None) -> None:
         self._spool = spool
-        # The exception being handled as the file is opened (in an `except:` block), which a close may see
-        # without unwinding anything (`_unwinding`).
-        self._opened_during = sys.exc_info()[1]
+        # The exception being handled as the file is opened (in an `except:` block) and its traceback, which a
+        # close may see without unwinding anything (`_unwinding`); raised again, the exception has a new traceback.
+        self._opened_during = sys.exc_info()[1:]
+        # Whether an exception ends the file's own `with` block, as its exit says; None until then.
+        self._exit_raised: bool | None = None
         self._pid = os.getpid()  # a forked child's copy leaves the spool to the process that writes it
 
     def _abandon(self) -> None:
@@ -979,11 +992,15 @@ class _Writing:
         self._abandon()
 
     def _unwinding(self) -> bool:
-        """Whether the file is being closed as an exception unwinds: by a `with` block's exit (fsspec's `OpenFile`,
-        a text wrapper) or a `finally:` (pandas, `torch.save`'s callers), both of which close it without saying
-        why. What was written is then partial, and the previous version of the file must stay."""
-        handled = sys.exc_info()[1]
-        return handled is not None and handled is not self._opened_during
+        """Whether the file is being closed as an exception unwinds: what was written is then partial, and the
+        previous version of the file must stay. The file's own `with` says so; fsspec's `OpenFile`, a text wrapper
+        and a `finally:` (pandas, `torch.save`'s callers) close it without saying why, and an exception being
+        handled that was not being handled when the file was opened tells instead."""
+        if self._exit_raised is not None:
+            return self._exit_raised
+        handled, traceback = sys.exc_info()[1:]
+        opened_during, opened_traceback = self._opened_during
+        return handled is not None and (handled is not opened_during or traceback is not opened_traceback)
 
     def discard(self) -> None:
         """Drops the spooled bytes without putting them."""
@@ -1087,6 +1104,11 @@ class DriveFile(_Writing, AbstractBufferedFile):
         finally:
             self.discard()
 
+    def __exit__(self, exc_type: Any, *args: Any) -> None:
+        """Closes the file; one whose block an exception ends puts nothing (`_unwinding`)."""
+        self._exit_raised = exc_type is not None
+        self.close()
+
 
 class AsyncDriveFile(_Writing, AbstractAsyncStreamedFile):
     """A file of a `lit://` drive for asyncio code (`AsyncDriveFileSystem.open_async`): `DriveFile`, awaited."""
@@ -1132,3 +1154,8 @@ class AsyncDriveFile(_Writing, AbstractAsyncStreamedFile):
             await super().close()
         finally:
             self.closed = True
+
+    async def __aexit__(self, exc_type: Any, *args: Any) -> None:
+        """`DriveFile.__exit__`, awaited."""
+        self._exit_raised = exc_type is not None
+        await self.close()

@@ -5,6 +5,7 @@ no stale listings, and block-sized streaming reads measured in the daemon's requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import gc
 import hashlib
@@ -409,6 +410,49 @@ def test_a_write_that_fails_midway_keeps_the_previous_file(daemon, tmp_path, dri
             f.write(b"v3")
     assert fs.cat(path) == b"v3"
     assert list(spool.iterdir()) == []
+
+
+def test_a_files_own_with_decides_by_the_exception_that_ends_it(spooling, name):
+    """A file's own `with` says whether an exception ends it, where the exception being handled can mislead: an
+    `ExitStack` runs the file's exit while the exception a later context suppressed is still being handled, and a
+    block inside an `except:` can raise the handled exception again. What a close without it sees (fsspec's
+    `OpenFile`, a text wrapper) tells a raise of the same exception again by its new traceback."""
+    path = f"{name}/f.txt"
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(spooling.open(path, "wb"))
+        stack.enter_context(contextlib.suppress(TimeoutError))
+        f.write(b"whole")
+        raise TimeoutError("an optional step timed out")  # suppressed: the file's block ends normally
+    assert spooling.cat(path) == b"whole"
+    options = {"endpoint": spooling.endpoint, "component_name": "work_a", "spool_dir": spooling.spool_dir}
+    with pytest.raises(ValueError, match="handled"):
+        try:
+            raise ValueError("handled")
+        except ValueError:
+            with spooling.open(path, "wb") as f:
+                f.write(b"half")
+                raise  # the exception being handled at open: only the file's exit tells that it ends the block
+    assert spooling.cat(path) == b"whole"
+    with pytest.raises(ValueError, match="handled"):
+        try:
+            raise ValueError("handled")
+        except ValueError as error:
+            with fsspec.open(f"lit://{path}", "w", **options) as text:
+                text.write("half")
+                raise error  # the same exception, with a new traceback
+    assert spooling.cat(path) == b"whole"
+
+    def sink():
+        with spooling.open(path, "wb") as f:
+            while True:
+                f.write((yield))
+
+    writer = sink()
+    next(writer)
+    writer.send(b"half")
+    writer.close()  # GeneratorExit ends the file's block: nothing is put
+    assert spooling.cat(path) == b"whole"
+    assert list(pathlib.Path(spooling.spool_dir).iterdir()) == []
 
 
 @pytest.mark.parametrize("how", ["binary", "text", "fsspec.open text"])
@@ -973,6 +1017,28 @@ async def test_async_files_stream_reads_and_put_on_close(afs, daemon, tmp_path, 
         finally:
             await f.close()
     assert await afs._info(f"{name}/w.bin") == info and list(spool.iterdir()) == []
+
+
+async def test_an_async_files_own_with_decides_by_the_exception_that_ends_it(afs, tmp_path, name):
+    """`test_a_files_own_with_decides_by_the_exception_that_ends_it`, with `async with`."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    afs.spool_dir = str(spool)
+    path = f"{name}/f.txt"
+    async with contextlib.AsyncExitStack() as stack:
+        f = await stack.enter_async_context(await afs.open_async(path, "wb"))
+        stack.enter_context(contextlib.suppress(TimeoutError))
+        await f.write(b"whole")
+        raise TimeoutError("an optional step timed out")
+    assert await afs._cat_file(path) == b"whole"
+    with pytest.raises(ValueError, match="handled"):
+        try:
+            raise ValueError("handled")
+        except ValueError:
+            async with await afs.open_async(path, "wb") as f:
+                await f.write(b"half")
+                raise
+    assert await afs._cat_file(path) == b"whole" and list(spool.iterdir()) == []
 
 
 async def test_an_async_writer_dropped_unclosed_stores_nothing(afs, tmp_path, name):
