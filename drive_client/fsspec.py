@@ -867,7 +867,7 @@ class AsyncDriveFileSystem(_LitFileSystem, AsyncFileSystem):
         """A file for asyncio code: `await f.read(n)` in "rb"; `await f.write(b)` in "wb", "xb", "ab" (put on close)."""
         block = block_size or self.block_size
         details, spool = await self._run(self._steps_opened(path, mode, block))
-        # fsspec's async files write in "wb" and "ab" only: "xb" is "wb" once nothing was found at the path
+        # fsspec's async files write in "wb" and "ab" only: "xb" is "wb" with an exclusive spool, checked at close
         return AsyncDriveFile(self, self._strip_protocol(path), "wb" if mode == "xb" else mode, block_size=block,
                               details=details, spool=spool, **kwargs)
 
