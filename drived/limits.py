@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from drive_client.errors import TooManyStreams
 
@@ -107,9 +108,10 @@ class Streams:
                 self._none_open.set()
 
     @contextmanager
-    def arriving(self, method: str, peer: str) -> Iterator[Stream]:
+    def arriving(self, method: str, peer: str, task: asyncio.Task[Any] | None) -> Iterator[Stream]:
         """Admits a call of `method` that is no stream (List, Stat, Delete, ...) from `peer` while the rest of its
-        request arrives, as a stream that the idle check ends, for the body of a `with`; TooManyStreams when full.
+        request arrives, as a stream that the idle check ends (by cancelling `task`), for the body of a `with`;
+        TooManyStreams when full.
 
         gRPC holds what has come of a request until all of it has: a client
         that sends part of each of many requests and stalls would hold up to
@@ -117,7 +119,7 @@ class Streams:
         place here, as many as streams (`drived.service._request`); a whole
         request comes with its call, so no other call waits here.
         """
-        stream = Stream(method, peer_host(peer), asyncio.current_task(), idle_limited=False, arriving=True)
+        stream = Stream(method, peer_host(peer), task, idle_limited=False, arriving=True)
         with self._admitted(stream, self._arriving, self._arriving_per_peer, "requests arriving"):
             yield stream
 

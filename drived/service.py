@@ -30,7 +30,7 @@ from typing import Any, NoReturn, TypeVar, overload
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from drive_client.errors import DriveError, InvalidArgument, ResourceExhausted, Unavailable
+from drive_client.errors import DriveError, InvalidArgument, ResourceExhausted, TooManyStreams, Unavailable
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc as pb_grpc
 from drive_client.uri import DriveId
@@ -221,6 +221,12 @@ class _StoppedArriving(Exception):
         self.stream = stream
 
 
+def _arriving(stream: Stream) -> Stream:
+    """`stream`, marked as waiting for its request, which the idle check then times."""
+    stream.arriving = stream.waiting = True
+    return stream
+
+
 async def _request(context: grpc.aio.ServicerContext, record: RequestLog, stream: Stream | None,
                    place: Callable[[], AbstractContextManager[Stream]]) -> object:
     """The call's one request message, refused when it does not decode.
@@ -233,24 +239,35 @@ async def _request(context: grpc.aio.ServicerContext, record: RequestLog, stream
     passed, so a request that arrives whole never needs one; while it waits,
     the idle check ends it (`_StoppedArriving`) when its client stops sending.
     """
-    reading = asyncio.ensure_future(context.read())
-    try:
-        if stream is None:
-            await asyncio.wait({reading}, timeout=ARRIVAL_GRACE)
-        if not reading.done():
-            with contextlib.ExitStack() as placed:
-                waiting = stream or placed.enter_context(place())
-                waiting.arriving = waiting.waiting = True
-                try:
-                    await reading
-                except asyncio.CancelledError:
-                    if waiting.timed_out:
-                        raise _StoppedArriving(waiting) from None
-                    raise
-                waiting.arriving = waiting.waiting = False
-        message = reading.result()
-    finally:
-        reading.cancel()  # the call ended first: nothing is read for it any more
+    task = asyncio.current_task()
+    refused: list[TooManyStreams] = []
+    waiting = stream and _arriving(stream)
+    with contextlib.ExitStack() as placed:
+
+        def still_arriving() -> None:  # ARRIVAL_GRACE has passed: the call takes a place, or is refused
+            nonlocal waiting
+            try:
+                waiting = _arriving(placed.enter_context(place()))
+            except TooManyStreams as err:
+                refused.append(err)
+                if task is not None:
+                    task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(ARRIVAL_GRACE, still_arriving) if stream is None else None
+        try:
+            message = await context.read()
+        except asyncio.CancelledError:
+            if refused and task is not None:
+                task.uncancel()
+                raise refused[0] from None
+            if waiting is not None and waiting.timed_out:
+                raise _StoppedArriving(waiting) from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if waiting is not None:
+            waiting.arriving = waiting.waiting = False
     if message is grpc.aio.EOF:
         raise InvalidArgument("the call ended before its request message")
     _check_decoded(message)
@@ -346,7 +363,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
                 try:
                     request = None
                     if one_request:
-                        place = partial(service.streams.arriving, method, context.peer())
+                        place = partial(service.streams.arriving, method, context.peer(), asyncio.current_task())
                         request = await _request(context, record, stream, place)
                     if method in HELD_ANSWERS:
                         held = record.answer = await service.answers.take(context.peer())
