@@ -551,11 +551,16 @@ def test_a_file_closed_by_an_exit_hook_is_put(spooling, name):
     """A file closed as the interpreter exits, by an exit hook (`logging.shutdown` closing a handler that writes to
     the drive), is put: an exit hook of this module, registered after logging's and so run before it, abandoned
     the file first."""
-    path = f"{name}/run.log"
-    run = subprocess.run([sys.executable, "-c", CLOSED_BY_LOGGING, spooling.endpoint, spooling.spool_dir, path],
+    _script_puts(spooling, CLOSED_BY_LOGGING, f"{name}/run.log", b"epoch 1 done\n")
+
+
+def _script_puts(spooling, script: str, path: str, stored: bytes) -> None:
+    """Runs `script` with the endpoint, the spool folder and `path`: it exits 0 having put `stored` there, and
+    leaves no spool."""
+    run = subprocess.run([sys.executable, "-c", script, spooling.endpoint, spooling.spool_dir, path],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    assert spooling.cat(path) == b"epoch 1 done\n"
+    assert spooling.cat(path) == stored
     assert list(pathlib.Path(spooling.spool_dir).iterdir()) == []
 
 
@@ -580,12 +585,7 @@ f.close()
 def test_a_forked_child_leaves_its_parents_writer_alone(spooling, name):
     """The copy of an open writer a forked child holds is the parent's file: its collection, or the child's exit,
     would remove the spool the parent is still writing, and the parent's close would then fail."""
-    path = f"{name}/forked.bin"
-    run = subprocess.run([sys.executable, "-c", FORKED, spooling.endpoint, spooling.spool_dir, path],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    assert spooling.cat(path) == b"the parent's"
-    assert list(pathlib.Path(spooling.spool_dir).iterdir()) == []
+    _script_puts(spooling, FORKED, f"{name}/forked.bin", b"the parent's")
 
 
 def test_transaction_puts_at_the_end(fs, name):
