@@ -133,7 +133,7 @@ def _or_undecodable(decode: Callable[[bytes], Any], type_name: str) -> Callable[
     return decoded
 
 
-def _reading_its_request(handler: Any) -> Any:
+def reading_its_request(handler: Any) -> Any:
     """`handler` of a method with one request message, run as one whose client streams: the servicer's method is
     called with the call's request stream as soon as the call starts, and reads the message itself.
 
@@ -149,19 +149,29 @@ def _reading_its_request(handler: Any) -> Any:
     return handler._replace(request_streaming=True, stream_unary=handler.unary_unary, unary_unary=None)
 
 
+def method_handlers(add_servicer: Callable[[Any, Any], None], servicer: Any) -> dict[str, grpc.RpcMethodHandler]:
+    """The method handlers generated code's `add_servicer` registers for `servicer`, by method name."""
+    capture = _Capture()
+    add_servicer(servicer, capture)
+    return dict(capture.handlers)
+
+
 def add_fast_servicer(servicer: pb_grpc.DriveServiceServicer, server: grpc.aio.Server) -> None:
     """Registers `servicer` like the generated code does, with Put and Get chunks as plain bytes, requests that do
-    not decode handed to it as `Undecodable`, and each call's request read by the servicer (`_reading_its_request`)."""
-    capture = _Capture()
-    pb_grpc.add_DriveServiceServicer_to_server(servicer, capture)
-    handlers = dict(capture.handlers)
+    not decode handed to it as `Undecodable`, and each call's request read by the servicer (`reading_its_request`)."""
+    handlers = method_handlers(pb_grpc.add_DriveServiceServicer_to_server, servicer)
     handlers["Put"] = handlers["Put"]._replace(request_deserializer=decode_put_request)
     handlers["Get"] = handlers["Get"]._replace(response_serializer=encode_get_response)
     service = pb.DESCRIPTOR.services_by_name["DriveService"]
     for method, handler in handlers.items():
         request_type = service.methods_by_name[method].input_type.full_name
-        handlers[method] = _reading_its_request(handler)._replace(
+        handlers[method] = reading_its_request(handler)._replace(
             request_deserializer=_or_undecodable(handler.request_deserializer, request_type)
         )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
+    add_handlers(server, service.full_name, handlers)
+
+
+def add_handlers(server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    """Serves `handlers`, the methods of `service`, as generated code registers them."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)

@@ -10,13 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from drive_client.channels import Connection, is_loopback, open_channel
 from drive_client.malloc import release_free_memory
 from drive_client.pb import drive_pb2 as pb
 from drive_client.uri import parse_drive
-from drive_client.wire import add_fast_servicer
+from drive_client.wire import add_fast_servicer, add_handlers, method_handlers
 
 from . import metrics
 from .auth import Access, TokenFileError
@@ -33,7 +33,7 @@ from .managed import ManagedDrives
 from .redis_coordinator import RedisCoordinator, coordinator_name
 from .s3drives import S3Drives
 from .s3index.mounts import S3Mounts
-from .service import DriveService
+from .service import DriveService, reading_as_drive_service
 from .tls import ServerTLS, TLSFileError
 from .uploads import HeldUploads
 
@@ -151,12 +151,12 @@ async def serve(config: Config) -> None:
     service = DriveService(drives, streams, access)
     add_fast_servicer(service, server)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    _add_reading_as_drive_service(server, streams, "grpc.health.v1.Health",
+                                  method_handlers(health_pb2_grpc.add_HealthServicer_to_server, health_servicer))
     if config.reflection:
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server,
-        )
+        names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        _add_reading_as_drive_service(server, streams, reflection.SERVICE_NAME, method_handlers(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflection.aio.ReflectionServicer(names)))
     try:
         if tls:
             server.add_secure_port(config.listen, tls.credentials())
@@ -204,6 +204,12 @@ async def serve(config: Config) -> None:
     await mounts.close()
     await backend.close()
     log.info("stopped")
+
+
+def _add_reading_as_drive_service(server: grpc.aio.Server, streams: Streams, service: str,
+                                  handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    """Serves `handlers` of `service`, their requests read as DriveService's are (`reading_as_drive_service`)."""
+    add_handlers(server, service, reading_as_drive_service(handlers, streams))
 
 
 def reload(access: Access, tls: ServerTLS | None) -> None:

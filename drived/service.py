@@ -34,7 +34,7 @@ from drive_client.errors import DriveError, InvalidArgument, ResourceExhausted, 
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc as pb_grpc
 from drive_client.uri import DriveId
-from drive_client.wire import SMALL_FILE, GetMessage, PutMessage, Undecodable
+from drive_client.wire import SMALL_FILE, GetMessage, PutMessage, Undecodable, reading_its_request
 
 from . import metrics
 from .answers import AnswerRoom, Held
@@ -187,13 +187,18 @@ async def _end_idle(
     if task is not None:
         task.uncancel()
     record.status = "UNAVAILABLE"
-    what = "sent" if stream.method == "Put" or stream.arriving else "read"
-    ended = Unavailable(
-        f"this {stream.method} was ended: its client {what} nothing for {idle_timeout:g} s "
-        "(--stream-idle-timeout); retry it"
-    )
+    ended = _ended_idle(stream, idle_timeout)
     await context.abort(ended.status, ended.details())
     raise AssertionError("unreachable")  # context.abort raises
+
+
+def _ended_idle(stream: Stream, idle_timeout: float) -> Unavailable:
+    """What the idle check's end of `stream` answers: UNAVAILABLE (the daemon's own), saying why."""
+    if stream.arriving:  # what came of a request is not seen until all of it has
+        why = f"its request had not all come {idle_timeout:g} s after its call waited for it"
+    else:
+        why = f"its client {'sent' if stream.method == 'Put' else 'read'} nothing for {idle_timeout:g} s"
+    return Unavailable(f"this {stream.method} was ended: {why} (--stream-idle-timeout); retry it")
 
 
 def _check_decoded(message: object) -> None:
@@ -229,7 +234,18 @@ def _arriving(stream: Stream) -> Stream:
 
 async def _request(context: grpc.aio.ServicerContext, record: RequestLog, stream: Stream | None,
                    place: Callable[[], AbstractContextManager[Stream]]) -> object:
-    """The call's one request message, refused when it does not decode.
+    """The call's one request message (`_arrived`), refused when it does not decode."""
+    message = await _arrived(context, stream, place)
+    if message is grpc.aio.EOF:
+        raise InvalidArgument("the call ended before its request message")
+    _check_decoded(message)
+    _describe(record, message)
+    return message
+
+
+async def _arrived(context: grpc.aio.ServicerContext, stream: Stream | None,
+                   place: Callable[[], AbstractContextManager[Stream]]) -> object:
+    """The call's next request message, or EOF.
 
     gRPC would hold what came of a request until all of it has, before the
     daemon knows of the call: a client that sends part of many requests and
@@ -240,8 +256,10 @@ async def _request(context: grpc.aio.ServicerContext, record: RequestLog, stream
     the idle check ends it (`_StoppedArriving`) when its client stops sending.
     """
     task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
     refused: list[TooManyStreams] = []
     waiting = stream and _arriving(stream)
+    timer: asyncio.Handle | None = None
     with contextlib.ExitStack() as placed:
 
         def still_arriving() -> None:  # ARRIVAL_GRACE has passed: the call takes a place, or is refused
@@ -253,7 +271,13 @@ async def _request(context: grpc.aio.ServicerContext, record: RequestLog, stream
                 if task is not None:
                     task.cancel()
 
-        timer = asyncio.get_running_loop().call_later(ARRIVAL_GRACE, still_arriving) if stream is None else None
+        def grace_over() -> None:
+            # After the wake-up of a read that ended in the same turn of the loop (one that stalled that long).
+            nonlocal timer
+            timer = loop.call_soon(still_arriving)
+
+        if stream is None:
+            timer = loop.call_later(ARRIVAL_GRACE, grace_over)
         try:
             message = await context.read()
         except asyncio.CancelledError:
@@ -268,11 +292,52 @@ async def _request(context: grpc.aio.ServicerContext, record: RequestLog, stream
                 timer.cancel()
         if waiting is not None:
             waiting.arriving = waiting.waiting = False
-    if message is grpc.aio.EOF:
-        raise InvalidArgument("the call ended before its request message")
-    _check_decoded(message)
-    _describe(record, message)
     return message
+
+
+def reading_as_drive_service(handlers: dict[str, grpc.RpcMethodHandler], streams: Streams
+                             ) -> dict[str, grpc.RpcMethodHandler]:
+    """The method handlers of another service the daemon serves (health, reflection), whose requests are read as
+    DriveService's are (`_arrived`): without, a client sending requests in part to them held what it sent, as
+    it did with DriveService's."""
+    return {method: _reading_arrived(handler, streams, method) for method, handler in handlers.items()}
+
+
+def _reading_arrived(handler: grpc.RpcMethodHandler, streams: Streams, method: str) -> grpc.RpcMethodHandler:
+    async def arrived(context: grpc.aio.ServicerContext) -> object:
+        place = partial(streams.arriving, method, context.peer(), asyncio.current_task())
+        try:
+            return await _arrived(context, None, place)
+        except TooManyStreams as err:
+            await context.abort(err.status, err.details())
+        except _StoppedArriving as stopped:
+            ended = _ended_idle(stopped.stream, streams.idle_timeout)
+            await context.abort(ended.status, ended.details())
+        raise AssertionError("unreachable")  # context.abort raises
+
+    if handler.request_streaming:  # reflection's: a client stream answered by a stream
+        answers = handler.stream_stream
+
+        async def requests(context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+            while (message := await arrived(context)) is not grpc.aio.EOF:
+                yield message
+
+        async def streamed(_: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+            async for answer in answers(requests(context), context):
+                yield answer
+
+        return handler._replace(stream_stream=streamed)
+
+    answer = handler.unary_unary or handler.unary_stream
+
+    async def unary(_: object, context: grpc.aio.ServicerContext) -> object:
+        request = await arrived(context)
+        if request is grpc.aio.EOF:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended before its request message")
+        return await answer(request, context)
+
+    read = reading_its_request(handler)
+    return read._replace(**{"stream_stream" if handler.response_streaming else "stream_unary": unary})
 
 
 async def _received(context: grpc.aio.ServicerContext, stream: Stream) -> AsyncIterator[object]:

@@ -126,5 +126,9 @@ class PartialRequests:
             pending = pending[size:]
         return stream
 
+    def reset(self, stream: int) -> None:
+        """Cancels the call on `stream` (RST_STREAM CANCEL), as a client that gives up does."""
+        self._send(_frame(RST_STREAM, 0, stream, struct.pack(">I", 8)))
+
     def close(self) -> None:
         self._socket.close()
