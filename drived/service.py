@@ -298,12 +298,15 @@ async def _arrived(context: grpc.aio.ServicerContext, stream: Stream | None,
 def reading_as_drive_service(handlers: dict[str, grpc.RpcMethodHandler], streams: Streams
                              ) -> dict[str, grpc.RpcMethodHandler]:
     """The method handlers of another service the daemon serves (health, reflection), whose requests are read as
-    DriveService's are (`_arrived`): without, a client sending requests in part to them held what it sent, as
-    it did with DriveService's."""
+    DriveService's are (`_arrived`): otherwise a client sending requests in part to them holds what it sent, as
+    it held with DriveService's."""
     return {method: _reading_arrived(handler, streams, method) for method, handler in handlers.items()}
 
 
 def _reading_arrived(handler: grpc.RpcMethodHandler, streams: Streams, method: str) -> grpc.RpcMethodHandler:
+    """`handler` of `method`, run as one whose client streams, reading each request with `_arrived`; a refusal or
+    an end by the idle check is answered as DriveService's are."""
+
     async def arrived(context: grpc.aio.ServicerContext) -> object:
         place = partial(streams.arriving, method, context.peer(), asyncio.current_task())
         try:
