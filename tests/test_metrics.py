@@ -6,7 +6,7 @@ import contextlib
 import re
 import urllib.request
 
-from conftest import free_port
+from conftest import free_port, wait_until
 
 from drive_client import Drive
 
@@ -30,6 +30,9 @@ def test_metrics_count_requests_codes_and_bytes(start_daemon, tmp_path):
     drive.get("m.bin", overwrite=True)
     with contextlib.suppress(FileNotFoundError):
         drive.stat("missing")
+    # A call is counted as its request log line is written, once its status is sent: the last may come after it.
+    stat_counted = 'drived_requests_total{code="NOT_FOUND",method="Stat"}'
+    assert wait_until(lambda: stat_counted in scrape(metrics_address), 10)
     samples = scrape(metrics_address)
     assert samples['drived_requests_total{code="OK",method="PutFile"}'] == 1  # a small file: one unary call
     assert samples['drived_requests_total{code="OK",method="Get"}'] == 1
