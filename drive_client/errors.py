@@ -172,6 +172,9 @@ def error_for_status(code: grpc.StatusCode, message: str) -> DriveError:
     return _BY_STATUS.get(code, DriveError)(message, code)
 
 
+# How the daemon's refusal of a put below a file (INVALID_ARGUMENT) ends, which the client tells apart from its
+# other refusals where its caller expects NotADirectoryError (fsspec's).
+PARENT_IS_FILE = "a parent folder of it is a file"
 # The status grpc.aio gives a stream whose message its transport failed to send (grpc.aio's `_write`): the
 # connection broke under the stream, which the transport's own status says as UNAVAILABLE when it comes first.
 AIO_SEND_FAILED = "Internal error from Core"

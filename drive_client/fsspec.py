@@ -181,7 +181,15 @@ from .channels import DEFAULT_ENDPOINT
 from .common import DriveBase, FileStat, check_verify
 from .drive import Drive
 from .effects import Done, advance
-from .errors import AmbiguousPathError, DataLoss, InvalidArgument, NotADirectory, NotFound, StaleIndexError
+from .errors import (
+    PARENT_IS_FILE,
+    AmbiguousPathError,
+    DataLoss,
+    InvalidArgument,
+    NotADirectory,
+    NotFound,
+    StaleIndexError,
+)
 from .files import write_all
 from .pyarrow_exit import wait_for_pyarrow_threads
 from .uri import check_component, drive_path, parse_drive
@@ -264,10 +272,6 @@ def _version(info: dict[str, Any]) -> tuple[str, int]:
     version it fetched)."""
     return info["component"], info["generation"]
 
-
-# How the daemon's refusal of a put below a file ends (an INVALID_ARGUMENT, a ValueError), where fsspec's callers
-# expect NotADirectoryError; no check before the put finds it but a stat of each of the path's parents.
-_BELOW_A_FILE = ": a parent folder of it is a file"
 
 _NO_FILE = ("", 0)  # the version of a path with no file: every stored file has an owner and a generation
 
@@ -531,8 +535,8 @@ class _LitFileSystem:
             raise IsADirectoryError(f"lit://{name} is a drive root: name a file in it")
         try:
             yield self._drive(name).put(local, to=sub, progress=callback.relative_update)
-        except InvalidArgument as err:
-            if not err.message.endswith(_BELOW_A_FILE):
+        except InvalidArgument as err:  # no check before the put finds it but a stat of each of the path's parents
+            if not err.message.endswith(f": {PARENT_IS_FILE}"):
                 raise
             raise NotADirectory(err.message, err.code) from None
 

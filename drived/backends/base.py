@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol, Self
 
 from drive_client.errors import (
+    PARENT_IS_FILE,
     DataLoss,
     DriveError,
     InvalidArgument,
@@ -140,7 +141,7 @@ class NotAsSent(StoredFileError, DataLoss):
 
 
 def parent_is_file(key: str) -> Misplaced:
-    return Misplaced(key, "a parent folder of it is a file")
+    return Misplaced(key, PARENT_IS_FILE)
 
 
 def is_a_folder(key: str) -> Misplaced:
