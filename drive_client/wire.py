@@ -133,9 +133,9 @@ def _or_undecodable(decode: Callable[[bytes], Any], type_name: str) -> Callable[
     return decoded
 
 
-def reading_its_request(handler: Any) -> Any:
-    """`handler` of a method with one request message, run as one whose client streams: the servicer's method is
-    called with the call's request stream as soon as the call starts, and reads the message itself.
+def reading_its_request(handler: Any, behavior: Callable[..., Any] | None = None) -> Any:
+    """`handler` of a method with one request message, run as one whose client streams: its behavior (or
+    `behavior`) is called with the call's request stream as soon as the call starts, and reads the message itself.
 
     gRPC runs a unary-request handler only once the whole message has come:
     a client that sends part of it and stalls holds up to a message (4 MiB)
@@ -145,8 +145,9 @@ def reading_its_request(handler: Any) -> Any:
     if handler.request_streaming:
         return handler
     if handler.response_streaming:
-        return handler._replace(request_streaming=True, stream_stream=handler.unary_stream, unary_stream=None)
-    return handler._replace(request_streaming=True, stream_unary=handler.unary_unary, unary_unary=None)
+        return handler._replace(request_streaming=True, stream_stream=behavior or handler.unary_stream,
+                                unary_stream=None)
+    return handler._replace(request_streaming=True, stream_unary=behavior or handler.unary_unary, unary_unary=None)
 
 
 def method_handlers(add_servicer: Callable[[Any, Any], None], servicer: Any) -> dict[str, grpc.RpcMethodHandler]:

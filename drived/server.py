@@ -151,12 +151,13 @@ async def serve(config: Config) -> None:
     service = DriveService(drives, streams, access)
     add_fast_servicer(service, server)
     health_servicer = health.aio.HealthServicer()
-    _add_reading_as_drive_service(server, streams, "grpc.health.v1.Health",
-                                  method_handlers(health_pb2_grpc.add_HealthServicer_to_server, health_servicer))
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    add_handlers(server, health_name, reading_as_drive_service(
+        method_handlers(health_pb2_grpc.add_HealthServicer_to_server, health_servicer), streams))
     if config.reflection:
-        names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-        _add_reading_as_drive_service(server, streams, reflection.SERVICE_NAME, method_handlers(
-            reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflection.aio.ReflectionServicer(names)))
+        servicer = reflection.aio.ReflectionServicer([SERVICE_NAME, health_name, reflection.SERVICE_NAME])
+        add_handlers(server, reflection.SERVICE_NAME, reading_as_drive_service(
+            method_handlers(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, servicer), streams))
     try:
         if tls:
             server.add_secure_port(config.listen, tls.credentials())
@@ -204,12 +205,6 @@ async def serve(config: Config) -> None:
     await mounts.close()
     await backend.close()
     log.info("stopped")
-
-
-def _add_reading_as_drive_service(server: grpc.aio.Server, streams: Streams, service: str,
-                                  handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-    """Serves `handlers` of `service`, their requests read as DriveService's are (`reading_as_drive_service`)."""
-    add_handlers(server, service, reading_as_drive_service(handlers, streams))
 
 
 def reload(access: Access, tls: ServerTLS | None) -> None:

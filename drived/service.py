@@ -309,14 +309,14 @@ def _reading_arrived(handler: grpc.RpcMethodHandler, streams: Streams, method: s
 
     async def arrived(context: grpc.aio.ServicerContext) -> object:
         place = partial(streams.arriving, method, context.peer(), asyncio.current_task())
+        record = RequestLog(method)  # such calls are not logged: what _fail and _end_idle answer with
         try:
             return await _arrived(context, None, place)
         except TooManyStreams as err:
-            await context.abort(err.status, err.details())
+            await _fail(context, record, err)
         except _StoppedArriving as stopped:
-            ended = _ended_idle(stopped.stream, streams.idle_timeout)
-            await context.abort(ended.status, ended.details())
-        raise AssertionError("unreachable")  # context.abort raises
+            await _end_idle(context, record, stopped.stream, streams.idle_timeout)
+        raise AssertionError("unreachable")  # both abort
 
     if handler.request_streaming:  # reflection's: a client stream answered by a stream
         answers = handler.stream_stream
@@ -339,8 +339,7 @@ def _reading_arrived(handler: grpc.RpcMethodHandler, streams: Streams, method: s
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended before its request message")
         return await answer(request, context)
 
-    read = reading_its_request(handler)
-    return read._replace(**{"stream_stream" if handler.response_streaming else "stream_unary": unary})
+    return reading_its_request(handler, unary)
 
 
 async def _received(context: grpc.aio.ServicerContext, stream: Stream) -> AsyncIterator[object]:
