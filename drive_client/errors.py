@@ -47,7 +47,7 @@ class NotFound(DriveError, FileNotFoundError):
 
 
 class AlreadyExists(DriveError, FileExistsError):
-    """Another component holds the path, or the local target exists."""
+    """Another component holds the path, the local target exists, or a file is where fsspec's "xb" creates one."""
 
     status = grpc.StatusCode.ALREADY_EXISTS
 
@@ -143,7 +143,8 @@ class NotADirectory(DriveError, NotADirectoryError):
 
 
 class IsADirectory(DriveError, IsADirectoryError):
-    """A local folder where a get is to write a file; found on the local side."""
+    """A folder where a file is needed: a local one a get would write, or a drive's one (or its root) fsspec is
+    asked to open, write or date as a file; found on the client's side."""
 
 
 class LocalFileError(DriveError, OSError):

@@ -183,9 +183,11 @@ from .drive import Drive
 from .effects import Done, advance
 from .errors import (
     PARENT_IS_FILE,
+    AlreadyExists,
     AmbiguousPathError,
     DataLoss,
     InvalidArgument,
+    IsADirectory,
     NotADirectory,
     NotFound,
     StaleIndexError,
@@ -451,7 +453,7 @@ class _LitFileSystem:
     def _steps_file_info(self, path: str) -> Steps[dict[str, Any]]:
         info = yield from self._steps_info(path)
         if info["type"] != "file":
-            raise IsADirectoryError(f"lit://{info['name']} is a folder, not a file")
+            raise IsADirectory(f"lit://{info['name']} is a folder, not a file")
         return info
 
     def _chunks(self, info: dict[str, Any], start: int, length: int | None) -> Any:
@@ -532,7 +534,7 @@ class _LitFileSystem:
                          ) -> Steps[None]:
         name, sub = self._split(rpath)
         if not sub:
-            raise IsADirectoryError(f"lit://{name} is a drive root: name a file in it")
+            raise IsADirectory(f"lit://{name} is a drive root: name a file in it")
         try:
             yield self._drive(name).put(local, to=sub, progress=callback.relative_update)
         except InvalidArgument as err:  # no check before the put finds it but a stat of each of the path's parents
@@ -548,19 +550,19 @@ class _LitFileSystem:
         """
         name, sub = self._split(path)
         if not sub:
-            raise IsADirectoryError(f"lit://{name} is a drive root: name a file in it")
+            raise IsADirectory(f"lit://{name} is a drive root: name a file in it")
         try:
             stat = yield self._drive(name).stat(sub)
         except NotFound:
             return
         except AmbiguousPathError:  # a file that several components hold
             if exclusive:
-                raise FileExistsError(f"lit://{name}/{sub} exists") from None
+                raise AlreadyExists(f"lit://{name}/{sub} exists") from None
             return
         if stat.folder:
-            raise IsADirectoryError(f"lit://{name}/{sub} is a folder")
+            raise IsADirectory(f"lit://{name}/{sub} is a folder")
         if exclusive:
-            raise FileExistsError(f"lit://{name}/{sub} exists")
+            raise AlreadyExists(f"lit://{name}/{sub} exists")
 
     def _steps_opened(self, path: str, mode: str, block: int) -> Steps[tuple[dict[str, Any] | None, _Spool | None]]:
         """What opening `path` in `mode` needs: the file's info to read it; a spool to write it, once it may be.
@@ -732,7 +734,7 @@ class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
     def modified(self, path: str) -> Any:
         info = self.info(path)
         if info.get("modified") is None:
-            raise IsADirectoryError(f"{path!r} is a folder: folders have no modification time")
+            raise IsADirectory(f"{path!r} is a folder: folders have no modification time")
         return info["modified"]
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
