@@ -119,7 +119,7 @@ class Streams:
         place here, as many as streams (`drived.service._request`); a whole
         request comes with its call, so no other call waits here.
         """
-        stream = Stream(method, peer_host(peer), task, idle_limited=False, arriving=True)
+        stream = Stream(method, peer_host(peer), task, idle_limited=False)
         with self._admitted(stream, self._arriving, self._arriving_per_peer, "requests arriving"):
             yield stream
 
