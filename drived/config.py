@@ -61,6 +61,7 @@ class Config:
     quota: int = 0
     max_streams: int = 1024
     max_streams_per_peer: int = 256
+    max_connections: int = 0
     stream_idle_timeout: float = 60.0
     log_level: str = "info"
 
@@ -115,6 +116,9 @@ HELP = {
     "daemon's memory (README, Failure behaviour)",
     "max_streams_per_peer": "the same for one client host (its address without the port; behind a proxy, the "
     "proxy); more are refused with RESOURCE_EXHAUSTED",
+    "max_connections": "client connections held at once; past it a new one is closed as it is accepted (its client "
+    "tries again, as for a restart). Each holds a file descriptor: 0 takes an eighth of the open-file limit left "
+    "at start (README, Failure behaviour)",
     "stream_idle_timeout": "seconds a Put or Get may wait on its client, which sends or reads nothing meanwhile, "
     "or a call's request may stop arriving, "
     "before it is ended (UNAVAILABLE) and its upload data removed (a resumable upload is not held for a resume); "
@@ -145,6 +149,14 @@ def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _connections(text: str) -> int:
+    """A count of connections, which gRPC keeps in a C int."""
+    value = int(_non_negative(int)(text))
+    if value > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"at most {2**31 - 1}, got {text}")
+    return value
 
 
 # The most seconds a setting takes (about 24 days): gRPC keeps --max-connection-age in milliseconds in a C int,
@@ -191,6 +203,13 @@ def _listen(text: str) -> str:
             f"interface), not {text!r}"
         )
     return address
+
+
+def _metrics_listen(text: str) -> str:
+    """The metrics address, which serves HTTP on TCP only and, like --listen, names its host."""
+    if text.startswith(("unix:", "unix-abstract:")):
+        raise argparse.ArgumentTypeError(f"metrics are served over TCP: give HOST:PORT, not {text!r}")
+    return _listen(text) if text else text
 
 
 def _storage(text: str) -> str:
@@ -271,10 +290,10 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "coordinator": _coordinator, "claim_ttl": _positive(_seconds), "chunk_size": _chunk_size,
     "grace_period": _positive(_seconds), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
     "s3_index_memory": _positive(_size),
-    "metrics_listen": _address, "token": _token, "auth_tokens": str, "tls_cert": str, "tls_key": str,
+    "metrics_listen": _metrics_listen, "token": _token, "auth_tokens": str, "tls_cert": str, "tls_key": str,
     "tls_client_ca": str, "reflection": _switch, "max_connection_age": _non_negative(_seconds),
     "max_file_size": _size, "quota": _size, "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
-    "stream_idle_timeout": _idle_timeout, "log_level": str,
+    "max_connections": _connections, "stream_idle_timeout": _idle_timeout, "log_level": str,
 }
 
 

@@ -8,11 +8,12 @@ stalled uploads that each held a file made every call fail and health time
 out. So the descriptors are shared out. At start-up the soft limit is raised
 to the hard one (as Go's runtime and many servers do), and of the descriptors
 left then, uploads may hold at most half, and uploads and reads together
-three quarters: the last quarter stays for connections, health, metrics, the
-commit worker's pipes, the short opens of stats and listings, and the checks
-of format 1 files (`stored.BUILDERS` at once). An upload or a read past its
-share is refused with RESOURCE_EXHAUSTED; the counts are taken where the
-files are opened and given back where they are closed.
+three quarters; client connections an eighth (unless --max-connections says
+otherwise: gRPC closes one more as it accepts it), and the last eighth stays
+for health, metrics, the commit worker's pipes, the short opens of stats and
+listings, and the checks of format 1 files (`stored.BUILDERS` at once). An
+upload or a read past its share is refused with RESOURCE_EXHAUSTED; the counts
+are taken where the files are opened and given back where they are closed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Descriptors:
     def __init__(self, available: int) -> None:
         self.for_uploads = max(1, available // 2)
         self.for_files = max(2, available * 3 // 4)  # uploads and reads together
+        self.for_connections = max(1, available // 8)
         self._uploads = self._reads = 0
         self._lock = threading.Lock()  # a big upload closes its file, and gives it back, in a worker thread
 
@@ -50,6 +52,7 @@ class Descriptors:
         descriptors = cls(available)
         log.info("file descriptors", extra={"fields": {
             "limit": soft, "for_uploads": descriptors.for_uploads, "for_uploads_and_reads": descriptors.for_files,
+            "for_connections": descriptors.for_connections,
         }})
         return descriptors
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
 REQUESTS = Counter("drived_requests", "Requests answered, by method and status code", ["method", "code"])
 BYTES = Counter("drived_transfer_bytes", "File bytes received (in: Put) and sent (out: Get)", ["direction"])
@@ -33,10 +39,59 @@ def record_request(method: str, code: str, seconds: float, nbytes: int) -> None:
         BYTES.labels(DIRECTION[method]).inc(nbytes)
 
 
+SCRAPES_AT_ONCE = 8  # Prometheus scrapes a target over one connection at a time
+SCRAPE_TIMEOUT = 10.0  # seconds a scraper may stay silent within its request or leave its answer unread
+
+
+class _Handler(WSGIRequestHandler):
+    """One request a connection (wsgiref's), dropped once it stays silent SCRAPE_TIMEOUT s; logs nothing."""
+
+    timeout = SCRAPE_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """A thread a connection, at most SCRAPES_AT_ONCE of them: one more is closed as it is accepted.
+
+    prometheus_client's own server starts a thread for every connection and never times one out, so
+    that anyone reaching the port could take the daemon's descriptors (each thread's socket) until puts
+    could open no file.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, family: socket.AddressFamily, address: Any) -> None:
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(SCRAPES_AT_ONCE)
+        super().__init__(address, _Handler)
+        self.set_app(make_wsgi_app())
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started to give the slot back
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def serve(listen: str) -> None:
     """Serves /metrics on HOST:PORT in a background thread."""
     host, _, port = listen.rpartition(":")
     try:
-        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1")
+        family, _, _, _, address = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        server = _Server(family, address)
     except (OSError, ValueError) as err:
         raise SystemExit(f"drived: cannot serve metrics on {listen}: {err}") from None
+    threading.Thread(target=server.serve_forever, name="drived-metrics", daemon=True).start()

@@ -41,16 +41,18 @@ log = logging.getLogger("drived")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DriveService"].full_name
 # Disk and hashing work runs in threads; puts and gets of many files at once each need one.
 WORKER_THREADS = 32
+CONNECTION_IDLE = 600.0  # seconds
+HANDSHAKE_TIMEOUT = 20.0  # seconds
 
 
-def make_backend(config: Config) -> Backend:
+def make_backend(config: Config, descriptors: Descriptors) -> Backend:
     """The backend of managed drives: the data dir, or the S3 location of --storage."""
     if config.storage:
         where = parse_drive(config.storage)
         return S3Backend(where.bucket, where.prefix, config.chunk_size, config.upload_expiry,
                          config.stream_idle_timeout)
     try:
-        return LocalBackend(config.data_dir, Descriptors.of_this_process(), config.chunk_size)
+        return LocalBackend(config.data_dir, descriptors, config.chunk_size)
     except DataDirInUse as err:
         raise SystemExit(f"drived: {err}") from None
 
@@ -62,9 +64,18 @@ def make_coordinator(config: Config) -> Coordinator:
     return InProcessCoordinator()
 
 
-def server_options(config: Config) -> list[tuple[str, int]]:
+def server_options(config: Config, connections: int) -> list[tuple[str, int]]:
     options = [
         ("grpc.so_reuseport", 0),  # a taken port must fail loudly
+        # Each connection holds a descriptor, and gRPC would accept them until the process had none left for
+        # files: past `connections` it closes a new one at once. So that connections nobody uses cannot fill
+        # that room for good (a client host that vanished never closes its own; the daemon pings only
+        # connections with calls open), one without calls is closed after CONNECTION_IDLE (its client
+        # reconnects at its next call), and one that has not finished its handshake (TLS, HTTP/2's
+        # preface) after HANDSHAKE_TIMEOUT.
+        ("grpc.max_allowed_incoming_connections", connections),
+        ("grpc.max_connection_idle_ms", int(CONNECTION_IDLE * 1000)),
+        ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT * 1000)),
         ("grpc.max_receive_message_length", MESSAGE_LIMIT),
         ("grpc.max_send_message_length", MESSAGE_LIMIT),
         # A fixed receive window per stream, as in the client (drive_client.common):
@@ -134,8 +145,9 @@ async def serve(config: Config) -> None:
     problems = exposure(config, access.required)
     if problems:
         log.warning("listening beyond loopback", extra={"fields": {"listen": config.listen, "problems": problems}})
-    server = grpc.aio.server(options=server_options(config))
-    backend = make_backend(config)
+    descriptors = Descriptors.of_this_process()
+    server = grpc.aio.server(options=server_options(config, config.max_connections or descriptors.for_connections))
+    backend = make_backend(config, descriptors)
     await backend.start()
     mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size,
                       memory=config.s3_index_memory)

@@ -23,6 +23,7 @@ import pathlib
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -640,6 +641,36 @@ def rss_mib(pid: int) -> float:
 def open_fds(pid: int) -> int:
     """How many file descriptors process `pid` has open."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@contextlib.contextmanager
+def silent_connections(address: str, n: int, first: bytes = b"") -> Iterator[list[socket.socket]]:
+    """`n` TCP connections to HOST:PORT that send `first` and then nothing, as a client that floods a port does;
+    all closed on exit."""
+    host, _, port = address.rpartition(":")
+    connections: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            connection = socket.create_connection((host, int(port)), timeout=5)
+            connection.sendall(first)
+            connections.append(connection)
+        yield connections
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def closed_by_peer(connection: socket.socket) -> bool:
+    """Whether the other end closed `connection` (what it sent before is read and dropped)."""
+    connection.setblocking(False)
+    try:
+        while connection.recv(1 << 16):
+            pass
+        return True
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
 
 
 def descriptor_targets(pid: int) -> list[str]:

@@ -388,6 +388,11 @@ SECONDS = "at most 2147483 (about 24 days)"
     ("--listen", "127.0.0.1:-1", "a port of 0-65535"),  # ... and port 65535
     ("--listen", ":0", "with its host"),  # gRPC failed to bind, and the daemon asked whether another one was there
     ("--metrics-listen", "127.0.0.1:70000", "a port of 0-65535"),
+    # It served 127.0.0.1 where --listen refuses the same value, and failed later on a unix: socket.
+    ("--metrics-listen", ":9090", "with its host"),
+    ("--metrics-listen", "unix:/tmp/drived-metrics", "over TCP"),
+    ("--max-connections", "-1", "cannot be negative"),
+    ("--max-connections", "3000000000", "at most 2147483647"),  # past gRPC's C int: a traceback at start
     ("--max-connection-age", "3000000", SECONDS),  # 35 days: past what gRPC holds in milliseconds
     ("--max-connection-age", "nan", SECONDS),
     ("--grace-period", "inf", SECONDS),
