@@ -13,8 +13,9 @@ whole Put of up to `MAX_FILES_PER_STREAM` files, or one PutFile) and for
 `expiry` seconds after it ended, so that a client cut late in a long stream
 learns of every file it stored, however long ago the first one was. Once their
 streams ended, at most `COMPLETED_KEPT` completions of Put streams are
-remembered, and as many of PutFile calls apart: small puts, however many, never
-push out the completions that a cut folder put goes on from. A stream
+remembered, whose entries take at most `COMPLETED_KEPT_BYTES` (long paths), and
+as many of PutFile calls apart: small puts, however many, never push out the
+completions that a cut folder put goes on from. A stream
 that the daemon ends (a refusal, the idle timeout: see
 `drived.service.DriveService.Put`) aborts its upload instead, but for one
 ended because its client kept memory from others for too long
@@ -47,6 +48,7 @@ from drive_client.errors import InvalidArgument, NotFound, OutOfRange, StaleInde
 
 from . import metrics
 from .backends.base import ClientTooSlow, Upload
+from .config import ANSWER_ENTRIES_BYTES, answer_entry_bytes
 from .entry import Entry
 from .puts import MAX_FILES_PER_STREAM
 from .requests import PutHeader
@@ -55,9 +57,12 @@ log = logging.getLogger("drived")
 
 UploadKey = tuple[str, str, str]  # drive name, component, upload id
 # Completions remembered at most once their streams ended (each for `expiry` seconds), of Put streams (the whole
-# of the two longest) and as many again of PutFile calls. Those of running streams are kept whatever their number:
-# each stream holds its files' entries for its answer anyway.
+# of the two longest: in files, and in their entries' bytes, which a stream's answer bounds) and as many again of
+# PutFile calls: a completion's memory grows with its path (some 5 KiB with a 4 KB path, under 1 KiB with a short
+# one). Those of running streams are kept whatever their number: each stream holds its files' entries for its
+# answer anyway.
 COMPLETED_KEPT = 2 * MAX_FILES_PER_STREAM
+COMPLETED_KEPT_BYTES = 2 * ANSWER_ENTRIES_BYTES
 Call = asyncio.Task[object]  # the task serving one call (a Put stream, a PutFile): it is done when the call ends
 
 
@@ -103,19 +108,27 @@ class Resumable:
                 raise
 
 
+def _entry_bytes(entry: Entry) -> int:
+    return answer_entry_bytes(entry.path, entry.component)
+
+
 class Completions:
     """The files that resumable uploads stored, once the streams that committed them ended: each remembered for
-    `expiry` seconds, at most `kept` of them (past it, the oldest are forgotten first)."""
+    `expiry` seconds, at most `kept` of them, whose entries take at most `kept_bytes` (`answer_entry_bytes`); past
+    either, the oldest are forgotten first."""
 
-    def __init__(self, expiry: float, kept: int) -> None:
+    def __init__(self, expiry: float, kept: int, kept_bytes: int) -> None:
         self.expiry = expiry
         self.kept = kept
+        self.kept_bytes = kept_bytes
         self._files: OrderedDict[UploadKey, tuple[float, Entry]] = OrderedDict()  # deadline, file: oldest first
+        self._bytes = 0  # what their entries take
         self._forgetting: asyncio.TimerHandle | None = None  # when the oldest one expires
 
     def add(self, key: UploadKey, entry: Entry) -> None:
+        self.discard(key)
         self._files[key] = (asyncio.get_running_loop().time() + self.expiry, entry)
-        self._files.move_to_end(key)
+        self._bytes += _entry_bytes(entry)
         self._forget()
 
     def get(self, key: UploadKey) -> Entry | None:
@@ -125,17 +138,19 @@ class Completions:
         return remembered[1]
 
     def discard(self, key: UploadKey) -> None:
-        self._files.pop(key, None)
+        remembered = self._files.pop(key, None)
+        if remembered is not None:
+            self._bytes -= _entry_bytes(remembered[1])
 
     def _forget(self) -> None:
-        """Forgets the files past their expiry, or past `kept`, oldest first; then waits for the oldest one left
-        to expire, so that a burst of puts leaves no records behind."""
+        """Forgets the files past their expiry, or past `kept` or `kept_bytes`, oldest first; then waits for the
+        oldest one left to expire, so that a burst of puts leaves no records behind."""
         loop = asyncio.get_running_loop()
         while self._files:
             deadline, _ = next(iter(self._files.values()))
-            if deadline > loop.time() and len(self._files) <= self.kept:
+            if deadline > loop.time() and len(self._files) <= self.kept and self._bytes <= self.kept_bytes:
                 break
-            self._files.popitem(last=False)
+            self._bytes -= _entry_bytes(self._files.popitem(last=False)[1][1])
         if self._forgetting is None and self._files:
             deadline, _ = next(iter(self._files.values()))
             self._forgetting = loop.call_at(deadline, self._forgot)
@@ -160,8 +175,8 @@ class HeldUploads:
         self._held: OrderedDict[UploadKey, Resumable] = OrderedDict()  # the suspended ones, oldest first
         self._held_bytes = 0
         # The completions of ended streams: a Put stream's, and apart a PutFile call's (see the module doc).
-        self._completed_put_streams = Completions(expiry, COMPLETED_KEPT)
-        self._completed_put_files = Completions(expiry, COMPLETED_KEPT)
+        self._completed_put_streams = Completions(expiry, COMPLETED_KEPT, COMPLETED_KEPT_BYTES)
+        self._completed_put_files = Completions(expiry, COMPLETED_KEPT, COMPLETED_KEPT_BYTES)
         self._streaming: dict[UploadKey, tuple[Call, Entry]] = {}  # the completions of running streams
         self._streams: dict[Call, tuple[Completions, list[UploadKey]]] = {}  # those running streams, with where
         # their completions go once they end

@@ -1,7 +1,8 @@
-"""The completions a daemon remembers for a cut put: small puts (PutFile calls) never push out a Put stream's.
+"""The completions a daemon remembers for a cut put: small puts (PutFile calls) never push out a Put stream's, and
+each kind stays within its bounds, in files and in the bytes of their paths.
 
-The daemon runs with `drived.uploads.COMPLETED_KEPT` lowered in its own process, so that a few small puts reach
-the bound that 20,000 would in production.
+The daemon runs with `drived.uploads.COMPLETED_KEPT` (or `COMPLETED_KEPT_BYTES`) lowered in its own process, so
+that a few puts reach the bound that 20,000 (or a few thousand of long paths) would in production.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from test_resume import IN_FLIGHT, metric, query, requests, stub_of
 from drive_client import Drive
 from drive_client.pb import drive_pb2 as pb
 from drive_client.transfer import put_file_request
+from drive_client.uri import DEFAULT_COMPONENT
+from drived.config import answer_entry_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
 KEPT = 5  # completions the daemon remembers of each kind once their streams ended
+LONG_FOLDER = "/".join(["n" * 200] * 15)  # some 3,000 bytes: a completion of a path below it takes ~4 KiB of memory
 
 
 def test_small_puts_past_their_bound_leave_a_cut_folder_puts_completions(start_daemon, tmp_path):
@@ -51,3 +55,29 @@ def test_small_puts_past_their_bound_leave_a_cut_folder_puts_completions(start_d
     assert total <= received <= total + IN_FLIGHT, f"{received - total} bytes received twice"
     assert query(stub, drive, small_ids[-1]).file.sha256 == sha256_hex(b"small %d" % (len(small_ids) - 1))
     assert rpc_code(lambda: query(stub, drive, small_ids[0])) == grpc.StatusCode.NOT_FOUND  # past the bound
+
+
+@pytest.mark.parametrize("kind", ["PutFile", "Put"])
+def test_completions_of_long_paths_stay_within_their_bound_in_bytes(start_daemon, tmp_path, kind):
+    """Completions are bounded in the bytes of their paths as well as in number: five files of long paths, one by
+    one or in one stream, with the bound lowered to three of them, leave the first two forgotten and the last three
+    remembered (all five stay stored). Bounded by number alone, 20,000 completions of 4 KB paths held some 100 MiB
+    of each kind where README says about 15."""
+    paths = [f"{LONG_FOLDER}/f{i}.txt" for i in range(5)]
+    bound = 3 * answer_entry_bytes(paths[0], DEFAULT_COMPONENT)
+    handle = start_daemon(tmp_path, before=f"import drived.uploads\ndrived.uploads.COMPLETED_KEPT_BYTES = {bound}")
+    drive, stub = "lit://kept_long", stub_of(handle.endpoint)
+    ids = [f"long-{i}" for i in range(len(paths))]
+    files = [put_file_request(pb.PutHeader(drive=drive, upload_id=upload_id), path, path.encode()[-40:])
+             for upload_id, path in zip(ids, paths, strict=True)]
+    if kind == "PutFile":
+        for request in files:
+            stub.PutFile(request, timeout=10)
+    else:
+        stub.Put(iter([pb.PutRequest(file=request) for request in files]), timeout=10)
+    for upload_id, path in zip(ids[2:], paths[2:], strict=True):
+        assert query(stub, drive, upload_id).file.path == path
+    for upload_id in ids[:2]:
+        assert rpc_code(lambda upload_id=upload_id: query(stub, drive, upload_id)) == grpc.StatusCode.NOT_FOUND
+    for path in paths:
+        assert stub.Stat(pb.StatRequest(drive=drive, path=path), timeout=10).size == 40
