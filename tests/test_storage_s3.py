@@ -824,6 +824,27 @@ def test_a_held_upload_keeps_its_multipart_upload_and_resumes_into_it(store, dae
     assert not [u for u in store.uploads() if u["Key"].endswith("/w/held.bin")]
 
 
+def test_a_resumed_upload_is_stored_with_the_generation_of_its_commit(store, daemon_a, drive_uri):
+    """A big file's generation (and so its modified time) is its commit's, as on a local disk: one held for a resume
+    while another version of its path was put is newer than that version, not dated from its upload's start."""
+    stub = stub_of(daemon_a)
+    data = os.urandom(PART_SIZE + MIB)
+    header = drive_pb2.PutHeader(drive=drive_uri, path="gen.bin", component="w", upload_id="s3-gen", size=len(data))
+    first = [drive_pb2.PutRequest(header=header), *(drive_pb2.PutRequest(data=data[i:i + MIB])
+                                                     for i in range(0, PART_SIZE, MIB))]
+    assert rpc_code(lambda: stub.Put(iter(first), timeout=60)) == grpc.StatusCode.INVALID_ARGUMENT  # no finish: held
+    [between] = stub.Put(put_messages(drive_uri, "gen.bin", b"put meanwhile", component="w"), timeout=30).files
+    header.write_offset = PART_SIZE
+    rest = [drive_pb2.PutRequest(header=header), drive_pb2.PutRequest(data=data[PART_SIZE:]),
+            drive_pb2.PutRequest(finish=drive_pb2.PutFinish(sha256=sha256_of(data)))]
+    [stored] = stub.Put(iter(rest), timeout=60).files
+    assert stored.generation > between.generation
+    stat = stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="gen.bin"), timeout=10)
+    [listed] = stub.List(drive_pb2.ListRequest(drive=drive_uri, path="."), timeout=10).entries
+    assert stat.generation == listed.generation == stored.generation and stat.modified == stored.modified
+    assert (stat.size, stat.sha256) == (len(data), sha256_of(data))
+
+
 def test_a_put_cut_midway_completes_through_resume(store, daemon_a, drive_uri, tmp_path):
     size = 3 * PART_SIZE + 5 * MIB
     digest = write_random_file(tmp_path / "r.bin", size)

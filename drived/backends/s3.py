@@ -2,7 +2,7 @@
 
 Layout: the object of key `<drive>/<component>/<path>` is `prefix/<drive>/<component>/<path>`,
 its plain bytes; its user metadata holds `generation` (ns, new with every
-commit) and its content hashes. The store is the only truth: any number of
+commit) and its content hashes (a big file's, in its checksum object: below). The store is the only truth: any number of
 daemons serve the same prefix, listing and stat read it (S3 lists and reads
 its own writes), and nothing about a file lives only in a daemon.
 
@@ -28,7 +28,8 @@ place is atomic but makes the store read and write every big file twice
 (UploadPartCopy above 5 GiB). Hashing before the upload would mean spooling
 the whole file first. So a multipart object's metadata names a *checksum
 object* instead, `prefix/~checksums/<key>/<name>`, an empty object whose
-metadata holds the hashes; it is written after the bytes are verified and
+metadata holds the hashes and the commit's generation (the object's own
+dates from its upload's start); it is written after the bytes are verified and
 before CompleteMultipartUpload, so the file is never visible without it (and
 deleted when the upload is aborted, unless the object at the key uses it).
 `~` cannot start a drive name: the checksum objects share no folder with a
@@ -558,9 +559,11 @@ class S3Upload(Upload):
             parts = await asyncio.gather(*self._parts)
             # At once: the folders checked again (a conflicting put may have committed since the first part), and
             # the checksum object, written just before the commit (the sweep takes it for a leftover once it is
-            # older than upload_expiry).
+            # older than upload_expiry), with the commit's generation: the upload's own dates from its first part,
+            # which a resumed upload's commit may follow by minutes, after other versions of its path.
+            self._generation = time.time_ns()
             self._preparing = asyncio.ensure_future(
-                self._backend.prepare_completion(self._key, self._checksums_name, sums))
+                self._backend.prepare_completion(self._key, self._checksums_name, sums, self._generation))
             # Shielded: a cancelled put lets it end before abort() forgets the checksum object.
             replaced, _ = await asyncio.gather(asyncio.shield(self._preparing), self._backend.check_place(self._key))
             if before_visible is not None:
@@ -680,7 +683,9 @@ class S3Backend(Backend):
                 if not await self._unchanged(key, answer):
                     raise ChangedWhileRead(key, "was replaced or deleted")
                 raise Damaged(key, f"its checksum object {self._checksums_key(key, metadata['checksums'])} is missing")
-            sha256, crc = _checksums_of(checksums.get("Metadata") or {}) if checksums else ("", None)
+            held = checksums.get("Metadata") or {}
+            sha256, crc = _checksums_of(held)
+            generation = held.get("generation", generation)  # its commit's (an earlier drived's names none)
         if not generation.isdigit() or int(generation) > MAX_GENERATION or not sha256:
             return None
         return ObjectInfo(key, size, sha256, int(generation), crc)
@@ -807,13 +812,15 @@ class S3Backend(Backend):
 
         return asyncio.ensure_future(send())
 
-    async def prepare_completion(self, key: str, checksums: str, sums: Checksums) -> dict[str, Any] | None:
-        """What an upload's commit needs of the store before it: writes its checksum object (named `checksums`),
-        and answers the HEAD of the version of `key` it replaces (None: none), all at once."""
+    async def prepare_completion(self, key: str, checksums: str, sums: Checksums, generation: int
+                                 ) -> dict[str, Any] | None:
+        """What an upload's commit needs of the store before it: writes its checksum object (named `checksums`,
+        holding the hashes and the commit's `generation`), and answers the HEAD of the version of `key` it replaces
+        (None: none), all at once."""
         replaced, _ = await asyncio.gather(
             self._head(self.root + key),
             self.call("put_object", key, Key=self._checksums_key(key, checksums), Body=b"",
-                      Metadata=_metadata(sums)),
+                      Metadata={**_metadata(sums), "generation": str(generation)}),
         )
         return replaced
 
