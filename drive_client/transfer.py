@@ -19,6 +19,7 @@ import os
 import queue
 import secrets
 import threading
+import unicodedata
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Generic, TypeVar
@@ -109,7 +110,8 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
     """(local file, drive path) for a file, or for every file under a folder, sorted.
 
     Each file's drive path is checked here (`normalize_path`): a name no drive path can be (not UTF-8, a
-    control character, too long) is refused before any file is sent, naming it.
+    control character, too long) is refused before any file is sent, naming it, and so are two files whose
+    names differ only by their Unicode normalisation, which a drive keeps as one path (`uri.drive_path`).
     """
     if local.is_file():
         return [(local, remote)]
@@ -125,7 +127,13 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
             if path.is_file():
                 rel = path.relative_to(local).as_posix()
                 pairs.append((path, normalize_path(f"{remote}/{rel}" if remote else rel)))
-    return sorted(pairs, key=lambda pair: pair[1])
+    pairs.sort(key=lambda pair: (unicodedata.normalize("NFC", pair[1]), pair[1]))
+    for (first, first_remote), (second, second_remote) in itertools.pairwise(pairs):
+        if unicodedata.normalize("NFC", first_remote) == unicodedata.normalize("NFC", second_remote):
+            raise InvalidArgument(f"local files {str(first)!r} and {str(second)!r} are one drive path: a drive keeps "
+                                  "names in Unicode NFC, so their names, which differ only by their normalisation, "
+                                  "name one file; rename one of them")
+    return pairs
 
 
 Version = tuple[int, int, int]  # a local file's size, modification and change times (`_version`)

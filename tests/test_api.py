@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import pathlib
 import pickle
+import re
 import resource
 import shutil
 import signal
@@ -917,6 +918,20 @@ def test_a_folder_put_with_a_name_that_is_not_unicode_is_refused_before_anything
         bad.write(b"bad")
     d = make(drive_uri, tmp_path)
     with pytest.raises(ValueError, match=r"'f/\\udcff\.txt' is not valid unicode"):
+        d.put("f")
+    assert d.list(".") == []
+
+
+def test_a_folder_put_of_two_names_that_differ_only_by_normalisation_is_refused_naming_both(
+        make, tmp_path, drive_uri):
+    """A Linux folder may hold "é.txt" composed and decomposed as two files; a drive keeps one path for both (NFC).
+    Both were sent to that one path: the second replaced the first, and the put answered two stored files."""
+    write(tmp_path / "f" / "a.txt", "a")
+    composed = write(tmp_path / "f" / unicodedata.normalize("NFC", "é.txt"), "composed")
+    decomposed = write(tmp_path / "f" / unicodedata.normalize("NFD", "é.txt"), "decomposed")
+    d = make(drive_uri, tmp_path)
+    with pytest.raises(ValueError, match=f"'{re.escape(str(decomposed))}' and '{re.escape(str(composed))}' are one "
+                       "drive path"):
         d.put("f")
     assert d.list(".") == []
 
