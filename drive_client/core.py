@@ -30,7 +30,16 @@ from google.protobuf.message import Message
 from .checksums import joined_crc32c
 from .common import DriveBase, FileStat, MountResult, WatchEvent
 from .effects import Blocking, Caller, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
-from .errors import AlreadyExists, DriveError, EventsExpired, InvalidArgument, NotFound, OutOfRange, StoreUnavailable
+from .errors import (
+    AlreadyExists,
+    DriveError,
+    EventsExpired,
+    InvalidArgument,
+    NotADirectory,
+    NotFound,
+    OutOfRange,
+    StoreUnavailable,
+)
 from .pb import drive_pb2 as pb
 from .resume import Backoff, GetPosition, PutProgress, upload_ids
 from .transfer import (
@@ -128,9 +137,12 @@ def _target_of(remote: str, target: Path) -> Callable[[str], Path]:
 
     An s3:// drive's keys are used as the bucket holds them, and whoever writes the bucket may name one
     `x/../../f` or `x//home/f`: a path that is not a plain one below `remote` (a '..', '.' or empty part)
-    is refused, so that no file is written outside `target`.
+    is refused, so that no file is written outside `target`. So is a file whose local folder below `target`
+    is a symbolic link (a get with overwrite fills an existing folder), as `cp -r` refuses one: the files
+    would go where it points.
     """
     prefix = remote + "/"
+    checked: set[Path] = set()  # folders below `target` that are no symbolic link, with all theirs up to it
 
     def target_of(file_path: str) -> Path:
         if file_path == remote:
@@ -141,7 +153,15 @@ def _target_of(remote: str, target: Path) -> Callable[[str], Path]:
                 f"{file_path!r} has a '..', '.' or empty part: a get of {remote!r} writes no file outside "
                 f"{str(target)!r}, so it stopped there; get the other files by their paths"
             )
-        return target / below
+        local = target / below
+        folder = local.parent
+        while folder != target and folder not in checked:
+            if folder.is_symlink():
+                raise NotADirectory(f"{str(folder)!r} is a symbolic link: a get of {remote!r} writes nothing "
+                                    "through one, so it stopped there; remove it, or get into another place")
+            checked.add(folder)
+            folder = folder.parent
+        return local
 
     return target_of
 

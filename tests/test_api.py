@@ -295,6 +295,26 @@ def test_a_folder_got_with_overwrite_onto_a_local_folder_replaces_its_files_and_
                      "top/local.txt": "local only, kept"}
 
 
+def test_a_folder_got_with_overwrite_writes_nothing_through_a_symbolic_link_inside_its_target(
+        make, tmp_path, drive_uri):
+    """A symbolic link to a folder, inside the local folder a get fills, where the drive has a folder: the get wrote
+    the drive's files into the folder the link points to, outside its target, where `cp -r` refuses ("cannot
+    overwrite non-directory")."""
+    write(tmp_path / "src" / "top" / "sub" / "g.txt", "g from the drive")
+    d = make(drive_uri, tmp_path / "src")
+    d.put("top")
+    outside = write(tmp_path / "outside" / "g.txt", "outside, kept").parent
+    dst = tmp_path / "dst"
+    (dst / "top").mkdir(parents=True)
+    (dst / "top" / "sub").symlink_to(outside)
+    with pytest.raises(NotADirectoryError, match=r"dst/top/sub' is a symbolic link: a get of 'top' writes nothing "
+                       "through one") as refused:
+        d.get("top", overwrite=True, to=dst / "top")
+    assert isinstance(refused.value, DriveError)
+    assert snapshot(outside) == {"g.txt": sha256_hex(b"outside, kept")}
+    assert snapshot(dst) == {"top": "dir", "top/sub": f"link:{outside}"}
+
+
 # --- get: returns, waits, overwrite ---------------------------------------------------------
 
 
