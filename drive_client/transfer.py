@@ -22,6 +22,7 @@ import threading
 import unicodedata
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, BinaryIO, Generic, TypeVar
 
 import grpc
@@ -199,12 +200,20 @@ def put_requests(
 
 
 def _open_to_put(local: Path) -> BinaryIO:
-    """Opens a local file a put listed; one removed since is `NotFound`, as a put of a missing path is."""
+    """Opens a local file a put listed; one removed since is `NotFound`, as a put of a missing path is, and one
+    replaced by a pipe or a device is `InvalidArgument`, as a put of one is. The open does not wait
+    (O_NONBLOCK): that of a pipe waits for a writer, for good."""
     try:
-        return open(local, "rb")
+        fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as err:
         raise NotFound(f"local path {str(local)!r} was removed while the put ran (nothing of it was stored): "
                        "put it again once it is there") from err
+    if not S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidArgument(f"local path {str(local)!r} is not a file (a pipe or a device took its place while the "
+                              "put ran; nothing of it was stored): put it again once it is one")
+    os.set_blocking(fd, True)
+    return open(fd, "rb")
 
 
 def _version(f: BinaryIO) -> Version:

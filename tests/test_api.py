@@ -1018,6 +1018,31 @@ def test_a_put_of_a_pipe_says_what_it_is(make, tmp_path, drive_uri):
     assert d.list(".") == []
 
 
+def test_a_file_of_a_folder_put_replaced_by_a_pipe_before_it_is_read_is_refused_without_waiting(
+        make, tmp_path, drive_uri):
+    """A folder put lists its files first and opens each in its turn: one replaced by a pipe meanwhile was opened as
+    a file, and the open of a pipe waits for a writer, so the put hung for good; a writer that came and went had its
+    bytes stored as the file's (none here)."""
+    write(tmp_path / "f" / "a.bin", os.urandom(3 * MIB))  # more than a message: a Put stream, read in turn
+    b = write(tmp_path / "f" / "b.bin", "stored before")
+    d = make(drive_uri, tmp_path)
+    [before] = d.put("f/b.bin")
+
+    def pipe_instead_of_b(count: int) -> None:
+        if b.is_file():
+            b.unlink()
+            os.mkfifo(b)
+
+    put = Background(lambda: d.put("f", progress=pipe_instead_of_b))
+    put.start()
+    put.join(10)
+    if put.is_alive():  # the put opened the pipe: end its wait, as a writer would
+        os.close(os.open(b, os.O_WRONLY))
+    with pytest.raises(ValueError, match=r"f/b\.bin' is not a file .*put it again once it is one"):
+        put.join_checked()
+    assert d.stat("f/b.bin").sha256 == before.sha256
+
+
 def test_a_local_read_failure_in_a_put_stream_is_raised_as_itself(make, tmp_path, drive_uri):
     """gRPC would report a request stream that failed locally as CANCELLED; the put raises the OSError."""
     write(tmp_path / "folder" / "a.bin", os.urandom(2 * 1024 * 1024))  # more than a message: a Put stream
