@@ -122,7 +122,7 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
                                   "pipe's bytes to one first)")
         raise NotFound(f"local path {str(local)!r} does not exist: nothing to put")
     pairs = []
-    for folder, _dirs, names in os.walk(local):
+    for folder, _dirs, names in os.walk(local, onerror=_raise):
         for name in names:
             path = Path(folder, name)
             if path.is_file():
@@ -135,6 +135,11 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
                                   "names in Unicode NFC, so their names, which differ only by their normalisation, "
                                   "name one file; rename one of them")
     return pairs
+
+
+def _raise(err: OSError) -> None:
+    """Raises what a folder put's walk met (a subfolder it may not read): the walk would pass by its files."""
+    raise err
 
 
 Version = tuple[int, int, int]  # a local file's size, modification and change times (`_version`)

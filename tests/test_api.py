@@ -1018,6 +1018,29 @@ def test_a_put_of_a_pipe_says_what_it_is(make, tmp_path, drive_uri):
     assert d.list(".") == []
 
 
+def test_a_folder_put_with_a_subfolder_it_cannot_read_fails_naming_it_and_stores_nothing(
+        daemon, tmp_path, drive_uri):
+    """A folder put walked past a subfolder it could not read (the walk's errors were dropped): it answered the
+    other files as the folder, so a put of a folder a teammate's files were in lost those without a word. Run in a
+    process that file permissions bind: root's own pass them by."""
+    write(tmp_path / "f" / "a.txt", "a")
+    secret = write(tmp_path / "f" / "secret" / "s.txt", "s").parent
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to take from root its power to read any folder")
+    bound = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    put = ("import sys; from drive_client import Drive; "
+           "Drive(sys.argv[1], endpoint=sys.argv[2]).put(sys.argv[3], to='f')")
+    secret.chmod(0)
+    try:
+        run = subprocess.run([*bound, sys.executable, "-c", put, drive_uri, daemon.endpoint, str(tmp_path / "f")],
+                             capture_output=True, text=True, timeout=30)
+    finally:
+        secret.chmod(0o755)
+    assert run.returncode == 1 and f"PermissionError: [Errno 13] Permission denied: '{secret}'" in run.stderr, \
+        run.stderr
+    assert Drive(drive_uri, endpoint=daemon.endpoint).list(".") == []
+
+
 def test_a_file_of_a_folder_put_replaced_by_a_pipe_before_it_is_read_is_refused_without_waiting(
         make, tmp_path, drive_uri):
     """A folder put lists its files first and opens each in its turn: one replaced by a pipe meanwhile was opened as
