@@ -122,8 +122,18 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
                                   "pipe's bytes to one first)")
         raise NotFound(f"local path {str(local)!r} does not exist: nothing to put")
     pairs = []
-    for folder, _dirs, names in os.walk(local, onerror=_raise):
-        for name in names:
+    # A link is followed, to a folder as to a file: a put stores what reading the folder shows. Each folder to walk
+    # knows the folders it is in, by identity, so that a link to one of them is refused, not followed for good.
+    within = {os.fspath(local): frozenset({_identity(local)})}  # a folder to walk: it and the folders it is in
+    for folder, dirs, names in os.walk(local, onerror=_raise, followlinks=True):
+        inside = within.pop(folder)
+        for name in dirs:
+            sub = os.path.join(folder, name)
+            if (identity := _identity(sub)) in inside:
+                raise InvalidArgument(f"local path {sub!r} is a link to a folder that holds it: a folder put would "
+                                      "follow it for good; remove it, or put the folder's other files by themselves")
+            within[sub] = inside | {identity}
+        for name in names:  # a link to nothing, a pipe, a socket or a device holds no file: passed by
             path = Path(folder, name)
             if path.is_file():
                 rel = path.relative_to(local).as_posix()
@@ -135,6 +145,12 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
                                   "names in Unicode NFC, so their names, which differ only by their normalisation, "
                                   "name one file; rename one of them")
     return pairs
+
+
+def _identity(path: str | Path) -> tuple[int, int]:
+    """The folder `path` is, or links to, as its device and inode numbers."""
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
 
 
 def _raise(err: OSError) -> None:

@@ -1018,6 +1018,36 @@ def test_a_put_of_a_pipe_says_what_it_is(make, tmp_path, drive_uri):
     assert d.list(".") == []
 
 
+def test_a_folder_put_follows_a_link_to_a_folder_as_it_follows_one_to_a_file(make, tmp_path, drive_uri):
+    """A folder put stored the file a link pointed to, but passed by a link to a folder, and its files, without a
+    word (a dataset folder whose `train` links to a shared disk was put without it). A link to nothing, a pipe and
+    a socket hold no file: they are passed by."""
+    write(tmp_path / "f" / "a.txt", "a")
+    shared = write(tmp_path / "shared" / "train" / "x.bin", "x").parent.parent
+    write(shared / "train" / "deeper" / "y.bin", "y")
+    (tmp_path / "f" / "train").symlink_to(shared / "train")
+    (tmp_path / "f" / "x.bin").symlink_to(shared / "train" / "x.bin")
+    (tmp_path / "f" / "nothing").symlink_to(tmp_path / "missing")
+    os.mkfifo(tmp_path / "f" / "pipe")
+    d = make(drive_uri, tmp_path)
+    assert [s.path for s in d.put("f")] == ["f/a.txt", "f/train/deeper/y.bin", "f/train/x.bin", "f/x.bin"]
+    got = d.get("f", to=tmp_path / "got")
+    assert snapshot(got) == {"a.txt": sha256_hex(b"a"), "train": "dir", "train/x.bin": sha256_hex(b"x"),
+                             "train/deeper": "dir", "train/deeper/y.bin": sha256_hex(b"y"), "x.bin": sha256_hex(b"x")}
+
+
+@pytest.mark.parametrize("points_to", ["f", "f/sub"])
+def test_a_folder_put_of_a_folder_holding_a_link_to_itself_is_refused_naming_it(
+        make, tmp_path, drive_uri, points_to):
+    """A link to a folder that holds it would be followed for good: it is refused before anything is sent."""
+    write(tmp_path / "f" / "sub" / "a.txt", "a")
+    (tmp_path / "f" / "sub" / "up").symlink_to(tmp_path / points_to)
+    d = make(drive_uri, tmp_path)
+    with pytest.raises(ValueError, match=r"f/sub/up' is a link to a folder that holds it"):
+        d.put("f")
+    assert d.list(".") == []
+
+
 def test_a_folder_put_with_a_subfolder_it_cannot_read_fails_naming_it_and_stores_nothing(
         daemon, tmp_path, drive_uri):
     """A folder put walked past a subfolder it could not read (the walk's errors were dropped): it answered the
