@@ -21,6 +21,7 @@ from .drive import Drive
 from .errors import DriveError, InvalidArgument
 from .malloc import keep_transfer_buffers
 from .progress import ProgressBar
+from .transfer import local_files
 from .uri import normalize_path
 
 
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> Any:
         local = Path(args.local)
         if not path or path.endswith("/"):
             path += local.resolve().name
-        bar = _progress(args, f"put {args.local}", _local_size(local))
+        bar = _progress(args, f"put {args.local}", _local_size(local, path))
         try:
             stored = _drive(drive_uri, args).put(local, to=path, progress=bar)
         finally:
@@ -125,11 +126,10 @@ def run(args: argparse.Namespace) -> Any:
     return result._asdict()
 
 
-def _local_size(local: Path) -> int:
-    """Bytes in a local file, or in the files of a local folder (0 when missing: the put says so)."""
-    if local.is_file():
-        return local.stat().st_size
-    return sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+def _local_size(local: Path, remote: str) -> int:
+    """Bytes in the files a put of `local` to `remote` sends, as its walk finds them (which raises the put's errors
+    of a missing path, a name that is no drive path, ...)."""
+    return sum(f.stat().st_size for f, _ in local_files(local, remote))
 
 
 def _stat_fields(stat: FileStat) -> dict[str, Any]:

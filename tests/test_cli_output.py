@@ -82,3 +82,16 @@ def test_json_and_quiet_are_taken_after_the_subcommand_too(daemon, drive_uri, tm
     refused = drive_cmd(daemon, "--quiet", "get", drive_uri + "/p.bin", str(tmp_path / "mine.bin"), "--json")
     assert refused.returncode == 1 and json.loads(refused.stdout)["type"] == "AlreadyExists"
     assert (tmp_path / "mine.bin").read_bytes() == b"mine"
+
+
+def test_a_folder_puts_progress_bar_counts_the_files_of_a_linked_folder(daemon, drive_uri, tmp_path):
+    """The bar's total summed the files the put would send with a walk of its own, which passed by a link to a
+    folder that the put follows: it showed 8 MiB sent of a total of 4 (200%)."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "b.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    (tmp_path / "d" / "linked").symlink_to(tmp_path / "shared")
+    code, shown = run_on_terminal(daemon, "put", str(tmp_path / "d"), drive_uri + "/")
+    assert code == 0
+    assert "8.0 MiB / 8.0 MiB (100%)" in shown and "(200%)" not in shown
