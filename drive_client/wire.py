@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError
 
 from .errors import InvalidArgument
@@ -133,6 +134,12 @@ def _or_undecodable(decode: Callable[[bytes], Any], type_name: str) -> Callable[
     return decoded
 
 
+def handing_on_undecodable(handler: grpc.RpcMethodHandler, method: MethodDescriptor) -> grpc.RpcMethodHandler:
+    """`handler` of `method`, given an `Undecodable` for a request message that does not decode."""
+    return handler._replace(
+        request_deserializer=_or_undecodable(handler.request_deserializer, method.input_type.full_name))
+
+
 def reading_its_request(handler: Any, behavior: Callable[..., Any] | None = None) -> Any:
     """`handler` of a method with one request message, run as one whose client streams: its behavior (or
     `behavior`) is called with the call's request stream as soon as the call starts, and reads the message itself.
@@ -165,10 +172,7 @@ def add_fast_servicer(servicer: pb_grpc.DriveServiceServicer, server: grpc.aio.S
     handlers["Get"] = handlers["Get"]._replace(response_serializer=encode_get_response)
     service = pb.DESCRIPTOR.services_by_name["DriveService"]
     for method, handler in handlers.items():
-        request_type = service.methods_by_name[method].input_type.full_name
-        handlers[method] = reading_its_request(handler)._replace(
-            request_deserializer=_or_undecodable(handler.request_deserializer, request_type)
-        )
+        handlers[method] = handing_on_undecodable(reading_its_request(handler), service.methods_by_name[method])
     add_handlers(server, service.full_name, handlers)
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from drive_client.channels import Connection, is_loopback, open_channel
 from drive_client.malloc import release_free_memory
@@ -163,13 +163,15 @@ async def serve(config: Config) -> None:
     service = DriveService(drives, streams, access)
     add_fast_servicer(service, server)
     health_servicer = health.aio.HealthServicer()
-    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    add_handlers(server, health_name, reading_as_drive_service(
-        method_handlers(health_pb2_grpc.add_HealthServicer_to_server, health_servicer), streams))
+    health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    add_handlers(server, health_service.full_name, reading_as_drive_service(
+        health_service, method_handlers(health_pb2_grpc.add_HealthServicer_to_server, health_servicer), streams))
     if config.reflection:
-        servicer = reflection.aio.ReflectionServicer([SERVICE_NAME, health_name, reflection.SERVICE_NAME])
-        add_handlers(server, reflection.SERVICE_NAME, reading_as_drive_service(
-            method_handlers(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, servicer), streams))
+        servicer = reflection.aio.ReflectionServicer([SERVICE_NAME, health_service.full_name, reflection.SERVICE_NAME])
+        reflection_service = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+        add_handlers(server, reflection_service.full_name, reading_as_drive_service(
+            reflection_service, method_handlers(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, servicer),
+            streams))
     try:
         if tls:
             server.add_secure_port(config.listen, tls.credentials())

@@ -28,13 +28,21 @@ from functools import partial, wraps
 from typing import Any, NoReturn, TypeVar, overload
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from drive_client.errors import DriveError, InvalidArgument, ResourceExhausted, TooManyStreams, Unavailable
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc as pb_grpc
 from drive_client.uri import DriveId
-from drive_client.wire import SMALL_FILE, GetMessage, PutMessage, Undecodable, reading_its_request
+from drive_client.wire import (
+    SMALL_FILE,
+    GetMessage,
+    PutMessage,
+    Undecodable,
+    handing_on_undecodable,
+    reading_its_request,
+)
 
 from . import metrics
 from .answers import AnswerRoom, Held
@@ -295,24 +303,27 @@ async def _arrived(context: grpc.aio.ServicerContext, stream: Stream | None,
     return message
 
 
-def reading_as_drive_service(handlers: dict[str, grpc.RpcMethodHandler], streams: Streams
-                             ) -> dict[str, grpc.RpcMethodHandler]:
+def reading_as_drive_service(service: ServiceDescriptor, handlers: dict[str, grpc.RpcMethodHandler],
+                             streams: Streams) -> dict[str, grpc.RpcMethodHandler]:
     """The method handlers of another service the daemon serves (health, reflection), whose requests are read as
     DriveService's are (`_arrived`): otherwise a client sending requests in part to them holds what it sent, as
-    it held with DriveService's."""
-    return {method: _reading_arrived(handler, streams, method) for method, handler in handlers.items()}
+    it held with DriveService's; and one that does not decode is refused INVALID_ARGUMENT, as theirs is."""
+    return {method: handing_on_undecodable(_reading_arrived(handler, streams, method), service.methods_by_name[method])
+            for method, handler in handlers.items()}
 
 
 def _reading_arrived(handler: grpc.RpcMethodHandler, streams: Streams, method: str) -> grpc.RpcMethodHandler:
-    """`handler` of `method`, run as one whose client streams, reading each request with `_arrived`; a refusal or
-    an end by the idle check is answered as DriveService's are."""
+    """`handler` of `method`, run as one whose client streams, reading each request with `_arrived`; a refusal, a
+    request that does not decode or an end by the idle check is answered as DriveService's are."""
 
     async def arrived(context: grpc.aio.ServicerContext) -> object:
         place = partial(streams.arriving, method, context.peer(), asyncio.current_task())
         record = RequestLog(method)  # such calls are not logged: what _fail and _end_idle answer with
         try:
-            return await _arrived(context, None, place)
-        except TooManyStreams as err:
+            message = await _arrived(context, None, place)
+            _check_decoded(message)
+            return message
+        except (TooManyStreams, InvalidArgument) as err:
             await _fail(context, record, err)
         except _StoppedArriving as stopped:
             await _end_idle(context, record, stopped.stream, streams.idle_timeout)

@@ -13,7 +13,8 @@ import stat
 
 import grpc
 import pytest
-from conftest import DaemonHandle, no_uploads, put_messages, raw_get, raw_put, snapshot, wait_until
+from conftest import DaemonHandle, health_status, no_uploads, put_messages, raw_get, raw_put, snapshot, wait_until
+from grpc_health.v1 import health_pb2
 from test_metrics import scrape
 
 from drive_client import Drive, DriveError
@@ -426,3 +427,28 @@ def test_symlinks_in_data_dir_refused_even_when_they_stay_inside(start_daemon, t
         assert snapshot(handle.data_dir) == before
         [(_, data)] = raw_get(stub, "lit://inlink", "sub/real.txt")
         assert data == b"a real stored file"
+
+
+@pytest.mark.parametrize(("method", "kind"), [
+    ("/grpc.health.v1.Health/Check", "unary_unary"),
+    ("/grpc.health.v1.Health/Watch", "unary_stream"),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream_stream"),
+])
+def test_a_health_or_reflection_request_that_does_not_decode_is_refused_as_invalid(start_daemon, tmp_path, method,
+                                                                                    kind):
+    """gRPC answered them UNKNOWN itself, naming a Python class (`Exception deserializing request!`), with an
+    error-level traceback in the daemon's log each."""
+    handle = start_daemon(tmp_path)
+    logged = len(handle.log().splitlines())
+    bad = field(1, b"x\xff")  # the service name, or the reflection request's host: bad UTF-8
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        call = getattr(channel, kind)(method)  # sends and answers bytes as they are
+        with pytest.raises(grpc.RpcError) as refused:
+            answer = call(iter([bad]) if kind.startswith("stream") else bad, timeout=10)
+            if kind.endswith("stream"):
+                list(answer)
+        assert refused.value.code() == INVALID, refused.value.details()
+        assert refused.value.details().startswith("the request is not a valid grpc."), refused.value.details()
+        assert "String field had bad UTF-8" in refused.value.details()
+    assert "Traceback" not in "\n".join(handle.log().splitlines()[logged:])
+    assert health_status(handle.endpoint) == health_pb2.HealthCheckResponse.SERVING
