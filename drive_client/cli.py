@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
     except UsageError as err:  # 2, as argparse and POSIX tools exit on a command line they cannot read
-        return _failed(err, "--json" in argv, 2)  # the arguments read are lost with the error: --json as written
+        return _failed(err, _asks_json(argv), 2)
     keep_transfer_buffers()
     try:
         result = run(args)
@@ -207,6 +207,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("drive: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _asks_json(argv: Sequence[str]) -> bool:
+    """Whether a command line that did not parse asks for JSON, read as the whole parse reads `--json` (abbreviated,
+    and not after `--`): the arguments that parse read are lost with its error."""
+    probe = _Parser(add_help=False)
+    probe.add_argument("--json", action="store_true")
+    try:
+        return bool(probe.parse_known_args(argv)[0].json)
+    except UsageError:
+        return False
 
 
 def _failed(err: Exception, as_json: bool, status: int) -> int:

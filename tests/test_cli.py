@@ -198,12 +198,15 @@ def test_a_command_line_it_cannot_read_exits_2_with_one_line_and_json_with_json(
         res = run(daemon, *args)
         assert res.returncode == 2 and res.stdout == ""
         assert_one_line_error(res, *words)
-        for as_json in (("--json", *args), (*args, "--json")):
+        # --js: argparse takes an unambiguous abbreviation (only --json as written was seen)
+        for as_json in (("--json", *args), (*args, "--json"), ("--js", *args)):
             res = run(daemon, *as_json)
             assert res.returncode == 2
             assert_one_line_error(res, *words)
             error = json.loads(res.stdout)
             assert (error["code"], error["type"]) == (None, "UsageError") and words[0] in error["error"]
+    res = run(daemon, "put", "--", "--json")  # a local path, not the option (and no location)
+    assert res.returncode == 2 and res.stdout == ""
 
 
 def with_stdout_closed(daemon, *args: str) -> tuple[int, str]:
