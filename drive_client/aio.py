@@ -25,6 +25,7 @@ from . import core
 from .channels import open_channel
 from .common import DriveBase, FileStat, MountResult, WatchEvent
 from .effects import Blocking, Call, Caller, Done, Emit, Next, Open, Plan, Send, Sleep, Unary, advance
+from .errors import DriveError
 from .pb import drive_pb2_grpc as pb_grpc
 from .transfer import CHUNK_SIZE, Progress
 from .wire import PutMessage, fast_stub
@@ -59,6 +60,13 @@ async def in_thread(work: Callable[..., T], *args: Any, stop: Callable[[], objec
         if abandoned is not None and running.exception() is None:
             abandoned(running.result())
         raise
+
+
+def _cancelled_by_its_task() -> bool:
+    """Whether the task running now is being cancelled; always so before Python 3.11, which cannot tell."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 class _LoopStream:
@@ -105,6 +113,13 @@ class _AioCalls:
             return await self._send(rpc, effect)
         except grpc.RpcError as err:
             raise drive.error(err) from None
+        except asyncio.CancelledError:
+            if _cancelled_by_its_task():
+                raise
+            # gRPC cancelled the call itself: `close` cancels its channel's calls, which grpc.aio ends with a
+            # CancelledError that would pass for the cancellation of a task nobody cancelled.
+            raise DriveError(f"{drive.id}: the AsyncDrive was closed while this call ran", grpc.StatusCode.CANCELLED
+                             ) from None
 
     async def _blocking(self, effect: Blocking) -> Any:
         """Runs `effect` in a worker thread. Work that makes calls (a get's, which writes local files) is
@@ -199,7 +214,7 @@ class AsyncDrive(DriveBase):
         return self._channel[2]
 
     async def close(self) -> None:
-        """Closes the channel (a later call opens a new one)."""
+        """Closes the channel: calls under way raise DriveError (CANCELLED); a later call opens a new one."""
         if self._channel is not None:
             channel, self._channel = self._channel[1], None
             await channel.close()

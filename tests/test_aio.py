@@ -11,10 +11,11 @@ import os
 import pickle
 import threading
 
+import grpc
 import pytest
 from conftest import MIB, current_sequence, wait_until
 
-from drive_client import AsyncDrive, core, transfer
+from drive_client import AsyncDrive, DriveError, core, transfer
 
 
 async def test_one_loop_serves_a_waiting_get_a_watch_and_a_put(daemon, drive_uri, tmp_path):
@@ -78,3 +79,53 @@ async def test_a_cancelled_get_has_stopped_when_its_cancellation_returns(daemon,
     fetched = await drive.get("big.bin", overwrite=True)  # the drive works on after a cancelled get
     assert fetched.read_bytes() == (tmp_path / "big.bin").read_bytes()
     await drive.close()
+
+
+async def test_a_drive_closed_while_its_calls_run_fails_them_with_a_drive_error(daemon, drive_uri, tmp_path):
+    """Closing an AsyncDrive cancels its channel's calls, which grpc.aio ends with CancelledError: every call
+    under way raised it, though nothing cancelled its task, so a TaskGroup took such a put or get as cancelled
+    and ended without an error, the file missing. They raise DriveError (CANCELLED) naming the close now."""
+    (tmp_path / "stored.bin").write_bytes(os.urandom(8 * MIB))
+    (tmp_path / "new.bin").write_bytes(os.urandom(8 * MIB))
+    writer = AsyncDrive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=daemon.endpoint)
+    await writer.put("stored.bin")
+    out = tmp_path / "out"
+    out.mkdir()
+    moving: list[int] = []
+    release = threading.Event()
+
+    def held(nbytes: int) -> None:  # holds a transfer at its first bytes until the drive is closed
+        moving.append(nbytes)
+        release.wait(30)
+
+    drive = AsyncDrive(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint)
+
+    async def first_event() -> None:
+        async for _ in drive.watch():
+            return
+
+    calls = {
+        "put": drive.put("new.bin", progress=held),
+        "get": drive.get("stored.bin", to=out / "stored.bin", progress=held),
+        "waiting get": drive.get("never.bin", timeout=60, to=out / "never.bin"),
+        "watch": first_event(),
+    }
+    tasks = {name: asyncio.create_task(call) for name, call in calls.items()}
+    assert await asyncio.to_thread(wait_until, lambda: len(moving) == 2, 30)
+    await asyncio.to_thread(daemon.wait_open, "Get", 2)
+    await asyncio.to_thread(daemon.wait_open, "Watch", 1)
+    await drive.close()
+    release.set()
+    await asyncio.wait(tasks.values(), timeout=30)
+    for name, task in tasks.items():
+        assert task.done() and not task.cancelled(), name
+        error = task.exception()
+        assert isinstance(error, DriveError) and error.code == grpc.StatusCode.CANCELLED, (name, error)
+        assert "closed" in str(error), (name, error)
+    assert [p.name for p in out.iterdir()] == []
+    assert await writer.list(".") == ["stored.bin"]
+    assert await asyncio.to_thread(wait_until, lambda: sum(map(daemon.open_requests, ("Get", "Put", "Watch"))) == 0,
+                                   10)
+    fetched = await drive.get("stored.bin", to=out / "stored.bin")  # a later call opens a new channel
+    assert fetched.read_bytes() == (tmp_path / "stored.bin").read_bytes()
+    await asyncio.gather(drive.close(), writer.close())
