@@ -195,7 +195,15 @@ class _ThreadCalls(Caller):
         self._loop = loop
 
     def call(self, effect: Call) -> Any:
-        return self._start(lambda: asyncio.run_coroutine_threadsafe(self._calls.perform(effect), self._loop)).result()
+        return self._start(lambda: asyncio.run_coroutine_threadsafe(self._perform(effect), self._loop)).result()
+
+    async def _perform(self, effect: Call) -> Any:
+        answer = await self._calls.perform(effect)
+        if isinstance(effect, Open):
+            # A stream opened as this caller stops reaches no thread (the future that carries it is cancelled), and
+            # unread it would hold its place on the daemon until the channel closes: `stop` cancels it too.
+            self._started(answer)
+        return answer
 
 
 class AsyncDrive(DriveBase):

@@ -172,6 +172,14 @@ class Caller(ABC):
             self._under_way.add(started)
             return started
 
+    def _started(self, call: C) -> C:
+        """Makes `call`, started elsewhere, one that `stop` cancels; cancels it at once when stopped already."""
+        with self._lock:
+            self._under_way.add(call)
+            if self._stopped.is_set():
+                call.cancel()
+            return call
+
     def perform(self, effect: Effect) -> Any:
         if isinstance(effect, Blocking):
             return effect.work(self, *effect.args) if effect.calls else effect.work(*effect.args)
