@@ -13,7 +13,10 @@ event loop, so the loop stays free.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import functools
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -45,12 +48,25 @@ def _next_batch(messages: Iterator[PutMessage]) -> list[PutMessage]:
     return batch
 
 
+async def _to_own_thread(work: Callable[..., T], *args: Any) -> T:
+    """`asyncio.to_thread`, but in a thread of its own, not in the loop's default executor: for work that waits on
+    the network as long as a transfer lasts, which would hold back every other to_thread of the program (and the
+    loop's name lookups) while as many ran as that pool has threads (the CPU count + 4)."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="drive-transfer")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(
+            pool, functools.partial(contextvars.copy_context().run, work, *args))
+    finally:
+        pool.shutdown(wait=False)  # its thread ends with the work
+
+
 async def in_thread(work: Callable[..., T], *args: Any, stop: Callable[[], object] | None = None,
-                    abandoned: Callable[[T], object] | None = None) -> T:
-    """`work(*args)` in a worker thread, which a cancellation cannot stop: cancelled, this calls `stop()` (what
-    makes the work end soon), waits for the thread to end, hands what the work returned to `abandoned` (no one
-    else gets it), then raises the cancellation. Whatever cleans up after it never runs beside the work."""
-    running = asyncio.ensure_future(asyncio.to_thread(work, *args))
+                    abandoned: Callable[[T], object] | None = None, own_thread: bool = False) -> T:
+    """`work(*args)` in a worker thread (`own_thread`: see `_to_own_thread`), which a cancellation cannot stop:
+    cancelled, this calls `stop()` (what makes the work end soon), waits for the thread to end, hands what the
+    work returned to `abandoned` (no one else gets it), then raises the cancellation. Whatever cleans up after it
+    never runs beside the work."""
+    running = asyncio.ensure_future((_to_own_thread if own_thread else asyncio.to_thread)(work, *args))
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:
@@ -122,13 +138,14 @@ class _AioCalls:
                              ) from None
 
     async def _blocking(self, effect: Blocking) -> Any:
-        """Runs `effect` in a worker thread. Work that makes calls (a get's, which writes local files) is
-        stopped when cancelled and waited for: it would go on, and rename a file into place after the
-        cancellation. Other work only reads local files: a cancellation leaves it to end by itself."""
+        """Runs `effect` in a worker thread. Work that makes calls (a get's, which writes local files) has a
+        thread of its own, as it lasts as long as its transfer, and is stopped when cancelled and waited for: it
+        would go on, and rename a file into place after the cancellation. Other work only reads local files: a
+        cancellation leaves it to end by itself."""
         if not effect.calls:
             return await asyncio.to_thread(effect.work, *effect.args)
         caller = _ThreadCalls(self, asyncio.get_running_loop())
-        return await in_thread(effect.work, caller, *effect.args, stop=caller.stop)
+        return await in_thread(effect.work, caller, *effect.args, stop=caller.stop, own_thread=True)
 
     async def _send(self, rpc: Any, effect: Send) -> Any:
         messages = iter(effect.messages)
