@@ -261,7 +261,8 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
 
     Every file is a resumable upload of its own id: the files the daemon
     committed are not sent again, and the one it holds part of is sent from
-    the first byte it does not hold. The files sent again from their first
+    the first byte it does not hold (from its first byte when that resume is
+    refused NOT_FOUND). The files sent again from their first
     byte get new ids: the daemon may still be reading what the broken stream
     carried, and a late start of an old id must not discard the new upload.
     `progress` counts each byte of the files once (`PutProgress`).
@@ -296,12 +297,18 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
                 backoff.check(err)
             failure = err
         reached = (start, offset)
+        # A resume refused NOT_FOUND reached a daemon that does not hold the upload: behind a balancer that spreads
+        # calls, the query may reach the replica that holds it and every resume another one. The query after it
+        # tells only whether the file was committed; otherwise the file is sent again from its first byte.
+        refused = bool(offset) and isinstance(failure, NotFound)
         while True:
             try:
                 done, offset = yield from _put_resume_point(drive, ids[start:])
                 break
             except DriveError as err:
                 yield Sleep(backoff.delay(err))
+        if refused and not done:
+            offset = 0
         stored += done
         start += len(done)
         if start == len(files):

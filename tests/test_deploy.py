@@ -1,16 +1,20 @@
 """deploy/ as written: nginx.conf in front of two drived replicas sharing one --storage (moto_server) and one
 --coordinator (valkey-server), and the coordinator that compose.yaml and the k8s manifest configure.
 
-Only the `listen` port and the `server` lines of the upstream are replaced, so
+Only the `listen` port and the `server` lines of the upstream are replaced (and
+`worker_processes` where a test needs the calls taken in one strict turn), so
 the file the cluster runs is the file tested: calls are balanced per call,
-puts and gets go through it, and a get waiting through it is woken by a put
-through it, whichever replica takes each.
+puts and gets go through it, a get waiting through it is woken by a put
+through it, whichever replica takes each, and a put cut through it completes
+whichever replicas its query and its resume reach.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import re
 import signal
@@ -21,7 +25,8 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from conftest import ROOT, Background, DaemonHandle, free_port, health_status, wait_until
+from conftest import MIB, ROOT, Background, DaemonHandle, free_port, health_status, wait_until, write_random_file
+from cutting_proxy import CuttingProxy
 from grpc_health.v1 import health_pb2
 from test_cluster import Cluster
 
@@ -29,9 +34,11 @@ from bench.services import ServiceUnavailable, ensure_nginx
 from drive_client import Drive
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drived import config
+from drived.backends.s3 import PART_SIZE
 
 UPSTREAM_SERVER = re.compile(r"^(\s*)server drived-\d+:50051( [^;]*)?;$", re.MULTILINE)
 LISTEN = re.compile(r"^(\s*)listen 50051 http2;$", re.MULTILINE)
+WORKERS = re.compile(r"^(worker_processes )\S+;$", re.MULTILINE)
 
 
 def compose_stream_caps() -> list[str]:
@@ -59,8 +66,10 @@ def templated(replicas: list[str], port: int) -> str:
     return text
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[str, list[DaemonHandle]]]:
+@contextlib.contextmanager
+def balanced(tmp_path: Path, workers: str = "") -> Iterator[tuple[str, list[DaemonHandle]]]:
+    """deploy/nginx.conf in front of two replicas of one cluster: its endpoint and the replicas. `workers`
+    replaces its worker_processes: one worker balances calls in one strict round, whatever connection brings them."""
     try:
         nginx = ensure_nginx()
     except ServiceUnavailable as err:
@@ -70,8 +79,12 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, list[DaemonHandle]]]:
     try:
         replicas = [made.replica(*compose_stream_caps()), made.replica(*compose_stream_caps())]
         port = free_port()
+        text = templated([r.endpoint for r in replicas], port)
+        if workers:
+            text, count = WORKERS.subn(rf"\g<1>{workers};", text)
+            assert count == 1, "deploy/nginx.conf should set worker_processes once"
         conf = tmp_path / "nginx.conf"
-        conf.write_text(templated([r.endpoint for r in replicas], port))
+        conf.write_text(text)
         log = open(tmp_path / "nginx.log", "wb")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen(
             [nginx, "-p", str(tmp_path), "-c", str(conf),
@@ -91,6 +104,12 @@ def cluster(tmp_path: Path) -> Iterator[tuple[str, list[DaemonHandle]]]:
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
         made.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[str, list[DaemonHandle]]]:
+    with balanced(tmp_path) as made:
+        yield made
 
 
 def test_nginx_from_deploy_balances_calls_and_carries_puts_and_gets(cluster, drive_uri, tmp_path):
@@ -125,6 +144,42 @@ def test_a_get_waiting_through_nginx_is_woken_by_a_put_through_nginx(cluster, dr
     assert wait_until(lambda: sum(r.open_requests("Get") for r in replicas) == 1, timeout=20)
     Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=endpoint).put("late.txt")
     assert Path(str(waiting.join_checked(30))).read_bytes() == b"late"
+
+
+def calls_of(replica: DaemonHandle, drive: str) -> list[tuple[str, str]]:
+    """The (method, status) of each call to `drive` that `replica` logged, in order."""
+    lines = map(json.loads, replica.log().splitlines()[1:])
+    return [(line["method"], line["status"]) for line in lines if line.get("drive") == drive]
+
+
+def test_a_put_cut_behind_nginx_completes_when_its_resumes_reach_a_replica_without_its_upload(tmp_path, drive_uri):
+    # Calls taken in turn: the put goes to one replica, another client's call to the other, and after the cut the
+    # query to the first (it holds the upload) and the resume to the second (NOT_FOUND), round after round: the put
+    # failed once its retry_seconds ran out. One nginx worker makes the turn strict; with several, a worker's next
+    # connection meets any of their turns, and the same happened without the other client.
+    with balanced(tmp_path, workers="1") as (endpoint, replicas), grpc.insecure_channel(endpoint) as channel:
+        digest = write_random_file(tmp_path / "r.bin", 3 * PART_SIZE + 5 * MIB)
+        other_client = drive_pb2_grpc.DriveServiceStub(channel)
+        sent = [0]
+
+        def meanwhile(nbytes: int) -> None:  # the put's stream waits while this runs
+            sent[0] += nbytes
+            if sent[0] - nbytes < PART_SIZE <= sent[0]:
+                assert wait_until(lambda: sum(r.open_requests("Put") for r in replicas) == 1, timeout=10)
+                other_client.List(drive_pb2.ListRequest(drive=drive_uri, path="."), timeout=10)
+
+        with CuttingProxy(endpoint) as proxy:
+            proxy.cut_after("up", 2 * PART_SIZE + 4 * MIB)
+            writer = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=proxy.endpoint,
+                           retry_seconds=5)
+            [stored] = writer.put("r.bin", progress=meanwhile)
+            assert proxy.cuts_made == 1
+        # Each call is logged once its status is sent: the cut put's after the query, at times.
+        holder, other = sorted(replicas, key=lambda r: ("List", "OK") in calls_of(r, drive_uri))
+        expected = [("Put", "CANCELLED"), ("QueryWriteStatus", "OK"), ("QueryWriteStatus", "OK")]
+        assert wait_until(lambda: sorted(calls_of(holder, drive_uri)) == expected), calls_of(holder, drive_uri)
+        assert calls_of(other, drive_uri) == [("List", "OK"), ("Put", "NOT_FOUND"), ("Put", "OK")]
+        assert stored.sha256 == digest and writer.stat("r.bin").sha256 == digest
 
 
 def test_the_deployments_configure_the_coordinator():
