@@ -6,12 +6,13 @@ drives alone: claims are a set of held paths, the change feed is an
 
 The EventLog holds the numbered puts and deletes of each managed drive, in
 memory and bounded: the last `retain` events of a drive, at most
-`retain_total` events over all drives (the drives used least recently lose
-their oldest first), and the state of at most `max_drives` drives. Sequence
-numbers start at the daemon's start time in microseconds, so they keep
-increasing across restarts and a resume from a previous run is recognised as
-too old instead of being answered with the wrong events; so is a resume
-past events that were dropped to stay within the bounds.
+`retain_total` events over all drives, whose entries take at most
+`retain_bytes` (an event's memory grows with its path), the drives used least
+recently losing their oldest first, and the state of at most `max_drives`
+drives. Sequence numbers start at the daemon's start time in microseconds, so
+they keep increasing across restarts and a resume from a previous run is
+recognised as too old instead of being answered with the wrong events; so is
+a resume past events that were dropped to stay within the bounds.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from drive_client.errors import EventsExpired
+from drive_client.uri import DEFAULT_COMPONENT, MAX_PATH_BYTES
 
+from .config import answer_entry_bytes
 from .coordinator import (
     EVENTS_KEPT,
     Changes,
@@ -39,6 +42,15 @@ from .coordinator import (
 )
 from .entry import Entry
 
+# What the entries of a lone daemon's events take at most (`answer_entry_bytes`): one drive's EVENTS_KEPT events of
+# the longest paths. An event's memory grows with its path (some 0.6 KiB with a short one, 4.7 KiB with 4 KB), so
+# these hold about as much as the 100,000 events of short paths that the count bound allows (55-65 MiB).
+EVENTS_KEPT_BYTES = EVENTS_KEPT * answer_entry_bytes("p" * MAX_PATH_BYTES, DEFAULT_COMPONENT)
+
+
+def _event_bytes(event: Event) -> int:
+    return answer_entry_bytes(event.entry.path, event.entry.component)
+
 
 @dataclass
 class _DriveEvents:
@@ -50,15 +62,18 @@ class _DriveEvents:
 class EventLog:
     """Publishes events and lets readers wait for the next one."""
 
-    def __init__(self, retain: int = EVENTS_KEPT, retain_total: int = 100_000, max_drives: int = 10_000) -> None:
+    def __init__(self, retain: int = EVENTS_KEPT, retain_total: int = 100_000, retain_bytes: int = EVENTS_KEPT_BYTES,
+                 max_drives: int = 10_000) -> None:
         self._retain = retain
         self._retain_total = retain_total
+        self._retain_bytes = retain_bytes
         self._max_drives = max_drives
         self._start = time.time_ns() // 1000  # the sequence before the first event of this run
         self._last = self._start
         self._forgotten = self._start  # the newest sequence of any drive whose state was dropped
         self._drives: OrderedDict[str, _DriveEvents] = OrderedDict()  # least recently used first
         self._total = 0
+        self._bytes = 0  # what the entries of those events take
         self._closed = False
 
     def _drive(self, drive: str) -> _DriveEvents:
@@ -74,12 +89,18 @@ class EventLog:
     def _forget_least_used(self) -> None:
         _, state = self._drives.popitem(last=False)
         self._total -= len(state.events)
+        self._bytes -= sum(map(_event_bytes, state.events))
         self._forgotten = max(self._forgotten, state.events[-1].sequence if state.events else state.dropped)
         state.changed.set()  # its waiters look again and wait on a new state
 
     def _drop_oldest(self, state: _DriveEvents) -> None:
-        state.dropped = state.events.popleft().sequence
+        event = state.events.popleft()
+        state.dropped = event.sequence
         self._total -= 1
+        self._bytes -= _event_bytes(event)
+
+    def _over_total(self) -> bool:
+        return self._total > self._retain_total or self._bytes > self._retain_bytes
 
     def last(self, drive: str) -> int:
         """The sequence of the drive's latest event (where a watch from now starts)."""
@@ -90,15 +111,17 @@ class EventLog:
         """Appends an event; returns its sequence."""
         self._last += 1
         state = self._drive(drive)
-        state.events.append(Event(self._last, kind, entry))
+        event = Event(self._last, kind, entry)
+        state.events.append(event)
         self._total += 1
+        self._bytes += _event_bytes(event)
         if len(state.events) > self._retain:
             self._drop_oldest(state)
-        if self._total > self._retain_total:
+        if self._over_total():
             for other in self._drives.values():  # least recently used first
-                while other.events and self._total > self._retain_total:
+                while other.events and self._over_total():
                     self._drop_oldest(other)
-                if self._total <= self._retain_total:
+                if not self._over_total():
                     break
         state.changed.set()
         state.changed = asyncio.Event()
@@ -110,7 +133,7 @@ class EventLog:
         if after < state.dropped:
             raise EventsExpired(
                 f"events of lit://{drive} after sequence {after} are no longer kept "
-                "(the daemon restarted, or more than the retained number happened): list the drive, then watch from now"
+                "(the daemon restarted, or more happened than it keeps): list the drive, then watch from now"
             )
         newer = list(itertools.takewhile(lambda e: e.sequence > after, reversed(state.events)))
         newer.reverse()  # from the newest back: each wake-up of a waiter costs the events it has not seen
@@ -161,7 +184,7 @@ class InProcessCoordinator(Coordinator):
     an EventLog, and its asyncio events as wake-ups."""
 
     def __init__(self, events_kept: int = EVENTS_KEPT) -> None:
-        self.log = EventLog(retain=events_kept)
+        self.log = EventLog(retain=events_kept, retain_bytes=EVENTS_KEPT_BYTES)  # read now, as a test lowers it
         self._held: set[tuple[str, str]] = set()  # (drive, path) of the claims held
         self._held_below: Counter[tuple[str, str]] = Counter()  # (drive, folder): claims held below it
         self._released = asyncio.Event()  # set and replaced by every release

@@ -1,4 +1,5 @@
-"""EventLog stays bounded: per drive, in total, and in the number of drives it keeps state for."""
+"""EventLog stays bounded: per drive, in total (in events and in their bytes), and in the number of drives it keeps
+state for."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import pytest
 
 from drive_client.errors import EventsExpired
+from drived.config import answer_entry_bytes
 from drived.entry import Entry
 from drived.events import EventLog
 
@@ -35,6 +37,19 @@ async def test_total_bound_trims_the_least_recently_used_drive_first() -> None:
     with pytest.raises(EventsExpired):
         log.since("old", start)
     assert [e.entry.path for e in log.since("old", log.last("old") - 4)] == ["f2", "f3", "f4", "f5"]
+
+
+async def test_byte_bound_trims_the_least_recently_used_drive_first_and_a_forgotten_drive_frees_its_bytes() -> None:
+    log = EventLog(retain=100, retain_bytes=4 * answer_entry_bytes("f0", "c"), max_drives=2)
+    start = log.last("old")
+    put(log, "old", 3)
+    put(log, "new", 2)  # five events' bytes: the first of "old" goes
+    assert [e.entry.path for e in log.since("new", start)] == ["f0", "f1"]
+    with pytest.raises(EventsExpired):
+        log.since("old", start)
+    assert [e.entry.path for e in log.since("old", log.last("old") - 2)] == ["f1", "f2"]
+    put(log, "third", 4)  # "new" is forgotten with its bytes; "old", used least recently, loses its two
+    assert [e.entry.path for e in log.since("third", start)] == ["f0", "f1", "f2", "f3"]
 
 
 async def test_drive_states_are_bounded_and_forgetting_wakes_and_refuses_old_resumes() -> None:

@@ -12,6 +12,8 @@ from conftest import MIB, current_sequence, free_port, put_messages, raw_get, ra
 
 from drive_client import Drive, DriveError, EventsExpired
 from drive_client.pb import drive_pb2, drive_pb2_grpc
+from drive_client.uri import DEFAULT_COMPONENT
+from drived.config import answer_entry_bytes
 
 pytestmark = pytest.mark.integration  # starts daemons of its own
 
@@ -170,6 +172,39 @@ def test_watch_reconnects_to_a_restarted_daemon_and_reports_lost_events(twin, tm
         assert isinstance(outcome[-1], EventsExpired) and outcome[-1].code == grpc.StatusCode.OUT_OF_RANGE
     finally:
         second.stop()
+
+
+@pytest.mark.timeout(60)
+def test_events_of_long_paths_stay_within_their_bound_in_bytes(tmp_path):
+    """A lone daemon's events are bounded in the bytes of their paths as well as in number: five puts of long paths,
+    with the bound lowered to three of them in the daemon's process, leave the first two dropped (a resume before
+    them is refused, never answered short) and the last three delivered; all five files stay stored. Bounded by
+    number alone, 100,000 events of 4 KB paths held some 450 MiB."""
+    folder = "/".join(["n" * 200] * 15)  # some 3,000 bytes: an event of a path below it takes ~3.5 KiB of memory
+    paths = [f"{folder}/f{i}.txt" for i in range(5)]
+    bound = 3 * answer_entry_bytes(paths[0], DEFAULT_COMPONENT)
+    handle = start_daemon(tmp_path, before=f"import drived.events\ndrived.events.EVENTS_KEPT_BYTES = {bound}")
+    try:
+        drive = "lit://events_long"
+        stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
+        start = current_sequence(handle.endpoint, drive)
+        sequences = []
+        for path in paths:
+            raw_put(stub, drive, path, path.encode()[-40:])
+            sequences.append(current_sequence(handle.endpoint, drive))
+        reader = Drive(drive, endpoint=handle.endpoint)
+        for after in (start, sequences[0]):
+            with pytest.raises(EventsExpired) as expired:
+                next(reader.watch(after_sequence=after))
+            assert expired.value.code == grpc.StatusCode.OUT_OF_RANGE and "list the drive" in str(expired.value)
+        watching = reader.watch(after_sequence=sequences[1])
+        assert [(e.kind, e.file.path, e.sequence) for e in (next(watching) for _ in range(3))] == [
+            ("put", path, sequence) for path, sequence in zip(paths[2:], sequences[2:], strict=True)]
+        watching.close()
+        for path in paths:
+            assert raw_get(stub, drive, path)[0][1] == path.encode()[-40:]
+    finally:
+        handle.stop()
 
 
 # Python for `start_daemon(before=...)`: while the file PAUSE exists, the local backend's rename of a big put into

@@ -788,7 +788,8 @@ class WatchRequest(_message.Message):
     """Resume: send the events after this sequence number. 0 starts from now.
     Sequence numbers increase across daemon restarts; the daemon keeps the
     last 10,000 events of each drive since it started, and 100,000 over all
-    drives. A resume from before what is kept answers OUT_OF_RANGE, and so
+    drives, fewer of long paths (as many as some 40 MB of paths: about 10,000
+    of 4 KB). A resume from before what is kept answers OUT_OF_RANGE, and so
     does one from after the drive's latest event (a number the drive never
     gave, which no event would ever follow).
     """
