@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 import time
 
 from drived.backends.folder_cache import FolderCache
@@ -59,8 +60,8 @@ def test_a_fresh_folder_is_read_each_time(tmp_path):
     assert not remembered(cache, folder), "an mtime within a second of now may hide a second change"
 
 
-def test_memory_is_bounded_by_names_least_recently_read_go_first(tmp_path):
-    cache = FolderCache(max_names=4)
+def test_memory_is_bounded_least_recently_read_go_first(tmp_path):
+    cache = FolderCache(max_bytes=4 * (sys.getsizeof("1") + 16))  # four names of one character
     a, b, c = (settled_folder(tmp_path, name, ["1", "2"]) for name in "abc")
     for folder in (a, b, c):
         cache.read(str(folder))
@@ -70,3 +71,14 @@ def test_memory_is_bounded_by_names_least_recently_read_go_first(tmp_path):
     big = settled_folder(tmp_path, "big", ["1", "2", "3", "4", "5"])
     cache.read(str(big))
     assert not remembered(cache, big), "a folder of more names than the bound is never remembered"
+
+
+def test_long_names_take_more_of_the_bound(tmp_path):
+    """The bound was 200,000 names whatever their length: some 13 MB of 8-character names, 60 MB of 255."""
+    cache = FolderCache(max_bytes=4 * (sys.getsizeof("1") + 16))
+    short = settled_folder(tmp_path, "short", ["1", "2", "3"])
+    long = settled_folder(tmp_path, "long", ["a" * 100, "b" * 100])
+    cache.read(str(short))
+    cache.read(str(long))
+    assert remembered(cache, short)
+    assert not remembered(cache, long), "two names of 100 characters weigh more than four of one"

@@ -13,6 +13,7 @@ file system's clock would leave it as it was.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -20,7 +21,9 @@ from collections import OrderedDict
 from .base import Listing
 
 SETTLED_NS = 1_000_000_000  # a folder's mtime this old changes with its next change
-MAX_NAMES = 200_000  # names remembered over all folders (some 20 MB); the least recently read go first
+# What the listings remembered take at most over all folders (200,000 names of 8 characters take some 13 MB, of
+# 255 some 60 MB); the least recently read go first.
+MAX_BYTES = 24 << 20
 EMPTY = Listing((), frozenset(), ())
 
 
@@ -52,11 +55,11 @@ def scan(folder: str) -> Listing:
 class FolderCache:
     """Listings of folders, each remembered until its folder's inode or mtime changes."""
 
-    def __init__(self, max_names: int = MAX_NAMES) -> None:
-        self._max_names = max_names
-        # path -> ((inode, mtime), listing), least recently read first
-        self._known: OrderedDict[str, tuple[tuple[int, int], Listing]] = OrderedDict()
-        self._names = 0  # names in self._known
+    def __init__(self, max_bytes: int = MAX_BYTES) -> None:
+        self._max_bytes = max_bytes
+        # path -> ((inode, mtime), listing, its `_weight`), least recently read first
+        self._known: OrderedDict[str, tuple[tuple[int, int], Listing, int]] = OrderedDict()
+        self._bytes = 0  # what the listings in self._known weigh
         self._lock = threading.Lock()  # read from the event loop and from worker threads
 
     def read(self, folder: str) -> Listing:
@@ -73,17 +76,22 @@ class FolderCache:
         if known is not None and known[0] == version:
             return known[1]
         listing = scan(folder)
-        if time.time_ns() - st.st_mtime_ns > SETTLED_NS and len(listing.names) <= self._max_names:
-            self._remember(folder, version, listing)
+        if time.time_ns() - st.st_mtime_ns > SETTLED_NS and (weight := _weight(listing)) <= self._max_bytes:
+            self._remember(folder, version, listing, weight)
         return listing
 
-    def _remember(self, folder: str, version: tuple[int, int], listing: Listing) -> None:
+    def _remember(self, folder: str, version: tuple[int, int], listing: Listing, weight: int) -> None:
         with self._lock:
             old = self._known.pop(folder, None)
             if old is not None:
-                self._names -= len(old[1].names)
-            self._known[folder] = (version, listing)
-            self._names += len(listing.names)
-            while self._names > self._max_names:  # never the one just added: it fits alone
-                _, (_, evicted) = self._known.popitem(last=False)
-                self._names -= len(evicted.names)
+                self._bytes -= old[2]
+            self._known[folder] = (version, listing, weight)
+            self._bytes += weight
+            while self._bytes > self._max_bytes:  # never the one just added: it fits alone
+                _, (_, _, evicted) = self._known.popitem(last=False)
+                self._bytes -= evicted
+
+
+def _weight(listing: Listing) -> int:
+    """About what `listing` takes in memory: its names, and two tuple slots each (its orders by name and by key)."""
+    return sum(map(sys.getsizeof, listing.names)) + 16 * len(listing.names)
