@@ -146,7 +146,8 @@ async def serve(config: Config) -> None:
     if problems:
         log.warning("listening beyond loopback", extra={"fields": {"listen": config.listen, "problems": problems}})
     descriptors = Descriptors.of_this_process()
-    server = grpc.aio.server(options=server_options(config, config.max_connections or descriptors.for_connections))
+    connections = config.max_connections or descriptors.for_connections
+    server = grpc.aio.server(options=server_options(config, connections))
     backend = make_backend(config, descriptors)
     await backend.start()
     mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size,
@@ -191,7 +192,8 @@ async def serve(config: Config) -> None:
         where["coordinator"] = coordinator_name(config.coordinator)  # the URL without its password
     security = {"tls": "mutual" if config.tls_client_ca else "on" if tls else "off",
                 "tokens": "on" if access.required else "off"}
-    log.info("serving", extra={"fields": {"listen": config.listen, **where, **security}})
+    log.info("serving", extra={"fields": {
+        "listen": config.listen, **where, **security, "max_connections": connections}})
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

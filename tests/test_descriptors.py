@@ -90,10 +90,14 @@ def test_at_the_descriptor_limit_uploads_are_refused_and_reads_and_health_served
         ]
 
 
+def _start_line(handle, event: str) -> dict:
+    [line] = [json.loads(line) for line in handle.log().splitlines() if f'"event": "{event}"' in line]
+    return line
+
+
 def _connections_share(handle) -> int:
-    """The connections the daemon takes at most, from its start-up line."""
-    [line] = [json.loads(line) for line in handle.log().splitlines() if '"file descriptors"' in line]
-    return int(line["for_connections"])
+    """The connections the daemon's descriptors allow, from its start-up line."""
+    return int(_start_line(handle, "file descriptors")["for_connections"])
 
 
 def test_connections_past_their_share_are_closed_and_files_keep_their_descriptors(start_daemon, tmp_path):
@@ -129,7 +133,7 @@ def test_connections_past_their_share_are_closed_and_files_keep_their_descriptor
 
 def test_max_connections_sets_the_share_and_refused_clients_are_told_unavailable(start_daemon, tmp_path):
     handle = start_daemon(tmp_path, "--max-connections", "3")
-    assert _connections_share(handle) > 3  # the flag, not the share of the descriptors, holds
+    assert _connections_share(handle) > 3 and _start_line(handle, "serving")["max_connections"] == 3  # the flag
     with silent_connections(handle.endpoint, 3) as flood:
         # the connection of the start-up's health check may hold its place until the daemon sees it closed
         for _ in range(3):
