@@ -215,6 +215,9 @@ async def serve(config: Config) -> None:
     if not await streams.wait_closed(config.grace_period):
         log.warning("grace period over: cancelling what is still open", extra={"fields": {"streams": streams.count}})
     await server.stop(max(0.0, deadline - loop.time()))
+    # What a call the stop cancelled still changes in the store ends before the uploads, the coordinator and the
+    # store close, and before the data dir's lock and clean-stop mark say that no daemon writes there.
+    await service.ended()
     await streams.close()
     await uploads.close()
     await coordinator.disconnect()

@@ -429,6 +429,9 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
         """The body of a call: authenticated, refused while draining, admitted among the streams (the Stream;
         None for a call that is none), its request read (None for a client stream, read by the handler), and its
         failure answered with its status, an idle stream's with UNAVAILABLE."""
+        call = asyncio.current_task()
+        assert call is not None  # gRPC runs each call in a task of its own
+        service.calls.add(call)
         try:
             record.grant = service.caller(context)
             if service.draining:
@@ -458,6 +461,8 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except Exception as err:
             await _fail(context, record, err)
+        finally:
+            service.calls.discard(call)
 
     if inspect.isasyncgenfunction(handler):
 
@@ -500,6 +505,14 @@ class DriveService(pb_grpc.DriveServiceServicer):
         self.answers = AnswerRoom()
         self.access = access or Access()
         self.draining = False  # set on SIGTERM: new calls answer UNAVAILABLE while the open ones finish
+        # The calls running. One that the server's stop cancelled runs on to the end of the store's change it
+        # makes (a put's commit, a file's delete: `drived.managed._to_its_end`), and the drain waits for it.
+        self.calls: set[asyncio.Task[Any]] = set()
+
+    async def ended(self) -> None:
+        """Waits for every call running to end."""
+        while self.calls:
+            await asyncio.wait(set(self.calls))
 
     def caller(self, context: grpc.aio.ServicerContext) -> Grant:
         """What the call may do, by its token; Unauthenticated when tokens are needed and it has no good one."""

@@ -43,6 +43,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from drive_client.errors import InvalidArgument, NotFound, OutOfRange, StaleIndexError
 
@@ -54,6 +55,7 @@ from .puts import MAX_FILES_PER_STREAM
 from .requests import PutHeader
 
 log = logging.getLogger("drived")
+T = TypeVar("T")
 
 UploadKey = tuple[str, str, str]  # drive name, component, upload id
 # Completions remembered at most once their streams ended (each for `expiry` seconds), of Put streams (the whole
@@ -180,7 +182,7 @@ class HeldUploads:
         self._streaming: dict[UploadKey, tuple[Call, Entry]] = {}  # the completions of running streams
         self._streams: dict[Call, tuple[Completions, list[UploadKey]]] = {}  # those running streams, with where
         # their completions go once they end
-        self._tasks: set[asyncio.Future[None]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     # -- streams -------------------------------------------------------------
 
@@ -272,7 +274,7 @@ class HeldUploads:
         commit)."""
         if resumable.writer is not writer:
             raise StaleIndexError(f"{_shown(resumable.key)} was resumed by another stream: this one commits nothing")
-        resumable.committing = asyncio.ensure_future(commit())
+        resumable.committing = self._track(commit())
         resumable.committing.add_done_callback(functools.partial(self._ended_commit, resumable))
         return await asyncio.shield(resumable.committing)
 
@@ -384,7 +386,7 @@ class HeldUploads:
             del self._known[resumable.key]
         await resumable.upload.abort()
 
-    def _track(self, work: Awaitable[None]) -> asyncio.Future[None]:
+    def _track(self, work: Awaitable[T]) -> asyncio.Future[T]:
         """Runs `work` to its end, whoever waits for it; `close` waits for it."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
@@ -392,7 +394,8 @@ class HeldUploads:
         return task
 
     async def close(self) -> None:
-        """Discards every held upload (the daemon stops: nothing here outlives it)."""
+        """Discards every held upload once the work under way (`_track`) ended (the daemon stops: nothing here
+        outlives it)."""
         self._completed_put_streams.close()
         self._completed_put_files.close()
         while self._tasks:

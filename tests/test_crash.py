@@ -13,7 +13,8 @@ import time
 
 import grpc
 import pytest
-from conftest import MIB, DaemonHandle, put_messages, raw_get, raw_put, sha256_hex, wait_until
+from conftest import MIB, DaemonHandle, put_messages, raw_get, raw_put, rpc_code, sha256_hex, wait_until
+from test_watch import PAUSED_CHANGES
 
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
@@ -213,3 +214,44 @@ def test_a_start_after_a_clean_stop_spares_the_walk_for_empty_folders(start_daem
     assert "removed empty folders left by a daemon stopped mid-put or mid-delete" in third.log()
     assert third.stop() == 0, third.log()[-3000:]
     assert (first.data_dir / "clean-stop").exists()
+
+
+@pytest.mark.parametrize("change", ["put", "resumable put", "delete"])
+def test_a_change_the_grace_period_cut_keeps_the_data_dir_locked_until_it_ends(start_daemon, tmp_path, change):
+    """A put's commit or a delete still under way when the grace period ends runs to its end (what it stores is
+    published), but the daemon closed its store, removed its lock and marked a clean stop meanwhile: a second drived
+    started then was let in, emptied tmp/ under the commit, and the first one's rename then put the second's upload in
+    progress (its tmp/ name again) in place of the file: an earlier version replaced by a damaged file."""
+    pause = tmp_path / "pause"
+    first = start_daemon(tmp_path, "--grace-period", "1", before=PAUSED_CHANGES.format(pause=str(pause)))
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint))
+    before, after = os.urandom(2 * MIB), os.urandom(2 * MIB)
+    raw_put(stub, DRIVE, "big.bin", before)
+    (tmp_path / "pause.reached").unlink()
+    pause.touch()
+    if change == "delete":
+        call = stub.Delete.future(pb.DeleteRequest(drive=DRIVE, path="big.bin"), timeout=60)
+    else:
+        messages = list(put_messages(DRIVE, "big.bin", after))
+        messages[0].header.upload_id = "u" if change == "resumable put" else ""
+        call = stub.Put.future(iter(messages), timeout=60)
+    assert wait_until((tmp_path / "pause.reached").exists, timeout=30), f"the {change} never began its change"
+    assert not call.done()
+    first.proc.send_signal(signal.SIGTERM)
+    assert wait_until(call.done, timeout=30), "the grace period's end never cancelled the call"
+
+    second = start_daemon(tmp_path, data_dir=first.data_dir, wait=False)
+    assert wait_until(lambda: second.proc.poll() is not None, timeout=10), "a second daemon was let in"
+    assert "is in use by another drived" in second.log()
+    assert not (first.data_dir / "clean-stop").exists(), "a clean stop is marked only once every change ended"
+    pause.unlink()
+    assert first.proc.wait(30) == 0, first.log()[-3000:]
+    assert (first.data_dir / "clean-stop").exists()
+    assert list((first.data_dir / "tmp").iterdir()) == []
+
+    third = start_daemon(tmp_path, data_dir=first.data_dir)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(third.endpoint))
+    if change == "delete":
+        assert rpc_code(lambda: raw_get(stub, DRIVE, "big.bin")) == grpc.StatusCode.NOT_FOUND
+    else:
+        assert raw_get(stub, DRIVE, "big.bin")[0][1] == after, "the commit under way ran to its end"
