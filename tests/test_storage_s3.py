@@ -960,6 +960,26 @@ def test_a_missing_bucket_stops_the_start_up_naming_it(tmp_path: Path):
         store.close()
 
 
+def test_a_store_that_does_not_answer_at_start_up_is_served_saying_so_and_used_once_back(tmp_path: Path, drive_uri):
+    """A store that takes connections and never answers (a hung gateway, a stopped MinIO) held the start-up in its
+    bucket check for boto3's three tries of 60 s each, serving nothing and logging nothing: a liveness probe killed
+    such a daemon first, again and again, with no word of why."""
+    store = Store(tmp_path)
+    try:
+        store.moto.proc.send_signal(signal.SIGSTOP)
+        try:
+            handle = store.daemon()  # waits 20 s at most for SERVING
+            warned = [line for line in handle.log().splitlines() if "storage not usable at start-up" in line]
+            assert warned and store.url in warned[0], handle.log()
+        finally:
+            store.moto.proc.send_signal(signal.SIGCONT)
+        stub = stub_of(handle)
+        raw_put(stub, drive_uri, "p.txt", b"p", component="w")
+        assert raw_get(stub, drive_uri, "p.txt")[0][1] == b"p"
+    finally:
+        store.close()
+
+
 def test_refused_access_is_permission_denied(tmp_path: Path, drive_uri: str):
     denying = {"INITIAL_NO_AUTH_ACTION_COUNT": "1"}  # moto checks credentials after the first request
     with tempfile.TemporaryDirectory() as work, MotoServer(Path(work), env=denying) as moto:

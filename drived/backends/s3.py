@@ -153,6 +153,9 @@ THREADS = 32  # boto3 calls and body reads
 PAGE = 1000  # ListObjectsV2 MaxKeys
 MAX_GENERATION = (1 << 63) - 1  # a generation is an int64 on the wire
 READ_RETRIES = 3  # times a read resumes after its connection dropped, or starts again on a version replaced
+# How long the start-up waits for the store's answer to its bucket check: boto3 waits 60 s for each of its tries,
+# and a daemon that serves nothing for minutes is killed by a liveness probe before it logs why.
+START_CHECK_SECONDS = 10.0
 T = TypeVar("T")
 
 
@@ -710,11 +713,15 @@ class S3Backend(Backend):
 
         A missing bucket ends the start-up (SystemExit saying to create it):
         it is a mistake in the deployment, not a passing state. An unreachable
-        store or refused access does not (credentials may be granted later):
-        calls answer UNAVAILABLE or PERMISSION_DENIED until it is fixed.
+        store (or one that does not answer within START_CHECK_SECONDS) or
+        refused access does not (credentials may be granted later): calls
+        answer UNAVAILABLE or PERMISSION_DENIED until it is fixed.
         """
         try:
-            await self.call("head_bucket")
+            await asyncio.wait_for(self.call("head_bucket"), START_CHECK_SECONDS)
+        except asyncio.TimeoutError:
+            log.warning("storage not usable at start-up", extra={"fields": {
+                "error": f"the S3 endpoint {self.endpoint} did not answer within {START_CHECK_SECONDS:g} s"}})
         except NotFound:
             raise SystemExit(
                 f"drived: --storage: the S3 bucket {self.bucket!r} does not exist at {self.endpoint}: "
