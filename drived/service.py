@@ -189,14 +189,19 @@ async def _end_idle(
 
     For a Get the status waits behind the chunk its client did not take, so this
     returns only once the client reads again or goes away: until then the stream
-    keeps its place among the open ones, which bounds what such streams hold.
+    keeps its place among the open ones, which bounds what such streams hold. A
+    client that went away is answered nothing, and the call is CANCELLED, as
+    one whose client goes away mid-write.
     """
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
     record.status = "UNAVAILABLE"
     ended = _ended_idle(stream, idle_timeout)
-    await context.abort(ended.status, ended.details())
+    try:
+        await context.abort(ended.status, ended.details())
+    except grpc.aio.InternalError:  # the status's send to a call its client ended
+        raise asyncio.CancelledError from None
     raise AssertionError("unreachable")  # context.abort raises
 
 

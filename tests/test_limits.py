@@ -4,6 +4,7 @@ serving everyone else."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -206,6 +207,25 @@ def test_a_get_whose_client_reads_nothing_is_ended_and_its_file_closed(start_dae
         [(_, again)] = raw_get(stub, drive, "big.bin")
         assert again == data
     assert wait_until(lambda: handle.open_requests("Get") == 0, 10)
+
+
+def test_a_get_ended_for_idleness_whose_client_then_goes_away_is_no_error_of_the_daemons(start_daemon, tmp_path):
+    """Its UNAVAILABLE waits behind the chunk its client did not take. A client that went away then (a stalled
+    process killed, every stalled client at a drain) failed that status's send, and the daemon took the failure for
+    its own: 'unexpected error in Get' with a traceback at ERROR level, another from gRPC, and the call logged and
+    counted INTERNAL."""
+    handle = start_daemon(tmp_path, "--stream-idle-timeout", "1")
+    drive = "lit://idle_gone"
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        raw_put(drive_pb2_grpc.DriveServiceStub(channel), drive, "big.bin", os.urandom(32 * MIB))
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stream = drive_pb2_grpc.DriveServiceStub(channel).Get(pb.GetRequest(drive=drive, path="big.bin"), timeout=60)
+        assert next(stream).HasField("info")  # then the client stops reading, and goes away once it was ended
+        handle.wait_logged("idle stream cancelled")
+    assert wait_until(lambda: handle.open_requests("Get") == 0, 10)
+    lines = [json.loads(line) for line in handle.log().splitlines() if line.startswith("{")]
+    assert [line["event"] for line in lines if line["level"] == "error"] == []
+    assert [line["status"] for line in lines if line["event"] == "request" and line["method"] == "Get"] == ["CANCELLED"]
 
 
 def test_300_stalled_streams_leave_listing_prompt_and_are_gone_after_the_idle_timeout(start_daemon, tmp_path):
