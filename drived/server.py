@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from drive_client.channels import Connection, is_loopback, open_channel
+from drive_client.errors import Unavailable
 from drive_client.malloc import release_free_memory
 from drive_client.pb import drive_pb2 as pb
 from drive_client.uri import parse_drive
@@ -43,6 +44,32 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DriveService"].full_name
 WORKER_THREADS = 32
 CONNECTION_IDLE = 600.0  # seconds
 HANDSHAKE_TIMEOUT = 20.0  # seconds
+
+
+class Health(health.aio.HealthServicer):
+    """The health service, whose Watch streams end UNAVAILABLE once the drain's transfers have ended (`drained`):
+    gRPC's client-side health checking keeps one open to each server, and such a stream, which takes no place among
+    the streams, held the server's stop for the whole grace period after it had told NOT_SERVING."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._drained = asyncio.Event()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        watching = asyncio.ensure_future(super().Watch(request, context))
+        drained = asyncio.ensure_future(self._drained.wait())
+        try:
+            done, _ = await asyncio.wait([watching, drained], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watching.cancel()
+            drained.cancel()
+        if watching in done:  # a write to a client that went away failed
+            return watching.result()
+        ended = Unavailable("shutting down: watch again (on another replica, or here once it is back)")
+        await context.abort(ended.status, ended.details())
+
+    def drained(self) -> None:
+        self._drained.set()
 
 
 def make_backend(config: Config, descriptors: Descriptors) -> Backend:
@@ -163,7 +190,7 @@ async def serve(config: Config) -> None:
     drives = DriveRouter(managed, S3Drives(mounts, config.chunk_size))
     service = DriveService(drives, streams, access)
     add_fast_servicer(service, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = Health()
     health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
     add_handlers(server, health_service.full_name, reading_as_drive_service(
         health_service, method_handlers(health_pb2_grpc.add_HealthServicer_to_server, health_servicer), streams))
@@ -214,6 +241,7 @@ async def serve(config: Config) -> None:
     await coordinator.close()  # watches and waiting gets answer UNAVAILABLE now; transfers get the grace period
     if not await streams.wait_closed(config.grace_period):
         log.warning("grace period over: cancelling what is still open", extra={"fields": {"streams": streams.count}})
+    health_servicer.drained()
     await server.stop(max(0.0, deadline - loop.time()))
     # What a call the stop cancelled still changes in the store ends before the uploads, the coordinator and the
     # store close, and before the data dir's lock and clean-stop mark say that no daemon writes there.

@@ -32,7 +32,7 @@ from conftest import (
     wait_serving,
     wait_until,
 )
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
@@ -167,6 +167,21 @@ def test_sigterm_idle_exits_zero(tmp_path, start_daemon):
     t0 = time.monotonic()
     assert handle.stop(signal.SIGTERM, timeout=20) == 0, handle.log()
     assert time.monotonic() - t0 < 10, "an idle daemon should stop promptly"
+
+
+def test_a_health_watch_ends_unavailable_at_a_drain_and_holds_no_stop(tmp_path, start_daemon):
+    """gRPC's client-side health checking keeps a Health/Watch stream open to each server: at a drain it was told
+    NOT_SERVING and stayed open, and the server's stop waited for it for the whole grace period."""
+    handle = start_daemon(tmp_path, "--grace-period", "60")
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        handle.proc.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as ended:
+            next(watch)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in ended.value.details()
+        assert handle.proc.wait(30) == 0, handle.log()  # well within the grace period: nothing else was open
 
 
 def test_taken_port_by_another_daemon_fails_loudly(tmp_path, start_daemon):
