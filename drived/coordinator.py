@@ -13,6 +13,9 @@ one daemon and several replicas of it is behind this one small interface:
   it (it died, or lost the coordinator, between the store's change and the
   publish) another daemon learns of it (`unpublished`) and publishes what the
   store has (`settle`): every change reaches the feed, late rather than never.
+- usage: each drive's bytes, counted once from the store and then kept by
+  every commit and delete, with the room commits in progress hold, so that
+  the quota (`drived.quota`) bounds the drive whichever daemons put into it.
 
 `InProcessCoordinator` (`drived.events`) serves one daemon;
 `RedisCoordinator` (`drived.redis_coordinator`: a lock key per claimed path,
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal
@@ -81,6 +84,31 @@ class Unpublished:
     drive: str
     change: Change
     mark: str  # how the coordinator knows it (what `settle` drops)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A drive's count for its quota: the bytes of its committed files, and the bytes commits in progress add."""
+
+    used: int
+    reserved: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Room held for one commit (`Coordinator.reserve`) until `Coordinator.unreserve` says how the commit ended."""
+
+    drive: str
+    added: int  # what the commit adds to the drive's usage (less than 0 when it frees some)
+    count: str = ""  # which count of the drive holds it (a shared coordinator counts a drive again now and then)
+
+    @property
+    def held(self) -> int:
+        """What it holds: what a commit frees is room once it committed, not while it runs (it may still fail)."""
+        return max(self.added, 0)
+
+
+Count = Callable[[], Awaitable[int]]  # the store's count of a drive's bytes (`Backend.usage`)
 
 
 class Claim:
@@ -250,6 +278,50 @@ class Coordinator(abc.ABC):
         made (its holder stopped before it) and nothing is published. The
         caller passes None for a put whose version is not the one stored
         (`Change.version`): it was not made either.
+        """
+
+    @abc.abstractmethod
+    async def usage(self, drive: str, count: Count) -> Usage:
+        """The drive's usage, as every daemon sharing the coordinator sees it.
+
+        `count` gives the drive's bytes when the coordinator has no count of
+        the drive: at its first use, and for a shared implementation after
+        its data was lost or its count's time ran out (a count kept for ever
+        would keep for ever what it missed, such as a commit whose daemon died
+        in it). Of the counts made at once, one is kept. Raises Unavailable,
+        and what `count` raises.
+        """
+
+    @abc.abstractmethod
+    async def reserve(self, drive: str, added: int, quota: int, count: Count) -> tuple[Usage, Reservation | None]:
+        """Holds room for a commit that adds `added` bytes to the drive when its usage leaves that much within `quota`
+        (or when the commit adds nothing): the usage found, and the Reservation, None when there is not enough room
+        (nothing is held).
+
+        The check and the hold are one step for every daemon sharing the
+        coordinator, so commits at once through different daemons cannot
+        together pass the quota. The caller ends the reservation with
+        `unreserve` once the commit ended. `count` and errors as `usage`.
+        """
+
+    @abc.abstractmethod
+    async def unreserve(self, reservation: Reservation, committed: bool) -> None:
+        """Ends `reservation`: what its commit added counts as used when it `committed`, else its room comes back.
+
+        Never raises: the store has changed (or not) already. A shared
+        implementation that cannot reach the coordinator leaves the count off
+        by this commit until the drive is counted again; so does a count made
+        again meanwhile, which holds none of the reservations before it.
+        """
+
+    @abc.abstractmethod
+    async def deleted(self, drive: str, size: int) -> None:
+        """A file of `size` bytes was deleted from the drive: its usage loses them, when it is counted.
+
+        A drive not counted yet is not changed: its count, when it comes,
+        finds the drive without the file (a count running just then may or
+        may not have seen it: off by one file until the drive is counted
+        again). Never raises, as `unreserve`.
         """
 
     async def start(self) -> None:  # noqa: B027 - optional hook

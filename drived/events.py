@@ -4,6 +4,9 @@ The `Coordinator` (see `drived.coordinator`) of a daemon that serves its
 drives alone: claims are a set of held paths, the change feed is an
 `EventLog`, and wake-ups are asyncio events.
 
+Each drive's usage (`Coordinator.usage`) is counted once, at its first use,
+and kept in memory for as long as the daemon runs.
+
 The EventLog holds the numbered puts and deletes of each managed drive, in
 memory and bounded: the last `retain` events of a drive, at most
 `retain_total` events over all drives, whose entries take at most
@@ -34,8 +37,11 @@ from .coordinator import (
     Changes,
     Claim,
     Coordinator,
+    Count,
     Event,
     EventKind,
+    Reservation,
+    Usage,
     folders_above,
     set_within,
     shutting_down,
@@ -179,6 +185,12 @@ class _LogChanges(Changes):
             self._log.check_open()
 
 
+@dataclass
+class _Counted:
+    used: int
+    reserved: int = 0
+
+
 class InProcessCoordinator(Coordinator):
     """The coordinator of a daemon that serves its drives alone: the claimed paths in memory,
     an EventLog, and its asyncio events as wake-ups."""
@@ -188,6 +200,7 @@ class InProcessCoordinator(Coordinator):
         self._held: set[tuple[str, str]] = set()  # (drive, path) of the claims held
         self._held_below: Counter[tuple[str, str]] = Counter()  # (drive, folder): claims held below it
         self._released = asyncio.Event()  # set and replaced by every release
+        self._usage: dict[str, _Counted] = {}
 
     def _free(self, drive: str, path: str) -> bool:
         """Whether no claim is held on `path`, on a folder above it, or below it."""
@@ -226,6 +239,37 @@ class InProcessCoordinator(Coordinator):
     @asynccontextmanager
     async def changes(self, drive: str) -> AsyncIterator[Changes]:
         yield _LogChanges(self.log, drive)
+
+    async def _counted(self, drive: str, count: Count) -> _Counted:
+        counted = self._usage.get(drive)
+        if counted is None:
+            used = await count()
+            counted = self._usage.setdefault(drive, _Counted(used))  # counts at once: the first to end is kept
+        return counted
+
+    async def usage(self, drive: str, count: Count) -> Usage:
+        counted = await self._counted(drive, count)
+        return Usage(counted.used, counted.reserved)
+
+    async def reserve(self, drive: str, added: int, quota: int, count: Count) -> tuple[Usage, Reservation | None]:
+        counted = await self._counted(drive, count)  # nothing runs between the check and the hold
+        found = Usage(counted.used, counted.reserved)
+        if added > 0 and counted.used + counted.reserved + added > quota:
+            return found, None
+        reservation = Reservation(drive, added)
+        counted.reserved += reservation.held
+        return found, reservation
+
+    async def unreserve(self, reservation: Reservation, committed: bool) -> None:
+        counted = self._usage[reservation.drive]
+        counted.reserved -= reservation.held
+        if committed:
+            counted.used += reservation.added
+
+    async def deleted(self, drive: str, size: int) -> None:
+        counted = self._usage.get(drive)
+        if counted is not None:
+            counted.used -= size
 
     def check_open(self) -> None:
         self.log.check_open()

@@ -43,7 +43,7 @@ from .coordinator import Change, Claim, Coordinator, Event, Unpublished, version
 from .drives import FileStream
 from .entry import Entry
 from .paths import component_key, object_key, relative_path
-from .quota import Quotas
+from .quota import Quotas, Room
 from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutHeader, StatRequest, WatchRequest
 from .uploads import HeldUploads, Resumable
 
@@ -114,12 +114,12 @@ class ManagedPut:
     upload: Upload
     _write: Callable[[bytes | memoryview], Awaitable[None]]
 
-    def __init__(self, drives: ManagedDrives, header: PutHeader, max_bytes: int, replaced: int) -> None:
+    def __init__(self, drives: ManagedDrives, header: PutHeader, max_bytes: int, room: Room | None) -> None:
         self.header = header
         self.path = header.path
         self.offset = header.write_offset
         self.max_bytes = max_bytes
-        self.replaced = replaced  # the size of the caller's file at the path when the put began (for the quota)
+        self.room = room  # the drive's quota room when the put began (None: no quota)
         self._drives = drives
 
     def writing(self, upload: Upload) -> ManagedPut:
@@ -135,7 +135,7 @@ class ManagedPut:
             raise err.named(self.header.drive.uri, self.header.component, self.path) from None
 
     def over_limit(self, received: int) -> ResourceExhausted:
-        return self._drives.over_limit(self.header, received, self.replaced)
+        return self._drives.over_limit(self.header, received, self.room)
 
     async def commit(self, sent: ClientChecksums, received: int) -> Entry:
         return await self._drives.commit_put(self, sent, received)
@@ -186,7 +186,7 @@ class ManagedDrives:
         self.coordinator = coordinator
         self.uploads = uploads
         self.max_file_size = max_file_size or sys.maxsize
-        self.quotas = Quotas(backend, quota) if quota else None
+        self.quotas = Quotas(backend, coordinator, quota) if quota else None
 
     async def components(self, drive: str) -> list[str]:
         """The components that hold something in `drive`, sorted."""
@@ -228,50 +228,51 @@ class ManagedDrives:
         drive = put.drive.name
         max_bytes = self.max_file_size
         if put.size is not None and put.size > max_bytes:
-            raise self.over_limit(put, put.size, 0)
-        replaced = 0
+            raise self.over_limit(put, put.size, None)
+        room = None
         if self.quotas is not None:
-            replaced = await self._own_size(put)  # read once: the refusals below and the stream's say the same
-            max_bytes = min(max_bytes, await self.quotas.room(drive, replaced))
+            # Read once: the refusals below and the stream's say the same.
+            room = await self.quotas.room(drive, await self._own_size(put))
+            max_bytes = min(max_bytes, room.bytes)
             if put.size is not None and put.size > max_bytes:
-                raise self.over_limit(put, put.size, replaced)
+                raise self.over_limit(put, put.size, room)
         if not put.allow_duplicates and (put.size is None or put.size > EARLY_CHECK_MIN_SIZE):
             await self._check_duplicates(drive, put.component, put.path)
         if put.write_offset > max_bytes:  # the bytes held already pass a limit
-            raise self.over_limit(put, put.write_offset, replaced)
+            raise self.over_limit(put, put.write_offset, room)
         if put.write_offset:
-            resumed = ResumablePut(self, put, max_bytes, replaced)
+            resumed = ResumablePut(self, put, max_bytes, room)
             return resumed.taking(await self.uploads.resume(put, resumed))
         with _named(drive, put.component, put.path):
             upload = await self.backend.start_upload(object_key(drive, put.component, put.path))
         if put.upload_id:
-            started = ResumablePut(self, put, max_bytes, replaced)
+            started = ResumablePut(self, put, max_bytes, room)
             return started.taking(await self.uploads.start(put, upload, started))
-        return ManagedPut(self, put, max_bytes, replaced).writing(upload)
+        return ManagedPut(self, put, max_bytes, room).writing(upload)
 
     async def _own_size(self, put: PutHeader) -> int:
         """What the file the caller already holds at the put's path counts in the drive's usage (0 when none): a
         put replacing it needs quota only for the difference."""
         return await self.backend.counted_size(object_key(put.drive.name, put.component, put.path))
 
-    def over_limit(self, put: PutHeader, received: int, replaced: int) -> ResourceExhausted:
-        """The refusal of a put that has (or, by its header, will have) `received` bytes, past its limit; it
-        replaces a file of `replaced` bytes (0: none, or not read because the quota is not what it passes)."""
+    def over_limit(self, put: PutHeader, received: int, room: Room | None) -> ResourceExhausted:
+        """The refusal of a put that has (or, by its header, will have) `received` bytes, past its limit; `room`:
+        its quota room (None: not known, because the quota is not what it passes)."""
         if received > self.max_file_size:
             return ResourceExhausted(
                 f"{_shown(put.drive.name, put.path)} has more than {self.max_file_size:,} bytes, the largest file "
                 "this drived stores (--max-file-size): nothing was stored"
             )
-        assert self.quotas is not None  # the other limit
-        return self.quotas.refusal(put.drive.name, received - replaced)
+        assert room is not None  # the other limit
+        return room.refusal(received)
 
     async def query_upload(self, drive: DriveId, component: str, upload_id: str) -> tuple[int, Entry | None]:
         return await self.uploads.status((drive.name, component, upload_id))
 
     async def commit_put(self, put: ManagedPut, sent: ClientChecksums, received: int) -> Entry:
         """Verifies and commits a put: ownership and the quota are checked again inside the path's claim (and
-        the backend's commit checks the folders there), so that the checks and the commit are one step for
-        every daemon sharing the coordinator (for the quota, for this daemon). The backend's commit confirms the
+        the backend's commit checks the folders there, and the coordinator holds the quota's room), so that the
+        checks and the commit are one step for every daemon sharing the coordinator. The backend's commit confirms the
         claim right before the object becomes visible, after the work it does on the store (which may take
         seconds): a put whose claim lapsed meanwhile (the coordinator out of reach for longer than its expiry,
         or the claim lost with its data) fails UNAVAILABLE and stores nothing, since another put of the path
@@ -576,7 +577,7 @@ class ManagedDrives:
         if size is None:
             return False
         if self.quotas:
-            self.quotas.deleted(drive, size)
+            await self.quotas.deleted(drive, size)
         await self.coordinator.publish(drive, "delete", Entry(path=path, component=component), claim)
         return True
 

@@ -33,6 +33,16 @@ scripts touch `drived:epoch` beside a drive's keys):
   change in that claim drops its field, and so does the release of a claim
   whose body ended without raising; a field whose claim is no longer held
   by its token is a change never published, which `unpublished` hands out.
+- `drived:{<drive>}:usage`: the drive's count for `--quota` (`drived.quota`),
+  a hash: `used` (the bytes of its files), `reserved` (the bytes commits in
+  progress add) and `count` (a token that tells this count from a later
+  one). Made from the store's count (`Backend.usage`) by the first call that
+  finds it missing (of counts made at once, the first to arrive is kept), it
+  expires USAGE_KEPT after that, never later, and is counted again: what it
+  missed (a replica killed between the room it held and its commit's end,
+  the end of a commit or delete that could not reach the coordinator, an
+  object written by something else) is off for that long at most. The end
+  of a reservation changes only the count it was made in.
 - `drived:unpublished`: the keys of those hashes, each scored by when
   (ms of the server's clock) its fields are next looked at: one claim TTL
   after its first field, then every TTL (`unpublished` moves it on as it
@@ -40,7 +50,8 @@ scripts touch `drived:epoch` beside a drive's keys):
 
 Each operation is one Lua script (one round trip, atomic): a claim checks
 and takes its key and its folders' in one step; a publish numbers, appends,
-trims and announces in one step. The scripts that look for unpublished
+trims and announces in one step; a commit's reservation checks the quota
+and holds its room in one step. The scripts that look for unpublished
 changes (and the feed's, beside `drived:epoch`) build keys they are not
 given: one server, not Redis Cluster.
 
@@ -56,13 +67,15 @@ Connections: a daemon holds at most POOL_SIZE for its calls (callers queue
 for one) and one subscriber connection for its wake-ups, however many gets
 and watches wait. Every Redis failure is Unavailable naming the coordinator
 by its URL without user or password. Losing the coordinator's data loses the
-event history and nothing else: the files are in the store.
+event history and nothing else: the files are in the store, and the quota's
+counts are counted from it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -87,9 +100,12 @@ from .coordinator import (
     Changes,
     Claim,
     Coordinator,
+    Count,
     Event,
     EventKind,
+    Reservation,
     Unpublished,
+    Usage,
     folders_above,
     set_within,
     shutting_down,
@@ -119,6 +135,7 @@ COMMAND_TIMEOUT = 10.0
 EPOCH = "drived:epoch"
 UNPUBLISHED = "drived:unpublished"
 TOKEN_LENGTH = 16  # hex digits of a claim's token
+USAGE_KEPT = 3600.0  # seconds a drive's count is kept before it is counted again from the store
 KIND_MARKS: dict[EventKind, str] = {"put": "p", "delete": "d"}  # how a recorded change says which it is
 MARKED_KINDS = {mark: kind for kind, mark in KIND_MARKS.items()}
 # A dead peer (a coordinator host gone without closing its connections) is noticed in about 20 s.
@@ -315,6 +332,46 @@ end
 return found
 """
 
+# KEYS: a drive's usage. ARGV: the store's count of the drive ('' when not counted: none is made), the token of the
+# count made from it, and the ms it is kept. Its used, reserved and token, or nil when the drive is not counted.
+USAGE_STATE = """
+local function usage()
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    if ARGV[1] == '' then return nil end
+    redis.call('HSET', KEYS[1], 'used', ARGV[1], 'reserved', 0, 'count', ARGV[2])
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  end
+  return redis.call('HMGET', KEYS[1], 'used', 'reserved', 'count')
+end
+"""
+
+USAGE = USAGE_STATE + """
+return usage() or false
+"""
+
+# KEYS, ARGV as USAGE_STATE's, then what a commit adds, the room it holds meanwhile, and the quota. Its used, reserved
+# and token as found, and 1 when the room is held, 0 when there is not enough; nil when the drive is not counted.
+RESERVE = USAGE_STATE + """
+local found = usage()
+if not found then return false end
+local added = tonumber(ARGV[4])
+if added > 0 and tonumber(found[1]) + tonumber(found[2]) + added > tonumber(ARGV[6]) then
+  return {found[1], found[2], found[3], 0}
+end
+redis.call('HINCRBY', KEYS[1], 'reserved', ARGV[5])
+return {found[1], found[2], found[3], 1}
+"""
+
+# KEYS: a drive's usage. ARGV: the token of the count to change ('': whichever), what reserved and used gain. Nothing
+# changes when the drive is not counted, or was counted again since.
+ADD_USAGE = """
+local count = redis.call('HGET', KEYS[1], 'count')
+if not count or (ARGV[1] ~= '' and count ~= ARGV[1]) then return 0 end
+redis.call('HINCRBY', KEYS[1], 'reserved', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'used', ARGV[3])
+return 1
+"""
+
 # KEYS: a drive's unpublished changes. ARGV: a field, and the value it must still have to be dropped.
 FORGET = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
@@ -357,6 +414,10 @@ def _event(entry_id: bytes, fields: list[bytes]) -> Event:
         sha256=values[b"h"].hex(), generation=int(values[b"g"]), mtime_ns=int(values[b"m"]),
     )
     return Event(int(entry_id.split(b"-", 1)[0]), cast(EventKind, values[b"k"].decode()), entry)
+
+
+def _usage_key(drive: str) -> str:
+    return f"drived:{{{drive}}}:usage"
 
 
 def _unpublished_key(drive: str) -> str:
@@ -459,6 +520,9 @@ class RedisCoordinator(Coordinator):
         self._release = self._redis.register_script(RELEASE)
         self._unpublished_due = self._redis.register_script(UNPUBLISHED_DUE)
         self._forget = self._redis.register_script(FORGET)
+        self._usage = self._redis.register_script(USAGE)
+        self._reserve = self._redis.register_script(RESERVE)
+        self._add_usage = self._redis.register_script(ADD_USAGE)
         self._wakeups = Wakeups(self._subscriber, self.failure)
         self._held: dict[str, _RedisClaim] = {}  # token -> a claim this daemon holds
         self._renewer: asyncio.Task[None] | None = None
@@ -782,3 +846,37 @@ class RedisCoordinator(Coordinator):
     async def changes(self, drive: str) -> AsyncIterator[Changes]:
         async with self._wakeups.listening(self._channel(drive)) as channel:
             yield _ChannelChanges(self, drive, channel)
+
+    # -- the quota's counts --------------------------------------------------
+
+    async def _counted(self, script: Any, drive: str, count: Count, args: list[Any]) -> Any:
+        """Runs `script` (USAGE, RESERVE) on the drive's count; when there is none, again with the store's count."""
+        keys = [_usage_key(drive)]
+        kept_ms = int(USAGE_KEPT * 1000)
+        found = await self._run(script, keys, ["", "", kept_ms, *args])
+        if found is None:
+            found = await self._run(script, keys, [await count(), secrets.token_hex(8), kept_ms, *args])
+        return found
+
+    async def usage(self, drive: str, count: Count) -> Usage:
+        used, reserved, _ = await self._counted(self._usage, drive, count, [])
+        return Usage(int(used), int(reserved))
+
+    async def reserve(self, drive: str, added: int, quota: int, count: Count) -> tuple[Usage, Reservation | None]:
+        asked = Reservation(drive, added)
+        used, reserved, token, held = await self._counted(self._reserve, drive, count, [added, asked.held, quota])
+        return Usage(int(used), int(reserved)), dataclasses.replace(asked, count=token.decode()) if held else None
+
+    async def unreserve(self, reservation: Reservation, committed: bool) -> None:
+        await self._add_usage_of(reservation.drive, reservation.count, -reservation.held,
+                                 reservation.added if committed else 0)
+
+    async def deleted(self, drive: str, size: int) -> None:
+        await self._add_usage_of(drive, "", 0, -size)
+
+    async def _add_usage_of(self, drive: str, count: str, reserved: int, used: int) -> None:
+        try:
+            await self._run(self._add_usage, [_usage_key(drive)], [count, reserved, used])
+        except Unavailable as err:
+            log.warning("a drive's count for the quota could not be changed; it is counted again from the store "
+                        f"within {USAGE_KEPT:g} s", extra={"fields": {"drive": drive, "error": str(err)}})

@@ -20,7 +20,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -41,12 +41,14 @@ from conftest import (
 from cutting_proxy import CuttingProxy
 from test_commit_worker import commit_workers
 from test_coordinator import calls, stopped
+from test_limits import PAUSED_COMMITS
 from test_storage_s3 import BUCKET, PREFIX, StalledPut, Store, stub_of
 
 from bench.services import TlsProxy, ValkeyServer
 from drive_client import AsyncDrive, Drive
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drived.backends.s3 import PART_SIZE
+from drived.redis_coordinator import USAGE_KEPT
 from drived.redis_wakeups import CONFIRM_TIMEOUT
 
 pytestmark = pytest.mark.integration  # starts servers of its own
@@ -63,8 +65,8 @@ class Cluster:
         self.valkey = ValkeyServer(work, password=PASSWORD)
         self.name = f"redis://127.0.0.1:{self.valkey.port}/0"  # how errors name it: without the password
 
-    def replica(self, *args: str) -> DaemonHandle:
-        return self.store.daemon(*args, env=self.store.env(DRIVED_COORDINATOR=self.valkey.url))
+    def replica(self, *args: str, before: str = "") -> DaemonHandle:
+        return self.store.daemon(*args, env=self.store.env(DRIVED_COORDINATOR=self.valkey.url), before=before)
 
     def coordinator_back(self) -> None:
         """The coordinator comes back on its port, empty (its data lost)."""
@@ -131,8 +133,9 @@ def test_put_through_a_is_listed_read_and_deleted_through_b_and_gone_on_a(replic
 class RacingPut:
     """A one-file Put that stops before its finish message until `go` is released: past its header and data."""
 
-    def __init__(self, handle: DaemonHandle, drive: str, path: str, component: str, go: threading.Barrier) -> None:
-        self.data = f"{component} was here {os.urandom(8).hex()}".encode()
+    def __init__(self, handle: DaemonHandle, drive: str, path: str, component: str, go: threading.Barrier,
+                 data: bytes = b"") -> None:
+        self.data = data or f"{component} was here {os.urandom(8).hex()}".encode()
         self.error: grpc.RpcError | None = None
         self._go = go
         messages = put_messages(drive, path, self.data, component=component)
@@ -314,7 +317,7 @@ def test_the_coordinator_wiped_loses_event_history_and_nothing_else(own_cluster,
 
 
 def test_an_unreachable_coordinator_makes_puts_unavailable_naming_it_and_they_recover(own_cluster, drive_uri):
-    a = own_cluster.replica()
+    a = own_cluster.replica("--quota", "1M")  # the put's first call to the coordinator asks for the drive's count
     stub = stub_of(a)
     raw_put(stub, drive_uri, "before.txt", b"before", component="w")
     own_cluster.valkey.kill()
@@ -785,6 +788,103 @@ def test_a_delete_waits_for_the_put_of_its_path_and_counts_the_version_it_delete
         Drive(drive_uri, component_name="w", endpoint=replica.endpoint).stat("f.bin")
     # The drive is empty, and counted so: a put of the whole quota fits.
     raw_put(stub, drive_uri, "full.bin", b"x" * quota, component="w")
+
+
+QUOTA = 1000
+
+
+@pytest.fixture(scope="module")
+def quota_replicas(cluster: Cluster) -> list[DaemonHandle]:
+    return [cluster.replica("--quota", str(QUOTA)) for _ in range(2)]
+
+
+def quota_refusal(call: Callable[[], object]) -> str:
+    """The details of the RESOURCE_EXHAUSTED that `call` fails with."""
+    with pytest.raises(grpc.RpcError) as refused:
+        call()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+    return refused.value.details()  # type: ignore[no-any-return]
+
+
+def stored_sizes(handle: DaemonHandle, drive_uri: str) -> dict[str, int]:
+    listed = stub_of(handle).List(drive_pb2.ListRequest(drive=drive_uri, path=".", recursive=True))
+    return {e.path: e.size for e in listed.entries}
+
+
+def test_puts_through_two_replicas_never_take_the_drive_past_its_quota_and_deletes_through_one_free_room_on_the_other(
+        quota_replicas, drive_uri):
+    a, b = quota_replicas
+    raw_put(stub_of(b), drive_uri, "b0.bin", b"b" * 100, component="w")  # b has counted the drive
+    raw_put(stub_of(a), drive_uri, "a.bin", b"a" * 500, component="w")
+    for how in ({"size": 500}, {}):  # known from the header, or only from the bytes
+        message = quota_refusal(lambda how=how: raw_put(stub_of(b), drive_uri, "b1.bin", b"b" * 500, component="w",
+                                                        **how))
+        assert "holds 600 bytes; this put asks for 500 bytes more, over its quota of 1,000 bytes" in message, message
+    assert stored_sizes(a, drive_uri) == {"a.bin": 500, "b0.bin": 100}
+    stub_of(a).Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="a.bin", component="w"), timeout=10)
+    raw_put(stub_of(b), drive_uri, "b1.bin", b"b" * 900, component="w")
+    message = quota_refusal(lambda: raw_put(stub_of(a), drive_uri, "a.bin", b"a", component="w"))
+    assert "holds 1,000 bytes; this put asks for 1 bytes more" in message, message
+    assert stored_sizes(b, drive_uri) == {"b0.bin": 100, "b1.bin": 900}
+
+
+def test_puts_through_two_replicas_at_once_never_pass_the_quota_together(quota_replicas, drive_uri):
+    a, b = quota_replicas
+    for round_ in range(6):
+        go = threading.Barrier(3)
+        sides = (a, b) if round_ % 2 else (b, a)  # neither replica is always first to commit
+        puts = [RacingPut(handle, drive_uri, f"r{round_}-{i}.bin", "w", go, data=os.urandom(QUOTA // 2 + 1))
+                for i, handle in enumerate(sides)]
+        for handle in sides:
+            handle.wait_open("Put", 1)  # both began with the whole quota free, their data sent
+        go.wait(30)  # both finish messages go at once
+        outcomes = [put.outcome() for put in puts]
+        assert sorted(outcomes, key=str) == sorted(
+            [grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED], key=str), (round_, outcomes)
+        [won] = [put for put, code in zip(puts, outcomes, strict=True) if code == grpc.StatusCode.OK]
+        [(path, size)] = stored_sizes(a, drive_uri).items()
+        assert size == len(won.data) <= QUOTA, round_
+        stub_of(sides[round_ % 2]).Delete(drive_pb2.DeleteRequest(drive=drive_uri, path=path, component="w"))
+        for handle in sides:
+            assert wait_until(lambda handle=handle: handle.open_requests("Put") == 0, timeout=10)
+
+
+def test_a_wiped_coordinator_counts_the_drive_again_from_the_store(own_cluster, drive_uri):
+    a, b = (own_cluster.replica("--quota", str(QUOTA)) for _ in range(2))
+    raw_put(stub_of(a), drive_uri, "a.bin", b"a" * 600, component="w")
+    raw_put(stub_of(b), drive_uri, "b.bin", b"b" * 100, component="w")
+    [count] = own_cluster.keys("drived:*:usage")
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    assert 0 < admin.pttl(count) <= USAGE_KEPT * 1000  # counted again from the store in its time, whatever drifted
+    admin.flushall()
+    message = quota_refusal(lambda: raw_put(stub_of(b), drive_uri, "c.bin", b"c" * 400, component="w"))
+    assert "holds 700 bytes" in message, message
+    raw_put(stub_of(a), drive_uri, "c.bin", b"c" * 300, component="w")
+    message = quota_refusal(lambda: raw_put(stub_of(b), drive_uri, "d.bin", b"d", component="w"))
+    assert "holds 1,000 bytes" in message, message
+    assert stored_sizes(b, drive_uri) == {"a.bin": 600, "b.bin": 100, "c.bin": 300}
+
+
+def test_room_held_by_a_replica_killed_in_its_commit_comes_back_when_the_count_expires(own_cluster, drive_uri,
+                                                                                      tmp_path):
+    pause = tmp_path / "pause"
+    a = own_cluster.replica("--quota", str(QUOTA), before=PAUSED_COMMITS.format(
+        backend="s3", upload="S3Upload", name="a.bin", pause=str(pause)))
+    b = own_cluster.replica("--quota", str(QUOTA))
+    pause.touch()
+    put = stub_of(a).Put.future(put_messages(drive_uri, "a.bin", b"a" * 600, component="w"), timeout=60)
+    assert wait_until((tmp_path / "pause.reached").exists, 30), "the put never reached its commit"
+    a.stop(signal.SIGKILL)  # between the room it holds and its commit
+    assert rpc_code(lambda: put.result(60)) == grpc.StatusCode.UNAVAILABLE
+    message = quota_refusal(lambda: raw_put(stub_of(b), drive_uri, "b.bin", b"b" * 500, component="w"))
+    assert "holds 0 bytes and puts in progress add 600 bytes; this put asks for 500 bytes more" in message, message
+    assert stored_sizes(b, drive_uri) == {}
+    [count] = own_cluster.keys("drived:*:usage")
+    redis.Redis.from_url(own_cluster.valkey.url).pexpire(count, 1)  # its time (USAGE_KEPT) has come
+    raw_put(stub_of(b), drive_uri, "b.bin", b"b" * 500, component="w")
+    message = quota_refusal(lambda: raw_put(stub_of(b), drive_uri, "c.bin", b"c" * 501, component="w"))
+    assert "holds 500 bytes; this put asks for 501 bytes more" in message, message
+    assert stored_sizes(b, drive_uri) == {"b.bin": 500}
 
 
 def test_a_folder_delete_confirms_its_claim_without_a_round_trip_a_file_and_announces_each(own_cluster, drive_uri):

@@ -25,10 +25,10 @@ import redis
 
 from bench.services import ValkeyServer
 from drive_client.errors import EventsExpired, Unavailable
-from drived.coordinator import Change, Coordinator
+from drived.coordinator import Change, Coordinator, Count, Usage
 from drived.entry import Entry
 from drived.events import InProcessCoordinator
-from drived.redis_coordinator import RENEW, RENEW_CHUNK, UNPUBLISHED_FOUND, RedisCoordinator
+from drived.redis_coordinator import RENEW, RENEW_CHUNK, UNPUBLISHED_FOUND, USAGE_KEPT, RedisCoordinator
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -278,6 +278,52 @@ async def test_a_claim_is_confirmed_while_it_is_held(coordinator: Coordinator) -
         await claim.confirm()
 
 
+def count_of(used: int, asked: list[int] | None = None) -> Count:
+    """A store's count of a drive that finds `used` bytes (and appends them to `asked`), taking a moment."""
+    async def count() -> int:
+        if asked is not None:
+            asked.append(used)
+        await asyncio.sleep(0.02)  # counts asked at once overlap
+        return used
+    return count
+
+
+async def test_reserves_through_two_daemons_at_once_never_pass_the_quota(coordinators: Make) -> None:
+    one, two = coordinators(), coordinators()
+    # Each count finds another number: only one of them is kept.
+    answers = await asyncio.gather(*(daemon.reserve("d", 100, 1000, count_of(300 + i))
+                                     for i, daemon in enumerate((one, two) * 10)))
+    [used] = {usage.used for usage, _ in answers}
+    held = [reservation for _, reservation in answers if reservation]
+    assert len(held) == (1000 - used) // 100
+    assert await one.usage("d", count_of(0)) == Usage(used, 100 * len(held)) == await two.usage("d", count_of(0))
+    for i, reservation in enumerate(held):
+        await (one, two)[i % 2].unreserve(reservation, committed=i < 2)
+    assert await two.usage("d", count_of(0)) == Usage(used + 200)
+    # What a commit frees is room once it committed, not while it runs.
+    _, freeing = await one.reserve("d", -200, 1000, count_of(0))
+    assert freeing is not None
+    room = 1000 - used
+    assert (await two.reserve("d", room - 199, 1000, count_of(0)))[1] is None
+    await one.unreserve(freeing, committed=True)
+    _, fits = await two.reserve("d", room - 199, 1000, count_of(0))
+    assert fits is not None
+    await two.unreserve(fits, committed=False)
+    await one.deleted("d", 50)
+    assert await two.usage("d", count_of(0)) == Usage(used - 50)
+
+
+async def test_a_drive_is_counted_at_its_first_use_and_a_delete_before_it_changes_nothing(
+    coordinator: Coordinator,
+) -> None:
+    await coordinator.deleted("d", 50)  # the count, when it comes, finds the drive without the file
+    asked: list[int] = []
+    assert await coordinator.usage("d", count_of(500, asked)) == Usage(500)
+    await coordinator.deleted("d", 50)
+    assert await coordinator.usage("d", count_of(0, asked)) == Usage(450)
+    assert asked == [500]
+
+
 # -- Redis only: what a shared coordinator adds ------------------------------------------------------------------
 
 
@@ -336,13 +382,15 @@ async def test_an_unreachable_coordinator_is_unavailable_naming_it_and_recovers(
         calls = (
             lambda: coordinator.publish("d", "put", entry("b")), lambda: coordinator.last("d"),
             lambda: coordinator.since("d", before), lambda: wait_once(coordinator, "d", before, 5),
-            lambda: coordinator.claim("d", "p").__aenter__(),
+            lambda: coordinator.claim("d", "p").__aenter__(), lambda: coordinator.usage("d", count_of(0)),
+            lambda: coordinator.reserve("d", 1, 10, count_of(0)),
         )
         for call in calls:
             with pytest.raises(Unavailable) as down:
                 await asyncio.wait_for(call(), 15)
             message = str(down.value)
             assert f"redis://127.0.0.1:{server.port}/0" in message and PASSWORD not in message
+        await asyncio.wait_for(coordinator.deleted("d", 1), 15)  # the store changed already: only logged
         own_valkey(port=server.port, appendonly=False)  # back, empty
         after = await coordinator.publish("d", "put", entry("c"))
         assert after > before
@@ -368,6 +416,28 @@ async def test_after_the_data_is_lost_sequences_go_on_and_old_resumes_are_refuse
         with pytest.raises(EventsExpired):
             await coordinator.since("d", seen)  # and after one: refused, not answered with the new events
         assert [e.entry.path for e in await coordinator.since("d", again - 1)] == ["b"]
+
+
+@pytest.mark.integration
+async def test_a_count_lost_with_the_data_or_past_its_time_is_counted_again_and_earlier_reservations_leave_it_be(
+    valkey: ValkeyServer,
+) -> None:
+    admin = redis.Redis.from_url(valkey.url)
+    admin.flushall()
+    async with redis_coordinator(valkey.url) as coordinator:
+        asked: list[int] = []
+        _, before = await coordinator.reserve("d", 100, 1000, count_of(500, asked))
+        assert before is not None
+        [key] = admin.keys("drived:*:usage")
+        assert 0 < admin.pttl(key) <= USAGE_KEPT * 1000  # its time, from its count (none of its changes extend it)
+        for lose in (admin.flushall, lambda: admin.pexpire(key, 1)):
+            lose()
+            time.sleep(0.01)
+            assert await coordinator.usage("d", count_of(600, asked)) == Usage(600), lose  # not 0
+            await coordinator.unreserve(before, committed=True)  # held in the count before: this one is left be
+            assert await coordinator.usage("d", count_of(0, asked)) == Usage(600), lose
+            await coordinator.deleted("d", 600)
+        assert asked == [500, 600, 600]
 
 
 @pytest.mark.integration

@@ -418,7 +418,7 @@ def test_concurrent_puts_never_pass_the_quota_together(start_daemon, tmp_path):
 
 PAUSED_COMMITS = """
 import asyncio, os
-from drived.backends.local import LocalUpload
+from drived.backends.{backend} import {upload} as Upload
 
 def paused(commit):
     async def commit_once_resumed(self, *args, **kwargs):
@@ -429,7 +429,7 @@ def paused(commit):
         return await commit(self, *args, **kwargs)
     return commit_once_resumed
 
-LocalUpload.commit = paused(LocalUpload.commit)
+Upload.commit = paused(Upload.commit)
 """
 
 
@@ -438,7 +438,8 @@ def test_room_a_failing_commit_would_free_lets_no_other_put_pass_the_quota(start
     another put committing meanwhile was let in on room that came back when that commit failed (here, a checksum
     the bytes do not match), and the drive then held more than its quota."""
     pause = tmp_path / "pause"
-    handle = start_daemon(tmp_path, "--quota", "4M", before=PAUSED_COMMITS.format(name="big.bin", pause=str(pause)))
+    paused = PAUSED_COMMITS.format(backend="local", upload="LocalUpload", name="big.bin", pause=str(pause))
+    handle = start_daemon(tmp_path, "--quota", "4M", before=paused)
     drive = "lit://quota_shrink"
     with grpc.insecure_channel(handle.endpoint) as channel:
         stub = drive_pb2_grpc.DriveServiceStub(channel)
