@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
 import time
 
+from drive_client import Drive
 from drived.backends.folder_cache import FolderCache
 
 
@@ -61,24 +61,68 @@ def test_a_fresh_folder_is_read_each_time(tmp_path):
 
 
 def test_memory_is_bounded_least_recently_read_go_first(tmp_path):
-    cache = FolderCache(max_bytes=4 * (sys.getsizeof("1") + 16))  # four names of one character
     a, b, c = (settled_folder(tmp_path, name, ["1", "2"]) for name in "abc")
+    one = FolderCache()
+    one.read(str(a))
+    cache = FolderCache(max_bytes=2 * one._bytes)  # two such folders
     for folder in (a, b, c):
         cache.read(str(folder))
     assert remembered(cache, c)
     assert remembered(cache, b)
     assert not remembered(cache, a), "the least recently read folder was forgotten"
-    big = settled_folder(tmp_path, "big", ["1", "2", "3", "4", "5"])
+    big = settled_folder(tmp_path, "big", [str(i) for i in range(40)])
     cache.read(str(big))
-    assert not remembered(cache, big), "a folder of more names than the bound is never remembered"
+    assert not remembered(cache, big), "a folder larger than the bound is never remembered"
 
 
-def test_long_names_take_more_of_the_bound(tmp_path):
-    """The bound was 200,000 names whatever their length: some 13 MB of 8-character names, 60 MB of 255."""
-    cache = FolderCache(max_bytes=4 * (sys.getsizeof("1") + 16))
-    short = settled_folder(tmp_path, "short", ["1", "2", "3"])
-    long = settled_folder(tmp_path, "long", ["a" * 100, "b" * 100])
-    cache.read(str(short))
-    cache.read(str(long))
-    assert remembered(cache, short)
-    assert not remembered(cache, long), "two names of 100 characters weigh more than four of one"
+def test_listings_of_no_names_and_long_paths_count_toward_the_bound(tmp_path):
+    """A listing of no names (a file read as a folder, an empty folder) counted nothing, and a long path as much
+    as a short one: remembering any number of them pushed nothing out."""
+    kept = settled_folder(tmp_path, "kept", ["1"])
+    cache = FolderCache(max_bytes=64 << 10)
+    cache.read(str(kept))
+    assert remembered(cache, kept)
+    files = settled_folder(tmp_path, "x" * 200, [f"{i:03d}" + "y" * 200 for i in range(100)])
+    for file in files.iterdir():
+        os.utime(file, ns=(0, 0))  # settled too
+        cache.read(str(file))
+    assert not remembered(cache, kept), "100 listings of files took more than 64 KiB: older ones were forgotten"
+
+
+def test_a_daemon_listing_files_one_by_one_keeps_its_folder_cache_within_its_bound(start_daemon, tmp_path):
+    """A List of a file's path reads that path as a folder: before, each was remembered for nothing, so a client
+    listing a drive's files one by one grew the daemon for as long as it had files to list (with 3.5 KB paths,
+    about 4 KiB each: 25 MiB for 6,000). With the bound lowered to 64 KiB, 200 such listings push out a folder
+    listed before them."""
+    bound = "import drived.backends.folder_cache as cache\ncache.FolderCache.__init__.__defaults__ = (64 << 10,)"
+    handle = start_daemon(tmp_path, before=bound)
+    drive = Drive("lit://listed", endpoint=handle.endpoint, retry_seconds=0)
+    files = tmp_path / "files"
+    for i in range(200):
+        (files / "many").mkdir(parents=True, exist_ok=True)
+        (files / "many" / f"{i:03d}.txt").write_bytes(b"x")
+    (files / "kept").mkdir()
+    (files / "kept" / "a.txt").write_bytes(b"a")
+    drive.put(files / "many", to="many")
+    drive.put(files / "kept", to="kept")
+    time.sleep(1.1)  # their folders' mtimes are settled: the listings are remembered
+    assert drive.list("kept") == ["kept/a.txt"]
+    stored = handle.data_dir / "objects" / "listed" / "default" / "kept"
+    assert remembered_by_daemon(drive, stored), "the daemon answers the folder from its cache"
+    for i in range(200):
+        assert drive.list(f"many/{i:03d}.txt") == [f"many/{i:03d}.txt"]
+    assert not remembered_by_daemon(drive, stored), "200 listings of files pushed the older listing out"
+
+
+def remembered_by_daemon(drive: Drive, folder: pathlib.Path) -> bool:
+    """Whether the daemon lists `folder` (a stored folder of the drive) from memory: a file planted in it with its
+    mtime set back is then missing; the file is removed again, its mtime set back too."""
+    before = folder.stat()
+    planted = folder / "zz-planted"
+    planted.write_bytes(b"")
+    os.utime(folder, ns=(before.st_atime_ns, before.st_mtime_ns))
+    try:
+        return "kept/zz-planted" not in drive.list("kept")
+    finally:
+        planted.unlink()
+        os.utime(folder, ns=(before.st_atime_ns, before.st_mtime_ns))

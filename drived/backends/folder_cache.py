@@ -8,6 +8,11 @@ removed or renamed: the names read are remembered with the folder's inode
 and mtime, and read again when either changes. An mtime less than
 `SETTLED_NS` old is not trusted: a second change within one tick of the
 file system's clock would leave it as it was.
+
+What is remembered is bounded by the memory it takes (`MAX_BYTES`): each
+listing's path and names, and what holding a listing costs besides, so
+that listings of no names (a file's path listed as a folder) and long
+paths count too.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from collections import OrderedDict
 from .base import Listing
 
 SETTLED_NS = 1_000_000_000  # a folder's mtime this old changes with its next change
-# What the listings remembered take at most over all folders (200,000 names of 8 characters take some 13 MB, of
-# 255 some 60 MB); the least recently read go first.
-MAX_BYTES = 24 << 20
+MAX_BYTES = 20 << 20  # what the listings remembered take at most (some 200,000 names); the least recently read
+# go first
+# What a remembered listing takes beside the strings of its path and names (its entry, the Listing), and each name
+# beside its string (its places in the Listing's tuples and set); measured with tracemalloc.
+LISTING_BYTES = 512
+NAME_BYTES = 40
 EMPTY = Listing((), frozenset(), ())
 
 
@@ -57,9 +65,9 @@ class FolderCache:
 
     def __init__(self, max_bytes: int = MAX_BYTES) -> None:
         self._max_bytes = max_bytes
-        # path -> ((inode, mtime), listing, its `_weight`), least recently read first
+        # path -> ((inode, mtime), listing, what remembering it takes), least recently read first
         self._known: OrderedDict[str, tuple[tuple[int, int], Listing, int]] = OrderedDict()
-        self._bytes = 0  # what the listings in self._known weigh
+        self._bytes = 0  # what self._known takes
         self._lock = threading.Lock()  # read from the event loop and from worker threads
 
     def read(self, folder: str) -> Listing:
@@ -76,22 +84,22 @@ class FolderCache:
         if known is not None and known[0] == version:
             return known[1]
         listing = scan(folder)
-        if time.time_ns() - st.st_mtime_ns > SETTLED_NS and (weight := _weight(listing)) <= self._max_bytes:
-            self._remember(folder, version, listing, weight)
+        if time.time_ns() - st.st_mtime_ns > SETTLED_NS:
+            self._remember(folder, version, listing)
         return listing
 
-    def _remember(self, folder: str, version: tuple[int, int], listing: Listing, weight: int) -> None:
+    def _remember(self, folder: str, version: tuple[int, int], listing: Listing) -> None:
+        """Remembers `listing` unless it alone takes more than the bound, forgetting the least recently read ones
+        past it."""
+        size = LISTING_BYTES + sys.getsizeof(folder) + sum(NAME_BYTES + sys.getsizeof(name) for name in listing.names)
+        if size > self._max_bytes:
+            return
         with self._lock:
             old = self._known.pop(folder, None)
             if old is not None:
                 self._bytes -= old[2]
-            self._known[folder] = (version, listing, weight)
-            self._bytes += weight
+            self._known[folder] = (version, listing, size)
+            self._bytes += size
             while self._bytes > self._max_bytes:  # never the one just added: it fits alone
                 _, (_, _, evicted) = self._known.popitem(last=False)
                 self._bytes -= evicted
-
-
-def _weight(listing: Listing) -> int:
-    """About what `listing` takes in memory: its names, and two tuple slots each (its orders by name and by key)."""
-    return sum(map(sys.getsizeof, listing.names)) + 16 * len(listing.names)
