@@ -5,7 +5,11 @@ drives alone: claims are a set of held paths, the change feed is an
 `EventLog`, and wake-ups are asyncio events.
 
 Each drive's usage (`Coordinator.usage`) is counted once, at its first use,
-and kept in memory for as long as the daemon runs.
+and kept in memory: of MAX_COUNTED_DRIVES drives at most, past which the count
+of the drive used least recently, and holding no commit's room, is forgotten
+and counted again at its next use (a client naming ever new drives, with puts
+refused before anything is stored too, would otherwise grow the daemon for as
+long as it went on: some 1 KB a drive).
 
 The EventLog holds the numbered puts and deletes of each managed drive, in
 memory and bounded: the last `retain` events of a drive, at most
@@ -185,10 +189,14 @@ class _LogChanges(Changes):
             self._log.check_open()
 
 
+MAX_COUNTED_DRIVES = 10_000
+
+
 @dataclass
 class _Counted:
     used: int
     reserved: int = 0
+    reservations: int = 0  # held now: the count is not forgotten while a commit may end one
 
 
 class InProcessCoordinator(Coordinator):
@@ -200,7 +208,7 @@ class InProcessCoordinator(Coordinator):
         self._held: set[tuple[str, str]] = set()  # (drive, path) of the claims held
         self._held_below: Counter[tuple[str, str]] = Counter()  # (drive, folder): claims held below it
         self._released = asyncio.Event()  # set and replaced by every release
-        self._usage: dict[str, _Counted] = {}
+        self._usage: OrderedDict[str, _Counted] = OrderedDict()  # the least recently used first
 
     def _free(self, drive: str, path: str) -> bool:
         """Whether no claim is held on `path`, on a folder above it, or below it."""
@@ -245,7 +253,19 @@ class InProcessCoordinator(Coordinator):
         if counted is None:
             used = await count()
             counted = self._usage.setdefault(drive, _Counted(used))  # counts at once: the first to end is kept
+        self._usage.move_to_end(drive)
+        self._forget_least_used()
         return counted
+
+    def _forget_least_used(self) -> None:
+        """Forgets the counts of the drives used least recently past MAX_COUNTED_DRIVES, but the last one used and
+        those holding a commit's room."""
+        while len(self._usage) > MAX_COUNTED_DRIVES:
+            older = itertools.islice(self._usage.items(), len(self._usage) - 1)
+            unused = next((drive for drive, counted in older if not counted.reservations), None)
+            if unused is None:
+                return
+            del self._usage[unused]
 
     async def usage(self, drive: str, count: Count) -> Usage:
         counted = await self._counted(drive, count)
@@ -258,11 +278,13 @@ class InProcessCoordinator(Coordinator):
             return found, None
         reservation = Reservation(drive, added)
         counted.reserved += reservation.held
+        counted.reservations += 1
         return found, reservation
 
     async def unreserve(self, reservation: Reservation, committed: bool) -> None:
-        counted = self._usage[reservation.drive]
+        counted = self._usage[reservation.drive]  # not forgotten while it holds a reservation
         counted.reserved -= reservation.held
+        counted.reservations -= 1
         if committed:
             counted.used += reservation.added
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 
@@ -370,6 +371,29 @@ def test_a_drives_first_count_takes_each_files_size_without_reading_it(start_dae
         assert "over.bin" not in listed(stub, drive)
         raw_put(stub, drive, "fits.bin", b"x" * 10)
         assert "fits.bin" in listed(stub, drive)
+
+
+def test_a_lone_daemon_keeps_the_counts_of_a_bounded_number_of_drives(start_daemon, tmp_path):
+    """With --quota, a lone daemon kept the count of every drive a put ever named, refused or stopped before anything
+    was stored too (some 950 bytes each): a client naming ever new drives grew it for as long as it went on. Past
+    the bound (lowered to 10 here), the least recently used count is forgotten, and counted again at its drive's
+    next put: a file planted meanwhile then counts."""
+    handle = start_daemon(tmp_path, "--quota", "1000", before="import drived.events as e; e.MAX_COUNTED_DRIVES = 10")
+    drive = "lit://counted_first"
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, drive, "a.bin", b"a" * 100)
+        folder = handle.data_dir / "objects" / "counted_first" / "default"
+        shutil.copyfile(folder / "a.bin", folder / "planted.bin")  # not counted by this daemon's count
+        message = refused_put(lambda: raw_put(stub, drive, "b.bin", b"b" * 950))
+        assert "holds 100 bytes" in message, message
+        for i in range(20):
+            other = f"lit://named_once_{i}"
+            message = refused_put(lambda other=other: raw_put(stub, other, "huge.bin", b"", size=2000))
+            assert "holds 0 bytes" in message, message
+        message = refused_put(lambda: raw_put(stub, drive, "b.bin", b"b" * 850))
+        assert "holds 200 bytes" in message, f"the first drive's count was kept: {message}"
+        assert listed(stub, drive) == ["a.bin", "planted.bin"], "nothing stored"
 
 
 def test_links_and_pipes_planted_in_a_drive_count_nothing(start_daemon, tmp_path):
