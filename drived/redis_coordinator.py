@@ -46,7 +46,10 @@ scripts touch `drived:epoch` beside a drive's keys):
 - `drived:unpublished`: the keys of those hashes, each scored by when
   (ms of the server's clock) its fields are next looked at: one claim TTL
   after its first field, then every TTL (`unpublished` moves it on as it
-  looks, so each is looked at by one daemon a TTL), until it is empty.
+  looks, so each is looked at by one daemon a TTL), until it is empty: the
+  script that drops a hash's last field drops it from here too, so that
+  drives whose changes were all published do not wait here for a look
+  (one looks at UNPUBLISHED_DRIVES at most).
 
 Each operation is one Lua script (one round trip, atomic): a claim checks
 and takes its key and its folders' in one step; a publish numbers, appends,
@@ -166,18 +169,21 @@ local function feed(key)
 end
 """
 
-# KEYS: epoch, feed, the publish's answer, the drive's unpublished changes. ARGV: events kept, trim batch, channel,
-# ms its answer is kept, the fields k p c s h g m, the change's field among the unpublished, then its value for a
-# settle (nothing is published unless that value is still there; '' otherwise), and the token of the claim the
-# change was made in (its record is dropped only when that claim's; '': whosever). The answer key makes the call
-# idempotent: sent again (redis-py's retry on a new connection, after the first connection broke before its answer
-# came), it answers the first call's sequence and adds nothing. 0 when a settle found its change gone.
+# KEYS: epoch, feed, the publish's answer, the drive's unpublished changes, their index. ARGV: events kept, trim
+# batch, channel, ms its answer is kept, the fields k p c s h g m, the change's field among the unpublished, then its
+# value for a settle (nothing is published unless that value is still there; '' otherwise), and the token of the
+# claim the change was made in (its record is dropped only when that claim's; '': whosever). The answer key makes
+# the call idempotent: sent again (redis-py's retry on a new connection, after the first connection broke before its
+# answer came), it answers the first call's sequence and adds nothing. 0 when a settle found its change gone.
 PUBLISH = FEED_STATE + """
 local done = redis.call('GET', KEYS[3])
 if done then return tonumber(done) end
 local record = redis.call('HGET', KEYS[4], ARGV[12])
 if ARGV[13] ~= '' and record ~= ARGV[13] then return 0 end
-if record and (ARGV[14] == '' or string.sub(record, 1, 16) == ARGV[14]) then redis.call('HDEL', KEYS[4], ARGV[12]) end
+if record and (ARGV[14] == '' or string.sub(record, 1, 16) == ARGV[14]) then
+  redis.call('HDEL', KEYS[4], ARGV[12])
+  if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('ZREM', KEYS[5], KEYS[4]) end
+end
 local now = now_us()
 local epoch = epoch_of(now)
 local state = feed(KEYS[2])
@@ -250,13 +256,15 @@ for i = 4, #KEYS, 2 do hold_below(i, ARGV[1], ttl) end
 return 0
 """
 
-# Drops the unpublished changes ARGV[from..to] (fields) of `hash` that are the claim `token`'s. A value starts with
-# the token (TOKEN_LENGTH: 16 characters), then the kind (the 17th), then the path claimed (from the 18th) to a \0.
+# Drops the unpublished changes ARGV[from..to] (fields) of `hash` that are the claim `token`'s, and `hash` from
+# `index` when none is left. A value starts with the token (TOKEN_LENGTH: 16 characters), then the kind (the 17th),
+# then the path claimed (from the 18th) to a \0.
 DROP = """
-local function drop(hash, token, from, to)
+local function drop(index, hash, token, from, to)
   for i = from, to do
     if string.sub(redis.call('HGET', hash, ARGV[i]) or '', 1, 16) == token then redis.call('HDEL', hash, ARGV[i]) end
   end
+  if redis.call('EXISTS', hash) == 0 then redis.call('ZREM', index, hash) end
 end
 """
 
@@ -283,7 +291,7 @@ while a <= #ARGV do
     k = k + 1
     if held then
       local drops = tonumber(ARGV[a])
-      drop(KEYS[k], token, a + 1, a + drops)
+      drop(KEYS[1], KEYS[k], token, a + 1, a + drops)
       for i = a + 1 + drops, a + nchanges - 1, 2 do redis.call('HSET', KEYS[k], ARGV[i], token .. ARGV[i + 1]) end
       if nchanges > drops + 1 then redis.call('ZADD', KEYS[1], 'NX', now + ttl, KEYS[k]) end
     end
@@ -293,13 +301,13 @@ end
 return kept
 """
 
-# KEYS as ACQUIRE, then the drive's unpublished changes. ARGV: token, channel, number of claim keys, then the fields
-# of the claim's changes to drop.
+# KEYS as ACQUIRE, then the drive's unpublished changes and their index. ARGV: token, channel, number of claim keys,
+# then the fields of the claim's changes to drop.
 RELEASE = DROP + """
 local nkeys = tonumber(ARGV[3])
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 for i = 4, nkeys, 2 do redis.call('ZREM', KEYS[i], ARGV[1]) end
-drop(KEYS[nkeys + 1], ARGV[1], 4, #ARGV)
+drop(KEYS[nkeys + 2], KEYS[nkeys + 1], ARGV[1], 4, #ARGV)
 redis.call('PUBLISH', ARGV[2], 'r')
 return 1
 """
@@ -372,9 +380,10 @@ redis.call('HINCRBY', KEYS[1], 'used', ARGV[3])
 return 1
 """
 
-# KEYS: a drive's unpublished changes. ARGV: a field, and the value it must still have to be dropped.
+# KEYS: a drive's unpublished changes, their index. ARGV: a field, and the value it must still have to be dropped.
 FORGET = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], KEYS[1]) end
 return 1
 """
 
@@ -691,7 +700,7 @@ class RedisCoordinator(Coordinator):
 
     async def _give_back(self, claim: _RedisClaim) -> None:
         """Releases `claim`, and drops the changes it recorded that are left (`_RedisClaim.changing`)."""
-        keys = [*claim.keys, _unpublished_key(claim.drive)]
+        keys = [*claim.keys, _unpublished_key(claim.drive), UNPUBLISHED]
         try:
             await self._run(self._release, keys,
                             [claim.token, self._channel(claim.drive), len(claim.keys), *claim.changing])
@@ -805,8 +814,9 @@ class RedisCoordinator(Coordinator):
         fields = [kind, entry.path, entry.component, entry.size, bytes.fromhex(entry.sha256), entry.generation,
                   entry.mtime_ns, _change_field(entry.component, entry.path), settling, token]
         answer = f"drived:{{{drive}}}:published:{secrets.token_hex(8)}"
-        return int(await self._run(self._publish, [*self._feed_keys(drive), answer, _unpublished_key(drive)],
-                                   [self.events_kept, TRIM_BATCH, self._channel(drive), ANSWER_KEPT_MS, *fields]))
+        keys = [*self._feed_keys(drive), answer, _unpublished_key(drive), UNPUBLISHED]
+        args = [self.events_kept, TRIM_BATCH, self._channel(drive), ANSWER_KEPT_MS, *fields]
+        return int(await self._run(self._publish, keys, args))
 
     async def unpublished(self) -> list[Unpublished]:
         found = await self._run(self._unpublished_due, [UNPUBLISHED],
@@ -827,7 +837,7 @@ class RedisCoordinator(Coordinator):
         elif change.kind == "delete" and stored is None:
             await self._append(drive, "delete", Entry(path=change.path, component=change.component), unpublished.mark)
         else:
-            await self._run(self._forget, [_unpublished_key(drive)],
+            await self._run(self._forget, [_unpublished_key(drive), UNPUBLISHED],
                             [_change_field(change.component, change.path), unpublished.mark])
 
     async def last(self, drive: str) -> int:

@@ -800,6 +800,43 @@ async def test_a_look_for_unpublished_changes_hands_out_a_bounded_number_and_the
         assert not list(redis.Redis.from_url(server.url).scan_iter("drived:*unpublished*"))
 
 
+
+@pytest.mark.integration
+async def test_the_index_of_unpublished_changes_holds_only_the_drives_with_changes_left(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    """A drive whose changes were all published (or whose claim's body ended without raising) stayed in the index
+    until a look found its hash empty, and a look takes UNPUBLISHED_DRIVES: a replica looks every half claim TTL
+    on average, so puts into more than some 20 new drives a second (at the default TTL) grew the index for as long
+    as they went on (25 a second on one replica: 533 drives after 40 s), and a change left by a dead replica was
+    looked at only once the drives before it were."""
+    server = own_valkey()
+    admin = redis.Redis.from_url(server.url)
+    async with redis_coordinator(server.url, claim_ttl=60) as one:  # no look for unpublished changes meanwhile
+        for i in range(150):
+            async with one.claim(f"published{i}", "f") as claim:
+                await claim.confirm([Change("put", "f", "c")])
+                await one.publish(f"published{i}", "put", entry("f"))
+            async with one.claim(f"ended{i}", "folder") as claim:
+                await claim.confirm([Change("delete", "folder/a", "c")])
+            async with one.claim(f"dropped{i}", "folder") as claim:  # a later confirm drops what the first recorded
+                await claim.confirm([Change("delete", "folder/a", "c")])
+                await claim.confirm([])
+                assert admin.zcard("drived:unpublished") == 0, "the claim holds no change to publish"
+                await claim.confirm([Change("delete", "folder/b", "c")])
+    ttl = 0.3
+    async with redis_coordinator(server.url, claim_ttl=ttl) as one:
+        with pytest.raises(RuntimeError):  # a change left unpublished stays in the index until it is settled
+            async with one.claim("left", "f") as claim:
+                await claim.confirm([Change("put", "f", "c")])
+                raise RuntimeError("the body fails after its confirm")
+        assert admin.zrange("drived:unpublished", 0, -1) == [b"drived:{left}:unpublished"]
+        await asyncio.sleep(ttl * 1.5)
+        [left] = await one.unpublished()
+        await one.settle(left, None)  # a put whose file is not stored: not made
+    assert not admin.exists("drived:unpublished")
+
+
 @pytest.mark.integration
 async def test_a_publish_late_past_its_claims_ttl_leaves_the_record_of_the_claim_that_took_the_path_since(
     own_valkey: Callable[..., ValkeyServer],
