@@ -112,8 +112,8 @@ HELP = {
     "quota": "bytes each lit:// drive may hold (K, M, G, T: powers of 1024); a put that would go over is refused "
     "with RESOURCE_EXHAUSTED naming used, asked and quota, and nothing is stored. 0: no quota",
     "max_streams": "transfers (Put, PutFile, Get) and watches served at once, and as many other calls whose "
-    "request is still arriving; more are refused with RESOURCE_EXHAUSTED. With the message limit, bounds the "
-    "daemon's memory (README, Failure behaviour)",
+    "request is still arriving, and as many health Watch calls; more are refused with RESOURCE_EXHAUSTED. With "
+    "the message limit, bounds the daemon's memory (README, Failure behaviour)",
     "max_streams_per_peer": "the same for one client host (its address without the port; behind a proxy, the "
     "proxy); more are refused with RESOURCE_EXHAUSTED",
     "max_connections": "client connections held at once; past it a new one is closed as it is accepted (its client "

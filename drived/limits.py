@@ -87,6 +87,8 @@ class Streams:
         self._per_peer: Counter[str] = Counter()
         self._arriving: set[Stream] = set()  # requests of calls that are no stream, still arriving
         self._arriving_per_peer: Counter[str] = Counter()
+        self._answering: set[Stream] = set()  # calls of other services answering for as long as their client stays
+        self._answering_per_peer: Counter[str] = Counter()
         self._none_open = asyncio.Event()
         self._none_open.set()
         self._ticking: asyncio.Task[None] | None = None
@@ -122,6 +124,19 @@ class Streams:
         stream = Stream(method, peer_host(peer), task, idle_limited=False)
         with self._admitted(stream, self._arriving, self._arriving_per_peer, "requests arriving"):
             yield stream
+
+    @contextmanager
+    def answering(self, method: str, peer: str) -> Iterator[None]:
+        """Admits a call of another service that answers for as long as its client stays (health's Watch) from
+        `peer`, for the body of a `with`; TooManyStreams when full.
+
+        Any client may open such calls, with no token: they take as many
+        places as streams, but places of their own, which the drain does not
+        wait for (the call ends once the transfers have).
+        """
+        stream = Stream(method, peer_host(peer), asyncio.current_task(), idle_limited=False)
+        with self._admitted(stream, self._answering, self._answering_per_peer, f"{method} calls open"):
+            yield
 
     @contextmanager
     def _admitted(self, stream: Stream, admitted: set[Stream], per_peer: Counter[str], what: str) -> Iterator[None]:

@@ -353,7 +353,13 @@ def _reading_arrived(handler: grpc.RpcMethodHandler, streams: Streams, method: s
         request = await arrived(context)
         if request is grpc.aio.EOF:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended before its request message")
-        return await answer(request, context)
+        if not handler.response_streaming:
+            return await answer(request, context)
+        try:  # a stream of answers (health's Watch) lasts as long as its client stays
+            with streams.answering(method, context.peer()):
+                return await answer(request, context)
+        except TooManyStreams as err:
+            await _fail(context, RequestLog(method), err)
 
     return reading_its_request(handler, unary)
 

@@ -16,6 +16,7 @@ from conftest import (
     MIB,
     Background,
     StalledPuts,
+    health_status,
     no_uploads,
     open_fds,
     put_messages,
@@ -26,6 +27,7 @@ from conftest import (
     snapshot,
     wait_until,
 )
+from grpc_health.v1 import health_pb2
 
 from drive_client import Drive
 from drive_client.errors import ResourceExhausted, TooManyStreams
@@ -605,3 +607,36 @@ def test_a_page_whose_files_all_went_away_while_it_was_read_goes_on_to_the_next(
         assert [e.path for e in answer.entries] == ["gone/c"] and answer.next_page_token == ""
         assert listed(stub, drive, "gone") == ["gone/c"]
         assert raw_get(stub, drive, "gone/c")[0][1] == b"c"
+
+
+def test_health_watches_are_bounded_as_streams_are(start_daemon, tmp_path):
+    """Any client, with no token, could open Health/Watch calls without end: they took no place, and the idle check
+    never ends one (it answers for as long as its client stays). 3,374 of them took a daemon with --token and
+    --max-streams 64 from 64 to 138 MiB."""
+    handle = start_daemon(tmp_path, "--token", "s3cret", "--max-streams", "4", "--max-streams-per-peer", "4")
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                     request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                     response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        watches = [watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(4)]
+        assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 4
+        refused = watch(health_pb2.HealthCheckRequest(), timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            next(refused)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        assert err.value.details().startswith("drived: busy: ") and "Watch calls open" in err.value.details()
+        assert health_status(handle.endpoint) == health_pb2.HealthCheckResponse.SERVING  # Check takes no place
+        watches[0].cancel()
+        again: list = []  # refused until the daemon has seen the cancel
+
+        def watched_again() -> bool:
+            again.append(watch(health_pb2.HealthCheckRequest(), timeout=30))
+            try:
+                return next(again[-1]).status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError as refusal:
+                assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.details()
+                return False
+
+        assert wait_until(watched_again, 10)
+        for w in [*watches[1:], *again]:
+            w.cancel()
