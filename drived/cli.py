@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -72,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config.parse(args, parser)
     logs.setup(cfg.log_level)
     keep_transfer_buffers()
+    # SIGHUP reads the token and TLS files again once the daemon serves (`server.serve`); until then its default
+    # would end the daemon, which may take seconds to start (a store that does not answer: 10 s).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     asyncio.run(server.serve(cfg))
     return 0
 

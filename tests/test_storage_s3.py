@@ -41,6 +41,7 @@ from conftest import (
     rpc_code,
     rss_mib,
     start_daemon,
+    wait_serving,
     wait_until,
     write_random_file,
 )
@@ -976,6 +977,25 @@ def test_a_store_that_does_not_answer_at_start_up_is_served_saying_so_and_used_o
         stub = stub_of(handle)
         raw_put(stub, drive_uri, "p.txt", b"p", component="w")
         assert raw_get(stub, drive_uri, "p.txt")[0][1] == b"p"
+    finally:
+        store.close()
+
+
+def test_a_sighup_while_the_daemon_starts_does_not_end_it(tmp_path: Path):
+    """SIGHUP (read the token and TLS files again) ended a daemon that did not serve yet: its handler comes with
+    serving, and a start may take seconds (here a store that does not answer: 10 s)."""
+    store = Store(tmp_path)
+    try:
+        store.moto.proc.send_signal(signal.SIGSTOP)
+        try:
+            handle = start_daemon(tmp_path, "--storage", STORAGE, env=store.env(), wait=False)
+            store.daemons.append(handle)
+            assert wait_until(lambda: '"file descriptors"' in handle.log(), 20), handle.log()  # started, not serving
+            handle.proc.send_signal(signal.SIGHUP)
+            wait_serving(handle)
+            assert handle.proc.poll() is None
+        finally:
+            store.moto.proc.send_signal(signal.SIGCONT)
     finally:
         store.close()
 
