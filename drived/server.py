@@ -195,8 +195,9 @@ async def serve(config: Config) -> None:
     add_handlers(server, health_service.full_name, reading_as_drive_service(
         health_service, method_handlers(health_pb2_grpc.add_HealthServicer_to_server, health_servicer), streams))
     if config.reflection:
-        servicer = reflection.aio.ReflectionServicer([SERVICE_NAME, health_service.full_name, reflection.SERVICE_NAME])
         reflection_service = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+        servicer = reflection.aio.ReflectionServicer(
+            [SERVICE_NAME, health_service.full_name, reflection_service.full_name])
         add_handlers(server, reflection_service.full_name, reading_as_drive_service(
             reflection_service, method_handlers(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, servicer),
             streams))

@@ -455,7 +455,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
                 try:
                     request = None
                     if one_request:
-                        place = partial(service.streams.arriving, method, context.peer(), asyncio.current_task())
+                        place = partial(service.streams.arriving, method, context.peer(), call)
                         request = await _request(context, record, stream, place)
                     if method in HELD_ANSWERS:
                         held = record.answer = await service.answers.take(context.peer())
