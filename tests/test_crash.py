@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -214,6 +215,33 @@ def test_a_start_after_a_clean_stop_spares_the_walk_for_empty_folders(start_daem
     assert "removed empty folders left by a daemon stopped mid-put or mid-delete" in third.log()
     assert third.stop() == 0, third.log()[-3000:]
     assert (first.data_dir / "clean-stop").exists()
+
+
+def test_a_clean_stop_mark_is_not_trusted_after_a_daemon_that_ignores_it(start_daemon, tmp_path):
+    """A daemon of a version before the clean-stop mark neither takes nor leaves it: run and killed mid-put after a
+    clean stop, it left an empty folder and the mark, and the next start trusted the mark and walked nothing (the
+    folder then refused a put of its path for good). The mark names tmp/ as the stop left it, and every start
+    makes tmp/ anew."""
+    first = start_daemon(tmp_path)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint))
+    raw_put(stub, DRIVE, "keep/f.txt", b"kept")
+    assert first.stop() == 0, first.log()[-3000:]
+    mark = first.data_dir / "clean-stop"
+    assert mark.exists()
+    # What such a daemon does to the data dir: it empties tmp/ at its start, as every version has, and a SIGKILL
+    # between a put's making of its folder and its rename leaves the folder empty.
+    shutil.rmtree(first.data_dir / "tmp")
+    (first.data_dir / "tmp").mkdir()
+    left = next((first.data_dir / "objects" / DRIVE.removeprefix("lit://")).iterdir()) / "killed"
+    left.mkdir()
+
+    second = start_daemon(tmp_path, data_dir=first.data_dir)
+    assert not mark.exists()
+    assert wait_until(lambda: not left.exists(), timeout=30), "the walk for empty folders runs"
+    assert "removed empty folders left by a daemon stopped mid-put or mid-delete" in second.log()
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(second.endpoint))
+    assert raw_get(stub, DRIVE, "keep/f.txt")[0][1] == b"kept"
+    assert second.stop() == 0, second.log()[-3000:]
 
 
 @pytest.mark.parametrize("change", ["put", "resumable put", "delete"])

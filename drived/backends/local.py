@@ -105,20 +105,34 @@ def lock_data_dir(data_dir: str) -> int:
     return fd
 
 
-def _taken(marker: str) -> bool:
-    """Whether `marker` was there; it is removed, durably: a daemon killed from now on leaves no mark."""
+def _taken(marker: str, tmp_dir: str) -> bool:
+    """Whether `marker` was there and names `tmp_dir` as it is; the mark is removed, durably: a daemon killed from
+    now on leaves no mark."""
     try:
-        os.unlink(marker)
+        with open(marker, "rb") as file:
+            named = file.read()
     except FileNotFoundError:
         return False
+    os.unlink(marker)
     fsync_folder(os.path.dirname(marker))
-    return True
+    try:
+        return named == _identity(tmp_dir).encode()
+    except FileNotFoundError:
+        return False
 
 
-def _mark(marker: str) -> None:
-    """Makes `marker`, durably."""
-    os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+def _mark(marker: str, tmp_dir: str) -> None:
+    """Makes `marker`, durably, naming `tmp_dir` as the stop leaves it."""
+    with open(marker, "w") as file:
+        file.write(_identity(tmp_dir))
     fsync_folder(os.path.dirname(marker))
+
+
+def _identity(tmp_dir: str) -> str:
+    """What tells `tmp_dir` from the one every start makes anew: a daemon of a version that neither takes nor
+    leaves the clean-stop mark, run and killed after a clean stop, leaves a mark that no longer names tmp/."""
+    info = os.stat(tmp_dir)
+    return f"{info.st_ino} {info.st_ctime_ns}\n"
 
 
 def _read_cached(fd: int, size: int, offset: int) -> memoryview | None:
@@ -512,9 +526,9 @@ class LocalBackend(Backend):
         try:
             os.makedirs(self.root, exist_ok=True)
             self._lock = lock_data_dir(data_dir)  # before tmp/ is emptied: it may be another's
+            self._stopped_cleanly = _taken(self._clean_stop, self.tmp_dir)
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             os.makedirs(self.tmp_dir, exist_ok=True)
-            self._stopped_cleanly = _taken(self._clean_stop)
         except OSError as err:  # a file there, a missing mount, no permission: the start ends, saying why
             raise SystemExit(f"drived: --data-dir {data_dir}: cannot make its folders: {err.strerror}: "
                              f"{err.filename}") from None
@@ -550,7 +564,7 @@ class LocalBackend(Backend):
         await self.committer.close()
         if swept:  # no put or delete runs any more, and none left an empty folder
             with contextlib.suppress(OSError):  # not marked: the next start walks the folders
-                _mark(self._clean_stop)
+                _mark(self._clean_stop, self.tmp_dir)
         os.close(self._lock)
 
     def _path(self, key: str) -> str:
