@@ -250,10 +250,22 @@ async def _request(context: grpc.aio.ServicerContext, record: RequestLog, stream
     """The call's one request message (`_arrived`), refused when it does not decode."""
     message = await _arrived(context, stream, place)
     if message is grpc.aio.EOF:
-        raise InvalidArgument("the call ended before its request message")
+        raise await _without_request()
     _check_decoded(message)
     _describe(record, message)
     return message
+
+
+# gRPC ends the read of a call its client cancelled as if the request had ended, and cancels the call only a moment
+# later (~1 ms here): a call whose request ended before its message waits this long for that.
+CANCELLATION_LAG = 0.05
+
+
+async def _without_request() -> InvalidArgument:
+    """The refusal of a call whose request ended before its message; the call is cancelled meanwhile instead
+    (and logged CANCELLED) when its client cancelled it."""
+    await asyncio.sleep(CANCELLATION_LAG)
+    return InvalidArgument("the call ended before its request message")
 
 
 async def _arrived(context: grpc.aio.ServicerContext, stream: Stream | None,
@@ -352,7 +364,7 @@ def _reading_arrived(handler: grpc.RpcMethodHandler, streams: Streams, method: s
     async def unary(_: object, context: grpc.aio.ServicerContext) -> object:
         request = await arrived(context)
         if request is grpc.aio.EOF:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended before its request message")
+            await _fail(context, RequestLog(method), await _without_request())
         if not handler.response_streaming:
             return await answer(request, context)
         try:  # a stream of answers (health's Watch) lasts as long as its client stays

@@ -15,7 +15,7 @@ import struct
 import threading
 
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
-END_HEADERS, ACK = 4, 1
+END_STREAM, END_HEADERS, ACK = 1, 4, 1
 INITIAL_WINDOW_SIZE = 4  # the SETTINGS parameter
 MAX_FRAME = 16384
 
@@ -108,7 +108,7 @@ class PartialRequests:
         if self._token:
             headers += _header("authorization", f"Bearer {self._token}")
         self._send(_frame(HEADERS, END_HEADERS, stream, headers))
-        pending = b"\x00" + struct.pack(">I", announced) + b"x" * (sent - 5)
+        pending = (b"\x00" + struct.pack(">I", announced) + b"x" * (sent - 5))[:sent]
         while pending:
             with self._windows:
                 granted = self._windows.wait_for(
@@ -125,6 +125,10 @@ class PartialRequests:
             self._send(_frame(DATA, 0, stream, pending[:size]))
             pending = pending[size:]
         return stream
+
+    def end(self, stream: int) -> None:
+        """Ends the request of the call on `stream` (END_STREAM), whatever of its message it sent."""
+        self._send(_frame(DATA, END_STREAM, stream, b""))
 
     def reset(self, stream: int) -> None:
         """Cancels the call on `stream` (RST_STREAM CANCEL), as a client that gives up does."""

@@ -183,8 +183,8 @@ def test_requests_that_arrive_in_part_hold_memory_only_while_admitted(start_daem
 
 def test_a_call_cancelled_while_its_request_arrives_gives_its_place_back(start_daemon, tmp_path):
     """A client that gives up on calls whose request has not all come, in ARRIVAL_GRACE or in a place, gets its
-    places back. (Such a call is logged INVALID_ARGUMENT: gRPC ends its read as if the request never came, and
-    tells the call it was cancelled only later.)"""
+    places back, and each is logged CANCELLED (gRPC ends its read as if the request had ended without its message,
+    and cancels the call only a moment later: they were logged INVALID_ARGUMENT)."""
     handle = start_daemon(tmp_path, "--max-streams", "8", "--max-streams-per-peer", str(ARRIVING))
     attacker = PartialRequests(int(handle.endpoint.rpartition(":")[2]))
     try:
@@ -200,9 +200,27 @@ def test_a_call_cancelled_while_its_request_arrives_gives_its_place_back(start_d
                     if line.get("event") == "request" and line.get("method") == "Stat"]
 
         assert wait_until(lambda: len(logged()) == 1 + ARRIVING, 10), logged()
+        assert set(logged()) == {"CANCELLED"}
         again = [attacker.call("/drive.v1.DriveService/Stat", 4_000_000, IN_PART) for _ in range(ARRIVING)]
         time.sleep(ARRIVAL_GRACE + 0.5)
         assert not attacker.ended & set(again), "the places of the cancelled calls were kept"
+    finally:
+        attacker.close()
+
+
+def test_a_call_whose_request_ends_without_its_message_is_refused(start_daemon, tmp_path):
+    """The counterpart of the cancelled calls above: a request that ends before its message is refused
+    INVALID_ARGUMENT, and so logged."""
+    handle = start_daemon(tmp_path)
+    attacker = PartialRequests(int(handle.endpoint.rpartition(":")[2]))
+    try:
+        for method in ("/drive.v1.DriveService/Stat", "/grpc.health.v1.Health/Check"):
+            stream = attacker.call(method, 0, 0)
+            attacker.end(stream)
+            assert wait_until(lambda: stream in attacker.ended, 10), method  # noqa: B023 (used at once)
+        statuses = [line["status"] for line in map(json.loads, handle.log().splitlines())
+                    if line.get("event") == "request" and line.get("method") == "Stat"]
+        assert statuses == ["INVALID_ARGUMENT"]
     finally:
         attacker.close()
 
