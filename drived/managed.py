@@ -36,7 +36,7 @@ from drive_client.errors import (
 )
 from drive_client.uri import DriveId
 
-from .backends.base import Backend, Damaged, ObjectInfo, StoredFileError, Upload
+from .backends.base import Backend, Damaged, NotDurable, ObjectInfo, StoredFileError, Upload
 from .checksums import ClientChecksums
 from .config import ANSWER_ENTRIES_BYTES, answer_entry_bytes
 from .coordinator import Change, Claim, Coordinator, Event, Unpublished, version_of
@@ -282,6 +282,7 @@ class ManagedDrives:
 
     async def _commit_put(self, put: ManagedPut, sent: ClientChecksums, received: int) -> Entry:
         header, drive = put.header, put.header.drive.name
+        unsynced: Exception | None = None
         async with self.coordinator.claim(drive, header.path) as claim:
             try:
                 if not header.allow_duplicates:
@@ -291,12 +292,18 @@ class ManagedDrives:
                 async with self._holding(drive, added):
                     with _named(drive, header.component, header.path):
                         changing = [Change("put", header.path, header.component, version_of(sent.sha256, sent.crc32c))]
-                        info = await put.upload.commit(sent, header.size, functools.partial(claim.confirm, changing))
+                        confirm = functools.partial(claim.confirm, changing)
+                        try:
+                            info = await put.upload.commit(sent, header.size, confirm)
+                        except NotDurable as visible:  # counted and reported as the others see it, then answered
+                            info, unsynced = visible.info, visible.error
             except (AlreadyExists, ResourceExhausted, Unavailable):  # nothing is stored: the upload goes now
                 await put.abort()
                 raise
             entry = _entry(header.path, header.component, info)
             await self.coordinator.publish(drive, "put", entry, claim)
+        if unsynced:
+            raise unsynced
         return entry
 
     def _holding(self, drive: str, added: int) -> AbstractAsyncContextManager[None]:

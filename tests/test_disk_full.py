@@ -181,3 +181,51 @@ def test_a_local_disk_full_before_a_get_writes_is_resource_exhausted_and_leaves_
         with pytest.raises(ResourceExhausted, match=f"the local disk is full: '{target}' could not be written"):
             drive.get("a.txt", overwrite=step == "temporary file", to=target)
         assert snapshot(small) == before, "no .part file is left, and a local file is as it was"
+
+
+# Run first in the daemon's process and in its commit worker's (both import sitecustomize): the fsync of a drive's
+# folder fails with EIO while the file FAILING exists, as a failing disk's does.
+FAILING_FOLDER_FSYNC = """
+import errno, os
+from drived.backends import stored
+
+fsync_folder = stored.fsync_folder
+
+def failing(folder):
+    if os.path.exists({failing!r}) and "/objects/" in folder:
+        raise OSError(errno.EIO, "Input/output error")
+    fsync_folder(folder)
+
+stored.fsync_folder = failing
+"""
+
+
+@pytest.mark.parametrize("size", [4096, 3 * MIB], ids=["small", "big"])
+def test_a_put_whose_folder_fsync_fails_after_its_rename_is_reported_and_counted(start_daemon, tmp_path, size):
+    """A disk that fails the fsync of a folder after a put's rename (EIO): the file is visible to every reader,
+    but the put failed before it was reported and counted: no watch saw it, and the quota did not count it, so
+    the drive could pass its quota by it. It is reported and counted as it is seen, and the put still fails,
+    saying why in the daemon log."""
+    from test_watch import collect
+
+    failing = tmp_path / "failing"
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAILING_FOLDER_FSYNC.format(failing=str(failing)))
+    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH", "")]))
+    handle = start_daemon(tmp_path, "--quota", str(size + size // 2), env={"PYTHONPATH": path})
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
+    events, watcher, _ = collect(stub, DRIVE, 1)
+    data = os.urandom(size)
+
+    failing.touch()
+    with pytest.raises(grpc.RpcError) as failed:
+        raw_put(stub, DRIVE, "f.bin", data)
+    failing.unlink()
+    assert failed.value.code() == grpc.StatusCode.INTERNAL, failed.value.details()
+    assert raw_get(stub, DRIVE, "f.bin")[0][1] == data, "visible, as the rename made it"
+    watcher.join(10)
+    assert [event[:2] for event in events[1:]] == [("KIND_PUT", "f.bin")]
+    refused_for_space(lambda: raw_put(stub, DRIVE, "g.bin", data))  # the quota counts the first
+    assert [entry.path for entry in stub.List(pb.ListRequest(drive=DRIVE, path=".")).entries] == ["f.bin"]
+    assert "may not survive a power cut" in handle.log()

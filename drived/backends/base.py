@@ -56,6 +56,17 @@ class ObjectInfo:
     crc32c: int | None = None  # of the content; None where the store does not know it (yet)
 
 
+class NotDurable(Exception):
+    """A commit whose file became visible, but an fsync of whose folders failed after (EIO): the file is there
+    (`info`) and may not survive a power cut. Not a DriveError: its caller reports the file as committed (its
+    event, the quota's count), then answers `error`."""
+
+    def __init__(self, info: ObjectInfo, error: Exception) -> None:
+        super().__init__(str(error))
+        self.info = info
+        self.error = error
+
+
 def position_after(
     names: Sequence[str], prefix: str, start_after: str, key: Callable[[str], str] | None = None
 ) -> int:

@@ -50,8 +50,9 @@ PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent e
 
 # A small commit: the temporary file to write, the object's path, its bytes, and the checksums the client sent.
 Job = tuple[str, str, bytes, ClientChecksums]
-# What became of it: ("ok", generation, folder, sha256, CRC32C), ("mismatch", how the checksums
-# differ) with nothing stored, or ("error", errno, message).
+# What became of it: ("ok", generation, folders, sha256, CRC32C), ("mismatch", how the checksums
+# differ) with nothing stored, ("error", errno, message), or ("unsynced", what "ok" says, errno, message)
+# when the fsync of one of its folders failed after its rename (the file is visible).
 Outcome = tuple[Any, ...]
 T = TypeVar("T")
 R = TypeVar("R")
@@ -117,12 +118,13 @@ def commit_batch(jobs: list[Job], pool: ThreadPoolExecutor) -> list[Outcome]:
     outcomes = list(_each(pool, _verify_and_commit, jobs))
     folders = list({folder for outcome in outcomes if outcome[0] == "ok" for folder in outcome[2]})
     folder_errors = dict(zip(folders, _each(pool, _fsync_folder, folders), strict=True))
-    return [_first_error(outcome, folder_errors) if outcome[0] == "ok" else outcome for outcome in outcomes]
+    return [_synced(outcome, folder_errors) if outcome[0] == "ok" else outcome for outcome in outcomes]
 
 
-def _first_error(outcome: Outcome, folder_errors: dict[str, Outcome | None]) -> Outcome:
-    """A committed job's outcome: the failed fsync of one of its folders, if any."""
-    return next((error for error in map(folder_errors.get, outcome[2]) if error), outcome)
+def _synced(outcome: Outcome, folder_errors: dict[str, Outcome | None]) -> Outcome:
+    """A committed job's outcome, "unsynced" with the error of the first of its folders whose fsync failed."""
+    error = next((error for error in map(folder_errors.get, outcome[2]) if error), None)
+    return outcome if error is None else ("unsynced", *outcome[1:], *error[1:])
 
 
 async def _visible_at_once() -> None:

@@ -40,6 +40,7 @@ from .base import (
     EndsBefore,
     Listing,
     Missing,
+    NotDurable,
     ObjectInfo,
     Upload,
     check_received,
@@ -421,15 +422,20 @@ class LocalUpload(Upload):
         self._close_fd()
         return generation
 
-    def _place_big(self) -> None:
-        """Runs in a worker thread: renames the file `_write_big` made durable into place."""
+    def _place_big(self) -> OSError | None:
+        """Runs in a worker thread: renames the file `_write_big` made durable into place and fsyncs the folders
+        naming it; the error of an fsync that failed, once the file is visible."""
         try:
             folders = place(self._tmp_path, self._path)
-            self._tmp_path = ""  # renamed away: nothing left to discard
+        except OSError as err:
+            raise _commit_error(err, self._key) from err
+        self._tmp_path = ""  # renamed away: nothing left to discard
+        try:
             for folder in folders:
                 fsync_folder(folder)
         except OSError as err:
-            raise _commit_error(err, self._key) from err
+            return err
+        return None
 
     async def _commit_small(
         self, data: bytes, sent: ClientChecksums, size: int | None, before_visible: BeforeVisible | None
@@ -452,8 +458,16 @@ class LocalUpload(Upload):
                 raise Unavailable(message)
             raise _commit_error(OSError(error_number, message), self._key)
         self._tmp_path = ""  # renamed away: nothing left to discard
-        _, generation, _, sha256, crc32c = outcome
-        return ObjectInfo(self._key, self._size, sha256, generation, crc32c)
+        _, generation, _, sha256, crc32c = outcome[:5]
+        info = ObjectInfo(self._key, self._size, sha256, generation, crc32c)
+        if outcome[0] == "unsynced":
+            raise self._not_durable(info, OSError(*outcome[5:]))
+        return info
+
+    def _not_durable(self, info: ObjectInfo, err: OSError) -> NotDurable:
+        log.error("a committed file's folder could not be made durable: it is visible, and may not survive a "
+                  "power cut", extra={"fields": {"key": self._key, "error": str(err)}})
+        return NotDurable(info, _commit_error(err, self._key))
 
     async def _in_thread(self, work: Callable[..., T], *args: Any) -> T:
         """`work(*args)` in a worker thread; shielded: a cancelled put still lets it finish before abort() cleans
@@ -475,9 +489,12 @@ class LocalUpload(Upload):
             generation = await self._in_thread(self._write_big, chunks, sent, size)
             if before_visible is not None:  # on the event loop, between the worker threads' steps
                 await before_visible()
-            await self._in_thread(self._place_big)
+            unsynced = await self._in_thread(self._place_big)
             sums = self._checksums
-            return ObjectInfo(self._key, sums.size, sums.sha256, generation, sums.crc32c)
+            info = ObjectInfo(self._key, sums.size, sums.sha256, generation, sums.crc32c)
+            if unsynced:
+                raise self._not_durable(info, unsynced)
+            return info
         finally:
             await self.abort()
 
