@@ -3,26 +3,34 @@
     drive ls lit://drive_1[/folder]        drive put LOCAL lit://drive_1[/path]
     drive get lit://drive_1/path [LOCAL]   drive rm lit://drive_1/path
     drive stat lit://drive_1/path          drive mount s3://bucket/prefix/
+
+A LOCAL of `-` is stdin (put) or stdout (get), as for cat and `aws s3 cp`; `./-` is a local file of that name.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from .channels import add_tls_arguments
 from .common import VERIFY, FileStat
 from .drive import Drive
-from .errors import DriveError, InvalidArgument
+from .errors import DataLoss, DriveError, InvalidArgument, IsADirectory, LocalFileError
+from .files import write_all
 from .malloc import keep_transfer_buffers
 from .progress import ProgressBar
-from .transfer import local_files
+from .transfer import CHUNK_SIZE, local_files
 from .uri import normalize_path
+
+STDIO = "-"  # a LOCAL of put (stdin) or get (stdout)
 
 
 class UsageError(InvalidArgument):
@@ -81,21 +89,23 @@ def run(args: argparse.Namespace) -> Any:
         return [_stat_fields(e) for e in entries]
     if args.command == "put":
         drive_uri, path = split_uri(args.location, folder=False)
-        local = Path(args.local)
+        if args.local != STDIO:
+            local = Path(args.local)
+            if not path or path.endswith("/"):
+                path += local.resolve().name
+            return _put(args, drive_uri, local, path)
         if not path or path.endswith("/"):
-            path += local.resolve().name
-        bar = _progress(args, f"put {args.local}", _local_size(local, path))
-        try:
-            stored = _drive(drive_uri, args).put(local, to=path, progress=bar)
-        finally:
-            if bar:
-                bar.close()
-        if not args.json:
-            print(f"put {len(stored)} file(s), {sum(f.size for f in stored)} bytes, into {drive_uri}")
-        return [_stat_fields(f) for f in stored]
+            raise InvalidArgument(f"stdin has no name: give the drive path to store it at, e.g. {drive_uri}/{path}"
+                                  "x.tar (nothing was read)")
+        normalize_path(path)  # refused before stdin is read
+        with _stdin_spooled(_progress(args, "read stdin", 0)) as spool:
+            return _put(args, drive_uri, spool, path)
     if args.command == "get":
         drive_uri, path = split_uri(args.location, folder=False)
         remote = normalize_path(path)
+        if args.local == STDIO:
+            _get_to_stdout(args, _drive(drive_uri, args), remote)
+            return None
         target = Path(args.local) if args.local else Path(remote.rsplit("/", 1)[-1])
         if target.is_dir() and args.local:  # into an existing folder, as cp does: --overwrite replaces what is in it
             target = target / remote.rsplit("/", 1)[-1]
@@ -124,6 +134,96 @@ def run(args: argparse.Namespace) -> Any:
     if not args.json:
         print(f"indexed {result.objects} objects in {result.seconds:.2f} s")
     return result._asdict()
+
+
+def _put(args: argparse.Namespace, drive_uri: str, local: Path, path: str) -> Any:
+    bar = _progress(args, f"put {args.local}", _local_size(local, path))
+    try:
+        stored = _drive(drive_uri, args).put(local, to=path, progress=bar)
+    finally:
+        if bar:
+            bar.close()
+    if not args.json:
+        print(f"put {len(stored)} file(s), {sum(f.size for f in stored)} bytes, into {drive_uri}")
+    return [_stat_fields(f) for f in stored]
+
+
+@contextlib.contextmanager
+def _stdin_spooled(bar: ProgressBar | None) -> Iterator[Path]:
+    """A temporary file of the system's temp dir ($TMPDIR) holding all of stdin, removed after.
+
+    A put of stdin starts once stdin ends: a put announces its file's size, and after a cut connection it reads
+    again the bytes the daemon did not get, which a pipe no longer holds. A chunk at a time goes through memory.
+    """
+    stdin = _descriptor(sys.__stdin__, "stdin")
+    fd, name = tempfile.mkstemp(prefix="drive-put-stdin-")
+    try:
+        try:
+            while chunk := _read(stdin):
+                try:
+                    write_all(fd, chunk)
+                except OSError as err:
+                    raise LocalFileError(f"stdin could not be written to {name!r}: {err.strerror or err} (nothing was "
+                                         "stored): set TMPDIR to a folder with room for all of it") from err
+                if bar:
+                    bar(len(chunk))
+        finally:
+            os.close(fd)
+            if bar:
+                bar.close()
+        yield Path(name)
+    finally:
+        os.unlink(name)
+
+
+def _descriptor(stream: TextIO | None, name: str) -> int:
+    """The file descriptor of stdin or stdout, read and written as it is, without Python's buffers. Python leaves
+    `stream` None when it started with the descriptor closed: the descriptor's number may be a file or a connection
+    this process opened since."""
+    if stream is None:
+        raise LocalFileError(f"{name} is closed: give `-` an open {name}, or a local path instead (nothing was "
+                             "read or stored)")
+    return stream.fileno()
+
+
+def _read(stdin: int) -> bytes:
+    try:
+        return os.read(stdin, CHUNK_SIZE)
+    except OSError as err:
+        raise LocalFileError(f"stdin could not be read: {err.strerror or err} (nothing was stored)") from err
+
+
+def _get_to_stdout(args: argparse.Namespace, drive: Drive, remote: str) -> None:
+    """Writes a drive file's bytes to stdout as they come; a failure after some were written says how many.
+
+    The file is the version its stat found (`if_match`), whatever puts replace it while it streams; its bytes
+    are checked with CRC32C as they come, and with `--verify sha256` its sha256 at the end.
+    """
+    stdout = _descriptor(sys.__stdout__, "stdout")
+    found = drive.stat(remote, args.only)
+    if found.folder:
+        raise IsADirectory(f"{args.location} is a folder: `-` writes one file's bytes to stdout; get a folder to a "
+                           "local path")
+    digest = hashlib.sha256() if args.verify == "sha256" and found.sha256 else None
+    bar = _progress(args, f"get {args.location}", found.size)
+    written = 0
+    try:
+        for chunk in drive.read_range(remote, 0, None, found.component or None, found.sha256 or found.etag):
+            write_all(stdout, chunk)
+            written += len(chunk)
+            if digest:
+                digest.update(chunk)
+            if bar:
+                bar(len(chunk))
+        if digest and digest.hexdigest() != found.sha256:
+            raise DataLoss(f"{args.location}: the bytes received do not match the stored sha256")
+    except DriveError as err:
+        if written:
+            err.message += f" ({written} bytes of it went to stdout before this error: discard them)"
+        raise
+    finally:
+        if bar:
+            bar.close()
 
 
 def _local_size(local: Path, remote: str) -> int:
@@ -191,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parser().parse_args(argv)
+        if args.command == "get" and args.local == STDIO:
+            _check_get_to_stdout(args)
     except UsageError as err:  # 2, as argparse and POSIX tools exit on a command line they cannot read
         return _failed(err, _asks_json(argv), 2)
     keep_transfer_buffers()
@@ -207,6 +309,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("drive: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _check_get_to_stdout(args: argparse.Namespace) -> None:
+    """Refuses the options `drive get ... -` cannot keep, before any call."""
+    if args.json:
+        raise UsageError("--json prints to stdout, where `drive get ... -` writes the file's bytes: leave it out "
+                         "(errors go to stderr either way)")
+    if args.timeout is not None:
+        raise UsageError("--timeout waits in a get to a local path, not to stdout (`-`): get to a file, then read it")
 
 
 def _asks_json(argv: Sequence[str]) -> bool:

@@ -266,16 +266,16 @@ def test_get_into_an_existing_folder_goes_there_with_overwrite_too(daemon, tmp_p
                              "tree/x.txt": sha256_hex(b"x2"), "f.txt": sha256_hex(b"f2")}
 
 
-def ctrl_c(daemon, ready: Callable[[], bool], *args: str) -> None:
-    """Runs `drive ARGS`, sends it SIGINT once `ready()`, and checks that it ends within 20 s as Ctrl-C ends it:
-    one line, exit 130."""
+def ctrl_c(daemon, ready: Callable[[], bool], *args: str, stdin=None, env=None) -> None:
+    """Runs `drive ARGS` (with `stdin` and the variables of `env`), sends it SIGINT once `ready()`, and checks that
+    it ends within 20 s as Ctrl-C ends it: one line, exit 130."""
     # As from a terminal: SIGINT's default action on entry (a CI job run in the background ignores it, and its
     # children inherit that), which Python turns into KeyboardInterrupt.
     sigint_default = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
                       "os.execv(sys.argv[1], sys.argv[1:])")
     command = subprocess.Popen([sys.executable, "-c", sigint_default, *drive_cmd(), "--endpoint", daemon.endpoint,
-                                *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+                                *args], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})})
     try:
         assert wait_until(ready, timeout=20), f"drive {' '.join(args)} never got far enough"
         command.send_signal(signal.SIGINT)  # what Ctrl-C sends
