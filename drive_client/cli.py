@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import os
 import sys
@@ -296,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:  # 2, as argparse and POSIX tools exit on a command line they cannot read
         return _failed(err, _asks_json(argv), 2)
     keep_transfer_buffers()
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # Local paths print as the bytes the system named them with, a name that is not UTF-8 too, as ls prints
+        # them: a strict stdout (Python's in a UTF-8 locale) failed on such a name once its get had written it.
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         result = run(args)
         if args.json:

@@ -326,3 +326,19 @@ def test_ctrl_c_ends_a_get_of_a_big_file_from_a_hung_daemon_with_no_file(start_d
     assert list(out.iterdir()) == []
     ok(run(daemon, "get", f"{drive_uri}/big.bin", str(out / "big.bin")))
     assert (out / "big.bin").read_bytes() == data
+
+
+def test_a_local_path_that_is_not_utf8_is_printed_as_its_bytes(daemon, tmp_path, drive_uri):
+    """With a strict stdout (Python's in a UTF-8 locale such as en_US.UTF-8), `drive get lit://d/a.txt $'\\xff.txt'`
+    wrote the file, then failed printing its path with a UnicodeEncodeError traceback, and exit 1."""
+    (tmp_path / "a.txt").write_bytes(b"a")
+    ok(run(daemon, "put", str(tmp_path / "a.txt"), f"{drive_uri}/a.txt"))
+    target = os.fsencode(tmp_path) + b"/\xff.txt"
+    for args in ((), ("--json",)):
+        got = subprocess.run([*drive_cmd(), "--endpoint", daemon.endpoint, *args, "get", f"{drive_uri}/a.txt",
+                              target, "--overwrite"], capture_output=True, timeout=40,
+                             env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+        assert (got.returncode, got.stderr) == (0, b"")
+        assert target in got.stdout
+        with open(target, "rb") as f:
+            assert f.read() == b"a"
