@@ -266,9 +266,9 @@ def test_get_into_an_existing_folder_goes_there_with_overwrite_too(daemon, tmp_p
                              "tree/x.txt": sha256_hex(b"x2"), "f.txt": sha256_hex(b"f2")}
 
 
-def ctrl_c(daemon, ready: Callable[[], bool], *args: str, stdin=None, env=None) -> None:
+def ctrl_c(daemon, ready: Callable[[], bool], *args: str, stdin=None, env=None, sig=signal.SIGINT) -> None:
     """Runs `drive ARGS` (with `stdin` and the variables of `env`), sends it SIGINT once `ready()`, and checks that
-    it ends within 20 s as Ctrl-C ends it: one line, exit 130."""
+    it ends within 20 s as Ctrl-C ends it: one line, exit 130. `sig=SIGTERM`: as `timeout` ends it, exit 143."""
     # As from a terminal: SIGINT's default action on entry (a CI job run in the background ignores it, and its
     # children inherit that), which Python turns into KeyboardInterrupt.
     sigint_default = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
@@ -278,7 +278,7 @@ def ctrl_c(daemon, ready: Callable[[], bool], *args: str, stdin=None, env=None) 
                                env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})})
     try:
         assert wait_until(ready, timeout=20), f"drive {' '.join(args)} never got far enough"
-        command.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        command.send_signal(sig)  # what Ctrl-C sends, or SIGTERM
         try:
             out, err = command.communicate(timeout=20)
         except subprocess.TimeoutExpired:  # SIGABRT makes faulthandler print where each thread is
@@ -287,8 +287,9 @@ def ctrl_c(daemon, ready: Callable[[], bool], *args: str, stdin=None, env=None) 
             raise AssertionError(f"drive did not end within 20 s of SIGINT:\n{stacks}") from None
     finally:
         command.kill()
-    assert command.returncode == 130, f"exit {command.returncode}\nstdout: {out}\nstderr: {err}"
-    assert err.strip() == "drive: interrupted", err
+    status, line = (130, "drive: interrupted") if sig == signal.SIGINT else (143, "drive: terminated")
+    assert command.returncode == status, f"exit {command.returncode}\nstdout: {out}\nstderr: {err}"
+    assert err.strip() == line, err
 
 
 def test_ctrl_c_ends_a_waiting_get_with_one_line_and_no_file(start_daemon, tmp_path, drive_uri):
@@ -302,9 +303,11 @@ def test_ctrl_c_ends_a_waiting_get_with_one_line_and_no_file(start_daemon, tmp_p
     assert ok(run(daemon, "ls", drive_uri)).stdout.split() == ["kept.txt"]
 
 
-def test_ctrl_c_ends_a_get_of_a_big_file_from_a_hung_daemon_with_no_file(start_daemon, tmp_path, drive_uri):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_ends_a_get_of_a_big_file_from_a_hung_daemon_with_no_file(start_daemon, tmp_path, drive_uri, sig):
     """A get of 64 MiB or more (ranged reads in worker threads) ignored Ctrl-C until its workers ended: with the
-    daemon hung, never."""
+    daemon hung, never. SIGTERM (`timeout 60 drive get ...`) ended it at once, its temporary file left beside the
+    target."""
     daemon = start_daemon(tmp_path)  # its own: it is frozen
     data = os.urandom(160 * 1024 * 1024)  # big enough that its get is caught while it runs
     (tmp_path / "big.bin").write_bytes(data)
@@ -320,7 +323,7 @@ def test_ctrl_c_ends_a_get_of_a_big_file_from_a_hung_daemon_with_no_file(start_d
         return False
 
     try:
-        ctrl_c(daemon, receiving, "--quiet", "get", f"{drive_uri}/big.bin", str(out / "big.bin"))
+        ctrl_c(daemon, receiving, "--quiet", "get", f"{drive_uri}/big.bin", str(out / "big.bin"), sig=sig)
     finally:
         daemon.proc.send_signal(signal.SIGCONT)
     assert list(out.iterdir()) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -160,7 +161,8 @@ def test_get_to_stdout_cut_midway_fails_saying_stdout_has_part_of_it(start_daemo
     assert_one_line_error(subprocess.CompletedProcess([], 1, got, err), "stdout", daemon.endpoint)
 
 
-def test_ctrl_c_while_stdin_comes_stores_nothing_and_leaves_no_spool(daemon, tmp_path, drive_uri):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_while_stdin_comes_stores_nothing_and_leaves_no_spool(daemon, tmp_path, drive_uri, sig):
     spool = tmp_path / "tmp"
     spool.mkdir()
     a_mib_and_no_end = "import os, time\nos.write(1, os.urandom(1 << 20))\ntime.sleep(60)"
@@ -169,7 +171,8 @@ def test_ctrl_c_while_stdin_comes_stores_nothing_and_leaves_no_spool(daemon, tmp
         def spooling() -> bool:
             return any(p.stat().st_size for p in spool.iterdir())
 
-        ctrl_c(daemon, spooling, "put", "-", f"{drive_uri}/x", stdin=writer.stdout, env={"TMPDIR": str(spool)})
+        ctrl_c(daemon, spooling, "put", "-", f"{drive_uri}/x", stdin=writer.stdout, env={"TMPDIR": str(spool)},
+               sig=sig)
     finally:
         writer.kill()
         writer.wait()
