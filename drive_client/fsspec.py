@@ -127,6 +127,12 @@ Semantics:
   that check and the put are two calls: a put by another writer *of the same
   component* landing between them is replaced, and its data lost. Appending
   to one file from several writers at once is not safe; give each its own.
+- Copies go through this client (the daemon has no server-side copy): a file
+  is fetched and put again. `mv` moves file by file, as fsspec's `copy` maps
+  them: each file is removed once its copy is put (only this component's can
+  be), so nothing is removed that was not copied. A path moved onto itself,
+  however spelled, is left as it is; a folder moved into itself is refused
+  (`ValueError`). A file replaced between its copy and its removal is removed.
 - Folders are implicit (a path with files beneath it): `mkdir`/`makedirs`
   are no-ops and a folder disappears with its last file. A drive root always
   exists (an unused drive is empty); `ls` of a missing path below it raises
@@ -243,6 +249,11 @@ def _slice(start: int | None, end: int | None, size: int) -> tuple[int, int]:
 def _folder(name: str) -> dict[str, Any]:
     """The description of a folder (or drive root) that no entry describes."""
     return {"name": name, "size": 0, "type": "directory", "component": ""}
+
+
+def _is_glob(path: str) -> bool:
+    """Whether fsspec expands `path` as a glob pattern."""
+    return any(c in path for c in "*?[")
 
 
 def _join(name: str, sub: str) -> str:
@@ -629,13 +640,21 @@ class _LitFileSystem:
         finally:
             spool.discard()
 
-    def _steps_cp_file(self, path1: str, path2: str) -> Steps[None]:
-        """Copies through a local temporary file (the daemon has no server-side copy)."""
+    def _steps_cp_file(self, path1: str, path2: str, move: bool = False) -> Steps[None]:
+        """Copies a file through a local temporary file (the daemon has no server-side copy), then removes it for a
+        `move`. A file copied onto itself, however spelled, is left as it is (a move would remove it), and a
+        folder copies nothing: folders come with their files, which fsspec's `copy` hands on one by one."""
+        info = yield from self._steps_info(path1)
+        if info["type"] == "directory" or self._split(path1) == self._split(path2):
+            return
         yield from self._steps_check_writable(path2, exclusive=False)
         with tempfile.TemporaryDirectory(prefix="lit-cp-", dir=self.spool_dir) as tmp:
             local = Path(tmp, "file")
-            yield from self._steps_get_file(path1, str(local), DEFAULT_CALLBACK, None)
+            yield from self._steps_download(info, local)
             yield from self._steps_put_local(local, path2)
+        if move:
+            name, sub = self._split(info["name"])
+            yield self._drive(name).delete(sub)
 
     def _steps_rm_file(self, path: str) -> Steps[None]:
         info = yield from self._steps_file_info(path)
@@ -647,7 +666,7 @@ class _LitFileSystem:
         targets: list[str] = []
         for p in path if isinstance(path, list) else [path]:
             stripped = self._strip_protocol(p)
-            if any(c in stripped for c in "*?["):
+            if _is_glob(stripped):
                 targets += yield self._expand(stripped)
             else:
                 targets.append(stripped)
@@ -748,8 +767,23 @@ class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
                  **kwargs: Any) -> None:
         self._run(self._steps_put_file(lpath, rpath, callback, mode))
 
-    def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
-        self._run(self._steps_cp_file(path1, path2))
+    def cp_file(self, path1: str, path2: str, move: bool = False, **kwargs: Any) -> None:
+        self._run(self._steps_cp_file(path1, path2, move))
+
+    def mv(self, path1: Any, path2: Any, recursive: bool = False, maxdepth: int | None = None, **kwargs: Any
+           ) -> None:
+        """Moves file by file: fsspec's `copy` says where each file goes, and each is removed once copied. fsspec's
+        move copies all, then removes `path1` whole, which lost every file copied onto itself (a path spelled
+        otherwise, a file moved into its own folder), or not copied (a folder in lists, a file put in the folder
+        while it moved). A path moved onto itself is left as it is, and a folder moved into itself is refused,
+        as `shutil.move` refuses it."""
+        if isinstance(path1, str) and isinstance(path2, str) and not _is_glob(path1):
+            source, target = _join(*self._split(path1)), _join(*self._split(path2))
+            if source == target:
+                return
+            if target.startswith(f"{source}/"):
+                raise InvalidArgument(f"cannot move lit://{source} into itself (to lit://{target})")
+        self.copy(path1, path2, recursive=recursive, maxdepth=maxdepth, on_error="raise", move=True)
 
     def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
         self._run(self._steps_noop(path))
@@ -853,8 +887,12 @@ class AsyncDriveFileSystem(_LitFileSystem, AsyncFileSystem):
     async def _pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
         await self._run(self._steps_pipe_file(path, value, mode))
 
-    async def _cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
-        await self._run(self._steps_cp_file(path1, path2))
+    async def _cp_file(self, path1: str, path2: str, move: bool = False, **kwargs: Any) -> None:
+        await self._run(self._steps_cp_file(path1, path2, move))
+
+    async def _mv_file(self, path1: str, path2: str) -> None:
+        """Moves one file (`DriveFileSystem.mv`): onto itself, it is left as it is."""
+        await self._cp_file(path1, path2, move=True)
 
     async def _mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
         await self._run(self._steps_noop(path))

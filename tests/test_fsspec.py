@@ -317,6 +317,73 @@ def test_put_get_files_and_folders(fs, tmp_path, name):
     assert fs.cat(f"{name}/moved.txt") == b"x" and not fs.exists(f"{name}/copied.txt")
 
 
+def stored(fs: DriveFileSystem, name: str) -> dict[str, bytes]:
+    """Every file of drive `name` and its bytes."""
+    return {path: fs.cat_file(path) for path in fs.find(name)}
+
+
+NFC, NFD = unicodedata.normalize("NFC", "é.txt"), unicodedata.normalize("NFD", "é.txt")
+
+
+@pytest.mark.parametrize(("source", "target", "recursive"), [
+    ("lit://{n}/ck/a.txt", "{n}//ck/./a.txt", False),  # a file onto itself, spelled otherwise
+    (f"{{n}}/ck/{NFC}", f"{{n}}/ck/{NFD}", False),  # ... or decomposed
+    ("{n}/ck/a.txt", "{n}/ck", False),  # a file into the folder it is in
+    ("{n}/ck/*.txt", "{n}/ck/", False),  # a glob into the folder its files are in
+    ("{n}/ck", "{n}/ck/", True),  # a folder onto itself
+    ("lit://{n}/ck", "{n}/ck", True),
+    ("{n}/ck/sub", "{n}/ck", True),  # a folder into the folder it is in
+    (["{n}/ck"], ["{n}/elsewhere"], True),  # a folder in lists, which fsspec's copy does not expand
+])
+def test_a_move_removes_only_what_it_copied_elsewhere(fs, name, source, target, recursive):
+    """fsspec's mv copies, then removes the source whole (`rm(path1, recursive)`): every move above copied each
+    file onto itself (or nothing) and then removed it, so the files were lost. Each leaves the drive as it was."""
+    fs.pipe({f"{name}/ck/a.txt": b"a", f"{name}/ck/{NFC}": b"e", f"{name}/ck/sub/b.txt": b"b"})
+    before = stored(fs, name)
+
+    def spelled(path):
+        return [p.format(n=name) for p in path] if isinstance(path, list) else path.format(n=name)
+
+    fs.mv(spelled(source), spelled(target), recursive=recursive)
+    assert stored(fs, name) == before
+
+
+def test_an_async_move_of_a_file_onto_itself_leaves_it(fs, afs, name):
+    """`_mv_file` (fsspec's: copy, then remove) removed a file moved onto itself, spelled otherwise."""
+    fs.pipe({f"{name}/a.txt": b"a", f"{name}/{NFC}": b"e"})
+    asyncio.run(afs._mv_file(f"lit://{name}/a.txt", f"{name}//a.txt"))
+    asyncio.run(afs._mv_file(f"{name}/{NFC}", f"{name}/{NFD}"))
+    assert stored(fs, name) == {f"{name}/a.txt": b"a", f"{name}/{NFC}": b"e"}
+    asyncio.run(afs._mv_file(f"{name}/a.txt", f"{name}/b.txt"))
+    assert stored(fs, name) == {f"{name}/b.txt": b"a", f"{name}/{NFC}": b"e"}
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(afs._mv_file(f"{name}/nope.txt", f"{name}//nope.txt"))
+
+
+@pytest.mark.parametrize("target", ["{n}/ck/old", "lit://{n}/ck//old/", "{n}/ck/sub/x"])
+def test_a_folder_moved_into_itself_is_refused(fs, name, target):
+    """As `shutil.move` refuses it: fsspec's copy then removal of the folder removed the copies too."""
+    fs.pipe({f"{name}/ck/a.txt": b"a", f"{name}/ck/sub/b.txt": b"b"})
+    before = stored(fs, name)
+    with pytest.raises(ValueError, match="into itself"):
+        fs.mv(f"{name}/ck", target.format(n=name), recursive=True)
+    with pytest.raises(ValueError, match="into itself"):
+        fs.mv(f"lit://{name}", target.format(n=name), recursive=True)
+    assert stored(fs, name) == before
+
+
+def test_a_folders_files_copy_and_move_into_a_folder_that_exists(fs, name):
+    """fsspec's `copy("src/", "dst/", recursive=True)` copies the files of src into dst; with dst there, the first
+    pair (src onto dst, folders) was refused as a write onto a folder, and nothing was copied or moved."""
+    fs.pipe({f"{name}/src/a.txt": b"a", f"{name}/src/sub/b.txt": b"b", f"{name}/dst/old.txt": b"o"})
+    fs.copy(f"{name}/src/", f"{name}/dst/", recursive=True)
+    assert stored(fs, name) == {f"{name}/dst/a.txt": b"a", f"{name}/dst/old.txt": b"o", f"{name}/dst/sub/b.txt": b"b",
+                                f"{name}/src/a.txt": b"a", f"{name}/src/sub/b.txt": b"b"}
+    fs.pipe_file(f"{name}/src/a.txt", b"a2")
+    fs.mv(f"{name}/src/", f"{name}/dst/", recursive=True)
+    assert stored(fs, name) == {f"{name}/dst/a.txt": b"a2", f"{name}/dst/old.txt": b"o", f"{name}/dst/sub/b.txt": b"b"}
+
+
 def test_write_round_trip_multi_mib_spools_to_disk(daemon, tmp_path, name):
     spool = tmp_path / "spool"
     spool.mkdir()
