@@ -104,9 +104,11 @@ Semantics:
   closing a handler's file) is put. A writer never finalized (held by a
   daemon thread still running at exit, or in a process killed or ended by
   `os._exit`) stores nothing and leaves its spool in `spool_dir`.
-  Inside `fs.transaction` files are put when the transaction ends. Opening
-  (and `pipe_file`, `put_file`, `cp_file`) refuses up front a path that is a
-  folder (`IsADirectoryError`), and for `"xb"` a path that exists
+  Inside `fs.transaction` files are put when the transaction ends; one still
+  open then is closed and put whole (`torch.save(sd, fs.open(p, "wb"))`), and
+  one still open when it is abandoned stores nothing and takes no more writes.
+  Opening (and `pipe_file`, `put_file`, `cp_file`) refuses up front a path
+  that is a folder (`IsADirectoryError`), and for `"xb"` a path that exists
   (`FileExistsError`); a path below a file fails when put, with
   `NotADirectoryError`. `"xb"` checks again at close, before the put, and
   stores nothing if a file was put meanwhile; the daemon has no put that
@@ -1023,7 +1025,6 @@ class _Writing:
         warnings.warn(f"unclosed file 'lit://{self.path}' (mode {self.mode!r}): nothing stored", ResourceWarning,
                       stacklevel=2, source=self)
         self.discard()
-        self.closed = True
 
     # fsspec's closes a file collected unclosed, which puts a writer's partial bytes (the async face's close is a
     # coroutine no one awaits: its spool stayed), and as the interpreter finalizes that put hangs (it starts
@@ -1047,10 +1048,12 @@ class _Writing:
         return handled is not None and (handled is not opened_during or traceback is not opened_traceback)
 
     def discard(self) -> None:
-        """Drops the spooled bytes without putting them."""
+        """Drops the spooled bytes without putting them; the file is closed (a transaction abandoned discards the
+        files still open in it, which take no more writes)."""
         if self._spool is not None:
             self._spool.discard()
             self._spool = None
+        self.closed = True
 
 
 class DriveFile(_Writing, AbstractBufferedFile):
@@ -1140,7 +1143,10 @@ class DriveFile(_Writing, AbstractBufferedFile):
         return True
 
     def commit(self) -> None:
-        """Puts the spooled file (one atomic put), then removes the spool."""
+        """Puts the spooled file (one atomic put), then removes the spool. A file still open when its transaction
+        ends is closed first, so that what was written is put whole (`torch.save` closes no file it is given)."""
+        if not self.forced:  # not closed: the spool lacks what is gathered in memory
+            self.close()
         if self._spool is None:
             return
         try:

@@ -668,6 +668,38 @@ def test_transaction_puts_at_the_end(fs, name):
     assert not fs.exists(f"{name}/t3.txt")
 
 
+def test_a_file_still_open_when_its_transaction_ends_is_put_whole(spooling, name):
+    """`with fs.transaction: torch.save(state, fs.open(path, "wb"))` leaves the file open (torch.save closes no file
+    it is given): the transaction's commit put the spool as it was, without the writes still gathered in memory,
+    so such a checkpoint was stored empty, or cut, as if complete. The commit closes the file first."""
+    fs, small, tail = spooling, os.urandom(100_000), os.urandom(6 * MIB)
+    with fs.transaction:
+        f = fs.open(f"{name}/small.bin", "wb")
+        f.write(small)
+        g = fs.open(f"{name}/tail.bin", "wb")
+        g.write(tail)
+        g.write(b"gathered")
+    assert fs.cat(f"{name}/small.bin") == small and fs.cat(f"{name}/tail.bin") == tail + b"gathered"
+    with pytest.raises(ValueError, match="closed"):
+        f.write(b"late")
+    f.close()
+    assert fs.cat(f"{name}/small.bin") == small and list(pathlib.Path(fs.spool_dir).iterdir()) == []
+
+
+def test_a_file_still_open_when_its_transaction_is_abandoned_stores_nothing(spooling, name):
+    """The transaction discards it; closing it after raised AssertionError (its spool was gone), and so did a write."""
+    fs = spooling
+    fs.pipe_file(f"{name}/ckpt.bin", b"previous")
+    with pytest.raises(KeyError), fs.transaction:
+        f = fs.open(f"{name}/ckpt.bin", "wb")
+        f.write(b"partial")
+        raise KeyError("abandon")
+    with pytest.raises(ValueError, match="closed"):
+        f.write(b"late")
+    f.close()
+    assert fs.cat(f"{name}/ckpt.bin") == b"previous" and list(pathlib.Path(fs.spool_dir).iterdir()) == []
+
+
 # --- rm and ownership ------------------------------------------------------------------------
 
 
