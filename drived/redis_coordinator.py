@@ -3,12 +3,16 @@
 What it keeps, in one Redis or Valkey server (not Redis Cluster: the feed's
 scripts touch `drived:epoch` beside a drive's keys):
 
-- `drived:epoch`: when the coordinator's data began, in µs of its clock.
-  Made by the first call that finds it missing, so it is new after the data
-  was lost.
+- `drived:epoch`: when the coordinator's data began, in µs of its clock, and
+  the run_id of the server that began it. Made again by the first call that
+  finds it missing, or made by another run of the server: one that restarted
+  or a replica promoted may come back with less than it answered (a snapshot,
+  an AOF not yet fsynced, a replica behind), and what it lost cannot be told
+  from what it kept. So it is new after the data was, or may have been, lost.
 - `drived:{<drive>}:feed`: the drive's change feed, a Stream whose entry ids
   are `<sequence>-0`. Its max-deleted-entry-id is the newest sequence no
-  longer kept: the epoch when the feed is made, then the newest event dropped.
+  longer kept: the epoch when the feed is made, then the newest event dropped;
+  a feed older than the epoch keeps none (its floor and its last are the epoch).
 - `drived:{<drive>}:claim:<path>`: the token of the claim's holder, with a
   TTL that the holder renews every third of it (all its claims but those
   taken or confirmed within the last sixth, RENEW_CHUNK a script call, given
@@ -61,7 +65,8 @@ given: one server, not Redis Cluster.
 Sequences are max(the server's clock in µs, the feed's last + 1, the
 epoch + 1): they increase within a drive and are never given twice, also
 after the coordinator lost its data (its clock has moved on), so a resume
-from before a loss answers EventsExpired instead of other events. The feed
+from before a loss, or a restart of its server, answers EventsExpired
+instead of other events. The feed
 keeps the last EVENTS_KEPT events (up to TRIM_BATCH more), trimmed by XDEL of
 the oldest: unlike XADD MAXLEN ~, XDEL records the newest id it removed, which
 is how `since` tells a resume that missed events.
@@ -151,21 +156,22 @@ local function now_us()
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local function epoch_of(now)
+  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
   local kept = redis.call('GET', KEYS[1])
-  if kept then return tonumber(kept) end
-  redis.call('SET', KEYS[1], string.format('%.0f', now))
+  if kept and string.match(kept, ':(%x+)$') == run then return tonumber(string.match(kept, '^%d+')) end
+  redis.call('SET', KEYS[1], string.format('%.0f', now) .. ':' .. run)
   return now
 end
 local function sequence_of(id)
   return tonumber(string.match(id, '^%d+'))
 end
-local function feed(key)
+local function feed(key, epoch)
   if redis.call('EXISTS', key) == 0 then return nil end
   local info = redis.call('XINFO', 'STREAM', key)
   local state = {}
   for i = 1, #info, 2 do state[info[i]] = info[i + 1] end
-  return {last = sequence_of(state['last-generated-id']), floor = sequence_of(state['max-deleted-entry-id']),
-          length = state['length']}
+  return {last = math.max(sequence_of(state['last-generated-id']), epoch),
+          floor = math.max(sequence_of(state['max-deleted-entry-id']), epoch), length = state['length']}
 end
 """
 
@@ -186,7 +192,7 @@ if record and (ARGV[14] == '' or string.sub(record, 1, 16) == ARGV[14]) then
 end
 local now = now_us()
 local epoch = epoch_of(now)
-local state = feed(KEYS[2])
+local state = feed(KEYS[2], epoch)
 local sequence = math.max(now, epoch + 1, state and state.last + 1 or 0)
 local id = string.format('%.0f-0', sequence)
 redis.call('XADD', KEYS[2], id, 'k', ARGV[5], 'p', ARGV[6], 'c', ARGV[7], 's', ARGV[8], 'h', ARGV[9],
@@ -207,14 +213,14 @@ return sequence
 # KEYS: epoch, feed.
 LAST = FEED_STATE + """
 local epoch = epoch_of(now_us())
-local state = feed(KEYS[2])
+local state = feed(KEYS[2], epoch)
 return state and state.last or epoch
 """
 
 # KEYS: epoch, feed. ARGV: after, count. {1} when events after `after` are gone, else {0, entries}.
 SINCE = FEED_STATE + """
 local epoch = epoch_of(now_us())
-local state = feed(KEYS[2])
+local state = feed(KEYS[2], epoch)
 if tonumber(ARGV[1]) < (state and state.floor or epoch) then return {1} end
 if not state then return {0, {}} end
 return {0, redis.call('XRANGE', KEYS[2], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])}

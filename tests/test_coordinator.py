@@ -419,6 +419,29 @@ async def test_after_the_data_is_lost_sequences_go_on_and_old_resumes_are_refuse
 
 
 @pytest.mark.integration
+async def test_a_coordinator_back_with_older_data_refuses_resumes_from_before_its_restart(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    """A server that restarts may come back with less than it answered (an RDB snapshot, an AOF not yet fsynced, a
+    replica promoted behind its primary): the events after what it kept are gone, and a resume from before them, or
+    from one of them, was answered with the events after the restart, as if nothing had been missed."""
+    server = own_valkey()
+    async with redis_coordinator(server.url) as coordinator:
+        kept = await coordinator.publish("d", "put", entry("kept"))
+        redis.Redis.from_url(server.url).save()
+        lost = await coordinator.publish("d", "put", entry("lost"))
+        server.kill()
+        own_valkey(port=server.port, data_dir=server.data_dir)  # back from its snapshot, without "lost"
+        start = await coordinator.last("d")  # a watch from now, after the restart
+        assert start >= lost
+        after = await coordinator.publish("d", "put", entry("after"))
+        for seen in (kept, lost):
+            with pytest.raises(EventsExpired):
+                await coordinator.since("d", seen)
+        assert [e.sequence for e in await coordinator.since("d", start)] == [after]
+
+
+@pytest.mark.integration
 async def test_a_count_lost_with_the_data_or_past_its_time_is_counted_again_and_earlier_reservations_leave_it_be(
     valkey: ValkeyServer,
 ) -> None:
