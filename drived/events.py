@@ -16,10 +16,11 @@ memory and bounded: the last `retain` events of a drive, at most
 `retain_total` events over all drives, whose entries take at most
 `retain_bytes` (an event's memory grows with its path), the drives used least
 recently losing their oldest first, and the state of at most `max_drives`
-drives. Sequence numbers start at the daemon's start time in microseconds, so
-they keep increasing across restarts and a resume from a previous run is
-recognised as too old instead of being answered with the wrong events; so is
-a resume past events that were dropped to stay within the bounds.
+drives besides those a watch or a waiting get follows now. Sequence numbers
+start at the daemon's start time in microseconds, so they keep increasing
+across restarts and a resume from a previous run is recognised as too old
+instead of being answered with the wrong events; so is a resume past events
+that were dropped to stay within the bounds.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import asyncio
 import itertools
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 from drive_client.errors import EventsExpired
@@ -67,6 +68,7 @@ class _DriveEvents:
     dropped: int  # the newest sequence no longer kept: a resume from before it misses events
     events: deque[Event] = field(default_factory=deque)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    followers: int = 0  # tasks following the drive (`EventLog.followed`): its state is kept while there are any
 
 
 class EventLog:
@@ -90,18 +92,25 @@ class EventLog:
         found = self._drives.get(drive)
         if found is None:
             found = self._drives[drive] = _DriveEvents(dropped=self._forgotten)
-            while len(self._drives) > self._max_drives:
-                self._forget_least_used()
+            while len(self._drives) > self._max_drives and self._forget_least_used():
+                pass
         else:
             self._drives.move_to_end(drive)
         return found
 
-    def _forget_least_used(self) -> None:
-        _, state = self._drives.popitem(last=False)
+    def _forget_least_used(self) -> bool:
+        """Forgets the state of the drive used least recently that no task follows, but the last one used; False when
+        there is none (the drives followed, which the streams bound, may take the log past `max_drives`)."""
+        older = itertools.islice(self._drives.items(), len(self._drives) - 1)
+        drive = next((name for name, state in older if not state.followers), None)
+        if drive is None:
+            return False
+        state = self._drives.pop(drive)
         self._total -= len(state.events)
         self._bytes -= sum(map(_event_bytes, state.events))
         self._forgotten = max(self._forgotten, state.events[-1].sequence if state.events else state.dropped)
         state.changed.set()  # its waiters look again and wait on a new state
+        return True
 
     def _drop_oldest(self, state: _DriveEvents) -> None:
         event = state.events.popleft()
@@ -148,6 +157,18 @@ class EventLog:
         newer = list(itertools.takewhile(lambda e: e.sequence > after, reversed(state.events)))
         newer.reverse()  # from the newest back: each wake-up of a waiter costs the events it has not seen
         return newer
+
+    @contextmanager
+    def followed(self, drive: str) -> Iterator[None]:
+        """Keeps the drive's state while a task follows it (a watch, a waiting get): a state made again knows only
+        that the drive's events are no newer than those of every drive forgotten, so the follower's next read would
+        be refused as if it had missed events."""
+        state = self._drive(drive)
+        state.followers += 1
+        try:
+            yield
+        finally:
+            state.followers -= 1
 
     def changed(self, drive: str) -> asyncio.Event:
         """An asyncio.Event set by the drive's next publish, or by `close`.
@@ -246,7 +267,8 @@ class InProcessCoordinator(Coordinator):
 
     @asynccontextmanager
     async def changes(self, drive: str) -> AsyncIterator[Changes]:
-        yield _LogChanges(self.log, drive)
+        with self.log.followed(drive):
+            yield _LogChanges(self.log, drive)
 
     async def _counted(self, drive: str, count: Count) -> _Counted:
         counted = self._usage.get(drive)

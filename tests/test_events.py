@@ -64,3 +64,18 @@ async def test_drive_states_are_bounded_and_forgetting_wakes_and_refuses_old_res
         log.since("busy", seen - 1)  # what it had is forgotten: refused, never answered with a gap
     assert log.since("busy", log.last("busy")) == []  # a watch from now works
     assert len(log._drives) == 3
+
+
+async def test_a_followed_drive_keeps_its_state_while_the_others_stay_bounded() -> None:
+    log = EventLog(max_drives=2)
+    put(log, "quiet", 1)
+    put(log, "other", 1)  # newer: once it is forgotten, a state made again is no older than its event
+    seen = log.last("quiet")
+    with log.followed("quiet"):
+        for name in ("x", "y", "z"):
+            log.changed(name)
+        assert list(log._drives) == ["quiet", "z"]
+        assert log.since("quiet", seen) == []  # not refused: it missed nothing
+    for name in ("v", "w"):
+        log.changed(name)
+    assert list(log._drives) == ["v", "w"]  # no longer followed, it is forgotten in its turn

@@ -175,6 +175,44 @@ def test_watch_reconnects_to_a_restarted_daemon_and_reports_lost_events(twin, tm
 
 
 @pytest.mark.timeout(60)
+def test_a_watch_of_a_quiet_drive_outlives_new_drives_pushing_out_the_states_kept(tmp_path):
+    """A lone daemon keeps the state of 10,000 drives (three here): each drive named beyond them forgot the one used
+    least recently, even while a watch followed it, and the watch, woken to look again, was refused OUT_OF_RANGE
+    once a drive with a newer event had been forgotten before it, although it had missed nothing: any client naming
+    new drives (a watch of each) ended the watches of quiet drives."""
+    few = "import drived.events as e\ne.EventLog.__init__.__defaults__ = (*e.EventLog.__init__.__defaults__[:-1], 3)"
+    handle = start_daemon(tmp_path, before=few)
+    try:
+        stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
+        raw_put(stub, "lit://quiet", "a.txt", b"a")
+        raw_put(stub, "lit://other", "b.txt", b"b")  # a newer event, in a drive nobody follows
+        watching = stub.Watch(drive_pb2.WatchRequest(drive="lit://quiet"), timeout=30)
+        assert next(watching).kind == drive_pb2.WatchEvent.KIND_WATCHING
+        seen: list = []
+
+        def watch() -> None:
+            try:
+                event = next(watching)
+                seen.append((drive_pb2.WatchEvent.Kind.Name(event.kind), event.file.path))
+            except grpc.RpcError as err:
+                seen.append(err.code())
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        for i in range(4):  # new drives push "other", then "quiet", out of the three kept
+            probe = stub.Watch(drive_pb2.WatchRequest(drive=f"lit://probe{i}"), timeout=10)
+            assert next(probe).kind == drive_pb2.WatchEvent.KIND_WATCHING
+            probe.cancel()
+        raw_put(stub, "lit://quiet", "c.txt", b"c")
+        thread.join(10)
+        watching.cancel()
+        assert seen == [("KIND_PUT", "c.txt")]
+        assert [raw_get(stub, "lit://quiet", p)[0][1] for p in ("a.txt", "c.txt")] == [b"a", b"c"]
+    finally:
+        handle.stop()
+
+
+@pytest.mark.timeout(60)
 def test_events_of_long_paths_stay_within_their_bound_in_bytes(tmp_path):
     """A lone daemon's events are bounded in the bytes of their paths as well as in number: five puts of long paths,
     with the bound lowered to three of them in the daemon's process, leave the first two dropped (a resume before
