@@ -44,6 +44,9 @@ from .entry import Entry
 
 EventKind = Literal["put", "delete"]
 EVENTS_KEPT = 10_000  # events of one drive a feed keeps: a watch further behind answers EventsExpired
+# Events `since` answers at most: a watch whose client stopped reading holds the events of its last answer, also
+# those its feed has dropped since (with 4 KB paths, ~5 MB for a page).
+PAGE = 1000
 CLAIM_TTL = 10.0  # seconds a shared claim outlives a daemon that died holding it (--claim-ttl)
 
 

@@ -39,6 +39,7 @@ from drive_client.uri import DEFAULT_COMPONENT, MAX_PATH_BYTES
 from .config import answer_entry_bytes
 from .coordinator import (
     EVENTS_KEPT,
+    PAGE,
     Changes,
     Claim,
     Coordinator,
@@ -147,16 +148,16 @@ class EventLog:
         return self._last
 
     def since(self, drive: str, after: int) -> list[Event]:
-        """The drive's events after sequence `after`; EventsExpired when some of them were dropped."""
+        """The drive's first PAGE events after sequence `after`; EventsExpired when some of them were dropped."""
         state = self._drive(drive)
         if after < state.dropped:
             raise EventsExpired(
                 f"events of lit://{drive} after sequence {after} are no longer kept "
                 "(the daemon restarted, or more happened than it keeps): list the drive, then watch from now"
             )
+        # From the newest back: each wake-up of a waiter costs the events it has not seen.
         newer = list(itertools.takewhile(lambda e: e.sequence > after, reversed(state.events)))
-        newer.reverse()  # from the newest back: each wake-up of a waiter costs the events it has not seen
-        return newer
+        return newer[:-PAGE - 1:-1]
 
     @contextmanager
     def followed(self, drive: str) -> Iterator[None]:

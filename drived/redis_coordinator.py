@@ -104,6 +104,7 @@ from drive_client.errors import EventsExpired, StoreUnavailable, Unavailable
 from .coordinator import (
     CLAIM_TTL,
     EVENTS_KEPT,
+    PAGE,
     Change,
     Changes,
     Claim,
@@ -124,7 +125,6 @@ from .redis_wakeups import Channel, Wakeups
 log = logging.getLogger("drived")
 
 TRIM_BATCH = 100  # events a feed may hold beyond EVENTS_KEPT before its oldest are dropped at once
-PAGE = 1000  # events `since` answers at most
 # How long a publish's answer is kept for the call sent again: well past its connection's timeouts (connect and
 # command), after which redis-py sends it again at once.
 ANSWER_KEPT_MS = 60_000

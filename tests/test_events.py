@@ -9,6 +9,7 @@ import pytest
 
 from drive_client.errors import EventsExpired
 from drived.config import answer_entry_bytes
+from drived.coordinator import PAGE
 from drived.entry import Entry
 from drived.events import EventLog
 
@@ -79,3 +80,16 @@ async def test_a_followed_drive_keeps_its_state_while_the_others_stay_bounded() 
     for name in ("v", "w"):
         log.changed(name)
     assert list(log._drives) == ["v", "w"]  # no longer followed, it is forgotten in its turn
+
+
+async def test_an_answer_holds_a_page_of_events_at_most() -> None:
+    """A watch whose client stopped reading holds its last answer: all of a drive's events after its sequence
+    (10,000 of 4 KB paths, some 47 MB, also after the log dropped them), where its memory is bounded to a page."""
+    log = EventLog(retain=3 * PAGE, retain_total=3 * PAGE)
+    start = log.last("a")
+    put(log, "a", 2 * PAGE + 5)
+    pages = [log.since("a", start)]
+    while pages[-1]:
+        pages.append(log.since("a", pages[-1][-1].sequence))
+    assert [len(page) for page in pages] == [PAGE, PAGE, 5, 0]
+    assert [e.entry.path for page in pages for e in page] == [f"f{i}" for i in range(2 * PAGE + 5)]
