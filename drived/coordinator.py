@@ -16,6 +16,10 @@ one daemon and several replicas of it is behind this one small interface:
 - usage: each drive's bytes, counted once from the store and then kept by
   every commit and delete, with the room commits in progress hold, so that
   the quota (`drived.quota`) bounds the drive whichever daemons put into it.
+- completions: the file a resumable upload stored, recorded with its put's
+  event, so that a client cut after its commit learns of it from any daemon
+  (`completion`); the in-process coordinator records none, as the daemon's
+  own memory of them (`drived.uploads`) is all there is.
 
 `InProcessCoordinator` (`drived.events`) serves one daemon;
 `RedisCoordinator` (`drived.redis_coordinator`: a lock key per claimed path,
@@ -176,6 +180,7 @@ class Coordinator(abc.ABC):
 
     claim_ttl = CLAIM_TTL  # seconds a claim stays held unrenewed (a shared one's --claim-ttl)
     records_changes = False  # whether `Claim.confirm` records the changes it is given (for `unpublished`)
+    records_completions = False  # whether `publish` records the completion of the upload it is given
 
     @abc.abstractmethod
     def claim(self, drive: str, path: str) -> AbstractAsyncContextManager[Claim]:
@@ -204,9 +209,12 @@ class Coordinator(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def publish(self, drive: str, kind: EventKind, entry: Entry, claim: Claim | None = None) -> int:
+    async def publish(self, drive: str, kind: EventKind, entry: Entry, claim: Claim | None = None,
+                      upload: str = "") -> int:
         """Appends a change to the drive's feed and returns its sequence number; `claim`: the claim it is made in,
-        whose record of the change (`Claim.confirm`) it drops (none: any record of the change).
+        whose record of the change (`Claim.confirm`) it drops (none: any record of the change); `upload`: the id of
+        the resumable upload a put completes ("": none), whose completion a coordinator that `records_completions`
+        records in the same step (`completion`).
 
         Sequence numbers increase strictly within a drive, in the order of
         the publishes, and are never given twice: not after a restart of the
@@ -260,6 +268,18 @@ class Coordinator(abc.ABC):
                     after = event.sequence
                     yield event
                 await changes.wait(after, None)
+
+    async def completion(self, drive: str, component: str, upload: str) -> Entry | None:
+        """The file that `component`'s resumable upload `upload` stored in `drive`, as its publish recorded it; None
+        when none is recorded.
+
+        A coordinator that `records_completions` keeps each for the daemons'
+        --upload-expiry after its publish: whichever daemon committed the
+        upload, any daemon answers a client cut after the commit. Raises
+        Unavailable. None in the in-process coordinator: its daemon's memory
+        (`drived.uploads`) holds them.
+        """
+        return None
 
     async def unpublished(self) -> list[Unpublished]:
         """Changes recorded by confirms (`Claim.confirm`) whose claims ended before their events were published.

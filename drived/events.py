@@ -257,7 +257,8 @@ class InProcessCoordinator(Coordinator):
             self._released.set()
             self._released = asyncio.Event()
 
-    async def publish(self, drive: str, kind: EventKind, entry: Entry, claim: Claim | None = None) -> int:
+    async def publish(self, drive: str, kind: EventKind, entry: Entry, claim: Claim | None = None,
+                      upload: str = "") -> int:
         return self.log.publish(drive, kind, entry)
 
     async def last(self, drive: str) -> int:

@@ -301,7 +301,8 @@ class ManagedDrives:
                 await put.abort()
                 raise
             entry = _entry(header.path, header.component, info)
-            await self.coordinator.publish(drive, "put", entry, claim)
+            # A put that failed answers no query as complete, as this daemon's own memory of completions does not.
+            await self.coordinator.publish(drive, "put", entry, claim, upload="" if unsynced else header.upload_id)
         if unsynced:
             raise unsynced
         return entry

@@ -47,6 +47,10 @@ scripts touch `drived:epoch` beside a drive's keys):
   the end of a commit or delete that could not reach the coordinator, an
   object written by something else) is off for that long at most. The end
   of a reservation changes only the count it was made in.
+- `drived:{<drive>}:completed:<component>:<upload id>`: the file a resumable
+  upload stored (`completion`), set by the publish of its put with a TTL of
+  --upload-expiry: size, generation, mtime (ns), CRC32C (`-` when not
+  known) and sha256, separated by spaces, then the path.
 - `drived:unpublished`: the keys of those hashes, each scored by when
   (ms of the server's clock) its fields are next looked at: one claim TTL
   after its first field, then every TTL (`unpublished` moves it on as it
@@ -175,15 +179,17 @@ local function feed(key, epoch)
 end
 """
 
-# KEYS: epoch, feed, the publish's answer, the drive's unpublished changes, their index. ARGV: events kept, trim
-# batch, channel, ms its answer is kept, the fields k p c s h g m, the change's field among the unpublished, then its
-# value for a settle (nothing is published unless that value is still there; '' otherwise), and the token of the
-# claim the change was made in (its record is dropped only when that claim's; '': whosever). The answer key makes
-# the call idempotent: sent again (redis-py's retry on a new connection, after the first connection broke before its
-# answer came), it answers the first call's sequence and adds nothing. 0 when a settle found its change gone.
+# KEYS: epoch, feed, the publish's answer, the drive's unpublished changes, their index, and the completion of the
+# upload a put completes, when it does. ARGV: events kept, trim batch, channel, ms its answer is kept, the fields k p c
+# s h g m, the change's field among the unpublished, then its value for a settle (nothing is published unless that
+# value is still there; '' otherwise), the token of the claim the change was made in (its record is dropped only when
+# that claim's; '': whosever), then the completion's value and the ms it is kept. The answer key makes the call
+# idempotent: sent again (redis-py's retry on a new connection, after the first connection broke before its answer
+# came), it answers the first call's sequence and adds nothing. 0 when a settle found its change gone.
 PUBLISH = FEED_STATE + """
 local done = redis.call('GET', KEYS[3])
 if done then return tonumber(done) end
+if KEYS[6] then redis.call('SET', KEYS[6], ARGV[15], 'PX', ARGV[16]) end
 local record = redis.call('HGET', KEYS[4], ARGV[12])
 if ARGV[13] ~= '' and record ~= ARGV[13] then return 0 end
 if record and (ARGV[14] == '' or string.sub(record, 1, 16) == ARGV[14]) then
@@ -386,6 +392,11 @@ redis.call('HINCRBY', KEYS[1], 'used', ARGV[3])
 return 1
 """
 
+# KEYS: a completion. Its value, or nil.
+COMPLETION = """
+return redis.call('GET', KEYS[1])
+"""
+
 # KEYS: a drive's unpublished changes, their index. ARGV: a field, and the value it must still have to be dropped.
 FORGET = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
@@ -437,6 +448,21 @@ def _usage_key(drive: str) -> str:
 
 def _unpublished_key(drive: str) -> str:
     return f"drived:{{{drive}}}:unpublished"
+
+
+def _completion_key(drive: str, component: str, upload: str) -> str:
+    return f"drived:{{{drive}}}:completed:{component}:{upload}"
+
+
+def _completion_value(entry: Entry) -> str:
+    crc32c = "-" if entry.crc32c is None else entry.crc32c
+    return f"{entry.size} {entry.generation} {entry.mtime_ns} {crc32c} {entry.sha256} {entry.path}"
+
+
+def _completed(component: str, value: bytes) -> Entry:
+    size, generation, mtime_ns, crc32c, sha256, path = value.decode().split(" ", 5)
+    return Entry(path=path, component=component, size=int(size), sha256=sha256, generation=int(generation),
+                 mtime_ns=int(mtime_ns), crc32c=None if crc32c == "-" else int(crc32c))
 
 
 def _change_field(component: str, path: str) -> str:
@@ -514,11 +540,14 @@ class RedisCoordinator(Coordinator):
     """The coordinator of replicas: claims, feeds and wake-ups in one Redis or Valkey (see the module doc)."""
 
     records_changes = True
+    records_completions = True
 
-    def __init__(self, url: str, claim_ttl: float = CLAIM_TTL, events_kept: int = EVENTS_KEPT) -> None:
+    def __init__(self, url: str, claim_ttl: float = CLAIM_TTL, events_kept: int = EVENTS_KEPT,
+                 upload_expiry: float = 60.0) -> None:
         self.name = coordinator_name(url)
         self.claim_ttl = claim_ttl
         self.events_kept = events_kept
+        self.upload_expiry = upload_expiry
         self._pool = redis.asyncio.BlockingConnectionPool.from_url(
             url, max_connections=POOL_SIZE, timeout=POOL_WAIT, socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=COMMAND_TIMEOUT, socket_keepalive=True, socket_keepalive_options=KEEPALIVE,
@@ -535,6 +564,7 @@ class RedisCoordinator(Coordinator):
         self._release = self._redis.register_script(RELEASE)
         self._unpublished_due = self._redis.register_script(UNPUBLISHED_DUE)
         self._forget = self._redis.register_script(FORGET)
+        self._completion = self._redis.register_script(COMPLETION)
         self._usage = self._redis.register_script(USAGE)
         self._reserve = self._redis.register_script(RESERVE)
         self._add_usage = self._redis.register_script(ADD_USAGE)
@@ -810,19 +840,34 @@ class RedisCoordinator(Coordinator):
 
     # -- the change feed -----------------------------------------------------
 
-    async def publish(self, drive: str, kind: EventKind, entry: Entry, claim: Claim | None = None) -> int:
+    async def publish(self, drive: str, kind: EventKind, entry: Entry, claim: Claim | None = None,
+                      upload: str = "") -> int:
         token = claim.token if isinstance(claim, _RedisClaim) else ""
-        return await self._append(drive, kind, entry, settling="", token=token)
+        return await self._append(drive, kind, entry, settling="", token=token, upload=upload)
 
-    async def _append(self, drive: str, kind: EventKind, entry: Entry, settling: str, token: str = "") -> int:
+    async def _append(self, drive: str, kind: EventKind, entry: Entry, settling: str, token: str = "",
+                      upload: str = "") -> int:
         """Appends the event and drops its change from the unpublished ones (only the record of the claim `token`,
-        when given); `settling`: the value that record must still have, else nothing is appended (0)."""
+        when given); `settling`: the value that record must still have, else nothing is appended (0); `upload`: the
+        resumable upload whose completion is recorded with it ("": none)."""
         fields = [kind, entry.path, entry.component, entry.size, bytes.fromhex(entry.sha256), entry.generation,
                   entry.mtime_ns, _change_field(entry.component, entry.path), settling, token]
         answer = f"drived:{{{drive}}}:published:{secrets.token_hex(8)}"
         keys = [*self._feed_keys(drive), answer, _unpublished_key(drive), UNPUBLISHED]
         args = [self.events_kept, TRIM_BATCH, self._channel(drive), ANSWER_KEPT_MS, *fields]
+        if upload:
+            keys.append(_completion_key(drive, entry.component, upload))
+            args += [_completion_value(entry), self._upload_expiry_ms()]
         return int(await self._run(self._publish, keys, args))
+
+    def _upload_expiry_ms(self) -> int:
+        return max(1, int(self.upload_expiry * 1000))
+
+    # -- completions ---------------------------------------------------------
+
+    async def completion(self, drive: str, component: str, upload: str) -> Entry | None:
+        value = await self._run(self._completion, [_completion_key(drive, component, upload)], [])
+        return None if value is None else _completed(component, value)
 
     async def unpublished(self) -> list[Unpublished]:
         found = await self._run(self._unpublished_due, [UNPUBLISHED],

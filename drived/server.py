@@ -87,7 +87,7 @@ def make_backend(config: Config, descriptors: Descriptors) -> Backend:
 def make_coordinator(config: Config) -> Coordinator:
     """The coordinator of managed drives: in-process, or the Redis/Valkey of --coordinator."""
     if config.coordinator:
-        return RedisCoordinator(config.coordinator, config.claim_ttl)
+        return RedisCoordinator(config.coordinator, config.claim_ttl, upload_expiry=config.upload_expiry)
     return InProcessCoordinator()
 
 
@@ -185,7 +185,7 @@ async def serve(config: Config) -> None:
         config.max_streams, config.max_streams_per_peer, config.stream_idle_timeout,
         release_memory=lambda: loop.run_in_executor(None, release_free_memory),
     )
-    uploads = HeldUploads(config.upload_expiry, config.max_held_uploads, config.max_held_bytes)
+    uploads = HeldUploads(config.upload_expiry, config.max_held_uploads, config.max_held_bytes, coordinator)
     managed = ManagedDrives(backend, coordinator, uploads, config.max_file_size, config.quota)
     drives = DriveRouter(managed, S3Drives(mounts, config.chunk_size))
     service = DriveService(drives, streams, access)

@@ -24,7 +24,11 @@ ended because its client kept memory from others for too long
 Everything here lives in this daemon's memory: another daemon, or this one
 after a restart, holds nothing (NOT_FOUND, and the client starts the file
 again from 0). The number of held uploads and their bytes are bounded: past
-a bound, the oldest held upload is discarded first.
+a bound, the oldest held upload is discarded first. But for completions,
+with a coordinator that records them (`Coordinator.completion`: replicas
+sharing Redis): the publish of a put records its upload's completion for
+`expiry` seconds, so that a client cut after the commit that asks another
+daemon learns of the file.
 
 Ids are scoped by drive and component. One stream writes an upload at a
 time: a resume takes it over from a stream that broke on the client's side
@@ -50,6 +54,7 @@ from drive_client.errors import InvalidArgument, NotFound, OutOfRange, StaleInde
 from . import metrics
 from .backends.base import ClientTooSlow, Upload
 from .config import ANSWER_ENTRIES_BYTES, answer_entry_bytes
+from .coordinator import Coordinator
 from .entry import Entry
 from .puts import MAX_FILES_PER_STREAM
 from .requests import PutHeader
@@ -169,10 +174,11 @@ class Completions:
 class HeldUploads:
     """The resumable uploads of one daemon: written, held, committing, and recently completed."""
 
-    def __init__(self, expiry: float, max_uploads: int, max_bytes: int) -> None:
+    def __init__(self, expiry: float, max_uploads: int, max_bytes: int, coordinator: Coordinator) -> None:
         self.expiry = expiry
         self.max_uploads = max_uploads
         self.max_bytes = max_bytes
+        self.coordinator = coordinator  # where other daemons' completions are found (`Coordinator.completion`)
         self._known: dict[UploadKey, Resumable] = {}  # every upload not yet committed or discarded
         self._held: OrderedDict[UploadKey, Resumable] = OrderedDict()  # the suspended ones, oldest first
         self._held_bytes = 0
@@ -329,6 +335,8 @@ class HeldUploads:
         if streaming is not None:
             return 0, streaming[1]
         entry = self._completed_put_streams.get(key) or self._completed_put_files.get(key)
+        if entry is None:  # committed by another daemon, maybe: Unavailable when the coordinator cannot say
+            entry = await self.coordinator.completion(*key)
         if entry is not None:
             return 0, entry
         raise NotFound(_not_held(key))

@@ -280,6 +280,67 @@ def test_watch_on_b_sees_a_in_commit_order_and_resumes_on_c(replicas, drive_uri)
     assert resumed[1][2] > sequences[-1]
 
 
+@pytest.mark.parametrize("size", [100, 3 * MIB], ids=["PutFile", "Put stream"])
+def test_a_put_cut_after_its_commit_on_a_learns_it_from_b_and_is_stored_and_reported_once(
+        replicas, drive_uri, tmp_path, size):
+    # Behind a balancer that spreads calls, the query after the cut reached a replica that knew nothing of the
+    # upload (NOT_FOUND): the client sent the file again, which stored it a second time under a new generation and
+    # reported the put twice.
+    a, b = replicas[:2]
+    data = os.urandom(size)
+    (tmp_path / "f.bin").write_bytes(data)
+    start = watch_events(b, drive_uri, 0)[0][2]
+    queried, put = served(b, "QueryWriteStatus"), served(b, "Put")
+    with CuttingProxy(a.endpoint) as proxy:
+        proxy.cut_before("down", sha256_of(data).encode())  # the put's answer: it is committed on a
+        writer = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=proxy.endpoint)
+        assert writer.list(".") == []  # the client's connection is made, to a
+        proxy.target = ("127.0.0.1", b.port)  # and its next ones, after the cut, reach b
+        [stored] = writer.put("f.bin")
+        assert proxy.cuts_made == 1 and proxy.connections == 2
+    assert stored.sha256 == sha256_of(data)
+    assert stub_of(a).Stat(drive_pb2.StatRequest(drive=drive_uri, path="f.bin")).generation == stored.generation
+    raw_put(stub_of(a), drive_uri, "end.txt", b"end", component="w")
+    assert [e[:2] for e in watch_events(b, drive_uri, 2, after=start)[1:]] == [("put", "f.bin"), ("put", "end.txt")]
+    assert served(b, "QueryWriteStatus") == queried + 1 and served(b, "Put") == put
+
+
+def resumable_put(stub: drive_pb2_grpc.DriveServiceStub, drive: str, path: str, data: bytes,
+                  upload_id: str) -> drive_pb2.FileInfo:
+    messages = list(put_messages(drive, path, data, component="w"))
+    messages[0].header.upload_id = upload_id
+    [stored] = stub.Put(iter(messages), timeout=60).files
+    return stored
+
+
+def query_write_status(stub: drive_pb2_grpc.DriveServiceStub, drive: str, upload_id: str,
+                       component: str = "w") -> drive_pb2.QueryWriteStatusResponse:
+    request = drive_pb2.QueryWriteStatusRequest(drive=drive, component=component, upload_id=upload_id)
+    return stub.QueryWriteStatus(request, timeout=10)
+
+
+def test_an_upload_committed_on_a_is_told_only_for_its_drive_and_component_and_unavailable_without_the_coordinator(
+        own_cluster, make_drive_uri):
+    a, b = own_cluster.replica(), own_cluster.replica()
+    drive, other_drive = make_drive_uri("d"), make_drive_uri("other")
+    stored = resumable_put(stub_of(a), drive, "f.txt", b"stored once", "u-1")
+    answer = query_write_status(stub_of(b), drive, "u-1")
+    assert answer.complete and answer.file == stored
+    for asked in (lambda: query_write_status(stub_of(b), drive, "u-1", component="v"),
+                  lambda: query_write_status(stub_of(b), other_drive, "u-1")):
+        assert rpc_code(asked) == grpc.StatusCode.NOT_FOUND
+    own_cluster.valkey.kill()
+    # b cannot tell: not NOT_FOUND, which would have its client send the file again; a tells from its memory.
+    with pytest.raises(grpc.RpcError) as down:
+        query_write_status(stub_of(b), drive, "u-1")
+    assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert own_cluster.name in down.value.details() and PASSWORD not in down.value.details()
+    assert query_write_status(stub_of(a), drive, "u-1").file == stored
+    own_cluster.coordinator_back()  # empty: the completion went with its data
+    assert rpc_code(lambda: query_write_status(stub_of(b), drive, "u-1")) == grpc.StatusCode.NOT_FOUND
+    assert stub_of(b).Stat(drive_pb2.StatRequest(drive=drive, path="f.txt")) == stored
+
+
 def test_s3_drives_and_mount_work_on_a_replica_with_the_coordinator(cluster, replicas, tmp_path):
     client = cluster.store.client
     client.create_bucket(Bucket="datasets")

@@ -171,7 +171,8 @@ class PutHeader(_message.Message):
     after --stream-idle-timeout) leaves nothing held. What is
     held lives in that server's memory: another server (a replica behind a
     load balancer) or the same one restarted holds nothing, and answers
-    NOT_FOUND: the client puts the file again from offset 0.
+    NOT_FOUND: the client puts the file again from offset 0. (Replicas sharing
+    a --coordinator all know a completed upload: see QueryWriteStatus.)
     """
     write_offset: _builtins.int
     """Where this stream's bytes start in the file: 0 for a new upload (one
