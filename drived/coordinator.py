@@ -274,12 +274,18 @@ class Coordinator(abc.ABC):
         when none is recorded.
 
         A coordinator that `records_completions` keeps each for the daemons'
-        --upload-expiry after its publish: whichever daemon committed the
-        upload, any daemon answers a client cut after the commit. Raises
-        Unavailable. None in the in-process coordinator: its daemon's memory
+        --upload-expiry after its publish, or after the latest
+        `keep_completions` of it: whichever daemon committed the upload, any
+        daemon answers a client cut after the commit. Raises Unavailable.
+        None in the in-process coordinator: its daemon's memory
         (`drived.uploads`) holds them.
         """
         return None
+
+    async def keep_completions(self, uploads: Sequence[tuple[str, str, str]]) -> None:  # noqa: B027 - none recorded
+        """Keeps the recorded completions of `uploads` (drive, component, upload id) for --upload-expiry from now
+        (those of streams still running); one forgotten already stays so. Never raises: one not kept is forgotten
+        at its time (logged)."""
 
     async def unpublished(self) -> list[Unpublished]:
         """Changes recorded by confirms (`Claim.confirm`) whose claims ended before their events were published.

@@ -49,8 +49,9 @@ scripts touch `drived:epoch` beside a drive's keys):
   of a reservation changes only the count it was made in.
 - `drived:{<drive>}:completed:<component>:<upload id>`: the file a resumable
   upload stored (`completion`), set by the publish of its put with a TTL of
-  --upload-expiry: size, generation, mtime (ns), CRC32C (`-` when not
-  known) and sha256, separated by spaces, then the path.
+  --upload-expiry, given that TTL again by `keep_completions` while the
+  stream that committed it runs: size, generation, mtime (ns), CRC32C (`-`
+  when not known) and sha256, separated by spaces, then the path.
 - `drived:unpublished`: the keys of those hashes, each scored by when
   (ms of the server's clock) its fields are next looked at: one claim TTL
   after its first field, then every TTL (`unpublished` moves it on as it
@@ -397,6 +398,12 @@ COMPLETION = """
 return redis.call('GET', KEYS[1])
 """
 
+# KEYS: completions. ARGV: the ms they are kept from now. One expired already stays gone.
+KEEP_COMPLETIONS = """
+for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[1]) end
+return 1
+"""
+
 # KEYS: a drive's unpublished changes, their index. ARGV: a field, and the value it must still have to be dropped.
 FORGET = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
@@ -565,6 +572,7 @@ class RedisCoordinator(Coordinator):
         self._unpublished_due = self._redis.register_script(UNPUBLISHED_DUE)
         self._forget = self._redis.register_script(FORGET)
         self._completion = self._redis.register_script(COMPLETION)
+        self._keep_completions = self._redis.register_script(KEEP_COMPLETIONS)
         self._usage = self._redis.register_script(USAGE)
         self._reserve = self._redis.register_script(RESERVE)
         self._add_usage = self._redis.register_script(ADD_USAGE)
@@ -868,6 +876,15 @@ class RedisCoordinator(Coordinator):
     async def completion(self, drive: str, component: str, upload: str) -> Entry | None:
         value = await self._run(self._completion, [_completion_key(drive, component, upload)], [])
         return None if value is None else _completed(component, value)
+
+    async def keep_completions(self, uploads: Sequence[tuple[str, str, str]]) -> None:
+        keys = [_completion_key(*upload) for upload in uploads]
+        try:
+            for start in range(0, len(keys), RENEW_CHUNK):  # each call's arguments and time on the server bounded
+                await self._run(self._keep_completions, keys[start:start + RENEW_CHUNK], [self._upload_expiry_ms()])
+        except Unavailable as err:
+            log.warning("completions of resumable uploads could not be kept: they are forgotten --upload-expiry "
+                        "after they were last kept", extra={"fields": {"uploads": len(keys), "error": str(err)}})
 
     async def unpublished(self) -> list[Unpublished]:
         found = await self._run(self._unpublished_due, [UNPUBLISHED],

@@ -28,7 +28,10 @@ a bound, the oldest held upload is discarded first. But for completions,
 with a coordinator that records them (`Coordinator.completion`: replicas
 sharing Redis): the publish of a put records its upload's completion for
 `expiry` seconds, so that a client cut after the commit that asks another
-daemon learns of the file.
+daemon learns of the file; those of running streams are kept there for
+`expiry` again every third of it (one call for all of them), so that there
+too a client cut late in a long stream learns of every file it stored (for
+two thirds of `expiry` after the stream ended, at least).
 
 Ids are scoped by drive and component. One stream writes an upload at a
 time: a resume takes it over from a stream that broke on the client's side
@@ -42,6 +45,7 @@ holding it: it never pushes another held upload out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections import OrderedDict
@@ -189,6 +193,7 @@ class HeldUploads:
         self._streams: dict[Call, tuple[Completions, list[UploadKey]]] = {}  # those running streams, with where
         # their completions go once they end
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._keeper: asyncio.Task[None] | None = None  # `_keep_streaming`, while running streams have completions
 
     # -- streams -------------------------------------------------------------
 
@@ -299,6 +304,8 @@ class HeldUploads:
             completed.add(key, commit.result())
             return
         self._streaming[key] = (stream, commit.result())
+        if self.coordinator.records_completions and (self._keeper is None or self._keeper.done()):
+            self._keeper = asyncio.ensure_future(self._keep_streaming())
         if stream not in self._streams:
             self._streams[stream] = (completed, [])
             stream.add_done_callback(self._ended_stream)
@@ -312,6 +319,13 @@ class HeldUploads:
             if streaming is not None and streaming[0] is stream:  # not started again since
                 del self._streaming[key]
                 completed.add(key, streaming[1])
+
+    async def _keep_streaming(self) -> None:
+        """Keeps the coordinator's records of the running streams' completions, every third of `expiry`, for as
+        long as there are any."""
+        while self._streaming:
+            await asyncio.sleep(self.expiry / 3)
+            await self.coordinator.keep_completions(list(self._streaming))
 
     async def abort(self, resumable: Resumable, writer: object) -> None:
         """Discards the upload that `writer` writes (a failed write or commit, a stream the daemon ended); a no-op
@@ -406,6 +420,10 @@ class HeldUploads:
         outlives it)."""
         self._completed_put_streams.close()
         self._completed_put_files.close()
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
         while self._tasks:
             await asyncio.wait(set(self._tasks))
         for resumable in list(self._held.values()):

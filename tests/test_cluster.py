@@ -319,6 +319,43 @@ def query_write_status(stub: drive_pb2_grpc.DriveServiceStub, drive: str, upload
     return stub.QueryWriteStatus(request, timeout=10)
 
 
+def test_the_first_file_of_a_put_stream_running_past_the_upload_expiry_is_told_by_b_until_the_stream_ended(
+        own_cluster, drive_uri):
+    expiry = 2.0
+    a, b = (own_cluster.replica("--upload-expiry", str(expiry)) for _ in range(2))
+    messages = []
+    for i in range(2):
+        file = list(put_messages(drive_uri, f"f{i}.txt", f"file {i}".encode(), component="w"))
+        file[0].header.upload_id = f"u-{i}"
+        messages += file
+    second = threading.Event()
+
+    def streamed() -> Iterator[drive_pb2.PutRequest]:
+        yield from messages[:3]  # the first file, whole
+        second.wait(30)
+        yield from messages[3:]
+
+    def committed() -> bool:
+        try:
+            return query_write_status(stub_of(a), drive_uri, "u-0").complete
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:  # not begun yet
+                raise
+            return False
+
+    put = stub_of(a).Put.future(streamed(), timeout=60)
+    assert wait_until(committed, timeout=20)
+    time.sleep(1.5 * expiry)  # the stream runs on, its first file committed longer ago than the expiry
+    assert query_write_status(stub_of(b), drive_uri, "u-0").file.path == "f0.txt"
+    second.set()
+    assert [f.path for f in put.result(30).files] == ["f0.txt", "f1.txt"]
+    assert query_write_status(stub_of(b), drive_uri, "u-0").file.path == "f0.txt"
+    time.sleep(1.5 * expiry)  # and no longer
+    for handle in (a, b):
+        assert rpc_code(lambda handle=handle: query_write_status(stub_of(handle), drive_uri, "u-0")) == \
+            grpc.StatusCode.NOT_FOUND
+
+
 def test_an_upload_committed_on_a_is_told_only_for_its_drive_and_component_and_unavailable_without_the_coordinator(
         own_cluster, make_drive_uri):
     a, b = own_cluster.replica(), own_cluster.replica()
