@@ -286,6 +286,29 @@ def test_the_crc32c_is_stored_and_a_whole_read_of_a_damaged_object_is_data_loss(
     assert b"".join(drive.read_range("f.bin", size // 2, 10)) == bytes(damaged[size // 2:size // 2 + 10])
 
 
+@pytest.mark.parametrize("size", [100_000, PART_SIZE + 1], ids=["one-put", "multipart"])
+def test_an_object_emptied_behind_the_daemons_back_is_data_loss(store, daemon_a, drive_uri, tmp_path, size):
+    """An object written back empty with its metadata (a copy or sync tool that lost its bytes): a whole read
+    has no last chunk to check before, so it served an empty file, and a Drive.get called that damage on the
+    way. Every read of it is DATA_LOSS naming the file, and the empty bytes are never kept."""
+    stub = stub_of(daemon_a)
+    raw_put(stub, drive_uri, "f.bin", os.urandom(size), component="w")
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/f.bin"
+    metadata = store.client.head_object(Bucket=BUCKET, Key=key)["Metadata"]
+    store.client.put_object(Bucket=BUCKET, Key=key, Body=b"", Metadata=metadata)
+    for request in (drive_pb2.GetRequest(drive=drive_uri, path="f.bin"),
+                    drive_pb2.GetRequest(drive=drive_uri, path="f.bin", whole_small_files=True, checksums=True)):
+        with pytest.raises(grpc.RpcError) as damaged:
+            list(stub.Get(request, timeout=60))
+        assert damaged.value.code() == grpc.StatusCode.DATA_LOSS, damaged.value.details()
+        assert f"'f.bin' of component 'w' in {drive_uri} is damaged" in damaged.value.details()
+    (tmp_path / "f.bin").write_bytes(b"the local file")
+    with pytest.raises(DataLoss, match=r"'f.bin' of component 'w' in lit://\S+ is damaged"):
+        Drive(drive_uri, root_folder=tmp_path, endpoint=daemon_a.endpoint).get("f.bin", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"] and (tmp_path / "f.bin").read_bytes() == b"the local file"
+    assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"", "reading never rewrites an object"
+
+
 def test_a_big_file_whose_checksum_object_is_gone_is_data_loss_and_stays_listed(store, daemon_a, drive_uri):
     """A multipart object's checksums live in its checksum object (under ~checksums/, beside the drives): one
     lost behind the daemon's back (a drive's folder copied or restored alone, a cleanup of what looks like

@@ -222,7 +222,8 @@ class SummedChunks:
     them in the worker threads that read them. With `expected`, the CRC32C
     of the whole object (the chunks must be all of it, `size` bytes), the
     last chunk is only yielded once the CRC32C of every byte matches it;
-    otherwise `Damaged` is raised in its place. `chunks` None: no bytes.
+    otherwise `Damaged` is raised in its place (at the end, when the object
+    holds no bytes where its CRC32C says it has some). `chunks` None: no bytes.
     """
 
     def __init__(self, chunks: AsyncIterator[bytes] | None, summed: RunningCrc32c, key: str, size: int = 0,
@@ -243,11 +244,19 @@ class SummedChunks:
     async def __anext__(self) -> bytes:
         if self._chunks is None:
             raise StopAsyncIteration
-        data = await anext(self._chunks)
+        try:
+            data = await anext(self._chunks)
+        except StopAsyncIteration:  # an object with no bytes has no last chunk: checked at its end instead
+            self._check()
+            raise
         self._left -= len(data)
-        if self._expected is not None and self._left <= 0 and self.crc32c != self._expected:
-            raise Damaged(self._key, f"its bytes do not match their CRC32C {self._expected:08x}")
+        if self._left <= 0:
+            self._check()
         return data
+
+    def _check(self) -> None:
+        if self._expected is not None and self.crc32c != self._expected:
+            raise Damaged(self._key, f"its bytes do not match their CRC32C {self._expected:08x}")
 
     async def aclose(self) -> None:
         if self._chunks is not None:
