@@ -373,7 +373,7 @@ class _Receiving:
         if crc is not None and crc != self.crc32c:
             raise crc32c_mismatch(self.info.path)
         if self.info.HasField("crc32c") and self.info.crc32c != self.whole_crc32c():
-            raise crc32c_mismatch(self.info.path)  # bytes a cut stream carried, or those of the ranges of a file
+            raise stored_crc32c_mismatch(self.info.path)
         if self.digest is not None and self.info.sha256 and self.digest.hexdigest() != self.info.sha256:
             raise DataLoss(
                 f"{self.info.path!r}: received bytes do not match the stored sha256; try again",
@@ -450,6 +450,18 @@ def crc32c_mismatch(path: str) -> DataLoss:
     return DataLoss(
         f"{path!r}: the bytes received do not match the CRC32C the daemon sent with them (damaged on the way); "
         "nothing was kept, try again", grpc.StatusCode.DATA_LOSS,
+    )
+
+
+def stored_crc32c_mismatch(path: str) -> DataLoss:
+    """The error of a file whose bytes passed the CRC32C of each stream that carried them but not the one stored
+    with it: bytes a cut stream carried before its CRC32C came were damaged on the way, or the stored copy is
+    damaged where the daemon does not check what it reads (the ranges of a parallel get from --storage)."""
+    return DataLoss(
+        f"{path!r}: the bytes received do not match the CRC32C stored with the file: its stored copy is damaged, "
+        "or bytes were damaged on the way before a stream was cut; nothing was kept. Try again: if this comes "
+        "again, the stored copy is damaged: put the file again, or restore it from a backup",
+        grpc.StatusCode.DATA_LOSS,
     )
 
 

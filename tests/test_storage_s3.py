@@ -53,6 +53,7 @@ from rewriting_s3_proxy import RewritingS3Proxy
 from bench.services import MotoServer, peak_rss_mib, reset_peak_rss
 from drive_client import DataLoss, Drive
 from drive_client.pb import drive_pb2, drive_pb2_grpc
+from drive_client.transfer import PARALLEL_MIN_SIZE
 from drive_client.wire import fast_stub
 from drived.backends.s3 import MAX_PARTS_IN_FLIGHT, PART_SIZE, PARTS_IN_MEMORY, S3Backend
 from drived.checksums import ClientChecksums
@@ -307,6 +308,25 @@ def test_an_object_emptied_behind_the_daemons_back_is_data_loss(store, daemon_a,
         Drive(drive_uri, root_folder=tmp_path, endpoint=daemon_a.endpoint).get("f.bin", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"] and (tmp_path / "f.bin").read_bytes() == b"the local file"
     assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"", "reading never rewrites an object"
+
+
+def test_a_parallel_get_of_a_damaged_object_says_its_stored_copy_is_damaged(store, daemon_a, drive_uri, tmp_path):
+    """A get of a file of PARALLEL_MIN_SIZE or more reads it in ranges, which the daemon sends as the store has
+    them: only the client's check of the whole against the stored CRC32C sees the damage. It said 'damaged on
+    the way; try again', which every try said again."""
+    stub = stub_of(daemon_a)
+    data = os.urandom(PARALLEL_MIN_SIZE)
+    raw_put(stub, drive_uri, "f.bin", data, component="w")
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/f.bin"
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0x01  # the store's copy rots (written back with the same metadata)
+    store.client.put_object(Bucket=BUCKET, Key=key, Body=bytes(damaged),
+                            Metadata=store.client.head_object(Bucket=BUCKET, Key=key)["Metadata"])
+    (tmp_path / "f.bin").write_bytes(b"the local file")
+    with pytest.raises(DataLoss, match=r"'f.bin': the bytes received do not match the CRC32C stored with the file: "
+                                       "its stored copy is damaged"):
+        Drive(drive_uri, root_folder=tmp_path, endpoint=daemon_a.endpoint).get("f.bin", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"] and (tmp_path / "f.bin").read_bytes() == b"the local file"
 
 
 def test_a_big_file_whose_checksum_object_is_gone_is_data_loss_and_stays_listed(store, daemon_a, drive_uri):
