@@ -30,6 +30,10 @@ _NO_SUCH_UPLOAD = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchUp
                    b'aborted or completed.</Message></Error>')
 
 
+def answer_length(headers: Sequence[tuple[str, str]]) -> str:
+    return next((value for name, value in headers if name.lower() == "content-length"), "0")
+
+
 class RewritingS3Proxy:
     def __init__(self, target: str, rewrite: Rewrite = lambda query, body: body, drop: tuple[str, ...] = (),
                  lose_completes: int = 0) -> None:
@@ -82,9 +86,11 @@ class RewritingS3Proxy:
                 for name, value in headers:
                     if name.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
                         self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD's answer has no body, and the length of the object's.
+                head = self.command == "HEAD"
+                self.send_header("Content-Length", answer_length(headers) if head else str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if not head:
                     self.wfile.write(data)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward

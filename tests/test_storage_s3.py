@@ -51,7 +51,7 @@ from moto_server import AWS_ENV, aws_env
 from rewriting_s3_proxy import RewritingS3Proxy
 
 from bench.services import MotoServer, peak_rss_mib, reset_peak_rss
-from drive_client import DataLoss, Drive
+from drive_client import DataLoss, Drive, DriveError
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drive_client.transfer import PARALLEL_MIN_SIZE
 from drive_client.wire import fast_stub
@@ -840,6 +840,32 @@ def test_a_big_put_whose_commit_answer_was_lost_is_stored_and_reported_stored(st
     [checksums] = store.object_keys(f"{PREFIX}~checksums/{key}/")  # the one the object uses, and no other
     assert store.client.head_object(Bucket=BUCKET, Key=PREFIX + key)["Metadata"]["checksums"] == checksums.rsplit(
         "/", 1)[1]
+
+
+def test_a_store_that_ignores_ranges_is_refused_not_read_from_its_start(store, drive_uri, tmp_path):
+    """An endpoint that answers a ranged GET with the whole object (as HTTP allows, and as some gateways and
+    caches do): a read from an offset sent the object's first bytes as those at the offset, with the CRC32C of
+    what it sent, so read_range and fsspec took them. It fails saying so, naming the file; a whole read works."""
+    data = os.urandom(3 * MIB)
+    with RewritingS3Proxy(store.url, drop=("Range",)) as proxy:
+        handle = store.daemon(env=store.env(AWS_ENDPOINT_URL=proxy.url))
+        stub = stub_of(handle)
+        raw_put(stub, drive_uri, "f.bin", data, component="w")
+        assert raw_get(stub, drive_uri, "f.bin")[0][1] == data
+        drive = Drive(drive_uri, endpoint=handle.endpoint)
+        for offset, length in ((MIB + 7, 100), (1, None)):
+            with pytest.raises(DriveError, match=r"'f.bin' of component 'w' in lit://\S+ cannot be read from byte "
+                                                 rf"{offset}: .* ignores the Range"):
+                b"".join(drive.read_range("f.bin", offset, length))
+        assert b"".join(drive.read_range("f.bin", 0, MIB)) == data[:MIB]  # the whole object's first bytes
+        fs = fsspec.filesystem("lit", endpoint=handle.endpoint, skip_instance_cache=True)
+        with pytest.raises(DriveError, match="ignores the Range"):
+            fs.cat_file(f"{drive_uri.removeprefix('lit://')}/f.bin", MIB, 2 * MIB)
+        assert b"".join(drive.read_range("f.bin", 0, None)) == data
+        assert Drive(drive_uri, root_folder=tmp_path, endpoint=handle.endpoint).get("f.bin").read_bytes() == data
+        handle.stop()
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/f.bin"
+    assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == data
 
 
 def test_a_held_upload_keeps_its_multipart_upload_and_resumes_into_it(store, daemon_a, drive_uri):

@@ -120,6 +120,7 @@ from drive_client.wire import SMALL_FILE
 
 from ..checksums import Checksums, ClientChecksums, RunningCrc32c, range_crc32c
 from ..s3index.lister import endpoint_of, make_client, map_error
+from ..s3index.reader import first_byte
 from .base import (
     Backend,
     BeforeVisible,
@@ -131,6 +132,7 @@ from .base import (
     Listing,
     Missing,
     ObjectInfo,
+    StoredFileError,
     SummedChunks,
     TooLarge,
     Upload,
@@ -961,7 +963,7 @@ class S3Backend(Backend):
             if _code(err)[0] != "InvalidRange":
                 raise self.failure(err, key) from err
             return await self._read_past_end(key, offset)
-        body = answer["Body"]
+        body = self._body_from(key, answer, offset)
         total = answer.get("ContentRange", "").rpartition("/")[2]
         size = int(total) if total.isdigit() else int(answer["ContentLength"])
         try:
@@ -1017,6 +1019,17 @@ class S3Backend(Backend):
             if _code(err)[0] == "PreconditionFailed" or _missing(err):
                 raise ChangedWhileRead(key, "was replaced or deleted") from None
             raise self.failure(err, key) from err
+        return self._body_from(key, answer, start)
+
+    def _body_from(self, key: str, answer: dict[str, Any], start: int) -> Any:
+        """The body of a GetObject of `key` from byte `start`; refused (closed) when it starts at another byte."""
+        first = first_byte(answer)
+        if first != start:
+            answer["Body"].close()
+            raise StoredFileError(
+                key, f"cannot be read from byte {start}: --storage's endpoint {self.endpoint} answered with the bytes "
+                f"from {first} (it ignores the Range of a GET, which every read but a whole file's needs)"
+            )
         return answer["Body"]
 
     async def stat(self, key: str) -> ObjectInfo | None:

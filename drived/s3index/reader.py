@@ -74,9 +74,7 @@ def _open(client: Any, bucket: str, key: str, etag: str, size: int, start: int, 
     body = answer["Body"]
     try:
         _check(bucket, key, etag, size, answer)
-        # HTTP lets a server answer a ranged GET with the whole object: its first bytes are not those asked for.
-        match = _FIRST.match(str(answer.get("ContentRange", "")))
-        first = int(match.group(1)) if match else 0
+        first = first_byte(answer)
         if first != start:
             raise DriveError(
                 f"{endpoint_of(client)} answered a read of s3://{bucket}/{key} from byte {start} with the bytes "
@@ -86,6 +84,16 @@ def _open(client: Any, bucket: str, key: str, etag: str, size: int, start: int, 
         body.close()
         raise
     return body
+
+
+def first_byte(answer: dict[str, Any]) -> int:
+    """Which byte of the object a GetObject answer starts at: where its Content-Range starts, 0 without one.
+
+    HTTP lets a server answer a ranged GET with the whole object (some
+    gateways and caches do): its first bytes are then not those asked for.
+    """
+    match = _FIRST.match(str(answer.get("ContentRange", "")))
+    return int(match.group(1)) if match else 0
 
 
 def _head(client: Any, bucket: str, key: str, etag: str, size: int) -> None:
