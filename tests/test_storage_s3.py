@@ -329,16 +329,22 @@ def test_a_parallel_get_of_a_damaged_object_says_its_stored_copy_is_damaged(stor
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"] and (tmp_path / "f.bin").read_bytes() == b"the local file"
 
 
-def test_a_big_file_whose_checksum_object_is_gone_is_data_loss_and_stays_listed(store, daemon_a, drive_uri):
+@pytest.mark.parametrize("how", ["gone", "emptied"])
+def test_a_big_file_whose_checksum_object_is_lost_is_data_loss_and_stays_listed(store, daemon_a, drive_uri, how):
     """A multipart object's checksums live in its checksum object (under ~checksums/, beside the drives): one
     lost behind the daemon's back (a drive's folder copied or restored alone, a cleanup of what looks like
     leftovers) hid the file from stat, get and listing (NOT_FOUND) while another component's put was refused as
-    held by it. It is listed, and its stat and get are DATA_LOSS saying what is wrong; its bytes are kept."""
+    held by it. So did one whose metadata, all it holds, was lost (restored by a tool that keeps no S3 metadata),
+    as 'not a drived object'. It is listed, and its stat and get are DATA_LOSS saying what is wrong; its bytes
+    are kept."""
     stub = stub_of(daemon_a)
     data = os.urandom(PART_SIZE + 1)
     raw_put(stub, drive_uri, "big.bin", data, component="w")
     [lost] = store.object_keys(f"{PREFIX}~checksums/{drive_uri.removeprefix('lit://')}/w/big.bin/")
-    store.client.delete_object(Bucket=BUCKET, Key=lost)
+    if how == "gone":
+        store.client.delete_object(Bucket=BUCKET, Key=lost)
+    else:
+        store.client.put_object(Bucket=BUCKET, Key=lost, Body=b"")
     listed = stub.List(drive_pb2.ListRequest(drive=drive_uri, path="."), timeout=60).entries
     assert [(e.path, e.component) for e in listed] == [("big.bin", "w")]
     for call in (lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="big.bin"), timeout=60),

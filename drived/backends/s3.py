@@ -676,20 +676,25 @@ class S3Backend(Backend):
         Raises ChangedWhileRead when a multipart object's checksum object is
         gone because a put or delete replaced the object after `answer`: that
         put or delete removes the checksum object of the version it replaced.
-        Raises Damaged when it is gone from under the object still there: lost
-        behind the daemon's back, it leaves bytes that nothing can check.
+        Raises Damaged when it is gone from under the object still there, or
+        holds no sha256 (its metadata, all it holds, lost: restored by a tool
+        that keeps none): lost behind the daemon's back, it leaves bytes that
+        nothing can check.
         """
         metadata = answer.get("Metadata") or {}
         generation = metadata.get("generation", "")
         sha256, crc = _checksums_of(metadata)
         if not sha256 and metadata.get("checksums"):
-            checksums = await self._head(self._checksums_key(key, metadata["checksums"]))
+            name = self._checksums_key(key, metadata["checksums"])
+            checksums = await self._head(name)
             if checksums is None:
                 if not await self._unchanged(key, answer):
                     raise ChangedWhileRead(key, "was replaced or deleted")
-                raise Damaged(key, f"its checksum object {self._checksums_key(key, metadata['checksums'])} is missing")
+                raise Damaged(key, f"its checksum object {name} is missing")
             held = checksums.get("Metadata") or {}
             sha256, crc = _checksums_of(held)
+            if not sha256:
+                raise Damaged(key, f"its checksum object {name} has lost its metadata (no sha256)")
             generation = held.get("generation", generation)  # its commit's (an earlier drived's names none)
         if not generation.isdigit() or int(generation) > MAX_GENERATION or not sha256:
             return None
