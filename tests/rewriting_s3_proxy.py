@@ -13,6 +13,9 @@ does not check signatures, so a request signed for the proxy's address is answer
 connection closes before any byte of them), and a CompleteMultipartUpload of an upload already
 completed is answered NoSuchUpload, as MinIO answers a client's retry of it (minio/minio#13318;
 AWS and moto answer it as the first).
+
+`cut_read=hook`: the answer of the first GetObject is cut half way through its body (the connection
+closes), once `hook()` has run (a test replaces the object there, before its reader asks for the rest).
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ def answer_length(headers: Sequence[tuple[str, str]]) -> str:
 
 class RewritingS3Proxy:
     def __init__(self, target: str, rewrite: Rewrite = lambda query, body: body, drop: tuple[str, ...] = (),
-                 lose_completes: int = 0) -> None:
+                 lose_completes: int = 0, cut_read: Callable[[], object] | None = None) -> None:
         parts = urllib.parse.urlsplit(target)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         dropped = {name.lower() for name in drop}
         completed: set[str] = set()  # the upload ids of the CompleteMultipartUploads that succeeded
         self.lost_completes = 0
+        self.cut_reads = 0
         lock = threading.Lock()
         proxy = self
 
@@ -67,7 +71,20 @@ class RewritingS3Proxy:
                     return
                 if self.command == "GET" and query.get("list-type") == "2" and answer.status == 200:
                     data = rewrite(query, data)
+                if self.command == "GET" and not query.keys() - {"x-id"} and len(data) > 1 and self._cut_first():
+                    assert cut_read is not None  # _cut_first says so
+                    cut_read()
+                    self._answer(answer.status, data, answer.getheaders(), sent=len(data) // 2)
+                    return
                 self._answer(answer.status, data, answer.getheaders())
+
+            def _cut_first(self) -> bool:
+                """Whether this answer to a GetObject is the one cut (with `cut_read`, the first)."""
+                with lock:
+                    if cut_read is None or proxy.cut_reads:
+                        return False
+                    proxy.cut_reads = 1
+                    return True
 
             def _completed(self, upload: str, status: int) -> bool:
                 """Whether the answer of this CompleteMultipartUpload (of `upload`, answered `status`) is lost."""
@@ -81,7 +98,9 @@ class RewritingS3Proxy:
                 self.close_connection = True
                 return True
 
-            def _answer(self, status: int, data: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
+            def _answer(self, status: int, data: bytes, headers: Sequence[tuple[str, str]] = (),
+                        sent: int | None = None) -> None:
+                """Answers `data`; only its first `sent` bytes, then the connection closes, when `sent` is given."""
                 self.send_response(status)
                 for name, value in headers:
                     if name.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
@@ -91,7 +110,9 @@ class RewritingS3Proxy:
                 self.send_header("Content-Length", answer_length(headers) if head else str(len(data)))
                 self.end_headers()
                 if not head:
-                    self.wfile.write(data)
+                    self.wfile.write(data[:sent])
+                if sent is not None:
+                    self.close_connection = True
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 

@@ -51,7 +51,7 @@ from moto_server import AWS_ENV, aws_env
 from rewriting_s3_proxy import RewritingS3Proxy
 
 from bench.services import MotoServer, peak_rss_mib, reset_peak_rss
-from drive_client import DataLoss, Drive, DriveError
+from drive_client import DataLoss, Drive, DriveError, StaleIndexError
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drive_client.transfer import PARALLEL_MIN_SIZE
 from drive_client.wire import fast_stub
@@ -872,6 +872,29 @@ def test_a_store_that_ignores_ranges_is_refused_not_read_from_its_start(store, d
         handle.stop()
     key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/f.bin"
     assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == data
+
+
+def test_a_read_cut_by_the_store_resumes_only_into_the_version_it_began(store, drive_uri):
+    """The connection to the store drops mid-read and the file is replaced meanwhile: the daemon asks for the rest
+    If-Match the version it began, and a store that ignores If-Match (as some gateways do) sent the new version's
+    bytes after the old one's, with the CRC32C of that mix: read_range took them. It fails ABORTED, saying to read
+    the file again."""
+    old, new = os.urandom(3 * MIB), os.urandom(3 * MIB)
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/f.bin"
+
+    def replace() -> None:  # as another daemon's put would, with the new version's own metadata
+        store.client.put_object(Bucket=BUCKET, Key=key, Body=new, Metadata=dict(metadata, sha256=sha256_of(new)))
+
+    with RewritingS3Proxy(store.url, drop=("If-Match",), cut_read=replace) as proxy:
+        handle = store.daemon(env=store.env(AWS_ENDPOINT_URL=proxy.url))
+        stub = stub_of(handle)
+        raw_put(stub, drive_uri, "f.bin", old, component="w")
+        metadata = store.client.head_object(Bucket=BUCKET, Key=key)["Metadata"]
+        with pytest.raises(StaleIndexError, match=r"'f.bin' of component 'w' in lit://\S+ was replaced"):
+            b"".join(Drive(drive_uri, endpoint=handle.endpoint, retry_seconds=0).read_range("f.bin", 1, None))
+        assert proxy.cut_reads == 1
+        handle.stop()
+    assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == new
 
 
 def test_a_held_upload_keeps_its_multipart_upload_and_resumes_into_it(store, daemon_a, drive_uri):

@@ -73,8 +73,9 @@ deletes the older lists.
 
 Reads are one GetObject of the range asked for, streamed a chunk at a time: a
 single answer is one version. When the connection drops mid-way the rest is
-asked for again `If-Match` its ETag, so a file replaced meanwhile fails with
-ABORTED rather than mixing versions. A read of a whole object checks its
+asked for again `If-Match` its ETag (and the answer's ETag checked, for stores
+that ignore If-Match), so a file replaced meanwhile fails with ABORTED rather
+than mixing versions. A read of a whole object checks its
 bytes against the stored CRC32C before it yields the last chunk
 (`SummedChunks`): a damaged object fails with DATA_LOSS before its end, and a
 client never keeps any of it. A ranged read relies on S3's own integrity (the
@@ -1017,6 +1018,8 @@ class S3Backend(Backend):
             body.close()
 
     async def _resume(self, key: str, etag: str, start: int, end: int) -> Any:
+        """The body of bytes [start, end) of the version of `key` whose ETag is `etag`: ChangedWhileRead when the
+        key holds another by now, refused by the store (If-Match) or, by one that ignores If-Match, answered."""
         try:
             answer = await self.run(self.client.get_object, Bucket=self.bucket, Key=self.root + key,
                                     Range=f"bytes={start}-{end - 1}", IfMatch=etag)
@@ -1024,6 +1027,9 @@ class S3Backend(Backend):
             if _code(err)[0] == "PreconditionFailed" or _missing(err):
                 raise ChangedWhileRead(key, "was replaced or deleted") from None
             raise self.failure(err, key) from err
+        if answer["ETag"] != etag:
+            answer["Body"].close()
+            raise ChangedWhileRead(key, "was replaced")
         return self._body_from(key, answer, start)
 
     def _body_from(self, key: str, answer: dict[str, Any], start: int) -> Any:
