@@ -39,9 +39,11 @@ scripts touch `drived:epoch` beside a drive's keys):
   by its token is a change never published, which `unpublished` hands out.
 - `drived:{<drive>}:usage`: the drive's count for `--quota` (`drived.quota`),
   a hash: `used` (the bytes of its files), `reserved` (the bytes commits in
-  progress add) and `count` (a token that tells this count from a later
-  one). Made from the store's count (`Backend.usage`) by the first call that
-  finds it missing (of counts made at once, the first to arrive is kept), it
+  progress add), `count` (a token that tells this count from a later one)
+  and `run` (the server's run_id, as the epoch's). Made from the store's
+  count (`Backend.usage`) by the first call that finds it missing, or made
+  by another run of the server (a count restored from a snapshot is as old
+  as the snapshot; of counts made at once, the first to arrive is kept), it
   expires USAGE_KEPT after that, never later, and is counted again: what it
   missed (a replica killed between the room it held and its commit's end,
   the end of a commit or delete that could not reach the coordinator, an
@@ -155,13 +157,21 @@ MARKED_KINDS = {mark: kind for kind, mark in KIND_MARKS.items()}
 KEEPALIVE = {getattr(socket, name): seconds for name, seconds in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5),
                                                                   ("TCP_KEEPCNT", 2)) if hasattr(socket, name)}
 
-FEED_STATE = """
+# The run of the server: another after its restart or a failover, which may have come back with less than it
+# answered (see `drived:epoch`).
+SERVER_RUN = """
+local function server_run()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+end
+"""
+
+FEED_STATE = SERVER_RUN + """
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local function epoch_of(now)
-  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  local run = server_run()
   local kept = redis.call('GET', KEYS[1])
   if kept and string.match(kept, ':(%x+)$') == run then return tonumber(string.match(kept, '^%d+')) end
   redis.call('SET', KEYS[1], string.format('%.0f', now) .. ':' .. run)
@@ -355,11 +365,13 @@ return found
 
 # KEYS: a drive's usage. ARGV: the store's count of the drive ('' when not counted: none is made), the token of the
 # count made from it, and the ms it is kept. Its used, reserved and token, or nil when the drive is not counted.
-USAGE_STATE = """
+USAGE_STATE = SERVER_RUN + """
 local function usage()
-  if redis.call('EXISTS', KEYS[1]) == 0 then
+  local run = server_run()
+  if redis.call('HGET', KEYS[1], 'run') ~= run then
     if ARGV[1] == '' then return nil end
-    redis.call('HSET', KEYS[1], 'used', ARGV[1], 'reserved', 0, 'count', ARGV[2])
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[1], 'used', ARGV[1], 'reserved', 0, 'count', ARGV[2], 'run', run)
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
   end
   return redis.call('HMGET', KEYS[1], 'used', 'reserved', 'count')

@@ -442,6 +442,27 @@ async def test_a_coordinator_back_with_older_data_refuses_resumes_from_before_it
 
 
 @pytest.mark.integration
+async def test_a_count_of_a_coordinator_back_with_older_data_is_counted_again(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    """A server back from a snapshot brings the drive's count as it was then: the commits since were not in it, and
+    the drive could pass its quota by them until the count expired (an hour)."""
+    server = own_valkey()
+    async with redis_coordinator(server.url) as coordinator:
+        asked: list[int] = []
+        _, held = await coordinator.reserve("d", 100, 1000, count_of(500, asked))
+        assert held is not None
+        redis.Redis.from_url(server.url).save()
+        await coordinator.unreserve(held, committed=True)
+        assert await coordinator.usage("d", count_of(0, asked)) == Usage(600)
+        server.kill()
+        own_valkey(port=server.port, data_dir=server.data_dir)  # back from its snapshot: 500 used, 100 reserved
+        assert await coordinator.usage("d", count_of(600, asked)) == Usage(600)
+        assert await coordinator.usage("d", count_of(0, asked)) == Usage(600), "counted once after the restart"
+        assert asked == [500, 600]
+
+
+@pytest.mark.integration
 async def test_a_count_lost_with_the_data_or_past_its_time_is_counted_again_and_earlier_reservations_leave_it_be(
     valkey: ValkeyServer,
 ) -> None:
