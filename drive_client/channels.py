@@ -243,8 +243,7 @@ def channel_options(connection: Connection, retries: bool = False) -> list[tuple
     `retries` leaves gRPC's transparent retries on: a call that gRPC knows the daemon's code never saw
     (it never left the client, or the daemon's gRPC library refused its stream) is sent again. gRPC
     has no retry policy for any method: the client's own code (`core`, paced by `resume.Backoff`)
-    tries calls again within `retry_seconds`, one layer a call, and not Delete (one that ran but whose
-    answer was lost would be answered NOT_FOUND when tried again).
+    tries calls again within `retry_seconds`, one layer a call.
     """
     options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
     if connection.endpoint.startswith(SPREAD_TARGETS):

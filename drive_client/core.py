@@ -7,9 +7,10 @@ parallel ranged streams, one unary PutFile for a small file against a Put
 stream, which checksums a transfer computes and checks (CRC32C always, sha256
 with `verify="sha256"`), how a put, a get, a ranged read or a watch goes on
 when its stream breaks (`resume` paces the attempts and knows where a get got
-to), which unary calls are simply sent again (List, Stat, Mount: `_retried`),
-what an s3:// drive's calls never try again (`_backoff`), and how drive paths
-map to local ones. The bytes themselves move in `transfer`'s
+to), which unary calls are sent again (List, Stat, Mount: `_retried`; Delete,
+which takes a NOT_FOUND after a lost answer for its own earlier work), what
+an s3:// drive's calls never try again (`_backoff`), and how drive paths map
+to local ones. The bytes themselves move in `transfer`'s
 thread-based functions, which the plans run as `Blocking` work.
 """
 
@@ -521,8 +522,31 @@ def read_range(drive: DriveBase, path: str, offset: int, length: int | None, com
 
 
 def delete(drive: DriveBase, path: str) -> Plan[None]:
-    """Removes this component's file, or all its files under a folder."""
-    yield Unary("Delete", pb.DeleteRequest(drive=drive.id, path=normalize_path(path), component=drive.component_name))
+    """Removes this component's file, or all its files under a folder; tried again on UNAVAILABLE as `_retried`
+    says, so that a daemon restarting or draining is waited for.
+
+    A failed attempt may have removed the files before its answer was
+    lost (a cut connection): a NOT_FOUND answered to a later attempt is
+    taken for that work found done, and the delete returns (so does one
+    of a path the component held nothing at, whose first attempt failed:
+    the two look alike). A folder delete cut midway removes the rest on
+    the next attempt.
+    """
+    request = pb.DeleteRequest(drive=drive.id, path=normalize_path(path), component=drive.component_name)
+    backoff = _backoff(drive)
+    tried = False  # an attempt failed after it may have reached the daemon
+    while True:
+        try:
+            yield Unary("Delete", request)
+            return
+        except NotFound:
+            if tried:
+                return
+            raise
+        except DriveError as err:
+            delay = backoff.delay(err)
+        tried = True
+        yield Sleep(delay)
 
 
 def stat(drive: DriveBase, path: str, component_name: str | None) -> Plan[FileStat]:

@@ -88,7 +88,7 @@ class Drive(DriveBase):
     plaintext beyond loopback: without TLS such a Drive raises `ValueError`
     at once, unless `insecure=True` ($DRIVE_INSECURE=1). `retry_seconds`
     (default $DRIVE_RETRY_SECONDS, else 60; 0: off) is how long a transfer,
-    a list, a stat or a mount keeps trying through a network cut or a
+    a list, a stat, a delete or a mount keeps trying through a network cut or a
     daemon restart (see `drive_client.resume`). Picklable and deep-copyable; the gRPC channel is
     created lazily, once per process, connection and retry setting, and
     shared by all Drives.

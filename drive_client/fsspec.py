@@ -41,7 +41,7 @@ joined as `lit://DRIVE/` + `/x` names DRIVE's `x`). Options (all optional):
 - `verify`: `"crc32c"` (the default: every read and write is checked with
   CRC32C, each ranged read on its own) or `"sha256"` (whole-file reads also
   check the stored sha256, and writes send theirs), as `Drive(verify=...)`.
-- `retry_seconds`: how long a read, a write or a listing keeps trying through a
+- `retry_seconds`: how long a read, a write, a listing or a removal keeps trying through a
   network cut or a daemon restart (`Drive`'s argument: default
   `$DRIVE_RETRY_SECONDS`, else 60; 0: off).
 - `asynchronous`: `True` for `AsyncDriveFileSystem` (see above).

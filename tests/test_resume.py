@@ -418,6 +418,67 @@ def test_a_list_and_a_stat_wait_through_a_daemon_restart(twin, tmp_path, caplog)
             new.stop()
 
 
+# The answer of a Delete that removed one file (files_deleted=1), as a gRPC message: no other answer on its connection
+# carries these bytes.
+ONE_DELETED = b"\x00\x00\x00\x00\x02\x08\x01"
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_a_delete_whose_answer_was_lost_is_done_not_not_found(twin, daemon, tmp_path, drive_uri, what):
+    """The Delete reached the daemon and removed the file, but the connection broke before its answer: the client
+    sent nothing again and raised ConnectionError for a delete that was done (and a caller that tried again was told
+    FileNotFoundError). It tries again as for a list, and a NOT_FOUND answered to a retry after a failure that may
+    have reached the daemon is that earlier attempt's work: the delete returns. Nothing else is removed."""
+    (tmp_path / "a.txt").write_bytes(b"deleted")
+    (tmp_path / "b.txt").write_bytes(b"kept")
+    drive = twin(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint)
+    drive.put("a.txt", to="set/a.txt")
+    drive.put("b.txt")
+    with CuttingProxy(daemon.endpoint) as proxy:
+        proxy.cut_before("down", ONE_DELETED)
+        twin(drive_uri, endpoint=proxy.endpoint).delete("set/a.txt" if what == "file" else "set")
+        assert proxy.cuts_made == 1 and proxy.connections == 2
+
+    def deletes() -> list[str]:
+        return [r["status"] for r in requests(daemon, "Delete") if r["drive"] == drive_uri]
+
+    assert wait_until(lambda: deletes() == ["OK", "NOT_FOUND"]), deletes()  # removed once, then asked again
+    assert drive.list(".") == ["b.txt"]
+    with pytest.raises(FileNotFoundError):  # a delete of nothing, not cut, is still refused
+        drive.delete("set")
+
+
+def test_a_delete_started_while_the_daemon_drains_waits_for_it_back(twin, tmp_path, caplog):
+    """A delete started while the daemon drains is refused UNAVAILABLE ("drived: shutting down: retry"): it raised
+    ConnectionError at once, where a list or a stat keeps trying. It tries again while the daemon exits and stays down,
+    and removes the file on the daemon started again on its port."""
+    caplog.set_level(logging.WARNING, logger="drive_client")
+    old = start_daemon(tmp_path, "--grace-period", "60", data_dir=tmp_path / "data")
+    (tmp_path / "a.txt").write_bytes(b"deleted")
+    drive = twin("lit://redeleted", root_folder=tmp_path, endpoint=old.endpoint)
+    drive.put("a.txt", to="gone/a.txt")
+    drive.put("a.txt", to="kept.txt")
+    delete = Background(lambda: drive.delete("gone/a.txt"))
+    new = None
+    try:
+        with held_open(old):
+            old.proc.send_signal(signal.SIGTERM)
+            old.wait_logged("draining")
+            delete.start()
+            assert wait_until(lambda: [r["status"] for r in requests(old, "Delete")][:1] == ["UNAVAILABLE"], 30)
+        assert old.proc.wait(30) == 0, old.log()
+        time.sleep(1)  # the daemon is down
+        assert delete.is_alive(), f"the delete gave up: {delete.error!r}"
+        (tmp_path / "back").mkdir()  # a log of its own
+        new = start_daemon(tmp_path / "back", port=old.port, data_dir=tmp_path / "data")
+        assert delete.join_checked(60) is None
+        assert wait_until(lambda: [r["status"] for r in requests(new, "Delete")] == ["OK"])
+        assert drive.list(".") == ["kept.txt"]
+    finally:
+        if new is not None:
+            new.stop()
+
+
 def test_a_get_still_open_when_the_grace_period_ends_goes_on_on_the_daemon_started_again(tmp_path, caplog):
     """The daemon ends the streams still open once its grace period is over: a get stalled by its reader goes on
     from where it was on the daemon started again on its port, and its file is whole."""

@@ -190,6 +190,8 @@ class DriveServiceServicer:
         """Removes a file, or a folder with every file in it, from the caller's own
         namespace. Other components' files are never touched. Errors: NOT_FOUND
         (the caller owns nothing at that path), PERMISSION_DENIED (s3:// drive).
+        A Delete sent again after its answer was lost finds nothing left and
+        answers NOT_FOUND: the Python client takes that for the first one's work.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

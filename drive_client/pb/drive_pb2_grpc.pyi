@@ -180,6 +180,8 @@ class DriveServiceStub:
     """Removes a file, or a folder with every file in it, from the caller's own
     namespace. Other components' files are never touched. Errors: NOT_FOUND
     (the caller owns nothing at that path), PERMISSION_DENIED (s3:// drive).
+    A Delete sent again after its answer was lost finds nothing left and
+    answers NOT_FOUND: the Python client takes that for the first one's work.
     """
     Mount: _grpc.UnaryUnaryMultiCallable[_drive_pb2.MountRequest, _drive_pb2.MountResponse]
     """Builds (or rebuilds) the index of an s3:// drive. Concurrent mounts of
@@ -313,6 +315,8 @@ class DriveServiceAsyncStub(DriveServiceStub):
     """Removes a file, or a folder with every file in it, from the caller's own
     namespace. Other components' files are never touched. Errors: NOT_FOUND
     (the caller owns nothing at that path), PERMISSION_DENIED (s3:// drive).
+    A Delete sent again after its answer was lost finds nothing left and
+    answers NOT_FOUND: the Python client takes that for the first one's work.
     """
     Mount: _aio.UnaryUnaryMultiCallable[_drive_pb2.MountRequest, _drive_pb2.MountResponse]  # type: ignore[assignment]
     """Builds (or rebuilds) the index of an s3:// drive. Concurrent mounts of
@@ -479,6 +483,8 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         """Removes a file, or a folder with every file in it, from the caller's own
         namespace. Other components' files are never touched. Errors: NOT_FOUND
         (the caller owns nothing at that path), PERMISSION_DENIED (s3:// drive).
+        A Delete sent again after its answer was lost finds nothing left and
+        answers NOT_FOUND: the Python client takes that for the first one's work.
         """
 
     @_abc_1.abstractmethod
