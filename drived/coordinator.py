@@ -256,17 +256,19 @@ class Coordinator(abc.ABC):
         implementation listens to the drive once, not once per look.
         """
 
-    async def follow(self, drive: str, after: int) -> AsyncIterator[Event]:
-        """Every event of the drive after sequence `after`, in order, as they are published; never ends.
+    async def follow(self, drive: str, after: int) -> AsyncIterator[list[Event]]:
+        """Every event of the drive after sequence `after`, in order, as they are published, in the batches each
+        read of the feed gives (none empty); never ends.
 
         Raises EventsExpired and Unavailable as `since` and `Changes.wait`
         do. Written on `since` and `changes`, for every coordinator.
         """
         async with self.changes(drive) as changes:
             while True:
-                for event in await self.since(drive, after):
-                    after = event.sequence
-                    yield event
+                events = await self.since(drive, after)
+                if events:
+                    after = events[-1].sequence
+                    yield events
                 await changes.wait(after, None)
 
     async def completion(self, drive: str, component: str, upload: str) -> Entry | None:

@@ -126,9 +126,10 @@ class Drives(Protocol):
         """(Re)indexes the drive: (objects, seconds). InvalidArgument for a kind that needs no mount."""
         ...
 
-    async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event]]:
+    async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event | int]]:
         """Where a watch starts (the sequence after which it reports), and its events from there on,
-        filtered by the watch's folder and component; the events never end. InvalidArgument for a kind
+        filtered by the watch's folder and component, with the sequence it read to (an int) after events it
+        does not report; the events never end. InvalidArgument for a kind
         without a change feed; EventsExpired when the start is after the drive's latest event (a sequence
         it never gave); the events raise EventsExpired when the start is no longer kept, and Unavailable
         when the daemon shuts down."""

@@ -643,7 +643,7 @@ class ManagedDrives:
     async def mount(self, mount: MountRequest) -> tuple[int, float]:
         raise InvalidArgument(f"{mount.drive.uri} is a lit:// drive: only s3:// drives are mounted")
 
-    async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event]]:
+    async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event | int]]:
         last = await self.coordinator.last(watch.drive.name)
         if watch.after_sequence > last:
             # `last` is at least every sequence the drive gave: nothing would ever follow this point.
@@ -654,7 +654,14 @@ class ManagedDrives:
         start = watch.after_sequence or last
         return start, self._watched(watch, start)
 
-    async def _watched(self, watch: WatchRequest, after: int) -> AsyncIterator[Event]:
-        async for event in self.coordinator.follow(watch.drive.name, after):
-            if watch.reports(event.entry.path, event.entry.component):
-                yield event
+    async def _watched(self, watch: WatchRequest, after: int) -> AsyncIterator[Event | int]:
+        """The events the watch reports; after a read of the feed whose last event it does not report, that event's
+        sequence: a watch of one folder on a drive busy elsewhere learns how far it read, so that it resumes from
+        there after a cut, not from its last report, which the feed may have dropped since."""
+        async for events in self.coordinator.follow(watch.drive.name, after):
+            for event in events:
+                if watch.reports(event.entry.path, event.entry.component):
+                    yield event
+            last = events[-1]
+            if not watch.reports(last.entry.path, last.entry.component):
+                yield last.sequence

@@ -98,5 +98,5 @@ class S3Drives:
     async def delete(self, delete: DeleteRequest) -> int:
         raise _read_only(delete.drive)
 
-    async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event]]:
+    async def watch(self, watch: WatchRequest) -> tuple[int, AsyncIterator[Event | int]]:
         raise InvalidArgument(f"{watch.drive.uri} is an s3:// drive: only lit:// drives can be watched")

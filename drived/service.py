@@ -663,6 +663,9 @@ class DriveService(pb_grpc.DriveServiceServicer):
         start, events = await self._drives(record, watch.drive).watch(watch)
         yield pb.WatchEvent(sequence=start, kind=pb.WatchEvent.KIND_WATCHING)
         async for event in events:
+            if isinstance(event, int):  # how far it read, past events it does not report: where a resume starts
+                yield pb.WatchEvent(sequence=event, kind=pb.WatchEvent.KIND_WATCHING)
+                continue
             record.files += 1
             yield pb.WatchEvent(sequence=event.sequence, kind=WATCH_KINDS[event.kind], file=file_info(event.entry))
 

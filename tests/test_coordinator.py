@@ -189,11 +189,11 @@ async def test_a_wait_wakes_on_another_daemons_publish(coordinators: Make) -> No
     await publisher.publish("d", "put", entry("a"))
     await asyncio.wait_for(asyncio.gather(*waits), 5)
     events = waiter.follow("d", seen)
-    assert (await asyncio.wait_for(anext(events), 5)).entry.path == "a"
+    assert [e.entry.path for e in await asyncio.wait_for(anext(events), 5)] == ["a"]
     later = asyncio.ensure_future(anext(events))
     await asyncio.sleep(0.1)
     await publisher.publish("d", "delete", Entry(path="a", component="c"))
-    assert (await asyncio.wait_for(later, 5)).kind == "delete"
+    assert [e.kind for e in await asyncio.wait_for(later, 5)] == ["delete"]
     await events.aclose()
 
 
@@ -248,13 +248,15 @@ async def test_follow_reports_every_event_in_order_as_it_comes(coordinator: Coor
     start = await coordinator.last("d")
     await coordinator.publish("d", "put", entry("before"))
     events = coordinator.follow("d", start)
-    assert (await anext(events)).entry.path == "before"
+    assert [e.entry.path for e in await anext(events)] == ["before"]
     later = asyncio.ensure_future(anext(events))  # waits for the next event
     await asyncio.sleep(0)
     await coordinator.publish("d", "put", entry("b"))
     await coordinator.publish("d", "delete", entry("b"))
-    assert (await asyncio.wait_for(later, 5)).entry.path == "b"
-    assert (await anext(events)).kind == "delete"
+    followed = await asyncio.wait_for(later, 5)  # the put, and the delete too when it came before the read
+    if len(followed) == 1:
+        followed += await anext(events)
+    assert [(e.kind, e.entry.path) for e in followed] == [("put", "b"), ("delete", "b")]
 
 
 async def test_changes_learn_each_event_while_they_are_held(coordinators: Make) -> None:

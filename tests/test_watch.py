@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import queue
 import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 from conftest import MIB, current_sequence, free_port, put_messages, raw_get, raw_put, start_daemon, wait_until
+from cutting_proxy import CuttingProxy
 
 from drive_client import Drive, DriveError, EventsExpired
 from drive_client.pb import drive_pb2, drive_pb2_grpc
@@ -27,8 +30,9 @@ def collect(stub, drive_uri: str, count: int, **request) -> tuple[list, threadin
         stream = stub.Watch(drive_pb2.WatchRequest(drive=drive_uri, **request))
         for message in stream:
             if message.kind == drive_pb2.WatchEvent.KIND_WATCHING:
-                events.append(("watching", message.sequence))
-                ready.set()
+                if not ready.is_set():  # a later one says how far the watch read, past events it does not report
+                    events.append(("watching", message.sequence))
+                    ready.set()
                 continue
             events.append((drive_pb2.WatchEvent.Kind.Name(message.kind), message.file.path, message.file.component,
                            message.sequence))
@@ -317,5 +321,45 @@ def test_a_put_or_delete_whose_client_goes_away_midway_is_reported_and_keeps_its
         ]
         assert raw_get(stub, drive_uri, "big.bin")[0][1] == data
         assert raw_get(stub, drive_uri, "f.txt")[0][1] == b"version 2"
+    finally:
+        handle.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_filtered_watch_cut_after_more_events_than_kept_that_it_did_not_report_goes_on(tmp_path):
+    """A watch of one folder on a drive busy elsewhere only learnt sequences from the events it reported: cut after
+    more other events than the daemon keeps (its bound lowered to 10 in the daemon's process), it resumed after its
+    last report, long dropped, and ended with EventsExpired, which tells a caller that events were lost, though it
+    had missed none. The daemon now tells a watch the sequence it has read to, past events it does not report, and
+    the resumed watch reports the folder's next put."""
+    others = [f"other/f{i:02}.txt" for i in range(30)]
+    bound = 10 * answer_entry_bytes(others[0], DEFAULT_COMPONENT)
+    handle = start_daemon(tmp_path, before=f"import drived.events\ndrived.events.EVENTS_KEPT_BYTES = {bound}")
+    try:
+        drive = "lit://filtered_busy"
+        stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
+        start = current_sequence(handle.endpoint, drive)
+        raw_put(stub, drive, "ckpt/a.txt", b"a")
+        with CuttingProxy(handle.endpoint) as proxy:
+            reported: queue.Queue[object] = queue.Queue()  # what the watch reports, read as it comes
+
+            def watch() -> None:
+                try:
+                    for event in Drive(drive, endpoint=proxy.endpoint).watch("ckpt", after_sequence=start):
+                        reported.put((event.kind, event.file.path))
+                except DriveError as err:
+                    reported.put(err)
+
+            threading.Thread(target=watch, daemon=True).start()
+            assert reported.get(timeout=10) == ("put", "ckpt/a.txt")
+            for path in others:
+                raw_put(stub, drive, path, b"other")
+            time.sleep(1)  # the watch reads the other events meanwhile (it reports none of them)
+            proxy.refuse()  # the watch's connection breaks: it connects again, and resumes
+            proxy.refuse(False)
+            raw_put(stub, drive, "ckpt/b.txt", b"b")
+            assert reported.get(timeout=20) == ("put", "ckpt/b.txt")
+            assert proxy.connections == 2
+        assert sorted(Drive(drive, endpoint=handle.endpoint).list("other")) == others  # all stored
     finally:
         handle.stop()

@@ -825,7 +825,10 @@ class WatchEvent(_message.Message):
         KIND_UNSPECIFIED: WatchEvent._Kind.ValueType  # 0
         """Never sent."""
         KIND_WATCHING: WatchEvent._Kind.ValueType  # 1
-        """The first message of a stream: nothing happened; `sequence` is where the watch starts."""
+        """The first message of a stream: nothing happened; `sequence` is where the watch starts.
+        Sent again, with the sequence of the last event read, after events the watch does not
+        report (other paths or components): a resume after it does not go back over them.
+        """
         KIND_PUT: WatchEvent._Kind.ValueType  # 2
         """A put committed `file`."""
         KIND_DELETE: WatchEvent._Kind.ValueType  # 3
@@ -837,7 +840,10 @@ class WatchEvent(_message.Message):
     KIND_UNSPECIFIED: WatchEvent.Kind.ValueType  # 0
     """Never sent."""
     KIND_WATCHING: WatchEvent.Kind.ValueType  # 1
-    """The first message of a stream: nothing happened; `sequence` is where the watch starts."""
+    """The first message of a stream: nothing happened; `sequence` is where the watch starts.
+    Sent again, with the sequence of the last event read, after events the watch does not
+    report (other paths or components): a resume after it does not go back over them.
+    """
     KIND_PUT: WatchEvent.Kind.ValueType  # 2
     """A put committed `file`."""
     KIND_DELETE: WatchEvent.Kind.ValueType  # 3

@@ -198,8 +198,10 @@ class DriveServiceStub:
     pipelines that react to new files. The first message has kind
     KIND_WATCHING and the sequence number the watch starts after; then one
     event per committed put and per deleted file, in commit order, with
-    increasing sequence numbers. After a reconnect, pass the last sequence
-    seen as `after_sequence` to receive what was missed. The stream does not
+    increasing sequence numbers; after events it does not report (other
+    paths or components), a KIND_WATCHING again with the last one's sequence.
+    After a reconnect, pass the last sequence seen (of any kind) as
+    `after_sequence` to receive what was missed. The stream does not
     end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path, a
     negative `after_sequence`), OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
     `after_sequence` is past the drive's latest event, so it is no sequence
@@ -333,8 +335,10 @@ class DriveServiceAsyncStub(DriveServiceStub):
     pipelines that react to new files. The first message has kind
     KIND_WATCHING and the sequence number the watch starts after; then one
     event per committed put and per deleted file, in commit order, with
-    increasing sequence numbers. After a reconnect, pass the last sequence
-    seen as `after_sequence` to receive what was missed. The stream does not
+    increasing sequence numbers; after events it does not report (other
+    paths or components), a KIND_WATCHING again with the last one's sequence.
+    After a reconnect, pass the last sequence seen (of any kind) as
+    `after_sequence` to receive what was missed. The stream does not
     end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path, a
     negative `after_sequence`), OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
     `after_sequence` is past the drive's latest event, so it is no sequence
@@ -513,8 +517,10 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         pipelines that react to new files. The first message has kind
         KIND_WATCHING and the sequence number the watch starts after; then one
         event per committed put and per deleted file, in commit order, with
-        increasing sequence numbers. After a reconnect, pass the last sequence
-        seen as `after_sequence` to receive what was missed. The stream does not
+        increasing sequence numbers; after events it does not report (other
+        paths or components), a KIND_WATCHING again with the last one's sequence.
+        After a reconnect, pass the last sequence seen (of any kind) as
+        `after_sequence` to receive what was missed. The stream does not
         end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path, a
         negative `after_sequence`), OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
         `after_sequence` is past the drive's latest event, so it is no sequence
