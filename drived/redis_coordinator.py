@@ -26,10 +26,11 @@ scripts touch `drived:epoch` beside a drive's keys):
 - `drived:{<drive>}:published:<token>`: the sequence a publish was given,
   for ANSWER_KEPT_MS: redis-py sends a call again when its connection broke
   before the answer came, and the feed must not take the event twice.
-- the channel `drived:{<drive>}`: "e<sequence>" after each event, "r" after
-  each claim released, for the daemons waiting on the drive
-  (`drived.redis_wakeups`): a waiting get or watch learns the sequence from
-  the message, without asking again.
+- the channel `drived:{<drive>}` (`drived:{<drive>}:db<n>` for a database
+  n other than 0: pub/sub is the server's, not a database's): "e<sequence>"
+  after each event, "r" after each claim released, for the daemons waiting
+  on the drive (`drived.redis_wakeups`): a waiting get or watch learns the
+  sequence from the message, without asking again.
 - `drived:{<drive>}:unpublished`: the changes being made (`Claim.confirm`'s
   `changing`), a field `<component>\0<path>` each, its value the claim's
   token, `p` or `d` (put, delete), the path claimed, `\0` and the version
@@ -575,6 +576,10 @@ class RedisCoordinator(Coordinator):
             protocol=2,  # RESP2 on every version of the client: pub/sub messages are plain replies to read
         )
         self._redis = redis.asyncio.Redis(connection_pool=self._pool)
+        # Each database is a coordinator of its own, but its channels are the server's: a drive's wake-ups in
+        # another database would name sequences its feed never had. Database 0 keeps the channel's name as it was.
+        database = int(self._pool.connection_kwargs.get("db") or 0)
+        self._database = f":db{database}" if database else ""
         self._publish = self._redis.register_script(PUBLISH)
         self._last = self._redis.register_script(LAST)
         self._since = self._redis.register_script(SINCE)
@@ -634,9 +639,8 @@ class RedisCoordinator(Coordinator):
         task.add_done_callback(self._background.discard)
         return task
 
-    @staticmethod
-    def _channel(drive: str) -> str:
-        return f"drived:{{{drive}}}"
+    def _channel(self, drive: str) -> str:
+        return f"drived:{{{drive}}}{self._database}"
 
     def _feed_keys(self, drive: str) -> list[str]:
         return [EPOCH, f"drived:{{{drive}}}:feed"]

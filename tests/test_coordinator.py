@@ -906,3 +906,25 @@ async def test_a_publish_late_past_its_claims_ttl_leaves_the_record_of_the_claim
         [left] = await taker.unpublished()
         assert (left.change.kind, left.change.path) == ("put", "x")
         assert left.mark.startswith(taken.token)  # the taker's record
+
+
+@pytest.mark.integration
+async def test_a_coordinator_in_another_database_of_the_server_wakes_no_waiter(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    # Two deployments sharing one server through its databases: pub/sub is the server's, not a database's, and a
+    # sequence learnt from the other's message was one this feed never had (a watch asked for it without end).
+    server = own_valkey()
+    other_url = server.url.replace("/0", "/1")
+    async with (redis_coordinator(server.url) as other, redis_coordinator(other_url) as follower,
+                redis_coordinator(other_url) as publisher, follower.changes("d") as changes,
+                follower.changes("marker") as marker):
+        seen, marked = await changes.latest(), await marker.latest()
+        waiting = asyncio.ensure_future(changes.wait(seen, None))
+        await other.publish("d", "put", entry("theirs"))
+        await publisher.publish("marker", "put", entry("mine"))  # its message comes after any of the other's
+        await asyncio.wait_for(marker.wait(marked, None), 5)
+        assert not waiting.done() and await changes.latest() == seen
+        await publisher.publish("d", "put", entry("mine"))
+        await asyncio.wait_for(waiting, 5)
+        assert [e.entry.path for e in await follower.since("d", seen)] == ["mine"]
