@@ -653,11 +653,11 @@ class RedisCoordinator(Coordinator):
     # -- life cycle ----------------------------------------------------------
 
     async def start(self) -> None:
-        """Checks the server: a refused password, database or command (INFO, or one each connection sends) or a
-        server older than 7 ends the start-up; an unreachable one does not (calls answer UNAVAILABLE until it is
-        back)."""
+        """Checks the server: a refused password, database or command (INFO, or one each connection sends), a
+        server older than 7, or one that may evict keys ends the start-up; an unreachable one does not (calls
+        answer UNAVAILABLE until it is back)."""
         try:
-            info = await self._redis.info("server")
+            info = await self._redis.info()  # its default sections: server and memory among them, on every version
         except redis.exceptions.AuthenticationError as err:
             raise SystemExit(f"drived: --coordinator {self.name} refused the credentials ({err}): "
                              "fix the user or password in the URL") from None
@@ -671,6 +671,10 @@ class RedisCoordinator(Coordinator):
         if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < (7, 0):
             raise SystemExit(f"drived: --coordinator {self.name} is Redis {version}: "
                              "drived needs Redis or Valkey 7 or newer")
+        policy = info.get("maxmemory_policy", "noeviction")
+        if policy != "noeviction":  # an evicted claim lets two puts commit at once; an evicted feed loses events
+            raise SystemExit(f"drived: --coordinator {self.name} has maxmemory-policy {policy}: it may evict the "
+                             "claims and feeds drived keeps there; set it to noeviction")
 
     def check_open(self) -> None:
         if self._closed:

