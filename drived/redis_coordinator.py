@@ -200,7 +200,9 @@ end
 # that claim's; '': whosever), then the completion's value and the ms it is kept. The answer key makes the call
 # idempotent: sent again (redis-py's retry on a new connection, after the first connection broke before its answer
 # came), it answers the first call's sequence and adds nothing. 0 when a settle found its change gone.
-PUBLISH = FEED_STATE + """
+# allow-oom: it runs after a put's commit, and a server at its maxmemory refuses a script's first write that may take
+# memory (here the completion's): the file stayed stored while its put answered UNAVAILABLE, and was sent again.
+PUBLISH = "#!lua flags=allow-oom\n" + FEED_STATE + """
 local done = redis.call('GET', KEYS[3])
 if done then return tonumber(done) end
 if KEYS[6] then redis.call('SET', KEYS[6], ARGV[15], 'PX', ARGV[16]) end

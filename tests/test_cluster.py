@@ -319,6 +319,22 @@ def query_write_status(stub: drive_pb2_grpc.DriveServiceStub, drive: str, upload
     return stub.QueryWriteStatus(request, timeout=10)
 
 
+def test_a_resumable_put_at_the_coordinators_maxmemory_is_answered_and_reported_once(own_cluster, drive_uri):
+    replica = own_cluster.replica()
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    admin.config_set("maxmemory", 1)  # noeviction: every write that may take memory is refused (OOM)
+    try:
+        # Its publish comes after its commit: refused, the file stayed stored but its put answered UNAVAILABLE,
+        # and the client sent it again (every Drive.put is resumable).
+        stored = resumable_put(stub_of(replica), drive_uri, "f.txt", b"checkpoint", "oom-upload")
+        status = query_write_status(stub_of(replica), drive_uri, "oom-upload")
+    finally:
+        admin.config_set("maxmemory", 0)
+    assert stored.generation == status.file.generation and status.complete
+    feed = admin.xrange(f"drived:{{{drive_uri.removeprefix('lit://')}}}:feed")
+    assert [(fields[b"p"], int(fields[b"g"])) for _, fields in feed] == [(b"f.txt", stored.generation)]
+
+
 def test_the_first_file_of_a_put_stream_running_past_the_upload_expiry_is_told_by_b_until_the_stream_ended(
         own_cluster, drive_uri):
     expiry = 2.0
