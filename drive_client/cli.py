@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import tempfile
+import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -82,13 +83,16 @@ def _progress(args: argparse.Namespace, label: str, total: int) -> ProgressBar |
 
 
 def run(args: argparse.Namespace) -> Any:
-    """Runs one subcommand; returns what --json prints (the plain output is printed here)."""
+    """Runs one subcommand; returns what --json prints (a listing: an iterator of its entries); the plain output
+    is printed here."""
     if args.command == "ls":
         drive_uri, path = split_uri(args.location, folder=True)
-        entries = list(_drive(drive_uri, args).entries(path or ".", args.only))
-        if not args.json:
-            print("\n".join(e.path for e in entries))
-        return [_stat_fields(e) for e in entries]
+        entries = _drive(drive_uri, args).entries(path or ".", args.only)
+        if args.json:
+            return map(_stat_fields, entries)
+        for entry in entries:
+            print(entry.path)
+        return None
     if args.command == "put":
         drive_uri, path = split_uri(args.location, folder=False)
         if args.local != STDIO:
@@ -228,6 +232,20 @@ def _get_to_stdout(args: argparse.Namespace, drive: Drive, remote: str) -> None:
             bar.close()
 
 
+def _print_json(result: Any) -> None:
+    """Prints `result` as JSON, indented; an iterator (a listing's entries) as an array, an item at a time as it
+    comes, so that a listing of any size takes a page's memory. Its first item comes before the array begins: an
+    error of the first page prints the error alone, as JSON."""
+    if not isinstance(result, Iterator):
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    opening = "[\n"
+    for item in result:
+        print(opening + textwrap.indent(json.dumps(item, indent=2, ensure_ascii=False), "  "), end="")
+        opening = ",\n"
+    print("[]" if opening == "[\n" else "\n]")
+
+
 def _local_size(local: Path, remote: str) -> int:
     """Bytes in the files a put of `local` to `remote` sends, as its walk finds them (which raises the put's errors
     of a missing path, a name that is no drive path, ...)."""
@@ -306,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run(args)
         if args.json:
-            print(json.dumps(result, indent=2, ensure_ascii=False))
+            _print_json(result)
         sys.stdout.flush()  # a reader gone fails here, not in Python's flush at exit
     except BrokenPipeError:
         return _reader_gone()

@@ -95,3 +95,41 @@ def test_a_folder_puts_progress_bar_counts_the_files_of_a_linked_folder(daemon, 
     code, shown = run_on_terminal(daemon, "put", str(tmp_path / "d"), drive_uri + "/")
     assert code == 0
     assert "8.0 MiB / 8.0 MiB (100%)" in shown and "(200%)" not in shown
+
+
+
+def traced_ls(daemon, location: str, *output: str) -> tuple[str, int]:
+    """What `drive [OUTPUT] ls LOCATION` prints, listing pages of 50 entries, and the most memory (bytes) its
+    Python objects held at once while it ran (tracemalloc)."""
+    script = ("import sys, tracemalloc; import drive_client.core as core; from drive_client.cli import main; "
+              "core.LIST_PAGE_SIZE = 50; tracemalloc.start(); status = main(); "
+              "print(tracemalloc.get_traced_memory()[1], file=sys.stderr); sys.exit(status)")
+    listed = subprocess.run([sys.executable, "-c", script, "--endpoint", daemon.endpoint, *output, "ls", location],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert listed.returncode == 0, listed.stderr
+    return listed.stdout, int(listed.stderr.splitlines()[-1])
+
+
+def test_ls_holds_a_page_of_entries_at_most_whatever_the_folder_holds(daemon, drive_uri, tmp_path):
+    """`drive ls` listed the whole folder into memory before printing its first line: of a folder of 200,000
+    files, 252 MiB at its peak (against 58 MiB for a program that iterates `Drive.entries`), and nothing printed
+    for the 26 s the listing took; with --json too. It prints each page as it comes, holding one at most: a folder
+    of 20 pages takes the memory of a folder of one."""
+    names = sorted(f"{i:04}-{'n' * 200}" for i in range(1000))
+    for folder, count in (("few", 50), ("many", len(names))):
+        (tmp_path / folder).mkdir()
+        for name in names[:count]:
+            (tmp_path / folder / name).touch()
+        assert drive_cmd(daemon, "put", str(tmp_path / folder), f"{drive_uri}/{folder}").returncode == 0
+    for output in ((), ("--json",)):
+        printed, peak = traced_ls(daemon, f"{drive_uri}/many", *output)
+        paths = [f"many/{name}" for name in names]
+        if output:
+            entries = json.loads(printed)
+            assert [(e["path"], e["size"], e["folder"]) for e in entries] == [(p, 0, False) for p in paths]
+            assert printed == json.dumps(entries, indent=2, ensure_ascii=False) + "\n"  # as it was printed
+        else:
+            assert printed.splitlines() == paths
+        _, one_page = traced_ls(daemon, f"{drive_uri}/few", *output)
+        # Held whole, the 950 entries more took some 1.1 MB more (1.3 MB with --json).
+        assert peak < one_page + 250_000, (output, peak, one_page)
