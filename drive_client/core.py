@@ -440,8 +440,9 @@ def _rest_of_get(drive: DriveBase, request: pb.GetRequest, stream: Stream, first
 
 def _receive_stream(calls: Caller, drive: DriveBase, request: pb.GetRequest, stream: Stream,
                     first: GetMessage, target_of: Callable[[str], Path], overwrite: bool, progress: Progress | None
-                    ) -> list[Path]:
-    """Writes the files of a Get stream whose first message was `first`; the rest is read a little ahead."""
+                    ) -> int:
+    """Writes the files of a Get stream whose first message was `first` (answers how many); the rest is read a
+    little ahead."""
     rest = ReadAhead(calls.iterate(_rest_of_get(drive, request, stream, first)))
     replies: Iterable[GetMessage] = itertools.chain([first], rest)
     return receive_files(replies, target_of, overwrite, progress=progress, sha256=_sha256(drive))

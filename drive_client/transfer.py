@@ -476,17 +476,19 @@ def no_crc32c(path: str) -> DataLoss:
 def receive_files(
     responses: Iterable[GetMessage], target_of: Callable[[str], Path], overwrite: bool,
     progress: Progress | None = None, sha256: bool = False,
-) -> list[Path]:
+) -> int:
     """Writes the files of a Get stream that asked for `checksums`; `target_of` maps a file's drive path to its
-    local path.
+    local path. Answers how many it wrote.
 
     Each file goes to a temporary file beside its target and is renamed into
     place once complete and its CRC32C matches the daemon's (and, with
     `sha256`, its sha256 the stored one); a failure leaves no partial file
     and every existing target as it was. A local file of a target's name is
-    replaced with `overwrite`, else it is an error (`AlreadyExists`).
+    replaced with `overwrite`, else it is an error (`AlreadyExists`). The
+    files of a folder written before a failure are kept: its error says how
+    many.
     """
-    written: list[Path] = []
+    written = 0
     made: set[Path] = set()
     current: _Receiving | None = None
     try:
@@ -503,7 +505,8 @@ def receive_files(
             if kind == "crc32c":
                 if current is None:
                     raise DataLoss("the server sent a CRC32C before the file's info", grpc.StatusCode.DATA_LOSS)
-                written.append(current.finish(message.crc32c))  # type: ignore[union-attr]
+                current.finish(message.crc32c)  # type: ignore[union-attr]
+                written += 1
                 current = None
             elif current is not None and kind == "info" and message.info.path == current.info.path:  # type: ignore[union-attr]
                 current.resumed()  # a cut stream goes on with a ranged read (`resume.GetPosition`)
@@ -517,13 +520,18 @@ def receive_files(
                     progress(len(whole.data))
                 if not whole.HasField("crc32c"):
                     raise no_crc32c(whole.info.path)
-                written.append(current.finish(whole.crc32c))
+                current.finish(whole.crc32c)
+                written += 1
                 current = None
             else:
                 info = message.info  # type: ignore[union-attr]
                 current = _Receiving(info, target_of(info.path), overwrite, made, sha256)
         if current is not None:
             raise no_crc32c(current.info.path)
+    except DriveError as err:
+        if written:
+            err.message += f" (the get wrote {written} file(s) of the folder before this error; they are kept)"
+        raise
     finally:
         if current is not None:
             current.discard()

@@ -315,6 +315,34 @@ def test_a_folder_got_with_overwrite_writes_nothing_through_a_symbolic_link_insi
     assert snapshot(dst) == {"top": "dir", "top/sub": f"link:{outside}"}
 
 
+
+def test_a_folder_get_that_fails_midway_says_how_many_files_it_wrote_and_kept(make, tmp_path, drive_uri):
+    """A folder get of 100,000 files that failed at the 15,001st named that file and nothing else: that the
+    15,000 before it were written, and stay beside what the folder held, was left for the user to find. It says
+    how many it wrote and kept (and no longer holds a list of every file it wrote, which no one read: 39 MiB for
+    100,000 files)."""
+    for sub in ("a", "b", "c"):
+        for name in ("1.txt", "2.txt"):
+            write(tmp_path / "src" / "top" / sub / name, f"{sub}/{name} from the drive")
+    d = make(drive_uri, tmp_path / "src")
+    d.put("top")
+    listed = [(f.path, f.sha256) for f in d.entries("top", recursive=True)]
+    dst = tmp_path / "dst"
+    write(dst / "top" / "b", "a local file where the drive has a folder")
+    write(dst / "top" / "local.txt", "local only")
+    with pytest.raises(NotADirectoryError) as failed:
+        d.get("top", overwrite=True, to=dst / "top")
+    assert isinstance(failed.value, DriveError)
+    assert "'top/b/1.txt'" in str(failed.value)
+    assert str(failed.value).endswith("(the get wrote 2 file(s) of the folder before this error; they are kept)")
+    assert snapshot(dst) == {
+        "top": "dir", "top/a": "dir", "top/a/1.txt": sha256_hex(b"a/1.txt from the drive"),
+        "top/a/2.txt": sha256_hex(b"a/2.txt from the drive"),
+        "top/b": sha256_hex(b"a local file where the drive has a folder"), "top/local.txt": sha256_hex(b"local only"),
+    }
+    assert [(f.path, f.sha256) for f in d.entries("top", recursive=True)] == listed
+
+
 # --- get: returns, waits, overwrite ---------------------------------------------------------
 
 
