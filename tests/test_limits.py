@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
 import threading
 import time
 
@@ -487,6 +489,46 @@ def test_room_a_failing_commit_would_free_lets_no_other_put_pass_the_quota(start
         assert listed(stub, drive) == ["big.bin"]
         assert raw_get(stub, drive, "big.bin")[0][1] == big
         assert wait_until(lambda: no_uploads(handle.data_dir), 10)
+
+
+# --- folders nested deep -----------------------------------------------------------------------
+
+DEEP = "/".join(["d"] * 1200)  # 2,399 bytes: a path may be some 2,000 folders deep, past Python's recursion limit
+
+
+def test_a_folder_nested_1200_deep_is_listed_counted_swept_and_deleted(start_daemon, tmp_path):
+    """A path of 1,200 folders was stored, and then everything that walked the tree below it recursed once a
+    folder and failed INTERNAL (RecursionError): a recursive listing, a get or a delete of any folder above it, and
+    with --quota the drive's first count after a start, so every put of the drive; the walk for empty folders after
+    a crash failed before removing any, so a folder a killed put left refused a put of its path for good."""
+    drive = "lit://deep"
+    first = start_daemon(tmp_path)
+    try:
+        with grpc.insecure_channel(first.endpoint) as channel:
+            stub = drive_pb2_grpc.DriveServiceStub(channel)
+            raw_put(stub, drive, f"{DEEP}/f.bin", b"deep")
+            raw_put(stub, drive, "d/top.bin", b"top")
+        first.stop(signal.SIGKILL)
+        left = first.data_dir / "objects" / "deep" / "default" / "killed"  # as a SIGKILL mid-put leaves it
+        left.mkdir()
+        again = start_daemon(tmp_path, "--quota", "10", data_dir=first.data_dir)
+        with grpc.insecure_channel(again.endpoint) as channel:
+            stub = drive_pb2_grpc.DriveServiceStub(channel)
+            assert wait_until(lambda: not left.exists(), timeout=30), "the walk for empty folders removes it"
+            message = refused_put(lambda: raw_put(stub, drive, "over.bin", b"x" * 4))
+            assert "holds 7 bytes" in message, message
+            recursive = stub.List(pb.ListRequest(drive=drive, path="d", recursive=True), timeout=30)
+            assert [e.path for e in recursive.entries] == [f"{DEEP}/f.bin", "d/top.bin"]
+            assert [(i.path, data) for i, data in raw_get(stub, drive, "d")] == [(f"{DEEP}/f.bin", b"deep"),
+                                                                                 ("d/top.bin", b"top")]
+            assert stub.Delete(pb.DeleteRequest(drive=drive, path="d"), timeout=30).files_deleted == 2
+            assert listed(stub, drive) == []
+            assert not (first.data_dir / "objects" / "deep" / "default" / "d").exists()
+            raw_put(stub, drive, "killed", b"fits")
+            assert listed(stub, drive) == ["killed"]
+        assert again.stop() == 0, again.log()[-3000:]
+    finally:  # pytest's removal of old temporary folders recurses once a folder too: a tree left here would fail it
+        subprocess.run(["rm", "-rf", str(first.data_dir)], check=True)
 
 
 # --- answers within the message limit ----------------------------------------------------------

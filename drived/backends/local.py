@@ -136,6 +136,37 @@ def _identity(tmp_dir: str) -> str:
     return f"{info.st_ino} {info.st_ctime_ns}\n"
 
 
+def _folders_bottom_up(top: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder, the names of its entries that are no folders) for `top` and every folder below it, each after the
+    folders below it; links are not followed, and a folder that cannot be read is passed over.
+
+    As os.walk(top, topdown=False), without its recursion (once a level before
+    Python 3.12): a path may be some 2,000 folders deep, past Python's
+    recursion limit.
+    """
+    levels: list[tuple[str, list[str], list[str]]] = []  # a folder, its files, its sub-folders not walked yet
+
+    def enter(folder: str) -> None:
+        files: list[str] = []
+        subfolders: list[str] = []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    (subfolders if entry.is_dir(follow_symlinks=False) else files).append(entry.name)
+        except OSError:
+            return
+        levels.append((folder, files, subfolders))
+
+    enter(top)
+    while levels:
+        folder, files, subfolders = levels[-1]
+        if subfolders:
+            enter(f"{folder}/{subfolders.pop()}")
+        else:
+            levels.pop()
+            yield folder, files
+
+
 def _read_cached(fd: int, size: int, offset: int) -> memoryview | None:
     """`size` bytes at `offset` if all are in the page cache (never waits for the disk); else None."""
     if _NOWAIT is None:
@@ -562,7 +593,7 @@ class LocalBackend(Backend):
     def _remove_empty_folders(self) -> bool:
         """Removes the empty folders; False when the daemon's close stopped it before it was done."""
         removed = 0
-        for folder, _, files in os.walk(self.root, topdown=False):
+        for folder, files in _folders_bottom_up(self.root):
             if self._closing.is_set():
                 return False
             if not files and folder != self.root:
@@ -726,19 +757,31 @@ class LocalBackend(Backend):
         """Keys of the files under `key` (the folder `folder`) after `start_after`, in order, one by one.
 
         Each folder's listing (see `listings`) is entered by bisection, so what
-        comes before `start_after` is neither read nor built.
+        comes before `start_after` is neither read nor built. The folders being
+        read are a stack, not a recursion: a path may be some 2,000 folders
+        deep, past Python's recursion limit.
         """
+        levels = [self._children_after(key, folder, start_after)]
+        while levels:
+            for child, subfolder in levels[-1]:
+                if subfolder:
+                    levels.append(self._children_after(child, subfolder, start_after))
+                    break
+                if child > start_after:
+                    yield child
+            else:
+                levels.pop()
+
+    def _children_after(self, key: str, folder: str, start_after: str) -> Iterator[tuple[str, str]]:
+        """(key, its folder's path, or "" for a file) of what is directly under `key` (the folder `folder`), in
+        key order, from the first that holds or follows `start_after`."""
         listing = self.listings.read(folder)
         prefix = f"{key}/" if key else ""
         start = position_after(listing.key_order, prefix, start_after, listing.key_of)
         if start and start_after.startswith(prefix + listing.key_of(listing.key_order[start - 1])):
             start -= 1  # the sub-folder that `start_after` is in
         for name in names_from(listing.key_order, start):
-            child = prefix + name
-            if name in listing.folders:
-                yield from self._keys_after(child, f"{folder}/{name}", start_after)
-            elif child > start_after:
-                yield child
+            yield prefix + name, (f"{folder}/{name}" if name in listing.folders else "")
 
     async def walk(self, prefix: str, start_after: str = "", limit: int | None = None) -> list[str]:
         return await asyncio.get_running_loop().run_in_executor(None, self._walk, prefix, start_after, limit)
@@ -761,7 +804,7 @@ class LocalBackend(Backend):
         return content_size(st.st_size) if stat.S_ISREG(st.st_mode) else 0
 
     def _usage(self, prefix: str) -> int:
-        return sum(self._counted_size(f"{folder}/{name}") for folder, _, names in os.walk(self._path(prefix))
+        return sum(self._counted_size(f"{folder}/{name}") for folder, names in _folders_bottom_up(self._path(prefix))
                    for name in names)
 
     async def usage(self, prefix: str) -> int:
