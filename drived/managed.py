@@ -48,6 +48,7 @@ from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutH
 from .uploads import HeldUploads, Resumable
 
 EARLY_CHECK_MIN_SIZE = 1 << 20
+GET_PAGE = 1000  # files a folder get walks at a time
 DELETE_BATCH = 100  # files a folder delete removes at most after one confirm of its claim (one round trip)
 
 T = TypeVar("T")
@@ -423,7 +424,11 @@ class ManagedDrives:
         if any(info is not None for _, info in hits):
             raise self._ambiguous(drive, path, [c for c, _ in hits])
         get.check_folder()
-        for owner, file_path in await self._files_under(drive, path, [c for c, _ in hits]):
+        holders = [c for c, _ in hits]
+        if len(holders) > 1:  # a clash is refused before any file is sent
+            async for _ in self._files_under(drive, path, holders):
+                pass
+        async for owner, file_path in self._files_under(drive, path, holders):
             try:
                 with _named(drive, owner, file_path):
                     info, chunks = await self.backend.read(object_key(drive, owner, file_path))
@@ -431,16 +436,25 @@ class ManagedDrives:
                 continue  # deleted since it was listed
             yield _entry(file_path, owner, info), chunks
 
-    async def _files_under(self, drive: str, path: str, components: list[str]) -> list[tuple[str, str]]:
-        """(component, path) of every file under a folder, sorted; AmbiguousPathError on a clash."""
-        owners: dict[str, str] = {}
-        for c in components:
-            for key in await self.backend.walk(object_key(drive, c, path)):
-                file_path = relative_path(key, drive, c)
-                if file_path in owners:
-                    raise self._ambiguous(drive, file_path, [owners[file_path], c])
-                owners[file_path] = c
-        return [(c, p) for p, c in sorted(owners.items())]  # path order, as the proto promises
+    async def _files_under(self, drive: str, path: str, components: list[str]) -> AsyncIterator[tuple[str, str]]:
+        """(component, path) of every file under a folder, in path order; AmbiguousPathError on a clash, once the
+        walk reaches it. Walked a page (`GET_PAGE` files) at a time: a get of a folder of millions of files holds one
+        page of their names while it sends them, not all."""
+        start_after = ""
+        while True:
+            streams = [
+                _held_by(c, await self._names_after(drive, c, path, True, start_after, GET_PAGE + 1))
+                for c in components
+            ]
+            merged = itertools.groupby(heapq.merge(*streams), key=lambda held: held[0])
+            page = [(name, [c for _, c, _ in holding]) for name, holding in itertools.islice(merged, GET_PAGE)]
+            for file_path, owners in page:
+                if len(owners) > 1:
+                    raise self._ambiguous(drive, file_path, owners)
+                yield owners[0], file_path
+            if len(page) < GET_PAGE:
+                return
+            start_after = page[-1][0]
 
     async def list_entries(self, listing: ListRequest) -> tuple[list[Entry], bool]:
         """Entries under the path in path order after `start_after`: at most `limit`, and whether more remain.

@@ -17,7 +17,7 @@ import time
 
 import grpc
 import pytest
-from conftest import MIB, StalledPuts, no_uploads, rss_mib, upload_bytes, wait_until
+from conftest import MIB, StalledPuts, no_uploads, raw_put, rss_mib, upload_bytes, wait_until
 from crc32c import crc32c
 from partial_requests import PartialRequests
 
@@ -237,3 +237,43 @@ def _state(pid: int) -> str:
     """The state of process `pid` (R, S, T for stopped, ...)."""
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rpartition(")")[2].split()[0]
+
+
+FOLDER_FILES = 40_000
+HELD_GETS = 24
+
+
+def test_gets_of_a_big_folder_hold_a_page_of_its_names_each(start_daemon, tmp_path):
+    """A Get of a folder walked all of it before its first file and held every file's name and owner for as long as
+    its stream ran: 8 Gets of a folder of 200,000 files, each reading its first file and waiting, took a daemon from
+    66 to 345 MiB (~29 MiB each), and one host may hold 256 streams. It now walks a page of names at a time (1,000:
+    `drived.managed.GET_PAGE`), and a clash between components is still refused before any file is sent."""
+    first = start_daemon(tmp_path)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint))
+    raw_put(stub, "lit://big", "seed.bin", b"s", component="a")
+    assert first.stop() == 0
+    component = first.data_dir / "objects" / "big" / "a"
+    names = [f"f/{i // 1000:02d}/{i:05d}.bin" for i in range(FOLDER_FILES)]
+    for name in names:  # copies of a stored file, as the storage layout (README) has them
+        (component / name).parent.mkdir(parents=True, exist_ok=True)
+        os.link(component / "seed.bin", component / name)
+    handle = start_daemon(tmp_path, data_dir=first.data_dir)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
+    whole = stub.Get(pb.GetRequest(drive="lit://big", path="f", whole_small_files=True), timeout=120)
+    assert [(m.file.info.path, m.file.data) for m in whole] == [(name, b"s") for name in names]
+    baseline = rss_mib(handle.proc.pid)
+    held = [stub.Get(pb.GetRequest(drive="lit://big", path="f"), timeout=120) for _ in range(HELD_GETS)]
+    try:
+        assert all(next(get).info.path == names[0] for get in held)
+        during = rss_mib(handle.proc.pid)
+        bound = baseline + HELD_GETS + SLACK_MIB
+        print(f"{HELD_GETS} Gets of a folder of {FOLDER_FILES:,} files: {during:.0f} MiB (baseline {baseline:.0f})")
+        assert during <= bound, f"{HELD_GETS} Gets held {during - baseline:.0f} MiB (bound {bound:.0f} MiB)"
+    finally:
+        for get in held:
+            get.cancel()
+    raw_put(stub, "lit://big", names[-1], b"b", component="b", allow_duplicates=True)  # in the folder's last page
+    with pytest.raises(grpc.RpcError) as refused:
+        next(stub.Get(pb.GetRequest(drive="lit://big", path="f"), timeout=120))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+    assert names[-1] in refused.value.details() and "'a', 'b'" in refused.value.details()
