@@ -125,7 +125,7 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
     # A link is followed, to a folder as to a file: a put stores what reading the folder shows. Each folder to walk
     # knows the folders it is in, by identity, so that a link to one of them is refused, not followed for good.
     within = {os.fspath(local): frozenset({_identity(local)})}  # a folder to walk: it and the folders it is in
-    for folder, dirs, names in os.walk(local, onerror=_raise, followlinks=True):
+    for folder, dirs, names in _walk(os.fspath(local)):
         inside = within.pop(folder)
         for name in dirs:
             sub = os.path.join(folder, name)
@@ -153,9 +153,24 @@ def _identity(path: str | Path) -> tuple[int, int]:
     return found.st_dev, found.st_ino
 
 
-def _raise(err: OSError) -> None:
-    """Raises what a folder put's walk met (a subfolder it may not read): the walk would pass by its files."""
-    raise err
+def _walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk(top, followlinks=True)`, each folder before those in it, raising what it meets (a subfolder it may
+    not read: os.walk would pass by its files), and without os.walk's recursion (once a level before Python 3.12):
+    a drive path may be some 2,000 folders deep, past Python's recursion limit."""
+    pending = [top]
+    while pending:
+        folder = pending.pop()
+        dirs: list[str] = []
+        names: list[str] = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:  # as os.walk: what cannot be told a folder is walked as a file
+                    is_dir = False
+                (dirs if is_dir else names).append(entry.name)
+        yield folder, dirs, names
+        pending += (os.path.join(folder, name) for name in reversed(dirs))
 
 
 Version = tuple[int, int, int]  # a local file's size, modification and change times (`_version`)
@@ -293,6 +308,17 @@ _TMP_TOKEN = secrets.token_hex(4)
 _tmp_numbers = itertools.count()
 
 
+def _make_folders(folder: Path) -> None:
+    """`folder.mkdir(parents=True, exist_ok=True)` a level at a time: pathlib's (as os.makedirs) recurses once a
+    missing level, and a drive path may be some 2,000 folders deep, past Python's recursion limit."""
+    missing = []
+    while not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for each in reversed(missing):
+        each.mkdir(exist_ok=True)
+
+
 class _Receiving:
     """One file being received into a temporary file beside its target, summed with CRC32C (and sha256).
 
@@ -313,7 +339,7 @@ class _Receiving:
         if made is None or parent not in made:
             with _local_errors(target):
                 try:
-                    parent.mkdir(parents=True, exist_ok=True)
+                    _make_folders(parent)
                 except (FileExistsError, NotADirectoryError) as err:
                     # An s3:// bucket may hold an object `x/a` and objects below `x/a/`: one folder cannot hold both.
                     raise NotADirectory(

@@ -257,6 +257,29 @@ def test_put_folder_and_get_folder(make, tmp_path, drive_uri):
     assert found == sorted(tree), "get of a folder recreates exactly its tree"
 
 
+def test_a_folder_nested_1000_deep_is_got_and_put(daemon, tmp_path, drive_uri):
+    """A get made each file's folders with pathlib's mkdir(parents=True), and a folder put walked its local folder
+    with os.walk: both recurse once a level (os.walk before Python 3.12), so a get of a folder holding a path 1,000
+    folders deep, and a put of such a local folder, failed with no DriveError (a RecursionError, or the bare
+    FileNotFoundError of a mkdir the recursion cut short). Both twins share this code: one is tried, as each
+    syscall on so deep a path walks all of it."""
+    below = "/".join(["d"] * 999)
+    drive = Drive(drive_uri, root_folder=str(tmp_path), endpoint=daemon.endpoint)
+    try:
+        write(tmp_path / "f.bin", b"deep")
+        drive.put("f.bin", to=f"d/{below}/f.bin")
+        got = pathlib.Path(drive.get("d", to="got"))
+        assert got == tmp_path / "got"
+        assert (got / below / "f.bin").read_bytes() == b"deep"
+        assert [f.path for f in drive.put("got", to="again")] == [f"again/{below}/f.bin"]
+        assert [e.path for e in drive.entries("again", recursive=True)] == [f"again/{below}/f.bin"]
+    finally:  # pytest's removal of old temporary folders recurses too: a tree left would fail it
+        for left in ("d", "again"):
+            with contextlib.suppress(DriveError):
+                drive.delete(left)
+        subprocess.run(["rm", "-rf", str(tmp_path / "got")], check=True)
+
+
 def test_put_folder_with_trailing_slash(make, tmp_path, drive_uri):
     write(tmp_path / "data" / "a.txt", "a")
     write(tmp_path / "data" / "b" / "c.txt", "c")
