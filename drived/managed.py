@@ -14,12 +14,11 @@ import asyncio
 import contextlib
 import functools
 import heapq
-import itertools
 import logging
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
@@ -60,12 +59,6 @@ def _entry(path: str, component: str, info: ObjectInfo) -> Entry:
         path=path, size=info.size, sha256=info.sha256, mtime_ns=info.generation,
         component=component, generation=info.generation, crc32c=info.crc32c,
     )
-
-
-def _held_by(component: str, names: Iterator[tuple[str, bool]]) -> Iterator[tuple[str, str, bool]]:
-    """(path, component, is a folder) for one component's names: merged across components in that order."""
-    for name, folder in names:
-        yield name, component, folder
 
 
 def _shown(drive: str, path: str) -> str:
@@ -438,23 +431,60 @@ class ManagedDrives:
 
     async def _files_under(self, drive: str, path: str, components: list[str]) -> AsyncIterator[tuple[str, str]]:
         """(component, path) of every file under a folder, in path order; AmbiguousPathError on a clash, once the
-        walk reaches it. Walked a page (`GET_PAGE` files) at a time: a get of a folder of millions of files holds one
-        page of their names while it sends them, not all."""
-        start_after = ""
-        while True:
-            streams = [
-                _held_by(c, await self._names_after(drive, c, path, True, start_after, GET_PAGE + 1))
-                for c in components
-            ]
-            merged = itertools.groupby(heapq.merge(*streams), key=lambda held: held[0])
-            page = [(name, [c for _, c, _ in holding]) for name, holding in itertools.islice(merged, GET_PAGE)]
-            for file_path, owners in page:
-                if len(owners) > 1:
-                    raise self._ambiguous(drive, file_path, owners)
-                yield owners[0], file_path
-            if len(page) < GET_PAGE:
-                return
-            start_after = page[-1][0]
+        walk reaches it. Read `GET_PAGE` files at a time (`_merged`): a get of a folder of millions of files holds
+        some pages of their names while it sends them, not all."""
+        async with contextlib.aclosing(self._merged(drive, components, path, True, "", GET_PAGE)) as merged:
+            async for file_path, holders in merged:
+                if len(holders) > 1:
+                    raise self._ambiguous(drive, file_path, [c for c, _ in holders])
+                yield holders[0][0], file_path
+
+    async def _merged(self, drive: str, components: list[str], path: str, recursive: bool, start_after: str,
+                      limit: int) -> AsyncGenerator[tuple[str, list[tuple[str, bool]]], None]:
+        """(path, [(component, is a folder)] in component order) of what `components` hold under `path` (see
+        `_names_after`) after `start_after`, in path order.
+
+        Each component's names are read a chunk at a time, when the merge
+        needs its next one: a share of `limit` (the names the caller takes at
+        most) first, then twice as many each time, up to `limit` and one. A
+        page of a folder that many components hold costs about the page, not
+        `limit` names of each component.
+        """
+        if not components:  # a drive nothing was put in
+            return
+        largest = limit + 1
+        sizes = [-(-largest // len(components))] * len(components)  # each component's next read
+        chunks: list[list[tuple[str, bool]]] = [[] for _ in components]
+        read = [0] * len(components)  # how much of each chunk went into `heap`
+        ended = [False] * len(components)  # whether a component's last read was not full: nothing follows
+        heap: list[tuple[str, int, bool]] = []  # each component's next name: (path, its index, is a folder)
+
+        async def advance(i: int, after: str) -> None:
+            """Puts component `i`'s next name after `after` in `heap`, reading its next chunk when it needs one."""
+            if read[i] == len(chunks[i]):
+                if ended[i]:
+                    return
+                chunks[i] = list(await self._names_after(drive, components[i], path, recursive, after, sizes[i]))
+                read[i] = 0
+                ended[i] = len(chunks[i]) < sizes[i]
+                sizes[i] = min(2 * sizes[i], largest)
+                if not chunks[i]:
+                    return
+            name, folder = chunks[i][read[i]]
+            read[i] += 1
+            heapq.heappush(heap, (name, i, folder))
+
+        for i in range(len(components)):
+            await advance(i, start_after)
+        while heap:
+            name, i, folder = heapq.heappop(heap)
+            holders = [(components[i], folder)]
+            await advance(i, name)
+            while heap and heap[0][0] == name:
+                _, j, also = heapq.heappop(heap)
+                holders.append((components[j], also))
+                await advance(j, name)
+            yield name, holders
 
     async def list_entries(self, listing: ListRequest) -> tuple[list[Entry], bool]:
         """Entries under the path in path order after `start_after`: at most `limit`, and whether more remain.
@@ -473,20 +503,17 @@ class ManagedDrives:
         drive, path, limit, start_after = listing.drive.name, listing.path, listing.limit, listing.start_after
         components = [listing.component] if listing.component else await self.components(drive)
         while True:
-            streams = [
-                _held_by(c, await self._names_after(drive, c, path, listing.recursive, start_after, limit + 1))
-                for c in components
-            ]
             page: list[tuple[str, list[tuple[str, bool]]]] = []  # path, (component, is a folder) in component order
             more = False
             size = 0  # the most its entries take in the answer: a page of long paths ends before its message would
-            for name, holding in itertools.groupby(heapq.merge(*streams), key=lambda held: held[0]):
-                holders = [(c, folder) for _, c, folder in holding]
-                size += answer_entry_bytes(name, holders[0][0])
-                if len(page) == limit or (page and size > ANSWER_ENTRIES_BYTES):
-                    more = True
-                    break
-                page.append((name, holders))
+            names = self._merged(drive, components, path, listing.recursive, start_after, limit)
+            async with contextlib.aclosing(names) as merged:
+                async for name, holders in merged:
+                    size += answer_entry_bytes(name, holders[0][0])
+                    if len(page) == limit or (page and size > ANSWER_ENTRIES_BYTES):
+                        more = True
+                        break
+                    page.append((name, holders))
             listed = [await self._listed(drive, name, holders) for name, holders in page]
             entries = [entry for entry in listed if entry is not None]
             if entries or not more:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from conftest import MIB, StalledPuts, no_uploads, raw_put, rss_mib, upload_byte
 from crc32c import crc32c
 from partial_requests import PartialRequests
 
+from bench.services import peak_rss_mib, reset_peak_rss
 from drive_client import Drive
 from drive_client.malloc import KEEP_FREE
 from drive_client.pb import drive_pb2 as pb
@@ -277,3 +279,44 @@ def test_gets_of_a_big_folder_hold_a_page_of_its_names_each(start_daemon, tmp_pa
         next(stub.Get(pb.GetRequest(drive="lit://big", path="f"), timeout=120))
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
     assert names[-1] in refused.value.details() and "'a', 'b'" in refused.value.details()
+
+
+COMPONENTS = 60
+FILES_EACH = 2_001
+PAGE = 2_000
+CONCURRENT_LISTS = 8  # as many as one host's answer room lets build at once (drived.answers.PER_PEER)
+
+
+def test_a_list_page_of_a_folder_many_components_hold_reads_about_the_page(start_daemon, tmp_path):
+    """A page of a folder read page_size + 1 names of every component holding it before merging them: a recursive
+    page of 10,000 entries of a folder 20 components held read 200,000 names, and 8 such Lists at once took a daemon
+    from 107 to 231 MiB (with 100 components, some 75 MiB a List). Each component's names are now read a chunk at a
+    time as the merge needs them (`ManagedDrives._merged`): same 8 Lists, 80 -> 99 MiB."""
+    first = start_daemon(tmp_path)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint))
+    raw_put(stub, "lit://held", "seed.bin", b"s", component="seed")
+    assert first.stop() == 0
+    drive = first.data_dir / "objects" / "held"
+    names = []
+    for c in range(COMPONENTS):
+        seed = first.data_dir / "tmp" / f"seed{c}"  # emptied at the start: a file has at most 65,000 links
+        shutil.copyfile(drive / "seed" / "seed.bin", seed)
+        for i in range(FILES_EACH):  # copies of a stored file, as the storage layout (README) has them
+            name = f"data/{i // 1000:02d}/c{c}-{i:05d}.bin"
+            (drive / f"c{c}" / name).parent.mkdir(parents=True, exist_ok=True)
+            os.link(seed, drive / f"c{c}" / name)
+            names.append(name)
+    handle = start_daemon(tmp_path, data_dir=first.data_dir)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
+    page = pb.ListRequest(drive="lit://held", path="data", recursive=True, page_size=PAGE)
+    answer = stub.List(page, timeout=120)
+    assert [e.path for e in answer.entries] == sorted(names)[:PAGE] and answer.next_page_token
+    reset_peak_rss(handle.proc.pid)
+    baseline = rss_mib(handle.proc.pid)
+    lists = [stub.List.future(page, timeout=300) for _ in range(CONCURRENT_LISTS)]
+    assert all(len(done.result().entries) == PAGE for done in lists)
+    peak = peak_rss_mib(handle.proc.pid)
+    bound = baseline + CONCURRENT_LISTS + SLACK_MIB  # an answer of 2,000 short paths takes ~0.2 MiB
+    print(f"{CONCURRENT_LISTS} Lists of a folder {COMPONENTS} components hold: peak {peak:.0f} MiB (baseline "
+          f"{baseline:.0f})")
+    assert peak <= bound, f"{CONCURRENT_LISTS} Lists peaked {peak - baseline:.0f} MiB above (bound {bound:.0f} MiB)"
