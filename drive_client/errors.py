@@ -196,8 +196,9 @@ def from_rpc_error(
     if code == grpc.StatusCode.INTERNAL and details == AIO_SEND_FAILED:
         code, details = grpc.StatusCode.UNAVAILABLE, "the connection broke while a message was being sent"
     if code == grpc.StatusCode.CANCELLED and details not in LOCALLY_CANCELLED:
-        code, details = grpc.StatusCode.UNAVAILABLE, "the call was cancelled on the daemon's side (a stopping daemon " \
-            "cancels the calls that reach it before the client has read its GOAWAY)"
+        code, details = grpc.StatusCode.UNAVAILABLE, "the call was cancelled on the daemon's side before drived took " \
+            "it up (a stopping daemon cancels the calls that reach it before the client has read its GOAWAY, and " \
+            "gRPC the calls past the ~1,000 it queues for the daemon to take up: thousands sent at once)"
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(TooManyStreams.mark):
         return TooManyStreams(details, code)
     if code == grpc.StatusCode.UNAVAILABLE:
