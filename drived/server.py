@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -161,12 +162,14 @@ def exposure(config: Config, tokens: bool) -> list[str]:
 
 
 async def serve(config: Config) -> None:
-    """Runs the daemon until SIGTERM or SIGINT, then drains in-flight calls within the grace period.
+    """Runs the daemon until SIGTERM or SIGINT, then drains in-flight calls within the grace period. Either one
+    during the start-up stops it.
 
     SIGHUP reads the token file and the TLS files again.
     """
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="drived-io"))
+    signals = Signals(loop)
     access = make_access(config)
     tls = make_tls(config)
     problems = exposure(config, access.required)
@@ -176,11 +179,9 @@ async def serve(config: Config) -> None:
     connections = config.max_connections or descriptors.for_connections
     server = grpc.aio.server(options=server_options(config, connections))
     backend = make_backend(config, descriptors)
-    await backend.start()
     mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size,
                       memory=config.s3_index_memory)
     coordinator = make_coordinator(config)
-    await coordinator.start()
     streams = Streams(
         config.max_streams, config.max_streams_per_peer, config.stream_idle_timeout,
         release_memory=lambda: loop.run_in_executor(None, release_free_memory),
@@ -189,6 +190,22 @@ async def serve(config: Config) -> None:
     managed = ManagedDrives(backend, coordinator, uploads, config.max_file_size, config.quota)
     drives = DriveRouter(managed, S3Drives(mounts, config.chunk_size))
     service = DriveService(drives, streams, access)
+
+    async def closed() -> None:
+        # What a call the stop cancelled still changes in the store ends before the uploads, the coordinator and
+        # the store close, and before the data dir's lock and clean-stop mark say that no daemon writes there.
+        await service.ended()
+        await streams.close()
+        await uploads.close()
+        await coordinator.disconnect()
+        await mounts.close()
+        await backend.close()
+
+    if not await signals.unless_stopped(_started(backend, coordinator)):
+        log.info("stopping before serving")
+        await closed()
+        log.info("stopped")
+        return
     add_fast_servicer(service, server)
     health_servicer = Health()
     health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
@@ -223,15 +240,12 @@ async def serve(config: Config) -> None:
     log.info("serving", extra={"fields": {
         "listen": config.listen, **where, **security, "max_connections": connections}})
 
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload, access, tls)
-    await stop.wait()
-    # The drain is done here, before grpc's server.stop: from the moment that starts, grpc cancels each new
-    # call (CANCELLED, which clients do not retry) until the client has read its GOAWAY, and a call sent on
-    # a live connection just then was answered CANCELLED instead of UNAVAILABLE. Until the open streams end,
-    # the service answers new calls UNAVAILABLE itself; server.stop comes when nothing is left to finish.
+    await signals.stop.wait()
+    # The drain is done here, before grpc's server.stop: from the moment that starts, grpc cancels each new call
+    # (CANCELLED, which clients do not retry) until the client has read its GOAWAY, and a call sent on a live
+    # connection just then was answered CANCELLED instead of UNAVAILABLE. Until the open streams end, the service
+    # answers new calls UNAVAILABLE itself; server.stop comes when nothing is left to finish.
     service.draining = True
     log.info("draining", extra={"fields": {"grace_period_s": config.grace_period, "open_streams": streams.count}})
     deadline = loop.time() + config.grace_period
@@ -244,15 +258,36 @@ async def serve(config: Config) -> None:
         log.warning("grace period over: cancelling what is still open", extra={"fields": {"streams": streams.count}})
     health_servicer.drained()
     await server.stop(max(0.0, deadline - loop.time()))
-    # What a call the stop cancelled still changes in the store ends before the uploads, the coordinator and the
-    # store close, and before the data dir's lock and clean-stop mark say that no daemon writes there.
-    await service.ended()
-    await streams.close()
-    await uploads.close()
-    await coordinator.disconnect()
-    await mounts.close()
-    await backend.close()
+    await closed()
     log.info("stopped")
+
+
+class Signals:
+    """SIGTERM and SIGINT, from the start of the start-up on: each one stops the daemon (`stop`)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+
+    async def unless_stopped(self, starting: Awaitable[None]) -> bool:
+        """Runs the start-up step `starting`; False, once it is cancelled, when a stop comes first."""
+        step = asyncio.ensure_future(starting)
+        stopped = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait([step, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if step.done():
+            step.result()
+            return True
+        step.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await step
+        return False
+
+
+async def _started(backend: Backend, coordinator: Coordinator) -> None:
+    await backend.start()
+    await coordinator.start()
 
 
 def reload(access: Access, tls: ServerTLS | None) -> None:

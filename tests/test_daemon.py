@@ -184,6 +184,47 @@ def test_a_health_watch_ends_unavailable_at_a_drain_and_holds_no_stop(tmp_path, 
         assert handle.proc.wait(30) == 0, handle.log()  # well within the grace period: nothing else was open
 
 
+# Python for `start_daemon(before=...)`: while the file PAUSE exists, the start-up waits before its backend starts
+# (as one waits on a store that does not answer), having made PAUSE.reached.
+PAUSED_START = """
+import asyncio, os
+from drived.backends.local import LocalBackend
+
+start = LocalBackend.start
+async def paused_start(self):
+    open({pause!r} + ".reached", "w").close()
+    while os.path.exists({pause!r}):
+        await asyncio.sleep(0.01)
+    await start(self)
+LocalBackend.start = paused_start
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_the_daemon_starts_ends_it_quietly(tmp_path, start_daemon, sig):
+    """A Ctrl-C while the daemon started (a store checked, a coordinator reached) printed a Python traceback and
+    exited -2 (-15 for SIGTERM, with no word logged): it stops as a serving daemon does, exiting 0, its data dir
+    as it was, marked stopped cleanly."""
+    first = start_daemon(tmp_path)
+    ch, stub = stub_for(first.endpoint)
+    with ch:
+        raw_put(stub, "lit://kept", "f.txt", b"stored before")
+    assert first.stop() == 0, first.log()
+    pause = tmp_path / "pause"
+    pause.touch()
+    handle = start_daemon(tmp_path, data_dir=first.data_dir, wait=False, before=PAUSED_START.format(pause=str(pause)))
+    assert wait_until((tmp_path / "pause.reached").exists, timeout=20), handle.log()
+    handle.proc.send_signal(sig)
+    assert handle.proc.wait(20) == 0, handle.log()
+    assert "Traceback" not in handle.log() and "stopping before serving" in handle.log(), handle.log()
+    handle.wait_logged("stopped")
+    assert (first.data_dir / "clean-stop").exists() and list((first.data_dir / "tmp").iterdir()) == []
+    again = start_daemon(tmp_path, data_dir=first.data_dir)
+    ch, stub = stub_for(again.endpoint)
+    with ch:
+        assert raw_get(stub, "lit://kept", "f.txt")[0][1] == b"stored before"
+
+
 def test_taken_port_by_another_daemon_fails_loudly(tmp_path, start_daemon):
     first = start_daemon(tmp_path)
     second = spawn_daemon(["--listen", first.endpoint, "--data-dir", str(tmp_path / "second")],
