@@ -162,8 +162,8 @@ def exposure(config: Config, tokens: bool) -> list[str]:
 
 
 async def serve(config: Config) -> None:
-    """Runs the daemon until SIGTERM or SIGINT, then drains in-flight calls within the grace period. Either one
-    during the start-up stops it.
+    """Runs the daemon until SIGTERM or SIGINT, then drains in-flight calls within the grace period; a second
+    SIGTERM or SIGINT cancels them at once. Either one during the start-up stops it.
 
     SIGHUP reads the token file and the TLS files again.
     """
@@ -245,10 +245,11 @@ async def serve(config: Config) -> None:
     # The drain is done here, before grpc's server.stop: from the moment that starts, grpc cancels each new call
     # (CANCELLED, which clients do not retry) until the client has read its GOAWAY, and a call sent on a live
     # connection just then was answered CANCELLED instead of UNAVAILABLE. Until the open streams end, the service
-    # answers new calls UNAVAILABLE itself; server.stop comes when nothing is left to finish.
+    # answers new calls UNAVAILABLE itself; server.stop comes when nothing is left to finish, or at a second signal.
     service.draining = True
     log.info("draining", extra={"fields": {"grace_period_s": config.grace_period, "open_streams": streams.count}})
     deadline = loop.time() + config.grace_period
+    hurrying = asyncio.ensure_future(_cancelled_at_once(signals, server, streams, service))
     await health_servicer.enter_graceful_shutdown()
     settling.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -259,16 +260,22 @@ async def serve(config: Config) -> None:
     health_servicer.drained()
     await server.stop(max(0.0, deadline - loop.time()))
     await closed()
+    hurrying.cancel()
     log.info("stopped")
 
 
 class Signals:
-    """SIGTERM and SIGINT, from the start of the start-up on: each one stops the daemon (`stop`)."""
+    """SIGTERM and SIGINT, from the start of the start-up on: the first one stops the daemon (`stop`), a second
+    one asks it to stop at once (`hurry`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
+            loop.add_signal_handler(sig, self._received)
+
+    def _received(self) -> None:
+        (self.hurry if self.stop.is_set() else self.stop).set()
 
     async def unless_stopped(self, starting: Awaitable[None]) -> bool:
         """Runs the start-up step `starting`; False, once it is cancelled, when a stop comes first."""
@@ -288,6 +295,16 @@ class Signals:
 async def _started(backend: Backend, coordinator: Coordinator) -> None:
     await backend.start()
     await coordinator.start()
+
+
+async def _cancelled_at_once(signals: Signals, server: grpc.aio.Server, streams: Streams, service: DriveService
+                             ) -> None:
+    """At a second SIGTERM or SIGINT, cancels every call still open, as the grace period's end does: what a call
+    changes in the store still runs to its end, and the data dir stays locked until then (`serve`)."""
+    await signals.hurry.wait()
+    log.warning("stopping at once: cancelling what is still open", extra={"fields": {
+        "streams": streams.count, "calls": len(service.calls)}})
+    await server.stop(0)
 
 
 def reload(access: Access, tls: ServerTLS | None) -> None:

@@ -283,3 +283,48 @@ def test_a_change_the_grace_period_cut_keeps_the_data_dir_locked_until_it_ends(s
         assert rpc_code(lambda: raw_get(stub, DRIVE, "big.bin")) == grpc.StatusCode.NOT_FOUND
     else:
         assert raw_get(stub, DRIVE, "big.bin")[0][1] == after, "the commit under way ran to its end"
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_cancels_the_drain_at_once_and_lets_a_commit_under_way_end(start_daemon, tmp_path, second):
+    """A second SIGTERM or SIGINT during the drain did nothing: a client that sent part of a put and stalled held
+    the stop for the whole grace period (a minute here), as uvicorn's, gunicorn's and nginx's stops do not. It
+    cancels what is open at once; a put's commit under way still runs to its end, the data dir locked until then."""
+    pause = tmp_path / "pause"
+    first = start_daemon(tmp_path, "--grace-period", "60", before=PAUSED_CHANGES.format(pause=str(pause)))
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint))
+    before, after = os.urandom(2 * MIB), os.urandom(2 * MIB)
+    raw_put(stub, DRIVE, "big.bin", before)
+    (tmp_path / "pause.reached").unlink()
+    pause.touch()
+    committing = stub.Put.future(put_messages(DRIVE, "big.bin", after), timeout=120)
+    assert wait_until((tmp_path / "pause.reached").exists, timeout=30), "the put never began its commit"
+    gate = threading.Event()
+
+    def stalled():
+        yield from list(put_messages(DRIVE, "stalled.bin", os.urandom(3 * MIB)))[:2]  # the header and one chunk
+        gate.wait(120)
+
+    stalling = stub.Put.future(stalled(), timeout=120)
+    try:
+        first.wait_open("Put", 2)
+        first.proc.send_signal(signal.SIGTERM)
+        first.wait_logged("draining")
+        first.proc.send_signal(second)
+        assert wait_until(stalling.done, timeout=20), "the second signal left the stalled put open"
+        assert stalling.exception().code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        assert "stopping at once" in first.log()
+        again = start_daemon(tmp_path, data_dir=first.data_dir, wait=False)
+        assert wait_until(lambda: again.proc.poll() is not None, timeout=10), "a second daemon was let in"
+        assert "is in use by another drived" in again.log()
+        pause.unlink()
+        assert first.proc.wait(30) == 0, first.log()[-3000:]
+    finally:
+        gate.set()
+    assert (first.data_dir / "clean-stop").exists()
+    assert list((first.data_dir / "tmp").iterdir()) == []
+    third = start_daemon(tmp_path, data_dir=first.data_dir)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(third.endpoint))
+    assert raw_get(stub, DRIVE, "big.bin")[0][1] == after, "the commit under way ran to its end"
+    assert rpc_code(lambda: raw_get(stub, DRIVE, "stalled.bin")) == grpc.StatusCode.NOT_FOUND
+    assert committing.done()
