@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -45,6 +47,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DriveService"].full_name
 WORKER_THREADS = 32
 CONNECTION_IDLE = 600.0  # seconds
 HANDSHAKE_TIMEOUT = 20.0  # seconds
+# With --storage, the seconds the stop waits, once no call is left to serve, for the store to answer what it still
+# asks (a commit under way, the aborts of held uploads): deploy/k8s kills a pod 10 s after the grace period.
+CLOSE_SECONDS = 5.0
 
 
 class Health(health.aio.HealthServicer):
@@ -203,8 +208,7 @@ async def serve(config: Config) -> None:
 
     if not await signals.unless_stopped(_started(backend, coordinator)):
         log.info("stopping before serving")
-        await closed()
-        log.info("stopped")
+        await _closed_within(closed(), bool(config.storage), service)
         return
     add_fast_servicer(service, server)
     health_servicer = Health()
@@ -259,9 +263,8 @@ async def serve(config: Config) -> None:
         log.warning("grace period over: cancelling what is still open", extra={"fields": {"streams": streams.count}})
     health_servicer.drained()
     await server.stop(max(0.0, deadline - loop.time()))
-    await closed()
+    await _closed_within(closed(), bool(config.storage), service)
     hurrying.cancel()
-    log.info("stopped")
 
 
 class Signals:
@@ -305,6 +308,33 @@ async def _cancelled_at_once(signals: Signals, server: grpc.aio.Server, streams:
     log.warning("stopping at once: cancelling what is still open", extra={"fields": {
         "streams": streams.count, "calls": len(service.calls)}})
     await server.stop(0)
+
+
+async def _closed_within(closing: Coroutine[Any, Any, None], storage: bool, service: DriveService) -> None:
+    """Runs `closing` to its end, then logs 'stopped'; with --storage, for CLOSE_SECONDS at most, then ends the
+    process at once.
+
+    A store that takes requests and never answers held the stop for
+    boto3's tries, 3 of 60 s each a request (an upload held: 4 min), past
+    any kill's patience. Giving it up leaves nothing half made: a commit is
+    one request the store makes whole or not at all (a change left
+    unpublished is settled by the replicas), and a sweep aborts the
+    multipart uploads not aborted, after --upload-expiry. A normal exit
+    would wait for the threads still waiting on the store. A data dir's
+    changes run to their end, however long: its lock is held until then.
+    """
+    task = asyncio.ensure_future(closing)
+    done, _ = await asyncio.wait([task], timeout=CLOSE_SECONDS if storage else None)
+    if done:
+        task.result()
+        log.info("stopped")
+        return
+    log.warning("the store did not answer: the stop gives up waiting for it", extra={"fields": {
+        "waited_s": CLOSE_SECONDS, "calls": len(service.calls),
+        "left": "a sweep aborts the multipart uploads left, after --upload-expiry"}})
+    log.info("stopped")
+    logging.shutdown()
+    os._exit(0)
 
 
 def reload(access: Access, tls: ServerTLS | None) -> None:

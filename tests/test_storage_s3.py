@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -1094,6 +1095,87 @@ def test_a_sighup_while_the_daemon_starts_does_not_end_it(tmp_path: Path):
             assert handle.proc.poll() is None
         finally:
             store.moto.proc.send_signal(signal.SIGCONT)
+    finally:
+        store.close()
+
+
+# Python for `start_daemon(before=...)`: what the stop waits for the store, once no call is left to serve, lowered.
+SHORT_CLOSE = "import drived.server as s; s.CLOSE_SECONDS = 1.0"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_the_start_up_waits_on_a_store_that_does_not_answer_ends_it_soon(tmp_path: Path, sig):
+    """A Ctrl-C while the start-up's bucket check waited on a store that takes connections and never answers
+    waited for that check's thread at the process's exit: boto3's three tries of 60 s (178 s here)."""
+    silent = socket.create_server(("127.0.0.1", 0))  # takes connections, answers nothing
+    with silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        handle = start_daemon(tmp_path, "--storage", STORAGE, env={**AWS_ENV, "AWS_ENDPOINT_URL": url}, wait=False,
+                              before=SHORT_CLOSE)
+        try:
+            silent.settimeout(20)
+            checking, _ = silent.accept()  # the bucket check's connection
+            with checking:
+                handle.proc.send_signal(sig)
+                assert handle.proc.wait(30) == 0, handle.log()
+        finally:
+            handle.stop(signal.SIGKILL)
+    log = handle.log()
+    assert "Traceback" not in log and "stopping before serving" in log, log
+    assert "the store did not answer: the stop gives up waiting for it" in log and '"event": "stopped"' in log, log
+
+
+# Python for `start_daemon(before=...)`: a small file's commit waits, before it sends its PutObject, while the file
+# PAUSE exists (having made PAUSE.reached); and what the stop waits for the store is lowered.
+PAUSED_SMALL_COMMITS = SHORT_CLOSE + """
+import asyncio, os
+from drived.backends import s3
+
+put_small = s3.S3Backend.put_small
+async def put_small_once_resumed(self, *args):
+    open({pause!r} + ".reached", "w").close()
+    while os.path.exists({pause!r}):
+        await asyncio.sleep(0.01)
+    return await put_small(self, *args)
+s3.S3Backend.put_small = put_small_once_resumed
+"""
+
+
+def test_a_stop_with_a_store_that_does_not_answer_gives_it_up_after_the_grace_period(tmp_path: Path, drive_uri: str):
+    """A stop whose store took requests and never answered waited on it for boto3's tries (3 of 60 s each): a
+    commit under way at the grace period's end, then the abort of each held upload (one: 240 s here), where a
+    kill comes 10 s after the grace period (deploy/k8s). It gives the store up CLOSE_SECONDS after the calls
+    ended, saying so; the store keeps nothing half made, and a sweep aborts the upload left behind."""
+    store = Store(tmp_path)
+    pause = tmp_path / "pause"
+    try:
+        handle = store.daemon("--grace-period", "1", before=PAUSED_SMALL_COMMITS.format(pause=str(pause)))
+        stub = stub_of(handle)
+        held = os.urandom(PART_SIZE + MIB)  # a part in the store, and a multipart upload to abort
+        header = drive_pb2.PutHeader(drive=drive_uri, path="held.bin", component="w", upload_id="u", size=len(held))
+        cut = [drive_pb2.PutRequest(header=header), *(drive_pb2.PutRequest(data=held[i:i + MIB])
+                                                       for i in range(0, len(held), MIB))]
+        assert rpc_code(lambda: stub.Put(iter(cut), timeout=60)) == grpc.StatusCode.INVALID_ARGUMENT  # no finish
+        assert len(store.uploads()) == 1
+        small = b"committed whole or not at all"
+        pause.touch()
+        committing = stub.Put.future(put_messages(drive_uri, "small.bin", small, component="w"), timeout=120)
+        assert wait_until((tmp_path / "pause.reached").exists, timeout=30), handle.log()
+        store.moto.proc.send_signal(signal.SIGSTOP)
+        try:
+            pause.unlink()  # its PutObject waits on the store
+            handle.proc.send_signal(signal.SIGTERM)
+            assert handle.proc.wait(30) == 0, handle.log()
+        finally:
+            store.moto.proc.send_signal(signal.SIGCONT)
+        assert committing.exception().code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        gave_up = [line for line in handle.log().splitlines() if "the stop gives up waiting for it" in line]
+        assert gave_up and '"calls": 1' in gave_up[0], handle.log()
+        key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/small.bin"
+        if key in store.object_keys():
+            assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == small
+        store.daemon("--upload-expiry", "1")
+        assert wait_until(lambda: not store.uploads(), timeout=30), store.uploads()
     finally:
         store.close()
 

@@ -765,7 +765,8 @@ class S3Backend(Backend):
                 await sweeper
         if self._background:
             await asyncio.wait(set(self._background))
-        self._pool.shutdown(wait=True)
+        # In a thread: a store that does not answer holds the pool's threads, and the daemon's stop bounds its wait.
+        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown)
 
     # -- uploads -------------------------------------------------------------
 
