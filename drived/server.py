@@ -274,25 +274,35 @@ class Signals:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stop = asyncio.Event()
         self.hurry = asyncio.Event()
+        self._starting: asyncio.Task[Any] | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._received)
 
     def _received(self) -> None:
-        (self.hurry if self.stop.is_set() else self.stop).set()
+        if self.stop.is_set():
+            self.hurry.set()
+            return
+        self.stop.set()
+        if self._starting is not None:
+            self._starting.cancel()
 
     async def unless_stopped(self, starting: Awaitable[None]) -> bool:
-        """Runs the start-up step `starting`; False, once it is cancelled, when a stop comes first."""
-        step = asyncio.ensure_future(starting)
-        stopped = asyncio.ensure_future(self.stop.wait())
-        await asyncio.wait([step, stopped], return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        if step.done():
-            step.result()
-            return True
-        step.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await step
-        return False
+        """Awaits the start-up step `starting`, which a stop cancels; False when it did.
+
+        Awaited in the caller's task, not one of its own: a SystemExit that
+        ends the start-up (a missing bucket) raised in another task ends the
+        loop with that task's failure unread, logged with a traceback.
+        """
+        self._starting = asyncio.current_task()
+        try:
+            await starting
+        except asyncio.CancelledError:
+            if not self.stop.is_set():
+                raise
+            return False
+        finally:
+            self._starting = None
+        return True
 
 
 async def _started(backend: Backend, coordinator: Coordinator) -> None:

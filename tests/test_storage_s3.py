@@ -1056,6 +1056,7 @@ def test_a_missing_bucket_stops_the_start_up_naming_it(tmp_path: Path):
         handle = start_daemon(tmp_path, "--storage", "s3://no-such-bucket/x/", env=store.env(), wait=False)
         assert handle.proc.wait(30) != 0
         assert "no-such-bucket" in handle.log() and "create it" in handle.log()
+        assert "Traceback" not in handle.log(), handle.log()
     finally:
         store.close()
 
