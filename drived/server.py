@@ -9,7 +9,7 @@ import os
 import signal
 from collections.abc import Awaitable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,8 +47,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DriveService"].full_name
 WORKER_THREADS = 32
 CONNECTION_IDLE = 600.0  # seconds
 HANDSHAKE_TIMEOUT = 20.0  # seconds
-# With --storage, the seconds the stop waits, once no call is left to serve, for the store to answer what it still
-# asks (a commit under way, the aborts of held uploads): deploy/k8s kills a pod 10 s after the grace period.
+# The seconds the stop waits, once no call is left to serve, for S3 to answer what the daemon still asks (with
+# --storage, a commit under way, the aborts of held uploads; a mount's listing): deploy/k8s kills a pod 10 s after
+# the grace period.
 CLOSE_SECONDS = 5.0
 
 
@@ -203,12 +204,11 @@ async def serve(config: Config) -> None:
         await streams.close()
         await uploads.close()
         await coordinator.disconnect()
-        await mounts.close()
         await backend.close()
 
     if not await signals.unless_stopped(_started(backend, coordinator)):
         log.info("stopping before serving")
-        await _closed_within(closed(), bool(config.storage), service)
+        await _closed_within(closed(), mounts, bool(config.storage), service)
         return
     add_fast_servicer(service, server)
     health_servicer = Health()
@@ -263,7 +263,7 @@ async def serve(config: Config) -> None:
         log.warning("grace period over: cancelling what is still open", extra={"fields": {"streams": streams.count}})
     health_servicer.drained()
     await server.stop(max(0.0, deadline - loop.time()))
-    await _closed_within(closed(), bool(config.storage), service)
+    await _closed_within(closed(), mounts, bool(config.storage), service)
     hurrying.cancel()
 
 
@@ -320,29 +320,40 @@ async def _cancelled_at_once(signals: Signals, server: grpc.aio.Server, streams:
     await server.stop(0)
 
 
-async def _closed_within(closing: Coroutine[Any, Any, None], storage: bool, service: DriveService) -> None:
-    """Runs `closing` to its end, then logs 'stopped'; with --storage, for CLOSE_SECONDS at most, then ends the
-    process at once.
+async def _closed_within(closing: Coroutine[Any, Any, None], mounts: S3Mounts, storage: bool, service: DriveService
+                         ) -> None:
+    """Runs `closing` and the close of the s3:// drives' mounts, then logs 'stopped'; each for CLOSE_SECONDS at most,
+    but a data dir's `closing` to its end; past that, ends the process at once.
 
-    A store that takes requests and never answers held the stop for
-    boto3's tries, 3 of 60 s each a request (an upload held: 4 min), past
-    any kill's patience. Giving it up leaves nothing half made: a commit is
-    one request the store makes whole or not at all (a change left
-    unpublished is settled by the replicas), and a sweep aborts the
-    multipart uploads not aborted, after --upload-expiry. A normal exit
-    would wait for the threads still waiting on the store. A data dir's
-    changes run to their end, however long: its lock is held until then.
+    An S3 endpoint that takes requests and never answers held the stop for
+    boto3's tries, 3 of 60 s each a request: with --storage an upload held
+    (4 min), a commit under way; a mount's listing. Giving it up leaves
+    nothing half made: a commit is one request the store makes whole or
+    not at all (a change left unpublished is settled by the replicas), and
+    a sweep aborts the multipart uploads not aborted, after
+    --upload-expiry. A data dir's changes run to their end, however long:
+    its lock is held until then.
     """
-    task = asyncio.ensure_future(closing)
-    done, _ = await asyncio.wait([task], timeout=CLOSE_SECONDS if storage else None)
-    if done:
-        task.result()
+    tasks = [asyncio.ensure_future(closing), asyncio.ensure_future(mounts.close())]
+    if not storage:
+        await asyncio.wait(tasks[:1])
+    _, pending = await asyncio.wait(tasks, timeout=CLOSE_SECONDS)
+    if pending:
+        given_up: dict[str, object] = {"waited_s": CLOSE_SECONDS, "calls": len(service.calls)}
+        if storage:
+            given_up["left"] = "a sweep aborts the multipart uploads left, after --upload-expiry"
+        log.warning("S3 did not answer: the stop gives up waiting for it", extra={"fields": given_up})
         log.info("stopped")
-        return
-    log.warning("the store did not answer: the stop gives up waiting for it", extra={"fields": {
-        "waited_s": CLOSE_SECONDS, "calls": len(service.calls),
-        "left": "a sweep aborts the multipart uploads left, after --upload-expiry"}})
+        end_process()
+    for task in tasks:
+        task.result()
     log.info("stopped")
+
+
+def end_process() -> NoReturn:
+    """Ends the process of a daemon that stopped, without waiting for its threads: one still waiting on an S3
+    endpoint that does not answer (a request the stop gave up, the read of a get it cancelled) would hold a normal
+    exit, which joins them, for boto3's minutes of tries, and nothing waits for its answer any more."""
     logging.shutdown()
     os._exit(0)
 

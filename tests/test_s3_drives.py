@@ -20,12 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 import boto3
 import grpc
 import pytest
-from conftest import Background, DaemonHandle, free_port, held_open, start_daemon, wait_until
+from conftest import Background, DaemonHandle, free_port, held_open, rpc_code, start_daemon, wait_until
 from cutting_proxy import CuttingProxy
 from moto_server import AWS_ENV, closed_port, running_moto
 
+from bench.services import MotoServer
 from drive_client import Drive, DriveError, NotADirectory, ResourceExhausted, StaleIndexError, StoreUnavailable
-from drive_client.pb import drive_pb2
+from drive_client.pb import drive_pb2, drive_pb2_grpc
 
 pytestmark = pytest.mark.integration  # starts moto_server endpoints of its own
 
@@ -424,3 +425,41 @@ def test_get_of_a_folder_fetches_every_object_under_it(s3, tmp_path):
     files = sorted(p.name for p in got.iterdir())
     assert len(files) == 1200 and files[0] == "0000.jpg"
     assert (got / "0042.jpg").read_bytes() == b"imagenet/train/0042.jpg"
+
+
+@pytest.mark.parametrize("stuck", ["Mount", "Get"])
+def test_a_stop_while_an_s3_endpoint_does_not_answer_ends_soon_after_the_grace_period(tmp_path, stuck):
+    """An s3:// drive's endpoint that takes requests and never answers (a hung gateway; moto SIGSTOPped here) held
+    a daemon's stop, with its data on a local disk too, for boto3's tries: a mount's listing, waited for by the
+    stop (240 s), or the read of a get the grace period cancelled, whose thread the process's exit joined after
+    'stopped' (180 s). The stop waits for them CLOSE_SECONDS at most, and the process ends once it stopped."""
+    with MotoServer(tmp_path / "moto") as moto:
+        client = boto3.client(
+            "s3", endpoint_url=moto.url, aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"], region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+        )
+        client.create_bucket(Bucket=BUCKET)
+        client.put_object(Bucket=BUCKET, Key="d/a.bin", Body=os.urandom(3 * 1024 * 1024))
+        handle = start_daemon(tmp_path, "--grace-period", "1", env={**AWS_ENV, "AWS_ENDPOINT_URL": moto.url},
+                              before="import drived.server as s; s.CLOSE_SECONDS = 1.0")
+        try:
+            stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
+            if stuck == "Get":
+                stub.Mount(drive_pb2.MountRequest(drive=f"s3://{BUCKET}/d/"), timeout=30)
+            moto.proc.send_signal(signal.SIGSTOP)
+            try:
+                if stuck == "Get":
+                    call = stub.Get(drive_pb2.GetRequest(drive=f"s3://{BUCKET}/d/", path="a.bin"), timeout=120)
+                    ended = lambda: list(call)  # noqa: E731 - its status comes once its messages are read
+                else:
+                    call = stub.Mount.future(drive_pb2.MountRequest(drive=f"s3://{BUCKET}/d/"), timeout=120)
+                    ended = call.result
+                handle.wait_open(stuck, 1)
+                handle.proc.send_signal(signal.SIGTERM)
+                assert handle.proc.wait(30) == 0, handle.log()
+            finally:
+                moto.proc.send_signal(signal.SIGCONT)
+            assert rpc_code(ended) in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+            assert '"event": "stopped"' in handle.log() and "Traceback" not in handle.log(), handle.log()
+        finally:
+            handle.stop(signal.SIGKILL)

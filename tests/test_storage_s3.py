@@ -1123,7 +1123,7 @@ def test_a_stop_while_the_start_up_waits_on_a_store_that_does_not_answer_ends_it
             handle.stop(signal.SIGKILL)
     log = handle.log()
     assert "Traceback" not in log and "stopping before serving" in log, log
-    assert "the store did not answer: the stop gives up waiting for it" in log and '"event": "stopped"' in log, log
+    assert "S3 did not answer: the stop gives up waiting for it" in log and '"event": "stopped"' in log, log
 
 
 # Python for `start_daemon(before=...)`: a small file's commit waits, before it sends its PutObject, while the file
