@@ -3,12 +3,15 @@
 What it keeps, in one Redis or Valkey server (not Redis Cluster: the feed's
 scripts touch `drived:epoch` beside a drive's keys):
 
-- `drived:epoch`: when the coordinator's data began, in µs of its clock, and
-  the run_id of the server that began it. Made again by the first call that
-  finds it missing, or made by another run of the server: one that restarted
-  or a replica promoted may come back with less than it answered (a snapshot,
-  an AOF not yet fsynced, a replica behind), and what it lost cannot be told
-  from what it kept. So it is new after the data was, or may have been, lost.
+- `drived:epoch`: when the coordinator's data began, in µs of its clock, a
+  number as every version reads it; `drived:epoch:run`: the run_id of the
+  server that began it. Made again by the first call that finds it missing,
+  or made by another run of the server: one that restarted or a replica
+  promoted may come back with less than it answered (a snapshot, an AOF not
+  yet fsynced, a replica behind), and what it lost cannot be told from what
+  it kept. So it is new after the data was, or may have been, lost. An epoch
+  without its run (made by a daemon of an earlier version, which knows no
+  run) is kept and given the server's run.
 - `drived:{<drive>}:feed`: the drive's change feed, a Stream whose entry ids
   are `<sequence>-0`. Its max-deleted-entry-id is the newest sequence no
   longer kept: the epoch when the feed is made, then the newest event dropped;
@@ -67,8 +70,8 @@ Each operation is one Lua script (one round trip, atomic): a claim checks
 and takes its key and its folders' in one step; a publish numbers, appends,
 trims and announces in one step; a commit's reservation checks the quota
 and holds its room in one step. The scripts that look for unpublished
-changes (and the feed's, beside `drived:epoch`) build keys they are not
-given: one server, not Redis Cluster.
+changes (and the feed's, `drived:epoch:run` beside `drived:epoch`) build
+keys they are not given: one server, not Redis Cluster.
 
 Sequences are max(the server's clock in µs, the feed's last + 1, the
 epoch + 1): they increase within a drive and are never given twice, also
@@ -175,10 +178,15 @@ local function now_us()
 end
 local function epoch_of(now)
   local run = server_run()
-  local kept = redis.call('GET', KEYS[1])
-  if kept and string.match(kept, ':(%x+)$') == run then return tonumber(string.match(kept, '^%d+')) end
-  redis.call('SET', KEYS[1], string.format('%.0f', now) .. ':' .. run)
-  return now
+  local kept = tonumber(redis.call('GET', KEYS[1]))
+  local made_in = redis.call('GET', KEYS[1] .. ':run')
+  if kept and made_in == run then return kept end
+  if not kept or made_in then  -- an epoch without its run was made by an earlier version: it is kept, as that did
+    kept = now
+    redis.call('SET', KEYS[1], string.format('%.0f', now))
+  end
+  redis.call('SET', KEYS[1] .. ':run', run)
+  return kept
 end
 local function sequence_of(id)
   return tonumber(string.match(id, '^%d+'))

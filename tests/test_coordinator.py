@@ -465,6 +465,30 @@ async def test_a_count_of_a_coordinator_back_with_older_data_is_counted_again(
 
 
 @pytest.mark.integration
+async def test_the_epoch_is_a_number_as_daemons_of_the_earlier_version_read_it_and_theirs_is_kept(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    """A rolling update runs replicas of the earlier version beside new ones on one coordinator: their scripts read
+    `drived:epoch` with Lua's tonumber, and an epoch holding more than its number failed each of their publishes
+    after its commit, and their last and since. The epoch they made (no run) is kept, as they keep it."""
+    server = own_valkey()
+    admin = redis.Redis.from_url(server.url)
+    as_the_earlier_version_reads_it = admin.register_script("return tonumber(redis.call('GET', KEYS[1]))")
+    seconds, micros = admin.time()
+    earlier = (seconds - 1) * 1_000_000 + micros
+    admin.set("drived:epoch", earlier)  # as a daemon of the earlier version makes it
+    async with redis_coordinator(server.url) as coordinator:
+        assert await coordinator.last("d") == earlier
+        seen = await coordinator.publish("d", "put", entry("a"))
+        assert [e.sequence for e in await coordinator.since("d", earlier)] == [seen]
+        assert as_the_earlier_version_reads_it(keys=["drived:epoch"]) == earlier
+        admin.flushall()  # the data lost: the epoch is made again
+        remade = await coordinator.last("d")
+        assert remade > seen
+        assert as_the_earlier_version_reads_it(keys=["drived:epoch"]) == remade
+
+
+@pytest.mark.integration
 async def test_a_count_lost_with_the_data_or_past_its_time_is_counted_again_and_earlier_reservations_leave_it_be(
     valkey: ValkeyServer,
 ) -> None:
