@@ -61,6 +61,9 @@ class _Server(ThreadingMixIn, WSGIServer):
     """
 
     daemon_threads = True
+    # socketserver listens with a backlog of 5: past it the kernel leaves a burst's connections half made, and
+    # they come to be accepted (and closed, past SCRAPES_AT_ONCE) only at its SYN-ACK retries, seconds apart.
+    request_queue_size = 128
 
     def __init__(self, family: socket.AddressFamily, address: Any) -> None:
         self.address_family = family
