@@ -131,8 +131,10 @@ Semantics:
   to one file from several writers at once is not safe; give each its own.
 - Copies go through this client (the daemon has no server-side copy): a file
   is fetched and put again. `mv` moves file by file, as fsspec's `copy` maps
-  them: each file is removed once its copy is put (only this component's can
-  be), so nothing is removed that was not copied. A path moved onto itself,
+  them: each file is removed once its copy is put, so nothing is removed that
+  was not copied. As `rm`, it removes only this component's files: another
+  component's in a folder, glob or list moved is copied and left, and one
+  moved by its own path raises `FileNotFoundError`, nothing copied. A path moved onto itself,
   however spelled, is left as it is; a folder moved into itself is refused
   (`ValueError`). A file replaced between its copy and its removal is removed.
 - Folders are implicit (a path with files beneath it): `mkdir`/`makedirs`
@@ -642,19 +644,29 @@ class _LitFileSystem:
         finally:
             spool.discard()
 
-    def _steps_cp_file(self, path1: str, path2: str, move: bool = False) -> Steps[None]:
+    def _steps_cp_file(self, path1: str, path2: str, move: bool = False, named: str = "") -> Steps[None]:
         """Copies a file through a local temporary file (the daemon has no server-side copy), then removes it for a
         `move`. A file copied onto itself, however spelled, is left as it is (a move would remove it), and a
-        folder copies nothing: folders come with their files, which fsspec's `copy` hands on one by one."""
+        folder copies nothing: folders come with their files, which fsspec's `copy` hands on one by one.
+
+        A move removes only this component's file, as `rm` does. Another
+        component's is copied and left when the move names a folder, a glob
+        or a list (as `rm` of a folder leaves it); the move of one by its own
+        path (`named`, as `mv` was given it) is refused before it is copied.
+        """
         info = yield from self._steps_info(path1)
         if info["type"] == "directory" or self._split(path1) == self._split(path2):
             return
+        owner = info["component"]
+        if move and owner != self.component_name and info["name"] == named:
+            raise NotFound(f"lit://{named} is component {owner!r}'s, not {self.component_name!r}'s: only its "
+                           "component can remove it, so it is not moved (nothing was copied); copy it instead")
         yield from self._steps_check_writable(path2, exclusive=False)
         with tempfile.TemporaryDirectory(prefix="lit-cp-", dir=self.spool_dir) as tmp:
             local = Path(tmp, "file")
             yield from self._steps_download(info, local)
             yield from self._steps_put_local(local, path2)
-        if move:
+        if move and owner == self.component_name:
             name, sub = self._split(info["name"])
             yield self._drive(name).delete(sub)
 
@@ -769,8 +781,8 @@ class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
                  **kwargs: Any) -> None:
         self._run(self._steps_put_file(lpath, rpath, callback, mode))
 
-    def cp_file(self, path1: str, path2: str, move: bool = False, **kwargs: Any) -> None:
-        self._run(self._steps_cp_file(path1, path2, move))
+    def cp_file(self, path1: str, path2: str, move: bool = False, named: str = "", **kwargs: Any) -> None:
+        self._run(self._steps_cp_file(path1, path2, move, named))
 
     def mv(self, path1: Any, path2: Any, recursive: bool = False, maxdepth: int | None = None, **kwargs: Any
            ) -> None:
@@ -779,13 +791,16 @@ class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
         otherwise, a file moved into its own folder), or not copied (a folder in lists, a file put in the folder
         while it moved). A path moved onto itself is left as it is, and a folder moved into itself is refused,
         as `shutil.move` refuses it."""
-        if isinstance(path1, str) and isinstance(path2, str) and not _is_glob(path1):
-            source, target = _join(*self._split(path1)), _join(*self._split(path2))
-            if source == target:
-                return
-            if target.startswith(f"{source}/"):
-                raise InvalidArgument(f"cannot move lit://{source} into itself (to lit://{target})")
-        self.copy(path1, path2, recursive=recursive, maxdepth=maxdepth, on_error="raise", move=True)
+        source = ""  # the one path moved, when not a glob or a list: another component's file there is refused
+        if isinstance(path1, str) and not _is_glob(path1):
+            source = _join(*self._split(path1))
+            if isinstance(path2, str):
+                target = _join(*self._split(path2))
+                if source == target:
+                    return
+                if target.startswith(f"{source}/"):
+                    raise InvalidArgument(f"cannot move lit://{source} into itself (to lit://{target})")
+        self.copy(path1, path2, recursive=recursive, maxdepth=maxdepth, on_error="raise", move=True, named=source)
 
     def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
         self._run(self._steps_noop(path))
@@ -889,12 +904,12 @@ class AsyncDriveFileSystem(_LitFileSystem, AsyncFileSystem):
     async def _pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
         await self._run(self._steps_pipe_file(path, value, mode))
 
-    async def _cp_file(self, path1: str, path2: str, move: bool = False, **kwargs: Any) -> None:
-        await self._run(self._steps_cp_file(path1, path2, move))
+    async def _cp_file(self, path1: str, path2: str, move: bool = False, named: str = "", **kwargs: Any) -> None:
+        await self._run(self._steps_cp_file(path1, path2, move, named))
 
     async def _mv_file(self, path1: str, path2: str) -> None:
         """Moves one file (`DriveFileSystem.mv`): onto itself, it is left as it is."""
-        await self._cp_file(path1, path2, move=True)
+        await self._cp_file(path1, path2, move=True, named=_join(*self._split(path1)))
 
     async def _mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
         await self._run(self._steps_noop(path))

@@ -384,6 +384,27 @@ def test_a_folders_files_copy_and_move_into_a_folder_that_exists(fs, name):
     assert stored(fs, name) == {f"{name}/dst/a.txt": b"a2", f"{name}/dst/old.txt": b"o", f"{name}/dst/sub/b.txt": b"b"}
 
 
+def test_a_folder_move_moves_this_components_files_and_copies_the_others(fs, daemon, name):
+    """`rm` of a folder removes only this component's files; a move of a folder removed each file after its copy,
+    and at the first file of another component (which it may not remove) stopped with NotFound: the folder was
+    half moved, the files after it not moved at all. Another's file is copied and left; moved by its own path, it is
+    refused before anything is copied, as `rm` of it is."""
+    theirs = fsspec.filesystem("lit", endpoint=daemon.endpoint, component_name="work_b", skip_instance_cache=True)
+    fs.pipe({f"{name}/src/a.txt": b"a", f"{name}/src/z.txt": b"z"})
+    theirs.pipe_file(f"{name}/src/m.txt", b"m")
+    fs.mv(f"{name}/src", f"{name}/dst", recursive=True)
+    assert stored(fs, name) == {f"{name}/dst/a.txt": b"a", f"{name}/dst/m.txt": b"m", f"{name}/dst/z.txt": b"z",
+                                f"{name}/src/m.txt": b"m"}
+    assert fs.info(f"{name}/src/m.txt")["component"] == "work_b"
+    before = stored(fs, name)
+    with pytest.raises(FileNotFoundError, match="work_b"):
+        fs.mv(f"lit://{name}/src//m.txt", f"{name}/m2.txt")
+    with pytest.raises(FileNotFoundError, match="work_b"):
+        asyncio.run(fsspec.filesystem("lit", asynchronous=True, endpoint=daemon.endpoint, component_name="work_a",
+                                      skip_instance_cache=True)._mv_file(f"{name}/src/m.txt", f"{name}/m2.txt"))
+    assert stored(fs, name) == before
+
+
 def test_write_round_trip_multi_mib_spools_to_disk(daemon, tmp_path, name):
     spool = tmp_path / "spool"
     spool.mkdir()
