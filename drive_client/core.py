@@ -569,7 +569,7 @@ def watch(drive: DriveBase, path: str, component_name: str | None, after_sequenc
     """
     request = pb.WatchRequest(
         drive=drive.id, path=normalize_path(path, allow_root=True), component=_filter(component_name),
-        after_sequence=after_sequence,
+        after_sequence=after_sequence, progress=True,
     )
     backoff = _backoff(drive)
     while True:

@@ -664,7 +664,8 @@ class DriveService(pb_grpc.DriveServiceServicer):
         yield pb.WatchEvent(sequence=start, kind=pb.WatchEvent.KIND_WATCHING)
         async for event in events:
             if isinstance(event, int):  # how far it read, past events it does not report: where a resume starts
-                yield pb.WatchEvent(sequence=event, kind=pb.WatchEvent.KIND_WATCHING)
+                if request.progress:  # a client written before it may take any later message for an event
+                    yield pb.WatchEvent(sequence=event, kind=pb.WatchEvent.KIND_WATCHING)
                 continue
             record.files += 1
             yield pb.WatchEvent(sequence=event.sequence, kind=WATCH_KINDS[event.kind], file=file_info(event.entry))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
@@ -363,3 +364,26 @@ def test_a_filtered_watch_cut_after_more_events_than_kept_that_it_did_not_report
         assert sorted(Drive(drive, endpoint=handle.endpoint).list("other")) == others  # all stored
     finally:
         handle.stop()
+
+
+def test_a_raw_watch_is_told_how_far_it_read_only_when_it_asks(daemon, drive_uri):
+    """KIND_WATCHING in the middle of a stream is news to a client written against the first message only, which
+    may take every later message for an event: it comes only to a watch that asks for it (`progress`)."""
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(daemon.endpoint))
+    start = current_sequence(daemon.endpoint, drive_uri)
+    for path in ("other/a.txt", "ckpt/a.txt", "other/b.txt"):
+        raw_put(stub, drive_uri, path, b"x")
+
+    told = stub.Watch(drive_pb2.WatchRequest(drive=drive_uri, path="ckpt", after_sequence=start, progress=True),
+                      timeout=10)
+    assert [(m.kind, m.file.path) for m in itertools.islice(told, 3)] == [
+        (drive_pb2.WatchEvent.KIND_WATCHING, ""), (drive_pb2.WatchEvent.KIND_PUT, "ckpt/a.txt"),
+        (drive_pb2.WatchEvent.KIND_WATCHING, "")]  # read past other/b.txt
+    told.cancel()
+    untold = stub.Watch(drive_pb2.WatchRequest(drive=drive_uri, path="ckpt", after_sequence=start), timeout=10)
+    first = list(itertools.islice(untold, 2))
+    raw_put(stub, drive_uri, "ckpt/b.txt", b"x")
+    assert [(m.kind, m.file.path) for m in [*first, next(untold)]] == [
+        (drive_pb2.WatchEvent.KIND_WATCHING, ""), (drive_pb2.WatchEvent.KIND_PUT, "ckpt/a.txt"),
+        (drive_pb2.WatchEvent.KIND_PUT, "ckpt/b.txt")]
+    untold.cancel()

@@ -779,6 +779,7 @@ class WatchRequest(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     COMPONENT_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     drive: _builtins.str
     """The drive URI; only lit:// drives have events."""
     path: _builtins.str
@@ -794,6 +795,13 @@ class WatchRequest(_message.Message):
     does one from after the drive's latest event (a number the drive never
     gave, which no event would ever follow).
     """
+    progress: _builtins.bool
+    """Also tell how far the watch has read: after events it does not report
+    (of other paths or components), a KIND_WATCHING with the last one's
+    sequence, so that a resume after a cut starts past them, not after its
+    last report (which a busy drive may no longer keep: OUT_OF_RANGE).
+    Without it, KIND_WATCHING is the first message only.
+    """
     def __init__(
         self,
         *,
@@ -801,10 +809,11 @@ class WatchRequest(_message.Message):
         path: _builtins.str = ...,
         component: _builtins.str = ...,
         after_sequence: _builtins.int = ...,
+        progress: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "component", b"component", "drive", b"drive", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "component", b"component", "drive", b"drive", "path", b"path", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -826,8 +835,9 @@ class WatchEvent(_message.Message):
         """Never sent."""
         KIND_WATCHING: WatchEvent._Kind.ValueType  # 1
         """The first message of a stream: nothing happened; `sequence` is where the watch starts.
-        Sent again, with the sequence of the last event read, after events the watch does not
-        report (other paths or components): a resume after it does not go back over them.
+        With WatchRequest.progress, sent again, with the sequence of the last event read, after
+        events the watch does not report (other paths or components): a resume after it does
+        not go back over them.
         """
         KIND_PUT: WatchEvent._Kind.ValueType  # 2
         """A put committed `file`."""
@@ -841,8 +851,9 @@ class WatchEvent(_message.Message):
     """Never sent."""
     KIND_WATCHING: WatchEvent.Kind.ValueType  # 1
     """The first message of a stream: nothing happened; `sequence` is where the watch starts.
-    Sent again, with the sequence of the last event read, after events the watch does not
-    report (other paths or components): a resume after it does not go back over them.
+    With WatchRequest.progress, sent again, with the sequence of the last event read, after
+    events the watch does not report (other paths or components): a resume after it does
+    not go back over them.
     """
     KIND_PUT: WatchEvent.Kind.ValueType  # 2
     """A put committed `file`."""

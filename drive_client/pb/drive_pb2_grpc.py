@@ -216,9 +216,9 @@ class DriveServiceServicer:
         pipelines that react to new files. The first message has kind
         KIND_WATCHING and the sequence number the watch starts after; then one
         event per committed put and per deleted file, in commit order, with
-        increasing sequence numbers; after events it does not report (other
-        paths or components), a KIND_WATCHING again with the last one's sequence.
-        After a reconnect, pass the last sequence seen (of any kind) as
+        increasing sequence numbers; with `progress`, after events it does not
+        report (other paths or components), a KIND_WATCHING again with the last
+        one's sequence. After a reconnect, pass the last sequence seen (of any kind) as
         `after_sequence` to receive what was missed. The stream does not
         end by itself. Errors: INVALID_ARGUMENT (an s3:// drive, bad path, a
         negative `after_sequence`), OUT_OF_RANGE (events after `after_sequence` are no longer kept, or
