@@ -304,7 +304,7 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
         refused = bool(offset) and isinstance(failure, NotFound)
         while True:
             try:
-                done, offset = yield from _put_resume_point(drive, ids[start:])
+                done, offset = yield from _put_resume_point(drive, ids[start:], [remote for _, remote in files[start:]])
                 break
             except DriveError as err:
                 yield Sleep(backoff.delay(err))
@@ -324,12 +324,14 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
             yield Sleep(backoff.pace(failure))
 
 
-def _put_resume_point(drive: DriveBase, ids: list[str]) -> Plan[tuple[list[pb.FileInfo], int]]:
-    """Where a put of the uploads `ids` (in the order sent) goes on from: the files of the first ones the
-    daemon committed, and how many bytes it holds of the next one (0: that one is sent again whole)."""
+def _put_resume_point(drive: DriveBase, ids: list[str], paths: list[str]) -> Plan[tuple[list[pb.FileInfo], int]]:
+    """Where a put of the uploads `ids` (in the order sent, of the files at `paths`) goes on from: the files of the
+    first ones the daemon committed, and how many bytes it holds of the next one (0: that one is sent again whole).
+    Each query names its file's path: a replica other than the one committing it waits for that commit to end."""
     done: list[pb.FileInfo] = []
-    for upload_id in ids:
-        query = pb.QueryWriteStatusRequest(drive=drive.id, component=drive.component_name, upload_id=upload_id)
+    for upload_id, path in zip(ids, paths, strict=True):
+        query = pb.QueryWriteStatusRequest(
+            drive=drive.id, component=drive.component_name, upload_id=upload_id, path=path)
         try:
             status: pb.QueryWriteStatusResponse = yield Unary("QueryWriteStatus", query)
         except NotFound:  # never reached the daemon, expired, or held by another one

@@ -23,7 +23,16 @@ from .backends.base import Chunks
 from .checksums import ClientChecksums
 from .coordinator import Event
 from .entry import Entry
-from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutHeader, StatRequest, WatchRequest
+from .requests import (
+    DeleteRequest,
+    GetRequest,
+    ListRequest,
+    MountRequest,
+    PutHeader,
+    QueryWriteStatusRequest,
+    StatRequest,
+    WatchRequest,
+)
 
 FileStream = tuple[Entry, Chunks]  # a file found by a get, and its bytes
 
@@ -103,9 +112,10 @@ class Drives(Protocol):
         """
         ...
 
-    async def query_upload(self, drive: DriveId, component: str, upload_id: str) -> tuple[int, Entry | None]:
-        """How much of the resumable upload `upload_id` of `component` in `drive` is held: (bytes, None), or
-        (0, the stored file) once it was committed. NotFound when this daemon holds no such upload."""
+    async def query_upload(self, query: QueryWriteStatusRequest) -> tuple[int, Entry | None]:
+        """How much of the resumable upload `query.upload_id` of `query.component` in `query.drive` is held:
+        (bytes, None), or (0, the stored file) once it was committed. NotFound when no daemon sharing this one's
+        coordinator knows of such an upload."""
         ...
 
     async def list_entries(self, listing: ListRequest) -> tuple[list[Entry], bool]:

@@ -33,7 +33,6 @@ from drive_client.errors import (
     Unavailable,
     WaitTimeout,
 )
-from drive_client.uri import DriveId
 
 from .backends.base import Backend, Damaged, NotDurable, ObjectInfo, StoredFileError, Upload
 from .checksums import ClientChecksums
@@ -43,7 +42,16 @@ from .drives import FileStream
 from .entry import Entry
 from .paths import component_key, object_key, relative_path
 from .quota import Quotas, Room
-from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutHeader, StatRequest, WatchRequest
+from .requests import (
+    DeleteRequest,
+    GetRequest,
+    ListRequest,
+    MountRequest,
+    PutHeader,
+    QueryWriteStatusRequest,
+    StatRequest,
+    WatchRequest,
+)
 from .uploads import HeldUploads, Resumable
 
 EARLY_CHECK_MIN_SIZE = 1 << 20
@@ -260,8 +268,8 @@ class ManagedDrives:
         assert room is not None  # the other limit
         return room.refusal(received)
 
-    async def query_upload(self, drive: DriveId, component: str, upload_id: str) -> tuple[int, Entry | None]:
-        return await self.uploads.status((drive.name, component, upload_id))
+    async def query_upload(self, query: QueryWriteStatusRequest) -> tuple[int, Entry | None]:
+        return await self.uploads.status((query.drive.name, query.component, query.upload_id), query.path)
 
     async def commit_put(self, put: ManagedPut, sent: ClientChecksums, received: int) -> Entry:
         """Verifies and commits a put: ownership and the quota are checked again inside the path's claim (and

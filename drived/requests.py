@@ -100,12 +100,13 @@ class QueryWriteStatusRequest:
     drive: DriveId
     component: str  # the putting component ("default" when none was sent)
     upload_id: str
+    path: str  # the upload's file, below the root; "" when the client did not say
 
     @classmethod
     def from_pb(cls, request: pb.QueryWriteStatusRequest) -> QueryWriteStatusRequest:
-        return cls(
-            parse_drive(request.drive), check_component(request.component), check_upload_id(request.upload_id)
-        )
+        drive = parse_drive(request.drive)
+        path = drive_path(drive, request.path) if request.path else ""
+        return cls(drive, check_component(request.component), check_upload_id(request.upload_id), path)
 
 
 @dataclass(slots=True)

@@ -19,7 +19,16 @@ from .checksums import RunningCrc32c
 from .coordinator import Event
 from .drives import FileStream, PendingPut
 from .entry import Entry
-from .requests import DeleteRequest, GetRequest, ListRequest, MountRequest, PutHeader, StatRequest, WatchRequest
+from .requests import (
+    DeleteRequest,
+    GetRequest,
+    ListRequest,
+    MountRequest,
+    PutHeader,
+    QueryWriteStatusRequest,
+    StatRequest,
+    WatchRequest,
+)
 from .s3index.index import S3Entry
 from .s3index.mounts import S3Mounts
 from .s3index.reader import read_object
@@ -92,8 +101,8 @@ class S3Drives:
     async def begin_put(self, put: PutHeader) -> PendingPut:
         raise _read_only(put.drive)
 
-    async def query_upload(self, drive: DriveId, component: str, upload_id: str) -> tuple[int, Entry | None]:
-        raise NotFound(f"{drive.uri} is an s3:// drive: it takes no puts, so it has no uploads")
+    async def query_upload(self, query: QueryWriteStatusRequest) -> tuple[int, Entry | None]:
+        raise NotFound(f"{query.drive.uri} is an s3:// drive: it takes no puts, so it has no uploads")
 
     async def delete(self, delete: DeleteRequest) -> int:
         raise _read_only(delete.drive)

@@ -676,7 +676,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
     ) -> pb.QueryWriteStatusResponse:
         query = QueryWriteStatusRequest.from_pb(request)
         drives = self._drives(record, query.drive)
-        held, entry = await drives.query_upload(query.drive, query.component, query.upload_id)
+        held, entry = await drives.query_upload(query)
         if entry is None:
             return pb.QueryWriteStatusResponse(committed_size=held)
         record.path = entry.path

@@ -336,8 +336,9 @@ class HeldUploads:
 
     # -- queries -------------------------------------------------------------
 
-    async def status(self, key: UploadKey) -> tuple[int, Entry | None]:
-        """(bytes held, None) for an unfinished upload; (0, the stored file) for a completed one."""
+    async def status(self, key: UploadKey, path: str = "") -> tuple[int, Entry | None]:
+        """(bytes held, None) for an unfinished upload; (0, the stored file) for a completed one. `path`: the
+        upload's file, whose commit by another daemon is waited for ("": none is)."""
         resumable = self._known.get(key)
         if resumable is not None and resumable.committing is not None:
             # The finish arrived: answer with its outcome (a failed commit leaves nothing to resume).
@@ -350,6 +351,12 @@ class HeldUploads:
             return 0, streaming[1]
         entry = self._completed_put_streams.get(key) or self._completed_put_files.get(key)
         if entry is None:  # committed by another daemon, maybe: Unavailable when the coordinator cannot say
+            entry = await self.coordinator.completion(*key)
+        if entry is None and path and self.coordinator.records_completions:
+            # Or being committed by one: its publish, which records the completion, runs inside the path's claim,
+            # so once this daemon holds that claim, such a commit has ended (or its daemon died: the claim's TTL).
+            async with self.coordinator.claim(key[0], path):
+                pass
             entry = await self.coordinator.completion(*key)
         if entry is not None:
             return 0, entry

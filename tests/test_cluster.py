@@ -305,6 +305,70 @@ def test_a_put_cut_after_its_commit_on_a_learns_it_from_b_and_is_stored_and_repo
     assert served(b, "QueryWriteStatus") == queried + 1 and served(b, "Put") == put
 
 
+def test_a_put_cut_while_a_commits_it_learns_it_from_b_once_that_commit_ended_and_is_stored_and_reported_once(
+        own_cluster, drive_uri, tmp_path):
+    # The query after the cut reached b while a's commit was still under way: b knew nothing yet (NOT_FOUND), so the
+    # client sent the file again to b, which stored it a second time under a new generation and reported it twice.
+    pause = tmp_path / "pause"
+    a = own_cluster.replica(before=PAUSED_COMMITS.format(backend="s3", upload="S3Upload", name="f.bin",
+                                                         pause=str(pause)))
+    b = own_cluster.replica()
+    data = os.urandom(3 * MIB)
+    (tmp_path / "f.bin").write_bytes(data)
+    start = watch_events(b, drive_uri, 0)[0][2]
+    stored: list = []
+    with CuttingProxy(a.endpoint) as proxy:
+        writer = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=proxy.endpoint)
+        assert writer.list(".") == []  # the client's connection is made, to a
+        proxy.target = ("127.0.0.1", b.port)  # and its next ones, after the cut, reach b
+        pause.touch()
+        putting = threading.Thread(target=lambda: stored.extend(writer.put("f.bin")))
+        putting.start()
+        try:
+            assert wait_until((tmp_path / "pause.reached").exists, 30), "the put never reached its commit"
+            proxy.refuse()  # the connection to a breaks in the middle of the commit
+            proxy.refuse(False)
+            b.wait_open("QueryWriteStatus", 1)  # b's answer waits for a's commit
+            assert putting.is_alive()
+        finally:
+            pause.unlink()
+            putting.join(60)
+    [file] = stored
+    assert file.sha256 == sha256_of(data)
+    assert stub_of(b).Stat(drive_pb2.StatRequest(drive=drive_uri, path="f.bin")).generation == file.generation
+    raw_put(stub_of(a), drive_uri, "end.txt", b"end", component="w")
+    assert [e[:2] for e in watch_events(b, drive_uri, 2, after=start)[1:]] == [("put", "f.bin"), ("put", "end.txt")]
+    assert served(b, "QueryWriteStatus") == 1 and served(b, "Put") == 0
+
+
+def test_a_query_naming_a_path_waits_for_a_dead_replicas_claim_at_most_its_ttl_and_a_bad_path_is_refused(
+        own_cluster, drive_uri, tmp_path):
+    pause = tmp_path / "pause"
+    a = own_cluster.replica("--claim-ttl", "2", before=PAUSED_COMMITS.format(
+        backend="s3", upload="S3Upload", name="f.bin", pause=str(pause)))
+    b = own_cluster.replica("--claim-ttl", "2")
+    raw_put(stub_of(b), drive_uri, "kept.txt", b"kept", component="w")
+    kept = stub_of(b).Stat(drive_pb2.StatRequest(drive=drive_uri, path="kept.txt"))
+    for bad in ("../x", "/etc/passwd", "x" * 5000, "a\0b"):
+        request = drive_pb2.QueryWriteStatusRequest(drive=drive_uri, component="w", upload_id="u-1", path=bad)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub_of(b).QueryWriteStatus(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert "path" in refused.value.details(), refused.value.details()
+    pause.touch()
+    messages = list(put_messages(drive_uri, "f.bin", b"never stored", component="w"))
+    messages[0].header.upload_id = "u-1"
+    put = stub_of(a).Put.future(iter(messages), timeout=60)
+    assert wait_until((tmp_path / "pause.reached").exists, 30), "the put never reached its commit"
+    a.stop(signal.SIGKILL)  # holding the path's claim
+    assert rpc_code(lambda: put.result(60)) == grpc.StatusCode.UNAVAILABLE
+    query = drive_pb2.QueryWriteStatusRequest(drive=drive_uri, component="w", upload_id="u-1", path="f.bin")
+    assert rpc_code(lambda: stub_of(b).QueryWriteStatus(query, timeout=10)) == grpc.StatusCode.NOT_FOUND
+    assert rpc_code(lambda: stub_of(b).Stat(drive_pb2.StatRequest(drive=drive_uri, path="f.bin"))) == (
+        grpc.StatusCode.NOT_FOUND)
+    assert stub_of(b).Stat(drive_pb2.StatRequest(drive=drive_uri, path="kept.txt")) == kept
+
+
 def resumable_put(stub: drive_pb2_grpc.DriveServiceStub, drive: str, path: str, data: bytes,
                   upload_id: str) -> drive_pb2.FileInfo:
     messages = list(put_messages(drive, path, data, component="w"))

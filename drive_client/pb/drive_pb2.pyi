@@ -895,22 +895,33 @@ class QueryWriteStatusRequest(_message.Message):
     DRIVE_FIELD_NUMBER: _builtins.int
     COMPONENT_FIELD_NUMBER: _builtins.int
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
     drive: _builtins.str
     """The drive URI of the upload, e.g. "lit://drive_1"."""
     component: _builtins.str
     """The putting component, as in the upload's PutHeader; "" means "default"."""
     upload_id: _builtins.str
     """The PutHeader.upload_id of the upload."""
+    path: _builtins.str
+    """The PutHeader.path of the upload's file, optional: with it, a server that
+    shares a --coordinator and knows nothing of the upload waits while
+    another one commits that path (seconds: its last part; a claim left by a
+    server that died, its --claim-ttl) before it answers, so that an upload
+    whose commit is under way elsewhere is told complete rather than
+    NOT_FOUND. "" asks without waiting. A bad path is INVALID_ARGUMENT, as in
+    a Put.
+    """
     def __init__(
         self,
         *,
         drive: _builtins.str = ...,
         component: _builtins.str = ...,
         upload_id: _builtins.str = ...,
+        path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "drive", b"drive", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "drive", b"drive", "path", b"path", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

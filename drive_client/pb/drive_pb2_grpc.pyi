@@ -216,13 +216,14 @@ class DriveServiceStub:
     with the file, for the server's --upload-expiry after the commit, so that a
     client cut after its finish learns the file is stored (NOT_FOUND when the
     commit failed). Servers sharing a --coordinator (replicas) describe the
-    uploads any of them completed; what one holds of an unfinished upload only
-    it describes. The call's token needs what a Put needs (read-write, the
+    uploads any of them completed (one whose commit another is running, once
+    that commit ended, when the request names its `path`); what one holds of
+    an unfinished upload only it describes. The call's token needs what a Put needs (read-write, the
     drive in its scope), checked before the upload is looked up. Errors:
     NOT_FOUND (no such upload: never started, expired after the daemon's
     --upload-expiry, removed when the server ended its stream, held by another
     daemon or by this one before a restart, or on an s3:// drive: start again
-    from offset 0), INVALID_ARGUMENT (bad drive, component or id),
+    from offset 0), INVALID_ARGUMENT (bad drive, component, id or path),
     PERMISSION_DENIED (the token does not cover a write to the drive),
     UNAVAILABLE (an upload this server does not know, and the coordinator
     that would tell whether another completed it cannot be reached: retry).
@@ -353,13 +354,14 @@ class DriveServiceAsyncStub(DriveServiceStub):
     with the file, for the server's --upload-expiry after the commit, so that a
     client cut after its finish learns the file is stored (NOT_FOUND when the
     commit failed). Servers sharing a --coordinator (replicas) describe the
-    uploads any of them completed; what one holds of an unfinished upload only
-    it describes. The call's token needs what a Put needs (read-write, the
+    uploads any of them completed (one whose commit another is running, once
+    that commit ended, when the request names its `path`); what one holds of
+    an unfinished upload only it describes. The call's token needs what a Put needs (read-write, the
     drive in its scope), checked before the upload is looked up. Errors:
     NOT_FOUND (no such upload: never started, expired after the daemon's
     --upload-expiry, removed when the server ended its stream, held by another
     daemon or by this one before a restart, or on an s3:// drive: start again
-    from offset 0), INVALID_ARGUMENT (bad drive, component or id),
+    from offset 0), INVALID_ARGUMENT (bad drive, component, id or path),
     PERMISSION_DENIED (the token does not cover a write to the drive),
     UNAVAILABLE (an upload this server does not know, and the coordinator
     that would tell whether another completed it cannot be reached: retry).
@@ -541,13 +543,14 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         with the file, for the server's --upload-expiry after the commit, so that a
         client cut after its finish learns the file is stored (NOT_FOUND when the
         commit failed). Servers sharing a --coordinator (replicas) describe the
-        uploads any of them completed; what one holds of an unfinished upload only
-        it describes. The call's token needs what a Put needs (read-write, the
+        uploads any of them completed (one whose commit another is running, once
+        that commit ended, when the request names its `path`); what one holds of
+        an unfinished upload only it describes. The call's token needs what a Put needs (read-write, the
         drive in its scope), checked before the upload is looked up. Errors:
         NOT_FOUND (no such upload: never started, expired after the daemon's
         --upload-expiry, removed when the server ended its stream, held by another
         daemon or by this one before a restart, or on an s3:// drive: start again
-        from offset 0), INVALID_ARGUMENT (bad drive, component or id),
+        from offset 0), INVALID_ARGUMENT (bad drive, component, id or path),
         PERMISSION_DENIED (the token does not cover a write to the drive),
         UNAVAILABLE (an upload this server does not know, and the coordinator
         that would tell whether another completed it cannot be reached: retry).
