@@ -199,6 +199,15 @@ def _read(stdin: int) -> bytes:
         raise LocalFileError(f"stdin could not be read: {err.strerror or err} (nothing was stored)") from err
 
 
+def _write(stdout: int, chunk: bytes | memoryview) -> None:
+    try:
+        write_all(stdout, chunk)
+    except BrokenPipeError:  # the reader is gone: ends as SIGPIPE would (`main`)
+        raise
+    except OSError as err:
+        raise LocalFileError(f"stdout could not be written: {err.strerror or err}") from err
+
+
 def _get_to_stdout(args: argparse.Namespace, drive: Drive, remote: str) -> None:
     """Writes a drive file's bytes to stdout as they come; a failure after some were written says how many.
 
@@ -215,7 +224,7 @@ def _get_to_stdout(args: argparse.Namespace, drive: Drive, remote: str) -> None:
     written = 0
     try:
         for chunk in drive.read_range(remote, 0, None, found.component or None, found.sha256 or found.etag):
-            write_all(stdout, chunk)
+            _write(stdout, chunk)
             written += len(chunk)
             if digest:
                 digest.update(chunk)

@@ -161,6 +161,21 @@ def test_get_to_stdout_cut_midway_fails_saying_stdout_has_part_of_it(start_daemo
     assert_one_line_error(subprocess.CompletedProcess([], 1, got, err), "stdout", daemon.endpoint)
 
 
+def test_get_to_a_full_stdout_fails_naming_stdout_and_what_went_there(daemon, tmp_path, drive_uri):
+    """`drive get lit://d/big - > file` on a full disk printed only "[Errno 28] No space left on device"."""
+    data = os.urandom(3 * MIB)
+    (tmp_path / "big.bin").write_bytes(data)
+    ok(run(daemon, "put", str(tmp_path / "big.bin"), f"{drive_uri}/big.bin"))
+    with open("/dev/full", "wb") as full:  # every write fails ENOSPC
+        proc = subprocess.run([*drive_cmd(), "--endpoint", daemon.endpoint, "get", f"{drive_uri}/big.bin", "-"],
+                              stdout=full, stderr=subprocess.PIPE, timeout=40, text=True)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "stdout could not be written", "No space left on device")
+    got = subprocess.run([*drive_cmd(), "--endpoint", daemon.endpoint, "get", f"{drive_uri}/big.bin", "-"],
+                         capture_output=True, timeout=40)
+    assert got.stdout == data  # the stored file is untouched
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_while_stdin_comes_stores_nothing_and_leaves_no_spool(daemon, tmp_path, drive_uri, sig):
     spool = tmp_path / "tmp"
