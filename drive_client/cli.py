@@ -21,7 +21,7 @@ import tempfile
 import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn, TextIO, cast
 
 from .channels import add_tls_arguments
 from .common import VERIFY, FileStat
@@ -199,13 +199,31 @@ def _read(stdin: int) -> bytes:
         raise LocalFileError(f"stdin could not be read: {err.strerror or err} (nothing was stored)") from err
 
 
-def _write(stdout: int, chunk: bytes | memoryview) -> None:
+def _on_stdout(call: Any, *args: Any) -> Any:
+    """`call(*args)`, a write to stdout: its failure (a full disk) says it is stdout's, where a built-in OSError
+    reads as any local file's. A reader gone stays BrokenPipeError (`main`)."""
     try:
-        write_all(stdout, chunk)
-    except BrokenPipeError:  # the reader is gone: ends as SIGPIPE would (`main`)
+        return call(*args)
+    except BrokenPipeError:
         raise
     except OSError as err:
         raise LocalFileError(f"stdout could not be written: {err.strerror or err}") from err
+
+
+class _Stdout:
+    """sys.stdout, whose writes go through `_on_stdout`."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return _on_stdout(self._stream.write, text)
+
+    def flush(self) -> None:
+        _on_stdout(self._stream.flush)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _get_to_stdout(args: argparse.Namespace, drive: Drive, remote: str) -> None:
@@ -224,7 +242,7 @@ def _get_to_stdout(args: argparse.Namespace, drive: Drive, remote: str) -> None:
     written = 0
     try:
         for chunk in drive.read_range(remote, 0, None, found.component or None, found.sha256 or found.etag):
-            _write(stdout, chunk)
+            _on_stdout(write_all, stdout, chunk)
             written += len(chunk)
             if digest:
                 digest.update(chunk)
@@ -330,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Local paths print as the bytes the system named them with, a name that is not UTF-8 too, as ls prints
         # them: a strict stdout (Python's in a UTF-8 locale) failed on such a name once its get had written it.
         sys.stdout.reconfigure(errors="surrogateescape")
+        sys.stdout = cast(TextIO, _Stdout(sys.stdout))
     try:
         result = run(args)
         if args.json:
@@ -386,6 +405,8 @@ def _failed(err: Exception, as_json: bool, status: int) -> int:
             print(json.dumps({"error": str(err), "code": code, "type": type(err).__name__}), flush=True)
         except BrokenPipeError:
             return _reader_gone()
+        except OSError:  # stdout fails (a full disk): stderr has the error
+            pass
     return status
 
 

@@ -176,6 +176,20 @@ def test_get_to_a_full_stdout_fails_naming_stdout_and_what_went_there(daemon, tm
     assert got.stdout == data  # the stored file is untouched
 
 
+@pytest.mark.parametrize("args", [["ls", "{d}/"], ["--json", "stat", "{d}/small.txt"], ["--json", "ls", "{d}/"]])
+def test_output_to_a_full_stdout_fails_naming_stdout(daemon, tmp_path, drive_uri, args):
+    """`drive ls lit://d/ > file` on a full disk said only "[Errno 28] ...", and with --json printed two
+    tracebacks (its error's JSON failed on stdout too)."""
+    (tmp_path / "small.txt").write_bytes(b"small")
+    ok(run(daemon, "put", str(tmp_path / "small.txt"), f"{drive_uri}/small.txt"))
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([*drive_cmd(), "--endpoint", daemon.endpoint, *(a.format(d=drive_uri) for a in args)],
+                              stdout=full, stderr=subprocess.PIPE, timeout=40, text=True)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "stdout could not be written", "No space left on device")
+    assert run_bytes(daemon, "get", f"{drive_uri}/small.txt", "-").stdout == b"small"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_while_stdin_comes_stores_nothing_and_leaves_no_spool(daemon, tmp_path, drive_uri, sig):
     spool = tmp_path / "tmp"
