@@ -49,9 +49,10 @@ lint: $(DEV)
 # The ml tests run when torch, Lightning and pyarrow are installed (`make install-ml`); otherwise the
 # summary says they were skipped and why.
 # Two processes, a file's tests in one of them: most of a test is waiting on a daemon or another server.
-# Each process starts its servers on ports of its own (bench.services.free_port).
+# Each process starts its servers on ports of its own (bench.services.free_port). The slowest 25 tests are listed
+# at the end: CI's whole run is kept under 15 minutes.
 test: lint
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=25
 
 # The edit loop: unit tests only (no daemon, no other server), in seconds.
 test-fast: $(DEV)
