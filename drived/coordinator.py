@@ -317,10 +317,12 @@ class Coordinator(abc.ABC):
 
         `count` gives the drive's bytes when the coordinator has no count of
         the drive: at its first use, and for a shared implementation after
-        its data was lost or its count's time ran out (a count kept for ever
-        would keep for ever what it missed, such as a commit whose daemon died
-        in it). Of the counts made at once, one is kept. Raises Unavailable,
-        and what `count` raises.
+        its data was lost. A shared implementation also counts the drive
+        again once its count's time ran out (a count kept for ever would keep
+        for ever what it missed, such as a commit whose daemon died in it):
+        in the background, answering from the count it replaces meanwhile.
+        Of the counts made at once, one is kept. Raises Unavailable, and what
+        `count` raises when the call waits for it.
         """
 
     @abc.abstractmethod

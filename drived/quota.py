@@ -8,10 +8,14 @@ count of the drive (`Backend.usage`: a walk of the drive's folder on the
 local disk, a listing of its prefix in S3), and from then on each commit adds
 what it adds and each delete takes off what it removes, whichever daemon
 makes them. A lone daemon counts each drive once after start-up. Replicas sharing a Redis
-coordinator share one count per drive, counted again from the store after
-`USAGE_KEPT` (an hour) and when the coordinator lost its data: what a count
-misses (a replica killed in a commit, an object something else wrote to the
-store) is off for that long at most.
+coordinator share one count per drive, made again from the store when the
+coordinator lost its data (the puts wait for it, as for a first count) and
+`USAGE_KEPT` (an hour) after it was made: then one replica counts the drive
+in the background while puts are checked against the count it replaces, so
+a drive of millions of files stalls no put while its listing runs. What a
+count misses (a replica killed in a commit, an object something else wrote
+to the store, a put or delete made while the count ran) is off until the
+next count (`drived.redis_coordinator` says what exactly).
 
 On the local disk the count, which a drive's first put after start-up waits
 for, takes each file's content size from the stored file's size (an lstat;

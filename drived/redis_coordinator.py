@@ -43,16 +43,30 @@ scripts touch `drived:epoch` beside a drive's keys):
   by its token is a change never published, which `unpublished` hands out.
 - `drived:{<drive>}:usage`: the drive's count for `--quota` (`drived.quota`),
   a hash: `used` (the bytes of its files), `reserved` (the bytes commits in
-  progress add), `count` (a token that tells this count from a later one)
-  and `run` (the server's run_id, as the epoch's). Made from the store's
-  count (`Backend.usage`) by the first call that finds it missing, or made
-  by another run of the server (a count restored from a snapshot is as old
-  as the snapshot; of counts made at once, the first to arrive is kept), it
-  expires USAGE_KEPT after that, never later, and is counted again: what it
-  missed (a replica killed between the room it held and its commit's end,
-  the end of a commit or delete that could not reach the coordinator, an
-  object written by something else) is off for that long at most. The end
-  of a reservation changes only the count it was made in.
+  progress add), `count` (a token that tells this count from a later one),
+  `run` (the server's run_id, as the epoch's) and `due` (ms of the server's
+  clock). Made from the store's count (`Backend.usage`) by the first call
+  that finds it missing, or made by another run of the server (a count
+  restored from a snapshot is as old as the snapshot; of counts made at
+  once, the first to arrive is kept); the calls wait for that count. Once
+  `due` (USAGE_KEPT after the count) has passed, the first call to find it
+  so moves `due` on by USAGE_KEPT and counts the drive again in the
+  background, while every call goes on with the count it has; the new count
+  then replaces it, unless it was lost or made again meanwhile (a daemon
+  that died counting leaves it to the next call USAGE_KEPT later). So what a
+  count missed (a replica killed between the room it held and its commit's
+  end, the end of a commit or delete that could not reach the coordinator,
+  an object written by something else) is off for about USAGE_KEPT and the
+  time of a listing. A count that no call used for twice USAGE_KEPT is
+  forgotten. The end of a reservation changes only the count it was made in.
+  A count made again misses what changes while it runs: a put or delete
+  whose store change comes after the listing passed its path, and whose
+  count change comes before the new count replaces the old one (a delete's:
+  or whose store change the listing saw, and whose count change comes after),
+  leaves the new count off by what it added or freed, and the room held by
+  the commits in progress then is no longer held; off until the next count.
+  Mending it would take the listing's own size of each path changed while
+  it ran, and the listing keeps none (millions of files: bounded memory).
 - `drived:{<drive>}:completed:<component>:<upload id>`: the file a resumable
   upload stored (`completion`), set by the publish of its put with a TTL of
   --upload-expiry, given that TTL again by `keep_completions` while the
@@ -156,7 +170,7 @@ CHECK_DRIVE = "~"  # no drive has this name (`drive_client.uri.NAME_RE`): the st
 CHECK_KEY = f"drived:{{{CHECK_DRIVE}}}:check"
 UNPUBLISHED = "drived:unpublished"
 TOKEN_LENGTH = 16  # hex digits of a claim's token
-USAGE_KEPT = 3600.0  # seconds a drive's count is kept before it is counted again from the store
+USAGE_KEPT = 3600.0  # seconds after a drive's count until it is counted again from the store (in the background)
 KIND_MARKS: dict[EventKind, str] = {"put": "p", "delete": "d"}  # how a recorded change says which it is
 MARKED_KINDS = {mark: kind for kind, mark in KIND_MARKS.items()}
 # A dead peer (a coordinator host gone without closing its connections) is noticed in about 20 s.
@@ -376,18 +390,36 @@ end
 return found
 """
 
+# When a drive's count is due to be counted again: ms of the server's clock, as every replica reads it.
+USAGE_CLOCK = SERVER_RUN + """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
 # KEYS: a drive's usage. ARGV: the store's count of the drive ('' when not counted: none is made), the token of the
-# count made from it, and the ms it is kept. Its used, reserved and token, or nil when the drive is not counted.
-USAGE_STATE = SERVER_RUN + """
+# count made from it, and the ms it is kept. Its used, reserved and token, then 1 when the caller is to count the drive
+# again (its time came: no other caller is told so for that long again), else 0; nil when the drive is not counted.
+# A count used by no call for twice its time is forgotten.
+USAGE_STATE = USAGE_CLOCK + """
 local function usage()
   local run = server_run()
+  local now = now_ms()
+  local due = string.format('%.0f', now + tonumber(ARGV[3]))
   if redis.call('HGET', KEYS[1], 'run') ~= run then
     if ARGV[1] == '' then return nil end
     redis.call('DEL', KEYS[1])
-    redis.call('HSET', KEYS[1], 'used', ARGV[1], 'reserved', 0, 'count', ARGV[2], 'run', run)
-    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    redis.call('HSET', KEYS[1], 'used', ARGV[1], 'reserved', 0, 'count', ARGV[2], 'run', run, 'due', due)
   end
-  return redis.call('HMGET', KEYS[1], 'used', 'reserved', 'count')
+  redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
+  local found = redis.call('HMGET', KEYS[1], 'used', 'reserved', 'count', 'due')
+  local counted_again = 0
+  if not found[4] or tonumber(found[4]) <= now then  -- a count of an earlier version has no due: it is due
+    redis.call('HSET', KEYS[1], 'due', due)
+    counted_again = 1
+  end
+  return {found[1], found[2], found[3], counted_again}
 end
 """
 
@@ -396,16 +428,28 @@ return usage() or false
 """
 
 # KEYS, ARGV as USAGE_STATE's, then what a commit adds, the room it holds meanwhile, and the quota. Its used, reserved
-# and token as found, and 1 when the room is held, 0 when there is not enough; nil when the drive is not counted.
+# and token as found, 1 when the room is held, 0 when there is not enough, then USAGE_STATE's 1 or 0; nil when the
+# drive is not counted.
 RESERVE = USAGE_STATE + """
 local found = usage()
 if not found then return false end
 local added = tonumber(ARGV[4])
 if added > 0 and tonumber(found[1]) + tonumber(found[2]) + added > tonumber(ARGV[6]) then
-  return {found[1], found[2], found[3], 0}
+  return {found[1], found[2], found[3], 0, found[4]}
 end
 redis.call('HINCRBY', KEYS[1], 'reserved', ARGV[5])
-return {found[1], found[2], found[3], 1}
+return {found[1], found[2], found[3], 1, found[4]}
+"""
+
+# KEYS: a drive's usage. ARGV: the token of the count counted again, the store's new count, its token, and the ms it
+# is kept. The new count replaces the old one, as a count made when there is none (the reservations held in the old
+# one are not in it), unless the old one was lost or made again meanwhile. 1 when it does, else 0.
+RECOUNTED = USAGE_CLOCK + """
+local found = redis.call('HMGET', KEYS[1], 'count', 'run')
+if found[1] ~= ARGV[1] or found[2] ~= server_run() then return 0 end
+redis.call('HSET', KEYS[1], 'used', ARGV[2], 'reserved', 0, 'count', ARGV[3],
+           'due', string.format('%.0f', now_ms() + tonumber(ARGV[4])))
+return 1
 """
 
 # KEYS: a drive's usage. ARGV: the token of the count to change ('': whichever), what reserved and used gain. Nothing
@@ -641,6 +685,7 @@ class RedisCoordinator(Coordinator):
         self._usage = self._redis.register_script(USAGE)
         self._reserve = self._redis.register_script(RESERVE)
         self._add_usage = self._redis.register_script(ADD_USAGE)
+        self._recounted = self._redis.register_script(RECOUNTED)
         self._check = self._redis.register_script(CHECK)
         self._wakeups = Wakeups(self._subscriber, self.failure)
         self._held: dict[str, _RedisClaim] = {}  # token -> a claim this daemon holds
@@ -648,6 +693,7 @@ class RedisCoordinator(Coordinator):
         # The claims whose confirms were asked in this turn of the event loop, and the renewal that answers them.
         self._confirming: tuple[list[_RedisClaim], list[list[str]], asyncio.Future[list[int]]] | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        self._counting_again: set[asyncio.Future[None]] = set()  # drives counted again from the store
         self._closed = False
 
     # -- plumbing ------------------------------------------------------------
@@ -741,8 +787,10 @@ class RedisCoordinator(Coordinator):
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
-        if self._background:
-            await asyncio.wait(set(self._background))
+        for counting in self._counting_again:  # a listing may take minutes: the drive is counted again in its time
+            counting.cancel()
+        if self._background or self._counting_again:
+            await asyncio.wait(self._background | self._counting_again)
         await self._redis.aclose()
         await self._pool.disconnect()
 
@@ -999,14 +1047,30 @@ class RedisCoordinator(Coordinator):
 
     # -- the quota's counts --------------------------------------------------
 
-    async def _counted(self, script: Any, drive: str, count: Count, args: list[Any]) -> Any:
-        """Runs `script` (USAGE, RESERVE) on the drive's count; when there is none, again with the store's count."""
+    async def _counted(self, script: Any, drive: str, count: Count, args: list[Any]) -> list[Any]:
+        """Runs `script` (USAGE, RESERVE) on the drive's count; when there is none, again with the store's count. When
+        the count's time came, counts the drive again in the background (`_count_again`)."""
         keys = [_usage_key(drive)]
         kept_ms = int(USAGE_KEPT * 1000)
         found = await self._run(script, keys, ["", "", kept_ms, *args])
         if found is None:
             found = await self._run(script, keys, [await count(), secrets.token_hex(8), kept_ms, *args])
+        *found, counted_again = found
+        if counted_again:
+            task = asyncio.ensure_future(self._count_again(drive, found[2].decode(), count))
+            self._counting_again.add(task)
+            task.add_done_callback(self._counting_again.discard)
         return found
+
+    async def _count_again(self, drive: str, token: str, count: Count) -> None:
+        """Counts the drive again from the store, and puts the new count in place of the one of `token`: the puts
+        meanwhile are checked against that one, rather than wait for a listing of the whole drive."""
+        try:
+            await self._run(self._recounted, [_usage_key(drive)],
+                            [token, await count(), secrets.token_hex(8), int(USAGE_KEPT * 1000)])
+        except Exception as err:  # the store or the coordinator: the count is kept, and counted again in its time
+            log.warning(f"a drive could not be counted again for the quota; its count is kept {USAGE_KEPT:g} s more",
+                        extra={"fields": {"drive": drive, "error": str(err)}})
 
     async def usage(self, drive: str, count: Count) -> Usage:
         used, reserved, _ = await self._counted(self._usage, drive, count, [])

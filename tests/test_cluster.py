@@ -1033,7 +1033,9 @@ def test_a_wiped_coordinator_counts_the_drive_again_from_the_store(own_cluster, 
     raw_put(stub_of(b), drive_uri, "b.bin", b"b" * 100, component="w")
     [count] = own_cluster.keys("drived:*:usage")
     admin = redis.Redis.from_url(own_cluster.valkey.url)
-    assert 0 < admin.pttl(count) <= USAGE_KEPT * 1000  # counted again from the store in its time, whatever drifted
+    seconds, micros = admin.time()
+    now_ms = seconds * 1000 + micros // 1000
+    assert now_ms < int(admin.hget(count, "due")) <= now_ms + USAGE_KEPT * 1000  # counted again, whatever drifted
     admin.flushall()
     message = quota_refusal(lambda: raw_put(stub_of(b), drive_uri, "c.bin", b"c" * 400, component="w"))
     assert "holds 700 bytes" in message, message
@@ -1043,8 +1045,8 @@ def test_a_wiped_coordinator_counts_the_drive_again_from_the_store(own_cluster, 
     assert stored_sizes(b, drive_uri) == {"a.bin": 600, "b.bin": 100, "c.bin": 300}
 
 
-def test_room_held_by_a_replica_killed_in_its_commit_comes_back_when_the_count_expires(own_cluster, drive_uri,
-                                                                                      tmp_path):
+def test_room_held_by_a_replica_killed_in_its_commit_comes_back_when_the_drive_is_counted_again(own_cluster, drive_uri,
+                                                                                                 tmp_path):
     pause = tmp_path / "pause"
     a = own_cluster.replica("--quota", str(QUOTA), before=PAUSED_COMMITS.format(
         backend="s3", upload="S3Upload", name="a.bin", pause=str(pause)))
@@ -1058,11 +1060,71 @@ def test_room_held_by_a_replica_killed_in_its_commit_comes_back_when_the_count_e
     assert "holds 0 bytes and puts in progress add 600 bytes; this put asks for 500 bytes more" in message, message
     assert stored_sizes(b, drive_uri) == {}
     [count] = own_cluster.keys("drived:*:usage")
-    redis.Redis.from_url(own_cluster.valkey.url).pexpire(count, 1)  # its time (USAGE_KEPT) has come
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    admin.hset(count, "due", 0)  # its time (USAGE_KEPT) has come
+    message = quota_refusal(lambda: raw_put(stub_of(b), drive_uri, "b.bin", b"b" * 500, component="w"))
+    assert "puts in progress add 600 bytes" in message, message  # the count it has, while the drive is counted again
+    assert wait_until(lambda: admin.hget(count, "reserved") == b"0", timeout=30), admin.hgetall(count)
     raw_put(stub_of(b), drive_uri, "b.bin", b"b" * 500, component="w")
     message = quota_refusal(lambda: raw_put(stub_of(b), drive_uri, "c.bin", b"c" * 501, component="w"))
     assert "holds 500 bytes; this put asks for 501 bytes more" in message, message
     assert stored_sizes(b, drive_uri) == {"b.bin": 500}
+
+
+RECOUNT_KEPT = 2.0  # seconds a count is kept (USAGE_KEPT) in the replicas of the recount's test
+
+# Python for `replica(before=...)`: counts are kept RECOUNT_KEPT seconds; each store's count of a drive writes "start"
+# to the file `log`, waits while the file `pause` exists, counts, and writes "end".
+SLOW_COUNTS = """
+import asyncio, os
+import drived.redis_coordinator
+from drived.backends.s3 import S3Backend
+
+drived.redis_coordinator.USAGE_KEPT = {kept}
+counting = S3Backend.usage
+
+async def usage(self, prefix):
+    with open({log!r}, "a") as log:
+        log.write("start\\n")
+    while os.path.exists({pause!r}):
+        await asyncio.sleep(0.01)
+    total = await counting(self, prefix)
+    with open({log!r}, "a") as log:
+        log.write("end\\n")
+    return total
+
+S3Backend.usage = usage
+"""
+
+
+def test_a_count_past_its_time_is_counted_again_by_one_replica_while_puts_go_on_against_it(own_cluster, drive_uri,
+                                                                                            tmp_path):
+    """A drive's shared count was made again from the store once USAGE_KEPT (an hour) had passed, and every put of
+    the drive waited for that count: a listing of its whole prefix, minutes for millions of files. Now one replica
+    counts it again while the puts are checked against the count it then replaces."""
+    pause, counts = tmp_path / "pause", tmp_path / "counts"
+    slow = SLOW_COUNTS.format(kept=RECOUNT_KEPT, log=str(counts), pause=str(pause))
+    a, b = (own_cluster.replica("--quota", str(QUOTA), before=slow) for _ in range(2))
+    raw_put(stub_of(a), drive_uri, "a.bin", b"a" * 100, component="w")  # the drive's first count, not held
+    [key] = own_cluster.keys("drived:*:usage")
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    admin.hincrby(key, "used", 50)  # a commit the count got wrong (its replica killed in it): the recount mends it
+    pause.touch()  # the store's counts from now on wait
+    time.sleep(RECOUNT_KEPT + 0.5)  # the count's time has come
+    put = stub_of(a).Put.future(put_messages(drive_uri, "b.bin", b"b" * 200, component="w"), timeout=20)
+    put.result()  # while the count runs
+    raw_put(stub_of(b), drive_uri, "c.bin", b"c" * 300, component="w")
+    assert counts.read_text().split() == ["start", "end", "start"], "one replica counts the drive again, held"
+    message = quota_refusal(lambda: raw_put(stub_of(b), drive_uri, "d.bin", b"d" * 351, component="w"))
+    assert "holds 650 bytes; this put asks for 351 bytes more" in message, message  # the count it had
+    pause.unlink()
+    assert wait_until(lambda: admin.hget(key, "used") == b"600", timeout=30), admin.hgetall(key)
+    assert counts.read_text().split() == ["start", "end", "start", "end"]
+    message = quota_refusal(lambda: raw_put(stub_of(a), drive_uri, "d.bin", b"d" * 401, component="w"))
+    assert "holds 600 bytes; this put asks for 401 bytes more" in message, message
+    assert stored_sizes(b, drive_uri) == {"a.bin": 100, "b.bin": 200, "c.bin": 300}
+    raw_put(stub_of(b), drive_uri, "d.bin", b"d" * 400, component="w")
+    assert stored_sizes(a, drive_uri) == {"a.bin": 100, "b.bin": 200, "c.bin": 300, "d.bin": 400}
 
 
 def test_a_folder_delete_confirms_its_claim_without_a_round_trip_a_file_and_announces_each(own_cluster, drive_uri):

@@ -489,7 +489,7 @@ async def test_the_epoch_is_a_number_as_daemons_of_the_earlier_version_read_it_a
 
 
 @pytest.mark.integration
-async def test_a_count_lost_with_the_data_or_past_its_time_is_counted_again_and_earlier_reservations_leave_it_be(
+async def test_a_count_lost_with_the_data_or_forgotten_is_counted_again_and_earlier_reservations_leave_it_be(
     valkey: ValkeyServer,
 ) -> None:
     admin = redis.Redis.from_url(valkey.url)
@@ -499,7 +499,7 @@ async def test_a_count_lost_with_the_data_or_past_its_time_is_counted_again_and_
         _, before = await coordinator.reserve("d", 100, 1000, count_of(500, asked))
         assert before is not None
         [key] = admin.keys("drived:*:usage")
-        assert 0 < admin.pttl(key) <= USAGE_KEPT * 1000  # its time, from its count (none of its changes extend it)
+        assert 0 < admin.pttl(key) <= 2 * USAGE_KEPT * 1000  # forgotten once unused that long
         for lose in (admin.flushall, lambda: admin.pexpire(key, 1)):
             lose()
             time.sleep(0.01)
@@ -508,6 +508,41 @@ async def test_a_count_lost_with_the_data_or_past_its_time_is_counted_again_and_
             assert await coordinator.usage("d", count_of(0, asked)) == Usage(600), lose
             await coordinator.deleted("d", 600)
         assert asked == [500, 600, 600]
+
+
+@pytest.mark.integration
+async def test_a_count_past_its_time_is_counted_again_by_one_caller_while_the_others_use_it(
+    valkey: ValkeyServer,
+) -> None:
+    """Every call waited for the store's count once the drive's count was USAGE_KEPT old: now the first caller to
+    find it so counts it again in the background, and the count it then replaces answers meanwhile."""
+    admin = redis.Redis.from_url(valkey.url)
+    admin.flushall()
+    async with redis_coordinator(valkey.url) as one, redis_coordinator(valkey.url) as two:
+        asked: list[int] = []
+        _, before = await one.reserve("d", 100, 1000, count_of(500, asked))
+        assert before is not None
+        [key] = admin.keys("drived:*:usage")
+        seconds, micros = admin.time()
+        now_ms = seconds * 1000 + micros // 1000
+        assert now_ms < int(admin.hget(key, "due")) <= now_ms + USAGE_KEPT * 1000
+        admin.hset(key, "due", 0)  # its time came
+        counted = asyncio.Event()
+
+        async def held_count() -> int:
+            asked.append(700)
+            await counted.wait()
+            return 700
+        assert await one.usage("d", held_count) == Usage(500, 100) == await two.usage("d", held_count)
+        assert (await two.reserve("d", 401, 1000, held_count))[1] is None  # checked against the count it has
+        counted.set()
+        for _ in range(100):
+            if await two.usage("d", count_of(0, asked)) == Usage(700):
+                break
+            await asyncio.sleep(0.05)
+        await one.unreserve(before, committed=True)  # held in the count replaced: this one is left be
+        assert await two.usage("d", count_of(0, asked)) == Usage(700)
+        assert asked == [500, 700], "counted again once, by one of the callers"
 
 
 @pytest.mark.integration
