@@ -276,6 +276,15 @@ def _switch(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"use on or off, not {text!r}")
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"use debug, info, warning or error, not {text!r}")
+    return text
+
+
 def _chunk_size(text: str) -> int:
     value = _positive(int)(text)
     if value > MAX_CHUNK_SIZE:
@@ -294,7 +303,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "metrics_listen": _metrics_listen, "token": _token, "auth_tokens": str, "tls_cert": str, "tls_key": str,
     "tls_client_ca": str, "reflection": _switch, "max_connection_age": _non_negative(_seconds),
     "max_file_size": _size, "quota": _size, "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
-    "max_connections": _connections, "stream_idle_timeout": _idle_timeout, "log_level": str,
+    "max_connections": _connections, "stream_idle_timeout": _idle_timeout, "log_level": _log_level,
 }
 
 
@@ -329,8 +338,6 @@ def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Conf
                 shown = "" if f.name in SECRET else f"={env!r}"
                 parser.error(f"DRIVED_{f.name.upper()}{shown}: {err}")
     config = Config(**values)
-    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
-        parser.error(f"--log-level {config.log_level!r}: use debug, info, warning or error")
     if bool(config.tls_cert) != bool(config.tls_key):
         parser.error("--tls-cert and --tls-key go together: give the certificate and its key, or neither")
     if config.tls_client_ca and not config.tls_cert:

@@ -458,6 +458,8 @@ SECONDS = "at most 2147483 (about 24 days)"
     # The idle check ticked every quarter of it: the daemon spun its CPU, and ended every Put at once.
     ("--stream-idle-timeout", "0.01", "0 (never) or at least 1 s"),
     ("--stream-idle-timeout", "1e-9", "0 (never) or at least 1 s"),
+    # DRIVED_LOG_LEVEL's refusal named --log-level, a flag the user never gave.
+    ("--log-level", "verbose", "debug, info, warning or error"),
 ])
 def test_a_bad_address_or_seconds_value_is_refused_naming_its_flag(tmp_path, flag, value, why):
     data = tmp_path / "data"
