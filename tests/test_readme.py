@@ -19,6 +19,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import tomllib
 from conftest import ROOT, wait_until
 from moto_server import AWS_ENV, running_moto
 
@@ -68,6 +69,13 @@ def test_python_example_runs_as_printed(daemon, tmp_path):
     expected = commented_output(code)
     assert len(expected) == 4
     assert run.stdout.splitlines() == expected
+
+
+def test_the_install_line_names_every_dependency_of_the_client():
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    named = re.search(r"`pip install drived` gives .+? with only (.+?);", readme).group(1)
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert set(re.split(r", | and ", named)) == {re.match(r"[\w.-]+", dep).group() for dep in dependencies}
 
 
 def test_the_configuration_table_has_every_flag_with_its_variable():
