@@ -348,16 +348,20 @@ class FileInfo(_message.Message):
     size: _builtins.int
     """The size in bytes (0 for a folder)."""
     sha256: _builtins.str
-    """Lowercase hex sha256 of the content. Empty for s3:// objects and folders."""
+    """Lowercase hex sha256 of the content. Empty for s3:// objects, folders
+    and a file several components hold, as a listing of all of them gives it
+    (see ListResponse.entries).
+    """
     etag: _builtins.str
     """The S3 ETag of an s3:// object; empty for managed files."""
     component: _builtins.str
     """The component that owns the file. Empty for s3:// objects and for a
-    folder shared by several components.
+    folder or file shared by several components.
     """
     generation: _builtins.int
     """Changes with every commit of the path (the commit time in nanoseconds).
-    0 for s3:// objects and folders.
+    0 for s3:// objects, folders and a file several components hold in a
+    listing of all of them.
     """
     folder: _builtins.bool
     """True for a folder: a path with files beneath it."""
@@ -620,7 +624,11 @@ class ListResponse(_message.Message):
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileInfo]:
         """Entries in path order. For a folder entry only path and folder are set;
         component is set when one component holds the entry and empty when
-        several do.
+        several do. A file that several components hold (put with
+        allow_duplicates), listed across components, is one entry with its path
+        and the size and modified of the first component in name order: no
+        sha256, component, generation or crc32c (List or Stat it with a component
+        for those).
         """
 
     def __init__(
