@@ -295,8 +295,8 @@ def parser() -> argparse.ArgumentParser:
                      help="send the token in plaintext to another machine (default: $DRIVE_INSECURE); only on a "
                      "network you trust")
     top.add_argument("--retry-seconds", type=float, metavar="SECONDS",
-                     help="how long a transfer, list, stat or mount keeps trying through a network cut or a daemon "
-                     "restart (default: $DRIVE_RETRY_SECONDS, else 60; 0: no retries)")
+                     help="how long a transfer, list, stat, delete or mount keeps trying through a network cut or a "
+                     "daemon restart (default: $DRIVE_RETRY_SECONDS, else 60; 0: no retries)")
     _add_output_arguments(top, default=False)
     # options of some commands
     top.set_defaults(only=None, allow_duplicates=False, timeout=None, overwrite=False, verify="crc32c")
