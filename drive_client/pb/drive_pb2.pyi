@@ -32,6 +32,8 @@ store's and are used exactly as sent.
 Files in a managed drive are owned by the component that put them; each
 component (a worker's name, 1-128 letters, digits, '.', '_', '-') has its
 own namespace inside the drive. An empty component means "default".
+s3:// objects belong to no component: requests on an s3:// drive do not
+use theirs (a List, Get or Stat naming one answers as without it).
 
 Status codes used by every RPC:
   INVALID_ARGUMENT     bad drive URI, path, component, or stream order
@@ -433,7 +435,9 @@ class GetRequest(_message.Message):
     (a day): a wait holds a stream of the daemon's; to wait longer, wait
     again. NaN, infinity or more than a day is INVALID_ARGUMENT. A folder
     exists once its first file is committed: to wait for a whole folder put,
-    wait for a file put after it.
+    wait for a file put after it. lit:// drives only: nothing is put into an
+    s3:// drive, which answers a path its index lacks NOT_FOUND at once
+    (Mount re-indexes the location).
     """
     if_match: _builtins.str
     """When set, the file must still have this sha256 (managed) or ETag (s3):

@@ -32,6 +32,8 @@ store's and are used exactly as sent.
 Files in a managed drive are owned by the component that put them; each
 component (a worker's name, 1-128 letters, digits, '.', '_', '-') has its
 own namespace inside the drive. An empty component means "default".
+s3:// objects belong to no component: requests on an s3:// drive do not
+use theirs (a List, Get or Stat naming one answers as without it).
 
 Status codes used by every RPC:
   INVALID_ARGUMENT     bad drive URI, path, component, or stream order
