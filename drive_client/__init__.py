@@ -25,8 +25,8 @@ _HOMES = {
     **dict.fromkeys(
         (
             "AlreadyExists", "AmbiguousPathError", "DataLoss", "DriveError", "EventsExpired", "InvalidArgument",
-            "NotADirectory", "NotFound", "PermissionDenied", "ResourceExhausted", "StaleIndexError",
-            "StoreUnavailable", "TooManyStreams", "Unauthenticated", "Unavailable", "WaitTimeout",
+            "IsADirectory", "LocalFileError", "NotADirectory", "NotFound", "PermissionDenied", "ResourceExhausted",
+            "StaleIndexError", "StoreUnavailable", "TooManyStreams", "Unauthenticated", "Unavailable", "WaitTimeout",
         ),
         "errors",
     ),
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
         DriveError,
         EventsExpired,
         InvalidArgument,
+        IsADirectory,
+        LocalFileError,
         NotADirectory,
         NotFound,
         PermissionDenied,
@@ -79,6 +81,8 @@ __all__ = [
     "EventsExpired",
     "FileStat",
     "InvalidArgument",
+    "IsADirectory",
+    "LocalFileError",
     "MountResult",
     "NotADirectory",
     "NotFound",

@@ -7,6 +7,7 @@ against the comment beside its `print`.
 
 from __future__ import annotations
 
+import builtins
 import csv
 import dataclasses
 import io
@@ -23,7 +24,8 @@ import tomllib
 from conftest import ROOT, wait_until
 from moto_server import AWS_ENV, running_moto
 
-from drive_client import Drive, PermissionDenied
+import drive_client
+from drive_client import Drive, DriveError, PermissionDenied
 from drive_client.uri import parse_drive
 from drived.auth import TokenTable
 from drived.config import Config
@@ -76,6 +78,16 @@ def test_the_install_line_names_every_dependency_of_the_client():
     named = re.search(r"`pip install drived` gives .+? with only (.+?);", readme).group(1)
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert set(re.split(r", | and ", named)) == {re.match(r"[\w.-]+", dep).group() for dep in dependencies}
+
+
+def test_every_exception_the_errors_table_names_is_drive_clients_and_is_what_it_says():
+    """Each `Builtin` (`Class`) of the table's raises column is drive_client.Class, a DriveError and a Builtin."""
+    rows = re.findall(r"^\| .+? \| (.+?) \| .+? \|$", readme_section("Errors"), re.M)
+    named = [pair for raises in rows for pair in re.findall(r"`(\w+)`(?: \(`(\w+)`)?", raises)]
+    assert len(named) > 10
+    for base, cls in ((base, cls) if cls else ("Exception", base) for base, cls in named):
+        raised = getattr(drive_client, cls)
+        assert issubclass(raised, DriveError) and issubclass(raised, getattr(builtins, base)), (cls, base)
 
 
 def test_the_configuration_table_has_every_flag_with_its_variable():
