@@ -52,7 +52,8 @@ def split_uri(uri: str, folder: bool) -> tuple[str, str]:
     """(drive URI, path) of a CLI location like `lit://d/a/b` or `s3://bucket/data/x.bin`.
 
     For s3 the drive is the location's folder (`folder`: the whole location
-    is a folder), so only that prefix is indexed.
+    is a folder), so only that prefix is indexed; otherwise the drive is the
+    folder above the object or folder named, with or without its trailing '/'.
     """
     if uri.startswith("lit://"):
         name, _, path = uri[len("lit://"):].partition("/")
@@ -60,10 +61,10 @@ def split_uri(uri: str, folder: bool) -> tuple[str, str]:
     if uri.startswith("s3://"):
         if folder:
             return (uri if uri.endswith("/") else uri + "/"), ""
-        head, _, name = uri.rpartition("/")
-        if not name:
-            raise InvalidArgument(f"{uri!r} names a folder: give an object's key")
-        return head + "/", name
+        head, slash, name = uri[len("s3://"):].rstrip("/").rpartition("/")
+        if not slash:
+            raise InvalidArgument(f"{uri!r} is a whole bucket: give an object's key, or a folder in it")
+        return f"s3://{head}/", name
     raise InvalidArgument(f"unsupported location {uri!r}: use lit://DRIVE/PATH or s3://bucket/key")
 
 

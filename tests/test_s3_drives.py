@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import boto3
 import grpc
 import pytest
-from conftest import Background, DaemonHandle, free_port, held_open, rpc_code, start_daemon, wait_until
+from conftest import BIN, Background, DaemonHandle, free_port, held_open, rpc_code, start_daemon, wait_until
 from cutting_proxy import CuttingProxy
 from moto_server import AWS_ENV, closed_port, running_moto
 
@@ -61,6 +62,24 @@ def s3(tmp_path_factory):
 
 def drive(s3, uri: str = f"s3://{BUCKET}/imagenet/", **kwargs) -> Drive:
     return Drive(uri, endpoint=s3["daemon"].endpoint, **kwargs)
+
+
+def test_the_readme_commands_and_a_folder_named_with_its_slash_through_the_drive_command(s3, tmp_path):
+    """README's `drive ls/mount/get s3://...`; a folder fetched as `s3://bucket/prefix/folder/`, as s3 writes one."""
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "drive"), "--endpoint", s3["daemon"].endpoint, *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    assert run("ls", f"s3://{BUCKET}/").stdout.split() == ["imagenet", "outside"]
+    assert run("mount", f"s3://{BUCKET}/imagenet/").returncode == 0
+    assert run("get", f"s3://{BUCKET}/imagenet/train/0001.jpg").returncode == 0
+    assert (tmp_path / "0001.jpg").read_bytes() == b"imagenet/train/0001.jpg"
+    folder = run("get", f"s3://{BUCKET}/imagenet/val/")
+    assert folder.returncode == 0, folder.stderr
+    assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["a b+c%.jpg", "unicodé.jpg"]
+    bucket = run("get", f"s3://{BUCKET}/")
+    assert bucket.returncode == 1 and "a whole bucket" in bucket.stderr, bucket.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0001.jpg", "val"]
 
 
 def test_list_stat_and_get_through_the_daemon(s3, tmp_path):
