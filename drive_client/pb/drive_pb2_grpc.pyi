@@ -121,7 +121,9 @@ class DriveServiceStub:
     resuming stream takes the upload over from a stream of it still open on
     the server (one broken on the client's side): that one fails with ABORTED.
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
-    header before the previous file's finish, a file past the 10,000 a
+    header before the previous file's finish, a stream that ends before
+    its file's finish (its client ended it: a resumable upload is held all
+    the same), a file past the 10,000 a
     stream carries or past what its answer can list within the message
     limit (long paths), a path that is a folder, or
     whose parent is a file; a bad upload_id, a write_offset without one, or
@@ -259,7 +261,9 @@ class DriveServiceAsyncStub(DriveServiceStub):
     resuming stream takes the upload over from a stream of it still open on
     the server (one broken on the client's side): that one fails with ABORTED.
     Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
-    header before the previous file's finish, a file past the 10,000 a
+    header before the previous file's finish, a stream that ends before
+    its file's finish (its client ended it: a resumable upload is held all
+    the same), a file past the 10,000 a
     stream carries or past what its answer can list within the message
     limit (long paths), a path that is a folder, or
     whose parent is a file; a bad upload_id, a write_offset without one, or
@@ -400,7 +404,9 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         resuming stream takes the upload over from a stream of it still open on
         the server (one broken on the client's side): that one fails with ABORTED.
         Errors: INVALID_ARGUMENT (bad path, a data chunk before a header, a
-        header before the previous file's finish, a file past the 10,000 a
+        header before the previous file's finish, a stream that ends before
+        its file's finish (its client ended it: a resumable upload is held all
+        the same), a file past the 10,000 a
         stream carries or past what its answer can list within the message
         limit (long paths), a path that is a folder, or
         whose parent is a file; a bad upload_id, a write_offset without one, or
