@@ -632,7 +632,9 @@ class ListResponse(_message.Message):
         allow_duplicates), listed across components, is one entry with its path
         and the size and modified of the first component in name order: no
         sha256, component, generation or crc32c (List or Stat it with a component
-        for those).
+        for those). A file whose stored header is damaged lists with its path and
+        component only (size 0), so that its folder lists; a Stat or Get of it
+        answers DATA_LOSS naming it.
         """
 
     def __init__(
