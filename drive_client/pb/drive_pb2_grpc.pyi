@@ -65,6 +65,10 @@ Status codes used by every RPC:
                        Put or Get whose client sent or read nothing for
                        the daemon's --stream-idle-timeout: retry
   UNIMPLEMENTED        an RPC this daemon does not serve yet
+  INTERNAL             an unexpected failure, such as a disk error (EIO),
+                       which the daemon logs; a Put answers it too when the
+                       fsync of a committed file's folder fails: the file
+                       is visible, and may not survive a power cut
 The status message says what happened and what to do, for a person.
 """
 
