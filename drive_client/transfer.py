@@ -482,7 +482,8 @@ def crc32c_mismatch(path: str) -> DataLoss:
 def stored_crc32c_mismatch(path: str) -> DataLoss:
     """The error of a file whose bytes passed the CRC32C of each stream that carried them but not the one stored
     with it: bytes a cut stream carried before its CRC32C came were damaged on the way, or the stored copy is
-    damaged where the daemon does not check what it reads (the ranges of a parallel get from --storage)."""
+    damaged where the daemon does not check what it reads (the ranges of a parallel get of a file that an earlier
+    drived put through --storage, with no block table)."""
     return DataLoss(
         f"{path!r}: the bytes received do not match the CRC32C stored with the file: its stored copy is damaged, "
         "or bytes were damaged on the way before a stream was cut; nothing was kept. Try again: if this comes "

@@ -73,11 +73,20 @@ class Checksums:
         return ends
 
     def block_table(self) -> bytes:
-        """`block_ends()` as stored: 4 bytes each, little-endian."""
+        """`block_ends()` as stored: 4 bytes each, little-endian (`table_entries` reads them back)."""
         ends = self.block_ends()
         if sys.byteorder == "big":
             ends.byteswap()
         return ends.tobytes()
+
+
+def table_entries(raw: bytes | memoryview) -> array[int]:
+    """The entries of a stored block table, or of a run of it (`Checksums.block_table`)."""
+    ends = array("I")
+    ends.frombytes(raw)
+    if sys.byteorder == "big":
+        ends.byteswap()
+    return ends
 
 
 class Readable(Protocol):

@@ -86,7 +86,8 @@ HELP = {
     "password: flags show in `ps`",
     "claim_ttl": "seconds after which the claim of a path being committed or deleted is given up when its daemon "
     "died (with --coordinator; renewed every third of it while held; a put whose claim lapsed fails UNAVAILABLE)",
-    "chunk_size": "bytes per message of a Get stream (at most 3 MiB; local storage sends whole 1 MiB blocks)",
+    "chunk_size": "bytes per message of a Get stream (at most 3 MiB; local storage, and --storage's ranged reads, send "
+    "whole 1 MiB blocks)",
     "grace_period": "seconds that SIGTERM/SIGINT lets in-flight transfers finish before they are cancelled (a "
                     "second signal cancels them at once)",
     "s3_list_concurrency": "parallel ListObjectsV2 calls when mounting an s3:// drive",

@@ -375,6 +375,13 @@ def raw_get(
     return [(info, bytes(data)) for info, data in files]
 
 
+def damaged_reads(handle) -> float:
+    """The daemon's count of reads refused for damage (drived_damaged_reads_total)."""
+    with urllib.request.urlopen(f"http://{handle.metrics}/metrics", timeout=5) as answer:
+        found = re.search(r"^drived_damaged_reads_total (\S+)$", answer.read().decode(), re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def rpc_code(call: Callable[[], object]) -> grpc.StatusCode:
     """Runs `call`, which must fail with an RpcError; returns its status code."""
     try:

@@ -32,6 +32,7 @@ from conftest import (
     Background,
     DaemonHandle,
     StalledPuts,
+    damaged_reads,
     file_sha256,
     loop_thread,
     paused_reads,
@@ -262,7 +263,7 @@ def test_sha256_mismatch_is_data_loss_and_stores_nothing(store, daemon_a, drive_
 def test_the_crc32c_is_stored_and_a_whole_read_of_a_damaged_object_is_data_loss(store, daemon_a, drive_uri,
                                                                                  tmp_path, size):
     """The CRC32C lies beside the sha256 (object metadata, or the checksum object of a multipart one); a read
-    of the whole object checks it before its last chunk. A ranged read relies on S3's own integrity."""
+    of the whole object checks it before its last chunk (a ranged read checks the blocks it reads: below)."""
     data = os.urandom(size)
     (tmp_path / "f.bin").write_bytes(data)
     drive = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=daemon_a.endpoint)
@@ -285,7 +286,8 @@ def test_the_crc32c_is_stored_and_a_whole_read_of_a_damaged_object_is_data_loss(
     with pytest.raises(DataLoss, match=r"'f.bin' of component 'w' in lit://\S+ is damaged"):
         Drive(drive_uri, root_folder=out, endpoint=daemon_a.endpoint).get("f.bin")
     assert list(out.iterdir()) == []
-    assert b"".join(drive.read_range("f.bin", size // 2, 10)) == bytes(damaged[size // 2:size // 2 + 10])
+    with pytest.raises(DataLoss, match=r"'f.bin' of component 'w' in lit://\S+ is damaged"):
+        b"".join(drive.read_range("f.bin", size // 2, 10))
 
 
 @pytest.mark.parametrize("size", [100_000, PART_SIZE + 1], ids=["one-put", "multipart"])
@@ -312,9 +314,10 @@ def test_an_object_emptied_behind_the_daemons_back_is_data_loss(store, daemon_a,
 
 
 def test_a_parallel_get_of_a_damaged_object_says_its_stored_copy_is_damaged(store, daemon_a, drive_uri, tmp_path):
-    """A get of a file of PARALLEL_MIN_SIZE or more reads it in ranges, which the daemon sends as the store has
-    them: only the client's check of the whole against the stored CRC32C sees the damage. It said 'damaged on
-    the way; try again', which every try said again."""
+    """A get of a file of PARALLEL_MIN_SIZE or more reads it in ranges, which the daemon sent as the store had
+    them: only the client's check of the whole against the stored CRC32C saw the damage (it said 'damaged on the
+    way; try again', which every try said again). The daemon checks each range's blocks: the range that holds the
+    damaged one is DATA_LOSS saying the stored copy is damaged, and nothing is kept."""
     stub = stub_of(daemon_a)
     data = os.urandom(PARALLEL_MIN_SIZE)
     raw_put(stub, drive_uri, "f.bin", data, component="w")
@@ -324,10 +327,81 @@ def test_a_parallel_get_of_a_damaged_object_says_its_stored_copy_is_damaged(stor
     store.client.put_object(Bucket=BUCKET, Key=key, Body=bytes(damaged),
                             Metadata=store.client.head_object(Bucket=BUCKET, Key=key)["Metadata"])
     (tmp_path / "f.bin").write_bytes(b"the local file")
-    with pytest.raises(DataLoss, match=r"'f.bin': the bytes received do not match the CRC32C stored with the file: "
-                                       "its stored copy is damaged"):
+    with pytest.raises(DataLoss, match=r"the stored copy of 'f.bin' of component 'w' in lit://\S+ is damaged "
+                                       r"\(the block at byte 33554432 does not match its CRC32C\)"):
         Drive(drive_uri, root_folder=tmp_path, endpoint=daemon_a.endpoint).get("f.bin", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"] and (tmp_path / "f.bin").read_bytes() == b"the local file"
+
+
+@pytest.mark.parametrize("size", [5 * MIB + 1000, PART_SIZE + 3 * MIB + 1000], ids=["one-put", "multipart"])
+def test_a_ranged_read_of_a_damaged_block_is_data_loss_and_sends_none_of_it(store, daemon_a, drive_uri, size):
+    """A ranged read relied on S3's own integrity: a block damaged in the store (bit rot, a faulty copy or restore)
+    was sent as stored to read_range, fsspec and each range of a parallel get, with the CRC32C of the damaged
+    bytes, so the client kept them. A --storage file keeps a CRC32C per 1 MiB block (in its metadata, or in its
+    checksum object), and a ranged read checks each block it touches before sending any of it: a read of the
+    damaged block is DATA_LOSS naming the file, counted, with none of its bytes sent; reads elsewhere work."""
+    stub = stub_of(daemon_a)
+    data = os.urandom(size)
+    raw_put(stub, drive_uri, "f.bin", data, component="w")
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/f.bin"
+    damaged_at = 2 * MIB + 100
+    damaged = bytearray(data)
+    damaged[damaged_at] ^= 0x01  # the store's copy rots (written back with the same metadata)
+    store.client.put_object(Bucket=BUCKET, Key=key, Body=bytes(damaged),
+                            Metadata=store.client.head_object(Bucket=BUCKET, Key=key)["Metadata"])
+    counted = damaged_reads(daemon_a)
+
+    sent = []
+    with pytest.raises(grpc.RpcError) as refused:
+        for message in stub.Get(drive_pb2.GetRequest(drive=drive_uri, path="f.bin", offset=damaged_at - 10, limit=100,
+                                                     checksums=True), timeout=60):
+            sent.append(message.WhichOneof("message"))
+    assert refused.value.code() == grpc.StatusCode.DATA_LOSS, refused.value.details()
+    assert refused.value.details().startswith(
+        f"the stored copy of 'f.bin' of component 'w' in {drive_uri} is damaged"), refused.value.details()
+    assert sent == ["info"], "no byte of the damaged block is sent"
+    drive = Drive(drive_uri, endpoint=daemon_a.endpoint)
+    with pytest.raises(DataLoss, match=r"'f.bin' of component 'w' in lit://\S+ is damaged"):
+        b"".join(drive.read_range("f.bin", 2 * MIB, MIB))
+    fs = fsspec.filesystem("lit", endpoint=daemon_a.endpoint, skip_instance_cache=True)
+    name = f"{drive_uri.removeprefix('lit://')}/f.bin"
+    with pytest.raises(DataLoss, match="is damaged"):
+        fs.cat_file(name, damaged_at, damaged_at + 1)
+    assert damaged_reads(daemon_a) == counted + 3
+
+    across_parts = [(PART_SIZE - 10, 20)] if size > PART_SIZE else []
+    for offset, length in ((0, 2 * MIB), (MIB + 5, MIB - 5), (3 * MIB, 10), (3 * MIB + 7, MIB), *across_parts,
+                           (size - MIB - 3, MIB + 3), (size - 1, 1)):
+        assert b"".join(drive.read_range("f.bin", offset, length)) == data[offset:offset + length], (offset, length)
+    assert fs.cat_file(name, 3 * MIB + 1, size) == data[3 * MIB + 1:]
+    with fs.open(name, "rb") as f:
+        f.seek(3 * MIB + 5)
+        assert f.read() == data[3 * MIB + 5:]
+    assert damaged_reads(daemon_a) == counted + 3
+    assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == damaged, "reading never rewrites it"
+
+
+@pytest.mark.parametrize("size", [5 * MIB + 1000, PART_SIZE + 3 * MIB + 1000], ids=["one-put", "multipart"])
+def test_a_file_stored_before_block_checksums_reads_in_ranges(store, daemon_a, drive_uri, tmp_path, size):
+    """A file that an earlier drived put through --storage has no block table (neither in its metadata nor in its
+    checksum object, which is empty): its ranges read as before, from any byte, with no migration."""
+    stub = stub_of(daemon_a)
+    data = os.urandom(size)
+    raw_put(stub, drive_uri, "old.bin", data, component="w")
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/old.bin"
+    metadata = store.client.head_object(Bucket=BUCKET, Key=key)["Metadata"]
+    metadata.pop("blocks")
+    store.client.put_object(Bucket=BUCKET, Key=key, Body=data, Metadata=metadata)  # as the earlier drived left it
+    if "checksums" in metadata:
+        [checksums] = store.object_keys(f"{PREFIX}~checksums/{drive_uri.removeprefix('lit://')}/w/old.bin/")
+        held = store.client.head_object(Bucket=BUCKET, Key=checksums)["Metadata"]
+        store.client.put_object(Bucket=BUCKET, Key=checksums, Body=b"", Metadata=held)
+    drive = Drive(drive_uri, root_folder=tmp_path, endpoint=daemon_a.endpoint)
+    for offset, length in ((0, 10), (MIB + 5, MIB - 5), (2 * MIB + 3, 3 * MIB), (size - 7, 7), (size, 1)):
+        assert b"".join(drive.read_range("old.bin", offset, length)) == data[offset:offset + length], (offset, length)
+    assert b"".join(drive.read_range("old.bin", 3, None)) == data[3:]
+    assert drive.get("old.bin").read_bytes() == data
+    assert store.client.head_object(Bucket=BUCKET, Key=key)["Metadata"] == metadata, "reading never rewrites it"
 
 
 @pytest.mark.parametrize("how", ["gone", "emptied"])
@@ -649,26 +723,26 @@ def test_an_object_replaced_between_the_parts_of_its_read_is_named_as_asked_for(
     assert raw_get(stub, drive_uri, "big.bin")[0][1] == b"version 2"
 
 
-PAUSED_CHECKSUM_HEADS = """
+PAUSED_CHECKSUM_READS = """
 import asyncio, os
 from drived.backends import s3
 
-def paused(head):
-    async def head_once_resumed(self, name):
-        if f"/{{s3.CHECKSUMS}}/" in name and os.path.exists({pause!r}):
+def paused(read):
+    async def read_once_resumed(self, key, name, blocks):
+        if os.path.exists({pause!r}):
             with open({pause!r}, "r+") as let_through:  # how many checksum objects to read before pausing
                 count = int(let_through.read() or 0)
                 let_through.seek(0)
                 let_through.write(str(count - 1))
             if count > 0:
-                return await head(self, name)
+                return await read(self, key, name, blocks)
             open({reached!r}, "w").close()
             while os.path.exists({pause!r}):
                 await asyncio.sleep(0.01)
-        return await head(self, name)
-    return head_once_resumed
+        return await read(self, key, name, blocks)
+    return read_once_resumed
 
-s3.S3Backend._head = paused(s3.S3Backend._head)
+s3.S3Backend._checksums_object = paused(s3.S3Backend._checksums_object)
 """
 
 
@@ -676,12 +750,14 @@ def test_a_big_file_replaced_while_its_checksum_object_is_read_is_found(store, d
     """A stat, get or listing reads a multipart object's HEAD (or GET), then its checksum object's; a put that
     replaces the file in between deletes that checksum object. The file, there all along, was not found (stat,
     get: "not a drived object") or left out of the listing; each now answers one whole version. A get reads the
-    checksum object twice: as it finds the file, and as it opens the GET of its bytes."""
+    checksum object twice: as it finds the file, and as it opens the GET of its bytes (a ranged one, its block
+    table's entries with it)."""
     pause = tmp_path / "pause"
     reached = Path(f"{pause}.reached")
-    reader = stub_of(store.daemon(before=PAUSED_CHECKSUM_HEADS.format(pause=str(pause), reached=str(reached))))
+    handle = store.daemon(before=PAUSED_CHECKSUM_READS.format(pause=str(pause), reached=str(reached)))
+    reader = stub_of(handle)
     writer = stub_of(daemon_a)
-    versions = [os.urandom(PART_SIZE + 1) for _ in range(4)]
+    versions = [os.urandom(PART_SIZE + 1) for _ in range(5)]
     raw_put(writer, drive_uri, "big.bin", versions[0], component="w")
 
     def got() -> tuple[str, bytes]:
@@ -691,12 +767,13 @@ def test_a_big_file_replaced_while_its_checksum_object_is_read_is_found(store, d
     asks: dict[str, Callable[[], object]] = {
         "stat": lambda: reader.Stat(drive_pb2.StatRequest(drive=drive_uri, path="big.bin"), timeout=60).sha256,
         "get": got,
+        "range": lambda: b"".join(Drive(drive_uri, endpoint=handle.endpoint).read_range("big.bin", MIB + 3, 100)),
         "list": lambda: [(e.path, e.sha256) for e in reader.List(
             drive_pb2.ListRequest(drive=drive_uri, path="."), timeout=60).entries],
     }
     for (name, ask), replacement in zip(asks.items(), versions[1:], strict=True):
         reached.unlink(missing_ok=True)
-        pause.write_text("1" if name == "get" else "0")
+        pause.write_text("1" if name in ("get", "range") else "0")
         asking = Background(ask)
         asking.start()
         try:
@@ -705,6 +782,7 @@ def test_a_big_file_replaced_while_its_checksum_object_is_read_is_found(store, d
         finally:
             pause.unlink()
         expected: object = {"stat": sha256_of(replacement), "get": (sha256_of(replacement), replacement),
+                            "range": replacement[MIB + 3:MIB + 103],
                             "list": [("big.bin", sha256_of(replacement))]}[name]
         assert asking.join_checked() == expected, name
     assert got() == (sha256_of(versions[-1]), versions[-1])
@@ -852,7 +930,9 @@ def test_a_big_put_whose_commit_answer_was_lost_is_stored_and_reported_stored(st
 def test_a_store_that_ignores_ranges_is_refused_not_read_from_its_start(store, drive_uri, tmp_path):
     """An endpoint that answers a ranged GET with the whole object (as HTTP allows, and as some gateways and
     caches do): a read from an offset sent the object's first bytes as those at the offset, with the CRC32C of
-    what it sent, so read_range and fsspec took them. It fails saying so, naming the file; a whole read works."""
+    what it sent, so read_range and fsspec took them. It fails saying so, naming the file and the block's first
+    byte it asked the store for (a ranged read fetches the whole blocks it touches); a whole read works, and so
+    does a read within the first block."""
     data = os.urandom(3 * MIB)
     with RewritingS3Proxy(store.url, drop=("Range",)) as proxy:
         handle = store.daemon(env=store.env(AWS_ENDPOINT_URL=proxy.url))
@@ -860,11 +940,12 @@ def test_a_store_that_ignores_ranges_is_refused_not_read_from_its_start(store, d
         raw_put(stub, drive_uri, "f.bin", data, component="w")
         assert raw_get(stub, drive_uri, "f.bin")[0][1] == data
         drive = Drive(drive_uri, endpoint=handle.endpoint)
-        for offset, length in ((MIB + 7, 100), (1, None)):
+        for offset, length in ((MIB + 7, 100), (2 * MIB + 1, None)):
             with pytest.raises(DriveError, match=r"'f.bin' of component 'w' in lit://\S+ cannot be read from byte "
-                                                 rf"{offset}: .* ignores the Range"):
+                                                 rf"{offset - offset % MIB}: .* ignores the Range"):
                 b"".join(drive.read_range("f.bin", offset, length))
         assert b"".join(drive.read_range("f.bin", 0, MIB)) == data[:MIB]  # the whole object's first bytes
+        assert b"".join(drive.read_range("f.bin", 1, MIB)) == data[1:MIB + 1]
         fs = fsspec.filesystem("lit", endpoint=handle.endpoint, skip_instance_cache=True)
         with pytest.raises(DriveError, match="ignores the Range"):
             fs.cat_file(f"{drive_uri.removeprefix('lit://')}/f.bin", MIB, 2 * MIB)

@@ -7,12 +7,10 @@ import datetime
 import hashlib
 import json
 import os
-import re
 import struct
 import tarfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import grpc
 import pytest
 from conftest import (
     MIB,
+    damaged_reads,
     open_fds,
     paused_reads,
     raw_get,
@@ -45,13 +44,6 @@ BLOCK = MIB
 
 def stored_path(data_dir: Path, drive_uri: str, path: str, component: str = "default") -> Path:
     return data_dir / "objects" / drive_uri.removeprefix("lit://") / component / path
-
-
-def damaged_reads(handle) -> float:
-    """The daemon's count of reads refused for damage (drived_damaged_reads_total)."""
-    with urllib.request.urlopen(f"http://{handle.metrics}/metrics", timeout=5) as answer:
-        found = re.search(r"^drived_damaged_reads_total (\S+)$", answer.read().decode(), re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 def flip(path: Path, offset: int) -> None:

@@ -216,7 +216,7 @@ class ClientTooSlow(StoredFileError, Unavailable):
 
 
 class SummedChunks:
-    """Chunks of a store that keeps no block checksums (S3), with the CRC32C of those yielded so far.
+    """Chunks of a read that no block checksums check (a whole S3 object), with the CRC32C of those yielded so far.
 
     `chunks` are read through `summed` (`RunningCrc32c.read`), which sums
     them in the worker threads that read them. With `expected`, the CRC32C

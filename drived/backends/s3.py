@@ -7,8 +7,8 @@ daemons serve the same prefix, listing and stat read it (S3 lists and reads
 its own writes), and nothing about a file lives only in a daemon.
 
 Commits. A file of at most `PART_SIZE` bytes is one PutObject, sent once its
-bytes are verified, with its sha256 and CRC32C in its metadata. A bigger one
-streams into a multipart upload, parts of `PART_SIZE` sent while the next
+bytes are verified, with its sha256, CRC32C and block table (below) in its
+metadata. A bigger one streams into a multipart upload, parts of `PART_SIZE` sent while the next
 ones arrive (`MAX_PARTS_IN_FLIGHT` at a time over all uploads), and becomes
 visible in one step at CompleteMultipartUpload, which is only called when
 the bytes match the client's checksums and size; otherwise the upload is
@@ -27,10 +27,10 @@ the daemon died in between; completing into a staging key and copying into
 place is atomic but makes the store read and write every big file twice
 (UploadPartCopy above 5 GiB). Hashing before the upload would mean spooling
 the whole file first. So a multipart object's metadata names a *checksum
-object* instead, `prefix/~checksums/<key>/<name>`, an empty object whose
-metadata holds the hashes and the commit's generation (the object's own
-dates from its upload's start); it is written after the bytes are verified and
-before CompleteMultipartUpload, so the file is never visible without it (and
+object* instead, `prefix/~checksums/<key>/<name>`, whose metadata holds the
+hashes and the commit's generation (the object's own dates from its upload's
+start) and whose bytes are the block table (below); it is written after the
+bytes are verified and before CompleteMultipartUpload, so the file is never visible without it (and
 deleted when the upload is aborted, unless the object at the key uses it).
 `~` cannot start a drive name: the checksum objects share no folder with a
 drive. This costs one small PUT per big file, and a stat of a big file a second
@@ -78,10 +78,25 @@ that ignore If-Match), so a file replaced meanwhile fails with ABORTED rather
 than mixing versions. A read of a whole object checks its
 bytes against the stored CRC32C before it yields the last chunk
 (`SummedChunks`): a damaged object fails with DATA_LOSS before its end, and a
-client never keeps any of it. A ranged read relies on S3's own integrity (the
-store checksums what it keeps, TCP and TLS what it sends): no per-block
-checksums are kept in S3, and checking a range against the whole object's
-CRC32C would mean reading all of it.
+client never keeps any of it.
+
+Block tables. A ranged read cannot check its bytes against the whole object's
+CRC32C without reading all of it, so each object keeps a block table, as the
+local stored format does (`drived.backends.stored`): the CRC32C of its bytes
+from the start to the end of each 1 MiB block, which `Checksums` computes as
+the bytes arrive (no pass and no round trip more for a put). A small file
+keeps it in its metadata (`blocks`: base64, 44 bytes at most, well within
+S3's 2 KB of user metadata); a multipart object's metadata says `blocks:
+in-checksums`, its table being its checksum object's bytes (4 per MiB: 320
+KiB for the largest file). A ranged read fetches the whole blocks it touches
+and, in the same round trip that a whole read spends on the checksum object's
+HEAD, a ranged GET of the entries it needs; it checks each block in the
+worker thread that reads it, before any of it is yielded, and yields only
+the bytes asked for (`CheckedRange`). The checksum object's name is its
+commit's own and it is never rewritten, so a table never belongs to another
+version than the bytes; nothing is cached between reads. An object of an
+earlier drived has no table: its ranges rely on S3's own integrity (the
+store checksums what it keeps, TCP and TLS what it sends), as they did.
 
 boto3 (in a thread pool) is the client: measured against aiobotocore and
 obstore in bench/WHY.md. Payload signing is off (SigV4 over plain HTTP would
@@ -105,11 +120,13 @@ import logging
 import secrets
 import string
 import time
+from array import array
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import botocore.exceptions
+from crc32c import crc32c
 
 from drive_client.errors import (
     DriveError,
@@ -119,7 +136,7 @@ from drive_client.errors import (
 )
 from drive_client.wire import SMALL_FILE
 
-from ..checksums import Checksums, ClientChecksums, RunningCrc32c, range_crc32c
+from ..checksums import BLOCK_SIZE, Checksums, ClientChecksums, Readable, RunningCrc32c, range_crc32c, table_entries
 from ..s3index.lister import endpoint_of, make_client, map_error
 from ..s3index.reader import first_byte
 from .base import (
@@ -142,6 +159,7 @@ from .base import (
     is_a_folder,
     parent_is_file,
 )
+from .stored import ENTRY, check_blocks
 
 log = logging.getLogger("drived")
 
@@ -152,6 +170,7 @@ MAX_PARTS = 10_000  # S3's limit of parts in one upload
 MAX_KEY_BYTES = 1024  # S3's limit on a key, in UTF-8
 CHECKSUMS = "~checksums"  # the folder of checksum objects, beside the drives
 LIVE = "~uploads"  # the folder of each daemon's list of its live uploads, beside the drives
+TABLE_IN_CHECKSUMS = "in-checksums"  # a multipart object's `blocks`: its block table is its checksum object's bytes
 THREADS = 32  # boto3 calls and body reads
 PAGE = 1000  # ListObjectsV2 MaxKeys
 MAX_GENERATION = (1 << 63) - 1  # a generation is an int64 on the wire
@@ -190,6 +209,20 @@ def _checksums_used(answer: dict[str, Any] | None) -> str:
     return str(((answer or {}).get("Metadata") or {}).get("checksums", ""))
 
 
+def _table_in_metadata(key: str, text: str) -> BlockTable:
+    """The block table a small file keeps in its metadata (`blocks`: base64 of its entries)."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise Damaged(key, "the block table in its metadata is not one drived writes") from None
+    return BlockTable(0, table_entries(raw[:len(raw) - len(raw) % ENTRY]))
+
+
+def _blocks_end(position: int) -> int:
+    """The end of the block that holds the byte before `position`: where a read up to `position` stops fetching."""
+    return -(-position // BLOCK_SIZE) * BLOCK_SIZE
+
+
 def _code(err: BaseException) -> tuple[str, int]:
     """The S3 error code and HTTP status of a boto3 failure ("", 0 for one without an answer)."""
     if isinstance(err, botocore.exceptions.ClientError):
@@ -220,6 +253,98 @@ def _name_bound(last: str) -> str:
         if last[i] < "/":
             return last[:i]  # a folder of this name has a key ("a/") after `last` ("a.txt")
     return last.rstrip("/")
+
+
+class BlockTable:
+    """The entries of an object's block table (`stored.Ends`) from block `first` on: those a ranged read checks."""
+
+    def __init__(self, first: int, ends: array[int]) -> None:
+        self._first = first
+        self._ends = ends
+
+    def at(self, index: int) -> int:
+        if index < 0:
+            return 0
+        if not 0 <= index - self._first < len(self._ends):
+            raise EOFError(f"block {index} has no entry")
+        return self._ends[index - self._first]
+
+
+class CheckedRange:
+    """The bytes [offset, end) of a ranged read, cut from the whole blocks it touches (fetched from `start`, the first
+    one's start).
+
+    `blocks(read)` reads them a chunk of whole blocks at a time through
+    `read`, in a worker thread, which checks each block against `table`
+    before any of it is yielded: a damaged block raises `Damaged` in place of
+    its chunk. Without a table (a file of an earlier drived, which keeps none)
+    the bytes are only summed, and S3's own integrity is all they have.
+    `crc32c` is of the bytes yielded: from the table's entries and the
+    CRC32Cs at the range's two ends (`stored.check_blocks`), with no second
+    pass over them.
+    """
+
+    def __init__(self, key: str, table: BlockTable | None, start: int, offset: int, end: int,
+                 blocks: Callable[[Callable[[Readable, int], bytes]], AsyncIterator[bytes]]) -> None:
+        self._key = key
+        self._table = table
+        self._offset = offset
+        self._end = end
+        self._position = start  # where the next chunk read starts
+        # The CRC32C of the file up to `offset`, and up to the last byte yielded (without a table: 0, and that of
+        # the bytes yielded, which `range_crc32c` then answers as it is).
+        self._before = self._through = 0
+        self._blocks = blocks(self.read)
+
+    @property
+    def crc32c(self) -> int:
+        return range_crc32c(self._before, self._through, max(min(self._position, self._end) - self._offset, 0))
+
+    def _asked(self, data: bytes, begin: int) -> memoryview:
+        """The bytes of `data`, read from byte `begin` on, that the range asks for."""
+        return memoryview(data)[max(self._offset - begin, 0):min(self._end, begin + len(data)) - begin]
+
+    def read(self, body: Readable, size: int) -> bytes:
+        """Runs in a worker thread: the next `size` bytes of `body`, whole blocks, checked; b"" when the store ends
+        them early (then `_chunks` says so: nothing of a block cut short is yielded)."""
+        data = body.read(size)
+        while len(data) < size:
+            more = body.read(size - len(data))
+            if not more:
+                return b""
+            data += more
+        begin = self._position
+        if self._table is None:
+            self._through = crc32c(self._asked(data, begin), self._through)
+        else:
+            self._check(memoryview(data), begin, self._table)
+        self._position += size
+        return data
+
+    def _check(self, data: memoryview, begin: int, table: BlockTable) -> None:
+        """Checks `data`, whole blocks from byte `begin` on, and notes the CRC32Cs of the file at the range's ends."""
+        try:
+            damaged, at_cuts = check_blocks(data, begin // BLOCK_SIZE, BLOCK_SIZE, table, (self._offset, self._end))
+            if damaged is not None:
+                raise Damaged(self._key, f"the block at byte {damaged} does not match its CRC32C")
+            if begin <= self._offset:
+                self._before = at_cuts[self._offset] if self._offset % BLOCK_SIZE else table.at(
+                    self._offset // BLOCK_SIZE - 1)
+            stop = begin + len(data)
+            through = min(stop, self._end)
+            self._through = at_cuts[through] if through in at_cuts else table.at(-(-stop // BLOCK_SIZE) - 1)
+        except EOFError:
+            raise Damaged(self._key, "its block table is cut short") from None
+
+    def __aiter__(self) -> CheckedRange:
+        return self
+
+    async def __anext__(self) -> memoryview:
+        data = await anext(self._blocks)
+        return self._asked(data, self._position - len(data))
+
+    async def aclose(self) -> None:
+        await self._blocks.aclose()  # type: ignore[attr-defined]
 
 
 class PartBuffers:
@@ -671,8 +796,11 @@ class S3Backend(Backend):
     def _checksums_key(self, key: str, name: str = "") -> str:
         return f"{self.root}{CHECKSUMS}/{key}/{name}"
 
-    async def _info(self, key: str, answer: dict[str, Any], size: int) -> ObjectInfo | None:
-        """The info of the object in a HEAD or GET answer; None for an object drived did not write.
+    async def _info(self, key: str, answer: dict[str, Any], size: int, blocks: range | None = None
+                    ) -> tuple[ObjectInfo | None, BlockTable | None]:
+        """The info of the object in a HEAD or GET answer (None for an object drived did not write), and with
+        `blocks` (those a ranged read checks) the entries of its block table from the block before them: None for
+        an object of an earlier drived, which keeps none.
 
         Raises ChangedWhileRead when a multipart object's checksum object is
         gone because a put or delete replaced the object after `answer`: that
@@ -680,14 +808,16 @@ class S3Backend(Backend):
         Raises Damaged when it is gone from under the object still there, or
         holds no sha256 (its metadata, all it holds, lost: restored by a tool
         that keeps none): lost behind the daemon's back, it leaves bytes that
-        nothing can check.
+        nothing can check. So does a block table asked for and lost.
         """
         metadata = answer.get("Metadata") or {}
         generation = metadata.get("generation", "")
         sha256, crc = _checksums_of(metadata)
+        table = None
         if not sha256 and metadata.get("checksums"):
             name = self._checksums_key(key, metadata["checksums"])
-            checksums = await self._head(name)
+            in_checksums = blocks if metadata.get("blocks") == TABLE_IN_CHECKSUMS else None
+            checksums, table = await self._checksums_object(key, name, in_checksums)
             if checksums is None:
                 if not await self._unchanged(key, answer):
                     raise ChangedWhileRead(key, "was replaced or deleted")
@@ -697,9 +827,36 @@ class S3Backend(Backend):
             if not sha256:
                 raise Damaged(key, f"its checksum object {name} has lost its metadata (no sha256)")
             generation = held.get("generation", generation)  # its commit's (an earlier drived's names none)
+        elif blocks is not None and "blocks" in metadata:
+            table = _table_in_metadata(key, metadata["blocks"])
         if not generation.isdigit() or int(generation) > MAX_GENERATION or not sha256:
-            return None
-        return ObjectInfo(key, size, sha256, int(generation), crc)
+            return None, None
+        return ObjectInfo(key, size, sha256, int(generation), crc), table
+
+    async def _checksums_object(self, key: str, name: str, blocks: range | None
+                                ) -> tuple[dict[str, Any] | None, BlockTable | None]:
+        """The HEAD of `key`'s checksum object `name` (None: there is none); with `blocks`, a ranged GET of it
+        instead, which answers its metadata too, and the entries of its block table from the block before them:
+        a ranged read costs no round trip more than a whole one. The object's name is its commit's own, and it is
+        never rewritten: its table is that of the version whose metadata names it."""
+        if blocks is None:
+            return await self._head(name), None
+        first = max(blocks.start - 1, 0)
+
+        def get() -> tuple[dict[str, Any], bytes]:
+            answer = self.client.get_object(Bucket=self.bucket, Key=name,
+                                            Range=f"bytes={first * ENTRY}-{blocks.stop * ENTRY - 1}")
+            return answer, answer["Body"].read()
+
+        try:
+            answer, raw = await self.run(get)
+        except Exception as err:
+            if _missing(err):
+                return None, None
+            if _code(err)[0] == "InvalidRange":
+                raise Damaged(key, f"its checksum object {name} has lost its block table") from None
+            raise self.failure(err, key) from err
+        return answer, BlockTable(first, table_entries(raw[:len(raw) - len(raw) % ENTRY]))
 
     async def _unchanged(self, key: str, answer: dict[str, Any]) -> bool:
         """Whether the object at `key` is still the version of `answer` (a HEAD or GET of it)."""
@@ -802,7 +959,8 @@ class S3Backend(Backend):
         """Makes `data` the object (the commit), then forgets the checksum object of the version `replaced` (a big
         file's: a small one keeps its checksums in its own metadata)."""
         generation = time.time_ns()
-        metadata = {"generation": str(generation), **_metadata(sums)}
+        metadata = {"generation": str(generation), **_metadata(sums),
+                    "blocks": base64.b64encode(sums.block_table()).decode()}  # 44 bytes at most: 8 blocks
         await self.call("put_object", key, Key=self.root + key, Body=data, Metadata=metadata,
                         ChecksumCRC32C=_crc32c_header(sums.crc32c))
         await self._forget_checksums_of(key, replaced)
@@ -810,7 +968,8 @@ class S3Backend(Backend):
 
     async def create_upload(self, key: str, generation: int, checksums: str) -> str:
         answer = await self.call("create_multipart_upload", key, Key=self.root + key, ChecksumAlgorithm="CRC32C",
-                                 Metadata={"generation": str(generation), "checksums": checksums})
+                                 Metadata={"generation": str(generation), "checksums": checksums,
+                                           "blocks": TABLE_IN_CHECKSUMS})
         upload_id = str(answer["UploadId"])
         self._live.add(upload_id)
         return upload_id
@@ -831,11 +990,11 @@ class S3Backend(Backend):
     async def prepare_completion(self, key: str, checksums: str, sums: Checksums, generation: int
                                  ) -> dict[str, Any] | None:
         """What an upload's commit needs of the store before it: writes its checksum object (named `checksums`,
-        holding the hashes and the commit's `generation`), and answers the HEAD of the version of `key` it replaces
-        (None: none), all at once."""
+        holding the hashes and the commit's `generation`, its bytes the block table), and answers the HEAD of the
+        version of `key` it replaces (None: none), all at once."""
         replaced, _ = await asyncio.gather(
             self._head(self.root + key),
-            self.call("put_object", key, Key=self._checksums_key(key, checksums), Body=b"",
+            self.call("put_object", key, Key=self._checksums_key(key, checksums), Body=sums.block_table(),
                       Metadata={**_metadata(sums), "generation": str(generation)}),
         )
         return replaced
@@ -959,9 +1118,10 @@ class S3Backend(Backend):
         return await self._again_if_replaced(functools.partial(self._read, key, offset, limit))
 
     async def _read(self, key: str, offset: int, limit: int) -> tuple[ObjectInfo, Chunks]:
+        start = offset - offset % BLOCK_SIZE  # a ranged read fetches the whole blocks it touches, to check each
         params: dict[str, Any] = {"Key": self.root + key}
         if offset or limit:
-            params["Range"] = f"bytes={offset}-{offset + limit - 1 if limit else ''}"
+            params["Range"] = f"bytes={start}-{_blocks_end(offset + limit) - 1 if limit else ''}"
         try:
             answer = await self.run(self.client.get_object, Bucket=self.bucket, **params)
         except Exception as err:
@@ -970,22 +1130,31 @@ class S3Backend(Backend):
             if _code(err)[0] != "InvalidRange":
                 raise self.failure(err, key) from err
             return await self._read_past_end(key, offset)
-        body = self._body_from(key, answer, offset)
+        body = self._body_from(key, answer, start)
         total = answer.get("ContentRange", "").rpartition("/")[2]
         size = int(total) if total.isdigit() else int(answer["ContentLength"])
+        if offset and offset >= size:  # in the last block, which the store had
+            body.close()
+            return await self._read_past_end(key, offset)
+        end = size if limit == 0 else min(size, offset + limit)
+        whole = offset == 0 and end == size  # checked against the whole file's CRC32C, with no table to fetch
         try:
-            info = await self._info(key, answer, size)
+            info, table = await self._info(key, answer, size, None if whole else range(
+                start // BLOCK_SIZE, _blocks_end(end) // BLOCK_SIZE))
         except BaseException:
             body.close()
             raise
         if info is None:
             body.close()
             raise Missing(key, "is not a drived object (written to the bucket by something else)")
-        end = size if limit == 0 else min(size, offset + limit)
-        whole = info.crc32c if offset == 0 and end == size else None  # a range is left to S3's integrity
-        summed = RunningCrc32c()
-        chunks = self._chunks(key, body, str(answer["ETag"]), offset, end, summed)
-        return info, SummedChunks(chunks, summed, key, end - offset, whole)
+        etag = str(answer["ETag"])
+        if whole:
+            summed = RunningCrc32c()
+            return info, SummedChunks(self._chunks(key, body, etag, 0, size, self.chunk_size, summed.read),
+                                      summed, key, size, info.crc32c)
+        step = max(1, self.chunk_size // BLOCK_SIZE) * BLOCK_SIZE
+        blocks = functools.partial(self._chunks, key, body, etag, start, min(size, _blocks_end(end)), step)
+        return info, CheckedRange(key, table, start, offset, end, blocks)
 
     async def _read_past_end(self, key: str, offset: int) -> tuple[ObjectInfo, Chunks]:
         """A read at or past the end: nothing to send at the end, InvalidArgument past it."""
@@ -996,14 +1165,15 @@ class S3Backend(Backend):
             raise EndsBefore(key, f"offset {offset} (it has {info.size} bytes)")
         return info, SummedChunks(None, RunningCrc32c(), key)
 
-    async def _chunks(self, key: str, body: Any, etag: str, position: int, end: int, summed: RunningCrc32c
-                      ) -> AsyncGenerator[bytes, None]:
-        """Bytes [position, end) of `body`, each chunk read (and summed) through `summed` in a worker thread."""
+    async def _chunks(self, key: str, body: Any, etag: str, position: int, end: int, step: int,
+                      read: Callable[[Readable, int], bytes]) -> AsyncGenerator[bytes, None]:
+        """Bytes [position, end) of `body`, each chunk of at most `step` bytes read (and summed or checked) through
+        `read` in a worker thread."""
         retries = 0
         try:
             while position < end:
                 try:
-                    data = await self.run(summed.read, body, min(self.chunk_size, end - position))
+                    data = await self.run(read, body, min(step, end - position))
                 except (botocore.exceptions.BotoCoreError, OSError) as err:
                     if retries == READ_RETRIES:
                         raise self.failure(err, key) from err
@@ -1040,7 +1210,7 @@ class S3Backend(Backend):
             answer["Body"].close()
             raise StoredFileError(
                 key, f"cannot be read from byte {start}: --storage's endpoint {self.endpoint} answered with the bytes "
-                f"from {first} (it ignores the Range of a GET, which every read but a whole file's needs)"
+                f"from {first} (it ignores the Range of a GET, which every read from past a file's first block needs)"
             )
         return answer["Body"]
 
@@ -1049,7 +1219,7 @@ class S3Backend(Backend):
 
     async def _stat(self, key: str) -> ObjectInfo | None:
         answer = await self._head(self.root + key)
-        return None if answer is None else await self._info(key, answer, int(answer["ContentLength"]))
+        return None if answer is None else (await self._info(key, answer, int(answer["ContentLength"])))[0]
 
     # -- listing -------------------------------------------------------------
 
@@ -1158,8 +1328,8 @@ class S3Backend(Backend):
 
     async def counted_size(self, key: str) -> int:
         """The object's size from a HEAD, as `usage` counts it from the listing: an object that drived did not
-        write (which `stat` does not answer) counts too. A big file's checksum object counts in neither: it is
-        empty, and lies outside every drive's prefix."""
+        write (which `stat` does not answer) counts too. A big file's checksum object counts in neither: it
+        lies outside every drive's prefix."""
         answer = await self._head(self.root + key)
         return int(answer["ContentLength"]) if answer else 0
 

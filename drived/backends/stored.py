@@ -35,18 +35,17 @@ import errno
 import functools
 import os
 import struct
-import sys
 import threading
 import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from crc32c import crc32c
 
-from ..checksums import BLOCK_SIZE, Checksums
+from ..checksums import BLOCK_SIZE, Checksums, table_entries
 
 MAGIC = b"DRIVED02"
 LEGACY_MAGIC = b"DRIVED01"
@@ -146,11 +145,7 @@ class BlockEnds:
         self._set(0, raw)
 
     def _set(self, first: int, raw: bytes | memoryview) -> None:
-        ends = array("I")
-        ends.frombytes(raw)
-        if sys.byteorder == "big":
-            ends.byteswap()
-        self._first, self._ends = first, ends
+        self._first, self._ends = first, table_entries(raw)
 
     def at(self, index: int) -> int:
         if index < 0:
@@ -168,7 +163,14 @@ class BlockEnds:
         return self._ends[0]
 
 
-def check_blocks(data: memoryview, first: int, block_size: int, ends: BlockEnds, cuts: tuple[int, ...]
+class Ends(Protocol):
+    """A block table's entries by block (`BlockEnds`, or the entries an S3 object keeps): `at(-1)` is 0, and a
+    block with no entry raises EOFError."""
+
+    def at(self, index: int) -> int: ...
+
+
+def check_blocks(data: memoryview, first: int, block_size: int, ends: Ends, cuts: tuple[int, ...]
                  ) -> tuple[int | None, dict[int, int]]:
     """Verifies `data`, the content of whole blocks from block `first` on (the last may be short).
 
