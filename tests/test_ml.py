@@ -27,7 +27,7 @@ from test_fsspec import get_requests
 from test_metrics import scrape
 from test_readme import as_files, readme_blocks, run_python
 
-from bench.services import peak_rss_mib, reset_peak_rss, rss_mib
+from bench.services import free_port, peak_rss_mib, reset_peak_rss, rss_mib
 from drive_client import Drive
 
 pytestmark = [pytest.mark.ml, pytest.mark.timeout(300)]
@@ -352,3 +352,43 @@ print(json.dumps({"paths": data.paths, "digests": digests, "workers": sorted(wor
     assert report["paths"] == [f"train/{i:04d}.bin" for i in range(96)]
     assert report["digests"] == digests
     assert len(report["workers"]) > 1 and report["main"] not in report["workers"], report["workers"]
+
+
+# --- sharded checkpoints: torch.distributed.checkpoint ------------------------------------------
+
+# Two ranks (gloo) save a tensor sharded by rows into URL with DCP's FsspecWriter, then load it back
+# resharded by columns, and each prints whether its shard holds the bytes saved.
+DCP_TWO_RANKS = """
+import os, sys
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_device_mesh
+
+def rank(index, url, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=index, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    full = torch.arange(512 * 384, dtype=torch.float32).reshape(512, 384)
+    dcp.save({"w": distribute_tensor(full, mesh, [Shard(0)])}, storage_writer=FsspecWriter(url, thread_count=2))
+    state = {"w": distribute_tensor(torch.zeros(512, 384), mesh, [Shard(1)])}
+    dcp.load(state, storage_reader=FsspecReader(url))
+    print(index, torch.equal(state["w"].to_local(), full.chunk(2, dim=1)[index]), flush=True)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(rank, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+"""
+
+
+def test_a_checkpoint_sharded_over_two_ranks_saves_and_loads_resharded(daemon, tmp_path):
+    """DCP's FsspecWriter: both ranks put their shards into one folder at once, rank 0 its `.metadata` (written as
+    `.metadata.tmp` and renamed); FsspecReader reads each rank's new shard from ranges of both ranks' files."""
+    (tmp_path / "dcp_two_ranks.py").write_text(DCP_TWO_RANKS)
+    url = "lit://ckpt_1/step_7"
+    run = run_python(["dcp_two_ranks.py", url, str(free_port())], tmp_path, daemon.endpoint)
+    assert sorted(line for line in run.stdout.splitlines() if line.strip()) == ["0 True", "1 True"], run.stderr
+    names = [n.rpartition("/")[2] for n in Drive("lit://ckpt_1", endpoint=daemon.endpoint).list("step_7")]
+    assert ".metadata" in names
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert sum(n.endswith(".distcp") for n in names) >= 2

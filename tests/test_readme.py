@@ -137,6 +137,7 @@ def run_python(args: list[str], cwd: Path, endpoint: str, timeout: float = 300) 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("heading", "printed"), [
     ("torch.save and torch.load", ["True"]),
+    ("Sharded checkpoints: torch.distributed.checkpoint", ["True"]),
     ("Parquet with pandas and pyarrow", ["(5000, 1)"]),
 ])
 def test_one_block_examples(daemon, tmp_path, heading, printed):
