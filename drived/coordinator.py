@@ -277,8 +277,10 @@ class Coordinator(abc.ABC):
 
         A coordinator that `records_completions` keeps each for the daemons'
         --upload-expiry after its publish, or after the latest
-        `keep_completions` of it: whichever daemon committed the upload, any
-        daemon answers a client cut after the commit. Raises Unavailable.
+        `keep_completions` of it, unless a shared one's bytes for them are
+        taken by later ones (it forgets the oldest first): whichever daemon
+        committed the upload, any daemon answers a client cut after the
+        commit. Raises Unavailable.
         None in the in-process coordinator: its daemon's memory
         (`drived.uploads`) holds them.
         """

@@ -72,6 +72,15 @@ scripts touch `drived:epoch` beside a drive's keys):
   --upload-expiry, given that TTL again by `keep_completions` while the
   stream that committed it runs: size, generation, mtime (ns), CRC32C (`-`
   when not known) and sha256, separated by spaces, then the path.
+- `drived:completions`: the keys of those records, of every drive, each scored
+  by where it begins in a log of the bytes they were written with (and written
+  again with, by each keep): `drived:completions:written`, the bytes written
+  so far (`completion_bytes`, what the server holds for one). A write keeps
+  the records within the last COMPLETIONS_KEPT_BYTES written and deletes the
+  others, oldest first, in the same script: a put rate times a long path
+  never takes the server's memory, and a record kept moves to the log's head,
+  after the older ones. Both keys expire one to two --upload-expiry after
+  the last record written.
 - `drived:unpublished`: the keys of those hashes, each scored by when
   (ms of the server's clock) its fields are next looked at: one claim TTL
   after its first field, then every TTL (`unpublished` moves it on as it
@@ -84,8 +93,9 @@ Each operation is one Lua script (one round trip, atomic): a claim checks
 and takes its key and its folders' in one step; a publish numbers, appends,
 trims and announces in one step; a commit's reservation checks the quota
 and holds its room in one step. The scripts that look for unpublished
-changes (and the feed's, `drived:epoch:run` beside `drived:epoch`) build
-keys they are not given: one server, not Redis Cluster.
+changes (and the feed's, `drived:epoch:run` beside `drived:epoch`, and those
+that write completions, which delete the oldest of any drive) build keys
+they are not given: one server, not Redis Cluster.
 
 Sequences are max(the server's clock in µs, the feed's last + 1, the
 epoch + 1): they increase within a drive and are never given twice, also
@@ -169,6 +179,12 @@ EPOCH = "drived:epoch"
 CHECK_DRIVE = "~"  # no drive has this name (`drive_client.uri.NAME_RE`): the start-up check's key and channel
 CHECK_KEY = f"drived:{{{CHECK_DRIVE}}}:check"
 UNPUBLISHED = "drived:unpublished"
+COMPLETIONS = "drived:completions"
+COMPLETIONS_WRITTEN = "drived:completions:written"
+# The bytes the completions of resumable uploads take in the coordinator at most, all drives together: a full
+# --upload-expiry (60 s) of 1,000 puts a second with paths of ~500 bytes. Past it the oldest are forgotten first, and a
+# client cut after such a commit sends its file again.
+COMPLETIONS_KEPT_BYTES = 64 << 20
 TOKEN_LENGTH = 16  # hex digits of a claim's token
 USAGE_KEPT = 3600.0  # seconds after a drive's count until it is counted again from the store (in the background)
 KIND_MARKS: dict[EventKind, str] = {"put": "p", "delete": "d"}  # how a recorded change says which it is
@@ -215,19 +231,52 @@ local function feed(key, epoch)
 end
 """
 
-# KEYS: epoch, feed, the publish's answer, the drive's unpublished changes, their index, and the completion of the
-# upload a put completes, when it does. ARGV: events kept, trim batch, channel, ms its answer is kept, the fields k p c
-# s h g m, the change's field among the unpublished, then its value for a settle (nothing is published unless that
-# value is still there; '' otherwise), the token of the claim the change was made in (its record is dropped only when
-# that claim's; '': whosever), then the completion's value and the ms it is kept. The answer key makes the call
-# idempotent: sent again (redis-py's retry on a new connection, after the first connection broke before its answer
-# came), it answers the first call's sequence and adds nothing. 0 when a settle found its change gone.
+# What the server holds for a completion (`drived:completions`): its key twice (the record's, the log's member), its
+# value, and 150 bytes beside them (the key's entries, its expiry, its place in the log: MEMORY USAGE of both on
+# Valkey 8.1 gives 100 to 120, with paths of 35 characters to 4 KB).
+# `logged`: records that `key`, of `bytes`, was written (again) to be kept `ms` from now, at the log's head (KEYS
+# `log`, `written`), and deletes the records that begin more than `budget` bytes before the head: those left take
+# `budget` at most.
+COMPLETIONS_LOG = """
+local function completion_bytes(key, value_bytes)
+  return 2 * string.len(key) + value_bytes + 150
+end
+local function logged(log, written, key, bytes, ms, budget)
+  local left = redis.call('PTTL', log)
+  if left == -2 then redis.call('DEL', written) end
+  local head = redis.call('INCRBY', written, bytes)
+  redis.call('ZADD', log, head - bytes, key)
+  local tail = '(' .. string.format('%.0f', head - tonumber(budget))
+  local forgotten = redis.call('ZRANGE', log, '-inf', tail, 'BYSCORE')
+  if #forgotten > 0 then
+    for _, old in ipairs(forgotten) do redis.call('DEL', old) end
+    redis.call('ZREMRANGEBYSCORE', log, '-inf', tail)
+  end
+  if left < tonumber(ms) then  -- kept twice as long, so that this happens once in `ms`, not every time
+    redis.call('PEXPIRE', log, 2 * ms)
+    redis.call('PEXPIRE', written, 2 * ms)
+  end
+end
+"""
+
+# KEYS: epoch, feed, the publish's answer, the drive's unpublished changes, their index, and when a put completes an
+# upload, its completion and the completions' log (`drived:completions`, its bytes written). ARGV: events kept, trim
+# batch, channel, ms its answer is kept, the fields k p c s h g m, the change's field among the unpublished, then its
+# value for a settle (nothing is published unless that value is still there; '' otherwise), the token of the claim the
+# change was made in (its record is dropped only when that claim's; '': whosever), then the completion's value, the ms
+# it is kept and the completions' bytes kept. The answer key makes the call idempotent: sent again (redis-py's retry
+# on a new connection, after the first connection broke before its answer came), it answers the first call's sequence
+# and adds nothing. 0 when a settle found its change gone.
 # allow-oom: it runs after a put's commit, and a server at its maxmemory refuses a script's first write that may take
-# memory (here the completion's): the file stayed stored while its put answered UNAVAILABLE, and was sent again.
-PUBLISH = "#!lua flags=allow-oom\n" + FEED_STATE + """
+# memory (here the completion's): the file stayed stored while its put answered UNAVAILABLE, and was sent again. So the
+# completions it writes keep within COMPLETIONS_KEPT_BYTES, past maxmemory or not.
+PUBLISH = "#!lua flags=allow-oom\n" + FEED_STATE + COMPLETIONS_LOG + """
 local done = redis.call('GET', KEYS[3])
 if done then return tonumber(done) end
-if KEYS[6] then redis.call('SET', KEYS[6], ARGV[15], 'PX', ARGV[16]) end
+if KEYS[6] then
+  redis.call('SET', KEYS[6], ARGV[15], 'PX', ARGV[16])
+  logged(KEYS[7], KEYS[8], KEYS[6], completion_bytes(KEYS[6], string.len(ARGV[15])), ARGV[16], ARGV[17])
+end
 local record = redis.call('HGET', KEYS[4], ARGV[12])
 if ARGV[13] ~= '' and record ~= ARGV[13] then return 0 end
 if record and (ARGV[14] == '' or string.sub(record, 1, 16) == ARGV[14]) then
@@ -467,9 +516,16 @@ COMPLETION = """
 return redis.call('GET', KEYS[1])
 """
 
-# KEYS: completions. ARGV: the ms they are kept from now. One expired already stays gone.
-KEEP_COMPLETIONS = """
-for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ARGV[1]) end
+# KEYS: the completions' log (`drived:completions`, its bytes written), then completions. ARGV: the ms they are kept
+# from now, the completions' bytes kept. One gone already (expired, or past the bytes kept) stays gone.
+KEEP_COMPLETIONS = COMPLETIONS_LOG + """
+for i = 3, #KEYS do
+  local bytes = redis.call('STRLEN', KEYS[i])
+  if bytes > 0 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    logged(KEYS[1], KEYS[2], KEYS[i], completion_bytes(KEYS[i], bytes), ARGV[1], ARGV[2])
+  end
+end
 return 1
 """
 
@@ -492,6 +548,8 @@ redis.call('TIME')
 redis.call('INFO', 'server')
 redis.call('SET', key, 1, 'PX', 1000)
 redis.call('GET', key)
+redis.call('STRLEN', key)
+redis.call('INCRBY', key, 1)
 redis.call('PTTL', key)
 redis.call('PEXPIRE', key, 1000)
 redis.call('EXISTS', key)
@@ -504,6 +562,7 @@ redis.call('XDEL', key, '1-0')
 redis.call('DEL', key)
 redis.call('ZADD', key, 1, 'm')
 redis.call('ZRANGE', key, 0, 0)
+redis.call('ZRANGE', key, '-inf', 0, 'BYSCORE')
 redis.call('ZREMRANGEBYSCORE', key, '-inf', 0)
 redis.call('ZREM', key, 'm')
 redis.call('HSET', key, 'f', 1)
@@ -984,8 +1043,8 @@ class RedisCoordinator(Coordinator):
         keys = [*self._feed_keys(drive), answer, _unpublished_key(drive), UNPUBLISHED]
         args = [self.events_kept, TRIM_BATCH, self._channel(drive), ANSWER_KEPT_MS, *fields]
         if upload:
-            keys.append(_completion_key(drive, entry.component, upload))
-            args += [_completion_value(entry), self._upload_expiry_ms()]
+            keys += [_completion_key(drive, entry.component, upload), COMPLETIONS, COMPLETIONS_WRITTEN]
+            args += [_completion_value(entry), self._upload_expiry_ms(), COMPLETIONS_KEPT_BYTES]
         return int(await self._run(self._publish, keys, args))
 
     def _upload_expiry_ms(self) -> int:
@@ -1001,7 +1060,9 @@ class RedisCoordinator(Coordinator):
         keys = [_completion_key(*upload) for upload in uploads]
         try:
             for start in range(0, len(keys), RENEW_CHUNK):  # each call's arguments and time on the server bounded
-                await self._run(self._keep_completions, keys[start:start + RENEW_CHUNK], [self._upload_expiry_ms()])
+                await self._run(self._keep_completions,
+                                [COMPLETIONS, COMPLETIONS_WRITTEN, *keys[start:start + RENEW_CHUNK]],
+                                [self._upload_expiry_ms(), COMPLETIONS_KEPT_BYTES])
         except Unavailable as err:
             log.warning("completions of resumable uploads could not be kept: they are forgotten --upload-expiry "
                         "after they were last kept", extra={"fields": {"uploads": len(keys), "error": str(err)}})

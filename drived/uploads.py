@@ -27,7 +27,8 @@ again from 0). The number of held uploads and their bytes are bounded: past
 a bound, the oldest held upload is discarded first. But for completions,
 with a coordinator that records them (`Coordinator.completion`: replicas
 sharing Redis): the publish of a put records its upload's completion for
-`expiry` seconds, so that a client cut after the commit that asks another
+`expiry` seconds (within the bytes Redis keeps for them, oldest forgotten
+first), so that a client cut after the commit that asks another
 daemon learns of the file; those of running streams are kept there for
 `expiry` again every third of it (one call for all of them), so that there
 too a client cut late in a long stream learns of every file it stored (for

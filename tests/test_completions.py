@@ -2,17 +2,24 @@
 each kind stays within its bounds, in files and in the bytes of their paths.
 
 The daemon runs with `drived.uploads.COMPLETED_KEPT` (or `COMPLETED_KEPT_BYTES`) lowered in its own process, so
-that a few puts reach the bound that 20,000 (or a few thousand of long paths) would in production.
+that a few puts reach the bound that 20,000 (or a few thousand of long paths) would in production. Replicas sharing a
+real valkey-server keep theirs there too, within `drived.redis_coordinator.COMPLETIONS_KEPT_BYTES`, lowered alike.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
 import grpc
 import pytest
+import redis
 from conftest import MIB, Background, rpc_code, sha256_hex, wait_until, write_random_file
 from cutting_proxy import CuttingProxy
 from test_resume import IN_FLIGHT, metric, query, requests, stub_of
 
+from bench.services import ValkeyServer
 from drive_client import Drive
 from drive_client.pb import drive_pb2 as pb
 from drive_client.transfer import put_file_request
@@ -81,3 +88,80 @@ def test_completions_of_long_paths_stay_within_their_bound_in_bytes(start_daemon
         assert rpc_code(lambda upload_id=upload_id: query(stub, drive, upload_id)) == grpc.StatusCode.NOT_FOUND
     for path in paths:
         assert stub.Stat(pb.StatRequest(drive=drive, path=path), timeout=10).size == 40
+
+
+@pytest.fixture
+def valkey(tmp_path: Path) -> Iterator[ValkeyServer]:
+    with ValkeyServer(tmp_path) as server:
+        yield server
+
+
+def test_completions_in_the_coordinator_stay_within_their_bytes_and_the_latest_are_told_by_another_replica(
+        start_daemon, tmp_path, valkey):
+    """A hundred resumable puts of long paths through replica a, whose completions may take 64 KiB in the coordinator
+    (some 14 of them): the records left there take no more than that, the latest is told by replica b, the first is
+    forgotten (its client would send it again), and every file stays stored. Bounded only by --upload-expiry, they
+    took some 320 KiB here, and 240 MB at 1,000 puts a second with paths of 4 KB."""
+    budget = 64 << 10
+    coordinator = {"DRIVED_COORDINATOR": valkey.url}
+    a = start_daemon(tmp_path, env=coordinator,
+                     before=f"import drived.redis_coordinator as m\nm.COMPLETIONS_KEPT_BYTES = {budget}")
+    b = start_daemon(tmp_path, env=coordinator)
+    drive, stub = "lit://kept_shared", stub_of(a.endpoint)
+    paths = [f"{LONG_FOLDER}/f{i}.txt" for i in range(100)]
+    ids = [f"shared-{i}" for i in range(len(paths))]
+    for upload_id, path in zip(ids, paths, strict=True):
+        stub.PutFile(put_file_request(pb.PutHeader(drive=drive, upload_id=upload_id), path, b"stored"), timeout=10)
+    admin = redis.Redis.from_url(valkey.url)
+    records = list(admin.scan_iter("drived:*:completed:*"))
+    log = ["drived:completions", "drived:completions:written"]
+    assert sum(admin.memory_usage(key) or 0 for key in records + log) <= budget
+    assert 10 <= len(records) == admin.zcard(log[0]), records
+    assert query(stub_of(b.endpoint), drive, ids[-1]).file.path == paths[-1]
+    assert rpc_code(lambda: query(stub_of(b.endpoint), drive, ids[0])) == grpc.StatusCode.NOT_FOUND
+    for path in paths:
+        assert stub.Stat(pb.StatRequest(drive=drive, path=path), timeout=10).size == len(b"stored")
+
+
+def test_a_completion_kept_for_its_running_stream_is_forgotten_after_the_older_ones(start_daemon, tmp_path, valkey):
+    """A Put stream's first file is committed and the stream runs on, its replica keeping that completion (every
+    third of --upload-expiry); then puts write more than the coordinator keeps. Kept, the completion is written again
+    after the older ones: replica b still tells it while the oldest other is forgotten, and the newest told."""
+    budget = 10 * 3500  # some 10 completions of these paths
+    coordinator = {"DRIVED_COORDINATOR": valkey.url}
+    a = start_daemon(tmp_path, "--upload-expiry", "3", env=coordinator,
+                     before=f"import drived.redis_coordinator as m\nm.COMPLETIONS_KEPT_BYTES = {budget}")
+    b = start_daemon(tmp_path, env=coordinator)
+    drive, stub = "lit://kept_running", stub_of(a.endpoint)
+    admin = redis.Redis.from_url(valkey.url)
+
+    def put(upload_id: str, path: str) -> pb.PutFileRequest:
+        return put_file_request(pb.PutHeader(drive=drive, upload_id=upload_id), f"{LONG_FOLDER}/{path}", b"stored")
+
+    more = threading.Event()
+
+    def stream() -> Iterator[pb.PutRequest]:
+        yield pb.PutRequest(file=put("running-0", "s0.txt"))
+        more.wait(30)
+        yield pb.PutRequest(file=put("running-1", "s1.txt"))
+
+    running = stub.Put.future(stream(), timeout=60)
+    try:
+        assert wait_until(lambda: admin.zscore("drived:completions", completion_key(drive, "running-0")), 10)
+        for i in range(5):
+            stub.PutFile(put(f"older-{i}", f"older-{i}.txt"), timeout=10)
+        newest_older = admin.zscore("drived:completions", completion_key(drive, "older-4"))
+        assert wait_until(lambda: (admin.zscore("drived:completions", completion_key(drive, "running-0")) or 0) > (
+            newest_older), 10), "the running stream's completion was never written again"
+        for i in range(8):
+            stub.PutFile(put(f"newer-{i}", f"newer-{i}.txt"), timeout=10)
+        assert query(stub_of(b.endpoint), drive, "running-0").file.path == f"{LONG_FOLDER}/s0.txt"
+        assert query(stub_of(b.endpoint), drive, "newer-0").file.path == f"{LONG_FOLDER}/newer-0.txt"
+        assert rpc_code(lambda: query(stub_of(b.endpoint), drive, "older-0")) == grpc.StatusCode.NOT_FOUND
+    finally:
+        more.set()
+    assert len(running.result(30).files) == 2
+
+
+def completion_key(drive: str, upload_id: str) -> str:
+    return f"drived:{{{drive.removeprefix('lit://')}}}:completed:{DEFAULT_COMPONENT}:{upload_id}"

@@ -241,8 +241,9 @@ class DriveServiceServicer:
         client cut after its finish learns the file is stored (NOT_FOUND when the
         commit failed). Servers sharing a --coordinator (replicas) describe the
         uploads any of them completed (one whose commit another is running, once
-        that commit ended, when the request names its `path`); what one holds of
-        an unfinished upload only it describes. The call's token needs what a Put needs (read-write, the
+        that commit ended, when the request names its `path`), within the bytes
+        the coordinator keeps for them (the latest 64 MiB: an older one may be
+        NOT_FOUND sooner); what one holds of an unfinished upload only it describes. The call's token needs what a Put needs (read-write, the
         drive in its scope), checked before the upload is looked up. Errors:
         NOT_FOUND (no such upload: never started, expired after the daemon's
         --upload-expiry, removed when the server ended its stream, held by another
