@@ -18,8 +18,9 @@ one daemon and several replicas of it is behind this one small interface:
   the quota (`drived.quota`) bounds the drive whichever daemons put into it.
 - completions: the file a resumable upload stored, recorded with its put's
   event, so that a client cut after its commit learns of it from any daemon
-  (`completion`); the in-process coordinator records none, as the daemon's
-  own memory of them (`drived.uploads`) is all there is.
+  (`completion`), also one asking while the commit is under way (`committing`);
+  the in-process coordinator records none, as the daemon's own memory of them
+  (`drived.uploads`) is all there is.
 
 `InProcessCoordinator` (`drived.events`) serves one daemon;
 `RedisCoordinator` (`drived.redis_coordinator`: a lock key per claimed path,
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -271,9 +273,24 @@ class Coordinator(abc.ABC):
                     yield events
                 await changes.wait(after, None)
 
-    async def completion(self, drive: str, component: str, upload: str) -> Entry | None:
+    def committing(self, drive: str, component: str, upload: str) -> AbstractAsyncContextManager[None]:
+        """Marks the commit of `component`'s resumable upload `upload` in `drive` as under way, for the body of an
+        `async with`: from before it waits for its path's claim to its `publish` with this `upload`, which ends the
+        mark in the step that records the completion (the body's end does not, unless it raises), so that a
+        `completion` asked with `wait` while it runs waits for its end.
+
+        A coordinator that `records_completions` renews the mark as a claim
+        is renewed: one whose daemon died ends after the claim TTL. Never
+        raises: a mark not made (logged) leaves the queries elsewhere
+        answering as if no commit ran. Nothing in the in-process coordinator:
+        its daemon knows its own commits (`drived.uploads`).
+        """
+        return contextlib.nullcontext()
+
+    async def completion(self, drive: str, component: str, upload: str, wait: bool = False) -> Entry | None:
         """The file that `component`'s resumable upload `upload` stored in `drive`, as its publish recorded it; None
-        when none is recorded.
+        when none is recorded. `wait`: while a daemon's commit of the upload is under way (`committing`), waits for
+        its end rather than answer None; a bounded number of callers wait at once, past which TooManyStreams.
 
         A coordinator that `records_completions` keeps each for the daemons'
         --upload-expiry after its publish, or after the latest

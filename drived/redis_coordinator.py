@@ -72,6 +72,12 @@ scripts touch `drived:epoch` beside a drive's keys):
   --upload-expiry, given that TTL again by `keep_completions` while the
   stream that committed it runs: size, generation, mtime (ns), CRC32C (`-`
   when not known) and sha256, separated by spaces, then the path.
+- `drived:{<drive>}:committing:<component>:<upload id>`: a resumable
+  upload's commit under way (`committing`), from before it waits for its
+  path's claim to the publish of its put, which deletes it; with a TTL of
+  --claim-ttl that the daemon committing renews every third of it. A query of
+  the upload that finds it (`completion` with `wait`) waits for the
+  completion, or for its end.
 - `drived:completions`: the keys of those records, of every drive, each scored
   by where it begins in a log of the bytes they were written with (and written
   again with, by each keep): `drived:completions:written`, the bytes written
@@ -134,7 +140,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from drive_client.errors import EventsExpired, StoreUnavailable, Unavailable
+from drive_client.errors import EventsExpired, StoreUnavailable, TooManyStreams, Unavailable
 
 from .coordinator import (
     CLAIM_TTL,
@@ -185,6 +191,9 @@ COMPLETIONS_WRITTEN = "drived:completions:written"
 # --upload-expiry (60 s) of 1,000 puts a second with paths of ~500 bytes. Past it the oldest are forgotten first, and a
 # client cut after such a commit sends its file again.
 COMPLETIONS_KEPT_BYTES = 64 << 20
+# Queries that wait at once for another daemon's commit of their upload (`completion`), at most: the other calls that
+# only ask take no place among the streams (--max-streams), but these may wait seconds each.
+QUERIES_WAITING = 1024
 TOKEN_LENGTH = 16  # hex digits of a claim's token
 USAGE_KEPT = 3600.0  # seconds after a drive's count until it is counted again from the store (in the background)
 KIND_MARKS: dict[EventKind, str] = {"put": "p", "delete": "d"}  # how a recorded change says which it is
@@ -260,7 +269,8 @@ end
 """
 
 # KEYS: epoch, feed, the publish's answer, the drive's unpublished changes, their index, and when a put completes an
-# upload, its completion and the completions' log (`drived:completions`, its bytes written). ARGV: events kept, trim
+# upload, its completion, the completions' log (`drived:completions`, its bytes written) and the mark of the upload's
+# commit, which ends here (the completion takes its place for the queries waiting on it). ARGV: events kept, trim
 # batch, channel, ms its answer is kept, the fields k p c s h g m, the change's field among the unpublished, then its
 # value for a settle (nothing is published unless that value is still there; '' otherwise), the token of the claim the
 # change was made in (its record is dropped only when that claim's; '': whosever), then the completion's value, the ms
@@ -276,6 +286,7 @@ if done then return tonumber(done) end
 if KEYS[6] then
   redis.call('SET', KEYS[6], ARGV[15], 'PX', ARGV[16])
   logged(KEYS[7], KEYS[8], KEYS[6], completion_bytes(KEYS[6], string.len(ARGV[15])), ARGV[16], ARGV[17])
+  redis.call('DEL', KEYS[9])
 end
 local record = redis.call('HGET', KEYS[4], ARGV[12])
 if ARGV[13] ~= '' and record ~= ARGV[13] then return 0 end
@@ -511,9 +522,25 @@ redis.call('HINCRBY', KEYS[1], 'used', ARGV[3])
 return 1
 """
 
-# KEYS: a completion. Its value, or nil.
+# KEYS: a completion, the mark of its upload's commit. Its value; else the mark's PTTL (-2: not marked).
 COMPLETION = """
-return redis.call('GET', KEYS[1])
+local value = redis.call('GET', KEYS[1])
+if value then return value end
+return redis.call('PTTL', KEYS[2])
+"""
+
+# KEYS: the mark of an upload's commit. ARGV: the ms it is kept from now, and '1' to make it ('': only kept, so that
+# one ended stays ended).
+MARK = """
+if ARGV[2] == '1' then redis.call('SET', KEYS[1], 1, 'PX', ARGV[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+# KEYS: the mark of an upload's commit. ARGV: its drive's channel. Ends it, and wakes the queries waiting on it.
+UNMARK = """
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], 'r')
+return 1
 """
 
 # KEYS: the completions' log (`drived:completions`, its bytes written), then completions. ARGV: the ms they are kept
@@ -623,6 +650,10 @@ def _unpublished_key(drive: str) -> str:
 
 def _completion_key(drive: str, component: str, upload: str) -> str:
     return f"drived:{{{drive}}}:completed:{component}:{upload}"
+
+
+def _committing_key(drive: str, component: str, upload: str) -> str:
+    return f"drived:{{{drive}}}:committing:{component}:{upload}"
 
 
 def _completion_value(entry: Entry) -> str:
@@ -741,6 +772,8 @@ class RedisCoordinator(Coordinator):
         self._forget = self._redis.register_script(FORGET)
         self._completion = self._redis.register_script(COMPLETION)
         self._keep_completions = self._redis.register_script(KEEP_COMPLETIONS)
+        self._mark = self._redis.register_script(MARK)
+        self._unmark = self._redis.register_script(UNMARK)
         self._usage = self._redis.register_script(USAGE)
         self._reserve = self._redis.register_script(RESERVE)
         self._add_usage = self._redis.register_script(ADD_USAGE)
@@ -753,6 +786,7 @@ class RedisCoordinator(Coordinator):
         self._confirming: tuple[list[_RedisClaim], list[list[str]], asyncio.Future[list[int]]] | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._counting_again: set[asyncio.Future[None]] = set()  # drives counted again from the store
+        self._queries_waiting = 0  # for another daemon's commit (`completion`)
         self._closed = False
 
     # -- plumbing ------------------------------------------------------------
@@ -1043,7 +1077,8 @@ class RedisCoordinator(Coordinator):
         keys = [*self._feed_keys(drive), answer, _unpublished_key(drive), UNPUBLISHED]
         args = [self.events_kept, TRIM_BATCH, self._channel(drive), ANSWER_KEPT_MS, *fields]
         if upload:
-            keys += [_completion_key(drive, entry.component, upload), COMPLETIONS, COMPLETIONS_WRITTEN]
+            keys += [_completion_key(drive, entry.component, upload), COMPLETIONS, COMPLETIONS_WRITTEN,
+                     _committing_key(drive, entry.component, upload)]
             args += [_completion_value(entry), self._upload_expiry_ms(), COMPLETIONS_KEPT_BYTES]
         return int(await self._run(self._publish, keys, args))
 
@@ -1052,9 +1087,69 @@ class RedisCoordinator(Coordinator):
 
     # -- completions ---------------------------------------------------------
 
-    async def completion(self, drive: str, component: str, upload: str) -> Entry | None:
-        value = await self._run(self._completion, [_completion_key(drive, component, upload)], [])
-        return None if value is None else _completed(component, value)
+    @asynccontextmanager
+    async def committing(self, drive: str, component: str, upload: str) -> AsyncIterator[None]:
+        key = _committing_key(drive, component, upload)
+        # Made beside the commit's first try of its claim, a call sent before it on a connection of its own: no round
+        # trip more for the put.
+        marking = self._keep(self._make_mark(key))
+        keeping = asyncio.ensure_future(self._keep_marked(key))
+        try:
+            yield
+        except BaseException:  # its publish, which ends the mark, did not run (or its answer was lost)
+            await asyncio.shield(self._keep(self._end_mark(drive, key, marking)))
+            raise
+        finally:
+            keeping.cancel()
+
+    async def _make_mark(self, key: str) -> None:
+        try:
+            await self._run(self._mark, [key], [self._ttl_ms(), "1"])
+        except Unavailable as err:  # the commit's claim tells the put whether the coordinator can be used
+            log.warning("the mark of a commit could not be made: a query of its upload on another replica may be "
+                        "told NOT_FOUND while it runs", extra={"fields": {"key": key, "error": str(err)}})
+
+    async def _keep_marked(self, key: str) -> None:
+        """Renews a commit's mark every third of the claim TTL, as its claim is."""
+        while True:
+            await asyncio.sleep(self.claim_ttl / 3)
+            # Tried again next time: a coordinator out of reach for the whole TTL fails the commit's claim too.
+            with contextlib.suppress(Unavailable):
+                await self._run(self._mark, [key], [self._ttl_ms(), ""])
+
+    async def _end_mark(self, drive: str, key: str, marking: asyncio.Future[None]) -> None:
+        await asyncio.wait([marking])  # made first, or it would outlive its end
+        try:
+            await self._run(self._unmark, [key], [self._channel(drive)])
+        except Unavailable as err:
+            log.warning("the mark of a commit that failed could not be dropped: queries of its upload wait for it "
+                        "up to --claim-ttl", extra={"fields": {"key": key, "error": str(err)}})
+
+    async def completion(self, drive: str, component: str, upload: str, wait: bool = False) -> Entry | None:
+        keys = [_completion_key(drive, component, upload), _committing_key(drive, component, upload)]
+        found = await self._run(self._completion, keys, [])
+        if isinstance(found, bytes):
+            return _completed(component, found)
+        if not wait or found == -2:
+            return None
+        if self._queries_waiting >= QUERIES_WAITING:
+            raise TooManyStreams(f"{QUERIES_WAITING} queries wait here for commits of other replicas, the most drived "
+                                 "lets wait at once: retry later")
+        self._queries_waiting += 1
+        try:
+            async with self._wakeups.listening(self._channel(drive)) as channel:
+                while True:
+                    await channel.armed()
+                    released = channel.released  # taken before looking: a release in between is not missed
+                    found = await self._run(self._completion, keys, [])
+                    if isinstance(found, bytes) or found == -2:
+                        break
+                    # Until a release in the drive (the commit's claim's, or its failed mark's), or the mark's expiry.
+                    await set_within(released, max(found, 1) / 1000)
+                    self.check_open()
+        finally:
+            self._queries_waiting -= 1
+        return _completed(component, found) if isinstance(found, bytes) else None
 
     async def keep_completions(self, uploads: Sequence[tuple[str, str, str]]) -> None:
         keys = [_completion_key(*upload) for upload in uploads]

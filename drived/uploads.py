@@ -32,7 +32,10 @@ first), so that a client cut after the commit that asks another
 daemon learns of the file; those of running streams are kept there for
 `expiry` again every third of it (one call for all of them), so that there
 too a client cut late in a long stream learns of every file it stored (for
-two thirds of `expiry` after the stream ended, at least).
+two thirds of `expiry` after the stream ended, at least). A commit is marked
+there while it runs, its wait for its path's claim included, so that a query
+of its upload that reaches another daemon (and names its path) waits for
+its end rather than answer NOT_FOUND.
 
 Ids are scoped by drive and component. One stream writes an upload at a
 time: a resume takes it over from a stream that broke on the client's side
@@ -286,9 +289,14 @@ class HeldUploads:
         commit)."""
         if resumable.writer is not writer:
             raise StaleIndexError(f"{_shown(resumable.key)} was resumed by another stream: this one commits nothing")
-        resumable.committing = self._track(commit())
+        resumable.committing = self._track(self._marked(resumable.key, commit))
         resumable.committing.add_done_callback(functools.partial(self._ended_commit, resumable))
         return await asyncio.shield(resumable.committing)
+
+    async def _marked(self, key: UploadKey, commit: Callable[[], Awaitable[Entry]]) -> Entry:
+        """Runs `commit` marked as under way for the other daemons' queries (`Coordinator.committing`)."""
+        async with self.coordinator.committing(*key):
+            return await commit()
 
     def _ended_commit(self, resumable: Resumable, commit: asyncio.Future[Entry]) -> None:
         """The upload is no longer unfinished; the file a commit stored is remembered with the stream that
@@ -339,7 +347,8 @@ class HeldUploads:
 
     async def status(self, key: UploadKey, path: str = "") -> tuple[int, Entry | None]:
         """(bytes held, None) for an unfinished upload; (0, the stored file) for a completed one. `path`: the
-        upload's file, whose commit by another daemon is waited for ("": none is)."""
+        upload's file, named by a query that waits for the upload's commit under way on another daemon ("": one that
+        does not)."""
         resumable = self._known.get(key)
         if resumable is not None and resumable.committing is not None:
             # The finish arrived: answer with its outcome (a failed commit leaves nothing to resume).
@@ -351,14 +360,9 @@ class HeldUploads:
         if streaming is not None:
             return 0, streaming[1]
         entry = self._completed_put_streams.get(key) or self._completed_put_files.get(key)
-        if entry is None:  # committed by another daemon, maybe: Unavailable when the coordinator cannot say
-            entry = await self.coordinator.completion(*key)
-        if entry is None and path and self.coordinator.records_completions:
-            # Or being committed by one: its publish, which records the completion, runs inside the path's claim,
-            # so once this daemon holds that claim, such a commit has ended (or its daemon died: the claim's TTL).
-            async with self.coordinator.claim(key[0], path):
-                pass
-            entry = await self.coordinator.completion(*key)
+        if entry is None:
+            # Committed by another daemon, maybe, or being committed by one (Unavailable: the coordinator cannot tell).
+            entry = await self.coordinator.completion(*key, wait=bool(path))
         if entry is not None:
             return 0, entry
         raise NotFound(_not_held(key))

@@ -341,7 +341,7 @@ def test_a_put_cut_while_a_commits_it_learns_it_from_b_once_that_commit_ended_an
     assert served(b, "QueryWriteStatus") == 1 and served(b, "Put") == 0
 
 
-def test_a_query_naming_a_path_waits_for_a_dead_replicas_claim_at_most_its_ttl_and_a_bad_path_is_refused(
+def test_a_query_naming_a_path_waits_for_a_dead_replicas_commit_at_most_the_claim_ttl_and_a_bad_path_is_refused(
         own_cluster, drive_uri, tmp_path):
     pause = tmp_path / "pause"
     a = own_cluster.replica("--claim-ttl", "2", before=PAUSED_COMMITS.format(
@@ -367,6 +367,46 @@ def test_a_query_naming_a_path_waits_for_a_dead_replicas_claim_at_most_its_ttl_a
     assert rpc_code(lambda: stub_of(b).Stat(drive_pb2.StatRequest(drive=drive_uri, path="f.bin"))) == (
         grpc.StatusCode.NOT_FOUND)
     assert stub_of(b).Stat(drive_pb2.StatRequest(drive=drive_uri, path="kept.txt")) == kept
+
+
+def test_a_query_waits_for_a_commit_still_waiting_for_its_paths_claim_and_queries_past_the_bound_are_refused(
+        own_cluster, drive_uri, tmp_path):
+    # b's commit of u-2 waited for the claim of f.bin, held by a's commit of another put of it. A query of u-2 on a
+    # waited for that claim too; once a's put released it, the query could take it first (here b cannot, stopped),
+    # found nothing and answered NOT_FOUND: its client sent the file again (a second generation, a second event).
+    pause = tmp_path / "pause"
+    a = own_cluster.replica(before=PAUSED_COMMITS.format(backend="s3", upload="S3Upload", name="f.bin", pause=str(
+        pause)) + "\nimport drived.redis_coordinator as m\nm.QUERIES_WAITING = 1")
+    b = own_cluster.replica()
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    channel = f"drived:{{{drive_uri.removeprefix('lit://')}}}"
+    pause.touch()
+    first = stub_of(a).Put.future(put_messages(drive_uri, "f.bin", b"first", component="w"), timeout=60)
+    assert wait_until((tmp_path / "pause.reached").exists, 30), "a's put never reached its commit"
+    messages = list(put_messages(drive_uri, "f.bin", b"second", component="w"))
+    messages[0].header.upload_id = "u-2"
+    second = stub_of(b).Put.future(iter(messages), timeout=60)
+    assert wait_until(lambda: admin.pubsub_numsub(channel)[0][1] == 1, 20), "b's commit never waited for the claim"
+    request = drive_pb2.QueryWriteStatusRequest(drive=drive_uri, component="w", upload_id="u-2", path="f.bin")
+    os.kill(b.proc.pid, signal.SIGSTOP)  # b's commit tries the claim no sooner than the query does
+    try:
+        query = stub_of(a).QueryWriteStatus.future(request, timeout=60)
+        a.wait_open("QueryWriteStatus", 1)
+        with pytest.raises(grpc.RpcError) as refused:  # past the queries a replica lets wait at once
+            stub_of(a).QueryWriteStatus(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+        assert "retry" in refused.value.details(), refused.value.details()
+        pause.unlink()
+        first.result(30)  # a's put committed and released the claim
+        assert not wait_until(query.done, 2), "the query was answered before b's commit ended"
+    finally:
+        pause.unlink(missing_ok=True)
+        os.kill(b.proc.pid, signal.SIGCONT)
+    [stored] = second.result(30).files
+    answer = query.result(30)
+    assert answer.complete and answer.file == stored
+    assert stub_of(a).Stat(drive_pb2.StatRequest(drive=drive_uri, path="f.bin")).generation == stored.generation
+    assert raw_get(stub_of(a), drive_uri, "f.bin")[0][1] == b"second"
 
 
 def resumable_put(stub: drive_pb2_grpc.DriveServiceStub, drive: str, path: str, data: bytes,
@@ -1352,6 +1392,18 @@ def test_a_folder_delete_cancelled_midway_leaves_no_record_of_the_files_it_did_n
     assert removed and listed, "the delete was not cut midway"
     events = watch_events(replica, drive_uri, len(removed), after=start)[1:]
     assert sorted(e[:2] for e in events) == [("delete", name) for name in removed]  # each published by its delete
+
+
+def test_a_query_naming_a_path_is_answered_at_once_while_a_folder_delete_above_it_runs(own_cluster, drive_uri):
+    # A query that b knew nothing of took the claim of its path, to wait out a commit of it: behind the delete of the
+    # folder above, it waited for the whole delete (as long as the store took) to answer NOT_FOUND.
+    a, b = own_cluster.replica(), own_cluster.replica()
+    with folder_delete_stalled_after_its_first_file(own_cluster, a, a, drive_uri) as (names, _, deleting):
+        request = drive_pb2.QueryWriteStatusRequest(drive=drive_uri, component="w", upload_id="u-cut",
+                                                    path="folder/new.bin")
+        assert rpc_code(lambda: stub_of(b).QueryWriteStatus(request, timeout=5)) == grpc.StatusCode.NOT_FOUND
+        assert not deleting.done()
+    assert deleting.result(60).files_deleted == len(names)
 
 
 def test_a_put_that_the_store_failed_after_its_confirm_is_not_reported(own_cluster, drive_uri):

@@ -923,11 +923,13 @@ class QueryWriteStatusRequest(_message.Message):
     path: _builtins.str
     """The PutHeader.path of the upload's file, optional: with it, a server that
     shares a --coordinator and knows nothing of the upload waits while
-    another one commits that path (seconds: its last part; a claim left by a
-    server that died, its --claim-ttl) before it answers, so that an upload
-    whose commit is under way elsewhere is told complete rather than
-    NOT_FOUND. "" asks without waiting. A bad path is INVALID_ARGUMENT, as in
-    a Put.
+    another one's commit of the upload is under way (seconds: its last part,
+    and its wait for another put or a delete of the path; a commit of a
+    server that died, its --claim-ttl) before it answers, so that such an
+    upload is told complete rather than NOT_FOUND; with no commit of it
+    under way, it answers at once. "" asks without waiting. A bad path is
+    INVALID_ARGUMENT, as in a Put. RESOURCE_EXHAUSTED when the server has as
+    many queries waiting as it lets wait at once: retry.
     """
     def __init__(
         self,

@@ -250,6 +250,7 @@ class DriveServiceServicer:
         daemon or by this one before a restart, or on an s3:// drive: start again
         from offset 0), INVALID_ARGUMENT (bad drive, component, id or path),
         PERMISSION_DENIED (the token does not cover a write to the drive),
+        RESOURCE_EXHAUSTED (too many queries wait for commits elsewhere: retry),
         UNAVAILABLE (an upload this server does not know, and the coordinator
         that would tell whether another completed it cannot be reached: retry).
         """
