@@ -200,22 +200,20 @@ class ManagedDrives:
         A file in one component and a folder of the same path in another would make every later get of
         the path without a component ambiguous, so they are duplicates too.
         """
-        for other in await self.components(drive):
-            if other == component:
-                continue
-            held = await self.backend.occupant(component_key(drive, other), path)
-            if held is None:
-                continue
-            held_path, folder = held
-            if folder:
-                what = f"is a folder of component {other!r}"
-            elif held_path == path:
-                what = f"is already held by component {other!r}"
-            else:
-                what = f"is below {held_path!r}, a file of component {other!r}"
-            raise AlreadyExists(
-                f"{_shown(drive, path)} {what}; pick another path, or open the drive with allow_duplicates=True"
-            )
+        others = [other for other in await self.components(drive) if other != component]
+        held = await self.backend.first_occupant([component_key(drive, other) for other in others], path)
+        if held is None:
+            return
+        i, held_path, folder = held
+        if folder:
+            what = f"is a folder of component {others[i]!r}"
+        elif held_path == path:
+            what = f"is already held by component {others[i]!r}"
+        else:
+            what = f"is below {held_path!r}, a file of component {others[i]!r}"
+        raise AlreadyExists(
+            f"{_shown(drive, path)} {what}; pick another path, or open the drive with allow_duplicates=True"
+        )
 
     async def begin_put(self, put: PutHeader) -> ManagedPut | ResumablePut:
         """Starts the upload of one file; one of unknown or large size is checked for ownership first.
