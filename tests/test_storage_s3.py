@@ -546,6 +546,46 @@ def test_the_occupant_of_a_path_in_another_component_is_named_over_s3(store, dae
     assert len(store.object_keys()) == len(before) + 1
 
 
+COUNTED_REQUESTS = """
+from drived.backends.s3 import S3Backend
+
+def counted(ask):
+    async def ask_counted(self, *args, **params):
+        with open({asked!r}, "a") as asked:
+            asked.write(f"{{params.get('Prefix') or params.get('Key') or args[-1]}}\\n")
+        return await ask(self, *args, **params)
+    return ask_counted
+
+S3Backend.call = counted(S3Backend.call)
+S3Backend._head = counted(S3Backend._head)
+"""
+
+
+def test_a_put_looks_in_each_other_component_with_one_request(store, tmp_path, drive_uri):
+    """A put with allow_duplicates=False asked the store, for each other component of its drive, a HEAD of each
+    part of its path and a LIST below it, one component after the other: in a drive of 10,000 components, some
+    10,000 round trips for every put. A component that holds no key beginning as the path does (most) costs one
+    LIST, asked for several components at once; the one that does is looked at as before."""
+    asked = tmp_path / "asked"
+    handle = store.daemon(before=COUNTED_REQUESTS.format(asked=str(asked)))
+    stub = stub_of(handle)
+    others = [f"c{i:02}" for i in range(20)]
+    for other in others:
+        raw_put(stub, drive_uri, f"{other}.txt", b"elsewhere", component=other, allow_duplicates=True)
+    raw_put(stub, drive_uri, "a/b", b"held", component="holder", allow_duplicates=True)
+    asked.unlink()
+    raw_put(stub, drive_uri, "x/y/z", b"new", component="writer", size=3)  # small and sized: checked at its commit
+    prefix = f"{PREFIX}{drive_uri.removeprefix('lit://')}/"
+    requests = asked.read_text().split()
+    assert sum(r.startswith(tuple(f"{prefix}{o}/" for o in others)) for r in requests) == len(others), requests
+    before = store.object_keys()
+    with pytest.raises(grpc.RpcError) as refused:
+        raw_put(stub, drive_uri, "a/b/c", b"below a file", component="writer")
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "is below 'a/b', a file of component 'holder'" in refused.value.details()
+    assert store.object_keys() == before
+
+
 def test_the_quota_is_counted_from_the_store(store, drive_uri):
     first = store.daemon("--quota", "3M")
     stub = stub_of(first)

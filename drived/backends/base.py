@@ -405,17 +405,14 @@ class Backend(abc.ABC):
                 return held, False
         return (path, True) if await self.is_folder(f"{root}/{path}") else None
 
+    @abc.abstractmethod
     async def first_occupant(self, roots: Sequence[str], path: str) -> tuple[int, str, bool] | None:
         """The `occupant` of `path` under the first of folders `roots` that has one, as (that root's index, its
         path below the root, whether it is a folder); None when none has.
 
-        A put into a drive of many components asks this of all the others. This default asks `occupant` of
-        one root after the other.
+        A put into a drive of many components asks this of all the others: it must not cost each of them what
+        an `occupant` costs, nor hold the event loop for all of them.
         """
-        for i, root in enumerate(roots):
-            if (held := await self.occupant(root, path)) is not None:
-                return i, *held
-        return None
 
     @abc.abstractmethod
     async def delete(self, key: str) -> int | None:

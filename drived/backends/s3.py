@@ -121,7 +121,7 @@ import secrets
 import string
 import time
 from array import array
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -172,6 +172,7 @@ CHECKSUMS = "~checksums"  # the folder of checksum objects, beside the drives
 LIVE = "~uploads"  # the folder of each daemon's list of its live uploads, beside the drives
 TABLE_IN_CHECKSUMS = "in-checksums"  # a multipart object's `blocks`: its block table is its checksum object's bytes
 THREADS = 32  # boto3 calls and body reads
+ROOTS_AT_ONCE = 8  # components a put's check of the others looks in at a time: the other calls keep most threads
 PAGE = 1000  # ListObjectsV2 MaxKeys
 MAX_GENERATION = (1 << 63) - 1  # a generation is an int64 on the wire
 READ_RETRIES = 3  # times a read resumes after its connection dropped, or starts again on a version replaced
@@ -1238,6 +1239,25 @@ class S3Backend(Backend):
             if found:
                 return name, False
         return (path, True) if folder else None
+
+    async def first_occupant(self, roots: Sequence[str], path: str) -> tuple[int, str, bool] | None:
+        """As `Backend.first_occupant`, ROOTS_AT_ONCE roots at a time, each with one LIST of the keys that begin as
+        `path` does: a root that holds none (most of them) costs that request, not a HEAD of each part and a LIST."""
+        for start in range(0, len(roots), ROOTS_AT_ONCE):
+            group = roots[start:start + ROOTS_AT_ONCE]
+            found = await asyncio.gather(*(self._occupant_if_begun(root, path) for root in group))
+            for i, held in enumerate(found, start):
+                if held is not None:
+                    return i, *held
+        return None
+
+    async def _occupant_if_begun(self, root: str, path: str) -> tuple[str, bool] | None:
+        """`occupant`, once a key under `root` is found that begins as `path` does (its first part)."""
+        begun = f"{root}/{path.split('/', 1)[0]}"
+        answer = await self.call("list_objects_v2", begun, Prefix=self.root + begun, MaxKeys=1)
+        if not (answer.get("KeyCount") or answer.get("Contents")):
+            return None
+        return await self.occupant(root, path)
 
     async def _occupied(self, keys: list[str], folder: str) -> tuple[list[bool], bool]:
         """Whether each of `keys` is an object, and whether `folder` holds any: asked of the store all at once."""
