@@ -14,8 +14,9 @@ connection closes before any byte of them), and a CompleteMultipartUpload of an 
 completed is answered NoSuchUpload, as MinIO answers a client's retry of it (minio/minio#13318;
 AWS and moto answer it as the first).
 
-`cut_read=hook`: the answer of the first GetObject is cut half way through its body (the connection
-closes), once `hook()` has run (a test replaces the object there, before its reader asks for the rest).
+`cut_read=hook`: the answer of the first GetObject of a key ending with `cut_key` is cut half way through its
+body (the connection closes), once `hook()` has run (a test replaces the object there, before its reader asks for
+the rest). Other GetObjects (a daemon's sweep reads the lists of live uploads) pass.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def answer_length(headers: Sequence[tuple[str, str]]) -> str:
 
 class RewritingS3Proxy:
     def __init__(self, target: str, rewrite: Rewrite = lambda query, body: body, drop: tuple[str, ...] = (),
-                 lose_completes: int = 0, cut_read: Callable[[], object] | None = None) -> None:
+                 lose_completes: int = 0, cut_read: Callable[[], object] | None = None, cut_key: str = "") -> None:
         parts = urllib.parse.urlsplit(target)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         dropped = {name.lower() for name in drop}
@@ -71,7 +72,9 @@ class RewritingS3Proxy:
                     return
                 if self.command == "GET" and query.get("list-type") == "2" and answer.status == 200:
                     data = rewrite(query, data)
-                if self.command == "GET" and not query.keys() - {"x-id"} and len(data) > 1 and self._cut_first():
+                if (self.command == "GET" and not query.keys() - {"x-id"} and len(data) > 1
+                        and urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).endswith(cut_key)
+                        and self._cut_first()):
                     assert cut_read is not None  # _cut_first says so
                     cut_read()
                     self._answer(answer.status, data, answer.getheaders(), sent=len(data) // 2)

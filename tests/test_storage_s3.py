@@ -1007,7 +1007,7 @@ def test_a_read_cut_by_the_store_resumes_only_into_the_version_it_began(store, d
     def replace() -> None:  # as another daemon's put would, with the new version's own metadata
         store.client.put_object(Bucket=BUCKET, Key=key, Body=new, Metadata=dict(metadata, sha256=sha256_of(new)))
 
-    with RewritingS3Proxy(store.url, drop=("If-Match",), cut_read=replace) as proxy:
+    with RewritingS3Proxy(store.url, drop=("If-Match",), cut_read=replace, cut_key="/w/f.bin") as proxy:
         handle = store.daemon(env=store.env(AWS_ENDPOINT_URL=proxy.url))
         stub = stub_of(handle)
         raw_put(stub, drive_uri, "f.bin", old, component="w")
