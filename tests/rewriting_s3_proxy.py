@@ -5,7 +5,8 @@ loses its CompleteMultipartUpload answers: what a faulty S3-compatible server, g
         ... AWS_ENDPOINT_URL=proxy.url ...
 
 Every request is forwarded as it came (HTTP/1.1, kept alive) but for the headers named in `drop`
-(`drop=("Range",)`: a server that ignores ranges answers every GET with the whole object); the body
+(`drop=("Range",)`: a server that ignores ranges answers every GET with the whole object), or only for keys
+containing `drop_under` (a gateway that serves some objects whole); the body
 of each answer to a `list-type=2` GET goes through `rewrite` with the request's decoded query. moto
 does not check signatures, so a request signed for the proxy's address is answered as it is.
 
@@ -40,7 +41,8 @@ def answer_length(headers: Sequence[tuple[str, str]]) -> str:
 
 class RewritingS3Proxy:
     def __init__(self, target: str, rewrite: Rewrite = lambda query, body: body, drop: tuple[str, ...] = (),
-                 lose_completes: int = 0, cut_read: Callable[[], object] | None = None, cut_key: str = "") -> None:
+                 lose_completes: int = 0, cut_read: Callable[[], object] | None = None, cut_key: str = "",
+                 drop_under: str = "") -> None:
         parts = urllib.parse.urlsplit(target)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         dropped = {name.lower() for name in drop}
@@ -62,7 +64,8 @@ class RewritingS3Proxy:
                     return
                 upstream = http.client.HTTPConnection(host, port, timeout=30)
                 try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
+                    under = drop_under in urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+                    headers = {k: v for k, v in self.headers.items() if not (under and k.lower() in dropped)}
                     upstream.request(self.command, self.path, body, headers)
                     answer = upstream.getresponse()
                     data = answer.read()

@@ -996,6 +996,22 @@ def test_a_store_that_ignores_ranges_is_refused_not_read_from_its_start(store, d
     assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == data
 
 
+def test_a_store_that_serves_checksum_objects_whole_still_checks_ranges_against_the_right_entries(store, drive_uri):
+    """A gateway that ignores the Range of a GET for some objects only (small ones, from its cache) answered the
+    ranged GET of a big file's block table with the whole table: its first entries were taken for those of the
+    blocks read, and a sound file failed DATA_LOSS."""
+    data = os.urandom(PART_SIZE + 3 * MIB + 5)
+    with RewritingS3Proxy(store.url, drop=("Range",), drop_under=f"/{PREFIX}~checksums/") as proxy:
+        handle = store.daemon(env=store.env(AWS_ENDPOINT_URL=proxy.url))
+        raw_put(stub_of(handle), drive_uri, "big.bin", data, component="w")
+        drive = Drive(drive_uri, endpoint=handle.endpoint, retry_seconds=0)
+        for offset, length in ((5 * MIB + 3, 2 * MIB), (PART_SIZE - 1, MIB + 2), (len(data) - 7, None)):
+            assert b"".join(drive.read_range("big.bin", offset, length)) == data[offset:offset + (length or len(data))]
+        handle.stop()
+    key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/big.bin"
+    assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == data
+
+
 def test_a_read_cut_by_the_store_resumes_only_into_the_version_it_began(store, drive_uri):
     """The connection to the store drops mid-read and the file is replaced meanwhile: the daemon asks for the rest
     If-Match the version it began, and a store that ignores If-Match (as some gateways do) sent the new version's
