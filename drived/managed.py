@@ -324,6 +324,9 @@ class ManagedDrives:
         components = [component] if component else await self.components(drive)
         if not path:
             return [(c, None) for c in components if await self.backend.is_folder(component_key(drive, c))]
+        if not component:  # a drive may have very many: only those that may hold the path are looked at here
+            held = await self.backend.holders([component_key(drive, c) for c in components], path)
+            components = [components[i] for i in held]
         hits: list[tuple[str, ObjectInfo | None]] = []
         for c in components:
             key = object_key(drive, c, path)

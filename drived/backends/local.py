@@ -619,15 +619,15 @@ class LocalBackend(Backend):
         """The file or folder of `key`; refuses a key that goes through a symlink in the data dir."""
         return self._lookup(key)[0]
 
-    def _modes(self, key: str) -> Iterator[int | None]:
-        """The st_mode of each part of `key` in turn, None for the first that does not exist (and nothing after
-        it); refuses a path through a symlink.
+    def _modes(self, key: str, folder: str = "") -> Iterator[int | None]:
+        """The st_mode of each part of `key` in turn (below the key of a real `folder`, when given), None for the
+        first that does not exist (and nothing after it); refuses a path through a symlink.
 
         drived never makes links, so one there was planted and could lead out
         of the data dir. One lstat per existing part of the key: cheaper than
         resolving the whole path.
         """
-        path = self.root
+        path = f"{self.root}/{folder}" if folder else self.root
         for name in key.split("/") if key else ():
             path = f"{path}/{name}"
             try:
@@ -669,6 +669,23 @@ class LocalBackend(Backend):
             if mode is not None and stat.S_ISREG(mode):
                 return "/".join(parts[:end]), False
         return (path, True) if mode is not None and stat.S_ISDIR(mode) else None
+
+    async def holders(self, roots: Sequence[str], path: str) -> list[int]:
+        # In a worker thread, like first_occupant: a stat of a drive of 10,000 components that names none looked
+        # in each of them on the event loop, which held every other call of the daemon for 0.3-0.8 s.
+        return await asyncio.get_running_loop().run_in_executor(None, self._holders, roots, path)
+
+    def _holders(self, roots: Sequence[str], path: str) -> list[int]:
+        return [i for i, root in enumerate(roots) if self._may_hold(root, path)]
+
+    def _may_hold(self, root: str, path: str) -> bool:
+        """Whether something is at `path` under folder `root`, or a symbolic link is on the way, which `stat` and
+        `is_folder` then refuse as they would without this look. One lstat for a root that holds nothing where
+        `path` begins, as most roots do: the walk starts below the root, a real folder (a drive's component)."""
+        try:
+            return None not in self._modes(path, root)
+        except InvalidArgument:
+            return True
 
     async def start_upload(self, key: str) -> Upload:
         path, mode = self._lookup(key)
