@@ -414,15 +414,14 @@ class Backend(abc.ABC):
         an `occupant` costs, nor hold the event loop for all of them.
         """
 
+    @abc.abstractmethod
     async def holders(self, roots: Sequence[str], path: str) -> list[int]:
         """The indices, in order, of those of folders `roots` that may hold `path` (an object, or a folder): every
         one that does, and few that do not; each is then asked `stat` and `is_folder`, which tell.
 
         A stat or get that names no component asks this of all of its drive's components: it must not cost each
-        of them what a `stat` and an `is_folder` cost, nor hold the event loop for all of them. This default
-        answers every root.
+        of them what a `stat` and an `is_folder` cost, nor hold the event loop for all of them.
         """
-        return list(range(len(roots)))
 
     @abc.abstractmethod
     async def delete(self, key: str) -> int | None:

@@ -172,7 +172,7 @@ CHECKSUMS = "~checksums"  # the folder of checksum objects, beside the drives
 LIVE = "~uploads"  # the folder of each daemon's list of its live uploads, beside the drives
 TABLE_IN_CHECKSUMS = "in-checksums"  # a multipart object's `blocks`: its block table is its checksum object's bytes
 THREADS = 32  # boto3 calls and body reads
-ROOTS_AT_ONCE = 8  # components a put's check of the others looks in at a time: the other calls keep most threads
+ROOTS_AT_ONCE = 8  # components looked in at a time by a put or stat that looks in all of them: others keep most threads
 PAGE = 1000  # ListObjectsV2 MaxKeys
 MAX_GENERATION = (1 << 63) - 1  # a generation is an int64 on the wire
 READ_RETRIES = 3  # times a read resumes after its connection dropped, or starts again on a version replaced
@@ -1256,11 +1256,24 @@ class S3Backend(Backend):
 
     async def _occupant_if_begun(self, root: str, path: str) -> tuple[str, bool] | None:
         """`occupant`, once a key under `root` is found that begins as `path` does (its first part)."""
-        begun = f"{root}/{path.split('/', 1)[0]}"
-        answer = await self.call("list_objects_v2", begun, Prefix=self.root + begun, MaxKeys=1)
-        if not (answer.get("KeyCount") or answer.get("Contents")):
+        if not await self._begun(f"{root}/{path.split('/', 1)[0]}"):
             return None
         return await self.occupant(root, path)
+
+    async def holders(self, roots: Sequence[str], path: str) -> list[int]:
+        """As `Backend.holders`, ROOTS_AT_ONCE roots at a time, each with one LIST of the keys that begin with
+        `path`: a root that holds none (most of them) costs that request, not a HEAD and a LIST."""
+        held: list[int] = []
+        for start in range(0, len(roots), ROOTS_AT_ONCE):
+            group = roots[start:start + ROOTS_AT_ONCE]
+            begun = await asyncio.gather(*(self._begun(f"{root}/{path}") for root in group))
+            held += [i for i, found in enumerate(begun, start) if found]
+        return held
+
+    async def _begun(self, begun: str) -> bool:
+        """Whether a key begins with `begun` (itself a key): one LIST of at most one key."""
+        answer = await self.call("list_objects_v2", begun, Prefix=self.root + begun, MaxKeys=1)
+        return bool(answer.get("KeyCount") or answer.get("Contents"))
 
     async def _occupied(self, keys: list[str], folder: str) -> tuple[list[bool], bool]:
         """Whether each of `keys` is an object, and whether `folder` holds any: asked of the store all at once."""
