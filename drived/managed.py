@@ -204,6 +204,8 @@ class ManagedDrives:
         the path without a component ambiguous, so they are duplicates too.
         """
         others = [other for other in await self.components(drive) if other != component]
+        if not others:
+            return
         held = await self.backend.first_occupant([component_key(drive, other) for other in others], path)
         if held is None:
             return
@@ -324,7 +326,7 @@ class ManagedDrives:
         components = [component] if component else await self.components(drive)
         if not path:
             return [(c, None) for c in components if await self.backend.is_folder(component_key(drive, c))]
-        if not component:  # a drive may have very many: only those that may hold the path are looked at here
+        if len(components) > 1:  # a drive may have very many: only those that may hold the path are looked at here
             held = await self.backend.holders([component_key(drive, c) for c in components], path)
             components = [components[i] for i in held]
         hits: list[tuple[str, ObjectInfo | None]] = []

@@ -73,6 +73,7 @@ from .stored import (
 
 FLUSH_BYTES = 1 << 20  # an upload buffers small chunks up to this before a disk write
 WRITE_BACK_BYTES = 8 << 20  # a big upload has the disk write each this many bytes while more arrive
+INLINE_ROOTS = 64  # components a put or stat looks in on the event loop; more, in a worker thread
 _WRITE_BACK = getattr(os, "POSIX_FADV_DONTNEED", None)
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux: a read that fails rather than wait for the disk
 
@@ -644,10 +645,16 @@ class LocalBackend(Backend):
         modes = [stat.S_IFDIR, *self._modes(key)]  # the data dir itself (made at start-up), then each part
         return (f"{self.root}/{key}" if key else self.root), modes[-1]
 
+    async def _over_roots(self, look: Callable[[Sequence[str], str], T], roots: Sequence[str], path: str) -> T:
+        """`look(roots, path)`: inline for a few roots, in a worker thread for many. A put or stat in a drive of
+        10,000 components looks in each of them, which on the event loop held every other call of the daemon for
+        0.3-0.8 s; for a few, the thread hop costs more than their lstats."""
+        if len(roots) <= INLINE_ROOTS:
+            return look(roots, path)
+        return await asyncio.get_running_loop().run_in_executor(None, look, roots, path)
+
     async def first_occupant(self, roots: Sequence[str], path: str) -> tuple[int, str, bool] | None:
-        # In a worker thread: a put into a drive of 10,000 components looks in each of them, which on the event
-        # loop held every other call of the daemon for 0.27 s.
-        return await asyncio.get_running_loop().run_in_executor(None, self._first_occupant, roots, path)
+        return await self._over_roots(self._first_occupant, roots, path)
 
     def _first_occupant(self, roots: Sequence[str], path: str) -> tuple[int, str, bool] | None:
         first = path.split("/", 1)[0]
@@ -671,9 +678,7 @@ class LocalBackend(Backend):
         return (path, True) if mode is not None and stat.S_ISDIR(mode) else None
 
     async def holders(self, roots: Sequence[str], path: str) -> list[int]:
-        # In a worker thread, like first_occupant: a stat of a drive of 10,000 components that names none looked
-        # in each of them on the event loop, which held every other call of the daemon for 0.3-0.8 s.
-        return await asyncio.get_running_loop().run_in_executor(None, self._holders, roots, path)
+        return await self._over_roots(self._holders, roots, path)
 
     def _holders(self, roots: Sequence[str], path: str) -> list[int]:
         return [i for i, root in enumerate(roots) if self._may_hold(root, path)]
