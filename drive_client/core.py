@@ -8,7 +8,8 @@ stream, which checksums a transfer computes and checks (CRC32C always, sha256
 with `verify="sha256"`), how a put, a get, a ranged read or a watch goes on
 when its stream breaks (`resume` paces the attempts and knows where a get got
 to), which unary calls are sent again (List, Stat, Mount: `_retried`; Delete,
-which takes a NOT_FOUND after a lost answer for its own earlier work), what
+whose attempts carry one request id, so that the daemon tells a retry after a
+lost answer of its own earlier work), what
 an s3:// drive's calls never try again (`_backoff`), and how drive paths map
 to local ones. The bytes themselves move in `transfer`'s
 thread-based functions, which the plans run as `Blocking` work.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +40,7 @@ from .errors import (
     InvalidArgument,
     NotADirectory,
     NotFound,
+    NothingDeleted,
     OutOfRange,
     StoreUnavailable,
 )
@@ -529,26 +532,31 @@ def delete(drive: DriveBase, path: str) -> Plan[None]:
     says, so that a daemon restarting or draining is waited for.
 
     A failed attempt may have removed the files before its answer was
-    lost (a cut connection): a NOT_FOUND answered to a later attempt is
-    taken for that work found done, and the delete returns (so does one
-    of a path the component held nothing at, whose first attempt failed:
-    the two look alike). A folder delete cut midway removes the rest on
-    the next attempt.
+    lost (a cut connection): every attempt carries the same request id,
+    and a retry that finds nothing left looks for that id's deletes and
+    answers them as its own (`DeleteRequest.retry`), or a NOT_FOUND
+    marked as looked for (`NothingDeleted`), which is raised. A daemon
+    older than request ids answers a retry a plain NOT_FOUND: it is taken
+    for the failed attempt's work, and the delete returns (as does then
+    one of a path the component held nothing at: the two look alike to
+    it). A folder delete cut midway removes the rest on the next attempt.
     """
-    request = pb.DeleteRequest(drive=drive.id, path=normalize_path(path), component=drive.component_name)
+    request = pb.DeleteRequest(drive=drive.id, path=normalize_path(path), component=drive.component_name,
+                               request_id=secrets.token_hex(16))
     backoff = _backoff(drive)
-    tried = False  # an attempt failed after it may have reached the daemon
     while True:
         try:
             yield Unary("Delete", request)
             return
+        except NothingDeleted:
+            raise
         except NotFound:
-            if tried:
+            if request.retry:
                 return
             raise
         except DriveError as err:
             delay = backoff.delay(err)
-        tried = True
+        request.retry = True  # the failed attempt may have reached the daemon
         yield Sleep(delay)
 
 

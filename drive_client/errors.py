@@ -19,6 +19,8 @@ class DriveError(Exception):
     status: grpc.StatusCode = grpc.StatusCode.UNKNOWN
     # How the daemon's message starts, for a class the client tells apart from others of its status by it.
     mark = ""
+    # The trailing metadata the daemon answers this error's status with, for a class the client tells apart by it.
+    trailers: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
@@ -44,6 +46,14 @@ class NotFound(DriveError, FileNotFoundError):
     """No such file in the drive, no such local file to put, or a local folder removed while a get wrote to it."""
 
     status = grpc.StatusCode.NOT_FOUND
+
+
+class NothingDeleted(NotFound):
+    """A delete's NOT_FOUND from a daemon that looked for what the earlier attempts of the delete (its request id)
+    removed and found nothing: the path held nothing of the caller's. A daemon older than request ids answers a
+    plain NotFound."""
+
+    trailers = (("drived-looked-back", "1"),)
 
 
 class AlreadyExists(DriveError, FileExistsError):
@@ -201,6 +211,8 @@ def from_rpc_error(
             "gRPC the calls past the ~1,000 it queues for the daemon to take up: thousands sent at once)"
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(TooManyStreams.mark):
         return TooManyStreams(details, code)
+    if code == grpc.StatusCode.NOT_FOUND and set(NothingDeleted.trailers) <= set(err.trailing_metadata() or ()):
+        return NothingDeleted(details, code)
     if code == grpc.StatusCode.UNAVAILABLE:
         if details.startswith(StoreUnavailable.mark):
             return StoreUnavailable(details, code)

@@ -73,6 +73,7 @@ class Event:
     sequence: int
     kind: EventKind
     entry: Entry
+    request: str = ""  # a delete's: the request id of the Delete that made it ("": none was sent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,11 +213,12 @@ class Coordinator(abc.ABC):
 
     @abc.abstractmethod
     async def publish(self, drive: str, kind: EventKind, entry: Entry, claim: Claim | None = None,
-                      upload: str = "") -> int:
+                      upload: str = "", request: str = "") -> int:
         """Appends a change to the drive's feed and returns its sequence number; `claim`: the claim it is made in,
         whose record of the change (`Claim.confirm`) it drops (none: any record of the change); `upload`: the id of
         the resumable upload a put completes ("": none), whose completion a coordinator that `records_completions`
-        records in the same step (`completion`).
+        records in the same step (`completion`); `request`: the request id of the Delete that made a delete ("":
+        none), kept with the event (`deleted_by`).
 
         Sequence numbers increase strictly within a drive, in the order of
         the publishes, and are never given twice: not after a restart of the
@@ -248,6 +250,14 @@ class Coordinator(abc.ABC):
         or numbered before this feed began), because the caller cannot learn
         what it missed. May answer with only the first of many events; the
         caller asks again after the last one it got. Raises Unavailable.
+        """
+
+    @abc.abstractmethod
+    async def deleted_by(self, drive: str, request: str, component: str, path: str) -> int:
+        """How many of the drive's kept delete events were published with the request id `request` (`publish`), of
+        `component`'s files at or below `path`: what the earlier attempts of a Delete removed. 0 also once the feed
+        dropped them (it keeps a bounded number of events) or lost them (the coordinator's data, a lone daemon's
+        restart). One look over the kept events: one call to a shared coordinator. Raises Unavailable.
         """
 
     @abc.abstractmethod

@@ -61,7 +61,7 @@ EVENTS_KEPT_BYTES = EVENTS_KEPT * answer_entry_bytes("p" * MAX_PATH_BYTES, DEFAU
 
 
 def _event_bytes(event: Event) -> int:
-    return answer_entry_bytes(event.entry.path, event.entry.component)
+    return answer_entry_bytes(event.entry.path, event.entry.component) + len(event.request)
 
 
 @dataclass
@@ -127,11 +127,11 @@ class EventLog:
         state = self._drive(drive)
         return state.events[-1].sequence if state.events else state.dropped
 
-    def publish(self, drive: str, kind: EventKind, entry: Entry) -> int:
-        """Appends an event; returns its sequence."""
+    def publish(self, drive: str, kind: EventKind, entry: Entry, request: str = "") -> int:
+        """Appends an event (`request`: the id of the Delete that made it); returns its sequence."""
         self._last += 1
         state = self._drive(drive)
-        event = Event(self._last, kind, entry)
+        event = Event(self._last, kind, entry, request)
         state.events.append(event)
         self._total += 1
         self._bytes += _event_bytes(event)
@@ -158,6 +158,17 @@ class EventLog:
         # From the newest back: each wake-up of a waiter costs the events it has not seen.
         newer = list(itertools.takewhile(lambda e: e.sequence > after, reversed(state.events)))
         return newer[:-PAGE - 1:-1]
+
+    def deleted_by(self, drive: str, request: str, component: str, path: str) -> int:
+        """How many of the drive's kept delete events the Delete with id `request` made, of `component`'s files at or
+        below `path`."""
+        state = self._drives.get(drive)  # a drive without a state has no event to look at, and is not given one
+        below = path + "/"
+        return sum(
+            event.request == request and event.entry.component == component
+            and (event.entry.path == path or event.entry.path.startswith(below))
+            for event in (state.events if state else ())
+        )
 
     @contextmanager
     def followed(self, drive: str) -> Iterator[None]:
@@ -258,8 +269,11 @@ class InProcessCoordinator(Coordinator):
             self._released = asyncio.Event()
 
     async def publish(self, drive: str, kind: EventKind, entry: Entry, claim: Claim | None = None,
-                      upload: str = "") -> int:
-        return self.log.publish(drive, kind, entry)
+                      upload: str = "", request: str = "") -> int:
+        return self.log.publish(drive, kind, entry, request)
+
+    async def deleted_by(self, drive: str, request: str, component: str, path: str) -> int:
+        return self.log.deleted_by(drive, request, component, path)
 
     async def last(self, drive: str) -> int:
         return self.log.last(drive)

@@ -28,6 +28,7 @@ from drive_client.errors import (
     EventsExpired,
     InvalidArgument,
     NotFound,
+    NothingDeleted,
     ResourceExhausted,
     StaleIndexError,
     Unavailable,
@@ -593,7 +594,7 @@ class ManagedDrives:
             # below fails.
             if self.coordinator.records_changes and not await self._is_folder(key):
                 await claim.confirm([Change("delete", path, component)])
-            if await self._delete(claim, drive, key, path, component):
+            if await self._delete(claim, delete, key, path):
                 return 1
             # Walked DELETE_PAGE files at a time, in path order, each page deleted before the next is read: a folder
             # of millions of files holds a page of their names, not all of them. No put adds a file below the path
@@ -601,16 +602,23 @@ class ManagedDrives:
             after = ""
             while keys := await self.backend.walk(key, after, DELETE_PAGE):
                 after = keys[-1]
-                deleted += await self._delete_files(claim, drive, component, keys)
-        if not deleted:  # raised once the claim ended: nothing changed
-            raise NotFound(
-                f"component {component!r} owns nothing at {_shown(drive, path)}; "
-                "a file can only be deleted by the component that put it"
-            )
-        return deleted
+                deleted += await self._delete_files(claim, delete, keys)
+        if deleted:
+            return deleted
+        # Once the claim ended: nothing changed. A retry after an attempt whose answer was lost finds what that attempt
+        # removed in the feed; only a retry that found nothing pays for the look.
+        if delete.retry:
+            earlier = await self.coordinator.deleted_by(drive, delete.request_id, component, path)
+            if earlier:
+                return earlier
+        raise (NothingDeleted if delete.retry else NotFound)(
+            f"component {component!r} owns nothing at {_shown(drive, path)}; "
+            "a file can only be deleted by the component that put it"
+        )
 
-    async def _delete_files(self, claim: Claim, drive: str, component: str, keys: list[str]) -> int:
-        """Deletes the files of `component` at `keys` in turn, as a folder delete does; the count removed."""
+    async def _delete_files(self, claim: Claim, delete: DeleteRequest, keys: list[str]) -> int:
+        """Deletes the caller's files at `keys` in turn, as a folder delete does; the count removed."""
+        drive, component = delete.drive.name, delete.component
         deleted = 0
         # A big folder's walk and deletes, or a slow store's, may outlast an unrenewed claim: it is confirmed
         # before each DELETE_BATCH files (which it records as its changes), and again before the next file once
@@ -626,7 +634,7 @@ class ManagedDrives:
                         await claim.confirm()
                         confirmed_at = time.monotonic()
                     begun += 1
-                    deleted += await self._delete(claim, drive, key, file, component)
+                    deleted += await self._delete(claim, delete, key, file)
             except BaseException:  # a cancel, a lapsed claim, the store: what was not begun was not made
                 claim.unmade([Change("delete", file, component) for _, file in batch[begun:]])
                 raise
@@ -641,19 +649,22 @@ class ManagedDrives:
             return False
         return await self.backend.is_folder(key)
 
-    async def _delete(self, claim: Claim, drive: str, key: str, path: str, component: str) -> bool:
-        """Deletes the file at `key` (`path` of `component`) and announces it at once (a walk that stops midway has
-        announced every file it removed); with a quota, what it counted (read by the delete itself) leaves the
-        drive's usage. Runs to its end when its caller is cancelled (a folder delete stops after it)."""
-        return await _to_its_end(self._delete_file(claim, drive, key, path, component))
+    async def _delete(self, claim: Claim, delete: DeleteRequest, key: str, path: str) -> bool:
+        """Deletes the file at `key` (`path` of the caller's) and announces it at once, tagged with the request's id
+        (a walk that stops midway has announced every file it removed); with a quota, what it counted (read by the
+        delete itself) leaves the drive's usage. Runs to its end when its caller is cancelled (a folder delete stops
+        after it)."""
+        return await _to_its_end(self._delete_file(claim, delete, key, path))
 
-    async def _delete_file(self, claim: Claim, drive: str, key: str, path: str, component: str) -> bool:
+    async def _delete_file(self, claim: Claim, delete: DeleteRequest, key: str, path: str) -> bool:
         size = await self.backend.delete(key)
         if size is None:
             return False
+        drive = delete.drive.name
         if self.quotas:
             await self.quotas.deleted(drive, size)
-        await self.coordinator.publish(drive, "delete", Entry(path=path, component=component), claim)
+        await self.coordinator.publish(drive, "delete", Entry(path=path, component=delete.component), claim,
+                                       request=delete.request_id)
         return True
 
     async def settle_unpublished(self) -> None:

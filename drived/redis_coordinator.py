@@ -13,9 +13,12 @@ scripts touch `drived:epoch` beside a drive's keys):
   without its run (made by a daemon of an earlier version, which knows no
   run) is kept and given the server's run.
 - `drived:{<drive>}:feed`: the drive's change feed, a Stream whose entry ids
-  are `<sequence>-0`. Its max-deleted-entry-id is the newest sequence no
-  longer kept: the epoch when the feed is made, then the newest event dropped;
-  a feed older than the epoch keeps none (its floor and its last are the epoch).
+  are `<sequence>-0`, its fields k p c s h g m r (the kind, path, component,
+  size, sha256, generation and mtime of the file, and the request id of the
+  Delete that made a delete event: '' when none). Its max-deleted-entry-id
+  is the newest sequence no longer kept: the epoch when the feed is made,
+  then the newest event dropped; a feed older than the epoch keeps none (its
+  floor and its last are the epoch).
 - `drived:{<drive>}:claim:<path>`: the token of the claim's holder, with a
   TTL that the holder renews every third of it (all its claims but those
   taken or confirmed within the last sixth, RENEW_CHUNK a script call, given
@@ -271,7 +274,7 @@ end
 # KEYS: epoch, feed, the publish's answer, the drive's unpublished changes, their index, and when a put completes an
 # upload, its completion, the completions' log (`drived:completions`, its bytes written) and the mark of the upload's
 # commit, which ends here (the completion takes its place for the queries waiting on it). ARGV: events kept, trim
-# batch, channel, ms its answer is kept, the fields k p c s h g m, the change's field among the unpublished, then its
+# batch, channel, ms its answer is kept, the fields k p c s h g m r, the change's field among the unpublished, then its
 # value for a settle (nothing is published unless that value is still there; '' otherwise), the token of the claim the
 # change was made in (its record is dropped only when that claim's; '': whosever), then the completion's value, the ms
 # it is kept and the completions' bytes kept. The answer key makes the call idempotent: sent again (redis-py's retry
@@ -284,14 +287,14 @@ PUBLISH = "#!lua flags=allow-oom\n" + FEED_STATE + COMPLETIONS_LOG + """
 local done = redis.call('GET', KEYS[3])
 if done then return tonumber(done) end
 if KEYS[6] then
-  redis.call('SET', KEYS[6], ARGV[15], 'PX', ARGV[16])
-  logged(KEYS[7], KEYS[8], KEYS[6], completion_bytes(KEYS[6], string.len(ARGV[15])), ARGV[16], ARGV[17])
+  redis.call('SET', KEYS[6], ARGV[16], 'PX', ARGV[17])
+  logged(KEYS[7], KEYS[8], KEYS[6], completion_bytes(KEYS[6], string.len(ARGV[16])), ARGV[17], ARGV[18])
   redis.call('DEL', KEYS[9])
 end
-local record = redis.call('HGET', KEYS[4], ARGV[12])
-if ARGV[13] ~= '' and record ~= ARGV[13] then return 0 end
-if record and (ARGV[14] == '' or string.sub(record, 1, 16) == ARGV[14]) then
-  redis.call('HDEL', KEYS[4], ARGV[12])
+local record = redis.call('HGET', KEYS[4], ARGV[13])
+if ARGV[14] ~= '' and record ~= ARGV[14] then return 0 end
+if record and (ARGV[15] == '' or string.sub(record, 1, 16) == ARGV[15]) then
+  redis.call('HDEL', KEYS[4], ARGV[13])
   if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('ZREM', KEYS[5], KEYS[4]) end
 end
 local now = now_us()
@@ -300,7 +303,7 @@ local state = feed(KEYS[2], epoch)
 local sequence = math.max(now, epoch + 1, state and state.last + 1 or 0)
 local id = string.format('%.0f-0', sequence)
 redis.call('XADD', KEYS[2], id, 'k', ARGV[5], 'p', ARGV[6], 'c', ARGV[7], 's', ARGV[8], 'h', ARGV[9],
-           'g', ARGV[10], 'm', ARGV[11])
+           'g', ARGV[10], 'm', ARGV[11], 'r', ARGV[12])
 redis.call('SET', KEYS[3], string.format('%.0f', sequence), 'PX', ARGV[4])
 if not state then
   redis.call('XSETID', KEYS[2], id, 'MAXDELETEDID', string.format('%.0f-0', epoch))
@@ -312,6 +315,29 @@ elseif state.length + 1 > tonumber(ARGV[1]) + tonumber(ARGV[2]) then
 end
 redis.call('PUBLISH', ARGV[3], 'e' .. string.format('%.0f', sequence))
 return sequence
+"""
+
+# KEYS: feed. ARGV: a Delete's request id, its component and path, entries read at once. How many of the feed's
+# entries carry the request id as their field r, of the component's files at or below the path: one look over the
+# feed, newest first, a page at a time (so that its paths, up to 4 KB each, are not all held at once). An entry holds
+# its fields in the order of the XADD above (its field r is the 15th, its value the 16th; an entry of an earlier
+# version has none).
+DELETED_BY = """
+local request, component, path, page = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local below = path .. '/'
+local found, before = 0, '+'
+while true do
+  local entries = redis.call('XREVRANGE', KEYS[1], before, '-', 'COUNT', page)
+  for _, entry in ipairs(entries) do
+    local fields = entry[2]
+    if fields[16] == request and fields[6] == component
+        and (fields[4] == path or string.sub(fields[4], 1, #below) == below) then
+      found = found + 1
+    end
+  end
+  if #entries < page then return found end
+  before = '(' .. entries[#entries][1]
+end
 """
 
 # KEYS: epoch, feed.
@@ -637,7 +663,12 @@ def _event(entry_id: bytes, fields: list[bytes]) -> Event:
         path=values[b"p"].decode(), component=values[b"c"].decode(), size=int(values[b"s"]),
         sha256=values[b"h"].hex(), generation=int(values[b"g"]), mtime_ns=int(values[b"m"]),
     )
-    return Event(int(entry_id.split(b"-", 1)[0]), cast(EventKind, values[b"k"].decode()), entry)
+    return Event(int(entry_id.split(b"-", 1)[0]), cast(EventKind, values[b"k"].decode()), entry,
+                 values.get(b"r", b"").decode())
+
+
+def _feed_key(drive: str) -> str:
+    return f"drived:{{{drive}}}:feed"
 
 
 def _usage_key(drive: str) -> str:
@@ -765,6 +796,7 @@ class RedisCoordinator(Coordinator):
         self._publish = self._redis.register_script(PUBLISH)
         self._last = self._redis.register_script(LAST)
         self._since = self._redis.register_script(SINCE)
+        self._deleted_by = self._redis.register_script(DELETED_BY)
         self._acquire = self._redis.register_script(ACQUIRE)
         self._renew = self._redis.register_script(RENEW)
         self._release = self._redis.register_script(RELEASE)
@@ -831,7 +863,7 @@ class RedisCoordinator(Coordinator):
         return f"drived:{{{drive}}}{self._database}"
 
     def _feed_keys(self, drive: str) -> list[str]:
-        return [EPOCH, f"drived:{{{drive}}}:feed"]
+        return [EPOCH, _feed_key(drive)]
 
     @staticmethod
     def _claim_keys(drive: str, path: str) -> list[str]:
@@ -1062,17 +1094,18 @@ class RedisCoordinator(Coordinator):
     # -- the change feed -----------------------------------------------------
 
     async def publish(self, drive: str, kind: EventKind, entry: Entry, claim: Claim | None = None,
-                      upload: str = "") -> int:
+                      upload: str = "", request: str = "") -> int:
         token = claim.token if isinstance(claim, _RedisClaim) else ""
-        return await self._append(drive, kind, entry, settling="", token=token, upload=upload)
+        return await self._append(drive, kind, entry, settling="", token=token, upload=upload, request=request)
 
     async def _append(self, drive: str, kind: EventKind, entry: Entry, settling: str, token: str = "",
-                      upload: str = "") -> int:
+                      upload: str = "", request: str = "") -> int:
         """Appends the event and drops its change from the unpublished ones (only the record of the claim `token`,
         when given); `settling`: the value that record must still have, else nothing is appended (0); `upload`: the
-        resumable upload whose completion is recorded with it ("": none)."""
+        resumable upload whose completion is recorded with it ("": none); `request`: the id of the Delete that
+        made it ("": none)."""
         fields = [kind, entry.path, entry.component, entry.size, bytes.fromhex(entry.sha256), entry.generation,
-                  entry.mtime_ns, _change_field(entry.component, entry.path), settling, token]
+                  entry.mtime_ns, request, _change_field(entry.component, entry.path), settling, token]
         answer = f"drived:{{{drive}}}:published:{secrets.token_hex(8)}"
         keys = [*self._feed_keys(drive), answer, _unpublished_key(drive), UNPUBLISHED]
         args = [self.events_kept, TRIM_BATCH, self._channel(drive), ANSWER_KEPT_MS, *fields]
@@ -1186,6 +1219,9 @@ class RedisCoordinator(Coordinator):
 
     async def last(self, drive: str) -> int:
         return int(await self._run(self._last, self._feed_keys(drive), []))
+
+    async def deleted_by(self, drive: str, request: str, component: str, path: str) -> int:
+        return int(await self._run(self._deleted_by, [_feed_key(drive)], [request, component, path, PAGE]))
 
     async def since(self, drive: str, after: int) -> list[Event]:
         reply = await self._run(self._since, self._feed_keys(drive), [after, PAGE])

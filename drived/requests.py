@@ -30,7 +30,7 @@ from .checksums import ClientChecksums
 
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10000
-UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_WAIT_SECONDS = 86400.0  # a day: a wait holds one of the peer's streams (--max-streams-per-peer)
 
 
@@ -39,13 +39,13 @@ def _component_filter(component: str) -> str:
     return check_component(component) if component else ""
 
 
-def check_upload_id(upload_id: str) -> str:
-    """A resumable upload's id, as the client made it: 1-128 letters, digits, '-' or '_'."""
-    if not UPLOAD_ID_RE.fullmatch(upload_id):
+def check_id(value: str, what: str) -> str:
+    """A resumable upload's or a delete's id (`what`), as the client made it: 1-128 letters, digits, '-' or '_'."""
+    if not ID_RE.fullmatch(value):
         raise InvalidArgument(
-            f"upload id {upload_id[:140]!r} is not 1-128 letters, digits, '-' or '_' (e.g. 32 random hex digits)"
+            f"{what} {value[:140]!r} is not 1-128 letters, digits, '-' or '_' (e.g. 32 random hex digits)"
         )
-    return upload_id
+    return value
 
 
 def sent_checksums(message: pb.PutFinish | pb.PutFileRequest) -> ClientChecksums:
@@ -83,7 +83,7 @@ class PutHeader:
         if header.write_offset < 0:
             raise InvalidArgument(f"write_offset {header.write_offset} is negative")
         if header.upload_id:
-            check_upload_id(header.upload_id)
+            check_id(header.upload_id, "upload id")
         elif header.write_offset:
             raise InvalidArgument(
                 "write_offset resumes a resumable upload: it needs the upload_id of the first stream"
@@ -106,7 +106,7 @@ class QueryWriteStatusRequest:
     def from_pb(cls, request: pb.QueryWriteStatusRequest) -> QueryWriteStatusRequest:
         drive = parse_drive(request.drive)
         path = drive_path(drive, request.path) if request.path else ""
-        return cls(drive, check_component(request.component), check_upload_id(request.upload_id), path)
+        return cls(drive, check_component(request.component), check_id(request.upload_id, "upload id"), path)
 
 
 @dataclass(slots=True)
@@ -215,16 +215,22 @@ class StatRequest(PathRequest):
         return cls(drive, drive_path(drive, request.path), _component_filter(request.component))
 
 
+@dataclass(slots=True)
 class DeleteRequest(PathRequest):
     """Which of the caller's files to remove (`pb.DeleteRequest`); component is the caller ("default" when
     none was sent)."""
 
-    __slots__ = ()
+    request_id: str  # the same for every attempt of one delete; "" when none was sent
+    retry: bool  # not the first attempt: when it finds nothing, it looks for what the earlier ones removed
 
     @classmethod
     def from_pb(cls, request: pb.DeleteRequest) -> DeleteRequest:
         drive = parse_drive(request.drive)
-        return cls(drive, drive_path(drive, request.path), check_component(request.component))
+        request_id = request.request_id and check_id(request.request_id, "request id")
+        if request.retry and not request_id:
+            raise InvalidArgument("a Delete's retry needs the request_id its first attempt was sent with")
+        return cls(drive, drive_path(drive, request.path), check_component(request.component), request_id,
+                   request.retry)
 
 
 @dataclass(slots=True)

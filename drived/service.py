@@ -174,7 +174,7 @@ async def _fail(context: grpc.aio.ServicerContext, record: RequestLog, err: Exce
         if isinstance(err, Damaged):
             metrics.DAMAGED_READS.inc()
             log.error("damaged stored file", extra={"fields": {"key": err.key, "damage": err.what}})
-        await context.abort(err.status, fitting(err.details()))
+        await context.abort(err.status, fitting(err.details()), err.trailers)
     record.status = "INTERNAL"
     log.error("unexpected error in %s\n%s", record.method, "".join(traceback.format_exception(err)))
     message = f"drived: internal error ({type(err).__name__}) in {record.method}; see the daemon log"

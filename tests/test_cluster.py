@@ -42,6 +42,7 @@ from cutting_proxy import CuttingProxy
 from test_commit_worker import commit_workers
 from test_coordinator import calls, stopped
 from test_limits import PAUSED_COMMITS
+from test_resume import requests
 from test_storage_s3 import BUCKET, PREFIX, StalledPut, Store, stub_of
 
 from bench.services import TlsProxy, ValkeyServer
@@ -128,6 +129,39 @@ def test_put_through_a_is_listed_read_and_deleted_through_b_and_gone_on_a(replic
     assert a.list(".") == [] and a.list("dir") == []
     with pytest.raises(FileNotFoundError):
         a.stat("dir/f.bin")
+
+
+# The answer of a Delete that removed two files (files_deleted=2), as a gRPC message.
+TWO_DELETED = b"\x00\x00\x00\x00\x02\x08\x02"
+
+
+def test_a_delete_cut_after_a_removed_its_files_is_found_done_by_b(cluster, replicas, drive_uri, tmp_path):
+    # The retry after the cut reached b, which found nothing left and answered NOT_FOUND: the client took it on trust
+    # (as it took a NOT_FOUND of a path never held). b finds the request's deletes, which a published, in the drive's
+    # feed, and answers them as its own; the other component's file and the caller's other file are left. Only the
+    # retry that found nothing looked in the feed (one page of it): a's delete, which found its files, did not.
+    a, b = replicas[:2]
+    (tmp_path / "f.txt").write_bytes(b"deleted")
+    owner = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=b.endpoint)
+    for path in ("set/f.txt", "set/g.txt", "kept.txt"):
+        owner.put("f.txt", to=path)
+    Drive(drive_uri, component_name="other", root_folder=tmp_path, endpoint=b.endpoint).put("f.txt", to="set/o.txt")
+    admin = redis.Redis.from_url(cluster.valkey.url)
+    looks = calls(admin, "xrevrange")
+    with CuttingProxy(a.endpoint) as proxy:
+        proxy.cut_before("down", TWO_DELETED)  # a's answer: both files are deleted
+        deleter = Drive(drive_uri, component_name="w", endpoint=proxy.endpoint)
+        assert deleter.list(".") == ["kept.txt", "set"]  # the client's connection is made, to a
+        proxy.target = ("127.0.0.1", b.port)  # and its next ones, after the cut, reach b
+        deleter.delete("set")
+        assert proxy.cuts_made == 1 and proxy.connections == 2
+    assert calls(admin, "xrevrange") == looks + 1
+    for replica in a, b:  # a deleted them, b found them deleted
+        assert [(r["status"], r["files"]) for r in requests(replica, "Delete") if r["drive"] == drive_uri] == [
+            ("OK", 2)], replica.log()
+    assert owner.list(".", component_name="w") == ["kept.txt"] and owner.list("set") == ["set/o.txt"]
+    with pytest.raises(FileNotFoundError):
+        owner.delete("set")
 
 
 class RacingPut:

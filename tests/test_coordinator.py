@@ -25,7 +25,7 @@ import redis
 
 from bench.services import ValkeyServer
 from drive_client.errors import EventsExpired, Unavailable
-from drived.coordinator import Change, Coordinator, Count, Usage
+from drived.coordinator import PAGE, Change, Coordinator, Count, Usage
 from drived.entry import Entry
 from drived.events import InProcessCoordinator
 from drived.redis_coordinator import RENEW, RENEW_CHUNK, UNPUBLISHED_FOUND, USAGE_KEPT, RedisCoordinator
@@ -165,6 +165,27 @@ async def test_a_feed_keeps_its_newest_events_and_refuses_a_resume_past_dropped_
         await coordinator.since("d", start)  # the first events are dropped: refused, never answered short
     kept = await coordinator.since("d", sequences[-3])
     assert [e.entry.path for e in kept] == [f"f{KEPT + 118}", f"f{KEPT + 119}"]
+
+
+async def test_deleted_by_counts_a_requests_deletes_of_its_component_at_or_below_its_path(
+    coordinator: Coordinator,
+) -> None:
+    """What the earlier attempts of a Delete removed: the delete events published with its request id, of the caller's
+    files at or below the path; not another component's, nor a path beside it that starts the same."""
+    published = [("set/a", "c", "r1"), ("set/b/c", "c", "r1"), ("settle", "c", "r1"), ("set/o", "other", "r1"),
+                 ("set/e", "c", "")]
+    start = await coordinator.last("d")
+    for path, component, request in published:
+        await coordinator.publish("d", "delete", Entry(path=path, component=component), request=request)
+    assert [e.request for e in await coordinator.since("d", start)] == [request for *_, request in published]
+    assert await coordinator.deleted_by("d", "r1", "c", "set") == 2
+    assert await coordinator.deleted_by("d", "r1", "c", "set/b") == 1
+    assert await coordinator.deleted_by("d", "r1", "other", "set") == 1
+    assert await coordinator.deleted_by("d", "r2", "c", "set") == 0
+    assert await coordinator.deleted_by("e", "r1", "c", "set") == 0  # feeds are per drive
+    for i in range(KEPT + 120):  # past what the feed keeps: the request's events are dropped
+        await coordinator.publish("d", "put", entry(f"f{i}"))
+    assert await coordinator.deleted_by("d", "r1", "c", "set") == 0
 
 
 async def test_wait_returns_at_once_for_an_event_already_there(coordinator: Coordinator) -> None:
@@ -987,3 +1008,25 @@ async def test_a_coordinator_in_another_database_of_the_server_wakes_no_waiter(
         await publisher.publish("d", "put", entry("mine"))
         await asyncio.wait_for(waiting, 5)
         assert [e.entry.path for e in await follower.since("d", seen)] == ["mine"]
+
+
+@pytest.mark.integration
+async def test_deleted_by_looks_over_a_whole_feed_of_many_pages_and_entries_of_the_earlier_version(
+    valkey: ValkeyServer,
+) -> None:
+    """The look goes a page at a time from the newest: a request's events deep in a long feed are all found. An entry
+    written by a daemon of the earlier version (no field r, during a rolling update) is read as one of no request."""
+    admin = redis.Redis.from_url(valkey.url)
+    admin.flushall()
+    async with redis_coordinator(valkey.url, events_kept=3 * PAGE) as coordinator:
+        first = await coordinator.publish("d", "put", entry("first"))
+        [feed] = admin.keys("drived:*:feed")
+        earlier = {"k": "delete", "p": "set/old", "c": "c", "s": 0, "h": b"", "g": 0, "m": 0}
+        admin.xadd(feed, earlier, id=f"{first + 1}-0")
+        for path in ("set/a", "set/b"):
+            await coordinator.publish("d", "delete", Entry(path=path, component="c"), request="r1")
+        for start in range(0, 2 * PAGE + 10, 100):
+            await asyncio.gather(*(coordinator.publish("d", "put", entry(f"f{i}")) for i in range(start, start + 100)))
+        assert await coordinator.deleted_by("d", "r1", "c", "set") == 2
+        old = (await coordinator.since("d", first))[0]
+        assert (old.kind, old.entry.path, old.request) == ("delete", "set/old", "")

@@ -403,6 +403,24 @@ def test_raw_not_found(stub, drive_uri):
     assert rpc_code(lambda: stub.Stat(other_stat)) == nf
 
 
+def test_raw_delete_retry_marks_its_not_found_and_a_bad_request_id_is_invalid_and_removes_nothing(stub, drive_uri):
+    raw_put(stub, drive_uri, "kept.txt", b"kept")
+    bad = [pb.DeleteRequest(drive=drive_uri, path="kept.txt", request_id=request_id, retry=True)
+           for request_id in ("has space", "x" * 129, "dot.ted", "\u00e9", "")]
+    for request in bad:
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Delete(request)
+        assert refused.value.code() == INVALID and "request" in refused.value.details(), request.request_id
+    [(_, data)] = raw_get(stub, drive_uri, "kept.txt")
+    assert data == b"kept"
+    looked = ("drived-looked-back", "1")  # the daemon looked for the request's earlier deletes, and found none
+    for retry, marked in ((True, True), (False, False)):
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.Delete(pb.DeleteRequest(drive=drive_uri, path="nope", request_id="r-1", retry=retry))
+        assert missing.value.code() == SC.NOT_FOUND
+        assert (looked in missing.value.trailing_metadata()) == marked
+
+
 def test_raw_already_exists(stub, drive_uri):
     raw_put(stub, drive_uri, "f.txt", b"a", component="ca")
     assert rpc_code(lambda: raw_put(stub, drive_uri, "f.txt", b"b", component="cb")) == SC.ALREADY_EXISTS

@@ -694,22 +694,50 @@ class DeleteRequest(_message.Message):
     DRIVE_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     COMPONENT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
     drive: _builtins.str
     """The drive URI. s3:// drives refuse deletes."""
     path: _builtins.str
     """The file or folder; the root is refused."""
     component: _builtins.str
     """The caller's component: only its own files are removed. "" is "default"."""
+    request_id: _builtins.str
+    """Tells a Delete sent again after its answer was lost from one of a path
+    the caller never held: 1-128 letters, digits, '-' or '_' (e.g. 32 random
+    hex digits), made anew for each delete and sent unchanged with each of
+    its attempts; "" sends none (INVALID_ARGUMENT for any other). The server
+    tags the delete events it publishes with it (see `retry`).
+    """
+    retry: _builtins.bool
+    """Set on every attempt but the first, with the first one's `request_id`
+    (INVALID_ARGUMENT without one): an earlier attempt failed after it may
+    have reached a server. Such a Delete that finds nothing to remove looks
+    for the drive's delete events of the caller's files at or below `path`
+    tagged with its `request_id`: when there are some (an earlier attempt
+    removed them) it answers OK with their count as `files_deleted`;
+    otherwise NOT_FOUND with the trailing metadata `drived-looked-back: 1`,
+    which tells a client that the path held nothing (a server older than
+    this field answers NOT_FOUND without it). The look goes over the drive's
+    whole feed (up to 10,000 events), which only such retries pay. It finds
+    what the feed keeps: not once 10,000 later changes of the drive pushed
+    the events out, nor after a lone daemon's restart, nor when the earlier
+    attempt's server died (or lost its --coordinator) before it published
+    them: the client then raises FileNotFoundError for files its own earlier
+    attempt removed.
+    """
     def __init__(
         self,
         *,
         drive: _builtins.str = ...,
         path: _builtins.str = ...,
         component: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        retry: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "drive", b"drive", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "drive", b"drive", "path", b"path", "request_id", b"request_id", "retry", b"retry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -192,8 +192,9 @@ class DriveServiceServicer:
         """Removes a file, or a folder with every file in it, from the caller's own
         namespace. Other components' files are never touched. Errors: NOT_FOUND
         (the caller owns nothing at that path), PERMISSION_DENIED (s3:// drive).
-        A Delete sent again after its answer was lost finds nothing left and
-        answers NOT_FOUND: the Python client takes that for the first one's work.
+        A Delete sent again after its answer was lost finds nothing left: as a
+        `retry` with the first one's `request_id` it is answered as the first one
+        was (see DeleteRequest.retry), otherwise NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -188,8 +188,9 @@ class DriveServiceStub:
     """Removes a file, or a folder with every file in it, from the caller's own
     namespace. Other components' files are never touched. Errors: NOT_FOUND
     (the caller owns nothing at that path), PERMISSION_DENIED (s3:// drive).
-    A Delete sent again after its answer was lost finds nothing left and
-    answers NOT_FOUND: the Python client takes that for the first one's work.
+    A Delete sent again after its answer was lost finds nothing left: as a
+    `retry` with the first one's `request_id` it is answered as the first one
+    was (see DeleteRequest.retry), otherwise NOT_FOUND.
     """
     Mount: _grpc.UnaryUnaryMultiCallable[_drive_pb2.MountRequest, _drive_pb2.MountResponse]
     """Builds (or rebuilds) the index of an s3:// drive. Concurrent mounts of
@@ -330,8 +331,9 @@ class DriveServiceAsyncStub(DriveServiceStub):
     """Removes a file, or a folder with every file in it, from the caller's own
     namespace. Other components' files are never touched. Errors: NOT_FOUND
     (the caller owns nothing at that path), PERMISSION_DENIED (s3:// drive).
-    A Delete sent again after its answer was lost finds nothing left and
-    answers NOT_FOUND: the Python client takes that for the first one's work.
+    A Delete sent again after its answer was lost finds nothing left: as a
+    `retry` with the first one's `request_id` it is answered as the first one
+    was (see DeleteRequest.retry), otherwise NOT_FOUND.
     """
     Mount: _aio.UnaryUnaryMultiCallable[_drive_pb2.MountRequest, _drive_pb2.MountResponse]  # type: ignore[assignment]
     """Builds (or rebuilds) the index of an s3:// drive. Concurrent mounts of
@@ -505,8 +507,9 @@ class DriveServiceServicer(metaclass=_abc_1.ABCMeta):
         """Removes a file, or a folder with every file in it, from the caller's own
         namespace. Other components' files are never touched. Errors: NOT_FOUND
         (the caller owns nothing at that path), PERMISSION_DENIED (s3:// drive).
-        A Delete sent again after its answer was lost finds nothing left and
-        answers NOT_FOUND: the Python client takes that for the first one's work.
+        A Delete sent again after its answer was lost finds nothing left: as a
+        `retry` with the first one's `request_id` it is answered as the first one
+        was (see DeleteRequest.retry), otherwise NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
