@@ -485,6 +485,8 @@ def test_a_delete_of_nothing_whose_first_attempt_found_no_daemon_is_not_found(tw
                 delete.join_checked(60)
         else:
             assert delete.join_checked(60) is None
+        # A call's log line is written once its status is sent: it may come after the client has its answer.
+        assert wait_until(lambda: requests(handle, "Delete"), timeout=10)
         assert [r["status"] for r in requests(handle, "Delete")] == ["NOT_FOUND"]
         assert drive.list(".") == ["kept.txt"]
     finally:
