@@ -4,6 +4,7 @@ it (a damaged byte is never sent), and data dirs written by an earlier release (
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -400,19 +401,26 @@ def test_a_first_reader_that_goes_away_leaves_its_check_to_the_next_reads(start_
         assert whole_checks(handle, "huge.bin") == 1
 
 
-def sparse_format_1(path: Path, size: int, pieces: dict[int, bytes]) -> None:
-    """A format 1 file of `size` bytes of zeros but for `pieces` ({offset: bytes}), its zeros a hole: a check of it
-    whole reads (and sums) every byte, while the disk holds only the pieces."""
+@functools.cache
+def sparse_sha256(size: int, pieces: tuple[tuple[int, bytes], ...]) -> bytes:
+    """The sha256 of `size` bytes of zeros but for `pieces` ((offset, bytes), sorted): summing GiBs takes seconds,
+    and tests make several files alike."""
     summed, position, zeros = hashlib.sha256(), 0, memoryview(bytes(MIB))
-    for offset, piece in [*sorted(pieces.items()), (size, b"")]:
+    for offset, piece in [*pieces, (size, b"")]:
         while position < offset:
             step = min(MIB, offset - position)
             summed.update(zeros[:step])
             position += step
         summed.update(piece)
         position += len(piece)
+    return summed.digest()
+
+
+def sparse_format_1(path: Path, size: int, pieces: dict[int, bytes]) -> None:
+    """A format 1 file of `size` bytes of zeros but for `pieces` ({offset: bytes}), its zeros a hole: a check of it
+    whole reads (and sums) every byte, while the disk holds only the pieces."""
     with open(path, "wb") as f:
-        f.write(struct.pack("<8s32sQ16x", b"DRIVED01", summed.digest(), size))
+        f.write(struct.pack("<8s32sQ16x", b"DRIVED01", sparse_sha256(size, tuple(sorted(pieces.items()))), size))
         for offset, piece in pieces.items():
             f.seek(64 + offset)
             f.write(piece)
