@@ -47,6 +47,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DriveService"].full_name
 WORKER_THREADS = 32
 CONNECTION_IDLE = 600.0  # seconds
 HANDSHAKE_TIMEOUT = 20.0  # seconds
+CLIENT_PING_INTERVAL = 5.0  # seconds: the shortest a client's pings may come on a connection carrying nothing
+KEEPALIVE_TIME = 20.0  # seconds between the pings the daemon sends a client while it has calls open
+KEEPALIVE_TIMEOUT = 10.0  # seconds it waits for the ping's answer before it closes the connection
 # The seconds the stop waits, once no call is left to serve, for S3 to answer what the daemon still asks (with
 # --storage, a commit under way, the aborts of held uploads; a mount's listing): deploy/k8s kills a pod 10 s after
 # the grace period.
@@ -119,14 +122,14 @@ def server_options(config: Config, connections: int) -> list[tuple[str, int]]:
         # Clients ping every 10 s while they have calls open, to find a daemon that stopped answering
         # (drive_client.channels); gRPC's default would take pings more often than every 5 min, on a
         # connection carrying nothing, as abuse and end the connection (GOAWAY too_many_pings).
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(CLIENT_PING_INTERVAL * 1000)),
         # And the daemon pings its clients while they have calls open: the connection of one that stopped
         # answering (a stopped or frozen process, a network black hole) is closed within 30 s, and what its
         # calls held (a List's answer room, a request's bytes received so far) comes back. gRPC waits a
         # minute for a ping's answer unless `ping_timeout_ms` says otherwise.
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.ping_timeout_ms", 10_000),
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_TIME * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
         ("grpc.http2.max_pings_without_data", 0),
     ]
     if config.max_connection_age:

@@ -83,7 +83,10 @@ def test_list_answers_a_client_does_not_take_hold_at_most_the_answer_room(start_
     gRPC holds an answer until its client takes it, and a List was admitted whatever the answers held. Each List
     now takes room before it builds its answer (`drived.answers`): a host's calls wait behind its own answers not
     yet taken, and are answered once its stalled client's connection is closed (it answers no keepalive ping)."""
-    handle = start_daemon(tmp_path)
+    # The daemon pings every 2 s, not 20 s, and waits 10 s for an answer as in production: the stopped client's
+    # connection is closed 10-12 s after it stopped (not 10-30 s), the checks below that it still holds up a List
+    # having as long as they had.
+    handle = start_daemon(tmp_path, before="import drived.server as s; s.KEEPALIVE_TIME = 2.0")
     stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
     for start in (0, 500):
         stub.Put((pb.PutRequest(file=pb.PutFileRequest(header=pb.PutHeader(drive="lit://lists", path=f"{DEEP}/f{i}"),
@@ -116,8 +119,9 @@ os.kill(os.getpid(), signal.SIGSTOP)  # a client that stops reading: stalled, sw
         print(f"200 List answers not taken: daemon {during:.0f} MiB (baseline {baseline:.0f}, bound {bound:.0f})")
         assert held, f"200 List answers not taken keep the daemon at {during:.0f} MiB (bound {bound:.0f} MiB)"
         assert not waiting.done(), "a List passed the room its host's answers hold"
-        # The stopped client answers none of the daemon's keepalive pings: its connection is closed within ~30 s,
-        # and its calls' room comes back (a process stopped in a debugger no longer holds up its host's Lists).
+        # The stopped client answers none of the daemon's keepalive pings: its connection is closed (within ~30 s
+        # unpatched), and its calls' room comes back (a process stopped in a debugger no longer holds up its host's
+        # Lists).
         assert [e.path for e in waiting.result(timeout=60).entries] == ["small"]
         assert _state(stalled.pid) == "T", "the client was not stopped all along"
         assert wait_until(lambda: handle.open_requests("List") == 0, 30), handle.open_requests("List")

@@ -43,12 +43,14 @@ from crc32c import crc32c
 from cutting_proxy import CuttingProxy
 
 from drive_client import Drive
+from drive_client.channels import CHANNEL_OPTIONS
 from drive_client.errors import DataLoss, NotFound, StaleIndexError, StoreUnavailable, Unavailable
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
 from drive_client.resume import FIRST_DELAY, MAX_DELAY, Backoff, GetPosition
 from drive_client.transfer import RANGE_STREAMS
 from drived.backends.stored import HEADER_SIZE
+from drived.server import CLIENT_PING_INTERVAL
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -1058,16 +1060,18 @@ def test_backoff_retries_unavailable_only_with_growing_delays_within_its_budget(
 def test_a_call_waiting_long_is_not_ended_for_its_clients_keepalive_pings(start_daemon, tmp_path):
     """The daemon's option that takes a client's pings every 5 s was misspelled, so gRPC kept its default (one in 5
     minutes on a connection carrying nothing): a get waiting for its path, or a quiet watch, of a client pinging
-    every 10 s while it waits was ended GOAWAY `too_many_pings` after 40-50 s. A channel pinging every 6 s here
-    waits 25 s for a put (without the option: ended after ~20 s)."""
-    handle = start_daemon(tmp_path)
+    every 10 s while it waits was ended GOAWAY `too_many_pings` after 40-50 s. Here the daemon takes them every 1 s
+    (its CLIENT_PING_INTERVAL patched short) and a channel pinging every 1.5 s waits 8 s for a put (without the
+    option: ended after ~5 s)."""
+    assert dict(CHANNEL_OPTIONS)["grpc.keepalive_time_ms"] >= CLIENT_PING_INTERVAL * 1000  # clients ping no faster
+    handle = start_daemon(tmp_path, before="import drived.server as s; s.CLIENT_PING_INTERVAL = 1.0")
     pinging = grpc.insecure_channel(handle.endpoint, options=[
-        ("grpc.keepalive_time_ms", 6_000), ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_time_ms", 1_500), ("grpc.keepalive_timeout_ms", 1_000),
         ("grpc.http2.max_pings_without_data", 0)])
     waiting = Background(lambda: raw_get(drive_pb2_grpc.DriveServiceStub(pinging), "lit://pinged", "late.txt",
                                          wait_seconds=60))
     waiting.start()
-    time.sleep(25)
-    raw_put(stub_of(handle.endpoint), "lit://pinged", "late.txt", b"put after 25 s")
+    time.sleep(8)
+    raw_put(stub_of(handle.endpoint), "lit://pinged", "late.txt", b"put after 8 s")
     [(_, got)] = waiting.join_checked()
-    assert got == b"put after 25 s"
+    assert got == b"put after 8 s"
