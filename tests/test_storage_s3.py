@@ -1225,6 +1225,11 @@ def test_a_missing_bucket_stops_the_start_up_naming_it(tmp_path: Path):
         store.close()
 
 
+# Python for `start_daemon(before=...)`: how long the start-up waits for the store's answer to its bucket check (10 s)
+# lowered, for tests whose store does not answer.
+SHORT_START_CHECK = "import drived.backends.s3 as m; m.START_CHECK_SECONDS = 3.0"
+
+
 def test_a_store_that_does_not_answer_at_start_up_is_served_saying_so_and_used_once_back(tmp_path: Path, drive_uri):
     """A store that takes connections and never answers (a hung gateway, a stopped MinIO) held the start-up in its
     bucket check for boto3's three tries of 60 s each, serving nothing and logging nothing: a liveness probe killed
@@ -1233,7 +1238,7 @@ def test_a_store_that_does_not_answer_at_start_up_is_served_saying_so_and_used_o
     try:
         store.moto.proc.send_signal(signal.SIGSTOP)
         try:
-            handle = store.daemon()  # waits 20 s at most for SERVING
+            handle = store.daemon(before=SHORT_START_CHECK)  # waits 20 s at most for SERVING
             warned = [line for line in handle.log().splitlines() if "storage not usable at start-up" in line]
             assert warned and store.url in warned[0], handle.log()
         finally:
@@ -1247,15 +1252,17 @@ def test_a_store_that_does_not_answer_at_start_up_is_served_saying_so_and_used_o
 
 def test_a_sighup_while_the_daemon_starts_does_not_end_it(tmp_path: Path):
     """SIGHUP (read the token and TLS files again) ended a daemon that did not serve yet: its handler comes with
-    serving, and a start may take seconds (here a store that does not answer: 10 s)."""
+    serving, and a start may take seconds (here a store that does not answer: 3 s)."""
     store = Store(tmp_path)
     try:
         store.moto.proc.send_signal(signal.SIGSTOP)
         try:
-            handle = start_daemon(tmp_path, "--storage", STORAGE, env=store.env(), wait=False)
+            handle = start_daemon(tmp_path, "--storage", STORAGE, env=store.env(), wait=False,
+                                  before=SHORT_START_CHECK)
             store.daemons.append(handle)
             assert wait_until(lambda: '"file descriptors"' in handle.log(), 20), handle.log()  # started, not serving
             handle.proc.send_signal(signal.SIGHUP)
+            assert '"event": "serving"' not in handle.log(), "the SIGHUP came once the daemon served"
             wait_serving(handle)
             assert handle.proc.poll() is None
         finally:
