@@ -45,7 +45,7 @@ from test_limits import PAUSED_COMMITS
 from test_resume import requests
 from test_storage_s3 import BUCKET, PREFIX, StalledPut, Store, stub_of
 
-from bench.services import TlsProxy, ValkeyServer
+from bench.services import MotoServer, TlsProxy, ValkeyServer
 from drive_client import AsyncDrive, Drive
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drived.backends.s3 import PART_SIZE
@@ -60,9 +60,9 @@ PASSWORD = "cluster-pw-never-shown"
 class Cluster:
     """One moto_server with the storage bucket, one valkey-server, and replicas sharing both."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, moto: MotoServer | None = None) -> None:
         self.work = work
-        self.store = Store(work)
+        self.store = Store(work, moto)
         self.valkey = ValkeyServer(work, password=PASSWORD)
         self.name = f"redis://127.0.0.1:{self.valkey.port}/0"  # how errors name it: without the password
 
@@ -99,10 +99,18 @@ def replicas(cluster: Cluster) -> list[DaemonHandle]:
     return [cluster.replica() for _ in range(3)]
 
 
+@pytest.fixture(scope="module")
+def own_clusters_moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """The moto_server of every `own_cluster`: no test kills it (they stop it for a while, and go on with it), and
+    each cluster empties it first."""
+    with MotoServer(tmp_path_factory.mktemp("own-clusters-moto")) as moto:
+        yield moto
+
+
 @pytest.fixture
-def own_cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """A cluster for a test that kills or stops its parts."""
-    made = Cluster(tmp_path)
+def own_cluster(tmp_path: Path, own_clusters_moto: MotoServer) -> Iterator[Cluster]:
+    """A cluster for a test that kills or stops its parts: its own replicas and valkey-server, and an empty store."""
+    made = Cluster(tmp_path, own_clusters_moto)
     try:
         yield made
     finally:

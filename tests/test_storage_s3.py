@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,12 +74,19 @@ def s3_client(url: str):
 
 
 class Store:
-    """One moto_server with the storage bucket, and daemons started on it."""
+    """One moto_server with the storage bucket, and daemons started on it.
 
-    def __init__(self, work: Path) -> None:
+    `moto`: a moto_server already running (kept running by `close`), emptied first (moto's reset) for a store as
+    new as one started here, without a process's start.
+    """
+
+    def __init__(self, work: Path, moto: MotoServer | None = None) -> None:
         self.work = work
-        self.moto = MotoServer(work)
+        self.moto = moto or MotoServer(work)
+        self.own_moto = moto is None
         self.url = self.moto.url
+        if not self.own_moto:
+            urllib.request.urlopen(urllib.request.Request(f"{self.url}/moto-api/reset", method="POST"), timeout=10)
         self.client = s3_client(self.url)
         self.client.create_bucket(Bucket=BUCKET)
         self.daemons: list[DaemonHandle] = []
@@ -109,7 +117,8 @@ class Store:
     def close(self) -> None:
         for handle in self.daemons:
             handle.stop(signal.SIGTERM, timeout=20)
-        self.moto.stop()
+        if self.own_moto:
+            self.moto.stop()
 
 
 @pytest.fixture(scope="module")
