@@ -156,8 +156,11 @@ def test_connections_that_never_finish_their_handshake_or_stay_without_calls_are
             silent_connections(handle.endpoint, 5, first=preface) as idle:
         assert wait_until(lambda: all(map(closed_by_peer, silent + idle)), 15)
     with grpc.insecure_channel(handle.endpoint) as channel:  # a client's channel reconnects at its next call
+        states: list[grpc.ChannelConnectivity] = []
+        channel.subscribe(states.append)
         stub = drive_pb2_grpc.DriveServiceStub(channel)
         raw_put(stub, "lit://idle", "f.txt", b"one")
-        time.sleep(3)
+        ready, idle = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE
+        assert wait_until(lambda: ready in states and states[-1] == idle, 15), states  # the daemon closed it
         [(_, got)] = raw_get(stub, "lit://idle", "f.txt")
         assert got == b"one"
