@@ -31,65 +31,69 @@ os.lstat = lstat
 """
 
 
-def test_the_check_of_other_components_leaves_the_daemon_serving(start_daemon, tmp_path: pathlib.Path, drive_uri):
+@pytest.fixture
+def slow_component_drive(start_daemon, tmp_path: pathlib.Path, drive_uri: str
+                         ) -> Iterator[tuple[drive_pb2_grpc.DriveServiceStub, pathlib.Path, pathlib.Path]]:
+    """A daemon whose looks on disk in component 'slow_component' (which holds taken.txt; 'writer' holds mine.txt)
+    hang from now until `pause` is removed: yields a stub, `pause` and `reached` (made once a look hangs); then
+    checks that the data dir is as it was."""
+    pause, reached = tmp_path / "pause", tmp_path / "reached"
+    handle = start_daemon(tmp_path, before=SLOW_LOOKS.format(pause=str(pause), reached=str(reached)))
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, drive_uri, "taken.txt", b"first", component="slow_component")
+        raw_put(stub, drive_uri, "mine.txt", b"mine", component="writer")
+        before = snapshot(handle.data_dir / "objects")
+        reached.unlink(missing_ok=True)  # the puts above looked at the component too
+        pause.touch()
+        try:
+            yield stub, pause, reached
+        finally:
+            pause.unlink(missing_ok=True)
+        assert snapshot(handle.data_dir / "objects") == before
+
+
+def test_the_check_of_other_components_leaves_the_daemon_serving(slow_component_drive, drive_uri):
     """A put with allow_duplicates=False looks for its path in every other component (one look each on disk): in a
     drive of 10,000 components that took 0.27 s, on the event loop, so every other call of the daemon waited. Here
     one component's look hangs (a slow disk): a stat of another file is answered meanwhile, and the put, once the
     look ends, is refused as before, storing nothing."""
-    pause, reached = tmp_path / "pause", tmp_path / "reached"
-    handle = start_daemon(tmp_path, before=SLOW_LOOKS.format(pause=str(pause), reached=str(reached)))
-    with grpc.insecure_channel(handle.endpoint) as channel:
-        stub = drive_pb2_grpc.DriveServiceStub(channel)
-        raw_put(stub, drive_uri, "taken.txt", b"first", component="slow_component")
-        raw_put(stub, drive_uri, "mine.txt", b"mine", component="writer")
-        before = snapshot(handle.data_dir / "objects")
-        reached.unlink(missing_ok=True)  # the puts above looked at the component too
-        pause.touch()
-        put = Background(lambda: raw_put(stub, drive_uri, "taken.txt", b"second", component="writer"))
-        put.start()
-        try:
-            assert wait_until(reached.exists, timeout=30), "the put never looked in the other component"
-            answer = stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="mine.txt", component="writer"), timeout=10)
-            assert answer.size == 4 and put.is_alive()  # answered while the put's look hangs
-        finally:
-            pause.unlink()
-        with pytest.raises(grpc.RpcError) as refused:
-            put.join_checked()
-        assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
-        assert "is already held by component 'slow_component'" in refused.value.details()
-        assert snapshot(handle.data_dir / "objects") == before
+    stub, pause, reached = slow_component_drive
+    put = Background(lambda: raw_put(stub, drive_uri, "taken.txt", b"second", component="writer"))
+    put.start()
+    try:
+        assert wait_until(reached.exists, timeout=30), "the put never looked in the other component"
+        answer = stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="mine.txt", component="writer"), timeout=10)
+        assert answer.size == 4 and put.is_alive()  # answered while the put's look hangs
+    finally:
+        pause.unlink()
+    with pytest.raises(grpc.RpcError) as refused:
+        put.join_checked()
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "is already held by component 'slow_component'" in refused.value.details()
 
 
-def test_a_stat_that_names_no_component_leaves_the_daemon_serving(start_daemon, tmp_path: pathlib.Path, drive_uri):
+def test_a_stat_that_names_no_component_leaves_the_daemon_serving(slow_component_drive, drive_uri):
     """A stat or get that names no component looks for its path in every component of the drive: in a drive of
     10,000 components that took 0.3-0.8 s on the event loop, so any reader repeating such stats held every other call
     of the daemon. Here one component's look hangs (a slow disk): a stat that names a component is answered
     meanwhile, and the stat that names none, once the look ends, finds the file as before."""
-    pause, reached = tmp_path / "pause", tmp_path / "reached"
-    handle = start_daemon(tmp_path, before=SLOW_LOOKS.format(pause=str(pause), reached=str(reached)))
-    with grpc.insecure_channel(handle.endpoint) as channel:
-        stub = drive_pb2_grpc.DriveServiceStub(channel)
-        raw_put(stub, drive_uri, "taken.txt", b"first", component="slow_component")
-        raw_put(stub, drive_uri, "mine.txt", b"mine", component="writer")
-        before = snapshot(handle.data_dir / "objects")
-        reached.unlink(missing_ok=True)  # the puts above looked at the component too
-        pause.touch()
-        stat = Background(lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="taken.txt"), timeout=60))
-        stat.start()
-        try:
-            assert wait_until(reached.exists, timeout=30), "the stat never looked in the component"
-            answer = stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="mine.txt", component="writer"), timeout=10)
-            assert answer.size == 4 and stat.is_alive()  # answered while the other stat's look hangs
-        finally:
-            pause.unlink()
-        found = stat.join_checked()
-        assert (found.component, found.size) == ("slow_component", 5)
-        below_a_file = drive_pb2.StatRequest(drive=drive_uri, path="taken.txt/x")
-        with pytest.raises(grpc.RpcError) as missing:
-            stub.Stat(below_a_file, timeout=10)
-        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "'taken.txt/x' in " in missing.value.details() and "does not exist" in missing.value.details()
-        assert snapshot(handle.data_dir / "objects") == before
+    stub, pause, reached = slow_component_drive
+    stat = Background(lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="taken.txt"), timeout=60))
+    stat.start()
+    try:
+        assert wait_until(reached.exists, timeout=30), "the stat never looked in the component"
+        answer = stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="mine.txt", component="writer"), timeout=10)
+        assert answer.size == 4 and stat.is_alive()  # answered while the other stat's look hangs
+    finally:
+        pause.unlink()
+    found = stat.join_checked()
+    assert (found.component, found.size) == ("slow_component", 5)
+    below_a_file = drive_pb2.StatRequest(drive=drive_uri, path="taken.txt/x")
+    with pytest.raises(grpc.RpcError) as missing:
+        stub.Stat(below_a_file, timeout=10)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "'taken.txt/x' in " in missing.value.details() and "does not exist" in missing.value.details()
 
 
 COUNTED_WALKS = """
