@@ -61,6 +61,10 @@ GET_PAGE = 1000  # files a folder get walks at a time
 # folder on the local backend reads the folder's entries again (its deletes changed it), 0.3 s for 200,000 of them.
 DELETE_PAGE = 10_000
 DELETE_BATCH = 100  # files a folder delete removes at most after one confirm of its claim (one round trip)
+# A List naming no component reads each of up to this many components as it does one it names; past them, only those
+# `Backend.holders` says may hold its path. Asking costs each that does a request more on S3, which a few pay for
+# nothing; the many that hold nothing there (most, in a drive of thousands) cost one lstat or LIST, not a folder read.
+FEW_COMPONENTS = 8
 
 T = TypeVar("T")
 log = logging.getLogger("drived")
@@ -513,10 +517,14 @@ class ManagedDrives:
         message would be full (its names say how long its entries are), before
         any of its files is stat'ed. A page whose every file went away since its
         folder was read is passed over: a page with more after it has an entry
-        to go on from.
+        to go on from. Of many components, only those that may hold the path
+        are read (`FEW_COMPONENTS`).
         """
         drive, path, limit, start_after = listing.drive.name, listing.path, listing.limit, listing.start_after
         components = [listing.component] if listing.component else await self.components(drive)
+        if path and len(components) > FEW_COMPONENTS:  # every component holds the top
+            held = await self.backend.holders([component_key(drive, c) for c in components], path)
+            components = [components[i] for i in held]
         while True:
             page: list[tuple[str, list[tuple[str, bool]]]] = []  # path, (component, is a folder) in component order
             more = False

@@ -622,6 +622,31 @@ def test_a_stat_that_names_no_component_asks_one_request_of_each_that_holds_noth
     assert store.object_keys() == before
 
 
+def test_a_list_that_names_no_component_asks_one_request_of_each_that_holds_nothing(store, tmp_path, drive_uri):
+    """A List that names no component asked the store, for each component of its drive, a LIST of the path's folder
+    and (finding nothing there) a HEAD of the path, one component after the other: in a drive of 10,000 components,
+    some 20,000 round trips for a List of one file. A component that holds no key beginning with the path (most)
+    costs one LIST, asked for several components at once; those that do are read as before."""
+    asked = tmp_path / "asked"
+    handle = store.daemon(before=COUNTED_REQUESTS.format(asked=str(asked)))
+    stub = stub_of(handle)
+    others = [f"c{i:02}" for i in range(20)]
+    for other in others:
+        raw_put(stub, drive_uri, f"{other}.txt", b"elsewhere", component=other)
+    raw_put(stub, drive_uri, "a/b", b"held", component="holder")
+    raw_put(stub, drive_uri, "a/c", b"also held", component="holder")
+    before = store.object_keys()
+    prefix = f"{PREFIX}{drive_uri.removeprefix('lit://')}/"
+    for path, page in [("a/b", [("a/b", "holder", 4)]), ("a", [("a/b", "holder", 4), ("a/c", "holder", 9)]),
+                       ("a/b/c", [])]:
+        asked.unlink()
+        answer = stub.List(drive_pb2.ListRequest(drive=drive_uri, path=path), timeout=60)
+        assert [(e.path, e.component, e.size) for e in answer.entries] == page and not answer.next_page_token
+        requests = asked.read_text().split()
+        assert sum(r.startswith(tuple(f"{prefix}{o}/" for o in others)) for r in requests) == len(others), requests
+    assert store.object_keys() == before
+
+
 def test_the_quota_is_counted_from_the_store(store, drive_uri):
     first = store.daemon("--quota", "3M")
     stub = stub_of(first)

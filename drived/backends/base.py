@@ -419,8 +419,9 @@ class Backend(abc.ABC):
         """The indices, in order, of those of folders `roots` that may hold `path` (an object, or a folder): every
         one that does, and few that do not; each is then asked `stat` and `is_folder`, which tell.
 
-        A stat or get that names no component asks this of all of its drive's components: it must not cost each
-        of them what a `stat` and an `is_folder` cost, nor hold the event loop for all of them.
+        A stat or get that names no component asks this of all of its drive's components, and so does a List in a
+        drive of many: it must not cost each of them what a `stat` and an `is_folder` (or a folder read) cost, nor
+        hold the event loop for all of them.
         """
 
     @abc.abstractmethod
