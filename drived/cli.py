@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import signal
 import sys
@@ -19,6 +20,12 @@ from . import config, logs
 
 try:
     from . import server
+
+    # boto3 and redis load only once used (--storage, an s3:// drive, --coordinator): that they are installed is
+    # checked now, so a daemon without them still says so as it starts.
+    for lazy in ("boto3", "redis"):
+        if importlib.util.find_spec(lazy) is None:
+            raise ModuleNotFoundError(name=lazy)
 except ImportError as missing:  # `pip install drived` gives the client only
     raise SystemExit(
         f"drived: the daemon's dependencies are not installed ({missing.name} is missing): "

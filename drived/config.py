@@ -20,7 +20,6 @@ from drive_client.uri import parse_drive
 
 from .auth import SENDABLE, sendable
 from .coordinator import CLAIM_TTL
-from .redis_coordinator import check_url_options
 
 MAX_CHUNK_SIZE = 3 << 20  # stays under gRPC's 4 MiB default message limit with room to spare
 MESSAGE_LIMIT = MAX_CHUNK_SIZE + (1 << 20)  # the daemon's, both ways: a chunk and room for the message around it
@@ -254,6 +253,8 @@ def _coordinator(text: str) -> str:
         )
     if parts.path.strip("/") and not parts.path.strip("/").isdigit():
         raise argparse.ArgumentTypeError(f"the database after the port is a number, like /0 (port {port})")
+    from .redis_coordinator import check_url_options  # redis loads only with --coordinator
+
     try:
         check_url_options(text)
     except ValueError as err:

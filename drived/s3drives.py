@@ -31,7 +31,6 @@ from .requests import (
 )
 from .s3index.index import S3Entry
 from .s3index.mounts import S3Mounts
-from .s3index.reader import read_object
 
 
 def _entry(e: S3Entry) -> Entry:
@@ -71,6 +70,10 @@ class S3Drives:
 
     def _read(self, drive: DriveId, e: S3Entry, offset: int = 0, limit: int = 0) -> Chunks:
         """The object's bytes, with their CRC32C: from what S3 sent, as drived keeps no checksums of s3:// objects."""
+        # Loaded here, not at start-up, as it loads boto3: by now the mount that indexed `e` has loaded boto3 on its
+        # worker thread (`S3Mounts`), so this costs the event loop little.
+        from .s3index.reader import read_object
+
         summed = RunningCrc32c()
         chunks = read_object(
             drive.bucket, drive.prefix + e.path, etag=e.etag, size=e.size,

@@ -26,7 +26,6 @@ from . import metrics
 from .auth import Access, TokenFileError
 from .backends.base import Backend
 from .backends.local import DataDirInUse, LocalBackend
-from .backends.s3 import S3Backend
 from .config import MESSAGE_LIMIT, Config
 from .coordinator import Coordinator
 from .descriptors import Descriptors
@@ -34,7 +33,6 @@ from .drives import DriveRouter
 from .events import InProcessCoordinator
 from .limits import Streams
 from .managed import ManagedDrives
-from .redis_coordinator import RedisCoordinator, coordinator_name
 from .s3drives import S3Drives
 from .s3index.mounts import S3Mounts
 from .service import DriveService, reading_as_drive_service
@@ -85,6 +83,8 @@ class Health(health.aio.HealthServicer):
 def make_backend(config: Config, descriptors: Descriptors) -> Backend:
     """The backend of managed drives: the data dir, or the S3 location of --storage."""
     if config.storage:
+        from .backends.s3 import S3Backend  # boto3 loads only with --storage: a data dir's daemon starts faster
+
         where = parse_drive(config.storage)
         return S3Backend(where.bucket, where.prefix, config.chunk_size, config.upload_expiry,
                          config.stream_idle_timeout)
@@ -97,6 +97,8 @@ def make_backend(config: Config, descriptors: Descriptors) -> Backend:
 def make_coordinator(config: Config) -> Coordinator:
     """The coordinator of managed drives: in-process, or the Redis/Valkey of --coordinator."""
     if config.coordinator:
+        from .redis_coordinator import RedisCoordinator  # redis loads only with --coordinator
+
         return RedisCoordinator(config.coordinator, config.claim_ttl, upload_expiry=config.upload_expiry)
     return InProcessCoordinator()
 
@@ -241,6 +243,8 @@ async def serve(config: Config) -> None:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     where = {"storage": config.storage} if config.storage else {"data_dir": config.data_dir}
     if config.coordinator:
+        from .redis_coordinator import coordinator_name
+
         where["coordinator"] = coordinator_name(config.coordinator)  # the URL without its password
     security = {"tls": "mutual" if config.tls_client_ca else "on" if tls else "off",
                 "tokens": "on" if access.required else "off"}

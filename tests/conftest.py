@@ -517,6 +517,34 @@ def paused_reads(pause: pathlib.Path) -> str:
     return PAUSED_READS.format(pause=str(pause), reached=f"{pause}.reached")
 
 
+REFUSED_IMPORTS = """
+import importlib.abc, importlib.util, sys, threading
+
+class Refused(importlib.abc.Loader):
+    def create_module(self, spec):
+        raise ImportError(f"the test refuses to load {{spec.name}} here", name=spec.name)
+
+    def exec_module(self, module):
+        pass
+
+class Refusing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("boto3", "botocore", "redis") and {where}:
+            return importlib.util.spec_from_loader(name, Refused())
+        return None
+
+sys.meta_path.insert(0, Refusing())
+"""
+
+
+def refused_imports(on_main_thread_only: bool = False) -> str:
+    """Python for `start_daemon(before=...)`: each import of boto3, botocore or redis raises ImportError in the
+    daemon's process (`on_main_thread_only`: on its main thread, which runs the event loop). They stay findable,
+    as installed packages are (`importlib.util.find_spec`): only loading them fails."""
+    return REFUSED_IMPORTS.format(
+        where="threading.current_thread() is threading.main_thread()" if on_main_thread_only else "True")
+
+
 def read_changed(stub: drive_pb2_grpc.DriveServiceStub, pause: pathlib.Path, change: Callable[[], object],
                  request: drive_pb2.GetRequest) -> grpc.RpcError:
     """The error of a get that found its file and reads it only after `change` (on a daemon whose reads wait

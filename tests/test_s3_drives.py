@@ -21,7 +21,17 @@ from concurrent.futures import ThreadPoolExecutor
 import boto3
 import grpc
 import pytest
-from conftest import BIN, Background, DaemonHandle, free_port, held_open, rpc_code, start_daemon, wait_until
+from conftest import (
+    BIN,
+    Background,
+    DaemonHandle,
+    free_port,
+    held_open,
+    refused_imports,
+    rpc_code,
+    start_daemon,
+    wait_until,
+)
 from cutting_proxy import CuttingProxy
 from moto_server import AWS_ENV, closed_port, running_moto
 
@@ -97,6 +107,33 @@ def test_list_stat_and_get_through_the_daemon(s3, tmp_path):
     assert hashlib.sha256(big.read_bytes()).digest() == hashlib.sha256(s3["big"]).digest()
     resumed = b"".join(d.read_range("big.bin", BIG - 1000))
     assert resumed == s3["big"][-1000:]
+
+
+def test_the_first_s3_requests_load_boto3_off_the_event_loop(s3, start_daemon, tmp_path):
+    """A daemon loads boto3 at its first s3:// request, not as it starts, and on a worker thread: here any import
+    of boto3, botocore or redis on the daemon's main thread, which runs the event loop, fails. First requests of
+    every kind, at once, on two locations, are all answered, and a lit:// drive's beside them."""
+    daemon = start_daemon(tmp_path, env={**AWS_ENV, "AWS_ENDPOINT_URL": s3["url"]},
+                          before=refused_imports(on_main_thread_only=True))
+    (tmp_path / "a.txt").write_bytes(b"alpha")
+
+    def on(uri: str) -> Drive:
+        return Drive(uri, endpoint=daemon.endpoint, root_folder=tmp_path)
+
+    imagenet, val = on(f"s3://{BUCKET}/imagenet/"), on(f"s3://{BUCKET}/imagenet/val/")
+    firsts = [
+        lambda: imagenet.list("."),
+        lambda: imagenet.stat("readme.txt").size,
+        lambda: b"".join(imagenet.read_range("train/0001.jpg")),
+        lambda: val.get("unicodé.jpg", to=tmp_path / "got.jpg").read_bytes(),
+        lambda: val.mount().objects,
+        lambda: [f.path for f in on("lit://beside-s3").put("a.txt")],
+    ]
+    with ThreadPoolExecutor(len(firsts)) as pool:
+        answers = list(pool.map(lambda call: call(), firsts))
+    assert answers == [["big.bin", "empty", "readme.txt", "train", "val"], len(b"imagenet/readme.txt"),
+                       b"imagenet/train/0001.jpg", "imagenet/val/unicodé.jpg".encode(), 2, ["a.txt"]]
+    assert "Traceback" not in daemon.log()
 
 
 def test_keys_outside_the_prefix_stay_invisible(s3, tmp_path):

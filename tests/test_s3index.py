@@ -33,10 +33,11 @@ from bench.s3_listing_server import synthetic_keys
 from bench.services import S3ListingServer
 from drive_client.errors import DriveError, InvalidArgument, NotFound, PermissionDenied, StaleIndexError, Unavailable
 from drived.checksums import RunningCrc32c
-from drived.s3index import S3Entry, S3Index, S3Mounts, direct, pages, read_object, reader
+from drived.s3index import S3Entry, S3Index, S3Mounts, direct, pages, reader
 from drived.s3index.index import canonical_stamp, make_run
 from drived.s3index.lister import Lister, build_index, make_client, make_listing_client, map_error
 from drived.s3index.pages import parse_page
+from drived.s3index.reader import read_object
 
 pytestmark = pytest.mark.integration  # starts moto_server endpoints of its own
 

@@ -6,10 +6,12 @@
 - `index`: `S3Index`, the sorted, compact index (`stat` O(log n), `list` O(entries)).
 - `mounts`: `S3Mounts`, single-flight (re)indexing and the cache of current indexes.
 - `reader`: `read_object`, ranged GetObject streaming that refuses a changed object.
+
+`lister`, `direct` and `reader` load boto3, so this package loads none of them: a daemon that serves no s3:// drive
+starts without boto3 (`S3Mounts` loads it at the first mount).
 """
 
 from .index import S3Entry, S3Index
 from .mounts import S3Mounts
-from .reader import read_object
 
-__all__ = ["S3Entry", "S3Index", "S3Mounts", "read_object"]
+__all__ = ["S3Entry", "S3Index", "S3Mounts"]

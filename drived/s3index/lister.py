@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import boto3
@@ -46,7 +46,7 @@ from drive_client.errors import DriveError, NotFound, PermissionDenied, StaleInd
 
 from . import direct
 from .index import Run, S3Index
-from .pages import BadPage, Page, page_from_parsed, parse_page
+from .pages import BadPage, ListingStats, Page, page_from_parsed, parse_page
 
 MAX_DEPTH = 6  # how many folder levels a partition may be split down
 _MAX_CHAR = "\U0010ffff"  # sorts after every other character (and UTF-8 byte sequence)
@@ -140,20 +140,6 @@ def map_error(err: BaseException, client: Any, bucket: str, key: str = "") -> Dr
 
 
 # -- the parallel listing -----------------------------------------------------------------
-
-
-@dataclass
-class ListingStats:
-    """Counters shared by every listing of one owner (thread-safe increments)."""
-
-    requests: int = 0  # ListObjectsV2 calls made
-    runs: int = 0  # listings started
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, requests: int = 0, runs: int = 0) -> None:
-        with self._lock:
-            self.requests += requests
-            self.runs += runs
 
 
 @dataclass

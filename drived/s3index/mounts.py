@@ -29,7 +29,7 @@ from drive_client.errors import InvalidArgument, ResourceExhausted
 
 from .. import metrics
 from .index import S3Index
-from .lister import ListingStats, build_index, make_listing_client
+from .pages import ListingStats
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,17 @@ class S3Mounts:
 
     def _listing_client(self) -> Any:
         if self._client is None:  # created lazily, on a worker thread: boto3 setup is slow
+            from .lister import make_listing_client
+
             self._client = make_listing_client(self.concurrency + 4)
         return self._client
 
     def _index_blocking(self, bucket: str, prefix: str) -> tuple[S3Index, float]:
+        # boto3 loads here, at the first mount, on this worker thread: a daemon that serves no s3:// drive never
+        # loads it, and the event loop goes on serving while it loads (~0.2 s; Python's import lock makes the other
+        # threads wait for the one loading it)
+        from .lister import build_index
+
         t0 = time.perf_counter()
         taken = 0
 

@@ -17,11 +17,12 @@ import html
 import json
 import operator
 import re
+import threading
 import urllib.parse
 import xml.etree.ElementTree as ET
 from array import array
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .index import STAMP_WIDTH, Run, canonical_stamp
@@ -40,6 +41,21 @@ _PREFIX = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>")
 _TOKEN = re.compile(rb"<NextContinuationToken>([^<]*)</NextContinuationToken>")
 _TRUNCATED = re.compile(rb"<IsTruncated>\s*true\s*</IsTruncated>")
 _URL = re.compile(rb"<EncodingType>\s*url\s*</EncodingType>")
+
+
+@dataclass
+class ListingStats:
+    """Counters shared by every listing of one owner (thread-safe increments). Here, beside the pages, not in
+    `lister`: `S3Mounts` holds them from the daemon's start, and `lister` loads boto3, which only a mount needs."""
+
+    requests: int = 0  # ListObjectsV2 calls made
+    runs: int = 0  # listings started
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, requests: int = 0, runs: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.runs += runs
 
 
 class BadPage(ValueError):
