@@ -257,7 +257,7 @@ class Coordinator(abc.ABC):
         """How many of the drive's kept delete events were published with the request id `request` (`publish`), of
         `component`'s files at or below `path`: what the earlier attempts of a Delete removed. 0 also once the feed
         dropped them (it keeps a bounded number of events) or lost them (the coordinator's data, a lone daemon's
-        restart). One look over the kept events: one call to a shared coordinator. Raises Unavailable.
+        restart). One look over the kept events, a page a call to a shared coordinator. Raises Unavailable.
         """
 
     @abc.abstractmethod
