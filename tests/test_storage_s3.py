@@ -570,23 +570,37 @@ S3Backend._head = counted(S3Backend._head)
 """
 
 
+OTHERS = [f"c{i:02}" for i in range(20)]
+
+
+def twenty_other_components(store: Store, tmp_path: Path, drive_uri: str
+                            ) -> tuple[drive_pb2_grpc.DriveServiceStub, Path]:
+    """A daemon that writes the keys it asks the store about to `asked` (its stub, `asked`), and a drive where
+    components c00-c19 (OTHERS) each hold a file at the top and component 'holder' holds a/b."""
+    asked = tmp_path / "asked"
+    stub = stub_of(store.daemon(before=COUNTED_REQUESTS.format(asked=str(asked))))
+    for other in OTHERS:
+        raw_put(stub, drive_uri, f"{other}.txt", b"elsewhere", component=other, allow_duplicates=True)
+    raw_put(stub, drive_uri, "a/b", b"held", component="holder", allow_duplicates=True)
+    return stub, asked
+
+
+def assert_one_request_of_each_other(asked: Path, drive_uri: str) -> None:
+    """The daemon asked the store one request about each of OTHERS since `asked` was last removed."""
+    prefix = f"{PREFIX}{drive_uri.removeprefix('lit://')}/"
+    requests = asked.read_text().split()
+    assert sum(r.startswith(tuple(f"{prefix}{o}/" for o in OTHERS)) for r in requests) == len(OTHERS), requests
+
+
 def test_a_put_looks_in_each_other_component_with_one_request(store, tmp_path, drive_uri):
     """A put with allow_duplicates=False asked the store, for each other component of its drive, a HEAD of each
     part of its path and a LIST below it, one component after the other: in a drive of 10,000 components, some
     10,000 round trips for every put. A component that holds no key beginning as the path does (most) costs one
     LIST, asked for several components at once; the one that does is looked at as before."""
-    asked = tmp_path / "asked"
-    handle = store.daemon(before=COUNTED_REQUESTS.format(asked=str(asked)))
-    stub = stub_of(handle)
-    others = [f"c{i:02}" for i in range(20)]
-    for other in others:
-        raw_put(stub, drive_uri, f"{other}.txt", b"elsewhere", component=other, allow_duplicates=True)
-    raw_put(stub, drive_uri, "a/b", b"held", component="holder", allow_duplicates=True)
+    stub, asked = twenty_other_components(store, tmp_path, drive_uri)
     asked.unlink()
     raw_put(stub, drive_uri, "x/y/z", b"new", component="writer", size=3)  # small and sized: checked at its commit
-    prefix = f"{PREFIX}{drive_uri.removeprefix('lit://')}/"
-    requests = asked.read_text().split()
-    assert sum(r.startswith(tuple(f"{prefix}{o}/" for o in others)) for r in requests) == len(others), requests
+    assert_one_request_of_each_other(asked, drive_uri)
     before = store.object_keys()
     with pytest.raises(grpc.RpcError) as refused:
         raw_put(stub, drive_uri, "a/b/c", b"below a file", component="writer")
@@ -600,19 +614,11 @@ def test_a_stat_that_names_no_component_asks_one_request_of_each_that_holds_noth
     and a LIST below it, one component after the other: in a drive of 10,000 components, some 20,000 round trips
     for every such stat. A component that holds no key beginning with the path (most) costs one LIST, asked for
     several components at once; the one that does is looked at as before."""
-    asked = tmp_path / "asked"
-    handle = store.daemon(before=COUNTED_REQUESTS.format(asked=str(asked)))
-    stub = stub_of(handle)
-    others = [f"c{i:02}" for i in range(20)]
-    for other in others:
-        raw_put(stub, drive_uri, f"{other}.txt", b"elsewhere", component=other)
-    raw_put(stub, drive_uri, "a/b", b"held", component="holder")
+    stub, asked = twenty_other_components(store, tmp_path, drive_uri)
     asked.unlink()
     found = stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="a/b"), timeout=60)
     assert (found.component, found.size) == ("holder", 4)
-    prefix = f"{PREFIX}{drive_uri.removeprefix('lit://')}/"
-    requests = asked.read_text().split()
-    assert sum(r.startswith(tuple(f"{prefix}{o}/" for o in others)) for r in requests) == len(others), requests
+    assert_one_request_of_each_other(asked, drive_uri)
     assert [(info.component, data) for info, data in raw_get(stub, drive_uri, "a/b")] == [("holder", b"held")]
     before = store.object_keys()
     with pytest.raises(grpc.RpcError) as missing:
@@ -627,23 +633,15 @@ def test_a_list_that_names_no_component_asks_one_request_of_each_that_holds_noth
     and (finding nothing there) a HEAD of the path, one component after the other: in a drive of 10,000 components,
     some 20,000 round trips for a List of one file. A component that holds no key beginning with the path (most)
     costs one LIST, asked for several components at once; those that do are read as before."""
-    asked = tmp_path / "asked"
-    handle = store.daemon(before=COUNTED_REQUESTS.format(asked=str(asked)))
-    stub = stub_of(handle)
-    others = [f"c{i:02}" for i in range(20)]
-    for other in others:
-        raw_put(stub, drive_uri, f"{other}.txt", b"elsewhere", component=other)
-    raw_put(stub, drive_uri, "a/b", b"held", component="holder")
+    stub, asked = twenty_other_components(store, tmp_path, drive_uri)
     raw_put(stub, drive_uri, "a/c", b"also held", component="holder")
     before = store.object_keys()
-    prefix = f"{PREFIX}{drive_uri.removeprefix('lit://')}/"
     for path, page in [("a/b", [("a/b", "holder", 4)]), ("a", [("a/b", "holder", 4), ("a/c", "holder", 9)]),
                        ("a/b/c", [])]:
         asked.unlink()
         answer = stub.List(drive_pb2.ListRequest(drive=drive_uri, path=path), timeout=60)
         assert [(e.path, e.component, e.size) for e in answer.entries] == page and not answer.next_page_token
-        requests = asked.read_text().split()
-        assert sum(r.startswith(tuple(f"{prefix}{o}/" for o in others)) for r in requests) == len(others), requests
+        assert_one_request_of_each_other(asked, drive_uri)
     assert store.object_keys() == before
 
 
