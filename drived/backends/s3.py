@@ -1244,14 +1244,11 @@ class S3Backend(Backend):
         return (path, True) if folder else None
 
     async def first_occupant(self, roots: Sequence[str], path: str) -> tuple[int, str, bool] | None:
-        """As `Backend.first_occupant`, ROOTS_AT_ONCE roots at a time, each with one LIST of the keys that begin as
-        `path` does: a root that holds none (most of them) costs that request, not a HEAD of each part and a LIST."""
-        for start in range(0, len(roots), ROOTS_AT_ONCE):
-            group = roots[start:start + ROOTS_AT_ONCE]
-            found = await asyncio.gather(*(self._occupant_if_begun(root, path) for root in group))
-            for i, held in enumerate(found, start):
-                if held is not None:
-                    return i, *held
+        """As `Backend.first_occupant`, with one LIST of each root's keys that begin as `path` does: a root that
+        holds none (most of them) costs that request, not a HEAD of each part and a LIST."""
+        async for i, held in self._each_root(roots, lambda root: self._occupant_if_begun(root, path)):
+            if held is not None:
+                return i, *held
         return None
 
     async def _occupant_if_begun(self, root: str, path: str) -> tuple[str, bool] | None:
@@ -1261,18 +1258,23 @@ class S3Backend(Backend):
         return await self.occupant(root, path)
 
     async def holders(self, roots: Sequence[str], path: str) -> list[int]:
-        """As `Backend.holders`, ROOTS_AT_ONCE roots at a time, each with one LIST of the keys that begin with
-        `path`: a root that holds none (most of them) costs that request, not a HEAD and a LIST."""
-        held: list[int] = []
-        for start in range(0, len(roots), ROOTS_AT_ONCE):
-            group = roots[start:start + ROOTS_AT_ONCE]
-            begun = await asyncio.gather(*(self._begun(f"{root}/{path}") for root in group))
-            held += [i for i, found in enumerate(begun, start) if found]
-        return held
+        """As `Backend.holders`, with one LIST of each root's keys that begin with `path`: a root that holds none
+        (most of them) costs that request, not a HEAD and a LIST."""
+        return [i async for i, found in self._each_root(roots, lambda root: self._begun(f"{root}/{path}")) if found]
 
-    async def _begun(self, begun: str) -> bool:
-        """Whether a key begins with `begun` (itself a key): one LIST of at most one key."""
-        answer = await self.call("list_objects_v2", begun, Prefix=self.root + begun, MaxKeys=1)
+    @staticmethod
+    async def _each_root(roots: Sequence[str], look: Callable[[str], Awaitable[T]]) -> AsyncIterator[tuple[int, T]]:
+        """(index, `look(root)`) of each of `roots` in order, ROOTS_AT_ONCE looked at a time."""
+        for start in range(0, len(roots), ROOTS_AT_ONCE):
+            found = await asyncio.gather(*(look(root) for root in roots[start:start + ROOTS_AT_ONCE]))
+            for i, answer in enumerate(found, start):
+                yield i, answer
+
+    async def _begun(self, key: str, folder: bool = False) -> bool:
+        """Whether a key begins with `key` (with `folder`, with the folder `key`'s prefix): one LIST of at most one
+        key."""
+        prefix = self._folder(key) if folder else self.root + key
+        answer = await self.call("list_objects_v2", key, Prefix=prefix, MaxKeys=1)
         return bool(answer.get("KeyCount") or answer.get("Contents"))
 
     async def _occupied(self, keys: list[str], folder: str) -> tuple[list[bool], bool]:
@@ -1281,8 +1283,7 @@ class S3Backend(Backend):
         return [answer is not None for answer in objects], bool(held)
 
     async def is_folder(self, key: str) -> bool:
-        answer = await self.call("list_objects_v2", key, Prefix=self._folder(key), MaxKeys=1)
-        return bool(answer.get("KeyCount") or answer.get("Contents"))
+        return await self._begun(key, folder=True)
 
     async def _pages(self, prefix: str, delimited: bool, start_after: str, limit: int | None
                      ) -> AsyncIterator[dict[str, Any]]:
