@@ -61,9 +61,10 @@ GET_PAGE = 1000  # files a folder get walks at a time
 # folder on the local backend reads the folder's entries again (its deletes changed it), 0.3 s for 200,000 of them.
 DELETE_PAGE = 10_000
 DELETE_BATCH = 100  # files a folder delete removes at most after one confirm of its claim (one round trip)
-# A List naming no component reads each of up to this many components as it does one it names; past them, only those
-# `Backend.holders` says may hold its path. Asking costs each that does a request more on S3, which a few pay for
-# nothing; the many that hold nothing there (most, in a drive of thousands) cost one lstat or LIST, not a folder read.
+# A stat, get or List naming no component looks in each of up to this many components as in one it names; past them,
+# only in those `Backend.holders` says may hold its path. Asking costs each that does a request more on S3, which a few
+# pay for nothing; the many that hold nothing there (most, in a drive of thousands) cost one lstat or LIST each, not a
+# stat and a folder check, or a folder read.
 FEW_COMPONENTS = 8
 
 T = TypeVar("T")
@@ -326,14 +327,20 @@ class ManagedDrives:
         with _named(drive, component, path):
             return await self.backend.stat(object_key(drive, component, path))
 
+    async def _may_hold(self, drive: str, components: list[str], path: str) -> list[str]:
+        """Those of `components` that may hold `path`: all of a few, those `Backend.holders` names of many (a drive may
+        have thousands)."""
+        if len(components) <= FEW_COMPONENTS:
+            return components
+        held = await self.backend.holders([component_key(drive, c) for c in components], path)
+        return [components[i] for i in held]
+
     async def _locate(self, drive: str, path: str, component: str) -> list[tuple[str, ObjectInfo | None]]:
         """Which components hold `path`: (component, file info), or (component, None) for a folder."""
         components = [component] if component else await self.components(drive)
         if not path:
             return [(c, None) for c in components if await self.backend.is_folder(component_key(drive, c))]
-        if len(components) > 1:  # a drive may have very many: only those that may hold the path are looked at here
-            held = await self.backend.holders([component_key(drive, c) for c in components], path)
-            components = [components[i] for i in held]
+        components = await self._may_hold(drive, components, path)
         hits: list[tuple[str, ObjectInfo | None]] = []
         for c in components:
             key = object_key(drive, c, path)
@@ -522,9 +529,8 @@ class ManagedDrives:
         """
         drive, path, limit, start_after = listing.drive.name, listing.path, listing.limit, listing.start_after
         components = [listing.component] if listing.component else await self.components(drive)
-        if path and len(components) > FEW_COMPONENTS:  # every component holds the top
-            held = await self.backend.holders([component_key(drive, c) for c in components], path)
-            components = [components[i] for i in held]
+        if path:  # every component holds the top
+            components = await self._may_hold(drive, components, path)
         while True:
             page: list[tuple[str, list[tuple[str, bool]]]] = []  # path, (component, is a folder) in component order
             more = False

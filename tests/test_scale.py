@@ -16,8 +16,9 @@ from drive_client.pb import drive_pb2, drive_pb2_grpc
 
 SLOW_LOOKS = """
 import os, time
-import drived.backends.local
-drived.backends.local.INLINE_ROOTS = 0  # two components looked in as 10,000 are: in a worker thread
+import drived.backends.local, drived.managed
+# two components looked in as 10,000 are: asked which may hold the path, in a worker thread
+drived.managed.FEW_COMPONENTS = drived.backends.local.INLINE_ROOTS = 0
 _lstat = os.lstat
 
 def lstat(path, *args, **kwargs):

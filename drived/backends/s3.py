@@ -1244,9 +1244,11 @@ class S3Backend(Backend):
         return (path, True) if folder else None
 
     async def first_occupant(self, roots: Sequence[str], path: str) -> tuple[int, str, bool] | None:
-        """As `Backend.first_occupant`, with one LIST of each root's keys that begin as `path` does: a root that
-        holds none (most of them) costs that request, not a HEAD of each part and a LIST."""
-        async for i, held in self._each_root(roots, lambda root: self._occupant_if_begun(root, path)):
+        """As `Backend.first_occupant`. Of many roots, each is first asked one LIST of its keys that begin as `path`
+        does: a root that holds none (most of them) costs that request, not a HEAD of each part and a LIST. A few
+        (one round of ROOTS_AT_ONCE) are looked in directly: the LIST would be a round trip more for those that do."""
+        look = self.occupant if len(roots) <= ROOTS_AT_ONCE else self._occupant_if_begun
+        async for i, held in self._each_root(roots, lambda root: look(root, path)):
             if held is not None:
                 return i, *held
         return None
