@@ -254,8 +254,13 @@ def put(drive: DriveBase, path: str | os.PathLike[str], to: str | None, progress
             [info] = yield from _put_stream(drive, header, files, progress, whole)
             return [FileStat.from_info(info)]
     stored: list[pb.FileInfo] = []
-    for first in range(0, len(files), PUT_STREAM_FILES):
-        stored += yield from _put_stream(drive, header, files[first:first + PUT_STREAM_FILES], progress)
+    try:
+        for first in range(0, len(files), PUT_STREAM_FILES):
+            stored += yield from _put_stream(drive, header, files[first:first + PUT_STREAM_FILES], progress)
+    except DriveError as err:
+        if err.code is None and len(files) > 1:  # a local file failed (it names it); its stream ended there
+            err.message += " (a folder put: the files before it in path order may be stored, none after it)"
+        raise
     return [FileStat.from_info(info) for info in stored]
 
 

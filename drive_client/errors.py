@@ -63,7 +63,8 @@ class AlreadyExists(DriveError, FileExistsError):
 
 
 class PermissionDenied(DriveError, PermissionError):
-    """A write to a read-only drive, a right the token lacks, or a local folder or file a get may not write."""
+    """A write to a read-only drive, a right the token lacks, or a local folder or file a get may not write or a put
+    may not read."""
 
     status = grpc.StatusCode.PERMISSION_DENIED
 
@@ -158,8 +159,8 @@ class IsADirectory(DriveError, IsADirectoryError):
 
 
 class LocalFileError(DriveError, OSError):
-    """Any other error of the local file system a get writes to; `.errno`, `.strerror` and `.filename` are the
-    system's."""
+    """Any other error of the local file system a get writes to or a put reads (EIO); `.errno`, `.strerror` and
+    `.filename` are the system's."""
 
 
 class Unimplemented(DriveError, NotImplementedError):

@@ -112,8 +112,15 @@ def local_files(local: Path, remote: str) -> list[tuple[Path, str]]:
 
     Each file's drive path is checked here (`normalize_path`): a name no drive path can be (not UTF-8, a
     control character, too long) is refused before any file is sent, naming it, and so are two files whose
-    names differ only by their Unicode normalisation, which a drive keeps as one path (`uri.drive_path`).
+    names differ only by their Unicode normalisation, which a drive keeps as one path (`uri.drive_path`). A folder
+    or file that cannot be read is the DriveError of its error (`_read_errors`).
     """
+    with _read_errors(local, "nothing was stored"):
+        return _files_under(local, remote)
+
+
+def _files_under(local: Path, remote: str) -> list[tuple[Path, str]]:
+    """`local_files`, raising the errors of the local file system as they are."""
     if local.is_file():
         return [(local, remote)]
     if not local.is_dir():
@@ -196,7 +203,7 @@ def put_requests(
     ids = iter(upload_ids)
     for local, remote in files:
         upload_id, start, offset = next(ids, ""), offset, 0
-        with _open_to_put(local) as f:
+        with _read_errors(local, "nothing of it was stored"), _open_to_put(local) as f:
             opened = _version(f)
             if versions is not None:
                 opened = versions.setdefault(local, opened)
@@ -273,7 +280,7 @@ def _check_unchanged(f: BinaryIO, opened: Version, local: Path) -> None:
 def small_file_request(header: pb.PutHeader, local: Path, remote: str, sha256: bool = False
                        ) -> pb.PutFileRequest | None:
     """A PutFile request carrying the whole of `local`, or None when it is bigger than `SMALL_FILE`."""
-    with _open_to_put(local) as f:
+    with _read_errors(local, "nothing of it was stored"), _open_to_put(local) as f:
         opened = _version(f)
         if opened[0] > SMALL_FILE:
             return None
@@ -465,10 +472,28 @@ def _local_errors(target: Path) -> Iterator[None]:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ResourceExhausted(f"the local disk is full: {str(target)!r} could not be written ({kept}): free "
                                     "some space and get it again") from err
-        error = _LOCAL_ERRORS.get(type(err), LocalFileError)(
-            f"{str(target)!r} could not be written: {err.strerror or err} ({kept})")
-        error.errno, error.strerror, error.filename = err.errno, err.strerror, err.filename
-        raise error from err
+        raise _local_error(err, f"{str(target)!r} could not be written", kept) from err
+
+
+@contextlib.contextmanager
+def _read_errors(local: Path, stored: str) -> Iterator[None]:
+    """Raises an error of the local file system, met while a put lists or reads `local`, as a get's are raised
+    (`_local_errors`): the DriveError of its built-in type, else `LocalFileError`, naming the path (the system's,
+    when it names one) and saying what was `stored`."""
+    try:
+        yield
+    except DriveError:
+        raise
+    except OSError as err:
+        raise _local_error(err, f"local path {str(err.filename or local)!r} could not be read", stored) from err
+
+
+def _local_error(err: OSError, failed: str, outcome: str) -> OSError:
+    """The DriveError of `err`'s built-in type (`_LOCAL_ERRORS`), saying what `failed`, the system's reason and the
+    `outcome`, with the system's `errno`, `strerror` and `filename`."""
+    error = _LOCAL_ERRORS.get(type(err), LocalFileError)(f"{failed}: {err.strerror or err} ({outcome})")
+    error.errno, error.strerror, error.filename = err.errno, err.strerror, err.filename
+    return error
 
 
 def crc32c_mismatch(path: str) -> DataLoss:

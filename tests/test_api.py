@@ -28,7 +28,7 @@ import grpc
 import pytest
 from conftest import MIB, Background, paused_reads, sha256_hex, snapshot, wait_until
 
-from drive_client import AmbiguousPathError, Drive, DriveError, FileStat, StaleIndexError
+from drive_client import AmbiguousPathError, Drive, DriveError, FileStat, LocalFileError, StaleIndexError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -1059,6 +1059,49 @@ def test_a_file_removed_while_its_folder_is_put_is_not_found_and_its_stored_vers
     assert d.stat("f/c.bin").sha256 == before.sha256
 
 
+# Reading /proc/self/mem from its first byte fails with EIO, in whichever process reads it: a local file whose read
+# fails as a failing disk's does, with no FUSE file system or fault injection. It is a regular file of size 0.
+FAILING_READ = pathlib.Path("/proc/self/mem")
+
+
+@pytest.mark.parametrize("put_of", ["the file", "its folder"])
+def test_a_put_whose_local_file_cannot_be_read_is_a_drive_error_naming_it(make, tmp_path, drive_uri, put_of):
+    """A read of a put's local file that failed (EIO) raised a bare OSError naming no file, which a caller catching
+    DriveError missed: it is a `LocalFileError` (an OSError too) naming the file, with the system's errno, and
+    saying what was stored; in a Put stream too, which gRPC would report as CANCELLED. The stored version of the
+    file stays; of a folder, no file after it is stored."""
+    write(tmp_path / "f" / "a.bin", os.urandom(3 * MIB))  # more than a message: the folder goes in a Put stream
+    write(tmp_path / "f" / "b.bin", "stored before")
+    d = make(drive_uri, tmp_path)
+    [before] = d.put("f/b.bin")
+    (tmp_path / "f" / "b.bin").unlink()
+    (tmp_path / "f" / "b.bin").symlink_to(FAILING_READ)
+    write(tmp_path / "f" / "c.bin", "after it")
+    with pytest.raises(DriveError, match=r"local path '.*/f/b\.bin' could not be read: Input/output error "
+                                         r"\(nothing of it was stored") as failed:
+        d.put("f/b.bin" if put_of == "the file" else "f")
+    assert isinstance(failed.value, LocalFileError) and failed.value.errno == errno.EIO
+    assert failed.value.code is None
+    if put_of == "its folder":
+        assert str(failed.value).endswith("(a folder put: the files before it in path order may be stored, none "
+                                          "after it)")
+    assert d.stat("f/b.bin").sha256 == before.sha256
+    assert d.list("f") in (["f/b.bin"], ["f/a.bin", "f/b.bin"])
+
+
+def test_drive_put_of_a_file_it_cannot_read_says_which_in_one_line(daemon, tmp_path, drive_uri):
+    """The CLI printed `drive: [Errno 5] Input/output error`, naming no file, for a folder put whose file failed."""
+    write(tmp_path / "f" / "a.txt", "a")
+    (tmp_path / "f" / "b.bin").symlink_to(FAILING_READ)
+    script = "import sys; from drive_client.cli import main; sys.exit(main())"
+    run = subprocess.run([sys.executable, "-c", script, "--endpoint", daemon.endpoint, "put", str(tmp_path / "f"),
+                          f"{drive_uri}/f"], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert re.fullmatch(r"drive: local path '.*/f/b\.bin' could not be read: Input/output error \(nothing of it "
+                        r"was stored\) \(a folder put: .*\)\n", run.stderr), run.stderr
+    assert Drive(drive_uri, endpoint=daemon.endpoint).list("f") in ([], ["f/a.txt"])
+
+
 def test_a_put_of_a_pipe_says_what_it_is(make, tmp_path, drive_uri):
     """`drive put <(make_data) lit://d/x` gives a pipe, which a put cannot size or read again after a cut: the put
     said "local path '/dev/fd/63' does not exist" of a path that exists."""
@@ -1099,13 +1142,18 @@ def test_a_folder_put_of_a_folder_holding_a_link_to_itself_is_refused_naming_it(
     assert d.list(".") == []
 
 
-def test_a_folder_put_with_a_subfolder_it_cannot_read_fails_naming_it_and_stores_nothing(
-        daemon, tmp_path, drive_uri):
+@pytest.mark.parametrize("unreadable", ["subfolder", "file"])
+def test_a_folder_put_with_a_subfolder_or_file_it_cannot_read_fails_naming_it_and_stores_nothing(
+        daemon, tmp_path, drive_uri, unreadable):
     """A folder put walked past a subfolder it could not read (the walk's errors were dropped): it answered the
-    other files as the folder, so a put of a folder a teammate's files were in lost those without a word. Run in a
-    process that file permissions bind: root's own pass them by."""
+    other files as the folder, so a put of a folder a teammate's files were in lost those without a word. Then it
+    raised a bare PermissionError, which a caller catching DriveError missed; so did a put of a file it may not
+    open: both are `PermissionDenied`, a DriveError and a PermissionError. Run in a process that file permissions
+    bind: root's own pass them by."""
     write(tmp_path / "f" / "a.txt", "a")
     secret = write(tmp_path / "f" / "secret" / "s.txt", "s").parent
+    if unreadable == "file":  # the first in path order: no file is sent before it
+        secret = write(tmp_path / "f" / "0.txt", "0")
     bound = []
     if os.geteuid() == 0:
         bound = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
@@ -1119,8 +1167,8 @@ def test_a_folder_put_with_a_subfolder_it_cannot_read_fails_naming_it_and_stores
                              capture_output=True, text=True, timeout=30)
     finally:
         secret.chmod(0o755)
-    assert run.returncode == 1 and f"PermissionError: [Errno 13] Permission denied: '{secret}'" in run.stderr, \
-        run.stderr
+    assert run.returncode == 1 and (f"drive_client.errors.PermissionDenied: local path '{secret}' could not be "
+                                    "read: Permission denied (nothing ") in run.stderr, run.stderr
     assert Drive(drive_uri, endpoint=daemon.endpoint).list(".") == []
 
 
@@ -1147,18 +1195,6 @@ def test_a_file_of_a_folder_put_replaced_by_a_pipe_before_it_is_read_is_refused_
     with pytest.raises(ValueError, match=r"f/b\.bin' is not a file .*put it again once it is one"):
         put.join_checked()
     assert d.stat("f/b.bin").sha256 == before.sha256
-
-
-def test_a_local_read_failure_in_a_put_stream_is_raised_as_itself(make, tmp_path, drive_uri):
-    """gRPC would report a request stream that failed locally as CANCELLED; the put raises the OSError."""
-    write(tmp_path / "folder" / "a.bin", os.urandom(2 * 1024 * 1024))  # more than a message: a Put stream
-    (tmp_path / "folder" / "b.bin").symlink_to("/proc/self/mem")  # a file whose read fails (EIO at offset 0)
-    d = make(drive_uri, tmp_path)
-    with pytest.raises(OSError) as failed:
-        d.put("folder")
-    assert not isinstance(failed.value, DriveError) and failed.value.errno == errno.EIO
-    assert d.list(".", component_name=d.component_name) in ([], ["folder"])  # a.bin may have committed first
-    assert [e.path for e in d.entries("folder")] in ([], ["folder/a.bin"])
 
 
 # --- Ctrl-C in a sync transfer --------------------------------------------------------------
