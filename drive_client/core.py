@@ -288,15 +288,17 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
     backoff = _backoff(drive)
     counted = PutProgress(progress) if progress else None
     while True:
+        # Each stream counts from the bytes the daemon holds of the files; the streams before it count no more.
+        sent = counted.stream(sum(info.size for info in stored) + offset) if counted else None
         try:
             if whole is not None:
                 whole.header.upload_id = ids[0]
-                if counted:  # counted as it goes, as a stream's bytes are: once, whether or not its answer comes
-                    counted(len(whole.data))
+                if sent:  # counted as it goes, as a stream's bytes are: once, whether or not its answer comes
+                    sent(len(whole.data))
                 one: pb.PutFileResponse = yield Unary("PutFile", whole)
                 return [one.file]
             reply: pb.PutResponse = yield Send("Put", put_requests(
-                header, files[start:], ids[start:], offset, progress=counted, sha256=_sha256(drive),
+                header, files[start:], ids[start:], offset, progress=sent, sha256=_sha256(drive),
                 versions=versions))
             return [*stored, *reply.files]
         except DriveError as err:
@@ -322,8 +324,6 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
         start += len(done)
         if start == len(files):
             return stored
-        if counted:
-            counted.resumed_at(sum(info.size for info in stored) + offset)
         fresh = start + 1 if offset else start
         ids[fresh:] = upload_ids(len(files) - fresh)
         if (start, offset) > reached:

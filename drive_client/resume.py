@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import threading
 import time
 from collections.abc import Callable
 
@@ -80,24 +81,39 @@ class Backoff:
 class PutProgress:
     """The progress of a put's files across the streams that carry them: each byte counted once.
 
-    A stream that goes on after a cut starts at `resumed_at` (the bytes of
-    the files before it, and those the daemon holds of the first one); what
-    it sends again up to where the broken stream got is not counted again.
+    Each stream counts through a `stream` of its own, which starts where
+    the stream does (after a cut: the bytes of the files before it, and
+    those the daemon holds of the first one); what it sends again up to
+    where the broken stream got is not counted again. A stream's counts
+    end when the next one starts: the thread reading a broken stream's
+    files may still count what it read after the put went on without it.
     """
 
     def __init__(self, progress: Callable[[int], None]) -> None:
         self._progress = progress
+        self._lock = threading.Lock()  # each stream counts from the thread that reads its files
+        self._streams = 0  # how many streams started: the last one is counted
         self._position = 0  # where the stream being sent got to, in bytes of the put's files
         self._counted = 0  # the furthest position counted so far
 
-    def resumed_at(self, position: int) -> None:
-        self._position = position
+    def stream(self, position: int) -> Callable[[int], None]:
+        """The count of a new stream starting at `position`, called with the bytes it sends as they go."""
+        with self._lock:
+            self._streams += 1
+            self._position = position
+            number = self._streams
 
-    def __call__(self, nbytes: int) -> None:
-        self._position += nbytes
-        if self._position > self._counted:
-            self._progress(self._position - self._counted)
-            self._counted = self._position
+        def count(nbytes: int) -> None:
+            with self._lock:
+                if number != self._streams:
+                    return
+                self._position += nbytes
+                new = self._position - self._counted
+                self._counted = max(self._counted, self._position)
+            if new > 0:
+                self._progress(new)
+
+        return count
 
 
 def upload_ids(count: int) -> list[str]:

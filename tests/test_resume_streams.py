@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -312,3 +313,41 @@ def test_the_progress_of_a_put_sent_again_from_its_first_byte_counts_each_byte_o
     [resent] = [p for p in requests(handle, "Put") if p["status"] == "OK"]
     assert resent["bytes"] == size  # from the first byte
     assert sum(counted) == size
+
+
+def test_the_progress_of_a_put_counts_nothing_its_cut_stream_reads_after_the_resume(twin, start_daemon, tmp_path):
+    """The thread reading a cut stream's files may go on counting after the put resumed on a new stream
+    (AsyncDrive's reads a batch of up to a MiB of messages at a time): its counts came on top of the new stream's,
+    and the put's progress passed the files' size by up to a MiB. Here the files are read slowly (the disk is what
+    the stream waits for), so that the cut comes while a batch is being read; the first count after the cut is held
+    until the new stream has counted, and the counts of what is left of that batch come after."""
+    handle = start_daemon(tmp_path)
+    src = tmp_path / "src"
+    sizes = [64 * 1024] * 160
+    digests = {f"set/f{i:03}.bin": write_random_file(src / "set" / f"f{i:03}.bin", size)
+               for i, size in enumerate(sizes)}
+    counted: list[int] = []
+    cut_stream: set[threading.Thread] = set()  # the threads that counted before the cut (not their idents: reused)
+    resumed = threading.Event()  # a thread of the new stream counted
+    held = threading.Event()
+
+    with CuttingProxy(handle.endpoint) as proxy:
+
+        def progress(nbytes: int) -> None:
+            counted.append(nbytes)
+            thread = threading.current_thread()
+            if not proxy.cuts_made:
+                cut_stream.add(thread)
+                time.sleep(0.005)  # a slow disk
+            elif thread not in cut_stream:
+                resumed.set()
+            elif not held.is_set():
+                held.set()
+                assert resumed.wait(30), "the put never resumed"
+
+        proxy.cut_after("up", 4 * MIB)
+        stored = twin("lit://progress_cut", root_folder=src, endpoint=proxy.endpoint).put("set", progress=progress)
+        assert proxy.cuts_made == 1
+    assert {s.path: s.sha256 for s in stored} == digests
+    assert all(n > 0 for n in counted)
+    assert sum(counted) == sum(sizes), f"{sum(counted) - sum(sizes)} bytes counted twice"
