@@ -268,7 +268,8 @@ class AsyncDrive(DriveBase):
         self, path: str, component_name: str | None = None, timeout: float | None = None, overwrite: bool = False,
         *, to: str | os.PathLike[str] | None = None, progress: Progress | None = None,
     ) -> Path:
-        """`Drive.get`: fetches a file (or folder) to its path under the root folder, or to `to`."""
+        """`Drive.get`: fetches a file (or folder) to its path under the root folder, or to `to`. `timeout` bounds
+        the wait for the path to appear, not the transfer after it (`asyncio.timeout` bounds the whole call)."""
         return await _AioCalls(self).run(core.get(self, path, component_name, timeout, overwrite, to, progress))
 
     def read_range(self, path: str, offset: int = 0, length: int | None = None,

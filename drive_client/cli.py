@@ -311,7 +311,8 @@ def parser() -> argparse.ArgumentParser:
     get = commands.add_parser("get", help="fetch a file or folder: drive get lit://d/path [LOCAL]")
     get.add_argument("location")
     get.add_argument("local", nargs="?")
-    get.add_argument("--timeout", type=float, help="wait up to this many seconds for the path to appear")
+    get.add_argument("--timeout", type=float,
+                     help="wait up to this many seconds for the path to appear (the transfer after it is not bounded)")
     get.add_argument("--overwrite", action="store_true", help="replace an existing local file")
     for sub in (put, get):
         sub.add_argument(

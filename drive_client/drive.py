@@ -130,7 +130,10 @@ class Drive(DriveBase):
     ) -> Path:
         """Fetches a file (or folder) to the same path under the root folder, or to `to`; returns the local path.
 
-        With `timeout`, waits up to that many seconds for the path to appear.
+        With `timeout`, waits up to that many seconds for the path to appear
+        (`TimeoutError` when it does not); it bounds that wait only: once the
+        path is there, its bytes take as long as they take (the retries of a
+        cut stream are bounded by `retry_seconds`).
         An existing local target without `overwrite=True` fails at once. A
         relative `to` is resolved under the root folder. `progress` is called
         with byte counts as they arrive.

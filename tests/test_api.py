@@ -620,6 +620,43 @@ def test_get_timeout_on_existing_file_returns_at_once(make, tmp_path, drive_uri)
     assert got.read_bytes() == b"here"
 
 
+# Python for `start_daemon(before=...)`: the daemon's reads of a file's chunks after its first each come 0.8 s late, as
+# from a slow disk.
+SLOW_READS = """
+import asyncio
+from drived.backends.local import FileChunks
+
+next_chunk = FileChunks.__anext__
+
+async def late(self):
+    if self._position > self._start:
+        await asyncio.sleep(0.8)
+    return await next_chunk(self)
+
+FileChunks.__anext__ = late
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_get_timeout_bounds_the_wait_for_the_path_not_the_transfer(twin, start_daemon, tmp_path, drive_uri):
+    """`timeout` is how long a get waits for its path to appear (DESIGN.md, the .proto's wait_seconds): once the
+    path is there, its bytes take as long as they take. Here the file is put while the get waits, and its bytes
+    then take longer than the whole timeout to come (three chunks, the last two 0.8 s late each): the get returns
+    the file, not TimeoutError."""
+    handle = start_daemon(tmp_path, before=SLOW_READS)
+    data = os.urandom(3 * MIB)
+    write(tmp_path / "src" / "slow.bin", data)
+    (tmp_path / "dst").mkdir()
+    reader = twin(drive_uri, root_folder=tmp_path / "dst", endpoint=handle.endpoint)
+    started = time.monotonic()
+    waiting = Background(lambda: reader.get("slow.bin", timeout=2))
+    waiting.start()
+    handle.wait_open("Get", 1, timeout=30)
+    Drive(drive_uri, component_name="writer", root_folder=tmp_path / "src", endpoint=handle.endpoint).put("slow.bin")
+    assert waiting.join_checked(60).read_bytes() == data
+    assert time.monotonic() - started > 2, "the get outlasted its timeout"
+
+
 def test_existing_target_fails_before_waiting(make, tmp_path, drive_uri):
     write(tmp_path / "exists.txt", "local")
     d = make(drive_uri, tmp_path)
