@@ -57,6 +57,7 @@ from .transfer import (
     no_crc32c,
     put_requests,
     receive_files,
+    refuse_special_file,
     small_file_request,
 )
 from .uri import check_component, normalize_path
@@ -128,6 +129,7 @@ def _get_request(drive: DriveBase, remote: str, target: Path, component_name: st
         raise AlreadyExists(
             f"local path {str(target)!r} exists: pass overwrite=True (`drive get --overwrite`) to replace it"
         )
+    refuse_special_file(target)
     if timeout is not None and timeout < 0:
         raise InvalidArgument(f"timeout must be >= 0, got {timeout}")
     return pb.GetRequest(

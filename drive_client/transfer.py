@@ -22,7 +22,7 @@ import threading
 import unicodedata
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
-from stat import S_ISREG
+from stat import S_ISDIR, S_ISLNK, S_ISREG
 from typing import Any, BinaryIO, Generic, TypeVar
 
 import grpc
@@ -356,6 +356,7 @@ class _Receiving:
                     ) from err
             if made is not None:
                 made.add(parent)
+        refuse_special_file(target)
         self.tmp = parent / f".{target.name[:_TMP_NAME_PREFIX]}.{os.getpid()}-{_TMP_TOKEN}-{next(_tmp_numbers)}.part"
         with _local_errors(target):  # a new file, as a new folder, takes an inode and room for its name
             self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -422,6 +423,21 @@ class _Receiving:
         # The .part file went with its folder when that was removed, or a file put in its place, while the get ran.
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self.tmp.unlink()
+
+
+def refuse_special_file(target: Path) -> None:
+    """Refuses a get's `target` that is a device, a pipe or a socket. A get puts a whole file in the target's
+    place, and in the place of a device it would remove the device (run as root, /dev/null itself); written into
+    instead, it would no longer be all or nothing."""
+    try:
+        mode = os.lstat(target).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not (S_ISREG(mode) or S_ISLNK(mode) or S_ISDIR(mode)):
+        raise InvalidArgument(
+            f"local path {str(target)!r} is a device, a pipe or a socket: a get replaces only a file or a link "
+            "(to write a file's bytes into it, `drive get LOCATION -` > it, or Drive.read_range)"
+        )
 
 
 # What link(2) answers on a file system without hard links: EPERM (FAT), EOPNOTSUPP, ENOSYS (a FUSE file system

@@ -17,6 +17,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -28,7 +29,15 @@ import grpc
 import pytest
 from conftest import MIB, Background, paused_reads, sha256_hex, snapshot, wait_until
 
-from drive_client import AmbiguousPathError, Drive, DriveError, FileStat, LocalFileError, StaleIndexError
+from drive_client import (
+    AmbiguousPathError,
+    Drive,
+    DriveError,
+    FileStat,
+    InvalidArgument,
+    LocalFileError,
+    StaleIndexError,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -471,6 +480,30 @@ def test_a_symbolic_link_at_a_gets_target_is_kept_without_overwrite_and_replaced
         d.get("a.txt", overwrite=True, to=dst / name)
     assert snapshot(dst) == {"dangling": sha256_hex(b"from the drive"), "live": sha256_hex(b"from the drive"),
                              "elsewhere.txt": sha256_hex(b"pointed to")}
+
+
+def test_a_device_or_a_pipe_at_a_gets_target_is_refused_and_kept_even_with_overwrite(make, tmp_path, drive_uri):
+    """A get puts a whole file in its target's place: over a device node that removed the node (over /dev/null,
+    run as root, /dev/null itself). A device, a pipe or a socket is refused before anything is fetched, and kept;
+    in a folder get too, where files before it are got and none after it."""
+    write(tmp_path / "a.txt", "from the drive")
+    write(tmp_path / "f" / "b.txt", "b")
+    d = make(drive_uri, tmp_path)
+    d.put("a.txt")
+    d.put("f")
+    dst = tmp_path / "dst"
+    (dst / "f").mkdir(parents=True)
+    os.mknod(dst / "full", 0o666 | stat.S_IFCHR, os.makedev(1, 7))  # /dev/full's numbers
+    os.mkfifo(dst / "fifo")
+    os.mkfifo(dst / "f" / "b.txt")
+    for name in ("full", "fifo"):
+        with pytest.raises(InvalidArgument, match=f"{name}' is a device, a pipe or a socket: a get replaces only"):
+            d.get("a.txt", overwrite=True, to=dst / name, timeout=30)  # refused before any wait
+    with pytest.raises(InvalidArgument, match=r"b\.txt' is a device, a pipe or a socket"):
+        d.get("f", overwrite=True, to=dst / "f")
+    assert stat.S_ISCHR(os.lstat(dst / "full").st_mode)
+    assert stat.S_ISFIFO(os.lstat(dst / "fifo").st_mode) and stat.S_ISFIFO(os.lstat(dst / "f" / "b.txt").st_mode)
+    assert sorted(p.name for p in dst.rglob("*")) == ["b.txt", "f", "fifo", "full"], "no temporary file is left"
 
 
 @contextlib.contextmanager
