@@ -110,7 +110,9 @@ class Reservation:
 
     drive: str
     added: int  # what the commit adds to the drive's usage (less than 0 when it frees some)
+    place: str  # the key of the file it commits (`drived.paths.object_key`): where a count's listing passes it
     count: str = ""  # which count of the drive holds it (a shared coordinator counts a drive again now and then)
+    recount: str = ""  # the count being made again when it was made, which holds it too once made ("": none)
 
     @property
     def held(self) -> int:
@@ -118,7 +120,9 @@ class Reservation:
         return max(self.added, 0)
 
 
-Count = Callable[[], Awaitable[int]]  # the store's count of a drive's bytes (`Backend.usage`)
+Passed = Callable[[str], Awaitable[None]]  # told the key of the last file of each page a count listed
+# The store's count of a drive's bytes (`Backend.usage`), telling `Passed` (when given) where its listing is.
+Count = Callable[[Passed | None], Awaitable[int]]
 
 
 class Claim:
@@ -355,10 +359,11 @@ class Coordinator(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def reserve(self, drive: str, added: int, quota: int, count: Count) -> tuple[Usage, Reservation | None]:
-        """Holds room for a commit that adds `added` bytes to the drive when its usage leaves that much within `quota`
-        (or when the commit adds nothing): the usage found, and the Reservation, None when there is not enough room
-        (nothing is held).
+    async def reserve(self, drive: str, place: str, added: int, quota: int, count: Count
+                      ) -> tuple[Usage, Reservation | None]:
+        """Holds room for a commit of the file at key `place` that adds `added` bytes to the drive when its usage
+        leaves that much within `quota` (or when the commit adds nothing): the usage found, and the Reservation, None
+        when there is not enough room (nothing is held).
 
         The check and the hold are one step for every daemon sharing the
         coordinator, so commits at once through different daemons cannot
@@ -373,12 +378,13 @@ class Coordinator(abc.ABC):
         Never raises: the store has changed (or not) already. A shared
         implementation that cannot reach the coordinator leaves the count off
         by this commit until the drive is counted again; so does a count made
-        again meanwhile, which holds none of the reservations before it.
+        again that began after the reservation and was made before its end.
         """
 
     @abc.abstractmethod
-    async def deleted(self, drive: str, size: int) -> None:
-        """A file of `size` bytes was deleted from the drive: its usage loses them, when it is counted.
+    async def deleted(self, drive: str, place: str, size: int) -> None:
+        """The file at key `place`, of `size` bytes, was deleted from the drive: its usage loses them, when it is
+        counted.
 
         A drive not counted yet is not changed: its count, when it comes,
         finds the drive without the file (a count running just then may or

@@ -289,7 +289,7 @@ class InProcessCoordinator(Coordinator):
     async def _counted(self, drive: str, count: Count) -> _Counted:
         counted = self._usage.get(drive)
         if counted is None:
-            used = await count()
+            used = await count(None)
             counted = self._usage.setdefault(drive, _Counted(used))  # counts at once: the first to end is kept
         self._usage.move_to_end(drive)
         self._forget_least_used()
@@ -309,12 +309,13 @@ class InProcessCoordinator(Coordinator):
         counted = await self._counted(drive, count)
         return Usage(counted.used, counted.reserved)
 
-    async def reserve(self, drive: str, added: int, quota: int, count: Count) -> tuple[Usage, Reservation | None]:
+    async def reserve(self, drive: str, place: str, added: int, quota: int, count: Count
+                      ) -> tuple[Usage, Reservation | None]:
         counted = await self._counted(drive, count)  # nothing runs between the check and the hold
         found = Usage(counted.used, counted.reserved)
         if added > 0 and counted.used + counted.reserved + added > quota:
             return found, None
-        reservation = Reservation(drive, added)
+        reservation = Reservation(drive, added, place)
         counted.reserved += reservation.held
         counted.reservations += 1
         return found, reservation
@@ -326,7 +327,7 @@ class InProcessCoordinator(Coordinator):
         if committed:
             counted.used += reservation.added
 
-    async def deleted(self, drive: str, size: int) -> None:
+    async def deleted(self, drive: str, place: str, size: int) -> None:
         counted = self._usage.get(drive)
         if counted is not None:
             counted.used -= size

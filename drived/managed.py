@@ -300,7 +300,7 @@ class ManagedDrives:
                     await self._check_duplicates(drive, header.component, header.path)
                 # Read again inside the claim: the file may have been replaced since the put began.
                 added = received - await self._own_size(header) if self.quotas else 0
-                async with self._holding(drive, added):
+                async with self._holding(drive, object_key(drive, header.component, header.path), added):
                     with _named(drive, header.component, header.path):
                         changing = [Change("put", header.path, header.component, version_of(sent.sha256, sent.crc32c))]
                         confirm = functools.partial(claim.confirm, changing)
@@ -318,9 +318,10 @@ class ManagedDrives:
             raise unsynced
         return entry
 
-    def _holding(self, drive: str, added: int) -> AbstractAsyncContextManager[None]:
-        """The drive's quota room for a commit that adds `added` bytes (nothing to hold without a quota)."""
-        return self.quotas.adding(drive, added) if self.quotas else contextlib.nullcontext()
+    def _holding(self, drive: str, key: str, added: int) -> AbstractAsyncContextManager[None]:
+        """The drive's quota room for a commit of the file at `key` that adds `added` bytes (nothing to hold without
+        a quota)."""
+        return self.quotas.adding(drive, key, added) if self.quotas else contextlib.nullcontext()
 
     async def _file_info(self, drive: str, component: str, path: str) -> ObjectInfo | None:
         """The stored file's info (None when there is none)."""
@@ -676,7 +677,7 @@ class ManagedDrives:
             return False
         drive = delete.drive.name
         if self.quotas:
-            await self.quotas.deleted(drive, size)
+            await self.quotas.deleted(drive, key, size)
         await self.coordinator.publish(drive, "delete", Entry(path=path, component=delete.component), claim,
                                        request=delete.request_id)
         return True

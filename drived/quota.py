@@ -12,10 +12,13 @@ coordinator share one count per drive, made again from the store when the
 coordinator lost its data (the puts wait for it, as for a first count) and
 `USAGE_KEPT` (an hour) after it was made: then one replica counts the drive
 in the background while puts are checked against the count it replaces, so
-a drive of millions of files stalls no put while its listing runs. What a
-count misses (a replica killed in a commit, an object something else wrote
-to the store, a put or delete made while the count ran) is off until the
-next count (`drived.redis_coordinator` says what exactly).
+a drive of millions of files stalls no put while its listing runs, and the
+puts and deletes made meanwhile count in the new count (its listing tells
+the coordinator how far it went: `Backend.usage`'s `passed`). What a count
+misses (a replica killed in a commit, an object something else wrote to
+the store, a commit at the moment the listing reads its path's page, or in
+progress from before the count to after it) is off until the next count
+(`drived.redis_coordinator` says what exactly).
 
 On the local disk the count, which a drive's first put after start-up waits
 for, takes each file's content size from the stored file's size (an lstat;
@@ -49,7 +52,7 @@ from dataclasses import dataclass
 from drive_client.errors import ResourceExhausted
 
 from .backends.base import Backend
-from .coordinator import Coordinator, Usage
+from .coordinator import Coordinator, Passed, Usage
 
 
 def _bytes(count: int) -> str:
@@ -94,8 +97,11 @@ class Quotas:
         self.quota = quota
         self._counting: dict[str, asyncio.Future[int]] = {}  # the store's counts under way, by drive
 
-    async def _count(self, drive: str) -> int:
-        """The store's count of the drive's bytes: the callers that need it at once share one."""
+    async def _count(self, drive: str, passed: Passed | None) -> int:
+        """The store's count of the drive's bytes: the callers that need it at once share one; a count that tells
+        where its listing is (`passed`) is its caller's own."""
+        if passed is not None:
+            return await self.backend.usage(drive, passed)
         counting = self._counting.get(drive)
         if counting is None:
             counting = self._counting[drive] = asyncio.ensure_future(self.backend.usage(drive))  # key: its name
@@ -108,12 +114,12 @@ class Quotas:
         return Room(drive, usage, self.quota, replaced)
 
     @asynccontextmanager
-    async def adding(self, drive: str, added: int) -> AsyncIterator[None]:
-        """Holds room for a commit that adds `added` bytes (less than 0 when it frees some) for the body of an
-        `async with`, which commits: ResourceExhausted before the body when there is not enough room. The
-        bytes count as used when the body ends, and the room goes back when it fails."""
+    async def adding(self, drive: str, key: str, added: int) -> AsyncIterator[None]:
+        """Holds room for a commit of the file at `key` that adds `added` bytes (less than 0 when it frees some) for
+        the body of an `async with`, which commits: ResourceExhausted before the body when there is not enough room.
+        The bytes count as used when the body ends, and the room goes back when it fails."""
         usage, reservation = await self.coordinator.reserve(
-            drive, added, self.quota, functools.partial(self._count, drive))
+            drive, key, added, self.quota, functools.partial(self._count, drive))
         if reservation is None:
             raise _refusal(drive, usage, added, self.quota)
         try:
@@ -123,6 +129,6 @@ class Quotas:
             raise
         await self.coordinator.unreserve(reservation, committed=True)
 
-    async def deleted(self, drive: str, size: int) -> None:
-        """A file of `size` bytes was deleted from the drive (`Coordinator.deleted`)."""
-        await self.coordinator.deleted(drive, size)
+    async def deleted(self, drive: str, key: str, size: int) -> None:
+        """The file at `key`, of `size` bytes, was deleted from the drive (`Coordinator.deleted`)."""
+        await self.coordinator.deleted(drive, key, size)

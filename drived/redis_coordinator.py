@@ -56,20 +56,31 @@ scripts touch `drived:epoch` beside a drive's keys):
   so moves `due` on by USAGE_KEPT and counts the drive again in the
   background, while every call goes on with the count it has; the new count
   then replaces it, unless it was lost or made again meanwhile (a daemon
-  that died counting leaves it to the next call USAGE_KEPT later). So what a
-  count missed (a replica killed between the room it held and its commit's
-  end, the end of a commit or delete that could not reach the coordinator,
-  an object written by something else) is off for about USAGE_KEPT and the
-  time of a listing. A count that no call used for twice USAGE_KEPT is
-  forgotten. The end of a reservation changes only the count it was made in.
-  A count made again misses what changes while it runs: a put or delete
-  whose store change comes after the listing passed its path, and whose
-  count change comes before the new count replaces the old one (a delete's:
-  or whose store change the listing saw, and whose count change comes after),
-  leaves the new count off by what it added or freed, and the room held by
-  the commits in progress then is no longer held; off until the next count.
-  Mending it would take the listing's own size of each path changed while
-  it ran, and the listing keeps none (millions of files: bounded memory).
+  that died counting leaves it to the next call USAGE_KEPT later). So what
+  a count missed (a replica killed between the room it held and its
+  commit's end, the end of a commit or delete that could not reach the
+  coordinator, an object written by something else) is off for about
+  USAGE_KEPT and the time of a listing. A count that no call used for twice
+  USAGE_KEPT is forgotten.
+  While the drive is counted again the hash holds `recount` (the token of
+  the count to come), `passed` (the key of the last file of the last page
+  the listing counted: it lists in key order), `during` and `reserving`.
+  The listing counted each file at a key up to `passed` as it was then, and
+  counts each one after it as it is when read: so what `used` gains at a
+  key up to `passed` (a commit's end, a delete) goes to `during` too, and
+  the new count is the listing's plus `during`, whatever the drive's size
+  (no size of a file is kept). The room held by a reservation made meanwhile
+  goes to `reserving` too, which the new count holds as `reserved`; the end
+  of a reservation changes the count it was made in, and the count made
+  again while it was made once that one replaced it. What is left off until
+  the next count: a reservation made before the count began is not held in
+  the new one, and its end does not change it (a daemon that died in its
+  commit is why), so a commit in progress from before the listing to after
+  it is missing from the new count when it stored after the listing passed
+  its key; and `passed` moves after the listing read its page, so a change
+  whose store change and count change fall on either side of that read and
+  that move (the read between them, or both between the read and the move:
+  a moment of a commit at a key of that page) counts twice or not at all.
 - `drived:{<drive>}:completed:<component>:<upload id>`: the file a resumable
   upload stored (`completion`), set by the publish of its put with a TTL of
   --upload-expiry, given that TTL again by `keep_completions` while the
@@ -483,10 +494,23 @@ local function now_ms()
 end
 """
 
-# KEYS: a drive's usage. ARGV: the store's count of the drive ('' when not counted: none is made), the token of the
-# count made from it, and the ms it is kept. Its used, reserved and token, then 1 when the caller is to count the drive
-# again (its time came: no other caller is told so for that long again), else 0; nil when the drive is not counted.
-# A count used by no call for twice its time is forgotten.
+# Whether key `a` comes at or before key `b` in a listing's order (their bytes'): Lua's `<=` follows the server's
+# locale.
+AT_OR_BEFORE = """
+local function at_or_before(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a <= #b
+end
+"""
+
+# KEYS: a drive's usage. ARGV: the store's count of the drive ('' when not counted: none is made), a new token (of the
+# count made from it, or of the count made again), and the ms it is kept. Its used, reserved and token, the token of
+# the count being made again ('' when none), then 1 when the caller is to count the drive again (its time came: no
+# other caller is told so for that long again), else 0; nil when the drive is not counted. A count used by no call for
+# twice its time is forgotten.
 USAGE_STATE = USAGE_CLOCK + """
 local function usage()
   local run = server_run()
@@ -498,13 +522,14 @@ local function usage()
     redis.call('HSET', KEYS[1], 'used', ARGV[1], 'reserved', 0, 'count', ARGV[2], 'run', run, 'due', due)
   end
   redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
-  local found = redis.call('HMGET', KEYS[1], 'used', 'reserved', 'count', 'due')
+  local found = redis.call('HMGET', KEYS[1], 'used', 'reserved', 'count', 'due', 'recount')
   local counted_again = 0
   if not found[4] or tonumber(found[4]) <= now then  -- a count of an earlier version has no due: it is due
-    redis.call('HSET', KEYS[1], 'due', due)
+    redis.call('HSET', KEYS[1], 'due', due, 'recount', ARGV[2], 'passed', '', 'during', 0, 'reserving', 0)
+    found[5] = ARGV[2]
     counted_again = 1
   end
-  return {found[1], found[2], found[3], counted_again}
+  return {found[1], found[2], found[3], found[5] or '', counted_again}
 end
 """
 
@@ -512,38 +537,58 @@ USAGE = USAGE_STATE + """
 return usage() or false
 """
 
-# KEYS, ARGV as USAGE_STATE's, then what a commit adds, the room it holds meanwhile, and the quota. Its used, reserved
-# and token as found, 1 when the room is held, 0 when there is not enough, then USAGE_STATE's 1 or 0; nil when the
-# drive is not counted.
+# KEYS, ARGV as USAGE_STATE's, then what a commit adds, the room it holds meanwhile, and the quota. USAGE_STATE's
+# answer with 1 when the room is held, 0 when there is not enough, before its last; nil when the drive is not counted.
+# The room held while the drive is counted again is held in the new count too.
 RESERVE = USAGE_STATE + """
 local found = usage()
 if not found then return false end
 local added = tonumber(ARGV[4])
 if added > 0 and tonumber(found[1]) + tonumber(found[2]) + added > tonumber(ARGV[6]) then
-  return {found[1], found[2], found[3], 0, found[4]}
+  return {found[1], found[2], found[3], found[4], 0, found[5]}
 end
 redis.call('HINCRBY', KEYS[1], 'reserved', ARGV[5])
-return {found[1], found[2], found[3], 1, found[4]}
+if found[4] ~= '' then redis.call('HINCRBY', KEYS[1], 'reserving', ARGV[5]) end
+return {found[1], found[2], found[3], found[4], 1, found[5]}
 """
 
-# KEYS: a drive's usage. ARGV: the token of the count counted again, the store's new count, its token, and the ms it
-# is kept. The new count replaces the old one, as a count made when there is none (the reservations held in the old
-# one are not in it), unless the old one was lost or made again meanwhile. 1 when it does, else 0.
-RECOUNTED = USAGE_CLOCK + """
-local found = redis.call('HMGET', KEYS[1], 'count', 'run')
-if found[1] ~= ARGV[1] or found[2] ~= server_run() then return 0 end
-redis.call('HSET', KEYS[1], 'used', ARGV[2], 'reserved', 0, 'count', ARGV[3],
-           'due', string.format('%.0f', now_ms() + tonumber(ARGV[4])))
+# KEYS: a drive's usage. ARGV: the token of the count being made again, and the key its listing passed. 1 when it is
+# still the one made again, else 0.
+PASSED = """
+if redis.call('HGET', KEYS[1], 'recount') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'passed', ARGV[2])
 return 1
 """
 
-# KEYS: a drive's usage. ARGV: the token of the count to change ('': whichever), what reserved and used gain. Nothing
-# changes when the drive is not counted, or was counted again since.
-ADD_USAGE = """
-local count = redis.call('HGET', KEYS[1], 'count')
-if not count or (ARGV[1] ~= '' and count ~= ARGV[1]) then return 0 end
-redis.call('HINCRBY', KEYS[1], 'reserved', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'used', ARGV[3])
+# KEYS: a drive's usage. ARGV: the token of the count counted again, the store's new count, the token of the count made
+# again, and the ms it is kept. The new count replaces the old one with what changed at keys its listing had passed
+# (`during`) and the room held by the reservations made while it ran (`reserving`), unless the old one was lost or
+# made again, or another count began meanwhile. 1 when it does, else 0.
+RECOUNTED = USAGE_CLOCK + """
+local found = redis.call('HMGET', KEYS[1], 'count', 'run', 'recount', 'during', 'reserving')
+if found[1] ~= ARGV[1] or found[2] ~= server_run() or found[3] ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'used', ARGV[2], 'reserved', found[5], 'count', ARGV[3],
+           'due', string.format('%.0f', now_ms() + tonumber(ARGV[4])))
+redis.call('HINCRBY', KEYS[1], 'used', found[4])
+redis.call('HDEL', KEYS[1], 'recount', 'passed', 'during', 'reserving')
+return 1
+"""
+
+# KEYS: a drive's usage. ARGV: the token of the count to change ('': whichever), the token of the count being made
+# again when the change began ('': none), its key, and what reserved and used gain. Nothing changes when the drive is
+# not counted, or was counted again since (but by the count made again then). While the drive is counted again, what
+# used gains at a key its listing passed goes to `during` too, and what reserved gains to `reserving` when the change
+# began in the same count made again.
+ADD_USAGE = AT_OR_BEFORE + """
+local found = redis.call('HMGET', KEYS[1], 'count', 'recount', 'passed')
+local count, recount = found[1], found[2]
+if not count or (ARGV[1] ~= '' and count ~= ARGV[1] and count ~= ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[1], 'reserved', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'used', ARGV[5])
+if recount then
+  if recount == ARGV[2] then redis.call('HINCRBY', KEYS[1], 'reserving', ARGV[4]) end
+  if at_or_before(ARGV[3], found[3]) then redis.call('HINCRBY', KEYS[1], 'during', ARGV[5]) end
+end
 return 1
 """
 
@@ -809,6 +854,7 @@ class RedisCoordinator(Coordinator):
         self._reserve = self._redis.register_script(RESERVE)
         self._add_usage = self._redis.register_script(ADD_USAGE)
         self._recounted = self._redis.register_script(RECOUNTED)
+        self._passed = self._redis.register_script(PASSED)
         self._check = self._redis.register_script(CHECK)
         self._wakeups = Wakeups(self._subscriber, self.failure)
         self._held: dict[str, _RedisClaim] = {}  # token -> a claim this daemon holds
@@ -1248,45 +1294,55 @@ class RedisCoordinator(Coordinator):
         the count's time came, counts the drive again in the background (`_count_again`)."""
         keys = [_usage_key(drive)]
         kept_ms = int(USAGE_KEPT * 1000)
-        found = await self._run(script, keys, ["", "", kept_ms, *args])
+        token = secrets.token_hex(8)
+        found = await self._run(script, keys, ["", token, kept_ms, *args])
         if found is None:
-            found = await self._run(script, keys, [await count(), secrets.token_hex(8), kept_ms, *args])
+            found = await self._run(script, keys, [await count(None), token, kept_ms, *args])
         *found, counted_again = found
         if counted_again:
-            task = asyncio.ensure_future(self._count_again(drive, found[2].decode(), count))
+            task = asyncio.ensure_future(self._count_again(drive, found[2].decode(), token, count))
             self._counting_again.add(task)
             task.add_done_callback(self._counting_again.discard)
         return found
 
-    async def _count_again(self, drive: str, token: str, count: Count) -> None:
-        """Counts the drive again from the store, and puts the new count in place of the one of `token`: the puts
-        meanwhile are checked against that one, rather than wait for a listing of the whole drive."""
+    async def _count_again(self, drive: str, counted: str, recount: str, count: Count) -> None:
+        """Counts the drive again from the store, and puts the new count (of token `recount`) in place of the one of
+        token `counted`: the puts meanwhile are checked against that one, rather than wait for a listing of the whole
+        drive."""
+        keys = [_usage_key(drive)]
+
+        async def passed(key: str) -> None:
+            await self._run(self._passed, keys, [recount, key])
+
         try:
-            await self._run(self._recounted, [_usage_key(drive)],
-                            [token, await count(), secrets.token_hex(8), int(USAGE_KEPT * 1000)])
+            await self._run(self._recounted, keys, [counted, await count(passed), recount, int(USAGE_KEPT * 1000)])
         except Exception as err:  # the store or the coordinator: the count is kept, and counted again in its time
             log.warning(f"a drive could not be counted again for the quota; its count is kept {USAGE_KEPT:g} s more",
                         extra={"fields": {"drive": drive, "error": str(err)}})
 
     async def usage(self, drive: str, count: Count) -> Usage:
-        used, reserved, _ = await self._counted(self._usage, drive, count, [])
+        used, reserved, *_ = await self._counted(self._usage, drive, count, [])
         return Usage(int(used), int(reserved))
 
-    async def reserve(self, drive: str, added: int, quota: int, count: Count) -> tuple[Usage, Reservation | None]:
-        asked = Reservation(drive, added)
-        used, reserved, token, held = await self._counted(self._reserve, drive, count, [added, asked.held, quota])
-        return Usage(int(used), int(reserved)), dataclasses.replace(asked, count=token.decode()) if held else None
+    async def reserve(self, drive: str, place: str, added: int, quota: int, count: Count
+                      ) -> tuple[Usage, Reservation | None]:
+        asked = Reservation(drive, added, place)
+        used, reserved, token, recount, held = await self._counted(self._reserve, drive, count,
+                                                                   [added, asked.held, quota])
+        usage = Usage(int(used), int(reserved))
+        return usage, dataclasses.replace(asked, count=token.decode(), recount=recount.decode()) if held else None
 
     async def unreserve(self, reservation: Reservation, committed: bool) -> None:
-        await self._add_usage_of(reservation.drive, reservation.count, -reservation.held,
-                                 reservation.added if committed else 0)
+        await self._add_usage_of(reservation.drive, reservation.count, reservation.recount, reservation.place,
+                                 -reservation.held, reservation.added if committed else 0)
 
-    async def deleted(self, drive: str, size: int) -> None:
-        await self._add_usage_of(drive, "", 0, -size)
+    async def deleted(self, drive: str, place: str, size: int) -> None:
+        await self._add_usage_of(drive, "", "", place, 0, -size)
 
-    async def _add_usage_of(self, drive: str, count: str, reserved: int, used: int) -> None:
+    async def _add_usage_of(self, drive: str, count: str, recount: str, place: str, reserved: int, used: int
+                            ) -> None:
         try:
-            await self._run(self._add_usage, [_usage_key(drive)], [count, reserved, used])
+            await self._run(self._add_usage, [_usage_key(drive)], [count, recount, place, reserved, used])
         except Unavailable as err:
             log.warning("a drive's count for the quota could not be changed; it is counted again from the store "
                         f"within {USAGE_KEPT:g} s", extra={"fields": {"drive": drive, "error": str(err)}})

@@ -1172,12 +1172,12 @@ from drived.backends.s3 import S3Backend
 drived.redis_coordinator.USAGE_KEPT = {kept}
 counting = S3Backend.usage
 
-async def usage(self, prefix):
+async def usage(self, prefix, passed=None):
     with open({log!r}, "a") as log:
         log.write("start\\n")
     while os.path.exists({pause!r}):
         await asyncio.sleep(0.01)
-    total = await counting(self, prefix)
+    total = await counting(self, prefix, passed)
     with open({log!r}, "a") as log:
         log.write("end\\n")
     return total
@@ -1214,6 +1214,104 @@ def test_a_count_past_its_time_is_counted_again_by_one_replica_while_puts_go_on_
     assert stored_sizes(b, drive_uri) == {"a.bin": 100, "b.bin": 200, "c.bin": 300}
     raw_put(stub_of(b), drive_uri, "d.bin", b"d" * 400, component="w")
     assert stored_sizes(a, drive_uri) == {"a.bin": 100, "b.bin": 200, "c.bin": 300, "d.bin": 400}
+
+
+# Python for `replica(before=...)`: a count made again (`Backend.usage` told where it is) of a daemon on `store` ("s3"
+# or "local") reads pages of two files; after each page it has passed on, it writes the page's last key to the file
+# `log` and waits while the file `pause` exists.
+PAUSED_COUNT_PAGES = """
+import asyncio, os
+import drived.backends.{store} as backend
+
+backend.{page} = 2
+counting = backend.{backend}.usage
+
+async def usage(self, prefix, passed=None):
+    async def paused(key):
+        await passed(key)
+        with open({log!r}, "a") as log:
+            log.write(key + "\\n")
+        while os.path.exists({pause!r}):
+            await asyncio.sleep(0.01)
+    return await counting(self, prefix, passed and paused)
+
+backend.{backend}.usage = usage
+"""
+PAGED = {"s3": ("PAGE", "S3Backend"), "local": ("USAGE_PAGE", "LocalBackend")}
+
+
+@pytest.mark.parametrize("store", PAGED)
+def test_a_count_made_again_takes_in_the_puts_and_deletes_made_while_it_lists(own_cluster, start_daemon, drive_uri,
+                                                                              tmp_path, store):
+    """A count made again missed every put and delete whose store change came after its listing passed the path
+    and whose count change came before the new count replaced the old one: off by what they added or freed until
+    the next count, an hour later. Now the changes at paths the listing passed are added to the new count."""
+    pause, listed = tmp_path / "pause", tmp_path / "listed"
+    page, backend = PAGED[store]
+    paused = PAUSED_COUNT_PAGES.format(store=store, page=page, backend=backend, log=str(listed), pause=str(pause))
+    a = (own_cluster.replica("--quota", str(QUOTA), before=paused) if store == "s3" else
+         start_daemon(tmp_path, "--quota", str(QUOTA), env={"DRIVED_COORDINATOR": own_cluster.valkey.url},
+                      before=paused))
+    stub = stub_of(a)
+    for path in ("a1.bin", "a2.bin", "c1.bin", "c2.bin", "e1.bin"):
+        raw_put(stub, drive_uri, path, b"x" * 100, component="w")
+    [key] = own_cluster.keys("drived:*:usage")
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    counted = admin.hget(key, "count")
+    pause.touch()
+    admin.hset(key, "due", 0)  # its time (USAGE_KEPT) has come
+    message = quota_refusal(lambda: raw_put(stub, drive_uri, "big.bin", b"x" * 501, component="w"))
+    assert "holds 500 bytes; this put asks for 501 bytes more" in message, message  # and it began the count again
+    assert wait_until(lambda: listed.exists() and listed.read_text().endswith("/w/a2.bin\n"), timeout=20)
+    # The listing waits past w/a2.bin: changes behind it and ahead of it.
+    raw_put(stub, drive_uri, "a1.bin", b"y" * 300, component="w")  # passed: the listing counted 100
+    raw_put(stub, drive_uri, "a0.bin", b"y" * 70, component="w")  # passed: not counted
+    stub.Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="a2.bin", component="w"), timeout=10)  # passed: counted
+    raw_put(stub, drive_uri, "b.bin", b"y" * 50, component="w")  # ahead: counted as it is now
+    stub.Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="c1.bin", component="w"), timeout=10)  # ahead
+    pause.unlink()
+    assert wait_until(lambda: admin.hget(key, "count") != counted, timeout=20), admin.hgetall(key)
+    sizes = stored_sizes(a, drive_uri)
+    assert sizes == {"a0.bin": 70, "a1.bin": 300, "b.bin": 50, "c2.bin": 100, "e1.bin": 100}
+    assert (admin.hget(key, "used"), admin.hget(key, "reserved")) == (b"620", b"0"), admin.hgetall(key)
+    message = quota_refusal(lambda: raw_put(stub, drive_uri, "d.bin", b"d" * 381, component="w"))
+    assert "holds 620 bytes; this put asks for 381 bytes more" in message, message
+    assert stored_sizes(a, drive_uri) == sizes
+
+
+def test_room_held_while_a_count_is_made_again_is_held_in_the_new_count_and_its_commit_counts_there(
+        own_cluster, drive_uri, tmp_path):
+    """A count made again held none of the room of the commits in progress when it replaced the old count, and the
+    end of such a commit changed nothing: the drive could pass its quota by them meanwhile, and the new count missed
+    a commit that stored after the listing passed its path. Now the room held since the count began is held in the new
+    count too, and the commit's end counts there."""
+    pause, listed, commit = tmp_path / "pause", tmp_path / "listed", tmp_path / "commit"
+    a = own_cluster.replica("--quota", str(QUOTA), before=PAUSED_COUNT_PAGES.format(
+        store="s3", page="PAGE", backend="S3Backend", log=str(listed), pause=str(pause)) + PAUSED_COMMITS.format(
+        backend="s3", upload="S3Upload", name="a0.bin", pause=str(commit)))
+    stub = stub_of(a)
+    for path in ("a1.bin", "a2.bin", "c1.bin"):
+        raw_put(stub, drive_uri, path, b"x" * 100, component="w")
+    [key] = own_cluster.keys("drived:*:usage")
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    counted = admin.hget(key, "count")
+    pause.touch()
+    admin.hset(key, "due", 0)  # its time (USAGE_KEPT) has come
+    message = quota_refusal(lambda: raw_put(stub, drive_uri, "big.bin", b"x" * 701, component="w"))
+    assert "holds 300 bytes; this put asks for 701 bytes more" in message, message  # and it began the count again
+    assert wait_until(lambda: listed.exists() and listed.read_text().endswith("/w/a2.bin\n"), timeout=20)
+    commit.touch()
+    put = stub.Put.future(put_messages(drive_uri, "a0.bin", b"y" * 70, component="w"), timeout=30)
+    assert wait_until((tmp_path / "commit.reached").exists, timeout=20), "the put never reached its commit"
+    pause.unlink()  # the listing, past a0.bin already, ends while the commit holds its room
+    assert wait_until(lambda: admin.hget(key, "count") != counted, timeout=20), admin.hgetall(key)
+    assert (admin.hget(key, "used"), admin.hget(key, "reserved")) == (b"300", b"70"), admin.hgetall(key)
+    message = quota_refusal(lambda: raw_put(stub, drive_uri, "big.bin", b"x" * 631, component="w"))
+    assert "holds 300 bytes and puts in progress add 70 bytes; this put asks for 631 bytes more" in message, message
+    commit.unlink()
+    put.result()
+    assert (admin.hget(key, "used"), admin.hget(key, "reserved")) == (b"370", b"0"), admin.hgetall(key)
+    assert stored_sizes(a, drive_uri) == {"a0.bin": 70, "a1.bin": 100, "a2.bin": 100, "c1.bin": 100}
 
 
 def test_a_folder_delete_confirms_its_claim_without_a_round_trip_a_file_and_announces_each(own_cluster, drive_uri):

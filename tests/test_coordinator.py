@@ -25,7 +25,7 @@ import redis
 
 from bench.services import ValkeyServer
 from drive_client.errors import EventsExpired, Unavailable
-from drived.coordinator import PAGE, Change, Coordinator, Count, Usage
+from drived.coordinator import PAGE, Change, Coordinator, Count, Passed, Usage
 from drived.entry import Entry
 from drived.events import InProcessCoordinator
 from drived.redis_coordinator import RENEW, RENEW_CHUNK, UNPUBLISHED_FOUND, USAGE_KEPT, RedisCoordinator
@@ -303,7 +303,7 @@ async def test_a_claim_is_confirmed_while_it_is_held(coordinator: Coordinator) -
 
 def count_of(used: int, asked: list[int] | None = None) -> Count:
     """A store's count of a drive that finds `used` bytes (and appends them to `asked`), taking a moment."""
-    async def count() -> int:
+    async def count(passed: Passed | None) -> int:
         if asked is not None:
             asked.append(used)
         await asyncio.sleep(0.02)  # counts asked at once overlap
@@ -314,7 +314,7 @@ def count_of(used: int, asked: list[int] | None = None) -> Count:
 async def test_reserves_through_two_daemons_at_once_never_pass_the_quota(coordinators: Make) -> None:
     one, two = coordinators(), coordinators()
     # Each count finds another number: only one of them is kept.
-    answers = await asyncio.gather(*(daemon.reserve("d", 100, 1000, count_of(300 + i))
+    answers = await asyncio.gather(*(daemon.reserve("d", "d/w/f", 100, 1000, count_of(300 + i))
                                      for i, daemon in enumerate((one, two) * 10)))
     [used] = {usage.used for usage, _ in answers}
     held = [reservation for _, reservation in answers if reservation]
@@ -324,25 +324,25 @@ async def test_reserves_through_two_daemons_at_once_never_pass_the_quota(coordin
         await (one, two)[i % 2].unreserve(reservation, committed=i < 2)
     assert await two.usage("d", count_of(0)) == Usage(used + 200)
     # What a commit frees is room once it committed, not while it runs.
-    _, freeing = await one.reserve("d", -200, 1000, count_of(0))
+    _, freeing = await one.reserve("d", "d/w/f", -200, 1000, count_of(0))
     assert freeing is not None
     room = 1000 - used
-    assert (await two.reserve("d", room - 199, 1000, count_of(0)))[1] is None
+    assert (await two.reserve("d", "d/w/f", room - 199, 1000, count_of(0)))[1] is None
     await one.unreserve(freeing, committed=True)
-    _, fits = await two.reserve("d", room - 199, 1000, count_of(0))
+    _, fits = await two.reserve("d", "d/w/f", room - 199, 1000, count_of(0))
     assert fits is not None
     await two.unreserve(fits, committed=False)
-    await one.deleted("d", 50)
+    await one.deleted("d", "d/w/f", 50)
     assert await two.usage("d", count_of(0)) == Usage(used - 50)
 
 
 async def test_a_drive_is_counted_at_its_first_use_and_a_delete_before_it_changes_nothing(
     coordinator: Coordinator,
 ) -> None:
-    await coordinator.deleted("d", 50)  # the count, when it comes, finds the drive without the file
+    await coordinator.deleted("d", "d/w/f", 50)  # the count, when it comes, finds the drive without the file
     asked: list[int] = []
     assert await coordinator.usage("d", count_of(500, asked)) == Usage(500)
-    await coordinator.deleted("d", 50)
+    await coordinator.deleted("d", "d/w/f", 50)
     assert await coordinator.usage("d", count_of(0, asked)) == Usage(450)
     assert asked == [500]
 
@@ -406,14 +406,14 @@ async def test_an_unreachable_coordinator_is_unavailable_naming_it_and_recovers(
             lambda: coordinator.publish("d", "put", entry("b")), lambda: coordinator.last("d"),
             lambda: coordinator.since("d", before), lambda: wait_once(coordinator, "d", before, 5),
             lambda: coordinator.claim("d", "p").__aenter__(), lambda: coordinator.usage("d", count_of(0)),
-            lambda: coordinator.reserve("d", 1, 10, count_of(0)),
+            lambda: coordinator.reserve("d", "d/w/f", 1, 10, count_of(0)),
         )
         for call in calls:
             with pytest.raises(Unavailable) as down:
                 await asyncio.wait_for(call(), 15)
             message = str(down.value)
             assert f"redis://127.0.0.1:{server.port}/0" in message and PASSWORD not in message
-        await asyncio.wait_for(coordinator.deleted("d", 1), 15)  # the store changed already: only logged
+        await asyncio.wait_for(coordinator.deleted("d", "d/w/f", 1), 15)  # the store changed already: only logged
         own_valkey(port=server.port, appendonly=False)  # back, empty
         after = await coordinator.publish("d", "put", entry("c"))
         assert after > before
@@ -473,7 +473,7 @@ async def test_a_count_of_a_coordinator_back_with_older_data_is_counted_again(
     server = own_valkey()
     async with redis_coordinator(server.url) as coordinator:
         asked: list[int] = []
-        _, held = await coordinator.reserve("d", 100, 1000, count_of(500, asked))
+        _, held = await coordinator.reserve("d", "d/w/f", 100, 1000, count_of(500, asked))
         assert held is not None
         redis.Redis.from_url(server.url).save()
         await coordinator.unreserve(held, committed=True)
@@ -517,7 +517,7 @@ async def test_a_count_lost_with_the_data_or_forgotten_is_counted_again_and_earl
     admin.flushall()
     async with redis_coordinator(valkey.url) as coordinator:
         asked: list[int] = []
-        _, before = await coordinator.reserve("d", 100, 1000, count_of(500, asked))
+        _, before = await coordinator.reserve("d", "d/w/f", 100, 1000, count_of(500, asked))
         assert before is not None
         [key] = admin.keys("drived:*:usage")
         assert 0 < admin.pttl(key) <= 2 * USAGE_KEPT * 1000  # forgotten once unused that long
@@ -527,7 +527,7 @@ async def test_a_count_lost_with_the_data_or_forgotten_is_counted_again_and_earl
             assert await coordinator.usage("d", count_of(600, asked)) == Usage(600), lose  # not 0
             await coordinator.unreserve(before, committed=True)  # held in the count before: this one is left be
             assert await coordinator.usage("d", count_of(0, asked)) == Usage(600), lose
-            await coordinator.deleted("d", 600)
+            await coordinator.deleted("d", "d/w/f", 600)
         assert asked == [500, 600, 600]
 
 
@@ -541,7 +541,7 @@ async def test_a_count_past_its_time_is_counted_again_by_one_caller_while_the_ot
     admin.flushall()
     async with redis_coordinator(valkey.url) as one, redis_coordinator(valkey.url) as two:
         asked: list[int] = []
-        _, before = await one.reserve("d", 100, 1000, count_of(500, asked))
+        _, before = await one.reserve("d", "d/w/f", 100, 1000, count_of(500, asked))
         assert before is not None
         [key] = admin.keys("drived:*:usage")
         seconds, micros = admin.time()
@@ -550,12 +550,12 @@ async def test_a_count_past_its_time_is_counted_again_by_one_caller_while_the_ot
         admin.hset(key, "due", 0)  # its time came
         counted = asyncio.Event()
 
-        async def held_count() -> int:
+        async def held_count(passed: Passed | None) -> int:
             asked.append(700)
             await counted.wait()
             return 700
         assert await one.usage("d", held_count) == Usage(500, 100) == await two.usage("d", held_count)
-        assert (await two.reserve("d", 401, 1000, held_count))[1] is None  # checked against the count it has
+        assert (await two.reserve("d", "d/w/f", 401, 1000, held_count))[1] is None  # checked against the count it has
         counted.set()
         for _ in range(100):
             if await two.usage("d", count_of(0, asked)) == Usage(700):

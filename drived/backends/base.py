@@ -380,10 +380,14 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def usage(self, prefix: str) -> int:
+    async def usage(self, prefix: str, passed: Callable[[str], Awaitable[None]] | None = None) -> int:
         """The bytes of all objects under folder `prefix` (their content, not what the store adds).
 
-        Reads every object's size once: the cost of a `walk` of the folder.
+        Reads every object's size once: the cost of a `walk` of the folder,
+        a page of keys at a time in key order (a `walk`'s), awaiting
+        `passed`, when given, with the last key of each page once its sizes
+        are counted: the objects at keys up to it were counted as they
+        were then, those after it will be as they are when read.
         """
 
     @abc.abstractmethod

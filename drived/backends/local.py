@@ -23,7 +23,7 @@ import shutil
 import stat
 import threading
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from drive_client.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -74,6 +74,7 @@ from .stored import (
 FLUSH_BYTES = 1 << 20  # an upload buffers small chunks up to this before a disk write
 WRITE_BACK_BYTES = 8 << 20  # a big upload has the disk write each this many bytes while more arrive
 INLINE_ROOTS = 64  # components a put or stat looks in on the event loop; more, in a worker thread
+USAGE_PAGE = 1000  # files a count of a drive's bytes reads in one go in a worker thread, between two `passed`
 _WRITE_BACK = getattr(os, "POSIX_FADV_DONTNEED", None)
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux: a read that fails rather than wait for the disk
 
@@ -840,12 +841,21 @@ class LocalBackend(Backend):
             return 0
         return content_size(st.st_size) if stat.S_ISREG(st.st_mode) else 0
 
-    def _usage(self, prefix: str) -> int:
-        return sum(self._counted_size(f"{folder}/{name}") for folder, names in _folders_bottom_up(self._path(prefix))
-                   for name in names)
+    def _usage_page(self, prefix: str, start_after: str) -> tuple[int, str]:
+        """The bytes of the next USAGE_PAGE files under `prefix` after key `start_after`, and the last one's key
+        ("" when there are none)."""
+        keys = self._walk(prefix, start_after, USAGE_PAGE)
+        return sum(self._counted_size(f"{self.root}/{key}") for key in keys), keys[-1] if keys else ""
 
-    async def usage(self, prefix: str) -> int:
-        return await asyncio.get_running_loop().run_in_executor(None, self._usage, prefix)
+    async def usage(self, prefix: str, passed: Callable[[str], Awaitable[None]] | None = None) -> int:
+        total, last = 0, ""
+        while True:
+            size, last = await asyncio.get_running_loop().run_in_executor(None, self._usage_page, prefix, last)
+            if not last:
+                return total
+            total += size
+            if passed is not None:
+                await passed(last)
 
     async def counted_size(self, key: str) -> int:
         # Inline, like stat: a few syscalls on cached metadata.

@@ -1359,10 +1359,13 @@ class S3Backend(Backend):
                 break
         return keys[:limit] if limit is not None else keys
 
-    async def usage(self, prefix: str) -> int:
+    async def usage(self, prefix: str, passed: Callable[[str], Awaitable[None]] | None = None) -> int:
         total = 0
         async for page in self._pages(prefix, False, "", None):
-            total += sum(int(entry.get("Size", 0)) for entry in page.get("Contents", []))
+            listed = page.get("Contents", [])
+            total += sum(int(entry.get("Size", 0)) for entry in listed)
+            if passed is not None and listed:
+                await passed(listed[-1]["Key"][len(self.root):])
         return total
 
     async def counted_size(self, key: str) -> int:
