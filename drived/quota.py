@@ -18,7 +18,8 @@ the coordinator how far it went: `Backend.usage`'s `passed`). What a count
 misses (a replica killed in a commit, an object something else wrote to
 the store, a commit at the moment the listing reads its path's page, or in
 progress from before the count to after it) is off until the next count
-(`drived.redis_coordinator` says what exactly).
+(`drived.redis_coordinator` says what exactly); a count that fails is tried
+again a minute later, then after twice as long each time, up to the hour.
 
 On the local disk the count, which a drive's first put after start-up waits
 for, takes each file's content size from the stored file's size (an lstat;

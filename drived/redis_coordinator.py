@@ -55,13 +55,15 @@ scripts touch `drived:epoch` beside a drive's keys):
   `due` (USAGE_KEPT after the count) has passed, the first call to find it
   so moves `due` on by USAGE_KEPT and counts the drive again in the
   background, while every call goes on with the count it has; the new count
-  then replaces it, unless it was lost or made again meanwhile (a daemon
-  that died counting leaves it to the next call USAGE_KEPT later). So what
-  a count missed (a replica killed between the room it held and its
-  commit's end, the end of a commit or delete that could not reach the
-  coordinator, an object written by something else) is off for about
-  USAGE_KEPT and the time of a listing. A count that no call used for twice
-  USAGE_KEPT is forgotten.
+  then replaces it, unless it was lost or made again meanwhile. A count made
+  again that fails (the store) is tried again RECOUNT_RETRY later, then
+  twice the last wait (`retried`) after each failure in a row, up to
+  USAGE_KEPT; a daemon that died counting, or lost the coordinator, leaves
+  it to the next call USAGE_KEPT later. So what a count missed (a replica
+  killed between the room it held and its commit's end, the end of a commit
+  or delete that could not reach the coordinator, an object written by
+  something else) is off for about USAGE_KEPT and the time of a listing. A
+  count that no call used for twice USAGE_KEPT is forgotten.
   While the drive is counted again the hash holds `recount` (the token of
   the count to come), `passed` (the key of the last file of the last page
   the listing counted: it lists in key order), `during` and `reserving`.
@@ -210,6 +212,7 @@ COMPLETIONS_KEPT_BYTES = 64 << 20
 QUERIES_WAITING = 1024
 TOKEN_LENGTH = 16  # hex digits of a claim's token
 USAGE_KEPT = 3600.0  # seconds after a drive's count until it is counted again from the store (in the background)
+RECOUNT_RETRY = 60.0  # seconds after a count made again failed until it is tried again (doubling, up to USAGE_KEPT)
 KIND_MARKS: dict[EventKind, str] = {"put": "p", "delete": "d"}  # how a recorded change says which it is
 MARKED_KINDS = {mark: kind for kind, mark in KIND_MARKS.items()}
 # A dead peer (a coordinator host gone without closing its connections) is noticed in about 20 s.
@@ -570,6 +573,18 @@ if found[1] ~= ARGV[1] or found[2] ~= server_run() or found[3] ~= ARGV[3] then r
 redis.call('HSET', KEYS[1], 'used', ARGV[2], 'reserved', found[5], 'count', ARGV[3],
            'due', string.format('%.0f', now_ms() + tonumber(ARGV[4])))
 redis.call('HINCRBY', KEYS[1], 'used', found[4])
+redis.call('HDEL', KEYS[1], 'recount', 'passed', 'during', 'reserving', 'retried')
+return 1
+"""
+
+# KEYS: a drive's usage. ARGV: the token of the count made again that failed, the ms until it is tried again the
+# first time, and the most. Each failure in a row doubles the wait (`retried`); nothing changes when another count
+# began meanwhile. 1 when it is tried again, else 0.
+RECOUNT_FAILED = USAGE_CLOCK + """
+if redis.call('HGET', KEYS[1], 'recount') ~= ARGV[1] then return 0 end
+local waited = tonumber(redis.call('HGET', KEYS[1], 'retried'))
+local wait = waited and math.min(2 * waited, tonumber(ARGV[3])) or tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'due', string.format('%.0f', now_ms() + wait), 'retried', string.format('%.0f', wait))
 redis.call('HDEL', KEYS[1], 'recount', 'passed', 'during', 'reserving')
 return 1
 """
@@ -855,6 +870,7 @@ class RedisCoordinator(Coordinator):
         self._add_usage = self._redis.register_script(ADD_USAGE)
         self._recounted = self._redis.register_script(RECOUNTED)
         self._passed = self._redis.register_script(PASSED)
+        self._recount_failed = self._redis.register_script(RECOUNT_FAILED)
         self._check = self._redis.register_script(CHECK)
         self._wakeups = Wakeups(self._subscriber, self.failure)
         self._held: dict[str, _RedisClaim] = {}  # token -> a claim this daemon holds
@@ -1308,7 +1324,8 @@ class RedisCoordinator(Coordinator):
     async def _count_again(self, drive: str, counted: str, recount: str, count: Count) -> None:
         """Counts the drive again from the store, and puts the new count (of token `recount`) in place of the one of
         token `counted`: the puts meanwhile are checked against that one, rather than wait for a listing of the whole
-        drive."""
+        drive. A count that failed is tried again RECOUNT_RETRY later, twice that after a second failure, and so on
+        up to USAGE_KEPT."""
         keys = [_usage_key(drive)]
 
         async def passed(key: str) -> None:
@@ -1316,9 +1333,12 @@ class RedisCoordinator(Coordinator):
 
         try:
             await self._run(self._recounted, keys, [counted, await count(passed), recount, int(USAGE_KEPT * 1000)])
-        except Exception as err:  # the store or the coordinator: the count is kept, and counted again in its time
-            log.warning(f"a drive could not be counted again for the quota; its count is kept {USAGE_KEPT:g} s more",
+        except Exception as err:  # the store or the coordinator: the count is kept meanwhile
+            log.warning("a drive could not be counted again for the quota; the count it has is kept until it is",
                         extra={"fields": {"drive": drive, "error": str(err)}})
+            with contextlib.suppress(Unavailable):  # out of reach: tried again once its time (USAGE_KEPT) comes
+                await self._run(self._recount_failed, keys,
+                                [recount, int(RECOUNT_RETRY * 1000), int(USAGE_KEPT * 1000)])
 
     async def usage(self, drive: str, count: Count) -> Usage:
         used, reserved, *_ = await self._counted(self._usage, drive, count, [])

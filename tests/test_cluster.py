@@ -1216,6 +1216,77 @@ def test_a_count_past_its_time_is_counted_again_by_one_replica_while_puts_go_on_
     assert stored_sizes(a, drive_uri) == {"a.bin": 100, "b.bin": 200, "c.bin": 300, "d.bin": 400}
 
 
+# Python for `replica(before=...)`: counts are kept {kept} seconds, a failed count made again is tried again after
+# {retry} seconds (doubling); each count made again (one told where it is) writes "start" to the file `log`, fails
+# while the file `fail` exists ("failed"), and else counts ("end").
+FAILING_COUNTS = """
+import os
+import drived.redis_coordinator
+from drived.backends.s3 import S3Backend
+
+drived.redis_coordinator.USAGE_KEPT = {kept}
+drived.redis_coordinator.RECOUNT_RETRY = {retry}
+counting = S3Backend.usage
+
+def logged(line):
+    with open({log!r}, "a") as log:
+        log.write(line + "\\n")
+
+async def usage(self, prefix, passed=None):
+    if passed is None:
+        return await counting(self, prefix)
+    logged("start")
+    if os.path.exists({fail!r}):
+        logged("failed")
+        raise OSError("the store is out of reach (a test)")
+    total = await counting(self, prefix, passed)
+    logged("end")
+    return total
+
+S3Backend.usage = usage
+"""
+
+
+def test_a_count_made_again_that_fails_is_tried_again_sooner_by_one_replica_at_a_time(own_cluster, drive_uri,
+                                                                                       tmp_path):
+    """A count made again that failed (the store out of reach) was tried again only once the next USAGE_KEPT (an
+    hour) had passed. Now it is tried again RECOUNT_RETRY later, then after twice the last wait each time, up to
+    USAGE_KEPT; the replicas asking at once still leave it to one."""
+    fail, log = tmp_path / "fail", tmp_path / "counts"
+    failing = FAILING_COUNTS.format(kept=1.0, retry=0.2, log=str(log), fail=str(fail))
+    a, b = (own_cluster.replica("--quota", str(QUOTA), before=failing) for _ in range(2))
+    raw_put(stub_of(a), drive_uri, "a.bin", b"a" * 100, component="w")
+    [key] = own_cluster.keys("drived:*:usage")
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    admin.hincrby(key, "used", 50)  # a commit the count got wrong: the count made again mends it
+    fail.touch()
+    admin.hset(key, "due", 0)  # its time (USAGE_KEPT) has come
+
+    def due() -> bool:
+        seconds, micros = admin.time()
+        return seconds * 1000 + micros // 1000 >= int(admin.hget(key, "due"))
+
+    def ask_both_at_once() -> None:  # each put is refused, after its call that finds the count due
+        puts = [stub_of(handle).Put.future(put_messages(drive_uri, "big.bin", b"x" * 851, component="w", size=851),
+                                           timeout=20) for handle in (a, b)]
+        for put in puts:
+            assert rpc_code(lambda put=put: put.result()) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    for failures, wait_ms in enumerate((200, 400, 800, 1000), start=1):
+        assert wait_until(due, timeout=10)
+        ask_both_at_once()
+        assert wait_until(lambda wait_ms=wait_ms: admin.hget(key, "retried") == str(wait_ms).encode(), timeout=10), (
+            failures, admin.hgetall(key))
+        assert log.read_text().split() == ["start", "failed"] * failures  # one replica at a time
+    fail.unlink()
+    assert wait_until(due, timeout=10)
+    ask_both_at_once()
+    assert wait_until(lambda: admin.hget(key, "used") == b"100", timeout=10), admin.hgetall(key)
+    assert log.read_text().split() == ["start", "failed"] * 4 + ["start", "end"]
+    assert admin.hget(key, "retried") is None  # the next failure waits RECOUNT_RETRY again
+    assert stored_sizes(a, drive_uri) == {"a.bin": 100}
+
+
 # Python for `replica(before=...)`: a count made again (`Backend.usage` told where it is) of a daemon on `store` ("s3"
 # or "local") reads pages of two files; after each page it has passed on, it writes the page's last key to the file
 # `log` and waits while the file `pause` exists.
