@@ -103,3 +103,28 @@ async def test_the_hooks_of_one_batch_run_at_once_and_one_that_raises_fails_only
     assert isinstance(results[1], Unavailable) and "the claim lapsed" in str(results[1])
     assert [await stored(backend, key) for key in keys] == [data[0], None, data[2]]
     assert os.listdir(backend.tmp_dir) == []
+
+
+async def test_a_count_of_a_drive_reads_each_folder_once_however_many_pages_it_tells(backend, monkeypatch):
+    """A count tells where it is after each USAGE_PAGE files (`usage`'s `passed`). Entered again after each page's
+    last key, its walk read a folder again for each page where the listings' cache could not keep the folder: a
+    folder of 300,000 files took 225 s to count, not 6. Here no listing is kept, and the folder is read once."""
+    import drived.backends.folder_cache as folder_cache
+    import drived.backends.local as local
+
+    monkeypatch.setattr(local, "USAGE_PAGE", 10)
+    monkeypatch.setattr(folder_cache, "MAX_BYTES", 0)
+    for i in range(35):
+        await put(backend, b"x" * i, key=f"d/w/many/f{i:02d}")
+    await put(backend, b"y" * 7, key="d/w/z")
+    read: list[str] = []
+    scan = folder_cache.scan
+    monkeypatch.setattr(folder_cache, "scan", lambda folder: read.append(folder) or scan(folder))
+    passed: list[str] = []
+
+    async def tell(key: str) -> None:
+        passed.append(key)
+
+    assert await backend.usage("d", tell) == sum(range(35)) + 7
+    assert passed == ["d/w/many/f09", "d/w/many/f19", "d/w/many/f29", "d/w/z"]
+    assert sorted(read) == sorted(set(read)), f"each folder read once: {read}"

@@ -841,16 +841,22 @@ class LocalBackend(Backend):
             return 0
         return content_size(st.st_size) if stat.S_ISREG(st.st_mode) else 0
 
-    def _usage_page(self, prefix: str, start_after: str) -> tuple[int, str]:
-        """The bytes of the next USAGE_PAGE files under `prefix` after key `start_after`, and the last one's key
-        ("" when there are none)."""
-        keys = self._walk(prefix, start_after, USAGE_PAGE)
-        return sum(self._counted_size(f"{self.root}/{key}") for key in keys), keys[-1] if keys else ""
+    def _keys_under(self, prefix: str) -> Iterator[str]:
+        """Keys of the files under folder `prefix`, in order, read as they are taken (`_keys_after`)."""
+        base = prefix.rstrip("/")
+        yield from self._keys_after(base, self._path(base), "")
+
+    def _usage_page(self, keys: Iterator[str]) -> tuple[int, str]:
+        """The bytes of the next USAGE_PAGE files of `keys`, and the last one's key ("" when there are none)."""
+        page = list(itertools.islice(keys, USAGE_PAGE))
+        return sum(self._counted_size(f"{self.root}/{key}") for key in page), page[-1] if page else ""
 
     async def usage(self, prefix: str, passed: Callable[[str], Awaitable[None]] | None = None) -> int:
-        total, last = 0, ""
+        # One walk goes on from page to page: entered again after each page's last key, it would read a big
+        # folder again for each (a folder the listings' cache cannot hold: 300,000 files took 225 s, not 6).
+        keys, total = self._keys_under(prefix), 0
         while True:
-            size, last = await asyncio.get_running_loop().run_in_executor(None, self._usage_page, prefix, last)
+            size, last = await asyncio.get_running_loop().run_in_executor(None, self._usage_page, keys)
             if not last:
                 return total
             total += size
