@@ -1267,7 +1267,9 @@ def test_a_count_made_again_that_fails_is_tried_again_sooner_by_one_replica_at_a
         return seconds * 1000 + micros // 1000 >= int(admin.hget(key, "due"))
 
     def ask_both_at_once() -> None:  # each put is refused, after its call that finds the count due
-        puts = [stub_of(handle).Put.future(put_messages(drive_uri, "big.bin", b"x" * 851, component="w", size=851),
+        # 951 bytes: refused by the count of 150 bytes, and by the count made again (100) that a put finding it due
+        # may see, when the other put's call comes after the count was made.
+        puts = [stub_of(handle).Put.future(put_messages(drive_uri, "big.bin", b"x" * 951, component="w", size=951),
                                            timeout=20) for handle in (a, b)]
         for put in puts:
             assert rpc_code(lambda put=put: put.result()) == grpc.StatusCode.RESOURCE_EXHAUSTED

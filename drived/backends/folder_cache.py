@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from .base import Listing
 
@@ -103,3 +104,9 @@ class FolderCache:
             while self._bytes > self._max_bytes:  # never the one just added: it fits alone
                 _, (_, _, evicted) = self._known.popitem(last=False)
                 self._bytes -= evicted
+
+    def keep_only(self, wanted: Callable[[str], bool]) -> None:
+        """Forgets the listings of the folders not `wanted`."""
+        with self._lock:
+            for folder in [folder for folder in self._known if not wanted(folder)]:
+                self._bytes -= self._known.pop(folder)[2]

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import stat
+import sys
 import threading
 from array import array
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -136,6 +137,11 @@ def _identity(tmp_dir: str) -> str:
     leaves the clean-stop mark, run and killed after a clean stop, leaves a mark that no longer names tmp/."""
     info = os.stat(tmp_dir)
     return f"{info.st_ino} {info.st_ctime_ns}\n"
+
+
+def _holds(path: str, folder: str) -> bool:
+    """Whether `path` is below `folder`."""
+    return path.startswith(f"{folder}/")
 
 
 def _folders_bottom_up(top: str) -> Iterator[tuple[str, list[str]]]:
@@ -787,11 +793,13 @@ class LocalBackend(Backend):
     async def list_folder(self, prefix: str, start_after: str = "", limit: int | None = None) -> Listing:
         return await asyncio.get_running_loop().run_in_executor(None, self._list_after, prefix, start_after, limit)
 
-    def _walk(self, prefix: str, start_after: str, limit: int | None) -> list[str]:
+    def _walk(self, prefix: str, start_after: str, limit: int | None, listings: FolderCache | None = None
+              ) -> list[str]:
         base = prefix.rstrip("/")
-        return list(itertools.islice(self._keys_after(base, self._path(base), start_after), limit))
+        return list(itertools.islice(self._keys_after(base, self._path(base), start_after, listings or self.listings),
+                                     limit))
 
-    def _keys_after(self, key: str, folder: str, start_after: str) -> Iterator[str]:
+    def _keys_after(self, key: str, folder: str, start_after: str, listings: FolderCache) -> Iterator[str]:
         """Keys of the files under `key` (the folder `folder`) after `start_after`, in order, one by one.
 
         Each folder's listing (see `listings`) is entered by bisection, so what
@@ -799,21 +807,22 @@ class LocalBackend(Backend):
         read are a stack, not a recursion: a path may be some 2,000 folders
         deep, past Python's recursion limit.
         """
-        levels = [self._children_after(key, folder, start_after)]
+        levels = [self._children_after(key, folder, start_after, listings)]
         while levels:
             for child, subfolder in levels[-1]:
                 if subfolder:
-                    levels.append(self._children_after(child, subfolder, start_after))
+                    levels.append(self._children_after(child, subfolder, start_after, listings))
                     break
                 if child > start_after:
                     yield child
             else:
                 levels.pop()
 
-    def _children_after(self, key: str, folder: str, start_after: str) -> Iterator[tuple[str, str]]:
+    def _children_after(self, key: str, folder: str, start_after: str, listings: FolderCache
+                        ) -> Iterator[tuple[str, str]]:
         """(key, its folder's path, or "" for a file) of what is directly under `key` (the folder `folder`), in
         key order, from the first that holds or follows `start_after`."""
-        listing = self.listings.read(folder)
+        listing = listings.read(folder)
         prefix = f"{key}/" if key else ""
         start = position_after(listing.key_order, prefix, start_after, listing.key_of)
         if start and start_after.startswith(prefix + listing.key_of(listing.key_order[start - 1])):
@@ -841,25 +850,24 @@ class LocalBackend(Backend):
             return 0
         return content_size(st.st_size) if stat.S_ISREG(st.st_mode) else 0
 
-    def _keys_under(self, prefix: str) -> Iterator[str]:
-        """Keys of the files under folder `prefix`, in order, read as they are taken (`_keys_after`)."""
-        base = prefix.rstrip("/")
-        yield from self._keys_after(base, self._path(base), "")
-
-    def _usage_page(self, keys: Iterator[str]) -> tuple[int, str]:
-        """The bytes of the next USAGE_PAGE files of `keys`, and the last one's key ("" when there are none)."""
-        page = list(itertools.islice(keys, USAGE_PAGE))
-        return sum(self._counted_size(f"{self.root}/{key}") for key in page), page[-1] if page else ""
+    def _usage_page(self, prefix: str, start_after: str, listings: FolderCache) -> tuple[int, str]:
+        """The bytes of the next USAGE_PAGE files under `prefix` after key `start_after`, and the last one's key
+        ("" when there are none)."""
+        keys = self._walk(prefix, start_after, USAGE_PAGE, listings)
+        return sum(self._counted_size(f"{self.root}/{key}") for key in keys), keys[-1] if keys else ""
 
     async def usage(self, prefix: str, passed: Callable[[str], Awaitable[None]] | None = None) -> int:
-        # One walk goes on from page to page: entered again after each page's last key, it would read a big
-        # folder again for each (a folder the listings' cache cannot hold: 300,000 files took 225 s, not 6).
-        keys, total = self._keys_under(prefix), 0
+        # Each page walks from the last one's last key, and so counts the files added ahead of it meanwhile. The
+        # folders it is in are kept from page to page while unchanged, whatever their size: read again for each page
+        # (the daemon's listings keep none past MAX_BYTES), a folder of 300,000 files took 225 s to count, not 6.
+        listings, total, last = FolderCache(sys.maxsize), 0, ""
         while True:
-            size, last = await asyncio.get_running_loop().run_in_executor(None, self._usage_page, keys)
+            size, last = await asyncio.get_running_loop().run_in_executor(
+                None, self._usage_page, prefix, last, listings)
             if not last:
                 return total
             total += size
+            listings.keep_only(functools.partial(_holds, f"{self.root}/{last}"))
             if passed is not None:
                 await passed(last)
 
