@@ -10,10 +10,11 @@ may be called concurrently from many tasks. Failures are raised as
 from __future__ import annotations
 
 import abc
+import asyncio
 import bisect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Self
+from typing import Protocol, Self, TypeVar
 
 from drive_client.errors import (
     PARENT_IS_FILE,
@@ -27,6 +28,21 @@ from drive_client.errors import (
 )
 
 from ..checksums import Checksums, ClientChecksums, RunningCrc32c
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+ROOTS_AT_ONCE = 8  # folders (a drive's components) one call looks in at a time: each look may take a store's thread
+
+
+async def each_root(roots: Sequence[T], look: Callable[[T], Awaitable[R]]) -> AsyncIterator[tuple[int, R]]:
+    """(index, `look(root)`) of each of `roots` in order, ROOTS_AT_ONCE looked at a time: a call that looks in
+    thousands neither waits for each in turn nor takes every thread the daemon's other calls need."""
+    for start in range(0, len(roots), ROOTS_AT_ONCE):
+        found = await asyncio.gather(*(look(root) for root in roots[start:start + ROOTS_AT_ONCE]))
+        for i, answer in enumerate(found, start):
+            yield i, answer
 
 
 class Chunks(Protocol):

@@ -140,6 +140,7 @@ from ..checksums import BLOCK_SIZE, Checksums, ClientChecksums, Readable, Runnin
 from ..s3index.lister import endpoint_of, make_client, map_error
 from ..s3index.reader import first_byte
 from .base import (
+    ROOTS_AT_ONCE,
     Backend,
     BeforeVisible,
     ChangedWhileRead,
@@ -156,6 +157,7 @@ from .base import (
     Upload,
     UploadGone,
     check_received,
+    each_root,
     is_a_folder,
     parent_is_file,
 )
@@ -172,7 +174,6 @@ CHECKSUMS = "~checksums"  # the folder of checksum objects, beside the drives
 LIVE = "~uploads"  # the folder of each daemon's list of its live uploads, beside the drives
 TABLE_IN_CHECKSUMS = "in-checksums"  # a multipart object's `blocks`: its block table is its checksum object's bytes
 THREADS = 32  # boto3 calls and body reads
-ROOTS_AT_ONCE = 8  # components looked in at a time by a put or stat that looks in all of them: others keep most threads
 PAGE = 1000  # ListObjectsV2 MaxKeys
 MAX_GENERATION = (1 << 63) - 1  # a generation is an int64 on the wire
 READ_RETRIES = 3  # times a read resumes after its connection dropped, or starts again on a version replaced
@@ -1248,7 +1249,7 @@ class S3Backend(Backend):
         does: a root that holds none (most of them) costs that request, not a HEAD of each part and a LIST. A few
         (one round of ROOTS_AT_ONCE) are looked in directly: the LIST would be a round trip more for those that do."""
         look = self.occupant if len(roots) <= ROOTS_AT_ONCE else self._occupant_if_begun
-        async for i, held in self._each_root(roots, lambda root: look(root, path)):
+        async for i, held in each_root(roots, lambda root: look(root, path)):
             if held is not None:
                 return i, *held
         return None
@@ -1262,15 +1263,7 @@ class S3Backend(Backend):
     async def holders(self, roots: Sequence[str], path: str) -> list[int]:
         """As `Backend.holders`, with one LIST of each root's keys that begin with `path`: a root that holds none
         (most of them) costs that request, not a HEAD and a LIST."""
-        return [i async for i, found in self._each_root(roots, lambda root: self._begun(f"{root}/{path}")) if found]
-
-    @staticmethod
-    async def _each_root(roots: Sequence[str], look: Callable[[str], Awaitable[T]]) -> AsyncIterator[tuple[int, T]]:
-        """(index, `look(root)`) of each of `roots` in order, ROOTS_AT_ONCE looked at a time."""
-        for start in range(0, len(roots), ROOTS_AT_ONCE):
-            found = await asyncio.gather(*(look(root) for root in roots[start:start + ROOTS_AT_ONCE]))
-            for i, answer in enumerate(found, start):
-                yield i, answer
+        return [i async for i, found in each_root(roots, lambda root: self._begun(f"{root}/{path}")) if found]
 
     async def _begun(self, key: str, folder: bool = False) -> bool:
         """Whether a key begins with `key` (with `folder`, with the folder `key`'s prefix): one LIST of at most one
