@@ -35,7 +35,7 @@ from drive_client.errors import (
     WaitTimeout,
 )
 
-from .backends.base import Backend, Damaged, NotDurable, ObjectInfo, StoredFileError, Upload
+from .backends.base import Backend, Damaged, NotDurable, ObjectInfo, StoredFileError, Upload, each_root
 from .checksums import ClientChecksums
 from .config import ANSWER_ENTRIES_BYTES, answer_entry_bytes
 from .coordinator import Change, Claim, Coordinator, Event, Unpublished, version_of
@@ -337,20 +337,22 @@ class ManagedDrives:
         return [components[i] for i in held]
 
     async def _locate(self, drive: str, path: str, component: str) -> list[tuple[str, ObjectInfo | None]]:
-        """Which components hold `path`: (component, file info), or (component, None) for a folder."""
+        """Which components hold `path`: (component, file info), or (component, None) for a folder; of many, looked
+        in ROOTS_AT_ONCE at a time."""
+        if not path:  # the top, which every component the drive's listing finds holds
+            if component:
+                return [(component, None)] if await self.backend.is_folder(component_key(drive, component)) else []
+            return [(c, None) for c in await self.components(drive)]
         components = [component] if component else await self.components(drive)
-        if not path:
-            return [(c, None) for c in components if await self.backend.is_folder(component_key(drive, c))]
         components = await self._may_hold(drive, components, path)
-        hits: list[tuple[str, ObjectInfo | None]] = []
-        for c in components:
-            key = object_key(drive, c, path)
-            info = await self._file_info(drive, c, path)
-            if info:
-                hits.append((c, info))
-            elif await self.backend.is_folder(key):
-                hits.append((c, None))
-        return hits
+        return [held async for _, held in each_root(components, lambda c: self._held(drive, c, path)) if held]
+
+    async def _held(self, drive: str, component: str, path: str) -> tuple[str, ObjectInfo | None] | None:
+        """What `component` holds at `path`: (it, the file's info), (it, None) for a folder, or None."""
+        info = await self._file_info(drive, component, path)
+        if info:
+            return component, info
+        return (component, None) if await self.backend.is_folder(object_key(drive, component, path)) else None
 
     async def _locate_or_wait(
         self, drive: str, path: str, component: str, wait_seconds: float
@@ -473,36 +475,44 @@ class ManagedDrives:
 
         Each component's names are read a chunk at a time, when the merge
         needs its next one: a share of `limit` (the names the caller takes at
-        most) first, then twice as many each time, up to `limit` and one. A
-        page of a folder that many components hold costs about the page, not
-        `limit` names of each component.
+        most) and one first, then twice as many each time, up to `limit` and
+        one. A page of a folder that many components hold costs about the
+        page, not `limit` names of each component; the one more tells of a
+        component that holds no more than its share (one file each, of more
+        components than `limit`) that it ended, without a read that finds
+        nothing. The first reads are ROOTS_AT_ONCE at a time.
         """
         if not components:  # a drive nothing was put in
             return
         largest = limit + 1
-        sizes = [-(-largest // len(components))] * len(components)  # each component's next read
+        sizes = [-(-limit // len(components)) + 1] * len(components)  # each component's next read
         chunks: list[list[tuple[str, bool]]] = [[] for _ in components]
         read = [0] * len(components)  # how much of each chunk went into `heap`
         ended = [False] * len(components)  # whether a component's last read was not full: nothing follows
         heap: list[tuple[str, int, bool]] = []  # each component's next name: (path, its index, is a folder)
 
+        async def read_chunk(i: int, after: str) -> None:
+            """Reads component `i`'s next chunk of names, those after `after`."""
+            chunks[i] = list(await self._names_after(drive, components[i], path, recursive, after, sizes[i]))
+            read[i] = 0
+            ended[i] = len(chunks[i]) < sizes[i]
+            sizes[i] = min(2 * sizes[i], largest)
+
+        def take(i: int) -> None:
+            """Puts component `i`'s next name of its chunk in `heap`, when the chunk has one."""
+            if read[i] < len(chunks[i]):
+                name, folder = chunks[i][read[i]]
+                read[i] += 1
+                heapq.heappush(heap, (name, i, folder))
+
         async def advance(i: int, after: str) -> None:
             """Puts component `i`'s next name after `after` in `heap`, reading its next chunk when it needs one."""
-            if read[i] == len(chunks[i]):
-                if ended[i]:
-                    return
-                chunks[i] = list(await self._names_after(drive, components[i], path, recursive, after, sizes[i]))
-                read[i] = 0
-                ended[i] = len(chunks[i]) < sizes[i]
-                sizes[i] = min(2 * sizes[i], largest)
-                if not chunks[i]:
-                    return
-            name, folder = chunks[i][read[i]]
-            read[i] += 1
-            heapq.heappush(heap, (name, i, folder))
+            if read[i] == len(chunks[i]) and not ended[i]:
+                await read_chunk(i, after)
+            take(i)
 
-        for i in range(len(components)):
-            await advance(i, start_after)
+        async for i, _ in each_root(range(len(components)), lambda i: read_chunk(i, start_after)):
+            take(i)
         while heap:
             name, i, folder = heapq.heappop(heap)
             holders = [(components[i], folder)]

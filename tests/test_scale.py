@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import boto3
 import grpc
 import pytest
-from conftest import Background, raw_put, rpc_code, snapshot, wait_until
+from conftest import Background, raw_get, raw_put, rpc_code, snapshot, wait_until
 from moto_server import AWS_ENV, running_moto
 
 from drive_client.pb import drive_pb2, drive_pb2_grpc
@@ -216,4 +216,37 @@ def test_a_list_that_names_no_component_reads_only_the_components_that_hold_its_
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "symbolic link" in refused.value.details()
     (handle.data_dir / "objects" / name / "c03" / "a").unlink()
+    assert snapshot(handle.data_dir / "objects") == before
+
+
+def test_a_get_naming_no_component_walks_each_component_once_a_pass(start_daemon, tmp_path, drive_uri):
+    """A Get of the whole drive or of a folder naming no component, in a drive of more components than a page of
+    files (here 20 components and pages of 10, as 10,000 components and pages of 1,000), read a share of one name of
+    each first, so a component of one file took two walks a pass, the second finding nothing: 40,000 walks, one after
+    the other, for the whole drive of 10,000 components (9.8 s). One walk a pass each now; files, their order and the
+    refusal of a clash are as before, and nothing stored changes."""
+    reads = tmp_path / "reads"
+    handle = start_daemon(tmp_path, before="import drived.managed\ndrived.managed.GET_PAGE = 10\n"
+                          + COUNTED_READS.format(reads=str(reads)))
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
+    others = [f"c{i:02}" for i in range(20)]
+    for other in others:
+        raw_put(stub, drive_uri, f"shared/{other}.txt", other.encode(), component=other, allow_duplicates=True)
+
+    def walks_of_each() -> set[int]:
+        walked = [read.split("/")[1] for read in reads.read_text().split()]  # each a "<drive>/<component>[/<path>]"
+        return {walked.count(other) for other in others}
+
+    expected = [(f"shared/{o}.txt", o, o.encode()) for o in others]
+    for path in ("", "shared"):
+        reads.unlink(missing_ok=True)
+        assert [(info.path, info.component, data) for info, data in raw_get(stub, drive_uri, path)] == expected
+        assert walks_of_each() == {2}, path  # one to refuse a clash before any file is sent, one to send
+    raw_put(stub, drive_uri, "shared/c07.txt", b"clash", component="holder", allow_duplicates=True)
+    before = snapshot(handle.data_dir / "objects")
+    for path in ("", "shared"):
+        with pytest.raises(grpc.RpcError) as refused:
+            next(iter(stub.Get(drive_pb2.GetRequest(drive=drive_uri, path=path), timeout=60)))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, path
+        assert "'shared/c07.txt'" in refused.value.details() and "'c07', 'holder'" in refused.value.details()
     assert snapshot(handle.data_dir / "objects") == before

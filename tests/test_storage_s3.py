@@ -58,6 +58,7 @@ from drive_client import DataLoss, Drive, DriveError, StaleIndexError
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drive_client.transfer import PARALLEL_MIN_SIZE
 from drive_client.wire import fast_stub
+from drived.backends.base import ROOTS_AT_ONCE
 from drived.backends.s3 import MAX_PARTS_IN_FLIGHT, PART_SIZE, PARTS_IN_MEMORY, S3Backend
 from drived.checksums import ClientChecksums
 
@@ -560,9 +561,14 @@ from drived.backends.s3 import S3Backend
 
 def counted(ask):
     async def ask_counted(self, *args, **params):
+        key = params.get('Prefix') or params.get('Key') or args[-1]
         with open({asked!r}, "a") as asked:
-            asked.write(f"{{params.get('Prefix') or params.get('Key') or args[-1]}}\\n")
-        return await ask(self, *args, **params)
+            asked.write(f"{{key}}\\n")
+        try:
+            return await ask(self, *args, **params)
+        finally:
+            with open({asked!r}, "a") as asked:
+                asked.write(f"answered:{{key}}\\n")
     return ask_counted
 
 S3Backend.call = counted(S3Backend.call)
@@ -573,23 +579,39 @@ S3Backend._head = counted(S3Backend._head)
 OTHERS = [f"c{i:02}" for i in range(20)]
 
 
-def twenty_other_components(store: Store, tmp_path: Path, drive_uri: str
+def twenty_other_components(store: Store, tmp_path: Path, drive_uri: str, before: str = ""
                             ) -> tuple[drive_pb2_grpc.DriveServiceStub, Path]:
-    """A daemon that writes the keys it asks the store about to `asked` (its stub, `asked`), and a drive where
-    components c00-c19 (OTHERS) each hold a file at the top and component 'holder' holds a/b."""
+    """A daemon that writes the keys it asks the store about to `asked` (its stub, `asked`), each once asked and once
+    answered ("answered:<key>"), running `before` first, and a drive where components c00-c19 (OTHERS) each hold a
+    file at the top and component 'holder' holds a/b."""
     asked = tmp_path / "asked"
-    stub = stub_of(store.daemon(before=COUNTED_REQUESTS.format(asked=str(asked))))
+    stub = stub_of(store.daemon(before=before + COUNTED_REQUESTS.format(asked=str(asked))))
     for other in OTHERS:
         raw_put(stub, drive_uri, f"{other}.txt", b"elsewhere", component=other, allow_duplicates=True)
     raw_put(stub, drive_uri, "a/b", b"held", component="holder", allow_duplicates=True)
     return stub, asked
 
 
-def assert_one_request_of_each_other(asked: Path, drive_uri: str) -> None:
-    """The daemon asked the store one request about each of OTHERS since `asked` was last removed."""
+def assert_requests_of_each_other(asked: Path, drive_uri: str, each: int = 1) -> None:
+    """The daemon asked the store `each` requests about each of OTHERS since `asked` was last removed."""
     prefix = f"{PREFIX}{drive_uri.removeprefix('lit://')}/"
     requests = asked.read_text().split()
-    assert sum(r.startswith(tuple(f"{prefix}{o}/" for o in OTHERS)) for r in requests) == len(OTHERS), requests
+    for other in OTHERS:
+        assert sum(r.startswith(f"{prefix}{other}/") for r in requests) == each, (other, requests)
+
+
+def most_at_once(asked: Path, drive_uri: str) -> int:
+    """The most requests about the drive's files the daemon had asked the store and not yet had answered at one
+    time, since `asked` was last removed (and every request asked before was answered)."""
+    prefix = f"{PREFIX}{drive_uri.removeprefix('lit://')}/"
+    waiting = most = 0
+    for request in asked.read_text().split():
+        if request.startswith(prefix):
+            waiting += 1
+            most = max(most, waiting)
+        elif request.startswith(f"answered:{prefix}"):
+            waiting -= 1
+    return most
 
 
 def test_a_put_looks_in_each_other_component_with_one_request(store, tmp_path, drive_uri):
@@ -600,7 +622,7 @@ def test_a_put_looks_in_each_other_component_with_one_request(store, tmp_path, d
     stub, asked = twenty_other_components(store, tmp_path, drive_uri)
     asked.unlink()
     raw_put(stub, drive_uri, "x/y/z", b"new", component="writer", size=3)  # small and sized: checked at its commit
-    assert_one_request_of_each_other(asked, drive_uri)
+    assert_requests_of_each_other(asked, drive_uri)
     before = store.object_keys()
     with pytest.raises(grpc.RpcError) as refused:
         raw_put(stub, drive_uri, "a/b/c", b"below a file", component="writer")
@@ -618,7 +640,7 @@ def test_a_stat_that_names_no_component_asks_one_request_of_each_that_holds_noth
     asked.unlink()
     found = stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="a/b"), timeout=60)
     assert (found.component, found.size) == ("holder", 4)
-    assert_one_request_of_each_other(asked, drive_uri)
+    assert_requests_of_each_other(asked, drive_uri)
     assert [(info.component, data) for info, data in raw_get(stub, drive_uri, "a/b")] == [("holder", b"held")]
     before = store.object_keys()
     with pytest.raises(grpc.RpcError) as missing:
@@ -641,7 +663,45 @@ def test_a_list_that_names_no_component_asks_one_request_of_each_that_holds_noth
         asked.unlink()
         answer = stub.List(drive_pb2.ListRequest(drive=drive_uri, path=path), timeout=60)
         assert [(e.path, e.component, e.size) for e in answer.entries] == page and not answer.next_page_token
-        assert_one_request_of_each_other(asked, drive_uri)
+        assert_requests_of_each_other(asked, drive_uri)
+    assert store.object_keys() == before
+
+
+SMALL_GET_PAGE = """
+import drived.managed
+drived.managed.GET_PAGE = 10  # 21 components looked in as 10,000 are: more of them than files in a page
+"""
+
+
+def test_a_get_naming_no_component_walks_each_component_once_a_pass_several_at_once(store, tmp_path, drive_uri):
+    """A Get of the whole drive or of a folder naming no component asked the store, one component after the other,
+    whether each held the path (a LIST: of the top, though the listing of the drive's components had just said so),
+    then walked each twice in each of its two passes (one to refuse a clash before any file is sent, one to send), as
+    a drive of more components than a page of files read a share of one name of each first: in a drive of 10,000
+    components, 50,000 round trips one after another for the whole drive. Now each component costs a walk a pass
+    (and a folder's HEAD and LIST of it, once `holders` found it there), ROOTS_AT_ONCE at a time; files, their order and
+    the refusal of a clash are as before."""
+    stub, asked = twenty_other_components(store, tmp_path, drive_uri, before=SMALL_GET_PAGE)
+    asked.unlink()
+    whole = [(info.path, info.component, data) for info, data in raw_get(stub, drive_uri, "")]
+    assert whole == [("a/b", "holder", b"held")] + [(f"{o}.txt", o, b"elsewhere") for o in OTHERS]
+    assert_requests_of_each_other(asked, drive_uri, each=2)
+    assert 2 <= most_at_once(asked, drive_uri) <= ROOTS_AT_ONCE
+    for other in OTHERS:
+        raw_put(stub, drive_uri, f"shared/{other}.txt", other.encode(), component=other, allow_duplicates=True)
+    asked.unlink()
+    folder = [(info.path, info.component, data) for info, data in raw_get(stub, drive_uri, "shared")]
+    assert folder == [(f"shared/{o}.txt", o, o.encode()) for o in OTHERS]
+    assert_requests_of_each_other(asked, drive_uri, each=5)  # whether it may hold the folder, a HEAD, a LIST, 2 walks
+    assert 2 <= most_at_once(asked, drive_uri) <= ROOTS_AT_ONCE
+    raw_put(stub, drive_uri, "shared/c07.txt", b"clash", component="holder", allow_duplicates=True)
+    before = store.object_keys()
+    for path in ("", "shared"):
+        with pytest.raises(grpc.RpcError) as refused:
+            next(iter(stub.Get(drive_pb2.GetRequest(drive=drive_uri, path=path), timeout=60)))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, path
+        assert "'shared/c07.txt'" in refused.value.details() and "'c07', 'holder'" in refused.value.details()
+    assert rpc_code(lambda: raw_get(stub, drive_uri, "missing")) == grpc.StatusCode.NOT_FOUND
     assert store.object_keys() == before
 
 
