@@ -49,8 +49,8 @@ CLIENT_PING_INTERVAL = 5.0  # seconds: the shortest a client's pings may come on
 KEEPALIVE_TIME = 20.0  # seconds between the pings the daemon sends a client while it has calls open
 KEEPALIVE_TIMEOUT = 10.0  # seconds it waits for the ping's answer before it closes the connection
 # The seconds the stop waits, once no call is left to serve, for S3 to answer what the daemon still asks (with
-# --storage, a commit under way, the aborts of held uploads; a mount's listing): deploy/k8s kills a pod 10 s after
-# the grace period.
+# --storage, a commit under way, the aborts of held uploads; a mount's listing); and, after a second signal, for
+# the rest of the stop, a data dir's changes under way included: deploy/k8s kills a pod 10 s after the grace period.
 CLOSE_SECONDS = 5.0
 
 
@@ -211,9 +211,11 @@ async def serve(config: Config) -> None:
         await coordinator.disconnect()
         await backend.close()
 
+    hurrying = asyncio.ensure_future(_cancelled_at_once(signals, server, streams, service))
     if not await signals.unless_stopped(_started(backend, coordinator)):
         log.info("stopping before serving")
         await _closed_within(closed(), mounts, bool(config.storage), service)
+        hurrying.cancel()
         return
     add_fast_servicer(service, server)
     health_servicer = Health()
@@ -260,7 +262,6 @@ async def serve(config: Config) -> None:
     service.draining = True
     log.info("draining", extra={"fields": {"grace_period_s": config.grace_period, "open_streams": streams.count}})
     deadline = loop.time() + config.grace_period
-    hurrying = asyncio.ensure_future(_cancelled_at_once(signals, server, streams, service))
     await health_servicer.enter_graceful_shutdown()
     settling.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -319,12 +320,27 @@ async def _started(backend: Backend, coordinator: Coordinator) -> None:
 
 async def _cancelled_at_once(signals: Signals, server: grpc.aio.Server, streams: Streams, service: DriveService
                              ) -> None:
-    """At a second SIGTERM or SIGINT, cancels every call still open, as the grace period's end does: what a call
-    changes in the store still runs to its end, and the data dir stays locked until then (`serve`)."""
+    """At a second SIGTERM or SIGINT, cancels every call still open, as the grace period's end does, and ends the
+    process once the rest of the stop has had CLOSE_SECONDS.
+
+    What a call changes in the store runs to its end within that time, the
+    data dir locked until then (`serve`). One that does not end (a data dir
+    on a network mount whose server is gone: a thread in a rename or fsync
+    that never returns, which nothing can cancel) is abandoned as a kill
+    leaves it: a file becomes visible by one rename of its finished upload,
+    so its path holds the earlier version or the new one, whole; the
+    upload's temporary file goes at the next start, which also looks for
+    folders made for it (no clean stop is marked).
+    """
     await signals.hurry.wait()
     log.warning("stopping at once: cancelling what is still open", extra={"fields": {
         "streams": streams.count, "calls": len(service.calls)}})
     await server.stop(0)
+    await asyncio.sleep(CLOSE_SECONDS)
+    log.warning("stopping at once: abandoned what still runs", extra={"fields": {
+        "waited_s": CLOSE_SECONDS, "calls": service.running()}})
+    log.info("stopped")
+    end_process()
 
 
 async def _closed_within(closing: Coroutine[Any, Any, None], mounts: S3Mounts, storage: bool, service: DriveService

@@ -454,7 +454,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
         failure answered with its status, an idle stream's with UNAVAILABLE."""
         call = asyncio.current_task()
         assert call is not None  # gRPC runs each call in a task of its own
-        service.calls.add(call)
+        service.calls[call] = record
         try:
             record.grant = service.caller(context)
             if service.draining:
@@ -485,7 +485,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as err:
             await _fail(context, record, err)
         finally:
-            service.calls.discard(call)
+            del service.calls[call]
 
     if inspect.isasyncgenfunction(handler):
 
@@ -528,14 +528,20 @@ class DriveService(pb_grpc.DriveServiceServicer):
         self.answers = AnswerRoom()
         self.access = access or Access()
         self.draining = False  # set on SIGTERM: new calls answer UNAVAILABLE while the open ones finish
-        # The calls running. One that the server's stop cancelled runs on to the end of the store's change it
-        # makes (a put's commit, a file's delete: `drived.managed._to_its_end`), and the drain waits for it.
-        self.calls: set[asyncio.Task[Any]] = set()
+        # The calls running, each with its request's record. One that the server's stop cancelled runs on to the
+        # end of the store's change it makes (a put's commit, a file's delete: `drived.managed._to_its_end`), and
+        # the drain waits for it.
+        self.calls: dict[asyncio.Task[Any], RequestLog] = {}
 
     async def ended(self) -> None:
         """Waits for every call running to end."""
         while self.calls:
             await asyncio.wait(set(self.calls))
+
+    def running(self) -> list[dict[str, str]]:
+        """The calls running, named as the request log names them."""
+        return [{"method": record.method, "drive": record.drive, "path": record.path, "component": record.component}
+                for record in self.calls.values()]
 
     def caller(self, context: grpc.aio.ServicerContext) -> Grant:
         """What the call may do, by its token; Unauthenticated when tokens are needed and it has no good one."""

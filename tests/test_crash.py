@@ -5,10 +5,12 @@ recovers at once; SIGTERM under load lets every transfer in flight finish, refus
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
 import signal
+import subprocess
 import threading
 import time
 
@@ -289,9 +291,11 @@ def test_a_change_the_grace_period_cut_keeps_the_data_dir_locked_until_it_ends(s
 def test_a_second_signal_cancels_the_drain_at_once_and_lets_a_commit_under_way_end(start_daemon, tmp_path, second):
     """A second SIGTERM or SIGINT during the drain did nothing: a client that sent part of a put and stalled held
     the stop for the whole grace period (a minute here), as uvicorn's, gunicorn's and nginx's stops do not. It
-    cancels what is open at once; a put's commit under way still runs to its end, the data dir locked until then."""
+    cancels what is open at once; a put's commit under way still runs to its end (within CLOSE_SECONDS, a minute
+    here), the data dir locked until then."""
     pause = tmp_path / "pause"
-    first = start_daemon(tmp_path, "--grace-period", "60", before=PAUSED_CHANGES.format(pause=str(pause)))
+    first = start_daemon(tmp_path, "--grace-period", "60", before=PAUSED_CHANGES.format(pause=str(pause))
+                         + "import drived.server as s\ns.CLOSE_SECONDS = 60.0\n")
     stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint))
     before, after = os.urandom(2 * MIB), os.urandom(2 * MIB)
     raw_put(stub, DRIVE, "big.bin", before)
@@ -328,3 +332,63 @@ def test_a_second_signal_cancels_the_drain_at_once_and_lets_a_commit_under_way_e
     assert raw_get(stub, DRIVE, "big.bin")[0][1] == after, "the commit under way ran to its end"
     assert rpc_code(lambda: raw_get(stub, DRIVE, "stalled.bin")) == grpc.StatusCode.NOT_FOUND
     assert committing.done()
+
+
+# Run first in the daemon's process and in its commit worker's (both import sitecustomize): while the file HANG
+# exists, the rename of a put of hung.bin into place never returns, as a rename on a hung NFS mount does not.
+HUNG_RENAMES = """
+import os, threading
+from drived.backends import stored
+
+place = stored.place
+
+def hung(tmp_path, path):
+    if os.path.basename(path) == "hung.bin" and os.path.exists({hang!r}):
+        open({hang!r} + ".reached", "w").close()
+        threading.Event().wait()
+    return place(tmp_path, path)
+
+stored.place = hung
+"""
+
+
+@pytest.mark.parametrize("size", [1000, 3 * MIB], ids=["in the commit worker", "in a thread"])
+def test_a_second_signal_ends_a_stop_that_a_hung_commit_holds(start_daemon, tmp_path, size):
+    """A put's commit on a data dir that hangs (an NFS server gone) held the stop forever: a second SIGTERM
+    cancelled the calls, but the daemon waited for the commit, which never ended. The second signal gives the changes
+    under way a few seconds and then ends the process, logging what it abandoned; the data dir is as a kill there
+    leaves it: the earlier version whole, the upload's temporary file removed at the next start."""
+    hang = tmp_path / "hang"
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(HUNG_RENAMES.format(hang=str(hang)))
+    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH", "")]))
+    first = start_daemon(tmp_path, "--grace-period", "60", env={"PYTHONPATH": path})
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint))
+    before, after = os.urandom(size), os.urandom(size)
+    raw_put(stub, DRIVE, "hung.bin", before)
+    raw_put(stub, DRIVE, "other.bin", b"kept")
+    hang.touch()
+    hung = stub.Put.future(put_messages(DRIVE, "hung.bin", after), timeout=60)
+    assert wait_until((tmp_path / "hang.reached").exists, timeout=30), "the put never began its rename"
+    first.proc.send_signal(signal.SIGTERM)
+    first.wait_logged("draining")
+    first.proc.send_signal(signal.SIGTERM)
+    try:
+        status = first.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a second signal left the daemon waiting for a hung commit:\n{first.log()[-3000:]}")
+    assert status == 0, first.log()[-3000:]
+    abandoned = next(json.loads(line) for line in first.log().splitlines() if "abandoned" in line)
+    assert [(call["method"], call["path"]) for call in abandoned["calls"]] == [("Put", "hung.bin")], abandoned
+    assert wait_until(hung.done, timeout=10)
+    assert hung.exception() is not None, "a put whose commit was abandoned is never acknowledged"
+    assert not (first.data_dir / "clean-stop").exists(), "the next start looks for what the stop left"
+
+    again = start_daemon(tmp_path, data_dir=first.data_dir)
+    assert list((first.data_dir / "tmp").iterdir()) == [], "the abandoned upload's temporary file is removed"
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(again.endpoint))
+    assert raw_get(stub, DRIVE, "hung.bin")[0][1] == before, "the earlier version, whole"
+    assert raw_get(stub, DRIVE, "other.bin")[0][1] == b"kept"
+    raw_put(stub, DRIVE, "hung.bin", after)
+    assert raw_get(stub, DRIVE, "hung.bin")[0][1] == after
