@@ -84,7 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # would end the daemon, which may take seconds to start (a store that does not answer: 10 s).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     asyncio.run(server.serve(cfg))
-    server.end_process()
 
 
 if __name__ == "__main__":

@@ -172,9 +172,9 @@ def exposure(config: Config, tokens: bool) -> list[str]:
     return problems
 
 
-async def serve(config: Config) -> None:
-    """Runs the daemon until SIGTERM or SIGINT, then drains in-flight calls within the grace period; a second
-    SIGTERM or SIGINT cancels them at once. Either one during the start-up stops it.
+async def serve(config: Config) -> NoReturn:
+    """Runs the daemon until SIGTERM or SIGINT, then drains in-flight calls within the grace period and ends the
+    process; a second SIGTERM or SIGINT cancels them at once. Either one during the start-up stops it.
 
     SIGHUP reads the token file and the TLS files again.
     """
@@ -211,12 +211,10 @@ async def serve(config: Config) -> None:
         await coordinator.disconnect()
         await backend.close()
 
-    hurrying = asyncio.ensure_future(_cancelled_at_once(signals, server, streams, service))
+    signals.at_once = asyncio.ensure_future(_cancelled_at_once(signals, server, streams, service))
     if not await signals.unless_stopped(_started(backend, coordinator)):
         log.info("stopping before serving")
         await _closed_within(closed(), mounts, bool(config.storage), service)
-        hurrying.cancel()
-        return
     add_fast_servicer(service, server)
     health_servicer = Health()
     health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
@@ -272,7 +270,6 @@ async def serve(config: Config) -> None:
     health_servicer.drained()
     await server.stop(max(0.0, deadline - loop.time()))
     await _closed_within(closed(), mounts, bool(config.storage), service)
-    hurrying.cancel()
 
 
 class Signals:
@@ -282,6 +279,7 @@ class Signals:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stop = asyncio.Event()
         self.hurry = asyncio.Event()
+        self.at_once: asyncio.Future[None] | None = None  # the task that awaits `hurry` (held: the loop does not)
         self._starting: asyncio.Task[Any] | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._received)
@@ -344,9 +342,9 @@ async def _cancelled_at_once(signals: Signals, server: grpc.aio.Server, streams:
 
 
 async def _closed_within(closing: Coroutine[Any, Any, None], mounts: S3Mounts, storage: bool, service: DriveService
-                         ) -> None:
-    """Runs `closing` and the close of the s3:// drives' mounts, then logs 'stopped'; each for CLOSE_SECONDS at most,
-    but a data dir's `closing` to its end; past that, ends the process at once.
+                         ) -> NoReturn:
+    """Runs `closing` and the close of the s3:// drives' mounts, each for CLOSE_SECONDS at most but a data dir's
+    `closing` to its end, then logs 'stopped' and ends the process (`end_process`), whatever its threads still do.
 
     An S3 endpoint that takes requests and never answers held the stop for
     boto3's tries, 3 of 60 s each a request: with --storage an upload held
@@ -355,7 +353,8 @@ async def _closed_within(closing: Coroutine[Any, Any, None], mounts: S3Mounts, s
     not at all (a change left unpublished is settled by the replicas), and
     a sweep aborts the multipart uploads not aborted, after
     --upload-expiry. A data dir's changes run to their end, however long:
-    its lock is held until then.
+    its lock is held until then (a second signal bounds that:
+    `_cancelled_at_once`).
     """
     tasks = [asyncio.ensure_future(closing), asyncio.ensure_future(mounts.close())]
     if not storage:
@@ -366,17 +365,18 @@ async def _closed_within(closing: Coroutine[Any, Any, None], mounts: S3Mounts, s
         if storage:
             given_up["left"] = "a sweep aborts the multipart uploads left, after --upload-expiry"
         log.warning("S3 did not answer: the stop gives up waiting for it", extra={"fields": given_up})
-        log.info("stopped")
-        end_process()
-    for task in tasks:
-        task.result()
+    else:
+        for task in tasks:
+            task.result()
     log.info("stopped")
+    end_process()
 
 
 def end_process() -> NoReturn:
     """Ends the process of a daemon that stopped, without waiting for its threads: one still waiting on an S3
     endpoint that does not answer (a request the stop gave up, the read of a get it cancelled) would hold a normal
-    exit, which joins them, for boto3's minutes of tries, and nothing waits for its answer any more."""
+    exit, which joins them (asyncio.run first of all), for boto3's minutes of tries, and one in a read of a data dir
+    on a hung network mount for ever; nothing waits for their answers any more."""
     logging.shutdown()
     os._exit(0)
 

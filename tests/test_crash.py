@@ -392,3 +392,54 @@ def test_a_second_signal_ends_a_stop_that_a_hung_commit_holds(start_daemon, tmp_
     assert raw_get(stub, DRIVE, "other.bin")[0][1] == b"kept"
     raw_put(stub, DRIVE, "hung.bin", after)
     assert raw_get(stub, DRIVE, "hung.bin")[0][1] == after
+
+
+# Run first in the daemon's process: while the file HANG exists, a read of hung.bin's bytes in a worker thread never
+# returns, as a read on a hung NFS mount does not (the reads on the event loop, of the file's header, are let be).
+HUNG_READS = """
+import os, threading
+from drived.backends import local
+
+pread = os.pread
+
+def hung(fd, size, offset):
+    if (threading.current_thread() is not threading.main_thread() and os.path.exists({hang!r})
+            and os.readlink(f"/proc/self/fd/{{fd}}").endswith("/hung.bin")):
+        open({hang!r} + ".reached", "w").close()
+        threading.Event().wait()
+    return pread(fd, size, offset)
+
+os.pread = hung
+local._read_cached = lambda fd, size, offset: None  # every read goes to a thread
+"""
+
+
+def test_a_read_that_hangs_in_a_thread_does_not_hold_the_exit(start_daemon, tmp_path):
+    """A get whose read of the data dir never returned (a hung NFS mount) held the exit forever, whatever signals
+    followed: the stop cancelled the get, closed the store and logged "stopped", and then the process waited for
+    its worker threads (asyncio.run joins them). The stop ends the process itself once it is done."""
+    hang = tmp_path / "hang"
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(HUNG_READS.format(hang=str(hang)))
+    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH", "")]))
+    first = start_daemon(tmp_path, "--grace-period", "1", env={"PYTHONPATH": path})
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint))
+    data = os.urandom(3 * MIB)
+    raw_put(stub, DRIVE, "hung.bin", data)
+    hang.touch()
+    reading = stub.Get(pb.GetRequest(drive=DRIVE, path="hung.bin"), timeout=60)
+    getting = threading.Thread(target=lambda: rpc_code(lambda: list(reading)), daemon=True)
+    getting.start()
+    assert wait_until((tmp_path / "hang.reached").exists, timeout=30), "the get never began its read"
+    first.proc.send_signal(signal.SIGTERM)
+    try:
+        status = first.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the daemon stopped but did not exit:\n{first.log()[-3000:]}")
+    assert status == 0 and "Traceback" not in first.log(), first.log()[-3000:]
+    first.wait_logged("stopped")
+    assert (first.data_dir / "clean-stop").exists(), "a read changes nothing: the stop is clean"
+    again = start_daemon(tmp_path, data_dir=first.data_dir)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(again.endpoint))
+    assert raw_get(stub, DRIVE, "hung.bin")[0][1] == data
