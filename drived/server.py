@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from collections.abc import Awaitable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from drive_client.pb import drive_pb2 as pb
 from drive_client.uri import parse_drive
 from drive_client.wire import add_fast_servicer, add_handlers, method_handlers
 
-from . import metrics
+from . import logs, metrics
 from .auth import Access, TokenFileError
 from .backends.base import Backend
 from .backends.local import DataDirInUse, LocalBackend
@@ -338,13 +337,13 @@ async def _cancelled_at_once(signals: Signals, server: grpc.aio.Server, streams:
     log.warning("stopping at once: abandoned what still runs", extra={"fields": {
         "waited_s": CLOSE_SECONDS, "calls": service.running()}})
     log.info("stopped")
-    end_process()
+    logs.end_process()
 
 
 async def _closed_within(closing: Coroutine[Any, Any, None], mounts: S3Mounts, storage: bool, service: DriveService
                          ) -> NoReturn:
     """Runs `closing` and the close of the s3:// drives' mounts, each for CLOSE_SECONDS at most but a data dir's
-    `closing` to its end, then logs 'stopped' and ends the process (`end_process`), whatever its threads still do.
+    `closing` to its end, then logs 'stopped' and ends the process (`logs.end_process`), whatever its threads still do.
 
     An S3 endpoint that takes requests and never answers held the stop for
     boto3's tries, 3 of 60 s each a request: with --storage an upload held
@@ -369,16 +368,7 @@ async def _closed_within(closing: Coroutine[Any, Any, None], mounts: S3Mounts, s
         for task in tasks:
             task.result()
     log.info("stopped")
-    end_process()
-
-
-def end_process() -> NoReturn:
-    """Ends the process of a daemon that stopped, without waiting for its threads: one still waiting on an S3
-    endpoint that does not answer (a request the stop gave up, the read of a get it cancelled) would hold a normal
-    exit, which joins them (asyncio.run first of all), for boto3's minutes of tries, and one in a read of a data dir
-    on a hung network mount for ever; nothing waits for their answers any more."""
-    logging.shutdown()
-    os._exit(0)
+    logs.end_process()
 
 
 def reload(access: Access, tls: ServerTLS | None) -> None:

@@ -3,6 +3,7 @@ data cleaned up at start-up."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -223,6 +224,65 @@ def test_a_stop_while_the_daemon_starts_ends_it_quietly(tmp_path, start_daemon, 
     ch, stub = stub_for(again.endpoint)
     with ch:
         assert raw_get(stub, "lit://kept", "f.txt")[0][1] == b"stored before"
+
+
+# sitecustomize.py of a daemon whose start-up stops for good, as a slow one stops for a while: at its import of grpc
+# (the imports take ~0.3 s), or once its logging is set up; it makes the file REACHED then.
+PAUSED_IMPORT = """
+import importlib.abc, sys, time
+
+class Paused(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "grpc":
+            open({reached!r}, "w").close()
+            while True:
+                time.sleep(1)
+
+sys.meta_path.insert(0, Paused())
+"""
+PAUSED_ONCE_LOGGING = """
+import time
+import drived.logs as logs
+
+setup = logs.setup
+
+def paused(level):
+    setup(level)
+    open({reached!r}, "w").close()
+    while True:
+        time.sleep(1)
+
+logs.setup = paused
+"""
+
+
+@pytest.mark.integration  # starts a daemon of its own
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("paused", [PAUSED_IMPORT, PAUSED_ONCE_LOGGING], ids=["in its imports", "once logging"])
+def test_a_stop_before_the_daemon_serves_its_signals_ends_it_quietly(tmp_path, sig, paused):
+    """A SIGTERM or SIGINT in the daemon's first ~0.3 s (an orchestrator stopping a container that just started),
+    before the start-up took them, ended it by the signal (exit -15, not a word logged) or with a KeyboardInterrupt
+    traceback. `drived` takes them first of all: it ends at once, exiting 0 as a stop does, logging the stop once
+    its logging is set up, nothing made in its data dir."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    reached = tmp_path / "reached"
+    (inject / "sitecustomize.py").write_text(paused.format(reached=str(reached)))
+    data = tmp_path / "data"
+    endpoint = f"127.0.0.1:{free_port()}"
+    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH", "")]))
+    handle = spawn_daemon(["--listen", endpoint, "--data-dir", str(data)], tmp_path / "drived.log", data, endpoint,
+                          env={"PYTHONPATH": path}, use_console_script=True)
+    try:
+        assert wait_until(reached.exists, timeout=20), handle.log()
+        handle.proc.send_signal(sig)
+        status = handle.proc.wait(10)
+    finally:
+        handle.stop(signal.SIGKILL)
+    assert status == 0, handle.log()
+    events = [json.loads(line)["event"] for line in handle.log().splitlines()]
+    assert events == ([] if paused is PAUSED_IMPORT else ["stopping before serving", "stopped"]), handle.log()
+    assert not data.exists()
 
 
 def test_taken_port_by_another_daemon_fails_loudly(tmp_path, start_daemon):
