@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import ipaddress
 import logging
 import os
 import signal
@@ -62,6 +63,18 @@ def _serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def dialled(listen: str) -> str:
+    """The address that reaches a daemon on this machine listening on `listen`: 127.0.0.1 for one listening on every
+    interface, as 0.0.0.0:PORT and [::]:PORT both do (gRPC listens on IPv6 and IPv4 for either, or on IPv4 alone
+    where the machine has no IPv6), else `listen` itself."""
+    host, _, port = listen.rpartition(":")
+    try:
+        every = ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_unspecified
+    except ValueError:  # a name, a unix: socket
+        every = False
+    return f"127.0.0.1:{port}" if every else listen
+
+
 def _health(argv: Sequence[str]) -> int:
     _check_installed()
     import asyncio
@@ -84,8 +97,7 @@ def _health(argv: Sequence[str]) -> int:
                         help="the name the daemon's certificate carries, when it names neither 127.0.0.1 nor the "
                         "--endpoint host (e.g. drived.example.com)")
     args = parser.parse_args(argv)
-    endpoint = args.endpoint or os.environ.get("DRIVED_LISTEN") or config.Config.listen
-    endpoint = endpoint.replace("0.0.0.0:", "127.0.0.1:")
+    endpoint = dialled(args.endpoint or os.environ.get("DRIVED_LISTEN") or config.Config.listen)
     try:
         connection = Connection.from_settings(
             endpoint, args.tls, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name

@@ -37,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
+from drived import cli
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -283,6 +284,33 @@ def test_a_stop_before_the_daemon_serves_its_signals_ends_it_quietly(tmp_path, s
     events = [json.loads(line)["event"] for line in handle.log().splitlines()]
     assert events == ([] if paused is PAUSED_IMPORT else ["stopping before serving", "stopped"]), handle.log()
     assert not data.exists()
+
+
+@pytest.mark.parametrize("given", ["--endpoint", "DRIVED_LISTEN"])
+def test_drived_health_reaches_a_daemon_listening_on_every_interface(tmp_path, start_daemon, given):
+    """`drived health` runs beside the daemon, with its listen address (the image's HEALTHCHECK, from DRIVED_LISTEN):
+    it dialled 127.0.0.1 for 0.0.0.0:PORT, but [::] itself for [::]:PORT, every interface too, and failed against
+    a daemon that serves IPv4 only. gRPC takes both alike, IPv6 and IPv4 (IPv4 alone without IPv6): 127.0.0.1
+    reaches the daemon either way. This one listens on 127.0.0.1 only, as every test's daemon does."""
+    handle = start_daemon(tmp_path)
+    for listen in (f"0.0.0.0:{handle.port}", f"[::]:{handle.port}"):
+        args, env = (["--endpoint", listen], {}) if given == "--endpoint" else ([], {"DRIVED_LISTEN": listen})
+        result = subprocess.run([sys.executable, "-m", "drived", "health", *args], env={**os.environ, **env},
+                                capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert (result.returncode, result.stdout) == (0, f"drived at {handle.endpoint}: SERVING\n"), result.stderr
+
+
+@pytest.mark.parametrize(("listen", "dialled"), [
+    ("0.0.0.0:50051", "127.0.0.1:50051"),
+    ("[::]:50051", "127.0.0.1:50051"),
+    ("[0:0::0]:50051", "127.0.0.1:50051"),
+    ("10.0.0.0:50051", "10.0.0.0:50051"),  # a text replace of "0.0.0.0:" made it 1127.0.0.1:50051
+    ("[::1]:50051", "[::1]:50051"),
+    ("drived.example:50051", "drived.example:50051"),
+    ("unix:/run/drived.sock", "unix:/run/drived.sock"),
+])
+def test_drived_health_dials_loopback_for_a_daemon_on_every_interface_only(listen, dialled):
+    assert cli.dialled(listen) == dialled
 
 
 def test_taken_port_by_another_daemon_fails_loudly(tmp_path, start_daemon):
