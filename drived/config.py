@@ -315,22 +315,30 @@ def _shown(default: object) -> str:
     return repr(default)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return f"DRIVED_{name.upper()}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds one flag per Config field, documented with its env variable and default."""
     for f in fields(Config):
-        env = f"DRIVED_{f.name.upper()}"
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, type=PARSERS[f.name], default=None,
-            metavar=f.name.upper(), help=f"{HELP[f.name]} (env {env}; default {_shown(f.default)})",
+            _flag(f.name), dest=f.name, type=PARSERS[f.name], default=None,
+            metavar=f.name.upper(), help=f"{HELP[f.name]} (env {_env(f.name)}; default {_shown(f.default)})",
         )
 
 
 def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
     """The Config for parsed flags, falling back to the environment, then the defaults."""
     values: dict[str, Any] = {}
+    from_env: set[str] = set()
     for f in fields(Config):
         flag = getattr(args, f.name)
-        env = os.environ.get(f"DRIVED_{f.name.upper()}")
+        env = os.environ.get(_env(f.name))
         if flag is not None:
             values[f.name] = flag
         elif env:
@@ -338,12 +346,20 @@ def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Conf
                 values[f.name] = PARSERS[f.name](env)
             except (argparse.ArgumentTypeError, ValueError) as err:
                 shown = "" if f.name in SECRET else f"={env!r}"
-                parser.error(f"DRIVED_{f.name.upper()}{shown}: {err}")
+                parser.error(f"{_env(f.name)}{shown}: {err}")
+            from_env.add(f.name)
     config = Config(**values)
+
+    def named(given: str, *names: str) -> list[str]:
+        """`names` as the setting `given` was given: its env variables when it came from the environment."""
+        return [_env(name) if given in from_env else _flag(name) for name in names]
+
     if bool(config.tls_cert) != bool(config.tls_key):
-        parser.error("--tls-cert and --tls-key go together: give the certificate and its key, or neither")
+        cert, key = named("tls_cert" if config.tls_cert else "tls_key", "tls_cert", "tls_key")
+        parser.error(f"{cert} and {key} go together: give the certificate and its key, or neither")
     if config.tls_client_ca and not config.tls_cert:
-        parser.error("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first")
+        client_ca, cert, key = named("tls_client_ca", "tls_client_ca", "tls_cert", "tls_key")
+        parser.error(f"{client_ca} needs {cert} and {key}: mutual TLS is TLS first")
     return config
 
 

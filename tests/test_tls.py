@@ -253,6 +253,30 @@ def test_tls_files_that_cannot_be_used_stop_the_start(pki, tmp_path, flags, mess
     assert message in handle.log(), handle.log()
 
 
+@pytest.mark.parametrize(("given", "message"), [
+    ({"--tls-cert": "CERT"}, "--tls-cert and --tls-key go together"),
+    ({"--tls-key": "KEY"}, "--tls-cert and --tls-key go together"),
+    # From the environment (a k8s manifest, compose), the refusal named flags the user never gave.
+    ({"DRIVED_TLS_CERT": "CERT"}, "DRIVED_TLS_CERT and DRIVED_TLS_KEY go together"),
+    ({"DRIVED_TLS_KEY": "KEY"}, "DRIVED_TLS_CERT and DRIVED_TLS_KEY go together"),
+    ({"--tls-client-ca": "CA"}, "--tls-client-ca needs --tls-cert and --tls-key"),
+    ({"DRIVED_TLS_CLIENT_CA": "CA"}, "DRIVED_TLS_CLIENT_CA needs DRIVED_TLS_CERT and DRIVED_TLS_KEY"),
+])
+def test_tls_settings_without_their_pair_are_refused_naming_where_they_were_given(pki, tmp_path, given, message):
+    files = {"CERT": pki.server.cert, "KEY": pki.server.key, "CA": pki.ca}
+    data = tmp_path / "data"
+    (data / "tmp").mkdir(parents=True)
+    (data / "tmp" / "held").write_bytes(b"an upload a running daemon would remove")
+    before = snapshot(data)
+    flags = [str(part) for name, file in given.items() if name.startswith("--") for part in (name, files[file])]
+    env = {name: str(files[file]) for name, file in given.items() if not name.startswith("--")}
+    result = subprocess.run([sys.executable, "-m", "drived", "--listen", f"127.0.0.1:{free_port()}", "--data-dir",
+                             str(data), *flags], env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr and message in last, result.stderr
+    assert snapshot(data) == before
+
+
 # --- the client never sends a token in plaintext beyond loopback ----------------------------------
 
 
