@@ -88,7 +88,7 @@ HELP = {
     "chunk_size": "bytes per message of a Get stream (at most 3 MiB; local storage, and --storage's ranged reads, send "
     "whole 1 MiB blocks)",
     "grace_period": "seconds that SIGTERM/SIGINT lets in-flight transfers finish before they are cancelled (a "
-                    "second signal cancels them at once)",
+                    "second signal cancels them at once, and ends the daemon within 5 s however the store answers)",
     "s3_list_concurrency": "parallel ListObjectsV2 calls when mounting an s3:// drive",
     "s3_page_size": "MaxKeys of each ListObjectsV2 call",
     "s3_index_memory": "bytes the indexes of mounted s3:// drives hold at most (about 80 per object and 1.5 K "

@@ -272,8 +272,8 @@ async def serve(config: Config) -> NoReturn:
 
 
 class Signals:
-    """SIGTERM and SIGINT, from the start of the start-up on: the first one stops the daemon (`stop`), a second
-    one asks it to stop at once (`hurry`)."""
+    """SIGTERM and SIGINT, from the start of `serve` on (before, `drived.cli` ends the process at once): the first
+    one stops the daemon (`stop`), a second one asks it to stop at once (`hurry`, `_cancelled_at_once`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stop = asyncio.Event()
