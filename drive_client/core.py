@@ -125,7 +125,8 @@ def _put_header(drive: DriveBase) -> pb.PutHeader:
 def _get_request(drive: DriveBase, remote: str, target: Path, component_name: str | None, timeout: float | None,
                  overwrite: bool) -> pb.GetRequest:
     """The request for a whole-file get, after the local checks that fail before any waiting."""
-    if (target.exists() or target.is_symlink()) and not overwrite:  # `exists` follows a link, to nothing too
+    # A link counts, to nothing too; a path the system cannot look at is refused by `refuse_special_file`.
+    if os.path.lexists(target) and not overwrite:
         raise AlreadyExists(
             f"local path {str(target)!r} exists: pass overwrite=True (`drive get --overwrite`) to replace it"
         )

@@ -428,11 +428,13 @@ class _Receiving:
 def refuse_special_file(target: Path) -> None:
     """Refuses a get's `target` that is a device, a pipe or a socket. A get puts a whole file in the target's
     place, and in the place of a device it would remove the device (run as root, /dev/null itself); written into
-    instead, it would no longer be all or nothing."""
-    try:
-        mode = os.lstat(target).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return
+    instead, it would no longer be all or nothing. A target the system cannot look at (a path past its length)
+    is the DriveError of its error (`_local_errors`)."""
+    with _local_errors(target):
+        try:
+            mode = os.lstat(target).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return
     if not (S_ISREG(mode) or S_ISLNK(mode) or S_ISDIR(mode)):
         raise InvalidArgument(
             f"local path {str(target)!r} is a device, a pipe or a socket: a get replaces only a file or a link "

@@ -506,6 +506,28 @@ def test_a_device_or_a_pipe_at_a_gets_target_is_refused_and_kept_even_with_overw
     assert sorted(p.name for p in dst.rglob("*")) == ["b.txt", "f", "fifo", "full"], "no temporary file is left"
 
 
+def test_a_get_to_a_local_path_too_long_for_the_system_is_a_drive_error_naming_it(make, tmp_path, drive_uri):
+    """A get whose local path is past the system's limit (4,096 bytes on Linux: here a folder of 3,950 bytes and
+    a name of 200) raised a bare OSError (ENAMETOOLONG) as it looked at its target: a file get as it checked
+    whether the target exists, a folder get's file as it checked for a device, where it had been a DriveError.
+    It is a `LocalFileError` naming the path, with the system's errno; nothing is written, the stored file is
+    as it was."""
+    name = "n" * 200
+    write(tmp_path / "f" / name, "from the drive")
+    d = make(drive_uri, tmp_path)
+    d.put("f")
+    deep = tmp_path / "deep"
+    while len(str(deep)) < 3950:
+        deep = deep / ("d" * min(200, 3950 - len(str(deep)) - 1))
+    (deep / "f").mkdir(parents=True)
+    for remote in ("f", f"f/{name}"):
+        with pytest.raises(LocalFileError, match=f"{name}' could not be written: File name too long") as failed:
+            d.get(remote, to=deep / remote, overwrite=True)
+        assert failed.value.errno == errno.ENAMETOOLONG
+    assert list((deep / "f").iterdir()) == [], "nothing is written"
+    assert d.get(f"f/{name}", to=tmp_path / "again.txt").read_text() == "from the drive"
+
+
 @contextlib.contextmanager
 def immutable(path: pathlib.Path) -> Iterator[None]:
     """`chattr +i path` while the block runs: not even root may change it, add to it or replace it."""
