@@ -109,6 +109,9 @@ def _health(argv: Sequence[str]) -> int:
     except grpc.RpcError as err:
         print(f"drived at {endpoint}: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, as `drive` ends, without a traceback
+        print("drived health: interrupted", file=sys.stderr)
+        return 130
     print(f"drived at {endpoint}: {status}")
     return 0 if status == "SERVING" else 1
 

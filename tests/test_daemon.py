@@ -313,6 +313,25 @@ def test_drived_health_dials_loopback_for_a_daemon_on_every_interface_only(liste
     assert cli.dialled(listen) == dialled
 
 
+def test_a_ctrl_c_in_drived_health_ends_it_as_the_drive_command_does():
+    """A Ctrl-C while `drived health` waited for a daemon that does not answer (here an address that takes the
+    connection and never speaks, as a hung daemon's) printed a KeyboardInterrupt traceback and ended the tool by
+    the signal (-2). It ends as `drive` does: one line, `drived health: interrupted`, exit 130."""
+    with socket.create_server(("127.0.0.1", 0)) as hung:
+        hung.settimeout(20)
+        health = subprocess.Popen(
+            [sys.executable, "-m", "drived", "health", "--endpoint", f"127.0.0.1:{hung.getsockname()[1]}",
+             "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            connection, _ = hung.accept()  # the check is under way
+            with connection:
+                health.send_signal(signal.SIGINT)
+                out, err = health.communicate(timeout=20)
+        finally:
+            health.kill()
+    assert (health.returncode, out, err) == (130, "", "drived health: interrupted\n"), err
+
+
 def test_taken_port_by_another_daemon_fails_loudly(tmp_path, start_daemon):
     first = start_daemon(tmp_path)
     second = spawn_daemon(["--listen", first.endpoint, "--data-dir", str(tmp_path / "second")],
