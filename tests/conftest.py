@@ -441,6 +441,15 @@ def no_uploads(data_dir: pathlib.Path) -> bool:
     return not any((data_dir / "tmp").iterdir())
 
 
+def sitecustomized(folder: pathlib.Path, code: str) -> dict[str, str]:
+    """The environment in which every Python process runs `code` first (a `sitecustomize` module in `folder`/inject,
+    put on PYTHONPATH): a daemon's commit worker too, which `start_daemon`'s `before` does not reach."""
+    inject = folder / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH", "")]))}
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
     """Polls `predicate` until true or `timeout`; returns its last value."""
     deadline = time.monotonic() + timeout

@@ -1313,6 +1313,26 @@ backend.{backend}.usage = usage
 PAGED = {"s3": ("PAGE", "S3Backend"), "local": ("USAGE_PAGE", "LocalBackend")}
 
 
+def counting_again_paused_past_a2(own_cluster, stub, drive_uri: str, pause: Path, listed: Path,
+                                  paths: tuple[str, ...]) -> tuple[bytes, redis.Redis, bytes]:
+    """Puts 100 bytes at each of `paths` (component w) through a replica started with PAUSED_COUNT_PAGES, then has a
+    put that the count refuses find the count due, which begins the count again; returns once its listing waits past
+    w/a2.bin: the drive's usage key, a client of the coordinator, and the token of the count before."""
+    for path in paths:
+        raw_put(stub, drive_uri, path, b"x" * 100, component="w")
+    [key] = own_cluster.keys("drived:*:usage")
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    counted = admin.hget(key, "count")
+    pause.touch()
+    admin.hset(key, "due", 0)  # its time (USAGE_KEPT) has come
+    held = 100 * len(paths)
+    asked = QUOTA - held + 1
+    message = quota_refusal(lambda: raw_put(stub, drive_uri, "big.bin", b"x" * asked, component="w"))
+    assert f"holds {held} bytes; this put asks for {asked} bytes more" in message, message
+    assert wait_until(lambda: listed.exists() and listed.read_text().endswith("/w/a2.bin\n"), timeout=20)
+    return key, admin, counted
+
+
 @pytest.mark.parametrize("store", PAGED)
 def test_a_count_made_again_takes_in_the_puts_and_deletes_made_while_it_lists(own_cluster, start_daemon, drive_uri,
                                                                               tmp_path, store):
@@ -1326,16 +1346,8 @@ def test_a_count_made_again_takes_in_the_puts_and_deletes_made_while_it_lists(ow
          start_daemon(tmp_path, "--quota", str(QUOTA), env={"DRIVED_COORDINATOR": own_cluster.valkey.url},
                       before=paused))
     stub = stub_of(a)
-    for path in ("a1.bin", "a2.bin", "c1.bin", "c2.bin", "e1.bin"):
-        raw_put(stub, drive_uri, path, b"x" * 100, component="w")
-    [key] = own_cluster.keys("drived:*:usage")
-    admin = redis.Redis.from_url(own_cluster.valkey.url)
-    counted = admin.hget(key, "count")
-    pause.touch()
-    admin.hset(key, "due", 0)  # its time (USAGE_KEPT) has come
-    message = quota_refusal(lambda: raw_put(stub, drive_uri, "big.bin", b"x" * 501, component="w"))
-    assert "holds 500 bytes; this put asks for 501 bytes more" in message, message  # and it began the count again
-    assert wait_until(lambda: listed.exists() and listed.read_text().endswith("/w/a2.bin\n"), timeout=20)
+    key, admin, counted = counting_again_paused_past_a2(own_cluster, stub, drive_uri, pause, listed,
+                                                         ("a1.bin", "a2.bin", "c1.bin", "c2.bin", "e1.bin"))
     # The listing waits past w/a2.bin: changes behind it and ahead of it.
     raw_put(stub, drive_uri, "a1.bin", b"y" * 300, component="w")  # passed: the listing counted 100
     raw_put(stub, drive_uri, "a0.bin", b"y" * 70, component="w")  # passed: not counted
@@ -1363,16 +1375,8 @@ def test_room_held_while_a_count_is_made_again_is_held_in_the_new_count_and_its_
         store="s3", page="PAGE", backend="S3Backend", log=str(listed), pause=str(pause)) + PAUSED_COMMITS.format(
         backend="s3", upload="S3Upload", name="a0.bin", pause=str(commit)))
     stub = stub_of(a)
-    for path in ("a1.bin", "a2.bin", "c1.bin"):
-        raw_put(stub, drive_uri, path, b"x" * 100, component="w")
-    [key] = own_cluster.keys("drived:*:usage")
-    admin = redis.Redis.from_url(own_cluster.valkey.url)
-    counted = admin.hget(key, "count")
-    pause.touch()
-    admin.hset(key, "due", 0)  # its time (USAGE_KEPT) has come
-    message = quota_refusal(lambda: raw_put(stub, drive_uri, "big.bin", b"x" * 701, component="w"))
-    assert "holds 300 bytes; this put asks for 701 bytes more" in message, message  # and it began the count again
-    assert wait_until(lambda: listed.exists() and listed.read_text().endswith("/w/a2.bin\n"), timeout=20)
+    key, admin, counted = counting_again_paused_past_a2(own_cluster, stub, drive_uri, pause, listed,
+                                                         ("a1.bin", "a2.bin", "c1.bin"))
     commit.touch()
     put = stub.Put.future(put_messages(drive_uri, "a0.bin", b"y" * 70, component="w"), timeout=30)
     assert wait_until((tmp_path / "commit.reached").exists, timeout=20), "the put never reached its commit"

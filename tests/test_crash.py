@@ -16,7 +16,7 @@ import time
 
 import grpc
 import pytest
-from conftest import MIB, DaemonHandle, put_messages, raw_get, raw_put, rpc_code, sha256_hex, wait_until
+from conftest import MIB, DaemonHandle, put_messages, raw_get, raw_put, rpc_code, sha256_hex, sitecustomized, wait_until
 from test_watch import PAUSED_CHANGES
 
 from drive_client.pb import drive_pb2 as pb
@@ -359,11 +359,8 @@ def test_a_second_signal_ends_a_stop_that_a_hung_commit_holds(start_daemon, tmp_
     under way a few seconds and then ends the process, logging what it abandoned; the data dir is as a kill there
     leaves it: the earlier version whole, the upload's temporary file removed at the next start."""
     hang = tmp_path / "hang"
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(HUNG_RENAMES.format(hang=str(hang)))
-    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH", "")]))
-    first = start_daemon(tmp_path, "--grace-period", "60", env={"PYTHONPATH": path})
+    first = start_daemon(tmp_path, "--grace-period", "60",
+                         env=sitecustomized(tmp_path, HUNG_RENAMES.format(hang=str(hang))))
     stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint))
     before, after = os.urandom(size), os.urandom(size)
     raw_put(stub, DRIVE, "hung.bin", before)
@@ -419,11 +416,8 @@ def test_a_read_that_hangs_in_a_thread_does_not_hold_the_exit(start_daemon, tmp_
     followed: the stop cancelled the get, closed the store and logged "stopped", and then the process waited for
     its worker threads (asyncio.run joins them). The stop ends the process itself once it is done."""
     hang = tmp_path / "hang"
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(HUNG_READS.format(hang=str(hang)))
-    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH", "")]))
-    first = start_daemon(tmp_path, "--grace-period", "1", env={"PYTHONPATH": path})
+    first = start_daemon(tmp_path, "--grace-period", "1",
+                         env=sitecustomized(tmp_path, HUNG_READS.format(hang=str(hang))))
     stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint))
     data = os.urandom(3 * MIB)
     raw_put(stub, DRIVE, "hung.bin", data)

@@ -27,6 +27,7 @@ from conftest import (
     raw_put,
     rpc_code,
     sha256_hex,
+    sitecustomized,
     snapshot,
     spawn_daemon,
     upload_bytes,
@@ -265,15 +266,11 @@ def test_a_stop_before_the_daemon_serves_its_signals_ends_it_quietly(tmp_path, s
     before the start-up took them, ended it by the signal (exit -15, not a word logged) or with a KeyboardInterrupt
     traceback. `drived` takes them first of all: it ends at once, exiting 0 as a stop does, logging the stop once
     its logging is set up, nothing made in its data dir."""
-    inject = tmp_path / "inject"
-    inject.mkdir()
     reached = tmp_path / "reached"
-    (inject / "sitecustomize.py").write_text(paused.format(reached=str(reached)))
     data = tmp_path / "data"
     endpoint = f"127.0.0.1:{free_port()}"
-    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH", "")]))
     handle = spawn_daemon(["--listen", endpoint, "--data-dir", str(data)], tmp_path / "drived.log", data, endpoint,
-                          env={"PYTHONPATH": path}, use_console_script=True)
+                          env=sitecustomized(tmp_path, paused.format(reached=str(reached))), use_console_script=True)
     try:
         assert wait_until(reached.exists, timeout=20), handle.log()
         handle.proc.send_signal(sig)

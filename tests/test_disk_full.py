@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest import MIB, DaemonHandle, no_uploads, raw_get, raw_put, sha256_hex, snapshot, wait_until
+from conftest import MIB, DaemonHandle, no_uploads, raw_get, raw_put, sha256_hex, sitecustomized, snapshot, wait_until
 
 from drive_client import ResourceExhausted
 from drive_client.pb import drive_pb2 as pb
@@ -209,11 +209,8 @@ def test_a_put_whose_folder_fsync_fails_after_its_rename_is_reported_and_counted
     from test_watch import collect
 
     failing = tmp_path / "failing"
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(FAILING_FOLDER_FSYNC.format(failing=str(failing)))
-    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH", "")]))
-    handle = start_daemon(tmp_path, "--quota", str(size + size // 2), env={"PYTHONPATH": path})
+    handle = start_daemon(tmp_path, "--quota", str(size + size // 2),
+                          env=sitecustomized(tmp_path, FAILING_FOLDER_FSYNC.format(failing=str(failing))))
     stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
     events, watcher, _ = collect(stub, DRIVE, 1)
     data = os.urandom(size)
