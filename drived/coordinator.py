@@ -85,6 +85,7 @@ class Change:
     path: str
     component: str
     version: str = ""  # a put's: what tells its version from others (`version_of`); "" when not known
+    request: str = ""  # a delete's: the request id of the Delete making it, which its settle publishes ("": none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +223,7 @@ class Coordinator(abc.ABC):
         whose record of the change (`Claim.confirm`) it drops (none: any record of the change); `upload`: the id of
         the resumable upload a put completes ("": none), whose completion a coordinator that `records_completions`
         records in the same step (`completion`); `request`: the request id of the Delete that made a delete ("":
-        none), kept with the event (`deleted_by`).
+        none), kept with the event and counted in the request's record in the same step (`deleted_by`).
 
         Sequence numbers increase strictly within a drive, in the order of
         the publishes, and are never given twice: not after a restart of the
@@ -258,10 +259,19 @@ class Coordinator(abc.ABC):
 
     @abc.abstractmethod
     async def deleted_by(self, drive: str, request: str, component: str, path: str) -> int:
-        """How many of the drive's kept delete events were published with the request id `request` (`publish`), of
-        `component`'s files at or below `path`: what the earlier attempts of a Delete removed. 0 also once the feed
-        dropped them (it keeps a bounded number of events) or lost them (the coordinator's data, a lone daemon's
-        restart). One look over the kept events, a page a call to a shared coordinator. Raises Unavailable.
+        """How many deletes of `component`'s files in the drive were published with the request id `request`
+        (`publish`, and `settle` for one its daemon did not publish): what the earlier attempts of a Delete removed.
+
+        Read from a record of the request kept beside the feed, not from the
+        feed, so one lookup however busy the drive: a shared implementation
+        keeps it for --upload-expiry after the request's latest delete, within
+        the completions' bytes (it forgets the oldest first); the in-process
+        one while the feed keeps one of the request's events, and not past a
+        restart. 0 once forgotten, or lost with the coordinator's data. A
+        shared implementation that has no record also looks over the feed, a
+        page a call, for events of `component`'s files at or below `path`
+        that daemons of the previous release tagged with it (they keep no
+        record), during a rolling update. Raises Unavailable.
         """
 
     @abc.abstractmethod

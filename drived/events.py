@@ -16,7 +16,9 @@ memory and bounded: the last `retain` events of a drive, at most
 `retain_total` events over all drives, whose entries take at most
 `retain_bytes` (an event's memory grows with its path), the drives used least
 recently losing their oldest first, and the state of at most `max_drives`
-drives besides those a watch or a waiting get follows now. Sequence numbers
+drives besides those a watch or a waiting get follows now. Beside them, the
+count of the deletes each Delete request id made (`deleted_by`), kept while
+one of its events is. Sequence numbers
 start at the daemon's start time in microseconds, so they keep increasing
 across restarts and a resume from a previous run is recognised as too old
 instead of being answered with the wrong events; so is a resume past events
@@ -65,6 +67,14 @@ def _event_bytes(event: Event) -> int:
 
 
 @dataclass
+class _Requested:
+    """What the deletes of one Delete request (drive, component, request id) made: a retry's answer."""
+
+    deleted: int = 0  # its delete events published
+    kept: int = 0  # of those, the ones the log still keeps: the record goes with the last
+
+
+@dataclass
 class _DriveEvents:
     dropped: int  # the newest sequence no longer kept: a resume from before it misses events
     events: deque[Event] = field(default_factory=deque)
@@ -87,6 +97,7 @@ class EventLog:
         self._drives: OrderedDict[str, _DriveEvents] = OrderedDict()  # least recently used first
         self._total = 0
         self._bytes = 0  # what the entries of those events take
+        self._requests: dict[tuple[str, str, str], _Requested] = {}  # (drive, component, request id): its deletes
         self._closed = False
 
     def _drive(self, drive: str) -> _DriveEvents:
@@ -109,15 +120,28 @@ class EventLog:
         state = self._drives.pop(drive)
         self._total -= len(state.events)
         self._bytes -= sum(map(_event_bytes, state.events))
+        for event in state.events:
+            self._dropped_request(drive, event)
         self._forgotten = max(self._forgotten, state.events[-1].sequence if state.events else state.dropped)
         state.changed.set()  # its waiters look again and wait on a new state
         return True
 
-    def _drop_oldest(self, state: _DriveEvents) -> None:
+    def _drop_oldest(self, drive: str, state: _DriveEvents) -> None:
         event = state.events.popleft()
         state.dropped = event.sequence
         self._total -= 1
         self._bytes -= _event_bytes(event)
+        self._dropped_request(drive, event)
+
+    def _dropped_request(self, drive: str, event: Event) -> None:
+        """Forgets the record of the event's request once the log keeps none of its events."""
+        if not event.request:
+            return
+        key = (drive, event.entry.component, event.request)
+        requested = self._requests[key]
+        requested.kept -= 1
+        if not requested.kept:
+            del self._requests[key]
 
     def _over_total(self) -> bool:
         return self._total > self._retain_total or self._bytes > self._retain_bytes
@@ -135,12 +159,16 @@ class EventLog:
         state.events.append(event)
         self._total += 1
         self._bytes += _event_bytes(event)
+        if request:
+            requested = self._requests.setdefault((drive, entry.component, request), _Requested())
+            requested.deleted += 1
+            requested.kept += 1
         if len(state.events) > self._retain:
-            self._drop_oldest(state)
+            self._drop_oldest(drive, state)
         if self._over_total():
-            for other in self._drives.values():  # least recently used first
+            for name, other in self._drives.items():  # least recently used first
                 while other.events and self._over_total():
-                    self._drop_oldest(other)
+                    self._drop_oldest(name, other)
                 if not self._over_total():
                     break
         state.changed.set()
@@ -159,16 +187,10 @@ class EventLog:
         newer = list(itertools.takewhile(lambda e: e.sequence > after, reversed(state.events)))
         return newer[:-PAGE - 1:-1]
 
-    def deleted_by(self, drive: str, request: str, component: str, path: str) -> int:
-        """How many of the drive's kept delete events the Delete with id `request` made, of `component`'s files at or
-        below `path`."""
-        state = self._drives.get(drive)  # a drive without a state has no event to look at, and is not given one
-        below = path + "/"
-        return sum(
-            event.request == request and event.entry.component == component
-            and (event.entry.path == path or event.entry.path.startswith(below))
-            for event in (state.events if state else ())
-        )
+    def deleted_by(self, drive: str, request: str, component: str) -> int:
+        """How many delete events of `component`'s files the Delete with id `request` made, while one is kept."""
+        requested = self._requests.get((drive, component, request))
+        return requested.deleted if requested else 0
 
     @contextmanager
     def followed(self, drive: str) -> Iterator[None]:
@@ -273,7 +295,7 @@ class InProcessCoordinator(Coordinator):
         return self.log.publish(drive, kind, entry, request)
 
     async def deleted_by(self, drive: str, request: str, component: str, path: str) -> int:
-        return self.log.deleted_by(drive, request, component, path)
+        return self.log.deleted_by(drive, request, component)
 
     async def last(self, drive: str) -> int:
         return self.log.last(drive)

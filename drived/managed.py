@@ -618,7 +618,7 @@ class ManagedDrives:
             # Not recorded for a folder: its record would be settled as a delete of the folder's path when the walk
             # below fails.
             if self.coordinator.records_changes and not await self._is_folder(key):
-                await claim.confirm([Change("delete", path, component)])
+                await claim.confirm([Change("delete", path, component, request=delete.request_id)])
             if await self._delete(claim, delete, key, path):
                 return 1
             # Walked DELETE_PAGE files at a time, in path order, each page deleted before the next is read: a folder
@@ -631,7 +631,7 @@ class ManagedDrives:
         if deleted:
             return deleted
         # Once the claim ended: nothing changed. A retry after an attempt whose answer was lost finds what that attempt
-        # removed in the feed; only a retry that found nothing pays for the look.
+        # removed in its request's record; only a retry that found nothing pays for the look.
         if delete.retry:
             earlier = await self.coordinator.deleted_by(drive, delete.request_id, component, path)
             if earlier:
@@ -650,7 +650,7 @@ class ManagedDrives:
         # a third of its TTL went by since.
         for start in range(0, len(keys), DELETE_BATCH):
             batch = [(key, relative_path(key, drive, component)) for key in keys[start:start + DELETE_BATCH]]
-            await claim.confirm([Change("delete", file, component) for _, file in batch])
+            await claim.confirm([Change("delete", file, component, request=delete.request_id) for _, file in batch])
             confirmed_at = time.monotonic()
             begun = 0  # files of the batch whose delete began: the others are untouched when it stops
             try:

@@ -40,7 +40,8 @@ scripts touch `drived:epoch` beside a drive's keys):
 - `drived:{<drive>}:unpublished`: the changes being made (`Claim.confirm`'s
   `changing`), a field `<component>\0<path>` each, its value the claim's
   token, `p` or `d` (put, delete), the path claimed, `\0` and the version
-  of a put (`Change.version`). The publish of the
+  of a put (`Change.version`) or the request id of a delete
+  (`Change.request`, published with it by a settle). The publish of the
   change in that claim drops its field, and so does the release of a claim
   whose body ended without raising; a field whose claim is no longer held
   by its token is a change never published, which `unpublished` hands out.
@@ -94,9 +95,19 @@ scripts touch `drived:epoch` beside a drive's keys):
   --claim-ttl that the daemon committing renews every third of it. A query of
   the upload that finds it (`completion` with `wait`) waits for the
   completion, or for its end.
-- `drived:completions`: the keys of those records, of every drive, each scored
-  by where it begins in a log of the bytes they were written with (and written
-  again with, by each keep): `drived:completions:written`, the bytes written
+- `drived:{<drive>}:deleted:<component>:<request id>`: how many deletes of
+  the component's files the publishes tagged with that Delete request id
+  made (`deleted_by`), counted by each in the same step, with a TTL of
+  --upload-expiry from the latest (a client's retries last its
+  `retry_seconds`, 60 s by default as --upload-expiry is): a retry whose
+  earlier attempt's answer was lost reads it, however many events the feed
+  dropped since, also when a settle published the deletes of a daemon that
+  died. Kept within the completions' bytes below, as they are.
+- `drived:completions`: the keys of the completions and of those records,
+  of every drive, each scored by where it begins in a log of the bytes they
+  were written with (and written again with, by each keep, and by a delete
+  record's count once half the bytes kept were written after it):
+  `drived:completions:written`, the bytes written
   so far (`completion_bytes`, what the server holds for one). A write keeps
   the records within the last COMPLETIONS_KEPT_BYTES written and deletes the
   others, oldest first, in the same script: a put rate times a long path
@@ -283,24 +294,34 @@ local function logged(log, written, key, bytes, ms, budget)
     redis.call('PEXPIRE', written, 2 * ms)
   end
 end
+-- As `logged`, but only when the log has no place for `key`, or half the bytes kept were written after it: a
+-- record written again and again (a delete record, once a file) keeps its place without taking the log's bytes
+-- each time.
+local function kept_logged(log, written, key, bytes, ms, budget)
+  local at = redis.call('ZSCORE', log, key)
+  local head = tonumber(redis.call('GET', written) or '0')
+  if at and head - tonumber(at) < tonumber(budget) / 2 then return end
+  logged(log, written, key, bytes, ms, budget)
+end
 """
 
 # KEYS: epoch, feed, the publish's answer, the drive's unpublished changes, their index, and when a put completes an
 # upload, its completion, the completions' log (`drived:completions`, its bytes written) and the mark of the upload's
-# commit, which ends here (the completion takes its place for the queries waiting on it). ARGV: events kept, trim
-# batch, channel, ms its answer is kept, the fields k p c s h g m r, the change's field among the unpublished, then its
-# value for a settle (nothing is published unless that value is still there; '' otherwise), the token of the claim the
-# change was made in (its record is dropped only when that claim's; '': whosever), then the completion's value, the ms
-# it is kept and the completions' bytes kept. The answer key makes the call idempotent: sent again (redis-py's retry
-# on a new connection, after the first connection broke before its answer came), it answers the first call's sequence
-# and adds nothing. 0 when a settle found its change gone.
+# commit, which ends here (the completion takes its place for the queries waiting on it); when a delete has a request
+# id, that request's record and the completions' log. ARGV: events kept, trim batch, channel, ms its answer is kept,
+# the fields k p c s h g m r, the change's field among the unpublished, then its value for a settle (nothing is
+# published unless that value is still there; '' otherwise), the token of the claim the change was made in (its record
+# is dropped only when that claim's; '': whosever), then the completion's value ('' for a delete), the ms it (the
+# request's record) is kept and the completions' bytes kept. The answer key makes the call idempotent: sent again
+# (redis-py's retry on a new connection, after the first connection broke before its answer came), it answers the
+# first call's sequence and adds nothing. 0 when a settle found its change gone.
 # allow-oom: it runs after a put's commit, and a server at its maxmemory refuses a script's first write that may take
 # memory (here the completion's): the file stayed stored while its put answered UNAVAILABLE, and was sent again. So the
 # completions it writes keep within COMPLETIONS_KEPT_BYTES, past maxmemory or not.
 PUBLISH = "#!lua flags=allow-oom\n" + FEED_STATE + COMPLETIONS_LOG + """
 local done = redis.call('GET', KEYS[3])
 if done then return tonumber(done) end
-if KEYS[6] then
+if KEYS[6] and ARGV[5] == 'put' then
   redis.call('SET', KEYS[6], ARGV[16], 'PX', ARGV[17])
   logged(KEYS[7], KEYS[8], KEYS[6], completion_bytes(KEYS[6], string.len(ARGV[16])), ARGV[17], ARGV[18])
   redis.call('DEL', KEYS[9])
@@ -310,6 +331,12 @@ if ARGV[14] ~= '' and record ~= ARGV[14] then return 0 end
 if record and (ARGV[15] == '' or string.sub(record, 1, 16) == ARGV[15]) then
   redis.call('HDEL', KEYS[4], ARGV[13])
   if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('ZREM', KEYS[5], KEYS[4]) end
+end
+if KEYS[6] and ARGV[5] == 'delete' then
+  local count = redis.call('INCRBY', KEYS[6], 1)
+  redis.call('PEXPIRE', KEYS[6], ARGV[17])
+  local bytes = completion_bytes(KEYS[6], string.len(count))
+  kept_logged(KEYS[7], KEYS[8], KEYS[6], bytes, ARGV[17], ARGV[18])
 end
 local now = now_us()
 local epoch = epoch_of(now)
@@ -331,13 +358,17 @@ redis.call('PUBLISH', ARGV[3], 'e' .. string.format('%.0f', sequence))
 return sequence
 """
 
-# KEYS: feed. ARGV: a Delete's request id, its component and path, entries read at once, and the entry id to read back
-# from ('+': the newest; '(<id>': before it). Of those entries, how many carry the request id as their field r, of the
-# component's files at or below the path, and where the next call reads from ('' at the feed's start). A page a call,
-# as `since` reads: a look over a whole feed of 4 KB paths took 25-70 ms of the server shared by every replica in one
+# KEYS: feed, the request's record. ARGV: a Delete's request id, its component and path, entries read at once, and the
+# entry id to read back from ('+': the newest; '(<id>': before it). The record's count when the first call finds one (''
+# next); else, of those entries, how many carry the request id as their field r, of the component's files at or below
+# the path, and where the next call reads from ('' at the feed's start). The feed is read only for the deletes of
+# daemons of the previous release, which tag their events but keep no record (a rolling update). A page a call, as
+# `since` reads: a look over a whole feed of 4 KB paths took 25-70 ms of the server shared by every replica in one
 # script. An entry holds its fields in the order of the XADD above (its field r is the 15th, its value the 16th; an
 # entry of an earlier version has none).
 DELETED_BY = """
+local recorded = ARGV[5] == '+' and redis.call('GET', KEYS[2])
+if recorded then return {tonumber(recorded), ''} end
 local request, component, path, page = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local below = path .. '/'
 local found = 0
@@ -673,6 +704,7 @@ redis.call('XRANGE', key, '-', '+')
 redis.call('XDEL', key, '1-0')
 redis.call('DEL', key)
 redis.call('ZADD', key, 1, 'm')
+redis.call('ZSCORE', key, 'm')
 redis.call('ZRANGE', key, 0, 0)
 redis.call('ZRANGE', key, '-inf', 0, 'BYSCORE')
 redis.call('ZREMRANGEBYSCORE', key, '-inf', 0)
@@ -757,6 +789,10 @@ def _completed(component: str, value: bytes) -> Entry:
                  mtime_ns=int(mtime_ns), crc32c=None if crc32c == "-" else int(crc32c))
 
 
+def _deleted_key(drive: str, component: str, request: str) -> str:
+    return f"drived:{{{drive}}}:deleted:{component}:{request}"
+
+
 def _change_field(component: str, path: str) -> str:
     """The field of a change among its drive's unpublished ones."""
     return f"{component}\0{path}"
@@ -793,7 +829,7 @@ class _RedisClaim(Claim):
         if changing is not None:
             recorded = [str(len(self.changing)), *self.changing]
             for field, change in zip(fields, changing, strict=True):
-                recorded += [field, f"{KIND_MARKS[change.kind]}{self.path}\0{change.version}"]
+                recorded += [field, f"{KIND_MARKS[change.kind]}{self.path}\0{change.version or change.request}"]
         if await self._coordinator.confirm(self, recorded):
             if changing is not None:
                 self.changing = fields
@@ -1174,6 +1210,9 @@ class RedisCoordinator(Coordinator):
             keys += [_completion_key(drive, entry.component, upload), COMPLETIONS, COMPLETIONS_WRITTEN,
                      _committing_key(drive, entry.component, upload)]
             args += [_completion_value(entry), self._upload_expiry_ms(), COMPLETIONS_KEPT_BYTES]
+        elif request:
+            keys += [_deleted_key(drive, entry.component, request), COMPLETIONS, COMPLETIONS_WRITTEN]
+            args += ["", self._upload_expiry_ms(), COMPLETIONS_KEPT_BYTES]
         return int(await self._run(self._publish, keys, args))
 
     def _upload_expiry_ms(self) -> int:
@@ -1264,8 +1303,10 @@ class RedisCoordinator(Coordinator):
             drive = key.decode().removeprefix("drived:{").removesuffix("}:unpublished")
             component, _, path = field.decode().partition("\0")
             mark = value.decode()
-            version = mark.rpartition("\0")[2]
-            changes.append(Unpublished(drive, Change(MARKED_KINDS[mark[TOKEN_LENGTH]], path, component, version), mark))
+            kind, noted = MARKED_KINDS[mark[TOKEN_LENGTH]], mark.rpartition("\0")[2]  # a put's version, a delete's id
+            change = Change(kind, path, component, version=noted) if kind == "put" else Change(
+                kind, path, component, request=noted)
+            changes.append(Unpublished(drive, change, mark))
         return changes
 
     async def settle(self, unpublished: Unpublished, stored: Entry | None) -> None:
@@ -1273,7 +1314,8 @@ class RedisCoordinator(Coordinator):
         if change.kind == "put" and stored is not None:
             await self._append(drive, "put", stored, unpublished.mark)
         elif change.kind == "delete" and stored is None:
-            await self._append(drive, "delete", Entry(path=change.path, component=change.component), unpublished.mark)
+            await self._append(drive, "delete", Entry(path=change.path, component=change.component), unpublished.mark,
+                               request=change.request)
         else:
             await self._run(self._forget, [_unpublished_key(drive), UNPUBLISHED],
                             [_change_field(change.component, change.path), unpublished.mark])
@@ -1284,8 +1326,8 @@ class RedisCoordinator(Coordinator):
     async def deleted_by(self, drive: str, request: str, component: str, path: str) -> int:
         found, before = 0, b"+"
         while before:
-            count, before = await self._run(self._deleted_by, [_feed_key(drive)],
-                                            [request, component, path, PAGE, before])
+            keys = [_feed_key(drive), _deleted_key(drive, component, request)]
+            count, before = await self._run(self._deleted_by, keys, [request, component, path, PAGE, before])
             found += int(count)
         return found
 

@@ -145,9 +145,9 @@ TWO_DELETED = b"\x00\x00\x00\x00\x02\x08\x02"
 
 def test_a_delete_cut_after_a_removed_its_files_is_found_done_by_b(cluster, replicas, drive_uri, tmp_path):
     # The retry after the cut reached b, which found nothing left and answered NOT_FOUND: the client took it on trust
-    # (as it took a NOT_FOUND of a path never held). b finds the request's deletes, which a published, in the drive's
-    # feed, and answers them as its own; the other component's file and the caller's other file are left. Only the
-    # retry that found nothing looked in the feed (one page of it): a's delete, which found its files, did not.
+    # (as it took a NOT_FOUND of a path never held). b finds the request's deletes, which a published, in the request's
+    # record beside the drive's feed, and answers them as its own; the other component's file and the caller's other
+    # file are left. No call reads the feed for it.
     a, b = replicas[:2]
     (tmp_path / "f.txt").write_bytes(b"deleted")
     owner = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=b.endpoint)
@@ -163,13 +163,131 @@ def test_a_delete_cut_after_a_removed_its_files_is_found_done_by_b(cluster, repl
         proxy.target = ("127.0.0.1", b.port)  # and its next ones, after the cut, reach b
         deleter.delete("set")
         assert proxy.cuts_made == 1 and proxy.connections == 2
-    assert calls(admin, "xrevrange") == looks + 1
+    assert calls(admin, "xrevrange") == looks
     for replica in a, b:  # a deleted them, b found them deleted
         assert [(r["status"], r["files"]) for r in requests(replica, "Delete") if r["drive"] == drive_uri] == [
             ("OK", 2)], replica.log()
     assert owner.list(".", component_name="w") == ["kept.txt"] and owner.list("set") == ["set/o.txt"]
     with pytest.raises(FileNotFoundError):
         owner.delete("set")
+
+
+def delete_with_its_answer_lost(handle: DaemonHandle, request: drive_pb2.DeleteRequest, answer: bytes) -> None:
+    """Sends `request` to `handle` through a proxy that cuts the connection before `answer` comes back."""
+    with CuttingProxy(handle.endpoint) as proxy, grpc.insecure_channel(proxy.endpoint) as channel:
+        proxy.cut_before("down", answer)
+        with pytest.raises(grpc.RpcError) as cut:
+            drive_pb2_grpc.DriveServiceStub(channel).Delete(request, timeout=30)
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE and proxy.cuts_made == 1
+
+
+def listed(handle: DaemonHandle, drive_uri: str, path: str = "") -> list[str]:
+    return [e.path for e in stub_of(handle).List(drive_pb2.ListRequest(drive=drive_uri, path=path)).entries]
+
+
+def retried_delete_of_nothing_is_refused(handle: DaemonHandle, drive_uri: str) -> None:
+    """A retry of a path never held, whose request id no delete used, is NOT_FOUND marked as looked for."""
+    with pytest.raises(grpc.RpcError) as refused:
+        stub_of(handle).Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="set", component="w",
+                                                       request_id="never-used", retry=True), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert ("drived-looked-back", "1") in refused.value.trailing_metadata()
+
+
+# A feed of 5 events (and 1 more before it is trimmed), in a replica's process.
+SHORT_FEED = """
+import drived.coordinator
+drived.coordinator.EVENTS_KEPT = 5
+import drived.redis_coordinator
+drived.redis_coordinator.TRIM_BATCH = 1
+"""
+
+
+def test_a_delete_whose_answer_was_lost_is_found_done_after_the_feed_dropped_its_events(own_cluster, drive_uri):
+    """The feed keeps a bounded number of events: a busy drive pushed out the deletes of a request whose answer was
+    lost before its retry came, which found nothing, looked in the feed, found nothing there either and answered
+    NOT_FOUND for the request's own work. The request's record, kept beside the feed, answers the count."""
+    a, b = own_cluster.replica(before=SHORT_FEED), own_cluster.replica(before=SHORT_FEED)
+    for path in ("set/f.txt", "set/g.txt", "kept.txt"):
+        raw_put(stub_of(b), drive_uri, path, b"deleted", component="w")
+    request = drive_pb2.DeleteRequest(drive=drive_uri, path="set", component="w", request_id="lost-answer")
+    delete_with_its_answer_lost(a, request, TWO_DELETED)
+    for i in range(10):
+        raw_put(stub_of(b), drive_uri, f"busy/{i}.txt", b"busy", component="w")
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    [feed] = [key for key in own_cluster.keys("drived:*:feed") if drive_uri.removeprefix("lit://").encode() in key]
+    kept = admin.xrange(feed)
+    assert len(kept) <= 6 and all(fields.get(b"r", b"") != b"lost-answer" for _, fields in kept), kept
+    request.retry = True
+    assert stub_of(b).Delete(request, timeout=30).files_deleted == 2
+    retried_delete_of_nothing_is_refused(b, drive_uri)
+    assert listed(b, drive_uri) == ["busy", "kept.txt"] and len(listed(b, drive_uri, "busy")) == 10
+
+
+# Kills the replica's process at its second publish of a delete, before it runs: after the store's change.
+KILLED_BEFORE_ITS_SECOND_DELETE_IS_PUBLISHED = """
+import os, signal
+import drived.redis_coordinator
+publish = drived.redis_coordinator.RedisCoordinator.publish
+deletes = []
+async def killed_before_the_second(self, drive, kind, entry, claim=None, upload="", request=""):
+    if kind == "delete":
+        deletes.append(entry.path)
+        if len(deletes) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return await publish(self, drive, kind, entry, claim, upload, request)
+drived.redis_coordinator.RedisCoordinator.publish = killed_before_the_second
+"""
+
+
+def test_a_delete_whose_replica_died_before_publishing_is_found_done_once_another_settled_it(own_cluster, drive_uri):
+    """The replica removed both files of a folder and died before it published the second delete; its client saw
+    the call fail. Another replica published that delete from its record (settle), without the request id: the
+    retry found one delete of its request, answered 1, and the caller believed a file it removed was never there.
+    The settle now carries the request id and counts it in the request's record."""
+    victim = own_cluster.replica("--claim-ttl", "2", before=KILLED_BEFORE_ITS_SECOND_DELETE_IS_PUBLISHED)
+    other = own_cluster.replica("--claim-ttl", "2")
+    for path in ("set/f.txt", "set/g.txt", "kept.txt"):
+        raw_put(stub_of(other), drive_uri, path, b"deleted", component="w")
+    request = drive_pb2.DeleteRequest(drive=drive_uri, path="set", component="w", request_id="died-midway")
+    with pytest.raises(grpc.RpcError) as died:
+        stub_of(victim).Delete(request, timeout=30)
+    assert died.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert victim.proc.wait(30) == -signal.SIGKILL
+    assert wait_until(lambda: not unpublished_left(own_cluster), timeout=30), unpublished_left(own_cluster)
+    request.retry = True
+    assert stub_of(other).Delete(request, timeout=30).files_deleted == 2
+    retried_delete_of_nothing_is_refused(other, drive_uri)
+    assert listed(other, drive_uri) == ["kept.txt"]
+
+
+def test_the_records_of_many_delete_requests_keep_within_the_completions_bytes(own_cluster, drive_uri):
+    """A client sending many deletes, each with its own long request id, makes a record each: the records the
+    coordinator keeps take at most the completions' bytes (lowered here to 4 KiB), the oldest forgotten first, and
+    the newest request's retry is answered from its record."""
+    replica = own_cluster.replica(before="import drived.redis_coordinator\n"
+                                         "drived.redis_coordinator.COMPLETIONS_KEPT_BYTES = 4096")
+    ids = [f"{i:03}" + "r" * 125 for i in range(30)]
+    for i, request_id in enumerate(ids):
+        raw_put(stub_of(replica), drive_uri, f"f{i}.txt", b"deleted", component="w")
+        answer = stub_of(replica).Delete(drive_pb2.DeleteRequest(drive=drive_uri, path=f"f{i}.txt", component="w",
+                                                                 request_id=request_id), timeout=30)
+        assert answer.files_deleted == 1
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    records = own_cluster.keys("drived:*:deleted:*")
+    held = sum(2 * len(key) + len(admin.get(key) or b"") + 150 for key in records)  # `completion_bytes`
+    assert 0 < len(records) < len(ids) and held <= 4096, (len(records), held)
+    assert set(records) <= set(admin.zrange("drived:completions", 0, -1))
+    counts = records_of(admin, records)
+    assert counts[ids[-1]] == 1 and set(counts.values()) == {1}, counts
+    newest = drive_pb2.DeleteRequest(drive=drive_uri, path="f29.txt", component="w", request_id=ids[-1], retry=True)
+    assert stub_of(replica).Delete(newest, timeout=30).files_deleted == 1
+    assert listed(replica, drive_uri) == []
+
+
+def records_of(admin: redis.Redis, keys: list[bytes]) -> dict[str, int]:
+    """The delete records at `keys`: request id -> count."""
+    return {key.decode().rpartition(":")[2]: int(admin.get(key) or 0) for key in keys}
 
 
 class RacingPut:
