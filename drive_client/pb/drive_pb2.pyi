@@ -718,13 +718,13 @@ class DeleteRequest(_message.Message):
     removed them) it answers OK with their count as `files_deleted`;
     otherwise NOT_FOUND with the trailing metadata `drived-looked-back: 1`,
     which tells a client that the path held nothing (a server older than
-    this field answers NOT_FOUND without it). The look goes over the drive's
-    whole feed (up to 10,000 events), which only such retries pay. It finds
-    what the feed keeps: not once 10,000 later changes of the drive pushed
-    the events out, nor after a lone daemon's restart, nor when the earlier
-    attempt's server died (or lost its --coordinator) before it published
-    them: the client then raises FileNotFoundError for files its own earlier
-    attempt removed.
+    this field answers NOT_FOUND without it). The look is one lookup of a
+    record of the request id kept beside the feed, which only such retries
+    pay: with --coordinator, for --upload-expiry after the request's latest
+    delete (also one published for a server that died before it did), within
+    a bounded number of bytes; on a lone daemon, while its feed keeps one of
+    the request's events, and not past its restart. Past those the client
+    raises FileNotFoundError for files its own earlier attempt removed.
     """
     def __init__(
         self,
