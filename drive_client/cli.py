@@ -277,7 +277,16 @@ def _print_json(result: Any) -> None:
 def _local_size(local: Path, remote: str) -> int:
     """Bytes in the files a put of `local` to `remote` sends, as its walk finds them (which raises the put's errors
     of a missing path, a name that is no drive path, ...)."""
-    return sum(f.stat().st_size for f, _ in local_files(local, remote))
+    return sum(_file_size(f) for f, _ in local_files(local, remote))
+
+
+def _file_size(file: Path) -> int:
+    """The size of a file the walk found; 0 once it cannot be seen (removed since): the put lists the folder again,
+    and passes it by, or reports it, naming it, as it reports any file it cannot read."""
+    try:
+        return file.stat().st_size
+    except OSError:
+        return 0
 
 
 def _stat_fields(stat: FileStat) -> dict[str, Any]:

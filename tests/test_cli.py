@@ -117,6 +117,44 @@ def test_put_folder_and_get_folder(daemon, tmp_path, drive_uri):
     assert (out / "tree" / "sub" / "y.txt").read_text() == "y"
 
 
+# sitecustomize.py of a `drive` whose folder put sees GONE removed just after its first listing of the folder (the
+# size count for the progress bar), before it stats the files: as a file another process removes at that moment.
+REMOVED_AFTER_LISTING = """
+import os
+import drive_client.transfer as transfer
+
+listed = transfer.local_files
+
+
+def local_files(local, remote):
+    files = listed(local, remote)
+    if os.path.exists({gone!r}):
+        os.remove({gone!r})
+    return files
+
+
+transfer.local_files = local_files
+"""
+
+
+def test_a_file_removed_while_a_folder_put_counts_its_bytes_is_passed_by(daemon, tmp_path, drive_uri):
+    """The count of the bytes to put stats each file the listing found: one removed meanwhile raised a bare
+    FileNotFoundError ("drive: [Errno 2] No such file or directory: ..."). The put lists the folder again and stores
+    what is there, as for a file removed before the command."""
+    src = tmp_path / "tree"
+    src.mkdir()
+    (src / "kept.txt").write_text("kept")
+    (src / "gone.txt").write_text("gone")
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(REMOVED_AFTER_LISTING.format(gone=str(src / "gone.txt")))
+    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))
+    res = ok(run(daemon, "put", str(src), f"{drive_uri}/tree", env={"PYTHONPATH": path}))
+    assert res.stderr == "" and res.stdout.startswith("put 1 file(s), 4 bytes"), res.stdout
+    assert not (src / "gone.txt").exists()
+    assert names(ok(run(daemon, "ls", f"{drive_uri}/tree"))) == ["tree/kept.txt"]
+
+
 def test_component_flag_and_env(daemon, tmp_path, drive_uri):
     (tmp_path / "f.txt").write_text("f")
     ok(run(daemon, "put", "f.txt", f"{drive_uri}/f.txt", cwd=tmp_path, component="flag_comp"))
