@@ -82,6 +82,7 @@ def _health(argv: Sequence[str]) -> int:
     import grpc
 
     from drive_client.channels import Connection, add_tls_arguments
+    from drive_client.cli import Terminated, raise_terminated
     from drive_client.errors import DriveError
 
     from . import config, server
@@ -98,6 +99,7 @@ def _health(argv: Sequence[str]) -> int:
                         "--endpoint host (e.g. drived.example.com)")
     args = parser.parse_args(argv)
     endpoint = dialled(args.endpoint or os.environ.get("DRIVED_LISTEN") or config.Config.listen)
+    raise_terminated()
     try:
         connection = Connection.from_settings(
             endpoint, args.tls, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name
@@ -112,6 +114,9 @@ def _health(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, as `drive` ends, without a traceback
         print("drived health: interrupted", file=sys.stderr)
         return 130
+    except Terminated:  # a probe's timeout (`timeout 3 drived health`): its status, as `drive` ends
+        print("drived health: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     print(f"drived at {endpoint}: {status}")
     return 0 if status == "SERVING" else 1
 

@@ -310,10 +310,16 @@ def test_drived_health_dials_loopback_for_a_daemon_on_every_interface_only(liste
     assert cli.dialled(listen) == dialled
 
 
-def test_a_ctrl_c_in_drived_health_ends_it_as_the_drive_command_does():
+@pytest.mark.parametrize(("stop", "status", "said"), [
+    (signal.SIGINT, 130, "interrupted"),
+    # A probe's timeout (`timeout 3 drived health`) ended the tool by the signal (-15), saying nothing.
+    (signal.SIGTERM, 143, "terminated"),
+])
+def test_a_stop_of_drived_health_ends_it_as_the_drive_command_does(stop, status, said):
     """A Ctrl-C while `drived health` waited for a daemon that does not answer (here an address that takes the
     connection and never speaks, as a hung daemon's) printed a KeyboardInterrupt traceback and ended the tool by
-    the signal (-2). It ends as `drive` does: one line, `drived health: interrupted`, exit 130."""
+    the signal (-2). It ends as `drive` does: one line, `drived health: interrupted`, exit 130; on SIGTERM,
+    `drived health: terminated`, exit 143."""
     with socket.create_server(("127.0.0.1", 0)) as hung:
         hung.settimeout(20)
         health = subprocess.Popen(
@@ -322,11 +328,11 @@ def test_a_ctrl_c_in_drived_health_ends_it_as_the_drive_command_does():
         try:
             connection, _ = hung.accept()  # the check is under way
             with connection:
-                health.send_signal(signal.SIGINT)
+                health.send_signal(stop)
                 out, err = health.communicate(timeout=20)
         finally:
             health.kill()
-    assert (health.returncode, out, err) == (130, "", "drived health: interrupted\n"), err
+    assert (health.returncode, out, err) == (status, "", f"drived health: {said}\n"), err
 
 
 def test_taken_port_by_another_daemon_fails_loudly(tmp_path, start_daemon):
