@@ -198,8 +198,9 @@ def _shared(path: str) -> bool:
 class Access:
     """The tokens the daemon accepts now: `--token` and the `--auth-tokens` file, which `reload` reads again."""
 
-    def __init__(self, tokens_file: str = "", token: str = "") -> None:
+    def __init__(self, tokens_file: str = "", token: str = "", token_setting: str = "--token") -> None:
         self._file = tokens_file
+        self._token_setting = token_setting  # `token` as the operator gave it, which a message names
         self._token_digest = token_digest(token) if token else b""  # never the token itself (README)
         self._table = self._load()  # TokenFileError at start-up
 
@@ -213,8 +214,8 @@ class Access:
         if self._token_digest:
             if self._token_digest in table.grants:
                 raise TokenFileError(
-                    f"{self._file}: token {table.grants[self._token_digest].name!r} is also --token, which grants "
-                    "every drive read-write: give each token once"
+                    f"{self._file}: token {table.grants[self._token_digest].name!r} is also {self._token_setting}, "
+                    "which grants every drive read-write: give each token once"
                 )
             grants = {self._token_digest: Grant("--token", None, True), **table.grants}
             table = TokenTable(grants, table.plaintext)

@@ -12,7 +12,7 @@ import os
 import re
 import urllib.parse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from drive_client.errors import InvalidArgument
@@ -63,6 +63,14 @@ class Config:
     max_connections: int = 0
     stream_idle_timeout: float = 60.0
     log_level: str = "info"
+    # The settings read from their env variable rather than a flag: messages name each as the operator gave it.
+    from_env: frozenset[str] = field(default=frozenset(), repr=False)
+
+    def named(self, setting: str, given_as: str = "") -> str:
+        """`setting` as the operator gave it: its env variable when it came from the environment, else its flag (a
+        setting not given too: the README's table pairs each flag with its variable). `given_as` names it as that
+        other setting was given: the missing half of a pair."""
+        return _env(setting) if (given_as or setting) in self.from_env else _flag(setting)
 
 
 HELP = {
@@ -323,9 +331,12 @@ def _env(name: str) -> str:
     return f"DRIVED_{name.upper()}"
 
 
+SETTINGS = tuple(f for f in fields(Config) if f.name != "from_env")  # each with its flag and env variable
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds one flag per Config field, documented with its env variable and default."""
-    for f in fields(Config):
+    """Adds one flag per setting, documented with its env variable and default."""
+    for f in SETTINGS:
         parser.add_argument(
             _flag(f.name), dest=f.name, type=PARSERS[f.name], default=None,
             metavar=f.name.upper(), help=f"{HELP[f.name]} (env {_env(f.name)}; default {_shown(f.default)})",
@@ -336,7 +347,7 @@ def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Conf
     """The Config for parsed flags, falling back to the environment, then the defaults."""
     values: dict[str, Any] = {}
     from_env: set[str] = set()
-    for f in fields(Config):
+    for f in SETTINGS:
         flag = getattr(args, f.name)
         env = os.environ.get(_env(f.name))
         if flag is not None:
@@ -348,17 +359,14 @@ def from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Conf
                 shown = "" if f.name in SECRET else f"={env!r}"
                 parser.error(f"{_env(f.name)}{shown}: {err}")
             from_env.add(f.name)
-    config = Config(**values)
-
-    def named(given: str, *names: str) -> list[str]:
-        """`names` as the setting `given` was given: its env variables when it came from the environment."""
-        return [_env(name) if given in from_env else _flag(name) for name in names]
-
+    config = Config(**values, from_env=frozenset(from_env))
     if bool(config.tls_cert) != bool(config.tls_key):
-        cert, key = named("tls_cert" if config.tls_cert else "tls_key", "tls_cert", "tls_key")
-        parser.error(f"{cert} and {key} go together: give the certificate and its key, or neither")
+        given = "tls_cert" if config.tls_cert else "tls_key"
+        parser.error(f"{config.named('tls_cert', given)} and {config.named('tls_key', given)} go together: give the "
+                     "certificate and its key, or neither")
     if config.tls_client_ca and not config.tls_cert:
-        client_ca, cert, key = named("tls_client_ca", "tls_client_ca", "tls_cert", "tls_key")
+        client_ca, cert, key = (config.named(name, "tls_client_ca")
+                                for name in ("tls_client_ca", "tls_cert", "tls_key"))
         parser.error(f"{client_ca} needs {cert} and {key}: mutual TLS is TLS first")
     return config
 

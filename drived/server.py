@@ -24,7 +24,7 @@ from drive_client.wire import add_fast_servicer, add_handlers, method_handlers
 from . import logs, metrics
 from .auth import Access, TokenFileError
 from .backends.base import Backend
-from .backends.local import DataDirInUse, LocalBackend
+from .backends.local import DataDirError, LocalBackend
 from .config import MESSAGE_LIMIT, Config
 from .coordinator import Coordinator
 from .descriptors import Descriptors
@@ -86,11 +86,11 @@ def make_backend(config: Config, descriptors: Descriptors) -> Backend:
 
         where = parse_drive(config.storage)
         return S3Backend(where.bucket, where.prefix, config.chunk_size, config.upload_expiry,
-                         config.stream_idle_timeout)
+                         config.stream_idle_timeout, config.named("storage"))
     try:
         return LocalBackend(config.data_dir, descriptors, config.chunk_size)
-    except DataDirInUse as err:
-        raise SystemExit(f"drived: {err}") from None
+    except DataDirError as err:
+        raise SystemExit(f"drived: {config.named('data_dir')} {config.data_dir}: {err}") from None
 
 
 def make_coordinator(config: Config) -> Coordinator:
@@ -98,7 +98,8 @@ def make_coordinator(config: Config) -> Coordinator:
     if config.coordinator:
         from .redis_coordinator import RedisCoordinator  # redis loads only with --coordinator
 
-        return RedisCoordinator(config.coordinator, config.claim_ttl, upload_expiry=config.upload_expiry)
+        return RedisCoordinator(config.coordinator, config.claim_ttl, upload_expiry=config.upload_expiry,
+                                setting=config.named("coordinator"))
     return InProcessCoordinator()
 
 
@@ -142,9 +143,9 @@ def server_options(config: Config, connections: int) -> list[tuple[str, int]]:
 def make_access(config: Config) -> Access:
     """The tokens calls need (`--token`, `--auth-tokens`); none when neither is set."""
     try:
-        return Access(config.auth_tokens, config.token)
+        return Access(config.auth_tokens, config.token, config.named("token"))
     except TokenFileError as err:
-        raise SystemExit(f"drived: --auth-tokens: {err}") from None
+        raise SystemExit(f"drived: {config.named('auth_tokens')}: {err}") from None
 
 
 def make_tls(config: Config) -> ServerTLS | None:
@@ -152,7 +153,7 @@ def make_tls(config: Config) -> ServerTLS | None:
     if not config.tls_cert:
         return None
     try:
-        return ServerTLS(config.tls_cert, config.tls_key, config.tls_client_ca)
+        return ServerTLS(config)
     except TLSFileError as err:
         raise SystemExit(f"drived: {err}") from None
 

@@ -16,6 +16,8 @@ import threading
 
 import grpc
 
+from .config import Config
+
 log = logging.getLogger("drived")
 
 
@@ -37,37 +39,40 @@ def _read(path: str, what: str) -> bytes:
 
 class ServerTLS:
     """The certificate drived serves (`--tls-cert`, `--tls-key`) and, for mutual TLS, the CAs whose client
-    certificates it accepts (`--tls-client-ca`)."""
+    certificates it accepts (`--tls-client-ca`); a message names each setting as the operator gave it."""
 
-    def __init__(self, cert: str, key: str, client_ca: str = "") -> None:
-        self._cert, self._key, self._client_ca = cert, key, client_ca
+    def __init__(self, config: Config) -> None:
+        self._cert, self._key, self._client_ca = config.tls_cert, config.tls_key, config.tls_client_ca
+        self._named = config.named
         self._current = self._load()  # TLSFileError at start-up
         self._fresh: grpc.ServerCertificateConfiguration | None = None
         self._lock = threading.Lock()  # _fetch runs on gRPC's threads, reload on the event loop
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         """Reads and checks the files."""
-        cert = _read(self._cert, "certificate (--tls-cert)")
-        key = _read(self._key, "key (--tls-key)")
+        cert = _read(self._cert, f"certificate ({self._named('tls_cert')})")
+        key = _read(self._key, f"key ({self._named('tls_key')})")
         try:
             ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
                 self._cert, self._key, password=lambda: _refuse_encrypted(self._key)
             )
         except ssl.SSLError as err:
             raise TLSFileError(
-                f"--tls-cert {self._cert} and --tls-key {self._key} are not a PEM certificate and its key "
-                f"({err.reason or err})"
+                f"{self._named('tls_cert')} {self._cert} and {self._named('tls_key')} {self._key} are not a PEM "
+                f"certificate and its key ({err.reason or err})"
             ) from None
         client_ca = None
         if self._client_ca:
-            client_ca = _read(self._client_ca, "client CA (--tls-client-ca)")
+            client_ca = _read(self._client_ca, f"client CA ({self._named('tls_client_ca')})")
             try:
                 # The bytes read above, not the file again: what is checked is what is served.
                 pem = client_ca.decode("ascii", "ignore")
                 ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem)
             except (ssl.SSLError, ValueError) as err:  # ValueError: an empty file
                 reason = getattr(err, "reason", None) or err
-                raise TLSFileError(f"--tls-client-ca {self._client_ca} holds no PEM certificate ({reason})") from None
+                raise TLSFileError(
+                    f"{self._named('tls_client_ca')} {self._client_ca} holds no PEM certificate ({reason})"
+                ) from None
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
 
     def credentials(self) -> grpc.ServerCredentials:

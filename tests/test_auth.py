@@ -468,6 +468,22 @@ def test_a_token_file_that_cannot_be_used_stops_the_start(tmp_path, content, rea
     assert not (tmp_path / "data").exists()  # refused before the data dir was made
 
 
+def test_a_token_file_from_the_environment_is_named_as_given(tmp_path):
+    """DRIVED_AUTH_TOKENS and DRIVED_TOKEN (a container's settings): the refusal named --auth-tokens and --token,
+    flags the operator never gave."""
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[[token]]\nname = "a"\ntoken = "plain-secret"\ndrives = ["*"]\nmode = "read"\n')
+    endpoint = f"127.0.0.1:{free_port()}"
+    handle = spawn_daemon(["--listen", endpoint, "--data-dir", str(tmp_path / "data")], tmp_path / "drived.log",
+                          tmp_path / "data", endpoint,
+                          env={"DRIVED_AUTH_TOKENS": str(tokens), "DRIVED_TOKEN": "plain-secret"})
+    assert handle.proc.wait(30) == 1
+    last = handle.log().strip().splitlines()[-1]
+    assert last.startswith(f"drived: DRIVED_AUTH_TOKENS: {tokens}: token 'a' is also DRIVED_TOKEN,"), handle.log()
+    assert "plain-secret" not in handle.log()
+    assert not (tmp_path / "data").exists()  # refused before the data dir was made
+
+
 @pytest.mark.parametrize("token", ["Zq7-sécret", "Zq7 two", "Zq7\nline", "Zq7\ttab"])
 def test_a_token_no_client_can_send_stops_the_start_unshown(tmp_path, token):
     """A --token (or DRIVED_TOKEN) held to what a token file's is: the daemon started, and every client was locked

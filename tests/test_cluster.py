@@ -1881,8 +1881,10 @@ def test_a_coordinator_that_may_evict_keys_ends_the_start_up_saying_so(policy, t
              "--listen", f"127.0.0.1:{free_port()}"],
             env={**os.environ, "DRIVED_COORDINATOR": valkey.url}, capture_output=True, text=True, timeout=30,
         )
-        assert refused.returncode != 0 and f"redis://127.0.0.1:{valkey.port}/0" in refused.stderr, refused.stderr
-        assert f"maxmemory-policy {policy}" in refused.stderr and "noeviction" in refused.stderr
+        assert refused.returncode == 1, refused.stderr
+        # Named as it was given: the environment's DRIVED_COORDINATOR, not a --coordinator flag never given.
+        named = f"drived: DRIVED_COORDINATOR redis://127.0.0.1:{valkey.port}/0 has maxmemory-policy {policy}"
+        assert named in refused.stderr and "noeviction" in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr and PASSWORD not in refused.stderr
     finally:
         valkey.stop()

@@ -272,7 +272,7 @@ def test_a_change_the_grace_period_cut_keeps_the_data_dir_locked_until_it_ends(s
 
     second = start_daemon(tmp_path, data_dir=first.data_dir, wait=False)
     assert wait_until(lambda: second.proc.poll() is not None, timeout=10), "a second daemon was let in"
-    assert "is in use by another drived" in second.log()
+    assert "in use by another drived" in second.log()
     assert not (first.data_dir / "clean-stop").exists(), "a clean stop is marked only once every change ended"
     pause.unlink()
     assert first.proc.wait(30) == 0, first.log()[-3000:]
@@ -320,7 +320,7 @@ def test_a_second_signal_cancels_the_drain_at_once_and_lets_a_commit_under_way_e
         assert "stopping at once" in first.log()
         again = start_daemon(tmp_path, data_dir=first.data_dir, wait=False)
         assert wait_until(lambda: again.proc.poll() is not None, timeout=10), "a second daemon was let in"
-        assert "is in use by another drived" in again.log()
+        assert "in use by another drived" in again.log()
         pause.unlink()
         assert first.proc.wait(30) == 0, first.log()[-3000:]
     finally:

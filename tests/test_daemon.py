@@ -335,6 +335,21 @@ def test_a_stop_of_drived_health_ends_it_as_the_drive_command_does(stop, status,
     assert (health.returncode, out, err) == (status, "", f"drived health: {said}\n"), err
 
 
+@pytest.mark.parametrize("setting", ["--data-dir", "DRIVED_DATA_DIR"])
+def test_a_data_dir_that_cannot_be_made_is_named_as_it_was_given(tmp_path, setting):
+    """From the environment (a container's DRIVED_DATA_DIR), the refusal named a --data-dir flag never given."""
+    (tmp_path / "a-file").write_bytes(b"not a folder")
+    data = tmp_path / "a-file" / "data"
+    before = snapshot(tmp_path)
+    flags, env = ([setting, str(data)], {}) if setting.startswith("--") else ([], {setting: str(data)})
+    result = subprocess.run([sys.executable, "-m", "drived", "--listen", f"127.0.0.1:{free_port()}", *flags],
+                            env={**os.environ, **env}, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith(f"drived: {setting} {data}: cannot make its folders: Not a directory"), result.stderr
+    assert snapshot(tmp_path) == before
+
+
 def test_taken_port_by_another_daemon_fails_loudly(tmp_path, start_daemon):
     first = start_daemon(tmp_path)
     second = spawn_daemon(["--listen", first.endpoint, "--data-dir", str(tmp_path / "second")],
@@ -392,7 +407,7 @@ def test_a_second_daemon_on_a_data_dir_in_use_is_refused_and_leaves_the_first_on
                 pytest.fail(f"a second daemon on a data dir in use kept running on {listen}")
             assert rc != 0
             assert snapshot(first.data_dir) == before
-            assert f"{first.data_dir} is in use by another drived" in second.log(), second.log()
+            assert f"{first.data_dir}: in use by another drived" in second.log(), second.log()
             assert "Traceback" not in second.log(), second.log()
         header.write_offset = 2 * MIB
         rest = [pb.PutRequest(data=data[2 * MIB:]), pb.PutRequest(finish=pb.PutFinish(sha256=sha256_hex(data)))]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import csv
-import dataclasses
 import io
 import os
 import re
@@ -28,7 +27,7 @@ import drive_client
 from drive_client import Drive, DriveError, PermissionDenied
 from drive_client.uri import parse_drive
 from drived.auth import TokenTable
-from drived.config import Config
+from drived.config import SETTINGS
 
 
 def readme_section(heading: str) -> str:
@@ -92,7 +91,7 @@ def test_every_exception_the_errors_table_names_is_drive_clients_and_is_what_it_
 
 def test_the_configuration_table_has_every_flag_with_its_variable():
     rows = re.findall(r"^\| `--([a-z0-9-]+)` \| `([A-Z0-9_]+)` \|", readme_section("Configuration"), re.M)
-    flags = {(f.name.replace("_", "-"), f"DRIVED_{f.name.upper()}") for f in dataclasses.fields(Config)}
+    flags = {(f.name.replace("_", "-"), f"DRIVED_{f.name.upper()}") for f in SETTINGS}
     assert set(rows) == flags
 
 

@@ -1306,13 +1306,17 @@ def test_the_store_going_away_is_unavailable_naming_it_and_the_daemon_recovers(t
         store.close()
 
 
-def test_a_missing_bucket_stops_the_start_up_naming_it(tmp_path: Path):
+@pytest.mark.parametrize("setting", ["--storage", "DRIVED_STORAGE"])
+def test_a_missing_bucket_stops_the_start_up_naming_it(tmp_path: Path, setting):
+    """Named as the setting was given: DRIVED_STORAGE from the environment (a container's), not a flag never given."""
     store = Store(tmp_path)
     try:
-        handle = start_daemon(tmp_path, "--storage", "s3://no-such-bucket/x/", env=store.env(), wait=False)
-        assert handle.proc.wait(30) != 0
-        assert "no-such-bucket" in handle.log() and "create it" in handle.log()
-        assert "Traceback" not in handle.log(), handle.log()
+        storage = "s3://no-such-bucket/x/"
+        flags, env = (("--storage", storage), {}) if setting.startswith("--") else ((), {setting: storage})
+        handle = start_daemon(tmp_path, *flags, env={**store.env(), **env}, wait=False)
+        assert handle.proc.wait(30) == 1
+        assert f"drived: {setting}: the S3 bucket 'no-such-bucket' does not exist" in handle.log(), handle.log()
+        assert "create it" in handle.log() and "Traceback" not in handle.log(), handle.log()
     finally:
         store.close()
 

@@ -277,6 +277,46 @@ def test_tls_settings_without_their_pair_are_refused_naming_where_they_were_give
     assert snapshot(data) == before
 
 
+@pytest.mark.parametrize(("given", "message"), [
+    ({"--tls-cert": "CERT", "--tls-key": "MISSING"}, "cannot read the key (--tls-key) {MISSING}"),
+    # From the environment (a k8s manifest, compose), the refusal named flags the operator never gave.
+    ({"DRIVED_TLS_CERT": "CERT", "DRIVED_TLS_KEY": "MISSING"}, "cannot read the key (DRIVED_TLS_KEY) {MISSING}"),
+    ({"--tls-cert": "CERT", "DRIVED_TLS_KEY": "OTHER_KEY"},
+     "--tls-cert {CERT} and DRIVED_TLS_KEY {OTHER_KEY} are not a PEM certificate and its key"),
+    ({"DRIVED_TLS_CERT": "CERT", "DRIVED_TLS_KEY": "KEY", "DRIVED_TLS_CLIENT_CA": "EMPTY"},
+     "DRIVED_TLS_CLIENT_CA {EMPTY} holds no PEM certificate"),
+])
+def test_tls_files_that_cannot_be_used_are_named_as_they_were_given(pki, tmp_path, given, message):
+    (tmp_path / "empty.pem").write_bytes(b"")
+    files = {"CERT": pki.server.cert, "KEY": pki.server.key, "OTHER_KEY": pki.client.key,
+             "EMPTY": tmp_path / "empty.pem", "MISSING": tmp_path / "missing.key"}
+    data = tmp_path / "data"
+    (data / "tmp").mkdir(parents=True)
+    (data / "tmp" / "held").write_bytes(b"an upload a running daemon would remove")
+    before = snapshot(data)
+    flags = [str(part) for name, file in given.items() if name.startswith("--") for part in (name, files[file])]
+    env = {name: str(files[file]) for name, file in given.items() if not name.startswith("--")}
+    result = subprocess.run([sys.executable, "-m", "drived", "--listen", f"127.0.0.1:{free_port()}", "--data-dir",
+                             str(data), *flags], env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"drived: {message.format(**files)}" in result.stderr.strip().splitlines()[-1], result.stderr
+    assert snapshot(data) == before
+
+
+def test_sighup_names_tls_settings_from_the_environment_as_given(start_daemon, pki, tmp_path):
+    served = Issued(tmp_path / "served.cert", tmp_path / "served.key")
+    shutil.copy(pki.server.cert, served.cert)
+    shutil.copy(pki.server.key, served.key)
+    handle = start_daemon(tmp_path, env={"DRIVED_TLS_CERT": str(served.cert), "DRIVED_TLS_KEY": str(served.key)},
+                          tls=Connection("", True, str(pki.ca)))
+    shutil.copy(pki.client.key, served.key)  # a key that is not the certificate's
+    handle.proc.send_signal(signal.SIGHUP)
+    handle.wait_logged("tls not reloaded")
+    line = next(json.loads(x) for x in handle.log().splitlines() if '"tls not reloaded"' in x)
+    assert f"DRIVED_TLS_CERT {served.cert} and DRIVED_TLS_KEY {served.key} are not" in line["reason"], line
+    assert served_certificate(handle.endpoint) == pki.server.der()
+
+
 # --- the client never sends a token in plaintext beyond loopback ----------------------------------
 
 

@@ -83,13 +83,13 @@ log = logging.getLogger("drived")
 T = TypeVar("T")
 
 
-class DataDirInUse(Exception):
-    """Another daemon holds the data dir's lock."""
+class DataDirError(Exception):
+    """A data dir the daemon cannot use; the message says why, after the data dir's setting that names it."""
 
 
 def lock_data_dir(data_dir: str) -> int:
     """A descriptor holding the lock of `data_dir`, which it keeps while it is open (the kernel drops the lock of a
-    process that dies, however it dies); DataDirInUse when another daemon holds it.
+    process that dies, however it dies); DataDirError when another daemon holds it.
 
     A second daemon on a data dir in use would remove the first one's uploads
     from `tmp/` at its start-up and then write its own under the same names.
@@ -99,9 +99,9 @@ def lock_data_dir(data_dir: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise DataDirInUse(
-            f"the data dir {data_dir} is in use by another drived (it holds {data_dir}/lock): give each daemon "
-            "its own --data-dir; daemons that serve the same drives share them through --storage"
+        raise DataDirError(
+            f"in use by another drived (it holds {data_dir}/lock): give each daemon its own data dir; daemons "
+            "that serve the same drives share them through --storage"
         ) from None
     except OSError as err:  # a file system without locks (a network mount without its lock service): unguarded
         log.warning("the data dir cannot be locked: a second daemon started on it would not be refused",
@@ -586,8 +586,7 @@ class LocalBackend(Backend):
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             os.makedirs(self.tmp_dir, exist_ok=True)
         except OSError as err:  # a file there, a missing mount, no permission: the start ends, saying why
-            raise SystemExit(f"drived: --data-dir {data_dir}: cannot make its folders: {err.strerror}: "
-                             f"{err.filename}") from None
+            raise DataDirError(f"cannot make its folders: {err.strerror}: {err.filename}") from None
 
     async def start(self) -> None:
         # A daemon killed between a put's making of its folders and its rename, or between a delete's unlink and

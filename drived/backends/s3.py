@@ -737,8 +737,9 @@ class S3Backend(Backend):
     """Objects in one bucket under one prefix, through boto3 in a thread pool."""
 
     def __init__(self, bucket: str, prefix: str, chunk_size: int = 1 << 20, upload_expiry: float = 60.0,
-                 fill_seconds: float = 60.0) -> None:
+                 fill_seconds: float = 60.0, setting: str = "--storage") -> None:
         self.bucket = bucket
+        self.setting = setting  # --storage as the operator gave it, which a refused start names
         self.root = prefix  # "" or ending in "/"
         self.chunk_size = chunk_size
         self.fill_seconds = fill_seconds  # a client's waits a part may hold room for while others want it (0: any)
@@ -894,7 +895,7 @@ class S3Backend(Backend):
                 "error": f"the S3 endpoint {self.endpoint} did not answer within {START_CHECK_SECONDS:g} s"}})
         except NotFound:
             raise SystemExit(
-                f"drived: --storage: the S3 bucket {self.bucket!r} does not exist at {self.endpoint}: "
+                f"drived: {self.setting}: the S3 bucket {self.bucket!r} does not exist at {self.endpoint}: "
                 "create it, or point AWS_ENDPOINT_URL at the store that has it"
             ) from None
         except DriveError as err:
