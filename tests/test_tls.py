@@ -265,6 +265,16 @@ def test_tls_files_that_cannot_be_used_stop_the_start(pki, tmp_path, flags, mess
 def test_tls_settings_without_their_pair_are_refused_naming_where_they_were_given(pki, tmp_path, given, message):
     files = {"CERT": pki.server.cert, "KEY": pki.server.key, "CA": pki.ca}
     data = tmp_path / "data"
+    result, before = refused_start(data, given, files)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr and message in last, result.stderr
+    assert snapshot(data) == before
+
+
+def refused_start(data: Path, given: dict[str, str], files: dict[str, Path]
+                  ) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+    """Runs drived to its refusal with the settings `given` (a flag, or an env variable, each naming a key of
+    `files`) on a data dir holding an upload a running daemon would remove: how it ended, and the data dir before."""
     (data / "tmp").mkdir(parents=True)
     (data / "tmp" / "held").write_bytes(b"an upload a running daemon would remove")
     before = snapshot(data)
@@ -272,9 +282,7 @@ def test_tls_settings_without_their_pair_are_refused_naming_where_they_were_give
     env = {name: str(files[file]) for name, file in given.items() if not name.startswith("--")}
     result = subprocess.run([sys.executable, "-m", "drived", "--listen", f"127.0.0.1:{free_port()}", "--data-dir",
                              str(data), *flags], env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
-    last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 2 and "Traceback" not in result.stderr and message in last, result.stderr
-    assert snapshot(data) == before
+    return result, before
 
 
 @pytest.mark.parametrize(("given", "message"), [
@@ -291,13 +299,7 @@ def test_tls_files_that_cannot_be_used_are_named_as_they_were_given(pki, tmp_pat
     files = {"CERT": pki.server.cert, "KEY": pki.server.key, "OTHER_KEY": pki.client.key,
              "EMPTY": tmp_path / "empty.pem", "MISSING": tmp_path / "missing.key"}
     data = tmp_path / "data"
-    (data / "tmp").mkdir(parents=True)
-    (data / "tmp" / "held").write_bytes(b"an upload a running daemon would remove")
-    before = snapshot(data)
-    flags = [str(part) for name, file in given.items() if name.startswith("--") for part in (name, files[file])]
-    env = {name: str(files[file]) for name, file in given.items() if not name.startswith("--")}
-    result = subprocess.run([sys.executable, "-m", "drived", "--listen", f"127.0.0.1:{free_port()}", "--data-dir",
-                             str(data), *flags], env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
+    result, before = refused_start(data, given, files)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"drived: {message.format(**files)}" in result.stderr.strip().splitlines()[-1], result.stderr
     assert snapshot(data) == before
