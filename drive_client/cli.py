@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:  # 2, as argparse and POSIX tools exit on a command line they cannot read
         return _failed(err, _asks_json(argv), 2)
     keep_transfer_buffers()
-    raise_terminated()
+    signal.signal(signal.SIGTERM, _terminate)
     if isinstance(sys.stdout, io.TextIOWrapper):
         # Local paths print as the bytes the system named them with, a name that is not UTF-8 too, as ls prints
         # them: a strict stdout (Python's in a UTF-8 locale) failed on such a name once its get had written it.
@@ -372,25 +372,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, without the traceback of where it landed
         print("drive: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
+    except _Terminated:
         print("drive: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     return 0
 
 
-class Terminated(BaseException):
-    """SIGTERM (`timeout`, a job's end), raised as Ctrl-C raises KeyboardInterrupt (`raise_terminated`): the
-    default action ends the process at once, leaving a get's temporary file beside its target and a put's spool of
-    stdin in $TMPDIR, and says nothing. `drived health` ends on it as `drive` does."""
-
-
-def raise_terminated() -> None:
-    """Makes SIGTERM raise Terminated in the main thread."""
-    signal.signal(signal.SIGTERM, _terminate)
+class _Terminated(BaseException):
+    """SIGTERM (`timeout`, a job's end), raised as Ctrl-C raises KeyboardInterrupt: the default action ends the
+    process at once, leaving a get's temporary file beside its target and a put's spool of stdin in $TMPDIR."""
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+    raise _Terminated
 
 
 def _check_get_to_stdout(args: argparse.Namespace) -> None:
