@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from conftest import put_messages, raw_get, raw_put, rpc_code, wait_until
+from conftest import put_messages, raw_get, raw_put, rpc_code, sitecustomized, snapshot, wait_until
 from crc32c import crc32c
 
 from drive_client import Drive
@@ -104,6 +104,71 @@ def test_a_commit_worker_dies_with_its_daemon_and_commits_nothing_over_the_next_
             os.kill(worker, signal.SIGCONT)
     assert wait_gone(worker)
     assert [data for _, data in raw_get(stub, drive_uri, "f.txt")] == [b"version 2"]
+
+
+# Run first in the daemon's process and in its commit worker's: while the file HOLD exists, the worker holds its rename
+# of f.txt into place and outlives its daemon, as a worker does whose rename the kernel is still doing when its
+# SIGKILL comes (a disk busy with a journal commit, a hung mount), or on a system with no parent-death signal
+# (macOS). A batch of one file is committed on the worker's main thread, whose parent-death signal this clears.
+HELD_RENAMES = """
+import ctypes, os, time
+from drived.backends import stored
+
+place = stored.place
+
+def held(tmp_path, path):
+    if os.path.basename(path) == "f.txt" and os.path.exists({hold!r}):
+        ctypes.CDLL(None).prctl(1, 0)  # PR_SET_PDEATHSIG: none
+        open({hold!r} + ".reached", "w").close()
+        while os.path.exists({hold!r}):
+            time.sleep(0.01)
+    return place(tmp_path, path)
+
+stored.place = held
+"""
+
+
+def test_a_killed_daemons_commit_worker_keeps_the_data_dir_locked_until_it_has_ended(
+    start_daemon, drive_uri, tmp_path
+):
+    """The kernel drops a killed daemon's lock at once, while its commit worker may still be renaming a file into
+    place: a daemon started meanwhile was let in, emptied tmp/ and began its uploads there under the same names, and
+    the old worker's rename then put the new daemon's upload in progress in place of the file: a version the new
+    daemon had acknowledged replaced by a damaged one (DATA_LOSS). The worker holds the data dir's lock too: a new
+    daemon is refused, saying so and changing nothing, until the worker has ended; then it starts at once."""
+    hold = tmp_path / "hold"
+    first = start_daemon(tmp_path, env=sitecustomized(tmp_path, HELD_RENAMES.format(hold=str(hold))))
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint))
+    raw_put(stub, drive_uri, "f.txt", b"version 0")
+    raw_put(stub, drive_uri, "other.txt", b"kept")
+    [worker] = commit_workers(first.proc.pid)
+    hold.touch()
+    try:
+        lost = stub.Put.future(put_messages(drive_uri, "f.txt", b"version 1"), timeout=30)
+        assert wait_until((tmp_path / "hold.reached").exists, 10), "the worker never began its rename"
+        first.stop(signal.SIGKILL)
+        assert rpc_code(lambda: lost.result(30)) == grpc.StatusCode.UNAVAILABLE
+        before = snapshot(first.data_dir)  # the upload the worker renames, in tmp/, included
+        refused = start_daemon(tmp_path, data_dir=first.data_dir, wait=False)
+        assert wait_until(lambda: refused.proc.poll() is not None, 10), "a daemon was let in beside the worker"
+        assert refused.proc.returncode != 0 and "Traceback" not in refused.log(), refused.log()
+        assert f"{first.data_dir}: in use by another drived" in refused.log(), refused.log()
+        assert "its commit worker may still hold the lock" in refused.log(), refused.log()
+        assert snapshot(first.data_dir) == before
+    finally:
+        hold.unlink(missing_ok=True)
+    assert wait_gone(worker)
+
+    again = start_daemon(tmp_path, data_dir=first.data_dir)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(again.endpoint))
+    assert [data for _, data in raw_get(stub, drive_uri, "f.txt")] == [b"version 1"]  # renamed whole before it ended
+    raw_put(stub, drive_uri, "f.txt", b"version 2")
+    assert again.stop() == 0, again.log()[-2000:]  # its own worker ends with it: the next start is let in at once
+    third = start_daemon(tmp_path, data_dir=first.data_dir)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(third.endpoint))
+    assert [data for _, data in raw_get(stub, drive_uri, "f.txt")] == [b"version 2"]
+    assert [data for _, data in raw_get(stub, drive_uri, "other.txt")] == [b"kept"]
+    assert list((first.data_dir / "tmp").iterdir()) == []
 
 
 def test_ctrl_c_stops_the_daemon_and_its_commit_worker_with_every_put_kept(start_daemon, drive_uri, tmp_path):

@@ -170,9 +170,16 @@ class CommitWorker:
     are confirmed and sent. The worker is started on the first commit and
     again after it has died, until `close`. A commit that was sent runs to
     its end even if its caller stops waiting.
+
+    Each worker process holds `data_dir_lock` open (inherited) for its whole
+    life, so the data dir's lock (`local.lock_data_dir`) stays held until
+    the worker has ended too: a daemon killed drops its own hold at once,
+    and a new daemon let in then would empty `tmp/` and write its uploads
+    under the names that the old worker may still be renaming into place.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, data_dir_lock: int | None = None) -> None:
+        self._data_dir_lock = () if data_dir_lock is None else (data_dir_lock,)  # the worker's `pass_fds`
         self._ready: list[_Queued] = []  # submitted, `before_visible` not yet called
         self._confirming: set[str] = set()  # the paths of the commits whose `before_visible` runs
         self._confirmed: list[_Queued] = []  # `before_visible` passed: for the next batch sent
@@ -289,7 +296,7 @@ class CommitWorker:
         if self._process is None or self._process.returncode is not None:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", __name__, str(os.getpid()),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=self._data_dir_lock,
             )
             if self._closed:  # while it started: `close` found no process to stop
                 await self._stop()
@@ -335,7 +342,12 @@ def _die_with(daemon: int) -> None:
     killed cannot. Its worker, left to finish its batch, would go on
     renaming files into place after a daemon started again has stored newer
     versions of the same paths, and put its older ones, never acknowledged,
-    over them.
+    over them. A system call the worker is in when the signal comes (a
+    rename held by a busy disk or a hung mount) still runs to its end, which
+    nothing can cut short: the data dir's lock, which the worker holds too
+    (`CommitWorker`), keeps a new daemon out until then. Where there is no
+    such signal (macOS), the worker ends after the batch it has, at the end
+    of its stdin.
     """
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -5,8 +5,9 @@ Layout: `DATA_DIR/objects/<key>` holds each object (its format is in
 to `tmp/`, fsynced, and renamed over its key in one step; the rename is what
 makes it visible. Whatever `tmp/` holds at start-up is the leftover of a
 crash and is removed. `DATA_DIR/lock` is locked by the one daemon that uses
-the data dir, for its whole life (`lock_data_dir`). `DATA_DIR/clean-stop`
-exists while no daemon runs after a clean stop: no empty folder was left.
+the data dir and its commit worker, for their whole lives (`lock_data_dir`).
+`DATA_DIR/clean-stop` exists while no daemon runs after a clean stop: no
+empty folder was left.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def lock_data_dir(data_dir: str) -> int:
 
     A second daemon on a data dir in use would remove the first one's uploads
     from `tmp/` at its start-up and then write its own under the same names.
+    The lock is on the open file, which the commit worker inherits
+    (`CommitWorker`): it stays held until the daemon and its worker have both
+    ended.
     """
     fd = os.open(os.path.join(data_dir, "lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -101,7 +105,8 @@ def lock_data_dir(data_dir: str) -> int:
         os.close(fd)
         raise DataDirError(
             f"in use by another drived (it holds {data_dir}/lock): give each daemon its own data dir; daemons "
-            "that serve the same drives share them through --storage"
+            "that serve the same drives share them through --storage. If a drived on it has just ended, its commit "
+            "worker may still hold the lock until its last change to the data dir is done: retry in a moment"
         ) from None
     except OSError as err:  # a file system without locks (a network mount without its lock service): unguarded
         log.warning("the data dir cannot be locked: a second daemon started on it would not be refused",
@@ -574,7 +579,6 @@ class LocalBackend(Backend):
         self.chunk_size = chunk_size
         self.upload_numbers = itertools.count()  # names of the uploads in tmp/, which starts empty
         self.listings = FolderCache()  # each folder read once while unchanged
-        self.committer = CommitWorker()
         self.legacy_tables = LegacyTables()  # block tables of format 1 files, built when first read
         self._closing = threading.Event()  # stops the sweep of empty folders
         self._sweep: asyncio.Future[bool] | None = None
@@ -587,6 +591,7 @@ class LocalBackend(Backend):
             os.makedirs(self.tmp_dir, exist_ok=True)
         except OSError as err:  # a file there, a missing mount, no permission: the start ends, saying why
             raise DataDirError(f"cannot make its folders: {err.strerror}: {err.filename}") from None
+        self.committer = CommitWorker(self._lock)
 
     async def start(self) -> None:
         # A daemon killed between a put's making of its folders and its rename, or between a delete's unlink and
