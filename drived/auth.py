@@ -217,7 +217,7 @@ class Access:
                     f"{self._file}: token {table.grants[self._token_digest].name!r} is also {self._token_setting}, "
                     "which grants every drive read-write: give each token once"
                 )
-            grants = {self._token_digest: Grant("--token", None, True), **table.grants}
+            grants = {self._token_digest: Grant(self._token_setting, None, True), **table.grants}
             table = TokenTable(grants, table.plaintext)
         if table.plaintext and _shared(self._file):
             log.warning("token file readable by others", extra={"fields": {

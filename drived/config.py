@@ -33,6 +33,11 @@ def answer_entry_bytes(path: str, component: str) -> int:
     return len(path.encode()) + len(component.encode()) + ENTRY_BEYOND_NAMES
 
 
+# A setting ("max_streams") as the operator gave it, for messages: the daemon's Config.named; `flag` for the objects
+# that tests make without a Config.
+Named = Callable[[str], str]
+
+
 @dataclass(frozen=True)
 class Config:
     listen: str = "127.0.0.1:50051"
@@ -70,7 +75,7 @@ class Config:
         """`setting` as the operator gave it: its env variable when it came from the environment, else its flag (a
         setting not given too: the README's table pairs each flag with its variable). `given_as` names it as that
         other setting was given: the missing half of a pair."""
-        return _env(setting) if (given_as or setting) in self.from_env else _flag(setting)
+        return _env(setting) if (given_as or setting) in self.from_env else flag(setting)
 
 
 HELP = {
@@ -323,7 +328,7 @@ def _shown(default: object) -> str:
     return repr(default)
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
@@ -338,7 +343,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds one flag per setting, documented with its env variable and default."""
     for f in SETTINGS:
         parser.add_argument(
-            _flag(f.name), dest=f.name, type=PARSERS[f.name], default=None,
+            flag(f.name), dest=f.name, type=PARSERS[f.name], default=None,
             metavar=f.name.upper(), help=f"{HELP[f.name]} (env {_env(f.name)}; default {_shown(f.default)})",
         )
 

@@ -42,6 +42,8 @@ from typing import Any
 
 from drive_client.errors import TooManyStreams
 
+from .config import Named, flag
+
 log = logging.getLogger("drived")
 
 MAX_TICK_SECONDS = 1.0  # how often streams are looked at (more often for a short idle timeout)
@@ -77,11 +79,12 @@ class Streams:
 
     def __init__(
         self, max_streams: int, max_per_peer: int, idle_timeout: float,
-        release_memory: Callable[[], Awaitable[object]] | None = None,
+        release_memory: Callable[[], Awaitable[object]] | None = None, named: Named = flag,
     ) -> None:
         self.max_streams = max_streams
         self.max_per_peer = max_per_peer
         self.idle_timeout = idle_timeout  # 0: no idle check
+        self.named = named  # the settings of these limits as given, which refusals name
         self._release_memory = release_memory
         self._open: set[Stream] = set()
         self._per_peer: Counter[str] = Counter()
@@ -144,11 +147,11 @@ class Streams:
         if per_peer[stream.peer] >= self.max_per_peer:
             raise TooManyStreams(
                 f"this client's host has {self.max_per_peer} {what}, the most drived takes from one host "
-                "(--max-streams-per-peer): wait for some to end, then retry"
+                f"({self.named('max_streams_per_peer')}): wait for some to end, then retry"
             )
         if len(admitted) >= self.max_streams:
-            raise TooManyStreams(f"drived has {self.max_streams} {what}, the most it takes at once (--max-streams): "
-                                 "retry later")
+            raise TooManyStreams(f"drived has {self.max_streams} {what}, the most it takes at once "
+                                 f"({self.named('max_streams')}): retry later")
         admitted.add(stream)
         per_peer[stream.peer] += 1
         try:

@@ -37,7 +37,7 @@ from drive_client.errors import (
 
 from .backends.base import Backend, Damaged, NotDurable, ObjectInfo, StoredFileError, Upload, each_root
 from .checksums import ClientChecksums
-from .config import ANSWER_ENTRIES_BYTES, answer_entry_bytes
+from .config import ANSWER_ENTRIES_BYTES, Named, answer_entry_bytes, flag
 from .coordinator import Change, Claim, Coordinator, Event, Unpublished, version_of
 from .drives import FileStream
 from .entry import Entry
@@ -187,17 +187,20 @@ class ManagedDrives:
     """All `lit://` drives kept in one backend (a `drived.drives.Drives`).
 
     `uploads` holds its resumable uploads between their streams; `max_file_size` (0: none) bounds each file
-    and `quota` (0: none) each drive's bytes (`drived.quota`), resumed files included.
+    and `quota` (0: none) each drive's bytes (`drived.quota`), resumed files included; `named` names those
+    settings as they were given, in refusals.
     """
 
     def __init__(
-        self, backend: Backend, coordinator: Coordinator, uploads: HeldUploads, max_file_size: int = 0, quota: int = 0
+        self, backend: Backend, coordinator: Coordinator, uploads: HeldUploads, max_file_size: int = 0, quota: int = 0,
+        named: Named = flag,
     ) -> None:
         self.backend = backend
         self.coordinator = coordinator
         self.uploads = uploads
         self.max_file_size = max_file_size or sys.maxsize
-        self.quotas = Quotas(backend, coordinator, quota) if quota else None
+        self.named = named
+        self.quotas = Quotas(backend, coordinator, quota, named) if quota else None
 
     async def components(self, drive: str) -> list[str]:
         """The components that hold something in `drive`, sorted."""
@@ -272,7 +275,7 @@ class ManagedDrives:
         if received > self.max_file_size:
             return ResourceExhausted(
                 f"{_shown(put.drive.name, put.path)} has more than {self.max_file_size:,} bytes, the largest file "
-                "this drived stores (--max-file-size): nothing was stored"
+                f"this drived stores ({self.named('max_file_size')}): nothing was stored"
             )
         assert room is not None  # the other limit
         return room.refusal(received)
@@ -716,7 +719,8 @@ class ManagedDrives:
                     async with asyncio.timeout(self.coordinator.claim_ttl):
                         await self._settle(unpublished)
                 except Exception as err:  # whatever one change raises, the others are settled
-                    log.warning("an unpublished change could not be settled; tried again after --claim-ttl",
+                    log.warning("an unpublished change could not be settled; tried again after "
+                                f"{self.named('claim_ttl')}",
                                 extra={"fields": {"drive": unpublished.drive, "path": unpublished.change.path,
                                                   "error": f"{type(err).__name__}: {err}"}})
 

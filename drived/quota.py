@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from drive_client.errors import ResourceExhausted
 
 from .backends.base import Backend
+from .config import Named, flag
 from .coordinator import Coordinator, Passed, Usage
 
 
@@ -60,13 +61,13 @@ def _bytes(count: int) -> str:
     return f"{count:,} bytes"
 
 
-def _refusal(drive: str, usage: Usage, asked: int, quota: int) -> ResourceExhausted:
+def _refusal(drive: str, usage: Usage, asked: int, quota: int, setting: str) -> ResourceExhausted:
     held = f"holds {_bytes(usage.used)}"
     if usage.reserved:
         held += f" and puts in progress add {_bytes(usage.reserved)}"
     return ResourceExhausted(
         f"lit://{drive} {held}; this put asks for {_bytes(asked)} more, over its quota of {_bytes(quota)} "
-        "(--quota): nothing was stored. Delete files from the drive, or ask for a larger quota"
+        f"({setting}): nothing was stored. Delete files from the drive, or ask for a larger quota"
     )
 
 
@@ -78,6 +79,7 @@ class Room:
     usage: Usage
     quota: int
     replaced: int  # what the caller's file the put replaces counts (0 for a new path)
+    setting: str  # the quota's setting as it was given, which the refusal names
 
     @property
     def bytes(self) -> int:
@@ -86,16 +88,17 @@ class Room:
 
     def refusal(self, received: int) -> ResourceExhausted:
         """The refusal of the put once it has (or, by its header, will have) `received` bytes, more than `bytes`."""
-        return _refusal(self.drive, self.usage, received - self.replaced, self.quota)
+        return _refusal(self.drive, self.usage, received - self.replaced, self.quota, self.setting)
 
 
 class Quotas:
     """One quota for every drive, against the usage the coordinator keeps of each."""
 
-    def __init__(self, backend: Backend, coordinator: Coordinator, quota: int) -> None:
+    def __init__(self, backend: Backend, coordinator: Coordinator, quota: int, named: Named = flag) -> None:
         self.backend = backend
         self.coordinator = coordinator
         self.quota = quota
+        self.setting = named("quota")  # as it was given, which refusals name
         self._counting: dict[str, asyncio.Future[int]] = {}  # the store's counts under way, by drive
 
     async def _count(self, drive: str, passed: Passed | None) -> int:
@@ -112,7 +115,7 @@ class Quotas:
     async def room(self, drive: str, replaced: int) -> Room:
         """The room of a put beginning now that replaces a file of `replaced` bytes (0 for a new path)."""
         usage = await self.coordinator.usage(drive, functools.partial(self._count, drive))
-        return Room(drive, usage, self.quota, replaced)
+        return Room(drive, usage, self.quota, replaced, self.setting)
 
     @asynccontextmanager
     async def adding(self, drive: str, key: str, added: int) -> AsyncIterator[None]:
@@ -122,7 +125,7 @@ class Quotas:
         usage, reservation = await self.coordinator.reserve(
             drive, key, added, self.quota, functools.partial(self._count, drive))
         if reservation is None:
-            raise _refusal(drive, usage, added, self.quota)
+            raise _refusal(drive, usage, added, self.quota, self.setting)
         try:
             yield
         except BaseException:

@@ -169,6 +169,7 @@ from redis.backoff import NoBackoff
 
 from drive_client.errors import EventsExpired, StoreUnavailable, TooManyStreams, Unavailable
 
+from .config import Named, flag
 from .coordinator import (
     CLAIM_TTL,
     EVENTS_KEPT,
@@ -837,7 +838,8 @@ class _RedisClaim(Claim):
             raise Unavailable(
                 f"the claim on {self.path!r} in lit://{self.drive} lapsed before its next step (a put's commit, a "
                 f"folder delete's next files; the coordinator {self._coordinator.name} was out of reach or too slow "
-                "for longer than --claim-ttl, or lost its data): nothing more was changed; retry"
+                f"for longer than {self._coordinator.named('claim_ttl')}, or lost its data): nothing more was "
+                "changed; retry"
             )
 
 
@@ -871,9 +873,10 @@ class RedisCoordinator(Coordinator):
     records_completions = True
 
     def __init__(self, url: str, claim_ttl: float = CLAIM_TTL, events_kept: int = EVENTS_KEPT,
-                 upload_expiry: float = 60.0, setting: str = "--coordinator") -> None:
+                 upload_expiry: float = 60.0, named: Named = flag) -> None:
         self.name = coordinator_name(url)
-        self.setting = setting  # --coordinator as the operator gave it, which a refused start names
+        self.named = named  # the settings as the operator gave them, which messages name
+        self.setting = named("coordinator")  # which a refused start names
         self.claim_ttl = claim_ttl
         self.events_kept = events_kept
         self.upload_expiry = upload_expiry
@@ -1092,8 +1095,8 @@ class RedisCoordinator(Coordinator):
             await self._run(self._release, keys,
                             [claim.token, self._channel(claim.drive), len(claim.keys), *claim.changing])
         except Unavailable as err:
-            log.warning("a claim could not be released; it expires after --claim-ttl", extra={"fields": {
-                "drive": claim.drive, "key": claim.keys[0], "error": str(err)}})
+            log.warning(f"a claim could not be released; it expires after {self.named('claim_ttl')}",
+                        extra={"fields": {"drive": claim.drive, "key": claim.keys[0], "error": str(err)}})
 
     async def renew(self, claims: list[_RedisClaim], changes: list[list[str]] | None = None) -> list[int]:
         """Renews `claims` for a whole TTL from now: for each, 1 when it was still held, else 0.
@@ -1181,12 +1184,13 @@ class RedisCoordinator(Coordinator):
                 kept = await asyncio.wait_for(self.renew(claims), period)
             except (Unavailable, TimeoutError) as err:  # they may still be held: tried again next round
                 log.warning("renewing claims failed", extra={"fields": {
-                    "claims": len(claims), "error": str(err) or "no answer within a third of --claim-ttl"}})
+                    "claims": len(claims),
+                    "error": str(err) or f"no answer within a third of {self.named('claim_ttl')}"}})
                 continue
             for claim, still in zip(claims, kept, strict=True):
                 if not still and claim.token in self._held:
                     log.warning("a claim lapsed while held (the coordinator was out of reach or too slow for longer "
-                                "than --claim-ttl): its put fails before its commit",
+                                f"than {self.named('claim_ttl')}): its put fails before its commit",
                                 extra={"fields": {"key": claim.keys[0]}})
 
     # -- the change feed -----------------------------------------------------
@@ -1257,7 +1261,7 @@ class RedisCoordinator(Coordinator):
             await self._run(self._unmark, [key], [self._channel(drive)])
         except Unavailable as err:
             log.warning("the mark of a commit that failed could not be dropped: queries of its upload wait for it "
-                        "up to --claim-ttl", extra={"fields": {"key": key, "error": str(err)}})
+                        f"up to {self.named('claim_ttl')}", extra={"fields": {"key": key, "error": str(err)}})
 
     async def completion(self, drive: str, component: str, upload: str, wait: bool = False) -> Entry | None:
         keys = [_completion_key(drive, component, upload), _committing_key(drive, component, upload)]
@@ -1293,8 +1297,9 @@ class RedisCoordinator(Coordinator):
                                 [COMPLETIONS, COMPLETIONS_WRITTEN, *keys[start:start + RENEW_CHUNK]],
                                 [self._upload_expiry_ms(), COMPLETIONS_KEPT_BYTES])
         except Unavailable as err:
-            log.warning("completions of resumable uploads could not be kept: they are forgotten --upload-expiry "
-                        "after they were last kept", extra={"fields": {"uploads": len(keys), "error": str(err)}})
+            log.warning("completions of resumable uploads could not be kept: they are forgotten "
+                        f"{self.named('upload_expiry')} after they were last kept",
+                        extra={"fields": {"uploads": len(keys), "error": str(err)}})
 
     async def unpublished(self) -> list[Unpublished]:
         found = await self._run(self._unpublished_due, [UNPUBLISHED],

@@ -86,7 +86,7 @@ def make_backend(config: Config, descriptors: Descriptors) -> Backend:
 
         where = parse_drive(config.storage)
         return S3Backend(where.bucket, where.prefix, config.chunk_size, config.upload_expiry,
-                         config.stream_idle_timeout, config.named("storage"))
+                         config.stream_idle_timeout, config.named)
     try:
         return LocalBackend(config.data_dir, descriptors, config.chunk_size)
     except DataDirError as err:
@@ -99,7 +99,7 @@ def make_coordinator(config: Config) -> Coordinator:
         from .redis_coordinator import RedisCoordinator  # redis loads only with --coordinator
 
         return RedisCoordinator(config.coordinator, config.claim_ttl, upload_expiry=config.upload_expiry,
-                                setting=config.named("coordinator"))
+                                named=config.named)
     return InProcessCoordinator()
 
 
@@ -191,14 +191,15 @@ async def serve(config: Config) -> NoReturn:
     server = grpc.aio.server(options=server_options(config, connections))
     backend = make_backend(config, descriptors)
     mounts = S3Mounts(concurrency=config.s3_list_concurrency, page_size=config.s3_page_size,
-                      memory=config.s3_index_memory)
+                      memory=config.s3_index_memory, named=config.named)
     coordinator = make_coordinator(config)
     streams = Streams(
         config.max_streams, config.max_streams_per_peer, config.stream_idle_timeout,
-        release_memory=lambda: loop.run_in_executor(None, release_free_memory),
+        release_memory=lambda: loop.run_in_executor(None, release_free_memory), named=config.named,
     )
-    uploads = HeldUploads(config.upload_expiry, config.max_held_uploads, config.max_held_bytes, coordinator)
-    managed = ManagedDrives(backend, coordinator, uploads, config.max_file_size, config.quota)
+    uploads = HeldUploads(config.upload_expiry, config.max_held_uploads, config.max_held_bytes, coordinator,
+                          config.named)
+    managed = ManagedDrives(backend, coordinator, uploads, config.max_file_size, config.quota, config.named)
     drives = DriveRouter(managed, S3Drives(mounts, config.chunk_size))
     service = DriveService(drives, streams, access)
 
@@ -214,7 +215,7 @@ async def serve(config: Config) -> NoReturn:
     signals.at_once = asyncio.ensure_future(_cancelled_at_once(signals, server, streams, service))
     if not await signals.unless_stopped(_started(backend, coordinator)):
         log.info("stopping before serving")
-        await _closed_within(closed(), mounts, bool(config.storage), service)
+        await _closed_within(closed(), mounts, config, service)
     add_fast_servicer(service, server)
     health_servicer = Health()
     health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
@@ -269,7 +270,7 @@ async def serve(config: Config) -> NoReturn:
         log.warning("grace period over: cancelling what is still open", extra={"fields": {"streams": streams.count}})
     health_servicer.drained()
     await server.stop(max(0.0, deadline - loop.time()))
-    await _closed_within(closed(), mounts, bool(config.storage), service)
+    await _closed_within(closed(), mounts, config, service)
 
 
 class Signals:
@@ -341,7 +342,7 @@ async def _cancelled_at_once(signals: Signals, server: grpc.aio.Server, streams:
     logs.end_process()
 
 
-async def _closed_within(closing: Coroutine[Any, Any, None], mounts: S3Mounts, storage: bool, service: DriveService
+async def _closed_within(closing: Coroutine[Any, Any, None], mounts: S3Mounts, config: Config, service: DriveService
                          ) -> NoReturn:
     """Runs `closing` and the close of the s3:// drives' mounts, each for CLOSE_SECONDS at most but a data dir's
     `closing` to its end, then logs 'stopped' and ends the process (`logs.end_process`), whatever its threads still do.
@@ -357,13 +358,13 @@ async def _closed_within(closing: Coroutine[Any, Any, None], mounts: S3Mounts, s
     `_cancelled_at_once`).
     """
     tasks = [asyncio.ensure_future(closing), asyncio.ensure_future(mounts.close())]
-    if not storage:
+    if not config.storage:
         await asyncio.wait(tasks[:1])
     _, pending = await asyncio.wait(tasks, timeout=CLOSE_SECONDS)
     if pending:
         given_up: dict[str, object] = {"waited_s": CLOSE_SECONDS, "calls": len(service.calls)}
-        if storage:
-            given_up["left"] = "a sweep aborts the multipart uploads left, after --upload-expiry"
+        if config.storage:
+            given_up["left"] = f"a sweep aborts the multipart uploads left, after {config.named('upload_expiry')}"
         log.warning("S3 did not answer: the stop gives up waiting for it", extra={"fields": given_up})
     else:
         for task in tasks:

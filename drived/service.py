@@ -183,7 +183,7 @@ async def _fail(context: grpc.aio.ServicerContext, record: RequestLog, err: Exce
 
 
 async def _end_idle(
-    context: grpc.aio.ServicerContext, record: RequestLog, stream: Stream, idle_timeout: float
+    context: grpc.aio.ServicerContext, record: RequestLog, stream: Stream, streams: Streams
 ) -> NoReturn:
     """Answers a stream that the idle check cancelled: UNAVAILABLE, so a client that is still there retries.
 
@@ -197,7 +197,7 @@ async def _end_idle(
     if task is not None:
         task.uncancel()
     record.status = "UNAVAILABLE"
-    ended = _ended_idle(stream, idle_timeout)
+    ended = _ended_idle(stream, streams)
     try:
         await context.abort(ended.status, ended.details())
     except grpc.aio.InternalError:  # the status's send to a call its client ended
@@ -205,13 +205,14 @@ async def _end_idle(
     raise AssertionError("unreachable")  # context.abort raises
 
 
-def _ended_idle(stream: Stream, idle_timeout: float) -> Unavailable:
+def _ended_idle(stream: Stream, streams: Streams) -> Unavailable:
     """What the idle check's end of `stream` answers: UNAVAILABLE (the daemon's own), saying why."""
+    idle_timeout, setting = streams.idle_timeout, streams.named("stream_idle_timeout")
     if stream.arriving:  # what came of a request is not seen until all of it has
         why = f"its request had not all come {idle_timeout:g} s after its call waited for it"
     else:
         why = f"its client {'sent' if stream.method == 'Put' else 'read'} nothing for {idle_timeout:g} s"
-    return Unavailable(f"this {stream.method} was ended: {why} (--stream-idle-timeout); retry it")
+    return Unavailable(f"this {stream.method} was ended: {why} ({setting}); retry it")
 
 
 def _check_decoded(message: object) -> None:
@@ -343,7 +344,7 @@ def _reading_arrived(handler: grpc.RpcMethodHandler, streams: Streams, method: s
         except (TooManyStreams, InvalidArgument) as err:
             await _fail(context, record, err)
         except _StoppedArriving as stopped:
-            await _end_idle(context, record, stopped.stream, streams.idle_timeout)
+            await _end_idle(context, record, stopped.stream, streams)
         raise AssertionError("unreachable")  # both abort
 
     if handler.request_streaming:  # reflection's: a client stream answered by a stream
@@ -474,12 +475,12 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
                         context.add_done_callback(lambda _: held.release())
                     yield stream, request
                 except _StoppedArriving as stopped:
-                    await _end_idle(context, record, stopped.stream, service.streams.idle_timeout)
+                    await _end_idle(context, record, stopped.stream, service.streams)
                 except asyncio.CancelledError:
                     if stream is None or not stream.timed_out:
                         raise
                     # Answered while still admitted: see _end_idle.
-                    await _end_idle(context, record, stream, service.streams.idle_timeout)
+                    await _end_idle(context, record, stream, service.streams)
         except grpc.aio.AbortError:
             raise
         except Exception as err:

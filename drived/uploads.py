@@ -61,7 +61,7 @@ from drive_client.errors import InvalidArgument, NotFound, OutOfRange, StaleInde
 
 from . import metrics
 from .backends.base import ClientTooSlow, Upload
-from .config import ANSWER_ENTRIES_BYTES, answer_entry_bytes
+from .config import ANSWER_ENTRIES_BYTES, Named, answer_entry_bytes, flag
 from .coordinator import Coordinator
 from .entry import Entry
 from .puts import MAX_FILES_PER_STREAM
@@ -83,11 +83,6 @@ Call = asyncio.Task[object]  # the task serving one call (a Put stream, a PutFil
 
 def _shown(key: UploadKey) -> str:
     return f"upload {key[2]!r} of component {key[1]!r} in lit://{key[0]}"
-
-
-def _not_held(key: UploadKey) -> str:
-    return (f"{_shown(key)} is not held by this daemon (never started, expired after --upload-expiry, removed "
-            "when the daemon ended its stream, or held by another daemon): put the file again from offset 0")
 
 
 @dataclass(eq=False)
@@ -182,10 +177,12 @@ class Completions:
 class HeldUploads:
     """The resumable uploads of one daemon: written, held, committing, and recently completed."""
 
-    def __init__(self, expiry: float, max_uploads: int, max_bytes: int, coordinator: Coordinator) -> None:
+    def __init__(self, expiry: float, max_uploads: int, max_bytes: int, coordinator: Coordinator,
+                 named: Named = flag) -> None:
         self.expiry = expiry
         self.max_uploads = max_uploads
         self.max_bytes = max_bytes
+        self.named = named  # these settings as they were given, which messages name
         self.coordinator = coordinator  # where other daemons' completions are found (`Coordinator.completion`)
         self._known: dict[UploadKey, Resumable] = {}  # every upload not yet committed or discarded
         self._held: OrderedDict[UploadKey, Resumable] = OrderedDict()  # the suspended ones, oldest first
@@ -225,7 +222,7 @@ class HeldUploads:
         key = (header.drive.name, header.component, header.upload_id)
         resumable = self._known.get(key)
         if resumable is None:
-            raise NotFound(_not_held(key))
+            raise NotFound(self._not_held(key))
         first = resumable.header
         if header.path != first.path:
             raise InvalidArgument(f"{_shown(key)} is the upload of {first.path!r}, not of {header.path!r}")
@@ -237,7 +234,7 @@ class HeldUploads:
                     f"{_shown(key)} has had its finish: nothing to resume (QueryWriteStatus tells the file)"
                 )
             if resumable.gone or resumable.broken:
-                raise NotFound(_not_held(key))
+                raise NotFound(self._not_held(key))
             held = resumable.upload.held
             if header.write_offset != held:
                 raise OutOfRange(
@@ -246,7 +243,7 @@ class HeldUploads:
                 )
             # A stream still open here (broken on the client's side) stops now: what it wrote goes on with this one.
             if resumable.writer is not None and not await self._release(resumable):
-                raise NotFound(_not_held(key))
+                raise NotFound(self._not_held(key))
             self._unhold(resumable)
             resumable.writer, resumable.stream = writer, asyncio.current_task()
             if header.size is None:
@@ -365,7 +362,7 @@ class HeldUploads:
             entry = await self.coordinator.completion(*key, wait=bool(path))
         if entry is not None:
             return 0, entry
-        raise NotFound(_not_held(key))
+        raise NotFound(self._not_held(key))
 
     # -- holding, expiry and bounds ------------------------------------------
 
@@ -388,18 +385,25 @@ class HeldUploads:
         metrics.HELD_UPLOADS.set(len(self._held))
         metrics.HELD_UPLOAD_BYTES.set(self._held_bytes)
 
+    def _not_held(self, key: UploadKey) -> str:
+        return (f"{_shown(key)} is not held by this daemon (never started, expired after "
+                f"{self.named('upload_expiry')}, removed when the daemon ended its stream, or held by another "
+                "daemon): put the file again from offset 0")
+
     def _expire(self, resumable: Resumable) -> None:
-        self._track(self._discard(resumable, f"expired (--upload-expiry {self.expiry:g} s)", held_only=True))
+        self._track(self._discard(resumable, f"expired ({self.named('upload_expiry')} {self.expiry:g} s)",
+                                  held_only=True))
 
     async def _keep_within_bounds(self, newest: Resumable) -> None:
         """Discards held uploads, oldest first, past the bounds; one bigger than all of them at once. Each only if
         still held once its lock is taken: a stream may have resumed it while the discard waited for the lock."""
         if newest.upload.held > self.max_bytes and self._held.get(newest.key) is newest:
-            await self._discard(newest, f"larger than --max-held-bytes ({self.max_bytes})", held_only=True)
+            await self._discard(newest, f"larger than {self.named('max_held_bytes')} ({self.max_bytes})",
+                                held_only=True)
         while self._held and (len(self._held) > self.max_uploads or self._held_bytes > self.max_bytes):
             oldest = next(iter(self._held.values()))
-            await self._discard(oldest, "the oldest held upload, past --max-held-uploads or --max-held-bytes",
-                                held_only=True)
+            await self._discard(oldest, f"the oldest held upload, past {self.named('max_held_uploads')} or "
+                                f"{self.named('max_held_bytes')}", held_only=True)
 
     async def _discard(self, resumable: Resumable, why: str, held_only: bool = False) -> None:
         """Discards the upload, logging `why`; with `held_only`, unless a stream resumed it meanwhile."""

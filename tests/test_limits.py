@@ -51,6 +51,12 @@ def listed(stub, drive: str, path: str = ".") -> list[str]:
     return [e.path for e in stub.List(pb.ListRequest(drive=drive, path=path), timeout=10).entries]
 
 
+def given(setting: str, value: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The arguments and environment of a daemon given `setting` as an operator gives it: a flag (`--quota`), or
+    its variable (`DRIVED_QUOTA`, as a container's settings are)."""
+    return ((setting, value), {}) if setting.startswith("--") else ((), {setting: value})
+
+
 # --- admission, without a daemon -------------------------------------------------------------
 
 
@@ -146,8 +152,12 @@ def test_a_client_refused_for_too_many_streams_tries_again_until_one_ends(start_
     assert not isinstance(over.value, TooManyStreams)
 
 
-def test_streams_over_the_total_cap_are_refused(start_daemon, tmp_path):
-    handle = start_daemon(tmp_path, "--max-streams", "3")
+@pytest.mark.parametrize("setting", ["--max-streams", "DRIVED_MAX_STREAMS"])
+def test_streams_over_the_total_cap_are_refused(start_daemon, tmp_path, setting):
+    """The refusal names the setting as it was given: from the environment, it named a --max-streams flag that
+    nobody passed."""
+    args, env = given(setting, "3")
+    handle = start_daemon(tmp_path, *args, env=env)
     drive = "lit://total"
     first = lambda i: [header(drive, f"stalled/{i}")]  # noqa: E731
     with StalledPuts(handle.endpoint, 3, first), grpc.insecure_channel(handle.endpoint) as channel:
@@ -155,19 +165,23 @@ def test_streams_over_the_total_cap_are_refused(start_daemon, tmp_path):
         stub = drive_pb2_grpc.DriveServiceStub(channel)
         with pytest.raises(grpc.RpcError) as refused:
             raw_put(stub, drive, "fourth.txt", b"fourth")
-        assert refused.value.code() == SC.RESOURCE_EXHAUSTED and "--max-streams)" in refused.value.details()
+        assert refused.value.code() == SC.RESOURCE_EXHAUSTED, refused.value.details()
+        assert f"the most it takes at once ({setting}): retry later" in refused.value.details()
         assert listed(stub, drive) == []
 
 
-def test_a_put_whose_client_sends_nothing_is_ended_and_its_upload_removed(start_daemon, tmp_path):
-    """A resumable upload too: the daemon ended its stream, so nothing is held for a resume."""
-    handle = start_daemon(tmp_path, "--stream-idle-timeout", "1")
+@pytest.mark.parametrize("setting", ["--stream-idle-timeout", "DRIVED_STREAM_IDLE_TIMEOUT"])
+def test_a_put_whose_client_sends_nothing_is_ended_and_its_upload_removed(start_daemon, tmp_path, setting):
+    """A resumable upload too: the daemon ended its stream, so nothing is held for a resume. The message names the
+    setting as it was given."""
+    args, env = given(setting, "1")
+    handle = start_daemon(tmp_path, *args, env=env)
     drive = "lit://idle_put"
     first = lambda i: [header(drive, f"stalled{i}.bin", upload_id=f"u-{i}" if i else ""), os.urandom(2 * MIB)]  # noqa: E731
     with StalledPuts(handle.endpoint, 2, first) as stalled:
         assert wait_until(lambda: stalled.open() == 0, 30), "the stalled puts were never ended"
         assert stalled.outcomes == [SC.UNAVAILABLE] * 2, stalled.details
-        assert all("sent nothing for 1 s" in d and "--stream-idle-timeout" in d for d in stalled.details)
+        assert all(f"sent nothing for 1 s ({setting}); retry it" in d for d in stalled.details), stalled.details
     assert wait_until(lambda: no_uploads(handle.data_dir), 10), "their upload data is removed"
     handle.wait_logged("idle stream cancelled")
     with grpc.insecure_channel(handle.endpoint) as channel:
@@ -308,8 +322,11 @@ def test_files_over_the_largest_size_are_refused_and_nothing_is_stored(start_dae
         Drive(drive, root_folder=str(tmp_path), endpoint=handle.endpoint).put("big.bin")
 
 
-def test_a_drive_over_its_quota_refuses_puts_with_the_numbers(start_daemon, tmp_path):
-    handle = start_daemon(tmp_path, "--quota", "4M")
+@pytest.mark.parametrize("setting", ["--quota", "DRIVED_QUOTA"])
+def test_a_drive_over_its_quota_refuses_puts_with_the_numbers(start_daemon, tmp_path, setting):
+    """The refusal names the setting as it was given, and says what the client can do."""
+    args, env = given(setting, "4M")
+    handle = start_daemon(tmp_path, *args, env=env)
     drive, other_drive = "lit://quota", "lit://quota_other"
     with grpc.insecure_channel(handle.endpoint) as channel:
         stub = drive_pb2_grpc.DriveServiceStub(channel)
@@ -318,7 +335,8 @@ def test_a_drive_over_its_quota_refuses_puts_with_the_numbers(start_daemon, tmp_
         two = os.urandom(2 * MIB)
         for how in ({"size": len(two)}, {}):  # known from the header, or only from the bytes
             message = refused_put(lambda how=how: raw_put(stub, drive, "two.bin", two, component="cb", **how))
-            assert all(n in message for n in ("3,145,728", "2,097,152", "4,194,304", "--quota")), message
+            assert all(n in message for n in ("3,145,728", "2,097,152", "4,194,304")), message
+            assert f"({setting}): nothing was stored. Delete files from the drive, or ask for a larger" in message
         sent: list[int] = []
         refused_put(lambda: stub.Put(endless(drive, "endless.bin", sent), timeout=60))
         assert len(sent) < 10, f"the daemon took {len(sent)} MiB past the quota before refusing"
@@ -338,7 +356,7 @@ def test_a_drive_over_its_quota_refuses_puts_with_the_numbers(start_daemon, tmp_
         assert listed(stub, drive) == ["two.bin", "two_more.bin"]
     # a restarted daemon counts the drive again from what is stored
     assert handle.stop() == 0
-    again = start_daemon(tmp_path, "--quota", "4M", data_dir=handle.data_dir)
+    again = start_daemon(tmp_path, *args, env=env, data_dir=handle.data_dir)
     with grpc.insecure_channel(again.endpoint) as channel:
         stub = drive_pb2_grpc.DriveServiceStub(channel)
         message = refused_put(lambda: raw_put(stub, drive, "one.bin", b"x"))

@@ -137,6 +137,7 @@ from drive_client.errors import (
 from drive_client.wire import SMALL_FILE
 
 from ..checksums import BLOCK_SIZE, Checksums, ClientChecksums, Readable, RunningCrc32c, range_crc32c, table_entries
+from ..config import Named, flag
 from ..s3index.lister import endpoint_of, make_client, map_error
 from ..s3index.reader import first_byte
 from .base import (
@@ -510,7 +511,8 @@ class S3Upload(Upload):
             self._kept_waiting += buffers.wanted_seconds() - self._wanted_written
             if buffers.wanted and 0 < self._backend.fill_seconds < self._kept_waiting:
                 raise ClientTooSlow(
-                    self._key, f"its client took more than {self._backend.fill_seconds:g} s (--stream-idle-timeout) "
+                    self._key, f"its client took more than {self._backend.fill_seconds:g} s "
+                    f"({self._backend.named('stream_idle_timeout')}) "
                     f"to send a part's {PART_SIZE >> 20} MiB while other uploads waited for the memory it holds"
                 )
         while len(view):
@@ -614,8 +616,8 @@ class S3Upload(Upload):
         try:
             if len(self._parts) == MAX_PARTS:
                 raise TooLarge(
-                    self._key, f"is larger than {MAX_PARTS * PART_SIZE >> 30} GiB, the largest file --storage "
-                    "keeps (S3 takes 10,000 parts): split it"
+                    self._key, f"is larger than {MAX_PARTS * PART_SIZE >> 30} GiB, the largest file "
+                    f"{self._backend.named('storage')} keeps (S3 takes 10,000 parts): split it"
                 )
             for sent in self._parts:  # a failed part fails the put now, not at its end
                 error = sent.exception() if sent.done() else None
@@ -737,9 +739,9 @@ class S3Backend(Backend):
     """Objects in one bucket under one prefix, through boto3 in a thread pool."""
 
     def __init__(self, bucket: str, prefix: str, chunk_size: int = 1 << 20, upload_expiry: float = 60.0,
-                 fill_seconds: float = 60.0, setting: str = "--storage") -> None:
+                 fill_seconds: float = 60.0, named: Named = flag) -> None:
         self.bucket = bucket
-        self.setting = setting  # --storage as the operator gave it, which a refused start names
+        self.named = named  # --storage and the others as the operator gave them, which messages name
         self.root = prefix  # "" or ending in "/"
         self.chunk_size = chunk_size
         self.fill_seconds = fill_seconds  # a client's waits a part may hold room for while others want it (0: any)
@@ -772,7 +774,8 @@ class S3Backend(Backend):
         code, _ = _code(err)
         if code == "NoSuchBucket":
             return NotFound(
-                f"the S3 bucket {self.bucket!r} of --storage does not exist at {self.endpoint}: create it"
+                f"the S3 bucket {self.bucket!r} of {self.named('storage')} does not exist at {self.endpoint}: "
+                "create it"
             )
         if code == "NoSuchUpload":
             return UploadGone(key, f"no part for {self.upload_expiry:g} s, or the store dropped it")
@@ -895,7 +898,7 @@ class S3Backend(Backend):
                 "error": f"the S3 endpoint {self.endpoint} did not answer within {START_CHECK_SECONDS:g} s"}})
         except NotFound:
             raise SystemExit(
-                f"drived: {self.setting}: the S3 bucket {self.bucket!r} does not exist at {self.endpoint}: "
+                f"drived: {self.named('storage')}: the S3 bucket {self.bucket!r} does not exist at {self.endpoint}: "
                 "create it, or point AWS_ENDPOINT_URL at the store that has it"
             ) from None
         except DriveError as err:
@@ -950,9 +953,9 @@ class S3Backend(Backend):
         longest = len(self._checksums_key(key, _checksums_name(time.time_ns())).encode())
         if longest > MAX_KEY_BYTES:
             raise InvalidArgument(
-                f"the path is too long for the daemon's --storage: behind its prefix, the drive and the component, "
-                f"its checksum object's key would take {longest} bytes, and S3 keys hold at most {MAX_KEY_BYTES}: "
-                "use a shorter path"
+                f"the path is too long for the daemon's {self.named('storage')}: behind its prefix, the drive and "
+                f"the component, its checksum object's key would take {longest} bytes, and S3 keys hold at most "
+                f"{MAX_KEY_BYTES}: use a shorter path"
             )
         return S3Upload(self, key)
 
@@ -1215,8 +1218,9 @@ class S3Backend(Backend):
         if first != start:
             answer["Body"].close()
             raise StoredFileError(
-                key, f"cannot be read from byte {start}: --storage's endpoint {self.endpoint} answered with the bytes "
-                f"from {first} (it ignores the Range of a GET, which every read from past a file's first block needs)"
+                key, f"cannot be read from byte {start}: {self.named('storage')}'s endpoint {self.endpoint} answered "
+                f"with the bytes from {first} (it ignores the Range of a GET, which every read from past a file's "
+                "first block needs)"
             )
         return answer["Body"]
 

@@ -28,6 +28,7 @@ from typing import Any
 from drive_client.errors import InvalidArgument, ResourceExhausted
 
 from .. import metrics
+from ..config import Named, flag
 from .index import S3Index
 from .pages import ListingStats
 
@@ -53,10 +54,12 @@ def _held_bytes(key: _Key, index: S3Index) -> int:
 class S3Mounts:
     """The indexes of the mounted s3:// locations of one daemon."""
 
-    def __init__(self, *, concurrency: int = 16, page_size: int = 1000, memory: int = 2 << 30) -> None:
+    def __init__(self, *, concurrency: int = 16, page_size: int = 1000, memory: int = 2 << 30,
+                 named: Named = flag) -> None:
         self.concurrency = concurrency
         self.page_size = page_size  # MaxKeys per ListObjectsV2 call
         self.memory = memory  # bytes the held indexes take at most, and the runs in progress between them
+        self.memory_setting = named("s3_index_memory")  # as it was given, which messages name
         self.stats = ListingStats()  # requests and indexing runs, over all locations
         self._indexes: OrderedDict[_Key, S3Index] = OrderedDict()  # the least recently used first
         self._held = 0  # what the held indexes take (`_held_bytes`), kept as they come and go
@@ -89,9 +92,9 @@ class S3Mounts:
             with self._building_lock:
                 if self._building + nbytes > self.memory:
                     raise ResourceExhausted(
-                        f"indexing s3://{bucket}/{prefix} passed the daemon's --s3-index-memory "
+                        f"indexing s3://{bucket}/{prefix} passed the daemon's {self.memory_setting} "
                         f"({self.memory} bytes) with the other mounts in progress: mount a narrower prefix, "
-                        "retry when other mounts have ended, or raise the flag"
+                        "retry when other mounts have ended, or raise it"
                     )
                 self._building += nbytes
                 taken += nbytes
@@ -132,8 +135,8 @@ class S3Mounts:
             freed = _held_bytes(key, dropped)
             self._held -= freed
             metrics.INDEX_OBJECTS.remove(_uri(key))
-            log.info("dropped the index of %s (%d objects, %d bytes): --s3-index-memory is %d bytes; "
-                     "its next use indexes it again", _uri(key), dropped.objects, freed, self.memory)
+            log.info("dropped the index of %s (%d objects, %d bytes): %s is %d bytes; its next use indexes it "
+                     "again", _uri(key), dropped.objects, freed, self.memory_setting, self.memory)
         metrics.INDEX_BYTES.set(self._held)
 
     async def mount(self, bucket: str, prefix: str) -> tuple[int, float]:
