@@ -35,7 +35,7 @@ from drive_client.errors import (
     WaitTimeout,
 )
 
-from .backends.base import Backend, Damaged, NotDurable, ObjectInfo, StoredFileError, Upload, each_root
+from .backends.base import Backend, Damaged, Holder, NotDurable, ObjectInfo, StoredFileError, Upload, each_root
 from .checksums import ClientChecksums
 from .config import ANSWER_ENTRIES_BYTES, Named, answer_entry_bytes, flag
 from .coordinator import Change, Claim, Coordinator, Event, Unpublished, version_of
@@ -331,35 +331,45 @@ class ManagedDrives:
         with _named(drive, component, path):
             return await self.backend.stat(object_key(drive, component, path))
 
-    async def _may_hold(self, drive: str, components: list[str], path: str) -> list[str]:
-        """Those of `components` that may hold `path`: all of a few, those `Backend.holders` names of many (a drive may
-        have thousands)."""
+    async def _may_hold(self, drive: str, components: list[str], path: str) -> list[tuple[str, Holder]]:
+        """Those of `components` that may hold `path`, each with what was seen there: all of a few (nothing seen),
+        those `Backend.holders` names of many (a drive may have thousands)."""
         if len(components) <= FEW_COMPONENTS:
-            return components
+            return [(c, Holder(i)) for i, c in enumerate(components)]
         held = await self.backend.holders([component_key(drive, c) for c in components], path)
-        return [components[i] for i in held]
+        return [(components[h.index], h) for h in held]
 
-    async def _locate(self, drive: str, path: str, component: str) -> list[tuple[str, ObjectInfo | None]]:
+    async def _locate(
+        self, drive: str, path: str, component: str, reading: bool = False
+    ) -> list[tuple[str, ObjectInfo | int | None]]:
         """Which components hold `path`: (component, file info), or (component, None) for a folder; of many, looked
-        in ROOTS_AT_ONCE at a time."""
+        in ROOTS_AT_ONCE at a time. `reading` (the caller reads the file it finds, and the read answers the file's
+        info): a file `Backend.holders` saw comes as (component, its size), unlooked at again."""
         if not path:  # the top, which every component the drive's listing finds holds
             if component:
                 return [(component, None)] if await self.backend.is_folder(component_key(drive, component)) else []
             return [(c, None) for c in await self.components(drive)]
         components = [component] if component else await self.components(drive)
-        components = await self._may_hold(drive, components, path)
-        return [held async for _, held in each_root(components, lambda c: self._held(drive, c, path)) if held]
+        holders = await self._may_hold(drive, components, path)
+        look = each_root(holders, lambda holder: self._held(drive, path, *holder, reading))
+        return [held async for _, held in look if held]
 
-    async def _held(self, drive: str, component: str, path: str) -> tuple[str, ObjectInfo | None] | None:
-        """What `component` holds at `path`: (it, the file's info), (it, None) for a folder, or None."""
+    async def _held(self, drive: str, path: str, component: str, seen: Holder, reading: bool
+                    ) -> tuple[str, ObjectInfo | int | None] | None:
+        """What `component` holds at `path`: (it, the file's info) or, `reading`, (it, the file's size), (it, None) for
+        a folder, or None; asked of the store only where `seen` (what `Backend.holders` saw there) does not tell."""
+        if seen.folder:
+            return component, None
+        if reading and seen.size is not None:
+            return component, seen.size
         info = await self._file_info(drive, component, path)
         if info:
             return component, info
         return (component, None) if await self.backend.is_folder(object_key(drive, component, path)) else None
 
     async def _locate_or_wait(
-        self, drive: str, path: str, component: str, wait_seconds: float
-    ) -> list[tuple[str, ObjectInfo | None]]:
+        self, drive: str, path: str, component: str, wait_seconds: float, reading: bool = False
+    ) -> list[tuple[str, ObjectInfo | int | None]]:
         """Like `_locate`, but waits up to `wait_seconds` for a put to commit the path.
 
         Once it has looked, it looks again only when the drive's feed has a put
@@ -370,7 +380,7 @@ class ManagedDrives:
         self.coordinator.check_open()
         owner = f" of component {component!r}" if component else ""
         if wait_seconds <= 0:
-            hits = await self._locate(drive, path, component)
+            hits = await self._locate(drive, path, component, reading)
             if not hits:
                 raise NotFound(f"{_shown(drive, path)}{owner} does not exist")
             return hits
@@ -382,10 +392,10 @@ class ManagedDrives:
                     latest = await changes.latest()  # taken before looking: a put after it ends the wait
                     look = seen is None or await self._put_of(drive, path, component, seen, latest)
                 except Unavailable:  # only the wait needs the coordinator: a stored file is answered without it
-                    if hits := await self._locate(drive, path, component):
+                    if hits := await self._locate(drive, path, component, reading):
                         return hits
                     raise
-                if look and (hits := await self._locate(drive, path, component)):
+                if look and (hits := await self._locate(drive, path, component, reading)):
                     return hits
                 seen = latest
                 remaining = deadline - time.monotonic()
@@ -422,7 +432,7 @@ class ManagedDrives:
     async def stat(self, stat: StatRequest) -> Entry:
         drive, path = stat.drive.name, stat.path
         hits = await self._locate_or_wait(drive, path, stat.component, 0)
-        files = [(c, info) for c, info in hits if info is not None]
+        files = [(c, info) for c, info in hits if isinstance(info, ObjectInfo)]  # not `reading`: no sizes alone
         if not files:
             owner = hits[0][0] if len(hits) == 1 else ""
             return Entry(path=path, component=owner, folder=True)
@@ -433,10 +443,10 @@ class ManagedDrives:
     async def open_files(self, get: GetRequest) -> AsyncIterator[FileStream]:
         """The file at the path, or every file under the folder, each with its chunks."""
         drive, path = get.drive.name, get.path
-        hits = await self._locate_or_wait(drive, path, get.component, get.wait_seconds)
+        hits = await self._locate_or_wait(drive, path, get.component, get.wait_seconds, reading=True)
         owner, found = hits[0]
         if len(hits) == 1 and found is not None:
-            get.check_range(found.size)
+            get.check_range(found if isinstance(found, int) else found.size)
             with _named(drive, owner, path):  # the file may have changed since it was found
                 info, chunks = await self.backend.read(object_key(drive, owner, path), get.offset, get.limit)
             try:
@@ -544,7 +554,7 @@ class ManagedDrives:
         drive, path, limit, start_after = listing.drive.name, listing.path, listing.limit, listing.start_after
         components = [listing.component] if listing.component else await self.components(drive)
         if path:  # every component holds the top
-            components = await self._may_hold(drive, components, path)
+            components = [c for c, _ in await self._may_hold(drive, components, path)]
         while True:
             page: list[tuple[str, list[tuple[str, bool]]]] = []  # path, (component, is a folder) in component order
             more = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import functools
 import hashlib
 import json
 import os
@@ -679,8 +680,8 @@ def test_a_get_naming_no_component_walks_each_component_once_a_pass_several_at_o
     then walked each twice in each of its two passes (one to refuse a clash before any file is sent, one to send), as
     a drive of more components than a page of files read a share of one name of each first: in a drive of 10,000
     components, 50,000 round trips one after another for the whole drive. Now each component costs a walk a pass
-    (and a folder's HEAD and LIST of it, once `holders` found it there), ROOTS_AT_ONCE at a time; files, their order and
-    the refusal of a clash are as before."""
+    (and a folder's LIST of whether it holds it, which `holders` tells), ROOTS_AT_ONCE at a time; files, their order
+    and the refusal of a clash are as before."""
     stub, asked = twenty_other_components(store, tmp_path, drive_uri, before=SMALL_GET_PAGE)
     asked.unlink()
     whole = [(info.path, info.component, data) for info, data in raw_get(stub, drive_uri, "")]
@@ -692,7 +693,7 @@ def test_a_get_naming_no_component_walks_each_component_once_a_pass_several_at_o
     asked.unlink()
     folder = [(info.path, info.component, data) for info, data in raw_get(stub, drive_uri, "shared")]
     assert folder == [(f"shared/{o}.txt", o, o.encode()) for o in OTHERS]
-    assert_requests_of_each_other(asked, drive_uri, each=5)  # whether it may hold the folder, a HEAD, a LIST, 2 walks
+    assert_requests_of_each_other(asked, drive_uri, each=3)  # whether it may hold the folder (it does), 2 walks
     assert 2 <= most_at_once(asked, drive_uri) <= ROOTS_AT_ONCE
     raw_put(stub, drive_uri, "shared/c07.txt", b"clash", component="holder", allow_duplicates=True)
     before = store.object_keys()
@@ -702,6 +703,83 @@ def test_a_get_naming_no_component_walks_each_component_once_a_pass_several_at_o
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, path
         assert "'shared/c07.txt'" in refused.value.details() and "'c07', 'holder'" in refused.value.details()
     assert rpc_code(lambda: raw_get(stub, drive_uri, "missing")) == grpc.StatusCode.NOT_FOUND
+    assert store.object_keys() == before
+
+
+SENT_REQUESTS = """
+import drived.backends.s3
+
+def counting(make):
+    def made(self, *args, **kwargs):
+        make(self, *args, **kwargs)
+        def note(event_name, **_):
+            with open({sent!r}, "a") as sent:
+                sent.write(event_name.rsplit(".", 1)[1] + "\\n")
+        self.client.meta.events.register("before-send.s3", note)
+    return made
+
+drived.backends.s3.S3Backend.__init__ = counting(drived.backends.s3.S3Backend.__init__)
+"""
+
+
+def sent_by(sent: Path, call: Callable[[], object]) -> dict[str, int]:
+    """How many requests of each operation the daemon sent the store while `call` ran."""
+    sent.unlink(missing_ok=True)
+    call()
+    operations = sent.read_text().split() if sent.exists() else []
+    return {operation: operations.count(operation) for operation in sorted(set(operations))}
+
+
+def test_a_stat_or_get_naming_no_component_looks_at_what_holds_the_path_once(store, tmp_path, drive_uri):
+    """A stat or get naming no component, in a drive of many components, asked each a LIST of its first key that
+    begins with the path (which tells a file, its size, or a folder), then asked each that held something there a
+    HEAD and, for a folder, a LIST again: a folder held by two components cost 4 requests more than it needed, a get
+    of a file a HEAD more than its GET (which answers the file's metadata too). Now what the LIST told is not asked
+    again: a stat of a file still asks its HEAD (its sha256 and generation are in the object's metadata, which a LIST
+    does not give); a path the LIST cannot tell (a key beside it, "c0" of "c00.txt") is looked at as before."""
+    sent = tmp_path / "sent"
+    stub, _ = twenty_other_components(store, tmp_path, drive_uri, before=SENT_REQUESTS.format(sent=str(sent)))
+    raw_put(stub, drive_uri, "f/x", b"x of c03", component="c03", allow_duplicates=True)
+    raw_put(stub, drive_uri, "f/y", b"y of c04", component="c04", allow_duplicates=True)
+    lists = 1 + len(OTHERS) + 1  # the drive's components, then one LIST of each (OTHERS and 'holder')
+
+    def stat_of(path: str) -> drive_pb2.FileInfo:
+        return stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path=path), timeout=60)
+
+    assert sent_by(sent, lambda: stat_of("a/b")) == {"HeadObject": 1, "ListObjectsV2": lists}  # was the same
+    assert sent_by(sent, lambda: stat_of("f")) == {"ListObjectsV2": lists}  # was 2 HEADs and 2 LISTs more
+    assert sent_by(sent, lambda: raw_get(stub, drive_uri, "a/b")) == {"GetObject": 1, "ListObjectsV2": lists}  # a HEAD
+    # and a walk of each holder for each of the get's two passes (see above); was 2 HEADs and 2 LISTs more
+    assert sent_by(sent, lambda: raw_get(stub, drive_uri, "f")) == {"GetObject": 2, "ListObjectsV2": lists + 4}
+    found = stat_of("a/b")
+    assert (found.component, found.size, found.sha256) == ("holder", 4, hashlib.sha256(b"held").hexdigest())
+    assert (stat_of("f").folder, stat_of("f").component) == (True, "")
+    assert [(i.path, i.component, i.sha256, d) for i, d in raw_get(stub, drive_uri, "a/b")] == [
+        ("a/b", "holder", hashlib.sha256(b"held").hexdigest(), b"held")]
+    assert [(i.path, i.component, d) for i, d in raw_get(stub, drive_uri, "f")] == [
+        ("f/x", "c03", b"x of c03"), ("f/y", "c04", b"y of c04")]
+    assert raw_get(stub, drive_uri, "a/b", offset=4) == [(raw_get(stub, drive_uri, "a/b")[0][0], b"")]
+    before = store.object_keys()
+    with pytest.raises(grpc.RpcError) as past:
+        raw_get(stub, drive_uri, "a/b", offset=5)
+    assert past.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "offset 5 is past the end of 'a/b' in " in past.value.details() and "(4 bytes)" in past.value.details()
+    # 'c0' begins every key of c00-c09: neither a file nor a folder, told by a HEAD and a LIST of each as before
+    with pytest.raises(grpc.RpcError) as missing:
+        stat_of("c0")
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND and "'c0' in " in missing.value.details()
+    with pytest.raises(grpc.RpcError) as waited:
+        raw_get(stub, drive_uri, "c0", wait_seconds=0.2)
+    assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert store.object_keys() == before
+    raw_put(stub, drive_uri, "a/b", b"a clash", component="c05", allow_duplicates=True)
+    raw_put(stub, drive_uri, "f", b"a file where c03 and c04 hold a folder", component="c06", allow_duplicates=True)
+    before = store.object_keys()
+    for path, holders in (("a/b", "'c05', 'holder'"), ("f", "'c03', 'c04', 'c06'")):
+        for ask in (stat_of, functools.partial(raw_get, stub, drive_uri)):
+            with pytest.raises(grpc.RpcError) as clash:
+                ask(path)
+            assert clash.value.code() == grpc.StatusCode.FAILED_PRECONDITION and holders in clash.value.details()
     assert store.object_keys() == before
 
 

@@ -72,6 +72,16 @@ class ObjectInfo:
     crc32c: int | None = None  # of the content; None where the store does not know it (yet)
 
 
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """One of the folders `Backend.holders` was asked of that may hold a path (`index`, among those asked), and what
+    its look there saw: a folder, an object of `size` bytes, or neither told (then `stat` and `is_folder` tell)."""
+
+    index: int
+    folder: bool = False  # objects below the path, none at it
+    size: int | None = None  # the object's at the path (its sha256 and generation: a `stat` or a `read`)
+
+
 class NotDurable(Exception):
     """A commit whose file became visible, but an fsync of whose folders failed after (EIO): the file is there
     (`info`) and may not survive a power cut. Not a DriveError: its caller reports the file as committed (its
@@ -435,9 +445,10 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def holders(self, roots: Sequence[str], path: str) -> list[int]:
-        """The indices, in order, of those of folders `roots` that may hold `path` (an object, or a folder): every
-        one that does, and few that do not; each is then asked `stat` and `is_folder`, which tell.
+    async def holders(self, roots: Sequence[str], path: str) -> list[Holder]:
+        """Those of folders `roots` that may hold `path` (an object, or a folder), in order: every one that does, and
+        few that do not; each with what the look saw there, where it tells (each of the others is then asked `stat`
+        and `is_folder`, which tell).
 
         A stat or get that names no component asks this of all of its drive's components, and so does a List in a
         drive of many: it must not cost each of them what a `stat` and an `is_folder` (or a folder read) cost, nor

@@ -40,6 +40,7 @@ from .base import (
     Chunks,
     Damaged,
     EndsBefore,
+    Holder,
     Listing,
     Missing,
     NotDurable,
@@ -688,11 +689,11 @@ class LocalBackend(Backend):
                 return "/".join(parts[:end]), False
         return (path, True) if mode is not None and stat.S_ISDIR(mode) else None
 
-    async def holders(self, roots: Sequence[str], path: str) -> list[int]:
+    async def holders(self, roots: Sequence[str], path: str) -> list[Holder]:
         return await self._over_roots(self._holders, roots, path)
 
-    def _holders(self, roots: Sequence[str], path: str) -> list[int]:
-        return [i for i, root in enumerate(roots) if self._may_hold(root, path)]
+    def _holders(self, roots: Sequence[str], path: str) -> list[Holder]:
+        return [Holder(i) for i, root in enumerate(roots) if self._may_hold(root, path)]
 
     def _may_hold(self, root: str, path: str) -> bool:
         """Whether something is at `path` under folder `root`, or a symbolic link is on the way, which `stat` and
