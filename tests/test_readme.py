@@ -7,6 +7,7 @@ against the comment beside its `print`.
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import csv
 import io
@@ -15,6 +16,7 @@ import re
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -27,7 +29,7 @@ import drive_client
 from drive_client import Drive, DriveError, PermissionDenied
 from drive_client.uri import parse_drive
 from drived.auth import TokenTable
-from drived.config import SETTINGS
+from drived.config import PARSERS, SETTINGS
 
 
 def readme_section(heading: str) -> str:
@@ -93,6 +95,27 @@ def test_the_configuration_table_has_every_flag_with_its_variable():
     rows = re.findall(r"^\| `--([a-z0-9-]+)` \| `([A-Z0-9_]+)` \|", readme_section("Configuration"), re.M)
     flags = {(f.name.replace("_", "-"), f"DRIVED_{f.name.upper()}") for f in SETTINGS}
     assert set(rows) == flags
+
+
+def test_the_configuration_table_gives_each_flag_its_default_and_units():
+    """Each row's default (its first `value`, or "empty") is what the daemon takes, and every flag that reads
+    bytes as `512M` or `10G` says so in its row."""
+    rows = re.findall(r"^\| `--([a-z0-9-]+)` \| `[A-Z0-9_]+` \| (.+?) \| (.+) \|$", readme_section("Configuration"),
+                      re.M)
+    setting = {f.name.replace("_", "-"): f for f in SETTINGS}
+    for flag, default, meaning in rows:
+        shown = re.match(r"`([^`]*)`", default)
+        parser = PARSERS[setting[flag].name]
+        assert (parser(shown.group(1)) if shown else "") == setting[flag].default, (flag, default)
+        assert reads_units(parser) == ("`512M`" in meaning), (flag, meaning)
+
+
+def reads_units(parser: Callable[[str], object]) -> bool:
+    """Whether a setting's parser reads `1K` as 1024 bytes."""
+    try:
+        return parser("1K") == 1024
+    except (argparse.ArgumentTypeError, ValueError):
+        return False
 
 
 def test_the_token_file_example_is_one_the_daemon_reads(tmp_path):
