@@ -13,6 +13,7 @@ import csv
 import io
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from pathlib import Path
 import boto3
 import pytest
 import tomllib
-from conftest import ROOT, wait_until
+from conftest import BIN, ROOT, wait_until
 from moto_server import AWS_ENV, running_moto
 
 import drive_client
@@ -116,6 +117,72 @@ def reads_units(parser: Callable[[str], object]) -> bool:
         return parser("1K") == 1024
     except (argparse.ArgumentTypeError, ValueError):
         return False
+
+
+DEFAULT_ENDPOINT = "127.0.0.1:50051"
+
+
+def as_script(code: str, endpoint: str, scratch: Path) -> str:
+    """A README block as the script a user runs: the daemon's endpoint for the default one, a scratch folder for
+    /tmp, and a block that awaits at its top level inside asyncio.run (as in a notebook or `python -m asyncio`)."""
+    code = code.replace(DEFAULT_ENDPOINT, endpoint).replace("/tmp/", f"{scratch}/")
+    if re.search(r"^(await |async (with|for) )", code, re.M):
+        body = "".join(f"    {line}" for line in code.splitlines(keepends=True))
+        code = f"import asyncio\n\n\nasync def main():\n{body}\n\nasyncio.run(main())\n"
+    return code
+
+
+def test_the_python_asyncio_and_fsspec_examples_run_one_after_another(start_daemon, tmp_path):
+    """A new user runs the Python section's blocks in order, in one folder, against one daemon (the fsspec block
+    that reads a parquet file needs pyarrow: the ml tests read parquet). What the fsspec block reads, the user has
+    put before it: t.csv locally, big.bin in the drive."""
+    daemon = start_daemon(tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    (tmp_path / "t.csv").write_text("step,loss\n1,0.5\n")
+    (tmp_path / "big.bin").write_bytes(os.urandom(3 << 20))
+    blocks = [readme_block("Python", "python"), *readme_blocks("asyncio"),
+              *(code for code in readme_blocks("fsspec and pandas") if "parquet" not in code)]
+    assert len(blocks) == 4
+    printed = []
+    for number, code in enumerate(blocks):
+        if number == 2:  # the first fsspec block
+            Drive("lit://drive_1", endpoint=daemon.endpoint, root_folder=tmp_path).put("big.bin")
+        (tmp_path / f"block_{number}.py").write_text(as_script(code, daemon.endpoint, scratch))
+        printed.append(run_python([f"block_{number}.py"], tmp_path, daemon.endpoint).stdout.splitlines())
+    assert printed[0] == commented_output(blocks[0])
+    assert printed[1][:2] == [str(["a.txt", "b.txt"])] * 2 and (scratch / "b.txt").read_text() == "hello from b.txt"
+    assert printed[3] == ["b'hello'"]
+    assert b"".join(Drive("lit://drive_1", endpoint=daemon.endpoint).read_range("out.bin")) == b"..."
+
+
+def test_the_command_line_and_grpcurl_examples_run_as_printed(start_daemon, tmp_path):
+    """Each command of the Command line section, then of the grpcurl section, against a fresh daemon, from a folder
+    holding a.txt and a checkpoints folder; grpcurl's Stat finds the a.txt of the Python example (the CLI's `rm`
+    removed its own)."""
+    daemon = start_daemon(tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_10.pt").write_bytes(b"weights")
+
+    def run_commands(heading: str) -> list[str]:
+        """What each command of the section's first block prints, each run as a user would in tmp_path."""
+        printed = []
+        for line in readme_blocks(heading, "")[0].splitlines():
+            program, *args = shlex.split(as_script(line.split("#")[0], daemon.endpoint, scratch))
+            run = subprocess.run([str(BIN / program), *args], cwd=tmp_path, capture_output=True, text=True,
+                                 env={**os.environ, "DRIVE_ENDPOINT": daemon.endpoint}, timeout=60)
+            assert run.returncode == 0, (line, run.stderr)
+            printed.append(run.stdout)
+        return printed
+
+    cli = run_commands("Command line")
+    assert len(cli) == 6 and cli[2].split() == ["a.txt", "run_7"] and (scratch / "a.txt").read_text() == "hello"
+    Drive("lit://drive_1", component_name="work_a", endpoint=daemon.endpoint, root_folder=tmp_path).put("a.txt")
+    grpcurl = run_commands("grpcurl")
+    assert len(grpcurl) == 5 and '"component": "work_a"' in grpcurl[3] and '"status": "SERVING"' in grpcurl[4]
 
 
 def test_the_token_file_example_is_one_the_daemon_reads(tmp_path):
