@@ -15,6 +15,9 @@ connection closes before any byte of them), and a CompleteMultipartUpload of an 
 completed is answered NoSuchUpload, as MinIO answers a client's retry of it (minio/minio#13318;
 AWS and moto answer it as the first).
 
+`authorizations`: the Authorization header of every request, in the order they came (which region each is signed
+for).
+
 `cut_read=hook`: the answer of the first GetObject of a key ending with `cut_key` is cut half way through its
 body (the connection closes), once `hook()` has run (a test replaces the object there, before its reader asks for
 the rest). Other GetObjects (a daemon's sweep reads the lists of live uploads) pass.
@@ -49,6 +52,7 @@ class RewritingS3Proxy:
         completed: set[str] = set()  # the upload ids of the CompleteMultipartUploads that succeeded
         self.lost_completes = 0
         self.cut_reads = 0
+        self.authorizations: list[str] = []
         lock = threading.Lock()
         proxy = self
 
@@ -56,6 +60,7 @@ class RewritingS3Proxy:
             protocol_version = "HTTP/1.1"
 
             def _forward(self) -> None:
+                proxy.authorizations.append(self.headers.get("Authorization", ""))
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -1207,6 +1208,20 @@ def test_a_store_that_serves_checksum_objects_whole_still_checks_ranges_against_
         handle.stop()
     key = f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/big.bin"
     assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == data
+
+
+def test_the_daemon_signs_for_the_region_aws_region_names(store, drive_uri):
+    """The README sets the store's region with AWS_REGION, which the AWS CLI and SDKs take over AWS_DEFAULT_REGION.
+    boto3 reads only AWS_DEFAULT_REGION: a store in another region (MinIO with its region set, an AWS bucket behind
+    an endpoint URL) refuses requests signed for the wrong one. The store of --storage and s3:// drives alike."""
+    with RewritingS3Proxy(store.url) as proxy:
+        handle = store.daemon(env=store.env(AWS_ENDPOINT_URL=proxy.url, AWS_REGION="eu-west-3"))
+        raw_put(stub_of(handle), drive_uri, "f.bin", b"signed", component="w")
+        assert b"".join(Drive(drive_uri, endpoint=handle.endpoint).read_range("f.bin")) == b"signed"
+        assert Drive(f"s3://{BUCKET}/", endpoint=handle.endpoint).list() == [PREFIX.rstrip("/")]  # an s3:// drive's
+        handle.stop()
+    regions = {re.search(r"Credential=\S+?/\d{8}/([^/]+)/s3/", signed).group(1) for signed in proxy.authorizations}
+    assert regions == {"eu-west-3"}, "AWS_DEFAULT_REGION is us-east-1 there: AWS_REGION wins, as in the AWS CLI"
 
 
 def test_a_read_cut_by_the_store_resumes_only_into_the_version_it_began(store, drive_uri):

@@ -64,8 +64,13 @@ def _config(pool: int, **extra: Any) -> Config:
 
 
 def make_client(pool: int = 10, **config: Any) -> Any:
-    """A plain S3 client from boto3's standard configuration (env, config files)."""
-    return boto3.session.Session().client("s3", config=_config(pool, **config))
+    """A plain S3 client from boto3's standard configuration (env, config files).
+
+    Its region is `AWS_REGION` when set, as the AWS CLI and the other SDKs take it (over `AWS_DEFAULT_REGION` and the
+    profile's): boto3 reads only `AWS_DEFAULT_REGION`, and would sign for another region than the operator gave.
+    """
+    session = boto3.session.Session(region_name=os.environ.get("AWS_REGION") or None)
+    return session.client("s3", config=_config(pool, **config))
 
 
 def make_listing_client(pool: int = 10) -> Any:
