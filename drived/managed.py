@@ -339,37 +339,31 @@ class ManagedDrives:
         held = await self.backend.holders([component_key(drive, c) for c in components], path)
         return [(components[h.index], h) for h in held]
 
-    async def _locate(
-        self, drive: str, path: str, component: str, reading: bool = False
-    ) -> list[tuple[str, ObjectInfo | int | None]]:
+    async def _locate(self, drive: str, path: str, component: str) -> list[tuple[str, ObjectInfo | None]]:
         """Which components hold `path`: (component, file info), or (component, None) for a folder; of many, looked
-        in ROOTS_AT_ONCE at a time. `reading` (the caller reads the file it finds, and the read answers the file's
-        info): a file `Backend.holders` saw comes as (component, its size), unlooked at again."""
+        in ROOTS_AT_ONCE at a time."""
         if not path:  # the top, which every component the drive's listing finds holds
             if component:
                 return [(component, None)] if await self.backend.is_folder(component_key(drive, component)) else []
             return [(c, None) for c in await self.components(drive)]
         components = [component] if component else await self.components(drive)
         holders = await self._may_hold(drive, components, path)
-        look = each_root(holders, lambda holder: self._held(drive, path, *holder, reading))
-        return [held async for _, held in look if held]
+        return [held async for _, held in each_root(holders, lambda holder: self._held(drive, path, *holder)) if held]
 
-    async def _held(self, drive: str, path: str, component: str, seen: Holder, reading: bool
-                    ) -> tuple[str, ObjectInfo | int | None] | None:
-        """What `component` holds at `path`: (it, the file's info) or, `reading`, (it, the file's size), (it, None) for
-        a folder, or None; asked of the store only where `seen` (what `Backend.holders` saw there) does not tell."""
+    async def _held(self, drive: str, path: str, component: str, seen: Holder) -> tuple[str, ObjectInfo | None] | None:
+        """What `component` holds at `path`: (it, the file's info), (it, None) for a folder, or None; a folder that
+        `Backend.holders` saw is not asked of the store again (a file is: its info, and whether drived wrote it, are
+        in its metadata, which the look did not read)."""
         if seen.folder:
             return component, None
-        if reading and seen.size is not None:
-            return component, seen.size
         info = await self._file_info(drive, component, path)
         if info:
             return component, info
         return (component, None) if await self.backend.is_folder(object_key(drive, component, path)) else None
 
     async def _locate_or_wait(
-        self, drive: str, path: str, component: str, wait_seconds: float, reading: bool = False
-    ) -> list[tuple[str, ObjectInfo | int | None]]:
+        self, drive: str, path: str, component: str, wait_seconds: float
+    ) -> list[tuple[str, ObjectInfo | None]]:
         """Like `_locate`, but waits up to `wait_seconds` for a put to commit the path.
 
         Once it has looked, it looks again only when the drive's feed has a put
@@ -380,7 +374,7 @@ class ManagedDrives:
         self.coordinator.check_open()
         owner = f" of component {component!r}" if component else ""
         if wait_seconds <= 0:
-            hits = await self._locate(drive, path, component, reading)
+            hits = await self._locate(drive, path, component)
             if not hits:
                 raise NotFound(f"{_shown(drive, path)}{owner} does not exist")
             return hits
@@ -392,10 +386,10 @@ class ManagedDrives:
                     latest = await changes.latest()  # taken before looking: a put after it ends the wait
                     look = seen is None or await self._put_of(drive, path, component, seen, latest)
                 except Unavailable:  # only the wait needs the coordinator: a stored file is answered without it
-                    if hits := await self._locate(drive, path, component, reading):
+                    if hits := await self._locate(drive, path, component):
                         return hits
                     raise
-                if look and (hits := await self._locate(drive, path, component, reading)):
+                if look and (hits := await self._locate(drive, path, component)):
                     return hits
                 seen = latest
                 remaining = deadline - time.monotonic()
@@ -432,7 +426,7 @@ class ManagedDrives:
     async def stat(self, stat: StatRequest) -> Entry:
         drive, path = stat.drive.name, stat.path
         hits = await self._locate_or_wait(drive, path, stat.component, 0)
-        files = [(c, info) for c, info in hits if isinstance(info, ObjectInfo)]  # not `reading`: no sizes alone
+        files = [(c, info) for c, info in hits if info is not None]
         if not files:
             owner = hits[0][0] if len(hits) == 1 else ""
             return Entry(path=path, component=owner, folder=True)
@@ -443,10 +437,10 @@ class ManagedDrives:
     async def open_files(self, get: GetRequest) -> AsyncIterator[FileStream]:
         """The file at the path, or every file under the folder, each with its chunks."""
         drive, path = get.drive.name, get.path
-        hits = await self._locate_or_wait(drive, path, get.component, get.wait_seconds, reading=True)
+        hits = await self._locate_or_wait(drive, path, get.component, get.wait_seconds)
         owner, found = hits[0]
         if len(hits) == 1 and found is not None:
-            get.check_range(found if isinstance(found, int) else found.size)
+            get.check_range(found.size)
             with _named(drive, owner, path):  # the file may have changed since it was found
                 info, chunks = await self.backend.read(object_key(drive, owner, path), get.offset, get.limit)
             try:

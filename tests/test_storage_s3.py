@@ -733,11 +733,11 @@ def sent_by(sent: Path, call: Callable[[], object]) -> dict[str, int]:
 
 def test_a_stat_or_get_naming_no_component_looks_at_what_holds_the_path_once(store, tmp_path, drive_uri):
     """A stat or get naming no component, in a drive of many components, asked each a LIST of its first key that
-    begins with the path (which tells a file, its size, or a folder), then asked each that held something there a
-    HEAD and, for a folder, a LIST again: a folder held by two components cost 4 requests more than it needed, a get
-    of a file a HEAD more than its GET (which answers the file's metadata too). Now what the LIST told is not asked
-    again: a stat of a file still asks its HEAD (its sha256 and generation are in the object's metadata, which a LIST
-    does not give); a path the LIST cannot tell (a key beside it, "c0" of "c00.txt") is looked at as before."""
+    begins with the path (which tells a folder), then asked each that held something there a HEAD and, for a folder,
+    a LIST again: a folder held by two components cost 4 requests more than it needed. Now a folder the LIST told is
+    not asked again; a file is (its sha256 and generation, and whether drived wrote it, are in the object's metadata,
+    which a LIST does not give: an object something else put in the bucket is no file of the drive's); a path the
+    LIST cannot tell (a key beside it, "c0" of "c00.txt") is looked at as before."""
     sent = tmp_path / "sent"
     stub, _ = twenty_other_components(store, tmp_path, drive_uri, before=SENT_REQUESTS.format(sent=str(sent)))
     raw_put(stub, drive_uri, "f/x", b"x of c03", component="c03", allow_duplicates=True)
@@ -749,7 +749,8 @@ def test_a_stat_or_get_naming_no_component_looks_at_what_holds_the_path_once(sto
 
     assert sent_by(sent, lambda: stat_of("a/b")) == {"HeadObject": 1, "ListObjectsV2": lists}  # was the same
     assert sent_by(sent, lambda: stat_of("f")) == {"ListObjectsV2": lists}  # was 2 HEADs and 2 LISTs more
-    assert sent_by(sent, lambda: raw_get(stub, drive_uri, "a/b")) == {"GetObject": 1, "ListObjectsV2": lists}  # a HEAD
+    assert sent_by(sent, lambda: raw_get(stub, drive_uri, "a/b")) == {
+        "GetObject": 1, "HeadObject": 1, "ListObjectsV2": lists}  # was the same
     # and a walk of each holder for each of the get's two passes (see above); was 2 HEADs and 2 LISTs more
     assert sent_by(sent, lambda: raw_get(stub, drive_uri, "f")) == {"GetObject": 2, "ListObjectsV2": lists + 4}
     found = stat_of("a/b")
@@ -773,6 +774,10 @@ def test_a_stat_or_get_naming_no_component_looks_at_what_holds_the_path_once(sto
         raw_get(stub, drive_uri, "c0", wait_seconds=0.2)
     assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert store.object_keys() == before
+    # an object drived did not write, beside the drive's a/b: not a file of the drive's, for a stat or a get
+    store.client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{drive_uri.removeprefix('lit://')}/c07/a/b", Body=b"foreign")
+    assert stat_of("a/b").component == "holder"
+    assert [(i.component, d) for i, d in raw_get(stub, drive_uri, "a/b")] == [("holder", b"held")]
     raw_put(stub, drive_uri, "a/b", b"a clash", component="c05", allow_duplicates=True)
     raw_put(stub, drive_uri, "f", b"a file where c03 and c04 hold a folder", component="c06", allow_duplicates=True)
     before = store.object_keys()

@@ -74,12 +74,11 @@ class ObjectInfo:
 
 @dataclass(frozen=True, slots=True)
 class Holder:
-    """One of the folders `Backend.holders` was asked of that may hold a path (`index`, among those asked), and what
-    its look there saw: a folder, an object of `size` bytes, or neither told (then `stat` and `is_folder` tell)."""
+    """One of the folders `Backend.holders` was asked of that may hold a path (`index`, among those asked), and
+    whether its look there saw a folder (objects below the path); else `stat` and `is_folder` tell."""
 
     index: int
-    folder: bool = False  # objects below the path, none at it
-    size: int | None = None  # the object's at the path (its sha256 and generation: a `stat` or a `read`)
+    folder: bool = False
 
 
 class NotDurable(Exception):

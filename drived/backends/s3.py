@@ -1268,24 +1268,17 @@ class S3Backend(Backend):
 
     async def holders(self, roots: Sequence[str], path: str) -> list[Holder]:
         """As `Backend.holders`, with one LIST of each root's first key that begins with `path`: a root that holds
-        none (most of them) costs that request, not a HEAD and a LIST. That key tells an object at `path` (the key
-        itself, which sorts first) and its size, or a folder (a key below `path`, which no object at it sorts
-        before); a key beside `path` ("a.txt" of "a", which sorts before "a/") tells neither."""
+        none (most of them) costs that request, not a HEAD and a LIST. A first key below `path` tells a folder (an
+        object at `path` would sort before it); the key itself, or one beside `path` ("a.txt" of "a"), is looked at
+        with `stat` and `is_folder`."""
         keys = [f"{root}/{path}" for root in roots]
         found = each_root(keys, lambda key: self._first_key(self.root + key, key))
-        return [self._holder(i, keys[i], first) async for i, first in found if first is not None]
+        return [Holder(i, first.startswith(f"{self.root}{keys[i]}/")) async for i, first in found if first is not None]
 
-    async def _first_key(self, prefix: str, key: str) -> dict[str, Any] | None:
-        """The ListObjectsV2 entry (its key, size, ...) of the first key that begins with `prefix` (a full key, of
-        `key`'s), or None: one LIST of at most one key."""
+    async def _first_key(self, prefix: str, key: str) -> str | None:
+        """The first key that begins with `prefix` (a full key, of `key`'s), or None: one LIST of at most one key."""
         answer = await self.call("list_objects_v2", key, Prefix=prefix, MaxKeys=1)
-        return next(iter(answer.get("Contents") or ()), None)
-
-    def _holder(self, index: int, key: str, first: dict[str, Any]) -> Holder:
-        """What `first`, the first key that begins with `key` (of the `index`th root), tells of `key`."""
-        if first["Key"] == self.root + key:
-            return Holder(index, size=int(first["Size"]))
-        return Holder(index, folder=first["Key"].startswith(f"{self.root}{key}/"))
+        return next((entry["Key"] for entry in answer.get("Contents") or ()), None)
 
     async def _begun(self, key: str, folder: bool = False) -> bool:
         """Whether a key begins with `key` (with `folder`, with the folder `key`'s prefix): one LIST of at most one
