@@ -359,7 +359,7 @@ def test_a_second_signal_ends_a_stop_that_a_hung_commit_holds(start_daemon, tmp_
     under way a few seconds and then ends the process, logging what it abandoned; the data dir is as a kill there
     leaves it: the earlier version whole, the upload's temporary file removed at the next start."""
     hang = tmp_path / "hang"
-    first = start_daemon(tmp_path, "--grace-period", "60",
+    first = start_daemon(tmp_path, "--grace-period", "60", before="import drived.server as s; s.CLOSE_SECONDS = 1.0",
                          env=sitecustomized(tmp_path, HUNG_RENAMES.format(hang=str(hang))))
     stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint))
     before, after = os.urandom(size), os.urandom(size)
