@@ -1,7 +1,7 @@
 """The commit worker: the daemon's child process that commits small files.
 
 It is started with the first small put, started again when it dies, and
-stops with the daemon, also on a Ctrl-C that reaches both processes.
+stops with the daemon, also on a Ctrl-C, a SIGTERM or a SIGHUP that reaches both processes.
 """
 
 from __future__ import annotations
@@ -190,6 +190,41 @@ def test_ctrl_c_stops_the_daemon_and_its_commit_worker_with_every_put_kept(start
     for name, data in stored.items():
         reader.get(name)
         assert (out / name).read_bytes() == data
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_a_signal_sent_to_the_daemons_process_group_leaves_its_commit_worker_to_finish_the_batch(
+    start_daemon, drive_uri, tmp_path, sig
+):
+    """`systemctl kill -s HUP` (a reload) and `systemctl stop` (KillMode=control-group, the default) signal every
+    process of the service, the commit worker too: it died mid-batch, and the put it was committing failed ("the
+    commit worker failed ...: the put may not be stored") where a reload changes nothing and a stop lets in-flight
+    puts finish. The worker leaves these signals to its daemon, as it does Ctrl-C's."""
+    hold = tmp_path / "hold"
+    daemon = start_daemon(tmp_path, env=sitecustomized(tmp_path, HELD_RENAMES.format(hold=str(hold))))
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(daemon.endpoint))
+    raw_put(stub, drive_uri, "f.txt", b"version 0")
+    [worker] = commit_workers(daemon.proc.pid)
+    hold.touch()
+    try:
+        committing = stub.Put.future(put_messages(drive_uri, "f.txt", b"version 1"), timeout=30)
+        assert wait_until((tmp_path / "hold.reached").exists, 10), "the worker never began its rename"
+        for pid in (daemon.proc.pid, worker):
+            os.kill(pid, sig)
+        # the daemon took the signal (a reload logs nothing without token or TLS files: its drain, or a call, tells)
+        assert wait_until(lambda: sig == signal.SIGHUP or "draining" in daemon.log(), 10), daemon.log()[-2000:]
+    finally:
+        hold.unlink()
+    assert [file.size for file in committing.result(30).files] == [len(b"version 1")]  # was UNAVAILABLE
+    if sig == signal.SIGHUP:
+        assert commit_workers(daemon.proc.pid) == [worker]
+        assert [data for _, data in raw_get(stub, drive_uri, "f.txt")] == [b"version 1"]
+    assert daemon.stop() == 0, daemon.log()[-2000:]
+    assert wait_gone(worker) and "Traceback" not in daemon.log(), daemon.log()[-2000:]
+    again = start_daemon(tmp_path, data_dir=daemon.data_dir)
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(again.endpoint))
+    assert [data for _, data in raw_get(stub, drive_uri, "f.txt")] == [b"version 1"]
+    assert list((daemon.data_dir / "tmp").iterdir()) == []
 
 
 def peak_rss_mib(pid: int) -> float:

@@ -358,7 +358,10 @@ def _die_with(daemon: int) -> None:
 def main() -> None:
     """The worker: answers each batch read from stdin on stdout, until stdin closes."""
     _die_with(int(sys.argv[1]))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the daemon: it stops the worker when done
+    # Signals sent to the daemon's whole process group are meant for the daemon, which stops the worker when done: a
+    # terminal's Ctrl-C, a supervisor's stop (systemd's KillMode=control-group SIGTERMs every process) or reload.
+    for meant_for_the_daemon in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(meant_for_the_daemon, signal.SIG_IGN)
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
     while header := requests.read(LENGTH.size):
