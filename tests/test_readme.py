@@ -157,9 +157,9 @@ def test_the_python_asyncio_and_fsspec_examples_run_one_after_another(start_daem
 
 
 def test_the_command_line_and_grpcurl_examples_run_as_printed(start_daemon, tmp_path):
-    """Each command of the Command line section, then of the grpcurl section, against a fresh daemon, from a folder
-    holding a.txt and a checkpoints folder; grpcurl's Stat finds the a.txt of the Python example (the CLI's `rm`
-    removed its own)."""
+    """Each command of the Command line section (its pipelines too: a folder through tar, put from stdin and got to
+    stdout), then of the grpcurl section, against a fresh daemon, from a folder holding a.txt and a checkpoints
+    folder; grpcurl's Stat finds the a.txt of the Python example (the CLI's `rm` removed its own)."""
     daemon = start_daemon(tmp_path)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
@@ -180,6 +180,16 @@ def test_the_command_line_and_grpcurl_examples_run_as_printed(start_daemon, tmp_
 
     cli = run_commands("Command line")
     assert len(cli) == 6 and cli[2].split() == ["a.txt", "run_7"] and (scratch / "a.txt").read_text() == "hello"
+    # the section's pipelines, each run by a shell that fails when any command of it does
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.bin").write_bytes(kept := os.urandom(5000))
+    put, get = readme_blocks("Command line", "")[1].splitlines()
+    for pipeline in (put, "rm -r data", get):
+        run = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], cwd=tmp_path, capture_output=True, text=True,
+                             env={**os.environ, "DRIVE_ENDPOINT": daemon.endpoint,
+                                  "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}, timeout=60)
+        assert run.returncode == 0, (pipeline, run.stderr)
+    assert (tmp_path / "data" / "x.bin").read_bytes() == kept
     Drive("lit://drive_1", component_name="work_a", endpoint=daemon.endpoint, root_folder=tmp_path).put("a.txt")
     grpcurl = run_commands("grpcurl")
     assert len(grpcurl) == 5 and '"component": "work_a"' in grpcurl[3] and '"status": "SERVING"' in grpcurl[4]
