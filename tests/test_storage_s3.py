@@ -789,6 +789,47 @@ def test_a_stat_or_get_naming_no_component_looks_at_what_holds_the_path_once(sto
     assert store.object_keys() == before
 
 
+def test_a_put_asks_about_its_own_parents_only(store, tmp_path, drive_uri, make_drive_uri):
+    """A small put of a/b/c/file.txt HEADed each parent of its key, the drive's and the component's too, where no put
+    ever makes an object (names hold no '/'): 6 HEADs where 4 tell, and 2 more than needed in each of a big put's two
+    folder checks. Refusals are as before."""
+    sent = tmp_path / "sent"
+    stub, _ = twenty_other_components(store, tmp_path, drive_uri, before=SENT_REQUESTS.format(sent=str(sent)))
+    alone = make_drive_uri("alone")
+
+    def put(drive: str, path: str, data: bytes = b"new", **kwargs) -> Callable[[], object]:  # small, sized: checked
+        return lambda: raw_put(stub, drive, path, data, component="writer", size=len(data), **kwargs)  # at its commit
+
+    small = {"HeadObject": 4, "ListObjectsV2": 2, "PutObject": 1}  # 3 parents and the version replaced; was 6 HEADs
+    for path in ("a/b/c/file.txt", "a/b/c/file.txt", "a/b/c/beside.txt"):  # new, replacing, into a folder
+        assert sent_by(sent, put(alone, path)) == small, path
+    lists = 2 + len(OTHERS) + 1  # the components, the place's, then one LIST of each other component (and 'holder')
+    assert sent_by(sent, put(drive_uri, "x/y/z/file.txt")) == {**small, "ListObjectsV2": lists}  # was 6 HEADs
+    big = os.urandom(PART_SIZE + 1)  # a multipart upload: its place is checked before its first part and at its commit
+    assert sent_by(sent, put(alone, "a/b/c/big.bin", big)) == {
+        "CompleteMultipartUpload": 1, "CreateMultipartUpload": 1, "HeadObject": 7, "ListObjectsV2": 4, "PutObject": 1,
+        "UploadPart": 2}  # was 11 HEADs
+    assert [(i.path, d) for i, d in raw_get(stub, alone, "a/b/c/big.bin")] == [("a/b/c/big.bin", big)]
+    raw_put(stub, drive_uri, "a/b", b"mine too", component="writer", allow_duplicates=True)
+    before = store.object_keys()
+    for drive, path, refusal, said in (
+        (alone, "a/b/c/file.txt/x", grpc.StatusCode.INVALID_ARGUMENT, "a parent folder of it is a file"),
+        (alone, "a/b", grpc.StatusCode.INVALID_ARGUMENT, "it is a folder"),
+        (drive_uri, "a/b", grpc.StatusCode.ALREADY_EXISTS, "is already held by component 'holder'"),
+        # below a file of its own and of another's: the duplicate check's refusal, as when it ran first
+        (drive_uri, "a/b/c", grpc.StatusCode.ALREADY_EXISTS, "is below 'a/b', a file of component 'holder'"),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            put(drive, path)()
+        assert refused.value.code() == refusal and said in refused.value.details(), path
+    with pytest.raises(grpc.RpcError) as refused:  # a duplicate whose bytes are not as sent: still the duplicate
+        put(drive_uri, "a/b", sha256="0" * 64)()
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert store.object_keys() == before and not store.uploads()
+    assert [(i.component, d) for i, d in raw_get(stub, drive_uri, "a/b", component="writer")] == [
+        ("writer", b"mine too")]
+
+
 def test_the_quota_is_counted_from_the_store(store, drive_uri):
     first = store.daemon("--quota", "3M")
     stub = stub_of(first)

@@ -41,7 +41,7 @@ engine; rclone stores an MD5 only when it can hash the source before the
 upload: each keeps the hash beside the bytes, not in S3's metadata.)
 
 Folders. S3 has none: a folder is the common prefix of the keys below it, so
-it vanishes with its last file. A put is refused when a parent of its key is an
+it vanishes with its last file. A put is refused when a parent of its path is an
 object or its key is a folder, checked (a HEAD per parent, one LIST) at the
 commit: just before the PutObject, or, once the last part is stored, beside
 the checksum object's write; a multipart upload is also checked before its
@@ -938,8 +938,11 @@ class S3Backend(Backend):
     # -- uploads -------------------------------------------------------------
 
     async def check_place(self, key: str) -> None:
-        """Raises InvalidArgument when `key` is a folder or one of its parents is an object."""
-        objects, folder = await self._occupied([key[:i] for i, c in enumerate(key) if c == "/"], key)
+        """Raises InvalidArgument when `key` (`<drive>/<component>/<path>`) is a folder or one of its path's parents is
+        an object. `<drive>` and `<drive>/<component>` are not asked about: names hold no '/', so no put makes an
+        object there."""
+        parents = [key[:i] for i, c in enumerate(key) if c == "/"][2:]
+        objects, folder = await self._occupied(parents, key)
         if folder:
             raise is_a_folder(key)
         if any(objects):
