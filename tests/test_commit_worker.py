@@ -128,6 +128,21 @@ stored.place = held
 """
 
 
+def held_commit(start_daemon, tmp_path: pathlib.Path, drive_uri: str):
+    """A daemon whose commit worker is held in its rename of f.txt "version 1" over "version 0" while the file
+    `hold` exists: (daemon, stub, the worker's pid, the put's future, hold). The caller removes `hold`."""
+    hold = tmp_path / "hold"
+    daemon = start_daemon(tmp_path, env=sitecustomized(tmp_path, HELD_RENAMES.format(hold=str(hold))))
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(daemon.endpoint))
+    raw_put(stub, drive_uri, "f.txt", b"version 0")
+    raw_put(stub, drive_uri, "other.txt", b"kept")
+    [worker] = commit_workers(daemon.proc.pid)
+    hold.touch()
+    committing = stub.Put.future(put_messages(drive_uri, "f.txt", b"version 1"), timeout=30)
+    assert wait_until((tmp_path / "hold.reached").exists, 10), "the worker never began its rename"
+    return daemon, stub, worker, committing, hold
+
+
 def test_a_killed_daemons_commit_worker_keeps_the_data_dir_locked_until_it_has_ended(
     start_daemon, drive_uri, tmp_path
 ):
@@ -136,16 +151,8 @@ def test_a_killed_daemons_commit_worker_keeps_the_data_dir_locked_until_it_has_e
     the old worker's rename then put the new daemon's upload in progress in place of the file: a version the new
     daemon had acknowledged replaced by a damaged one (DATA_LOSS). The worker holds the data dir's lock too: a new
     daemon is refused, saying so and changing nothing, until the worker has ended; then it starts at once."""
-    hold = tmp_path / "hold"
-    first = start_daemon(tmp_path, env=sitecustomized(tmp_path, HELD_RENAMES.format(hold=str(hold))))
-    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(first.endpoint))
-    raw_put(stub, drive_uri, "f.txt", b"version 0")
-    raw_put(stub, drive_uri, "other.txt", b"kept")
-    [worker] = commit_workers(first.proc.pid)
-    hold.touch()
+    first, stub, worker, lost, hold = held_commit(start_daemon, tmp_path, drive_uri)
     try:
-        lost = stub.Put.future(put_messages(drive_uri, "f.txt", b"version 1"), timeout=30)
-        assert wait_until((tmp_path / "hold.reached").exists, 10), "the worker never began its rename"
         first.stop(signal.SIGKILL)
         assert rpc_code(lambda: lost.result(30)) == grpc.StatusCode.UNAVAILABLE
         before = snapshot(first.data_dir)  # the upload the worker renames, in tmp/, included
@@ -200,15 +207,8 @@ def test_a_signal_sent_to_the_daemons_process_group_leaves_its_commit_worker_to_
     process of the service, the commit worker too: it died mid-batch, and the put it was committing failed ("the
     commit worker failed ...: the put may not be stored") where a reload changes nothing and a stop lets in-flight
     puts finish. The worker leaves these signals to its daemon, as it does Ctrl-C's."""
-    hold = tmp_path / "hold"
-    daemon = start_daemon(tmp_path, env=sitecustomized(tmp_path, HELD_RENAMES.format(hold=str(hold))))
-    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(daemon.endpoint))
-    raw_put(stub, drive_uri, "f.txt", b"version 0")
-    [worker] = commit_workers(daemon.proc.pid)
-    hold.touch()
+    daemon, stub, worker, committing, hold = held_commit(start_daemon, tmp_path, drive_uri)
     try:
-        committing = stub.Put.future(put_messages(drive_uri, "f.txt", b"version 1"), timeout=30)
-        assert wait_until((tmp_path / "hold.reached").exists, 10), "the worker never began its rename"
         for pid in (daemon.proc.pid, worker):
             os.kill(pid, sig)
         # the daemon took the signal (a reload logs nothing without token or TLS files: its drain, or a call, tells)
