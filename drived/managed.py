@@ -298,19 +298,27 @@ class ManagedDrives:
         header, drive = put.header, put.header.drive.name
         unsynced: Exception | None = None
         async with self.coordinator.claim(drive, header.path) as claim:
+            # The duplicate check runs beside the commit's own checks of the place (`Upload.commit`): on a store,
+            # their round trips at once. Its refusal is the put's, whatever else failed, as when it ran first.
+            duplicates = None if header.allow_duplicates else asyncio.ensure_future(
+                self._check_duplicates(drive, header.component, header.path))
             try:
-                if not header.allow_duplicates:
-                    await self._check_duplicates(drive, header.component, header.path)
-                # Read again inside the claim: the file may have been replaced since the put began.
-                added = received - await self._own_size(header) if self.quotas else 0
-                async with self._holding(drive, object_key(drive, header.component, header.path), added):
-                    with _named(drive, header.component, header.path):
-                        changing = [Change("put", header.path, header.component, version_of(sent.sha256, sent.crc32c))]
-                        confirm = functools.partial(claim.confirm, changing)
-                        try:
-                            info = await put.upload.commit(sent, header.size, confirm)
-                        except NotDurable as visible:  # counted and reported as the others see it, then answered
-                            info, unsynced = visible.info, visible.error
+                try:
+                    # Read again inside the claim: the file may have been replaced since the put began.
+                    added = received - await self._own_size(header) if self.quotas else 0
+                    async with self._holding(drive, object_key(drive, header.component, header.path), added):
+                        with _named(drive, header.component, header.path):
+                            changing = [Change("put", header.path, header.component,
+                                               version_of(sent.sha256, sent.crc32c))]
+                            confirm = functools.partial(claim.confirm, changing)
+                            try:
+                                info = await put.upload.commit(sent, header.size, confirm, duplicates)
+                            except NotDurable as visible:  # counted and reported as the others see it, then answered
+                                info, unsynced = visible.info, visible.error
+                except BaseException:
+                    if duplicates is not None:
+                        await duplicates
+                    raise
             except (AlreadyExists, ResourceExhausted, Unavailable):  # nothing is stored: the upload goes now
                 await put.abort()
                 raise

@@ -789,12 +789,28 @@ def test_a_stat_or_get_naming_no_component_looks_at_what_holds_the_path_once(sto
     assert store.object_keys() == before
 
 
-def test_a_put_asks_about_its_own_parents_only(store, tmp_path, drive_uri, make_drive_uri):
-    """A small put of a/b/c/file.txt HEADed each parent of its key, the drive's and the component's too, where no put
-    ever makes an object (names hold no '/'): 6 HEADs where 4 tell, and 2 more than needed in each of a big put's two
-    folder checks. Refusals are as before."""
+def round_trips(asked: Path) -> int:
+    """How many times the daemon asked the store while none of its requests waited for an answer, since `asked` was
+    last removed: the round trips a call waited for one after another, those asked at once counting as one."""
+    waiting = rounds = 0
+    for request in asked.read_text().split():
+        if request.startswith("answered:"):
+            waiting -= 1
+        else:
+            rounds += waiting == 0
+            waiting += 1
+    return rounds
+
+
+def test_a_put_checks_its_place_and_the_other_components_at_once(store, tmp_path, drive_uri, make_drive_uri):
+    """A small put of a/b/c/file.txt asked the store a LIST of the drive's components (the duplicate check), then its
+    place check (a HEAD of each parent and a LIST below the path, beside the HEAD of the version it replaces), then
+    its PutObject: 3 round trips one after another. Now the duplicate check runs beside the place check: 2. The place
+    check asks about the path's own parents only (it HEADed the drive's and the component's too, where no put ever
+    makes an object: names hold no '/'): 7 requests where there were 9, and 2 fewer in each of a big put's two place
+    checks. Refusals are as before, the duplicate check's first where both refuse."""
     sent = tmp_path / "sent"
-    stub, _ = twenty_other_components(store, tmp_path, drive_uri, before=SENT_REQUESTS.format(sent=str(sent)))
+    stub, asked = twenty_other_components(store, tmp_path, drive_uri, before=SENT_REQUESTS.format(sent=str(sent)))
     alone = make_drive_uri("alone")
 
     def put(drive: str, path: str, data: bytes = b"new", **kwargs) -> Callable[[], object]:  # small, sized: checked
@@ -802,9 +818,14 @@ def test_a_put_asks_about_its_own_parents_only(store, tmp_path, drive_uri, make_
 
     small = {"HeadObject": 4, "ListObjectsV2": 2, "PutObject": 1}  # 3 parents and the version replaced; was 6 HEADs
     for path in ("a/b/c/file.txt", "a/b/c/file.txt", "a/b/c/beside.txt"):  # new, replacing, into a folder
+        asked.unlink(missing_ok=True)
         assert sent_by(sent, put(alone, path)) == small, path
+        assert round_trips(asked) == 2, path  # the components and the place at once, then the PutObject; was 3
+    asked.unlink()
     lists = 2 + len(OTHERS) + 1  # the components, the place's, then one LIST of each other component (and 'holder')
     assert sent_by(sent, put(drive_uri, "x/y/z/file.txt")) == {**small, "ListObjectsV2": lists}  # was 6 HEADs
+    # the components' LIST (the place check beside it), a round per ROOTS_AT_ONCE other components, the PutObject
+    assert round_trips(asked) <= 1 + -(-(len(OTHERS) + 1) // ROOTS_AT_ONCE) + 1  # was one more
     big = os.urandom(PART_SIZE + 1)  # a multipart upload: its place is checked before its first part and at its commit
     assert sent_by(sent, put(alone, "a/b/c/big.bin", big)) == {
         "CompleteMultipartUpload": 1, "CreateMultipartUpload": 1, "HeadObject": 7, "ListObjectsV2": 4, "PutObject": 1,

@@ -328,7 +328,8 @@ class Upload(abc.ABC):
 
     @abc.abstractmethod
     async def commit(
-        self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None
+        self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None,
+        checks: asyncio.Future[None] | None = None,
     ) -> ObjectInfo:
         """Makes the object visible in one step if the bytes match.
 
@@ -347,6 +348,12 @@ class Upload(abc.ABC):
         work the commit does on the store, right before the step that makes the
         object visible (a caller confirms its claim there: that work may take
         seconds); what it raises is raised, and nothing is stored.
+
+        `checks`, the caller's own checks of the path (begun before the
+        commit), are awaited before `before_visible`: beside the commit's
+        checks where those take round trips to the store, else first (not in
+        a batch that waits for its slowest). What they raise is raised, and
+        nothing is stored.
         """
 
     @abc.abstractmethod

@@ -522,9 +522,12 @@ class LocalUpload(Upload):
         return await asyncio.shield(running)
 
     async def commit(
-        self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None
+        self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None,
+        checks: asyncio.Future[None] | None = None,
     ) -> ObjectInfo:
         try:
+            if checks is not None:  # local looks take no round trip to overlap
+                await checks
             await self._drain()
             if not self._created:  # nothing written to disk yet: a small file, committed with others
                 data, self._pending, self._pending_bytes = b"".join(self._pending), [], 0

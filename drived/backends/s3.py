@@ -672,17 +672,19 @@ class S3Upload(Upload):
         self._backend.part_room.release()
 
     async def commit(
-        self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None
+        self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None,
+        checks: asyncio.Future[None] | None = None,
     ) -> ObjectInfo:
         sums = self._checksums
+        theirs = () if checks is None else (checks,)  # the caller's checks, beside the store's own
         try:
             await self._handed_on()
             if not self._upload_id and not self._full:  # a small file, all in its first buffer
                 data = self._buffer or bytearray()  # left the part being filled: abort gives its room back
                 await (await self._hash(data))
                 check_received(self._key, sums, sent, size)
-                replaced, _ = await asyncio.gather(self._backend.replaced(self._key),
-                                                   self._backend.check_place(self._key))
+                replaced, *_ = await asyncio.gather(self._backend.replaced(self._key),
+                                                    self._backend.check_place(self._key), *theirs)
                 if before_visible is not None:
                     await before_visible()
                 self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, sums, replaced))
@@ -701,7 +703,8 @@ class S3Upload(Upload):
             self._preparing = asyncio.ensure_future(
                 self._backend.prepare_completion(self._key, self._checksums_name, sums, self._generation))
             # Shielded: a cancelled put lets it end before abort() forgets the checksum object.
-            replaced, _ = await asyncio.gather(asyncio.shield(self._preparing), self._backend.check_place(self._key))
+            replaced, *_ = await asyncio.gather(asyncio.shield(self._preparing), self._backend.check_place(self._key),
+                                                *theirs)
             if before_visible is not None:
                 await before_visible()
             self._committing = asyncio.ensure_future(self._backend.complete_upload(
