@@ -527,7 +527,7 @@ def _cluster(doc: dict[str, Any]) -> list[str]:
         f"| two | 2 | {_fmt(two, 'ops/s')} | {ratio(two, one)} |",
         "",
         f"Every process (replicas, clients, moto_server, valkey-server) shares this machine's {m['cores']} "
-        "cores, and one moto_server process serves every replica's S3 requests (about 6 a small put): the "
+        "cores, and one moto_server process serves every replica's S3 requests (about 4 a small put): the "
         "ratios say what the coordinator costs and what a second replica adds here, not on separate machines "
         "with a real store.",
     ]
