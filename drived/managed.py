@@ -731,8 +731,7 @@ class ManagedDrives:
                     async with asyncio.timeout(self.coordinator.claim_ttl):
                         await self._settle(unpublished)
                 except Exception as err:  # whatever one change raises, the others are settled
-                    log.warning("an unpublished change could not be settled; tried again after "
-                                f"{self.named('claim_ttl')}",
+                    log.warning("an unpublished change could not be settled; tried again after --claim-ttl",
                                 extra={"fields": {"drive": unpublished.drive, "path": unpublished.change.path,
                                                   "error": f"{type(err).__name__}: {err}"}})
 

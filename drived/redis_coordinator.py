@@ -1095,7 +1095,7 @@ class RedisCoordinator(Coordinator):
             await self._run(self._release, keys,
                             [claim.token, self._channel(claim.drive), len(claim.keys), *claim.changing])
         except Unavailable as err:
-            log.warning(f"a claim could not be released; it expires after {self.named('claim_ttl')}",
+            log.warning("a claim could not be released; it expires after --claim-ttl",
                         extra={"fields": {"drive": claim.drive, "key": claim.keys[0], "error": str(err)}})
 
     async def renew(self, claims: list[_RedisClaim], changes: list[list[str]] | None = None) -> list[int]:
@@ -1190,7 +1190,7 @@ class RedisCoordinator(Coordinator):
             for claim, still in zip(claims, kept, strict=True):
                 if not still and claim.token in self._held:
                     log.warning("a claim lapsed while held (the coordinator was out of reach or too slow for longer "
-                                f"than {self.named('claim_ttl')}): its put fails before its commit",
+                                "than --claim-ttl): its put fails before its commit",
                                 extra={"fields": {"key": claim.keys[0]}})
 
     # -- the change feed -----------------------------------------------------
@@ -1297,8 +1297,8 @@ class RedisCoordinator(Coordinator):
                                 [COMPLETIONS, COMPLETIONS_WRITTEN, *keys[start:start + RENEW_CHUNK]],
                                 [self._upload_expiry_ms(), COMPLETIONS_KEPT_BYTES])
         except Unavailable as err:
-            log.warning("completions of resumable uploads could not be kept: they are forgotten "
-                        f"{self.named('upload_expiry')} after they were last kept",
+            log.warning("completions of resumable uploads could not be kept: they are forgotten --upload-expiry "
+                        "after they were last kept",
                         extra={"fields": {"uploads": len(keys), "error": str(err)}})
 
     async def unpublished(self) -> list[Unpublished]:
