@@ -70,6 +70,10 @@ FEW_COMPONENTS = 8
 T = TypeVar("T")
 log = logging.getLogger("drived")
 
+# What one component holds at a listed path: a folder (True), a file (False), or a file already looked at, its info
+# (the listed path itself, which `_names_after` looks at to tell a file: its entry is made of that look, not another).
+Held = bool | ObjectInfo
+
 
 def _entry(path: str, component: str, info: ObjectInfo) -> Entry:
     return Entry(
@@ -359,12 +363,12 @@ class ManagedDrives:
         return [held async for _, held in each_root(holders, lambda holder: self._held(drive, path, *holder)) if held]
 
     async def _held(self, drive: str, path: str, component: str, seen: Holder) -> tuple[str, ObjectInfo | None] | None:
-        """What `component` holds at `path`: (it, the file's info), (it, None) for a folder, or None; a folder that
-        `Backend.holders` saw is not asked of the store again (a file is: its info, and whether drived wrote it, are
-        in its metadata, which the look did not read)."""
+        """What `component` holds at `path`: (it, the file's info), (it, None) for a folder, or None; what
+        `Backend.holders` saw (a folder, no object at the path) is not asked of the store again (a file is: its info,
+        and whether drived wrote it, are in its metadata, which the look did not read)."""
         if seen.folder:
             return component, None
-        info = await self._file_info(drive, component, path)
+        info = await self._file_info(drive, component, path) if seen.file else None
         if info:
             return component, info
         return (component, None) if await self.backend.is_folder(object_key(drive, component, path)) else None
@@ -484,9 +488,11 @@ class ManagedDrives:
                 yield holders[0][0], file_path
 
     async def _merged(self, drive: str, components: list[str], path: str, recursive: bool, start_after: str,
-                      limit: int) -> AsyncGenerator[tuple[str, list[tuple[str, bool]]], None]:
-        """(path, [(component, is a folder)] in component order) of what `components` hold under `path` (see
-        `_names_after`) after `start_after`, in path order.
+                      limit: int, fileless: frozenset[str] = frozenset()
+                      ) -> AsyncGenerator[tuple[str, list[tuple[str, Held]]], None]:
+        """(path, [(component, what it holds there)] in component order) of what `components` hold under `path` (see
+        `_names_after`) after `start_after`, in path order; those of `fileless` hold no object at `path` (what
+        `Backend.holders` saw).
 
         Each component's names are read a chunk at a time, when the merge
         needs its next one: a share of `limit` (the names the caller takes at
@@ -501,14 +507,15 @@ class ManagedDrives:
             return
         largest = limit + 1
         sizes = [-(-limit // len(components)) + 1] * len(components)  # each component's next read
-        chunks: list[list[tuple[str, bool]]] = [[] for _ in components]
+        chunks: list[list[tuple[str, Held]]] = [[] for _ in components]
         read = [0] * len(components)  # how much of each chunk went into `heap`
         ended = [False] * len(components)  # whether a component's last read was not full: nothing follows
-        heap: list[tuple[str, int, bool]] = []  # each component's next name: (path, its index, is a folder)
+        heap: list[tuple[str, int, Held]] = []  # each component's next name: (path, its index, what it holds there)
 
         async def read_chunk(i: int, after: str) -> None:
             """Reads component `i`'s next chunk of names, those after `after`."""
-            chunks[i] = list(await self._names_after(drive, components[i], path, recursive, after, sizes[i]))
+            chunks[i] = list(await self._names_after(drive, components[i], path, recursive, after, sizes[i],
+                                                     components[i] not in fileless))
             read[i] = 0
             ended[i] = len(chunks[i]) < sizes[i]
             sizes[i] = min(2 * sizes[i], largest)
@@ -516,9 +523,9 @@ class ManagedDrives:
         def take(i: int) -> None:
             """Puts component `i`'s next name of its chunk in `heap`, when the chunk has one."""
             if read[i] < len(chunks[i]):
-                name, folder = chunks[i][read[i]]
+                name, held = chunks[i][read[i]]
                 read[i] += 1
-                heapq.heappush(heap, (name, i, folder))
+                heapq.heappush(heap, (name, i, held))
 
         async def advance(i: int, after: str) -> None:
             """Puts component `i`'s next name after `after` in `heap`, reading its next chunk when it needs one."""
@@ -529,8 +536,8 @@ class ManagedDrives:
         async for i, _ in each_root(range(len(components)), lambda i: read_chunk(i, start_after)):
             take(i)
         while heap:
-            name, i, folder = heapq.heappop(heap)
-            holders = [(components[i], folder)]
+            name, i, held = heapq.heappop(heap)
+            holders = [(components[i], held)]
             await advance(i, name)
             while heap and heap[0][0] == name:
                 _, j, also = heapq.heappop(heap)
@@ -555,13 +562,16 @@ class ManagedDrives:
         """
         drive, path, limit, start_after = listing.drive.name, listing.path, listing.limit, listing.start_after
         components = [listing.component] if listing.component else await self.components(drive)
+        fileless: frozenset[str] = frozenset()
         if path:  # every component holds the top
-            components = [c for c, _ in await self._may_hold(drive, components, path)]
+            may_hold = await self._may_hold(drive, components, path)
+            components = [c for c, _ in may_hold]
+            fileless = frozenset(c for c, seen in may_hold if not seen.file)
         while True:
-            page: list[tuple[str, list[tuple[str, bool]]]] = []  # path, (component, is a folder) in component order
+            page: list[tuple[str, list[tuple[str, Held]]]] = []  # path, (component, what it holds) in component order
             more = False
             size = 0  # the most its entries take in the answer: a page of long paths ends before its message would
-            names = self._merged(drive, components, path, listing.recursive, start_after, limit)
+            names = self._merged(drive, components, path, listing.recursive, start_after, limit, fileless)
             async with contextlib.aclosing(names) as merged:
                 async for name, holders in merged:
                     size += answer_entry_bytes(name, holders[0][0])
@@ -575,17 +585,17 @@ class ManagedDrives:
                 return entries, more
             start_after = page[-1][0]
 
-    async def _listed(self, drive: str, path: str, holders: list[tuple[str, bool]]) -> Entry | None:
+    async def _listed(self, drive: str, path: str, holders: list[tuple[str, Held]]) -> Entry | None:
         """A listing's entry: the file or folder of its component; the first one's size when several hold it.
 
         None when the file went away since its folder was read.
         """
-        owner, folder = holders[0]
+        owner, held = holders[0]
         shared = len(holders) > 1
-        if folder:
+        if held is True:
             return Entry(path=path, component="" if shared else owner, folder=True)
         try:
-            info = await self.backend.stat(object_key(drive, owner, path))
+            info = held if isinstance(held, ObjectInfo) else await self.backend.stat(object_key(drive, owner, path))
         except Damaged:  # listed with what is known of it; a stat or get of it says what is wrong
             return Entry(path=path, component="" if shared else owner)
         if info is None:
@@ -593,18 +603,19 @@ class ManagedDrives:
         return Entry(path=path, size=info.size, mtime_ns=info.generation) if shared else _entry(path, owner, info)
 
     async def _names_after(
-        self, drive: str, component: str, path: str, recursive: bool, start_after: str, limit: int
-    ) -> Iterator[tuple[str, bool]]:
-        """(path, is a folder) of what one component holds under `path` after `start_after`, in path order.
+        self, drive: str, component: str, path: str, recursive: bool, start_after: str, limit: int, file: bool = True
+    ) -> Iterator[tuple[str, Held]]:
+        """(path, what it is) of what one component holds under `path` after `start_after`, in path order.
 
-        The file itself when `path` is one. Recursive: at most `limit` of them.
+        The file itself, with its info, when `path` is one; not looked for when `file` is False (the component was
+        seen holding no object there). Recursive: at most `limit` of them.
         """
         key = object_key(drive, component, path)
         ckey = component_key(drive, component)
         if recursive:
             keys = await self.backend.walk(key, f"{ckey}/{start_after}", limit)  # each "<component key>/<path>"
             base = len(ckey) + 1
-            names: Iterator[tuple[str, bool]] = ((k[base:], False) for k in keys)
+            names: Iterator[tuple[str, Held]] = ((k[base:], False) for k in keys)
             if keys:
                 return names
         else:
@@ -613,8 +624,8 @@ class ManagedDrives:
             names = ((prefix + n, n in listing.folders) for n in listing.names)
             if listing.names:
                 return names
-        if path and path > start_after and await self._file_info(drive, component, path):
-            return iter([(path, False)])
+        if file and path and path > start_after and (info := await self._file_info(drive, component, path)):
+            return iter([(path, info)])
         return iter(())
 
     async def delete(self, delete: DeleteRequest) -> int:

@@ -766,7 +766,9 @@ def test_a_stat_or_get_naming_no_component_looks_at_what_holds_the_path_once(sto
         raw_get(stub, drive_uri, "a/b", offset=5)
     assert past.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "offset 5 is past the end of 'a/b' in " in past.value.details() and "(4 bytes)" in past.value.details()
-    # 'c0' begins every key of c00-c09: neither a file nor a folder, told by a HEAD and a LIST of each as before
+    # 'c0' begins every key of c00-c09: neither a file nor a folder, told by a LIST of each; was a HEAD of each too
+    # (the holders' LIST found no object at it, which would be each one's first key)
+    assert sent_by(sent, lambda: rpc_code(lambda: stat_of("c0"))) == {"ListObjectsV2": lists + 10}
     with pytest.raises(grpc.RpcError) as missing:
         stat_of("c0")
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND and "'c0' in " in missing.value.details()
@@ -786,6 +788,71 @@ def test_a_stat_or_get_naming_no_component_looks_at_what_holds_the_path_once(sto
             with pytest.raises(grpc.RpcError) as clash:
                 ask(path)
             assert clash.value.code() == grpc.StatusCode.FAILED_PRECONDITION and holders in clash.value.details()
+    assert store.object_keys() == before
+
+
+def test_a_list_naming_no_component_asks_no_look_it_has_the_answer_of(store, tmp_path, drive_uri, make_drive_uri):
+    """A List of a path that is a file HEADed it twice: once to tell that it is a file (its folder's LIST found
+    nothing), once more for its entry's size and sha256. In a drive of many components, each component whose first
+    key beginning with the path is not the path's own ("a.txt" of "a", or below it), which `Backend.holders` had just
+    told holds no object there, was HEADed too when its folder's LIST found nothing. Now the entry is made of the
+    first look, and a component seen holding no object at the path is not asked if it holds one. Answers are as
+    before, and the same in a drive of 8 components or fewer (each looked in) as in one of many: entries, order,
+    pages, a file of one component where others hold a folder, objects drived did not write (ignored)."""
+    sent = tmp_path / "sent"
+    stub, _ = twenty_other_components(store, tmp_path, drive_uri, before=SENT_REQUESTS.format(sent=str(sent)))
+    many, few = drive_uri, make_drive_uri("few")
+    raw_put(stub, few, "a/b", b"held", component="holder")
+    for drive in (many, few):  # 21 components and 8: the same files where the lists below look
+        raw_put(stub, drive, "a/c", b"also held", component="holder", allow_duplicates=True)
+        raw_put(stub, drive, "a.txt", b"beside a", component="c05", allow_duplicates=True)
+        raw_put(stub, drive, "f/x", b"x of c03", component="c03", allow_duplicates=True)
+        raw_put(stub, drive, "f/y", b"y of c04", component="c04", allow_duplicates=True)
+        raw_put(stub, drive, "f", b"a file where c03 and c04 hold a folder", component="c06", allow_duplicates=True)
+        name = drive.removeprefix("lit://")
+        for foreign in ("c07/a/b", "c08/g", "c09/h/i"):  # objects drived did not write
+            store.client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{name}/{foreign}", Body=b"foreign")
+    components = store.client.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}{few.removeprefix('lit://')}/",
+                                              Delimiter="/")["CommonPrefixes"]
+    assert len(components) == 8  # each looked in, as many as a drive can have for that
+
+    def listed(drive: str, path: str, page_size: int = 0) -> list[tuple[str, str, int, str, bool]]:
+        entries, token = [], ""
+        while True:
+            answer = stub.List(drive_pb2.ListRequest(drive=drive, path=path, page_size=page_size, page_token=token),
+                               timeout=60)
+            entries += [(e.path, e.component, e.size, e.sha256, e.folder) for e in answer.entries]
+            token = answer.next_page_token
+            if not token:
+                return entries
+
+    lists = 1 + len(OTHERS) + 1  # the drive's components, then one LIST of each (OTHERS and 'holder')
+    for drive, path, requests in (
+        # the folder of holder and of c07 (which holds an object at the path), HEADs of both; was 3 HEADs
+        (many, "a/b", {"HeadObject": 2, "ListObjectsV2": lists + 2}),
+        (few, "a/b", {"HeadObject": 8, "ListObjectsV2": 1 + 8}),  # each component's folder and HEAD; was 9 HEADs
+        # the folders of holder, c05 (a.txt: no object at a) and c07, the HEAD of each file listed; was 3 HEADs
+        (many, "a", {"HeadObject": 2, "ListObjectsV2": lists + 3}),
+        # the folders of c03, c04, c06 (which holds f), the HEAD of f (its entry too) and of f/x, f/y; was 4 HEADs
+        (many, "f", {"HeadObject": 3, "ListObjectsV2": lists + 3}),
+        (many, "c0", {"ListObjectsV2": lists + 10}),  # c00-c09 each hold a key beside it, none at it; was 10 HEADs
+    ):
+        assert sent_by(sent, functools.partial(listed, drive, path)) == requests, (drive, path)
+    file_f = ("f", "c06", 38, sha256_of(b"a file where c03 and c04 hold a folder"), False)
+    for path, entries in (
+        ("a/b", [("a/b", "holder", 4, sha256_of(b"held"), False)]),
+        ("a", [("a/c", "holder", 9, sha256_of(b"also held"), False)]),  # a/b: c07's, not drived's, comes first
+        ("f", [file_f, ("f/x", "c03", 8, sha256_of(b"x of c03"), False), ("f/y", "c04", 8, sha256_of(b"y of c04"),
+                                                                          False)]),
+        ("f/x", [("f/x", "c03", 8, sha256_of(b"x of c03"), False)]),
+        ("c0", []), ("g", []), ("h", []), ("a.txt", [("a.txt", "c05", 8, sha256_of(b"beside a"), False)]),
+    ):
+        for drive in (many, few):
+            assert listed(drive, path) == listed(drive, path, page_size=1) == entries, (drive, path)
+    before = store.object_keys()
+    for drive in (many, few):
+        for path, code in (("../a", grpc.StatusCode.INVALID_ARGUMENT), ("/a", grpc.StatusCode.INVALID_ARGUMENT)):
+            assert rpc_code(functools.partial(listed, drive, path)) == code, (drive, path)
     assert store.object_keys() == before
 
 

@@ -74,11 +74,13 @@ class ObjectInfo:
 
 @dataclass(frozen=True, slots=True)
 class Holder:
-    """One of the folders `Backend.holders` was asked of that may hold a path (`index`, among those asked), and
-    whether its look there saw a folder (objects below the path); else `stat` and `is_folder` tell."""
+    """One of the folders `Backend.holders` was asked of that may hold a path (`index`, among those asked), and what
+    its look there saw: a folder (objects below the path), and whether an object may be at the path itself (False:
+    the look saw none there); what it did not see, `stat` and `is_folder` tell."""
 
     index: int
     folder: bool = False
+    file: bool = True
 
 
 class NotDurable(Exception):

@@ -1274,12 +1274,14 @@ class S3Backend(Backend):
 
     async def holders(self, roots: Sequence[str], path: str) -> list[Holder]:
         """As `Backend.holders`, with one LIST of each root's first key that begins with `path`: a root that holds
-        none (most of them) costs that request, not a HEAD and a LIST. A first key below `path` tells a folder (an
-        object at `path` would sort before it); the key itself, or one beside `path` ("a.txt" of "a"), is looked at
-        with `stat` and `is_folder`."""
+        none (most of them) costs that request, not a HEAD and a LIST. A first key below `path` tells a folder, and
+        any first key but the path's own tells that no object is at `path` (it would sort before them); a key beside
+        `path` ("a.txt" of "a") leaves whether it is a folder to `is_folder`, and the path's own key what it is to
+        `stat`."""
         keys = [f"{root}/{path}" for root in roots]
         found = each_root(keys, lambda key: self._first_key(self.root + key, key))
-        return [Holder(i, first.startswith(f"{self.root}{keys[i]}/")) async for i, first in found if first is not None]
+        return [Holder(i, first.startswith(f"{self.root}{keys[i]}/"), first == self.root + keys[i])
+                async for i, first in found if first is not None]
 
     async def _first_key(self, prefix: str, key: str) -> str | None:
         """The first key that begins with `prefix` (a full key, of `key`'s), or None: one LIST of at most one key."""
