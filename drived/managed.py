@@ -579,7 +579,8 @@ class ManagedDrives:
                         more = True
                         break
                     page.append((name, holders))
-            listed = [await self._listed(drive, name, holders) for name, holders in page]
+            # ROOTS_AT_ONCE at a time: each entry of a file may be a HEAD, a round trip to a store
+            listed = [entry async for _, entry in each_root(page, lambda named: self._listed(drive, *named))]
             entries = [entry for entry in listed if entry is not None]
             if entries or not more:
                 return entries, more
@@ -588,8 +589,14 @@ class ManagedDrives:
     async def _listed(self, drive: str, path: str, holders: list[tuple[str, Held]]) -> Entry | None:
         """A listing's entry: the file or folder of its component; the first one's size when several hold it.
 
-        None when the file went away since its folder was read.
+        None when the file went away since its folder was read. Of several, one whose file went away or is not
+        drived's (an object something else put in the bucket) holds nothing, as it does for a stat.
         """
+        if len(holders) > 1:
+            looks = each_root(holders, lambda holder: self._still_held(drive, path, *holder))
+            holders = [holder async for _, holder in looks if holder is not None]
+            if not holders:
+                return None
         owner, held = holders[0]
         shared = len(holders) > 1
         if held is True:
@@ -601,6 +608,17 @@ class ManagedDrives:
         if info is None:
             return None
         return Entry(path=path, size=info.size, mtime_ns=info.generation) if shared else _entry(path, owner, info)
+
+    async def _still_held(self, drive: str, path: str, component: str, held: Held) -> tuple[str, Held] | None:
+        """(`component`, what it holds at `path`: its file's info once looked at), or None for a file that went away
+        or that drived did not write."""
+        if held is not False:
+            return component, held
+        try:
+            info = await self.backend.stat(object_key(drive, component, path))
+        except Damaged:  # listed with what is known of it, as a lone holder's is
+            return component, held
+        return (component, info) if info else None
 
     async def _names_after(
         self, drive: str, component: str, path: str, recursive: bool, start_after: str, limit: int, file: bool = True

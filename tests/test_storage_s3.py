@@ -798,9 +798,11 @@ def test_a_list_naming_no_component_asks_no_look_it_has_the_answer_of(store, tmp
     told holds no object there, was HEADed too when its folder's LIST found nothing. Now the entry is made of the
     first look, and a component seen holding no object at the path is not asked if it holds one. Answers are as
     before, and the same in a drive of 8 components or fewer (each looked in) as in one of many: entries, order,
-    pages, a file of one component where others hold a folder, objects drived did not write (ignored)."""
+    pages, a file of one component where others hold a folder, objects drived did not write (ignored). A page's
+    entries were HEADed one after another (a page of 1,000 files: 1,000 round trips in a row); now ROOTS_AT_ONCE at a
+    time."""
     sent = tmp_path / "sent"
-    stub, _ = twenty_other_components(store, tmp_path, drive_uri, before=SENT_REQUESTS.format(sent=str(sent)))
+    stub, asked = twenty_other_components(store, tmp_path, drive_uri, before=SENT_REQUESTS.format(sent=str(sent)))
     many, few = drive_uri, make_drive_uri("few")
     raw_put(stub, few, "a/b", b"held", component="holder")
     for drive in (many, few):  # 21 components and 8: the same files where the lists below look
@@ -831,8 +833,9 @@ def test_a_list_naming_no_component_asks_no_look_it_has_the_answer_of(store, tmp
         # the folder of holder and of c07 (which holds an object at the path), HEADs of both; was 3 HEADs
         (many, "a/b", {"HeadObject": 2, "ListObjectsV2": lists + 2}),
         (few, "a/b", {"HeadObject": 8, "ListObjectsV2": 1 + 8}),  # each component's folder and HEAD; was 9 HEADs
-        # the folders of holder, c05 (a.txt: no object at a) and c07, the HEAD of each file listed; was 3 HEADs
-        (many, "a", {"HeadObject": 2, "ListObjectsV2": lists + 3}),
+        # the folders of holder, c05 (a.txt: no object at a) and c07, the HEAD of each file listed, of a/b in both
+        # holder and c07 (a path two hold, of which only holder's is a file of the drive's)
+        (many, "a", {"HeadObject": 3, "ListObjectsV2": lists + 3}),
         # the folders of c03, c04, c06 (which holds f), the HEAD of f (its entry too) and of f/x, f/y; was 4 HEADs
         (many, "f", {"HeadObject": 3, "ListObjectsV2": lists + 3}),
         (many, "c0", {"ListObjectsV2": lists + 10}),  # c00-c09 each hold a key beside it, none at it; was 10 HEADs
@@ -841,7 +844,8 @@ def test_a_list_naming_no_component_asks_no_look_it_has_the_answer_of(store, tmp
     file_f = ("f", "c06", 38, sha256_of(b"a file where c03 and c04 hold a folder"), False)
     for path, entries in (
         ("a/b", [("a/b", "holder", 4, sha256_of(b"held"), False)]),
-        ("a", [("a/c", "holder", 9, sha256_of(b"also held"), False)]),  # a/b: c07's, not drived's, comes first
+        # a/b: c07's, not drived's, comes first, and is no holder of it
+        ("a", [("a/b", "holder", 4, sha256_of(b"held"), False), ("a/c", "holder", 9, sha256_of(b"also held"), False)]),
         ("f", [file_f, ("f/x", "c03", 8, sha256_of(b"x of c03"), False), ("f/y", "c04", 8, sha256_of(b"y of c04"),
                                                                           False)]),
         ("f/x", [("f/x", "c03", 8, sha256_of(b"x of c03"), False)]),
@@ -854,6 +858,13 @@ def test_a_list_naming_no_component_asks_no_look_it_has_the_answer_of(store, tmp
         for path, code in (("../a", grpc.StatusCode.INVALID_ARGUMENT), ("/a", grpc.StatusCode.INVALID_ARGUMENT)):
             assert rpc_code(functools.partial(listed, drive, path)) == code, (drive, path)
     assert store.object_keys() == before
+    names = [f"page/{i:02}" for i in range(12)]
+    for name in names:
+        raw_put(stub, many, name, b"p", component="holder", allow_duplicates=True)
+    asked.unlink()
+    page = stub.List(drive_pb2.ListRequest(drive=many, path="page", component="holder"), timeout=60)
+    assert [e.path for e in page.entries] == names
+    assert most_at_once(asked, many) == ROOTS_AT_ONCE  # the entries' HEADs, after the folder's LIST; was 1
 
 
 def round_trips(asked: Path) -> int:
