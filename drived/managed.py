@@ -303,13 +303,17 @@ class ManagedDrives:
         unsynced: Exception | None = None
         async with self.coordinator.claim(drive, header.path) as claim:
             # The duplicate check runs beside the commit's own checks of the place (`Upload.commit`): on a store,
-            # their round trips at once. Its refusal is the put's, whatever else failed, as when it ran first.
+            # their round trips at once. With a quota it runs beside the read of the caller's own file instead, and
+            # ends before the put holds room: a put it refuses holds none that another put of the drive needs. Its
+            # refusal is the put's, whatever else failed, as when it ran first.
             duplicates = None if header.allow_duplicates else asyncio.ensure_future(
                 self._check_duplicates(drive, header.component, header.path))
             try:
                 try:
                     # Read again inside the claim: the file may have been replaced since the put began.
                     added = received - await self._own_size(header) if self.quotas else 0
+                    if self.quotas and duplicates is not None:
+                        await duplicates
                     async with self._holding(drive, object_key(drive, header.component, header.path), added):
                         with _named(drive, header.component, header.path):
                             changing = [Change("put", header.path, header.component,

@@ -509,6 +509,54 @@ def test_room_a_failing_commit_would_free_lets_no_other_put_pass_the_quota(start
         assert wait_until(lambda: no_uploads(handle.data_dir), 10)
 
 
+PAUSED_DUPLICATE_CHECKS = """
+import asyncio, os
+from drived.managed import ManagedDrives
+
+def paused(check):
+    async def check_once_resumed(self, drive, component, path):
+        if path == {name!r} and os.path.exists({pause!r}):
+            open({pause!r} + ".reached", "w").close()
+            while os.path.exists({pause!r}):
+                await asyncio.sleep(0.01)
+        return await check(self, drive, component, path)
+    return check_once_resumed
+
+ManagedDrives._check_duplicates = paused(ManagedDrives._check_duplicates)
+"""
+
+
+def test_a_put_the_duplicate_check_refuses_holds_no_room_while_it_checks(start_daemon, tmp_path):
+    """A put's commit held its room in the quota while its duplicate check ran beside it (3036dfc), so a put of a
+    path another component holds, while its check ran (0.3-0.8 s on the local disk in a drive of 10,000
+    components), had another put of the drive refused RESOURCE_EXHAUSTED on room it was never going to fill. The
+    check ends before the room is held."""
+    pause = tmp_path / "pause"
+    handle = start_daemon(tmp_path, "--quota", str(MIB + MIB // 2),
+                          before=PAUSED_DUPLICATE_CHECKS.format(name="taken.bin", pause=str(pause)))
+    drive = "lit://quota_duplicate"
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, drive, "taken.bin", b"held", component="holder")
+        pause.touch()
+        outcome: list[grpc.StatusCode] = []
+        duplicate = threading.Thread(target=lambda: outcome.append(rpc_code(lambda: raw_put(  # checked at its commit
+            stub, drive, "taken.bin", os.urandom(MIB), component="late", size=MIB))))
+        duplicate.start()
+        try:
+            assert wait_until((tmp_path / "pause.reached").exists, 30), "the duplicate never reached its check"
+            other = os.urandom(MIB)
+            raw_put(stub, drive, "other.bin", other, component="late")  # fits beside what the drive holds
+        finally:
+            pause.unlink()
+            duplicate.join(60)
+        assert outcome == [SC.ALREADY_EXISTS]
+        assert [(i.component, d) for i, d in raw_get(stub, drive, "taken.bin")] == [("holder", b"held")]
+        assert [(i.component, d) for i, d in raw_get(stub, drive, "other.bin")] == [("late", other)]
+        assert wait_until(lambda: no_uploads(handle.data_dir), 10)
+    assert "never retrieved" not in handle.log() and "never awaited" not in handle.log()
+
+
 # --- folders nested deep -----------------------------------------------------------------------
 
 DEEP = "/".join(["d"] * 1200)  # 2,399 bytes: a path may be some 2,000 folders deep, past Python's recursion limit
