@@ -670,9 +670,10 @@ import asyncio, os
 from drived.backends.local import LocalBackend
 
 def paused(stat):
-    async def stat_once_resumed(self, key):
-        if "/gone/" in key and os.path.exists({pause!r}) and not os.path.exists({pause!r} + ".reached"):
-            open({pause!r} + ".reached", "w").close()
+    async def stat_once_resumed(self, key):  # the first stat of each file: the listing's (a page's, at once)
+        reached = {pause!r} + "." + os.path.basename(key) + ".reached"
+        if "/gone/" in key and os.path.exists({pause!r}) and not os.path.exists(reached):
+            open(reached, "w").close()
             while os.path.exists({pause!r}):
                 await asyncio.sleep(0.01)
         return await stat(self, key)
@@ -704,7 +705,7 @@ def test_a_page_whose_files_all_went_away_while_it_was_read_goes_on_to_the_next(
         listing = threading.Thread(target=list_gone)
         listing.start()
         try:
-            assert wait_until((tmp_path / "pause.reached").exists, 30), "the listing never reached its first stat"
+            assert wait_until((tmp_path / "pause.a.reached").exists, 30), "the listing never reached its first stat"
             for name in ("a", "b"):
                 stub.Delete(pb.DeleteRequest(drive=drive, path=f"gone/{name}"), timeout=10)
         finally:
