@@ -63,7 +63,8 @@ Uploads left behind. A put that fails, is cancelled or abandoned aborts its
 multipart upload. One whose daemon was killed is found by the sweep, at
 start-up and every `upload_expiry` seconds: ListMultipartUploads under the
 prefix, and an upload that no part was added to for `upload_expiry` (S3's own
-clock) is aborted, with the checksum objects its key no longer uses. A live
+clock) is aborted, with the checksum objects its key no longer uses; one with
+no part yet, once two sweeps have found it so (`_partless`). A live
 upload may add no part for longer (its client sends slowly or pauses, it is
 held for a resume, its commit waits for a claim): each daemon lists the ids of
 its live uploads in `prefix/~uploads/<daemon>`, rewritten every third of
@@ -756,6 +757,10 @@ class S3Backend(Backend):
         self.part_room = asyncio.Semaphore(MAX_PARTS_IN_FLIGHT)
         self.part_buffers = PartBuffers(PART_SIZE, keep=MAX_PARTS_IN_FLIGHT, limit=PARTS_IN_MEMORY)
         self._live: set[str] = set()  # this daemon's multipart uploads in progress: never swept
+        # Others' uploads with no part at the last sweep: one is abandoned only when two sweeps, an upload_expiry
+        # apart, find it so, for its start's date may be wrong (moto_server dates every upload 2010-11-10), and a
+        # sweep between another daemon's CreateMultipartUpload and its first part would abort a live upload.
+        self._partless: set[str] = set()
         self._background: set[asyncio.Future[Any]] = set()
         self._live_key = f"{self.root}{LIVE}/{secrets.token_hex(8)}"  # where this daemon lists `_live`
         self._sweepers: list[asyncio.Task[None]] = []
@@ -1067,9 +1072,10 @@ class S3Backend(Backend):
         self._live.discard(upload_id)
 
     def _abandoned(self) -> list[tuple[str, str]]:
-        """(key, upload id) of the uploads under the prefix that no part was added to for upload_expiry, and no
-        daemon lists live."""
+        """(key, upload id) of the uploads under the prefix that no part was added to for upload_expiry (with no
+        part, found so by the sweep before too), and no daemon lists live."""
         found: list[tuple[str, str]] = []
+        partless: set[str] = set()
         params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.root}
         while True:
             page = self.client.list_multipart_uploads(**params)
@@ -1078,15 +1084,20 @@ class S3Backend(Backend):
                 key, upload_id = upload["Key"], upload["UploadId"]
                 if upload_id in self._live or (now - upload["Initiated"]).total_seconds() < self.upload_expiry:
                     continue
-                last = upload["Initiated"]
+                stamps = [upload["Initiated"]]
                 for parts in self.client.get_paginator("list_parts").paginate(
                         Bucket=self.bucket, Key=key, UploadId=upload_id):
-                    last = max([last, *(p["LastModified"] for p in parts.get("Parts", []))])
-                if (now - last).total_seconds() >= self.upload_expiry:
+                    stamps += [p["LastModified"] for p in parts.get("Parts", [])]
+                if len(stamps) == 1:
+                    partless.add(upload_id)
+                    if upload_id not in self._partless:
+                        continue
+                if (now - max(stamps)).total_seconds() >= self.upload_expiry:
                     found.append((key[len(self.root):], upload_id))
             if not page.get("IsTruncated"):
                 break
             params.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+        self._partless = partless
         live = self._live_elsewhere()
         return [(key, upload_id) for key, upload_id in found if upload_id not in live]
 
