@@ -1095,8 +1095,8 @@ class RedisCoordinator(Coordinator):
             await self._run(self._release, keys,
                             [claim.token, self._channel(claim.drive), len(claim.keys), *claim.changing])
         except Unavailable as err:
-            log.warning("a claim could not be released; it expires after --claim-ttl",
-                        extra={"fields": {"drive": claim.drive, "key": claim.keys[0], "error": str(err)}})
+            log.warning("a claim could not be released; it expires after --claim-ttl", extra={"fields": {
+                "drive": claim.drive, "key": claim.keys[0], "error": str(err)}})
 
     async def renew(self, claims: list[_RedisClaim], changes: list[list[str]] | None = None) -> list[int]:
         """Renews `claims` for a whole TTL from now: for each, 1 when it was still held, else 0.
@@ -1261,7 +1261,7 @@ class RedisCoordinator(Coordinator):
             await self._run(self._unmark, [key], [self._channel(drive)])
         except Unavailable as err:
             log.warning("the mark of a commit that failed could not be dropped: queries of its upload wait for it "
-                        f"up to {self.named('claim_ttl')}", extra={"fields": {"key": key, "error": str(err)}})
+                        "up to --claim-ttl", extra={"fields": {"key": key, "error": str(err)}})
 
     async def completion(self, drive: str, component: str, upload: str, wait: bool = False) -> Entry | None:
         keys = [_completion_key(drive, component, upload), _committing_key(drive, component, upload)]
@@ -1298,8 +1298,7 @@ class RedisCoordinator(Coordinator):
                                 [self._upload_expiry_ms(), COMPLETIONS_KEPT_BYTES])
         except Unavailable as err:
             log.warning("completions of resumable uploads could not be kept: they are forgotten --upload-expiry "
-                        "after they were last kept",
-                        extra={"fields": {"uploads": len(keys), "error": str(err)}})
+                        "after they were last kept", extra={"fields": {"uploads": len(keys), "error": str(err)}})
 
     async def unpublished(self) -> list[Unpublished]:
         found = await self._run(self._unpublished_due, [UNPUBLISHED],

@@ -59,7 +59,7 @@ class S3Mounts:
         self.concurrency = concurrency
         self.page_size = page_size  # MaxKeys per ListObjectsV2 call
         self.memory = memory  # bytes the held indexes take at most, and the runs in progress between them
-        self.memory_setting = named("s3_index_memory")  # as it was given, which messages name
+        self.memory_setting = named("s3_index_memory")  # as it was given, which a refusal names
         self.stats = ListingStats()  # requests and indexing runs, over all locations
         self._indexes: OrderedDict[_Key, S3Index] = OrderedDict()  # the least recently used first
         self._held = 0  # what the held indexes take (`_held_bytes`), kept as they come and go
@@ -135,8 +135,8 @@ class S3Mounts:
             freed = _held_bytes(key, dropped)
             self._held -= freed
             metrics.INDEX_OBJECTS.remove(_uri(key))
-            log.info("dropped the index of %s (%d objects, %d bytes): %s is %d bytes; its next use indexes it "
-                     "again", _uri(key), dropped.objects, freed, self.memory_setting, self.memory)
+            log.info("dropped the index of %s (%d objects, %d bytes): --s3-index-memory is %d bytes; its next use "
+                     "indexes it again", _uri(key), dropped.objects, freed, self.memory)
         metrics.INDEX_BYTES.set(self._held)
 
     async def mount(self, bucket: str, prefix: str) -> tuple[int, float]:
