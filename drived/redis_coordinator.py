@@ -876,7 +876,6 @@ class RedisCoordinator(Coordinator):
                  upload_expiry: float = 60.0, named: Named = flag) -> None:
         self.name = coordinator_name(url)
         self.named = named  # the settings as the operator gave them, which messages name
-        self.setting = named("coordinator")  # which a refused start names
         self.claim_ttl = claim_ttl
         self.events_kept = events_kept
         self.upload_expiry = upload_expiry
@@ -982,22 +981,26 @@ class RedisCoordinator(Coordinator):
             self._check_server(info)
             await self._check(keys=[CHECK_KEY], args=[self._channel(CHECK_DRIVE)])
         except redis.exceptions.AuthenticationError as err:
-            raise SystemExit(f"drived: {self.setting} {self.name} refused the credentials ({err}): "
+            raise self._refused(f"refused the credentials ({err}): "
                              "fix the user or password in the URL") from None
         except redis.exceptions.ResponseError as err:  # it answers, refusing the database or a command
-            raise SystemExit(f"drived: {self.setting} {self.name} refused drived ({err}): fix the database "
+            raise self._refused(f"refused drived ({err}): fix the database "
                              "number in the URL, or the permissions of its user") from None
         except (redis.exceptions.RedisError, OSError) as err:
             log.warning("coordinator not reachable at start-up", extra={"fields": {"error": str(self.failure(err))}})
 
+    def _refused(self, why: str) -> SystemExit:
+        """The end of a start-up this coordinator refuses, `why` saying how to fix it."""
+        return SystemExit(f"drived: {self.named('coordinator')} {self.name} {why}")
+
     def _check_server(self, info: dict[str, Any]) -> None:
         version = str(info.get("redis_version", "0"))
         if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < (7, 0):
-            raise SystemExit(f"drived: {self.setting} {self.name} is Redis {version}: "
+            raise self._refused(f"is Redis {version}: "
                              "drived needs Redis or Valkey 7 or newer")
         policy = info.get("maxmemory_policy", "noeviction")
         if policy != "noeviction":  # an evicted claim lets two puts commit at once; an evicted feed loses events
-            raise SystemExit(f"drived: {self.setting} {self.name} has maxmemory-policy {policy}: it may evict the "
+            raise self._refused(f"has maxmemory-policy {policy}: it may evict the "
                              "claims and feeds drived keeps there; set it to noeviction")
 
     def check_open(self) -> None:
