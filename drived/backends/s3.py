@@ -695,17 +695,17 @@ class S3Upload(Upload):
                 await self._hand_on()
             await self._hashing  # type: ignore[misc]  # a multipart upload has hashed a part
             check_received(self._key, sums, sent, size)
-            parts = await asyncio.gather(*self._parts)
-            # At once: the folders checked again (a conflicting put may have committed since the first part), and
-            # the checksum object, written just before the commit (the sweep takes it for a leftover once it is
-            # older than upload_expiry), with the commit's generation: the upload's own dates from its first part,
-            # which a resumed upload's commit may follow by minutes, after other versions of its path.
+            # At once, beside the last parts in flight: the folders checked again (a conflicting put may have
+            # committed since the first part), and the checksum object, written just before the commit (the sweep
+            # takes it for a leftover once it is older than upload_expiry), with the commit's generation: the
+            # upload's own dates from its first part, which a resumed upload's commit may follow by minutes, after
+            # other versions of its path.
             self._generation = time.time_ns()
             self._preparing = asyncio.ensure_future(
                 self._backend.prepare_completion(self._key, self._checksums_name, sums, self._generation))
             # Shielded: a cancelled put lets it end before abort() forgets the checksum object.
-            replaced, *_ = await asyncio.gather(asyncio.shield(self._preparing), self._backend.check_place(self._key),
-                                                *theirs)
+            parts, replaced, *_ = await asyncio.gather(asyncio.gather(*self._parts), asyncio.shield(self._preparing),
+                                                       self._backend.check_place(self._key), *theirs)
             if before_visible is not None:
                 await before_visible()
             self._committing = asyncio.ensure_future(self._backend.complete_upload(
