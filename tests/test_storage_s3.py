@@ -1287,6 +1287,60 @@ def test_a_big_put_refused_at_its_commit_leaves_no_checksum_object(store, daemon
     assert raw_get(stub, drive_uri, "p/x") and [info.path for info, _ in raw_get(stub, drive_uri, "p")] == ["p/x"]
 
 
+LAST_PART_GONE_AFTER_THE_CHECKSUM_OBJECT = """
+import asyncio, json
+import drived.backends.s3 as s3
+
+def log(*event):
+    with open({log!r}, "a") as f:
+        f.write(json.dumps(event) + "\\n")
+
+def damaging(call):
+    written = asyncio.Event()
+
+    async def call_damaging(self, method, key="", **params):
+        last = method == "upload_part" and key.endswith("late.bin") and len(params["Body"]) < s3.PART_SIZE
+        if last:
+            try:  # the last part: sent once its commit's checks have written the checksum object, to an upload the
+                # store no longer has (moto checks no part's CRC32C)
+                await asyncio.wait_for(written.wait(), 20)
+            except asyncio.TimeoutError:
+                log("no checksum object while the last part was in flight")
+            params["UploadId"] = "gone"
+        try:
+            return await call(self, method, key, **params)
+        finally:
+            checksums = method == "put_object" and s3.CHECKSUMS in params["Key"] and "late.bin" in params["Key"]
+            log("the checksum object" if checksums else "the last part" if last else method)
+            if checksums:
+                written.set()
+    return call_damaging
+
+s3.S3Backend.call = damaging(s3.S3Backend.call)
+"""
+
+
+def test_a_part_that_fails_after_the_commits_checks_began_leaves_no_checksum_object(store, drive_uri, tmp_path):
+    """A multipart put's commit writes its checksum object beside its last parts in flight: when one of those parts
+    fails after the object was written (here the store lost the upload), the put fails naming the store's failure,
+    and leaves neither that object nor its upload; the version it would have replaced is the file, unchanged."""
+    log = tmp_path / "calls.jsonl"
+    stub = stub_of(store.daemon(before=LAST_PART_GONE_AFTER_THE_CHECKSUM_OBJECT.format(log=str(log))))
+    raw_put(stub, drive_uri, "late.bin", b"version 1", component="w")
+    before = store.object_keys()
+    with pytest.raises(grpc.RpcError) as failed:
+        raw_put(stub, drive_uri, "late.bin", os.urandom(PART_SIZE + MIB), component="w")
+    # moto answers a part of an upload it does not have with a 500, which boto3 tries again
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and "late.bin after retries: 500" in \
+        failed.value.details(), failed.value.details()
+    calls = [json.loads(line)[0] for line in log.read_text().splitlines()]
+    assert calls.index("the checksum object") < calls.index("the last part"), calls
+    assert wait_until(lambda: not store.uploads(), timeout=30), store.uploads()
+    assert wait_until(lambda: store.object_keys() == before, timeout=30), store.object_keys()
+    assert not store.object_keys(f"{PREFIX}~checksums/{drive_uri.removeprefix('lit://')}/")
+    assert [(info.component, data) for info, data in raw_get(stub, drive_uri, "late.bin")] == [("w", b"version 1")]
+
+
 def test_a_big_put_whose_commit_answer_was_lost_is_stored_and_reported_stored(store, drive_uri):
     """The answer of CompleteMultipartUpload lost, boto3 completes again, and a store that forgets an upload at its
     commit (MinIO, the store of deploy/) answers NoSuchUpload: the put was reported failed ("retry the put") with
