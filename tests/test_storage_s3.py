@@ -486,6 +486,38 @@ def test_an_object_whose_generation_is_past_int64_is_not_taken_for_a_drived_file
     assert raw_get(stub, drive_uri, "good.txt")[0][1] == b"good"
 
 
+def test_a_put_passes_over_objects_drived_did_not_write_as_reads_do(store, daemon_a, drive_uri):
+    """An object something else put in the drive's prefix is no file for a stat, a get or a list: a put whose
+    duplicate check or folder check found one (at its own path in another component, at a parent's key in another
+    component or in its own) was refused as though a file were there ("already held by component 'c07'", "a parent
+    folder of it is a file"). Such a put is stored now, and every object drived did not write stays as it was; one at
+    the put's own key is replaced, as before, and the daemon logs it."""
+    stub = stub_of(daemon_a)
+    name = drive_uri.removeprefix("lit://")
+    foreign = {f"{PREFIX}{name}/{key}": key.encode() for key in ("c07/a/b", "c07/p", "w/m", "w/f")}
+    for key, body in foreign.items():
+        store.client.put_object(Bucket=BUCKET, Key=key, Body=body)
+    raw_put(stub, drive_uri, "held", b"c08's", component="c08")
+    before = store.object_keys()
+    with pytest.raises(grpc.RpcError) as refused:  # a file of drived's in another component is still one
+        raw_put(stub, drive_uri, "held", b"w's", component="w", size=3)
+    assert (refused.value.code(), "is already held by component 'c08'" in refused.value.details()) == (
+        grpc.StatusCode.ALREADY_EXISTS, True)
+    assert store.object_keys() == before
+    for path in ("a/b", "p/q", "m/n"):  # another's at the path, another's at a parent, its own at a parent
+        raw_put(stub, drive_uri, path, path.encode(), component="w", size=len(path))
+        assert [(i.component, d) for i, d in raw_get(stub, drive_uri, path)] == [("w", path.encode())], path
+        found = stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path=path), timeout=60)
+        assert (found.component, found.size) == ("w", len(path)), path
+    for key, body in foreign.items():
+        assert store.client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == body, key
+    # its own path, where one lies: replaced, as a delete of the path removes it, and logged, not lost unseen
+    raw_put(stub, drive_uri, "f", b"w's f", component="w")
+    assert raw_get(stub, drive_uri, "f")[0][1] == b"w's f"
+    daemon_a.wait_logged("an object drived did not write was removed")
+    assert f'"object": "s3://{BUCKET}/{PREFIX}{name}/w/f", "size": 3, "by": "a put"' in daemon_a.log()
+
+
 def _path_of(nbytes: int) -> str:
     """A drive path of exactly `nbytes` ASCII bytes, in names of at most 200."""
     names = []

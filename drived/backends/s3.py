@@ -209,6 +209,19 @@ def _checksums_of(metadata: dict[str, str]) -> tuple[str, int | None]:
     return metadata.get("sha256", ""), int(crc, 16) if is_hex else None
 
 
+def _is_generation(text: str) -> bool:
+    """Whether `text` is a generation drived gives: a number of ns that fits an int64."""
+    return text.isdigit() and int(text) <= MAX_GENERATION
+
+
+def _written_by_drived(answer: dict[str, Any]) -> bool:
+    """Whether the object of a HEAD or GET `answer` is one drived wrote: its metadata holds a generation and its
+    sha256, or names its checksum object. Any other (put in the prefix by something else) is no file, for the reads
+    and for the checks of a put alike."""
+    metadata = answer.get("Metadata") or {}
+    return _is_generation(metadata.get("generation", "")) and bool(metadata.get("sha256") or metadata.get("checksums"))
+
+
 def _checksums_used(answer: dict[str, Any] | None) -> str:
     """The name of the checksum object that the object of a HEAD's `answer` uses ("": none, or no object)."""
     return str(((answer or {}).get("Metadata") or {}).get("checksums", ""))
@@ -822,14 +835,17 @@ class S3Backend(Backend):
         put or delete removes the checksum object of the version it replaced.
         Raises Damaged when it is gone from under the object still there, or
         holds no sha256 (its metadata, all it holds, lost: restored by a tool
-        that keeps none): lost behind the daemon's back, it leaves bytes that
-        nothing can check. So does a block table asked for and lost.
+        that keeps none) or a generation drived does not give: lost behind the
+        daemon's back, it leaves bytes that nothing can check. So does a block
+        table asked for and lost.
         """
-        metadata = answer.get("Metadata") or {}
-        generation = metadata.get("generation", "")
+        if not _written_by_drived(answer):
+            return None, None
+        metadata = answer["Metadata"]
+        generation = metadata["generation"]
         sha256, crc = _checksums_of(metadata)
         table = None
-        if not sha256 and metadata.get("checksums"):
+        if not sha256:
             name = self._checksums_key(key, metadata["checksums"])
             in_checksums = blocks if metadata.get("blocks") == TABLE_IN_CHECKSUMS else None
             checksums, table = await self._checksums_object(key, name, in_checksums)
@@ -842,10 +858,10 @@ class S3Backend(Backend):
             if not sha256:
                 raise Damaged(key, f"its checksum object {name} has lost its metadata (no sha256)")
             generation = held.get("generation", generation)  # its commit's (an earlier drived's names none)
+            if not _is_generation(generation):
+                raise Damaged(key, f"its checksum object {name} holds no generation drived gives")
         elif blocks is not None and "blocks" in metadata:
             table = _table_in_metadata(key, metadata["blocks"])
-        if not generation.isdigit() or int(generation) > MAX_GENERATION or not sha256:
-            return None, None
         return ObjectInfo(key, size, sha256, int(generation), crc), table
 
     async def _checksums_object(self, key: str, name: str, blocks: range | None
@@ -984,7 +1000,7 @@ class S3Backend(Backend):
                     "blocks": base64.b64encode(sums.block_table()).decode()}  # 44 bytes at most: 8 blocks
         await self.call("put_object", key, Key=self.root + key, Body=data, Metadata=metadata,
                         ChecksumCRC32C=_crc32c_header(sums.crc32c))
-        await self._forget_checksums_of(key, replaced)
+        await self._forget_version(key, replaced, "a put")
         return ObjectInfo(key, sums.size, sums.sha256, generation, sums.crc32c)
 
     async def create_upload(self, key: str, generation: int, checksums: str) -> str:
@@ -1039,14 +1055,19 @@ class S3Backend(Backend):
                 raise
             log.info("a commit whose answer was lost was made", extra={"fields": {"key": key}})
         self._live.discard(upload_id)
-        await self._forget_checksums_of(key, replaced)
+        await self._forget_version(key, replaced, "a put")
 
     async def _uses(self, key: str, checksums: str) -> bool:
         """Whether the object at `key` uses the checksum object named `checksums`: it is the upload that wrote it."""
         return _checksums_used(await self._head(self.root + key)) == checksums
 
-    async def _forget_checksums_of(self, key: str, answer: dict[str, Any] | None) -> None:
-        """Deletes the checksum object of the version in `answer` (a HEAD of `key` before it went)."""
+    async def _forget_version(self, key: str, answer: dict[str, Any] | None, by: str) -> None:
+        """Deletes the checksum object of the version in `answer` (a HEAD of `key` before it went, `by` a put or a
+        delete). One drived did not write is logged instead: the caller's path held no file for it, and the operator
+        who put it there learns where it went."""
+        if answer is not None and not _written_by_drived(answer):
+            log.warning("an object drived did not write was removed", extra={"fields": {
+                "object": f"s3://{self.bucket}/{self.root}{key}", "size": int(answer["ContentLength"]), "by": by}})
         name = _checksums_used(answer)
         if name:
             await self._forget_checksums(key, name)
@@ -1305,9 +1326,10 @@ class S3Backend(Backend):
         return await self._first_key(self._folder(key) if folder else self.root + key, key) is not None
 
     async def _occupied(self, keys: list[str], folder: str) -> tuple[list[bool], bool]:
-        """Whether each of `keys` is an object, and whether `folder` holds any: asked of the store all at once."""
+        """Whether each of `keys` is a file (an object drived wrote, as `stat` takes it), and whether `folder` holds
+        any object: asked of the store all at once."""
         held, *objects = await asyncio.gather(self.is_folder(folder), *(self._head(self.root + k) for k in keys))
-        return [answer is not None for answer in objects], bool(held)
+        return [answer is not None and _written_by_drived(answer) for answer in objects], bool(held)
 
     async def is_folder(self, key: str) -> bool:
         return await self._begun(key, folder=True)
@@ -1407,5 +1429,5 @@ class S3Backend(Backend):
         if answer is None:
             return None
         await self.call("delete_object", key, Key=self.root + key)
-        await self._forget_checksums_of(key, answer)
+        await self._forget_version(key, answer, "a delete")
         return int(answer["ContentLength"])
