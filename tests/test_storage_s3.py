@@ -518,6 +518,36 @@ def test_a_put_passes_over_objects_drived_did_not_write_as_reads_do(store, daemo
     assert f'"object": "s3://{BUCKET}/{PREFIX}{name}/w/f", "size": 3, "by": "a put"' in daemon_a.log()
 
 
+def test_a_folder_holding_only_objects_drived_did_not_write_is_an_empty_folder(store, tmp_path, drive_uri):
+    """A folder whose keys are all objects drived did not write is an empty folder, as the local backend's leftover
+    ones are: its stat and its parent's listing say folder, its listing is empty, a get of it finds no file, and a
+    put of its path is refused as a folder's. Telling it from no folder would cost a HEAD more on every stat of a
+    folder (the LIST that finds it gives no metadata) and a LIST and a HEAD more for each folder a listing shows."""
+    sent = tmp_path / "sent"
+    handle = store.daemon(before=SENT_REQUESTS.format(sent=str(sent)))
+    stub = stub_of(handle)
+    name = drive_uri.removeprefix("lit://")
+    store.client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{name}/w/h/i", Body=b"foreign")
+    raw_put(stub, drive_uri, "top.txt", b"top", component="w")
+    stat = functools.partial(stub.Stat, drive_pb2.StatRequest(drive=drive_uri, path="h", component="w"), timeout=60)
+    assert sent_by(sent, stat) == {"HeadObject": 1, "ListObjectsV2": 1}  # as for any folder
+    assert (stat().folder, stat().component) == (True, "w")
+    top = stub.List(drive_pb2.ListRequest(drive=drive_uri, path="."), timeout=60).entries
+    assert [(e.path, e.folder) for e in top] == [("h", True), ("top.txt", False)]
+    assert not stub.List(drive_pb2.ListRequest(drive=drive_uri, path="h"), timeout=60).entries
+    assert raw_get(stub, drive_uri, "h") == []
+    drive = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=handle.endpoint)
+    with pytest.raises(FileNotFoundError, match=r"holds no file \(deleted as the get began, or an empty folder\)"):
+        drive.get("h")
+    before = store.object_keys()
+    for component, code, said in (("w", grpc.StatusCode.INVALID_ARGUMENT, "it is a folder"),
+                                  ("other", grpc.StatusCode.ALREADY_EXISTS, "is a folder of component 'w'")):
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_put(stub, drive_uri, "h", b"a file", component=component)
+        assert refused.value.code() == code and said in refused.value.details(), component
+    assert store.object_keys() == before and not (tmp_path / "h").exists()
+
+
 def _path_of(nbytes: int) -> str:
     """A drive path of exactly `nbytes` ASCII bytes, in names of at most 200."""
     names = []
