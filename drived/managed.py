@@ -310,8 +310,9 @@ class ManagedDrives:
                 self._check_duplicates(drive, header.component, header.path))
             try:
                 try:
-                    # Read again inside the claim: the file may have been replaced since the put began.
-                    added = received - await self._own_size(header) if self.quotas else 0
+                    # Read again inside the claim: the file may have been replaced since the put began. The commit
+                    # replaces the version read here (`Upload.replacing`).
+                    added = received - await put.upload.replacing() if self.quotas else 0
                     if self.quotas and duplicates is not None:
                         await duplicates
                     async with self._holding(drive, object_key(drive, header.component, header.path), added):

@@ -1041,6 +1041,53 @@ def test_an_object_drived_did_not_write_leaves_the_quota_count_with_its_size(sto
     assert sorted(e.path for e in listed.entries) == ["fill.bin", *kept]
 
 
+def test_a_put_with_a_quota_heads_the_file_it_replaces_once_at_its_commit(store, tmp_path, make_drive_uri):
+    """With --quota, a put's commit HEADed the file it replaces twice inside its claim: once for the quota's count of
+    what it replaces, once more for the version whose checksum object it deletes. The claim keeps every other put and
+    delete of the path out from the first HEAD to the commit (and the commit is refused when it lapsed), so the one
+    answer serves both: a small put of a/b/c/file.txt sends 8 requests where it sent 9, a big one 1 HEAD fewer too.
+    The count stays exact (the refusal's numbers), and a replaced big file's checksum object is still deleted."""
+    sent = tmp_path / "sent"
+    asked = tmp_path / "asked"
+    handle = store.daemon("--quota", "20M", before=SENT_REQUESTS.format(sent=str(sent))
+                          + COUNTED_REQUESTS.format(asked=str(asked)))
+    stub = stub_of(handle)
+    drive = make_drive_uri("quotahead")
+    checksums = f"{PREFIX}~checksums/{drive.removeprefix('lit://')}/"
+    raw_put(stub, drive, "first.txt", b"counted", component="writer")  # the drive's first count (a LIST) is over
+
+    def put(path: str, data: bytes) -> Callable[[], object]:  # sized: checked at its commit only
+        return lambda: raw_put(stub, drive, path, data, component="writer", size=len(data))
+
+    # its own file as it begins, 3 parents, its own file at the commit (the version replaced too); was 6 HEADs
+    small = {"HeadObject": 5, "ListObjectsV2": 2, "PutObject": 1}
+    for data in (b"new", b"replacing"):
+        asked.unlink(missing_ok=True)
+        assert sent_by(sent, put("a/b/c/file.txt", data)) == small, data
+        assert round_trips(asked) == 4, data  # the own file, the components beside it, the place, the PutObject
+    big = os.urandom(PART_SIZE + 1)
+    # its own file as it begins, 3 parents before the first part and 3 at the commit, its own file at the commit
+    # (the version replaced too); was 9 HEADs. Replacing a big file, the old checksum object goes (1 DELETE).
+    multipart = {"CompleteMultipartUpload": 1, "CreateMultipartUpload": 1, "HeadObject": 8, "ListObjectsV2": 4,
+                 "PutObject": 1, "UploadPart": 2}
+    assert sent_by(sent, put("a/b/c/big.bin", big)) == multipart
+    assert sent_by(sent, put("a/b/c/big.bin", big[::-1])) == {**multipart, "DeleteObject": 1}
+    assert len(store.object_keys(checksums)) == 1  # the replaced version's checksum object is gone
+    assert sent_by(sent, put("a/b/c/big.bin", b"small now")) == {**small, "DeleteObject": 1}
+    assert store.object_keys(checksums) == []
+    held = len(b"counted") + len(b"replacing") + len(b"small now")
+    before = store.object_keys()
+    with pytest.raises(grpc.RpcError) as refused:
+        raw_put(stub, drive, "more.bin", os.urandom(20 * MIB - held + 1), component="writer")
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (f"holds {held:,} bytes; this put asks for {20 * MIB - held + 1:,} bytes more, over its quota of "
+            f"{20 * MIB:,} bytes") in refused.value.details()
+    assert store.object_keys() == before and not store.uploads()
+    assert [(i.path, d) for i, d in raw_get(stub, drive, "a/b/c", component="writer")] == [
+        ("a/b/c/big.bin", b"small now"), ("a/b/c/file.txt", b"replacing")]
+    raw_put(stub, drive, "more.bin", os.urandom(20 * MIB - held), component="writer")  # exactly full
+
+
 def test_listing_pages_keep_path_order_where_s3_key_order_differs(daemon_a, daemon, drive_uri):
     """S3 lists folder "a" as "a/", after "a.txt"; pages must still come in path order, each entry once."""
     paths = ["a!", "a-b", "a.txt", "a/x", "a0", "b", "b.c/d", "c/e"]

@@ -329,6 +329,18 @@ class Upload(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def replacing(self) -> int:
+        """What the version of the key that the commit replaces counts in `usage` (`Backend.counted_size`; 0 when
+        there is none), read now.
+
+        Asked inside the path's claim, which keeps every other put and delete
+        of the key out until the commit (a commit whose claim lapsed stores
+        nothing): the commit replaces that version, and a store that must know
+        it (S3: its checksum object, deleted after the commit) reads it no
+        second time.
+        """
+
+    @abc.abstractmethod
     async def commit(
         self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None,
         checks: asyncio.Future[None] | None = None,

@@ -521,6 +521,9 @@ class LocalUpload(Upload):
         self._committing = running
         return await asyncio.shield(running)
 
+    async def replacing(self) -> int:
+        return await self._backend.counted_size(self._key)
+
     async def commit(
         self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None,
         checks: asyncio.Future[None] | None = None,

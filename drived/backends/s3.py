@@ -254,6 +254,11 @@ def _missing(err: BaseException) -> bool:
     return code in ("NoSuchKey", "NotFound", "404") or (status == 404 and code != "NoSuchBucket")
 
 
+def _counted_size(answer: dict[str, Any] | None) -> int:
+    """What the object of a HEAD answer (None: none) counts in `usage`: its size as the listing gives it."""
+    return int(answer["ContentLength"]) if answer else 0
+
+
 def _server_time(answer: dict[str, Any]) -> datetime:
     """The store's clock at `answer` (its Date header), so expiry does not depend on this machine's clock."""
     date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
@@ -506,8 +511,9 @@ class S3Upload(Upload):
         self._upload_id = ""
         self._generation = 0
         self._checksums_name = ""  # the name of the checksum object of a multipart upload
-        self._preparing: asyncio.Future[dict[str, Any] | None] | None = None  # the writing of that object
+        self._preparing: asyncio.Future[None] | None = None  # the writing of that object
         self._parts: list[asyncio.Future[dict[str, Any]]] = []
+        self._replacing: asyncio.Future[dict[str, Any] | None] | None = None  # the HEAD of the version it replaces
         self._committing: asyncio.Future[Any] | None = None
         self._ended = False
 
@@ -685,6 +691,15 @@ class S3Upload(Upload):
     def _part_sent(self, _: asyncio.Future[dict[str, Any]]) -> None:
         self._backend.part_room.release()
 
+    def _replaced(self) -> asyncio.Future[dict[str, Any] | None]:
+        """The HEAD of the version of the key that the commit replaces (None: none), asked once (`replacing`)."""
+        if self._replacing is None:
+            self._replacing = asyncio.ensure_future(self._backend.replaced(self._key))
+        return self._replacing
+
+    async def replacing(self) -> int:
+        return _counted_size(await self._replaced())
+
     async def commit(
         self, sent: ClientChecksums, size: int | None = None, before_visible: BeforeVisible | None = None,
         checks: asyncio.Future[None] | None = None,
@@ -697,8 +712,7 @@ class S3Upload(Upload):
                 data = self._buffer or bytearray()  # left the part being filled: abort gives its room back
                 await (await self._hash(data))
                 check_received(self._key, sums, sent, size)
-                replaced, *_ = await asyncio.gather(self._backend.replaced(self._key),
-                                                    self._backend.check_place(self._key), *theirs)
+                replaced, *_ = await asyncio.gather(self._replaced(), self._backend.check_place(self._key), *theirs)
                 if before_visible is not None:
                     await before_visible()
                 self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, sums, replaced))
@@ -717,7 +731,8 @@ class S3Upload(Upload):
             self._preparing = asyncio.ensure_future(
                 self._backend.prepare_completion(self._key, self._checksums_name, sums, self._generation))
             # Shielded: a cancelled put lets it end before abort() forgets the checksum object.
-            parts, replaced, *_ = await asyncio.gather(asyncio.gather(*self._parts), asyncio.shield(self._preparing),
+            parts, replaced, *_ = await asyncio.gather(asyncio.gather(*self._parts), self._replaced(),
+                                                       asyncio.shield(self._preparing),
                                                        self._backend.check_place(self._key), *theirs)
             if before_visible is not None:
                 await before_visible()
@@ -988,7 +1003,7 @@ class S3Backend(Backend):
         return S3Upload(self, key)
 
     async def replaced(self, key: str) -> dict[str, Any] | None:
-        """The HEAD of the version of `key` that a small file's commit replaces (None: none)."""
+        """The HEAD of the version of `key` that a commit replaces (None: none)."""
         return await self._head(self.root + key)
 
     async def put_small(self, key: str, data: bytearray, sums: Checksums, replaced: dict[str, Any] | None
@@ -1024,23 +1039,17 @@ class S3Backend(Backend):
 
         return asyncio.ensure_future(send())
 
-    async def prepare_completion(self, key: str, checksums: str, sums: Checksums, generation: int
-                                 ) -> dict[str, Any] | None:
-        """What an upload's commit needs of the store before it: writes its checksum object (named `checksums`,
-        holding the hashes and the commit's `generation`, its bytes the block table), and answers the HEAD of the
-        version of `key` it replaces (None: none), all at once."""
-        replaced, _ = await asyncio.gather(
-            self._head(self.root + key),
-            self.call("put_object", key, Key=self._checksums_key(key, checksums), Body=sums.block_table(),
-                      Metadata={**_metadata(sums), "generation": str(generation)}),
-        )
-        return replaced
+    async def prepare_completion(self, key: str, checksums: str, sums: Checksums, generation: int) -> None:
+        """Writes the checksum object of an upload's commit (named `checksums`, holding the hashes and the commit's
+        `generation`, its bytes the block table)."""
+        await self.call("put_object", key, Key=self._checksums_key(key, checksums), Body=sums.block_table(),
+                        Metadata={**_metadata(sums), "generation": str(generation)})
 
     async def complete_upload(
         self, key: str, upload_id: str, checksums: str, parts: list[dict[str, Any]], replaced: dict[str, Any] | None
     ) -> None:
         """Makes the upload (whose checksum object is named `checksums`) the object (the commit), then forgets the
-        checksum object of the version `replaced` (`prepare_completion`)."""
+        checksum object of the version `replaced`."""
         try:
             await self.call("complete_multipart_upload", key, Key=self.root + key, UploadId=upload_id,
                             MultipartUpload={"Parts": parts})
@@ -1419,8 +1428,7 @@ class S3Backend(Backend):
         """The object's size from a HEAD, as `usage` counts it from the listing: an object that drived did not
         write (which `stat` does not answer) counts too. A big file's checksum object counts in neither: it
         lies outside every drive's prefix."""
-        answer = await self._head(self.root + key)
-        return int(answer["ContentLength"]) if answer else 0
+        return _counted_size(await self._head(self.root + key))
 
     # -- deletes -------------------------------------------------------------
 
