@@ -35,7 +35,9 @@ deleted when the upload is aborted, unless the object at the key uses it).
 `~` cannot start a drive name: the checksum objects share no folder with a
 drive. This costs one small PUT per big file, and a stat of a big file a second
 HEAD; the checksum object of a replaced or deleted version is deleted after it
-(a small file's commit HEADs the version it replaces beside its folder check).
+(a commit HEADs the version it replaces beside its folder check; with `--quota`,
+before it holds room instead, that one HEAD giving the quota's count too:
+`S3Upload.replacing`).
 (MinIO keeps such metadata in its own xl.meta and JuiceFS in its metadata
 engine; rclone stores an MD5 only when it can hash the source before the
 upload: each keeps the hash beside the bytes, not in S3's metadata.)
