@@ -295,8 +295,13 @@ class ManagedDrives:
         seconds): a put whose claim lapsed meanwhile (the coordinator out of reach for longer than its expiry,
         or the claim lost with its data) fails UNAVAILABLE and stores nothing, since another put of the path
         may have committed. Runs to its end when its caller is cancelled: every byte is in, and what it stores
-        is published."""
-        return await _to_its_end(self._commit_put(put, sent, received))
+        is published. A put that fails ends its upload here, whatever failed (its claim that could not be taken
+        too): nothing else ends a store's upload, or gives back the memory and descriptor it holds."""
+        try:
+            return await _to_its_end(self._commit_put(put, sent, received))
+        except BaseException:
+            await put.abort()
+            raise
 
     async def _commit_put(self, put: ManagedPut, sent: ClientChecksums, received: int) -> Entry:
         header, drive = put.header, put.header.drive.name
@@ -309,27 +314,23 @@ class ManagedDrives:
             duplicates = None if header.allow_duplicates else asyncio.ensure_future(
                 self._check_duplicates(drive, header.component, header.path))
             try:
-                try:
-                    # Read again inside the claim: the file may have been replaced since the put began. The commit
-                    # replaces the version read here (`Upload.replacing`).
-                    added = received - await put.upload.replacing() if self.quotas else 0
-                    if self.quotas and duplicates is not None:
-                        await duplicates
-                    async with self._holding(drive, object_key(drive, header.component, header.path), added):
-                        with _named(drive, header.component, header.path):
-                            changing = [Change("put", header.path, header.component,
-                                               version_of(sent.sha256, sent.crc32c))]
-                            confirm = functools.partial(claim.confirm, changing)
-                            try:
-                                info = await put.upload.commit(sent, header.size, confirm, duplicates)
-                            except NotDurable as visible:  # counted and reported as the others see it, then answered
-                                info, unsynced = visible.info, visible.error
-                except BaseException:
-                    if duplicates is not None:
-                        await duplicates
-                    raise
-            except (AlreadyExists, ResourceExhausted, Unavailable):  # nothing is stored: the upload goes now
-                await put.abort()
+                # Read again inside the claim: the file may have been replaced since the put began. The commit
+                # replaces the version read here (`Upload.replacing`).
+                added = received - await put.upload.replacing() if self.quotas else 0
+                if self.quotas and duplicates is not None:
+                    await duplicates
+                async with self._holding(drive, object_key(drive, header.component, header.path), added):
+                    with _named(drive, header.component, header.path):
+                        changing = [Change("put", header.path, header.component,
+                                           version_of(sent.sha256, sent.crc32c))]
+                        confirm = functools.partial(claim.confirm, changing)
+                        try:
+                            info = await put.upload.commit(sent, header.size, confirm, duplicates)
+                        except NotDurable as visible:  # counted and reported as the others see it, then answered
+                            info, unsynced = visible.info, visible.error
+            except BaseException:
+                if duplicates is not None:
+                    await duplicates
                 raise
             entry = _entry(header.path, header.component, info)
             # A put that failed answers no query as complete, as this daemon's own memory of completions does not.

@@ -12,6 +12,7 @@ import array
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import signal
@@ -720,6 +721,62 @@ def test_an_unreachable_coordinator_makes_puts_unavailable_naming_it_and_they_re
     own_cluster.coordinator_back()
     raw_put(stub, drive_uri, "after.txt", b"after", component="w")
     assert raw_get(stub, drive_uri, "after.txt")[0][1] == b"after"
+
+
+def test_big_puts_whose_claim_cannot_be_taken_end_their_uploads_and_the_memory_they_held(own_cluster, drive_uri):
+    """A put whose commit could not take its path's claim (the coordinator out of reach) failed UNAVAILABLE and left
+    its upload as it was: the store's multipart upload, which the replica listed as live (so no sweep aborted it),
+    and the room among the parts in memory that its last part held. Two such puts on a replica of two parts' room
+    left none: every big put after them waited for ever. Now a failed put ends its upload whatever failed."""
+    replica = own_cluster.replica(before="import drived.backends.s3 as s3; s3.PARTS_IN_MEMORY = 2")
+    stub = stub_of(replica)
+    raw_put(stub, drive_uri, "before.txt", b"before", component="w")
+    for name in ("first.bin", "second.bin"):
+        data = os.urandom(PART_SIZE + MIB)  # its last part's 1 MiB holds a part's room when the finish arrives
+        finish = threading.Event()
+        messages = list(put_messages(drive_uri, name, data, component="w", size=len(data)))
+        put = stub.Put.future(held_at_finish(messages, finish), timeout=60)
+        try:
+            assert wait_until(lambda: own_cluster.store.parts() == 1, timeout=20), "the upload never started"
+            own_cluster.valkey.kill()
+        finally:
+            finish.set()
+        with pytest.raises(grpc.RpcError) as down:
+            put.result(60)
+        assert down.value.code() == grpc.StatusCode.UNAVAILABLE and own_cluster.name in down.value.details()
+        own_cluster.coordinator_back()
+        assert wait_until(lambda: not own_cluster.store.uploads(), timeout=20), own_cluster.store.uploads()
+        stat = functools.partial(stub.Stat, drive_pb2.StatRequest(drive=drive_uri, path=name))
+        assert rpc_code(stat) == grpc.StatusCode.NOT_FOUND
+    data = os.urandom(2 * PART_SIZE + MIB)
+    assert raw_put(stub, drive_uri, "after.bin", data, component="w").files[0].sha256 == sha256_of(data)
+    assert raw_get(stub, drive_uri, "after.bin")[0][1] == data
+    assert raw_get(stub, drive_uri, "before.txt")[0][1] == b"before"
+
+
+def test_a_local_put_whose_claim_cannot_be_taken_removes_its_temporary_file(own_cluster, start_daemon, drive_uri,
+                                                                            tmp_path):
+    """The same on a daemon of the local backend sharing the coordinator: its upload's temporary file, and the
+    descriptor open on it, stayed until the daemon restarted."""
+    daemon = start_daemon(tmp_path, env={"DRIVED_COORDINATOR": own_cluster.valkey.url})
+    stub = stub_of(daemon)
+    data = os.urandom(3 * MIB)  # bigger than a small file: written to tmp/ as it arrives
+    finish = threading.Event()
+    put = stub.Put.future(held_at_finish(list(put_messages(drive_uri, "big.bin", data, component="w")), finish),
+                          timeout=60)
+    try:
+        assert wait_until(lambda: any((daemon.data_dir / "tmp").iterdir()), timeout=20), "no upload began"
+        own_cluster.valkey.kill()
+    finally:
+        finish.set()
+    with pytest.raises(grpc.RpcError) as down:
+        put.result(60)
+    assert down.value.code() == grpc.StatusCode.UNAVAILABLE and own_cluster.name in down.value.details()
+    assert wait_until(lambda: not any((daemon.data_dir / "tmp").iterdir()), timeout=20), \
+        list((daemon.data_dir / "tmp").iterdir())
+    own_cluster.coordinator_back()
+    assert rpc_code(lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="big.bin"))) == \
+        grpc.StatusCode.NOT_FOUND
 
 
 def unread_bytes(port: int) -> int:
