@@ -723,6 +723,24 @@ def test_an_unreachable_coordinator_makes_puts_unavailable_naming_it_and_they_re
     assert raw_get(stub, drive_uri, "after.txt")[0][1] == b"after"
 
 
+def put_failing_at_its_claim(cluster: Cluster, stub: drive_pb2_grpc.DriveServiceStub, drive_uri: str, path: str,
+                             size: int, begun: Callable[[], bool]) -> None:
+    """Puts `size` random bytes at `path`, stopping the coordinator once `begun()` says the upload holds something
+    and before the put's finish: the put fails UNAVAILABLE naming the coordinator, whose claim it cannot take."""
+    data = os.urandom(size)
+    finish = threading.Event()
+    messages = list(put_messages(drive_uri, path, data, component="w", size=size))
+    put = stub.Put.future(held_at_finish(messages, finish), timeout=60)
+    try:
+        assert wait_until(begun, timeout=20), "the upload never began"
+        cluster.valkey.kill()
+    finally:
+        finish.set()
+    with pytest.raises(grpc.RpcError) as down:
+        put.result(60)
+    assert down.value.code() == grpc.StatusCode.UNAVAILABLE and cluster.name in down.value.details()
+
+
 def test_big_puts_whose_claim_cannot_be_taken_end_their_uploads_and_the_memory_they_held(own_cluster, drive_uri):
     """A put whose commit could not take its path's claim (the coordinator out of reach) failed UNAVAILABLE and left
     its upload as it was: the store's multipart upload, which the replica listed as live (so no sweep aborted it),
@@ -732,18 +750,9 @@ def test_big_puts_whose_claim_cannot_be_taken_end_their_uploads_and_the_memory_t
     stub = stub_of(replica)
     raw_put(stub, drive_uri, "before.txt", b"before", component="w")
     for name in ("first.bin", "second.bin"):
-        data = os.urandom(PART_SIZE + MIB)  # its last part's 1 MiB holds a part's room when the finish arrives
-        finish = threading.Event()
-        messages = list(put_messages(drive_uri, name, data, component="w", size=len(data)))
-        put = stub.Put.future(held_at_finish(messages, finish), timeout=60)
-        try:
-            assert wait_until(lambda: own_cluster.store.parts() == 1, timeout=20), "the upload never started"
-            own_cluster.valkey.kill()
-        finally:
-            finish.set()
-        with pytest.raises(grpc.RpcError) as down:
-            put.result(60)
-        assert down.value.code() == grpc.StatusCode.UNAVAILABLE and own_cluster.name in down.value.details()
+        # its last part's 1 MiB holds a part's room when the finish arrives
+        put_failing_at_its_claim(own_cluster, stub, drive_uri, name, PART_SIZE + MIB,
+                                 lambda: own_cluster.store.parts() == 1)
         own_cluster.coordinator_back()
         assert wait_until(lambda: not own_cluster.store.uploads(), timeout=20), own_cluster.store.uploads()
         stat = functools.partial(stub.Stat, drive_pb2.StatRequest(drive=drive_uri, path=name))
@@ -760,18 +769,9 @@ def test_a_local_put_whose_claim_cannot_be_taken_removes_its_temporary_file(own_
     descriptor open on it, stayed until the daemon restarted."""
     daemon = start_daemon(tmp_path, env={"DRIVED_COORDINATOR": own_cluster.valkey.url})
     stub = stub_of(daemon)
-    data = os.urandom(3 * MIB)  # bigger than a small file: written to tmp/ as it arrives
-    finish = threading.Event()
-    put = stub.Put.future(held_at_finish(list(put_messages(drive_uri, "big.bin", data, component="w")), finish),
-                          timeout=60)
-    try:
-        assert wait_until(lambda: any((daemon.data_dir / "tmp").iterdir()), timeout=20), "no upload began"
-        own_cluster.valkey.kill()
-    finally:
-        finish.set()
-    with pytest.raises(grpc.RpcError) as down:
-        put.result(60)
-    assert down.value.code() == grpc.StatusCode.UNAVAILABLE and own_cluster.name in down.value.details()
+    # bigger than a small file: written to tmp/ as it arrives
+    put_failing_at_its_claim(own_cluster, stub, drive_uri, "big.bin", 3 * MIB,
+                             lambda: any((daemon.data_dir / "tmp").iterdir()))
     assert wait_until(lambda: not any((daemon.data_dir / "tmp").iterdir()), timeout=20), \
         list((daemon.data_dir / "tmp").iterdir())
     own_cluster.coordinator_back()
