@@ -218,6 +218,10 @@ class HeldUploads:
         completed, or held by another daemon); InvalidArgument when the
         header's path or size is not the upload's; OutOfRange when the
         offset is not what it holds. A refused resume changes nothing.
+        The takeover runs to its end when the resuming stream is cut
+        meanwhile (it waits for the old stream's part on its way to the
+        store), and the upload is then held as a cut stream's is: cut
+        halfway, it was neither written nor held, and never expired.
         """
         key = (header.drive.name, header.component, header.upload_id)
         resumable = self._known.get(key)
@@ -228,6 +232,17 @@ class HeldUploads:
             raise InvalidArgument(f"{_shown(key)} is the upload of {first.path!r}, not of {header.path!r}")
         if header.size is not None and first.size is not None and header.size != first.size:
             raise InvalidArgument(f"{_shown(key)} is of {first.size} bytes, not {header.size}")
+        taking = self._track(self._take_over(resumable, header, writer, asyncio.current_task()))
+        try:
+            return await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            await self.suspend(resumable, writer)  # once taken over; a no-op when it was refused
+            raise
+
+    async def _take_over(self, resumable: Resumable, header: PutHeader, writer: object, stream: Call | None
+                         ) -> Resumable:
+        """Hands `resumable` to `writer`, of the call `stream` (`resume`)."""
+        key, first = resumable.key, resumable.header
         async with resumable.lock:  # after the write in flight of a stream still open here
             if resumable.committing is not None:
                 raise NotFound(
@@ -245,7 +260,7 @@ class HeldUploads:
             if resumable.writer is not None and not await self._release(resumable):
                 raise NotFound(self._not_held(key))
             self._unhold(resumable)
-            resumable.writer, resumable.stream = writer, asyncio.current_task()
+            resumable.writer, resumable.stream = writer, stream
             if header.size is None:
                 header.size = first.size  # the size the upload began with is checked at its commit all the same
         return resumable

@@ -1581,6 +1581,58 @@ def test_a_held_upload_keeps_its_multipart_upload_and_resumes_into_it(store, dae
     assert not [u for u in store.uploads() if u["Key"].endswith("/w/held.bin")]
 
 
+def test_a_resume_cut_while_it_takes_the_upload_over_leaves_it_held_until_it_expires(tmp_path: Path, drive_uri):
+    """A resume takes its upload over from a stream still open on the daemon, whose last part is still on its way
+    to the store: it waits for that part. A resume whose stream was cut meanwhile (its client's deadline, a store
+    slow to answer) left the upload neither written nor held: never expired, its multipart upload listed live (so
+    no sweep aborted it) and its id known to queries for as long as the daemon ran. Now the takeover runs to its
+    end, and the upload is held as a cut stream's is, until it expires."""
+    store = Store(tmp_path)
+    try:
+        handle = store.daemon("--upload-expiry", "2")
+        stub = stub_of(handle)
+        data = os.urandom(2 * PART_SIZE + MIB)
+        # Duplicates allowed: the resume asks the store nothing before it takes the upload over.
+        header = drive_pb2.PutHeader(drive=drive_uri, path="held.bin", component="w", upload_id="u", size=len(data),
+                                     allow_duplicates=True)
+        query = drive_pb2.QueryWriteStatusRequest(drive=drive_uri, component="w", upload_id="u")
+        second_part, end = threading.Event(), threading.Event()
+
+        def open_stream() -> Iterator[drive_pb2.PutRequest]:  # broken on its client's side, still open here
+            yield drive_pb2.PutRequest(header=header)
+            for i in range(0, 2 * PART_SIZE, MIB):
+                if i == PART_SIZE + MIB:
+                    second_part.wait(30)
+                yield drive_pb2.PutRequest(data=data[i:i + MIB])
+            end.wait(30)
+
+        first = stub.Put.future(open_stream(), timeout=60)
+        try:
+            assert wait_until(lambda: store.parts() == 1, timeout=20), "the first part never reached the store"
+            store.moto.proc.send_signal(signal.SIGSTOP)  # the second part waits on the store
+            try:
+                second_part.set()
+                assert wait_until(lambda: stub.QueryWriteStatus(query, timeout=10).committed_size == 2 * PART_SIZE,
+                                  timeout=20)
+                header.write_offset = 2 * PART_SIZE
+                rest = [drive_pb2.PutRequest(header=header), drive_pb2.PutRequest(data=data[2 * PART_SIZE:]),
+                        drive_pb2.PutRequest(finish=drive_pb2.PutFinish(sha256=sha256_of(data)))]
+                assert rpc_code(lambda: stub.Put(iter(rest), timeout=2)) == grpc.StatusCode.DEADLINE_EXCEEDED
+            finally:
+                store.moto.proc.send_signal(signal.SIGCONT)
+        finally:
+            end.set()
+        assert first.exception(30).code() == grpc.StatusCode.INVALID_ARGUMENT  # it ended before its finish
+        assert wait_until(lambda: not store.uploads(), timeout=20), store.uploads()
+        assert rpc_code(lambda: stub.QueryWriteStatus(query, timeout=10)) == grpc.StatusCode.NOT_FOUND
+        assert rpc_code(lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="held.bin"), timeout=10)) == \
+            grpc.StatusCode.NOT_FOUND
+        assert raw_put(stub, drive_uri, "held.bin", data, component="w").files[0].sha256 == sha256_of(data)
+        assert raw_get(stub, drive_uri, "held.bin")[0][1] == data
+    finally:
+        store.close()
+
+
 def test_a_resumed_upload_is_stored_with_the_generation_of_its_commit(store, daemon_a, drive_uri):
     """A big file's generation (and so its modified time) is its commit's, as on a local disk: one held for a resume
     while another version of its path was put is newer than that version, not dated from its upload's start."""
