@@ -236,7 +236,10 @@ class HeldUploads:
         try:
             return await asyncio.shield(taking)
         except asyncio.CancelledError:
-            await self.suspend(resumable, writer)  # once taken over; a no-op when it was refused
+            await self.suspend(resumable, writer)  # once taken over (its lock comes after); a no-op when refused
+            await asyncio.wait([taking])
+            if not taking.cancelled():
+                taking.exception()  # a refusal nobody waits for any more: not left for asyncio to log
             raise
 
     async def _take_over(self, resumable: Resumable, header: PutHeader, writer: object, stream: Call | None
