@@ -37,6 +37,7 @@ from conftest import (
     raw_get,
     raw_put,
     rpc_code,
+    sitecustomized,
     wait_until,
 )
 from cutting_proxy import CuttingProxy
@@ -67,8 +68,8 @@ class Cluster:
         self.valkey = ValkeyServer(work, password=PASSWORD)
         self.name = f"redis://127.0.0.1:{self.valkey.port}/0"  # how errors name it: without the password
 
-    def replica(self, *args: str, before: str = "") -> DaemonHandle:
-        return self.store.daemon(*args, env=self.store.env(DRIVED_COORDINATOR=self.valkey.url), before=before)
+    def replica(self, *args: str, before: str = "", **env: str) -> DaemonHandle:
+        return self.store.daemon(*args, env=self.store.env(DRIVED_COORDINATOR=self.valkey.url, **env), before=before)
 
     def coordinator_back(self) -> None:
         """The coordinator comes back on its port, empty (its data lost)."""
@@ -439,6 +440,56 @@ def test_watch_on_b_sees_a_in_commit_order_and_resumes_on_c(replicas, drive_uri)
     assert resumed[0][2] == sequences[-1]  # watching from where it left off
     assert [e[:2] for e in resumed[1:]] == [("put", "three.txt"), ("delete", "two.txt")]
     assert resumed[1][2] > sequences[-1]
+
+
+# A clock stepped by `seconds` (NTP syncing after boot, a VM resumed from pause): the wall clock moves, datetime's
+# `now` too (it reads the system clock itself, not time.time), the monotonic one (which a step leaves alone) does not.
+STEPPED_CLOCK = """
+import datetime, time
+_time, _time_ns = time.time, time.time_ns
+time.time = lambda: _time() + {seconds}
+time.time_ns = lambda: _time_ns() + {seconds} * 1_000_000_000
+
+
+class _Stepped(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls.fromtimestamp(time.time(), tz)
+
+
+datetime.datetime = _Stepped
+"""
+
+
+def test_a_replica_whose_clock_is_minutes_ahead_serves_the_latest_version_and_sweeps_no_live_upload(
+        own_cluster, drive_uri, tmp_path):
+    """What replicas compare is timed by the store's clock (the sweep's expiry) or the coordinator's (claims, Watch
+    sequences), and versions are told apart by the store and the feed, not by time: a replica 2 minutes ahead
+    changes none of it. A file's generation (and modified time) is its committing replica's clock (README)."""
+    a = own_cluster.replica("--upload-expiry", "3")
+    ahead = own_cluster.replica("--upload-expiry", "3", **sitecustomized(tmp_path, STEPPED_CLOCK.format(seconds=120)))
+    put = StalledPut(stub_of(a), drive_uri, "slow.bin", PART_SIZE + MIB, finish=True)
+    try:
+        assert wait_until(lambda: own_cluster.store.parts() == 1, timeout=30), "the first part was never stored"
+        idle_since = time.monotonic()
+        [(_, _, before)] = watch_events(a, drive_uri, 0)
+        first = raw_put(stub_of(ahead), drive_uri, "v.txt", b"first", component="w").files[0]
+        latest = raw_put(stub_of(a), drive_uri, "v.txt", b"latest", component="w").files[0]
+        assert latest.generation < first.generation  # each replica's own clock
+        for replica in (a, ahead):
+            [(info, got)] = raw_get(stub_of(replica), drive_uri, "v.txt")
+            assert (got, info.generation) == (b"latest", latest.generation)
+        events = watch_events(ahead, drive_uri, 2, after=before)
+        assert [e[:2] for e in events[1:]] == [("put", "v.txt"), ("put", "v.txt")]
+        assert before < events[1][2] < events[2][2]
+        # The client sends nothing: sweeps of the replica ahead, every 3 s, find no part added for longer than that.
+        time.sleep(max(0.0, 7 - (time.monotonic() - idle_since)))
+    finally:
+        put.release.set()
+    [stored] = put.call.result(timeout=60).files
+    assert stored.sha256 == sha256_of(put.data)
+    assert raw_get(stub_of(ahead), drive_uri, "slow.bin")[0][1] == put.data
+    assert "aborting an abandoned upload" not in ahead.log() + a.log()
 
 
 @pytest.mark.parametrize("size", [100, 3 * MIB], ids=["PutFile", "Put stream"])
