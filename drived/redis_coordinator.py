@@ -919,6 +919,7 @@ class RedisCoordinator(Coordinator):
         self._background: set[asyncio.Future[Any]] = set()
         self._counting_again: set[asyncio.Future[None]] = set()  # drives counted again from the store
         self._queries_waiting = 0  # for another daemon's commit (`completion`)
+        self._reading: dict[tuple[str, int], asyncio.Future[Any]] = {}  # (drive, after): its feed's read (`since`)
         self._closed = False
 
     # -- plumbing ------------------------------------------------------------
@@ -1340,13 +1341,29 @@ class RedisCoordinator(Coordinator):
         return found
 
     async def since(self, drive: str, after: int) -> list[Event]:
-        reply = await self._run(self._since, self._feed_keys(drive), [after, PAGE])
+        """Calls asking for the same events while a read of them is in flight share that read: each event of a drive
+        wakes every get and watch waiting on it here, which would otherwise make a read each (a crowd of them would
+        queue the replica's calls past POOL_WAIT). A read shared may end without an event published while it was in
+        flight, as one made alone may: the caller asks again when the channel tells of it."""
+        reading = self._reading.get((drive, after))
+        if reading is None:
+            reading = self._reading[(drive, after)] = self._keep(self._read_feed(drive, after))
+        try:
+            reply = await asyncio.shield(reading)
+        except (redis.exceptions.RedisError, OSError) as err:  # each caller raises its own, as `_call` would
+            raise self.failure(err) from None
         if reply[0]:
             raise EventsExpired(
                 f"events of lit://{drive} after sequence {after} are no longer kept (more than {self.events_kept} "
                 "happened since, or the coordinator lost its data): list the drive, then watch from now"
             )
         return [_event(entry_id, fields) for entry_id, fields in reply[1]]
+
+    async def _read_feed(self, drive: str, after: int) -> Any:
+        try:
+            return await self._since(keys=self._feed_keys(drive), args=[after, PAGE])
+        finally:
+            del self._reading[(drive, after)]  # before its result is seen: a later call reads again
 
     @asynccontextmanager
     async def changes(self, drive: str) -> AsyncIterator[Changes]:

@@ -399,6 +399,32 @@ def test_a_get_waiting_on_b_through_other_puts_listens_to_the_drive_once(cluster
     assert (calls(admin, "subscribe") - subscribes, calls(admin, "unsubscribe") - unsubscribes) == (1, 1)
 
 
+def test_a_crowd_waiting_on_b_reads_each_event_of_its_drive_once_between_them(cluster, replicas, drive_uri):
+    """Each get waiting and each watch read the drive's feed on each event of the drive, through the replica's
+    POOL_SIZE connections: a crowd of N made N reads a put. 1,000 gets waiting on a drive that took 30 puts a second
+    of other paths queued past POOL_WAIT and failed UNAVAILABLE, blaming the coordinator ("No connection
+    available"), and a get of a path put then was answered 12 s after its put."""
+    a, b = replicas[:2]
+    admin = redis.Redis.from_url(cluster.valkey.url)
+    reads = calls(admin, "xrange")  # only the feed's reads (SINCE) call it: a feed this short is never trimmed
+    waiting = [stub_of(b).Get(drive_pb2.GetRequest(drive=drive_uri, path="awaited.txt", wait_seconds=60), timeout=60)
+               for _ in range(200)]
+    watching = [stub_of(b).Watch(drive_pb2.WatchRequest(drive=drive_uri), timeout=60) for _ in range(50)]
+    b.wait_open("Get", 200)
+    b.wait_open("Watch", 50)
+    paths = [f"other{i}.txt" for i in range(10)] + ["awaited.txt"]
+    for path in paths:
+        raw_put(stub_of(a), drive_uri, path, b"now", component="w")
+    for call in waiting:
+        [info, *data] = list(call)
+        assert (info.info.path, b"".join(message.data for message in data)) == ("awaited.txt", b"now")
+    for call in watching:
+        seen = [message.file.path for _, message in zip(range(len(paths) + 1), call, strict=False)]
+        call.cancel()
+        assert seen == ["", *paths]  # the WATCHING message, then every put in order
+    assert calls(admin, "xrange") - reads <= 2 * len(paths), "each waiting call read the feed on its own"
+
+
 def watch_events(handle: DaemonHandle, drive: str, count: int, after: int = 0,
                  ready: threading.Event | None = None) -> list[tuple[str, str, int]]:
     """The first `count` events of a Watch on `handle`: (kind, path, sequence), the WATCHING one first."""
