@@ -189,7 +189,7 @@ from .coordinator import (
     shutting_down,
 )
 from .entry import Entry
-from .redis_wakeups import Channel, Wakeups
+from .redis_wakeups import Channel, Link, Wakeups
 
 log = logging.getLogger("drived")
 
@@ -854,7 +854,7 @@ class _ChannelChanges(Changes):
     async def latest(self) -> int:
         link = await self._channel.armed()
         if not self._channel.known:  # first, or after a lost connection: asked once the subscription is confirmed
-            self._channel.learnt(link, await self._coordinator.last(self._drive))
+            self._channel.learnt(link, await self._coordinator.last_since_armed(self._drive, self._channel, link))
         return self._channel.latest
 
     async def wait(self, after: int, timeout: float | None) -> None:
@@ -919,7 +919,7 @@ class RedisCoordinator(Coordinator):
         self._background: set[asyncio.Future[Any]] = set()
         self._counting_again: set[asyncio.Future[None]] = set()  # drives counted again from the store
         self._queries_waiting = 0  # for another daemon's commit (`completion`)
-        self._reading: dict[tuple[str, int], asyncio.Future[Any]] = {}  # (drive, after): its feed's read (`since`)
+        self._asking: dict[tuple[Any, ...], asyncio.Future[Any]] = {}  # the calls shared while in flight (`_shared`)
         self._closed = False
 
     # -- plumbing ------------------------------------------------------------
@@ -941,6 +941,25 @@ class RedisCoordinator(Coordinator):
             return await script(keys=keys, args=args)
         except (redis.exceptions.RedisError, OSError) as err:
             raise self.failure(err) from None
+
+    async def _shared(self, key: tuple[Any, ...], script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Runs `script` as `_run` does, shared by the calls asking with the same `key` while it is in flight: a
+        crowd of gets and watches waiting on a drive asks the same at once, and a call each would queue the
+        replica's calls past POOL_WAIT. Each caller raises its own Unavailable (one object raised by many tasks
+        gathers their tracebacks)."""
+        asking = self._asking.get(key)
+        if asking is None:
+            asking = self._asking[key] = self._keep(self._ask(key, script, keys, args))
+        try:
+            return await asyncio.shield(asking)
+        except (redis.exceptions.RedisError, OSError) as err:
+            raise self.failure(err) from None
+
+    async def _ask(self, key: tuple[Any, ...], script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        finally:
+            del self._asking[key]  # before its reply is seen: a later call asks again
 
     async def _subscriber(self) -> Any:
         """A new connection for the wake-ups: it blocks reading for as long as it lives, so no read timeout (the
@@ -1340,30 +1359,23 @@ class RedisCoordinator(Coordinator):
             found += int(count)
         return found
 
+    async def last_since_armed(self, drive: str, channel: Channel, link: Link) -> int:
+        """`last`, shared by the calls of the tasks that armed `channel` on `link`: a read begun by one of them
+        began after the subscription was confirmed, so `Channel.learnt` may take it for all (a read begun before
+        another connection's, or another channel's, confirmation may miss an event that no message tells)."""
+        return int(await self._shared((self._last, drive, channel, link), self._last, self._feed_keys(drive), []))
+
     async def since(self, drive: str, after: int) -> list[Event]:
         """Calls asking for the same events while a read of them is in flight share that read: each event of a drive
-        wakes every get and watch waiting on it here, which would otherwise make a read each (a crowd of them would
-        queue the replica's calls past POOL_WAIT). A read shared may end without an event published while it was in
-        flight, as one made alone may: the caller asks again when the channel tells of it."""
-        reading = self._reading.get((drive, after))
-        if reading is None:
-            reading = self._reading[(drive, after)] = self._keep(self._read_feed(drive, after))
-        try:
-            reply = await asyncio.shield(reading)
-        except (redis.exceptions.RedisError, OSError) as err:  # each caller raises its own, as `_call` would
-            raise self.failure(err) from None
+        wakes every get and watch waiting on it here. A read shared may end without an event published while it was
+        in flight, as one made alone may: the caller asks again when the channel tells of it."""
+        reply = await self._shared((self._since, drive, after), self._since, self._feed_keys(drive), [after, PAGE])
         if reply[0]:
             raise EventsExpired(
                 f"events of lit://{drive} after sequence {after} are no longer kept (more than {self.events_kept} "
                 "happened since, or the coordinator lost its data): list the drive, then watch from now"
             )
         return [_event(entry_id, fields) for entry_id, fields in reply[1]]
-
-    async def _read_feed(self, drive: str, after: int) -> Any:
-        try:
-            return await self._since(keys=self._feed_keys(drive), args=[after, PAGE])
-        finally:
-            del self._reading[(drive, after)]  # before its result is seen: a later call reads again
 
     @asynccontextmanager
     async def changes(self, drive: str) -> AsyncIterator[Changes]:

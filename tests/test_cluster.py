@@ -425,6 +425,26 @@ def test_a_crowd_waiting_on_b_reads_each_event_of_its_drive_once_between_them(cl
     assert calls(admin, "xrange") - reads <= 2 * len(paths), "each waiting call read the feed on its own"
 
 
+def test_a_crowd_waiting_on_a_replica_asks_its_drive_latest_sequence_once_after_a_reconnect(own_cluster, drive_uri):
+    """A lost subscriber connection (the coordinator restarted, or dropped it) makes a drive's latest sequence
+    unknown, and each get waiting on the drive asked the coordinator for it on its own: N waiters, N calls at once
+    through the replica's POOL_SIZE connections (1,000 filled the pool)."""
+    a, b = own_cluster.replica(), own_cluster.replica()
+    admin = redis.Redis.from_url(own_cluster.valkey.url)
+    crowd = 250  # streams: one channel carries 256 at once
+    waiting = [stub_of(b).Get(drive_pb2.GetRequest(drive=drive_uri, path="awaited.txt", wait_seconds=60), timeout=60)
+               for _ in range(crowd)]
+    b.wait_open("Get", crowd)
+    scripts = calls(admin, "evalsha")
+    assert admin.client_kill_filter(_type="pubsub") == 1  # b's subscriber connection: a's waits on nothing
+    raw_put(stub_of(a), drive_uri, "awaited.txt", b"now", component="w")
+    for call in waiting:
+        [info, *data] = list(call)
+        assert (info.info.path, b"".join(message.data for message in data)) == ("awaited.txt", b"now")
+    # The put's own scripts (its claim, publish, release), the shared reads of the latest and of the feed.
+    assert calls(admin, "evalsha") - scripts <= 20, "each waiting get asked the latest sequence on its own"
+
+
 def watch_events(handle: DaemonHandle, drive: str, count: int, after: int = 0,
                  ready: threading.Event | None = None) -> list[tuple[str, str, int]]:
     """The first `count` events of a Watch on `handle`: (kind, path, sequence), the WATCHING one first."""
