@@ -140,9 +140,11 @@ the oldest: unlike XADD MAXLEN ~, XDEL records the newest id it removed, which
 is how `since` tells a resume that missed events.
 
 Connections: a daemon holds at most POOL_SIZE for its calls (callers queue
-for one) and one subscriber connection for its wake-ups, however many gets
-and watches wait. Every Redis failure is Unavailable naming the coordinator
-by its URL without user or password. Losing the coordinator's data loses the
+for one, POOL_WAIT at most) and one subscriber connection for its wake-ups,
+however many gets and watches wait. Every Redis failure is Unavailable naming
+the coordinator by its URL without user or password; a call that waited
+POOL_WAIT for a connection says its connections stayed busy, not that the
+coordinator failed. Losing the coordinator's data loses the
 event history and nothing else: the files are in the store, and the quota's
 counts are counted from it again.
 """
@@ -759,6 +761,14 @@ def _event(entry_id: bytes, fields: list[bytes]) -> Event:
                  values.get(b"r", b"").decode())
 
 
+def _waited_for_a_connection(err: BaseException) -> bool:
+    """Whether `err` ends a call's wait for a free connection of the pool (POOL_WAIT): redis-py raises that
+    ConnectionError from the wait's own timeout, which has no errno, unlike the ETIMEDOUT of a socket whose peer
+    is gone (raised as a ConnectionError from a TimeoutError too)."""
+    cause = err.__cause__
+    return isinstance(err, redis.exceptions.ConnectionError) and isinstance(cause, TimeoutError) and cause.errno is None
+
+
 def _feed_key(drive: str) -> str:
     return f"drived:{{{drive}}}:feed"
 
@@ -926,6 +936,12 @@ class RedisCoordinator(Coordinator):
 
     def failure(self, err: BaseException) -> Unavailable:
         """The Unavailable for a failed call: names the coordinator, never its password."""
+        if _waited_for_a_connection(err):  # the coordinator may be fine: say what it is not, as its failure would
+            return StoreUnavailable(
+                f"each of the {self._pool.max_connections} connections this daemon keeps to the coordinator "
+                f"{self.name} stayed busy for {self._pool.timeout:g} s (the coordinator slow to answer, or too many "
+                "calls at once): retry"
+            )
         return StoreUnavailable(
             f"the coordinator {self.name} cannot be used ({type(err).__name__}: {err}): "
             "retry once it is reachable again"

@@ -820,6 +820,31 @@ def test_an_unreachable_coordinator_makes_puts_unavailable_naming_it_and_they_re
     assert raw_get(stub, drive_uri, "after.txt")[0][1] == b"after"
 
 
+def test_a_call_queued_past_pool_wait_says_the_connections_stayed_busy_not_that_the_coordinator_failed(
+        own_cluster, drive_uri):
+    """A call that waited POOL_WAIT for one of the replica's POOL_SIZE connections failed "the coordinator ... cannot
+    be used (ConnectionError: No connection available.): retry once it is reachable again", sending an operator to a
+    coordinator that may be fine, only slow or asked too much at once."""
+    replica = own_cluster.replica(before="import drived.redis_coordinator as c; c.POOL_SIZE = 1; c.POOL_WAIT = 1")
+    stub = stub_of(replica)
+    raw_put(stub, drive_uri, "before.txt", b"before", component="w")
+    with stopped(own_cluster.valkey):  # accepts, answers nothing: the one connection stays busy with a put's claim
+        first = stub.Put.future(put_messages(drive_uri, "first.txt", b"first", component="w"), timeout=60)
+        assert wait_until(lambda: unread_bytes(own_cluster.valkey.port) > 0, timeout=10), "the claim was never sent"
+        with pytest.raises(grpc.RpcError) as busy:
+            raw_put(stub, drive_uri, "second.txt", b"second", component="w")
+    assert busy.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert busy.value.details() == (
+        f"drived: store failed: each of the 1 connections this daemon keeps to the coordinator {own_cluster.name} "
+        "stayed busy for 1 s (the coordinator slow to answer, or too many calls at once): retry")
+    assert first.result(30).files[0].path == "first.txt"
+    stat = functools.partial(stub.Stat, drive_pb2.StatRequest(drive=drive_uri, path="second.txt"))
+    assert rpc_code(stat) == grpc.StatusCode.NOT_FOUND  # nothing of the refused put was stored
+    raw_put(stub, drive_uri, "second.txt", b"second", component="w")
+    for name in ("before", "first", "second"):
+        assert raw_get(stub, drive_uri, f"{name}.txt")[0][1] == name.encode()
+
+
 def put_failing_at_its_claim(cluster: Cluster, stub: drive_pb2_grpc.DriveServiceStub, drive_uri: str, path: str,
                              size: int, begun: Callable[[], bool]) -> None:
     """Puts `size` random bytes at `path`, stopping the coordinator once `begun()` says the upload holds something
