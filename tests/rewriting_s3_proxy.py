@@ -21,12 +21,19 @@ for).
 `cut_read=hook`: the answer of the first GetObject of a key ending with `cut_key` is cut half way through its
 body (the connection closes), once `hook()` has run (a test replaces the object there, before its reader asks for
 the rest). Other GetObjects (a daemon's sweep reads the lists of live uploads) pass.
+
+`slow_down=hook`: a request for which `hook(method, path)` (its HTTP method and unquoted path) is true is answered
+503 SlowDown, as S3 answers when it throttles, and not forwarded (counted in `slowed_down`). `delay=(low, high)`:
+every request waits that many seconds (picked at random between them) before it is forwarded, as a store slow
+under pressure answers.
 """
 
 from __future__ import annotations
 
 import http.client
+import random
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +43,8 @@ Rewrite = Callable[[dict[str, str], bytes], bytes]
 _NO_SUCH_UPLOAD = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchUpload</Code><Message>The specified '
                    b'multipart upload does not exist. The upload ID may be invalid, or the upload may have been '
                    b'aborted or completed.</Message></Error>')
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request '
+             b'rate.</Message></Error>')
 
 
 def answer_length(headers: Sequence[tuple[str, str]]) -> str:
@@ -45,13 +54,15 @@ def answer_length(headers: Sequence[tuple[str, str]]) -> str:
 class RewritingS3Proxy:
     def __init__(self, target: str, rewrite: Rewrite = lambda query, body: body, drop: tuple[str, ...] = (),
                  lose_completes: int = 0, cut_read: Callable[[], object] | None = None, cut_key: str = "",
-                 drop_under: str = "") -> None:
+                 drop_under: str = "", slow_down: Callable[[str, str], bool] | None = None,
+                 delay: tuple[float, float] = (0.0, 0.0)) -> None:
         parts = urllib.parse.urlsplit(target)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         dropped = {name.lower() for name in drop}
         completed: set[str] = set()  # the upload ids of the CompleteMultipartUploads that succeeded
         self.lost_completes = 0
         self.cut_reads = 0
+        self.slowed_down = 0
         self.authorizations: list[str] = []
         lock = threading.Lock()
         proxy = self
@@ -64,6 +75,12 @@ class RewritingS3Proxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+                if slow_down is not None and slow_down(self.command, urllib.parse.unquote(self.path)):
+                    with lock:
+                        proxy.slowed_down += 1
+                    self._answer(503, SLOW_DOWN, [("Content-Type", "application/xml")])
+                    return
+                time.sleep(random.uniform(*delay))
                 if self.command == "POST" and query.get("uploadId") in completed:
                     self._answer(404, _NO_SUCH_UPLOAD, [("Content-Type", "application/xml")])
                     return

@@ -1473,6 +1473,41 @@ def test_a_big_put_whose_commit_answer_was_lost_is_stored_and_reported_stored(st
         "/", 1)[1]
 
 
+def test_a_store_that_throttles_is_named_as_throttling(store, drive_uri):
+    """A store under load answers 503 SlowDown (to a HEAD, a bare 503: its answer has no body), which boto3 tries
+    again. Throttled every time, a put, list, stat, get or delete fails UNAVAILABLE naming the endpoint and saying
+    it throttles (a HEAD's failure said "503 Service Unavailable", a SlowDown's quoted S3's code and words), storing
+    nothing and leaving the version before."""
+    throttling = threading.Event()
+    small, big = b"small v1", os.urandom(PART_SIZE + MIB)
+    with RewritingS3Proxy(store.url, slow_down=lambda method, path: throttling.is_set()) as proxy:
+        handle = store.daemon(env=store.env(AWS_ENDPOINT_URL=proxy.url))
+        stub = stub_of(handle)
+        raw_put(stub, drive_uri, "small.bin", small, component="w")
+        raw_put(stub, drive_uri, "big.bin", big, component="w")
+        before = store.object_keys()
+        throttling.set()
+        for name, call in (("put", lambda: raw_put(stub, drive_uri, "small.bin", b"small v2", component="w")),
+                           ("put", lambda: raw_put(stub, drive_uri, "big.bin", os.urandom(PART_SIZE + MIB),
+                                                   component="w")),
+                           ("list", lambda: stub.List(drive_pb2.ListRequest(drive=drive_uri, path="."), timeout=30)),
+                           ("stat", lambda: stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="big.bin"),
+                                                      timeout=30)),
+                           ("get", lambda: raw_get(stub, drive_uri, "small.bin")),
+                           ("delete", lambda: stub.Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="small.bin",
+                                                                                  component="w"), timeout=30))):
+            with pytest.raises(grpc.RpcError) as failed:
+                call()
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, (name, failed.value)
+            assert f"S3 endpoint {proxy.url} throttles" in failed.value.details(), (name, failed.value.details())
+        throttling.clear()
+        assert [(info.size, data) for info, data in raw_get(stub, drive_uri, "small.bin")] == [(len(small), small)]
+        assert raw_get(stub, drive_uri, "big.bin")[0][1] == big
+        assert wait_until(lambda: not store.uploads() and store.object_keys() == before, timeout=10), \
+            (store.uploads(), store.object_keys())
+        handle.stop()
+
+
 def test_a_store_that_ignores_ranges_is_refused_not_read_from_its_start(store, drive_uri, tmp_path):
     """An endpoint that answers a ranged GET with the whole object (as HTTP allows, and as some gateways and
     caches do): a read from an offset sent the object's first bytes as those at the offset, with the CRC32C of

@@ -131,7 +131,10 @@ def map_error(err: BaseException, client: Any, bucket: str, key: str = "") -> Dr
             )
         if code in _DENIED or status == 403:
             return PermissionDenied(f"S3 refused access to {where} at {endpoint}: {code}: {message}")
-        if status >= 500 or code in ("SlowDown", "InternalError", "ServiceUnavailable"):
+        if status == 503 or code in ("SlowDown", "ServiceUnavailable"):  # how S3 answers past its request rate
+            return StoreUnavailable(f"S3 endpoint {endpoint} throttles: it answered {code} ({message}) on {where} "
+                                    "after retries; it is overloaded or past its request rate: try again later")
+        if status >= 500 or code == "InternalError":
             return StoreUnavailable(f"S3 endpoint {endpoint} failed on {where} after retries: {code} {message}")
         return DriveError(f"S3 error on {where} at {endpoint}: {code or status}: {message}")
     if isinstance(err, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError,
