@@ -936,7 +936,7 @@ class RedisCoordinator(Coordinator):
 
     def failure(self, err: BaseException) -> Unavailable:
         """The Unavailable for a failed call: names the coordinator, never its password."""
-        if _waited_for_a_connection(err):  # the coordinator may be fine: say what it is not, as its failure would
+        if _waited_for_a_connection(err):  # the coordinator may be fine: say what happened, not that it failed
             return StoreUnavailable(
                 f"each of the {self._pool.max_connections} connections this daemon keeps to the coordinator "
                 f"{self.name} stayed busy for {self._pool.timeout:g} s (the coordinator slow to answer, or too many "
