@@ -458,6 +458,7 @@ class ManagedDrives:
         hits = await self._locate_or_wait(drive, path, get.component, get.wait_seconds)
         owner, found = hits[0]
         if len(hits) == 1 and found is not None:
+            get.check_version(found.sha256, "sha256")  # first: a pinned read of a file since shortened is stale
             get.check_range(found.size)
             with _named(drive, owner, path):  # the file may have changed since it was found
                 info, chunks = await self.backend.read(object_key(drive, owner, path), get.offset, get.limit)

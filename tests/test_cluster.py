@@ -48,7 +48,8 @@ from test_resume import requests
 from test_storage_s3 import BUCKET, PREFIX, StalledPut, Store, stub_of
 
 from bench.services import MotoServer, TlsProxy, ValkeyServer
-from drive_client import AsyncDrive, Drive
+from drive_client import AsyncDrive, Drive, StaleIndexError
+from drive_client.fsspec import DriveFileSystem
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drived.backends.s3 import PART_SIZE
 from drived.redis_coordinator import USAGE_KEPT
@@ -143,6 +144,21 @@ def test_put_through_a_is_listed_read_and_deleted_through_b_and_gone_on_a(replic
 
 # The answer of a Delete that removed two files (files_deleted=2), as a gRPC message.
 TWO_DELETED = b"\x00\x00\x00\x00\x02\x08\x02"
+
+
+def test_a_file_read_through_a_with_fsspec_and_replaced_through_b_by_a_shorter_one_fails_stale(replicas, drive_uri):
+    """fsspec pins each block read to the sha256 the file was opened with: a block past the end of the shorter
+    replacement is of a file that changed (StaleIndexError), not an offset past the end (InvalidArgument)."""
+    name = drive_uri.removeprefix("lit://")
+    a, b = (DriveFileSystem(endpoint=r.endpoint, component_name="w", skip_instance_cache=True) for r in replicas[:2])
+    a.pipe(f"{name}/model.pt", os.urandom(3 * MIB))
+    with a.open(f"{name}/model.pt", "rb", block_size=MIB) as f:
+        f.read(10)
+        b.pipe(f"{name}/model.pt", b"short")
+        f.seek(2 * MIB)
+        with pytest.raises(StaleIndexError, match="changed"):
+            f.read(10)
+    assert a.cat(f"{name}/model.pt") == b"short" and a.info(f"{name}/model.pt")["sha256"] == sha256_of(b"short")
 
 
 def test_a_delete_cut_after_a_removed_its_files_is_found_done_by_b(cluster, replicas, drive_uri, tmp_path):

@@ -445,8 +445,9 @@ class GetRequest(_message.Message):
     """
     if_match: _builtins.str
     """When set, the file must still have this sha256 (managed) or ETag (s3):
-    ABORTED otherwise. Lets a resumed or parallel read be sure it reads one
-    version of the file.
+    ABORTED otherwise, whatever the offset (a file replaced by a shorter one
+    is ABORTED, not INVALID_ARGUMENT). Lets a resumed or parallel read be
+    sure it reads one version of the file.
     """
     whole_small_files: _builtins.bool
     """When true, a file of at most 1 MiB comes as one `file` message (its
