@@ -307,6 +307,7 @@ class ManagedDrives:
         header, drive = put.header, put.header.drive.name
         unsynced: Exception | None = None
         async with self.coordinator.claim(drive, header.path) as claim:
+            await self._settle_left(claim, drive, header.path)
             # The duplicate check runs beside the commit's own checks of the place (`Upload.commit`): on a store,
             # their round trips at once. With a quota it runs beside the read of the caller's own file instead, and
             # ends before the put holds room: a put it refuses holds none that another put of the drive needs. Its
@@ -666,6 +667,7 @@ class ManagedDrives:
         key = object_key(drive, component, path)
         deleted = 0
         async with self.coordinator.claim(drive, path) as claim:
+            await self._settle_left(claim, drive, path)
             # Not recorded for a folder: its record would be settled as a delete of the folder's path when the walk
             # below fails.
             if self.coordinator.records_changes and not await self._is_folder(key):
@@ -779,6 +781,14 @@ class ManagedDrives:
         log.info("settled a change whose daemon did not publish it", extra={"fields": {
             "drive": drive, "path": change.path, "component": change.component, "kind": change.kind,
             "stored": stored is not None}})
+
+    async def _settle_left(self, claim: Claim, drive: str, path: str) -> None:
+        """Publishes, inside `claim` and before its own change, the changes at, above or below `path` that holders
+        who died left unpublished (`Coordinator.unsettled`): the replicas' look for them comes up to a TTL later,
+        after this change, which would be reported first, or make a put it deletes or replaces never reported."""
+        if claim.unsettled:
+            for unpublished in await self.coordinator.unsettled(drive, path):
+                await self.coordinator.settle(unpublished, await self._stored_at(drive, unpublished.change))
 
     async def _stored_at(self, drive: str, change: Change) -> Entry | None:
         """What the store holds at the path of `change`, as `Coordinator.settle` is told it."""

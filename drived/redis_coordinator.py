@@ -412,11 +412,24 @@ local function hold_below(i, token, ttl)
 end
 """
 
-# KEYS: the path's claim and below keys, then each folder's above it. ARGV: token, ttl (ms).
-# 0 when taken; else the milliseconds after which the claim in the way expires. One taken already with this token
-# (the call sent again after its answer was lost, as PUBLISH's) is taken again, for a whole TTL from now.
-ACQUIRE = CLAIM_CLOCK + """
+# Whether an unpublished change's value (as DROP reads it) was recorded in a claim at, above or below `path`.
+TOUCHES = """
+local function touches(value, path)
+  local claimed = string.match(value, '^[^%z]*', 18)
+  return claimed == path or string.sub(path, 1, #claimed + 1) == claimed .. '/'
+    or string.sub(claimed, 1, #path + 1) == path .. '/'
+end
+"""
+
+# KEYS: the path's claim and below keys, then each folder's above it, then the drive's unpublished changes. ARGV:
+# token, ttl (ms), the path.
+# 0 when taken; -1 when taken and changes recorded in claims at, above or below the path are unpublished (claims
+# that ended, since this one is free: `Coordinator.unsettled`); else the milliseconds after which the claim in the way
+# expires. One taken already with this token (the call sent again after its answer was lost, as PUBLISH's) is taken
+# again, for a whole TTL from now.
+ACQUIRE = CLAIM_CLOCK + TOUCHES + """
 local ttl = tonumber(ARGV[2])
+local claims = #KEYS - 1
 local function held(key)
   local left = redis.call('PTTL', key)
   if left == -2 then return nil end
@@ -431,12 +444,29 @@ local function held_below(key)
 end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   local busy = held(KEYS[1]) or held_below(KEYS[2])
-  for i = 3, #KEYS, 2 do busy = busy or held(KEYS[i]) end
+  for i = 3, claims, 2 do busy = busy or held(KEYS[i]) end
   if busy then return math.max(busy, 1) end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-for i = 4, #KEYS, 2 do hold_below(i, ARGV[1], ttl) end
+for i = 4, claims, 2 do hold_below(i, ARGV[1], ttl) end
+for _, value in ipairs(redis.call('HVALS', KEYS[#KEYS])) do
+  if touches(value, ARGV[3]) then return -1 end
+end
 return 0
+"""
+
+# KEYS: the drive's unpublished changes. ARGV: a path. The field and value of each change recorded in a claim at,
+# above or below the path, in turn.
+UNSETTLED = TOUCHES + """
+local found = {}
+local changes = redis.call('HGETALL', KEYS[1])
+for i = 1, #changes, 2 do
+  if touches(changes[i + 1], ARGV[1]) then
+    found[#found + 1] = changes[i]
+    found[#found + 1] = changes[i + 1]
+  end
+end
+return found
 """
 
 # Drops the unpublished changes ARGV[from..to] (fields) of `hash` that are the claim `token`'s, and `hash` from
@@ -451,9 +481,9 @@ local function drop(index, hash, token, from, to)
 end
 """
 
-# KEYS: the unpublished hashes' index, then each claim's keys (as ACQUIRE's) in turn, each followed by its drive's
-# unpublished changes when it changes them. ARGV: ttl (ms), then for each claim its token, its number of keys and
-# the number of arguments about its changes that follow (0: kept as they are); those are the number of changes it
+# KEYS: the unpublished hashes' index, then each claim's keys (ACQUIRE's but the last) in turn, each followed by its
+# drive's unpublished changes when it changes them. ARGV: ttl (ms), then for each claim its token, its number of keys
+# and the number of arguments about its changes that follow (0: kept as they are); those are the number of changes it
 # drops, their fields, then the field and value (without the token) of each change it records.
 # For each claim, 1 when it was still held (and is renewed, its changes recorded), 0 when it was lost (expired, and
 # maybe taken by another).
@@ -484,8 +514,8 @@ end
 return kept
 """
 
-# KEYS as ACQUIRE, then the drive's unpublished changes and their index. ARGV: token, channel, number of claim keys,
-# then the fields of the claim's changes to drop.
+# KEYS: the claim's keys (ACQUIRE's but the last), then the drive's unpublished changes and their index. ARGV: token,
+# channel, number of claim keys, then the fields of the claim's changes to drop.
 RELEASE = DROP + """
 local nkeys = tonumber(ARGV[3])
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -804,6 +834,16 @@ def _deleted_key(drive: str, component: str, request: str) -> str:
     return f"drived:{{{drive}}}:deleted:{component}:{request}"
 
 
+def _unpublished(drive: str, field: bytes, value: bytes) -> Unpublished:
+    """A change of `drive` as its unpublished hash holds it (`field`: `_change_field`'s; `value`: DROP's)."""
+    component, _, path = field.decode().partition("\0")
+    mark = value.decode()
+    kind, noted = MARKED_KINDS[mark[TOKEN_LENGTH]], mark.rpartition("\0")[2]  # a put's version, a delete's id
+    change = Change(kind, path, component, version=noted) if kind == "put" else Change(
+        kind, path, component, request=noted)
+    return Unpublished(drive, change, mark)
+
+
 def _change_field(component: str, path: str) -> str:
     """The field of a change among its drive's unpublished ones."""
     return f"{component}\0{path}"
@@ -909,6 +949,7 @@ class RedisCoordinator(Coordinator):
         self._renew = self._redis.register_script(RENEW)
         self._release = self._redis.register_script(RELEASE)
         self._unpublished_due = self._redis.register_script(UNPUBLISHED_DUE)
+        self._unsettled = self._redis.register_script(UNSETTLED)
         self._forget = self._redis.register_script(FORGET)
         self._completion = self._redis.register_script(COMPLETION)
         self._keep_completions = self._redis.register_script(KEEP_COMPLETIONS)
@@ -1119,10 +1160,12 @@ class RedisCoordinator(Coordinator):
 
     async def _try(self, claim: _RedisClaim) -> int:
         sent = asyncio.get_running_loop().time()
-        busy = int(await self._run(self._acquire, claim.keys, [claim.token, self._ttl_ms()]))
-        if not busy:
+        keys = [*claim.keys, _unpublished_key(claim.drive)]
+        busy = int(await self._run(self._acquire, keys, [claim.token, self._ttl_ms(), claim.path]))
+        if busy <= 0:
             claim.answered(sent, True)
-        return busy
+            claim.unsettled = busy < 0
+        return max(busy, 0)
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.claim_ttl * 1000))
@@ -1342,16 +1385,12 @@ class RedisCoordinator(Coordinator):
     async def unpublished(self) -> list[Unpublished]:
         found = await self._run(self._unpublished_due, [UNPUBLISHED],
                                 [self._ttl_ms(), UNPUBLISHED_DRIVES, UNPUBLISHED_FOUND])
-        changes = []
-        for key, field, value in zip(found[::3], found[1::3], found[2::3], strict=True):
-            drive = key.decode().removeprefix("drived:{").removesuffix("}:unpublished")
-            component, _, path = field.decode().partition("\0")
-            mark = value.decode()
-            kind, noted = MARKED_KINDS[mark[TOKEN_LENGTH]], mark.rpartition("\0")[2]  # a put's version, a delete's id
-            change = Change(kind, path, component, version=noted) if kind == "put" else Change(
-                kind, path, component, request=noted)
-            changes.append(Unpublished(drive, change, mark))
-        return changes
+        return [_unpublished(key.decode().removeprefix("drived:{").removesuffix("}:unpublished"), field, value)
+                for key, field, value in zip(found[::3], found[1::3], found[2::3], strict=True)]
+
+    async def unsettled(self, drive: str, path: str) -> list[Unpublished]:
+        found = await self._run(self._unsettled, [_unpublished_key(drive)], [path])
+        return [_unpublished(drive, field, value) for field, value in zip(found[::2], found[1::2], strict=True)]
 
     async def settle(self, unpublished: Unpublished, stored: Entry | None) -> None:
         drive, change = unpublished.drive, unpublished.change

@@ -279,6 +279,58 @@ def test_a_delete_whose_replica_died_before_publishing_is_found_done_once_anothe
     assert listed(other, drive_uri) == ["kept.txt"]
 
 
+
+# Kills the replica's process at its first publish, before it runs: after the store's change.
+KILLED_BEFORE_ITS_FIRST_PUBLISH = """
+import os, signal
+import drived.redis_coordinator
+async def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+drived.redis_coordinator.RedisCoordinator.publish = killed
+"""
+
+# A replica that never looks for the changes that dead replicas left unpublished (`settle_unpublished`).
+NOT_SETTLING = """
+import drived.managed
+async def not_settling(self):
+    pass
+drived.managed.ManagedDrives.settle_unpublished = not_settling
+"""
+
+
+def test_the_next_change_of_a_path_whose_replica_died_before_publishing_publishes_that_first(own_cluster, drive_uri):
+    """A replica died between a put's commit (a delete's) and its publish; the next change of the path, on another
+    replica once the claim lapsed, came before the replicas' look for unpublished changes: the delete removed a file
+    whose put no watch ever saw (the settle then found it gone: stored and deleted, it was never reported), and the
+    put of another component was reported before the delete that made room for it. The change now publishes the
+    dead replica's first, in its claim: each path's events in the order the store changed."""
+    other = own_cluster.replica("--claim-ttl", "2", before=NOT_SETTLING)
+    raw_put(stub_of(other), drive_uri, "moved.txt", b"first owner", component="w")
+    start = watch_events(other, drive_uri, 0)[0][2]
+    put_stored = functools.partial(raw_put, path="stored.txt", data=b"stored", drive=drive_uri, component="w")
+    delete_moved = drive_pb2.DeleteRequest(drive=drive_uri, path="moved.txt", component="w")
+    for change in (put_stored, lambda stub: stub.Delete(delete_moved, timeout=30)):
+        victim = own_cluster.replica("--claim-ttl", "2", before=KILLED_BEFORE_ITS_FIRST_PUBLISH)
+        assert rpc_code(functools.partial(change, stub_of(victim))) == grpc.StatusCode.UNAVAILABLE
+        assert victim.proc.wait(30) == -signal.SIGKILL
+    assert stub_of(other).Delete(drive_pb2.DeleteRequest(drive=drive_uri, path="stored.txt", component="w"),
+                                 timeout=30).files_deleted == 1
+    raw_put(stub_of(other), drive_uri, "moved.txt", b"second owner", component="x")
+    raw_put(stub_of(other), drive_uri, "last.txt", b"last", component="w")
+    events = []
+    for event in stub_of(other).Watch(drive_pb2.WatchRequest(drive=drive_uri, after_sequence=start), timeout=30):
+        events.append((drive_pb2.WatchEvent.Kind.Name(event.kind), event.file.path, event.file.component))
+        if event.file.path == "last.txt":
+            break
+    assert events[1:] == [("KIND_PUT", "stored.txt", "w"), ("KIND_DELETE", "stored.txt", "w"),
+                          ("KIND_DELETE", "moved.txt", "w"), ("KIND_PUT", "moved.txt", "x"),
+                          ("KIND_PUT", "last.txt", "w")], events
+    assert not unpublished_left(own_cluster)
+    [(info, data)] = raw_get(stub_of(other), drive_uri, "moved.txt")
+    assert (info.component, data) == ("x", b"second owner")
+    assert rpc_code(lambda: raw_get(stub_of(other), drive_uri, "stored.txt")) == grpc.StatusCode.NOT_FOUND
+
+
 def test_the_records_of_many_delete_requests_keep_within_the_completions_bytes(own_cluster, drive_uri):
     """A client sending many deletes, each with its own long request id, makes a record each: the records the
     coordinator keeps take at most the completions' bytes (lowered here to 4 KiB), the oldest forgotten first, and
