@@ -45,6 +45,17 @@ scripts touch `drived:epoch` beside a drive's keys):
   change in that claim drops its field, and so does the release of a claim
   whose body ended without raising; a field whose claim is no longer held
   by its token is a change never published, which `unpublished` hands out.
+- `drived:{<drive>}:unpublished:claimed`: those changes indexed by the path
+  their claim claimed, a sorted set of members `<path claimed>\0<field>`,
+  all scored 0, changed with the hash in each script that changes it (~80
+  bytes a change with short paths, ~270 with paths of 110 characters), and
+  deleted with its last field: a claim's take looks for a change left at,
+  above or below its path (`unsettled`) by a lexical range below the path
+  and a lookup of the path and each folder above it, whatever the number of
+  changes being made in the drive. A change recorded by a daemon of the
+  previous release has no member (a rolling update): only `unpublished`,
+  which reads the hash, finds it; a member whose change such a daemon
+  dropped goes at the next `unsettled` that meets it.
 - `drived:{<drive>}:usage`: the drive's count for `--quota` (`drived.quota`),
   a hash: `used` (the bytes of its files), `reserved` (the bytes commits in
   progress add), `count` (a token that tells this count from a later one),
@@ -126,9 +137,10 @@ Each operation is one Lua script (one round trip, atomic): a claim checks
 and takes its key and its folders' in one step; a publish numbers, appends,
 trims and announces in one step; a commit's reservation checks the quota
 and holds its room in one step. The scripts that look for unpublished
-changes (and the feed's, `drived:epoch:run` beside `drived:epoch`, and those
-that write completions, which delete the oldest of any drive) build keys
-they are not given: one server, not Redis Cluster.
+changes or change their records (the index beside a drive's hash), the
+feed's (`drived:epoch:run` beside `drived:epoch`), and those that write
+completions (which delete the oldest of any drive) build keys they are not
+given: one server, not Redis Cluster.
 
 Sequences are max(the server's clock in µs, the feed's last + 1, the
 epoch + 1): they increase within a drive and are never given twice, also
@@ -308,20 +320,64 @@ local function kept_logged(log, written, key, bytes, ms, budget)
 end
 """
 
-# KEYS: epoch, feed, the publish's answer, the drive's unpublished changes, their index, and when a put completes an
-# upload, its completion, the completions' log (`drived:completions`, its bytes written) and the mark of the upload's
-# commit, which ends here (the completion takes its place for the queries waiting on it); when a delete has a request
-# id, that request's record and the completions' log. ARGV: events kept, trim batch, channel, ms its answer is kept,
-# the fields k p c s h g m r, the change's field among the unpublished, then its value for a settle (nothing is
-# published unless that value is still there; '' otherwise), the token of the claim the change was made in (its record
-# is dropped only when that claim's; '': whosever), then the completion's value ('' for a delete), the ms it (the
-# request's record) is kept and the completions' bytes kept. The answer key makes the call idempotent: sent again
-# (redis-py's retry on a new connection, after the first connection broke before its answer came), it answers the
-# first call's sequence and adds nothing. 0 when a settle found its change gone.
+# A drive's unpublished changes (KEYS `hash`, the hash of `due`: the hashes' index `drived:unpublished`) and their
+# index by the path claimed (`by_claim`). A value starts with the token (TOKEN_LENGTH: 16 characters), then the kind
+# (the 17th), then the path claimed (from the 18th) to a \0; its member in the index is that path, \0 and its field,
+# scored 0, so that the changes claimed at a path, or below it, are a lexical range. Each script changes both in the
+# same step. `record` sets a field, moving its member when a claim of another path records it again; `unrecord` drops
+# one, then the index and the hash's place among those due once its last field is gone. A daemon of the previous
+# release (a rolling update) changes the hash alone: a member whose change it dropped or recorded again is dropped by
+# the next look at it (UNSETTLED), and a change it records has none (only UNPUBLISHED_DUE, which reads the hash, finds
+# it).
+RECORDS = """
+local NUL, ONE = string.char(0), string.char(1)
+local function claimed_of(value)
+  return string.match(value, '^[^%z]*', 18)
+end
+local function by_claim(hash)
+  return hash .. ':claimed'
+end
+local function record(hash, field, value)
+  local old = redis.call('HGET', hash, field)
+  if old then redis.call('ZREM', by_claim(hash), claimed_of(old) .. NUL .. field) end
+  redis.call('HSET', hash, field, value)
+  redis.call('ZADD', by_claim(hash), 0, claimed_of(value) .. NUL .. field)
+end
+local function unrecord(due, hash, field, value)
+  redis.call('HDEL', hash, field)
+  redis.call('ZREM', by_claim(hash), claimed_of(value) .. NUL .. field)
+  if redis.call('EXISTS', hash) == 0 then
+    redis.call('DEL', by_claim(hash))
+    redis.call('ZREM', due, hash)
+  end
+end
+-- The lexical ranges of the index that hold the changes claimed at `path`, below it, and at each folder above it.
+local function ranges_touching(path)
+  local ranges = {{'[' .. path .. NUL, '(' .. path .. ONE}, {'[' .. path .. '/', '(' .. path .. '0'}}
+  local slash = string.find(path, '/', 1, true)
+  while slash do
+    local folder = string.sub(path, 1, slash - 1)
+    ranges[#ranges + 1] = {'[' .. folder .. NUL, '(' .. folder .. ONE}
+    slash = string.find(path, '/', slash + 1, true)
+  end
+  return ranges
+end
+"""
+
+# KEYS: epoch, feed, the publish's answer, the drive's unpublished changes, the hashes' index (`drived:unpublished`),
+# and when a put completes an upload, its completion, the completions' log (`drived:completions`, its bytes written) and
+# the mark of the upload's commit, which ends here (the completion takes its place for the queries waiting on it); when
+# a delete has a request id, that request's record and the completions' log. ARGV: events kept, trim batch, channel, ms
+# its answer is kept, the fields k p c s h g m r, the change's field among the unpublished, then its value for a settle
+# (nothing is published unless that value is still there; '' otherwise), the token of the claim the change was made in
+# (its record is dropped only when that claim's; '': whosever), then the completion's value ('' for a delete), the ms it
+# (the request's record) is kept and the completions' bytes kept. The answer key makes the call idempotent: sent again
+# (redis-py's retry on a new connection, after the first connection broke before its answer came), it answers the first
+# call's sequence and adds nothing. 0 when a settle found its change gone.
 # allow-oom: it runs after a put's commit, and a server at its maxmemory refuses a script's first write that may take
 # memory (here the completion's): the file stayed stored while its put answered UNAVAILABLE, and was sent again. So the
 # completions it writes keep within COMPLETIONS_KEPT_BYTES, past maxmemory or not.
-PUBLISH = "#!lua flags=allow-oom\n" + FEED_STATE + COMPLETIONS_LOG + """
+PUBLISH = "#!lua flags=allow-oom\n" + FEED_STATE + COMPLETIONS_LOG + RECORDS + """
 local done = redis.call('GET', KEYS[3])
 if done then return tonumber(done) end
 if KEYS[6] and ARGV[5] == 'put' then
@@ -329,11 +385,10 @@ if KEYS[6] and ARGV[5] == 'put' then
   logged(KEYS[7], KEYS[8], KEYS[6], completion_bytes(KEYS[6], string.len(ARGV[16])), ARGV[17], ARGV[18])
   redis.call('DEL', KEYS[9])
 end
-local record = redis.call('HGET', KEYS[4], ARGV[13])
-if ARGV[14] ~= '' and record ~= ARGV[14] then return 0 end
-if record and (ARGV[15] == '' or string.sub(record, 1, 16) == ARGV[15]) then
-  redis.call('HDEL', KEYS[4], ARGV[13])
-  if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('ZREM', KEYS[5], KEYS[4]) end
+local recorded = redis.call('HGET', KEYS[4], ARGV[13])
+if ARGV[14] ~= '' and recorded ~= ARGV[14] then return 0 end
+if recorded and (ARGV[15] == '' or string.sub(recorded, 1, 16) == ARGV[15]) then
+  unrecord(KEYS[5], KEYS[4], ARGV[13], recorded)
 end
 if KEYS[6] and ARGV[5] == 'delete' then
   local count = redis.call('INCRBY', KEYS[6], 1)
@@ -412,22 +467,13 @@ local function hold_below(i, token, ttl)
 end
 """
 
-# Whether an unpublished change's value (as DROP reads it) was recorded in a claim at, above or below `path`.
-TOUCHES = """
-local function touches(value, path)
-  local claimed = string.match(value, '^[^%z]*', 18)
-  return claimed == path or string.sub(path, 1, #claimed + 1) == claimed .. '/'
-    or string.sub(claimed, 1, #path + 1) == path .. '/'
-end
-"""
-
 # KEYS: the path's claim and below keys, then each folder's above it, then the drive's unpublished changes. ARGV:
 # token, ttl (ms), the path.
 # 0 when taken; -1 when taken and changes recorded in claims at, above or below the path are unpublished (claims
 # that ended, since this one is free: `Coordinator.unsettled`); else the milliseconds after which the claim in the way
 # expires. One taken already with this token (the call sent again after its answer was lost, as PUBLISH's) is taken
 # again, for a whole TTL from now.
-ACQUIRE = CLAIM_CLOCK + TOUCHES + """
+ACQUIRE = CLAIM_CLOCK + RECORDS + """
 local ttl = tonumber(ARGV[2])
 local claims = #KEYS - 1
 local function held(key)
@@ -449,35 +495,38 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 for i = 4, claims, 2 do hold_below(i, ARGV[1], ttl) end
-for _, value in ipairs(redis.call('HVALS', KEYS[#KEYS])) do
-  if touches(value, ARGV[3]) then return -1 end
+for _, range in ipairs(ranges_touching(ARGV[3])) do
+  if redis.call('ZRANGE', by_claim(KEYS[#KEYS]), range[1], range[2], 'BYLEX', 'LIMIT', 0, 1)[1] then return -1 end
 end
 return 0
 """
 
 # KEYS: the drive's unpublished changes. ARGV: a path. The field and value of each change recorded in a claim at,
 # above or below the path, in turn.
-UNSETTLED = TOUCHES + """
+UNSETTLED = RECORDS + """
 local found = {}
-local changes = redis.call('HGETALL', KEYS[1])
-for i = 1, #changes, 2 do
-  if touches(changes[i + 1], ARGV[1]) then
-    found[#found + 1] = changes[i]
-    found[#found + 1] = changes[i + 1]
+for _, range in ipairs(ranges_touching(ARGV[1])) do
+  for _, member in ipairs(redis.call('ZRANGE', by_claim(KEYS[1]), range[1], range[2], 'BYLEX')) do
+    local claimed, field = string.match(member, '^([^%z]*)%z(.*)$')
+    local value = redis.call('HGET', KEYS[1], field)
+    if value and claimed_of(value) == claimed then
+      found[#found + 1] = field
+      found[#found + 1] = value
+    else  -- its change dropped, or recorded again, by a daemon of the previous release (a rolling update)
+      redis.call('ZREM', by_claim(KEYS[1]), member)
+    end
   end
 end
 return found
 """
 
-# Drops the unpublished changes ARGV[from..to] (fields) of `hash` that are the claim `token`'s, and `hash` from
-# `index` when none is left. A value starts with the token (TOKEN_LENGTH: 16 characters), then the kind (the 17th),
-# then the path claimed (from the 18th) to a \0.
-DROP = """
-local function drop(index, hash, token, from, to)
+# Drops the unpublished changes ARGV[from..to] (fields) of `hash` that are the claim `token`'s (RECORDS' `unrecord`).
+DROP = RECORDS + """
+local function drop(due, hash, token, from, to)
   for i = from, to do
-    if string.sub(redis.call('HGET', hash, ARGV[i]) or '', 1, 16) == token then redis.call('HDEL', hash, ARGV[i]) end
+    local value = redis.call('HGET', hash, ARGV[i])
+    if value and string.sub(value, 1, 16) == token then unrecord(due, hash, ARGV[i], value) end
   end
-  if redis.call('EXISTS', hash) == 0 then redis.call('ZREM', index, hash) end
 end
 """
 
@@ -505,7 +554,7 @@ while a <= #ARGV do
     if held then
       local drops = tonumber(ARGV[a])
       drop(KEYS[1], KEYS[k], token, a + 1, a + drops)
-      for i = a + 1 + drops, a + nchanges - 1, 2 do redis.call('HSET', KEYS[k], ARGV[i], token .. ARGV[i + 1]) end
+      for i = a + 1 + drops, a + nchanges - 1, 2 do record(KEYS[k], ARGV[i], token .. ARGV[i + 1]) end
       if nchanges > drops + 1 then redis.call('ZADD', KEYS[1], 'NX', now + ttl, KEYS[k]) end
     end
     a = a + nchanges
@@ -514,8 +563,8 @@ end
 return kept
 """
 
-# KEYS: the claim's keys (ACQUIRE's but the last), then the drive's unpublished changes and their index. ARGV: token,
-# channel, number of claim keys, then the fields of the claim's changes to drop.
+# KEYS: the claim's keys (ACQUIRE's but the last), then the drive's unpublished changes and the hashes' index. ARGV:
+# token, channel, number of claim keys, then the fields of the claim's changes to drop.
 RELEASE = DROP + """
 local nkeys = tonumber(ARGV[3])
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -528,7 +577,7 @@ return 1
 # KEYS: the unpublished hashes' index. ARGV: ttl (ms), how many hashes at most, how many changes at most. The hashes
 # due, each moved on a TTL (dropped from the index when empty), and of each the changes whose claims are no longer
 # held by their tokens: hash, field and value of each in turn, until the changes found reach their most.
-UNPUBLISHED_DUE = CLAIM_CLOCK + """
+UNPUBLISHED_DUE = CLAIM_CLOCK + RECORDS + """
 local found = {}
 local most = 3 * tonumber(ARGV[3])
 for _, hash in ipairs(redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE', 'LIMIT', 0, ARGV[2])) do
@@ -536,13 +585,13 @@ for _, hash in ipairs(redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE', 'LIM
   local changes = redis.call('HGETALL', hash)
   if #changes == 0 then
     redis.call('ZREM', KEYS[1], hash)
+    redis.call('DEL', by_claim(hash))  -- an index goes with its hash
   else
     redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), hash)
     local claims = string.sub(hash, 1, -string.len('unpublished') - 1) .. 'claim:'
     for i = 1, #changes, 2 do
       local value = changes[i + 1]
-      local claimed = string.match(value, '^[^%z]*', 18)
-      if #found < most and redis.call('GET', claims .. claimed) ~= string.sub(value, 1, 16) then
+      if #found < most and redis.call('GET', claims .. claimed_of(value)) ~= string.sub(value, 1, 16) then
         found[#found + 1] = hash
         found[#found + 1] = changes[i]
         found[#found + 1] = value
@@ -705,10 +754,9 @@ end
 return 1
 """
 
-# KEYS: a drive's unpublished changes, their index. ARGV: a field, and the value it must still have to be dropped.
-FORGET = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], KEYS[1]) end
+# KEYS: a drive's unpublished changes, the hashes' index. ARGV: a field, and the value it must still have to be dropped.
+FORGET = RECORDS + """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then unrecord(KEYS[2], KEYS[1], ARGV[1], ARGV[2]) end
 return 1
 """
 
