@@ -1784,6 +1784,42 @@ def test_a_live_upload_whose_client_is_slow_is_not_swept_by_another_daemon(tmp_p
         store.close()
 
 
+def test_a_sweep_skips_an_upload_another_sweep_aborted_meanwhile(store, caplog):
+    """Replicas sweep the same uploads: one that another sweep aborted between this sweep's ListMultipartUploads
+    and its ListParts was answered NoSuchUpload, which failed the whole round (logged as an upload "given up" by
+    nobody) and left the round's other abandoned uploads for the next; one aborted between the listing and this
+    sweep's own abort was logged as a failed abort. An upload gone meanwhile is no longer abandoned: the round goes
+    on, warning of nothing."""
+    prefix = "sweeprace/"
+    keys = {name: f"{prefix}d/w/{name}.bin" for name in ("gone", "raced", "left")}
+    for key in keys.values():  # as a killed daemon's puts leave them, before their first part
+        store.client.create_multipart_upload(Bucket=BUCKET, Key=key)
+
+    def abort_first(name: str, params: dict, **_: object) -> None:
+        """Another replica's sweep aborts the upload of `name` just before this sweep's call on it."""
+        if params["Key"] == keys[name]:
+            store.client.abort_multipart_upload(Bucket=BUCKET, Key=params["Key"], UploadId=params["UploadId"])
+
+    async def sweep_twice() -> tuple[int, int]:
+        backend = S3Backend(BUCKET, prefix, upload_expiry=1)
+        try:
+            first = await backend.sweep()  # finds them with no part: abandoned once the next sweep does too
+            events = backend.client.meta.events
+            events.register("provide-client-params.s3.ListParts", functools.partial(abort_first, "gone"))
+            events.register("provide-client-params.s3.AbortMultipartUpload", functools.partial(abort_first, "raced"))
+            return first, await backend.sweep()
+        finally:
+            await backend.close()
+
+    with aws_env(store.url), caplog.at_level("INFO", logger="drived"):
+        swept = asyncio.run(sweep_twice())
+    assert swept == (0, 2), swept  # "raced" and "left": "gone" was no longer abandoned at the second
+    assert not [u for u in store.uploads() if u["Key"].startswith(prefix)], store.uploads()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    aborted = sorted(r.fields["key"] for r in caplog.records if r.getMessage() == "aborting an abandoned upload")
+    assert aborted == ["d/w/left.bin", "d/w/raced.bin"], aborted
+
+
 def test_the_store_going_away_is_unavailable_naming_it_and_the_daemon_recovers(tmp_path: Path, drive_uri: str):
     store = Store(tmp_path)
     try:

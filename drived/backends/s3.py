@@ -72,7 +72,9 @@ held for a resume, its commit waits for a claim): each daemon lists the ids of
 its live uploads in `prefix/~uploads/<daemon>`, rewritten every third of
 `upload_expiry` while it has some, and a sweep passes over the uploads of the
 lists rewritten within `upload_expiry` (a daemon's own are in its memory) and
-deletes the older lists.
+deletes the older lists. Replicas sweep the same uploads: one aborted by another
+(or by its daemon) between this sweep's listing and its ListParts or its abort
+is gone, not abandoned, and fails nothing.
 
 Reads are one GetObject of the range asked for, streamed a chunk at a time: a
 single answer is one version. When the connection drops mid-way the rest is
@@ -1098,6 +1100,8 @@ class S3Backend(Backend):
     async def abort_upload(self, key: str, upload_id: str) -> None:
         try:
             await self.call("abort_multipart_upload", key, Key=self.root + key, UploadId=upload_id)
+        except UploadGone:
+            pass  # aborted already (by another replica's sweep, or the store dropped it): what this abort is for
         except DriveError as err:
             log.warning("aborting an upload failed; the sweep retries", extra={"fields": {
                 "key": key, "error": str(err)}})
@@ -1117,9 +1121,12 @@ class S3Backend(Backend):
                 if upload_id in self._live or (now - upload["Initiated"]).total_seconds() < self.upload_expiry:
                     continue
                 stamps = [upload["Initiated"]]
-                for parts in self.client.get_paginator("list_parts").paginate(
-                        Bucket=self.bucket, Key=key, UploadId=upload_id):
-                    stamps += [p["LastModified"] for p in parts.get("Parts", [])]
+                try:
+                    for parts in self.client.get_paginator("list_parts").paginate(
+                            Bucket=self.bucket, Key=key, UploadId=upload_id):
+                        stamps += [p["LastModified"] for p in parts.get("Parts", [])]
+                except self.client.exceptions.NoSuchUpload:
+                    continue  # aborted since the listing (by another replica's sweep, or its daemon): not abandoned
                 if len(stamps) == 1:
                     partless.add(upload_id)
                     if upload_id not in self._partless:
