@@ -1820,6 +1820,42 @@ def test_a_sweep_skips_an_upload_another_sweep_aborted_meanwhile(store, caplog):
     assert aborted == ["d/w/left.bin", "d/w/raced.bin"], aborted
 
 
+def test_a_checksum_object_whose_delete_failed_is_deleted_by_the_next_sweep(tmp_path: Path, drive_uri: str):
+    """A checksum object whose delete the store failed, after its upload was aborted or after the commit that
+    replaced its version, was left in the store for good: the sweep looks at the checksum objects of the keys whose
+    uploads it aborts, and no upload of this key was left. The daemon remembers it, and its next sweep deletes it."""
+    store = Store(tmp_path)
+    failing = threading.Event()
+
+    def fails(method: str, path: str) -> bool:  # the store fails big files' commits and checksum objects' deletes
+        return failing.is_set() and ((method == "POST" and "uploadId=" in path)
+                                     or (method == "DELETE" and f"/{PREFIX}~checksums/" in path))
+
+    try:
+        with RewritingS3Proxy(store.url, slow_down=fails) as proxy:
+            handle = store.daemon("--upload-expiry", "2",
+                                  env=store.env(AWS_ENDPOINT_URL=proxy.url, AWS_MAX_ATTEMPTS="1"))
+            stub = stub_of(handle)
+            checksums = f"{PREFIX}~checksums/{drive_uri.removeprefix('lit://')}/w/f.bin/"
+            raw_put(stub, drive_uri, "f.bin", os.urandom(PART_SIZE + 1), component="w")
+            [first] = store.object_keys(checksums)
+            failing.set()
+            with pytest.raises(grpc.RpcError) as failed:  # its upload is aborted; its checksum object's delete fails
+                raw_put(stub, drive_uri, "f.bin", os.urandom(PART_SIZE + 1), component="w")
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
+            assert f"S3 endpoint {proxy.url} throttles" in failed.value.details(), failed.value.details()
+            raw_put(stub, drive_uri, "f.bin", b"small now", component="w")  # the first's checksum object stays
+            left = store.object_keys(checksums)
+            assert first in left and len(left) == 2, left
+            failing.clear()
+            assert wait_until(lambda: not store.object_keys(checksums), timeout=10), store.object_keys(checksums)
+            assert [(info.sha256, got) for info, got in raw_get(stub, drive_uri, "f.bin")] == [
+                (sha256_of(b"small now"), b"small now")]
+            assert not store.uploads()
+    finally:
+        store.close()
+
+
 def test_the_store_going_away_is_unavailable_naming_it_and_the_daemon_recovers(tmp_path: Path, drive_uri: str):
     store = Store(tmp_path)
     try:

@@ -72,7 +72,13 @@ held for a resume, its commit waits for a claim): each daemon lists the ids of
 its live uploads in `prefix/~uploads/<daemon>`, rewritten every third of
 `upload_expiry` while it has some, and a sweep passes over the uploads of the
 lists rewritten within `upload_expiry` (a daemon's own are in its memory) and
-deletes the older lists. Replicas sweep the same uploads: one aborted by another
+deletes the older lists. A checksum object whose delete the store fails (after an
+abort, or after the commit or delete of the version using it) is remembered
+(LEFTOVERS_KEPT at most) and deleted by the next sweep; one remembered by a daemon
+that dies first stays in the store: no file uses it, nothing lists it and no usage
+counts it, and finding it again would mean listing `~checksums/` and a HEAD of each
+file, at a billion files far beyond a sweep every upload_expiry (docs/scaling.md).
+Replicas sweep the same uploads: one aborted by another
 (or by its daemon) between this sweep's listing and its ListParts or its abort
 is gone, not abandoned, and fails nothing.
 
@@ -183,6 +189,8 @@ TABLE_IN_CHECKSUMS = "in-checksums"  # a multipart object's `blocks`: its block 
 THREADS = 32  # boto3 calls and body reads
 PAGE = 1000  # ListObjectsV2 MaxKeys
 MAX_GENERATION = (1 << 63) - 1  # a generation is an int64 on the wire
+# Checksum objects whose delete the store failed, remembered for the next sweep: a key of at most 1 KiB each.
+LEFTOVERS_KEPT = 10_000
 READ_RETRIES = 3  # times a read resumes after its connection dropped, or starts again on a version replaced
 # How long the start-up waits for the store's answer to its bucket check: boto3 waits 60 s for each of its tries,
 # and a daemon that serves nothing for minutes is killed by a liveness probe before it logs why.
@@ -793,6 +801,7 @@ class S3Backend(Backend):
         # apart, find it so, for its start's date may be wrong (moto_server dates every upload 2010-11-10), and a
         # sweep between another daemon's CreateMultipartUpload and its first part would abort a live upload.
         self._partless: set[str] = set()
+        self._leftovers: set[tuple[str, str]] = set()  # (key, name) of checksum objects the next sweep deletes
         self._background: set[asyncio.Future[Any]] = set()
         self._live_key = f"{self.root}{LIVE}/{secrets.token_hex(8)}"  # where this daemon lists `_live`
         self._sweepers: list[asyncio.Task[None]] = []
@@ -1087,15 +1096,30 @@ class S3Backend(Backend):
 
     async def forget_unused_checksums(self, key: str, name: str) -> None:
         """Deletes the checksum object `name` of an upload of `key` that was aborted, unless the object at `key` uses
-        it (a commit whose answer was lost may have made it)."""
-        with contextlib.suppress(DriveError):  # a leftover is removed by the sweep
-            if not await self._uses(key, name):
-                await self._forget_checksums(key, name)
+        it (a commit whose answer was lost may have made it); when the store fails, the next sweep does."""
+        try:
+            used = await self._uses(key, name)
+        except DriveError:
+            self._leave(key, name)
+            return
+        if not used:
+            await self._forget_checksums(key, name)
 
     async def _forget_checksums(self, key: str, name: str) -> None:
-        """Deletes the checksum object `name` of `key`."""
-        with contextlib.suppress(DriveError):  # a leftover is removed by the sweep
+        """Deletes the checksum object `name` of `key`; when the store fails, the next sweep does."""
+        try:
             await self.call("delete_object", key, Key=self._checksums_key(key, name))
+        except DriveError:
+            self._leave(key, name)
+
+    def _leave(self, key: str, name: str) -> None:
+        """Remembers the checksum object `name` of `key`, whose delete failed, for the next sweep; past
+        LEFTOVERS_KEPT (a store failing deletes for long), logs that it stays in the store."""
+        if len(self._leftovers) < LEFTOVERS_KEPT:
+            self._leftovers.add((key, name))
+        else:
+            log.warning("a checksum object whose delete failed is left in the store", extra={"fields": {
+                "object": f"s3://{self.bucket}/{self._checksums_key(key, name)}"}})
 
     async def abort_upload(self, key: str, upload_id: str) -> None:
         try:
@@ -1157,11 +1181,15 @@ class S3Backend(Backend):
         return live
 
     async def sweep(self) -> int:
-        """Aborts the uploads left by daemons that died, with their keys' unused checksum objects; how many."""
+        """Aborts the uploads left by daemons that died, with their keys' unused checksum objects, and deletes the
+        checksum objects whose delete failed since the last sweep; how many uploads it aborted."""
         try:
             abandoned = await self.run(self._abandoned)
         except Exception as err:
             raise self.failure(err) from err
+        leftovers, self._leftovers = self._leftovers, set()
+        for key, name in leftovers:  # once the store answers; one failing again is remembered again
+            await self.forget_unused_checksums(key, name)
         for key, upload_id in abandoned:
             log.info("aborting an abandoned upload", extra={"fields": {"key": key}})
             await self.abort_upload(key, upload_id)
