@@ -35,7 +35,17 @@ from drive_client.errors import (
     WaitTimeout,
 )
 
-from .backends.base import Backend, Damaged, Holder, NotDurable, ObjectInfo, StoredFileError, Upload, each_root
+from .backends.base import (
+    Backend,
+    Damaged,
+    EndsBefore,
+    Holder,
+    NotDurable,
+    ObjectInfo,
+    StoredFileError,
+    Upload,
+    each_root,
+)
 from .checksums import ClientChecksums
 from .config import ANSWER_ENTRIES_BYTES, Named, answer_entry_bytes, flag
 from .coordinator import Change, Claim, Coordinator, Event, Unpublished, version_of
@@ -462,7 +472,11 @@ class ManagedDrives:
             get.check_version(found.sha256, "sha256")  # first: a pinned read of a file since shortened is stale
             get.check_range(found.size)
             with _named(drive, owner, path):  # the file may have changed since it was found
-                info, chunks = await self.backend.read(object_key(drive, owner, path), get.offset, get.limit)
+                try:
+                    info, chunks = await self.backend.read(object_key(drive, owner, path), get.offset, get.limit)
+                except EndsBefore as err:  # past the end of a version other than the one pinned: that read is stale
+                    get.check_version(err.sha256, "sha256")
+                    raise
             try:
                 get.check_version(info.sha256, "sha256")
             except StaleIndexError:

@@ -1194,6 +1194,22 @@ def test_an_object_changed_between_a_gets_lookup_and_its_read_is_named_as_asked_
     assert raw_get(stub, drive_uri, "f.bin")[0][1] == b"v4"
 
 
+def test_a_pinned_read_of_an_object_shortened_between_its_lookup_and_its_read_is_stale(changing, drive_uri):
+    """The get found the version it pins, and its read a shorter one, which ends before the offset: in the block the
+    store answers, or before it (the store answers InvalidRange, without the object's metadata). A read of a file
+    that changed (ABORTED), not one past the end of the version it pins (INVALID_ARGUMENT)."""
+    handle, _, pause = changing
+    stub = stub_of(handle)
+    for offset in (5, MIB):
+        pinned = raw_put(stub, drive_uri, "f.bin", os.urandom(2 * MIB), component="w").files[0].sha256
+        stale = read_changed(stub, pause, lambda: raw_put(stub, drive_uri, "f.bin", b"v2", component="w"),
+                             drive_pb2.GetRequest(drive=drive_uri, path="f.bin", offset=offset, if_match=pinned))
+        assert (stale.code(), stale.details()) == (grpc.StatusCode.ABORTED, (
+            f"'f.bin' in {drive_uri} changed (sha256 {sha256_of(b'v2')}, expected {pinned}): read it again"))
+        [(info, data)] = raw_get(stub, drive_uri, "f.bin")
+        assert (data, info.sha256) == (b"v2", sha256_of(b"v2"))
+
+
 def test_an_object_replaced_between_the_parts_of_its_read_is_named_as_asked_for(store, daemon_a, changing, drive_uri):
     """The read resumes after its connection to the store broke, and finds another object: the get's error
     named the file by its key in the bucket."""

@@ -248,6 +248,22 @@ def test_a_file_changed_between_a_gets_lookup_and_its_read_is_named_as_asked_for
     assert raw_get(stub, drive_uri, "f.bin")[0][1] == b"v4"
 
 
+def test_a_pinned_read_of_a_file_shortened_between_its_lookup_and_its_read_is_stale(start_daemon, tmp_path, drive_uri):
+    """The get found the version it pins, and its read a shorter one, which ends before the offset: a read of a file
+    that changed (ABORTED), not one past the end of the version it pins (INVALID_ARGUMENT)."""
+    pause = tmp_path / "pause"
+    handle = start_daemon(tmp_path, before=paused_reads(pause))
+    stub = drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint))
+    pinned = raw_put(stub, drive_uri, "f.bin", b"version 1, long").files[0].sha256
+    stale = read_changed(stub, pause, lambda: raw_put(stub, drive_uri, "f.bin", b"v2"),
+                         pb.GetRequest(drive=drive_uri, path="f.bin", offset=5, if_match=pinned))
+    assert (stale.code(), stale.details()) == (grpc.StatusCode.ABORTED, (
+        f"'f.bin' in {drive_uri} changed (sha256 {hashlib.sha256(b'v2').hexdigest()}, expected {pinned}): "
+        "read it again"))
+    [(info, data)] = raw_get(stub, drive_uri, "f.bin")
+    assert (data, info.sha256) == (b"v2", hashlib.sha256(b"v2").hexdigest())
+
+
 # -- data dirs of an earlier release -----------------------------------------------------------------
 
 

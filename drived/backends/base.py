@@ -146,7 +146,11 @@ class StoredFileError(DriveError):
         """The same error, with the file named as the client knows it: "'a.bin' of component 'c' in lit://d", or
         "'a.bin' in s3://b/p/" (an s3:// object has no component)."""
         owner = f" of component {component!r}" if component else ""
-        return type(self)(self.key, self.what, self._message(f"{path!r}{owner} in {drive_uri}"))
+        return self._saying(self._message(f"{path!r}{owner} in {drive_uri}"))
+
+    def _saying(self, message: str) -> Self:
+        """The same error, with `message`: a subclass that carries more than the key and `what` carries it over."""
+        return type(self)(self.key, self.what, message)
 
 
 class Missing(StoredFileError, NotFound):
@@ -154,10 +158,18 @@ class Missing(StoredFileError, NotFound):
 
 
 class EndsBefore(StoredFileError, InvalidArgument):
-    """A read that starts past the end of the file (`what`: the offset and the file's size)."""
+    """A read that starts past the end of the file (`what`: the offset and the file's size), of its version whose
+    sha256 is `sha256`: a read pinned to another version is of a file since replaced, not past its end."""
+
+    def __init__(self, key: str, what: str, message: str | None = None, *, sha256: str) -> None:
+        super().__init__(key, what, message)
+        self.sha256 = sha256
 
     def _message(self, shown: str) -> str:
         return f"{shown} ends before {self.what}"
+
+    def _saying(self, message: str) -> Self:
+        return type(self)(self.key, self.what, message, sha256=self.sha256)
 
 
 class TooLarge(StoredFileError, ResourceExhausted):
@@ -393,7 +405,8 @@ class Backend(abc.ABC):
         Returns the object's info and its chunks, all of that one version even
         if the key is replaced or deleted while it is read. The caller closes
         the chunks (`aclose`) when it stops before their end. Raises NotFound,
-        or InvalidArgument when offset is past the end; the chunks raise
+        or EndsBefore (InvalidArgument, naming the version read) when offset
+        is past the end; the chunks raise
         `Damaged` where the stored bytes do not match their checksums.
         """
 

@@ -766,7 +766,7 @@ class LocalBackend(Backend):
         chunks = FileChunks(self, fd, key, layout, version, offset, end)
         if offset > info.size:
             await chunks.aclose()
-            raise EndsBefore(key, f"offset {offset} (it has {info.size} bytes)")
+            raise EndsBefore(key, f"offset {offset} (it has {info.size} bytes)", sha256=info.sha256)
         return info, chunks
 
     def _stat(self, key: str) -> ObjectInfo | None:

@@ -1256,7 +1256,7 @@ class S3Backend(Backend):
         if info is None:
             raise Missing(key, "does not exist")
         if offset > info.size:
-            raise EndsBefore(key, f"offset {offset} (it has {info.size} bytes)")
+            raise EndsBefore(key, f"offset {offset} (it has {info.size} bytes)", sha256=info.sha256)
         return info, SummedChunks(None, RunningCrc32c(), key)
 
     async def _chunks(self, key: str, body: Any, etag: str, position: int, end: int, step: int,
