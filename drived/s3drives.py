@@ -86,8 +86,8 @@ class S3Drives:
         drive, path = get.drive, get.path
         found = await self._find(drive, path) if path else S3Entry(path="", size=0, etag="", mtime_ns=0, folder=True)
         if not found.folder:
+            get.check_version(found.etag, "ETag")  # first: a pinned read of an object since shortened is stale
             get.check_range(found.size)
-            get.check_version(found.etag, "ETag")
             yield _entry(found), self._read(drive, found, get.offset, get.limit)
             return
         get.check_folder()

@@ -36,7 +36,15 @@ from cutting_proxy import CuttingProxy
 from moto_server import AWS_ENV, closed_port, running_moto
 
 from bench.services import MotoServer
-from drive_client import Drive, DriveError, NotADirectory, ResourceExhausted, StaleIndexError, StoreUnavailable
+from drive_client import (
+    Drive,
+    DriveError,
+    InvalidArgument,
+    NotADirectory,
+    ResourceExhausted,
+    StaleIndexError,
+    StoreUnavailable,
+)
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 
 pytestmark = pytest.mark.integration  # starts moto_server endpoints of its own
@@ -211,6 +219,24 @@ def test_remount_sees_new_objects_and_stale_objects_are_refused(s3, tmp_path):
     assert not (tmp_path / "new.jpg").exists()  # no mixed or partial file
     d.mount()
     assert d.get("new.jpg").read_bytes() == b"changed!"
+
+
+def test_a_pinned_read_past_the_end_of_a_shorter_object_indexed_since_is_stale(s3, tmp_path):
+    """Pinned to the ETag a read began with, past the end of the shorter object a re-mount found since: stale
+    (ABORTED), as at any offset, not past the end of what was pinned (INVALID_ARGUMENT)."""
+    d = drive(s3, f"s3://{BUCKET}/pinned/", root_folder=tmp_path)
+    s3["client"].put_object(Bucket=BUCKET, Key="pinned/p.bin", Body=b"p" * 100)
+    d.mount()
+    pinned = d.stat("p.bin").etag
+    assert b"".join(d.read_range("p.bin", 50, 10, if_match=pinned)) == b"p" * 10
+    s3["client"].put_object(Bucket=BUCKET, Key="pinned/p.bin", Body=b"short")
+    d.mount()
+    with pytest.raises(StaleIndexError) as stale:
+        b"".join(d.read_range("p.bin", 50, 10, if_match=pinned))
+    assert stale.value.code == grpc.StatusCode.ABORTED and "'p.bin'" in str(stale.value)
+    with pytest.raises(InvalidArgument):  # past the end of the version pinned: the offset is wrong
+        b"".join(d.read_range("p.bin", 50, 10, if_match=d.stat("p.bin").etag))
+    assert b"".join(d.read_range("p.bin")) == b"short"  # untouched
 
 
 def _index_metrics(daemon: DaemonHandle) -> dict[str, float]:
