@@ -682,9 +682,9 @@ class ManagedDrives:
         deleted = 0
         async with self.coordinator.claim(drive, path) as claim:
             await self._settle_left(claim, drive, path)
-            # Not recorded for a folder: its record would be settled as a delete of the folder's path when the walk
-            # below fails.
-            if self.coordinator.records_changes and not await self._is_folder(key):
+            # Recorded only when a file is there: a record left by a holder that died is settled as the delete of a
+            # file once the path holds none, and a folder's files (or nothing) are no file at the path.
+            if self.coordinator.records_changes and await self._holds_file(key):
                 await claim.confirm([Change("delete", path, component, request=delete.request_id)])
             if await self._delete(claim, delete, key, path):
                 return 1
@@ -732,14 +732,13 @@ class ManagedDrives:
                 raise
         return deleted
 
-    async def _is_folder(self, key: str) -> bool:
-        """Whether `key` is a folder and no file (of drived's, damaged or not, or an object drived did not write)."""
+    async def _holds_file(self, key: str) -> bool:
+        """Whether a file of drived's is at `key`, damaged or not (not an object drived did not write: no read shows
+        it)."""
         try:
-            if await self.backend.stat(key) is not None:
-                return False
+            return await self.backend.stat(key) is not None
         except StoredFileError:
-            return False
-        return await self.backend.is_folder(key)
+            return True
 
     async def _delete(self, claim: Claim, delete: DeleteRequest, key: str, path: str) -> bool:
         """Deletes the file at `key` (`path` of the caller's) and announces it at once, tagged with the request's id

@@ -2066,6 +2066,38 @@ def test_a_folder_delete_whose_listing_failed_reports_no_delete_of_the_folders_p
         assert raw_get(stub, drive_uri, "folder/f.txt")[0][1] == b"kept"
 
 
+# Kills the replica's process as it walks the folder of a path named "missing...", after the delete found no file.
+KILLED_AS_IT_WALKS_A_MISSING_PATH = """
+import os, signal
+import drived.backends.s3
+walk = drived.backends.s3.S3Backend.walk
+async def killed_at_a_missing_path(self, prefix, *args, **kwargs):
+    if prefix.rsplit("/", 1)[-1].startswith("missing"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await walk(self, prefix, *args, **kwargs)
+drived.backends.s3.S3Backend.walk = killed_at_a_missing_path
+"""
+
+
+def test_a_delete_of_nothing_whose_replica_died_midway_reports_no_delete(own_cluster, drive_uri):
+    """A delete of a path holding nothing recorded the delete of a file all the same (nothing there is no folder):
+    killed before its claim ended, it left that record, and another replica settled it as a delete of a file that
+    never was, which every watch reported. A delete records its change only when a file is at its path."""
+    victim = own_cluster.replica("--claim-ttl", "1", before=KILLED_AS_IT_WALKS_A_MISSING_PATH)
+    other = own_cluster.replica("--claim-ttl", "1")
+    raw_put(stub_of(other), drive_uri, "kept.txt", b"kept", component="w")
+    start = watch_events(other, drive_uri, 0)[0][2]
+    before = own_cluster.store.object_keys()
+    missing = drive_pb2.DeleteRequest(drive=drive_uri, path="missing.txt", component="w")
+    assert rpc_code(lambda: stub_of(victim).Delete(missing, timeout=30)) == grpc.StatusCode.UNAVAILABLE
+    assert victim.proc.wait(30) == -signal.SIGKILL
+    assert wait_until(lambda: not unpublished_left(own_cluster), timeout=30), unpublished_left(own_cluster)
+    raw_put(stub_of(other), drive_uri, "after.txt", b"after", component="w")
+    assert [e[:2] for e in watch_events(other, drive_uri, 1, after=start)[1:]] == [("put", "after.txt")]
+    assert own_cluster.store.object_keys() == sorted([*before, f"{PREFIX}{drive_uri.removeprefix('lit://')}/w/after.txt"])
+    assert raw_get(stub_of(other), drive_uri, "kept.txt")[0][1] == b"kept"
+
+
 def test_the_password_of_the_coordinator_url_is_never_shown(cluster, tmp_path):
     env = {**os.environ, "DRIVED_COORDINATOR": cluster.valkey.url}
     shown = subprocess.run([sys.executable, "-m", "drived", "--help"], env=env, capture_output=True, text=True,
