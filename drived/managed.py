@@ -42,6 +42,7 @@ from .backends.base import (
     Holder,
     NotDurable,
     ObjectInfo,
+    Removed,
     StoredFileError,
     Upload,
     each_root,
@@ -686,17 +687,21 @@ class ManagedDrives:
             # file once the path holds none, and a folder's files (or nothing) are no file at the path.
             if self.coordinator.records_changes and await self._holds_file(key):
                 await claim.confirm([Change("delete", path, component, request=delete.request_id)])
-            if await self._delete(claim, delete, key, path):
+            removed = await self._delete(claim, delete, key, path)
+            if removed is not None and removed.file:
                 return 1
             # Walked DELETE_PAGE files at a time, in path order, each page deleted before the next is read: a folder
             # of millions of files holds a page of their names, not all of them. No put adds a file below the path
-            # meanwhile (the claim excludes them).
+            # meanwhile (the claim excludes them). Also below an object drived did not write (removed above, as the
+            # README says): reads show the path as the folder of those files.
             after = ""
             while keys := await self.backend.walk(key, after, DELETE_PAGE):
                 after = keys[-1]
                 deleted += await self._delete_files(claim, delete, keys)
         if deleted:
             return deleted
+        if removed is not None:
+            return 1  # an object drived did not write with no folder below: the caller named it, answered as before
         # Once the claim ended: nothing changed. A retry after an attempt whose answer was lost finds what that attempt
         # removed in its request's record; only a retry that found nothing pays for the look.
         if delete.retry:
@@ -726,7 +731,7 @@ class ManagedDrives:
                         await claim.confirm()
                         confirmed_at = time.monotonic()
                     begun += 1
-                    deleted += await self._delete(claim, delete, key, file)
+                    deleted += await self._delete(claim, delete, key, file) is not None
             except BaseException:  # a cancel, a lapsed claim, the store: what was not begun was not made
                 claim.unmade([Change("delete", file, component) for _, file in batch[begun:]])
                 raise
@@ -740,23 +745,25 @@ class ManagedDrives:
         except StoredFileError:
             return True
 
-    async def _delete(self, claim: Claim, delete: DeleteRequest, key: str, path: str) -> bool:
+    async def _delete(self, claim: Claim, delete: DeleteRequest, key: str, path: str) -> Removed | None:
         """Deletes the file at `key` (`path` of the caller's) and announces it at once, tagged with the request's id
         (a walk that stops midway has announced every file it removed); with a quota, what it counted (read by the
-        delete itself) leaves the drive's usage. Runs to its end when its caller is cancelled (a folder delete stops
-        after it)."""
+        delete itself) leaves the drive's usage. An object drived did not write is removed unannounced: no read showed
+        it, nor does a retry's look at the request's deletes count it. Runs to its end when its caller is cancelled (a
+        folder delete stops after it)."""
         return await _to_its_end(self._delete_file(claim, delete, key, path))
 
-    async def _delete_file(self, claim: Claim, delete: DeleteRequest, key: str, path: str) -> bool:
-        size = await self.backend.delete(key)
-        if size is None:
-            return False
+    async def _delete_file(self, claim: Claim, delete: DeleteRequest, key: str, path: str) -> Removed | None:
+        removed = await self.backend.delete(key)
+        if removed is None:
+            return None
         drive = delete.drive.name
         if self.quotas:
-            await self.quotas.deleted(drive, key, size)
-        await self.coordinator.publish(drive, "delete", Entry(path=path, component=delete.component), claim,
-                                       request=delete.request_id)
-        return True
+            await self.quotas.deleted(drive, key, removed.size)
+        if removed.file:
+            await self.coordinator.publish(drive, "delete", Entry(path=path, component=delete.component), claim,
+                                           request=delete.request_id)
+        return removed
 
     async def settle_unpublished(self) -> None:
         """Publishes the changes whose claims ended before their events were (`Coordinator.unpublished`: their

@@ -518,6 +518,41 @@ def test_a_put_passes_over_objects_drived_did_not_write_as_reads_do(store, daemo
     assert f'"object": "s3://{BUCKET}/{PREFIX}{name}/w/f", "size": 3, "by": "a put"' in daemon_a.log()
 
 
+def test_a_delete_of_a_folder_under_an_object_drived_did_not_write_removes_the_folders_files(store, drive_uri):
+    """An object something else put at `m` in a component's prefix, and the component's files below `m`: a stat and
+    a list show `m` as a folder of those files (reads pass over the object), but its delete removed only the object
+    and answered 1, leaving the files for a second delete. The delete now removes the object (logged, as a delete
+    of the caller's own path does) and the files, and answers the count of the files."""
+    handle = store.daemon()
+    stub = stub_of(handle)
+    name = drive_uri.removeprefix("lit://")
+    store.client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{name}/w/m", Body=b"foreign")
+    for path in ("m/n", "m/o/p"):
+        raw_put(stub, drive_uri, path, path.encode(), component="w")
+    kept = {("w", "m.txt"), ("w", "mx/y"), ("x", "m/n")}  # beside `m`, and another component's `m/n`
+    for component, path in kept:
+        raw_put(stub, drive_uri, path, f"{component}'s {path}".encode(), component=component, allow_duplicates=True)
+    assert stub.Stat(drive_pb2.StatRequest(drive=drive_uri, path="m", component="w"), timeout=60).folder
+    start = next(iter(stub.Watch(drive_pb2.WatchRequest(drive=drive_uri), timeout=60))).sequence
+    delete = drive_pb2.DeleteRequest(drive=drive_uri, path="m", component="w")
+    assert stub.Delete(delete, timeout=60).files_deleted == 2
+    watch = stub.Watch(drive_pb2.WatchRequest(drive=drive_uri, after_sequence=start), timeout=60)
+    events = [(e.kind, e.file.path) for _, e in zip(range(3), watch, strict=False)]
+    watch.cancel()
+    assert events == [(drive_pb2.WatchEvent.KIND_WATCHING, ""), (drive_pb2.WatchEvent.KIND_DELETE, "m/n"),
+                      (drive_pb2.WatchEvent.KIND_DELETE, "m/o/p")]  # none of the object drived did not write
+    listed = stub.List(drive_pb2.ListRequest(drive=drive_uri, path=".", component="w"), timeout=60).entries
+    assert [(e.path, e.folder) for e in listed] == [("m.txt", False), ("mx", True)]
+    assert store.object_keys(f"{PREFIX}{name}/w/m") == [f"{PREFIX}{name}/w/m.txt", f"{PREFIX}{name}/w/mx/y"]
+    for component, path in kept:
+        assert raw_get(stub, drive_uri, path, component=component)[0][1] == f"{component}'s {path}".encode()
+    handle.wait_logged("an object drived did not write was removed")
+    assert f'"object": "s3://{BUCKET}/{PREFIX}{name}/w/m", "size": 7, "by": "a delete"' in handle.log()
+    before = store.object_keys()
+    assert rpc_code(lambda: stub.Delete(delete, timeout=60)) == grpc.StatusCode.NOT_FOUND
+    assert store.object_keys() == before
+
+
 def test_a_folder_holding_only_objects_drived_did_not_write_is_an_empty_folder(store, tmp_path, drive_uri):
     """A folder whose keys are all objects drived did not write is an empty folder, as the local backend's leftover
     ones are: its stat and its parent's listing say folder, its listing is empty, a get of it finds no file, and a

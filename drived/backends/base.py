@@ -83,6 +83,15 @@ class Holder:
     file: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """What `Backend.delete` removed: what it counted in `usage`, and whether it was a file (False: an object drived
+    did not write, which no read shows)."""
+
+    size: int
+    file: bool = True
+
+
 class NotDurable(Exception):
     """A commit whose file became visible, but an fsync of whose folders failed after (EIO): the file is there
     (`info`) and may not survive a power cut. Not a DriveError: its caller reports the file as committed (its
@@ -489,9 +498,9 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def delete(self, key: str) -> int | None:
-        """Removes the object at `key`: what it counted in `usage` (`counted_size`, read as it goes), or None when
-        there was none."""
+    async def delete(self, key: str) -> Removed | None:
+        """Removes the object at `key`: what it counted in `usage` (`counted_size`, read as it goes) and whether it was
+        a file, told by the look that read its size; None when there was none."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepares the backend before the daemon serves (SystemExit with the reason when it cannot)."""

@@ -45,6 +45,7 @@ from .base import (
     Missing,
     NotDurable,
     ObjectInfo,
+    Removed,
     Upload,
     check_received,
     check_size,
@@ -902,5 +903,6 @@ class LocalBackend(Backend):
             folder = os.path.dirname(folder)
         return size
 
-    async def delete(self, key: str) -> int | None:
-        return await asyncio.get_running_loop().run_in_executor(None, self._delete, key)
+    async def delete(self, key: str) -> Removed | None:
+        size = await asyncio.get_running_loop().run_in_executor(None, self._delete, key)
+        return None if size is None else Removed(size)

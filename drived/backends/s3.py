@@ -164,6 +164,7 @@ from .base import (
     Listing,
     Missing,
     ObjectInfo,
+    Removed,
     StoredFileError,
     SummedChunks,
     TooLarge,
@@ -1469,10 +1470,10 @@ class S3Backend(Backend):
 
     # -- deletes -------------------------------------------------------------
 
-    async def delete(self, key: str) -> int | None:
+    async def delete(self, key: str) -> Removed | None:
         answer = await self._head(self.root + key)
         if answer is None:
             return None
         await self.call("delete_object", key, Key=self.root + key)
         await self._forget_version(key, answer, "a delete")
-        return int(answer["ContentLength"])
+        return Removed(int(answer["ContentLength"]), _written_by_drived(answer))
