@@ -1245,6 +1245,64 @@ def test_a_pinned_read_of_an_object_shortened_between_its_lookup_and_its_read_is
         assert (data, info.sha256) == (b"v2", sha256_of(b"v2"))
 
 
+PAUSED_AFTER_GET = """
+import os, time
+import drived.backends.s3
+
+def pausing(make):
+    def made(self, *args, **kwargs):
+        make(self, *args, **kwargs)
+        get_object = self.client.get_object
+        def get_object_then_pause(**params):
+            try:
+                return get_object(**params)
+            finally:
+                if params["Key"].endswith("/w/f.bin"):
+                    open({reached!r}, "w").close()
+                    while os.path.exists({pause!r}):
+                        time.sleep(0.01)
+        self.client.get_object = get_object_then_pause
+    return made
+
+drived.backends.s3.S3Backend.__init__ = pausing(drived.backends.s3.S3Backend.__init__)
+"""
+
+
+def test_a_read_at_the_end_of_a_version_replaced_after_its_get_answers_bytes_of_one_version(
+        store, daemon_a, tmp_path, drive_uri):
+    """A read at the end of the version its GetObject found (in the block the store answers, or at a block's end,
+    which the store refuses as InvalidRange) looked at the file again with a HEAD, and answered the info of a version
+    put in between with no bytes, though that version has bytes there. Now the block answered is answered from the
+    GET's own metadata (no HEAD: one request fewer), and a HEAD after an InvalidRange that finds bytes at the offset
+    reads again, from the new version."""
+    pause, sent = tmp_path / "pause", tmp_path / "sent"
+    reached = Path(f"{pause}.reached")
+    stub = stub_of(store.daemon(before=PAUSED_AFTER_GET.format(pause=str(pause), reached=str(reached))
+                                + SENT_REQUESTS.format(sent=str(sent))))
+    writer = stub_of(daemon_a)
+    third = os.urandom(MIB + 10)
+    # (the version the GET finds, the one the read answers): a version ending inside a block, the store answering
+    # that block; one ending at a block's end, the store answering InvalidRange
+    for first, answered in ((b"version 1", b"version 1"), (os.urandom(MIB), third)):
+        raw_put(writer, drive_uri, "f.bin", first, component="w")
+        reached.unlink(missing_ok=True)
+        pause.touch()
+        get = Background(functools.partial(raw_get, stub, drive_uri, "f.bin", component="w", offset=len(first)))
+        get.start()
+        try:
+            assert wait_until(reached.exists, timeout=30), "the get never sent its GetObject"
+            raw_put(writer, drive_uri, "f.bin", third, component="w")
+        finally:
+            pause.unlink()
+        [(info, data)] = get.join_checked()
+        assert (info.size, info.sha256, data) == (len(answered), sha256_of(answered), answered[len(first):])
+        [(info, data)] = raw_get(writer, drive_uri, "f.bin")
+        assert (info.sha256, data) == (sha256_of(third), third)
+    at_end = functools.partial(raw_get, stub, drive_uri, "f.bin", component="w", offset=len(third))
+    assert sent_by(sent, at_end) == {"GetObject": 1, "HeadObject": 1}  # the lookup's HEAD; was a HEAD more
+    assert [(info.sha256, data) for info, data in at_end()] == [(sha256_of(third), b"")]
+
+
 def test_an_object_replaced_between_the_parts_of_its_read_is_named_as_asked_for(store, daemon_a, changing, drive_uri):
     """The read resumes after its connection to the store broke, and finds another object: the get's error
     named the file by its key in the bucket."""

@@ -254,6 +254,14 @@ def _blocks_end(position: int) -> int:
     return -(-position // BLOCK_SIZE) * BLOCK_SIZE
 
 
+def _nothing_from(key: str, offset: int, info: ObjectInfo) -> tuple[ObjectInfo, Chunks]:
+    """A read from `offset`, at or past the end of the version of `info`: nothing to send at its end, EndsBefore
+    (naming that version) past it."""
+    if offset > info.size:
+        raise EndsBefore(key, f"offset {offset} (it has {info.size} bytes)", sha256=info.sha256)
+    return info, SummedChunks(None, RunningCrc32c(), key)
+
+
 def _code(err: BaseException) -> tuple[str, int]:
     """The S3 error code and HTTP status of a boto3 failure ("", 0 for one without an answer)."""
     if isinstance(err, botocore.exceptions.ClientError):
@@ -928,7 +936,8 @@ class S3Backend(Backend):
 
     async def _again_if_replaced(self, look: Callable[[], Awaitable[T]]) -> T:
         """`look`, asked again (READ_RETRIES times at most) while the version it looks at is replaced before it
-        has read its checksum object: a new version stands whole in the store by then, so it answers that one."""
+        has read its checksum object, or before the HEAD of a read the store refused as past its end: a new version
+        stands whole in the store by then, so it answers that one."""
         for _ in range(READ_RETRIES):
             with contextlib.suppress(ChangedWhileRead):
                 return await look()
@@ -1228,13 +1237,13 @@ class S3Backend(Backend):
         body = self._body_from(key, answer, start)
         total = answer.get("ContentRange", "").rpartition("/")[2]
         size = int(total) if total.isdigit() else int(answer["ContentLength"])
-        if offset and offset >= size:  # in the last block, which the store had
-            body.close()
-            return await self._read_past_end(key, offset)
+        # In the last block, which the store had: answered from this answer's version, not from a later look
+        # that may find another.
+        at_or_past_end = offset > 0 and offset >= size
         end = size if limit == 0 else min(size, offset + limit)
         whole = offset == 0 and end == size  # checked against the whole file's CRC32C, with no table to fetch
         try:
-            info, table = await self._info(key, answer, size, None if whole else range(
+            info, table = await self._info(key, answer, size, None if whole or at_or_past_end else range(
                 start // BLOCK_SIZE, _blocks_end(end) // BLOCK_SIZE))
         except BaseException:
             body.close()
@@ -1242,6 +1251,9 @@ class S3Backend(Backend):
         if info is None:
             body.close()
             raise Missing(key, "is not a drived object (written to the bucket by something else)")
+        if at_or_past_end:
+            body.close()
+            return _nothing_from(key, offset, info)
         etag = str(answer["ETag"])
         if whole:
             summed = RunningCrc32c()
@@ -1252,13 +1264,15 @@ class S3Backend(Backend):
         return info, CheckedRange(key, table, start, offset, end, blocks)
 
     async def _read_past_end(self, key: str, offset: int) -> tuple[ObjectInfo, Chunks]:
-        """A read at or past the end: nothing to send at the end, InvalidArgument past it."""
+        """A read the store refused as past the end of the version its GET found (InvalidRange, which carries no
+        metadata): answered from the version a HEAD finds then. One with bytes at `offset` is not the version
+        refused but one put since: read again."""
         info = await self.stat(key)
         if info is None:
             raise Missing(key, "does not exist")
-        if offset > info.size:
-            raise EndsBefore(key, f"offset {offset} (it has {info.size} bytes)", sha256=info.sha256)
-        return info, SummedChunks(None, RunningCrc32c(), key)
+        if offset < info.size:
+            raise ChangedWhileRead(key, "was replaced")
+        return _nothing_from(key, offset, info)
 
     async def _chunks(self, key: str, body: Any, etag: str, position: int, end: int, step: int,
                       read: Callable[[Readable, int], bytes]) -> AsyncGenerator[bytes, None]:
