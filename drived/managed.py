@@ -690,6 +690,7 @@ class ManagedDrives:
             removed = await self._delete(claim, delete, key, path)
             if removed is not None and removed.file:
                 return 1
+            foreign = removed is not None  # whether it removed objects drived did not write (no read showed them)
             # Walked DELETE_PAGE files at a time, in path order, each page deleted before the next is read: a folder
             # of millions of files holds a page of their names, not all of them. No put adds a file below the path
             # meanwhile (the claim excludes them). Also below an object drived did not write (removed above, as the
@@ -697,11 +698,13 @@ class ManagedDrives:
             after = ""
             while keys := await self.backend.walk(key, after, DELETE_PAGE):
                 after = keys[-1]
-                deleted += await self._delete_files(claim, delete, keys)
+                for removed in await self._delete_files(claim, delete, keys):
+                    deleted += removed.file
+                    foreign = foreign or not removed.file
         if deleted:
-            return deleted
-        if removed is not None:
-            return 1  # an object drived did not write with no folder below: the caller named it, answered as before
+            return deleted  # the files alone: the count a retry whose answer was lost finds in the request's deletes
+        if foreign:
+            return 1  # objects drived did not write alone, at the path or below: the caller named them, answered as one
         # Once the claim ended: nothing changed. A retry after an attempt whose answer was lost finds what that attempt
         # removed in its request's record; only a retry that found nothing pays for the look.
         if delete.retry:
@@ -713,16 +716,18 @@ class ManagedDrives:
             "a file can only be deleted by the component that put it"
         )
 
-    async def _delete_files(self, claim: Claim, delete: DeleteRequest, keys: list[str]) -> int:
-        """Deletes the caller's files at `keys` in turn, as a folder delete does; the count removed."""
+    async def _delete_files(self, claim: Claim, delete: DeleteRequest, keys: list[str]) -> list[Removed]:
+        """Deletes the caller's files at `keys` in turn, as a folder delete does, and the objects drived did not write
+        among them; what it removed."""
         drive, component = delete.drive.name, delete.component
-        deleted = 0
+        removals: list[Removed] = []
         # A big folder's walk and deletes, or a slow store's, may outlast an unrenewed claim: it is confirmed
         # before each DELETE_BATCH files (which it records as its changes), and again before the next file once
         # a third of its TTL went by since.
         for start in range(0, len(keys), DELETE_BATCH):
             batch = [(key, relative_path(key, drive, component)) for key in keys[start:start + DELETE_BATCH]]
-            await claim.confirm([Change("delete", file, component, request=delete.request_id) for _, file in batch])
+            changing = [Change("delete", file, component, request=delete.request_id) for _, file in batch]
+            await claim.confirm(changing)
             confirmed_at = time.monotonic()
             begun = 0  # files of the batch whose delete began: the others are untouched when it stops
             try:
@@ -731,11 +736,16 @@ class ManagedDrives:
                         await claim.confirm()
                         confirmed_at = time.monotonic()
                     begun += 1
-                    deleted += await self._delete(claim, delete, key, file) is not None
+                    # The record of an object drived did not write is dropped before its removal (a confirm with the
+                    # files after it: those before were published): a holder dying after would leave it to be
+                    # settled as the delete of a file no read showed. Costs a round trip only for such an object.
+                    unrecord = functools.partial(claim.confirm, changing[begun:])
+                    if (removed := await self._delete(claim, delete, key, file, unrecord)) is not None:
+                        removals.append(removed)
             except BaseException:  # a cancel, a lapsed claim, the store: what was not begun was not made
                 claim.unmade([Change("delete", file, component) for _, file in batch[begun:]])
                 raise
-        return deleted
+        return removals
 
     async def _holds_file(self, key: str) -> bool:
         """Whether a file of drived's is at `key`, damaged or not (not an object drived did not write: no read shows
@@ -745,16 +755,18 @@ class ManagedDrives:
         except StoredFileError:
             return True
 
-    async def _delete(self, claim: Claim, delete: DeleteRequest, key: str, path: str) -> Removed | None:
+    async def _delete(self, claim: Claim, delete: DeleteRequest, key: str, path: str,
+                      foreign: Callable[[], Awaitable[None]] | None = None) -> Removed | None:
         """Deletes the file at `key` (`path` of the caller's) and announces it at once, tagged with the request's id
         (a walk that stops midway has announced every file it removed); with a quota, what it counted (read by the
         delete itself) leaves the drive's usage. An object drived did not write is removed unannounced: no read showed
         it, nor does a retry's look at the request's deletes count it. Runs to its end when its caller is cancelled (a
-        folder delete stops after it)."""
-        return await _to_its_end(self._delete_file(claim, delete, key, path))
+        folder delete stops after it). `foreign`: as `Backend.delete`'s."""
+        return await _to_its_end(self._delete_file(claim, delete, key, path, foreign))
 
-    async def _delete_file(self, claim: Claim, delete: DeleteRequest, key: str, path: str) -> Removed | None:
-        removed = await self.backend.delete(key)
+    async def _delete_file(self, claim: Claim, delete: DeleteRequest, key: str, path: str,
+                           foreign: Callable[[], Awaitable[None]] | None) -> Removed | None:
+        removed = await self.backend.delete(key, foreign)
         if removed is None:
             return None
         drive = delete.drive.name

@@ -2098,6 +2098,43 @@ def test_a_delete_of_nothing_whose_replica_died_midway_reports_no_delete(own_clu
     assert raw_get(stub_of(other), drive_uri, "kept.txt")[0][1] == b"kept"
 
 
+# Kills the replica's process once it removed an object at a key named ".../foreign".
+KILLED_ONCE_IT_REMOVED_A_FOREIGN_OBJECT = """
+import os, signal
+import drived.backends.s3
+delete = drived.backends.s3.S3Backend.delete
+async def killed_after_a_foreign_object(self, key, *args, **kwargs):
+    removed = await delete(self, key, *args, **kwargs)
+    if key.endswith("/foreign"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return removed
+drived.backends.s3.S3Backend.delete = killed_after_a_foreign_object
+"""
+
+
+def test_a_folder_delete_whose_replica_died_midway_reports_no_delete_of_an_object_drived_did_not_write(
+        own_cluster, drive_uri):
+    """A folder delete recorded the delete of every key its walk found, objects drived did not write too: killed
+    after removing one, it left that record, and another replica settled it as the delete of a file no read ever
+    showed. Only the files' deletes are left to settle."""
+    victim = own_cluster.replica("--claim-ttl", "1", before=KILLED_ONCE_IT_REMOVED_A_FOREIGN_OBJECT)
+    other = own_cluster.replica("--claim-ttl", "1")
+    name = drive_uri.removeprefix("lit://")
+    for path in ("f/a", "f/z"):
+        raw_put(stub_of(other), drive_uri, path, path.encode(), component="w")
+    own_cluster.store.client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{name}/w/f/foreign", Body=b"foreign")
+    start = watch_events(other, drive_uri, 0)[0][2]
+    delete = drive_pb2.DeleteRequest(drive=drive_uri, path="f", component="w")
+    assert rpc_code(lambda: stub_of(victim).Delete(delete, timeout=30)) == grpc.StatusCode.UNAVAILABLE
+    assert victim.proc.wait(30) == -signal.SIGKILL
+    assert wait_until(lambda: not unpublished_left(own_cluster), timeout=30), unpublished_left(own_cluster)
+    raw_put(stub_of(other), drive_uri, "after.txt", b"after", component="w")
+    assert [e[:2] for e in watch_events(other, drive_uri, 2, after=start)[1:]] == [
+        ("delete", "f/a"), ("put", "after.txt")]
+    assert own_cluster.store.object_keys(f"{PREFIX}{name}/") == [f"{PREFIX}{name}/w/after.txt",
+                                                                 f"{PREFIX}{name}/w/f/z"]
+
+
 def test_the_password_of_the_coordinator_url_is_never_shown(cluster, tmp_path):
     env = {**os.environ, "DRIVED_COORDINATOR": cluster.valkey.url}
     shown = subprocess.run([sys.executable, "-m", "drived", "--help"], env=env, capture_output=True, text=True,

@@ -553,6 +553,36 @@ def test_a_delete_of_a_folder_under_an_object_drived_did_not_write_removes_the_f
     assert store.object_keys() == before
 
 
+def test_a_folder_delete_counts_only_the_files_and_removes_the_objects_drived_did_not_write_below(store, drive_uri):
+    """Objects something else put below a folder a component deletes: the delete removes them (logged, drived owns
+    the prefix) and answers the count of the files alone, as a retry of it whose answer was lost does (it counts
+    the request's deletes, of files only); a folder of such objects alone, an empty folder to every read, is
+    removed and answered 1, as such an object alone at the path is."""
+    handle = store.daemon()
+    stub = stub_of(handle)
+    name = drive_uri.removeprefix("lit://")
+    for key in ("f/b", "f/c/d", "g/x"):
+        store.client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{name}/w/{key}", Body=b"foreign")
+    raw_put(stub, drive_uri, "f/a", b"a", component="w")
+    raw_put(stub, drive_uri, "kept.txt", b"kept", component="w")
+    start = next(iter(stub.Watch(drive_pb2.WatchRequest(drive=drive_uri), timeout=60))).sequence
+    delete = drive_pb2.DeleteRequest(drive=drive_uri, path="f", component="w", request_id="r1")
+    assert stub.Delete(delete, timeout=60).files_deleted == 1
+    delete.retry = True  # as the client's retry after an answer lost
+    assert stub.Delete(delete, timeout=60).files_deleted == 1
+    only_foreign = drive_pb2.DeleteRequest(drive=drive_uri, path="g", component="w", request_id="r2")
+    assert stub.Delete(only_foreign, timeout=60).files_deleted == 1
+    for key, size in (("f/b", 7), ("f/c/d", 7), ("g/x", 7)):
+        assert f'"object": "s3://{BUCKET}/{PREFIX}{name}/w/{key}", "size": {size}, "by": "a delete"' in handle.log()
+    assert store.object_keys(f"{PREFIX}{name}/") == [f"{PREFIX}{name}/w/kept.txt"]
+    raw_put(stub, drive_uri, "g", b"g", component="w")  # the path is no folder any more
+    watch = stub.Watch(drive_pb2.WatchRequest(drive=drive_uri, after_sequence=start), timeout=60)
+    events = [(e.kind, e.file.path) for _, e in zip(range(3), watch, strict=False)]
+    watch.cancel()
+    assert events == [(drive_pb2.WatchEvent.KIND_WATCHING, ""), (drive_pb2.WatchEvent.KIND_DELETE, "f/a"),
+                      (drive_pb2.WatchEvent.KIND_PUT, "g")]
+
+
 def test_a_folder_holding_only_objects_drived_did_not_write_is_an_empty_folder(store, tmp_path, drive_uri):
     """A folder whose keys are all objects drived did not write is an empty folder, as the local backend's leftover
     ones are: its stat and its parent's listing say folder, its listing is empty, a get of it finds no file, and a

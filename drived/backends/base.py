@@ -498,9 +498,10 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def delete(self, key: str) -> Removed | None:
+    async def delete(self, key: str, foreign: Callable[[], Awaitable[None]] | None = None) -> Removed | None:
         """Removes the object at `key`: what it counted in `usage` (`counted_size`, read as it goes) and whether it was
-        a file, told by the look that read its size; None when there was none."""
+        a file, told by the look that read its size; None when there was none. `foreign`, when given, is awaited
+        between that look and the removal of an object drived did not write."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepares the backend before the daemon serves (SystemExit with the reason when it cannot)."""

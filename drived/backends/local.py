@@ -903,6 +903,7 @@ class LocalBackend(Backend):
             folder = os.path.dirname(folder)
         return size
 
-    async def delete(self, key: str) -> Removed | None:
+    async def delete(self, key: str, foreign: Callable[[], Awaitable[None]] | None = None) -> Removed | None:
+        # Every file under the root is one: a local drive has no object drived did not write (`foreign` never runs).
         size = await asyncio.get_running_loop().run_in_executor(None, self._delete, key)
         return None if size is None else Removed(size)
