@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import email.utils
 import functools
 import hashlib
 import json
@@ -26,6 +27,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
+import botocore.exceptions
+import botocore.model
 import fsspec
 import grpc
 import pytest
@@ -61,7 +64,7 @@ from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drive_client.transfer import PARALLEL_MIN_SIZE
 from drive_client.wire import fast_stub
 from drived.backends.base import ROOTS_AT_ONCE
-from drived.backends.s3 import MAX_PARTS_IN_FLIGHT, PART_SIZE, PARTS_IN_MEMORY, S3Backend
+from drived.backends.s3 import MAX_PARTS_IN_FLIGHT, PART_SIZE, PARTS_IN_MEMORY, SWEEP_AT_ONCE, S3Backend
 from drived.checksums import ClientChecksums
 
 BUCKET = "drived-store"
@@ -1957,6 +1960,66 @@ def test_a_sweep_skips_an_upload_another_sweep_aborted_meanwhile(store, caplog):
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
     aborted = sorted(r.fields["key"] for r in caplog.records if r.getMessage() == "aborting an abandoned upload")
     assert aborted == ["d/w/left.bin", "d/w/raced.bin"], aborted
+
+
+def test_a_sweeps_failure_on_one_abandoned_upload_holds_up_none_of_the_others(store, caplog):
+    """A sweep aborted the abandoned uploads one after another, and a failure of the store on one of them (the look
+    at its key's checksum objects after the abort) failed the whole round: the round's uploads after it waited one
+    more --upload-expiry. Now each fails alone (logged, its checksum objects swept again by the next round), and a
+    few are handled at once (SWEEP_AT_ONCE at most)."""
+    prefix = "sweepfail/"
+    names = [f"{i:02}" for i in range(12)]
+    for name in names:  # their checksum objects, older than the expiry (by the store's clock) once swept
+        store.client.put_object(Bucket=BUCKET, Key=f"{prefix}~checksums/d/w/{name}.bin/c", Body=b"crc")
+
+    def checksum_objects_expired() -> bool:
+        head = store.client.head_object(Bucket=BUCKET, Key=f"{prefix}~checksums/d/w/{names[-1]}.bin/c")
+        now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return (now - head["LastModified"]).total_seconds() >= 1
+
+    assert wait_until(checksum_objects_expired, timeout=10)
+    for name in names:  # as a killed daemon's puts leave them, before their first part
+        store.client.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}d/w/{name}.bin")
+    in_flight = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def begun(params: dict, model: botocore.model.OperationModel, **_: object) -> None:
+        with lock:
+            in_flight["now"] += 1
+            in_flight["most"] = max(in_flight["most"], in_flight["now"])
+        if model.name == "HeadObject" and params["Key"].endswith("/00.bin"):  # the store fails the look at its key
+            in_flight["now"] -= 1
+            raise botocore.exceptions.ClientError({"Error": {"Code": "SlowDown", "Message": "slow"}}, "HeadObject")
+
+    def ended(**_: object) -> None:
+        with lock:
+            in_flight["now"] -= 1
+
+    async def sweep_until_aborted() -> tuple[int, int]:
+        backend = S3Backend(BUCKET, prefix, upload_expiry=1)
+        try:
+            events = backend.client.meta.events
+            events.register("before-parameter-build.s3.AbortMultipartUpload", begun)
+            events.register("after-call.s3.AbortMultipartUpload", ended)
+            events.register("before-parameter-build.s3.HeadObject", begun)
+            events.register("after-call.s3.HeadObject", ended)
+            while not (aborted := await backend.sweep()):  # once seen partless by a sweep and again a second later
+                await asyncio.sleep(0.2)
+            events.unregister("before-parameter-build.s3.HeadObject", begun)
+            events.unregister("after-call.s3.HeadObject", ended)
+            return aborted, await backend.sweep()
+        finally:
+            await backend.close()
+
+    with aws_env(store.url), caplog.at_level("INFO", logger="drived"):
+        swept = asyncio.run(sweep_until_aborted())
+    assert swept == (12, 0), swept
+    assert not [u for u in store.uploads() if u["Key"].startswith(prefix)], store.uploads()
+    assert store.object_keys(prefix) == []  # the first upload's checksum object too, by the second round
+    warnings = [(r.getMessage(), r.fields["key"]) for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [("sweeping the checksum objects of an aborted upload failed; the next sweep retries",
+                         "d/w/00.bin")], warnings
+    assert 1 < in_flight["most"] <= SWEEP_AT_ONCE, in_flight
 
 
 def test_a_checksum_object_whose_delete_failed_is_deleted_by_the_next_sweep(tmp_path: Path, drive_uri: str):

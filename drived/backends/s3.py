@@ -80,7 +80,10 @@ counts it, and finding it again would mean listing `~checksums/` and a HEAD of e
 file, at a billion files far beyond a sweep every upload_expiry (docs/scaling.md).
 Replicas sweep the same uploads: one aborted by another
 (or by its daemon) between this sweep's listing and its ListParts or its abort
-is gone, not abandoned, and fails nothing.
+is gone, not abandoned, and fails nothing. A sweep handles SWEEP_AT_ONCE abandoned
+uploads, and then remembered checksum objects, at a time, and the store failing
+on one fails it alone: the look at an aborted upload's checksum objects is
+remembered as they are, and made again by the next sweep.
 
 Reads are one GetObject of the range asked for, streamed a chunk at a time: a
 single answer is one version. When the connection drops mid-way the rest is
@@ -192,6 +195,8 @@ PAGE = 1000  # ListObjectsV2 MaxKeys
 MAX_GENERATION = (1 << 63) - 1  # a generation is an int64 on the wire
 # Checksum objects whose delete the store failed, remembered for the next sweep: a key of at most 1 KiB each.
 LEFTOVERS_KEPT = 10_000
+# Abandoned uploads, and remembered checksum objects, a sweep deletes at once: each a few requests to the store.
+SWEEP_AT_ONCE = 8
 READ_RETRIES = 3  # times a read resumes after its connection dropped, or starts again on a version replaced
 # How long the start-up waits for the store's answer to its bucket check: boto3 waits 60 s for each of its tries,
 # and a daemon that serves nothing for minutes is killed by a liveness probe before it logs why.
@@ -233,6 +238,12 @@ def _written_by_drived(answer: dict[str, Any]) -> bool:
     and for the checks of a put alike."""
     metadata = answer.get("Metadata") or {}
     return _is_generation(metadata.get("generation", "")) and bool(metadata.get("sha256") or metadata.get("checksums"))
+
+
+async def _at_once(steps: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Runs `steps`, SWEEP_AT_ONCE at a time."""
+    for start in range(0, len(steps), SWEEP_AT_ONCE):
+        await asyncio.gather(*(step() for step in steps[start:start + SWEEP_AT_ONCE]))
 
 
 def _checksums_used(answer: dict[str, Any] | None) -> str:
@@ -810,7 +821,8 @@ class S3Backend(Backend):
         # apart, find it so, for its start's date may be wrong (moto_server dates every upload 2010-11-10), and a
         # sweep between another daemon's CreateMultipartUpload and its first part would abort a live upload.
         self._partless: set[str] = set()
-        self._leftovers: set[tuple[str, str]] = set()  # (key, name) of checksum objects the next sweep deletes
+        # (key, name) of checksum objects the next sweep deletes; name "": those of key its object does not use
+        self._leftovers: set[tuple[str, str]] = set()
         self._background: set[asyncio.Future[Any]] = set()
         self._live_key = f"{self.root}{LIVE}/{secrets.token_hex(8)}"  # where this daemon lists `_live`
         self._sweepers: list[asyncio.Task[None]] = []
@@ -1123,8 +1135,8 @@ class S3Backend(Backend):
             self._leave(key, name)
 
     def _leave(self, key: str, name: str) -> None:
-        """Remembers the checksum object `name` of `key`, whose delete failed, for the next sweep; past
-        LEFTOVERS_KEPT (a store failing deletes for long), logs that it stays in the store."""
+        """Remembers the checksum object `name` of `key` ("": those its object does not use), whose delete failed,
+        for the next sweep; past LEFTOVERS_KEPT (a store failing deletes for long), logs that it stays in the store."""
         if len(self._leftovers) < LEFTOVERS_KEPT:
             self._leftovers.add((key, name))
         else:
@@ -1198,23 +1210,33 @@ class S3Backend(Backend):
         except Exception as err:
             raise self.failure(err) from err
         leftovers, self._leftovers = self._leftovers, set()
-        for key, name in leftovers:  # once the store answers; one failing again is remembered again
-            await self.forget_unused_checksums(key, name)
-        for key, upload_id in abandoned:
-            log.info("aborting an abandoned upload", extra={"fields": {"key": key}})
-            await self.abort_upload(key, upload_id)
-            await self._sweep_checksums(key)
+        # Once the store answers; one failing again is remembered again. Each step fails alone, and SWEEP_AT_ONCE run
+        # at a time: thousands left while the store failed are not deleted one round trip after another.
+        await _at_once([functools.partial(self.forget_unused_checksums, key, name) if name
+                        else functools.partial(self._sweep_checksums, key) for key, name in leftovers])
+        await _at_once([functools.partial(self._forget_abandoned, key, upload_id) for key, upload_id in abandoned])
         return len(abandoned)
 
+    async def _forget_abandoned(self, key: str, upload_id: str) -> None:
+        log.info("aborting an abandoned upload", extra={"fields": {"key": key}})
+        await self.abort_upload(key, upload_id)  # a failure is logged, and the upload found again by the next sweep
+        await self._sweep_checksums(key)
+
     async def _sweep_checksums(self, key: str) -> None:
-        """Deletes the checksum objects of `key` that its object does not use and no commit is about to."""
-        used = _checksums_used(await self._head(self.root + key))
-        answer = await self.call("list_objects_v2", key, Prefix=self._checksums_key(key), Delimiter="/")
-        now = _server_time(answer)
-        for entry in answer.get("Contents", []):
-            name = entry["Key"].rsplit("/", 1)[1]
-            if name != used and (now - entry["LastModified"]).total_seconds() >= self.upload_expiry:
-                await self.call("delete_object", key, Key=entry["Key"])
+        """Deletes the checksum objects of `key` that its object does not use and no commit is about to; when the
+        store fails, the next sweep does (logged)."""
+        try:
+            used = _checksums_used(await self._head(self.root + key))
+            answer = await self.call("list_objects_v2", key, Prefix=self._checksums_key(key), Delimiter="/")
+            now = _server_time(answer)
+            for entry in answer.get("Contents", []):
+                name = entry["Key"].rsplit("/", 1)[1]
+                if name != used and (now - entry["LastModified"]).total_seconds() >= self.upload_expiry:
+                    await self.call("delete_object", key, Key=entry["Key"])
+        except DriveError as err:
+            log.warning("sweeping the checksum objects of an aborted upload failed; the next sweep retries",
+                        extra={"fields": {"key": key, "error": str(err)}})
+            self._leave(key, "")
 
     # -- reads ---------------------------------------------------------------
 
