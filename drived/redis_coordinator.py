@@ -55,7 +55,8 @@ scripts touch `drived:epoch` beside a drive's keys):
   changes being made in the drive. A change recorded by a daemon of the
   previous release has no member (a rolling update): only `unpublished`,
   which reads the hash, finds it; a member whose change such a daemon
-  dropped goes at the next `unsettled` that meets it.
+  dropped goes at the next `unsettled` that meets it, and the index whose
+  hash it emptied at the next claim taken in the drive.
 - `drived:{<drive>}:usage`: the drive's count for `--quota` (`drived.quota`),
   a hash: `used` (the bytes of its files), `reserved` (the bytes commits in
   progress add), `count` (a token that tells this count from a later one),
@@ -327,8 +328,8 @@ end
 # same step. `record` sets a field, moving its member when a claim of another path records it again; `unrecord` drops
 # one, then the index and the hash's place among those due once its last field is gone. A daemon of the previous
 # release (a rolling update) changes the hash alone: a member whose change it dropped or recorded again is dropped by
-# the next look at it (UNSETTLED), and a change it records has none (only UNPUBLISHED_DUE, which reads the hash, finds
-# it).
+# the next look at it (UNSETTLED), the index of a hash it emptied by the drive's next claim (ACQUIRE), and a change it
+# records has none (only UNPUBLISHED_DUE, which reads the hash, finds it).
 RECORDS = """
 local NUL, ONE = string.char(0), string.char(1)
 local function claimed_of(value)
@@ -495,6 +496,11 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 for i = 4, claims, 2 do hold_below(i, ARGV[1], ttl) end
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then
+  -- No change being made in the drive: an index left is one whose hash a daemon of the previous release emptied.
+  redis.call('DEL', by_claim(KEYS[#KEYS]))
+  return 0
+end
 for _, range in ipairs(ranges_touching(ARGV[3])) do
   if redis.call('ZRANGE', by_claim(KEYS[#KEYS]), range[1], range[2], 'BYLEX', 'LIMIT', 0, 1)[1] then return -1 end
 end

@@ -1045,6 +1045,12 @@ async def test_a_change_recorded_by_a_daemon_of_the_previous_release_is_still_ha
         admin.zrem("drived:unpublished", "drived:{d}:unpublished")
         async with one.claim("d", "again"):
             assert await one.unsettled("d", "again") == []
+        await leave(one, "d", "late", [Change("put", "late", "c")])
+        admin.hdel("drived:{d}:unpublished", "c\x00late")  # the hash's last field, settled by a daemon of that release
+        admin.zrem("drived:unpublished", "drived:{d}:unpublished")
+        assert admin.exists("drived:{d}:unpublished:claimed")  # which no look for unpublished changes visits again
+        async with one.claim("d", "elsewhere") as claim:  # the drive's next take drops it
+            assert not claim.unsettled
     assert not list(admin.scan_iter("drived:*unpublished*"))
 
 
