@@ -698,9 +698,9 @@ class ManagedDrives:
             after = ""
             while keys := await self.backend.walk(key, after, DELETE_PAGE):
                 after = keys[-1]
-                for removed in await self._delete_files(claim, delete, keys):
-                    deleted += removed.file
-                    foreign = foreign or not removed.file
+                for below in await self._delete_files(claim, delete, keys):
+                    deleted += below.file
+                    foreign = foreign or not below.file
         if deleted:
             return deleted  # the files alone: the count a retry whose answer was lost finds in the request's deletes
         if foreign:

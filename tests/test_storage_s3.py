@@ -64,7 +64,7 @@ from drive_client.pb import drive_pb2, drive_pb2_grpc
 from drive_client.transfer import PARALLEL_MIN_SIZE
 from drive_client.wire import fast_stub
 from drived.backends.base import ROOTS_AT_ONCE
-from drived.backends.s3 import MAX_PARTS_IN_FLIGHT, PART_SIZE, PARTS_IN_MEMORY, SWEEP_AT_ONCE, S3Backend
+from drived.backends.s3 import LIVE, MAX_PARTS_IN_FLIGHT, PART_SIZE, PARTS_IN_MEMORY, SWEEP_AT_ONCE, S3Backend
 from drived.checksums import ClientChecksums
 
 BUCKET = "drived-store"
@@ -118,7 +118,10 @@ class Store:
         return len(answer.get("Parts", []))
 
     def object_keys(self, under: str = PREFIX) -> list[str]:
-        return [o["Key"] for o in self.client.list_objects_v2(Bucket=BUCKET, Prefix=under).get("Contents", [])]
+        """The keys under `under`, but the daemons' lists of their live uploads, which each rewrites on its own clock
+        while it has uploads in progress."""
+        listed = self.client.list_objects_v2(Bucket=BUCKET, Prefix=under).get("Contents", [])
+        return [o["Key"] for o in listed if not o["Key"].startswith(f"{PREFIX}{LIVE}/")]
 
     def close(self) -> None:
         for handle in self.daemons:
