@@ -834,6 +834,11 @@ class ManagedDrives:
             return Entry(path=change.path, component=change.component) if change.kind == "delete" else None
         if info and change.kind == "put" and not _is_version(info, change.version):
             return None  # a put whose version never became visible (its replica died, or the store failed, first)
+        if info is None and change.kind == "delete" and await self.backend.holds_foreign(
+                object_key(drive, change.component, change.path)):
+            # Recorded with the folder's files before any was looked at, by a holder that died before it reached this
+            # object: its removal was not made (a watch hears of no such object's removal in any case).
+            return Entry(path=change.path, component=change.component)
         return _entry(change.path, change.component, info) if info else None
 
     async def mount(self, mount: MountRequest) -> tuple[int, float]:

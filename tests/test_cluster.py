@@ -331,6 +331,29 @@ def test_the_next_change_of_a_path_whose_replica_died_before_publishing_publishe
     assert rpc_code(lambda: raw_get(stub_of(other), drive_uri, "stored.txt")) == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_folder_delete_whose_replica_died_before_an_object_drived_did_not_write_reports_no_delete_of_it(
+    own_cluster, drive_uri
+):
+    """The replica records a folder's files as its deletes, a batch at a time, before it looks at each: one died
+    after removing `f/a`, before reaching `f/b`, an object something else put in the prefix. The settle found no file
+    at `f/b` (no read shows such an object) and published its delete: a watch was told of the removal of a path no
+    read ever showed, and that was still in the store. It is now settled as a delete not made."""
+    victim = own_cluster.replica("--claim-ttl", "2", before=KILLED_BEFORE_ITS_FIRST_PUBLISH)
+    other = own_cluster.replica("--claim-ttl", "2")
+    name = drive_uri.removeprefix("lit://")
+    raw_put(stub_of(other), drive_uri, "f/a", b"a", component="w")
+    own_cluster.store.client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{name}/w/f/b", Body=b"foreign")
+    start = watch_events(other, drive_uri, 0)[0][2]
+    request = drive_pb2.DeleteRequest(drive=drive_uri, path="f", component="w", request_id="died-before-foreign")
+    assert rpc_code(lambda: stub_of(victim).Delete(request, timeout=30)) == grpc.StatusCode.UNAVAILABLE
+    assert victim.proc.wait(30) == -signal.SIGKILL
+    assert wait_until(lambda: not unpublished_left(own_cluster), timeout=30), unpublished_left(own_cluster)
+    assert own_cluster.store.object_keys(f"{PREFIX}{name}/") == [f"{PREFIX}{name}/w/f/b"]
+    raw_put(stub_of(other), drive_uri, "last.txt", b"last", component="w")
+    events = watch_events(other, drive_uri, 2, after=start)
+    assert [(kind, path) for kind, path, _ in events[1:]] == [("delete", "f/a"), ("put", "last.txt")], events
+
+
 def test_the_records_of_many_delete_requests_keep_within_the_completions_bytes(own_cluster, drive_uri):
     """A client sending many deletes, each with its own long request id, makes a record each: the records the
     coordinator keeps take at most the completions' bytes (lowered here to 4 KiB), the oldest forgotten first, and

@@ -423,6 +423,11 @@ class Backend(abc.ABC):
     async def stat(self, key: str) -> ObjectInfo | None:
         """The object at `key`, or None when there is none (folders are not objects)."""
 
+    async def holds_foreign(self, key: str) -> bool:
+        """Whether an object drived did not write is at `key` (no read shows it: `stat` answers None). None is in a
+        store whose every object is a file (the local disk's)."""
+        return False
+
     @abc.abstractmethod
     async def is_folder(self, key: str) -> bool:
         """True when objects exist below `key` + "/"."""

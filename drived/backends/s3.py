@@ -1353,6 +1353,10 @@ class S3Backend(Backend):
         answer = await self._head(self.root + key)
         return None if answer is None else (await self._info(key, answer, int(answer["ContentLength"])))[0]
 
+    async def holds_foreign(self, key: str) -> bool:
+        answer = await self._head(self.root + key)
+        return answer is not None and not _written_by_drived(answer)
+
     # -- listing -------------------------------------------------------------
 
     def _folder(self, prefix: str) -> str:
