@@ -58,6 +58,7 @@ from cutting_proxy import CuttingProxy
 from moto_server import AWS_ENV, aws_env
 from rewriting_s3_proxy import RewritingS3Proxy
 
+import drived.backends.s3 as s3_backend
 from bench.services import MotoServer, peak_rss_mib, reset_peak_rss
 from drive_client import DataLoss, Drive, DriveError, StaleIndexError
 from drive_client.pb import drive_pb2, drive_pb2_grpc
@@ -2023,6 +2024,46 @@ def test_a_sweeps_failure_on_one_abandoned_upload_holds_up_none_of_the_others(st
     assert warnings == [("sweeping the checksum objects of an aborted upload failed; the next sweep retries",
                          "d/w/00.bin")], warnings
     assert 1 < in_flight["most"] <= SWEEP_AT_ONCE, in_flight
+
+
+def test_checksum_objects_left_past_the_bound_are_logged_once_a_sweep_and_counted(store, caplog, monkeypatch):
+    """Past LEFTOVERS_KEPT (a store failing every delete for long while puts go on), each checksum object left in
+    the store logged a warning of its own: at thousands of puts a second, thousands of lines a second. The first one
+    a sweep period is logged, the sweep logs how many more were left, and what is remembered stays bounded."""
+    monkeypatch.setattr(s3_backend, "LEFTOVERS_KEPT", 2)
+    prefix = "leftbound/"
+    names = [f"{i}-c" for i in range(6)]
+    for name in names:  # checksum objects no object at their key uses
+        store.client.put_object(Bucket=BUCKET, Key=f"{prefix}~checksums/d/w/f.bin/{name}", Body=b"crc")
+    failing = threading.Event()
+
+    def fails(params: dict, **_: object) -> None:
+        if failing.is_set() and "/~checksums/" in params["Key"]:
+            raise botocore.exceptions.ClientError({"Error": {"Code": "SlowDown", "Message": "slow"}}, "DeleteObject")
+
+    async def forget_then_sweep() -> None:
+        backend = S3Backend(BUCKET, prefix, upload_expiry=60)
+        try:
+            backend.client.meta.events.register("before-parameter-build.s3.DeleteObject", fails)
+            failing.set()
+            for name in names:
+                await backend.forget_unused_checksums("d/w/f.bin", name)
+            await backend.sweep()  # the two remembered fail again, and are remembered again
+            failing.clear()
+            await backend.sweep()
+        finally:
+            await backend.close()
+
+    with aws_env(store.url), caplog.at_level("INFO", logger="drived"):
+        asyncio.run(forget_then_sweep())
+    warnings = [(r.getMessage(), getattr(r, "fields", {})) for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        ("a checksum object whose delete failed is left in the store",
+         {"object": f"s3://{BUCKET}/{prefix}~checksums/d/w/f.bin/{names[2]}"}),
+        ("more checksum objects whose delete failed were left in the store since", {"count": 3}),
+    ], warnings
+    left = store.object_keys(f"{prefix}~checksums/")  # the remembered ones deleted once the store answered
+    assert left == [f"{prefix}~checksums/d/w/f.bin/{name}" for name in names[2:]], left
 
 
 def test_a_checksum_object_whose_delete_failed_is_deleted_by_the_next_sweep(tmp_path: Path, drive_uri: str):

@@ -74,7 +74,8 @@ its live uploads in `prefix/~uploads/<daemon>`, rewritten every third of
 lists rewritten within `upload_expiry` (a daemon's own are in its memory) and
 deletes the older lists. A checksum object whose delete the store fails (after an
 abort, or after the commit or delete of the version using it) is remembered
-(LEFTOVERS_KEPT at most) and deleted by the next sweep; one remembered by a daemon
+(LEFTOVERS_KEPT at most; past it, the first left in the store is logged, and the next sweep
+logs how many more were) and deleted by the next sweep; one remembered by a daemon
 that dies first stays in the store: no file uses it, nothing lists it and no usage
 counts it, and finding it again would mean listing `~checksums/` and a HEAD of each
 file, at a billion files far beyond a sweep every upload_expiry (docs/scaling.md).
@@ -823,6 +824,7 @@ class S3Backend(Backend):
         self._partless: set[str] = set()
         # (key, name) of checksum objects the next sweep deletes; name "": those of key its object does not use
         self._leftovers: set[tuple[str, str]] = set()
+        self._left_in_store = 0  # checksum objects past LEFTOVERS_KEPT since the last sweep: the first is logged
         self._background: set[asyncio.Future[Any]] = set()
         self._live_key = f"{self.root}{LIVE}/{secrets.token_hex(8)}"  # where this daemon lists `_live`
         self._sweepers: list[asyncio.Task[None]] = []
@@ -1136,10 +1138,14 @@ class S3Backend(Backend):
 
     def _leave(self, key: str, name: str) -> None:
         """Remembers the checksum object `name` of `key` ("": those its object does not use), whose delete failed,
-        for the next sweep; past LEFTOVERS_KEPT (a store failing deletes for long), logs that it stays in the store."""
+        for the next sweep; past LEFTOVERS_KEPT (a store failing deletes for long), it stays in the store."""
         if len(self._leftovers) < LEFTOVERS_KEPT:
             self._leftovers.add((key, name))
-        else:
+            return
+        # Logged once a sweep period, and the others counted (`sweep`): a store failing every delete while puts go
+        # on would otherwise log a line a put, thousands a second.
+        self._left_in_store += 1
+        if self._left_in_store == 1:
             log.warning("a checksum object whose delete failed is left in the store", extra={"fields": {
                 "object": f"s3://{self.bucket}/{self._checksums_key(key, name)}"}})
 
@@ -1209,6 +1215,10 @@ class S3Backend(Backend):
             abandoned = await self.run(self._abandoned)
         except Exception as err:
             raise self.failure(err) from err
+        if self._left_in_store > 1:
+            log.warning("more checksum objects whose delete failed were left in the store since", extra={"fields": {
+                "count": self._left_in_store - 1}})
+        self._left_in_store = 0
         leftovers, self._leftovers = self._leftovers, set()
         # Once the store answers; one failing again is remembered again. Each step fails alone, and SWEEP_AT_ONCE run
         # at a time: thousands left while the store failed are not deleted one round trip after another.
