@@ -424,8 +424,8 @@ class Backend(abc.ABC):
         """The object at `key`, or None when there is none (folders are not objects)."""
 
     async def holds_foreign(self, key: str) -> bool:
-        """Whether an object drived did not write is at `key` (no read shows it: `stat` answers None). None is in a
-        store whose every object is a file (the local disk's)."""
+        """Whether an object drived did not write is at `key` (no read shows it: `stat` answers None). A store whose
+        every object is a file (the local disk) holds none."""
         return False
 
     @abc.abstractmethod
