@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bench.services import ValkeyServer
 from drive_client.errors import EventsExpired, Unavailable
@@ -1052,6 +1054,65 @@ async def test_a_change_recorded_by_a_daemon_of_the_previous_release_is_still_ha
         async with one.claim("d", "elsewhere") as claim:  # the drive's next take drops it
             assert not claim.unsettled
     assert not list(admin.scan_iter("drived:*unpublished*"))
+
+
+# Paths whose characters sort below '/' ('.', '-', ' ', '!', '0' beside 'a/...'), unicode, and folders of each other.
+INDEXED_PATHS = ["a", "a/b", "a/b/c", "a.b", "a-b", "a b", "a!", "é", "é/ü", "a/b.c", "ab", "a0", "a/b c", "x/y/z"]
+CHANGES = st.lists(st.tuples(st.sampled_from(["put", "delete"]), st.sampled_from(INDEXED_PATHS),
+                             st.sampled_from(["c", "d"])), max_size=6)
+STEPS = st.one_of(  # (what, the path claimed, its changes or which change to settle, a second confirm or a settle's)
+    st.tuples(st.sampled_from(["left", "released"]), st.sampled_from(INDEXED_PATHS), CHANGES, st.booleans()),
+    st.tuples(st.just("settled"), st.sampled_from(INDEXED_PATHS), st.integers(0, 5), st.booleans()),
+)
+
+
+@pytest.mark.integration
+def test_the_index_by_path_and_the_changes_being_made_agree_after_every_script(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    """Random claims that record changes and end (left by a holder that died, or released), records made again by a
+    second confirm, and settles: after each, the index holds a member for each record and no other, and `unsettled`
+    of every path finds what a scan of the whole hash finds with the rule the take had before the index (claimed at
+    the path, or one a folder of the other)."""
+    server = own_valkey()
+    admin = redis.Redis.from_url(server.url)
+    drives = iter(range(1 << 20))
+
+    async def steps(drive: str, taken: list[tuple[str, str, object, bool]]) -> None:
+        async with redis_coordinator(server.url, claim_ttl=30) as one:
+            for what, path, arg, flag in taken:
+                if what == "settled":
+                    if found := await one.unsettled(drive, path):
+                        left = found[int(arg) % len(found)]  # type: ignore[call-overload]
+                        await one.settle(left, Entry(path=left.change.path, component=left.change.component)
+                                         if flag else None)
+                else:
+                    changes = [Change(kind, p, c, "v1") if kind == "put" else Change(kind, p, c, request="r")
+                               for kind, p, c in arg if p == path or p.startswith(path + "/")]  # type: ignore[attr-defined]
+                    with contextlib.suppress(RuntimeError):
+                        async with one.claim(drive, path) as claim:
+                            await claim.confirm(changes)
+                            if flag:
+                                await claim.confirm(changes[1:])  # one dropped, the others recorded again
+                            if what == "left":
+                                raise RuntimeError("its holder dies")
+                records = admin.hgetall(f"drived:{{{drive}}}:unpublished")
+                claimed = {field: value[17:].split(b"\0")[0].decode() for field, value in records.items()}
+                assert set(admin.zrange(f"drived:{{{drive}}}:unpublished:claimed", 0, -1)) == {
+                    path.encode() + b"\0" + field for field, path in claimed.items()}
+                for looked in INDEXED_PATHS:
+                    scanned = sorted(field.decode().split("\0")[::-1] for field, path in claimed.items()
+                                     if path == looked or path.startswith(looked + "/")
+                                     or looked.startswith(path + "/"))
+                    found = await one.unsettled(drive, looked)
+                    assert sorted([u.change.path, u.change.component] for u in found) == scanned, looked
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(STEPS, min_size=4, max_size=12))
+    def agree(taken: list[tuple[str, str, object, bool]]) -> None:
+        asyncio.run(steps(f"p{next(drives)}", taken))
+
+    agree()
 
 
 @pytest.mark.integration
