@@ -45,7 +45,7 @@ from test_commit_worker import commit_workers
 from test_coordinator import calls, stopped
 from test_limits import PAUSED_COMMITS
 from test_resume import requests
-from test_storage_s3 import BUCKET, PREFIX, StalledPut, Store, stub_of
+from test_storage_s3 import BUCKET, PREFIX, SENT_REQUESTS, StalledPut, Store, sent_by, stub_of
 
 from bench.services import MotoServer, TlsProxy, ValkeyServer
 from drive_client import AsyncDrive, Drive, StaleIndexError
@@ -352,6 +352,44 @@ def test_a_folder_delete_whose_replica_died_before_an_object_drived_did_not_writ
     raw_put(stub_of(other), drive_uri, "last.txt", b"last", component="w")
     events = watch_events(other, drive_uri, 2, after=start)
     assert [(kind, path) for kind, path, _ in events[1:]] == [("delete", "f/a"), ("put", "last.txt")], events
+
+
+def test_a_deletes_requests_to_the_store_are_those_docs_scaling_md_counts(cluster, drive_uri, tmp_path):
+    """docs/scaling.md's delete row, alone and with --coordinator (which HEADs the path first: is a file there?):
+    a file, a big one (its checksum object deleted after it), a folder (the path's HEAD, its LISTs, then each file's),
+    a path holding nothing. --upload-expiry long: no sweep's request is counted."""
+    sent = tmp_path / "sent"
+    counted = SENT_REQUESTS.format(sent=str(sent))
+    name = drive_uri.removeprefix("lit://")
+    big = os.urandom(PART_SIZE + 1)
+
+    def sent_by_deletes(stub: drive_pb2_grpc.DriveServiceStub) -> dict[str, dict[str, int]]:
+        raw_put(stub, drive_uri, "small.txt", b"small", component="w")
+        raw_put(stub, drive_uri, "big.bin", big, component="w")
+        for i in range(3):
+            raw_put(stub, drive_uri, f"f/{i}", b"in f", component="w")
+        before = cluster.store.object_keys()
+        codes: list[grpc.StatusCode] = []
+        missing = drive_pb2.DeleteRequest(drive=drive_uri, path="missing", component="w")
+        sent_each = {"missing": sent_by(sent, lambda: codes.append(rpc_code(lambda: stub.Delete(missing, timeout=60))))}
+        assert codes == [grpc.StatusCode.NOT_FOUND] and cluster.store.object_keys() == before
+        for path in ("small.txt", "big.bin", "f"):
+            delete = drive_pb2.DeleteRequest(drive=drive_uri, path=path, component="w")
+            sent_each[path] = sent_by(sent, functools.partial(stub.Delete, delete, timeout=60))
+        assert cluster.store.object_keys(f"{PREFIX}{name}/") == []
+        assert cluster.store.object_keys(f"{PREFIX}~checksums/{name}/") == []  # the big file's checksum object too
+        return sent_each
+
+    for extra_head, handle in ((0, cluster.store.daemon("--upload-expiry", "3600", before=counted)),
+                               (1, cluster.replica("--upload-expiry", "3600", before=counted))):
+        assert sent_by_deletes(stub_of(handle)) == {
+            "missing": {"HeadObject": 1 + extra_head, "ListObjectsV2": 1},
+            "small.txt": {"DeleteObject": 1, "HeadObject": 1 + extra_head},
+            # with --coordinator, the look at the path HEADs the big file's checksum object too
+            "big.bin": {"DeleteObject": 2, "HeadObject": 1 + 2 * extra_head},
+            # the path's HEAD (no file there), the walk's LIST and the one after its last page finding no more
+            "f": {"DeleteObject": 3, "HeadObject": 4 + extra_head, "ListObjectsV2": 2},
+        }, extra_head
 
 
 def test_the_records_of_many_delete_requests_keep_within_the_completions_bytes(own_cluster, drive_uri):

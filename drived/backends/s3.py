@@ -81,8 +81,8 @@ counts it, and finding it again would mean listing `~checksums/` and a HEAD of e
 file, at a billion files far beyond a sweep every upload_expiry (docs/scaling.md).
 Replicas sweep the same uploads: one aborted by another
 (or by its daemon) between this sweep's listing and its ListParts or its abort
-is gone, not abandoned, and fails nothing. A sweep handles SWEEP_AT_ONCE abandoned
-uploads, and then remembered checksum objects, at a time, and the store failing
+is gone, not abandoned, and fails nothing. A sweep handles the remembered checksum
+objects, then the abandoned uploads, SWEEP_AT_ONCE at a time, and the store failing
 on one fails it alone: the look at an aborted upload's checksum objects is
 remembered as they are, and made again by the next sweep.
 
