@@ -670,7 +670,8 @@ class ManagedDrives:
         return iter(())
 
     async def delete(self, delete: DeleteRequest) -> int:
-        """Removes the caller's file, or every file of its under a folder; the count removed.
+        """Removes the caller's file, or every file of its under a folder, with the objects drived did not write there;
+        the count of its files removed (1 where it removed such objects alone).
 
         Inside the path's claim (which excludes the puts of the path and of
         every path below it), so that what a file's size takes from the

@@ -579,6 +579,10 @@ def test_a_folder_delete_counts_only_the_files_and_removes_the_objects_drived_di
     assert stub.Delete(delete, timeout=60).files_deleted == 1
     only_foreign = drive_pb2.DeleteRequest(drive=drive_uri, path="g", component="w", request_id="r2")
     assert stub.Delete(only_foreign, timeout=60).files_deleted == 1
+    only_foreign.retry = True  # its answer lost: it published no delete, so its retry finds none of its own
+    left = store.object_keys()
+    assert rpc_code(lambda: stub.Delete(only_foreign, timeout=60)) == grpc.StatusCode.NOT_FOUND
+    assert store.object_keys() == left
     for key, size in (("f/b", 7), ("f/c/d", 7), ("g/x", 7)):
         assert f'"object": "s3://{BUCKET}/{PREFIX}{name}/w/{key}", "size": {size}, "by": "a delete"' in handle.log()
     assert store.object_keys(f"{PREFIX}{name}/") == [f"{PREFIX}{name}/w/kept.txt"]
