@@ -47,12 +47,11 @@ scripts touch `drived:epoch` beside a drive's keys):
   by its token is a change never published, which `unpublished` hands out.
 - `drived:{<drive>}:unpublished:claimed`: those changes indexed by the path
   their claim claimed, a sorted set of members `<path claimed>\0<field>`,
-  all scored 0, changed with the hash in each script that changes it (~80
-  bytes a change with short paths, ~270 with paths of 110 characters), and
-  deleted with its last field: a claim's take looks for a change left at,
-  above or below its path (`unsettled`) by a lexical range below the path
-  and a lookup of the path and each folder above it, whatever the number of
-  changes being made in the drive. A change recorded by a daemon of the
+  all scored 0, changed with the hash in each script that changes it (their
+  bytes: docs/scaling.md), and deleted with its last field: a claim's take
+  looks for a change left at, above or below its path (`unsettled`) by a
+  lexical range below the path and a lookup of the path and each folder
+  above it, whatever the number of changes being made in the drive. A change recorded by a daemon of the
   previous release has no member (a rolling update): only `unpublished`,
   which reads the hash, finds it; a member whose change such a daemon
   dropped goes at the next `unsettled` that meets it, and the index whose
