@@ -686,7 +686,7 @@ class ManagedDrives:
             await self._settle_left(claim, drive, path)
             # Recorded only when a file is there: a record left by a holder that died is settled as the delete of a
             # file once the path holds none, and a folder's files (or nothing) are no file at the path.
-            if self.coordinator.records_changes and await self._holds_file(key):
+            if self.coordinator.records_changes and await self.backend.holding(key) == "file":
                 await claim.confirm([Change("delete", path, component, request=delete.request_id)])
             removed = await self._delete(claim, delete, key, path)
             if removed is not None and removed.file:
@@ -747,14 +747,6 @@ class ManagedDrives:
                 claim.unmade([Change("delete", file, component) for _, file in batch[begun:]])
                 raise
         return removals
-
-    async def _holds_file(self, key: str) -> bool:
-        """Whether a file of drived's is at `key`, damaged or not (not an object drived did not write: no read shows
-        it)."""
-        try:
-            return await self.backend.stat(key) is not None
-        except StoredFileError:
-            return True
 
     async def _delete(self, claim: Claim, delete: DeleteRequest, key: str, path: str,
                       foreign: Callable[[], Awaitable[None]] | None = None) -> Removed | None:
@@ -835,8 +827,8 @@ class ManagedDrives:
             return Entry(path=change.path, component=change.component) if change.kind == "delete" else None
         if info and change.kind == "put" and not _is_version(info, change.version):
             return None  # a put whose version never became visible (its replica died, or the store failed, first)
-        if info is None and change.kind == "delete" and await self.backend.holds_foreign(
-                object_key(drive, change.component, change.path)):
+        if info is None and change.kind == "delete" and await self.backend.holding(
+                object_key(drive, change.component, change.path)) == "foreign":
             # Recorded with the folder's files before any was looked at, by a holder that died before it reached this
             # object: its removal was not made (a watch hears of no such object's removal in any case).
             return Entry(path=change.path, component=change.component)

@@ -14,7 +14,7 @@ import asyncio
 import bisect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Self, TypeVar
+from typing import Literal, Protocol, Self, TypeVar
 
 from drive_client.errors import (
     PARENT_IS_FILE,
@@ -81,6 +81,9 @@ class Holder:
     index: int
     folder: bool = False
     file: bool = True
+
+
+Holding = Literal["file", "foreign"]  # what lies at a key (`Backend.holding`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,10 +426,14 @@ class Backend(abc.ABC):
     async def stat(self, key: str) -> ObjectInfo | None:
         """The object at `key`, or None when there is none (folders are not objects)."""
 
-    async def holds_foreign(self, key: str) -> bool:
-        """Whether an object drived did not write is at `key` (no read shows it: `stat` answers None). A store whose
-        every object is a file (the local disk) holds none."""
-        return False
+    async def holding(self, key: str) -> Holding | None:
+        """What lies at `key`: a file of drived's (damaged or not), an object drived did not write (no read shows it:
+        `stat` answers None), or nothing; told without reading a file's checksums where the store can. By `stat`
+        here: a store whose every object is a file (the local disk) holds no other."""
+        try:
+            return "file" if await self.stat(key) is not None else None
+        except StoredFileError:
+            return "file"
 
     @abc.abstractmethod
     async def is_folder(self, key: str) -> bool:

@@ -165,6 +165,7 @@ from .base import (
     Damaged,
     EndsBefore,
     Holder,
+    Holding,
     Listing,
     Missing,
     ObjectInfo,
@@ -1363,9 +1364,11 @@ class S3Backend(Backend):
         answer = await self._head(self.root + key)
         return None if answer is None else (await self._info(key, answer, int(answer["ContentLength"])))[0]
 
-    async def holds_foreign(self, key: str) -> bool:
-        answer = await self._head(self.root + key)
-        return answer is not None and not _written_by_drived(answer)
+    async def holding(self, key: str) -> Holding | None:
+        answer = await self._head(self.root + key)  # one HEAD: a big file's checksum object is not looked at
+        if answer is None:
+            return None
+        return "file" if _written_by_drived(answer) else "foreign"
 
     # -- listing -------------------------------------------------------------
 
