@@ -41,6 +41,7 @@ from conftest import (
 )
 from crc32c import crc32c
 from cutting_proxy import CuttingProxy
+from test_limits import PAUSED_COMMITS
 
 from drive_client import Drive
 from drive_client.channels import CHANNEL_OPTIONS
@@ -332,9 +333,14 @@ def test_a_folder_get_whose_file_in_progress_is_deleted_before_the_resume_is_sta
 
 
 def test_a_put_resumes_after_the_daemon_restarted_from_the_first_byte(twin, tmp_path):
-    """A restarted daemon holds nothing: the client learns it (NOT_FOUND) and sends the file again whole."""
+    """A restarted daemon holds nothing: the client learns it (NOT_FOUND) and sends the file again whole. The first
+    daemon holds the put at its commit (a put of 24 MiB can end before a look at its upload's bytes on a quiet
+    machine), and is killed there."""
     port = free_port()
-    first = start_daemon(tmp_path, port=port, data_dir=tmp_path / "data")
+    pause = tmp_path / "pause"
+    pause.touch()
+    held = PAUSED_COMMITS.format(backend="local", upload="LocalUpload", name="r.bin", pause=str(pause))
+    first = start_daemon(tmp_path, port=port, data_dir=tmp_path / "data", before=held)
     size = 24 * MIB
     digest = write_random_file(tmp_path / "src" / "r.bin", size)
     drive = twin("lit://restarted", root_folder=tmp_path / "src", endpoint=first.endpoint)
@@ -342,7 +348,8 @@ def test_a_put_resumes_after_the_daemon_restarted_from_the_first_byte(twin, tmp_
     second = None
     try:
         put.start()
-        assert wait_until(lambda: upload_bytes(first.data_dir) >= 8 * MIB, 30), "the upload never started"
+        assert wait_until((tmp_path / "pause.reached").exists, 30), "the put never reached its commit"
+        assert upload_bytes(first.data_dir) >= size  # every byte in its upload, none committed
         first.stop(signal.SIGKILL)
         second = start_daemon(tmp_path, port=port, data_dir=tmp_path / "data")
         [stored] = put.join_checked(90)
