@@ -1,0 +1,188 @@
+"""A data dir that hangs (an NFS server gone) holds only the calls that touch it, never the whole daemon.
+
+The daemon is one event loop: a file call made on it that blocks blocks every client, health checks and s3://
+drives included. The calls on the data dir are made in worker threads, so one that hangs holds its own call only.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+from collections.abc import Callable, Iterator
+
+import boto3
+import grpc
+import pytest
+from conftest import (
+    Background,
+    DaemonHandle,
+    descriptor_targets,
+    health_status,
+    raw_get,
+    raw_put,
+    snapshot,
+    start_daemon,
+    wait_until,
+)
+from grpc_health.v1 import health_pb2
+from moto_server import AWS_ENV, moto_env  # noqa: F401  (moto_env is a fixture)
+
+from drive_client.pb import drive_pb2, drive_pb2_grpc
+
+HUNG = "lit://hung"
+OTHER = "lit://other"
+BUCKET = "hung-dir-datasets"
+S3_DRIVE = f"s3://{BUCKET}/data/"
+
+# Run first in the daemon's process: while the file HANG exists, every stat, lstat, open and scandir of a path in
+# the drive `hung` blocks, as each call on a hard NFS mount whose server is gone does, wherever the daemon makes it.
+# HANG may name one of those calls and how many of them pass first ("open 1": the second open blocks).
+HUNG_CALLS = """
+import os, time
+
+exists = os.path.exists
+passed = [0]
+
+def blocks(name):
+    with open({hang!r}) as hang:
+        wanted = hang.read().split()
+    if not wanted:
+        return True
+    if wanted[0] != name:
+        return False
+    passed[0] += 1
+    return passed[0] > int(wanted[1])
+
+def hanging(name, call):
+    def on_a_hung_mount(path, *args, **kwargs):
+        if not isinstance(path, str) or not path.startswith({prefix!r}):
+            return call(path, *args, **kwargs)
+        if not exists({hang!r}):
+            passed[0] = 0
+        elif blocks(name):
+            open({hang!r} + ".reached", "w").close()
+            while exists({hang!r}):
+                time.sleep(0.01)
+            try:
+                return call(path, *args, **kwargs)
+            finally:
+                open({hang!r} + ".returned", "w").close()
+        return call(path, *args, **kwargs)
+    return on_a_hung_mount
+
+for name in ("stat", "lstat", "open", "scandir"):
+    setattr(os, name, hanging(name, getattr(os, name)))
+"""
+
+
+@pytest.fixture(scope="module")
+def hung_daemon(tmp_path_factory: pytest.TempPathFactory, moto_env: str) -> Iterator[tuple[DaemonHandle, pathlib.Path]]:  # noqa: F811
+    """A daemon whose drive `hung` blocks while the file it gives exists, with an s3:// drive beside it."""
+    s3 = boto3.client("s3", endpoint_url=moto_env, region_name=AWS_ENV["AWS_DEFAULT_REGION"])
+    s3.create_bucket(Bucket=BUCKET)
+    s3.put_object(Bucket=BUCKET, Key="data/a.txt", Body=b"from s3")
+    tmp = tmp_path_factory.mktemp("hung-data-dir")
+    data_dir, hang = tmp / "data", tmp / "hang"
+    prefix = f"{os.path.realpath(tmp)}/data/objects/hung"
+    handle = start_daemon(tmp, data_dir=data_dir, before=HUNG_CALLS.format(prefix=prefix, hang=str(hang)))
+    try:
+        yield handle, hang
+    finally:
+        hang.unlink(missing_ok=True)
+        handle.stop(signal.SIGTERM, timeout=20)
+
+
+# Each call of drive `hung` that the test lets hang, by name.
+CALLS: dict[str, Callable[[drive_pb2_grpc.DriveServiceStub], object]] = {
+    "put": lambda stub: raw_put(stub, HUNG, "new.txt", b"new bytes"),
+    "get": lambda stub: raw_get(stub, HUNG, "kept.txt"),
+    "stat": lambda stub: stub.Stat(drive_pb2.StatRequest(drive=HUNG, path="kept.txt"), timeout=60),
+    "list": lambda stub: stub.List(drive_pb2.ListRequest(drive=HUNG, path="."), timeout=60),
+    "delete": lambda stub: stub.Delete(drive_pb2.DeleteRequest(drive=HUNG, path="gone.txt"), timeout=60),
+}
+
+
+def _put_files(stub: drive_pb2_grpc.DriveServiceStub) -> None:
+    """kept.txt and gone.txt in drive `hung`, b.txt in another drive."""
+    raw_put(stub, HUNG, "kept.txt", b"kept bytes")
+    raw_put(stub, HUNG, "gone.txt", b"deleted")
+    raw_put(stub, OTHER, "b.txt", b"other drive")
+
+
+def _others_answer(stub: drive_pb2_grpc.DriveServiceStub, endpoint: str) -> None:
+    """Health, a list of another drive and a read of an s3:// drive answer within a couple of seconds."""
+    assert health_status(endpoint, timeout=2) == health_pb2.HealthCheckResponse.SERVING
+    listed = stub.List(drive_pb2.ListRequest(drive=OTHER, path="."), timeout=2)
+    assert [entry.path for entry in listed.entries] == ["b.txt"]
+    read = stub.Get(drive_pb2.GetRequest(drive=S3_DRIVE, path="a.txt"), timeout=2)
+    assert b"".join(message.data for message in read) == b"from s3"
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_a_call_hung_on_the_data_dir_holds_only_itself(hung_daemon, call):
+    """While a call of drive `hung` blocks in its data dir, the daemon answers health, other drives and s3://
+    drives; once the data dir answers again, the call completes as it would have, and the stored files are as it
+    leaves them."""
+    handle, hang = hung_daemon
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        _put_files(stub)
+        _others_answer(stub, handle.endpoint)  # the s3:// drive is mounted before the data dir hangs
+        before = snapshot(handle.data_dir / "objects")
+        reached = pathlib.Path(f"{hang}.reached")
+        reached.unlink(missing_ok=True)
+        hang.touch()
+        try:
+            running = Background(lambda: CALLS[call](stub))
+            running.start()
+            assert wait_until(reached.exists, timeout=10), f"the {call} never reached the data dir"
+            _others_answer(stub, handle.endpoint)
+            assert running.is_alive(), f"the {call} answered while its data dir hung"
+        finally:
+            hang.unlink()
+        answer = running.join_checked(timeout=30)
+        after = snapshot(handle.data_dir / "objects")
+        if call == "put":
+            assert raw_get(stub, HUNG, "new.txt")[0][1] == b"new bytes"
+            assert {k: v for k, v in after.items() if not k.endswith("new.txt")} == before
+            stub.Delete(drive_pb2.DeleteRequest(drive=HUNG, path="new.txt"), timeout=10)  # the list's test lists
+        elif call == "delete":
+            assert answer.files_deleted == 1
+            assert {k: v for k, v in before.items() if not k.endswith("gone.txt")} == after
+        else:
+            assert after == before, "a read changes no stored file"
+            if call == "get":
+                assert answer[0][1] == b"kept bytes"
+            elif call == "stat":
+                assert answer.size == len(b"kept bytes")
+            else:
+                assert sorted(entry.path for entry in answer.entries) == ["gone.txt", "kept.txt"]
+
+
+def test_a_get_whose_client_left_while_its_open_hung_closes_the_file_once_it_opens(hung_daemon):
+    """A get whose client gives up while the open of its file hangs is ended at once; the open that answers later
+    leaves no descriptor behind, and the file reads as it was."""
+    handle, hang = hung_daemon
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        _put_files(stub)
+        _others_answer(stub, handle.endpoint)
+        kept = os.path.realpath(handle.data_dir / "objects" / "hung")
+        reached = pathlib.Path(f"{hang}.reached")
+        reached.unlink(missing_ok=True)
+        pathlib.Path(f"{hang}.returned").unlink(missing_ok=True)
+        hang.write_text("open 1")  # the get's look at the file passes; its read's open of it blocks
+        try:
+            late = stub.Get(drive_pb2.GetRequest(drive=HUNG, path="kept.txt"), timeout=1)
+            with pytest.raises(grpc.RpcError) as left:
+                list(late)
+            assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert reached.exists(), "the get never reached the data dir"
+            _others_answer(stub, handle.endpoint)
+        finally:
+            hang.unlink()
+        assert wait_until(pathlib.Path(f"{hang}.returned").exists), "the open never returned"
+        assert wait_until(lambda: not any(target.startswith(kept) for target in descriptor_targets(handle.proc.pid))), (
+            "a file the get opened after its client left stays open")
+        assert raw_get(stub, HUNG, "kept.txt")[0][1] == b"kept bytes"
