@@ -242,7 +242,10 @@ async def serve(config: Config) -> NoReturn:
     settling = asyncio.ensure_future(managed.settle_unpublished())
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    where = {"storage": config.storage} if config.storage else {"data_dir": config.data_dir}
+    where: dict[str, str | None] = {"storage": config.storage} if config.storage else {"data_dir": config.data_dir}
+    if isinstance(backend, LocalBackend):  # its calls on the data dir: in threads only where they can hang
+        where["data_dir_fs"] = backend.data_dir_fs
+        where["file_calls"] = "threads" if backend.file_calls_in_threads else "inline"
     if config.coordinator:
         from .redis_coordinator import coordinator_name
 

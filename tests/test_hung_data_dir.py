@@ -1,11 +1,14 @@
 """A data dir that hangs (an NFS server gone) holds only the calls that touch it, never the whole daemon.
 
 The daemon is one event loop: a file call made on it that blocks blocks every client, health checks and s3://
-drives included. The calls on the data dir are made in worker threads, so one that hangs holds its own call only.
+drives included. On a file system that can hang (a network or FUSE mount, read from mountinfo at start-up) the calls
+on the data dir are made in worker threads, so one that hangs holds its own call only; on a local disk they are made
+inline, where a thread hop would cost more than the call.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -29,11 +32,15 @@ from grpc_health.v1 import health_pb2
 from moto_server import AWS_ENV, moto_env  # noqa: F401  (moto_env is a fixture)
 
 from drive_client.pb import drive_pb2, drive_pb2_grpc
+from drived.backends.file_systems import can_hang, mount_type
 
 HUNG = "lit://hung"
 OTHER = "lit://other"
 BUCKET = "hung-dir-datasets"
 S3_DRIVE = f"s3://{BUCKET}/data/"
+
+# The daemon takes its data dir for one on a network mount, whichever file system it lies on.
+CAN_HANG = "import drived.backends.local as local; local.can_hang = lambda fs_type: True\n"
 
 # Run first in the daemon's process: while the file HANG exists, every stat, lstat, open and scandir of a path in
 # the drive `hung` blocks, as each call on a hard NFS mount whose server is gone does, wherever the daemon makes it.
@@ -78,19 +85,27 @@ for name in ("stat", "lstat", "open", "scandir"):
 
 @pytest.fixture(scope="module")
 def hung_daemon(tmp_path_factory: pytest.TempPathFactory, moto_env: str) -> Iterator[tuple[DaemonHandle, pathlib.Path]]:  # noqa: F811
-    """A daemon whose drive `hung` blocks while the file it gives exists, with an s3:// drive beside it."""
+    """A daemon whose drive `hung` blocks while the file it gives exists, with an s3:// drive beside it; it makes its
+    file calls as on a network mount, in worker threads."""
     s3 = boto3.client("s3", endpoint_url=moto_env, region_name=AWS_ENV["AWS_DEFAULT_REGION"])
     s3.create_bucket(Bucket=BUCKET)
     s3.put_object(Bucket=BUCKET, Key="data/a.txt", Body=b"from s3")
     tmp = tmp_path_factory.mktemp("hung-data-dir")
     data_dir, hang = tmp / "data", tmp / "hang"
     prefix = f"{os.path.realpath(tmp)}/data/objects/hung"
-    handle = start_daemon(tmp, data_dir=data_dir, before=HUNG_CALLS.format(prefix=prefix, hang=str(hang)))
+    handle = start_daemon(tmp, data_dir=data_dir, before=CAN_HANG + HUNG_CALLS.format(prefix=prefix, hang=str(hang)))
     try:
+        assert _serving(handle)["file_calls"] == "threads"
         yield handle, hang
     finally:
         hang.unlink(missing_ok=True)
         handle.stop(signal.SIGTERM, timeout=20)
+
+
+def _serving(handle: DaemonHandle) -> dict:
+    """The fields of the daemon's start-up line."""
+    [line] = [json.loads(line) for line in handle.log().splitlines() if '"event": "serving"' in line]
+    return line
 
 
 # Each call of drive `hung` that the test lets hang, by name.
@@ -186,3 +201,60 @@ def test_a_get_whose_client_left_while_its_open_hung_closes_the_file_once_it_ope
         assert wait_until(lambda: not any(target.startswith(kept) for target in descriptor_targets(handle.proc.pid))), (
             "a file the get opened after its client left stays open")
         assert raw_get(stub, HUNG, "kept.txt")[0][1] == b"kept bytes"
+
+
+def _fs_types(path: str, mountinfo: list[str]) -> set[str]:
+    """The fs types of the mounts of `path`'s device in `mountinfo`'s lines (their major:minor field)."""
+    device = os.stat(path).st_dev
+    return {line.split(" - ")[1].split()[0] for line in mountinfo
+            if line.split()[2] == f"{os.major(device)}:{os.minor(device)}"}
+
+
+@pytest.mark.parametrize("mountinfo", ["/proc/self/mountinfo", "/nonexistent/mountinfo"])
+def test_a_data_dir_on_a_local_disk_makes_its_file_calls_inline(start_daemon, tmp_path, mountinfo):
+    """The daemon names its data dir's file system at start-up; on this machine's tmp dir, a local one, or when
+    mountinfo cannot be read, it makes its file calls inline, and serves puts and gets as ever."""
+    handle = start_daemon(tmp_path, data_dir=tmp_path / "data",
+                          before=f"import drived.backends.file_systems as fs; fs.MOUNTINFO = {mountinfo!r}")
+    serving = _serving(handle)
+    if mountinfo.startswith("/proc"):
+        lines = pathlib.Path(mountinfo).read_text().splitlines()
+        assert {serving["data_dir_fs"]} == _fs_types(str(tmp_path), lines)
+    else:
+        assert serving["data_dir_fs"] is None
+    assert serving["file_calls"] == "inline"
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, OTHER, "a.txt", b"inline bytes")
+        assert raw_get(stub, OTHER, "a.txt")[0][1] == b"inline bytes"
+
+
+# Lines in mountinfo's format (proc(5)), as an NFS mount, an sshfs mount, and a mount point
+# with a space, a tab, a backslash and a newline in its name give them.
+WRITTEN = [
+    r"900 1 0:90 / /mnt/nfs rw,relatime shared:50 - nfs4 files:/export rw,vers=4.2,hard",
+    r"901 1 0:91 / /home/me/remote rw,nosuid,nodev - fuse.sshfs me@host:/data rw,user_id=0,group_id=0",
+    r"902 1 0:92 / /mnt/my\040disk\011a\134b\012c rw shared:51 master:3 - cifs //srv/share rw,vers=3.1.1",
+    r"903 900 0:93 / /mnt/nfs/scratch rw - tmpfs tmpfs rw",
+]
+
+
+def test_the_mount_of_a_path_is_the_longest_mount_point_before_it():
+    """mount_type finds on this machine's mountinfo what its device numbers say, and on written lines the mount
+    whose mount point (unescaped) is the longest whole-component prefix, the later of two on one point."""
+    real = pathlib.Path("/proc/self/mountinfo").read_text().splitlines()
+    for path in ("/", os.path.realpath("/tmp"), os.path.realpath(__file__)):
+        assert {mount_type(path, real)} == _fs_types(path, real), path
+    lines = real + WRITTEN
+    root = mount_type("/", real)
+    assert mount_type("/mnt/nfs", lines) == mount_type("/mnt/nfs/data/objects/a", lines) == "nfs4"
+    assert mount_type("/mnt/nfsother/data", lines) == root  # a prefix of the name, not of its components
+    assert mount_type("/mnt/nfs/scratch/data", lines) == "tmpfs"
+    assert mount_type("/home/me/remote/data", lines) == "fuse.sshfs"
+    assert mount_type("/mnt/my disk\ta\\b\nc/data", lines) == "cifs"
+    assert mount_type(r"/mnt/my\040disk\011a\134b\012c/data", lines) == root  # the escaped form names no mount
+    stacked = [*lines, "904 1 0:94 / /mnt/nfs rw - ext4 /dev/vdb rw"]
+    assert mount_type("/mnt/nfs/data", stacked) == "ext4"  # mounted over the nfs4 mount, which it hides
+    assert mount_type("/mnt/nfs/data", ["not a mountinfo line", "1 2 3 - ext4"]) is None
+    assert [can_hang(fs) for fs in ("nfs4", "fuse.sshfs", "cifs", "fuseblk", "ext4", "tmpfs", "overlay", None)] == [
+        True, True, True, True, False, False, False, False]

@@ -16,9 +16,9 @@ from drive_client.pb import drive_pb2, drive_pb2_grpc
 
 SLOW_LOOKS = """
 import os, time
-import drived.managed
-# two components looked in as 10,000 are: asked which may hold the path
-drived.managed.FEW_COMPONENTS = 0
+import drived.backends.local, drived.managed
+# two components looked in as 10,000 are: asked which may hold the path, in a worker thread
+drived.managed.FEW_COMPONENTS = drived.backends.local.INLINE_ROOTS = 0
 _lstat = os.lstat
 
 def lstat(path, *args, **kwargs):
@@ -159,7 +159,9 @@ def test_a_folder_delete_holds_a_page_of_its_names_not_the_folders(start_daemon,
 
 
 COUNTED_READS = """
+import drived.backends.local
 from drived.backends.local import LocalBackend
+drived.backends.local.INLINE_ROOTS = 0  # 22 components looked in as 10,000 are: in a worker thread
 
 def counted(read):
     async def read_counted(self, prefix, *args, **kwargs):

@@ -56,6 +56,7 @@ from .base import (
     position_after,
 )
 from .commit_worker import CommitWorker
+from .file_systems import can_hang, file_system
 from .folder_cache import FolderCache
 from .stored import (
     HEADER_SIZE,
@@ -77,6 +78,7 @@ from .stored import (
 
 FLUSH_BYTES = 1 << 20  # an upload buffers small chunks up to this before a disk write
 WRITE_BACK_BYTES = 8 << 20  # a big upload has the disk write each this many bytes while more arrive
+INLINE_ROOTS = 64  # components a put or stat looks in on the event loop of a local disk; more, in a worker thread
 USAGE_PAGE = 1000  # files a count of a drive's bytes reads in one go in a worker thread, between two `passed`
 _WRITE_BACK = getattr(os, "POSIX_FADV_DONTNEED", None)
 _NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux: a read that fails rather than wait for the disk
@@ -191,13 +193,6 @@ def _read_cached(fd: int, size: int, offset: int) -> memoryview | None:
     except OSError:  # EAGAIN: not cached; EOPNOTSUPP: a file system without RWF_NOWAIT
         return None
     return memoryview(buffer) if read == size else None
-
-
-async def _off_loop(work: Callable[..., T], *args: Any) -> T:
-    """`work(*args)`, a call on the data dir, in a worker thread: on a data dir that hangs (a network mount whose
-    server is gone) it then holds its own request only, where on the event loop it would hold every call of the
-    daemon, health checks and s3:// drives too."""
-    return await asyncio.get_running_loop().run_in_executor(None, work, *args)
 
 
 def _disk_error(err: OSError, what: str) -> Exception:
@@ -606,6 +601,16 @@ class LocalBackend(Backend):
         except OSError as err:  # a file there, a missing mount, no permission: the start ends, saying why
             raise DataDirError(f"cannot make its folders: {err.strerror}: {err.filename}") from None
         self.committer = CommitWorker(self._lock)
+        self.data_dir_fs = file_system(self.root)
+        self.file_calls_in_threads = can_hang(self.data_dir_fs)
+
+    async def _off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(*args)`, a call on the data dir: in a worker thread when its file system can hang (a network or
+        FUSE mount whose server is gone), where it then holds its own request only, not every call of the daemon,
+        health checks and s3:// drives too; inline on a local disk, where a thread hop costs more than the call."""
+        if not self.file_calls_in_threads:
+            return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(None, work, *args)
 
     async def start(self) -> None:
         # A daemon killed between a put's making of its folders and its rename, or between a delete's unlink and
@@ -670,8 +675,16 @@ class LocalBackend(Backend):
         modes = [stat.S_IFDIR, *self._modes(key)]  # the data dir itself (made at start-up), then each part
         return (f"{self.root}/{key}" if key else self.root), modes[-1]
 
+    async def _over_roots(self, look: Callable[[Sequence[str], str], T], roots: Sequence[str], path: str) -> T:
+        """`look(roots, path)`: as `_off_loop` makes its calls for a few roots, in a worker thread for many. A put or
+        stat in a drive of 10,000 components looks in each of them, which on the event loop held every other call of
+        the daemon for 0.3-0.8 s; for a few on a local disk, the thread hop costs more than their lstats."""
+        if len(roots) > INLINE_ROOTS:
+            return await asyncio.get_running_loop().run_in_executor(None, look, roots, path)
+        return await self._off_loop(look, roots, path)
+
     async def first_occupant(self, roots: Sequence[str], path: str) -> tuple[int, str, bool] | None:
-        return await _off_loop(self._first_occupant, roots, path)
+        return await self._over_roots(self._first_occupant, roots, path)
 
     def _first_occupant(self, roots: Sequence[str], path: str) -> tuple[int, str, bool] | None:
         first = path.split("/", 1)[0]
@@ -695,7 +708,7 @@ class LocalBackend(Backend):
         return (path, True) if mode is not None and stat.S_ISDIR(mode) else None
 
     async def holders(self, roots: Sequence[str], path: str) -> list[Holder]:
-        return await _off_loop(self._holders, roots, path)
+        return await self._over_roots(self._holders, roots, path)
 
     def _holders(self, roots: Sequence[str], path: str) -> list[Holder]:
         return [Holder(i) for i, root in enumerate(roots) if self._may_hold(root, path)]
@@ -710,7 +723,7 @@ class LocalBackend(Backend):
             return True
 
     async def start_upload(self, key: str) -> Upload:
-        path, mode = await _off_loop(self._lookup, key)
+        path, mode = await self._off_loop(self._lookup, key)
         if mode is not None and stat.S_ISDIR(mode):
             raise is_a_folder(key)
         return LocalUpload(self, key, path)
@@ -756,7 +769,7 @@ class LocalBackend(Backend):
 
     async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, Chunks]:
         self.descriptors.take_read()
-        opening = asyncio.get_running_loop().run_in_executor(None, self._open, key)  # the open file pins this version
+        opening = self._opening(key)  # the open file pins this version
         try:
             fd, layout, version, info = await asyncio.shield(opening)
         except BaseException:
@@ -769,9 +782,20 @@ class LocalBackend(Backend):
             raise EndsBefore(key, f"offset {offset} (it has {info.size} bytes)", sha256=info.sha256)
         return info, chunks
 
+    def _opening(self, key: str) -> asyncio.Future[tuple[int, Layout, Version, ObjectInfo]]:
+        """The open of `key`'s file, as `_off_loop` makes it: in a worker thread, or inline and done already."""
+        if self.file_calls_in_threads:
+            return asyncio.get_running_loop().run_in_executor(None, self._open, key)
+        opened: asyncio.Future[tuple[int, Layout, Version, ObjectInfo]] = asyncio.get_running_loop().create_future()
+        try:
+            opened.set_result(self._open(key))
+        except Exception as err:
+            opened.set_exception(err)
+        return opened
+
     def _give_opened(self, opening: asyncio.Future[tuple[int, Layout, Version, ObjectInfo]]) -> None:
-        """Closes the file a read opened for a caller gone meanwhile (a hung data dir answered late), if it opened
-        one, and gives its descriptor back."""
+        """Gives back the descriptor of a read that ended before it handed its file on, and closes the file if the
+        open made one (for a caller gone meanwhile, when a hung data dir answered late)."""
         if not opening.cancelled() and opening.exception() is None:
             os.close(opening.result()[0])
         self.descriptors.give_read()
@@ -785,14 +809,14 @@ class LocalBackend(Backend):
         return info
 
     async def stat(self, key: str) -> ObjectInfo | None:
-        return await _off_loop(self._stat, key)
+        return await self._off_loop(self._stat, key)
 
     async def is_folder(self, key: str) -> bool:
-        mode = (await _off_loop(self._lookup, key))[1]
+        mode = (await self._off_loop(self._lookup, key))[1]
         return mode is not None and stat.S_ISDIR(mode)
 
     async def subfolders(self, prefix: str) -> frozenset[str]:
-        return (await _off_loop(self._list, prefix)).folders
+        return (await self._off_loop(self._list, prefix)).folders
 
     def _list(self, prefix: str) -> Listing:
         return self.listings.read(self._path(prefix.rstrip("/")))
@@ -888,7 +912,7 @@ class LocalBackend(Backend):
                 await passed(last)
 
     async def counted_size(self, key: str) -> int:
-        return await _off_loop(self._counted_size_at, key)
+        return await self._off_loop(self._counted_size_at, key)
 
     def _counted_size_at(self, key: str) -> int:
         return self._counted_size(self._path(key))
