@@ -8,6 +8,7 @@ inline, where a thread hop would cost more than the call.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -24,6 +25,7 @@ from conftest import (
     health_status,
     raw_get,
     raw_put,
+    rpc_code,
     snapshot,
     start_daemon,
     wait_until,
@@ -42,14 +44,24 @@ S3_DRIVE = f"s3://{BUCKET}/data/"
 # The daemon takes its data dir for one on a network mount, whichever file system it lies on.
 CAN_HANG = "import drived.backends.local as local; local.can_hang = lambda fs_type: True\n"
 
-# Run first in the daemon's process: while the file HANG exists, every stat, lstat, open and scandir of a path in
-# the drive `hung` blocks, as each call on a hard NFS mount whose server is gone does, wherever the daemon makes it.
-# HANG may name one of those calls and how many of them pass first ("open 1": the second open blocks).
+# Run first in the daemon's process: while the file HANG exists, every stat, lstat, open, scandir and unlink of a path
+# in the drive `hung` or in the data dir's tmp/ (the uploads' files), and every pread and close of a descriptor of one,
+# blocks, as each call on a hard NFS mount whose server is gone does, wherever the daemon makes it. HANG may name one
+# of those calls and how many of them pass first ("open 1": the second open blocks).
 HUNG_CALLS = """
 import os, time
 
 exists = os.path.exists
 passed = [0]
+
+def named(path):
+    \"\"\"The path a call names, or the file of the descriptor it is given.\"\"\"
+    if isinstance(path, int):
+        try:
+            return os.readlink(f"/proc/self/fd/{{path}}")
+        except OSError:
+            return ""
+    return path if isinstance(path, str) else ""
 
 def blocks(name):
     with open({hang!r}) as hang:
@@ -63,7 +75,7 @@ def blocks(name):
 
 def hanging(name, call):
     def on_a_hung_mount(path, *args, **kwargs):
-        if not isinstance(path, str) or not path.startswith({prefix!r}):
+        if not named(path).startswith({prefixes!r}):
             return call(path, *args, **kwargs)
         if not exists({hang!r}):
             passed[0] = 0
@@ -78,7 +90,7 @@ def hanging(name, call):
         return call(path, *args, **kwargs)
     return on_a_hung_mount
 
-for name in ("stat", "lstat", "open", "scandir"):
+for name in ("stat", "lstat", "open", "scandir", "unlink", "pread", "close"):
     setattr(os, name, hanging(name, getattr(os, name)))
 """
 
@@ -92,8 +104,9 @@ def hung_daemon(tmp_path_factory: pytest.TempPathFactory, moto_env: str) -> Iter
     s3.put_object(Bucket=BUCKET, Key="data/a.txt", Body=b"from s3")
     tmp = tmp_path_factory.mktemp("hung-data-dir")
     data_dir, hang = tmp / "data", tmp / "hang"
-    prefix = f"{os.path.realpath(tmp)}/data/objects/hung"
-    handle = start_daemon(tmp, data_dir=data_dir, before=CAN_HANG + HUNG_CALLS.format(prefix=prefix, hang=str(hang)))
+    prefixes = (f"{os.path.realpath(data_dir)}/objects/hung", f"{os.path.realpath(data_dir)}/tmp/")
+    handle = start_daemon(tmp, data_dir=data_dir,
+                          before=CAN_HANG + HUNG_CALLS.format(prefixes=prefixes, hang=str(hang)))
     try:
         assert _serving(handle)["file_calls"] == "threads"
         yield handle, hang
@@ -201,6 +214,74 @@ def test_a_get_whose_client_left_while_its_open_hung_closes_the_file_once_it_ope
         assert wait_until(lambda: not any(target.startswith(kept) for target in descriptor_targets(handle.proc.pid))), (
             "a file the get opened after its client left stays open")
         assert raw_get(stub, HUNG, "kept.txt")[0][1] == b"kept bytes"
+
+
+MIB = 1 << 20
+BIG = os.urandom(3 * MIB)  # three blocks: a ranged read of the middle one reads its entries of the block table
+
+
+def _cut_resumable_put(stub: drive_pb2_grpc.DriveServiceStub) -> grpc.StatusCode:
+    """A resumable put of BIG's first 2 MiB into `held.bin` that ends without its finish: the daemon holds it."""
+    header = drive_pb2.PutHeader(drive=HUNG, path="held.bin", upload_id="held-1")
+    messages = [drive_pb2.PutRequest(header=header), *(drive_pb2.PutRequest(data=BIG[i:i + MIB]) for i in (0, MIB))]
+    return rpc_code(lambda: stub.Put(iter(messages), timeout=60))
+
+
+# Calls of drive `hung` whose one call of the data dir the test lets hang: (what HANG says, the call).
+ONE_CALL: dict[str, tuple[str, Callable[[drive_pb2_grpc.DriveServiceStub], object]]] = {
+    # the get's look at the file and its open each read the header: the third pread is of the block table
+    "ranged get": ("pread 2", lambda stub: raw_get(stub, HUNG, "big.bin", offset=MIB, limit=MIB)),
+    # the close of the upload's file, written and flushed: suspended, it is held closed
+    "suspended put": ("close 0", _cut_resumable_put),
+    # the close of the upload's file, its sha256 refused: then its unlink
+    "aborted put": ("close 0", lambda stub: rpc_code(lambda: raw_put(stub, HUNG, "refused.bin", BIG, sha256="0" * 64))),
+}
+
+
+@pytest.mark.parametrize("call", sorted(ONE_CALL))
+def test_a_call_whose_read_of_a_block_table_or_close_of_an_upload_hangs_holds_only_itself(hung_daemon, call):
+    """A ranged get whose read of its block table hangs, and a put whose upload's file hangs as it is closed
+    (suspended, or aborted), hold only themselves: health, other drives and s3:// drives answer meanwhile. Once the
+    data dir answers, each ends as it would have: the range is read, the cut upload is held for its resume, the
+    refused one is DATA_LOSS with nothing stored and nothing left in tmp/."""
+    handle, hang = hung_daemon
+    says, run = ONE_CALL[call]
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        _put_files(stub)
+        raw_put(stub, HUNG, "big.bin", BIG)
+        _others_answer(stub, handle.endpoint)
+        before = snapshot(handle.data_dir / "objects")
+        reached = pathlib.Path(f"{hang}.reached")
+        reached.unlink(missing_ok=True)
+        hang.write_text(says)
+        try:
+            running = Background(lambda: run(stub))
+            running.start()
+            assert wait_until(reached.exists, timeout=10), f"the {call} never reached the data dir"
+            _others_answer(stub, handle.endpoint)
+            assert running.is_alive(), f"the {call} answered while its data dir hung"
+        finally:
+            hang.unlink()
+        answer = running.join_checked(timeout=30)
+        assert snapshot(handle.data_dir / "objects") == before, "no stored file changes"
+        if call == "ranged get":
+            assert answer[0][1] == BIG[MIB:2 * MIB]
+        elif call == "suspended put":
+            assert answer == grpc.StatusCode.INVALID_ARGUMENT  # no finish: held
+            query = drive_pb2.QueryWriteStatusRequest(drive=HUNG, upload_id="held-1")
+            assert stub.QueryWriteStatus(query, timeout=10).committed_size == 2 * MIB
+            header = drive_pb2.PutHeader(drive=HUNG, path="held.bin", upload_id="held-1", write_offset=2 * MIB)
+            finish = drive_pb2.PutFinish(sha256=hashlib.sha256(BIG).hexdigest())
+            stub.Put(iter([drive_pb2.PutRequest(header=header), drive_pb2.PutRequest(data=BIG[2 * MIB:]),
+                           drive_pb2.PutRequest(finish=finish)]), timeout=60)
+            assert raw_get(stub, HUNG, "held.bin")[0][1] == BIG
+            stub.Delete(drive_pb2.DeleteRequest(drive=HUNG, path="held.bin"), timeout=10)
+        else:
+            assert answer == grpc.StatusCode.DATA_LOSS
+            assert rpc_code(lambda: raw_get(stub, HUNG, "refused.bin")) == grpc.StatusCode.NOT_FOUND
+        assert wait_until(lambda: not any((handle.data_dir / "tmp").iterdir())), "an upload's file is left in tmp/"
+        stub.Delete(drive_pb2.DeleteRequest(drive=HUNG, path="big.bin"), timeout=10)  # the list's test lists
 
 
 def _fs_types(path: str, mountinfo: list[str]) -> set[str]:

@@ -318,6 +318,10 @@ class FileChunks:
             ends.load(data[stop - begin:])
             data = data[:stop - begin]
         try:
+            if self._backend.file_calls_in_threads and not ends.holds(block - 1, last - 1):
+                # Read here, not by `check_blocks` on the event loop, where a pread of a hung data dir holds every
+                # call; on a local disk `at` reads the entries as it needs them.
+                await self._backend.off_loop(ends.read_from, max(block - 1, 0))
             damaged, at_cuts = check_blocks(data, block, size, ends, (self._start, self._end))
         except EOFError:
             raise Damaged(self._key, "its block table is cut short") from None
@@ -375,6 +379,7 @@ class LocalUpload(Upload):
         self._flushing: asyncio.Future[None] | None = None
         self._committing: asyncio.Future[Any] | None = None
         self._counted = False  # a descriptor is counted for the temporary file (Descriptors.take_upload)
+        self._discarding: asyncio.Future[None] | None = None  # the discard of the first `abort`
 
     def _open(self) -> None:
         """Opens the temporary file at its end: created on the first flush, opened again after `suspend`."""
@@ -452,7 +457,7 @@ class LocalUpload(Upload):
         if self._pending:
             self._start_flush()
             await self._drain()
-        self._close_fd()
+        await self._backend.off_loop(self._close_fd)  # the close of a written file writes it back, and waits
 
     def _write_big(self, chunks: list[bytes | memoryview], sent: ClientChecksums, size: int | None) -> int:
         """Runs in a worker thread: writes the rest, verifies, writes the block table and the header, and makes the
@@ -559,23 +564,26 @@ class LocalUpload(Upload):
 
     async def abort(self) -> None:
         self._pending = []
-        running = self._committing or self._flushing
-        self._flushing = None
-        if running is None:
-            self._discard()
-        elif not running.done():
-            # Closing the file under a running write would be unsafe: let that write finish first. Waited for,
-            # so that a refused put is answered once its data is gone (a cancelled wait still discards).
-            running.add_done_callback(self._discard_after)
-            await asyncio.wait([running])
-        else:
-            self._discard_after(running)
+        if self._discarding is None:  # the first abort: the next ones wait for its discard
+            self._discarding = self._discard_after(self._committing or self._flushing)
+            self._flushing = None
+        # Waited for, so that a refused put is answered once its data is gone; shielded, so that a cancelled wait
+        # still discards.
+        await asyncio.shield(self._discarding)
 
-    def _discard_after(self, running: asyncio.Future[Any]) -> None:
-        """Discards the upload once `running` ended; what it failed with was for a put that is over."""
-        if not running.cancelled():
+    def _discard_after(self, running: asyncio.Future[Any] | None) -> asyncio.Future[None]:
+        """The discard of the upload once `running` (its write or commit) ended, as `off_loop` makes its calls: the
+        close of a written file writes it back, and its unlink waits on the data dir. Closing the file under a
+        running write would be unsafe. What `running` failed with was for a put that is over."""
+        if running is not None and not running.done():
+            return asyncio.ensure_future(self._discard_when_done(running))
+        if running is not None and not running.cancelled():
             running.exception()
-        self._discard()
+        return self._backend.started(self._discard)
+
+    async def _discard_when_done(self, running: asyncio.Future[Any]) -> None:
+        await asyncio.wait([running])
+        await self._discard_after(running)
 
 
 class LocalBackend(Backend):
@@ -604,7 +612,7 @@ class LocalBackend(Backend):
         self.data_dir_fs = file_system(self.root)
         self.file_calls_in_threads = can_hang(self.data_dir_fs)
 
-    async def _off_loop(self, work: Callable[..., T], *args: Any) -> T:
+    async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
         """`work(*args)`, a call on the data dir: in a worker thread when its file system can hang (a network or
         FUSE mount whose server is gone), where it then holds its own request only, not every call of the daemon,
         health checks and s3:// drives too; inline on a local disk, where a thread hop costs more than the call."""
@@ -676,12 +684,12 @@ class LocalBackend(Backend):
         return (f"{self.root}/{key}" if key else self.root), modes[-1]
 
     async def _over_roots(self, look: Callable[[Sequence[str], str], T], roots: Sequence[str], path: str) -> T:
-        """`look(roots, path)`: as `_off_loop` makes its calls for a few roots, in a worker thread for many. A put or
+        """`look(roots, path)`: as `off_loop` makes its calls for a few roots, in a worker thread for many. A put or
         stat in a drive of 10,000 components looks in each of them, which on the event loop held every other call of
         the daemon for 0.3-0.8 s; for a few on a local disk, the thread hop costs more than their lstats."""
         if len(roots) > INLINE_ROOTS:
             return await asyncio.get_running_loop().run_in_executor(None, look, roots, path)
-        return await self._off_loop(look, roots, path)
+        return await self.off_loop(look, roots, path)
 
     async def first_occupant(self, roots: Sequence[str], path: str) -> tuple[int, str, bool] | None:
         return await self._over_roots(self._first_occupant, roots, path)
@@ -723,7 +731,7 @@ class LocalBackend(Backend):
             return True
 
     async def start_upload(self, key: str) -> Upload:
-        path, mode = await self._off_loop(self._lookup, key)
+        path, mode = await self.off_loop(self._lookup, key)
         if mode is not None and stat.S_ISDIR(mode):
             raise is_a_folder(key)
         return LocalUpload(self, key, path)
@@ -769,7 +777,7 @@ class LocalBackend(Backend):
 
     async def read(self, key: str, offset: int = 0, limit: int = 0) -> tuple[ObjectInfo, Chunks]:
         self.descriptors.take_read()
-        opening = self._opening(key)  # the open file pins this version
+        opening = self.started(self._open, key)  # the open file pins this version
         try:
             fd, layout, version, info = await asyncio.shield(opening)
         except BaseException:
@@ -782,16 +790,17 @@ class LocalBackend(Backend):
             raise EndsBefore(key, f"offset {offset} (it has {info.size} bytes)", sha256=info.sha256)
         return info, chunks
 
-    def _opening(self, key: str) -> asyncio.Future[tuple[int, Layout, Version, ObjectInfo]]:
-        """The open of `key`'s file, as `_off_loop` makes it: in a worker thread, or inline and done already."""
+    def started(self, work: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """`work(*args)` as `off_loop` makes it, as a future its caller can shield or leave: running in a worker
+        thread, or inline and done already."""
         if self.file_calls_in_threads:
-            return asyncio.get_running_loop().run_in_executor(None, self._open, key)
-        opened: asyncio.Future[tuple[int, Layout, Version, ObjectInfo]] = asyncio.get_running_loop().create_future()
+            return asyncio.get_running_loop().run_in_executor(None, work, *args)
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         try:
-            opened.set_result(self._open(key))
+            done.set_result(work(*args))
         except Exception as err:
-            opened.set_exception(err)
-        return opened
+            done.set_exception(err)
+        return done
 
     def _give_opened(self, opening: asyncio.Future[tuple[int, Layout, Version, ObjectInfo]]) -> None:
         """Gives back the descriptor of a read that ended before it handed its file on, and closes the file if the
@@ -809,14 +818,14 @@ class LocalBackend(Backend):
         return info
 
     async def stat(self, key: str) -> ObjectInfo | None:
-        return await self._off_loop(self._stat, key)
+        return await self.off_loop(self._stat, key)
 
     async def is_folder(self, key: str) -> bool:
-        mode = (await self._off_loop(self._lookup, key))[1]
+        mode = (await self.off_loop(self._lookup, key))[1]
         return mode is not None and stat.S_ISDIR(mode)
 
     async def subfolders(self, prefix: str) -> frozenset[str]:
-        return (await self._off_loop(self._list, prefix)).folders
+        return (await self.off_loop(self._list, prefix)).folders
 
     def _list(self, prefix: str) -> Listing:
         return self.listings.read(self._path(prefix.rstrip("/")))
@@ -912,7 +921,7 @@ class LocalBackend(Backend):
                 await passed(last)
 
     async def counted_size(self, key: str) -> int:
-        return await self._off_loop(self._counted_size_at, key)
+        return await self.off_loop(self._counted_size_at, key)
 
     def _counted_size_at(self, key: str) -> int:
         return self._counted_size(self._path(key))

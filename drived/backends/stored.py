@@ -153,6 +153,15 @@ class BlockEnds:
         position = index - self._first
         if 0 <= position < len(self._ends):
             return self._ends[position]
+        self.read_from(index)
+        return self._ends[0]
+
+    def holds(self, first: int, last: int) -> bool:
+        """Whether the entries of blocks `first` to `last` (at most a window apart) are known without a read."""
+        return self._read_all or (self._first <= max(first, 0) and last - self._first < len(self._ends))
+
+    def read_from(self, index: int) -> None:
+        """Reads the window of entries from block `index` on."""
         if self._read_all or index >= self._blocks:
             raise EOFError(f"block {index} has no entry")
         count = min(TABLE_WINDOW, self._blocks - index)
@@ -160,7 +169,6 @@ class BlockEnds:
         if len(raw) != count * ENTRY:
             raise EOFError("the block table is cut short")
         self._set(index, raw)
-        return self._ends[0]
 
 
 class Ends(Protocol):
