@@ -40,6 +40,7 @@ from .backends.base import (
     Damaged,
     EndsBefore,
     Holder,
+    Holding,
     NotDurable,
     ObjectInfo,
     Removed,
@@ -132,6 +133,13 @@ async def _to_its_end(change: Awaitable[T]) -> T:
         if not running.cancelled():
             running.exception()  # its caller is gone: nobody is answered
         raise
+
+
+async def _confirm_if(claim: Claim, kind: Holding, changing: list[Change], found: Holding) -> None:
+    """As a `Backend.delete`'s `looked`: confirms `claim` with `changing` (the changes it records from now on) when
+    the delete's look found `kind` at its key."""
+    if found == kind:
+        await claim.confirm(changing)
 
 
 class ManagedPut:
@@ -684,11 +692,12 @@ class ManagedDrives:
         deleted = 0
         async with self.coordinator.claim(drive, path) as claim:
             await self._settle_left(claim, drive, path)
-            # Recorded only when a file is there: a record left by a holder that died is settled as the delete of a
-            # file once the path holds none, and a folder's files (or nothing) are no file at the path.
-            if self.coordinator.records_changes and await self.backend.holding(key) == "file":
-                await claim.confirm([Change("delete", path, component, request=delete.request_id)])
-            removed = await self._delete(claim, delete, key, path)
+            # Recorded only when the store's look finds a file there, before its removal: a record left by a holder
+            # that died is settled as the delete of a file once the path holds none, and a folder's files (or
+            # nothing) are no file at the path.
+            record = functools.partial(_confirm_if, claim, "file", [
+                Change("delete", path, component, request=delete.request_id)])
+            removed = await self._delete(claim, delete, key, path, record if self.coordinator.records_changes else None)
             if removed is not None and removed.file:
                 return 1
             foreign = removed is not None  # whether it removed objects drived did not write (no read showed them)
@@ -740,7 +749,7 @@ class ManagedDrives:
                     # The record of an object drived did not write is dropped before its removal (a confirm with the
                     # files after it: those before were published): a holder dying after would leave it to be
                     # settled as the delete of a file no read showed. Costs a round trip only for such an object.
-                    unrecord = functools.partial(claim.confirm, changing[begun:])
+                    unrecord = functools.partial(_confirm_if, claim, "foreign", changing[begun:])
                     if (removed := await self._delete(claim, delete, key, file, unrecord)) is not None:
                         removals.append(removed)
             except BaseException:  # a cancel, a lapsed claim, the store: what was not begun was not made
@@ -749,17 +758,17 @@ class ManagedDrives:
         return removals
 
     async def _delete(self, claim: Claim, delete: DeleteRequest, key: str, path: str,
-                      foreign: Callable[[], Awaitable[None]] | None = None) -> Removed | None:
+                      looked: Callable[[Holding], Awaitable[None]] | None) -> Removed | None:
         """Deletes the file at `key` (`path` of the caller's) and announces it at once, tagged with the request's id
         (a walk that stops midway has announced every file it removed); with a quota, what it counted (read by the
         delete itself) leaves the drive's usage. An object drived did not write is removed unannounced: no read showed
         it, nor does a retry's look at the request's deletes count it. Runs to its end when its caller is cancelled (a
-        folder delete stops after it). `foreign`: as `Backend.delete`'s."""
-        return await _to_its_end(self._delete_file(claim, delete, key, path, foreign))
+        folder delete stops after it). `looked`: as `Backend.delete`'s."""
+        return await _to_its_end(self._delete_file(claim, delete, key, path, looked))
 
     async def _delete_file(self, claim: Claim, delete: DeleteRequest, key: str, path: str,
-                           foreign: Callable[[], Awaitable[None]] | None) -> Removed | None:
-        removed = await self.backend.delete(key, foreign)
+                           looked: Callable[[Holding], Awaitable[None]] | None) -> Removed | None:
+        removed = await self.backend.delete(key, looked)
         if removed is None:
             return None
         drive = delete.drive.name

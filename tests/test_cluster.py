@@ -355,9 +355,9 @@ def test_a_folder_delete_whose_replica_died_before_an_object_drived_did_not_writ
 
 
 def test_a_deletes_requests_to_the_store_are_those_docs_scaling_md_counts(cluster, drive_uri, tmp_path):
-    """docs/scaling.md's delete row, alone and with --coordinator (which HEADs the path first: is a file there?):
-    a file, a big one (its checksum object deleted after it), a folder (the path's HEAD, its LISTs, then each file's),
-    a path holding nothing. --upload-expiry long: no sweep's request is counted."""
+    """docs/scaling.md's delete row, alone and with --coordinator (the same: the change is recorded from the delete's
+    own look at the path): a file, a big one (its checksum object deleted after it), a folder (the path's HEAD, its
+    LISTs, then each file's), a path holding nothing. --upload-expiry long: no sweep's request is counted."""
     sent = tmp_path / "sent"
     counted = SENT_REQUESTS.format(sent=str(sent))
     name = drive_uri.removeprefix("lit://")
@@ -380,15 +380,77 @@ def test_a_deletes_requests_to_the_store_are_those_docs_scaling_md_counts(cluste
         assert cluster.store.object_keys(f"{PREFIX}~checksums/{name}/") == []  # the big file's checksum object too
         return sent_each
 
-    for extra_head, handle in ((0, cluster.store.daemon("--upload-expiry", "3600", before=counted)),
-                               (1, cluster.replica("--upload-expiry", "3600", before=counted))):
+    for coordinated, handle in (("alone", cluster.store.daemon("--upload-expiry", "3600", before=counted)),
+                                ("with --coordinator", cluster.replica("--upload-expiry", "3600", before=counted))):
         assert sent_by_deletes(stub_of(handle)) == {
-            "missing": {"HeadObject": 1 + extra_head, "ListObjectsV2": 1},
-            "small.txt": {"DeleteObject": 1, "HeadObject": 1 + extra_head},
-            "big.bin": {"DeleteObject": 2, "HeadObject": 1 + extra_head},
+            "missing": {"HeadObject": 1, "ListObjectsV2": 1},
+            "small.txt": {"DeleteObject": 1, "HeadObject": 1},
+            "big.bin": {"DeleteObject": 2, "HeadObject": 1},
             # the path's HEAD (no file there), the walk's LIST and the one after its last page finding no more
-            "f": {"DeleteObject": 3, "HeadObject": 4 + extra_head, "ListObjectsV2": 2},
-        }, extra_head
+            "f": {"DeleteObject": 3, "HeadObject": 4, "ListObjectsV2": 2},
+        }, coordinated
+
+
+def test_a_delete_with_the_coordinator_heads_its_path_once_and_records_a_file_before_removing_it(
+    own_cluster, drive_uri, tmp_path
+):
+    """With --coordinator, a delete of one path HEADed it twice: once to learn whether a file was there (its change is
+    then recorded), and again in the store's delete (its size, whether drived wrote it). The store's delete now hands
+    what its one look found to the delete, which records a file's change before the removal: the replica killed before
+    its publish leaves the delete to be settled, and a watch hears of it. An object drived did not write is removed
+    with one HEAD too, and no watch hears of it."""
+    sent = tmp_path / "sent"
+    victim = own_cluster.replica("--claim-ttl", "2", "--upload-expiry", "3600",
+                                 before=SENT_REQUESTS.format(sent=str(sent)) + KILLED_BEFORE_ITS_FIRST_PUBLISH)
+    other = own_cluster.replica("--claim-ttl", "2")
+    name = drive_uri.removeprefix("lit://")
+    raw_put(stub_of(other), drive_uri, "f.txt", b"deleted", component="w")
+    own_cluster.store.client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{name}/w/theirs", Body=b"foreign")
+    start = watch_events(other, drive_uri, 0)[0][2]
+    theirs = drive_pb2.DeleteRequest(drive=drive_uri, path="theirs", component="w")
+    answers: list[object] = []
+    # and the LIST of what lies below it (reads show the path as the folder of the files there)
+    assert sent_by(sent, lambda: answers.append(stub_of(victim).Delete(theirs, timeout=30).files_deleted)) == {
+        "DeleteObject": 1, "HeadObject": 1, "ListObjectsV2": 1}
+    assert answers == [1]
+    assert own_cluster.store.object_keys(f"{PREFIX}{name}/") == [f"{PREFIX}{name}/w/f.txt"]
+    file = drive_pb2.DeleteRequest(drive=drive_uri, path="f.txt", component="w")
+    assert sent_by(sent, lambda: answers.append(rpc_code(lambda: stub_of(victim).Delete(file, timeout=30)))) == {
+        "DeleteObject": 1, "HeadObject": 1}
+    assert answers[1:] == [grpc.StatusCode.UNAVAILABLE]  # killed before its publish, after the removal
+    assert victim.proc.wait(30) == -signal.SIGKILL
+    assert own_cluster.store.object_keys(f"{PREFIX}{name}/") == []
+    assert wait_until(lambda: not unpublished_left(own_cluster), timeout=30), unpublished_left(own_cluster)
+    raw_put(stub_of(other), drive_uri, "last.txt", b"last", component="w")
+    events = watch_events(other, drive_uri, 2, after=start)
+    assert [(kind, path) for kind, path, _ in events[1:]] == [("delete", "f.txt"), ("put", "last.txt")], events
+
+
+def test_a_delete_on_a_data_dir_with_the_coordinator_records_its_change_before_removing_the_file(
+    own_cluster, start_daemon, drive_uri, tmp_path
+):
+    """The local backend's delete looks at its key before the removal only when the delete records its change (a
+    coordinator that records changes): a daemon killed between the removal and the publish leaves the delete recorded,
+    and the daemon started again on its data dir settles it, which a watch hears of."""
+    coordinated = {"DRIVED_COORDINATOR": own_cluster.valkey.url}
+    first = start_daemon(tmp_path, "--claim-ttl", "2", env=coordinated)
+    raw_put(stub_of(first), drive_uri, "f.txt", b"deleted", component="w")
+    start = watch_events(first, drive_uri, 0)[0][2]
+    first.stop(signal.SIGTERM)
+    victim = start_daemon(tmp_path, "--claim-ttl", "2", env=coordinated, data_dir=first.data_dir,
+                          before=KILLED_BEFORE_ITS_FIRST_PUBLISH)
+    stored = first.data_dir / "objects" / drive_uri.removeprefix("lit://") / "w" / "f.txt"
+    assert stored.is_file()
+    file = drive_pb2.DeleteRequest(drive=drive_uri, path="f.txt", component="w")
+    assert rpc_code(lambda: stub_of(victim).Delete(file, timeout=30)) == grpc.StatusCode.UNAVAILABLE
+    assert victim.proc.wait(30) == -signal.SIGKILL
+    assert unpublished_left(own_cluster), "the delete was not recorded before the removal"
+    assert not stored.exists()
+    again = start_daemon(tmp_path, "--claim-ttl", "2", env=coordinated, data_dir=first.data_dir)
+    assert wait_until(lambda: not unpublished_left(own_cluster), timeout=30), unpublished_left(own_cluster)
+    raw_put(stub_of(again), drive_uri, "last.txt", b"last", component="w")
+    events = watch_events(again, drive_uri, 2, after=start)
+    assert [(kind, path) for kind, path, _ in events[1:]] == [("delete", "f.txt"), ("put", "last.txt")], events
 
 
 def test_the_records_of_many_delete_requests_keep_within_the_completions_bytes(own_cluster, drive_uri):

@@ -83,7 +83,7 @@ class Holder:
     file: bool = True
 
 
-Holding = Literal["file", "foreign"]  # what lies at a key (`Backend.holding`)
+Holding = Literal["file", "foreign"]  # what lies at a key (`Backend.holding`, `Backend.delete`'s look)
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,10 +510,11 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def delete(self, key: str, foreign: Callable[[], Awaitable[None]] | None = None) -> Removed | None:
+    async def delete(self, key: str, looked: Callable[[Holding], Awaitable[None]] | None = None) -> Removed | None:
         """Removes the object at `key`: what it counted in `usage` (`counted_size`, read as it goes) and whether it was
-        a file, told by the look that read its size; None when there was none. `foreign`, when given, is awaited
-        between that look and the removal of an object drived did not write."""
+        a file, told by the look that read its size; None when there was none. `looked`, when given, is awaited with
+        what that look found (a file, or an object drived did not write) between the look and the removal, and only
+        when it found one: what it raises ends the delete, nothing removed."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Prepares the backend before the daemon serves (SystemExit with the reason when it cannot)."""

@@ -41,6 +41,7 @@ from .base import (
     Damaged,
     EndsBefore,
     Holder,
+    Holding,
     Listing,
     Missing,
     NotDurable,
@@ -942,7 +943,13 @@ class LocalBackend(Backend):
             folder = os.path.dirname(folder)
         return size
 
-    async def delete(self, key: str, foreign: Callable[[], Awaitable[None]] | None = None) -> Removed | None:
-        # Every file under the root is one: a local drive has no object drived did not write (`foreign` never runs).
+    async def delete(self, key: str, looked: Callable[[Holding], Awaitable[None]] | None = None) -> Removed | None:
+        # Every object under the root is a file of drived's. The look before the removal is made for `looked` alone (a
+        # coordinator that records the change): a delete told nothing stays one call in a worker thread.
+        if looked is not None:
+            mode = (await self._off_loop(self._lookup, key))[1]
+            if mode is None or stat.S_ISDIR(mode):
+                return None
+            await looked("file")
         size = await asyncio.get_running_loop().run_in_executor(None, self._delete, key)
         return None if size is None else Removed(size)

@@ -1523,13 +1523,13 @@ class S3Backend(Backend):
 
     # -- deletes -------------------------------------------------------------
 
-    async def delete(self, key: str, foreign: Callable[[], Awaitable[None]] | None = None) -> Removed | None:
+    async def delete(self, key: str, looked: Callable[[Holding], Awaitable[None]] | None = None) -> Removed | None:
         answer = await self._head(self.root + key)
         if answer is None:
             return None
         file = _written_by_drived(answer)
-        if not file and foreign is not None:
-            await foreign()
+        if looked is not None:
+            await looked("file" if file else "foreign")
         await self.call("delete_object", key, Key=self.root + key)
         await self._forget_version(key, answer, "a delete")
         return Removed(int(answer["ContentLength"]), file)
