@@ -750,7 +750,8 @@ class ManagedDrives:
                     # files after it: those before were published): a holder dying after would leave it to be
                     # settled as the delete of a file no read showed. Costs a round trip only for such an object.
                     unrecord = functools.partial(_confirm_if, claim, "foreign", changing[begun:])
-                    if (removed := await self._delete(claim, delete, key, file, unrecord)) is not None:
+                    looked = unrecord if self.coordinator.records_changes else None
+                    if (removed := await self._delete(claim, delete, key, file, looked)) is not None:
                         removals.append(removed)
             except BaseException:  # a cancel, a lapsed claim, the store: what was not begun was not made
                 claim.unmade([Change("delete", file, component) for _, file in batch[begun:]])

@@ -947,7 +947,7 @@ class LocalBackend(Backend):
         # Every object under the root is a file of drived's. The look before the removal is made for `looked` alone (a
         # coordinator that records the change): a delete told nothing stays one call in a worker thread.
         if looked is not None:
-            mode = (await self._off_loop(self._lookup, key))[1]
+            mode = (await self.off_loop(self._lookup, key))[1]
             if mode is None or stat.S_ISDIR(mode):
                 return None
             await looked("file")
