@@ -584,7 +584,8 @@ class S3Upload(Upload):
                 self._roomy, self._kept_waiting = True, 0.0
             piece = view[:PART_SIZE - self._filled]
             if len(self._buffer) == PART_SIZE:
-                self._buffer[self._filled:self._filled + len(piece)] = piece
+                with memoryview(self._buffer) as buffer:  # a bytearray's own slice assignment copies a view twice
+                    buffer[self._filled:self._filled + len(piece)] = piece
             else:
                 self._buffer += piece
             self._filled += len(piece)
