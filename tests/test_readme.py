@@ -119,6 +119,25 @@ def reads_units(parser: Callable[[str], object]) -> bool:
         return False
 
 
+def test_the_performance_figures_are_those_of_bench_results():
+    """The Performance section names the commit of the run `bench/results/latest.md` holds, and each number of its
+    table's drived, reference and ratio columns is one that run measured (latest.md above the copy of bench/WHY.md
+    appended to it), as printed or rounded."""
+    latest = (ROOT / "bench" / "results" / "latest.md").read_text()
+    why_heading = (ROOT / "bench" / "WHY.md").read_text().splitlines()[0]
+    run = re.search(r"^`python -m bench.*`.*, commit (\w+)$", latest, re.M)
+    section = readme_section("Performance")
+    assert run and f"of {run.group(1)}" in " ".join(section.split()), f"README names no run of {run and run.group(1)}"
+    number = r"\d[\d,]*(?:\.\d+)?"
+    measured = [float(n.replace(",", "")) for n in re.findall(number, latest.partition(why_heading)[0])]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ") and not line.startswith("| |")]
+    assert len(rows) == 10
+    for row in rows:
+        for shown in re.findall(number, " ".join(row[1:4])):
+            value, places = float(shown.replace(",", "")), len(shown.partition(".")[2])
+            assert any(abs(n - value) <= 0.5 * 10**-places for n in measured), (shown, row[0])
+
+
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
 
 
