@@ -28,6 +28,7 @@ from moto_server import AWS_ENV, running_moto
 
 import drive_client
 from drive_client import Drive, DriveError, PermissionDenied
+from drive_client.cli import parser as drive_parser
 from drive_client.uri import parse_drive
 from drived.auth import TokenTable
 from drived.config import PARSERS, SETTINGS
@@ -109,6 +110,22 @@ def test_the_configuration_table_gives_each_flag_its_default_and_units():
         parser = PARSERS[setting[flag].name]
         assert (parser(shown.group(1)) if shown else "") == setting[flag].default, (flag, default)
         assert reads_units(parser) == ("`512M`" in meaning), (flag, meaning)
+
+
+def test_every_option_of_drive_and_drived_health_is_named_in_the_readme():
+    """Each option `drive`, its subcommands and `drived health` take is named in the README, in a `code` span."""
+    readme = (ROOT / "README.md").read_text()
+    top = drive_parser()
+    commands = [action.choices for action in top._actions if isinstance(action, argparse._SubParsersAction)]
+    helps = [top.format_help(), *(command.format_help() for each in commands for command in each.values())]
+    health = subprocess.run([sys.executable, "-m", "drived", "health", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert health.returncode == 0, health.stderr
+    helps.append(health.stdout)
+    options = {option for text in helps for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", text)} - {"--help"}
+    assert len(options) > 15
+    unnamed = {option for option in options if not re.search(rf"`[^`\n]*(?<![\w-]){option}(?![\w-])[^`\n]*`", readme)}
+    assert not unnamed
 
 
 def reads_units(parser: Callable[[str], object]) -> bool:
