@@ -136,6 +136,13 @@ def reads_units(parser: Callable[[str], object]) -> bool:
         return False
 
 
+def test_bench_results_end_with_bench_why_as_it_is():
+    """latest.md ends with bench/WHY.md, as the README says (`make bench` appends it): after an edit of WHY.md,
+    `bench.report.render_markdown` of latest.json writes latest.md again."""
+    latest = (ROOT / "bench" / "results" / "latest.md").read_text()
+    assert latest.rstrip().endswith((ROOT / "bench" / "WHY.md").read_text().strip()), "latest.md lacks WHY.md's edits"
+
+
 def test_the_performance_figures_are_those_of_bench_results():
     """The Performance section names the commit of the run `bench/results/latest.md` holds, and each number of its
     table's drived, reference and ratio columns is one that run measured (latest.md above the copy of bench/WHY.md
