@@ -180,7 +180,7 @@ class Connection:
         files_given = any(f is not None for f in (tls_ca, tls_cert, tls_key))
         if tls is False and files_given:
             raise InvalidArgument("TLS files (tls_ca, tls_cert or tls_key) given with TLS turned off (tls=False, "
-                                  "`drive --no-tls`): drop them, or turn TLS on")
+                                  "`--no-tls`): drop them, or turn TLS on")
         ca = _path(tls_ca, "DRIVE_TLS_CA")
         cert = _path(tls_cert, "DRIVE_TLS_CERT")
         key = _path(tls_key, "DRIVE_TLS_KEY")
