@@ -48,6 +48,7 @@ from conftest import (
     read_changed,
     rpc_code,
     rss_mib,
+    sitecustomized,
     start_daemon,
     wait_serving,
     wait_until,
@@ -1065,6 +1066,58 @@ def test_a_put_checks_its_place_and_the_other_components_at_once(store, tmp_path
     assert store.object_keys() == before and not store.uploads()
     assert [(i.component, d) for i, d in raw_get(stub, drive_uri, "a/b", component="writer")] == [
         ("writer", b"mine too")]
+
+
+# sitecustomize.py of a daemon whose HEAD of the version a put of a path ending in SLOW replaces never answers: it
+# writes CANCELLED when it is cancelled.
+SLOW_REPLACED = """
+import asyncio
+import drived.backends.s3 as s3
+
+head = s3.S3Backend.replaced
+
+async def replaced(self, key):
+    if key.endswith({slow!r}):
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            open({cancelled!r}, "w").close()
+            raise
+    return await head(self, key)
+
+s3.S3Backend.replaced = replaced
+"""
+
+
+def test_a_commit_refused_by_its_place_check_cancels_its_other_checks(store, tmp_path, drive_uri):
+    """A big put's commit checks its place beside the HEAD of the version it replaces (and the duplicate check, and
+    the checksum object's write). The place check refused a put whose path had become a file's child since its first
+    part while the HEAD went on running, asking the store after the put was answered. Now the first failure cancels
+    the store's own checks still running, and the put answers once they have ended, refused as before."""
+    cancelled = tmp_path / "cancelled"
+    handle = store.daemon(env=store.env(**sitecustomized(tmp_path, SLOW_REPLACED.format(
+        slow="/a/big.bin", cancelled=str(cancelled)))))
+    stub = stub_of(handle)
+    big = os.urandom(PART_SIZE + MIB)
+
+    def messages() -> Iterator[drive_pb2.PutRequest]:
+        stream = put_messages(drive_uri, "a/big.bin", big, component="w")
+        for _ in range(PART_SIZE // MIB + 2):  # the header and a part's bytes and one more: the first part is sent
+            yield next(stream)
+        assert wait_until(lambda: store.parts() == 1, 20)  # its place checked before the first part: then no file
+        raw_put(stub, drive_uri, "a", b"now a file", component="w")
+        yield from stream
+
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Put(messages(), timeout=20)  # the HEAD never answers: a put that waited for it would pass its deadline
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "a parent folder of it is a file" in refused.value.details()
+    assert cancelled.exists()  # the HEAD ended with the put: it asks the store nothing after the answer
+    name = drive_uri.removeprefix("lit://")
+    assert store.object_keys(f"{PREFIX}{name}/") == [f"{PREFIX}{name}/w/a"]
+    assert store.object_keys(f"{PREFIX}~checksums/{name}/") == [] and not store.uploads()
+    assert raw_get(stub, drive_uri, "a", component="w")[0][1] == b"now a file"
+    assert "never retrieved" not in handle.log() and "never awaited" not in handle.log()
 
 
 def test_the_quota_is_counted_from_the_store(store, drive_uri):

@@ -520,6 +520,26 @@ class PartBuffers:
             self._free.clear()
 
 
+async def _all_or_first_failure(*steps: Awaitable[Any]) -> list[Any]:
+    """The answers of `steps`, run at once; or the first of them to fail raises, once the others still running are
+    cancelled and have ended: a commit refused asks the store nothing more, and leaves nothing running behind it.
+    Cancelled, it cancels them all and waits for them to end too."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    ended: list[asyncio.Future[Any]] = []  # in the order they ended: the failure raised is the first, as gather's
+    for task in tasks:
+        task.add_done_callback(ended.append)
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        failures = [error for task in ended if not task.cancelled() and (error := task.exception())]  # each retrieved
+    if failures:
+        raise failures[0]
+    return [task.result() for task in tasks]
+
+
 class S3Upload(Upload):
     """An upload of one key: buffered up to a part, then a multipart upload with parts in flight.
 
@@ -740,14 +760,16 @@ class S3Upload(Upload):
         checks: asyncio.Future[None] | None = None,
     ) -> ObjectInfo:
         sums = self._checksums
-        theirs = () if checks is None else (checks,)  # the caller's checks, beside the store's own
+        # The caller's checks, beside the store's own: shielded, for the caller awaits their outcome after a failure.
+        theirs = () if checks is None else (asyncio.shield(checks),)
         try:
             await self._handed_on()
             if not self._upload_id and not self._full:  # a small file, all in its first buffer
                 data = self._buffer or bytearray()  # left the part being filled: abort gives its room back
                 await (await self._hash(data))
                 check_received(self._key, sums, sent, size)
-                replaced, *_ = await asyncio.gather(self._replaced(), self._backend.check_place(self._key), *theirs)
+                replaced, *_ = await _all_or_first_failure(self._replaced(), self._backend.check_place(self._key),
+                                                           *theirs)
                 if before_visible is not None:
                     await before_visible()
                 self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, sums, replaced))
@@ -765,10 +787,11 @@ class S3Upload(Upload):
             self._generation = time.time_ns()
             self._preparing = asyncio.ensure_future(
                 self._backend.prepare_completion(self._key, self._checksums_name, sums, self._generation))
-            # Shielded: a cancelled put lets it end before abort() forgets the checksum object.
-            parts, replaced, *_ = await asyncio.gather(asyncio.gather(*self._parts), self._replaced(),
-                                                       asyncio.shield(self._preparing),
-                                                       self._backend.check_place(self._key), *theirs)
+            # The parts and the checksum object shielded: their requests run on in threads, so a put that fails lets
+            # them end before abort() aborts the upload and forgets the checksum object.
+            parts, replaced, *_ = await _all_or_first_failure(
+                asyncio.shield(asyncio.gather(*self._parts)), self._replaced(), asyncio.shield(self._preparing),
+                self._backend.check_place(self._key), *theirs)
             if before_visible is not None:
                 await before_visible()
             self._committing = asyncio.ensure_future(self._backend.complete_upload(
