@@ -133,9 +133,11 @@ class Claim:
     coordinator's claim can, when its holder could not renew it in time.
     """
 
-    # Whether changes that holders before it made at, above or below its path are unpublished (`unsettled`): found
-    # as it was taken, so that the take of a path nobody left changes at costs no look.
-    unsettled = False
+    # The changes at, above or below its path whose claims ended before their events were published, found as it was
+    # taken (none in a coordinator whose claims end only with their daemon, the in-process one): its holder settles
+    # them before its own change, for the feed then orders each path's changes as the store had them, and a change
+    # stored and then replaced or deleted is still reported.
+    unsettled: Sequence[Unpublished] = ()
 
     async def confirm(self, changing: Sequence[Change] | None = None) -> None:
         """Makes sure the claim is still held, right before the step it guards (a put's commit, a batch of a folder
@@ -344,15 +346,6 @@ class Coordinator(abc.ABC):
         each inside a claim on its path (`settle`). None in a coordinator
         whose claims end only with their daemon, which takes the feed with it
         (the in-process one).
-        """
-        return []
-
-    async def unsettled(self, drive: str, path: str) -> list[Unpublished]:
-        """The changes at, above or below `path` in `drive` whose claims ended before their events were published
-        (as `unpublished` hands them out), for the holder of `path`'s claim to settle before its own change: the
-        feed then orders each path's changes as the store had them, and a change stored and then replaced or
-        deleted is still reported. Asked only when the claim says so (`Claim.unsettled`). None in a coordinator
-        whose claims end only with their daemon (the in-process one). Raises Unavailable.
         """
         return []
 

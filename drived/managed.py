@@ -326,7 +326,7 @@ class ManagedDrives:
         header, drive = put.header, put.header.drive.name
         unsynced: Exception | None = None
         async with self.coordinator.claim(drive, header.path) as claim:
-            await self._settle_left(claim, drive, header.path)
+            await self._settle_left(claim, drive)
             # The duplicate check runs beside the commit's own checks of the place (`Upload.commit`): on a store,
             # their round trips at once. With a quota it runs beside the read of the caller's own file instead, and
             # ends before the put holds room: a put it refuses holds none that another put of the drive needs. Its
@@ -691,7 +691,7 @@ class ManagedDrives:
         key = object_key(drive, component, path)
         deleted = 0
         async with self.coordinator.claim(drive, path) as claim:
-            await self._settle_left(claim, drive, path)
+            await self._settle_left(claim, drive)
             # Recorded only when the store's look finds a file there, before its removal: a record left by a holder
             # that died is settled as the delete of a file once the path holds none, and a folder's files (or
             # nothing) are no file at the path.
@@ -817,13 +817,12 @@ class ManagedDrives:
             "drive": drive, "path": change.path, "component": change.component, "kind": change.kind,
             "stored": stored is not None}})
 
-    async def _settle_left(self, claim: Claim, drive: str, path: str) -> None:
-        """Publishes, inside `claim` and before its own change, the changes at, above or below `path` that holders
-        who died left unpublished (`Coordinator.unsettled`): the replicas' look for them comes up to a TTL later,
-        after this change, which would be reported first, or make a put it deletes or replaces never reported."""
-        if claim.unsettled:
-            for unpublished in await self.coordinator.unsettled(drive, path):
-                await self.coordinator.settle(unpublished, await self._stored_at(drive, unpublished.change))
+    async def _settle_left(self, claim: Claim, drive: str) -> None:
+        """Publishes, inside `claim` and before its own change, the changes at, above or below its path that holders
+        who died left unpublished (`Claim.unsettled`): the replicas' look for them comes up to a TTL later, after
+        this change, which would be reported first, or make a put it deletes or replaces never reported."""
+        for unpublished in claim.unsettled:
+            await self.coordinator.settle(unpublished, await self._stored_at(drive, unpublished.change))
 
     async def _stored_at(self, drive: str, change: Change) -> Entry | None:
         """What the store holds at the path of `change`, as `Coordinator.settle` is told it."""

@@ -49,12 +49,12 @@ scripts touch `drived:epoch` beside a drive's keys):
   their claim claimed, a sorted set of members `<path claimed>\0<field>`,
   all scored 0, changed with the hash in each script that changes it (their
   bytes: docs/scaling.md), and deleted with its last field: a claim's take
-  looks for a change left at, above or below its path (`unsettled`) by a
+  looks for a change left at, above or below its path (`Claim.unsettled`) by a
   lexical range below the path and a lookup of the path and each folder
   above it, whatever the number of changes being made in the drive. A change recorded by a daemon of the
   previous release has no member (a rolling update): only `unpublished`,
   which reads the hash, finds it; a member whose change such a daemon
-  dropped goes at the next `unsettled` that meets it, and the index whose
+  dropped goes at the next take that meets it, and the index whose
   hash it emptied at the next claim taken in the drive.
 - `drived:{<drive>}:usage`: the drive's count for `--quota` (`drived.quota`),
   a hash: `used` (the bytes of its files), `reserved` (the bytes commits in
@@ -327,8 +327,8 @@ end
 # same step. `record` sets a field, moving its member when a claim of another path records it again; `unrecord` drops
 # one, then the index and the hash's place among those due once its last field is gone. A daemon of the previous
 # release (a rolling update) changes the hash alone: a member whose change it dropped or recorded again is dropped by
-# the next look at it (UNSETTLED), the index of a hash it emptied by the drive's next claim (ACQUIRE), and a change it
-# records has none (only UNPUBLISHED_DUE, which reads the hash, finds it).
+# the next take that looks at it, the index of a hash it emptied by the drive's next take (both ACQUIRE), and a change
+# it records has none (only UNPUBLISHED_DUE, which reads the hash, finds it).
 RECORDS = """
 local NUL, ONE = string.char(0), string.char(1)
 local function claimed_of(value)
@@ -469,10 +469,10 @@ end
 
 # KEYS: the path's claim and below keys, then each folder's above it, then the drive's unpublished changes. ARGV:
 # token, ttl (ms), the path.
-# 0 when taken; -1 when taken and changes recorded in claims at, above or below the path are unpublished (claims
-# that ended, since this one is free: `Coordinator.unsettled`); else the milliseconds after which the claim in the way
-# expires. One taken already with this token (the call sent again after its answer was lost, as PUBLISH's) is taken
-# again, for a whole TTL from now.
+# 0 when taken; when taken and changes recorded in claims at, above or below the path are unpublished (claims that
+# ended, since this one is free: `Claim.unsettled`), the field and value of each in turn; else the milliseconds after
+# which the claim in the way expires. One taken already with this token (the call sent again after its answer was
+# lost, as PUBLISH's) is taken again, for a whole TTL from now.
 ACQUIRE = CLAIM_CLOCK + RECORDS + """
 local ttl = tonumber(ARGV[2])
 local claims = #KEYS - 1
@@ -500,29 +500,21 @@ if redis.call('EXISTS', KEYS[#KEYS]) == 0 then
   redis.call('DEL', by_claim(KEYS[#KEYS]))
   return 0
 end
-for _, range in ipairs(ranges_touching(ARGV[3])) do
-  if redis.call('ZRANGE', by_claim(KEYS[#KEYS]), range[1], range[2], 'BYLEX', 'LIMIT', 0, 1)[1] then return -1 end
-end
-return 0
-"""
-
-# KEYS: the drive's unpublished changes. ARGV: a path. The field and value of each change recorded in a claim at,
-# above or below the path, in turn.
-UNSETTLED = RECORDS + """
 local found = {}
-for _, range in ipairs(ranges_touching(ARGV[1])) do
-  for _, member in ipairs(redis.call('ZRANGE', by_claim(KEYS[1]), range[1], range[2], 'BYLEX')) do
+for _, range in ipairs(ranges_touching(ARGV[3])) do
+  for _, member in ipairs(redis.call('ZRANGE', by_claim(KEYS[#KEYS]), range[1], range[2], 'BYLEX')) do
     local claimed, field = string.match(member, '^([^%z]*)%z(.*)$')
-    local value = redis.call('HGET', KEYS[1], field)
+    local value = redis.call('HGET', KEYS[#KEYS], field)
     if value and claimed_of(value) == claimed then
       found[#found + 1] = field
       found[#found + 1] = value
     else  -- its change dropped, or recorded again, by a daemon of the previous release (a rolling update)
-      redis.call('ZREM', by_claim(KEYS[1]), member)
+      redis.call('ZREM', by_claim(KEYS[#KEYS]), member)
     end
   end
 end
-return found
+if found[1] then return found end
+return 0
 """
 
 # Drops the unpublished changes ARGV[from..to] (fields) of `hash` that are the claim `token`'s (RECORDS' `unrecord`).
@@ -1002,7 +994,6 @@ class RedisCoordinator(Coordinator):
         self._renew = self._redis.register_script(RENEW)
         self._release = self._redis.register_script(RELEASE)
         self._unpublished_due = self._redis.register_script(UNPUBLISHED_DUE)
-        self._unsettled = self._redis.register_script(UNSETTLED)
         self._forget = self._redis.register_script(FORGET)
         self._completion = self._redis.register_script(COMPLETION)
         self._keep_completions = self._redis.register_script(KEEP_COMPLETIONS)
@@ -1214,11 +1205,14 @@ class RedisCoordinator(Coordinator):
     async def _try(self, claim: _RedisClaim) -> int:
         sent = asyncio.get_running_loop().time()
         keys = [*claim.keys, _unpublished_key(claim.drive)]
-        busy = int(await self._run(self._acquire, keys, [claim.token, self._ttl_ms(), claim.path]))
-        if busy <= 0:
+        answer = await self._run(self._acquire, keys, [claim.token, self._ttl_ms(), claim.path])
+        if isinstance(answer, list):  # taken, with the changes left unpublished at, above or below its path
+            claim.unsettled = [_unpublished(claim.drive, field, value)
+                               for field, value in zip(answer[::2], answer[1::2], strict=True)]
+            answer = 0
+        if not answer:
             claim.answered(sent, True)
-            claim.unsettled = busy < 0
-        return max(busy, 0)
+        return int(answer)
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.claim_ttl * 1000))
@@ -1440,10 +1434,6 @@ class RedisCoordinator(Coordinator):
                                 [self._ttl_ms(), UNPUBLISHED_DRIVES, UNPUBLISHED_FOUND])
         return [_unpublished(key.decode().removeprefix("drived:{").removesuffix("}:unpublished"), field, value)
                 for key, field, value in zip(found[::3], found[1::3], found[2::3], strict=True)]
-
-    async def unsettled(self, drive: str, path: str) -> list[Unpublished]:
-        found = await self._run(self._unsettled, [_unpublished_key(drive)], [path])
-        return [_unpublished(drive, field, value) for field, value in zip(found[::2], found[1::2], strict=True)]
 
     async def settle(self, unpublished: Unpublished, stored: Entry | None) -> None:
         drive, change = unpublished.drive, unpublished.change

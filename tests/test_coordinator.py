@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from bench.services import ValkeyServer
 from drive_client.errors import EventsExpired, Unavailable
-from drived.coordinator import PAGE, Change, Coordinator, Count, Passed, Usage
+from drived.coordinator import PAGE, Change, Coordinator, Count, Passed, Unpublished, Usage
 from drived.entry import Entry
 from drived.events import InProcessCoordinator
 from drived.redis_coordinator import RENEW, RENEW_CHUNK, UNPUBLISHED_FOUND, USAGE_KEPT, RedisCoordinator
@@ -974,6 +974,12 @@ async def leave(coordinator: RedisCoordinator, drive: str, path: str, changes: l
             raise RuntimeError("the body fails after its confirm")
 
 
+async def unsettled(coordinator: RedisCoordinator, drive: str, path: str) -> Sequence[Unpublished]:
+    """The changes left unpublished at, above or below `path` that a take of its claim finds (`Claim.unsettled`)."""
+    async with coordinator.claim(drive, path) as claim:
+        return claim.unsettled
+
+
 @pytest.mark.integration
 async def test_a_claims_take_beside_many_changes_being_made_in_its_drive_does_not_read_them(
     own_valkey: Callable[..., ValkeyServer],
@@ -995,6 +1001,27 @@ async def test_a_claims_take_beside_many_changes_being_made_in_its_drive_does_no
 
 
 @pytest.mark.integration
+async def test_a_take_that_finds_changes_left_at_its_path_answers_them_in_its_one_script_call(
+    own_valkey: Callable[..., ValkeyServer],
+) -> None:
+    """A take that found changes a dead holder left at, above or below its path answered -1, and the changes were
+    then read in a second script call (UNSETTLED) over the same ranges of the index: now the take answers them, and
+    `Claim.unsettled` holds them."""
+    server = own_valkey()
+    admin = redis.Redis.from_url(server.url)
+    async with redis_coordinator(server.url, claim_ttl=60) as one:
+        for drive in ("first", "d"):  # the first loads the scripts (NOSCRIPT, then SCRIPT LOAD): counted, the second
+            await leave(one, drive, "a", [Change("put", "a/b", "c", "1234abcd"), Change("delete", "a/c", "c")])
+            scripts = calls(admin, "evalsha")
+            async with one.claim(drive, "a/b") as claim:
+                asked = calls(admin, "evalsha") - scripts
+                found = claim.unsettled
+        assert asked == 1  # the take; was 2
+        assert sorted((u.change.kind, u.change.path, u.change.version) for u in found) == [
+            ("delete", "a/c", ""), ("put", "a/b", "1234abcd")]
+
+
+@pytest.mark.integration
 async def test_a_take_finds_the_changes_left_at_above_or_below_its_path_and_only_those(
     own_valkey: Callable[..., ValkeyServer],
 ) -> None:
@@ -1012,13 +1039,12 @@ async def test_a_take_finds_the_changes_left_at_above_or_below_its_path_and_only
                     "m/o": [], "y": [], "b": []}
         for path, paths in expected.items():
             async with one.claim("d", path) as claim:
-                found = await one.unsettled("d", path)
-                assert (claim.unsettled, sorted(u.change.path for u in found)) == (bool(paths), paths), path
-        [put] = await one.unsettled("d", "m")
+                assert sorted(u.change.path for u in claim.unsettled) == paths, path
+        [put] = await unsettled(one, "d", "m")
         assert (put.change.kind, put.change.version) == ("put", "5678abcd")
-        for unpublished in await one.unsettled("d", "a") + await one.unsettled("d", "x") + [put]:
+        for unpublished in [*await unsettled(one, "d", "a"), *await unsettled(one, "d", "x"), put]:
             await one.settle(unpublished, None)
-        [left] = await one.unsettled("e", "y")
+        [left] = await unsettled(one, "e", "y")
         await one.settle(left, entry("y"))  # a delete whose file is stored: not made
         assert not list(redis.Redis.from_url(server.url).scan_iter("drived:*unpublished*"))  # nor their index
 
@@ -1045,8 +1071,8 @@ async def test_a_change_recorded_by_a_daemon_of_the_previous_release_is_still_ha
         await leave(one, "d", "again", [Change("put", "again", "c")])
         admin.hdel("drived:{d}:unpublished", "c\x00again")  # settled by a daemon of that release, as its FORGET does
         admin.zrem("drived:unpublished", "drived:{d}:unpublished")
-        async with one.claim("d", "again"):
-            assert await one.unsettled("d", "again") == []
+        async with one.claim("d", "again") as claim:  # which drops the member of the change dropped
+            assert not claim.unsettled
         await leave(one, "d", "late", [Change("put", "late", "c")])
         admin.hdel("drived:{d}:unpublished", "c\x00late")  # the hash's last field, settled by a daemon of that release
         admin.zrem("drived:unpublished", "drived:{d}:unpublished")
@@ -1082,7 +1108,7 @@ def test_the_index_by_path_and_the_changes_being_made_agree_after_every_script(
         async with redis_coordinator(server.url, claim_ttl=30) as one:
             for what, path, arg, flag in taken:
                 if what == "settled":
-                    if found := await one.unsettled(drive, path):
+                    if found := await unsettled(one, drive, path):
                         left = found[int(arg) % len(found)]  # type: ignore[call-overload]
                         await one.settle(left, Entry(path=left.change.path, component=left.change.component)
                                          if flag else None)
@@ -1104,7 +1130,7 @@ def test_the_index_by_path_and_the_changes_being_made_agree_after_every_script(
                     scanned = sorted(field.decode().split("\0")[::-1] for field, path in claimed.items()
                                      if path == looked or path.startswith(looked + "/")
                                      or looked.startswith(path + "/"))
-                    found = await one.unsettled(drive, looked)
+                    found = await unsettled(one, drive, looked)
                     assert sorted([u.change.path, u.change.component] for u in found) == scanned, looked
 
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
