@@ -760,8 +760,9 @@ class S3Upload(Upload):
         checks: asyncio.Future[None] | None = None,
     ) -> ObjectInfo:
         sums = self._checksums
-        # The caller's checks, beside the store's own: shielded, for the caller awaits their outcome after a failure.
-        theirs = () if checks is None else (asyncio.shield(checks),)
+        # The caller's checks, beside the store's own: shielded where gathered, for the caller awaits their outcome
+        # after a failure (`_all_or_first_failure` cancels the others).
+        theirs = () if checks is None else (checks,)
         try:
             await self._handed_on()
             if not self._upload_id and not self._full:  # a small file, all in its first buffer
@@ -769,7 +770,7 @@ class S3Upload(Upload):
                 await (await self._hash(data))
                 check_received(self._key, sums, sent, size)
                 replaced, *_ = await _all_or_first_failure(self._replaced(), self._backend.check_place(self._key),
-                                                           *theirs)
+                                                           *map(asyncio.shield, theirs))
                 if before_visible is not None:
                     await before_visible()
                 self._committing = asyncio.ensure_future(self._backend.put_small(self._key, data, sums, replaced))
@@ -791,7 +792,7 @@ class S3Upload(Upload):
             # them end before abort() aborts the upload and forgets the checksum object.
             parts, replaced, *_ = await _all_or_first_failure(
                 asyncio.shield(asyncio.gather(*self._parts)), self._replaced(), asyncio.shield(self._preparing),
-                self._backend.check_place(self._key), *theirs)
+                self._backend.check_place(self._key), *map(asyncio.shield, theirs))
             if before_visible is not None:
                 await before_visible()
             self._committing = asyncio.ensure_future(self._backend.complete_upload(
