@@ -14,6 +14,7 @@ import os
 import pathlib
 import signal
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import boto3
 import grpc
@@ -146,6 +147,23 @@ def _others_answer(stub: drive_pb2_grpc.DriveServiceStub, endpoint: str) -> None
     read = stub.Get(drive_pb2.GetRequest(drive=S3_DRIVE, path="a.txt"), timeout=2)
     assert b"".join(message.data for message in read) == b"from s3"
 
+def _while_hung(stub: drive_pb2_grpc.DriveServiceStub, endpoint: str, hang: pathlib.Path, call: str, says: str,
+                run: Callable[[drive_pb2_grpc.DriveServiceStub], Any]) -> Any:
+    """What `run(stub)` answers, run while the data dir hangs as `says` tells: it must reach the data dir and hold
+    only itself (health, other drives and s3:// drives answer meanwhile); it answers once the data dir does."""
+    reached = pathlib.Path(f"{hang}.reached")
+    reached.unlink(missing_ok=True)
+    hang.write_text(says)
+    try:
+        running = Background(lambda: run(stub))
+        running.start()
+        assert wait_until(reached.exists, timeout=10), f"the {call} never reached the data dir"
+        _others_answer(stub, endpoint)
+        assert running.is_alive(), f"the {call} answered while its data dir hung"
+    finally:
+        hang.unlink()
+    return running.join_checked(timeout=30)
+
 
 @pytest.mark.parametrize("call", sorted(CALLS))
 def test_a_call_hung_on_the_data_dir_holds_only_itself(hung_daemon, call):
@@ -158,18 +176,7 @@ def test_a_call_hung_on_the_data_dir_holds_only_itself(hung_daemon, call):
         _put_files(stub)
         _others_answer(stub, handle.endpoint)  # the s3:// drive is mounted before the data dir hangs
         before = snapshot(handle.data_dir / "objects")
-        reached = pathlib.Path(f"{hang}.reached")
-        reached.unlink(missing_ok=True)
-        hang.touch()
-        try:
-            running = Background(lambda: CALLS[call](stub))
-            running.start()
-            assert wait_until(reached.exists, timeout=10), f"the {call} never reached the data dir"
-            _others_answer(stub, handle.endpoint)
-            assert running.is_alive(), f"the {call} answered while its data dir hung"
-        finally:
-            hang.unlink()
-        answer = running.join_checked(timeout=30)
+        answer = _while_hung(stub, handle.endpoint, hang, call, "", CALLS[call])
         after = snapshot(handle.data_dir / "objects")
         if call == "put":
             assert raw_get(stub, HUNG, "new.txt")[0][1] == b"new bytes"
@@ -252,18 +259,7 @@ def test_a_call_whose_read_of_a_block_table_or_close_of_an_upload_hangs_holds_on
         raw_put(stub, HUNG, "big.bin", BIG)
         _others_answer(stub, handle.endpoint)
         before = snapshot(handle.data_dir / "objects")
-        reached = pathlib.Path(f"{hang}.reached")
-        reached.unlink(missing_ok=True)
-        hang.write_text(says)
-        try:
-            running = Background(lambda: run(stub))
-            running.start()
-            assert wait_until(reached.exists, timeout=10), f"the {call} never reached the data dir"
-            _others_answer(stub, handle.endpoint)
-            assert running.is_alive(), f"the {call} answered while its data dir hung"
-        finally:
-            hang.unlink()
-        answer = running.join_checked(timeout=30)
+        answer = _while_hung(stub, handle.endpoint, hang, call, says, run)
         assert snapshot(handle.data_dir / "objects") == before, "no stored file changes"
         if call == "ranged get":
             assert answer[0][1] == BIG[MIB:2 * MIB]
