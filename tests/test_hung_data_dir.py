@@ -280,6 +280,42 @@ def test_a_call_whose_read_of_a_block_table_or_close_of_an_upload_hangs_holds_on
         stub.Delete(drive_pb2.DeleteRequest(drive=HUNG, path="big.bin"), timeout=10)  # the list's test lists
 
 
+def test_a_get_whose_client_left_while_a_read_of_its_file_hung_closes_the_file_once_the_read_returns(hung_daemon):
+    """A ranged get whose client gives up while its read of the block table hangs is ended at once, and its file stays
+    open until that read, running in a worker thread, returns: closed under it, the descriptor's number is free for
+    the daemon's next open while the read still uses it. Then nothing is left open, and the file reads as it was."""
+    handle, hang = hung_daemon
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        _put_files(stub)
+        raw_put(stub, HUNG, "big.bin", BIG)
+        _others_answer(stub, handle.endpoint)
+        stored = os.path.realpath(handle.data_dir / "objects" / "hung")
+
+        def big_open() -> bool:
+            return any(t.startswith(stored) and t.endswith("/big.bin") for t in descriptor_targets(handle.proc.pid))
+
+        reached, returned = pathlib.Path(f"{hang}.reached"), pathlib.Path(f"{hang}.returned")
+        reached.unlink(missing_ok=True)
+        returned.unlink(missing_ok=True)
+        hang.write_text(ONE_CALL["ranged get"][0])  # the read of the block table blocks
+        try:
+            late = stub.Get(drive_pb2.GetRequest(drive=HUNG, path="big.bin", offset=MIB, limit=MIB), timeout=1)
+            with pytest.raises(grpc.RpcError) as left:
+                list(late)
+            assert left.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert reached.exists(), "the get never reached its block table"
+            assert wait_until(lambda: handle.open_requests("Get") == 0), "the get did not end with its client"
+            assert not returned.exists()
+            assert big_open(), "the file was closed while a worker thread still reads it"
+        finally:
+            hang.unlink()
+        assert wait_until(returned.exists), "the read never returned"
+        assert wait_until(lambda: not big_open()), "a file the get read after its client left stays open"
+        assert raw_get(stub, HUNG, "big.bin", offset=MIB, limit=MIB)[0][1] == BIG[MIB:2 * MIB]
+        stub.Delete(drive_pb2.DeleteRequest(drive=HUNG, path="big.bin"), timeout=10)  # the list's test lists
+
+
 def _fs_types(path: str, mountinfo: list[str]) -> set[str]:
     """The fs types of the mounts of `path`'s device in `mountinfo`'s lines (their major:minor field)."""
     device = os.stat(path).st_dev

@@ -288,10 +288,16 @@ class FileChunks:
     async def _read(self, size: int, offset: int) -> bytes | memoryview:
         data: bytes | memoryview | None = _read_cached(self._fd, size, offset)
         if data is None:
-            self._reading = asyncio.get_running_loop().run_in_executor(None, os.pread, self._fd, size, offset)
-            data = await self._reading
-            self._reading = None
+            data = await self._in_thread(os.pread, self._fd, size, offset)
         return data
+
+    async def _in_thread(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(*args)`, a read of the file, in a worker thread; shielded, so that a cancelled caller leaves it
+        running and known (`_reading`) until the thread is done with the file, which `_close` closes only then."""
+        self._reading = asyncio.get_running_loop().run_in_executor(None, work, *args)
+        done = await asyncio.shield(self._reading)
+        self._reading = None
+        return done
 
     async def __anext__(self) -> memoryview:
         if self._fd < 0 or self._position >= self._end:
@@ -322,7 +328,7 @@ class FileChunks:
             if self._backend.file_calls_in_threads and not ends.holds(block - 1, last - 1):
                 # Read here, not by `check_blocks` on the event loop, where a pread of a hung data dir holds every
                 # call; on a local disk `at` reads the entries as it needs them.
-                await self._backend.off_loop(ends.read_from, max(block - 1, 0))
+                await self._in_thread(ends.read_from, max(block - 1, 0))
             damaged, at_cuts = check_blocks(data, block, size, ends, (self._start, self._end))
         except EOFError:
             raise Damaged(self._key, "its block table is cut short") from None
