@@ -331,6 +331,9 @@ end
 # it records has none (only UNPUBLISHED_DUE, which reads the hash, finds it).
 RECORDS = """
 local NUL, ONE = string.char(0), string.char(1)
+local function token_of(value)
+  return string.sub(value, 1, 16)
+end
 local function claimed_of(value)
   return string.match(value, '^[^%z]*', 18)
 end
@@ -387,7 +390,7 @@ if KEYS[6] and ARGV[5] == 'put' then
 end
 local recorded = redis.call('HGET', KEYS[4], ARGV[13])
 if ARGV[14] ~= '' and recorded ~= ARGV[14] then return 0 end
-if recorded and (ARGV[15] == '' or string.sub(recorded, 1, 16) == ARGV[15]) then
+if recorded and (ARGV[15] == '' or token_of(recorded) == ARGV[15]) then
   unrecord(KEYS[5], KEYS[4], ARGV[13], recorded)
 end
 if KEYS[6] and ARGV[5] == 'delete' then
@@ -522,7 +525,7 @@ DROP = RECORDS + """
 local function drop(due, hash, token, from, to)
   for i = from, to do
     local value = redis.call('HGET', hash, ARGV[i])
-    if value and string.sub(value, 1, 16) == token then unrecord(due, hash, ARGV[i], value) end
+    if value and token_of(value) == token then unrecord(due, hash, ARGV[i], value) end
   end
 end
 """
@@ -588,7 +591,7 @@ for _, hash in ipairs(redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE', 'LIM
     local claims = string.sub(hash, 1, -string.len('unpublished') - 1) .. 'claim:'
     for i = 1, #changes, 2 do
       local value = changes[i + 1]
-      if #found < most and redis.call('GET', claims .. claimed_of(value)) ~= string.sub(value, 1, 16) then
+      if #found < most and redis.call('GET', claims .. claimed_of(value)) ~= token_of(value) then
         found[#found + 1] = hash
         found[#found + 1] = changes[i]
         found[#found + 1] = value
