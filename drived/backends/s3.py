@@ -242,6 +242,11 @@ def _written_by_drived(answer: dict[str, Any]) -> bool:
     return _is_generation(metadata.get("generation", "")) and bool(metadata.get("sha256") or metadata.get("checksums"))
 
 
+def _holding(answer: dict[str, Any]) -> Holding:
+    """What the object of a HEAD's `answer` is: a file drived wrote, or an object it did not."""
+    return "file" if _written_by_drived(answer) else "foreign"
+
+
 async def _at_once(steps: Sequence[Callable[[], Awaitable[None]]]) -> None:
     """Runs `steps`, SWEEP_AT_ONCE at a time."""
     for start in range(0, len(steps), SWEEP_AT_ONCE):
@@ -1391,9 +1396,7 @@ class S3Backend(Backend):
 
     async def holding(self, key: str) -> Holding | None:
         answer = await self._head(self.root + key)  # one HEAD: a big file's checksum object is not looked at
-        if answer is None:
-            return None
-        return "file" if _written_by_drived(answer) else "foreign"
+        return None if answer is None else _holding(answer)
 
     # -- listing -------------------------------------------------------------
 
@@ -1552,9 +1555,9 @@ class S3Backend(Backend):
         answer = await self._head(self.root + key)
         if answer is None:
             return None
-        file = _written_by_drived(answer)
+        found = _holding(answer)
         if looked is not None:
-            await looked("file" if file else "foreign")
+            await looked(found)
         await self.call("delete_object", key, Key=self.root + key)
         await self._forget_version(key, answer, "a delete")
-        return Removed(int(answer["ContentLength"]), file)
+        return Removed(int(answer["ContentLength"]), found == "file")
