@@ -171,15 +171,15 @@ class CommitWorker:
     again after it has died, until `close`. A commit that was sent runs to
     its end even if its caller stops waiting.
 
-    Each worker process holds `data_dir_lock` open (inherited) for its whole
-    life, so the data dir's lock (`local.lock_data_dir`) stays held until
+    Each worker process holds `data_dir_locks` open (inherited) for its whole
+    life, so the data dir's locks (`local.lock_data_dir`) stay held until
     the worker has ended too: a daemon killed drops its own hold at once,
     and a new daemon let in then would empty `tmp/` and write its uploads
     under the names that the old worker may still be renaming into place.
     """
 
-    def __init__(self, data_dir_lock: int | None = None) -> None:
-        self._data_dir_lock = () if data_dir_lock is None else (data_dir_lock,)  # the worker's `pass_fds`
+    def __init__(self, data_dir_locks: tuple[int, ...] = ()) -> None:
+        self._data_dir_locks = data_dir_locks  # the worker's `pass_fds`
         self._ready: list[_Queued] = []  # submitted, `before_visible` not yet called
         self._confirming: set[str] = set()  # the paths of the commits whose `before_visible` runs
         self._confirmed: list[_Queued] = []  # `before_visible` passed: for the next batch sent
@@ -296,7 +296,7 @@ class CommitWorker:
         if self._process is None or self._process.returncode is not None:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", __name__, str(os.getpid()),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=self._data_dir_lock,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=self._data_dir_locks,
             )
             if self._closed:  # while it started: `close` found no process to stop
                 await self._stop()

@@ -4,8 +4,9 @@ Layout: `DATA_DIR/objects/<key>` holds each object (its format is in
 `stored.py`), `DATA_DIR/tmp/` the uploads in progress. An upload is written
 to `tmp/`, fsynced, and renamed over its key in one step; the rename is what
 makes it visible. Whatever `tmp/` holds at start-up is the leftover of a
-crash and is removed. `DATA_DIR/lock` is locked by the one daemon that uses
-the data dir and its commit worker, for their whole lives (`lock_data_dir`).
+crash and is removed. The data dir and `DATA_DIR/lock` are locked by the one daemon that
+uses the data dir and its commit worker, for their whole lives
+(`lock_data_dir`).
 `DATA_DIR/clean-stop` exists while no daemon runs after a clean stop: no
 empty folder was left.
 """
@@ -92,30 +93,40 @@ class DataDirError(Exception):
     """A data dir the daemon cannot use; the message says why, after the data dir's setting that names it."""
 
 
-def lock_data_dir(data_dir: str) -> int:
-    """A descriptor holding the lock of `data_dir`, which it keeps while it is open (the kernel drops the lock of a
-    process that dies, however it dies); DataDirError when another daemon holds it.
+def lock_data_dir(data_dir: str) -> tuple[int, int]:
+    """Descriptors holding the locks of `data_dir`, which they keep while open (the kernel drops the locks of a
+    process that dies, however it dies); DataDirError when another daemon holds them.
 
     A second daemon on a data dir in use would remove the first one's uploads
     from `tmp/` at its start-up and then write its own under the same names.
-    The lock is on the open file, which the commit worker inherits
-    (`CommitWorker`): it stays held until the daemon and its worker have both
-    ended.
+    The locks are on the open files, which the commit worker inherits
+    (`CommitWorker`): they stay held until the daemon and its worker have
+    both ended. Two locks: the data dir's own, which stays held whatever
+    becomes of the files in it (an operator who takes `lock` for a stale
+    lock file and removes it lets a second daemon lock a new one), and that
+    of `lock`, the one that daemons of earlier versions take.
     """
-    fd = os.open(os.path.join(data_dir, "lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    folder = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        file = os.open(os.path.join(data_dir, "lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except BaseException:
+        os.close(folder)
+        raise
+    try:
+        for fd in (folder, file):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
+        os.close(folder)
+        os.close(file)
         raise DataDirError(
-            f"in use by another drived (it holds {data_dir}/lock): give each daemon its own data dir; daemons "
+            f"in use by another drived (it holds the lock of {data_dir}): give each daemon its own data dir; daemons "
             "that serve the same drives share them through --storage. If a drived on it has just ended, its commit "
             "worker may still hold the lock until its last change to the data dir is done: retry in a moment"
         ) from None
     except OSError as err:  # a file system without locks (a network mount without its lock service): unguarded
         log.warning("the data dir cannot be locked: a second daemon started on it would not be refused",
                     extra={"fields": {"data_dir": data_dir, "error": str(err)}})
-    return fd
+    return folder, file
 
 
 def _taken(marker: str, tmp_dir: str) -> bool:
@@ -609,13 +620,13 @@ class LocalBackend(Backend):
         self._clean_stop = os.path.join(data_dir, "clean-stop")
         try:
             os.makedirs(self.root, exist_ok=True)
-            self._lock = lock_data_dir(data_dir)  # before tmp/ is emptied: it may be another's
+            self._locks = lock_data_dir(data_dir)  # before tmp/ is emptied: it may be another's
             self._stopped_cleanly = _taken(self._clean_stop, self.tmp_dir)
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             os.makedirs(self.tmp_dir, exist_ok=True)
         except OSError as err:  # a file there, a missing mount, no permission: the start ends, saying why
             raise DataDirError(f"cannot make its folders: {err.strerror}: {err.filename}") from None
-        self.committer = CommitWorker(self._lock)
+        self.committer = CommitWorker(self._locks)
         self.data_dir_fs = file_system(self.root)
         self.file_calls_in_threads = can_hang(self.data_dir_fs)
 
@@ -659,7 +670,8 @@ class LocalBackend(Backend):
         if swept:  # no put or delete runs any more, and none left an empty folder
             with contextlib.suppress(OSError):  # not marked: the next start walks the folders
                 _mark(self._clean_stop, self.tmp_dir)
-        os.close(self._lock)
+        for fd in self._locks:
+            os.close(fd)
 
     def _path(self, key: str) -> str:
         """The file or folder of `key`; refuses a key that goes through a symlink in the data dir."""
