@@ -4,12 +4,15 @@ started on."""
 from __future__ import annotations
 
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
+import sys
 
 import grpc
 import pytest
-from conftest import MIB, free_port, raw_get, rpc_code, sha256_hex, snapshot, spawn_daemon
+from conftest import MIB, ROOT, free_port, raw_get, raw_put, rpc_code, sha256_hex, snapshot, spawn_daemon
 
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
@@ -44,3 +47,37 @@ def test_a_daemon_whose_lock_file_was_removed_still_refuses_a_second_one_on_its_
         rest = [pb.PutRequest(data=data[2 * MIB:]), pb.PutRequest(finish=pb.PutFinish(sha256=sha256_hex(data)))]
         stub.Put(iter([pb.PutRequest(header=header), *rest]), timeout=30)
         assert [d for _, d in raw_get(stub, "lit://shared", "held.bin")] == [data]
+
+
+def chattr(flag: str, path: pathlib.Path) -> None:
+    """Sets or clears the immutable attribute of `path`: a folder or file even root cannot change."""
+    if shutil.which("chattr") is None or subprocess.run(["chattr", flag, str(path)]).returncode:
+        pytest.skip("chattr +i does not work here")
+
+
+@pytest.mark.parametrize("stuck", ["tmp", "tmp/0"])
+def test_a_tmp_folder_that_cannot_be_emptied_at_start_is_refused_naming_it(tmp_path, start_daemon, stuck):
+    """tmp/ immutable, or a leftover upload in it that cannot be removed: the start went on as if tmp/ were empty,
+    served, and failed the puts INTERNAL (every one, or the one whose upload got the leftover's name)."""
+    handle = start_daemon(tmp_path)
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        raw_put(drive_pb2_grpc.DriveServiceStub(channel), "lit://kept", "a.txt", b"stored before")
+    assert handle.stop() == 0
+    (handle.data_dir / "tmp" / "0").write_bytes(b"a leftover upload")
+    chattr("+i", handle.data_dir / stuck)
+    try:
+        before = [snapshot(handle.data_dir / folder) for folder in ("objects", "tmp")]
+        res = subprocess.run([sys.executable, "-m", "drived", "--listen", f"127.0.0.1:{free_port()}",
+                              "--data-dir", str(handle.data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"drived: --data-dir {handle.data_dir}: cannot empty {handle.data_dir / 'tmp'}"), last
+        assert [snapshot(handle.data_dir / folder) for folder in ("objects", "tmp")] == before
+    finally:
+        chattr("-i", handle.data_dir / stuck)
+    again = start_daemon(tmp_path, data_dir=handle.data_dir)  # put back: served, the leftover removed
+    assert os.listdir(handle.data_dir / "tmp") == []
+    with grpc.insecure_channel(again.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, "lit://kept", "b.txt", b"stored after")
+        assert [d for _, d in raw_get(stub, "lit://kept", "a.txt")] == [b"stored before"]
