@@ -165,12 +165,15 @@ def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _connections(text: str) -> int:
-    """A count of connections, which gRPC keeps in a C int."""
-    value = int(_non_negative(int)(text))
-    if value > 2**31 - 1:
-        raise argparse.ArgumentTypeError(f"at most {2**31 - 1}, got {text}")
-    return value
+def _at_most(high: int, kind: Callable[[str], Any], unit: str = "") -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"at most {high}{unit}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 # The most seconds a setting takes (about 24 days): gRPC keeps --max-connection-age in milliseconds in a C int,
@@ -300,25 +303,23 @@ def _log_level(text: str) -> str:
     return text
 
 
-def _chunk_size(text: str) -> int:
-    value = _positive(int)(text)
-    if value > MAX_CHUNK_SIZE:
-        raise argparse.ArgumentTypeError(f"at most {MAX_CHUNK_SIZE} bytes, got {text}")
-    return int(value)
-
+MAX_LIST_THREADS = 256  # a mount's listing runs a thread per unit of --s3-list-concurrency
+MAX_C_INT = 2**31 - 1  # gRPC keeps --max-connections in a C int
 
 SECRET = {"token", "coordinator"}  # values that may hold a password: never repeated in a message
 
 PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": _listen, "data_dir": str, "storage": _storage, "upload_expiry": _positive(_seconds),
     "max_held_uploads": _non_negative(int), "max_held_bytes": _size,
-    "coordinator": _coordinator, "claim_ttl": _positive(_seconds), "chunk_size": _chunk_size,
-    "grace_period": _positive(_seconds), "s3_list_concurrency": _positive(int), "s3_page_size": _positive(int),
+    "coordinator": _coordinator, "claim_ttl": _positive(_seconds),
+    "chunk_size": _at_most(MAX_CHUNK_SIZE, _positive(int), " bytes"), "grace_period": _positive(_seconds),
+    "s3_list_concurrency": _at_most(MAX_LIST_THREADS, _positive(int)), "s3_page_size": _positive(int),
     "s3_index_memory": _positive(_size),
     "metrics_listen": _metrics_listen, "token": _token, "auth_tokens": str, "tls_cert": str, "tls_key": str,
     "tls_client_ca": str, "reflection": _switch, "max_connection_age": _non_negative(_seconds),
     "max_file_size": _size, "quota": _size, "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
-    "max_connections": _connections, "stream_idle_timeout": _idle_timeout, "log_level": _log_level,
+    "max_connections": _at_most(MAX_C_INT, _non_negative(int)), "stream_idle_timeout": _idle_timeout,
+    "log_level": _log_level,
 }
 
 

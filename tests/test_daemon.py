@@ -574,6 +574,8 @@ SECONDS = "at most 2147483 (about 24 days)"
     ("--metrics-listen", "unix:/tmp/drived-metrics", "over TCP"),
     ("--max-connections", "-1", "cannot be negative"),
     ("--max-connections", "3000000000", "at most 2147483647"),  # past gRPC's C int: a traceback at start
+    # A mount's listing started a thread per unit of it: 1e6 ran the daemon out of threads at its first s3:// mount.
+    ("--s3-list-concurrency", "1000000", "at most 256"),
     ("--max-connection-age", "3000000", SECONDS),  # 35 days: past what gRPC holds in milliseconds
     ("--max-connection-age", "nan", SECONDS),
     ("--grace-period", "inf", SECONDS),
