@@ -81,3 +81,20 @@ def test_a_tmp_folder_that_cannot_be_emptied_at_start_is_refused_naming_it(tmp_p
         stub = drive_pb2_grpc.DriveServiceStub(channel)
         raw_put(stub, "lit://kept", "b.txt", b"stored after")
         assert [d for _, d in raw_get(stub, "lit://kept", "a.txt")] == [b"stored before"]
+
+
+def test_a_tmp_folder_that_is_a_link_is_refused_naming_it(tmp_path, start_daemon):
+    """tmp/ planted as a link to an empty folder elsewhere: start-up could not empty it (rmtree refuses a link),
+    served, and wrote every upload through it, where what it left was never cleaned."""
+    handle = start_daemon(tmp_path)
+    assert handle.stop() == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(handle.data_dir / "tmp")
+    (handle.data_dir / "tmp").symlink_to(elsewhere)
+    before = snapshot(elsewhere)
+    res = subprocess.run([sys.executable, "-m", "drived", "--listen", f"127.0.0.1:{free_port()}",
+                          "--data-dir", str(handle.data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"cannot empty {handle.data_dir / 'tmp'}, where uploads are written" in res.stderr, res.stderr
+    assert snapshot(elsewhere) == before == {} and (handle.data_dir / "tmp").is_symlink()

@@ -625,8 +625,9 @@ class LocalBackend(Backend):
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             os.makedirs(self.tmp_dir, exist_ok=True)
             # Uploads are named by number from an empty tmp/: a leftover that stays would fail the upload given its
-            # name, and a tmp/ that cannot be written (immutable, read-only) every put.
-            if os.listdir(self.tmp_dir) or not os.access(self.tmp_dir, os.W_OK):
+            # name, and a tmp/ that cannot be written (immutable, read-only) every put; a link (rmtree does not
+            # empty one) may lead to another file system, where an upload cannot be renamed into place.
+            if os.path.islink(self.tmp_dir) or os.listdir(self.tmp_dir) or not os.access(self.tmp_dir, os.W_OK):
                 raise DataDirError(f"cannot empty {self.tmp_dir}, where uploads are written: make it a folder the "
                                    "daemon can write, holding nothing it cannot remove")
         except OSError as err:  # a file there, a missing mount, no permission: the start ends, saying why
