@@ -17,6 +17,10 @@ fsspec `AsyncFileSystem` on `AsyncDrive`, whose coroutine methods it awaits:
     await fs._pipe_file("drive_1/a.txt", b"hello"); await fs._ls("drive_1"); await fs._cat_file("drive_1/a.txt")
     f = await fs.open_async("drive_1/a.txt", "rb"); head = await f.read(100); await f.close()
 
+Its blocking methods are fsspec's mirror of the coroutines, run on fsspec's IO thread, for one made with
+`asynchronous=False`; `open` (and `touch`, which opens) gives the blocking face's `DriveFile` there, and is
+refused with `asynchronous=True`, as fsspec refuses the others.
+
 `DriveFileSystem` (blocking, on `Drive`) and `AsyncDriveFileSystem` are two
 thin faces of one implementation: each operation is written once, as a
 generator of `Drive` calls (bench/WHY.md says why the blocking one is not
@@ -180,7 +184,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from fsspec.asyn import AbstractAsyncStreamedFile, AsyncFileSystem
+from fsspec.asyn import AbstractAsyncStreamedFile, AsyncFileSystem, sync
 from fsspec.caching import caches
 from fsspec.callbacks import DEFAULT_CALLBACK
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
@@ -405,6 +409,10 @@ class _LitFileSystem:
 
     def _expand(self, path: str) -> Any:
         """The paths a glob matches (fsspec's expansion, as this face runs it)."""
+        raise NotImplementedError
+
+    def _blocking(self, steps: Steps[T]) -> T:
+        """Runs `steps` to their end for blocking code: opening a `DriveFile`, and its reads and put."""
         raise NotImplementedError
 
     # -- descriptions ---------------------------------------------------------
@@ -704,6 +712,25 @@ class _LitFileSystem:
         self._split(path)
         yield from ()
 
+    def _open(
+        self,
+        path: str,
+        mode: str = "rb",
+        block_size: int | None = None,
+        autocommit: bool = True,
+        cache_options: dict[str, Any] | None = None,
+        cache_type: str | None = None,
+        **kwargs: Any,
+    ) -> DriveFile:
+        """A file for blocking code (fsspec's `open`, `touch`; pandas, torch): `DriveFile`, on either face."""
+        block = block_size or self.block_size
+        details, spool = self._blocking(self._steps_opened(path, mode, block))
+        return DriveFile(
+            self, self._strip_protocol(path), mode, block, autocommit, cache_type=cache_type or self.cache_type,
+            cache_options=self.cache_options if cache_options is None else cache_options, details=details,
+            spool=spool, **kwargs,
+        )
+
 
 class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
     """fsspec filesystem over drived's `lit://` drives, on `Drive` (see the module docstring).
@@ -734,6 +761,8 @@ class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
             else:
                 step = advance(steps, answer)
         return step.value
+
+    _blocking = _run
 
     def _expand(self, path: str) -> list[str]:
         return self.expand_path(path)
@@ -817,24 +846,6 @@ class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
     def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
         self._run(self._steps_rm(path, recursive, maxdepth))
 
-    def _open(
-        self,
-        path: str,
-        mode: str = "rb",
-        block_size: int | None = None,
-        autocommit: bool = True,
-        cache_options: dict[str, Any] | None = None,
-        cache_type: str | None = None,
-        **kwargs: Any,
-    ) -> DriveFile:
-        block = block_size or self.block_size
-        details, spool = self._run(self._steps_opened(path, mode, block))
-        return DriveFile(
-            self, self._strip_protocol(path), mode, block, autocommit, cache_type=cache_type or self.cache_type,
-            cache_options=self.cache_options if cache_options is None else cache_options, details=details,
-            spool=spool, **kwargs,
-        )
-
 
 class AsyncDriveFileSystem(_LitFileSystem, AsyncFileSystem):
     """fsspec filesystem over drived's `lit://` drives for asyncio code, on `AsyncDrive`.
@@ -864,6 +875,16 @@ class AsyncDriveFileSystem(_LitFileSystem, AsyncFileSystem):
             else:
                 step = advance(steps, answer)
         return step.value
+
+    def _blocking(self, steps: Steps[T]) -> T:
+        """Runs `steps` on the filesystem's loop, as fsspec runs every blocking method of an async filesystem made with
+        `asynchronous=False`. Refused for `asynchronous=True`, where fsspec refuses its blocking methods too."""
+        if self.asynchronous:
+            raise NotImplementedError(
+                "this filesystem is for asyncio code (asynchronous=True): open its files with "
+                "`await fs.open_async(path, mode)`; fsspec.filesystem('lit') gives the blocking one"
+            )
+        return sync(self.loop, self._run, steps)
 
     def _expand(self, path: str) -> Any:
         return self._expand_path(path)
@@ -1074,11 +1095,11 @@ class _Writing:
 class DriveFile(_Writing, AbstractBufferedFile):
     """A file of a `lit://` drive: ranged reads in blocks, or writes spooled to disk and put on close."""
 
-    fs: DriveFileSystem
+    fs: _LitFileSystem
 
     def __init__(
         self,
-        fs: DriveFileSystem,
+        fs: _LitFileSystem,
         path: str,
         mode: str = "rb",
         block_size: int | str | None = "default",
@@ -1102,7 +1123,7 @@ class DriveFile(_Writing, AbstractBufferedFile):
             self.loc = spool.start  # like a local file opened to append: at its end
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        return self.fs._run(self.fs._steps_read(self.details, start, min(end, self.size)))
+        return self.fs._blocking(self.fs._steps_read(self.details, start, min(end, self.size)))
 
     def _direct_length(self, length: int) -> int:
         """How many bytes of a read of `length` (negative: to the end) are fetched past the cache, straight to where
@@ -1128,7 +1149,7 @@ class DriveFile(_Writing, AbstractBufferedFile):
         direct = self._direct_length(out.nbytes)
         if not direct:
             return super().readinto(out)
-        self.fs._run(self.fs._steps_read_into(self.details, self.loc, out[:direct]))
+        self.fs._blocking(self.fs._steps_read_into(self.details, self.loc, out[:direct]))
         self.loc += direct
         return direct
 
@@ -1165,7 +1186,7 @@ class DriveFile(_Writing, AbstractBufferedFile):
         if self._spool is None:
             return
         try:
-            self.fs._run(self.fs._steps_put_spool(self._spool, self.path))
+            self.fs._blocking(self.fs._steps_put_spool(self._spool, self.path))
         finally:
             self.discard()
 
