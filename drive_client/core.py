@@ -458,7 +458,12 @@ def _receive_stream(calls: Caller, drive: DriveBase, request: pb.GetRequest, str
     little ahead."""
     rest = ReadAhead(calls.iterate(_rest_of_get(drive, request, stream, first)))
     replies: Iterable[GetMessage] = itertools.chain([first], rest)
-    return receive_files(replies, target_of, overwrite, progress=progress, sha256=_sha256(drive))
+    try:
+        return receive_files(replies, target_of, overwrite, progress=progress, sha256=_sha256(drive))
+    finally:
+        # Now: an iteration left by an exception (Ctrl-C) stops its thread only once the garbage collector
+        # finds it, and its thread keeps polling, and a resumed stream open, until then.
+        rest.stop()
 
 
 def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInfo, target: Path, overwrite: bool,
