@@ -54,17 +54,21 @@ class _BlockingCalls(Caller):
             if isinstance(effect, Unary):
                 return rpc(effect.request, metadata=drive._metadata)
             requests = ReadAhead(effect.messages)  # reading and hashing files overlaps with sending
-            # A future, not the blocking form: a KeyboardInterrupt in the blocking form leaves its call running
-            # with nobody to drive it, its threads blocked for good and the daemon's upload open.
-            sending = rpc.future(iter(requests), metadata=drive._metadata)
             try:
-                return sending.result()
-            except grpc.RpcError:
-                if requests.error is not None:  # reading a local file failed, and gRPC cancelled the call
-                    raise requests.error from None
-                raise
+                # A future, not the blocking form: a KeyboardInterrupt in the blocking form leaves its call running
+                # with nobody to drive it, its threads blocked for good and the daemon's upload open.
+                sending = rpc.future(iter(requests), metadata=drive._metadata)
+                try:
+                    return sending.result()
+                except grpc.RpcError:
+                    if requests.error is not None:  # reading a local file failed, and gRPC cancelled the call
+                        raise requests.error from None
+                    raise
+                finally:
+                    sending.cancel()  # a no-op once the call has ended; stops one interrupted (Ctrl-C)
             finally:
-                sending.cancel()  # a no-op once the call has ended; stops one interrupted (Ctrl-C)
+                # Also when a KeyboardInterrupt lands in `rpc.future`, which leaves no call to cancel: the call's
+                # messages end before the finish, which the daemon commits nothing without.
                 requests.stop()
         except grpc.RpcError as err:
             raise drive.error(err) from None

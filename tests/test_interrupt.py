@@ -3,8 +3,11 @@ or stream left behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 from conftest import MIB, wait_until
@@ -37,3 +40,51 @@ def test_ctrl_c_in_a_get_of_one_stream_ends_its_read_ahead_thread(start_daemon, 
     assert (tmp_path / "big.bin").read_bytes() == b"the local file"
     assert wait_until(lambda: daemon.open_requests("Get") == 0, timeout=10), "the daemon still serves the get"
     assert drive.get("big.bin", overwrite=True).read_bytes() == data
+
+
+# Puts big.bin (sys.argv: uri, endpoint, root) with Ctrl-C landing as gRPC's future for the Put returns, before the
+# caller holds it: the call's request thread has started. Prints, as JSON, the threads left once they have had 5 s
+# to end, and the local files the process holds open.
+CTRL_C_AS_THE_PUT_STARTS = """
+import contextlib, json, os, sys, threading, time
+import grpc._channel
+from drive_client import Drive
+consume = grpc._channel._consume_request_iterator
+def consume_then_interrupt(*args):
+    consume(*args)
+    grpc._channel._consume_request_iterator = consume
+    raise KeyboardInterrupt
+grpc._channel._consume_request_iterator = consume_then_interrupt
+uri, endpoint, root = sys.argv[1:4]
+try:
+    Drive(uri, endpoint=endpoint, root_folder=root).put("big.bin")
+    outcome = "returned"
+except KeyboardInterrupt:
+    outcome = "interrupted"
+deadline = time.monotonic() + 5
+while threading.active_count() > 1 and time.monotonic() < deadline:
+    time.sleep(0.05)
+files = []
+for fd in os.listdir("/proc/self/fd"):
+    with contextlib.suppress(OSError):  # the listing's own descriptor, closed since
+        files.append(os.readlink(f"/proc/self/fd/{fd}"))
+print(json.dumps({"outcome": outcome, "threads": [t.name for t in threading.enumerate()],
+                  "files": [path for path in files if path.startswith(root)]}))
+"""
+
+
+def test_ctrl_c_as_a_put_starts_ends_its_stream_and_read_ahead_thread(start_daemon, tmp_path, drive_uri):
+    """Ctrl-C landing in gRPC's start of the Put, or in the start of the thread reading its file ahead, left that
+    thread blocked for good with the file open, and the daemon serving the stream until its idle timeout."""
+    daemon = start_daemon(tmp_path)  # its own: the Puts it counts open are this test's
+    drive = Drive(drive_uri, root_folder=str(tmp_path), endpoint=daemon.endpoint)
+    write(tmp_path / "big.bin", b"the first version")
+    drive.put("big.bin")
+    write(tmp_path / "big.bin", os.urandom(30 * MIB))
+    run = subprocess.run([sys.executable, "-c", CTRL_C_AS_THE_PUT_STARTS, drive_uri, daemon.endpoint,
+                          str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report == {"outcome": "interrupted", "threads": ["MainThread"], "files": []}, report
+    assert wait_until(lambda: daemon.open_requests("Put") == 0, timeout=10), "the daemon still serves the put"
+    assert drive.get("big.bin", to="out.bin").read_bytes() == b"the first version"
