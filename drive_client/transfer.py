@@ -65,7 +65,12 @@ class ReadAhead(Generic[T]):
         self.error: BaseException | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._stopped = threading.Event()
-        threading.Thread(target=self._produce, args=(iter(items),), daemon=True, name="drive-read-ahead").start()
+        producing = threading.Thread(target=self._produce, args=(iter(items),), daemon=True, name="drive-read-ahead")
+        try:
+            producing.start()
+        except BaseException:  # a Ctrl-C once the thread runs: the caller never gets this to stop it
+            self.stop()
+            raise
 
     def _until_stopped(self, step: Callable[[float], Any], busy: type[Exception]) -> Any:
         """`step(timeout)`, a put or get of the queue, tried again while it finds the queue `busy` (full, empty);

@@ -42,19 +42,34 @@ def test_ctrl_c_in_a_get_of_one_stream_ends_its_read_ahead_thread(start_daemon, 
     assert drive.get("big.bin", overwrite=True).read_bytes() == data
 
 
-# Puts big.bin (sys.argv: uri, endpoint, root) with Ctrl-C landing as gRPC's future for the Put returns, before the
-# caller holds it: the call's request thread has started. Prints, as JSON, the threads left once they have had 5 s
-# to end, and the local files the process holds open.
-CTRL_C_AS_THE_PUT_STARTS = """
-import contextlib, json, os, sys, threading, time
+
+# Where a Ctrl-C lands in the main thread as a put starts, before the put holds what was started: a KeyboardInterrupt
+# raised once gRPC has started the call and the thread that sends its messages, or once the read-ahead thread that
+# reads the file for that thread has started.
+CTRL_C_AS_GRPC_STARTS_THE_PUT = """
 import grpc._channel
-from drive_client import Drive
 consume = grpc._channel._consume_request_iterator
 def consume_then_interrupt(*args):
     consume(*args)
     grpc._channel._consume_request_iterator = consume
     raise KeyboardInterrupt
 grpc._channel._consume_request_iterator = consume_then_interrupt
+"""
+CTRL_C_AS_THE_READ_AHEAD_STARTS = """
+import threading
+start = threading.Thread.start
+def start_then_interrupt(thread):
+    start(thread)
+    if thread.name == "drive-read-ahead":
+        threading.Thread.start = start
+        raise KeyboardInterrupt
+threading.Thread.start = start_then_interrupt
+"""
+# Puts big.bin (sys.argv: uri, endpoint, root) with one of the above. Prints, as JSON, whether KeyboardInterrupt
+# reached the caller, the threads left once they have had 5 s to end, and the local files the process holds open.
+PUT = """
+import contextlib, json, os, sys, threading, time
+from drive_client import Drive
 uri, endpoint, root = sys.argv[1:4]
 try:
     Drive(uri, endpoint=endpoint, root_folder=root).put("big.bin")
@@ -73,16 +88,19 @@ print(json.dumps({"outcome": outcome, "threads": [t.name for t in threading.enum
 """
 
 
-def test_ctrl_c_as_a_put_starts_ends_its_stream_and_read_ahead_thread(start_daemon, tmp_path, drive_uri):
-    """Ctrl-C landing in gRPC's start of the Put, or in the start of the thread reading its file ahead, left that
-    thread blocked for good with the file open, and the daemon serving the stream until its idle timeout."""
+@pytest.mark.parametrize("ctrl_c", [CTRL_C_AS_GRPC_STARTS_THE_PUT, CTRL_C_AS_THE_READ_AHEAD_STARTS],
+                         ids=["in-grpc-future", "in-read-ahead-start"])
+def test_ctrl_c_as_a_put_starts_stores_nothing_and_leaves_no_thread(start_daemon, tmp_path, drive_uri, ctrl_c):
+    """Ctrl-C landing in gRPC's start of the Put let gRPC's thread go on sending the file, finish included: the
+    put the user interrupted was stored. Landing in the start of the read-ahead thread, it left that thread
+    blocked for good with the file open, and the daemon serving the stream until its idle timeout."""
     daemon = start_daemon(tmp_path)  # its own: the Puts it counts open are this test's
     drive = Drive(drive_uri, root_folder=str(tmp_path), endpoint=daemon.endpoint)
     write(tmp_path / "big.bin", b"the first version")
     drive.put("big.bin")
     write(tmp_path / "big.bin", os.urandom(30 * MIB))
-    run = subprocess.run([sys.executable, "-c", CTRL_C_AS_THE_PUT_STARTS, drive_uri, daemon.endpoint,
-                          str(tmp_path)], capture_output=True, text=True, timeout=30)
+    run = subprocess.run([sys.executable, "-c", ctrl_c + PUT, drive_uri, daemon.endpoint, str(tmp_path)],
+                         capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report == {"outcome": "interrupted", "threads": ["MainThread"], "files": []}, report
