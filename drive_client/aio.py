@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +35,21 @@ from .transfer import CHUNK_SIZE, Progress
 from .wire import PutMessage, fast_stub
 
 T = TypeVar("T")
+
+# gRPC's asyncio support does not survive a fork made while one of its channels is open: in the child, the first
+# call crashes the process or hangs it for good. So the channels this process opened and has not closed are known
+# (a channel collected is closed by gRPC), and a child forked while one was open refuses AsyncDrive calls.
+_open_channels: weakref.WeakSet[grpc.aio.Channel] = weakref.WeakSet()
+_forked_with_channels_open = False
+
+
+def _forked() -> None:
+    global _forked_with_channels_open
+    _forked_with_channels_open = _forked_with_channels_open or bool(_open_channels)  # its children's are broken too
+    _open_channels.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _next_batch(messages: Iterator[PutMessage]) -> list[PutMessage]:
@@ -234,7 +250,14 @@ class AsyncDrive(DriveBase):
     def _stub(self) -> pb_grpc.DriveServiceStub:
         loop = asyncio.get_running_loop()
         if self._channel is None or self._channel[0] != (os.getpid(), loop):
+            if _forked_with_channels_open:
+                raise DriveError(
+                    f"{self.id}: this process was forked while an AsyncDrive's channel was open, and gRPC's asyncio "
+                    "support does not survive that: use a Drive here, close the AsyncDrive before forking (await "
+                    "drive.close()), or start the process with the 'spawn' or 'forkserver' method"
+                )
             channel = open_channel(self.connection, aio=True, retries=self.retry_seconds > 0)
+            _open_channels.add(channel)
             self._channel = ((os.getpid(), loop), channel, fast_stub(channel))
         return self._channel[2]
 
@@ -243,6 +266,7 @@ class AsyncDrive(DriveBase):
         if self._channel is not None:
             channel, self._channel = self._channel[1], None
             await channel.close()
+            _open_channels.discard(channel)
 
     async def __aenter__(self) -> AsyncDrive:
         return self

@@ -106,3 +106,55 @@ def test_ctrl_c_as_a_put_starts_stores_nothing_and_leaves_no_thread(start_daemon
     assert report == {"outcome": "interrupted", "threads": ["MainThread"], "files": []}, report
     assert wait_until(lambda: daemon.open_requests("Put") == 0, timeout=10), "the daemon still serves the put"
     assert drive.get("big.bin", to="out.bin").read_bytes() == b"the first version"
+
+
+# A process (sys.argv: endpoint, "open" or "closed") lists a drive through an AsyncDrive, closes it or not, then forks
+# a child (multiprocessing's "fork" start method, as a DataLoader on Linux) that lists it through an AsyncDrive of
+# its own and a Drive. Prints, as JSON, what the child's AsyncDrive raised (or "listed"), the child's exit code
+# (None: still running after 20 s), and whether the parent's AsyncDrive still lists.
+FORKED_ASYNC = """
+import asyncio, json, multiprocessing, sys
+from drive_client import AsyncDrive, Drive, DriveError
+endpoint, state = sys.argv[1:3]
+
+def child(answers):
+    try:
+        asyncio.run(AsyncDrive("lit://forked", endpoint=endpoint).list("."))
+        answers.put("listed")
+    except DriveError as err:
+        answers.put(str(err))
+    Drive("lit://forked", endpoint=endpoint).list(".")
+
+async def parent():
+    drive = AsyncDrive("lit://forked", endpoint=endpoint)
+    await drive.list(".")
+    if state == "closed":
+        await drive.close()
+    context = multiprocessing.get_context("fork")
+    answers = context.Queue()
+    worker = context.Process(target=child, args=(answers,))
+    worker.start()
+    worker.join(20)
+    worker.kill()
+    await drive.list(".")
+    return {"child": answers.get(timeout=1) if not answers.empty() else None, "exit": worker.exitcode}
+
+print(json.dumps(asyncio.run(parent())))
+"""
+
+
+def test_an_asyncdrive_in_a_child_forked_with_an_asyncdrive_open_is_refused_not_a_crash(daemon):
+    """gRPC's asyncio support does not survive a fork made while one of its channels is open: the child's first
+    AsyncDrive call crashed it (SIGSEGV, SIGABRT: `Check failed: next_worker->state == KICKED`) or hung it for
+    good. It is refused with a DriveError saying what to do; a child forked once the AsyncDrive is closed uses
+    one, and the parent's goes on working either way."""
+    def forked(state: str) -> dict:
+        run = subprocess.run([sys.executable, "-c", FORKED_ASYNC, daemon.endpoint, state], capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)
+
+    refused = forked("open")
+    assert refused["exit"] == 0, refused
+    assert "forked while an AsyncDrive" in refused["child"] and "await drive.close()" in refused["child"], refused
+    assert forked("closed") == {"child": "listed", "exit": 0}
