@@ -42,7 +42,6 @@ def test_ctrl_c_in_a_get_of_one_stream_ends_its_read_ahead_thread(start_daemon, 
     assert drive.get("big.bin", overwrite=True).read_bytes() == data
 
 
-
 # Where a Ctrl-C lands in the main thread as a put starts, before the put holds what was started: a KeyboardInterrupt
 # raised once gRPC has started the call and the thread that sends its messages, or once the read-ahead thread that
 # reads the file for that thread has started.
