@@ -44,6 +44,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DriveService"].full_name
 WORKER_THREADS = 32
 CONNECTION_IDLE = 600.0  # seconds
 HANDSHAKE_TIMEOUT = 20.0  # seconds
+CALLS_PER_CONNECTION = 1000  # the most calls one client connection has in the daemon at once
 CLIENT_PING_INTERVAL = 5.0  # seconds: the shortest a client's pings may come on a connection carrying nothing
 KEEPALIVE_TIME = 20.0  # seconds between the pings the daemon sends a client while it has calls open
 KEEPALIVE_TIMEOUT = 10.0  # seconds it waits for the ping's answer before it closes the connection
@@ -115,6 +116,14 @@ def server_options(config: Config, connections: int) -> list[tuple[str, int]]:
         ("grpc.max_allowed_incoming_connections", connections),
         ("grpc.max_connection_idle_ms", int(CONNECTION_IDLE * 1000)),
         ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT * 1000)),
+        # gRPC queues the calls the daemon has yet to take up and cancels those past some 1,000, whoever sent
+        # them: a connection that opens calls and resets them at once, as fast as it can (HTTP/2 rapid reset),
+        # would fill that queue with calls nobody waits for, and every other client's calls would be cancelled.
+        # So a call holds its connection's place until the daemon has ended it, reset or not (gRPC's overload
+        # protection), and past CALLS_PER_CONNECTION gRPC refuses a new one at once (REFUSED_STREAM: the client
+        # sees UNAVAILABLE, nothing was done).
+        ("grpc.max_concurrent_streams", CALLS_PER_CONNECTION),
+        ("grpc.http.overload_protection", 1),
         ("grpc.max_receive_message_length", MESSAGE_LIMIT),
         ("grpc.max_send_message_length", MESSAGE_LIMIT),
         # A fixed receive window per stream, as in the client (drive_client.common):
