@@ -1291,10 +1291,25 @@ def test_a_file_of_a_folder_put_replaced_by_a_pipe_before_it_is_read_is_refused_
 
 # --- Ctrl-C in a sync transfer --------------------------------------------------------------
 
+# The end of a child script that made a call (it imported contextlib, json, os, threading and time, and holds its
+# `root` folder and a `report` dict): prints the report, as JSON, with what is left running or open once the
+# threads the call started have had 5 s to end (the threads' names, the files under `root` it holds open).
+LEFT_BEHIND = """
+deadline = time.monotonic() + 5
+while threading.active_count() > 1 and time.monotonic() < deadline:
+    time.sleep(0.05)
+files = []
+for fd in os.listdir("/proc/self/fd"):
+    with contextlib.suppress(OSError):  # the listing's own descriptor, closed since
+        files.append(os.readlink(f"/proc/self/fd/{fd}"))
+report.update(threads=[t.name for t in threading.enumerate()], files=[path for path in files if path.startswith(root)])
+print(json.dumps(report))
+"""
+
 # Runs a sync Drive's `put` or `get` of big.bin (sys.argv: uri, endpoint, root, call, bytes, pid to SIGSTOP or 0)
 # with a progress callback that, once that many bytes have moved, freezes that process (a hung daemon) and then
-# sends this process SIGINT, as Ctrl-C does. Prints, as JSON, how long KeyboardInterrupt took to reach the
-# caller and what is left running or open once the threads the call started have had 5 s to end.
+# sends this process SIGINT, as Ctrl-C does. Reports (LEFT_BEHIND) how long KeyboardInterrupt took to reach the
+# caller.
 INTERRUPTED = """
 import contextlib, json, os, signal, sys, threading, time
 from drive_client import Drive
@@ -1321,17 +1336,8 @@ try:
     outcome = "returned"
 except KeyboardInterrupt:
     outcome = "interrupted"
-seconds = time.monotonic() - interrupted[0]
-deadline = time.monotonic() + 5
-while threading.active_count() > 1 and time.monotonic() < deadline:
-    time.sleep(0.05)
-files = []
-for fd in os.listdir("/proc/self/fd"):
-    with contextlib.suppress(OSError):  # the listing's own descriptor, closed since
-        files.append(os.readlink(f"/proc/self/fd/{fd}"))
-print(json.dumps({"outcome": outcome, "seconds": seconds, "threads": [t.name for t in threading.enumerate()],
-                  "files": [path for path in files if path.startswith(root)]}))
-"""
+report = {"outcome": outcome, "seconds": time.monotonic() - interrupted[0]}
+""" + LEFT_BEHIND
 
 
 def interrupted(uri: str, endpoint: str, root: pathlib.Path, call: str, at: int, freeze: int = 0) -> dict:
