@@ -1092,7 +1092,23 @@ class _Writing:
         self.closed = True
 
 
-class DriveFile(_Writing, AbstractBufferedFile):
+class _Positioned:
+    """What io's files refuse and fsspec's files (of both faces) answer: a closed file has no position."""
+
+    closed: bool
+
+    def tell(self) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        return super().tell()  # type: ignore[misc]
+
+    def seek(self, loc: int, whence: int = 0) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        return super().seek(loc, whence)  # type: ignore[misc]
+
+
+class DriveFile(_Writing, _Positioned, AbstractBufferedFile):
     """A file of a `lit://` drive: ranged reads in blocks, or writes spooled to disk and put on close."""
 
     fs: _LitFileSystem
@@ -1153,6 +1169,24 @@ class DriveFile(_Writing, AbstractBufferedFile):
         self.loc += direct
         return direct
 
+    def readline(self, size: int | None = -1) -> bytes:
+        """fsspec's readline, with io's `size`: a line of at most `size` bytes."""
+        size = -1 if size is None else size.__index__()
+        if size < 0:
+            return super().readline()
+        start = self.loc
+        part = self.read(size)
+        line = part[:part.find(b"\n") + 1 or len(part)]
+        self.seek(start + len(line))
+        return line
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        """io's readlines: the lines left (fsspec's gave `[b""]` at the end), or with `hint`, lines until their total
+        size reaches it."""
+        if hint is None or hint <= 0:
+            return io.BytesIO(self.read()).readlines()
+        return io.IOBase.readlines(self, hint)
+
     def write(self, data: Any) -> int:
         """Writes `data` to the spool: gathered in memory if it fits in the block, else to the local file at once."""
         view = _writable(self, data)
@@ -1196,7 +1230,7 @@ class DriveFile(_Writing, AbstractBufferedFile):
         self.close()
 
 
-class AsyncDriveFile(_Writing, AbstractAsyncStreamedFile):
+class AsyncDriveFile(_Writing, _Positioned, AbstractAsyncStreamedFile):
     """A file of a `lit://` drive for asyncio code (`AsyncDriveFileSystem.open_async`): `DriveFile`, awaited."""
 
     fs: AsyncDriveFileSystem
