@@ -76,9 +76,10 @@ Semantics:
   read-ahead cache or none, goes past the cache: its bytes are fetched once,
   straight into the bytes it returns, or into the caller's buffer for
   `readinto` (how `torch.load` reads), so loading a 200 MiB tensor holds no
-  second copy of it. `cat_file` reads with the same pinning and checks (and,
-  with `verify="sha256"`, the sha256 of whole-file reads); `get_file` uses
-  the client's verified, atomic whole-file download.
+  second copy of it. Lines (`readline`, iteration) are read through the
+  cache, a block at a time. `cat_file` reads with the same pinning and
+  checks (and, with `verify="sha256"`, the sha256 of whole-file reads);
+  `get_file` uses the client's verified, atomic whole-file download.
 - Writing spools: `open(mode="wb")` gathers small writes in memory, at most
   one block, and sends the rest to a local temporary file; a write that does
   not fit in the block goes to the file straight from the caller's buffer
@@ -1170,15 +1171,20 @@ class DriveFile(_Writing, _Positioned, AbstractBufferedFile):
         return direct
 
     def readline(self, size: int | None = -1) -> bytes:
-        """fsspec's readline, with io's `size`: a line of at most `size` bytes."""
+        """io's readline (`size`: a line of at most that many bytes), read through the cache a block at a time, then
+        a seek back to the line's end. fsspec's reads with `read`, where a read of a block goes past the cache: a
+        Get of a block for every line."""
         size = -1 if size is None else size.__index__()
-        if size < 0:
-            return super().readline()
-        start = self.loc
-        part = self.read(size)
-        line = part[:part.find(b"\n") + 1 or len(part)]
-        self.seek(start + len(line))
-        return line
+        start, parts, length = self.loc, [], 0
+        while size < 0 or length < size:
+            piece = super().read(self.blocksize if size < 0 else min(size - length, self.blocksize))
+            end = piece.find(b"\n") + 1
+            parts.append(piece[:end] if end else piece)
+            length += len(parts[-1])
+            if end or not piece:
+                break
+        self.seek(start + length)
+        return b"".join(parts)
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
         """io's readlines: the lines left (fsspec's gave `[b""]` at the end), or with `hint`, lines until their total
