@@ -1,8 +1,8 @@
 """`lit://` files against local files, property-based (hypothesis): a sequence of reads (`read`, `readinto`,
-`readline`, `readlines`, iteration), seeks and tells on a file of a drive gives at every step what the same
-sequence gives on a local file opened with `open()` holding the same bytes (the same result, or an exception of
-the same type), and a sequence of writes in any write mode stores what the local file ends up holding. Both faces:
-`DriveFile` (blocking) and the asyncio face's `open_async` file.
+`readline`, `readlines`, iteration), seeks and tells on a file of a drive, binary or text, gives at every step what
+the same sequence gives on a local file opened with `open()` holding the same bytes (the same result, or an
+exception of the same type), and a sequence of writes in any write mode, binary or text, stores what the local file
+ends up holding. Both faces: `DriveFile` (blocking) and the asyncio face's `open_async` file.
 
 Files are a few blocks of a small `block_size`, so that block and cache edges are reached with small reads. Where
 the drive's file differs from a local one on purpose, README's fsspec section says so, and the property checks the
@@ -112,6 +112,8 @@ def read_step(f: Any, step: tuple[Any, ...]) -> Any:
         return getattr(f, kind)(buffer), bytes(buffer)
     if kind == "next":
         return next(f)
+    if kind == "reseek":  # back to where a text file's tell() says it is
+        return f.seek(f.tell())
     return getattr(f, kind)(*args)
 
 
@@ -185,6 +187,28 @@ def test_async_reads_seeks_and_tells_give_what_a_local_file_gives(afs, name, tmp
     loop_thread().run(run())
 
 
+text_read_steps = st.one_of(
+    st.tuples(st.sampled_from(["read", "readline", "readlines"]), st.sampled_from(LENGTHS)),
+    st.tuples(st.just("seek"), st.just(0), st.sampled_from([0, 2])),  # a text file seeks to its ends or a tell()
+    st.tuples(st.sampled_from(["tell", "reseek", "next", "close"])),
+)
+
+
+@given(text=st.text(st.sampled_from("ab é\n\r"), max_size=4 * BLOCK),
+       encoding=st.sampled_from(["utf-8", "latin-1", "utf-16-le"]), newline=st.sampled_from([None, "", "\n", "\r\n"]),
+       steps=st.lists(text_read_steps, max_size=12))
+def test_text_reads_give_what_a_local_file_gives(fs, name, tmp_path, text, encoding, newline, steps):
+    """Python's text layer on a drive's file: it reads in its own chunks and tells by the file's position."""
+    path, data = f"{name}/{uuid.uuid4().hex}.txt", text.encode(encoding)
+    fs.pipe_file(path, data)
+    local_path = tmp_path / "local.txt"
+    local_path.write_bytes(data)
+    options = {"encoding": encoding, "newline": newline}
+    with open(local_path, **options) as local, fs.open(path, "r", block_size=BLOCK, **options) as lit:
+        for step in steps:
+            assert_same(step, outcome(read_step, local, step), outcome(read_step, lit, step))
+
+
 # --- writing --------------------------------------------------------------------------------------
 
 BUFFERS: dict[str, Callable[[bytes], Any]] = {"bytes": bytes, "bytearray": bytearray, "memoryview": memoryview}
@@ -244,6 +268,34 @@ def run_writes(fs: DriveFileSystem, tmp_path: pathlib.Path, name: str, mode: str
        steps=st.lists(binary_write_steps, max_size=10))
 def test_binary_writes_store_what_a_local_file_holds(fs, name, tmp_path, mode, before, steps):
     run_writes(fs, tmp_path, name, mode, before, steps)
+
+
+@given(mode=st.sampled_from(["wb", "ab", "xb"]),
+       before=st.one_of(st.none(), st.sampled_from(SIZES).flatmap(file_bytes)),
+       steps=st.lists(binary_write_steps, max_size=10))
+def test_async_writes_store_what_a_local_file_holds(afs, fs, name, tmp_path, mode, before, steps):
+    """`open_async`'s file: `write`, `flush` and `close` are coroutines."""
+    path, local_path = f"{name}/{uuid.uuid4().hex}.bin", tmp_path / f"{uuid.uuid4().hex}.bin"
+    if before is not None:
+        fs.pipe_file(path, before)
+        local_path.write_bytes(before)
+
+    async def run() -> None:
+        opened = outcome(open, local_path, mode), await awaited(afs.open_async, path, mode, BLOCK)
+        if "raised" in (opened[0][0], opened[1][0]):  # "xb" of a file that exists
+            assert_same("open", *opened)
+            return
+        (_, local), (_, lit) = opened
+        async with lit:
+            with local:
+                for written, step in enumerate(steps):
+                    assert_same(step, outcome(write_step, local, step, written),
+                                await awaited(write_step, lit, step, written))
+        assert_same("write after close", outcome(local.write, b"late"), await awaited(lit.write, b"late"))
+
+    loop_thread().run(run())
+    local_bytes = local_path.read_bytes() if local_path.exists() else None
+    assert stored(fs, path) == local_bytes, f"{mode}: stored {stored(fs, path)!r}, local {local_bytes!r}"
 
 
 # README: "a text file written as `utf-16` or `utf-32` gets none, and an append in `utf-8-sig` adds a second one"
