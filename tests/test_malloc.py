@@ -34,8 +34,9 @@ def test_daemon_moves_chunks_without_page_faults(start_daemon, tmp_path):
     reader.get("big.bin")
     per_mib = (minor_faults(handle.proc.pid) - before) / (size // MIB)
     print(f"daemon minor page faults per MiB sent: {per_mib:.1f}")
-    # glibc's defaults map and zero each 1 MiB buffer afresh: about 150 faults per MiB here.
-    assert per_mib < 16, f"the daemon faulted {per_mib:.0f} pages per MiB sent: it maps fresh buffers per chunk"
+    # glibc's defaults map and zero each 1 MiB buffer afresh: about 150 faults per MiB here. Reused buffers fault
+    # none alone, and up to 16 a MiB beside other tests on a loaded machine (the full suite on 2 cores).
+    assert per_mib < 40, f"the daemon faulted {per_mib:.0f} pages per MiB sent: it maps fresh buffers per chunk"
     assert (dst / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
 
 
