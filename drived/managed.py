@@ -41,6 +41,7 @@ from .backends.base import (
     EndsBefore,
     Holder,
     Holding,
+    Misplaced,
     NotDurable,
     ObjectInfo,
     Removed,
@@ -281,7 +282,12 @@ class ManagedDrives:
             resumed = ResumablePut(self, put, max_bytes, room)
             return resumed.taking(await self.uploads.resume(put, resumed))
         with _named(drive, put.component, put.path):
-            upload = await self.backend.start_upload(object_key(drive, put.component, put.path))
+            try:
+                upload = await self.backend.start_upload(object_key(drive, put.component, put.path))
+            except Misplaced:
+                if not put.allow_duplicates:  # refused as a duplicate first, as the commit refuses it
+                    await self._check_duplicates(drive, put.component, put.path)
+                raise
         if put.upload_id:
             started = ResumablePut(self, put, max_bytes, room)
             return started.taking(await self.uploads.start(put, upload, started))
