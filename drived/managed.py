@@ -515,13 +515,21 @@ class ManagedDrives:
             yield _entry(file_path, owner, info), chunks
 
     async def _files_under(self, drive: str, path: str, components: list[str]) -> AsyncIterator[tuple[str, str]]:
-        """(component, path) of every file under a folder, in path order; AmbiguousPathError on a clash, once the
-        walk reaches it. Read `GET_PAGE` files at a time (`_merged`): a get of a folder of millions of files holds
-        some pages of their names while it sends them, not all."""
+        """(component, path) of every file under a folder, in path order; AmbiguousPathError on a clash (a file of
+        several components, or one's file where another has a folder), once the walk reaches it. Read `GET_PAGE`
+        files at a time (`_merged`): a get of a folder of millions of files holds some pages of their names while
+        it sends them, not all."""
+        # Files that files after them may lie below: those below "f" come between "f/" and "f0" ('0' follows '/').
+        above: list[tuple[str, str]] = []  # (file path, its component)
         async with contextlib.aclosing(self._merged(drive, components, path, True, "", GET_PAGE)) as merged:
             async for file_path, holders in merged:
                 if len(holders) > 1:
                     raise self._ambiguous(drive, file_path, [c for c, _ in holders])
+                above = [(f, c) for f, c in above if file_path < f"{f}0"]
+                for f, c in above:
+                    if file_path.startswith(f"{f}/"):
+                        raise self._ambiguous(drive, f, [c, holders[0][0]])
+                above.append((file_path, holders[0][0]))
                 yield holders[0][0], file_path
 
     async def _merged(self, drive: str, components: list[str], path: str, recursive: bool, start_after: str,

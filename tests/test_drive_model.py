@@ -412,3 +412,24 @@ def test_a_put_at_its_own_folder_of_a_path_another_component_holds_is_refused_as
         with pytest.raises(AlreadyExists, match="already held by component 'cb'"):
             ca.put("f", to="a")
         assert [(e.path, e.component) for e in ca.entries(recursive=True)] == [("a", "cb"), ("a/b", "ca")]
+
+
+def test_a_get_of_a_folder_where_one_components_file_is_anothers_folder_is_refused_before_any_file(
+        daemon: DaemonHandle, two_replicas: list[DaemonHandle], tmp_path: pathlib.Path) -> None:
+    """As a get of 'a/x' itself is ambiguous, so is a get of 'a' when cb's 'a/x' is a file and ca's a folder
+    ('a/x/y', 'a/x y' between them in path order): refused before any file is written, as a clash of one path. It
+    once wrote 'x' and then failed NotADirectoryError at 'x/y', leaving 'x' behind."""
+    (tmp_path / "f").write_bytes(b"f")
+    for endpoint in (daemon.endpoint, two_replicas[1].endpoint):
+        uri = unique_drive_uri("file_and_folder_clash")
+        Drive(uri, True, "cb", endpoint=endpoint, root_folder=str(tmp_path)).put("f", to="a/x")
+        for path in ("a/x y", "a/x/y"):
+            Drive(uri, True, "ca", endpoint=endpoint, root_folder=str(tmp_path)).put("f", to=path)
+        reader = Drive(uri, endpoint=endpoint, root_folder=str(tmp_path))
+        with pytest.raises(AmbiguousPathError, match=r"'a/x' .* several components \('ca', 'cb'\)"):
+            reader.get("a", to="out")
+        assert not (tmp_path / "out").exists()
+        with pytest.raises(AmbiguousPathError):
+            b"".join(reader.read_range("a"))
+        assert reader.get("a", "ca", to="out").joinpath("x/y").read_bytes() == b"f"
+        shutil.rmtree(tmp_path / "out")
