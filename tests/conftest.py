@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, settings
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = pathlib.Path(sys.executable).parent
@@ -53,6 +54,16 @@ from bench.services import free_port  # noqa: E402  (a TCP port on 127.0.0.1 not
 from drive_client import AsyncDrive, Drive  # noqa: E402
 from drive_client.channels import Connection, open_channel  # noqa: E402
 from drive_client.pb import drive_pb2, drive_pb2_grpc  # noqa: E402
+
+# The property tests' example counts: small and repeatable on every CI run; HYPOTHESIS_PROFILE=thorough runs more.
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+    derandomize=True, database=None,
+)
+settings.register_profile(
+    "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 T = TypeVar("T")
 

@@ -23,22 +23,13 @@ from typing import Any
 
 import pytest
 from conftest import loop_thread
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from test_fsspec import get_requests
 
 from drive_client.fsspec import AsyncDriveFileSystem, DriveFileSystem
 
 pytestmark = pytest.mark.timeout(120)
-
-settings.register_profile(
-    "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
-    derandomize=True, database=None,
-)
-settings.register_profile(
-    "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 BLOCK = 16  # the files' block_size: a few blocks make every block and cache edge reachable
 SIZES = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5]

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from conftest import MIB, DaemonHandle, health_status, raw_put, sha256_hex, snapshot, wait_until
 from grpc_health.v1 import health_pb2
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from drive_client.errors import InvalidArgument
@@ -34,16 +34,6 @@ SEEDED = "lit://hostile_seeded"
 FILE = "seeded/f.bin"
 FILE_BYTES = b"0123456789" * 100
 MESSAGE_LIMIT = 4 << 20  # the daemon's receive limit (drived.server.MESSAGE_LIMIT)
-
-settings.register_profile(
-    "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
-    derandomize=True, database=None,
-)
-settings.register_profile(
-    "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
 
 @pytest.fixture(scope="module")
 def seeded(own_daemon: DaemonHandle):
