@@ -148,7 +148,8 @@ Semantics:
   `FileNotFoundError`.
 - `rm` removes only this component's files (`Drive.delete`); removing a path
   that only other components hold raises `FileNotFoundError`. Folders need
-  `recursive=True` and lose only this component's files.
+  `recursive=True` and lose only this component's files. Every path given
+  (a list, a glob's matches) is checked first: one refused removes nothing.
 - When several components hold one file path (`allow_duplicates`), `info`
   and reads pick this component's copy if it has one; otherwise they raise
   `AmbiguousPathError`.
@@ -685,28 +686,41 @@ class _LitFileSystem:
         yield self._drive(name).delete(sub)
 
     def _steps_rm(self, path: Any, recursive: bool, maxdepth: int | None) -> Steps[None]:
-        """Removes this component's files at `path` (a list, glob, file, or folder with `recursive`)."""
-        targets: list[str] = []
+        """Removes this component's files at `path` (a list, glob, file, or folder with `recursive`).
+
+        Every path is checked before anything is removed, so a call refused for one of them (missing, a folder
+        without `recursive`, another component's file) removes nothing, as fsspec's memory and local filesystems
+        refuse it; a path that an earlier one removed (its folder, the same file spelled otherwise) is skipped.
+        """
+        targets: dict[str, None] = {}  # the daemon's names, each once, in the order given
         for p in path if isinstance(path, list) else [path]:
             stripped = self._strip_protocol(p)
-            if _is_glob(stripped):
-                targets += yield self._expand(stripped)
-            else:
-                targets.append(stripped)
+            for target in (yield self._expand(stripped)) if _is_glob(stripped) else [stripped]:
+                info = yield from self._steps_info(target)
+                if info["type"] == "directory" and not recursive:
+                    raise IsADirectory(f"lit://{info['name']} is a folder: rm(..., recursive=True) removes its "
+                                       "files; nothing was removed")
+                if info["type"] == "file" and info["component"] != self.component_name:
+                    raise NotFound(f"lit://{info['name']} is owned by component {info['component']!r}, not "
+                                   f"{self.component_name!r}: only its component can remove it; nothing was removed")
+                targets[info["name"]] = None
+        removed: list[str] = []
         for target in targets:
+            if any(target == gone or target.startswith(f"{gone}/") for gone in removed):
+                continue
             name, sub = self._split(target)
             drive = self._drive(name)
-            if not recursive:
-                yield from self._steps_rm_file(target)
-            elif sub and maxdepth is None:
+            if not recursive or (sub and maxdepth is None):  # a file, or a folder removed whole
                 yield drive.delete(sub)
-            else:  # listed whole before deleting: deletes change the listing
-                entries: list[FileStat] = []
-                yield Each(drive.entries(sub, self.component_name, recursive=maxdepth is not None), entries.append)
-                prefix = sub + "/" if sub else ""
-                for entry in entries:  # without maxdepth, a drive root: each of this component's top-level entries
-                    if maxdepth is None or entry.path == sub or entry.path[len(prefix):].count("/") < maxdepth:
-                        yield drive.delete(entry.path)
+                removed.append(target)
+                continue
+            entries: list[FileStat] = []  # listed whole before deleting: deletes change the listing
+            yield Each(drive.entries(sub, self.component_name, recursive=maxdepth is not None), entries.append)
+            prefix = sub + "/" if sub else ""
+            for entry in entries:  # without maxdepth, a drive root: each of this component's top-level entries
+                if maxdepth is None or entry.path == sub or entry.path[len(prefix):].count("/") < maxdepth:
+                    yield drive.delete(entry.path)
+                    removed.append(_join(name, entry.path))
 
     def _steps_noop(self, path: str) -> Steps[None]:
         """mkdir, makedirs, rmdir: folders are implicit (they come and go with their files); the path is checked."""

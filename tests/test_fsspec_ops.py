@@ -1,0 +1,60 @@
+"""`lit://`'s own queries and changes (`rm`, `rmdir`, `mkdir`, `mv`, paths spelled with repeated slashes): each
+defect the comparison with fsspec's `memory://` and the local filesystem found, pinned by a plain test on both faces
+(`DriveFileSystem`, and `AsyncDriveFileSystem` through the blocking methods fsspec gives it). A refused call raises
+a clear error and leaves every file as it was."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from drive_client.fsspec import AsyncDriveFileSystem, DriveFileSystem
+
+pytestmark = pytest.mark.timeout(120)
+
+TREE = {"a": b"0123456789", "ab": b"x", "a.b": b"", "c/d": b"hello", "c/e f/g": b"gg", "c/e f/h": b"hhh"}
+
+
+@pytest.fixture(params=[DriveFileSystem, AsyncDriveFileSystem])
+def fs(request, daemon) -> DriveFileSystem:
+    return request.param(endpoint=daemon.endpoint, component_name="ops", skip_instance_cache=True)
+
+
+@pytest.fixture
+def name(fs: DriveFileSystem) -> str:
+    """A fresh drive holding `TREE`."""
+    drive = f"ops{uuid.uuid4().hex[:10]}"
+    for path, data in TREE.items():
+        fs.pipe_file(f"{drive}/{path}", data)
+    return drive
+
+
+def files(fs: DriveFileSystem, name: str) -> dict[str, bytes]:
+    return {path.removeprefix(f"{name}/"): fs.cat_file(path) for path in fs.find(name)}
+
+
+def test_rm_of_paths_one_of_which_is_refused_removes_nothing(fs, name):
+    """`rm` removed the paths of a list (or glob) before the one it refused: a missing path, a folder without
+    `recursive`; fsspec's memory and local filesystems refuse the call before they remove anything."""
+    refused = [
+        ([f"{name}/a", f"{name}/nope"], {}, FileNotFoundError),
+        (f"{name}/a*", {}, IsADirectoryError),  # a, a.b, ab, and the folder ab2
+        (f"{name}/nope", {"recursive": True, "maxdepth": 1}, FileNotFoundError),
+        ([f"{name}/ab", f"{name}/c/nope"], {"recursive": True}, FileNotFoundError),
+    ]
+    fs.pipe_file(f"{name}/ab2/x", b"y")
+    before = files(fs, name)
+    for path, options, error in refused:
+        with pytest.raises(error):
+            fs.rm(path, **options)
+        assert files(fs, name) == before, (path, options)
+
+
+def test_rm_of_paths_that_overlap_removes_each_once(fs, name):
+    """A folder and a file in it (two globs, a list) are removed whole, without failing on the file gone with its
+    folder."""
+    fs.rm([f"{name}/c", f"{name}/c/d", f"{name}/c/e f/*"], recursive=True)
+    assert files(fs, name) == {"a": b"0123456789", "ab": b"x", "a.b": b""}
+    fs.rm([f"{name}/**", f"{name}/*"], recursive=True)
+    assert files(fs, name) == {}
