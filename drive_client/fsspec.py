@@ -143,7 +143,9 @@ Semantics:
   however spelled, is left as it is; a folder moved into itself is refused
   (`ValueError`). A file replaced between its copy and its removal is removed.
 - Folders are implicit (a path with files beneath it): `mkdir`/`makedirs`
-  are no-ops and a folder disappears with its last file. A drive root always
+  make nothing (they refuse a file at or above the path) and a folder
+  disappears with its last file; `rmdir` removes nothing (it refuses a file
+  and a folder holding files). A drive root always
   exists (an unused drive is empty); `ls` of a missing path below it raises
   `FileNotFoundError`.
 - `rm` removes only this component's files (`Drive.delete`); removing a path
@@ -173,6 +175,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -186,7 +189,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from fsspec.asyn import AbstractAsyncStreamedFile, AsyncFileSystem, sync
+from fsspec.asyn import AbstractAsyncStreamedFile, AsyncFileSystem, sync, sync_wrapper
 from fsspec.caching import caches
 from fsspec.callbacks import DEFAULT_CALLBACK
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
@@ -722,10 +725,31 @@ class _LitFileSystem:
                     yield drive.delete(entry.path)
                     removed.append(_join(name, entry.path))
 
-    def _steps_noop(self, path: str) -> Steps[None]:
-        """mkdir, makedirs, rmdir: folders are implicit (they come and go with their files); the path is checked."""
-        self._split(path)
-        yield from ()
+    def _steps_mkdir(self, path: str, exist_ok: bool) -> Steps[None]:
+        """mkdir, makedirs: folders are implicit (a folder comes with its first file), so nothing is made; refused as
+        a local filesystem refuses it: a file at `path` (or a folder, unless `exist_ok`), or a file above it."""
+        name, sub = self._split(path)
+        kind = yield from self._steps_type(path)
+        if kind == "file" or (kind == "directory" and not exist_ok):
+            raise AlreadyExists(f"lit://{_join(name, sub)} exists")
+        parent = sub if kind is None else ""
+        while parent := parent.rpartition("/")[0]:
+            above = yield from self._steps_type(_join(name, parent))
+            if above == "file":
+                raise NotADirectory(f"lit://{name}/{parent} is a file: there is no folder below it")
+            if above == "directory":
+                return
+
+    def _steps_rmdir(self, path: str) -> Steps[None]:
+        """rmdir: a folder that holds no file is no folder (folders are implicit), so nothing is removed; refused as a
+        local filesystem refuses it: a file, or a folder holding files (`rm(path, recursive=True)` removes them)."""
+        name, sub = self._split(path)
+        kind = yield from self._steps_type(path)
+        if kind == "file":
+            raise NotADirectory(f"lit://{name}/{sub} is a file, not a folder: rm_file removes it")
+        if kind == "directory" and (sub or (yield from self._steps_ls(path, detail=False))):
+            raise OSError(errno.ENOTEMPTY, f"lit://{_join(name, sub)} holds files: rm(path, recursive=True) removes "
+                                           "them")
 
     def _open(
         self,
@@ -847,13 +871,13 @@ class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
         self.copy(path1, path2, recursive=recursive, maxdepth=maxdepth, on_error="raise", move=True, named=source)
 
     def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
-        self._run(self._steps_noop(path))
+        self._run(self._steps_mkdir(path, exist_ok=True))
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
-        self._run(self._steps_noop(path))
+        self._run(self._steps_mkdir(path, exist_ok))
 
     def rmdir(self, path: str) -> None:
-        self._run(self._steps_noop(path))
+        self._run(self._steps_rmdir(path))
 
     def rm_file(self, path: str) -> None:
         self._run(self._steps_rm_file(path))
@@ -948,10 +972,15 @@ class AsyncDriveFileSystem(_LitFileSystem, AsyncFileSystem):
         await self._cp_file(path1, path2, move=True, named=_join(*self._split(path1)))
 
     async def _mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
-        await self._run(self._steps_noop(path))
+        await self._run(self._steps_mkdir(path, exist_ok=True))
 
     async def _makedirs(self, path: str, exist_ok: bool = False) -> None:
-        await self._run(self._steps_noop(path))
+        await self._run(self._steps_mkdir(path, exist_ok))
+
+    async def _rmdir(self, path: str) -> None:
+        await self._run(self._steps_rmdir(path))
+
+    rmdir = sync_wrapper(_rmdir)  # fsspec mirrors only the coroutines it knows of; rmdir is not one
 
     async def _rm_file(self, path: str, **kwargs: Any) -> None:
         await self._run(self._steps_rm_file(path))

@@ -5,6 +5,7 @@ a clear error and leaves every file as it was."""
 
 from __future__ import annotations
 
+import errno
 import uuid
 
 import pytest
@@ -58,3 +59,37 @@ def test_rm_of_paths_that_overlap_removes_each_once(fs, name):
     assert files(fs, name) == {"a": b"0123456789", "ab": b"x", "a.b": b""}
     fs.rm([f"{name}/**", f"{name}/*"], recursive=True)
     assert files(fs, name) == {}
+
+
+def test_rmdir_refuses_a_file_and_a_folder_holding_files(fs, name):
+    """`rmdir` did nothing, and said nothing, for a file or a folder holding files, where a local filesystem refuses
+    them (`NotADirectoryError`, `OSError` ENOTEMPTY); a path holding nothing is an empty folder, already gone."""
+    before = files(fs, name)
+    with pytest.raises(NotADirectoryError):
+        fs.rmdir(f"{name}/a")
+    for folder in (f"{name}/c", f"lit://{name}/c/e f/", name):
+        with pytest.raises(OSError) as refused:
+            fs.rmdir(folder)
+        assert refused.value.errno == errno.ENOTEMPTY, folder
+    fs.mkdir(f"{name}/new")
+    fs.rmdir(f"{name}/new")
+    assert files(fs, name) == before
+
+
+def test_mkdir_refuses_a_path_that_is_or_is_below_a_file(fs, name):
+    """`mkdir` and `makedirs` did nothing for a path that is a file or below one, where a local filesystem refuses
+    them; `makedirs` of an existing folder without `exist_ok` raises `FileExistsError`, as fsspec documents."""
+    before = files(fs, name)
+    for make in (fs.mkdir, fs.makedirs, lambda path: fs.makedirs(path, exist_ok=True)):
+        with pytest.raises(FileExistsError):
+            make(f"{name}/a")
+        with pytest.raises(NotADirectoryError):
+            make(f"{name}/a/new")
+        with pytest.raises(NotADirectoryError):
+            make(f"{name}/c/d/new/deeper")
+    with pytest.raises(FileExistsError):
+        fs.makedirs(f"{name}/c/e f")
+    fs.makedirs(f"{name}/c/e f", exist_ok=True)
+    fs.mkdir(f"{name}/c")  # an object store's folder: made again, as s3fs does
+    fs.makedirs(f"{name}/c/new/deeper")
+    assert files(fs, name) == before
