@@ -179,6 +179,7 @@ import errno
 import hashlib
 import io
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -386,16 +387,17 @@ class _LitFileSystem:
                 f"{path!r}: this filesystem serves lit:// drives only; {scheme}:// is another fsspec protocol"
                 + (" (s3fs; read the daemon's s3:// drives with drive_client.Drive)" if scheme == "s3" else "")
             )
-        return path.strip("/")
+        # Repeated slashes are one (`lit://d//x` is d's x), also in the names fsspec builds from the path as given
+        # (`glob`, `expand_path`, `walk`).
+        return re.sub("/{2,}", "/", path).strip("/")
 
     def _split(self, path: str) -> tuple[str, str]:
         """(drive name, normalized path in the drive); the path is "" for the drive root."""
         name, _, rest = self._strip_protocol(path).partition("/")
         if not name:
             raise InvalidArgument("a lit:// path names a drive first: 'lit://drive_1/path/in/drive'")
-        # The path as the daemon names it (NFC), which the steps compare its answers with. Slashes after the drive
-        # name are one, as `//` deeper in the path is: `lit://d//x` is d's x, not an absolute path.
-        return name, drive_path(parse_drive(f"lit://{name}"), rest.lstrip("/"), allow_root=True)
+        # The path as the daemon names it (NFC), which the steps compare its answers with.
+        return name, drive_path(parse_drive(f"lit://{name}"), rest, allow_root=True)
 
     def _drive(self, name: str) -> Any:
         """The Drive (or AsyncDrive) for drive `name`, made once per endpoint and component."""

@@ -93,3 +93,13 @@ def test_mkdir_refuses_a_path_that_is_or_is_below_a_file(fs, name):
     fs.mkdir(f"{name}/c")  # an object store's folder: made again, as s3fs does
     fs.makedirs(f"{name}/c/new/deeper")
     assert files(fs, name) == before
+
+
+def test_repeated_slashes_name_the_same_paths_in_every_answer(fs, name):
+    """README: repeated slashes are one, after the drive name too; `glob` of `lit://D//a*` matched nothing and
+    `expand_path`, `walk` and `du` answered names with `//` in them (fsspec builds those from the path as given)."""
+    for spelled in (f"lit://{name}//", f"{name}///"):
+        assert fs.glob(f"{spelled}a*") == fs.glob(f"{name}/a*") == [f"{name}/a", f"{name}/a.b", f"{name}/ab"]
+        assert fs.expand_path(f"{spelled}c", recursive=True) == fs.expand_path(f"{name}/c", recursive=True)
+        assert list(fs.walk(f"{spelled}c")) == list(fs.walk(f"{name}/c"))
+        assert fs.du(f"{spelled}c", total=False) == fs.du(f"{name}/c", total=False)
