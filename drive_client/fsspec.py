@@ -860,7 +860,7 @@ class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
         move copies all, then removes `path1` whole, which lost every file copied onto itself (a path spelled
         otherwise, a file moved into its own folder), or not copied (a folder in lists, a file put in the folder
         while it moved). A path moved onto itself is left as it is, and a folder moved into itself is refused,
-        as `shutil.move` refuses it."""
+        as `shutil.move` refuses it; a folder moved without `recursive` is refused, as `rm` refuses it."""
         source = ""  # the one path moved, when not a glob or a list: another component's file there is refused
         if isinstance(path1, str) and not _is_glob(path1):
             source = _join(*self._split(path1))
@@ -870,6 +870,8 @@ class DriveFileSystem(_LitFileSystem, AbstractFileSystem):
                     return
                 if target.startswith(f"{source}/"):
                     raise InvalidArgument(f"cannot move lit://{source} into itself (to lit://{target})")
+            if not recursive and self.isdir(source):  # fsspec's copy copies no folder: it would move nothing
+                raise IsADirectory(f"lit://{source} is a folder: mv(..., recursive=True) moves it; nothing was moved")
         self.copy(path1, path2, recursive=recursive, maxdepth=maxdepth, on_error="raise", move=True, named=source)
 
     def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:

@@ -103,3 +103,16 @@ def test_repeated_slashes_name_the_same_paths_in_every_answer(fs, name):
         assert fs.expand_path(f"{spelled}c", recursive=True) == fs.expand_path(f"{name}/c", recursive=True)
         assert list(fs.walk(f"{spelled}c")) == list(fs.walk(f"{name}/c"))
         assert fs.du(f"{spelled}c", total=False) == fs.du(f"{name}/c", total=False)
+
+
+def test_mv_of_a_folder_without_recursive_is_refused(fs, name):
+    """`mv` of a folder without `recursive` moved nothing and said nothing on the blocking face (its copy copies no
+    folder), where the asyncio face, fsspec's memory filesystem and `rm` refuse a folder without `recursive`."""
+    before = files(fs, name)
+    for target in (f"{name}/z", f"{name}/ab2/", f"{name}/a"):
+        with pytest.raises(IsADirectoryError):
+            fs.mv(f"{name}/c", target)
+    assert files(fs, name) == before
+    fs.mv(f"{name}/c", f"{name}/z", recursive=True)
+    assert files(fs, name) == {**{k: v for k, v in before.items() if not k.startswith("c/")},
+                               "z/d": b"hello", "z/e f/g": b"gg", "z/e f/h": b"hhh"}
