@@ -462,8 +462,9 @@ class _LitFileSystem:
     def _steps_find(self, path: str, withdirs: bool, detail: bool) -> Steps[Any]:
         """Every file under `path` from one recursive listing (and the folders above them, `withdirs`)."""
         name, sub = self._split(path)
-        out: dict[str, dict[str, Any]] = {}
         top = _join(name, sub)
+        # A drive root is a folder even when it holds no file, and fsspec's find answers the folder searched
+        out: dict[str, dict[str, Any]] = {} if sub or not withdirs else {top: _folder(top)}
 
         def add(entry: FileStat) -> None:
             info = _describe(name, entry)
