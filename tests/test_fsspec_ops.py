@@ -220,20 +220,31 @@ def outcome(fs: Fs, run: Callable[..., Any], spelling: Callable[[str], str]) -> 
         return "raised", Raised(err)
 
 
+def holds(files: dict[str, bytes], sub: str) -> bool:
+    """Whether `sub` is the root, a file or a folder holding files."""
+    return not sub or sub in files or any(path.startswith(f"{sub}/") for path in files)
+
+
 def documented(step: Step, got: tuple[str, Any], files: dict[str, bytes], before: dict[str, bytes],
                local: tuple[str, Any]) -> bool:
     """Whether `got` (lit's answer, leaving `files`) is what README's fsspec section says it is where memory:// and
     file:// differ from it (`local` is file://'s answer)."""
     raised = got[1].err if got[0] == "raised" else None
     refused_alike = raised is not None and files == before
-    if isinstance(raised, FileNotFoundError) and local[0] == "raised":  # an object store's path below a file
-        return isinstance(local[1].err, NotADirectoryError) and files == before
+    if isinstance(raised, FileNotFoundError) and refused_alike and local[0] == "raised" and isinstance(
+            local[1].err, NotADirectoryError):  # "a path below a file is a missing path"
+        return True
+    if isinstance(raised, NotADirectoryError) and refused_alike and local[0] == "raised":
+        return True  # "a file put there (below a file) raises NotADirectoryError", where file:// refuses it otherwise
     if step.name == "modified":  # "folders have no modification time"
         return isinstance(raised, IsADirectoryError) and local == ("ok", "datetime")
     if step.name in ("rmdir", "mkdir"):  # "a path holding no file is an empty folder"; "mkdir of an existing folder"
         return got[0] == "ok" and files == before and local[0] == "raised"
-    if step.name == "rm":  # "a folder without recursive=True (IsADirectoryError) ... nothing is removed"
-        return isinstance(raised, IsADirectoryError) and refused_alike and not step.args[1]
+    if step.name == "rm":  # "a missing one, a folder without recursive=True (IsADirectoryError) ... nothing is removed"
+        paths, recursive = step.args
+        missing = any(p not in GLOBS and not holds(before, p.rstrip("/")) for p in paths)
+        return refused_alike and ((isinstance(raised, FileNotFoundError) and missing)
+                                  or (isinstance(raised, IsADirectoryError) and not recursive))
     if step.name == "mv":
         source, target = step.args[0], step.args[1].rstrip("/")
         if isinstance(raised, ValueError):  # "a folder moved into itself raises ValueError"
