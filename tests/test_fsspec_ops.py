@@ -69,11 +69,11 @@ TREES = st.lists(st.tuples(FILE_PATHS, CONTENTS), max_size=7).map(
 class Fs:
     """One filesystem holding the example's tree under `root`: how its paths are spelled, and its files."""
 
-    def __init__(self, fs: Any, root: str, prefix: str = "") -> None:
-        self.fs, self.root, self.prefix = fs, root, prefix
+    def __init__(self, fs: Any, root: str) -> None:
+        self.fs, self.root = fs, root
 
     def path(self, sub: str) -> str:
-        return f"{self.prefix}{self.root}/{sub}" if sub else f"{self.prefix}{self.root}"
+        return f"{self.root}/{sub}" if sub else self.root
 
     def files(self) -> dict[str, bytes]:
         found = self.fs.find(self.root)
@@ -95,6 +95,8 @@ class Memory(Fs):
 
 
 class Local(Fs):
+    """`file://` in a folder of its own, rebuilt from the files at each step."""
+
     def hold(self, files: dict[str, bytes]) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
         os.makedirs(self.root)
@@ -106,7 +108,7 @@ class Local(Fs):
 
 def normal(value: Any, roots: tuple[str, ...]) -> Any:
     """`value` with the filesystem's spelling taken out: names relative to the example's root, info dicts as
-    (name, size, type), listings in order, times and checksums as their type."""
+    (name, size, type), listings (of names, of infos, of walk's levels) sorted, exceptions as `Raised`."""
     if isinstance(value, str):
         for root in roots:
             if value == root or value.startswith(root + "/"):
