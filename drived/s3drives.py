@@ -65,7 +65,8 @@ class S3Drives:
     async def list_entries(self, listing: ListRequest) -> tuple[list[Entry], bool]:
         drive = listing.drive
         index = await self.mounts.index(drive.bucket, drive.prefix)
-        entries, more = index.list(listing.path, listing.recursive, listing.start_after, listing.limit)
+        # keys no path names stay out of listings; a folder get (`open_files`) meets them, and refuses them by name
+        entries, more = index.list(listing.path, listing.recursive, listing.start_after, listing.limit, named_only=True)
         return [_entry(e) for e in entries], more
 
     def _read(self, drive: DriveId, e: S3Entry, offset: int = 0, limit: int = 0) -> Chunks:

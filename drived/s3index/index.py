@@ -10,7 +10,10 @@ Lookups bisect the sorted keys (O(log n)); a folder listing walks forward from
 its start, jumping over each sub-folder's keys with one more bisect, so it
 costs O(entries returned x log n), never O(bucket). Folder markers (keys
 ending in '/') are kept in the key order (so they create folders) but are
-never listed or counted as files.
+never listed or counted as files. A listing `named_only` leaves out the
+keys no drive path names (an empty, '.' or '..' part, a control character, a
+name over 255 bytes: no request can name them), though the folders before
+their first such part stay; they are counted all the same.
 
 Listing order is plain path order (str comparison of the entry paths), the
 order `start_after` is compared in. That differs from S3 key order in one
@@ -30,6 +33,8 @@ from datetime import datetime, timezone
 from itertools import accumulate, chain, pairwise, repeat
 from typing import overload
 
+from drive_client.uri import MAX_PART_BYTES
+
 _SLASH = 0x2F
 STAMP_WIDTH = 24  # len("2024-05-01T12:00:00.000Z")
 EPOCH_STAMP = b"1970-01-01T00:00:00.000Z"
@@ -38,6 +43,16 @@ _Entries = list  # `S3Index.list` shadows the builtin in the class body
 # Bytes that sort before '/': a name `x` + one of these sorts after folder `x` in path order
 # but before the folder's keys (`x/...`) in key order.
 _BEFORE_SLASH = re.compile(rb"[\x00-\x2e]")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def _is_name(part: bytes) -> bool:
+    """Whether `part` is a name a drive path may have (`drive_client.uri.normalize_path` keeps it as it is)."""
+    return part not in (b"", b".", b"..") and len(part) <= MAX_PART_BYTES and not _CONTROL.search(part)
+
+
+def _is_path(key: bytes) -> bool:
+    return all(map(_is_name, key.split(b"/")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +173,7 @@ def _upper(prefix: bytes) -> bytes:
 class _Scan:
     """State of one folder listing."""
 
+    named_only: bool  # leaves out the names no drive path has
     out: list[S3Entry] = field(default_factory=list)
     emitted: set[bytes] = field(default_factory=set)
 
@@ -297,13 +313,15 @@ class S3Index:
             return S3Entry(path, 0, "", 0, True)
         return None
 
-    def list(self, path: str, recursive: bool, start_after: str, limit: int) -> tuple[_Entries[S3Entry], bool]:
+    def list(self, path: str, recursive: bool, start_after: str, limit: int, named_only: bool = False
+             ) -> tuple[_Entries[S3Entry], bool]:
         """Entries under folder `path` ('' = root) with path > start_after, in path order.
 
         Immediate entries (files and folders, de-duplicated: a file and a
         folder of one name list once, as the file), or every file beneath
-        `path` when `recursive`. At most `limit` (<= 0: no limit); the bool
-        says whether more remain.
+        `path` when `recursive`; with `named_only`, only the entries a drive
+        path names. At most `limit` (<= 0: no limit); the bool says whether
+        more remain.
         """
         base = path.encode("utf-8") + b"/" if path else b""
         n = self._n
@@ -312,25 +330,26 @@ class S3Index:
         sa = start_after.encode("utf-8")
         pos = max(lo, bisect.bisect_right(self._view, sa, lo, hi)) if sa else lo
         want = limit + 1 if limit > 0 else n + 1  # one more, to know whether more remain
-        entries = (self._list_recursive(pos, hi, want) if recursive
-                   else self._list_children(base, sa, pos, hi, want))
+        entries = (self._list_recursive(pos, hi, want, named_only) if recursive
+                   else self._list_children(base, sa, pos, hi, want, named_only))
         more = len(entries) >= want
         return entries[: want - 1], more
 
-    def _list_recursive(self, pos: int, hi: int, want: int) -> _Entries[S3Entry]:
+    def _list_recursive(self, pos: int, hi: int, want: int, named_only: bool) -> _Entries[S3Entry]:
         out: _Entries[S3Entry] = []
         blob, off, file = self._keys, self._view._off, self._file
         while pos < hi and len(out) < want:
-            end = off[pos + 1]
-            if blob[end - 1] != _SLASH:  # folder markers are not files
-                out.append(file(pos, blob[off[pos] : end].decode("utf-8", "replace")))
+            key = blob[off[pos] : off[pos + 1]]
+            if key[-1] != _SLASH and (not named_only or _is_path(key)):  # folder markers are not files
+                out.append(file(pos, key.decode("utf-8", "replace")))
             pos += 1
         return out
 
-    def _list_children(self, base: bytes, sa: bytes, pos: int, hi: int, want: int) -> _Entries[S3Entry]:
+    def _list_children(self, base: bytes, sa: bytes, pos: int, hi: int, want: int, named_only: bool
+                       ) -> _Entries[S3Entry]:
         blob, off, file = self._keys, self._view._off, self._file
         blen = len(base)
-        scan = _Scan()
+        scan = _Scan(named_only)
         out, emitted = scan.out, scan.emitted
         while pos < hi and len(out) < want:
             start = off[pos]
@@ -340,7 +359,7 @@ class S3Index:
             if len(name) > blen:  # skip the marker of the listed folder itself
                 if _BEFORE_SLASH.search(name, blen + 1):
                     self._folders_before(name, blen, sa, pos, hi, scan)
-                if name not in emitted and name > sa:
+                if name not in emitted and name > sa and (not named_only or _is_name(name[blen:])):
                     emitted.add(name)
                     path = name.decode("utf-8", "replace")
                     out.append(S3Entry(path, 0, "", 0, True) if cut >= 0 else file(pos, path))
@@ -366,7 +385,7 @@ class S3Index:
             folder = name[: m.start()]
             if not following.startswith(folder):
                 return
-            if folder in scan.emitted or not folder > sa:
+            if folder in scan.emitted or not folder > sa or (scan.named_only and not _is_name(folder[blen:])):
                 continue
             sub = folder + b"/"
             i = bisect.bisect_left(self._view, sub, pos, hi)
