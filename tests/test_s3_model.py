@@ -84,6 +84,10 @@ class Model:
             if is_drive_path(folder)
         }
 
+    def holds_objects(self, folder: str) -> bool:
+        """Whether objects lie below `folder` (hidden ones too), or only folder markers."""
+        return any(k.startswith(folder + "/") for k in self.files.keys() | set(self.hidden))
+
     def list(self, folder: str) -> list[str]:
         return sorted({p for p in self.files.keys() | self.folders if p and parent(p) == folder})
 
@@ -123,6 +127,8 @@ def check(drive: Drive, model: Model) -> None:
         assert drive.list(folder or ".") == model.list(folder), folder
         if folder and folder not in model.files:  # a file and a folder of one name stat as the file
             assert drive.stat(folder).folder
+            with pytest.raises(ValueError if model.holds_objects(folder) else FileNotFoundError):
+                b"".join(drive.read_range(folder))
     entries = list(drive.entries(".", recursive=True))
     assert [(e.path, e.size) for e in entries] == sorted((p, len(b)) for p, b in model.files.items())
     for path, data in model.files.items():
@@ -219,3 +225,22 @@ def test_keys_no_request_can_name_are_hidden_from_lists_and_a_folder_get_stops_a
     assert not list(tmp_path.iterdir())
     assert b"".join(drive.read_range("ok")) == b"ok"
 
+
+
+def test_a_read_of_a_folder_that_holds_no_file_is_not_found(s3, tmp_path):
+    """A folder made by markers alone (`q/`, `z/sub/`) holds no file: a ranged read of it raised DataLoss saying the
+    daemon was too old to send a CRC32C, as the daemon answered with an empty stream; both reads now say it is an
+    empty folder (NotFound), and a folder with files is still refused as one (InvalidArgument)."""
+    client, endpoint = s3
+    for key in ("empty/q/", "empty/z/sub/", "empty/c/d"):
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"")
+    drive = Drive(f"s3://{BUCKET}/empty/", endpoint=endpoint, root_folder=tmp_path)
+    assert drive.stat("q").folder and drive.stat("z").folder
+    for folder in ("q", "z"):
+        with pytest.raises(FileNotFoundError, match="empty folder"):
+            b"".join(drive.read_range(folder))
+        with pytest.raises(FileNotFoundError, match="empty folder"):
+            drive.get(folder)
+    with pytest.raises(ValueError, match="is a folder"):
+        b"".join(drive.read_range("c"))
+    assert not list(tmp_path.iterdir())
