@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import boto3
+import grpc
 import pytest
 from conftest import start_daemon
 from hypothesis import given
@@ -24,13 +25,14 @@ from hypothesis import strategies as st
 from moto_server import AWS_ENV, running_moto
 
 from drive_client import Drive, StaleIndexError
+from drive_client.pb import drive_pb2, drive_pb2_grpc
 
 pytestmark = pytest.mark.integration  # starts moto_server and a daemon of its own
 
 BUCKET = "model"
 MAX_KEY_BYTES = 1024  # S3's limit
 PARTS = ["a", "b", "a b", "", ".", "..", unicodedata.normalize("NFC", "é"), unicodedata.normalize("NFD", "é"),
-         "c\x01", "n" * 256]
+         "c\x01", "n" * 256, "\\"]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,8 @@ def s3(tmp_path_factory) -> Iterator[tuple[object, str]]:
 
 def is_drive_path(path: str) -> bool:
     """README: a key is shown when it is a drive path as written (no empty, '.' or '..' part, no control character,
-    no name over 255 bytes)."""
-    return all(
+    no name over 255 bytes, no leading backslash)."""
+    return not path.startswith("\\") and all(
         part not in ("", ".", "..") and len(part.encode()) <= 255 and all(ord(c) >= 32 and ord(c) != 127 for c in part)
         for part in path.split("/")
     )
@@ -98,7 +100,7 @@ class Model:
 def normalized(path: str) -> str | None:
     """The path a request for `path` names (README: repeated '/' and '.' parts collapse), None if refused."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
-    return "/".join(parts) if parts and not path.startswith("/") and is_drive_path("/".join(parts)) else None
+    return "/".join(parts) if parts and not path.startswith(("/", "\\")) and is_drive_path("/".join(parts)) else None
 
 
 keys = st.one_of(
@@ -121,16 +123,37 @@ def buckets(draw, prefix: str) -> dict[str, bytes]:
     return {key: rng.randbytes(size) for key, size in zip(full, sizes, strict=True)}
 
 
-def check(drive: Drive, model: Model) -> None:
-    """Everything the drive shows is what the model says: lists, entries, stats and bytes; hidden keys are not."""
+def paged(stub: drive_pb2_grpc.DriveServiceStub, drive: Drive, folder: str, recursive: bool, size: int) -> list[str]:
+    """The paths a List of `folder` answers in pages of `size` entries, page after page."""
+    request = drive_pb2.ListRequest(drive=str(drive), path=folder, recursive=recursive, page_size=size)
+    paths: list[str] = []
+    while True:
+        reply = stub.List(request, timeout=10)
+        assert len(reply.entries) <= size
+        paths += [e.path for e in reply.entries]
+        if not reply.next_page_token:
+            return paths
+        request.page_token = reply.next_page_token
+
+
+def check_lists(drive: Drive, model: Model, stub: drive_pb2_grpc.DriveServiceStub) -> None:
+    """Every folder's list, whole and in pages of one and two entries (stat and a read of it too), and every file."""
     for folder in sorted(model.folders):
         assert drive.list(folder or ".") == model.list(folder), folder
+        assert paged(stub, drive, folder, False, 1) == paged(stub, drive, folder, False, 2) == model.list(folder)
         if folder and folder not in model.files:  # a file and a folder of one name stat as the file
             assert drive.stat(folder).folder
             with pytest.raises(ValueError if model.holds_objects(folder) else FileNotFoundError):
                 b"".join(drive.read_range(folder))
     entries = list(drive.entries(".", recursive=True))
     assert [(e.path, e.size) for e in entries] == sorted((p, len(b)) for p, b in model.files.items())
+    assert paged(stub, drive, "", True, 2) == sorted(model.files)
+
+
+def check(drive: Drive, model: Model) -> None:
+    """Everything the drive shows is what the model says: lists, entries, stats and bytes; hidden keys are not."""
+    with grpc.insecure_channel(drive.connection.endpoint) as channel:
+        check_lists(drive, model, drive_pb2_grpc.DriveServiceStub(channel))
     for path, data in model.files.items():
         stat = drive.stat(path)
         assert (stat.path, stat.size, stat.etag) == (path, len(data), hashlib.md5(data).hexdigest())
@@ -212,7 +235,7 @@ def test_keys_no_request_can_name_are_hidden_from_lists_and_a_folder_get_stops_a
     '.' at the root, 'h/.' in 'h', 'e//f' among the entries) though no stat or get could name them. They are hidden
     now; the folders before them stay, and a folder get still stops at them by name rather than leave them out."""
     client, endpoint = s3
-    hidden = ["./g", "/top", "e//f", "h/./i", "j/../k", "ctl\x01x", "n" * 256]
+    hidden = ["./g", "/top", "e//f", "h/./i", "j/../k", "ctl\x01x", "n" * 256, "\\win"]
     for key in [*hidden, "ok"]:
         client.put_object(Bucket=BUCKET, Key="hidden/" + key, Body=key.encode())
     drive = Drive(f"s3://{BUCKET}/hidden/", endpoint=endpoint, root_folder=tmp_path)

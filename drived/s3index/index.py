@@ -12,7 +12,7 @@ costs O(entries returned x log n), never O(bucket). Folder markers (keys
 ending in '/') are kept in the key order (so they create folders) but are
 never listed or counted as files. A listing `named_only` leaves out the
 keys no drive path names (an empty, '.' or '..' part, a control character, a
-name over 255 bytes: no request can name them), though the folders before
+name over 255 bytes, a leading backslash: no request can name them), though the folders before
 their first such part stay; they are counted all the same.
 
 Listing order is plain path order (str comparison of the entry paths), the
@@ -52,7 +52,8 @@ def _is_name(part: bytes) -> bool:
 
 
 def _is_path(key: bytes) -> bool:
-    return all(map(_is_name, key.split(b"/")))
+    """Whether `key` is a drive path as it is (a leading backslash reads as an absolute path, so none has one)."""
+    return not key.startswith(b"\\") and all(map(_is_name, key.split(b"/")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,7 +360,7 @@ class S3Index:
             if len(name) > blen:  # skip the marker of the listed folder itself
                 if _BEFORE_SLASH.search(name, blen + 1):
                     self._folders_before(name, blen, sa, pos, hi, scan)
-                if name not in emitted and name > sa and (not named_only or _is_name(name[blen:])):
+                if name not in emitted and name > sa and (not named_only or _is_path(name)):
                     emitted.add(name)
                     path = name.decode("utf-8", "replace")
                     out.append(S3Entry(path, 0, "", 0, True) if cut >= 0 else file(pos, path))
@@ -385,7 +386,7 @@ class S3Index:
             folder = name[: m.start()]
             if not following.startswith(folder):
                 return
-            if folder in scan.emitted or not folder > sa or (scan.named_only and not _is_name(folder[blen:])):
+            if folder in scan.emitted or not folder > sa or (scan.named_only and not _is_path(folder)):
                 continue
             sub = folder + b"/"
             i = bisect.bisect_left(self._view, sub, pos, hi)
