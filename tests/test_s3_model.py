@@ -221,6 +221,8 @@ def test_a_mounted_drive_shows_the_bucket_as_readme_says(s3, tmp_path, data):
         assert not (tmp_path / "got").exists()
     with pytest.raises(FileNotFoundError):
         drive.stat(added)
+    with pytest.raises(FileNotFoundError):  # at once: a get of an s3:// drive does not wait for new objects
+        drive.get(added, timeout=60)
     assert "added" not in drive.list(".") or "added" in model.folders
 
     changed = {k: v for k, v in objects.items() if k[len(prefix):] not in removed}
