@@ -48,6 +48,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def _given(value: str) -> str:
+    """An option's value, refused when empty: `--component "$C"` with $C unset means some component, where an empty
+    value would be taken for the option left out (the default component, or every one for --only)."""
+    if not value:
+        raise argparse.ArgumentTypeError("is empty: give a value, or leave the option out for its default")
+    return value
+
+
 def split_uri(uri: str, folder: bool) -> tuple[str, str]:
     """(drive URI, path) of a CLI location like `lit://d/a/b` or `s3://bucket/data/x.bin`.
 
@@ -295,10 +303,10 @@ def _stat_fields(stat: FileStat) -> dict[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="drive", description="Put, list, get and delete files in drived drives.")
-    top.add_argument("--endpoint", help="drived address HOST:PORT, or dns:///NAME:PORT for round-robin over NAME's "
-                     "addresses (default: $DRIVE_ENDPOINT, else 127.0.0.1:50051)")
-    top.add_argument("--component", help="your component name (default: $DRIVE_COMPONENT, else 'default')")
-    top.add_argument("--token", help="bearer token for a daemon started with --token or --auth-tokens "
+    top.add_argument("--endpoint", type=_given, help="drived address HOST:PORT, or dns:///NAME:PORT for round-robin "
+                     "over NAME's addresses (default: $DRIVE_ENDPOINT, else 127.0.0.1:50051)")
+    top.add_argument("--component", type=_given, help="your component name (default: $DRIVE_COMPONENT, else 'default')")
+    top.add_argument("--token", type=_given, help="bearer token for a daemon started with --token or --auth-tokens "
                      "(default: $DRIVE_TOKEN)")
     add_tls_arguments(top)
     top.add_argument("--insecure", action="store_true", default=None,
@@ -333,7 +341,7 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("stat", help="describe a file: drive stat lit://d/path").add_argument("location")
     commands.add_parser("mount", help="re-index an s3 drive: drive mount s3://bucket/prefix/").add_argument("location")
     for sub in (ls, get, commands.choices["stat"]):
-        sub.add_argument("--only", metavar="COMPONENT", help="only this component's files")
+        sub.add_argument("--only", metavar="COMPONENT", type=_given, help="only this component's files")
     for sub in commands.choices.values():  # given after the subcommand too; when not, the top's value stays
         _add_output_arguments(sub, default=argparse.SUPPRESS)
     return top

@@ -245,3 +245,20 @@ def test_a_bad_location_or_endpoint_fails_with_one_line_and_changes_nothing(daem
     assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith("drive: "), res
     assert json.loads(res.stdout)["type"] in ("InvalidArgument", "Unavailable"), res
     assert everything(drive) == before
+
+
+@pytest.mark.parametrize("args", [["--component", "", "rm", "{uri}/a"], ["--endpoint", "", "rm", "{uri}/a"],
+                                  ["--token", "", "rm", "{uri}/a"], ["stat", "{uri}/a", "--only", ""]])
+def test_an_empty_option_value_is_refused_not_taken_for_its_default(daemon, tmp_path, drive_uri, args):
+    """`drive --component "$C" rm ...` with $C unset: a `Drive(component_name="")` is the default component, but
+    the shell user meant some component, so the command line is refused (exit 2), naming the option, before any
+    call."""
+    drive = Drive(drive_uri, root_folder=str(local_root(tmp_path / "root")), endpoint=daemon.endpoint)
+    drive.put("a")
+    before = everything(drive)
+    res = cli(daemon, tmp_path, "--retry-seconds", "0", *(arg.format(uri=drive_uri) for arg in args))
+    lines = res.stderr.decode().splitlines()
+    option = args[args.index("") - 1]
+    assert res.returncode == 2 and len(lines) == 1, res
+    assert f"argument {option}: is empty" in lines[0], res
+    assert everything(drive) == before
