@@ -30,8 +30,11 @@ from drive_client import Drive, DriveError, FileStat
 
 pytestmark = pytest.mark.timeout(120)
 
-PATHS = ["a", "d", "d/a", "d/b"]  # "d" is a local folder at first, and a file once a get or edit makes it one
+NFD_E = "e\u0301"  # "é" as two code points: the drive keeps it as NFC's one
+PATHS = ["a", "d", "d/a", "d/b", "x y", NFD_E]  # "d" is a local folder at first, a file once a get or edit makes it
+
 COMPONENTS = ["c1", "c2"]
+STORED_FIRST = [("a", "c1"), ("d", "c2")]  # (path, component) every example's drives hold, before what it draws
 OUT = "out"  # a local folder in both roots, never removed: a get into it goes in it, as cp does
 TARGETS = [None, "same", OUT, f"{OUT}/x"]  # a get's LOCAL: none (the name in the cwd), the drive path, ...
 STABLE_FIELDS = ("path", "size", "sha256", "etag", "component", "folder")  # what two drives' entries share
@@ -49,13 +52,19 @@ class Step:
     overwrite: bool = False
     as_json: bool = True
     data: bytes = b""
+    duplicates: bool = False  # put --allow-duplicates
+    timeout: float | None = None  # get --timeout
 
 
 def steps() -> st.SearchStrategy[Step]:
     paths, components, only = st.sampled_from(PATHS), st.sampled_from(COMPONENTS), st.sampled_from([None, *COMPONENTS])
+    # Most gets name no component and do not wait, as most gets find their file: those that wait take 0.2 s a face.
+    get_only, timeout = st.sampled_from([None, None, *COMPONENTS]), st.sampled_from([None, None, None, 0.2])
     return st.one_of(
-        st.builds(Step, st.just("put"), paths, components),
-        st.builds(Step, st.just("get"), paths, components, only, st.sampled_from(TARGETS), st.booleans()),
+        st.builds(Step, st.just("put"), paths, components, target=st.sampled_from([None, "t/"]),
+                  duplicates=st.booleans()),
+        st.builds(Step, st.just("get"), paths, components, get_only, st.sampled_from(TARGETS), st.booleans(),
+                  timeout=timeout),
         st.builds(Step, st.just("cat"), paths, components, only),
         st.builds(Step, st.just("ls"), st.sampled_from(["", *PATHS]), components, only, as_json=st.booleans()),
         st.builds(Step, st.just("stat"), st.sampled_from(["", *PATHS]), components, only, as_json=st.booleans()),
@@ -99,10 +108,13 @@ def command(step: Step, uri: str, root: Path) -> list[str]:
     json_flag = ["--json"] if step.as_json else []
     only = ["--only", step.only] if step.only else []
     if step.op == "put":
-        return ["--component", step.component, *json_flag, "put", step.path, location]
+        duplicates = ["--allow-duplicates"] if step.duplicates else []
+        to = f"{uri}/{step.target}" if step.target else location
+        return ["--component", step.component, *json_flag, "put", step.path, to, *duplicates]
     if step.op == "get":
         local = [] if step.target is None else [step.path if step.target == "same" else step.target]
-        return [*json_flag, "get", location, *local, *only, *(["--overwrite"] if step.overwrite else [])]
+        timeout = [] if step.timeout is None else ["--timeout", str(step.timeout)]
+        return [*json_flag, "get", location, *local, *only, *timeout, *(["--overwrite"] if step.overwrite else [])]
     if step.op == "cat":
         return ["get", location, "-", *only]
     if step.op == "rm":
@@ -113,10 +125,11 @@ def command(step: Step, uri: str, root: Path) -> list[str]:
 def api_call(drive: Drive, step: Step, root: Path) -> Any:
     """What `Drive` answers for `step`, as the CLI's --json prints it (cat: the file's bytes)."""
     if step.op == "put":
-        return [fields(f) for f in drive.put(step.path)]
+        to = f"{step.target}{Path(step.path).name}" if step.target else None
+        return [fields(f) for f in drive.put(step.path, to=to)]
     if step.op == "get":
         target = local_target(root, step)
-        drive.get(step.path, step.only, overwrite=step.overwrite, to=target)
+        drive.get(step.path, step.only, step.timeout, step.overwrite, to=target)
         return {"path": target}
     if step.op == "cat":
         return b"".join(drive.read_range(step.path, component_name=step.only))
@@ -171,7 +184,7 @@ def check_step(daemon: DaemonHandle, step: Step, faces: dict[str, tuple[Drive, P
         return
     args = command(step, cli_drive.id, cli_root)
     api = Drive(api_drive.id, component_name=step.component, root_folder=str(api_root),
-                endpoint=daemon.endpoint, retry_seconds=0)
+                endpoint=daemon.endpoint, allow_duplicates=step.duplicates, retry_seconds=0)
     try:
         answer, error = api_call(api, step, api_root), None
     except DriveError as err:
@@ -195,12 +208,15 @@ def check_step(daemon: DaemonHandle, step: Step, faces: dict[str, tuple[Drive, P
 
 
 def local_root(folder: Path) -> Path:
-    """A local root holding the files the steps put: `a`, a folder `d` of two, and the folder `out`."""
+    """A local root holding the files the steps put: `a`, a folder `d` of two, `x y`, a decomposed `é`, and the
+    folder `out`."""
     folder.mkdir()
     (folder / "a").write_bytes(b"a")
     (folder / "d").mkdir()
     (folder / "d" / "a").write_bytes(b"da")
     (folder / "d" / "b").write_bytes(b"")
+    (folder / "x y").write_bytes(b"xy")
+    (folder / NFD_E).write_bytes(b"e")
     (folder / OUT).mkdir()
     return folder
 
@@ -215,13 +231,13 @@ def put_first(daemon: DaemonHandle, uri: str, root: Path, puts: list[tuple[str, 
 
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(PATHS), st.sampled_from(COMPONENTS)), max_size=3),
-       st.lists(steps(), min_size=2, max_size=6))
+       st.lists(steps(), min_size=4, max_size=8))
 def test_the_cli_does_what_the_python_api_does(daemon, puts, sequence):
     with tempfile.TemporaryDirectory() as tmp:
         faces = {}
         for face in ("cli", "api"):
             drive, root = Drive(unique_drive_uri(f"climodel_{face}"), endpoint=daemon.endpoint), Path(tmp) / face
-            put_first(daemon, drive.id, local_root(root), puts)
+            put_first(daemon, drive.id, local_root(root), [*STORED_FIRST, *puts])
             faces[face] = (drive, root)
         for step in sequence:
             check_step(daemon, step, faces)
