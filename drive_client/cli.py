@@ -49,10 +49,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _given(value: str) -> str:
-    """An option's value, refused when empty: `--component "$C"` with $C unset means some component, where an empty
-    value would be taken for the option left out (the default component, or every one for --only)."""
+    """An argument's value, refused when empty: `--component "$C"` or `put "$F" ...` with $C or $F unset means some
+    component or file, where an empty value would be taken for one not given (the default component, every one for
+    --only, the current folder for a put's LOCAL, the drive path's name for a get's)."""
     if not value:
-        raise argparse.ArgumentTypeError("is empty: give a value, or leave the option out for its default")
+        raise argparse.ArgumentTypeError("is empty (an unset variable?): give a value, or leave an option out for "
+                                         "its default")
     return value
 
 
@@ -322,12 +324,12 @@ def parser() -> argparse.ArgumentParser:
     ls = commands.add_parser("ls", help="list a folder: drive ls lit://d[/folder]")
     ls.add_argument("location")
     put = commands.add_parser("put", help="store a file or folder: drive put LOCAL lit://d[/path]")
-    put.add_argument("local")
+    put.add_argument("local", type=_given)
     put.add_argument("location")
     put.add_argument("--allow-duplicates", action="store_true", help="allow a path another component holds")
     get = commands.add_parser("get", help="fetch a file or folder: drive get lit://d/path [LOCAL]")
     get.add_argument("location")
-    get.add_argument("local", nargs="?")
+    get.add_argument("local", nargs="?", type=_given)
     get.add_argument("--timeout", type=float,
                      help="wait up to this many seconds for the path to appear (the transfer after it is not bounded)")
     get.add_argument("--overwrite", action="store_true", help="replace an existing local file")

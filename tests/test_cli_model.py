@@ -263,18 +263,23 @@ def test_a_bad_location_or_endpoint_fails_with_one_line_and_changes_nothing(daem
     assert everything(drive) == before
 
 
-@pytest.mark.parametrize("args", [["--component", "", "rm", "{uri}/a"], ["--endpoint", "", "rm", "{uri}/a"],
-                                  ["--token", "", "rm", "{uri}/a"], ["stat", "{uri}/a", "--only", ""]])
-def test_an_empty_option_value_is_refused_not_taken_for_its_default(daemon, tmp_path, drive_uri, args):
-    """`drive --component "$C" rm ...` with $C unset: a `Drive(component_name="")` is the default component, but
-    the shell user meant some component, so the command line is refused (exit 2), naming the option, before any
-    call."""
-    drive = Drive(drive_uri, root_folder=str(local_root(tmp_path / "root")), endpoint=daemon.endpoint)
+@pytest.mark.parametrize(("args", "name"), [
+    (["--component", "", "rm", "{uri}/a"], "--component"), (["--endpoint", "", "rm", "{uri}/a"], "--endpoint"),
+    (["--token", "", "rm", "{uri}/a"], "--token"), (["stat", "{uri}/a", "--only", ""], "--only"),
+    (["put", "", "{uri}/"], "local"), (["get", "{uri}/a", "", "--overwrite"], "local"),
+])
+def test_an_empty_value_is_refused_not_taken_for_none_given(daemon, tmp_path, drive_uri, args, name):
+    """`drive --component "$C" rm ...` or `drive put "$F" lit://d/` with $C or $F unset: `Drive` takes an empty
+    component for the default one, and an empty local path (with a drive path to put at) for the root folder, but
+    the shell user meant some component or some file, so the command line is refused (exit 2), naming the
+    argument, before any call: the drive and the local folder stay as they were."""
+    root = local_root(tmp_path / "root")
+    drive = Drive(drive_uri, root_folder=str(root), endpoint=daemon.endpoint)
     drive.put("a")
-    before = everything(drive)
-    res = cli(daemon, tmp_path, "--retry-seconds", "0", *(arg.format(uri=drive_uri) for arg in args))
+    before, local_before = everything(drive), snapshot(root)
+    res = cli(daemon, root, "--retry-seconds", "0", *(arg.format(uri=drive_uri) for arg in args))
     lines = res.stderr.decode().splitlines()
-    option = args[args.index("") - 1]
     assert res.returncode == 2 and len(lines) == 1, res
-    assert f"argument {option}: is empty" in lines[0], res
+    assert f"argument {name}: is empty" in lines[0], res
     assert everything(drive) == before
+    assert snapshot(root) == local_before
