@@ -86,10 +86,15 @@ def everything(drive: Drive) -> list[dict[str, Any]]:
     return sorted((fields(e) for e in drive.entries(".", recursive=True)), key=lambda f: (f["path"], f["component"]))
 
 
-def cli(daemon: DaemonHandle, cwd: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+def drive_command(cwd: Path, *args: str, **variables: str) -> subprocess.CompletedProcess[bytes]:
+    """`drive ARGS` run in `cwd`, with the DRIVE_ variables given and no other."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRIVE_")}
-    return subprocess.run([sys.executable, "-m", "drive_client.cli", "--endpoint", daemon.endpoint, *args],
-                          capture_output=True, cwd=cwd, env=env, timeout=60)
+    return subprocess.run([sys.executable, "-m", "drive_client.cli", *args], capture_output=True, cwd=cwd,
+                          env={**env, **variables}, timeout=60)
+
+
+def cli(daemon: DaemonHandle, cwd: Path, *args: str, **variables: str) -> subprocess.CompletedProcess[bytes]:
+    return drive_command(cwd, "--endpoint", daemon.endpoint, *args, **variables)
 
 
 def local_target(root: Path, step: Step) -> str:
@@ -283,3 +288,23 @@ def test_an_empty_value_is_refused_not_taken_for_none_given(daemon, tmp_path, dr
     assert f"argument {name}: is empty" in lines[0], res
     assert everything(drive) == before
     assert snapshot(root) == local_before
+
+
+def test_the_environment_names_the_endpoint_and_component_as_for_drive_and_flags_win(daemon, tmp_path, drive_uri):
+    root = local_root(tmp_path / "root")
+    put = drive_command(root, "--json", "put", "a", f"{drive_uri}/a", DRIVE_ENDPOINT=daemon.endpoint,
+                        DRIVE_COMPONENT="c9")
+    assert put.returncode == 0 and json.loads(put.stdout)[0]["component"] == "c9", put
+    flagged = cli(daemon, root, "--component", "c8", "--json", "put", "a", f"{drive_uri}/b")  # --endpoint given too
+    assert flagged.returncode == 0 and json.loads(flagged.stdout)[0]["component"] == "c8", flagged
+    assert [(e["path"], e["component"]) for e in everything(Drive(drive_uri, endpoint=daemon.endpoint))] == [
+        ("a", "c9"), ("b", "c8")]
+
+
+@pytest.mark.parametrize(("name", "value"), [("DRIVE_RETRY_SECONDS", "abc"), ("DRIVE_COMPONENT", "x/y"),
+                                             ("DRIVE_TLS", "maybe")])
+def test_a_bad_environment_variable_fails_with_one_line_and_stores_nothing(daemon, tmp_path, drive_uri, name, value):
+    res = cli(daemon, local_root(tmp_path / "root"), "put", "a", f"{drive_uri}/a", **{name: value})
+    lines = res.stderr.decode().splitlines()
+    assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith("drive: ") and value in lines[0], res
+    assert everything(Drive(drive_uri, endpoint=daemon.endpoint)) == []
