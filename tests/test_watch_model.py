@@ -46,7 +46,7 @@ CONTENDED = ["f", "f/x", "f/y"]  # paths that every client puts and deletes as o
 SHARER = "sharer"
 SHARED = "s"
 OWNER = "owner"  # the component of the file no client may put or delete, and of the end marker
-TAKEN = "taken"
+TAKEN = "s.taken"  # beside the shared folder: its watch does not report it
 END = f"{SHARED}/end"  # put last: every watcher (the shared folder's too) stops at its event
 RESUMED_AFTER = 10  # events the resumed watcher reads before it stops
 
