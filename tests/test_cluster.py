@@ -88,6 +88,16 @@ class Cluster:
             assert PASSWORD not in log, "a replica logged the coordinator's password"
 
 
+@contextlib.contextmanager
+def two_replicas_in(work: Path) -> Iterator[list[DaemonHandle]]:
+    """Two replicas of one cluster made in `work`, closed at the end."""
+    made = Cluster(work)
+    try:
+        yield [made.replica(), made.replica()]
+    finally:
+        made.close()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     made = Cluster(tmp_path_factory.mktemp("cluster"))

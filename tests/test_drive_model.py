@@ -28,7 +28,7 @@ from conftest import Background, DaemonHandle, current_sequence, unique_drive_ur
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
-from test_cluster import Cluster
+from test_cluster import two_replicas_in
 
 from drive_client import AlreadyExists, AmbiguousPathError, Drive, DriveError, FileStat, InvalidArgument, NotFound
 
@@ -376,11 +376,8 @@ class DriveMachine(RuleBasedStateMachine):
 
 @pytest.fixture(scope="module")
 def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[DaemonHandle]]:
-    cluster = Cluster(tmp_path_factory.mktemp("model-cluster"))
-    try:
-        yield [cluster.replica(), cluster.replica()]
-    finally:
-        cluster.close()
+    with two_replicas_in(tmp_path_factory.mktemp("model-cluster")) as replicas:
+        yield replicas
 
 
 def run(endpoints: list[str]) -> None:

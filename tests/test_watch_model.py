@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from conftest import Background, DaemonHandle, current_sequence, unique_drive_uri
-from test_cluster import Cluster
+from test_cluster import two_replicas_in
 
 from drive_client import AlreadyExists, Drive, DriveError, FileStat, InvalidArgument, NotFound
 
@@ -293,11 +293,8 @@ def check_watch_model(endpoints: list[str], seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[DaemonHandle]]:
-    cluster = Cluster(tmp_path_factory.mktemp("watch-model-cluster"))
-    try:
-        yield [cluster.replica(), cluster.replica()]
-    finally:
-        cluster.close()
+    with two_replicas_in(tmp_path_factory.mktemp("watch-model-cluster")) as replicas:
+        yield replicas
 
 
 @pytest.mark.parametrize("seed", SEEDS)
