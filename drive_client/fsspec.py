@@ -710,15 +710,16 @@ class _LitFileSystem:
                     raise NotFound(f"lit://{info['name']} is owned by component {info['component']!r}, not "
                                    f"{self.component_name!r}: only its component can remove it; nothing was removed")
                 targets[info["name"]] = None
-        removed: list[str] = []
+        removed: set[str] = set()  # paths removed whole: a later target at or below one is gone already
         for target in targets:
-            if any(target == gone or target.startswith(f"{gone}/") for gone in removed):
+            parts = target.split("/")
+            if any("/".join(parts[:depth]) in removed for depth in range(1, len(parts) + 1)):
                 continue
             name, sub = self._split(target)
             drive = self._drive(name)
             if not recursive or (sub and maxdepth is None):  # a file, or a folder removed whole
                 yield drive.delete(sub)
-                removed.append(target)
+                removed.add(target)
                 continue
             entries: list[FileStat] = []  # listed whole before deleting: deletes change the listing
             yield Each(drive.entries(sub, self.component_name, recursive=maxdepth is not None), entries.append)
@@ -726,7 +727,7 @@ class _LitFileSystem:
             for entry in entries:  # without maxdepth, a drive root: each of this component's top-level entries
                 if maxdepth is None or entry.path == sub or entry.path[len(prefix):].count("/") < maxdepth:
                     yield drive.delete(entry.path)
-                    removed.append(_join(name, entry.path))
+                    removed.add(_join(name, entry.path))
 
     def _steps_mkdir(self, path: str, exist_ok: bool) -> Steps[None]:
         """mkdir, makedirs: folders are implicit (a folder comes with its first file), so nothing is made; refused as
