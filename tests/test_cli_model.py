@@ -234,7 +234,8 @@ def put_first(daemon: DaemonHandle, uri: str, root: Path, puts: list[tuple[str, 
             Drive(uri, component_name=component, root_folder=str(root), endpoint=daemon.endpoint).put(path)
 
 
-@settings(max_examples=25, deadline=None)
+# Each step starts a `drive` process (~0.3 s): a dozen sequences on every CI run, more with the thorough profile.
+@settings(max_examples=100 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else 12, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(PATHS), st.sampled_from(COMPONENTS)), max_size=3),
        st.lists(steps(), min_size=4, max_size=8))
 def test_the_cli_does_what_the_python_api_does(daemon, puts, sequence):
