@@ -384,8 +384,8 @@ def get(drive: DriveBase, path: str, component_name: str | None, timeout: float 
     yield from _ensure_mounted(drive)
     stream, first = yield from _open_get(drive, request)
     try:
-        if first is None:  # the daemon found a folder, then no file under it: deleted in between, or s3's marker
-            raise NotFound(f"{remote!r} in {drive.id} holds no file (deleted as the get began, or an empty folder)")
+        if first is None:
+            raise _holds_no_file(drive, remote)
         if isinstance(first, pb.GetResponse) and _worth_ranges(first, remote):
             stream.cancel()  # read again, in blocks over several streams
             yield Blocking(_fetch_ranges, (drive, remote, first.info, target, overwrite, progress), calls=True)
@@ -395,6 +395,12 @@ def get(drive: DriveBase, path: str, component_name: str | None, timeout: float 
     finally:
         stream.cancel()  # a no-op once the stream is complete; stops it after a local failure
     return target
+
+
+def _holds_no_file(drive: DriveBase, remote: str) -> NotFound:
+    """The error of a Get answered with no file: the daemon found a folder, then no file under it (deleted in
+    between, or an s3:// folder of markers alone)."""
+    return NotFound(f"{remote!r} in {drive.id} holds no file (deleted as the get began, or an empty folder)")
 
 
 def _open_get(drive: DriveBase, request: pb.GetRequest) -> Plan[tuple[Stream, GetMessage | None]]:
@@ -505,9 +511,11 @@ def read_range(drive: DriveBase, path: str, offset: int, length: int | None, com
     while True:
         stream = yield Open("Get", request)
         crc, checked = 0, False  # of this stream's bytes: the daemon's CRC32C covers the range it was asked for
+        answered = False  # whether the stream carried anything: none is a folder without a file, as `get` finds
         start = request.offset
         try:
             while (message := (yield Next(stream))) is not None:
+                answered = True
                 data = chunk_of(message)
                 if data is not None:
                     crc = crc32c(data, crc)
@@ -523,6 +531,8 @@ def read_range(drive: DriveBase, path: str, offset: int, length: int | None, com
                     _check_range_info(message.info, request)
                     request.if_match = request.if_match or message.info.sha256 or message.info.etag
                     request.component = request.component or message.info.component
+            if not answered:
+                raise _holds_no_file(drive, request.path)
             if not checked:
                 raise no_crc32c(request.path)
             if summed:
