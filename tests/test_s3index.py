@@ -32,9 +32,10 @@ from bench.s3_listing_server import BUCKET as LISTING_BUCKET
 from bench.s3_listing_server import synthetic_keys
 from bench.services import S3ListingServer
 from drive_client.errors import DriveError, InvalidArgument, NotFound, PermissionDenied, StaleIndexError, Unavailable
+from drive_client.uri import normalize_path
 from drived.checksums import RunningCrc32c
 from drived.s3index import S3Entry, S3Index, S3Mounts, direct, pages, reader
-from drived.s3index.index import canonical_stamp, make_run
+from drived.s3index.index import _is_path, canonical_stamp, make_run
 from drived.s3index.lister import Lister, build_index, make_client, make_listing_client, map_error
 from drived.s3index.pages import parse_page
 from drived.s3index.reader import read_object
@@ -662,3 +663,17 @@ def test_index_ordering_matches_a_model() -> None:
     assert all(fixed.stat(k.rstrip("/")) is not None for k in keys[:50])
     assert [e.etag for e in fixed.list("", True, "", 0)[0]] == [
         etags[i].decode() for i in range(50) if not keys[i].endswith("/")]
+
+
+def test_the_index_names_a_key_as_the_client_names_a_path() -> None:
+    """The index's check of a key (bytes, per key listed) spells out `normalize_path`'s rules again, for speed: a key
+    is shown exactly when the client takes it as a path as it is."""
+    rng = random.Random(5)
+    alphabet = ["a", "é", ".", "..", "/", "\\", "\x01", "\x7f", " ", "b" * 200]
+    for _ in range(20_000):
+        key = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+        try:
+            named = normalize_path(key) == key
+        except InvalidArgument:
+            named = False
+        assert _is_path(key.encode()) == named, key
