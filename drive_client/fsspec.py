@@ -1220,18 +1220,20 @@ class DriveFile(_Writing, _Positioned, AbstractBufferedFile):
         return direct
 
     def readline(self, size: int | None = -1) -> bytes:
-        """io's readline (`size`: a line of at most that many bytes), read through the cache a block at a time, then
-        a seek back to the line's end. fsspec's reads with `read`, where a read of a block goes past the cache: a
-        Get of a block for every line."""
+        """io's readline (`size`: a line of at most that many bytes), read through the cache in pieces that double from
+        io's buffer size up to a block, then a seek back to the line's end. fsspec's reads with `read`, where a read
+        of a block goes past the cache: a Get of a block for every line; and a piece of a block for every line
+        copies a block for every line."""
         size = -1 if size is None else size.__index__()
-        start, parts, length = self.loc, [], 0
+        start, parts, length, piece_size = self.loc, [], 0, io.DEFAULT_BUFFER_SIZE
         while size < 0 or length < size:
-            piece = super().read(self.blocksize if size < 0 else min(size - length, self.blocksize))
+            piece = super().read(piece_size if size < 0 else min(size - length, piece_size))
             end = piece.find(b"\n") + 1
             parts.append(piece[:end] if end else piece)
             length += len(parts[-1])
             if end or not piece:
                 break
+            piece_size = min(2 * piece_size, self.blocksize)
         self.seek(start + length)
         return b"".join(parts)
 
