@@ -77,7 +77,7 @@ Semantics:
   straight into the bytes it returns, or into the caller's buffer for
   `readinto` (how `torch.load` reads), so loading a 200 MiB tensor holds no
   second copy of it. Lines (`readline`, iteration) are read through the
-  cache, a block at a time. `cat_file` reads with the same pinning and
+  cache, which fetches a block at a time. `cat_file` reads with the same pinning and
   checks (and, with `verify="sha256"`, the sha256 of whole-file reads);
   `get_file` uses the client's verified, atomic whole-file download.
 - Writing spools: `open(mode="wb")` gathers small writes in memory, at most
