@@ -37,6 +37,7 @@ from .errors import (
     AlreadyExists,
     DriveError,
     EventsExpired,
+    HandoffNotHeld,
     InvalidArgument,
     NotADirectory,
     NotFound,
@@ -44,6 +45,7 @@ from .errors import (
     OutOfRange,
     StoreUnavailable,
 )
+from .handoff import handoff_port
 from .pb import drive_pb2 as pb
 from .resume import Backoff, GetPosition, PutProgress, upload_ids
 from .transfer import (
@@ -285,6 +287,7 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
     for a resume, so it is sent again whole).
     """
     ids = upload_ids(len(files))
+    handoff = handoff_port(drive.endpoint)  # None from the first token the daemon does not hold: bytes are sent
     stored: list[pb.FileInfo] = []  # the files before `start`, which the daemon committed
     versions: dict[Path, Version] = {}  # each file's at its first open: one changed before a resume is refused
     start = offset = 0  # the file to send first, and the byte its stream starts at
@@ -302,8 +305,11 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
                 return [one.file]
             reply: pb.PutResponse = yield Send("Put", put_requests(
                 header, files[start:], ids[start:], offset, progress=sent, sha256=_sha256(drive),
-                versions=versions))
+                versions=versions, handoff=handoff))
             return [*stored, *reply.files]
+        except HandoffNotHeld as err:  # nothing of that file stored: it and the rest go as bytes, at once
+            handoff = None
+            failure: DriveError = err
         except DriveError as err:
             # A resume the daemon refused (OUT_OF_RANGE, NOT_FOUND) is asked about again; a local error (no code:
             # the file removed or changed since) is not the daemon's to mend.
@@ -314,7 +320,7 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
         # A resume refused NOT_FOUND reached a daemon that does not hold the upload: behind a balancer that spreads
         # calls, the query may reach the replica that holds it and every resume another one. The query after it
         # tells only whether the file was committed; otherwise the file is sent again from its first byte.
-        refused = bool(offset) and isinstance(failure, NotFound)
+        refused = bool(offset) and isinstance(failure, NotFound) and not isinstance(failure, HandoffNotHeld)
         while True:
             try:
                 done, offset = yield from _put_resume_point(drive, ids[start:], [remote for _, remote in files[start:]])
@@ -331,7 +337,7 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
         ids[fresh:] = upload_ids(len(files) - fresh)
         if (start, offset) > reached:
             backoff.progressed()
-        else:  # the daemon holds nothing more than before: try again after a while
+        elif not isinstance(failure, HandoffNotHeld):  # the daemon holds nothing more than before: try again later
             yield Sleep(backoff.pace(failure))
 
 

@@ -53,11 +53,13 @@ class _BlockingCalls(Caller):
                 return self._start(lambda: rpc(effect.request, metadata=drive._metadata))
             if isinstance(effect, Unary):
                 return rpc(effect.request, metadata=drive._metadata)
-            requests = ReadAhead(effect.messages)  # reading and hashing files overlaps with sending
+            # Reading and hashing files overlaps with sending.
+            requests = ReadAhead(effect.messages, first_alone=True)
             try:
                 # A future, not the blocking form: a KeyboardInterrupt in the blocking form leaves its call running
                 # with nobody to drive it, its threads blocked for good and the daemon's upload open.
                 sending = rpc.future(iter(requests), metadata=drive._metadata)
+                requests.held()
                 try:
                     return sending.result()
                 except grpc.RpcError:
@@ -68,7 +70,7 @@ class _BlockingCalls(Caller):
                     sending.cancel()  # a no-op once the call has ended; stops one interrupted (Ctrl-C)
             finally:
                 # Also when a KeyboardInterrupt lands in `rpc.future`, which leaves no call to cancel: the call's
-                # messages end before the finish, which the daemon commits nothing without.
+                # messages end at its first, before any finish, which the daemon commits nothing without.
                 requests.stop()
         except grpc.RpcError as err:
             raise drive.error(err) from None

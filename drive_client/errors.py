@@ -48,6 +48,14 @@ class NotFound(DriveError, FileNotFoundError):
     status = grpc.StatusCode.NOT_FOUND
 
 
+class HandoffNotHeld(NotFound):
+    """A Put header's handoff token that the daemon does not hold (expired, or handed to another daemon of the
+    host), or whose file it cannot read: the client sends the file's bytes in the stream instead
+    (`drive_client.handoff`)."""
+
+    mark = "drived: handoff: "
+
+
 class NothingDeleted(NotFound):
     """A delete's NOT_FOUND from a daemon that looked for what the earlier attempts of the delete (its request id)
     removed and found nothing: the path held nothing of the caller's. A daemon older than request ids answers a
@@ -212,6 +220,8 @@ def from_rpc_error(
             "gRPC the calls past the ~1,000 it queues for the daemon to take up: thousands sent at once)"
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(TooManyStreams.mark):
         return TooManyStreams(details, code)
+    if code == grpc.StatusCode.NOT_FOUND and details.startswith(HandoffNotHeld.mark):
+        return HandoffNotHeld(details, code)
     if code == grpc.StatusCode.NOT_FOUND and set(NothingDeleted.trailers) <= set(err.trailing_metadata() or ()):
         return NothingDeleted(details, code)
     if code == grpc.StatusCode.UNAVAILABLE:

@@ -43,6 +43,7 @@ from .errors import (
     StaleIndexError,
 )
 from .files import write_all
+from .handoff import hand_over
 from .pb import drive_pb2 as pb
 from .uri import normalize_path
 from .wire import SMALL_FILE, Chunk, GetMessage, PutMessage, chunk_of
@@ -61,10 +62,14 @@ class ReadAhead(Generic[T]):
     and kept in `.error` (gRPC hides what a request iterator raised).
     """
 
-    def __init__(self, items: Iterable[T], depth: int = 2) -> None:
+    def __init__(self, items: Iterable[T], depth: int = 2, first_alone: bool = False) -> None:
+        """`first_alone`: the consumer gets no item after the first until `held` (see there)."""
         self.error: BaseException | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._stopped = threading.Event()
+        self._held = threading.Event()
+        if not first_alone:
+            self._held.set()
         producing = threading.Thread(target=self._produce, args=(iter(items),), daemon=True, name="drive-read-ahead")
         try:
             producing.start()
@@ -97,11 +102,23 @@ class ReadAhead(Generic[T]):
                 items.close()
         self._offer(_END)
 
+    def held(self) -> None:
+        """Lets the items after the first through: the caller holds the call that consumes them, and can stop it.
+        A call started in another thread, which a Ctrl-C in its start leaves to itself, then ends after its first
+        message (a Put's header: the daemon stores nothing of a file without its finish)."""
+        self._held.set()
+
+    def _wait_held(self, timeout: float) -> None:
+        if not self._held.wait(timeout):
+            raise TimeoutError
+
     def __iter__(self) -> Generator[T, None, None]:
         try:
             while (item := self._until_stopped(lambda timeout: self._queue.get(timeout=timeout),
                                                queue.Empty)) is not _END:
                 yield item
+                if self._until_stopped(self._wait_held, TimeoutError) is _END:
+                    return
             if self.error is not None:
                 raise self.error
         finally:
@@ -191,7 +208,7 @@ Version = tuple[int, int, int]  # a local file's size, modification and change t
 def put_requests(
     header: pb.PutHeader, files: Iterable[tuple[Path, str]], upload_ids: Iterable[str] = (), offset: int = 0,
     chunk_size: int = CHUNK_SIZE, progress: Progress | None = None, sha256: bool = False,
-    versions: dict[Path, Version] | None = None,
+    versions: dict[Path, Version] | None = None, handoff: int | None = None,
 ) -> Iterator[PutMessage]:
     """The messages of one Put stream carrying `files`, each with a header copied from `header`.
 
@@ -204,6 +221,10 @@ def put_requests(
     `versions` keeps each file's version at its first open over the streams of
     one put: a file changed between them is refused as one changed during a
     stream is (the daemon may hold bytes of the earlier version).
+    `handoff`: the port of a daemon on this host that a file sent from its
+    first byte is handed to (`drive_client.handoff`), its header then its only
+    message before its finish, which carries no checksums; one the daemon
+    does not take is sent as bytes.
     """
     ids = iter(upload_ids)
     for local, remote in files:
@@ -227,24 +248,39 @@ def put_requests(
             file_header.size = size
             file_header.upload_id = upload_id
             file_header.write_offset = start
+            if not start and handoff is not None:
+                file_header.handoff = hand_over(handoff, f.fileno()) or ""
             yield pb.PutRequest(header=file_header)
-            crc, digest = 0, hashlib.sha256() if sha256 else None
-            position = 0
-            while position < size:  # never past the size announced: a file that grows is refused below, as changed
-                chunk = f.read(min(chunk_size, (start if position < start else size) - position))
-                if not chunk:  # the file shrank: refused below
-                    break
-                position += len(chunk)
-                crc = crc32c(chunk, crc)
-                if digest is not None:
-                    digest.update(chunk)
-                if position <= start:  # held by the daemon already: summed, not sent
-                    continue
-                yield chunk
+            if file_header.handoff:  # the daemon reads the file: its finish carries no checksums
+                finish = pb.PutFinish()
                 if progress:
-                    progress(len(chunk))
+                    progress(size)
+            else:
+                finish = yield from _chunks(f, size, start, chunk_size, progress, sha256)
             _check_unchanged(f, opened, local)  # before the finish: without it the daemon commits nothing
-        yield pb.PutRequest(finish=pb.PutFinish(crc32c=crc, sha256=digest.hexdigest() if digest else ""))
+        yield pb.PutRequest(finish=finish)
+
+
+def _chunks(f: BinaryIO, size: int, start: int, chunk_size: int, progress: Progress | None, sha256: bool
+            ) -> Generator[Chunk, None, pb.PutFinish]:
+    """The chunks of the `size` bytes of `f` after its first `start`, which are read and summed but not sent; returns
+    the finish, with the checksums of all `size`."""
+    crc, digest = 0, hashlib.sha256() if sha256 else None
+    position = 0
+    while position < size:  # never past the size announced: a file that grows is refused by the caller, as changed
+        chunk = f.read(min(chunk_size, (start if position < start else size) - position))
+        if not chunk:  # the file shrank: refused by the caller
+            break
+        position += len(chunk)
+        crc = crc32c(chunk, crc)
+        if digest is not None:
+            digest.update(chunk)
+        if position <= start:  # held by the daemon already: summed, not sent
+            continue
+        yield chunk
+        if progress:
+            progress(len(chunk))
+    return pb.PutFinish(crc32c=crc, sha256=digest.hexdigest() if digest else "")
 
 
 def _open_to_put(local: Path) -> BinaryIO:

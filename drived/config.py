@@ -60,6 +60,7 @@ class Config:
     tls_key: str = ""
     tls_client_ca: str = ""
     reflection: bool = True
+    handoff: bool = True
     max_connection_age: float = 0.0
     max_file_size: int = 0
     quota: int = 0
@@ -119,6 +120,8 @@ HELP = {
     "tls_client_ca": "PEM bundle of the CAs whose client certificates are accepted: with it, every client must "
     "show one (mutual TLS); needs --tls-cert",
     "reflection": "on or off: serve gRPC server reflection (what grpcurl uses to learn the API)",
+    "handoff": "on or off: take the open files that clients on this host hand over to be put, reading them here "
+    "instead of receiving their bytes (README, Same-host puts; an abstract Unix socket named for the --listen port)",
     "max_connection_age": "seconds after which a client connection is asked to reconnect (so clients behind "
     "DNS round-robin find new replicas; calls in progress finish); 0: never",
     "max_file_size": "the largest file a put may store, in bytes (K, M, G, T: powers of 1024); a bigger one is "
@@ -316,7 +319,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "s3_list_concurrency": _at_most(MAX_LIST_THREADS, _positive(int)), "s3_page_size": _positive(int),
     "s3_index_memory": _positive(_size),
     "metrics_listen": _metrics_listen, "token": _token, "auth_tokens": str, "tls_cert": str, "tls_key": str,
-    "tls_client_ca": str, "reflection": _switch, "max_connection_age": _non_negative(_seconds),
+    "tls_client_ca": str, "reflection": _switch, "handoff": _switch, "max_connection_age": _non_negative(_seconds),
     "max_file_size": _size, "quota": _size, "max_streams": _positive(int), "max_streams_per_peer": _positive(int),
     "max_connections": _at_most(MAX_C_INT, _non_negative(int)), "stream_idle_timeout": _idle_timeout,
     "log_level": _log_level,

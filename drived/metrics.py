@@ -28,6 +28,10 @@ MOUNT_DURATION = Histogram(
     "drived_s3_mount_duration_seconds", "Time to index an s3:// drive",
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 120, 600, float("inf")),
 )
+HANDOFFS = Counter(
+    "drived_handoff_files", "Files that clients of this host handed over (taken: held for their Put; refused: the "
+    "client sends the bytes instead)", ["outcome"]
+)
 DIRECTION = {"Put": "in", "PutFile": "in", "Get": "out"}
 
 

@@ -17,7 +17,7 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 
-from drive_client.errors import InvalidArgument
+from drive_client.errors import HandoffNotHeld, InvalidArgument
 from drive_client.pb import drive_pb2 as pb
 from drive_client.uri import DEFAULT_COMPONENT
 from drive_client.wire import SMALL_FILE, PutMessage, chunk_of
@@ -27,6 +27,7 @@ from .checksums import ClientChecksums
 from .config import ANSWER_ENTRIES_BYTES, answer_entry_bytes
 from .drives import PendingPut
 from .entry import Entry
+from .handoff import READ_SIZE, Handoffs
 from .requests import sent_checksums
 
 MAX_COMMITS_IN_FLIGHT = 64  # the more commits wait together, the more the commit worker does at once
@@ -37,9 +38,11 @@ MAX_FILES_PER_STREAM = 10_000  # the answer lists them all
 class PutStream:
     """Receives the messages of one Put stream in order; `results` gives the committed files."""
 
-    def __init__(self, begin: Callable[[pb.PutHeader], Awaitable[PendingPut]]) -> None:
+    def __init__(self, begin: Callable[[pb.PutHeader], Awaitable[PendingPut]], handoffs: Handoffs | None) -> None:
         self._begin = begin  # decodes a header and starts its file in its drive
+        self._handoffs = handoffs  # the files handed over by clients of this host; None: the daemon takes none
         self._pending: PendingPut | None = None
+        self._handed = False  # whether the pending file's bytes were read from a file handed over
         self._commits: list[asyncio.Task[Entry]] = []
         self._file_start = 0  # the stream's byte count at the current file's first byte (negative for a resumed
         # file whose first bytes came in an earlier stream)
@@ -64,12 +67,16 @@ class PutStream:
             await self._write(self._pending, data)
             return
         kind = message.WhichOneof("message")  # type: ignore[union-attr]
-        if kind == "header":
+        if kind == "header" and message.header.handoff:  # type: ignore[union-attr]
+            await self._receive_handed(message.header)  # type: ignore[union-attr]
+        elif kind == "header":
             await self._start(message.header)  # type: ignore[union-attr]
         elif kind == "finish":
             if self._pending is None:
                 raise InvalidArgument("a finish arrived with no file started: send a header first")
-            await self._finish(sent_checksums(message.finish))  # type: ignore[union-attr]
+            # A handed file's finish carries no checksums: its client did not read it.
+            sent = ClientChecksums("", None) if self._handed else sent_checksums(message.finish)  # type: ignore
+            await self._finish(sent)
         elif kind == "file":
             await self._receive_file(message.file)  # type: ignore[union-attr]
         else:
@@ -82,7 +89,36 @@ class PutStream:
         await self._write(self._pending, whole.data)
         await self._finish(sent)
 
-    async def _start(self, header: pb.PutHeader) -> None:
+    async def _receive_handed(self, header: pb.PutHeader) -> None:
+        """A file handed over by a client of this host (`drived.handoff`): its bytes are read here, from the file;
+        the finish that follows the header commits it."""
+        if self._handoffs is None:
+            raise HandoffNotHeld(f"{HandoffNotHeld.mark}this daemon takes no files handed over (its --handoff is off): "
+                                 "send the file's bytes in the stream")
+        handed = self._handoffs.claim(header.handoff)
+        try:
+            if header.write_offset or not header.HasField("size"):
+                raise InvalidArgument("a handed-over file is put whole: its header gives its size, and no "
+                                      "write_offset")
+            self._handoffs.check_unchanged(handed, header.path, header.size)
+            await self._start(header, handed=True)
+            assert self._pending is not None  # set by _start
+            position = 0
+            while position < header.size:
+                data = await self._handoffs.read(handed, position, min(READ_SIZE, header.size - position))
+                if not data:  # shorter than it was: refused below, as changed
+                    break
+                position += len(data)
+                await self._write(self._pending, data)
+            self._handoffs.check_unchanged(handed, header.path, header.size)
+            self._handed = True  # committed at its finish, as a file whose bytes came: a stream cut before it
+            # (its client interrupted as the call started) commits nothing
+        finally:
+            self._handoffs.release(handed)
+
+    async def _start(self, header: pb.PutHeader, handed: bool = False) -> None:
+        if header.handoff and not handed:
+            raise InvalidArgument("a handoff token goes in the header of a Put stream's file, not with its bytes")
         if self._pending is not None:
             raise InvalidArgument(f"a new file arrived before the finish of {self._pending.path!r}")
         if len(self._commits) == MAX_FILES_PER_STREAM:
@@ -123,7 +159,7 @@ class PutStream:
         while self._running == MAX_COMMITS_IN_FLIGHT or (self._running and self._held + held > MAX_BYTES_IN_FLIGHT):
             self._room.clear()
             await self._room.wait()
-        self._pending = None
+        self._pending, self._handed = None, False
         self._running += 1
         self._held += held
         task = asyncio.create_task(put.commit(sent, received))

@@ -30,6 +30,7 @@ from .coordinator import Coordinator
 from .descriptors import Descriptors
 from .drives import DriveRouter
 from .events import InProcessCoordinator
+from .handoff import Handoffs
 from .limits import Streams
 from .managed import ManagedDrives
 from .s3drives import S3Drives
@@ -220,6 +221,8 @@ async def serve(config: Config) -> NoReturn:
         await uploads.close()
         await coordinator.disconnect()
         await backend.close()
+        if service.handoffs is not None:
+            service.handoffs.close()
 
     signals.at_once = asyncio.ensure_future(_cancelled_at_once(signals, server, streams, service))
     if not await signals.unless_stopped(_started(backend, coordinator)):
@@ -238,12 +241,13 @@ async def serve(config: Config) -> NoReturn:
             reflection_service, method_handlers(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, servicer),
             streams))
     try:
-        if tls:
-            server.add_secure_port(config.listen, tls.credentials())
-        else:
-            server.add_insecure_port(config.listen)
+        port = server.add_secure_port(config.listen, tls.credentials()) if tls else server.add_insecure_port(
+            config.listen)
     except RuntimeError as err:
         raise SystemExit(f"drived: cannot listen on {config.listen}: {err} (is another daemon using it?)") from None
+    handoffs = Handoffs(port, descriptors) if config.handoff and not config.listen.startswith("unix") else None
+    if handoffs is not None and handoffs.start():
+        service.handoffs = handoffs
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
     await server.start()
@@ -261,8 +265,9 @@ async def serve(config: Config) -> NoReturn:
         where["coordinator"] = coordinator_name(config.coordinator)  # the URL without its password
     security = {"tls": "mutual" if config.tls_client_ca else "on" if tls else "off",
                 "tokens": "on" if access.required else "off"}
+    handoff = {"handoff": "@" + service.handoffs.name if service.handoffs else "off"}
     log.info("serving", extra={"fields": {
-        "listen": config.listen, **where, **security, "max_connections": connections}})
+        "listen": config.listen, **where, **security, "max_connections": connections, **handoff}})
 
     loop.add_signal_handler(signal.SIGHUP, reload, access, tls)
     await signals.stop.wait()

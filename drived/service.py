@@ -51,6 +51,7 @@ from .backends.base import ClientTooSlow, Damaged, StoredFileError
 from .config import ANSWER_ENTRIES_BYTES
 from .drives import DriveRouter, Drives, PendingPut
 from .entry import Entry
+from .handoff import Handoffs
 from .limits import Stream, Streams
 from .puts import PutStream
 from .requests import (
@@ -525,6 +526,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
 
     def __init__(self, drives: DriveRouter, streams: Streams, access: Access | None = None) -> None:
         self._router = drives
+        self.handoffs: Handoffs | None = None  # the files clients of this host hand over, once its socket listens
         self.streams = streams
         self.answers = AnswerRoom()
         self.access = access or Access()
@@ -567,7 +569,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
         refused it or the idle check ended it (README, Failure behaviour).
         """
         assert record.stream is not None  # Put and PutFile are STREAMS: admitted before the handler runs
-        stream = PutStream(partial(self._begin_put, record, put_file=not hold))  # only a Put stream holds
+        stream = PutStream(partial(self._begin_put, record, put_file=not hold), self.handoffs)  # only Put holds
         keep = False
         try:
             async for message in messages:

@@ -1314,6 +1314,7 @@ INTERRUPTED = """
 import contextlib, json, os, signal, sys, threading, time
 from drive_client import Drive
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal: a background job ignores SIGINT
+os.environ["DRIVE_HANDOFF"] = "0"  # `progress` counts the bytes as they are sent, not all at the handoff
 uri, endpoint, root, call = sys.argv[1:5]
 at, freeze = int(sys.argv[5]), int(sys.argv[6])
 drive = Drive(uri, endpoint=endpoint, root_folder=root)

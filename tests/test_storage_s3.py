@@ -203,7 +203,11 @@ def test_put_through_a_is_read_and_deleted_through_b(daemon_a, daemon_b, drive_u
         a.stat("dir/f.bin")
 
 
-def test_a_file_bigger_than_several_parts_is_one_multipart_object(store, daemon_a, daemon_b, drive_uri, tmp_path):
+@pytest.mark.parametrize("handoff", ["1", "0"], ids=["handed-over", "streamed"])
+def test_a_file_bigger_than_several_parts_is_one_multipart_object(
+        store, daemon_a, daemon_b, drive_uri, tmp_path, handoff, monkeypatch):
+    """Handed over (README, Same-host puts: the daemon reads the file into the parts) or streamed."""
+    monkeypatch.setenv("DRIVE_HANDOFF", handoff)
     data = os.urandom(35 * MIB)  # five 8 MiB parts
     (tmp_path / "big.bin").write_bytes(data)
     a = Drive(drive_uri, component_name="w", root_folder=tmp_path, endpoint=daemon_a.endpoint)
@@ -2614,12 +2618,13 @@ def test_a_short_last_part_keeps_its_part_sized_buffer_for_the_next_part(store):
 
 @pytest.mark.parametrize("max_held_uploads", [1000, 0])
 def test_a_slow_client_ended_for_its_parts_room_resumes_after_the_parts_it_sent(
-    store, drive_uri, tmp_path, max_held_uploads
+    store, drive_uri, tmp_path, max_held_uploads, monkeypatch
 ):
     """A client too slow to fill a part within --stream-idle-timeout, while other uploads keep wanting room, has its
     stream ended UNAVAILABLE naming the flag; its upload is held with the parts it sent, as a cut stream's is. The
     client resumes from the end of its last part sent, and the file completes with those parts sent once. Held
     uploads' bounds apply as usual: past --max-held-uploads it is removed, and the file is sent again whole."""
+    monkeypatch.setenv("DRIVE_HANDOFF", "0")  # the client's pace is that of the bytes it streams
     handle = store.daemon("--stream-idle-timeout", "2", "--max-held-uploads", str(max_held_uploads))
     size = 3 * PART_SIZE
     expected = write_random_file(tmp_path / "slow.bin", size)

@@ -149,6 +149,7 @@ class PutHeader(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     WRITE_OFFSET_FIELD_NUMBER: _builtins.int
+    HANDOFF_FIELD_NUMBER: _builtins.int
     drive: _builtins.str
     """The drive URI, e.g. "lit://drive_1". s3:// drives refuse puts."""
     path: _builtins.str
@@ -189,6 +190,18 @@ class PutHeader(_message.Message):
     again from 0). Needs `upload_id` when not 0 (INVALID_ARGUMENT otherwise,
     and for a negative offset); `path` and `size` must be the upload's.
     """
+    handoff: _builtins.str
+    """A same-host put: the token the server's handoff socket answered for the
+    open file a client on its host handed over (see the README, "Same-host
+    puts"). The server reads the file's bytes itself: the stream carries no
+    data for the file, and its finish carries no checksums (the server
+    commits the file at the finish, and nothing when the stream ends before
+    it); `size` is required and `write_offset` must be 0. A token the server does not hold (it expired,
+    or another server of the host took the file), or a file it cannot read,
+    is refused with NOT_FOUND, its message starting "drived: handoff: ":
+    nothing is stored, and the client sends the bytes in a stream instead.
+    A file changed while it was read is refused with ABORTED.
+    """
     def __init__(
         self,
         *,
@@ -199,10 +212,11 @@ class PutHeader(_message.Message):
         size: _builtins.int | None = ...,
         upload_id: _builtins.str = ...,
         write_offset: _builtins.int = ...,
+        handoff: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_size", b"_size", "size", b"size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_size", b"_size", "allow_duplicates", b"allow_duplicates", "component", b"component", "drive", b"drive", "path", b"path", "size", b"size", "upload_id", b"upload_id", "write_offset", b"write_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_size", b"_size", "allow_duplicates", b"allow_duplicates", "component", b"component", "drive", b"drive", "handoff", b"handoff", "path", b"path", "size", b"size", "upload_id", b"upload_id", "write_offset", b"write_offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__size: _TypeAlias = _typing.Literal["size"]  # noqa: Y015
     _WhichOneofArgType__size: _TypeAlias = _typing.Literal["_size", b"_size"]  # noqa: Y015

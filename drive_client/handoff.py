@@ -1,0 +1,53 @@
+"""Same-host puts: a client hands the daemon on its own host the open file instead of sending its bytes.
+
+The daemon listens on a Unix socket in Linux's abstract namespace named for
+its gRPC port (`socket_name`); a client whose endpoint is that port on a
+loopback address sends it the open file (SCM_RIGHTS) and gets a token, which
+the file's Put header carries (`PutHeader.handoff`): the daemon reads the
+file itself (`drived.handoff`). No such socket here (the daemon is in another
+network namespace, a container, or on another host), a refusal, or a token the
+Put does not find: the file's bytes go in the stream as always.
+$DRIVE_HANDOFF=0 turns handoffs off.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from .channels import endpoint_hosts, env_flag, is_loopback
+
+REQUEST = b"put"  # what a handoff's message says, beside the one descriptor it carries
+HANDOFF_SECONDS = 2.0  # the daemon answers at once; a daemon that does not is one the file is streamed to
+
+
+def socket_name(port: int) -> str:
+    """The abstract socket name of the daemon serving gRPC on `port`."""
+    return f"drived-handoff:{port}"
+
+
+def handoff_port(endpoint: str) -> int | None:
+    """The port of a daemon on this host that `endpoint` names (one loopback HOST:PORT) and files may be handed to;
+    None when there is none, or $DRIVE_HANDOFF is off."""
+    if not env_flag("DRIVE_HANDOFF", {"DRIVE_HANDOFF": os.environ.get("DRIVE_HANDOFF", "1")}):
+        return None
+    hosts = endpoint_hosts(endpoint)
+    if len(hosts) != 1 or not is_loopback(endpoint) or endpoint.startswith("unix"):
+        return None
+    port = endpoint.rpartition(":")[2]
+    return int(port) if port.isdigit() else None
+
+
+def hand_over(port: int, fd: int) -> str | None:
+    """The token under which the daemon of `port` on this host holds the open file `fd`; None when there is no such
+    daemon here or it does not take the file (the caller sends the bytes)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as connection:
+            connection.settimeout(HANDOFF_SECONDS)
+            connection.connect("\0" + socket_name(port))
+            socket.send_fds(connection, [REQUEST], [fd])
+            answer = connection.recv(1024).decode(errors="replace")
+    except OSError:
+        return None
+    word, _, token = answer.partition(" ")
+    return token if word == "ok" and token else None
