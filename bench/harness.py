@@ -396,6 +396,9 @@ class Harness:
                             "twin": twin}
                     profile = f"large-{op}" if twin == "Drive" else None
                     rec(key, measure(key, f"{twin}.{op} large", spec, profile=profile))
+            spec = {"task": "drive_put", "endpoint": ep, "root": str(self.src), "relpath": "large.bin",
+                    "handoff": False}
+            rec("large.drive_streamed.put", measure("large.drive_streamed.put", "Drive.put large, streamed", spec))
 
     def run_small(self, run: int) -> None:
         a = self.a
@@ -607,9 +610,13 @@ class Harness:
                 ("boto3", {"task": "boto3_put", "url": url, "bucket": STORE_BUCKET, "src": str(src / name),
                            "key": name},
                  {"task": "boto3_get", "url": url, "bucket": STORE_BUCKET, "key": name, "dst": str(dst / name)}),
+                ("drive_streamed", {"task": "drive_put", "endpoint": d.endpoint, "root": str(src),
+                                    "relpath": name, "handoff": False}, None),
             ]
             for system, put, get in rotated(systems, run):
                 for op, spec in (("put", put), ("get", get)):
+                    if spec is None:  # a get is the same either way
+                        continue
                     key = f"storage.{system}.{op}"
                     res = self.measure(key, f"{system} {op} (storage)", {**spec, "settle": [size, str(dst)]}, to)
                     if res:

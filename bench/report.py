@@ -69,6 +69,7 @@ def figure_units() -> dict[str, str]:
         "drive.get",
         "async_drive.put",
         "async_drive.get",
+        "drive_streamed.put",
     ):
         units[f"large.{k}"] = "MB/s"
     for sys_ in SMALL_SYSTEMS:
@@ -86,6 +87,7 @@ def figure_units() -> dict[str, str]:
     for system in ("drive", "boto3"):
         for op in ("put", "get"):
             units[f"storage.{system}.{op}"] = "MB/s"
+    units["storage.drive_streamed.put"] = "MB/s"
     units["storage.daemon.peak_mib"] = "MiB"
     for layout in CLUSTER_LAYOUTS:
         units[f"cluster.{layout}.put_ops_s"] = "ops/s"
@@ -170,6 +172,14 @@ def checks(size_label: str, folder_files: int = 1000) -> list[Check]:
             "≥ 0.6 × min(plain grpcio, cp+fsync)",
             ceiling="large.grpc_crc32c.up",
         ),
+        Check(
+            "put throughput (durable), streamed",
+            "large.drive_streamed.put",
+            ("large.grpc_raw.up", "large.cp_fsync"),
+            0.6,
+            "≥ 0.6 × min(plain grpcio, cp+fsync)",
+            ceiling="large.grpc_crc32c.up",
+        ),
         Check("put throughput", "large.drive.put", ("large.boto3_moto.put",), 3.0, "≥ 3 × boto3/moto"),
         Check("get throughput", "large.drive.get", ("large.boto3_moto.get",), 3.0, "≥ 3 × boto3/moto"),
         Check(
@@ -240,6 +250,10 @@ def checks(size_label: str, folder_files: int = 1000) -> list[Check]:
         ),
         Check(
             "put through --storage", "storage.drive.put", ("storage.boto3.put",), 1.0, "≥ 1.0 × boto3 upload_file"
+        ),
+        Check(
+            "put through --storage, streamed", "storage.drive_streamed.put", ("storage.boto3.put",), 1.0,
+            "≥ 1.0 × boto3 upload_file",
         ),
         Check(
             "get through --storage", "storage.drive.get", ("storage.boto3.get",), 1.0,
@@ -412,6 +426,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         ("boto3 upload_file/download_file → moto_server", "large.boto3_moto.put", "large.boto3_moto.get"),
         ("requests PUT/GET → nginx", "large.nginx.put", "large.nginx.get"),
         ("**drive_client.Drive → drived**", "large.drive.put", "large.drive.get"),
+        ("drive_client.Drive → drived, bytes streamed (`DRIVE_HANDOFF=0`)", "large.drive_streamed.put", None),
         ("drive_client.AsyncDrive → drived", "large.async_drive.put", "large.async_drive.get"),
     ):
         lines.append(
@@ -476,6 +491,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"| {label} | {_fmt(figs[f'storage.{sys_}.put']['value'], 'MB/s')} | "
             f"{_fmt(figs[f'storage.{sys_}.get']['value'], 'MB/s')} |"
         )
+    lines.append(f"| Drive → drived --storage, bytes streamed (`DRIVE_HANDOFF=0`) | "
+                 f"{_fmt(figs['storage.drive_streamed.put']['value'], 'MB/s')} | — |")
     lines.append(f"| daemon peak RSS | {_fmt(figs['storage.daemon.peak_mib']['value'], 'MiB')} | |")
     lines += _cluster(doc)
     lines += _loader(doc)

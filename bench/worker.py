@@ -240,7 +240,10 @@ def _timed_drive_call(twin: str, endpoint: str, root: str, method: str, *args: A
     return asyncio.run(timed())
 
 
-def task_drive_put(endpoint: str, root: str, relpath: str, twin: str = "Drive") -> dict:
+def task_drive_put(endpoint: str, root: str, relpath: str, twin: str = "Drive", handoff: bool = True) -> dict:
+    """`handoff=False`: the file's bytes are streamed, as to a daemon on another host (README, Same-host puts)."""
+    if not handoff:
+        os.environ["DRIVE_HANDOFF"] = "0"
     size = _tree_size(Path(root) / relpath)
     return {"seconds": _timed_drive_call(twin, endpoint, root, "put", relpath), "bytes": size}
 
