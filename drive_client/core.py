@@ -287,7 +287,9 @@ def _put_stream(drive: DriveBase, header: pb.PutHeader, files: list[tuple[Path, 
     for a resume, so it is sent again whole).
     """
     ids = upload_ids(len(files))
-    handoff = handoff_port(drive.endpoint)  # None from the first token the daemon does not hold: bytes are sent
+    # None with verify="sha256" (its client sends the sha256 of the bytes it read), and from the first token the
+    # daemon does not hold: bytes are sent.
+    handoff = None if _sha256(drive) else handoff_port(drive.endpoint)
     stored: list[pb.FileInfo] = []  # the files before `start`, which the daemon committed
     versions: dict[Path, Version] = {}  # each file's at its first open: one changed before a resume is refused
     start = offset = 0  # the file to send first, and the byte its stream starts at

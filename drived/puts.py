@@ -74,9 +74,7 @@ class PutStream:
         elif kind == "finish":
             if self._pending is None:
                 raise InvalidArgument("a finish arrived with no file started: send a header first")
-            # A handed file's finish carries no checksums: its client did not read it.
-            sent = ClientChecksums("", None) if self._handed else sent_checksums(message.finish)  # type: ignore
-            await self._finish(sent)
+            await self._finish(sent_checksums(message.finish, optional=self._handed))  # type: ignore[union-attr]
         elif kind == "file":
             await self._receive_file(message.file)  # type: ignore[union-attr]
         else:

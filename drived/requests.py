@@ -48,10 +48,11 @@ def check_id(value: str, what: str) -> str:
     return value
 
 
-def sent_checksums(message: pb.PutFinish | pb.PutFileRequest) -> ClientChecksums:
-    """The checksums a client sent for a file's bytes: a CRC32C, a sha256 (as lowercase hex), or both."""
+def sent_checksums(message: pb.PutFinish | pb.PutFileRequest, optional: bool = False) -> ClientChecksums:
+    """The checksums a client sent for a file's bytes: a CRC32C, a sha256 (as lowercase hex), or both; neither only
+    when `optional` (the finish of a file handed over, whose client did not read it)."""
     crc = message.crc32c if message.HasField("crc32c") else None
-    if crc is None and not message.sha256:
+    if crc is None and not message.sha256 and not optional:
         raise InvalidArgument(
             "a file's finish needs the CRC32C of its bytes (crc32c), or their sha256 (lowercase hex): it had neither"
         )

@@ -17,7 +17,17 @@ import urllib.request
 
 import grpc
 import pytest
-from conftest import MIB, descriptor_targets, file_sha256, open_fds, rpc_code, wait_until, write_random_file
+from conftest import (
+    MIB,
+    descriptor_targets,
+    file_sha256,
+    open_fds,
+    rpc_code,
+    sha256_hex,
+    wait_until,
+    write_random_file,
+)
+from crc32c import crc32c
 
 from drive_client import Drive, ResourceExhausted
 from drive_client.handoff import REQUEST, hand_over, socket_name
@@ -72,6 +82,32 @@ def test_drive_handoff_off_streams_the_bytes(daemon, tmp_path, drive_uri, monkey
     taken = handoffs(daemon, "taken")
     [stat] = Drive(drive_uri, root_folder=str(tmp_path), endpoint=daemon.endpoint).put("a.bin")
     assert stat.sha256 == digest and handoffs(daemon, "taken") == taken
+
+
+def test_a_drive_that_verifies_sha256_streams_its_bytes(daemon, tmp_path, drive_uri):
+    digest = write_random_file(tmp_path / "a.bin", 3 * MIB)
+    taken = handoffs(daemon, "taken")
+    d = Drive(drive_uri, root_folder=str(tmp_path), endpoint=daemon.endpoint, verify="sha256")
+    assert d.put("a.bin")[0].sha256 == digest
+    assert handoffs(daemon, "taken") == taken
+
+
+def test_checksums_sent_with_a_handed_file_are_checked(daemon, stub, tmp_path, drive_uri):
+    data = os.urandom(2 * MIB)
+    (tmp_path / "f.bin").write_bytes(data)
+    for crc, stored in ((crc32c(data) ^ 1, False), (crc32c(data), True)):
+        with open(tmp_path / "f.bin", "rb") as f:
+            token = hand_over(daemon.port, f.fileno())
+        [header, _] = handed(drive_uri, "f.bin", token, 2 * MIB)
+        finish = drive_pb2.PutRequest(finish=drive_pb2.PutFinish(crc32c=crc))
+        if stored:
+            [info] = stub.Put(iter([header, finish]), timeout=60).files
+            assert info.sha256 == sha256_hex(data)
+        else:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Put(iter([header, finish]), timeout=60)
+            assert refused.value.code() == grpc.StatusCode.DATA_LOSS
+            assert not stub.List(drive_pb2.ListRequest(drive=drive_uri)).entries
 
 
 def test_a_raw_handoff_put_and_its_token_is_used_once(daemon, stub, tmp_path, drive_uri):
