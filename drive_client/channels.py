@@ -94,9 +94,9 @@ def _addresses(endpoint: str) -> list[str]:
 def check_endpoint(endpoint: str, setting: str) -> str:
     """`endpoint` once a daemon can be there; `setting` names where it came from, for the error.
 
-    Refused: a URL (gRPC would look `http://host:port` up in DNS as one name) and a port outside 1-65535
-    (gRPC would take it modulo 65536, and reach another port): both would be tried for the whole
-    retry_seconds before failing, or worse.
+    Refused: a URL (gRPC would look `http://host:port` up in DNS as one name), a port outside 1-65535
+    (gRPC would take it modulo 65536, and reach another port) and an empty one (gRPC would dial 443): each
+    would be tried for the whole retry_seconds before failing, or worse.
     """
     scheme, url, _ = endpoint.partition("://")
     if url and scheme not in TARGET_SCHEMES:
@@ -105,6 +105,8 @@ def check_endpoint(endpoint: str, setting: str) -> str:
     for address in _addresses(endpoint):
         port = address.rpartition("]")[2] if address.startswith("[") else address
         _, colon, port = port.rpartition(":")
+        if colon and not port:
+            raise InvalidArgument(f"{setting} {endpoint!r}: the port is missing after the colon; give HOST:PORT")
         if colon and port.isdigit() and not 0 < int(port) < 65536:
             raise InvalidArgument(f"{setting} {endpoint!r}: port {port} is not one of 1-65535; give HOST:PORT")
     return endpoint

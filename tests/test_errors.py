@@ -208,10 +208,11 @@ def test_unreachable_daemon_is_connection_error(tmp_path):
 
 
 @pytest.mark.parametrize("endpoint", ["http://127.0.0.1:50051", "grpc://localhost:50051", "127.0.0.1:99999",
-                                      "dns:///localhost:0", "ipv4:127.0.0.1:1,127.0.0.1:70000"])
+                                      "dns:///localhost:0", "ipv4:127.0.0.1:1,127.0.0.1:70000", "localhost:",
+                                      "[::1]:"])
 def test_an_endpoint_no_daemon_can_be_at_is_value_error_at_once(twin, tmp_path, endpoint, monkeypatch):
-    """gRPC looks a URL up in DNS as one name, and takes a port modulo 65536 (99999 is 34463): the client tried
-    such an endpoint for its retry_seconds, a minute by default, then said it could not resolve it, or talked to
+    """gRPC looks a URL up in DNS as one name, takes a port modulo 65536 (99999 is 34463), and an empty one as 443:
+    the client tried such an endpoint for its retry_seconds, a minute by default, then said it could not resolve it, or talked to
     whatever listens at the other port. It is refused when the Drive is made, naming what an endpoint is."""
     with pytest.raises(ValueError, match="HOST:PORT") as refused:
         twin("lit://drive_1", root_folder=tmp_path, endpoint=endpoint)
