@@ -6,7 +6,10 @@ loopback address sends it the open file (SCM_RIGHTS) and gets a token, which
 the file's Put header carries (`PutHeader.handoff`): the daemon reads the
 file itself (`drived.handoff`). No such socket here (the daemon is in another
 network namespace, a container, or on another host), a refusal, or a token the
-Put does not find: the file's bytes go in the stream as always.
+Put does not find: the file's bytes go in the stream as always. Any user
+of the host may bind an abstract socket's name (before the daemon starts,
+or while it restarts): a file goes only to a listener of the client's own
+user or root, who may read it anyway; one of another user gets the bytes.
 $DRIVE_HANDOFF=0 turns handoffs off.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 
 from .channels import endpoint_hosts, env_flag, is_loopback
 
@@ -45,9 +49,19 @@ def hand_over(port: int, fd: int) -> str | None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as connection:
             connection.settimeout(HANDOFF_SECONDS)
             connection.connect("\0" + socket_name(port))
+            if not _trusted(connection):
+                return None
             socket.send_fds(connection, [REQUEST], [fd])
             answer = connection.recv(1024).decode(errors="replace")
     except OSError:
         return None
     word, _, token = answer.partition(" ")
     return token if word == "ok" and token else None
+
+
+def _trusted(connection: socket.socket) -> bool:
+    """Whether the listener at the other end runs as root or as this process's user (its credentials as it
+    listened): a file handed to another user would give that user a right to read it."""
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", credentials)
+    return uid in (0, os.geteuid())

@@ -12,6 +12,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import urllib.request
 
@@ -21,6 +23,7 @@ from conftest import (
     MIB,
     descriptor_targets,
     file_sha256,
+    free_port,
     open_fds,
     rpc_code,
     sha256_hex,
@@ -336,3 +339,41 @@ def test_a_daemon_killed_with_files_held_restarts_and_takes_handoffs(start_daemo
     digest = file_sha256(tmp_path / "f.bin")
     assert Drive(drive_uri, root_folder=str(tmp_path), endpoint=again.endpoint).put("f.bin")[0].sha256 == digest
     assert handoffs(again, "taken") == 1
+
+
+IMPOSTOR = """
+import contextlib, os, socket, sys
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+os.setgid(65534)
+os.setuid(65534)  # another user of the host, before it listens: its credentials are the socket's
+listener.bind("\\0" + sys.argv[1])
+listener.listen(1)
+listener.settimeout(30)
+print("listening", flush=True)
+connection, _ = listener.accept()
+_, fds, _, _ = socket.recv_fds(connection, 16, 4)
+for fd in fds:
+    print("read", os.pread(fd, 64, 0), flush=True)
+with contextlib.suppress(OSError):  # a client that handed nothing has left
+    connection.send(b"busy")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a socket's listener as another user")
+def test_a_socket_of_another_user_gets_no_file(start_daemon, tmp_path, drive_uri):
+    """Any user of the host may bind an abstract socket's name, before the daemon does (its start or restart): a
+    client hands its files only to a listener of its own user or root, who may read them anyway."""
+    port = free_port()
+    impostor = subprocess.Popen([sys.executable, "-c", IMPOSTOR, socket_name(port)], stdout=subprocess.PIPE,
+                                text=True)
+    try:
+        assert impostor.stdout is not None and impostor.stdout.readline() == "listening\n"
+        handle = start_daemon(tmp_path, port=port)
+        digest = write_random_file(tmp_path / "secret.bin", 3 * MIB)
+        (tmp_path / "secret.bin").chmod(0o600)
+        assert Drive(drive_uri, root_folder=str(tmp_path), endpoint=handle.endpoint).put("secret.bin")[0].sha256 \
+            == digest
+    finally:
+        impostor.kill()
+        seen, _ = impostor.communicate(timeout=10)
+    assert "read" not in seen, seen
