@@ -146,8 +146,13 @@ class Handoffs:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
             answer = self._take(b"" if flags & socket.MSG_TRUNC else message, list(fds))
+            try:
+                connection.send(answer.encode())
+            except OSError:  # its client left, tired of waiting on a stopped daemon: it sends the bytes
+                if answer.startswith("ok "):
+                    self._expire(answer.removeprefix("ok "))
+                answer = "busy"
             metrics.HANDOFFS.labels("taken" if answer.startswith("ok ") else "refused").inc()
-            connection.send(answer.encode())
         except (OSError, asyncio.TimeoutError):
             pass  # a client that sent nothing in time, or left: it has no token
         finally:

@@ -377,3 +377,20 @@ def test_a_socket_of_another_user_gets_no_file(start_daemon, tmp_path, drive_uri
         impostor.kill()
         seen, _ = impostor.communicate(timeout=10)
     assert "read" not in seen, seen
+
+
+def test_a_file_whose_client_left_without_its_token_is_not_held(start_daemon, tmp_path):
+    """A daemon stopped (SIGSTOP) as a client hands a file over: the client gives up after its HANDOFF_SECONDS and
+    sends the bytes; the daemon, once it goes on, holds nothing for the token it could not answer."""
+    handle = start_daemon(tmp_path)
+    (tmp_path / "f").write_bytes(b"data")
+    taken, refused = handoffs(handle, "taken"), handoffs(handle, "refused")
+    handle.proc.send_signal(signal.SIGSTOP)
+    try:
+        with open(tmp_path / "f", "rb") as f:
+            assert hand_over(handle.port, f.fileno()) is None
+    finally:
+        handle.proc.send_signal(signal.SIGCONT)
+    assert wait_until(lambda: handoffs(handle, "refused") == refused + 1)
+    assert not holds(handle.proc.pid, tmp_path / "f")
+    assert handoffs(handle, "taken") == taken
