@@ -64,6 +64,9 @@ class PutStream:
         if data is not None:
             if self._pending is None:
                 raise InvalidArgument("a Put stream must start each file with a header before its data")
+            if self._handed:
+                raise InvalidArgument("a handed-over file's bytes are read from the file: its header is followed by "
+                                      "its finish, and no data")
             await self._write(self._pending, data)
             return
         kind = message.WhichOneof("message")  # type: ignore[union-attr]

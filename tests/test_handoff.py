@@ -394,3 +394,17 @@ def test_a_file_whose_client_left_without_its_token_is_not_held(start_daemon, tm
     assert wait_until(lambda: handoffs(handle, "refused") == refused + 1)
     assert not holds(handle.proc.pid, tmp_path / "f")
     assert handoffs(handle, "taken") == taken
+
+
+def test_bytes_sent_after_a_handed_header_are_refused(daemon, stub, tmp_path, drive_uri):
+    """The daemon reads a handed file itself: bytes sent for it are a client's mistake, not damage in transit."""
+    write_random_file(tmp_path / "f.bin", 2 * MIB)
+    with open(tmp_path / "f.bin", "rb") as f:
+        token = hand_over(daemon.port, f.fileno())
+    [header, finish] = handed(drive_uri, "f.bin", token, 2 * MIB)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Put(iter([header, drive_pb2.PutRequest(data=b"more"), finish]), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+    assert "handed" in refused.value.details()
+    assert not stub.List(drive_pb2.ListRequest(drive=drive_uri)).entries
+    assert wait_until(lambda: not holds(daemon.proc.pid, tmp_path / "f.bin"))

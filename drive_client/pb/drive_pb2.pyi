@@ -194,7 +194,8 @@ class PutHeader(_message.Message):
     """A same-host put: the token the server's handoff socket answered for the
     open file a client on its host handed over (see the README, "Same-host
     puts"). The server reads the file's bytes itself: the stream carries no
-    data for the file, and its finish carries no checksums (the server
+    data for the file (INVALID_ARGUMENT, and nothing stored, for data sent
+    after the header), and its finish carries no checksums (the server
     commits the file at the finish, and nothing when the stream ends before
     it); `size` is required and `write_offset` must be 0. A token the server does not hold (it expired,
     or another server of the host took the file), or a file it cannot read,
