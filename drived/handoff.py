@@ -220,13 +220,19 @@ class Handoffs:
             raise HandoffNotHeld(f"{HandoffNotHeld.mark}the file handed over cannot be read here ({err}); send its "
                                  "bytes in the stream") from None
 
-    def check_unchanged(self, handed: HandedFile, path: str, size: int) -> None:
+    def check_unchanged(self, handed: HandedFile, path: str, size: int, read: int | None = None) -> None:
         """Refuses a file written to since it was handed over, or not of the size its header gives: what is read
-        may mix two versions of it."""
+        may mix two versions of it. `read`: the bytes read of it, which end before its size in a file of /proc or
+        /sys whose size is not what it holds."""
         if _version(handed.fd) != handed.version or size != handed.version[0]:
             raise StaleIndexError(
                 f"the local file handed over for {path!r} changed while it was being put (its size, modification or "
                 "change time moved; nothing of it was stored): put it again once it is written"
+            )
+        if read is not None and read < size:
+            raise StaleIndexError(
+                f"the local file handed over for {path!r} ended after {read} of the {size} bytes its size gives (a "
+                "file of /proc or /sys; nothing of it was stored): put a copy of it"
             )
 
     def release(self, handed: HandedFile) -> None:

@@ -107,11 +107,11 @@ class PutStream:
             position = 0
             while position < header.size:
                 data = await self._handoffs.read(handed, position, min(READ_SIZE, header.size - position))
-                if not data:  # shorter than it was: refused below, as changed
+                if not data:  # shorter than its size: refused below
                     break
                 position += len(data)
                 await self._write(self._pending, data)
-            self._handoffs.check_unchanged(handed, header.path, header.size)
+            self._handoffs.check_unchanged(handed, header.path, header.size, read=position)
             self._handed = True  # committed at its finish, as a file whose bytes came: a stream cut before it
             # (its client interrupted as the call started) commits nothing
         finally:

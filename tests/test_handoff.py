@@ -408,3 +408,19 @@ def test_bytes_sent_after_a_handed_header_are_refused(daemon, stub, tmp_path, dr
     assert "handed" in refused.value.details()
     assert not stub.List(drive_pb2.ListRequest(drive=drive_uri)).entries
     assert wait_until(lambda: not holds(daemon.proc.pid, tmp_path / "f.bin"))
+
+
+def test_a_handed_file_that_ends_before_its_size_is_refused_as_shorter(daemon, stub, drive_uri):
+    """A file of /sys says 4096 bytes and holds a few: refused as shorter than its header says (README), not as
+    bytes damaged on the way (DATA_LOSS, "retry the put"), which a retry meets again."""
+    path = "/sys/devices/system/cpu/online"
+    if not os.path.exists(path):
+        pytest.skip(f"no {path} here")
+    with open(path, "rb") as f:
+        token = hand_over(daemon.port, f.fileno())
+        size = os.fstat(f.fileno()).st_size
+        assert size > len(f.read())
+    with pytest.raises(grpc.RpcError) as refused:
+        handed_put(stub, drive_uri, "online", token, size)
+    assert refused.value.code() == grpc.StatusCode.ABORTED, refused.value.details()
+    assert not stub.List(drive_pb2.ListRequest(drive=drive_uri)).entries
