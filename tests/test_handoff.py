@@ -424,3 +424,34 @@ def test_a_handed_file_that_ends_before_its_size_is_refused_as_shorter(daemon, s
         handed_put(stub, drive_uri, "online", token, size)
     assert refused.value.code() == grpc.StatusCode.ABORTED, refused.value.details()
     assert not stub.List(drive_pb2.ListRequest(drive=drive_uri)).entries
+
+
+HUNG_READS = """
+import os, threading
+import drived.handoff as h; h.STUCK_SECONDS = 0.2
+_pread = os.pread
+def pread(fd, size, offset):  # a file on a hung mount: its reads never end
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".hung"):
+        threading.Event().wait()
+    return _pread(fd, size, offset)
+os.pread = pread
+"""
+
+
+def test_hung_reads_stop_the_handoffs_not_the_daemon(start_daemon, tmp_path, drive_uri):
+    """Half the reading threads hung on a file: no handoff is taken, puts send their bytes, and SIGTERM still ends
+    the daemon within its grace period."""
+    handle = start_daemon(tmp_path, "--grace-period", "1", before=HUNG_READS)
+    write_random_file(tmp_path / "f.hung", 2 * MIB)
+    with grpc.insecure_channel(handle.endpoint) as channel, open(tmp_path / "f.hung", "rb") as f:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        hung = [stub.Put.future(iter(handed(drive_uri, f"{n}.bin", hand_over(handle.port, f.fileno()), 2 * MIB)))
+                for n in range(4)]
+        handle.wait_open("Put", 4)
+        assert wait_until(lambda: hand_over(handle.port, f.fileno()) is None)
+        digest = write_random_file(tmp_path / "a.bin", 3 * MIB)
+        taken = handoffs(handle, "taken")
+        assert Drive(drive_uri, root_folder=str(tmp_path), endpoint=handle.endpoint).put("a.bin")[0].sha256 == digest
+        assert handoffs(handle, "taken") == taken
+        assert handle.stop(signal.SIGTERM, timeout=10) == 0
+        assert all(rpc_code(call.result) == grpc.StatusCode.UNAVAILABLE for call in hung)
