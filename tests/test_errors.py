@@ -212,8 +212,9 @@ def test_unreachable_daemon_is_connection_error(tmp_path):
                                       "[::1]:"])
 def test_an_endpoint_no_daemon_can_be_at_is_value_error_at_once(twin, tmp_path, endpoint, monkeypatch):
     """gRPC looks a URL up in DNS as one name, takes a port modulo 65536 (99999 is 34463), and an empty one as 443:
-    the client tried such an endpoint for its retry_seconds, a minute by default, then said it could not resolve it, or talked to
-    whatever listens at the other port. It is refused when the Drive is made, naming what an endpoint is."""
+    the client tried such an endpoint for its retry_seconds, a minute by default, then said it could not resolve it,
+    or talked to whatever listens at the other port. It is refused when the Drive is made, naming what an endpoint
+    is."""
     with pytest.raises(ValueError, match="HOST:PORT") as refused:
         twin("lit://drive_1", root_folder=tmp_path, endpoint=endpoint)
     assert endpoint in str(refused.value)
