@@ -14,7 +14,8 @@ Bounded whatever clients do: at most `MAX_CONNECTING` handoffs at once, each
 given `HANDOFF_SECONDS` to send its file; at most `MAX_HELD` files held until
 their Put, each for `HOLD_SECONDS`; every one counted among the reads of the
 process's descriptors. A file is read in `READERS` threads of its own: a read
-that hangs (a stuck network or FUSE mount) ties up one of them for good, and
+that hangs (a stuck network or FUSE mount) ties up one of them for good, its
+Put gives up on it after `STUCK_SECONDS` (the client sends the bytes), and
 once half of them are tied up the socket refuses handoffs.
 """
 
@@ -215,7 +216,10 @@ class Handoffs:
         self._reads[reading] = time.monotonic()
         reading.add_done_callback(self._reads.pop)
         try:
-            return await asyncio.shield(reading)
+            return await asyncio.wait_for(asyncio.shield(reading), STUCK_SECONDS)
+        except asyncio.TimeoutError:  # its thread stays tied up; the Put does not wait on it
+            raise HandoffNotHeld(f"{HandoffNotHeld.mark}a read of the file handed over took more than "
+                                 f"{STUCK_SECONDS:g} s (a hung mount?); send its bytes in the stream") from None
         except OSError as err:  # the client streams it instead, and meets the error itself
             raise HandoffNotHeld(f"{HandoffNotHeld.mark}the file handed over cannot be read here ({err}); send its "
                                  "bytes in the stream") from None
