@@ -16,8 +16,7 @@ from drive_client import Drive
 # The client's modules that the daemon shares (DESIGN: "the daemon uses only the client's
 # public, shared modules"); everything else in drive_client is the client's own.
 SHARED = {"drive_client.pb", "drive_client.uri", "drive_client.errors", "drive_client.wire", "drive_client.files",
-          "drive_client.handoff",
-          "drive_client.malloc", "drive_client.channels", "drive_client.checksums"}
+          "drive_client.handoff", "drive_client.malloc", "drive_client.channels", "drive_client.checksums"}
 
 
 def _client_imports(path) -> set[str]:
