@@ -217,6 +217,7 @@ async def serve(config: Config) -> NoReturn:
         # What a call the stop cancelled still changes in the store ends before the uploads, the coordinator and
         # the store close, and before the data dir's lock and clean-stop mark say that no daemon writes there.
         await service.ended()
+        service.refusals.close()
         await streams.close()
         await uploads.close()
         await coordinator.disconnect()

@@ -4,10 +4,11 @@ Each handler decodes its request into a validated value (`drived.requests`),
 calls the drives of the request's drive (`drived.drives`) and answers with
 protobuf messages. The one wrapper around every handler, `rpc`,
 authenticates the call (`drived.auth`), logs one structured line per
-request, counts it in the metrics, and turns what the handler raised into
-the call's status: a call refused for its token is logged and counted like
-any other. Handlers reach the drives only through `DriveService._drives`,
-which checks the call's grant against each drive it names.
+request (refused ones past a rate only counted: `drived.refusals`), counts
+it in the metrics, and turns what the handler raised into the call's status:
+a call refused for its token is counted like any other. Handlers reach the
+drives only through `DriveService._drives`, which checks the call's grant
+against each drive it names.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ from .config import ANSWER_ENTRIES_BYTES
 from .drives import DriveRouter, Drives, PendingPut
 from .entry import Entry
 from .handoff import Handoffs
-from .limits import Stream, Streams
+from .limits import Stream, Streams, peer_host
 from .puts import PutStream
+from .refusals import RefusalLog
 from .requests import (
     DeleteRequest,
     GetRequest,
@@ -107,8 +109,9 @@ def _loggable(text: str) -> str:
 
 
 @contextmanager
-def _logged(method: str) -> Iterator[RequestLog]:
-    """Logs and counts one request (its drive, path and component once known: `_describe`)."""
+def _logged(method: str, peer: str, refusals: RefusalLog) -> Iterator[RequestLog]:
+    """Logs and counts one request from `peer` (its drive, path and component once known: `_describe`); a refused
+    one is logged as `refusals` says."""
     record = RequestLog(method)
     started = time.perf_counter()
     metrics.OPEN_REQUESTS.labels(method).inc()
@@ -121,12 +124,13 @@ def _logged(method: str) -> Iterator[RequestLog]:
         seconds = time.perf_counter() - started
         metrics.OPEN_REQUESTS.labels(method).dec()
         metrics.record_request(method, record.status, seconds, record.bytes)
-        fields = {
-            "method": record.method, "drive": record.drive, "path": record.path,
-            "component": record.component, "bytes": record.bytes, "files": record.files,
-            "duration_ms": round(seconds * 1000, 3), "status": record.status, "token": record.grant.name,
-        }
-        log.info("request", extra={"fields": fields})
+        if refusals.logs(peer_host(peer), record.status):
+            fields = {
+                "method": record.method, "drive": record.drive, "path": record.path,
+                "component": record.component, "bytes": record.bytes, "files": record.files,
+                "duration_ms": round(seconds * 1000, 3), "status": record.status, "token": record.grant.name,
+            }
+            log.info("request", extra={"fields": fields})
 
 
 # The most a status message takes as sent, percent-encoded (three characters for each byte outside printable
@@ -493,7 +497,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
 
         @wraps(handler)
         async def streams(self: DriveService, requests: object, context: grpc.aio.ServicerContext) -> None:
-            with _logged(method) as record:
+            with _logged(method, context.peer(), self.refusals) as record:
                 async with answering(self, context, record) as (stream, request):
                     assert stream is not None
                     async with aclosing(handler(self, request, record)) as answers:
@@ -510,7 +514,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(handler)
     async def answers(self: DriveService, requests: object, context: grpc.aio.ServicerContext) -> object:
-        with _logged(method) as record:
+        with _logged(method, context.peer(), self.refusals) as record:
             async with answering(self, context, record) as (stream, request):
                 if not one_request:
                     assert stream is not None
@@ -528,6 +532,7 @@ class DriveService(pb_grpc.DriveServiceServicer):
         self._router = drives
         self.handoffs: Handoffs | None = None  # the files clients of this host hand over, once its socket listens
         self.streams = streams
+        self.refusals = RefusalLog()
         self.answers = AnswerRoom()
         self.access = access or Access()
         self.draining = False  # set on SIGTERM: new calls answer UNAVAILABLE while the open ones finish
