@@ -90,7 +90,8 @@ def make_backend(config: Config, descriptors: Descriptors) -> Backend:
         return S3Backend(where.bucket, where.prefix, config.chunk_size, config.upload_expiry,
                          config.stream_idle_timeout, config.named)
     try:
-        return LocalBackend(config.data_dir, descriptors, config.chunk_size)
+        return LocalBackend(config.data_dir, descriptors, config.chunk_size,
+                            f"{config.named('data_dir')} {config.data_dir}")
     except DataDirError as err:
         raise SystemExit(f"drived: {config.named('data_dir')} {config.data_dir}: {err}") from None
 

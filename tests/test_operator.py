@@ -98,3 +98,106 @@ def test_a_tmp_folder_that_is_a_link_is_refused_naming_it(tmp_path, start_daemon
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert f"cannot empty {handle.data_dir / 'tmp'}, where uploads are written" in res.stderr, res.stderr
     assert snapshot(elsewhere) == before == {} and (handle.data_dir / "tmp").is_symlink()
+
+
+def _details(call) -> tuple[grpc.StatusCode, str]:
+    """The status code and message of `call`, a unary call or one that reads its whole stream, which must fail."""
+    with pytest.raises(grpc.RpcError) as failed:
+        call()
+    return failed.value.code(), failed.value.details()
+
+
+def _stored(stub: drive_pb2_grpc.DriveServiceStub, path: str) -> bytes:
+    return b"".join(data for _, data in raw_get(stub, "lit://kept", path))
+
+
+@pytest.mark.parametrize("fault", ["removed", "immutable"])
+def test_a_tmp_folder_broken_while_serving_fails_puts_unavailable_naming_it_until_mended(tmp_path, start_daemon, fault):
+    """`rm -rf DATA_DIR/tmp` or a tmp/ made unwritable (chattr +i: root ignores modes) while the daemon served: every
+    put answered INTERNAL "see the daemon log". Small puts (committed by the commit worker) and big ones (written by
+    worker threads) answer UNAVAILABLE naming the data dir and tmp/, which clients retry; nothing stored changes, and
+    once tmp/ is mended puts work again without a restart."""
+    handle = start_daemon(tmp_path)
+    tmp = handle.data_dir / "tmp"
+    big = os.urandom(3 * MIB)  # past FLUSH_BYTES: written to tmp/ while it arrives
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, "lit://kept", "a.txt", b"version 1")
+        before = snapshot(handle.data_dir / "objects")
+        if fault == "removed":
+            shutil.rmtree(tmp)
+        else:
+            chattr("+i", tmp)
+        try:
+            for path, data in (("a.txt", b"version 2"), ("big.bin", big)):
+                code, details = _details(lambda p=path, d=data: raw_put(stub, "lit://kept", p, d))
+                assert code == grpc.StatusCode.UNAVAILABLE, details
+                named = f"drived: --data-dir {handle.data_dir}: "
+                assert details.startswith(f"{named}cannot write its tmp/ folder"), details
+                assert "[Errno " in details and "nothing was stored" in details, details
+            assert snapshot(handle.data_dir / "objects") == before
+            assert _stored(stub, "a.txt") == b"version 1"
+        finally:
+            if fault == "removed":
+                tmp.mkdir()
+            else:
+                chattr("-i", tmp)
+        raw_put(stub, "lit://kept", "a.txt", b"version 2")
+        raw_put(stub, "lit://kept", "big.bin", big)
+        assert _stored(stub, "a.txt") == b"version 2" and _stored(stub, "big.bin") == big
+    assert "Traceback" not in handle.log(), handle.log()
+
+
+@pytest.mark.parametrize("in_its_place", ["nothing", "an empty folder"])
+def test_a_data_dir_moved_away_while_serving_answers_unavailable_not_an_empty_drive(tmp_path, start_daemon,
+                                                                                     in_its_place):
+    """`mv DATA_DIR elsewhere` while the daemon served: its drives listed as empty, as if their files were lost, and
+    puts answered INTERNAL. List, Stat, Get, Delete and Put answer UNAVAILABLE saying the data dir was moved away,
+    nothing is made at its path or changed where it went, and once it is back every call works without a restart."""
+    handle = start_daemon(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, "lit://kept", "a.txt", b"stored before")
+        handle.data_dir.rename(elsewhere)
+        if in_its_place == "an empty folder":
+            handle.data_dir.mkdir()
+        moved = snapshot(elsewhere)
+        calls = {
+            "List": lambda: stub.List(pb.ListRequest(drive="lit://kept", path="."), timeout=30),
+            "Stat": lambda: stub.Stat(pb.StatRequest(drive="lit://kept", path="a.txt"), timeout=30),
+            "Get": lambda: raw_get(stub, "lit://kept", "a.txt"),
+            "Delete": lambda: stub.Delete(pb.DeleteRequest(drive="lit://kept", path="a.txt"), timeout=30),
+            "Put": lambda: raw_put(stub, "lit://kept", "b.txt", b"stored after"),
+        }
+        for method, call in calls.items():
+            code, details = _details(call)
+            assert code == grpc.StatusCode.UNAVAILABLE, (method, details)
+            assert details.startswith(f"drived: --data-dir {handle.data_dir}: the data dir was removed or moved away "
+                                      "while drived ran"), (method, details)
+        assert snapshot(elsewhere) == moved
+        assert not handle.data_dir.exists() or snapshot(handle.data_dir) == {}
+        if in_its_place == "an empty folder":
+            handle.data_dir.rmdir()
+        elsewhere.rename(handle.data_dir)
+        listed = stub.List(pb.ListRequest(drive="lit://kept", path="."), timeout=30)
+        assert [entry.path for entry in listed.entries] == ["a.txt"]
+        raw_put(stub, "lit://kept", "b.txt", b"stored after")
+        assert _stored(stub, "a.txt") == b"stored before" and _stored(stub, "b.txt") == b"stored after"
+    assert "Traceback" not in handle.log(), handle.log()
+
+
+def test_a_drive_folder_removed_while_serving_lists_what_is_left_and_takes_puts(tmp_path, start_daemon):
+    """`rm -rf DATA_DIR/objects/DRIVE` removes that drive's files, as the operator asked: the drive lists as empty
+    (that is what it holds), the other drives are untouched, and a put makes the drive again."""
+    handle = start_daemon(tmp_path)
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, "lit://kept", "a.txt", b"kept")
+        raw_put(stub, "lit://gone", "b.txt", b"removed by the operator")
+        shutil.rmtree(handle.data_dir / "objects" / "gone")
+        assert list(stub.List(pb.ListRequest(drive="lit://gone", path="."), timeout=30).entries) == []
+        assert rpc_code(lambda: raw_get(stub, "lit://gone", "b.txt")) == grpc.StatusCode.NOT_FOUND
+        assert _stored(stub, "a.txt") == b"kept"
+        raw_put(stub, "lit://gone", "b.txt", b"put again")
+        assert [d for _, d in raw_get(stub, "lit://gone", "b.txt")] == [b"put again"]

@@ -61,9 +61,11 @@ Status codes used by every RPC:
                        once (--max-streams, --max-streams-per-peer), the
                        daemon's open-file limit, or a message over the
                        size limit (4 MiB)
-  UNAVAILABLE          S3 unreachable, the daemon is shutting down, or a
-                       Put or Get whose client sent or read nothing for
-                       the daemon's --stream-idle-timeout: retry
+  UNAVAILABLE          S3 unreachable, the daemon is shutting down, its
+                       data dir broken while it serves (tmp/ unwritable,
+                       the data dir moved away: the message says which),
+                       or a Put or Get whose client sent or read nothing
+                       for the daemon's --stream-idle-timeout: retry
   UNIMPLEMENTED        an RPC this daemon does not serve yet
   INTERNAL             an unexpected failure, such as a disk error (EIO),
                        which the daemon logs; a Put answers it too when the

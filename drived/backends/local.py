@@ -29,7 +29,7 @@ from array import array
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from drive_client.errors import InvalidArgument, ResourceExhausted, Unavailable
+from drive_client.errors import DriveError, InvalidArgument, ResourceExhausted, Unavailable
 from drive_client.files import write_all
 
 from ..checksums import BLOCK_SIZE, Checksums, ClientChecksums, range_crc32c
@@ -440,7 +440,7 @@ class LocalUpload(Upload):
                 os.posix_fadvise(self._fd, start, self._written - self._written_back, _WRITE_BACK)
                 self._written_back = self._written
         except OSError as err:
-            raise _disk_error(err, "writing an upload") from err
+            raise self._backend.unusable(_disk_error(err, "writing an upload")) from err
 
     @property
     def held(self) -> int:
@@ -488,7 +488,7 @@ class LocalUpload(Upload):
             os.pwrite(self._fd, header(sums), 0)
             generation = make_durable(self._fd)
         except OSError as err:
-            raise _commit_error(err, self._key) from err
+            raise self._backend.unusable(_commit_error(err, self._key)) from err
         self._close_fd()
         return generation
 
@@ -498,7 +498,7 @@ class LocalUpload(Upload):
         try:
             folders = place(self._tmp_path, self._path)
         except OSError as err:
-            raise _commit_error(err, self._key) from err
+            raise self._backend.unusable(_commit_error(err, self._key)) from err
         self._tmp_path = ""  # renamed away: nothing left to discard
         try:
             for folder in folders:
@@ -526,7 +526,8 @@ class LocalUpload(Upload):
             error_number, message = outcome[1:]
             if error_number is None:
                 raise Unavailable(message)
-            raise _commit_error(OSError(error_number, message), self._key)
+            raise await self._backend.off_loop(self._backend.unusable, _commit_error(OSError(error_number, message),
+                                                                                     self._key))
         self._tmp_path = ""  # renamed away: nothing left to discard
         _, generation, _, sha256, crc32c = outcome[:5]
         info = ObjectInfo(self._key, self._size, sha256, generation, crc32c)
@@ -607,10 +608,12 @@ class LocalUpload(Upload):
 class LocalBackend(Backend):
     """Objects as files under a data directory."""
 
-    def __init__(self, data_dir: str, descriptors: Descriptors, chunk_size: int = 1 << 20) -> None:
+    def __init__(self, data_dir: str, descriptors: Descriptors, chunk_size: int = 1 << 20, named: str = "") -> None:
+        self.named = named or data_dir  # the data dir as the operator gave it (its setting and value), for messages
+        self._data_dir = os.path.realpath(data_dir)
         self.root = os.path.realpath(os.path.join(data_dir, "objects"))
         self.descriptors = descriptors
-        self.tmp_dir = os.path.join(os.path.realpath(data_dir), "tmp")
+        self.tmp_dir = os.path.join(self._data_dir, "tmp")
         self.chunk_size = chunk_size
         self.upload_numbers = itertools.count()  # names of the uploads in tmp/, which starts empty
         self.listings = FolderCache()  # each folder read once while unchanged
@@ -678,6 +681,37 @@ class LocalBackend(Backend):
                 _mark(self._clean_stop, self.tmp_dir)
         for fd in self._locks:
             os.close(fd)
+
+    def _gone(self) -> bool:
+        """Whether the data dir the daemon locked is no longer at its path: removed, or moved away (another folder may
+        be in its place). Its lock holds the folder itself open, wherever it went."""
+        held = os.fstat(self._locks[0])
+        try:
+            there = os.stat(self._data_dir)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        return (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino)
+
+    def _moved_away(self) -> Unavailable:
+        return Unavailable(f"{self.named}: the data dir was removed or moved away while drived ran: put it back there "
+                           "(calls work again at once), or restart drived on where it is now")
+
+    def unusable(self, err: Exception) -> Exception:
+        """What a put answers whose use of the data dir failed with `err`: UNAVAILABLE, which clients retry, saying
+        what the operator is to mend when the data dir is gone or its tmp/ cannot be written; else `err` itself.
+
+        Looked at only once a call failed, so that a healthy put pays nothing
+        for it. An error answered as what it is (the disk full, a file in the
+        way) is left as it is.
+        """
+        if not isinstance(err, OSError) or isinstance(err, DriveError):
+            return err
+        if self._gone():
+            return self._moved_away()
+        if not (os.path.isdir(self.tmp_dir) and os.access(self.tmp_dir, os.W_OK)):
+            return Unavailable(f"{self.named}: cannot write its tmp/ folder, where uploads are written ([Errno "
+                               f"{err.errno}] {err.strerror}): make it a folder drived can write; nothing was stored")
+        return err
 
     def _path(self, key: str) -> str:
         """The file or folder of `key`; refuses a key that goes through a symlink in the data dir."""
@@ -853,7 +887,10 @@ class LocalBackend(Backend):
         return (await self.off_loop(self._list, prefix)).folders
 
     def _list(self, prefix: str) -> Listing:
-        return self.listings.read(self._path(prefix.rstrip("/")))
+        listing = self.listings.read(self._path(prefix.rstrip("/")))
+        if not listing.names and self._gone():  # not an empty drive: a data dir no longer there
+            raise self._moved_away()
+        return listing
 
     def _list_after(self, prefix: str, start_after: str, limit: int | None) -> Listing:
         listing = self._list(prefix)
@@ -957,6 +994,8 @@ class LocalBackend(Backend):
         try:
             os.unlink(path)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            if self._gone():  # not a file the caller does not have: a data dir no longer there
+                raise self._moved_away() from None
             return None
         folder = os.path.dirname(path)
         while folder != self.root and folder.startswith(self.root):
