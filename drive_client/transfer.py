@@ -42,7 +42,7 @@ from .errors import (
     ResourceExhausted,
     StaleIndexError,
 )
-from .files import write_all
+from .files import Version, version, write_all
 from .handoff import hand_over
 from .pb import drive_pb2 as pb
 from .uri import normalize_path
@@ -202,7 +202,6 @@ def _walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
         pending += (os.path.join(folder, name) for name in reversed(dirs))
 
 
-Version = tuple[int, int, int]  # a local file's size, modification and change times (`_version`)
 
 
 def put_requests(
@@ -301,12 +300,7 @@ def _open_to_put(local: Path) -> BinaryIO:
 
 
 def _version(f: BinaryIO) -> Version:
-    """What changes when an open file is written to: its size, modification and change times. The change time
-    alone sees a rewrite whose writer set the modification time back (`cp -p`, `touch -r`), which would be stored
-    torn; it also moves with a chmod, a chown or a new link, which refuse a put whose bytes did not change: such a
-    put is tried again, a torn file would be kept."""
-    stat = os.fstat(f.fileno())
-    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+    return version(os.fstat(f.fileno()))
 
 
 def _check_unchanged(f: BinaryIO, opened: Version, local: Path) -> None:

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 
 from drive_client.errors import HandoffNotHeld, ResourceExhausted, StaleIndexError
+from drive_client.files import Version, version
 from drive_client.handoff import REQUEST, socket_name
 
 from . import metrics
@@ -49,18 +50,10 @@ READERS = 8
 STUCK_SECONDS = 10.0  # a read this old counts as hung
 READ_SIZE = 1 << 20
 
-Version = tuple[int, int, int]  # size, modification and change times, as the client's check of a put file
-
-
-def _readable_file(fd: int) -> bool:
-    """Whether `fd` is a regular file open for reading (not write-only, not an O_PATH handle)."""
+def _readable_file(st: os.stat_result, fd: int) -> bool:
+    """Whether `fd` (its stat `st`) is a regular file open for reading (not write-only, not an O_PATH handle)."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    return stat.S_ISREG(os.fstat(fd).st_mode) and not flags & os.O_PATH and flags & os.O_ACCMODE != os.O_WRONLY
-
-
-def _version(fd: int) -> Version:
-    st = os.fstat(fd)
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    return stat.S_ISREG(st.st_mode) and not flags & os.O_PATH and flags & os.O_ACCMODE != os.O_WRONLY
 
 
 @dataclass
@@ -166,7 +159,8 @@ class Handoffs:
             if message != REQUEST or len(fds) != 1:
                 return "busy the handoff takes one file with the request " + REQUEST.decode()
             fd = fds.pop()
-            if not _readable_file(fd):
+            st = os.fstat(fd)
+            if not _readable_file(st, fd):
                 os.close(fd)
                 return "busy only a regular file open for reading is handed over"
             refusal = self._refusal()
@@ -179,7 +173,7 @@ class Handoffs:
                 os.close(fd)
                 return f"busy {err}"
             token = secrets.token_hex(16)
-            self._held[token] = HandedFile(fd, _version(fd))
+            self._held[token] = HandedFile(fd, version(st))
             asyncio.get_running_loop().call_later(HOLD_SECONDS, self._expire, token)
             return "ok " + token
         finally:
@@ -228,7 +222,7 @@ class Handoffs:
         """Refuses a file written to since it was handed over, or not of the size its header gives: what is read
         may mix two versions of it. `read`: the bytes read of it, which end before its size in a file of /proc or
         /sys whose size is not what it holds."""
-        if _version(handed.fd) != handed.version or size != handed.version[0]:
+        if version(os.fstat(handed.fd)) != handed.version or size != handed.version[0]:
             raise StaleIndexError(
                 f"the local file handed over for {path!r} changed while it was being put (its size, modification or "
                 "change time moved; nothing of it was stored): put it again once it is written"
