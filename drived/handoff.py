@@ -62,6 +62,7 @@ class HandedFile:
 
     fd: int
     version: Version
+    expiry: asyncio.TimerHandle  # its end while no Put has claimed it
     reading: asyncio.Future[bytes] | None = None  # the read in a thread: the descriptor is closed after it
 
 
@@ -173,8 +174,8 @@ class Handoffs:
                 os.close(fd)
                 return f"busy {err}"
             token = secrets.token_hex(16)
-            self._held[token] = HandedFile(fd, version(st))
-            asyncio.get_running_loop().call_later(HOLD_SECONDS, self._expire, token)
+            expiry = asyncio.get_running_loop().call_later(HOLD_SECONDS, self._expire, token)
+            self._held[token] = HandedFile(fd, version(st), expiry)
             return "ok " + token
         finally:
             for fd in fds:
@@ -191,6 +192,7 @@ class Handoffs:
     def _expire(self, token: str) -> None:
         handed = self._held.pop(token, None)
         if handed is not None:
+            handed.expiry.cancel()  # when not the expiry itself: the stop, or a client that left
             self.release(handed)
 
     def claim(self, token: str) -> HandedFile:
@@ -201,6 +203,7 @@ class Handoffs:
                 f"{HandoffNotHeld.mark}no file handed over with this token is held here: it expired ({HOLD_SECONDS:g} "
                 "s), or another daemon on this host holds the socket; send the file's bytes in the stream"
             )
+        handed.expiry.cancel()
         return handed
 
     async def read(self, handed: HandedFile, offset: int, size: int) -> bytes:
