@@ -117,7 +117,7 @@ class ReadAhead(Generic[T]):
             while (item := self._until_stopped(lambda timeout: self._queue.get(timeout=timeout),
                                                queue.Empty)) is not _END:
                 yield item
-                if self._until_stopped(self._wait_held, TimeoutError) is _END:
+                if not self._held.is_set() and self._until_stopped(self._wait_held, TimeoutError) is _END:
                     return
             if self.error is not None:
                 raise self.error

@@ -84,6 +84,8 @@ class PutStream:
             raise InvalidArgument("an empty PutRequest: send a header, data, finish or file")
 
     async def _receive_file(self, whole: pb.PutFileRequest) -> None:
+        if whole.header.handoff:
+            raise InvalidArgument("a handoff token goes in the header of a Put stream's file, not with its bytes")
         await self._start(whole.header)
         assert self._pending is not None  # set by _start
         sent = sent_checksums(whole)
@@ -102,7 +104,7 @@ class PutStream:
                 raise InvalidArgument("a handed-over file is put whole: its header gives its size, and no "
                                       "write_offset")
             self._handoffs.check_unchanged(handed, header.path, header.size)
-            await self._start(header, handed=True)
+            await self._start(header)
             assert self._pending is not None  # set by _start
             position = 0
             while position < header.size:
@@ -117,9 +119,7 @@ class PutStream:
         finally:
             self._handoffs.release(handed)
 
-    async def _start(self, header: pb.PutHeader, handed: bool = False) -> None:
-        if header.handoff and not handed:
-            raise InvalidArgument("a handoff token goes in the header of a Put stream's file, not with its bytes")
+    async def _start(self, header: pb.PutHeader) -> None:
         if self._pending is not None:
             raise InvalidArgument(f"a new file arrived before the finish of {self._pending.path!r}")
         if len(self._commits) == MAX_FILES_PER_STREAM:
