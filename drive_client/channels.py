@@ -59,6 +59,7 @@ SPREAD_TARGETS = ("dns:", "ipv4:", "ipv6:")
 TARGET_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("", "0", "false", "no", "off")
+YES_NO_VARIABLES = ("DRIVE_TLS", "DRIVE_INSECURE", "DRIVE_HANDOFF")  # the client's yes/no environment variables
 
 
 def env_flag(name: str, environ: Mapping[str, str] = os.environ) -> bool:
@@ -69,6 +70,13 @@ def env_flag(name: str, environ: Mapping[str, str] = os.environ) -> bool:
     if text in FALSE_WORDS:
         return False
     raise InvalidArgument(f"${name}={environ[name]!r}: use 1 or 0 (true/false, yes/no, on/off)")
+
+
+def check_yes_no_variables() -> None:
+    """Refuses a yes/no variable set to neither, when a Drive is made: each is read where it is used (a put, for
+    $DRIVE_HANDOFF) or not at all (an argument wins, the endpoint is loopback), which would leave a typo unseen."""
+    for name in YES_NO_VARIABLES:
+        env_flag(name)
 
 
 def endpoint_hosts(endpoint: str) -> list[str]:

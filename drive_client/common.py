@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from .channels import Connection
+from .channels import Connection, check_yes_no_variables
 from .errors import DriveError, InvalidArgument, NotADirectory, NotFound, from_rpc_error
 from .pb import drive_pb2 as pb
 from .resume import RETRY_SECONDS
@@ -93,6 +93,7 @@ class DriveBase:
         retry_seconds: float | None = None,
     ) -> None:
         self._where = parse_drive(id)
+        check_yes_no_variables()
         self.id = id
         self.allow_duplicates = allow_duplicates
         self.component_name = check_component(component_name or os.environ.get("DRIVE_COMPONENT"))
