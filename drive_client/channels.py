@@ -189,8 +189,8 @@ class Connection:
         endpoint = check_endpoint(endpoint or os.environ.get("DRIVE_ENDPOINT") or DEFAULT_ENDPOINT, setting)
         files_given = any(f is not None for f in (tls_ca, tls_cert, tls_key))
         if tls is False and files_given:
-            raise InvalidArgument("TLS files (tls_ca, tls_cert or tls_key) given with TLS turned off (tls=False, "
-                                  "`--no-tls`): drop them, or turn TLS on")
+            raise InvalidArgument("TLS files (tls_ca, tls_cert or tls_key: `--tls-ca`, `--tls-cert` or `--tls-key`) "
+                                  "given with TLS turned off (tls=False, `--no-tls`): drop them, or turn TLS on")
         ca = _path(tls_ca, "DRIVE_TLS_CA")
         cert = _path(tls_cert, "DRIVE_TLS_CERT")
         key = _path(tls_key, "DRIVE_TLS_KEY")
@@ -201,7 +201,7 @@ class Connection:
         if (cert is None) != (key is None):
             raise InvalidArgument(
                 "a client certificate needs its key and a key its certificate: give both tls_cert and tls_key "
-                "($DRIVE_TLS_CERT and $DRIVE_TLS_KEY), or neither"
+                "(`--tls-cert` and `--tls-key`, $DRIVE_TLS_CERT and $DRIVE_TLS_KEY), or neither"
             )
         return cls(endpoint, True, ca, cert, key, server_name)
 
@@ -222,17 +222,18 @@ class Connection:
     def credentials(self) -> grpc.ChannelCredentials:
         """The TLS credentials of this connection, read from its files now."""
         return grpc.ssl_channel_credentials(
-            root_certificates=_read(self.tls_ca, "tls_ca ($DRIVE_TLS_CA)"),
-            private_key=_read(self.tls_key, "tls_key ($DRIVE_TLS_KEY)"),
-            certificate_chain=_read(self.tls_cert, "tls_cert ($DRIVE_TLS_CERT)"),
+            root_certificates=_read(self.tls_ca, "tls_ca (`--tls-ca`, $DRIVE_TLS_CA)"),
+            private_key=_read(self.tls_key, "tls_key (`--tls-key`, $DRIVE_TLS_KEY)"),
+            certificate_chain=_read(self.tls_cert, "tls_cert (`--tls-cert`, $DRIVE_TLS_CERT)"),
         )
 
     def unreachable_advice(self) -> str:
         """What to check when the daemon cannot be reached (a failed TLS handshake looks the same)."""
         if self.tls:
-            return ("is the daemon running, with --tls-cert? Check that tls_ca holds the CA of its certificate, and "
-                    "give a client certificate (tls_cert, tls_key) if it asks for one")
-        return "is the daemon running? `make run` starts one; a daemon started with --tls-cert needs tls=True"
+            return ("is the daemon running, with --tls-cert? Check that tls_ca (`--tls-ca`) holds the CA of its "
+                    "certificate, and give a client certificate (tls_cert and tls_key: `--tls-cert`, `--tls-key`) "
+                    "if it asks for one")
+        return "is the daemon running? `make run` starts one; a daemon started with --tls-cert needs tls=True (`--tls`)"
 
 
 def _path(value: str | os.PathLike[str] | None, env: str) -> str | None:

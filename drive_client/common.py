@@ -160,7 +160,8 @@ def _retry_seconds(retry_seconds: float | None) -> float:
         except ValueError:
             raise InvalidArgument(f"DRIVE_RETRY_SECONDS={text!r} is not a number of seconds") from None
     if not retry_seconds >= 0:  # NaN too
-        raise InvalidArgument(f"retry_seconds must be a number of seconds >= 0 (0: no retries), got {retry_seconds}")
+        raise InvalidArgument(f"retry_seconds (`drive --retry-seconds`) must be a number of seconds >= 0 (0: no "
+                              f"retries), got {retry_seconds}")
     return float(retry_seconds)
 
 

@@ -134,7 +134,7 @@ def _get_request(drive: DriveBase, remote: str, target: Path, component_name: st
         )
     refuse_special_file(target)
     if timeout is not None and timeout < 0:
-        raise InvalidArgument(f"timeout must be >= 0, got {timeout}")
+        raise InvalidArgument(f"timeout (`drive get --timeout`) must be >= 0, got {timeout}")
     return pb.GetRequest(
         drive=drive.id, path=remote, wait_seconds=timeout or 0, component=_filter(component_name),
         whole_small_files=True, checksums=True,

@@ -250,7 +250,8 @@ class ManagedDrives:
         else:
             what = f"is below {held_path!r}, a file of component {others[i]!r}"
         raise AlreadyExists(
-            f"{_shown(drive, path)} {what}; pick another path, or open the drive with allow_duplicates=True"
+            f"{_shown(drive, path)} {what}; pick another path, or open the drive with allow_duplicates=True "
+            "(`drive put --allow-duplicates`)"
         )
 
     async def begin_put(self, put: PutHeader) -> ManagedPut | ResumablePut:
@@ -464,7 +465,8 @@ class ManagedDrives:
     def _ambiguous(drive: str, path: str, components: list[str]) -> AmbiguousPathError:
         names = ", ".join(repr(c) for c in sorted(set(components)))
         return AmbiguousPathError(
-            f"{_shown(drive, path)} is held by several components ({names}): pass component_name to choose one"
+            f"{_shown(drive, path)} is held by several components ({names}): pass component_name (`drive get` or "
+            "`drive stat` with `--only`) to choose one"
         )
 
     async def stat(self, stat: StatRequest) -> Entry:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -383,3 +384,39 @@ def test_a_local_path_that_is_not_utf8_is_printed_as_its_bytes(daemon, tmp_path,
         assert target in got.stdout
         with open(target, "rb") as f:
             assert f.read() == b"a"
+
+
+# A command line (`{d}`: the drive), and the flags its error must name where the Python API's names its arguments
+# (allow_duplicates=True, component_name, tls_ca, ...): each error is refused before anything is stored or written.
+FLAG_NAMED = [
+    (("--component", "two", "put", "a.txt", "{d}/held.txt"), ("--allow-duplicates",)),
+    (("stat", "{d}/both.txt"), ("--only",)),
+    (("get", "{d}/both.txt", "out.txt"), ("--only",)),
+    (("get", "{d}/held.txt"), ("--overwrite",)),
+    (("get", "{d}/held.txt", "out.txt", "--timeout", "-1"), ("--timeout",)),
+    (("--retry-seconds", "-1", "ls", "{d}"), ("--retry-seconds",)),
+    (("--no-tls", "--tls-ca", "ca.pem", "ls", "{d}"), ("--tls-ca", "--tls-cert", "--tls-key", "--no-tls")),
+    (("--tls-cert", "cert.pem", "ls", "{d}"), ("--tls-cert", "--tls-key")),
+    (("--tls-ca", "missing.pem", "ls", "{d}"), ("--tls-ca",)),
+    (("--endpoint", "{unused}", "--retry-seconds", "0", "ls", "{d}"), ("--tls",)),
+    (("--endpoint", "{unused}", "--retry-seconds", "0", "--tls", "ls", "{d}"), ("--tls-ca", "--tls-cert", "--tls-key")),
+    (("--endpoint", "198.51.100.7:50051", "--token", "t0ken", "ls", "{d}"), ("--insecure", "--tls")),
+]
+
+
+@pytest.mark.parametrize(("args", "flags"), FLAG_NAMED, ids=[" ".join(a) for a, _ in FLAG_NAMED])
+def test_an_error_names_the_flag_where_python_names_its_argument(daemon, tmp_path, drive_uri, args, flags):
+    from conftest import free_port
+
+    (tmp_path / "a.txt").write_text("one's")
+    (tmp_path / "held.txt").write_text("local")
+    ok(run(daemon, "put", "a.txt", f"{drive_uri}/held.txt", cwd=tmp_path, component="one"))
+    for component, duplicates in (("one", ()), ("two", ("--allow-duplicates",))):
+        ok(run(daemon, "put", "a.txt", f"{drive_uri}/both.txt", *duplicates, cwd=tmp_path, component=component))
+    stored, local = ok(run(daemon, "--json", "ls", drive_uri)).stdout, snapshot(tmp_path)
+    filled = [arg.format(d=drive_uri, unused=f"127.0.0.1:{free_port()}") for arg in args]
+    res = subprocess.run([*drive_cmd(), "--endpoint", daemon.endpoint, *filled], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=40, env={k: v for k, v in os.environ.items() if k != "DRIVE_COMPONENT"})
+    assert_one_line_error(res)
+    assert res.returncode == 1 and all(re.search(re.escape(flag) + r"(?![\w-])", res.stderr) for flag in flags), res
+    assert ok(run(daemon, "--json", "ls", drive_uri)).stdout == stored and snapshot(tmp_path) == local

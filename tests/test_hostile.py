@@ -245,7 +245,7 @@ def test_a_refusal_naming_long_paths_keeps_its_status(daemon, drive_uri):
         message = refused.value.details()
         assert message.startswith(f"'{held[:100]}") and " ... " in message, message
         assert message.endswith("a file of component 'a'; pick another path, or open the drive with "
-                                "allow_duplicates=True"), message
+                                "allow_duplicates=True (`drive put --allow-duplicates`)"), message
         assert [(info.path, data) for info, data in raw_get(stub, drive_uri, ".")] == [(held, b"held")]
 
 

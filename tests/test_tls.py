@@ -203,7 +203,8 @@ def test_drived_health_reaches_a_tls_daemon(tls_daemon, mtls_daemon, pki):
     assert health(tls_daemon.endpoint, "--tls-ca", str(pki.ca), "--tls-server-name", "drived.example").returncode == 1
     assert health(tls_daemon.endpoint, "--tls-ca", str(pki.ca), "--tls-server-name", "localhost").returncode == 0
     missing = health(tls_daemon.endpoint, "--tls-ca", "/nonexistent/ca.pem")
-    assert missing.returncode == 1 and "tls_ca ($DRIVE_TLS_CA) '/nonexistent/ca.pem' does not exist" in missing.stderr
+    assert missing.returncode == 1
+    assert "tls_ca (`--tls-ca`, $DRIVE_TLS_CA) '/nonexistent/ca.pem' does not exist" in missing.stderr
 
 
 def test_sighup_reloads_the_certificate_and_bad_files_keep_the_old_one(start_daemon, pki, tmp_path, drive_uri):
