@@ -1,6 +1,6 @@
 """`drive`: the command line for people.
 
-    drive ls lit://drive_1[/folder]        drive put LOCAL lit://drive_1[/path]
+    drive ls [-r] lit://drive_1[/folder]   drive put LOCAL lit://drive_1[/path]
     drive get lit://drive_1/path [LOCAL]   drive rm lit://drive_1/path
     drive stat lit://drive_1/path          drive mount s3://bucket/prefix/
 
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> Any:
     is printed here."""
     if args.command == "ls":
         drive_uri, path = split_uri(args.location, folder=True)
-        entries = _drive(drive_uri, args).entries(path or ".", args.only)
+        entries = _drive(drive_uri, args).entries(path or ".", args.only, args.recursive)
         if args.json:
             return map(_stat_fields, entries)
         for entry in entries:
@@ -321,8 +321,9 @@ def parser() -> argparse.ArgumentParser:
     # options of some commands
     top.set_defaults(only=None, allow_duplicates=False, timeout=None, overwrite=False, verify="crc32c")
     commands = top.add_subparsers(dest="command", required=True)
-    ls = commands.add_parser("ls", help="list a folder: drive ls lit://d[/folder]")
+    ls = commands.add_parser("ls", help="list a folder: drive ls [-r] lit://d[/folder]")
     ls.add_argument("location")
+    ls.add_argument("-r", "--recursive", action="store_true", help="every file below the folder, not its entries")
     put = commands.add_parser("put", help="store a file or folder: drive put LOCAL lit://d[/path]")
     put.add_argument("local", type=_given)
     put.add_argument("location")

@@ -420,3 +420,24 @@ def test_an_error_names_the_flag_where_python_names_its_argument(daemon, tmp_pat
     assert_one_line_error(res)
     assert res.returncode == 1 and all(re.search(re.escape(flag) + r"(?![\w-])", res.stderr) for flag in flags), res
     assert ok(run(daemon, "--json", "ls", drive_uri)).stdout == stored and snapshot(tmp_path) == local
+
+
+def test_ls_recursive_lists_every_file_below_a_folder_one_a_line(daemon, tmp_path, drive_uri):
+    for path in ("top.txt", "sub/a.txt", "sub/deeper/b.txt", "subway.txt"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(path)
+    ok(run(daemon, "put", "sub", f"{drive_uri}/sub", cwd=tmp_path, component="one"))
+    for path in ("top.txt", "subway.txt"):
+        ok(run(daemon, "put", path, f"{drive_uri}/{path}", cwd=tmp_path, component="two"))
+    everything = ["sub/a.txt", "sub/deeper/b.txt", "subway.txt", "top.txt"]
+    assert ok(run(daemon, "ls", "-r", drive_uri)).stdout.splitlines() == everything
+    assert ok(run(daemon, "ls", "--recursive", f"{drive_uri}/sub")).stdout.splitlines() == everything[:2]
+    assert ok(run(daemon, "ls", f"{drive_uri}/sub")).stdout.splitlines() == ["sub/a.txt", "sub/deeper"]  # as before
+    assert ok(run(daemon, "ls", "-r", drive_uri, "--only", "two")).stdout.splitlines() == everything[2:]
+    listed = json.loads(ok(run(daemon, "--json", "ls", "-r", drive_uri)).stdout)
+    assert [(e["path"], e["component"], e["folder"]) for e in listed] == [
+        ("sub/a.txt", "one", False), ("sub/deeper/b.txt", "one", False), ("subway.txt", "two", False),
+        ("top.txt", "two", False)]
+    assert ok(run(daemon, "ls", "-r", f"{drive_uri}/missing")).stdout == ""
+    assert_one_line_error(run(daemon, "ls", "-r", f"{drive_uri}/sub/../../x"), "'..'")
+    assert ok(run(daemon, "ls", "-r", drive_uri)).stdout.splitlines() == everything

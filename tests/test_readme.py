@@ -222,7 +222,8 @@ def test_the_command_line_and_grpcurl_examples_run_as_printed(start_daemon, tmp_
         return printed
 
     cli = run_commands("Command line")
-    assert len(cli) == 6 and cli[2].split() == ["a.txt", "run_7"] and (scratch / "a.txt").read_text() == "hello"
+    assert len(cli) == 7 and cli[2].split() == ["a.txt", "run_7"] and (scratch / "a.txt").read_text() == "hello"
+    assert cli[3] == "run_7/checkpoints/step_10.pt\n"  # ls -r: every file below, as deep as it lies
     # the section's pipelines, each run by a shell that fails when any command of it does
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "x.bin").write_bytes(kept := os.urandom(5000))
