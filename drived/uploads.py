@@ -122,6 +122,12 @@ def _entry_bytes(entry: Entry) -> int:
     return answer_entry_bytes(entry.path, entry.component)
 
 
+def _discarding(resumable: Resumable, why: str) -> None:
+    log.info("a resumable upload is discarded", extra={"fields": {
+        "drive": resumable.key[0], "component": resumable.key[1], "upload_id": resumable.key[2],
+        "path": resumable.header.path, "bytes": resumable.upload.held, "why": why}})
+
+
 class Completions:
     """The files that resumable uploads stored, once the streams that committed them ended: each remembered for
     `expiry` seconds, at most `kept` of them, whose entries take at most `kept_bytes` (`answer_entry_bytes`); past
@@ -251,7 +257,7 @@ class HeldUploads:
                 raise NotFound(
                     f"{_shown(key)} has had its finish: nothing to resume (QueryWriteStatus tells the file)"
                 )
-            if resumable.gone or resumable.broken:
+            if resumable.gone or resumable.broken or not await self._intact(resumable):
                 raise NotFound(self._not_held(key))
             held = resumable.upload.held
             if header.write_offset != held:
@@ -370,7 +376,9 @@ class HeldUploads:
             await asyncio.wait([resumable.committing])
             resumable = None
         if resumable is not None:
-            return resumable.upload.held, None
+            async with resumable.lock:
+                if not resumable.gone and await self._intact(resumable):
+                    return resumable.upload.held, None
         streaming = self._streaming.get(key)
         if streaming is not None:
             return 0, streaming[1]
@@ -408,6 +416,15 @@ class HeldUploads:
                 f"{self.named('upload_expiry')}, removed when the daemon ended its stream, or held by another "
                 "daemon): put the file again from offset 0")
 
+    async def _intact(self, resumable: Resumable) -> bool:
+        """Whether the upload still has all its bytes (`Upload.intact`); one that lost them is discarded (the caller
+        holds its lock)."""
+        if await resumable.upload.intact():
+            return True
+        _discarding(resumable, "its bytes are gone from the store (the data dir's tmp/ removed)")
+        await self._drop(resumable)
+        return False
+
     def _expire(self, resumable: Resumable) -> None:
         self._track(self._discard(resumable, f"expired ({self.named('upload_expiry')} {self.expiry:g} s)",
                                   held_only=True))
@@ -428,9 +445,7 @@ class HeldUploads:
         async with resumable.lock:
             if resumable.gone or (held_only and resumable.writer is not None):
                 return
-            log.info("a resumable upload is discarded", extra={"fields": {
-                "drive": resumable.key[0], "component": resumable.key[1], "upload_id": resumable.key[2],
-                "path": resumable.header.path, "bytes": resumable.upload.held, "why": why}})
+            _discarding(resumable, why)
             await self._drop(resumable)
 
     async def _drop(self, resumable: Resumable) -> None:

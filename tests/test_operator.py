@@ -3,6 +3,7 @@ started on."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -12,8 +13,24 @@ import sys
 
 import grpc
 import pytest
-from conftest import MIB, ROOT, free_port, raw_get, raw_put, rpc_code, sha256_hex, snapshot, spawn_daemon
+from conftest import (
+    MIB,
+    ROOT,
+    Background,
+    free_port,
+    raw_get,
+    raw_put,
+    rpc_code,
+    sha256_hex,
+    snapshot,
+    spawn_daemon,
+    wait_until,
+    write_random_file,
+)
+from cutting_proxy import CuttingProxy
+from test_resume import metric
 
+from drive_client import Drive
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc
 
@@ -111,12 +128,13 @@ def _stored(stub: drive_pb2_grpc.DriveServiceStub, path: str) -> bytes:
     return b"".join(data for _, data in raw_get(stub, "lit://kept", path))
 
 
-@pytest.mark.parametrize("fault", ["removed", "immutable"])
+@pytest.mark.parametrize("fault", ["immutable", "a file in its place", "a read-only data dir"])
 def test_a_tmp_folder_broken_while_serving_fails_puts_unavailable_naming_it_until_mended(tmp_path, start_daemon, fault):
-    """`rm -rf DATA_DIR/tmp` or a tmp/ made unwritable (chattr +i: root ignores modes) while the daemon served: every
-    put answered INTERNAL "see the daemon log". Small puts (committed by the commit worker) and big ones (written by
-    worker threads) answer UNAVAILABLE naming the data dir and tmp/, which clients retry; nothing stored changes, and
-    once tmp/ is mended puts work again without a restart."""
+    """A tmp/ made unwritable (chattr +i: root ignores modes), or removed where drived cannot make it again (a file
+    named tmp in its place, the data dir read-only) while the daemon served: every put answered INTERNAL "see the
+    daemon log". Small puts (committed by the commit worker) and big ones (written by worker threads) answer
+    UNAVAILABLE naming the data dir, tmp/ and why, which clients retry; nothing stored changes, and once mended
+    puts work again without a restart."""
     handle = start_daemon(tmp_path)
     tmp = handle.data_dir / "tmp"
     big = os.urandom(3 * MIB)  # past FLUSH_BYTES: written to tmp/ while it arrives
@@ -124,10 +142,14 @@ def test_a_tmp_folder_broken_while_serving_fails_puts_unavailable_naming_it_unti
         stub = drive_pb2_grpc.DriveServiceStub(channel)
         raw_put(stub, "lit://kept", "a.txt", b"version 1")
         before = snapshot(handle.data_dir / "objects")
-        if fault == "removed":
-            shutil.rmtree(tmp)
-        else:
+        if fault == "immutable":
             chattr("+i", tmp)
+        else:
+            shutil.rmtree(tmp)
+            if fault == "a file in its place":
+                tmp.write_bytes(b"an operator's file")
+            else:
+                chattr("+i", handle.data_dir)
         try:
             for path, data in (("a.txt", b"version 2"), ("big.bin", big)):
                 code, details = _details(lambda p=path, d=data: raw_put(stub, "lit://kept", p, d))
@@ -137,15 +159,84 @@ def test_a_tmp_folder_broken_while_serving_fails_puts_unavailable_naming_it_unti
                 assert "[Errno " in details and "nothing was stored" in details, details
             assert snapshot(handle.data_dir / "objects") == before
             assert _stored(stub, "a.txt") == b"version 1"
+            if fault == "a file in its place":
+                assert tmp.read_bytes() == b"an operator's file"
         finally:
-            if fault == "removed":
-                tmp.mkdir()
-            else:
+            if fault == "immutable":
                 chattr("-i", tmp)
+            elif fault == "a file in its place":
+                tmp.unlink()
+            else:
+                chattr("-i", handle.data_dir)
         raw_put(stub, "lit://kept", "a.txt", b"version 2")
         raw_put(stub, "lit://kept", "big.bin", big)
         assert _stored(stub, "a.txt") == b"version 2" and _stored(stub, "big.bin") == big
     assert "Traceback" not in handle.log(), handle.log()
+
+
+def _made_again(handle) -> list[dict]:
+    """The daemon's log lines saying it made tmp/ again."""
+    lines = [json.loads(line) for line in handle.log().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event", "").startswith("tmp/ was removed while drived ran")]
+
+
+def test_a_tmp_folder_removed_while_serving_is_made_again_and_its_held_upload_is_not_found(tmp_path, start_daemon):
+    """`rm -rf DATA_DIR/tmp` while the daemon served: every put answered UNAVAILABLE until the operator made tmp/
+    again, and the upload held there was still described as held (QueryWriteStatus) though its bytes were gone.
+    The next put makes tmp/ again as the start made it (mode, owner), logged once; the held upload answers NOT_FOUND
+    to a query and to a resume alike (the client then puts the file again from 0); nothing stored changes."""
+    handle = start_daemon(tmp_path)
+    tmp = handle.data_dir / "tmp"
+    made = tmp.stat()
+    data = os.urandom(3 * MIB)
+    header = pb.PutHeader(drive="lit://kept", path="held.bin", upload_id="u-held")
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, "lit://kept", "a.txt", b"version 1")
+        cut = [pb.PutRequest(header=header), pb.PutRequest(data=data[:2 * MIB])]
+        assert rpc_code(lambda: stub.Put(iter(cut), timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT  # held
+        query = pb.QueryWriteStatusRequest(drive="lit://kept", upload_id="u-held")
+        assert stub.QueryWriteStatus(query, timeout=10).committed_size == 2 * MIB
+        before = snapshot(handle.data_dir / "objects")
+        shutil.rmtree(tmp)
+        code, details = _details(lambda: stub.QueryWriteStatus(query, timeout=10))
+        assert code == grpc.StatusCode.NOT_FOUND and "put the file again from offset 0" in details, details
+        header.write_offset = 2 * MIB
+        resume = [pb.PutRequest(header=header), pb.PutRequest(data=data[2 * MIB:]),
+                  pb.PutRequest(finish=pb.PutFinish(sha256=sha256_hex(data)))]
+        code, details = _details(lambda: stub.Put(iter(resume), timeout=30))
+        assert code == grpc.StatusCode.NOT_FOUND and "put the file again from offset 0" in details, details
+        assert snapshot(handle.data_dir / "objects") == before
+        raw_put(stub, "lit://kept", "a.txt", b"version 2")  # small: committed by the commit worker
+        again = tmp.stat()
+        assert (again.st_mode, again.st_uid, again.st_gid) == (made.st_mode, made.st_uid, made.st_gid)
+        shutil.rmtree(tmp)
+        raw_put(stub, "lit://kept", "held.bin", data)  # big: written by worker threads
+        assert _stored(stub, "a.txt") == b"version 2" and _stored(stub, "held.bin") == data
+    assert len(_made_again(handle)) == 2, handle.log()
+    assert "Traceback" not in handle.log(), handle.log()
+
+
+def test_a_clients_put_cut_while_tmp_is_removed_is_put_again_whole(tmp_path, start_daemon):
+    """A client's put broke, and tmp/ (with the bytes held for its resume) was removed before it came back: the
+    client asked where it got to, was told the daemon holds nothing (NOT_FOUND), and put the file again whole."""
+    handle = start_daemon(tmp_path)
+    size = 12 * MIB
+    digest = write_random_file(tmp_path / "src" / "big.bin", size)
+    with CuttingProxy(handle.endpoint) as proxy:
+        proxy.cut_after("up", 6 * MIB)
+        proxy.down_after_cuts()  # the client retries until the test lets it back
+        drive = Drive("lit://cut", root_folder=tmp_path / "src", endpoint=proxy.endpoint, retry_seconds=30)
+        putting = Background(lambda: drive.put("big.bin"))
+        putting.start()
+        assert wait_until(lambda: metric(handle, "drived_held_uploads") == 1, 20), handle.log()
+        shutil.rmtree(handle.data_dir / "tmp")
+        proxy.down_after_cuts(False)
+        [stored] = putting.join_checked(30)
+    assert (stored.size, stored.sha256) == (size, digest)
+    assert [d for _, d in raw_get(drive_pb2_grpc.DriveServiceStub(grpc.insecure_channel(handle.endpoint)),
+                                  "lit://cut", "big.bin")] == [(tmp_path / "src" / "big.bin").read_bytes()]
+    assert len(_made_again(handle)) == 1, handle.log()
 
 
 @pytest.mark.parametrize("in_its_place", ["nothing", "an empty folder"])

@@ -341,6 +341,13 @@ class Upload(abc.ABC):
     def held(self) -> int:
         """How many bytes the upload keeps when suspended: where a resumed stream's bytes continue."""
 
+    async def intact(self) -> bool:
+        """Whether the bytes `held` are all still in temporary storage, asked before a held upload is resumed or
+        described: False when they went with it (an operator removed the local data dir's `tmp/`), and the upload
+        is then answered as one the daemon no longer holds. A store that cannot tell without a round trip answers
+        True, and a resume's first write finds out (S3: `UploadGone`)."""
+        return True
+
     @abc.abstractmethod
     async def suspend(self) -> None:
         """Pauses the upload until its next `write` or `commit`, keeping its first `held` bytes.

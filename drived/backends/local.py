@@ -4,7 +4,8 @@ Layout: `DATA_DIR/objects/<key>` holds each object (its format is in
 `stored.py`), `DATA_DIR/tmp/` the uploads in progress. An upload is written
 to `tmp/`, fsynced, and renamed over its key in one step; the rename is what
 makes it visible. Whatever `tmp/` holds at start-up is the leftover of a
-crash and is removed. The data dir and `DATA_DIR/lock` are locked by the one daemon that
+crash and is removed; a `tmp/` removed while the daemon serves is made again
+by the next upload (`LocalBackend.made_tmp_again`). The data dir and `DATA_DIR/lock` are locked by the one daemon that
 uses the data dir and its commit worker, for their whole lives
 (`lock_data_dir`).
 `DATA_DIR/clean-stop` exists while no daemon runs after a clean stop: no
@@ -57,7 +58,7 @@ from .base import (
     parent_is_file,
     position_after,
 )
-from .commit_worker import CommitWorker
+from .commit_worker import CommitWorker, Job, Outcome
 from .file_systems import can_hang, file_system
 from .folder_cache import FolderCache
 from .stored import (
@@ -207,17 +208,19 @@ def _read_cached(fd: int, size: int, offset: int) -> memoryview | None:
     return memoryview(buffer) if read == size else None
 
 
-def _disk_error(err: OSError, what: str) -> Exception:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+def _disk_error(err: Exception, what: str) -> Exception:
+    """What a put answers when its use of the data dir failed with `err` (as `LocalBackend.unusable` left it)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return ResourceExhausted(f"the data dir is full while {what}: free space and retry")
     return err
 
 
-def _commit_error(err: OSError, key: str) -> Exception:
-    """What a put of `key` answers when its commit failed with `err`."""
-    if err.errno == errno.ENOTDIR:
+def _commit_error(err: Exception, key: str) -> Exception:
+    """What a put of `key` answers when its commit failed with `err` (as `LocalBackend.unusable` left it: a file
+    in the way of tmp/ is not one in the way of `key`)."""
+    if isinstance(err, OSError) and err.errno == errno.ENOTDIR:
         return parent_is_file(key)
-    if err.errno == errno.EISDIR:
+    if isinstance(err, OSError) and err.errno == errno.EISDIR:
         return is_a_folder(key)
     return _disk_error(err, "committing an upload")
 
@@ -404,7 +407,12 @@ class LocalUpload(Upload):
         if self._fd >= 0:
             return
         flags = os.O_WRONLY | os.O_CLOEXEC | (0 if self._created else os.O_CREAT | os.O_EXCL)
-        self._fd = os.open(self._tmp_path, flags, 0o644)
+        try:
+            self._fd = os.open(self._tmp_path, flags, 0o644)
+        except FileNotFoundError:
+            if self._created or not self._backend.made_tmp_again():  # created: its bytes went with tmp/
+                raise
+            self._fd = os.open(self._tmp_path, flags, 0o644)
         self._created = True
         os.lseek(self._fd, HEADER_SIZE + self._written, os.SEEK_SET)  # the header is written at the commit
 
@@ -440,11 +448,14 @@ class LocalUpload(Upload):
                 os.posix_fadvise(self._fd, start, self._written - self._written_back, _WRITE_BACK)
                 self._written_back = self._written
         except OSError as err:
-            raise self._backend.unusable(_disk_error(err, "writing an upload")) from err
+            raise _disk_error(self._backend.unusable(err), "writing an upload") from err
 
     @property
     def held(self) -> int:
         return self._size
+
+    async def intact(self) -> bool:
+        return not self._created or await self._backend.off_loop(os.path.exists, self._tmp_path)
 
     async def write(self, data: bytes | memoryview) -> None:
         self._size += len(data)
@@ -488,7 +499,7 @@ class LocalUpload(Upload):
             os.pwrite(self._fd, header(sums), 0)
             generation = make_durable(self._fd)
         except OSError as err:
-            raise self._backend.unusable(_commit_error(err, self._key)) from err
+            raise _commit_error(self._backend.unusable(err), self._key) from err
         self._close_fd()
         return generation
 
@@ -498,7 +509,7 @@ class LocalUpload(Upload):
         try:
             folders = place(self._tmp_path, self._path)
         except OSError as err:
-            raise self._backend.unusable(_commit_error(err, self._key)) from err
+            raise _commit_error(self._backend.unusable(err), self._key) from err
         self._tmp_path = ""  # renamed away: nothing left to discard
         try:
             for folder in folders:
@@ -517,23 +528,29 @@ class LocalUpload(Upload):
         """
         check_size(self._key, self._size, size)
         job = (self._tmp_path, self._path, data, sent)
-        self._committing = self._backend.committer.submit(job, before_visible)
-        # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
-        outcome = await asyncio.shield(self._committing)
+        outcome = await self._submitted(job, before_visible)
+        if outcome[:2] == ("error", errno.ENOENT) and await self._backend.off_loop(self._backend.made_tmp_again):
+            outcome = await self._submitted(job, before_visible)
         if outcome[0] == "mismatch":
             raise checksum_mismatch(self._key, outcome[1])
         if outcome[0] == "error":
             error_number, message = outcome[1:]
             if error_number is None:
                 raise Unavailable(message)
-            raise await self._backend.off_loop(self._backend.unusable, _commit_error(OSError(error_number, message),
-                                                                                     self._key))
+            failed = await self._backend.off_loop(self._backend.unusable, OSError(error_number, message))
+            raise _commit_error(failed, self._key)
         self._tmp_path = ""  # renamed away: nothing left to discard
         _, generation, _, sha256, crc32c = outcome[:5]
         info = ObjectInfo(self._key, self._size, sha256, generation, crc32c)
         if outcome[0] == "unsynced":
             raise self._not_durable(info, OSError(*outcome[5:]))
         return info
+
+    async def _submitted(self, job: Job, before_visible: BeforeVisible | None) -> Outcome:
+        """The outcome of `job` committed by the commit worker."""
+        self._committing = self._backend.committer.submit(job, before_visible)
+        # Shielded: a cancelled put still lets its commit finish before abort() cleans up.
+        return await asyncio.shield(self._committing)
 
     def _not_durable(self, info: ObjectInfo, err: OSError) -> NotDurable:
         log.error("a committed file's folder could not be made durable: it is visible, and may not survive a "
@@ -578,7 +595,7 @@ class LocalUpload(Upload):
     def _discard(self) -> None:
         self._close_fd()
         if self._tmp_path:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # gone with tmp/, a file in its place
                 os.unlink(self._tmp_path)
 
     async def abort(self) -> None:
@@ -621,6 +638,7 @@ class LocalBackend(Backend):
         self._closing = threading.Event()  # stops the sweep of empty folders
         self._sweep: asyncio.Future[bool] | None = None
         self._clean_stop = os.path.join(data_dir, "clean-stop")
+        self._making_tmp = threading.Lock()
         try:
             os.makedirs(self.root, exist_ok=True)
             self._locks = lock_data_dir(data_dir)  # before tmp/ is emptied: it may be another's
@@ -633,6 +651,7 @@ class LocalBackend(Backend):
             if os.path.islink(self.tmp_dir) or os.listdir(self.tmp_dir) or not os.access(self.tmp_dir, os.W_OK):
                 raise DataDirError(f"cannot empty {self.tmp_dir}, where uploads are written: make it a folder the "
                                    "daemon can write, holding nothing it cannot remove")
+            self._tmp_made = os.stat(self.tmp_dir)  # the mode and owner tmp/ is made again with
         except OSError as err:  # a file there, a missing mount, no permission: the start ends, saying why
             raise DataDirError(f"cannot make its folders: {err.strerror}: {err.filename}") from None
         self.committer = CommitWorker(self._locks)
@@ -681,6 +700,31 @@ class LocalBackend(Backend):
                 _mark(self._clean_stop, self.tmp_dir)
         for fd in self._locks:
             os.close(fd)
+
+    def made_tmp_again(self) -> bool:
+        """Makes tmp/ again, with the mode and owner the start gave it, when an operator removed it while the daemon
+        serves (to free the space of uploads in progress, or mistaking it for a scratch folder); False when something
+        is at its path or the data dir itself is gone. When it cannot be made (the data dir read-only), raises what
+        `unusable` answers.
+
+        Looked at only once an upload found tmp/ missing, so that a healthy
+        put pays nothing for it. The uploads it held are lost: their resumes
+        answer as those of uploads the daemon no longer holds (`intact`).
+        """
+        with self._making_tmp:  # the puts that find it missing at once make it once
+            if os.path.lexists(self.tmp_dir) or self._gone():
+                return False
+            made = self._tmp_made
+            try:
+                os.mkdir(self.tmp_dir, 0o700)
+                os.chmod(self.tmp_dir, stat.S_IMODE(made.st_mode))
+                if (now := os.stat(self.tmp_dir)).st_uid != made.st_uid or now.st_gid != made.st_gid:
+                    os.chown(self.tmp_dir, made.st_uid, made.st_gid)
+            except OSError as err:
+                raise self.unusable(err) from err
+        log.warning("tmp/ was removed while drived ran: made again; the uploads it held are lost, and their clients "
+                    "put them again", extra={"fields": {"tmp": self.tmp_dir}})
+        return True
 
     def _gone(self) -> bool:
         """Whether the data dir the daemon locked is no longer at its path: removed, or moved away (another folder may
