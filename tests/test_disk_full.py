@@ -205,7 +205,7 @@ def test_a_put_whose_folder_fsync_fails_after_its_rename_is_reported_and_counted
     """A disk that fails the fsync of a folder after a put's rename (EIO): the file is visible to every reader,
     but the put failed before it was reported and counted: no watch saw it, and the quota did not count it, so
     the drive could pass its quota by it. It is reported and counted as it is seen, and the put still fails,
-    saying why in the daemon log."""
+    UNAVAILABLE, saying why (tests/test_operator.py: what the client sees then)."""
     from test_watch import collect
 
     failing = tmp_path / "failing"
@@ -219,7 +219,7 @@ def test_a_put_whose_folder_fsync_fails_after_its_rename_is_reported_and_counted
     with pytest.raises(grpc.RpcError) as failed:
         raw_put(stub, DRIVE, "f.bin", data)
     failing.unlink()
-    assert failed.value.code() == grpc.StatusCode.INTERNAL, failed.value.details()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
     assert raw_get(stub, DRIVE, "f.bin")[0][1] == data, "visible, as the rename made it"
     watcher.join(10)
     assert [event[:2] for event in events[1:]] == [("KIND_PUT", "f.bin")]

@@ -22,6 +22,7 @@ from conftest import (
     raw_put,
     rpc_code,
     sha256_hex,
+    sitecustomized,
     snapshot,
     spawn_daemon,
     wait_until,
@@ -292,3 +293,62 @@ def test_a_drive_folder_removed_while_serving_lists_what_is_left_and_takes_puts(
         assert _stored(stub, "a.txt") == b"kept"
         raw_put(stub, "lit://gone", "b.txt", b"put again")
         assert [d for _, d in raw_get(stub, "lit://gone", "b.txt")] == [b"put again"]
+
+
+# Run first in the daemon's process and in its commit worker's (both import sitecustomize): the first fsync of a
+# folder once the file ARMED exists fails with EIO, in whichever process makes it, as a failing disk's does.
+FOLDER_FSYNC_FAILS_ONCE = """
+import errno, os, stat
+
+fsync = os.fsync
+
+def failing_once(fd):
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        try:
+            os.unlink({armed!r})
+        except FileNotFoundError:
+            pass
+        else:
+            raise OSError(errno.EIO, "Input/output error")
+    fsync(fd)
+
+os.fsync = failing_once
+"""
+
+
+@pytest.mark.parametrize("size", [4096, 3 * MIB], ids=["small", "big"])
+def test_a_put_whose_folder_fsync_fails_answers_unavailable_and_its_retry_is_durable(tmp_path, start_daemon, size):
+    """The fsync of a folder after a put's rename failed (EIO): the put answered INTERNAL "see the daemon log",
+    though the file is in place and only its durability is unknown. It answers UNAVAILABLE naming the folder and
+    saying to retry the put; list, stat and get show the new version, as every reader sees it; drive_client's put
+    retries by itself (its query finds the upload not complete) and stores the file again, durably."""
+    armed = tmp_path / "armed"
+    handle = start_daemon(tmp_path, env=sitecustomized(tmp_path, FOLDER_FSYNC_FAILS_ONCE.format(armed=str(armed))))
+    data = os.urandom(size)
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, "lit://kept", "sub/a.bin", b"version 1")
+        armed.touch()
+        code, details = _details(lambda: raw_put(stub, "lit://kept", "sub/a.bin", data))
+        assert not armed.exists(), "the folder's fsync did not fail"
+        assert code == grpc.StatusCode.UNAVAILABLE, details
+        folder = handle.data_dir.resolve() / "objects" / "kept" / "default" / "sub"
+        assert details.startswith(f"drived: --data-dir {handle.data_dir}: the put's file is in place, but the fsync "
+                                  f"of its folder {folder} failed ([Errno 5] Input/output error)"), details
+        assert "retry the put (a put of the same bytes is idempotent)" in details, details
+        info = stub.Stat(pb.StatRequest(drive="lit://kept", path="sub/a.bin"), timeout=10)
+        assert (info.size, info.sha256) == (size, sha256_hex(data))
+        listed = stub.List(pb.ListRequest(drive="lit://kept", path="sub"), timeout=10)
+        assert [entry.path for entry in listed.entries] == ["sub/a.bin"]
+        assert _stored(stub, "sub/a.bin") == data
+        (tmp_path / "src").mkdir()
+        (tmp_path / "src" / "b.bin").write_bytes(data)
+        armed.touch()
+        [stored] = Drive("lit://kept", root_folder=tmp_path / "src", endpoint=handle.endpoint).put("b.bin")
+        assert not armed.exists() and (stored.size, stored.sha256) == (size, sha256_hex(data))
+        assert _stored(stub, "b.bin") == data
+    puts = [line["status"] for line in map(json.loads, filter(lambda line: line.startswith("{"),
+                                                                handle.log().splitlines()))
+            if line.get("event") == "request" and line.get("method") in ("Put", "PutFile")]
+    assert puts == ["OK", "UNAVAILABLE", "UNAVAILABLE", "OK"], puts
+    assert handle.log().count("may not survive a power cut") == 2, handle.log()

@@ -64,13 +64,14 @@ Status codes used by every RPC:
   UNAVAILABLE          S3 unreachable, the daemon is shutting down, its
                        data dir broken while it serves (tmp/ unwritable,
                        the data dir moved away: the message says which),
-                       or a Put or Get whose client sent or read nothing
-                       for the daemon's --stream-idle-timeout: retry
+                       a Put whose file is in place but the fsync of whose
+                       folder failed (it may not survive a power cut: the
+                       message names the folder), or a Put or Get whose
+                       client sent or read nothing for the daemon's
+                       --stream-idle-timeout: retry
   UNIMPLEMENTED        an RPC this daemon does not serve yet
   INTERNAL             an unexpected failure, such as a disk error (EIO),
-                       which the daemon logs; a Put answers it too when the
-                       fsync of a committed file's folder fails: the file
-                       is visible, and may not survive a power cut
+                       which the daemon logs
 The status message says what happened and what to do, for a person.
 """
 

@@ -51,7 +51,7 @@ PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent e
 # A small commit: the temporary file to write, the object's path, its bytes, and the checksums the client sent.
 Job = tuple[str, str, bytes, ClientChecksums]
 # What became of it: ("ok", generation, folders, sha256, CRC32C), ("mismatch", how the checksums
-# differ) with nothing stored, ("error", errno, message), or ("unsynced", what "ok" says, errno, message)
+# differ) with nothing stored, ("error", errno, message), or ("unsynced", what "ok" says, errno, message, folder)
 # when the fsync of one of its folders failed after its rename (the file is visible).
 Outcome = tuple[Any, ...]
 T = TypeVar("T")
@@ -101,7 +101,7 @@ def _fsync_folder(folder: str) -> Outcome | None:
     try:
         fsync_folder(folder)
     except OSError as err:
-        return _failed(err)
+        return (*_failed(err), folder)
     return None
 
 

@@ -505,17 +505,17 @@ class LocalUpload(Upload):
 
     def _place_big(self) -> OSError | None:
         """Runs in a worker thread: renames the file `_write_big` made durable into place and fsyncs the folders
-        naming it; the error of an fsync that failed, once the file is visible."""
+        naming it; the error of an fsync that failed (naming its folder), once the file is visible."""
         try:
             folders = place(self._tmp_path, self._path)
         except OSError as err:
             raise _commit_error(self._backend.unusable(err), self._key) from err
         self._tmp_path = ""  # renamed away: nothing left to discard
-        try:
-            for folder in folders:
+        for folder in folders:
+            try:
                 fsync_folder(folder)
-        except OSError as err:
-            return err
+            except OSError as err:
+                return OSError(err.errno, err.strerror, folder)
         return None
 
     async def _commit_small(
@@ -553,9 +553,16 @@ class LocalUpload(Upload):
         return await asyncio.shield(self._committing)
 
     def _not_durable(self, info: ObjectInfo, err: OSError) -> NotDurable:
+        """What a put answers whose file is visible but whose folder `err.filename` could not be made durable:
+        UNAVAILABLE, which clients retry. A put acknowledged would claim a durability the file may lack; its retry
+        renames the same bytes into the folder again and fsyncs it again (the upload is not answered as complete
+        meanwhile: `ManagedDrives.commit_put`)."""
         log.error("a committed file's folder could not be made durable: it is visible, and may not survive a "
-                  "power cut", extra={"fields": {"key": self._key, "error": str(err)}})
-        return NotDurable(info, _commit_error(err, self._key))
+                  "power cut", extra={"fields": {"key": self._key, "folder": err.filename, "error": err.strerror}})
+        return NotDurable(info, Unavailable(
+            f"{self._backend.named}: the put's file is in place, but the fsync of its folder {err.filename} failed "
+            f"([Errno {err.errno}] {err.strerror}), so it may not survive a power cut: retry the put (a put of the "
+            "same bytes is idempotent); if this recurs, the daemon's disk is failing"))
 
     async def _in_thread(self, work: Callable[..., T], *args: Any) -> T:
         """`work(*args)` in a worker thread; shielded: a cancelled put still lets it finish before abort() cleans
