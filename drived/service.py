@@ -263,7 +263,8 @@ async def _request(context: grpc.aio.ServicerContext, record: RequestLog, stream
 
 
 # gRPC ends the read of a call its client cancelled as if the request had ended, and cancels the call only a moment
-# later (~1 ms here): a call whose request ended before its message waits this long for that.
+# later (~1 ms here): a call whose request ended before its message (a client stream: before its first) waits this
+# long for that.
 CANCELLATION_LAG = 0.05
 
 
@@ -389,16 +390,22 @@ async def _received(context: grpc.aio.ServicerContext, stream: Stream) -> AsyncI
     Read with `context.read()` rather than grpc's request iterator, whose
     generator keeps the last message while it waits for the next: a stalled
     upload then held a whole chunk (up to the message limit) for as long as
-    it stalled. Nothing here keeps a message once it is handed on.
+    it stalled. Nothing here keeps a message once it is handed on. A stream
+    that ends before its first message waits CANCELLATION_LAG first, so that
+    one its client cancelled is cancelled (and logged so), not answered.
     """
+    received = False
     while True:
         stream.waiting = True
         message = await context.read()
         stream.waiting = False
         stream.progress += 1
         if message is grpc.aio.EOF:
+            if not received:
+                await asyncio.sleep(CANCELLATION_LAG)
             return
         _check_decoded(message)
+        received = True
         yield message
         del message
 

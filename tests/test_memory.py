@@ -14,11 +14,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest import MIB, StalledPuts, no_uploads, raw_put, rss_mib, upload_bytes, wait_until
+from conftest import MIB, StalledPuts, no_uploads, raw_put, rss_mib, snapshot, upload_bytes, wait_until
 from crc32c import crc32c
 from partial_requests import PartialRequests
 
@@ -235,6 +237,33 @@ def test_a_call_whose_request_ends_without_its_message_is_refused(start_daemon, 
         assert statuses == ["INVALID_ARGUMENT"]
     finally:
         attacker.close()
+
+
+def test_a_put_cancelled_before_its_first_message_is_logged_cancelled(start_daemon, tmp_path):
+    """A client that opens a Put and cancels it before sending anything: gRPC ends the call's read as if its
+    stream had ended, and the Put, a stream of no files, was answered and logged OK. It is logged CANCELLED, as
+    other cancelled calls are, and stores nothing."""
+    handle = start_daemon(tmp_path)
+    before = snapshot(handle.data_dir)
+    cancelled = threading.Event()
+
+    def nothing_sent() -> Iterator[pb.PutRequest]:
+        cancelled.wait(30)
+        yield from ()
+
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        call = drive_pb2_grpc.DriveServiceStub(channel).Put.future(nothing_sent(), timeout=30)
+        handle.wait_open("Put", 1)
+        call.cancel()
+        cancelled.set()
+
+    def logged() -> list[str]:
+        return [line["status"] for line in map(json.loads, handle.log().splitlines())
+                if line.get("event") == "request" and line.get("method") == "Put"]
+
+    assert wait_until(lambda: logged() != [], 10), handle.log()
+    assert logged() == ["CANCELLED"]
+    assert snapshot(handle.data_dir) == before
 
 
 def _listed(endpoint: str, token: str) -> list[pb.FileInfo]:
