@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import resource
 import secrets
 import threading
 import time
@@ -27,6 +28,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 from crc32c import crc32c
 from google.protobuf.message import Message
 
@@ -35,6 +37,7 @@ from .common import DriveBase, FileStat, MountResult, WatchEvent
 from .effects import Blocking, Caller, Emit, Next, Open, Plan, Send, Sleep, Stream, Unary
 from .errors import (
     AlreadyExists,
+    DataLoss,
     DriveError,
     EventsExpired,
     HandoffNotHeld,
@@ -44,6 +47,7 @@ from .errors import (
     NothingDeleted,
     OutOfRange,
     StoreUnavailable,
+    Unavailable,
 )
 from .handoff import handoff_port
 from .pb import drive_pb2 as pb
@@ -54,6 +58,7 @@ from .transfer import (
     ReadAhead,
     Version,
     crc32c_mismatch,
+    fetch_handed,
     fetch_in_ranges,
     local_files,
     no_crc32c,
@@ -395,8 +400,8 @@ def get(drive: DriveBase, path: str, component_name: str | None, timeout: float 
         if first is None:
             raise _holds_no_file(drive, remote)
         if isinstance(first, pb.GetResponse) and _worth_ranges(first, remote):
-            stream.cancel()  # read again, in blocks over several streams
-            yield Blocking(_fetch_ranges, (drive, remote, first.info, target, overwrite, progress), calls=True)
+            stream.cancel()  # read again: written by the daemon into a file handed over, or in blocks
+            yield Blocking(_fetch_big, (drive, remote, first.info, target, overwrite, progress), calls=True)
         else:
             yield Blocking(_receive_stream, (drive, request, stream, first, _target_of(remote, target), overwrite,
                                              progress), calls=True)
@@ -478,6 +483,44 @@ def _receive_stream(calls: Caller, drive: DriveBase, request: pb.GetRequest, str
         # Now: an iteration left by an exception (Ctrl-C) stops its thread only once the garbage collector
         # finds it, and its thread keeps polling, and a resumed stream open, until then.
         rest.stop()
+
+
+def _fetch_big(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInfo, target: Path, overwrite: bool,
+               progress: Progress | None) -> Path:
+    """Fetches one big file: written by the daemon itself into the file handed over to it, where it is on this host
+    (`drive_client.handoff`); else, or when the daemon does not write it (`HandoffNotHeld`, or a cut stream), over
+    concurrent ranged reads, at once. Not handed over with verify="sha256", whose client sums the bytes it receives,
+    nor past this process's file size limit (RLIMIT_FSIZE, `ulimit -f`), which the daemon's writes would not keep."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    within_limit = limit == resource.RLIM_INFINITY or info.size <= limit
+    port = handoff_port(drive.endpoint) if within_limit and not _sha256(drive) else None
+    if port is not None:
+        try:
+            fetched = fetch_handed(info, target, overwrite, port,
+                                   lambda token: calls.run(_handed_get(drive, remote, info, token)), progress)
+        except (HandoffNotHeld, Unavailable):  # nothing of it is kept: fetched as bytes
+            fetched = None
+        if fetched is not None:
+            return fetched
+    return _fetch_ranges(calls, drive, remote, info, target, overwrite, progress)
+
+
+def _handed_get(drive: DriveBase, remote: str, info: pb.FileInfo, token: str) -> Plan[pb.HandedWrite]:
+    """What the daemon wrote into the file handed over with `token`, by a Get that names the token and is pinned to
+    the version `info` describes. Not resumed: the caller fetches the bytes of a cut one itself."""
+    request = pb.GetRequest(drive=drive.id, path=remote, component=info.component, if_match=info.sha256 or info.etag,
+                            handoff=token)
+    stream = yield Open("Get", request)
+    try:
+        while (message := (yield Next(stream))) is not None:
+            if isinstance(message, pb.GetResponse) and message.WhichOneof("message") == "written":
+                return message.written
+            if not isinstance(message, pb.GetResponse) or message.WhichOneof("message") != "info":
+                break
+    finally:
+        stream.cancel()
+    raise DataLoss(f"{remote!r}: the daemon ended a get into a file handed over without saying what it wrote; "
+                   "nothing was kept, try again", grpc.StatusCode.DATA_LOSS)
 
 
 def _fetch_ranges(calls: Caller, drive: DriveBase, remote: str, info: pb.FileInfo, target: Path, overwrite: bool,

@@ -1,15 +1,19 @@
-"""Same-host puts: a client hands the daemon on its own host the open file instead of sending its bytes.
+"""Same-host puts and gets: a client hands the daemon on its own host an open file instead of moving its bytes.
 
 The daemon listens on a Unix socket in Linux's abstract namespace named for
 its gRPC port (`socket_name`); a client whose endpoint is that port on a
-loopback address sends it the open file (SCM_RIGHTS) and gets a token, which
-the file's Put header carries (`PutHeader.handoff`): the daemon reads the
-file itself (`drived.handoff`). No such socket here (the daemon is in another
-network namespace, a container, or on another host), a refusal, or a token the
-Put does not find: the file's bytes go in the stream as always. Any user
+loopback address sends it an open file (SCM_RIGHTS) and gets a token. A put
+hands the file to store (`PUT`), and its Put header carries the token
+(`PutHeader.handoff`): the daemon reads the file itself. A get hands its
+destination, open for writing (`GET`), and its Get request carries the token
+(`GetRequest.handoff`): the daemon writes the file's bytes into it itself
+(`drived.handoff`). No such socket here (the daemon is in another network
+namespace, a container, or on another host), a refusal, or a token the call
+does not find: the bytes go in a stream as always. Any user
 of the host may bind an abstract socket's name (before the daemon starts,
 or while it restarts): a file goes only to a listener of the client's own
-user or root, who may read it anyway; one of another user gets the bytes.
+user or root, who may read and write it anyway; with one of another user,
+the bytes go in a stream.
 $DRIVE_HANDOFF=0 turns handoffs off.
 """
 
@@ -21,7 +25,10 @@ import struct
 
 from .channels import endpoint_hosts, env_flag, is_loopback
 
-REQUEST = b"put"  # what a handoff's message says, beside the one descriptor it carries
+# What a handoff's message says, beside the one descriptor it carries: a file to read for a put, or one to write a
+# get's bytes into.
+PUT = b"put"
+GET = b"get"
 HANDOFF_SECONDS = 2.0  # the daemon answers at once; a daemon that does not is one the file is streamed to
 
 
@@ -42,16 +49,16 @@ def handoff_port(endpoint: str) -> int | None:
     return int(port) if port.isdigit() else None
 
 
-def hand_over(port: int, fd: int) -> str | None:
-    """The token under which the daemon of `port` on this host holds the open file `fd`; None when there is no such
-    daemon here or it does not take the file (the caller sends the bytes)."""
+def hand_over(port: int, fd: int, request: bytes = PUT) -> str | None:
+    """The token under which the daemon of `port` on this host holds the open file `fd` for a put (`request` PUT) or
+    a get (GET); None when there is no such daemon here or it does not take the file (the caller moves the bytes)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as connection:
             connection.settimeout(HANDOFF_SECONDS)
             connection.connect("\0" + socket_name(port))
             if not _trusted(connection):
                 return None
-            socket.send_fds(connection, [REQUEST], [fd])
+            socket.send_fds(connection, [request], [fd])
             answer = connection.recv(1024).decode(errors="replace")
     except OSError:
         return None
@@ -61,7 +68,8 @@ def hand_over(port: int, fd: int) -> str | None:
 
 def _trusted(connection: socket.socket) -> bool:
     """Whether the listener at the other end runs as root or as this process's user (its credentials as it
-    listened): a file handed to another user would give that user a right to read it."""
+    listened): a file handed to another user would give that user a right to read it (a put's) or write it (a
+    get's)."""
     credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _, uid, _ = struct.unpack("3i", credentials)
     return uid in (0, os.geteuid())

@@ -43,7 +43,7 @@ from .errors import (
     StaleIndexError,
 )
 from .files import Version, version, write_all
-from .handoff import hand_over
+from .handoff import GET, hand_over
 from .pb import drive_pb2 as pb
 from .uri import normalize_path
 from .wire import SMALL_FILE, Chunk, GetMessage, PutMessage, chunk_of
@@ -641,6 +641,34 @@ def receive_files(
         if current is not None:
             current.discard()
     return written
+
+
+def fetch_handed(info: pb.FileInfo, target: Path, overwrite: bool, port: int,
+                 written: Callable[[str], pb.HandedWrite], progress: Progress | None = None) -> Path | None:
+    """Fetches one file through the daemon of `port` on this host (`drive_client.handoff`): hands it the temporary
+    file, open for writing, that `fetch_in_ranges` would write, has `written(token)` run the Get that makes the
+    daemon write the file's bytes into it and answer what it wrote, checks that (the size, and the CRC32C against
+    the stored one) and moves the file into place (`overwrite`: see `receive_files`).
+
+    None, with no file left, when the daemon does not take the file: the
+    caller fetches it itself. Whatever `written` raises is raised, with no
+    file left either.
+    """
+    receiving = _Receiving(info, target, overwrite)
+    try:
+        token = hand_over(port, receiving.fd, GET)
+        if token is None:
+            receiving.discard()
+            return None
+        answer = written(token)
+        receiving.size, receiving.crc32c = answer.size, answer.crc32c
+        fetched = receiving.finish(None)
+    except BaseException:
+        receiving.discard()
+        raise
+    if progress:
+        progress(info.size)
+    return fetched
 
 
 PARALLEL_MIN_SIZE = 64 << 20  # files at least this big are fetched over several streams

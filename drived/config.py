@@ -121,7 +121,8 @@ HELP = {
     "show one (mutual TLS); needs --tls-cert",
     "reflection": "on or off: serve gRPC server reflection (what grpcurl uses to learn the API)",
     "handoff": "on or off: take the open files that clients on this host hand over to be put, reading them here "
-    "instead of receiving their bytes (README, Same-host puts; an abstract Unix socket named for the --listen port)",
+    "instead of receiving their bytes, or to get into, writing the bytes there instead of sending them (README, "
+    "Same-host puts and gets; an abstract Unix socket named for the --listen port)",
     "max_connection_age": "seconds after which a client connection is asked to reconnect (so clients behind "
     "DNS round-robin find new replicas; calls in progress finish); 0: never",
     "max_file_size": "the largest file a put may store, in bytes (K, M, G, T: powers of 1024); a bigger one is "

@@ -1,22 +1,26 @@
-"""Same-host puts without their bytes on the wire: the client hands the daemon the open file.
+"""Same-host puts and gets without their bytes on the wire: the client hands the daemon an open file.
 
-A client on the daemon's host sends an open regular file, read-only, over a
-Unix socket in Linux's abstract namespace (`socket_name`: one per port, seen
-only inside the daemon's network namespace) with SCM_RIGHTS, and gets a token
-back; the Put header that carries the token has the daemon read the file
-itself (`drived.puts`), which spares the client its reads, checksums and
-sends, and the daemon its receives. Holding a descriptor is no right the client did not have: it
-opened the file, and its Put is authorized as any other. What a client the
-socket refuses, or whose token the Put does not find here (it expired, or
-another daemon has the socket), streams its bytes instead.
+A client on the daemon's host sends an open regular file over a Unix socket
+in Linux's abstract namespace (`socket_name`: one per port, seen only inside
+the daemon's network namespace) with SCM_RIGHTS, and gets a token back. A
+put's file, open for reading (`PUT`): the Put header that carries the token
+has the daemon read the file itself (`drived.puts`). A get's destination,
+open for writing (`GET`): the Get that carries the token has the daemon
+write the file's bytes into it itself (`write`). Either spares the client
+its reads or writes, checksums and gRPC messages, and the daemon its side of
+them. Holding a descriptor is no right the client did not have: it opened
+the file, and its call is authorized as any other. What a client the socket
+refuses, or whose token the call does not find here (it expired, or another
+daemon has the socket), moves its bytes in a stream instead.
 
 Bounded whatever clients do: at most `MAX_CONNECTING` handoffs at once, each
 given `HANDOFF_SECONDS` to send its file; at most `MAX_HELD` files held until
-their Put, each for `HOLD_SECONDS`; every one counted among the reads of the
-process's descriptors. A file is read in `READERS` threads of its own: a read
-that hangs (a stuck network or FUSE mount) ties up one of them for good, its
-Put gives up on it after `STUCK_SECONDS` (the client sends the bytes), and
-once half of them are tied up the socket refuses handoffs.
+their call, each for `HOLD_SECONDS`; every one counted among the reads of the
+process's descriptors. Files are read and written in `THREADS` threads of
+their own: a read or write that hangs (a stuck network or FUSE mount) ties
+up one of them for good, its call gives up on it after `STUCK_SECONDS` (the
+client moves the bytes), and once half of them are tied up the socket
+refuses handoffs.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ import secrets
 import socket
 import stat
 import time
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from drive_client.errors import HandoffNotHeld, ResourceExhausted, StaleIndexError
 from drive_client.files import Version, version
-from drive_client.handoff import REQUEST, socket_name
+from drive_client.handoff import GET, PUT, socket_name
 
 from . import metrics
 from .descriptors import Descriptors
@@ -46,24 +52,35 @@ MAX_CONNECTING = 16
 HANDOFF_SECONDS = 2.0
 MAX_HELD = 64
 HOLD_SECONDS = 30.0
-READERS = 8
-STUCK_SECONDS = 10.0  # a read this old counts as hung
+THREADS = 8
+STUCK_SECONDS = 10.0  # a read or write this old counts as hung
 READ_SIZE = 1 << 20
+T = TypeVar("T")
 
-def _readable_file(st: os.stat_result, fd: int) -> bool:
-    """Whether `fd` (its stat `st`) is a regular file open for reading (not write-only, not an O_PATH handle)."""
+
+def _refused_file(request: bytes, st: os.stat_result, fd: int) -> str:
+    """Why `fd` (its stat `st`) is not a file the handoff of `request` takes, or "": a regular file (not an O_PATH
+    handle) open for reading for a put, or for writing and not O_APPEND for a get (whose writes land at their offset,
+    which O_APPEND ignores)."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    return stat.S_ISREG(st.st_mode) and not flags & os.O_PATH and flags & os.O_ACCMODE != os.O_WRONLY
+    if not stat.S_ISREG(st.st_mode) or flags & os.O_PATH:
+        return "only an open regular file is handed over (no folder, pipe, device or O_PATH handle)"
+    if request == PUT and flags & os.O_ACCMODE == os.O_WRONLY:
+        return "a file handed over to be put is open for reading"
+    if request == GET and (flags & os.O_ACCMODE == os.O_RDONLY or flags & os.O_APPEND):
+        return "a file handed over for a get is open for writing, without O_APPEND"
+    return ""
 
 
 @dataclass
 class HandedFile:
-    """A file a client handed over, held until its Put reads it."""
+    """A file a client handed over, held until its call reads it (a Put) or writes it (a Get)."""
 
     fd: int
+    request: bytes  # PUT or GET
     version: Version
-    expiry: asyncio.TimerHandle  # its end while no Put has claimed it
-    reading: asyncio.Future[bytes] | None = None  # the read in a thread: the descriptor is closed after it
+    expiry: asyncio.TimerHandle  # its end while no call has claimed it
+    busy: asyncio.Future[Any] | None = None  # the read or write in a thread: the descriptor is closed after it
 
 
 class Handoffs:
@@ -74,8 +91,8 @@ class Handoffs:
         self._descriptors = descriptors
         self._held: dict[str, HandedFile] = {}
         self._connecting = 0
-        self._readers = concurrent.futures.ThreadPoolExecutor(READERS, thread_name_prefix="drived-handoff")
-        self._reads: dict[asyncio.Future[bytes], float] = {}  # reads in flight, by their start
+        self._threads = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="drived-handoff")
+        self._in_flight: dict[asyncio.Future[Any], float] = {}  # reads and writes in threads, by their start
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -104,7 +121,7 @@ class Handoffs:
             self._expire(token)
         for task in self._tasks:
             task.cancel()
-        self._readers.shutdown(wait=False)
+        self._threads.shutdown(wait=False)
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -143,7 +160,7 @@ class Handoffs:
             answer = self._take(b"" if flags & socket.MSG_TRUNC else message, list(fds))
             try:
                 connection.send(answer.encode())
-            except OSError:  # its client left, tired of waiting on a stopped daemon: it sends the bytes
+            except OSError:  # its client left, tired of waiting on a stopped daemon: it moves the bytes in a stream
                 if answer.startswith("ok "):
                     self._expire(answer.removeprefix("ok "))
                 answer = "busy"
@@ -157,14 +174,11 @@ class Handoffs:
     def _take(self, message: bytes, fds: list[int]) -> str:
         """Holds the one file handed over, or closes what came and says why not."""
         try:
-            if message != REQUEST or len(fds) != 1:
-                return "busy the handoff takes one file with the request " + REQUEST.decode()
+            if message not in (PUT, GET) or len(fds) != 1:
+                return f"busy the handoff takes one file with the request {PUT.decode()} or {GET.decode()}"
             fd = fds.pop()
             st = os.fstat(fd)
-            if not _readable_file(st, fd):
-                os.close(fd)
-                return "busy only a regular file open for reading is handed over"
-            refusal = self._refusal()
+            refusal = _refused_file(message, st, fd) or self._refusal()
             if refusal:
                 os.close(fd)
                 return "busy " + refusal
@@ -175,7 +189,7 @@ class Handoffs:
                 return f"busy {err}"
             token = secrets.token_hex(16)
             expiry = asyncio.get_running_loop().call_later(HOLD_SECONDS, self._expire, token)
-            self._held[token] = HandedFile(fd, version(st), expiry)
+            self._held[token] = HandedFile(fd, message, version(st), expiry)
             return "ok " + token
         finally:
             for fd in fds:
@@ -183,10 +197,10 @@ class Handoffs:
 
     def _refusal(self) -> str:
         if len(self._held) >= MAX_HELD:
-            return f"{MAX_HELD} files handed over wait for their Put"
+            return f"{MAX_HELD} files handed over wait for their call"
         now = time.monotonic()
-        if sum(now - started > STUCK_SECONDS for started in self._reads.values()) >= READERS // 2:
-            return "reads of files handed over hang"
+        if sum(now - started > STUCK_SECONDS for started in self._in_flight.values()) >= THREADS // 2:
+            return "reads or writes of files handed over hang"
         return ""
 
     def _expire(self, token: str) -> None:
@@ -195,31 +209,49 @@ class Handoffs:
             handed.expiry.cancel()  # when not the expiry itself: the stop, or a client that left
             self.release(handed)
 
-    def claim(self, token: str) -> HandedFile:
-        """The file handed over with `token`, now the caller's to `release`; HandoffNotHeld when there is none."""
-        handed = self._held.pop(token, None)
-        if handed is None:
+    def claim(self, token: str, request: bytes) -> HandedFile:
+        """The file handed over with `token` for `request` (PUT or GET), now the caller's to `release`;
+        HandoffNotHeld when there is none."""
+        handed = self._held.get(token)
+        if handed is None or handed.request != request:
             raise HandoffNotHeld(
-                f"{HandoffNotHeld.mark}no file handed over with this token is held here: it expired ({HOLD_SECONDS:g} "
-                "s), or another daemon on this host holds the socket; send the file's bytes in the stream"
+                f"{HandoffNotHeld.mark}no file handed over for a {request.decode()} with this token is held here: it "
+                f"expired ({HOLD_SECONDS:g} s), or another daemon on this host holds the socket; move the file's "
+                "bytes in a stream"
             )
+        del self._held[token]
         handed.expiry.cancel()
         return handed
 
-    async def read(self, handed: HandedFile, offset: int, size: int) -> bytes:
-        """Up to `size` bytes of the file from `offset`, read in one of the handoff's threads."""
-        reading = asyncio.wrap_future(self._readers.submit(os.pread, handed.fd, size, offset))
-        handed.reading = reading
-        self._reads[reading] = time.monotonic()
-        reading.add_done_callback(self._reads.pop)
+    async def _in_thread(self, handed: HandedFile, what: str, work: Callable[..., T], *args: object) -> T:
+        """`work(*args)` on the handed file, `what` (a read, a write), in one of the handoff's threads."""
+        busy = asyncio.wrap_future(self._threads.submit(work, handed.fd, *args))
+        handed.busy = busy
+        self._in_flight[busy] = time.monotonic()
+        busy.add_done_callback(self._in_flight.pop)
         try:
-            return await asyncio.wait_for(asyncio.shield(reading), STUCK_SECONDS)
-        except asyncio.TimeoutError:  # its thread stays tied up; the Put does not wait on it
-            raise HandoffNotHeld(f"{HandoffNotHeld.mark}a read of the file handed over took more than "
-                                 f"{STUCK_SECONDS:g} s (a hung mount?); send its bytes in the stream") from None
-        except OSError as err:  # the client streams it instead, and meets the error itself
-            raise HandoffNotHeld(f"{HandoffNotHeld.mark}the file handed over cannot be read here ({err}); send its "
-                                 "bytes in the stream") from None
+            return await asyncio.wait_for(asyncio.shield(busy), STUCK_SECONDS)
+        except asyncio.TimeoutError:  # its thread stays tied up; the call does not wait on it
+            raise HandoffNotHeld(f"{HandoffNotHeld.mark}a {what} of the file handed over took more than "
+                                 f"{STUCK_SECONDS:g} s (a hung mount?); move its bytes in a stream") from None
+        except OSError as err:  # the client moves the bytes itself, and meets the error itself
+            raise HandoffNotHeld(f"{HandoffNotHeld.mark}a {what} of the file handed over failed here ({err}); move "
+                                 "its bytes in a stream") from None
+
+    async def read(self, handed: HandedFile, offset: int, size: int) -> bytes:
+        """Up to `size` bytes of the file from `offset`."""
+        return await self._in_thread(handed, "read", os.pread, size, offset)
+
+    async def write(self, handed: HandedFile, chunks: AsyncIterable[bytes | memoryview]) -> int:
+        """Writes `chunks` into the file from its start, one at a time, and cuts it to their size (a file longer
+        before keeps no tail); answers that size."""
+        size = 0
+        async for chunk in chunks:
+            await self._in_thread(handed, "write", _pwrite_all, chunk, size)
+            size += len(chunk)
+        await self._in_thread(handed, "write", os.ftruncate, size)
+        metrics.HANDOFFS.labels("written").inc()
+        return size
 
     def check_unchanged(self, handed: HandedFile, path: str, size: int, read: int | None = None) -> None:
         """Refuses a file written to since it was handed over, or not of the size its header gives: what is read
@@ -237,12 +269,30 @@ class Handoffs:
             )
 
     def release(self, handed: HandedFile) -> None:
-        """Closes the file once no read of it is in flight (a closed number could be another file's by then)."""
+        """Closes the file once no read or write of it is in flight (a closed number could be another file's by
+        then)."""
         def close(_: object = None) -> None:
             os.close(handed.fd)
             self._descriptors.give_read()
 
-        if handed.reading is not None and not handed.reading.done():
-            handed.reading.add_done_callback(close)
+        if handed.busy is not None and not handed.busy.done():
+            handed.busy.add_done_callback(close)
         else:
             close()
+
+
+def taking(handoffs: Handoffs | None) -> Handoffs:
+    """`handoffs`, for a call that names a token; HandoffNotHeld when the daemon takes no files (None: its --handoff
+    is off)."""
+    if handoffs is None:
+        raise HandoffNotHeld(f"{HandoffNotHeld.mark}this daemon takes no files handed over (its --handoff is off): "
+                             "move the file's bytes in a stream")
+    return handoffs
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Writes all of `data` at `offset` (os.pwrite may take part of it)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written

@@ -29,8 +29,8 @@ MOUNT_DURATION = Histogram(
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 120, 600, float("inf")),
 )
 HANDOFFS = Counter(
-    "drived_handoff_files", "Files that clients of this host handed over (taken: held for their Put; refused: the "
-    "client sends the bytes instead)", ["outcome"]
+    "drived_handoff_files", "Files that clients of this host handed over (taken: held for their Put or Get; refused: "
+    "the client moves the bytes in a stream instead; written: a Get's file written whole)", ["outcome"]
 )
 DIRECTION = {"Put": "in", "PutFile": "in", "Get": "out"}
 

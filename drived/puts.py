@@ -17,7 +17,8 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 
-from drive_client.errors import HandoffNotHeld, InvalidArgument
+from drive_client.errors import InvalidArgument
+from drive_client.handoff import PUT
 from drive_client.pb import drive_pb2 as pb
 from drive_client.uri import DEFAULT_COMPONENT
 from drive_client.wire import SMALL_FILE, PutMessage, chunk_of
@@ -27,7 +28,7 @@ from .checksums import ClientChecksums
 from .config import ANSWER_ENTRIES_BYTES, answer_entry_bytes
 from .drives import PendingPut
 from .entry import Entry
-from .handoff import READ_SIZE, Handoffs
+from .handoff import READ_SIZE, Handoffs, taking
 from .requests import sent_checksums
 
 MAX_COMMITS_IN_FLIGHT = 64  # the more commits wait together, the more the commit worker does at once
@@ -95,29 +96,27 @@ class PutStream:
     async def _receive_handed(self, header: pb.PutHeader) -> None:
         """A file handed over by a client of this host (`drived.handoff`): its bytes are read here, from the file;
         the finish that follows the header commits it."""
-        if self._handoffs is None:
-            raise HandoffNotHeld(f"{HandoffNotHeld.mark}this daemon takes no files handed over (its --handoff is off): "
-                                 "send the file's bytes in the stream")
-        handed = self._handoffs.claim(header.handoff)
+        handoffs = taking(self._handoffs)
+        handed = handoffs.claim(header.handoff, PUT)
         try:
             if header.write_offset or not header.HasField("size"):
                 raise InvalidArgument("a handed-over file is put whole: its header gives its size, and no "
                                       "write_offset")
-            self._handoffs.check_unchanged(handed, header.path, header.size)
+            handoffs.check_unchanged(handed, header.path, header.size)
             await self._start(header)
             assert self._pending is not None  # set by _start
             position = 0
             while position < header.size:
-                data = await self._handoffs.read(handed, position, min(READ_SIZE, header.size - position))
+                data = await handoffs.read(handed, position, min(READ_SIZE, header.size - position))
                 if not data:  # shorter than its size: refused below
                     break
                 position += len(data)
                 await self._write(self._pending, data)
-            self._handoffs.check_unchanged(handed, header.path, header.size, read=position)
+            handoffs.check_unchanged(handed, header.path, header.size, read=position)
             self._handed = True  # committed at its finish, as a file whose bytes came: a stream cut before it
             # (its client interrupted as the call started) commits nothing
         finally:
-            self._handoffs.release(handed)
+            handoffs.release(handed)
 
     async def _start(self, header: pb.PutHeader) -> None:
         if self._pending is not None:

@@ -138,6 +138,9 @@ class GetRequest:
                 f"wait_seconds {request.wait_seconds:g} is longer than the longest wait, {MAX_WAIT_SECONDS:g} s: "
                 "wait again when it expires"
             )
+        if request.handoff and (request.offset or request.limit or request.wait_seconds):
+            raise InvalidArgument("a get into a file handed over writes the whole file, once it is there: it takes no "
+                                  "offset, limit or wait_seconds")
         return cls(
             drive, path, component, request.offset, request.limit, request.wait_seconds, request.if_match,
             request.whole_small_files, request.checksums,

@@ -22,7 +22,7 @@ import itertools
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial, wraps
@@ -33,6 +33,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from drive_client.errors import DriveError, InvalidArgument, ResourceExhausted, TooManyStreams, Unavailable
+from drive_client.handoff import GET
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc as pb_grpc
 from drive_client.uri import DriveId
@@ -48,11 +49,11 @@ from drive_client.wire import (
 from . import metrics
 from .answers import AnswerRoom, Held
 from .auth import EVERYONE, NOBODY, READS, WRITES, Access, Grant
-from .backends.base import ClientTooSlow, Damaged, StoredFileError
+from .backends.base import Chunks, ClientTooSlow, Damaged, StoredFileError
 from .config import ANSWER_ENTRIES_BYTES
 from .drives import DriveRouter, Drives, PendingPut
 from .entry import Entry
-from .handoff import Handoffs
+from .handoff import Handoffs, taking
 from .limits import Stream, Streams, peer_host
 from .puts import PutStream
 from .refusals import RefusalLog
@@ -532,6 +533,40 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     return answers
 
 
+async def _get_files(drives: Drives, get: GetRequest, record: RequestLog,
+                     write: Callable[[Chunks], Awaitable[int]] | None = None) -> AsyncGenerator[GetMessage, None]:
+    """The messages of a Get: each file's info and bytes; with `write`, which writes a file's bytes into the file a
+    client handed over (`drived.handoff`) and answers their size, the one file's info, then what was written."""
+    async for entry, chunks in drives.open_files(get):
+        try:
+            record.files += 1
+            if write is not None:
+                if entry.path != get.path:  # the first file of a folder: nothing is written yet
+                    raise InvalidArgument(f"{get.shown()} is a folder: a get into a file handed over writes one "
+                                          "file; get a folder's files in a stream")
+                yield pb.GetResponse(info=file_info(entry))
+                record.bytes = await write(chunks)
+                yield pb.GetResponse(written=pb.HandedWrite(size=record.bytes, crc32c=chunks.crc32c))
+            elif get.whole_small_files and entry.size <= SMALL_FILE:
+                data = b"".join([chunk async for chunk in chunks])
+                record.bytes += len(data)
+                whole = pb.GetFile(info=file_info(entry), data=data)
+                if get.checksums:
+                    whole.crc32c = chunks.crc32c
+                yield pb.GetResponse(file=whole)
+            else:
+                yield pb.GetResponse(info=file_info(entry))
+                async for chunk in chunks:
+                    record.bytes += len(chunk)
+                    yield chunk  # encoded by drive_client.wire, without a protobuf copy
+                if get.checksums:
+                    yield pb.GetResponse(crc32c=chunks.crc32c)
+        except StoredFileError as err:  # named by its key in the store: named here as the client asked for it
+            raise err.named(get.drive.uri, entry.component, entry.path) from None
+        finally:
+            await chunks.aclose()
+
+
 class DriveService(pb_grpc.DriveServiceServicer):
     """Serves drive.v1.DriveService."""
 
@@ -615,28 +650,22 @@ class DriveService(pb_grpc.DriveServiceServicer):
     async def Get(  # type: ignore[override]  # chunks are yielded as bytes, see drive_client.wire
         self, request: pb.GetRequest, record: RequestLog
     ) -> AsyncIterator[GetMessage]:
-        get = GetRequest.from_pb(request)
-        async for entry, chunks in self._drives(record, get.drive).open_files(get):
-            try:
-                record.files += 1
-                if get.whole_small_files and entry.size <= SMALL_FILE:
-                    data = b"".join([chunk async for chunk in chunks])
-                    record.bytes += len(data)
-                    whole = pb.GetFile(info=file_info(entry), data=data)
-                    if get.checksums:
-                        whole.crc32c = chunks.crc32c
-                    yield pb.GetResponse(file=whole)
-                    continue
-                yield pb.GetResponse(info=file_info(entry))
-                async for chunk in chunks:
-                    record.bytes += len(chunk)
-                    yield chunk  # encoded by drive_client.wire, without a protobuf copy
-                if get.checksums:
-                    yield pb.GetResponse(crc32c=chunks.crc32c)
-            except StoredFileError as err:  # named by its key in the store: named here as the client asked for it
-                raise err.named(get.drive.uri, entry.component, entry.path) from None
-            finally:
-                await chunks.aclose()
+        if not request.handoff:
+            get = GetRequest.from_pb(request)
+            async with aclosing(_get_files(self._drives(record, get.drive), get, record)) as messages:
+                async for message in messages:
+                    yield message
+            return
+        handoffs = taking(self.handoffs)
+        handed = handoffs.claim(request.handoff, GET)  # first: a Get refused for what it asks lets the file go too
+        try:
+            get = GetRequest.from_pb(request)
+            drives = self._drives(record, get.drive)
+            async with aclosing(_get_files(drives, get, record, partial(handoffs.write, handed))) as messages:
+                async for message in messages:
+                    yield message
+        finally:
+            handoffs.release(handed)
 
     @rpc
     async def List(self, request: pb.ListRequest, record: RequestLog) -> pb.ListResponse:

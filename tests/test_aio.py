@@ -51,6 +51,7 @@ async def test_a_cancelled_get_has_stopped_when_its_cancellation_returns(daemon,
     by cancelling; the get now stops its threads' calls and returns once they have ended."""
     monkeypatch.setattr(core, "PARALLEL_MIN_SIZE", MIB)  # an 8 MiB file is fetched in 1 MiB ranged reads
     monkeypatch.setattr(transfer, "RANGE_BLOCK", MIB)
+    monkeypatch.setenv("DRIVE_HANDOFF", "0")  # not written by the daemon into a file handed over (same-host gets)
     (tmp_path / "big.bin").write_bytes(os.urandom(8 * MIB))
     await AsyncDrive(drive_uri, root_folder=tmp_path, endpoint=daemon.endpoint).put("big.bin")
     out = tmp_path / "out"
@@ -91,6 +92,7 @@ async def test_big_gets_cancelled_as_they_start_give_their_streams_back(daemon, 
     # A 32 MiB file is fetched in 8 MiB ranged reads: more than the daemon sends ahead, so one unread stays open.
     monkeypatch.setattr(core, "PARALLEL_MIN_SIZE", MIB)
     monkeypatch.setattr(transfer, "RANGE_BLOCK", 8 * MIB)
+    monkeypatch.setenv("DRIVE_HANDOFF", "0")  # not written by the daemon into a file handed over (same-host gets)
     (tmp_path / "big.bin").write_bytes(os.urandom(32 * MIB))
     (tmp_path / "out").mkdir()
     drive = AsyncDrive(drive_uri, root_folder=tmp_path / "out", endpoint=daemon.endpoint)

@@ -33,7 +33,7 @@ from conftest import (
 from crc32c import crc32c
 
 from drive_client import Drive, ResourceExhausted
-from drive_client.handoff import REQUEST, hand_over, socket_name
+from drive_client.handoff import PUT, hand_over, socket_name
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 
 
@@ -207,12 +207,12 @@ def test_what_is_not_one_readable_file_is_refused_and_not_held(daemon, tmp_path)
         for fd in (write_end, read_end, write_only, folder, path_only):
             opened.callback(os.close, fd)
         answers = [
-            _send(daemon.port, REQUEST, [read_end]),  # a pipe
-            _send(daemon.port, REQUEST, [write_only]),
-            _send(daemon.port, REQUEST, [folder]),
-            _send(daemon.port, REQUEST, [path_only]),
-            _send(daemon.port, REQUEST, [f.fileno(), f.fileno()]),  # two descriptors
-            _send(daemon.port, REQUEST, []),  # none
+            _send(daemon.port, PUT, [read_end]),  # a pipe
+            _send(daemon.port, PUT, [write_only]),
+            _send(daemon.port, PUT, [folder]),
+            _send(daemon.port, PUT, [path_only]),
+            _send(daemon.port, PUT, [f.fileno(), f.fileno()]),  # two descriptors
+            _send(daemon.port, PUT, []),  # none
             _send(daemon.port, b"get", [f.fileno()]),  # another request
         ]
     assert all(answer.startswith("busy ") for answer in answers), answers
@@ -426,16 +426,22 @@ def test_a_handed_file_that_ends_before_its_size_is_refused_as_shorter(daemon, s
     assert not stub.List(drive_pb2.ListRequest(drive=drive_uri)).entries
 
 
-HUNG_READS = """
+def hanging(call: str, suffix: str) -> str:
+    """Python for `start_daemon(before=...)`: `os.<call>` (pread, pwrite) of a file whose name ends with `suffix`
+    never returns, as on a hung mount, and a handoff's read or write counts as hung after 0.2 s."""
+    return f"""
 import os, threading
 import drived.handoff as h; h.STUCK_SECONDS = 0.2
-_pread = os.pread
-def pread(fd, size, offset):  # a file on a hung mount: its reads never end
-    if os.readlink(f"/proc/self/fd/{fd}").endswith(".hung"):
+_{call} = os.{call}
+def {call}(fd, *args):
+    if os.readlink(f"/proc/self/fd/{{fd}}").endswith({suffix!r}):
         threading.Event().wait()
-    return _pread(fd, size, offset)
-os.pread = pread
+    return _{call}(fd, *args)
+os.{call} = {call}
 """
+
+
+HUNG_READS = hanging("pread", ".hung")
 
 
 def test_hung_reads_stop_the_handoffs_not_the_daemon(start_daemon, tmp_path, drive_uri):

@@ -1,4 +1,6 @@
-"""Big files are fetched over parallel ranged reads, pinned to one version, and verified whole, by both twins."""
+"""Big files are fetched over parallel ranged reads, pinned to one version, and verified whole, by both twins: as
+from a daemon on another host, or one that does not write the file itself (DRIVE_HANDOFF=0 here; see
+test_handoff_get.py for gets from a daemon on this host)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,15 @@ import hashlib
 import json
 import os
 
+import pytest
+
 from drive_client import Drive
 from drive_client.transfer import PARALLEL_MIN_SIZE, RANGE_BLOCK
+
+
+@pytest.fixture(autouse=True)
+def bytes_on_the_wire(monkeypatch):
+    monkeypatch.setenv("DRIVE_HANDOFF", "0")
 
 
 def test_big_get_uses_ranged_reads_and_matches(twin, start_daemon, tmp_path):

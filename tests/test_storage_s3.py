@@ -206,7 +206,7 @@ def test_put_through_a_is_read_and_deleted_through_b(daemon_a, daemon_b, drive_u
 @pytest.mark.parametrize("handoff", ["1", "0"], ids=["handed-over", "streamed"])
 def test_a_file_bigger_than_several_parts_is_one_multipart_object(
         store, daemon_a, daemon_b, drive_uri, tmp_path, handoff, monkeypatch):
-    """Handed over (README, Same-host puts: the daemon reads the file into the parts) or streamed."""
+    """Handed over (README, Same-host puts and gets: the daemon reads the file into the parts) or streamed."""
     monkeypatch.setenv("DRIVE_HANDOFF", handoff)
     data = os.urandom(35 * MIB)  # five 8 MiB parts
     (tmp_path / "big.bin").write_bytes(data)

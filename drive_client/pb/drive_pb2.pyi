@@ -196,7 +196,7 @@ class PutHeader(_message.Message):
     handoff: _builtins.str
     """A same-host put: the token the server's handoff socket answered for the
     open file a client on its host handed over (see the README, "Same-host
-    puts"). The server reads the file's bytes itself: the stream carries no
+    puts and gets"). The server reads the file's bytes itself: the stream carries no
     data for the file (INVALID_ARGUMENT, and nothing stored, for data sent
     after the header), and its finish carries no checksums (the server
     commits the file at the finish, and nothing when the stream ends before
@@ -437,6 +437,7 @@ class GetRequest(_message.Message):
     IF_MATCH_FIELD_NUMBER: _builtins.int
     WHOLE_SMALL_FILES_FIELD_NUMBER: _builtins.int
     CHECKSUMS_FIELD_NUMBER: _builtins.int
+    HANDOFF_FIELD_NUMBER: _builtins.int
     drive: _builtins.str
     """The drive URI."""
     path: _builtins.str
@@ -481,6 +482,20 @@ class GetRequest(_message.Message):
     of, from the bytes S3 sent); a receiver whose CRC32C of what arrived
     differs got damaged bytes (DATA_LOSS). Unset, nothing changes.
     """
+    handoff: _builtins.str
+    """A same-host get: the token the server's handoff socket answered for the
+    open file, writable, that a client on its host handed over as the get's
+    destination (see the README, "Same-host puts and gets"). The server
+    writes the file's bytes into it itself: the stream carries the file's
+    `info`, then no data, then `written` once the handed file holds exactly
+    the file's bytes (it is cut to their size). A single file only: a folder,
+    `offset`, `limit` or `wait_seconds` is INVALID_ARGUMENT. Authorized and
+    read as any Get, damaged stored bytes included (DATA_LOSS), `if_match`
+    too (ABORTED). A token the server does not hold (it expired, or another
+    server of the host took the file), or a file it cannot write (a full
+    disk, a write that hangs), is refused with NOT_FOUND, its message
+    starting "drived: handoff: ": the client then fetches the bytes itself.
+    """
     def __init__(
         self,
         *,
@@ -493,10 +508,11 @@ class GetRequest(_message.Message):
         if_match: _builtins.str = ...,
         whole_small_files: _builtins.bool = ...,
         checksums: _builtins.bool = ...,
+        handoff: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksums", b"checksums", "component", b"component", "drive", b"drive", "if_match", b"if_match", "limit", b"limit", "offset", b"offset", "path", b"path", "wait_seconds", b"wait_seconds", "whole_small_files", b"whole_small_files"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksums", b"checksums", "component", b"component", "drive", b"drive", "handoff", b"handoff", "if_match", b"if_match", "limit", b"limit", "offset", b"offset", "path", b"path", "wait_seconds", b"wait_seconds", "whole_small_files", b"whole_small_files"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -512,6 +528,7 @@ class GetResponse(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     FILE_FIELD_NUMBER: _builtins.int
     CRC32C_FIELD_NUMBER: _builtins.int
+    WRITTEN_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The next bytes of the current file."""
     crc32c: _builtins.int
@@ -530,6 +547,12 @@ class GetResponse(_message.Message):
         `whole_small_files`).
         """
 
+    @_builtins.property
+    def written(self) -> Global___HandedWrite:
+        """Ends a same-host get (only when the request set `handoff`): what the
+        server wrote into the handed file.
+        """
+
     def __init__(
         self,
         *,
@@ -537,16 +560,47 @@ class GetResponse(_message.Message):
         data: _builtins.bytes = ...,
         file: Global___GetFile | None = ...,
         crc32c: _builtins.int = ...,
+        written: Global___HandedWrite | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "file", b"file", "info", b"info", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "file", b"file", "info", b"info", "message", b"message", "written", b"written"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "file", b"file", "info", b"info", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "file", b"file", "info", b"info", "message", b"message", "written", b"written"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["info", "data", "file", "crc32c"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["info", "data", "file", "crc32c", "written"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___GetResponse: _TypeAlias = GetResponse  # noqa: Y015
+
+@_typing.final
+class HandedWrite(_message.Message):
+    """What the server wrote into a file handed over for a get."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """The bytes written, from the file's first: the file's size, and the
+    handed file's size now.
+    """
+    crc32c: _builtins.int
+    """The CRC32C of those bytes, computed from bytes the server checked
+    against the stored file's own checksums, as a streamed get's `crc32c`.
+    """
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        crc32c: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandedWrite: _TypeAlias = HandedWrite  # noqa: Y015
 
 @_typing.final
 class GetFile(_message.Message):
