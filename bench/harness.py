@@ -396,9 +396,11 @@ class Harness:
                             "twin": twin}
                     profile = f"large-{op}" if twin == "Drive" else None
                     rec(key, measure(key, f"{twin}.{op} large", spec, profile=profile))
-            spec = {"task": "drive_put", "endpoint": ep, "root": str(self.src), "relpath": "large.bin",
-                    "handoff": False}
-            rec("large.drive_streamed.put", measure("large.drive_streamed.put", "Drive.put large, streamed", spec))
+            for op, root in (("put", self.src), ("get", self.dst)):
+                key = f"large.drive_streamed.{op}"
+                spec = {"task": f"drive_{op}", "endpoint": ep, "root": str(root), "relpath": "large.bin",
+                        "handoff": False}
+                rec(key, measure(key, f"Drive.{op} large, streamed", spec))
 
     def run_small(self, run: int) -> None:
         a = self.a
@@ -611,12 +613,11 @@ class Harness:
                            "key": name},
                  {"task": "boto3_get", "url": url, "bucket": STORE_BUCKET, "key": name, "dst": str(dst / name)}),
                 ("drive_streamed", {"task": "drive_put", "endpoint": d.endpoint, "root": str(src),
-                                    "relpath": name, "handoff": False}, None),
+                                    "relpath": name, "handoff": False},
+                 {"task": "drive_get", "endpoint": d.endpoint, "root": str(dst), "relpath": name, "handoff": False}),
             ]
             for system, put, get in rotated(systems, run):
                 for op, spec in (("put", put), ("get", get)):
-                    if spec is None:  # a get is the same either way
-                        continue
                     key = f"storage.{system}.{op}"
                     res = self.measure(key, f"{system} {op} (storage)", {**spec, "settle": [size, str(dst)]}, to)
                     if res:

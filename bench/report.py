@@ -70,6 +70,7 @@ def figure_units() -> dict[str, str]:
         "async_drive.put",
         "async_drive.get",
         "drive_streamed.put",
+        "drive_streamed.get",
     ):
         units[f"large.{k}"] = "MB/s"
     for sys_ in SMALL_SYSTEMS:
@@ -87,7 +88,8 @@ def figure_units() -> dict[str, str]:
     for system in ("drive", "boto3"):
         for op in ("put", "get"):
             units[f"storage.{system}.{op}"] = "MB/s"
-    units["storage.drive_streamed.put"] = "MB/s"
+    for op in ("put", "get"):
+        units[f"storage.drive_streamed.{op}"] = "MB/s"
     units["storage.daemon.peak_mib"] = "MiB"
     for layout in CLUSTER_LAYOUTS:
         units[f"cluster.{layout}.put_ops_s"] = "ops/s"
@@ -165,6 +167,14 @@ def checks(size_label: str, folder_files: int = 1000) -> list[Check]:
             ceiling="large.grpc_crc32c.down",
         ),
         Check(
+            "get throughput, streamed",
+            "large.drive_streamed.get",
+            ("large.grpc_raw.down",),
+            1.0,
+            "≥ 1.0 × plain grpcio",
+            ceiling="large.grpc_crc32c.down",
+        ),
+        Check(
             "put throughput (durable)",
             "large.drive.put",
             ("large.grpc_raw.up", "large.cp_fsync"),
@@ -185,6 +195,14 @@ def checks(size_label: str, folder_files: int = 1000) -> list[Check]:
         Check(
             f"get throughput, {size_label}",
             "large.drive.get",
+            ("large.nginx.get",),
+            1.0,
+            "≥ 1.0 × requests/nginx",
+            ceiling="large.grpc_crc32c.down",
+        ),
+        Check(
+            f"get throughput, {size_label}, streamed",
+            "large.drive_streamed.get",
             ("large.nginx.get",),
             1.0,
             "≥ 1.0 × requests/nginx",
@@ -257,6 +275,10 @@ def checks(size_label: str, folder_files: int = 1000) -> list[Check]:
         ),
         Check(
             "get through --storage", "storage.drive.get", ("storage.boto3.get",), 1.0,
+            "≥ 1.0 × boto3 download_file",
+        ),
+        Check(
+            "get through --storage, streamed", "storage.drive_streamed.get", ("storage.boto3.get",), 1.0,
             "≥ 1.0 × boto3 download_file",
         ),
         Check("peak RSS daemon, --storage", "storage.daemon.peak_mib", (), 200.0, "< 200 MiB", "below"),
@@ -426,7 +448,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         ("boto3 upload_file/download_file → moto_server", "large.boto3_moto.put", "large.boto3_moto.get"),
         ("requests PUT/GET → nginx", "large.nginx.put", "large.nginx.get"),
         ("**drive_client.Drive → drived**", "large.drive.put", "large.drive.get"),
-        ("drive_client.Drive → drived, bytes streamed (`DRIVE_HANDOFF=0`)", "large.drive_streamed.put", None),
+        ("drive_client.Drive → drived, bytes streamed (`DRIVE_HANDOFF=0`)", "large.drive_streamed.put",
+         "large.drive_streamed.get"),
         ("drive_client.AsyncDrive → drived", "large.async_drive.put", "large.async_drive.get"),
     ):
         lines.append(
@@ -492,7 +515,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"{_fmt(figs[f'storage.{sys_}.get']['value'], 'MB/s')} |"
         )
     lines.append(f"| Drive → drived --storage, bytes streamed (`DRIVE_HANDOFF=0`) | "
-                 f"{_fmt(figs['storage.drive_streamed.put']['value'], 'MB/s')} | — |")
+                 f"{_fmt(figs['storage.drive_streamed.put']['value'], 'MB/s')} | "
+                 f"{_fmt(figs['storage.drive_streamed.get']['value'], 'MB/s')} |")
     lines.append(f"| daemon peak RSS | {_fmt(figs['storage.daemon.peak_mib']['value'], 'MiB')} | |")
     lines += _cluster(doc)
     lines += _loader(doc)

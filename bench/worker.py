@@ -240,15 +240,21 @@ def _timed_drive_call(twin: str, endpoint: str, root: str, method: str, *args: A
     return asyncio.run(timed())
 
 
-def task_drive_put(endpoint: str, root: str, relpath: str, twin: str = "Drive", handoff: bool = True) -> dict:
-    """`handoff=False`: the file's bytes are streamed, as to a daemon on another host (README, Same-host puts)."""
+def _streamed_unless(handoff: bool) -> None:
+    """`handoff=False`: the file's bytes are streamed, as to or from a daemon on another host (README, Same-host puts
+    and gets)."""
     if not handoff:
         os.environ["DRIVE_HANDOFF"] = "0"
+
+
+def task_drive_put(endpoint: str, root: str, relpath: str, twin: str = "Drive", handoff: bool = True) -> dict:
+    _streamed_unless(handoff)
     size = _tree_size(Path(root) / relpath)
     return {"seconds": _timed_drive_call(twin, endpoint, root, "put", relpath), "bytes": size}
 
 
-def task_drive_get(endpoint: str, root: str, relpath: str, twin: str = "Drive") -> dict:
+def task_drive_get(endpoint: str, root: str, relpath: str, twin: str = "Drive", handoff: bool = True) -> dict:
+    _streamed_unless(handoff)
     target = Path(root) / relpath
     _rm(target)
     dt = _timed_drive_call(twin, endpoint, root, "get", relpath, overwrite=True)
