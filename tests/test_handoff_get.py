@@ -9,6 +9,7 @@ with the stored data as it was.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -283,3 +284,21 @@ async def test_a_cancelled_handed_get_leaves_no_file(start_daemon, tmp_path, dri
     assert (await drive.get("f.bin", to="old.bin", overwrite=True)).stat().st_size == SIZE  # it works on
     assert file_sha256(tmp_path / "old.bin") == digest
     await drive.close()
+
+
+def test_a_handed_get_cut_by_a_restart_is_fetched_over_ranged_reads(start_daemon, tmp_path, drive_uri):
+    """The daemon stops while it writes the file (its grace period ends the Get): the client fetches the bytes over
+    ranged reads, which wait for the daemon back."""
+    pause = tmp_path / "pause"
+    handle = start_daemon(tmp_path, "--grace-period", "0.5", before=PAUSED_WRITES.format(pause=str(pause)))
+    d, digest = stored(handle, tmp_path, drive_uri)
+    pause.touch()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        get = pool.submit(d.get, "f.bin", to="back.bin")
+        assert wait_until(lambda: handoffs(handle, "taken") == 2 and handle.open_requests("Get") == 1)
+        handle.stop(signal.SIGTERM, timeout=15)
+        pause.unlink()
+        again = start_daemon(tmp_path, port=handle.port, data_dir=handle.data_dir)
+        assert get.result(timeout=30) == tmp_path / "back.bin"
+    assert file_sha256(tmp_path / "back.bin") == digest
+    assert handoffs(again, "taken") == 0 and not leftovers(tmp_path)
