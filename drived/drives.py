@@ -96,6 +96,11 @@ class PendingPut(Protocol):
 class Drives(Protocol):
     """The operations of the wire API on one kind of drive."""
 
+    @property
+    def bytes_on_this_host(self) -> bool:
+        """Whether its files' bytes are on this host's disk (`Backend.on_this_host`)."""
+        ...
+
     async def begin_put(self, put: PutHeader) -> PendingPut:
         """Starts storing one file. PermissionDenied on a read-only kind of drive; AlreadyExists when
         another component holds the path (may be left to the commit); InvalidArgument when the path is a

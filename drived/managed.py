@@ -226,6 +226,10 @@ class ManagedDrives:
         self.named = named
         self.quotas = Quotas(backend, coordinator, quota, named) if quota else None
 
+    @property
+    def bytes_on_this_host(self) -> bool:
+        return self.backend.on_this_host
+
     async def components(self, drive: str) -> list[str]:
         """The components that hold something in `drive`, sorted."""
         return sorted(await self.backend.subfolders(drive))

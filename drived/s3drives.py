@@ -46,6 +46,8 @@ def _read_only(drive: DriveId) -> PermissionDenied:
 class S3Drives:
     """All `s3://` drives, each backed by an index of its location (a `drived.drives.Drives`)."""
 
+    bytes_on_this_host = False
+
     def __init__(self, mounts: S3Mounts, chunk_size: int) -> None:
         self.mounts = mounts
         self.chunk_size = chunk_size

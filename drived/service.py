@@ -32,7 +32,14 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from drive_client.errors import DriveError, InvalidArgument, ResourceExhausted, TooManyStreams, Unavailable
+from drive_client.errors import (
+    DriveError,
+    HandoffNotHeld,
+    InvalidArgument,
+    ResourceExhausted,
+    TooManyStreams,
+    Unavailable,
+)
 from drive_client.handoff import GET
 from drive_client.pb import drive_pb2 as pb
 from drive_client.pb import drive_pb2_grpc as pb_grpc
@@ -661,6 +668,9 @@ class DriveService(pb_grpc.DriveServiceServicer):
         try:
             get = GetRequest.from_pb(request)
             drives = self._drives(record, get.drive)
+            if not drives.bytes_on_this_host:
+                raise HandoffNotHeld(f"{HandoffNotHeld.mark}{get.drive.uri} keeps its files' bytes in S3, which serves "
+                                     "them faster over parallel ranged reads than over one stream: fetch them so")
             async with aclosing(_get_files(drives, get, record, partial(handoffs.write, handed))) as messages:
                 async for message in messages:
                     yield message

@@ -90,14 +90,19 @@ def test_both_twins_get_a_handed_file_and_overwrite_a_longer_one(daemon, tmp_pat
     assert handoffs(daemon, "written") == written + 1
 
 
-def test_a_get_through_storage_in_s3_is_handed_over(tmp_path, drive_uri):
+def test_a_get_through_storage_in_s3_is_fetched_over_ranged_reads_not_handed_over(tmp_path, drive_uri):
+    """The store serves a file faster over the client's parallel ranged reads than over the one stream of a Get that
+    writes into a handed file: the daemon refuses that Get (NOT_FOUND, "drived: handoff: "), and the client fetches the
+    bytes so."""
     store = Store(tmp_path)
     try:
         handle = store.daemon()
         d, digest = stored(handle, tmp_path, drive_uri)
         d.get("f.bin", to="back.bin")
         assert file_sha256(tmp_path / "back.bin") == digest
-        assert handoffs(handle, "written") == 1
+        assert handoffs(handle, "written") == 0 and not leftovers(tmp_path)
+        assert "keeps its files' bytes in S3" in refused_handed_get(handle, tmp_path, drive_uri)
+        assert os.path.getsize(tmp_path / "raw.part") == 0 and d.stat("f.bin").sha256 == digest
     finally:
         store.close()
 

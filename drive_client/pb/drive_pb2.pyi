@@ -485,15 +485,17 @@ class GetRequest(_message.Message):
     handoff: _builtins.str
     """A same-host get: the token the server's handoff socket answered for the
     open file, writable, that a client on its host handed over as the get's
-    destination (see the README, "Same-host puts and gets"). The server
-    writes the file's bytes into it itself: the stream carries the file's
-    `info`, then no data, then `written` once the handed file holds exactly
-    the file's bytes (it is cut to their size). A single file only: a folder,
-    `offset`, `limit` or `wait_seconds` is INVALID_ARGUMENT. Authorized and
-    read as any Get, damaged stored bytes included (DATA_LOSS), `if_match`
-    too (ABORTED). A token the server does not hold (it expired, or another
-    server of the host took the file), or a file it cannot write (a full
-    disk, a write that hangs), is refused with NOT_FOUND, its message
+    destination (see the README, "Same-host puts and gets"). The server writes
+    the file's bytes into it itself, for a file on its own disk (one kept in
+    S3 is refused as a token not held, below: the client fetches it over
+    parallel ranged reads, which a store serves faster): the stream carries
+    the file's `info`, then no data, then `written` once the handed file holds
+    exactly the file's bytes (it is cut to their size). A single file only: a
+    folder, `offset`, `limit` or `wait_seconds` is INVALID_ARGUMENT.
+    Authorized and read as any Get, damaged stored bytes included (DATA_LOSS),
+    `if_match` too (ABORTED). A token the server does not hold (it expired, or
+    another server of the host took the file), or a file it cannot write (a
+    full disk, a write that hangs), is refused with NOT_FOUND, its message
     starting "drived: handoff: ": the client then fetches the bytes itself.
     """
     def __init__(

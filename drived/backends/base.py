@@ -409,6 +409,11 @@ class Upload(abc.ABC):
 class Backend(abc.ABC):
     """An object store with atomic writes and ranged reads."""
 
+    # Whether its bytes are on this host's disk: only those does a same-host get have the daemon write into the file
+    # its client handed over (`drived.handoff`); a store is read faster over a client's parallel ranged reads than over
+    # the one stream of such a Get.
+    on_this_host = False
+
     @abc.abstractmethod
     async def start_upload(self, key: str) -> Upload:
         """Begins an atomic write of `key`; nothing is visible until `Upload.commit`.

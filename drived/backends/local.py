@@ -632,6 +632,8 @@ class LocalUpload(Upload):
 class LocalBackend(Backend):
     """Objects as files under a data directory."""
 
+    on_this_host = True
+
     def __init__(self, data_dir: str, descriptors: Descriptors, chunk_size: int = 1 << 20, named: str = "") -> None:
         self.named = named or data_dir  # the data dir as the operator gave it (its setting and value), for messages
         self._data_dir = os.path.realpath(data_dir)
