@@ -20,7 +20,9 @@ process's descriptors. Files are read and written in `THREADS` threads of
 their own: a read or write that hangs (a stuck network or FUSE mount) ties
 up one of them for good, its call gives up on it after `STUCK_SECONDS` (the
 client moves the bytes), and once half of them are tied up the socket
-refuses handoffs.
+refuses handoffs. At most `WRITING` gets are written at once, each holding up
+to two batches of `WRITE_SIZE` bytes: another Get that names a token is
+refused, and its client fetches the bytes in streams.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ HOLD_SECONDS = 30.0
 THREADS = 8
 STUCK_SECONDS = 10.0  # a read or write this old counts as hung
 READ_SIZE = 1 << 20
+# A get's bytes are written this many at a time (a thread hop each), the next batch read and checked meanwhile: 1 GiB
+# from the page cache went at ~1,500 MB/s a chunk at a time, ~2,100 in 4 MiB batches, ~2,270 in 8 MiB (bench/WHY.md).
+WRITE_SIZE = 8 << 20
+WRITING = 2  # gets written at once: the two cores of a small host are busy with two
 T = TypeVar("T")
 
 
@@ -93,6 +99,7 @@ class Handoffs:
         self._connecting = 0
         self._threads = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="drived-handoff")
         self._in_flight: dict[asyncio.Future[Any], float] = {}  # reads and writes in threads, by their start
+        self._writing = 0  # gets being written (`write`)
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -243,13 +250,38 @@ class Handoffs:
         return await self._in_thread(handed, "read", os.pread, size, offset)
 
     async def write(self, handed: HandedFile, chunks: AsyncIterable[bytes | memoryview]) -> int:
-        """Writes `chunks` into the file from its start, one at a time, and cuts it to their size (a file longer
-        before keeps no tail); answers that size."""
+        """Writes `chunks` into the file from its start, WRITE_SIZE bytes at a time while the next are read and
+        checked, and cuts it to their size (a file longer before keeps no tail); answers that size. HandoffNotHeld
+        when WRITING gets are being written already."""
+        if self._writing == WRITING:
+            raise HandoffNotHeld(f"{HandoffNotHeld.mark}{WRITING} gets are being written into files handed over, the "
+                                 "most at once: move these bytes in a stream")
+        self._writing += 1
         size = 0
-        async for chunk in chunks:
-            await self._in_thread(handed, "write", _pwrite_all, chunk, size)
-            size += len(chunk)
-        await self._in_thread(handed, "write", os.ftruncate, size)
+        batch: list[bytes | memoryview] = []
+        batched = 0
+        writing: asyncio.Future[None] | None = None
+        try:
+            async for chunk in chunks:
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched < WRITE_SIZE:
+                    continue
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(self._in_thread(handed, "write", _pwrite_all, batch, size))
+                size += batched
+                batch, batched = [], 0
+            if writing is not None:
+                await writing
+            if batch:
+                await self._in_thread(handed, "write", _pwrite_all, batch, size)
+                size += batched
+            await self._in_thread(handed, "write", os.ftruncate, size)
+        finally:
+            self._writing -= 1
+            if writing is not None and not writing.done():  # its thread goes on: `release` closes the file after it
+                writing.cancel()
         metrics.HANDOFFS.labels("written").inc()
         return size
 
@@ -290,9 +322,14 @@ def taking(handoffs: Handoffs | None) -> Handoffs:
     return handoffs
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """Writes all of `data` at `offset` (os.pwrite may take part of it)."""
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+def _pwrite_all(fd: int, chunks: list[bytes | memoryview], offset: int) -> None:
+    """Writes all of `chunks`, one after the other, at `offset` (os.pwritev may take part of them)."""
+    views = [memoryview(chunk) for chunk in chunks]
+    while views:
+        written = os.pwritev(fd, views, offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][written:]

@@ -427,7 +427,7 @@ def test_a_handed_file_that_ends_before_its_size_is_refused_as_shorter(daemon, s
 
 
 def hanging(call: str, suffix: str) -> str:
-    """Python for `start_daemon(before=...)`: `os.<call>` (pread, pwrite) of a file whose name ends with `suffix`
+    """Python for `start_daemon(before=...)`: `os.<call>` (pread, pwritev) of a file whose name ends with `suffix`
     never returns, as on a hung mount, and a handoff's read or write counts as hung after 0.2 s."""
     return f"""
 import os, threading

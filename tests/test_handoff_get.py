@@ -232,6 +232,34 @@ def test_an_expired_token_falls_back_to_ranged_reads(start_daemon, tmp_path, dri
     assert not leftovers(tmp_path)
 
 
+def test_gets_past_the_most_written_at_once_fall_back(start_daemon, tmp_path, drive_uri):
+    """A Get that names a token while WRITING gets are being written is refused as a token not held (each written
+    one holds two batches of WRITE_SIZE): its client fetches the bytes in streams, and the file handed over is let
+    go untouched."""
+    handle = start_daemon(tmp_path, before="import drived.handoff as h; h.WRITING = 0")
+    d, digest = stored(handle, tmp_path, drive_uri)
+    d.get("f.bin", to="back.bin")
+    assert file_sha256(tmp_path / "back.bin") == digest and handoffs(handle, "written") == 0
+    assert "gets are being written into files handed over" in refused_handed_get(handle, tmp_path, drive_uri)
+    assert os.path.getsize(tmp_path / "raw.part") == 0 and d.stat("f.bin").sha256 == digest
+    assert wait_until(lambda: not holds(handle.proc.pid, tmp_path))
+
+
+def test_a_block_damaged_while_a_batch_is_written_is_data_loss_and_nothing_is_kept(start_daemon, tmp_path,
+                                                                                    drive_uri):
+    """Batches are written while the next are read and checked: a damaged block in the second one fails the get
+    with the first batch written, and its temporary file goes with it."""
+    handle = start_daemon(tmp_path, before="import drived.handoff as h; h.WRITE_SIZE = 1 << 20")
+    d, _ = stored(handle, tmp_path, drive_uri)
+    flip(stored_path(handle.data_dir, drive_uri, "f.bin"), 64 + 2 * MIB + 100)  # the third batch's block
+    damaged = stored_path(handle.data_dir, drive_uri, "f.bin").read_bytes()
+    with pytest.raises(DataLoss, match="is damaged"):
+        d.get("f.bin", to="new.bin")
+    assert not (tmp_path / "new.bin").exists() and not leftovers(tmp_path)
+    assert handoffs(handle, "written") == 0 and handoffs(handle, "taken") == 2  # the put's file, then the get's
+    assert stored_path(handle.data_dir, drive_uri, "f.bin").read_bytes() == damaged
+
+
 def test_writes_past_the_daemons_file_size_limit_fall_back(start_daemon, tmp_path, drive_uri):
     """The daemon's writes fail (EFBIG past its RLIMIT_FSIZE, as on a full disk): the client fetches the bytes."""
     first = start_daemon(tmp_path)
@@ -248,7 +276,7 @@ def test_writes_past_the_daemons_file_size_limit_fall_back(start_daemon, tmp_pat
 
 
 def test_a_hung_write_falls_back(start_daemon, tmp_path, drive_uri):
-    handle = start_daemon(tmp_path, "--grace-period", "1", before=hanging("pwrite", ".part"))
+    handle = start_daemon(tmp_path, "--grace-period", "1", before=hanging("pwritev", ".part"))
     d, digest = stored(handle, tmp_path, drive_uri)
     d.get("f.bin", to="back.bin")
     assert file_sha256(tmp_path / "back.bin") == digest
@@ -261,12 +289,12 @@ def test_a_hung_write_falls_back(start_daemon, tmp_path, drive_uri):
 
 PAUSED_WRITES = """
 import os, threading
-_pwrite = os.pwrite
-def pwrite(fd, data, offset):  # the writes into a get's file wait while the file {pause} exists
+_pwritev = os.pwritev
+def pwritev(fd, buffers, offset):  # the writes into a get's file wait while the file {pause} exists
     while os.readlink(f"/proc/self/fd/{{fd}}").endswith(".part") and os.path.exists({pause!r}):
         threading.Event().wait(0.02)
-    return _pwrite(fd, data, offset)
-os.pwrite = pwrite
+    return _pwritev(fd, buffers, offset)
+os.pwritev = pwritev
 """
 
 
