@@ -253,7 +253,7 @@ class Handoffs:
         """Writes `chunks` into the file from its start, WRITE_SIZE bytes at a time while the next are read and
         checked, and cuts it to their size (a file longer before keeps no tail); answers that size. HandoffNotHeld
         when WRITING gets are being written already."""
-        if self._writing == WRITING:
+        if self._writing >= WRITING:
             raise HandoffNotHeld(f"{HandoffNotHeld.mark}{WRITING} gets are being written into files handed over, the "
                                  "most at once: move these bytes in a stream")
         self._writing += 1
