@@ -66,8 +66,8 @@ T = TypeVar("T")
 
 def _refused_file(request: bytes, st: os.stat_result, fd: int) -> str:
     """Why `fd` (its stat `st`) is not a file the handoff of `request` takes, or "": a regular file (not an O_PATH
-    handle) open for reading for a put, or for writing and not O_APPEND for a get (whose writes land at their offset,
-    which O_APPEND ignores)."""
+    handle) open for reading for a put; for a get, one open for writing, not O_APPEND (its writes land at their
+    offset, which O_APPEND ignores), with no setuid or setgid bit."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     if not stat.S_ISREG(st.st_mode) or flags & os.O_PATH:
         return "only an open regular file is handed over (no folder, pipe, device or O_PATH handle)"
@@ -75,6 +75,9 @@ def _refused_file(request: bytes, st: os.stat_result, fd: int) -> str:
         return "a file handed over to be put is open for reading"
     if request == GET and (flags & os.O_ACCMODE == os.O_RDONLY or flags & os.O_APPEND):
         return "a file handed over for a get is open for writing, without O_APPEND"
+    if request == GET and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        # A daemon run as root keeps these bits as it writes (CAP_FSETID), where the client's own write drops them.
+        return "a file handed over for a get has no setuid or setgid bit"
     return ""
 
 

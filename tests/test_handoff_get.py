@@ -176,6 +176,27 @@ def test_a_fifo_or_a_folder_is_refused(daemon, tmp_path):
     assert wait_until(lambda: open_fds(daemon.proc.pid) <= before)
 
 
+@pytest.mark.parametrize("mode", [0o4777, 0o2775])
+def test_a_setuid_or_setgid_destination_is_refused(daemon, tmp_path, drive_uri, mode):
+    """A daemon run as root keeps a file's setuid and setgid bits as it writes (CAP_FSETID), where the client's own
+    write drops them: a world-writable setuid program of root's would become root's program with the client's bytes
+    (seen: a client run as nobody got a root-owned 04777 file holding a drive file's bytes)."""
+    d, digest = stored(daemon, tmp_path, drive_uri)
+    program = tmp_path / "program"
+    program.write_bytes(b"#!/bin/sh\n")
+    os.chmod(program, mode)
+    before = open_fds(daemon.proc.pid)
+    fd = os.open(program, os.O_WRONLY)
+    try:
+        answer = _send(daemon.port, GET, [fd])
+    finally:
+        os.close(fd)
+    assert answer.startswith("busy ") and "setuid" in answer, answer
+    assert wait_until(lambda: open_fds(daemon.proc.pid) <= before)
+    assert program.read_bytes() == b"#!/bin/sh\n" and os.stat(program).st_mode & 0o7777 == mode
+    assert d.stat("f.bin").sha256 == digest
+
+
 def test_a_token_is_used_once_and_only_for_its_direction(daemon, stub, tmp_path, drive_uri):
     d, digest = stored(daemon, tmp_path, drive_uri)
     with open(tmp_path / "t.part", "wb") as f:
