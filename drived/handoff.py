@@ -67,7 +67,7 @@ T = TypeVar("T")
 def _refused_file(request: bytes, st: os.stat_result, fd: int) -> str:
     """Why `fd` (its stat `st`) is not a file the handoff of `request` takes, or "": a regular file (not an O_PATH
     handle) open for reading for a put; for a get, one open for writing, not O_APPEND (its writes land at their
-    offset, which O_APPEND ignores), with no setuid or setgid bit."""
+    offset, which O_APPEND ignores), with no setuid or setgid bit, and not in memory."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     if not stat.S_ISREG(st.st_mode) or flags & os.O_PATH:
         return "only an open regular file is handed over (no folder, pipe, device or O_PATH handle)"
@@ -78,7 +78,20 @@ def _refused_file(request: bytes, st: os.stat_result, fd: int) -> str:
     if request == GET and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
         # A daemon run as root keeps these bits as it writes (CAP_FSETID), where the client's own write drops them.
         return "a file handed over for a get has no setuid or setgid bit"
+    if request == GET and _in_memory(fd):
+        return ("a file handed over for a get is not in memory (tmpfs, /dev/shm, a memfd), whose pages would count "
+                "against the daemon's memory")
     return ""
+
+
+def _in_memory(fd: int) -> bool:
+    """Whether `fd` is a file of tmpfs or hugetlbfs (/dev/shm, a memfd), whose pages stay charged to the memory of
+    the process that writes them: only those answer F_GET_SEALS."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return False
+    return True
 
 
 @dataclass

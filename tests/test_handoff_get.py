@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import pathlib
 import signal
 
 import grpc
@@ -195,6 +196,27 @@ def test_a_setuid_or_setgid_destination_is_refused(daemon, tmp_path, drive_uri, 
     assert wait_until(lambda: open_fds(daemon.proc.pid) <= before)
     assert program.read_bytes() == b"#!/bin/sh\n" and os.stat(program).st_mode & 0o7777 == mode
     assert d.stat("f.bin").sha256 == digest
+
+
+def test_a_destination_in_memory_is_refused_and_fetched_by_the_client(daemon, tmp_path, drive_uri):
+    """The pages of a file in tmpfs (/dev/shm, a memfd) are charged to the memory of the process that writes them and
+    stay there: written by the daemon, a get into one would hold the file's whole size against the daemon's memory
+    (its container's or service's limit), not the 17 MiB a written get holds. The client writes them itself."""
+    d, digest = stored(daemon, tmp_path, drive_uri)
+    memfd = os.memfd_create("destination")
+    try:
+        answer = _send(daemon.port, GET, [memfd])
+    finally:
+        os.close(memfd)
+    assert answer.startswith("busy ") and "memory" in answer, answer
+    target = pathlib.Path("/dev/shm") / f"drived-test-{os.getpid()}-{drive_uri.removeprefix('lit://')}.bin"
+    written = handoffs(daemon, "written")
+    try:
+        d.get("f.bin", to=str(target))
+        assert file_sha256(target) == digest
+    finally:
+        target.unlink(missing_ok=True)
+    assert handoffs(daemon, "written") == written and d.stat("f.bin").sha256 == digest
 
 
 def test_a_token_is_used_once_and_only_for_its_direction(daemon, stub, tmp_path, drive_uri):
