@@ -9,7 +9,8 @@ open for writing (`GET`): the Get that carries the token has the daemon
 write the file's bytes into it itself (`write`). Either spares the client
 its reads or writes, checksums and gRPC messages, and the daemon its side of
 them. Holding a descriptor is no right the client did not have: it opened
-the file, and its call is authorized as any other. What a client the socket
+the file, and its call is authorized as any other (a daemon run as root writes
+with root's exemptions, though: `_refused_file`). What a client the socket
 refuses, or whose token the call does not find here (it expired, or another
 daemon has the socket), moves its bytes in a stream instead.
 
