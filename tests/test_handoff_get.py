@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import os
 import pathlib
 import signal
@@ -28,6 +29,22 @@ from drive_client.handoff import GET, PUT, hand_over
 from drive_client.pb import drive_pb2, drive_pb2_grpc
 
 SIZE = 3 * MIB + 5
+
+
+@pytest.fixture(autouse=True)
+def on_disk(tmp_path):
+    """The daemon writes no get into a file in memory (tmpfs answers F_GET_SEALS): these tests need tmp_path on a
+    disk, as pytest's default basetemp is on this project's machines."""
+    fd = os.open(tmp_path / ".on-disk-probe", os.O_WRONLY | os.O_CREAT)
+    try:
+        fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+        os.unlink(tmp_path / ".on-disk-probe")
+    pytest.skip(f"{tmp_path} is on tmpfs, where the daemon writes no get by design (README, Same-host puts and "
+                "gets): run pytest with --basetemp on a disk")
 
 
 @pytest.fixture(autouse=True)
