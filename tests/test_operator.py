@@ -3,6 +3,7 @@ started on."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -216,6 +217,28 @@ def test_a_tmp_folder_removed_while_serving_is_made_again_and_its_held_upload_is
         assert _stored(stub, "a.txt") == b"version 2" and _stored(stub, "held.bin") == data
     assert len(_made_again(handle)) == 2, handle.log()
     assert "Traceback" not in handle.log(), handle.log()
+
+
+def test_puts_that_find_tmp_removed_at_once_all_store_their_files(tmp_path, start_daemon):
+    """Several big puts found tmp/ missing at the same moment: the first made it again, and the others, finding it
+    there once they had the lock, answered UNAVAILABLE instead of opening their files in it. (Making tmp/ takes
+    half a second here, so that the others come while it is made.)"""
+    slow_mkdir = ("import os, time\n_mkdir = os.mkdir\n"
+                  "def mkdir(path, *args, **kwargs):\n"
+                  "    if str(path).endswith('/tmp'):\n        time.sleep(0.5)\n"
+                  "    return _mkdir(path, *args, **kwargs)\n"
+                  "os.mkdir = mkdir\n")
+    handle = start_daemon(tmp_path, before=slow_mkdir)
+    files = {f"f{i}.bin": os.urandom(3 * MIB) for i in range(8)}  # past FLUSH_BYTES: opened in tmp/ as they arrive
+    with grpc.insecure_channel(handle.endpoint) as channel:
+        stub = drive_pb2_grpc.DriveServiceStub(channel)
+        raw_put(stub, "lit://kept", "a.txt", b"kept")
+        shutil.rmtree(handle.data_dir / "tmp")
+        with concurrent.futures.ThreadPoolExecutor(len(files)) as pool:
+            list(pool.map(lambda item: raw_put(stub, "lit://kept", *item), files.items()))
+        assert all(_stored(stub, path) == data for path, data in files.items())
+        assert _stored(stub, "a.txt") == b"kept"
+    assert len(_made_again(handle)) == 1, handle.log()
 
 
 def test_a_clients_put_cut_while_tmp_is_removed_is_put_again_whole(tmp_path, start_daemon):

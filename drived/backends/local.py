@@ -713,14 +713,16 @@ class LocalBackend(Backend):
     def made_tmp_again(self) -> bool:
         """Makes tmp/ again, with the mode and owner the start gave it, when an operator removed it while the daemon
         serves (to free the space of uploads in progress, or mistaking it for a scratch folder); False when something
-        is at its path or the data dir itself is gone. When it cannot be made (the data dir read-only), raises what
-        `unusable` answers.
+        is at its path or the data dir itself is gone; True, too, when another put made it meanwhile (its caller tries
+        again). When it cannot be made (the data dir read-only), raises what `unusable` answers.
 
         Looked at only once an upload found tmp/ missing, so that a healthy
         put pays nothing for it. The uploads it held are lost: their resumes
         answer as those of uploads the daemon no longer holds (`intact`).
         """
         with self._making_tmp:  # the puts that find it missing at once make it once
+            if os.path.isdir(self.tmp_dir) and not os.path.islink(self.tmp_dir):
+                return True
             if os.path.lexists(self.tmp_dir) or self._gone():
                 return False
             made = self._tmp_made
