@@ -299,6 +299,8 @@ class Handoffs:
             self._writing -= 1
             if writing is not None and not writing.done():  # its thread goes on: `release` closes the file after it
                 writing.cancel()
+            elif writing is not None and not writing.cancelled():
+                writing.exception()  # a write that failed while the reads failed first: what they raised is answered
         metrics.HANDOFFS.labels("written").inc()
         return size
 
